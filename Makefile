@@ -1,0 +1,37 @@
+# invact — every target sets itself up: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# TRITON_INTERPRET lets Triton kernels run on the CPU (no GPU on CI).
+export TRITON_INTERPRET ?= 1
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export MPLBACKEND ?= Agg
+
+.PHONY: setup demo test generate check-generated bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first so that no dependency pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q triton==3.7.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m invact.fitting.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+generate: $(STAMP)
+	$(BIN)/invact generate
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/fit_speed.py
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info

@@ -1,0 +1,175 @@
+"""Activation formulas: built-in names and user formula strings -> :class:`ActivationSpec`.
+
+Each built-in equals PyTorch's own definition (``torch.nn.functional``) to float64 rounding, including
+its conventions at kinks: the piece whose condition owns a boundary point gives the derivative there
+(relu's gradient at 0 is 0, hardswish's at -3 is -1/2, as in ATen).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+__all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
+
+X = sp.Symbol("x", real=True)
+_ALLOWED_FUNCS = {
+    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "erf": sp.erf, "erfc": sp.erfc, "tanh": sp.tanh,
+    "sinh": sp.sinh, "cosh": sp.cosh, "atan": sp.atan, "sin": sp.sin, "cos": sp.cos,
+    "Abs": sp.Abs, "abs": sp.Abs, "Piecewise": sp.Piecewise, "Max": sp.Max, "Min": sp.Min,
+    "max": sp.Max, "min": sp.Min, "pi": sp.pi, "E": sp.E,
+    "sigmoid": lambda z: 1 / (1 + sp.exp(-z)),
+    "softplus": lambda z: sp.log(1 + sp.exp(z)),
+    "relu": lambda z: sp.Piecewise((0, z <= 0), (z, True)),
+}
+
+
+class SpecError(ValueError):
+    """A formula, name or parameter that cannot define an activation."""
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An activation as a sympy expression in ``x`` with named parameters.
+
+    ``expr`` keeps the parameters as symbols; ``params`` holds their values; ``domain`` lists
+    relations the parameters must satisfy for the branch structure recorded in a table to hold.
+    """
+
+    name: str
+    expr: sp.Expr
+    params: dict[str, float] = field(default_factory=dict)
+    domain: tuple[str, ...] = ()
+    doc: str = ""
+
+    @property
+    def symbols(self) -> dict[str, sp.Symbol]:
+        return {n: sp.Symbol(n, real=True) for n in self.params}
+
+    def substituted(self) -> sp.Expr:
+        """The expression with parameter values in place of their symbols."""
+        subs = {sym: sp.Float(self.params[n], 30) if not float(self.params[n]).is_integer()
+                else sp.Integer(int(self.params[n])) for n, sym in self.symbols.items()}
+        return self.expr.subs(subs)
+
+    def formula(self) -> str:
+        return sp.sstr(self.expr)
+
+    def with_params(self, overrides: dict[str, float] | None) -> "ActivationSpec":
+        """A copy with some parameters replaced; unknown names and non-finite values are refused."""
+        if not overrides:
+            return self
+        params = dict(self.params)
+        for key, value in overrides.items():
+            if key not in params:
+                known = ", ".join(sorted(params)) or "none"
+                raise SpecError(f"parameter {key!r} is not a parameter of {self.name!r} (known: {known})")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise SpecError(f"parameter {key!r} must be a real number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise SpecError(f"parameter {key!r} must be finite, got {value!r}")
+            params[key] = value
+        spec = ActivationSpec(self.name, self.expr, params, self.domain, self.doc)
+        spec.check_domain()
+        return spec
+
+    def check_domain(self) -> None:
+        for rel in self.domain:
+            ok = sp.sympify(rel, locals=self.symbols).subs(
+                {s: self.params[n] for n, s in self.symbols.items()})
+            if ok is not sp.true:
+                vals = ", ".join(f"{n}={v!r}" for n, v in self.params.items())
+                raise SpecError(f"{self.name!r} needs {rel} (got {vals})")
+
+
+def _sym(name: str) -> sp.Symbol:
+    return sp.Symbol(name, real=True)
+
+
+def _sigmoid(z):
+    return 1 / (1 + sp.exp(-z))
+
+
+_a, _b, _t, _s, _sl = _sym("alpha"), _sym("beta"), _sym("threshold"), _sym("scale"), _sym("negative_slope")
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+BUILTINS: dict[str, ActivationSpec] = {s.name: s for s in [
+    ActivationSpec("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, doc="torch.nn.GELU()"),
+    ActivationSpec("gelu_tanh", X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Rational(44715, 10**6) * X**3))) / 2,
+                   doc="torch.nn.GELU(approximate='tanh')"),
+    ActivationSpec("silu", X * _sigmoid(X), doc="torch.nn.SiLU()"),
+    ActivationSpec("quick_gelu", X * _sigmoid(sp.Rational(1702, 1000) * X), doc="x*sigmoid(1.702x) (CLIP)"),
+    ActivationSpec("mish", X * sp.tanh(sp.log(1 + sp.exp(X))), doc="torch.nn.Mish()"),
+    ActivationSpec("softplus", sp.Piecewise((X, _b * X > _t), (sp.log(1 + sp.exp(_b * X)) / _b, True)),
+                   {"beta": 1.0, "threshold": 20.0}, ("beta > 0", "threshold > 0"),
+                   doc="torch.nn.Softplus(beta, threshold)"),
+    ActivationSpec("elu", sp.Piecewise((_a * (sp.exp(X) - 1), X <= 0), (X, True)), {"alpha": 1.0},
+                   ("alpha > 0",), doc="torch.nn.ELU(alpha)"),
+    ActivationSpec("celu", sp.Piecewise((_a * (sp.exp(X / _a) - 1), X <= 0), (X, True)), {"alpha": 1.0},
+                   ("alpha > 0",), doc="torch.nn.CELU(alpha)"),
+    ActivationSpec("selu", sp.Piecewise((_s * _a * (sp.exp(X) - 1), X <= 0), (_s * X, True)),
+                   {"alpha": _SELU_ALPHA, "scale": _SELU_SCALE}, ("alpha > 0", "scale > 0"),
+                   doc="torch.nn.SELU()"),
+    ActivationSpec("hardswish", sp.Piecewise((0, X < -3), (X * (X + 3) / 6, X <= 3), (X, True)),
+                   doc="torch.nn.Hardswish()"),
+    ActivationSpec("leaky_relu", sp.Piecewise((_sl * X, X <= 0), (X, True)), {"negative_slope": 0.01},
+                   ("negative_slope > 0",), doc="torch.nn.LeakyReLU(negative_slope)"),
+    ActivationSpec("relu", sp.Piecewise((0, X <= 0), (X, True)), doc="torch.nn.ReLU()"),
+    ActivationSpec("relu2", sp.Piecewise((0, X <= 0), (X**2, True)), doc="relu(x)**2 (Primer)"),
+    ActivationSpec("sigmoid", _sigmoid(X), doc="torch.nn.Sigmoid()"),
+    ActivationSpec("tanh", sp.tanh(X), doc="torch.nn.Tanh()"),
+]}
+
+
+def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp.Expr, dict[str, float]]:
+    """Parse a user formula in ``x``; every other free symbol must be a declared parameter."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError("formula must be a non-empty string in x, e.g. 'x*sigmoid(1.702*x)'")
+    params = dict(params or {})
+    names = dict(_ALLOWED_FUNCS)
+    names["x"] = X
+    names.update({n: _sym(n) for n in params})
+    try:
+        expr = sp.sympify(text, locals=names, rational=False, convert_xor=True)
+    except (sp.SympifyError, SyntaxError, TypeError, AttributeError, ValueError) as exc:
+        raise SpecError(f"formula {text!r} could not be parsed: {exc}") from None
+    if not isinstance(expr, sp.Expr):
+        raise SpecError(f"formula {text!r} is not an expression in x")
+    free = {s.name for s in expr.free_symbols} - {"x"} - set(params)
+    if free:
+        raise SpecError(f"formula {text!r} has unknown symbols {sorted(free)}: "
+                        "use x for the input and declare parameters with --param NAME=VALUE")
+    if X not in expr.free_symbols:
+        raise SpecError(f"formula {text!r} does not depend on x")
+    undefined = [f for f in expr.atoms(sp.Function) if type(f).__name__ not in _KNOWN_FUNC_NAMES]
+    if undefined:
+        raise SpecError(f"formula {text!r} uses unknown functions {sorted(str(f.func) for f in undefined)}")
+    return expr, params
+
+
+_KNOWN_FUNC_NAMES = {"exp", "log", "sqrt", "erf", "erfc", "tanh", "sinh", "cosh", "atan", "sin", "cos",
+                     "Abs", "Piecewise", "Max", "Min"}
+
+
+def get_spec(name_or_formula: str, name: str | None = None,
+             params: dict[str, float] | None = None) -> ActivationSpec:
+    """A built-in by name (with parameter overrides) or a new activation from a formula string."""
+    if name_or_formula in BUILTINS:
+        return BUILTINS[name_or_formula].with_params(params)
+    if name_or_formula.isidentifier() and "x" != name_or_formula and name is None:
+        known = ", ".join(sorted(BUILTINS))
+        raise SpecError(f"unknown activation {name_or_formula!r}; built-ins are: {known} "
+                        "(or give a formula in x with --name)")
+    expr, params = parse_formula(name_or_formula, params)
+    label = name or "custom"
+    if not label.isidentifier():
+        raise SpecError(f"name must be a Python identifier, got {label!r}")
+    for key, value in params.items():
+        if not math.isfinite(float(value)):
+            raise SpecError(f"parameter {key!r} must be finite, got {value!r}")
+    return ActivationSpec(label, expr, {k: float(v) for k, v in params.items()}, doc=name_or_formula)
