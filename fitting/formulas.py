@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from .errors import SpecError
+
 __all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
 
 X = sp.Symbol("x", real=True)
@@ -24,10 +26,6 @@ _ALLOWED_FUNCS = {
     "softplus": lambda z: sp.log(1 + sp.exp(z)),
     "relu": lambda z: sp.Piecewise((0, z <= 0), (z, True)),
 }
-
-
-class SpecError(ValueError):
-    """A formula, name or parameter that cannot define an activation."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,7 @@ class ActivationSpec:
     params: dict[str, float] = field(default_factory=dict)
     domain: tuple[str, ...] = ()
     doc: str = ""
+    torch_forward: str | None = None
 
     @property
     def symbols(self) -> dict[str, sp.Symbol]:
@@ -73,7 +72,7 @@ class ActivationSpec:
             if not math.isfinite(value):
                 raise SpecError(f"parameter {key!r} must be finite, got {value!r}")
             params[key] = value
-        spec = ActivationSpec(self.name, self.expr, params, self.domain, self.doc)
+        spec = ActivationSpec(self.name, self.expr, params, self.domain, self.doc, self.torch_forward)
         spec.check_domain()
         return spec
 
@@ -99,30 +98,30 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 BUILTINS: dict[str, ActivationSpec] = {s.name: s for s in [
-    ActivationSpec("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, doc="torch.nn.GELU()"),
+    ActivationSpec("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, doc="torch.nn.GELU()", torch_forward="F.gelu(x)"),
     ActivationSpec("gelu_tanh", X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Rational(44715, 10**6) * X**3))) / 2,
-                   doc="torch.nn.GELU(approximate='tanh')"),
-    ActivationSpec("silu", X * _sigmoid(X), doc="torch.nn.SiLU()"),
-    ActivationSpec("quick_gelu", X * _sigmoid(sp.Rational(1702, 1000) * X), doc="x*sigmoid(1.702x) (CLIP)"),
-    ActivationSpec("mish", X * sp.tanh(sp.log(1 + sp.exp(X))), doc="torch.nn.Mish()"),
+                   doc="torch.nn.GELU(approximate='tanh')", torch_forward="F.gelu(x, approximate='tanh')"),
+    ActivationSpec("silu", X * _sigmoid(X), doc="torch.nn.SiLU()", torch_forward="F.silu(x)"),
+    ActivationSpec("quick_gelu", X * _sigmoid(sp.Rational(1702, 1000) * X), doc="x*sigmoid(1.702x) (CLIP)", torch_forward="x * torch.sigmoid(1.702 * x)"),
+    ActivationSpec("mish", X * sp.tanh(sp.log(1 + sp.exp(X))), doc="torch.nn.Mish()", torch_forward="F.mish(x)"),
     ActivationSpec("softplus", sp.Piecewise((X, _b * X > _t), (sp.log(1 + sp.exp(_b * X)) / _b, True)),
                    {"beta": 1.0, "threshold": 20.0}, ("beta > 0", "threshold > 0"),
-                   doc="torch.nn.Softplus(beta, threshold)"),
+                   doc="torch.nn.Softplus(beta, threshold)", torch_forward="F.softplus(x, beta, threshold)"),
     ActivationSpec("elu", sp.Piecewise((_a * (sp.exp(X) - 1), X <= 0), (X, True)), {"alpha": 1.0},
-                   ("alpha > 0",), doc="torch.nn.ELU(alpha)"),
+                   ("alpha > 0",), doc="torch.nn.ELU(alpha)", torch_forward="F.elu(x, alpha)"),
     ActivationSpec("celu", sp.Piecewise((_a * (sp.exp(X / _a) - 1), X <= 0), (X, True)), {"alpha": 1.0},
-                   ("alpha > 0",), doc="torch.nn.CELU(alpha)"),
+                   ("alpha > 0",), doc="torch.nn.CELU(alpha)", torch_forward="F.celu(x, alpha)"),
     ActivationSpec("selu", sp.Piecewise((_s * _a * (sp.exp(X) - 1), X <= 0), (_s * X, True)),
                    {"alpha": _SELU_ALPHA, "scale": _SELU_SCALE}, ("alpha > 0", "scale > 0"),
-                   doc="torch.nn.SELU()"),
+                   doc="torch.nn.SELU()", torch_forward="F.selu(x)"),
     ActivationSpec("hardswish", sp.Piecewise((0, X < -3), (X * (X + 3) / 6, X <= 3), (X, True)),
-                   doc="torch.nn.Hardswish()"),
+                   doc="torch.nn.Hardswish()", torch_forward="F.hardswish(x)"),
     ActivationSpec("leaky_relu", sp.Piecewise((_sl * X, X <= 0), (X, True)), {"negative_slope": 0.01},
-                   ("negative_slope > 0",), doc="torch.nn.LeakyReLU(negative_slope)"),
-    ActivationSpec("relu", sp.Piecewise((0, X <= 0), (X, True)), doc="torch.nn.ReLU()"),
-    ActivationSpec("relu2", sp.Piecewise((0, X <= 0), (X**2, True)), doc="relu(x)**2 (Primer)"),
-    ActivationSpec("sigmoid", _sigmoid(X), doc="torch.nn.Sigmoid()"),
-    ActivationSpec("tanh", sp.tanh(X), doc="torch.nn.Tanh()"),
+                   ("negative_slope > 0",), doc="torch.nn.LeakyReLU(negative_slope)", torch_forward="F.leaky_relu(x, negative_slope)"),
+    ActivationSpec("relu", sp.Piecewise((0, X <= 0), (X, True)), doc="torch.nn.ReLU()", torch_forward="F.relu(x)"),
+    ActivationSpec("relu2", sp.Piecewise((0, X <= 0), (X**2, True)), doc="relu(x)**2 (Primer)", torch_forward="torch.square(F.relu(x))"),
+    ActivationSpec("sigmoid", _sigmoid(X), doc="torch.nn.Sigmoid()", torch_forward="torch.sigmoid(x)"),
+    ActivationSpec("tanh", sp.tanh(X), doc="torch.nn.Tanh()", torch_forward="torch.tanh(x)"),
 ]}
 
 

@@ -1,0 +1,28 @@
+"""Typed errors of the fitter. The CLI maps InputError subclasses to exit code 2."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad user input: a formula, name, parameter, bound or file the user gave."""
+
+
+class SpecError(InputError):
+    """A formula, name or parameter that cannot define an activation."""
+
+
+class FitError(InputError):
+    """The requested bound cannot be met; carries the best error reached and what to relax."""
+
+    def __init__(self, message: str, best_error: float | None = None, advice: str = ""):
+        super().__init__(message + (f" (best error reached {best_error:.3g}; {advice})" if best_error is not None else ""))
+        self.best_error = best_error
+        self.advice = advice
+
+
+class TableError(InputError):
+    """A table file that is missing, corrupt, hand-edited or of another format version."""
+
+
+class CertificationError(RuntimeError):
+    """A fitted table failed certification (an internal failure: the fitter should have refined)."""
