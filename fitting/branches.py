@@ -1,0 +1,406 @@
+"""Branch analysis: pieces, critical points, monotone branches, their ends, tails and codes.
+
+A *branch* here is a maximal interval of x on which one formula piece is strictly monotone (or
+constant). Branches whose y ranges only touch share a code; the code width is ceil(log2(codes)).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+from scipy.optimize import brentq
+
+from .errors import SpecError
+from .formulas import X, ActivationSpec
+
+__all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit"]
+
+SCAN = 60.0          # critical points are searched on [-SCAN, SCAN] (and beyond, to detect infinitely many)
+FAR = 1e4            # "infinity" for numeric limits
+MAX_CRITICAL = 16
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the block after ``seconds`` (main thread only; no-op elsewhere)."""
+    try:
+        old = signal.signal(signal.SIGALRM, _raise_timeout)
+    except ValueError:  # not the main thread
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _raise_timeout(signum, frame):
+    raise TimeoutError
+
+
+_SOFTPLUS, _ERFC, _SECH2 = sp.Function("softplus_"), sp.Function("erfc_"), sp.Function("sech2_")
+
+
+def stable(expr: sp.Expr) -> sp.Expr:
+    """Rewrite cancellation-prone forms for float64 evaluation: c + c*erf(a) -> c*erfc(-a),
+    c + c*tanh(a) -> 2c/(1 + exp(-2a)), c - c*tanh(a)**2 -> c*sech(a)**2, log(1 + exp(a)) -> softplus(a)."""
+    def fix_add(e: sp.Add):
+        terms = list(e.args)
+        consts = [t for t in terms if t.is_number]
+        for t in terms:
+            c, rest = t.as_coeff_Mul()
+            if isinstance(rest, (sp.erf, sp.tanh)) and c in consts:
+                a = rest.args[0]
+                new = c * _ERFC(-a) if isinstance(rest, sp.erf) else 2 * c / (1 + sp.exp(-2 * a))
+            elif isinstance(rest, sp.Pow) and rest.exp == 2 and isinstance(rest.base, sp.tanh) and -c in consts:
+                new, c = -c * _SECH2(rest.base.args[0]), -c
+            else:
+                continue
+            others = list(terms)
+            others.remove(t)
+            others.remove(c)
+            return sp.Add(*others) + new
+        return e
+
+    def fix_log(e: sp.log):
+        a = e.args[0]
+        if isinstance(a, sp.Add) and len(a.args) == 2 and 1 in a.args:
+            other = a.args[0] if a.args[1] == 1 else a.args[1]
+            if isinstance(other, sp.exp):
+                return _SOFTPLUS(other.args[0])
+        return e
+
+    expr = expr.replace(lambda e: isinstance(e, sp.log), fix_log)
+    expr = expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
+    return expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
+
+
+def numeric(expr: sp.Expr):
+    """float64 numpy function of x for a sympy expression, rewritten by :func:`stable`."""
+    f = sp.lambdify(X, stable(expr), modules=[{"erf": _erf, "erfc": _erfc, "erfc_": _erfc, "softplus_": _softplus, "sech2_": _sech2}, "numpy"])
+
+    def call(x):
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            out = f(x)
+        return np.broadcast_to(np.asarray(out, dtype=np.float64), x.shape).copy()
+    return call
+
+
+def _erf(x):
+    from scipy.special import erf
+    return erf(x)
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _sech2(x):
+    return 1.0 / np.cosh(x) ** 2
+
+
+def _erfc(x):
+    from scipy.special import erfc
+    return erfc(x)
+
+
+@dataclass
+class Piece:
+    expr: sp.Expr           # substituted expression on this piece
+    sym_expr: sp.Expr       # with parameter symbols
+    lo: float
+    hi: float
+    lo_closed: bool
+    hi_closed: bool
+
+
+@dataclass
+class Branch:
+    """One monotone (or constant) stretch of one formula piece."""
+
+    index: int
+    piece: int
+    expr: sp.Expr
+    sym_expr: sp.Expr
+    x_range: tuple[float, float]
+    x_closed: tuple[bool, bool]
+    y_range: tuple[float, float]
+    direction: str                  # increasing | decreasing | constant
+    lower_end: str = "regular"      # kind of the y_range ends: sqrt | log | tail | regular | flat
+    upper_end: str = "regular"
+    y_closed: tuple[bool, bool] = (True, True)
+    code: int = 0
+    limits: dict = field(default_factory=dict)   # y end -> limit of f' there ("lower"/"upper")
+    singularities: list[str] = field(default_factory=list)
+
+    @property
+    def flat(self) -> bool:
+        return self.direction == "constant"
+
+    def x_at_y_end(self, which: str) -> float:
+        """x at the lower/upper y end of the branch."""
+        lo_first = self.direction != "decreasing"
+        return self.x_range[0] if (which == "lower") == lo_first else self.x_range[1]
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "code": self.code, "x_range": list(self.x_range),
+                "y_range": list(self.y_range), "direction": self.direction,
+                "lower_end": self.lower_end, "upper_end": self.upper_end,
+                "singularities": list(self.singularities)}
+
+
+@dataclass
+class Analysis:
+    spec: ActivationSpec
+    branches: list[Branch]
+    n_branches: int          # monotone branches after merging continuous same-direction neighbours
+    n_codes: int
+    x_breaks: list[tuple[float, str]]   # (value, side) where the code changes
+    codes: list[int]                    # code of each x interval
+
+    @property
+    def code_bits(self) -> int:
+        return math.ceil(math.log2(self.n_codes)) if self.n_codes > 1 else 0
+
+
+def analyze(spec: ActivationSpec) -> Analysis:
+    """Split ``spec`` into monotone branches, classify their ends and assign codes."""
+    pieces = _pieces(spec)
+    _check_real(spec, pieces)
+    branches: list[Branch] = []
+    for p_index, piece in enumerate(pieces):
+        for lo, hi, lo_c, hi_c, direction in _monotone_parts(piece):
+            branches.append(_make_branch(len(branches), p_index, piece, lo, hi, lo_c, hi_c, direction))
+    if not branches:
+        raise SpecError(f"{spec.name!r} has no real domain")
+    for b in branches:
+        _classify_ends(b, branches)
+    n_codes = _assign_codes(branches)
+    x_breaks, codes = _code_breaks(branches)
+    return Analysis(spec, branches, _count_monotone(branches), n_codes, x_breaks, codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+def _pieces(spec: ActivationSpec) -> list[Piece]:
+    expr = sp.piecewise_fold(spec.substituted().rewrite(sp.Piecewise))
+    sym = sp.piecewise_fold(spec.expr.rewrite(sp.Piecewise))
+    if not isinstance(expr, sp.Piecewise):
+        return [Piece(expr, sym, -math.inf, math.inf, False, False)]
+    sym_args = sym.args if isinstance(sym, sp.Piecewise) and len(sym.args) == len(expr.args) else None
+    covered = sp.EmptySet
+    out = []
+    for i, (e, cond) in enumerate(expr.args):
+        try:
+            region = cond.as_set() if cond is not sp.true else sp.Reals
+        except (NotImplementedError, TypeError):
+            raise SpecError(f"piece condition {cond} is not a condition on x alone") from None
+        region = sp.Intersection(region, sp.Complement(sp.Reals, covered))
+        covered = sp.Union(covered, region)
+        for iv in _intervals(region):
+            out.append(Piece(e, sym_args[i][0] if sym_args else e, float(iv.start), float(iv.end),
+                             not iv.left_open, not iv.right_open))
+    out.sort(key=lambda p: p.lo)
+    return out
+
+
+def _intervals(region) -> list[sp.Interval]:
+    if region is sp.EmptySet:
+        return []
+    if isinstance(region, sp.Interval):
+        return [region]
+    if isinstance(region, sp.Union):
+        return [iv for arg in region.args for iv in _intervals(arg)]
+    if isinstance(region, sp.FiniteSet):
+        return []  # isolated points: measure zero, owned by a neighbour
+    raise SpecError(f"cannot split the real line into intervals for condition set {region}")
+
+
+def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
+    for p in pieces:
+        lo, hi = max(p.lo, -30.0), min(p.hi, 30.0)
+        if lo >= hi:
+            continue
+        xs = np.linspace(lo, hi, 2001)[1:-1]
+        ys = numeric(p.expr)(xs)
+        bad = ~np.isfinite(ys)
+        if bad.any():
+            x_bad = float(xs[np.argmax(bad)])
+            raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: "
+                            f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# monotone parts
+
+def _monotone_parts(piece: Piece):
+    fp = sp.diff(piece.expr, X)
+    if fp == 0 or (fp.is_number and float(fp) == 0.0):
+        yield piece.lo, piece.hi, piece.lo_closed, piece.hi_closed, "constant"
+        return
+    crit = _critical_points(piece, fp)
+    cuts = [piece.lo] + crit + [piece.hi]
+    fpn = numeric(fp)
+    for j in range(len(cuts) - 1):
+        a, b = cuts[j], cuts[j + 1]
+        mid = _interior_point(a, b)
+        slope = float(fpn(np.array([mid]))[0])
+        lo_c = piece.lo_closed if j == 0 else True
+        hi_c = piece.hi_closed if j == len(cuts) - 2 else True
+        yield a, b, lo_c, hi_c, ("increasing" if slope > 0 else "decreasing")
+
+
+def _interior_point(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return 0.0
+    if math.isinf(a):
+        return b - 1.0
+    if math.isinf(b):
+        return a + 1.0
+    return 0.5 * (a + b)
+
+
+def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
+    """Sign changes of f' inside the piece, to float64 accuracy; refuses infinitely many."""
+    lo, hi = max(piece.lo, -SCAN), min(piece.hi, SCAN)
+    fpn = numeric(fp)
+    roots = _sign_changes(fpn, lo, hi, 20001)
+    wide = _sign_changes(fpn, max(piece.lo, -8 * SCAN), min(piece.hi, 8 * SCAN), 160001)
+    if len(roots) > MAX_CRITICAL or len(wide) > len(roots) + 2:
+        raise SpecError(f"f' changes sign {len(wide)} times on [{-8 * SCAN:g}, {8 * SCAN:g}]: the function "
+                        "appears to have infinitely many monotone branches, which a finite code cannot index")
+    return [_polish_root(fp, r) for r in roots]
+
+
+def _sign_changes(fpn, lo: float, hi: float, n: int) -> list[float]:
+    if not lo < hi:
+        return []
+    xs = np.linspace(lo, hi, n)
+    v = fpn(xs)
+    s = np.sign(v)
+    out = []
+    for i in np.nonzero(s[:-1] * s[1:] < 0)[0]:
+        out.append(brentq(lambda t: float(fpn(np.array([t]))[0]), xs[i], xs[i + 1], xtol=1e-15, rtol=1e-15))
+    for i in np.nonzero((s[1:-1] == 0) & (s[:-2] * s[2:] < 0))[0]:
+        out.append(float(xs[i + 1]))
+    return sorted(out)
+
+
+def _polish_root(fp: sp.Expr, x0: float) -> float:
+    """Refine a root of f' with mpmath at 30 digits; float64 result."""
+    import mpmath
+    try:
+        f = sp.lambdify(X, fp, "mpmath")
+        with mpmath.workdps(30):
+            return float(mpmath.findroot(f, mpmath.mpf(x0)))
+    except Exception:  # noqa: BLE001 - keep the bracketed root when mpmath cannot refine it
+        return float(x0)
+
+
+def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch:
+    f = numeric(piece.expr)
+    ya, yb = _value_at(piece.expr, f, lo, +1), _value_at(piece.expr, f, hi, -1)
+    y_lo, y_hi = (ya, yb) if direction != "decreasing" else (yb, ya)
+    if direction == "constant":
+        y_lo = y_hi = ya if math.isfinite(ya) else yb
+    y_closed = (lo_c, hi_c) if direction != "decreasing" else (hi_c, lo_c)
+    return Branch(index, p_index, piece.expr, piece.sym_expr, (lo, hi), (lo_c, hi_c),
+                  (y_lo, y_hi), direction, y_closed=y_closed)
+
+
+def _value_at(expr: sp.Expr, f, x: float, side: int) -> float:
+    """f at x, or its limit from inside the interval (side +1: from the right)."""
+    if math.isinf(x):
+        try:
+            with time_limit(5):
+                lim = sp.limit(expr, X, sp.oo if x > 0 else -sp.oo)
+            if lim.is_real or lim in (sp.oo, -sp.oo):
+                return float(lim)
+        except (TimeoutError, NotImplementedError, TypeError, ValueError):
+            pass
+        vals = f(np.array([math.copysign(FAR, x), math.copysign(FAR * 10, x)]))
+        return float(vals[-1]) if abs(vals[-1] - vals[0]) < 1e-12 * (1 + abs(vals[0])) else math.copysign(math.inf, vals[-1])
+    return float(f(np.array([x]))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# ends
+
+def _classify_ends(b: Branch, branches: list[Branch]) -> None:
+    if b.flat:
+        b.lower_end = b.upper_end = "flat"
+        return
+    fp = numeric(sp.diff(b.expr, X))
+    for which in ("lower", "upper"):
+        x = b.x_at_y_end(which)
+        y = b.y_range[0] if which == "lower" else b.y_range[1]
+        if math.isinf(x):
+            lim = _value_at(sp.diff(b.expr, X), fp, x, 0)
+            b.limits[which] = lim
+            kind = "tail" if math.isinf(y) else "log"
+            if kind == "log":
+                b.singularities.append(f"log at y={y:.17g} (x -> {'+' if x > 0 else '-'}inf)")
+        else:
+            slope = float(fp(np.array([x]))[0])
+            b.limits[which] = slope
+            kind = "sqrt" if abs(slope) < 1e-12 else "regular"
+            if kind == "sqrt":
+                b.singularities.append(f"sqrt at y={y:.17g} (x={x:.17g})")
+        setattr(b, f"{which}_end", kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# codes
+
+def _overlap(a: Branch, b: Branch) -> bool:
+    """True when y alone cannot tell a from b on a set of positive measure of either."""
+    (a0, a1), (b0, b1) = a.y_range, b.y_range
+    tol = 1e-9 * (1 + max(abs(v) for v in (a0, a1, b0, b1) if math.isfinite(v)) if any(
+        math.isfinite(v) for v in (a0, a1, b0, b1)) else 1e-9)
+    if a.flat and b.flat:
+        return abs(a0 - b0) <= tol
+    if a.flat or b.flat:
+        p, other = (a0, b) if a.flat else (b0, a)
+        return other.y_range[0] + tol < p < other.y_range[1] - tol
+    return min(a1, b1) - max(a0, b0) > tol
+
+
+def _assign_codes(branches: list[Branch]) -> int:
+    """Greedy colouring from the right, so the branch reaching +inf gets code 0."""
+    for b in reversed(branches):
+        taken = {o.code for o in branches if o.index > b.index and _overlap(o, b)}
+        b.code = next(c for c in range(len(branches)) if c not in taken)
+    return max(b.code for b in branches) + 1
+
+
+def _code_breaks(branches: list[Branch]) -> tuple[list[tuple[float, str]], list[int]]:
+    breaks, codes = [], [branches[0].code]
+    for left, right in zip(branches, branches[1:]):
+        if right.code != left.code:
+            breaks.append((left.x_range[1], "left" if left.x_closed[1] else "right"))
+            codes.append(right.code)
+    return breaks, codes
+
+
+def _count_monotone(branches: list[Branch]) -> int:
+    n = 1
+    for left, right in zip(branches, branches[1:]):
+        same = left.direction == right.direction and not left.flat
+        continuous = abs(left.y_range[1 if left.direction == "increasing" else 0]
+                         - right.y_range[0 if right.direction == "increasing" else 1]) < 1e-6
+        n += 0 if (same and continuous) else 1
+    return n
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,107 @@
+"""Evaluate a table the way generated code does: the float32 scheme of docs/table-format.md in numpy.
+
+``dtype=np.float32`` emulates the runtime bit for bit (no FMA); ``np.float64`` gives the table's
+value in (nearly) real arithmetic, for approximation errors and plots.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+__all__ = ["eval_code_class", "eval_segment", "segment_index", "number", "error_curve"]
+
+TINY32 = np.float32(np.finfo(np.float32).tiny)
+
+
+def number(text, params: dict | None = None) -> float:
+    """A table number: a float, "inf"/"-inf", or an expression string in parameter names."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    if text in ("inf", "-inf"):
+        return float(text)
+    return float(_sym(text).subs({sp.Symbol(k, real=True): v for k, v in (params or {}).items()}))
+
+
+@lru_cache(maxsize=512)
+def _sym(text: str) -> sp.Expr:
+    names = {n: sp.Symbol(n, real=True) for n in ("y", "x", "alpha", "beta", "threshold", "scale", "negative_slope")}
+    return sp.sympify(text, locals=names)
+
+
+def segment_index(breaks: list[dict], y: np.ndarray, params: dict | None = None) -> np.ndarray:
+    idx = np.zeros(y.shape, dtype=np.int64)
+    for b in breaks:
+        v = y.dtype.type(number(b["value"], params))
+        idx += (y > v) if b["side"] == "left" else (y >= v)
+    return idx
+
+
+def eval_segment(seg: dict, y: np.ndarray, params: dict | None = None) -> np.ndarray:
+    ft = y.dtype.type
+    kind = seg["kind"]
+    if kind == "constant":
+        return np.full_like(y, ft(number(seg["value"], params))) + y * ft(0)  # NaN propagates
+    if kind == "exact":
+        return _exact_fn(seg["expr"], tuple(sorted((params or {}).items())))(y).astype(y.dtype)
+    tf = seg["transform"]
+    if tf["kind"] == "identity":
+        t = y
+    else:
+        hi, mid, lo = (ft(v) for v in tf["origin"])
+        d = ft(tf["sign"]) * (((y - hi) - mid) - lo)
+        with np.errstate(all="ignore"):
+            t = np.sqrt(np.maximum(d, ft(0))) if tf["kind"] == "sqrt" else np.log(np.maximum(d, ft(TINY32)))
+    u = np.clip((t - ft(seg["center"])) * ft(seg["scale"]), ft(-1), ft(1))
+    c = [ft(v) for v in seg["coeffs"]]
+    if len(c) == 1:
+        return (u * ft(0) + ft(seg["c0_lo"])) + c[0]
+    p = np.full_like(u, c[-1])
+    for cj in c[-2:0:-1]:
+        p = p * u + cj
+    p = p * u
+    return (p + ft(seg["c0_lo"])) + c[0]
+
+
+@lru_cache(maxsize=256)
+def _exact_fn(expr: str, params: tuple):
+    e = _sym(expr).subs({sp.Symbol(k, real=True): v for k, v in params})
+    f = sp.lambdify(sp.Symbol("y", real=True), e, modules=["numpy"])
+
+    def call(y):
+        with np.errstate(all="ignore"):
+            return np.broadcast_to(np.asarray(f(y), dtype=y.dtype), y.shape)
+    return call
+
+
+def eval_code_class(cc: dict, y: np.ndarray, params: dict | None = None) -> np.ndarray:
+    """g~(y) for one code class; y's dtype (float32 or float64) is the arithmetic used."""
+    y = np.asarray(y)
+    idx = segment_index(cc["y_breaks"], y, params)
+    out = np.empty_like(y)
+    for i, seg in enumerate(cc["segments"]):
+        m = idx == i
+        if m.any():
+            out[m] = eval_segment(seg, y[m], params)
+    return out
+
+
+def error_curve(table: dict, branch: int, n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """y over the branch's range and |g~(y) - g(y)| (float64 arithmetic vs. the float64 reference)."""
+    from .certify import branch_reference, branch_sample_range
+    b = table["branches"][branch]
+    ref = branch_reference(table, branch)
+    lo, hi = branch_sample_range(table, branch)
+    y = np.unique(np.concatenate([np.linspace(lo, hi, n // 2), _geom_between(lo, hi, n // 2)]))
+    cc = table["code_classes"][b["code"]]
+    if ref is None:
+        return y, np.zeros_like(y)
+    return y, np.abs(eval_code_class(cc, y, table["params"]) - ref(y))
+
+
+def _geom_between(lo: float, hi: float, n: int) -> np.ndarray:
+    """Points clustered towards both ends (where singularities sit)."""
+    s = np.geomspace(1e-12, 1.0, n // 2)
+    return np.concatenate([lo + (hi - lo) * s, hi - (hi - lo) * s])

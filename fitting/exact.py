@@ -1,0 +1,96 @@
+"""The exact route: a closed form of g(y) = f'(f^-1(y)) (or of x = f^-1(y)) per branch, via sympy.
+
+Every candidate sympy returns is checked numerically against f' at points of the branch before it is
+accepted, so a wrong root (a quadratic's other sign, say) is never recorded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy as sp
+
+from .branches import Branch, numeric, time_limit
+from .formulas import X, ActivationSpec
+
+__all__ = ["Y", "exact_expression"]
+
+Y = sp.Symbol("y", real=True)
+SOLVE_SECONDS = 2.5
+RUNTIME_FUNCS = {"exp", "log", "Abs"}   # plus + - * / and powers (sqrt): what generated code evaluates
+
+
+def exact_expression(branch: Branch, spec: ActivationSpec, target: str) -> sp.Expr | None:
+    """A validated closed form in ``y`` (keeping parameter names when possible), or None."""
+    for expr, symbolic in ((branch.sym_expr, True), (branch.expr, False)):
+        if symbolic and not spec.params:
+            continue
+        found = _solve(expr, spec, target, symbolic, branch)
+        if found is not None:
+            return found
+    return None
+
+
+def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, branch: Branch) -> sp.Expr | None:
+    positive = {sp.Symbol(n, real=True): sp.Symbol(n, positive=True) for n in spec.params} if symbolic else {}
+    back = {v: sp.Symbol(k.name, real=True) for k, v in positive.items()}
+    e = expr.subs(positive)
+    fp = sp.diff(e, X)
+    try:
+        with time_limit(SOLVE_SECONDS):
+            if target == "derivative" and not fp.has(X):
+                candidates = [fp]
+            else:
+                roots = sp.solve(sp.Eq(e, Y), X)
+                candidates = [_simplest(fp, r) if target == "derivative" else r for r in roots]
+    except (TimeoutError, NotImplementedError, ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    for cand in candidates:
+        cand = cand.subs(back)
+        if _agrees(cand, expr, spec, target, branch):
+            return _factor_radicands(cand)
+    return None
+
+
+def _factor_radicands(e: sp.Expr) -> sp.Expr:
+    """sqrt(24*y + 9) -> sqrt(3)*sqrt(8*y + 3): y + c with a power-of-two scale keeps float32
+    evaluation exact next to the branch point (Sterbenz), where 24*y + 9 cancels."""
+    return e.replace(lambda a: isinstance(a, sp.Pow) and a.exp == sp.Rational(1, 2) and a.base.is_polynomial(Y),
+                     lambda a: sp.sqrt(sp.factor(a.base)))
+
+
+def _simplest(fp: sp.Expr, root: sp.Expr) -> sp.Expr:
+    """f'(root) simplified; hyperbolic functions are rewritten through exp first (tanh -> 1 - y**2)."""
+    forms = [sp.simplify(fp.subs(X, root)), sp.simplify(fp.rewrite(sp.exp).subs(X, root))]
+    return min(forms, key=sp.count_ops)
+
+
+def _agrees(cand: sp.Expr, expr: sp.Expr, spec: ActivationSpec, target: str, branch: Branch) -> bool:
+    """cand(f(x)) == f'(x) (or x) at 24 points spread over the branch's x range."""
+    values = {sp.Symbol(n, real=True): v for n, v in spec.params.items()}
+    cand = cand.subs(values)
+    e = expr.subs(values)
+    if cand.free_symbols - {Y} or cand.has(sp.I) or cand.has(sp.zoo, sp.nan):
+        return False
+    if any(type(fn).__name__ not in RUNTIME_FUNCS for fn in cand.atoms(sp.Function)):
+        return False  # e.g. LambertW: no float32 kernel for it
+    f, fp = numeric(e), numeric(sp.diff(e, X))
+    xs = _probe_points(branch)
+    ys = f(xs)
+    g = sp.lambdify(Y, cand, modules=["numpy"])
+    with np.errstate(all="ignore"):
+        got = np.broadcast_to(np.asarray(g(ys), dtype=np.complex128), xs.shape)
+    want = fp(xs) if target == "derivative" else xs
+    ok = np.isfinite(want) & np.isfinite(ys)
+    if ok.sum() < 8:
+        return False
+    err = np.abs(got[ok] - want[ok])
+    return bool(np.all(err <= 1e-9 * (1 + np.abs(want[ok]) + np.abs(ys[ok]))))
+
+
+def _probe_points(branch: Branch) -> np.ndarray:
+    lo, hi = branch.x_range
+    lo = max(lo, hi - 24.0) if math.isfinite(hi) else max(lo, -12.0)
+    hi = min(hi, lo + 24.0) if math.isfinite(lo) else min(hi, 12.0)
+    return np.linspace(lo, hi, 26)[1:-1]

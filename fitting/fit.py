@@ -1,0 +1,212 @@
+"""Piecewise polynomial fits of one branch's target in a transformed, centred variable.
+
+Per piece: t = T(y) (sqrt next to a branch point, log next to a finite asymptote, else identity),
+u = (t - center) * scale in [-1, 1], a Chebyshev least-squares fit on Chebyshev-distributed points
+(near-minimax), converted to monomials in u and rounded to float32 one coefficient at a time from the
+top, refitting the lower ones after each rounding; the constant is kept as float32 hi + lo. Pieces are
+grown greedily to the largest that meets the bound; among the degrees tried the layout cheapest to
+evaluate (Horner steps + piece-search steps) wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import FitError
+from .reference import BranchReference
+
+__all__ = ["Transform", "PieceFit", "fit_branch", "DEGREES"]
+
+DEGREES = (6, 8, 10, 12, 14)
+TINY = float(np.finfo(np.float32).tiny)
+SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
+MAX_PIECES = 64
+
+
+def f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def f32_below(v: float) -> float:
+    r = np.float32(v)
+    return float(r if float(r) <= v else np.nextafter(r, np.float32(-np.inf)))
+
+
+def split3(value) -> tuple[float, float, float]:
+    """float32 hi + mid + lo with hi + mid + lo <= value (an mpmath or float value), ~72 bits."""
+    import mpmath
+    with mpmath.workdps(40):
+        v = mpmath.mpf(value)
+        hi = f32(float(v))
+        mid = f32(float(v - hi))
+        lo = f32_below(float(v - hi - mid))
+    return hi, mid, lo
+
+
+@dataclass(frozen=True)
+class Transform:
+    """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo."""
+
+    kind: str                                      # identity | sqrt | log
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sign: int = 1
+
+    def d(self, y: np.ndarray) -> np.ndarray:
+        hi, mid, lo = (y.dtype.type(v) for v in self.origin)
+        return y.dtype.type(self.sign) * (((y - hi) - mid) - lo)
+
+    def t(self, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.float64)
+        if self.kind == "identity":
+            return y
+        d = self.d(y)
+        return np.sqrt(np.maximum(d, 0.0)) if self.kind == "sqrt" else np.log(np.maximum(d, TINY))
+
+    def y(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        if self.kind == "identity":
+            return t
+        hi, mid, lo = self.origin
+        return hi + ((mid + lo) + self.sign * (t * t if self.kind == "sqrt" else np.exp(t)))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind} if self.kind == "identity" else {
+            "kind": self.kind, "origin": list(self.origin), "sign": self.sign}
+
+
+@dataclass
+class PieceFit:
+    y_lo: float
+    y_hi: float
+    transform: Transform
+    center: float
+    scale: float
+    coeffs: list[float]        # c0_hi, c1..cd (float32 values)
+    c0_lo: float
+    error: float               # max |P - g| on the dense check grid (float64 arithmetic)
+
+    def u(self, y: np.ndarray) -> np.ndarray:
+        return np.clip((self.transform.t(y) - self.center) * self.scale, -1.0, 1.0)
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        return horner(self.coeffs, self.c0_lo, self.u(y))
+
+    def to_json(self) -> dict:
+        return {"kind": "poly", "y_range": [self.y_lo, self.y_hi], "transform": self.transform.to_json(),
+                "center": self.center, "scale": self.scale, "coeffs": list(self.coeffs),
+                "c0_lo": self.c0_lo, "error": self.error}
+
+
+def horner(coeffs, c0_lo: float, u: np.ndarray) -> np.ndarray:
+    """The documented evaluation order, in u's dtype."""
+    u = np.asarray(u)
+    p = np.full_like(u, coeffs[-1])
+    if len(coeffs) == 1:
+        return (np.zeros_like(u) + c0_lo) + coeffs[0]
+    for c in coeffs[-2:0:-1]:
+        p = p * u + u.dtype.type(c)
+    p = p * u
+    return (p + u.dtype.type(c0_lo)) + u.dtype.type(coeffs[0])
+
+
+def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int) -> PieceFit:
+    """One piece over float32 breaks [y_lo, y_hi] in transform ``tf``."""
+    ta, tb = sorted(float(v) for v in tf.t(np.array([y_lo, y_hi])))
+    if not tb > ta:
+        raise ValueError("empty piece")
+    center = f32(0.5 * (ta + tb))
+    scale = f32_below(2.0 / (tb - ta) * (1 - 2.0**-20))
+    while max(abs((ta - center) * scale), abs((tb - center) * scale)) > 1.0:
+        scale = float(np.nextafter(np.float32(scale), np.float32(0)))
+    ua, ub = (ta - center) * scale, (tb - center) * scale
+    m = 10 * (degree + 1)
+    k = np.arange(m)
+    u = 0.5 * (ua + ub) + 0.5 * (ub - ua) * np.cos(np.pi * (k + 0.5) / m)
+    u = np.concatenate([[ua, ub], u])
+    g = ref(tf.y(center + u / scale))
+    coeffs = _rounded_fit(u, g, degree)
+    c0 = coeffs[0]
+    c0_hi = f32(c0)
+    c0_lo = f32(c0 - c0_hi)
+    coeffs = [c0_hi] + [f32(c) for c in coeffs[1:]]
+    err = float(np.max(np.abs(horner(coeffs, c0_lo, u) - g)))
+    return PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err)
+
+
+def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
+    """Least squares in the Chebyshev basis, then float32 rounding from the top with refits."""
+    cheb = np.polynomial.chebyshev.Chebyshev.fit(u, g, degree, domain=[-1, 1], window=[-1, 1])
+    c = list(cheb.convert(kind=np.polynomial.Polynomial).coef) + [0.0] * (degree + 1)
+    c = c[:degree + 1]
+    vander = np.vander(u, degree + 1, increasing=True)
+    for j in range(degree, 0, -1):
+        c[j] = f32(c[j])
+        resid = g - vander[:, j:] @ np.array(c[j:])
+        c[:j] = list(np.linalg.lstsq(vander[:, :j], resid, rcond=None)[0])
+    return c
+
+
+def _transforms(ref: BranchReference, origins: dict) -> list[Transform]:
+    out = [Transform("sqrt", split3(origins["sqrt"][0]), origins["sqrt"][1])] if "sqrt" in origins else []
+    out += [Transform("log", split3(origins["log"][0]), origins["log"][1])] if "log" in origins else []
+    return out or [Transform("identity")]
+
+
+def _best(ref, y_lo, y_hi, tfs, degree) -> PieceFit:
+    fits = [fit_piece(ref, y_lo, y_hi, tf, degree) for tf in tfs]
+    return min(fits, key=lambda p: p.error)
+
+
+def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, tolerance: float,
+               degrees=DEGREES) -> list[PieceFit]:
+    """Cover [y_lo, y_hi] (float32) with pieces meeting SAFETY * tolerance; the cheapest layout wins."""
+    tfs = _transforms(ref, origins)
+    best, best_cost, best_err = None, math.inf, math.inf
+    for degree in degrees:
+        pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance)
+        best_err = min(best_err, err)
+        if pieces is None:
+            continue
+        cost = degree + 1 + math.log2(len(pieces) + 1)
+        if cost < best_cost:
+            best, best_cost = pieces, cost
+    if best is None:
+        raise FitError(f"no layout with up to {MAX_PIECES} pieces of degree <= {max(degrees)} meets "
+                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err,
+                       "relax --tolerance (fp32 rounding of coefficients limits tables to ~3e-8)")
+    return best
+
+
+def _greedy(ref, y_lo, y_hi, tfs, degree, target):
+    """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable."""
+    pieces, start, worst = [], y_lo, 0.0
+    x_end = float(ref.inverse(np.array([y_hi]))[0])
+    while start < y_hi:
+        if len(pieces) >= MAX_PIECES:
+            return None, worst
+        whole = _best(ref, start, y_hi, tfs, degree)
+        if whole.error <= target:
+            pieces.append(whole)
+            break
+        x_a = float(ref.inverse(np.array([start]))[0])
+        lo_w, hi_w, good = 0.0, 1.0, None
+        for _ in range(18):
+            w = 0.5 * (lo_w + hi_w)
+            y_b = f32(float(ref.f(np.array([x_a + w * (x_end - x_a)]))[0]))
+            if not y_b > start:
+                lo_w = w
+                continue
+            trial = _best(ref, start, y_b, tfs, degree)
+            if trial.error <= target:
+                lo_w, good = w, trial
+            else:
+                hi_w = w
+                worst = max(worst, trial.error) if good is None else worst
+        if good is None:
+            return None, min(worst, whole.error)
+        pieces.append(good)
+        start = good.y_hi
+    return pieces, max(p.error for p in pieces)

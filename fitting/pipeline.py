@@ -1,0 +1,252 @@
+"""Formula -> branches -> exact forms or piecewise fits -> code classes -> certified table (a dict)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import sympy as sp
+
+from .branches import Analysis, Branch, analyze
+from .errors import FitError, InputError
+from .exact import exact_expression
+from .fit import f32, f32_below, fit_branch
+from .formulas import X, ActivationSpec
+from .reference import BranchReference
+
+__all__ = ["build_table", "TARGETS", "FORMAT_VERSION", "spec_from_table"]
+
+TARGETS = ("derivative", "inverse")
+FORMAT_VERSION = 1
+VERSION = "0.1.0"
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: float = 5e-8,
+                fp32_samples: int = 2**24, progress: Callable[[str], None] | None = None) -> dict:
+    """A complete, certified table (without its sha256) for ``spec``."""
+    if target not in TARGETS:
+        raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
+    if tolerance < 2e-8:
+        raise FitError(f"tolerance {tolerance:g} is below what float32 coefficients can represent",
+                       None, "use --tolerance 2e-8 or more")
+    say = progress or (lambda msg: None)
+    say(f"{spec.name}: analysing branches")
+    analysis = analyze(spec)
+    per_branch: dict[int, list[dict]] = {}
+    exprs: dict[int, sp.Expr] = {}
+    for b in analysis.branches:
+        say(f"{spec.name}: branch {b.index} ({b.direction}, x in [{b.x_range[0]:.4g}, {b.x_range[1]:.4g}])")
+        per_branch[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance)
+    generic = bool(spec.params) and all(s["kind"] != "poly" for segs in per_branch.values() for s in segs) \
+        and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
+    table = {
+        "format": "invact-table", "format_version": FORMAT_VERSION, "invact_version": VERSION,
+        "name": spec.name, "formula": sp.sstr(spec.expr), "params": dict(spec.params),
+        "param_generic": generic, "param_domain": list(spec.domain),
+        "torch_forward": spec.torch_forward, "target": target, "tolerance": float(tolerance),
+        "n_branches": analysis.n_branches, "n_codes": analysis.n_codes, "code_bits": analysis.code_bits,
+        "forward_code": _forward_code(analysis, spec, generic),
+        "branches": [_branch_json(b, per_branch[b.index]) for b in analysis.branches],
+        "code_classes": _code_classes(analysis, per_branch, spec, generic),
+    }
+    if not generic:
+        for segs in per_branch.values():
+            for s in segs:
+                if s["kind"] == "exact":
+                    s["expr"] = sp.sstr(sp.sympify(s["expr"], locals=_locals(spec)).subs(_values(spec)))
+    from .certify import certify_table
+    say(f"{spec.name}: certifying")
+    table["certificate"] = certify_table(table, fp32_samples=fp32_samples,
+                                         progress=lambda frac, label: say(f"{spec.name}: {label}"))
+    return table
+
+
+def spec_from_table(table: dict) -> ActivationSpec:
+    params = table.get("params", {})
+    names = {n: sp.Symbol(n, real=True) for n in params}
+    names["x"] = X
+    expr = sp.sympify(table["formula"], locals=names)
+    return ActivationSpec(table["name"], expr, dict(params), tuple(table.get("param_domain", ())),
+                          torch_forward=table.get("torch_forward"))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _locals(spec):
+    return {n: sp.Symbol(n, real=True) for n in spec.params} | {"y": sp.Symbol("y", real=True)}
+
+
+def _values(spec):
+    return {sp.Symbol(n, real=True): v for n, v in spec.params.items()}
+
+
+def _numeric_only(expr: sp.Expr, b: Branch) -> bool:
+    """True when an exact form lost the parameter names its piece has (solved with values substituted)."""
+    params = b.sym_expr.free_symbols - {X}
+    return bool(params) and not (expr.free_symbols & params)
+
+
+def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float) -> tuple[list[dict], sp.Expr | None]:
+    lo, hi = b.y_range
+    if b.flat:
+        value = "0" if target == "derivative" else repr(float(b.x_range[1]))
+        return [{"kind": "constant", "value": value, "y_range": [lo, hi], "branch": b.index}], None
+    expr = exact_expression(b, spec, target)
+    if expr is not None:
+        return [{"kind": "exact", "expr": sp.sstr(expr), "y_range": [lo, hi], "branch": b.index}], expr
+    return _fitted_segments(b, target, tol), None
+
+
+def _fitted_segments(b: Branch, target: str, tol: float) -> list[dict]:
+    ref = BranchReference(b, target)
+    origins, lows, highs = {}, [], []
+    y_lo, y_hi = b.y_range
+    for which in ("lower", "upper"):
+        kind = b.lower_end if which == "lower" else b.upper_end
+        y_end = y_lo if which == "lower" else y_hi
+        sign = 1 if which == "lower" else -1
+        if kind == "sqrt":
+            exact_end = _precise_value(b, which)
+            origins["sqrt"] = (exact_end, sign)
+            y_end = f32_below(float(exact_end)) if sign > 0 else -f32_below(-float(exact_end))
+        elif kind in ("log", "tail"):
+            y_end, tail = _tail(b, ref, which, target, tol)
+            if kind == "log":
+                origins["log"] = (b.y_range[0 if which == "lower" else 1], sign)
+            if tail is not None:
+                (lows if which == "lower" else highs).append(tail)
+        else:
+            y_end = f32(y_end)
+        if which == "lower":
+            y_lo = y_end
+        else:
+            y_hi = y_end
+    pieces = fit_branch(ref, y_lo, y_hi, origins, tol)
+    segs = [dict(p.to_json(), branch=b.index) for p in pieces]
+    return [dict(t, branch=b.index) for t in lows] + segs + [dict(t, branch=b.index) for t in highs]
+
+
+def _precise_value(b: Branch, which: str):
+    """f at a branch point to 40 digits (the sqrt transform's origin must be exact to ~1e-20)."""
+    x = b.x_at_y_end(which)
+    return sp.N(b.expr.subs(X, sp.Float(x, 30)), 40)
+
+
+def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
+    """(y where the fitted part ends, tail segment or None) for an end at x = +-inf."""
+    x_inf = b.x_at_y_end(which)
+    x_in = b.x_range[1] if x_inf < 0 else b.x_range[0]
+    x_in = x_in if math.isfinite(x_in) else 0.0
+    direction = math.copysign(1.0, x_inf)
+    steps = x_in + direction * np.expm1(np.linspace(0, math.log(1e4), 200001))
+    y = ref.f(steps)
+    if target == "derivative":
+        limit = b.limits[which]
+        bad = np.abs(ref.fp(steps) - limit) > tol / 4
+        kind = {"kind": "constant", "value": repr(float(limit))}
+    else:
+        bad = np.abs(steps - y) > tol / 4 if b.limits[which] == 1.0 else np.ones_like(steps, bool)
+        kind = {"kind": "exact", "expr": "y"}
+    finite = np.isfinite(y) & (np.abs(y) < F32_MAX)
+    last_bad = np.nonzero(bad & finite)[0]
+    if last_bad.size == 0:
+        k = 1
+    else:
+        k = last_bad[-1] + 1
+    if k >= steps.size or not finite[k] or abs(y[k] - b.y_range[0 if which == "lower" else 1]) <= F32_TINY:
+        if target == "inverse" and np.isfinite(b.y_range[0 if which == "lower" else 1]):
+            # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
+            y_a = b.y_range[0 if which == "lower" else 1]
+            y_end = f32(y_a + (F32_TINY if which == "lower" else -F32_TINY))
+            x_end = float(ref.inverse(np.array([y_end]))[0])
+            return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end)}
+        raise FitError(f"branch {b.index}: the target has no constant tail within |x| < 1e4", None,
+                       "restrict the formula or relax --tolerance")
+    y_end = f32(float(y[k]))
+    return y_end, dict(kind, y_range=_tail_range(b, which, y_end))
+
+
+def _tail_range(b: Branch, which: str, y_end: float) -> list[float]:
+    return [b.y_range[0], y_end] if which == "lower" else [y_end, b.y_range[1]]
+
+
+def _branch_json(b: Branch, segs: list[dict]) -> dict:
+    d = b.to_json()
+    d["route"] = "constant" if b.flat else ("fit" if any(s["kind"] == "poly" for s in segs) else "exact")
+    d["tails"] = [{"y_range": s["y_range"], "value": s.get("value", s.get("expr"))}
+                  for s in segs if s["kind"] != "poly"] if d["route"] == "fit" else []
+    d["pieces"] = sum(s["kind"] == "poly" for s in segs)
+    d["degrees"] = sorted({len(s["coeffs"]) - 1 for s in segs if s["kind"] == "poly"})
+    return d
+
+
+def _forward_code(analysis: Analysis, spec: ActivationSpec, generic: bool) -> dict:
+    breaks = [{"value": _sym_number(v, spec, generic), "side": side} for v, side in analysis.x_breaks]
+    return {"x_breaks": breaks, "codes": list(analysis.codes)}
+
+
+def _sym_number(value: float, spec: ActivationSpec, generic: bool) -> str:
+    """repr(value), or an expression in parameter names equal to it when the table is generic."""
+    if generic:
+        sym = _symbolic_boundary(value, spec)
+        if sym is not None:
+            return sp.sstr(sym)
+    return repr(float(value))
+
+
+def _symbolic_boundary(value: float, spec: ActivationSpec) -> sp.Expr | None:
+    """A piece boundary of the symbolic formula whose value at the defaults is ``value``."""
+    vals = _values(spec)
+    for cond in spec.expr.atoms(sp.Rel):
+        try:
+            sols = sp.solve(sp.Eq(cond.lhs, cond.rhs), X)
+        except NotImplementedError:
+            continue
+        for s in sols:
+            if abs(float(s.subs(vals)) - value) <= 1e-12 * (1 + abs(value)):
+                return s
+    if value == 0:
+        return sp.Integer(0)
+    return None
+
+
+def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, generic: bool) -> list[dict]:
+    out = []
+    for code in range(analysis.n_codes):
+        members = sorted((b for b in analysis.branches if b.code == code), key=lambda b: (b.y_range[0], b.y_range[1]))
+        segs, breaks = [], []
+        for i, b in enumerate(members):
+            bsegs = per_branch[b.index]
+            if segs:
+                breaks.append(_branch_break(members[i - 1], b, segs[-1], bsegs[0], spec, generic))
+            for j, s in enumerate(bsegs):
+                if j > 0:
+                    breaks.append({"value": repr(float(s["y_range"][0])), "side": "left"})
+                segs.append(s)
+        out.append({"code": code, "y_breaks": breaks, "segments": segs})
+    return out
+
+
+def _branch_break(left: Branch, right: Branch, left_seg: dict, right_seg: dict, spec, generic) -> dict:
+    """The y boundary between two branches of one code class, owned as PyTorch's kinks are."""
+    value = right.y_range[0] if not right.flat else right.y_range[0]
+    left_has = left.y_closed[1] or left.flat
+    right_has = right.y_closed[0] or right.flat
+    if right.flat and right_has:
+        side = "right"
+    elif left_has and (left.flat or not right_has):
+        side = "left"
+    else:
+        side = "right" if right_has else "left"
+    text = repr(float(value))
+    if generic:
+        x_b = right.x_range[0] if right.direction != "decreasing" else right.x_range[1]
+        xs = _symbolic_boundary(x_b, spec)
+        if xs is not None:
+            text = sp.sstr(sp.simplify(right.sym_expr.subs(X, xs)))
+    return {"value": text, "side": side}
