@@ -47,17 +47,21 @@ def _raise_timeout(signum, frame):
 
 
 _SOFTPLUS, _ERFC, _SECH2 = sp.Function("softplus_"), sp.Function("erfc_"), sp.Function("sech2_")
+_EXPM1 = sp.Function("expm1_")
 
 
 def stable(expr: sp.Expr) -> sp.Expr:
     """Rewrite cancellation-prone forms for float64 evaluation: c + c*erf(a) -> c*erfc(-a),
-    c + c*tanh(a) -> 2c/(1 + exp(-2a)), c - c*tanh(a)**2 -> c*sech(a)**2, log(1 + exp(a)) -> softplus(a)."""
+    c + c*tanh(a) -> 2c/(1 + exp(-2a)), c - c*tanh(a)**2 -> c*sech(a)**2, c*exp(a) - c -> c*expm1(a),
+    log(1 + exp(a)) -> softplus(a)."""
     def fix_add(e: sp.Add):
         terms = list(e.args)
         consts = [t for t in terms if t.is_number]
         for t in terms:
             c, rest = t.as_coeff_Mul()
-            if isinstance(rest, (sp.erf, sp.tanh)) and c in consts:
+            if isinstance(rest, sp.exp) and -c in consts:
+                new, c = c * _EXPM1(rest.args[0]), -c
+            elif isinstance(rest, (sp.erf, sp.tanh)) and c in consts:
                 a = rest.args[0]
                 new = c * _ERFC(-a) if isinstance(rest, sp.erf) else 2 * c / (1 + sp.exp(-2 * a))
             elif isinstance(rest, sp.Pow) and rest.exp == 2 and isinstance(rest.base, sp.tanh) and -c in consts:
@@ -85,7 +89,7 @@ def stable(expr: sp.Expr) -> sp.Expr:
 
 def numeric(expr: sp.Expr):
     """float64 numpy function of x for a sympy expression, rewritten by :func:`stable`."""
-    f = sp.lambdify(X, stable(expr), modules=[{"erf": _erf, "erfc": _erfc, "erfc_": _erfc, "softplus_": _softplus, "sech2_": _sech2}, "numpy"])
+    f = sp.lambdify(X, stable(expr), modules=[{"erf": _erf, "erfc": _erfc, "erfc_": _erfc, "softplus_": _softplus, "sech2_": _sech2, "expm1_": np.expm1}, "numpy"])
 
     def call(x):
         x = np.asarray(x, dtype=np.float64)
@@ -253,21 +257,21 @@ def _monotone_parts(piece: Piece):
     fpn = numeric(fp)
     for j in range(len(cuts) - 1):
         a, b = cuts[j], cuts[j + 1]
-        mid = _interior_point(a, b)
-        slope = float(fpn(np.array([mid]))[0])
+        slope = _typical_slope(fpn, a, b)
         lo_c = piece.lo_closed if j == 0 else True
         hi_c = piece.hi_closed if j == len(cuts) - 2 else True
         yield a, b, lo_c, hi_c, ("increasing" if slope > 0 else "decreasing")
 
 
-def _interior_point(a: float, b: float) -> float:
-    if math.isinf(a) and math.isinf(b):
-        return 0.0
-    if math.isinf(a):
-        return b - 1.0
-    if math.isinf(b):
-        return a + 1.0
-    return 0.5 * (a + b)
+def _typical_slope(fpn, a: float, b: float) -> float:
+    """f' where it is largest on a grid inside (a, b): its sign is the branch's direction
+    (a single interior point could be an inflection with f' = 0, as for x**3 at 0)."""
+    lo = a if math.isfinite(a) else (min(b, 0.0) - 30.0 if math.isfinite(b) else -30.0)
+    hi = b if math.isfinite(b) else (max(a, 0.0) + 30.0 if math.isfinite(a) else 30.0)
+    xs = np.linspace(lo, hi, 403)[1:-1]
+    v = fpn(xs)
+    v = np.where(np.isfinite(v), v, 0.0)
+    return float(v[np.argmax(np.abs(v))])
 
 
 def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
@@ -319,18 +323,18 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
 
 
 def _value_at(expr: sp.Expr, f, x: float, side: int) -> float:
-    """f at x, or its limit from inside the interval (side +1: from the right)."""
-    if math.isinf(x):
-        try:
-            with time_limit(5):
-                lim = sp.limit(expr, X, sp.oo if x > 0 else -sp.oo)
-            if lim.is_real or lim in (sp.oo, -sp.oo):
-                return float(lim)
-        except (TimeoutError, NotImplementedError, TypeError, ValueError):
-            pass
-        vals = f(np.array([math.copysign(FAR, x), math.copysign(FAR * 10, x)]))
-        return float(vals[-1]) if abs(vals[-1] - vals[0]) < 1e-12 * (1 + abs(vals[0])) else math.copysign(math.inf, vals[-1])
-    return float(f(np.array([x]))[0])
+    """f at x, or its limit at x = +-inf: the value where f settles on |x| in [10, 1e5] (inf/inf
+    NaNs far out are skipped), or +-inf when it keeps growing."""
+    if not math.isinf(x):
+        return float(f(np.array([x]))[0])
+    xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
+    v = f(xs)
+    v = v[~np.isnan(v)]
+    if v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2])):
+        return float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
+    if v.size >= 8 and (np.isinf(v[-1]) or (abs(v[-1]) > 1 and abs(v[-1]) >= 2 * abs(v[-8]))):
+        return math.copysign(math.inf, v[-1])
+    raise SpecError(f"f has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -28,16 +27,25 @@ F32_MAX = float(np.finfo(np.float32).max)
 CHUNK = 1 << 22
 
 
-@lru_cache(maxsize=32)
-def _analysis(key: str):
-    from .pipeline import spec_from_table
-    return analyze(spec_from_table(json.loads(key)))
+_ANALYSES: dict[str, object] = {}
+
+
+def _key(table: dict) -> str:
+    return json.dumps({k: table[k] for k in ("name", "formula", "params", "param_domain", "torch_forward")},
+                      sort_keys=True)
+
+
+def remember_analysis(table: dict, analysis) -> None:
+    """Let certification reuse the branch analysis the fitter made of the same formula."""
+    _ANALYSES[_key(table)] = analysis
 
 
 def _branches(table: dict):
-    key = json.dumps({k: table[k] for k in ("name", "formula", "params", "param_domain", "torch_forward")},
-                     sort_keys=True)
-    return _analysis(key).branches
+    key = _key(table)
+    if key not in _ANALYSES:
+        from .pipeline import spec_from_table
+        _ANALYSES[key] = analyze(spec_from_table(table))
+    return _ANALYSES[key].branches
 
 
 def branch_reference(table: dict, index: int) -> BranchReference | None:
@@ -167,7 +175,7 @@ def _max_error(table: dict, index: int, ref: BranchReference, y32: np.ndarray) -
     y32 = y32[mine]
     got = eval_code_class(cc, y32, table["params"]).astype(np.float64)
     want = ref(y32.astype(np.float64))
-    err = np.abs(got - want)
+    err = np.abs(got - want) / np.maximum(1.0, np.abs(want))   # absolute below 1, relative above
     bad = ~np.isfinite(err) & np.isfinite(want)
     if bad.any():
         return math.inf

@@ -17,7 +17,7 @@ from .formulas import X, ActivationSpec
 __all__ = ["Y", "exact_expression"]
 
 Y = sp.Symbol("y", real=True)
-SOLVE_SECONDS = 2.5
+SOLVE_SECONDS = 30.0   # a guard only: what is attempted is decided by _invertible, not by the clock
 RUNTIME_FUNCS = {"exp", "log", "Abs"}   # plus + - * / and powers (sqrt): what generated code evaluates
 
 
@@ -37,6 +37,8 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
     back = {v: sp.Symbol(k.name, real=True) for k, v in positive.items()}
     e = expr.subs(positive)
     fp = sp.diff(e, X)
+    if fp.has(X) and not _invertible(e):
+        return None
     try:
         with time_limit(SOLVE_SECONDS):
             if target == "derivative" and not fp.has(X):
@@ -51,6 +53,26 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
         if _agrees(cand, expr, spec, target, branch):
             return _factor_radicands(cand)
     return None
+
+
+def _invertible(e: sp.Expr) -> bool:
+    """Whether sympy can be expected to invert y = e(x) in closed form: x occurs once (a chain of
+    invertible functions), e is a polynomial of degree <= 4, or e is rational in one exp(k*x).
+    Deciding this structurally (not by a time limit) keeps table generation deterministic."""
+    if e.count(X) == 1:
+        return True
+    if e.is_polynomial(X):
+        return sp.degree(e, X) <= 4
+    z = sp.Dummy("z", positive=True)
+    exps = {a.args[0] for a in e.rewrite(sp.exp).atoms(sp.exp) if a.has(X)}
+    if len(exps) == 1:
+        (arg,) = exps
+        k = sp.simplify(arg / X)
+        if k.has(X):
+            return False
+        rewritten = e.rewrite(sp.exp).subs(sp.exp(arg), z)
+        return not rewritten.has(X)
+    return False
 
 
 def _factor_radicands(e: sp.Expr) -> sp.Expr:

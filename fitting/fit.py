@@ -20,7 +20,7 @@ from .reference import BranchReference
 
 __all__ = ["Transform", "PieceFit", "fit_branch", "DEGREES"]
 
-DEGREES = (6, 8, 10, 12, 14)
+DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper
 TINY = float(np.finfo(np.float32).tiny)
 SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
 MAX_PIECES = 64
@@ -166,6 +166,8 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     tfs = _transforms(ref, origins)
     best, best_cost, best_err = None, math.inf, math.inf
     for degree in degrees:
+        if degree + 1 >= best_cost:
+            break
         pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance)
         best_err = min(best_err, err)
         if pieces is None:
@@ -193,7 +195,7 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target):
             break
         x_a = float(ref.inverse(np.array([start]))[0])
         lo_w, hi_w, good = 0.0, 1.0, None
-        for _ in range(18):
+        for _ in range(14):
             w = 0.5 * (lo_w + hi_w)
             y_b = f32(float(ref.f(np.array([x_a + w * (x_end - x_a)]))[0]))
             if not y_b > start:

@@ -59,7 +59,8 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
             for s in segs:
                 if s["kind"] == "exact":
                     s["expr"] = sp.sstr(sp.sympify(s["expr"], locals=_locals(spec)).subs(_values(spec)))
-    from .certify import certify_table
+    from .certify import certify_table, remember_analysis
+    remember_analysis(table, analysis)
     say(f"{spec.name}: certifying")
     table["certificate"] = certify_table(table, fp32_samples=fp32_samples,
                                          progress=lambda frac, label: say(f"{spec.name}: {label}"))

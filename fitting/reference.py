@@ -17,7 +17,7 @@ from .formulas import X
 
 __all__ = ["BranchReference"]
 
-TABLE_SIZE = 4097
+TABLE_SIZE = 1 << 16
 MAX_ITER = 80
 
 
@@ -84,9 +84,13 @@ class BranchReference:
                 step = r / self.fp(xa)
                 xn = xa - step
             lo_b, hi_b = np.minimum(la, ha), np.maximum(la, ha)
-            bad = ~np.isfinite(xn) | (xn <= lo_b) | (xn >= hi_b)
+            # A Newton step of relative size <= 1e-8 leaves an error ~ (f''/2f') step^2 <= 1e-15 |x|
+            # (quadratic convergence), so that x is final, even when rounding puts it on the
+            # bracket's edge; otherwise a step leaving the bracket is replaced by bisection.
+            conv = np.isfinite(xn) & (np.abs(step) <= 1e-8 * np.abs(xa) + 1e-300)
+            bad = ~conv & (~np.isfinite(xn) | (xn <= lo_b) | (xn >= hi_b))
             xn = np.where(bad, 0.5 * (la + ha), xn)
-            done = (r == 0) | (np.abs(xn - xa) <= 4e-16 * np.maximum(np.abs(xa), 1e-300)) | (np.abs(ha - la) <= 2e-16 * np.abs(xa))
+            done = (r == 0) | conv | (np.abs(ha - la) <= 4e-16 * np.abs(xa))
             x[active], lo_x[active], hi_x[active] = np.where(r == 0, xa, xn), la, ha
             active = active[~done]
         x[nan] = np.nan
@@ -104,13 +108,15 @@ def _grid(lo: float, hi: float, f, branch: Branch) -> np.ndarray:
 
 
 def _far_end(inf: float, other: float, f, sign: int) -> float:
-    """A finite stand-in for x = +-inf: y has reached its limit to 1e-300, or |y| > 1e38."""
+    """A finite stand-in for x = +-inf: y has reached its limit to 1e-300, or passed float32's range."""
     x = (other if math.isfinite(other) else 0.0) + sign
     prev = float(f(np.array([x]))[0])
     for _ in range(400):
         x_next = x * 1.25 + sign if x * sign > 0 else x + sign
         y = float(f(np.array([x_next]))[0])
-        if not math.isfinite(y) or abs(y) > 3e38 or abs(y - prev) < 1e-300:
+        if not math.isfinite(y) or abs(y - prev) < 1e-300:
             return x
+        if abs(y) > 3.5e38:        # past the largest float32: every float32 y is covered
+            return x_next
         x, prev = x_next, y
     return x

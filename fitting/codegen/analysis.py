@@ -1,0 +1,145 @@
+"""Analysis of a table for code generation: everything the emitters need, no code text.
+
+Segments of all code classes are numbered globally (class by class, left to right in y). Poly
+segments get a row of ``POLY`` (the coefficient table gathered per element); exact and constant
+segments are selected by their global index. Row layout (``ROW_*`` below): transform kind
+(0 identity, 1 sqrt, 2 log), sign, origin terms, center, scale, c0_hi, c0_lo, c1 .. cD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy as sp
+
+from .printer import parse
+
+__all__ = ["Plan", "CodeClass", "analyze", "TRANSFORMS"]
+
+TRANSFORMS = {"identity": 0, "sqrt": 1, "log": 2}
+
+
+@dataclass(frozen=True)
+class CodeClass:
+    code: int
+    offset: int                          # global index of its first segment
+    n_segments: int
+    y_breaks: tuple[tuple[sp.Expr, str], ...]
+    break_offset: int                    # index of its first break in the concatenated thresholds
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    source: str                          # root-relative table path, for the header
+    meta: dict
+    params: tuple[tuple[str, float], ...]
+    formula: sp.Expr
+    torch_forward: str | None
+    code_bits: int
+    x_breaks: tuple[tuple[sp.Expr, str], ...]
+    codes: tuple[int, ...]
+    classes: tuple[CodeClass, ...]
+    poly: tuple[tuple[float, ...], ...]  # one row per global segment (zeros for non-poly ones)
+    n_origin: int
+    degree: int
+    transforms: frozenset[str]
+    exact: tuple[tuple[int, sp.Expr], ...]
+    constant: tuple[tuple[int, sp.Expr], ...]
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.params)
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.poly)
+
+    @property
+    def n_y_breaks(self) -> int:
+        return sum(len(c.y_breaks) for c in self.classes)
+
+    @property
+    def has_poly(self) -> bool:
+        return bool(self.transforms)
+
+    # row layout
+    ROW_KIND, ROW_SIGN = 0, 1
+
+    @property
+    def row_origin(self) -> int:
+        return 2
+
+    @property
+    def row_center(self) -> int:
+        return 2 + self.n_origin
+
+    @property
+    def row_c0(self) -> int:                # c0_hi, c0_lo, c1 .. cD follow
+        return 4 + self.n_origin
+
+    @property
+    def row_len(self) -> int:
+        return self.row_c0 + 2 + self.degree
+
+
+def _origin_terms(tf: dict) -> list[float]:
+    origin = tf.get("origin", 0.0)
+    return [float(v) for v in (origin if isinstance(origin, list) else [origin])]
+
+
+def _meta(table: dict) -> dict:
+    cert = table["certificate"]
+    summary = {k: cert[k] for k in ("method", "approx_error", "float32_eval_error", "checks") if k in cert}
+    keys = ("name", "params", "param_generic", "param_domain", "code_bits", "n_codes", "n_branches",
+            "torch_forward", "formula", "tolerance")
+    meta = {k: table[k] for k in keys}
+    meta["certificate"] = summary
+    meta["sha256"] = table["sha256"]
+    return meta
+
+
+def analyze(table: dict, source: str | Path) -> Plan:
+    """The code-generation plan of a derivative table."""
+    names = tuple(table["params"])
+    num = lambda text: parse(str(text), "y", names)  # noqa: E731 - numbers or parameter expressions
+    polys = [s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"]
+    n_origin = max((len(_origin_terms(s["transform"])) for s in polys
+                    if s["transform"]["kind"] != "identity"), default=0)
+    degree = max((len(s["coeffs"]) - 1 for s in polys), default=0)
+    classes, rows, exact, constant, transforms = [], [], [], [], set()
+    break_offset = 0
+    for cc in table["code_classes"]:
+        offset = len(rows)
+        breaks = tuple((num(b["value"]), b["side"]) for b in cc["y_breaks"])
+        classes.append(CodeClass(cc["code"], offset, len(cc["segments"]), breaks, break_offset))
+        break_offset += len(breaks)
+        for seg in cc["segments"]:
+            index = len(rows)
+            row = [0.0] * (4 + n_origin + 2 + degree)
+            if seg["kind"] == "poly":
+                tf = seg["transform"]
+                transforms.add(tf["kind"])
+                origin = _origin_terms(tf) if tf["kind"] != "identity" else []
+                coeffs = [float(c) for c in seg["coeffs"]]
+                row[0] = float(TRANSFORMS[tf["kind"]])
+                row[1] = float(tf.get("sign", 1))
+                row[2:2 + len(origin)] = origin
+                row[2 + n_origin:4 + n_origin] = [float(seg["center"]), float(seg["scale"])]
+                row[4 + n_origin:6 + n_origin] = [coeffs[0], float(seg["c0_lo"])]
+                row[6 + n_origin:6 + n_origin + len(coeffs) - 1] = coeffs[1:]
+            elif seg["kind"] == "exact":
+                exact.append((index, parse(seg["expr"], "y", names)))
+            else:
+                constant.append((index, num(seg["value"])))
+            rows.append(tuple(row))
+    fc = table["forward_code"]
+    return Plan(
+        name=table["name"], source=Path(source).as_posix(), meta=_meta(table),
+        params=tuple((n, float(v)) for n, v in table["params"].items()),
+        formula=parse(table["formula"], "x", names), torch_forward=table["torch_forward"],
+        code_bits=table["code_bits"],
+        x_breaks=tuple((num(b["value"]), b["side"]) for b in fc["x_breaks"]),
+        codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), n_origin=n_origin,
+        degree=degree, transforms=frozenset(transforms), exact=tuple(exact), constant=tuple(constant))

@@ -1,0 +1,133 @@
+"""Emit the evaluation of g(y, code) and of the forward code, once for both torch and Triton.
+
+The emitted statements follow docs/table-format.md's float32 scheme step by step; a ``Dialect``
+names the few operations that differ between torch and Triton (where, sqrt, clamps, gathers, the
+segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`).
+"""
+
+from __future__ import annotations
+
+from .analysis import TRANSFORMS, Plan
+from .printer import TorchPrinter, TritonPrinter
+from .writer import Writer
+
+__all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
+
+TINY32 = 1.1754943508222875e-38  # smallest normal float32: the log transform's floor
+
+
+class TorchDialect:
+    printer = TorchPrinter
+    where = "torch.where"
+
+    def sqrt(self, v): return f"torch.sqrt({v})"
+    def log(self, v): return f"torch.log({v})"
+    def at_least(self, v, lo): return f"torch.clamp_min({v}, {lo!r})"
+    def clamp1(self, v): return f"torch.clamp({v}, -1.0, 1.0)"
+    def isnan(self, v): return f"torch.isnan({v})"
+    def zeros(self, v): return f"torch.zeros_like({v})"
+    def gather_setup(self, plan: Plan) -> list[str]: return ["q = poly[:, s]"]
+    def gather(self, col: int) -> str: return f"q[{col}]"
+    def constant_index(self, offset: int) -> str: return repr(offset)
+
+    def class_index(self, plan: Plan, c) -> str:
+        if not c.y_breaks:
+            return repr(c.offset)
+        a, b = c.break_offset, c.break_offset + len(c.y_breaks)
+        idx = f"torch.bucketize(y, thr[{a}:{b}], right=True)"
+        return f"{idx} + {c.offset}" if c.offset else idx
+
+    def interval_code(self, plan: Plan) -> str:
+        """The forward code of x (uint8) from the thresholds thr (x >= thr[j] passes break j)."""
+        k, codes = len(plan.x_breaks), list(plan.codes)
+        if codes == list(range(k + 1)):
+            return " + ".join(f"(x >= thr[{j}]).to(torch.uint8)" for j in range(k))
+        if k == 1 and codes == [1, 0]:
+            return "(x < thr[0]).to(torch.uint8)"
+        text = f"torch.full_like(x, {codes[0]}, dtype=torch.uint8)"
+        for j in range(k):
+            text = f"torch.where(x >= thr[{j}], {codes[j + 1]}, {text})"
+        return text
+
+
+class TritonDialect(TorchDialect):
+    printer = TritonPrinter
+    where = "tl.where"
+
+    def sqrt(self, v): return f"tl.sqrt_rn({v})"  # correctly rounded, as the scheme's sqrt
+    def log(self, v): return f"tl.log({v})"
+    def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
+    def clamp1(self, v): return f"tl.minimum(tl.maximum({v}, -1.0), 1.0)"
+    def isnan(self, v): return f"{v} != {v}"
+    def zeros(self, v): return "tl.zeros([BLOCK], dtype=tl.float32)"
+    def gather_setup(self, plan: Plan) -> list[str]: return []
+    def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
+
+    def class_index(self, plan: Plan, c) -> str:
+        terms = [f"(y >= tl.load(YT + {c.break_offset + j})).to(tl.int32)" for j in range(len(c.y_breaks))]
+        start = "tl.zeros([BLOCK], dtype=tl.int32)" + (f" + {c.offset}" if c.offset else "")
+        return " + ".join([start] + terms)
+
+    def interval_code(self, plan: Plan) -> str:
+        text = f"tl.zeros([BLOCK], dtype=tl.int32) + {plan.codes[0]}"
+        for j in range(len(plan.x_breaks)):
+            text = f"tl.where(x >= tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
+        return text
+
+
+def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
+    """s = global segment index of each element (code class picked by ``code``)."""
+    first, *rest = plan.classes
+    w(f"s = {d.class_index(plan, first)}")
+    for c in rest:
+        w(f"s = {d.where}(code == {c.code}, {d.class_index(plan, c)}, s)")
+
+
+def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
+    """g from the gathered row: transform, centred variable u, Horner, c0 split in two."""
+    w(*d.gather_setup(plan))
+    q = d.gather
+    if plan.transforms - {"identity"}:
+        origin = "y"
+        for j in range(plan.n_origin):
+            origin = f"({origin} - {q(plan.row_origin + j)})"
+        w(f"dd = {q(Plan.ROW_SIGN)} * {origin}")
+        w("t = y")
+        for kind, fn in (("sqrt", d.sqrt(d.at_least("dd", 0.0))), ("log", d.log(d.at_least("dd", TINY32)))):
+            if kind in plan.transforms:
+                w(f"t = {d.where}({q(Plan.ROW_KIND)} == {float(TRANSFORMS[kind])!r}, {fn}, t)")
+    else:
+        w("t = y")
+    c0 = plan.row_c0
+    w(f"u = {d.clamp1(f'(t - {q(plan.row_center)}) * {q(plan.row_center + 1)}')}")
+    if plan.degree == 0:
+        w(f"g = (u * 0.0 + {q(c0 + 1)}) + {q(c0)}")
+        return
+    w(f"p = {q(c0 + 1 + plan.degree)}")
+    for j in range(plan.degree - 1, 0, -1):
+        w(f"p = p * u + {q(c0 + 1 + j)}")
+    w("p = p * u")
+    w(f"g = (p + {q(c0 + 1)}) + {q(c0)}")
+
+
+def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
+    """Statements turning ``y`` (float32/float64) and ``code`` into ``g``."""
+    printer = d.printer("y")
+    segments = sorted(plan.exact + plan.constant, key=lambda item: item[0])
+    others = [(i, printer.doprint(e), e.has(printer.var)) for i, e in segments]
+    if plan.n_segments > 1:
+        _segment_index(w, plan, d)
+    if plan.has_poly:
+        _poly(w, plan, d)
+    else:
+        _, value, tensor = others.pop(0)
+        w(f"g = {value}" if tensor else f"g = {d.zeros('y')} + {value}")
+    for i, value, _ in others:
+        w(f"g = {d.where}(s == {i}, {value}, g)")
+    if plan.constant or isinstance(d, TritonDialect):
+        w(f"g = {d.where}({d.isnan('y')}, y, g)")
+
+
+def emit_code(w: Writer, plan: Plan, d: TorchDialect) -> None:
+    """``c = ...``: the forward code of ``x`` (only for code_bits > 0)."""
+    w(f"c = {d.interval_code(plan)}")

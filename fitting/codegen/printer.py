@@ -1,0 +1,145 @@
+"""Print table expressions (sympy strings in ``x`` or ``y`` and parameter names) as torch or Triton code.
+
+One variable is the tensor (``x`` for formulas, ``y`` for segments); parameters are plain names.
+Sub-expressions free of the tensor are parameter arithmetic: ``math`` in torch code (parameters are
+Python floats there), ``tl`` in Triton code (parameters are float32 kernel scalars). Numbers are
+printed as Python float literals. Integer powers become products; Triton has no ``tanh`` that runs in
+the interpreter, so it is printed as ``2*sigmoid(2z) - 1``.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.precedence import precedence
+from sympy.printing.str import StrPrinter
+
+__all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python"]
+
+_FUNCS = ("exp", "log", "sqrt", "erf", "tanh", "Abs", "Piecewise")
+
+
+def parse(text: str, variable: str, params: list[str] | tuple[str, ...]) -> sp.Expr:
+    """A table expression string as sympy, with every symbol real."""
+    names = {n: sp.Symbol(n, real=True) for n in (variable, *params)}
+    return sp.sympify(text, locals=names)
+
+
+class _Base(StrPrinter):
+    """Shared rules; subclasses name the module functions."""
+
+    tensor_funcs: dict[str, str] = {}
+    scalar_funcs: dict[str, str] = {}
+    where = ""
+
+    def __init__(self, variable: str) -> None:
+        super().__init__({"full_prec": True})
+        self.var = sp.Symbol(variable, real=True)
+
+    def _has_var(self, e: sp.Basic) -> bool:
+        return e.has(self.var)
+
+    def _number(self, e: sp.Expr) -> str:
+        value = float(e)
+        return repr(value)
+
+    def doprint(self, expr):  # noqa: D401 - sympy API
+        return super().doprint(sp.sympify(expr))
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Expr) and expr.is_number and not isinstance(expr, sp.Integer):
+            return self._number(expr)
+        return super()._print(expr, **kwargs)
+
+    def _print_Integer(self, e):
+        return repr(float(e))
+
+    def _call(self, name: str, *args: sp.Expr) -> str:
+        table = self.tensor_funcs if any(self._has_var(a) for a in args) else self.scalar_funcs
+        return f"{table[name]}({', '.join(self._print(a) for a in args)})"
+
+    def _print_Function(self, e):
+        name = type(e).__name__
+        if name not in self.tensor_funcs:
+            raise ValueError(f"function {name} is not supported in generated code (allowed: {', '.join(_FUNCS)})")
+        return self._call(name, *e.args)
+
+    _print_exp = _print_log = _print_erf = _print_tanh = _print_Function
+
+    def _print_Abs(self, e):
+        return self._call("Abs", *e.args)
+
+    def _print_Pow(self, e, rational=False):
+        base, ex = e.args
+        prec = precedence(e)
+        if ex == sp.Rational(1, 2):
+            return self._call("sqrt", base)
+        if ex == -sp.Rational(1, 2):
+            return f"(1.0 / {self._call('sqrt', base)})"
+        if ex.is_Integer and 0 < abs(int(ex)) <= 8:
+            b = self.parenthesize(base, prec, strict=False)
+            prod = " * ".join([b] * abs(int(ex)))
+            return f"({prod})" if ex > 0 else f"(1.0 / ({prod}))"
+        return self._call("exp", ex * sp.log(base))  # positive bases only, as real powers are
+
+    def _print_Piecewise(self, e):
+        out = None
+        for value, cond in reversed(e.args):
+            if out is None:
+                out = self._print(value) if cond == sp.true else self.where_call(self._print(cond), self._print(value), "float('nan')")
+                continue
+            out = self.where_call(self._print(cond), self._print(value), out)
+        return out
+
+    def where_call(self, cond: str, a: str, b: str) -> str:
+        return f"{self.where}({cond}, {a}, {b})"
+
+    def _print_Relational(self, e):
+        return f"({self._print(e.lhs)} {e.rel_op} {self._print(e.rhs)})"
+
+    def _print_And(self, e):
+        return "(" + " & ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Or(self, e):
+        return "(" + " | ".join(self._print(a) for a in e.args) + ")"
+
+
+class TorchPrinter(_Base):
+    tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "erf": "torch.erf",
+                    "tanh": "torch.tanh", "Abs": "torch.abs"}
+    scalar_funcs = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
+                    "tanh": "math.tanh", "Abs": "abs"}
+    where = "torch.where"
+
+    def _print_Piecewise(self, e):
+        text = super()._print_Piecewise(e)
+        if not self._has_var(e):
+            raise ValueError("a Piecewise in parameters only is not supported in generated code")
+        if not any(self._has_var(v) for v, _ in e.args):  # torch.where of two numbers: keep the dtype
+            text = f"({text}).to({self._print(self.var)}.dtype)"
+        return text
+
+
+class TritonPrinter(_Base):
+    tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "erf": "tl.erf",
+                    "tanh": "_tanh", "Abs": "tl.abs"}
+    scalar_funcs = tensor_funcs
+    where = "tl.where"
+
+
+class PythonPrinter(_Base):
+    """Parameter arithmetic only (no tensor): break values, constant segment values."""
+
+    tensor_funcs = TorchPrinter.scalar_funcs
+    scalar_funcs = TorchPrinter.scalar_funcs
+
+
+def to_torch(expr: sp.Expr, variable: str) -> str:
+    return TorchPrinter(variable).doprint(expr)
+
+
+def to_triton(expr: sp.Expr, variable: str) -> str:
+    return TritonPrinter(variable).doprint(expr)
+
+
+def to_python(expr: sp.Expr) -> str:
+    return PythonPrinter("_none_").doprint(expr)

@@ -1,0 +1,92 @@
+"""Generate ``generated/triton_NAME.py``: fused Triton forward (y and packed code) and backward kernels."""
+
+from __future__ import annotations
+
+from .analysis import Plan
+from .evaluation import TritonDialect, emit_code, emit_g
+from .printer import to_triton
+from .writer import Writer, header
+
+__all__ = ["generate_triton"]
+
+
+def _prologue(w: Writer) -> None:
+    w("pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work",
+      "offs = pid * BLOCK + tl.arange(0, BLOCK)",
+      "mask = offs < n")
+
+
+def _forward_kernel(w: Writer, plan: Plan) -> None:
+    params = "".join(f"{n}, " for n in plan.param_names)
+    code_args = "CODE, XT, " if plan.code_bits else ""
+    w("@triton.jit")
+    with w.block(f"def forward_kernel(X, Y, {code_args}n, {params}BLOCK: tl.constexpr):"):
+        w('"""y = f(x) computed in float32, stored in Y\'s dtype; the code packed PER elements a byte."""')
+        _prologue(w)
+        w("x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)",
+          f"y = {to_triton(plan.formula, 'x')}",
+          "tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)")
+        if not plan.code_bits:
+            return
+        w("# x >= XT[j] <=> x is right of forward-code break j (float32 thresholds, x upcast exactly)")
+        emit_code(w, plan, TritonDialect())
+        w("c = tl.reshape(tl.where(mask, c, 0), (BLOCK // PER, PER))",
+          "c = tl.sum(c << (tl.arange(0, PER) * BITS)[None, :], axis=1)",
+          "b = pid * (BLOCK // PER) + tl.arange(0, BLOCK // PER)",
+          "tl.store(CODE + b, c.to(tl.uint8), mask=b < (n + PER - 1) // PER)")
+
+
+def _backward_kernel(w: Writer, plan: Plan) -> None:
+    params = "".join(f"{n}, " for n in plan.param_names)
+    code_args = "CODE, " if plan.code_bits else ""
+    w("@triton.jit")
+    with w.block(f"def backward_kernel(GO, Y, {code_args}GX, YT, P, n, {params}BLOCK: tl.constexpr):"):
+        w('"""grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32)."""')
+        _prologue(w)
+        w("y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)")
+        if plan.code_bits:
+            w("byte = tl.load(CODE + offs // PER, mask=mask, other=0).to(tl.int32)",
+              "code = (byte >> ((offs % PER) * BITS).to(tl.int32)) & CODE_MASK")
+        emit_g(w, plan, TritonDialect())
+        w("go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)",
+          "tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)")
+
+
+def _launchers(w: Writer, plan: Plan) -> None:
+    code_fwd = "code, xthr, " if plan.code_bits else ""
+    code_bwd = "code, " if plan.code_bits else ""
+    with w.block("def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):"):
+        w('"""Launch forward_kernel on flat contiguous x, y (and code, xthr when CODE_BITS > 0)."""',
+          "n = x.numel()")
+        with w.block("if n:"):
+            w(f"forward_kernel[(triton.cdiv(n, block),)](x, y, {code_fwd}n, *params, BLOCK=block)")
+    w("", "")
+    with w.block("def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):"):
+        w('"""Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""',
+          "n = y.numel()")
+        with w.block("if n:"):
+            w(f"backward_kernel[(triton.cdiv(n, block),)](grad, y, {code_bwd}grad_in, ythr, poly, n, "
+              "*params, BLOCK=block)")
+
+
+def generate_triton(plan: Plan) -> str:
+    """Source text of the Triton module of ``plan`` (imported only where triton is importable)."""
+    w = Writer()
+    per = 8 // plan.code_bits if plan.code_bits else 8
+    w(header(plan.source).rstrip("\n"))
+    w(f'"""{plan.name}: fused Triton kernels; invact.ops launches them through forward() and backward()."""',
+      "", "import triton", "import triton.language as tl", "")
+    w("DEFAULT_BLOCK = 1024", f"NSEG = tl.constexpr({plan.n_segments})",
+      f"BITS = tl.constexpr({max(plan.code_bits, 1)})", f"PER = tl.constexpr({per})",
+      f"CODE_MASK = tl.constexpr({(1 << plan.code_bits) - 1})", "", "")
+    w("@triton.jit")
+    with w.block("def _tanh(z):"):
+        w('"""tanh(z) = 2 sigmoid(2z) - 1 (libdevice tanh does not run in the interpreter)."""',
+          "return 2.0 * tl.sigmoid(2.0 * z) - 1.0")
+    w("", "")
+    _forward_kernel(w, plan)
+    w("", "")
+    _backward_kernel(w, plan)
+    w("", "")
+    _launchers(w, plan)
+    return w.text()

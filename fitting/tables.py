@@ -1,0 +1,317 @@
+"""Table files (docs/table-format.md): deterministic JSON, validation on load, atomic locked writes.
+
+The file layout is readable (one key per line, lists of numbers on one line, keys in the documented
+order) and deterministic: the same table dict always gives the same bytes. ``sha256`` is taken over
+the *canonical content* — compact JSON with sorted keys, without the ``sha256`` key — so any edit of a
+value is detected while the layout may change between invact versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import TableError
+
+try:  # POSIX only; elsewhere writes are still atomic, just not serialised between processes
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
+           "write_table", "project_root", "tables_dir", "table_path", "list_tables", "name_of",
+           "fit_command", "as_float"]
+
+FORMAT = "invact-table"
+FORMAT_VERSION = 1
+TARGETS = ("derivative", "inverse")
+ROOT_ENV = "INVACT_ROOT"
+
+# Keys in the order docs/table-format.md lists them (any dict level); others follow, sorted.
+_KEY_ORDER = [
+    "format", "format_version", "invact_version", "name", "formula", "params", "param_generic",
+    "param_domain", "torch_forward", "target", "tolerance", "n_branches", "n_codes", "code_bits",
+    "forward_code", "branches", "code_classes", "certificate",
+    "index", "code", "kind", "value", "side", "expr", "x_breaks", "codes", "x_range", "y_range", "branch",
+    "direction", "route", "lower_end", "upper_end", "singularities", "tails", "y_from", "to",
+    "y_breaks", "segments", "transform", "origin", "sign", "center", "scale", "coeffs",
+    "c0_lo", "error", "method", "approx_error", "float32_eval_error", "checks",
+    "bf16_eval_error", "fp16_eval_error", "fp32_eval_error", "fp32_samples", "fp32_exhaustive",
+    "sha256",
+]
+_RANK = {k: i for i, k in enumerate(_KEY_ORDER)}
+
+# Required top-level keys and their JSON types (bool is checked apart: it is an int in Python).
+_NUMBER = (int, float)
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "format": (str,), "format_version": (int,), "invact_version": (str,), "name": (str,),
+    "formula": (str,), "params": (dict,), "param_generic": (bool,), "param_domain": (list,),
+    "torch_forward": (str, type(None)), "target": (str,), "tolerance": _NUMBER,
+    "n_branches": (int,), "n_codes": (int,), "code_bits": (int,), "forward_code": (dict,),
+    "branches": (list,), "code_classes": (list,), "certificate": (dict,), "sha256": (str,),
+}
+_SEGMENT_KEYS = {"constant": ("value", "y_range", "branch"), "exact": ("expr", "y_range", "branch"),
+                 "poly": ("y_range", "branch", "transform", "center", "scale", "coeffs", "c0_lo", "error")}
+
+
+# --------------------------------------------------------------------------------------------
+# serialisation
+
+def _plain(obj: Any, where: str = "table") -> Any:
+    """JSON-ready copy: tuples -> lists, numpy scalars -> Python, ±inf -> "inf"/"-inf"."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if hasattr(obj, "item") and not isinstance(obj, (int, float)):  # numpy scalar
+        obj = obj.item()
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            raise ValueError(f"{where} is NaN; a table holds finite numbers or 'inf'/'-inf'")
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return float(obj)
+    raise TypeError(f"{where} has type {type(obj).__name__}; expected a JSON number, string, list or dict")
+
+
+def _ordered(d: dict) -> list[str]:
+    return sorted(d, key=lambda k: (_RANK.get(k, len(_RANK)), k))
+
+
+def _scalar(v: Any) -> bool:
+    return not isinstance(v, (dict, list))
+
+
+def _layout(obj: Any, indent: int) -> str:
+    """Readable deterministic JSON: one key per line; lists of scalars and short flat dicts inline."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(obj, dict):
+        if all(map(_scalar, obj.values())):
+            flat = "{" + ", ".join(f"{json.dumps(k)}: {_layout(obj[k], 0)}" for k in _ordered(obj)) + "}"
+            if len(flat) <= 100:
+                return flat
+        items = [f"{inner}{json.dumps(k)}: {_layout(obj[k], indent + 2)}" for k in _ordered(obj)]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if all(map(_scalar, obj)):
+            return "[" + ", ".join(json.dumps(v) for v in obj) + "]"
+        return "[\n" + ",\n".join(inner + _layout(v, indent + 2) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, allow_nan=False)  # float repr: shortest round trip, float32 values exact
+
+
+def _digest(table: dict) -> str:
+    body = {k: v for k, v in table.items() if k != "sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def dump_table(table: dict) -> str:
+    """The file text of ``table``, with ``sha256`` (re)computed; same dict -> same bytes."""
+    plain = _plain({k: v for k, v in table.items() if k != "sha256"})
+    plain["sha256"] = _digest(plain)
+    return _layout(plain, 0) + "\n"
+
+
+def as_float(value: float | str) -> float:
+    """A number of a table as a float (``"inf"``/``"-inf"`` strings included)."""
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# locations
+
+def project_root(root: str | os.PathLike | None = None) -> Path:
+    """The tree holding ``generated/``: ``root``, else $INVACT_ROOT, else the installed package's."""
+    if root is None:
+        root = os.environ.get(ROOT_ENV) or None
+    if root is not None:
+        return Path(root).resolve()
+    import invact.generated
+    return Path(invact.generated.__file__).resolve().parent.parent
+
+
+def tables_dir(root: str | os.PathLike | None = None) -> Path:
+    """``generated/tables`` of :func:`project_root` (the repository's, or the installed package's)."""
+    return project_root(root) / "generated" / "tables"
+
+
+def table_path(name: str, target: str = "derivative", root: str | os.PathLike | None = None) -> Path:
+    """``NAME.json`` (derivative target) or ``NAME.inverse.json`` in :func:`tables_dir`."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TableError(f"table name must be a Python identifier, got {name!r}")
+    if target not in TARGETS:
+        raise TableError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    suffix = ".json" if target == "derivative" else ".inverse.json"
+    return tables_dir(root) / f"{name}{suffix}"
+
+
+def name_of(path: str | os.PathLike) -> tuple[str, str]:
+    """(name, target) of a table file name."""
+    stem = Path(path).name.removesuffix(".json")
+    if stem.endswith(".inverse"):
+        return stem.removesuffix(".inverse"), "inverse"
+    return stem, "derivative"
+
+
+def list_tables(root: str | os.PathLike | None = None, target: str | None = None) -> list[Path]:
+    """Table files in :func:`tables_dir`, sorted by name; only one target's when ``target`` is set."""
+    folder = tables_dir(root)
+    if not folder.is_dir():
+        return []
+    paths = sorted(p for p in folder.glob("*.json") if name_of(p)[0].isidentifier())
+    return [p for p in paths if target is None or name_of(p)[1] == target]
+
+
+def fit_command(name: str, target: str = "derivative", table: dict | None = None) -> str:
+    """The ``invact fit`` command line that regenerates a table."""
+    from .formulas import BUILTINS
+    what = name if name in BUILTINS or table is None else f"{table.get('formula', name)!r} --name {name}"
+    params = (table or {}).get("params") or {}
+    defaults = BUILTINS[name].params if name in BUILTINS else {}
+    extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
+    target_opt = "" if target == "derivative" else f" --target {target}"
+    return f"invact fit {what}{extra}{target_opt}"
+
+
+# --------------------------------------------------------------------------------------------
+# loading and validation
+
+def load_table(path: str | os.PathLike) -> dict:
+    """Read and validate a table file; :class:`TableError` names the file and the fix on any problem.
+
+    Infinite bounds stay the strings ``"inf"``/``"-inf"`` (see :func:`as_float`).
+    """
+    path = Path(path)
+    name, target = name_of(path)
+    hint = f"regenerate it with `{fit_command(name, target)}`"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TableError(f"table file {path} does not exist; create it with `{fit_command(name, target)}`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TableError(f"table file {path} cannot be read ({exc}); {hint}") from None
+    try:
+        table = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise TableError(f"table file {path} is not valid JSON (truncated or corrupt: {exc}); {hint}") from None
+    if isinstance(table, dict):
+        hint = f"regenerate it with `{fit_command(name, target, table)}`"
+    problem = _problem(table, name, target)
+    if problem:
+        raise TableError(f"table file {path} {problem}; {hint}")
+    return table
+
+
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not allowed")
+
+
+def _problem(table: Any, name: str, target: str) -> str | None:
+    """What is wrong with a parsed table file, or None."""
+    if not isinstance(table, dict):
+        return f"holds a JSON {type(table).__name__}, expected an object"
+    if table.get("format") != FORMAT:
+        return f"is not an invact table (format {table.get('format')!r}, expected {FORMAT!r})"
+    if table.get("format_version") != FORMAT_VERSION:
+        return (f"has format_version {table.get('format_version')!r}; this invact reads version "
+                f"{FORMAT_VERSION}")
+    for key, types in _REQUIRED.items():
+        if key not in table:
+            return f"lacks the key {key!r}"
+        value = table[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"has {key!r} of type {type(value).__name__}, expected {expected}"
+    if table["sha256"] != _digest(table):
+        return "does not match its sha256 (edited by hand or corrupted)"
+    if table["name"] != name or table["target"] != target:
+        return (f"holds table {table['name']!r} (target {table['target']!r}) but its file name says "
+                f"{name!r} ({target!r})")
+    return _structure_problem(table)
+
+
+def _structure_problem(table: dict) -> str | None:
+    fc = table["forward_code"]
+    if not isinstance(fc.get("x_breaks"), list) or not isinstance(fc.get("codes"), list) \
+            or len(fc["codes"]) != len(fc["x_breaks"]) + 1:
+        return "has a forward_code without x_breaks and one more codes than breaks"
+    if table["n_branches"] != len(table["branches"]) or table["n_codes"] != len(table["code_classes"]):
+        return "has n_branches / n_codes that disagree with its branches / code_classes"
+    bits = math.ceil(math.log2(table["n_codes"])) if table["n_codes"] > 1 else 0
+    if table["code_bits"] != bits:
+        return f"has code_bits {table['code_bits']}, expected {bits} for {table['n_codes']} codes"
+    for c, cls in enumerate(table["code_classes"]):
+        segs = cls.get("segments") if isinstance(cls, dict) else None
+        if cls.get("code") != c or not isinstance(segs, list) or not segs \
+                or len(cls.get("y_breaks", ())) != len(segs) - 1:
+            return f"has a malformed code_classes[{c}] (code, segments, one fewer y_breaks than segments)"
+        for s, seg in enumerate(segs):
+            missing = [k for k in _SEGMENT_KEYS.get(seg.get("kind"), ("kind",)) if k not in seg]
+            if missing or seg.get("kind") not in _SEGMENT_KEYS:
+                return f"has a malformed segment code_classes[{c}].segments[{s}] (missing {missing})"
+            if seg["kind"] == "poly" and not (isinstance(seg["coeffs"], list) and seg["coeffs"]
+                                              and all(isinstance(v, _NUMBER) for v in seg["coeffs"])):
+                return f"has non-numeric coeffs in code_classes[{c}].segments[{s}]"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on ``folder`` (flock on the directory: no lock file left)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_table(table: dict, path: str | os.PathLike) -> Path:
+    """Write ``table`` to ``path`` atomically (temp file in the same folder, fsync, os.replace).
+
+    Concurrent writers are serialised by a lock on the folder, so readers only ever see a complete
+    table: the last writer's. Returns the path.
+    """
+    path = Path(path)
+    text = dump_table(table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

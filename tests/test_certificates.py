@@ -1,0 +1,144 @@
+"""Re-check every committed table's certificate without the fitter's code.
+
+This file has its own float32 evaluator (written from docs/table-format.md) and its own reference:
+x = f^-1(y) by bisection on PyTorch's float64 forward, and g = f'(x) from torch.autograd. Every bf16
+and fp16 value of y in each branch's range is evaluated (exhaustive, as the certificate claims).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+TABLES = sorted((Path(__file__).resolve().parents[1] / "generated" / "tables").glob("*.json"))
+DERIVATIVE = [p for p in TABLES if not p.name.endswith(".inverse.json")]
+# Issue bound on the emitted float32 evaluation error.
+F32_BOUND = 2.5e-7
+# The reference's own uncertainty: next to a branch point, float64 rounding of f (~1.1e-16 * |y|)
+# leaves x uncertain by sqrt(2 * 1.1e-16 * |y_min| / f''(x_min)) <= 1e-8 for the built-ins, so g by
+# f'' * 1e-8 <= 5e-9; elsewhere bisection to 1e-15 relative gives far less.
+REF_SLACK = 1e-8
+
+
+def _num(v, params):
+    if isinstance(v, (int, float)):
+        return float(v)
+    if v in ("inf", "-inf"):
+        return float(v)
+    return float(eval(v, {"__builtins__": {}}, dict(params)))  # noqa: S307 - table numbers/params only
+
+
+def _all_values(kind):
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        v = bits.astype(np.uint16).view(np.float16).astype(np.float32) if kind == "fp16" \
+            else (bits << 16).view(np.float32)
+    return np.unique(v[np.isfinite(v)])
+
+
+def evaluate(code_class, y, params):
+    """float32 g~(y), straight from the documented scheme."""
+    f = np.float32
+    seg_of = np.zeros(y.shape, np.int64)
+    for br in code_class["y_breaks"]:
+        b = f(_num(br["value"], params))
+        seg_of += (y > b) if br["side"] == "left" else (y >= b)
+    out = np.full(y.shape, np.nan, np.float32)
+    for k, seg in enumerate(code_class["segments"]):
+        m = seg_of == k
+        v = y[m]
+        if seg["kind"] == "constant":
+            out[m] = f(_num(seg["value"], params))
+        elif seg["kind"] == "exact":
+            # numpy >= 2 keeps float32 arithmetic with Python-number constants (NEP 50)
+            scope = {"y": v, "sqrt": np.sqrt, "exp": np.exp, "log": np.log, "Abs": np.abs, **params}
+            out[m] = np.broadcast_to(np.asarray(eval(seg["expr"], {"__builtins__": {}}, scope),  # noqa: S307
+                                                dtype=np.float32), v.shape)
+        else:
+            tf = seg["transform"]
+            if tf["kind"] == "identity":
+                t = v
+            else:
+                hi, mid, lo = (f(o) for o in tf["origin"])
+                d = f(tf["sign"]) * (((v - hi) - mid) - lo)
+                t = np.sqrt(np.maximum(d, f(0))) if tf["kind"] == "sqrt" else \
+                    np.log(np.maximum(d, np.finfo(np.float32).tiny))
+            u = np.clip((t - f(seg["center"])) * f(seg["scale"]), f(-1), f(1))
+            acc = np.zeros_like(u)
+            for c in seg["coeffs"][:0:-1]:
+                acc = (acc + f(c)) * u
+            out[m] = (acc + f(seg["c0_lo"])) + f(seg["coeffs"][0])
+    return out
+
+
+def torch_reference(table, branch, y):
+    """(x, f'(x)) with f(x) = y on ``branch``, via PyTorch's own float64 forward and autograd."""
+    scope = {"F": F, "torch": torch, **table["params"]}
+    forward = eval(f"lambda x: {table['torch_forward']}", scope)  # noqa: S307 - committed tables only
+    lo, hi = (_num(v, {}) for v in branch["x_range"])
+    lo, hi = max(lo, -60.0), min(hi, 60.0)
+    a = torch.full(y.shape, lo, dtype=torch.float64)
+    b = torch.full(y.shape, hi, dtype=torch.float64)
+    target = torch.from_numpy(y.astype(np.float64))
+    rising = branch["direction"] == "increasing"
+    for _ in range(110):
+        mid = 0.5 * (a + b)
+        below = (forward(mid) < target) if rising else (forward(mid) > target)
+        a, b = torch.where(below, mid, a), torch.where(below, b, mid)
+    x = (0.5 * (a + b)).requires_grad_()
+    (grad,) = torch.autograd.grad(forward(x).sum(), x)
+    return x.detach().numpy(), grad.numpy()
+
+
+@pytest.mark.skipif(not DERIVATIVE, reason="no tables generated yet")
+@pytest.mark.parametrize("path", DERIVATIVE, ids=[p.stem for p in DERIVATIVE])
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_certificate_recheck(path, kind):
+    table = json.loads(path.read_text())
+    if table["torch_forward"] is None:
+        pytest.skip("user table: no PyTorch reference")
+    params = table["params"]
+    values = _all_values(kind)
+    cert = {b["index"]: b for b in table["certificate"]["branches"]}
+    for branch in table["branches"]:
+        if branch["direction"] == "constant":
+            continue
+        lo, hi = (_num(v, {}) for v in branch["y_range"])
+        y = values[(values >= lo) & (values <= hi)]
+        cc = table["code_classes"][branch["code"]]
+        # ties at a shared y break may belong to the neighbouring branch (hardswish's y = 0)
+        owner = np.zeros(y.shape, np.int64)
+        for br in cc["y_breaks"]:
+            b = np.float32(_num(br["value"], params))
+            owner += (y > b) if br["side"] == "left" else (y >= b)
+        y = y[np.array([s["branch"] for s in cc["segments"]])[owner] == branch["index"]]
+        if y.size == 0:
+            continue
+        _, g = torch_reference(table, branch, y)
+        got = evaluate(cc, y, params).astype(np.float64)
+        err = np.abs(got - g) / np.maximum(1.0, np.abs(g))   # absolute below 1, relative above
+        finite = np.isfinite(g)
+        assert np.all(np.isfinite(got[finite])), "table gives non-finite g where f' is finite"
+        worst = float(err[finite].max())
+        claimed = cert[branch["index"]][f"{kind}_eval_error"]
+        assert worst <= claimed + REF_SLACK, (branch["index"], worst, claimed)
+        assert worst <= F32_BOUND + REF_SLACK
+
+
+@pytest.mark.skipif(not DERIVATIVE, reason="no tables generated yet")
+@pytest.mark.parametrize("path", DERIVATIVE, ids=[p.stem for p in DERIVATIVE])
+def test_certificate_claims_meet_the_bounds(path):
+    table = json.loads(path.read_text())
+    cert = table["certificate"]
+    assert cert["approx_error"] <= table["tolerance"]
+    assert cert["float32_eval_error"] <= F32_BOUND
+    assert "rigorous" in cert["checks"] and "bf16-exhaustive" in cert["checks"]
+    samples = [b["fp32_samples"] for b in cert["branches"] if b["method"] != "constant"]
+    assert all(s >= 2**24 for s in samples) or any(b["fp32_exhaustive"] for b in cert["branches"])
+    for seg in (s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"):
+        assert all(np.float32(c) == c for c in seg["coeffs"] + [seg["c0_lo"], seg["center"], seg["scale"]])
+        assert math.isfinite(seg["error"]) and seg["error"] <= table["tolerance"]
