@@ -131,7 +131,7 @@ def _rigorous(table: dict, index: int, b, ref: BranchReference) -> tuple[float, 
     tol = table["tolerance"]
     for cc in table["code_classes"]:
         for seg in cc["segments"]:
-            if seg["branch"] != index:
+            if seg["branch"] != index or seg.get("cutoff"):
                 continue
             lo, hi = (number(v) for v in seg["y_range"])
             if seg["kind"] == "poly":
@@ -170,7 +170,7 @@ def _max_error(table: dict, index: int, ref: BranchReference, y32: np.ndarray) -
     if y32.size == 0:
         return 0.0
     cc = table["code_classes"][table["branches"][index]["code"]]
-    own = np.array([s["branch"] == index for s in cc["segments"]])
+    own = np.array([s["branch"] == index and not s.get("cutoff") for s in cc["segments"]])
     mine = own[segment_index(cc["y_breaks"], y32, table["params"])]   # ties owned by another branch
     y32 = y32[mine]
     got = eval_code_class(cc, y32, table["params"]).astype(np.float64)

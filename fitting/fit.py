@@ -11,6 +11,7 @@ evaluate (Horner steps + piece-search steps) wins.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,10 +116,12 @@ def horner(coeffs, c0_lo: float, u: np.ndarray) -> np.ndarray:
 def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int) -> PieceFit:
     """One piece over float32 breaks [y_lo, y_hi] in transform ``tf``."""
     ta, tb = sorted(float(v) for v in tf.t(np.array([y_lo, y_hi])))
-    if not tb > ta:
-        raise ValueError("empty piece")
+    if not tb > ta * (1 + 2.0**-20) + 2.0**-120 or not np.isfinite([ta, tb]).all():
+        # the transform collapses this piece (below float32 resolution of t): unusable here
+        return PieceFit(y_lo, y_hi, tf, 0.0, 1.0, [0.0], 0.0, math.inf)
     center = f32(0.5 * (ta + tb))
-    scale = f32_below(2.0 / (tb - ta) * (1 - 2.0**-20))
+    half = max(abs(ta - center), abs(tb - center))   # >= (tb - ta) / 2: center is rounded to float32
+    scale = f32_below(1.0 / half * (1 - 2.0**-20))
     while max(abs((ta - center) * scale), abs((tb - center) * scale)) > 1.0:
         scale = float(np.nextafter(np.float32(scale), np.float32(0)))
     ua, ub = (ta - center) * scale, (tb - center) * scale
@@ -138,7 +141,9 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
 
 def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
     """Least squares in the Chebyshev basis, then float32 rounding from the top with refits."""
-    cheb = np.polynomial.chebyshev.Chebyshev.fit(u, g, degree, domain=[-1, 1], window=[-1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        cheb = np.polynomial.chebyshev.Chebyshev.fit(u, g, degree, domain=[-1, 1], window=[-1, 1])
     c = list(cheb.convert(kind=np.polynomial.Polynomial).coef) + [0.0] * (degree + 1)
     c = c[:degree + 1]
     vander = np.vander(u, degree + 1, increasing=True)

@@ -2,7 +2,7 @@
 
 Each built-in equals PyTorch's own definition (``torch.nn.functional``) to float64 rounding, including
 its conventions at kinks: the piece whose condition owns a boundary point gives the derivative there
-(relu's gradient at 0 is 0, hardswish's at -3 is -1/2, as in ATen).
+(relu's gradient at 0 is 0, hardswish's at -3 is 0 and at 3 is 1, as torch.autograd gives).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ BUILTINS: dict[str, ActivationSpec] = {s.name: s for s in [
     ActivationSpec("selu", sp.Piecewise((_s * _a * (sp.exp(X) - 1), X <= 0), (_s * X, True)),
                    {"alpha": _SELU_ALPHA, "scale": _SELU_SCALE}, ("alpha > 0", "scale > 0"),
                    doc="torch.nn.SELU()", torch_forward="F.selu(x)"),
-    ActivationSpec("hardswish", sp.Piecewise((0, X < -3), (X * (X + 3) / 6, X <= 3), (X, True)),
+    ActivationSpec("hardswish", sp.Piecewise((0, X <= -3), (X * (X + 3) / 6, X < 3), (X, True)),
                    doc="torch.nn.Hardswish()", torch_forward="F.hardswish(x)"),
     ActivationSpec("leaky_relu", sp.Piecewise((_sl * X, X <= 0), (X, True)), {"negative_slope": 0.01},
                    ("negative_slope > 0",), doc="torch.nn.LeakyReLU(negative_slope)", torch_forward="F.leaky_relu(x, negative_slope)"),

@@ -165,7 +165,8 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             y_a = b.y_range[0 if which == "lower" else 1]
             y_end = f32(y_a + (F32_TINY if which == "lower" else -F32_TINY))
             x_end = float(ref.inverse(np.array([y_end]))[0])
-            return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end)}
+            return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
+                           "cutoff": True}
         raise FitError(f"branch {b.index}: the target has no constant tail within |x| < 1e4", None,
                        "restrict the formula or relax --tolerance")
     y_end = f32(float(y[k]))

@@ -75,21 +75,37 @@ def evaluate(code_class, y, params):
     return out
 
 
+def _ordinal(x):
+    """float64 -> int64, monotone (bisection over the bit patterns reaches every float64)."""
+    i = x.view(torch.int64)
+    return torch.where(i >= 0, i, -(i & 0x7FFFFFFFFFFFFFFF))
+
+
+def _from_ordinal(k):
+    return torch.where(k >= 0, k, (-k) | torch.iinfo(torch.int64).min).view(torch.float64)
+
+
 def torch_reference(table, branch, y):
-    """(x, f'(x)) with f(x) = y on ``branch``, via PyTorch's own float64 forward and autograd."""
+    """(x, f'(x)) with f(x) = y on ``branch``, via PyTorch's own float64 forward and autograd.
+
+    x is found by bisection over float64 bit patterns inside the branch's open x interval, so it is
+    the float64 next to the true root, and never a kink's other side.
+    """
     scope = {"F": F, "torch": torch, **table["params"]}
     forward = eval(f"lambda x: {table['torch_forward']}", scope)  # noqa: S307 - committed tables only
-    lo, hi = (_num(v, {}) for v in branch["x_range"])
-    lo, hi = max(lo, -60.0), min(hi, 60.0)
-    a = torch.full(y.shape, lo, dtype=torch.float64)
-    b = torch.full(y.shape, hi, dtype=torch.float64)
+    lo, hi = (torch.tensor(_num(v, {}), dtype=torch.float64) for v in branch["x_range"])
+    lo = torch.nextafter(lo.clamp(min=-1e300), torch.tensor(math.inf, dtype=torch.float64))
+    hi = torch.nextafter(hi.clamp(max=1e300), torch.tensor(-math.inf, dtype=torch.float64))
+    a = torch.full(y.shape, int(_ordinal(lo)), dtype=torch.int64)
+    b = torch.full(y.shape, int(_ordinal(hi)), dtype=torch.int64)
     target = torch.from_numpy(y.astype(np.float64))
     rising = branch["direction"] == "increasing"
-    for _ in range(110):
-        mid = 0.5 * (a + b)
-        below = (forward(mid) < target) if rising else (forward(mid) > target)
+    for _ in range(66):
+        mid = (a >> 1) + (b >> 1) + (a & b & 1)   # no int64 overflow
+        v = forward(_from_ordinal(mid))
+        below = (v < target) if rising else (v > target)
         a, b = torch.where(below, mid, a), torch.where(below, b, mid)
-    x = (0.5 * (a + b)).requires_grad_()
+    x = _from_ordinal(b).requires_grad_()
     (grad,) = torch.autograd.grad(forward(x).sum(), x)
     return x.detach().numpy(), grad.numpy()
 

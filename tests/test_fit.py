@@ -38,7 +38,7 @@ def test_table_agrees_with_reference_on_a_fresh_grid(quick_gelu_table):
     fp = sp.lambdify(X, sp.diff(get_spec("x*sigmoid(1.702*x)", name="qg").expr, X), "numpy")
     x = np.linspace(-12, 12, 200_001)
     y = f(x)
-    code = (x < t["forward_code"]["x_breaks"][0]["value"]).astype(int)  # side "left": x == b is left
+    code = (x <= float(t["forward_code"]["x_breaks"][0]["value"])).astype(int)  # side "left": x == b is left
     got = np.empty_like(y)
     for c in (0, 1):
         got[code == c] = eval_code_class(t["code_classes"][c], y[code == c], {})
