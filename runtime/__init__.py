@@ -1,2 +1,34 @@
-"""invact — memory-efficient activations that save their output instead of their input."""
+"""invact — memory-efficient activations that save their output instead of their input.
+
+An activation's backward needs ``f'(x)``; PyTorch's GELU, SiLU, Mish, ... save ``x`` for it. invact saves
+the output ``y`` (which the next layer usually saves anyway) plus a packed code of ``ceil(log2 k)``
+bits per element (``k`` monotone branches), and computes ``f'(x) = g(y, code)`` from certified fitted
+tables.
+
+Public API:
+
+* modules with torch.nn's names and signatures — :class:`GELU`, :class:`SiLU`, :class:`Mish`,
+  :class:`Softplus`, :class:`ELU`, :class:`CELU`, :class:`SELU`, :class:`Hardswish`, :class:`LeakyReLU`,
+  :class:`ReLU`, :class:`Sigmoid`, :class:`Tanh`, plus :class:`QuickGELU`, :class:`ReLU2` and the generic
+  :class:`Activation`; :func:`activation` builds one for any table by name;
+* :mod:`invact.functional` — torch.nn.functional's names and signatures;
+* :func:`patch` / :func:`unpatch` — swap a model's activation modules in place (torch.nn, Hugging Face
+  transformers, timm) and back, with a report;
+* :func:`memory` — a context manager counting the bytes saved for backward, per module.
+
+transformers and timm are never imported by invact: their classes are recognised in ``sys.modules``.
+"""
+
+from . import functional
+from .memory import SavedBytes, memory
+from .modules import (CELU, ELU, GELU, SELU, Activation, Hardswish, LeakyReLU, Mish, QuickGELU, ReLU, ReLU2,
+                      Sigmoid, SiLU, Softplus, Tanh, activation)
+from .patching import PatchReport, patch, unpatch
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU", "CELU", "SELU", "Hardswish",
+    "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2",
+    "functional", "patch", "unpatch", "PatchReport", "memory", "SavedBytes", "__version__",
+]

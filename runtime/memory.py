@@ -1,0 +1,196 @@
+"""Count the bytes a forward pass saves for backward.
+
+>>> import torch, torch.nn as nn, invact
+>>> model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+>>> with invact.memory(model) as base:
+...     out = model(torch.randn(64, 256))
+>>> invact.patch(model)                                        # doctest: +SKIP
+>>> with invact.memory(model) as patched:                      # doctest: +SKIP
+...     out = model(torch.randn(64, 256))
+>>> print(patched.compare(base))                               # doctest: +SKIP
+
+Every tensor autograd saves passes through :func:`torch.autograd.graph.saved_tensors_hooks`'s pack
+hook. Tensors are counted by their storage (``untyped_storage()``: pointer, device, size in bytes), each
+storage once: the output of an activation is usually also what the next Linear saves, and without
+de-duplication that sharing — the whole point of saving the output — would be invisible. A storage
+is charged to the innermost module running when it is first saved (module pre/post forward hooks);
+tensors saved outside any module go to ``"<outside>"``. Storages of the model's parameters (or, with no
+model, of leaf tensors that require grad) are counted apart, in ``.parameters``, not in ``.total``.
+
+Caveats: a view counts its whole storage (that is what stays alive); the counts are for eager mode;
+tensors saved by a compiled graph are counted when its pack hooks run (``torch.compile`` may graph-break
+around the hooks). The hooks run only while the context is open, so the model must be called inside it.
+
+Name: ``invact.memory`` is the function below (the package re-exports it over this module's name);
+import the module's other names with ``from invact.memory import SavedBytes``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["memory", "saved_bytes", "SavedBytes"]
+
+_OUTSIDE = "<outside>"
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class _Entry:
+    module: str
+    nbytes: int
+    ref: Any                # weakref to the first tensor saved on this storage
+
+
+class SavedBytes:
+    """Context manager and report: bytes saved for backward during the forward(s) it encloses.
+
+    Attributes (after the block): ``total`` (bytes, parameters excluded), ``parameters`` (bytes of
+    parameter storages saved), ``by_module`` (``{module path: bytes}``, largest first), ``count``
+    (distinct storages, parameters excluded), ``tensors`` (tensors packed, duplicates included).
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        self.model = model
+        self.tensors = 0
+        self._storages: dict[tuple, _Entry] = {}
+        self._stack: list[str] = []
+        self._handles: list[Any] = []
+        self._param_keys: set[tuple] = set()
+        self._names: dict[int, str] = {}
+        self._hooks = None
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple | None:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):   # tensors without storage (e.g. sparse, fake)
+            return None
+        return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+
+    def _is_parameter(self, t: torch.Tensor, key: tuple) -> bool:
+        if self.model is not None:
+            return key in self._param_keys
+        base = t._base if t._base is not None else t
+        return base.is_leaf and base.requires_grad
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.tensors += 1
+        key = self._key(t)
+        if key is None or key[3] == 0:
+            return t
+        old = self._storages.get(key)
+        if old is not None and old.ref() is not None:
+            return t                                   # same storage already counted
+        module = "<parameters>" if self._is_parameter(t, key) else (self._stack[-1] if self._stack else _OUTSIDE)
+        self._storages[key] = _Entry(module, key[3], weakref.ref(t))
+        return t
+
+    def _name_of(self, module: nn.Module) -> str:
+        name = self._names.get(id(module))
+        if name is None:                               # global hooks (no model): class name, call order
+            name = f"{type(module).__name__}#{len(self._names)}"
+            self._names[id(module)] = name
+        return name
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self._name_of(module))
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    # -- context manager ---------------------------------------------------------------------------
+    def __enter__(self) -> "SavedBytes":
+        if self.model is not None:
+            for name, m in self.model.named_modules(remove_duplicate=True):
+                self._names[id(m)] = name or "<root>"
+                self._handles.append(m.register_forward_pre_hook(self._pre))
+                self._handles.append(m.register_forward_hook(self._post, always_call=True))
+            for p in self.model.parameters():
+                key = self._key(p)
+                if key is not None:
+                    self._param_keys.add(key)
+        else:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+            self._handles.append(register_module_forward_pre_hook(self._pre))
+            self._handles.append(register_module_forward_hook(self._post, always_call=True))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    # -- results ---------------------------------------------------------------------------------
+    @property
+    def by_module(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for e in self._storages.values():
+            if e.module != "<parameters>":
+                out[e.module] += e.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_module.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(e.nbytes for e in self._storages.values() if e.module == "<parameters>")
+
+    @property
+    def count(self) -> int:
+        return sum(1 for e in self._storages.values() if e.module != "<parameters>")
+
+    def __str__(self) -> str:
+        width = max([len(k) for k in self.by_module] + [6])
+        lines = [f"saved for backward: {_fmt(self.total)} in {self.count} storage(s) "
+                 f"({self.tensors} tensors packed); parameters apart: {_fmt(self.parameters)}"]
+        lines += [f"  {k:<{width}}  {_fmt(v):>11}" for k, v in self.by_module.items()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<SavedBytes total={self.total} parameters={self.parameters} count={self.count}>"
+
+    def compare(self, baseline: "SavedBytes") -> str:
+        """A side-by-side table: this run against ``baseline`` (e.g. patched against unpatched)."""
+        a, b = baseline.by_module, self.by_module
+        keys = list(dict.fromkeys(list(a) + list(b)))
+        width = max([len(k) for k in keys] + [6])
+        lines = [f"  {'module':<{width}}  {'baseline':>11}  {'this':>11}"]
+        lines += [f"  {k:<{width}}  {_fmt(a.get(k, 0)):>11}  {_fmt(b.get(k, 0)):>11}" for k in keys]
+        change = (self.total - baseline.total) / baseline.total if baseline.total else 0.0
+        lines.append(f"  {'total':<{width}}  {_fmt(baseline.total):>11}  {_fmt(self.total):>11}  ({change:+.1%})")
+        return "\n".join(lines)
+
+
+def memory(model: nn.Module | None = None) -> SavedBytes:
+    """A context manager counting the bytes saved for backward inside it; see :class:`SavedBytes`.
+
+    With ``model``, bytes are split per module path and parameters are recognised by storage; without,
+    global module hooks name modules ``Class#i`` and leaf tensors that require grad count as parameters.
+    """
+    return SavedBytes(model)
+
+
+saved_bytes = memory

@@ -1,0 +1,389 @@
+"""Swap a model's activation modules for invact's, in place, and back.
+
+:func:`patch` walks the module tree and replaces, under the same attribute names (so ``state_dict``
+keys and loading are unchanged), every activation module it recognises by its exact class:
+
+* torch.nn: GELU (both ``approximate``), SiLU, Mish, Softplus, ELU, CELU, SELU, Hardswish, LeakyReLU
+  (and ReLU, Sigmoid, Tanh — see "no gain" below);
+* Hugging Face ``transformers.activations`` (only if the model already imported it; invact never
+  imports transformers): GELUActivation, GELUTanh (= PytorchGELUTanh), NewGELUActivation,
+  AccurateGELUActivation, FastGELUActivation, QuickGELUActivation, SiLUActivation, MishActivation,
+  ReLUSquaredActivation — the classes ``ACT2FN`` / ``ACT2CLS`` return for gelu, gelu_new,
+  gelu_python, gelu_pytorch_tanh, gelu_python_tanh, gelu_accurate, gelu_fast, quick_gelu, silu,
+  swish, mish, relu2 (and the torch.nn classes it maps hardswish, leaky_relu, relu, sigmoid, tanh to);
+* timm (``timm.layers.activations`` / ``activations_me``, if imported): Swish, SwishMe, Mish, MishMe,
+  HardSwish, HardSwishMe, GELU, GELUTanh, QuickGELU, Sigmoid, Tanh.
+
+Exactness: a class is replaced only by a table for the same mathematical function. Hugging Face's
+GELUActivation is ``F.gelu`` (or its erf formula in Python); NewGELU, Accurate and GELUTanh are the
+tanh formula of ``F.gelu(approximate='tanh')``; FastGELU writes the same formula with
+``sqrt(2/pi)`` truncated to 0.7978845608 — a relative change of 3.6e-12 (measured: the two differ by
+< 1e-12 on [-8, 8] in float64), far below float32 rounding, so it gets the gelu_tanh table too
+(the report says so). ClippedGELU (``gelu_10``), Laplace, SqrtSoftplus, xIELU, PReLU, ReLU6,
+Hardsigmoid, HardMish, ... have no table and are left, with the reason.
+
+No gain (left unless ``force=True``): PyTorch's ReLU, Sigmoid and Tanh, and LeakyReLU / ELU / CELU /
+SELU with ``inplace=True``, already save their output for backward (measured with saved-tensor hooks),
+so invact saves nothing there and only adds a kernel. An activation followed, in an ``nn.Sequential``,
+by Dropout with ``p > 0`` is also left: the next layer then saves the dropout's output, not the
+activation's, so invact would keep ``y`` (plus its code) where PyTorch keeps ``x`` — no saving. That
+check is a heuristic: only an ``nn.Sequential`` states its execution order; other parents (e.g. Hugging
+Face's GPT-2 MLP registers ``act`` before ``dropout`` but applies ``c_proj`` in between) are not judged.
+
+What module patching cannot reach: activations a model's ``forward`` calls as functions
+(``torch.nn.functional.gelu(x)``, ``torch.tanh``, ``x * torch.sigmoid(x)``) instead of through a
+module attribute. Hugging Face models generally hold ``ACT2FN[config.hidden_act]`` modules (GPT-2's
+``mlp.act``, BERT's ``intermediate.intermediate_act_fn``, Llama's ``mlp.act_fn``), which are reached;
+for functional calls, edit the forward to use :mod:`invact.functional`.
+
+The replaced module keeps a reference to its original (not registered as a submodule, so it is in
+neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
+Hooks registered on an original module stay with it (the report notes such modules).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from torch import nn
+
+from . import ops
+from .functional import gelu_table
+from .modules import Activation, check_params, module_for
+
+__all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is recognised: (module of the class, class name) -> rule. Classes are matched exactly (a
+# subclass may override forward) and looked up in sys.modules, so nothing is imported here.
+
+@dataclass(frozen=True)
+class _Rule:
+    table: Callable[[nn.Module], str] | str | None      # None: an activation without a table
+    params: Callable[[nn.Module], dict[str, float]] = lambda m: {}
+    saves_output: Callable[[nn.Module], bool] = lambda m: False  # PyTorch already saves y
+    note: str = ""                                       # why it is left (table None), or a remark
+
+
+def _inplace(m: nn.Module) -> bool:
+    return bool(getattr(m, "inplace", False))
+
+
+_NN = "torch.nn.modules.activation"
+_HF = "transformers.activations"
+_TIMM, _TIMM_ME = "timm.layers.activations", "timm.layers.activations_me"
+_FAST_GELU_NOTE = ("FastGELU truncates sqrt(2/pi) to 0.7978845608 (relative 3.6e-12, < 1e-12 apart on "
+                   "[-8, 8]): equal to gelu_tanh far below float32 rounding")
+_NO_TABLE = "no invact table for this function"
+
+_RULES: dict[tuple[str, str], _Rule] = {
+    (_NN, "GELU"): _Rule(lambda m: gelu_table(m.approximate)),
+    (_NN, "SiLU"): _Rule("silu"),
+    (_NN, "Mish"): _Rule("mish"),
+    (_NN, "Softplus"): _Rule("softplus", lambda m: {"beta": m.beta, "threshold": m.threshold}),
+    (_NN, "ELU"): _Rule("elu", lambda m: {"alpha": m.alpha}, _inplace),
+    (_NN, "CELU"): _Rule("celu", lambda m: {"alpha": m.alpha}, _inplace),
+    (_NN, "SELU"): _Rule("selu", saves_output=_inplace),
+    (_NN, "Hardswish"): _Rule("hardswish"),
+    (_NN, "LeakyReLU"): _Rule("leaky_relu", lambda m: {"negative_slope": m.negative_slope}, _inplace),
+    (_NN, "ReLU"): _Rule("relu", saves_output=lambda m: True),
+    (_NN, "Sigmoid"): _Rule("sigmoid", saves_output=lambda m: True),
+    (_NN, "Tanh"): _Rule("tanh", saves_output=lambda m: True),
+    (_HF, "GELUActivation"): _Rule("gelu"),
+    (_HF, "GELUTanh"): _Rule("gelu_tanh"),
+    (_HF, "NewGELUActivation"): _Rule("gelu_tanh"),
+    (_HF, "AccurateGELUActivation"): _Rule("gelu_tanh"),
+    (_HF, "FastGELUActivation"): _Rule("gelu_tanh", note=_FAST_GELU_NOTE),
+    (_HF, "QuickGELUActivation"): _Rule("quick_gelu"),
+    (_HF, "SiLUActivation"): _Rule("silu"),
+    (_HF, "MishActivation"): _Rule("mish"),
+    (_HF, "ReLUSquaredActivation"): _Rule("relu2"),
+    (_HF, "ClippedGELUActivation"): _Rule(None, note="clip(gelu(x), min, max): no table (flat outside the clip)"),
+    (_HF, "LinearActivation"): _Rule(None, note="identity: saves nothing"),
+    (_HF, "LaplaceActivation"): _Rule(None, note=_NO_TABLE),
+    (_HF, "SqrtSoftplusActivation"): _Rule(None, note=_NO_TABLE),
+    (_HF, "XIELUActivation"): _Rule(None, note="has learnable parameters: no fixed table"),
+    (_TIMM, "Swish"): _Rule("silu"),
+    (_TIMM, "Mish"): _Rule("mish"),
+    (_TIMM, "HardSwish"): _Rule("hardswish"),
+    (_TIMM, "GELU"): _Rule("gelu"),
+    (_TIMM, "GELUTanh"): _Rule("gelu_tanh"),
+    (_TIMM, "QuickGELU"): _Rule("quick_gelu"),
+    (_TIMM, "Sigmoid"): _Rule("sigmoid", saves_output=lambda m: True),
+    (_TIMM, "Tanh"): _Rule("tanh", saves_output=lambda m: True),
+    (_TIMM, "HardSigmoid"): _Rule(None, note=_NO_TABLE),
+    (_TIMM, "HardMish"): _Rule(None, note=_NO_TABLE),
+    (_TIMM, "PReLU"): _Rule(None, note="has learnable parameters: no fixed table"),
+    (_TIMM_ME, "SwishMe"): _Rule("silu"),
+    (_TIMM_ME, "MishMe"): _Rule("mish"),
+    (_TIMM_ME, "HardSwishMe"): _Rule("hardswish"),
+    (_TIMM_ME, "HardSigmoidMe"): _Rule(None, note=_NO_TABLE),
+}
+# torch.nn.modules.activation classes that are not elementwise: not activations in invact's sense
+_NOT_ELEMENTWISE = {"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU"}
+_ACTIVATION_MODULES = {_NN, _HF, _TIMM, _TIMM_ME}
+
+
+def _rule_for(cls: type) -> _Rule | None:
+    rule = _RULES.get((cls.__module__, cls.__qualname__))
+    if rule is None:
+        return None
+    # the class must be the one that module defines (not a look-alike with the same names)
+    mod = sys.modules.get(cls.__module__)
+    return rule if mod is not None and getattr(mod, cls.__qualname__, None) is cls else None
+
+
+def _recognised_base(cls: type) -> type | None:
+    for base in cls.__mro__[1:]:
+        if _rule_for(base) is not None and _RULES[(base.__module__, base.__qualname__)].table is not None:
+            return base
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+@dataclass(frozen=True)
+class Replaced:
+    """One replaced module: its path in the model, the old class, the new module's repr, a remark."""
+
+    path: str
+    old: str
+    new: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Left:
+    """One activation module left in place, and why."""
+
+    path: str
+    cls: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` replaced and what it left (``len(report)`` = modules replaced)."""
+
+    replaced: list[Replaced] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"invact.patch: replaced {len(self.replaced)} module(s), left {len(self.left)}"]
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for r in self.replaced:
+            groups.setdefault(("replaced", f"{r.old} -> {r.new}", r.note), []).append(r.path)
+        for l in self.left:
+            groups.setdefault(("left", l.cls, l.reason), []).append(l.path)
+        for (kind, what, why), paths in groups.items():
+            shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} in all)" if len(paths) > 3 else "")
+            lines.append(f"  {kind}: {len(paths)} x {what}{': ' + why if why else ''}\n      at {shown}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# only / exclude
+
+def _selectors(value: Any, arg: str) -> list[tuple[str, Any]] | None:
+    """Normalise ``only``/``exclude``: table names, class names, or nn.Module classes."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, type)) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(f"{arg} must be a name, an nn.Module class, or a collection of them; "
+                        f"got {type(value).__name__}") from None
+    tables = set(ops.names())
+    class_names = {name for (_, name) in _RULES}
+    out = []
+    for item in items:
+        if isinstance(item, type):
+            if not issubclass(item, nn.Module):
+                raise TypeError(f"{arg}: {item.__name__} is not an nn.Module class")
+            out.append(("class", item))
+        elif isinstance(item, str):
+            if item in tables:
+                out.append(("table", item))
+            elif item in class_names:
+                out.append(("class_name", item))
+            else:
+                raise ValueError(f"{arg}: unknown name {item!r}; expected a table name "
+                                 f"({', '.join(sorted(tables))}) or an activation class name "
+                                 f"({', '.join(sorted(class_names))})")
+        else:
+            raise TypeError(f"{arg} items must be names (str) or nn.Module classes, got {item!r}")
+    return out
+
+
+def _selected(selectors: list[tuple[str, Any]], module: nn.Module, table: str) -> bool:
+    for kind, v in selectors:
+        if (kind == "table" and v == table) or (kind == "class" and isinstance(module, v)) \
+                or (kind == "class_name" and type(module).__name__ == v):
+            return True
+    return False
+
+
+def _qualname(cls: type) -> str:
+    mod = "torch.nn" if cls.__module__.startswith("torch.nn.modules") else cls.__module__
+    return f"{mod}.{cls.__qualname__}"
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, a, None) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                             "_backward_pre_hooks"))
+
+
+def _dropout_follows(parent: nn.Module, attr: str) -> bool:
+    """Heuristic: in an nn.Sequential, is the next module Dropout with p > 0?"""
+    if not isinstance(parent, nn.Sequential):
+        return False
+    keys = list(parent._modules)
+    i = keys.index(attr)
+    nxt = parent._modules[keys[i + 1]] if i + 1 < len(keys) else None
+    return isinstance(nxt, nn.modules.dropout._DropoutNd) and nxt.p > 0
+
+
+def _children(model: nn.Module) -> Iterable[tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, attribute, path, child) for every edge of the module tree, shared parents once."""
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        prefix, parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        items = [(a, c) for a, c in parent._modules.items() if c is not None]
+        for attr, child in items:
+            yield parent, attr, prefix + attr, child
+        stack.extend((prefix + a + ".", c) for a, c in reversed(items))
+
+
+def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_sel, exclude_sel, force: bool,
+             known: set[str]) -> tuple[str | None, dict[str, float] | None, str | None]:
+    """``(table, params, None)`` to replace ``child``, or ``(.., .., reason)`` to leave it."""
+    try:
+        table = rule.table if isinstance(rule.table, str) else rule.table(child)
+    except ValueError as exc:                          # e.g. nn.GELU with an unknown approximate
+        return None, None, str(exc)
+    if exclude_sel is not None and _selected(exclude_sel, child, table):
+        return table, None, "matched exclude"
+    if only_sel is not None and not _selected(only_sel, child, table):
+        return table, None, "not matched by only"
+    if table not in known:
+        return table, None, f"no table {table!r} in invact.generated"
+    if not force and rule.saves_output(child):
+        return table, None, (f"PyTorch's {type(child).__name__}{'(inplace=True)' if _inplace(child) else ''} "
+                             "already saves its output: nothing to gain (force=True replaces it anyway)")
+    if not force and _dropout_follows(parent, attr):
+        return table, None, ("followed by Dropout(p>0) in its nn.Sequential, so the next layer does not save the "
+                             "output and saving it gains nothing (heuristic on module order; force=True replaces "
+                             "it anyway)")
+    try:
+        params = {k: float(v) for k, v in rule.params(child).items()}
+        check_params(table, params)
+    except (ValueError, TypeError) as exc:            # parameters the table cannot serve
+        return table, None, str(exc)
+    return table, params, None
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: bool = False,
+          backend: str | None = None) -> PatchReport:
+    """Replace ``model``'s activation modules by invact modules, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Patched in place; attribute names (and so ``state_dict`` keys) are kept.
+    only, exclude : str, nn.Module class, or a collection of them, optional
+        Restrict the replacement to / keep from it the activations that match: a table name
+        (``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ...), a class name (``"GELUActivation"``), or a class
+        (``nn.GELU``, matched with ``isinstance``). ``exclude`` wins over ``only``.
+    force : bool
+        Also replace activations that gain nothing (PyTorch already saves their output, or the
+        heuristic sees Dropout next); off by default.
+    backend : str, optional
+        Passed to every new module.
+
+    Returns
+    -------
+    PatchReport
+        ``.replaced`` (path, old class, new module) and ``.left`` (path, class, reason); ``str()`` is a
+        readable summary. Undo with :func:`unpatch`.
+
+    >>> import torch.nn as nn, invact
+    >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    >>> report = invact.patch(mlp)
+    >>> mlp[1]
+    GELU(approximate='none')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    only_sel, exclude_sel = _selectors(only, "only"), _selectors(exclude, "exclude")
+    report = PatchReport()
+    if _rule_for(type(model)) is not None:
+        report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: it cannot be "
+                                "replaced in place; use invact.activation(...) instead"))
+    done: dict[int, nn.Module] = {}                  # a shared module is replaced by one shared module
+    known = set(ops.names())
+    for parent, attr, path, child in list(_children(model)):
+        cls = type(child)
+        if id(child) in done:
+            setattr(parent, attr, done[id(child)])
+            report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(done[id(child)]), "shared module"))
+            continue
+        if isinstance(child, Activation):
+            continue
+        rule = _rule_for(cls)
+        if rule is None:
+            base = _recognised_base(cls)
+            if base is not None:
+                report.left.append(Left(path, _qualname(cls), f"subclass of {base.__name__}: its forward may differ"))
+            elif cls.__module__ in _ACTIVATION_MODULES and cls.__name__ not in _NOT_ELEMENTWISE:
+                report.left.append(Left(path, _qualname(cls), _NO_TABLE))
+            continue
+        if rule.table is None:
+            report.left.append(Left(path, _qualname(cls), rule.note))
+            continue
+        table, params, why = _verdict(rule, parent, attr, child, only_sel, exclude_sel, force, known)
+        if why is not None:
+            report.left.append(Left(path, _qualname(cls), why))
+            continue
+        new = module_for(table, params, backend)
+        new.train(child.training)
+        new._invact_replaced = (child,)
+        setattr(parent, attr, new)
+        done[id(child)] = new
+        notes = [rule.note] if rule.note else []
+        if _inplace(child):
+            notes.append("inplace=True not kept: the new module returns a new tensor")
+        if _has_hooks(child):
+            notes.append("hooks registered on the original stay with it")
+        report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
+    return report
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Put back the modules :func:`patch` replaced (the same objects); returns their paths.
+
+    The training flag of each restored module is set to that of the module it replaces.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    restored = []
+    for parent, attr, path, child in list(_children(model)):
+        original = getattr(child, "_invact_replaced", None)
+        if isinstance(child, Activation) and original:
+            original[0].train(child.training)
+            setattr(parent, attr, original[0])
+            restored.append(path)
+    return restored

@@ -1,0 +1,360 @@
+"""invact's modules, functional API and activation(): torch.nn's signatures, reprs, values, gradients.
+
+Gradient tolerances come from the information floor (docs: /work/shared/design.md, "Information
+floor"). Saving y in float32 loses information near a branch point x_min (f'(x_min) = 0): there
+y - y_min ~ f''/2 (x - x_min)^2, so rounding y by at most u = half an fp32 ulp of y_min moves the
+x it implies by sqrt(2u/f'') and f' = f''(x - x_min) by up to sqrt(2 f'' u) — even with a perfect
+table; a table whose branch origin y0 is y_min rounded to float32 adds up to another u, so we use
+sqrt(4 f'' u). For GELU that is 1.13e-4 (f''=0.4315, u=7.45e-9), above the 4.31e-5 measured on a grid
+(design.md), as a bound should be. So, per element, the backward's f' may differ from autograd's by
+    delta = sqrt(4 f'' u)   [non-monotone tables; 0 for monotone ones, where g(y) is smooth]
+          + tolerance       [the table's certified approximation error, from ops.info]
+          + 16 eps |f'|     [fp32 rounding of g and of PyTorch's own backward, a few ulps each]
+and the gradient w.r.t. the activation input by delta * |grad_y|. Sums over a batch accumulate these
+(bounded elementwise with |.| matmuls) plus the usual gamma_n = n eps rounding of a length-n sum.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import invact
+import invact.functional as IF
+from invact import ops
+
+EPS32 = torch.finfo(torch.float32).eps
+# The per-table tests check the API, not the backends (tests/test_ops*.py do): they run the eager
+# backend, which needs no compilation per table and dtype; the default backend is exercised by
+# test_patching (Hugging Face models, torch.compile).
+BACKEND = "eager"
+
+# invact class -> (torch.nn class or None, table, constructor kwargs to try besides the defaults)
+CASES = {
+    invact.GELU: (nn.GELU, "gelu", [{"approximate": "tanh"}]),
+    invact.SiLU: (nn.SiLU, "silu", [{"inplace": True}]),
+    invact.Mish: (nn.Mish, "mish", [{"inplace": True}]),
+    invact.Softplus: (nn.Softplus, "softplus", [{"beta": 2.0, "threshold": 10.0}, {"beta": 1.0, "threshold": 20.0}]),
+    invact.ELU: (nn.ELU, "elu", [{"alpha": 0.5}, {"inplace": True}]),
+    invact.CELU: (nn.CELU, "celu", [{"alpha": 2.0}, {"inplace": True}]),
+    invact.SELU: (nn.SELU, "selu", [{"inplace": True}]),
+    invact.Hardswish: (nn.Hardswish, "hardswish", [{"inplace": True}]),
+    invact.LeakyReLU: (nn.LeakyReLU, "leaky_relu", [{"negative_slope": 0.2}, {"inplace": True}]),
+    invact.ReLU: (nn.ReLU, "relu", [{"inplace": True}]),
+    invact.Sigmoid: (nn.Sigmoid, "sigmoid", []),
+    invact.Tanh: (nn.Tanh, "tanh", []),
+    invact.QuickGELU: (None, "quick_gelu", []),
+    invact.ReLU2: (None, "relu2", []),
+}
+# PyTorch's own forward for the two classes without a torch.nn counterpart
+REFERENCE = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "relu2": lambda x: torch.square(F.relu(x))}
+
+
+def _table_for(cls, kwargs):
+    bound = inspect.signature(cls).bind(**kwargs)
+    bound.apply_defaults()
+    fields = {k: v for k, v in bound.arguments.items() if k != "backend"}
+    return cls._table_of(**fields)
+
+
+def _servable(cls, kwargs):
+    if _table_for(cls, kwargs) not in ops.names():
+        return False
+    try:                                    # a table not parameter-generic serves its defaults only
+        cls(**kwargs)
+    except ValueError:
+        return False
+    return True
+
+
+def _variants(cls):
+    """[{}] and the case's extra kwargs, those a generated table serves."""
+    return [kw for kw in [{}] + CASES[cls][2] if _servable(cls, kw)]
+
+
+def _reference(cls, kwargs):
+    torch_cls, table, _ = CASES[cls]
+    if torch_cls is None:
+        return REFERENCE[table]
+    return torch_cls(**{k: v for k, v in kwargs.items() if k != "inplace"})
+
+
+def _need(*tables):
+    missing = [t for t in tables if t not in ops.names()]
+    if missing:
+        pytest.skip(f"tables not generated: {missing}")
+
+
+@pytest.fixture(params=list(CASES), ids=lambda c: c.__name__)
+def cls(request):
+    table = CASES[request.param][1]
+    if table not in ops.names():
+        pytest.skip(f"no table {table!r} generated")
+    return request.param
+
+
+# -- signatures, reprs ---------------------------------------------------------------------------------
+
+def _params(sig):
+    return [(p.name, p.default, p.kind) for p in sig.parameters.values()]
+
+
+def test_signature_matches_torch(cls):
+    torch_cls = CASES[cls][0]
+    sig = inspect.signature(cls)
+    assert _params(sig)[-1] == ("backend", None, inspect.Parameter.KEYWORD_ONLY)
+    ours = _params(sig)[:-1]
+    if torch_cls is None:
+        assert ours == []
+    elif torch_cls in (nn.Sigmoid, nn.Tanh):        # torch.nn's are Module.__init__(*args, **kwargs)
+        assert ours == []
+        torch_cls()
+    else:
+        assert ours == _params(inspect.signature(torch_cls))
+
+
+def test_extra_repr_matches_torch(cls):
+    torch_cls = CASES[cls][0]
+    for kwargs in _variants(cls):
+        ours = cls(**kwargs)
+        if torch_cls is not None:
+            assert repr(ours) == repr(torch_cls(**kwargs))
+        assert repr(cls(**kwargs, backend="torch")).endswith("backend='torch')")
+
+
+def test_positional_arguments_like_torch():
+    _need('elu', 'leaky_relu', 'silu')
+    assert invact.ELU(0.5, True).alpha == 0.5 and invact.ELU(0.5, True).inplace is True
+    assert repr(invact.LeakyReLU(0.2)) == repr(nn.LeakyReLU(0.2))
+    with pytest.raises(TypeError):
+        invact.ELU(0.5, True, 3)
+    with pytest.raises(TypeError):
+        invact.SiLU(bogus=1)
+
+
+def test_bad_arguments_are_refused():
+    _need('gelu', 'elu')
+    with pytest.raises(ValueError, match="approximate"):
+        invact.GELU(approximate="erf")
+    with pytest.raises(ValueError, match="unknown activation"):
+        invact.activation("no_such_activation")
+    with pytest.raises(ValueError, match="unknown|known"):
+        invact.Activation("no_such_activation")
+    with pytest.raises(ValueError, match="not a parameter"):
+        invact.Activation("elu", beta=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        invact.Activation("elu", alpha=float("nan"))
+    with pytest.raises(TypeError):
+        invact.Activation(3)
+
+
+def test_modules_have_no_state():
+    """Nothing in state_dict: patched models keep their keys."""
+    for cls in CASES:
+        if CASES[cls][1] in ops.names():
+            assert cls().state_dict() == {}
+
+
+# -- activation() --------------------------------------------------------------------------------------
+
+def test_activation_by_name_covers_every_table():
+    for name in ops.names():
+        m = invact.activation(name, backend=BACKEND)
+        x = torch.randn(64, dtype=torch.float32)
+        torch.testing.assert_close(m(x), ops.apply(x, name, None, BACKEND), rtol=0, atol=0)
+    if "gelu_tanh" in ops.names():
+        assert isinstance(invact.activation("gelu_tanh"), invact.GELU)
+        assert invact.activation("gelu_tanh").approximate == "tanh"
+    if "silu" in ops.names():
+        assert type(invact.activation("silu")) is invact.SiLU
+    assert ops.names(), "no tables generated"
+
+
+def test_activation_unknown_name_lists_tables():
+    _need('gelu')
+    with pytest.raises(ValueError) as err:
+        invact.activation("gleu")
+    assert "gelu" in str(err.value)
+    with pytest.raises(TypeError):
+        invact.activation(nn.GELU)
+
+
+def test_activation_with_parameters():
+    _need('softplus')
+    meta = ops.info("softplus")
+    if meta.get("param_generic"):
+        m = invact.activation("softplus", beta=2.0)
+        assert isinstance(m, invact.Softplus) and m.beta == 2.0
+    else:                                   # a table fitted for beta=1 only must refuse beta=2
+        with pytest.raises(ValueError, match="fitted for"):
+            invact.activation("softplus", beta=2.0)
+    assert isinstance(invact.activation("softplus", beta=1.0), invact.Softplus)
+
+
+# -- values and gradients ------------------------------------------------------------------------------
+
+def _torch_forward(table):
+    """PyTorch's own forward for a table, from its metadata (the same string codegen uses)."""
+    meta = ops.info(table)
+    ns = {"F": F, "torch": torch, **meta.get("params", {})}
+    return lambda x: eval(meta["torch_forward"], {**ns, "x": x})
+
+
+def _floor(table):
+    """sqrt(4 f'' u) at the branch point (see the module docstring); 0 for monotone tables."""
+    if ops.info(table)["code_bits"] == 0:
+        return 0.0
+    f = _torch_forward(table)
+    x = torch.linspace(-6, 6, 600001, dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    i = int(torch.nonzero((d1[:-1] < 0) & (d1[1:] >= 0))[0])        # f' crosses 0 upwards: minimum
+    lo, hi = float(x[i].detach()), float(x[i + 1].detach())
+    for _ in range(60):                                              # bisection on f' in float64
+        mid = torch.tensor([(lo + hi) / 2], dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(f(mid).sum(), mid)
+        lo, hi = (mid.item(), hi) if g.item() < 0 else (lo, mid.item())
+    xm = torch.tensor([lo], dtype=torch.float64, requires_grad=True)
+    (g1,) = torch.autograd.grad(f(xm).sum(), xm, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), xm)
+    y_min = abs(f(xm).item())
+    u = 2.0 ** (math.floor(math.log2(y_min)) - 24)                   # half an fp32 ulp at y_min
+    return math.sqrt(4 * max(g2.item(), 0.0) * u)
+
+
+def test_floor_matches_design_doc():
+    """The derived GELU/SiLU floors bound design.md's measured ones (4.31e-5, 5.61e-5) and stay close."""
+    for table, measured in (("gelu", 4.31e-5), ("silu", 5.61e-5)):
+        if table in ops.names():
+            assert measured <= _floor(table) <= 3 * measured
+
+
+def test_forward_matches_torch(cls):
+    for kwargs in _variants(cls):
+        x = torch.randn(1000) * 4
+        ours, ref = cls(**kwargs, backend=BACKEND)(x.clone()), _reference(cls, kwargs)(x.clone())
+        # same forward (PyTorch's own expression or a kernel of it): a few ulps at most
+        torch.testing.assert_close(ours, ref, rtol=4 * EPS32, atol=4 * EPS32)
+
+
+def test_mlp_gradients_within_floor(cls):
+    """Linear -> act -> Linear, (64, 256) input: grad of the activation input and of W1 stay within
+    the elementwise bounds of the module docstring; a wrong table fails by orders of magnitude."""
+    for kwargs in _variants(cls)[:2]:
+        name = cls(**kwargs).name
+        torch.manual_seed(0)
+        lin1, lin2 = nn.Linear(256, 512), nn.Linear(512, 256)
+        x, w = torch.randn(64, 256), torch.randn(64, 256)
+        results = []
+        for act in (_reference(cls, kwargs), cls(**kwargs, backend=BACKEND)):
+            lin1.zero_grad()
+            h = lin1(x)
+            h.retain_grad()
+            y = act(h)
+            y.retain_grad()
+            (lin2(y) * w).sum().backward()
+            results.append((h.grad.clone(), y.grad.clone(), lin1.weight.grad.clone(), h.detach()))
+        (gh0, gy0, gw0, h0), (gh1, gy1, gw1, h1) = results
+        torch.testing.assert_close(h1, h0, rtol=0, atol=0)
+        h_ = h0.clone().requires_grad_()
+        (fprime,) = torch.autograd.grad(_reference(cls, kwargs)(h_).sum(), h_)
+        fprime = fprime.abs().double()
+        delta = _floor(name) + ops.info(name)["tolerance"] + 16 * EPS32 * fprime
+        bound_h = delta * gy0.abs().double() + EPS32 * gh0.abs().double()
+        assert ((gh1 - gh0).abs().double() <= bound_h).all(), float(((gh1 - gh0).abs() - bound_h).max())
+        n = x.shape[0]
+        gamma = n * EPS32 / (1 - n * EPS32)
+        bound_w = bound_h.T @ x.abs().double() + 2 * gamma * (gh0.abs().double().T @ x.abs().double())
+        assert ((gw1 - gw0).abs().double() <= bound_w).all()
+
+
+def test_functional_matches_modules():
+    x = torch.randn(300) * 3
+    cases = [("gelu", IF.gelu, invact.GELU),
+             ("gelu_tanh", lambda t, **kw: IF.gelu(t, "tanh", **kw), lambda **kw: invact.GELU("tanh", **kw)),
+             ("silu", IF.silu, invact.SiLU), ("mish", IF.mish, invact.Mish),
+             ("softplus", IF.softplus, invact.Softplus), ("elu", IF.elu, invact.ELU), ("celu", IF.celu, invact.CELU),
+             ("selu", IF.selu, invact.SELU), ("hardswish", IF.hardswish, invact.Hardswish),
+             ("leaky_relu", IF.leaky_relu, invact.LeakyReLU), ("relu", IF.relu, invact.ReLU),
+             ("relu2", IF.relu2, invact.ReLU2), ("sigmoid", IF.sigmoid, invact.Sigmoid),
+             ("tanh", IF.tanh, invact.Tanh), ("quick_gelu", IF.quick_gelu, invact.QuickGELU),
+             ("elu", lambda t, **kw: IF.apply(t, "elu", alpha=1.0, **kw), invact.ELU)]
+    checked = 0
+    for table, fn, module in cases:
+        if table in ops.names():
+            torch.testing.assert_close(fn(x, backend=BACKEND), module(backend=BACKEND)(x), rtol=0, atol=0)
+            checked += 1
+    assert checked >= 1
+
+
+def test_functional_signatures_match_torch():
+    for name in ("silu", "mish", "elu", "celu", "selu", "hardswish", "leaky_relu", "relu"):
+        ours = _params(inspect.signature(getattr(IF, name)))
+        assert ours[-1][0] == "backend"
+        assert [p[:2] for p in ours[:-1]] == [p[:2] for p in _params(inspect.signature(getattr(F, name)))]
+    assert [p[:2] for p in _params(inspect.signature(IF.softplus))[:-1]] == \
+        [("input", inspect.Parameter.empty), ("beta", 1.0), ("threshold", 20.0)]
+    assert [p[:2] for p in _params(inspect.signature(IF.gelu))[:-1]] == \
+        [("input", inspect.Parameter.empty), ("approximate", "none")]
+
+
+def test_functional_inplace_true_raises():
+    x = torch.randn(8)
+    for fn in (IF.silu, IF.mish, IF.elu, IF.celu, IF.selu, IF.hardswish, IF.leaky_relu, IF.relu):
+        with pytest.raises(ValueError, match="inplace"):
+            fn(x, inplace=True)
+    with pytest.raises(ValueError, match="approximate"):
+        IF.gelu(x, approximate="fast")
+
+
+def test_module_inplace_is_ignored_and_input_untouched():
+    _need('silu')
+    x = torch.randn(100)
+    x0 = x.clone()
+    y = invact.SiLU(inplace=True, backend=BACKEND)(x)
+    assert torch.equal(x, x0) and not torch.equal(y, x0)
+
+
+def test_attribute_changes_follow_torch():
+    """As on torch.nn, changing an attribute after construction changes the forward."""
+    _need("gelu", "gelu_tanh")
+    m = invact.GELU(backend=BACKEND)
+    m.approximate = "tanh"
+    assert m.name == "gelu_tanh"
+    x = torch.randn(50)
+    torch.testing.assert_close(m(x), F.gelu(x, approximate="tanh"), rtol=4 * EPS32, atol=4 * EPS32)
+
+
+def test_pickle_and_deepcopy():
+    import copy
+    import pickle
+    _need("gelu", "softplus")
+    for m in (invact.GELU(), invact.Softplus(), invact.Activation("gelu", backend=None)):
+        for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+            assert type(clone) is type(m) and repr(clone) == repr(m)
+
+
+def test_import_is_light():
+    """`import invact` pulls in neither transformers/timm (recognised lazily) nor the offline fitter
+    (sympy is not checked: torch itself imports it)."""
+    import subprocess
+    import sys
+    code = ("import sys, invact; heavy = [m for m in ('transformers', 'timm', 'invact.fitting', 'scipy') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert invact.__version__ == "0.1.0"
+    assert set(invact.__all__) <= set(dir(invact))
+
+
+def test_docstring_examples():
+    """The examples in the runtime's docstrings run and print what they show."""
+    import doctest
+    import sys
+    for module in (invact.modules, invact.patching, invact.functional, sys.modules["invact.memory"]):
+        result = doctest.testmod(module, extraglobs={"invact": invact}, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
