@@ -65,15 +65,15 @@ _SEGMENT_KEYS = {"constant": ("value", "y_range", "branch"), "exact": ("expr", "
 # serialisation
 
 def _plain(obj: Any, where: str = "table") -> Any:
-    """JSON-ready copy: tuples -> lists, numpy scalars -> Python, ±inf -> "inf"/"-inf"."""
+    """JSON-ready copy: tuples and arrays -> lists, numpy scalars -> Python, ±inf -> "inf"/"-inf"."""
     if isinstance(obj, dict):
         return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, (bool, str)) or obj is None:
         return obj
-    if hasattr(obj, "item") and not isinstance(obj, (int, float)):  # numpy scalar
-        obj = obj.item()
+    if hasattr(obj, "tolist") and not isinstance(obj, (int, float)):  # numpy scalar or array
+        return _plain(obj.tolist(), where)
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):
@@ -246,8 +246,8 @@ def _structure_problem(table: dict) -> str | None:
     if not isinstance(fc.get("x_breaks"), list) or not isinstance(fc.get("codes"), list) \
             or len(fc["codes"]) != len(fc["x_breaks"]) + 1:
         return "has a forward_code without x_breaks and one more codes than breaks"
-    if table["n_branches"] != len(table["branches"]) or table["n_codes"] != len(table["code_classes"]):
-        return "has n_branches / n_codes that disagree with its branches / code_classes"
+    if table["n_codes"] != len(table["code_classes"]) or table["n_branches"] > len(table["branches"]):
+        return "has n_codes / n_branches that disagree with its code_classes / branches"
     bits = math.ceil(math.log2(table["n_codes"])) if table["n_codes"] > 1 else 0
     if table["code_bits"] != bits:
         return f"has code_bits {table['code_bits']}, expected {bits} for {table['n_codes']} codes"

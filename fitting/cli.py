@@ -1,0 +1,423 @@
+"""The ``invact`` command: list, fit, certify, show, plot and generate activation tables.
+
+Exit status: 0 success, 2 bad usage or input (argparse errors, :class:`InputError`), 1 internal
+failure, 128+signal when interrupted (SIGINT 130, SIGTERM 143). Tables are written atomically and
+the table write plus code generation runs with SIGINT/SIGTERM deferred, so an interrupted command
+leaves ``generated/`` as it was (or completely updated, if the signal came during that last step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from . import tables
+from .errors import InputError, SpecError
+
+__all__ = ["main"]
+
+PROG = "invact"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the SIGTERM handler; carries the signal number for the exit status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------------
+# output helpers
+
+def _say(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt(v: float | str | None) -> str:
+    if v is None:
+        return "-"
+    v = tables.as_float(v)
+    return f"{v:.4g}" if math.isfinite(v) and (v == 0 or 1e-3 <= abs(v) < 1e5) else f"{v:.3g}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """``progress(fraction, label)`` callback drawing a bar with elapsed and remaining time on stderr.
+
+    On a terminal the bar redraws in place; otherwise a line is printed at most every 2 seconds.
+    """
+
+    def __init__(self, stream=None, width: int = 28):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.start = self.last = time.monotonic()
+        self.tty = self.stream.isatty()
+
+    def __call__(self, frac: float, label: str) -> None:
+        now = time.monotonic()
+        if not self.tty and now - self.last < 2.0 and frac < 1.0:
+            return
+        self.last = now
+        frac = min(max(frac, 0.0), 1.0)
+        elapsed = now - self.start
+        left = f"~{_clock(elapsed * (1 - frac) / frac)} left" if frac > 0.02 else "estimating time left"
+        fill = int(frac * self.width)
+        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {frac:4.0%}  {_clock(elapsed)} elapsed, {left}  {label}"
+        if self.tty:
+            self.stream.write("\r" + line[:150].ljust(150))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _logger() -> Callable[[str], None]:
+    start = time.monotonic()
+    return lambda msg: _say(f"[{time.monotonic() - start:6.1f}s] {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# committing tables: atomic write + code generation, signals deferred
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (then they are delivered)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _commit(table: dict, path: Path, root: Path | None, generate: bool) -> list[Path]:
+    """Write ``table`` and regenerate code; on a generation failure restore the previous table."""
+    with _signals_deferred():
+        before = path.read_text(encoding="utf-8") if path.exists() else None
+        tables.write_table(table, path)
+        if not generate:
+            return []
+        try:
+            from .codegen import generate_all
+            return generate_all(root)
+        except BaseException:
+            if before is None:
+                path.unlink()
+            else:
+                _restore(before, path)
+            raise
+
+
+def _restore(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.restore")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+def _resolve(args) -> tuple[Path, dict]:
+    """The table named by ``args.name`` (a name, or a path ending in .json) and its content."""
+    if args.name.endswith(".json"):
+        path = Path(args.name)
+    else:
+        path = tables.table_path(args.name, args.target, args.root)
+    return path, tables.load_table(path)
+
+
+def _pieces(table: dict) -> int:
+    return sum(len(cc["segments"]) for cc in table["code_classes"])
+
+
+def cmd_list(args) -> int:
+    from .formulas import BUILTINS
+    paths = {tables.name_of(p): p for p in tables.list_tables(args.root)}
+    names = sorted(set(BUILTINS) | {n for n, _ in paths})
+    rows = [("name", "target", "branches", "codes/bits", "pieces", "approx err", "fp32 err", "status")]
+    for name in names:
+        keys = [k for k in paths if k[0] == name] or [(name, "derivative")]
+        for key in sorted(keys):
+            kind = "built-in" if name in BUILTINS else "formula"
+            if key not in paths:
+                rows.append((name, key[1], "-", "-", "-", "-", "-", f"{kind}, not fitted: invact fit {name}"))
+                continue
+            try:
+                t = tables.load_table(paths[key])
+            except InputError as exc:
+                rows.append((name, key[1], "-", "-", "-", "-", "-", f"invalid table ({exc})"))
+                continue
+            cert = t["certificate"]
+            rows.append((name, key[1], str(t["n_branches"]), f"{t['n_codes']}/{t['code_bits']}",
+                         str(_pieces(t)), _fmt(cert.get("approx_error")), _fmt(cert.get("float32_eval_error")),
+                         f"{kind}, certified: {', '.join(cert.get('checks', []))}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              + "  " + r[-1])
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .formulas import BUILTINS, get_spec
+    spec = get_spec(args.activation, args.name, dict(args.param))
+    builtin = args.activation in BUILTINS
+    if not builtin and args.name is None:
+        raise SpecError(f"formula {args.activation!r} needs a name: add --name NAME (a Python identifier)")
+    name = args.name or spec.name
+    if name in BUILTINS and name != args.activation:
+        raise SpecError(f"--name {name!r} is a built-in activation; choose another name for this formula")
+    spec = dataclasses.replace(spec, name=name)
+    path = tables.table_path(name, args.target, args.root)
+    from .pipeline import build_table
+    start = time.monotonic()
+    table = build_table(spec, target=args.target, tolerance=args.tolerance,
+                        fp32_samples=args.fp32_samples, progress=_logger())
+    generated = _commit(table, path, args.root, args.target == "derivative" and not args.generate_off)
+    cert = table["certificate"]
+    print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
+          f"{_pieces(table)} pieces, approx error {_fmt(cert['approx_error'])}, float32 error "
+          f"{_fmt(cert['float32_eval_error'])} ({time.monotonic() - start:.1f} s)")
+    if generated:
+        print(f"regenerated {len(generated)} files under {generated[0].parent}")
+    return 0
+
+
+def cmd_certify(args) -> int:
+    from .certify import certify_table
+    path, table = _resolve(args)
+    bar = ProgressBar()
+    try:
+        table["certificate"] = certify_table(table, exhaustive=args.exhaustive,
+                                             fp32_samples=args.fp32_samples, progress=bar)
+    finally:
+        bar.close()
+    _commit(table, path, args.root, table["target"] == "derivative" and not args.generate_off)
+    cert = table["certificate"]
+    print(f"certified {path}: approx error {_fmt(cert['approx_error'])}, float32 error "
+          f"{_fmt(cert['float32_eval_error'])} ({', '.join(cert['checks'])})")
+    return 0
+
+
+def _range(r) -> str:
+    return f"[{_fmt(r[0])}, {_fmt(r[1])}]"
+
+
+def cmd_show(args) -> int:
+    path, t = _resolve(args)
+    out = [f"{t['name']}  ({path})",
+           f"  formula        {t['formula']}",
+           f"  params         {t['params'] or '-'}" + (" (generic)" if t["param_generic"] else ""),
+           f"  param domain   {', '.join(t['param_domain']) or '-'}",
+           f"  torch forward  {t['torch_forward'] or '-'}",
+           f"  target         {t['target']}, tolerance {_fmt(t['tolerance'])}",
+           f"  codes          {t['n_codes']} ({t['code_bits']} bits), {t['n_branches']} monotone branches, "
+           f"x breaks {[b['value'] + ' (' + b['side'] + ')' for b in t['forward_code']['x_breaks']] or '-'}",
+           "  branches"]
+    for b in t["branches"]:
+        out.append(f"    {b['index']}: code {b['code']}, x {_range(b['x_range'])} -> y {_range(b['y_range'])}, "
+                   f"{b['direction']}, route {b.get('route', '-')}, ends {b['lower_end']}/{b['upper_end']}")
+        out += [f"       singularity: {s}" for s in b.get("singularities", [])]
+        out += [f"       tail: y {_range(tl['y_range']) if 'y_range' in tl else tl} -> {tl.get('value')}"
+                for tl in b.get("tails", [])]
+    out.append("  pieces")
+    for cc in t["code_classes"]:
+        out.append(f"    code {cc['code']}: {len(cc['segments'])} segments")
+        for s in cc["segments"]:
+            out.append(f"      y {_range(s['y_range'])}  branch {s['branch']}  {_describe(s)}")
+    c = t["certificate"]
+    out.append(f"  certificate    {c.get('method')}: approx error {_fmt(c.get('approx_error'))}, float32 error "
+               f"{_fmt(c.get('float32_eval_error'))}; checks {', '.join(c.get('checks', []))}")
+    for b in c.get("branches", []):
+        out.append(f"    branch {b['index']}: approx {_fmt(b.get('approx_error'))}, bf16 {_fmt(b.get('bf16_eval_error'))}, "
+                   f"fp16 {_fmt(b.get('fp16_eval_error'))}, fp32 {_fmt(b.get('fp32_eval_error'))} "
+                   f"({'exhaustive' if b.get('fp32_exhaustive') else str(b.get('fp32_samples')) + ' samples'})")
+    print("\n".join(out))
+    return 0
+
+
+def _describe(seg: dict) -> str:
+    if seg["kind"] == "constant":
+        return f"constant {seg['value']}"
+    if seg["kind"] == "exact":
+        return f"exact {seg['expr']}"
+    tf = seg["transform"]
+    if tf["kind"] == "identity":
+        return f"poly degree {len(seg['coeffs']) - 1} in y, error {_fmt(seg['error'])}"
+    origin = tf["origin"]
+    origin = sum(map(float, origin)) if isinstance(origin, list) else float(origin)   # split float32 terms
+    how = f"{tf['kind']}({'' if tf['sign'] > 0 else '-'}(y - {origin:.10g}))"
+    return f"poly degree {len(seg['coeffs']) - 1} in {how}, error {_fmt(seg['error'])}"
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_error_curves
+    _, table = _resolve(args)
+    plot_error_curves(table, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .codegen import generate_all
+    with _signals_deferred():
+        paths = generate_all(args.root)
+    print(f"generated {len(paths)} files under {tables.project_root(args.root) / 'generated'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+
+def _param(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. alpha=0.5), got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"value of {key} must be a real number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"value of {key} must be finite, got {value!r}")
+    return key, number
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("invact")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--root", type=Path, help="project tree holding generated/ (default: $INVACT_ROOT, "
+                        "else the installed invact package)")
+    common.add_argument("--debug", action="store_true", help="print the full traceback on internal errors")
+    parser = argparse.ArgumentParser(prog=PROG, parents=[common], description=(
+        "Fit, certify and inspect invact activation tables (generated/tables/*.json) and generate code."))
+    parser.set_defaults(root=None, debug=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func, help: str, target: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        if target:
+            p.add_argument("--target", choices=tables.TARGETS, default="derivative",
+                           help="derivative table (runtime, default) or inverse table")
+        return p
+
+    add("list", cmd_list, "list activations: branches, codes, pieces and certified errors", target=False)
+    p = add("fit", cmd_fit, "fit a built-in or a formula in x, write its table and regenerate code")
+    p.add_argument("activation", metavar="NAME_OR_FORMULA",
+                   help="a built-in name (see `invact list`) or a formula such as 'x*sigmoid(1.702*x)'")
+    p.add_argument("--name", help="table name for a formula (a Python identifier)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="parameter value (repeatable); declares a parameter of a formula")
+    p.add_argument("--tolerance", type=_positive(float), default=5e-8,
+                   help="max approximation error (default 5e-8)")
+    _fp32_samples(p)
+    _no_generate(p)
+    p = add("certify", cmd_certify, "re-certify a table (rigorous bound and float checks) and update it")
+    _name_arg(p)
+    p.add_argument("--exhaustive", action="store_true", help="check every float32 value (slow)")
+    _fp32_samples(p)
+    _no_generate(p)
+    _name_arg(add("show", cmd_show, "print a table: formula, branches, pieces and certificate"))
+    p = add("plot", cmd_plot, "plot the approximation error per branch against the information floors")
+    _name_arg(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="image file to write")
+    add("generate", cmd_generate, "regenerate the torch/Triton code from all tables", target=False)
+    return parser
+
+
+def _name_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="table name (see `invact list`) or a path to a .json table")
+
+
+def _fp32_samples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp32-samples", type=_positive(int), default=2**24, metavar="N",
+                   help="stratified float32 values checked per branch (default 2**24)")
+
+
+def _no_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-generate", dest="generate_off", action="store_true",
+                   help="do not regenerate the code after writing the table")
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``invact`` command line; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        _say(f"interrupted ({signal.Signals(signum).name}); no partial table or code was written")
+        return 128 + signum
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `invact list | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        _say(f"internal error: {type(exc).__name__}: {exc}")
+        _say("this is a bug in invact" + ("" if args.debug else "; rerun with --debug for the traceback")
+             + " and please report it")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
