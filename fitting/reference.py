@@ -68,31 +68,33 @@ class BranchReference:
         nan = np.isnan(y)
         y = np.clip(np.where(nan, ys[0], y), ys[0], ys[-1])
         k = np.clip(np.searchsorted(ys, y), 1, ys.size - 1)
-        lo_x, hi_x = xs[k - 1], xs[k]           # f(lo_x) <= y <= f(hi_x) in y order
-        w = np.where(ys[k] > ys[k - 1], (y - ys[k - 1]) / np.where(ys[k] > ys[k - 1], ys[k] - ys[k - 1], 1), 0.5)
+        y0, dy = ys[k - 1], ys[k] - ys[k - 1]
+        lo_x, hi_x = xs[k - 1], xs[k]            # f(lo_x) <= y <= f(hi_x) in y order
+        w = np.divide(y - y0, dy, out=np.full_like(y, 0.5), where=dy > 0)
         x = lo_x + w * (hi_x - lo_x)
-        active = np.arange(y.size)
+        idx = np.arange(y.size)
+        xa, ya, la, ha = x, y, lo_x, hi_x
         for _ in range(MAX_ITER):
-            if active.size == 0:
-                break
-            xa, ya, la, ha = x[active], y[active], lo_x[active], hi_x[active]
             r = self.f(xa) - ya
-            below = r < 0                       # f(xa) < y: the root lies on the hi side in y order
+            below = r < 0                        # f(xa) < y: the root lies on the hi side in y order
             la = np.where(below, xa, la)
             ha = np.where(below, ha, xa)
             with np.errstate(all="ignore"):
                 step = r / self.fp(xa)
-                xn = xa - step
-            lo_b, hi_b = np.minimum(la, ha), np.maximum(la, ha)
+            xn = xa - step
             # A Newton step of relative size <= 1e-8 leaves an error ~ (f''/2f') step^2 <= 1e-15 |x|
             # (quadratic convergence), so that x is final, even when rounding puts it on the
             # bracket's edge; otherwise a step leaving the bracket is replaced by bisection.
-            conv = np.isfinite(xn) & (np.abs(step) <= 1e-8 * np.abs(xa) + 1e-300)
-            bad = ~conv & (~np.isfinite(xn) | (xn <= lo_b) | (xn >= hi_b))
+            conv = np.abs(step) <= 1e-8 * np.abs(xa) + 1e-300
+            bad = ~conv & ~((xn > np.minimum(la, ha)) & (xn < np.maximum(la, ha)))
             xn = np.where(bad, 0.5 * (la + ha), xn)
-            done = (r == 0) | conv | (np.abs(ha - la) <= 4e-16 * np.abs(xa))
-            x[active], lo_x[active], hi_x[active] = np.where(r == 0, xa, xn), la, ha
-            active = active[~done]
+            xn = np.where(r == 0, xa, xn)
+            done = conv | (r == 0) | (np.abs(ha - la) <= 4e-16 * np.abs(xa))
+            x[idx] = xn
+            keep = ~done
+            if not keep.any():
+                break
+            idx, xa, ya, la, ha = idx[keep], xn[keep], ya[keep], la[keep], ha[keep]
         x[nan] = np.nan
         return x
 

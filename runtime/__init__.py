@@ -19,11 +19,31 @@ Public API:
 transformers and timm are never imported by invact: their classes are recognised in ``sys.modules``.
 """
 
-from . import functional
-from .memory import SavedBytes, memory
-from .modules import (CELU, ELU, GELU, SELU, Activation, Hardswish, LeakyReLU, Mish, QuickGELU, ReLU, ReLU2,
-                      Sigmoid, SiLU, Softplus, Tanh, activation)
-from .patching import PatchReport, patch, unpatch
+from importlib import import_module
+
+# Names are imported on first use, so `import invact.fitting` and the `invact` CLI do not pay for
+# torch; `invact.GELU` etc. import it then.
+_LAZY = {
+    "functional": "functional", "memory": "saved", "SavedBytes": "saved",
+    "PatchReport": "patching", "patch": "patching", "unpatch": "patching",
+    **{name: "modules" for name in ("Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU",
+                                    "CELU", "SELU", "Hardswish", "LeakyReLU", "ReLU", "Sigmoid", "Tanh",
+                                    "QuickGELU", "ReLU2")},
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'invact' has no attribute {name!r}")
+    module = import_module(f".{_LAZY[name]}", __name__)
+    value = module if name == "functional" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ Caveats: a view counts its whole storage (that is what stays alive); the counts 
 tensors saved by a compiled graph are counted when its pack hooks run (``torch.compile`` may graph-break
 around the hooks). The hooks run only while the context is open, so the model must be called inside it.
 
-Name: ``invact.memory`` is the function below (the package re-exports it over this module's name);
-import the module's other names with ``from invact.memory import SavedBytes``.
+Name: this module is ``invact.saved``; ``invact.memory`` is its function below, re-exported;
+other names: ``from invact.saved import SavedBytes`` (also ``invact.SavedBytes``).
 """
 
 from __future__ import annotations

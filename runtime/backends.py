@@ -1,0 +1,123 @@
+"""Backends: which implementation runs an activation, and compile-once caching with a safe fallback.
+
+- ``"triton"``: fused Triton kernels; CUDA tensors with triton importable (CPU tensors only when
+  asked for explicitly and ``TRITON_INTERPRET=1``). float64 always runs on the torch code.
+- ``"compiled"``: the generated torch code compiled by ``torch.compile`` (dynamic in the element
+  count; needs a working C++ compiler on CPU); compiled once per activation and dtype.
+- ``"eager"``: the generated torch code as plain torch ops (always available).
+
+The default is the first available of triton (CUDA only), compiled, eager; ``INVACT_BACKEND`` or the
+``backend=`` argument choose one. A backend that fails to compile falls back to eager with one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used"]
+
+BACKENDS = ("triton", "compiled", "eager")
+ENV = "INVACT_BACKEND"
+_broken: set[str] = set()
+
+
+@functools.cache
+def triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install counts as absent
+        return False
+    return True
+
+
+@functools.cache
+def compiler_available() -> bool:
+    """A C++ compiler for inductor's CPU code: $CXX or one of the usual names on PATH."""
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return any(c and shutil.which(c) for c in candidates)
+
+
+def available(device_type: str) -> list[str]:
+    """Backends usable for tensors on ``device_type`` ("cpu", "cuda", ...), in order of preference."""
+    out = []
+    if triton_importable() and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    if "compiled" not in _broken and (device_type == "cuda" or compiler_available()):
+        out.append("compiled")
+    out.append("eager")
+    return out
+
+
+def _default(device_type: str) -> str:
+    usable = [b for b in available(device_type) if b != "triton" or device_type == "cuda"]
+    return usable[0]
+
+
+@torch._dynamo.assume_constant_result
+def resolve(backend: str | None, device_type: str) -> str:
+    """The backend to run: ``backend`` (argument), else $INVACT_BACKEND, else the default.
+
+    Unknown names and backends not available for ``device_type`` raise :class:`ValueError` naming the
+    argument (or the environment variable) and the available backends.
+    """
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV) or None, ENV
+    if backend is None:
+        return _default(device_type)
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} (or None for the default), "
+                         f"got {backend!r}")
+    usable = available(device_type)
+    if backend == "compiled" and "compiled" in _broken:
+        return "eager"  # already warned once
+    if backend not in usable:
+        raise ValueError(f"{source}={backend!r} is not available for {device_type} tensors; available: "
+                         f"{', '.join(usable)}")
+    return backend
+
+
+def fallback_used(backend: str, error: BaseException) -> None:
+    """Record that ``backend`` failed to compile; warn once (the caller then runs eager)."""
+    if backend in _broken:
+        return
+    _broken.add(backend)
+    warnings.warn(f"invact: the {backend!r} backend failed ({type(error).__name__}: {error}); "
+                  "falling back to the eager backend", RuntimeWarning, stacklevel=3)
+
+
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled by torch.compile; on any compile failure: warn once, run ``fn`` eagerly.
+
+    Tensor arguments are marked dynamic in their first dimension (element counts vary), while ints
+    and floats (bit widths, thresholds) stay compile-time constants: one compilation per dtype.
+    Segment indices are bounded by construction (a count of thresholds), so inductor's indirect
+    indexing asserts, which also block vectorisation, are switched off.
+    """
+    compiled_fn = torch.compile(fn, dynamic=None, options={"assert_indirect_indexing": False})
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "compiled" not in _broken:
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dim():
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            try:
+                return compiled_fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back ...
+                result = fn(*args, **kwargs)  # ... unless eager fails too: then it is not the compiler
+                fallback_used("compiled", exc)
+                return result
+        return fn(*args, **kwargs)
+
+    return run

@@ -1,0 +1,265 @@
+"""The custom-op layer: one forward and one backward ``torch.library`` op for every generated activation.
+
+``invact::forward(x, name, params, backend) -> (y, code)`` computes y = f(x) and the packed branch
+code; its autograd saves ONLY y and the code (nothing when x does not require grad).
+``invact::backward(grad, y, code, name, params, backend) -> grad_x`` is a separate op with its own fake,
+so the backward traces under torch.compile. Both work element by element in y's memory order (y keeps
+x's memory format, as torch.nn.functional's ops do), and the code is packed in that order.
+
+Public API: :func:`apply`, :func:`info`, :func:`names` (and :func:`table_constants` for generated code).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import backends, bitpack
+
+__all__ = ["apply", "info", "names", "table_constants", "module_constants", "Constants"]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_EAGER_CHUNK = 1 << 20  # eager backward works on chunks of this many elements (bounded temporaries)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generated modules
+
+@functools.cache
+def _registry() -> ModuleType:
+    try:
+        return importlib.import_module("invact.generated.registry")
+    except ModuleNotFoundError:  # no tables generated yet
+        return ModuleType("empty_registry")
+
+
+def names() -> list[str]:
+    """Names of the activations with generated code, sorted."""
+    return sorted(getattr(_registry(), "TORCH", {}))
+
+
+@functools.cache
+def _module(name: str) -> ModuleType:
+    table = getattr(_registry(), "TORCH", {})
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}")
+    return importlib.import_module(table[name])
+
+
+@functools.cache
+def _triton_module(name: str) -> ModuleType:
+    _module(name)
+    return importlib.import_module(_registry().TRITON[name])
+
+
+def info(name: str) -> dict:
+    """The META dict of activation ``name`` (a copy); unknown names raise ValueError listing the known."""
+    return dict(_module(name).META)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters and constants
+
+def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
+    meta = _module(name).META
+    defaults = meta["params"]
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"params: {', '.join(map(repr, unknown))} not a parameter of {name!r} "
+                         f"(parameters: {', '.join(defaults) or 'none'})")
+    values = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"params[{key!r}] must be a real number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"params[{key!r}] must be finite, got {value!r}")
+        values[key] = value
+    if not meta["param_generic"] and values != {k: float(v) for k, v in defaults.items()}:
+        wanted = " ".join(f"--param {k}={v!r}" for k, v in values.items())
+        raise ValueError(f"params: the {name!r} table was fitted for {defaults} only; fit one for "
+                         f"these values with `invact fit {name} {wanted}` and run `invact generate`")
+    for rel in meta["param_domain"]:
+        if not eval(rel, {"__builtins__": {}}, dict(values)):  # noqa: S307 - hashed table text
+            raise ValueError(f"params: {name!r} needs {rel} (got {values})")
+    return tuple(values.values())
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Per (activation, dtype, device, params): what the kernels read besides the tensors."""
+
+    x_thresholds: tuple[float, ...]   # forward code, in x's dtype
+    y_thresholds: Tensor              # concatenated y breaks, in the evaluation dtype
+    y_threshold_values: tuple[float, ...]  # the same as floats (compile-time constants when compiled)
+    poly: Tensor                      # POLY transposed: (row length, segments), evaluation dtype
+    params: dict[str, float]
+
+
+def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
+                    params: dict[str, float] | None = None) -> Constants:
+    """Constants of activation ``name`` for tensors of ``dtype`` on ``device``."""
+    values = _check_params(name, params)
+    return module_constants(_module(name), dtype, torch.device(device), values)
+
+
+@functools.lru_cache(maxsize=256)
+def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
+                     values: tuple[float, ...]) -> Constants:
+    """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order)."""
+    params = dict(zip(mod.PARAMS, values))
+    ev = torch.float64 if dtype == torch.float64 else torch.float32
+    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in mod.x_breaks(**params))
+    # y breaks are rounded to the evaluation dtype first, as the certified evaluator does
+    rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
+    ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
+    poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
+    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory order: kernels run over y's elements in storage order
+
+def _order(t: Tensor) -> list[int]:
+    """Dimensions from outermost to innermost in memory (t.permute(order) is contiguous if t is dense)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d) if t.size(d) != 1 else (0, -d))
+
+
+def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output)."""
+    order = _order(x)
+    out = torch.empty([x.size(d) for d in order], dtype=dtype or x.dtype, device=x.device)
+    return out.permute([order.index(d) for d in range(x.dim())])
+
+
+def _flat(t: Tensor, order: list[int]) -> Tensor:
+    return t.permute(order).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# implementations
+
+@functools.cache
+def _kernels(name: str, backend: str) -> tuple:
+    """(packed forward code, flat gradient) of the generated module; compiled for "compiled"."""
+    mod = _module(name)
+    if backend == "compiled":
+        return backends.compiled(mod.code_packed), backends.compiled(mod.grad_kernel)
+    return mod.code_packed, mod.grad_kernel
+
+
+def _empty_code(x: Tensor, bits: int) -> Tensor:
+    return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("invact::forward", mutates_args=())
+def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[Tensor, Tensor]:
+    mod = _module(name)
+    k = module_constants(_module(name), x.dtype, x.device, tuple(params))
+    bits = mod.CODE_BITS
+    if backend == "triton" and x.dtype != torch.float64:
+        y, code = _like(x), _empty_code(x, bits)
+        order = _order(y)
+        tk = module_constants(_module(name), torch.float32, x.device, tuple(params))
+        xthr = torch.tensor(tk.x_thresholds, dtype=torch.float32, device=x.device)
+        _triton_module(name).forward(_flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params))
+        return y, code
+    y = mod.forward(x, **k.params)
+    if y.stride() != _like(x).stride():  # keep the layout the fake promises
+        y = _like(x).copy_(y)
+    if not bits:
+        return y, _empty_code(x, 0)
+    code_fn, _ = _kernels(name, "eager" if backend == "triton" else backend)
+    return y, code_fn(_flat(x, _order(y)), k.x_thresholds)
+
+
+@_forward.register_fake
+def _forward_fake(x, name, params, backend):
+    return _like(x), _empty_code(x, _module(name).CODE_BITS)
+
+
+@torch.library.custom_op("invact::backward", mutates_args=())
+def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+    order = _order(y)
+    out = _like(y)
+    yf, gf, of = _flat(y, order), _flat(grad, order).contiguous(), _flat(out, order)
+    if backend == "triton" and y.dtype != torch.float64:
+        k = module_constants(_module(name), torch.float32, y.device, tuple(params))
+        _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
+        return out
+    k = module_constants(_module(name), y.dtype, y.device, tuple(params))
+    _, grad_fn = _kernels(name, "eager" if backend == "triton" else backend)
+    bits = _module(name).CODE_BITS
+    if backend == "compiled":
+        flat = grad_fn(gf, yf, code, k.y_threshold_values, k.poly, **k.params)
+        return flat.view([y.size(d) for d in order]).permute([order.index(d) for d in range(y.dim())])
+    chunks = bitpack.plane_chunks(yf.numel(), bits, _EAGER_CHUNK) if bits else \
+        ((a, min(a + _EAGER_CHUNK, yf.numel()), 0, 0) for a in range(0, yf.numel(), _EAGER_CHUNK))
+    for a, b, first, shift in chunks:  # bounded temporaries; each chunk lies in one bit plane
+        packed = code[first:first + b - a] if bits else code
+        of[a:b] = grad_fn(gf[a:b], yf[a:b], packed, k.y_thresholds, k.poly, shift, **k.params)
+    return out
+
+
+@_backward.register_fake
+def _backward_fake(grad, y, code, name, params, backend):
+    return _like(y)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, name, params, backend = inputs
+    ctx.invact = (name, params, backend)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(*output)  # y and the packed code: nothing else
+
+
+def _grad(ctx, grad_y, grad_code):
+    y, code = ctx.saved_tensors
+    return torch.ops.invact.backward(grad_y, y, code, *ctx.invact), None, None, None
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("invact activations have no second derivative (double backward): their backward "
+                       "rebuilds f'(x) from a table; use torch.nn.functional's activation where "
+                       "higher-order gradients are needed")
+
+
+_forward.register_autograd(_grad, setup_context=_setup_context)
+_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+
+@torch._dynamo.assume_constant_result
+def _prepare(name: str, params: tuple, backend: str | None, device_type: str) -> tuple[list[float], str]:
+    return list(_check_params(name, dict(params))), backends.resolve(backend, device_type)
+
+
+def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Tensor:
+    """y = f(x) for activation ``name``, saving only y and a packed branch code for backward.
+
+    ``params``: the activation's parameters (defaults from the table; see :func:`info`).
+    ``backend``: "triton", "compiled", "eager" or None (default: $INVACT_BACKEND, else the best
+    available; see :mod:`invact.backends`). Under torch.autocast the activation runs in x's dtype, as
+    GELU and SiLU do (autocast is switched off inside, so every dtype the op sees is concrete).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
+                        f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")
+    values, chosen = _prepare(name, tuple(sorted((params or {}).items())), backend, x.device.type)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.ops.invact.forward(x, name, values, chosen)[0]
+    return torch.ops.invact.forward(x, name, values, chosen)[0]
