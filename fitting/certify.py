@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -91,28 +95,24 @@ def certify_table(table: dict, exhaustive: bool = False, fp32_samples: int = 2**
     """A certificate dict (see docs/table-format.md); raises CertificationError if a bound fails."""
     say = progress or (lambda frac, label: None)
     branches = _branches(table)
-    results = []
-    for b_json in table["branches"]:
-        i = b_json["index"]
-        b = branches[i]
-        if b.flat:
-            results.append({"index": i, "approx_error": 0.0, "bf16_eval_error": 0.0, "fp16_eval_error": 0.0,
-                            "fp32_eval_error": 0.0, "fp32_samples": 0, "fp32_exhaustive": exhaustive,
-                            "method": "constant"})
-            continue
-        ref = BranchReference(b, table["target"])
-        say(i / len(branches), f"branch {i}: rigorous bound")
-        approx, method = _rigorous(table, i, b, ref)
-        entry = {"index": i, "approx_error": approx, "method": method}
-        for dt in ("bf16", "fp16"):
-            say(i / len(branches), f"branch {i}: every {dt} value")
-            entry[f"{dt}_eval_error"] = _eval_error(table, i, ref, float_values(dt))
-        label = "every fp32 value" if exhaustive else f"{fp32_samples} stratified fp32 values"
-        entry["fp32_eval_error"], entry["fp32_samples"] = _fp32_error(
-            table, i, ref, None if exhaustive else fp32_samples,
-            lambda frac: say((i + frac) / len(branches), f"branch {i}: {label} ({frac:.0%})"))
-        entry["fp32_exhaustive"] = exhaustive
-        results.append(entry)
+    heavy = [b.index for b in branches if not b.flat]
+    # Branches are independent: one forked process each (fork keeps the analysis). Not after torch
+    # is imported (forking its thread pools is unsafe), nor for --exhaustive (one progress bar).
+    parallel = not exhaustive and "torch" not in sys.modules
+    workers = min(len(heavy), os.cpu_count() or 1, 2) if parallel else 1
+    if workers > 1:
+        say(0.0, f"{len(heavy)} branches on {workers} processes")
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            done = dict(zip(heavy, pool.map(_certify_branch, [(table, i, exhaustive, fp32_samples) for i in heavy])))
+    else:
+        done = {i: _certify_branch((table, i, exhaustive, fp32_samples),
+                                   lambda frac, label, i=i: say((heavy.index(i) + frac) / len(heavy), label))
+                for i in heavy}
+    results = [done.get(b.index) or {"index": b.index, "approx_error": 0.0, "bf16_eval_error": 0.0,
+                                     "fp16_eval_error": 0.0, "fp32_eval_error": 0.0, "fp32_samples": 0,
+                                     "fp32_exhaustive": exhaustive, "method": "constant"}
+               for b in branches]
     say(1.0, "done")
     return {
         "method": "arb-taylor2",
@@ -123,6 +123,24 @@ def certify_table(table: dict, exhaustive: bool = False, fp32_samples: int = 2**
                    "fp32-exhaustive" if exhaustive else f"fp32-stratified-{fp32_samples}"],
         "branches": results,
     }
+
+
+def _certify_branch(job, say=lambda frac, label: None) -> dict:
+    table, i, exhaustive, fp32_samples = job
+    b = _branches(table)[i]
+    ref = BranchReference(b, table["target"])
+    say(0.0, f"branch {i}: rigorous bound")
+    approx, method = _rigorous(table, i, b, ref)
+    entry = {"index": i, "approx_error": approx, "method": method}
+    for dt in ("bf16", "fp16"):
+        say(0.05, f"branch {i}: every {dt} value")
+        entry[f"{dt}_eval_error"] = _eval_error(table, i, ref, float_values(dt))
+    label = "every fp32 value" if exhaustive else f"{fp32_samples} stratified fp32 values"
+    entry["fp32_eval_error"], entry["fp32_samples"] = _fp32_error(
+        table, i, ref, None if exhaustive else fp32_samples,
+        lambda frac: say(0.1 + 0.9 * frac, f"branch {i}: {label} ({frac:.0%})"))
+    entry["fp32_exhaustive"] = exhaustive
+    return entry
 
 
 def _rigorous(table: dict, index: int, b, ref: BranchReference) -> tuple[float, str]:

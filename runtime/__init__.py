@@ -24,7 +24,7 @@ from importlib import import_module
 # Names are imported on first use, so `import invact.fitting` and the `invact` CLI do not pay for
 # torch; `invact.GELU` etc. import it then.
 _LAZY = {
-    "functional": "functional", "memory": "saved", "SavedBytes": "saved",
+    "memory": "saved", "SavedBytes": "saved",
     "PatchReport": "patching", "patch": "patching", "unpatch": "patching",
     **{name: "modules" for name in ("Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU",
                                     "CELU", "SELU", "Hardswish", "LeakyReLU", "ReLU", "Sigmoid", "Tanh",
@@ -32,11 +32,15 @@ _LAZY = {
 }
 
 
+_SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     if name not in _LAZY:
         raise AttributeError(f"module 'invact' has no attribute {name!r}")
-    module = import_module(f".{_LAZY[name]}", __name__)
-    value = module if name == "functional" else getattr(module, name)
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
 
