@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import signal
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -404,7 +403,3 @@ def _count_monotone(branches: list[Branch]) -> int:
                          - right.y_range[0 if right.direction == "increasing" else 1]) < 1e-6
         n += 0 if (same and continuous) else 1
     return n
-
-
-def _warn(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)

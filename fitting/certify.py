@@ -13,7 +13,6 @@ import math
 import multiprocessing
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
@@ -212,7 +211,7 @@ def _fp32_error(table, index, ref, samples: int | None, tick) -> tuple[float, in
         edges = k_lo + (np.arange(samples + 1, dtype=np.float64) * total / samples).astype(np.int64)
         ks = edges[:-1] + (rng.random(samples) * np.maximum(edges[1:] - edges[:-1], 1)).astype(np.int64)
         n = samples
-    worst, start, t0 = 0.0, 0, time.monotonic()
+    worst, start = 0.0, 0
     while start < n:
         stop = min(n, start + CHUNK)
         chunk = ks[start:stop] if ks is not None else np.arange(k_lo + start, k_lo + stop, dtype=np.int64)

@@ -354,7 +354,6 @@ def test_import_is_light():
 def test_docstring_examples():
     """The examples in the runtime's docstrings run and print what they show."""
     import doctest
-    import sys
     for module in (invact.modules, invact.patching, invact.functional, invact.saved):
         result = doctest.testmod(module, extraglobs={"invact": invact}, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
