@@ -2,8 +2,9 @@
 
 Segments of all code classes are numbered globally (class by class, left to right in y). Poly
 segments get a row of ``POLY`` (the coefficient table gathered per element); exact and constant
-segments are selected by their global index. Row layout (``ROW_*`` below): transform kind
-(0 identity, 1 sqrt, 2 log), sign, origin terms, center, scale, c0_hi, c0_lo, c1 .. cD.
+segments are selected by their global index. A table has few distinct transforms (kind, sign,
+origin): they are computed with constants and picked by the row's transform id, so only the
+polynomial is gathered. Row layout: transform id, center, scale, c0_hi, c0_lo, c1 .. cD.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ import sympy as sp
 
 from .printer import parse
 
-__all__ = ["Plan", "CodeClass", "analyze", "TRANSFORMS"]
+__all__ = ["Plan", "CodeClass", "Transform", "analyze"]
 
-TRANSFORMS = {"identity": 0, "sqrt": 1, "log": 2}
+
+@dataclass(frozen=True)
+class Transform:
+    kind: str                            # identity, sqrt or log
+    sign: float = 1.0
+    origin: tuple[float, ...] = ()       # terms subtracted in order: ((y - o0) - o1) - o2
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,8 @@ class Plan:
     codes: tuple[int, ...]
     classes: tuple[CodeClass, ...]
     poly: tuple[tuple[float, ...], ...]  # one row per global segment (zeros for non-poly ones)
-    n_origin: int
     degree: int
-    transforms: frozenset[str]
+    transforms: tuple[Transform, ...]
     exact: tuple[tuple[int, sp.Expr], ...]
     constant: tuple[tuple[int, sp.Expr], ...]
 
@@ -64,24 +69,11 @@ class Plan:
     def has_poly(self) -> bool:
         return bool(self.transforms)
 
-    # row layout
-    ROW_KIND, ROW_SIGN = 0, 1
-
-    @property
-    def row_origin(self) -> int:
-        return 2
-
-    @property
-    def row_center(self) -> int:
-        return 2 + self.n_origin
-
-    @property
-    def row_c0(self) -> int:                # c0_hi, c0_lo, c1 .. cD follow
-        return 4 + self.n_origin
+    ROW_TID, ROW_CENTER, ROW_SCALE, ROW_C0 = 0, 1, 2, 3   # c0_hi, c0_lo, c1 .. cD from ROW_C0
 
     @property
     def row_len(self) -> int:
-        return self.row_c0 + 2 + self.degree
+        return self.ROW_C0 + 2 + self.degree
 
 
 def _origin_terms(tf: dict) -> list[float]:
@@ -105,10 +97,8 @@ def analyze(table: dict, source: str | Path) -> Plan:
     names = tuple(table["params"])
     num = lambda text: parse(str(text), "y", names)  # noqa: E731 - numbers or parameter expressions
     polys = [s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"]
-    n_origin = max((len(_origin_terms(s["transform"])) for s in polys
-                    if s["transform"]["kind"] != "identity"), default=0)
     degree = max((len(s["coeffs"]) - 1 for s in polys), default=0)
-    classes, rows, exact, constant, transforms = [], [], [], [], set()
+    classes, rows, exact, constant, transforms = [], [], [], [], []
     break_offset = 0
     for cc in table["code_classes"]:
         offset = len(rows)
@@ -117,18 +107,17 @@ def analyze(table: dict, source: str | Path) -> Plan:
         break_offset += len(breaks)
         for seg in cc["segments"]:
             index = len(rows)
-            row = [0.0] * (4 + n_origin + 2 + degree)
+            row = [0.0] * (Plan.ROW_C0 + 2 + degree)
             if seg["kind"] == "poly":
                 tf = seg["transform"]
-                transforms.add(tf["kind"])
-                origin = _origin_terms(tf) if tf["kind"] != "identity" else []
+                key = Transform(tf["kind"]) if tf["kind"] == "identity" else \
+                    Transform(tf["kind"], float(tf.get("sign", 1)), tuple(_origin_terms(tf)))
+                if key not in transforms:
+                    transforms.append(key)
                 coeffs = [float(c) for c in seg["coeffs"]]
-                row[0] = float(TRANSFORMS[tf["kind"]])
-                row[1] = float(tf.get("sign", 1))
-                row[2:2 + len(origin)] = origin
-                row[2 + n_origin:4 + n_origin] = [float(seg["center"]), float(seg["scale"])]
-                row[4 + n_origin:6 + n_origin] = [coeffs[0], float(seg["c0_lo"])]
-                row[6 + n_origin:6 + n_origin + len(coeffs) - 1] = coeffs[1:]
+                row[:Plan.ROW_C0 + 2] = [float(transforms.index(key)), float(seg["center"]),
+                                         float(seg["scale"]), coeffs[0], float(seg["c0_lo"])]
+                row[Plan.ROW_C0 + 2:Plan.ROW_C0 + 1 + len(coeffs)] = coeffs[1:]
             elif seg["kind"] == "exact":
                 exact.append((index, parse(seg["expr"], "y", names)))
             else:
@@ -141,5 +130,5 @@ def analyze(table: dict, source: str | Path) -> Plan:
         formula=parse(table["formula"], "x", names), torch_forward=table["torch_forward"],
         code_bits=table["code_bits"],
         x_breaks=tuple((num(b["value"]), b["side"]) for b in fc["x_breaks"]),
-        codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), n_origin=n_origin,
-        degree=degree, transforms=frozenset(transforms), exact=tuple(exact), constant=tuple(constant))
+        codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), degree=degree,
+        transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant))

@@ -7,7 +7,7 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 
 from __future__ import annotations
 
-from .analysis import TRANSFORMS, Plan
+from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
 from .writer import Writer
 
@@ -30,21 +30,25 @@ class TorchDialect:
     def gather(self, col: int) -> str: return f"q[{col}]"
     def constant_index(self, offset: int) -> str: return repr(offset)
 
-    def class_index(self, plan: Plan, c) -> str:
+    def class_index(self, plan: Plan, c, compare: bool) -> str:
+        """Global segment index within code class ``c``: count of thresholds <= y, plus its offset."""
         if not c.y_breaks:
-            return repr(c.offset)
+            return [repr(c.offset)]
         a, b = c.break_offset, c.break_offset + len(c.y_breaks)
-        idx = f"torch.bucketize(y, thr[{a}:{b}], right=True)"
-        return f"{idx} + {c.offset}" if c.offset else idx
+        if compare:
+            terms = [f"(y >= thr[{j}]).to(torch.int32)" for j in range(a, b)]
+        else:
+            terms = [f"torch.bucketize(y, thr[{a}:{b}], out_int32=True, right=True)"]
+        return terms + ([str(c.offset)] if c.offset else [])
 
     def interval_code(self, plan: Plan) -> str:
-        """The forward code of x (uint8) from the thresholds thr (x >= thr[j] passes break j)."""
+        """The forward code of x (int32) from the thresholds thr (x >= thr[j] passes break j)."""
         k, codes = len(plan.x_breaks), list(plan.codes)
         if codes == list(range(k + 1)):
-            return " + ".join(f"(x >= thr[{j}]).to(torch.uint8)" for j in range(k))
+            return " + ".join(f"(x >= thr[{j}]).to(torch.int32)" for j in range(k))
         if k == 1 and codes == [1, 0]:
-            return "(x < thr[0]).to(torch.uint8)"
-        text = f"torch.full_like(x, {codes[0]}, dtype=torch.uint8)"
+            return "(x < thr[0]).to(torch.int32)"
+        text = f"torch.full_like(x, {codes[0]}, dtype=torch.int32)"
         for j in range(k):
             text = f"torch.where(x >= thr[{j}], {codes[j + 1]}, {text})"
         return text
@@ -59,47 +63,76 @@ class TritonDialect(TorchDialect):
     def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
     def clamp1(self, v): return f"tl.minimum(tl.maximum({v}, -1.0), 1.0)"
     def isnan(self, v): return f"{v} != {v}"
-    def zeros(self, v): return "tl.zeros([BLOCK], dtype=tl.float32)"
+    def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
     def gather_setup(self, plan: Plan) -> list[str]: return []
     def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
 
-    def class_index(self, plan: Plan, c) -> str:
+    def class_index(self, plan: Plan, c, compare: bool = True) -> str:
         terms = [f"(y >= tl.load(YT + {c.break_offset + j})).to(tl.int32)" for j in range(len(c.y_breaks))]
-        start = "tl.zeros([BLOCK], dtype=tl.int32)" + (f" + {c.offset}" if c.offset else "")
-        return " + ".join([start] + terms)
+        start = "tl.zeros(y.shape, dtype=tl.int32)" + (f" + {c.offset}" if c.offset else "")
+        return [start] + terms
 
     def interval_code(self, plan: Plan) -> str:
-        text = f"tl.zeros([BLOCK], dtype=tl.int32) + {plan.codes[0]}"
+        text = f"tl.zeros(x.shape, dtype=tl.int32) + {plan.codes[0]}"
         for j in range(len(plan.x_breaks)):
             text = f"tl.where(x >= tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
         return text
 
 
+def _sum(w: Writer, name: str, terms: list[str]) -> None:
+    """name = t0 + t1 + ..., one term a line when there are more than two."""
+    if len(terms) <= 2:
+        w(f"{name} = {' + '.join(terms)}")
+        return
+    with w.block(f"{name} = ("):
+        w(terms[0], *(f"+ {t}" for t in terms[1:]))
+    w(")")
+
+
 def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """s = global segment index of each element (code class picked by ``code``)."""
-    first, *rest = plan.classes
-    w(f"s = {d.class_index(plan, first)}")
-    for c in rest:
-        w(f"s = {d.where}(code == {c.code}, {d.class_index(plan, c)}, s)")
+    def body(compare: bool) -> None:
+        for c in plan.classes[1:]:
+            _sum(w, f"s{c.code}", d.class_index(plan, c, compare))
+        _sum(w, "s", d.class_index(plan, plan.classes[0], compare))
+        for c in plan.classes[1:]:
+            w(f"s = {d.where}(code == {c.code}, s{c.code}, s)")
+
+    if isinstance(d, TritonDialect):
+        body(True)
+        return
+    # compiled: comparisons fuse into the one generated loop (aten.bucketize would be a separate
+    # pass); eager: one bucketize per class beats one op per break.
+    with w.block("if torch.compiler.is_compiling():"):
+        body(True)
+    with w.block("else:"):
+        body(False)
+
+
+def _transform(d: TorchDialect, tf) -> str:
+    """t = T(y) of one transform, with its constants inlined (docs/table-format.md)."""
+    if tf.kind == "identity":
+        return "y"
+    dd = "y"
+    for o in tf.origin:  # y - 0 == y and y - (-o) == y + o exactly: print the simpler form
+        if o != 0:
+            dd = f"({dd} {'-' if o > 0 else '+'} {abs(o)!r})"
+    dd = dd if tf.sign == 1 else f"-{dd}"
+    if tf.kind == "sqrt":
+        return d.sqrt(d.at_least(dd, 0.0))
+    return d.log(d.at_least(dd, TINY32))
 
 
 def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """g from the gathered row: transform, centred variable u, Horner, c0 split in two."""
     w(*d.gather_setup(plan))
     q = d.gather
-    if plan.transforms - {"identity"}:
-        origin = "y"
-        for j in range(plan.n_origin):
-            origin = f"({origin} - {q(plan.row_origin + j)})"
-        w(f"dd = {q(Plan.ROW_SIGN)} * {origin}")
-        w("t = y")
-        for kind, fn in (("sqrt", d.sqrt(d.at_least("dd", 0.0))), ("log", d.log(d.at_least("dd", TINY32)))):
-            if kind in plan.transforms:
-                w(f"t = {d.where}({q(Plan.ROW_KIND)} == {float(TRANSFORMS[kind])!r}, {fn}, t)")
-    else:
-        w("t = y")
-    c0 = plan.row_c0
-    w(f"u = {d.clamp1(f'(t - {q(plan.row_center)}) * {q(plan.row_center + 1)}')}")
+    *rest, last = plan.transforms
+    w(f"t = {_transform(d, last)}")
+    for i, tf in reversed(list(enumerate(rest))):
+        w(f"t = {d.where}({q(Plan.ROW_TID)} == {float(i)!r}, {_transform(d, tf)}, t)")
+    c0 = Plan.ROW_C0
+    w(f"u = {d.clamp1(f'(t - {q(Plan.ROW_CENTER)}) * {q(Plan.ROW_SCALE)}')}")
     if plan.degree == 0:
         w(f"g = (u * 0.0 + {q(c0 + 1)}) + {q(c0)}")
         return
@@ -115,6 +148,7 @@ def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
     printer = d.printer("y")
     segments = sorted(plan.exact + plan.constant, key=lambda item: item[0])
     others = [(i, printer.doprint(e), e.has(printer.var)) for i, e in segments]
+    constant_valued = any(not tensor for _, _, tensor in others)
     if plan.n_segments > 1:
         _segment_index(w, plan, d)
     if plan.has_poly:
@@ -124,7 +158,7 @@ def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
         w(f"g = {value}" if tensor else f"g = {d.zeros('y')} + {value}")
     for i, value, _ in others:
         w(f"g = {d.where}(s == {i}, {value}, g)")
-    if plan.constant or isinstance(d, TritonDialect):
+    if constant_valued or isinstance(d, TritonDialect):  # a constant does not propagate NaN
         w(f"g = {d.where}({d.isnan('y')}, y, g)")
 
 

@@ -30,15 +30,38 @@ def _meta(w: Writer, plan: Plan) -> None:
 
 
 def _poly_table(w: Writer, plan: Plan) -> None:
-    origin = ", ".join(f"origin{j}" for j in range(plan.n_origin))
     coeffs = ", ".join(f"c{j}" for j in range(1, plan.degree + 1))
-    w(f"# One row per segment (all code classes, left to right in y); zeros for exact/constant ones:",
-      f"# kind (0 identity, 1 sqrt, 2 log), sign, {origin + ', ' if origin else ''}center, scale, c0_hi, c0_lo"
-      f"{', ' + coeffs if coeffs else ''}.")
+    w("# One row per segment (all code classes, left to right in y); zeros for exact/constant ones:",
+      f"# transform id, center, scale, c0_hi, c0_lo{', ' + coeffs if coeffs else ''}. Transforms:")
+    for i, tf in enumerate(plan.transforms):
+        w(f"#   {i}: {tf.kind}" + (f", sign {tf.sign:+.0f}, origin {' + '.join(map(repr, tf.origin))}"
+                                  if tf.kind != "identity" else ""))
     with w.block("POLY = ("):
         for row in plan.poly:
-            w("(" + ", ".join(repr(v) for v in row) + ("," if len(row) == 1 else "") + "),")
+            w("(" + ", ".join(repr(v) for v in row) + "),")
     w(")", "", "")
+
+
+def _flat_kernels(w: Writer, plan: Plan) -> None:
+    """What invact.ops runs (and compiles: one code object per activation, so torch.compile's
+    cache of one activation never evicts another's): packed code, and the gradient of flat y."""
+    call = ", ".join(f"{n}={n}" for n in plan.param_names)
+    with w.block("def code_packed(x, thr):"):
+        w('"""The packed forward code of flat x (invact.bitpack layout): what the forward op saves."""')
+        w("return bitpack.pack(code_kernel(x, thr), CODE_BITS)" if plan.code_bits
+          else "return torch.empty(0, dtype=torch.uint8, device=x.device)")
+    w("", "")
+    with w.block(f"def grad_kernel({_signature(plan, 'go', 'y', 'packed', 'thr', 'poly', 'shift=None')}):"):
+        w('"""grad_in = g(y, code) * go for flat y. ``packed``: all code bytes of y (shift None), or',
+          "the bytes of y's elements within one bit plane, whose field starts at bit ``shift``.\"\"\"")
+        if plan.code_bits:
+            with w.block("if shift is None:"):
+                w("code = bitpack.unpack(packed, CODE_BITS, y.numel())")
+            with w.block("else:"):
+                w(f"code = (packed.to(torch.int32) >> shift) & {(1 << plan.code_bits) - 1}")
+        else:
+            w("code = None")
+        w(f"return (g_kernel(y, code, thr, poly{', ' + call if call else ''}) * go).to(y.dtype)")
 
 
 def generate_torch(plan: Plan) -> str:
@@ -51,7 +74,8 @@ def generate_torch(plan: Plan) -> str:
       "``code_kernel`` and ``g_kernel`` are pure tensor functions (what invact.ops runs eagerly or compiles);",
       "their thresholds and POLY tensor come from ``invact.ops.table_constants``.", '"""', "")
     w("import math  # noqa: F401 - parameter arithmetic in printed expressions", "",
-      "import torch", "import torch.nn.functional as F  # noqa: F401 - used by torch_forward", "")
+      "import torch", "import torch.nn.functional as F  # noqa: F401 - used by torch_forward", "",
+      "from invact import bitpack", "")
     _meta(w, plan)
     _poly_table(w, plan)
     with w.block(f"def forward({_signature(plan, 'x')}):"):
@@ -67,21 +91,24 @@ def generate_torch(plan: Plan) -> str:
         w(f"return {_breaks([b for c in plan.classes for b in c.y_breaks])}")
     w("", "")
     with w.block("def code_kernel(x, thr):"):
-        w('"""uint8 code of each element of x; thr[j]: `x >= thr[j]` <=> x is right of break j."""')
+        w('"""int32 code of each element of x; thr[j]: `x >= thr[j]` <=> x is right of break j."""')
         if plan.code_bits:
             emit_code(w, plan, d)
             w("return c")
         else:
-            w("return torch.zeros_like(x, dtype=torch.uint8)")
+            w("return torch.zeros_like(x, dtype=torch.int32)")
     w("", "")
     with w.block(f"def g_kernel({_signature(plan, 'y', 'code', 'thr', 'poly')}):"):
         w('"""g(y, code) = f\'(x): float64 for float64 y, else float32 (y upcast exactly).',
           "",
-          "thr: the y_breaks as `y >= t` thresholds (concatenated per class); poly: POLY transposed.",
+          "thr: the y_breaks as `y >= t` thresholds (concatenated per class; a tensor, or a tuple of",
+          "floats when compiled); poly: POLY transposed (row length, segments).",
           '"""')
         w("y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)")
         emit_g(w, plan, d)
         w("return g")
+    w("", "")
+    _flat_kernels(w, plan)
     w("", "")
     with w.block("def forward_code(x, **params):"):
         w('"""Convenience: code_kernel with this table\'s thresholds for x\'s dtype."""')

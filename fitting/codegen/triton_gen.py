@@ -20,33 +20,43 @@ def _forward_kernel(w: Writer, plan: Plan) -> None:
     params = "".join(f"{n}, " for n in plan.param_names)
     code_args = "CODE, XT, " if plan.code_bits else ""
     w("@triton.jit")
-    with w.block(f"def forward_kernel(X, Y, {code_args}n, {params}BLOCK: tl.constexpr):"):
-        w('"""y = f(x) computed in float32, stored in Y\'s dtype; the code packed PER elements a byte."""')
-        _prologue(w)
-        w("x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)",
-          f"y = {to_triton(plan.formula, 'x')}",
-          "tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)")
+    with w.block(f"def forward_kernel(X, Y, {code_args}n, nbytes, {params}BLOCK: tl.constexpr):"):
+        w('"""y = f(x) in float32, stored in Y\'s dtype; with a code: program pid packs bytes',
+          "pid * BLOCK // PER .., reading the matching element of every bit plane (see invact.bitpack),",
+          'so all loads and stores are contiguous. x >= XT[j] <=> x is right of forward-code break j."""')
+        w("pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work")
         if not plan.code_bits:
+            w("offs = pid * BLOCK + tl.arange(0, BLOCK)", "mask = offs < n")
+            _forward_body(w, plan)
             return
-        w("# x >= XT[j] <=> x is right of forward-code break j (float32 thresholds, x upcast exactly)")
-        emit_code(w, plan, TritonDialect())
-        w("c = tl.reshape(tl.where(mask, c, 0), (BLOCK // PER, PER))",
-          "c = tl.sum(c << (tl.arange(0, PER) * BITS)[None, :], axis=1)",
-          "b = pid * (BLOCK // PER) + tl.arange(0, BLOCK // PER)",
-          "tl.store(CODE + b, c.to(tl.uint8), mask=b < (n + PER - 1) // PER)")
+        w("b = pid * (BLOCK // PER) + tl.arange(0, BLOCK // PER)",
+          "plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow",
+          "acc = tl.zeros([BLOCK // PER], dtype=tl.int32)")
+        with w.block("for j in tl.static_range(PER):"):
+            w("offs = plane * j + b", "mask = (b < nbytes) & (offs < n)")
+            _forward_body(w, plan)
+            emit_code(w, plan, TritonDialect())
+            w("acc = acc | (tl.where(mask, c, 0) << (j * BITS))")
+        w("tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)")
+
+
+def _forward_body(w: Writer, plan: Plan) -> None:
+    w("x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)",
+      f"y = {to_triton(plan.formula, 'x')}",
+      "tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)")
 
 
 def _backward_kernel(w: Writer, plan: Plan) -> None:
     params = "".join(f"{n}, " for n in plan.param_names)
     code_args = "CODE, " if plan.code_bits else ""
     w("@triton.jit")
-    with w.block(f"def backward_kernel(GO, Y, {code_args}GX, YT, P, n, {params}BLOCK: tl.constexpr):"):
+    with w.block(f"def backward_kernel(GO, Y, {code_args}GX, YT, P, n, nbytes, {params}BLOCK: tl.constexpr):"):
         w('"""grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32)."""')
         _prologue(w)
         w("y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)")
         if plan.code_bits:
-            w("byte = tl.load(CODE + offs // PER, mask=mask, other=0).to(tl.int32)",
-              "code = (byte >> ((offs % PER) * BITS).to(tl.int32)) & CODE_MASK")
+            w("byte = tl.load(CODE + offs % nbytes, mask=mask, other=0).to(tl.int32)  # bit planes",
+              "code = (byte >> ((offs // nbytes) * BITS).to(tl.int32)) & CODE_MASK")
         emit_g(w, plan, TritonDialect())
         w("go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)",
           "tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)")
@@ -55,17 +65,19 @@ def _backward_kernel(w: Writer, plan: Plan) -> None:
 def _launchers(w: Writer, plan: Plan) -> None:
     code_fwd = "code, xthr, " if plan.code_bits else ""
     code_bwd = "code, " if plan.code_bits else ""
+    per_program = "block // PER" if plan.code_bits else "block"
     with w.block("def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):"):
         w('"""Launch forward_kernel on flat contiguous x, y (and code, xthr when CODE_BITS > 0)."""',
-          "n = x.numel()")
+          "n = x.numel()", "nbytes = code.numel() if code is not None else 0")
         with w.block("if n:"):
-            w(f"forward_kernel[(triton.cdiv(n, block),)](x, y, {code_fwd}n, *params, BLOCK=block)")
+            w(f"grid = (triton.cdiv({'nbytes' if plan.code_bits else 'n'}, {per_program}),)",
+              f"forward_kernel[grid](x, y, {code_fwd}n, nbytes, *params, BLOCK=block)")
     w("", "")
     with w.block("def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):"):
         w('"""Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""',
-          "n = y.numel()")
+          "n = y.numel()", "nbytes = max(code.numel(), 1) if code is not None else 1")
         with w.block("if n:"):
-            w(f"backward_kernel[(triton.cdiv(n, block),)](grad, y, {code_bwd}grad_in, ythr, poly, n, "
+            w(f"backward_kernel[(triton.cdiv(n, block),)](grad, y, {code_bwd}grad_in, ythr, poly, n, nbytes, "
               "*params, BLOCK=block)")
 
 

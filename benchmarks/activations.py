@@ -1,0 +1,109 @@
+"""Speed of invact's ops against PyTorch's native op of the same activation, side by side in one run.
+
+    python benchmarks/activations.py [--numel 16777216] [--dtypes float32,bfloat16] [--names gelu,silu]
+
+Ratios (invact time / native time; lower is better), CPU:
+  bwd compiled  the compiled backward (unpack code, g(y, code), * grad) vs the native backward
+                (target <= 0.6)
+  fwd           forward incl. computing and packing the code (compiled backend) vs the native
+                forward (target <= 1.15)
+  bwd eager     the plain-torch backward vs the native backward (target <= 3)
+With CUDA: Triton forward/backward bandwidth in GB/s (bytes read + written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from invact import ops
+
+TARGETS = {"bwd compiled": 0.6, "fwd": 1.15, "bwd eager": 3.0}
+
+
+def timeit(fn, repeat: int, sync=lambda: None) -> float:
+    """Median seconds of fn() over ``repeat`` runs after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def native(name: str):
+    meta = ops.info(name)
+    expr = meta["torch_forward"]
+    return lambda x: eval(expr, {"F": F, "torch": torch, "x": x, **meta["params"]})  # noqa: S307
+
+
+def cpu_ratios(name: str, dtype: torch.dtype, numel: int, repeat: int) -> dict[str, float]:
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    f = native(name)
+    x = (torch.randn(numel) * 3).to(dtype)
+    go = torch.randn(numel).to(dtype)
+    xg = x.clone().requires_grad_()
+    y_native = f(xg)
+    t_fwd = timeit(lambda: f(x), repeat)
+    t_bwd = timeit(lambda: torch.autograd.grad(y_native, xg, go, retain_graph=True), repeat)
+    y, code = torch.ops.invact.forward(x, name, params, "compiled")
+    out = {"fwd": timeit(lambda: torch.ops.invact.forward(x, name, params, "compiled"), repeat) / t_fwd}
+    for backend in ("compiled", "eager"):
+        t = timeit(lambda: torch.ops.invact.backward(go, y, code, name, params, backend), repeat)
+        out[f"bwd {backend}"] = t / t_bwd
+    return out
+
+
+def gpu_bandwidth(name: str, dtype: torch.dtype, numel: int, repeat: int) -> dict[str, float]:
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    x = torch.randn(numel, device="cuda").to(dtype)
+    go = torch.randn(numel, device="cuda").to(dtype)
+    y, code = torch.ops.invact.forward(x, name, params, "triton")
+    sync = torch.cuda.synchronize
+    t_f = timeit(lambda: torch.ops.invact.forward(x, name, params, "triton"), repeat, sync)
+    t_b = timeit(lambda: torch.ops.invact.backward(go, y, code, name, params, "triton"), repeat, sync)
+    size = x.element_size() * numel
+    return {"fwd GB/s": (2 * size + code.numel()) / t_f / 1e9,
+            "bwd GB/s": (3 * size + code.numel()) / t_b / 1e9}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--numel", type=int, default=1 << 24)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--names", default=",".join(ops.names()))
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    names = [n for n in args.names.split(",") if n and ops.info(n)["torch_forward"]]
+    cols = list(TARGETS)
+    print(f"CPU, {args.numel} elements, {torch.get_num_threads()} threads; invact / native time "
+          f"(targets: {', '.join(f'{c} <= {v}' for c, v in TARGETS.items())})")
+    print(f"{'activation':<14}{'dtype':<10}" + "".join(f"{c:>14}" for c in cols))
+    for name in names:
+        for dtype in dtypes:
+            r = cpu_ratios(name, dtype, args.numel, args.repeat)
+            marks = "".join(f"{r[c]:>13.2f}{'*' if r[c] > TARGETS[c] else ' '}" for c in cols)
+            print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}{marks}")
+    print("(* misses its target)")
+    if torch.cuda.is_available():
+        print(f"\nCUDA Triton, {args.numel} elements")
+        for name in names:
+            for dtype in dtypes:
+                r = gpu_bandwidth(name, dtype, args.numel, args.repeat)
+                print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}"
+                      + "".join(f"{k}: {v:8.1f}   " for k, v in r.items()))
+    else:
+        print("\nno CUDA device: Triton bandwidth skipped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The custom ops (invact.ops) over every generated activation: opcheck, gradients, compile, memory."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from invact import backends, ops
+from invact.fitting.tables import load_table, table_path
+
+NAMES = ops.names()
+pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
+EAGER = "eager"
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+@functools.cache
+def table(name: str) -> dict:
+    return load_table(table_path(name))
+
+
+def torch_reference(name: str, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's own forward of the activation (META torch_forward), or the formula via sympy."""
+    meta = ops.info(name)
+    if meta["torch_forward"] is None:
+        pytest.skip("user table without a PyTorch forward")
+    return eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **meta["params"]})  # noqa: S307
+
+
+def sample_x(name: str, n: int = 6000, seed: int = 0) -> torch.Tensor:
+    """float64 inputs over [-10, 10], dense near 0, plus the forward-code breaks and their neighbours."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.linspace(-10, 10, n // 2, dtype=torch.float64),
+                   torch.randn(n // 2, generator=g, dtype=torch.float64) * 2])
+    for b in table(name)["forward_code"]["x_breaks"]:
+        v = float(eval(str(b["value"]), {"__builtins__": {}}, dict(table(name)["params"])))  # noqa: S307
+        x = torch.cat([x, v + torch.linspace(-1e-3, 1e-3, 41, dtype=torch.float64)])
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_forward_bitwise_equal_to_pytorch(name, dtype):
+    x = sample_x(name).to(dtype)
+    assert torch.equal(ops.apply(x, name, backend=EAGER), torch_reference(name, x))
+
+
+def test_opcheck(name):
+    x = torch.randn(3, 5, dtype=torch.float32, requires_grad=True)
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    torch.library.opcheck(torch.ops.invact.forward.default, (x, name, params, EAGER))
+    y, code = torch.ops.invact.forward(x.detach(), name, params, EAGER)
+    torch.library.opcheck(torch.ops.invact.backward.default, (torch.randn_like(y), y, code, name, params, EAGER))
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients: end to end against PyTorch autograd on x
+
+@functools.cache
+def references(name: str):
+    """Per branch: a float64 reference of g on that branch (None for flat branches)."""
+    from invact.fitting.certify import branch_reference
+    t = table(name)
+    return [branch_reference(t, i) for i in range(len(t["branches"]))]
+
+
+def information_floor(name: str, x: np.ndarray, y_stored: np.ndarray) -> np.ndarray:
+    """|f'(x) - f'(x*)| with x* the exact preimage of the stored (rounded) y on x's own branch.
+
+    No table can do better from y (design.md, "Information floor"): it is the float64 reference
+    g_b(y_stored) = f'(x*) (bracketed Newton, independent of the table) against f'(x) itself.
+    """
+    t = table(name)
+    fp = _derivative64(name, x)
+    floor = np.zeros_like(x)
+    for i, b in enumerate(t["branches"]):
+        lo, hi = (float(v) for v in b["x_range"])
+        on = (x >= lo) & (x <= hi)
+        ref = references(name)[i]
+        if ref is not None and on.any():
+            floor[on] = np.maximum(floor[on], np.abs(ref(y_stored[on]) - fp[on]))
+    return floor
+
+
+def _derivative64(name: str, x: np.ndarray) -> np.ndarray:
+    """f'(x) by PyTorch's own float64 autograd."""
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch_reference(name, xt).sum().backward()
+    return xt.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_parity(name, dtype):
+    """|ours - go f'(x)| <= |go| (floor + approximation + float32 evaluation) + rounding of the result.
+
+    - floor: the information floor per element (see information_floor); design.md's table gives its
+      size: GELU bf16 1.56e-2, fp16 6.57e-3, fp32 4.31e-5 near the branch point, ~1e-4 elsewhere.
+    - approximation + float32 evaluation: the table's certificate (approx_error, float32_eval_error);
+      4 float32 ulps of |g| more for libm differences (torch.sqrt is not correctly rounded on CPU).
+    - rounding: g * grad_out is computed in float32 then rounded once to dtype: half an ulp of the
+      result in dtype (plus the float32 rounding of the product).
+    """
+    cert = table(name)["certificate"]
+    x = sample_x(name).to(dtype).requires_grad_()
+    y = ops.apply(x, name, backend=EAGER)
+    go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    y.backward(go)
+    x64, go64, y64 = x.detach().double().numpy(), go.double().numpy(), y.detach().double().numpy()
+    exact = go64 * _derivative64(name, x64)
+    floor = information_floor(name, x64, y64)
+    fp = np.abs(_derivative64(name, x64))
+    table_err = cert["approx_error"] + cert["float32_eval_error"] + 4 * np.spacing(np.float32(fp + 1)).astype(float)
+    eps = torch.finfo(dtype).eps
+    ours = x.grad.double().numpy()
+    bound = np.abs(go64) * (floor + table_err) + (eps / 2 + 2.0**-24) * np.abs(ours) + torch.finfo(dtype).tiny
+    err = np.abs(ours - exact)
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (f"x={x64[worst]!r} y={y64[worst]!r} err={err[worst]:.3g} "
+                                  f"bound={bound[worst]:.3g} floor={floor[worst]:.3g}")
+
+
+def _exact_route(name: str) -> bool:
+    return all(b["route"] in ("exact", "constant") for b in table(name)["branches"])
+
+
+def test_float64_gradients(name):
+    """float64: exact-route tables pass torch.autograd.gradcheck; fitted ones match float64 autograd.
+
+    Fitted tables approximate g to the certified approx_error (<= ~5e-8), so finite differences
+    (gradcheck's atol 1e-5 would hide little) are replaced by a direct comparison with PyTorch's float64
+    autograd at atol = approx_error + 1e-9 (float64 evaluation of float32 coefficients, and the
+    float64 information floor ~sqrt(2 f'' 1e-17) ~ 3e-9 next to a branch point is below that).
+    """
+    x = sample_x(name, n=200).requires_grad_()
+    if _exact_route(name):
+        x = (x[(x - x.round()).abs() > 1e-3] * 0.97).detach().requires_grad_()  # away from kinks
+        assert torch.autograd.gradcheck(lambda v: ops.apply(v, name, backend=EAGER), (x,))
+        return
+    ops.apply(x, name, backend=EAGER).sum().backward()
+    want = _derivative64(name, x.detach().numpy())
+    floor = information_floor(name, x.detach().numpy(), ops.apply(x.detach(), name, backend=EAGER).numpy())
+    atol = table(name)["certificate"]["approx_error"] + 1e-9 + floor
+    assert np.all(np.abs(x.grad.numpy() - want) <= atol)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes, layouts, dtypes, errors
+
+@pytest.mark.parametrize("shape", [(), (0,), (0, 3), (7,), (3, 5, 2)])
+def test_shapes(name, shape):
+    x = torch.randn(shape, dtype=torch.float32, requires_grad=True)
+    y = ops.apply(x, name, backend=EAGER)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_memory_formats_and_strides(name):
+    """y keeps PyTorch's layout; the code follows y's memory order; backward is layout-independent."""
+    base = torch.randn(2, 3, 4, 5)
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    for x in (base.to(memory_format=torch.channels_last), base[:, :, ::2, 1:], base.transpose(1, 3)):
+        y, code = torch.ops.invact.forward(x, name, params, EAGER)
+        ref = torch_reference(name, x)
+        assert y.stride() == ref.stride() and torch.equal(y, ref)
+        _, code_c = torch.ops.invact.forward(x.contiguous(), name, params, EAGER)
+        go = torch.randn_like(y)
+        got = torch.ops.invact.backward(go, y, code, name, params, EAGER)
+        want = torch.ops.invact.backward(go.contiguous(), y.contiguous(), code_c, name, params, EAGER)
+        assert got.stride() == y.stride()
+        # same y values and codes; torch's float32 sqrt is not correctly rounded and its result
+        # depends on the element's position (vector body vs tail): a few float32 ulps
+        torch.testing.assert_close(got, want, rtol=4 * 2.0**-23, atol=4 * 2.0**-24)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_float_inputs_raise_type_error(dtype):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        ops.apply(torch.zeros(3, dtype=dtype), NAMES[0])
+
+
+def test_unknown_name_and_backend():
+    with pytest.raises(ValueError, match="known: " + NAMES[0]):
+        ops.apply(torch.zeros(3), "no_such_activation")
+    with pytest.raises(ValueError, match="unknown activation"):
+        ops.info("no_such_activation")
+    with pytest.raises(ValueError, match="backend must be one of triton, compiled, eager"):
+        ops.apply(torch.zeros(3), NAMES[0], backend="cuda")
+
+
+def test_unavailable_backend_names_argument(monkeypatch):
+    monkeypatch.setattr(backends, "available", lambda device_type: ["eager"])
+    with pytest.raises(ValueError, match=r"backend='compiled' is not available for cpu tensors; available: eager"):
+        ops.apply(torch.zeros(3), NAMES[0], backend="compiled")
+    monkeypatch.setenv(backends.ENV, "triton")
+    with pytest.raises(ValueError, match="INVACT_BACKEND='triton' is not available"):
+        ops.apply(torch.zeros(3), NAMES[0])
+
+
+def test_params(name):
+    meta = ops.info(name)
+    with pytest.raises(ValueError, match="not a parameter"):
+        ops.apply(torch.zeros(3), name, params={"no_such_param": 1.0})
+    for key, value in meta["params"].items():
+        changed = {**meta["params"], key: value * 1.5 + 0.25}
+        if not meta["param_generic"]:
+            with pytest.raises(ValueError, match=f"invact fit {name} --param {key}="):
+                ops.apply(torch.zeros(3), name, params=changed)
+            continue
+        x = torch.randn(100, dtype=torch.float64)  # a generic table follows the parameters
+        want = eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **changed})  # noqa: S307
+        assert torch.equal(ops.apply(x, name, params=changed, backend=EAGER), want)
+        if meta["param_domain"]:
+            with pytest.raises(ValueError, match="needs"):
+                ops.apply(x, name, params={key: -abs(value) - 1.0}, backend=EAGER)
+
+
+def test_in_place_change_of_saved_output_is_caught(name):
+    x = torch.randn(10, requires_grad=True)
+    y = ops.apply(x, name, backend=EAGER)
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(10, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.apply(x, NAMES[0], backend=EAGER).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_autocast_runs_in_input_dtype(name):
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        y = ops.apply(h, name, backend=EAGER)
+    assert h.dtype == y.dtype == torch.bfloat16
+    assert torch.equal(y, ops.apply(h.detach(), name, backend=EAGER))
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: exactly y and the packed code are saved
+
+def _saved_bytes(fn, params=()) -> tuple[int, list[torch.Tensor], object]:
+    """Bytes of tensors saved for backward by fn(), de-duplicated by storage (parameters apart)."""
+    seen, kept = {}, []
+    skip = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), kept, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_only_output_and_code(name, dtype):
+    x = torch.randn(64, 129, dtype=dtype, requires_grad=True)
+    nbytes, kept, y = _saved_bytes(lambda: ops.apply(x, name, backend=EAGER))
+    bits = ops.info(name)["code_bits"]
+    assert nbytes == y.numel() * y.element_size() + math.ceil(y.numel() * bits / 8)
+    assert any(t is y or t.data_ptr() == y.data_ptr() for t in kept)
+    nothing, _, _ = _saved_bytes(lambda: ops.apply(x.detach(), name, backend=EAGER))
+    assert nothing == 0
+
+
+def test_linear_act_linear_saved_bytes(name):
+    """Linear(256,1024) -> act -> Linear(1024,256) on (64,256) fp32 keeps x, y and the code only."""
+    torch.manual_seed(0)
+    l1, l2 = torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256)
+    x = torch.randn(64, 256)
+    nbytes, _, _ = _saved_bytes(lambda: l2(ops.apply(l1(x), name, backend=EAGER)).sum(),
+                                 [*l1.parameters(), *l2.parameters()])
+    bits = ops.info(name)["code_bits"]
+    assert nbytes == 64 * 256 * 4 + 64 * 1024 * 4 + math.ceil(64 * 1024 * bits / 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile (slow: a few activations only)
+
+def _compile_names() -> list[str]:
+    fitted = [n for n in NAMES if not all(b["route"] in ("exact", "constant") for b in table(n)["branches"])]
+    return sorted(set(fitted[:1] + NAMES[:1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_compile_fullgraph_matches_eager(backend):
+    for act in _compile_names():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+        x = torch.randn(5, 16)
+
+        def run(inp):
+            return model[1](ops.apply(model[0](inp), act, backend=backend)).square().sum()
+
+        grads = []
+        for fn in (run, torch.compile(run, fullgraph=True)):
+            model.zero_grad()
+            fn(x).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # matmul order may differ when compiled
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_eager_backend():
+    """The compiled backward is the same float32 scheme (inductor may contract to FMA: a few ulps)."""
+    act = _compile_names()[-1]
+    x = sample_x(act, n=2000).float()
+    y, code = torch.ops.invact.forward(x, act, [float(v) for v in ops.info(act)["params"].values()], "eager")
+    params = [float(v) for v in ops.info(act)["params"].values()]
+    yc, codec = torch.ops.invact.forward(x, act, params, "compiled")
+    assert torch.equal(y, yc) and torch.equal(code, codec)
+    go = torch.randn_like(y)
+    a = torch.ops.invact.backward(go, y, code, act, params, "eager")
+    b = torch.ops.invact.backward(go, y, code, act, params, "compiled")
+    torch.testing.assert_close(a, b, rtol=4 * 2.0**-23, atol=4 * 2.0**-24)
+
+
+def test_eager_chunks_across_bit_planes(name, monkeypatch):
+    """Large tensors run the eager backward in chunks within bit planes: same result as one chunk."""
+    x = sample_x(name, n=1000).float()
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    y, code = torch.ops.invact.forward(x, name, params, EAGER)
+    go = torch.randn_like(y)
+    whole = torch.ops.invact.backward(go, y, code, name, params, EAGER)
+    monkeypatch.setattr(ops, "_EAGER_CHUNK", 48)
+    # torch's sqrt rounding depends on the position within a vector: compare to a few ulps
+    torch.testing.assert_close(torch.ops.invact.backward(go, y, code, name, params, EAGER), whole,
+                               rtol=4 * 2.0**-23, atol=4 * 2.0**-24)

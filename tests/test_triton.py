@@ -1,0 +1,112 @@
+"""Generated Triton kernels (run by Triton's CPU interpreter here) against the torch backend.
+
+The interpreter runs kernels element by element in numpy; it reports neither ignored strides nor
+out-of-bounds accesses, so ragged sizes and non-contiguous inputs are compared with torch explicitly.
+"""
+
+import os
+
+import pytest
+import torch
+
+from invact import backends, ops
+
+NAMES = ops.names()
+pytestmark = [
+    pytest.mark.skipif(not NAMES, reason="no generated activations"),
+    pytest.mark.skipif(not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs triton with TRITON_INTERPRET=1 (set in conftest.py)"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 7, 1023, 1024, 2 * 1024 + 9]
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+def _params(name):
+    return [float(v) for v in ops.info(name)["params"].values()]
+
+
+def _mantissa_bits(dtype):
+    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+
+
+def _within(a, b, ulps, abs_floor):
+    """|a - b| <= ulps ulps of dtype at max(|a|, |b|) (subnormal spacing included) + abs_floor."""
+    fi = torch.finfo(a.dtype)
+    scale = 2.0 ** -_mantissa_bits(a.dtype)
+    tol = ulps * (scale * torch.maximum(a.abs(), b.abs()).double() + fi.tiny * fi.eps) + abs_floor
+    return ((a.double() - b.double()).abs() <= tol).all()
+
+
+def _formula_error(x: torch.Tensor) -> torch.Tensor:
+    return 16 * 2.0**-24 * x.double().abs().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_matches_torch(name, dtype):
+    """y: Triton evaluates the formula in float32 (its erf/exp/tanh differ from ATen's by a few
+    float32 ulps; tanh is 2 sigmoid(2z) - 1), then rounds to dtype. Formulas like x (1 + erf(z)) / 2
+    cancel for x << 0, so the float32 error is absolute: a few ulps of 1 times max(1, |x|); we allow
+    16 * 2**-24 * max(1, |x|) plus 8 float32 ulps of |y|. bf16: the interpreter TRUNCATES float32 ->
+    bf16 (design.md) where torch rounds to nearest, so one bf16 ulp, two with the float32 difference
+    crossing a rounding boundary; fp16 likewise 2 ulps. The reference for narrow dtypes is PyTorch's
+    forward in float32 rounded once to dtype (what the kernel computes): PyTorch's own bf16 forward of
+    a compound expression (x * sigmoid(1.702 x)) rounds after every op. The packed code must be
+    identical."""
+    g = torch.Generator().manual_seed(0)
+    for n in SIZES:
+        x = (torch.randn(n, generator=g) * 4).to(dtype)
+        y_t, c_t = torch.ops.invact.forward(x, name, _params(name), "triton")
+        _, c_e = torch.ops.invact.forward(x, name, _params(name), "eager")
+        y_e = torch.ops.invact.forward(x.float(), name, _params(name), "eager")[0].to(dtype)
+        assert torch.equal(c_t, c_e), (name, n)
+        ulps = 8 if dtype == torch.float32 else 2
+        assert _within(y_t, y_e, ulps, _formula_error(x)), (name, dtype, n, (y_t.double() - y_e.double()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_torch(name, dtype):
+    """Same y and code in, grad_in out: both evaluate the same float32 scheme; torch's sqrt is not
+    correctly rounded (tl.sqrt_rn is), exp/log differ by ulps: 8 float32 ulps of |g go| plus
+    |go| 2**-21 absolute (the cancelling last step of the scheme). Narrow dtypes: one ulp for the
+    final rounding (the interpreter truncates bf16), plus that float32 difference."""
+    g = torch.Generator().manual_seed(1)
+    for n in SIZES:
+        x = (torch.randn(n, generator=g) * 4).to(dtype)
+        y, code = torch.ops.invact.forward(x, name, _params(name), "eager")
+        go = torch.randn(n, generator=g).to(dtype)
+        a = torch.ops.invact.backward(go, y, code, name, _params(name), "triton")
+        b = torch.ops.invact.backward(go, y, code, name, _params(name), "eager")
+        ulps = 8 if dtype == torch.float32 else 2
+        assert _within(a, b, ulps, go.double().abs() * 2.0**-21), (name, dtype, n, (a - b).abs().max())
+
+
+def test_non_contiguous_and_autograd(name):
+    """Strided and channels-last inputs: same layout, values and codes as the torch backend; the
+    backward through apply() equals the backward op on the same (y, code) (tolerances as above)."""
+    base = torch.randn(2, 6, 5, 7)
+    params = _params(name)
+    for x in (base[:, ::2, :, 1:], base.to(memory_format=torch.channels_last), base.transpose(0, 2)):
+        yt, ct = torch.ops.invact.forward(x, name, params, "triton")
+        ye, ce = torch.ops.invact.forward(x, name, params, "eager")
+        assert yt.stride() == ye.stride() and torch.equal(ct, ce)
+        assert _within(yt, ye, 8, _formula_error(x))
+        xt = x.detach().requires_grad_()
+        y = ops.apply(xt, name, backend="triton")
+        go = torch.randn_like(y)
+        y.backward(go)
+        assert torch.equal(xt.grad, torch.ops.invact.backward(go, yt, ct, name, params, "triton"))
+        assert _within(xt.grad, torch.ops.invact.backward(go, yt, ct, name, params, "eager"), 8,
+                       go.abs() * 2.0**-21)
+
+
+def test_empty_and_fp64_fall_back():
+    name = NAMES[0]
+    x = torch.zeros(0)
+    assert ops.apply(x, name, backend="triton").shape == (0,)
+    x64 = torch.randn(10, dtype=torch.float64)
+    assert torch.equal(ops.apply(x64, name, backend="triton"), ops.apply(x64, name, backend="eager"))
