@@ -46,12 +46,16 @@ def test_table_agrees_with_reference_on_a_fresh_grid(quick_gelu_table):
     assert np.max(np.abs(got - fp(x))) <= t["certificate"]["approx_error"] + 1e-12
 
 
-def test_rigorous_bound_catches_a_perturbed_coefficient():
-    spec = BUILTINS["gelu"]
-    b = analyze(spec).branches[1]
+def _fit_right_branch(name: str, y_hi: float, tolerance: float):
+    """(branch, reference, pieces) of a fit of the branch right of the minimum, from y_min to y_hi."""
+    b = analyze(BUILTINS[name]).branches[1]
     ref = BranchReference(b)
     y_min = sp.N(b.expr.subs(X, sp.Float(b.x_range[0], 30)), 40)
-    pieces = fit_branch(ref, f32_below(float(y_min)), 1.0, {"sqrt": (y_min, 1)}, 5e-8)
+    return b, ref, fit_branch(ref, f32_below(float(y_min)), y_hi, {"sqrt": (y_min, 1)}, tolerance)
+
+
+def test_rigorous_bound_catches_a_perturbed_coefficient():
+    b, ref, pieces = _fit_right_branch("gelu", 1.0, 5e-8)
     seg = pieces[-1].to_json()
     xa, xb = sorted(ref.inverse(np.array(seg["y_range"])))
     bound, _, proved = piece_bound(b.expr, seg, "derivative", xa, xb, 5e-8)
@@ -83,12 +87,8 @@ def test_bad_arguments(kwargs, error):
 
 
 def test_looser_tolerance_needs_fewer_pieces():
-    spec = BUILTINS["silu"]
-    b = analyze(spec).branches[1]
-    ref = BranchReference(b)
-    y_min = sp.N(b.expr.subs(X, sp.Float(b.x_range[0], 30)), 40)
-    tight = fit_branch(ref, f32_below(float(y_min)), 10.0, {"sqrt": (y_min, 1)}, 5e-8)
-    loose = fit_branch(ref, f32_below(float(y_min)), 10.0, {"sqrt": (y_min, 1)}, 1e-4)
+    tight = _fit_right_branch("silu", 10.0, 5e-8)[2]
+    loose = _fit_right_branch("silu", 10.0, 1e-4)[2]
     cost = lambda ps: sum(len(p.coeffs) for p in ps)  # noqa: E731
     assert cost(loose) < cost(tight)
     assert max(p.error for p in loose) <= 1e-4
