@@ -321,12 +321,28 @@ def _version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common(suffix: str) -> argparse.ArgumentParser:
+    """--root and --debug, accepted before and after the command. A subcommand's parser would reset
+    a value given before it, so its copies store under other names that :func:`_merge` folds back."""
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--root", type=Path, help="project tree holding generated/ (default: $INVACT_ROOT, "
-                        "else the installed invact package)")
-    common.add_argument("--debug", action="store_true", help="print the full traceback on internal errors")
-    parser = argparse.ArgumentParser(prog=PROG, parents=[common], description=(
+    common.add_argument("--root", type=Path, dest="root" + suffix, help="project tree holding generated/ "
+                        "(default: $INVACT_ROOT, else the installed invact package)")
+    common.add_argument("--debug", action="store_true", dest="debug" + suffix,
+                        help="print the full traceback on internal errors")
+    return common
+
+
+def _merge(args: argparse.Namespace) -> argparse.Namespace:
+    for name in ("root", "debug"):
+        late = getattr(args, name + "_sub", None)
+        if late:
+            setattr(args, name, late)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common("_sub")
+    parser = argparse.ArgumentParser(prog=PROG, parents=[_common("")], description=(
         "Fit, certify and inspect invact activation tables (generated/tables/*.json) and generate code."))
     parser.set_defaults(root=None, debug=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
@@ -389,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``invact`` command line; returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _merge(parser.parse_args(argv))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:

@@ -216,3 +216,13 @@ def test_generate(tree, capsys):
     assert f"under {tree / 'generated'}" in out
     for name in ("torch_gelu.py", "triton_tanh.py", "registry.py"):
         assert (tree / "generated" / name).is_file()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_root_before_or_after_the_command(tree, capsys, where):
+    # a value given before the command must survive the subcommand's own parsing
+    argv = ["--root", tree, "generate"] if where == "before" else ["generate", "--root", tree]
+    status, out, err = invact(capsys, *argv)
+    assert status == 0, err
+    assert f"under {tree / 'generated'}" in out
+    assert (tree / "generated" / "registry.py").is_file()
