@@ -8,6 +8,7 @@ point balls and E'' over the whole cell; cells that do not meet the bound are bi
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import sympy as sp
@@ -148,6 +149,8 @@ def _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells):
             f_x = at_m[0] + on_x[1] * arb(0, r)
             _, _, e2 = _errors(shape, target, xb, (f_x,) + tuple(on_x[1:]), coeffs, c, s)
             bound = _upper(e0) + _upper(e1) * r + _upper(e2) * r * r / 2
+            if not math.isfinite(bound) and math.isfinite(_upper(e0)):
+                bound = _endpoint_bound(shape, target, on_x, coeffs, c, s, _upper(e0), r)
             if bound <= goal:
                 worst = max(worst, bound)
                 continue
@@ -157,6 +160,24 @@ def _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells):
         return worst, cells, True
     finally:
         ctx.prec = old
+
+
+def _endpoint_bound(shape, target, on_x, coeffs, c, s, e0: float, r: float) -> float:
+    """A cell touching a sqrt branch point whose radicand reaches 0 (origin == y_min exactly, as for
+    x*tanh(x)): Taylor forms divide by t = 0 there. Instead, with t(x) and t(m) both in [0, t_hi],
+    |E(x)| <= |E(m)| + sup|P'(U)| s t_hi + sup|v'(X)| r, where t_hi = sqrt(sup of the radicand)."""
+    kind, origin, sign = shape
+    if kind != "sqrt":
+        return math.inf
+    f, f1, f2, _ = on_x
+    d_hi = _upper(sign * (f - origin))
+    if not math.isfinite(d_hi):
+        return math.inf
+    t_hi = math.sqrt(d_hi) * (1 + 2.0**-50)
+    t_ball = arb(t_hi / 2, t_hi / 2)
+    _, dp, _ = _horner3(coeffs, (t_ball - c) * s)
+    v1 = f2 if target == "derivative" else arb(1)
+    return e0 + _upper(dp * s) * t_hi + _upper(v1) * r
 
 
 def _errors(shape, target, x, fs, coeffs, c, s):

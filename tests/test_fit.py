@@ -92,3 +92,12 @@ def test_looser_tolerance_needs_fewer_pieces():
     cost = lambda ps: sum(len(p.coeffs) for p in ps)  # noqa: E731
     assert cost(loose) < cost(tight)
     assert max(p.error for p in loose) <= 1e-4
+
+
+def test_branch_point_exactly_representable():
+    """x*tanh(x): y_min = 0 exactly, so the sqrt radicand reaches 0 at the branch point and the
+    Taylor form cannot enclose the neighbouring cell; the endpoint bound must still prove it."""
+    t = build_table(get_spec("x*tanh(x)", name="xtanh"), fp32_samples=SAMPLES)
+    assert t["code_bits"] == 1
+    assert t["certificate"]["approx_error"] <= 5e-8
+    assert t["certificate"]["float32_eval_error"] <= 2.5e-7
