@@ -312,7 +312,7 @@ def _polish_root(fp: sp.Expr, x0: float) -> float:
 
 def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch:
     f = numeric(piece.expr)
-    ya, yb = _value_at(piece.expr, f, lo, +1), _value_at(piece.expr, f, hi, -1)
+    ya, yb = _value_at(f, lo), _value_at(f, hi)
     y_lo, y_hi = (ya, yb) if direction != "decreasing" else (yb, ya)
     if direction == "constant":
         y_lo = y_hi = ya if math.isfinite(ya) else yb
@@ -321,7 +321,7 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
                   (y_lo, y_hi), direction, y_closed=y_closed)
 
 
-def _value_at(expr: sp.Expr, f, x: float, side: int) -> float:
+def _value_at(f, x: float) -> float:
     """f at x, or its limit at x = +-inf: the value where f settles on |x| in [10, 1e5] (inf/inf
     NaNs far out are skipped), or +-inf when it keeps growing."""
     if not math.isinf(x):
@@ -348,7 +348,7 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
         x = b.x_at_y_end(which)
         y = b.y_range[0] if which == "lower" else b.y_range[1]
         if math.isinf(x):
-            lim = _value_at(sp.diff(b.expr, X), fp, x, 0)
+            lim = _value_at(fp, x)
             b.limits[which] = lim
             kind = "tail" if math.isinf(y) else "log"
             if kind == "log":

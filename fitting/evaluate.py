@@ -22,13 +22,18 @@ def number(text, params: dict | None = None) -> float:
         return float(text)
     if text in ("inf", "-inf"):
         return float(text)
-    return float(_sym(text).subs({sp.Symbol(k, real=True): v for k, v in (params or {}).items()}))
+    params = params or {}
+    return float(_sym(text, tuple(sorted(params))).subs(_symbols(params)))
+
+
+def _symbols(params: dict) -> dict:
+    return {sp.Symbol(k, real=True): v for k, v in params.items()}
 
 
 @lru_cache(maxsize=512)
-def _sym(text: str) -> sp.Expr:
-    names = {n: sp.Symbol(n, real=True) for n in ("y", "x", "alpha", "beta", "threshold", "scale", "negative_slope")}
-    return sp.sympify(text, locals=names)
+def _sym(text: str, names: tuple[str, ...]) -> sp.Expr:
+    """``text`` parsed with y, x and the table's parameter names as the real symbols they are."""
+    return sp.sympify(text, locals={n: sp.Symbol(n, real=True) for n in ("y", "x", *names)})
 
 
 def segment_index(breaks: list[dict], y: np.ndarray, params: dict | None = None) -> np.ndarray:
@@ -67,7 +72,7 @@ def eval_segment(seg: dict, y: np.ndarray, params: dict | None = None) -> np.nda
 
 @lru_cache(maxsize=256)
 def _exact_fn(expr: str, params: tuple):
-    e = _sym(expr).subs({sp.Symbol(k, real=True): v for k, v in params})
+    e = _sym(expr, tuple(k for k, _ in params)).subs(_symbols(dict(params)))
     f = sp.lambdify(sp.Symbol("y", real=True), e, modules=["numpy"])
 
     def call(y):

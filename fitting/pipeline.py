@@ -225,7 +225,7 @@ def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, ge
         for i, b in enumerate(members):
             bsegs = per_branch[b.index]
             if segs:
-                breaks.append(_branch_break(members[i - 1], b, segs[-1], bsegs[0], spec, generic))
+                breaks.append(_branch_break(members[i - 1], b, spec, generic))
             for j, s in enumerate(bsegs):
                 if j > 0:
                     breaks.append({"value": repr(float(s["y_range"][0])), "side": "left"})
@@ -234,9 +234,9 @@ def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, ge
     return out
 
 
-def _branch_break(left: Branch, right: Branch, left_seg: dict, right_seg: dict, spec, generic) -> dict:
+def _branch_break(left: Branch, right: Branch, spec, generic) -> dict:
     """The y boundary between two branches of one code class, owned as PyTorch's kinks are."""
-    value = right.y_range[0] if not right.flat else right.y_range[0]
+    value = right.y_range[0]
     left_has = left.y_closed[1] or left.flat
     right_has = right.y_closed[0] or right.flat
     if right.flat and right_has:

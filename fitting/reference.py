@@ -31,7 +31,7 @@ class BranchReference:
         self.target = target
         self.f = numeric(branch.expr)
         self.fp = numeric(sp.diff(branch.expr, X))
-        self.x_table = _grid(*branch.x_range, self.f, branch)
+        self.x_table = _grid(*branch.x_range, self.f)
         y = self.f(self.x_table)
         order = np.argsort(y, kind="stable")
         self.y_sorted, self.x_sorted = y[order], self.x_table[order]
@@ -99,7 +99,7 @@ class BranchReference:
         return x
 
 
-def _grid(lo: float, hi: float, f, branch: Branch) -> np.ndarray:
+def _grid(lo: float, hi: float, f) -> np.ndarray:
     """x points along the branch, asinh-spaced, reaching far enough to cover every float32 y."""
     lo, hi = (_far_end(lo, hi, f, -1) if math.isinf(lo) else lo,
               _far_end(hi, lo, f, +1) if math.isinf(hi) else hi)
