@@ -79,14 +79,14 @@ class SavedBytes:
     def _key(t: torch.Tensor) -> tuple | None:
         try:
             s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):   # tensors without storage (e.g. sparse, fake)
+            return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+        except (RuntimeError, NotImplementedError):   # tensors without storage (sparse, fake, DTensor)
             return None
-        return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
 
     def _is_parameter(self, t: torch.Tensor, key: tuple) -> bool:
-        if self.model is not None:
-            return key in self._param_keys
         base = t._base if t._base is not None else t
+        if self.model is not None:     # FSDP2's unsharded parameters are Parameters, not model.parameters()
+            return key in self._param_keys or isinstance(base, nn.Parameter)
         return base.is_leaf and base.requires_grad
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
