@@ -14,6 +14,29 @@ import sympy as sp
 __all__ = ["eval_code_class", "eval_segment", "segment_index", "number", "error_curve"]
 
 TINY32 = np.float32(np.finfo(np.float32).tiny)
+# The runtime's float32 log (invact.fastmath, Cephes logf from the float's bits), emulated exactly.
+_SQRT2 = np.float32(1.4142135381698608)
+_LOG_POLY = tuple(np.float32(c) for c in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+    -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+
+
+def log32(a: np.ndarray) -> np.ndarray:
+    """log of positive normal float32 ``a`` exactly as invact.fastmath.log computes it."""
+    bits = a.view(np.int32)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(np.float32)
+    big = m >= _SQRT2
+    e = ((bits >> 23) - 127 + big.astype(np.int32)).astype(np.float32)
+    f = np.where(big, m * np.float32(0.5), m) - np.float32(1)
+    z = f * f
+    p = np.full_like(f, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        p = p * f + c
+    r = f * z * p
+    r = r + e * _LN2_LO
+    r = r - np.float32(0.5) * z
+    return (f + r) + e * _LN2_HI
 
 
 def number(text, params: dict | None = None) -> float:
@@ -58,7 +81,11 @@ def eval_segment(seg: dict, y: np.ndarray, params: dict | None = None) -> np.nda
         hi, mid, lo = (ft(v) for v in tf["origin"])
         d = ft(tf["sign"]) * (((y - hi) - mid) - lo)
         with np.errstate(all="ignore"):
-            t = np.sqrt(np.maximum(d, ft(0))) if tf["kind"] == "sqrt" else np.log(np.maximum(d, ft(TINY32)))
+            if tf["kind"] == "sqrt":
+                t = np.sqrt(np.maximum(d, ft(0)))
+            else:
+                d = np.maximum(d, ft(TINY32))
+                t = np.where(np.isnan(d), d, log32(d)) if y.dtype == np.float32 else np.log(d)
     u = np.clip((t - ft(seg["center"])) * ft(seg["scale"]), ft(-1), ft(1))
     c = [ft(v) for v in seg["coeffs"]]
     if len(c) == 1:

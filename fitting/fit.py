@@ -19,11 +19,21 @@ import numpy as np
 from .errors import FitError
 from .reference import BranchReference
 
-__all__ = ["Transform", "PieceFit", "fit_branch", "DEGREES"]
+__all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "DEGREES"]
 
-DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper
+DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
+                                # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
+
+
+def layout_cost(degree: int, pieces: int) -> int:
+    """Operations per element of the compiled CPU backward (invact.selection): a Horner step per
+    degree, and one blend per piece for each of the degree + 5 row columns (transform id, center,
+    scale, c0 hi and lo, c1 .. cd). Gathering rows (Triton) prefers fewer pieces as well."""
+    return degree + pieces * (degree + 5)
 TINY = float(np.finfo(np.float32).tiny)
 SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
+F32_SLACK = 1.5e-7   # float32 evaluation may add this to the tolerance (a few ulps of g near 1),
+                     # sampled while fitting; certification then measures it exhaustively
 MAX_PIECES = 64
 
 
@@ -88,6 +98,7 @@ class PieceFit:
     coeffs: list[float]        # c0_hi, c1..cd (float32 values)
     c0_lo: float
     error: float               # max |P - g| on the dense check grid (float64 arithmetic)
+    float32_error: float = 0.0  # the same for the float32 scheme at float32 y (sampled)
 
     def u(self, y: np.ndarray) -> np.ndarray:
         return np.clip((self.transform.t(y) - self.center) * self.scale, -1.0, 1.0)
@@ -136,7 +147,22 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
     c0_lo = f32(c0 - c0_hi)
     coeffs = [c0_hi] + [f32(c) for c in coeffs[1:]]
     err = float(np.max(np.abs(horner(coeffs, c0_lo, u) - g)))
-    return PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err)
+    piece = PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err)
+    if ref.target == "derivative":  # an inverse's x carries t's rounding times dx/dt: not gated
+        piece.float32_error = _float32_error(piece, ref, tf.y(center + u / scale))
+    return piece
+
+
+def _float32_error(piece: PieceFit, ref: BranchReference, y_nodes: np.ndarray) -> float:
+    """Max error of the emulated float32 scheme at float32 y (the nodes and an even spread),
+    absolute where |g| <= 1 and relative above, as certification measures it."""
+    from .evaluate import eval_segment
+    y = np.concatenate([y_nodes, np.linspace(piece.y_lo, piece.y_hi, 1025)]).astype(np.float32)
+    y = y[(y >= piece.y_lo) & (y <= piece.y_hi)]
+    g = ref(y.astype(np.float64))
+    with np.errstate(all="ignore"):
+        got = eval_segment(piece.to_json(), y).astype(np.float64)
+    return float(np.max(np.abs(got - g) / np.maximum(1.0, np.abs(g)), initial=0.0))
 
 
 def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
@@ -171,13 +197,13 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     tfs = _transforms(ref, origins)
     best, best_cost, best_err = None, math.inf, math.inf
     for degree in degrees:
-        if degree + 1 >= best_cost:
+        if layout_cost(degree, 1) >= best_cost:
             break
         pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance)
         best_err = min(best_err, err)
         if pieces is None:
             continue
-        cost = degree + 1 + math.log2(len(pieces) + 1)
+        cost = layout_cost(degree, len(pieces))
         if cost < best_cost:
             best, best_cost = pieces, cost
     if best is None:
@@ -185,6 +211,10 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
                        f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err,
                        "relax --tolerance (fp32 rounding of coefficients limits tables to ~3e-8)")
     return best
+
+
+def _meets(piece: PieceFit, target: float) -> bool:
+    return piece.error <= target and piece.float32_error <= target / SAFETY + F32_SLACK
 
 
 def _greedy(ref, y_lo, y_hi, tfs, degree, target):
@@ -195,7 +225,7 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target):
         if len(pieces) >= MAX_PIECES:
             return None, worst
         whole = _best(ref, start, y_hi, tfs, degree)
-        if whole.error <= target:
+        if _meets(whole, target):
             pieces.append(whole)
             break
         x_a = float(ref.inverse(np.array([start]))[0])
@@ -207,7 +237,7 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target):
                 lo_w = w
                 continue
             trial = _best(ref, start, y_b, tfs, degree)
-            if trial.error <= target:
+            if _meets(trial, target):
                 lo_w, good = w, trial
             else:
                 hi_w = w

@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
 
 META = {'name': 'hardswish',
  'params': {},
@@ -34,6 +34,9 @@ NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1
 N_SEGMENTS = 4
+# Code classes: (code, first segment, number of segments, first y threshold); the first is
+# taken where the code matches no other (invact.selection).
+CLASSES = ((0, 0, 2, 0), (1, 2, 2, 1))
 
 # One row per segment (all code classes, left to right in y); zeros for exact/constant ones:
 # transform id, center, scale, c0_hi, c0_lo. Transforms:
@@ -85,7 +88,7 @@ def g_kernel(y, code, thr, poly):
     g = torch.where(s == 1, 1.0, g)
     g = torch.where(s == 2, -1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0, g)
     g = torch.where(s == 3, 0.0, g)
-    g = torch.where(torch.isnan(y), y, g)
+    g = torch.where(y != y, y, g)
     return g
 
 
@@ -94,14 +97,12 @@ def code_packed(x, thr):
     return bitpack.pack(code_kernel(x, thr), CODE_BITS)
 
 
-def grad_kernel(go, y, packed, thr, poly, shift=None):
-    """grad_in = g(y, code) * go for flat y. ``packed``: all code bytes of y (shift None), or
-    the bytes of y's elements within one bit plane, whose field starts at bit ``shift``."""
-    if shift is None:
-        code = bitpack.unpack(packed, CODE_BITS, y.numel())
-    else:
-        code = (packed.to(torch.int32) >> shift) & 1
-    return (g_kernel(y, code, thr, poly) * go).to(y.dtype)
+def grad_kernel(out, go, y, packed, shift, thr, poly):
+    """out[:] = g(y, code) * go for flat y whose elements lie in one bit plane: their codes are
+    ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
+    plane). Contiguous loads only: a per-element byte index would not vectorise."""
+    code = (packed.to(torch.int32) >> shift) & 1
+    out.copy_(g_kernel(y, code, thr, poly) * go)
 
 
 def forward_code(x, **params):

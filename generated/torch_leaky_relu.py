@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
 
 META = {'name': 'leaky_relu',
  'params': {'negative_slope': 0.01},
@@ -34,6 +34,9 @@ NAME = META['name']
 PARAMS = ('negative_slope',)
 CODE_BITS = 0
 N_SEGMENTS = 2
+# Code classes: (code, first segment, number of segments, first y threshold); the first is
+# taken where the code matches no other (invact.selection).
+CLASSES = ((0, 0, 2, 0),)
 
 # One row per segment (all code classes, left to right in y); zeros for exact/constant ones:
 # transform id, center, scale, c0_hi, c0_lo. Transforms:
@@ -76,7 +79,7 @@ def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
         s = torch.bucketize(y, thr[0:1], out_int32=True, right=True)
     g = torch.zeros_like(y) + negative_slope
     g = torch.where(s == 1, 1.0, g)
-    g = torch.where(torch.isnan(y), y, g)
+    g = torch.where(y != y, y, g)
     return g
 
 
@@ -85,11 +88,12 @@ def code_packed(x, thr):
     return torch.empty(0, dtype=torch.uint8, device=x.device)
 
 
-def grad_kernel(go, y, packed, thr, poly, shift=None, *, negative_slope=0.01):
-    """grad_in = g(y, code) * go for flat y. ``packed``: all code bytes of y (shift None), or
-    the bytes of y's elements within one bit plane, whose field starts at bit ``shift``."""
+def grad_kernel(out, go, y, packed, shift, thr, poly, *, negative_slope=0.01):
+    """out[:] = g(y, code) * go for flat y whose elements lie in one bit plane: their codes are
+    ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
+    plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = None
-    return (g_kernel(y, code, thr, poly, negative_slope=negative_slope) * go).to(y.dtype)
+    out.copy_(g_kernel(y, code, thr, poly, negative_slope=negative_slope) * go)
 
 
 def forward_code(x, **params):

@@ -24,7 +24,7 @@ from importlib import import_module
 # Names are imported on first use, so `import invact.fitting` and the `invact` CLI do not pay for
 # torch; `invact.GELU` etc. import it then.
 _LAZY = {
-    "memory": "saved", "SavedBytes": "saved",
+    "memory": "saved", "SavedBytes": "saved", "use_root": "ops",
     "PatchReport": "patching", "patch": "patching", "unpatch": "patching",
     **{name: "modules" for name in ("Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU",
                                     "CELU", "SELU", "Hardswish", "LeakyReLU", "ReLU", "Sigmoid", "Tanh",
@@ -54,5 +54,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU", "CELU", "SELU", "Hardswish",
     "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2",
-    "functional", "patch", "unpatch", "PatchReport", "memory", "SavedBytes", "__version__",
+    "functional", "patch", "unpatch", "PatchReport", "memory", "SavedBytes", "use_root", "__version__",
 ]

@@ -75,8 +75,12 @@ def plane_chunks(numel: int, bits: int, size: int) -> Iterator[tuple[int, int, i
     """(start, stop, first byte, shift) of element ranges of at most ``size`` within one plane.
 
     The codes of elements ``start .. stop - 1`` are
-    ``(packed[first : first + stop - start] >> shift) & (2**bits - 1)``.
+    ``(packed[first : first + stop - start] >> shift) & (2**bits - 1)``. With ``bits == 0`` (no
+    code) the whole range is one plane and ``first`` and ``shift`` are 0.
     """
+    if bits == 0:
+        yield from ((a, min(a + size, numel), 0, 0) for a in range(0, numel, size))
+        return
     nbytes = packed_bytes(numel, bits)
     for plane in range(math.ceil(numel / nbytes) if nbytes else 0):
         for start in range(plane * nbytes, min((plane + 1) * nbytes, numel), size):

@@ -14,7 +14,10 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from . import backends, bitpack
 
-__all__ = ["apply", "info", "names", "table_constants", "module_constants", "Constants"]
+__all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _EAGER_CHUNK = 1 << 20  # eager backward works on chunks of this many elements (bounded temporaries)
@@ -31,12 +34,34 @@ _EAGER_CHUNK = 1 << 20  # eager backward works on chunks of this many elements (
 # ----------------------------------------------------------------------------------------------
 # the generated modules
 
+ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds tables and code
+
+
 @functools.cache
 def _registry() -> ModuleType:
+    root = os.environ.get(ROOT_ENV)
+    if root:
+        use_root(root)
     try:
         return importlib.import_module("invact.generated.registry")
     except ModuleNotFoundError:  # no tables generated yet
         return ModuleType("empty_registry")
+
+
+def use_root(root: str | os.PathLike) -> None:
+    """Load activations from ``root``/generated (what ``invact fit --root ROOT`` wrote) before the
+    installed ones; $INVACT_ROOT does the same at first use. Raises FileNotFoundError naming the
+    folder when it has no generated registry (run ``invact generate --root ROOT``)."""
+    import invact.generated as pkg
+    folder = (Path(root) / "generated").resolve()
+    if not (folder / "registry.py").is_file():
+        raise FileNotFoundError(f"root: {folder} has no registry.py; run `invact generate --root {root}`")
+    if str(folder) not in pkg.__path__:
+        pkg.__path__.insert(0, str(folder))
+    for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
+        del sys.modules[mod]  # re-import from the new path
+    for cached in (_registry, _module, _triton_module, _kernels, module_constants):
+        cached.cache_clear()
 
 
 def names() -> list[str]:
@@ -196,17 +221,15 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
         k = module_constants(_module(name), torch.float32, y.device, tuple(params))
         _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
         return out
+    backend = "eager" if backend == "triton" else backend
     k = module_constants(_module(name), y.dtype, y.device, tuple(params))
-    _, grad_fn = _kernels(name, "eager" if backend == "triton" else backend)
-    bits = _module(name).CODE_BITS
-    if backend == "compiled":
-        flat = grad_fn(gf, yf, code, k.y_threshold_values, k.poly, **k.params)
-        return flat.view([y.size(d) for d in order]).permute([order.index(d) for d in range(y.dim())])
-    chunks = bitpack.plane_chunks(yf.numel(), bits, _EAGER_CHUNK) if bits else \
-        ((a, min(a + _EAGER_CHUNK, yf.numel()), 0, 0) for a in range(0, yf.numel(), _EAGER_CHUNK))
-    for a, b, first, shift in chunks:  # bounded temporaries; each chunk lies in one bit plane
-        packed = code[first:first + b - a] if bits else code
-        of[a:b] = grad_fn(gf[a:b], yf[a:b], packed, k.y_thresholds, k.poly, shift, **k.params)
+    _, grad_fn = _kernels(name, backend)
+    thr = k.y_threshold_values if backend == "compiled" else k.y_thresholds
+    # compiled: whole bit planes (contiguous code bytes); eager: bounded temporaries as well
+    size = yf.numel() if backend == "compiled" else _EAGER_CHUNK
+    for a, b, first, shift in bitpack.plane_chunks(yf.numel(), _module(name).CODE_BITS, size):
+        shift_t = torch.tensor(shift, dtype=torch.int32)
+        grad_fn(of[a:b], gf[a:b], yf[a:b], code[first:first + b - a], shift_t, thr, k.poly, **k.params)
     return out
 
 

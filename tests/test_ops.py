@@ -2,12 +2,14 @@
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import invact
 from invact import backends, ops
 from invact.fitting.tables import load_table, table_path
 
@@ -346,3 +348,26 @@ def test_eager_chunks_across_bit_planes(name, monkeypatch):
     # torch's sqrt rounding depends on the position within a vector: compare to a few ulps
     torch.testing.assert_close(torch.ops.invact.backward(go, y, code, name, params, EAGER), whole,
                                rtol=4 * 2.0**-23, atol=4 * 2.0**-24)
+
+
+def test_use_root_loads_activations_from_another_tree(tmp_path, monkeypatch):
+    """invact.use_root(ROOT): ROOT/generated (what `invact fit --root ROOT` writes) wins over the
+    installed tables; a root without generated code is refused naming the folder."""
+    import shutil
+
+    import invact.generated as pkg
+    src = Path(pkg.__file__).parent
+    shutil.copytree(src, tmp_path / "generated", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pkg, "__path__", list(pkg.__path__))
+    try:
+        invact.use_root(tmp_path)
+        assert Path(ops._module("tanh").__file__).is_relative_to(tmp_path)
+        x = torch.randn(50, requires_grad=True)
+        invact.functional.tanh(x).sum().backward()
+        torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
+    finally:
+        monkeypatch.undo()
+        invact.use_root(src.parent)  # back to the installed tree (its generated/ is src)
+    assert Path(ops._module("tanh").__file__).parent == src
+    with pytest.raises(FileNotFoundError, match="no registry.py"):
+        invact.use_root(tmp_path / "nowhere")

@@ -1,8 +1,9 @@
 """Analysis of a table for code generation: everything the emitters need, no code text.
 
 Segments of all code classes are numbered globally (class by class, left to right in y). Poly
-segments get a row of ``POLY`` (the coefficient table gathered per element); exact and constant
-segments are selected by their global index. A table has few distinct transforms (kind, sign,
+segments get a row of ``POLY`` (the coefficient table gathered per element); so do numeric constant
+segments of a table with poly segments (scale 0 and c0 = the value: one evaluation path for all);
+exact segments and the constants of other tables are selected by their global index. A table has few distinct transforms (kind, sign,
 origin): they are computed with constants and picked by the row's transform id, so only the
 polynomial is gathered. Row layout: transform id, center, scale, c0_hi, c0_lo, c1 .. cD.
 """
@@ -120,6 +121,8 @@ def analyze(table: dict, source: str | Path) -> Plan:
                 row[Plan.ROW_C0 + 2:Plan.ROW_C0 + 1 + len(coeffs)] = coeffs[1:]
             elif seg["kind"] == "exact":
                 exact.append((index, parse(seg["expr"], "y", names)))
+            elif polys and num(seg["value"]).is_Number:
+                row[Plan.ROW_C0] = float(num(seg["value"]))  # g = (0 * u + 0) + c0: no select on s
             else:
                 constant.append((index, num(seg["value"])))
             rows.append(tuple(row))

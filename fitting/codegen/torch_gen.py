@@ -25,8 +25,12 @@ def _breaks(breaks) -> str:
 def _meta(w: Writer, plan: Plan) -> None:
     text = pprint.pformat(plan.meta, width=100, sort_dicts=False)
     w(*f"META = {text}".splitlines())
+    classes = tuple((c.code, c.offset, c.n_segments, c.break_offset) for c in plan.classes)
     w("NAME = META['name']", f"PARAMS = {plan.param_names!r}", f"CODE_BITS = {plan.code_bits}",
-      f"N_SEGMENTS = {plan.n_segments}", "")
+      f"N_SEGMENTS = {plan.n_segments}",
+      "# Code classes: (code, first segment, number of segments, first y threshold); the first is",
+      "# taken where the code matches no other (invact.selection).",
+      f"CLASSES = {classes!r}", "")
 
 
 def _poly_table(w: Writer, plan: Plan) -> None:
@@ -51,17 +55,15 @@ def _flat_kernels(w: Writer, plan: Plan) -> None:
         w("return bitpack.pack(code_kernel(x, thr), CODE_BITS)" if plan.code_bits
           else "return torch.empty(0, dtype=torch.uint8, device=x.device)")
     w("", "")
-    with w.block(f"def grad_kernel({_signature(plan, 'go', 'y', 'packed', 'thr', 'poly', 'shift=None')}):"):
-        w('"""grad_in = g(y, code) * go for flat y. ``packed``: all code bytes of y (shift None), or',
-          "the bytes of y's elements within one bit plane, whose field starts at bit ``shift``.\"\"\"")
+    with w.block(f"def grad_kernel({_signature(plan, 'out', 'go', 'y', 'packed', 'shift', 'thr', 'poly')}):"):
+        w('"""out[:] = g(y, code) * go for flat y whose elements lie in one bit plane: their codes are',
+          "``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every",
+          'plane). Contiguous loads only: a per-element byte index would not vectorise."""')
         if plan.code_bits:
-            with w.block("if shift is None:"):
-                w("code = bitpack.unpack(packed, CODE_BITS, y.numel())")
-            with w.block("else:"):
-                w(f"code = (packed.to(torch.int32) >> shift) & {(1 << plan.code_bits) - 1}")
+            w(f"code = (packed.to(torch.int32) >> shift) & {(1 << plan.code_bits) - 1}")
         else:
             w("code = None")
-        w(f"return (g_kernel(y, code, thr, poly{', ' + call if call else ''}) * go).to(y.dtype)")
+        w(f"out.copy_(g_kernel(y, code, thr, poly{', ' + call if call else ''}) * go)")
 
 
 def generate_torch(plan: Plan) -> str:
@@ -75,11 +77,15 @@ def generate_torch(plan: Plan) -> str:
       "their thresholds and POLY tensor come from ``invact.ops.table_constants``.", '"""', "")
     w("import math  # noqa: F401 - parameter arithmetic in printed expressions", "",
       "import torch", "import torch.nn.functional as F  # noqa: F401 - used by torch_forward", "",
-      "from invact import bitpack", "")
+      "from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms", "")
     _meta(w, plan)
     _poly_table(w, plan)
     with w.block(f"def forward({_signature(plan, 'x')}):"):
         w('"""y = f(x): PyTorch\'s own forward (META torch_forward), else the printed formula."""')
+        if not plan.torch_forward:  # a formula: float32 inside, one rounding, as torch's own ops
+            call = ", ".join(f"{n}={n}" for n in plan.param_names)
+            with w.block("if x.dtype in (torch.float16, torch.bfloat16):"):
+                w(f"return forward(x.float(){', ' + call if call else ''}).to(x.dtype)")
         w(f"return {plan.torch_forward or to_torch(plan.formula, 'x')}")
     w("", "")
     with w.block(f"def x_breaks({_signature(plan)}):"):

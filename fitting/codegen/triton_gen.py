@@ -46,6 +46,25 @@ def _forward_body(w: Writer, plan: Plan) -> None:
       "tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)")
 
 
+def _log_function(w: Writer) -> None:
+    """The float32 log of invact.fastmath (Cephes logf from the float's bits), op for op."""
+    from invact.fastmath import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32
+    w("@triton.jit")
+    with w.block("def _log(a):"):
+        w('"""log of positive normal float32 a, as invact.fastmath.log (what certification emulates)."""',
+          "bits = a.to(tl.int32, bitcast=True)",
+          "m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)",
+          f"big = m >= {SQRT2_F32!r}",
+          "e = ((bits >> 23) - 127 + big.to(tl.int32)).to(tl.float32)",
+          "f = tl.where(big, m * 0.5, m) - 1.0",
+          "z = f * f",
+          f"p = tl.zeros(f.shape, dtype=tl.float32) + {LOG_POLY[0]!r}")
+        for c in LOG_POLY[1:]:
+            w(f"p = p * f + {c!r}")
+        w("r = f * z * p", f"r = r + e * {LN2_LO!r}", "r = r - 0.5 * z", f"return (f + r) + e * {LN2_HI!r}")
+    w("", "")
+
+
 def _backward_kernel(w: Writer, plan: Plan) -> None:
     params = "".join(f"{n}, " for n in plan.param_names)
     code_args = "CODE, " if plan.code_bits else ""
@@ -96,6 +115,8 @@ def generate_triton(plan: Plan) -> str:
         w('"""tanh(z) = 2 sigmoid(2z) - 1 (libdevice tanh does not run in the interpreter)."""',
           "return 2.0 * tl.sigmoid(2.0 * z) - 1.0")
     w("", "")
+    if any(tf.kind == "log" for tf in plan.transforms):
+        _log_function(w)
     _forward_kernel(w, plan)
     w("", "")
     _backward_kernel(w, plan)

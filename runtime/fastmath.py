@@ -1,0 +1,39 @@
+"""Float32 functions written with operations torch.compile vectorises on CPU.
+
+Inductor's CPU code computes ``torch.log`` far slower than arithmetic (measured: a kernel with one
+log costs ~2.5x the same kernel with a sqrt), so the log transform of docs/table-format.md is
+evaluated here from the float's bits: exponent plus a polynomial in the mantissa (Cephes ``logf``,
+within about one float32 ulp). Certification (``invact.fitting.evaluate``) emulates exactly these
+operations, so the certified float32 error covers them. float64 tensors use ``torch.log``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["log", "LOG_POLY", "SQRT2_F32"]
+
+SQRT2_F32 = 1.4142135381698608          # float32(sqrt(2)): mantissas at or above it are halved
+LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+            -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)  # Cephes logf
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
+
+
+def log(a: torch.Tensor) -> torch.Tensor:
+    """Natural log of positive normal float32 ``a`` (inf and NaN are not handled: callers clamp
+    to the smallest normal and restore NaN themselves); ``torch.log`` for other dtypes."""
+    if a.dtype != torch.float32:
+        return torch.log(a)
+    bits = a.view(torch.int32)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)      # mantissa in [1, 2)
+    big = m >= SQRT2_F32
+    e = ((bits >> 23) - 127 + big.to(torch.int32)).to(torch.float32)
+    f = torch.where(big, m * 0.5, m) - 1.0                           # in [sqrt(1/2) - 1, sqrt(2) - 1)
+    z = f * f
+    p = LOG_POLY[0]
+    for c in LOG_POLY[1:]:
+        p = p * f + c
+    r = f * z * p
+    r = r + e * LN2_LO
+    r = r - 0.5 * z
+    return (f + r) + e * LN2_HI
