@@ -4,6 +4,12 @@ The piece is parametrised by x, where everything is explicit: y = f(x), t = T(y)
 E(x) = P(u(x)) - v(x) with v = f' (derivative target) or x (inverse target). Each cell [m - r, m + r]
 gets the second-order Taylor form |E| <= |E(m)| + |E'(m)| r + sup|E''| r^2 / 2, E(m) and E'(m) as
 point balls and E'' over the whole cell; cells that do not meet the bound are bisected.
+
+A rational piece P(u) = c0 + u N(u) / Q(u) is first proved pole-free: Q > 0 on all of [-1, 1] (the
+clamped u range), by enclosures of Q on a bisection of [-1, 1], with a margin above the worst float32
+Horner rounding of Q, so the emitted float32 scheme never divides by zero or by a Q of the wrong sign
+either. The Taylor form then encloses Q on every cell again (a cell whose enclosure of Q holds 0
+gets an infinite bound and is bisected).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from flint import arb, ctx
 
 from .formulas import X
 
-__all__ = ["piece_bound", "compile_arb"]
+__all__ = ["piece_bound", "compile_arb", "den_lower_bound"]
 
 PREC = 160
 MAX_CELLS = 400_000
@@ -106,6 +112,61 @@ def _horner3(coeffs: list[arb], u: arb) -> tuple[arb, arb, arb]:
     return p, dp, ddp
 
 
+class _Approximant:
+    """The piece's function of u and its first two derivatives: a polynomial (``den`` None) or
+    c0 + u S(u) with S = N / Q, N = c1 + c2 u + ..., Q = den (docs/table-format.md)."""
+
+    def __init__(self, seg: dict):
+        c0 = arb(seg["coeffs"][0]) + arb(seg["c0_lo"])
+        self.coeffs = [c0] + [arb(c) for c in seg["coeffs"][1:]]
+        self.den = [arb(d) for d in seg["den"]] if seg.get("den") is not None else None
+
+    def __call__(self, u: arb) -> tuple[arb, arb, arb]:
+        if self.den is None:
+            return _horner3(self.coeffs, u)
+        n0, n1, n2 = _horner3(self.coeffs[1:], u)
+        q0, q1, q2 = _horner3(self.den, u)
+        s0 = n0 / q0                                   # arb division by a ball holding 0: not finite
+        s1 = (n1 - s0 * q1) / q0
+        s2 = (n2 - 2 * s1 * q1 - s0 * q2) / q0
+        return self.coeffs[0] + u * s0, s0 + u * s1, 2 * s1 + u * s2
+
+
+def den_lower_bound(den: list[float], max_cells: int = 4096) -> float:
+    """A proved lower bound of Q(u) = den[0] + den[1] u + ... on u in [-1, 1] that also exceeds the
+    float32 Horner rounding of Q (so float32 Q > 0 too), or -inf when that cannot be shown.
+
+    Horner in float32 with |u| <= 1 errs by at most gamma_2n sum |d_j| (Higham, Thm 5.1; an FMA
+    only does better), so a margin above that keeps the emitted scheme's Q positive."""
+    old = ctx.prec
+    ctx.prec = PREC
+    try:
+        d = [arb(v) for v in den]
+        n = len(den) - 1
+        eps = 2.0**-24
+        gamma = 2 * n * eps / (1 - 2 * n * eps)
+        rounding = gamma * sum(abs(float(v)) for v in den) * (1 + 2.0**-40)
+        worst, cells, stack = math.inf, 0, [(-1.0, 1.0)]
+        while stack:
+            a, b = stack.pop()
+            cells += 1
+            if cells > max_cells:
+                return -math.inf
+            m, r = 0.5 * (a + b), 0.5 * (b - a)
+            q = _horner3(d, arb(m, r))[0]
+            lower = float(q.lower()) if q.is_finite() else -math.inf
+            if lower > rounding:
+                worst = min(worst, lower * (1 - 2.0**-50))
+                continue
+            q_mid = _horner3(d, arb(m))[0]
+            if not q_mid.is_finite() or float(q_mid.upper()) <= rounding or not (a < m < b):
+                return -math.inf                            # Q (or float32 Q) reaches 0 here
+            stack += [(a, m), (m, b)]
+        return worst
+    finally:
+        ctx.prec = old
+
+
 def piece_bound(expr: sp.Expr, seg: dict, target: str, x_lo: float, x_hi: float, tolerance: float,
                 max_cells: int = MAX_CELLS) -> tuple[float, int, bool]:
     """(bound, cells used, proved) for |P(u(x)) - v(x)| on [x_lo, x_hi].
@@ -116,6 +177,8 @@ def piece_bound(expr: sp.Expr, seg: dict, target: str, x_lo: float, x_hi: float,
     transform stays tight (and positive) next to the branch point, where a naive enclosure of
     f(X) - y_min would straddle zero.
     """
+    if seg.get("den") is not None and not den_lower_bound(seg["den"]) > 0:
+        return math.inf, 0, False              # a pole (or a float32 sign change) on [-1, 1]
     goal = min(tolerance, 1.25 * float(seg.get("error", tolerance)) + 1e-10)
     bound, cells, proved = _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells // 4)
     if not proved and goal < tolerance:
@@ -132,7 +195,7 @@ def _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells):
         tf = seg["transform"]
         origin = sum((arb(v) for v in tf.get("origin", [0.0])), arb(0))
         shape = (tf["kind"], origin, tf.get("sign", 1))
-        coeffs = [arb(seg["coeffs"][0]) + arb(seg["c0_lo"])] + [arb(c) for c in seg["coeffs"][1:]]
+        coeffs = _Approximant(seg)
         c, s = arb(seg["center"]), arb(seg["scale"])
         worst, cells, stack = 0.0, 0, [(x_lo, x_hi)]
         while stack:
@@ -175,7 +238,7 @@ def _endpoint_bound(shape, target, on_x, coeffs, c, s, e0: float, r: float) -> f
         return math.inf
     t_hi = math.sqrt(d_hi) * (1 + 2.0**-50)
     t_ball = arb(t_hi / 2, t_hi / 2)
-    _, dp, _ = _horner3(coeffs, (t_ball - c) * s)
+    _, dp, _ = coeffs((t_ball - c) * s)
     v1 = f2 if target == "derivative" else arb(1)
     return e0 + _upper(dp * s) * t_hi + _upper(v1) * r
 
@@ -185,7 +248,7 @@ def _errors(shape, target, x, fs, coeffs, c, s):
     h, h1, h2 = _transform(*shape, f, f1, f2)
     v, v1, v2 = (f1, f2, f3) if target == "derivative" else (x, arb(1), arb(0))
     u = (h - c) * s
-    p, dp, ddp = _horner3(coeffs, u)
+    p, dp, ddp = coeffs(u)
     return p - v, dp * s * h1 - v1, ddp * s * s * h1 * h1 + dp * s * h2 - v2
 
 

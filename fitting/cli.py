@@ -190,7 +190,7 @@ def cmd_fit(args) -> int:
     from .pipeline import build_table
     start = time.monotonic()
     table = build_table(spec, target=args.target, tolerance=args.tolerance,
-                        fp32_samples=args.fp32_samples, progress=_logger())
+                        fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
     generated = _commit(table, path, args.root, args.target == "derivative" and not args.generate_off)
     cert = table["certificate"]
     print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
@@ -260,12 +260,14 @@ def _describe(seg: dict) -> str:
     if seg["kind"] == "exact":
         return f"exact {seg['expr']}"
     tf = seg["transform"]
+    what = f"poly degree {len(seg['coeffs']) - 1}" if "den" not in seg else \
+        f"rational ({len(seg['coeffs']) - 1}, {len(seg['den']) - 1})"
     if tf["kind"] == "identity":
-        return f"poly degree {len(seg['coeffs']) - 1} in y, error {_fmt(seg['error'])}"
+        return f"{what} in y, error {_fmt(seg['error'])}"
     origin = tf["origin"]
     origin = sum(map(float, origin)) if isinstance(origin, list) else float(origin)   # split float32 terms
     how = f"{tf['kind']}({'' if tf['sign'] > 0 else '-'}(y - {origin:.10g}))"
-    return f"poly degree {len(seg['coeffs']) - 1} in {how}, error {_fmt(seg['error'])}"
+    return f"{what} in {how}, error {_fmt(seg['error'])}"
 
 
 def cmd_plot(args) -> int:
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter value (repeatable); declares a parameter of a formula")
     p.add_argument("--tolerance", type=_positive(float), default=5e-8,
                    help="max approximation error (default 5e-8)")
+    p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",
+                   help="rational pieces: where they make the table cheaper to evaluate (auto, the "
+                        "default), never, or on every fitted branch that has them (prefer)")
     _fp32_samples(p)
     _no_generate(p)
     p = add("certify", cmd_certify, "re-certify a table (rigorous bound and float checks) and update it")

@@ -93,6 +93,13 @@ def eval_segment(seg: dict, y: np.ndarray, params: dict | None = None) -> np.nda
     p = np.full_like(u, c[-1])
     for cj in c[-2:0:-1]:
         p = p * u + cj
+    if "den" in seg:                 # rational: p = N(u) / Q(u), Q by Horner down to d0 = 1
+        d = [ft(v) for v in seg["den"]]
+        q = np.full_like(u, d[-1])
+        for dj in d[-2::-1]:
+            q = q * u + dj
+        with np.errstate(all="ignore"):
+            p = p / q
     p = p * u
     return (p + ft(seg["c0_lo"])) + c[0]
 

@@ -1,11 +1,14 @@
-"""Piecewise polynomial fits of one branch's target in a transformed, centred variable.
+"""Piecewise polynomial and rational fits of one branch's target in a transformed, centred variable.
 
 Per piece: t = T(y) (sqrt next to a branch point, log next to a finite asymptote, else identity),
 u = (t - center) * scale in [-1, 1], a Chebyshev least-squares fit on Chebyshev-distributed points
 (near-minimax), converted to monomials in u and rounded to float32 one coefficient at a time from the
-top, refitting the lower ones after each rounding; the constant is kept as float32 hi + lo. Pieces are
-grown greedily to the largest that meets the bound; among the degrees tried the layout cheapest to
-evaluate (Horner steps + piece-search steps) wins.
+top, refitting the lower ones after each rounding; the constant is kept as float32 hi + lo.
+A rational piece is g = c0 + u N(u) / Q(u) with Q(0) = 1 (:mod:`.rational`: linearised fit with
+Lawson steps; Q rounded to float32 first, then c0 and N refitted and rounded the same way); a
+denominator that comes near zero on [-1, 1] (extended a little) refuses the candidate.
+Pieces are grown greedily to the largest that meets the bound; among the polynomial degrees and
+rational types tried, the layout cheapest to evaluate (``layout_cost``) wins.
 """
 
 from __future__ import annotations
@@ -17,23 +20,54 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FitError
+from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
 
-__all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "DEGREES"]
+__all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
+           "DEGREES", "RATIONALS", "DIVISION_COST"]
 
 DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
                                 # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
+RATIONALS = ((4, 4), (5, 5), (6, 6), (7, 7), (8, 8))   # (numerator m, denominator n) of c0 + u N/Q
+DIVISION_COST = 8              # a float32 division, in Horner steps (throughput on CPUs and GPUs)
 
 
-def layout_cost(degree: int, pieces: int) -> int:
+def layout_cost(degree: int, pieces: int, den_degree: int = 0) -> int:
     """Operations per element of the compiled CPU backward (invact.selection): a Horner step per
-    degree, and one blend per piece for each of the degree + 5 row columns (transform id, center,
-    scale, c0 hi and lo, c1 .. cd). Gathering rows (Triton) prefers fewer pieces as well."""
-    return degree + pieces * (degree + 5)
+    degree (numerator and denominator), a division for rationals, and one blend per piece for each
+    of the degree + den_degree + 5 row columns (transform id, center, scale, c0 hi and lo, c1 .. cm,
+    d1 .. dn). Gathering rows (Triton) prefers fewer pieces as well."""
+    steps = degree + den_degree + (DIVISION_COST if den_degree else 0)
+    return steps + pieces * (degree + den_degree + 5)
+
+
+def table_cost(branches: list[tuple[int, int, int]], n_codes: int = 1) -> int:
+    """``layout_cost`` of a whole table from (degree, den_degree, pieces) per fitted branch: every
+    element runs the table's widest Horner (and, with any rational piece, the denominator and the
+    division), each branch blends its own pieces' columns, and each further code class blends
+    every column of the row once more. A rational branch next to polynomial ones thus also costs
+    the others its denominator and division; on a one-branch table this is ``layout_cost``."""
+    if not branches:
+        return 0
+    degree = max(d for d, _, _ in branches)
+    den = max(n for _, n, _ in branches)
+    steps = degree + den + (DIVISION_COST if den else 0)
+    blends = sum(k * (d + n + 5) for d, n, k in branches)
+    return steps + blends + (n_codes - 1) * (degree + den + 5)
+
+
+def layouts(degrees=DEGREES, rationals=RATIONALS) -> list[tuple[int, int]]:
+    """(degree, den_degree) candidates, cheapest single piece first (polynomials first on ties)."""
+    cands = [(d, 0) for d in degrees] + [tuple(r) for r in rationals]
+    return sorted(cands, key=lambda c: (layout_cost(c[0], 1, c[1]), c[1]))
+
+
 TINY = float(np.finfo(np.float32).tiny)
 SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
 F32_SLACK = 1.5e-7   # float32 evaluation may add this to the tolerance (a few ulps of g near 1),
                      # sampled while fitting; certification then measures it exhaustively
+F32_SLACK_RATIONAL = 1.0e-7  # the same for rational pieces: two Horner chains and a division make the
+                     # sample's maximum a weaker guide (dense checks found up to 1.4x its value)
 MAX_PIECES = 64
 
 
@@ -99,33 +133,44 @@ class PieceFit:
     c0_lo: float
     error: float               # max |P - g| on the dense check grid (float64 arithmetic)
     float32_error: float = 0.0  # the same for the float32 scheme at float32 y (sampled)
+    den: list[float] | None = None  # rational pieces: 1, d1 .. dn (float32 values) of Q
 
     def u(self, y: np.ndarray) -> np.ndarray:
         return np.clip((self.transform.t(y) - self.center) * self.scale, -1.0, 1.0)
 
     def __call__(self, y: np.ndarray) -> np.ndarray:
-        return horner(self.coeffs, self.c0_lo, self.u(y))
+        return horner(self.coeffs, self.c0_lo, self.u(y), self.den)
 
     def to_json(self) -> dict:
-        return {"kind": "poly", "y_range": [self.y_lo, self.y_hi], "transform": self.transform.to_json(),
-                "center": self.center, "scale": self.scale, "coeffs": list(self.coeffs),
-                "c0_lo": self.c0_lo, "error": self.error}
+        out = {"kind": "poly", "y_range": [self.y_lo, self.y_hi], "transform": self.transform.to_json(),
+               "center": self.center, "scale": self.scale, "coeffs": list(self.coeffs),
+               "c0_lo": self.c0_lo, "error": self.error}
+        if self.den is not None:
+            out["den"] = list(self.den)
+        return out
 
 
-def horner(coeffs, c0_lo: float, u: np.ndarray) -> np.ndarray:
-    """The documented evaluation order, in u's dtype."""
+def horner(coeffs, c0_lo: float, u: np.ndarray, den=None) -> np.ndarray:
+    """The documented evaluation order, in u's dtype: c0 + u N(u) (/ Q(u) with a denominator)."""
     u = np.asarray(u)
     p = np.full_like(u, coeffs[-1])
     if len(coeffs) == 1:
         return (np.zeros_like(u) + c0_lo) + coeffs[0]
     for c in coeffs[-2:0:-1]:
         p = p * u + u.dtype.type(c)
+    if den is not None:
+        q = np.full_like(u, den[-1])
+        for d in den[-2::-1]:
+            q = q * u + u.dtype.type(d)
+        p = p / q
     p = p * u
     return (p + u.dtype.type(c0_lo)) + u.dtype.type(coeffs[0])
 
 
-def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int) -> PieceFit:
-    """One piece over float32 breaks [y_lo, y_hi] in transform ``tf``."""
+def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int,
+              den_degree: int = 0) -> PieceFit:
+    """One piece over float32 breaks [y_lo, y_hi] in transform ``tf``: a polynomial of ``degree``,
+    or with ``den_degree`` > 0 the rational c0 + u N(u) / Q(u), N of degree ``degree`` - 1."""
     ta, tb = sorted(float(v) for v in tf.t(np.array([y_lo, y_hi])))
     if not tb > ta * (1 + 2.0**-20) + 2.0**-120 or not np.isfinite([ta, tb]).all():
         # the transform collapses this piece (below float32 resolution of t): unusable here
@@ -136,18 +181,27 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
     while max(abs((ta - center) * scale), abs((tb - center) * scale)) > 1.0:
         scale = float(np.nextafter(np.float32(scale), np.float32(0)))
     ua, ub = (ta - center) * scale, (tb - center) * scale
-    m = 10 * (degree + 1)
+    m = 10 * (degree + den_degree + 1)
     k = np.arange(m)
     u = 0.5 * (ua + ub) + 0.5 * (ub - ua) * np.cos(np.pi * (k + 0.5) / m)
     u = np.concatenate([[ua, ub], u])
     g = ref(tf.y(center + u / scale))
-    coeffs = _rounded_fit(u, g, degree)
+    den = None
+    if den_degree:
+        fitted = _rounded_rational_fit(u, g, degree, den_degree)
+        if fitted is None:
+            return PieceFit(y_lo, y_hi, tf, center, scale, [0.0], 0.0, math.inf)
+        coeffs, den = fitted
+    else:
+        coeffs = _rounded_fit(u, g, degree)
     c0 = coeffs[0]
     c0_hi = f32(c0)
     c0_lo = f32(c0 - c0_hi)
     coeffs = [c0_hi] + [f32(c) for c in coeffs[1:]]
-    err = float(np.max(np.abs(horner(coeffs, c0_lo, u) - g)))
-    piece = PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err)
+    with np.errstate(all="ignore"):
+        err = float(np.max(np.abs(horner(coeffs, c0_lo, u, den) - g)))
+    err = err if math.isfinite(err) else math.inf
+    piece = PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err, den=den)
     if ref.target == "derivative":  # an inverse's x carries t's rounding times dx/dt: not gated
         piece.float32_error = _float32_error(piece, ref, tf.y(center + u / scale))
     return piece
@@ -172,12 +226,44 @@ def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
         cheb = np.polynomial.chebyshev.Chebyshev.fit(u, g, degree, domain=[-1, 1], window=[-1, 1])
     c = list(cheb.convert(kind=np.polynomial.Polynomial).coef) + [0.0] * (degree + 1)
     c = c[:degree + 1]
-    vander = np.vander(u, degree + 1, increasing=True)
-    for j in range(degree, 0, -1):
+    return _round_down(np.vander(u, degree + 1, increasing=True), g, c)
+
+
+def _round_down(vander: np.ndarray, g: np.ndarray, c: list[float], w: np.ndarray | None = None) -> list[float]:
+    """Round c[d] .. c[1] to float32 from the top, refitting the lower ones (least squares over the
+    rows of ``vander``, weighted by ``w``) after each rounding; c[0] is left to the caller."""
+    for j in range(len(c) - 1, 0, -1):
         c[j] = f32(c[j])
         resid = g - vander[:, j:] @ np.array(c[j:])
-        c[:j] = list(np.linalg.lstsq(vander[:, :j], resid, rcond=None)[0])
+        if w is None:
+            c[:j] = list(np.linalg.lstsq(vander[:, :j], resid, rcond=None)[0])
+        else:
+            c[:j] = list(np.linalg.lstsq(vander[:, :j] * w[:, None], resid * w, rcond=None)[0])
     return c
+
+
+def _rounded_rational_fit(u: np.ndarray, g: np.ndarray, degree: int, den_degree: int):
+    """(coeffs, den) of c0 + u N(u) / Q(u) with float32 Q (1, d1 .. dn) and N (c1 .. cm), or None.
+
+    Rounding Q moves it by ~1e-8 relative, which the refitted numerator absorbs (g times a tiny
+    polynomial is nearly a polynomial); c0 and N are then refitted with the Lawson weights of the
+    rational fit (near-minimax) and rounded from the top like a polynomial's coefficients."""
+    fitted = rational_fit(u, g, degree, den_degree)
+    if fitted is None:
+        return None
+    num, den, v = fitted
+    den = [1.0] + [f32(d) for d in den[1:]]
+    if not den_margin(den) >= MIN_DEN_MARGIN:
+        return None
+    q = np.polynomial.polynomial.polyval(u, den)
+    vander = np.vander(u, degree + 1, increasing=True)
+    vander[:, 1:] /= q[:, None]                          # columns 1, u / Q, u^2 / Q, ..., u^m / Q
+    w = np.sqrt(v) + 1e-3 / np.sqrt(u.size)              # Lawson weights, none quite zero
+    c = list(np.linalg.lstsq(vander * w[:, None], g * w, rcond=None)[0])
+    c = _round_down(vander, g, c, w)
+    if rounding_amplification(c[1:], den) > MAX_AMPLIFICATION:
+        return None
+    return c, den
 
 
 def _transforms(ref: BranchReference, origins: dict) -> list[Transform]:
@@ -186,45 +272,62 @@ def _transforms(ref: BranchReference, origins: dict) -> list[Transform]:
     return out or [Transform("identity")]
 
 
-def _best(ref, y_lo, y_hi, tfs, degree) -> PieceFit:
-    fits = [fit_piece(ref, y_lo, y_hi, tf, degree) for tf in tfs]
+def _best(ref, y_lo, y_hi, tfs, degree, den_degree=0) -> PieceFit:
+    fits = [fit_piece(ref, y_lo, y_hi, tf, degree, den_degree) for tf in tfs]
     return min(fits, key=lambda p: p.error)
 
 
 def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, tolerance: float,
-               degrees=DEGREES) -> list[PieceFit]:
-    """Cover [y_lo, y_hi] (float32) with pieces meeting SAFETY * tolerance; the cheapest layout wins."""
+               degrees=DEGREES, rationals=RATIONALS, max_cost: float = math.inf) -> list[PieceFit]:
+    """Cover [y_lo, y_hi] (float32) with pieces meeting SAFETY * tolerance; the cheapest layout wins
+    (polynomials of ``degrees``, rationals of the (m, n) in ``rationals``; ties go to polynomials).
+    Only layouts cheaper than ``max_cost`` are considered; FitError when none meets the bound."""
     tfs = _transforms(ref, origins)
-    best, best_cost, best_err = None, math.inf, math.inf
-    for degree in degrees:
-        if layout_cost(degree, 1) >= best_cost:
+    best, best_cost, best_err = None, max_cost, math.inf
+    for degree, den_degree in layouts(degrees, rationals):
+        if layout_cost(degree, 1, den_degree) >= best_cost:
             break
-        pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance)
+        limit = MAX_PIECES   # a layout with more pieces than this could not beat the best so far
+        while limit > 1 and layout_cost(degree, limit, den_degree) >= best_cost:
+            limit -= 1
+        pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance, den_degree, limit)
         best_err = min(best_err, err)
         if pieces is None:
             continue
-        cost = layout_cost(degree, len(pieces))
+        cost = layout_cost(degree, len(pieces), den_degree)
         if cost < best_cost:
             best, best_cost = pieces, cost
     if best is None:
-        raise FitError(f"no layout with up to {MAX_PIECES} pieces of degree <= {max(degrees)} meets "
+        kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
+        cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
+        raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
                        f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err,
                        "relax --tolerance (fp32 rounding of coefficients limits tables to ~3e-8)")
     return best
 
 
+def branch_layout(pieces) -> tuple[int, int, int]:
+    """(degree, den_degree, pieces) of a fitted branch (PieceFits or their segment dicts)."""
+    def parts(p):
+        return (p["coeffs"], p.get("den")) if isinstance(p, dict) else (p.coeffs, getattr(p, "den", None))
+    return (max(len(parts(p)[0]) - 1 for p in pieces), max(len(parts(p)[1] or [1]) - 1 for p in pieces),
+            len(pieces))
+
+
 def _meets(piece: PieceFit, target: float) -> bool:
-    return piece.error <= target and piece.float32_error <= target / SAFETY + F32_SLACK
+    slack = F32_SLACK if piece.den is None else F32_SLACK_RATIONAL
+    return piece.error <= target and piece.float32_error <= target / SAFETY + slack
 
 
-def _greedy(ref, y_lo, y_hi, tfs, degree, target):
-    """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable."""
+def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_PIECES):
+    """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable.
+    (None, worst error seen) when more than ``max_pieces`` would be needed."""
     pieces, start, worst = [], y_lo, 0.0
     x_end = float(ref.inverse(np.array([y_hi]))[0])
     while start < y_hi:
-        if len(pieces) >= MAX_PIECES:
+        if len(pieces) >= max_pieces:
             return None, worst
-        whole = _best(ref, start, y_hi, tfs, degree)
+        whole = _best(ref, start, y_hi, tfs, degree, den_degree)
         if _meets(whole, target):
             pieces.append(whole)
             break
@@ -236,7 +339,7 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target):
             if not y_b > start:
                 lo_w = w
                 continue
-            trial = _best(ref, start, y_b, tfs, degree)
+            trial = _best(ref, start, y_b, tfs, degree, den_degree)
             if _meets(trial, target):
                 lo_w, good = w, trial
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -11,13 +12,14 @@ import sympy as sp
 from .branches import Analysis, Branch, analyze
 from .errors import FitError, InputError
 from .exact import exact_expression
-from .fit import f32, f32_below, fit_branch
+from .fit import branch_layout, f32, f32_below, fit_branch, layout_cost, table_cost
 from .formulas import X, ActivationSpec
 from .reference import BranchReference
 
-__all__ = ["build_table", "TARGETS", "FORMAT_VERSION", "spec_from_table"]
+__all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION", "spec_from_table"]
 
 TARGETS = ("derivative", "inverse")
+RATIONAL_MODES = ("auto", "never", "prefer")
 FORMAT_VERSION = 1
 VERSION = "0.1.0"
 F32_MAX = float(np.finfo(np.float32).max)
@@ -25,10 +27,17 @@ F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: float = 5e-8,
-                fp32_samples: int = 2**24, progress: Callable[[str], None] | None = None) -> dict:
-    """A complete, certified table (without its sha256) for ``spec``."""
+                fp32_samples: int = 2**24, progress: Callable[[str], None] | None = None,
+                rationals: str = "auto") -> dict:
+    """A complete, certified table (without its sha256) for ``spec``.
+
+    ``rationals``: "auto" (rational pieces where they make the table cheaper to evaluate,
+    ``fit.table_cost``), "never" (polynomials only) or "prefer" (a rational layout on every fitted
+    branch that has one meeting the tolerance, whatever it costs; for comparisons and tests)."""
     if target not in TARGETS:
         raise InputError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if rationals not in RATIONAL_MODES:
+        raise InputError(f"rationals must be one of {', '.join(RATIONAL_MODES)}, got {rationals!r}")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
     if tolerance < 2e-8:
@@ -37,11 +46,13 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     say = progress or (lambda msg: None)
     say(f"{spec.name}: analysing branches")
     analysis = analyze(spec)
-    per_branch: dict[int, list[dict]] = {}
+    options: dict[int, list[list[dict]]] = {}
     exprs: dict[int, sp.Expr] = {}
     for b in analysis.branches:
         say(f"{spec.name}: branch {b.index} ({b.direction}, x in [{b.x_range[0]:.4g}, {b.x_range[1]:.4g}])")
-        per_branch[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance)
+        options[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance, rationals)
+    per_branch = _cheapest_table(options, analysis.n_codes) if rationals == "auto" else \
+        {i: opts[-1] for i, opts in options.items()}
     generic = bool(spec.params) and all(s["kind"] != "poly" for segs in per_branch.values() for s in segs) \
         and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
     table = {
@@ -92,18 +103,38 @@ def _numeric_only(expr: sp.Expr, b: Branch) -> bool:
     return bool(params) and not (expr.free_symbols & params)
 
 
-def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float) -> tuple[list[dict], sp.Expr | None]:
+def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float,
+                     rationals: str = "auto") -> tuple[list[list[dict]], sp.Expr | None]:
+    """(the branch's segment lists to choose from, polynomial first; its exact expression or None)."""
     lo, hi = b.y_range
     if b.flat:
         value = "0" if target == "derivative" else repr(float(b.x_range[1]))
-        return [{"kind": "constant", "value": value, "y_range": [lo, hi], "branch": b.index}], None
+        return [[{"kind": "constant", "value": value, "y_range": [lo, hi], "branch": b.index}]], None
     expr = exact_expression(b, spec, target)
     if expr is not None:
-        return [{"kind": "exact", "expr": sp.sstr(expr), "y_range": [lo, hi], "branch": b.index}], expr
-    return _fitted_segments(b, target, tol), None
+        return [[{"kind": "exact", "expr": sp.sstr(expr), "y_range": [lo, hi], "branch": b.index}]], expr
+    return _fitted_segments(b, target, tol, rationals), None
 
 
-def _fitted_segments(b: Branch, target: str, tol: float) -> list[dict]:
+def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[int, list[dict]]:
+    """One segment list per branch: the combination of the fitted branches' layouts (polynomial, or
+    rational where one was cheaper for the branch alone) whose ``table_cost`` is lowest; ties keep
+    polynomials (the first option). A rational piece makes every element of the table pay for its
+    denominator and division, so it must win for the table, not only for its branch."""
+    def layout(segs):
+        fitted = [s for s in segs if s["kind"] == "poly"]
+        return branch_layout(fitted) if fitted else None
+
+    best, best_cost = None, math.inf
+    for combo in itertools.product(*(range(len(options[i])) for i in sorted(options))):
+        chosen = {i: options[i][k] for i, k in zip(sorted(options), combo)}
+        cost = table_cost([lay for segs in chosen.values() if (lay := layout(segs))], n_codes)
+        if cost < best_cost:
+            best, best_cost = chosen, cost
+    return best
+
+
+def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[dict]]:
     ref = BranchReference(b, target)
     origins, lows, highs = {}, [], []
     y_lo, y_hi = b.y_range
@@ -127,9 +158,27 @@ def _fitted_segments(b: Branch, target: str, tol: float) -> list[dict]:
             y_lo = y_end
         else:
             y_hi = y_end
-    pieces = fit_branch(ref, y_lo, y_hi, origins, tol)
-    segs = [dict(p.to_json(), branch=b.index) for p in pieces]
-    return [dict(t, branch=b.index) for t in lows] + segs + [dict(t, branch=b.index) for t in highs]
+    # the cheapest polynomial layout, and a cheaper rational one if the branch has it (the table
+    # decides between them: _cheapest_table); rationals alone where no polynomial layout fits
+    polys = rats = error = None
+    try:
+        polys = fit_branch(ref, y_lo, y_hi, origins, tol, rationals=())
+    except FitError as exc:
+        if rationals == "never":
+            raise
+        error = exc
+    if rationals != "never":
+        budget = math.inf
+        if polys is not None and rationals == "auto":   # a table gains at most what its branch gains
+            degree, den_degree, pieces = branch_layout(polys)
+            budget = layout_cost(degree, pieces, den_degree)
+        try:
+            rats = fit_branch(ref, y_lo, y_hi, origins, tol, degrees=(), max_cost=budget)
+        except FitError:
+            if polys is None:
+                raise error from None
+    return [[dict(t, branch=b.index) for t in lows] + [dict(p.to_json(), branch=b.index) for p in pieces]
+            + [dict(t, branch=b.index) for t in highs] for pieces in (polys, rats) if pieces is not None]
 
 
 def _precise_value(b: Branch, which: str):
@@ -184,6 +233,8 @@ def _branch_json(b: Branch, segs: list[dict]) -> dict:
                   for s in segs if s["kind"] != "poly"] if d["route"] == "fit" else []
     d["pieces"] = sum(s["kind"] == "poly" for s in segs)
     d["degrees"] = sorted({len(s["coeffs"]) - 1 for s in segs if s["kind"] == "poly"})
+    if any("den" in s for s in segs):  # rational pieces (absent otherwise: older tables stay as they were)
+        d["den_degrees"] = sorted({len(s["den"]) - 1 for s in segs if "den" in s})
     return d
 
 

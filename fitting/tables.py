@@ -41,7 +41,7 @@ _KEY_ORDER = [
     "forward_code", "branches", "code_classes", "certificate",
     "index", "code", "kind", "value", "side", "expr", "x_breaks", "codes", "x_range", "y_range", "branch",
     "direction", "route", "lower_end", "upper_end", "singularities", "tails", "y_from", "to",
-    "y_breaks", "segments", "transform", "origin", "sign", "center", "scale", "coeffs",
+    "y_breaks", "segments", "transform", "origin", "sign", "center", "scale", "coeffs", "den",
     "c0_lo", "error", "method", "approx_error", "float32_eval_error", "checks",
     "bf16_eval_error", "fp16_eval_error", "fp32_eval_error", "fp32_samples", "fp32_exhaustive",
     "sha256",
@@ -260,10 +260,19 @@ def _structure_problem(table: dict) -> str | None:
             missing = [k for k in _SEGMENT_KEYS.get(seg.get("kind"), ("kind",)) if k not in seg]
             if missing or seg.get("kind") not in _SEGMENT_KEYS:
                 return f"has a malformed segment code_classes[{c}].segments[{s}] (missing {missing})"
-            if seg["kind"] == "poly" and not (isinstance(seg["coeffs"], list) and seg["coeffs"]
-                                              and all(isinstance(v, _NUMBER) for v in seg["coeffs"])):
+            if seg["kind"] == "poly" and not _numbers(seg["coeffs"]):
                 return f"has non-numeric coeffs in code_classes[{c}].segments[{s}]"
+            if seg["kind"] == "poly" and "den" in seg and not (
+                    _numbers(seg["den"]) and len(seg["den"]) >= 2 and seg["den"][0] == 1 and len(seg["coeffs"]) >= 2):
+                return (f"has a malformed den in code_classes[{c}].segments[{s}] (numbers [1, d1, ...], "
+                        "with a numerator of degree >= 1)")
     return None
+
+
+def _numbers(value: Any) -> bool:
+    """A non-empty list of JSON numbers (bool excluded)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, _NUMBER) and not isinstance(v, bool) for v in value)
 
 
 # --------------------------------------------------------------------------------------------

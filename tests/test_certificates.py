@@ -71,6 +71,14 @@ def evaluate(code_class, y, params):
             acc = np.zeros_like(u)
             for c in seg["coeffs"][:0:-1]:
                 acc = (acc + f(c)) * u
+            if "den" in seg:  # rational: u N(u) / Q(u), the division before the last multiplication
+                acc = np.zeros_like(u)
+                for c in seg["coeffs"][:1:-1]:
+                    acc = (acc + f(c)) * u
+                q = np.zeros_like(u)
+                for d in seg["den"][:0:-1]:
+                    q = (q + f(d)) * u
+                acc = ((acc + f(seg["coeffs"][1])) / (q + f(seg["den"][0]))) * u
             out[m] = (acc + f(seg["c0_lo"])) + f(seg["coeffs"][0])
     return out
 
@@ -156,5 +164,5 @@ def test_certificate_claims_meet_the_bounds(path):
     samples = [b["fp32_samples"] for b in cert["branches"] if b["method"] != "constant"]
     assert all(s >= 2**24 for s in samples) or any(b["fp32_exhaustive"] for b in cert["branches"])
     for seg in (s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"):
-        assert all(np.float32(c) == c for c in seg["coeffs"] + [seg["c0_lo"], seg["center"], seg["scale"]])
+        assert all(np.float32(c) == c for c in seg["coeffs"] + seg.get("den", []) + [seg["c0_lo"], seg["center"], seg["scale"]])
         assert math.isfinite(seg["error"]) and seg["error"] <= table["tolerance"]

@@ -5,7 +5,9 @@ segments get a row of ``POLY`` (the coefficient table gathered per element); so 
 segments of a table with poly segments (scale 0 and c0 = the value: one evaluation path for all);
 exact segments and the constants of other tables are selected by their global index. A table has few distinct transforms (kind, sign,
 origin): they are computed with constants and picked by the row's transform id, so only the
-polynomial is gathered. Row layout: transform id, center, scale, c0_hi, c0_lo, c1 .. cD.
+polynomial is gathered. Row layout: transform id, center, scale, c0_hi, c0_lo, c1 .. cD, and when
+the table has rational segments d1 .. dN of their denominators (Q = 1 + d1 u + ...; polynomial rows
+hold zeros there, so their Q is exactly 1 and dividing by it changes nothing).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Plan:
     classes: tuple[CodeClass, ...]
     poly: tuple[tuple[float, ...], ...]  # one row per global segment (zeros for non-poly ones)
     degree: int
+    den_degree: int                      # max denominator degree of rational segments (0: none)
     transforms: tuple[Transform, ...]
     exact: tuple[tuple[int, sp.Expr], ...]
     constant: tuple[tuple[int, sp.Expr], ...]
@@ -74,6 +77,11 @@ class Plan:
 
     @property
     def row_len(self) -> int:
+        return self.ROW_C0 + 2 + self.degree + self.den_degree
+
+    @property
+    def row_den(self) -> int:
+        """Column of d1 (d1 .. dN follow)."""
         return self.ROW_C0 + 2 + self.degree
 
 
@@ -99,6 +107,7 @@ def analyze(table: dict, source: str | Path) -> Plan:
     num = lambda text: parse(str(text), "y", names)  # noqa: E731 - numbers or parameter expressions
     polys = [s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"]
     degree = max((len(s["coeffs"]) - 1 for s in polys), default=0)
+    den_degree = max((len(s["den"]) - 1 for s in polys if "den" in s), default=0)
     classes, rows, exact, constant, transforms = [], [], [], [], []
     break_offset = 0
     for cc in table["code_classes"]:
@@ -108,7 +117,7 @@ def analyze(table: dict, source: str | Path) -> Plan:
         break_offset += len(breaks)
         for seg in cc["segments"]:
             index = len(rows)
-            row = [0.0] * (Plan.ROW_C0 + 2 + degree)
+            row = [0.0] * (Plan.ROW_C0 + 2 + degree + den_degree)
             if seg["kind"] == "poly":
                 tf = seg["transform"]
                 key = Transform(tf["kind"]) if tf["kind"] == "identity" else \
@@ -119,6 +128,11 @@ def analyze(table: dict, source: str | Path) -> Plan:
                 row[:Plan.ROW_C0 + 2] = [float(transforms.index(key)), float(seg["center"]),
                                          float(seg["scale"]), coeffs[0], float(seg["c0_lo"])]
                 row[Plan.ROW_C0 + 2:Plan.ROW_C0 + 1 + len(coeffs)] = coeffs[1:]
+                den = [float(d) for d in seg.get("den", [1.0])]
+                if den[0] != 1.0:
+                    raise ValueError("a rational segment's den must start with 1 (docs/table-format.md)")
+                start = Plan.ROW_C0 + 2 + degree
+                row[start:start + len(den) - 1] = den[1:]
             elif seg["kind"] == "exact":
                 exact.append((index, parse(seg["expr"], "y", names)))
             elif polys and num(seg["value"]).is_Number:
@@ -134,4 +148,5 @@ def analyze(table: dict, source: str | Path) -> Plan:
         code_bits=table["code_bits"],
         x_breaks=tuple((num(b["value"]), b["side"]) for b in fc["x_breaks"]),
         codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), degree=degree,
+        den_degree=den_degree,
         transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant))

@@ -27,6 +27,7 @@ class TorchDialect:
     def isnan(self, v): return f"{v} != {v}"  # torch.isnan compiles to a scalar loop on CPU
     def zeros(self, v): return f"torch.zeros_like({v})"
     def gather(self, col: int) -> str: return f"q[{col}]"
+    def divide(self, a, b): return f"{a} / {b}"
     def constant_index(self, offset: int) -> str: return repr(offset)
 
     def class_index(self, plan: Plan, c, compare: bool) -> str:
@@ -64,6 +65,7 @@ class TritonDialect(TorchDialect):
     def isnan(self, v): return f"{v} != {v}"
     def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
     def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
+    def divide(self, a, b): return f"tl.div_rn({a}, {b})"  # `/` is div.full.f32 (2 ulp) on GPUs
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
         terms = [f"(y >= tl.load(YT + {c.break_offset + j})).to(tl.int32)" for j in range(len(c.y_breaks))]
@@ -145,6 +147,11 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
     w(f"p = {q(c0 + 1 + plan.degree)}")
     for j in range(plan.degree - 1, 0, -1):
         w(f"p = p * u + {q(c0 + 1 + j)}")
+    if plan.den_degree:  # rational rows: p = N(u) / Q(u), Q = 1 + d1 u + ... (1 on polynomial rows)
+        w(f"den = {q(plan.row_den + plan.den_degree - 1)}")
+        for j in range(plan.den_degree - 1, 0, -1):
+            w(f"den = den * u + {q(plan.row_den + j - 1)}")
+        w("den = den * u + 1.0", f"p = {d.divide('p', 'den')}")
     w("p = p * u")
     w(f"g = (p + {q(c0 + 1)}) + {q(c0)}")
 

@@ -34,7 +34,7 @@ def _meta(w: Writer, plan: Plan) -> None:
 
 
 def _poly_table(w: Writer, plan: Plan) -> None:
-    coeffs = ", ".join(f"c{j}" for j in range(1, plan.degree + 1))
+    coeffs = ", ".join([f"c{j}" for j in range(1, plan.degree + 1)] + [f"d{j}" for j in range(1, plan.den_degree + 1)])
     w("# One row per segment (all code classes, left to right in y); zeros for exact/constant ones:",
       f"# transform id, center, scale, c0_hi, c0_lo{', ' + coeffs if coeffs else ''}. Transforms:")
     for i, tf in enumerate(plan.transforms):
