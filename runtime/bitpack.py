@@ -76,8 +76,13 @@ def plane_chunks(numel: int, bits: int, size: int) -> Iterator[tuple[int, int, i
 
     The codes of elements ``start .. stop - 1`` are
     ``(packed[first : first + stop - start] >> shift) & (2**bits - 1)``. With ``bits == 0`` (no
-    code) the whole range is one plane and ``first`` and ``shift`` are 0.
+    code) the whole range is one plane and ``first`` and ``shift`` are 0. No elements: no chunks
+    (whatever ``size``; the compiled backward asks for chunks of ``numel`` elements).
     """
+    if numel <= 0:
+        return
+    if size < 1:
+        raise ValueError(f"size must be a positive number of elements, got {size!r}")
     if bits == 0:
         yield from ((a, min(a + size, numel), 0, 0) for a in range(0, numel, size))
         return

@@ -74,13 +74,39 @@ def _module(name: str) -> ModuleType:
     table = getattr(_registry(), "TORCH", {})
     if not isinstance(name, str) or name not in table:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}")
-    return importlib.import_module(table[name])
+    return _import_generated(table[name], TORCH_API)
+
+
+# what invact.ops uses of a generated torch module; one from another invact version may lack it
+TORCH_API = ("META", "NAME", "PARAMS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel", "g_kernel",
+             "code_packed", "grad_kernel")
+TRITON_API = ("forward", "backward")
+
+
+def _import_generated(module: str, api: tuple[str, ...]) -> ModuleType:
+    """Import generated code; broken or stale files raise ImportError naming the file and the fix."""
+    import invact.generated as pkg
+    short = module.rsplit(".", 1)[-1]
+    where = next((str(Path(p) / f"{short}.py") for p in pkg.__path__ if (Path(p) / f"{short}.py").is_file()),
+                 f"{short}.py in {list(pkg.__path__)}")
+    root = Path(where).parent.parent
+    fix = f"run `invact generate --root {root}`" if root != Path(pkg.__file__).parent.parent else "run `invact generate`"
+    try:
+        mod = importlib.import_module(module)
+    except (ImportError, SyntaxError) as error:
+        raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "
+                          f"{fix} to rebuild it from its table") from error
+    missing = [a for a in api if not hasattr(mod, a)]
+    if missing:
+        raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
+                          f"version?); {fix} to rebuild it from its table")
+    return mod
 
 
 @functools.cache
 def _triton_module(name: str) -> ModuleType:
     _module(name)
-    return importlib.import_module(_registry().TRITON[name])
+    return _import_generated(_registry().TRITON[name], TRITON_API)
 
 
 def info(name: str) -> dict:
@@ -155,8 +181,29 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
 # memory order: kernels run over y's elements in storage order
 
 def _order(t: Tensor) -> list[int]:
-    """Dimensions from outermost to innermost in memory (t.permute(order) is contiguous if t is dense)."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d) if t.size(d) != 1 else (0, -d))
+    """Dimensions from outermost to innermost in memory, ordered as TensorIterator orders an
+    elementwise op's output (so y gets PyTorch's strides): an insertion sort by stride, innermost
+    first, where a comparison with a stride-0 (expanded) dimension is ambiguous and leaves the pair
+    in place, and equal strides put the smaller size inside. For a dense t, t.permute(order) is
+    contiguous."""
+    def after(d0: int, d1: int) -> int:       # 1: d0 goes outside d1, -1: inside, 0: ambiguous
+        s0, s1 = t.stride(d0), t.stride(d1)
+        if s0 == 0 or s1 == 0:
+            return 0
+        if s0 != s1:
+            return 1 if s0 > s1 else -1
+        return 1 if t.size(d0) > t.size(d1) else 0
+    perm = list(range(t.dim() - 1, -1, -1))
+    for i in range(1, len(perm)):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = after(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    return perm[::-1]
 
 
 def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -268,6 +315,14 @@ def _prepare(name: str, params: tuple, backend: str | None, device_type: str) ->
     return list(_check_params(name, dict(params))), backends.resolve(backend, device_type)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for device types that have autocast (meta tensors have none)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
 def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Tensor:
     """y = f(x) for activation ``name``, saving only y and a packed branch code for backward.
 
@@ -282,7 +337,7 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
         raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")
     values, chosen = _prepare(name, tuple(sorted((params or {}).items())), backend, x.device.type)
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return torch.ops.invact.forward(x, name, values, chosen)[0]
     return torch.ops.invact.forward(x, name, values, chosen)[0]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,100 @@ def test_threshold_is_exact(dtype, side):
         for x in _neighbours(t, dtype):
             real = x > b if side == "left" else x >= b
             assert (x >= t) == real, (b, side, x, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# empty tensors, ragged counts and huge counts (no allocation)
+
+@pytest.mark.parametrize("bits", (0, *bitpack.BITS))
+def test_plane_chunks_of_nothing(bits):
+    """No elements: no chunks, whatever the chunk size (the compiled backward asks for chunks of
+    numel elements, 0 here: range(0, 0, 0) used to raise)."""
+    assert list(bitpack.plane_chunks(0, bits, 0)) == []
+    assert list(bitpack.plane_chunks(0, bits, 100)) == []
+    with pytest.raises(ValueError, match="size must be a positive"):
+        list(bitpack.plane_chunks(5, bits, 0))
+
+
+@pytest.mark.parametrize("bits", bitpack.BITS)
+@pytest.mark.parametrize("n", [1, 2, 7, 9, 15, 17, 1001])
+def test_ragged_counts_leave_zero_padding(bits, n):
+    """Counts not divisible by 8 // bits: all-ones codes fill exactly the first n fields; the unused
+    tail of the last plane is zero (docs: bitpack module docstring)."""
+    packed = bitpack.pack(torch.full((n,), 2 ** bits - 1, dtype=torch.uint8), bits)
+    fields = bitpack.unpack(packed, bits, len(packed) * (8 // bits))
+    assert int(fields[:n].min()) == 2 ** bits - 1 and int(fields[n:].abs().sum()) == 0
+
+
+def _check_chunks(numel: int, bits: int, size: int) -> int:
+    """Chunks tile [0, numel) in order, each inside one plane, and agree with bit_position (no code,
+    bits == 0: first byte and shift 0)."""
+    nbytes = bitpack.packed_bytes(numel, bits) if bits else numel
+    expected_start, count = 0, 0
+    for start, stop, first, shift in bitpack.plane_chunks(numel, bits, size):
+        assert all(type(v) is int for v in (start, stop, first, shift))      # exact, never float
+        assert start == expected_start and start < stop <= min(start + size, numel)
+        if bits:
+            assert bitpack.bit_position(start, bits, numel) == (first, shift)
+            assert bitpack.bit_position(stop - 1, bits, numel) == (first + stop - start - 1, shift)
+            assert first + (stop - start) <= nbytes
+        else:
+            assert first == shift == 0
+        expected_start, count = stop, count + 1
+    assert expected_start == numel
+    return count
+
+
+@pytest.mark.parametrize("bits", (0, *bitpack.BITS))
+@pytest.mark.parametrize("numel", [2**31 - 1, 2**31, 2**31 + 3, 2**32 + 1, 2**33 + 5, 3 * 2**40 + 7])
+def test_plane_chunks_past_2_31(bits, numel):
+    """Chunk arithmetic for counts past int32 (what the eager and compiled backward slice by), without
+    allocating: whole planes (size = numel, the compiled backend) and 2**30-element chunks."""
+    planes = 1 if bits == 0 else -(-numel // bitpack.packed_bytes(numel, bits))
+    assert _check_chunks(numel, bits, numel) == planes
+    if numel < 2**34:
+        assert _check_chunks(numel, bits, 2**30) >= planes
+
+
+@pytest.mark.parametrize("bits", bitpack.BITS)
+@pytest.mark.parametrize("numel", [2**31 + 3, 2**33 + 5])
+def test_triton_index_formulas_past_2_31(bits, numel):
+    """The generated Triton kernels' index arithmetic (generated/triton_*.py), emulated in int64 at the
+    last program: forward program pid packs bytes b = pid * (BLOCK // PER) + arange and reads element
+    nbytes * j + b of plane j; backward element offs reads byte offs % nbytes at shift
+    (offs // nbytes) * BITS. Both equal bit_position; in int32 the offsets would wrap."""
+    block, per = 1024, 8 // bits
+    nbytes = bitpack.packed_bytes(numel, bits)
+    pid = np.int64(-(-nbytes // (block // per)) - 1)                        # last forward program
+    b = pid * (block // per) + np.arange(block // per, dtype=np.int64)
+    for j in range(per):
+        offs = np.int64(nbytes) * j + b
+        live = (b < nbytes) & (offs < numel)
+        for i in offs[live][[0, -1]] if live.any() else []:
+            assert bitpack.bit_position(int(i), bits, numel) == (int(i) % nbytes, j * bits)
+    pid = np.int64(-(-numel // block) - 1)                                   # last backward program
+    offs = pid * block + np.arange(block, dtype=np.int64)
+    offs = offs[offs < numel]
+    byte, shift = offs % nbytes, (offs // nbytes) * bits
+    assert offs.max() == numel - 1 and offs.max() > np.iinfo(np.int32).max
+    assert bitpack.bit_position(int(offs[-1]), bits, numel) == (int(byte[-1]), int(shift[-1]))
+
+
+def test_triton_kernels_compute_offsets_in_int64():
+    """Every generated Triton kernel widens its program id to int64 before forming offsets (a
+    program id is int32; pid * BLOCK wraps past 2**31 elements). Read-only check of generated code."""
+    import ast
+    from pathlib import Path
+
+    import invact.generated as pkg
+    files = sorted(Path(pkg.__file__).parent.glob("triton_*.py"))
+    if not files:
+        pytest.skip("no generated Triton kernels")
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")):
+            calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "tl.program_id"]
+            assert calls, f"{path.name}:{fn.name} has no program id"
+            widened = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n) ==
+                       "tl.program_id(0).to(tl.int64)"]
+            assert len(widened) == len(calls), f"{path.name}:{fn.name}: a program id is used as int32"

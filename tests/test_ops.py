@@ -1,6 +1,5 @@
 """The custom ops (invact.ops) over every generated activation: opcheck, gradients, compile, memory."""
 
-import functools
 import math
 from pathlib import Path
 
@@ -10,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import invact
+import tolerances as tol
 from invact import backends, ops
-from invact.fitting.tables import load_table, table_path
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
 EAGER = "eager"
+table = tol.table
 
 
 @pytest.fixture(params=NAMES)
@@ -23,17 +23,12 @@ def name(request):
     return request.param
 
 
-@functools.cache
-def table(name: str) -> dict:
-    return load_table(table_path(name))
-
-
 def torch_reference(name: str, x: torch.Tensor) -> torch.Tensor:
-    """PyTorch's own forward of the activation (META torch_forward), or the formula via sympy."""
-    meta = ops.info(name)
-    if meta["torch_forward"] is None:
+    """PyTorch's own forward of the activation (META torch_forward); user tables without one skip."""
+    ref = tol.torch_reference(name, x)
+    if ref is None:
         pytest.skip("user table without a PyTorch forward")
-    return eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **meta["params"]})  # noqa: S307
+    return ref
 
 
 def sample_x(name: str, n: int = 6000, seed: int = 0) -> torch.Tensor:
@@ -67,63 +62,30 @@ def test_opcheck(name):
 # ------------------------------------------------------------------------------------------------
 # gradients: end to end against PyTorch autograd on x
 
-@functools.cache
-def references(name: str):
-    """Per branch: a float64 reference of g on that branch (None for flat branches)."""
-    from invact.fitting.certify import branch_reference
-    t = table(name)
-    return [branch_reference(t, i) for i in range(len(t["branches"]))]
-
-
-def information_floor(name: str, x: np.ndarray, y_stored: np.ndarray) -> np.ndarray:
-    """|f'(x) - f'(x*)| with x* the exact preimage of the stored (rounded) y on x's own branch.
-
-    No table can do better from y (design.md, "Information floor"): it is the float64 reference
-    g_b(y_stored) = f'(x*) (bracketed Newton, independent of the table) against f'(x) itself.
-    """
-    t = table(name)
-    fp = _derivative64(name, x)
-    floor = np.zeros_like(x)
-    for i, b in enumerate(t["branches"]):
-        lo, hi = (float(v) for v in b["x_range"])
-        on = (x >= lo) & (x <= hi)
-        ref = references(name)[i]
-        if ref is not None and on.any():
-            floor[on] = np.maximum(floor[on], np.abs(ref(y_stored[on]) - fp[on]))
-    return floor
-
-
-def _derivative64(name: str, x: np.ndarray) -> np.ndarray:
-    """f'(x) by PyTorch's own float64 autograd."""
-    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    torch_reference(name, xt).sum().backward()
-    return xt.grad.numpy()
+# floor, references and bounds: tests/tolerances.py (shared with test_properties and benchmarks/fuzz.py)
+information_floor, _derivative64 = tol.information_floor, tol.derivative64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gradient_parity(name, dtype):
-    """|ours - go f'(x)| <= |go| (floor + approximation + float32 evaluation) + rounding of the result.
+    """|ours - go f'(x)| <= |go| (floor + approximation + float32 evaluation) + rounding of the result
+    (tests/tolerances.py, gradient_bound, derives each term):
 
     - floor: the information floor per element (see information_floor); design.md's table gives its
       size: GELU bf16 1.56e-2, fp16 6.57e-3, fp32 4.31e-5 near the branch point, ~1e-4 elsewhere.
-    - approximation + float32 evaluation: the table's certificate (approx_error, float32_eval_error);
-      4 float32 ulps of |g| more for libm differences (torch.sqrt is not correctly rounded on CPU).
+    - approximation + float32 evaluation: the table's certificate (approx_error, float32_eval_error),
+      relative where |f'| > 1; 4 float32 ulps of |f'| + 1 more for libm differences (torch.sqrt is
+      not correctly rounded on CPU).
     - rounding: g * grad_out is computed in float32 then rounded once to dtype: half an ulp of the
       result in dtype (plus the float32 rounding of the product).
     """
-    cert = table(name)["certificate"]
     x = sample_x(name).to(dtype).requires_grad_()
     y = ops.apply(x, name, backend=EAGER)
     go = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     y.backward(go)
     x64, go64, y64 = x.detach().double().numpy(), go.double().numpy(), y.detach().double().numpy()
-    exact = go64 * _derivative64(name, x64)
-    floor = information_floor(name, x64, y64)
-    fp = np.abs(_derivative64(name, x64))
-    table_err = cert["approx_error"] + cert["float32_eval_error"] + 4 * np.spacing(np.float32(fp + 1)).astype(float)
-    eps = torch.finfo(dtype).eps
     ours = x.grad.double().numpy()
-    bound = np.abs(go64) * (floor + table_err) + (eps / 2 + 2.0**-24) * np.abs(ours) + torch.finfo(dtype).tiny
+    exact, bound, floor = tol.gradient_bound(name, dtype, x64, y64, go64, ours)
     err = np.abs(ours - exact)
     worst = np.argmax(err - bound)
     assert np.all(err <= bound), (f"x={x64[worst]!r} y={y64[worst]!r} err={err[worst]:.3g} "

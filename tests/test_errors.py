@@ -1,0 +1,109 @@
+"""Clear errors for bad input and faults that tests/test_ops.py, test_tables.py and test_cli.py do not
+already cover: non-tensor and non-float inputs through every entry point, $INVACT_BACKEND, empty
+tensors on the compiled backend, meta tensors, and generated code that is missing, broken or stale.
+
+Covered elsewhere: dtype TypeError via ops.apply (test_ops.test_non_float_inputs_raise_type_error),
+unknown name and backend argument, unavailable backend (test_ops), damaged / missing / other-version
+table files naming the file and the `invact fit` command (test_tables.test_load_rejects_damaged_files,
+test_cli.test_damaged_table_exit_2), a root without generated code (test_ops.test_use_root_...).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import invact
+import invact.functional as IF
+from invact import backends, ops
+
+NAMES = ops.names()
+pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
+NON_FLOAT = [torch.uint8, torch.int16, torch.complex128, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", NON_FLOAT, ids=str)
+def test_non_float_inputs_through_every_entry_point(dtype):
+    """Functional wrappers and modules reach the same TypeError naming x and the accepted dtypes
+    (PyTorch itself refuses most of these; it promotes integers for sigmoid/tanh and keeps them for
+    relu, but no integer tensor can carry a gradient)."""
+    x = torch.zeros(3, dtype=dtype)
+    for call in (lambda: IF.silu(x), lambda: invact.GELU()(x), lambda: IF.apply(x, NAMES[0]),
+                 lambda: invact.activation(NAMES[-1])(x)):
+        with pytest.raises(TypeError, match=r"x must be float16, bfloat16, float32 or float64, got " + str(dtype)):
+            call()
+
+
+@pytest.mark.parametrize("value", [3.0, [1.0, 2.0], None])
+def test_non_tensor_input(value):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got " + type(value).__name__):
+        ops.apply(value, NAMES[0])
+
+
+def test_unknown_backend_from_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENV, "cuda")
+    with pytest.raises(ValueError, match=r"INVACT_BACKEND must be one of triton, compiled, eager .*got 'cuda'"):
+        ops.apply(torch.zeros(3), NAMES[0])
+    with pytest.raises(ValueError, match=r"INVACT_BACKEND must be one of"):
+        invact.activation(NAMES[0])(torch.zeros(3))
+
+
+def test_unknown_name_lists_known_through_functional():
+    with pytest.raises(ValueError, match="unknown activation 'gleu'; known: " + ", ".join(NAMES)):
+        IF.apply(torch.zeros(3), "gleu")
+
+
+@pytest.mark.skipif("compiled" not in backends.available("cpu"), reason="no C++ compiler for inductor")
+def test_empty_tensor_backward_on_compiled_backend():
+    """A zero-element backward on the compiled backend asked bitpack.plane_chunks for chunks of 0
+    elements (range(0, 0, 0): ValueError); found by test_properties. Exact-route table: cheap compile."""
+    name = "relu" if "relu" in NAMES else NAMES[0]
+    x = torch.zeros(0, 3, requires_grad=True)
+    ops.apply(x, name, backend="compiled").sum().backward()
+    assert x.grad.shape == (0, 3)
+
+
+def test_meta_tensors_like_pytorch():
+    """Shape inference on the meta device (models built with init_empty_weights) works as in PyTorch
+    (ops.apply once asked torch.is_autocast_enabled('meta'), which raises)."""
+    x = torch.zeros(4, 3, device="meta")
+    y = ops.apply(x, NAMES[0], backend="eager")
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# generated code that is broken or from another invact version
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """A copy of the installed generated/ under tmp_path, loaded with invact.use_root; restored after."""
+    import invact.generated as pkg
+    src = Path(pkg.__file__).parent
+    shutil.copytree(src, tmp_path / "generated", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(pkg, "__path__", list(pkg.__path__))
+    yield tmp_path / "generated"
+    monkeypatch.undo()
+    invact.use_root(src.parent)
+
+
+def _damage(folder: Path, name: str, how: str) -> Path:
+    path = folder / f"torch_{name}.py"
+    if how == "syntax":
+        path.write_text("def broken(:\n")
+    else:                                   # another invact version: the kernel API renamed
+        path.write_text(path.read_text().replace("def grad_kernel(", "def grad_kernel_v0("))
+    return path
+
+
+@pytest.mark.parametrize("how", ["syntax", "stale"])
+def test_broken_generated_code_names_file_and_fix(tree, how):
+    name = "tanh" if "tanh" in NAMES else NAMES[0]
+    path = _damage(tree, name, how)
+    invact.use_root(tree.parent)
+    with pytest.raises(ImportError) as info:
+        x = torch.randn(3, requires_grad=True)
+        ops.apply(x, name, backend="eager").sum().backward()
+    assert str(path) in str(info.value) and "invact generate" in str(info.value)
