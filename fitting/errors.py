@@ -15,7 +15,11 @@ class FitError(InputError):
     """The requested bound cannot be met; carries the best error reached and what to relax."""
 
     def __init__(self, message: str, best_error: float | None = None, advice: str = ""):
-        super().__init__(message + (f" (best error reached {best_error:.3g}; {advice})" if best_error is not None else ""))
+        if best_error is not None:
+            message += f" (best error reached {best_error:.3g}; {advice})"
+        elif advice:
+            message += f"; {advice}"
+        super().__init__(message)
         self.best_error = best_error
         self.advice = advice
 

@@ -136,7 +136,9 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
     try:
         expr = sp.sympify(text, locals=names, rational=False, convert_xor=True)
     except (sp.SympifyError, SyntaxError, TypeError, AttributeError, ValueError) as exc:
-        raise SpecError(f"formula {text!r} could not be parsed: {exc}") from None
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"formula {text!r} could not be parsed ({reason}); write it in Python syntax in x, "
+                        "e.g. 'x*sigmoid(1.702*x)'") from None
     if not isinstance(expr, sp.Expr):
         raise SpecError(f"formula {text!r} is not an expression in x")
     free = {s.name for s in expr.free_symbols} - {"x"} - set(params)

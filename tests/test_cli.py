@@ -105,6 +105,10 @@ def test_show(tree, capsys):
     (["fit", "x**2", "--name", "not-an-identifier"], "must be a Python identifier"),
     (["fit", "elu", "--param", "beta=2"], "'beta' is not a parameter of 'elu'"),
     (["fit", "elu", "--param", "alpha=-1"], "needs alpha > 0"),
+    (["fit", "x**", "--name", "f"], "formula 'x**' could not be parsed (SyntaxError"),
+    (["fit", "x*(1+", "--name", "f"], "formula 'x*(1+' could not be parsed (TokenError"),
+    (["fit", "x*k", "--name", "f"], "unknown symbols ['k']"),
+    (["fit", "silu", "--tolerance", "1e-9"], "below what float32 coefficients can represent; use --tolerance 2e-8"),
     (["show", "silu"], "does not exist; create it with `invact fit silu`"),
     (["certify", "silu", "--target", "inverse"], "invact fit silu --target inverse"),
 ])
@@ -113,6 +117,21 @@ def test_input_errors_exit_2(tree, capsys, argv, message):
     assert status == 2 and out == ""
     assert err.startswith("invact: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tree / "generated" / "tables").iterdir()) == ["gelu.json", "tanh.json"]
+
+
+@pytest.mark.parametrize("formula, message", [
+    ("sin(x)", "infinitely many monotone branches"),
+    ("sqrt(x)", "not real-valued"),
+    ("1/x", "not real-valued (or not finite)"),
+    ("x**3 + x", "no constant tail"),       # its closed form fails in float32; the fit needs a tail
+])
+def test_analysis_errors_exit_2(tree, capsys, formula, message):
+    """Refused once branch analysis has started: progress lines, then one error line; nothing written."""
+    status, out, err = invact(capsys, "fit", formula, "--name", "f", "--root", tree)
+    lines = err.strip().splitlines()
+    assert status == 2 and out == "" and lines[-1].startswith("invact: error: ") and message in lines[-1], err
+    assert all(line.startswith("invact: [") for line in lines[:-1]), err
     assert sorted(p.name for p in (tree / "generated" / "tables").iterdir()) == ["gelu.json", "tanh.json"]
 
 

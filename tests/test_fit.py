@@ -101,3 +101,25 @@ def test_branch_point_exactly_representable():
     assert t["code_bits"] == 1
     assert t["certificate"]["approx_error"] <= 5e-8
     assert t["certificate"]["float32_eval_error"] <= 2.5e-7
+
+
+def test_unstable_closed_form_is_not_used():
+    """sympy's closed form of g for x**3 + x (Cardano) cancels catastrophically in float32 (1/0 for
+    large y): the exact route must be refused by its float32 check, not written with an infinite
+    float32 error; sigmoid's y(1 - y) passes the same check within the tolerance + F32_SLACK."""
+    import sympy as sp
+
+    from invact.fitting import pipeline
+    from invact.fitting.branches import analyze
+    from invact.fitting.exact import exact_expression
+    from invact.fitting.fit import F32_SLACK
+    from invact.fitting.formulas import get_spec
+
+    for formula, stable in (("x**3 + x", False), ("sigmoid(x)", True)):
+        spec = get_spec(formula, name="f")
+        b = analyze(spec).branches[0]
+        expr = exact_expression(b, spec, "derivative")
+        assert expr is not None, formula
+        seg = {"kind": "exact", "expr": sp.sstr(expr), "y_range": list(b.y_range), "branch": 0}
+        err = pipeline._exact_float32_error(b, "derivative", seg, spec.params)
+        assert (err <= 5e-8 + F32_SLACK) == stable, (formula, err)
