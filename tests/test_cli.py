@@ -237,6 +237,26 @@ def test_generate(tree, capsys):
         assert (tree / "generated" / name).is_file()
 
 
+@pytest.mark.slow
+def test_concurrent_fits_of_one_name(tree):
+    """Two `invact fit` processes on the same name at once: both succeed, one complete valid table
+    remains, no temp files, and the generated code is that table's (a fresh `invact generate` changes
+    no byte: code and table come from the same run)."""
+    env = dict(os.environ, INVACT_ROOT=str(tree))
+    # different sample counts: different certificates, so the tables (and META's sha256) differ
+    procs = [subprocess.Popen([str(INVACT), "fit", "sigmoid", "--fp32-samples", n], env=env, cwd="/", text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in ("65536", "32768")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    folder = tree / "generated"
+    tables.load_table(folder / "tables" / "sigmoid.json")
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    after_fits = snapshot(folder)
+    assert run("generate", root=tree).returncode == 0
+    assert snapshot(folder) == after_fits
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_root_before_or_after_the_command(tree, capsys, where):
     # a value given before the command must survive the subcommand's own parsing
