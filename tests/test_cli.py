@@ -177,6 +177,11 @@ def test_fit_certify_plot_in_a_temporary_tree(tree, capsys):
     assert snapshot(REPO_TABLES) == repo_before
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_interrupted_fits_leave_the_tree_unchanged(tree):
     """SIGINT and SIGTERM during a fit: exit 130 / 143, no table, no temp file, no code written."""
@@ -184,8 +189,9 @@ def test_interrupted_fits_leave_the_tree_unchanged(tree):
     env = dict(os.environ, INVACT_ROOT=str(tree))
     procs = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
+        # as a foreground job: pytest-xdist workers may ignore SIGINT, and children inherit SIG_IGN
         procs[sig] = subprocess.Popen([str(INVACT), "fit", "silu"], env=env, cwd="/", text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
     for sig, proc in procs.items():
         first = proc.stderr.readline()                 # the fit has started (imports are done)
         assert "silu: analysing branches" in first, first
