@@ -88,7 +88,7 @@ def g_kernel(y, code, thr, poly):
     g = torch.where(s == 1, 1.0, g)
     g = torch.where(s == 2, -1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0, g)
     g = torch.where(s == 3, 0.0, g)
-    g = torch.where(y != y, y, g)
+    g = torch.where(y != y, torch.where(code == 1, 0.0, y), g)
     return g
 
 

@@ -79,7 +79,7 @@ def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
         s = torch.bucketize(y, thr[0:1], out_int32=True, right=True)
     g = torch.zeros_like(y) + negative_slope
     g = torch.where(s == 1, 1.0, g)
-    g = torch.where(y != y, y, g)
+    g = torch.where(y != y, negative_slope, g)
     return g
 
 

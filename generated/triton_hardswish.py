@@ -32,7 +32,7 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.where((x <= -3.0), 0.0, tl.where((x < 3.0), x*(x + 3.0)/6.0, x))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-        c = tl.where(x >= tl.load(XT + 0), 0, tl.zeros(x.shape, dtype=tl.int32) + 1)
+        c = (x < tl.load(XT + 0)).to(tl.int32)
         acc = acc | (tl.where(mask, c, 0) << (j * BITS))
     tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)
 
@@ -53,7 +53,7 @@ def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, BLOCK: tl.constexpr):
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(s == 2, -1.7320508075688772*tl.sqrt(8.0*y + 3.0)/6.0, g)
     g = tl.where(s == 3, 0.0, g)
-    g = tl.where(y != y, y, g)
+    g = tl.where(y != y, tl.where(code == 1, 0.0, y), g)
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
 

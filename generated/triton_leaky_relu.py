@@ -40,7 +40,7 @@ def backward_kernel(GO, Y, GX, YT, P, n, nbytes, negative_slope, BLOCK: tl.const
     s = tl.zeros(y.shape, dtype=tl.int32) + (y >= tl.load(YT + 0)).to(tl.int32)
     g = tl.zeros(y.shape, dtype=tl.float32) + negative_slope
     g = tl.where(s == 1, 1.0, g)
-    g = tl.where(y != y, y, g)
+    g = tl.where(y != y, negative_slope, g)
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
 

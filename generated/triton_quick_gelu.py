@@ -56,7 +56,7 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = x/(1.0 + tl.exp(-851.0*x/500.0))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-        c = tl.where(x >= tl.load(XT + 0), 0, tl.zeros(x.shape, dtype=tl.int32) + 1)
+        c = (x < tl.load(XT + 0)).to(tl.int32)
         acc = acc | (tl.where(mask, c, 0) << (j * BITS))
     tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)
 

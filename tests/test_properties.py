@@ -25,6 +25,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -330,3 +331,30 @@ def test_expanded_input_strides(make):
     for name in NAMES[:3]:
         y, ref = ops.apply(x, name, backend="eager"), tol.torch_reference(name, x)
         assert y.stride() == ref.stride(), (name, y.stride(), ref.stride())
+
+
+_NAN_Y_CASES = [("relu", {}, math.nan, lambda x: F.relu(x)),
+                ("leaky_relu", {"negative_slope": 0.2}, math.nan, lambda x: F.leaky_relu(x, 0.2)),
+                ("hardswish", {}, -math.inf, lambda x: F.hardswish(x))]
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("name, params, value, reference", _NAN_Y_CASES, ids=[c[0] for c in _NAN_Y_CASES])
+def test_finite_pytorch_gradient_where_y_is_nan(name, params, value, reference, backend):
+    """Where y is NaN but PyTorch's gradient is finite (relu and leaky_relu at x = NaN, hardswish at
+    x = -inf), invact gives PyTorch's value: the generated code's per-code value at NaN y
+    (codegen.analysis.Plan.nan_values), with parameters kept symbolic (slope 0.2, not the default)."""
+    if name not in NAMES:
+        pytest.skip(f"no {name} table")
+    if backend not in backends.available("cpu"):
+        pytest.skip(f"no {backend} backend")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.full((64,), 0.5, dtype=dtype)
+        x[0], x[5] = value, -2.0
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        go = torch.linspace(0.5, 2.0, 64, dtype=dtype)
+        reference(a).backward(go)
+        y = ops.apply(b, name, params, backend=backend)
+        assert y[0].isnan()
+        y.backward(go)
+        assert torch.isfinite(a.grad[0]) and torch.equal(b.grad[:1], a.grad[:1]), (dtype, a.grad[0], b.grad[0])

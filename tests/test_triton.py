@@ -110,3 +110,23 @@ def test_empty_and_fp64_fall_back():
     assert ops.apply(x, name, backend="triton").shape == (0,)
     x64 = torch.randn(10, dtype=torch.float64)
     assert torch.equal(ops.apply(x64, name, backend="triton"), ops.apply(x64, name, backend="eager"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_special_values_match_torch(name, dtype):
+    """NaN, +-inf, +-0 and the largest values: the same code as the torch backend (a NaN x takes the
+    code torch's comparison gives it), and a gradient NaN exactly where torch's is, equal at
+    infinities, within the backward tolerance above elsewhere (which covers the finite values that
+    generated code gives at NaN y, Plan.nan_values: relu 1, leaky_relu its slope, hardswish 0)."""
+    fi = torch.finfo(dtype)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, fi.max, -fi.max, 1.0, -1.0] * 3,
+                     dtype=dtype)
+    params = _params(name)
+    y, code = torch.ops.invact.forward(x, name, params, "eager")
+    assert torch.equal(torch.ops.invact.forward(x, name, params, "triton")[1], code)
+    go = torch.linspace(-2, 2, x.numel()).to(dtype)
+    a = torch.ops.invact.backward(go, y, code, name, params, "triton")
+    b = torch.ops.invact.backward(go, y, code, name, params, "eager")
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[a.isinf()], b[a.isinf()]), (name, a, b)
+    ok = torch.isfinite(a)
+    assert torch.equal(ok, torch.isfinite(b)) and _within(a[ok], b[ok], 8, go[ok].double().abs() * 2.0**-21)

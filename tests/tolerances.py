@@ -194,10 +194,6 @@ class Deviation:
 _ALL = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _nan_x(x, y, go, dtype, params):
-    return np.isnan(x)
-
-
 def _overflowed_from_finite(x, y, go, dtype, params):
     return np.isfinite(x) & np.isinf(y)
 
@@ -220,18 +216,6 @@ def _product_overflows(x, y, go, dtype, params):
 
 
 DEVIATIONS = (
-    Deviation("relu-nan", "relu", _ALL, _nan_x, lambda d: (math.nan,), True,
-              "PyTorch's relu backward is threshold_backward(grad, y, 0): NaN <= 0 is false, so the "
-              "gradient passes (1) on every path; invact's g(NaN) is NaN. Fix: g(NaN) = PyTorch's "
-              "derivative at NaN where its scalar and vectorised paths agree (probed per table)"),
-    Deviation("leaky_relu-nan", "leaky_relu", _ALL, _nan_x, lambda d: (math.nan,), True,
-              "PyTorch's leaky_relu backward is x > 0 ? grad : grad * negative_slope: negative_slope at "
-              "NaN on every path; invact's g(NaN) is NaN. Fix as relu-nan (the value is a parameter)"),
-    Deviation("hardswish-minus-inf", "hardswish", _ALL, lambda x, y, go, d, p: x == -math.inf,
-              lambda d: (-math.inf,), True,
-              "PyTorch's forward gives y = -inf * 0 = NaN at x = -inf, its backward 0 (x < -3); invact's "
-              "g(NaN) is NaN. The stored code says 'left of the minimum' (NaN inputs get the right "
-              "code), so g(NaN, code=left) = 0 would match: per-code values at NaN y"),
     Deviation("gelu-overflow", "gelu", (torch.float32, torch.bfloat16), _overflowed_from_finite,
               lambda d: (2.0**127 * 1.5, 2.0**127 * 1.9921875), False,
               "PyTorch's vectorised float32 GELU overflows to y = inf for finite x >= 1.7e38 (its scalar "

@@ -12,6 +12,7 @@ hold zeros there, so their Q is exactly 1 and dividing by it changes nothing).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import sympy as sp
 
 from .printer import parse
 
-__all__ = ["Plan", "CodeClass", "Transform", "analyze"]
+__all__ = ["Plan", "CodeClass", "Transform", "analyze", "code_of"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Plan:
     transforms: tuple[Transform, ...]
     exact: tuple[tuple[int, sp.Expr], ...]
     constant: tuple[tuple[int, sp.Expr], ...]
+    nan_values: tuple[tuple[int, sp.Expr], ...] = ()   # (code, g where y is NaN); other codes: NaN
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -141,6 +143,7 @@ def analyze(table: dict, source: str | Path) -> Plan:
                 constant.append((index, num(seg["value"])))
             rows.append(tuple(row))
     fc = table["forward_code"]
+    nan_values = _nan_values(table, classes, exact, constant, rows, num)
     return Plan(
         name=table["name"], source=Path(source).as_posix(), meta=_meta(table),
         params=tuple((n, float(v)) for n, v in table["params"].items()),
@@ -149,4 +152,71 @@ def analyze(table: dict, source: str | Path) -> Plan:
         x_breaks=tuple((num(b["value"]), b["side"]) for b in fc["x_breaks"]),
         codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), degree=degree,
         den_degree=den_degree,
-        transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant))
+        transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant), nan_values=nan_values)
+
+
+def code_of(codes: tuple[int, ...], x: float) -> int:
+    """The forward code the generated kernels give x when x is NaN or +-inf (every comparison with
+    NaN is false): what :func:`.evaluation.TorchDialect.interval_code` and the Triton dialect emit."""
+    k = len(codes) - 1
+    if k == 0 or x == -math.inf:
+        return codes[0]
+    if x == math.inf:
+        return codes[k]
+    if list(codes) == list(range(k + 1)):                  # sum of (x >= thr[j]): 0
+        return codes[0]
+    if k == 1 and list(codes) == [1, 0]:                   # (x < thr[0]): 0
+        return codes[1]
+    return codes[0]                                        # where-chain from codes[0]
+
+
+def _torch_derivatives(table: dict, x: float) -> tuple[tuple[float, float], ...]:
+    """(y, f'(x)) by PyTorch's float64 forward and autograd at x, on its scalar path (1 element) and
+    its vectorised path (element 0 of 64), which can differ at NaN."""
+    import torch
+    import torch.nn.functional as F
+    out = []
+    for n in (1, 64):
+        xt = torch.full((n,), x, dtype=torch.float64, requires_grad=True)
+        y = eval(table["torch_forward"], {"F": F, "torch": torch, "x": xt, **table["params"]})  # noqa: S307
+        y.sum().backward()
+        out.append((float(y.detach()[0]), float(xt.grad[0])))
+    return tuple(out)
+
+
+def _nan_values(table, classes, exact, constant, rows, num) -> tuple[tuple[int, sp.Expr], ...]:
+    """Per code, g where the stored y is NaN: PyTorch's derivative at the inputs x in {NaN, -inf, +inf}
+    whose y is NaN and whose forward code is that code, where it is one finite value on both of
+    PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0). Written as
+    the code class's constant-valued segment with that value (so parameters stay symbolic), or as
+    the number for tables without generic parameters. Elsewhere NaN, as the float32 scheme gives.
+    Tables without a PyTorch forward (user formulas) keep NaN."""
+    if not table.get("torch_forward"):
+        return ()
+    found: dict[int, set] = {}
+    for x in (math.nan, -math.inf, math.inf):
+        paths = _torch_derivatives(table, x)
+        if not all(math.isnan(y) for y, _ in paths):
+            continue                                       # y is not NaN: no restore applies
+        values = {d for _, d in paths}
+        if len(values) > 1 and any(math.isnan(v) for v in values):
+            continue                                       # PyTorch itself gives either: no constraint
+        found.setdefault(code_of(tuple(table["forward_code"]["codes"]), x), set()).update(values)
+    defaults = {sp.Symbol(n, real=True): v for n, v in table["params"].items()}
+    y = sp.Symbol("y", real=True)
+    out = []
+    for cls in classes:
+        values = found.get(cls.code, set())
+        if len(values) != 1 or not math.isfinite(value := next(iter(values))):
+            continue
+        in_class = range(cls.offset, cls.offset + cls.n_segments)
+        candidates = [e for i, e in exact + constant if i in in_class and not e.has(y)]
+        candidates += [sp.Float(rows[i][Plan.ROW_C0]) for i in in_class
+                       if not any(i == j for j, _ in exact + constant) and rows[i][Plan.ROW_SCALE] == 0.0
+                       and not any(rows[i][Plan.ROW_C0 + 1:])]
+        match = [e for e in candidates if float(e.subs(defaults)) == value]
+        if match:
+            out.append((cls.code, match[0]))
+        elif not table["param_generic"]:
+            out.append((cls.code, sp.Float(value)))
+    return tuple(out)

@@ -73,6 +73,8 @@ class TritonDialect(TorchDialect):
         return [start] + terms
 
     def interval_code(self, plan: Plan) -> str:
+        if len(plan.x_breaks) == 1 and list(plan.codes) == [1, 0]:  # as torch: NaN gets code 0
+            return "(x < tl.load(XT + 0)).to(tl.int32)"
         text = f"tl.zeros(x.shape, dtype=tl.int32) + {plan.codes[0]}"
         for j in range(len(plan.x_breaks)):
             text = f"tl.where(x >= tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
@@ -171,8 +173,13 @@ def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
         w(f"g = {value}" if tensor else f"g = {d.zeros('y')} + {value}")
     for i, value, _ in others:
         w(f"g = {d.where}(s == {i}, {value}, g)")
-    if constant_valued or plan.has_poly or isinstance(d, TritonDialect):
-        w(f"g = {d.where}({d.isnan('y')}, y, g)")  # constants and the float32 log drop NaN
+    if constant_valued or plan.has_poly or plan.nan_values or isinstance(d, TritonDialect):
+        # constants and the float32 log drop NaN; PyTorch's own value where it has one (Plan.nan_values)
+        fill = "y"
+        for code, value in plan.nan_values:
+            v = printer.doprint(value)
+            fill = v if plan.code_bits == 0 else f"{d.where}(code == {code}, {v}, {fill})"
+        w(f"g = {d.where}({d.isnan('y')}, {fill}, g)")
 
 
 def emit_code(w: Writer, plan: Plan, d: TorchDialect) -> None:
