@@ -327,8 +327,9 @@ def _common(suffix: str) -> argparse.ArgumentParser:
     """--root and --debug, accepted before and after the command. A subcommand's parser would reset
     a value given before it, so its copies store under other names that :func:`_merge` folds back."""
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--root", type=Path, dest="root" + suffix, help="project tree holding generated/ "
-                        "(default: $INVACT_ROOT, else the installed invact package)")
+    common.add_argument("--root", type=Path, dest="root" + suffix, metavar="DIR",
+                        help="project tree holding generated/ (default: $INVACT_ROOT, else the installed "
+                        "invact package)")
     common.add_argument("--debug", action="store_true", dest="debug" + suffix,
                         help="print the full traceback on internal errors")
     return common
