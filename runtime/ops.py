@@ -206,6 +206,15 @@ def _order(t: Tensor) -> list[int]:
     return perm[::-1]
 
 
+def _dense_strides(x: Tensor) -> tuple[int, ...]:
+    """The strides of :func:`_like`'s tensor, without allocating it."""
+    strides, step = [0] * x.dim(), 1
+    for d in reversed(_order(x)):
+        strides[d] = step
+        step *= max(x.size(d), 1)
+    return tuple(strides)
+
+
 def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output)."""
     order = _order(x)
@@ -246,7 +255,7 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         _triton_module(name).forward(_flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params))
         return y, code
     y = mod.forward(x, **k.params)
-    if y.stride() != _like(x).stride():  # keep the layout the fake promises
+    if y.stride() != _dense_strides(x):  # keep the layout the fake promises
         y = _like(x).copy_(y)
     if not bits:
         return y, _empty_code(x, 0)
