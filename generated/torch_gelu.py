@@ -84,8 +84,13 @@ def g_kernel(y, code, thr, poly):
     if torch.compiler.is_compiling():
         q = selection.columns(POLY, CLASSES, y, thr, code)
     else:
-        s1 = torch.bucketize(y, thr[2:5], out_int32=True, right=True) + 3
-        s = torch.bucketize(y, thr[0:2], out_int32=True, right=True)
+        s1 = (
+            (y >= thr[2]).to(torch.int32)
+            + (y >= thr[3]).to(torch.int32)
+            + (y >= thr[4]).to(torch.int32)
+            + 3
+        )
+        s = (y >= thr[0]).to(torch.int32) + (y >= thr[1]).to(torch.int32)
         s = torch.where(code == 1, s1, s)
         q = poly.index_select(1, s)
     t = fastmath.log(torch.clamp_min(-y, 1.1754943508222875e-38))

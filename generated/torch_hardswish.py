@@ -81,8 +81,8 @@ def g_kernel(y, code, thr, poly):
         s = (y >= thr[0]).to(torch.int32)
         s = torch.where(code == 1, s1, s)
     else:
-        s1 = torch.bucketize(y, thr[1:2], out_int32=True, right=True) + 2
-        s = torch.bucketize(y, thr[0:1], out_int32=True, right=True)
+        s1 = (y >= thr[1]).to(torch.int32) + 2
+        s = (y >= thr[0]).to(torch.int32)
         s = torch.where(code == 1, s1, s)
     g = 1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0
     g = torch.where(s == 1, 1.0, g)

@@ -76,7 +76,7 @@ def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
     if torch.compiler.is_compiling():
         s = (y >= thr[0]).to(torch.int32)
     else:
-        s = torch.bucketize(y, thr[0:1], out_int32=True, right=True)
+        s = (y >= thr[0]).to(torch.int32)
     g = torch.zeros_like(y) + negative_slope
     g = torch.where(s == 1, 1.0, g)
     g = torch.where(y != y, negative_slope, g)

@@ -28,7 +28,7 @@ from . import backends, bitpack
 __all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_EAGER_CHUNK = 1 << 20  # eager backward works on chunks of this many elements (bounded temporaries)
+_EAGER_CHUNK = 1 << 16  # eager backward works on chunks of this many elements (bounded temporaries)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from .writer import Writer
 __all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
 
 TINY32 = 1.1754943508222875e-38  # smallest normal float32: the log transform's floor
+EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
 
 
 class TorchDialect:
@@ -31,11 +32,13 @@ class TorchDialect:
     def constant_index(self, offset: int) -> str: return repr(offset)
 
     def class_index(self, plan: Plan, c, compare: bool) -> str:
-        """Global segment index within code class ``c``: count of thresholds <= y, plus its offset."""
+        """Global segment index within code class ``c``: count of thresholds <= y, plus its offset.
+        Eager code compares too when the class has few thresholds (aten.bucketize is a scalar
+        binary search, slower than a few vectorised comparisons)."""
         if not c.y_breaks:
             return [repr(c.offset)]
         a, b = c.break_offset, c.break_offset + len(c.y_breaks)
-        if compare:
+        if compare or len(c.y_breaks) <= EAGER_COMPARES:
             terms = [f"(y >= thr[{j}]).to(torch.int32)" for j in range(a, b)]
         else:
             terms = [f"torch.bucketize(y, thr[{a}:{b}], out_int32=True, right=True)"]
