@@ -211,8 +211,10 @@ def _jobs(table: dict, heavy: list[int], exhaustive: bool, fp32_samples: int) ->
         n = _fp32_count(table, i, None if exhaustive else fp32_samples)
         per = JOB_VALUES if not exhaustive else 1 << 24
         label = "every fp32 value" if exhaustive else f"{fp32_samples} stratified fp32 values"
-        fp32 += [_Job("fp32", i, float(min(n, a + per) - a), label, span=(a, min(n, a + per)),
-                      samples=None if exhaustive else fp32_samples) for a in range(0, n, per)]
+        parts = -(-n // per)
+        fp32 += [_Job("fp32", i, float(min(n, a + per) - a),
+                      label + (f", part {k + 1}/{parts}" if parts > 1 else ""), span=(a, min(n, a + per)),
+                      samples=None if exhaustive else fp32_samples) for k, a in enumerate(range(0, n, per))]
     return bounds + halves + fp32
 
 
