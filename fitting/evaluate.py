@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-__all__ = ["eval_code_class", "eval_segment", "segment_index", "number", "error_curve"]
+__all__ = ["eval_code_class", "eval_segment", "horner", "segment_index", "number", "error_curve"]
 
 TINY32 = np.float32(np.finfo(np.float32).tiny)
 # The runtime's float32 log (invact.fastmath, Cephes logf from the float's bits), emulated exactly.
@@ -87,21 +87,27 @@ def eval_segment(seg: dict, y: np.ndarray, params: dict | None = None) -> np.nda
                 d = np.maximum(d, ft(TINY32))
                 t = np.where(np.isnan(d), d, log32(d)) if y.dtype == np.float32 else np.log(d)
     u = np.clip((t - ft(seg["center"])) * ft(seg["scale"]), ft(-1), ft(1))
-    c = [ft(v) for v in seg["coeffs"]]
-    if len(c) == 1:
-        return (u * ft(0) + ft(seg["c0_lo"])) + c[0]
-    p = np.full_like(u, c[-1])
-    for cj in c[-2:0:-1]:
-        p = p * u + cj
-    if "den" in seg:                 # rational: p = N(u) / Q(u), Q by Horner down to d0 = 1
-        d = [ft(v) for v in seg["den"]]
-        q = np.full_like(u, d[-1])
-        for dj in d[-2::-1]:
-            q = q * u + dj
+    return horner(seg["coeffs"], seg["c0_lo"], u, seg.get("den"))
+
+
+def horner(coeffs, c0_lo: float, u: np.ndarray, den=None) -> np.ndarray:
+    """The documented evaluation order in u's dtype (docs/table-format.md): c0 + u N(u), or with a
+    denominator (1, d1 .. dn) c0 + u N(u) / Q(u), Q by Horner down to d0 = 1."""
+    u = np.asarray(u)
+    ft = u.dtype.type
+    if len(coeffs) == 1:
+        return (u * ft(0) + ft(c0_lo)) + ft(coeffs[0])   # u * 0: NaN propagates, as in generated code
+    p = np.full_like(u, coeffs[-1])
+    for c in coeffs[-2:0:-1]:
+        p = p * u + ft(c)
+    if den is not None:
+        q = np.full_like(u, den[-1])
+        for d in den[-2::-1]:
+            q = q * u + ft(d)
         with np.errstate(all="ignore"):
             p = p / q
     p = p * u
-    return (p + ft(seg["c0_lo"])) + c[0]
+    return (p + ft(c0_lo)) + ft(coeffs[0])
 
 
 @lru_cache(maxsize=256)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FitError
+from .evaluate import horner
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
 
@@ -37,8 +38,7 @@ def layout_cost(degree: int, pieces: int, den_degree: int = 0) -> int:
     degree (numerator and denominator), a division for rationals, and one blend per piece for each
     of the degree + den_degree + 5 row columns (transform id, center, scale, c0 hi and lo, c1 .. cm,
     d1 .. dn). Gathering rows (Triton) prefers fewer pieces as well."""
-    steps = degree + den_degree + (DIVISION_COST if den_degree else 0)
-    return steps + pieces * (degree + den_degree + 5)
+    return table_cost([(degree, den_degree, pieces)])
 
 
 def table_cost(branches: list[tuple[int, int, int]], n_codes: int = 1) -> int:
@@ -148,23 +148,6 @@ class PieceFit:
         if self.den is not None:
             out["den"] = list(self.den)
         return out
-
-
-def horner(coeffs, c0_lo: float, u: np.ndarray, den=None) -> np.ndarray:
-    """The documented evaluation order, in u's dtype: c0 + u N(u) (/ Q(u) with a denominator)."""
-    u = np.asarray(u)
-    p = np.full_like(u, coeffs[-1])
-    if len(coeffs) == 1:
-        return (np.zeros_like(u) + c0_lo) + coeffs[0]
-    for c in coeffs[-2:0:-1]:
-        p = p * u + u.dtype.type(c)
-    if den is not None:
-        q = np.full_like(u, den[-1])
-        for d in den[-2::-1]:
-            q = q * u + u.dtype.type(d)
-        p = p / q
-    p = p * u
-    return (p + u.dtype.type(c0_lo)) + u.dtype.type(coeffs[0])
 
 
 def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int,
