@@ -143,7 +143,7 @@ def analyze(table: dict, source: str | Path) -> Plan:
                 constant.append((index, num(seg["value"])))
             rows.append(tuple(row))
     fc = table["forward_code"]
-    nan_values = _nan_values(table, classes, exact, constant, rows, num)
+    nan_values = _nan_values(table, classes, exact, constant, rows)
     return Plan(
         name=table["name"], source=Path(source).as_posix(), meta=_meta(table),
         params=tuple((n, float(v)) for n, v in table["params"].items()),
@@ -184,7 +184,7 @@ def _torch_derivatives(table: dict, x: float) -> tuple[tuple[float, float], ...]
     return tuple(out)
 
 
-def _nan_values(table, classes, exact, constant, rows, num) -> tuple[tuple[int, sp.Expr], ...]:
+def _nan_values(table, classes, exact, constant, rows) -> tuple[tuple[int, sp.Expr], ...]:
     """Per code, g where the stored y is NaN: PyTorch's derivative at the inputs x in {NaN, -inf, +inf}
     whose y is NaN and whose forward code is that code, where it is one finite value on both of
     PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0). Written as
@@ -204,16 +204,16 @@ def _nan_values(table, classes, exact, constant, rows, num) -> tuple[tuple[int, 
         found.setdefault(code_of(tuple(table["forward_code"]["codes"]), x), set()).update(values)
     defaults = {sp.Symbol(n, real=True): v for n, v in table["params"].items()}
     y = sp.Symbol("y", real=True)
+    symbolic = dict(exact + constant)                      # segment index -> expression (no POLY row)
     out = []
     for cls in classes:
         values = found.get(cls.code, set())
         if len(values) != 1 or not math.isfinite(value := next(iter(values))):
             continue
         in_class = range(cls.offset, cls.offset + cls.n_segments)
-        candidates = [e for i, e in exact + constant if i in in_class and not e.has(y)]
-        candidates += [sp.Float(rows[i][Plan.ROW_C0]) for i in in_class
-                       if not any(i == j for j, _ in exact + constant) and rows[i][Plan.ROW_SCALE] == 0.0
-                       and not any(rows[i][Plan.ROW_C0 + 1:])]
+        candidates = [symbolic[i] for i in in_class if i in symbolic and not symbolic[i].has(y)]
+        candidates += [sp.Float(rows[i][Plan.ROW_C0]) for i in in_class       # numeric constant rows
+                       if i not in symbolic and rows[i][Plan.ROW_SCALE] == 0.0 and not any(rows[i][Plan.ROW_C0 + 1:])]
         match = [e for e in candidates if float(e.subs(defaults)) == value]
         if match:
             out.append((cls.code, match[0]))
