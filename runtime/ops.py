@@ -85,22 +85,29 @@ TRITON_API = ("forward", "backward")
 
 def _import_generated(module: str, api: tuple[str, ...]) -> ModuleType:
     """Import generated code; broken or stale files raise ImportError naming the file and the fix."""
+    try:
+        mod = importlib.import_module(module)
+    except (ImportError, SyntaxError) as error:
+        where, fix = _generated_file(module)
+        raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "
+                          f"{fix} to rebuild it from its table") from error
+    missing = [a for a in api if not hasattr(mod, a)]
+    if missing:
+        where, fix = _generated_file(module)
+        raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
+                          f"version?); {fix} to rebuild it from its table")
+    return mod
+
+
+def _generated_file(module: str) -> tuple[str, str]:
+    """(the file behind generated ``module``, the command that rebuilds it), for error messages."""
     import invact.generated as pkg
     short = module.rsplit(".", 1)[-1]
     where = next((str(Path(p) / f"{short}.py") for p in pkg.__path__ if (Path(p) / f"{short}.py").is_file()),
                  f"{short}.py in {list(pkg.__path__)}")
     root = Path(where).parent.parent
     fix = f"run `invact generate --root {root}`" if root != Path(pkg.__file__).parent.parent else "run `invact generate`"
-    try:
-        mod = importlib.import_module(module)
-    except (ImportError, SyntaxError) as error:
-        raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "
-                          f"{fix} to rebuild it from its table") from error
-    missing = [a for a in api if not hasattr(mod, a)]
-    if missing:
-        raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
-                          f"version?); {fix} to rebuild it from its table")
-    return mod
+    return where, fix
 
 
 @functools.cache
@@ -207,7 +214,7 @@ def _order(t: Tensor) -> list[int]:
 
 
 def _dense_strides(x: Tensor) -> tuple[int, ...]:
-    """The strides of :func:`_like`'s tensor, without allocating it."""
+    """Strides of a dense tensor shaped like x in :func:`_order`'s memory order (no allocation)."""
     strides, step = [0] * x.dim(), 1
     for d in reversed(_order(x)):
         strides[d] = step
@@ -217,9 +224,7 @@ def _dense_strides(x: Tensor) -> tuple[int, ...]:
 
 def _like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output)."""
-    order = _order(x)
-    out = torch.empty([x.size(d) for d in order], dtype=dtype or x.dtype, device=x.device)
-    return out.permute([order.index(d) for d in range(x.dim())])
+    return torch.empty_strided(x.shape, _dense_strides(x), dtype=dtype or x.dtype, device=x.device)
 
 
 def _flat(t: Tensor, order: list[int]) -> Tensor:
