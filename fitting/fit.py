@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FitError
-from .evaluate import horner
+from .evaluate import eval_segment, horner
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
 
-__all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
-           "DEGREES", "RATIONALS", "DIVISION_COST"]
+__all__ = ["Transform", "PieceFit", "fit_branch", "float32_scheme_error", "layout_cost", "table_cost",
+           "branch_layout", "layouts", "DEGREES", "RATIONALS", "DIVISION_COST"]
 
 DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
                                 # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
@@ -191,15 +191,21 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
 
 
 def _float32_error(piece: PieceFit, ref: BranchReference, y_nodes: np.ndarray) -> float:
-    """Max error of the emulated float32 scheme at float32 y (the nodes and an even spread),
-    absolute where |g| <= 1 and relative above, as certification measures it."""
-    from .evaluate import eval_segment
+    """:func:`float32_scheme_error` of the piece at float32 y: the nodes and an even spread."""
     y = np.concatenate([y_nodes, np.linspace(piece.y_lo, piece.y_hi, 1025)]).astype(np.float32)
-    y = y[(y >= piece.y_lo) & (y <= piece.y_hi)]
+    return float32_scheme_error(piece.to_json(), ref, y[(y >= piece.y_lo) & (y <= piece.y_hi)])
+
+
+def float32_scheme_error(seg: dict, ref: BranchReference, y: np.ndarray, params: dict | None = None) -> float:
+    """Max error of segment ``seg``'s emulated float32 scheme at the float32 values ``y`` against the
+    float64 reference, absolute where |g| <= 1 and relative above, as certification measures it; inf
+    where float32 gives NaN or inf and the reference is finite."""
+    y = np.asarray(y, dtype=np.float32)
     g = ref(y.astype(np.float64))
     with np.errstate(all="ignore"):
-        got = eval_segment(piece.to_json(), y).astype(np.float64)
-    return float(np.max(np.abs(got - g) / np.maximum(1.0, np.abs(g)), initial=0.0))
+        got = eval_segment(seg, y, params).astype(np.float64)
+        err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
+    return float(np.max(err[np.isfinite(g)], initial=0.0))
 
 
 def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:

@@ -12,7 +12,8 @@ import sympy as sp
 from .branches import Analysis, Branch, analyze
 from .errors import FitError, InputError
 from .exact import exact_expression
-from .fit import F32_SLACK, branch_layout, f32, f32_below, fit_branch, layout_cost, table_cost
+from .fit import (F32_SLACK, branch_layout, f32, f32_below, fit_branch, float32_scheme_error, layout_cost,
+                  table_cost)
 from .formulas import X, ActivationSpec
 from .reference import BranchReference
 
@@ -120,17 +121,10 @@ def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float,
 
 
 def _exact_float32_error(b: Branch, target: str, seg: dict, params: dict) -> float:
-    """Max error of an exact segment evaluated in float32 against the float64 reference, at float32 y
-    spread evenly in float32 order over the branch (absolute where |g| <= 1, relative above; inf
-    where float32 gives NaN or inf and the reference is finite), as certification counts it."""
-    from .evaluate import eval_segment
+    """``float32_scheme_error`` of an exact segment at float32 y spread evenly in float32 order
+    over the branch."""
     from .reference import _ordinal_nodes
-    y = _ordinal_nodes(*b.y_range)
-    g = BranchReference(b, target)(y)
-    with np.errstate(all="ignore"):
-        got = eval_segment(seg, y.astype(np.float32), params).astype(np.float64)
-        err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
-    return float(np.max(err[np.isfinite(g)], initial=0.0))
+    return float32_scheme_error(seg, BranchReference(b, target), _ordinal_nodes(*b.y_range), params)
 
 
 def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[int, list[dict]]:
