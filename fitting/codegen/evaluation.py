@@ -21,7 +21,7 @@ class TorchDialect:
     printer = TorchPrinter
     where = "torch.where"
 
-    def sqrt(self, v): return f"torch.sqrt({v})"
+    def sqrt(self, v): return f"fastmath.sqrt({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"fastmath.log({v})"
     def at_least(self, v, lo): return f"torch.clamp_min({v}, {lo!r})"
     def clamp1(self, v): return f"torch.clamp({v}, -1.0, 1.0)"
