@@ -44,6 +44,11 @@ POLY = (
     (0.0, 0.0, 0.0, 0.0, 0.0),
     (0.0, 0.0, 0.0, 0.0, 0.0),
 )
+# (kind, sign, origin terms) of each transform id
+TRANSFORMS = ()
+# Every segment a polynomial row of POLY (no closed forms, rationals or NaN values): what the
+# fused CPU backward evaluates (invact.cpu_kernel)
+FUSED_CPU = False
 
 
 def forward(x, *, scale=1.0507009873554805, alpha=1.6732632423543772):

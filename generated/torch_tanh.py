@@ -43,6 +43,11 @@ CLASSES = ((0, 0, 1, 0),)
 POLY = (
     (0.0, 0.0, 0.0, 0.0, 0.0),
 )
+# (kind, sign, origin terms) of each transform id
+TRANSFORMS = ()
+# Every segment a polynomial row of POLY (no closed forms, rationals or NaN values): what the
+# fused CPU backward evaluates (invact.cpu_kernel)
+FUSED_CPU = False
 
 
 def forward(x):

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import backends, bitpack
+from . import backends, bitpack, cpu_kernel
 
 __all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants"]
 
@@ -60,7 +60,7 @@ def use_root(root: str | os.PathLike) -> None:
         pkg.__path__.insert(0, str(folder))
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
-    for cached in (_registry, _module, _triton_module, _kernels, module_constants):
+    for cached in (_registry, _module, _triton_module, _kernels, module_constants, _fused_table):
         cached.cache_clear()
 
 
@@ -234,6 +234,13 @@ def _flat(t: Tensor, order: list[int]) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # implementations
 
+@functools.lru_cache(maxsize=256)
+def _fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table | None:
+    """The fused CPU backward's table of a generated module (None where it does not cover it)."""
+    k = module_constants(mod, torch.float32, torch.device("cpu"), values)
+    return cpu_kernel.kernel_table(mod, k.y_threshold_values)
+
+
 @functools.cache
 def _kernels(name: str, backend: str) -> tuple:
     """(packed forward code, flat gradient) of the generated module; compiled for "compiled"."""
@@ -283,6 +290,10 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
         _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
         return out
     backend = "eager" if backend == "triton" else backend
+    if backend == "compiled" and y.device.type == "cpu" and y.dtype != torch.float64:
+        table = _fused_table(_module(name), tuple(params))
+        if table is not None and cpu_kernel.run(table, of, gf, yf.contiguous(), code, _module(name).CODE_BITS):
+            return out
     k = module_constants(_module(name), y.dtype, y.device, tuple(params))
     _, grad_fn = _kernels(name, backend)
     thr = k.y_threshold_values if backend == "compiled" else k.y_thresholds

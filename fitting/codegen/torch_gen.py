@@ -43,7 +43,18 @@ def _poly_table(w: Writer, plan: Plan) -> None:
     with w.block("POLY = ("):
         for row in plan.poly:
             w("(" + ", ".join(repr(v) for v in row) + "),")
-    w(")", "", "")
+    w(")")
+    transforms = tuple((tf.kind, int(tf.sign), tuple(float(o) for o in tf.origin)) for tf in plan.transforms)
+    w("# (kind, sign, origin terms) of each transform id",
+      f"TRANSFORMS = {transforms!r}",
+      "# Every segment a polynomial row of POLY (no closed forms, rationals or NaN values): what the",
+      "# fused CPU backward evaluates (invact.cpu_kernel)",
+      f"FUSED_CPU = {_fused_cpu(plan)!r}", "", "")
+
+
+def _fused_cpu(plan: Plan) -> bool:
+    return bool(plan.has_poly and plan.degree >= 1 and not (plan.exact or plan.constant or plan.den_degree
+                                                            or plan.nan_values))
 
 
 def _flat_kernels(w: Writer, plan: Plan) -> None:

@@ -1,0 +1,154 @@
+"""The fused CPU backward of polynomial tables: ``csrc/poly_grad.c``, built once with the system C
+compiler and called through ctypes.
+
+Inductor's code for the generated ``grad_kernel`` selects each element's table row with a chain of
+blends per coefficient (see :mod:`invact.selection`); the C kernel selects it with one AVX-512
+permute per coefficient and otherwise performs the generated code's float32 operations in the same
+order, so its gradients equal the eager backend's bit for bit. The compiled backend runs it for
+tables whose generated module says ``FUSED_CPU`` (every segment a polynomial row), on CPUs where
+ATen itself runs AVX-512 code; elsewhere, or when the build fails (one warning), Inductor's code.
+
+The shared library is cached under ``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else
+``~/.cache/invact``), named by a hash
+of the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import fastmath
+
+__all__ = ["CACHE_ENV", "Table", "library", "kernel_table", "run"]
+
+CACHE_ENV = "INVACT_CACHE"
+SOURCE = Path(__file__).with_name("csrc") / "poly_grad.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
+         "-fPIC", "-pthread")
+ABI_VERSION = 1
+MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 4, 9
+KINDS = {"identity": 0, "sqrt": 1, "log": 2}
+DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+TINY32 = 1.1754943508222875e-38  # the log transform's floor (docs/table-format.md)
+
+
+class Table(ctypes.Structure):
+    """Mirror of ``invact_table`` in csrc/poly_grad.c."""
+
+    _fields_ = [
+        ("n_classes", ctypes.c_int32), ("degree", ctypes.c_int32), ("n_transforms", ctypes.c_int32),
+        ("class_code", ctypes.c_int32 * MAX_CLASSES), ("class_first", ctypes.c_int32 * MAX_CLASSES),
+        ("class_count", ctypes.c_int32 * MAX_CLASSES), ("class_threshold", ctypes.c_int32 * MAX_CLASSES),
+        ("transform_kind", ctypes.c_int32 * MAX_TRANSFORMS), ("transform_sign", ctypes.c_float * MAX_TRANSFORMS),
+        ("transform_origin", (ctypes.c_float * 3) * MAX_TRANSFORMS),
+        ("thresholds", ctypes.c_float * MAX_SEGMENTS),
+        ("columns", (ctypes.c_float * MAX_SEGMENTS) * MAX_COLUMNS),
+        ("log_poly", ctypes.c_float * LOG_TERMS), ("ln2_hi", ctypes.c_float), ("ln2_lo", ctypes.c_float),
+        ("sqrt2", ctypes.c_float), ("tiny", ctypes.c_float),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "invact")
+    target = cache / f"poly_grad-{key}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # then an atomic rename: concurrent builds agree
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{Path(compiler).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where this CPU or machine cannot run it (warning once when a
+    build that should work fails)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also honours $ATEN_CPU_CAPABILITY
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+        if lib.invact_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"ABI version {lib.invact_abi_version()}, expected {ABI_VERSION}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
+                      "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)
+        return None
+    lib.invact_poly_grad.restype = ctypes.c_int
+    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def kernel_table(mod: ModuleType, thresholds: tuple[float, ...]) -> Table | None:
+    """The C table of a generated torch module (float32 ``thresholds``: its y thresholds as the
+    float32 evaluation compares them), or None where the kernel does not cover it."""
+    rows, classes = mod.POLY, mod.CLASSES
+    transforms = getattr(mod, "TRANSFORMS", ())
+    degree = len(rows[0]) - 5 if rows else 0
+    if not (getattr(mod, "FUSED_CPU", False) and len(rows) <= MAX_SEGMENTS and len(classes) <= MAX_CLASSES
+            and 1 <= degree and len(rows[0]) <= MAX_COLUMNS and 1 <= len(transforms) <= MAX_TRANSFORMS
+            and all(len(origin) <= 3 for _, _, origin in transforms)
+            and all(math.isfinite(v) for v in thresholds)):  # the kernel compares by subtracting
+        return None
+    t = Table(n_classes=len(classes), degree=degree, n_transforms=len(transforms))
+    for c, (code, first, count, first_thr) in enumerate(classes):
+        t.class_code[c], t.class_first[c], t.class_count[c], t.class_threshold[c] = code, first, count, first_thr
+    for i, (kind, sign, origin) in enumerate(transforms):
+        t.transform_kind[i], t.transform_sign[i] = KINDS[kind], sign
+        for k, o in enumerate(origin):
+            t.transform_origin[i][k] = o
+    for j, v in enumerate(thresholds):
+        t.thresholds[j] = v
+    for s, row in enumerate(rows):
+        for j, v in enumerate(row):
+            t.columns[j][s] = v
+    for k, v in enumerate(fastmath.LOG_POLY):
+        t.log_poly[k] = v
+    t.ln2_hi, t.ln2_lo, t.sqrt2, t.tiny = fastmath.LN2_HI, fastmath.LN2_LO, fastmath.SQRT2_F32, TINY32
+    return t
+
+
+def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+    """out = g(y, code) * grad on flat contiguous CPU tensors of one dtype; False (nothing done)
+    where the kernel does not take them."""
+    lib = library()
+    dtype = DTYPE_IDS.get(y.dtype)
+    if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
+            or not all(t.is_contiguous() and t.device.type == "cpu" for t in (out, grad, y, code))):
+        return False
+    done = lib.invact_poly_grad(ctypes.byref(table), dtype, y.numel(), y.data_ptr(), grad.data_ptr(),
+                                out.data_ptr(), code.data_ptr() if bits else None, bits, torch.get_num_threads())
+    return done == 0

@@ -1,0 +1,261 @@
+/* The fused CPU backward of invact's polynomial tables: out = g(y, code) * grad, AVX-512.
+ *
+ * Evaluates docs/table-format.md's float32 scheme with the operations of the generated torch code
+ * (g_kernel), in the same order and with the same roundings, so its results are those of the eager
+ * backend bit for bit (tests/test_cpu_kernel.py); only the selection of each element's table row
+ * differs: one permute per column (vpermt2ps, up to 32 segments) where Inductor's code blends every
+ * coefficient over every segment. Built and loaded by invact.cpu_kernel, which fills invact_table.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+
+#define ABI_VERSION 1
+#define MAX_SEGMENTS 32
+#define MAX_COLUMNS 48
+#define MAX_CLASSES 16
+#define MAX_TRANSFORMS 4
+#define LOG_TERMS 9
+
+enum { IDENTITY = 0, SQRT = 1, LOG = 2 };       /* transform kinds */
+enum { F32 = 0, BF16 = 1, F16 = 2 };            /* element types of y, grad and out */
+enum { COL_TID = 0, COL_CENTER = 1, COL_SCALE = 2, COL_C0_HI = 3, COL_C0_LO = 4 };  /* c_j: 4 + j */
+
+typedef struct {
+    int32_t n_classes, degree, n_transforms;
+    int32_t class_code[MAX_CLASSES], class_first[MAX_CLASSES], class_count[MAX_CLASSES],
+        class_threshold[MAX_CLASSES];
+    int32_t transform_kind[MAX_TRANSFORMS];
+    float transform_sign[MAX_TRANSFORMS];
+    float transform_origin[MAX_TRANSFORMS][3];
+    float thresholds[MAX_SEGMENTS];           /* `y >= t`, concatenated class by class */
+    float columns[MAX_COLUMNS][MAX_SEGMENTS];  /* POLY transposed: column j of segment s */
+    float log_poly[LOG_TERMS], ln2_hi, ln2_lo, sqrt2, tiny; /* invact.fastmath's float32 log */
+} invact_table;
+
+int invact_abi_version(void) { return ABI_VERSION; }
+
+static inline __m512 set(float v) { return _mm512_set1_ps(v); }
+
+/* Every step works on U independent vectors of 16 elements: the scheme is a chain of dependent
+ * multiply-adds (two Horner loops), and interleaving U chains hides their latency. */
+#define U 4
+#define EACH(v) for (int v = 0; v < U; v++)
+
+/* torch.clamp_min / clamp, as ATen computes them: vmaxps/vminps return their second operand where
+ * either is NaN or both are zeros, so NaN stays NaN and -0.0 stays -0.0 */
+static inline __m512 at_least(__m512 v, float lo) { return _mm512_max_ps(set(lo), v); }
+
+static inline __m512 clamp1(__m512 v) { return _mm512_min_ps(set(1.0f), _mm512_max_ps(set(-1.0f), v)); }
+
+/* invact.fastmath.log: exponent plus a polynomial in the mantissa, operation for operation */
+static inline void log32(const invact_table *t, const __m512 a[U], __m512 out[U]) {
+    __m512 e[U], f[U], z[U], p[U];
+    EACH(v) {
+        __m512i bits = _mm512_castps_si512(a[v]);
+        __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF)),
+                                                       _mm512_set1_epi32(0x3F800000)));
+        __mmask16 big = _mm512_cmp_ps_mask(m, set(t->sqrt2), _CMP_GE_OQ);
+        __m512i ei = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(127));
+        e[v] = _mm512_cvtepi32_ps(_mm512_mask_add_epi32(ei, big, ei, _mm512_set1_epi32(1)));
+        f[v] = _mm512_sub_ps(_mm512_mask_mul_ps(m, big, m, set(0.5f)), set(1.0f));
+        z[v] = _mm512_mul_ps(f[v], f[v]);
+        p[v] = set(t->log_poly[0]);
+    }
+    for (int k = 1; k < LOG_TERMS; k++) {
+        __m512 c = set(t->log_poly[k]);
+        EACH(v) p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], f[v]), c);
+    }
+    EACH(v) {
+        __m512 r = _mm512_mul_ps(_mm512_mul_ps(f[v], z[v]), p[v]);
+        r = _mm512_add_ps(r, _mm512_mul_ps(e[v], set(t->ln2_lo)));
+        r = _mm512_sub_ps(r, _mm512_mul_ps(set(0.5f), z[v]));
+        out[v] = _mm512_add_ps(_mm512_add_ps(f[v], r), _mm512_mul_ps(e[v], set(t->ln2_hi)));
+    }
+}
+
+static inline void transform(const invact_table *t, int i, const __m512 y[U], __m512 out[U]) {
+    int kind = t->transform_kind[i];
+    __m512 d[U];
+    EACH(v) d[v] = y[v];
+    if (kind == IDENTITY) {
+        EACH(v) out[v] = y[v];
+        return;
+    }
+    for (int k = 0; k < 3; k++)
+        if (t->transform_origin[i][k] != 0.0f) EACH(v) d[v] = _mm512_sub_ps(d[v], set(t->transform_origin[i][k]));
+    if (t->transform_sign[i] < 0.0f)
+        EACH(v) d[v] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d[v]), _mm512_set1_epi32((int)0x80000000u)));
+    if (kind == SQRT) {
+        EACH(v) out[v] = _mm512_sqrt_ps(at_least(d[v], 0.0f));
+        return;
+    }
+    EACH(v) d[v] = at_least(d[v], t->tiny);
+    log32(t, d, out);
+}
+
+/* global segment index: count of the class's thresholds <= y plus its first segment; the class is
+ * the last whose code matches (the first class where none does), as the generated code's wheres.
+ * y >= thr exactly when y - thr is +0 or positive (a difference of floats is 0 only when they are
+ * equal), so each threshold costs a subtraction and a shift instead of a mask compare (which
+ * competes with the permutes for one port); NaN y gets any index and is replaced by NaN at the end */
+static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
+    for (int c = 0; c < t->n_classes; c++) {
+        int count = t->class_count[c] - 1;
+        __m512i sc[U];
+        EACH(v) sc[v] = _mm512_set1_epi32(t->class_first[c] + count);
+        const float *thr = t->thresholds + t->class_threshold[c];
+        for (int j = 0; j < count; j++) {
+            __m512 tj = set(thr[j]);
+            EACH(v) sc[v] = _mm512_sub_epi32(sc[v], _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(y[v], tj)), 31));
+        }
+        __m512i cc = _mm512_set1_epi32(t->class_code[c]);
+        EACH(v) s[v] = c == 0 ? sc[v] : _mm512_mask_mov_epi32(s[v], _mm512_cmpeq_epi32_mask(code[v], cc), sc[v]);
+    }
+}
+
+/* column j of each element's row: one two-register permute over up to 32 segments */
+static inline void column(const invact_table *t, int j, const __m512i s[U], __m512 out[U]) {
+    __m512 lo = _mm512_loadu_ps(t->columns[j]), hi = _mm512_loadu_ps(t->columns[j] + 16);
+    EACH(v) out[v] = _mm512_permutex2var_ps(lo, s[v], hi);
+}
+
+static inline void g_block(const invact_table *t, const __m512 y[U], const __m512i code[U],
+                           const __mmask16 live[U], __m512 g[U]) {
+    __m512i s[U];
+    __m512 tv[U], q[U], q2[U], u[U], p[U];
+    EACH(v) tv[v] = _mm512_setzero_ps();
+    segment(t, y, code, s);
+    if (t->n_transforms == 1) {
+        transform(t, 0, y, tv);
+    } else {  /* the transform of each element's row; skipped where no live element has it */
+        column(t, COL_TID, s, q);
+        for (int i = 0; i < t->n_transforms; i++) {
+            __mmask16 has[U], any = 0;
+            EACH(v) any |= has[v] = _mm512_mask_cmp_ps_mask(live[v], q[v], set((float)i), _CMP_EQ_OQ);
+            if (!any) continue;
+            __m512 ti[U];
+            transform(t, i, y, ti);
+            EACH(v) tv[v] = _mm512_mask_blend_ps(has[v], tv[v], ti[v]);
+        }
+    }
+    column(t, COL_CENTER, s, q);
+    column(t, COL_SCALE, s, q2);
+    EACH(v) u[v] = clamp1(_mm512_mul_ps(_mm512_sub_ps(tv[v], q[v]), q2[v]));
+    column(t, COL_C0_LO + t->degree, s, p);
+    for (int j = t->degree - 1; j >= 1; j--) {
+        column(t, COL_C0_LO + j, s, q);
+        EACH(v) p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], u[v]), q[v]);
+    }
+    column(t, COL_C0_LO, s, q);
+    column(t, COL_C0_HI, s, q2);
+    EACH(v) {
+        __m512 gv = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[v], u[v]), q[v]), q2[v]);
+        g[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q), gv, y[v]);  /* NaN y: g = y */
+    }
+}
+
+static inline __m512 load(int dtype, const void *p, int64_t i, __mmask16 m) {
+    if (dtype == F32) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+    if (dtype == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* as ATen's vectorised conversions: round to nearest even; NaN -> 0xFFFF (bf16), vcvtps2ph (f16) */
+static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
+    if (dtype == F32) { _mm512_mask_storeu_ps((float *)p + i, m, v); return; }
+    __m256i h;
+    if (dtype == F16) {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        __m512i b = _mm512_castps_si512(v);
+        __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+        h = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
+}
+
+typedef struct {
+    const invact_table *table;
+    int dtype, bits;
+    int64_t n, lo, hi;                     /* all elements, and this job's range */
+    const void *y, *grad;
+    void *out;
+    const uint8_t *code;
+} job;
+
+static inline __mmask16 lanes(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k */
+static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
+    for (int64_t i = lo; i < hi; i += 16 * U) {
+        __mmask16 m[U];
+        __m512 y[U], g[U];
+        __m512i c[U];
+        EACH(v) {
+            int64_t at = i + 16 * v;
+            m[v] = lanes(hi - at);
+            y[v] = load(jb->dtype, jb->y, at, m[v]);
+            c[v] = jb->bits ? _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(
+                                  _mm_maskz_loadu_epi8(m[v], code + (at - lo))), sh), mask)
+                            : _mm512_setzero_si512();
+        }
+        g_block(jb->table, y, c, m, g);
+        EACH(v) store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], load(jb->dtype, jb->grad, i + 16 * v, m[v])));
+    }
+}
+
+static void *run_job(void *arg) {
+    const job *jb = arg;
+    if (!jb->bits) {
+        run_plane(jb, jb->lo, jb->hi, jb->code, 0);
+        return 0;
+    }
+    int64_t per = 8 / jb->bits, nbytes = (jb->n + per - 1) / per;  /* invact.bitpack's planar layout */
+    for (int64_t i = jb->lo; i < jb->hi;) {
+        int64_t plane = i / nbytes, end = (plane + 1) * nbytes < jb->hi ? (plane + 1) * nbytes : jb->hi;
+        run_plane(jb, i, end, jb->code + (i - plane * nbytes), (int)(plane * jb->bits));
+        i = end;
+    }
+    return 0;
+}
+
+#define MAX_THREADS 256
+#define MIN_PER_THREAD 32768
+
+/* out = g(y, code) * grad for n contiguous elements of dtype; code: invact.bitpack planes of bits
+ * bits (bits 0: no code). Returns 0, or -1 for arguments it does not take. */
+int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
+                     void *out, const uint8_t *code, int bits, int threads) {
+    if (dtype < F32 || dtype > F16 || (bits != 0 && bits != 1 && bits != 2 && bits != 4 && bits != 8) || n < 0)
+        return -1;
+    if (table->n_classes < 1 || table->n_classes > MAX_CLASSES || table->degree < 1 ||
+        table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS)
+        return -1;
+    int64_t most = n / MIN_PER_THREAD;
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int64_t step = ((n + nt - 1) / nt + 15) / 16 * 16;
+    int started = 0;
+    for (int k = 0; k < nt; k++) {
+        int64_t lo = k * step < n ? k * step : n, hi = lo + step < n ? lo + step : n;
+        jobs[k] = (job){table, dtype, bits, n, lo, hi, y, grad, out, code};
+    }
+    for (int k = 1; k < nt; k++) {
+        if (pthread_create(&ids[k], 0, run_job, &jobs[k]) != 0) break;  /* run the rest here */
+        started = k;
+    }
+    run_job(&jobs[0]);
+    for (int k = started + 1; k < nt; k++) run_job(&jobs[k]);
+    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+    return 0;
+}

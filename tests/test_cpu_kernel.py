@@ -1,0 +1,143 @@
+"""The fused CPU backward (invact.cpu_kernel, csrc/poly_grad.c) against the generated torch code.
+
+Both evaluate docs/table-format.md's float32 scheme with the same correctly rounded operations in the
+same order, so the kernel's gradients must equal the eager backend's bit for bit (NaN where it is
+NaN): no tolerance. Sizes cover partial vectors, bit planes whose length is no multiple of 16, and
+the split over threads.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from invact import bitpack, cpu_kernel, ops
+
+FUSED = [n for n in ops.names() if getattr(ops._module(n), "FUSED_CPU", False)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
+                                  reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+
+
+def _inputs(name: str, dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:
+    """Random x over both branches and the tails, led by NaN, +-inf, +-0, subnormals and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 4
+    x[torch.rand(n, generator=g) < 0.1] *= 10
+    special = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30]
+    x[: min(n, len(special))] = torch.tensor(special[:n], dtype=torch.float64)
+    return x.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN wherever the other is NaN (payloads may differ between conversions)."""
+    nan = a.isnan()
+    bits = {torch.float32: torch.int32}.get(a.dtype, torch.int16)
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(bits), b[~nan].view(bits))
+
+
+def _both(name: str, y, code, go):
+    eager = torch.ops.invact.backward(go, y, code, name, [], "eager")
+    fused = torch.empty_like(y)
+    table = ops._fused_table(ops._module(name), ())
+    assert cpu_kernel.run(table, fused, go, y, code, ops._module(name).CODE_BITS)
+    return eager, fused
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_equals_eager_bitwise(name, dtype):
+    for n in (1, 15, 16, 17, 64, 65, 1003, 40_001):
+        x = _inputs(name, dtype, n, seed=n)
+        y, code = torch.ops.invact.forward(x, name, [], "eager")
+        go = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        eager, fused = _both(name, y, code, go)
+        assert _same(eager, fused), (name, dtype, n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", FUSED[:1])
+def test_fused_at_every_y_threshold(name):
+    """y at each threshold and its float32 neighbours, in every code class: the segment choice."""
+    k = ops.module_constants(ops._module(name), torch.float32, torch.device("cpu"), ())
+    t = torch.tensor(k.y_threshold_values, dtype=torch.float32)
+    y = torch.cat([t, torch.nextafter(t, torch.tensor(math.inf)), torch.nextafter(t, torch.tensor(-math.inf))])
+    n = y.numel()
+    for c in range(ops._module(name).META["n_codes"]):
+        code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), ops._module(name).CODE_BITS)
+        eager, fused = _both(name, y, code, torch.ones(n))
+        assert _same(eager, fused)
+
+
+@needs_kernel
+def test_fused_threads_agree():
+    """The work is split over threads at 16-element boundaries, across bit planes: same bits."""
+    name, n = FUSED[0], 3 * 32768 + 5
+    x = _inputs(name, torch.float32, n)
+    y, code = torch.ops.invact.forward(x, name, [], "eager")
+    go = torch.randn(n)
+    table = ops._fused_table(ops._module(name), ())
+    outs = []
+    for threads in (1, 3):
+        out = torch.empty_like(y)
+        assert cpu_kernel.library().invact_poly_grad(table, 0, n, y.data_ptr(), go.data_ptr(), out.data_ptr(),
+                                                     code.data_ptr(), ops._module(name).CODE_BITS, threads) == 0
+        outs.append(out)
+    assert _same(*outs)
+
+
+@needs_kernel
+def test_compiled_backend_runs_the_kernel(monkeypatch):
+    """The compiled backend's backward calls the kernel for FUSED_CPU tables (no torch.compile)."""
+    calls = []
+    run = cpu_kernel.run
+    monkeypatch.setattr(cpu_kernel, "run", lambda *a: calls.append(1) or run(*a))
+    x = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)
+    ops.apply(x, FUSED[0], backend="compiled").sum().backward()
+    assert calls and torch.isfinite(x.grad).all()
+
+
+def test_kernel_table_only_for_fused_tables():
+    for name in ops.names():
+        mod = ops._module(name)
+        table = ops._fused_table(mod, tuple(float(v) for v in mod.META["params"].values()))
+        assert (table is not None) == bool(mod.FUSED_CPU), name
+
+
+def test_kernel_refuses_what_it_does_not_take(monkeypatch):
+    """Mixed dtypes, non-contiguous or float64 tensors: `run` says False and the caller runs the
+    generated code."""
+    if not FUSED:
+        pytest.skip("no fused tables")
+    table = ops._fused_table(ops._module(FUSED[0]), ())
+    y = torch.zeros(32)
+    code = torch.zeros(4, dtype=torch.uint8)
+    assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(32, dtype=torch.bfloat16), y, code, 1)
+    assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(64)[::2], y, code, 1)
+    assert not cpu_kernel.run(table, torch.empty(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64),
+                              y.double(), code, 1)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu_kernel.library.cache_clear()
+    try:
+        assert cpu_kernel.library() is None and not cpu_kernel.run(table, torch.empty(32), y, y, code, 1)
+    finally:
+        cpu_kernel.library.cache_clear()
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails: one RuntimeWarning naming the kernel, then None (Inductor's code)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    cpu_kernel.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU kernel could not be built"):
+            assert cpu_kernel.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_kernel.library() is None  # cached: no second warning
+        assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))  # no half-written file
+    finally:
+        cpu_kernel.library.cache_clear()
