@@ -2,9 +2,11 @@
 
     python benchmarks/activations.py [--numel 16777216] [--dtypes float32,bfloat16] [--names gelu,silu]
 
-Ratios (invact time / native time; lower is better), CPU:
+Ratios (invact time / native time; lower is better; every operation timed in turn, round by round,
+medians), CPU:
   bwd compiled  the compiled backward (unpack code, g(y, code), * grad) vs the native backward
-                (target <= 0.6)
+                (target <= 0.6); the C kernel of invact.cpu_kernel for tables of polynomial pieces
+                on AVX-512 CPUs, Inductor's code otherwise
   fwd           forward incl. computing and packing the code (compiled backend) vs the native
                 forward (target <= 1.15)
   bwd eager     the plain-torch backward vs the native backward (target <= 3)
@@ -30,16 +32,21 @@ TARGETS = {"bwd compiled": 0.6, "fwd": 1.15, "bwd eager": 3.0}
 
 def timeit(fn, repeat: int, sync=lambda: None) -> float:
     """Median seconds of fn() over ``repeat`` runs after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return side_by_side({"fn": fn}, repeat, sync)["fn"]
+
+
+def side_by_side(fns: dict, repeat: int, sync=lambda: None) -> dict[str, float]:
+    """Median seconds of each function, timed in turn round by round (after two warm-up rounds), so
+    that a shared machine's slow spells fall on all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(repeat + 2):
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= 2:
+                times[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def native(name: str):
@@ -55,15 +62,17 @@ def cpu_ratios(name: str, dtype: torch.dtype, numel: int, repeat: int) -> dict[s
     go = torch.randn(numel).to(dtype)
     xg = x.clone().requires_grad_()
     y_native = f(xg)
-    t_fwd = timeit(lambda: f(x), repeat)
-    t_bwd = timeit(lambda: torch.autograd.grad(y_native, xg, go, retain_graph=True), repeat)
     y, code = torch.ops.invact.forward(x, name, params, "compiled")
-    out = {"fwd": timeit(lambda: torch.ops.invact.forward(x, name, params, "compiled"), repeat) / t_fwd,
-           "floor": timeit(lambda: torch.mul(go, y_native.detach()), repeat) / t_bwd}
-    for backend in ("compiled", "eager"):
-        t = timeit(lambda: torch.ops.invact.backward(go, y, code, name, params, backend), repeat)
-        out[f"bwd {backend}"] = t / t_bwd
-    return out
+    t = side_by_side({
+        "native fwd": lambda: f(x),
+        "fwd": lambda: torch.ops.invact.forward(x, name, params, "compiled"),
+        "native bwd": lambda: torch.autograd.grad(y_native, xg, go, retain_graph=True),
+        "floor": lambda: torch.mul(go, y_native.detach()),
+        "bwd compiled": lambda: torch.ops.invact.backward(go, y, code, name, params, "compiled"),
+        "bwd eager": lambda: torch.ops.invact.backward(go, y, code, name, params, "eager"),
+    }, repeat)
+    return {"fwd": t["fwd"] / t["native fwd"],
+            **{k: t[k] / t["native bwd"] for k in ("floor", "bwd compiled", "bwd eager")}}
 
 
 def gpu_bandwidth(name: str, dtype: torch.dtype, numel: int, repeat: int) -> dict[str, float]:

@@ -1,16 +1,17 @@
-"""The fused CPU backward of polynomial tables: ``csrc/poly_grad.c``, built once with the system C
-compiler and called through ctypes.
+"""invact's fused CPU backwards: ``csrc/fused_grad.c``, built once with the system C compiler and
+called through ctypes by the compiled backend, on CPUs where ATen itself runs AVX-512 code.
 
-Inductor's code for the generated ``grad_kernel`` selects each element's table row with a chain of
-blends per coefficient (see :mod:`invact.selection`); the C kernel selects it with one AVX-512
-permute per coefficient and otherwise performs the generated code's float32 operations in the same
-order, so its gradients equal the eager backend's bit for bit. The compiled backend runs it for
-tables whose generated module says ``FUSED_CPU`` (every segment a polynomial row), on CPUs where
-ATen itself runs AVX-512 code; elsewhere, or when the build fails (one warning), Inductor's code.
+* float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's code for
+  the generated ``grad_kernel`` selects each element's table row with a chain of blends per
+  coefficient (see :mod:`invact.selection`); the C kernel selects it with one permute per coefficient
+  and otherwise performs the generated code's float32 operations in the same order.
+* bfloat16 and float16 y, every table: g of each of the 65,536 values of y and each code, computed
+  once by the generated eager ``g_kernel`` (:func:`lookup_table`), then one gather per element.
 
-The shared library is cached under ``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else
-``~/.cache/invact``), named by a hash
-of the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang).
+Either way the gradients equal the eager backend's bit for bit. Elsewhere, or when the build fails
+(one warning), the compiled backend runs Inductor's code. The shared library is cached under
+``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), named by a hash of
+the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -32,10 +34,10 @@ from torch import Tensor
 
 from . import fastmath
 
-__all__ = ["CACHE_ENV", "Table", "library", "kernel_table", "run"]
+__all__ = ["CACHE_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup"]
 
 CACHE_ENV = "INVACT_CACHE"
-SOURCE = Path(__file__).with_name("csrc") / "poly_grad.c"
+SOURCE = Path(__file__).with_name("csrc") / "fused_grad.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
 ABI_VERSION = 1
@@ -46,7 +48,7 @@ TINY32 = 1.1754943508222875e-38  # the log transform's floor (docs/table-format.
 
 
 class Table(ctypes.Structure):
-    """Mirror of ``invact_table`` in csrc/poly_grad.c."""
+    """Mirror of ``invact_table`` in csrc/fused_grad.c."""
 
     _fields_ = [
         ("n_classes", ctypes.c_int32), ("degree", ctypes.c_int32), ("n_transforms", ctypes.c_int32),
@@ -72,7 +74,7 @@ def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
     cache = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "invact")
-    target = cache / f"poly_grad-{key}.so"
+    target = cache / f"fused_grad-{key}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -106,9 +108,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)
         return None
-    lib.invact_poly_grad.restype = ctypes.c_int
-    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    tensors = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+               ctypes.c_int, ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads
+    for fn, table in ((lib.invact_poly_grad, ctypes.POINTER(Table)), (lib.invact_lut_grad, ctypes.c_void_p)):
+        fn.restype, fn.argtypes = ctypes.c_int, [table, *tensors]
     return lib
 
 
@@ -141,14 +144,34 @@ def kernel_table(mod: ModuleType, thresholds: tuple[float, ...]) -> Table | None
     return t
 
 
-def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
-    """out = g(y, code) * grad on flat contiguous CPU tensors of one dtype; False (nothing done)
-    where the kernel does not take them."""
+def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
     lib = library()
     dtype = DTYPE_IDS.get(y.dtype)
     if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
             or not all(t.is_contiguous() and t.device.type == "cpu" for t in (out, grad, y, code))):
         return False
-    done = lib.invact_poly_grad(ctypes.byref(table), dtype, y.numel(), y.data_ptr(), grad.data_ptr(),
-                                out.data_ptr(), code.data_ptr() if bits else None, bits, torch.get_num_threads())
+    done = getattr(lib, fn_name)(table, dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
+                                 code.data_ptr() if bits else None, bits, torch.get_num_threads())
     return done == 0
+
+
+def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+    """out = g(y, code) * grad by the polynomial kernel, on flat contiguous CPU tensors of one dtype;
+    False (nothing done) where the kernel does not take them."""
+    return _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits)
+
+
+def lookup_table(g_kernel: Callable[..., Tensor], dtype: torch.dtype, bits: int, *args, **params) -> Tensor:
+    """float32 g of every ``dtype`` (bfloat16/float16) value of y for every code: entry
+    ``code << 16 | bits of y``. ``g_kernel(y, code, *args, **params)`` is the generated eager one."""
+    y = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)  # every bit pattern
+    rows = [g_kernel(y, torch.full(y.shape, c, dtype=torch.int32) if bits else None, *args, **params)
+            for c in range(1 << bits)]
+    return torch.cat(rows).to(torch.float32).contiguous()
+
+
+def run_lookup(lut: Tensor, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+    """out = lut[code << 16 | bits of y] * grad for bfloat16/float16 tensors (as :func:`run`)."""
+    if y.dtype not in (torch.bfloat16, torch.float16) or lut.numel() != 1 << (16 + bits):
+        return False
+    return _call("invact_lut_grad", lut.data_ptr(), out, grad, y, code, bits)

@@ -60,7 +60,8 @@ def use_root(root: str | os.PathLike) -> None:
         pkg.__path__.insert(0, str(folder))
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
-    for cached in (_registry, _module, _triton_module, _kernels, module_constants, _fused_table):
+    for cached in (_registry, _module, _triton_module, _kernels, module_constants, _fused_table,
+                   _lookup_table):
         cached.cache_clear()
 
 
@@ -241,6 +242,26 @@ def _fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table
     return cpu_kernel.kernel_table(mod, k.y_threshold_values)
 
 
+@functools.lru_cache(maxsize=32)
+def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> Tensor:
+    """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table)."""
+    k = module_constants(mod, dtype, torch.device("cpu"), values)
+    return cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, **k.params)
+
+
+def _fused_backward(name: str, params: list[float], out: Tensor, grad: Tensor, y: Tensor, code: Tensor) -> bool:
+    """The compiled backend's C kernels on flat CPU tensors: a lookup table for 16-bit y, the
+    polynomial kernel for float32 y of FUSED_CPU tables. False where neither runs (then Inductor's)."""
+    mod = _module(name)
+    if cpu_kernel.library() is None:
+        return False
+    if y.dtype in (torch.bfloat16, torch.float16):
+        lut = _lookup_table(mod, y.dtype, tuple(params))
+        return cpu_kernel.run_lookup(lut, out, grad, y, code, mod.CODE_BITS)
+    table = _fused_table(mod, tuple(params)) if y.dtype == torch.float32 else None
+    return table is not None and cpu_kernel.run(table, out, grad, y, code, mod.CODE_BITS)
+
+
 @functools.cache
 def _kernels(name: str, backend: str) -> tuple:
     """(packed forward code, flat gradient) of the generated module; compiled for "compiled"."""
@@ -290,10 +311,8 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
         _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
         return out
     backend = "eager" if backend == "triton" else backend
-    if backend == "compiled" and y.device.type == "cpu" and y.dtype != torch.float64:
-        table = _fused_table(_module(name), tuple(params))
-        if table is not None and cpu_kernel.run(table, of, gf, yf.contiguous(), code, _module(name).CODE_BITS):
-            return out
+    if backend == "compiled" and y.device.type == "cpu" and _fused_backward(name, params, of, gf, yf.contiguous(), code):
+        return out
     k = module_constants(_module(name), y.dtype, y.device, tuple(params))
     _, grad_fn = _kernels(name, backend)
     thr = k.y_threshold_values if backend == "compiled" else k.y_thresholds

@@ -1,9 +1,10 @@
-"""The fused CPU backward (invact.cpu_kernel, csrc/poly_grad.c) against the generated torch code.
+"""The fused CPU backwards (invact.cpu_kernel, csrc/fused_grad.c) against the generated torch code.
 
-Both evaluate docs/table-format.md's float32 scheme with the same correctly rounded operations in the
-same order, so the kernel's gradients must equal the eager backend's bit for bit (NaN where it is
-NaN): no tolerance. Sizes cover partial vectors, bit planes whose length is no multiple of 16, and
-the split over threads.
+The polynomial kernel evaluates docs/table-format.md's float32 scheme with the eager code's correctly
+rounded operations in the same order; the 16-bit kernel gathers what the eager g_kernel computed for
+every 16-bit y. So both must equal the eager backend bit for bit (NaN where it is NaN): no
+tolerance. Sizes cover partial vectors, bit planes whose length is no multiple of 16, and the split
+over threads.
 """
 
 import math
@@ -58,6 +59,20 @@ def test_fused_equals_eager_bitwise(name, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ops.names())
+def test_compiled_16_bit_backward_equals_eager_bitwise(name, dtype):
+    """Every table's compiled backward of 16-bit y is the lookup kernel: the eager result exactly."""
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    for n in (1, 17, 1003, 40_001):
+        x = _inputs(name, dtype, n, seed=n)
+        y, code = torch.ops.invact.forward(x, name, params, "eager")
+        go = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        eager = torch.ops.invact.backward(go, y, code, name, params, "eager")
+        assert _same(eager, torch.ops.invact.backward(go, y, code, name, params, "compiled")), (name, n)
+
+
+@needs_kernel
 @pytest.mark.parametrize("name", FUSED[:1])
 def test_fused_at_every_y_threshold(name):
     """y at each threshold and its float32 neighbours, in every code class: the segment choice."""
@@ -89,14 +104,17 @@ def test_fused_threads_agree():
 
 
 @needs_kernel
-def test_compiled_backend_runs_the_kernel(monkeypatch):
-    """The compiled backend's backward calls the kernel for FUSED_CPU tables (no torch.compile)."""
+@pytest.mark.parametrize("dtype, kernel", [(torch.float32, "run"), (torch.bfloat16, "run_lookup")])
+def test_compiled_backend_runs_the_kernels(monkeypatch, dtype, kernel):
+    """The compiled backend's backward calls the polynomial kernel for float32 y of FUSED_CPU
+    tables and the lookup kernel for 16-bit y (no torch.compile, no Inductor code)."""
     calls = []
-    run = cpu_kernel.run
-    monkeypatch.setattr(cpu_kernel, "run", lambda *a: calls.append(1) or run(*a))
-    x = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)
-    ops.apply(x, FUSED[0], backend="compiled").sum().backward()
-    assert calls and torch.isfinite(x.grad).all()
+    original = getattr(cpu_kernel, kernel)
+    monkeypatch.setattr(cpu_kernel, kernel, lambda *a: calls.append(1) or original(*a))
+    y, code = torch.ops.invact.forward(torch.randn(100, dtype=dtype), FUSED[0], [], "eager")
+    monkeypatch.setattr(ops, "_kernels", lambda *a: pytest.fail("Inductor's backward ran"))
+    grad = torch.ops.invact.backward(torch.ones_like(y), y, code, FUSED[0], [], "compiled")
+    assert calls and torch.isfinite(grad).all()
 
 
 def test_kernel_table_only_for_fused_tables():
@@ -118,6 +136,10 @@ def test_kernel_refuses_what_it_does_not_take(monkeypatch):
     assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(64)[::2], y, code, 1)
     assert not cpu_kernel.run(table, torch.empty(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64),
                               y.double(), code, 1)
+    lut = ops._lookup_table(ops._module(FUSED[0]), torch.bfloat16, ())
+    h = torch.zeros(32, dtype=torch.bfloat16)
+    assert not cpu_kernel.run_lookup(lut, torch.empty(32), y, y, code, 1)           # float32: no table
+    assert not cpu_kernel.run_lookup(lut[:-1], torch.empty_like(h), h, h, code, 1)  # a table of another size
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     cpu_kernel.library.cache_clear()
     try:

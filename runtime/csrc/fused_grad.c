@@ -1,10 +1,15 @@
-/* The fused CPU backward of invact's polynomial tables: out = g(y, code) * grad, AVX-512.
+/* invact's fused CPU backwards, AVX-512: out = g(y, code) * grad, by two routes.
  *
- * Evaluates docs/table-format.md's float32 scheme with the operations of the generated torch code
- * (g_kernel), in the same order and with the same roundings, so its results are those of the eager
- * backend bit for bit (tests/test_cpu_kernel.py); only the selection of each element's table row
- * differs: one permute per column (vpermt2ps, up to 32 segments) where Inductor's code blends every
- * coefficient over every segment. Built and loaded by invact.cpu_kernel, which fills invact_table.
+ * invact_poly_grad: tables of polynomial pieces, float32/bfloat16/float16 y. Evaluates
+ * docs/table-format.md's float32 scheme with the operations of the generated torch code (g_kernel),
+ * in the same order and with the same roundings, so its results are those of the eager backend bit
+ * for bit; only the selection of each element's table row differs: one permute per column
+ * (vpermt2ps, up to 32 segments) where Inductor's code blends every coefficient over every segment.
+ *
+ * invact_lut_grad: any table, bfloat16/float16 y: g of every 16-bit y and code, computed once by
+ * the eager g_kernel (invact.ops), gathered per element.
+ *
+ * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
 #include <immintrin.h>
 #include <pthread.h>
@@ -186,6 +191,7 @@ typedef struct {
     const void *y, *grad;
     void *out;
     const uint8_t *code;
+    const float *lut;                      /* invact_lut_grad's table, else 0 */
 } job;
 
 static inline __mmask16 lanes(int64_t left) {
@@ -212,16 +218,32 @@ static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code
     }
 }
 
+/* the same for invact_lut_grad: g = lut[code << 16 | bits of y] */
+static void run_plane_lut(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
+    for (int64_t i = lo; i < hi; i += 16) {
+        __mmask16 m = lanes(hi - i);
+        __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)jb->y + i));
+        if (jb->bits) {
+            __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, code + (i - lo))), sh), mask);
+            idx = _mm512_or_si512(idx, _mm512_slli_epi32(c, 16));
+        }
+        __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, jb->lut, 4);
+        store(jb->dtype, jb->out, i, m, _mm512_mul_ps(g, load(jb->dtype, jb->grad, i, m)));
+    }
+}
+
 static void *run_job(void *arg) {
     const job *jb = arg;
+    void (*plane_fn)(const job *, int64_t, int64_t, const uint8_t *, int) = jb->lut ? run_plane_lut : run_plane;
     if (!jb->bits) {
-        run_plane(jb, jb->lo, jb->hi, jb->code, 0);
+        plane_fn(jb, jb->lo, jb->hi, jb->code, 0);
         return 0;
     }
     int64_t per = 8 / jb->bits, nbytes = (jb->n + per - 1) / per;  /* invact.bitpack's planar layout */
     for (int64_t i = jb->lo; i < jb->hi;) {
         int64_t plane = i / nbytes, end = (plane + 1) * nbytes < jb->hi ? (plane + 1) * nbytes : jb->hi;
-        run_plane(jb, i, end, jb->code + (i - plane * nbytes), (int)(plane * jb->bits));
+        plane_fn(jb, i, end, jb->code + (i - plane * nbytes), (int)(plane * jb->bits));
         i = end;
     }
     return 0;
@@ -230,16 +252,12 @@ static void *run_job(void *arg) {
 #define MAX_THREADS 256
 #define MIN_PER_THREAD 32768
 
-/* out = g(y, code) * grad for n contiguous elements of dtype; code: invact.bitpack planes of bits
- * bits (bits 0: no code). Returns 0, or -1 for arguments it does not take. */
-int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
-                     void *out, const uint8_t *code, int bits, int threads) {
-    if (dtype < F32 || dtype > F16 || (bits != 0 && bits != 1 && bits != 2 && bits != 4 && bits != 8) || n < 0)
+/* split [0, n) into ranges of whole 16-element vectors over up to `threads` threads */
+static int run_jobs(job base, int threads) {
+    if (base.dtype < F32 || base.dtype > F16 || base.n < 0 ||
+        (base.bits != 0 && base.bits != 1 && base.bits != 2 && base.bits != 4 && base.bits != 8))
         return -1;
-    if (table->n_classes < 1 || table->n_classes > MAX_CLASSES || table->degree < 1 ||
-        table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS)
-        return -1;
-    int64_t most = n / MIN_PER_THREAD;
+    int64_t n = base.n, most = n / MIN_PER_THREAD;
     int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (most < nt) nt = most < 1 ? 1 : (int)most;
     job jobs[MAX_THREADS];
@@ -247,8 +265,9 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void
     int64_t step = ((n + nt - 1) / nt + 15) / 16 * 16;
     int started = 0;
     for (int k = 0; k < nt; k++) {
-        int64_t lo = k * step < n ? k * step : n, hi = lo + step < n ? lo + step : n;
-        jobs[k] = (job){table, dtype, bits, n, lo, hi, y, grad, out, code};
+        jobs[k] = base;
+        jobs[k].lo = k * step < n ? k * step : n;
+        jobs[k].hi = jobs[k].lo + step < n ? jobs[k].lo + step : n;
     }
     for (int k = 1; k < nt; k++) {
         if (pthread_create(&ids[k], 0, run_job, &jobs[k]) != 0) break;  /* run the rest here */
@@ -258,4 +277,21 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void
     for (int k = started + 1; k < nt; k++) run_job(&jobs[k]);
     for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
     return 0;
+}
+
+/* out = g(y, code) * grad for n contiguous elements of dtype; code: invact.bitpack planes of bits
+ * bits (bits 0: no code). Returns 0, or -1 for arguments it does not take. */
+int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
+                     void *out, const uint8_t *code, int bits, int threads) {
+    if (table->n_classes < 1 || table->n_classes > MAX_CLASSES || table->degree < 1 ||
+        table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS)
+        return -1;
+    return run_jobs((job){table, dtype, bits, n, 0, 0, y, grad, out, code, 0}, threads);
+}
+
+/* the same with g from lut[code << 16 | bits of y] (2^bits * 65536 floats) for 16-bit dtypes */
+int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const void *grad, void *out,
+                    const uint8_t *code, int bits, int threads) {
+    if (dtype == F32) return -1;
+    return run_jobs((job){0, dtype, bits, n, 0, 0, y, grad, out, code, lut}, threads);
 }
