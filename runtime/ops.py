@@ -243,10 +243,22 @@ def _fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table
 
 
 @functools.lru_cache(maxsize=32)
-def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> Tensor:
+def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...],
+                  device: torch.device = torch.device("cpu")) -> Tensor:
     """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table)."""
     k = module_constants(mod, dtype, torch.device("cpu"), values)
-    return cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, **k.params)
+    lut = cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, **k.params)
+    return lut.to(device)
+
+
+def _lookup_grad(out: Tensor, go: Tensor, y: Tensor, packed: Tensor, shift: int, bits: int, lut: Tensor) -> None:
+    """out = lut[code << 16 | bits of y] * go in torch ops, for flat 16-bit y in one bit plane (the
+    eager backward of bfloat16/float16: the table holds what g_kernel computes, so the result is the
+    same bit for bit, from three whole-chunk passes instead of a Horner chain of them)."""
+    index = y.view(torch.uint16).to(torch.int32)
+    if bits:
+        index += (packed.to(torch.int32) << (16 - shift)) & (((1 << bits) - 1) << 16)
+    torch.mul(lut.index_select(0, index), go, out=out)
 
 
 def _fused_backward(name: str, params: list[float], out: Tensor, grad: Tensor, y: Tensor, code: Tensor) -> bool:
@@ -313,14 +325,21 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
     backend = "eager" if backend == "triton" else backend
     if backend == "compiled" and y.device.type == "cpu" and _fused_backward(name, params, of, gf, yf.contiguous(), code):
         return out
-    k = module_constants(_module(name), y.dtype, y.device, tuple(params))
+    mod = _module(name)
+    k = module_constants(mod, y.dtype, y.device, tuple(params))
     _, grad_fn = _kernels(name, backend)
     thr = k.y_threshold_values if backend == "compiled" else k.y_thresholds
+    lut = None
+    if backend == "eager" and y.dtype in (torch.bfloat16, torch.float16):
+        lut = _lookup_table(mod, y.dtype, tuple(params), y.device)
     # compiled: whole bit planes (contiguous code bytes); eager: bounded temporaries as well
     size = yf.numel() if backend == "compiled" else _EAGER_CHUNK
-    for a, b, first, shift in bitpack.plane_chunks(yf.numel(), _module(name).CODE_BITS, size):
-        shift_t = torch.tensor(shift, dtype=torch.int32)
-        grad_fn(of[a:b], gf[a:b], yf[a:b], code[first:first + b - a], shift_t, thr, k.poly, **k.params)
+    for a, b, first, shift in bitpack.plane_chunks(yf.numel(), mod.CODE_BITS, size):
+        codes = code[first:first + b - a]
+        if lut is not None:
+            _lookup_grad(of[a:b], gf[a:b], yf[a:b], codes, shift, mod.CODE_BITS, lut)
+        else:
+            grad_fn(of[a:b], gf[a:b], yf[a:b], codes, torch.tensor(shift, dtype=torch.int32), thr, k.poly, **k.params)
     return out
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import invact
 import tolerances as tol
-from invact import backends, ops
+from invact import backends, bitpack, ops
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
@@ -333,3 +333,26 @@ def test_use_root_loads_activations_from_another_tree(tmp_path, monkeypatch):
     assert Path(ops._module("tanh").__file__).parent == src
     with pytest.raises(FileNotFoundError, match="no registry.py"):
         invact.use_root(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eager_16_bit_lookup_table_is_g_kernel(name, dtype):
+    """The eager (and compiled C) backward of 16-bit y gathers g from a table that the generated
+    g_kernel filled for every 16-bit y and code. Checked against g_kernel on sample y in float32:
+    bit for bit for tables of polynomial pieces (only correctly rounded float32 arithmetic); within
+    4 float32 ulps where closed forms call torch.exp/log/sqrt/erf/tanh, which MKL evaluates to about
+    an ulp with results that depend on an element's position in the tensor."""
+    mod = ops._module(name)
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    y, code = torch.ops.invact.forward(sample_x(name).to(dtype), name, params, EAGER)
+    codes = bitpack.unpack(code, mod.CODE_BITS, y.numel()) if mod.CODE_BITS else torch.zeros_like(y, dtype=torch.int32)
+    lut = ops._lookup_table(mod, dtype, tuple(params))
+    got = lut[(y.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)]
+    k = ops.module_constants(mod, dtype, torch.device("cpu"), tuple(params))
+    want = mod.g_kernel(y, codes if mod.CODE_BITS else None, k.y_thresholds, k.poly, **k.params)
+    exact = getattr(mod, "FUSED_CPU", False)
+    tol = 0 if exact else 4 * 2.0**-23
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol / 2, equal_nan=True)
+    go = torch.randn_like(y)
+    torch.testing.assert_close(torch.ops.invact.backward(go, y, code, name, params, EAGER), (got * go).to(dtype),
+                               rtol=0, atol=0, equal_nan=True)
