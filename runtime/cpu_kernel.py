@@ -45,6 +45,7 @@ MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TINY32 = 1.1754943508222875e-38  # the log transform's floor (docs/table-format.md)
+ROW_C1 = 5  # POLY rows: transform id, center, scale, c0_hi, c0_lo, then c1 .. c_degree
 
 
 class Table(ctypes.Structure):
@@ -120,7 +121,7 @@ def kernel_table(mod: ModuleType, thresholds: tuple[float, ...]) -> Table | None
     float32 evaluation compares them), or None where the kernel does not cover it."""
     rows, classes = mod.POLY, mod.CLASSES
     transforms = getattr(mod, "TRANSFORMS", ())
-    degree = len(rows[0]) - 5 if rows else 0
+    degree = len(rows[0]) - ROW_C1 if rows else 0
     if not (getattr(mod, "FUSED_CPU", False) and len(rows) <= MAX_SEGMENTS and len(classes) <= MAX_CLASSES
             and 1 <= degree and len(rows[0]) <= MAX_COLUMNS and 1 <= len(transforms) <= MAX_TRANSFORMS
             and all(len(origin) <= 3 for _, _, origin in transforms)

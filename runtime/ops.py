@@ -254,7 +254,7 @@ def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]
 def _lookup_grad(out: Tensor, go: Tensor, y: Tensor, packed: Tensor, shift: int, bits: int, lut: Tensor) -> None:
     """out = lut[code << 16 | bits of y] * go in torch ops, for flat 16-bit y in one bit plane (the
     eager backward of bfloat16/float16: the table holds what g_kernel computes, so the result is the
-    same bit for bit, from three whole-chunk passes instead of a Horner chain of them)."""
+    same bit for bit, from six whole-chunk ops instead of a Horner chain of them)."""
     index = y.view(torch.uint16).to(torch.int32)
     if bits:
         index += (packed.to(torch.int32) << (16 - shift)) & (((1 << bits) - 1) << 16)
