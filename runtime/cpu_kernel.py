@@ -74,7 +74,8 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "invact")
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = Path(os.environ.get(CACHE_ENV) or home_cache / "invact")
     target = cache / f"fused_grad-{key}.so"
     if target.is_file():
         return target

@@ -323,8 +323,9 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
         _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
         return out
     backend = "eager" if backend == "triton" else backend
-    if backend == "compiled" and y.device.type == "cpu" and _fused_backward(name, params, of, gf, yf.contiguous(), code):
-        return out
+    if backend == "compiled" and y.device.type == "cpu":
+        if _fused_backward(name, params, of, gf, yf.contiguous(), code):
+            return out
     mod = _module(name)
     k = module_constants(mod, y.dtype, y.device, tuple(params))
     _, grad_fn = _kernels(name, backend)

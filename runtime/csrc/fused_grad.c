@@ -90,7 +90,8 @@ static inline void transform(const invact_table *t, int i, const __m512 y[U], __
     for (int k = 0; k < 3; k++)
         if (t->transform_origin[i][k] != 0.0f) EACH(v) d[v] = _mm512_sub_ps(d[v], set(t->transform_origin[i][k]));
     if (t->transform_sign[i] < 0.0f)
-        EACH(v) d[v] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d[v]), _mm512_set1_epi32((int)0x80000000u)));
+        EACH(v) d[v] = _mm512_castsi512_ps(
+            _mm512_xor_si512(_mm512_castps_si512(d[v]), _mm512_set1_epi32((int)0x80000000u)));
     if (kind == SQRT) {
         EACH(v) out[v] = _mm512_sqrt_ps(at_least(d[v], 0.0f));
         return;
@@ -112,7 +113,10 @@ static inline void segment(const invact_table *t, const __m512 y[U], const __m51
         const float *thr = t->thresholds + t->class_threshold[c];
         for (int j = 0; j < count; j++) {
             __m512 tj = set(thr[j]);
-            EACH(v) sc[v] = _mm512_sub_epi32(sc[v], _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(y[v], tj)), 31));
+            EACH(v) {
+                __m512i negative = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(y[v], tj)), 31);
+                sc[v] = _mm512_sub_epi32(sc[v], negative);
+            }
         }
         __m512i cc = _mm512_set1_epi32(t->class_code[c]);
         EACH(v) s[v] = c == 0 ? sc[v] : _mm512_mask_mov_epi32(s[v], _mm512_cmpeq_epi32_mask(code[v], cc), sc[v]);
@@ -214,7 +218,10 @@ static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code
                             : _mm512_setzero_si512();
         }
         g_block(jb->table, y, c, m, g);
-        EACH(v) store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], load(jb->dtype, jb->grad, i + 16 * v, m[v])));
+        EACH(v) {
+            __m512 grad = load(jb->dtype, jb->grad, i + 16 * v, m[v]);
+            store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], grad));
+        }
     }
 }
 
@@ -225,7 +232,8 @@ static void run_plane_lut(const job *jb, int64_t lo, int64_t hi, const uint8_t *
         __mmask16 m = lanes(hi - i);
         __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)jb->y + i));
         if (jb->bits) {
-            __m512i c = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, code + (i - lo))), sh), mask);
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, code + (i - lo)));
+            __m512i c = _mm512_and_si512(_mm512_srlv_epi32(bytes, sh), mask);
             idx = _mm512_or_si512(idx, _mm512_slli_epi32(c, 16));
         }
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, jb->lut, 4);
