@@ -136,7 +136,7 @@ def grad_kernel(out, go, y, packed, shift, thr, poly):
     ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
     plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = (packed.to(torch.int32) >> shift) & 1
-    out.copy_(g_kernel(y, code, thr, poly) * go)
+    torch.mul(g_kernel(y, code, thr, poly), go, out=out)
 
 
 def forward_code(x, **params):

@@ -98,7 +98,7 @@ def grad_kernel(out, go, y, packed, shift, thr, poly, *, scale=1.050700987355480
     ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
     plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = None
-    out.copy_(g_kernel(y, code, thr, poly, scale=scale, alpha=alpha) * go)
+    torch.mul(g_kernel(y, code, thr, poly, scale=scale, alpha=alpha), go, out=out)
 
 
 def forward_code(x, **params):

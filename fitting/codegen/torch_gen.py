@@ -74,7 +74,7 @@ def _flat_kernels(w: Writer, plan: Plan) -> None:
             w(f"code = (packed.to(torch.int32) >> shift) & {(1 << plan.code_bits) - 1}")
         else:
             w("code = None")
-        w(f"out.copy_(g_kernel(y, code, thr, poly{', ' + call if call else ''}) * go)")
+        w(f"torch.mul(g_kernel(y, code, thr, poly{', ' + call if call else ''}), go, out=out)")
 
 
 def generate_torch(plan: Plan) -> str:
