@@ -1,0 +1,43 @@
+"""benchmarks/activations.py runs and reports what the issue asks, on tiny tensors (its timings mean
+nothing here: only that every ratio is measured, positive and finite, and the miss marks follow the
+targets). The GPU report runs its Triton kernels under TRITON_INTERPRET=1 on the CPU."""
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from invact import backends
+
+_spec = importlib.util.spec_from_file_location("invact_bench_activations",
+                                               Path(__file__).resolve().parent.parent / "benchmarks" / "activations.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.mark.skipif("compiled" not in backends.available("cpu"), reason="no C++ compiler for inductor")
+def test_cpu_ratios_measures_every_column():
+    r = bench.cpu_ratios("mish", torch.bfloat16, 4096, repeat=1, scale=1.0)
+    assert set(r) == {"fwd", "floor", "bwd compiled", "bwd eager"} and _finite(r.values())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not backends.triton_importable(),
+                    reason="needs triton under TRITON_INTERPRET=1")
+def test_gpu_report_on_interpreted_triton():
+    r = bench.gpu_ratios("silu", torch.float32, 256, repeat=1, device="cpu")
+    assert set(r) == {"copy GB/s", "fwd GB/s", "fwd of copy", "fwd / native", "bwd GB/s", "bwd of copy",
+                      "bwd / native"} and _finite(r.values())
+    assert r["fwd of copy"] == pytest.approx(r["fwd GB/s"] / r["copy GB/s"])
+
+
+def test_miss_marks_follow_the_targets():
+    assert bench._misses("bwd of copy", 0.89) and not bench._misses("bwd of copy", 0.9)
+    assert bench._misses("fwd / native", 1.06) and not bench._misses("fwd / native", 1.05)
+    assert not bench._misses("fwd GB/s", 0.0)
