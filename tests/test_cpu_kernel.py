@@ -163,3 +163,21 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))  # no half-written file
     finally:
         cpu_kernel.library.cache_clear()
+
+
+@needs_kernel
+def test_segment_choice_at_signed_zero_thresholds():
+    """The kernel counts thresholds by the sign of (y + 0) - t: y = -0.0 must pass t = +0.0 as `y >= t`
+    does. A hand-made table: one class, thresholds (-0.0, +0.0, 1.0) between four constant segments."""
+    t = cpu_kernel.Table(n_classes=1, degree=1, n_transforms=1)
+    t.class_code[0], t.class_first[0], t.class_count[0], t.class_threshold[0] = 0, 0, 4, 0
+    t.transform_kind[0], t.transform_sign[0] = cpu_kernel.KINDS["identity"], 1.0
+    for j, v in enumerate((-0.0, 0.0, 1.0)):
+        t.thresholds[j] = v
+    for seg in range(4):
+        t.columns[3][seg] = float(seg + 1)       # c0_hi: the segment's value; scale 0 leaves u = 0
+    y = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, 2.0, -1e30, 1e30])
+    out = torch.empty_like(y)
+    assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0)
+    want = 1.0 + (y.unsqueeze(1) >= torch.tensor([-0.0, 0.0, 1.0])).sum(1).float()
+    assert torch.equal(out, want), (out, want)

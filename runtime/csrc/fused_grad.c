@@ -102,10 +102,13 @@ static inline void transform(const invact_table *t, int i, const __m512 y[U], __
 
 /* global segment index: count of the class's thresholds <= y plus its first segment; the class is
  * the last whose code matches (the first class where none does), as the generated code's wheres.
- * y >= thr exactly when y - thr is +0 or positive (a difference of floats is 0 only when they are
- * equal), so each threshold costs a subtraction and a shift instead of a mask compare (which
- * competes with the permutes for one port); NaN y gets any index and is replaced by NaN at the end */
+ * y >= thr exactly when (y + 0) - thr is +0 or positive (a difference of floats is 0 only when they
+ * are equal, and y + 0 turns -0 into +0, since -0 - +0 is -0), so each threshold costs a subtraction
+ * and a shift instead of a mask compare (which competes with the permutes for one port); NaN y gets
+ * any index and is replaced by NaN at the end */
 static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
+    __m512 yz[U];
+    EACH(v) yz[v] = _mm512_add_ps(y[v], _mm512_setzero_ps());
     for (int c = 0; c < t->n_classes; c++) {
         int count = t->class_count[c] - 1;
         __m512i sc[U];
@@ -114,7 +117,7 @@ static inline void segment(const invact_table *t, const __m512 y[U], const __m51
         for (int j = 0; j < count; j++) {
             __m512 tj = set(thr[j]);
             EACH(v) {
-                __m512i negative = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(y[v], tj)), 31);
+                __m512i negative = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(yz[v], tj)), 31);
                 sc[v] = _mm512_sub_epi32(sc[v], negative);
             }
         }
