@@ -11,7 +11,8 @@ called through ctypes by the compiled backend, on CPUs where ATen itself runs AV
 Either way the gradients equal the eager backend's bit for bit. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
 ``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), named by a hash of
-the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang).
+the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang);
+``INVACT_CPU_KERNEL=0`` switches the kernels off (the compiled backend then runs Inductor's code).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from torch import Tensor
 
 from . import fastmath
 
-__all__ = ["CACHE_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup"]
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup"]
 
 CACHE_ENV = "INVACT_CACHE"
+SWITCH_ENV = "INVACT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "fused_grad.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
@@ -97,6 +99,8 @@ def _build(compiler: str) -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where this CPU or machine cannot run it (warning once when a
     build that should work fails)."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return None
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also honours $ATEN_CPU_CAPABILITY
         return None
     compiler = _compiler()

@@ -140,9 +140,13 @@ def test_kernel_refuses_what_it_does_not_take(monkeypatch):
     h = torch.zeros(32, dtype=torch.bfloat16)
     assert not cpu_kernel.run_lookup(lut, torch.empty(32), y, y, code, 1)           # float32: no table
     assert not cpu_kernel.run_lookup(lut[:-1], torch.empty_like(h), h, h, code, 1)  # a table of another size
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     cpu_kernel.library.cache_clear()
     try:
+        monkeypatch.setenv(cpu_kernel.SWITCH_ENV, "0")                 # switched off by the user
+        assert cpu_kernel.library() is None and not cpu_kernel.run(table, torch.empty(32), y, y, code, 1)
+        monkeypatch.delenv(cpu_kernel.SWITCH_ENV)
+        cpu_kernel.library.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # no AVX-512
         assert cpu_kernel.library() is None and not cpu_kernel.run(table, torch.empty(32), y, y, code, 1)
     finally:
         cpu_kernel.library.cache_clear()
