@@ -185,3 +185,33 @@ def test_segment_choice_at_signed_zero_thresholds():
     assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0)
     want = 1.0 + (y.unsqueeze(1) >= torch.tensor([-0.0, 0.0, 1.0])).sum(1).float()
     assert torch.equal(out, want), (out, want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_kernels_read_every_code_width(bits):
+    """Codes of 1, 2, 4 and 8 bits (invact.bitpack's planes; the built-ins use 1 or none): random codes
+    packed by bitpack.pack, read back by both kernels. The polynomial kernel against g_kernel with the
+    unpacked codes (codes of no class take the first class, as in the generated code); the lookup
+    kernel against a random table indexed in torch."""
+    name = FUSED[0]
+    mod = ops._module(name)
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 37, 1003, 40_001):
+        y, _ = torch.ops.invact.forward(_inputs(name, torch.float32, n, seed=n), name, [], "eager")
+        codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32)
+        packed = bitpack.pack(codes, bits)
+        go = torch.randn(n, generator=g)
+        k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
+        want = mod.g_kernel(y, codes, k.y_thresholds, k.poly) * go
+        got = torch.empty_like(y)
+        assert cpu_kernel.run(ops._fused_table(mod, ()), got, go, y, packed, bits)
+        assert _same(want, got), (bits, n)
+
+        h = y.to(torch.bfloat16)
+        lut = torch.randn(1 << (16 + bits), generator=g)
+        index = (h.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)
+        want16 = (lut[index] * go.to(torch.bfloat16)).to(torch.bfloat16)
+        got16 = torch.empty_like(h)
+        assert cpu_kernel.run_lookup(lut, got16, go.to(torch.bfloat16), h, packed, bits)
+        assert _same(want16, got16), (bits, n)
