@@ -4,8 +4,8 @@
   asked for explicitly and ``TRITON_INTERPRET=1``). float64 always runs on the torch code.
 - ``"compiled"``: the generated torch code compiled by ``torch.compile`` (dynamic in the element
   count; needs a working C++ compiler on CPU); compiled once per activation and dtype. On AVX-512
-  CPUs the backward of tables made only of polynomial pieces runs :mod:`invact.cpu_kernel` instead
-  (the same float32 scheme, bit for bit, about twice as fast).
+  CPUs :mod:`invact.cpu_kernel`'s C kernels take over the forward code, the backward of 16-bit y and
+  the float32 backward of the fitted tables (the same results, bit for bit, faster, and no compile).
 - ``"eager"``: the generated torch code as plain torch ops (always available).
 
 The default is the first available of triton (CUDA only), compiled, eager; ``INVACT_BACKEND`` or the

@@ -1,14 +1,17 @@
-"""invact's fused CPU backwards: ``csrc/fused_grad.c``, built once with the system C compiler and
-called through ctypes by the compiled backend, on CPUs where ATen itself runs AVX-512 code.
+"""The compiled CPU backend's C kernels: ``csrc/cpu_kernels.c``, built once with the system C compiler
+and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
 
-* float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's code for
-  the generated ``grad_kernel`` selects each element's table row with a chain of blends per
+* Backward, float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's
+  code for the generated ``grad_kernel`` selects each element's table row with a chain of blends per
   coefficient (see :mod:`invact.selection`); the C kernel selects it with one permute per coefficient
   and otherwise performs the generated code's float32 operations in the same order.
-* bfloat16 and float16 y, every table: g of each of the 65,536 values of y and each code, computed
-  once by the generated eager ``g_kernel`` (:func:`lookup_table`), then one gather per element.
+* Backward, bfloat16 and float16 y, every table: g of each of the 65,536 values of y and each code,
+  computed once by the generated eager ``g_kernel`` (:func:`lookup_table`), then one gather per element.
+* Forward: the packed branch code (:func:`pack_code`), from the thresholds and the codes that the
+  generated ``code_kernel`` gives at them (:func:`code_map`). So the fitted tables need no
+  torch.compile at all (their first call takes milliseconds, not seconds).
 
-Either way the gradients equal the eager backend's bit for bit. Elsewhere, or when the build fails
+Gradients and codes equal the eager backend's bit for bit. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
 ``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), named by a hash of
 the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang);
@@ -33,17 +36,19 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import fastmath
+from . import bitpack, fastmath
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup"]
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
+           "pack_code"]
 
 CACHE_ENV = "INVACT_CACHE"
 SWITCH_ENV = "INVACT_CPU_KERNEL"
-SOURCE = Path(__file__).with_name("csrc") / "fused_grad.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 4, 9
+MAX_X_THRESHOLDS = 15
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TINY32 = 1.1754943508222875e-38  # the log transform's floor (docs/table-format.md)
@@ -51,7 +56,7 @@ ROW_C1 = 5  # POLY rows: transform id, center, scale, c0_hi, c0_lo, then c1 .. c
 
 
 class Table(ctypes.Structure):
-    """Mirror of ``invact_table`` in csrc/fused_grad.c."""
+    """Mirror of ``invact_table`` in csrc/cpu_kernels.c."""
 
     _fields_ = [
         ("n_classes", ctypes.c_int32), ("degree", ctypes.c_int32), ("n_transforms", ctypes.c_int32),
@@ -78,7 +83,7 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
     home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     cache = Path(os.environ.get(CACHE_ENV) or home_cache / "invact")
-    target = cache / f"fused_grad-{key}.so"
+    target = cache / f"cpu_kernels-{key}.so"
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -118,6 +123,10 @@ def library() -> ctypes.CDLL | None:
                ctypes.c_int, ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads
     for fn, table in ((lib.invact_poly_grad, ctypes.POINTER(Table)), (lib.invact_lut_grad, ctypes.c_void_p)):
         fn.restype, fn.argtypes = ctypes.c_int, [table, *tensors]
+    lib.invact_pack_code.restype = ctypes.c_int
+    lib.invact_pack_code.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
+                                     ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32),  # thr, codes
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
     return lib
 
 
@@ -181,3 +190,33 @@ def run_lookup(lut: Tensor, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, 
     if y.dtype not in (torch.bfloat16, torch.float16) or lut.numel() != 1 << (16 + bits):
         return False
     return _call("invact_lut_grad", lut.data_ptr(), out, grad, y, code, bits)
+
+
+CodeMap = tuple[tuple[float, ...], tuple[int, ...], int]
+
+
+def code_map(code_kernel: Callable[..., Tensor], thresholds: tuple[float, ...], dtype: torch.dtype) -> CodeMap | None:
+    """(thresholds, the code where k of them hold for k = 0 .. len, the code of NaN) of a generated
+    ``code_kernel(x, thresholds)``, read off it at each threshold, below the first and at NaN: the
+    kernel needs no other description of the code. None where there are too many thresholds."""
+    if len(thresholds) > MAX_X_THRESHOLDS:
+        return None
+    t = torch.tensor(thresholds, dtype=dtype)
+    below = torch.nextafter(t[:1], torch.full((1,), -math.inf, dtype=dtype)) if thresholds else t.new_zeros(1)
+    codes = code_kernel(torch.cat([below, t, t.new_full((1,), math.nan)]), thresholds).tolist()
+    return tuple(float(v) for v in thresholds), tuple(codes[:-1]), codes[-1]
+
+
+def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
+    """The packed forward code of flat contiguous CPU ``x`` (invact.bitpack's layout), or None
+    where the kernel does not take it."""
+    lib = library()
+    dtype = DTYPE_IDS.get(x.dtype)
+    if lib is None or dtype is None or not x.is_contiguous() or x.device.type != "cpu":
+        return None
+    thresholds, codes, nan_code = cmap
+    out = torch.empty(bitpack.packed_bytes(x.numel(), bits), dtype=torch.uint8)
+    thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
+    done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), len(thresholds), thr, (ctypes.c_int32 * 16)(*codes),
+                                nan_code, bits, out.data_ptr(), torch.get_num_threads())
+    return out if done == 0 else None

@@ -61,7 +61,7 @@ def use_root(root: str | os.PathLike) -> None:
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
     for cached in (_registry, _module, _triton_module, _kernels, module_constants, _fused_table,
-                   _lookup_table):
+                   _lookup_table, _code_map):
         cached.cache_clear()
 
 
@@ -242,6 +242,13 @@ def _fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table
     return cpu_kernel.kernel_table(mod, k.y_threshold_values)
 
 
+@functools.lru_cache(maxsize=256)
+def _code_map(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> cpu_kernel.CodeMap | None:
+    """The forward code of a generated module as the C kernel takes it (invact.cpu_kernel.code_map)."""
+    return cpu_kernel.code_map(mod.code_kernel, module_constants(mod, dtype, torch.device("cpu"), values).x_thresholds,
+                               dtype)
+
+
 @functools.lru_cache(maxsize=32)
 def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...],
                   device: torch.device = torch.device("cpu")) -> Tensor:
@@ -304,8 +311,14 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         y = _like(x).copy_(y)
     if not bits:
         return y, _empty_code(x, 0)
+    flat = _flat(x, _order(y))
+    if backend == "compiled" and x.device.type == "cpu" and x.dtype != torch.float64:
+        cmap = _code_map(mod, x.dtype, tuple(params))
+        packed = cpu_kernel.pack_code(flat, cmap, bits) if cmap and cpu_kernel.library() else None
+        if packed is not None:
+            return y, packed
     code_fn, _ = _kernels(name, "eager" if backend == "triton" else backend)
-    return y, code_fn(_flat(x, _order(y)), k.x_thresholds)
+    return y, code_fn(flat, k.x_thresholds)
 
 
 @_forward.register_fake

@@ -1,4 +1,4 @@
-"""The fused CPU backwards (invact.cpu_kernel, csrc/fused_grad.c) against the generated torch code.
+"""The fused CPU backwards (invact.cpu_kernel, csrc/cpu_kernels.c) against the generated torch code.
 
 The polynomial kernel evaluates docs/table-format.md's float32 scheme with the eager code's correctly
 rounded operations in the same order; the 16-bit kernel gathers what the eager g_kernel computed for
@@ -215,3 +215,40 @@ def test_kernels_read_every_code_width(bits):
         got16 = torch.empty_like(h)
         assert cpu_kernel.run_lookup(lut, got16, go.to(torch.bfloat16), h, packed, bits)
         assert _same(want16, got16), (bits, n)
+
+
+CODED = [n for n in ops.names() if ops._module(n).CODE_BITS]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", CODED)
+def test_packed_code_equals_generated_code_packed(name, dtype):
+    """The compiled forward's code comes from the C kernel, read off the generated code_kernel at its
+    thresholds: the same bytes as the generated code_packed, at the thresholds, their neighbours,
+    NaN and the infinities, for counts that end mid-byte and mid-vector."""
+    mod = ops._module(name)
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    k = ops.module_constants(mod, dtype, torch.device("cpu"), tuple(params))
+    t = torch.tensor(k.x_thresholds, dtype=dtype)
+    below, above = (torch.nextafter(t, torch.full_like(t, v)) for v in (-math.inf, math.inf))
+    edges = torch.cat([t, below, above, torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0], dtype=dtype)])
+    for n in (0, 1, 9, 17, 129, 1003, 40_001):
+        x = _inputs(name, dtype, n, seed=n)
+        x[: min(n, edges.numel())] = edges[:n]
+        _, packed = torch.ops.invact.forward(x, name, params, "compiled")
+        assert torch.equal(packed, mod.code_packed(x, k.x_thresholds)), (name, dtype, n)
+
+
+@needs_kernel
+def test_compiled_forward_needs_no_inductor(monkeypatch):
+    """On AVX-512 CPUs the compiled forward packs the code in C (no torch.compile at first use),
+    also split over threads."""
+    monkeypatch.setattr(ops, "_kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    name = CODED[0]
+    x = _inputs(name, torch.float32, 3 * 32768 * 8 + 5)
+    packs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        packs.append(torch.ops.invact.forward(x, name, [], "compiled")[1])
+    assert torch.equal(*packs)

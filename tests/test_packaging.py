@@ -49,4 +49,4 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     generated_py = sorted(p.name for p in (REPO / "generated").glob("*.py"))
     assert sorted(p.name for p in (target / "invact" / "generated").glob("*.py")) == generated_py
     assert (target / "bin" / "invact").is_file()                            # the console script
-    assert (target / "invact" / "csrc" / "fused_grad.c").is_file()           # the fused CPU kernel's source
+    assert (target / "invact" / "csrc" / "cpu_kernels.c").is_file()           # the fused CPU kernel's source

@@ -1,4 +1,5 @@
-/* invact's fused CPU backwards, AVX-512: out = g(y, code) * grad, by two routes.
+/* The compiled CPU backend's kernels (AVX-512): out = g(y, code) * grad by two routes, and the
+ * forward's packed branch code.
  *
  * invact_poly_grad: tables of polynomial pieces, float32/bfloat16/float16 y. Evaluates
  * docs/table-format.md's float32 scheme with the operations of the generated torch code (g_kernel),
@@ -9,13 +10,17 @@
  * invact_lut_grad: any table, bfloat16/float16 y: g of every 16-bit y and code, computed once by
  * the eager g_kernel (invact.ops), gathered per element.
  *
+ * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
+ * invact.bitpack's planes, as the generated code_packed.
+ *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
@@ -109,6 +114,7 @@ static inline void transform(const invact_table *t, int i, const __m512 y[U], __
 static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
     __m512 yz[U];
     EACH(v) yz[v] = _mm512_add_ps(y[v], _mm512_setzero_ps());
+    EACH(v) s[v] = _mm512_setzero_si512();
     for (int c = 0; c < t->n_classes; c++) {
         int count = t->class_count[c] - 1;
         __m512i sc[U];
@@ -305,4 +311,76 @@ int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const
                     const uint8_t *code, int bits, int threads) {
     if (dtype == F32) return -1;
     return run_jobs((job){0, dtype, bits, n, 0, 0, y, grad, out, code, lut}, threads);
+}
+
+/* ---- forward code ---- */
+
+#define MAX_X_THRESHOLDS 15
+
+typedef struct {
+    int dtype, bits, n_thr, nan_code;
+    int64_t n, nbytes, lo, hi;          /* all elements, bytes of the packed code, this job's bytes */
+    const void *x;
+    uint8_t *packed;
+    float thr[MAX_X_THRESHOLDS];        /* `x >= t`, ascending */
+    int32_t codes[16];                  /* code of the interval with k thresholds <= x */
+} code_job;
+
+static void *run_code_job(void *arg) {
+    const code_job *jb = arg;
+    int per = 8 / jb->bits;
+    __m512i codes = _mm512_loadu_si512(jb->codes), one = _mm512_set1_epi32(1);
+    __m512i nan_code = _mm512_set1_epi32(jb->nan_code);
+    for (int64_t b = jb->lo; b < jb->hi; b += 16) {
+        __mmask16 mb = lanes(jb->hi - b);
+        __m512i acc = _mm512_setzero_si512();
+        for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
+            int64_t e = plane * jb->nbytes + b;
+            __mmask16 m = mb & lanes(jb->n - e);
+            if (!m) break;
+            __m512 x = load(jb->dtype, jb->x, e, m);
+            __m512i count = _mm512_setzero_si512();
+            for (int j = 0; j < jb->n_thr; j++)
+                count = _mm512_mask_add_epi32(count, _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GE_OQ), count, one);
+            __m512i c = _mm512_permutexvar_epi32(count, codes);
+            c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
+            acc = _mm512_or_si512(acc, _mm512_maskz_mov_epi32(m, _mm512_slli_epi32(c, plane * jb->bits)));
+        }
+        _mm_mask_storeu_epi8(jb->packed + b, mb, _mm512_cvtepi32_epi8(acc));
+    }
+    return 0;
+}
+
+/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (every byte written, unused bits 0).
+ * thr: n_thr ascending thresholds (`x >= t`); codes[k]: the code where k of them hold; nan_code:
+ * the code of NaN. Returns 0, or -1 for arguments it does not take. */
+int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, const int32_t *codes,
+                     int nan_code, int bits, uint8_t *packed, int threads) {
+    if (dtype < F32 || dtype > F16 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
+        (bits != 1 && bits != 2 && bits != 4 && bits != 8))
+        return -1;
+    int per = 8 / bits;
+    int64_t nbytes = (n + per - 1) / per, most = nbytes / (MIN_PER_THREAD / per);
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    code_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int64_t step = ((nbytes + nt - 1) / nt + 15) / 16 * 16;
+    int started = 0;
+    for (int k = 0; k < nt; k++) {
+        code_job *jb = &jobs[k];
+        *jb = (code_job){dtype, bits, n_thr, nan_code, n, nbytes, 0, 0, x, packed, {0}, {0}};
+        jb->lo = k * step < nbytes ? k * step : nbytes;
+        jb->hi = jb->lo + step < nbytes ? jb->lo + step : nbytes;
+        memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
+        memcpy(jb->codes, codes, sizeof(int32_t) * (size_t)(n_thr + 1));
+    }
+    for (int k = 1; k < nt; k++) {
+        if (pthread_create(&ids[k], 0, run_code_job, &jobs[k]) != 0) break;
+        started = k;
+    }
+    run_code_job(&jobs[0]);
+    for (int k = started + 1; k < nt; k++) run_code_job(&jobs[k]);
+    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+    return 0;
 }
