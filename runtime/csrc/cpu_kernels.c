@@ -269,30 +269,46 @@ static void *run_job(void *arg) {
 #define MAX_THREADS 256
 #define MIN_PER_THREAD 32768
 
-/* split [0, n) into ranges of whole 16-element vectors over up to `threads` threads */
+/* the number of threads for `units` of work (at most `threads`, each given at least `min_units`),
+ * and in *step the size of each one's range, in whole 16-unit vectors */
+static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
+    int64_t most = units / min_units;
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    *step = ((units + nt - 1) / nt + 15) / 16 * 16;
+    return nt;
+}
+
+static inline int64_t clamp_to(int64_t v, int64_t most) { return v < most ? v : most; }
+
+/* fn on jobs[0 .. nt) (`size` bytes apart): jobs 1 .. on new threads, job 0 (and any whose thread
+ * could not start) on this one */
+static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    for (int k = 1; k < nt; k++) {
+        if (pthread_create(&ids[k], 0, fn, (char *)jobs + k * size) != 0) break;
+        started = k;
+    }
+    fn(jobs);
+    for (int k = started + 1; k < nt; k++) fn((char *)jobs + k * size);
+    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+}
+
+/* the gradient kernels over [0, n), split into whole vectors over up to `threads` threads */
 static int run_jobs(job base, int threads) {
     if (base.dtype < F32 || base.dtype > F16 || base.n < 0 ||
         (base.bits != 0 && base.bits != 1 && base.bits != 2 && base.bits != 4 && base.bits != 8))
         return -1;
-    int64_t n = base.n, most = n / MIN_PER_THREAD;
-    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    int64_t step;
+    int nt = split(base.n, MIN_PER_THREAD, threads, &step);
     job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int64_t step = ((n + nt - 1) / nt + 15) / 16 * 16;
-    int started = 0;
     for (int k = 0; k < nt; k++) {
         jobs[k] = base;
-        jobs[k].lo = k * step < n ? k * step : n;
-        jobs[k].hi = jobs[k].lo + step < n ? jobs[k].lo + step : n;
+        jobs[k].lo = clamp_to(k * step, base.n);
+        jobs[k].hi = clamp_to(jobs[k].lo + step, base.n);
     }
-    for (int k = 1; k < nt; k++) {
-        if (pthread_create(&ids[k], 0, run_job, &jobs[k]) != 0) break;  /* run the rest here */
-        started = k;
-    }
-    run_job(&jobs[0]);
-    for (int k = started + 1; k < nt; k++) run_job(&jobs[k]);
-    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+    spawn(run_job, jobs, sizeof(job), nt);
     return 0;
 }
 
@@ -360,27 +376,17 @@ int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float
         (bits != 1 && bits != 2 && bits != 4 && bits != 8))
         return -1;
     int per = 8 / bits;
-    int64_t nbytes = (n + per - 1) / per, most = nbytes / (MIN_PER_THREAD / per);
-    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    int64_t nbytes = (n + per - 1) / per, step;
+    int nt = split(nbytes, MIN_PER_THREAD / per, threads, &step);
     code_job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int64_t step = ((nbytes + nt - 1) / nt + 15) / 16 * 16;
-    int started = 0;
     for (int k = 0; k < nt; k++) {
         code_job *jb = &jobs[k];
         *jb = (code_job){dtype, bits, n_thr, nan_code, n, nbytes, 0, 0, x, packed, {0}, {0}};
-        jb->lo = k * step < nbytes ? k * step : nbytes;
-        jb->hi = jb->lo + step < nbytes ? jb->lo + step : nbytes;
+        jb->lo = clamp_to(k * step, nbytes);
+        jb->hi = clamp_to(jb->lo + step, nbytes);
         memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
         memcpy(jb->codes, codes, sizeof(int32_t) * (size_t)(n_thr + 1));
     }
-    for (int k = 1; k < nt; k++) {
-        if (pthread_create(&ids[k], 0, run_code_job, &jobs[k]) != 0) break;
-        started = k;
-    }
-    run_code_job(&jobs[0]);
-    for (int k = started + 1; k < nt; k++) run_code_job(&jobs[k]);
-    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+    spawn(run_code_job, jobs, sizeof(code_job), nt);
     return 0;
 }
