@@ -252,3 +252,15 @@ def test_compiled_forward_needs_no_inductor(monkeypatch):
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         packs.append(torch.ops.invact.forward(x, name, [], "compiled")[1])
     assert torch.equal(*packs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_on_the_kernels(dtype):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) with the
+    compiled backend's C kernels behind both ops."""
+    name = FUSED[0]
+    x = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.invact.forward.default, (x, name, [], "compiled"))
+    y, code = torch.ops.invact.forward(x.detach(), name, [], "compiled")
+    torch.library.opcheck(torch.ops.invact.backward.default, (torch.randn_like(y), y, code, name, [], "compiled"))
