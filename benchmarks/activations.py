@@ -31,11 +31,6 @@ from invact import ops
 TARGETS = {"bwd compiled": 0.6, "fwd": 1.15, "bwd eager": 3.0}
 
 
-def timeit(fn, repeat: int, sync=lambda: None) -> float:
-    """Median seconds of fn() over ``repeat`` runs after two warm-up runs."""
-    return side_by_side({"fn": fn}, repeat, sync)["fn"]
-
-
 def side_by_side(fns: dict, repeat: int, sync=lambda: None) -> dict[str, float]:
     """Median seconds of each function, timed in turn round by round (after two warm-up rounds), so
     that a shared machine's slow spells fall on all of them alike."""
