@@ -250,8 +250,7 @@ def _code_map(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) ->
 
 
 @functools.lru_cache(maxsize=32)
-def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...],
-                  device: torch.device = torch.device("cpu")) -> Tensor:
+def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...], device: torch.device) -> Tensor:
     """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table)."""
     k = module_constants(mod, dtype, torch.device("cpu"), values)
     lut = cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, **k.params)
@@ -275,7 +274,7 @@ def _fused_backward(name: str, params: list[float], out: Tensor, grad: Tensor, y
     if cpu_kernel.library() is None:
         return False
     if y.dtype in (torch.bfloat16, torch.float16):
-        lut = _lookup_table(mod, y.dtype, tuple(params))
+        lut = _lookup_table(mod, y.dtype, tuple(params), y.device)
         return cpu_kernel.run_lookup(lut, out, grad, y, code, mod.CODE_BITS)
     table = _fused_table(mod, tuple(params)) if y.dtype == torch.float32 else None
     return table is not None and cpu_kernel.run(table, out, grad, y, code, mod.CODE_BITS)
@@ -314,7 +313,7 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
     flat = _flat(x, _order(y))
     if backend == "compiled" and x.device.type == "cpu" and x.dtype != torch.float64:
         cmap = _code_map(mod, x.dtype, tuple(params))
-        packed = cpu_kernel.pack_code(flat, cmap, bits) if cmap and cpu_kernel.library() else None
+        packed = cpu_kernel.pack_code(flat, cmap, bits) if cmap else None
         if packed is not None:
             return y, packed
     code_fn, _ = _kernels(name, "eager" if backend == "triton" else backend)

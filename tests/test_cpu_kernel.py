@@ -136,7 +136,7 @@ def test_kernel_refuses_what_it_does_not_take(monkeypatch):
     assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(64)[::2], y, code, 1)
     assert not cpu_kernel.run(table, torch.empty(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64),
                               y.double(), code, 1)
-    lut = ops._lookup_table(ops._module(FUSED[0]), torch.bfloat16, ())
+    lut = ops._lookup_table(ops._module(FUSED[0]), torch.bfloat16, (), torch.device("cpu"))
     h = torch.zeros(32, dtype=torch.bfloat16)
     assert not cpu_kernel.run_lookup(lut, torch.empty(32), y, y, code, 1)           # float32: no table
     assert not cpu_kernel.run_lookup(lut[:-1], torch.empty_like(h), h, h, code, 1)  # a table of another size

@@ -346,7 +346,7 @@ def test_eager_16_bit_lookup_table_is_g_kernel(name, dtype):
     params = [float(v) for v in ops.info(name)["params"].values()]
     y, code = torch.ops.invact.forward(sample_x(name).to(dtype), name, params, EAGER)
     codes = bitpack.unpack(code, mod.CODE_BITS, y.numel()) if mod.CODE_BITS else torch.zeros_like(y, dtype=torch.int32)
-    lut = ops._lookup_table(mod, dtype, tuple(params))
+    lut = ops._lookup_table(mod, dtype, tuple(params), torch.device("cpu"))
     got = lut[(y.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)]
     k = ops.module_constants(mod, dtype, torch.device("cpu"), tuple(params))
     want = mod.g_kernel(y, codes if mod.CODE_BITS else None, k.y_thresholds, k.poly, **k.params)
