@@ -207,8 +207,16 @@ typedef struct {
     const float *lut;                      /* invact_lut_grad's table, else 0 */
 } job;
 
+static inline int64_t clamp_to(int64_t v, int64_t most) { return v < most ? v : most; }
+
 static inline __mmask16 lanes(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* the codes of the m lanes whose bytes start at p: (byte >> shift) & mask; 0 without a code */
+static inline __m512i codes16(int bits, const uint8_t *p, __mmask16 m, __m512i shift, __m512i mask) {
+    if (!bits) return _mm512_setzero_si512();
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), shift), mask);
 }
 
 /* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k */
@@ -222,9 +230,7 @@ static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code
             int64_t at = i + 16 * v;
             m[v] = lanes(hi - at);
             y[v] = load(jb->dtype, jb->y, at, m[v]);
-            c[v] = jb->bits ? _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(
-                                  _mm_maskz_loadu_epi8(m[v], code + (at - lo))), sh), mask)
-                            : _mm512_setzero_si512();
+            c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
         g_block(jb->table, y, c, m, g);
         EACH(v) {
@@ -240,11 +246,7 @@ static void run_plane_lut(const job *jb, int64_t lo, int64_t hi, const uint8_t *
     for (int64_t i = lo; i < hi; i += 16) {
         __mmask16 m = lanes(hi - i);
         __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)jb->y + i));
-        if (jb->bits) {
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, code + (i - lo)));
-            __m512i c = _mm512_and_si512(_mm512_srlv_epi32(bytes, sh), mask);
-            idx = _mm512_or_si512(idx, _mm512_slli_epi32(c, 16));
-        }
+        idx = _mm512_or_si512(idx, _mm512_slli_epi32(codes16(jb->bits, code + (i - lo), m, sh, mask), 16));
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, jb->lut, 4);
         store(jb->dtype, jb->out, i, m, _mm512_mul_ps(g, load(jb->dtype, jb->grad, i, m)));
     }
@@ -259,7 +261,7 @@ static void *run_job(void *arg) {
     }
     int64_t per = 8 / jb->bits, nbytes = (jb->n + per - 1) / per;  /* invact.bitpack's planar layout */
     for (int64_t i = jb->lo; i < jb->hi;) {
-        int64_t plane = i / nbytes, end = (plane + 1) * nbytes < jb->hi ? (plane + 1) * nbytes : jb->hi;
+        int64_t plane = i / nbytes, end = clamp_to((plane + 1) * nbytes, jb->hi);
         plane_fn(jb, i, end, jb->code + (i - plane * nbytes), (int)(plane * jb->bits));
         i = end;
     }
@@ -278,8 +280,6 @@ static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
     *step = ((units + nt - 1) / nt + 15) / 16 * 16;
     return nt;
 }
-
-static inline int64_t clamp_to(int64_t v, int64_t most) { return v < most ? v : most; }
 
 /* fn on jobs[0 .. nt) (`size` bytes apart): jobs 1 .. on new threads, job 0 (and any whose thread
  * could not start) on this one */
