@@ -16,7 +16,7 @@ import torch
 
 from invact import ops
 from invact.fitting.codegen import analysis, generate_all, generate_files
-from invact.fitting.codegen.printer import parse, to_python, to_torch
+from invact.fitting.codegen.printer import parse, to_python, to_torch, to_triton
 from invact.fitting.evaluate import eval_code_class, number
 from invact.fitting.tables import list_tables, load_table, project_root
 
@@ -182,14 +182,18 @@ def test_forward_code_matches_breaks(generated_tree):
 # ------------------------------------------------------------------------------------------------
 # printer
 
-@pytest.mark.parametrize("text,params", [
+PRINTER_CASES = [
     ("x*(erf(sqrt(2)*x/2) + 1)/2", {}),
     ("x*tanh(log(exp(x) + 1))", {}),
     ("Piecewise((x, beta*x > threshold), (log(exp(beta*x) + 1)/beta, True))", {"beta": 2.0, "threshold": 3.0}),
     ("Piecewise((0, x < -3), (x*(x + 3)/6, x <= 3), (x, True))", {}),
     ("Piecewise((0, x <= 0), (1, True))", {}),
     ("alpha*(exp(x) - 1) + x**3 - 1/x**2 + Abs(x)**(3/2)", {"alpha": 1.7}),
-])
+    ("x/(1 + exp(-x)) + sqrt(3)*sqrt(x**2 + 3)/6 - 1/sqrt(x**2 + alpha) + x/alpha", {"alpha": 1.7}),
+]
+
+
+@pytest.mark.parametrize("text,params", PRINTER_CASES)
 def test_torch_printer_matches_sympy(text, params):
     expr = parse(text, "x", list(params))
     x = torch.linspace(-5, 5, 101, dtype=torch.float64) + 0.013
@@ -200,6 +204,28 @@ def test_torch_printer_matches_sympy(text, params):
     want = np.broadcast_to(np.asarray(f(x.numpy()), dtype=np.float64), x.shape)
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("text,params", PRINTER_CASES)
+def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, params):
+    """Triton text evaluated by numpy stand-ins for tl (float64): the same values as sympy, with
+    every division tl.div_rn (both operands blocks: it does not broadcast) or an exact power-of-two
+    scaling, and every square root tl.sqrt_rn (`/` and tl.sqrt are approximate on GPUs)."""
+    from types import SimpleNamespace
+
+    import scipy.special
+    code = to_triton(parse(text, "x", list(params)), "x")
+    assert "/" not in code and "tl.sqrt(" not in code, code
+    def div_rn(a, b):
+        assert np.shape(a) == np.shape(b), code  # a scalar operand would not compile
+        return np.divide(a, b)
+    tl = SimpleNamespace(div_rn=div_rn, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
+                         erf=scipy.special.erf, abs=np.abs, where=np.where)
+    x = np.linspace(-5, 5, 101) + 0.013
+    got = eval(code, {"tl": tl, "_tanh": np.tanh, "x": x, **params})  # noqa: S307
+    f = sp.lambdify(sp.Symbol("x", real=True), parse(text, "x", list(params)).subs(
+        {sp.Symbol(k, real=True): v for k, v in params.items()}), ["scipy", "numpy"])
+    np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)
 
 
 def test_python_printer_for_parameter_values():

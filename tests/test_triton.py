@@ -49,8 +49,8 @@ def _formula_error(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_torch(name, dtype):
     """y: Triton evaluates the formula in float32 (its erf/exp/tanh differ from ATen's by a few
-    float32 ulps; tanh is 2 sigmoid(2z) - 1), then rounds to dtype. Formulas like x (1 + erf(z)) / 2
-    cancel for x << 0, so the float32 error is absolute: a few ulps of 1 times max(1, |x|); we allow
+    float32 ulps; tanh is Cephes' tanhf in tl operations), then rounds to dtype. Formulas like
+    x (1 + erf(z)) / 2 cancel for x << 0, so the float32 error is absolute: a few ulps of 1 times max(1, |x|); we allow
     16 * 2**-24 * max(1, |x|) plus 8 float32 ulps of |y|. bf16: the interpreter TRUNCATES float32 ->
     bf16 (design.md) where torch rounds to nearest, so one bf16 ulp, two with the float32 difference
     crossing a rounding boundary; fp16 likewise 2 ulps. The reference for narrow dtypes is PyTorch's

@@ -4,7 +4,8 @@ One variable is the tensor (``x`` for formulas, ``y`` for segments); parameters 
 Sub-expressions free of the tensor are parameter arithmetic: ``math`` in torch code (parameters are
 Python floats there), ``tl`` in Triton code (parameters are float32 kernel scalars). Numbers are
 printed as Python float literals. Integer powers become products; Triton has no ``tanh`` that runs in
-the interpreter, so it is printed as ``2*sigmoid(2z) - 1``.
+the interpreter, so it is printed as the generated module's ``_tanh`` (Cephes' tanhf in ``tl``
+operations); Triton square roots and divisions are the correctly rounded ``tl.sqrt_rn`` and ``tl.div_rn``.
 """
 
 from __future__ import annotations
@@ -120,10 +121,44 @@ class TorchPrinter(_Base):
 
 
 class TritonPrinter(_Base):
-    tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt", "erf": "tl.erf",
+    """Square roots and divisions correctly rounded, as torch computes them (``tl.sqrt`` and ``/``
+    are approximations on GPUs: sqrt.approx.f32, div.full.f32), with both operands of a division
+    broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies."""
+
+    tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
                     "tanh": "_tanh", "Abs": "tl.abs"}
     scalar_funcs = tensor_funcs
     where = "tl.where"
+
+    def _print_Mul(self, e):
+        num, den = [], []
+        for f in e.args:
+            if f.is_Rational and f.q != 1:
+                num += [sp.Integer(f.p)] if f.p != 1 else []
+                den.append(sp.Integer(f.q))
+            elif f.is_Pow and f.exp.is_Rational and f.exp.is_negative:
+                den.append(sp.Pow(f.base, -f.exp))
+            else:
+                num.append(f)
+        if not den:
+            return super()._print_Mul(e)
+        return self._divide(sp.Mul(*num, evaluate=False) if len(num) > 1 else (num[0] if num else sp.Integer(1)),
+                            sp.Mul(*den, evaluate=False) if len(den) > 1 else den[0])
+
+    def _print_Pow(self, e, rational=False):
+        if e.exp.is_Rational and e.exp.is_negative:
+            return self._divide(sp.Integer(1), sp.Pow(e.base, -e.exp))
+        return super()._print_Pow(e, rational)
+
+    def _divide(self, num: sp.Expr, den: sp.Expr) -> str:
+        a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)
+        if den.is_Integer and int(den) & (int(den) - 1) == 0:  # exact: a power of two
+            return f"{a} * {1.0 / int(den)!r}"
+        a, b = self._print(num), self._print(den)
+        if self._has_var(num) != self._has_var(den):  # a scalar and a block
+            block = f"tl.zeros_like({self._print(self.var)})"
+            a, b = (a, f"{block} + {b}") if self._has_var(num) else (f"{block} + {a}", b)
+        return f"tl.div_rn({a}, {b})"
 
 
 class PythonPrinter(_Base):

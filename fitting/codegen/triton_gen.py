@@ -46,6 +46,27 @@ def _forward_body(w: Writer, plan: Plan) -> None:
       "tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)")
 
 
+TANH_POLY = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1)
+
+
+def _tanh_function(w: Writer) -> None:
+    """Cephes tanhf in tl operations (libdevice tanh does not run in the interpreter, and
+    2 sigmoid(2z) - 1 loses the relative accuracy of small z)."""
+    w("@triton.jit")
+    with w.block("def _tanh(z):"):
+        w('"""tanh as Cephes tanhf (~2 float32 ulps): z + z^3 P(z^2) below |z| = 0.625, else',
+          '1 - 2 / (exp(2|z|) + 1) with z\'s sign; the same operations in the interpreter and on GPUs."""',
+          "a = tl.abs(z)",
+          "s = z * z",
+          f"p = tl.zeros(z.shape, dtype=tl.float32) + {TANH_POLY[0]!r}")
+        for c in TANH_POLY[1:]:
+            w(f"p = p * s + {c!r}")
+        w("big = 1.0 - tl.div_rn(tl.zeros_like(a) + 2.0, tl.exp(2.0 * a) + 1.0)",
+          "t = tl.where(a < 0.625, p * s * z + z, tl.where(z < 0.0, -big, big))",
+          "return tl.where(z == 0.0, z, t)  # tanh(-0.0) = -0.0")
+    w("", "")
+
+
 def _log_function(w: Writer) -> None:
     """The float32 log of invact.fastmath (Cephes logf from the float's bits), op for op."""
     from invact.fastmath import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32
@@ -90,14 +111,15 @@ def _launchers(w: Writer, plan: Plan) -> None:
           "n = x.numel()", "nbytes = code.numel() if code is not None else 0")
         with w.block("if n:"):
             w(f"grid = (triton.cdiv({'nbytes' if plan.code_bits else 'n'}, {per_program}),)",
-              f"forward_kernel[grid](x, y, {code_fwd}n, nbytes, *params, BLOCK=block)")
+              f"forward_kernel[grid](x, y, {code_fwd}n, nbytes, *params, BLOCK=block, enable_fp_fusion=False)")
     w("", "")
     with w.block("def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):"):
         w('"""Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""',
           "n = y.numel()", "nbytes = max(code.numel(), 1) if code is not None else 1")
         with w.block("if n:"):
-            w(f"backward_kernel[(triton.cdiv(n, block),)](grad, y, {code_bwd}grad_in, ythr, poly, n, nbytes, "
-              "*params, BLOCK=block)")
+            call = "backward_kernel[(triton.cdiv(n, block),)]("
+            w(f"{call}grad, y, {code_bwd}grad_in, ythr, poly, n, nbytes, *params,",
+              f"{' ' * len(call)}BLOCK=block, enable_fp_fusion=False)")
 
 
 def generate_triton(plan: Plan) -> str:
@@ -107,19 +129,20 @@ def generate_triton(plan: Plan) -> str:
     w(header(plan.source).rstrip("\n"))
     w(f'"""{plan.name}: fused Triton kernels; invact.ops launches them through forward() and backward()."""',
       "", "import triton", "import triton.language as tl", "")
-    w("DEFAULT_BLOCK = 1024", f"NSEG = tl.constexpr({plan.n_segments})",
+    w("# Launched with enable_fp_fusion=False: every a * b + c is rounded twice, as the certified float32",
+      "# scheme and the torch code evaluate it (Triton contracts them into FMAs on GPUs by default).",
+      "DEFAULT_BLOCK = 1024", f"NSEG = tl.constexpr({plan.n_segments})",
       f"BITS = tl.constexpr({max(plan.code_bits, 1)})", f"PER = tl.constexpr({per})",
       f"CODE_MASK = tl.constexpr({(1 << plan.code_bits) - 1})", "", "")
-    w("@triton.jit")
-    with w.block("def _tanh(z):"):
-        w('"""tanh(z) = 2 sigmoid(2z) - 1 (libdevice tanh does not run in the interpreter)."""',
-          "return 2.0 * tl.sigmoid(2.0 * z) - 1.0")
-    w("", "")
-    if any(tf.kind == "log" for tf in plan.transforms):
+    kernels = Writer()
+    _forward_kernel(kernels, plan)
+    kernels("", "")
+    _backward_kernel(kernels, plan)
+    kernels("", "")
+    _launchers(kernels, plan)
+    body = kernels.text()
+    if "_tanh(" in body:
+        _tanh_function(w)
+    if "_log(" in body:
         _log_function(w)
-    _forward_kernel(w, plan)
-    w("", "")
-    _backward_kernel(w, plan)
-    w("", "")
-    _launchers(w, plan)
-    return w.text()
+    return w.text() + "\n\n" + body
