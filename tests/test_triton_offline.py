@@ -1,0 +1,66 @@
+"""The generated Triton kernels built for a GPU (sm_90) without one: tests/triton_offline.py.
+
+The interpreter (tests/test_triton.py) runs the kernels' operations in numpy, which neither contracts
+a * b + c into an FMA nor approximates a division or a square root, as a GPU build does by default
+(div.full.f32 and sqrt.approx.f32 are within 2 ulps, not correctly rounded). A build without them
+computes what the interpreter computes for these operations: the float32 scheme the certificates
+cover, and torch's correctly rounded division and square root. Launch options are read off the
+generated launchers themselves, so a launcher that drops enable_fp_fusion=False fails here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invact import backends, ops
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not backends.triton_importable(), reason="needs triton"),
+    pytest.mark.skipif(not ops.names(), reason="no generated activations"),
+]
+SCRIPT = Path(__file__).with_name("triton_offline.py")
+
+
+@pytest.fixture(scope="module")
+def report():
+    import triton.backends
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+def test_every_kernel_compiles_for_sm90(report):
+    assert sorted(report) == ops.names()
+    for name, kernels in report.items():
+        assert sorted(kernels) == ["backward", "forward"], name
+        for kernel, cases in kernels.items():
+            assert sorted(cases) == ["bfloat16", "float16-int64", "float32"], (name, kernel)
+
+
+def test_no_fma_contraction_or_approximate_division(report):
+    """Every launch passes enable_fp_fusion=False, and no kernel has an FMA, an approximate
+    division or an approximate square root (libdevice's erf and tl.exp keep their own ex2.approx)."""
+    for name, kernels in report.items():
+        for kernel, cases in kernels.items():
+            for case, found in cases.items():
+                assert found["options"] == {"enable_fp_fusion": False}, (name, kernel, case, found["options"])
+                bad = {i: found["ptx"][i] for i in ("fma.rn.f32", "div.full.f32", "sqrt.approx.f32") if found["ptx"][i]}
+                assert not bad, (name, kernel, case, bad)
+
+
+def test_the_scheme_builds_its_square_root_correctly_rounded(report):
+    """The sqrt transform of the fitted tables (docs/table-format.md) is sqrt.rn in every build:
+    the check above would pass as well for a kernel with no square root at all."""
+    fitted = [n for n in ops.names() if any(kind == "sqrt" for kind, _, _ in getattr(ops._module(n), "TRANSFORMS", ()))]
+    assert fitted
+    for name in fitted:
+        for case, found in report[name]["backward"].items():
+            assert found["ptx"]["sqrt.rn.f32"] > 0, (name, case)

@@ -1,0 +1,111 @@
+"""Compile every generated Triton kernel for a CUDA GPU without one, as its launcher would launch it.
+
+    python tests/triton_offline.py [--arch 90] [--names gelu,silu]
+
+Prints one JSON object: for each activation, kernel ("forward"/"backward") and case ("float32",
+"bfloat16", and "float16-int64": a launch of more than 2**31 elements), the count of each PTX instruction in
+``INSTRUCTIONS``, and the compile options the launcher passed. The launchers are called with meta
+tensors and a recording stand-in for each kernel, so the signature (pointer dtypes, 32- or 64-bit
+sizes, parameters) and the options are those of a real launch. Triton's interpreter cannot show what
+a GPU build does (it runs numpy: no FMA contraction, no approximate division or square root); this
+does, with the ptxas that ships in triton's wheel. Runs without $TRITON_INTERPRET (unset here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from invact import ops  # noqa: E402
+
+INSTRUCTIONS = ("fma.rn.f32", "div.full.f32", "div.rn.f32", "sqrt.approx.f32", "sqrt.rn.f32", "ex2.approx")
+POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8"}
+CASES = {"float32": (torch.float32, 4099), "bfloat16": (torch.bfloat16, 4099),
+         "float16-int64": (torch.float16, 2**31 + 9)}  # sizes past 2**31 are 64-bit kernel arguments
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return POINTERS[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    return "fp32"
+
+
+def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, dict]]:
+    """The (args, kwargs) each kernel of ``name`` gets for n elements of dtype (meta tensors)."""
+    mod, torch_mod = ops._triton_module(name), ops._module(name)
+    meta = dict(dtype=dtype, device="meta")
+    x, y, go, gx = (torch.empty(n, **meta) for _ in range(4))
+    bits = torch_mod.CODE_BITS
+    code = torch.empty(-(-n * bits // 8) if bits else 0, dtype=torch.uint8, device="meta")
+    k = ops.table_constants(name, torch.float32, "cpu")  # small: the pointer dtypes are what matter
+    xthr = torch.tensor(k.x_thresholds, dtype=torch.float32)
+    params = list(k.params.values())
+    saved = mod.forward_kernel, mod.backward_kernel
+    mod.forward_kernel, mod.backward_kernel = fwd, bwd = Recorder(), Recorder()
+    try:
+        mod.forward(x, y, code, xthr, params)
+        mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params)
+    finally:
+        mod.forward_kernel, mod.backward_kernel = saved
+    return {"forward": fwd.calls[0], "backward": bwd.calls[0]}
+
+
+def compile_kernel(kernel, args: tuple, kwargs: dict, arch: int) -> str:
+    """PTX of ``kernel`` compiled for sm_``arch`` as ``kernel[grid](*args, **kwargs)`` would be."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature = {a: _kind(v) for a, v in zip(names, args)} | {k: "constexpr" for k in constexprs}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled.asm["ptx"]
+
+
+def report(names: list[str], arch: int) -> dict:
+    out: dict = {}
+    for name in names:
+        mod = ops._triton_module(name)
+        for case, (dtype, n) in CASES.items():
+            for kernel, (args, kwargs) in _launches(name, dtype, n).items():
+                ptx = compile_kernel(getattr(mod, f"{kernel}_kernel"), args, kwargs, arch)
+                counts = {i: len(re.findall(re.escape(i) + r"\b", ptx)) for i in INSTRUCTIONS}
+                options = {k: v for k, v in kwargs.items() if k != "BLOCK"}
+                out.setdefault(name, {}).setdefault(kernel, {})[case] = {"ptx": counts, "options": options}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    parser.add_argument("--names", default="", help="comma-separated activations (default: all)")
+    args = parser.parse_args()
+    names = [n for n in args.names.split(",") if n] or ops.names()
+    print(json.dumps(report(names, args.arch), indent=1))
+
+
+if __name__ == "__main__":
+    main()
