@@ -11,6 +11,7 @@ Public API: :func:`apply`, :func:`info`, :func:`names` (and :func:`table_constan
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
@@ -289,6 +290,13 @@ def _kernels(name: str, backend: str) -> tuple:
     return mod.code_packed, mod.grad_kernel
 
 
+def _device_guard(device: torch.device):
+    """Make ``device`` current while a Triton kernel launches: Triton launches on the current CUDA
+    device and stream, not on its arguments' device (a tensor on cuda:1 while cuda:0 is current
+    would be read from the wrong device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _empty_code(x: Tensor, bits: int) -> Tensor:
     return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
 
@@ -303,7 +311,8 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         order = _order(y)
         tk = module_constants(_module(name), torch.float32, x.device, tuple(params))
         xthr = torch.tensor(tk.x_thresholds, dtype=torch.float32, device=x.device)
-        _triton_module(name).forward(_flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params))
+        with _device_guard(x.device):
+            _triton_module(name).forward(_flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params))
         return y, code
     y = mod.forward(x, **k.params)
     if y.stride() != _dense_strides(x):  # keep the layout the fake promises
@@ -332,7 +341,8 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
     yf, gf, of = _flat(y, order), _flat(grad, order).contiguous(), _flat(out, order)
     if backend == "triton" and y.dtype != torch.float64:
         k = module_constants(_module(name), torch.float32, y.device, tuple(params))
-        _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
+        with _device_guard(y.device):
+            _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
         return out
     backend = "eager" if backend == "triton" else backend
     if backend == "compiled" and y.device.type == "cpu":

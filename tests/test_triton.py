@@ -130,3 +130,19 @@ def test_special_values_match_torch(name, dtype):
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[a.isinf()], b[a.isinf()]), (name, a, b)
     ok = torch.isfinite(a)
     assert torch.equal(ok, torch.isfinite(b)) and _within(a[ok], b[ok], 8, go[ok].double().abs() * 2.0**-21)
+
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not its arguments' device: both ops make the
+    tensors' device current around the launch (on CPU tensors the guard does nothing)."""
+    import contextlib
+    name = NAMES[0]
+    assert isinstance(ops._device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = ops._device_guard(torch.device("cuda", 1))  # constructing it needs no GPU
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    seen = []
+    real = ops._device_guard
+    monkeypatch.setattr(ops, "_device_guard", lambda device: seen.append(device) or real(device))
+    x = torch.randn(10, requires_grad=True)
+    ops.apply(x, name, backend="triton").sum().backward()
+    assert seen == [x.device, x.device]
