@@ -9,7 +9,8 @@
 - ``"eager"``: the generated torch code as plain torch ops (always available).
 
 The default is the first available of triton (CUDA only), compiled, eager; ``INVACT_BACKEND`` or the
-``backend=`` argument choose one. A backend that fails to compile falls back to eager with one warning.
+``backend=`` argument choose one. A backend that fails to compile falls back with one warning: compiled
+to eager, triton to the default among the others.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used"]
+__all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used", "instead_of_triton",
+           "after_triton_failed"]
 
 BACKENDS = ("triton", "compiled", "eager")
 ENV = "INVACT_BACKEND"
@@ -52,7 +54,8 @@ def compiler_available() -> bool:
 def available(device_type: str) -> list[str]:
     """Backends usable for tensors on ``device_type`` ("cpu", "cuda", ...), in order of preference."""
     out = []
-    if triton_importable() and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if ("triton" not in _broken and triton_importable()
+            and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
         out.append("triton")
     if "compiled" not in _broken and (device_type == "cuda" or compiler_available()):
         out.append("compiled")
@@ -83,19 +86,34 @@ def resolve(backend: str | None, device_type: str) -> str:
     usable = available(device_type)
     if backend == "compiled" and "compiled" in _broken:
         return "eager"  # already warned once
+    if backend == "triton" and "triton" in _broken:
+        return _default(device_type)  # already warned once
     if backend not in usable:
         raise ValueError(f"{source}={backend!r} is not available for {device_type} tensors; available: "
                          f"{', '.join(usable)}")
     return backend
 
 
-def fallback_used(backend: str, error: BaseException) -> None:
-    """Record that ``backend`` failed to compile; warn once (the caller then runs eager)."""
+def fallback_used(backend: str, error: BaseException, instead: str = "eager") -> None:
+    """Record that ``backend`` failed to compile; warn once (the caller then runs ``instead``)."""
     if backend in _broken:
         return
     _broken.add(backend)
     warnings.warn(f"invact: the {backend!r} backend failed ({type(error).__name__}: {error}); "
-                  "falling back to the eager backend", RuntimeWarning, stacklevel=3)
+                  f"falling back to the {instead} backend", RuntimeWarning, stacklevel=3)
+
+
+def instead_of_triton(device_type: str) -> str:
+    """The backend that runs where Triton does not: the first available of the others."""
+    return next(b for b in available(device_type) if b != "triton")
+
+
+def after_triton_failed(error: BaseException, device_type: str) -> str:
+    """Record a Triton kernel that failed to build or launch (warning once) and return the backend
+    to run instead."""
+    instead = instead_of_triton(device_type)
+    fallback_used("triton", error, instead)
+    return instead
 
 
 def compiled(fn: Callable) -> Callable:

@@ -17,6 +17,7 @@ import importlib
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -297,6 +298,19 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _launch_triton(device: torch.device, launch: Callable[[], None]) -> str | None:
+    """Run a Triton ``launch`` with ``device`` current; None when it ran, else the backend to run
+    instead: a kernel that fails to build or launch warns once, and Triton is not tried again."""
+    if "triton" not in backends.available(device.type):
+        return backends.instead_of_triton(device.type)  # failed before
+    try:
+        with _device_guard(device):
+            launch()
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel falls back
+        return backends.after_triton_failed(error, device.type)
+    return None
+
+
 def _empty_code(x: Tensor, bits: int) -> Tensor:
     return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
 
@@ -311,9 +325,12 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         order = _order(y)
         tk = module_constants(_module(name), torch.float32, x.device, tuple(params))
         xthr = torch.tensor(tk.x_thresholds, dtype=torch.float32, device=x.device)
-        with _device_guard(x.device):
-            _triton_module(name).forward(_flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params))
-        return y, code
+        backend = _launch_triton(x.device, lambda: _triton_module(name).forward(
+            _flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params)))
+        if backend is None:
+            return y, code
+    if backend == "triton":
+        backend = "eager"  # float64: the torch code
     y = mod.forward(x, **k.params)
     if y.stride() != _dense_strides(x):  # keep the layout the fake promises
         y = _like(x).copy_(y)
@@ -325,7 +342,7 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         packed = cpu_kernel.pack_code(flat, cmap, bits) if cmap else None
         if packed is not None:
             return y, packed
-    code_fn, _ = _kernels(name, "eager" if backend == "triton" else backend)
+    code_fn, _ = _kernels(name, backend)
     return y, code_fn(flat, k.x_thresholds)
 
 
@@ -341,10 +358,12 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
     yf, gf, of = _flat(y, order), _flat(grad, order).contiguous(), _flat(out, order)
     if backend == "triton" and y.dtype != torch.float64:
         k = module_constants(_module(name), torch.float32, y.device, tuple(params))
-        with _device_guard(y.device):
-            _triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
-        return out
-    backend = "eager" if backend == "triton" else backend
+        backend = _launch_triton(y.device, lambda: _triton_module(name).backward(
+            gf, yf, code, of, k.y_thresholds, k.poly, list(params)))
+        if backend is None:
+            return out
+    if backend == "triton":
+        backend = "eager"  # float64: the torch code
     if backend == "compiled" and y.device.type == "cpu":
         if _fused_backward(name, params, of, gf, yf.contiguous(), code):
             return out

@@ -107,3 +107,27 @@ def test_broken_generated_code_names_file_and_fix(tree, how):
         x = torch.randn(3, requires_grad=True)
         ops.apply(x, name, backend="eager").sum().backward()
     assert str(path) in str(info.value) and "invact generate" in str(info.value)
+
+
+def test_compiled_backend_that_fails_falls_back_with_one_warning(monkeypatch):
+    """torch.compile failing (no working compiler, an Inductor bug): one RuntimeWarning, then the
+    function runs eagerly, now and on later calls."""
+    import warnings
+
+    from invact import backends
+    monkeypatch.setattr(backends, "_broken", set())
+
+    def failing_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("C++ compile error")
+        return run
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    double = backends.compiled(lambda t: t * 2)
+    t = torch.arange(4.0)
+    with pytest.warns(RuntimeWarning, match="'compiled' backend failed.*C\\+\\+ compile error.*eager"):
+        assert torch.equal(double(t), t * 2)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert torch.equal(double(t), t * 2)
+    assert not [w for w in later if "backend failed" in str(w.message)]
+    assert backends.resolve("compiled", "cpu") == "eager"

@@ -146,3 +146,36 @@ def test_launches_on_the_tensors_device(monkeypatch):
     x = torch.randn(10, requires_grad=True)
     ops.apply(x, name, backend="triton").sum().backward()
     assert seen == [x.device, x.device]
+
+
+def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
+    """A Triton kernel that does not build or launch: one RuntimeWarning naming the error and the
+    backend used instead, the same values as that backend, and Triton is not tried again."""
+    import warnings
+
+    from invact import backends
+    monkeypatch.setattr(backends, "_broken", set())
+    name = NAMES[0]
+    mod = ops._triton_module(name)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(mod, "forward", broken)
+    monkeypatch.setattr(mod, "backward", broken)
+    instead = backends.instead_of_triton("cpu")
+    x = torch.randn(100, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=f"'triton' backend failed.*no kernel image.*the {instead} backend"):
+        y = ops.apply(x, name, backend="triton")
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        y.backward(torch.ones_like(y))
+        y2 = ops.apply(x, name, backend="triton")
+    assert not [w for w in later if "backend failed" in str(w.message)]
+    assert calls == [1]
+    assert backends.resolve("triton", "cpu") == instead
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = ops.apply(x_ref, name, backend=instead)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert torch.equal(y, y_ref) and torch.equal(y2, y_ref) and torch.equal(x.grad, x_ref.grad)
