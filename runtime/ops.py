@@ -164,6 +164,7 @@ class Constants:
     y_threshold_values: tuple[float, ...]  # the same as floats (compile-time constants when compiled)
     poly: Tensor                      # POLY transposed: (row length, segments), evaluation dtype
     params: dict[str, float]
+    x_threshold_tensor: Tensor        # x_thresholds on the device, evaluation dtype (Triton reads them)
 
 
 def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
@@ -184,7 +185,7 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
     ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
-    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params)
+    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,9 +325,8 @@ def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[T
         y, code = _like(x), _empty_code(x, bits)
         order = _order(y)
         tk = module_constants(_module(name), torch.float32, x.device, tuple(params))
-        xthr = torch.tensor(tk.x_thresholds, dtype=torch.float32, device=x.device)
         backend = _launch_triton(x.device, lambda: _triton_module(name).forward(
-            _flat(x, order).contiguous(), _flat(y, order), code, xthr, list(params)))
+            _flat(x, order).contiguous(), _flat(y, order), code, tk.x_threshold_tensor, list(params)))
         if backend is None:
             return y, code
     if backend == "triton":

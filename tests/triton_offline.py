@@ -62,12 +62,11 @@ def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, d
     bits = torch_mod.CODE_BITS
     code = torch.empty(-(-n * bits // 8) if bits else 0, dtype=torch.uint8, device="meta")
     k = ops.table_constants(name, torch.float32, "cpu")  # small: the pointer dtypes are what matter
-    xthr = torch.tensor(k.x_thresholds, dtype=torch.float32)
     params = list(k.params.values())
     saved = mod.forward_kernel, mod.backward_kernel
     mod.forward_kernel, mod.backward_kernel = fwd, bwd = Recorder(), Recorder()
     try:
-        mod.forward(x, y, code, xthr, params)
+        mod.forward(x, y, code, k.x_threshold_tensor, params)
         mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params)
     finally:
         mod.forward_kernel, mod.backward_kernel = saved
