@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from invact import backends, ops
+from triton_tolerances import formula_error, within
 
 NAMES = ops.names()
 pytestmark = [
@@ -28,22 +29,6 @@ def name(request):
 
 def _params(name):
     return [float(v) for v in ops.info(name)["params"].values()]
-
-
-def _mantissa_bits(dtype):
-    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-
-
-def _within(a, b, ulps, abs_floor):
-    """|a - b| <= ulps ulps of dtype at max(|a|, |b|) (subnormal spacing included) + abs_floor."""
-    fi = torch.finfo(a.dtype)
-    scale = 2.0 ** -_mantissa_bits(a.dtype)
-    tol = ulps * (scale * torch.maximum(a.abs(), b.abs()).double() + fi.tiny * fi.eps) + abs_floor
-    return ((a.double() - b.double()).abs() <= tol).all()
-
-
-def _formula_error(x: torch.Tensor) -> torch.Tensor:
-    return 16 * 2.0**-24 * x.double().abs().clamp_min(1.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,24 +50,31 @@ def test_forward_matches_torch(name, dtype):
         y_e = torch.ops.invact.forward(x.float(), name, _params(name), "eager")[0].to(dtype)
         assert torch.equal(c_t, c_e), (name, n)
         ulps = 8 if dtype == torch.float32 else 2
-        assert _within(y_t, y_e, ulps, _formula_error(x)), (name, dtype, n, (y_t.double() - y_e.double()).abs().max())
+        assert within(y_t, y_e, ulps, formula_error(x)), (name, dtype, n, (y_t.double() - y_e.double()).abs().max())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_matches_torch(name, dtype):
-    """Same y and code in, grad_in out: both evaluate the same float32 scheme; torch's sqrt is not
-    correctly rounded (tl.sqrt_rn is), exp/log differ by ulps: 8 float32 ulps of |g go| plus
-    |go| 2**-21 absolute (the cancelling last step of the scheme). Narrow dtypes: one ulp for the
-    final rounding (the interpreter truncates bf16), plus that float32 difference."""
+    """Same y and code in, grad_in out. Fitted tables (every segment a polynomial row): both run the
+    float32 scheme operation for operation (correctly rounded sqrt, invact's own log, no FMA), so
+    float32 and float16 gradients are equal bit for bit; bfloat16 too but for the final rounding,
+    which the interpreter truncates (design.md): one bf16 ulp. Closed forms: the interpreter's
+    exp/log differ from torch's by ulps: 8 float32 ulps of |g go| plus |go| 2**-21 absolute (the
+    cancelling last step of the scheme); narrow dtypes: one ulp for the final rounding plus that."""
     g = torch.Generator().manual_seed(1)
+    fitted = bool(getattr(ops._module(name), "FUSED_CPU", False))
     for n in SIZES:
         x = (torch.randn(n, generator=g) * 4).to(dtype)
         y, code = torch.ops.invact.forward(x, name, _params(name), "eager")
         go = torch.randn(n, generator=g).to(dtype)
         a = torch.ops.invact.backward(go, y, code, name, _params(name), "triton")
         b = torch.ops.invact.backward(go, y, code, name, _params(name), "eager")
-        ulps = 8 if dtype == torch.float32 else 2
-        assert _within(a, b, ulps, go.double().abs() * 2.0**-21), (name, dtype, n, (a - b).abs().max())
+        if fitted and dtype != torch.bfloat16:
+            assert torch.equal(a, b) and torch.equal(a.isnan(), b.isnan()), (name, dtype, n)
+            continue
+        ulps = (1 if fitted else 2) if dtype != torch.float32 else 8
+        floor = 0.0 if fitted else go.double().abs() * 2.0**-21
+        assert within(a, b, ulps, floor), (name, dtype, n, (a - b).abs().max())
 
 
 def test_non_contiguous_and_autograd(name):
@@ -94,13 +86,13 @@ def test_non_contiguous_and_autograd(name):
         yt, ct = torch.ops.invact.forward(x, name, params, "triton")
         ye, ce = torch.ops.invact.forward(x, name, params, "eager")
         assert yt.stride() == ye.stride() and torch.equal(ct, ce)
-        assert _within(yt, ye, 8, _formula_error(x))
+        assert within(yt, ye, 8, formula_error(x))
         xt = x.detach().requires_grad_()
         y = ops.apply(xt, name, backend="triton")
         go = torch.randn_like(y)
         y.backward(go)
         assert torch.equal(xt.grad, torch.ops.invact.backward(go, yt, ct, name, params, "triton"))
-        assert _within(xt.grad, torch.ops.invact.backward(go, yt, ct, name, params, "eager"), 8,
+        assert within(xt.grad, torch.ops.invact.backward(go, yt, ct, name, params, "eager"), 8,
                        go.abs() * 2.0**-21)
 
 
@@ -129,7 +121,7 @@ def test_special_values_match_torch(name, dtype):
     b = torch.ops.invact.backward(go, y, code, name, params, "eager")
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[a.isinf()], b[a.isinf()]), (name, a, b)
     ok = torch.isfinite(a)
-    assert torch.equal(ok, torch.isfinite(b)) and _within(a[ok], b[ok], 8, go[ok].double().abs() * 2.0**-21)
+    assert torch.equal(ok, torch.isfinite(b)) and within(a[ok], b[ok], 8, go[ok].double().abs() * 2.0**-21)
 
 
 def test_launches_on_the_tensors_device(monkeypatch):
