@@ -1,6 +1,7 @@
 """Speed of invact's ops against PyTorch's native op of the same activation, side by side in one run.
 
     python benchmarks/activations.py [--numel 16777216] [--dtypes float32,bfloat16] [--names gelu,silu]
+                                     [--devices cpu,cuda]
 
 Ratios (invact time / native time; lower is better; every operation timed in turn, round by round,
 medians), CPU:
@@ -123,11 +124,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=3.0,
                         help="x = SCALE * N(0, 1) (default 3: both branches and the far tails, whose pieces "
                              "cost the most on CPU)")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="which reports: cpu, cuda or both (default; cuda only where a GPU is present)")
     args = parser.parse_args(argv)
+    devices = set(args.devices.split(","))
+    if not devices or devices - {"cpu", "cuda"}:
+        parser.error(f"--devices: expected cpu, cuda or cpu,cuda, got {args.devices!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     names = [n for n in args.names.split(",") if n and ops.info(n)["torch_forward"]]
+    if "cpu" in devices:
+        cpu_report(names, dtypes, args)
+    if "cuda" in devices and torch.cuda.is_available():
+        gpu_report(names, dtypes, args)
+    elif "cuda" in devices:
+        print("\nno CUDA device: Triton bandwidth skipped")
+
+
+def cpu_report(names: list[str], dtypes: list[torch.dtype], args: argparse.Namespace) -> None:
     cols = [*TARGETS, "floor"]
     print(f"CPU, {args.numel} elements, x = {args.scale:g} * N(0, 1), {torch.get_num_threads()} threads; "
           "invact / native time "
@@ -139,16 +154,16 @@ def main(argv: list[str] | None = None) -> None:
             marks = "".join(f"{r[c]:>13.2f}{'*' if r[c] > TARGETS.get(c, math.inf) else ' '}" for c in cols)
             print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}{marks}")
     print("(* misses its target)")
-    if torch.cuda.is_available():
-        print(f"\nCUDA Triton, {args.numel} elements (targets: bandwidth >= 0.9 of a copy's, time <= 1.05 "
-              "native; run with --numel 268435456 --dtypes bfloat16 for the issue's check)")
-        for name in names:
-            for dtype in dtypes:
-                r = gpu_ratios(name, dtype, args.numel, args.repeat)
-                print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}"
-                      + "".join(f"{k}: {v:7.2f}{'*' if _misses(k, v) else ' '}  " for k, v in r.items()))
-    else:
-        print("\nno CUDA device: Triton bandwidth skipped")
+
+
+def gpu_report(names: list[str], dtypes: list[torch.dtype], args: argparse.Namespace) -> None:
+    print(f"\nCUDA Triton, {args.numel} elements (targets: bandwidth >= 0.9 of a copy's, time <= 1.05 "
+          "native; --numel 268435456 --dtypes bfloat16 --devices cuda is the issue's check)")
+    for name in names:
+        for dtype in dtypes:
+            r = gpu_ratios(name, dtype, args.numel, args.repeat)
+            print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}"
+                  + "".join(f"{k}: {v:7.2f}{'*' if _misses(k, v) else ' '}  " for k, v in r.items()))
 
 
 if __name__ == "__main__":

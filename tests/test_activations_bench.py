@@ -41,3 +41,9 @@ def test_miss_marks_follow_the_targets():
     assert bench._misses("bwd of copy", 0.89) and not bench._misses("bwd of copy", 0.9)
     assert bench._misses("fwd / native", 1.06) and not bench._misses("fwd / native", 1.05)
     assert not bench._misses("fwd GB/s", 0.0)
+
+
+def test_devices_option_is_checked(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--devices", "gpu"])
+    assert exit_.value.code == 2 and "--devices: expected cpu, cuda or cpu,cuda, got 'gpu'" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""The generated Triton kernels on a CUDA GPU (skipped without one; run with TRITON_INTERPRET=0).
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_cuda.py      (benchmarks/gpu_check.sh runs it)
+
+Tolerances as in tests/test_triton.py, whose interpreter runs the same kernels on the CPU. Built with
+enable_fp_fusion=False, correctly rounded division and square roots and invact's own float32 log
+(tests/test_triton_offline.py checks the PTX), a fitted table's backward on the GPU is the float32
+scheme operation for operation, so it equals the CPU's eager backward bit for bit.
+"""
+
+import os
+
+import pytest
+import torch
+
+from invact import bitpack, ops
+from triton_tolerances import formula_error, within
+
+NAMES = ops.names()
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="set TRITON_INTERPRET=0: compiled kernels"),
+    pytest.mark.skipif(not NAMES, reason="no generated activations"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 7, 1023, 1024, 3 * 1024 * 1024 + 9]
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+def _params(name):
+    return [float(v) for v in ops.info(name)["params"].values()]
+
+
+def _fitted(name) -> bool:
+    """Every segment a polynomial row: the backward is the float32 scheme alone."""
+    return bool(getattr(ops._module(name), "FUSED_CPU", False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_on_gpu_matches_torch(name, dtype):
+    """y within test_triton's tolerance of the torch backend on the same GPU (PyTorch's own forward);
+    the packed code identical."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = _params(name)
+    for n in SIZES:
+        x = (torch.randn(n, generator=g, device="cuda") * 4).to(dtype)
+        y_t, c_t = torch.ops.invact.forward(x, name, params, "triton")
+        y_e, c_e = torch.ops.invact.forward(x.float(), name, params, "eager")
+        assert torch.equal(c_t, torch.ops.invact.forward(x, name, params, "eager")[1]), (name, n)
+        ulps = 8 if dtype == torch.float32 else 1  # the GPU rounds float32 -> bf16/fp16 to nearest
+        assert within(y_t, y_e.to(dtype), ulps, formula_error(x)), (name, dtype, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_on_gpu_matches_cpu_eager(name, dtype):
+    """The same (y, code) in: the fitted tables' gradient equals the CPU eager backward bit for bit;
+    closed forms (the GPU's exp/log differ by ulps) within test_triton's tolerance."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    params = _params(name)
+    for n in SIZES:
+        x = (torch.randn(n, generator=g, device="cuda") * 4).to(dtype)
+        y, code = torch.ops.invact.forward(x, name, params, "triton")
+        go = torch.randn(n, generator=g, device="cuda").to(dtype)
+        a = torch.ops.invact.backward(go, y, code, name, params, "triton").cpu()
+        b = torch.ops.invact.backward(go.cpu(), y.cpu(), code.cpu(), name, params, "eager")
+        if _fitted(name):
+            assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               b.view(torch.int16 if dtype != torch.float32 else torch.int32)), (name, dtype, n)
+        else:
+            ulps = 8 if dtype == torch.float32 else 2
+            assert within(a, b, ulps, go.cpu().double().abs() * 2.0**-21), (name, dtype, n)
+
+
+def test_autograd_channels_last_and_second_device(name):
+    """apply() through autograd on a channels-last CUDA tensor, and on cuda:1 while cuda:0 is current
+    (Triton launches on the current device: invact makes the tensor's current): the forward op's
+    y and code, and the CPU eager backward of that y and code (tolerances as above)."""
+    devices = ["cuda:0"] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
+    params = _params(name)
+    for device in devices:
+        base = torch.randn(4, 6, 5, 7, device=device).to(memory_format=torch.channels_last)
+        x = base.clone().requires_grad_()
+        y = ops.apply(x, name, backend="triton")
+        y.backward(torch.ones_like(y))
+        yt, ct = torch.ops.invact.forward(base, name, params, "triton")
+        assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y.detach(), yt)
+        ye = torch.ops.invact.forward(base.cpu(), name, params, "eager")[0]
+        assert within(yt.cpu(), ye, 8, formula_error(base.cpu()))
+        ge = torch.ops.invact.backward(torch.ones_like(ye), yt.cpu(), ct.cpu(), name, params, "eager")
+        assert within(x.grad.cpu(), ge, 8, 2.0**-21)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """bfloat16 gelu on 2**31 + 4099 elements (64-bit offsets): the first and last elements' y, code
+    and gradient equal those computed on their slices alone (about 20 GB of GPU memory)."""
+    name, n, part = "gelu", 2**31 + 4099, 5000
+    if name not in NAMES or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs gelu and 40 GiB of GPU memory")
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    slices = [slice(0, part), slice(n - part, n)]
+    x_parts = [x[s].clone() for s in slices]
+    y, code = torch.ops.invact.forward(x, name, [], "triton")
+    del x
+    go = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    grad = torch.ops.invact.backward(go, y, code, name, [], "triton")
+    for s, x_part in zip(slices, x_parts):
+        index = torch.arange(s.start, s.stop, device="cuda", dtype=torch.int64)
+        byte, shift = bitpack.bit_position(index, 1, n)  # tensor arithmetic: the same formulas
+        codes = (code[byte].to(torch.int32) >> shift.to(torch.int32)) & 1
+        y_s, code_s = torch.ops.invact.forward(x_part, name, [], "triton")
+        assert torch.equal(y[s], y_s) and torch.equal(codes, bitpack.unpack(code_s, 1, part))
+        assert torch.equal(grad[s], torch.ops.invact.backward(go[s], y_s, code_s, name, [], "triton"))
