@@ -6,7 +6,7 @@ import triton.language as tl
 
 # Launched with enable_fp_fusion=False: every a * b + c is rounded twice, as the certified float32
 # scheme and the torch code evaluate it (Triton contracts them into FMAs on GPUs by default).
-DEFAULT_BLOCK = 1024
+DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 NSEG = tl.constexpr(9)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
@@ -55,13 +55,12 @@ def _log(a):
 
 @triton.jit
 def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
-    """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs bytes
-    pid * BLOCK // PER .., reading the matching element of every bit plane (see invact.bitpack),
-    so all loads and stores are contiguous. x >= XT[j] <=> x is right of forward-code break j."""
+    """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
+    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
-    b = pid * (BLOCK // PER) + tl.arange(0, BLOCK // PER)
+    b = pid * BLOCK + tl.arange(0, BLOCK)
     plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
-    acc = tl.zeros([BLOCK // PER], dtype=tl.int32)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
     for j in tl.static_range(PER):
         offs = plane * j + b
         mask = (b < nbytes) & (offs < n)
@@ -75,47 +74,51 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
 
 @triton.jit
 def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, BLOCK: tl.constexpr):
-    """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32)."""
+    """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32). With a code:
+    program pid reads BLOCK code bytes once and the matching element of every bit plane."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    byte = tl.load(CODE + offs % nbytes, mask=mask, other=0).to(tl.int32)  # bit planes
-    code = (byte >> ((offs // nbytes) * BITS).to(tl.int32)) & CODE_MASK
-    s1 = (
-        tl.zeros(y.shape, dtype=tl.int32) + 4
-        + (y >= tl.load(YT + 3)).to(tl.int32)
-        + (y >= tl.load(YT + 4)).to(tl.int32)
-        + (y >= tl.load(YT + 5)).to(tl.int32)
-        + (y >= tl.load(YT + 6)).to(tl.int32)
-    )
-    s = (
-        tl.zeros(y.shape, dtype=tl.int32)
-        + (y >= tl.load(YT + 0)).to(tl.int32)
-        + (y >= tl.load(YT + 1)).to(tl.int32)
-        + (y >= tl.load(YT + 2)).to(tl.int32)
-    )
-    s = tl.where(code == 1, s1, s)
-    t = _log(tl.maximum(-y, 1.1754943508222875e-38))
-    t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.3088434040546417) + 8.962608433193964e-09) + 2.4980200695545274e-16), 0.0)), t)
-    u = tl.minimum(tl.maximum((t - tl.load(P + 1 * NSEG + s)) * tl.load(P + 2 * NSEG + s), -1.0), 1.0)
-    p = tl.load(P + 16 * NSEG + s)
-    p = p * u + tl.load(P + 15 * NSEG + s)
-    p = p * u + tl.load(P + 14 * NSEG + s)
-    p = p * u + tl.load(P + 13 * NSEG + s)
-    p = p * u + tl.load(P + 12 * NSEG + s)
-    p = p * u + tl.load(P + 11 * NSEG + s)
-    p = p * u + tl.load(P + 10 * NSEG + s)
-    p = p * u + tl.load(P + 9 * NSEG + s)
-    p = p * u + tl.load(P + 8 * NSEG + s)
-    p = p * u + tl.load(P + 7 * NSEG + s)
-    p = p * u + tl.load(P + 6 * NSEG + s)
-    p = p * u + tl.load(P + 5 * NSEG + s)
-    p = p * u
-    g = (p + tl.load(P + 4 * NSEG + s)) + tl.load(P + 3 * NSEG + s)
-    g = tl.where(y != y, y, g)
-    go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
+    b = pid * BLOCK + tl.arange(0, BLOCK)
+    plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
+    byte = tl.load(CODE + b, mask=b < nbytes, other=0).to(tl.int32)
+    for j in range(PER):  # a loop, not unrolled: g is long
+        offs = plane * j + b
+        mask = (b < nbytes) & (offs < n)
+        code = (byte >> (j * BITS)) & CODE_MASK
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = (
+            tl.zeros(y.shape, dtype=tl.int32) + 4
+            + (y >= tl.load(YT + 3)).to(tl.int32)
+            + (y >= tl.load(YT + 4)).to(tl.int32)
+            + (y >= tl.load(YT + 5)).to(tl.int32)
+            + (y >= tl.load(YT + 6)).to(tl.int32)
+        )
+        s = (
+            tl.zeros(y.shape, dtype=tl.int32)
+            + (y >= tl.load(YT + 0)).to(tl.int32)
+            + (y >= tl.load(YT + 1)).to(tl.int32)
+            + (y >= tl.load(YT + 2)).to(tl.int32)
+        )
+        s = tl.where(code == 1, s1, s)
+        t = _log(tl.maximum(-y, 1.1754943508222875e-38))
+        t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.3088434040546417) + 8.962608433193964e-09) + 2.4980200695545274e-16), 0.0)), t)
+        u = tl.minimum(tl.maximum((t - tl.load(P + 1 * NSEG + s)) * tl.load(P + 2 * NSEG + s), -1.0), 1.0)
+        p = tl.load(P + 16 * NSEG + s)
+        p = p * u + tl.load(P + 15 * NSEG + s)
+        p = p * u + tl.load(P + 14 * NSEG + s)
+        p = p * u + tl.load(P + 13 * NSEG + s)
+        p = p * u + tl.load(P + 12 * NSEG + s)
+        p = p * u + tl.load(P + 11 * NSEG + s)
+        p = p * u + tl.load(P + 10 * NSEG + s)
+        p = p * u + tl.load(P + 9 * NSEG + s)
+        p = p * u + tl.load(P + 8 * NSEG + s)
+        p = p * u + tl.load(P + 7 * NSEG + s)
+        p = p * u + tl.load(P + 6 * NSEG + s)
+        p = p * u + tl.load(P + 5 * NSEG + s)
+        p = p * u
+        g = (p + tl.load(P + 4 * NSEG + s)) + tl.load(P + 3 * NSEG + s)
+        g = tl.where(y != y, y, g)
+        go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
 
 
 def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):
@@ -123,14 +126,14 @@ def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):
     n = x.numel()
     nbytes = code.numel() if code is not None else 0
     if n:
-        grid = (triton.cdiv(nbytes, block // PER),)
-        forward_kernel[grid](x, y, code, xthr, n, nbytes, *params, BLOCK=block, enable_fp_fusion=False)
+        forward_kernel[(triton.cdiv(nbytes, block),)](x, y, code, xthr, n, nbytes, *params,
+                                                      BLOCK=block, enable_fp_fusion=False)
 
 
 def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):
     """Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""
     n = y.numel()
-    nbytes = max(code.numel(), 1) if code is not None else 1
+    nbytes = code.numel() if code is not None else 0
     if n:
-        backward_kernel[(triton.cdiv(n, block),)](grad, y, code, grad_in, ythr, poly, n, nbytes, *params,
-                                                  BLOCK=block, enable_fp_fusion=False)
+        backward_kernel[(triton.cdiv(nbytes, block),)](grad, y, code, grad_in, ythr, poly, n, nbytes, *params,
+                                                       BLOCK=block, enable_fp_fusion=False)

@@ -6,7 +6,7 @@ import triton.language as tl
 
 # Launched with enable_fp_fusion=False: every a * b + c is rounded twice, as the certified float32
 # scheme and the torch code evaluate it (Triton contracts them into FMAs on GPUs by default).
-DEFAULT_BLOCK = 1024
+DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 NSEG = tl.constexpr(1)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
@@ -15,9 +15,8 @@ CODE_MASK = tl.constexpr(0)
 
 @triton.jit
 def forward_kernel(X, Y, n, nbytes, BLOCK: tl.constexpr):
-    """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs bytes
-    pid * BLOCK // PER .., reading the matching element of every bit plane (see invact.bitpack),
-    so all loads and stores are contiguous. x >= XT[j] <=> x is right of forward-code break j."""
+    """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
+    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -28,7 +27,8 @@ def forward_kernel(X, Y, n, nbytes, BLOCK: tl.constexpr):
 
 @triton.jit
 def backward_kernel(GO, Y, GX, YT, P, n, nbytes, BLOCK: tl.constexpr):
-    """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32)."""
+    """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32). With a code:
+    program pid reads BLOCK code bytes once and the matching element of every bit plane."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -44,14 +44,14 @@ def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):
     n = x.numel()
     nbytes = code.numel() if code is not None else 0
     if n:
-        grid = (triton.cdiv(n, block),)
-        forward_kernel[grid](x, y, n, nbytes, *params, BLOCK=block, enable_fp_fusion=False)
+        forward_kernel[(triton.cdiv(n, block),)](x, y, n, nbytes, *params,
+                                                 BLOCK=block, enable_fp_fusion=False)
 
 
 def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):
     """Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""
     n = y.numel()
-    nbytes = max(code.numel(), 1) if code is not None else 1
+    nbytes = code.numel() if code is not None else 0
     if n:
         backward_kernel[(triton.cdiv(n, block),)](grad, y, grad_in, ythr, poly, n, nbytes, *params,
                                                   BLOCK=block, enable_fp_fusion=False)

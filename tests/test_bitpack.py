@@ -149,24 +149,21 @@ def test_plane_chunks_past_2_31(bits, numel):
 @pytest.mark.parametrize("numel", [2**31 + 3, 2**33 + 5])
 def test_triton_index_formulas_past_2_31(bits, numel):
     """The generated Triton kernels' index arithmetic (generated/triton_*.py), emulated in int64 at the
-    last program: forward program pid packs bytes b = pid * (BLOCK // PER) + arange and reads element
-    nbytes * j + b of plane j; backward element offs reads byte offs % nbytes at shift
-    (offs // nbytes) * BITS. Both equal bit_position; in int32 the offsets would wrap."""
+    last program: with a code, forward and backward program pid covers bytes b = pid * BLOCK + arange
+    and reads element nbytes * j + b of plane j (at shift j * BITS). Equal to bit_position; in int32
+    the offsets would wrap."""
     block, per = 1024, 8 // bits
     nbytes = bitpack.packed_bytes(numel, bits)
-    pid = np.int64(-(-nbytes // (block // per)) - 1)                        # last forward program
-    b = pid * (block // per) + np.arange(block // per, dtype=np.int64)
-    for j in range(per):
-        offs = np.int64(nbytes) * j + b
-        live = (b < nbytes) & (offs < numel)
-        for i in offs[live][[0, -1]] if live.any() else []:
-            assert bitpack.bit_position(int(i), bits, numel) == (int(i) % nbytes, j * bits)
-    pid = np.int64(-(-numel // block) - 1)                                   # last backward program
-    offs = pid * block + np.arange(block, dtype=np.int64)
-    offs = offs[offs < numel]
-    byte, shift = offs % nbytes, (offs // nbytes) * bits
-    assert offs.max() == numel - 1 and offs.max() > np.iinfo(np.int32).max
-    assert bitpack.bit_position(int(offs[-1]), bits, numel) == (int(byte[-1]), int(shift[-1]))
+    seen = []
+    for pid in (np.int64(-(-nbytes // block) - 1), np.int64((numel - 1) % nbytes // block)):  # the last
+        b = pid * block + np.arange(block, dtype=np.int64)                 # program, the last element's
+        for j in range(per):
+            offs = np.int64(nbytes) * j + b
+            live = (b < nbytes) & (offs < numel)
+            for i in offs[live][[0, -1]] if live.any() else []:
+                assert bitpack.bit_position(int(i), bits, numel) == (int(i) % nbytes, j * bits)
+                seen.append(int(i))
+    assert max(seen) == numel - 1 > np.iinfo(np.int32).max
 
 
 def test_triton_kernels_compute_offsets_in_int64():

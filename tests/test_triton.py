@@ -96,6 +96,26 @@ def test_non_contiguous_and_autograd(name):
                        go.abs() * 2.0**-21)
 
 
+@pytest.mark.parametrize("n", [1031])
+def test_many_programs_give_one_programs_results(name, n):
+    """Launched with a small block, the kernels run many programs (the last one ragged, and with a
+    code each covers `block` bytes of every bit plane): the same y, code and gradient as one program."""
+    params = _params(name)
+    mod = ops._triton_module(name)
+    k = ops.table_constants(name, torch.float32, "cpu")
+    x = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 4
+    go = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    results = []
+    for block in (64, 4096):
+        y, code = torch.empty_like(x), ops._empty_code(x, ops._module(name).CODE_BITS)
+        mod.forward(x, y, code, k.x_threshold_tensor, params, block=block)
+        gx = torch.empty_like(x)
+        mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params, block=block)
+        results.append((y, code, gx))
+    for a, b in zip(*results):
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def test_empty_and_fp64_fall_back():
     name = NAMES[0]
     x = torch.zeros(0)

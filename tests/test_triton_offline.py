@@ -64,3 +64,17 @@ def test_the_scheme_builds_its_square_root_correctly_rounded(report):
     for name in fitted:
         for case, found in report[name]["backward"].items():
             assert found["ptx"]["sqrt.rn.f32"] > 0, (name, case)
+
+
+def test_no_integer_division_and_vector_memory_access(report):
+    """Offsets are sums and products (each program covers a range of code bytes and the matching
+    element of every plane): no 64-bit division or remainder, which GPUs emulate in dozens of
+    instructions per element. Where the size is a multiple of 128 (the planes then start 16-byte
+    aligned, and Triton's specialisation knows it) every kernel loads and stores 16-byte vectors."""
+    for name, kernels in report.items():
+        for kernel, cases in kernels.items():
+            for case, found in cases.items():
+                ptx = found["ptx"]
+                assert not any(ptx[i] for i in ("div.s64", "rem.s64", "div.u64", "rem.u64")), (name, kernel, case)
+                if case != "float16-int64":
+                    assert ptx["ld.global.v4"] and ptx["st.global.v4"], (name, kernel, case, ptx)

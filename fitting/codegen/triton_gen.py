@@ -10,10 +10,20 @@ from .writer import Writer, header
 __all__ = ["generate_triton"]
 
 
-def _prologue(w: Writer) -> None:
-    w("pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work",
-      "offs = pid * BLOCK + tl.arange(0, BLOCK)",
-      "mask = offs < n")
+def _program_elements(w: Writer, plan: Plan) -> None:
+    """The elements of program pid: BLOCK contiguous ones without a code; with one, the BLOCK code
+    bytes b = pid * BLOCK + arange and, in plane j, elements nbytes * j + b (see invact.bitpack), so
+    every load and store is contiguous and no offset needs a division."""
+    w("pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work")
+    if not plan.code_bits:
+        w("offs = pid * BLOCK + tl.arange(0, BLOCK)", "mask = offs < n")
+        return
+    w("b = pid * BLOCK + tl.arange(0, BLOCK)",
+      "plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow")
+
+
+def _plane_offsets(w: Writer) -> None:
+    w("offs = plane * j + b", "mask = (b < nbytes) & (offs < n)")
 
 
 def _forward_kernel(w: Writer, plan: Plan) -> None:
@@ -21,19 +31,15 @@ def _forward_kernel(w: Writer, plan: Plan) -> None:
     code_args = "CODE, XT, " if plan.code_bits else ""
     w("@triton.jit")
     with w.block(f"def forward_kernel(X, Y, {code_args}n, nbytes, {params}BLOCK: tl.constexpr):"):
-        w('"""y = f(x) in float32, stored in Y\'s dtype; with a code: program pid packs bytes',
-          "pid * BLOCK // PER .., reading the matching element of every bit plane (see invact.bitpack),",
-          'so all loads and stores are contiguous. x >= XT[j] <=> x is right of forward-code break j."""')
-        w("pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work")
+        w('"""y = f(x) in float32, stored in Y\'s dtype; with a code: program pid packs BLOCK code bytes',
+          "from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j.\"\"\"")
+        _program_elements(w, plan)
         if not plan.code_bits:
-            w("offs = pid * BLOCK + tl.arange(0, BLOCK)", "mask = offs < n")
             _forward_body(w, plan)
             return
-        w("b = pid * (BLOCK // PER) + tl.arange(0, BLOCK // PER)",
-          "plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow",
-          "acc = tl.zeros([BLOCK // PER], dtype=tl.int32)")
+        w("acc = tl.zeros([BLOCK], dtype=tl.int32)")
         with w.block("for j in tl.static_range(PER):"):
-            w("offs = plane * j + b", "mask = (b < nbytes) & (offs < n)")
+            _plane_offsets(w)
             _forward_body(w, plan)
             emit_code(w, plan, TritonDialect())
             w("acc = acc | (tl.where(mask, c, 0) << (j * BITS))")
@@ -91,33 +97,42 @@ def _backward_kernel(w: Writer, plan: Plan) -> None:
     code_args = "CODE, " if plan.code_bits else ""
     w("@triton.jit")
     with w.block(f"def backward_kernel(GO, Y, {code_args}GX, YT, P, n, nbytes, {params}BLOCK: tl.constexpr):"):
-        w('"""grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32)."""')
-        _prologue(w)
-        w("y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)")
-        if plan.code_bits:
-            w("byte = tl.load(CODE + offs % nbytes, mask=mask, other=0).to(tl.int32)  # bit planes",
-              "code = (byte >> ((offs // nbytes) * BITS).to(tl.int32)) & CODE_MASK")
-        emit_g(w, plan, TritonDialect())
-        w("go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)",
-          "tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)")
+        w('"""grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32). With a code:',
+          'program pid reads BLOCK code bytes once and the matching element of every bit plane."""')
+        _program_elements(w, plan)
+        if not plan.code_bits:
+            _backward_body(w, plan)
+            return
+        w("byte = tl.load(CODE + b, mask=b < nbytes, other=0).to(tl.int32)")
+        with w.block("for j in range(PER):  # a loop, not unrolled: g is long"):
+            _plane_offsets(w)
+            w("code = (byte >> (j * BITS)) & CODE_MASK")
+            _backward_body(w, plan)
+
+
+def _backward_body(w: Writer, plan: Plan) -> None:
+    w("y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)")
+    emit_g(w, plan, TritonDialect())
+    w("go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)",
+      "tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)")
 
 
 def _launchers(w: Writer, plan: Plan) -> None:
     code_fwd = "code, xthr, " if plan.code_bits else ""
     code_bwd = "code, " if plan.code_bits else ""
-    per_program = "block // PER" if plan.code_bits else "block"
+    programs = "triton.cdiv(nbytes, block)" if plan.code_bits else "triton.cdiv(n, block)"
     with w.block("def forward(x, y, code, xthr, params, block=DEFAULT_BLOCK):"):
         w('"""Launch forward_kernel on flat contiguous x, y (and code, xthr when CODE_BITS > 0)."""',
           "n = x.numel()", "nbytes = code.numel() if code is not None else 0")
         with w.block("if n:"):
-            w(f"grid = (triton.cdiv({'nbytes' if plan.code_bits else 'n'}, {per_program}),)",
-              f"forward_kernel[grid](x, y, {code_fwd}n, nbytes, *params, BLOCK=block, enable_fp_fusion=False)")
+            call = f"forward_kernel[({programs},)]("
+            w(f"{call}x, y, {code_fwd}n, nbytes, *params,", f"{' ' * len(call)}BLOCK=block, enable_fp_fusion=False)")
     w("", "")
     with w.block("def backward(grad, y, code, grad_in, ythr, poly, params, block=DEFAULT_BLOCK):"):
         w('"""Launch backward_kernel on flat contiguous tensors; ythr and poly in float32."""',
-          "n = y.numel()", "nbytes = max(code.numel(), 1) if code is not None else 1")
+          "n = y.numel()", "nbytes = code.numel() if code is not None else 0")
         with w.block("if n:"):
-            call = "backward_kernel[(triton.cdiv(n, block),)]("
+            call = f"backward_kernel[({programs},)]("
             w(f"{call}grad, y, {code_bwd}grad_in, ythr, poly, n, nbytes, *params,",
               f"{' ' * len(call)}BLOCK=block, enable_fp_fusion=False)")
 
@@ -131,7 +146,8 @@ def generate_triton(plan: Plan) -> str:
       "", "import triton", "import triton.language as tl", "")
     w("# Launched with enable_fp_fusion=False: every a * b + c is rounded twice, as the certified float32",
       "# scheme and the torch code evaluate it (Triton contracts them into FMAs on GPUs by default).",
-      "DEFAULT_BLOCK = 1024", f"NSEG = tl.constexpr({plan.n_segments})",
+      "DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)",
+      f"NSEG = tl.constexpr({plan.n_segments})",
       f"BITS = tl.constexpr({max(plan.code_bits, 1)})", f"PER = tl.constexpr({per})",
       f"CODE_MASK = tl.constexpr({(1 << plan.code_bits) - 1})", "", "")
     kernels = Writer()
