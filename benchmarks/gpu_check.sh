@@ -2,8 +2,9 @@
 # Every check that needs a CUDA GPU, in one run (a lent machine has ~15 minutes in all):
 #   1. build invact from this tree into /tmp/invact-site (no network: --no-deps, no build isolation;
 #      the machine's own torch and triton),
-#   2. tests/test_cuda.py: the generated Triton kernels compiled for the GPU against the torch
-#      backend (fitted tables bit for bit), channels-last, a second device, 2**31 + 4099 elements,
+#   2. tests/test_cuda.py on 8 processes (each size class of each kernel is a Triton compile): the
+#      compiled Triton kernels against the torch backend (fitted tables bit for bit), channels-last,
+#      a second device, 2**31 + 4099 elements,
 #   3. the GPU benchmark: Triton forward/backward at 2**28 bfloat16 elements against a copy's
 #      bandwidth and PyTorch's native op.
 # Usage: bash benchmarks/gpu_check.sh     (logs also go to $OUT, or /tmp/invact-gpu)
@@ -17,7 +18,7 @@ export PYTHONPATH=/tmp/invact-site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee "$out/versions.txt"
 status=0
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
+python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
 python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1
 exit $status
