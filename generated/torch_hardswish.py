@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where
 
 META = {'name': 'hardswish',
  'params': {},
@@ -84,16 +84,16 @@ def g_kernel(y, code, thr, poly):
     if torch.compiler.is_compiling():
         s1 = (y >= thr[1]).to(torch.int32) + 2
         s = (y >= thr[0]).to(torch.int32)
-        s = torch.where(code == 1, s1, s)
+        s = fastmath.where(code == 1, s1, s)
     else:
         s1 = (y >= thr[1]).to(torch.int32) + 2
         s = (y >= thr[0]).to(torch.int32)
-        s = torch.where(code == 1, s1, s)
+        s = fastmath.where(code == 1, s1, s)
     g = 1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0
-    g = torch.where(s == 1, 1.0, g)
-    g = torch.where(s == 2, -1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0, g)
-    g = torch.where(s == 3, 0.0, g)
-    g = torch.where(y != y, torch.where(code == 1, 0.0, y), g)
+    g = fastmath.where(s == 1, 1.0, g)
+    g = fastmath.where(s == 2, -1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0, g)
+    g = fastmath.where(s == 3, 0.0, g)
+    g = torch.where(y != y, fastmath.where(code == 1, 0.0, y), g)
     return g
 
 

@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where
 
 META = {'name': 'leaky_relu',
  'params': {'negative_slope': 0.01},
@@ -83,7 +83,7 @@ def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
     else:
         s = (y >= thr[0]).to(torch.int32)
     g = torch.zeros_like(y) + negative_slope
-    g = torch.where(s == 1, 1.0, g)
+    g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, negative_slope, g)
     return g
 

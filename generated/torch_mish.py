@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where
 
 META = {'name': 'mish',
  'params': {},
@@ -103,10 +103,10 @@ def g_kernel(y, code, thr, poly):
             + (y >= thr[1]).to(torch.int32)
             + (y >= thr[2]).to(torch.int32)
         )
-        s = torch.where(code == 1, s1, s)
+        s = fastmath.where(code == 1, s1, s)
         q = poly.index_select(1, s)
     t = fastmath.log(torch.clamp_min(-y, 1.1754943508222875e-38))
-    t = torch.where(q[0] == 0.0, fastmath.sqrt(torch.clamp_min((((y + 0.3088434040546417) + 8.962608433193964e-09) + 2.4980200695545274e-16), 0.0)), t)
+    t = fastmath.where(q[0] == 0.0, fastmath.sqrt(torch.clamp_min((((y + 0.3088434040546417) + 8.962608433193964e-09) + 2.4980200695545274e-16), 0.0)), t)
     u = torch.clamp((t - q[1]) * q[2], -1.0, 1.0)
     p = q[16]
     p = p * u + q[15]

@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where
 
 META = {'name': 'relu',
  'params': {},
@@ -83,7 +83,7 @@ def g_kernel(y, code, thr, poly):
     else:
         s = (y >= thr[0]).to(torch.int32)
     g = torch.zeros_like(y) + 0.0
-    g = torch.where(s == 1, 1.0, g)
+    g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, 1.0, g)
     return g
 

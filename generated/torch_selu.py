@@ -10,7 +10,7 @@ import math  # noqa: F401 - parameter arithmetic in printed expressions
 import torch
 import torch.nn.functional as F  # noqa: F401 - used by torch_forward
 
-from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms
+from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where
 
 META = {'name': 'selu',
  'params': {'scale': 1.0507009873554805, 'alpha': 1.6732632423543772},
@@ -83,7 +83,7 @@ def g_kernel(y, code, thr, poly, *, scale=1.0507009873554805, alpha=1.6732632423
     else:
         s = (y >= thr[0]).to(torch.int32)
     g = alpha*scale + y
-    g = torch.where(s == 1, scale, g)
+    g = fastmath.where(s == 1, scale, g)
     g = torch.where(y != y, y, g)
     return g
 

@@ -19,7 +19,8 @@ EAGER_COMPARES = 4               # up to this many thresholds per code class, ea
 
 class TorchDialect:
     printer = TorchPrinter
-    where = "torch.where"
+    where = "fastmath.where"  # torch.where, bit for bit; eager CPU code: no branch per element
+    where_rare = "torch.where"  # for conditions that hardly ever hold (NaN y): ATen's branches predict well
 
     def sqrt(self, v): return f"fastmath.sqrt({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"fastmath.log({v})"
@@ -53,13 +54,13 @@ class TorchDialect:
             return "(x < thr[0]).to(torch.int32)"
         text = f"torch.full_like(x, {codes[0]}, dtype=torch.int32)"
         for j in range(k):
-            text = f"torch.where(x >= thr[{j}], {codes[j + 1]}, {text})"
+            text = f"{self.where}(x >= thr[{j}], {codes[j + 1]}, {text})"
         return text
 
 
 class TritonDialect(TorchDialect):
     printer = TritonPrinter
-    where = "tl.where"
+    where = where_rare = "tl.where"
 
     def sqrt(self, v): return f"tl.sqrt_rn({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"_log({v})"
@@ -182,7 +183,7 @@ def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
         for code, value in plan.nan_values:
             v = printer.doprint(value)
             fill = v if plan.code_bits == 0 else f"{d.where}(code == {code}, {v}, {fill})"
-        w(f"g = {d.where}({d.isnan('y')}, {fill}, g)")
+        w(f"g = {d.where_rare}({d.isnan('y')}, {fill}, g)")
 
 
 def emit_code(w: Writer, plan: Plan, d: TorchDialect) -> None:

@@ -88,7 +88,7 @@ def generate_torch(plan: Plan) -> str:
       "their thresholds and POLY tensor come from ``invact.ops.table_constants``.", '"""', "")
     w("import math  # noqa: F401 - parameter arithmetic in printed expressions", "",
       "import torch", "import torch.nn.functional as F  # noqa: F401 - used by torch_forward", "",
-      "from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log transforms", "")
+      "from invact import bitpack, fastmath, selection  # noqa: F401 - fastmath: log, sqrt, where", "")
     _meta(w, plan)
     _poly_table(w, plan)
     with w.block(f"def forward({_signature(plan, 'x')}):"):
