@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from invact import bitpack, ops
-from triton_tolerances import formula_error, within
+from triton_tolerances import default_params, formula_error, is_fitted, within
 
 NAMES = ops.names()
 pytestmark = [
@@ -31,21 +31,12 @@ def name(request):
     return request.param
 
 
-def _params(name):
-    return [float(v) for v in ops.info(name)["params"].values()]
-
-
-def _fitted(name) -> bool:
-    """Every segment a polynomial row: the backward is the float32 scheme alone."""
-    return bool(getattr(ops._module(name), "FUSED_CPU", False))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_on_gpu_matches_torch(name, dtype):
     """y within test_triton's tolerance of the torch backend on the same GPU (PyTorch's own forward);
     the packed code identical."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    params = _params(name)
+    params = default_params(name)
     for n in SIZES:
         x = (torch.randn(n, generator=g, device="cuda") * 4).to(dtype)
         y_t, c_t = torch.ops.invact.forward(x, name, params, "triton")
@@ -60,14 +51,14 @@ def test_backward_on_gpu_matches_cpu_eager(name, dtype):
     """The same (y, code) in: the fitted tables' gradient equals the CPU eager backward bit for bit;
     closed forms (the GPU's exp/log differ by ulps) within test_triton's tolerance."""
     g = torch.Generator(device="cuda").manual_seed(1)
-    params = _params(name)
+    params = default_params(name)
     for n in SIZES:
         x = (torch.randn(n, generator=g, device="cuda") * 4).to(dtype)
         y, code = torch.ops.invact.forward(x, name, params, "triton")
         go = torch.randn(n, generator=g, device="cuda").to(dtype)
         a = torch.ops.invact.backward(go, y, code, name, params, "triton").cpu()
         b = torch.ops.invact.backward(go.cpu(), y.cpu(), code.cpu(), name, params, "eager")
-        if _fitted(name):
+        if is_fitted(name):
             assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
                                b.view(torch.int16 if dtype != torch.float32 else torch.int32)), (name, dtype, n)
         else:
@@ -80,7 +71,7 @@ def test_autograd_channels_last_and_second_device(name):
     (Triton launches on the current device: invact makes the tensor's current): the forward op's
     y and code, and the CPU eager backward of that y and code (tolerances as above)."""
     devices = ["cuda:0"] + (["cuda:1"] if torch.cuda.device_count() > 1 else [])
-    params = _params(name)
+    params = default_params(name)
     for device in devices:
         base = torch.randn(4, 6, 5, 7, device=device).to(memory_format=torch.channels_last)
         x = base.clone().requires_grad_()

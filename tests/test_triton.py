@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from invact import backends, ops
-from triton_tolerances import formula_error, within
+from triton_tolerances import default_params, formula_error, is_fitted, within
 
 NAMES = ops.names()
 pytestmark = [
@@ -27,10 +27,6 @@ def name(request):
     return request.param
 
 
-def _params(name):
-    return [float(v) for v in ops.info(name)["params"].values()]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_matches_torch(name, dtype):
     """y: Triton evaluates the formula in float32 (its erf/exp/tanh differ from ATen's by a few
@@ -45,9 +41,9 @@ def test_forward_matches_torch(name, dtype):
     g = torch.Generator().manual_seed(0)
     for n in SIZES:
         x = (torch.randn(n, generator=g) * 4).to(dtype)
-        y_t, c_t = torch.ops.invact.forward(x, name, _params(name), "triton")
-        _, c_e = torch.ops.invact.forward(x, name, _params(name), "eager")
-        y_e = torch.ops.invact.forward(x.float(), name, _params(name), "eager")[0].to(dtype)
+        y_t, c_t = torch.ops.invact.forward(x, name, default_params(name), "triton")
+        _, c_e = torch.ops.invact.forward(x, name, default_params(name), "eager")
+        y_e = torch.ops.invact.forward(x.float(), name, default_params(name), "eager")[0].to(dtype)
         assert torch.equal(c_t, c_e), (name, n)
         ulps = 8 if dtype == torch.float32 else 2
         assert within(y_t, y_e, ulps, formula_error(x)), (name, dtype, n, (y_t.double() - y_e.double()).abs().max())
@@ -62,13 +58,13 @@ def test_backward_matches_torch(name, dtype):
     exp/log differ from torch's by ulps: 8 float32 ulps of |g go| plus |go| 2**-21 absolute (the
     cancelling last step of the scheme); narrow dtypes: one ulp for the final rounding plus that."""
     g = torch.Generator().manual_seed(1)
-    fitted = bool(getattr(ops._module(name), "FUSED_CPU", False))
+    fitted = is_fitted(name)
     for n in SIZES:
         x = (torch.randn(n, generator=g) * 4).to(dtype)
-        y, code = torch.ops.invact.forward(x, name, _params(name), "eager")
+        y, code = torch.ops.invact.forward(x, name, default_params(name), "eager")
         go = torch.randn(n, generator=g).to(dtype)
-        a = torch.ops.invact.backward(go, y, code, name, _params(name), "triton")
-        b = torch.ops.invact.backward(go, y, code, name, _params(name), "eager")
+        a = torch.ops.invact.backward(go, y, code, name, default_params(name), "triton")
+        b = torch.ops.invact.backward(go, y, code, name, default_params(name), "eager")
         if fitted and dtype != torch.bfloat16:
             assert torch.equal(a, b) and torch.equal(a.isnan(), b.isnan()), (name, dtype, n)
             continue
@@ -81,7 +77,7 @@ def test_non_contiguous_and_autograd(name):
     """Strided and channels-last inputs: same layout, values and codes as the torch backend; the
     backward through apply() equals the backward op on the same (y, code) (tolerances as above)."""
     base = torch.randn(2, 6, 5, 7)
-    params = _params(name)
+    params = default_params(name)
     for x in (base[:, ::2, :, 1:], base.to(memory_format=torch.channels_last), base.transpose(0, 2)):
         yt, ct = torch.ops.invact.forward(x, name, params, "triton")
         ye, ce = torch.ops.invact.forward(x, name, params, "eager")
@@ -100,7 +96,7 @@ def test_non_contiguous_and_autograd(name):
 def test_many_programs_give_one_programs_results(name, n):
     """Launched with a small block, the kernels run many programs (the last one ragged, and with a
     code each covers `block` bytes of every bit plane): the same y, code and gradient as one program."""
-    params = _params(name)
+    params = default_params(name)
     mod = ops._triton_module(name)
     k = ops.table_constants(name, torch.float32, "cpu")
     x = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 4
@@ -133,7 +129,7 @@ def test_special_values_match_torch(name, dtype):
     fi = torch.finfo(dtype)
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, fi.max, -fi.max, 1.0, -1.0] * 3,
                      dtype=dtype)
-    params = _params(name)
+    params = default_params(name)
     y, code = torch.ops.invact.forward(x, name, params, "eager")
     assert torch.equal(torch.ops.invact.forward(x, name, params, "triton")[1], code)
     go = torch.linspace(-2, 2, x.numel()).to(dtype)

@@ -1,9 +1,11 @@
-"""Tolerances of Triton kernels against the torch backend (tests/test_triton.py, test_cuda.py):
-the reasoning behind each number is in test_triton's docstrings."""
+"""Tolerances of Triton kernels against the torch backend, and what decides them (tests/test_triton.py,
+test_cuda.py): the reasoning behind each number is in test_triton's docstrings."""
 
 from __future__ import annotations
 
 import torch
+
+from invact import ops
 
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
@@ -20,3 +22,14 @@ def formula_error(x: torch.Tensor) -> torch.Tensor:
     """The forward formula's absolute float32 error where it cancels (x (1 + erf(z)) / 2, x << 0):
     a few ulps of 1 times max(1, |x|)."""
     return 16 * 2.0**-24 * x.double().abs().clamp_min(1.0)
+
+
+def default_params(name: str) -> list[float]:
+    """The table's default parameters, as the ops take them."""
+    return [float(v) for v in ops.info(name)["params"].values()]
+
+
+def is_fitted(name: str) -> bool:
+    """Every segment a polynomial row (FUSED_CPU): the backward is the float32 scheme alone, so
+    Triton's gradient equals the eager backend's bit for bit."""
+    return bool(getattr(ops._module(name), "FUSED_CPU", False))
