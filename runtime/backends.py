@@ -87,7 +87,7 @@ def resolve(backend: str | None, device_type: str) -> str:
     if backend == "compiled" and "compiled" in _broken:
         return "eager"  # already warned once
     if backend == "triton" and "triton" in _broken:
-        return _default(device_type)  # already warned once
+        return instead_of_triton(device_type)  # already warned once
     if backend not in usable:
         raise ValueError(f"{source}={backend!r} is not available for {device_type} tensors; available: "
                          f"{', '.join(usable)}")

@@ -151,8 +151,8 @@ class TritonPrinter(_Base):
         return super()._print_Pow(e, rational)
 
     def _divide(self, num: sp.Expr, den: sp.Expr) -> str:
-        a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)
         if den.is_Integer and int(den) & (int(den) - 1) == 0:  # exact: a power of two
+            a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)
             return f"{a} * {1.0 / int(den)!r}"
         a, b = self._print(num), self._print(den)
         if self._has_var(num) != self._has_var(den):  # a scalar and a block
