@@ -200,11 +200,12 @@ class Branch:
     x_closed: tuple[bool, bool]
     y_range: tuple[float, float]
     direction: str                  # increasing | decreasing | constant
-    lower_end: str = "regular"      # kind of the y_range ends: sqrt | log | tail | regular | flat
+    lower_end: str = "regular"      # kind of the y_range ends: sqrt | log | power | tail | regular | flat
     upper_end: str = "regular"
     y_closed: tuple[bool, bool] = (True, True)
     code: int = 0
     limits: dict = field(default_factory=dict)   # y end -> limit of f' there ("lower"/"upper")
+    orders: dict = field(default_factory=dict)   # y end -> q of a "power" end (|y - L| ~ |x|^-q)
     singularities: list[str] = field(default_factory=list)
 
     @property
@@ -374,7 +375,7 @@ def _polish_root(fp: sp.Expr, x0: float) -> float:
 
 def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch:
     f = numeric(piece.expr)
-    ya, yb = _value_at(f, lo), _value_at(f, hi)
+    ya, yb = _value_at(f, lo, piece.expr), _value_at(f, hi, piece.expr)
     y_lo, y_hi = (ya, yb) if direction != "decreasing" else (yb, ya)
     if direction == "constant":
         y_lo = y_hi = ya if math.isfinite(ya) else yb
@@ -383,9 +384,14 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
                   (y_lo, y_hi), direction, y_closed=y_closed)
 
 
-def _value_at(f, x: float) -> float:
+LIMIT_SECONDS = 5.0   # a guard for sympy's limit; numeric extrapolation decides when it gives up
+
+
+def _value_at(f, x: float, expr: sp.Expr | None = None) -> float:
     """f at x, or its limit at x = +-inf: the value where f settles on |x| in [10, 1e5] (inf/inf
-    NaNs far out are skipped), or +-inf when it keeps growing."""
+    NaNs far out are skipped), or +-inf when it keeps growing. Slowly converging limits (atan's
+    pi/2 - 1/x) come from sympy's ``limit`` of ``expr`` when it finds one that the values agree
+    with, else from extrapolating the values at x = 2^k (:func:`_extrapolate`)."""
     if not math.isinf(x):
         return float(f(np.array([x]))[0])
     xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
@@ -395,7 +401,62 @@ def _value_at(f, x: float) -> float:
         return float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
     if v.size >= 8 and (np.isinf(v[-1]) or (abs(v[-1]) > 1 and abs(v[-1]) >= 2 * abs(v[-8]))):
         return math.copysign(math.inf, v[-1])
-    raise SpecError(f"f has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges)")
+    numeric_limit = _extrapolate(f, x)
+    symbolic = _sympy_limit(expr, x) if expr is not None else None
+    if symbolic is not None and (numeric_limit is None or _agree(symbolic, numeric_limit)):
+        return symbolic
+    if numeric_limit is not None:
+        return numeric_limit
+    raise SpecError(f"f has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
+                    "by |x| = 2^63)")
+
+
+def _agree(a: float, b: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= 1e-6 * (1 + abs(a))
+
+
+def _sympy_limit(expr: sp.Expr, x: float) -> float | None:
+    """sympy's limit of ``expr`` at x = +-inf as a float (+-inf included), or None."""
+    try:
+        with time_limit(LIMIT_SECONDS):
+            lim = sp.limit(expr, X, sp.oo if x > 0 else -sp.oo)
+    except Exception:  # noqa: BLE001 - sympy fails in many ways; the numeric route decides then
+        return None
+    if lim in (sp.oo, -sp.oo):
+        return float(lim)
+    if not (lim.is_number and lim.is_real):
+        return None
+    try:
+        value = float(lim)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _extrapolate(f, x: float) -> float | None:
+    """The limit of f(2^k) (k -> inf) from its increments, when they shrink geometrically (a
+    power-law approach |f - L| ~ |x|^-q gives the ratio 2^-q, Aitken's extrapolation is then exact
+    to leading order), +-inf when they keep f growing at a steady pace (log-like growth), else None."""
+    xs = np.copysign(2.0 ** np.arange(4, 64), x)
+    v = f(xs)
+    ok = np.isfinite(v)
+    if ok.sum() < 12:
+        return None
+    v = v[ok]
+    dv = np.diff(v)
+    if np.all(np.abs(dv[-3:]) <= 1e-15 * (1 + np.abs(v[-3:]))):
+        return float(v[-1])                  # settled to float64 precision by |x| = 2^63
+    v, dv = v[-12:], dv[-11:]
+    if np.all(dv > 0) or np.all(dv < 0):
+        ratios = dv[1:] / dv[:-1]
+        r = float(ratios[-1])
+        if 0 < r <= 0.97 and np.all(np.abs(ratios[-4:] - r) <= 0.02):
+            return float(v[-1] + dv[-1] * r / (1 - r))
+        if np.all(ratios[-6:] >= 0.99):
+            return math.copysign(math.inf, float(dv[-1]))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,11 +471,15 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
         x = b.x_at_y_end(which)
         y = b.y_range[0] if which == "lower" else b.y_range[1]
         if math.isinf(x):
-            lim = _value_at(fp, x)
+            lim = _value_at(fp, x, sp.diff(b.expr, X))
             b.limits[which] = lim
-            kind = "tail" if math.isinf(y) else "log"
+            kind = "tail" if math.isinf(y) else _approach(numeric(b.expr), x, y)
+            side = f"x -> {'+' if x > 0 else '-'}inf"
             if kind == "log":
-                b.singularities.append(f"log at y={y:.17g} (x -> {'+' if x > 0 else '-'}inf)")
+                b.singularities.append(f"log at y={y:.17g} ({side})")
+            elif kind == "power":
+                q = b.orders[which] = _power_order(numeric(b.expr), x, y)
+                b.singularities.append(f"power at y={y:.17g} ({side}, |y - {y:.6g}| ~ |x|^-{q:g})")
         else:
             slope = float(fp(np.array([x]))[0])
             b.limits[which] = slope
@@ -422,6 +487,44 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
             if kind == "sqrt":
                 b.singularities.append(f"sqrt at y={y:.17g} (x={x:.17g})")
         setattr(b, f"{which}_end", kind)
+
+
+def _far_gaps(f, x: float, y: float) -> np.ndarray:
+    """|f(x_k) - y| at x_k = +-2^k, k = 0 .. 63 (NaN where f is not finite)."""
+    xs = np.copysign(2.0 ** np.arange(0, 64), x)
+    return np.abs(f(xs) - y)
+
+
+def _approach(f, x: float, y: float) -> str:
+    """How f reaches its finite limit y as x -> +-inf: "log" when the gap |f - y| shrinks faster
+    than any power of x (exponentially: g has a log-type singularity, t = log|y' - y| is the right
+    variable), "power" when it shrinks like |x|^-q."""
+    d = _far_gaps(f, x, y)
+    k = _first_small(d)
+    if k is None:
+        return "power"
+    if k + 2 >= d.size or not (d[k + 1] > 0 and d[k + 2] > 0):
+        return "log"
+    s1, s2 = math.log2(d[k] / d[k + 1]), math.log2(d[k + 1] / d[k + 2])
+    return "log" if s2 > 1.3 * s1 + 0.5 else "power"
+
+
+def _first_small(d: np.ndarray) -> int | None:
+    """The first k with 0 < d[k] < 1e-5 (where the gap is small but far above float64 rounding)."""
+    small = np.nonzero((d > 0) & (d < 1e-5))[0]
+    return int(small[0]) if small.size else None
+
+
+def _power_order(f, x: float, y: float) -> float:
+    """q in |f - y| ~ |x|^-q (rounded to an integer or half-integer when within 0.02 of one)."""
+    d = _far_gaps(f, x, y)
+    k = _first_small(d)
+    if k is None or k + 2 >= d.size or not d[k + 2] > 0:
+        ok = np.nonzero(d > 0)[0]
+        k = max(int(ok[-1]) - 2, 0) if ok.size else 0
+    q = math.log2(d[k + 1] / d[k + 2]) if d[k + 2] > 0 else math.inf
+    half = round(2 * q) / 2
+    return half if abs(q - half) <= 0.02 else q
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,10 +255,18 @@ def _rounded_rational_fit(u: np.ndarray, g: np.ndarray, degree: int, den_degree:
     return c, den
 
 
-def _transforms(ref: BranchReference, origins: dict) -> list[Transform]:
-    out = [Transform("sqrt", split3(origins["sqrt"][0]), origins["sqrt"][1])] if "sqrt" in origins else []
-    out += [Transform("log", split3(origins["log"][0]), origins["log"][1])] if "log" in origins else []
+def _transforms(ref: BranchReference, origins) -> list[Transform]:
+    """The candidate transforms of a branch: one per singular end, from (kind, y0, sign) triples (or
+    a {kind: (y0, sign)} dict); the identity where there is none."""
+    items = [(k, v[0], v[1]) for k, v in origins.items()] if isinstance(origins, dict) else list(origins)
+    out = [Transform(kind, origin_terms(y0, sign), sign) for kind, y0, sign in items]
     return out or [Transform("identity")]
+
+
+def origin_terms(value, sign: int) -> tuple[float, float, float]:
+    """:func:`split3` of ``value`` rounded to the side where sign * (y - origin) >= 0 holds for every
+    y of the branch: down for a lower end (a minimum), up for an upper end (a maximum)."""
+    return split3(value) if sign > 0 else tuple(-v for v in split3(-value))
 
 
 def _best(ref, y_lo, y_hi, tfs, degree, den_degree=0) -> PieceFit:
@@ -308,6 +316,15 @@ def _meets(piece: PieceFit, target: float) -> bool:
     return piece.error <= target and piece.float32_error <= target / SAFETY + slack
 
 
+def _search_step(x_a: float, x_end: float):
+    """x at fraction w of the way from x_a to x_end: linear, or linear in asinh(x) when the branch
+    reaches far out (a power-law end fitted up to its limit: x ~ 1e16 there)."""
+    if abs(x_end - x_a) <= 1e6:
+        return lambda w: x_a + w * (x_end - x_a)
+    s_a, s_end = math.asinh(x_a), math.asinh(x_end)
+    return lambda w: math.sinh(s_a + w * (s_end - s_a))
+
+
 def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_PIECES):
     """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable.
     (None, worst error seen) when more than ``max_pieces`` would be needed."""
@@ -321,10 +338,11 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_P
             pieces.append(whole)
             break
         x_a = float(ref.inverse(np.array([start]))[0])
+        step = _search_step(x_a, x_end)
         lo_w, hi_w, good = 0.0, 1.0, None
         for _ in range(14):
             w = 0.5 * (lo_w + hi_w)
-            y_b = f32(float(ref.f(np.array([x_a + w * (x_end - x_a)]))[0]))
+            y_b = f32(float(ref.f(np.array([step(w)]))[0]))
             if not y_b > start:
                 lo_w = w
                 continue

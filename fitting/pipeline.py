@@ -14,6 +14,7 @@ from .errors import FitError, InputError
 from .exact import exact_expression
 from .fit import (F32_SLACK, branch_layout, f32, f32_below, fit_branch, float32_scheme_error, layout_cost,
                   table_cost)
+from .expressions import parse
 from .formulas import X, ActivationSpec
 from .reference import BranchReference
 
@@ -70,7 +71,7 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
         for segs in per_branch.values():
             for s in segs:
                 if s["kind"] == "exact":
-                    s["expr"] = sp.sstr(sp.sympify(s["expr"], locals=_locals(spec)).subs(_values(spec)))
+                    s["expr"] = sp.sstr(parse(s["expr"], ("y",), tuple(spec.params), "segment expr").subs(_values(spec)))
     from .certify import certify_table, remember_analysis
     remember_analysis(table, analysis)
     say(f"{spec.name}: certifying")
@@ -81,18 +82,12 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
 
 def spec_from_table(table: dict) -> ActivationSpec:
     params = table.get("params", {})
-    names = {n: sp.Symbol(n, real=True) for n in params}
-    names["x"] = X
-    expr = sp.sympify(table["formula"], locals=names)
+    expr = parse(table["formula"], ("x",), tuple(params), "formula")
     return ActivationSpec(table["name"], expr, dict(params), tuple(table.get("param_domain", ())),
                           torch_forward=table.get("torch_forward"))
 
 
 # ---------------------------------------------------------------------------------------------
-
-def _locals(spec):
-    return {n: sp.Symbol(n, real=True) for n in spec.params} | {"y": sp.Symbol("y", real=True)}
-
 
 def _values(spec):
     return {sp.Symbol(n, real=True): v for n, v in spec.params.items()}
@@ -147,28 +142,7 @@ def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[
 
 def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[dict]]:
     ref = BranchReference(b, target)
-    origins, lows, highs = {}, [], []
-    y_lo, y_hi = b.y_range
-    for which in ("lower", "upper"):
-        kind = b.lower_end if which == "lower" else b.upper_end
-        y_end = y_lo if which == "lower" else y_hi
-        sign = 1 if which == "lower" else -1
-        if kind == "sqrt":
-            exact_end = _precise_value(b, which)
-            origins["sqrt"] = (exact_end, sign)
-            y_end = f32_below(float(exact_end)) if sign > 0 else -f32_below(-float(exact_end))
-        elif kind in ("log", "tail"):
-            y_end, tail = _tail(b, ref, which, target, tol)
-            if kind == "log":
-                origins["log"] = (b.y_range[0 if which == "lower" else 1], sign)
-            if tail is not None:
-                (lows if which == "lower" else highs).append(tail)
-        else:
-            y_end = f32(y_end)
-        if which == "lower":
-            y_lo = y_end
-        else:
-            y_hi = y_end
+    y_lo, y_hi, origins, lows, highs = _fit_range(b, ref, target, tol)
     # the cheapest polynomial layout, and a cheaper rational one if the branch has it (the table
     # decides between them: _cheapest_table); rationals alone where no polynomial layout fits
     polys = rats = error = None
@@ -190,6 +164,45 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
                 raise error from None
     return [[dict(t, branch=b.index) for t in lows] + [dict(p.to_json(), branch=b.index) for p in pieces]
             + [dict(t, branch=b.index) for t in highs] for pieces in (polys, rats) if pieces is not None]
+
+
+def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
+    """(y_lo, y_hi, origins, low tails, high tails) of a fitted branch: the float32 y range the
+    pieces cover, the transforms' origins as (kind, y0, sign) for each singular end (both ends may
+    be singular: x - 2*tanh(x)'s middle branch has two branch points; each piece takes the transform
+    that fits it best), and the constant tails beyond the fitted range."""
+    origins, lows, highs = [], [], []
+    y_lo, y_hi = b.y_range
+    for which in ("lower", "upper"):
+        kind = b.lower_end if which == "lower" else b.upper_end
+        y_end = y_lo if which == "lower" else y_hi
+        sign = 1 if which == "lower" else -1
+        if kind == "sqrt":
+            exact_end = _precise_value(b, which)
+            origins.append(("sqrt", exact_end, sign))
+            y_end = f32_below(float(exact_end)) if sign > 0 else -f32_below(-float(exact_end))
+        elif kind in ("log", "tail", "power"):
+            limit = b.y_range[0 if which == "lower" else 1]
+            y_end, tail = _tail(b, ref, which, target, tol)
+            if kind == "log":
+                origins.append(("log", limit, sign))
+            elif kind == "power" and _root_index(b.orders[which]) == 2:
+                origins.append(("sqrt", limit, sign))   # |y - L| ~ x^-2: 1/x is analytic in sqrt
+            if tail is not None:
+                (lows if which == "lower" else highs).append(tail)
+        else:
+            y_end = f32(y_end)
+        if which == "lower":
+            y_lo = y_end
+        else:
+            y_hi = y_end
+    return y_lo, y_hi, origins, lows, highs
+
+
+def _root_index(q: float) -> int:
+    """n with 1/x analytic in |y - L|^(1/n) for a power end |y - L| ~ |x|^-q (q = a/b: n = a)."""
+    from fractions import Fraction
+    return Fraction(q).limit_denominator(8).numerator if math.isfinite(q) and q > 0 else 0
 
 
 def _precise_value(b: Branch, which: str):
@@ -219,7 +232,13 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         k = 1
     else:
         k = last_bad[-1] + 1
-    if k >= steps.size or not finite[k] or abs(y[k] - b.y_range[0 if which == "lower" else 1]) <= F32_TINY:
+    y_limit = b.y_range[0 if which == "lower" else 1]
+    if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
+        raise FitError(f"branch {b.index}: g = f' grows without bound as y -> {y_limit:+g} "
+                       f"(x -> {x_inf:+g}); tables hold a g that is bounded or settles to a constant there")
+    if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= F32_TINY:
+        if target == "derivative" and (b.lower_end if which == "lower" else b.upper_end) == "power":
+            return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
         if target == "inverse" and np.isfinite(b.y_range[0 if which == "lower" else 1]):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
             y_a = b.y_range[0 if which == "lower" else 1]

@@ -1,0 +1,76 @@
+"""Branch ends of every kind, on either side and either sign of y (issue 14): limits approached
+like a power of 1/x (atan, softsign), exponentially on both sides (erf, the normal CDF), square-root
+branch points that are maxima, and branches singular at both ends (x - 2*tanh(x))."""
+
+import math
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from invact.fitting.branches import analyze
+from invact.fitting.evaluate import eval_code_class
+from invact.fitting.formulas import X, get_spec
+from invact.fitting.pipeline import build_table
+
+SAMPLES = 2**14   # fp32 sample per branch here; the zoo and committed tables use more
+# float64 information floor next to a branch point: y rounded by 1e-16 relative moves x by
+# sqrt(2 * 1e-16 / f'') there, so g by ~sqrt(2 f'' 1e-17) ~ 3e-9 (tests/tolerances.py)
+FLOOR64 = 4e-9
+
+
+@pytest.mark.parametrize("formula, lo, hi, q", [
+    ("atan(x)", -math.pi / 2, math.pi / 2, 1.0),          # pi/2 - atan(x) ~ 1/x: settles only by 1e16
+    ("x/(1 + abs(x))", -1.0, 1.0, 1.0),                   # softsign: 1 - y = 1/(1 + x)
+    ("x/sqrt(1 + x**2)", -1.0, 1.0, 2.0),                 # ISRU: 1 - y ~ 1/(2 x^2)
+])
+def test_power_law_limits(formula, lo, hi, q):
+    a = analyze(get_spec(formula, name="t"))
+    first, last = a.branches[0], a.branches[-1]
+    assert first.y_range[0] == pytest.approx(lo, abs=1e-15) and last.y_range[1] == pytest.approx(hi, abs=1e-15)
+    assert first.lower_end == last.upper_end == "power"
+    assert first.orders["lower"] == last.orders["upper"] == q
+
+
+def test_exponential_limits_on_both_sides():
+    for formula, lo in (("erf(x)", -1.0), ("0.5*(1 + erf(x))", 0.0)):
+        (b,) = analyze(get_spec(formula, name="t")).branches
+        assert (b.lower_end, b.upper_end) == ("log", "log") and b.y_range == (lo, 1.0)
+
+
+def test_branch_points_on_both_ends_and_maxima():
+    a = analyze(get_spec("x - 2*tanh(x)", name="t"))
+    assert [(b.lower_end, b.upper_end) for b in a.branches] == [("tail", "sqrt"), ("sqrt", "sqrt"), ("sqrt", "tail")]
+    a = analyze(get_spec("-x*sigmoid(x)", name="t"))
+    assert [b.upper_end for b in a.branches] == ["sqrt", "sqrt"]   # a maximum: both branches end at it
+
+
+def _codes(table: dict, x: np.ndarray) -> np.ndarray:
+    fc = table["forward_code"]
+    idx = sum(((x > float(b["value"])) if b["side"] == "left" else (x >= float(b["value"]))).astype(int)
+              for b in fc["x_breaks"]) if fc["x_breaks"] else np.zeros(x.shape, int)
+    return np.asarray(fc["codes"])[idx]
+
+
+@pytest.mark.parametrize("formula", [
+    "atan(x)", "x/(1 + abs(x))", "x/sqrt(1 + x**2)", "erf(x)", "0.5*(1 + erf(x))",
+    "x - 2*tanh(x)", "-x*sigmoid(x)", "x*sigmoid(-0.5*x)",
+])
+def test_fits_and_certifies(formula):
+    """Default bounds met, and the table agrees with f' on a fresh grid of x (points neither the
+    fitter nor the certifier chose), evaluated in real (float64) arithmetic."""
+    spec = get_spec(formula, name="t")
+    t = build_table(spec, fp32_samples=SAMPLES)
+    assert t["certificate"]["approx_error"] <= 5e-8
+    assert t["certificate"]["float32_eval_error"] <= 2.5e-7
+    f, fp = (sp.lambdify(X, e, ["scipy", "numpy"]) for e in (spec.expr, sp.diff(spec.expr, X)))
+    x = np.concatenate([np.linspace(-30, 30, 120_001), np.geomspace(30, 1e12, 2000), -np.geomspace(30, 1e12, 2000)])
+    with np.errstate(all="ignore"):
+        y, want = f(x), fp(x)
+    ok = np.isfinite(y) & np.isfinite(want)
+    x, y, want, code = x[ok], y[ok], want[ok], _codes(t, x[ok])
+    got = np.empty_like(y)
+    for c in range(t["n_codes"]):
+        got[code == c] = eval_code_class(t["code_classes"][c], y[code == c], {})
+    err = np.abs(got - want) / np.maximum(1.0, np.abs(want))
+    assert np.max(err) <= t["certificate"]["approx_error"] + FLOOR64, x[np.argmax(err)]
