@@ -11,6 +11,7 @@ Public API:
   :class:`Softplus`, :class:`ELU`, :class:`CELU`, :class:`SELU`, :class:`Hardswish`, :class:`LeakyReLU`,
   :class:`ReLU`, :class:`Sigmoid`, :class:`Tanh`, plus :class:`QuickGELU`, :class:`ReLU2` and the generic
   :class:`Activation`; :func:`activation` builds one for any table by name;
+* :class:`LayerNorm`, :class:`RMSNorm` — torch.nn's norms saving their output (:mod:`invact.norms`);
 * :mod:`invact.functional` — torch.nn.functional's names and signatures;
 * :func:`patch` / :func:`unpatch` — swap a model's activation modules in place (torch.nn, Hugging Face
   transformers, timm) and back, with a report;
@@ -26,13 +27,15 @@ from importlib import import_module
 _LAZY = {
     "memory": "saved", "SavedBytes": "saved", "use_root": "ops",
     "PatchReport": "patching", "patch": "patching", "unpatch": "patching",
+    "LayerNorm": "norms", "RMSNorm": "norms",
+    "route_functional": "routing", "FunctionalRouter": "routing",
     **{name: "modules" for name in ("Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU",
                                     "CELU", "SELU", "Hardswish", "LeakyReLU", "ReLU", "Sigmoid", "Tanh",
                                     "QuickGELU", "ReLU2")},
 }
 
 
-_SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack"}
+_SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack", "routing", "norms"}
 
 
 def __getattr__(name: str):
@@ -53,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU", "CELU", "SELU", "Hardswish",
-    "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2",
+    "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2", "LayerNorm", "RMSNorm",
     "functional", "patch", "unpatch", "PatchReport", "memory", "SavedBytes", "use_root", "__version__",
+    "route_functional", "FunctionalRouter",
 ]

@@ -1,0 +1,100 @@
+"""Route functional activation calls (``torch.nn.functional.gelu(x)`` inside a model's forward) to invact.
+
+Modules can be swapped; a function call cannot. :class:`FunctionalRouter` is a
+:class:`torch.overrides.TorchFunctionMode` that, while active, sends ``F.gelu``, ``F.silu``,
+``F.mish``, ``F.softplus``, ``F.elu``, ``F.celu``, ``F.selu``, ``F.hardswish`` and ``F.leaky_relu`` to
+:mod:`invact.functional` — only where that saves memory and changes nothing else: the input needs a
+gradient and grad mode is on, the call is not in-place, and the arguments are ones invact's op takes.
+Every other call (and every other function) runs untouched. ``routed`` counts the calls it sent.
+
+>>> with invact.route_functional() as router:
+...     loss = model(batch).sum()
+>>> loss.backward(); router.routed
+Counter({'gelu': 12})
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import functional as IF
+
+__all__ = ["FunctionalRouter", "route_functional", "ROUTED"]
+
+
+def _no_inplace(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(input, *args, inplace: bool = False, **kwargs):
+        if inplace:
+            return None  # in-place writes into x: nothing for invact to save instead
+        return fn(input, *args, **kwargs)
+    return call
+
+
+def _positional_inplace(count: int, fn: Callable) -> Callable:
+    """Accept torch.nn.functional's optional positional arguments (the last being ``inplace``)."""
+    def call(input, *args, **kwargs):
+        if len(args) > count:
+            kwargs["inplace"], args = args[count], args[:count]
+        return _no_inplace(fn)(input, *args, **kwargs)
+    return call
+
+
+# torch.nn.functional function -> invact call (returns None to leave the call to PyTorch)
+ROUTED: dict[Callable, tuple[str, Callable]] = {
+    F.gelu: ("gelu", lambda input, approximate="none": IF.gelu(input, approximate)),
+    F.silu: ("silu", _positional_inplace(0, IF.silu)),
+    F.mish: ("mish", _positional_inplace(0, IF.mish)),
+    F.softplus: ("softplus", IF.softplus),
+    F.elu: ("elu", _positional_inplace(1, IF.elu)),
+    F.celu: ("celu", _positional_inplace(1, IF.celu)),
+    F.selu: ("selu", _positional_inplace(0, IF.selu)),
+    F.hardswish: ("hardswish", _positional_inplace(0, IF.hardswish)),
+    F.leaky_relu: ("leaky_relu", _positional_inplace(1, IF.leaky_relu)),
+}
+
+
+def _worth_routing(args: tuple, kwargs: dict) -> bool:
+    x = args[0] if args else kwargs.get("input")
+    return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+            and x.is_floating_point() and not x.is_complex() and x.layout == torch.strided)
+
+
+class FunctionalRouter(TorchFunctionMode):
+    """While active, functional activation calls that save their input run through invact instead.
+
+    ``only``: names (``"gelu"``, ``"silu"``, ...) to route; default all of :data:`ROUTED`.
+    """
+
+    def __init__(self, only: set[str] | None = None) -> None:
+        super().__init__()
+        known = {name for name, _ in ROUTED.values()}
+        unknown = sorted(set(only or ()) - known)
+        if unknown:
+            raise ValueError(f"only: {unknown} are not routable functional activations; known: {sorted(known)}")
+        self.only = set(only) if only is not None else known
+        self.routed: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = ROUTED.get(func)
+        if entry is not None and entry[0] in self.only and _worth_routing(args, kwargs):
+            try:  # the mode is off inside its own handler: invact's ops run as usual
+                y = entry[1](*args, **kwargs)
+            except (TypeError, ValueError):  # arguments invact's op does not take (or a parameter set
+                y = None                     # without a table): PyTorch's call as written
+            if y is not None:
+                self.routed[entry[0]] += 1
+                return y
+        return func(*args, **kwargs)
+
+
+def route_functional(only: set[str] | None = None) -> FunctionalRouter:
+    """A context manager routing functional activation calls to invact (see :class:`FunctionalRouter`)."""
+    return FunctionalRouter(only)
