@@ -161,8 +161,9 @@ class FloorProbe:
     """Hooks on a baseline model's activation modules (``paths``) for its first ``steps`` backward
     passes: the relative gradient error that the information floor (design.md) allows invact there.
 
-    An activation input x whose output y is stored in y's dtype is known only within dy = ulp(y), so
-    f'(x) rebuilt from y may be off by delta(x) = min(|f''| dy / |f'|, sqrt(2 |f''| dy)) (first order;
+    An activation input x whose output y is stored in y's dtype is known only within dy = ulp(y) plus
+    the stored y's own error |y - f(x)| measured in float64 (PyTorch's forward is not correctly
+    rounded on every CPU: design.md, "Information floor" 3), so f'(x) rebuilt from y may be off by delta(x) = min(|f''| dy / |f'|, sqrt(2 |f''| dy)) (first order;
     the square root next to a branch point, where f' = 0) plus the table's certified float32 evaluation
     error plus 16 eps |f'| (rounding of g and of PyTorch's own backward, as in tests/test_modules.py).
     Per layer that is ||delta * grad_y|| / ||grad_x|| relative to the gradient the layer sends back;
@@ -194,8 +195,11 @@ class FloorProbe:
         with torch.enable_grad():
             (d1,) = torch.autograd.grad(f(x64).sum(), x64, create_graph=True)
             (d2,) = torch.autograd.grad(d1.sum(), x64)
-        y = f(x).abs()
-        dy = (torch.nextafter(y, y.new_tensor(math.inf)) - y).double()                  # ulp(y)
+        y = f(x)
+        with torch.no_grad():
+            off = (y.double() - f(x.double())).abs()                 # the stored y's own error, measured
+        y = y.abs()
+        dy = (torch.nextafter(y, y.new_tensor(math.inf)) - y).double() + off             # ulp(y) + error
         d1, d2 = d1.detach().abs(), d2.abs()
         eps = torch.finfo(x.dtype).eps
         delta = torch.minimum(d2 * dy / d1, (2 * d2 * dy).sqrt()) + self.eval_error + 16 * eps * d1

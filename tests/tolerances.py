@@ -47,60 +47,87 @@ def table(name: str) -> dict:
     return load_table(table_path(name))
 
 
-def torch_reference(name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """PyTorch's own forward of activation ``name`` (META torch_forward) at x; None for user tables
-    without one (callers in tests skip those)."""
+def torch_reference(name: str, x: torch.Tensor, params: dict | None = None) -> torch.Tensor | None:
+    """PyTorch's own forward of activation ``name`` (META torch_forward) at x, with ``params`` over the
+    table's defaults; None for user tables without one (callers in tests skip those)."""
     meta = ops.info(name)
     if meta["torch_forward"] is None:
         return None
-    return eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **meta["params"]})  # noqa: S307
+    return eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **meta["params"], **(params or {})})  # noqa: S307
 
 
-def derivative64(name: str, x: np.ndarray) -> np.ndarray:
+def derivative64(name: str, x: np.ndarray, params: dict | None = None) -> np.ndarray:
     """f'(x) by PyTorch's own float64 autograd (NaN where PyTorch's float64 backward is NaN)."""
     xt = torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
-    torch_reference(name, xt).sum().backward()
+    torch_reference(name, xt, params).sum().backward()
     return xt.grad.numpy()
 
 
+def references(name: str, params: dict | None = None):
+    """Per branch: a float64 reference of g on that branch (None for flat branches); ``params`` over
+    the table's defaults (a parameter-generic table at other parameters)."""
+    return _references(name, tuple(sorted((params or {}).items())))
+
+
 @functools.cache
-def references(name: str):
-    """Per branch: a float64 reference of g on that branch (None for flat branches)."""
+def _references(name: str, params: tuple):
     from invact.fitting.certify import branch_reference
     t = table(name)
+    if params:
+        t = {**t, "params": {**t["params"], **dict(params)}}
     return [branch_reference(t, i) for i in range(len(t["branches"]))]
 
 
-def information_floor(name: str, x: np.ndarray, y_stored: np.ndarray, fp: np.ndarray | None = None) -> np.ndarray:
+def stored_error(name: str, x: np.ndarray, y_stored: np.ndarray, params: dict | None = None) -> np.ndarray:
+    """|y_stored - f(x)| per element, f(x) by PyTorch's float64 forward: how far the y that was stored
+    (PyTorch's forward in a narrow dtype, on this CPU) is from the exact value. Correct rounding would
+    keep it within half an ulp; PyTorch's float32 kernels do not (design.md, "Information floor" 3:
+    2.15 half-ulps next to GELU's minimum, 36 relative ulps where y is tiny, on an AVX-512 EPYC)."""
+    x64 = torch.tensor(np.asarray(x, dtype=np.float64))
+    with torch.no_grad():
+        exact = torch_reference(name, x64, params).numpy()
+    with np.errstate(invalid="ignore"):
+        return np.abs(np.asarray(y_stored, dtype=np.float64) - exact)
+
+
+def information_floor(name: str, x: np.ndarray, y_stored: np.ndarray, fp: np.ndarray | None = None,
+                      params: dict | None = None, tie: float = 0.0) -> np.ndarray:
     """|f'(x) - g_b(y_stored)| with g_b the float64 reference on x's own branch b (the branch's x range;
-    both branches at a shared end): no table can do better from the stored y. x = +-inf counts (its
+    both branches at a shared end): no table can do better from the stored y. It is measured from the
+    y actually stored, never from an assumed rounding of it: whatever PyTorch's forward did to y on
+    this CPU (see :func:`stored_error`) is in it. x = +-inf counts (its
     f' is PyTorch's limit there; a narrow dtype rounds y(-inf) of SELU to -1.7578125, whose exact
     preimage is x = -8.7); 0 where y or f'(x) is not finite (no value comparison is made there).
-    ``fp``: f'(x) when the caller has it."""
+    ``fp``: f'(x) when the caller has it. ``tie``: x within ``tie * |end|`` of a branch end counts on
+    that branch too (the forward code compares x with the end rounded to x's dtype, so the x next to
+    it may take the other branch's code; with y off by many ulps there, the branches' g differ)."""
     x, y_stored = np.asarray(x, dtype=np.float64), np.asarray(y_stored, dtype=np.float64)
-    fp = derivative64(name, x) if fp is None else fp
+    fp = derivative64(name, x, params) if fp is None else fp
     floor = np.zeros_like(x)
     ok = ~np.isnan(x) & np.isfinite(y_stored) & np.isfinite(fp)
-    for i, b in enumerate(table(name)["branches"]):
-        lo, hi = (float(v) for v in b["x_range"])
+    for ref in references(name, params):
+        if ref is None:
+            continue
+        lo, hi = (float(v) for v in ref.branch.x_range)
+        lo, hi = (v + d * tie * abs(v) if math.isfinite(v) else v for v, d in ((lo, -1), (hi, 1)))
         on = ok & (x >= lo) & (x <= hi)
-        ref = references(name)[i]
-        if ref is not None and on.any():
+        if on.any():
             floor[on] = np.maximum(floor[on], np.abs(ref(y_stored[on]) - fp[on]))
     return floor
 
 
 def gradient_bound(name: str, dtype: torch.dtype, x: np.ndarray, y: np.ndarray, go: np.ndarray,
-                   ours: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ours: np.ndarray, params: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(exact, bound, floor): exact = go f'(x) in float64 and the bound on |ours - exact| per element
-    (module docstring); all arrays float64, x/y/go/ours as stored in ``dtype``."""
+    (module docstring); all arrays float64, x/y/go/ours as stored in ``dtype``; y as stored (the floor
+    is measured from it)."""
     cert = table(name)["certificate"]
-    fp = derivative64(name, x)
+    fp = derivative64(name, x, params)
     with np.errstate(over="ignore", invalid="ignore"):
         exact = go * fp
-    floor = information_floor(name, x, y, fp)
-    afp = np.abs(fp)
     fi = torch.finfo(dtype)
+    floor = information_floor(name, x, y, fp, params, tie=fi.eps)
+    afp = np.abs(fp)
     with np.errstate(invalid="ignore", over="ignore"):
         if dtype == torch.float64:
             table_err = cert["approx_error"] * np.maximum(1.0, afp) + 1e-9 + 16 * fi.eps * afp
@@ -111,6 +138,32 @@ def gradient_bound(name: str, dtype: torch.dtype, x: np.ndarray, y: np.ndarray, 
             rounding = (fi.eps / 2 + 2.0**-24) * np.abs(ours)
         bound = np.abs(go) * (floor + table_err) + rounding + fi.tiny
     return exact, bound, floor
+
+
+@functools.cache
+def derivative_error(name: str, dtype: torch.dtype = torch.float32) -> float:
+    """Largest per-element bound on |g~(y) - f'(x)| (:func:`gradient_bound` with grad_out = 1) over a
+    dense sample of x in ``dtype``: 2^17 points on [-10, 10] and every representable value within
+    2^14 of each branch point (not the point itself), y = PyTorch's own forward ON THIS CPU (so its rounding, correct or
+    not, is in the floor). For whole-model tests (test_patching, test_distributed), whose tolerance
+    is a per-element f' error times gradient norms: a measured maximum, not a proof (the sample
+    covers the branch points, where the floor peaks)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty(0, dtype=dtype).element_size()]
+    near = [torch.linspace(-10, 10, 1 << 17, dtype=torch.float64).to(dtype)]
+    for p in break_points(name):
+        if abs(p) < 10:                          # 2^14 neighbours on each side, by bit pattern of |p|
+            start = torch.tensor([abs(p)], dtype=torch.float64).to(dtype).view(bits).to(torch.int64)
+            steps = start + torch.arange(-(1 << 14), 1 << 14)
+            values = steps[steps >= 0].to(bits).view(dtype)
+            near += [values, -values] if p == 0 else [values if p > 0 else -values]
+    x = torch.cat(near)
+    kinks = torch.tensor(break_points(name), dtype=torch.float64).to(dtype)
+    x = x[torch.isfinite(x) & ~torch.isin(x, kinks)]  # at a kink f' is a convention (test_properties)
+    with torch.no_grad():
+        y = torch_reference(name, x)
+    x64, y64 = x.double().numpy(), y.double().numpy()
+    _, bound, _ = gradient_bound(name, dtype, x64, y64, np.ones_like(x64), np.zeros_like(x64))
+    return float(np.nanmax(bound[np.isfinite(bound)]))
 
 
 def break_points(name: str) -> list[float]:
