@@ -27,9 +27,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import ops
+from .norms import layer_norm, rms_norm  # noqa: F401 - norms that save their output (invact.norms)
 
 __all__ = ["gelu", "silu", "mish", "softplus", "elu", "celu", "selu", "hardswish", "leaky_relu", "relu",
-           "relu2", "sigmoid", "tanh", "quick_gelu", "apply"]
+           "relu2", "sigmoid", "tanh", "quick_gelu", "apply", "layer_norm", "rms_norm"]
 
 _GELU_TABLES = {"none": "gelu", "tanh": "gelu_tanh"}
 

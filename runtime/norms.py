@@ -1,0 +1,430 @@
+"""LayerNorm and RMSNorm that save their output ``y`` (the tensor the next Linear keeps) instead of ``x``.
+
+``y = gamma * x_hat + beta`` with ``x_hat = (x - mean) * rstd`` (RMSNorm: ``x * rstd``, no beta). The
+backward needs ``x_hat``, ``gamma`` and the per-row ``rstd``; it recovers ``x_hat = (y - beta) / gamma``
+from the saved ``y``, and uses ``y`` directly where no division is needed:
+``sum(dy * gamma * x_hat) = sum(dy * (y - beta))``. With ``dxhat = dy * gamma``::
+
+    dx     = rstd * (dxhat - mean(dxhat) - x_hat * mean(dxhat * x_hat))    (RMSNorm: no mean(dxhat))
+    dgamma = sum_rows(dy * x_hat),   dbeta = sum_rows(dy)
+
+Small gamma. ``y`` is rounded to its dtype (unit roundoff ``u``, smallest normal ``tiny``), so the
+recovered ``x_hat_j`` is off by up to ``u * (|x_hat_j| + |beta_j| / |gamma_j|) + u * tiny / |gamma_j|``
+(plus float32 arithmetic): the division amplifies beta's share and subnormal ``y``. A column is
+*recoverable* when ``|gamma_j| >= |beta_j| + tiny`` (:data:`RATIO` = 1), which bounds that error by
+``u * (|x_hat_j| + 1)``: never more than one unit of y's rounding beyond the information floor
+``u |x_hat_j|`` of any output-saving norm. The other columns (exact zeros, tiny gamma, beta larger than
+gamma) keep their ``x_hat`` (in x's dtype, a ``(rows, k)`` tensor); when more than half the columns are
+such, the layer keeps ``x_hat`` for every column (x's bytes, as PyTorch keeps x). :func:`recovery`
+says which, and why.
+
+Output dtype. Under torch.autocast a Hugging Face norm returns float32 and each following Linear saves
+its own bf16 copy; ``autocast_output=True`` makes the norm return the autocast dtype itself (the same
+bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the Linear's input.
+
+Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /
+``invact::norm_backward`` custom ops with fakes and autograd, the functional wrappers, the modules.
+Triton kernels (CUDA) are in :mod:`invact.norm_triton`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+
+__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO"]
+
+RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + tiny(y's dtype)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
+STYLES = ("torch", "llama", "t5", "gemma")
+
+
+# ----------------------------------------------------------------------------------------------
+# which columns can be recovered from y
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a norm keeps for backward besides ``y`` and ``rstd``: ``columns`` (indices whose x_hat is
+    kept), ``fallback`` (x_hat kept for every column), ``reason`` (one sentence)."""
+
+    columns: tuple[int, ...]
+    fallback: bool
+    reason: str
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bad_mask(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
+    """True where x_hat_j cannot be recovered from y within the bound (NaN gamma counts as bad)."""
+    limit = torch.finfo(y_dtype).tiny + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
+    return ~(gamma.abs() * RATIO >= limit)
+
+
+def _kept_columns(bad: Tensor) -> Tensor:
+    """Indices of the columns whose x_hat is kept: the bad ones, or all when more than half are bad."""
+    n = bad.numel()
+    cols = bad.nonzero().reshape(-1)
+    if 2 * cols.numel() > n:
+        return torch.arange(n, device=bad.device)
+    return cols
+
+
+def _gamma(weight: Tensor | None, offset: float, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if weight is None:
+        return torch.full((n,), 1.0 + offset, dtype=dtype, device=device)
+    g = weight.reshape(n).to(dtype)
+    return g + offset if offset else g
+
+
+def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.dtype = torch.float32,
+             offset: float = 0.0) -> Recovery:
+    """Which columns a norm with these parameters keeps x_hat for, when its output is ``y_dtype``."""
+    if weight is None:
+        return Recovery((), False, "no weight: x_hat = y - beta exactly")
+    with torch.no_grad():
+        g = _gamma(weight.detach(), offset, weight.numel(), _acc(weight.dtype), weight.device)
+        bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
+        cols = _kept_columns(bad)
+    k, n = int(bad.sum()), bad.numel()
+    rule = f"|gamma_j| < |beta_j| + {torch.finfo(y_dtype).tiny:.3g} ({y_dtype} tiny)"
+    if cols.numel() == n and k:
+        return Recovery(tuple(range(n)), True, f"{k} of {n} columns have {rule}: x_hat kept for every column "
+                        "(x's bytes, no saving)")
+    if k:
+        return Recovery(tuple(cols.tolist()), False, f"{k} of {n} columns have {rule}: their x_hat kept "
+                        f"({k}/{n} of x's bytes)")
+    return Recovery((), False, "every column recoverable from y")
+
+
+# ----------------------------------------------------------------------------------------------
+# reference math (eager torch): the forward is PyTorch's / Hugging Face's own formula, op for op
+
+def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
+                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype."""
+    n = x.shape[-1]
+    if not rms and not offset and norm_dtype is None:
+        w = None if weight is None else weight.reshape(n)
+        y, mean, rstd = torch.native_layer_norm(x, (n,), w, None if bias is None else bias.reshape(n), eps)
+        if rstd.dtype != _acc(x.dtype):     # half x on CPU: torch returns mean and rstd rounded to x's dtype
+            var, mean = torch.var_mean(x.to(_acc(x.dtype)), -1, correction=0, keepdim=True)
+            rstd = torch.rsqrt(var + eps)
+        return y.to(out_dtype), mean, rstd
+    xf = x.to(_acc(x.dtype))
+    if rms:
+        mean = xf.new_zeros(())
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = xf * rstd
+    else:
+        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (xf - mean) * rstd
+    if norm_dtype is not None:
+        xhat = xhat.to(norm_dtype)
+    if weight is not None:
+        w = weight.reshape(n)
+        y = (w.float() + offset) * xhat if offset else w * xhat    # HF: weight * x_hat (Gemma: * (1 + w))
+    else:
+        y = xhat
+    if bias is not None:
+        y = y + bias.reshape(n)
+    return y.to(out_dtype), mean, rstd
+
+
+def _backward_eager(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgamma, dbeta) in the accumulation dtype, for y and dy of shape (rows, n)."""
+    n = y.shape[-1]
+    acc = _acc(rstd.dtype)
+    dyf = dy.to(acc)
+    g = _gamma(weight, offset, n, acc, y.device)
+    t = y.to(acc)                                        # y - beta
+    if bias is not None:
+        t = t - bias.reshape(n).to(acc)
+    if cols.numel() == n:                                # every column kept: no division at all
+        xhat = extra.to(acc)
+        s = dyf * g * xhat
+    else:
+        xhat = t / g
+        s = dyf * t                                      # dxhat * x_hat, no division
+        if cols.numel():
+            xk = extra.to(acc)
+            xhat.index_copy_(1, cols, xk)
+            s.index_copy_(1, cols, dyf.index_select(1, cols) * g.index_select(0, cols) * xk)
+    dxhat = dyf * g
+    proj = xhat * s.mean(-1, keepdim=True)
+    inner = dxhat - proj if rms else dxhat - dxhat.mean(-1, keepdim=True) - proj
+    dx = inner * rstd.reshape(-1, 1).to(acc)
+    return dx, (dyf * xhat).sum(0), dyf.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the custom ops
+
+def _rows(x: Tensor, n: int) -> Tensor:
+    return x.reshape(-1, n) if n else x.reshape(-1, 0)
+
+
+def _use_triton(backend: str, t: Tensor) -> bool:
+    return backend == "triton" and t.dtype != torch.float64 and "triton" in backends.available(t.device.type)
+
+
+def _triton_failed(error: BaseException, t: Tensor) -> None:
+    backends.after_triton_failed(error, t.device.type)
+
+
+@torch.library.custom_op("invact::norm_forward", mutates_args=())
+def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
+                  offset: float, norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2 = _rows(x, n).contiguous()
+    acc = _acc(x.dtype)
+    out = None
+    if _use_triton(backend, x2):
+        from . import norm_triton
+        try:
+            out = norm_triton.forward(x2, weight, bias, eps, rms, offset, norm_dtype, out_dtype)
+        except Exception as error:  # noqa: BLE001 - a kernel that fails to build or launch falls back
+            _triton_failed(error, x2)
+    y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
+                                                                out_dtype)
+    if weight is None:
+        cols = torch.zeros(0, dtype=torch.int64, device=x.device)
+    else:
+        g = _gamma(weight, offset, n, acc, x.device)
+        cols = _kept_columns(_bad_mask(g, None if bias is None else bias.reshape(n), out_dtype))
+    xk = x2.index_select(1, cols).to(acc)
+    xhat = xk * rstd.reshape(-1, 1) if rms else (xk - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+    if norm_dtype is not None:
+        xhat = xhat.to(norm_dtype)                         # the x_hat the forward multiplied by gamma
+    return y.reshape(x.shape), rstd.reshape(-1).to(acc), xhat.to(x.dtype), cols
+
+
+@_norm_forward.register_fake
+def _norm_forward_fake(x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend):
+    rows = x.numel() // n if n else 0
+    k = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=_acc(x.dtype)),
+            x.new_empty(rows, k), x.new_empty(k, dtype=torch.int64))
+
+
+@torch.library.custom_op("invact::norm_backward", mutates_args=())
+def _norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, n: int, rms: bool, offset: float, x_dtype: torch.dtype,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    y2, dy2 = _rows(y, n).contiguous(), _rows(dy, n).contiguous()
+    out = None
+    if _use_triton(backend, y2):
+        from . import norm_triton
+        try:
+            out = norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias, rms, offset)
+        except Exception as error:  # noqa: BLE001
+            _triton_failed(error, y2)
+    dx, dg, db = out if out is not None else _backward_eager(dy2, y2, rstd, extra, cols, weight, bias, rms, offset)
+    return (dx.to(x_dtype).reshape(y.shape),
+            y.new_empty(0) if weight is None else dg.to(weight.dtype).reshape(weight.shape),
+            y.new_empty(0) if bias is None else db.to(bias.dtype).reshape(bias.shape))
+
+
+@_norm_backward.register_fake
+def _norm_backward_fake(dy, y, rstd, extra, cols, weight, bias, n, rms, offset, x_dtype, backend):
+    return (y.new_empty(y.shape, dtype=x_dtype), y.new_empty(0) if weight is None else torch.empty_like(weight),
+            y.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend = inputs
+    ctx.invact = (n, rms, offset, x.dtype, backend)
+    if any(ctx.needs_input_grad[:3]):
+        y, rstd, extra, cols = output
+        ctx.save_for_backward(y, rstd, extra, cols, weight, bias)   # y, not x: the next layer keeps y
+
+
+def _grad(ctx, dy, d_rstd, d_extra, d_cols):
+    y, rstd, extra, cols, weight, bias = ctx.saved_tensors
+    dx, dw, db = torch.ops.invact.norm_backward(dy, y, rstd, extra, cols, weight, bias, *ctx.invact)
+    return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+            db if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("invact norms have no second derivative (double backward): their backward recovers "
+                       "x_hat from the saved output; use torch.nn.functional's norm where it is needed")
+
+
+_norm_forward.register_autograd(_grad, setup_context=_setup_context)
+_norm_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes and autocast, decided once here so the ops see concrete dtypes
+
+def _dtypes(style: str, x: torch.dtype, w: torch.dtype | None) -> tuple[torch.dtype | None, torch.dtype]:
+    """(dtype x_hat is rounded to before gamma, output dtype) of each form of RMSNorm / LayerNorm:
+    torch: none, x's; llama (Mistral, Qwen2, Phi-3, ...): ``weight * x_hat.to(x.dtype)``; t5:
+    ``weight * x_hat.to(weight.dtype)`` for half weights; gemma: ``(x_hat * (1 + w)).type_as(x)``."""
+    half = (torch.float16, torch.bfloat16)
+    w = w or x
+    if style == "llama":
+        return (x if x != _acc(x) else None), torch.promote_types(w, x)
+    if style == "t5":
+        if w in half:
+            return w, w
+        return None, torch.promote_types(w, torch.promote_types(x, torch.float32))
+    return None, x
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:            # a device type without autocast
+        return None
+
+
+@functools.cache
+def _autocast_upcasts(device_type: str, dtype: torch.dtype, cast: torch.dtype, rms: bool) -> bool:
+    """Does torch.autocast(device_type, cast) run F.layer_norm / F.rms_norm of ``dtype`` in float32 (CUDA:
+    yes, CPU: no)? Asked of PyTorch itself on an empty tensor."""
+    x = torch.empty(0, 4, dtype=dtype, device=device_type)
+    with torch.autocast(device_type, dtype=cast):
+        out = torch.nn.functional.rms_norm(x, (4,)) if rms else torch.nn.functional.layer_norm(x, (4,))
+    return out.dtype != dtype
+
+
+def _check(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+           fn: str) -> tuple[int, ...]:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"invact.functional.{fn}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise TypeError(f"invact.functional.{fn}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not all(isinstance(s, int) and s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
+            or len(shape) > x.dim() or not shape:
+        raise ValueError(f"invact.functional.{fn}: normalized_shape must be the input's trailing dimensions; got "
+                         f"normalized_shape={shape} for an input of shape {tuple(x.shape)}")
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
+            raise ValueError(f"invact.functional.{fn}: {arg} must be a tensor of shape normalized_shape={shape}, "
+                             f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    return shape
+
+
+def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+           style: str, autocast_output: bool, backend: str | None) -> Tensor:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    chosen = backends.resolve(backend, x.device.type)
+    cast = _autocast_dtype(x.device.type)
+    if cast is not None and style == "torch" and x.dtype != torch.float32 \
+            and _autocast_upcasts(x.device.type, x.dtype, cast, rms):
+        x = x.float()                                       # as autocast runs torch's norm
+    norm_dtype, out_dtype = _dtypes(style, x.dtype, None if weight is None else weight.dtype)
+    if cast is not None and autocast_output and out_dtype == torch.float32:
+        out_dtype = cast                                    # what the next autocast-lowered Linear saves
+    offset = 1.0 if style == "gemma" else 0.0
+    n = math.prod(shape)
+    with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+        return torch.ops.invact.norm_forward(x, weight, bias, n, float(eps), rms, offset, norm_dtype, out_dtype,
+                                             chosen)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# functional
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5, *, autocast_output: bool = False,
+               backend: str | None = None) -> Tensor:
+    """``F.layer_norm`` that saves its output (and the per-row rstd) instead of its input.
+
+    ``autocast_output``: under torch.autocast, return the autocast dtype where torch would return
+    float32 (for a norm whose consumers are autocast-lowered Linears). ``backend``: "triton", "eager"
+    ("compiled" runs eager), or None (see :mod:`invact.backends`).
+    """
+    shape = _check(input, normalized_shape, weight, bias, "layer_norm")
+    return _apply(input, shape, weight, bias, eps, False, "torch", autocast_output, backend)
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None, *, style: str = "torch", autocast_output: bool = False,
+             backend: str | None = None) -> Tensor:
+    """``F.rms_norm`` that saves its output (and the per-row rstd) instead of its input.
+
+    ``eps=None``: ``torch.finfo(input.dtype).eps``, as torch. ``style``: the formula's rounding, one of
+    :data:`STYLES` ("llama", "t5", "gemma": the Hugging Face forms, see :func:`_dtypes`).
+    """
+    shape = _check(input, normalized_shape, weight, None, "rms_norm")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    return _apply(input, shape, weight, None, eps, True, style, autocast_output, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+class _Saving:
+    """What the invact norms add to torch.nn's: ``backend``, ``autocast_output``, :meth:`recovery`."""
+
+    backend: str | None
+    autocast_output: bool
+    _invact_replaced: tuple[nn.Module, ...] | None = None    # set by invact.patch: (original,)
+
+    def _extra(self) -> str:
+        parts = [f"backend={self.backend!r}"] if self.backend is not None else []
+        return ", ".join(parts + (["autocast_output=True"] if self.autocast_output else []))
+
+    def recovery(self, y_dtype: torch.dtype | None = None) -> Recovery:
+        """Which columns this layer keeps x_hat for with its current parameters (``y_dtype``: the
+        output dtype, by default the weight's)."""
+        w = getattr(self, "weight", None)
+        dtype = y_dtype or (w.dtype if w is not None else torch.float32)
+        return recovery(w, getattr(self, "bias", None), dtype, 1.0 if getattr(self, "style", "") == "gemma" else 0.0)
+
+
+class LayerNorm(_Saving, nn.LayerNorm):
+    """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, autocast_output: bool = False, backend: str | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend, self.autocast_output = backend, autocast_output
+
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                          autocast_output=self.autocast_output, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(p for p in (super().extra_repr(), self._extra()) if p)
+
+
+class RMSNorm(_Saving, nn.RMSNorm):
+    """torch.nn.RMSNorm (same signature, parameters, state_dict keys) that saves its output.
+
+    ``style`` (keyword-only): "torch", or a Hugging Face form ("llama", "t5", "gemma" with gamma = 1 + w).
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, style: str = "torch", autocast_output: bool = False,
+                 backend: str | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+        self.style, self.backend, self.autocast_output = style, backend, autocast_output
+
+    def forward(self, input: Tensor) -> Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps, style=self.style,
+                        autocast_output=self.autocast_output, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        style = f"style={self.style!r}" if self.style != "torch" else ""
+        return ", ".join(p for p in (super().extra_repr(), style, self._extra()) if p)

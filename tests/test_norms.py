@@ -1,0 +1,302 @@
+"""invact.LayerNorm / RMSNorm: the output-saving norms (runtime/norms.py).
+
+Gradients are compared with float64 autograd of torch.nn.functional.layer_norm / rms_norm on the same x,
+within a bound derived below (:func:`_bounds`) from the rounding of the stored y, which does not grow as
+gamma shrinks: that is what the small-gamma guard promises, and :func:`test_unguarded_recovery_breaks_the_bound`
+shows the bound fails without it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import invact
+from invact import norms
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+U32 = 2.0**-24
+
+
+def _u(dtype: torch.dtype | None) -> float:
+    return 0.0 if dtype is None else torch.finfo(dtype).eps / 2
+
+
+def _gammas(n: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) float64 of a kind: exact zeros, tiny, huge, or trained-like (most near 1, a few tiny,
+    beta sometimes larger than gamma)."""
+    w = 1 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    if kind == "zeros":
+        w[::5] = 0.0
+    elif kind == "tiny":
+        w[1::3] = torch.tensor([1e-3, 1e-8, 1e-30, -1e-12], dtype=torch.float64).repeat(n)[: len(w[1::3])]
+    elif kind == "huge":
+        w[::4] = 1e4
+        b[1::4] = 1e3
+    elif kind == "trained":
+        w[torch.randperm(n, generator=g)[:3]] = torch.tensor([0.0, 2e-4, -1e-6], dtype=torch.float64)[: min(n, 3)]
+        b[::7] = 2.0
+    return w, b
+
+
+def _reference(x, w, b, dy, rms, eps):
+    """float64 autograd of torch's own norm on the same x, gamma, beta."""
+    args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    n = x.shape[-1]
+    y = F.rms_norm(args[0], (n,), args[1], eps) if rms else F.layer_norm(args[0], (n,), args[1], args[2], eps)
+    grads = torch.autograd.grad(y, args, dy.double())
+    with torch.no_grad():
+        xd = args[0]
+        mean = 0 * xd.mean(-1, keepdim=True) if rms else xd.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
+    return grads, (xd - mean) * rstd, rstd, xd.abs().mean(-1, keepdim=True)
+
+
+def _bounds(x, w, b, dy, y, rms, eps, norm_dtype=None):
+    """Per-element bounds on |dx|, |dgamma|, |dbeta| minus float64 autograd's, for the stored ``y``.
+
+    The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
+    correctly; its bf16 layer_norm rounds more than once): k_y = max |y - y_64| / (u_y (|gamma x_hat| +
+    |beta|) + u_y tiny), at least 1, with u_y y's unit roundoff.
+    Recovered x_hat_j (x_hat rounded to norm_dtype first in the Hugging Face "llama" form; float32
+    subtraction and division, 2 u): for a column with |gamma_j| >= |beta_j| + tiny (the rule) the error
+    is at most (k_y u_y + u_n + 2u)(|x_hat| + |beta|/|gamma| + tiny/|gamma|) <= (k_y u_y + u_n + 2u)(|x_hat| + 1);
+    a kept column's x_hat is stored in x's dtype: u_x |x_hat|. Both are within
+        e = (k_y u_y + u_x + u_n + 2u)(|x_hat| + 1) + f,
+    f = gamma_N u (|x_hat| + rstd mean|x|): the float32 forward's x_hat (sums of N terms, gamma_N =
+    (8 + 2 log2 N) u for pairwise sums; the mean's cancellation scales with mean|x| rstd).
+    dx = rstd (dy gamma - mean(dy gamma) - x_hat c), c = mean(dy gamma x_hat):
+        |err dx| <= rstd (|c| e + |x_hat| mean(|dy gamma| e) + gamma_N (|dy gamma| + mean|dy gamma| + |x_hat c|))
+                    + gamma_N |dx| (rstd's own float32 error) + u_x |dx| (the final rounding);
+    dgamma_j = sum_i dy x_hat: sum_i |dy| e + gamma_R sum_i |dy x_hat| + u_w |dgamma|; dbeta: gamma_R sum|dy| + u_w |dbeta|.
+    """
+    (gx, gw, *gb), xhat, rstd, mabs = _reference(x, w, b, dy, rms, eps)
+    n, rows = x.shape[-1], x.numel() // x.shape[-1]
+    gn, gr = (8 + 2 * math.log2(max(n, 2))) * U32, (8 + 2 * math.log2(max(rows, 2))) * U32
+    u_y, u_x, u_n, u_w = _u(y.dtype), _u(x.dtype), _u(norm_dtype), _u(w.dtype)
+    dyd, gd = dy.double(), w.double()
+    bd = 0.0 if b is None else b.double()
+    scale = u_y * ((gd * xhat).abs() + abs(bd) + torch.finfo(y.dtype).tiny)
+    k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() / scale).max().item())
+    e = (k_y * u_y + u_x + u_n + 2 * U32) * (xhat.abs() + 1) + gn * (xhat.abs() + rstd * mabs)
+    c = (dyd * gd * xhat).mean(-1, keepdim=True)
+    dxh = (dyd * gd).abs()
+    tol_x = rstd * (c.abs() * e + xhat.abs() * (dxh * e).mean(-1, keepdim=True)
+                    + gn * (dxh + dxh.mean(-1, keepdim=True) + (xhat * c).abs())) + (gn + u_x) * gx.abs()
+    tol_w = (dyd.abs() * e).sum(0) + gr * (dyd * xhat).abs().sum(0) + u_w * gw.abs()
+    tol_b = gr * dyd.abs().sum(0) + u_w * gb[0].abs() if gb else None
+    return (gx, gw, *gb), (tol_x, tol_w, tol_b)
+
+
+def _check(got, ref, tol, what):
+    err = (got.double() - ref).abs()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    worst = (err / tol).max().item()
+    assert (err <= tol).all(), f"{what}: error {err.max().item():.3g} exceeds the bound (worst ratio {worst:.3g})"
+
+
+def _run(x, w, b, dy, rms, eps, backend="eager"):
+    xs = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    n = x.shape[-1]
+    y = invact.functional.rms_norm(xs[0], (n,), xs[1], eps, backend=backend) if rms else \
+        invact.functional.layer_norm(xs[0], (n,), xs[1], xs[2], eps, backend=backend)
+    return y, torch.autograd.grad(y, xs, dy)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "zeros", "tiny", "huge", "trained"])
+def test_gradients_within_the_rounding_bound(kind, dtype, rms):
+    g = torch.Generator().manual_seed(7)
+    rows, n = 48, 67
+    wd, bd = _gammas(n, kind, g)
+    x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    w, b = wd.to(dtype), (None if rms else bd.to(dtype))
+    if dtype == torch.float16:
+        w = w.clamp(-6e4, 6e4)
+    dy = torch.randn(rows, n, generator=g).to(dtype)
+    y, grads = _run(x, w, b, dy, rms, 1e-5)
+    ref_y = F.rms_norm(x, (n,), w, 1e-5) if rms else F.layer_norm(x, (n,), w, b, 1e-5)
+    assert torch.equal(y, ref_y)                       # the forward is torch's own, bit for bit
+    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+        _check(got, ref, tol, f"{kind} {dtype} {what}")
+
+
+def test_unguarded_recovery_breaks_the_bound():
+    """The same bound fails when x_hat is recovered by division in every column (no kept columns):
+    gamma with exact zeros gives NaN, tiny gamma next to a bias amplifies y's rounding."""
+    g = torch.Generator().manual_seed(3)
+    rows, n = 32, 40
+    w, b = _gammas(n, "tiny", g)
+    w, b = w.float(), b.float()
+    x = torch.randn(rows, n, generator=g)
+    dy = torch.randn(rows, n, generator=g)
+    y, rstd, extra, cols = torch.ops.invact.norm_forward(x, w, b, n, 1e-5, False, 0.0, None, torch.float32, "eager")
+    assert cols.numel() > 0 and extra.shape == (rows, cols.numel())
+    none = torch.zeros(0, dtype=torch.int64)
+    dx, dw, _ = torch.ops.invact.norm_backward(dy, y, rstd, extra[:, :0], none, w, b, n, False, 0.0,
+                                               torch.float32, "eager")
+    refs, tols = _bounds(x, w, b, dy, y, False, 1e-5)
+    assert not ((dw.double() - refs[1]).abs() <= tols[1]).all()
+
+
+def test_recovery_rule_and_fallback():
+    w = torch.ones(10)
+    assert norms.recovery(w).columns == () and not norms.recovery(w).fallback
+    w[[2, 7]] = 0.0
+    r = norms.recovery(w, torch.zeros(10))
+    assert r.columns == (2, 7) and not r.fallback and "2 of 10" in r.reason
+    b = torch.zeros(10)
+    b[4] = 2.0                                          # |beta| > |gamma|: not recoverable
+    assert norms.recovery(torch.ones(10), b).columns == (4,)
+    assert norms.recovery(torch.full((10,), 1e-5), y_dtype=torch.float16).columns == tuple(range(10))
+    r = norms.recovery(torch.zeros(10))
+    assert r.fallback and r.columns == tuple(range(10)) and "every column" in r.reason
+    m = invact.LayerNorm(10)
+    with torch.no_grad():
+        m.weight[:6] = 0
+    assert m.recovery().fallback
+    x = torch.randn(3, 10, requires_grad=True)
+    y, rstd, extra, cols = torch.ops.invact.norm_forward(x, m.weight, m.bias, 10, 1e-5, False, 0.0, None,
+                                                         torch.float32, "eager")
+    assert cols.tolist() == list(range(10)) and extra.shape == (3, 10)
+    m(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_saves_y_not_x():
+    """What autograd keeps: y (the very output tensor), rstd (float32 per row), and the kept columns."""
+    x = torch.randn(8, 33, requires_grad=True)
+    m = invact.LayerNorm(33)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert y.untyped_storage().data_ptr() in ptrs and x.untyped_storage().data_ptr() not in ptrs
+    kept = [t for t in saved if not isinstance(t, nn.Parameter) and t.untyped_storage().data_ptr()
+            != y.untyped_storage().data_ptr()]
+    assert sum(t.numel() * t.element_size() for t in kept) == 8 * 4     # rstd; no columns kept here
+
+
+def test_modules_match_torch_nn():
+    assert inspect.signature(invact.LayerNorm).parameters.keys() >= inspect.signature(nn.LayerNorm).parameters.keys()
+    for ours, theirs, args in ((invact.LayerNorm, nn.LayerNorm, ((4, 6),)), (invact.RMSNorm, nn.RMSNorm, ((6,),))):
+        a, b = ours(*args), theirs(*args)
+        assert list(a.state_dict()) == list(b.state_dict()) and repr(a) == repr(b).replace(theirs.__name__, ours.__name__)
+        a.load_state_dict(b.state_dict())
+        x = torch.randn(3, 4, 6)
+        assert torch.equal(a(x), b(x))
+    assert list(invact.LayerNorm(5, bias=False).state_dict()) == ["weight"]
+    assert list(invact.LayerNorm(5, elementwise_affine=False).state_dict()) == []
+    assert "backend='eager'" in repr(invact.RMSNorm(4, backend="eager"))
+    assert "style='gemma'" in repr(invact.RMSNorm(4, style="gemma"))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="normalized_shape"):
+        invact.functional.layer_norm(torch.randn(3, 4), (5,))
+    with pytest.raises(ValueError, match="weight"):
+        invact.functional.rms_norm(torch.randn(3, 4), (4,), torch.ones(5))
+    with pytest.raises(TypeError, match="input"):
+        invact.functional.layer_norm(torch.ones(3, 4, dtype=torch.int64), (4,))
+    with pytest.raises(ValueError, match="style"):
+        invact.RMSNorm(4, style="bogus")
+    with pytest.raises(ValueError, match="backend"):
+        invact.functional.layer_norm(torch.randn(3, 4), (4,), backend="bogus")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_gradcheck_float64(rms):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, generator=g, dtype=torch.float64)
+    w[2] = 0.0                                          # a kept column on the way
+    w.requires_grad_()
+    b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    if rms:
+        assert torch.autograd.gradcheck(lambda x, w: invact.functional.rms_norm(x, (9,), w, 1e-5), (x, w))
+    else:
+        assert torch.autograd.gradcheck(lambda x, w, b: invact.functional.layer_norm(x, (9,), w, b), (x, w, b))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 11, generator=g, requires_grad=True)
+    w = torch.randn(11, generator=g)
+    w[3] = 0.0
+    w.requires_grad_()
+    b = torch.randn(11, generator=g, requires_grad=True)
+    for args in [(x, w, b, 11, 1e-5, False, 0.0, None, torch.float32, "eager"),
+                 (x, w, None, 11, 1e-5, True, 1.0, None, torch.bfloat16, "eager"),
+                 (x.detach().bfloat16(), w.detach().bfloat16(), None, 11, 1e-6, True, 0.0, torch.bfloat16,
+                  torch.bfloat16, "eager"),
+                 (x, None, None, 11, 1e-5, True, 0.0, None, torch.float32, "eager")]:
+        torch.library.opcheck(torch.ops.invact.norm_forward.default, args)
+
+
+def test_compile_fullgraph():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 13, generator=g, requires_grad=True)
+    ln, rms = invact.LayerNorm(13), invact.RMSNorm(13)
+    with torch.no_grad():
+        ln.weight[4] = 0.0
+
+    def f(x):
+        return rms(ln(x)).pow(2).sum()
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(x)
+    (gx,) = torch.autograd.grad(loss, x)
+    loss_e = f(x)
+    (ge,) = torch.autograd.grad(loss_e, x)
+    # the same ops on the same values, compiled or not: a few float32 ulps of the reductions' order
+    assert torch.allclose(loss, loss_e, rtol=1e-6) and torch.allclose(gx, ge, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 255, 4099])
+def test_widths_and_non_contiguous(n):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, 6, generator=g)
+    x = base.t()                                        # non-contiguous rows
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dy = torch.randn(6, n, generator=g)
+    for rms in (False, True):
+        y, grads = _run(x, w, None if rms else b, dy, rms, 1e-5)
+        refs, tols = _bounds(x, w, None if rms else b, dy, y, rms, 1e-5)
+        for got, ref, tol in zip(grads, refs, tols):
+            _check(got, ref, tol, f"n={n} rms={rms}")
+        assert y.is_contiguous() and y.shape == x.shape
+
+
+@pytest.mark.parametrize("style", ["llama", "t5", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hugging_face_forms_bit_for_bit(style, dtype):
+    """The Hugging Face formulas, op for op (transformers' own code, copied: LlamaRMSNorm,
+    T5LayerNorm, GemmaRMSNorm): the forward is the same bits; gradients within the bound."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 24, generator=g) * 3).to(dtype)
+    w = (torch.randn(24, generator=g) * (0.1 if style == "gemma" else 1)).to(dtype)
+    xf = x.to(torch.float32)
+    if style == "llama":
+        ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    elif style == "t5":
+        h = x * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        ref = w * (h.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else h)
+    else:
+        ref = ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * (1.0 + w.float())).type_as(x)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = invact.functional.rms_norm(xs, (24,), ws, 1e-6, style=style)
+    assert y.dtype == ref.dtype and torch.equal(y, ref)
+    dy = torch.randn(8, 24, generator=g).to(y.dtype)
+    gx, gw = torch.autograd.grad(y, (xs, ws), dy)
+    gamma = (1.0 + w.double()) if style == "gemma" else w
+    norm_dtype = dtype if style in ("llama", "t5") and dtype != torch.float32 else None
+    refs, tols = _bounds(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
+    _check(gx, refs[0], tols[0], f"{style} dx")
+    _check(gw, refs[1], tols[1], f"{style} dw")
