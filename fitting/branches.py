@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
-from scipy.optimize import brentq
+from scipy.optimize import brentq, minimize_scalar
 
 from .errors import SpecError
 from .formulas import X, ActivationSpec
@@ -200,12 +200,13 @@ class Branch:
     x_closed: tuple[bool, bool]
     y_range: tuple[float, float]
     direction: str                  # increasing | decreasing | constant
-    lower_end: str = "regular"      # kind of the y_range ends: sqrt | log | power | tail | regular | flat
+    lower_end: str = "regular"      # kind of the y_range ends: sqrt | root | log | power | tail | regular | flat
     upper_end: str = "regular"
     y_closed: tuple[bool, bool] = (True, True)
     code: int = 0
     limits: dict = field(default_factory=dict)   # y end -> limit of f' there ("lower"/"upper")
-    orders: dict = field(default_factory=dict)   # y end -> q of a "power" end (|y - L| ~ |x|^-q)
+    orders: dict = field(default_factory=dict)   # y end -> q of a "power" end (|y - L| ~ |x|^-q),
+                                                 # m of a "root" end (f' has a zero of order m)
     singularities: list[str] = field(default_factory=list)
 
     @property
@@ -248,6 +249,7 @@ def analyze(spec: ActivationSpec) -> Analysis:
             branches.append(_make_branch(len(branches), p_index, piece, lo, hi, lo_c, hi_c, direction))
     if not branches:
         raise SpecError(f"{spec.name!r} has no real domain")
+    _check_continuous(spec, branches)
     for b in branches:
         _classify_ends(b, branches)
     n_codes = _assign_codes(branches)
@@ -315,8 +317,8 @@ def _monotone_parts(piece: Piece):
         yield piece.lo, piece.hi, piece.lo_closed, piece.hi_closed, "constant"
         return
     crit = _critical_points(piece, fp)
-    cuts = [piece.lo] + crit + [piece.hi]
     fpn = numeric(fp)
+    cuts = [piece.lo] + sorted(crit + _flat_points(piece, fp, fpn, crit)) + [piece.hi]
     for j in range(len(cuts) - 1):
         a, b = cuts[j], cuts[j + 1]
         slope = _typical_slope(fpn, a, b)
@@ -346,6 +348,33 @@ def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
         raise SpecError(f"f' changes sign {len(wide)} times on [{-8 * SCAN:g}, {8 * SCAN:g}]: the function "
                         "appears to have infinitely many monotone branches, which a finite code cannot index")
     return [_polish_root(fp, r) for r in roots]
+
+
+def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[float]:
+    """Zeros of f' where it keeps its sign (tanhshrink's x - tanh(x) at 0, f' ~ x^2): the branch is
+    split there, since g ~ |y - y0|^(m/(m+1)) is singular at such a point on both sides."""
+    lo, hi = max(piece.lo, -SCAN), min(piece.hi, SCAN)
+    if not lo < hi:
+        return []
+    xs = np.linspace(lo, hi, 20001)
+    a = np.abs(fpn(xs))
+    a = np.where(np.isfinite(a), a, np.inf)
+    scale = float(np.max(a[np.isfinite(a)], initial=1.0))
+    # a strict local minimum of |f'| far below its neighbours, which are themselves above float64
+    # noise (where f' underflows to 0 in a tail, every point would be a minimum)
+    floor = 1e-12 * scale
+    local = np.nonzero((a[1:-1] < a[:-2]) & (a[1:-1] < a[2:]) & (a[1:-1] < 1e-3 * np.minimum(a[:-2], a[2:]))
+                       & (np.minimum(a[:-2], a[2:]) > floor))[0] + 1
+    out: list[float] = []
+    for i in local[:MAX_CRITICAL]:
+        if any(abs(xs[i] - c) <= 2 * (xs[1] - xs[0]) for c in crit + out):
+            continue
+        x0 = float(xs[i]) if a[i] == 0 else float(minimize_scalar(
+            lambda t: abs(float(fpn(np.array([t]))[0])), bounds=(xs[i - 1], xs[i + 1]), method="bounded",
+            options={"xatol": 1e-15}).x)
+        if abs(float(fpn(np.array([x0]))[0])) <= 1e-13 * scale and piece.lo < x0 < piece.hi:
+            out.append(x0)
+    return out
 
 
 def _sign_changes(fpn, lo: float, hi: float, n: int) -> list[float]:
@@ -459,8 +488,52 @@ def _extrapolate(f, x: float) -> float | None:
     return None
 
 
+def _check_continuous(spec: ActivationSpec, branches: list[Branch]) -> None:
+    """Refuse a jump between neighbouring branches: at a jump f' holds a Dirac delta that no g(y)
+    can give back, and PyTorch's gradient there is a convention of the formula, not of y."""
+    for left, right in zip(branches, branches[1:]):
+        x_b = left.x_range[1]
+        y_l = left.y_range[1] if left.direction != "decreasing" else left.y_range[0]
+        y_r = right.y_range[0] if right.direction != "decreasing" else right.y_range[1]
+        if math.isfinite(x_b) and not abs(y_l - y_r) <= 1e-9 * (1 + abs(y_l) + abs(y_r)):
+            raise SpecError(f"{spec.name!r} is discontinuous: f jumps at x = {x_b:.17g} from y = {y_l:.17g} "
+                            f"to y = {y_r:.17g}; a table of g(y) = f'(f^-1(y)) needs a continuous f "
+                            "(write the formula without the jump)")
+
+
 # ---------------------------------------------------------------------------------------------
 # ends
+
+def _zero_order(expr: sp.Expr, x0: float, highest: int = 6) -> int:
+    """The order m of the zero of f' at x0: the first k >= 1 with f^(k+1)(x0) clearly nonzero
+    (30 digits; x0 is known to ~1e-8 at a zero of even order, so a vanishing f^(k+1) reads ~1e-8)."""
+    d = sp.diff(expr, X)
+    xv = sp.Float(x0, 30)
+    for k in range(1, highest):
+        d = sp.diff(d, X)
+        try:
+            v = abs(complex(d.subs(X, xv).evalf(30)))
+        except (TypeError, ValueError):
+            return k
+        if v > 1e-5:
+            return k
+    return highest
+
+
+UNBOUNDED_SLOPE = 1e12   # |f'| above this at a finite end (or just inside it): g unbounded there
+
+
+def _end_slope(fp, b: Branch, x: float) -> float:
+    """f' at a finite branch end x, or the value just inside it that is larger in magnitude (f'
+    can be finite at x itself and blow up next to it, as x**(1/3) + 0 gives 0 at x = 0 by convention)."""
+    lo, hi = b.x_range
+    inward = 1.0 if x == lo else -1.0
+    vals = fp(np.array([x, x + inward * 1e-12 * max(1.0, abs(x)), x + inward * 1e-9 * max(1.0, abs(x))]))
+    if not np.isfinite(vals).all():
+        return math.inf
+    big = np.abs(vals) > UNBOUNDED_SLOPE
+    return float(vals[np.argmax(big)]) if big.any() else float(vals[0])
+
 
 def _classify_ends(b: Branch, branches: list[Branch]) -> None:
     if b.flat:
@@ -481,10 +554,18 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
                 q = b.orders[which] = _power_order(numeric(b.expr), x, y)
                 b.singularities.append(f"power at y={y:.17g} ({side}, |y - {y:.6g}| ~ |x|^-{q:g})")
         else:
-            slope = float(fp(np.array([x]))[0])
+            slope = _end_slope(fp, b, x)
+            if not math.isfinite(slope) or abs(slope) > UNBOUNDED_SLOPE:
+                raise SpecError(f"g = f'(f^-1(y)) is unbounded next to y = {y:.17g} (f' -> "
+                                f"{'inf' if slope > 0 or math.isnan(slope) else '-inf'} as x -> {x:.17g}): a table "
+                                "cannot hold a g that grows without bound on a bounded range of y")
             b.limits[which] = slope
             kind = "sqrt" if abs(slope) < 1e-12 else "regular"
-            if kind == "sqrt":
+            if kind == "sqrt" and (m := _zero_order(b.expr, x)) > 1:
+                kind = "root"   # f - y0 ~ (x - x0)^(m+1): g ~ |y - y0|^(m/(m+1))
+                b.orders[which] = m
+                b.singularities.append(f"root at y={y:.17g} (x={x:.17g}, f' has a zero of order {m})")
+            elif kind == "sqrt":
                 b.singularities.append(f"sqrt at y={y:.17g} (x={x:.17g})")
         setattr(b, f"{which}_end", kind)
 
@@ -501,8 +582,8 @@ def _approach(f, x: float, y: float) -> str:
     variable), "power" when it shrinks like |x|^-q."""
     d = _far_gaps(f, x, y)
     k = _first_small(d)
-    if k is None:
-        return "power"
+    if k is None:   # from above 1e-5 straight to 0 within an octave: faster than any power
+        return "log" if (d == 0).any() else "power"
     if k + 2 >= d.size or not (d[k + 1] > 0 and d[k + 2] > 0):
         return "log"
     s1, s2 = math.log2(d[k] / d[k + 1]), math.log2(d[k + 1] / d[k + 2])
@@ -522,7 +603,9 @@ def _power_order(f, x: float, y: float) -> float:
     if k is None or k + 2 >= d.size or not d[k + 2] > 0:
         ok = np.nonzero(d > 0)[0]
         k = max(int(ok[-1]) - 2, 0) if ok.size else 0
-    q = math.log2(d[k + 1] / d[k + 2]) if d[k + 2] > 0 else math.inf
+    q = math.log2(d[k + 1] / d[k + 2]) if k + 2 < d.size and d[k + 1] > 0 and d[k + 2] > 0 else math.inf
+    if not math.isfinite(q):
+        return q
     half = round(2 * q) / 2
     return half if abs(q - half) <= 0.02 else q
 

@@ -181,6 +181,11 @@ def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
             exact_end = _precise_value(b, which)
             origins.append(("sqrt", exact_end, sign))
             y_end = f32_below(float(exact_end)) if sign > 0 else -f32_below(-float(exact_end))
+        elif kind == "root":    # f' has a zero of order m >= 2 here: g ~ |y - y0|^(m/(m+1))
+            exact_end = _precise_value(b, which)
+            origins.append(("log", exact_end, sign))    # g is smooth in log|y - y0| away from y0
+            y_end, tail = _flat_tail(b, ref, which, tol, float(exact_end))
+            (lows if which == "lower" else highs).append(tail)
         elif kind in ("log", "tail", "power"):
             limit = b.y_range[0 if which == "lower" else 1]
             y_end, tail = _tail(b, ref, which, target, tol)
@@ -250,6 +255,27 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
                        "restrict the formula or relax --tolerance")
     y_end = f32(float(y[k]))
     return y_end, dict(kind, y_range=_tail_range(b, which, y_end))
+
+
+def _flat_tail(b: Branch, ref: BranchReference, which: str, tol: float, y0: float):
+    """(y where the fitted part starts, constant segment) next to a flat point x0 of higher order:
+    g = f'(x0) = 0 to within tol / 4 on [y0, y_end]."""
+    x0 = b.x_at_y_end(which)
+    lo, hi = b.x_range
+    other = hi if x0 == lo else lo
+    inward = 1.0 if x0 == lo else -1.0
+    span = min(abs(other - x0), 30.0) if math.isfinite(other) else 30.0
+    xs = x0 + inward * np.geomspace(1e-12 * max(1.0, abs(x0)), span, 20001)
+    limit = 0.0      # f'(x0) = 0: the end is a zero of f' (its float64 value is rounding noise)
+    bad = np.nonzero(np.abs(ref.fp(xs) - limit) > tol / 4)[0]
+    k = int(bad[0]) if bad.size else xs.size
+    if k == 0:
+        raise FitError(f"branch {b.index}: g does not settle to {limit:g} next to its flat point x = {x0:.17g}",
+                       None, "")
+    y = float(ref.f(xs[k - 1:k])[0])
+    y_end = f32_below(y) if which == "lower" else -f32_below(-y)   # rounded towards y0
+    return y_end, {"kind": "constant", "value": repr(float(limit)),
+                   "y_range": [y0, y_end] if which == "lower" else [y_end, y0]}
 
 
 def _tail_range(b: Branch, which: str, y_end: float) -> list[float]:

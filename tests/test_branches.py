@@ -100,6 +100,11 @@ def test_refusals(formula, words):
 def test_inflection_is_not_a_branch_point():
     a = analyze(get_spec("x**3 + x", name="cubic"))
     assert a.n_branches == 1 and a.branches[0].direction == "increasing"
-    b = analyze(get_spec("x**3", name="cube")).branches
-    assert [x.direction for x in b] == ["increasing"]
-    assert math.isinf(b[0].x_range[0]) and math.isinf(b[0].x_range[1])
+    a = analyze(get_spec("x**3", name="cube"))
+    b = a.branches
+    # one monotone branch and no code, but split at the flat point x = 0 (f' has a double zero:
+    # g ~ 3 |y|^(2/3) is singular there on both sides; issue 14)
+    assert a.n_branches == 1 and a.code_bits == 0
+    assert [x.direction for x in b] == ["increasing", "increasing"]
+    assert math.isinf(b[0].x_range[0]) and b[0].x_range[1] == 0.0 and math.isinf(b[1].x_range[1])
+    assert (b[0].upper_end, b[1].lower_end) == ("root", "root") and b[1].orders["lower"] == 2

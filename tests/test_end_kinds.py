@@ -7,6 +7,9 @@ import math
 import numpy as np
 import pytest
 import sympy as sp
+import torch
+
+from invact.fitting.errors import FitError, SpecError
 
 from invact.fitting.branches import analyze
 from invact.fitting.evaluate import eval_code_class
@@ -54,7 +57,7 @@ def _codes(table: dict, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("formula", [
     "atan(x)", "x/(1 + abs(x))", "x/sqrt(1 + x**2)", "erf(x)", "0.5*(1 + erf(x))",
-    "x - 2*tanh(x)", "-x*sigmoid(x)", "x*sigmoid(-0.5*x)",
+    "x - 2*tanh(x)", "-x*sigmoid(x)", "x*sigmoid(-0.5*x)", "x - tanh(x)",
 ])
 def test_fits_and_certifies(formula):
     """Default bounds met, and the table agrees with f' on a fresh grid of x (points neither the
@@ -74,3 +77,46 @@ def test_fits_and_certifies(formula):
         got[code == c] = eval_code_class(t["code_classes"][c], y[code == c], {})
     err = np.abs(got - want) / np.maximum(1.0, np.abs(want))
     assert np.max(err) <= t["certificate"]["approx_error"] + FLOOR64, x[np.argmax(err)]
+
+
+def test_higher_order_flat_point_splits_the_branch():
+    """tanhshrink: f' = tanh(x)^2 has a double zero at 0 (no sign change): g ~ (3|y|)^(2/3)."""
+    a = analyze(get_spec("x - tanh(x)", name="t"))
+    assert a.n_branches == 1 and a.code_bits == 0
+    assert [(b.lower_end, b.upper_end) for b in a.branches] == [("tail", "root"), ("root", "tail")]
+    assert a.branches[0].orders["upper"] == 2
+
+
+@pytest.mark.parametrize("formula, words", [
+    ("Piecewise((x, x > 0.5), (x, x < -0.5), (0, True))", r"discontinuous: f jumps at x = -0.5"),  # hardshrink
+    ("Piecewise((x, x > 1), (0, True))", r"discontinuous: f jumps at x = 1 "),                     # threshold
+    ("Piecewise((-(-x)**(1/3), x < 0), (x**(1/3), True))", r"unbounded next to y = -?0 .*x -> 0"),
+])
+def test_refusals_name_the_property_and_where(formula, words):
+    with pytest.raises(SpecError, match=words):
+        analyze(get_spec(formula, name="t"))
+
+
+def test_unbounded_g_on_an_unbounded_range_is_not_a_tolerance_problem():
+    with pytest.raises(FitError, match="grows without bound as y -> -inf") as err:
+        build_table(get_spec("x**3 - x", name="t"), fp32_samples=SAMPLES)
+    assert "tolerance" not in str(err.value)
+
+
+@pytest.mark.parametrize("formula, torch_f, xs", [
+    ("Min(Max(0, x/6 + 1/2), 1)", torch.nn.functional.hardsigmoid, [-3.0, 3.0, -5.0, 0.0]),
+    ("Min(Max(0, x), 6)", torch.nn.functional.relu6, [0.0, 6.0, -1.0, 7.0, 2.0]),
+    ("Min(Max(-1, x), 1)", torch.nn.functional.hardtanh, [-1.0, 1.0, -2.0, 0.5]),
+])
+def test_plateaus_follow_pytorch_at_their_kinks(formula, torch_f, xs):
+    """On a plateau y carries no x: g is PyTorch's gradient there (0), also at the kink itself."""
+    t = build_table(get_spec(formula, name="t"), fp32_samples=SAMPLES)
+    assert t["code_bits"] == 0
+    x = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    torch_f(x).sum().backward()
+    y = torch_f(x.detach()).numpy()
+    got = eval_code_class(t["code_classes"][0], y, {})
+    want = x.grad.numpy()
+    assert ((got == 0) == (want == 0)).all()          # the kinks: exactly PyTorch's zero
+    # PyTorch's hardsigmoid backward multiplies by 1/6 rounded to float32 even in float64
+    np.testing.assert_allclose(got, want, rtol=2**-23, atol=0)
