@@ -13,9 +13,12 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
 
 Gradients and codes equal the eager backend's bit for bit. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
-``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), named by a hash of
-the source, compiler and flags; ``$CC`` chooses the compiler (default: gcc, cc or clang);
-``INVACT_CPU_KERNEL=0`` switches the kernels off (the compiled backend then runs Inductor's code).
+``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), keyed by a hash of
+the source, compiler and flags, and loaded only after :mod:`invact.kernel_cache`'s ownership and
+sha256 checks; ``$CC`` chooses the compiler (default: gcc, cc or clang); ``INVACT_CPU_KERNEL=0``
+switches the kernels off (the compiled backend then runs Inductor's code). The CPU test is ATen's
+own, so ``ATEN_CPU_CAPABILITY=avx2`` (set before torch is imported) runs everything, PyTorch's kernels
+included, as on a CPU without AVX-512.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from collections.abc import Callable
@@ -36,12 +38,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import bitpack, fastmath
+from . import bitpack, fastmath, kernel_cache
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
            "pack_code"]
 
-CACHE_ENV = "INVACT_CACHE"
+CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
@@ -78,26 +80,15 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()])).hexdigest()[:16]
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = Path(os.environ.get(CACHE_ENV) or home_cache / "invact")
-    target = cache / f"cpu_kernels-{key}.so"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # then an atomic rename: concurrent builds agree
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{Path(compiler).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def _key(compiler: str) -> str:
+    """The cache key: a hash of the source, the compiler's path and the flags."""
+    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()]
+    return f"cpu_kernels-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
+
+
+def _check_abi(lib: ctypes.CDLL) -> None:
+    if lib.invact_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"ABI version {lib.invact_abi_version()}, expected {ABI_VERSION}")
 
 
 @functools.cache
@@ -112,9 +103,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-        if lib.invact_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"ABI version {lib.invact_abi_version()}, expected {ABI_VERSION}")
+        lib = kernel_cache.load([compiler, *FLAGS, str(SOURCE)], _key(compiler), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)

@@ -7,8 +7,15 @@ tolerance. Sizes cover partial vectors, bit planes whose length is no multiple o
 over threads.
 """
 
+import errno
+import hashlib
+import json
 import math
+import stat
+import subprocess
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +271,152 @@ def test_opcheck_on_the_kernels(dtype):
     torch.library.opcheck(torch.ops.invact.forward.default, (x, name, [], "compiled"))
     y, code = torch.ops.invact.forward(x.detach(), name, [], "compiled")
     torch.library.opcheck(torch.ops.invact.backward.default, (torch.randn_like(y), y, code, name, [], "compiled"))
+
+
+# -- the kernel cache: a trust boundary (invact.kernel_cache) ----------------------------------------
+
+PLANTED_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen(MARKER, "w"); if (f) fclose(f); }
+int invact_abi_version(void) { return ABI; }
+"""
+
+
+def _plant(tmp_path, so_path):
+    """A shared object whose constructor creates tmp_path/PWNED and which passes the ABI check."""
+    marker = tmp_path / "PWNED"
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED_C)
+    compiler = cpu_kernel._compiler()
+    done = subprocess.run([compiler, "-shared", "-fPIC", f'-DMARKER="{marker}"', f"-DABI={cpu_kernel.ABI_VERSION}",
+                           str(src), "-o", str(so_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return marker
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """$INVACT_CACHE = tmp_path/cache (not created yet); library() rebuilt from it, cleared after."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(cache))
+    cpu_kernel.library.cache_clear()
+    yield cache
+    cpu_kernel.library.cache_clear()
+
+
+def _load_quietly():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = cpu_kernel.library()
+    cpu_kernel.library.cache_clear()
+    return lib
+
+
+def _key():
+    return cpu_kernel._key(cpu_kernel._compiler())
+
+
+@needs_kernel
+def test_cache_is_created_private_and_verified(fresh_cache):
+    """A new cache directory is 0700; the build records the .so's sha256 in a manifest that names
+    it; a second process loads that file without rebuilding."""
+    assert _load_quietly() is not None
+    assert stat.S_IMODE(fresh_cache.stat().st_mode) == 0o700
+    entry = json.loads((fresh_cache / f"{_key()}.json").read_text())
+    so = fresh_cache / entry["so"]
+    assert entry["sha256"] == hashlib.sha256(so.read_bytes()).hexdigest()
+    assert _load_quietly()._name == str(so)
+
+
+@needs_kernel
+def test_planted_library_with_the_predictable_name_is_not_loaded(fresh_cache, tmp_path):
+    """A .so at the name the cache key predicts is never loaded (its constructor would run): only a
+    manifest written by a build names a file, and the file must have the recorded sha256."""
+    fresh_cache.mkdir(mode=0o700)
+    marker = _plant(tmp_path, fresh_cache / f"{_key()}.so")
+    assert _load_quietly() is not None and not marker.exists()
+    # the same file behind a manifest with a wrong hash is refused too (one warning), and replaced
+    (fresh_cache / f"{_key()}.json").write_text(json.dumps({"so": f"{_key()}.so", "sha256": "0" * 64}))
+    with pytest.warns(RuntimeWarning, match="sha256 differs"):
+        assert cpu_kernel.library() is not None
+    cpu_kernel.library.cache_clear()
+    assert not marker.exists()
+    assert _load_quietly() is not None                     # the manifest now names the fresh build
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_cache_writable_by_others_is_refused(fresh_cache, tmp_path, mode):
+    """A cache directory others can write (where anyone could plant a manifest and its .so): one
+    warning, the kernel is built privately (still the C kernel), nothing is loaded or written there."""
+    fresh_cache.mkdir()
+    fresh_cache.chmod(mode)
+    so = fresh_cache / f"{_key()}-planted.so"
+    marker = _plant(tmp_path, so)
+    (fresh_cache / f"{_key()}.json").write_text(
+        json.dumps({"so": so.name, "sha256": hashlib.sha256(so.read_bytes()).hexdigest()}))
+    before = sorted(fresh_cache.iterdir())
+    with pytest.warns(RuntimeWarning, match="not using the kernel cache.*writable by group or others"):
+        lib = cpu_kernel.library()
+    assert lib is not None and lib.invact_abi_version() == cpu_kernel.ABI_VERSION and not marker.exists()
+    assert sorted(fresh_cache.iterdir()) == before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.library() is lib                  # cached: warned once
+
+
+@needs_kernel
+def test_cached_file_writable_by_others_is_not_loaded(fresh_cache, tmp_path):
+    """A manifest-named .so that others could have rewritten (mode o+w) is refused and rebuilt."""
+    assert _load_quietly() is not None
+    so = fresh_cache / json.loads((fresh_cache / f"{_key()}.json").read_text())["so"]
+    so.chmod(0o666)
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        assert cpu_kernel.library() is not None
+    cpu_kernel.library.cache_clear()
+    assert json.loads((fresh_cache / f"{_key()}.json").read_text())["so"] != so.name
+
+
+@needs_kernel
+@pytest.mark.parametrize("damage", ["changed after its build", "unloadable"])
+def test_corrupt_library_is_rebuilt_under_a_fresh_name(fresh_cache, damage):
+    """A cached .so whose bytes changed after its sha256 was recorded, or one that matches its record
+    but does not load: one warning, rebuilt under a new name and recorded, so the next process loads
+    the new build without a warning. (Files are replaced, never rewritten in place: a library
+    mapped by a running process would fault.)"""
+    fresh_cache.mkdir(mode=0o700)
+    manifest = fresh_cache / f"{_key()}.json"
+    bad = fresh_cache / f"{_key()}-bad.so"
+    bad.write_bytes(b"\x7fELF" + bytes(1000))
+    manifest.write_text(json.dumps({"so": bad.name, "sha256": hashlib.sha256(bad.read_bytes()).hexdigest()}))
+    if damage == "changed after its build":
+        bad.write_bytes(b"\x7fELF" + bytes(999) + b"!")
+    with pytest.warns(RuntimeWarning, match="does not load|sha256 differs"):
+        assert cpu_kernel.library() is not None
+    cpu_kernel.library.cache_clear()
+    new = json.loads(manifest.read_text())["so"]
+    assert new != bad.name and _load_quietly()._name == str(fresh_cache / new)
+
+
+@needs_kernel
+def test_read_only_cache_still_gives_the_c_kernel(fresh_cache, monkeypatch):
+    """An empty cache that cannot be written (mode 0500; root ignores modes, so file creation there
+    is also made to fail as it would for another user): the kernel is built in a private temporary
+    directory, silently, and nothing is left in the cache."""
+    from invact import kernel_cache
+    fresh_cache.mkdir(mode=0o700)
+    fresh_cache.chmod(0o500)
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == fresh_cache:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(kernel_cache.tempfile, "mkstemp", mkstemp)
+    try:
+        lib = _load_quietly()
+        assert lib is not None and lib.invact_abi_version() == cpu_kernel.ABI_VERSION
+        assert list(fresh_cache.iterdir()) == []
+    finally:
+        fresh_cache.chmod(0o700)

@@ -1,0 +1,176 @@
+"""Where invact keeps the C kernels it compiles, and what it will load from there (a trust boundary).
+
+Loading a shared object runs its constructors, so only a file this process can vouch for is loaded:
+a build records the sha256 of the ``.so`` it made in a manifest next to it (``<key>.json``, written
+atomically after the build, under a fresh random ``.so`` name), and a later process loads the file the
+manifest names only if the directory, the manifest and the file are owned by this user and writable
+by no one else, and the file's sha256 matches. Otherwise:
+
+* a cache directory (``$INVACT_CACHE``, default ``$XDG_CACHE_HOME/invact`` or ``~/.cache/invact``,
+  created 0700) owned by someone else or writable by group or others: one warning, and the kernel is
+  built in a private temporary directory (removed once loaded) instead;
+* a read-only or unwritable cache without a valid entry: the same private build, silently;
+* a ``.so`` whose hash does not match (changed after it was written) or that does not load: rebuilt
+  under a fresh name and the manifest replaced, so the next process loads the new one.
+A file with a predictable name planted in the cache is never loaded: only the manifest names files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = ["CACHE_ENV", "cache_dir", "unsafe", "load"]
+
+CACHE_ENV = "INVACT_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$INVACT_CACHE``, else ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``."""
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get(CACHE_ENV) or home_cache / "invact")
+
+
+def unsafe(path: Path, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be trusted (a link, not ours, writable by group or others, the wrong
+    kind), or None. Not following links: the check is of the path itself."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if directory != stat.S_ISDIR(st.st_mode) or not (directory or stat.S_ISREG(st.st_mode)):
+        return "it is not a directory" if directory else "it is not a regular file"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(directory: Path, key: str) -> tuple[Path | None, str | None]:
+    """(the ``.so`` the manifest of ``key`` names if every check passes, else None; why an entry
+    that exists was refused, else None)."""
+    manifest = directory / f"{key}.json"
+    try:
+        reason = unsafe(manifest)
+        if reason:
+            return None, f"{manifest}: {reason}"
+        entry = json.loads(manifest.read_text())
+        so = directory / Path(str(entry["so"])).name          # a bare name inside the directory
+        reason = unsafe(so) or (None if _sha256(so) == entry["sha256"] else
+                                "its sha256 differs from the one recorded when it was built")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"{manifest}: unreadable ({error})"
+    return (None, f"{so}: {reason}") if reason else (so, None)
+
+
+def _compile(command: list[str], directory: Path, key: str) -> Path:
+    """Build into a fresh random name in ``directory``; the file is made unwritable by others."""
+    fd, out = tempfile.mkstemp(prefix=f"{key}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run([*command, "-o", out], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{Path(command[0]).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
+        os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~0o022)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out)
+        raise
+    return Path(out)
+
+
+def _record(directory: Path, key: str, so: Path) -> None:
+    """Write the manifest atomically: a reader sees the old entry or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"so": so.name, "sha256": _sha256(so)}, f)
+        os.replace(tmp, directory / f"{key}.json")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _open(so: Path, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(so))
+    check(lib)
+    return lib
+
+
+@contextlib.contextmanager
+def _private_dir() -> Iterator[Path]:
+    """A fresh 0700 temporary directory of this user, removed afterwards (a loaded library stays
+    mapped)."""
+    path = Path(tempfile.mkdtemp(prefix="invact-kernel-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _usable_cache() -> Path | None:
+    """The cache directory, created 0700 if missing; None (one warning) where it is not safe, or
+    None silently where it cannot be created."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = unsafe(directory, directory=True)
+    except OSError:
+        return None
+    if reason:
+        warnings.warn(f"invact: not using the kernel cache {directory}: {reason}; building the CPU kernel "
+                      f"in a private temporary directory instead (set ${CACHE_ENV} to a directory only you "
+                      "can write)", RuntimeWarning, stacklevel=4)
+        return None
+    return directory
+
+
+def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """The library that ``command`` (a compiler command line without ``-o``) builds, from the cache
+    under ``key`` (a name made of the inputs' hash) when a verified entry is there, else built (and
+    recorded where the cache is writable). ``check(lib)`` raises RuntimeError for a library that
+    loads but is not the expected one (treated like one that does not load). Raises RuntimeError,
+    OSError or SubprocessError where a fresh build fails."""
+    directory = _usable_cache()
+    if directory is not None:
+        so, refused = _cached(directory, key)
+        if so is not None:
+            try:
+                return _open(so, check)
+            except (OSError, RuntimeError) as error:        # unloadable: rebuilt under a fresh name below
+                refused = f"{so}: it does not load ({error})"
+        if refused:
+            warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
+                          RuntimeWarning, stacklevel=3)
+        try:
+            fresh = _compile(command, directory, key)
+        except OSError as error:
+            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            directory = None                                 # read-only cache: a private build
+        else:
+            _record(directory, key, fresh)
+            if so is not None:
+                with contextlib.suppress(OSError):
+                    so.unlink()                              # the bad one (still mapped where loaded)
+            return _open(fresh, check)
+    with _private_dir() as private:
+        return _open(_compile(command, private, key), check)
