@@ -36,6 +36,10 @@ module attribute. Hugging Face models generally hold ``ACT2FN[config.hidden_act]
 ``mlp.act``, BERT's ``intermediate.intermediate_act_fn``, Llama's ``mlp.act_fn``), which are reached;
 for functional calls, edit the forward to use :mod:`invact.functional`.
 
+Normalization layers (``norms=True``, the default): torch.nn.LayerNorm / RMSNorm and Hugging Face's
+RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become :class:`invact.LayerNorm`
+/ :class:`invact.RMSNorm`, which save their output (see :mod:`invact.norm_patch` and :mod:`invact.norms`).
+
 The replaced module keeps a reference to its original (not registered as a submodule, so it is in
 neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
 Hooks registered on an original module stay with it (the report notes such modules).
@@ -49,9 +53,10 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from . import ops
+from . import norm_patch, ops
 from .functional import gelu_table
 from .modules import Activation, check_params, module_for
+from .norms import _Saving
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left"]
 
@@ -297,7 +302,7 @@ def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_s
 # ---------------------------------------------------------------------------------------------------
 
 def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: bool = False,
-          backend: str | None = None) -> PatchReport:
+          backend: str | None = None, norms: bool = True, autocast_output: bool | None = None) -> PatchReport:
     """Replace ``model``'s activation modules by invact modules, in place.
 
     Parameters
@@ -313,6 +318,13 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         heuristic sees Dropout next); off by default.
     backend : str, optional
         Passed to every new module.
+    norms : bool
+        Also replace LayerNorm / RMSNorm layers (torch.nn's and Hugging Face's, recognised by a probe of
+        what they compute; see :mod:`invact.norm_patch`) by invact's, which save their output. ``only``
+        and ``exclude`` select activations only.
+    autocast_output : bool, optional
+        Norms return the autocast dtype under torch.autocast (True), torch's dtype (False), or, by
+        default, the autocast dtype for pre-norms only (:func:`invact.norm_patch.feeds_linears`).
 
     Returns
     -------
@@ -334,6 +346,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: it cannot be "
                                 "replaced in place; use invact.activation(...) instead"))
     done: dict[int, nn.Module] = {}                  # a shared module is replaced by one shared module
+    probes: dict = {}                                # norm classes probed in this call
     known = set(ops.names())
     for parent, attr, path, child in list(_children(model)):
         cls = type(child)
@@ -341,7 +354,15 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             setattr(parent, attr, done[id(child)])
             report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(done[id(child)]), "shared module"))
             continue
-        if isinstance(child, Activation):
+        if isinstance(child, (Activation, _Saving)):
+            continue
+        if norms and norm_patch.is_candidate(child):
+            new, note = norm_patch.replacement(parent, attr, child, backend, autocast_output, probes)
+            if new is None:
+                report.left.append(Left(path, _qualname(cls), note))
+                continue
+            _swap(parent, attr, child, new, done)
+            report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), note))
             continue
         rule = _rule_for(cls)
         if rule is None:
@@ -359,10 +380,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             report.left.append(Left(path, _qualname(cls), why))
             continue
         new = module_for(table, params, backend)
-        new.train(child.training)
-        new._invact_replaced = (child,)
-        setattr(parent, attr, new)
-        done[id(child)] = new
+        _swap(parent, attr, child, new, done)
         notes = [rule.note] if rule.note else []
         if _inplace(child):
             notes.append("inplace=True not kept: the new module returns a new tensor")
@@ -370,6 +388,13 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             notes.append("hooks registered on the original stay with it")
         report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
     return report
+
+
+def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dict[int, nn.Module]) -> None:
+    new.train(old.training)
+    new._invact_replaced = (old,)
+    setattr(parent, attr, new)
+    done[id(old)] = new
 
 
 def unpatch(model: nn.Module) -> list[str]:
@@ -382,7 +407,7 @@ def unpatch(model: nn.Module) -> list[str]:
     restored = []
     for parent, attr, path, child in list(_children(model)):
         original = getattr(child, "_invact_replaced", None)
-        if isinstance(child, Activation) and original:
+        if isinstance(child, (Activation, _Saving)) and original:
             original[0].train(child.training)
             setattr(parent, attr, original[0])
             restored.append(path)

@@ -300,3 +300,186 @@ def test_hugging_face_forms_bit_for_bit(style, dtype):
     refs, tols = _bounds(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
     _check(gx, refs[0], tols[0], f"{style} dx")
     _check(gw, refs[1], tols[1], f"{style} dw")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharing: the saved y is the next Linear's saved input
+
+B, D, H = 16, 64, 96
+F32, BF16 = 4, 2
+
+
+class _Block(nn.Module):
+    """A pre-norm block: one norm feeding three Linears (as q, k, v projections)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.q, self.k, self.v = nn.Linear(D, H), nn.Linear(D, H), nn.Linear(D, H)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h) * self.k(h) + self.v(h)
+
+
+def _saved(model, x, autocast=False):
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with invact.memory(model) as m, cast:
+        out = model(x)
+    return m, out
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_saved_bytes_float32(rms):
+    """Unpatched: the norm saves x plus its per-row statistics (LayerNorm: mean and rstd; RMSNorm: the
+    composite's intermediates), the Linears save y once (one storage). Patched: y (shared with the
+    Linears) and rstd (B float32): the norm's own bytes drop to B * 4. The product q * k saves both
+    (2 B H floats) in either run."""
+    torch.manual_seed(0)
+    model = _Block(nn.RMSNorm(D) if rms else nn.LayerNorm(D))
+    x = torch.randn(B, D, requires_grad=True)
+    base, out_b = _saved(model, x)
+    invact.patch(model)
+    assert isinstance(model.norm, invact.RMSNorm if rms else invact.LayerNorm)
+    pat, out_p = _saved(model, x)
+    assert torch.equal(out_b, out_p)
+    # y is charged to the norm (first saved there) with rstd; the Linears' saves of y are the same storage
+    assert pat.by_module["norm"] == B * D * F32 + B * F32 and not {"q", "k", "v"} & set(pat.by_module)
+    assert pat.total == B * D * F32 + B * F32 + 2 * B * H * F32
+    assert base.by_module["q"] == B * D * F32 and base.by_module["norm"] >= B * D * F32 + B * F32   # x, stats
+    assert base.total - pat.total == base.by_module["norm"] - B * F32
+    invact.unpatch(model)
+    assert type(model.norm) is (nn.RMSNorm if rms else nn.LayerNorm)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_autocast_output_is_the_linears_input(rms):
+    """bf16 autocast, float32 parameters: torch's norm returns float32 and each Linear saves its own bf16
+    cast (three storages). Patched (a pre-norm, so autocast_output): the norm returns that bf16 tensor
+    itself, bit for bit the Linears' cast of the unpatched output, and it is saved once."""
+    torch.manual_seed(0)
+    model = _Block(nn.RMSNorm(D) if rms else nn.LayerNorm(D))
+    x = torch.randn(B, D, requires_grad=True)
+    outs = {}
+    model.norm.register_forward_hook(lambda m, a, out: outs.__setitem__("base", out))
+    base, out_b = _saved(model, x, autocast=True)
+    report = invact.patch(model)
+    assert "autocast output" in report.replaced[0].note
+    model.norm.register_forward_hook(lambda m, a, out: outs.__setitem__("patched", out))
+    pat, out_p = _saved(model, x, autocast=True)
+    assert outs["base"].dtype == torch.float32 and outs["patched"].dtype == torch.bfloat16
+    assert torch.equal(outs["patched"], outs["base"].to(torch.bfloat16))
+    assert torch.equal(out_b, out_p)                              # the Linears saw the same bits
+    # each Linear also saves autocast's bf16 copy of its weight (H * D), in both runs; unpatched, each
+    # saves its own bf16 cast of the norm's output too
+    assert all(base.by_module[k] == (B + H) * D * BF16 and pat.by_module[k] == H * D * BF16 for k in "qkv")
+    assert pat.by_module["norm"] == B * D * BF16 + B * F32
+    (out_p.float().pow(2).sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):             # autocast_output=False: torch's dtype
+        invact.unpatch(model)
+        invact.patch(model, autocast_output=False)
+        assert model.norm(x).dtype == torch.float32
+
+
+def test_pure_bfloat16_model_shares_y():
+    """model.to(bfloat16): the norm's output is bf16 already; patched, the Linears save it and nothing else."""
+    torch.manual_seed(0)
+    model = _Block(nn.LayerNorm(D)).to(torch.bfloat16)
+    x = torch.randn(B, D, dtype=torch.bfloat16, requires_grad=True)
+    base, out_b = _saved(model, x)
+    invact.patch(model)
+    pat, out_p = _saved(model, x)
+    assert torch.equal(out_b, out_p)
+    assert base.by_module["q"] == B * D * BF16 and pat.by_module["norm"] == B * D * BF16 + B * F32
+
+
+# ---------------------------------------------------------------------------------------------------
+# patching Hugging Face norms
+
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=101, pad_token_id=0)
+    configs = {
+        "llama": ("LlamaConfig", "LlamaModel", small), "mistral": ("MistralConfig", "MistralModel", small),
+        "qwen2": ("Qwen2Config", "Qwen2Model", small), "phi3": ("Phi3Config", "Phi3Model", small),
+        "gemma": ("GemmaConfig", "GemmaModel", dict(small, head_dim=8)),
+        "t5": ("T5Config", "T5EncoderModel", dict(d_model=32, d_ff=48, d_kv=8, num_layers=1, num_heads=4,
+                                                  vocab_size=101)),
+        "gpt2": ("GPT2Config", "GPT2Model", dict(n_embd=32, n_layer=1, n_head=4, vocab_size=101)),
+        "bert": ("BertConfig", "BertModel", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                 num_attention_heads=4, vocab_size=101)),
+    }
+    config, model, fields = configs[kind]
+    torch.manual_seed(0)
+    m = getattr(transformers, model)(getattr(transformers, config)(**fields)).eval()
+    with torch.no_grad():                                   # trained-like weights, not the init's ones/zeros
+        for name, p in m.named_parameters():
+            if "norm" in name.lower() or "ln" in name:
+                p.copy_(torch.randn(p.shape) * 0.2 + (0.0 if kind == "gemma" or "bias" in name else 1.0))
+    return m
+
+
+STYLE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "llama", "gemma": "gemma", "t5": "t5"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "phi3", "gemma", "t5", "gpt2", "bert"])
+def test_patch_hugging_face_norms(kind):
+    """Norms only (only=[] leaves the activations): every norm replaced, found by its probe; the same
+    state_dict keys and forward output bit for bit; gradients close; unpatch restores the same objects."""
+    model = _hf(kind)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    keys = list(model.state_dict())
+    originals = {n: m for n, m in model.named_modules() if norm_is(m)}
+    assert originals
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids).last_hidden_state
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_b, g_b = run()
+    report = invact.patch(model, only=[], backend="eager")
+    assert {r.path for r in report.replaced} == set(originals)
+    if kind in STYLE:
+        assert all(f"style='{STYLE[kind]}'" in r.new and "probe" in r.note for r in report.replaced)
+    assert list(model.state_dict()) == keys
+    out_p, g_p = run()
+    assert torch.equal(out_b, out_p)
+    # each norm's gradient is within a few float32 ulps of torch's (the bound above); through one layer
+    # the relative difference stays far below 1e-4, while a wrong formula is off by O(1)
+    for n in g_b:
+        assert (g_p[n] - g_b[n]).norm() <= 1e-4 * g_b[n].norm() + 1e-7, n
+    invact.unpatch(model)
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+    assert torch.equal(run()[0], out_b)
+    assert not any(isinstance(r.new, str) and "RMSNorm" in r.new for r in invact.patch(model, norms=False).replaced)
+
+
+def norm_is(m):
+    return type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def test_look_alike_left_with_the_probe_reason():
+    class FakeRMSNorm(nn.Module):               # named like a norm, computes something else
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * self.weight
+
+    class NoEpsRMSNorm(FakeRMSNorm):
+        def __init__(self, n):
+            super().__init__(n)
+            del self.eps
+
+    model = nn.Sequential(FakeRMSNorm(8), NoEpsRMSNorm(8), nn.Linear(8, 8))
+    report = invact.patch(model)
+    assert len(report) == 0 and len(report.left) == 2
+    assert "probe: no invact norm computes the same output" in report.left[0].reason
+    assert "eps" in report.left[1].reason

@@ -1,0 +1,160 @@
+"""How :func:`invact.patch` recognises normalization layers and builds their replacements.
+
+* ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (exact classes): :class:`invact.LayerNorm` /
+  :class:`invact.RMSNorm` with the same configuration.
+* Other classes named ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's LlamaRMSNorm, MistralRMSNorm,
+  Qwen2RMSNorm, Phi3RMSNorm, GemmaRMSNorm with its ``1 + w`` weight, T5LayerNorm, ...) are recognised by
+  what they compute, not by name: holding only ``weight`` (and ``bias``), no buffers or submodules, and
+  an ``eps`` / ``variance_epsilon`` attribute, each invact form (:data:`invact.norms.STYLES`, LayerNorm
+  with or without bias) is tried on a random input with random weights, in float32 and bfloat16, and
+  the first whose output has the same dtype and bits (or within 2 ulps, said in the report) is used.
+  (The mixed probe, float32 weights and bfloat16 input, tells Llama's from T5's rounding.)
+  A class nothing matches is left, with the closest form's difference as the reason. One probe per
+  class and configuration.
+
+The replacement shares the original's Parameter objects (same ``state_dict`` keys, optimizer state and
+later ``.to()`` conversions); :func:`invact.unpatch` puts the original back.
+
+Autocast output: a norm whose consumers are Linears (pre-norm) returns the autocast dtype under
+torch.autocast, so the Linear saves the norm's own output instead of a cast copy. Which norms those are
+is read from the attribute name (:data:`PRE_NORM`): a module cannot see who uses its output, and a
+post-norm layer's output (BERT's ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``) also
+feeds the float32 residual stream, which must not be rounded.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from .norms import LayerNorm, RMSNorm, _Saving
+
+__all__ = ["is_candidate", "replacement", "feeds_linears", "PRE_NORM"]
+
+# attribute names of norms whose output feeds only Linears (Llama/Mistral/Qwen2/Phi-3/Gemma, GPT-2, ViT, T5)
+PRE_NORM = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "ln_1", "ln_2", "ln_f",
+            "layernorm_before", "layernorm_after", "norm", "final_layernorm", "layer_norm", "norm1", "norm2",
+            "attention_norm", "ffn_norm"}
+_NAME = re.compile(r"(RMS|Layer)Norm")
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """A norm :func:`replacement` may swap (invact's own norms are not)."""
+    cls = type(module)
+    if isinstance(module, _Saving):
+        return False
+    if cls in (nn.LayerNorm, nn.RMSNorm):
+        return True
+    return not cls.__module__.startswith("torch.") and bool(_NAME.search(cls.__name__))
+
+
+def _eps(module: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def feeds_linears(parent: nn.Module, attr: str) -> bool:
+    """Heuristic: the norm is a pre-norm (its consumers are Linears), judged by its attribute name."""
+    if attr == "post_attention_layernorm":     # Gemma 2/3: a sandwich norm feeding the residual
+        return "pre_feedforward_layernorm" not in parent._modules
+    return attr in PRE_NORM
+
+
+def _build(kind: str, n: int, eps: float, bias: bool, backend: str | None, autocast_output: bool) -> nn.Module:
+    if kind == "layer":
+        return LayerNorm(n, eps, True, bias, device="meta", backend=backend, autocast_output=autocast_output)
+    return RMSNorm(n, eps, True, device="meta", style=kind, backend=backend, autocast_output=autocast_output)
+
+
+def _share(new: nn.Module, old: nn.Module) -> nn.Module:
+    new.weight = old.weight
+    if getattr(new, "bias", None) is not None:
+        new.bias = old.bias
+    return new
+
+
+def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | None:
+    """Largest difference in ulps of the output dtype between ``module`` and form ``kind`` on random input
+    and weights: all float32, all bfloat16, float32 weights with bfloat16 input (None: a different dtype
+    or shape, or the forward failed)."""
+    n = module.weight.numel()
+    worst = 0.0
+    g = torch.Generator().manual_seed(0)
+    for dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                           (torch.float32, torch.bfloat16)):       # float32 weights, bf16 x: Llama vs T5
+        probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
+        with torch.no_grad():
+            probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
+            if bias:
+                probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
+        ours = _share(_build(kind, n, eps, bias, "eager", False), probe)
+        x = (torch.randn(3, 5, n, generator=g) * 2 + 0.3).to(x_dtype)
+        try:
+            with torch.no_grad():
+                want, got = probe(x), ours(x)
+        except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
+            return None
+        if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
+            return None
+        fi = torch.finfo(want.dtype)
+        ulps = (want.double() - got.double()).abs() / (fi.eps * want.double().abs() + fi.tiny)
+        worst = max(worst, ulps.max().item())
+    return worst
+
+
+def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | None,
+                autocast_output: bool | None, cache: dict) -> tuple[nn.Module | None, str]:
+    """(new module, note) to replace ``module``, or (None, the reason it is left)."""
+    cls = type(module)
+    cast = feeds_linears(parent, attr) if autocast_output is None else autocast_output
+    cast_note = "autocast output (a pre-norm: its consumers are Linears)" if cast else ""
+    if cls is nn.LayerNorm or cls is nn.RMSNorm:
+        if not module.elementwise_affine:
+            return _plain(module, backend, cast)
+        new = (LayerNorm(module.normalized_shape, module.eps, True, module.bias is not None, device="meta",
+                         backend=backend, autocast_output=cast) if cls is nn.LayerNorm else
+               RMSNorm(module.normalized_shape, module.eps, True, device="meta", backend=backend, autocast_output=cast))
+        return _share(new, module), _note(new, cast_note)
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"} or list(module.buffers()) \
+            or list(module.children()):
+        return None, "not a recognised norm: needs a 1-d weight (and bias), no buffers or submodules"
+    eps = _eps(module)
+    if eps is None:
+        return None, "no eps / variance_epsilon attribute"
+    key = (cls, eps, bias is not None)
+    if key not in cache:
+        kinds = ["layer"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer"]
+        tried = {k: _probe(module, k, eps, bias is not None) for k in kinds}
+        matches = [k for k, d in tried.items() if d is not None and d <= 2.0]
+        cache[key] = (min(matches, key=lambda k: tried[k]), tried) if matches else (None, tried)
+    kind, tried = cache[key]
+    if kind is None:
+        diffs = ", ".join(f"{k}: {'differs in dtype or fails' if d is None else f'{d:.3g} ulps'}"
+                          for k, d in tried.items())
+        return None, f"probe: no invact norm computes the same output ({diffs})"
+    new = _share(_build(kind, weight.numel(), eps, bias is not None, backend, cast), module)
+    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
+    return new, _note(new, f"probe: same output as form {kind!r} {probe} (float32, bfloat16, mixed)", cast_note)
+
+
+def _plain(module: nn.Module, backend: str | None, cast: bool) -> tuple[nn.Module, str]:
+    """A torch.nn norm without affine parameters: x_hat = y exactly, nothing to recover."""
+    cls = LayerNorm if isinstance(module, nn.LayerNorm) else RMSNorm
+    kwargs = {"bias": False} if cls is LayerNorm else {}
+    new = cls(module.normalized_shape, module.eps, False, backend=backend, autocast_output=cast, **kwargs)
+    return new, _note(new, "no affine parameters: x_hat = y")
+
+
+def _note(new: nn.Module, *parts: str) -> str:
+    rec = new.recovery()
+    kept = "" if not rec.columns else rec.reason
+    return "; ".join(p for p in (*parts, kept) if p)
+
