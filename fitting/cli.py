@@ -109,27 +109,23 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _commit(table: dict, path: Path, root: Path | None, generate: bool) -> list[Path]:
-    """Write ``table`` and regenerate code; on a generation failure restore the previous table."""
+    """Write ``table`` and regenerate the code, under the tables folder's lock: the code is computed
+    first (a generation failure writes nothing), then the table, then the modules (each carries the
+    table's sha256: a process killed in between leaves code the runtime refuses, with the fix)."""
     with _signals_deferred():
-        before = path.read_text(encoding="utf-8") if path.exists() else None
-        tables.write_table(table, path)
         if not generate:
+            tables.write_table(table, path)
             return []
-        try:
-            from .codegen import generate_all
-            return generate_all(root)
-        except BaseException:
-            if before is None:
-                path.unlink()
-            else:
-                _restore(before, path)
-            raise
+        from .codegen import generate_all
+        return generate_all(root, pending={path: table})
 
 
-def _restore(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.restore")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _check_tree(root: Path | None, replaced: Path | None = None) -> None:
+    """Every table under ``root`` must load before a long fit or certification whose code generation
+    would read them all (``replaced``, the table being rewritten, may be broken)."""
+    for path in tables.list_tables(root):
+        if replaced is None or path.resolve() != replaced.resolve():
+            tables.load_table(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +147,7 @@ def _pieces(table: dict) -> int:
 def cmd_list(args) -> int:
     from .formulas import BUILTINS
     paths = {tables.name_of(p): p for p in tables.list_tables(args.root)}
+    root_opt = tables.root_option(tables.project_root(args.root))
     names = sorted(set(BUILTINS) | {n for n, _ in paths})
     rows = [("name", "target", "branches", "codes/bits", "pieces", "approx err", "fp32 err", "status")]
     for name in names:
@@ -158,7 +155,7 @@ def cmd_list(args) -> int:
         for key in sorted(keys):
             kind = "built-in" if name in BUILTINS else "formula"
             if key not in paths:
-                rows.append((name, key[1], "-", "-", "-", "-", "-", f"{kind}, not fitted: invact fit {name}"))
+                rows.append((name, key[1], "-", "-", "-", "-", "-", f"{kind}, not fitted: invact fit {name}{root_opt}"))
                 continue
             try:
                 t = tables.load_table(paths[key])
@@ -178,6 +175,7 @@ def cmd_list(args) -> int:
 
 def cmd_fit(args) -> int:
     from .formulas import BUILTINS, get_spec
+    args.activation = args.activation.strip()   # main() may have put a space before a leading minus
     spec = get_spec(args.activation, args.name, dict(args.param))
     builtin = args.activation in BUILTINS
     if not builtin and args.name is None:
@@ -187,11 +185,14 @@ def cmd_fit(args) -> int:
         raise SpecError(f"--name {name!r} is a built-in activation; choose another name for this formula")
     spec = dataclasses.replace(spec, name=name)
     path = tables.table_path(name, args.target, args.root)
+    generate = args.target == "derivative" and not args.generate_off
+    if generate:
+        _check_tree(args.root, path)
     from .pipeline import build_table
     start = time.monotonic()
     table = build_table(spec, target=args.target, tolerance=args.tolerance,
                         fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
-    generated = _commit(table, path, args.root, args.target == "derivative" and not args.generate_off)
+    generated = _commit(table, path, args.root, generate)
     cert = table["certificate"]
     print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
           f"{_pieces(table)} pieces, approx error {_fmt(cert['approx_error'])}, float32 error "
@@ -204,13 +205,16 @@ def cmd_fit(args) -> int:
 def cmd_certify(args) -> int:
     from .certify import certify_table
     path, table = _resolve(args)
+    generate = table["target"] == "derivative" and not args.generate_off
+    if generate:
+        _check_tree(tables.root_of(path) or args.root, path)
     bar = ProgressBar()
     try:
         table["certificate"] = certify_table(table, exhaustive=args.exhaustive,
                                              fp32_samples=args.fp32_samples, progress=bar)
     finally:
         bar.close()
-    _commit(table, path, args.root, table["target"] == "derivative" and not args.generate_off)
+    _commit(table, path, tables.root_of(path) or args.root, generate)
     cert = table["certificate"]
     print(f"certified {path}: approx error {_fmt(cert['approx_error'])}, float32 error "
           f"{_fmt(cert['float32_eval_error'])} ({', '.join(cert['checks'])})")
@@ -270,8 +274,24 @@ def _describe(seg: dict) -> str:
     return f"{what} in {how}, error {_fmt(seg['error'])}"
 
 
+def _check_output(path: Path) -> None:
+    """The plot's file must be writable with a format matplotlib writes: checked before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise InputError(f"-o/--output {path}: unsupported image format {path.suffix or '(no suffix)'!r}; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"-o/--output {path}: folder {folder} does not exist")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"-o/--output {path}: cannot write there (a folder, or no write permission)")
+
+
 def cmd_plot(args) -> int:
     from .plot import plot_error_curves
+    _check_output(args.output)
     _, table = _resolve(args)
     plot_error_curves(table, args.output)
     print(f"wrote {args.output}")
@@ -361,11 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("list", cmd_list, "list activations: branches, codes, pieces and certified errors", target=False)
     p = add("fit", cmd_fit, "fit a built-in or a formula in x, write its table and regenerate code")
+    from .expressions import allowed_summary
+    p.epilog = (f"A formula may contain only {allowed_summary()}. Anything else is refused (exit 2): "
+                "formulas are parsed, never run as Python. A formula starting with '-' is accepted as is.")
     p.add_argument("activation", metavar="NAME_OR_FORMULA",
                    help="a built-in name (see `invact list`) or a formula such as 'x*sigmoid(1.702*x)'")
     p.add_argument("--name", help="table name for a formula (a Python identifier)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
-                   help="parameter value (repeatable); declares a parameter of a formula")
+                   help="parameter value (repeatable); declares a parameter of a formula, which must "
+                        "occur in it (x, y, function names and names of the generated code are reserved)")
     p.add_argument("--tolerance", type=_positive(float), default=5e-8,
                    help="max approximation error (default 5e-8)")
     p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",
@@ -397,7 +421,8 @@ def _fp32_samples(p: argparse.ArgumentParser) -> None:
 
 def _no_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-generate", dest="generate_off", action="store_true",
-                   help="do not regenerate the code after writing the table")
+                   help="do not regenerate the code after writing the table (the runtime refuses the old "
+                        "code until `invact generate`)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,9 +432,32 @@ def _on_sigterm(signum, frame):
     raise Interrupted(signum)
 
 
+def _formula_positional(argv: list, parser: argparse.ArgumentParser) -> list:
+    """After ``fit``, an argument starting with '-' that is no option of the command (a formula such as
+    '-x*sigmoid(x)') gets a leading space, so argparse takes it as the positional (cmd_fit strips it)."""
+    i = 0
+    while i < len(argv) and isinstance(argv[i], str) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--root" else 1               # --root DIR, --root=DIR, --debug, ...
+    if i >= len(argv) or argv[i] != "fit":
+        return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
+    options = [o for o in sub._option_string_actions] + list(parser._option_string_actions)
+    takes_value = {o for o, a in sub._option_string_actions.items() if a.nargs != 0}
+    out, skip = argv[:i + 1], False
+    for arg in argv[i + 1:]:
+        if not skip and isinstance(arg, str) and arg.startswith("-") and arg != "--" \
+                and not sub._negative_number_matcher.match(arg) \
+                and not any(o.startswith(arg.partition("=")[0]) for o in options):
+            arg = " " + arg
+        skip = isinstance(arg, str) and arg in takes_value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``invact`` command line; returns the exit status."""
     parser = build_parser()
+    argv = _formula_positional(list(sys.argv[1:] if argv is None else argv), parser)
     try:
         args = _merge(parser.parse_args(argv))
     except SystemExit as exc:
@@ -419,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        tables.check_root(args.root, create=args.command == "fit")
         return args.func(args)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)

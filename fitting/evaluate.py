@@ -56,7 +56,8 @@ def _symbols(params: dict) -> dict:
 @lru_cache(maxsize=512)
 def _sym(text: str, names: tuple[str, ...]) -> sp.Expr:
     """``text`` parsed with y, x and the table's parameter names as the real symbols they are."""
-    return sp.sympify(text, locals={n: sp.Symbol(n, real=True) for n in ("y", "x", *names)})
+    from .expressions import parse
+    return parse(text, ("y", "x"), names, "table expression")
 
 
 def segment_index(breaks: list[dict], y: np.ndarray, params: dict | None = None) -> np.ndarray:

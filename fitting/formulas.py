@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from .errors import SpecError
+from .expressions import check_param_names, check_text, parse
 
 __all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
 
 X = sp.Symbol("x", real=True)
-_ALLOWED_FUNCS = {
-    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "erf": sp.erf, "erfc": sp.erfc, "tanh": sp.tanh,
-    "sinh": sp.sinh, "cosh": sp.cosh, "atan": sp.atan, "sin": sp.sin, "cos": sp.cos,
-    "Abs": sp.Abs, "abs": sp.Abs, "Piecewise": sp.Piecewise, "Max": sp.Max, "Min": sp.Min,
-    "max": sp.Max, "min": sp.Min, "pi": sp.pi, "E": sp.E,
+SYMPY_FUNCTIONS = {  # what formula and table text may name (fitting.expressions checks it first)
+    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "erf": sp.erf, "erfc": sp.erfc,
+    "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "asin": sp.asin, "acos": sp.acos, "atan": sp.atan,
+    "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "asinh": sp.asinh, "acosh": sp.acosh, "atanh": sp.atanh,
+    "Abs": sp.Abs, "abs": sp.Abs, "sign": sp.sign, "Heaviside": sp.Heaviside, "Piecewise": sp.Piecewise,
+    "Max": sp.Max, "Min": sp.Min, "max": sp.Max, "min": sp.Min, "pi": sp.pi, "E": sp.E,
     "sigmoid": lambda z: 1 / (1 + sp.exp(-z)),
     "softplus": lambda z: sp.log(1 + sp.exp(z)),
     "relu": lambda z: sp.Piecewise((0, z <= 0), (z, True)),
@@ -78,7 +80,7 @@ class ActivationSpec:
 
     def check_domain(self) -> None:
         for rel in self.domain:
-            ok = sp.sympify(rel, locals=self.symbols).subs(
+            ok = parse(rel, (), tuple(self.params), "param_domain", relation=True).subs(
                 {s: self.params[n] for n, s in self.symbols.items()})
             if ok is not sp.true:
                 vals = ", ".join(f"{n}={v!r}" for n, v in self.params.items())
@@ -126,40 +128,58 @@ BUILTINS: dict[str, ActivationSpec] = {s.name: s for s in [
 
 
 def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp.Expr, dict[str, float]]:
-    """Parse a user formula in ``x``; every other free symbol must be a declared parameter."""
+    """Parse a user formula in ``x``; every other free symbol must be a declared parameter, and every
+    declared parameter must occur. Only whitelisted syntax is accepted (:mod:`.expressions`)."""
     if not isinstance(text, str) or not text.strip():
         raise SpecError("formula must be a non-empty string in x, e.g. 'x*sigmoid(1.702*x)'")
     params = dict(params or {})
-    names = dict(_ALLOWED_FUNCS)
-    names["x"] = X
-    names.update({n: _sym(n) for n in params})
+    check_param_names(params)
     try:
-        expr = sp.sympify(text, locals=names, rational=False, convert_xor=True)
-    except (sp.SympifyError, SyntaxError, TypeError, AttributeError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"formula {text!r} could not be parsed ({reason}); write it in Python syntax in x, "
-                        "e.g. 'x*sigmoid(1.702*x)'") from None
+        check_text(text, ("x",), tuple(params), "formula", xor=True)
+    except SpecError as exc:
+        unknown = _unknown_names(text, params)
+        if not unknown:
+            raise
+        raise SpecError(f"formula {text!r} has unknown symbols {unknown}: "
+                        "use x for the input and declare parameters with --param NAME=VALUE") from exc
+    expr = parse(text, ("x",), tuple(params), "formula", xor=True)
     if not isinstance(expr, sp.Expr):
         raise SpecError(f"formula {text!r} is not an expression in x")
-    free = {s.name for s in expr.free_symbols} - {"x"} - set(params)
-    if free:
-        raise SpecError(f"formula {text!r} has unknown symbols {sorted(free)}: "
-                        "use x for the input and declare parameters with --param NAME=VALUE")
     if X not in expr.free_symbols:
         raise SpecError(f"formula {text!r} does not depend on x")
+    check_param_names(params, {s.name for s in expr.free_symbols})
     undefined = [f for f in expr.atoms(sp.Function) if type(f).__name__ not in _KNOWN_FUNC_NAMES]
     if undefined:
         raise SpecError(f"formula {text!r} uses unknown functions {sorted(str(f.func) for f in undefined)}")
     return expr, params
 
 
-_KNOWN_FUNC_NAMES = {"exp", "log", "sqrt", "erf", "erfc", "tanh", "sinh", "cosh", "atan", "sin", "cos",
-                     "Abs", "Piecewise", "Max", "Min"}
+def _unknown_names(text: str, params: dict) -> list[str]:
+    """Bare names in an otherwise allowed formula that are neither x, a constant nor a parameter."""
+    try:
+        check_text(text, ("x",), tuple(params) + tuple(_free_names(text)), "formula", xor=True)
+    except (SpecError, SyntaxError):
+        return []
+    return sorted(set(_free_names(text)) - set(params) - {"x"})
+
+
+def _free_names(text: str) -> list[str]:
+    import ast
+    tree = ast.parse(text.strip(), mode="eval")
+    calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in calls
+            and n.id not in SYMPY_FUNCTIONS and n.id != "True" and not n.id.startswith("__")]
+
+
+_KNOWN_FUNC_NAMES = {"exp", "log", "erf", "erfc", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
+                     "tanh", "asinh", "acosh", "atanh", "Abs", "sign", "Heaviside", "Piecewise", "Max", "Min"}
 
 
 def get_spec(name_or_formula: str, name: str | None = None,
              params: dict[str, float] | None = None) -> ActivationSpec:
     """A built-in by name (with parameter overrides) or a new activation from a formula string."""
+    if isinstance(name_or_formula, str):
+        name_or_formula = name_or_formula.strip()
     if name_or_formula in BUILTINS:
         return BUILTINS[name_or_formula].with_params(params)
     if name_or_formula.isidentifier() and "x" != name_or_formula and name is None:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
-           "write_table", "project_root", "tables_dir", "table_path", "list_tables", "name_of",
+           "write_table", "locked", "project_root", "installed_root", "check_root", "root_option", "root_of", "tables_dir", "table_path", "list_tables", "name_of",
            "fit_command", "as_float"]
 
 FORMAT = "invact-table"
@@ -137,8 +138,50 @@ def project_root(root: str | os.PathLike | None = None) -> Path:
         root = os.environ.get(ROOT_ENV) or None
     if root is not None:
         return Path(root).resolve()
+    return installed_root()
+
+
+def installed_root() -> Path:
+    """The tree of the installed ``invact.generated`` package (what no --root means)."""
     import invact.generated
     return Path(invact.generated.__file__).resolve().parent.parent
+
+
+def check_root(root: str | os.PathLike | None = None, create: bool = False) -> Path:
+    """:func:`project_root`, refused (:class:`TableError`) unless it is a project tree: an existing
+    folder with ``generated/tables/`` (what ``invact fit --root`` writes and ``invact.use_root``
+    reads). ``create``: a folder without ``generated/`` is accepted (``invact fit`` creates it)."""
+    given = root if root is not None else os.environ.get(ROOT_ENV) or None
+    path = project_root(root)
+    if given is None:
+        return path
+    source = "--root" if root is not None else f"${ROOT_ENV}"
+    if not path.is_dir():
+        raise TableError(f"{source} {given}: no such folder (a root is a folder holding generated/tables/, "
+                         "as `invact fit NAME --root DIR` makes in an existing folder DIR)")
+    generated = path / "generated"
+    if create and not generated.exists():
+        return path
+    if not (generated / "tables").is_dir():
+        raise TableError(f"{source} {given}: {path} has no generated/tables/ folder, so it is not an invact "
+                         f"root; fit into it with `invact fit NAME --root {given}`")
+    return path
+
+
+def root_option(root: str | os.PathLike | None) -> str:
+    """`` --root ROOT`` for a hint, or "" when ``root`` is the installed tree."""
+    if root is None:
+        return ""
+    root = Path(root).resolve()
+    return "" if root == installed_root() else f" --root {root}"
+
+
+def root_of(path: str | os.PathLike) -> Path | None:
+    """The project tree of a table file in ``ROOT/generated/tables/``, else None."""
+    folder = Path(path).resolve().parent
+    if folder.name == "tables" and folder.parent.name == "generated":
+        return folder.parent.parent
+    return None
 
 
 def tables_dir(root: str | os.PathLike | None = None) -> Path:
@@ -173,44 +216,78 @@ def list_tables(root: str | os.PathLike | None = None, target: str | None = None
     return [p for p in paths if target is None or name_of(p)[1] == target]
 
 
-def fit_command(name: str, target: str = "derivative", table: dict | None = None) -> str:
-    """The ``invact fit`` command line that regenerates a table."""
+def fit_command(name: str, target: str = "derivative", table: dict | None = None,
+                root: str | os.PathLike | None = None) -> str:
+    """The ``invact fit`` command line that regenerates a table (in ``root`` when that is not the
+    installed tree)."""
     from .formulas import BUILTINS
     what = name if name in BUILTINS or table is None else f"{table.get('formula', name)!r} --name {name}"
     params = (table or {}).get("params") or {}
     defaults = BUILTINS[name].params if name in BUILTINS else {}
     extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
     target_opt = "" if target == "derivative" else f" --target {target}"
-    return f"invact fit {what}{extra}{target_opt}"
+    return f"invact fit {what}{extra}{target_opt}{root_option(root)}"
 
 
 # --------------------------------------------------------------------------------------------
 # loading and validation
 
-def load_table(path: str | os.PathLike) -> dict:
+def load_table(path: str | os.PathLike, text: str | None = None) -> dict:
     """Read and validate a table file; :class:`TableError` names the file and the fix on any problem.
 
+    ``text``: the file's content about to be written (validated as if read from ``path``).
     Infinite bounds stay the strings ``"inf"``/``"-inf"`` (see :func:`as_float`).
     """
     path = Path(path)
     name, target = name_of(path)
-    hint = f"regenerate it with `{fit_command(name, target)}`"
+    root = root_of(path)
+    hint = f"regenerate it with `{fit_command(name, target, root=root)}`"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
     except FileNotFoundError:
-        raise TableError(f"table file {path} does not exist; create it with `{fit_command(name, target)}`") from None
+        raise TableError(f"table file {path} does not exist; create it with `{fit_command(name, target, root=root)}`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TableError(f"table file {path} cannot be read ({exc}); {hint}") from None
     try:
         table = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise TableError(f"table file {path} is not valid JSON (truncated or corrupt: {exc}); {hint}") from None
-    if isinstance(table, dict):
-        hint = f"regenerate it with `{fit_command(name, target, table)}`"
+    if _intact(table):
+        hint = f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
+    elif isinstance(table, dict) and isinstance(table.get("sha256"), str):
+        # changed after invact wrote it: its formula is not to be trusted, nor proposed
+        hint = ("restore it from where it came, or delete it and refit it "
+                + (f"with `{fit_command(name, target, root=root)}`" if _builtin(name) else
+                   f"from a formula you trust (`invact fit FORMULA --name {name}{root_option(root)}`)"))
     problem = _problem(table, name, target)
     if problem:
         raise TableError(f"table file {path} {problem}; {hint}")
     return table
+
+
+def _intact(table: Any) -> bool:
+    """A JSON object whose sha256 matches its content (as invact wrote it)."""
+    return isinstance(table, dict) and isinstance(table.get("sha256"), str) and table["sha256"] == _digest(table)
+
+
+def _with_safe_formula(table: dict) -> dict | None:
+    """``table`` if its formula passes the expression whitelist (it may be proposed in a hint)."""
+    from .errors import SpecError
+    from .expressions import check_param_names, check_text
+    params = table.get("params")
+    try:
+        if not isinstance(params, dict) or not all(isinstance(v, _NUMBER) for v in params.values()):
+            return None
+        check_param_names(params)
+        check_text(table.get("formula"), ("x",), tuple(params), "formula")
+    except SpecError:
+        return None
+    return table
+
+
+def _builtin(name: str) -> bool:
+    from .formulas import BUILTINS
+    return name in BUILTINS
 
 
 def _reject_constant(token: str):
@@ -234,11 +311,47 @@ def _problem(table: Any, name: str, target: str) -> str | None:
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             return f"has {key!r} of type {type(value).__name__}, expected {expected}"
     if table["sha256"] != _digest(table):
-        return "does not match its sha256 (edited by hand or corrupted)"
+        return ("was changed after invact wrote it: its content does not match its sha256 (edited by "
+                "hand, corrupted or tampered with)")
     if table["name"] != name or table["target"] != target:
         return (f"holds table {table['name']!r} (target {table['target']!r}) but its file name says "
                 f"{name!r} ({target!r})")
-    return _structure_problem(table)
+    return _structure_problem(table) or _expression_problem(table)
+
+
+def _expression_problem(table: dict) -> str | None:
+    """Every text of a table that becomes code or is parsed (formula, param_domain, torch_forward,
+    break and constant values, segment expressions) must pass the expression whitelist
+    (:mod:`.expressions`): tables are data, and anything else is refused."""
+    from .errors import SpecError
+    from .expressions import check_param_names, check_text, check_torch_forward
+    params = table["params"]
+    names = tuple(params)
+    try:
+        check_param_names(names, what="params")
+        bad = [k for k, v in params.items() if not isinstance(v, _NUMBER) or isinstance(v, bool)]
+        if bad:
+            return f"has a non-numeric value for parameter {bad[0]!r}"
+        check_text(table["formula"], ("x",), names, "formula")
+        for rel in table["param_domain"]:
+            check_text(rel, (), names, "param_domain", relation=True)
+        check_torch_forward(table["torch_forward"])
+        texts = [(b.get("value"), (), "forward_code break") for b in table["forward_code"]["x_breaks"]]
+        for c, cls in enumerate(table["code_classes"]):
+            texts += [(b.get("value"), (), f"code_classes[{c}] break") for b in cls["y_breaks"]]
+            for seg in cls["segments"]:
+                if seg["kind"] == "constant":
+                    texts.append((seg["value"], (), f"code_classes[{c}] constant"))
+                elif seg["kind"] == "exact":
+                    texts.append((seg["expr"], ("y",), f"code_classes[{c}] expr"))
+        for text, variables, what in texts:
+            if isinstance(text, bool) or not isinstance(text, (str, *_NUMBER)):
+                return f"has a {what} of type {type(text).__name__}, expected a number or expression string"
+            if isinstance(text, str) and text not in ("inf", "-inf"):
+                check_text(text, variables, names, what)
+    except SpecError as exc:
+        return f"holds text that is not an accepted expression ({exc})"
+    return None
 
 
 def _structure_problem(table: dict) -> str | None:
@@ -278,17 +391,25 @@ def _numbers(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 # writing
 
+_HELD = threading.local()   # folders this thread holds the lock on (the lock is reentrant per thread)
+
+
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on ``folder`` (flock on the directory: no lock file left)."""
-    if fcntl is None:  # pragma: no cover
+def locked(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive inter-process lock on ``folder`` (flock on the directory: no lock file left),
+    reentrant within a thread: code generation holds it across the table write and the code."""
+    key = str(Path(folder).resolve())
+    held = _HELD.__dict__.setdefault("folders", set())
+    if fcntl is None or key in held:  # pragma: no cover - no flock, or already held here
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)  # closing releases the lock
 
 
@@ -301,10 +422,10 @@ def write_table(table: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     text = dump_table(table)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.parent):
+    with locked(path.parent):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -30,6 +30,9 @@ META = {'name': 'celu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '30e04a1b1e7b7cf05fc00a934acee39189ac4f239c1b91d8471afc2a53bafb81'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '30e04a1b1e7b7cf05fc00a934acee39189ac4f239c1b91d8471afc2a53bafb81'
 NAME = META['name']
 PARAMS = ('alpha',)
 CODE_BITS = 0

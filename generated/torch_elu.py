@@ -30,6 +30,9 @@ META = {'name': 'elu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7'
 NAME = META['name']
 PARAMS = ('alpha',)
 CODE_BITS = 0

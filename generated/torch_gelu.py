@@ -30,6 +30,9 @@ META = {'name': 'gelu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': 'ae25fefd57b2ff207523de0e2862d699af238f73dbe95225bde313e59f1c089e'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = 'ae25fefd57b2ff207523de0e2862d699af238f73dbe95225bde313e59f1c089e'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

@@ -30,6 +30,9 @@ META = {'name': 'gelu_tanh',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '59f795baacf52597223cfd1d930945548b4df32fad5d83414513ccb8164f199f'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '59f795baacf52597223cfd1d930945548b4df32fad5d83414513ccb8164f199f'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

@@ -30,6 +30,9 @@ META = {'name': 'hardswish',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '70b9e3986bc58012f8f174963e1f713b1a460e71d04860fd0f22b2c8289545a5'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '70b9e3986bc58012f8f174963e1f713b1a460e71d04860fd0f22b2c8289545a5'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

@@ -30,6 +30,9 @@ META = {'name': 'leaky_relu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd'
 NAME = META['name']
 PARAMS = ('negative_slope',)
 CODE_BITS = 0

@@ -30,6 +30,9 @@ META = {'name': 'mish',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': 'e95c63e6c4b2a3bd77f71aeb3f1e8a3876ad1a6533fa55c97e9666ac9255449e'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = 'e95c63e6c4b2a3bd77f71aeb3f1e8a3876ad1a6533fa55c97e9666ac9255449e'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

@@ -30,6 +30,9 @@ META = {'name': 'quick_gelu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '6807dbc0789d7f8307ed3abcb9f6ca000ae9169c44ff9f1e7b8cdad968068a1d'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '6807dbc0789d7f8307ed3abcb9f6ca000ae9169c44ff9f1e7b8cdad968068a1d'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

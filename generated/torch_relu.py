@@ -30,6 +30,9 @@ META = {'name': 'relu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': 'd433630d901615ce80315054d4af953f2ebb5f019a95f249ce6a6d572491c744'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = 'd433630d901615ce80315054d4af953f2ebb5f019a95f249ce6a6d572491c744'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 0

@@ -30,6 +30,9 @@ META = {'name': 'selu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': 'a99f4d9dece83ebb2c11f1a3e295b2666bc1c0ce42653c02d06982e46079045e'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = 'a99f4d9dece83ebb2c11f1a3e295b2666bc1c0ce42653c02d06982e46079045e'
 NAME = META['name']
 PARAMS = ('scale', 'alpha')
 CODE_BITS = 0

@@ -30,6 +30,9 @@ META = {'name': 'sigmoid',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 0

@@ -30,6 +30,9 @@ META = {'name': 'silu',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': 'cd118d54e36a2a9f8e65aa8a259f48ae50bd3b24c3acda92725c3fbd4fc89a54'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = 'cd118d54e36a2a9f8e65aa8a259f48ae50bd3b24c3acda92725c3fbd4fc89a54'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 1

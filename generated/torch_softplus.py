@@ -30,6 +30,9 @@ META = {'name': 'softplus',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '458f2ae4c34e6e66b153013d4cfa9cea495999503f1a3a07f4afae2974d5e105'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '458f2ae4c34e6e66b153013d4cfa9cea495999503f1a3a07f4afae2974d5e105'
 NAME = META['name']
 PARAMS = ('beta', 'threshold')
 CODE_BITS = 0

@@ -30,6 +30,9 @@ META = {'name': 'tanh',
                             'fp16-exhaustive',
                             'fp32-stratified-16777216']},
  'sha256': '63dec70c679d82140036ef41ef295f737615e1793da367f70db0959712a95b5b'}
+# sha256 of the table's content this code was generated from: invact refuses the module when
+# generated/tables/NAME.json next to it holds another (run `invact generate`)
+TABLE_SHA256 = '63dec70c679d82140036ef41ef295f737615e1793da367f70db0959712a95b5b'
 NAME = META['name']
 PARAMS = ()
 CODE_BITS = 0

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '30e04a1b1e7b7cf05fc00a934acee39189ac4f239c1b91d8471afc2a53bafb81'
 
 
 @triton.jit

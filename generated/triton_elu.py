@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(7)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = 'ae25fefd57b2ff207523de0e2862d699af238f73dbe95225bde313e59f1c089e'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(8)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '59f795baacf52597223cfd1d930945548b4df32fad5d83414513ccb8164f199f'
 
 
 @triton.jit

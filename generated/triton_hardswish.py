@@ -11,6 +11,8 @@ NSEG = tl.constexpr(4)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '70b9e3986bc58012f8f174963e1f713b1a460e71d04860fd0f22b2c8289545a5'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd'
 
 
 @triton.jit

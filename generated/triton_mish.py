@@ -11,6 +11,8 @@ NSEG = tl.constexpr(9)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = 'e95c63e6c4b2a3bd77f71aeb3f1e8a3876ad1a6533fa55c97e9666ac9255449e'
 
 
 @triton.jit

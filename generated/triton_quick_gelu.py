@@ -11,6 +11,8 @@ NSEG = tl.constexpr(9)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '6807dbc0789d7f8307ed3abcb9f6ca000ae9169c44ff9f1e7b8cdad968068a1d'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = 'f3a942427b36d757ee16aa83a639647625fc9c00d1d94d845939a5d262509cfd'
 
 
 @triton.jit

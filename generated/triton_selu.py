@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = 'a99f4d9dece83ebb2c11f1a3e295b2666bc1c0ce42653c02d06982e46079045e'
 
 
 @triton.jit

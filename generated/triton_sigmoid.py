@@ -11,6 +11,8 @@ NSEG = tl.constexpr(1)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a'
 
 
 @triton.jit

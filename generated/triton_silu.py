@@ -11,6 +11,8 @@ NSEG = tl.constexpr(9)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(1)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = 'cd118d54e36a2a9f8e65aa8a259f48ae50bd3b24c3acda92725c3fbd4fc89a54'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(2)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '458f2ae4c34e6e66b153013d4cfa9cea495999503f1a3a07f4afae2974d5e105'
 
 
 @triton.jit

@@ -11,6 +11,8 @@ NSEG = tl.constexpr(1)
 BITS = tl.constexpr(1)
 PER = tl.constexpr(8)
 CODE_MASK = tl.constexpr(0)
+# sha256 of the table's content this code was generated from (checked by invact.ops at import)
+TABLE_SHA256 = '63dec70c679d82140036ef41ef295f737615e1793da367f70db0959712a95b5b'
 
 
 @triton.jit

@@ -39,32 +39,83 @@ _EAGER_CHUNK = 1 << 16  # eager backward works on chunks of this many elements (
 ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds tables and code
 
 
+_ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
+
+
 @functools.cache
 def _registry() -> ModuleType:
+    """TORCH / TRITON: activation name -> generated module, merged over every folder of
+    ``invact.generated``'s path, the first folder's entry winning: a root given to :func:`use_root`
+    (or $INVACT_ROOT) is layered over the installed tables, never hiding them. A registry file is
+    read as data (``ast.literal_eval``), not imported."""
+    global _ENV_APPLIED
     root = os.environ.get(ROOT_ENV)
-    if root:
+    if root and not _ENV_APPLIED:
+        _ENV_APPLIED = True
         use_root(root)
+    import invact.generated as pkg
+    merged = ModuleType("invact.generated.registry")
+    merged.TORCH, merged.TRITON = {}, {}
+    for folder in reversed(list(pkg.__path__)):
+        path = Path(folder) / "registry.py"
+        if path.is_file():
+            entries = _read_registry(path)
+            merged.TORCH.update(entries["TORCH"])
+            merged.TRITON.update(entries["TRITON"])
+    return merged
+
+
+def _read_registry(path: Path) -> dict[str, dict[str, str]]:
+    """The TORCH and TRITON dicts of a generated registry.py, as literals; ImportError otherwise."""
+    import ast
+    found: dict[str, dict[str, str]] = {"TORCH": {}, "TRITON": {}}
     try:
-        return importlib.import_module("invact.generated.registry")
-    except ModuleNotFoundError:  # no tables generated yet
-        return ModuleType("empty_registry")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] in (["TORCH"], ["TRITON"]):
+                value = ast.literal_eval(node.value)
+                if not isinstance(value, dict) or not all(
+                        isinstance(k, str) and k.isidentifier() and isinstance(v, str)
+                        and v.startswith("invact.generated.") and v.count(".") == 2 for k, v in value.items()):
+                    raise ValueError(f"{node.targets[0].id} is not a dict of names to invact.generated modules")
+                found[node.targets[0].id] = value
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError) as error:
+        raise ImportError(f"generated registry {path} cannot be read ({type(error).__name__}: {error}); "
+                          f"run `invact generate{_root_option(path.parent.parent)}` to rebuild it") from error
+    return found
 
 
 def use_root(root: str | os.PathLike) -> None:
-    """Load activations from ``root``/generated (what ``invact fit --root ROOT`` wrote) before the
-    installed ones; $INVACT_ROOT does the same at first use. Raises FileNotFoundError naming the
-    folder when it has no generated registry (run ``invact generate --root ROOT``)."""
+    """Layer ``root``/generated (what ``invact fit --root ROOT`` wrote) over the installed activations
+    (and over roots used before): its names win, every other name stays available. $INVACT_ROOT does
+    the same at first use.
+
+    Trust: this IMPORTS PYTHON CODE from ``root``/generated (the torch_*.py and triton_*.py modules),
+    like unpickling a file: use only roots you would run code from. Raises FileNotFoundError naming
+    the folder when ``root`` is not a project tree (``generated/registry.py`` and ``generated/tables/``:
+    run ``invact generate --root ROOT``)."""
     import invact.generated as pkg
-    folder = (Path(root) / "generated").resolve()
-    if not (folder / "registry.py").is_file():
-        raise FileNotFoundError(f"root: {folder} has no registry.py; run `invact generate --root {root}`")
-    if str(folder) not in pkg.__path__:
-        pkg.__path__.insert(0, str(folder))
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise FileNotFoundError(f"root {root}: no such folder (a root holds generated/registry.py and "
+                                f"generated/tables/, as `invact fit NAME --root {root}` writes them)")
+    folder = base / "generated"
+    if not (folder / "registry.py").is_file() or not (folder / "tables").is_dir():
+        raise FileNotFoundError(f"root {root}: {folder} has no registry.py and tables/; run "
+                                f"`invact generate --root {root}` (or fit into it with `invact fit NAME --root {root}`)")
+    if str(folder) in pkg.__path__:
+        pkg.__path__.remove(str(folder))
+    pkg.__path__.insert(0, str(folder))
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
     for cached in (_registry, _module, _triton_module, _kernels, module_constants, _fused_table,
                    _lookup_table, _code_map):
         cached.cache_clear()
+
+
+def _root_option(root: Path) -> str:
+    """`` --root ROOT`` for a hint about generated code in ``root``, "" for the installed tree."""
+    import invact.generated as pkg
+    return "" if root.resolve() == Path(pkg.__file__).resolve().parent.parent else f" --root {root}"
 
 
 def names() -> list[str]:
@@ -76,14 +127,18 @@ def names() -> list[str]:
 def _module(name: str) -> ModuleType:
     table = getattr(_registry(), "TORCH", {})
     if not isinstance(name, str) or name not in table:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}")
+        import invact.generated as pkg
+        roots = [str(Path(p).parent) for p in pkg.__path__[:-1]]
+        where = f"; roots in use: {', '.join(roots)}" if roots else ""
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}"
+                         + where)
     return _import_generated(table[name], TORCH_API)
 
 
 # what invact.ops uses of a generated torch module; one from another invact version may lack it
 TORCH_API = ("META", "NAME", "PARAMS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel", "g_kernel",
-             "code_packed", "grad_kernel")
-TRITON_API = ("forward", "backward")
+             "code_packed", "grad_kernel", "TABLE_SHA256")
+TRITON_API = ("forward", "backward", "TABLE_SHA256")
 
 
 def _import_generated(module: str, api: tuple[str, ...]) -> ModuleType:
@@ -99,7 +154,31 @@ def _import_generated(module: str, api: tuple[str, ...]) -> ModuleType:
         where, fix = _generated_file(module)
         raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
                           f"version?); {fix} to rebuild it from its table")
+    _check_table(mod, module)
     return mod
+
+
+def _check_table(mod: ModuleType, module: str) -> None:
+    """Generated code must come from the table file next to it (generated/tables/NAME.json): its
+    TABLE_SHA256 is the sha256 of that table's content, recomputed here (docs/table-format.md). A
+    mismatch (a fit interrupted between the table and its code, a table edited or restored without
+    `invact generate`) raises ImportError with the fix, never computes with the other table."""
+    import hashlib
+    import json
+    short = module.rsplit(".", 1)[-1]
+    table = Path(mod.__file__).parent / "tables" / f"{short.split('_', 1)[1]}.json"
+    where, fix = _generated_file(module)
+    try:
+        body = json.loads(table.read_text(encoding="utf-8"))
+        body.pop("sha256")
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        raise ImportError(f"generated code {where} has no readable table {table} ({type(error).__name__}: "
+                          f"{error}); {fix} to rebuild the code from the tables there") from None
+    if hashlib.sha256(canonical.encode("utf-8")).hexdigest() != mod.TABLE_SHA256:
+        raise ImportError(f"generated code {where} was made from another version of {table} (the table "
+                          f"changed after the code was generated, e.g. a fit was interrupted); {fix} to "
+                          "rebuild the code from the table")
 
 
 def _generated_file(module: str) -> tuple[str, str]:
@@ -108,8 +187,7 @@ def _generated_file(module: str) -> tuple[str, str]:
     short = module.rsplit(".", 1)[-1]
     where = next((str(Path(p) / f"{short}.py") for p in pkg.__path__ if (Path(p) / f"{short}.py").is_file()),
                  f"{short}.py in {list(pkg.__path__)}")
-    root = Path(where).parent.parent
-    fix = f"run `invact generate --root {root}`" if root != Path(pkg.__file__).parent.parent else "run `invact generate`"
+    fix = f"run `invact generate{_root_option(Path(where).parent.parent)}`"
     return where, fix
 
 
@@ -126,6 +204,32 @@ def info(name: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # parameters and constants
+
+def _holds(relation: str, values: dict[str, float]) -> bool:
+    """Whether a param_domain relation ('alpha > 0') holds: one comparison of numbers, parameter
+    names, + - * / and unary minus, evaluated by an ast walk (table text is data, never eval'd)."""
+    import ast
+    import operator as op
+    binary = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv}
+    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id in values:
+            return values[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in binary:
+            return binary[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"param_domain {relation!r} is not a comparison of parameters and numbers; "
+                         "run `invact generate` from a valid table")
+
+    tree = ast.parse(relation, mode="eval").body
+    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in compare):
+        value(ast.Constant(None))  # raises the error above
+    return compare[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
+
 
 def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     meta = _module(name).META
@@ -150,7 +254,7 @@ def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ..
         raise ValueError(f"params: the {name!r} table was fitted for {defaults} only; fit one for "
                          f"these values with `invact fit {name} {wanted}` and run `invact generate`")
     for rel in meta["param_domain"]:
-        if not eval(rel, {"__builtins__": {}}, dict(values)):  # noqa: S307 - hashed table text
+        if not _holds(rel, values):
             raise ValueError(f"params: {name!r} needs {rel} (got {values})")
     return tuple(values.values())
 

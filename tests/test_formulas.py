@@ -133,7 +133,7 @@ def test_user_formula():
     ("x*a", None, "unknown symbols ['a']"),
     ("x*a", None, "--param NAME=VALUE"),
     ("2 + 3", None, "does not depend on x"),
-    ("foo(x)", None, "unknown functions"),
+    ("foo(x)", None, "'foo' is an unknown function"),
     ("x < 1", None, "not an expression"),
 ])
 def test_bad_formulas(text, params, message):

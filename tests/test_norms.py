@@ -483,3 +483,67 @@ def test_look_alike_left_with_the_probe_reason():
     assert len(report) == 0 and len(report.left) == 2
     assert "probe: no invact norm computes the same output" in report.left[0].reason
     assert "eps" in report.left[1].reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels, run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, conftest.py)
+
+def _interpreter():
+    from invact import backends
+    import os
+    if not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (set in conftest.py)")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 67, 1030])
+def test_triton_within_the_bound(n, dtype, rms):
+    """The Triton forward and backward against float64 autograd, with the bound of the eager tests: the
+    kernels sum in another order (float32 reductions, inside gamma_N) and the interpreter truncates
+    float32 -> bf16 (design.md): the measured k_y of the stored y covers it. Gamma with exact zeros and
+    tiny values, so kept columns go through the kernels too."""
+    _interpreter()
+    g = torch.Generator().manual_seed(n)
+    rows = 24
+    wd, bd = _gammas(n, "tiny" if n > 1 else "plain", g)
+    x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    w, b = wd.to(dtype), (None if rms else bd.to(dtype))
+    w[::5] = 0.0
+    dy = torch.randn(rows, n, generator=g).to(dtype)
+    y, grads = _run(x, w, b, dy, rms, 1e-5, backend="triton")
+    ref_y = (F.rms_norm if rms else lambda *a: F.layer_norm(*a[:3], b, a[3]))(x, (n,), w, 1e-5)
+    fi = torch.finfo(dtype)
+    # y: one ulp (interpreter's truncation) plus float32 reductions in another order
+    assert ((y.double() - ref_y.double()).abs() <= 2 * fi.eps * ref_y.double().abs() + 1e-5 * w.double().abs()
+            + fi.tiny).all()
+    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+        _check(got, ref, tol, f"triton {dtype} n={n} {what}")
+
+
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_triton_forms_and_layouts(style):
+    """A Hugging Face form (x_hat rounded to x's dtype before gamma; gamma = 1 + w) and a
+    non-contiguous 3-d input: the Triton forward equals the eager one within a bf16 ulp per rounding
+    (the interpreter truncates);
+    the backward of the same saved tensors within float32 reduction order."""
+    _interpreter()
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 3, 6, generator=g).to(torch.bfloat16)
+    x = base.permute(2, 1, 0)                                 # (6, 3, 40), not contiguous
+    w = (torch.randn(40, generator=g) * 0.3).to(torch.bfloat16)
+    args = (w, None, 40, 1e-6, True, 1.0 if style == "gemma" else 0.0,
+            torch.bfloat16 if style == "llama" else None, torch.bfloat16)
+    ft = torch.ops.invact.norm_forward(x, *args, "triton")
+    fe = torch.ops.invact.norm_forward(x, *args, "eager")
+    assert ft[0].shape == x.shape and torch.equal(ft[3], fe[3])
+    fi = torch.finfo(torch.bfloat16)
+    # the llama form rounds twice (x_hat to bf16, then y), each a truncation in the interpreter
+    assert ((ft[0].double() - fe[0].double()).abs() <= 2 * fi.eps * fe[0].double().abs() + fi.tiny).all()
+    dy = torch.randn(x.shape, generator=g).to(torch.bfloat16)
+    bt = torch.ops.invact.norm_backward(dy, *fe, w, None, 40, True, args[5], torch.bfloat16, "triton")
+    be = torch.ops.invact.norm_backward(dy, *fe, w, None, 40, True, args[5], torch.bfloat16, "eager")
+    assert bt[0].shape == x.shape
+    assert ((bt[0].double() - be[0].double()).abs() <= fi.eps * be[0].double().abs() + 1e-6).all()
+    assert torch.allclose(bt[1].float(), be[1].float(), rtol=fi.eps, atol=1e-5)

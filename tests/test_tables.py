@@ -118,12 +118,22 @@ def test_load_rejects_inconsistent_but_hashed_table(tmp_path):
 
 
 def test_regenerate_hint_for_user_formulas(tmp_path):
+    """An intact table that is wrong (a writer bug) proposes its own formula; a table changed after
+    it was written does not (its formula is untrusted): it says so and names the file."""
     table = sample_table("mine")
     table["formula"] = "x/(1 + Abs(x))"
+    table["code_bits"] = 1
     path = tables.write_table(table, tmp_path / "mine.json")
-    path.write_text(path.read_text().replace("0.1875", "0.1876"))
     with pytest.raises(TableError, match=r"invact fit 'x/\(1 \+ Abs\(x\)\)' --name mine"):
         tables.load_table(path)
+    table["code_bits"] = 0
+    tables.write_table(table, path)
+    path.write_text(path.read_text().replace("0.1875", "0.1876"))
+    with pytest.raises(TableError) as info:
+        tables.load_table(path)
+    text = str(info.value)
+    assert str(path) in text and "changed after invact wrote it" in text, text
+    assert "Abs" not in text and "invact fit FORMULA --name mine" in text, text
 
 
 def test_paths(tmp_path, monkeypatch):

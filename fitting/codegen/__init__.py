@@ -2,13 +2,18 @@
 
 ``generate_all`` is what ``invact generate`` runs. Output is deterministic (sorted inputs, no
 timestamps, absolute paths or versions), so the committed generated/ equals a fresh generation.
+Every module carries the sha256 of its table (``TABLE_SHA256``), which the runtime checks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
-from ..tables import list_tables, load_table, project_root
+from ..errors import SpecError, TableError
+from ..tables import dump_table, list_tables, load_table, locked, name_of, project_root, write_table
 from .analysis import Plan, analyze
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
@@ -19,13 +24,22 @@ __all__ = ["generate_all", "generate_files", "Plan", "analyze"]
 _PREFIXES = ("torch_", "triton_")
 
 
-def generate_files(root: Path) -> dict[str, str]:
-    """Root-relative path -> text of every generated file for the tables under ``root``."""
+def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[str, str]:
+    """Root-relative path -> text of every generated file for the tables under ``root``.
+
+    ``pending``: table path -> table about to be written there, used in place of that file."""
+    root = Path(root).resolve()
+    pending = {Path(p).resolve(): t for p, t in (pending or {}).items()}
+    paths = {p.resolve() for p in list_tables(root, target="derivative")}
+    paths |= {p for p in pending if name_of(p)[1] == "derivative"}
     out: dict[str, str] = {}
     names = []
-    for path in list_tables(root, target="derivative"):
-        table = load_table(path)
-        plan = analyze(table, path.relative_to(root))
+    for path in sorted(paths):
+        table = load_table(path, dump_table(pending[path])) if path in pending else load_table(path)
+        try:
+            plan = analyze(table, path.relative_to(root))
+        except SpecError as exc:
+            raise TableError(f"table file {path}: {exc}") from None
         names.append(plan.name)
         out[f"generated/torch_{plan.name}.py"] = generate_torch(plan)
         out[f"generated/triton_{plan.name}.py"] = generate_triton(plan)
@@ -33,22 +47,50 @@ def generate_files(root: Path) -> dict[str, str]:
     return out
 
 
-def generate_all(root: Path | None = None) -> list[Path]:
+def _write_order(rel: str) -> tuple[int, str]:
+    """Triton modules, then torch modules, then the registry: the runtime checks every module against
+    its table, so a process killed between two writes leaves code it refuses (with the fix), never
+    code it runs with another table; a new name is registered only once its modules exist."""
+    name = Path(rel).name
+    return (0 if name.startswith("triton_") else 1 if name.startswith("torch_") else 2), rel
+
+
+def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = None) -> list[Path]:
     """Write the generated modules under ``root`` (default: the project root); remove stale ones.
 
-    Returns the paths of all generated files (files whose content is unchanged are not rewritten).
-    """
+    ``pending`` (table path -> table): tables to write first, under the same lock as the code (a
+    concurrent fit or generate waits, so it can neither see half of this update nor remove a module
+    this one adds). The code is computed before anything is written: if generation fails, nothing
+    changes. Returns the paths of all generated files (files whose content is unchanged are not
+    rewritten)."""
     root = project_root(root)
-    files = generate_files(root)
     folder = root / "generated"
-    for old in sorted(folder.glob("*.py")):
-        rel = f"generated/{old.name}"
-        if old.name.startswith(_PREFIXES) and rel not in files:
-            old.unlink()
-    written = []
-    for rel, text in sorted(files.items()):
-        path = root / rel
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
-        written.append(path)
+    (folder / "tables").mkdir(parents=True, exist_ok=True)
+    with locked(folder / "tables"):
+        files = generate_files(root, pending)
+        for path, table in (pending or {}).items():
+            write_table(table, path)
+        written = []
+        for rel in sorted(files, key=_write_order):
+            path = root / rel
+            if not path.exists() or path.read_text(encoding="utf-8") != files[rel]:
+                _replace(path, files[rel])
+            written.append(path)
+        for old in sorted(folder.glob("*.py")):
+            if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
+                old.unlink()
     return written
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, os.replace)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -14,15 +14,17 @@ import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
+from ..expressions import parse as parse_expression
+
 __all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python"]
 
 _FUNCS = ("exp", "log", "sqrt", "erf", "tanh", "Abs", "Piecewise")
 
 
 def parse(text: str, variable: str, params: list[str] | tuple[str, ...]) -> sp.Expr:
-    """A table expression string as sympy, with every symbol real."""
-    names = {n: sp.Symbol(n, real=True) for n in (variable, *params)}
-    return sp.sympify(text, locals=names)
+    """A table expression string as sympy, with every symbol real; only whitelisted syntax
+    (:mod:`invact.fitting.expressions`), else SpecError."""
+    return parse_expression(text, (variable,), tuple(params), f"table expression in {variable}")
 
 
 class _Base(StrPrinter):

@@ -26,7 +26,10 @@ def _meta(w: Writer, plan: Plan) -> None:
     text = pprint.pformat(plan.meta, width=100, sort_dicts=False)
     w(*f"META = {text}".splitlines())
     classes = tuple((c.code, c.offset, c.n_segments, c.break_offset) for c in plan.classes)
-    w("NAME = META['name']", f"PARAMS = {plan.param_names!r}", f"CODE_BITS = {plan.code_bits}",
+    w("# sha256 of the table's content this code was generated from: invact refuses the module when",
+      "# generated/tables/NAME.json next to it holds another (run `invact generate`)",
+      f"TABLE_SHA256 = {plan.meta['sha256']!r}",
+      "NAME = META['name']", f"PARAMS = {plan.param_names!r}", f"CODE_BITS = {plan.code_bits}",
       f"N_SEGMENTS = {plan.n_segments}",
       "# Code classes: (code, first segment, number of segments, first y threshold); the first is",
       "# taken where the code matches no other (invact.selection).",

@@ -149,7 +149,9 @@ def generate_triton(plan: Plan) -> str:
       "DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)",
       f"NSEG = tl.constexpr({plan.n_segments})",
       f"BITS = tl.constexpr({max(plan.code_bits, 1)})", f"PER = tl.constexpr({per})",
-      f"CODE_MASK = tl.constexpr({(1 << plan.code_bits) - 1})", "", "")
+      f"CODE_MASK = tl.constexpr({(1 << plan.code_bits) - 1})",
+      "# sha256 of the table's content this code was generated from (checked by invact.ops at import)",
+      f"TABLE_SHA256 = {plan.meta['sha256']!r}", "", "")
     kernels = Writer()
     _forward_kernel(kernels, plan)
     kernels("", "")

@@ -1,0 +1,204 @@
+"""The one parser of formula and table expression text: a whitelist, never Python's ``eval`` on raw text.
+
+Formulas (``invact fit``) and every expression a table file holds (formula, segment ``expr``,
+break and constant values, ``param_domain``) are checked by an ``ast`` walk before sympy sees them:
+numbers, the variable (``x`` or ``y``), the declared parameter names, ``+ - * / **`` (``^`` in
+formulas), unary minus, the functions and constants of :data:`FUNCTIONS` / :data:`CONSTANTS`,
+and for ``Piecewise`` tuples, ``True`` and single comparisons ``< <= > >=``. Anything else raises
+:class:`SpecError` naming the token. Only then is the text handed to sympy's parser, with a closed
+namespace (no builtins, only these names), so no code in the text can run.
+
+``torch_forward`` (the PyTorch forward of a built-in, pasted into generated code) is not parsed: it
+must be one of the built-ins' own strings (:func:`check_torch_forward`).
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+
+from .errors import SpecError
+
+__all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "check_text", "check_torch_forward", "parse",
+           "allowed_summary", "check_param_names", "is_reserved"]
+
+# name -> what it means (for `invact fit --help` and error messages)
+FUNCTIONS = {
+    "exp": "e**z", "log": "natural logarithm", "sqrt": "square root",
+    "sin": "", "cos": "", "tan": "", "asin": "", "acos": "", "atan": "",
+    "sinh": "", "cosh": "", "tanh": "", "asinh": "", "acosh": "", "atanh": "",
+    "erf": "error function", "erfc": "1 - erf", "abs": "|z| (also Abs)", "Abs": "", "sign": "",
+    "min": "(also Min)", "max": "(also Max)", "Min": "", "Max": "",
+    "Piecewise": "Piecewise((value, condition), ..., (value, True))", "Heaviside": "step",
+    "sigmoid": "1/(1+exp(-z))", "softplus": "log(1+exp(z))", "relu": "Piecewise((0, z <= 0), (z, True))",
+}
+CONSTANTS = ("pi", "E")
+
+# Names a parameter may not take: the variables, Python keywords and builtins the generated code
+# uses, the functions above, and every identifier of the generated modules (a parameter named like
+# a name its functions use would shadow it). tests/test_trust.py checks the last set against the
+# functions of generated/*.py.
+GENERATED_NAMES = frozenset("""
+    BITS BLOCK CLASSES CODE CODE_BITS CODE_MASK DEFAULT_BLOCK F GO GX NAME NSEG P PER POLY X XT Y YT
+    _log _tanh acc b backward backward_kernel bitpack block byte c code code_kernel den fastmath forward
+    forward_kernel g g_kernel go grad grad_in j k mask math n nbytes offs out p packed params pid plane
+    poly q range s selection shift t table_constants thr tl torch triton u x xthr y ythr
+""".split())
+RESERVED = frozenset({"x", "y", "True", "False", "None", *keyword.kwlist, *FUNCTIONS, *CONSTANTS,
+                      *GENERATED_NAMES}) | frozenset(f"s{i}" for i in range(256))
+
+_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
+_COMPARE = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.BitXor: "^",
+        ast.FloorDiv: "//", ast.Mod: "%", ast.MatMult: "@", ast.LShift: "<<", ast.RShift: ">>",
+        ast.BitOr: "|", ast.BitAnd: "&", ast.Eq: "==", ast.NotEq: "!=", ast.Is: "is", ast.IsNot: "is not",
+        ast.In: "in", ast.NotIn: "not in", ast.Not: "not", ast.Invert: "~"}
+
+
+def allowed_summary() -> str:
+    """One paragraph listing what a formula may contain (for help texts and errors)."""
+    return ("numbers, x, parameters declared with --param, + - * / ** (or ^), unary minus, "
+            f"{', '.join(CONSTANTS)}, and the functions {', '.join(FUNCTIONS)}; Piecewise conditions "
+            "are single comparisons (< <= > >=) or True")
+
+
+def _token(node: ast.AST, text: str) -> str:
+    segment = ast.get_source_segment(text, node)
+    if isinstance(node, ast.Attribute):
+        return f".{node.attr}"
+    if isinstance(node, (ast.BinOp, ast.BoolOp, ast.UnaryOp)):
+        op = getattr(node, "op", None)
+        if op is not None and type(op) in _OPS:
+            return _OPS[type(op)]
+    if isinstance(node, ast.Compare):
+        bad = [op for op in node.ops if not isinstance(op, _COMPARE)]
+        if bad and type(bad[0]) in _OPS:
+            return _OPS[type(bad[0])]
+    return segment if segment and len(segment) <= 40 else type(node).__name__
+
+
+def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[str] = (),
+               what: str = "formula", xor: bool = False, relation: bool = False) -> ast.Expression:
+    """Parse ``text`` as a Python expression and check every node against the whitelist.
+
+    ``variables``: the tensor variable names allowed (``("x",)`` for formulas, ``("y",)`` for
+    segments, ``()`` for parameter expressions); ``relation``: the whole text must be one comparison
+    (``param_domain``). Raises :class:`SpecError` naming ``what`` and the offending token.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"{what} must be a non-empty expression string, got {text!r}")
+    if not text.isascii():
+        bad = next(ch for ch in text if not ch.isascii())
+        raise SpecError(f"{what} {text!r} contains {bad!r}: only ASCII is allowed")
+    src = text.strip()
+    try:
+        tree = ast.parse(src, mode="eval")
+    except SyntaxError as exc:
+        raise SpecError(f"{what} {text!r} could not be parsed (SyntaxError: {exc.msg})") from None
+    names = set(variables) | set(params) | set(CONSTANTS) | {"True"}
+    body = tree.body
+    if relation and not (isinstance(body, ast.Compare) and len(body.ops) == 1):
+        raise SpecError(f"{what} {text!r} must be one comparison such as 'alpha > 0'")
+
+    def refuse(node: ast.AST, why: str = "is not allowed") -> None:
+        raise SpecError(f"{what} {text!r}: {_token(node, src)!r} {why}; allowed: {allowed_summary()}")
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+                if node.value is not True:
+                    refuse(node)
+        elif isinstance(node, ast.Name):
+            if node.id not in names:
+                refuse(node, "is not a known name" if node.id not in FUNCTIONS else "must be called")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            for side in (node.left, node.right):   # (x > 0) & (x < 1): conditions only
+                if not isinstance(side, (ast.Compare, ast.BinOp)):
+                    refuse(node, "joins conditions only")
+                visit(side)
+        elif isinstance(node, ast.BinOp):
+            if not isinstance(node.op, _BINOPS) and not (xor and isinstance(node.op, ast.BitXor)):
+                refuse(node)
+            visit(node.left)
+            visit(node.right)
+        elif isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, (ast.USub, ast.UAdd)):
+                refuse(node)
+            visit(node.operand)
+        elif isinstance(node, ast.Call):
+            if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS):
+                refuse(node.func, "is an unknown function")
+            if node.keywords or any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
+                refuse(node, "is not allowed (positional arguments only)")
+            for arg in node.args:
+                visit(arg)
+        elif isinstance(node, ast.Tuple):
+            for elt in node.elts:
+                visit(elt)
+        elif isinstance(node, ast.Compare):
+            if len(node.ops) != 1 or not isinstance(node.ops[0], _COMPARE):
+                refuse(node, "is not allowed (one comparison: < <= > >=)")
+            visit(node.left)
+            visit(node.comparators[0])
+        else:
+            refuse(node)
+
+    unknown = [n for n in ast.walk(body) if isinstance(n, ast.Name) and n.id not in names | set(FUNCTIONS)]
+    if unknown:   # name the first unknown name, even inside a construct refused anyway
+        called = {id(n.func) for n in ast.walk(body) if isinstance(n, ast.Call)}
+        first = min(unknown, key=lambda n: n.col_offset)
+        refuse(first, "is an unknown function" if id(first) in called else "is not a known name")
+    visit(body)
+    return tree
+
+
+def parse(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[str] = (),
+          what: str = "formula", xor: bool = False, relation: bool = False):
+    """``text`` as a sympy expression (every symbol real), after :func:`check_text`."""
+    import sympy as sp
+    from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
+
+    from .formulas import SYMPY_FUNCTIONS
+    check_text(text, variables, params, what, xor, relation)
+    local = {**SYMPY_FUNCTIONS, **{n: sp.Symbol(n, real=True) for n in (*variables, *params)}}
+    closed = {"__builtins__": {}, "Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational,
+              "Symbol": sp.Symbol, "True": True}
+    transformations = standard_transformations + ((convert_xor,) if xor else ())
+    try:
+        return parse_expr(text.strip(), local_dict=local, global_dict=closed, transformations=transformations)
+    except (SyntaxError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"{what} {text!r} could not be parsed ({reason})") from None
+
+
+def is_reserved(name: str) -> bool:
+    """Whether ``name`` may not be a parameter: :data:`RESERVED`, a leading underscore, or all upper
+    case (the generated modules' constants)."""
+    return name in RESERVED or name.startswith("_") or name.isupper()
+
+
+def check_param_names(names, formula_symbols: set[str] | None = None, what: str = "--param") -> None:
+    """Refuse reserved parameter names and, given the formula's free symbols, unused parameters."""
+    for n in names:
+        if not isinstance(n, str) or not n.isidentifier() or is_reserved(n):
+            raise SpecError(f"{what} {n!r}: parameter names must be identifiers, not all upper case, not "
+                            "starting with '_', and not x, y, a function, a Python keyword or a name the "
+                            "generated code uses (reserved: "
+                            f"{', '.join(sorted(n for n in RESERVED if len(n) == 1 and n.islower()))}, ...)")
+    if formula_symbols is not None:
+        unused = sorted(set(names) - formula_symbols)
+        if unused:
+            raise SpecError(f"{what} {', '.join(map(repr, unused))}: the formula does not contain "
+                            f"{'this parameter' if len(unused) == 1 else 'these parameters'}")
+
+
+def check_torch_forward(text: str | None, what: str = "torch_forward") -> None:
+    """A table's ``torch_forward`` must be None or one of the built-ins' own strings: it is pasted
+    into generated code and evaluated, so no other text is accepted."""
+    if text is None:
+        return
+    from .formulas import BUILTINS
+    allowed = {s.torch_forward for s in BUILTINS.values() if s.torch_forward}
+    if text not in allowed:
+        raise SpecError(f"{what} {text!r} is not the PyTorch forward of a built-in activation "
+                        "(only those are accepted: it becomes code)")

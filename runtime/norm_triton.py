@@ -1,0 +1,164 @@
+"""Triton kernels of invact's norms (:mod:`invact.norms`): one program per row in the forward, a band of
+rows per program in the backward (one pass over y and dy per row; dgamma and dbeta as per-program
+partial sums, added by torch). Float32 arithmetic, no FMA contraction (the eager formulas' roundings).
+
+Forward, per row: ``mean = sum(x)/N`` (0 for RMSNorm), ``rstd = 1/sqrt(sum((x - mean)^2)/N + eps)``,
+``x_hat = (x - mean) * rstd`` (rounded to x's or gamma's dtype first in the Hugging Face "llama" / "t5"
+forms), ``y = gamma * x_hat + beta`` with ``gamma = offset + w``.
+Backward, per row: ``x_hat = (y - beta) / gamma`` except in kept columns (``slot >= 0``: read from
+``extra``); ``c2 = mean(dy * (y - beta))`` (kept columns: ``dy * gamma * x_hat``), ``c1 = mean(dy * gamma)``;
+``dx = rstd * (dy * gamma - c1 - x_hat * c2)`` (RMSNorm: no c1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["forward", "backward"]
+
+_CAST_NONE, _CAST_X, _CAST_W = 0, 1, 2
+
+
+@triton.jit
+def _forward_kernel(X, W, B, Y, MEAN, RSTD, N, eps, offset, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, CAST: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        mean = 0.0
+        xc = x
+    else:
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    xhat = xc * rstd
+    if CAST == 1:
+        xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
+    if CAST == 2:
+        xhat = xhat.to(W.dtype.element_ty).to(tl.float32)
+    y = xhat
+    if HAS_W:
+        y = (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset) * xhat
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _backward_kernel(DY, Y, RSTD, W, B, EXTRA, SLOT, DX, DW, DB, rows, N, K, offset, rows_per_program,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.full((BLOCK,), 1.0, tl.float32) + offset
+    if HAS_W:
+        g = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32) + offset
+    b = tl.zeros((BLOCK,), tl.float32)
+    if HAS_B:
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    slot = tl.load(SLOT + cols, mask=mask, other=-1)
+    kept = slot >= 0
+    safe_g = tl.where(kept | (~mask), 1.0, g)               # no division by a kept column's gamma
+    dw = tl.zeros((BLOCK,), tl.float32)
+    db = tl.zeros((BLOCK,), tl.float32)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, rows)
+    offs = start * N + cols                                  # int64 offsets of the current row
+    eoffs = start * K + slot
+    for r in range(start, end):
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r)
+        t = y - b
+        saved = tl.load(EXTRA + eoffs, mask=mask & kept, other=0.0).to(tl.float32)
+        xhat = tl.where(kept, saved, t / safe_g)
+        xhat = tl.where(mask, xhat, 0.0)
+        dxhat = dy * g
+        s = tl.where(kept, dxhat * xhat, dy * t)
+        c2 = tl.sum(s, axis=0) / N
+        if RMS:
+            dx = (dxhat - xhat * c2) * rstd
+        else:
+            c1 = tl.sum(dxhat, axis=0) / N
+            dx = (dxhat - c1 - xhat * c2) * rstd
+        tl.store(DX + offs, dx, mask=mask)
+        dw += dy * xhat
+        db += dy
+        offs += N
+        eoffs += K
+    tl.store(DW + pid * N + cols, dw, mask=mask)
+    tl.store(DB + pid * N + cols, db, mask=mask)
+
+
+def _current(device: torch.device) -> None:
+    """Triton launches on the current CUDA device, not on its arguments' device."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _block(n: int) -> int:
+    return max(triton.next_power_of_2(n), 16)
+
+
+def _cast_mode(x: Tensor, weight: Tensor | None, norm_dtype: torch.dtype | None) -> int:
+    if norm_dtype is None or norm_dtype == torch.float32:
+        return _CAST_NONE
+    if norm_dtype == x.dtype:
+        return _CAST_X
+    if weight is not None and norm_dtype == weight.dtype:
+        return _CAST_W
+    raise ValueError(f"norm_dtype {norm_dtype} must be x's ({x.dtype}) or the weight's dtype")
+
+
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
+            norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) for contiguous x of shape (rows, N); mean and rstd float32 of shape (rows,)."""
+    rows, n = x.shape
+    y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows and n:
+        _current(x.device)
+        w = weight.reshape(n).contiguous() if weight is not None else x
+        b = bias.reshape(n).contiguous() if bias is not None else x
+        _forward_kernel[(rows,)](x, w, b, y, mean, rstd, n, float(eps), float(offset), RMS=rms,
+                                 HAS_W=weight is not None, HAS_B=bias is not None,
+                                 CAST=_cast_mode(x, weight, norm_dtype), BLOCK=_block(n), enable_fp_fusion=False)
+    return y, mean, rstd
+
+
+def _programs(rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(rows, 4)         # the interpreter: about 0.5 ms per program
+
+
+def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
+             bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgamma, dbeta) in float32 for contiguous y, dy of shape (rows, N)."""
+    rows, n = y.shape
+    dx = torch.empty((rows, n), dtype=torch.float32, device=y.device)
+    programs = max(_programs(rows, y.device), 1)
+    dw = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
+    db = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
+    if rows and n:
+        _current(y.device)
+        k = cols.numel()
+        slot = torch.full((n,), -1, dtype=torch.int32, device=y.device)
+        slot[cols] = torch.arange(k, dtype=torch.int32, device=y.device)
+        extra = extra.contiguous() if k else y
+        w = weight.reshape(n).contiguous() if weight is not None else y
+        b = bias.reshape(n).contiguous() if bias is not None else y
+        per = triton.cdiv(rows, programs)
+        _backward_kernel[(programs,)](dy, y, rstd.contiguous(), w, b, extra, slot, dx, dw, db, rows, n, max(k, 1),
+                                      float(offset), per, RMS=rms, HAS_W=weight is not None,
+                                      HAS_B=bias is not None, BLOCK=_block(n), enable_fp_fusion=False)
+    return dx, dw.sum(0), db.sum(0)

@@ -1,0 +1,318 @@
+"""Trust boundaries: formulas and table text are parsed by a whitelist (never run as Python), roots
+are checked and layered over the installed tables, generated code is tied to its table by sha256,
+and the tables folder's lock covers code generation. Cheap formulas and scratch roots (tmp_path)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import invact
+import invact.generated
+from invact import ops
+from invact.fitting import cli, tables
+from invact.fitting.errors import SpecError
+from invact.fitting.expressions import check_text, is_reserved
+from invact.fitting.formulas import get_spec
+
+INVACT = Path(sys.executable).with_name("invact")
+REPO = Path(invact.generated.__file__).parent               # the installed generated/ (never written)
+EVIL = "__import__('os').system('touch PWNED')"
+
+
+def run(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (env or os.environ).items()}
+    return subprocess.run([str(INVACT), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def invact_cli(capsys, *argv) -> tuple[int, str, str]:
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A root with copies of the repository's gelu and tanh tables, code not generated."""
+    dest = tmp_path / "root" / "generated" / "tables"
+    dest.mkdir(parents=True)
+    for name in ("gelu", "tanh"):
+        shutil.copy(REPO / "tables" / f"{name}.json", dest)
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def layered():
+    """Restore invact.generated's search path (and the runtime caches) after a test that uses a root."""
+    import invact.generated as pkg
+    before = list(pkg.__path__)
+    yield
+    pkg.__path__[:] = before
+    invact.use_root(REPO.parent)
+    pkg.__path__[:] = before
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. formulas
+
+def test_formula_with_python_code_runs_nothing(tree, tmp_path):
+    res = run("fit", f"{EVIL} + x", "--name", "p", "--root", tree, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "'__import__' is an unknown function" in res.stderr
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in (tree / "generated" / "tables").iterdir()) == ["gelu.json", "tanh.json"]
+
+
+@pytest.mark.parametrize("text, token", [
+    ("x.real", ".real"), ("[x][0]", "[x][0]"), ("lambda: x", "lambda: x"), ("x if x else 1", "x if x else 1"),
+    ("x + 'a'", "'a'"), ("x + 1j", "1j"), ("x @ x", "@"), ("x // 2", "//"), ("exp(x=1)", "exp(x=1)"),
+    ("exp", "exp"), ("getattr(x, 'y')", "getattr"), ("0 < x < 1", "0 < x < 1"), ("x == 1", "x == 1"),
+    ("x*\uff45xp(x)", "\uff45"),
+])
+def test_formula_whitelist_names_the_token(text, token):
+    with pytest.raises(SpecError) as info:
+        get_spec(text, name="f")
+    assert repr(token) in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("text", ["x*sigmoid(x)", "asinh(x) + atanh(x/(1 + Abs(x)))", "x + 0.1*atan(x)",
+                                  "Piecewise((0, x <= 0), (x, True))", "x^3 + x", "max(x, 0) + min(x, 0)/10",
+                                  "x + erfc(x) + Heaviside(x) + sign(x) + softplus(x) + cosh(x) + E + pi",
+                                  "-x*sigmoid(x)", "acos(tanh(x)) + asin(tanh(x)) + tan(x) + sin(x) + cos(x)"])
+def test_formula_whitelist_accepts_the_documented_functions(text):
+    get_spec(text, name="f")
+
+
+def test_fit_help_lists_the_functions(capsys):
+    with pytest.raises(SystemExit):                      # --help exits through argparse
+        cli.build_parser().parse_args(["fit", "--help"])
+    out = capsys.readouterr().out
+    for name in ("asinh", "atanh", "erfc", "Heaviside", "Piecewise", "sigmoid", "softplus", "never run"):
+        assert name in out, name
+
+
+def test_leading_minus_is_a_formula(tree, capsys):
+    """'-x*k' parses as a formula (refused for its unknown symbol), not as an unknown option."""
+    status, _, err = invact_cli(capsys, "fit", "-x*k", "--name", "neg", "--root", tree)
+    assert status == 2 and "unknown symbols ['k']" in err, err
+    status, _, err = invact_cli(capsys, "--root", tree, "fit", "--name", "neg", "-x*k")
+    assert status == 2 and "unknown symbols ['k']" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. parameter names
+
+@pytest.mark.parametrize("formula, param, message", [
+    ("x*sigmoid(y*x)", "y=1.3", "--param 'y'"),
+    ("x*sigmoid(1.3*x)", "x=1", "--param 'x'"),
+    ("x*sigmoid(t*x)", "t=1.3", "--param 't'"),            # a local of the generated g_kernel
+    ("x*sigmoid(exp*x)", "exp=1.3", "--param 'exp'"),
+    ("x*sigmoid(1.3*x)", "alpha=1.3", "does not contain"),
+])
+def test_reserved_and_unused_parameters_refused_before_fitting(tree, capsys, formula, param, message):
+    status, out, err = invact_cli(capsys, "fit", formula, "--param", param, "--name", "k", "--root", tree)
+    assert status == 2 and message in err and "analysing" not in err, err
+    assert sorted(p.name for p in (tree / "generated" / "tables").iterdir()) == ["gelu.json", "tanh.json"]
+
+
+def test_reserved_names_cover_the_generated_code():
+    """Every name the generated functions use (locals, globals, modules) is reserved, so a parameter
+    cannot shadow one; a table's own parameters are the exception."""
+    for path in sorted(REPO.glob("t*_*.py")):
+        table = tables.load_table(REPO / "tables" / f"{path.stem.split('_', 1)[1]}.json")
+        used = set()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("_"):
+                used |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+                used |= {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
+        free = sorted(n for n in used - set(table["params"]) if not is_reserved(n))
+        assert not free, (path.name, free)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. table text
+
+def _planted(tree: Path, name: str, edit) -> Path:
+    """A table whose text was replaced and its sha256 recomputed (anyone can: it is no signature)."""
+    path = tree / "generated" / "tables" / f"{name}.json"
+    table = tables.load_table(path)
+    edit(table)
+    return tables.write_table(table, path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.__setitem__("torch_forward", f"{EVIL} or F.gelu(x)"),
+    lambda t: t["code_classes"][0]["segments"].__setitem__(0, dict(
+        t["code_classes"][0]["segments"][0], kind="exact", expr=f"{EVIL} + y")),
+    lambda t: t.__setitem__("param_domain", [f"{EVIL} > 0"]),
+    lambda t: t.__setitem__("formula", f"{EVIL} + x"),
+    lambda t: t["forward_code"]["x_breaks"][0].__setitem__("value", EVIL),
+], ids=["torch_forward", "segment expr", "param_domain", "formula", "break value"])
+def test_table_text_is_data(tree, tmp_path, edit):
+    path = _planted(tree, "gelu", edit)
+    res = run("generate", "--root", tree, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert str(path) in res.stderr and "not an accepted expression" in res.stderr, res.stderr
+    assert "touch PWNED" not in res.stderr.split(";")[-1]            # the hint proposes no planted text
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tree / "generated" / "registry.py").exists()
+
+
+def test_runtime_param_domain_is_compared_not_evaluated():
+    assert ops._holds("alpha > 0", {"alpha": 1.0}) and not ops._holds("alpha > 0", {"alpha": -1.0})
+    assert ops._holds("-alpha + 2*beta/4 <= 1", {"alpha": 1.0, "beta": 2.0})
+    for bad in (f"{EVIL} > 0", "alpha.real > 0", "alpha", "0 < alpha < 1", "unknown > 0"):
+        with pytest.raises(ValueError, match="param_domain"):
+            ops._holds(bad, {"alpha": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. a broken table elsewhere stops a fit before it starts; a tampered one is not proposed again
+
+def test_corrupt_unrelated_table_stops_fit_before_fitting(tree, capsys):
+    bad = tree / "generated" / "tables" / "tanh.json"
+    bad.write_text(bad.read_text().replace('"tolerance": 5e-08', '"tolerance": 1e-07'))
+    start = time.monotonic()
+    status, out, err = invact_cli(capsys, "fit", "2*x", "--name", "lin", "--root", tree)
+    assert status == 2 and str(bad) in err and "changed after invact wrote it" in err, err
+    assert "analysing branches" not in err and time.monotonic() - start < 5
+    assert not (tree / "generated" / "tables" / "lin.json").exists()
+
+
+def test_tampered_formula_is_not_proposed(tree):
+    path = tree / "generated" / "tables" / "mine.json"
+    table = tables.load_table(tree / "generated" / "tables" / "tanh.json")
+    table.update(name="mine", formula=f"x + 0*{EVIL.replace(chr(39), '')}")
+    path.write_text(tables.dump_table(table).replace('"tolerance": 5e-08', '"tolerance": 1e-07'))
+    with pytest.raises(tables.TableError) as info:
+        tables.load_table(path)
+    text = str(info.value)
+    assert str(path) in text and "changed after invact wrote it" in text and "__import__" not in text, text
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. plot output checked first
+
+@pytest.mark.parametrize("output, message", [("missing/dir/x.png", "does not exist"), ("x.txt", "unsupported"),
+                                             (".", "unsupported")])
+def test_plot_output_checked_before_work(tree, tmp_path, capsys, monkeypatch, output, message):
+    import invact.fitting.plot as plot
+
+    def never(*args, **kwargs):
+        raise AssertionError("plotted before checking the output path")
+    monkeypatch.setattr(plot, "plot_error_curves", never)
+    status, _, err = invact_cli(capsys, "plot", "gelu", "--root", tree, "-o", tmp_path / output)
+    assert status == 2 and message in err and "-o/--output" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. code and table stay a consistent pair
+
+def test_new_table_with_old_code_is_refused_with_the_fix(tree, layered):
+    """A fit killed after writing its table, before the code: the runtime refuses the module."""
+    assert run("generate", "--root", tree, cwd=tree).returncode == 0
+    _planted(tree, "tanh", lambda t: t.__setitem__("tolerance", 1e-7))   # the new table, old code
+    invact.use_root(tree)
+    with pytest.raises(ImportError) as info:
+        ops._module("tanh")
+    text = str(info.value)
+    assert str(tree / "generated" / "torch_tanh.py") in text and f"invact generate --root {tree}" in text, text
+    assert run("generate", "--root", tree, cwd=tree).returncode == 0
+    invact.use_root(tree)
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    ops.apply(x, "tanh", backend="eager").sum().backward()
+    # tanh's table is the closed form 1 - y**2: float64 rounding only (assert_close's float64 default)
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
+
+
+def test_every_generated_module_carries_its_tables_sha():
+    for path in sorted(REPO.glob("t*_*.py")):
+        table = tables.load_table(REPO / "tables" / f"{path.stem.split('_', 1)[1]}.json")
+        assert f"TABLE_SHA256 = {table['sha256']!r}" in path.read_text(), path
+
+
+def test_generate_waits_for_the_tables_lock(tree):
+    """Code generation holds the tables folder's lock: a generate started while another process holds
+    it waits (so a concurrent fit cannot list the tables, then remove a module another fit added)."""
+    folder = tree / "generated" / "tables"
+    with tables.locked(folder):
+        proc = subprocess.Popen([str(INVACT), "generate", "--root", str(tree)], cwd=tree, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(4.0)                                  # imports plus a generation take ~2 s here
+        assert proc.poll() is None and not (tree / "generated" / "registry.py").exists()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (tree / "generated" / "registry.py").exists()
+
+
+@pytest.mark.slow
+def test_concurrent_fits_and_generates_keep_every_entry(tree):
+    """Two fits of different cheap formulas and a generate loop at once: each fit returns with its
+    own module and registry entry present, and the end state is what a fresh generate writes."""
+    env = dict(os.environ, INVACT_ROOT=str(tree))
+    fits = [subprocess.Popen([str(INVACT), "fit", f, "--name", n, "--fp32-samples", "4096"], env=env, cwd=tree,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for f, n in (("2*x", "lin2"), ("3*x", "lin3"))]
+    while any(p.poll() is None for p in fits):
+        assert run("generate", cwd=tree, env=env).returncode == 0
+    for proc, name in zip(fits, ("lin2", "lin3")):
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+    registry = (tree / "generated" / "registry.py").read_text()
+    for name in ("gelu", "tanh", "lin2", "lin3"):
+        assert f"'{name}'" in registry and (tree / "generated" / f"torch_{name}.py").is_file(), name
+    before = {p.name: p.read_bytes() for p in (tree / "generated").glob("*.py")}
+    assert run("generate", cwd=tree, env=env).returncode == 0
+    assert {p.name: p.read_bytes() for p in (tree / "generated").glob("*.py")} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. roots
+
+def test_use_root_layers_over_the_installed_tables(tree, layered):
+    """A root with one activation: it is added, and every installed one stays (GELU, patch)."""
+    (tree / "generated" / "tables" / "gelu.json").unlink()
+    assert run("generate", "--root", tree, cwd=tree).returncode == 0
+    invact.use_root(tree)
+    assert Path(ops._module("tanh").__file__).parent == tree / "generated"
+    assert Path(ops._module("gelu").__file__).parent == REPO
+    x = torch.randn(32, requires_grad=True)
+    invact.GELU()(x).sum().backward()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    invact.patch(model)
+    assert not any(type(m) is torch.nn.GELU for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+@pytest.mark.parametrize("layout", ["missing", "empty"])
+def test_root_that_is_not_a_project_tree_is_an_error(tmp_path, how, layout):
+    root = tmp_path / "nowhere"
+    if layout == "empty":
+        root.mkdir()
+    env = dict(os.environ, INVACT_ROOT=str(root)) if how == "environment" else dict(os.environ)
+    res = run(*(["list"] if how == "environment" else ["--root", root, "list"]), cwd=tmp_path, env=env)
+    assert res.returncode == 2 and str(root) in res.stderr and res.stdout == "", res.stderr
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        invact.use_root(root)
+
+
+def test_hints_name_the_root(tree, capsys):
+    status, out, _ = invact_cli(capsys, "list", "--root", tree)
+    assert status == 0 and f"invact fit silu --root {tree}" in out
+    status, _, err = invact_cli(capsys, "show", "silu", "--root", tree)
+    assert status == 2 and f"invact fit silu --root {tree}" in err
+
+
+def test_bad_expressions_in_check_text():
+    check_text("alpha > 0", (), ("alpha",), relation=True)
+    with pytest.raises(SpecError, match="one comparison"):
+        check_text("alpha", (), ("alpha",), relation=True)
