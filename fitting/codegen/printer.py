@@ -18,7 +18,8 @@ from ..expressions import parse as parse_expression
 
 __all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python"]
 
-_FUNCS = ("exp", "log", "sqrt", "erf", "tanh", "Abs", "Piecewise")
+_FUNCS = ("exp", "log", "sqrt", "erf", "tanh", "atan", "sinh", "cosh", "asinh", "Abs", "Piecewise", "Min", "Max",
+          "sign", "Heaviside")
 
 
 def parse(text: str, variable: str, params: list[str] | tuple[str, ...]) -> sp.Expr:
@@ -46,7 +47,31 @@ class _Base(StrPrinter):
         return repr(value)
 
     def doprint(self, expr):  # noqa: D401 - sympy API
-        return super().doprint(sp.sympify(expr))
+        return super().doprint(self.elementary(sp.sympify(expr)))
+
+    def elementary(self, e: sp.Expr) -> sp.Expr:
+        """sign and Heaviside as the Piecewise they are (torch.where / tl.where)."""
+        return e.replace(lambda a: isinstance(a, (sp.sign, sp.Heaviside)), lambda a: a.rewrite(sp.Piecewise))
+
+    minimum = maximum = clamp = ""
+
+    def _print_Min(self, e):
+        return self._min_max(e, self.minimum, "max")
+
+    def _print_Max(self, e):
+        return self._min_max(e, self.maximum, "min")
+
+    def _min_max(self, e, both: str, bound: str) -> str:
+        """Min / Max folded pairwise: tensor with tensor (``both``), or a tensor clamped by a scalar."""
+        tensors = [a for a in e.args if self._has_var(a)]
+        scalars = [a for a in e.args if not self._has_var(a)]
+        out = self._print(tensors[0])
+        for a in tensors[1:]:
+            out = f"{both}({out}, {self._print(a)})"
+        if scalars:
+            limit = type(e)(*scalars)
+            out = self.clamp.format(v=out, bound=bound, limit=self._print(limit), both=both)
+        return out
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sp.Expr) and expr.is_number and not isinstance(expr, sp.Integer):
@@ -66,7 +91,8 @@ class _Base(StrPrinter):
             raise ValueError(f"function {name} is not supported in generated code (allowed: {', '.join(_FUNCS)})")
         return self._call(name, *e.args)
 
-    _print_exp = _print_log = _print_erf = _print_tanh = _print_Function
+    _print_exp = _print_log = _print_erf = _print_tanh = _print_atan = _print_Function
+    _print_sinh = _print_cosh = _print_asinh = _print_Function
 
     def _print_Abs(self, e):
         return self._call("Abs", *e.args)
@@ -108,10 +134,13 @@ class _Base(StrPrinter):
 
 class TorchPrinter(_Base):
     tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "erf": "torch.erf",
-                    "tanh": "torch.tanh", "Abs": "torch.abs"}
+                    "tanh": "torch.tanh", "Abs": "torch.abs", "atan": "torch.atan", "sinh": "torch.sinh",
+                    "cosh": "torch.cosh", "asinh": "torch.asinh"}
     scalar_funcs = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
-                    "tanh": "math.tanh", "Abs": "abs"}
+                    "tanh": "math.tanh", "Abs": "abs", "atan": "math.atan", "sinh": "math.sinh",
+                    "cosh": "math.cosh", "asinh": "math.asinh"}
     where = "torch.where"
+    minimum, maximum, clamp = "torch.minimum", "torch.maximum", "torch.clamp({v}, {bound}={limit})"
 
     def _print_Piecewise(self, e):
         text = super()._print_Piecewise(e)
@@ -128,9 +157,20 @@ class TritonPrinter(_Base):
     broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies."""
 
     tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
-                    "tanh": "_tanh", "Abs": "tl.abs"}
+                    "tanh": "_tanh", "Abs": "tl.abs", "atan": "_atan"}
     scalar_funcs = tensor_funcs
     where = "tl.where"
+    minimum, maximum = "tl.minimum", "tl.maximum"
+    clamp = "{both}({v}, {limit})"
+
+    def elementary(self, e: sp.Expr) -> sp.Expr:
+        """Also sinh, cosh and asinh through exp, log and sqrt (no libdevice in the interpreter);
+        asinh by its odd form, which does not cancel for x < 0."""
+        e = super().elementary(e)
+        return e.replace(lambda a: isinstance(a, (sp.sinh, sp.cosh)), lambda a: a.rewrite(sp.exp)).replace(
+            lambda a: isinstance(a, sp.asinh),
+            lambda a: sp.Piecewise((-sp.log(-a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), a.args[0] < 0),
+                                   (sp.log(a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), True)))
 
     def _print_Mul(self, e):
         num, den = [], []

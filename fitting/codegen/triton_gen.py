@@ -73,6 +73,30 @@ def _tanh_function(w: Writer) -> None:
     w("", "")
 
 
+ATAN_POLY = (8.05374449538e-2, -1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1)
+
+
+def _atan_function(w: Writer) -> None:
+    """Cephes atanf in tl operations (libdevice atan does not run in the interpreter): argument
+    reduction by tan(3 pi / 8) and tan(pi / 8), then z + z^3 P(z^2)."""
+    w("@triton.jit")
+    with w.block("def _atan(z):"):
+        w('"""atan as Cephes atanf (~2 float32 ulps), with z\'s sign."""',
+          "a = tl.abs(z)",
+          "big = a > 2.414213562373095",
+          "mid = (a > 0.4142135623730950) & (a <= 2.414213562373095)",
+          "one = tl.zeros_like(a) + 1.0",
+          "r = tl.where(big, -tl.div_rn(one, tl.where(big, a, one)), tl.where(mid, tl.div_rn(a - 1.0, a + 1.0), a))",
+          "base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))",
+          "s = r * r",
+          f"p = tl.zeros(z.shape, dtype=tl.float32) + {ATAN_POLY[0]!r}")
+        for c in ATAN_POLY[1:]:
+            w(f"p = p * s + {c!r}")
+        w("t = base + (p * s * r + r)",
+          "return tl.where(z < 0.0, -t, tl.where(z == 0.0, z, t))")
+    w("", "")
+
+
 def _log_function(w: Writer) -> None:
     """The float32 log of invact.fastmath (Cephes logf from the float's bits), op for op."""
     from invact.fastmath import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32
@@ -163,4 +187,6 @@ def generate_triton(plan: Plan) -> str:
         _tanh_function(w)
     if "_log(" in body:
         _log_function(w)
+    if "_atan(" in body:
+        _atan_function(w)
     return w.text() + "\n\n" + body
