@@ -17,6 +17,7 @@ gamma_n = n eps rounding of a length-n float32 sum.
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -237,7 +238,10 @@ def test_mlp_gradients_within_floor(cls):
         torch.testing.assert_close(gy1, gy0, rtol=0, atol=0)     # lin2's backward does not read y
         exact, bound, _ = tol.gradient_bound(name, torch.float32, h1.double().numpy(), y1.double().numpy(),
                                              gy1.double().numpy(), gh1.double().numpy(), params)
+        documented = tol.deviation_mask(name, torch.float32, h1.double().numpy(), y1.double().numpy(),
+                                        gy1.double().numpy(), params)   # e.g. softplus's threshold jump
         exact, bound = torch.from_numpy(exact), torch.from_numpy(bound)
+        bound[torch.from_numpy(documented)] = math.inf
         err = (gh1.double() - exact).abs()
         assert (err <= bound).all(), float((err - bound).max())
         n = x.shape[0]

@@ -72,10 +72,30 @@ def references(name: str, params: dict | None = None):
 @functools.cache
 def _references(name: str, params: tuple):
     from invact.fitting.certify import branch_reference
+    from invact.fitting.errors import SpecError
     t = table(name)
     if params:
         t = {**t, "params": {**t["params"], **dict(params)}}
-    return [branch_reference(t, i) for i in range(len(t["branches"]))]
+    try:
+        return [branch_reference(t, i) for i in range(len(t["branches"]))]
+    except SpecError:    # e.g. softplus at a threshold whose jump is visible: no branch analysis
+        if not params:
+            raise
+        return None
+
+
+def _first_order_floor(name: str, x: np.ndarray, y_stored: np.ndarray, fp: np.ndarray,
+                       params: dict | None) -> np.ndarray:
+    """|g'| |y_stored - f(x)| with g' = f''/f' (float64 autograd), doubled for the second-order
+    term: the floor of a monotone table (one branch, no f' = 0) from the stored y's measured error,
+    for parameters whose formula the fitter's analysis refuses."""
+    xt = torch.tensor(x, requires_grad=True)
+    (d1,) = torch.autograd.grad(torch_reference(name, xt, params).sum(), xt, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), xt, allow_unused=True)
+    d2 = np.zeros_like(x) if d2 is None else d2.numpy()
+    with np.errstate(all="ignore"):
+        out = 2 * np.abs(d2 / fp) * stored_error(name, x, y_stored, params)
+    return np.where(np.isfinite(out), out, 0.0)
 
 
 def stored_error(name: str, x: np.ndarray, y_stored: np.ndarray, params: dict | None = None) -> np.ndarray:
@@ -105,7 +125,12 @@ def information_floor(name: str, x: np.ndarray, y_stored: np.ndarray, fp: np.nda
     fp = derivative64(name, x, params) if fp is None else fp
     floor = np.zeros_like(x)
     ok = ~np.isnan(x) & np.isfinite(y_stored) & np.isfinite(fp)
-    for ref in references(name, params):
+    refs = references(name, params)
+    if refs is None:
+        if ops.info(name)["code_bits"]:
+            raise ValueError(f"no float64 reference of {name!r} at {params}")
+        return np.where(ok, _first_order_floor(name, x, y_stored, fp, params), 0.0)
+    for ref in refs:
         if ref is None:
             continue
         lo, hi = (float(v) for v in ref.branch.x_range)
@@ -253,7 +278,7 @@ def _overflowed_from_finite(x, y, go, dtype, params):
 
 def _softplus_overlap(x, y, go, dtype, params):
     cut = params["threshold"] / params["beta"]
-    return (x < cut) & (y > cut)
+    return (x <= cut) & (y > cut)          # PyTorch takes the linear piece where beta x > threshold
 
 
 def _square_overflows(x, y, go, dtype, params):
@@ -298,23 +323,30 @@ DEVIATIONS = (
               "softplus switches to x at beta*x = threshold with a jump of log1p(exp(-20)) = 2.06e-9: "
               "y in (20, 20 + 2.06e-9] comes from both x < 20 (f' = 1 - 2.06e-9) and x >= 20 (f' = 1), "
               "and a 0-bit table cannot tell them apart; the error 2.06e-9 exceeds the float64 bound "
-              "(the certificate says 0). Invisible in float32 and narrower (ulp(20) = 1.9e-6). Fix: "
+              "(the certificate says 0). Invisible in float32 and narrower (ulp(20) = 1.9e-6) at the "
+              "default threshold; the jump log1p(exp(-threshold)) / beta grows as the threshold falls "
+              "(2.27e-5 at beta = 2, threshold = 10: float32 then gives 1 for 0.99995). Fix: "
               "report the overlap in the certificate (or spend a code bit)"),
 )
 
 
-def deviations(name: str, dtype: torch.dtype) -> list[Deviation]:
-    return [d for d in DEVIATIONS if d.name == name and dtype in d.dtypes]
+def deviations(name: str, dtype: torch.dtype, params: dict | None = None) -> list[Deviation]:
+    """The deviations of ``name`` in ``dtype``; at parameters other than the table's defaults, those
+    listed for any dtype (``dtypes`` says where the defaults show one; e.g. softplus's threshold jump,
+    2.06e-9 at the defaults, is 2.27e-5 at beta = 2, threshold = 10, visible in float32)."""
+    other = params is not None and {**ops.info(name)["params"], **params} != ops.info(name)["params"]
+    return [d for d in DEVIATIONS if d.name == name and (dtype in d.dtypes or other)]
 
 
-def deviation_mask(name: str, dtype: torch.dtype, x: np.ndarray, y: np.ndarray, go: np.ndarray) -> np.ndarray:
-    """Elements covered by a documented deviation of ``name`` in ``dtype``."""
+def deviation_mask(name: str, dtype: torch.dtype, x: np.ndarray, y: np.ndarray, go: np.ndarray,
+                   params: dict | None = None) -> np.ndarray:
+    """Elements covered by a documented deviation of ``name`` in ``dtype`` (at ``params``)."""
     x, y, go = (np.asarray(a, dtype=np.float64) for a in (x, y, go))
     mask = np.zeros(x.shape, dtype=bool)
-    params = ops.info(name)["params"]
+    values = {**ops.info(name)["params"], **(params or {})}
     with np.errstate(invalid="ignore"):
-        for d in deviations(name, dtype):
-            mask |= d.where(x, y, go, dtype, params)
+        for d in deviations(name, dtype, params):
+            mask |= d.where(x, y, go, dtype, values)
     return mask
 
 
