@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
-           "write_table", "locked", "project_root", "installed_root", "check_root", "root_option", "root_of", "tables_dir", "table_path", "list_tables", "name_of",
+           "write_table", "replace_text", "locked", "project_root", "installed_root", "check_root",
+           "root_option", "root_of", "tables_dir", "table_path", "list_tables", "name_of",
            "fit_command", "as_float"]
 
 FORMAT = "invact-table"
@@ -423,20 +424,27 @@ def write_table(table: dict, path: str | os.PathLike) -> Path:
     text = dump_table(table)
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path.parent):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        replace_text(path, text, sync=True)
         _fsync_dir(path.parent)
     return path
+
+
+def replace_text(path: Path, text: str, sync: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically: a temp file in the same folder (fsync'd when ``sync``),
+    then os.replace; readers see the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:

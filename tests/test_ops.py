@@ -331,7 +331,7 @@ def test_use_root_loads_activations_from_another_tree(tmp_path, monkeypatch):
         monkeypatch.undo()
         invact.use_root(src.parent)  # back to the installed tree (its generated/ is src)
     assert Path(ops._module("tanh").__file__).parent == src
-    with pytest.raises(FileNotFoundError, match="no registry.py"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         invact.use_root(tmp_path / "nowhere")
 
 

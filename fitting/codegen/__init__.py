@@ -7,13 +7,11 @@ Every module carries the sha256 of its table (``TABLE_SHA256``), which the runti
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 from ..errors import SpecError, TableError
-from ..tables import dump_table, list_tables, load_table, locked, name_of, project_root, write_table
+from ..tables import (dump_table, list_tables, load_table, locked, name_of, project_root, replace_text,
+                      write_table)
 from .analysis import Plan, analyze
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
@@ -74,23 +72,10 @@ def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = No
         for rel in sorted(files, key=_write_order):
             path = root / rel
             if not path.exists() or path.read_text(encoding="utf-8") != files[rel]:
-                _replace(path, files[rel])
+                replace_text(path, files[rel])
             written.append(path)
         for old in sorted(folder.glob("*.py")):
             if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
                 old.unlink()
     return written
 
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
