@@ -18,8 +18,17 @@ from scipy.optimize import brentq, minimize_scalar
 from .errors import SpecError
 from .formulas import X, ActivationSpec
 
-__all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit"]
+__all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit", "END_KINDS"]
 
+END_KINDS = {  # what each kind of branch end means (invact show prints the ones a table has)
+    "sqrt": "branch point: f' has a simple zero (minimum or maximum), g ~ sqrt|y - y0|; fitted in t = sqrt|y - y0|",
+    "root": "flat point: f' has a zero of order m >= 2, g ~ |y - y0|^(m/(m+1)); g = 0 next to it, then t = log|y - y0|",
+    "log": "finite limit approached exponentially as x -> +-inf: log-type singularity; constant tail, then t = log|y - y0|",
+    "power": "finite limit approached like |x|^-q as x -> +-inf: g ~ |y - y0|^((q+1)/q); fitted up to y0 (t = sqrt|y - y0| for q = 2)",
+    "tail": "y -> +-inf with g settling to a constant: constant tail",
+    "regular": "f' finite and nonzero at the end (a kink or a piece boundary)",
+    "flat": "a plateau: y carries no x, g is PyTorch's gradient there (0)",
+}
 SCAN = 60.0          # critical points are searched on [-SCAN, SCAN] (and beyond, to detect infinitely many)
 FAR = 1e4            # "infinity" for numeric limits
 MAX_CRITICAL = 16

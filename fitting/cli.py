@@ -242,6 +242,9 @@ def cmd_show(args) -> int:
         out += [f"       singularity: {s}" for s in b.get("singularities", [])]
         out += [f"       tail: y {_range(tl['y_range']) if 'y_range' in tl else tl} -> {tl.get('value')}"
                 for tl in b.get("tails", [])]
+    from .branches import END_KINDS
+    kinds = sorted({b[k] for b in t["branches"] for k in ("lower_end", "upper_end")} & set(END_KINDS))
+    out += ["  end kinds"] + [f"    {k}: {END_KINDS[k]}" for k in kinds]
     out.append("  pieces")
     for cc in t["code_classes"]:
         out.append(f"    code {cc['code']}: {len(cc['segments'])} segments")

@@ -120,3 +120,14 @@ def test_plateaus_follow_pytorch_at_their_kinks(formula, torch_f, xs):
     assert ((got == 0) == (want == 0)).all()          # the kinks: exactly PyTorch's zero
     # PyTorch's hardsigmoid backward multiplies by 1/6 rounded to float32 even in float64
     np.testing.assert_allclose(got, want, rtol=2**-23, atol=0)
+
+
+def test_cli_fits_power_ends_and_show_explains_them(tmp_path, capsys):
+    """The front door: `invact fit "atan(x)"` exits 0 (it was exit 2, "no limit"), generated code
+    included, and `invact show` says what each end kind of the table means."""
+    from invact.fitting.cli import main
+    assert main(["--root", str(tmp_path), "fit", "atan(x)", "--name", "arctan", "--fp32-samples", "4096"]) == 0
+    capsys.readouterr()
+    assert main(["--root", str(tmp_path), "show", "arctan"]) == 0
+    out = capsys.readouterr().out
+    assert "ends power/power" in out and "power: finite limit approached like |x|^-q" in out
