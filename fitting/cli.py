@@ -1,9 +1,11 @@
 """The ``invact`` command: list, fit, certify, show, plot and generate activation tables.
 
-Exit status: 0 success, 2 bad usage or input (argparse errors, :class:`InputError`), 1 internal
-failure, 128+signal when interrupted (SIGINT 130, SIGTERM 143). Tables are written atomically and
-the table write plus code generation runs with SIGINT/SIGTERM deferred, so an interrupted command
-leaves ``generated/`` as it was (or completely updated, if the signal came during that last step).
+Exit status: 0 success, 2 bad usage or input (argparse errors, :class:`InputError`, a --root or
+$INVACT_ROOT that is not a project tree), 1 internal failure, 128+signal when interrupted (SIGINT
+130, SIGTERM 143). Tables and modules are written atomically under the tables folder's lock, with
+SIGINT/SIGTERM deferred, so an interrupted command leaves ``generated/`` as it was (or completely
+updated, if the signal came during that last step); after a SIGKILL between the table and its code,
+the runtime refuses the code (its TABLE_SHA256 differs) and names ``invact generate``.
 """
 
 from __future__ import annotations
