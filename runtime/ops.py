@@ -23,7 +23,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 from . import backends, bitpack, cpu_kernel
 
@@ -420,24 +422,42 @@ def _empty_code(x: Tensor, bits: int) -> Tensor:
     return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
 
 
-@torch.library.custom_op("invact::forward", mutates_args=())
-def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[Tensor, Tensor]:
-    mod = _module(name)
-    k = module_constants(_module(name), x.dtype, x.device, tuple(params))
-    bits = mod.CODE_BITS
+def _triton_forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[tuple[Tensor, Tensor] | None, str]:
+    """((y, code), "triton") from the Triton kernel where it runs, else (None, the backend to use)."""
     if backend == "triton" and x.dtype != torch.float64:
-        y, code = _like(x), _empty_code(x, bits)
+        y, code = _like(x), _empty_code(x, _module(name).CODE_BITS)
         order = _order(y)
         tk = module_constants(_module(name), torch.float32, x.device, tuple(params))
         backend = _launch_triton(x.device, lambda: _triton_module(name).forward(
             _flat(x, order).contiguous(), _flat(y, order), code, tk.x_threshold_tensor, list(params)))
         if backend is None:
-            return y, code
-    if backend == "triton":
-        backend = "eager"  # float64: the torch code
+            return (y, code), "triton"
+    return None, "eager" if backend == "triton" else backend  # float64: the torch code
+
+
+def _output(x: Tensor, mod: ModuleType, k: Constants) -> Tensor:
+    """y = f(x) by the generated torch forward, in the layout the fakes promise."""
     y = mod.forward(x, **k.params)
-    if y.stride() != _dense_strides(x):  # keep the layout the fake promises
+    if y.stride() != _dense_strides(x):
         y = _like(x).copy_(y)
+    return y
+
+
+def _untraced(backend: str) -> str:
+    """torch.compile refuses to run inside an FX trace (make_fx, torch.func.linearize): eager there."""
+    return "eager" if backend == "compiled" and torch.fx._symbolic_trace.is_fx_symbolic_tracing() else backend
+
+
+@torch.library.custom_op("invact::forward", mutates_args=())
+def _forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[Tensor, Tensor]:
+    backend = _untraced(backend)
+    mod = _module(name)
+    k = module_constants(_module(name), x.dtype, x.device, tuple(params))
+    bits = mod.CODE_BITS
+    done, backend = _triton_forward(x, name, params, backend)
+    if done is not None:
+        return done
+    y = _output(x, mod, k)
     if not bits:
         return y, _empty_code(x, 0)
     flat = _flat(x, _order(y))
@@ -455,8 +475,23 @@ def _forward_fake(x, name, params, backend):
     return _like(x), _empty_code(x, _module(name).CODE_BITS)
 
 
+@torch.library.custom_op("invact::value", mutates_args=())
+def _value(x: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+    """y of invact::forward without the code: what apply runs when nothing will differentiate y."""
+    done, _ = _triton_forward(x, name, params, backend)  # the Triton kernel packs the code as it goes
+    if done is not None:
+        return done[0]
+    return _output(x, _module(name), module_constants(_module(name), x.dtype, x.device, tuple(params)))
+
+
+@_value.register_fake
+def _value_fake(x, name, params, backend):
+    return _like(x)
+
+
 @torch.library.custom_op("invact::backward", mutates_args=())
 def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+    backend = _untraced(backend)
     order = _order(y)
     out = _like(y)
     yf, gf, of = _flat(y, order), _flat(grad, order).contiguous(), _flat(out, order)
@@ -506,14 +541,112 @@ def _grad(ctx, grad_y, grad_code):
     return torch.ops.invact.backward(grad_y, y, code, *ctx.invact), None, None, None
 
 
+def _second_order(mode: str) -> RuntimeError:
+    return RuntimeError(
+        f"invact activations have no second derivative ({mode}): their backward rebuilds f'(x) from a "
+        "table, so double backward and second-order transforms (torch.func.hessian, jacrev or jacfwd of "
+        "a derivative, jvp of a jvp) are refused; use torch.nn.functional's activation where "
+        "higher-order gradients are needed")
+
+
 def _no_double_backward(ctx, grad):
-    raise RuntimeError("invact activations have no second derivative (double backward): their backward "
-                       "rebuilds f'(x) from a table; use torch.nn.functional's activation where "
-                       "higher-order gradients are needed")
+    raise _second_order("double backward")
 
 
 _forward.register_autograd(_grad, setup_context=_setup_context)
 _backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# torch.func transforms and forward-mode AD. The custom ops' own autograd is reverse mode only and not
+# functorch-aware (tangents would be dropped: a zero jvp), so under those apply runs _Activation: the
+# same two ops, still saving only y and the code. Dynamo refuses a Function with a jvp, which is why
+# plain and compiled calls keep the ops' own autograd.
+
+class _Derivative(torch.autograd.Function):
+    """grad * g(y, code) by invact::backward, refusing to be differentiated (in either mode)."""
+
+    @staticmethod
+    def forward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+        return torch.ops.invact.backward(grad, y, code, name, params, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise _second_order("reverse mode of the derivative: double backward, hessian or jacrev of a derivative")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise _second_order("forward mode of the derivative: jacfwd or jvp of a derivative, or hessian")
+
+    @staticmethod
+    def vmap(info, in_dims, grad, y, code, name, params, backend):
+        return _batched_backward(_Derivative.apply, in_dims, grad, y, code, name, params, backend)
+
+
+class _Activation(torch.autograd.Function):
+    """(y, code) by invact::forward; backward and jvp are both tangent * g(y, code) (invact::backward).
+    Under vmap it runs on the physical tensor (elementwise), and the code, which covers all of it, is
+    not batched: PyTorch's generated vmap rule cannot return the code's None tangent."""
+
+    @staticmethod
+    def forward(x: Tensor, name: str, params: list[float], backend: str) -> tuple[Tensor, Tensor]:
+        return torch.ops.invact.forward(x, name, params, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.invact = tuple(inputs[1:])
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_forward(*output)  # for jvp, which runs inside apply: kept no longer
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*output)  # y and the packed code: nothing else
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_code):
+        y, code = ctx.saved_tensors
+        return _Derivative.apply(grad_y, y, code, *ctx.invact), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        y, code = ctx.saved_tensors
+        return _Derivative.apply(tangent, y, code, *ctx.invact), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, name, params, backend):
+        return _Activation.apply(x, name, params, backend), (in_dims[0], None)
+
+
+@_forward.register_vmap
+def _forward_vmap(info, in_dims, x, name, params, backend):
+    """Elementwise: run on the physical tensor. The code covers all of it, so it is not batched."""
+    return torch.ops.invact.forward(x, name, params, backend), (in_dims[0], None)
+
+
+@_value.register_vmap
+def _value_vmap(info, in_dims, x, name, params, backend):
+    return torch.ops.invact.value(x, name, params, backend), in_dims[0]
+
+
+def _batched_backward(backward: Callable, in_dims: tuple, grad: Tensor, y: Tensor, code: Tensor,
+                      *rest) -> tuple[Tensor, int]:
+    """vmap of grad * g(y, code). y batched: the physical y is the one the code was packed for, so grad
+    goes alongside it. y shared by the batch (jacrev, a vmapped vjp): one call per batch entry, the
+    same bits as unbatched."""
+    gdim, ydim, cdim = in_dims[:3]
+    if cdim is not None:
+        raise NotImplementedError("invact::backward under vmap: the code must not be batched (one code is "
+                                  "packed for the whole physical y that invact::forward returned)")
+    if ydim is not None:
+        grad = grad.movedim(gdim, ydim) if gdim is not None else grad.unsqueeze(ydim).expand(y.shape)
+        return backward(grad, y, code, *rest), ydim
+    return torch.stack([backward(g, y, code, *rest) for g in grad.unbind(gdim)]), 0
+
+
+@_backward.register_vmap
+def _backward_vmap(info, in_dims, grad, y, code, name, params, backend):
+    return _batched_backward(torch.ops.invact.backward, in_dims, grad, y, code, name, params, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,5 +681,40 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
     values, chosen = _prepare(name, tuple(sorted((params or {}).items())), backend, x.device.type)
     if _autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return torch.ops.invact.forward(x, name, values, chosen)[0]
-    return torch.ops.invact.forward(x, name, values, chosen)[0]
+            return _run(x, name, values, chosen)
+    return _run(x, name, values, chosen)
+
+
+_DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)  # torch.func's vmap and functionalize run the ops
+
+
+@torch._dynamo.assume_constant_result  # Dynamo runs the transforms' levels for real while it traces
+def _transformed() -> bool:
+    """Forward-mode AD is on (a dual level is open) or torch.func differentiates (grad, vjp, jvp, jac*);
+    NotImplementedError where functionalize is in the stack too (PyTorch has no functionalize rule for
+    an autograd.Function)."""
+    kinds = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
+    if fwAD._current_level < 0 and not kinds.intersection(_DIFFERENTIATING):
+        return False
+    if TransformType.Functionalize in kinds:
+        raise NotImplementedError("invact activations under torch.func.functionalize together with a "
+                                  "derivative (grad, vjp, jvp, jacrev, jacfwd, forward-mode AD): PyTorch has "
+                                  "no functionalize rule for the autograd.Function that carries their "
+                                  "derivative; functionalize without differentiating, or differentiate "
+                                  "without functionalize")
+    return True
+
+
+@functools.partial(torch.compiler.disable, reason=(
+    "invact activations under torch.func transforms or forward-mode AD run eagerly: Dynamo inlines an "
+    "autograd.Function's forward without its jvp (a zero tangent) and cannot trace its functorch rules"))
+def _differentiated(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
+    return _Activation.apply(x, name, values, chosen)[0]
+
+
+def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
+    if _transformed():
+        return _differentiated(x, name, values, chosen)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.ops.invact.forward(x, name, values, chosen)[0]
+    return torch.ops.invact.value(x, name, values, chosen)  # nothing differentiates y: no code

@@ -1,0 +1,114 @@
+"""When nothing will differentiate y, apply computes y only; non-finite grad_out against PyTorch.
+
+- no_grad / inference_mode / an x that does not require grad: no branch code is computed or packed
+  (invact::value runs instead of invact::forward), and y is the grad-enabled y bit for bit.
+- grad_out with inf, -inf or NaN: invact's gradient is the IEEE product g(y, code) * grad_out, so it
+  differs from PyTorch exactly where one of the two backward formulas forms 0 * inf or inf - inf
+  (README, "Limitations"); every other element is PyTorch's bit for bit.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tolerances as tol
+from invact import cpu_kernel, ops
+
+NAMES = ops.names()
+pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the names of the ops that run below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_code_without_autograd(name, backend, dtype, monkeypatch):
+    x = torch.randn(37, 129, dtype=dtype) * 4
+    with_code = ops.apply(x.clone().requires_grad_(), name, backend=backend).detach()
+
+    def no_code(*args, **kwargs):
+        raise AssertionError("the branch code was computed")
+
+    monkeypatch.setattr(ops, "_kernels", lambda *a: (no_code, no_code))
+    monkeypatch.setattr(cpu_kernel, "pack_code", no_code)
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode(), OpLog() as log:
+            y = ops.apply(x, name, backend=backend)  # x does not require grad
+        assert log.names == ["invact.value"]
+        assert torch.equal(y, with_code) and y.stride() == with_code.stride()
+    xr = x.clone().requires_grad_()
+    with torch.no_grad(), OpLog() as log:
+        ops.apply(xr, name, backend=backend)
+    assert log.names == ["invact.value"]
+
+
+def test_value_op_passes_opcheck(name):
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    torch.library.opcheck(torch.ops.invact.value.default, (torch.randn(3, 5), name, params, "eager"))
+
+
+@pytest.mark.slow
+def test_compiled_inference_has_no_code():
+    """Under torch.compile (fullgraph) with no_grad the graph holds invact::value only."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    backend = EagerAndRecordGraphs()
+    x = torch.randn(8, 16)
+    fn = torch.compile(lambda v: ops.apply(v, NAMES[0], backend="eager") * 2, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        y = fn(x)
+    code = "\n".join(g.code for g in backend.graphs)
+    assert "invact.value" in code and "invact.forward" not in code
+    assert torch.equal(y, ops.apply(x, NAMES[0], backend="eager") * 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite grad_out
+
+def _grid(dtype: torch.dtype) -> torch.Tensor:
+    """x over the whole range that matters: saturated tails, the branch points, the kinks."""
+    x = torch.cat([torch.linspace(-120, 120, 4801, dtype=torch.float64),
+                   torch.tensor([-1e30, -3.0, -1.5, 0.0, 3.0, 1e30], dtype=torch.float64)])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_grad_out_against_pytorch(name, dtype):
+    """ours == g * grad_out (IEEE), and differs from PyTorch only where one formula makes 0 * inf or
+    inf - inf: (a) our g is exactly 0 (ReLU, ReLU2, Hardswish's flat pieces, where PyTorch's masked
+    select gives 0; saturated tails of ELU, SELU, CELU, Softplus, SiLU, Mish, GELU, where y holds no
+    more information and PyTorch's tiny f'(x) times inf gives inf) and ours is NaN; (b) PyTorch is NaN
+    (its product rule for quick_gelu / gelu_tanh adds inf and -inf) and ours is the finite g times inf."""
+    x = _grid(dtype)
+    ref = tol.torch_reference(name, x)
+    if ref is None:
+        pytest.skip("user table without a PyTorch forward")
+    xr = x.clone().requires_grad_()
+    y = ops.apply(xr, name, backend="eager")
+    (g,) = torch.autograd.grad(y, xr, torch.ones_like(y), retain_graph=True)
+    for value in (math.inf, -math.inf, math.nan):
+        go = torch.full_like(x, value)
+        (ours,) = torch.autograd.grad(y, xr, go, retain_graph=True)
+        xt = x.clone().requires_grad_()
+        (theirs,) = torch.autograd.grad(tol.torch_reference(name, xt), xt, go)
+        assert torch.equal(ours.isnan(), (g * go).isnan()) and torch.equal(ours.nan_to_num(), (g * go).nan_to_num())
+        differ = ~((ours == theirs) | (ours.isnan() & theirs.isnan()))
+        zero_g = differ & (g == 0) & ours.isnan()
+        torch_nan = differ & theirs.isnan() & torch.isfinite(g) & (g != 0) & ours.isinf()
+        assert torch.equal(differ, zero_g | torch_nan), x[differ & ~(zero_g | torch_nan)]
