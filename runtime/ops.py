@@ -53,8 +53,8 @@ def _registry() -> ModuleType:
     global _ENV_APPLIED
     root = os.environ.get(ROOT_ENV)
     if root and not _ENV_APPLIED:
+        use_root(root)        # a root that is not a project tree raises here, at every use
         _ENV_APPLIED = True
-        use_root(root)
     import invact.generated as pkg
     merged = ModuleType("invact.generated.registry")
     merged.TORCH, merged.TRITON = {}, {}

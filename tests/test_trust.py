@@ -316,3 +316,23 @@ def test_bad_expressions_in_check_text():
     check_text("alpha > 0", (), ("alpha",), relation=True)
     with pytest.raises(SpecError, match="one comparison"):
         check_text("alpha", (), ("alpha",), relation=True)
+
+
+def test_invact_root_in_the_runtime_layers_or_fails(tree, tmp_path):
+    """$INVACT_ROOT: a valid root is layered (its tanh, the installed gelu); a missing one raises at
+    every use instead of silently falling back to the installed tables."""
+    (tree / "generated" / "tables" / "gelu.json").unlink()
+    assert run("generate", "--root", tree, cwd=tree).returncode == 0
+    code = ("import torch, invact; from invact import ops\n"
+            "for _ in range(2):\n"
+            "    try:\n"
+            "        print(ops._module('tanh').__file__, ops._module('gelu').__file__)\n"
+            "    except FileNotFoundError as e:\n"
+            "        print('refused', e)\n")
+    for root, want in ((tree, f"{tree}/generated/torch_tanh.py {REPO}/torch_gelu.py"),
+                       (tmp_path / "missing", f"refused root {tmp_path / 'missing'}: no such folder")):
+        env = dict(os.environ, INVACT_ROOT=str(root), TRITON_INTERPRET="1")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                             timeout=300)
+        lines = res.stdout.splitlines()
+        assert res.returncode == 0 and len(lines) == 2 and all(line.startswith(want) for line in lines), res
