@@ -5,6 +5,10 @@ code; its autograd saves ONLY y and the code (nothing when x does not require gr
 ``invact::backward(grad, y, code, name, params, backend) -> grad_x`` is a separate op with its own fake,
 so the backward traces under torch.compile. Both work element by element in y's memory order (y keeps
 x's memory format, as torch.nn.functional's ops do), and the code is packed in that order.
+``invact::value(x, name, params, backend) -> y`` is the forward without the code: :func:`apply` runs
+it when nothing will differentiate y (no_grad, inference_mode, x not requiring grad). Under
+torch.func transforms and forward-mode AD :func:`apply` wraps the same ops in an autograd.Function
+with a jvp (tangent * g(y, code)) and vmap rules.
 
 Public API: :func:`apply`, :func:`info`, :func:`names` (and :func:`table_constants` for generated code).
 """

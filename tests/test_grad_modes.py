@@ -112,3 +112,22 @@ def test_non_finite_grad_out_against_pytorch(name, dtype):
         zero_g = differ & (g == 0) & ours.isnan()
         torch_nan = differ & theirs.isnan() & torch.isfinite(g) & (g != 0) & ours.isinf()
         assert torch.equal(differ, zero_g | torch_nan), x[differ & ~(zero_g | torch_nan)]
+
+
+def test_data_mutation_of_saved_output_changes_gradient():
+    """README, Limitations: y.data.mul_() bypasses autograd's version counter, and backward rebuilds g
+    from the mutated y (native GELU saves x: unaffected); y.mul_() and y.detach().mul_() are refused."""
+    name = "gelu" if "gelu" in NAMES else NAMES[0]
+    x = torch.randn(64, requires_grad=True)
+    (clean,) = torch.autograd.grad(ops.apply(x, name, backend="eager").sum(), x)
+    y = ops.apply(x, name, backend="eager")
+    y.data.mul_(3)
+    (changed,) = torch.autograd.grad(y.sum(), x)
+    assert not torch.equal(changed, clean)
+    native = torch.nn.GELU()(x)
+    native.data.mul_(3)
+    assert torch.equal(torch.autograd.grad(native.sum(), x)[0], torch.autograd.grad(torch.nn.GELU()(x).sum(), x)[0])
+    y = ops.apply(x, name, backend="eager")
+    y.detach().mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
