@@ -175,6 +175,9 @@ def _torch_derivatives(table: dict, x: float) -> tuple[tuple[float, float], ...]
     its vectorised path (element 0 of 64), which can differ at NaN."""
     import torch
     import torch.nn.functional as F
+
+    from ..expressions import check_torch_forward
+    check_torch_forward(table["torch_forward"])            # a built-in's own string, never other text
     out = []
     for n in (1, 64):
         xt = torch.full((n,), x, dtype=torch.float64, requires_grad=True)
