@@ -317,7 +317,31 @@ def _problem(table: Any, name: str, target: str) -> str | None:
     if table["name"] != name or table["target"] != target:
         return (f"holds table {table['name']!r} (target {table['target']!r}) but its file name says "
                 f"{name!r} ({target!r})")
-    return _structure_problem(table) or _expression_problem(table)
+    return _structure_problem(table) or _code_value_problem(table) or _expression_problem(table)
+
+
+def _code_value_problem(table: dict) -> str | None:
+    """Values that reach generated code other than as expressions must be of their few kinds:
+    break sides, integer codes, transform kinds and signs, numbers."""
+    fc = table["forward_code"]
+    breaks = list(fc["x_breaks"]) + [b for cls in table["code_classes"] for b in cls.get("y_breaks", [])]
+    if not all(isinstance(b, dict) and b.get("side") in ("left", "right") for b in breaks):
+        return "has a break whose side is not 'left' or 'right'"
+    if not all(type(c) is int and 0 <= c < table["n_codes"] for c in fc["codes"]):
+        return f"has forward_code codes that are not integers in [0, {table['n_codes']})"
+    for c, cls in enumerate(table["code_classes"]):
+        for s, seg in enumerate(cls["segments"]):
+            if seg["kind"] != "poly":
+                continue
+            tf = seg["transform"]
+            origin = tf.get("origin", 0.0) if isinstance(tf, dict) else None
+            origin = origin if isinstance(origin, list) else [origin]
+            if not (isinstance(tf, dict) and tf.get("kind") in ("identity", "sqrt", "log")
+                    and tf.get("sign", 1) in (1, -1) and _numbers(origin)
+                    and _numbers([seg["center"], seg["scale"], seg["c0_lo"]])):
+                return (f"has a malformed poly segment code_classes[{c}].segments[{s}] (transform kind "
+                        "identity/sqrt/log, sign +-1, numeric origin, center, scale and c0_lo)")
+    return None
 
 
 def _expression_problem(table: dict) -> str | None:
