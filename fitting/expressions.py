@@ -22,16 +22,10 @@ from .errors import SpecError
 __all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "check_text", "check_torch_forward", "parse",
            "allowed_summary", "check_param_names", "is_reserved"]
 
-# name -> what it means (for `invact fit --help` and error messages)
-FUNCTIONS = {
-    "exp": "e**z", "log": "natural logarithm", "sqrt": "square root",
-    "sin": "", "cos": "", "tan": "", "asin": "", "acos": "", "atan": "",
-    "sinh": "", "cosh": "", "tanh": "", "asinh": "", "acosh": "", "atanh": "",
-    "erf": "error function", "erfc": "1 - erf", "abs": "|z| (also Abs)", "Abs": "", "sign": "",
-    "min": "(also Min)", "max": "(also Max)", "Min": "", "Max": "",
-    "Piecewise": "Piecewise((value, condition), ..., (value, True))", "Heaviside": "step",
-    "sigmoid": "1/(1+exp(-z))", "softplus": "log(1+exp(z))", "relu": "Piecewise((0, z <= 0), (z, True))",
-}
+# what a formula may call (fitting.formulas.SYMPY_FUNCTIONS maps them to sympy)
+FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
+             "asinh", "acosh", "atanh", "erf", "erfc", "abs", "Abs", "sign", "min", "max", "Min", "Max",
+             "Piecewise", "Heaviside", "sigmoid", "softplus", "relu")
 CONSTANTS = ("pi", "E")
 
 # Names a parameter may not take: the variables, Python keywords and builtins the generated code

@@ -342,3 +342,10 @@ def test_invact_root_in_the_runtime_layers_or_fails(tree, tmp_path):
                              timeout=300)
         lines = res.stdout.splitlines()
         assert res.returncode == 0 and len(lines) == 2 and all(line.startswith(want) for line in lines), res
+
+
+def test_whitelist_and_sympy_namespace_agree():
+    """Every whitelisted name maps to sympy, and the parser's namespace holds nothing else."""
+    from invact.fitting.expressions import CONSTANTS, FUNCTIONS
+    from invact.fitting.formulas import SYMPY_FUNCTIONS
+    assert set(FUNCTIONS) | set(CONSTANTS) == set(SYMPY_FUNCTIONS)
