@@ -40,6 +40,9 @@ N_SEGMENTS = 2
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
 # taken where the code matches no other (invact.selection).
 CLASSES = ((0, 0, 2, 0),)
+# Per y threshold: True where its break belongs to the left side (passed where `y > t`), else
+# False (`y >= t`); a threshold is the break itself, never a subnormal (invact.bitpack.threshold).
+Y_STRICT = (True,)
 
 # One row per segment (all code classes, left to right in y); zeros for exact/constant ones:
 # transform id, center, scale, c0_hi, c0_lo. Transforms:
@@ -70,21 +73,23 @@ def y_breaks(*, alpha=1.0):
 
 
 def code_kernel(x, thr):
-    """int32 code of each element of x; thr[j]: `x >= thr[j]` <=> x is right of break j."""
+    """int32 code of each element of x; thr[j]: `x > thr[j]` (a left-side break) or `x >= thr[j]`
+    (a right-side one) <=> x is right of break j."""
     return torch.zeros_like(x, dtype=torch.int32)
 
 
 def g_kernel(y, code, thr, poly, *, alpha=1.0):
     """g(y, code) = f'(x): float64 for float64 y, else float32 (y upcast exactly).
 
-    thr: the y_breaks as `y >= t` thresholds (concatenated per class; a tensor, or a tuple of
-    floats when compiled); poly: POLY transposed (row length, segments).
+    thr: the y_breaks as thresholds t, passed where `y > t` (Y_STRICT) or `y >= t` (concatenated
+    per class; a tensor, or a tuple of floats when compiled); poly: POLY transposed (row length,
+    segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     if torch.compiler.is_compiling():
-        s = (y >= thr[0]).to(torch.int32)
+        s = (y > thr[0]).to(torch.int32)
     else:
-        s = (y >= thr[0]).to(torch.int32)
+        s = (y > thr[0]).to(torch.int32)
     g = (alpha + y)/alpha
     g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, y, g)

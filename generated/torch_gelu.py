@@ -40,6 +40,9 @@ N_SEGMENTS = 7
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
 # taken where the code matches no other (invact.selection).
 CLASSES = ((0, 0, 3, 0), (1, 3, 4, 2))
+# Per y threshold: True where its break belongs to the left side (passed where `y > t`), else
+# False (`y >= t`); a threshold is the break itself, never a subnormal (invact.bitpack.threshold).
+Y_STRICT = (True, True, True, True, True)
 
 # One row per segment (all code classes, left to right in y); zeros for exact/constant ones:
 # transform id, center, scale, c0_hi, c0_lo, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14. Transforms:
@@ -77,28 +80,30 @@ def y_breaks():
 
 
 def code_kernel(x, thr):
-    """int32 code of each element of x; thr[j]: `x >= thr[j]` <=> x is right of break j."""
-    c = (x < thr[0]).to(torch.int32)
+    """int32 code of each element of x; thr[j]: `x > thr[j]` (a left-side break) or `x >= thr[j]`
+    (a right-side one) <=> x is right of break j."""
+    c = (x <= thr[0]).to(torch.int32)
     return c
 
 
 def g_kernel(y, code, thr, poly):
     """g(y, code) = f'(x): float64 for float64 y, else float32 (y upcast exactly).
 
-    thr: the y_breaks as `y >= t` thresholds (concatenated per class; a tensor, or a tuple of
-    floats when compiled); poly: POLY transposed (row length, segments).
+    thr: the y_breaks as thresholds t, passed where `y > t` (Y_STRICT) or `y >= t` (concatenated
+    per class; a tensor, or a tuple of floats when compiled); poly: POLY transposed (row length,
+    segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     if torch.compiler.is_compiling():
-        q = selection.columns(POLY, CLASSES, y, thr, code)
+        q = selection.columns(POLY, CLASSES, y, thr, code, Y_STRICT)
     else:
         s1 = (
-            (y >= thr[2]).to(torch.int32)
-            + (y >= thr[3]).to(torch.int32)
-            + (y >= thr[4]).to(torch.int32)
+            (y > thr[2]).to(torch.int32)
+            + (y > thr[3]).to(torch.int32)
+            + (y > thr[4]).to(torch.int32)
             + 3
         )
-        s = (y >= thr[0]).to(torch.int32) + (y >= thr[1]).to(torch.int32)
+        s = (y > thr[0]).to(torch.int32) + (y > thr[1]).to(torch.int32)
         s = fastmath.where(code == 1, s1, s)
         q = poly.index_select(1, s)
     t = fastmath.log(torch.clamp_min(-y, 1.1754943508222875e-38))

@@ -18,7 +18,8 @@ TABLE_SHA256 = '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7
 @triton.jit
 def forward_kernel(X, Y, n, nbytes, alpha, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
-    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
+    from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
+    <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -35,7 +36,7 @@ def backward_kernel(GO, Y, GX, YT, P, n, nbytes, alpha, BLOCK: tl.constexpr):
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.zeros(y.shape, dtype=tl.int32) + (y >= tl.load(YT + 0)).to(tl.int32)
+    s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
     g = alpha + y
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, y, g)

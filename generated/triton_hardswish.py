@@ -18,7 +18,8 @@ TABLE_SHA256 = '70b9e3986bc58012f8f174963e1f713b1a460e71d04860fd0f22b2c8289545a5
 @triton.jit
 def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
-    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
+    from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
+    <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     b = pid * BLOCK + tl.arange(0, BLOCK)
     plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
@@ -29,7 +30,7 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.where((x <= -3.0), 0.0, tl.where((x < 3.0), tl.div_rn(x*(x + 3.0), tl.zeros_like(x) + 6.0), x))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-        c = (x < tl.load(XT + 0)).to(tl.int32)
+        c = (x <= tl.load(XT + 0)).to(tl.int32)
         acc = acc | (tl.where(mask, c, 0) << (j * BITS))
     tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)
 

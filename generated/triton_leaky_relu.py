@@ -18,7 +18,8 @@ TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd
 @triton.jit
 def forward_kernel(X, Y, n, nbytes, negative_slope, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
-    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
+    from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
+    <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -35,7 +36,7 @@ def backward_kernel(GO, Y, GX, YT, P, n, nbytes, negative_slope, BLOCK: tl.const
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.zeros(y.shape, dtype=tl.int32) + (y >= tl.load(YT + 0)).to(tl.int32)
+    s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
     g = tl.zeros(y.shape, dtype=tl.float32) + negative_slope
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, negative_slope, g)

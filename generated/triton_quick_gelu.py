@@ -42,7 +42,8 @@ def _log(a):
 @triton.jit
 def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
-    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
+    from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
+    <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     b = pid * BLOCK + tl.arange(0, BLOCK)
     plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
@@ -53,7 +54,7 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, BLOCK: tl.constexpr):
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.div_rn(x, 1.0 + tl.exp(tl.div_rn(-851.0*x, tl.zeros_like(x) + 500.0)))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-        c = (x < tl.load(XT + 0)).to(tl.int32)
+        c = (x <= tl.load(XT + 0)).to(tl.int32)
         acc = acc | (tl.where(mask, c, 0) << (j * BITS))
     tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)
 
@@ -73,16 +74,16 @@ def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, BLOCK: tl.constexpr):
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         s1 = (
             tl.zeros(y.shape, dtype=tl.int32) + 4
-            + (y >= tl.load(YT + 3)).to(tl.int32)
-            + (y >= tl.load(YT + 4)).to(tl.int32)
-            + (y >= tl.load(YT + 5)).to(tl.int32)
-            + (y >= tl.load(YT + 6)).to(tl.int32)
+            + (y > tl.load(YT + 3)).to(tl.int32)
+            + (y > tl.load(YT + 4)).to(tl.int32)
+            + (y > tl.load(YT + 5)).to(tl.int32)
+            + (y > tl.load(YT + 6)).to(tl.int32)
         )
         s = (
             tl.zeros(y.shape, dtype=tl.int32)
-            + (y >= tl.load(YT + 0)).to(tl.int32)
-            + (y >= tl.load(YT + 1)).to(tl.int32)
-            + (y >= tl.load(YT + 2)).to(tl.int32)
+            + (y > tl.load(YT + 0)).to(tl.int32)
+            + (y > tl.load(YT + 1)).to(tl.int32)
+            + (y > tl.load(YT + 2)).to(tl.int32)
         )
         s = tl.where(code == 1, s1, s)
         t = _log(tl.maximum(-y, 1.1754943508222875e-38))

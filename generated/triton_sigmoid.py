@@ -18,7 +18,8 @@ TABLE_SHA256 = '3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a
 @triton.jit
 def forward_kernel(X, Y, n, nbytes, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
-    from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j."""
+    from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
+    <=> x is right of forward-code break j."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["BITS", "packed_bytes", "bit_position", "pack", "unpack", "plane_chunks", "threshold"]
+__all__ = ["BITS", "packed_bytes", "bit_position", "pack", "unpack", "plane_chunks", "threshold",
+           "denormals_flushed"]
 
 BITS = (1, 2, 4, 8)
 
@@ -94,16 +95,21 @@ def plane_chunks(numel: int, bits: int, size: int) -> Iterator[tuple[int, int, i
 
 
 # ----------------------------------------------------------------------------------------------
-# thresholds: `x > b` / `x >= b` for a real b, as `x >= t` with t representable in x's dtype
+# thresholds: `x > b` / `x >= b` for a real b, as the same comparison with t representable in x's dtype
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def threshold(value: float, side: str, dtype: torch.dtype) -> float:
-    """The smallest ``t`` of ``dtype`` with ``x >= t`` equivalent to the break test on ``x`` of ``dtype``.
+    """The ``t`` of ``dtype`` that stands for the real break ``value`` in the break test on ``x`` of ``dtype``.
 
-    ``side == "right"`` means ``x >= value``; ``"left"`` means ``x > value`` (docs/table-format.md).
-    ``value`` is the real break (a float64); rounding it naively into bf16 would move the break.
+    ``side == "left"`` (x == value belongs to the left) tests ``x > value``, as ``x > t`` with t the
+    largest ``dtype`` value <= ``value``; ``"right"`` tests ``x >= value``, as ``x >= t`` with t the
+    smallest one >= ``value`` (docs/table-format.md). Rounding ``value`` to nearest would move the
+    break. ``t`` is never a subnormal number (of the float32 or float64 arithmetic that compares it):
+    with denormals flushed (``torch.set_flush_denormal(True)``) a comparison reads a subnormal as 0,
+    so the break itself is compared, strictly where it belongs to the left: ``y > 0``, never
+    ``y >= 1.4e-45``. ``-0.0`` is returned as ``+0.0``. ValueError for a break inside the subnormal range.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -111,9 +117,22 @@ def threshold(value: float, side: str, dtype: torch.dtype) -> float:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     if math.isinf(value):
         return value
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    if value != 0 and abs(value) < tiny:  # 0 < |value| < tiny: t would be subnormal or move the break
+        raise ValueError(f"a break at {value!r} lies in the subnormal range of the comparison "
+                         f"(|value| < {tiny!r}): it cannot be compared with denormals flushed")
     t = torch.tensor(value, dtype=torch.float64).to(dtype)
-    if math.isinf(t.item()):  # beyond the dtype's range: every finite x is below (or above) it
-        return t.item()
-    if t.item() < value or (side == "left" and t.item() == value):
+    if side == "left" and t.item() > value:
+        t = torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype))
+    elif side == "right" and t.item() < value:
         t = torch.nextafter(t, torch.tensor(math.inf, dtype=dtype))
-    return t.item()
+    return t.item() + 0.0
+
+
+_SMALLEST_SUBNORMAL = 5e-324  # float64; a variable, so that the comparison below runs when called
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU arithmetic reads subnormal numbers as 0 (``torch.set_flush_denormal(True)``
+    sets one flag for float32 and float64, which Python's own float comparison obeys too)."""
+    return not _SMALLEST_SUBNORMAL > 0.0

@@ -23,6 +23,7 @@ included, as on a CPU without AVX-512.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,7 +33,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -48,7 +49,7 @@ SWITCH_ENV = "INVACT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 4, 9
 MAX_X_THRESHOLDS = 15
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
@@ -66,7 +67,7 @@ class Table(ctypes.Structure):
         ("class_count", ctypes.c_int32 * MAX_CLASSES), ("class_threshold", ctypes.c_int32 * MAX_CLASSES),
         ("transform_kind", ctypes.c_int32 * MAX_TRANSFORMS), ("transform_sign", ctypes.c_float * MAX_TRANSFORMS),
         ("transform_origin", (ctypes.c_float * 3) * MAX_TRANSFORMS),
-        ("thresholds", ctypes.c_float * MAX_SEGMENTS),
+        ("thresholds", ctypes.c_float * MAX_SEGMENTS), ("strict", ctypes.c_int32 * MAX_SEGMENTS),
         ("columns", (ctypes.c_float * MAX_SEGMENTS) * MAX_COLUMNS),
         ("log_poly", ctypes.c_float * LOG_TERMS), ("ln2_hi", ctypes.c_float), ("ln2_lo", ctypes.c_float),
         ("sqrt2", ctypes.c_float), ("tiny", ctypes.c_float),
@@ -114,14 +115,16 @@ def library() -> ctypes.CDLL | None:
         fn.restype, fn.argtypes = ctypes.c_int, [table, *tensors]
     lib.invact_pack_code.restype = ctypes.c_int
     lib.invact_pack_code.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
-                                     ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32),  # thr, codes
+                                     ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
+                                     ctypes.POINTER(ctypes.c_int32),  # codes
                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
     return lib
 
 
-def kernel_table(mod: ModuleType, thresholds: tuple[float, ...]) -> Table | None:
+def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
     """The C table of a generated torch module (float32 ``thresholds``: its y thresholds as the
-    float32 evaluation compares them), or None where the kernel does not cover it."""
+    float32 evaluation compares them, passed where ``y > t`` if ``strict`` else ``y >= t``), or None
+    where the kernel does not cover it."""
     rows, classes = mod.POLY, mod.CLASSES
     transforms = getattr(mod, "TRANSFORMS", ())
     degree = len(rows[0]) - ROW_C1 if rows else 0
@@ -137,8 +140,8 @@ def kernel_table(mod: ModuleType, thresholds: tuple[float, ...]) -> Table | None
         t.transform_kind[i], t.transform_sign[i] = KINDS[kind], sign
         for k, o in enumerate(origin):
             t.transform_origin[i][k] = o
-    for j, v in enumerate(thresholds):
-        t.thresholds[j] = v
+    for j, (v, s) in enumerate(zip(thresholds, strict, strict=True)):
+        t.thresholds[j], t.strict[j] = v, int(s)
     for s, row in enumerate(rows):
         for j, v in enumerate(row):
             t.columns[j][s] = v
@@ -165,13 +168,37 @@ def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: 
     return _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits)
 
 
-def lookup_table(g_kernel: Callable[..., Tensor], dtype: torch.dtype, bits: int, *args, **params) -> Tensor:
+@contextlib.contextmanager
+def _denormals(flushed: bool) -> Iterator[None]:
+    """This thread's torch.set_flush_denormal(flushed) for the block, the caller's setting after it."""
+    was = bitpack.denormals_flushed()
+    if was != flushed:
+        torch.set_flush_denormal(flushed)
+    try:
+        yield
+    finally:
+        if was != flushed:
+            torch.set_flush_denormal(was)
+
+
+def lookup_table(g_kernel: Callable[..., Tensor], dtype: torch.dtype, bits: int, *args, flushed: bool = False,
+                 **params) -> Tensor:
     """float32 g of every ``dtype`` (bfloat16/float16) value of y for every code: entry
-    ``code << 16 | bits of y``. ``g_kernel(y, code, *args, **params)`` is the generated eager one."""
+    ``code << 16 | bits of y``. ``g_kernel(y, code, *args, **params)`` is the generated eager one.
+    ``flushed``: g as computed with denormals flushed (torch.set_flush_denormal(True)), where a y that
+    is subnormal in float32 (bfloat16's are) reads as the zero of its sign: its entry is that zero's,
+    whichever thread computed it (each thread has its own setting)."""
     y = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)  # every bit pattern
-    rows = [g_kernel(y, torch.full(y.shape, c, dtype=torch.int32) if bits else None, *args, **params)
-            for c in range(1 << bits)]
-    return torch.cat(rows).to(torch.float32).contiguous()
+    with _denormals(flushed):
+        rows = [g_kernel(y, torch.full(y.shape, c, dtype=torch.int32) if bits else None, *args, **params)
+                for c in range(1 << bits)]
+    lut = torch.cat(rows).to(torch.float32).view(1 << bits, 1 << 16)
+    if flushed:
+        b32 = y.to(torch.float32).view(torch.int32)  # bfloat16 -> float32 moves bits: no flushing
+        subnormal = ((b32 & 0x7F800000) == 0) & ((b32 & 0x7FFFFF) != 0)
+        zero = torch.where(b32 < 0, 0x8000, 0)      # the index of -0.0 or +0.0 (both 16-bit formats)
+        lut = lut[:, torch.where(subnormal, zero, torch.arange(1 << 16))]
+    return lut.reshape(-1).contiguous()
 
 
 def run_lookup(lut: Tensor, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
@@ -181,19 +208,37 @@ def run_lookup(lut: Tensor, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, 
     return _call("invact_lut_grad", lut.data_ptr(), out, grad, y, code, bits)
 
 
-CodeMap = tuple[tuple[float, ...], tuple[int, ...], int]
+CodeMap = tuple[tuple[float, ...], int, tuple[int, ...], int]
 
 
-def code_map(code_kernel: Callable[..., Tensor], thresholds: tuple[float, ...], dtype: torch.dtype) -> CodeMap | None:
-    """(thresholds, the code where k of them hold for k = 0 .. len, the code of NaN) of a generated
-    ``code_kernel(x, thresholds)``, read off it at each threshold, below the first and at NaN: the
-    kernel needs no other description of the code. None where there are too many thresholds."""
-    if len(thresholds) > MAX_X_THRESHOLDS:
-        return None
+def _probes(thresholds: tuple[float, ...], strict: tuple[bool, ...], dtype: torch.dtype) -> Tensor:
+    """x of dtype passing exactly k of the ascending thresholds, k = 0 .. len: -inf, then each
+    threshold (``x >= t``) or its upper neighbour (``x > t``); a subnormal neighbour of 0 becomes the
+    smallest normal float32, so that the probes mean the same with denormals flushed."""
     t = torch.tensor(thresholds, dtype=dtype)
-    below = torch.nextafter(t[:1], torch.full((1,), -math.inf, dtype=dtype)) if thresholds else t.new_zeros(1)
-    codes = code_kernel(torch.cat([below, t, t.new_full((1,), math.nan)]), thresholds).tolist()
-    return tuple(float(v) for v in thresholds), tuple(codes[:-1]), codes[-1]
+    up = torch.nextafter(t, torch.full_like(t, math.inf))
+    tiny = torch.finfo(torch.float32).tiny
+    up = torch.where((t == 0) & (up < tiny), torch.full_like(t, tiny), up)
+    after = torch.where(torch.tensor(strict, dtype=torch.bool), up, t)
+    return torch.cat([t.new_full((1,), -math.inf), after])
+
+
+def code_map(code_kernel: Callable[..., Tensor], thresholds: tuple[float, ...], strict: tuple[bool, ...],
+             dtype: torch.dtype) -> CodeMap | None:
+    """(thresholds, their strict flags as bits, the code where k of them are passed for k = 0 .. len,
+    the code of NaN) of a generated ``code_kernel(x, thresholds)``, read off it where k are passed and
+    at NaN: the kernel needs no other description of the code. Threshold j is passed where ``x > t``
+    (``strict[j]``) or ``x >= t``. None where there are too many thresholds or they are not ascending."""
+    if len(thresholds) > MAX_X_THRESHOLDS or len(strict) != len(thresholds) or list(thresholds) != sorted(thresholds):
+        return None
+    x = _probes(tuple(thresholds), tuple(strict), dtype)
+    t = torch.tensor(thresholds, dtype=dtype)
+    passed = sum(((x > v) if s else (x >= v)).to(torch.int64) for v, s in zip(t, strict))
+    if not torch.equal(torch.as_tensor(passed).expand(x.shape), torch.arange(x.numel())):
+        return None  # neighbouring thresholds leave no x between them: no probe for some count
+    codes = code_kernel(torch.cat([x, x.new_full((1,), math.nan)]), thresholds).tolist()
+    bits = sum(1 << j for j, s in enumerate(strict) if s)
+    return tuple(float(v) for v in thresholds), bits, tuple(codes[:-1]), codes[-1]
 
 
 def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
@@ -203,9 +248,9 @@ def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
     dtype = DTYPE_IDS.get(x.dtype)
     if lib is None or dtype is None or not x.is_contiguous() or x.device.type != "cpu":
         return None
-    thresholds, codes, nan_code = cmap
+    thresholds, strict, codes, nan_code = cmap
     out = torch.empty(bitpack.packed_bytes(x.numel(), bits), dtype=torch.uint8)
     thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
-    done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), len(thresholds), thr, (ctypes.c_int32 * 16)(*codes),
-                                nan_code, bits, out.data_ptr(), torch.get_num_threads())
+    done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), len(thresholds), thr, strict,
+                                (ctypes.c_int32 * 16)(*codes), nan_code, bits, out.data_ptr(), torch.get_num_threads())
     return out if done == 0 else None

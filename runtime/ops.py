@@ -275,6 +275,8 @@ class Constants:
     poly: Tensor                      # POLY transposed: (row length, segments), evaluation dtype
     params: dict[str, float]
     x_threshold_tensor: Tensor        # x_thresholds on the device, evaluation dtype (Triton reads them)
+    x_strict: tuple[bool, ...]        # per x threshold: `x > t` (a left-side break), else `x >= t`
+    y_strict: tuple[bool, ...]        # per y threshold: `y > t`, else `y >= t` (bitpack.threshold)
 
 
 def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
@@ -295,7 +297,9 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
     ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
-    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device))
+    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),
+                     tuple(side == "left" for _, side in mod.x_breaks(**params)),
+                     tuple(side == "left" for _, side in rounded))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,21 +356,29 @@ def _flat(t: Tensor, order: list[int]) -> Tensor:
 def _fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table | None:
     """The fused CPU backward's table of a generated module (None where it does not cover it)."""
     k = module_constants(mod, torch.float32, torch.device("cpu"), values)
-    return cpu_kernel.kernel_table(mod, k.y_threshold_values)
+    return cpu_kernel.kernel_table(mod, k.y_threshold_values, k.y_strict)
 
 
 @functools.lru_cache(maxsize=256)
 def _code_map(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> cpu_kernel.CodeMap | None:
     """The forward code of a generated module as the C kernel takes it (invact.cpu_kernel.code_map)."""
-    return cpu_kernel.code_map(mod.code_kernel, module_constants(mod, dtype, torch.device("cpu"), values).x_thresholds,
-                               dtype)
+    k = module_constants(mod, dtype, torch.device("cpu"), values)
+    return cpu_kernel.code_map(mod.code_kernel, k.x_thresholds, k.x_strict, dtype)
+
+
+def _flushed(t: Tensor) -> bool:
+    """Whether arithmetic on ``t`` reads subnormals as 0 now (torch.set_flush_denormal: CPU only)."""
+    return t.device.type == "cpu" and bitpack.denormals_flushed()
 
 
 @functools.lru_cache(maxsize=32)
-def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...], device: torch.device) -> Tensor:
-    """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table)."""
+def _lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...], device: torch.device,
+                  flushed: bool = False) -> Tensor:
+    """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table),
+    as it computes with denormals flushed or not (``flushed``: the caller's current setting)."""
     k = module_constants(mod, dtype, torch.device("cpu"), values)
-    lut = cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, **k.params)
+    lut = cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed,
+                                  **k.params)
     return lut.to(device)
 
 
@@ -387,7 +399,7 @@ def _fused_backward(name: str, params: list[float], out: Tensor, grad: Tensor, y
     if cpu_kernel.library() is None:
         return False
     if y.dtype in (torch.bfloat16, torch.float16):
-        lut = _lookup_table(mod, y.dtype, tuple(params), y.device)
+        lut = _lookup_table(mod, y.dtype, tuple(params), y.device, _flushed(y))
         return cpu_kernel.run_lookup(lut, out, grad, y, code, mod.CODE_BITS)
     table = _fused_table(mod, tuple(params)) if y.dtype == torch.float32 else None
     return table is not None and cpu_kernel.run(table, out, grad, y, code, mod.CODE_BITS)
@@ -516,7 +528,7 @@ def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[flo
     thr = k.y_threshold_values if backend == "compiled" else k.y_thresholds
     lut = None
     if backend == "eager" and y.dtype in (torch.bfloat16, torch.float16):
-        lut = _lookup_table(mod, y.dtype, tuple(params), y.device)
+        lut = _lookup_table(mod, y.dtype, tuple(params), y.device, _flushed(y))
     # compiled: whole bit planes (contiguous code bytes); eager: bounded temporaries as well
     size = yf.numel() if backend == "compiled" else _EAGER_CHUNK
     for a, b, first, shift in bitpack.plane_chunks(yf.numel(), mod.CODE_BITS, size):

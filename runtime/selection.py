@@ -4,7 +4,7 @@ Inductor's CPU code turns a per-element gather (``poly[:, s]``) into a scalar lo
 coefficient (measured: eleven such gathers cost ~3x a native GELU backward on 2^24 fp32 elements),
 while ``torch.where`` with a constant is one vector blend. So, for each column of the POLY table, the
 value of each element's segment is selected by a chain of blends on the threshold masks
-(``y >= thr[j]``), one chain per code class and one blend per extra class. Columns whose value is the
+(``y > thr[j]`` or ``y >= thr[j]``, by the break's side), one chain per code class and one blend per extra class. Columns whose value is the
 same in every segment stay Python floats (no work at all).
 """
 
@@ -35,13 +35,17 @@ def _blend(mask: torch.Tensor, a: Value, b: Value) -> Value:
 
 
 def columns(rows: Sequence[Sequence[float]], classes: Sequence[tuple[int, int, int, int]],
-            y: torch.Tensor, thr: Sequence[float], code: torch.Tensor | None) -> list[Value]:
+            y: torch.Tensor, thr: Sequence[float], code: torch.Tensor | None,
+            strict: Sequence[bool]) -> list[Value]:
     """Column j of each element's row of ``rows`` (one row per global segment), for every j.
 
     ``classes``: (code, first segment, number of segments, first threshold) per code class, the
     first one being the default where ``code`` matches no other class (or ``code`` is None).
+    ``strict[j]``: threshold j is passed where ``y > thr[j]``, else where ``y >= thr[j]``.
     """
-    masks = [y >= t for t in thr]
+    if len(strict) != len(thr):
+        raise ValueError(f"strict must have one flag per threshold ({len(thr)}), got {len(strict)}")
+    masks = [y > t if s else y >= t for t, s in zip(thr, strict)]
     out: list[Value] = []
     for j in range(len(rows[0])):
         value: Value | None = None

@@ -80,16 +80,39 @@ def _neighbours(t: float, dtype: torch.dtype) -> list[float]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_threshold_is_exact(dtype, side):
-    """x >= threshold(b) equals the real test (x > b or x >= b) for the values around the threshold."""
-    values = [-0.7517915246935645, -1.2784645427610738, 0.0, 1 / 3, 20.0, -3.0, 1e-30, 2.5e5]
+    """x > threshold(b) (side left) or x >= threshold(b) (right) equals the real test (x > b or x >= b)
+    for the values around the threshold, which is never a subnormal number (with denormals flushed a
+    comparison reads one as 0: ReLU's break at 0 was once the threshold 1.4e-45, read as `y >= 0`)."""
+    values = [-0.7517915246935645, -1.2784645427610738, 0.0, -0.0, 1 / 3, 20.0, -3.0, 1e-30, -1e-30, 2.5e5, -2.5e5]
+    tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
     for b in values:
         t = bitpack.threshold(b, side, dtype)
         assert torch.tensor(t, dtype=dtype).item() == t  # representable
-        if math.isinf(t):
-            continue
-        for x in _neighbours(t, dtype):
+        assert t == 0 or abs(t) >= tiny, (b, side, t)
+        assert math.copysign(1, t) == 1 or t != 0  # +0.0, never -0.0
+        for x in _neighbours(t, dtype) + [math.inf, -math.inf]:
             real = x > b if side == "left" else x >= b
-            assert (x >= t) == real, (b, side, x, t)
+            assert ((x > t) if side == "left" else (x >= t)) == real, (b, side, x, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_threshold_refuses_a_subnormal_break(dtype):
+    """A break inside the subnormal range would need a subnormal threshold (or move): a clear error."""
+    sub = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny / 4
+    for side in ("left", "right"):
+        with pytest.raises(ValueError, match="subnormal"):
+            bitpack.threshold(sub, side, dtype)
+
+
+def test_denormals_flushed_follows_torch():
+    """bitpack.denormals_flushed() reads the thread's setting (the lookup tables are built per setting)."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
+    try:
+        assert bitpack.denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not bitpack.denormals_flushed()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -232,9 +232,11 @@ def test_generated_torch_matches_the_scheme(root, tables, name, dtype):
         # compiled path: the columns selected by blend chains are the eager path's gathered rows
         y_ok = yt[~torch.isnan(yt)]
         codes = None if not mod.CODE_BITS else torch.full(y_ok.shape, cc["code"], dtype=torch.int32)
-        cols = selection.columns(mod.POLY, mod.CLASSES, y_ok, k.y_thresholds.tolist(), codes)
+        cols = selection.columns(mod.POLY, mod.CLASSES, y_ok, k.y_thresholds.tolist(), codes, k.y_strict)
         _, first, count, first_thr = next(c for c in mod.CLASSES if c[0] == cc["code"])
-        seg = torch.bucketize(y_ok, k.y_thresholds[first_thr:first_thr + count - 1], right=True) + first
+        passed = [y_ok > t if strict else y_ok >= t for t, strict in
+                  zip(k.y_thresholds[first_thr:first_thr + count - 1], k.y_strict[first_thr:first_thr + count - 1])]
+        seg = sum((p.to(torch.int64) for p in passed), torch.zeros_like(y_ok, dtype=torch.int64)) + first
         rows = k.poly.index_select(1, seg)
         for j, col in enumerate(cols):
             assert torch.equal(torch.as_tensor(col, dtype=dtype).expand_as(y_ok), rows[j]), (name, j)

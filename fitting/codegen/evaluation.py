@@ -17,6 +17,12 @@ TINY32 = 1.1754943508222875e-38  # smallest normal float32: the log transform's 
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
 
 
+def passes(side: str) -> str:
+    """The comparison of a value with a break's threshold that holds right of the break: `>` where
+    the break belongs to the left side, else `>=` (invact.bitpack.threshold: never a subnormal t)."""
+    return ">" if side == "left" else ">="
+
+
 class TorchDialect:
     printer = TorchPrinter
     where = "fastmath.where"  # torch.where, bit for bit; eager CPU code: no branch per element
@@ -39,22 +45,24 @@ class TorchDialect:
         if not c.y_breaks:
             return [repr(c.offset)]
         a, b = c.break_offset, c.break_offset + len(c.y_breaks)
-        if compare or len(c.y_breaks) <= EAGER_COMPARES:
-            terms = [f"(y >= thr[{j}]).to(torch.int32)" for j in range(a, b)]
-        else:
-            terms = [f"torch.bucketize(y, thr[{a}:{b}], out_int32=True, right=True)"]
+        sides = {side for _, side in c.y_breaks}
+        if compare or len(c.y_breaks) <= EAGER_COMPARES or len(sides) > 1:
+            terms = [f"(y {passes(side)} thr[{a + j}]).to(torch.int32)" for j, (_, side) in enumerate(c.y_breaks)]
+        else:  # right=True counts thresholds <= y, right=False those < y
+            terms = [f"torch.bucketize(y, thr[{a}:{b}], out_int32=True, right={sides == {'right'}})"]
         return terms + ([str(c.offset)] if c.offset else [])
 
     def interval_code(self, plan: Plan) -> str:
-        """The forward code of x (int32) from the thresholds thr (x >= thr[j] passes break j)."""
-        k, codes = len(plan.x_breaks), list(plan.codes)
+        """The forward code of x (int32) from the thresholds thr (x > thr[j], or x >= thr[j] for a
+        right-side break, passes break j)."""
+        k, codes, op = len(plan.x_breaks), list(plan.codes), [passes(side) for _, side in plan.x_breaks]
         if codes == list(range(k + 1)):
-            return " + ".join(f"(x >= thr[{j}]).to(torch.int32)" for j in range(k))
+            return " + ".join(f"(x {op[j]} thr[{j}]).to(torch.int32)" for j in range(k))
         if k == 1 and codes == [1, 0]:
-            return "(x < thr[0]).to(torch.int32)"
+            return f"(x {'<=' if op[0] == '>' else '<'} thr[0]).to(torch.int32)"
         text = f"torch.full_like(x, {codes[0]}, dtype=torch.int32)"
         for j in range(k):
-            text = f"{self.where}(x >= thr[{j}], {codes[j + 1]}, {text})"
+            text = f"{self.where}(x {op[j]} thr[{j}], {codes[j + 1]}, {text})"
         return text
 
 
@@ -72,16 +80,18 @@ class TritonDialect(TorchDialect):
     def divide(self, a, b): return f"tl.div_rn({a}, {b})"  # `/` is div.full.f32 (2 ulp) on GPUs
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
-        terms = [f"(y >= tl.load(YT + {c.break_offset + j})).to(tl.int32)" for j in range(len(c.y_breaks))]
+        terms = [f"(y {passes(side)} tl.load(YT + {c.break_offset + j})).to(tl.int32)"
+                 for j, (_, side) in enumerate(c.y_breaks)]
         start = "tl.zeros(y.shape, dtype=tl.int32)" + (f" + {c.offset}" if c.offset else "")
         return [start] + terms
 
     def interval_code(self, plan: Plan) -> str:
+        op = [passes(side) for _, side in plan.x_breaks]
         if len(plan.x_breaks) == 1 and list(plan.codes) == [1, 0]:  # as torch: NaN gets code 0
-            return "(x < tl.load(XT + 0)).to(tl.int32)"
+            return f"(x {'<=' if op[0] == '>' else '<'} tl.load(XT + 0)).to(tl.int32)"
         text = f"tl.zeros(x.shape, dtype=tl.int32) + {plan.codes[0]}"
         for j in range(len(plan.x_breaks)):
-            text = f"tl.where(x >= tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
+            text = f"tl.where(x {op[j]} tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
         return text
 
 
@@ -117,7 +127,7 @@ def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
         if plan.exact or plan.constant or not plan.has_poly:  # else every segment is a POLY row
             body(True)
         if plan.has_poly:
-            w("q = selection.columns(POLY, CLASSES, y, thr, code)")
+            w("q = selection.columns(POLY, CLASSES, y, thr, code, Y_STRICT)")
     with w.block("else:"):
         body(False)
         if plan.has_poly:

@@ -33,7 +33,10 @@ def _meta(w: Writer, plan: Plan) -> None:
       f"N_SEGMENTS = {plan.n_segments}",
       "# Code classes: (code, first segment, number of segments, first y threshold); the first is",
       "# taken where the code matches no other (invact.selection).",
-      f"CLASSES = {classes!r}", "")
+      f"CLASSES = {classes!r}",
+      "# Per y threshold: True where its break belongs to the left side (passed where `y > t`), else",
+      "# False (`y >= t`); a threshold is the break itself, never a subnormal (invact.bitpack.threshold).",
+      f"Y_STRICT = {tuple(side == 'left' for c in plan.classes for _, side in c.y_breaks)!r}", "")
 
 
 def _poly_table(w: Writer, plan: Plan) -> None:
@@ -111,7 +114,8 @@ def generate_torch(plan: Plan) -> str:
         w(f"return {_breaks([b for c in plan.classes for b in c.y_breaks])}")
     w("", "")
     with w.block("def code_kernel(x, thr):"):
-        w('"""int32 code of each element of x; thr[j]: `x >= thr[j]` <=> x is right of break j."""')
+        w('"""int32 code of each element of x; thr[j]: `x > thr[j]` (a left-side break) or `x >= thr[j]`',
+          '(a right-side one) <=> x is right of break j."""')
         if plan.code_bits:
             emit_code(w, plan, d)
             w("return c")
@@ -121,8 +125,9 @@ def generate_torch(plan: Plan) -> str:
     with w.block(f"def g_kernel({_signature(plan, 'y', 'code', 'thr', 'poly')}):"):
         w('"""g(y, code) = f\'(x): float64 for float64 y, else float32 (y upcast exactly).',
           "",
-          "thr: the y_breaks as `y >= t` thresholds (concatenated per class; a tensor, or a tuple of",
-          "floats when compiled); poly: POLY transposed (row length, segments).",
+          "thr: the y_breaks as thresholds t, passed where `y > t` (Y_STRICT) or `y >= t` (concatenated",
+          "per class; a tensor, or a tuple of floats when compiled); poly: POLY transposed (row length,",
+          "segments).",
           '"""')
         w("y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)")
         emit_g(w, plan, d)

@@ -32,7 +32,8 @@ def _forward_kernel(w: Writer, plan: Plan) -> None:
     w("@triton.jit")
     with w.block(f"def forward_kernel(X, Y, {code_args}n, nbytes, {params}BLOCK: tl.constexpr):"):
         w('"""y = f(x) in float32, stored in Y\'s dtype; with a code: program pid packs BLOCK code bytes',
-          "from the matching element of every bit plane. x >= XT[j] <=> x is right of forward-code break j.\"\"\"")
+          "from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)",
+          "<=> x is right of forward-code break j.\"\"\"")
         _program_elements(w, plan)
         if not plan.code_bits:
             _forward_body(w, plan)

@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
@@ -38,7 +38,8 @@ typedef struct {
     int32_t transform_kind[MAX_TRANSFORMS];
     float transform_sign[MAX_TRANSFORMS];
     float transform_origin[MAX_TRANSFORMS][3];
-    float thresholds[MAX_SEGMENTS];           /* `y >= t`, concatenated class by class */
+    float thresholds[MAX_SEGMENTS];           /* concatenated class by class: passed where */
+    int32_t strict[MAX_SEGMENTS];             /* `y > t` (strict: a left-side break), else `y >= t` */
     float columns[MAX_COLUMNS][MAX_SEGMENTS];  /* POLY transposed: column j of segment s */
     float log_poly[LOG_TERMS], ln2_hi, ln2_lo, sqrt2, tiny; /* invact.fastmath's float32 log */
 } invact_table;
@@ -105,23 +106,32 @@ static inline void transform(const invact_table *t, int i, const __m512 y[U], __
     log32(t, d, out);
 }
 
-/* global segment index: count of the class's thresholds <= y plus its first segment; the class is
- * the last whose code matches (the first class where none does), as the generated code's wheres.
- * y >= thr exactly when (y + 0) - thr is +0 or positive (a difference of floats is 0 only when they
- * are equal, and y + 0 turns -0 into +0, since -0 - +0 is -0), so each threshold costs a subtraction
- * and a shift instead of a mask compare (which competes with the permutes for one port); NaN y gets
- * any index and is replaced by NaN at the end */
+/* global segment index: count of the class's thresholds that y passes plus its first segment; the
+ * class is the last whose code matches (the first class where none does), as the generated code's
+ * wheres. y >= t exactly when (y + 0) - t is +0 or positive (a difference of floats is 0 only when
+ * they are equal, and y + 0 turns -0 into +0, since -0 - +0 is -0); y > t exactly when t - y is
+ * negative or -0 (t + 0 is never -0): each threshold costs a subtraction and a shift instead of a
+ * mask compare (which competes with the permutes for one port). With denormals flushed a subnormal y
+ * reads as 0 and a flushed difference keeps its sign, as a compare would. NaN y gets any index and
+ * is replaced by NaN at the end */
 static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
     __m512 yz[U];
     EACH(v) yz[v] = _mm512_add_ps(y[v], _mm512_setzero_ps());
     EACH(v) s[v] = _mm512_setzero_si512();
     for (int c = 0; c < t->n_classes; c++) {
-        int count = t->class_count[c] - 1;
-        __m512i sc[U];
-        EACH(v) sc[v] = _mm512_set1_epi32(t->class_first[c] + count);
+        int count = t->class_count[c] - 1, strict = 0;
         const float *thr = t->thresholds + t->class_threshold[c];
+        const int32_t *is_strict = t->strict + t->class_threshold[c];
+        for (int j = 0; j < count; j++) strict += is_strict[j] != 0;
+        __m512i sc[U];
+        EACH(v) sc[v] = _mm512_set1_epi32(t->class_first[c] + count - strict);
         for (int j = 0; j < count; j++) {
-            __m512 tj = set(thr[j]);
+            __m512 tj = set(thr[j] + 0.0f);
+            if (is_strict[j]) {
+                EACH(v) sc[v] = _mm512_add_epi32(
+                    sc[v], _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(tj, y[v])), 31));
+                continue;
+            }
             EACH(v) {
                 __m512i negative = _mm512_srli_epi32(_mm512_castps_si512(_mm512_sub_ps(yz[v], tj)), 31);
                 sc[v] = _mm512_sub_epi32(sc[v], negative);
@@ -334,11 +344,11 @@ int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const
 #define MAX_X_THRESHOLDS 15
 
 typedef struct {
-    int dtype, bits, n_thr, nan_code;
+    int dtype, bits, n_thr, nan_code, strict;
     int64_t n, nbytes, lo, hi;          /* all elements, bytes of the packed code, this job's bytes */
     const void *x;
     uint8_t *packed;
-    float thr[MAX_X_THRESHOLDS];        /* `x >= t`, ascending */
+    float thr[MAX_X_THRESHOLDS];        /* ascending; passed where `x > t` (bit j of strict) or `x >= t` */
     int32_t codes[16];                  /* code of the interval with k thresholds <= x */
 } code_job;
 
@@ -356,8 +366,11 @@ static void *run_code_job(void *arg) {
             if (!m) break;
             __m512 x = load(jb->dtype, jb->x, e, m);
             __m512i count = _mm512_setzero_si512();
-            for (int j = 0; j < jb->n_thr; j++)
-                count = _mm512_mask_add_epi32(count, _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GE_OQ), count, one);
+            for (int j = 0; j < jb->n_thr; j++) {
+                __mmask16 passed = (jb->strict >> j) & 1 ? _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GT_OQ)
+                                                         : _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GE_OQ);
+                count = _mm512_mask_add_epi32(count, passed, count, one);
+            }
             __m512i c = _mm512_permutexvar_epi32(count, codes);
             c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
             acc = _mm512_or_si512(acc, _mm512_maskz_mov_epi32(m, _mm512_slli_epi32(c, plane * jb->bits)));
@@ -368,10 +381,11 @@ static void *run_code_job(void *arg) {
 }
 
 /* packed[0 .. nbytes) = the codes of n contiguous x of dtype (every byte written, unused bits 0).
- * thr: n_thr ascending thresholds (`x >= t`); codes[k]: the code where k of them hold; nan_code:
- * the code of NaN. Returns 0, or -1 for arguments it does not take. */
-int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, const int32_t *codes,
-                     int nan_code, int bits, uint8_t *packed, int threads) {
+ * thr: n_thr ascending thresholds, passed where `x > t` (bit j of strict set) or `x >= t`; codes[k]:
+ * the code where k of them are passed; nan_code: the code of NaN. Returns 0, or -1 for arguments it
+ * does not take. */
+int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
+                     const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
     if (dtype < F32 || dtype > F16 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
         (bits != 1 && bits != 2 && bits != 4 && bits != 8))
         return -1;
@@ -381,7 +395,7 @@ int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float
     code_job jobs[MAX_THREADS];
     for (int k = 0; k < nt; k++) {
         code_job *jb = &jobs[k];
-        *jb = (code_job){dtype, bits, n_thr, nan_code, n, nbytes, 0, 0, x, packed, {0}, {0}};
+        *jb = (code_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0}};
         jb->lo = clamp_to(k * step, nbytes);
         jb->hi = clamp_to(jb->lo + step, nbytes);
         memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
