@@ -25,11 +25,13 @@ _PREFIXES = ("torch_", "triton_")
 def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[str, str]:
     """Root-relative path -> text of every generated file for the tables under ``root``.
 
-    ``pending``: table path -> table about to be written there, used in place of that file."""
+    ``pending``: table path -> table about to be written there, used in place of that file (tables
+    outside ``root``'s generated/tables have no code here)."""
     root = Path(root).resolve()
+    folder = (root / "generated" / "tables").resolve()
     pending = {Path(p).resolve(): t for p, t in (pending or {}).items()}
     paths = {p.resolve() for p in list_tables(root, target="derivative")}
-    paths |= {p for p in pending if name_of(p)[1] == "derivative"}
+    paths |= {p for p in pending if name_of(p)[1] == "derivative" and p.parent == folder}
     out: dict[str, str] = {}
     names = []
     for path in sorted(paths):
