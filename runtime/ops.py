@@ -491,13 +491,15 @@ def _forward_fake(x, name, params, backend):
     return _like(x), _empty_code(x, _module(name).CODE_BITS)
 
 
-@torch.library.custom_op("invact::value", mutates_args=())
-def _value(x: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+def _y_only(x: Tensor, name: str, params: list[float], backend: str) -> Tensor:
     """y of invact::forward without the code: what apply runs when nothing will differentiate y."""
     done, _ = _triton_forward(x, name, params, backend)  # the Triton kernel packs the code as it goes
     if done is not None:
         return done[0]
     return _output(x, _module(name), module_constants(_module(name), x.dtype, x.device, tuple(params)))
+
+
+_value = torch.library.custom_op("invact::value", _y_only, mutates_args=())
 
 
 @_value.register_fake
@@ -733,4 +735,8 @@ def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
         return _differentiated(x, name, values, chosen)
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.ops.invact.forward(x, name, values, chosen)[0]
-    return torch.ops.invact.value(x, name, values, chosen)  # nothing differentiates y: no code
+    # nothing differentiates y: no code. A plain tensor outside torch.compile skips the op's dispatch,
+    # which costs more than the work itself at small sizes (Triton and fakes go through the op)
+    if chosen == "triton" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return torch.ops.invact.value(x, name, values, chosen)
+    return _y_only(x, name, values, chosen)
