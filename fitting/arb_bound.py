@@ -64,7 +64,8 @@ class _Printer:
             return f"({base}.log() * {self(ex)}).exp()"
         name = type(e).__name__
         methods = {"exp": "exp", "log": "log", "erf": "erf", "erfc": "erfc", "tanh": "tanh", "sinh": "sinh",
-                   "cosh": "cosh", "atan": "atan", "sin": "sin", "cos": "cos", "Abs": "__abs__"}
+                   "cosh": "cosh", "atan": "atan", "sin": "sin", "cos": "cos", "Abs": "__abs__",
+                   "asinh": "asinh", "acosh": "acosh", "atanh": "atanh", "asin": "asin", "acos": "acos", "tan": "tan"}
         if name in methods:
             return f"{self(e.args[0])}.{methods[name]}()"
         raise NotImplementedError(f"no Arb form for {name}")

@@ -63,6 +63,18 @@ def _invertible(e: sp.Expr) -> bool:
         return True
     if e.is_polynomial(X):
         return sp.degree(e, X) <= 4
+    if e.is_rational_function(X):      # softsign's pieces x/(1 - x): a polynomial equation in x
+        num, den = sp.fraction(sp.together(e))
+        return max(sp.degree(num, X), sp.degree(den, X)) <= 2
+    roots = {a.base for a in e.atoms(sp.Pow) if a.has(X) and a.exp in (sp.S.Half, -sp.S.Half)}
+    if len(roots) == 1:                # squareplus (x + sqrt(x^2 + 4))/2: one quadratic radicand
+        (base,) = roots
+        z = sp.Dummy("z", positive=True)
+        rest = e.subs({sp.sqrt(base): z, 1 / sp.sqrt(base): 1 / z})
+        if not (base.is_polynomial(X) and sp.degree(base, X) <= 2 and rest.is_rational_function(X, z)):
+            return False
+        num, den = sp.fraction(sp.together(rest))
+        return max(sp.Poly(num, X, z).total_degree(), sp.Poly(den, X, z).total_degree()) <= 4
     z = sp.Dummy("z", positive=True)
     exps = {a.args[0] for a in e.rewrite(sp.exp).atoms(sp.exp) if a.has(X)}
     if len(exps) == 1:

@@ -117,9 +117,11 @@ def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float,
 
 def _exact_float32_error(b: Branch, target: str, seg: dict, params: dict) -> float:
     """``float32_scheme_error`` of an exact segment at float32 y spread evenly in float32 order
-    over the branch."""
+    over the branch, its ends included (x/sqrt(1 + x^2)'s closed form is NaN at y = +-1)."""
     from .reference import _ordinal_nodes
-    return float32_scheme_error(seg, BranchReference(b, target), _ordinal_nodes(*b.y_range), params)
+    ends = [f32(v) for v in b.y_range if math.isfinite(v) and abs(v) <= F32_MAX]
+    y = np.concatenate([_ordinal_nodes(*b.y_range), ends])
+    return float32_scheme_error(seg, BranchReference(b, target), y, params)
 
 
 def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[int, list[dict]]:
@@ -216,28 +218,31 @@ def _precise_value(b: Branch, which: str):
     return sp.N(b.expr.subs(X, sp.Float(x, 30)), 40)
 
 
+TAIL_REACH = (1e4, 1e15)   # |x| scanned for a constant tail: the first reach that has one is used
+
+
 def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     """(y where the fitted part ends, tail segment or None) for an end at x = +-inf."""
     x_inf = b.x_at_y_end(which)
     x_in = b.x_range[1] if x_inf < 0 else b.x_range[0]
     x_in = x_in if math.isfinite(x_in) else 0.0
     direction = math.copysign(1.0, x_inf)
-    steps = x_in + direction * np.expm1(np.linspace(0, math.log(1e4), 200001))
-    y = ref.f(steps)
-    if target == "derivative":
-        limit = b.limits[which]
-        bad = np.abs(ref.fp(steps) - limit) > tol / 4
-        kind = {"kind": "constant", "value": repr(float(limit))}
-    else:
-        bad = np.abs(steps - y) > tol / 4 if b.limits[which] == 1.0 else np.ones_like(steps, bool)
-        kind = {"kind": "exact", "expr": "y"}
-    finite = np.isfinite(y) & (np.abs(y) < F32_MAX)
-    last_bad = np.nonzero(bad & finite)[0]
-    if last_bad.size == 0:
-        k = 1
-    else:
-        k = last_bad[-1] + 1
     y_limit = b.y_range[0 if which == "lower" else 1]
+    for reach in TAIL_REACH:     # g settling slowly (asinh's 1/x) needs the longer scan
+        steps = x_in + direction * np.expm1(np.linspace(0, math.log(reach), 200001))
+        y = ref.f(steps)
+        if target == "derivative":
+            limit = b.limits[which]
+            bad = np.abs(ref.fp(steps) - limit) > tol / 4
+            kind = {"kind": "constant", "value": repr(float(limit))}
+        else:
+            bad = np.abs(steps - y) > tol / 4 if b.limits[which] == 1.0 else np.ones_like(steps, bool)
+            kind = {"kind": "exact", "expr": "y"}
+        finite = np.isfinite(y) & (np.abs(y) < F32_MAX)
+        last_bad = np.nonzero(bad & finite)[0]
+        k = 1 if last_bad.size == 0 else last_bad[-1] + 1
+        if k < steps.size and finite[k] and abs(y[k] - y_limit) > F32_TINY:
+            break
     if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
         raise FitError(f"branch {b.index}: g = f' grows without bound as y -> {y_limit:+g} "
                        f"(x -> {x_inf:+g}); tables hold a g that is bounded or settles to a constant there")
@@ -251,7 +256,7 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             x_end = float(ref.inverse(np.array([y_end]))[0])
             return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
                            "cutoff": True}
-        raise FitError(f"branch {b.index}: the target has no constant tail within |x| < 1e4", None,
+        raise FitError(f"branch {b.index}: the target has no constant tail within |x| < 1e15", None,
                        "restrict the formula or relax --tolerance")
     y_end = f32(float(y[k]))
     return y_end, dict(kind, y_range=_tail_range(b, which, y_end))
