@@ -730,10 +730,20 @@ def _differentiated(x: Tensor, name: str, values: list[float], chosen: str) -> T
     return _Activation.apply(x, name, values, chosen)[0]
 
 
+def _requires_grad(x: Tensor) -> bool:
+    """x.requires_grad, looking through vmap's and functionalize's wrappers (which report False; what
+    Dynamo traces of them: a batched x counts as requiring grad)."""
+    if torch.compiler.is_compiling():
+        return x.requires_grad or torch._C._functorch.is_batchedtensor(x)
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x.requires_grad
+
+
 def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
     if _transformed():
         return _differentiated(x, name, values, chosen)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and _requires_grad(x):
         return torch.ops.invact.forward(x, name, values, chosen)[0]
     # nothing differentiates y: no code. A plain tensor outside torch.compile skips the op's dispatch,
     # which costs more than the work itself at small sizes (Triton and fakes go through the op)

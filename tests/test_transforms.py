@@ -136,6 +136,8 @@ def test_vmap_composes(case, backend):
     assert torch.equal(grad(lambda v: (vmap(f)(v) * ts).sum())(xs), want)
     assert torch.equal(vmap(lambda v, w: jvp(f, (v,), (w,))[1])(xs, ts), want)
     assert torch.equal(jvp(vmap(f), (xs,), (ts,))[1], want)
+    xr = xs.clone().requires_grad_()  # plain autograd around vmap (a batched x reports requires_grad False)
+    assert torch.equal(torch.autograd.grad(vmap(vmap(f))(xr.unsqueeze(-1)).squeeze(-1), xr, ts)[0], want)
     _, pullback = vjp(f, xs[0])  # one y, a batch of cotangents (what jacrev does)
     assert torch.equal(vmap(pullback)(ts)[0], torch.stack([pullback(t)[0] for t in ts]))
 
@@ -145,6 +147,8 @@ def test_functionalize(case):
     x = inputs(name, params)
     f = invact_fn(name, params)
     assert torch.equal(functionalize(f)(x), f(x))
+    xr = x.clone().requires_grad_()
+    assert torch.equal(torch.autograd.grad(functionalize(f)(xr).sum(), xr)[0], plain_vjp(name, params, x, torch.ones_like(x)))
     with pytest.raises(NotImplementedError, match="invact.*functionalize"):
         functionalize(grad(lambda v: f(v).sum()))(x)
 
@@ -217,3 +221,6 @@ def test_compiled_transforms_match_eager(fullgraph):
                 fn(x)
         else:
             assert torch.equal(fn(x), want)
+    xr = x.clone().requires_grad_()  # vmap alone compiles into the graph, with the ops' own autograd
+    y = torch.compile(vmap(f), fullgraph=fullgraph)(xr.view(2, -1))
+    assert torch.equal(torch.autograd.grad(y.view(-1), xr, t)[0], want)
