@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
-from scipy.optimize import brentq, minimize_scalar
+from scipy.optimize import brentq
 
 from .errors import SpecError
 from .formulas import X, ActivationSpec
@@ -315,6 +315,12 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
             x_bad = float(xs[np.argmax(bad)])
             raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: "
                             f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}")
+        dys = numeric(sp.diff(p.expr, X))(xs)
+        bad = np.isnan(dys)
+        if bad.any():
+            x_bad = float(xs[np.argmax(bad)])
+            raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
+                            "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,30 +366,41 @@ def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
 
 
 def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[float]:
-    """Zeros of f' where it keeps its sign (tanhshrink's x - tanh(x) at 0, f' ~ x^2): the branch is
-    split there, since g ~ |y - y0|^(m/(m+1)) is singular at such a point on both sides."""
+    """Zeros of f' where it keeps its sign (tanhshrink's x - tanh(x) at 0, f' ~ x^2; x**5): the
+    branch is split there, since g ~ |y - y0|^(m/(m+1)) is singular at such a point on both sides.
+    Candidates are strict local minima of |f'| on a grid; a zero of even order of f' is a sign change
+    of f'', found by brentq, and kept where f' there is below 1e-12 of its values a grid step away.
+    Refuses infinitely many (x + sin(x))."""
     lo, hi = max(piece.lo, -SCAN), min(piece.hi, SCAN)
     if not lo < hi:
         return []
     xs = np.linspace(lo, hi, 20001)
     a = np.abs(fpn(xs))
     a = np.where(np.isfinite(a), a, np.inf)
-    scale = float(np.max(a[np.isfinite(a)], initial=1.0))
-    # a strict local minimum of |f'| far below its neighbours, which are themselves above float64
-    # noise (where f' underflows to 0 in a tail, every point would be a minimum)
-    floor = 1e-12 * scale
-    local = np.nonzero((a[1:-1] < a[:-2]) & (a[1:-1] < a[2:]) & (a[1:-1] < 1e-3 * np.minimum(a[:-2], a[2:]))
-                       & (np.minimum(a[:-2], a[2:]) > floor))[0] + 1
+    local = np.nonzero((a[1:-1] < a[:-2]) & (a[1:-1] < a[2:]) & (np.minimum(a[:-2], a[2:]) > 1e-250))[0] + 1
+    fpp = numeric(sp.diff(fp, X))
     out: list[float] = []
-    for i in local[:MAX_CRITICAL]:
-        if any(abs(xs[i] - c) <= 2 * (xs[1] - xs[0]) for c in crit + out):
+    for i in local:
+        if any(abs(xs[i] - c) <= 2 * (xs[1] - xs[0]) for c in crit):
             continue
-        x0 = float(xs[i]) if a[i] == 0 else float(minimize_scalar(
-            lambda t: abs(float(fpn(np.array([t]))[0])), bounds=(xs[i - 1], xs[i + 1]), method="bounded",
-            options={"xatol": 1e-15}).x)
-        if abs(float(fpn(np.array([x0]))[0])) <= 1e-13 * scale and piece.lo < x0 < piece.hi:
+        x0 = _second_root(fpp, float(xs[i - 1]), float(xs[i]), float(xs[i + 1]))
+        if x0 is not None and abs(float(fpn(np.array([x0]))[0])) <= 1e-12 * min(a[i - 1], a[i + 1]) \
+                and piece.lo < x0 < piece.hi:
             out.append(x0)
+    if len(out) > MAX_CRITICAL:
+        raise SpecError(f"f' touches zero without changing sign {len(out)} times on [{lo:g}, {hi:g}] (first at "
+                        f"x = {out[0]:.6g}): infinitely many flat points, each a singularity of g")
     return out
+
+
+def _second_root(fpp, a: float, m: float, b: float) -> float | None:
+    """A zero of f'' in [a, b] (m, the grid point, if f''(m) is exactly 0), or None."""
+    va, vm, vb = (float(v) for v in fpp(np.array([a, m, b])))
+    if vm == 0:
+        return m
+    if va * vb >= 0 or not (math.isfinite(va) and math.isfinite(vb)):
+        return None
+    return brentq(lambda t: float(fpp(np.array([t]))[0]), a, b, xtol=1e-15, rtol=1e-15)
 
 
 def _sign_changes(fpn, lo: float, hi: float, n: int) -> list[float]:
@@ -425,7 +442,7 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
 LIMIT_SECONDS = 5.0   # a guard for sympy's limit; numeric extrapolation decides when it gives up
 
 
-def _value_at(f, x: float, expr: sp.Expr | None = None) -> float:
+def _value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float:
     """f at x, or its limit at x = +-inf: the value where f settles on |x| in [10, 1e5] (inf/inf
     NaNs far out are skipped), or +-inf when it keeps growing. Slowly converging limits (atan's
     pi/2 - 1/x) come from sympy's ``limit`` of ``expr`` when it finds one that the values agree
@@ -445,7 +462,7 @@ def _value_at(f, x: float, expr: sp.Expr | None = None) -> float:
         return symbolic
     if numeric_limit is not None:
         return numeric_limit
-    raise SpecError(f"f has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
+    raise SpecError(f"{what} has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
                     "by |x| = 2^63)")
 
 
@@ -553,7 +570,7 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
         x = b.x_at_y_end(which)
         y = b.y_range[0] if which == "lower" else b.y_range[1]
         if math.isinf(x):
-            lim = _value_at(fp, x, sp.diff(b.expr, X))
+            lim = _value_at(fp, x, sp.diff(b.expr, X), "f'")
             b.limits[which] = lim
             kind = "tail" if math.isinf(y) else _approach(numeric(b.expr), x, y)
             side = f"x -> {'+' if x > 0 else '-'}inf"

@@ -228,6 +228,9 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     x_in = x_in if math.isfinite(x_in) else 0.0
     direction = math.copysign(1.0, x_inf)
     y_limit = b.y_range[0 if which == "lower" else 1]
+    if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
+        raise FitError(f"branch {b.index}: g = f' grows without bound as y -> {y_limit:+g} "
+                       f"(x -> {x_inf:+g}); tables hold a g that is bounded or settles to a constant there")
     for reach in TAIL_REACH:     # g settling slowly (asinh's 1/x) needs the longer scan
         steps = x_in + direction * np.expm1(np.linspace(0, math.log(reach), 200001))
         y = ref.f(steps)
@@ -243,9 +246,6 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         k = 1 if last_bad.size == 0 else last_bad[-1] + 1
         if k < steps.size and finite[k] and abs(y[k] - y_limit) > F32_TINY:
             break
-    if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
-        raise FitError(f"branch {b.index}: g = f' grows without bound as y -> {y_limit:+g} "
-                       f"(x -> {x_inf:+g}); tables hold a g that is bounded or settles to a constant there")
     if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= F32_TINY:
         if target == "derivative" and (b.lower_end if which == "lower" else b.upper_end) == "power":
             return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)

@@ -132,3 +132,18 @@ def test_cli_fits_power_ends_and_show_explains_them(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "show", "arctan"]) == 0
     out = capsys.readouterr().out
     assert "ends power/power" in out and "power: finite limit approached like |x|^-q" in out
+
+
+@pytest.mark.parametrize("formula, words", [
+    ("x + sin(x)", "touches zero without changing sign .* infinitely many flat points"),
+    ("exp(-1/x**2)", r"no derivative at x = 0"),
+])
+def test_more_refusals(formula, words):
+    with pytest.raises(SpecError, match=words):
+        analyze(get_spec(formula, name="t"))
+
+
+def test_flat_point_of_order_four():
+    a = analyze(get_spec("x**5 + 0*x", name="t"))
+    assert [(b.lower_end, b.upper_end) for b in a.branches] == [("tail", "root"), ("root", "tail")]
+    assert a.branches[1].orders["lower"] == 4
