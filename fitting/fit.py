@@ -298,9 +298,18 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
         kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
         cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
         raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
-                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err,
-                       "relax --tolerance (fp32 rounding of coefficients limits tables to ~3e-8)")
+                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, _advice(best_err, tolerance))
     return best
+
+
+def _advice(best_err: float, tolerance: float) -> str:
+    """What to change: a looser --tolerance only where the best error reached shows one would do."""
+    if math.isfinite(best_err) and best_err < 0.1:   # larger: nothing like g (|g| ~ 1) was reached
+        looser = float(f"{best_err / SAFETY * 1.5:.1g}")
+        if looser > tolerance:
+            return f"pieces reached {best_err:.2g}, so --tolerance {looser:g} or more is likely to fit"
+    return ("a looser tolerance would not help: g is not smooth enough here for piecewise polynomials in "
+            "this branch's transforms; please report the formula")
 
 
 def branch_layout(pieces) -> tuple[int, int, int]:

@@ -147,3 +147,16 @@ def test_flat_point_of_order_four():
     a = analyze(get_spec("x**5 + 0*x", name="t"))
     assert [(b.lower_end, b.upper_end) for b in a.branches] == [("tail", "root"), ("root", "tail")]
     assert a.branches[1].orders["lower"] == 4
+
+
+def test_tolerance_advice_only_where_a_looser_bound_helps():
+    """A degree-2 layout (64 pieces at most) cannot reach 5e-8 on GELU's right branch but gets within ~1e-5: the advice
+    names a tolerance; a hopeless best error gets no tolerance advice."""
+    from invact.fitting.fit import _advice, fit_branch, f32_below
+    from invact.fitting.reference import BranchReference
+    b = analyze(get_spec("x*(1 + erf(x/sqrt(2)))/2", name="t")).branches[1]
+    y_min = sp.N(b.expr.subs(X, sp.Float(b.x_range[0], 30)), 40)
+    with pytest.raises(FitError, match=r"--tolerance \S+ or more is likely to fit"):
+        fit_branch(BranchReference(b), f32_below(float(y_min)), 1.0, {"sqrt": (y_min, 1)}, 5e-8,
+                   degrees=(2,), rationals=())
+    assert "--tolerance" not in _advice(0.3, 5e-8) and "would not help" in _advice(0.3, 5e-8)
