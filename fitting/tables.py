@@ -151,15 +151,18 @@ def installed_root() -> Path:
 def check_root(root: str | os.PathLike | None = None, create: bool = False) -> Path:
     """:func:`project_root`, refused (:class:`TableError`) unless it is a project tree: an existing
     folder with ``generated/tables/`` (what ``invact fit --root`` writes and ``invact.use_root``
-    reads). ``create``: a folder without ``generated/`` is accepted (``invact fit`` creates it)."""
+    reads). ``create``: a folder without ``generated/``, or a new folder in an existing one, is
+    accepted (``invact fit`` creates the layout)."""
     given = root if root is not None else os.environ.get(ROOT_ENV) or None
     path = project_root(root)
     if given is None:
         return path
     source = "--root" if root is not None else f"${ROOT_ENV}"
+    if create and not path.exists() and path.parent.is_dir():
+        return path
     if not path.is_dir():
         raise TableError(f"{source} {given}: no such folder (a root is a folder holding generated/tables/, "
-                         "as `invact fit NAME --root DIR` makes in an existing folder DIR)")
+                         "as `invact fit NAME --root DIR` makes)")
     generated = path / "generated"
     if create and not generated.exists():
         return path

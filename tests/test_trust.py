@@ -395,3 +395,12 @@ def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree,
     assert outcomes == [([], "ok", 5e-8), (["tanh.json"], "refused", None),
                         (["tanh.json", "triton_tanh.py"], "refused", None),
                         (["tanh.json", "triton_tanh.py", "torch_tanh.py"], "ok", 1e-7)], outcomes
+
+
+def test_fit_creates_a_new_root_but_not_its_parent(tmp_path, capsys):
+    """`invact fit --root NEW` makes the layout in a new folder; a root whose parent is missing is refused
+    before any work (a mistyped path)."""
+    status, _, err = invact_cli(capsys, "fit", "x*k", "--name", "f", "--root", tmp_path / "no" / "new")
+    assert status == 2 and "no such folder" in err, err
+    status, _, err = invact_cli(capsys, "fit", "x*k", "--name", "f", "--root", tmp_path / "new")
+    assert status == 2 and "unknown symbols ['k']" in err, err     # got past the root check
