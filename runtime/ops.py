@@ -745,8 +745,15 @@ def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
         return _differentiated(x, name, values, chosen)
     if torch.is_grad_enabled() and _requires_grad(x):
         return torch.ops.invact.forward(x, name, values, chosen)[0]
-    # nothing differentiates y: no code. A plain tensor outside torch.compile skips the op's dispatch,
-    # which costs more than the work itself at small sizes (Triton and fakes go through the op)
-    if chosen == "triton" or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return torch.ops.invact.value(x, name, values, chosen)
-    return _y_only(x, name, values, chosen)
+    # nothing differentiates y: no code
+    if chosen != "triton" and _plain(x):  # the op's dispatch costs more than the work at small sizes
+        return _y_only(x, name, values, chosen)
+    return torch.ops.invact.value(x, name, values, chosen)
+
+
+def _plain(x: Tensor) -> bool:
+    """x is an ordinary tensor with data, outside torch.compile, transforms and dispatch modes (meta
+    and fake tensors, vmap's wrappers and tracing modes take the op and its fake or vmap rule)."""
+    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None)

@@ -61,6 +61,17 @@ def test_no_code_without_autograd(name, backend, dtype, monkeypatch):
     assert "invact.forward" not in log.names
 
 
+def test_no_grad_on_meta_and_fake_tensors():
+    """Tensors without data take invact::value and its fake (the direct call needs real constants)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with torch.no_grad():
+        y = ops.apply(torch.zeros(4, 3, device="meta"), NAMES[0], backend="eager")
+        assert y.device.type == "meta" and y.shape == (4, 3)
+        with FakeTensorMode():
+            y = ops.apply(torch.zeros(4, 3).T, NAMES[0], backend="eager")
+        assert isinstance(y, FakeTensor) and y.shape == (3, 4) and y.stride() == (1, 3)
+
+
 def test_value_op_passes_opcheck(name):
     params = [float(v) for v in ops.info(name)["params"].values()]
     torch.library.opcheck(torch.ops.invact.value.default, (torch.randn(3, 5), name, params, "eager"))
