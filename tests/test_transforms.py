@@ -221,6 +221,12 @@ def test_compiled_transforms_match_eager(fullgraph):
                 fn(x)
         else:
             assert torch.equal(fn(x), want)
+    plain = torch.compile(f, fullgraph=fullgraph)  # compiled outside any transform, then called in one
+    assert torch.equal(plain(x), f(x))
+    if not fullgraph:
+        assert torch.equal(jvp(plain, (x,), (t,))[1], want)
+        with fwAD.dual_level():
+            assert torch.equal(fwAD.unpack_dual(plain(fwAD.make_dual(x, t))).tangent, want)
     xr = x.clone().requires_grad_()  # vmap alone compiles into the graph, with the ops' own autograd
     y = torch.compile(vmap(f), fullgraph=fullgraph)(xr.view(2, -1))
     assert torch.equal(torch.autograd.grad(y.view(-1), xr, t)[0], want)
