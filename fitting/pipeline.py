@@ -77,6 +77,12 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     say(f"{spec.name}: certifying")
     table["certificate"] = certify_table(table, fp32_samples=fp32_samples,
                                          progress=lambda frac, label: say(f"{spec.name}: {label}"))
+    bad = [b["index"] for b in table["certificate"]["branches"]
+           if not all(math.isfinite(b[k]) for k in ("approx_error", "bf16_eval_error", "fp16_eval_error",
+                                                        "fp32_eval_error"))]
+    if bad:   # the fitter checks every segment first: reaching this is a bug, never a table to write
+        from .errors import CertificationError
+        raise CertificationError(f"{spec.name}: branch {bad[0]} evaluates to inf or NaN where g is finite")
     return table
 
 
@@ -249,6 +255,11 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= F32_TINY:
         if target == "derivative" and (b.lower_end if which == "lower" else b.upper_end) == "power":
             return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
+        end_kind = b.lower_end if which == "lower" else b.upper_end
+        if target == "inverse" and end_kind == "power":
+            raise FitError(f"branch {b.index}: x = f^-1(y) grows like |y - {y_limit:.6g}|^(-1/{b.orders[which]:g}) "
+                           f"next to y = {y_limit:.17g}, which polynomials in this branch's transforms cannot "
+                           "follow; use the derivative target (the runtime's)", None, "")
         if target == "inverse" and np.isfinite(b.y_range[0 if which == "lower" else 1]):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
             y_a = b.y_range[0 if which == "lower" else 1]
@@ -256,8 +267,11 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             x_end = float(ref.inverse(np.array([y_end]))[0])
             return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
                            "cutoff": True}
-        raise FitError(f"branch {b.index}: the target has no constant tail within |x| < 1e15", None,
-                       "restrict the formula or relax --tolerance")
+        if target == "inverse":
+            raise FitError(f"branch {b.index}: x = f^-1(y) does not approach y as y -> {y_limit:+g} (inverse "
+                           "tables support tails x = y only); use the derivative target (the runtime's)", None, "")
+        raise FitError(f"branch {b.index}: g does not settle to its limit {b.limits[which]:g} within tolerance "
+                       f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
     y_end = f32(float(y[k]))
     return y_end, dict(kind, y_range=_tail_range(b, which, y_end))
 

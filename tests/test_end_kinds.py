@@ -160,3 +160,13 @@ def test_tolerance_advice_only_where_a_looser_bound_helps():
         fit_branch(BranchReference(b), f32_below(float(y_min)), 1.0, {"sqrt": (y_min, 1)}, 5e-8,
                    degrees=(2,), rationals=())
     assert "--tolerance" not in _advice(0.3, 5e-8) and "would not help" in _advice(0.3, 5e-8)
+
+
+@pytest.mark.parametrize("formula, words", [
+    ("atan(x)", r"grows like \|y - -1.5708\|\^\(-1/1\)"),   # inverse of a power-law limit: unbounded x
+    ("x - tanh(x)", "does not approach y"),                 # x = y + 1 far out: no x = y tail
+])
+def test_inverse_target_refusals(formula, words):
+    with pytest.raises(FitError, match=words) as err:
+        build_table(get_spec(formula, name="t"), target="inverse", fp32_samples=SAMPLES)
+    assert "tolerance" not in str(err.value)
