@@ -202,3 +202,45 @@ def test_compiled_without_c_kernels(name, dtype, flush_denormal, kernels_off):
 def test_triton_interpreter(name, dtype, flush_denormal):
     """Triton's interpreter computes in numpy on CPU tensors, under the same flags."""
     check(name, dtype, "triton", flush_denormal)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pieces: lookup tables per setting, the C kernel's strict comparison
+
+def test_lookup_tables_follow_the_setting(flush_denormal):
+    """The 16-bit backward reads a table of g built once per setting: a subnormal bfloat16 y is 0 when
+    flushed (LeakyReLU: the slope) and itself otherwise (1), whichever setting built a table first."""
+    if "leaky_relu" not in NAMES:
+        pytest.skip("no leaky_relu table")
+    y = subnormals(torch.bfloat16)[:3]                          # positive subnormals
+    code = torch.empty(0, dtype=torch.uint8)
+    slope = ops.info("leaky_relu")["params"]["negative_slope"]
+    ops._lookup_table.cache_clear()
+    for flushed, want in ((True, slope), (False, 1.0), (True, slope)):
+        for backend in ("eager", "compiled"):
+            with flush_denormal() if flushed else contextlib.nullcontext():
+                g = torch.ops.invact.backward(torch.ones_like(y), y, code, "leaky_relu", [slope], backend)
+            assert torch.equal(g, torch.full_like(g, want)), (flushed, backend, g)
+
+
+@pytest.mark.skipif(cpu_kernel.library() is None, reason="no C kernels on this machine (AVX-512 and a C compiler)")
+def test_c_kernel_strict_thresholds(flush_denormal):
+    """A hand-made table: thresholds 0 (strict: `y > 0`), 1 (strict) and 2 (`y >= 2`) between four
+    constant segments, against torch's comparisons in the same setting, at +-0, subnormals, the
+    thresholds and their neighbours."""
+    t = cpu_kernel.Table(n_classes=1, degree=1, n_transforms=1)
+    t.class_code[0], t.class_first[0], t.class_count[0], t.class_threshold[0] = 0, 0, 4, 0
+    t.transform_kind[0], t.transform_sign[0] = cpu_kernel.KINDS["identity"], 1.0
+    thresholds, strict = (0.0, 1.0, 2.0), (True, True, False)
+    for j, (v, s) in enumerate(zip(thresholds, strict)):
+        t.thresholds[j], t.strict[j] = v, s
+    for seg in range(4):
+        t.columns[3][seg] = float(seg + 1)       # c0_hi: the segment's value; scale 0 leaves u = 0
+    y = torch.cat([subnormals(torch.float32),
+                   torch.tensor([-1.0, -0.0, 0.0, 1e-38, 1.0, 1.0000001, 0.99999994, 2.0, 1.9999999, 3.0])])
+    for setting in (contextlib.nullcontext, flush_denormal):
+        with setting():
+            out = torch.empty_like(y)
+            assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0)
+            want = 1.0 + sum((y > v if s else y >= v).float() for v, s in zip(thresholds, strict))
+        assert torch.equal(out, want), (setting, y.tolist(), out.tolist(), want.tolist())

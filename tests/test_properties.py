@@ -12,7 +12,11 @@ whose rounded y lies below the true minimum y_min, the body and the tails:
 * except where tests/tolerances.py's DEVIATIONS documents a difference: each is pinned below, the
   fixable ones as xfail(strict=True) tests that fail once the fix lands.
 
-Examples are derandomised (a fixed profile) and bounded so the file runs in well under 90 s on 2 CPU
+Every test runs twice: as is, and with denormals flushed (``torch.set_flush_denormal(True)``, where
+subnormal operands read as 0, so a subnormal x or y gets PyTorch's gradient at 0; test_flush_denormal.py
+pins that case element by element).
+
+Examples are derandomised (a fixed profile) and bounded so each pass runs in well under 90 s on 2 CPU
 cores: every activation on the eager backend, and the compiled backend for the activations that
 tests/test_ops.py compiles (one exact, one fitted), on float32 and bfloat16; compilation is once per
 activation and dtype, so more examples there cost little, more activations cost ~10 s each.
@@ -30,10 +34,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tolerances as tol
-from invact import backends, ops
+from invact import backends, bitpack, ops
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
+
+
+@pytest.fixture(scope="module", autouse=True, params=[False, True], ids=["denormals", "flushed"])
+def flush_denormal(request):
+    """The module's tests with denormals kept, then flushed; the caller's setting restored after."""
+    was = bitpack.denormals_flushed()
+    if request.param and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False: no SSE3)")
+    torch.set_flush_denormal(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_flush_denormal(was)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
             torch.float64: torch.int64}
@@ -91,16 +108,17 @@ def elements(name: str, dtype: torch.dtype) -> st.SearchStrategy[float]:
     width = {torch.float16: 16, torch.float64: 64}.get(dtype, 32)
     points = tol.break_points(name)
     neighbours = sorted({_nudge(p, k, dtype) for p in points for k in range(-6, 7)})
+    sub = not bitpack.denormals_flushed()       # hypothesis refuses subnormals where they would flush
     strategies = [
         st.sampled_from([math.nan, math.inf, -math.inf]),             # as often as the rest
         st.sampled_from(specials(dtype)),
-        st.floats(-12, 12, width=width),
+        st.floats(-12, 12, width=width, allow_subnormal=sub),
         st.floats(12, 1e4, width=width).map(lambda v: v * (1 if int(v) % 2 else -1)),
-        st.floats(width=width, allow_nan=True, allow_infinity=True, allow_subnormal=True),
+        st.floats(width=width, allow_nan=True, allow_infinity=True, allow_subnormal=sub),
     ]
     if points:
         strategies += [st.sampled_from(neighbours),
-                       st.tuples(st.sampled_from(points), st.floats(-0.25, 0.25)).map(sum)]
+                       st.tuples(st.sampled_from(points), st.floats(-0.25, 0.25, allow_subnormal=sub)).map(sum)]
     low = below_true_minimum(name, dtype, span=256)
     if low:
         strategies.append(st.sampled_from(low))
