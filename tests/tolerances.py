@@ -53,7 +53,8 @@ def torch_reference(name: str, x: torch.Tensor, params: dict | None = None) -> t
     meta = ops.info(name)
     if meta["torch_forward"] is None:
         return None
-    return eval(meta["torch_forward"], {"F": F, "torch": torch, "x": x, **meta["params"], **(params or {})})  # noqa: S307
+    names = {"F": F, "torch": torch, "x": x, **meta["params"], **(params or {})}
+    return eval(meta["torch_forward"], names)  # noqa: S307
 
 
 def derivative64(name: str, x: np.ndarray, params: dict | None = None) -> np.ndarray:
