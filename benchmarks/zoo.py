@@ -139,14 +139,15 @@ def markdown(results: list[Result]) -> str:
             "float32 eval | grad err N(0,3) | grad err U(-12,12) |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in results:
+        source = r.source.replace("|", "\\|")
         if r.outcome in ("exact", "fitted"):
             pieces = "exact" if r.outcome == "exact" else f"{r.pieces} ({', '.join(map(str, r.degrees))})"
-            rows.append(f"| {r.name} | {r.source} | {r.outcome} | {r.branches} / {r.code_bits} | {pieces} | "
+            rows.append(f"| {r.name} | {source} | {r.outcome} | {r.branches} / {r.code_bits} | {pieces} | "
                         f"{r.seconds:.1f} s | {_fmt(r.approx)} | {_fmt(r.fp32_eval)} | {_fmt(r.grad_normal)} | "
                         f"{_fmt(r.grad_uniform)} |")
         else:
-            msg = r.message.replace("|", "/")
-            rows.append(f"| {r.name} | {r.source} | {r.outcome}: {msg} | | | {r.seconds:.1f} s | | | | |")
+            msg = r.message.replace("|", "\\|")
+            rows.append(f"| {r.name} | {source} | {r.outcome}: {msg} | | | {r.seconds:.1f} s | | | | |")
     return head + "\n" + "\n".join(rows)
 
 
