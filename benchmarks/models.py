@@ -44,6 +44,7 @@ from torch import nn
 
 import invact
 from invact import ops
+from invact.norms import _Saving
 from invact.saved import SavedBytes
 
 MiB = 2**20
@@ -293,7 +294,7 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
     torch.manual_seed(0)
     model = spec.build(size).to(device).train()
     inputs = {k: v.to(device) for k, v in spec.inputs(size, torch.Generator().manual_seed(0)).items()}
-    report = invact.patch(model, backend=backend)
+    report = invact.patch(model, backend=backend, norms=False)
     tables = {r.path: model.get_submodule(r.path).name for r in report.replaced}
     classes = {r.old.rsplit(".", 1)[-1]: tables[r.path] for r in report.replaced}
     invact.unpatch(model)
@@ -304,9 +305,10 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
 
     bits = {p: ops.info(t)["code_bits"] for p, t in tables.items()}
     base, calls, peak_b = _step(model, inputs, DTYPES[dtype], unique(tables), bits)
-    invact.patch(model, backend=backend)
+    invact.patch(model, backend=backend, norms=False)
     pat, pcalls, peak_p = _step(model, inputs, DTYPES[dtype], unique(tables), bits)
     invact.unpatch(model)
+    norms = _norm_columns(model, inputs, DTYPES[dtype], backend, base)
     theory = sum(c.x_bytes - c.code_bytes for c in calls)
     measured = base.total - pat.total
     unexplained, reasons = _explain(base, pat, calls, pcalls, set(tables), "/".join(sorted(classes))) \
@@ -319,9 +321,63 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
         "baseline_bytes": base.total, "patched_bytes": pat.total, "measured_bytes": measured,
         "theory_bytes": theory, "measured_pct": 100 * measured / base.total, "theory_pct": 100 * theory / base.total,
         "agree": measured == theory, "unexplained_bytes": unexplained, "reasons": reasons,
-        "cuda_peak_baseline": peak_b, "cuda_peak_patched": peak_p, "seconds": time.monotonic() - start,
+        "cuda_peak_baseline": peak_b, "cuda_peak_patched": peak_p, **norms, "seconds": time.monotonic() - start,
         "skipped": None,
     }
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:.2f} MiB" if n >= MiB // 100 else f"{n / 1024:.1f} KiB"
+
+
+def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, backend: str | None,
+                  base: _Trace) -> dict[str, Any]:
+    """Saved bytes with the norms replaced (alone, and with the activations), the theory, and why they differ.
+
+    Theory: every call of a replaced norm frees its input x and keeps its per-row rstd (float32) and any
+    kept x_hat columns; its output y is what the next Linears save anyway. Where the measurement differs:
+    the original norm also saved intermediates (Hugging Face's RMSNorm: float32 copies), and under
+    autocast each consumer Linear saved its own bf16 cast of the float32 output, which the norm's own
+    bf16 output replaces (pre-norms: autocast_output).
+    """
+    report = invact.patch(model, only=[], backend=backend)
+    paths = [r.path for r in report.replaced if isinstance(model.get_submodule(r.path), _Saving)]
+    invact.unpatch(model)
+    mods = {p: model.get_submodule(p) for p in paths}
+    xs: list[tuple[int, int]] = []                        # (x bytes, rows) per call, from the originals
+    handles = [m.register_forward_hook(lambda m, a, out: xs.append((a[0].numel() * a[0].element_size(),
+                                                                     a[0].numel() // a[0].shape[-1])))
+               for m in {id(m): m for m in mods.values()}.values()]
+    _step(model, inputs, autocast, {}, {})
+    for h in handles:
+        h.remove()
+    invact.patch(model, only=[], backend=backend)
+    kept = sum(len(model.get_submodule(p).recovery().columns) for p in paths)
+    only, _, _ = _step(model, inputs, autocast, {}, {})
+    invact.unpatch(model)
+    invact.patch(model, backend=backend)
+    both, _, _ = _step(model, inputs, autocast, {}, {})
+    invact.unpatch(model)
+    theory = sum(x - 4 * rows for x, rows in xs)
+    measured = base.total - only.total
+    reasons = []
+    extra = max(sum(base.by_module.get(p, 0) for p in paths) - sum(x for x, _ in xs), 0)
+    if extra:
+        reasons.append(f"+{_size(extra)}: the original norms save more than their input (statistics, "
+                       "float32 intermediates)")
+    rest = measured - theory - extra
+    if rest > 0:
+        reasons.append(f"+{_size(rest)}: the consumers' own casts of the output (one per autocast Linear) "
+                       "replaced by the norm's output in the autocast dtype")
+    elif rest < 0:
+        reasons.append(f"-{_size(-rest)}: y kept where the next op does not save the norm's output "
+                       "(e.g. a cast or a dropout between)")
+    if kept:
+        reasons.append(f"{kept} column(s) of x_hat kept where gamma is too small")
+    return {"norms_replaced": len(paths), "norm_calls": len(xs), "norms_bytes": only.total,
+            "norms_measured_bytes": measured, "norms_theory_bytes": theory, "norms_reasons": reasons,
+            "both_bytes": both.total, "both_ratio": both.total / base.total,
+            "norms_ratio": only.total / base.total}
 
 
 def run(quick: bool = False, models: Iterable[str] | None = None, dtypes: Iterable[str] = tuple(DTYPES),
@@ -355,19 +411,30 @@ def run(quick: bool = False, models: Iterable[str] | None = None, dtypes: Iterab
 # output
 
 _HEAD = ("| model | dtype | activations | params MiB | saved MiB, baseline | patched | reduction | theory | "
-         "why they differ |\n|---|---|---|---|---|---|---|---|---|")
+         "why they differ | norms: patched (reduction, theory) | activations + norms |\n"
+         "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict[str, Any]) -> str:
     """One markdown table row."""
     if r["skipped"]:
-        return f"| {r['model']} | {r['dtype']} | skipped: {r['skipped']} | | | | | | |"
+        return f"| {r['model']} | {r['dtype']} | skipped: {r['skipped']} | | | | | | | | |"
     peak = "" if r["cuda_peak_baseline"] is None else \
         f" (CUDA peak {r['cuda_peak_baseline'] / MiB:.1f} -> {r['cuda_peak_patched'] / MiB:.1f} MiB)"
     why = "; ".join(r["reasons"]) if not r["agree"] else "agree (to the byte)"
     return (f"| {r['model']} | {r['dtype']} | {r['activations'] or 'none replaced'} | "
             f"{r['parameter_bytes'] / MiB:.1f} | {r['baseline_bytes'] / MiB:.2f} | {r['patched_bytes'] / MiB:.2f} | "
-            f"{r['measured_pct']:.1f} % | {r['theory_pct']:.1f} % | {why}{peak} |")
+            f"{r['measured_pct']:.1f} % | {r['theory_pct']:.1f} % | {why}{peak} | {_norm_cell(r)} | "
+            f"{r['both_bytes'] / MiB:.2f} ({r['both_ratio']:.3f}x) |")
+
+
+def _norm_cell(r: dict[str, Any]) -> str:
+    if not r["norms_replaced"]:
+        return "none replaced"
+    b = r["baseline_bytes"]
+    why = "" if r["norms_measured_bytes"] == r["norms_theory_bytes"] else ": " + "; ".join(r["norms_reasons"])
+    return (f"{r['norms_replaced']} norms: {r['norms_bytes'] / MiB:.2f} ({100 * r['norms_measured_bytes'] / b:.1f} %, "
+            f"theory {100 * r['norms_theory_bytes'] / b:.1f} %){why}")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

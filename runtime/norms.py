@@ -22,6 +22,9 @@ Output dtype. Under torch.autocast a Hugging Face norm returns float32 and each 
 its own bf16 copy; ``autocast_output=True`` makes the norm return the autocast dtype itself (the same
 bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the Linear's input.
 
+Speed (CPU, ``benchmarks/activations.py --norms``): the forward is PyTorch's own kernel plus the kept
+columns; the backward reads y and dy, in two Inductor-compiled passes on the "compiled" backend.
+
 Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /
 ``invact::norm_backward`` custom ops with fakes and autograd, the functional wrappers, the modules.
 Triton kernels (CUDA) are in :mod:`invact.norm_triton`.
@@ -110,16 +113,26 @@ def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.d
 # ----------------------------------------------------------------------------------------------
 # reference math (eager torch): the forward is PyTorch's / Hugging Face's own formula, op for op
 
+def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) of each row in float32, (rows, 1)."""
+    var, mean = torch.var_mean(x.to(torch.float32), -1, correction=0, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+_stats_compiled = backends.compiled(_stats)
+
+
 def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
-                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype."""
+                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
+                   compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype.
+    ``compiled``: the statistics of half x (LayerNorm) by Inductor, one fused pass."""
     n = x.shape[-1]
     if not rms and not offset and norm_dtype is None:
         w = None if weight is None else weight.reshape(n)
         y, mean, rstd = torch.native_layer_norm(x, (n,), w, None if bias is None else bias.reshape(n), eps)
         if rstd.dtype != _acc(x.dtype):     # half x on CPU: torch returns mean and rstd rounded to x's dtype
-            var, mean = torch.var_mean(x.to(_acc(x.dtype)), -1, correction=0, keepdim=True)
-            rstd = torch.rsqrt(var + eps)
+            mean, rstd = (_stats_compiled if compiled else _stats)(x, eps)
         return y.to(out_dtype), mean, rstd
     xf = x.to(_acc(x.dtype))
     if rms:
@@ -142,31 +155,58 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     return y.to(out_dtype), mean, rstd
 
 
-def _backward_eager(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
-                    bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_rows(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b: Tensor | None,
+                   c2_fix: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, c1, c2) from y alone, in gamma's dtype. ``divisor`` is gamma with kept columns set to 1: their
+    dx is meaningless and fixed by the caller, which also passes ``c2_fix`` (rows, 1), the kept columns'
+    ``dy * gamma * x_hat - dy * (y - beta)`` for the row sum. Plain torch ops: eager, or compiled by
+    Inductor (the "compiled" backend)."""
+    dyf = dy.to(g.dtype)
+    t = y.to(g.dtype) if b is None else y.to(g.dtype) - b          # y - beta = gamma * x_hat
+    dxhat = dyf * g
+    c2 = ((dyf * t).sum(-1, keepdim=True) + c2_fix) / y.shape[-1]  # mean(dxhat * x_hat), no division
+    c1 = dxhat.sum(-1, keepdim=True) / y.shape[-1] if not rms else torch.zeros_like(c2)
+    return (dxhat - c1 - t / divisor * c2) * rstd.reshape(-1, 1), c1, c2
+
+
+def _backward_columns(dy: Tensor, y: Tensor, divisor: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(dgamma, dbeta): sums over rows of dy * x_hat = dy * (y - beta) / gamma and of dy (a separate
+    function: Inductor makes faster code for the row and the column reductions apart)."""
+    dyf = dy.to(divisor.dtype)
+    t = y.to(divisor.dtype) if b is None else y.to(divisor.dtype) - b
+    return (dyf * t).sum(0) / divisor, dyf.sum(0)
+
+
+_COMPILED = (backends.compiled(_backward_rows), backends.compiled(_backward_columns))
+
+
+def _backward_torch(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
+                    bias: Tensor | None, rms: bool, offset: float, compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dgamma, dbeta) in the accumulation dtype, for y and dy of shape (rows, n)."""
     n = y.shape[-1]
     acc = _acc(rstd.dtype)
-    dyf = dy.to(acc)
     g = _gamma(weight, offset, n, acc, y.device)
-    t = y.to(acc)                                        # y - beta
-    if bias is not None:
-        t = t - bias.reshape(n).to(acc)
+    b = None if bias is None else bias.reshape(n).to(acc)
+    rstd = rstd.to(acc)
     if cols.numel() == n:                                # every column kept: no division at all
-        xhat = extra.to(acc)
-        s = dyf * g * xhat
-    else:
-        xhat = t / g
-        s = dyf * t                                      # dxhat * x_hat, no division
-        if cols.numel():
-            xk = extra.to(acc)
-            xhat.index_copy_(1, cols, xk)
-            s.index_copy_(1, cols, dyf.index_select(1, cols) * g.index_select(0, cols) * xk)
-    dxhat = dyf * g
-    proj = xhat * s.mean(-1, keepdim=True)
-    inner = dxhat - proj if rms else dxhat - dxhat.mean(-1, keepdim=True) - proj
-    dx = inner * rstd.reshape(-1, 1).to(acc)
-    return dx, (dyf * xhat).sum(0), dyf.sum(0)
+        dyf, xhat = dy.to(acc), extra.to(acc)
+        dxhat = dyf * g
+        c2 = (dxhat * xhat).mean(-1, keepdim=True)
+        inner = dxhat - xhat * c2 if rms else dxhat - dxhat.mean(-1, keepdim=True) - xhat * c2
+        return inner * rstd.reshape(-1, 1), (dyf * xhat).sum(0), dyf.sum(0)
+    divisor = g.index_fill(0, cols, 1.0)
+    xk = extra.to(acc)
+    dyk = dy.index_select(1, cols).to(acc)
+    gk = g.index_select(0, cols)
+    tk = y.index_select(1, cols).to(acc) - (0.0 if b is None else b.index_select(0, cols))
+    c2_fix = (dyk * gk * xk - dyk * tk).sum(-1, keepdim=True)
+    rows_fn, columns_fn = _COMPILED if compiled else (_backward_rows, _backward_columns)
+    dx, c1, c2 = rows_fn(dy, y, rstd, g, divisor, b, c2_fix, rms)
+    dg, db = columns_fn(dy, y, divisor, b)
+    if cols.numel():                                     # the kept columns, from their saved x_hat
+        dx.index_copy_(1, cols, (dyk * gk - c1 - xk * c2) * rstd.reshape(-1, 1))
+        dg.index_copy_(0, cols, (dyk * xk).sum(0))
+    return dx, dg, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +238,7 @@ def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int,
         except Exception as error:  # noqa: BLE001 - a kernel that fails to build or launch falls back
             _triton_failed(error, x2)
     y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
-                                                                out_dtype)
+                                                                out_dtype, backend == "compiled")
     if weight is None:
         cols = torch.zeros(0, dtype=torch.int64, device=x.device)
     else:
@@ -231,7 +271,10 @@ def _norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Ten
             out = norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias, rms, offset)
         except Exception as error:  # noqa: BLE001
             _triton_failed(error, y2)
-    dx, dg, db = out if out is not None else _backward_eager(dy2, y2, rstd, extra, cols, weight, bias, rms, offset)
+    if out is None:
+        out = _backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
+                              backend == "compiled" and y2.device.type == "cpu")
+    dx, dg, db = out
     return (dx.to(x_dtype).reshape(y.shape),
             y.new_empty(0) if weight is None else dg.to(weight.dtype).reshape(weight.shape),
             y.new_empty(0) if bias is None else db.to(bias.dtype).reshape(bias.shape))
@@ -348,8 +391,9 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     """``F.layer_norm`` that saves its output (and the per-row rstd) instead of its input.
 
     ``autocast_output``: under torch.autocast, return the autocast dtype where torch would return
-    float32 (for a norm whose consumers are autocast-lowered Linears). ``backend``: "triton", "eager"
-    ("compiled" runs eager), or None (see :mod:`invact.backends`).
+    float32 (for a norm whose consumers are autocast-lowered Linears). ``backend``: "triton" (CUDA),
+    "compiled" (CPU default: the backward and half-precision statistics compiled by Inductor), "eager",
+    or None (see :mod:`invact.backends`).
     """
     shape = _check(input, normalized_shape, weight, bias, "layer_norm")
     return _apply(input, shape, weight, bias, eps, False, "torch", autocast_output, backend)

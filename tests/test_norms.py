@@ -547,3 +547,20 @@ def test_triton_forms_and_layouts(style):
     assert bt[0].shape == x.shape
     assert ((bt[0].double() - be[0].double()).abs() <= fi.eps * be[0].double().abs() + 1e-6).all()
     assert torch.allclose(bt[1].float(), be[1].float(), rtol=fi.eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_backend_within_the_bound(dtype, rms):
+    """The CPU default: the backward's row and column parts compiled by Inductor (and the statistics of
+    half x), with kept columns: the same bound against float64 autograd as the eager code."""
+    g = torch.Generator().manual_seed(11)
+    rows, n = 40, 96
+    wd, bd = _gammas(n, "zeros", g)
+    x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    w, b = wd.to(dtype), (None if rms else bd.to(dtype))
+    dy = torch.randn(rows, n, generator=g).to(dtype)
+    y, grads = _run(x, w, b, dy, rms, 1e-5, backend="compiled")
+    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+        _check(got, ref, tol, f"compiled {dtype} {what}")
