@@ -266,7 +266,7 @@ def _transforms(ref: BranchReference, origins) -> list[Transform]:
 def origin_terms(value, sign: int) -> tuple[float, float, float]:
     """:func:`split3` of ``value`` rounded to the side where sign * (y - origin) >= 0 holds for every
     y of the branch: down for a lower end (a minimum), up for an upper end (a maximum)."""
-    return split3(value) if sign > 0 else tuple(-v for v in split3(-value))
+    return split3(value) if sign > 0 else tuple(0.0 - v for v in split3(-value))   # 0.0 - v: no -0.0
 
 
 def _best(ref, y_lo, y_hi, tfs, degree, den_degree=0) -> PieceFit:
