@@ -53,10 +53,11 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from . import norm_patch, ops
+from . import measure, norm_patch, ops, recognise
 from .functional import gelu_table
 from .modules import Activation, check_params, module_for
 from .norms import _Saving
+from .routing import FunctionalRouter
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left"]
 
@@ -159,6 +160,7 @@ class Replaced:
     old: str
     new: str
     note: str = ""
+    freed: int | None = None    # bytes freed, measured on ``example=`` (None: not measured)
 
 
 @dataclass(frozen=True)
@@ -176,15 +178,26 @@ class PatchReport:
 
     replaced: list[Replaced] = field(default_factory=list)
     left: list[Left] = field(default_factory=list)
+    measured: dict[str, int] | None = None      # baseline_bytes, patched_bytes of the example (None: no example)
+    functional: str | None = None               # what the functional route did (None: functional=False)
 
     def __len__(self) -> int:
         return len(self.replaced)
 
     def __str__(self) -> str:
         lines = [f"invact.patch: replaced {len(self.replaced)} module(s), left {len(self.left)}"]
+        if self.measured is None:
+            lines.append("  decisions not measured (no example=): class rules only")
+        else:
+            b, p = self.measured["baseline_bytes"], self.measured["patched_bytes"]
+            lines.append(f"  measured on the example: saved for backward {b} -> {p} bytes ({(p - b) / max(b, 1):+.1%})")
+        if self.functional:
+            lines.append(f"  functional calls: {self.functional}")
         groups: dict[tuple[str, ...], list[str]] = {}
         for r in self.replaced:
-            groups.setdefault(("replaced", f"{r.old} -> {r.new}", r.note), []).append(r.path)
+            freed = "" if r.freed is None else f"frees {r.freed} bytes"
+            groups.setdefault(("replaced", f"{r.old} -> {r.new}", "; ".join(x for x in (freed, r.note) if x)),
+                              []).append(r.path)
         for l in self.left:
             groups.setdefault(("left", l.cls, l.reason), []).append(l.path)
         for (kind, what, why), paths in groups.items():
@@ -272,7 +285,7 @@ def _children(model: nn.Module) -> Iterable[tuple[nn.Module, str, str, nn.Module
 
 
 def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_sel, exclude_sel, force: bool,
-             known: set[str]) -> tuple[str | None, dict[str, float] | None, str | None]:
+             known: set[str], measured: bool = False) -> tuple[str | None, dict[str, float] | None, str | None]:
     """``(table, params, None)`` to replace ``child``, or ``(.., .., reason)`` to leave it."""
     try:
         table = rule.table if isinstance(rule.table, str) else rule.table(child)
@@ -287,7 +300,7 @@ def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_s
     if not force and rule.saves_output(child):
         return table, None, (f"PyTorch's {type(child).__name__}{'(inplace=True)' if _inplace(child) else ''} "
                              "already saves its output: nothing to gain (force=True replaces it anyway)")
-    if not force and _dropout_follows(parent, attr):
+    if not force and not measured and _dropout_follows(parent, attr):
         return table, None, ("followed by Dropout(p>0) in its nn.Sequential, so the next layer does not save the "
                              "output and saving it gains nothing (heuristic on module order; force=True replaces "
                              "it anyway)")
@@ -302,7 +315,8 @@ def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_s
 # ---------------------------------------------------------------------------------------------------
 
 def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: bool = False,
-          backend: str | None = None, norms: bool = True, autocast_output: bool | None = None) -> PatchReport:
+          backend: str | None = None, norms: bool = True, autocast_output: bool | None = None,
+          example: Any = None, functional: bool = False) -> PatchReport:
     """Replace ``model``'s activation modules by invact modules, in place.
 
     Parameters
@@ -325,6 +339,17 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     autocast_output : bool, optional
         Norms return the autocast dtype under torch.autocast (True), torch's dtype (False), or, by
         default, the autocast dtype for pre-norms only (:func:`invact.norm_patch.feeds_linears`).
+    example : tensor, tuple, list or dict of model inputs, or a callable ``step(model)``, optional
+        Measure before keeping: one forward of this step (training mode, grad on) counts the bytes saved
+        for backward per storage with the originals and with the swaps; a swap (activation or norm) is
+        kept only where it frees bytes, else the original is put back and ``.left`` says why (dropout
+        after it, its input kept alive by another consumer, y not saved by its consumer, never called).
+        Replaces the class-order dropout heuristic; see :mod:`invact.measure`. Without it the class
+        rules decide and the report says the decisions were not measured.
+    functional : bool
+        Also route ``torch.nn.functional`` activation calls made during the model's forward through
+        invact (:class:`invact.routing.FunctionalRouter`, entered by forward hooks on ``model``; works
+        under ``torch.compile``); with ``example``, kept only if it frees bytes (measured as one unit).
 
     Returns
     -------
@@ -341,6 +366,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     only_sel, exclude_sel = _selectors(only, "only"), _selectors(exclude, "exclude")
+    measure.check_example(example)
     report = PatchReport()
     if _rule_for(type(model)) is not None:
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: it cannot be "
@@ -365,6 +391,15 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), note))
             continue
         rule = _rule_for(cls)
+        if rule is None and recognise.is_candidate(child):
+            table, like = recognise.probe(child)
+            if table is not None:
+                rule = _Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and example is None,
+                             note=f"recognised by a probe: computes {table} (within 2^-26 relative, float64)")
+            elif like and _recognised_base(cls) is None:
+                report.left.append(Left(path, _qualname(cls), "not recognised: elementwise on the probe, but "
+                                        "computes none of invact's activations"))
+                continue
         if rule is None:
             base = _recognised_base(cls)
             if base is not None:
@@ -375,7 +410,8 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         if rule.table is None:
             report.left.append(Left(path, _qualname(cls), rule.note))
             continue
-        table, params, why = _verdict(rule, parent, attr, child, only_sel, exclude_sel, force, known)
+        table, params, why = _verdict(rule, parent, attr, child, only_sel, exclude_sel, force, known,
+                                      example is not None)
         if why is not None:
             report.left.append(Left(path, _qualname(cls), why))
             continue
@@ -387,6 +423,12 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         if _has_hooks(child):
             notes.append("hooks registered on the original stay with it")
         report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
+    router = FunctionalRouter() if functional else None
+    routed = measure.decide(model, report, example, router, Left) if example is not None else functional
+    if router is not None:
+        report.functional = report.functional or "routed during the model's forward (not measured)"
+        if routed:
+            measure.install_router(model, router)
     return report
 
 
@@ -405,6 +447,7 @@ def unpatch(model: nn.Module) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
+    measure.remove_router(model)
     for parent, attr, path, child in list(_children(model)):
         original = getattr(child, "_invact_replaced", None)
         if isinstance(child, (Activation, _Saving)) and original:

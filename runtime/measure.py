@@ -1,0 +1,341 @@
+"""Measured keep-or-drop for :func:`invact.patch` (``example=``) and the functional route (``functional=True``).
+
+How a swap is judged. Every replaced module is a *site* (a module shared by several paths is one site).
+The example step runs once with the original modules (the baseline), then with the candidate swaps, each
+time as a forward in training mode, grad enabled, under :func:`torch.autograd.graph.saved_tensors_hooks`
+(a forward records everything backward will keep; no backward runs). Each saved storage (pointer, size;
+parameters apart) is charged to the modules that saved it, as in :mod:`invact.saved`, but *every* saver
+is kept, not only the first. A storage saved only inside site ``s`` lives because of ``s`` alone, so
+
+    bytes freed by s = (bytes saved only by s, baseline) - (bytes saved only by s, swapped)
+
+which is exactly what removing ``s``'s saves changes in the total. The activation's input freed, and its
+output ``y`` shared with the next saved tensor, both show up there: an input another consumer also saves
+(a chunk of a fused projection) is not "only s" in the baseline, and a ``y`` nothing else saves (dropout
+after the activation, a consumer that does not save its input) is "only s" in the swapped run.
+
+Sites interact (an activation's ``y`` may be the next activation's input), so the decision iterates:
+swap every candidate, drop each site freeing <= 0 bytes, measure again, until every remaining site frees
+bytes; each round is a forward, at most one per site and usually two. The final configuration's total
+is the measured one; if it were above the baseline (storages saved jointly by several sites are charged
+to none of them) every swap is dropped. A site never called in the baseline step is restored.
+
+The functional route (``functional=True``) is measured as one unit: one more forward with
+:class:`invact.routing.FunctionalRouter` active during the model's forward; it is kept if the total
+falls. (Per call site it would need a router that knows which module called it, at run time too.)
+
+Runs use torch's forked RNG, Python's ``random`` and NumPy's global RNG seeded alike (dropout masks and,
+e.g., Wav2Vec2's NumPy-drawn SpecAugment masks agree between runs); the caller's RNG states are restored,
+and so is every module's training flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import numpy as np
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .routing import FunctionalRouter
+
+__all__ = ["check_example", "decide", "install_router", "remove_router", "Trace"]
+
+_OTHER = -1                                       # owner of storages saved outside every site
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+             torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+
+
+def check_example(example: Any) -> None:
+    """Raise TypeError unless ``example`` is a tensor, a tuple/list/dict of inputs, or a callable step."""
+    if example is None or isinstance(example, (torch.Tensor, tuple, list, dict)) or callable(example):
+        return
+    raise TypeError("example must be a tensor, a tuple (or list) or dict of model inputs, or a callable "
+                    f"taking the model and running one step; got {type(example).__name__}")
+
+
+def _step(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, torch.Tensor):
+        return model(example)
+    if isinstance(example, (tuple, list)):
+        return model(*example)
+    if isinstance(example, dict):
+        return model(**example)
+    return example(model)
+
+
+@contextlib.contextmanager
+def _seeded(model: nn.Module):
+    """torch (forked, CPU and the model's CUDA devices), random and numpy seeded with 0; states restored."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _key(t: torch.Tensor) -> tuple | None:
+    try:
+        s = t.untyped_storage()
+        return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+@dataclass
+class _Call:
+    x_key: tuple | None
+    x_bytes: int
+    y_key: tuple | None
+
+
+class _DropoutWatch(TorchFunctionMode):
+    """Records the storages of tensors passed to a dropout with p > 0 in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: set[tuple] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUTS and args and isinstance(args[0], torch.Tensor):
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            train = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            if p and train:
+                self.inputs.add(_key(args[0]))
+        return func(*args, **kwargs)
+
+
+@dataclass
+class Trace:
+    """One forward of the example: who saved which storage, and every call of every site."""
+
+    savers: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
+    names: dict[tuple, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))  # (owner, path)
+    calls: dict[int, list[_Call]] = field(default_factory=lambda: defaultdict(list))
+    dropout_inputs: set[tuple] = field(default_factory=set)
+    keep: list[Any] = field(default_factory=list)     # tensors held so that no storage is reused mid-run
+
+    @property
+    def total(self) -> int:
+        return sum(k[3] for k in self.savers)
+
+    def only(self, site: int) -> int:
+        """Bytes of the storages saved by ``site`` and nothing else."""
+        return sum(k[3] for k, who in self.savers.items() if who == {site})
+
+
+def _run(model: nn.Module, example: Any, site_of: dict[int, int], params: set[tuple],
+         router: FunctionalRouter | None = None) -> Trace:
+    trace, stack = Trace(), []
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _key(t)
+        if key is not None and key[3] and key not in params and not isinstance(t, nn.Parameter):
+            owner, name = stack[-1] if stack else (_OTHER, "<outside>")
+            trace.savers[key].add(owner)
+            trace.names[key].add((owner, name))
+            trace.keep.append(t)
+        return t
+
+    def pre(m: nn.Module, args: Any) -> None:
+        owner = site_of.get(id(m))
+        if owner is None:                       # a module inside a site belongs to it
+            owner = stack[-1][0] if stack and stack[-1][0] != _OTHER else _OTHER
+        stack.append((owner, names.get(id(m), type(m).__name__)))
+
+    def post(m: nn.Module, args: Any, out: Any) -> None:
+        stack.pop()
+        site = site_of.get(id(m))
+        if site is not None and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            x = args[0]
+            trace.calls[site].append(_Call(_key(x), x.numel() * x.element_size(), _key(out)))
+            trace.keep.extend((x, out))
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre),
+                                                      m.register_forward_hook(post, always_call=True))]
+    if router is not None:
+        install_router(model, router)
+    watch = _DropoutWatch()
+    try:
+        with _seeded(model), torch.enable_grad(), watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = _step(model, example)
+            del out
+    finally:
+        for h in handles:
+            h.remove()
+        if router is not None:
+            remove_router(model)
+    trace.dropout_inputs = watch.inputs
+    trace.keep.clear()
+    return trace
+
+
+# ---------------------------------------------------------------------------------------------------
+# the functional route, active during the model's forward
+
+def install_router(model: nn.Module, router: FunctionalRouter) -> None:
+    """Enter ``router`` around every (outermost) call of ``model``: forward pre- and post-hooks."""
+    remove_router(model)
+    depth = [0]
+
+    def enter(m: nn.Module, args: Any) -> None:
+        if depth[0] == 0:
+            router.__enter__()
+        depth[0] += 1
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            router.__exit__(None, None, None)
+
+    handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
+    model.__dict__["_invact_router"] = (router, handles)
+
+
+def remove_router(model: nn.Module) -> FunctionalRouter | None:
+    """Remove the route :func:`install_router` put on ``model``; returns its router (None if none)."""
+    entry = model.__dict__.pop("_invact_router", None)
+    if entry is None:
+        return None
+    for h in entry[1]:
+        h.remove()
+    return entry[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Site:
+    paths: list[str]
+    old: nn.Module
+    new: nn.Module
+
+
+def _place(model: nn.Module, sites: dict[int, _Site], active: set[int]) -> None:
+    for key, site in sites.items():
+        module = site.new if key in active else site.old
+        for path in site.paths:
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module)
+
+
+def _site_map(sites: dict[int, _Site], active: set[int]) -> dict[int, int]:
+    out = {}
+    for key, site in sites.items():
+        for m in (site.new if key in active else site.old).modules():
+            out[id(m)] = key
+    return out
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n} B"
+
+
+def _why(key: int, base: Trace, pat: Trace) -> str:
+    """Why site ``key`` frees nothing, read from the storages of its calls."""
+    reasons = []
+    for c in base.calls[key]:
+        if c.x_key in base.savers and base.savers[c.x_key] != {key}:
+            others = {name for owner, name in base.names[c.x_key] if owner != key}
+            whole = c.x_key[3] // max(c.x_bytes, 1)
+            part = f", a 1/{whole} slice of a larger storage (a fused projection)" if whole > 1 else ""
+            reasons.append(f"input kept alive by another consumer ({', '.join(sorted(others))}{part})")
+            break
+    for c in pat.calls[key]:
+        if pat.savers.get(c.y_key) == {key}:
+            reasons.append("dropout after it: the next layer saves the dropout's output, so y is an extra tensor"
+                           if c.y_key in pat.dropout_inputs else
+                           "y not saved by its consumer, so y is an extra tensor")
+            break
+    freed, added = base.only(key), pat.only(key)
+    return "; ".join(reasons + [f"measured: frees {_fmt(freed)}, adds {_fmt(added)}"])
+
+
+def _params(model: nn.Module, sites: dict[int, _Site]) -> set[tuple]:
+    mods = [model] + [m for s in sites.values() for m in (s.old, s.new)]
+    return {k for m in mods for p in m.parameters() if (k := _key(p)) is not None}
+
+
+def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter | None,
+           left_cls: Any) -> bool:
+    """Measure ``report``'s swaps (and ``router``) on ``example``; undo those that free nothing, in place.
+
+    ``report`` is the :class:`invact.patching.PatchReport` of swaps just made; kept entries get ``freed``,
+    dropped ones move to ``report.left`` (built with ``left_cls(path, class, reason)``). Returns whether
+    the functional route frees bytes (False without ``router``).
+    """
+    sites: dict[int, _Site] = {}
+    for r in report.replaced:
+        new = model.get_submodule(r.path)
+        site = sites.setdefault(id(new), _Site([], new._invact_replaced[0], new))
+        site.paths.append(r.path)
+    flags = {id(m): (m, m.training) for s in [model, *(x for s in sites.values() for x in (s.old, s.new))]
+             for m in s.modules()}
+    params = _params(model, sites)
+    try:
+        model.train()
+        _place(model, sites, set())
+        base = _run(model, example, _site_map(sites, set()), params)
+        reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
+        active, final = set(sites) - set(reasons), base
+        while active:
+            _place(model, sites, active)
+            final = _run(model, example, _site_map(sites, active), params)
+            bad = {k for k in active if base.only(k) - final.only(k) <= 0}
+            reasons.update({k: _why(k, base, final) for k in bad})
+            active -= bad
+            if not bad:
+                break
+        else:
+            final = base
+        if final.total > base.total:          # joint storages charged to no site: never worse than baseline
+            reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
+            active, final = set(), base
+        _place(model, sites, active)
+        routed = None
+        if router is not None:
+            with_route = _run(model, example, _site_map(sites, active), params, router)
+            routed = (with_route.total < final.total, final.total - with_route.total, dict(router.routed))
+            router.routed.clear()
+            if routed[0]:
+                final = with_route
+    finally:
+        for m, flag in flags.values():
+            m.train(flag)
+    _report(report, sites, active, reasons, base, final, left_cls, routed)
+    return bool(routed and routed[0])
+
+
+def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dict[int, str], base: Trace,
+            final: Trace, left_cls: Any, routed: tuple | None) -> None:
+    by_path = {p: k for k, s in sites.items() for p in s.paths}
+    kept, first = [], set()
+    for r in report.replaced:
+        key = by_path[r.path]
+        if key in active:
+            kept.append(replace(r, freed=(base.only(key) - final.only(key)) if key not in first else 0))
+            first.add(key)
+        else:
+            report.left.append(left_cls(r.path, r.old, reasons[key]))
+    report.replaced[:] = kept
+    report.measured = {"baseline_bytes": base.total, "patched_bytes": final.total}
+    if routed is not None:
+        keep, freed, calls = routed
+        report.functional = (f"routed: {sum(calls.values())} call(s) {calls}, frees {_fmt(freed)} (measured as one "
+                             "unit)" if keep else
+                             f"left: routing {sum(calls.values())} call(s) {calls} frees {_fmt(freed)} (measured "
+                             "as one unit)")
