@@ -13,6 +13,8 @@ medians), CPU:
   bwd eager     the plain-torch backward vs the native backward (target <= 3)
   floor         grad * y (reads two tensors, writes one, as any backward from y must) vs the native
                 backward: no backward can go below it; where it is near 0.6 that target is out of reach
+--norms [ROWS,N]: invact.functional.layer_norm / rms_norm against torch.nn.functional's instead
+(targets on CPU: forward <= 1.1, backward <= 1.5; CUDA: >= 0.9 of a copy's bandwidth).
 With CUDA: Triton forward/backward bandwidth in GB/s (bytes read + written once), as a fraction of
 a plain copy's bandwidth (target >= 0.9), and time / native time (target <= 1.05).
 """
@@ -107,6 +109,55 @@ def gpu_ratios(name: str, dtype: torch.dtype, numel: int, repeat: int, device: s
     return out
 
 
+NORM_TARGETS = {"fwd": 1.1, "bwd": 1.5}
+
+
+def norm_ratios(rms: bool, dtype: torch.dtype, rows: int, n: int, repeat: int, device: str = "cpu") -> dict[str, float]:
+    """invact's LayerNorm / RMSNorm against torch.nn.functional's on (rows, n), time / native time:
+    forward (PyTorch's kernel plus the kept columns) and backward from y, on the device's default
+    backend (CPU: compiled; CUDA: Triton). Trained-like parameters: gamma = 1 + 0.1 N(0, 1), beta =
+    0.1 N(0, 1), so no column is kept. With CUDA also GB/s as a fraction of a copy's bandwidth."""
+    from invact import backends, norms  # noqa: F401 - norms registers the invact::norm_* ops
+    backend = backends.resolve(None, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n, generator=g).to(device=device, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(device=device, dtype=dtype)
+    b = None if rms else (0.1 * torch.randn(n, generator=g)).to(device=device, dtype=dtype)
+    go = torch.randn(rows, n, generator=g).to(device=device, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + (() if b is None else (b,))]
+    f = (lambda x, w, b=None: F.rms_norm(x, (n,), w, 1e-5)) if rms else \
+        (lambda x, w, b: F.layer_norm(x, (n,), w, b, 1e-5))
+    y_native = f(*leaves)
+    args = (w, b, n, 1e-5, rms, 0.0, None, dtype)
+    saved = torch.ops.invact.norm_forward(x, *args, backend)
+    copy = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = side_by_side({
+        "copy": lambda: copy.copy_(x),
+        "native fwd": lambda: f(x, w, b),
+        "fwd": lambda: torch.ops.invact.norm_forward(x, *args, backend),
+        "native bwd": lambda: torch.autograd.grad(y_native, leaves, go, retain_graph=True),
+        "bwd": lambda: torch.ops.invact.norm_backward(go, *saved, w, b, n, rms, 0.0, dtype, backend),
+    }, repeat, sync)
+    out = {"fwd": t["fwd"] / t["native fwd"], "bwd": t["bwd"] / t["native bwd"]}
+    if device == "cuda":
+        out |= {"fwd of copy": t["copy"] / t["fwd"], "bwd of copy": 1.5 * t["copy"] / t["bwd"]}  # 2 / 3 tensors
+    return out
+
+
+def norm_report(dtypes: list[torch.dtype], rows: int, n: int, repeat: int, device: str) -> None:
+    print(f"\nnorms, {device}, ({rows}, {n}), invact / torch.nn.functional time (targets: "
+          f"{', '.join(f'{k} <= {v}' for k, v in NORM_TARGETS.items())}"
+          + ("; fraction of a copy's bandwidth >= 0.9)" if device == "cuda" else ")"))
+    for rms in (False, True):
+        for dtype in dtypes:
+            r = norm_ratios(rms, dtype, rows, n, repeat, device)
+            print(f"{'rms_norm' if rms else 'layer_norm':<14}{str(dtype).removeprefix('torch.'):<10}"
+                  + "".join(f"{k}: {v:6.2f}{'*' if _misses(k, v) or v > NORM_TARGETS.get(k, math.inf) else ' '}  "
+                            for k, v in r.items()))
+    print("(* misses its target)")
+
+
 def _misses(key: str, value: float) -> bool:
     for suffix, target in GPU_TARGETS.items():
         if key.endswith(suffix):
@@ -126,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                              "cost the most on CPU)")
     parser.add_argument("--devices", default="cpu,cuda",
                         help="which reports: cpu, cuda or both (default; cuda only where a GPU is present)")
+    parser.add_argument("--norms", metavar="ROWS,N", nargs="?", const="8192,1024",
+                        help="time the norms only, on (ROWS, N) (default 8192,1024)")
     args = parser.parse_args(argv)
     devices = set(args.devices.split(","))
     if not devices or devices - {"cpu", "cuda"}:
@@ -134,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     names = [n for n in args.names.split(",") if n and ops.info(n)["torch_forward"]]
+    if args.norms:
+        rows, n = (int(v) for v in args.norms.split(","))
+        for device in sorted(devices):
+            if device == "cpu" or torch.cuda.is_available():
+                norm_report(dtypes, rows, n, args.repeat, device)
+        return
     if "cpu" in devices:
         cpu_report(names, dtypes, args)
     if "cuda" in devices and torch.cuda.is_available():
