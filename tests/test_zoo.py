@@ -82,3 +82,29 @@ def test_fast_row_triton_matches_eager(row, results, root):
     assert within(yt, ye, 8, formula_error(x))
     same = ye == yt
     assert same.float().mean() > 0.5 and torch.equal(ge[same], gt[same])
+
+
+@pytest.mark.slow
+def test_new_forward_functions_build_for_sm90(results, root):
+    """The forwards printed for atan (Cephes atanf in tl operations) and Min/Max (tl.minimum and
+    tl.maximum) build for sm_90 without a GPU like the built-ins' (tests/test_triton_offline.py):
+    launched without FP fusion, no FMA, no approximate division or square root."""
+    import subprocess
+    import triton.backends
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    names = [zoo.table_name(r) for r in FAST if r["name"] in ("arctan", "relu6")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"INVACT_ROOT": str(root)}
+    script = Path(__file__).with_name("triton_offline.py")
+    done = subprocess.run([sys.executable, str(script), "--names", ",".join(names)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    import json
+    report = json.loads(done.stdout)
+    assert sorted(report) == sorted(names)
+    for name, kernels in report.items():
+        for kernel, cases in kernels.items():
+            for case, found in cases.items():
+                assert found["options"] == {"enable_fp_fusion": False}, (name, kernel, case)
+                assert not any(found["ptx"][i] for i in ("fma.rn.f32", "div.full.f32", "sqrt.approx.f32")), \
+                    (name, kernel, case)
