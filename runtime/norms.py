@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from . import backends
 
-__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO"]
+__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO",
+           "error_bound"]
 
 RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + tiny(y's dtype)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -472,3 +473,66 @@ class RMSNorm(_Saving, nn.RMSNorm):
     def extra_repr(self) -> str:
         style = f"style={self.style!r}" if self.style != "torch" else ""
         return ", ".join(p for p in (super().extra_repr(), style, self._extra()) if p)
+
+
+# ----------------------------------------------------------------------------------------------
+# the error bound the tests and benchmarks check gradients against
+
+_U32 = 2.0**-24
+
+
+def _unit(dtype: torch.dtype | None) -> float:
+    return 0.0 if dtype is None else torch.finfo(dtype).eps / 2
+
+
+def _reference(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, rms: bool, eps: float):
+    """float64 autograd of torch's own norm on the same x, gamma, beta."""
+    args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    n = x.shape[-1]
+    fn = torch.nn.functional
+    y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], args[2], eps)
+    grads = torch.autograd.grad(y, args, dy.double())
+    with torch.no_grad():
+        xd = args[0]
+        mean = torch.zeros_like(xd[..., :1]) if rms else xd.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
+    return grads, (xd - mean) * rstd, rstd, xd.abs().mean(-1, keepdim=True)
+
+
+def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, rms: bool, eps: float,
+                norm_dtype: torch.dtype | None = None) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+    """((dx, dgamma[, dbeta]) of float64 autograd of torch's norm on x, gamma ``w``, beta ``b``; bounds on
+    how far a backward from the stored ``y`` (2-d: rows, N) may be from them, per element), for the
+    tests and benchmarks/train.py. The bound does not grow as gamma shrinks (the kept columns' promise).
+
+    The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
+    correctly; its bf16 layer_norm rounds more than once): k_y = max |y - y_64| / (u_y (|gamma x_hat| +
+    |beta|) + u_y tiny), at least 1, with u_y y's unit roundoff.
+    Recovered x_hat_j (x_hat rounded to norm_dtype first in the Hugging Face "llama" form; float32
+    subtraction and division, 2 u): for a column with |gamma_j| >= |beta_j| + tiny (the rule) the error
+    is at most (k_y u_y + u_n + 2u)(|x_hat| + |beta|/|gamma| + tiny/|gamma|) <= (k_y u_y + u_n + 2u)(|x_hat| + 1);
+    a kept column's x_hat is stored in x's dtype: u_x |x_hat|. Both are within
+        e = (k_y u_y + u_x + u_n + 2u)(|x_hat| + 1) + f,
+    f = gamma_N u (|x_hat| + rstd mean|x|): the float32 forward's x_hat (sums of N terms, gamma_N =
+    (8 + 2 log2 N) u for pairwise sums; the mean's cancellation scales with mean|x| rstd).
+    dx = rstd (dy gamma - mean(dy gamma) - x_hat c), c = mean(dy gamma x_hat):
+        |err dx| <= rstd (|c| e + |x_hat| mean(|dy gamma| e) + gamma_N (|dy gamma| + mean|dy gamma| + |x_hat c|))
+                    + gamma_N |dx| (rstd's own float32 error) + u_x |dx| (the final rounding);
+    dgamma_j = sum_i dy x_hat: sum_i |dy| e + gamma_R sum_i |dy x_hat| + u_w |dgamma|; dbeta: gamma_R sum|dy| + u_w |dbeta|.
+    """
+    (gx, gw, *gb), xhat, rstd, mabs = _reference(x, w, b, dy, rms, eps)
+    n, rows = x.shape[-1], x.numel() // x.shape[-1]
+    gn, gr = (8 + 2 * math.log2(max(n, 2))) * _U32, (8 + 2 * math.log2(max(rows, 2))) * _U32
+    u_y, u_x, u_n, u_w = _unit(y.dtype), _unit(x.dtype), _unit(norm_dtype), _unit(w.dtype)
+    dyd, gd = dy.double(), w.double()
+    bd = 0.0 if b is None else b.double()
+    scale = u_y * ((gd * xhat).abs() + abs(bd) + torch.finfo(y.dtype).tiny)
+    k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() / scale).max().item())
+    e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + gn * (xhat.abs() + rstd * mabs)
+    c = (dyd * gd * xhat).mean(-1, keepdim=True)
+    dxh = (dyd * gd).abs()
+    tol_x = rstd * (c.abs() * e + xhat.abs() * (dxh * e).mean(-1, keepdim=True)
+                    + gn * (dxh + dxh.mean(-1, keepdim=True) + (xhat * c).abs())) + (gn + u_x) * gx.abs()
+    tol_w = (dyd.abs() * e).sum(0) + gr * (dyd * xhat).abs().sum(0) + u_w * gw.abs()
+    tol_b = gr * dyd.abs().sum(0) + u_w * gb[0].abs() if gb else None
+    return (gx, gw, *gb), (tol_x, tol_w, tol_b)
