@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from .routing import FunctionalRouter
 
-__all__ = ["check_example", "decide", "install_router", "remove_router", "Trace"]
+__all__ = ["check_example", "decide", "install_router", "remove_router", "remove_modes", "CopyChunks", "Trace"]
 
 _OTHER = -1                                       # owner of storages saved outside every site
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -185,35 +185,72 @@ def _run(model: nn.Module, example: Any, site_of: dict[int, int], params: set[tu
 
 
 # ---------------------------------------------------------------------------------------------------
-# the functional route, active during the model's forward
+# modes active during a module's forward: the functional route, and copied chunks of fused projections
 
-def install_router(model: nn.Module, router: FunctionalRouter) -> None:
-    """Enter ``router`` around every (outermost) call of ``model``: forward pre- and post-hooks."""
-    remove_router(model)
+_ROUTER, _CHUNKS = "_invact_router", "_invact_chunks"
+_SPLITS = {torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split}
+
+
+class CopyChunks(TorchFunctionMode):
+    """``chunk`` / ``split`` return contiguous copies of the pieces (of tensors that need grad).
+
+    A fused projection's output (Phi-3's ``gate_up_proj``) is otherwise kept alive whole by whichever
+    piece a later op saves; with copies, nothing keeps the whole storage (split and clone save nothing
+    for backward), so an invact activation on one piece frees it: 2n saved bytes become n for the
+    copied ``up`` piece, the gate piece being saved by nobody. The copy costs a transient n.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _SPLITS and torch.is_grad_enabled() and isinstance(out, (tuple, list)) and len(out) > 1 \
+                and all(isinstance(t, torch.Tensor) and t.requires_grad for t in out):
+            return type(out)(t.clone(memory_format=torch.contiguous_format) for t in out)
+        return out
+
+
+def _install(module: nn.Module, mode: TorchFunctionMode, attr: str) -> None:
+    """Enter ``mode`` around every (outermost) call of ``module``: forward pre- and post-hooks."""
+    _remove(module, attr)
     depth = [0]
 
     def enter(m: nn.Module, args: Any) -> None:
         if depth[0] == 0:
-            router.__enter__()
+            mode.__enter__()
         depth[0] += 1
 
     def leave(m: nn.Module, args: Any, out: Any) -> None:
         depth[0] -= 1
         if depth[0] == 0:
-            router.__exit__(None, None, None)
+            mode.__exit__(None, None, None)
 
-    handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
-    model.__dict__["_invact_router"] = (router, handles)
+    handles = (module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True))
+    module.__dict__[attr] = (mode, handles)
 
 
-def remove_router(model: nn.Module) -> FunctionalRouter | None:
-    """Remove the route :func:`install_router` put on ``model``; returns its router (None if none)."""
-    entry = model.__dict__.pop("_invact_router", None)
+def _remove(module: nn.Module, attr: str) -> TorchFunctionMode | None:
+    entry = module.__dict__.pop(attr, None)
     if entry is None:
         return None
     for h in entry[1]:
         h.remove()
     return entry[0]
+
+
+def install_router(model: nn.Module, router: FunctionalRouter) -> None:
+    """Enter ``router`` around every (outermost) call of ``model``."""
+    _install(model, router, _ROUTER)
+
+
+def remove_router(model: nn.Module) -> FunctionalRouter | None:
+    """Remove the route :func:`install_router` put on ``model``; returns its router (None if none)."""
+    return _remove(model, _ROUTER)
+
+
+def remove_modes(model: nn.Module) -> None:
+    """Remove the functional route and every chunk-copy mode :func:`decide` installed in ``model``."""
+    remove_router(model)
+    for m in model.modules():
+        _remove(m, _CHUNKS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,6 +302,10 @@ def _why(key: int, base: Trace, pat: Trace) -> str:
     return "; ".join(reasons + [f"measured: frees {_fmt(freed)}, adds {_fmt(added)}"])
 
 
+def _parents(model: nn.Module, site: _Site) -> list[nn.Module]:
+    return [model.get_submodule(path.rpartition(".")[0]) for path in site.paths]
+
+
 def _params(model: nn.Module, sites: dict[int, _Site]) -> set[tuple]:
     mods = [model] + [m for s in sites.values() for m in (s.old, s.new)]
     return {k for m in mods for p in m.parameters() if (k := _key(p)) is not None}
@@ -305,6 +346,26 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         if final.total > base.total:          # joint storages charged to no site: never worse than baseline
             reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
             active, final = set(), base
+        fused = {k for k, why in reasons.items() if "fused projection" in why}
+        parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
+        unit = None
+        if fused:                             # one unit: these swaps with their parents' chunks copied
+            for p in parents.values():
+                _install(p, CopyChunks(), _CHUNKS)
+            _place(model, sites, active | fused)
+            trial = _run(model, example, _site_map(sites, active | fused), params)
+            gain = final.total - trial.total
+            if gain > 0:
+                note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
+                        f"{len(fused)} site(s) freeing {_fmt(gain)}")
+                active, final, unit = active | fused, trial, (fused, note, gain)
+                for k in fused:
+                    del reasons[k]
+            else:
+                for p in parents.values():
+                    _remove(p, _CHUNKS)
+                for k in fused:
+                    reasons[k] += f"; copying its parent's chunks (one unit of {len(fused)}) frees {_fmt(gain)}"
         _place(model, sites, active)
         routed = None
         if router is not None:
@@ -316,17 +377,21 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
     finally:
         for m, flag in flags.values():
             m.train(flag)
-    _report(report, sites, active, reasons, base, final, left_cls, routed)
+    _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
     return bool(routed and routed[0])
 
 
 def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dict[int, str], base: Trace,
-            final: Trace, left_cls: Any, routed: tuple | None) -> None:
+            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None) -> None:
     by_path = {p: k for k, s in sites.items() for p in s.paths}
     kept, first = [], set()
+    fused, note, gain = unit or (set(), "", 0)
     for r in report.replaced:
         key = by_path[r.path]
-        if key in active:
+        if key in fused:                      # the unit's bytes on its first entry
+            kept.append(replace(r, freed=0 if first & fused else gain, note="; ".join(x for x in (note, r.note) if x)))
+            first.add(key)
+        elif key in active:
             kept.append(replace(r, freed=(base.only(key) - final.only(key)) if key not in first else 0))
             first.add(key)
         else:

@@ -447,7 +447,7 @@ def unpatch(model: nn.Module) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
-    measure.remove_router(model)
+    measure.remove_modes(model)
     for parent, attr, path, child in list(_children(model)):
         original = getattr(child, "_invact_replaced", None)
         if isinstance(child, (Activation, _Saving)) and original:
