@@ -2,7 +2,7 @@
 baseline against invact.patch, in float32 and under CPU bfloat16 autocast.
 
     python benchmarks/train.py [--steps 300] [--dtypes float32,bfloat16] [--seeds 0,1,2] [--quick]
-                              [--margin 0] [--threads N]
+                              [--margin 0] [--threads N] [--no-norms]
 
 Per dtype, one baseline run per seed (the seed sets the initial weights and the batch order) gives
 the spread of the final losses; the patched run repeats the first seed exactly (same weights, same
@@ -212,6 +212,43 @@ class FloorProbe:
         return [sum(self.ratios[i:i + n]) for i in range(0, len(self.ratios), n)]
 
 
+class NormProbe:
+    """Hooks on a baseline model's norm modules (``dtypes``: path -> the dtype invact's replacement stores
+    y in) for their first backward pass: the relative gradient error invact.norms.error_bound allows
+    there (recovering x_hat from y rounded to that dtype), ||bound(dx)|| / ||dx|| + ||bound(dgamma)|| /
+    ||dgamma||, summed over layers like FloorProbe's ratios (an estimate of the whole gradient's)."""
+
+    def __init__(self, model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+        self.mods = {model.get_submodule(p): dt for p, dt in dtypes.items()}
+        self.inputs: dict[int, Tensor] = {}
+        self.ratios: list[float] = []
+        self.handles = [h for m in self.mods for h in (m.register_forward_hook(self._forward),
+                                                       m.register_full_backward_hook(self._backward))]
+
+    def _forward(self, mod: nn.Module, args: tuple, out: Tensor) -> None:
+        if torch.is_grad_enabled() and id(mod) not in self.inputs and len(self.ratios) < len(self.mods):
+            self.inputs[id(mod)] = (args[0].detach(), out.detach())
+
+    def _backward(self, mod: nn.Module, grad_x: tuple, grad_y: tuple) -> None:
+        from invact.norms import error_bound
+        saved = self.inputs.pop(id(mod), None)
+        if saved is None:
+            return
+        x, y = saved
+        n = x.shape[-1]
+        b = getattr(mod, "bias", None)
+        (gx, gw, *_), (tx, tw, _) = error_bound(x.reshape(-1, n), mod.weight.detach(), None if b is None else b.detach(),
+                                              grad_y[0].reshape(-1, n), y.reshape(-1, n).to(self.mods[mod]),
+                                              not isinstance(mod, nn.LayerNorm), mod.eps)
+        self.ratios.append((tx.norm() / gx.norm() + tw.norm() / gw.norm()).item())
+
+    def bound(self) -> float:
+        """Allowed relative error of the first step's gradient from the norms; hooks removed."""
+        for h in self.handles:
+            h.remove()
+        return sum(self.ratios[:len(self.mods)])
+
+
 def relative_difference(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -250,21 +287,28 @@ class Comparison:
                 and self.inside("final") and self.inside("eval_loss"))
 
 
-def compare(setup: Setup, seeds: list[int], dtype: str, data: tuple[Tensor, Tensor]) -> Comparison:
-    """Baseline runs for every seed (the first probed at step 0), then the patched run of the first."""
+def compare(setup: Setup, seeds: list[int], dtype: str, data: tuple[Tensor, Tensor],
+            norms: bool = True) -> Comparison:
+    """Baseline runs for every seed (the first probed at step 0), then the patched run of the first
+    (activations, and LayerNorms unless ``norms`` is False)."""
     import invact
     from invact import ops
     model = gpt2(setup, seeds[0])
-    report = invact.patch(model)
-    paths = [r.path for r in report.replaced]
+    report = invact.patch(model, norms=norms)
+    paths = [r.path for r in report.replaced if isinstance(model.get_submodule(r.path), invact.modules.Activation)]
+    cast = DTYPES[dtype] if dtype != "float32" else None
+    stored = {r.path: cast if cast and model.get_submodule(r.path).autocast_output else torch.float32
+              for r in report.replaced if r.path not in paths}           # the norms' y dtype
     eval_error = max((ops.info(model.get_submodule(p).name)["certificate"]["float32_eval_error"] for p in paths),
                      default=0.0)
     first = gpt2(setup, seeds[0])
     probe = FloorProbe(first, paths, eval_error, steps=1)
+    norm_probe = NormProbe(first, stored)
     runs = [train(first, setup, *data, seeds[0], DTYPES[dtype])]
+    bound = (probe.per_step()[0] if paths else 0.0) + norm_probe.bound()
     runs += [train(gpt2(setup, s), setup, *data, s, DTYPES[dtype]) for s in seeds[1:]]
     patched = train(model, setup, *data, seeds[0], DTYPES[dtype])
-    return Comparison(dtype, runs, patched, len(report), probe.per_step()[0] if paths else math.inf)
+    return Comparison(dtype, runs, patched, len(report), bound if report.replaced else math.inf)
 
 
 def _print(c: Comparison, seeds: list[int]) -> None:
@@ -298,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=MARGIN,
                     help="widen the baseline spread by this fraction of its width on each side (default 0)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a busy machine)")
+    ap.add_argument("--no-norms", action="store_true", help="patch the activations only (not the LayerNorms)")
     args = ap.parse_args(argv)
     setup = replace(QUICK if args.quick else Setup(), activation=args.activation)
     if args.steps is not None:
@@ -313,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     data = corpus(setup.train_bytes, setup.eval_batches * setup.batch * setup.ctx)
     start, results = time.perf_counter(), []
     for dtype in dtypes:
-        results.append(replace(compare(setup, seeds, dtype, data), margin=args.margin))
+        results.append(replace(compare(setup, seeds, dtype, data, not args.no_norms), margin=args.margin))
         _print(results[-1], seeds)
     print(f"\n{'PASS' if all(c.ok for c in results) else 'FAIL'} in {time.perf_counter() - start:.0f}s")
     return 0 if all(c.ok for c in results) else 1

@@ -487,11 +487,12 @@ def _unit(dtype: torch.dtype | None) -> float:
 
 def _reference(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, rms: bool, eps: float):
     """float64 autograd of torch's own norm on the same x, gamma, beta."""
-    args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
     n = x.shape[-1]
     fn = torch.nn.functional
-    y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], args[2], eps)
-    grads = torch.autograd.grad(y, args, dy.double())
+    with torch.enable_grad():                            # also inside backward hooks
+        args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+        y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], args[2], eps)
+        grads = torch.autograd.grad(y, args, dy.double())
     with torch.no_grad():
         xd = args[0]
         mean = torch.zeros_like(xd[..., :1]) if rms else xd.mean(-1, keepdim=True)
@@ -506,8 +507,9 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     tests and benchmarks/train.py. The bound does not grow as gamma shrinks (the kept columns' promise).
 
     The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
-    correctly; its bf16 layer_norm rounds more than once): k_y = max |y - y_64| / (u_y (|gamma x_hat| +
-    |beta|) + u_y tiny), at least 1, with u_y y's unit roundoff.
+    correctly; its bf16 layer_norm rounds more than once): k_y = max (|y - y_64| - |gamma| f) / (u_y
+    (|gamma x_hat| + |beta|) + u_y tiny), at least 1, with u_y y's unit roundoff and f (below) the part
+    the forward's float32 x_hat explains (x - mean cancels where x_hat is near 0).
     Recovered x_hat_j (x_hat rounded to norm_dtype first in the Hugging Face "llama" form; float32
     subtraction and division, 2 u): for a column with |gamma_j| >= |beta_j| + tiny (the rule) the error
     is at most (k_y u_y + u_n + 2u)(|x_hat| + |beta|/|gamma| + tiny/|gamma|) <= (k_y u_y + u_n + 2u)(|x_hat| + 1);
@@ -526,9 +528,10 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     u_y, u_x, u_n, u_w = _unit(y.dtype), _unit(x.dtype), _unit(norm_dtype), _unit(w.dtype)
     dyd, gd = dy.double(), w.double()
     bd = 0.0 if b is None else b.double()
+    f = gn * (xhat.abs() + rstd * mabs)
     scale = u_y * ((gd * xhat).abs() + abs(bd) + torch.finfo(y.dtype).tiny)
-    k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() / scale).max().item())
-    e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + gn * (xhat.abs() + rstd * mabs)
+    k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() - gd.abs() * f).div(scale).max().item())
+    e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + f
     c = (dyd * gd * xhat).mean(-1, keepdim=True)
     dxh = (dyd * gd).abs()
     tol_x = rstd * (c.abs() * e + xhat.abs() * (dxh * e).mean(-1, keepdim=True)
