@@ -512,3 +512,33 @@ def test_compiled_backend_within_the_bound(dtype, rms):
     refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         _check(got, ref, tol, f"compiled {dtype} {what}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# benchmarks/models.py's norm columns, worked out from the config
+
+def test_models_bench_norm_columns():
+    """Quick Llama (hidden H, L layers, B x S tokens; 2L + 1 RMSNorms). Per call the unpatched
+    LlamaRMSNorm saves x, its float32 normalized copy and rsqrt's output (2 T H + T float32, T = B S),
+    and the consumers save the output; invact keeps y (the consumers' tensor) and rstd (T float32):
+    measured = (2L + 1) 2 T H 4 bytes, theory = (2L + 1)(T H - T) 4 (x freed, rstd kept). Under bf16 autocast each
+    consumer Linear also saved its own bf16 cast of the float32 output (q, k, v: 3; gate, up: 2;
+    lm_head: 1); invact's bf16 y replaces them: L (3 - 1 + 2 - 1) T H 2 bytes more."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("invact_bench_models",
+                                                  Path(__file__).parents[1] / "benchmarks" / "models.py")
+    M = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(M)
+    s = M.QUICK
+    t, h, calls = s.batch * s.seq, s.hidden, 2 * s.layers + 1
+    rows = {r["dtype"]: r for r in M.run(quick=True, models=["Llama"])}
+    for dtype, r in rows.items():
+        assert r["norms_replaced"] == calls and r["norm_calls"] == calls
+        assert r["norms_theory_bytes"] == calls * (t * h - t) * 4
+        extra = s.layers * 3 * t * h * 2 if dtype == "bfloat16" else 0
+        assert r["norms_measured_bytes"] == calls * 2 * t * h * 4 + extra, dtype
+        assert r["both_bytes"] == r["norms_bytes"] - r["measured_bytes"]     # the two savings add up
+        assert any("intermediates" in why for why in r["norms_reasons"])
