@@ -397,7 +397,8 @@ def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dic
         else:
             report.left.append(left_cls(r.path, r.old, reasons[key]))
     report.replaced[:] = kept
-    report.measured = {"baseline_bytes": base.total, "patched_bytes": final.total}
+    report.measured = {"baseline_bytes": base.total, "patched_bytes": final.total,
+                       "functional_bytes": routed[1] if routed and routed[0] else 0}
     if routed is not None:
         keep, freed, calls = routed
         report.functional = (f"routed: {sum(calls.values())} call(s) {calls}, frees {_fmt(freed)} (measured as one "

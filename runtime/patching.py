@@ -178,7 +178,7 @@ class PatchReport:
 
     replaced: list[Replaced] = field(default_factory=list)
     left: list[Left] = field(default_factory=list)
-    measured: dict[str, int] | None = None      # baseline_bytes, patched_bytes of the example (None: no example)
+    measured: dict[str, int] | None = None      # baseline_bytes, patched_bytes, functional_bytes (None: no example)
     functional: str | None = None               # what the functional route did (None: functional=False)
 
     def __len__(self) -> int:
