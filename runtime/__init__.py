@@ -35,7 +35,8 @@ _LAZY = {
 }
 
 
-_SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack", "routing", "norms"}
+_SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack", "routing", "norms",
+               "measure", "recognise"}
 
 
 def __getattr__(name: str):

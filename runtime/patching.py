@@ -30,11 +30,15 @@ activation's, so invact would keep ``y`` (plus its code) where PyTorch keeps ``x
 check is a heuristic: only an ``nn.Sequential`` states its execution order; other parents (e.g. Hugging
 Face's GPT-2 MLP registers ``act`` before ``dropout`` but applies ``c_proj`` in between) are not judged.
 
-What module patching cannot reach: activations a model's ``forward`` calls as functions
-(``torch.nn.functional.gelu(x)``, ``torch.tanh``, ``x * torch.sigmoid(x)``) instead of through a
-module attribute. Hugging Face models generally hold ``ACT2FN[config.hidden_act]`` modules (GPT-2's
-``mlp.act``, BERT's ``intermediate.intermediate_act_fn``, Llama's ``mlp.act_fn``), which are reached;
-for functional calls, edit the forward to use :mod:`invact.functional`.
+Measured decisions (``example=``): the swaps are tried on one forward of the example and kept only
+where they free saved bytes; the dropout heuristic above is then replaced by the measurement, modules
+never called are restored, and fused GLU projections get their chunks copied (:mod:`invact.measure`).
+Classes no rule names are probed (:mod:`invact.recognise`): a parameter-free module computing a known
+activation is swapped, an elementwise one computing none is listed as not recognised.
+
+Functional calls (``torch.nn.functional.gelu(x)``) are not modules: ``functional=True`` routes them
+through :class:`invact.routing.FunctionalRouter` during the model's forward. Formulas written out in a
+``forward`` (``x * torch.sigmoid(x)``) are not reached.
 
 Normalization layers (``norms=True``, the default): torch.nn.LayerNorm / RMSNorm and Hugging Face's
 RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become :class:`invact.LayerNorm`
