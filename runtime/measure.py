@@ -157,16 +157,19 @@ def _run(model: nn.Module, example: Any, site_of: dict[int, int], params: set[tu
             owner = stack[-1][0] if stack and stack[-1][0] != _OTHER else _OTHER
         stack.append((owner, names.get(id(m), type(m).__name__)))
 
-    def post(m: nn.Module, args: Any, out: Any) -> None:
+    def post(m: nn.Module, args: Any, kwargs: dict, out: Any) -> None:
         stack.pop()
         site = site_of.get(id(m))
-        if site is not None and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-            x = args[0]
-            trace.calls[site].append(_Call(_key(x), x.numel() * x.element_size(), _key(out)))
-            trace.keep.extend((x, out))
+        if site is not None:                    # a call with a tensor input and output (else x, y unknown)
+            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            y = out if isinstance(out, torch.Tensor) else None
+            trace.calls[site].append(_Call(None if x is None else _key(x),
+                                           0 if x is None else x.numel() * x.element_size(),
+                                           None if y is None else _key(y)))
+            trace.keep.extend((x, y))
 
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre),
-                                                      m.register_forward_hook(post, always_call=True))]
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(
+        post, with_kwargs=True, always_call=True))]
     if router is not None:
         install_router(model, router)
     watch = _DropoutWatch()

@@ -80,6 +80,20 @@ def test_measured_patch_keeps_only_what_frees_bytes():
     assert "measured on the example" in str(report)
 
 
+def test_a_site_called_with_keyword_arguments_is_called():
+    class KW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(8, 32), nn.Linear(32, 8), nn.SiLU()
+
+        def forward(self, x):
+            return self.down(self.act(input=self.up(x)))
+
+    model = KW()
+    report = invact.patch(model, example=torch.randn(4, 8))
+    assert [r.path for r in report.replaced] == ["act"] and report.replaced[0].freed == 4 * 128 - 128 // 8
+
+
 def test_without_example_the_report_says_not_measured():
     model = Net()
     report = invact.patch(model)
