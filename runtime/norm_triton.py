@@ -1,6 +1,8 @@
 """Triton kernels of invact's norms (:mod:`invact.norms`): one program per row in the forward, a band of
 rows per program in the backward (one pass over y and dy per row; dgamma and dbeta as per-program
-partial sums, added by torch). Float32 arithmetic, no FMA contraction (the eager formulas' roundings).
+partial sums, added by torch). Float32 arithmetic, no FMA contraction (launched with
+enable_fp_fusion=False), correctly rounded division and square root (tl.div_rn, tl.sqrt_rn): the eager
+formulas' roundings.
 
 Forward, per row: ``mean = sum(x)/N`` (0 for RMSNorm), ``rstd = 1/sqrt(sum((x - mean)^2)/N + eps)``,
 ``x_hat = (x - mean) * rstd`` (rounded to x's or gamma's dtype first in the Hugging Face "llama" / "t5"
@@ -33,10 +35,10 @@ def _forward_kernel(X, W, B, Y, MEAN, RSTD, N, eps, offset, RMS: tl.constexpr, H
         mean = 0.0
         xc = x
     else:
-        mean = tl.sum(x, axis=0) / N
+        mean = tl.div_rn(tl.sum(x, axis=0), (N * 1.0))
         xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    var = tl.div_rn(tl.sum(xc * xc, axis=0), (N * 1.0))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     xhat = xc * rstd
     if CAST == 1:
         xhat = xhat.to(X.dtype.element_ty).to(tl.float32)
@@ -67,6 +69,7 @@ def _backward_kernel(DY, Y, RSTD, W, B, EXTRA, SLOT, DX, DW, DB, rows, N, K, off
     slot = tl.load(SLOT + cols, mask=mask, other=-1)
     kept = slot >= 0
     safe_g = tl.where(kept | (~mask), 1.0, g)               # no division by a kept column's gamma
+    nf = (N * 1.0)
     dw = tl.zeros((BLOCK,), tl.float32)
     db = tl.zeros((BLOCK,), tl.float32)
     start = pid.to(tl.int64) * rows_per_program
@@ -79,15 +82,15 @@ def _backward_kernel(DY, Y, RSTD, W, B, EXTRA, SLOT, DX, DW, DB, rows, N, K, off
         rstd = tl.load(RSTD + r)
         t = y - b
         saved = tl.load(EXTRA + eoffs, mask=mask & kept, other=0.0).to(tl.float32)
-        xhat = tl.where(kept, saved, t / safe_g)
+        xhat = tl.where(kept, saved, tl.div_rn(t, safe_g))
         xhat = tl.where(mask, xhat, 0.0)
         dxhat = dy * g
         s = tl.where(kept, dxhat * xhat, dy * t)
-        c2 = tl.sum(s, axis=0) / N
+        c2 = tl.div_rn(tl.sum(s, axis=0), nf)
         if RMS:
             dx = (dxhat - xhat * c2) * rstd
         else:
-            c1 = tl.sum(dxhat, axis=0) / N
+            c1 = tl.div_rn(tl.sum(dxhat, axis=0), nf)
             dx = (dxhat - c1 - xhat * c2) * rstd
         tl.store(DX + offs, dx, mask=mask)
         dw += dy * xhat

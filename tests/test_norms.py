@@ -542,3 +542,35 @@ def test_models_bench_norm_columns():
         assert r["norms_measured_bytes"] == calls * 2 * t * h * 4 + extra, dtype
         assert r["both_bytes"] == r["norms_bytes"] - r["measured_bytes"]     # the two savings add up
         assert any("intermediates" in why for why in r["norms_reasons"])
+
+
+@pytest.mark.slow
+def test_triton_kernels_build_for_sm90():
+    """tests/norm_triton_offline.py compiles both kernels for sm_90 without a GPU (float32 LayerNorm with
+    kept columns, bf16 RMSNorm with N = 4099, fp16 with N = 1): enable_fp_fusion=False on every launch,
+    no FMA, no approximate division or square root (the interpreter's numpy arithmetic is what the GPU
+    build computes); rstd by a correctly rounded square root."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    script = Path(__file__).with_name("norm_triton_offline.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=script.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert sorted(report) == ["backward", "forward"]
+    for kernel, cases in report.items():
+        assert len(cases) == 3, kernel
+        for case, found in cases.items():
+            assert found["options"] == {"enable_fp_fusion": False}, (kernel, case)
+            bad = {i: found["ptx"][i] for i in ("fma.rn.f32", "div.full.f32", "sqrt.approx.f32") if found["ptx"][i]}
+            assert not bad, (kernel, case, bad)
+            assert found["ptx"]["div.rn.f32"] > 0, (kernel, case)
+    assert all(c["ptx"]["sqrt.rn.f32"] > 0 for c in report["forward"].values())
