@@ -574,3 +574,34 @@ def test_triton_kernels_build_for_sm90():
             assert not bad, (kernel, case, bad)
             assert found["ptx"]["div.rn.f32"] > 0, (kernel, case)
     assert all(c["ptx"]["sqrt.rn.f32"] > 0 for c in report["forward"].values())
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bfloat16"])
+def test_hugging_face_llama_norm_outputs_are_the_linears_inputs(mode):
+    """A Hugging Face Llama under bf16 autocast (float32 parameters) and converted to bf16: every patched
+    norm returns, bit for bit, what the unpatched model's Linears received after their cast, and a loss
+    of the bf16 last hidden state is the same."""
+    model = _hf("llama")
+    if mode == "bfloat16":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    paths = [n for n, m in model.named_modules() if norm_is(m)]
+
+    def outputs():
+        got = {}
+        hooks = [model.get_submodule(p).register_forward_hook(
+            lambda m, a, out, p=p: got.__setitem__(p, out.detach())) for p in paths]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            # the final norm's output is last_hidden_state: bf16 now under autocast (what lm_head casts to)
+            loss = model(input_ids=ids).last_hidden_state.to(torch.bfloat16).float().pow(2).mean()
+        for h in hooks:
+            h.remove()
+        return got, loss
+
+    base, loss_b = outputs()
+    invact.patch(model, only=[])
+    patched, loss_p = outputs()
+    for p in paths:
+        assert patched[p].dtype == torch.bfloat16, p
+        assert torch.equal(patched[p], base[p].to(torch.bfloat16)), p
+    assert torch.equal(loss_b, loss_p)
