@@ -9,9 +9,10 @@ sizes, about 15 s.
 Hugging Face transformers models (and timm's ViT) are built from small configs with random weights
 (no download). For each model and dtype, one training step (forward + backward) runs unpatched and
 then patched; invact.memory counts the bytes saved for backward, each storage once, parameters apart.
-Patching is ``invact.patch(model, example=inputs, functional=True)``: each swap is measured on the
-step's inputs and kept only where it frees bytes (the report's reasons name the others), and
-functional activation calls are routed when that frees bytes, so no row is above its baseline.
+Patching is ``invact.patch(model, example=step, functional=True)``, ``step`` being the row's forward
+under its autocast: each swap is measured on it and kept only where it frees bytes (the report's reasons
+name the others), and functional activation calls are routed when that frees bytes, so no column is
+above its baseline (the norms columns measure their swaps the same way).
 
 "theory" is what invact is designed to save: for every call of a replaced activation, its input's
 bytes less its packed code's bytes, ceil(numel * code_bits / 8), read from forward hooks on the
@@ -341,7 +342,7 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
     torch.manual_seed(0)
     model = spec.build(size).to(device).train()
     inputs = {k: v.to(device) for k, v in spec.inputs(size, torch.Generator().manual_seed(0)).items()}
-    patching = dict(backend=backend, norms=False, example=inputs, functional=True)
+    patching = dict(backend=backend, norms=False, example=_example(inputs, DTYPES[dtype]), functional=True)
     report = invact.patch(model, **patching)
     tables = {r.path: model.get_submodule(r.path).name for r in report.replaced}
     classes = {r.old.rsplit(".", 1)[-1]: tables[r.path] for r in report.replaced}
@@ -375,6 +376,15 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
     }
 
 
+def _example(inputs: dict, autocast: torch.dtype | None) -> Callable[[nn.Module], Any]:
+    """The step patch measures its swaps on: the row's forward, under the row's autocast."""
+    def step(model: nn.Module) -> Any:
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext():
+            return model(**inputs)
+    return step
+
+
 def _size(n: int) -> str:
     return f"{n / MiB:.2f} MiB" if n >= MiB // 100 else f"{n / 1024:.1f} KiB"
 
@@ -389,7 +399,8 @@ def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, 
     autocast each consumer Linear saved its own bf16 cast of the float32 output, which the norm's own
     bf16 output replaces (pre-norms: autocast_output).
     """
-    report = invact.patch(model, only=[], backend=backend)
+    example = _example(inputs, autocast)
+    report = invact.patch(model, only=[], backend=backend, example=example)
     paths = [r.path for r in report.replaced if isinstance(model.get_submodule(r.path), _Saving)]
     invact.unpatch(model)
     mods = {p: model.get_submodule(p) for p in paths}
@@ -400,11 +411,11 @@ def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, 
     _step(model, inputs, autocast, {}, {})
     for h in handles:
         h.remove()
-    invact.patch(model, only=[], backend=backend)
+    invact.patch(model, only=[], backend=backend, example=example)
     kept = sum(len(model.get_submodule(p).recovery().columns) for p in paths)
     only, _, _ = _step(model, inputs, autocast, {}, {})
     invact.unpatch(model)
-    invact.patch(model, backend=backend)
+    invact.patch(model, backend=backend, example=example, functional=True)
     both, _, _ = _step(model, inputs, autocast, {}, {})
     invact.unpatch(model)
     theory = sum(x - 4 * rows for x, rows in xs)
