@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="table name for a formula (a Python identifier)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="parameter value (repeatable); declares a parameter of a formula, which must "
-                        "occur in it (x, y, function names and names of the generated code are reserved)")
+                        "occur in it (x, y, function and constant names, Python keywords, name, backend, input, "
+                        "self and names starting with '_' are reserved)")
     p.add_argument("--tolerance", type=_positive(float), default=5e-8,
                    help="max approximation error (default 5e-8)")
     p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",

@@ -28,18 +28,17 @@ FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", 
              "Piecewise", "Heaviside", "sigmoid", "softplus", "relu")
 CONSTANTS = ("pi", "E")
 
-# Names a parameter may not take: the variables, Python keywords and builtins the generated code
-# uses, the functions above, and every identifier of the generated modules (a parameter named like
-# a name its functions use would shadow it). tests/test_trust.py checks the last set against the
-# functions of generated/*.py.
-GENERATED_NAMES = frozenset("""
-    BITS BLOCK CLASSES CODE CODE_BITS CODE_MASK DEFAULT_BLOCK F GO GX NAME NSEG P PER POLY X XT Y YT
-    _log _tanh acc b backward backward_kernel bitpack block byte c code code_kernel den fastmath forward
-    forward_kernel g g_kernel go grad grad_in j k mask math n nbytes offs out p packed params pid plane
-    poly q range s selection shift t table_constants thr tl torch triton u x xthr y ythr
-""".split())
+# Names sympy's parser calls in the text it builds (its closed namespace: see parse)
+PARSER_NAMES = ("Integer", "Float", "Rational", "Symbol")
+# Keyword names of the public API that takes parameters as keywords: invact.activation(name, *,
+# backend, **params), invact.functional.apply(input, name, *, backend, **params), Activation(self, ...)
+API_NAMES = ("name", "backend", "input", "self")
+# Names a parameter may not take: the variables, Python keywords, the formula language's functions and
+# constants, and the names above. The generated code needs none: it names parameter NAME
+# ``param_NAME`` (fitting.codegen.printer.mangle), and none of its own identifiers starts with
+# ``param_`` (tests/test_trust.py scans generated/*.py for that).
 RESERVED = frozenset({"x", "y", "True", "False", "None", *keyword.kwlist, *FUNCTIONS, *CONSTANTS,
-                      *GENERATED_NAMES}) | frozenset(f"s{i}" for i in range(256))
+                      *PARSER_NAMES, *API_NAMES})
 
 _BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
 _COMPARE = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
@@ -166,19 +165,18 @@ def parse(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[
 
 
 def is_reserved(name: str) -> bool:
-    """Whether ``name`` may not be a parameter: :data:`RESERVED`, a leading underscore, or all upper
-    case (the generated modules' constants)."""
-    return name in RESERVED or name.startswith("_") or name.isupper()
+    """Whether ``name`` may not be a parameter: :data:`RESERVED`, or a leading underscore (Python's
+    private and special names)."""
+    return name in RESERVED or name.startswith("_")
 
 
 def check_param_names(names, formula_symbols: set[str] | None = None, what: str = "--param") -> None:
     """Refuse reserved parameter names and, given the formula's free symbols, unused parameters."""
     for n in names:
         if not isinstance(n, str) or not n.isidentifier() or is_reserved(n):
-            raise SpecError(f"{what} {n!r}: parameter names must be identifiers, not all upper case, not "
-                            "starting with '_', and not x, y, a function, a Python keyword or a name the "
-                            "generated code uses (reserved: "
-                            f"{', '.join(sorted(n for n in RESERVED if len(n) == 1 and n.islower()))}, ...)")
+            raise SpecError(f"{what} {n!r}: parameter names must be identifiers not starting with '_', and "
+                            "not x, y, a Python keyword, a function or constant of formulas, or one of "
+                            f"{', '.join(PARSER_NAMES + API_NAMES)}")
     if formula_symbols is not None:
         unused = sorted(set(names) - formula_symbols)
         if unused:

@@ -35,6 +35,8 @@ META = {'name': 'elu',
 TABLE_SHA256 = '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7'
 NAME = META['name']
 PARAMS = ('alpha',)
+# their keyword names in this module's functions (invact.ops passes them; never a local's name)
+PARAM_ARGS = ('param_alpha',)
 CODE_BITS = 0
 N_SEGMENTS = 2
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
@@ -57,17 +59,17 @@ TRANSFORMS = ()
 FUSED_CPU = False
 
 
-def forward(x, *, alpha=1.0):
+def forward(x, *, param_alpha=1.0):
     """y = f(x): PyTorch's own forward (META torch_forward), else the printed formula."""
-    return F.elu(x, alpha)
+    return F.elu(x, param_alpha)
 
 
-def x_breaks(*, alpha=1.0):
+def x_breaks(*, param_alpha=1.0):
     """Forward-code breaks (value, side), left to right (docs/table-format.md, Forward code)."""
     return ()
 
 
-def y_breaks(*, alpha=1.0):
+def y_breaks(*, param_alpha=1.0):
     """Segment breaks (value, side) of every code class, concatenated class by class."""
     return ((0.0, 'left'),)
 
@@ -78,7 +80,7 @@ def code_kernel(x, thr):
     return torch.zeros_like(x, dtype=torch.int32)
 
 
-def g_kernel(y, code, thr, poly, *, alpha=1.0):
+def g_kernel(y, code, thr, poly, *, param_alpha=1.0):
     """g(y, code) = f'(x): float64 for float64 y, else float32 (y upcast exactly).
 
     thr: the y_breaks as thresholds t, passed where `y > t` (Y_STRICT) or `y >= t` (concatenated
@@ -90,7 +92,7 @@ def g_kernel(y, code, thr, poly, *, alpha=1.0):
         s = (y > thr[0]).to(torch.int32)
     else:
         s = (y > thr[0]).to(torch.int32)
-    g = alpha + y
+    g = param_alpha + y
     g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, y, g)
     return g
@@ -101,22 +103,22 @@ def code_packed(x, thr):
     return torch.empty(0, dtype=torch.uint8, device=x.device)
 
 
-def grad_kernel(out, go, y, packed, shift, thr, poly, *, alpha=1.0):
+def grad_kernel(out, go, y, packed, shift, thr, poly, *, param_alpha=1.0):
     """out[:] = g(y, code) * go for flat y whose elements lie in one bit plane: their codes are
     ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
     plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = None
-    torch.mul(g_kernel(y, code, thr, poly, alpha=alpha), go, out=out)
+    torch.mul(g_kernel(y, code, thr, poly, param_alpha=param_alpha), go, out=out)
 
 
-def forward_code(x, **params):
-    """Convenience: code_kernel with this table's thresholds for x's dtype."""
+def forward_code(x, /, **params):
+    """Convenience: code_kernel with this table's thresholds for x's dtype (params: PARAMS)."""
     from invact.ops import table_constants
     return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)
 
 
-def backward_g(y, code, **params):
-    """Convenience: g_kernel with this table's constants for y's evaluation dtype."""
+def backward_g(y, code, /, **params):
+    """Convenience: g_kernel with this table's constants for y's evaluation dtype (params: PARAMS)."""
     from invact.ops import table_constants
     k = table_constants(NAME, y.dtype, y.device, params)
     return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)

@@ -35,6 +35,8 @@ META = {'name': 'hardswish',
 TABLE_SHA256 = '70b9e3986bc58012f8f174963e1f713b1a460e71d04860fd0f22b2c8289545a5'
 NAME = META['name']
 PARAMS = ()
+# their keyword names in this module's functions (invact.ops passes them; never a local's name)
+PARAM_ARGS = ()
 CODE_BITS = 1
 N_SEGMENTS = 4
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
@@ -118,14 +120,14 @@ def grad_kernel(out, go, y, packed, shift, thr, poly):
     torch.mul(g_kernel(y, code, thr, poly), go, out=out)
 
 
-def forward_code(x, **params):
-    """Convenience: code_kernel with this table's thresholds for x's dtype."""
+def forward_code(x, /, **params):
+    """Convenience: code_kernel with this table's thresholds for x's dtype (params: PARAMS)."""
     from invact.ops import table_constants
     return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)
 
 
-def backward_g(y, code, **params):
-    """Convenience: g_kernel with this table's constants for y's evaluation dtype."""
+def backward_g(y, code, /, **params):
+    """Convenience: g_kernel with this table's constants for y's evaluation dtype (params: PARAMS)."""
     from invact.ops import table_constants
     k = table_constants(NAME, y.dtype, y.device, params)
     return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)

@@ -35,6 +35,8 @@ META = {'name': 'leaky_relu',
 TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd'
 NAME = META['name']
 PARAMS = ('negative_slope',)
+# their keyword names in this module's functions (invact.ops passes them; never a local's name)
+PARAM_ARGS = ('param_negative_slope',)
 CODE_BITS = 0
 N_SEGMENTS = 2
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
@@ -57,17 +59,17 @@ TRANSFORMS = ()
 FUSED_CPU = False
 
 
-def forward(x, *, negative_slope=0.01):
+def forward(x, *, param_negative_slope=0.01):
     """y = f(x): PyTorch's own forward (META torch_forward), else the printed formula."""
-    return F.leaky_relu(x, negative_slope)
+    return F.leaky_relu(x, param_negative_slope)
 
 
-def x_breaks(*, negative_slope=0.01):
+def x_breaks(*, param_negative_slope=0.01):
     """Forward-code breaks (value, side), left to right (docs/table-format.md, Forward code)."""
     return ()
 
 
-def y_breaks(*, negative_slope=0.01):
+def y_breaks(*, param_negative_slope=0.01):
     """Segment breaks (value, side) of every code class, concatenated class by class."""
     return ((0.0, 'left'),)
 
@@ -78,7 +80,7 @@ def code_kernel(x, thr):
     return torch.zeros_like(x, dtype=torch.int32)
 
 
-def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
+def g_kernel(y, code, thr, poly, *, param_negative_slope=0.01):
     """g(y, code) = f'(x): float64 for float64 y, else float32 (y upcast exactly).
 
     thr: the y_breaks as thresholds t, passed where `y > t` (Y_STRICT) or `y >= t` (concatenated
@@ -90,9 +92,9 @@ def g_kernel(y, code, thr, poly, *, negative_slope=0.01):
         s = (y > thr[0]).to(torch.int32)
     else:
         s = (y > thr[0]).to(torch.int32)
-    g = torch.zeros_like(y) + negative_slope
+    g = torch.zeros_like(y) + param_negative_slope
     g = fastmath.where(s == 1, 1.0, g)
-    g = torch.where(y != y, negative_slope, g)
+    g = torch.where(y != y, param_negative_slope, g)
     return g
 
 
@@ -101,22 +103,22 @@ def code_packed(x, thr):
     return torch.empty(0, dtype=torch.uint8, device=x.device)
 
 
-def grad_kernel(out, go, y, packed, shift, thr, poly, *, negative_slope=0.01):
+def grad_kernel(out, go, y, packed, shift, thr, poly, *, param_negative_slope=0.01):
     """out[:] = g(y, code) * go for flat y whose elements lie in one bit plane: their codes are
     ``(packed >> shift) & mask`` (``shift`` a 0-d int32 tensor, so one compilation serves every
     plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = None
-    torch.mul(g_kernel(y, code, thr, poly, negative_slope=negative_slope), go, out=out)
+    torch.mul(g_kernel(y, code, thr, poly, param_negative_slope=param_negative_slope), go, out=out)
 
 
-def forward_code(x, **params):
-    """Convenience: code_kernel with this table's thresholds for x's dtype."""
+def forward_code(x, /, **params):
+    """Convenience: code_kernel with this table's thresholds for x's dtype (params: PARAMS)."""
     from invact.ops import table_constants
     return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)
 
 
-def backward_g(y, code, **params):
-    """Convenience: g_kernel with this table's constants for y's evaluation dtype."""
+def backward_g(y, code, /, **params):
+    """Convenience: g_kernel with this table's constants for y's evaluation dtype (params: PARAMS)."""
     from invact.ops import table_constants
     k = table_constants(NAME, y.dtype, y.device, params)
     return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)

@@ -16,7 +16,7 @@ TABLE_SHA256 = '589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7
 
 
 @triton.jit
-def forward_kernel(X, Y, n, nbytes, alpha, BLOCK: tl.constexpr):
+def forward_kernel(X, Y, n, nbytes, param_alpha, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
     from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
     <=> x is right of forward-code break j."""
@@ -24,12 +24,12 @@ def forward_kernel(X, Y, n, nbytes, alpha, BLOCK: tl.constexpr):
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.where((x <= 0.0), alpha*(tl.exp(x) - 1.0), x)
+    y = tl.where((x <= 0.0), param_alpha*(tl.exp(x) - 1.0), x)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def backward_kernel(GO, Y, GX, YT, P, n, nbytes, alpha, BLOCK: tl.constexpr):
+def backward_kernel(GO, Y, GX, YT, P, n, nbytes, param_alpha, BLOCK: tl.constexpr):
     """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32). With a code:
     program pid reads BLOCK code bytes once and the matching element of every bit plane."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
@@ -37,7 +37,7 @@ def backward_kernel(GO, Y, GX, YT, P, n, nbytes, alpha, BLOCK: tl.constexpr):
     mask = offs < n
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
-    g = alpha + y
+    g = param_alpha + y
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, y, g)
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)

@@ -16,7 +16,7 @@ TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd
 
 
 @triton.jit
-def forward_kernel(X, Y, n, nbytes, negative_slope, BLOCK: tl.constexpr):
+def forward_kernel(X, Y, n, nbytes, param_negative_slope, BLOCK: tl.constexpr):
     """y = f(x) in float32, stored in Y's dtype; with a code: program pid packs BLOCK code bytes
     from the matching element of every bit plane. x > XT[j] (x >= XT[j] for a right-side break)
     <=> x is right of forward-code break j."""
@@ -24,12 +24,12 @@ def forward_kernel(X, Y, n, nbytes, negative_slope, BLOCK: tl.constexpr):
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.where((x <= 0.0), negative_slope*x, x)
+    y = tl.where((x <= 0.0), param_negative_slope*x, x)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def backward_kernel(GO, Y, GX, YT, P, n, nbytes, negative_slope, BLOCK: tl.constexpr):
+def backward_kernel(GO, Y, GX, YT, P, n, nbytes, param_negative_slope, BLOCK: tl.constexpr):
     """grad_in = g(y, code) * grad_out; YT: y thresholds, P: POLY transposed (float32). With a code:
     program pid reads BLOCK code bytes once and the matching element of every bit plane."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
@@ -37,9 +37,9 @@ def backward_kernel(GO, Y, GX, YT, P, n, nbytes, negative_slope, BLOCK: tl.const
     mask = offs < n
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
-    g = tl.zeros(y.shape, dtype=tl.float32) + negative_slope
+    g = tl.zeros(y.shape, dtype=tl.float32) + param_negative_slope
     g = tl.where(s == 1, 1.0, g)
-    g = tl.where(y != y, negative_slope, g)
+    g = tl.where(y != y, param_negative_slope, g)
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
 

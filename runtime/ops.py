@@ -142,8 +142,8 @@ def _module(name: str) -> ModuleType:
 
 
 # what invact.ops uses of a generated torch module; one from another invact version may lack it
-TORCH_API = ("META", "NAME", "PARAMS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel", "g_kernel",
-             "code_packed", "grad_kernel", "TABLE_SHA256")
+TORCH_API = ("META", "NAME", "PARAMS", "PARAM_ARGS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel",
+             "g_kernel", "code_packed", "grad_kernel", "TABLE_SHA256")
 TRITON_API = ("forward", "backward", "TABLE_SHA256")
 
 
@@ -273,7 +273,7 @@ class Constants:
     y_thresholds: Tensor              # concatenated y breaks, in the evaluation dtype
     y_threshold_values: tuple[float, ...]  # the same as floats (compile-time constants when compiled)
     poly: Tensor                      # POLY transposed: (row length, segments), evaluation dtype
-    params: dict[str, float]
+    params: dict[str, float]          # keyword arguments of the module's functions (PARAM_ARGS: mangled names)
     x_threshold_tensor: Tensor        # x_thresholds on the device, evaluation dtype (Triton reads them)
     x_strict: tuple[bool, ...]        # per x threshold: `x > t` (a left-side break), else `x >= t`
     y_strict: tuple[bool, ...]        # per y threshold: `y > t`, else `y >= t` (bitpack.threshold)
@@ -290,7 +290,7 @@ def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
 def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
                      values: tuple[float, ...]) -> Constants:
     """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order)."""
-    params = dict(zip(mod.PARAMS, values))
+    params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
     ev = torch.float64 if dtype == torch.float64 else torch.float32
     xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in mod.x_breaks(**params))
     # y breaks are rounded to the evaluation dtype first, as the certified evaluator does

@@ -16,7 +16,7 @@ import torch
 
 from invact import ops
 from invact.fitting.codegen import analysis, generate_all, generate_files
-from invact.fitting.codegen.printer import parse, to_python, to_torch, to_triton
+from invact.fitting.codegen.printer import mangle, parse, to_python, to_torch, to_triton
 from invact.fitting.evaluate import eval_code_class, number
 from invact.fitting.tables import list_tables, load_table, project_root
 
@@ -193,12 +193,17 @@ PRINTER_CASES = [
 ]
 
 
+def mangled(params: dict) -> dict:
+    """Parameters under the names printed code gives them."""
+    return {mangle(k): v for k, v in params.items()}
+
+
 @pytest.mark.parametrize("text,params", PRINTER_CASES)
 def test_torch_printer_matches_sympy(text, params):
     expr = parse(text, "x", list(params))
     x = torch.linspace(-5, 5, 101, dtype=torch.float64) + 0.013
     code = to_torch(expr, "x")
-    got = eval(code, {"torch": torch, "math": __import__("math"), "x": x, **params})  # noqa: S307
+    got = eval(code, {"torch": torch, "math": __import__("math"), "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), expr.subs({sp.Symbol(k, real=True): v for k, v in params.items()}),
                     ["scipy", "numpy"])
     want = np.broadcast_to(np.asarray(f(x.numpy()), dtype=np.float64), x.shape)
@@ -222,7 +227,7 @@ def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, para
     tl = SimpleNamespace(div_rn=div_rn, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
                          erf=scipy.special.erf, abs=np.abs, where=np.where)
     x = np.linspace(-5, 5, 101) + 0.013
-    got = eval(code, {"tl": tl, "_tanh": np.tanh, "x": x, **params})  # noqa: S307
+    got = eval(code, {"tl": tl, "_tanh": np.tanh, "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), parse(text, "x", list(params)).subs(
         {sp.Symbol(k, real=True): v for k, v in params.items()}), ["scipy", "numpy"])
     np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)
@@ -230,4 +235,4 @@ def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, para
 
 def test_python_printer_for_parameter_values():
     assert eval(to_python(parse("threshold/beta + sqrt(beta)", "y", ["beta", "threshold"])),  # noqa: S307
-                {"math": __import__("math"), "beta": 4.0, "threshold": 20.0}) == 7.0
+                {"math": __import__("math"), "param_beta": 4.0, "param_threshold": 20.0}) == 7.0

@@ -17,9 +17,10 @@ import torch
 
 import invact
 import invact.generated
-from invact import ops
+from invact import backends, ops
 from invact.fitting import cli, tables
 from invact.fitting.errors import SpecError
+from invact.fitting.codegen.printer import PARAM_PREFIX, mangle
 from invact.fitting.expressions import check_text, is_reserved
 from invact.fitting.formulas import get_spec
 
@@ -114,8 +115,10 @@ def test_leading_minus_is_a_formula(tree, capsys):
 @pytest.mark.parametrize("formula, param, message", [
     ("x*sigmoid(y*x)", "y=1.3", "--param 'y'"),
     ("x*sigmoid(1.3*x)", "x=1", "--param 'x'"),
-    ("x*sigmoid(t*x)", "t=1.3", "--param 't'"),            # a local of the generated g_kernel
     ("x*sigmoid(exp*x)", "exp=1.3", "--param 'exp'"),
+    ("x*sigmoid(backend*x)", "backend=1.3", "--param 'backend'"),   # invact.activation(name, *, backend)
+    ("x*sigmoid(Float*x)", "Float=1.3", "--param 'Float'"),         # sympy's parser calls Float(...)
+    ("x*sigmoid(_b*x)", "_b=1.3", "--param '_b'"),
     ("x*sigmoid(1.3*x)", "alpha=1.3", "does not contain"),
 ])
 def test_reserved_and_unused_parameters_refused_before_fitting(tree, capsys, formula, param, message):
@@ -124,18 +127,93 @@ def test_reserved_and_unused_parameters_refused_before_fitting(tree, capsys, for
     assert sorted(p.name for p in (tree / "generated" / "tables").iterdir()) == ["gelu.json", "tanh.json"]
 
 
-def test_reserved_names_cover_the_generated_code():
-    """Every name the generated functions use (locals, globals, modules) is reserved, so a parameter
-    cannot shadow one; a table's own parameters are the exception."""
-    for path in sorted(REPO.glob("t*_*.py")):
+def _identifiers(source: str) -> set[str]:
+    """Every name a module binds or reads: variables, arguments, keywords, functions, imports."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.alias):
+            out.add(node.asname or node.name.split(".")[0])
+    return out
+
+
+def test_generated_code_keeps_parameters_apart_from_its_own_names():
+    """Generated code calls parameter NAME ``param_NAME`` (printer.mangle), and none of its own names
+    starts with that prefix, so no parameter name can shadow a local, function or module it uses
+    (which is why RESERVED holds no name of the generated code): in every generated module the names
+    with the prefix are exactly its table's mangled parameters, and no bare parameter name occurs."""
+    modules = sorted(REPO.glob("t*_*.py"))
+    assert any(tables.load_table(REPO / "tables" / f"{p.stem.split('_', 1)[1]}.json")["params"] for p in modules)
+    for path in modules:
         table = tables.load_table(REPO / "tables" / f"{path.stem.split('_', 1)[1]}.json")
-        used = set()
-        for fn in ast.walk(ast.parse(path.read_text())):
-            if isinstance(fn, ast.FunctionDef) and not fn.name.startswith("_"):
-                used |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
-                used |= {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
-        free = sorted(n for n in used - set(table["params"]) if not is_reserved(n))
-        assert not free, (path.name, free)
+        names = _identifiers(path.read_text())
+        assert {n for n in names if n.startswith(PARAM_PREFIX)} == {mangle(p) for p in table["params"]}, path.name
+        assert not names & set(table["params"]), (path.name, names & set(table["params"]))
+    for name in ("b", "k", "t", "s0", "poly", "grad", "code", "thr", "g_kernel", "torch", "BLOCK", "F"):
+        assert not is_reserved(name), name
+
+
+# parameters named like the generated code's locals, functions and modules (b, k, t, s0, poly, grad:
+# Triton's byte index, the plane loop, the transformed y, a class's segment index, the POLY table, the
+# module function); the reference is the formula in torch ops, differentiated by autograd
+NAMED_LIKE_LOCALS = [
+    ("x*sigmoid(b*x)", {"b": 1.3}, lambda x, p: x * torch.sigmoid(p["b"] * x)),     # fitted polynomials
+    ("Piecewise(((b + s0)*x, x < 0), ((k + t + poly*grad)*x, True))",                # closed forms
+     {"b": 0.05, "s0": 0.05, "k": 0.5, "t": 0.25, "poly": 0.5, "grad": 0.5},
+     lambda x, p: torch.where(x < 0, (p["b"] + p["s0"]) * x, (p["k"] + p["t"] + p["poly"] * p["grad"]) * x)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("formula, params, reference", NAMED_LIKE_LOCALS)
+def test_parameters_named_like_generated_locals_fit_and_run(tree, layered, capsys, formula, params, reference):
+    """A formula whose parameters are named like the generated code's own names fits, generates and
+    runs: forward and backward through invact.activation(name, **params) match autograd of the
+    formula (float64, eager), and the Triton kernels give the eager backend's code and gradient."""
+    argv = [a for n, v in params.items() for a in ("--param", f"{n}={v}")]
+    status, _, err = invact_cli(capsys, "fit", formula, *argv, "--name", "named", "--fp32-samples", "4096",
+                                "--root", tree)
+    assert status == 0, err
+    invact.use_root(tree)
+    module = invact.activation("named", backend="eager", **params)
+    x = (torch.linspace(-8, 8, 4001, dtype=torch.float64) + 1e-3).requires_grad_()
+    go = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = module(x)
+    y.backward(go)
+    xr = x.detach().requires_grad_()
+    y_ref = reference(xr, params)
+    y_ref.backward(go)
+    # forward: the printed formula in float64, other operations than the reference's: a few ulps
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-13, atol=1e-300)
+    # backward: the certified approximation error, relative above |f'| = 1 (tests/tolerances.py), plus
+    # 1e-8 for the float64 evaluation of float32-rounded coefficients (1e-9) and the float64 floor
+    # next to a branch point (sqrt(2 f'' 1e-17) ~ 3e-9)
+    approx = tables.load_table(tree / "generated" / "tables" / "named.json")["certificate"]["approx_error"]
+    bound = (approx * xr.grad.abs().clamp_min(1.0) + 1e-8) * go.abs()
+    assert bool(((x.grad - xr.grad).abs() <= bound).all()), (x.grad - xr.grad).abs().max()
+    if not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from triton_tolerances import formula_error, is_fitted, within
+    values = [float(v) for v in params.values()]
+    x32, go32 = x.detach().float(), go.float()
+    y_e, c_e = torch.ops.invact.forward(x32, "named", values, "eager")
+    y_t, c_t = torch.ops.invact.forward(x32, "named", values, "triton")
+    a = torch.ops.invact.backward(go32, y_e, c_e, "named", values, "triton")
+    b = torch.ops.invact.backward(go32, y_e, c_e, "named", values, "eager")
+    assert "triton" in backends.available("cpu")                        # the kernels ran, no fallback
+    # as tests/test_triton.py: the same code; y within 8 float32 ulps plus the formula's cancellation;
+    # fitted tables' gradients bit for bit, closed forms 8 ulps plus |go| 2**-21 (exp/log differ)
+    assert torch.equal(c_t, c_e)
+    assert within(y_t, y_e, 8, formula_error(x32))
+    fitted = is_fitted("named")
+    assert torch.equal(a, b) if fitted else within(a, b, 8, go32.double().abs() * 2.0**-21)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Print table expressions (sympy strings in ``x`` or ``y`` and parameter names) as torch or Triton code.
 
-One variable is the tensor (``x`` for formulas, ``y`` for segments); parameters are plain names.
+One variable is the tensor (``x`` for formulas, ``y`` for segments); every other symbol is a
+parameter, printed as ``param_NAME`` (:func:`mangle`): no name the generated code gives its own
+locals, functions or modules starts with ``param_``, so no parameter name can shadow one
+(tests/test_trust.py scans the generated modules for that).
 Sub-expressions free of the tensor are parameter arithmetic: ``math`` in torch code (parameters are
 Python floats there), ``tl`` in Triton code (parameters are float32 kernel scalars). Numbers are
 printed as Python float literals. Integer powers become products; Triton has no ``tanh`` that runs in
@@ -10,13 +13,36 @@ operations); Triton square roots and divisions are the correctly rounded ``tl.sq
 
 from __future__ import annotations
 
+import ast
+
 import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
 from ..expressions import parse as parse_expression
 
-__all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python"]
+__all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python", "PARAM_PREFIX",
+           "mangle", "mangle_text"]
+
+PARAM_PREFIX = "param_"   # of parameters in generated code; no generated local starts with it
+
+
+def mangle(name: str) -> str:
+    """The identifier of parameter ``name`` in generated code (injective: distinct names stay distinct)."""
+    return PARAM_PREFIX + name
+
+
+def mangle_text(text: str, names: list[str] | tuple[str, ...]) -> str:
+    """Python expression ``text`` (a built-in's ``torch_forward``) with every variable in ``names``
+    renamed by :func:`mangle` (keyword argument names and attributes are left alone)."""
+    if not names:
+        return text
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.Name:
+            return ast.copy_location(ast.Name(mangle(node.id), node.ctx), node) if node.id in names else node
+
+    return ast.unparse(Rename().visit(ast.parse(text, mode="eval")))
 
 _FUNCS = ("exp", "log", "sqrt", "erf", "tanh", "atan", "sinh", "cosh", "asinh", "Abs", "Piecewise", "Min", "Max",
           "sign", "Heaviside")
@@ -41,6 +67,9 @@ class _Base(StrPrinter):
 
     def _has_var(self, e: sp.Basic) -> bool:
         return e.has(self.var)
+
+    def _print_Symbol(self, e: sp.Symbol) -> str:
+        return e.name if e.name == self.var.name else mangle(e.name)
 
     def _number(self, e: sp.Expr) -> str:
         value = float(e)

@@ -6,15 +6,20 @@ import pprint
 
 from .analysis import Plan
 from .evaluation import TorchDialect, emit_code, emit_g
-from .printer import to_python, to_torch
+from .printer import mangle, mangle_text, to_python, to_torch
 from .writer import Writer, header
 
 __all__ = ["generate_torch"]
 
 
 def _signature(plan: Plan, *lead: str) -> str:
-    params = [f"{n}={v!r}" for n, v in plan.params]
+    params = [f"{mangle(n)}={v!r}" for n, v in plan.params]
     return ", ".join([*lead, *(["*", *params] if params else [])])
+
+
+def _pass_params(plan: Plan) -> str:
+    """``, param_a=param_a, ...``: the parameters passed on to a function of this module."""
+    return "".join(f", {mangle(n)}={mangle(n)}" for n in plan.param_names)
 
 
 def _breaks(breaks) -> str:
@@ -29,7 +34,9 @@ def _meta(w: Writer, plan: Plan) -> None:
     w("# sha256 of the table's content this code was generated from: invact refuses the module when",
       "# generated/tables/NAME.json next to it holds another (run `invact generate`)",
       f"TABLE_SHA256 = {plan.meta['sha256']!r}",
-      "NAME = META['name']", f"PARAMS = {plan.param_names!r}", f"CODE_BITS = {plan.code_bits}",
+      "NAME = META['name']", f"PARAMS = {plan.param_names!r}",
+      "# their keyword names in this module's functions (invact.ops passes them; never a local's name)",
+      f"PARAM_ARGS = {tuple(mangle(n) for n in plan.param_names)!r}", f"CODE_BITS = {plan.code_bits}",
       f"N_SEGMENTS = {plan.n_segments}",
       "# Code classes: (code, first segment, number of segments, first y threshold); the first is",
       "# taken where the code matches no other (invact.selection).",
@@ -66,7 +73,6 @@ def _fused_cpu(plan: Plan) -> bool:
 def _flat_kernels(w: Writer, plan: Plan) -> None:
     """What invact.ops runs (and compiles: one code object per activation, so torch.compile's
     cache of one activation never evicts another's): packed code, and the gradient of flat y."""
-    call = ", ".join(f"{n}={n}" for n in plan.param_names)
     with w.block("def code_packed(x, thr):"):
         w('"""The packed forward code of flat x (invact.bitpack layout): what the forward op saves."""')
         w("return bitpack.pack(code_kernel(x, thr), CODE_BITS)" if plan.code_bits
@@ -80,7 +86,7 @@ def _flat_kernels(w: Writer, plan: Plan) -> None:
             w(f"code = (packed.to(torch.int32) >> shift) & {(1 << plan.code_bits) - 1}")
         else:
             w("code = None")
-        w(f"torch.mul(g_kernel(y, code, thr, poly{', ' + call if call else ''}), go, out=out)")
+        w(f"torch.mul(g_kernel(y, code, thr, poly{_pass_params(plan)}), go, out=out)")
 
 
 def generate_torch(plan: Plan) -> str:
@@ -100,10 +106,10 @@ def generate_torch(plan: Plan) -> str:
     with w.block(f"def forward({_signature(plan, 'x')}):"):
         w('"""y = f(x): PyTorch\'s own forward (META torch_forward), else the printed formula."""')
         if not plan.torch_forward:  # a formula: float32 inside, one rounding, as torch's own ops
-            call = ", ".join(f"{n}={n}" for n in plan.param_names)
             with w.block("if x.dtype in (torch.float16, torch.bfloat16):"):
-                w(f"return forward(x.float(){', ' + call if call else ''}).to(x.dtype)")
-        w(f"return {plan.torch_forward or to_torch(plan.formula, 'x')}")
+                w(f"return forward(x.float(){_pass_params(plan)}).to(x.dtype)")
+        forward = plan.torch_forward and mangle_text(plan.torch_forward, plan.param_names)
+        w(f"return {forward or to_torch(plan.formula, 'x')}")
     w("", "")
     with w.block(f"def x_breaks({_signature(plan)}):"):
         w('"""Forward-code breaks (value, side), left to right (docs/table-format.md, Forward code)."""')
@@ -135,13 +141,13 @@ def generate_torch(plan: Plan) -> str:
     w("", "")
     _flat_kernels(w, plan)
     w("", "")
-    with w.block("def forward_code(x, **params):"):
-        w('"""Convenience: code_kernel with this table\'s thresholds for x\'s dtype."""')
+    with w.block("def forward_code(x, /, **params):"):
+        w('"""Convenience: code_kernel with this table\'s thresholds for x\'s dtype (params: PARAMS)."""')
         w("from invact.ops import table_constants",
           "return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)")
     w("", "")
-    with w.block("def backward_g(y, code, **params):"):
-        w('"""Convenience: g_kernel with this table\'s constants for y\'s evaluation dtype."""')
+    with w.block("def backward_g(y, code, /, **params):"):
+        w('"""Convenience: g_kernel with this table\'s constants for y\'s evaluation dtype (params: PARAMS)."""')
         w("from invact.ops import table_constants",
           "k = table_constants(NAME, y.dtype, y.device, params)",
           "return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)")

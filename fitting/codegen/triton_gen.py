@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .analysis import Plan
 from .evaluation import TritonDialect, emit_code, emit_g
-from .printer import to_triton
+from .printer import mangle, to_triton
 from .writer import Writer, header
 
 __all__ = ["generate_triton"]
@@ -26,8 +26,13 @@ def _plane_offsets(w: Writer) -> None:
     w("offs = plane * j + b", "mask = (b < nbytes) & (offs < n)")
 
 
+def _kernel_params(plan: Plan) -> str:
+    """The parameters' kernel arguments (float32 scalars, in PARAMS order: the launchers pass a list)."""
+    return "".join(f"{mangle(n)}, " for n in plan.param_names)
+
+
 def _forward_kernel(w: Writer, plan: Plan) -> None:
-    params = "".join(f"{n}, " for n in plan.param_names)
+    params = _kernel_params(plan)
     code_args = "CODE, XT, " if plan.code_bits else ""
     w("@triton.jit")
     with w.block(f"def forward_kernel(X, Y, {code_args}n, nbytes, {params}BLOCK: tl.constexpr):"):
@@ -118,7 +123,7 @@ def _log_function(w: Writer) -> None:
 
 
 def _backward_kernel(w: Writer, plan: Plan) -> None:
-    params = "".join(f"{n}, " for n in plan.param_names)
+    params = _kernel_params(plan)
     code_args = "CODE, " if plan.code_bits else ""
     w("@triton.jit")
     with w.block(f"def backward_kernel(GO, Y, {code_args}GX, YT, P, n, nbytes, {params}BLOCK: tl.constexpr):"):
