@@ -182,22 +182,24 @@ def test_parameters_named_like_generated_locals_fit_and_run(tree, layered, capsy
                                 "--root", tree)
     assert status == 0, err
     invact.use_root(tree)
-    module = invact.activation("named", backend="eager", **params)
+    table = tables.load_table(tree / "generated" / "tables" / "named.json")
     x = (torch.linspace(-8, 8, 4001, dtype=torch.float64) + 1e-3).requires_grad_()
     go = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y = module(x)
-    y.backward(go)
-    xr = x.detach().requires_grad_()
-    y_ref = reference(xr, params)
-    y_ref.backward(go)
-    # forward: the printed formula in float64, other operations than the reference's: a few ulps
-    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-13, atol=1e-300)
-    # backward: the certified approximation error, relative above |f'| = 1 (tests/tolerances.py), plus
-    # 1e-8 for the float64 evaluation of float32-rounded coefficients (1e-9) and the float64 floor
-    # next to a branch point (sqrt(2 f'' 1e-17) ~ 3e-9)
-    approx = tables.load_table(tree / "generated" / "tables" / "named.json")["certificate"]["approx_error"]
-    bound = (approx * xr.grad.abs().clamp_min(1.0) + 1e-8) * go.abs()
-    assert bool(((x.grad - xr.grad).abs() <= bound).all()), (x.grad - xr.grad).abs().max()
+    # a table for any values (param_generic) also with other ones: the values reach the code
+    for values in [params] + ([{n: 1.5 * v for n, v in params.items()}] if table["param_generic"] else []):
+        x.grad = None
+        invact.activation("named", backend="eager", **values)(x).backward(go)
+        xr = x.detach().requires_grad_()
+        y_ref = reference(xr, values)
+        y_ref.backward(go)
+        # forward: the printed formula in float64, other operations than the reference's: a few ulps
+        y = invact.activation("named", backend="eager", **values)(x.detach())
+        torch.testing.assert_close(y, y_ref.detach(), rtol=1e-13, atol=1e-300)
+        # backward: the certified approximation error, relative above |f'| = 1 (tests/tolerances.py),
+        # plus 1e-8 for the float64 evaluation of float32-rounded coefficients (1e-9) and the float64
+        # floor next to a branch point (sqrt(2 f'' 1e-17) ~ 3e-9)
+        bound = (table["certificate"]["approx_error"] * xr.grad.abs().clamp_min(1.0) + 1e-8) * go.abs()
+        assert bool(((x.grad - xr.grad).abs() <= bound).all()), (values, (x.grad - xr.grad).abs().max())
     if not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1":
         return
     from triton_tolerances import formula_error, is_fitted, within
