@@ -315,3 +315,19 @@ def test_hugging_face_patched_never_above_unpatched(name):
         assert "dropout after it" in left["activation_fn"]
     invact.unpatch(model)
     assert _hf_saved(model, inputs) == before
+
+
+def test_copied_chunks_change_no_gradient():
+    """The copies are exact: with the chunks copied (example=) and without (class rules, the same invact
+    SiLU on the same values) every gradient is bit for bit the same."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    grads = []
+    for example in (x, None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), FusedGLU())
+        invact.patch(model, example=example)
+        assert isinstance(model[1].act, invact.SiLU) and ("_invact_chunks" in model[1].__dict__) == (example is not None)
+        model(x).pow(2).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
