@@ -1,9 +1,11 @@
 """Patched models under DistributedDataParallel and FSDP2 (``fully_shard``): gloo, 2 processes on CPU.
 
 Two worker processes (this file run as a script, rendezvous through a FileStore in a temporary
-directory: no ports) train a small MLP (nn.GELU, nn.SiLU) and a tiny Hugging Face GPT-2 (NewGELU)
-for two SGD steps, each rank on its half of the batch, unpatched and ``invact.patch``-ed, wrapped in
-DDP and in FSDP2 (FSDP1 refuses CPU-only machines: "FSDP needs a non-CPU accelerator device").
+directory: no ports) train a small MLP (nn.GELU, nn.SiLU), the same MLP with an nn.LayerNorm and an
+nn.RMSNorm in front of its second and third Linears ("norm", patched with ``norms=True``: activations
+and norms), and a tiny Hugging Face GPT-2 (NewGELU, patched with ``norms=False``) for two SGD steps,
+each rank on its half of the batch, unpatched and ``invact.patch``-ed, wrapped in DDP and in FSDP2
+(FSDP1 refuses CPU-only machines: "FSDP needs a non-CPU accelerator device").
 Every rank records, per step, the full parameters before the step and the full (all-reduced,
 for FSDP2 gathered) gradients. The parent checks against a single-process full-batch reference
 computed from the same parameters with the unpatched model (the mean loss over the full batch is
@@ -21,10 +23,17 @@ the mean of the two ranks' mean losses, which is what DDP's and FSDP2's averagin
   tests/test_patching.py by DELTA * sum_l ||grad_y_l|| / ||grad_x_l|| of the gradient's norm
   (DELTA = tests/tolerances.py's derivative_error: the per-element f' bound of gelu, gelu_tanh and
   silu measured from the y PyTorch's forward stores on this CPU, 1.45e-4 on an AVX-512 EPYC), the ratios
-  measured on the reference. A distributed fault (a missing or doubled all-reduce, a wrong shard,
+  measured on the reference; for the "norm" model plus the norms' share, summed the same way over the
+  norm layers: ||bound(dx)|| / ||dx|| + ||bound(dgamma)|| / ||dgamma|| (+ dbeta) with the per-element
+  bounds of invact.norms.error_bound (tests/test_norms.py's bound: recovering x_hat from the stored y),
+  evaluated on the reference's x, gamma, beta, incoming gradient and y (as benchmarks/train.py's
+  NormProbe). A distributed fault (a missing or doubled all-reduce, a wrong shard,
   unsynchronised ranks) is off by O(1) and fails by orders of magnitude;
 * memory: the patched MLP saves, per rank, exactly 2 * (4n - n/8) bytes fewer (n = rows * hidden:
-  each activation keeps y, shared with the next Linear, plus a 1-bit code, instead of its input).
+  each activation keeps y, shared with the next Linear, plus a 1-bit code, instead of its input);
+  the patched "norm" model saves exactly what the patched MLP saves plus, per norm, its y (the next
+  Linear's input, one storage) and a float32 rstd per row, and the LayerNorm's one kept column (x_hat
+  in float32 and its int64 index: gamma_0 = 0 cannot be recovered from y), never the norms' inputs.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ DELTA_TABLES = ("gelu", "gelu_tanh", "silu")  # DELTA: their per-element f' boun
 TIMEOUT = 120                    # seconds for all workers (they take ~10 s); gloo's own timeout is 60 s
 MLP_ROWS, MLP_IN, MLP_HIDDEN = 64, 16, 64
 GPT_BATCH, GPT_SEQ, GPT_VOCAB = 4, 16, 101
-KINDS = ("mlp", "gpt2")          # gpt2 only where transformers is installed (a dev dependency)
+KINDS = ("mlp", "norm", "gpt2")  # gpt2 only where transformers is installed (a dev dependency)
 WRAPS = ("ddp", "fsdp2")
 
 
@@ -60,6 +69,16 @@ def _build(kind: str) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(MLP_IN, MLP_HIDDEN), nn.GELU(), nn.Linear(MLP_HIDDEN, MLP_HIDDEN),
                              nn.SiLU(), nn.Linear(MLP_HIDDEN, MLP_IN))
+    if kind == "norm":                                       # pre-norms: each norm's y is the next Linear's input
+        model = nn.Sequential(nn.Linear(MLP_IN, MLP_HIDDEN), nn.GELU(), nn.LayerNorm(MLP_HIDDEN),
+                              nn.Linear(MLP_HIDDEN, MLP_HIDDEN), nn.SiLU(), nn.RMSNorm(MLP_HIDDEN),
+                              nn.Linear(MLP_HIDDEN, MLP_IN))
+        with torch.no_grad():                                # trained-like gamma and beta, not the init's 1, 0
+            for norm in (model[2], model[5]):
+                norm.weight.copy_(1 + 0.3 * torch.randn(MLP_HIDDEN))
+            model[2].bias.copy_(0.1 * torch.randn(MLP_HIDDEN))
+            model[2].weight[0] = 0.0                         # a kept column (x_hat saved) across ranks
+        return model
     import transformers
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=GPT_SEQ, vocab_size=GPT_VOCAB,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
@@ -70,7 +89,7 @@ def _build(kind: str) -> nn.Module:
 def _batch(kind: str, step: int, rank: int | None = None):
     """The full batch of ``step``, or rank ``rank``'s contiguous half of it."""
     g = torch.Generator().manual_seed(1000 + step)
-    if kind == "mlp":
+    if kind in ("mlp", "norm"):
         data = (torch.randn(MLP_ROWS, MLP_IN, generator=g), torch.randn(MLP_ROWS, MLP_IN, generator=g))
     else:
         data = (torch.randint(0, GPT_VOCAB, (GPT_BATCH, GPT_SEQ), generator=g),)
@@ -81,14 +100,14 @@ def _batch(kind: str, step: int, rank: int | None = None):
 
 def _loss(kind: str, model: nn.Module, batch) -> torch.Tensor:
     """Mean loss over the batch: the mean over ranks of equal halves is the full-batch mean."""
-    if kind == "mlp":
+    if kind in ("mlp", "norm"):
         x, target = batch
         return (model(x) - target).square().mean()
     return model(input_ids=batch[0], labels=batch[0]).loss
 
 
 def _activation_kinds(kind: str) -> tuple[type, ...]:
-    if kind == "mlp":
+    if kind in ("mlp", "norm"):
         return nn.GELU, nn.SiLU
     from transformers.activations import NewGELUActivation
     return (NewGELUActivation,)
@@ -101,7 +120,7 @@ def _wrap(kind: str, wrap: str, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
-    blocks = [model[0], model[2], model[4]] if kind == "mlp" else list(model.transformer.h)
+    blocks = [m for m in model if isinstance(m, nn.Linear)] if kind != "gpt2" else list(model.transformer.h)
     for block in blocks:
         fully_shard(block)
     return fully_shard(model)
@@ -116,8 +135,9 @@ def _run_case(kind: str, wrap: str, patched: bool, rank: int) -> dict:
     import invact
     model = _build(kind)
     if patched:
-        report = invact.patch(model, backend="eager", norms=False)   # activations (norms: test_norms.py)
-        assert len(report) == 2, str(report)
+        norms = kind == "norm"                               # activations, and the norms where there are
+        report = invact.patch(model, backend="eager", norms=norms)
+        assert len(report) == (4 if norms else 2), str(report)
     wrapped = _wrap(kind, wrap, model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     steps = []
@@ -227,17 +247,36 @@ def _reference(kind: str, params: dict, step: int):
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(params[n])
-    ratios = []
+    ratios, norm_share = [], []
     for m in model.modules():
         if isinstance(m, _activation_kinds(kind)):
             m.register_full_backward_hook(lambda mod, gin, gout: ratios.append(
                 (gout[0].norm() / gin[0].norm().clamp_min(1e-30)).item()))
+        if kind == "norm" and isinstance(m, (nn.LayerNorm, nn.RMSNorm)):     # gpt2's: not patched
+            m.register_forward_hook(lambda mod, args, out: setattr(mod, "_seen", (args[0].detach(), out.detach())))
+            m.register_full_backward_hook(lambda mod, gin, gout: norm_share.append(_norm_share(mod, gout[0])))
     _loss(kind, model, _batch(kind, step)).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    assert len(ratios) == 2
+    assert len(ratios) == 2 and len(norm_share) == (2 if kind == "norm" else 0)
     import tolerances
     delta = max(tolerances.derivative_error(name) for name in DELTA_TABLES)
-    return grads, delta * sum(ratios)
+    return grads, delta * sum(ratios) + sum(norm_share)
+
+
+def _norm_share(mod: nn.Module, grad_y: torch.Tensor) -> float:
+    """The relative gradient error invact.norms.error_bound allows this norm (as benchmarks/train.py's
+    NormProbe): the sum over its gradients (dx, dgamma, dbeta) of ||per-element bound|| / ||gradient||.
+    y is the unpatched forward's; invact's LayerNorm forward is the same bits (test_norms.py), its
+    RMSNorm's within y's rounding, which the bound's measured k_y of the stored y covers."""
+    from invact.norms import error_bound
+    x, y = mod.__dict__.pop("_seen")
+    n = x.shape[-1]
+    rms = isinstance(mod, nn.RMSNorm)
+    eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps     # F.rms_norm's default
+    bias = None if rms else mod.bias.detach()
+    refs, tols = error_bound(x.reshape(-1, n), mod.weight.detach(), bias, grad_y.reshape(-1, n),
+                             y.reshape(-1, n), rms, eps)
+    return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)
 
 
 def _module_floor(grads):
@@ -280,7 +319,8 @@ def test_gradients_match_single_process(results, kind, wrap):
 
 @pytest.mark.parametrize("wrap", WRAPS)
 def test_memory_saving_persists(results, wrap):
-    """Under DDP and FSDP2 each patched activation still drops its input and adds only a 1-bit code."""
+    """Under DDP and FSDP2 each patched activation still drops its input and adds only a 1-bit code; each
+    patched norm keeps only its y (shared with the next Linear), rstd and its kept columns."""
     n = MLP_ROWS // WORLD * MLP_HIDDEN                       # elements per activation per rank
     per_activation = 4 * n - n // 8                          # input (fp32) dropped, 1-bit code added
     for r in results["ranks"]:
@@ -288,6 +328,11 @@ def test_memory_saving_persists(results, wrap):
             if case[1] == wrap and isinstance(value["saved"], str):
                 pytest.fail(f"invact.memory failed on {case}:\n{value['saved']}", pytrace=False)
         assert r[("mlp", wrap, False)]["saved"] - r[("mlp", wrap, True)]["saved"] == 2 * per_activation
+        rows = MLP_ROWS // WORLD                             # each norm adds its y (fp32), rstd (fp32 per row),
+        kept = rows * 4 + 8                                  # LayerNorm its kept column's x_hat (fp32), index (int64)
+        per_norm = 4 * n + 4 * rows
+        assert r[("norm", wrap, True)]["saved"] - r[("mlp", wrap, True)]["saved"] == 2 * per_norm + kept
+        assert r[("norm", wrap, True)]["saved"] < r[("norm", wrap, False)]["saved"]
         if "gpt2" in results["kinds"]:
             assert r[("gpt2", wrap, True)]["saved"] < r[("gpt2", wrap, False)]["saved"]
 
