@@ -175,14 +175,29 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _formula_table(args) -> dict | None:
+    """The table of the formula that ``args.activation`` names (not a built-in), under --root, if any:
+    `invact fit NAME --param K=V` refits it from its own formula, the given values replacing the stored
+    ones (one table holds one parameter set; --name NEW fits a new table and keeps this one)."""
+    from .formulas import BUILTINS
+    name = args.activation
+    if name in BUILTINS or not name.isidentifier() or name == "x":
+        return None
+    path = next((p for t in (args.target, *tables.TARGETS)
+                 if (p := tables.table_path(name, t, args.root)).is_file()), None)
+    return None if path is None else tables.load_table(path)
+
+
 def cmd_fit(args) -> int:
     from .formulas import BUILTINS, get_spec
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
-    spec = get_spec(args.activation, args.name, dict(args.param))
-    builtin = args.activation in BUILTINS
-    if not builtin and args.name is None:
+    table = _formula_table(args)
+    formula = table["formula"] if table else args.activation
+    name = args.name or (args.activation if table else None)
+    spec = get_spec(formula, name, {**(table["params"] if table else {}), **dict(args.param)})
+    if args.activation not in BUILTINS and name is None:
         raise SpecError(f"formula {args.activation!r} needs a name: add --name NAME (a Python identifier)")
-    name = args.name or spec.name
+    name = name or spec.name
     if name in BUILTINS and name != args.activation:
         raise SpecError(f"--name {name!r} is a built-in activation; choose another name for this formula")
     spec = dataclasses.replace(spec, name=name)
@@ -390,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = (f"A formula may contain only {allowed_summary()}. Anything else is refused (exit 2): "
                 "formulas are parsed, never run as Python. A formula starting with '-' is accepted as is.")
     p.add_argument("activation", metavar="NAME_OR_FORMULA",
-                   help="a built-in name (see `invact list`) or a formula such as 'x*sigmoid(1.702*x)'")
+                   help="a built-in name (see `invact list`), a formula such as 'x*sigmoid(1.702*x)', or "
+                        "the name of a formula's table under --root (refit from its formula; --param values "
+                        "replace its parameter set)")
     p.add_argument("--name", help="table name for a formula (a Python identifier)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="parameter value (repeatable); declares a parameter of a formula, which must "

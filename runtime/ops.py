@@ -20,6 +20,7 @@ import functools
 import importlib
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,7 +122,8 @@ def use_root(root: str | os.PathLike) -> None:
 def _root_option(root: Path) -> str:
     """`` --root ROOT`` for a hint about generated code in ``root``, "" for the installed tree."""
     import invact.generated as pkg
-    return "" if root.resolve() == Path(pkg.__file__).resolve().parent.parent else f" --root {root}"
+    installed = root.resolve() == Path(pkg.__file__).resolve().parent.parent
+    return "" if installed else f" --root {shlex.quote(str(root))}"
 
 
 def names() -> list[str]:
@@ -237,6 +239,15 @@ def _holds(relation: str, values: dict[str, float]) -> bool:
     return compare[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
 
 
+def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
+    """The `invact fit` command that refits table ``name`` for parameter ``values`` in the tree its code
+    was generated in (the CLI takes a formula table's name and reuses its formula)."""
+    root = Path(_generated_file(_registry().TORCH[name])[0]).parent.parent
+    tolerance = "" if meta["tolerance"] == 5e-8 else f" --tolerance {meta['tolerance']!r}"  # the CLI default
+    return (f"invact fit {name} " + " ".join(f"--param {k}={v!r}" for k, v in values.items())
+            + tolerance + _root_option(root))
+
+
 def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     meta = _module(name).META
     defaults = meta["params"]
@@ -256,9 +267,9 @@ def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ..
             raise ValueError(f"params[{key!r}] must be finite, got {value!r}")
         values[key] = value
     if not meta["param_generic"] and values != {k: float(v) for k, v in defaults.items()}:
-        wanted = " ".join(f"--param {k}={v!r}" for k, v in values.items())
-        raise ValueError(f"params: the {name!r} table was fitted for {defaults} only; fit one for "
-                         f"these values with `invact fit {name} {wanted}` and run `invact generate`")
+        raise ValueError(f"params: the {name!r} table was fitted for {defaults} only (one table holds one "
+                         f"parameter set); `{_refit_command(name, meta, values)}` refits it for these values, "
+                         f"replacing that set (add `--name NEW` to keep it and fit activation NEW)")
     for rel in meta["param_domain"]:
         if not _holds(rel, values):
             raise ValueError(f"params: {name!r} needs {rel} (got {values})")

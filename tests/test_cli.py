@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -271,3 +273,55 @@ def test_root_before_or_after_the_command(tree, capsys, where):
     assert status == 0, err
     assert f"under {tree / 'generated'}" in out
     assert (tree / "generated" / "registry.py").is_file()
+
+
+# issue 14 item 4: a missing parameter set names the command that fits it, and that command works
+FIT_CHECK = """
+import sys, invact
+try:
+    invact.activation("k", b=float(sys.argv[1]))
+except ValueError as error:
+    print(error)
+"""
+GRAD_CHECK = """
+import json, sys, torch, invact
+act, b = invact.activation("k", b=2.0), 2.0
+x = torch.linspace(-6, 6, 4001, dtype=torch.float32, requires_grad=True)
+y = act(x)
+y.sum().backward()
+x64 = x.detach().double().requires_grad_()
+(x64 + b * torch.tanh(x64)).sum().backward()
+print(json.dumps({"meta": invact.ops.info("k"), "grad": x.grad.tolist(), "ref": x64.grad.tolist(),
+                  "y_err": (y.detach().double() - (x64 + b * torch.tanh(x64))).abs().tolist()}))
+"""
+
+
+def test_missing_parameter_set_names_the_command_that_fits_it(tmp_path):
+    """`x + b*tanh(x)` has no closed-form inverse, so its table holds one value of b. Asking for another
+    prints an `invact fit` command; running it as printed refits the table (replacing b=0.5) and the
+    activation then works with b=2 and its gradient is right; b=0.5 is then the missing set."""
+    first = run("fit", "x + b*tanh(x)", "--param", "b=0.5", "--name", "k", "--fp32-samples", "65536",
+                "--root", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    refused = run("2.0", code=FIT_CHECK, root=tmp_path)
+    message = refused.stdout
+    assert "fitted for {'b': 0.5} only" in message and "replacing that set" in message, refused.stderr
+    command = shlex.split(message.split("`")[1])
+    assert command == ["invact", "fit", "k", "--param", "b=2.0", "--root", str(tmp_path)], message
+    refit = subprocess.run([str(INVACT), *command[1:]], capture_output=True, text=True, cwd="/",
+                           timeout=300, env={k: v for k, v in os.environ.items() if k != "INVACT_ROOT"})
+    assert refit.returncode == 0, refit.stderr
+    out = run(code=GRAD_CHECK, root=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["meta"]["params"] == {"b": 2.0} and data["meta"]["formula"] == "b*tanh(x) + x"
+    # end-to-end bound (design.md, "Information floor"): the certified float32 error of g at the stored y,
+    # plus |dg/dy| * (error of the stored y against float64); |dg/dy| = |f''/f'^2| <= b*4/(3*sqrt(3))
+    # since f' = 1 + b*sech^2 >= 1 and |d sech^2/dx| = 2 tanh sech^2 <= 4/(3*sqrt(3)); plus one float32
+    # rounding of the gradient (2**-24 relative)
+    fp32_err = data["meta"]["certificate"]["float32_eval_error"]
+    for grad, ref, y_err in zip(data["grad"], data["ref"], data["y_err"]):
+        bound = fp32_err + 2.0 * 4 / (3 * 3 ** 0.5) * y_err + 2 ** -24 * abs(ref)
+        assert abs(grad - ref) <= bound, (grad, ref, bound)
+    again = run("0.5", code=FIT_CHECK, root=tmp_path)
+    assert "fitted for {'b': 2.0} only" in again.stdout and "--param b=0.5" in again.stdout
