@@ -23,7 +23,9 @@ its own bf16 copy; ``autocast_output=True`` makes the norm return the autocast d
 bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the Linear's input.
 
 Speed (CPU, ``benchmarks/activations.py --norms``): the forward is PyTorch's own kernel plus the kept
-columns; the backward reads y and dy, in two Inductor-compiled passes on the "compiled" backend.
+columns; on the "compiled" backend the backward of float32 / float64 LayerNorm is one Inductor pass
+recovering ``x - mean`` from y, then ATen's fused LayerNorm backward; the others read y and dy in two
+Inductor-compiled passes.
 
 Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /
 ``invact::norm_backward`` custom ops with fakes and autograd, the functional wrappers, the modules.
@@ -181,14 +183,49 @@ def _backward_columns(dy: Tensor, y: Tensor, divisor: Tensor, b: Tensor | None) 
 _COMPILED = (backends.compiled(_backward_rows), backends.compiled(_backward_columns))
 
 
+def _x_centered(y: Tensor, b: Tensor | None, divisor: Tensor, rstd: Tensor, dtype: torch.dtype) -> Tensor:
+    """x_hat / rstd = (y - beta) / gamma / rstd (x - mean, recovered), rounded to ``dtype``: the input of
+    ATen's LayerNorm backward, which multiplies it by rstd again (one pass, compiled by Inductor)."""
+    t = y.to(divisor.dtype) if b is None else y.to(divisor.dtype) - b
+    return (t / divisor / rstd).to(dtype)
+
+
+_X_CENTERED = backends.compiled(_x_centered)
+# x's dtypes that take ATen's path. Not half x: ATen would sum dgamma and dbeta in x's dtype (bf16: errors
+# of 0.1 over 40 rows), and the two compiled passes are as fast there (benchmarks/activations.py --norms).
+_ATEN_DTYPES = (torch.float32, torch.float64)
+
+
+def _backward_aten(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, g: Tensor, b: Tensor | None,
+                   x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm's (dx, dgamma, dbeta) by ATen's fused CPU kernel on x - mean = x_hat / rstd recovered from y
+    (kept columns: from their saved x_hat), with mean 0 and the saved rstd: it computes x_hat = (x - mean)
+    rstd, dx = rstd (dy gamma - mean(dy gamma) - x_hat mean(dy gamma x_hat)), sum(dy x_hat), sum(dy).
+    Rounding (x float32 or float64): a few operations in x's dtype, within error_bound's f (gamma_N >= 8 u);
+    dx rounded once."""
+    n = y.shape[-1]
+    rstd = rstd.reshape(-1, 1)
+    divisor = g.index_fill(0, cols, 1.0) if cols.numel() else g
+    xc = _X_CENTERED(y, b, divisor, rstd, x_dtype)
+    if cols.numel():
+        xc.index_copy_(1, cols, (extra.to(g.dtype) / rstd).to(x_dtype))
+    dx, dg, db = torch.ops.aten.native_layer_norm_backward(dy.to(x_dtype), xc, (n,), torch.zeros_like(rstd), rstd,
+                                                           g, b, [True, True, b is not None])
+    return dx, dg, db if db is not None else dy.new_empty(0)
+
+
 def _backward_torch(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
-                    bias: Tensor | None, rms: bool, offset: float, compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dgamma, dbeta) in the accumulation dtype, for y and dy of shape (rows, n)."""
+                    bias: Tensor | None, rms: bool, offset: float, compiled: bool,
+                    x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dgamma, dbeta) in the accumulation dtype (ATen's LayerNorm path: dx in x's), for y and dy of
+    shape (rows, n). ``compiled``: the CPU fast paths (ATen's fused kernel for LayerNorm, Inductor)."""
     n = y.shape[-1]
     acc = _acc(rstd.dtype)
     g = _gamma(weight, offset, n, acc, y.device)
     b = None if bias is None else bias.reshape(n).to(acc)
     rstd = rstd.to(acc)
+    if compiled and not rms and x_dtype in _ATEN_DTYPES and y.numel():
+        return _backward_aten(dy, y, rstd, extra, cols, g, b, x_dtype)
     if cols.numel() == n:                                # every column kept: no division at all
         dyf, xhat = dy.to(acc), extra.to(acc)
         dxhat = dyf * g
@@ -274,7 +311,7 @@ def _norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Ten
             _triton_failed(error, y2)
     if out is None:
         out = _backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
-                              backend == "compiled" and y2.device.type == "cpu")
+                              backend == "compiled" and y2.device.type == "cpu", x_dtype)
     dx, dg, db = out
     return (dx.to(x_dtype).reshape(y.shape),
             y.new_empty(0) if weight is None else dg.to(weight.dtype).reshape(weight.shape),

@@ -498,10 +498,11 @@ def test_triton_forms_and_layouts(style):
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_compiled_backend_within_the_bound(dtype, rms):
-    """The CPU default: the backward's row and column parts compiled by Inductor (and the statistics of
-    half x), with kept columns: the same bound against float64 autograd as the eager code."""
+    """The CPU default: the backward's row and column parts compiled by Inductor (LayerNorm of float32 or
+    float64 x: ATen's fused backward on x - mean recovered from y), and the statistics of half x, with
+    kept columns: the same bound against float64 autograd as the eager code."""
     g = torch.Generator().manual_seed(11)
     rows, n = 40, 96
     wd, bd = _gammas(n, "zeros", g)
