@@ -132,9 +132,15 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     ``compiled``: the statistics of half x (LayerNorm) by Inductor, one fused pass."""
     n = x.shape[-1]
     if not rms and not offset and norm_dtype is None:
-        w = None if weight is None else weight.reshape(n)
-        y, mean, rstd = torch.native_layer_norm(x, (n,), w, None if bias is None else bias.reshape(n), eps)
-        if rstd.dtype != _acc(x.dtype):     # half x on CPU: torch returns mean and rstd rounded to x's dtype
+        acc = _acc(x.dtype)
+        w, b = (None if t is None else t.reshape(n) for t in (weight, bias))
+        if x.dtype != acc and x.device.type == "cpu" and all(t is None or t.dtype in (x.dtype, acc) for t in (w, b)):
+            # half x on CPU: with float32 parameters torch's kernel returns float32 mean and rstd, and the
+            # same y bit for bit (it computes in float32 either way; tests/test_norms.py checks the bits)
+            w = x.new_ones(n, dtype=acc) if w is None else w.to(acc)
+            b = None if b is None else b.to(acc)
+        y, mean, rstd = torch.native_layer_norm(x, (n,), w, b, eps)
+        if rstd.dtype != acc:               # half x on CPU: torch returns mean and rstd rounded to x's dtype
             mean, rstd = (_stats_compiled if compiled else _stats)(x, eps)
         return y.to(out_dtype), mean, rstd
     xf = x.to(_acc(x.dtype))

@@ -9,6 +9,7 @@ shows the bound fails without it.
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -205,6 +206,22 @@ def test_compile_fullgraph():
     (ge,) = torch.autograd.grad(loss_e, x)
     # the same ops on the same values, compiled or not: a few float32 ulps of the reductions' order
     assert torch.allclose(loss, loss_e, rtol=1e-6) and torch.allclose(gx, ge, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_half_layer_norm_forward_bits_and_float32_rstd(affine, dtype):
+    """Half x on CPU: the forward runs torch's kernel with float32 parameters to get float32 rstd in the
+    same pass; y must stay F.layer_norm's bits, and rstd float32 (a few ulps of a float32 var_mean)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(33, 300, generator=g) * 3 + 0.5).to(dtype)
+    w = (1 + 0.1 * torch.randn(300, generator=g)).to(dtype) if affine in ("both", "weight") else None
+    b = (0.1 * torch.randn(300, generator=g)).to(dtype) if affine in ("both", "bias") else None
+    y, rstd, _, _ = torch.ops.invact.norm_forward(x, w, b, 300, 1e-5, False, 0.0, None, dtype, "compiled")
+    assert torch.equal(y, F.layer_norm(x, (300,), w, b, 1e-5)) and rstd.dtype == torch.float32
+    var = x.double().var(-1, correction=0)
+    # float32 sums of 300 terms: (8 + 2 log2 N) u relative, as error_bound's gamma_N
+    assert torch.allclose(rstd.double(), torch.rsqrt(var + 1e-5), rtol=(8 + 2 * math.log2(300)) * 2.0**-24, atol=0)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 255, 4099])
