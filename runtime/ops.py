@@ -220,6 +220,8 @@ def _holds(relation: str, values: dict[str, float]) -> bool:
     import operator as op
     binary = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv}
     compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
+    invalid = ValueError(f"param_domain {relation!r} is not a comparison of parameters and numbers; "
+                         "run `invact generate` from a valid table")
 
     def value(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -230,12 +232,11 @@ def _holds(relation: str, values: dict[str, float]) -> bool:
             return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
         if isinstance(node, ast.BinOp) and type(node.op) in binary:
             return binary[type(node.op)](value(node.left), value(node.right))
-        raise ValueError(f"param_domain {relation!r} is not a comparison of parameters and numbers; "
-                         "run `invact generate` from a valid table")
+        raise invalid
 
     tree = ast.parse(relation, mode="eval").body
     if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in compare):
-        value(ast.Constant(None))  # raises the error above
+        raise invalid
     return compare[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
 
 
@@ -303,13 +304,14 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order)."""
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
     ev = torch.float64 if dtype == torch.float64 else torch.float32
-    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in mod.x_breaks(**params))
+    xbreaks = mod.x_breaks(**params)
+    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
     # y breaks are rounded to the evaluation dtype first, as the certified evaluator does
     rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
     ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
     return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),
-                     tuple(side == "left" for _, side in mod.x_breaks(**params)),
+                     tuple(side == "left" for _, side in xbreaks),
                      tuple(side == "left" for _, side in rounded))
 
 
