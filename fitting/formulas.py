@@ -135,14 +135,13 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
     params = dict(params or {})
     check_param_names(params)
     try:
-        check_text(text, ("x",), tuple(params), "formula", xor=True)
+        expr = parse(text, ("x",), tuple(params), "formula", xor=True)
     except SpecError as exc:
         unknown = _unknown_names(text, params)
         if not unknown:
             raise
         raise SpecError(f"formula {text!r} has unknown symbols {unknown}: "
                         "use x for the input and declare parameters with --param NAME=VALUE") from exc
-    expr = parse(text, ("x",), tuple(params), "formula", xor=True)
     if not isinstance(expr, sp.Expr):
         raise SpecError(f"formula {text!r} is not an expression in x")
     if X not in expr.free_symbols:

@@ -253,17 +253,16 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         if k < steps.size and finite[k] and abs(y[k] - y_limit) > F32_TINY:
             break
     if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= F32_TINY:
-        if target == "derivative" and (b.lower_end if which == "lower" else b.upper_end) == "power":
-            return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
         end_kind = b.lower_end if which == "lower" else b.upper_end
+        if target == "derivative" and end_kind == "power":
+            return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
         if target == "inverse" and end_kind == "power":
             raise FitError(f"branch {b.index}: x = f^-1(y) grows like |y - {y_limit:.6g}|^(-1/{b.orders[which]:g}) "
                            f"next to y = {y_limit:.17g}, which polynomials in this branch's transforms cannot "
                            "follow; use the derivative target (the runtime's)", None, "")
-        if target == "inverse" and np.isfinite(b.y_range[0 if which == "lower" else 1]):
+        if target == "inverse" and np.isfinite(y_limit):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
-            y_a = b.y_range[0 if which == "lower" else 1]
-            y_end = f32(y_a + (F32_TINY if which == "lower" else -F32_TINY))
+            y_end = f32(y_limit + (F32_TINY if which == "lower" else -F32_TINY))
             x_end = float(ref.inverse(np.array([y_end]))[0])
             return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
                            "cutoff": True}

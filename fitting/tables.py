@@ -256,15 +256,15 @@ def load_table(path: str | os.PathLike, text: str | None = None) -> dict:
         table = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise TableError(f"table file {path} is not valid JSON (truncated or corrupt: {exc}); {hint}") from None
-    if _intact(table):
-        hint = f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
-    elif isinstance(table, dict) and isinstance(table.get("sha256"), str):
-        # changed after invact wrote it: its formula is not to be trusted, nor proposed
-        hint = ("restore it from where it came, or delete it and refit it "
-                + (f"with `{fit_command(name, target, root=root)}`" if _builtin(name) else
-                   f"from a formula you trust (`invact fit FORMULA --name {name}{root_option(root)}`)"))
     problem = _problem(table, name, target)
-    if problem:
+    if problem:  # the hint hashes and checks the table again: built only for the error
+        if _intact(table):
+            hint = f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
+        elif isinstance(table, dict) and isinstance(table.get("sha256"), str):
+            # changed after invact wrote it: its formula is not to be trusted, nor proposed
+            hint = ("restore it from where it came, or delete it and refit it "
+                    + (f"with `{fit_command(name, target, root=root)}`" if _builtin(name) else
+                       f"from a formula you trust (`invact fit FORMULA --name {name}{root_option(root)}`)"))
         raise TableError(f"table file {path} {problem}; {hint}")
     return table
 
