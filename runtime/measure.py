@@ -44,6 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .routing import FunctionalRouter
+from .saved import SavedBytes
 
 __all__ = ["check_example", "decide", "install_router", "remove_router", "remove_modes", "CopyChunks", "Trace"]
 
@@ -86,12 +87,7 @@ def _seeded(model: nn.Module):
         np.random.set_state(npy)
 
 
-def _key(t: torch.Tensor) -> tuple | None:
-    try:
-        s = t.untyped_storage()
-        return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
-    except (RuntimeError, NotImplementedError):
-        return None
+_key = SavedBytes._key  # one definition of "the same storage" for patch and invact.memory
 
 
 @dataclass

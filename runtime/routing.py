@@ -39,10 +39,12 @@ def _no_inplace(fn: Callable) -> Callable:
 
 def _positional_inplace(count: int, fn: Callable) -> Callable:
     """Accept torch.nn.functional's optional positional arguments (the last being ``inplace``)."""
+    inner = _no_inplace(fn)
+
     def call(input, *args, **kwargs):
         if len(args) > count:
             kwargs["inplace"], args = args[count], args[:count]
-        return _no_inplace(fn)(input, *args, **kwargs)
+        return inner(input, *args, **kwargs)
     return call
 
 
@@ -63,7 +65,7 @@ ROUTED: dict[Callable, tuple[str, Callable]] = {
 def _worth_routing(args: tuple, kwargs: dict) -> bool:
     x = args[0] if args else kwargs.get("input")
     return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
-            and x.is_floating_point() and not x.is_complex() and x.layout == torch.strided)
+            and x.is_floating_point() and x.layout == torch.strided)
 
 
 class FunctionalRouter(TorchFunctionMode):
