@@ -42,18 +42,7 @@ def flush_denormal():
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False: no SSE3)")
     torch.set_flush_denormal(was)
-
-    @contextlib.contextmanager
-    def flushed():
-        torch.set_flush_denormal(True)
-        try:
-            yield
-        finally:
-            torch.set_flush_denormal(was)
-    try:
-        yield flushed
-    finally:
-        torch.set_flush_denormal(was)
+    yield tol.flushed_denormals
 
 
 # ------------------------------------------------------------------------------------------------

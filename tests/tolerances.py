@@ -25,6 +25,7 @@ float64 ulps of |f'| for exp/log/sqrt in the closed forms; the float64 floor (sq
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -398,3 +399,23 @@ def compare(name: str, dtype: torch.dtype, x: np.ndarray, y: np.ndarray, go: np.
                  & ~(np.abs(ours - exact) <= bound))
     return Comparison(x, y, go, theirs, ours, exact, bound, floor, documented,
                       pattern & ~documented, value & ~documented)
+
+
+@contextlib.contextmanager
+def flushed_denormals(on: bool = True):
+    """torch.set_flush_denormal(on) on ONE intra-op thread, then the caller's setting and thread count.
+
+    The setting is per thread (x86 MXCSR), and torch's worker threads copy it from the thread that
+    starts them: flushing with several threads would either leave workers unflushed (large tensors not
+    actually flushed) or start workers that stay flushed for the rest of the session (later tests'
+    arithmetic flushed). One thread keeps every operation on the thread whose setting is known.
+    """
+    from invact import bitpack
+    was, threads = bitpack.denormals_flushed(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(on)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+        torch.set_num_threads(threads)
