@@ -3,12 +3,14 @@ body counts, not only the imports a test happens to execute.
 
 - runtime/ (``invact``) never imports the fitter, scipy, sympy, mpmath, matplotlib or flint;
 - generated/ imports only math, torch, triton and the runtime's kernel helpers;
-- fitting/ never imports the runtime (torch only to run generated code is allowed where listed).
+- fitting/ never imports the runtime (torch only to run generated code is allowed where listed);
+- common/ (``invact.common``, what both sides share) imports only the Python standard library.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ FITTER_USES_RUNTIME = {("fitting/codegen/triton_gen.py", "invact.fastmath")}
 
 def _package(path: Path) -> str:
     rel = path.relative_to(REPO).with_suffix("")
-    top = {"runtime": "invact", "fitting": "invact.fitting", "generated": "invact.generated"}[rel.parts[0]]
+    top = {"runtime": "invact", "fitting": "invact.fitting", "generated": "invact.generated",
+           "common": "invact.common"}[rel.parts[0]]
     return ".".join([top, *rel.parts[1:]])
 
 
@@ -60,7 +63,7 @@ def test_runtime_imports_no_fitter(path):
 
 @pytest.mark.parametrize("path", _sources("generated"), ids=lambda p: str(p.relative_to(REPO)))
 def test_generated_imports_only_torch_triton_and_runtime_helpers(path):
-    allowed = ("math", "torch", "triton", "invact.generated", *RUNTIME_HELPERS)
+    allowed = ("math", "torch", "triton", "invact.generated", "invact.common", *RUNTIME_HELPERS)
     bad = sorted(name for name in imports(path) if not _matches(name, allowed))
     assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
@@ -69,9 +72,18 @@ def test_fitter_imports_no_runtime():
     found = set()
     for path in _sources("fitting"):
         for name in imports(path):
-            if _matches(name, ("invact",)) and not _matches(name, ("invact.fitting", "invact.generated")):
+            if _matches(name, ("invact",)) and not _matches(name, ("invact.fitting", "invact.generated",
+                                                                   "invact.common")):
                 found.add((str(path.relative_to(REPO)), ".".join(name.split(".")[:2])))
     assert found == FITTER_USES_RUNTIME
+
+
+@pytest.mark.parametrize("path", _sources("common"), ids=lambda p: str(p.relative_to(REPO)))
+def test_common_imports_only_the_standard_library(path):
+    """Both sides import invact.common, so it may depend on neither (nor on torch or numpy)."""
+    bad = sorted(name for name in imports(path)
+                 if not _matches(name, ("invact.common",)) and name.split(".")[0] not in sys.stdlib_module_names)
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 
 def test_the_scanner_sees_relative_and_nested_imports():
