@@ -4,13 +4,13 @@ targets). The GPU report runs its Triton kernels under TRITON_INTERPRET=1 on the
 
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from invact import backends
+from triton_tolerances import needs_interpreter
 
 _spec = importlib.util.spec_from_file_location("invact_bench_activations",
                                                Path(__file__).resolve().parent.parent / "benchmarks" / "activations.py")
@@ -28,8 +28,7 @@ def test_cpu_ratios_measures_every_column():
     assert set(r) == {"fwd", "floor", "bwd compiled", "bwd eager"} and _finite(r.values())
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not backends.triton_importable(),
-                    reason="needs triton under TRITON_INTERPRET=1")
+@needs_interpreter
 def test_gpu_report_on_interpreted_triton():
     r = bench.gpu_ratios("silu", torch.float32, 256, repeat=1, device="cpu")
     assert set(r) == {"copy GB/s", "fwd GB/s", "fwd of copy", "fwd / native", "bwd GB/s", "bwd of copy",

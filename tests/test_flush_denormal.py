@@ -27,6 +27,7 @@ import torch
 import tolerances as tol
 from invact import backends, bitpack, cpu_kernel, ops
 from invact.fitting.evaluate import number
+from triton_tolerances import needs_interpreter
 
 NAMES = ops.names()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -50,16 +51,8 @@ def flush_denormal():
 
 def _neighbours(values: list[float], dtype: torch.dtype, k: int = 3) -> list[float]:
     """Each value rounded to dtype and its k representable neighbours on each side."""
-    out = []
-    for v in values:
-        t = torch.tensor(v, dtype=torch.float64).to(dtype)
-        for direction in (-math.inf, math.inf):
-            u = t
-            for _ in range(k):
-                u = torch.nextafter(u, torch.tensor(direction, dtype=dtype))
-                out.append(u.item())
-        out.append(t.item())
-    return out
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    return torch.cat([tol.ulps_moved(t, j) for j in range(-k, k + 1)]).tolist()
 
 
 def _preimages(name: str, value: float) -> list[float]:
@@ -184,8 +177,7 @@ def test_compiled_without_c_kernels(name, dtype, flush_denormal, kernels_off):
     check(name, dtype, "compiled", flush_denormal)
 
 
-@pytest.mark.skipif(not backends.triton_importable() or __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs triton with TRITON_INTERPRET=1 (set in conftest.py)")
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES[:3])
 @pytest.mark.parametrize("name", NAMES)
 def test_triton_interpreter(name, dtype, flush_denormal):

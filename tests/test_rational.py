@@ -9,7 +9,6 @@ polynomials, so one POLY table holds both kinds of rows.
 
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import sympy as sp
 import torch
 
 import invact
-from invact import backends, ops, selection
+from invact import ops, selection
 from invact.fitting.arb_bound import den_lower_bound, piece_bound
 from invact.fitting.branches import analyze
 from invact.fitting.certify import certify_table
@@ -31,6 +30,7 @@ from invact.fitting.pipeline import build_table
 from invact.fitting.rational import MIN_DEN_MARGIN, den_margin
 from invact.fitting.reference import BranchReference
 from invact.fitting.tables import load_table, table_path, write_table
+from triton_tolerances import needs_interpreter
 
 TOL = 5e-8
 SAMPLES = 2**12          # fp32 samples per branch in certification here (committed tables: 2**24)
@@ -288,8 +288,7 @@ def test_gradients_match_autograd(in_root, tables, name):
     assert err.max() <= (9.2e-5 if name == "gelu_mixed" else 3e-7)   # as the committed GELU table
 
 
-@pytest.mark.skipif(not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs triton with TRITON_INTERPRET=1 (set in conftest.py)")
+@needs_interpreter
 @pytest.mark.parametrize("name", ["xth", "gelu_mixed"])
 def test_triton_matches_eager(in_root, name):
     """The Triton backward (tl.div_rn: IEEE division, as torch's) against the eager torch one on

@@ -24,14 +24,6 @@ NAME = "gelu"
 F2 = 0.4315                  # GELU's f''(x_min) (design.md)
 
 
-def _moved(y: torch.Tensor, k: int) -> torch.Tensor:
-    """y moved by k representable values (toward +inf for k > 0)."""
-    target = torch.full_like(y, math.copysign(math.inf, k))
-    for _ in range(abs(k)):
-        y = torch.nextafter(y, target)
-    return y
-
-
 def _x_near_minimum_and_tail() -> torch.Tensor:
     """Every float32 within 2^15 values of GELU's minimum (y up to ~60 ulps above y_min), and a grid
     of the left tail (y tiny)."""
@@ -46,7 +38,7 @@ def _case(k: int):
     x = _x_near_minimum_and_tail()
     x64 = x.double().numpy()
     y_rounded = tol.torch_reference(NAME, x.double()).float()           # f(x) correctly rounded
-    y = _moved(y_rounded, k)
+    y = tol.ulps_moved(y_rounded, k)
     _, code = torch.ops.invact.forward(x, NAME, [], "eager")
     ours = torch.ops.invact.backward(torch.ones_like(y), y, code, NAME, [], "eager")
     return x64, y.double().numpy(), ours.double().numpy(), y_rounded.double().numpy()

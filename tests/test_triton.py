@@ -4,19 +4,17 @@ The interpreter runs kernels element by element in numpy; it reports neither ign
 out-of-bounds accesses, so ragged sizes and non-contiguous inputs are compared with torch explicitly.
 """
 
-import os
 
 import pytest
 import torch
 
 from invact import backends, ops
-from triton_tolerances import default_params, formula_error, is_fitted, within
+from triton_tolerances import default_params, formula_error, is_fitted, needs_interpreter, within
 
 NAMES = ops.names()
 pytestmark = [
     pytest.mark.skipif(not NAMES, reason="no generated activations"),
-    pytest.mark.skipif(not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs triton with TRITON_INTERPRET=1 (set in conftest.py)"),
+    needs_interpreter,
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 1023, 1024, 2 * 1024 + 9]

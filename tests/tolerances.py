@@ -204,6 +204,14 @@ def break_points(name: str) -> list[float]:
     return sorted(points)
 
 
+def ulps_moved(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t moved by k representable values of its dtype (toward +inf for k > 0)."""
+    target = torch.full_like(t, math.copysign(math.inf, k))
+    for _ in range(abs(k)):
+        t = torch.nextafter(t, target)
+    return t
+
+
 def parity_mismatch(theirs: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """Elements where ``ours`` breaks PyTorch's non-finite pattern: NaN exactly where PyTorch's gradient
     is NaN, the same infinity where it is infinite, finite where it is finite (values are checked

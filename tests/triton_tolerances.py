@@ -3,9 +3,17 @@ test_cuda.py): the reasoning behind each number is in test_triton's docstrings."
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
-from invact import ops
+from invact import backends, ops
+
+# Triton kernels on CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
+needs_interpreter = pytest.mark.skipif(
+    not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton with TRITON_INTERPRET=1 (set in conftest.py)")
 
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
