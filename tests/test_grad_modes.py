@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tolerances as tol
 from invact import cpu_kernel, ops
+from triton_tolerances import default_params
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
@@ -41,7 +42,7 @@ def name(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_code_without_autograd(name, backend, dtype, monkeypatch):
     x = torch.randn(37, 129, dtype=dtype) * 4
-    params = [float(v) for v in ops.info(name)["params"].values()]
+    params = default_params(name)
     with_code = ops.apply(x.clone().requires_grad_(), name, backend=backend).detach()
 
     def no_code(*args, **kwargs):
@@ -73,7 +74,7 @@ def test_no_grad_on_meta_and_fake_tensors():
 
 
 def test_value_op_passes_opcheck(name):
-    params = [float(v) for v in ops.info(name)["params"].values()]
+    params = default_params(name)
     torch.library.opcheck(torch.ops.invact.value.default, (torch.randn(3, 5), name, params, "eager"))
 
 

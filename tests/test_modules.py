@@ -199,13 +199,6 @@ def test_activation_with_parameters():
 
 # -- values and gradients ------------------------------------------------------------------------------
 
-def _torch_forward(table):
-    """PyTorch's own forward for a table, from its metadata (the same string codegen uses)."""
-    meta = ops.info(table)
-    ns = {"F": F, "torch": torch, **meta.get("params", {})}
-    return lambda x: eval(meta["torch_forward"], {**ns, "x": x})
-
-
 def test_forward_matches_torch(cls):
     for kwargs in _variants(cls):
         x = torch.randn(1000) * 4
