@@ -9,7 +9,6 @@ value is detected while the layout may change between invact versions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..common.table_hash import canonical_sha256
 from .errors import TableError
 
 try:  # POSIX only; elsewhere writes are still atomic, just not serialised between processes
@@ -112,10 +112,7 @@ def _layout(obj: Any, indent: int) -> str:
     return json.dumps(obj, allow_nan=False)  # float repr: shortest round trip, float32 values exact
 
 
-def _digest(table: dict) -> str:
-    body = {k: v for k, v in table.items() if k != "sha256"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+_digest = canonical_sha256  # the runtime recomputes it alike (invact.common.table_hash)
 
 
 def dump_table(table: dict) -> str:

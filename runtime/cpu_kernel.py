@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import bitpack, fastmath, kernel_cache
+from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
            "pack_code"]
@@ -54,8 +55,6 @@ MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 
 MAX_X_THRESHOLDS = 15
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-TINY32 = 1.1754943508222875e-38  # the log transform's floor (docs/table-format.md)
-ROW_C1 = 5  # POLY rows: transform id, center, scale, c0_hi, c0_lo, then c1 .. c_degree
 
 
 class Table(ctypes.Structure):

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["log", "sqrt", "where", "LOG_POLY", "SQRT2_F32"]
+from .common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32  # Cephes logf's constants
 
-SQRT2_F32 = 1.4142135381698608          # float32(sqrt(2)): mantissas at or above it are halved
-LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-            -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)  # Cephes logf
-LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
+__all__ = ["log", "sqrt", "where", "LOG_POLY", "SQRT2_F32", "LN2_HI", "LN2_LO"]
+
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
                   torch.bfloat16: torch.int16, torch.int32: torch.int32, torch.int64: torch.int64}
 

@@ -171,19 +171,20 @@ def _check_table(mod: ModuleType, module: str) -> None:
     TABLE_SHA256 is the sha256 of that table's content, recomputed here (docs/table-format.md). A
     mismatch (a fit interrupted between the table and its code, a table edited or restored without
     `invact generate`) raises ImportError with the fix, never computes with the other table."""
-    import hashlib
     import json
+
+    from .common.table_hash import canonical_sha256
     short = module.rsplit(".", 1)[-1]
     table = Path(mod.__file__).parent / "tables" / f"{short.split('_', 1)[1]}.json"
     where, fix = _generated_file(module)
     try:
         body = json.loads(table.read_text(encoding="utf-8"))
         body.pop("sha256")
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        digest = canonical_sha256(body)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         raise ImportError(f"generated code {where} has no readable table {table} ({type(error).__name__}: "
                           f"{error}); {fix} to rebuild the code from the tables there") from None
-    if hashlib.sha256(canonical.encode("utf-8")).hexdigest() != mod.TABLE_SHA256:
+    if digest != mod.TABLE_SHA256:
         raise ImportError(f"generated code {where} was made from another version of {table} (the table "
                           f"changed after the code was generated, e.g. a fit was interrupted); {fix} to "
                           "rebuild the code from the table")

@@ -18,9 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FITTER_ONLY = ("scipy", "sympy", "mpmath", "matplotlib", "flint", "invact.fitting")
 RUNTIME_HELPERS = {"invact.bitpack", "invact.fastmath", "invact.selection", "invact.ops"}
-# The fitter's remaining imports of the runtime (issue 13, item 5 removes them): the Triton generator
-# reads fastmath's log constants. Listed so the test fails both on a new import and on a stale entry.
-FITTER_USES_RUNTIME = {("fitting/codegen/triton_gen.py", "invact.fastmath")}
+# The fitter's imports of the runtime: none (what both sides share lives in invact.common).
+FITTER_USES_RUNTIME: set[tuple[str, str]] = set()
 
 
 def _package(path: Path) -> str:
@@ -91,5 +90,5 @@ def test_the_scanner_sees_relative_and_nested_imports():
     probe = REPO / "runtime" / "ops.py"
     names = imports(probe)
     assert "invact.backends" in names and "torch" in names          # `from . import backends`
-    nested = REPO / "fitting" / "codegen" / "triton_gen.py"
-    assert "invact.fastmath.LOG_POLY" in imports(nested)             # inside a function body
+    nested = next(p for p in _sources("runtime") if "def _check_table(" in p.read_text())
+    assert "invact.common.table_hash.canonical_sha256" in imports(nested)   # inside _check_table's body

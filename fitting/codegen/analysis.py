@@ -18,6 +18,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from ...common import float32_scheme as scheme
 from .printer import parse
 
 __all__ = ["Plan", "CodeClass", "Transform", "analyze", "code_of"]
@@ -75,7 +76,7 @@ class Plan:
     def has_poly(self) -> bool:
         return bool(self.transforms)
 
-    ROW_TID, ROW_CENTER, ROW_SCALE, ROW_C0 = 0, 1, 2, 3   # c0_hi, c0_lo, c1 .. cD from ROW_C0
+    ROW_TID, ROW_CENTER, ROW_SCALE, ROW_C0 = scheme.ROW_TID, scheme.ROW_CENTER, scheme.ROW_SCALE, scheme.ROW_C0
 
     @property
     def row_len(self) -> int:

@@ -7,13 +7,13 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 
 from __future__ import annotations
 
+from ...common.float32_scheme import TINY32
 from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
 from .writer import Writer
 
 __all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
 
-TINY32 = 1.1754943508222875e-38  # smallest normal float32: the log transform's floor
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32
 from .analysis import Plan
 from .evaluation import TritonDialect, emit_code, emit_g
 from .printer import mangle, to_triton
@@ -105,7 +106,6 @@ def _atan_function(w: Writer) -> None:
 
 def _log_function(w: Writer) -> None:
     """The float32 log of invact.fastmath (Cephes logf from the float's bits), op for op."""
-    from invact.fastmath import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32
     w("@triton.jit")
     with w.block("def _log(a):"):
         w('"""log of positive normal float32 a, as invact.fastmath.log (what certification emulates)."""',
