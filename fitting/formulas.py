@@ -7,11 +7,12 @@ its conventions at kinks: the piece whose condition owns a boundary point gives 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import sympy as sp
 
+from ..common.catalog import CATALOG, Entry
+from ..common.params import ParamError, check_params
 from .errors import SpecError
 from .expressions import check_param_names, check_text, parse
 
@@ -59,72 +60,33 @@ class ActivationSpec:
         return sp.sstr(self.expr)
 
     def with_params(self, overrides: dict[str, float] | None) -> "ActivationSpec":
-        """A copy with some parameters replaced; unknown names and non-finite values are refused."""
+        """A copy with some parameters replaced; unknown names, values that are not finite reals and
+        values outside ``domain`` are refused (:func:`invact.common.params.check_params`, the runtime's
+        check too) with :class:`SpecError`."""
         if not overrides:
             return self
-        params = dict(self.params)
-        for key, value in overrides.items():
-            if key not in params:
-                known = ", ".join(sorted(params)) or "none"
-                raise SpecError(f"parameter {key!r} is not a parameter of {self.name!r} (known: {known})")
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise SpecError(f"parameter {key!r} must be a real number, got {value!r}") from None
-            if not math.isfinite(value):
-                raise SpecError(f"parameter {key!r} must be finite, got {value!r}")
-            params[key] = value
-        spec = ActivationSpec(self.name, self.expr, params, self.domain, self.doc, self.torch_forward)
-        spec.check_domain()
-        return spec
+        params = _checked(self.name, self.params, overrides, self.domain)
+        return ActivationSpec(self.name, self.expr, params, self.domain, self.doc, self.torch_forward)
 
     def check_domain(self) -> None:
-        for rel in self.domain:
-            ok = parse(rel, (), tuple(self.params), "param_domain", relation=True).subs(
-                {s: self.params[n] for n, s in self.symbols.items()})
-            if ok is not sp.true:
-                vals = ", ".join(f"{n}={v!r}" for n, v in self.params.items())
-                raise SpecError(f"{self.name!r} needs {rel} (got {vals})")
+        _checked(self.name, self.params, None, self.domain)
 
 
-def _sym(name: str) -> sp.Symbol:
-    return sp.Symbol(name, real=True)
+def _checked(name: str, defaults: dict[str, float], given: dict | None, domain: tuple[str, ...] = ()
+             ) -> dict[str, float]:
+    try:
+        return check_params(name, defaults, given, domain)
+    except ParamError as exc:
+        raise SpecError(str(exc)) from None
 
 
-def _sigmoid(z):
-    return 1 / (1 + sp.exp(-z))
+def _builtin(entry: Entry) -> ActivationSpec:
+    expr = parse(entry.formula, ("x",), tuple(entry.params), f"built-in {entry.name!r} formula")
+    return ActivationSpec(entry.name, expr, dict(entry.params), entry.domain, entry.doc, entry.torch_forward)
 
 
-_a, _b, _t, _s, _sl = _sym("alpha"), _sym("beta"), _sym("threshold"), _sym("scale"), _sym("negative_slope")
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
-
-BUILTINS: dict[str, ActivationSpec] = {s.name: s for s in [
-    ActivationSpec("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, doc="torch.nn.GELU()", torch_forward="F.gelu(x)"),
-    ActivationSpec("gelu_tanh", X * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (X + sp.Rational(44715, 10**6) * X**3))) / 2,
-                   doc="torch.nn.GELU(approximate='tanh')", torch_forward="F.gelu(x, approximate='tanh')"),
-    ActivationSpec("silu", X * _sigmoid(X), doc="torch.nn.SiLU()", torch_forward="F.silu(x)"),
-    ActivationSpec("quick_gelu", X * _sigmoid(sp.Rational(1702, 1000) * X), doc="x*sigmoid(1.702x) (CLIP)", torch_forward="x * torch.sigmoid(1.702 * x)"),
-    ActivationSpec("mish", X * sp.tanh(sp.log(1 + sp.exp(X))), doc="torch.nn.Mish()", torch_forward="F.mish(x)"),
-    ActivationSpec("softplus", sp.Piecewise((X, _b * X > _t), (sp.log(1 + sp.exp(_b * X)) / _b, True)),
-                   {"beta": 1.0, "threshold": 20.0}, ("beta > 0", "threshold > 0"),
-                   doc="torch.nn.Softplus(beta, threshold)", torch_forward="F.softplus(x, beta, threshold)"),
-    ActivationSpec("elu", sp.Piecewise((_a * (sp.exp(X) - 1), X <= 0), (X, True)), {"alpha": 1.0},
-                   ("alpha > 0",), doc="torch.nn.ELU(alpha)", torch_forward="F.elu(x, alpha)"),
-    ActivationSpec("celu", sp.Piecewise((_a * (sp.exp(X / _a) - 1), X <= 0), (X, True)), {"alpha": 1.0},
-                   ("alpha > 0",), doc="torch.nn.CELU(alpha)", torch_forward="F.celu(x, alpha)"),
-    ActivationSpec("selu", sp.Piecewise((_s * _a * (sp.exp(X) - 1), X <= 0), (_s * X, True)),
-                   {"alpha": _SELU_ALPHA, "scale": _SELU_SCALE}, ("alpha > 0", "scale > 0"),
-                   doc="torch.nn.SELU()", torch_forward="F.selu(x)"),
-    ActivationSpec("hardswish", sp.Piecewise((0, X <= -3), (X * (X + 3) / 6, X < 3), (X, True)),
-                   doc="torch.nn.Hardswish()", torch_forward="F.hardswish(x)"),
-    ActivationSpec("leaky_relu", sp.Piecewise((_sl * X, X <= 0), (X, True)), {"negative_slope": 0.01},
-                   ("negative_slope > 0",), doc="torch.nn.LeakyReLU(negative_slope)", torch_forward="F.leaky_relu(x, negative_slope)"),
-    ActivationSpec("relu", sp.Piecewise((0, X <= 0), (X, True)), doc="torch.nn.ReLU()", torch_forward="F.relu(x)"),
-    ActivationSpec("relu2", sp.Piecewise((0, X <= 0), (X**2, True)), doc="relu(x)**2 (Primer)", torch_forward="torch.square(F.relu(x))"),
-    ActivationSpec("sigmoid", _sigmoid(X), doc="torch.nn.Sigmoid()", torch_forward="torch.sigmoid(x)"),
-    ActivationSpec("tanh", sp.tanh(X), doc="torch.nn.Tanh()", torch_forward="torch.tanh(x)"),
-]}
+#: the catalog's activations (invact.common.catalog) as specs, by name
+BUILTINS: dict[str, ActivationSpec] = {e.name: _builtin(e) for e in CATALOG}
 
 
 def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp.Expr, dict[str, float]]:
@@ -189,7 +151,4 @@ def get_spec(name_or_formula: str, name: str | None = None,
     label = name or "custom"
     if not label.isidentifier():
         raise SpecError(f"name must be a Python identifier, got {label!r}")
-    for key, value in params.items():
-        if not math.isfinite(float(value)):
-            raise SpecError(f"parameter {key!r} must be finite, got {value!r}")
-    return ActivationSpec(label, expr, {k: float(v) for k, v in params.items()}, doc=name_or_formula)
+    return ActivationSpec(label, expr, _checked(label, params, None), doc=name_or_formula)

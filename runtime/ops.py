@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 import os
 import shlex
 import sys
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 
 from . import backends, bitpack, cpu_kernel
+from .common.params import check_params, holds
 
 __all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants"]
 
@@ -214,31 +214,8 @@ def info(name: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # parameters and constants
 
-def _holds(relation: str, values: dict[str, float]) -> bool:
-    """Whether a param_domain relation ('alpha > 0') holds: one comparison of numbers, parameter
-    names, + - * / and unary minus, evaluated by an ast walk (table text is data, never eval'd)."""
-    import ast
-    import operator as op
-    binary = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv}
-    compare = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
-    invalid = ValueError(f"param_domain {relation!r} is not a comparison of parameters and numbers; "
-                         "run `invact generate` from a valid table")
-
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.Name) and node.id in values:
-            return values[node.id]
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in binary:
-            return binary[type(node.op)](value(node.left), value(node.right))
-        raise invalid
-
-    tree = ast.parse(relation, mode="eval").body
-    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in compare):
-        raise invalid
-    return compare[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
+# param_domain relations: compared by an ast walk, never eval'd (invact.common.params)
+_holds = holds
 
 
 def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
@@ -251,31 +228,14 @@ def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
 
 
 def _check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
+    """The values (defaults filled in, table order) for table ``name``; ParamError (a ValueError) naming
+    the parameter otherwise, by the check the fitter makes too (invact.common.params)."""
     meta = _module(name).META
-    defaults = meta["params"]
-    given = dict(params or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"params: {', '.join(map(repr, unknown))} not a parameter of {name!r} "
-                         f"(parameters: {', '.join(defaults) or 'none'})")
-    values = {}
-    for key, default in defaults.items():
-        value = given.get(key, default)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"params[{key!r}] must be a real number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"params[{key!r}] must be finite, got {value!r}")
-        values[key] = value
-    if not meta["param_generic"] and values != {k: float(v) for k, v in defaults.items()}:
-        raise ValueError(f"params: the {name!r} table was fitted for {defaults} only (one table holds one "
-                         f"parameter set); `{_refit_command(name, meta, values)}` refits it for these values, "
-                         f"replacing that set (add `--name NEW` to keep it and fit activation NEW)")
-    for rel in meta["param_domain"]:
-        if not _holds(rel, values):
-            raise ValueError(f"params: {name!r} needs {rel} (got {values})")
-    return tuple(values.values())
+    fixed = None if meta["param_generic"] else lambda values: (
+        f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "
+        f"`{_refit_command(name, meta, values)}` refits it for these values, replacing that set (add `--name NEW` "
+        "to keep it and fit activation NEW)")
+    return tuple(check_params(name, meta["params"], params, meta["param_domain"], fixed).values())
 
 
 @dataclass(frozen=True)
