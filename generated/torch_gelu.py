@@ -142,16 +142,3 @@ def grad_kernel(out, go, y, packed, shift, thr, poly):
     plane). Contiguous loads only: a per-element byte index would not vectorise."""
     code = (packed.to(torch.int32) >> shift) & 1
     torch.mul(g_kernel(y, code, thr, poly), go, out=out)
-
-
-def forward_code(x, /, **params):
-    """Convenience: code_kernel with this table's thresholds for x's dtype (params: PARAMS)."""
-    from invact.ops import table_constants
-    return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)
-
-
-def backward_g(y, code, /, **params):
-    """Convenience: g_kernel with this table's constants for y's evaluation dtype (params: PARAMS)."""
-    from invact.ops import table_constants
-    k = table_constants(NAME, y.dtype, y.device, params)
-    return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)

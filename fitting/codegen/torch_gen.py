@@ -140,15 +140,4 @@ def generate_torch(plan: Plan) -> str:
         w("return g")
     w("", "")
     _flat_kernels(w, plan)
-    w("", "")
-    with w.block("def forward_code(x, /, **params):"):
-        w('"""Convenience: code_kernel with this table\'s thresholds for x\'s dtype (params: PARAMS)."""')
-        w("from invact.ops import table_constants",
-          "return code_kernel(x, table_constants(NAME, x.dtype, x.device, params).x_thresholds)")
-    w("", "")
-    with w.block("def backward_g(y, code, /, **params):"):
-        w('"""Convenience: g_kernel with this table\'s constants for y\'s evaluation dtype (params: PARAMS)."""')
-        w("from invact.ops import table_constants",
-          "k = table_constants(NAME, y.dtype, y.device, params)",
-          "return g_kernel(y, code, k.y_thresholds, k.poly, **k.params)")
     return w.text()
