@@ -48,6 +48,7 @@ __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run",
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+HEADERS = (SOURCE.with_name("invact_threads.h"),)  # included by SOURCE: part of the cache key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
 ABI_VERSION = 3
@@ -81,8 +82,8 @@ def _compiler() -> str | None:
 
 
 def _key(compiler: str) -> str:
-    """The cache key: a hash of the source, the compiler's path and the flags."""
-    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()]
+    """The cache key: a hash of the source and its headers, the compiler's path and the flags."""
+    parts = [SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), compiler.encode(), " ".join(FLAGS).encode()]
     return f"cpu_kernels-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
 
 

@@ -16,9 +16,10 @@
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "invact_threads.h"
 
 #define ABI_VERSION 3
 #define MAX_SEGMENTS 32
@@ -217,8 +218,6 @@ typedef struct {
     const float *lut;                      /* invact_lut_grad's table, else 0 */
 } job;
 
-static inline int64_t clamp_to(int64_t v, int64_t most) { return v < most ? v : most; }
-
 static inline __mmask16 lanes(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
 }
@@ -276,33 +275,6 @@ static void *run_job(void *arg) {
         i = end;
     }
     return 0;
-}
-
-#define MAX_THREADS 256
-#define MIN_PER_THREAD 32768
-
-/* the number of threads for `units` of work (at most `threads`, each given at least `min_units`),
- * and in *step the size of each one's range, in whole 16-unit vectors */
-static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
-    int64_t most = units / min_units;
-    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (most < nt) nt = most < 1 ? 1 : (int)most;
-    *step = ((units + nt - 1) / nt + 15) / 16 * 16;
-    return nt;
-}
-
-/* fn on jobs[0 .. nt) (`size` bytes apart): jobs 1 .. on new threads, job 0 (and any whose thread
- * could not start) on this one */
-static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
-    pthread_t ids[MAX_THREADS];
-    int started = 0;
-    for (int k = 1; k < nt; k++) {
-        if (pthread_create(&ids[k], 0, fn, (char *)jobs + k * size) != 0) break;
-        started = k;
-    }
-    fn(jobs);
-    for (int k = started + 1; k < nt; k++) fn((char *)jobs + k * size);
-    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
 }
 
 /* the gradient kernels over [0, n), split into whole vectors over up to `threads` threads */

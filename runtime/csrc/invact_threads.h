@@ -1,0 +1,40 @@
+/* Splitting element-wise work over pthreads: shared by cpu_kernels.c and the per-table kernels
+ * (invact_table.h). Each range is a whole number of 16-element vectors. */
+#ifndef INVACT_THREADS_H
+#define INVACT_THREADS_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_THREADS 256
+#define MIN_PER_THREAD 32768
+
+static inline int64_t clamp_to(int64_t v, int64_t most) { return v < most ? v : most; }
+
+/* the number of threads for `units` of work (at most `threads`, each given at least `min_units`),
+ * and in *step the size of each one's range, in whole 16-unit vectors */
+static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
+    int64_t most = units / min_units;
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    *step = ((units + nt - 1) / nt + 15) / 16 * 16;
+    return nt;
+}
+
+/* fn on jobs[0 .. nt) (`size` bytes apart): jobs 1 .. on new threads, job 0 (and any whose thread
+ * could not start) on this one. New threads inherit this one's floating-point environment
+ * (flushed denormals included). */
+static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    for (int k = 1; k < nt; k++) {
+        if (pthread_create(&ids[k], 0, fn, (char *)jobs + k * size) != 0) break;
+        started = k;
+    }
+    fn(jobs);
+    for (int k = started + 1; k < nt; k++) fn((char *)jobs + k * size);
+    for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
+}
+
+#endif
