@@ -179,10 +179,11 @@ LEFT: tuple[Rule, ...] = (
 BY_NAME: dict[str, Entry] = {e.name: e for e in CATALOG}
 
 
-def group(key: str) -> dict[str, tuple[Entry, ...]]:
-    """Rows by ``module`` or ``functional`` (``key``), in catalog order; rows without one are left out."""
+def group(key: str, rows: tuple[Entry, ...] | None = None) -> dict[str, tuple[Entry, ...]]:
+    """``rows`` (default the catalog) by ``module`` or ``functional`` (``key``), in order; rows without
+    one are left out."""
     out: dict[str, list[Entry]] = {}
-    for e in CATALOG:
+    for e in CATALOG if rows is None else rows:
         if getattr(e, key):
             out.setdefault(getattr(e, key), []).append(e)
     return {k: tuple(v) for k, v in out.items()}
@@ -202,16 +203,19 @@ def check_catalog(rows: tuple[Entry, ...] = CATALOG) -> None:
             raise CatalogError(f"catalog row {e.name!r}: select names an argument not in args {sorted(arg_names)}")
         if e.saves_output not in ("always", "inplace", "never"):
             raise CatalogError(f"catalog row {e.name!r}: saves_output must be 'always', 'inplace' or 'never'")
+        if e.torch is not None and e.torch.rsplit(".", 1)[-1] != e.module:
+            raise CatalogError(f"catalog row {e.name!r}: module {e.module!r} must be named as torch's {e.torch}")
         for rule in e.rules:
             if classes.setdefault(rule.cls, e.name) != e.name:
                 raise CatalogError(f"catalog row {e.name!r}: {rule.cls} is already a rule of {classes[rule.cls]!r}")
         seen[e.name] = e
     for key in ("module", "functional"):
-        for label, members in group(key).items():
+        for label, members in group(key, rows).items():
             first = members[0]
-            if any((m.args, m.torch) != (first.args, first.torch) for m in members):
+            if any((m.args, m.torch, [n for n, _ in m.select]) != (first.args, first.torch, [n for n, _ in first.select])
+                   for m in members):
                 raise CatalogError(f"catalog rows {[m.name for m in members]} share {key} {label!r} but not its "
-                                   "args and torch class")
+                                   "args, torch class and the arguments that select")
             if len({m.select for m in members}) != len(members):
                 raise CatalogError(f"catalog rows {[m.name for m in members]} share {key} {label!r}: their select "
                                    "must tell them apart")

@@ -22,6 +22,11 @@ transformers and timm are never imported by invact: their classes are recognised
 
 from importlib import import_module
 
+from .common.catalog import group as _group
+
+# one module class per `module` name of the activation catalog (invact.common.catalog; torch-free)
+_MODULE_CLASSES = tuple(_group("module"))
+
 # Names are imported on first use, so `import invact.fitting` and the `invact` CLI do not pay for
 # torch; `invact.GELU` etc. import it then.
 _LAZY = {
@@ -29,9 +34,7 @@ _LAZY = {
     "PatchReport": "patching", "patch": "patching", "unpatch": "patching",
     "LayerNorm": "norms", "RMSNorm": "norms",
     "route_functional": "routing", "FunctionalRouter": "routing",
-    **{name: "modules" for name in ("Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU",
-                                    "CELU", "SELU", "Hardswish", "LeakyReLU", "ReLU", "Sigmoid", "Tanh",
-                                    "QuickGELU", "ReLU2")},
+    **{name: "modules" for name in ("Activation", "activation", *_MODULE_CLASSES)},
 }
 
 
@@ -56,8 +59,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU", "CELU", "SELU", "Hardswish",
-    "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2", "LayerNorm", "RMSNorm",
+    "Activation", "activation", *_MODULE_CLASSES, "LayerNorm", "RMSNorm",
     "functional", "patch", "unpatch", "PatchReport", "memory", "SavedBytes", "use_root", "__version__",
     "route_functional", "FunctionalRouter",
 ]

@@ -24,15 +24,19 @@ Examples
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 from torch import Tensor
 
 from . import ops
+from .common.catalog import Entry, group
 from .norms import layer_norm, rms_norm  # noqa: F401 - norms that save their output (invact.norms)
 
-__all__ = ["gelu", "silu", "mish", "softplus", "elu", "celu", "selu", "hardswish", "leaky_relu", "relu",
-           "relu2", "sigmoid", "tanh", "quick_gelu", "apply", "layer_norm", "rms_norm"]
-
-_GELU_TABLES = {"none": "gelu", "tanh": "gelu_tanh"}
+# one function per `functional` name of the catalog (invact.common.catalog), built by _function below
+_FUNCTIONS = group("functional")
+__all__ = [*_FUNCTIONS, "apply", "layer_norm", "rms_norm"]
 
 
 def _no_inplace(inplace: bool, fn: str) -> None:
@@ -41,12 +45,30 @@ def _no_inplace(inplace: bool, fn: str) -> None:
                          f"tensor and saves it for backward); use y = invact.functional.{fn}(x)")
 
 
+def table_selector(rows: tuple[Entry, ...]) -> Callable[..., str]:
+    """``select(**arguments) -> table`` for catalog rows sharing a class or function: the rows'
+    ``select`` arguments choose the table (``approximate='tanh'`` -> gelu_tanh); ValueError otherwise."""
+    fields = tuple(n for n, _ in rows[0].select)
+    tables = {tuple(v for _, v in row.select): row.name for row in rows}
+
+    def select(**arguments: Any) -> str:
+        key = tuple(arguments[f] for f in fields)
+        try:
+            return tables[key]
+        except (KeyError, TypeError):
+            pass
+        choices = " or ".join(repr(k[0] if len(fields) == 1 else k) for k in tables)
+        given = key[0] if len(fields) == 1 else key
+        raise ValueError(f"{', '.join(fields)} must be {choices}, got {given!r}")
+    return select
+
+
 def gelu_table(approximate: str) -> str:
     """Table name for ``approximate`` ('none' -> gelu, 'tanh' -> gelu_tanh); ValueError otherwise."""
-    try:
-        return _GELU_TABLES[approximate]
-    except (KeyError, TypeError):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}") from None
+    return _GELU_SELECT(approximate=approximate)
+
+
+_GELU_SELECT = table_selector(_FUNCTIONS["gelu"])
 
 
 def apply(input: Tensor, name: str, *, backend: str | None = None, **params: float) -> Tensor:
@@ -54,81 +76,37 @@ def apply(input: Tensor, name: str, *, backend: str | None = None, **params: flo
     return ops.apply(input, name, params or None, backend)
 
 
-def gelu(input: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
-    """``F.gelu``: ``x * Phi(x)``; ``approximate='tanh'`` uses the tanh formula (table gelu_tanh)."""
-    return ops.apply(input, gelu_table(approximate), None, backend)
+def _function(fn: str, rows: tuple[Entry, ...]) -> Callable[..., Tensor]:
+    """``invact.functional.<fn>(input, *args, backend=None)`` for catalog rows sharing ``functional``:
+    torch.nn.functional's arguments (``rows[0].args``), one :func:`invact.ops.apply` call."""
+    names = tuple(n for n, _ in rows[0].args)
+    defaults = dict(rows[0].args)
+    table_args = rows[0].table_args
+    select = table_selector(rows)
+
+    def call(input: Tensor, *args: Any, backend: str | None = None, **kwargs: Any) -> Tensor:
+        if len(args) > len(names):
+            raise TypeError(f"{fn}() takes from 1 to {len(names) + 1} positional arguments but "
+                            f"{len(args) + 1} were given")
+        values = dict(defaults)
+        values.update(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in defaults or key in names[:len(args)]:
+                raise TypeError(f"{fn}() got an unexpected keyword argument {key!r}" if key not in defaults
+                                else f"{fn}() got multiple values for argument {key!r}")
+            values[key] = value
+        _no_inplace(values.get("inplace", False), fn)
+        params = {k: float(values[k]) for k in table_args}
+        return ops.apply(input, select(**values), params or None, backend)
+
+    P = inspect.Parameter
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [P("input", P.POSITIONAL_OR_KEYWORD, annotation="Tensor")]
+        + [P(n, P.POSITIONAL_OR_KEYWORD, default=d, annotation=type(d).__name__) for n, d in rows[0].args]
+        + [P("backend", P.KEYWORD_ONLY, default=None, annotation="str | None")], return_annotation="Tensor")
+    call.__name__ = call.__qualname__ = fn
+    call.__doc__ = rows[0].functional_doc
+    return call
 
 
-def silu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.silu``: ``x * sigmoid(x)``."""
-    _no_inplace(inplace, "silu")
-    return ops.apply(input, "silu", None, backend)
-
-
-def mish(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.mish``: ``x * tanh(softplus(x))``."""
-    _no_inplace(inplace, "mish")
-    return ops.apply(input, "mish", None, backend)
-
-
-def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0, *,
-             backend: str | None = None) -> Tensor:
-    """``F.softplus``: ``log(1 + exp(beta*x)) / beta``, linear where ``beta*x > threshold``."""
-    return ops.apply(input, "softplus", {"beta": float(beta), "threshold": float(threshold)}, backend)
-
-
-def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.elu``: ``x`` for ``x > 0``, ``alpha*(exp(x) - 1)`` otherwise."""
-    _no_inplace(inplace, "elu")
-    return ops.apply(input, "elu", {"alpha": float(alpha)}, backend)
-
-
-def celu(input: Tensor, alpha: float = 1.0, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.celu``: ``x`` for ``x > 0``, ``alpha*(exp(x/alpha) - 1)`` otherwise."""
-    _no_inplace(inplace, "celu")
-    return ops.apply(input, "celu", {"alpha": float(alpha)}, backend)
-
-
-def selu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.selu``: ``scale * elu(x, alpha)`` with PyTorch's fixed constants."""
-    _no_inplace(inplace, "selu")
-    return ops.apply(input, "selu", None, backend)
-
-
-def hardswish(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.hardswish``: ``x * relu6(x + 3) / 6``."""
-    _no_inplace(inplace, "hardswish")
-    return ops.apply(input, "hardswish", None, backend)
-
-
-def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False, *,
-               backend: str | None = None) -> Tensor:
-    """``F.leaky_relu``: ``x`` for ``x > 0``, ``negative_slope * x`` otherwise."""
-    _no_inplace(inplace, "leaky_relu")
-    return ops.apply(input, "leaky_relu", {"negative_slope": float(negative_slope)}, backend)
-
-
-def relu(input: Tensor, inplace: bool = False, *, backend: str | None = None) -> Tensor:
-    """``F.relu``. PyTorch's relu already saves its output: invact gains no memory here."""
-    _no_inplace(inplace, "relu")
-    return ops.apply(input, "relu", None, backend)
-
-
-def relu2(input: Tensor, *, backend: str | None = None) -> Tensor:
-    """``relu(x) ** 2`` (Primer; Hugging Face ``ReLUSquaredActivation``)."""
-    return ops.apply(input, "relu2", None, backend)
-
-
-def sigmoid(input: Tensor, *, backend: str | None = None) -> Tensor:
-    """``torch.sigmoid``. PyTorch's sigmoid already saves its output: invact gains no memory here."""
-    return ops.apply(input, "sigmoid", None, backend)
-
-
-def tanh(input: Tensor, *, backend: str | None = None) -> Tensor:
-    """``torch.tanh``. PyTorch's tanh already saves its output: invact gains no memory here."""
-    return ops.apply(input, "tanh", None, backend)
-
-
-def quick_gelu(input: Tensor, *, backend: str | None = None) -> Tensor:
-    """``x * sigmoid(1.702 * x)`` (CLIP; Hugging Face ``QuickGELUActivation``)."""
-    return ops.apply(input, "quick_gelu", None, backend)
+globals().update({fn: _function(fn, rows) for fn, rows in _FUNCTIONS.items()})

@@ -1,8 +1,9 @@
 """nn.Modules with :mod:`torch.nn`'s names, signatures and ``extra_repr``.
 
-All classes are built from one base, :class:`Activation`, by :func:`_torch_style` from a line of
-data each (the table, the constructor's fields); none holds activation math. Every constructor also
-takes a keyword-only ``backend`` (``None``: the default for the input's device).
+All classes are built from one base, :class:`Activation`, by :func:`_torch_style` from the rows of
+the activation catalog (:mod:`invact.common.catalog`: the table, the constructor's fields); none holds
+activation math. Every constructor also takes a keyword-only ``backend`` (``None``: the default for
+the input's device).
 
 ``inplace`` is accepted where :mod:`torch.nn` has it and ignored: the module returns a new tensor
 ``y`` and saves that tensor for backward (writing it back into the input would keep two copies alive).
@@ -19,16 +20,19 @@ Softplus(beta=1.0, threshold=20.0)
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable
 
 from torch import Tensor, nn
 
 from . import ops
-from .functional import gelu_table
+from .common.catalog import Entry, group
+from .functional import table_selector
 
-__all__ = ["Activation", "activation", "GELU", "SiLU", "Mish", "Softplus", "ELU", "CELU", "SELU", "Hardswish",
-           "LeakyReLU", "ReLU", "Sigmoid", "Tanh", "QuickGELU", "ReLU2", "module_for"]
+# one class per `module` name of the catalog (invact.common.catalog), built by _torch_style below
+_ROWS = group("module")
+__all__ = ["Activation", "activation", *_ROWS, "module_for"]
 
 
 def check_params(name: str, params: dict[str, float] | None) -> dict[str, float]:
@@ -120,57 +124,39 @@ class _TorchStyle(Activation):
         return ", ".join(p for p in (base, self._backend_repr()) if p)
 
 
-def _torch_style(cls_name: str, table: str | Callable[..., str], fields: tuple[tuple[str, Any], ...] = (),
-                 params: tuple[str, ...] = (), torch_cls: type | None = None, doc: str = "") -> type:
-    """A torch.nn look-alike class: ``fields`` are ``(name, default)`` in torch's order, ``params``
-    the fields passed to the table, ``table`` a table name or a function of the fields."""
+def _torch_class(qualified: str) -> type:
+    module, name = qualified.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _torch_style(cls_name: str, rows: tuple[Entry, ...]) -> type:
+    """A torch.nn look-alike class for catalog rows sharing ``module``: constructor fields ``rows[0].args``
+    (``(name, default)`` in torch's order), the table chosen by the rows' ``select`` fields, the fields
+    that are table parameters passed to it."""
+    first = rows[0]
     sig = inspect.Signature(
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in fields]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for n, d in first.args]
         + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)])
-    like = f"torch.nn.{torch_cls.__name__}" if torch_cls is not None else "its formula"
+    torch_cls = _torch_class(first.torch) if first.torch is not None else None
+    like = f"torch.nn.{cls_name}" if torch_cls is not None else "its formula"
     ns = {
-        "__signature__": sig, "_fields": tuple(n for n, _ in fields), "_params": params,
-        "_fixed_table": table if isinstance(table, str) else None,
-        "_table_of": staticmethod(table if callable(table) else (lambda **_: table)),
+        "__signature__": sig, "_fields": tuple(n for n, _ in first.args), "_params": first.table_args,
+        "_fixed_table": first.name if len(rows) == 1 else None,
+        "_table_of": staticmethod(table_selector(rows)),
         # torch's own extra_repr reads the same attributes, so the text is torch's exactly
         "_torch_extra_repr": torch_cls.__dict__.get("extra_repr") if torch_cls is not None else None,
         "__module__": __name__, "__qualname__": cls_name,
-        "__doc__": f"{doc}\n\nSame signature and forward as {like}; backward from the saved output.\n"
+        "__doc__": f"{first.module_doc}\n\nSame signature and forward as {like}; backward from the saved output.\n"
                    f"Signature: {cls_name}{sig}",
     }
     return type(cls_name, (_TorchStyle,), ns)
 
 
-_I = (("inplace", False),)
-# name, table (or fields -> table), constructor fields, which fields are table parameters, torch class
-GELU = _torch_style("GELU", gelu_table, (("approximate", "none"),),
-                    torch_cls=nn.GELU, doc="GELU: ``x * Phi(x)``, or its tanh approximation.")
-SiLU = _torch_style("SiLU", "silu", _I, torch_cls=nn.SiLU, doc="SiLU / Swish: ``x * sigmoid(x)``.")
-Mish = _torch_style("Mish", "mish", _I, torch_cls=nn.Mish, doc="Mish: ``x * tanh(softplus(x))``.")
-Softplus = _torch_style("Softplus", "softplus", (("beta", 1.0), ("threshold", 20.0)), ("beta", "threshold"),
-                        nn.Softplus, "Softplus: ``log(1 + exp(beta*x)) / beta``.")
-ELU = _torch_style("ELU", "elu", (("alpha", 1.0),) + _I, ("alpha",), nn.ELU, "ELU.")
-CELU = _torch_style("CELU", "celu", (("alpha", 1.0),) + _I, ("alpha",), nn.CELU, "CELU.")
-SELU = _torch_style("SELU", "selu", _I, torch_cls=nn.SELU, doc="SELU with PyTorch's constants.")
-Hardswish = _torch_style("Hardswish", "hardswish", _I, torch_cls=nn.Hardswish,
-                         doc="Hardswish: ``x * relu6(x + 3) / 6``.")
-LeakyReLU = _torch_style("LeakyReLU", "leaky_relu", (("negative_slope", 0.01),) + _I, ("negative_slope",),
-                         nn.LeakyReLU, "LeakyReLU.")
-ReLU = _torch_style("ReLU", "relu", _I, torch_cls=nn.ReLU,
-                    doc="ReLU. torch.nn.ReLU already saves its output: no memory gain.")
-Sigmoid = _torch_style("Sigmoid", "sigmoid", torch_cls=nn.Sigmoid,
-                       doc="Sigmoid. torch.nn.Sigmoid already saves its output: no memory gain.")
-Tanh = _torch_style("Tanh", "tanh", torch_cls=nn.Tanh,
-                    doc="Tanh. torch.nn.Tanh already saves its output: no memory gain.")
-QuickGELU = _torch_style("QuickGELU", "quick_gelu", doc="QuickGELU (CLIP): ``x * sigmoid(1.702 * x)``.")
-ReLU2 = _torch_style("ReLU2", "relu2", doc="Squared ReLU (Primer): ``relu(x) ** 2``.")
+_CLASSES = tuple(_torch_style(name, rows) for name, rows in _ROWS.items())
+globals().update({cls.__name__: cls for cls in _CLASSES})
 
-_CLASSES = (GELU, SiLU, Mish, Softplus, ELU, CELU, SELU, Hardswish, LeakyReLU, ReLU, Sigmoid, Tanh,
-            QuickGELU, ReLU2)
-
-
-_BY_TABLE = {cls._fixed_table: cls for cls in _CLASSES if cls._fixed_table}
-_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+# table -> (the class serving it, the fields that select it: GELU, {'approximate': 'tanh'} for gelu_tanh)
+_BY_TABLE = {row.name: (cls, dict(row.select)) for cls, rows in zip(_CLASSES, _ROWS.values()) for row in rows}
 
 
 def module_for(name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Activation:
@@ -178,11 +164,9 @@ def module_for(name: str, params: dict[str, float] | None = None, backend: str |
     else :class:`Activation`. Raises ``ValueError`` like :func:`check_params`."""
     given = dict(params or {})
     full = check_params(name, given)
-    if name in _GELU_APPROXIMATE and not given:
-        return GELU(_GELU_APPROXIMATE[name], backend=backend)
-    cls = _BY_TABLE.get(name)
+    cls, fields = _BY_TABLE.get(name, (None, {}))
     if cls is not None and set(given) <= set(cls._params):
-        return cls(**{k: full[k] for k in cls._params}, backend=backend)
+        return cls(**fields, **{k: full[k] for k in cls._params}, backend=backend)
     return Activation(name, backend=backend, **given)
 
 

@@ -58,8 +58,8 @@ from typing import Any, Callable, Iterable
 from torch import nn
 
 from . import measure, norm_patch, ops, recognise
-from .functional import gelu_table
-from .modules import Activation, check_params, module_for
+from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
+from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, check_params, module_for
 from .norms import _Saving
 from .routing import FunctionalRouter
 
@@ -67,8 +67,9 @@ __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# What is recognised: (module of the class, class name) -> rule. Classes are matched exactly (a
-# subclass may override forward) and looked up in sys.modules, so nothing is imported here.
+# What is recognised: (module of the class, class name) -> rule, from the activation catalog
+# (invact.common.catalog). Classes are matched exactly (a subclass may override forward) and looked up
+# in sys.modules, so nothing is imported here.
 
 @dataclass(frozen=True)
 class _Rule:
@@ -82,59 +83,38 @@ def _inplace(m: nn.Module) -> bool:
     return bool(getattr(m, "inplace", False))
 
 
-_NN = "torch.nn.modules.activation"
-_HF = "transformers.activations"
-_TIMM, _TIMM_ME = "timm.layers.activations", "timm.layers.activations_me"
-_FAST_GELU_NOTE = ("FastGELU truncates sqrt(2/pi) to 0.7978845608 (relative 3.6e-12, < 1e-12 apart on "
-                   "[-8, 8]): equal to gelu_tanh far below float32 rounding")
-_NO_TABLE = "no invact table for this function"
+_SAVES_OUTPUT: dict[str, Callable[[nn.Module], bool]] = {
+    "always": lambda m: True, "inplace": _inplace, "never": lambda m: False}
 
-_RULES: dict[tuple[str, str], _Rule] = {
-    (_NN, "GELU"): _Rule(lambda m: gelu_table(m.approximate)),
-    (_NN, "SiLU"): _Rule("silu"),
-    (_NN, "Mish"): _Rule("mish"),
-    (_NN, "Softplus"): _Rule("softplus", lambda m: {"beta": m.beta, "threshold": m.threshold}),
-    (_NN, "ELU"): _Rule("elu", lambda m: {"alpha": m.alpha}, _inplace),
-    (_NN, "CELU"): _Rule("celu", lambda m: {"alpha": m.alpha}, _inplace),
-    (_NN, "SELU"): _Rule("selu", saves_output=_inplace),
-    (_NN, "Hardswish"): _Rule("hardswish"),
-    (_NN, "LeakyReLU"): _Rule("leaky_relu", lambda m: {"negative_slope": m.negative_slope}, _inplace),
-    (_NN, "ReLU"): _Rule("relu", saves_output=lambda m: True),
-    (_NN, "Sigmoid"): _Rule("sigmoid", saves_output=lambda m: True),
-    (_NN, "Tanh"): _Rule("tanh", saves_output=lambda m: True),
-    (_HF, "GELUActivation"): _Rule("gelu"),
-    (_HF, "GELUTanh"): _Rule("gelu_tanh"),
-    (_HF, "NewGELUActivation"): _Rule("gelu_tanh"),
-    (_HF, "AccurateGELUActivation"): _Rule("gelu_tanh"),
-    (_HF, "FastGELUActivation"): _Rule("gelu_tanh", note=_FAST_GELU_NOTE),
-    (_HF, "QuickGELUActivation"): _Rule("quick_gelu"),
-    (_HF, "SiLUActivation"): _Rule("silu"),
-    (_HF, "MishActivation"): _Rule("mish"),
-    (_HF, "ReLUSquaredActivation"): _Rule("relu2"),
-    (_HF, "ClippedGELUActivation"): _Rule(None, note="clip(gelu(x), min, max): no table (flat outside the clip)"),
-    (_HF, "LinearActivation"): _Rule(None, note="identity: saves nothing"),
-    (_HF, "LaplaceActivation"): _Rule(None, note=_NO_TABLE),
-    (_HF, "SqrtSoftplusActivation"): _Rule(None, note=_NO_TABLE),
-    (_HF, "XIELUActivation"): _Rule(None, note="has learnable parameters: no fixed table"),
-    (_TIMM, "Swish"): _Rule("silu"),
-    (_TIMM, "Mish"): _Rule("mish"),
-    (_TIMM, "HardSwish"): _Rule("hardswish"),
-    (_TIMM, "GELU"): _Rule("gelu"),
-    (_TIMM, "GELUTanh"): _Rule("gelu_tanh"),
-    (_TIMM, "QuickGELU"): _Rule("quick_gelu"),
-    (_TIMM, "Sigmoid"): _Rule("sigmoid", saves_output=lambda m: True),
-    (_TIMM, "Tanh"): _Rule("tanh", saves_output=lambda m: True),
-    (_TIMM, "HardSigmoid"): _Rule(None, note=_NO_TABLE),
-    (_TIMM, "HardMish"): _Rule(None, note=_NO_TABLE),
-    (_TIMM, "PReLU"): _Rule(None, note="has learnable parameters: no fixed table"),
-    (_TIMM_ME, "SwishMe"): _Rule("silu"),
-    (_TIMM_ME, "MishMe"): _Rule("mish"),
-    (_TIMM_ME, "HardSwishMe"): _Rule("hardswish"),
-    (_TIMM_ME, "HardSigmoidMe"): _Rule(None, note=_NO_TABLE),
-}
+
+def _key(qualified: str) -> tuple[str, str]:
+    module, name = qualified.rsplit(".", 1)
+    return module, name
+
+
+def _catalog_rules() -> dict[tuple[str, str], _Rule]:
+    """A torch.nn class reads its table (selecting fields) and parameters from its attributes, as the
+    invact class of the same name does; other libraries' classes name one table at its defaults."""
+    rules: dict[tuple[str, str], _Rule] = {}
+    for cls in _CLASSES:
+        rows = _MODULE_ROWS[cls.__name__]
+        if rows[0].torch is not None:
+            rules[_key(rows[0].torch)] = _Rule(
+                cls._fixed_table or (lambda m, cls=cls: cls._table_of(**{k: getattr(m, k) for k in cls._fields})),
+                lambda m, cls=cls: {k: getattr(m, k) for k in cls._params},
+                _SAVES_OUTPUT[rows[0].saves_output])
+    for row in CATALOG:
+        for rule in row.rules:
+            rules[_key(rule.cls)] = _Rule(row.name, saves_output=_SAVES_OUTPUT[row.saves_output], note=rule.note)
+    for rule in LEFT:
+        rules[_key(rule.cls)] = _Rule(None, note=rule.note)
+    return rules
+
+
+_RULES: dict[tuple[str, str], _Rule] = _catalog_rules()
 # torch.nn.modules.activation classes that are not elementwise: not activations in invact's sense
 _NOT_ELEMENTWISE = {"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU"}
-_ACTIVATION_MODULES = {_NN, _HF, _TIMM, _TIMM_ME}
+_ACTIVATION_MODULES = {module for module, _ in _RULES}
 
 
 def _rule_for(cls: type) -> _Rule | None:
