@@ -42,7 +42,7 @@ from torch import Tensor
 from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
            "pack_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -92,11 +92,17 @@ def _check_abi(lib: ctypes.CDLL) -> None:
         raise RuntimeError(f"ABI version {lib.invact_abi_version()}, expected {ABI_VERSION}")
 
 
+def enabled() -> bool:
+    """Whether the C kernels may run: not switched off by ``INVACT_CPU_KERNEL=0`` (which also switches
+    off the per-table kernels of :mod:`invact.table_c`)."""
+    return os.environ.get(SWITCH_ENV, "1") != "0"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where this CPU or machine cannot run it (warning once when a
     build that should work fails)."""
-    if os.environ.get(SWITCH_ENV, "1") == "0":
+    if not enabled():
         return None
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # also honours $ATEN_CPU_CAPABILITY
         return None

@@ -1,4 +1,4 @@
-"""Code generation: tables in generated/tables/*.json -> torch and Triton modules and a registry.
+"""Code generation: tables in generated/tables/*.json -> torch and Triton modules, C kernels and a registry.
 
 ``generate_all`` is what ``invact generate`` runs. Output is deterministic (sorted inputs, no
 timestamps, absolute paths or versions), so the committed generated/ equals a fresh generation.
@@ -13,13 +13,14 @@ from ..errors import SpecError, TableError
 from ..tables import (dump_table, list_tables, load_table, locked, name_of, project_root, replace_text,
                       write_table)
 from .analysis import Plan, analyze
+from .c_gen import generate_c
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
 from .triton_gen import generate_triton
 
 __all__ = ["generate_all", "generate_files", "Plan", "analyze"]
 
-_PREFIXES = ("torch_", "triton_")
+_PREFIXES = ("torch_", "triton_", "c_")
 
 
 def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[str, str]:
@@ -43,16 +44,17 @@ def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[
         names.append(plan.name)
         out[f"generated/torch_{plan.name}.py"] = generate_torch(plan)
         out[f"generated/triton_{plan.name}.py"] = generate_triton(plan)
+        out[f"generated/c_{plan.name}.c"] = generate_c(plan)
     out["generated/registry.py"] = generate_registry(names)
     return out
 
 
 def _write_order(rel: str) -> tuple[int, str]:
-    """Triton modules, then torch modules, then the registry: the runtime checks every module against
+    """Triton modules and C kernels, then torch modules, then the registry: the runtime checks every module against
     its table, so a process killed between two writes leaves code it refuses (with the fix), never
     code it runs with another table; a new name is registered only once its modules exist."""
     name = Path(rel).name
-    return (0 if name.startswith("triton_") else 1 if name.startswith("torch_") else 2), rel
+    return (0 if name.startswith(("triton_", "c_")) else 1 if name.startswith("torch_") else 2), rel
 
 
 def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = None) -> list[Path]:
@@ -76,7 +78,7 @@ def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = No
             if not path.exists() or path.read_text(encoding="utf-8") != files[rel]:
                 replace_text(path, files[rel])
             written.append(path)
-        for old in sorted(folder.glob("*.py")):
+        for old in sorted([*folder.glob("*.py"), *folder.glob("c_*.c")]):
             if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
                 old.unlink()
     return written

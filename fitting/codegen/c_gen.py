@@ -1,0 +1,243 @@
+"""Generate ``generated/c_NAME.c``: the float32 backward ``out = g(y, code) * grad`` of one table in C.
+
+The runtime (:mod:`invact.table_c`) builds it once into the kernel cache and calls it on CPU, so no
+table needs a torch.compile on its first call. Its statements are those of the generated torch
+``g_kernel``'s eager branch (:func:`.evaluation.emit_g` with the torch dialect), translated one by
+one with the float32 semantics torch gives them (:class:`_Translator`): a Python float meeting a
+float32 tensor is rounded to float32 first; arithmetic on Python floats alone (parameters) is double;
+``scalar / tensor`` is ``reciprocal(tensor) * scalar`` (``Tensor.__rtruediv__``); clamps and wheres
+treat NaN and signed zeros as ATen's kernels do. Built with ``-ffp-contract=off`` (no FMA), so plain
+arithmetic gives the eager backend's bits. Where the torch code calls torch.exp/log/tanh/... the C
+code calls the C library's float function: ATen's vectorised ones (SLEEF, 1 ulp) can differ by
+about an ulp of their result, which the tests bound (tests/test_c_tables.py).
+"""
+
+from __future__ import annotations
+
+import ast
+
+from ...common import float32_scheme as scheme
+from .analysis import Plan
+from .evaluation import TorchDialect, emit_g
+from .writer import Writer
+
+__all__ = ["generate_c", "translate_g"]
+
+# torch.NAME on a float32 tensor -> the C float function; math.NAME on Python floats -> the double one
+_FUNCS = {"exp": "exp", "log": "log", "sqrt": "sqrt", "erf": "erf", "tanh": "tanh", "atan": "atan",
+          "sinh": "sinh", "cosh": "cosh", "asinh": "asinh", "abs": "fabs"}
+_HELPERS = {"clamp_min": "invact_clamp_min", "minimum": "invact_minimum", "maximum": "invact_maximum"}
+_TENSORS, _SCALARS = ("f", "i", "b"), ("d", "n")   # float32, int32, bool tensors; Python float, int
+_CTYPE = {"f": "float", "i": "int32_t", "b": "int32_t"}
+
+
+def _float(text: str, kind: str) -> str:
+    """``text`` as a float32 value: Python numbers and integer tensors are converted (rounded)."""
+    return text if kind == "f" else f"(float)({text})"
+
+
+def _number(value: float | int) -> tuple[str, str]:
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(int(value)), "n"
+    if value != value:
+        return "NAN", "d"
+    if value in (float("inf"), float("-inf")):
+        return ("INFINITY" if value > 0 else "(-INFINITY)"), "d"
+    return repr(float(value)), "d"
+
+
+class _Translator:
+    """Statements of generated torch code (a small, fixed subset of Python) -> C statements."""
+
+    def __init__(self, params: tuple[str, ...]) -> None:
+        self.kinds: dict[str, str] = {"y": "f", "code": "i", **{p: "d" for p in params}}
+        self.row = ""          # the segment index that `q = poly.index_select(1, s)` gathered
+
+    def statements(self, body: list[ast.stmt]) -> list[str]:
+        out: list[str] = []
+        for node in body:
+            if isinstance(node, ast.If):
+                if ast.unparse(node.test) != "torch.compiler.is_compiling()":
+                    raise ValueError(f"unsupported condition in generated code: {ast.unparse(node.test)}")
+                out += self.statements(node.orelse)   # the eager branch
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                out += self._assign(node.targets[0].id, node.value)
+            else:
+                raise ValueError(f"unsupported statement in generated code: {ast.unparse(node)}")
+        return out
+
+    def _assign(self, name: str, value: ast.expr) -> list[str]:
+        text = ast.unparse(value)
+        if name == "q":        # the per-element POLY row: columns are read as poly[j * N_SEGMENTS + row]
+            self.row = {"poly.index_select(1, s)": "s", "poly[:, 0]": "0"}.get(text, "")
+            if not self.row:
+                raise ValueError(f"unsupported row selection in generated code: {text}")
+            return []
+        c, kind = self.expr(value)
+        if kind in _SCALARS:
+            c, kind = _float(c, kind), "f"     # g = <number> never happens; a tensor of the default dtype
+        if name in self.kinds:
+            if self.kinds[name] != kind:
+                raise ValueError(f"{name} changes type in generated code: {text}")
+            return [f"{name} = {c};"]
+        self.kinds[name] = kind
+        return [f"{_CTYPE[kind]} {name} = {c};"]
+
+    def expr(self, node: ast.expr) -> tuple[str, str]:
+        """(C text, kind) of a Python expression of the generated code."""
+        method = getattr(self, f"_{type(node).__name__}", None)
+        if method is None:
+            raise ValueError(f"unsupported expression in generated code: {ast.unparse(node)}")
+        return method(node)
+
+    def _Constant(self, node: ast.Constant) -> tuple[str, str]:
+        return _number(node.value)
+
+    def _Name(self, node: ast.Name) -> tuple[str, str]:
+        if node.id not in self.kinds:
+            raise ValueError(f"unknown name in generated code: {node.id}")
+        return node.id, self.kinds[node.id]
+
+    def _Subscript(self, node: ast.Subscript) -> tuple[str, str]:
+        base, index = ast.unparse(node.value), node.slice
+        if isinstance(index, ast.Constant) and isinstance(index.value, int):
+            if base == "thr":
+                return f"thr[{index.value}]", "f"
+            if base == "q" and self.row:
+                return f"poly[{index.value} * N_SEGMENTS + {self.row}]", "f"
+        raise ValueError(f"unsupported subscript in generated code: {ast.unparse(node)}")
+
+    def _UnaryOp(self, node: ast.UnaryOp) -> tuple[str, str]:
+        a, kind = self.expr(node.operand)
+        if isinstance(node.op, ast.USub):
+            return f"(-{a})", kind
+        if isinstance(node.op, ast.UAdd):
+            return a, kind
+        if isinstance(node.op, (ast.Not, ast.Invert)) and kind == "b":
+            return f"(!{a})", "b"
+        raise ValueError(f"unsupported operator in generated code: {ast.unparse(node)}")
+
+    def _BinOp(self, node: ast.BinOp) -> tuple[str, str]:
+        (a, ka), (b, kb) = self.expr(node.left), self.expr(node.right)
+        if isinstance(node.op, (ast.BitAnd, ast.BitOr)) and ka == kb == "b":
+            return f"({a} {'&' if isinstance(node.op, ast.BitAnd) else '|'} {b})", "b"
+        op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}.get(type(node.op))
+        if op is None:
+            raise ValueError(f"unsupported operator in generated code: {ast.unparse(node)}")
+        if ka in _SCALARS and kb in _SCALARS:       # Python arithmetic: double
+            if op == "/":
+                return f"((double)({a}) / (double)({b}))", "d"
+            return f"({a} {op} {b})", "d" if "d" in (ka, kb) else "n"
+        if ka == "i" and kb in ("i", "n") and op in "+-":
+            return f"({a} {op} {b})", "i"
+        if "f" not in (ka, kb) and not (ka in _SCALARS or kb in _SCALARS):
+            raise ValueError(f"unsupported operand types in generated code: {ast.unparse(node)}")
+        if op == "/" and ka in _SCALARS:             # Tensor.__rtruediv__: reciprocal, then a product
+            return f"((1.0f / {b}) * {_float(a, ka)})", "f"
+        return f"({_float(a, ka)} {op} {_float(b, kb)})", "f"
+
+    def _Compare(self, node: ast.Compare) -> tuple[str, str]:
+        if len(node.ops) != 1:
+            raise ValueError(f"chained comparison in generated code: {ast.unparse(node)}")
+        op = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!="}[type(node.ops[0])]
+        (a, ka), (b, kb) = self.expr(node.left), self.expr(node.comparators[0])
+        if "f" in (ka, kb) or (ka == "d" and kb == "d"):   # a tensor's float32 compare (scalars rounded)
+            a, b = (_float(a, ka), _float(b, kb)) if "f" in (ka, kb) else (a, b)
+        return f"({a} {op} {b})", "b"
+
+    def _Call(self, node: ast.Call) -> tuple[str, str]:
+        func = ast.unparse(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "to" and len(node.args) == 1:
+            a, kind = self.expr(node.func.value)
+            target = ast.unparse(node.args[0])
+            if target == "torch.int32":
+                return f"((int32_t)({a}))", "i"
+            if target in ("y.dtype", "torch.float32"):
+                return _float(a, kind), "f"
+        if func == "torch.bucketize":                  # ATen's binary search: NaN passes every threshold
+            sl = node.args[1]
+            if not (isinstance(sl, ast.Subscript) and isinstance(sl.slice, ast.Slice)):
+                raise ValueError(f"unsupported bucketize in generated code: {ast.unparse(node)}")
+            lo, hi = ast.literal_eval(sl.slice.lower), ast.literal_eval(sl.slice.upper)
+            right = int(bool(ast.literal_eval(keywords["right"])))
+            return f"invact_bucketize({self.expr(node.args[0])[0]}, thr + {lo}, {hi - lo}, {right})", "i"
+        if func == "scheme.row" and self.row and ast.unparse(node.args[0]) == "q":   # invact.scheme.row
+            degree, den = (ast.literal_eval(a) for a in node.args[2:4])
+            return f"invact_row(poly, {self.row}, {self.expr(node.args[1])[0]}, {degree}, {den})", "f"
+        if func == "torch.zeros_like":
+            return "0.0f", "f"
+        if func == "float" and len(node.args) == 1:
+            return _number(float(ast.literal_eval(node.args[0])))
+        args = [self.expr(a) for a in node.args]
+        module, _, name = func.rpartition(".")
+        if func in ("torch.where", "fastmath.where") and len(args) == 3:
+            (c, _), (a, ka), (b, kb) = args
+            if ka in ("i", "n") and kb in ("i", "n"):
+                return f"({c} ? {a} : {b})", "i"
+            return f"({c} ? {_float(a, ka)} : {_float(b, kb)})", "f"
+        if func == "torch.clamp":
+            v = args[0][0]
+            lo = _float(*args[1]) if len(args) > 1 else keywords.get("min") and _float(*self.expr(keywords["min"]))
+            hi = _float(*args[2]) if len(args) > 2 else keywords.get("max") and _float(*self.expr(keywords["max"]))
+            if lo:
+                v = f"invact_clamp_min({v}, {lo})"
+            return (f"invact_clamp_max({v}, {hi})" if hi else v), "f"
+        if module == "torch" and name in _HELPERS:
+            return f"{_HELPERS[name]}({', '.join(_float(*a) for a in args)})", "f"
+        if func == "fastmath.log":                     # invact.fastmath.log, operation for operation
+            return f"invact_log32({args[0][0]})", "f"
+        if func == "fastmath.sqrt":                    # correctly rounded in eager code, as sqrtf
+            return f"invact_sqrt_rn({args[0][0]})", "f"
+        if module == "torch" and name in _FUNCS and args[0][1] == "f":
+            return f"{_FUNCS[name]}f({args[0][0]})", "f"
+        if (module == "math" and name in _FUNCS) or func == "abs":
+            return f"{_FUNCS[name or func]}({args[0][0]})", "d"
+        raise ValueError(f"unsupported call in generated code: {ast.unparse(node)}")
+
+
+def translate_g(plan: Plan) -> list[str]:
+    """C statements computing float ``g`` from ``y``, ``code``, ``thr``, ``poly`` and the parameters,
+    as the generated torch g_kernel's eager branch computes it."""
+    w = Writer()
+    emit_g(w, plan, TorchDialect())
+    t = _Translator(tuple(f"param_{n}" for n in plan.param_names))
+    return t.statements(ast.parse(w.text()).body)
+
+
+def _calls(lines: list[str]) -> list[str]:
+    """The C library functions the statements call where the torch code calls ATen's."""
+    text = "\n".join(lines)
+    return sorted(f"{c}f" for c in set(_FUNCS.values()) - {"fabs"} if f"{c}f(" in text)
+
+
+def generate_c(plan: Plan) -> str:
+    """Source text of ``generated/c_NAME.c`` for ``plan``."""
+    body = translate_g(plan)
+    w = Writer()
+    w(f"/* Generated by `invact generate` from {plan.source}. Do not edit. */",
+      f"/* {plan.name}: float32 backward out = g(y, code) * grad, the statements of the eager g_kernel of",
+      f" * generated/torch_{plan.name}.py in the same order (invact.fitting.codegen.c_gen); built and called",
+      " * by invact.table_c. */")
+    calls = _calls(body)
+    if calls:
+        w(f"/* Calls the C library's {', '.join(calls)} where ATen calls its own vectorised functions:",
+          " * those results may differ by about an ulp (everything else: the eager backend's bits). */")
+    w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"', f"#define CODE_BITS {plan.code_bits}",
+      f"#define N_SEGMENTS {plan.n_segments}", f"#define N_THRESHOLDS {plan.n_y_breaks}",
+      f"#define ROW_LENGTH {plan.row_len}", f"#define N_PARAMS {len(plan.params)}",
+      "/* invact.common.float32_scheme: invact.fastmath.log's constants */",
+      f"#define LOG_SQRT2 {scheme.SQRT2_F32!r}", f"#define LOG_LN2_HI {scheme.LN2_HI!r}",
+      f"#define LOG_LN2_LO {scheme.LN2_LO!r}",
+      f"#define LOG_POLY {{{', '.join(repr(c) for c in scheme.LOG_POLY)}}}",
+      "/* invact.common.float32_scheme: columns of a POLY row */",
+      *(f"#define {k} {getattr(scheme, k)}" for k in ("ROW_TID", "ROW_CENTER", "ROW_SCALE", "ROW_C0", "ROW_C0_LO",
+                                                      "ROW_C1")),
+      "", '#include "invact_table.h"', "")
+    with w.block("static inline float invact_g(float y, int32_t code, const float *restrict thr,"
+                 " const float *restrict poly, const double *restrict param) {"):
+        w(*(f"const double param_{n} = param[{k}];" for k, n in enumerate(plan.param_names)))
+        w("(void)code, (void)thr, (void)poly, (void)param;")
+        w(*body, "return g;")
+    w("}")
+    return w.text()

@@ -1,0 +1,247 @@
+"""The per-table C kernels (generated/c_NAME.c, invact.table_c) against the eager backend.
+
+Each C file holds the statements of the table's generated eager g_kernel, translated with torch's
+float32 semantics and built without FMA contraction, so where the torch code is plain arithmetic the
+gradients must equal the eager backend's bit for bit (NaN where it is NaN): no tolerance. Where it
+calls torch.sqrt/exp/... (the file says which), ATen's vectorised function and the C library's differ
+by about an ulp; the tolerance for those tables is derived below (:func:`_libm_bound`).
+"""
+
+import importlib.util
+import math
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from invact import bitpack, cpu_kernel, ops, table_c
+from invact.fitting.codegen import generate_all
+
+try:
+    from invact.registry import module as _module
+except ImportError:  # before runtime/registry.py
+    _module = ops._module
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+import make_tables  # noqa: E402
+
+needs_c = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+SIZES = (1, 15, 17, 1003, 40_001, 3 * 32768 + 5)   # partial vectors, bit planes, the split over threads
+
+
+def _defaults(name: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in ops.info(name)["params"].values())
+
+
+def _other(name: str) -> tuple[float, ...] | None:
+    """Another parameter set inside the table's domain (every built-in domain is `p > 0`), or None."""
+    meta = ops.info(name)
+    if not (meta["params"] and meta["param_generic"]):
+        return None
+    return tuple(1.7 * float(v) + 0.1 for v in meta["params"].values())
+
+
+CASES = [(n, _defaults(n)) for n in ops.names()] + [(n, p) for n in ops.names() if (p := _other(n)) is not None]
+
+
+def _inputs(n: int, seed: int) -> torch.Tensor:
+    """Random x over both branches and the tails, led by NaN, +-inf, +-0, subnormals and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 4
+    x[torch.rand(n, generator=g) < 0.1] *= 10
+    special = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30]
+    x[: min(n, len(special))] = torch.tensor(special[:n], dtype=torch.float64)
+    return x.float()
+
+
+def _calls_libm(mod) -> bool:
+    """Whether the table's C file calls a C library function where the torch code calls ATen's."""
+    return "Calls the C library's" in table_c.source(mod).read_text()
+
+
+def _libm_bound(eager: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+    """|C - eager| allowed per element where the C code calls the C library's sqrtf/expf/... for ATen's.
+    Both functions are within about an ulp of the exact value (glibc's within one, ATen's SLEEF u10 and
+    MKL sqrt within one), so their results are at most a couple of ulps apart; the few roundings after
+    (a product, a quotient, 1 - e with e <= 1) keep g within 4 float32 ulps of |g| + 1, the libm term
+    of tests/tolerances.py's bound. The product g * grad then differs by |grad| times that, plus the
+    rounding of either product (an ulp of the result)."""
+    g = (eager / go).abs().nan_to_num(0.0, 0.0, 0.0)
+    return go.abs() * 4 * torch.finfo(torch.float32).eps * (g + 1) + eager.abs() * torch.finfo(torch.float32).eps
+
+
+def _same_or_within(eager: torch.Tensor, got: torch.Tensor, bound: torch.Tensor | None) -> bool:
+    nan = eager.isnan()
+    if not torch.equal(nan, got.isnan()):
+        return False
+    a, b = eager[~nan], got[~nan]
+    if bound is None:
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+    both_inf = a.isinf() & (a == b)
+    return bool(((a - b).abs()[~both_inf] <= bound[~nan][~both_inf]).all())
+
+
+def _run_c(mod, y, code, go, params) -> torch.Tensor:
+    k = ops.module_constants(mod, torch.float32, torch.device("cpu"), params)
+    out = torch.empty_like(y)
+    assert table_c.run(mod, out, go, y, code, k.y_thresholds, k.poly, params)
+    return out
+
+
+@needs_c
+@pytest.mark.parametrize("name, params", CASES)
+def test_c_backward_equals_eager(name, params):
+    """Every table, default parameters and (parameter-generic tables) another set: the C kernel's
+    float32 gradient is the eager backend's, bit for bit unless the C code calls the C library."""
+    mod = _module(name)
+    libm = _calls_libm(mod)
+    for n in SIZES:
+        x = _inputs(n, seed=n)
+        y, code = torch.ops.invact.forward(x, name, list(params), "eager")
+        go = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        eager = torch.ops.invact.backward(go, y, code, name, list(params), "eager")
+        got = _run_c(mod, y, code, go, params)
+        assert _same_or_within(eager, got, _libm_bound(eager, go) if libm else None), (name, params, n)
+
+
+@needs_c
+def test_plain_arithmetic_tables_are_bitwise():
+    """The bitwise comparison covers the closed forms without library calls and the fitted tables
+    (their float32 log and sqrt are invact.fastmath's, reproduced operation for operation)."""
+    plain = {n for n in ops.names() if not _calls_libm(_module(n))}
+    assert {"elu", "celu", "selu", "leaky_relu", "relu", "sigmoid", "tanh", "gelu", "silu"} <= plain
+
+
+@needs_c
+def test_threads_agree(monkeypatch):
+    """The work is split over threads at 16-element boundaries, across bit planes: same bits."""
+    name = next(n for n in ops.names() if _module(n).CODE_BITS)
+    x = _inputs(3 * 32768 + 5, seed=1)
+    y, code = torch.ops.invact.forward(x, name, [], "eager")
+    go = torch.randn_like(y)
+    outs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        outs.append(_run_c(_module(name), y, code, go, ()))
+    assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
+def _import(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_c_tables_{path.stem}_{abs(hash(path))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_c
+def test_user_tables_exact_constant_and_poly_segments(tmp_path):
+    """Tables as a user's fit writes them (tests/data/make_tables.py: exact segments in parameters,
+    constant segments, sqrt-transform polynomials, two codes), generated into another root: the C
+    kernel next to each torch module equals that module's eager g_kernel."""
+    make_tables.write_all(tmp_path / "generated" / "tables")
+    generate_all(tmp_path)
+    for path in sorted((tmp_path / "generated").glob("torch_*.py")):
+        mod = _import(path)
+        params = tuple(float(v) for v in mod.META["params"].values())
+        k = ops.module_constants(mod, torch.float32, torch.device("cpu"), params)
+        y = torch.cat([torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40]), torch.randn(5000) * 3])
+        for c in range(mod.META["n_codes"]):
+            codes = torch.full(y.shape, c, dtype=torch.int32)
+            packed = bitpack.pack(codes, mod.CODE_BITS) if mod.CODE_BITS else torch.empty(0, dtype=torch.uint8)
+            go = torch.randn_like(y)
+            want = mod.g_kernel(y, codes, k.y_thresholds, k.poly, **k.params) * go
+            got = torch.empty_like(y)
+            assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params), path.name
+            assert _same_or_within(want, got, _libm_bound(want, go) if _calls_libm(mod) else None), (path.name, c)
+
+
+def test_translation_follows_torch_semantics():
+    """Python scalars meet float32 tensors rounded to float32; parameter arithmetic stays double;
+    `scalar / tensor` is torch's reciprocal-then-product; unknown constructs are refused."""
+    from invact.fitting.codegen.c_gen import _Translator
+    import ast
+    t = _Translator(("param_a",))
+    assert t.expr(ast.parse("2.0 / y", mode="eval").body) == ("((1.0f / y) * (float)(2.0))", "f")
+    assert t.expr(ast.parse("param_a * 3.0 + y", mode="eval").body) == ("((float)((param_a * 3.0)) + y)", "f")
+    assert t.expr(ast.parse("y / 6.0", mode="eval").body) == ("(y / (float)(6.0))", "f")
+    assert t.expr(ast.parse("torch.exp(-param_a * y)", mode="eval").body) == ("expf(((float)((-param_a)) * y))", "f")
+    with pytest.raises(ValueError, match="unsupported"):
+        t.expr(ast.parse("y ** 2", mode="eval").body)
+    with pytest.raises(ValueError, match="unknown name"):
+        t.expr(ast.parse("x + 1.0", mode="eval").body)
+
+
+def test_every_table_has_its_c_file():
+    """Every table's g_kernel translates, and `invact generate` wrote it next to the torch module."""
+    for name in ops.names():
+        mod = _module(name)
+        assert table_c.source(mod).is_file(), name
+        assert f'#define TABLE_SHA256 "{mod.TABLE_SHA256}"' in table_c.source(mod).read_text(), name
+
+
+def _fake_module(tmp_path: Path, text: str | None, sha: str = "0" * 64) -> SimpleNamespace:
+    torch_file = tmp_path / "torch_fake.py"
+    if text is not None:
+        (tmp_path / "c_fake.c").write_text(text)
+    return SimpleNamespace(__file__=str(torch_file), TABLE_SHA256=sha, PARAMS=(), CODE_BITS=0)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A fresh kernel cache and no memory of earlier loads or warnings."""
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_kernel.SWITCH_ENV, raising=False)
+    table_c._load.cache_clear()
+    monkeypatch.setattr(table_c, "_warned", set())
+    yield tmp_path
+    table_c._load.cache_clear()
+
+
+def _declines_with_one_warning(mod, match: str) -> None:
+    y = torch.zeros(4)
+    args = (mod, torch.empty(4), y, y, torch.empty(0, dtype=torch.uint8), torch.zeros(0), torch.zeros(5, 1), ())
+    with pytest.warns(RuntimeWarning, match=match):
+        assert not table_c.run(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not table_c.run(*args)          # declined again, silently
+
+
+def test_missing_c_file_declines(fresh):
+    _declines_with_one_warning(_fake_module(fresh, None), "no C kernel for fake")
+
+
+def test_stale_c_file_declines(fresh):
+    """A C file generated from another table than the torch module's is never built."""
+    _declines_with_one_warning(_fake_module(fresh, '#define TABLE_SHA256 "' + "1" * 64 + '"\n'), "stale C kernel")
+
+
+@needs_c
+def test_failed_build_warns_once_and_declines(fresh, monkeypatch):
+    """A source the compiler rejects (or a compiler that fails): one warning, nothing left behind in
+    the cache, and the caller runs Inductor's code."""
+    mod = _fake_module(fresh, '#define TABLE_SHA256 "' + "0" * 64 + '"\n#error broken\n')
+    _declines_with_one_warning(mod, "per-table C kernels could not be built")
+    assert not list((fresh / "cache").glob("*.so"))
+
+
+def test_switched_off(fresh, monkeypatch):
+    monkeypatch.setenv(cpu_kernel.SWITCH_ENV, "0")
+    assert table_c.library(_module(ops.names()[0])) is None
+
+
+@needs_c
+def test_built_once_into_the_cache(fresh):
+    """The build is recorded in the kernel cache (manifest + sha256, invact.kernel_cache) and reused."""
+    mod = _module("elu")
+    assert table_c.library(mod) is not None
+    manifests = list((fresh / "cache").glob("table-c_elu-*.json"))
+    assert len(manifests) == 1
+    table_c._load.cache_clear()
+    before = sorted((fresh / "cache").iterdir())
+    assert table_c.library(mod) is not None
+    assert sorted((fresh / "cache").iterdir()) == before   # loaded, not rebuilt
+
