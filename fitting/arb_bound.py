@@ -15,6 +15,7 @@ gets an infinite bound and is bisected).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy as sp
@@ -117,10 +118,10 @@ class _Approximant:
     """The piece's function of u and its first two derivatives: a polynomial (``den`` None) or
     c0 + u S(u) with S = N / Q, N = c1 + c2 u + ..., Q = den (docs/table-format.md)."""
 
-    def __init__(self, seg: dict):
-        c0 = arb(seg["coeffs"][0]) + arb(seg["c0_lo"])
-        self.coeffs = [c0] + [arb(c) for c in seg["coeffs"][1:]]
-        self.den = [arb(d) for d in seg["den"]] if seg.get("den") is not None else None
+    def __init__(self, seg: _Piece):
+        c0 = arb(seg.coeffs[0]) + arb(seg.c0_lo)
+        self.coeffs = [c0] + [arb(c) for c in seg.coeffs[1:]]
+        self.den = [arb(d) for d in seg.den] if seg.den is not None else None
 
     def __call__(self, u: arb) -> tuple[arb, arb, arb]:
         if self.den is None:
@@ -168,9 +169,36 @@ def den_lower_bound(den: list[float], max_cells: int = 4096) -> float:
         ctx.prec = old
 
 
-def piece_bound(expr: sp.Expr, seg: dict, target: str, x_lo: float, x_hi: float, tolerance: float,
+@dataclass(frozen=True)
+class _Piece:
+    """What a proof reads of a fitted piece (a :class:`.model.PolySegment`, or its JSON dict)."""
+
+    kind: str
+    origin: tuple
+    sign: int
+    center: float
+    scale: float
+    coeffs: list
+    c0_lo: float
+    den: list | None
+    error: float
+
+    @classmethod
+    def of(cls, seg) -> _Piece:
+        if isinstance(seg, dict):
+            tf = seg["transform"]
+            origin = tf.get("origin", [0.0])
+            return cls(tf["kind"], tuple(origin if isinstance(origin, list) else [origin]), tf.get("sign", 1),
+                       seg["center"], seg["scale"], seg["coeffs"], seg["c0_lo"], seg.get("den"), seg["error"])
+        tf = seg.transform
+        return cls(tf.kind, tf.origin, tf.sign, seg.center, seg.scale, seg.coeffs, seg.c0_lo, seg.denominator,
+                   seg.error)
+
+
+def piece_bound(expr: sp.Expr, seg, target: str, x_lo: float, x_hi: float, tolerance: float,
                 max_cells: int = MAX_CELLS) -> tuple[float, int, bool]:
-    """(bound, cells used, proved) for |P(u(x)) - v(x)| on [x_lo, x_hi].
+    """(bound, cells used, proved) for |P(u(x)) - v(x)| on [x_lo, x_hi]; ``seg`` a fitted piece
+    (:class:`.model.PolySegment` or its JSON dict).
 
     Cells are refined until each meets a goal a little above the piece's sampled error, so the
     reported bound is informative; past ``max_cells`` the tolerance itself is the goal.
@@ -178,9 +206,10 @@ def piece_bound(expr: sp.Expr, seg: dict, target: str, x_lo: float, x_hi: float,
     transform stays tight (and positive) next to the branch point, where a naive enclosure of
     f(X) - y_min would straddle zero.
     """
-    if seg.get("den") is not None and not den_lower_bound(seg["den"]) > 0:
+    seg = _Piece.of(seg)
+    if seg.den is not None and not den_lower_bound(seg.den) > 0:
         return math.inf, 0, False              # a pole (or a float32 sign change) on [-1, 1]
-    goal = min(tolerance, 1.25 * float(seg.get("error", tolerance)) + 1e-10)
+    goal = min(tolerance, 1.25 * float(seg.error) + 1e-10)
     bound, cells, proved = _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells // 4)
     if not proved and goal < tolerance:
         bound, more, proved = _bisect(expr, seg, target, x_lo, x_hi, tolerance, max_cells)
@@ -193,11 +222,10 @@ def _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells):
     ctx.prec = PREC
     try:
         ev = compile_arb(derivative_exprs(expr))
-        tf = seg["transform"]
-        origin = sum((arb(v) for v in tf.get("origin", [0.0])), arb(0))
-        shape = (tf["kind"], origin, tf.get("sign", 1))
+        origin = sum((arb(v) for v in seg.origin), arb(0))
+        shape = (seg.kind, origin, seg.sign)
         coeffs = _Approximant(seg)
-        c, s = arb(seg["center"]), arb(seg["scale"])
+        c, s = arb(seg.center), arb(seg.scale)
         worst, cells, stack = 0.0, 0, [(x_lo, x_hi)]
         while stack:
             a, b = stack.pop()

@@ -279,19 +279,8 @@ def cmd_show(args) -> int:
 
 
 def _describe(seg: dict) -> str:
-    if seg["kind"] == "constant":
-        return f"constant {seg['value']}"
-    if seg["kind"] == "exact":
-        return f"exact {seg['expr']}"
-    tf = seg["transform"]
-    what = f"poly degree {len(seg['coeffs']) - 1}" if "den" not in seg else \
-        f"rational ({len(seg['coeffs']) - 1}, {len(seg['den']) - 1})"
-    if tf["kind"] == "identity":
-        return f"{what} in y, error {_fmt(seg['error'])}"
-    origin = tf["origin"]
-    origin = sum(map(float, origin)) if isinstance(origin, list) else float(origin)   # split float32 terms
-    how = f"{tf['kind']}({'' if tf['sign'] > 0 else '-'}(y - {origin:.10g}))"
-    return f"{what} in {how}, error {_fmt(seg['error'])}"
+    from .model import Segment
+    return Segment.from_json(seg).describe(_fmt)
 
 
 def _check_output(path: Path) -> None:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import ast
 import keyword
 
+from functools import lru_cache
+
+from ..common.catalog import CATALOG
 from .errors import SpecError
 
 __all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "check_text", "check_torch_forward", "parse",
-           "allowed_summary", "check_param_names", "is_reserved"]
+           "sympy_functions", "allowed_summary", "check_param_names", "is_reserved"]
 
-# what a formula may call (fitting.formulas.SYMPY_FUNCTIONS maps them to sympy)
+# what a formula may call (sympy_functions() maps them to sympy)
 FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
              "asinh", "acosh", "atanh", "erf", "erfc", "abs", "Abs", "sign", "min", "max", "Min", "Max",
              "Piecewise", "Heaviside", "sigmoid", "softplus", "relu")
@@ -145,15 +148,30 @@ def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | 
     return tree
 
 
+@lru_cache(maxsize=1)
+def sympy_functions() -> dict:
+    """What formula and table text may name (:data:`FUNCTIONS`, :data:`CONSTANTS`), as sympy."""
+    import sympy as sp
+    return {
+        "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "erf": sp.erf, "erfc": sp.erfc,
+        "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "asin": sp.asin, "acos": sp.acos, "atan": sp.atan,
+        "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "asinh": sp.asinh, "acosh": sp.acosh, "atanh": sp.atanh,
+        "Abs": sp.Abs, "abs": sp.Abs, "sign": sp.sign, "Heaviside": sp.Heaviside, "Piecewise": sp.Piecewise,
+        "Max": sp.Max, "Min": sp.Min, "max": sp.Max, "min": sp.Min, "pi": sp.pi, "E": sp.E,
+        "sigmoid": lambda z: 1 / (1 + sp.exp(-z)),
+        "softplus": lambda z: sp.log(1 + sp.exp(z)),
+        "relu": lambda z: sp.Piecewise((0, z <= 0), (z, True)),
+    }
+
+
 def parse(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[str] = (),
           what: str = "formula", xor: bool = False, relation: bool = False):
     """``text`` as a sympy expression (every symbol real), after :func:`check_text`."""
     import sympy as sp
     from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
-    from .formulas import SYMPY_FUNCTIONS
     check_text(text, variables, params, what, xor, relation)
-    local = {**SYMPY_FUNCTIONS, **{n: sp.Symbol(n, real=True) for n in (*variables, *params)}}
+    local = {**sympy_functions(), **{n: sp.Symbol(n, real=True) for n in (*variables, *params)}}
     closed = {"__builtins__": {}, "Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational,
               "Symbol": sp.Symbol, "True": True}
     transformations = standard_transformations + ((convert_xor,) if xor else ())
@@ -189,8 +207,7 @@ def check_torch_forward(text: str | None, what: str = "torch_forward") -> None:
     into generated code and evaluated, so no other text is accepted."""
     if text is None:
         return
-    from .formulas import BUILTINS
-    allowed = {s.torch_forward for s in BUILTINS.values() if s.torch_forward}
+    allowed = {e.torch_forward for e in CATALOG if e.torch_forward}   # the built-ins' (formulas.BUILTINS)
     if text not in allowed:
         raise SpecError(f"{what} {text!r} is not the PyTorch forward of a built-in activation "
                         "(only those are accepted: it becomes code)")

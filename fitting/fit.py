@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FitError
-from .evaluate import eval_segment, horner
+from .float32 import f32, f32_below, split3
+from .model import PolySegment, RationalSegment, Transform, horner
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
 
-__all__ = ["Transform", "PieceFit", "fit_branch", "float32_scheme_error", "layout_cost", "table_cost",
-           "branch_layout", "layouts", "DEGREES", "RATIONALS", "DIVISION_COST"]
+__all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
+           "f32", "f32_below", "DEGREES", "RATIONALS", "DIVISION_COST"]
 
 DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
                                 # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
@@ -62,64 +63,12 @@ def layouts(degrees=DEGREES, rationals=RATIONALS) -> list[tuple[int, int]]:
     return sorted(cands, key=lambda c: (layout_cost(c[0], 1, c[1]), c[1]))
 
 
-TINY = float(np.finfo(np.float32).tiny)
 SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
 F32_SLACK = 1.5e-7   # float32 evaluation may add this to the tolerance (a few ulps of g near 1),
                      # sampled while fitting; certification then measures it exhaustively
 F32_SLACK_RATIONAL = 1.0e-7  # the same for rational pieces: two Horner chains and a division make the
                      # sample's maximum a weaker guide (dense checks found up to 1.4x its value)
 MAX_PIECES = 64
-
-
-def f32(v: float) -> float:
-    return float(np.float32(v))
-
-
-def f32_below(v: float) -> float:
-    r = np.float32(v)
-    return float(r if float(r) <= v else np.nextafter(r, np.float32(-np.inf)))
-
-
-def split3(value) -> tuple[float, float, float]:
-    """float32 hi + mid + lo with hi + mid + lo <= value (an mpmath or float value), ~72 bits."""
-    import mpmath
-    with mpmath.workdps(40):
-        v = mpmath.mpf(value)
-        hi = f32(float(v))
-        mid = f32(float(v - hi))
-        lo = f32_below(float(v - hi - mid))
-    return hi, mid, lo
-
-
-@dataclass(frozen=True)
-class Transform:
-    """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo."""
-
-    kind: str                                      # identity | sqrt | log
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    sign: int = 1
-
-    def d(self, y: np.ndarray) -> np.ndarray:
-        hi, mid, lo = (y.dtype.type(v) for v in self.origin)
-        return y.dtype.type(self.sign) * (((y - hi) - mid) - lo)
-
-    def t(self, y: np.ndarray) -> np.ndarray:
-        y = np.asarray(y, dtype=np.float64)
-        if self.kind == "identity":
-            return y
-        d = self.d(y)
-        return np.sqrt(np.maximum(d, 0.0)) if self.kind == "sqrt" else np.log(np.maximum(d, TINY))
-
-    def y(self, t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t, dtype=np.float64)
-        if self.kind == "identity":
-            return t
-        hi, mid, lo = self.origin
-        return hi + ((mid + lo) + self.sign * (t * t if self.kind == "sqrt" else np.exp(t)))
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind} if self.kind == "identity" else {
-            "kind": self.kind, "origin": list(self.origin), "sign": self.sign}
 
 
 @dataclass
@@ -141,13 +90,15 @@ class PieceFit:
     def __call__(self, y: np.ndarray) -> np.ndarray:
         return horner(self.coeffs, self.c0_lo, self.u(y), self.den)
 
+    def segment(self, branch: int | None = None) -> PolySegment:
+        """The table's segment of this piece (a rational one when it has a denominator)."""
+        args = ([self.y_lo, self.y_hi], branch, self.transform, self.center, self.scale, list(self.coeffs),
+                self.c0_lo, self.error)
+        return PolySegment(*args) if self.den is None else RationalSegment(*args, list(self.den))
+
     def to_json(self) -> dict:
-        out = {"kind": "poly", "y_range": [self.y_lo, self.y_hi], "transform": self.transform.to_json(),
-               "center": self.center, "scale": self.scale, "coeffs": list(self.coeffs),
-               "c0_lo": self.c0_lo, "error": self.error}
-        if self.den is not None:
-            out["den"] = list(self.den)
-        return out
+        """The piece as a JSON segment (without a branch)."""
+        return self.segment().to_json()
 
 
 def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, degree: int,
@@ -191,21 +142,10 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
 
 
 def _float32_error(piece: PieceFit, ref: BranchReference, y_nodes: np.ndarray) -> float:
-    """:func:`float32_scheme_error` of the piece at float32 y: the nodes and an even spread."""
+    """The segment's float32 scheme error (:meth:`.model.Segment.scheme_error`) at float32 y: the
+    nodes and an even spread."""
     y = np.concatenate([y_nodes, np.linspace(piece.y_lo, piece.y_hi, 1025)]).astype(np.float32)
-    return float32_scheme_error(piece.to_json(), ref, y[(y >= piece.y_lo) & (y <= piece.y_hi)])
-
-
-def float32_scheme_error(seg: dict, ref: BranchReference, y: np.ndarray, params: dict | None = None) -> float:
-    """Max error of segment ``seg``'s emulated float32 scheme at the float32 values ``y`` against the
-    float64 reference, absolute where |g| <= 1 and relative above, as certification measures it; inf
-    where float32 gives NaN or inf and the reference is finite."""
-    y = np.asarray(y, dtype=np.float32)
-    g = ref(y.astype(np.float64))
-    with np.errstate(all="ignore"):
-        got = eval_segment(seg, y, params).astype(np.float64)
-        err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
-    return float(np.max(err[np.isfinite(g)], initial=0.0))
+    return piece.segment().scheme_error(ref, y[(y >= piece.y_lo) & (y <= piece.y_hi)])
 
 
 def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
@@ -313,10 +253,8 @@ def _advice(best_err: float, tolerance: float) -> str:
 
 
 def branch_layout(pieces) -> tuple[int, int, int]:
-    """(degree, den_degree, pieces) of a fitted branch (PieceFits or their segment dicts)."""
-    def parts(p):
-        return (p["coeffs"], p.get("den")) if isinstance(p, dict) else (p.coeffs, getattr(p, "den", None))
-    return (max(len(parts(p)[0]) - 1 for p in pieces), max(len(parts(p)[1] or [1]) - 1 for p in pieces),
+    """(degree, den_degree, pieces) of a fitted branch (PieceFits or their :class:`.model.PolySegment`s)."""
+    return (max(len(p.coeffs) - 1 for p in pieces), max(len(getattr(p, "den", None) or [1]) - 1 for p in pieces),
             len(pieces))
 
 

@@ -14,21 +14,12 @@ import sympy as sp
 from ..common.catalog import CATALOG, Entry
 from ..common.params import ParamError, check_params
 from .errors import SpecError
-from .expressions import check_param_names, check_text, parse
+from .expressions import check_param_names, check_text, parse, sympy_functions
 
 __all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
 
 X = sp.Symbol("x", real=True)
-SYMPY_FUNCTIONS = {  # what formula and table text may name (fitting.expressions checks it first)
-    "exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "erf": sp.erf, "erfc": sp.erfc,
-    "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "asin": sp.asin, "acos": sp.acos, "atan": sp.atan,
-    "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "asinh": sp.asinh, "acosh": sp.acosh, "atanh": sp.atanh,
-    "Abs": sp.Abs, "abs": sp.Abs, "sign": sp.sign, "Heaviside": sp.Heaviside, "Piecewise": sp.Piecewise,
-    "Max": sp.Max, "Min": sp.Min, "max": sp.Max, "min": sp.Min, "pi": sp.pi, "E": sp.E,
-    "sigmoid": lambda z: 1 / (1 + sp.exp(-z)),
-    "softplus": lambda z: sp.log(1 + sp.exp(z)),
-    "relu": lambda z: sp.Piecewise((0, z <= 0), (z, True)),
-}
+SYMPY_FUNCTIONS = sympy_functions()  # what formula and table text may name (fitting.expressions)
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,21 @@ import numpy as np
 import sympy as sp
 
 from .branches import Analysis, Branch, analyze
-from .errors import FitError, InputError
+from .certify import certify_table
+from .errors import CertificationError, FitError, InputError
 from .exact import exact_expression
-from .fit import (F32_SLACK, branch_layout, f32, f32_below, fit_branch, float32_scheme_error, layout_cost,
-                  table_cost)
-from .expressions import parse
+from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
+from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
 from .formulas import X, ActivationSpec
+from .model import Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch
 from .reference import BranchReference
 
-__all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION", "spec_from_table"]
+__all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
 
 TARGETS = ("derivative", "inverse")
 RATIONAL_MODES = ("auto", "never", "prefer")
 FORMAT_VERSION = 1
 VERSION = "0.1.0"
-F32_MAX = float(np.finfo(np.float32).max)
-F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: float = 5e-8,
@@ -48,49 +47,31 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     say = progress or (lambda msg: None)
     say(f"{spec.name}: analysing branches")
     analysis = analyze(spec)
-    options: dict[int, list[list[dict]]] = {}
+    options: dict[int, list[list[Segment]]] = {}
     exprs: dict[int, sp.Expr] = {}
     for b in analysis.branches:
         say(f"{spec.name}: branch {b.index} ({b.direction}, x in [{b.x_range[0]:.4g}, {b.x_range[1]:.4g}])")
         options[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance, rationals)
     per_branch = _cheapest_table(options, analysis.n_codes) if rationals == "auto" else \
         {i: opts[-1] for i, opts in options.items()}
-    generic = bool(spec.params) and all(s["kind"] != "poly" for segs in per_branch.values() for s in segs) \
+    generic = bool(spec.params) and all(not s.fitted for segs in per_branch.values() for s in segs) \
         and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
-    table = {
-        "format": "invact-table", "format_version": FORMAT_VERSION, "invact_version": VERSION,
-        "name": spec.name, "formula": sp.sstr(spec.expr), "params": dict(spec.params),
-        "param_generic": generic, "param_domain": list(spec.domain),
-        "torch_forward": spec.torch_forward, "target": target, "tolerance": float(tolerance),
-        "n_branches": analysis.n_branches, "n_codes": analysis.n_codes, "code_bits": analysis.code_bits,
-        "forward_code": _forward_code(analysis, spec, generic),
-        "branches": [_branch_json(b, per_branch[b.index]) for b in analysis.branches],
-        "code_classes": _code_classes(analysis, per_branch, spec, generic),
-    }
-    if not generic:
-        for segs in per_branch.values():
-            for s in segs:
-                if s["kind"] == "exact":
-                    s["expr"] = sp.sstr(parse(s["expr"], ("y",), tuple(spec.params), "segment expr").subs(_values(spec)))
-    from .certify import certify_table, remember_analysis
-    remember_analysis(table, analysis)
+    branches = [_branch_json(b, per_branch[b.index]) for b in analysis.branches]
+    if not generic:    # closed forms with the parameters' values (the branches' tails keep their text)
+        per_branch = {i: [s.substituted(spec.params) for s in segs] for i, segs in per_branch.items()}
+    table = Table("invact-table", FORMAT_VERSION, VERSION, spec.name, sp.sstr(spec.expr), dict(spec.params),
+                  generic, list(spec.domain), spec.torch_forward, target, float(tolerance), analysis.n_branches,
+                  analysis.n_codes, analysis.code_bits, _forward_code(analysis, spec, generic), branches,
+                  _code_classes(analysis, per_branch, spec, generic))
     say(f"{spec.name}: certifying")
-    table["certificate"] = certify_table(table, fp32_samples=fp32_samples,
-                                         progress=lambda frac, label: say(f"{spec.name}: {label}"))
-    bad = [b["index"] for b in table["certificate"]["branches"]
+    table.certificate = certify_table(table, fp32_samples=fp32_samples, analysis=analysis,
+                                      progress=lambda frac, label: say(f"{spec.name}: {label}"))
+    bad = [b["index"] for b in table.certificate["branches"]
            if not all(math.isfinite(b[k]) for k in ("approx_error", "bf16_eval_error", "fp16_eval_error",
                                                         "fp32_eval_error"))]
     if bad:   # the fitter checks every segment first: reaching this is a bug, never a table to write
-        from .errors import CertificationError
         raise CertificationError(f"{spec.name}: branch {bad[0]} evaluates to inf or NaN where g is finite")
-    return table
-
-
-def spec_from_table(table: dict) -> ActivationSpec:
-    params = table.get("params", {})
-    expr = parse(table["formula"], ("x",), tuple(params), "formula")
-    return ActivationSpec(table["name"], expr, dict(params), tuple(table.get("param_domain", ())),
-                          torch_forward=table.get("torch_forward"))
+    return table.to_json()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,37 +87,37 @@ def _numeric_only(expr: sp.Expr, b: Branch) -> bool:
 
 
 def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float,
-                     rationals: str = "auto") -> tuple[list[list[dict]], sp.Expr | None]:
+                     rationals: str = "auto") -> tuple[list[list[Segment]], sp.Expr | None]:
     """(the branch's segment lists to choose from, polynomial first; its exact expression or None)."""
     lo, hi = b.y_range
     if b.flat:
         value = "0" if target == "derivative" else repr(float(b.x_range[1]))
-        return [[{"kind": "constant", "value": value, "y_range": [lo, hi], "branch": b.index}]], None
+        return [[ConstantSegment([lo, hi], b.index, value)]], None
     expr = exact_expression(b, spec, target)
     if expr is not None:
-        seg = {"kind": "exact", "expr": sp.sstr(expr), "y_range": [lo, hi], "branch": b.index}
+        seg = ExactSegment([lo, hi], b.index, sp.sstr(expr))
         if _exact_float32_error(b, target, seg, spec.params) <= tol + F32_SLACK:
             return [[seg]], expr
         # a closed form that float32 cannot evaluate (Cardano's cancels for x**3 + x): fit instead
     return _fitted_segments(b, target, tol, rationals), None
 
 
-def _exact_float32_error(b: Branch, target: str, seg: dict, params: dict) -> float:
-    """``float32_scheme_error`` of an exact segment at float32 y spread evenly in float32 order
-    over the branch, its ends included (x/sqrt(1 + x^2)'s closed form is NaN at y = +-1)."""
-    from .reference import _ordinal_nodes
+def _exact_float32_error(b: Branch, target: str, seg: ExactSegment | dict, params: dict) -> float:
+    """The float32 scheme error of an exact segment (or its JSON) at float32 y spread evenly in
+    float32 order over the branch, its ends included (x/sqrt(1 + x^2)'s closed form is NaN at y = +-1)."""
+    seg = seg if isinstance(seg, Segment) else Segment.from_json(seg)
     ends = [f32(v) for v in b.y_range if math.isfinite(v) and abs(v) <= F32_MAX]
-    y = np.concatenate([_ordinal_nodes(*b.y_range), ends])
-    return float32_scheme_error(seg, BranchReference(b, target), y, params)
+    y = np.concatenate([ordinal_nodes(*b.y_range), ends])
+    return seg.scheme_error(BranchReference(b, target), y, params)
 
 
-def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[int, list[dict]]:
+def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> dict[int, list[Segment]]:
     """One segment list per branch: the combination of the fitted branches' layouts (polynomial, or
     rational where one was cheaper for the branch alone) whose ``table_cost`` is lowest; ties keep
     polynomials (the first option). A rational piece makes every element of the table pay for its
     denominator and division, so it must win for the table, not only for its branch."""
     def layout(segs):
-        fitted = [s for s in segs if s["kind"] == "poly"]
+        fitted = [s for s in segs if s.fitted]
         return branch_layout(fitted) if fitted else None
 
     best, best_cost = None, math.inf
@@ -148,7 +129,7 @@ def _cheapest_table(options: dict[int, list[list[dict]]], n_codes: int) -> dict[
     return best
 
 
-def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[dict]]:
+def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[Segment]]:
     ref = BranchReference(b, target)
     y_lo, y_hi, origins, lows, highs = _fit_range(b, ref, target, tol)
     # the cheapest polynomial layout, and a cheaper rational one if the branch has it (the table
@@ -170,8 +151,10 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
         except FitError:
             if polys is None:
                 raise error from None
-    return [[dict(t, branch=b.index) for t in lows] + [dict(p.to_json(), branch=b.index) for p in pieces]
-            + [dict(t, branch=b.index) for t in highs] for pieces in (polys, rats) if pieces is not None]
+    def tails(ts):
+        return [Segment.from_json(dict(t, branch=b.index)) for t in ts]
+    return [tails(lows) + [p.segment(b.index) for p in pieces] + tails(highs)
+            for pieces in (polys, rats) if pieces is not None]
 
 
 def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
@@ -250,9 +233,9 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         finite = np.isfinite(y) & (np.abs(y) < F32_MAX)
         last_bad = np.nonzero(bad & finite)[0]
         k = 1 if last_bad.size == 0 else last_bad[-1] + 1
-        if k < steps.size and finite[k] and abs(y[k] - y_limit) > F32_TINY:
+        if k < steps.size and finite[k] and abs(y[k] - y_limit) > TINY32:
             break
-    if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= F32_TINY:
+    if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= TINY32:
         end_kind = b.lower_end if which == "lower" else b.upper_end
         if target == "derivative" and end_kind == "power":
             return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
@@ -262,7 +245,7 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
                            "follow; use the derivative target (the runtime's)", None, "")
         if target == "inverse" and np.isfinite(y_limit):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
-            y_end = f32(y_limit + (F32_TINY if which == "lower" else -F32_TINY))
+            y_end = f32(y_limit + (TINY32 if which == "lower" else -TINY32))
             x_end = float(ref.inverse(np.array([y_end]))[0])
             return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
                            "cutoff": True}
@@ -300,21 +283,22 @@ def _tail_range(b: Branch, which: str, y_end: float) -> list[float]:
     return [b.y_range[0], y_end] if which == "lower" else [y_end, b.y_range[1]]
 
 
-def _branch_json(b: Branch, segs: list[dict]) -> dict:
+def _branch_json(b: Branch, segs: list[Segment]) -> TableBranch:
+    fitted = [s for s in segs if s.fitted]
     d = b.to_json()
-    d["route"] = "constant" if b.flat else ("fit" if any(s["kind"] == "poly" for s in segs) else "exact")
-    d["tails"] = [{"y_range": s["y_range"], "value": s.get("value", s.get("expr"))}
-                  for s in segs if s["kind"] != "poly"] if d["route"] == "fit" else []
-    d["pieces"] = sum(s["kind"] == "poly" for s in segs)
-    d["degrees"] = sorted({len(s["coeffs"]) - 1 for s in segs if s["kind"] == "poly"})
-    if any("den" in s for s in segs):  # rational pieces (absent otherwise: older tables stay as they were)
-        d["den_degrees"] = sorted({len(s["den"]) - 1 for s in segs if "den" in s})
-    return d
+    d["route"] = "constant" if b.flat else ("fit" if fitted else "exact")
+    d["tails"] = [{"y_range": s.y_range, "value": s.text()} for s in segs if not s.fitted] \
+        if d["route"] == "fit" else []
+    d["pieces"] = len(fitted)
+    d["degrees"] = sorted({s.degree for s in fitted})
+    if any(s.den_degree for s in fitted):  # rational pieces (absent otherwise: older tables stay as they were)
+        d["den_degrees"] = sorted({s.den_degree for s in fitted if s.den_degree})
+    return TableBranch.from_json(d)
 
 
-def _forward_code(analysis: Analysis, spec: ActivationSpec, generic: bool) -> dict:
-    breaks = [{"value": _sym_number(v, spec, generic), "side": side} for v, side in analysis.x_breaks]
-    return {"x_breaks": breaks, "codes": list(analysis.codes)}
+def _forward_code(analysis: Analysis, spec: ActivationSpec, generic: bool) -> ForwardCode:
+    return ForwardCode([Break(_sym_number(v, spec, generic), side) for v, side in analysis.x_breaks],
+                       list(analysis.codes))
 
 
 def _sym_number(value: float, spec: ActivationSpec, generic: bool) -> str:
@@ -342,7 +326,7 @@ def _symbolic_boundary(value: float, spec: ActivationSpec) -> sp.Expr | None:
     return None
 
 
-def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, generic: bool) -> list[dict]:
+def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, generic: bool) -> list[CodeClass]:
     out = []
     for code in range(analysis.n_codes):
         members = sorted((b for b in analysis.branches if b.code == code), key=lambda b: (b.y_range[0], b.y_range[1]))
@@ -353,13 +337,13 @@ def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, ge
                 breaks.append(_branch_break(members[i - 1], b, spec, generic))
             for j, s in enumerate(bsegs):
                 if j > 0:
-                    breaks.append({"value": repr(float(s["y_range"][0])), "side": "left"})
+                    breaks.append(Break(repr(float(s.y_range[0])), "left"))
                 segs.append(s)
-        out.append({"code": code, "y_breaks": breaks, "segments": segs})
+        out.append(CodeClass(code, breaks, segs))
     return out
 
 
-def _branch_break(left: Branch, right: Branch, spec, generic) -> dict:
+def _branch_break(left: Branch, right: Branch, spec, generic) -> Break:
     """The y boundary between two branches of one code class, owned as PyTorch's kinks are."""
     value = right.y_range[0]
     left_has = left.y_closed[1] or left.flat
@@ -376,4 +360,4 @@ def _branch_break(left: Branch, right: Branch, spec, generic) -> dict:
         xs = _symbolic_boundary(x_b, spec)
         if xs is not None:
             text = sp.sstr(sp.simplify(right.sym_expr.subs(X, xs)))
-    return {"value": text, "side": side}
+    return Break(text, side)

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .evaluate import number
+from .float32 import round_to
+from .model import number
 
 __all__ = ["DTYPES", "DESIGN_FLOORS", "PAPER_ERRORS", "round_to", "information_floor", "information_floors",
            "plot_error_curves", "plot_all_error_curves", "plot_gradient_errors"]
@@ -34,21 +35,6 @@ FLOOR_GRID = 2_000_001           # x step 8e-6 on [-8, 8]
 _FLOOR_COLORS = dict(zip(DTYPES, ("tab:red", "tab:orange", "tab:green")))
 _CURVE_COLORS = ("tab:blue", "tab:cyan", "tab:brown", "tab:olive", "tab:pink", "tab:gray")  # none of the lines'
 _TINY = 1e-18                    # lowest bottom of a log axis
-
-
-def round_to(y: np.ndarray, dtype: str) -> np.ndarray:
-    """float64 values rounded to ``dtype`` (bf16 via float32, round-to-nearest-even) and back."""
-    y = np.asarray(y, dtype=np.float64)
-    with np.errstate(over="ignore"):
-        if dtype == "fp32":
-            return y.astype(np.float32).astype(np.float64)
-        if dtype == "fp16":
-            return y.astype(np.float16).astype(np.float64)
-        if dtype == "bf16":
-            bits = y.astype(np.float32).view(np.uint32).astype(np.uint64)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def information_floor(table: dict, dtype: str, lo: float = -8.0, hi: float = 8.0,

@@ -31,18 +31,17 @@ import numpy as np
 import sympy as sp
 
 from .branches import Branch, numeric, numeric_fast, numeric_many, raw_values
+from .float32 import ordinal_nodes
 from .formulas import X
 
 __all__ = ["BranchReference"]
 
 TABLE_SIZE = 1 << 16          # asinh-spaced x nodes
 MAX_ITER = 80
-ORDINAL_NODES = 1 << 16       # bulk mode: y nodes evenly spaced in float32 order
 BULK_CHUNK = 1 << 16          # bulk mode: values per vectorised pass (cache-sized)
 STEP_REL = 1e-8               # a Newton step is final only if |s| <= STEP_REL |x| ...
 EPS = 2.0 ** -53              # ... and (bulk mode) the error it leaves, K s^2, is <= EPS |x|
 CURVATURE_SAFETY = 4.0        # max|f''| on a cell <= this x the largest divided difference nearby
-F32_MAX = float(np.finfo(np.float32).max)
 
 
 class BranchReference:
@@ -66,7 +65,7 @@ class BranchReference:
             self._fp_fast = numeric_fast(fp_expr)
             self._f_fp = numeric_many([branch.expr, fp_expr])
             self._bulk_table(self.x_sorted, self.y_sorted)
-            yo = _ordinal_nodes(float(self.y_sorted[0]), float(self.y_sorted[-1]))
+            yo = ordinal_nodes(float(self.y_sorted[0]), float(self.y_sorted[-1]))   # bulk: y nodes evenly spaced in float32 order
             xo = self.inverse(yo)
             self._bulk_table(np.concatenate([self.x_sorted, xo[np.isfinite(xo)]]))
 
@@ -268,22 +267,6 @@ def _grid(lo: float, hi: float, f) -> np.ndarray:
     x = np.sinh(s)
     x[0], x[-1] = lo, hi
     return x
-
-
-def _ordinal_nodes(lo: float, hi: float) -> np.ndarray:
-    """float32 values evenly spaced in float32 order strictly inside (lo, hi), as float64."""
-    lo, hi = max(lo, -F32_MAX), min(hi, F32_MAX)
-    if not lo < hi:
-        return np.empty(0)
-    k = np.unique(np.linspace(_ordinal(lo), _ordinal(hi), ORDINAL_NODES).astype(np.int64))
-    bits = np.where(k >= 0, k, (-k) | 0x80000000).astype(np.uint32)
-    y = bits.view(np.float32).astype(np.float64)
-    return y[(y > lo) & (y < hi)]
-
-
-def _ordinal(v: float) -> int:
-    i = int(np.array(v, dtype=np.float32).view(np.int32))
-    return i if i >= 0 else -(i & 0x7FFFFFFF)
 
 
 def _far_end(inf: float, other: float, f, sign: int) -> float:

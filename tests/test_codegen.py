@@ -154,7 +154,7 @@ def test_g_kernel_matches_the_scheme(generated_tree, dtype):
                                          err_msg=f"{table['name']} code {cc['code']}")
             # NaN y: NaN, or PyTorch's finite derivative there where the plan has one (Plan.nan_values)
             at_nan = mod.g_kernel(torch.tensor([np.nan], dtype=dtype), code[:1], k.y_thresholds, k.poly, **k.params)
-            value = dict(analysis.analyze(table, path).nan_values).get(cc["code"])
+            value = dict(analysis.plan_table(table, path).nan_values).get(cc["code"])
             if value is None:
                 assert np.isnan(at_nan).all(), (table["name"], cc["code"], at_nan)
             else:

@@ -12,13 +12,13 @@ from pathlib import Path
 from ..errors import SpecError, TableError
 from ..tables import (dump_table, list_tables, load_table, locked, name_of, project_root, replace_text,
                       write_table)
-from .analysis import Plan, analyze
+from .analysis import Plan, plan_table
 from .c_gen import generate_c
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
 from .triton_gen import generate_triton
 
-__all__ = ["generate_all", "generate_files", "Plan", "analyze"]
+__all__ = ["generate_all", "generate_files", "Plan", "plan_table"]
 
 _PREFIXES = ("torch_", "triton_", "c_")
 
@@ -38,7 +38,7 @@ def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[
     for path in sorted(paths):
         table = load_table(path, dump_table(pending[path])) if path in pending else load_table(path)
         try:
-            plan = analyze(table, path.relative_to(root))
+            plan = plan_table(table, path.relative_to(root))
         except SpecError as exc:
             raise TableError(f"table file {path}: {exc}") from None
         names.append(plan.name)

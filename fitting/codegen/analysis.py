@@ -19,20 +19,14 @@ from pathlib import Path
 import sympy as sp
 
 from ...common import float32_scheme as scheme
+from ..model import Table, Transform
 from .printer import parse
 
-__all__ = ["Plan", "CodeClass", "Transform", "analyze", "code_of"]
+__all__ = ["Plan", "ClassPlan", "plan_table", "code_of"]
 
 
 @dataclass(frozen=True)
-class Transform:
-    kind: str                            # identity, sqrt or log
-    sign: float = 1.0
-    origin: tuple[float, ...] = ()       # terms subtracted in order: ((y - o0) - o1) - o2
-
-
-@dataclass(frozen=True)
-class CodeClass:
+class ClassPlan:
     code: int
     offset: int                          # global index of its first segment
     n_segments: int
@@ -51,11 +45,11 @@ class Plan:
     code_bits: int
     x_breaks: tuple[tuple[sp.Expr, str], ...]
     codes: tuple[int, ...]
-    classes: tuple[CodeClass, ...]
+    classes: tuple[ClassPlan, ...]
     poly: tuple[tuple[float, ...], ...]  # one row per global segment (zeros for non-poly ones)
     degree: int
     den_degree: int                      # max denominator degree of rational segments (0: none)
-    transforms: tuple[Transform, ...]
+    transforms: tuple[Transform, ...]   # distinct transforms of the rows (model.Transform)
     exact: tuple[tuple[int, sp.Expr], ...]
     constant: tuple[tuple[int, sp.Expr], ...]
     nan_values: tuple[tuple[int, sp.Expr], ...] = ()   # (code, g where y is NaN); other codes: NaN
@@ -88,11 +82,6 @@ class Plan:
         return self.ROW_C0 + 2 + self.degree
 
 
-def _origin_terms(tf: dict) -> list[float]:
-    origin = tf.get("origin", 0.0)
-    return [float(v) for v in (origin if isinstance(origin, list) else [origin])]
-
-
 def _meta(table: dict) -> dict:
     cert = table["certificate"]
     summary = {k: cert[k] for k in ("method", "approx_error", "float32_eval_error", "checks") if k in cert}
@@ -104,54 +93,73 @@ def _meta(table: dict) -> dict:
     return meta
 
 
-def analyze(table: dict, source: str | Path) -> Plan:
-    """The code-generation plan of a derivative table."""
-    names = tuple(table["params"])
+class _Forms:
+    """The form each segment emits (:class:`..model.Emitter`): a POLY row, a closed form or a constant."""
+
+    def __init__(self):
+        self.items: list[tuple[str, tuple]] = []
+
+    def row(self, transform, center, scale, coeffs, c0_lo, den):
+        if den[0] != 1.0:
+            raise ValueError("a rational segment's den must start with 1 (docs/table-format.md)")
+        self.items.append(("row", (transform, center, scale, coeffs, c0_lo, den)))
+
+    def closed_form(self, expr):
+        self.items.append(("closed_form", (expr,)))
+
+    def constant(self, value):
+        self.items.append(("constant", (value,)))
+
+
+def plan_table(table: dict | Table, source: str | Path) -> Plan:
+    """The code-generation plan of a derivative table (a JSON dict or a :class:`..model.Table`)."""
+    raw = table.to_json() if isinstance(table, Table) else table
+    table = Table.of(table)
+    names = tuple(table.params)
     num = lambda text: parse(str(text), "y", names)  # noqa: E731 - numbers or parameter expressions
-    polys = [s for cc in table["code_classes"] for s in cc["segments"] if s["kind"] == "poly"]
-    degree = max((len(s["coeffs"]) - 1 for s in polys), default=0)
-    den_degree = max((len(s["den"]) - 1 for s in polys if "den" in s), default=0)
+    forms = _Forms()
+    for cc in table.code_classes:
+        for seg in cc.segments:
+            seg.emit(forms)
+    rows_in = [args for form, args in forms.items if form == "row"]
+    degree = max((len(coeffs) - 1 for _, _, _, coeffs, _, _ in rows_in), default=0)
+    den_degree = max((len(den) - 1 for *_, den in rows_in), default=0)
     classes, rows, exact, constant, transforms = [], [], [], [], []
     break_offset = 0
-    for cc in table["code_classes"]:
+    items = iter(forms.items)
+    for cc in table.code_classes:
         offset = len(rows)
-        breaks = tuple((num(b["value"]), b["side"]) for b in cc["y_breaks"])
-        classes.append(CodeClass(cc["code"], offset, len(cc["segments"]), breaks, break_offset))
+        breaks = tuple((num(b.value), b.side) for b in cc.y_breaks)
+        classes.append(ClassPlan(cc.code, offset, len(cc.segments), breaks, break_offset))
         break_offset += len(breaks)
-        for seg in cc["segments"]:
+        for _ in cc.segments:
+            form, args = next(items)
             index = len(rows)
-            row = [0.0] * (Plan.ROW_C0 + 2 + degree + den_degree)
-            if seg["kind"] == "poly":
-                tf = seg["transform"]
-                key = Transform(tf["kind"]) if tf["kind"] == "identity" else \
-                    Transform(tf["kind"], float(tf.get("sign", 1)), tuple(_origin_terms(tf)))
-                if key not in transforms:
-                    transforms.append(key)
-                coeffs = [float(c) for c in seg["coeffs"]]
-                row[:Plan.ROW_C0 + 2] = [float(transforms.index(key)), float(seg["center"]),
-                                         float(seg["scale"]), coeffs[0], float(seg["c0_lo"])]
-                row[Plan.ROW_C0 + 2:Plan.ROW_C0 + 1 + len(coeffs)] = coeffs[1:]
-                den = [float(d) for d in seg.get("den", [1.0])]
-                if den[0] != 1.0:
-                    raise ValueError("a rational segment's den must start with 1 (docs/table-format.md)")
-                start = Plan.ROW_C0 + 2 + degree
+            row = [0.0] * scheme.row_length(degree, den_degree)
+            if form == "row":
+                tf, center, scale, coeffs, c0_lo, den = args
+                if tf not in transforms:
+                    transforms.append(tf)
+                row[:scheme.ROW_C1] = [float(transforms.index(tf)), center, scale, coeffs[0], c0_lo]
+                row[scheme.ROW_C1:scheme.ROW_C1 + len(coeffs) - 1] = coeffs[1:]
+                start = scheme.ROW_C1 + degree
                 row[start:start + len(den) - 1] = den[1:]
-            elif seg["kind"] == "exact":
-                exact.append((index, parse(seg["expr"], "y", names)))
-            elif polys and num(seg["value"]).is_Number:
-                row[Plan.ROW_C0] = float(num(seg["value"]))  # g = (0 * u + 0) + c0: no select on s
+            elif form == "closed_form":
+                exact.append((index, parse(args[0], "y", names)))
+            elif rows_in and num(args[0]).is_Number:
+                row[Plan.ROW_C0] = float(num(args[0]))  # g = (0 * u + 0) + c0: no select on s
             else:
-                constant.append((index, num(seg["value"])))
+                constant.append((index, num(args[0])))
             rows.append(tuple(row))
-    fc = table["forward_code"]
-    nan_values = _nan_values(table, classes, exact, constant, rows)
+    fc = table.forward_code
+    nan_values = _nan_values(raw, classes, exact, constant, rows)
     return Plan(
-        name=table["name"], source=Path(source).as_posix(), meta=_meta(table),
-        params=tuple((n, float(v)) for n, v in table["params"].items()),
-        formula=parse(table["formula"], "x", names), torch_forward=table["torch_forward"],
-        code_bits=table["code_bits"],
-        x_breaks=tuple((num(b["value"]), b["side"]) for b in fc["x_breaks"]),
-        codes=tuple(fc["codes"]), classes=tuple(classes), poly=tuple(rows), degree=degree,
+        name=table.name, source=Path(source).as_posix(), meta=_meta(raw),
+        params=tuple((n, float(v)) for n, v in table.params.items()),
+        formula=parse(table.formula, "x", names), torch_forward=table.torch_forward,
+        code_bits=table.code_bits,
+        x_breaks=tuple((num(b.value), b.side) for b in fc.x_breaks),
+        codes=tuple(fc.codes), classes=tuple(classes), poly=tuple(rows), degree=degree,
         den_degree=den_degree,
         transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant), nan_values=nan_values)
 

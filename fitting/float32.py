@@ -1,0 +1,113 @@
+"""The fitter's float32 arithmetic, in one place: limits, rounding, float32 order and the runtime's log.
+
+Everything the fitter computes about float32 values (fitting coefficients, sampling y in float32
+order, emulating the generated scheme bit for bit) goes through these helpers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32
+
+__all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "ordinal", "from_ordinal",
+           "ordinal_nodes", "half_values", "round_to", "log32"]
+
+F32_MAX = float(np.finfo(np.float32).max)
+ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
+
+
+def f32(v: float) -> float:
+    """``v`` rounded to the nearest float32, as a Python float."""
+    return float(np.float32(v))
+
+
+def f32_below(v: float) -> float:
+    """The largest float32 <= ``v``."""
+    r = np.float32(v)
+    return float(r if float(r) <= v else np.nextafter(r, np.float32(-np.inf)))
+
+
+def split3(value) -> tuple[float, float, float]:
+    """float32 hi + mid + lo with hi + mid + lo <= value (an mpmath or float value), ~72 bits."""
+    import mpmath
+    with mpmath.workdps(40):
+        v = mpmath.mpf(value)
+        hi = f32(float(v))
+        mid = f32(float(v - hi))
+        lo = f32_below(float(v - hi - mid))
+    return hi, mid, lo
+
+
+def ordinal(v: float) -> int:
+    """Monotone integer index of the float32 nearest ``v`` (negative values below positive ones)."""
+    i = int(np.array(v, dtype=np.float32).view(np.int32))
+    return i if i >= 0 else -(i & 0x7FFFFFFF)
+
+
+def from_ordinal(k: np.ndarray) -> np.ndarray:
+    """The float32 values of ordinals ``k`` (inverse of :func:`ordinal`)."""
+    k = np.asarray(k, dtype=np.int64)
+    bits = np.where(k >= 0, k, (-k) | 0x80000000).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def ordinal_nodes(lo: float, hi: float, n: int = ORDINAL_NODES) -> np.ndarray:
+    """float32 values evenly spaced in float32 order strictly inside (lo, hi), as float64."""
+    lo, hi = max(lo, -F32_MAX), min(hi, F32_MAX)
+    if not lo < hi:
+        return np.empty(0)
+    k = np.unique(np.linspace(ordinal(lo), ordinal(hi), n).astype(np.int64))
+    y = from_ordinal(k).astype(np.float64)
+    return y[(y > lo) & (y < hi)]
+
+
+def half_values(dtype: str) -> np.ndarray:
+    """Every finite value of bf16 or fp16, as float64, sorted."""
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        if dtype == "fp16":
+            vals = bits.astype(np.uint16).view(np.float16).astype(np.float64)
+        else:
+            vals = (bits << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.unique(vals[np.isfinite(vals)])
+
+
+def round_to(y: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded to ``dtype`` ("bf16" via float32, round-to-nearest-even; "fp16";
+    "fp32") and back."""
+    y = np.asarray(y, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        if dtype == "fp32":
+            return y.astype(np.float32).astype(np.float64)
+        if dtype == "fp16":
+            return y.astype(np.float16).astype(np.float64)
+        if dtype == "bf16":
+            bits = y.astype(np.float32).view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    raise ValueError(f"dtype must be one of bf16, fp16, fp32, got {dtype!r}")
+
+
+# The runtime's float32 log, emulated exactly.
+_SQRT2 = np.float32(SQRT2_F32)
+_LOG_POLY = tuple(np.float32(c) for c in LOG_POLY)
+_LN2_HI, _LN2_LO = np.float32(LN2_HI), np.float32(LN2_LO)
+
+
+def log32(a: np.ndarray) -> np.ndarray:
+    """log of positive normal float32 ``a`` exactly as the generated scheme computes it (Cephes logf
+    from the float's bits, docs/table-format.md; constants shared with the runtime in common/)."""
+    bits = a.view(np.int32)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(np.float32)
+    big = m >= _SQRT2
+    e = ((bits >> 23) - 127 + big.astype(np.int32)).astype(np.float32)
+    f = np.where(big, m * np.float32(0.5), m) - np.float32(1)
+    z = f * f
+    p = np.full_like(f, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        p = p * f + c
+    r = f * z * p
+    r = r + e * _LN2_LO
+    r = r - np.float32(0.5) * z
+    return (f + r) + e * _LN2_HI

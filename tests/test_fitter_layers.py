@@ -1,0 +1,77 @@
+"""The fitter's modules import each other in one direction only (docs/architecture.md): formula ->
+branches -> fit -> certify -> table -> codegen, with the table model and float32 arithmetic below
+them. Checked on the source (imports inside functions count), so a cycle cannot hide in a body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_import_rules import REPO, _package, imports
+
+FITTER = "invact.fitting"
+
+
+def _graph() -> dict[str, set[str]]:
+    """Fitter module -> the fitter modules it imports (``from . import x`` resolved to the module x)."""
+    paths = {_package(p): p for p in sorted((REPO / "fitting").rglob("*.py"))}
+    modules = {name.removesuffix(".__init__") for name in paths}
+    graph = {}
+    for name, path in paths.items():
+        me = name.removesuffix(".__init__")
+        deps = set()
+        for imported in imports(path):
+            while imported and imported not in modules:      # `from .m import f` names m.f: back to m
+                imported = imported.rpartition(".")[0]
+            if imported.startswith(FITTER) and imported != me and not me.startswith(imported + "."):
+                deps.add(imported)                             # a package's own __init__ is no edge back
+        graph[me] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph``, or None (depth-first search with colours)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_fitter_imports_form_no_cycle():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle in the fitter: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle():
+    """The check can fail: a graph with a cycle is reported with that cycle."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_layers_point_down():
+    """The straight line of the flow: lower layers never import upper ones."""
+    graph = _graph()
+    order = ["float32", "model", "branches", "reference", "fit", "certify", "pipeline", "codegen", "cli"]
+    rank = {f"{FITTER}.{m}": i for i, m in enumerate(order)}
+    for name, deps in graph.items():
+        top = name if name in rank else ".".join(name.split(".")[:3])
+        for dep in deps:
+            dep_top = dep if dep in rank else ".".join(dep.split(".")[:3])
+            if top in rank and dep_top in rank:
+                assert rank[dep_top] <= rank[top], f"{name} imports {dep}, an upper layer"
+    assert f"{FITTER}.pipeline" not in set().union(*(graph[m] for m in graph if m.endswith(("certify", "fit"))))
+    assert Path(REPO / "fitting" / "float32.py").is_file()
