@@ -3,8 +3,9 @@
 Everything invact says about a built-in is here, once: the formula the fitter reads
 (:data:`invact.fitting.formulas.BUILTINS`), PyTorch's forward that generated code pastes in, and the
 runtime's faces of it — the torch.nn-style class (:mod:`invact.modules`), the function
-(:mod:`invact.functional`), the classes :func:`invact.patch` recognises, and what :mod:`invact`
-exports. Adding an activation is one :class:`Entry` here, then ``invact fit NAME`` for its table.
+(:mod:`invact.functional`), the classes :func:`invact.patch` recognises, the torch.nn.functional calls
+:class:`invact.routing.FunctionalRouter` routes, and what :mod:`invact` exports. Adding an activation
+is one :class:`Entry` here, then ``invact fit NAME`` for its table.
 
 Rows sharing a ``module`` (or ``functional``) are one class (function) whose arguments ``select``
 the table, as ``GELU(approximate='tanh')`` selects gelu_tanh; the first of them gives its ``args``,
@@ -42,8 +43,10 @@ class Entry:
     ``formula`` is text in ``x`` and the params (:mod:`invact.fitting.expressions` syntax).
     ``args`` are the torch.nn constructor's (and torch.nn.functional's) arguments after ``input``,
     ``(name, default)`` in torch's order: those named in ``params`` are passed to the table, those in
-    ``select`` choose it, ``inplace`` is accepted. ``saves_output``: whether PyTorch's own class
-    already saves its output ("always", "inplace" when built with inplace=True, or "never").
+    ``select`` choose it, ``inplace`` is accepted. With ``torch`` (the torch.nn class mirrored) set,
+    ``functional`` names torch.nn.functional's function too. ``saves_output``: whether PyTorch's own
+    class (and function) already saves its output ("always", "inplace" when called with inplace=True,
+    or "never"); functions that save their input are routed.
     ``rules``: classes of other libraries computing the same function at these defaults.
     """
 

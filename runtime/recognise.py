@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common.catalog import CATALOG
+
 __all__ = ["REFERENCES", "probe", "is_candidate"]
 
 # table name -> its function in float64 (the table's default parameters)
@@ -47,7 +49,7 @@ REFERENCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
 }
 #: references whose usual torch forms already save their output (a custom class may not: measure it)
-SAVES_OUTPUT = {"relu", "sigmoid", "tanh"}
+SAVES_OUTPUT = {row.name for row in CATALOG if row.saves_output == "always"}
 _REL, _ULPS64 = 2.0 ** -26, 16 * torch.finfo(torch.float64).eps
 
 

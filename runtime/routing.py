@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import functional as IF
+from .common.catalog import group
 
 __all__ = ["FunctionalRouter", "route_functional", "ROUTED"]
 
@@ -48,18 +49,19 @@ def _positional_inplace(count: int, fn: Callable) -> Callable:
     return call
 
 
-# torch.nn.functional function -> invact call (returns None to leave the call to PyTorch)
+def _route(rows: tuple) -> Callable:
+    """The invact call for torch.nn.functional's function of these catalog rows (their ``args``)."""
+    names = [n for n, _ in rows[0].args]
+    fn = getattr(IF, rows[0].functional)
+    return _positional_inplace(names.index("inplace"), fn) if "inplace" in names else fn
+
+
+# torch.nn.functional function -> invact call (returns None to leave the call to PyTorch): the
+# catalog's functions that torch.nn.functional has too (rows with a torch.nn class), where PyTorch saves
+# the input (invact.common.catalog)
 ROUTED: dict[Callable, tuple[str, Callable]] = {
-    F.gelu: ("gelu", lambda input, approximate="none": IF.gelu(input, approximate)),
-    F.silu: ("silu", _positional_inplace(0, IF.silu)),
-    F.mish: ("mish", _positional_inplace(0, IF.mish)),
-    F.softplus: ("softplus", IF.softplus),
-    F.elu: ("elu", _positional_inplace(1, IF.elu)),
-    F.celu: ("celu", _positional_inplace(1, IF.celu)),
-    F.selu: ("selu", _positional_inplace(0, IF.selu)),
-    F.hardswish: ("hardswish", _positional_inplace(0, IF.hardswish)),
-    F.leaky_relu: ("leaky_relu", _positional_inplace(1, IF.leaky_relu)),
-}
+    getattr(F, name): (name, _route(rows)) for name, rows in group("functional").items()
+    if rows[0].torch is not None and rows[0].saves_output != "always"}
 
 
 def _worth_routing(args: tuple, kwargs: dict) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 import invact
 import invact.functional as IF
-from invact import modules, ops, patching
+from invact import modules, ops, patching, routing
 from invact.common.catalog import CATALOG, LEFT, CatalogError, check_catalog, group
 from invact.common.params import ParamError, check_params, holds
 from invact.fitting.expressions import parse
@@ -63,6 +63,10 @@ def test_faces_expose_nothing_outside_the_catalog():
     recognised = {tuple(r.cls.rsplit(".", 1)) for row in CATALOG for r in row.rules} \
         | {tuple(row.torch.rsplit(".", 1)) for row in CATALOG if row.torch} | {tuple(r.cls.rsplit(".", 1)) for r in LEFT}
     assert set(patching._RULES) == recognised
+    # functional routing: torch.nn.functional's function of each row that mirrors a torch.nn class and
+    # whose PyTorch form saves its input (relu, sigmoid, tanh save their output: nothing to gain)
+    assert {label for label, _ in routing.ROUTED.values()} == \
+        {row.functional for row in CATALOG if row.torch is not None and row.saves_output != "always"}
     for rule in patching._RULES.values():
         assert rule.table is None or callable(rule.table) or rule.table in names
 
@@ -79,7 +83,8 @@ def test_torch_nn_rules_read_the_selecting_fields_and_parameters():
 
 def test_a_new_row_is_all_it_takes():
     """In a fresh interpreter, one row added to the catalog (before the runtime loads) gives the fitter's
-    spec, the class, the function, the export and the patch rules — no other file edited. (Its table
+    spec, the class, the function, the export, the patch rules and the functional route — no other file
+    edited. (Its table
     would come from `invact fit softsign`; without it patch leaves nn.Softsign and says why.)"""
     code = textwrap.dedent("""
         import inspect
@@ -103,6 +108,8 @@ def test_a_new_row_is_all_it_takes():
         assert list(inspect.signature(IF.softsign).parameters) == ["input", "backend"]
         assert patching._RULES[("torch.nn.modules.activation", "Softsign")].table == "softsign"
         assert patching._RULES[("timm.layers.activations", "SoftSign")].table == "softsign"
+        from invact import routing
+        assert routing.ROUTED[torch.nn.functional.softsign][0] == "softsign"
         model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Softsign())
         report = invact.patch(model)
         assert report.left[0].reason == "no table 'softsign' in invact.generated", report
