@@ -233,7 +233,8 @@ def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, para
     tl = SimpleNamespace(div_rn=div_rn, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
                          erf=scipy.special.erf, abs=np.abs, where=np.where)
     x = np.linspace(-5, 5, 101) + 0.013
-    got = eval(code, {"tl": tl, "_tanh": np.tanh, "x": x, **mangled(params)})  # noqa: S307
+    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan)
+    got = eval(code, {"tl": tl, "act_triton": act_triton, "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), parse(text, "x", list(params)).subs(
         {sp.Symbol(k, real=True): v for k, v in params.items()}), ["scipy", "numpy"])
     np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)

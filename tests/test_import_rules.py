@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FITTER_ONLY = ("scipy", "sympy", "mpmath", "matplotlib", "flint", "invact.fitting")
-RUNTIME_HELPERS = {"invact.bitpack", "invact.fastmath", "invact.selection"}
+RUNTIME_HELPERS = {"invact.bitpack", "invact.fastmath", "invact.selection", "invact.act_triton"}
 # The fitter's imports of the runtime: none (what both sides share lives in invact.common).
 FITTER_USES_RUNTIME: set[tuple[str, str]] = set()
 

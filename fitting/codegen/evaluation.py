@@ -71,13 +71,11 @@ class TritonDialect(TorchDialect):
     where = where_rare = "tl.where"
 
     def sqrt(self, v): return f"tl.sqrt_rn({v})"  # correctly rounded, as the scheme's sqrt
-    def log(self, v): return f"_log({v})"
+    def log(self, v): return f"act_triton.log({v})"
     def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
-    def clamp1(self, v): return f"tl.minimum(tl.maximum({v}, -1.0), 1.0)"
     def isnan(self, v): return f"{v} != {v}"
     def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
     def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
-    def divide(self, a, b): return f"tl.div_rn({a}, {b})"  # `/` is div.full.f32 (2 ulp) on GPUs
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
         terms = [f"(y {passes(side)} tl.load(YT + {c.break_offset + j})).to(tl.int32)"
@@ -149,12 +147,16 @@ def _transform(d: TorchDialect, tf) -> str:
 
 
 def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
-    """g from the gathered row: transform, centred variable u, Horner, c0 split in two."""
+    """g from the gathered row: transform, centred variable u, Horner, c0 split in two (in Triton
+    code, after the transform, the runtime's invact.act_triton.row: the same operations)."""
     q = d.gather
     *rest, last = plan.transforms
     w(f"t = {_transform(d, last)}")
     for i, tf in reversed(list(enumerate(rest))):
         w(f"t = {d.where}({q(Plan.ROW_TID)} == {float(i)!r}, {_transform(d, tf)}, t)")
+    if isinstance(d, TritonDialect):
+        w(f"g = act_triton.row(t, P, s, NSEG, {plan.degree}, {plan.den_degree})")
+        return
     c0 = Plan.ROW_C0
     w(f"u = {d.clamp1(f'(t - {q(Plan.ROW_CENTER)}) * {q(Plan.ROW_SCALE)}')}")
     if plan.degree == 0:

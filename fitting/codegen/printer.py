@@ -7,7 +7,7 @@ locals, functions or modules starts with ``param_``, so no parameter name can sh
 Sub-expressions free of the tensor are parameter arithmetic: ``math`` in torch code (parameters are
 Python floats there), ``tl`` in Triton code (parameters are float32 kernel scalars). Numbers are
 printed as Python float literals. Integer powers become products; Triton has no ``tanh`` that runs in
-the interpreter, so it is printed as the generated module's ``_tanh`` (Cephes' tanhf in ``tl``
+the interpreter, so it is printed as ``act_triton.tanh`` (invact.act_triton: Cephes' tanhf in ``tl``
 operations); Triton square roots and divisions are the correctly rounded ``tl.sqrt_rn`` and ``tl.div_rn``.
 """
 
@@ -186,7 +186,7 @@ class TritonPrinter(_Base):
     broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies."""
 
     tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
-                    "tanh": "_tanh", "Abs": "tl.abs", "atan": "_atan"}
+                    "tanh": "act_triton.tanh", "Abs": "tl.abs", "atan": "act_triton.atan"}
     scalar_funcs = tensor_funcs
     where = "tl.where"
     minimum, maximum = "tl.minimum", "tl.maximum"

@@ -1,0 +1,192 @@
+"""The fitted activations' Triton kernels, less what is per table (docs/table-format.md, float32 scheme).
+
+A generated ``invact.generated.triton_NAME`` module holds what one table decides, as three
+``@triton.jit`` functions: ``f_x(x, params)`` (y = f(x) in float32), ``code_x(x, XT)`` (the int32
+forward code of x from the thresholds XT) and ``g_y(y, code, YT, P, params)`` (g(y, code) in float32
+from the y thresholds YT and POLY transposed, P); ``params`` is the tuple of float32 parameter
+values (a kernel argument may not be called ``params``: Triton's argument binder has a local of
+that name). It gets its launchers from :func:`launchers`. The kernels here load, store, pack and unpack
+the codes, and call those functions, passed as ``tl.constexpr`` arguments: Triton compiles one kernel
+per function and keys its caches by the function's source, as for any constexpr.
+
+Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
+does not run in the interpreter) and :func:`row`, a POLY row's value at t. Every launch passes
+``enable_fp_fusion=False``: each a * b + c is rounded twice, as the certified scheme and the torch code
+evaluate it (Triton contracts them into FMAs on GPUs by default).
+"""
+
+from collections.abc import Callable
+
+import triton
+import triton.language as tl
+
+from .common import float32_scheme as scheme
+
+__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "row"]
+
+DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
+LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
+SQRT2_F32 = tl.constexpr(scheme.SQRT2_F32)
+LN2_HI, LN2_LO = tl.constexpr(scheme.LN2_HI), tl.constexpr(scheme.LN2_LO)
+TANH_POLY = tl.constexpr((-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1,
+                          -3.33332819422e-1))  # Cephes tanhf
+ATAN_POLY = tl.constexpr((8.05374449538e-2, -1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1))  # Cephes atanf
+TANH_TERMS, ATAN_TERMS = tl.constexpr(len(TANH_POLY.value)), tl.constexpr(len(ATAN_POLY.value))
+ROW_CENTER, ROW_SCALE = tl.constexpr(scheme.ROW_CENTER), tl.constexpr(scheme.ROW_SCALE)
+ROW_C0, ROW_C0_LO, ROW_C1 = tl.constexpr(scheme.ROW_C0), tl.constexpr(scheme.ROW_C0_LO), tl.constexpr(scheme.ROW_C1)
+
+
+@triton.jit
+def _forward_plane(X, Y, offs, mask, params, F: tl.constexpr):
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    y = F(x, params)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    return x
+
+
+@triton.jit
+def forward_kernel(X, Y, CODE, XT, n, nbytes, PARAMS, F: tl.constexpr, CODE_OF: tl.constexpr,
+                   BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = F(x) in float32, stored in Y's dtype. With a code (BITS > 0), program pid packs BLOCK code
+    bytes b = pid * BLOCK + arange from the matching element nbytes * j + b of every bit plane j (see
+    invact.bitpack), so every load and store is contiguous and no offset needs a division."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
+    if BITS == 0:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        _forward_plane(X, Y, offs, offs < n, PARAMS, F)
+    else:
+        b = pid * BLOCK + tl.arange(0, BLOCK)
+        plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for j in tl.static_range(8 // BITS):
+            offs = plane * j + b
+            mask = (b < nbytes) & (offs < n)
+            c = CODE_OF(_forward_plane(X, Y, offs, mask, PARAMS, F), XT)
+            acc = acc | (tl.where(mask, c, 0) << (j * BITS))
+        tl.store(CODE + b, acc.to(tl.uint8), mask=b < nbytes)
+
+
+@triton.jit
+def _backward_plane(GO, Y, GX, YT, P, offs, mask, code, params, G: tl.constexpr):
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    g = G(y, code, YT, P, params)
+    go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, BITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """grad_in = G(y, code) * grad_out. With a code, program pid reads BLOCK code bytes once and the
+    matching element of every bit plane (the layout of :func:`forward_kernel`)."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
+    if BITS == 0:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        _backward_plane(GO, Y, GX, YT, P, offs, offs < n, 0, PARAMS, G)
+    else:
+        b = pid * BLOCK + tl.arange(0, BLOCK)
+        plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
+        byte = tl.load(CODE + b, mask=b < nbytes, other=0).to(tl.int32)
+        for j in range(8 // BITS):  # a loop, not unrolled: g is long
+            offs = plane * j + b
+            code = (byte >> (j * BITS)) & ((1 << BITS) - 1)
+            _backward_plane(GO, Y, GX, YT, P, offs, (b < nbytes) & (offs < n), code, PARAMS, G)
+
+
+def launchers(f_x, code_x, g_y, code_bits: int) -> tuple[Callable, Callable]:
+    """``forward(x, y, code, xthr, params, block)`` and ``backward(grad, y, code, grad_in, ythr, poly,
+    params, block)`` of one table: launch the kernels on flat contiguous tensors (code and xthr are
+    used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values)."""
+    def programs(n: int, code, block: int) -> tuple[int]:
+        return (triton.cdiv(code.numel() if code_bits else n, block),)
+
+    def forward(x, y, code, xthr, params, block: int = DEFAULT_BLOCK) -> None:
+        n = x.numel()
+        if n:
+            codes = (code, xthr) if code_bits else (None, None)
+            forward_kernel[programs(n, code, block)](x, y, *codes, n, code.numel() if code_bits else 0,
+                                                     tuple(params), f_x, code_x if code_bits else None,
+                                                     code_bits, block, enable_fp_fusion=False)
+
+    def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK) -> None:
+        n = y.numel()
+        if n:
+            backward_kernel[programs(n, code, block)](grad, y, code if code_bits else None, grad_in, ythr, poly, n,
+                                                      code.numel() if code_bits else 0, tuple(params), g_y,
+                                                      code_bits, block, enable_fp_fusion=False)
+
+    return forward, backward
+
+
+@triton.jit
+def log(a):
+    """log of positive normal float32 a, as invact.fastmath.log op for op (what certification
+    emulates): Cephes logf from the float's bits."""
+    bits = a.to(tl.int32, bitcast=True)
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m >= SQRT2_F32
+    e = ((bits >> 23) - 127 + big.to(tl.int32)).to(tl.float32)
+    f = tl.where(big, m * 0.5, m) - 1.0
+    z = f * f
+    p = tl.zeros(f.shape, dtype=tl.float32) + LOG_POLY[0]
+    for k in tl.static_range(1, LOG_TERMS):
+        p = p * f + LOG_POLY[k]
+    r = f * z * p
+    r = r + e * LN2_LO
+    r = r - 0.5 * z
+    return (f + r) + e * LN2_HI
+
+
+@triton.jit
+def tanh(z):
+    """tanh as Cephes tanhf (~2 float32 ulps): z + z^3 P(z^2) below |z| = 0.625, else
+    1 - 2 / (exp(2|z|) + 1) with z's sign; the same operations in the interpreter and on GPUs
+    (2 sigmoid(2z) - 1 would lose the relative accuracy of small z)."""
+    a = tl.abs(z)
+    s = z * z
+    p = tl.zeros(z.shape, dtype=tl.float32) + TANH_POLY[0]
+    for k in tl.static_range(1, TANH_TERMS):
+        p = p * s + TANH_POLY[k]
+    big = 1.0 - tl.div_rn(tl.zeros_like(a) + 2.0, tl.exp(2.0 * a) + 1.0)
+    t = tl.where(a < 0.625, p * s * z + z, tl.where(z < 0.0, -big, big))
+    return tl.where(z == 0.0, z, t)  # tanh(-0.0) = -0.0
+
+
+@triton.jit
+def atan(z):
+    """atan as Cephes atanf (~2 float32 ulps), with z's sign: argument reduction by tan(3 pi / 8)
+    and tan(pi / 8), then z + z^3 P(z^2)."""
+    a = tl.abs(z)
+    big = a > 2.414213562373095
+    mid = (a > 0.4142135623730950) & (a <= 2.414213562373095)
+    one = tl.zeros_like(a) + 1.0
+    r = tl.where(big, -tl.div_rn(one, tl.where(big, a, one)), tl.where(mid, tl.div_rn(a - 1.0, a + 1.0), a))
+    base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    s = r * r
+    p = tl.zeros(z.shape, dtype=tl.float32) + ATAN_POLY[0]
+    for k in tl.static_range(1, ATAN_TERMS):
+        p = p * s + ATAN_POLY[k]
+    t = base + (p * s * r + r)
+    return tl.where(z < 0.0, -t, tl.where(z == 0.0, z, t))
+
+
+@triton.jit
+def row(t, P, s, NSEG: tl.constexpr, DEGREE: tl.constexpr, DEN: tl.constexpr):
+    """g from segment s's POLY row at t (P: POLY transposed, NSEG segments): u = (t - center) * scale
+    clamped to [-1, 1], N(u) by Horner, divided by Q(u) = 1 + d1 u + ... on tables with rational
+    rows (DEN > 0), then g = (u N'(u) + c0_lo) + c0_hi (docs/table-format.md)."""
+    u = tl.minimum(tl.maximum((t - tl.load(P + ROW_CENTER * NSEG + s)) * tl.load(P + ROW_SCALE * NSEG + s), -1.0), 1.0)
+    if DEGREE == 0:
+        p = u * 0.0
+    else:
+        p = tl.load(P + (ROW_C0_LO + DEGREE) * NSEG + s)
+        for k in tl.static_range(1, DEGREE):
+            p = p * u + tl.load(P + (ROW_C0_LO + DEGREE - k) * NSEG + s)
+        if DEN > 0:  # d1 .. dDEN follow c1 .. cDEGREE
+            den = tl.load(P + (ROW_C1 + DEGREE + DEN - 1) * NSEG + s)
+            for k in tl.static_range(1, DEN):
+                den = den * u + tl.load(P + (ROW_C1 + DEGREE + DEN - 1 - k) * NSEG + s)
+            den = den * u + 1.0
+            p = tl.div_rn(p, den)
+        p = p * u
+    return (p + tl.load(P + ROW_C0_LO * NSEG + s)) + tl.load(P + ROW_C0 * NSEG + s)
