@@ -25,7 +25,7 @@ Examples
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -45,22 +45,31 @@ def _no_inplace(inplace: bool, fn: str) -> None:
                          f"tensor and saves it for backward); use y = invact.functional.{fn}(x)")
 
 
-def table_selector(rows: tuple[Entry, ...]) -> Callable[..., str]:
-    """``select(**arguments) -> table`` for catalog rows sharing a class or function: the rows'
-    ``select`` arguments choose the table (``approximate='tanh'`` -> gelu_tanh); ValueError otherwise."""
+def _table_lookup(rows: tuple[Entry, ...]) -> Callable[[Mapping[str, Any]], str]:
+    """``lookup(arguments) -> table`` for catalog rows sharing a class or function: the rows' ``select``
+    arguments choose the table (``approximate='tanh'`` -> gelu_tanh); ValueError otherwise."""
     fields = tuple(n for n, _ in rows[0].select)
-    tables = {tuple(v for _, v in row.select): row.name for row in rows}
+    if not fields:
+        table = rows[0].name
+        return lambda arguments: table
+    one = len(fields) == 1           # one selecting field (GELU's approximate): its value is the key
+    tables = {row.select[0][1] if one else tuple(v for _, v in row.select): row.name for row in rows}
 
-    def select(**arguments: Any) -> str:
-        key = tuple(arguments[f] for f in fields)
+    def lookup(arguments: Mapping[str, Any]) -> str:
+        key = arguments[fields[0]] if one else tuple([arguments[f] for f in fields])
         try:
             return tables[key]
         except (KeyError, TypeError):
-            pass
-        choices = " or ".join(repr(k[0] if len(fields) == 1 else k) for k in tables)
-        given = key[0] if len(fields) == 1 else key
-        raise ValueError(f"{', '.join(fields)} must be {choices}, got {given!r}")
-    return select
+            choices = " or ".join(map(repr, tables))
+            raise ValueError(f"{', '.join(fields)} must be {choices}, got {key!r}") from None
+    return lookup
+
+
+def table_selector(rows: tuple[Entry, ...]) -> Callable[..., str]:
+    """``select(**arguments) -> table`` for catalog rows sharing a class or function (see
+    :func:`_table_lookup`)."""
+    lookup = _table_lookup(rows)
+    return lambda **arguments: lookup(arguments)
 
 
 def gelu_table(approximate: str) -> str:
@@ -82,22 +91,17 @@ def _function(fn: str, rows: tuple[Entry, ...]) -> Callable[..., Tensor]:
     names = tuple(n for n, _ in rows[0].args)
     defaults = dict(rows[0].args)
     table_args = rows[0].table_args
-    select = table_selector(rows)
+    lookup = _table_lookup(rows)
+    inplace = "inplace" in names
+    default_params = {k: float(defaults[k]) for k in table_args}
 
     def call(input: Tensor, *args: Any, backend: str | None = None, **kwargs: Any) -> Tensor:
-        if len(args) > len(names):
-            raise TypeError(f"{fn}() takes from 1 to {len(names) + 1} positional arguments but "
-                            f"{len(args) + 1} were given")
-        values = dict(defaults)
-        values.update(zip(names, args))
-        for key, value in kwargs.items():
-            if key not in defaults or key in names[:len(args)]:
-                raise TypeError(f"{fn}() got an unexpected keyword argument {key!r}" if key not in defaults
-                                else f"{fn}() got multiple values for argument {key!r}")
-            values[key] = value
-        _no_inplace(values.get("inplace", False), fn)
-        params = {k: float(values[k]) for k in table_args}
-        return ops.apply(input, select(**values), params or None, backend)
+        values = _bind(fn, names, defaults, args, kwargs) if args or kwargs else defaults
+        if inplace and values["inplace"]:
+            _no_inplace(True, fn)
+        params = (dict(default_params) if values is defaults else {k: float(values[k]) for k in table_args}) \
+            if table_args else None
+        return ops.apply(input, lookup(values), params, backend)
 
     P = inspect.Parameter
     call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -107,6 +111,21 @@ def _function(fn: str, rows: tuple[Entry, ...]) -> Callable[..., Tensor]:
     call.__name__ = call.__qualname__ = fn
     call.__doc__ = rows[0].functional_doc
     return call
+
+
+def _bind(fn: str, names: tuple[str, ...], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of ``fn(input, *names)`` over their defaults, with Python's TypeErrors."""
+    if len(args) > len(names):
+        raise TypeError(f"{fn}() takes from 1 to {len(names) + 1} positional arguments but {len(args) + 1} were given")
+    values = dict(defaults)
+    values.update(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in defaults:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {key!r}")
+        if key in names[:len(args)]:
+            raise TypeError(f"{fn}() got multiple values for argument {key!r}")
+        values[key] = value
+    return values
 
 
 globals().update({fn: _function(fn, rows) for fn, rows in _FUNCTIONS.items()})
