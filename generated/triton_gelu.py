@@ -27,17 +27,8 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = (
-        tl.zeros(y.shape, dtype=tl.int32) + 3
-        + (y > tl.load(YT + 2)).to(tl.int32)
-        + (y > tl.load(YT + 3)).to(tl.int32)
-        + (y > tl.load(YT + 4)).to(tl.int32)
-    )
-    s = (
-        tl.zeros(y.shape, dtype=tl.int32)
-        + (y > tl.load(YT + 0)).to(tl.int32)
-        + (y > tl.load(YT + 1)).to(tl.int32)
-    )
+    s1 = act_triton.segment(y, YT, 2, 3, 7, 3)
+    s = act_triton.segment(y, YT, 0, 2, 3, 0)
     s = tl.where(code == 1, s1, s)
     t = act_triton.log(tl.maximum(-y, 1.1754943508222875e-38))
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.16997121274471283) - 5.264809033178608e-09) - 1.3471736094768506e-16), 0.0)), t)

@@ -27,8 +27,8 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = tl.zeros(y.shape, dtype=tl.int32) + 2 + (y >= tl.load(YT + 1)).to(tl.int32)
-    s = tl.zeros(y.shape, dtype=tl.int32) + (y >= tl.load(YT + 0)).to(tl.int32)
+    s1 = act_triton.segment(y, YT, 1, 1, 0, 2)
+    s = act_triton.segment(y, YT, 0, 1, 0, 0)
     s = tl.where(code == 1, s1, s)
     g = tl.div_rn(1.7320508075688772*tl.sqrt_rn(8.0*y + 3.0), tl.zeros_like(y) + 6.0)
     g = tl.where(s == 1, 1.0, g)

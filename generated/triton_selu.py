@@ -24,7 +24,7 @@ def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
     param_scale = params[0]
     param_alpha = params[1]
-    s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
+    s = act_triton.segment(y, YT, 0, 1, 1, 0)
     g = param_alpha*param_scale + y
     g = tl.where(s == 1, param_scale, g)
     g = tl.where(y != y, y, g)

@@ -27,19 +27,8 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = (
-        tl.zeros(y.shape, dtype=tl.int32) + 4
-        + (y > tl.load(YT + 3)).to(tl.int32)
-        + (y > tl.load(YT + 4)).to(tl.int32)
-        + (y > tl.load(YT + 5)).to(tl.int32)
-        + (y > tl.load(YT + 6)).to(tl.int32)
-    )
-    s = (
-        tl.zeros(y.shape, dtype=tl.int32)
-        + (y > tl.load(YT + 0)).to(tl.int32)
-        + (y > tl.load(YT + 1)).to(tl.int32)
-        + (y > tl.load(YT + 2)).to(tl.int32)
-    )
+    s1 = act_triton.segment(y, YT, 3, 4, 15, 4)
+    s = act_triton.segment(y, YT, 0, 3, 7, 0)
     s = tl.where(code == 1, s1, s)
     t = act_triton.log(tl.maximum(-y, 1.1754943508222875e-38))
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.27846455574035645) - 1.2979282537628478e-08) - 1.1257466239192657e-16), 0.0)), t)

@@ -24,7 +24,7 @@ def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
     param_beta = params[0]
     param_threshold = params[1]
-    s = tl.zeros(y.shape, dtype=tl.int32) + (y > tl.load(YT + 0)).to(tl.int32)
+    s = act_triton.segment(y, YT, 0, 1, 1, 0)
     g = 1.0 - tl.exp(-param_beta*y)
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, y, g)

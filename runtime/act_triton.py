@@ -10,7 +10,8 @@ the codes, and call those functions, passed as ``tl.constexpr`` arguments: Trito
 per function and keys its caches by the function's source, as for any constexpr.
 
 Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
-does not run in the interpreter) and :func:`row`, a POLY row's value at t. Every launch passes
+does not run in the interpreter), :func:`segment` (a segment index from thresholds) and :func:`row`
+(a POLY row's value at t). Every launch passes
 ``enable_fp_fusion=False``: each a * b + c is rounded twice, as the certified scheme and the torch code
 evaluate it (Triton contracts them into FMAs on GPUs by default).
 """
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from .common import float32_scheme as scheme
 
-__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "row"]
+__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "segment", "row"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
@@ -168,6 +169,22 @@ def atan(z):
         p = p * s + ATAN_POLY[k]
     t = base + (p * s * r + r)
     return tl.where(z < 0.0, -t, tl.where(z == 0.0, z, t))
+
+
+@triton.jit
+def segment(y, YT, FIRST: tl.constexpr, COUNT: tl.constexpr, STRICT: tl.constexpr, OFFSET: tl.constexpr):
+    """OFFSET + the number of thresholds YT[FIRST + j] (j < COUNT) that y passes: the global segment
+    index of y in a code class. y passes t where y > t if bit j of STRICT is set (its break belongs
+    to the left side), else where y >= t."""
+    s = tl.zeros(y.shape, dtype=tl.int32)
+    if OFFSET != 0:
+        s = s + OFFSET
+    for j in tl.static_range(COUNT):
+        if (STRICT >> j) & 1:
+            s = s + (y > tl.load(YT + (FIRST + j))).to(tl.int32)
+        else:
+            s = s + (y >= tl.load(YT + (FIRST + j))).to(tl.int32)
+    return s
 
 
 @triton.jit

@@ -78,10 +78,8 @@ class TritonDialect(TorchDialect):
     def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
-        terms = [f"(y {passes(side)} tl.load(YT + {c.break_offset + j})).to(tl.int32)"
-                 for j, (_, side) in enumerate(c.y_breaks)]
-        start = "tl.zeros(y.shape, dtype=tl.int32)" + (f" + {c.offset}" if c.offset else "")
-        return [start] + terms
+        strict = sum(1 << j for j, (_, side) in enumerate(c.y_breaks) if passes(side) == ">")
+        return [f"act_triton.segment(y, YT, {c.break_offset}, {len(c.y_breaks)}, {strict}, {c.offset})"]
 
     def interval_code(self, plan: Plan) -> str:
         op = [passes(side) for _, side in plan.x_breaks]
