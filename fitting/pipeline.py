@@ -151,10 +151,7 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
         except FitError:
             if polys is None:
                 raise error from None
-    def tails(ts):
-        return [Segment.from_json(dict(t, branch=b.index)) for t in ts]
-    return [tails(lows) + [p.segment(b.index) for p in pieces] + tails(highs)
-            for pieces in (polys, rats) if pieces is not None]
+    return [lows + [p.segment(b.index) for p in pieces] + highs for pieces in (polys, rats) if pieces is not None]
 
 
 def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
@@ -226,10 +223,10 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         if target == "derivative":
             limit = b.limits[which]
             bad = np.abs(ref.fp(steps) - limit) > tol / 4
-            kind = {"kind": "constant", "value": repr(float(limit))}
+            tail = ConstantSegment, repr(float(limit))
         else:
             bad = np.abs(steps - y) > tol / 4 if b.limits[which] == 1.0 else np.ones_like(steps, bool)
-            kind = {"kind": "exact", "expr": "y"}
+            tail = ExactSegment, "y"            # x = y
         finite = np.isfinite(y) & (np.abs(y) < F32_MAX)
         last_bad = np.nonzero(bad & finite)[0]
         k = 1 if last_bad.size == 0 else last_bad[-1] + 1
@@ -247,15 +244,15 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
             y_end = f32(y_limit + (TINY32 if which == "lower" else -TINY32))
             x_end = float(ref.inverse(np.array([y_end]))[0])
-            return y_end, {"kind": "constant", "value": repr(x_end), "y_range": _tail_range(b, which, y_end),
-                           "cutoff": True}
+            return y_end, ConstantSegment(_tail_range(b, which, y_end), b.index, repr(x_end), extra={"cutoff": True})
         if target == "inverse":
             raise FitError(f"branch {b.index}: x = f^-1(y) does not approach y as y -> {y_limit:+g} (inverse "
                            "tables support tails x = y only); use the derivative target (the runtime's)", None, "")
         raise FitError(f"branch {b.index}: g does not settle to its limit {b.limits[which]:g} within tolerance "
                        f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
     y_end = f32(float(y[k]))
-    return y_end, dict(kind, y_range=_tail_range(b, which, y_end))
+    kind, text = tail
+    return y_end, kind(_tail_range(b, which, y_end), b.index, text)
 
 
 def _flat_tail(b: Branch, ref: BranchReference, which: str, tol: float, y0: float):
@@ -275,8 +272,7 @@ def _flat_tail(b: Branch, ref: BranchReference, which: str, tol: float, y0: floa
                        None, "")
     y = float(ref.f(xs[k - 1:k])[0])
     y_end = f32_below(y) if which == "lower" else -f32_below(-y)   # rounded towards y0
-    return y_end, {"kind": "constant", "value": repr(float(limit)),
-                   "y_range": [y0, y_end] if which == "lower" else [y_end, y0]}
+    return y_end, ConstantSegment([y0, y_end] if which == "lower" else [y_end, y0], b.index, repr(float(limit)))
 
 
 def _tail_range(b: Branch, which: str, y_end: float) -> list[float]:

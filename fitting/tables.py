@@ -59,8 +59,6 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
     "n_branches": (int,), "n_codes": (int,), "code_bits": (int,), "forward_code": (dict,),
     "branches": (list,), "code_classes": (list,), "certificate": (dict,), "sha256": (str,),
 }
-_SEGMENT_KEYS = {"constant": ("value", "y_range", "branch"), "exact": ("expr", "y_range", "branch"),
-                 "poly": ("y_range", "branch", "transform", "center", "scale", "coeffs", "c0_lo", "error")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,18 +327,12 @@ def _code_value_problem(table: dict) -> str | None:
         return "has a break whose side is not 'left' or 'right'"
     if not all(type(c) is int and 0 <= c < table["n_codes"] for c in fc["codes"]):
         return f"has forward_code codes that are not integers in [0, {table['n_codes']})"
+    from .model import KINDS
     for c, cls in enumerate(table["code_classes"]):
         for s, seg in enumerate(cls["segments"]):
-            if seg["kind"] != "poly":
-                continue
-            tf = seg["transform"]
-            origin = tf.get("origin", 0.0) if isinstance(tf, dict) else None
-            origin = origin if isinstance(origin, list) else [origin]
-            if not (isinstance(tf, dict) and tf.get("kind") in ("identity", "sqrt", "log")
-                    and tf.get("sign", 1) in (1, -1) and _numbers(origin)
-                    and _numbers([seg["center"], seg["scale"], seg["c0_lo"]])):
-                return (f"has a malformed poly segment code_classes[{c}].segments[{s}] (transform kind "
-                        "identity/sqrt/log, sign +-1, numeric origin, center, scale and c0_lo)")
+            problem = KINDS[seg["kind"]].value_problem(seg, f"code_classes[{c}].segments[{s}]")
+            if problem:
+                return problem
     return None
 
 
@@ -350,6 +342,7 @@ def _expression_problem(table: dict) -> str | None:
     (:mod:`.expressions`): tables are data, and anything else is refused."""
     from .errors import SpecError
     from .expressions import check_param_names, check_text, check_torch_forward
+    from .model import segment_texts
     params = table["params"]
     names = tuple(params)
     try:
@@ -365,10 +358,7 @@ def _expression_problem(table: dict) -> str | None:
         for c, cls in enumerate(table["code_classes"]):
             texts += [(b.get("value"), (), f"code_classes[{c}] break") for b in cls["y_breaks"]]
             for seg in cls["segments"]:
-                if seg["kind"] == "constant":
-                    texts.append((seg["value"], (), f"code_classes[{c}] constant"))
-                elif seg["kind"] == "exact":
-                    texts.append((seg["expr"], ("y",), f"code_classes[{c}] expr"))
+                texts += segment_texts(seg, f"code_classes[{c}]")
         for text, variables, what in texts:
             if isinstance(text, bool) or not isinstance(text, (str, *_NUMBER)):
                 return f"has a {what} of type {type(text).__name__}, expected a number or expression string"
@@ -380,6 +370,7 @@ def _expression_problem(table: dict) -> str | None:
 
 
 def _structure_problem(table: dict) -> str | None:
+    from .model import segment_problem
     fc = table["forward_code"]
     if not isinstance(fc.get("x_breaks"), list) or not isinstance(fc.get("codes"), list) \
             or len(fc["codes"]) != len(fc["x_breaks"]) + 1:
@@ -395,22 +386,11 @@ def _structure_problem(table: dict) -> str | None:
                 or len(cls.get("y_breaks", ())) != len(segs) - 1:
             return f"has a malformed code_classes[{c}] (code, segments, one fewer y_breaks than segments)"
         for s, seg in enumerate(segs):
-            missing = [k for k in _SEGMENT_KEYS.get(seg.get("kind"), ("kind",)) if k not in seg]
-            if missing or seg.get("kind") not in _SEGMENT_KEYS:
-                return f"has a malformed segment code_classes[{c}].segments[{s}] (missing {missing})"
-            if seg["kind"] == "poly" and not _numbers(seg["coeffs"]):
-                return f"has non-numeric coeffs in code_classes[{c}].segments[{s}]"
-            if seg["kind"] == "poly" and "den" in seg and not (
-                    _numbers(seg["den"]) and len(seg["den"]) >= 2 and seg["den"][0] == 1 and len(seg["coeffs"]) >= 2):
-                return (f"has a malformed den in code_classes[{c}].segments[{s}] (numbers [1, d1, ...], "
-                        "with a numerator of degree >= 1)")
+            problem = segment_problem(seg, f"code_classes[{c}].segments[{s}]") if isinstance(seg, dict) else \
+                f"has a malformed segment code_classes[{c}].segments[{s}] (not an object)"
+            if problem:
+                return problem
     return None
-
-
-def _numbers(value: Any) -> bool:
-    """A non-empty list of JSON numbers (bool excluded)."""
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(v, _NUMBER) and not isinstance(v, bool) for v in value)
 
 
 # --------------------------------------------------------------------------------------------

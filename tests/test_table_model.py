@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from invact.fitting import model
+from invact.fitting.errors import TableError
 from invact.fitting.evaluate import eval_code_class
 from invact.fitting.tables import dump_table, list_tables, load_table
 
@@ -37,7 +38,7 @@ def test_round_trip_keeps_rational_and_unknown_keys():
 
 
 def test_unknown_kind_is_refused():
-    with pytest.raises(model.TableError, match="unknown segment kind 'spline'"):
+    with pytest.raises(TableError, match="unknown segment kind 'spline'"):
         model.Segment.from_json({"kind": "spline", "y_range": [0, 1], "branch": 0})
 
 

@@ -1,0 +1,409 @@
+"""Segment kinds: one class per kind, each binding the primitives of :class:`Segment` once, and the
+transforms of fitted pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, Protocol
+
+import numpy as np
+import sympy as sp
+
+from .errors import CertificationError, TableError
+from .float32 import F32_MAX, TINY32, log32
+from .scheme import closed_form_fn, param_values, horner, is_numbers, number, plain_extra
+
+__all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment", "ExactSegment", "PolySegment",
+           "RationalSegment", "KINDS", "segment_problem", "segment_texts"]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo
+    (float32 terms subtracted in order). Hashable: code generation numbers a table's distinct ones."""
+
+    kind: str = "identity"                       # identity | sqrt | log
+    origin: tuple[float, ...] = ()
+    sign: int = 1
+
+    KINDS: ClassVar[tuple[str, ...]] = ("identity", "sqrt", "log")
+
+    @classmethod
+    def from_json(cls, d: dict) -> Transform:
+        if d["kind"] == "identity":
+            return cls()
+        origin = d.get("origin", 0.0)
+        return cls(d["kind"], tuple(origin if isinstance(origin, list) else [origin]), d.get("sign", 1))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind} if self.kind == "identity" else {
+            "kind": self.kind, "origin": list(self.origin), "sign": self.sign}
+
+    def d(self, y: np.ndarray) -> np.ndarray:
+        """sign * (((y - hi) - mid) - lo) in y's dtype."""
+        ft = y.dtype.type
+        d = y
+        for o in self.origin:
+            d = d - ft(o)
+        return ft(self.sign) * d
+
+    def t(self, y: np.ndarray) -> np.ndarray:
+        """t in float64 (the fitter's variable)."""
+        return self.scheme(np.asarray(y, dtype=np.float64))
+
+    def scheme(self, y: np.ndarray) -> np.ndarray:
+        """t as the documented scheme computes it in y's dtype (float32: the runtime's log)."""
+        if self.kind == "identity":
+            return y
+        ft = y.dtype.type
+        d = self.d(y)
+        with np.errstate(all="ignore"):
+            if self.kind == "sqrt":
+                return np.sqrt(np.maximum(d, ft(0)))
+            d = np.maximum(d, ft(TINY32))
+            return np.where(np.isnan(d), d, log32(d)) if y.dtype == np.float32 else np.log(d)
+
+    def y(self, t: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`t` in float64."""
+        t = np.asarray(t, dtype=np.float64)
+        if self.kind == "identity":
+            return t
+        hi, *rest = self.origin
+        return hi + (sum(rest) + self.sign * (t * t if self.kind == "sqrt" else np.exp(t)))
+
+    def describe(self) -> str:
+        if self.kind == "identity":
+            return "y"
+        return f"{self.kind}({'' if self.sign > 0 else '-'}(y - {sum(map(float, self.origin)):.10g}))"
+
+
+@dataclass(frozen=True)
+class BoundContext:
+    """What certifying one segment needs: its branch's float64 expression and reference
+    (a :class:`.reference.BranchReference`), the table's target, tolerance and parameters."""
+
+    name: str
+    branch: int
+    expr: sp.Expr
+    ref: Any
+    target: str
+    tolerance: float
+    params: dict
+
+
+class Emitter(Protocol):
+    """The forms code generation evaluates (``Segment.emit`` calls one of them)."""
+
+    def row(self, transform: Transform, center: float, scale: float, coeffs: list[float], c0_lo: float,
+            den: list[float]) -> None: ...
+    def closed_form(self, expr: str) -> None: ...
+    def constant(self, value: Any) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# segments
+
+@dataclass
+class Segment:
+    """One piece of a code class over ``y_range`` (JSON numbers or "inf" strings), from ``branch``.
+    ``extra``: keys the model does not interpret (an inverse table's ``cutoff``), kept as read."""
+
+    y_range: list
+    branch: int | None                       # None only for a piece outside a table
+    extra: dict = field(default_factory=dict, kw_only=True)
+
+    kind: ClassVar[str] = ""
+    KEYS: ClassVar[tuple[str, ...]] = ()     # the JSON keys this kind requires (besides "kind")
+    TEXTS: ClassVar[tuple[tuple[str, tuple[str, ...], str], ...]] = ()   # (key, variables, label) of the
+                                             # expression strings it holds (checked by the whitelist)
+    fitted: ClassVar[bool] = False           # a fitted piece (counted as a piece, certified by a proof)
+
+    @staticmethod
+    def from_json(d: dict) -> Segment:
+        kind = KINDS.get(d.get("kind"))
+        if kind is None:
+            raise TableError(f"unknown segment kind {d.get('kind')!r}; expected one of {', '.join(KINDS)}")
+        cls = kind.variant(d)
+        names = [f.name for f in fields(cls) if f.name != "extra"]
+        values = {"branch": None, **{n: d[n] for n in names if n in d}}   # a lone piece may lack its branch
+        return cls(**cls._typed(values), extra=plain_extra(d, {"kind", *names}))
+
+    @classmethod
+    def variant(cls, d: dict) -> type[Segment]:
+        """The class of a JSON segment of this kind (a kind may have variants: poly with "den")."""
+        return cls
+
+    @classmethod
+    def _typed(cls, values: dict) -> dict:
+        """Field values from their JSON form (numbers and strings stay as read)."""
+        return values
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind}
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out["y_range"] = list(self.y_range)
+        if self.branch is None:
+            del out["branch"]
+        out.update(self.extra)
+        return out
+
+    @property
+    def lo(self) -> float:
+        return number(self.y_range[0])
+
+    @property
+    def hi(self) -> float:
+        return number(self.y_range[1])
+
+    @property
+    def certified(self) -> bool:
+        """False for an inverse table's cutoff constant (beyond float32's range: not certified)."""
+        return not self.extra.get("cutoff")
+
+    def evaluate(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:
+        """g~(y) by the documented scheme in y's dtype (float32: bit for bit as generated code)."""
+        raise NotImplementedError
+
+    def scheme_error(self, ref: Callable, y: np.ndarray, params: dict | None = None) -> float:
+        """Max error of the emulated float32 scheme at the float32 values ``y`` against the float64
+        reference ``ref``, absolute where |g| <= 1 and relative above, as certification measures it;
+        inf where float32 gives NaN or inf and the reference is finite."""
+        y = np.asarray(y, dtype=np.float32)
+        g = ref(y.astype(np.float64))
+        with np.errstate(all="ignore"):
+            got = self.evaluate(y, params).astype(np.float64)
+            err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
+        return float(np.max(err[np.isfinite(g)], initial=0.0))
+
+    def bound(self, ctx: BoundContext) -> tuple[float, str]:
+        """(bound on |g~ - g| in real arithmetic over the segment, the method that gave it)."""
+        raise NotImplementedError
+
+    def describe(self, fmt: Callable[[float], str] = "{:.4g}".format) -> str:
+        raise NotImplementedError
+
+    def emit(self, out: Emitter) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def structure_problem(cls, d: dict, where: str) -> str | None:
+        """What is wrong with the JSON ``d`` of this kind beyond missing keys (None: nothing)."""
+        return None
+
+    @classmethod
+    def value_problem(cls, d: dict, where: str) -> str | None:
+        """What is wrong with the values of ``d`` that reach generated code other than as expressions."""
+        return None
+
+    def text(self) -> Any:
+        """The closed form or value a branch's ``tails`` list shows for this segment (None: fitted)."""
+        return getattr(self, self.TEXTS[0][0]) if self.TEXTS else None
+
+    def substituted(self, params: dict) -> Segment:
+        """The segment with parameter values put into its expressions (tables that are not generic)."""
+        return self
+
+
+@dataclass
+class ConstantSegment(Segment):
+    """g = value (a number, or an expression in parameter names)."""
+
+    value: Any
+
+    kind: ClassVar[str] = "constant"
+    KEYS: ClassVar[tuple[str, ...]] = ("value", "y_range", "branch")
+    TEXTS: ClassVar[tuple] = (("value", (), "constant"),)
+
+    def evaluate(self, y, params=None):
+        ft = y.dtype.type
+        return np.full_like(y, ft(number(self.value, params))) + y * ft(0)  # NaN propagates
+
+    def bound(self, ctx):
+        """|g - value| on 200k points dense in x (a tail's g is monotone there)."""
+        lo, hi = max(self.lo, -F32_MAX), min(self.hi, F32_MAX)
+        xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
+        x = np.concatenate([np.linspace(xa, min(xb, xa + 1e3), 100_000),
+                            np.geomspace(1, 1 + xb - xa, 100_000) + xa - 1])
+        x = x[(x >= xa) & (x <= xb)]
+        value = number(self.value, ctx.params)
+        return float(np.max(np.abs(ctx.ref.value(x, bulk=False) - value), initial=0.0)), "dense-tail"
+
+    def describe(self, fmt=None):
+        return f"constant {self.value}"
+
+    def emit(self, out):
+        out.constant(self.value)
+
+
+@dataclass
+class ExactSegment(Segment):
+    """g = expr(y), a closed form evaluated as written."""
+
+    expr: str
+
+    kind: ClassVar[str] = "exact"
+    KEYS: ClassVar[tuple[str, ...]] = ("expr", "y_range", "branch")
+    TEXTS: ClassVar[tuple] = (("expr", ("y",), "expr"),)
+
+    def evaluate(self, y, params=None):
+        return closed_form_fn(self.expr, tuple(sorted((params or {}).items())))(y).astype(y.dtype)
+
+    def bound(self, ctx):
+        return 0.0, "exact"
+
+    def describe(self, fmt=None):
+        return f"exact {self.expr}"
+
+    def emit(self, out):
+        out.closed_form(self.expr)
+
+    def substituted(self, params):
+        from .expressions import parse
+        e = parse(self.expr, ("y",), tuple(params), "segment expr").subs(param_values(params))
+        return ExactSegment(self.y_range, self.branch, sp.sstr(e), extra=dict(self.extra))
+
+
+@dataclass
+class PolySegment(Segment):
+    """g = c0 + u P(u), u = clamp((T(y) - center) * scale, -1, 1); c0 = c0_hi + c0_lo (float32 terms)."""
+
+    transform: Transform
+    center: float
+    scale: float
+    coeffs: list                # c0_hi, c1 .. cd (float32 values)
+    c0_lo: float
+    error: float                # max error found when fitting (real arithmetic)
+
+    kind: ClassVar[str] = "poly"
+    KEYS: ClassVar[tuple[str, ...]] = ("y_range", "branch", "transform", "center", "scale", "coeffs", "c0_lo",
+                                       "error")
+    fitted: ClassVar[bool] = True
+
+    @classmethod
+    def variant(cls, d):
+        return RationalSegment if d.get("den") is not None else PolySegment
+
+    @classmethod
+    def _typed(cls, values):
+        return dict(values, transform=Transform.from_json(values["transform"]))
+
+    @classmethod
+    def structure_problem(cls, d, where):
+        if not is_numbers(d["coeffs"]):
+            return f"has non-numeric coeffs in {where}"
+        if "den" in d and not (is_numbers(d["den"]) and len(d["den"]) >= 2 and d["den"][0] == 1
+                               and len(d["coeffs"]) >= 2):
+            return f"has a malformed den in {where} (numbers [1, d1, ...], with a numerator of degree >= 1)"
+        return None
+
+    @classmethod
+    def value_problem(cls, d, where):
+        tf = d["transform"]
+        origin = tf.get("origin", 0.0) if isinstance(tf, dict) else None
+        origin = origin if isinstance(origin, list) else [origin]
+        if not (isinstance(tf, dict) and tf.get("kind") in Transform.KINDS and tf.get("sign", 1) in (1, -1)
+                and is_numbers(origin) and is_numbers([d["center"], d["scale"], d["c0_lo"]])):
+            return (f"has a malformed poly segment {where} (transform kind identity/sqrt/log, sign +-1, numeric "
+                    "origin, center, scale and c0_lo)")
+        return None
+
+    def to_json(self):
+        out = super().to_json()
+        out["transform"] = self.transform.to_json()
+        out["coeffs"] = list(self.coeffs)
+        return out
+
+    @property
+    def degree(self) -> int:
+        return len(self.coeffs) - 1
+
+    @property
+    def den_degree(self) -> int:
+        return 0
+
+    @property
+    def denominator(self) -> list | None:
+        return None
+
+    def u(self, y: np.ndarray) -> np.ndarray:
+        """The centred variable by the scheme, in y's dtype."""
+        ft = y.dtype.type
+        return np.clip((self.transform.scheme(y) - ft(self.center)) * ft(self.scale), ft(-1), ft(1))
+
+    def evaluate(self, y, params=None):
+        return horner(self.coeffs, self.c0_lo, self.u(y), self.denominator)
+
+    def bound(self, ctx):
+        """A proved bound (python-flint balls, :mod:`.arb_bound`) over the piece's ends in x."""
+        from .arb_bound import piece_bound
+        lo, hi = self.lo, self.hi
+        xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
+        xa, xb = xa - 1e-15 * max(1.0, abs(xa)), xb + 1e-15 * max(1.0, abs(xb))
+        bound, _, proved = piece_bound(ctx.expr, self, ctx.target, xa, xb, ctx.tolerance)
+        if not proved:
+            raise CertificationError(f"{ctx.name}: piece on y in [{lo:g}, {hi:g}] of branch {ctx.branch} "
+                                     f"could not be proved within {ctx.tolerance:g} (reached {bound:.3g})")
+        return bound, "arb-taylor2"
+
+    def _shape(self) -> str:
+        return f"poly degree {self.degree}"
+
+    def describe(self, fmt="{:.4g}".format):
+        return f"{self._shape()} in {self.transform.describe()}, error {fmt(self.error)}"
+
+    def emit(self, out):
+        out.row(self.transform, float(self.center), float(self.scale), [float(c) for c in self.coeffs],
+                float(self.c0_lo), [float(d) for d in self.denominator or [1.0]])
+
+
+@dataclass
+class RationalSegment(PolySegment):
+    """g = c0 + u N(u) / Q(u), Q = den = (1, d1 .. dn) with no zero on [-1, 1] (JSON kind "poly" with
+    "den"); N = c1 + c2 u + ... from ``coeffs``."""
+
+    den: list                   # 1, d1 .. dn (float32 values)
+
+    @property
+    def den_degree(self) -> int:
+        return len(self.den) - 1
+
+    @property
+    def denominator(self) -> list:
+        return self.den
+
+    def to_json(self):
+        out = super().to_json()
+        out["den"] = list(self.den)
+        return out
+
+    def _shape(self) -> str:
+        return f"rational ({self.degree}, {self.den_degree})"
+
+
+KINDS: dict[str, type[Segment]] = {cls.kind: cls for cls in (ConstantSegment, ExactSegment, PolySegment)}
+
+
+def segment_problem(d: dict, where: str) -> str | None:
+    """What is wrong with the structure of JSON segment ``d`` (at ``where`` in its table), or None."""
+    cls = KINDS.get(d.get("kind"))
+    missing = [k for k in (cls.KEYS if cls else ("kind",)) if k not in d]
+    if missing or cls is None:
+        return f"has a malformed segment {where} (missing {missing})"
+    return cls.structure_problem(d, where)
+
+
+def segment_texts(d: dict, where: str) -> list[tuple[Any, tuple[str, ...], str]]:
+    """(text, its variables, what it is) of each expression string JSON segment ``d`` holds."""
+    return [(d[key], variables, f"{where} {label}") for key, variables, label in KINDS[d["kind"]].TEXTS]
+
+
+def _check_kinds() -> None:
+    """Every kind names its JSON keys and binds the primitives (a new kind missing one fails here)."""
+    for kind, cls in KINDS.items():
+        missing = [m for m in ("evaluate", "bound", "describe", "emit") if getattr(cls, m) is getattr(Segment, m)]
+        if missing or cls.kind != kind or not cls.KEYS:
+            raise TypeError(f"segment kind {kind!r} ({cls.__name__}) lacks {missing or 'its kind or KEYS'}")
+
+
+_check_kinds()
+
