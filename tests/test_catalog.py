@@ -168,3 +168,20 @@ def test_check_order_defaults_and_domain():
     assert holds("-alpha + 2*beta/4 <= 1", {"alpha": 1.0, "beta": 2.0}) and not holds("alpha > 0", {"alpha": -1.0})
     with pytest.raises(ParamError, match="param_domain"):
         holds("alpha >", {"alpha": 1.0})
+
+
+@pytest.mark.slow
+def test_generated_functions_trace_without_graph_breaks():
+    """The functions built from the catalog (binding, table lookup by a selecting argument, parameters)
+    trace under torch.compile(fullgraph=True) and compute what they compute eagerly."""
+    if not {"gelu_tanh", "elu", "softplus"} <= set(ops.names()):
+        pytest.skip("tables not generated")
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return IF.gelu(x, "tanh", backend="eager") + IF.elu(x, alpha=1.0, backend="eager") \
+            + IF.softplus(x, backend="eager")
+
+    y = torch.compile(f, fullgraph=True)(x)
+    # the same custom ops, then the same two float64 additions in the same order: bit for bit
+    torch.testing.assert_close(y, f(x), rtol=0, atol=0)
