@@ -1,7 +1,8 @@
 """Swap a model's activation modules for invact's, in place, and back.
 
 :func:`patch` walks the module tree and replaces, under the same attribute names (so ``state_dict``
-keys and loading are unchanged), every activation module it recognises by its exact class:
+keys and loading are unchanged), every activation module it recognises by its exact class (the rules
+are the activation catalog's, :mod:`invact.common.catalog`):
 
 * torch.nn: GELU (both ``approximate``), SiLU, Mish, Softplus, ELU, CELU, SELU, Hardswish, LeakyReLU
   (and ReLU, Sigmoid, Tanh — see "no gain" below);
