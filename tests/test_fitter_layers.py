@@ -76,3 +76,27 @@ def test_layers_point_down():
                 assert rank[dep_top] <= rank[top], f"{name} imports {dep}, an upper layer"
     assert f"{FITTER}.pipeline" not in set().union(*(graph[m] for m in graph if m.endswith(("certify", "fit"))))
     assert Path(REPO / "fitting" / "float32.py").is_file()
+
+
+def test_only_the_probe_runs_pytorch():
+    """Code generation is torch-free: PyTorch's gradients at NaN y are measured in one fitter module
+    (fitting/pytorch_probe.py) and handed to codegen.analysis.plan_table as data."""
+    users = sorted(str(p.relative_to(REPO)) for p in (REPO / "fitting").rglob("*.py")
+                   if any(n == "torch" or n.startswith("torch.") for n in imports(p)))
+    assert users == ["fitting/pytorch_probe.py"]
+
+
+def test_probe_measures_what_the_formula_cannot_give():
+    """relu at NaN: PyTorch's 1; leaky_relu at NaN: its slope, where the formula's IEEE reading
+    (Piecewise((slope*x, x <= 0), (x, True)) takes the last piece at NaN) would give 1; gelu: none."""
+    import math
+
+    from invact.fitting.pytorch_probe import nan_gradients
+    from invact.fitting.tables import load_table, table_path
+    relu, leaky, gelu = (load_table(table_path(n)) for n in ("relu", "leaky_relu", "gelu"))
+    [(x, values)] = nan_gradients(relu)
+    assert math.isnan(x) and values == {1.0}
+    [(x, values)] = nan_gradients(leaky)
+    assert math.isnan(x) and values == {leaky["params"]["negative_slope"]} and 1.0 not in values
+    assert nan_gradients(gelu) == ()
+    assert nan_gradients(dict(relu, torch_forward=None)) == ()

@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import sympy as sp
 
 from ...common import float32_scheme as scheme
 from ..model import Table, Transform
+from ..pytorch_probe import nan_gradients
 from .printer import parse
 
 __all__ = ["Plan", "ClassPlan", "plan_table", "code_of"]
@@ -111,8 +113,10 @@ class _Forms:
         self.items.append(("constant", (value,)))
 
 
-def plan_table(table: dict | Table, source: str | Path) -> Plan:
-    """The code-generation plan of a derivative table (a JSON dict or a :class:`..model.Table`)."""
+def plan_table(table: dict | Table, source: str | Path,
+               nan_probe: Callable[[dict], tuple] = nan_gradients) -> Plan:
+    """The code-generation plan of a derivative table (a JSON dict or a :class:`..model.Table`).
+    ``nan_probe``: PyTorch's gradients where its y is NaN (:func:`..pytorch_probe.nan_gradients`)."""
     raw = table.to_json() if isinstance(table, Table) else table
     table = Table.of(table)
     names = tuple(table.params)
@@ -152,7 +156,7 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
                 constant.append((index, num(args[0])))
             rows.append(tuple(row))
     fc = table.forward_code
-    nan_values = _nan_values(raw, classes, exact, constant, rows)
+    nan_values = _nan_values(raw, classes, exact, constant, rows, nan_probe(raw))
     return Plan(
         name=table.name, source=Path(source).as_posix(), meta=_meta(raw),
         params=tuple((n, float(v)) for n, v in table.params.items()),
@@ -179,40 +183,16 @@ def code_of(codes: tuple[int, ...], x: float) -> int:
     return codes[0]                                        # where-chain from codes[0]
 
 
-def _torch_derivatives(table: dict, x: float) -> tuple[tuple[float, float], ...]:
-    """(y, f'(x)) by PyTorch's float64 forward and autograd at x, on its scalar path (1 element) and
-    its vectorised path (element 0 of 64), which can differ at NaN."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..expressions import check_torch_forward
-    check_torch_forward(table["torch_forward"])            # a built-in's own string, never other text
-    out = []
-    for n in (1, 64):
-        xt = torch.full((n,), x, dtype=torch.float64, requires_grad=True)
-        y = eval(table["torch_forward"], {"F": F, "torch": torch, "x": xt, **table["params"]})  # noqa: S307
-        y.sum().backward()
-        out.append((float(y.detach()[0]), float(xt.grad[0])))
-    return tuple(out)
-
-
-def _nan_values(table, classes, exact, constant, rows) -> tuple[tuple[int, sp.Expr], ...]:
+def _nan_values(table, classes, exact, constant, rows, measured) -> tuple[tuple[int, sp.Expr], ...]:
     """Per code, g where the stored y is NaN: PyTorch's derivative at the inputs x in {NaN, -inf, +inf}
     whose y is NaN and whose forward code is that code, where it is one finite value on both of
-    PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0). Written as
-    the code class's constant-valued segment with that value (so parameters stay symbolic), or as
-    the number for tables without generic parameters. Elsewhere NaN, as the float32 scheme gives.
-    Tables without a PyTorch forward (user formulas) keep NaN."""
-    if not table.get("torch_forward"):
-        return ()
+    PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0), as
+    ``measured`` (:func:`..pytorch_probe.nan_gradients`) gives them. Written as the code class's
+    constant-valued segment with that value (so parameters stay symbolic), or as the number for
+    tables without generic parameters. Elsewhere NaN, as the float32 scheme gives. Tables without a
+    PyTorch forward (user formulas) keep NaN."""
     found: dict[int, set] = {}
-    for x in (math.nan, -math.inf, math.inf):
-        paths = _torch_derivatives(table, x)
-        if not all(math.isnan(y) for y, _ in paths):
-            continue                                       # y is not NaN: no restore applies
-        values = {d for _, d in paths}
-        if len(values) > 1 and any(math.isnan(v) for v in values):
-            continue                                       # PyTorch itself gives either: no constraint
+    for x, values in measured:
         found.setdefault(code_of(tuple(table["forward_code"]["codes"]), x), set()).update(values)
     defaults = {sp.Symbol(n, real=True): v for n, v in table["params"].items()}
     y = sp.Symbol("y", real=True)
