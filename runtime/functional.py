@@ -72,14 +72,6 @@ def table_selector(rows: tuple[Entry, ...]) -> Callable[..., str]:
     return lambda **arguments: lookup(arguments)
 
 
-def gelu_table(approximate: str) -> str:
-    """Table name for ``approximate`` ('none' -> gelu, 'tanh' -> gelu_tanh); ValueError otherwise."""
-    return _GELU_SELECT(approximate=approximate)
-
-
-_GELU_SELECT = table_selector(_FUNCTIONS["gelu"])
-
-
 def apply(input: Tensor, name: str, *, backend: str | None = None, **params: float) -> Tensor:
     """Any table by name, e.g. one fitted with ``invact fit FORMULA --name NAME``."""
     return ops.apply(input, name, params or None, backend)
