@@ -38,7 +38,6 @@ PARAMS = ('alpha',)
 # their keyword names in this module's functions (invact.ops passes them; never a local's name)
 PARAM_ARGS = ('param_alpha',)
 CODE_BITS = 0
-N_SEGMENTS = 2
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
 # taken where the code matches no other (invact.selection).
 CLASSES = ((0, 0, 2, 0),)

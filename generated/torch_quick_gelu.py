@@ -38,7 +38,6 @@ PARAMS = ()
 # their keyword names in this module's functions (invact.ops passes them; never a local's name)
 PARAM_ARGS = ()
 CODE_BITS = 1
-N_SEGMENTS = 9
 # Code classes: (code, first segment, number of segments, first y threshold); the first is
 # taken where the code matches no other (invact.selection).
 CLASSES = ((0, 0, 4, 0), (1, 4, 5, 3))

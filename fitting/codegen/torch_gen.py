@@ -37,7 +37,6 @@ def _meta(w: Writer, plan: Plan) -> None:
       "NAME = META['name']", f"PARAMS = {plan.param_names!r}",
       "# their keyword names in this module's functions (invact.ops passes them; never a local's name)",
       f"PARAM_ARGS = {tuple(mangle(n) for n in plan.param_names)!r}", f"CODE_BITS = {plan.code_bits}",
-      f"N_SEGMENTS = {plan.n_segments}",
       "# Code classes: (code, first segment, number of segments, first y threshold); the first is",
       "# taken where the code matches no other (invact.selection).",
       f"CLASSES = {classes!r}",
