@@ -90,14 +90,9 @@ def g_kernel(y, code, thr, poly):
     segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    if torch.compiler.is_compiling():
-        s1 = (y >= thr[1]).to(torch.int32) + 2
-        s = (y >= thr[0]).to(torch.int32)
-        s = fastmath.where(code == 1, s1, s)
-    else:
-        s1 = (y >= thr[1]).to(torch.int32) + 2
-        s = (y >= thr[0]).to(torch.int32)
-        s = fastmath.where(code == 1, s1, s)
+    s1 = (y >= thr[1]).to(torch.int32) + 2
+    s = (y >= thr[0]).to(torch.int32)
+    s = fastmath.where(code == 1, s1, s)
     g = 1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0
     g = fastmath.where(s == 1, 1.0, g)
     g = fastmath.where(s == 2, -1.7320508075688772*torch.sqrt(8.0*y + 3.0)/6.0, g)

@@ -87,10 +87,7 @@ def g_kernel(y, code, thr, poly):
     segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    if torch.compiler.is_compiling():
-        s = (y > thr[0]).to(torch.int32)
-    else:
-        s = (y > thr[0]).to(torch.int32)
+    s = (y > thr[0]).to(torch.int32)
     g = torch.zeros_like(y) + 0.0
     g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, 1.0, g)

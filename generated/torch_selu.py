@@ -87,10 +87,7 @@ def g_kernel(y, code, thr, poly, *, param_scale=1.0507009873554805, param_alpha=
     segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    if torch.compiler.is_compiling():
-        s = (y > thr[0]).to(torch.int32)
-    else:
-        s = (y > thr[0]).to(torch.int32)
+    s = (y > thr[0]).to(torch.int32)
     g = param_alpha*param_scale + y
     g = fastmath.where(s == 1, param_scale, g)
     g = torch.where(y != y, y, g)

@@ -104,7 +104,7 @@ def _sum(w: Writer, name: str, terms: list[str]) -> None:
 def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """s = global segment index of each element (code class picked by ``code``), and the
     per-element POLY row q (gathered, or selected on the compiled CPU path)."""
-    def body(compare: bool) -> None:
+    def body(compare: bool, w: Writer = w) -> Writer:
         if plan.n_segments == 1 and isinstance(d, TritonDialect):
             w("s = 0")
         if plan.n_segments > 1:
@@ -113,9 +113,14 @@ def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
             _sum(w, "s", d.class_index(plan, plan.classes[0], compare))
             for c in plan.classes[1:]:
                 w(f"s = {d.where}(code == {c.code}, s{c.code}, s)")
+        return w
 
     if isinstance(d, TritonDialect):
         body(True)
+        return
+    compiled = body(True, Writer()).lines()
+    if not plan.has_poly and compiled == body(False, Writer()).lines():
+        w(*compiled)   # no bucketize, no gather: the same statements compiled and eager
         return
     # compiled: comparisons and selections fuse into the one generated loop (aten.bucketize and
     # gathers would not: see invact.selection); eager: one bucketize per class and one gather.

@@ -35,5 +35,9 @@ class Writer:
         finally:
             self._level -= 1
 
+    def lines(self) -> list[str]:
+        """The lines written so far (to write them again inside another writer's block)."""
+        return list(self._lines)
+
     def text(self) -> str:
         return "\n".join(self._lines).rstrip("\n") + "\n"
