@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .float32 import round_to
-from .model import number
+from .model import Table, number
 
 __all__ = ["DTYPES", "DESIGN_FLOORS", "PAPER_ERRORS", "round_to", "information_floor", "information_floors",
            "plot_error_curves", "plot_all_error_curves", "plot_gradient_errors"]
@@ -69,15 +69,14 @@ def _curve(table: dict, index: int, y_max: float, n: int = 4000) -> tuple[np.nda
     The ends are left out: where branches touch, the table follows the piece PyTorch gives the kink.
     """
     from .certify import branch_reference, branch_sample_range
-    from .evaluate import eval_code_class
     lo, hi = branch_sample_range(table, index)
     lo, hi = max(lo, -y_max), min(hi, y_max)
     s = np.geomspace(1e-12, 1.0, n // 4)                      # clustered at both ends (singularities)
     y = np.unique(np.concatenate([np.linspace(lo, hi, n // 2), lo + (hi - lo) * s, hi - (hi - lo) * s]))
     y = y[(y > lo) & (y < hi)]          # open range (see above)
-    cc = table["code_classes"][table["branches"][index]["code"]]
+    cc = Table.of(table).code_class_of(index)
     g = branch_reference(table, index)(y)
-    return y, np.abs(eval_code_class(cc, y, table["params"]) - g) / np.maximum(1.0, np.abs(g))
+    return y, np.abs(cc.evaluate(y, table["params"]) - g) / np.maximum(1.0, np.abs(g))
 
 
 def _hlines(ax, values: Mapping[str, float], what: str) -> None:
@@ -113,7 +112,7 @@ def plot_error_curves(table: dict, path: str | os.PathLike | None = None, ax=Non
     ``path`` when given. Returns the figure.
     """
     fig, ax = _axes(ax, (9, 5), path)
-    curves = {b["index"]: _curve(table, b["index"], y_max) for b in table["branches"] if b["direction"] != "constant"}
+    curves = {b.index: _curve(table, b.index, y_max) for b in Table.of(table).branches if not b.flat}
     positive = [e[e > 0].min() for _, e in curves.values() if (e > 0).any()]
     bottom = max(_TINY, 0.1 * min(positive, default=_TINY))      # exact zeros are drawn at the bottom
     for (index, (y, err)), color in zip(curves.items(), itertools.cycle(_CURVE_COLORS)):

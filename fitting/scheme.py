@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-__all__ = ["number", "horner", "segment_index", "Break", "is_numbers", "plain_extra", "param_values", "closed_form_fn"]
+__all__ = ["number", "horner", "segment_index", "Break", "is_numbers", "plain_extra", "param_values",
+           "closed_form_fn"]
 
 NUMBER = (int, float)
 

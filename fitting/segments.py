@@ -11,7 +11,7 @@ import sympy as sp
 
 from .errors import CertificationError, TableError
 from .float32 import F32_MAX, TINY32, log32
-from .scheme import closed_form_fn, param_values, horner, is_numbers, number, plain_extra
+from .scheme import closed_form_fn, horner, is_numbers, number, param_values, plain_extra
 
 __all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment", "ExactSegment", "PolySegment",
            "RationalSegment", "KINDS", "segment_problem", "segment_texts"]
