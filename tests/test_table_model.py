@@ -4,6 +4,8 @@ the same bytes, and each segment kind binds its primitives."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar   # at module level: dataclasses resolve string annotations here
 
 import numpy as np
 import pytest
@@ -74,3 +76,71 @@ def test_describe_names_kind_and_shape():
     assert any(t.startswith("poly degree") and " in sqrt(" in t for t in texts), texts
     assert any(t.startswith("constant") for t in texts), texts
     assert all(math.isfinite(s.lo) or math.isinf(s.lo) for _, s in gelu.segments())
+
+
+def test_a_new_kind_is_one_class(monkeypatch, tmp_path):
+    """A segment kind defined and registered in one place is loaded, validated, evaluated, certified,
+    described and planned for code generation with no other change (here g = a + b y, standing in for
+    relu's exact g = 1 on its right branch)."""
+    from invact.fitting import segments, tables
+    from invact.fitting.certify import certify_table
+    from invact.fitting.codegen.analysis import plan_table
+
+    @dataclass
+    class LinearSegment(model.Segment):
+        a: float
+        b: float
+
+        kind: ClassVar[str] = "linear"
+        KEYS: ClassVar[tuple[str, ...]] = ("a", "b", "y_range", "branch")
+
+        def evaluate(self, y, params=None):
+            ft = y.dtype.type
+            return ft(self.a) + ft(self.b) * y
+
+        def bound(self, ctx):
+            return 0.0, "exact"
+
+        def describe(self, fmt=None):
+            return f"linear {self.a} + {self.b} y"
+
+        def emit(self, out):
+            out.closed_form(f"{self.a!r} + {self.b!r}*y")
+
+    monkeypatch.setitem(segments.KINDS, "linear", LinearSegment)
+    segments._check_kinds()
+    raw = load_table(next(p for p in PATHS if p.name == "relu.json"))
+    cc = raw["code_classes"][0]
+    i = next(k for k, s in enumerate(cc["segments"]) if s["kind"] == "exact")
+    cc["segments"][i] = {"kind": "linear", "a": 1.0, "b": 0.0, "y_range": cc["segments"][i]["y_range"], "branch": 1}
+    path = tmp_path / "generated" / "tables" / "relu.json"
+    text = dump_table(raw)
+    table = tables.load_table(path, text)                    # validated like any table
+    assert model.Table.from_json(table).to_json() == table
+    seg = model.Segment.from_json(cc["segments"][i])
+    assert isinstance(seg, LinearSegment) and seg.describe() == "linear 1.0 + 0.0 y"
+    y = np.float32([0.5, 2.0, 1e30])
+    np.testing.assert_array_equal(eval_code_class(table["code_classes"][0], y), np.float32([1, 1, 1]))
+    cert = certify_table(table, fp32_samples=2**10)
+    assert cert["approx_error"] == 0.0 and cert["float32_eval_error"] == 0.0   # g = 1 exactly
+    plan = plan_table(table, "relu.json", nan_probe=lambda t: ())
+    assert [(k, str(e)) for k, e in plan.exact] == [(i, "1.00000000000000")]
+    monkeypatch.delitem(segments.KINDS, "linear")
+    with pytest.raises(TableError, match="unknown segment kind 'linear'"):
+        model.Segment.from_json(cc["segments"][i])
+
+
+def test_a_kind_missing_a_primitive_is_refused(monkeypatch):
+    from invact.fitting import segments
+
+    @dataclass
+    class Half(model.Segment):
+        kind: ClassVar[str] = "half"
+        KEYS: ClassVar[tuple[str, ...]] = ("y_range", "branch")
+
+        def evaluate(self, y, params=None):
+            return y * y.dtype.type(0.5)
+
+    monkeypatch.setitem(segments.KINDS, "half", Half)
+    with pytest.raises(TypeError, match="'half'.*bound.*describe.*emit"):
+        segments._check_kinds()
