@@ -23,9 +23,10 @@ its own bf16 copy; ``autocast_output=True`` makes the norm return the autocast d
 bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the Linear's input.
 
 Speed (CPU, ``benchmarks/activations.py --norms``): the forward is PyTorch's own kernel plus the kept
-columns; on the "compiled" backend the backward of float32 / float64 LayerNorm is one Inductor pass
-recovering ``x - mean`` from y, then ATen's fused LayerNorm backward; the others read y and dy in two
-Inductor-compiled passes.
+columns; on the "compiled" backend the backward is one C kernel (:mod:`invact.norm_cpu`: recovery, dx and
+the column sums in one pass per row; float32 / bfloat16 / float16 y, AVX-512). Without it, float64 (and,
+where the kernel is missing, float32) LayerNorm recovers ``x - mean`` in one Inductor pass for ATen's
+fused LayerNorm backward, and the others read y and dy in two Inductor-compiled passes.
 
 Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /
 ``invact::norm_backward`` custom ops with fakes and autograd, the functional wrappers, the modules.
@@ -43,10 +44,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, norm_cpu
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO",
-           "error_bound"]
+           "error_bound", "relative_bound"]
 
 RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + tiny(y's dtype)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -122,14 +123,9 @@ def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return mean, torch.rsqrt(var + eps)
 
 
-_stats_compiled = backends.compiled(_stats)
-
-
 def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
-                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
-                   compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype.
-    ``compiled``: the statistics of half x (LayerNorm) by Inductor, one fused pass."""
+                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype."""
     n = x.shape[-1]
     if not rms and not offset and norm_dtype is None:
         acc = _acc(x.dtype)
@@ -140,8 +136,8 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
             w = x.new_ones(n, dtype=acc) if w is None else w.to(acc)
             b = None if b is None else b.to(acc)
         y, mean, rstd = torch.native_layer_norm(x, (n,), w, b, eps)
-        if rstd.dtype != acc:               # half x on CPU: torch returns mean and rstd rounded to x's dtype
-            mean, rstd = (_stats_compiled if compiled else _stats)(x, eps)
+        if rstd.dtype != acc:               # a kernel that returns half x's statistics in x's dtype (CPU
+            mean, rstd = _stats(x, eps)     # and CUDA do not: see above), recomputed in float32
         return y.to(out_dtype), mean, rstd
     xf = x.to(_acc(x.dtype))
     if rms:
@@ -223,14 +219,16 @@ def _backward_aten(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Ten
 def _backward_torch(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
                     bias: Tensor | None, rms: bool, offset: float, compiled: bool,
                     x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dgamma, dbeta) in the accumulation dtype (ATen's LayerNorm path: dx in x's), for y and dy of
-    shape (rows, n). ``compiled``: the CPU fast paths (ATen's fused kernel for LayerNorm, Inductor)."""
+    """(dx, dgamma, dbeta) in the accumulation dtype (C kernel and ATen's LayerNorm path: dx in x's), for
+    y and dy of shape (rows, n). ``compiled``: the CPU fast paths (the C kernel of :mod:`invact.norm_cpu`;
+    without it ATen's fused kernel for LayerNorm, else Inductor)."""
     n = y.shape[-1]
     acc = _acc(rstd.dtype)
     g = _gamma(weight, offset, n, acc, y.device)
     b = None if bias is None else bias.reshape(n).to(acc)
     rstd = rstd.to(acc)
-    if compiled and not rms and x_dtype in _ATEN_DTYPES and y.numel():
+    if compiled and not rms and x_dtype in _ATEN_DTYPES and y.numel() \
+            and (y.dtype not in norm_cpu.DTYPE_IDS or norm_cpu.library() is None):
         return _backward_aten(dy, y, rstd, extra, cols, g, b, x_dtype)
     if cols.numel() == n:                                # every column kept: no division at all
         dyf, xhat = dy.to(acc), extra.to(acc)
@@ -238,17 +236,25 @@ def _backward_torch(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Te
         c2 = (dxhat * xhat).mean(-1, keepdim=True)
         inner = dxhat - xhat * c2 if rms else dxhat - dxhat.mean(-1, keepdim=True) - xhat * c2
         return inner * rstd.reshape(-1, 1), (dyf * xhat).sum(0), dyf.sum(0)
-    divisor = g.index_fill(0, cols, 1.0)
-    xk = extra.to(acc)
-    dyk = dy.index_select(1, cols).to(acc)
-    gk = g.index_select(0, cols)
-    tk = y.index_select(1, cols).to(acc) - (0.0 if b is None else b.index_select(0, cols))
-    c2_fix = (dyk * gk * xk - dyk * tk).sum(-1, keepdim=True)
-    rows_fn, columns_fn = _COMPILED if compiled else (_backward_rows, _backward_columns)
-    dx, c1, c2 = rows_fn(dy, y, rstd, g, divisor, b, c2_fix, rms)
-    dg, db = columns_fn(dy, y, divisor, b)
-    if cols.numel():                                     # the kept columns, from their saved x_hat
-        dx.index_copy_(1, cols, (dyk * gk - c1 - xk * c2) * rstd.reshape(-1, 1))
+    kept = cols.numel() > 0
+    divisor, c2_fix = g, None
+    if kept:
+        divisor = g.index_fill(0, cols, 1.0)
+        xk = extra.to(acc)
+        dyk = dy.index_select(1, cols).to(acc)
+        gk = g.index_select(0, cols)
+        tk = y.index_select(1, cols).to(acc) - (0.0 if b is None else b.index_select(0, cols))
+        c2_fix = (dyk * gk * xk - dyk * tk).sum(-1, keepdim=True)
+    out = norm_cpu.backward(dy, y, rstd, g, divisor, b, c2_fix, rms, x_dtype) if compiled else None
+    if out is not None:
+        dx, c1, c2, dg, db = out
+    else:
+        rows_fn, columns_fn = _COMPILED if compiled else (_backward_rows, _backward_columns)
+        c2_fix = c2_fix if kept else rstd.new_zeros(y.shape[0], 1)
+        dx, c1, c2 = rows_fn(dy, y, rstd, g, divisor, b, c2_fix, rms)
+        dg, db = columns_fn(dy, y, divisor, b)
+    if kept:                                             # the kept columns, from their saved x_hat
+        dx.index_copy_(1, cols, ((dyk * gk - c1 - xk * c2) * rstd.reshape(-1, 1)).to(dx.dtype))
         dg.index_copy_(0, cols, (dyk * xk).sum(0))
     return dx, dg, db
 
@@ -282,7 +288,7 @@ def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int,
         except Exception as error:  # noqa: BLE001 - a kernel that fails to build or launch falls back
             _triton_failed(error, x2)
     y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
-                                                                out_dtype, backend == "compiled")
+                                                                out_dtype)
     if weight is None:
         cols = torch.zeros(0, dtype=torch.int64, device=x.device)
     else:
@@ -436,7 +442,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 
     ``autocast_output``: under torch.autocast, return the autocast dtype where torch would return
     float32 (for a norm whose consumers are autocast-lowered Linears). ``backend``: "triton" (CUDA),
-    "compiled" (CPU default: the backward and half-precision statistics compiled by Inductor), "eager",
+    "compiled" (CPU default: the backward by the C kernel of :mod:`invact.norm_cpu`, else Inductor), "eager",
     or None (see :mod:`invact.backends`).
     """
     shape = _check(input, normalized_shape, weight, bias, "layer_norm")
@@ -582,3 +588,22 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     tol_w = (dyd.abs() * e).sum(0) + gr * (dyd * xhat).abs().sum(0) + u_w * gw.abs()
     tol_b = gr * dyd.abs().sum(0) + u_w * gb[0].abs() if gb else None
     return (gx, gw, *gb), (tol_x, tol_w, tol_b)
+
+
+def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> float:
+    """The relative gradient error :func:`error_bound` allows a norm module (torch.nn.LayerNorm / RMSNorm,
+    or invact's) that was called on ``x``, whose output is stored as ``y`` (in the dtype the replacement
+    stores it) and which received ``grad_y``: the sum over its gradients (dx, dgamma, dbeta) of
+    ||bound|| / ||gradient||. Summed over layers it estimates a whole gradient's relative error
+    (benchmarks/train.py's NormProbe, tests/test_distributed.py)."""
+    if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        raise TypeError(f"relative_bound: module must be a torch.nn.LayerNorm or RMSNorm, got {type(module).__name__}")
+    rms, n = isinstance(module, nn.RMSNorm), math.prod(module.normalized_shape)
+    style = getattr(module, "style", "torch")
+    w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
+    gamma = _gamma(w, 1.0 if style == "gemma" else 0.0, n, w.dtype, w.device)
+    bias = getattr(module, "bias", None)
+    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps     # F.rms_norm's default
+    refs, tols = error_bound(x.reshape(-1, n), gamma, None if bias is None else bias.detach().reshape(n),
+                             grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0])
+    return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)

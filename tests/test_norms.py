@@ -1,15 +1,16 @@
 """invact.LayerNorm / RMSNorm: the output-saving norms (runtime/norms.py).
 
 Gradients are compared with float64 autograd of torch.nn.functional.layer_norm / rms_norm on the same x,
-within a bound derived below (:func:`_bounds`) from the rounding of the stored y, which does not grow as
-gamma shrinks: that is what the small-gamma guard promises, and :func:`test_unguarded_recovery_breaks_the_bound`
-shows the bound fails without it.
+within the bound :func:`invact.norms.error_bound` derives from the rounding of the stored y, which does
+not grow as gamma shrinks: that is what the small-gamma guard promises, and
+:func:`test_unguarded_recovery_breaks_the_bound` shows the bound fails without it.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
-from invact import norms
+from invact import cpu_kernel, norm_cpu, norms
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _gammas(n: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +37,6 @@ def _gammas(n: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.
         w[torch.randperm(n, generator=g)[:3]] = torch.tensor([0.0, 2e-4, -1e-6], dtype=torch.float64)[: min(n, 3)]
         b[::7] = 2.0
     return w, b
-
-
-def _bounds(x, w, b, dy, y, rms, eps, norm_dtype=None):
-    """invact.norms.error_bound: float64 autograd's gradients and the derived per-element bounds."""
-    return norms.error_bound(x, w, b, dy, y, rms, eps, norm_dtype)
 
 
 def _check(got, ref, tol, what):
@@ -73,9 +69,26 @@ def test_gradients_within_the_rounding_bound(kind, dtype, rms):
     y, grads = _run(x, w, b, dy, rms, 1e-5)
     ref_y = F.rms_norm(x, (n,), w, 1e-5) if rms else F.layer_norm(x, (n,), w, b, 1e-5)
     assert torch.equal(y, ref_y)                       # the forward is torch's own, bit for bit
-    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         _check(got, ref, tol, f"{kind} {dtype} {what}")
+
+
+def test_relative_bound_sums_every_gradient():
+    """invact.norms.relative_bound, what benchmarks/train.py's NormProbe and tests/test_distributed.py add
+    up: ||bound|| / ||gradient|| summed over dx, dgamma and dbeta (LayerNorm's dbeta included), with a
+    default nn.RMSNorm's eps=None read as F.rms_norm reads it (finfo(x.dtype).eps)."""
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    ln, rms = nn.LayerNorm(8), nn.RMSNorm(8)
+    for m, b, eps in ((ln, ln.bias.detach(), 1e-5), (rms, None, torch.finfo(torch.float32).eps)):
+        y = m(x).detach()
+        refs, tols = norms.error_bound(x, m.weight.detach(), b, dy, y, b is None, eps)
+        shares = [(t.norm() / r.norm()).item() for r, t in zip(refs, tols) if t is not None]
+        assert len(shares) == (3 if b is not None else 2)
+        assert norms.relative_bound(m, x, y, dy) == pytest.approx(sum(shares), rel=1e-12)
+    with pytest.raises(TypeError, match="module must be"):
+        norms.relative_bound(nn.Linear(8, 8), x, x, dy)
 
 
 def test_unguarded_recovery_breaks_the_bound():
@@ -92,7 +105,7 @@ def test_unguarded_recovery_breaks_the_bound():
     none = torch.zeros(0, dtype=torch.int64)
     dx, dw, _ = torch.ops.invact.norm_backward(dy, y, rstd, extra[:, :0], none, w, b, n, False, 0.0,
                                                torch.float32, "eager")
-    refs, tols = _bounds(x, w, b, dy, y, False, 1e-5)
+    refs, tols = norms.error_bound(x, w, b, dy, y, False, 1e-5)
     assert not ((dw.double() - refs[1]).abs() <= tols[1]).all()
 
 
@@ -233,7 +246,7 @@ def test_widths_and_non_contiguous(n):
     dy = torch.randn(6, n, generator=g)
     for rms in (False, True):
         y, grads = _run(x, w, None if rms else b, dy, rms, 1e-5)
-        refs, tols = _bounds(x, w, None if rms else b, dy, y, rms, 1e-5)
+        refs, tols = norms.error_bound(x, w, None if rms else b, dy, y, rms, 1e-5)
         for got, ref, tol in zip(grads, refs, tols):
             _check(got, ref, tol, f"n={n} rms={rms}")
         assert y.is_contiguous() and y.shape == x.shape
@@ -262,7 +275,7 @@ def test_hugging_face_forms_bit_for_bit(style, dtype):
     gx, gw = torch.autograd.grad(y, (xs, ws), dy)
     gamma = (1.0 + w.double()) if style == "gemma" else w
     norm_dtype = dtype if style in ("llama", "t5") and dtype != torch.float32 else None
-    refs, tols = _bounds(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
+    refs, tols = norms.error_bound(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
     _check(gx, refs[0], tols[0], f"{style} dx")
     _check(gw, refs[1], tols[1], f"{style} dw")
 
@@ -482,7 +495,7 @@ def test_triton_within_the_bound(n, dtype, rms):
     # y: one ulp (interpreter's truncation) plus float32 reductions in another order
     assert ((y.double() - ref_y.double()).abs() <= 2 * fi.eps * ref_y.double().abs() + 1e-5 * w.double().abs()
             + fi.tiny).all()
-    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         _check(got, ref, tol, f"triton {dtype} n={n} {what}")
 
@@ -514,22 +527,105 @@ def test_triton_forms_and_layouts(style):
     assert torch.allclose(bt[1].float(), be[1].float(), rtol=fi.eps, atol=1e-5)
 
 
+needs_norm_kernel = pytest.mark.skipif(norm_cpu.library() is None,
+                                       reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+
+
+@pytest.fixture(params=["kernel", "fallback"])
+def cpu_path(request, monkeypatch):
+    """The compiled backend's two CPU backwards: the C kernel (invact.norm_cpu; a list that records each
+    call that did the work), or None: without it (ATen's fused LayerNorm backward on recovered x - mean for float32/float64 x; Inductor's
+    code otherwise)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(norm_cpu, "library", lambda: None)
+        yield None
+        return
+    if norm_cpu.library() is None:
+        pytest.skip("no AVX-512 CPU (as ATen sees it) or no C compiler")
+    calls, original = [], norm_cpu.backward
+
+    def counted(*args):
+        out = original(*args)
+        calls.extend([1] if out is not None else [])
+        return out
+    monkeypatch.setattr(norm_cpu, "backward", counted)
+    yield calls
+
+
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_compiled_backend_within_the_bound(dtype, rms):
-    """The CPU default: the backward's row and column parts compiled by Inductor (LayerNorm of float32 or
-    float64 x: ATen's fused backward on x - mean recovered from y), and the statistics of half x, with
-    kept columns: the same bound against float64 autograd as the eager code."""
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("kind", ["zeros", "trained"])
+def test_compiled_backend_within_the_bound(cpu_path, kind, dtype, rms):
+    """The CPU default, with kept columns (zeros) and without (trained: none when beta < gamma), on a
+    ragged shape (rows not a multiple of the kernel's 8-row blocks, n not of 16 lanes): the same bound
+    against float64 autograd as the eager code. The C kernel takes every dtype but float64."""
     g = torch.Generator().manual_seed(11)
-    rows, n = 40, 96
-    wd, bd = _gammas(n, "zeros", g)
+    rows, n = 43, 99
+    wd, bd = _gammas(n, kind, g)
     x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
     w, b = wd.to(dtype), (None if rms else bd.to(dtype))
     dy = torch.randn(rows, n, generator=g).to(dtype)
     y, grads = _run(x, w, b, dy, rms, 1e-5, backend="compiled")
-    refs, tols = _bounds(x, w, b, dy, y, rms, 1e-5)
+    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         _check(got, ref, tol, f"compiled {dtype} {what}")
+    if cpu_path is not None:
+        assert bool(cpu_path) == (dtype != torch.float64)   # the kernel ran (did the work), except for float64
+
+
+@needs_norm_kernel
+def test_norm_kernel_autocast_output_and_threads():
+    """float32 x whose y is bf16 (autocast_output): dy and y bf16, dx float32, within the bound; the rows
+    split over threads (whole 8-row blocks each) give the same dx bit for bit, and dgamma / dbeta within
+    one float32 rounding (only the order of their double sums differs)."""
+    g = torch.Generator().manual_seed(5)
+    rows, n = 300, 333
+    x = torch.randn(rows, n, generator=g) * 3
+    w, b = (1 + 0.2 * torch.randn(n, generator=g)).requires_grad_(), (0.1 * torch.randn(n, generator=g)).requires_grad_()
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = invact.functional.layer_norm(xs, (n,), w, b, autocast_output=True)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(rows, n, generator=g).bfloat16()
+    grads = torch.autograd.grad(y, (xs, w, b), dy)
+    refs, tols = norms.error_bound(x, w.detach(), b.detach(), dy, y, False, 1e-5)
+    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+        _check(got, ref, tol, f"autocast_output {what}")
+    rstd = torch.rand(rows) + 0.5
+    outs = []
+    for threads in (1, 3):
+        out = [torch.empty(rows, n), torch.empty(rows, 1), torch.empty(rows, 1), torch.empty(n), torch.empty(n)]
+        args = [y, dy, rstd, w.detach(), w.detach(), b.detach(), None, out[0], *out[1:]]
+        assert norm_cpu.library().invact_norm_backward(1, 0, 0, rows, n, *[None if t is None else t.data_ptr()
+                                                                             for t in args], threads) == 0
+        outs.append(out)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+    for a, c in zip(outs[0][3:], outs[1][3:]):                # one float32 rounding apart at most
+        assert ((a - c).abs() <= torch.finfo(torch.float32).eps * a.abs()).all()
+
+
+def test_norm_kernel_refusals_and_failed_build(monkeypatch, tmp_path):
+    """What the kernel does not take (float64, mixed dtypes, non-contiguous) returns None; a compiler
+    that fails warns once and leaves None (ATen's / Inductor's code)."""
+    y, g = torch.randn(4, 8), torch.ones(8)
+    rstd = torch.ones(4)
+    assert norm_cpu.backward(y.double(), y.double(), rstd, g, g, None, None, True, torch.float64) is None
+    assert norm_cpu.backward(y.bfloat16(), y, rstd, g, g, None, None, True, torch.float32) is None
+    assert norm_cpu.backward(y.t().contiguous().t(), y, rstd, g, g, None, None, True, torch.float32) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv(cpu_kernel.SWITCH_ENV, raising=False)
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    norm_cpu.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="norms' CPU kernel could not be built"):
+            assert norm_cpu.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert norm_cpu.library() is None and norm_cpu.backward(y, y, rstd, g, g, None, None, True,
+                                                                    torch.float32) is None
+    finally:
+        norm_cpu.library.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------

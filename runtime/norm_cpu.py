@@ -1,0 +1,85 @@
+"""The norms' CPU backward kernel: ``csrc/norm_kernels.c`` (AVX-512), one pass per row over y and dy
+that recovers ``t = y - beta`` and computes dx, and the column sums of dgamma and dbeta, in the same
+pass (see the C file). Built once and cached like :mod:`invact.cpu_kernel`'s kernels
+(:mod:`invact.kernel_cache`'s checks, ``$CC``, ``INVACT_CPU_KERNEL=0`` switches it off); where the
+CPU lacks AVX-512 or the build fails (one warning), :mod:`invact.norms` runs its Inductor / ATen path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel, kernel_cache
+
+__all__ = ["library", "backward"]
+
+SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
+ABI = 1
+DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _check_abi(lib: ctypes.CDLL) -> None:
+    if lib.invact_norm_abi() != ABI:
+        raise RuntimeError(f"norm kernel ABI {lib.invact_norm_abi()}, expected {ABI}")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where this CPU or machine cannot run it (one warning where a build
+    that should work fails)."""
+    if os.environ.get(cpu_kernel.SWITCH_ENV, "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    compiler = next((shutil.which(c) for c in (os.environ.get("CC"), "gcc", "cc", "clang") if c and shutil.which(c)),
+                    None)
+    if compiler is None:
+        return None
+    key = hashlib.sha256(bytes(1).join([SOURCE.read_bytes(), compiler.encode(), " ".join(cpu_kernel.FLAGS).encode()]))
+    try:
+        lib = kernel_cache.load([compiler, *cpu_kernel.FLAGS, str(SOURCE)], f"norm_kernels-{key.hexdigest()[:16]}",
+                                _check_abi)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"invact: the norms' CPU kernel could not be built ({error}); their backward runs "
+                      "torch.compile's / ATen's code", RuntimeWarning, stacklevel=2)
+        return None
+    p = ctypes.c_void_p
+    lib.invact_norm_backward.restype = ctypes.c_int
+    lib.invact_norm_backward.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                         *[p] * 12, ctypes.c_int]
+    return lib
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def backward(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b: Tensor | None,
+             c2_fix: Tensor | None, rms: bool, x_dtype: torch.dtype) -> tuple[Tensor, ...] | None:
+    """(dx in ``x_dtype``, c1, c2 (rows, 1), dgamma, dbeta (float32; dbeta empty without ``b``)) of
+    :func:`invact.norms._backward_rows` / ``_backward_columns`` for CPU y and dy (rows, n) of one dtype,
+    float32 rstd (rows), gamma / divisor / beta (n) and ``c2_fix`` (rows, 1) or None; None (nothing done)
+    where the kernel does not take them."""
+    lib = library()
+    rows, n = y.shape
+    floats = [rstd, g, divisor] + [t for t in (b, c2_fix) if t is not None]
+    if (lib is None or y.dtype not in DTYPE_IDS or dy.dtype != y.dtype or x_dtype not in DTYPE_IDS or not n
+            or y.device.type != "cpu" or not (y.is_contiguous() and dy.is_contiguous())
+            or any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats)):
+        return None
+    dx = torch.empty(rows, n, dtype=x_dtype)
+    c1, c2 = (torch.empty(rows, 1) for _ in range(2))
+    dg, db = torch.empty(n), torch.empty(n if b is not None else 0)
+    done = lib.invact_norm_backward(DTYPE_IDS[y.dtype], DTYPE_IDS[x_dtype], int(rms), rows, n, y.data_ptr(),
+                                    dy.data_ptr(), rstd.data_ptr(), g.data_ptr(), divisor.data_ptr(), _ptr(b),
+                                    _ptr(c2_fix), dx.data_ptr(), c1.data_ptr(), c2.data_ptr(), dg.data_ptr(),
+                                    db.data_ptr() if b is not None else None, torch.get_num_threads())
+    return (dx, c1, c2, dg, db) if done == 0 else None
