@@ -215,8 +215,9 @@ class FloorProbe:
 class NormProbe:
     """Hooks on a baseline model's norm modules (``dtypes``: path -> the dtype invact's replacement stores
     y in) for their first backward pass: the relative gradient error invact.norms.error_bound allows
-    there (recovering x_hat from y rounded to that dtype), ||bound(dx)|| / ||dx|| + ||bound(dgamma)|| /
-    ||dgamma||, summed over layers like FloorProbe's ratios (an estimate of the whole gradient's)."""
+    there (recovering x_hat from y rounded to that dtype): invact.norms.relative_bound, the sum over dx,
+    dgamma and dbeta of ||bound|| / ||gradient||, summed over layers like FloorProbe's ratios (an estimate
+    of the whole gradient's)."""
 
     def __init__(self, model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
         self.mods = {model.get_submodule(p): dt for p, dt in dtypes.items()}
@@ -230,17 +231,11 @@ class NormProbe:
             self.inputs[id(mod)] = (args[0].detach(), out.detach())
 
     def _backward(self, mod: nn.Module, grad_x: tuple, grad_y: tuple) -> None:
-        from invact.norms import error_bound
+        from invact.norms import relative_bound
         saved = self.inputs.pop(id(mod), None)
-        if saved is None:
-            return
-        x, y = saved
-        n = x.shape[-1]
-        b = getattr(mod, "bias", None)
-        (gx, gw, *_), (tx, tw, _) = error_bound(x.reshape(-1, n), mod.weight.detach(), None if b is None else b.detach(),
-                                              grad_y[0].reshape(-1, n), y.reshape(-1, n).to(self.mods[mod]),
-                                              not isinstance(mod, nn.LayerNorm), mod.eps)
-        self.ratios.append((tx.norm() / gx.norm() + tw.norm() / gw.norm()).item())
+        if saved is not None:
+            x, y = saved
+            self.ratios.append(relative_bound(mod, x, y.to(self.mods[mod]), grad_y[0]))
 
     def bound(self) -> float:
         """Allowed relative error of the first step's gradient from the norms; hooks removed."""

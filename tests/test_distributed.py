@@ -240,7 +240,11 @@ def results(tmp_path_factory):
 
 
 def _reference(kind: str, params: dict, step: int):
-    """Full-batch gradients of the unpatched model at ``params``, and DELTA * sum of the ratios."""
+    """Full-batch gradients of the unpatched model at ``params``, and DELTA * sum of the ratios (plus the
+    norms' share: invact.norms.relative_bound of each with the unpatched forward's y; invact's LayerNorm
+    forward is the same bits (test_norms.py), its RMSNorm's within y's rounding, which the bound's
+    measured k_y of the stored y covers)."""
+    from invact.norms import relative_bound
     model = _build(kind)
     own = dict(model.named_parameters())
     assert set(own) == set(params)
@@ -254,29 +258,14 @@ def _reference(kind: str, params: dict, step: int):
                 (gout[0].norm() / gin[0].norm().clamp_min(1e-30)).item()))
         if kind == "norm" and isinstance(m, (nn.LayerNorm, nn.RMSNorm)):     # gpt2's: not patched
             m.register_forward_hook(lambda mod, args, out: setattr(mod, "_seen", (args[0].detach(), out.detach())))
-            m.register_full_backward_hook(lambda mod, gin, gout: norm_share.append(_norm_share(mod, gout[0])))
+            m.register_full_backward_hook(lambda mod, gin, gout: norm_share.append(
+                relative_bound(mod, *mod.__dict__.pop("_seen"), gout[0])))
     _loss(kind, model, _batch(kind, step)).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     assert len(ratios) == 2 and len(norm_share) == (2 if kind == "norm" else 0)
     import tolerances
     delta = max(tolerances.derivative_error(name) for name in DELTA_TABLES)
     return grads, delta * sum(ratios) + sum(norm_share)
-
-
-def _norm_share(mod: nn.Module, grad_y: torch.Tensor) -> float:
-    """The relative gradient error invact.norms.error_bound allows this norm (as benchmarks/train.py's
-    NormProbe): the sum over its gradients (dx, dgamma, dbeta) of ||per-element bound|| / ||gradient||.
-    y is the unpatched forward's; invact's LayerNorm forward is the same bits (test_norms.py), its
-    RMSNorm's within y's rounding, which the bound's measured k_y of the stored y covers."""
-    from invact.norms import error_bound
-    x, y = mod.__dict__.pop("_seen")
-    n = x.shape[-1]
-    rms = isinstance(mod, nn.RMSNorm)
-    eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps     # F.rms_norm's default
-    bias = None if rms else mod.bias.detach()
-    refs, tols = error_bound(x.reshape(-1, n), mod.weight.detach(), bias, grad_y.reshape(-1, n),
-                             y.reshape(-1, n), rms, eps)
-    return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)
 
 
 def _module_floor(grads):
