@@ -14,6 +14,10 @@ function stands in for ATen's vectorised one, about an ulp apart (tests/test_c_t
 A table without its C file (code generated before there were any), a file generated from another
 table, or a failed build: one warning, and the compiled backend runs Inductor's code as before.
 ``INVACT_CPU_KERNEL=0`` switches these kernels off too.
+
+The same library also packs the forward code (:func:`pack`) and gathers the 16-bit backward
+(:func:`run_lookup`) in portable C, for CPUs where invact.cpu_kernel's AVX-512 kernels do not run;
+:mod:`invact.impl_table_c` puts all three into the compiled backend.
 """
 
 from __future__ import annotations
@@ -30,22 +34,28 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import cpu_kernel, kernel_cache
+from . import bitpack, cpu_kernel, kernel_cache
 
-__all__ = ["source", "library", "run"]
+__all__ = ["source", "library", "run", "run_lookup", "pack"]
 
 CSRC = Path(__file__).with_name("csrc")
 HEADERS = (CSRC / "invact_table.h", CSRC / "invact_threads.h")
-ABI_VERSION = 1
+ABI_VERSION = 2
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 _ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "AVX2": ("-mavx2",)}
+# -z defs: a function the library lacks fails the link (nothing is cached), never the load
+_VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
 _warned: set[str] = set()
 
 
 def _flags() -> tuple[str, ...]:
     """-O3 without FMA contraction (every operation rounded as torch's), vectorised for the ISA ATen
-    uses here (honouring $ATEN_CPU_CAPABILITY); errno is never read, so sqrtf vectorises."""
+    uses here (honouring $ATEN_CPU_CAPABILITY). Neither errno nor the floating-point exception flags
+    are read, so sqrtf vectorises and both sides of a select may be computed (-fno-math-errno,
+    -fno-trapping-math: no value changes)."""
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
-    return ("-O3", *isa, "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread", f"-I{CSRC}")
+    return ("-O3", *isa, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
+            "-pthread", f"-I{CSRC}")
 
 
 def source(mod: ModuleType) -> Path:
@@ -74,10 +84,7 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
     if f'#define TABLE_SHA256 "{sha256}"'.encode() not in text:
         _warn_once(f"stale C kernel {path.name}", "generated from another table; run `invact generate`")
         return None
-    flags = _flags()
-    parts = [text, *(h.read_bytes() for h in HEADERS), compiler.encode(), " ".join(flags).encode()]
     name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
-    key = f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
 
     def check(lib: ctypes.CDLL) -> None:
         if lib.invact_table_abi() != ABI_VERSION:
@@ -86,14 +93,27 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
         if lib.invact_table_sha256().decode() != sha256:
             raise RuntimeError("built from another table")
 
-    try:
-        lib = kernel_cache.load([compiler, *flags, str(path)], key, check)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _warn_once("the per-table C kernels could not be built", str(error))
+    for extra in _VECTOR_MATH:       # with glibc's vector math library where it links, else without
+        command = [compiler, *_flags(), str(path), *extra]
+        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join(command[:1] + command[2:]).encode()]
+        key = f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
+        try:
+            lib = kernel_cache.load(command, key, check)
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            failure = error
+    else:
+        _warn_once("the per-table C kernels could not be built", str(failure))
         return None
-    lib.invact_table_grad.restype = ctypes.c_int
+    lib.invact_table_grad.restype = lib.invact_table_lut.restype = lib.invact_table_pack.restype = ctypes.c_int
     lib.invact_table_grad.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int,  # n, y, grad, out, code, bits
                                       *[ctypes.c_void_p] * 3, ctypes.c_int]  # thr, poly, params, threads
+    lib.invact_table_lut.argtypes = [ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 4,  # dtype, n, y, grad, out, code
+                                     ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # bits, lut, threads
+    lib.invact_table_pack.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
+                                      ctypes.POINTER(ctypes.c_double), ctypes.c_int,  # thresholds, strict bits
+                                      ctypes.POINTER(ctypes.c_int32), ctypes.c_int,  # codes, NaN's code
+                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # bits, out, threads
     return lib
 
 
@@ -105,6 +125,10 @@ def library(mod: ModuleType) -> ctypes.CDLL | None:
     return _load(source(mod), mod.TABLE_SHA256)
 
 
+def _cpu(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
 def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thresholds: Tensor, poly: Tensor,
         params: tuple[float, ...]) -> bool:
     """out = g(y, code) * grad for flat contiguous float32 CPU tensors (code: invact.bitpack's planes
@@ -113,7 +137,7 @@ def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thr
     done) where the kernel does not take them."""
     tensors = (out, grad, y, code, thresholds, poly)
     if (y.dtype != torch.float32 or not all(t.dtype == torch.float32 for t in (out, grad, thresholds, poly))
-            or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            or not _cpu(*tensors)
             or len(params) != len(mod.PARAMS) or not out.numel() == grad.numel() == y.numel()):
         return False
     lib = library(mod)
@@ -124,3 +148,34 @@ def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thr
                                  code.data_ptr() if mod.CODE_BITS else None, mod.CODE_BITS, thresholds.data_ptr(),
                                  poly.data_ptr(), values, torch.get_num_threads())
     return done == 0
+
+
+def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, lut: Tensor) -> bool:
+    """out = lut[code << 16 | bits of y] * grad for flat contiguous bfloat16/float16 CPU tensors of one
+    dtype (``lut``: invact.impl_eager.lookup_table's float32 table), rounded as torch.mul; False
+    (nothing done) where the kernel does not take them. Portable C: where invact.cpu_kernel's AVX-512
+    kernel does not run."""
+    dtype = DTYPES.get(y.dtype)
+    if (y.dtype not in (torch.bfloat16, torch.float16) or not (out.dtype == grad.dtype == y.dtype)
+            or lut.dtype != torch.float32 or lut.numel() != 1 << (16 + mod.CODE_BITS)
+            or not _cpu(out, grad, y, code, lut) or not out.numel() == grad.numel() == y.numel()):
+        return False
+    lib = library(mod)
+    return lib is not None and lib.invact_table_lut(
+        dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(), code.data_ptr() if mod.CODE_BITS else None,
+        mod.CODE_BITS, lut.data_ptr(), torch.get_num_threads()) == 0
+
+
+def pack(mod: ModuleType, x: Tensor, cmap: cpu_kernel.CodeMap) -> Tensor | None:
+    """The packed forward code of flat contiguous float32/bfloat16/float16 CPU ``x`` (invact.bitpack's
+    layout) from ``cmap`` (invact.cpu_kernel.code_map), or None where the kernel does not take it."""
+    lib = library(mod) if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _cpu(x) else None
+    if lib is None:
+        return None
+    thresholds, strict, codes, nan_code = cmap
+    out = torch.empty(bitpack.packed_bytes(x.numel(), mod.CODE_BITS), dtype=torch.uint8)
+    done = lib.invact_table_pack(DTYPES[x.dtype], x.numel(), x.data_ptr(), len(thresholds),
+                                 (ctypes.c_double * max(len(thresholds), 1))(*thresholds), strict,
+                                 (ctypes.c_int32 * (len(codes) or 1))(*codes), nan_code, mod.CODE_BITS,
+                                 out.data_ptr(), torch.get_num_threads())
+    return out if done == 0 else None

@@ -28,7 +28,8 @@ except ImportError:  # before runtime/registry.py
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import make_tables  # noqa: E402
 
-needs_c = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+needs_c = pytest.mark.skipif(cpu_kernel._compiler() is None or not cpu_kernel.enabled(),
+                             reason="no C compiler, or INVACT_CPU_KERNEL=0 (Inductor's code by request)")
 SIZES = (1, 15, 17, 1003, 40_001, 3 * 32768 + 5)   # partial vectors, bit planes, the split over threads
 
 
@@ -244,4 +245,5 @@ def test_built_once_into_the_cache(fresh):
     before = sorted((fresh / "cache").iterdir())
     assert table_c.library(mod) is not None
     assert sorted((fresh / "cache").iterdir()) == before   # loaded, not rebuilt
+
 

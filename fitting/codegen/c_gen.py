@@ -68,7 +68,7 @@ class _Translator:
 
     def _assign(self, name: str, value: ast.expr) -> list[str]:
         text = ast.unparse(value)
-        if name == "q":        # the per-element POLY row: columns are read as poly[j * N_SEGMENTS + row]
+        if name == "q":        # the per-element POLY row: column j is invact_col(poly, j, row)
             self.row = {"poly.index_select(1, s)": "s", "poly[:, 0]": "0"}.get(text, "")
             if not self.row:
                 raise ValueError(f"unsupported row selection in generated code: {text}")
@@ -104,7 +104,7 @@ class _Translator:
             if base == "thr":
                 return f"thr[{index.value}]", "f"
             if base == "q" and self.row:
-                return f"poly[{index.value} * N_SEGMENTS + {self.row}]", "f"
+                return f"invact_col(poly, {index.value}, {self.row})", "f"
         raise ValueError(f"unsupported subscript in generated code: {ast.unparse(node)}")
 
     def _UnaryOp(self, node: ast.UnaryOp) -> tuple[str, str]:

@@ -18,7 +18,24 @@
 
 #include "invact_threads.h"
 
-#define INVACT_TABLE_ABI 1
+#define INVACT_TABLE_ABI 2
+
+/* With INVACT_LIBMVEC (invact.table_c tries it first, linking -lmvec): glibc's vector math library
+ * has 16- and 8-lane versions of these, so loops calling them vectorise. Its results may differ from
+ * the scalar functions' by an ulp or so, as ATen's vectorised ones do (tests/test_c_tables.py). */
+#if defined(INVACT_LIBMVEC) && defined(__GLIBC__) && defined(__x86_64__)
+#define INVACT_SIMD __attribute__((simd("notinbranch")))
+INVACT_SIMD float expf(float);
+INVACT_SIMD float logf(float);
+#if __GLIBC_PREREQ(2, 35)
+INVACT_SIMD float tanhf(float);
+INVACT_SIMD float erff(float);
+INVACT_SIMD float atanf(float);
+INVACT_SIMD float sinhf(float);
+INVACT_SIMD float coshf(float);
+INVACT_SIMD float asinhf(float);
+#endif
+#endif
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly,
                              const double *restrict param);
@@ -56,6 +73,7 @@ static inline float invact_log32(float a) {
     float f = (big ? m * (float)0.5 : m) - (float)1.0;
     float z = f * f;
     float p = (float)poly[0];
+#pragma GCC unroll 16
     for (int k = 1; k < (int)(sizeof poly / sizeof poly[0]); k++) p = p * f + (float)poly[k];
     float r = f * z * p;
     r = r + e * (float)LOG_LN2_LO;
@@ -63,9 +81,19 @@ static inline float invact_log32(float a) {
     return (f + r) + e * (float)LOG_LN2_HI;
 }
 
-/* invact.scheme.row: g of the POLY row of segment s (column j at poly[j * N_SEGMENTS + s]) at t */
+/* column j of segment s's POLY row (poly: POLY transposed), selected by a chain of blends over the
+ * segments (vectorises without gathers, which some CPUs run one lane at a time: as Inductor's code,
+ * invact.selection); the same value as the eager code's gather */
+static inline float invact_col(const float *restrict poly, int j, int32_t s) {
+    float v = poly[j * N_SEGMENTS];
+#pragma GCC unroll 64
+    for (int k = 1; k < N_SEGMENTS; k++) v = s == k ? poly[j * N_SEGMENTS + k] : v;
+    return v;
+}
+
+/* invact.scheme.row: g of the POLY row of segment s at t */
 static inline float invact_row(const float *restrict poly, int32_t s, float t, int degree, int den_degree) {
-#define Q(j) poly[(j) * N_SEGMENTS + s]
+#define Q(j) invact_col(poly, (j), s)
     float u = invact_clamp_max(invact_clamp_min((t - Q(ROW_CENTER)) * Q(ROW_SCALE), -1.0f), 1.0f);
     if (degree == 0) return (u * 0.0f + Q(ROW_C0_LO)) + Q(ROW_C0);
     float p = Q(ROW_C0_LO + degree);
@@ -84,26 +112,101 @@ static inline float invact_row(const float *restrict poly, int32_t s, float t, i
 int invact_table_abi(void) { return INVACT_TABLE_ABI; }
 const char *invact_table_sha256(void) { return TABLE_SHA256; }
 
+/* ---- the loops: g(y, code) * grad of float32 y, a lookup for 16-bit y, the forward code ---- */
+
+enum { T_F32 = 0, T_BF16 = 1, T_F16 = 2, T_F64 = 3 };  /* element types (invact.table_c.DTYPES) */
+
+static inline float invact_bf16_to_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* as c10::BFloat16: round to nearest even, NaN -> 0x7FC0 */
+static inline uint16_t invact_float_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    if (f != f) return 0x7FC0u;
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+static inline float invact_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
+    if (e == 0x1Fu) b = sign | 0x7F800000u | (m << 13);
+    else if (e) b = sign | ((e + 112u) << 23) | (m << 13);
+    else {                                   /* zero or subnormal: m * 2^-24, a normal float */
+        float f = (float)m * 5.9604644775390625e-8f;
+        memcpy(&b, &f, sizeof b);
+        b |= sign;
+    }
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* round to nearest even, as IEEE conversion (vcvtps2ph): overflow to inf, subnormals, quiet NaN */
+static inline uint16_t invact_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) return (uint16_t)(sign | (ax > 0x7F800000u ? 0x7E00u | ((ax >> 13) & 0x3FFu) : 0x7C00u));
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);          /* >= 65520: inf */
+    if (ax < 0x38800000u) {                                             /* below 2^-14: subnormal */
+        if (ax < 0x33000000u) return (uint16_t)sign;                    /* at most 2^-25: zero */
+        uint32_t shift = 126u - (ax >> 23), m = (ax & 0x7FFFFFu) | 0x800000u;
+        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+        return (uint16_t)(sign | (q + (rem > half || (rem == half && (q & 1u)))));
+    }
+    uint32_t r = ax - 0x38000000u;                                      /* exponent 127 -> 15 */
+    return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+}
+
 typedef struct {
     int64_t n, lo, hi;                     /* all elements, and this job's range */
-    const float *y, *grad, *thr, *poly;
-    float *out;
+    int dtype;
+    const void *y, *grad;
+    void *out;
+    const float *thr, *poly, *lut;         /* lut: invact_table_lut's table, else 0 */
     const uint8_t *code;
     const double *param;
 } table_job;
 
-/* elements [lo, hi) of one bit plane: codes (code[k] >> shift) & mask from byte k of `code` */
-static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
-    const float *restrict y = jb->y, *restrict grad = jb->grad;
-    float *restrict out = jb->out;
+/* out[i] = g(y[i], code) * grad[i] for i in [lo, hi) of one bit plane, codes (cd[i - lo] >> shift) & mask;
+ * restrict parameters: nothing the loop stores can change what it reads, so it vectorises (`omp simd`
+ * with -fopenmp-simd: also through the segment selections' multi-way blends; no threads, no reordering
+ * of any arithmetic) */
+__attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float *restrict y, const float *restrict grad, float *restrict out,
+                   const uint8_t *restrict cd, int shift, const float *restrict thr, const float *restrict poly,
+                   const double *restrict param) {
+    float rows[ROW_LENGTH * N_SEGMENTS];     /* a local copy: a selected column's load cannot fault, so */
+    memcpy(rows, poly, sizeof rows);         /* the selections become blends of loop-invariant values */
+    poly = rows;
     if (CODE_BITS == 0) {
-        for (int64_t i = lo; i < hi; i++) out[i] = invact_g(y[i], 0, jb->thr, jb->poly, jb->param) * grad[i];
+#pragma omp simd
+        for (int64_t i = lo; i < hi; i++) out[i] = invact_g(y[i], 0, thr, poly, param) * grad[i];
         return;
     }
-    for (int64_t i = lo; i < hi; i++) {
-        int32_t c = (code[i - lo] >> shift) & ((1 << CODE_BITS) - 1);
-        out[i] = invact_g(y[i], c, jb->thr, jb->poly, jb->param) * grad[i];
+#pragma omp simd
+    for (int64_t i = lo; i < hi; i++)
+        out[i] = invact_g(y[i], (cd[i - lo] >> shift) & ((1 << CODE_BITS) - 1), thr, poly, param) * grad[i];
+}
+
+/* elements [lo, hi) of one bit plane: codes (code[k] >> shift) & mask from byte k of `code` */
+static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    const int32_t mask = (1 << CODE_BITS) - 1;
+    if (jb->lut) {                          /* 16-bit y: g = lut[code << 16 | bits of y], product in float */
+        const uint16_t *y = jb->y, *grad = jb->grad;
+        uint16_t *out = jb->out;
+        for (int64_t i = lo; i < hi; i++) {
+            int32_t c = CODE_BITS ? (code[i - lo] >> shift) & mask : 0;
+            float g = jb->lut[(int64_t)c << 16 | y[i]];
+            out[i] = jb->dtype == T_BF16 ? invact_float_to_bf16(g * invact_bf16_to_float(grad[i]))
+                                         : invact_float_to_half(g * invact_half_to_float(grad[i]));
+        }
+        return;
     }
+    g_loop(lo, hi, jb->y, jb->grad, jb->out, code, shift, jb->thr, jb->poly, jb->param);
 }
 
 static void *table_run(void *arg) {
@@ -121,22 +224,100 @@ static void *table_run(void *arg) {
     return 0;
 }
 
+static int table_jobs(table_job base, int threads) {
+    if (base.n < 0) return -1;
+    int64_t step;
+    int nt = split(base.n, MIN_PER_THREAD, threads, &step);
+    table_job jobs[MAX_THREADS];
+    for (int k = 0; k < nt; k++) {
+        jobs[k] = base;
+        jobs[k].lo = clamp_to(k * step, base.n);
+        jobs[k].hi = clamp_to(jobs[k].lo + step, base.n);
+    }
+    spawn(table_run, jobs, sizeof(table_job), nt);
+    return 0;
+}
+
 /* out = g(y, code) * grad for n contiguous float32 elements; code: invact.bitpack planes of
  * `bits` bits (CODE_BITS; none when 0); thr: the N_THRESHOLDS float32 y thresholds; poly: POLY
  * transposed (ROW_LENGTH x N_SEGMENTS floats); param: the N_PARAMS parameters. Returns 0, or -1
  * for arguments it does not take. */
 int invact_table_grad(int64_t n, const float *y, const float *grad, float *out, const uint8_t *code, int bits,
                       const float *thr, const float *poly, const double *param, int threads) {
-    if (n < 0 || bits != CODE_BITS) return -1;
-    int64_t step;
-    int nt = split(n, MIN_PER_THREAD, threads, &step);
-    table_job jobs[MAX_THREADS];
-    for (int k = 0; k < nt; k++) {
-        jobs[k] = (table_job){n, 0, 0, y, grad, thr, poly, out, code, param};
-        jobs[k].lo = clamp_to(k * step, n);
-        jobs[k].hi = clamp_to(jobs[k].lo + step, n);
+    if (bits != CODE_BITS) return -1;
+    return table_jobs((table_job){n, 0, 0, T_F32, y, grad, out, thr, poly, 0, code, param}, threads);
+}
+
+/* the same for bfloat16 / float16 (dtype) y, grad and out, with g = lut[code << 16 | bits of y]
+ * (2^CODE_BITS * 65536 floats: what the eager g_kernel gives), rounded as torch.mul(g, grad, out=out) */
+int invact_table_lut(int dtype, int64_t n, const uint16_t *y, const uint16_t *grad, uint16_t *out,
+                     const uint8_t *code, int bits, const float *lut, int threads) {
+    if (bits != CODE_BITS || (dtype != T_BF16 && dtype != T_F16) || !lut) return -1;
+    return table_jobs((table_job){n, 0, 0, dtype, y, grad, out, 0, 0, lut, code, 0}, threads);
+}
+
+/* ---- the forward code: the interval of x between the x thresholds, packed in invact.bitpack's planes ---- */
+
+#define MAX_X_THRESHOLDS 15
+
+typedef struct {
+    int dtype, bits, n_thr, nan_code, strict;
+    int64_t n, nbytes, lo, hi;          /* all elements, bytes of the packed code, this job's bytes */
+    const void *x;
+    uint8_t *packed;
+    double thr[MAX_X_THRESHOLDS];       /* ascending; passed where `x > t` (bit j of strict) or `x >= t` */
+    int32_t codes[MAX_X_THRESHOLDS + 1]; /* code of the interval with k thresholds passed */
+} pack_job;
+
+/* x as float (every 16-bit and float32 value and threshold is one, so the comparisons are x's own) */
+static inline float invact_load(int dtype, const void *x, int64_t i) {
+    if (dtype == T_F32) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    return dtype == T_BF16 ? invact_bf16_to_float(h) : invact_half_to_float(h);
+}
+
+static void *pack_run(void *arg) {
+    const pack_job *jb = arg;
+    int per = 8 / jb->bits;
+    float thr[MAX_X_THRESHOLDS];
+    for (int j = 0; j < jb->n_thr; j++) thr[j] = (float)jb->thr[j];
+    for (int64_t b = jb->lo; b < jb->hi; b++) {
+        uint32_t acc = 0;
+        for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
+            int64_t e = plane * jb->nbytes + b;
+            if (e >= jb->n) break;
+            float v = invact_load(jb->dtype, jb->x, e);
+            int count = 0;
+            for (int j = 0; j < jb->n_thr; j++) count += (jb->strict >> j) & 1 ? v > thr[j] : v >= thr[j];
+            acc |= (uint32_t)(v != v ? jb->nan_code : jb->codes[count]) << (plane * jb->bits);
+        }
+        jb->packed[b] = (uint8_t)acc;
     }
-    spawn(table_run, jobs, sizeof(table_job), nt);
+    return 0;
+}
+
+/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (every byte written, unused bits 0), as
+ * invact.cpu_kernel's invact_pack_code but portable: thr: n_thr ascending thresholds (exact in x's
+ * dtype), passed where `x > t` (bit j of strict) or `x >= t`; codes[k]: the code where k are passed;
+ * nan_code: the code of NaN. Returns 0, or -1 for arguments it does not take. */
+int invact_table_pack(int dtype, int64_t n, const void *x, int n_thr, const double *thr, int strict,
+                      const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
+    if (dtype < T_F32 || dtype > T_F16 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
+        (bits != 1 && bits != 2 && bits != 4 && bits != 8))
+        return -1;
+    int per = 8 / bits;
+    int64_t nbytes = (n + per - 1) / per, step;
+    int nt = split(nbytes, MIN_PER_THREAD / per, threads, &step);
+    pack_job jobs[MAX_THREADS];
+    for (int k = 0; k < nt; k++) {
+        pack_job *jb = &jobs[k];
+        *jb = (pack_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0}};
+        jb->lo = clamp_to(k * step, nbytes);
+        jb->hi = clamp_to(jb->lo + step, nbytes);
+        memcpy(jb->thr, thr, sizeof(double) * (size_t)n_thr);
+        memcpy(jb->codes, codes, sizeof(int32_t) * (size_t)(n_thr + 1));
+    }
+    spawn(pack_run, jobs, sizeof(pack_job), nt);
     return 0;
 }
 
