@@ -534,6 +534,30 @@ def _unit(dtype: torch.dtype | None) -> float:
     return 0.0 if dtype is None else torch.finfo(dtype).eps / 2
 
 
+def _gamma_n(terms: int) -> float:
+    """(8 + 2 log2 N) u: the relative error of a float32 sum of N terms (pairwise or blocked)."""
+    return (8 + 2 * math.log2(max(terms, 2))) * _U32
+
+
+def _xhat_error(xhat: Tensor, rstd: Tensor, mabs: Tensor) -> Tensor:
+    """f = gamma_N u (|x_hat| + rstd mean|x|): how far a float32 forward's x_hat may be from float64's."""
+    return _gamma_n(xhat.shape[-1]) * (xhat.abs() + rstd * mabs)
+
+
+def forward_error(x: Tensor, rms: bool, eps: float) -> Tensor:
+    """Per element of 2-d ``x``: how far a float32 forward's x_hat (any order of its row sums) may be from
+    float64's (:func:`error_bound`'s f); an output y = gamma x_hat + beta moves by up to |gamma| times it."""
+    return _xhat_error(*_stats64(x, rms, eps))
+
+
+def _stats64(x: Tensor, rms: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_hat, rstd, mean|x|) of 2-d x in float64."""
+    xd = x.detach().double()
+    mean = torch.zeros_like(xd[..., :1]) if rms else xd.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
+    return (xd - mean) * rstd, rstd, xd.abs().mean(-1, keepdim=True)
+
+
 def _reference(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, rms: bool, eps: float):
     """float64 autograd of torch's own norm on the same x, gamma, beta."""
     n = x.shape[-1]
@@ -541,19 +565,16 @@ def _reference(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, rms: bool, ep
     with torch.enable_grad():                            # also inside backward hooks
         args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
         y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], args[2], eps)
-        grads = torch.autograd.grad(y, args, dy.double())
-    with torch.no_grad():
-        xd = args[0]
-        mean = torch.zeros_like(xd[..., :1]) if rms else xd.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + eps)
-    return grads, (xd - mean) * rstd, rstd, xd.abs().mean(-1, keepdim=True)
+        return torch.autograd.grad(y, args, dy.double())
 
 
 def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, rms: bool, eps: float,
-                norm_dtype: torch.dtype | None = None) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
-    """((dx, dgamma[, dbeta]) of float64 autograd of torch's norm on x, gamma ``w``, beta ``b``; bounds on
-    how far a backward from the stored ``y`` (2-d: rows, N) may be from them, per element), for the
-    tests and benchmarks/train.py. The bound does not grow as gamma shrinks (the kept columns' promise).
+                norm_dtype: torch.dtype | None = None,
+                offset: float = 0.0) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+    """((dx, dgamma[, dbeta]) of float64 autograd of torch's norm on x, gamma = ``w`` + ``offset`` (Gemma:
+    1 + w), beta ``b``; bounds on how far a backward from the stored ``y`` (2-d: rows, N) may be from them,
+    per element; dgamma is rounded to w's dtype), for the tests and benchmarks/train.py. The bound does
+    not grow as gamma shrinks (the kept columns' promise).
 
     The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
     correctly; its bf16 layer_norm rounds more than once): k_y = max (|y - y_64| - |gamma| f) / (u_y
@@ -565,19 +586,22 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     a kept column's x_hat is stored in x's dtype: u_x |x_hat|. Both are within
         e = (k_y u_y + u_x + u_n + 2u)(|x_hat| + 1) + f,
     f = gamma_N u (|x_hat| + rstd mean|x|): the float32 forward's x_hat (sums of N terms, gamma_N =
-    (8 + 2 log2 N) u for pairwise sums; the mean's cancellation scales with mean|x| rstd).
+    (8 + 2 log2 N) u for pairwise sums, or float32 blocks of at most 8 terms summed in double as
+    invact.norm_cpu does; the mean's cancellation scales with mean|x| rstd).
     dx = rstd (dy gamma - mean(dy gamma) - x_hat c), c = mean(dy gamma x_hat):
         |err dx| <= rstd (|c| e + |x_hat| mean(|dy gamma| e) + gamma_N (|dy gamma| + mean|dy gamma| + |x_hat c|))
                     + gamma_N |dx| (rstd's own float32 error) + u_x |dx| (the final rounding);
     dgamma_j = sum_i dy x_hat: sum_i |dy| e + gamma_R sum_i |dy x_hat| + u_w |dgamma|; dbeta: gamma_R sum|dy| + u_w |dbeta|.
     """
-    (gx, gw, *gb), xhat, rstd, mabs = _reference(x, w, b, dy, rms, eps)
-    n, rows = x.shape[-1], x.numel() // x.shape[-1]
-    gn, gr = (8 + 2 * math.log2(max(n, 2))) * _U32, (8 + 2 * math.log2(max(rows, 2))) * _U32
+    gd = w.double() + offset
+    gx, gw, *gb = _reference(x, gd, b, dy, rms, eps)
+    xhat, rstd, mabs = _stats64(x, rms, eps)
+    rows = x.numel() // x.shape[-1]
+    gn, gr = _gamma_n(x.shape[-1]), _gamma_n(rows)
     u_y, u_x, u_n, u_w = _unit(y.dtype), _unit(x.dtype), _unit(norm_dtype), _unit(w.dtype)
-    dyd, gd = dy.double(), w.double()
+    dyd = dy.double()
     bd = 0.0 if b is None else b.double()
-    f = gn * (xhat.abs() + rstd * mabs)
+    f = _xhat_error(xhat, rstd, mabs)
     scale = u_y * ((gd * xhat).abs() + abs(bd) + torch.finfo(y.dtype).tiny)
     k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() - gd.abs() * f).div(scale).max().item())
     e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + f
@@ -601,9 +625,9 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     rms, n = isinstance(module, nn.RMSNorm), math.prod(module.normalized_shape)
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
-    gamma = _gamma(w, 1.0 if style == "gemma" else 0.0, n, w.dtype, w.device)
     bias = getattr(module, "bias", None)
     eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps     # F.rms_norm's default
-    refs, tols = error_bound(x.reshape(-1, n), gamma, None if bias is None else bias.detach().reshape(n),
-                             grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0])
+    refs, tols = error_bound(x.reshape(-1, n), w, None if bias is None else bias.detach().reshape(n),
+                             grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0],
+                             1.0 if style == "gemma" else 0.0)
     return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)
