@@ -27,7 +27,8 @@ from .segments import (KINDS, BoundContext, ConstantSegment, Emitter, ExactSegme
 
 __all__ = ["Table", "TableBranch", "CodeClass", "ForwardCode", "Break", "Transform", "Segment",
            "ConstantSegment", "ExactSegment", "PolySegment", "RationalSegment", "KINDS", "BoundContext",
-           "Emitter", "number", "horner", "segment_index", "segment_problem", "segment_texts", "spec_of"]
+           "Emitter", "number", "horner", "segment_index", "segment_problem", "segment_texts", "spec_of",
+           "NAN_PROBES", "nan_gradients_json", "nan_gradients_problem"]
 
 
 @dataclass
@@ -111,13 +112,36 @@ class TableBranch:
         return max(lo, -F32_MAX), min(hi, F32_MAX)
 
 
+NAN_PROBES = ("nan", "-inf", "inf")   # the keys of a table's nan_gradients: inputs x whose y may be NaN
+
+
+def nan_gradients_json(measured) -> dict[str, list[float]]:
+    """A table's ``nan_gradients`` from (x, PyTorch's derivatives there) pairs
+    (:func:`.pytorch_probe.nan_gradients`): {"nan" / "-inf" / "inf": the derivatives, sorted}."""
+    return {repr(float(x)): sorted(float(d) for d in values) for x, values in measured}
+
+
+def nan_gradients_problem(value, torch_forward) -> str | None:
+    """What is wrong with a table's ``nan_gradients`` (docs/table-format.md), or None."""
+    if not isinstance(value, dict) or not set(value) <= set(NAN_PROBES):
+        return f"has nan_gradients that is not an object with keys among {', '.join(NAN_PROBES)}"
+    for x, grads in value.items():
+        if not (isinstance(grads, list) and grads and all(
+                v in ("inf", "-inf") or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in grads)):
+            return f"has nan_gradients[{x!r}] that is not a non-empty list of numbers"
+    if value and not torch_forward:
+        return "has nan_gradients without a torch_forward (they are PyTorch's, measured on it)"
+    return None
+
+
 _TABLE_KEYS = ("format", "format_version", "invact_version", "name", "formula", "params", "param_generic",
                "param_domain", "torch_forward", "target", "tolerance", "n_branches", "n_codes", "code_bits")
 
 
 @dataclass
 class Table:
-    """A whole table. ``certificate`` None: not certified yet; ``sha256`` as read (None when built:
+    """A whole table. ``nan_gradients``: PyTorch's gradients where its y is NaN, as the JSON holds them;
+    ``certificate`` None: not certified yet; ``sha256`` as read (None when built:
     :func:`.tables.dump_table` computes it)."""
 
     format: str
@@ -137,6 +161,7 @@ class Table:
     forward_code: ForwardCode
     branches: list[TableBranch]
     code_classes: list[CodeClass]
+    nan_gradients: dict = field(default_factory=dict)
     certificate: dict | None = None
     sha256: str | None = None
     extra: dict = field(default_factory=dict)
@@ -145,9 +170,9 @@ class Table:
     def from_json(cls, d: dict) -> Table:
         return cls(*(d[k] for k in _TABLE_KEYS), ForwardCode.from_json(d["forward_code"]),
                    [TableBranch.from_json(b) for b in d["branches"]],
-                   [CodeClass.from_json(c) for c in d["code_classes"]], d.get("certificate"), d.get("sha256"),
-                   plain_extra(d, {*_TABLE_KEYS, "forward_code", "branches", "code_classes", "certificate",
-                                    "sha256"}))
+                   [CodeClass.from_json(c) for c in d["code_classes"]], d["nan_gradients"], d.get("certificate"),
+                   d.get("sha256"), plain_extra(d, {*_TABLE_KEYS, "forward_code", "branches", "code_classes",
+                                                    "nan_gradients", "certificate", "sha256"}))
 
     @classmethod
     def of(cls, table: Table | dict) -> Table:
@@ -157,13 +182,17 @@ class Table:
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in _TABLE_KEYS}
         out.update(forward_code=self.forward_code.to_json(), branches=[b.to_json() for b in self.branches],
-                   code_classes=[c.to_json() for c in self.code_classes])
+                   code_classes=[c.to_json() for c in self.code_classes], nan_gradients=self.nan_gradients)
         if self.certificate is not None:
             out["certificate"] = self.certificate
         if self.sha256 is not None:
             out["sha256"] = self.sha256
         out.update(self.extra)
         return out
+
+    def measured_nan_gradients(self) -> tuple[tuple[float, frozenset[float]], ...]:
+        """``nan_gradients`` as (x, derivatives) pairs, the form :func:`.pytorch_probe.nan_gradients` measures."""
+        return tuple((float(x), frozenset(number(v) for v in grads)) for x, grads in self.nan_gradients.items())
 
     def spec(self):
         """The :class:`.formulas.ActivationSpec` the table was fitted from."""

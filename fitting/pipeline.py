@@ -16,7 +16,9 @@ from .exact import exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
 from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
 from .formulas import X, ActivationSpec
-from .model import Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch
+from .model import (Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch,
+                    nan_gradients_json)
+from .pytorch_probe import nan_gradients
 from .reference import BranchReference
 
 __all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
@@ -62,7 +64,8 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     table = Table("invact-table", FORMAT_VERSION, VERSION, spec.name, sp.sstr(spec.expr), dict(spec.params),
                   generic, list(spec.domain), spec.torch_forward, target, float(tolerance), analysis.n_branches,
                   analysis.n_codes, analysis.code_bits, _forward_code(analysis, spec, generic), branches,
-                  _code_classes(analysis, per_branch, spec, generic))
+                  _code_classes(analysis, per_branch, spec, generic),
+                  nan_gradients=nan_gradients_json(nan_gradients(spec.torch_forward, spec.params)))
     say(f"{spec.name}: certifying")
     table.certificate = certify_table(table, fp32_samples=fp32_samples, analysis=analysis,
                                       progress=lambda frac, label: say(f"{spec.name}: {label}"))

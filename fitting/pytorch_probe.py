@@ -1,5 +1,6 @@
 """PyTorch's own gradient at the inputs whose forward y is NaN (x = NaN, -inf, +inf): the one place the
-fitter runs PyTorch; code generation receives the result as data (``codegen.analysis.plan_table``).
+fitter runs PyTorch. ``invact fit`` stores the result in the table (``nan_gradients``,
+docs/table-format.md); code generation reads it there as data and runs no PyTorch.
 
 Where PyTorch's y is NaN its backward may still be finite (relu at NaN: 1; leaky_relu: its slope;
 hardswish at -inf: 0). That is a property of PyTorch's kernels (the direction of each backward's
@@ -37,19 +38,16 @@ def torch_derivatives(torch_forward: str, params: dict, x: float) -> tuple[tuple
     return tuple(out)
 
 
-def nan_gradients(table: dict) -> tuple[tuple[float, frozenset[float]], ...]:
+def nan_gradients(torch_forward: str | None, params: dict) -> tuple[tuple[float, frozenset[float]], ...]:
     """(x, PyTorch's derivatives there) for each probe x of :data:`PROBES` whose y is NaN on both
-    paths, except where one path gives NaN and the other a number (PyTorch itself gives either: no
-    constraint). Empty for tables without a PyTorch forward (user formulas)."""
-    if not table.get("torch_forward"):
+    paths and whose derivative is a number (not NaN) on both: the distinct values of the two paths.
+    Where either path gives NaN, NaN is what the tables' scheme gives anyway (no constraint). Empty
+    without a PyTorch forward (user formulas)."""
+    if not torch_forward:
         return ()
     out = []
     for x in PROBES:
-        paths = torch_derivatives(table["torch_forward"], table["params"], x)
-        if not all(math.isnan(y) for y, _ in paths):
-            continue                                       # y is not NaN: no restore applies
-        values = frozenset(d for _, d in paths)
-        if len(values) > 1 and any(math.isnan(v) for v in values):
-            continue
-        out.append((x, values))
+        paths = torch_derivatives(torch_forward, params, x)
+        if all(math.isnan(y) and not math.isnan(d) for y, d in paths):
+            out.append((x, frozenset(d for _, d in paths)))
     return tuple(out)

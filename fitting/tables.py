@@ -39,8 +39,8 @@ ROOT_ENV = "INVACT_ROOT"
 # Keys in the order docs/table-format.md lists them (any dict level); others follow, sorted.
 _KEY_ORDER = [
     "format", "format_version", "invact_version", "name", "formula", "params", "param_generic",
-    "param_domain", "torch_forward", "target", "tolerance", "n_branches", "n_codes", "code_bits",
-    "forward_code", "branches", "code_classes", "certificate",
+    "param_domain", "torch_forward", "nan_gradients", "target", "tolerance", "n_branches", "n_codes",
+    "code_bits", "forward_code", "branches", "code_classes", "certificate",
     "index", "code", "kind", "value", "side", "expr", "x_breaks", "codes", "x_range", "y_range", "branch",
     "direction", "route", "lower_end", "upper_end", "singularities", "tails", "y_from", "to",
     "y_breaks", "segments", "transform", "origin", "sign", "center", "scale", "coeffs", "den",
@@ -55,7 +55,7 @@ _NUMBER = (int, float)
 _REQUIRED: dict[str, tuple[type, ...]] = {
     "format": (str,), "format_version": (int,), "invact_version": (str,), "name": (str,),
     "formula": (str,), "params": (dict,), "param_generic": (bool,), "param_domain": (list,),
-    "torch_forward": (str, type(None)), "target": (str,), "tolerance": _NUMBER,
+    "torch_forward": (str, type(None)), "nan_gradients": (dict,), "target": (str,), "tolerance": _NUMBER,
     "n_branches": (int,), "n_codes": (int,), "code_bits": (int,), "forward_code": (dict,),
     "branches": (list,), "code_classes": (list,), "certificate": (dict,), "sha256": (str,),
 }
@@ -370,7 +370,10 @@ def _expression_problem(table: dict) -> str | None:
 
 
 def _structure_problem(table: dict) -> str | None:
-    from .model import segment_problem
+    from .model import nan_gradients_problem, segment_problem
+    problem = nan_gradients_problem(table["nan_gradients"], table["torch_forward"])
+    if problem:
+        return problem
     fc = table["forward_code"]
     if not isinstance(fc.get("x_breaks"), list) or not isinstance(fc.get("codes"), list) \
             or len(fc["codes"]) != len(fc["x_breaks"]) + 1:

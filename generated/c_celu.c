@@ -3,7 +3,7 @@
  * generated/torch_celu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "30e04a1b1e7b7cf05fc00a934acee39189ac4f239c1b91d8471afc2a53bafb81"
+#define TABLE_SHA256 "75791e21fc90caff535873a7c4148cc11af4315a16478df3d5f27105814045d9"
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

@@ -3,7 +3,7 @@
  * generated/torch_elu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "589adeacd954d76cf0786dea28d3f9f3d770068d75b53fd06f9d121eb63c97b7"
+#define TABLE_SHA256 "a1636b52865b3e0f0e7b2237824017e3c541045d42781b7281304c1d1ebf0991"
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

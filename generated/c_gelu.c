@@ -3,7 +3,7 @@
  * generated/torch_gelu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "ae25fefd57b2ff207523de0e2862d699af238f73dbe95225bde313e59f1c089e"
+#define TABLE_SHA256 "475b3bdc0b9a643c39a281f689b1abbe4dc9085d46e663911176e3ab0c7755b6"
 #define CODE_BITS 1
 #define N_SEGMENTS 7
 #define N_THRESHOLDS 5

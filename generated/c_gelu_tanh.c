@@ -3,7 +3,7 @@
  * generated/torch_gelu_tanh.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "59f795baacf52597223cfd1d930945548b4df32fad5d83414513ccb8164f199f"
+#define TABLE_SHA256 "2a92901635dbbabe91329e6dfa163eec15f9d11399cb54f30bd1b926257626e0"
 #define CODE_BITS 1
 #define N_SEGMENTS 8
 #define N_THRESHOLDS 6

@@ -3,7 +3,7 @@
  * generated/torch_leaky_relu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd"
+#define TABLE_SHA256 "715ad97c1f14c6d290132cdb5a23befb493fa4da658c4aa863d5a787cce0aa91"
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

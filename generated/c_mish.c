@@ -3,7 +3,7 @@
  * generated/torch_mish.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "e95c63e6c4b2a3bd77f71aeb3f1e8a3876ad1a6533fa55c97e9666ac9255449e"
+#define TABLE_SHA256 "14ebb867cf01947cae5131a5532050456d903427d6b3572c258fa6c10ba74a36"
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

@@ -3,7 +3,7 @@
  * generated/torch_quick_gelu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "6807dbc0789d7f8307ed3abcb9f6ca000ae9169c44ff9f1e7b8cdad968068a1d"
+#define TABLE_SHA256 "0c3927e90a3c3d8e4c42600187e6045805c24c2caf61e5d05149fe5ead49543a"
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

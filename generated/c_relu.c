@@ -3,7 +3,7 @@
  * generated/torch_relu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "d433630d901615ce80315054d4af953f2ebb5f019a95f249ce6a6d572491c744"
+#define TABLE_SHA256 "c0725bfbfb764e7236e1456ab75d14ead023201b289ee43fb2dafc796dc6e419"
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

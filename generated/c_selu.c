@@ -3,7 +3,7 @@
  * generated/torch_selu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "a99f4d9dece83ebb2c11f1a3e295b2666bc1c0ce42653c02d06982e46079045e"
+#define TABLE_SHA256 "f49f59e9f50cfeb79a0adaa3974a24cd7b818f970442849e200a674525bede52"
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

@@ -3,7 +3,7 @@
  * generated/torch_sigmoid.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a"
+#define TABLE_SHA256 "167ebda78ae3f2ab6f6639272a7e9b01bc4b11293c58e828d56fe7104c77dbc9"
 #define CODE_BITS 0
 #define N_SEGMENTS 1
 #define N_THRESHOLDS 0

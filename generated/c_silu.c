@@ -3,7 +3,7 @@
  * generated/torch_silu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "cd118d54e36a2a9f8e65aa8a259f48ae50bd3b24c3acda92725c3fbd4fc89a54"
+#define TABLE_SHA256 "6d02366da90947701df272675a65ff90cd55643b3e12f0ece38ec983bff4daab"
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

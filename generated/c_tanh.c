@@ -3,7 +3,7 @@
  * generated/torch_tanh.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "63dec70c679d82140036ef41ef295f737615e1793da367f70db0959712a95b5b"
+#define TABLE_SHA256 "01d551098c998a98bde5426a3e8bca824415e1c3fc6dca1e1dec39467524c163"
 #define CODE_BITS 0
 #define N_SEGMENTS 1
 #define N_THRESHOLDS 0

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '4bf5ae00d1323ba221c5b4182cb899a53dbe893c2a670baa93e0b0d86bdf95cd'
+TABLE_SHA256 = '715ad97c1f14c6d290132cdb5a23befb493fa4da658c4aa863d5a787cce0aa91'
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'f3a942427b36d757ee16aa83a639647625fc9c00d1d94d845939a5d262509cfd'
+TABLE_SHA256 = '31780bd137d8ebebb35c30dc863d15d9471517f6d9764dd2d34f83be925a1622'
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(1)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '3066bf134636d98540ee5005a1a4bc08bec407be18af5fb0d13439202a94cf2a'
+TABLE_SHA256 = '167ebda78ae3f2ab6f6639272a7e9b01bc4b11293c58e828d56fe7104c77dbc9'
 
 
 @triton.jit

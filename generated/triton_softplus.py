@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '458f2ae4c34e6e66b153013d4cfa9cea495999503f1a3a07f4afae2974d5e105'
+TABLE_SHA256 = '5ce55721777b4c6166b41bc533915f55dde754c4f68a088e5b29fe92a1fe620f'
 
 
 @triton.jit

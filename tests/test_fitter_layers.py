@@ -4,6 +4,8 @@ them. Checked on the source (imports inside functions count), so a cycle cannot 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from test_import_rules import REPO, _package, imports
@@ -79,8 +81,8 @@ def test_layers_point_down():
 
 
 def test_only_the_probe_runs_pytorch():
-    """Code generation is torch-free: PyTorch's gradients at NaN y are measured in one fitter module
-    (fitting/pytorch_probe.py) and handed to codegen.analysis.plan_table as data."""
+    """PyTorch's gradients at NaN y are measured in one fitter module (fitting/pytorch_probe.py) when a
+    table is fitted; the table holds them (``nan_gradients``) and code generation reads them as data."""
     users = sorted(str(p.relative_to(REPO)) for p in (REPO / "fitting").rglob("*.py")
                    if any(n == "torch" or n.startswith("torch.") for n in imports(p)))
     assert users == ["fitting/pytorch_probe.py"]
@@ -94,9 +96,44 @@ def test_probe_measures_what_the_formula_cannot_give():
     from invact.fitting.pytorch_probe import nan_gradients
     from invact.fitting.tables import load_table, table_path
     relu, leaky, gelu = (load_table(table_path(n)) for n in ("relu", "leaky_relu", "gelu"))
-    [(x, values)] = nan_gradients(relu)
+    [(x, values)] = nan_gradients(relu["torch_forward"], relu["params"])
     assert math.isnan(x) and values == {1.0}
-    [(x, values)] = nan_gradients(leaky)
+    [(x, values)] = nan_gradients(leaky["torch_forward"], leaky["params"])
     assert math.isnan(x) and values == {leaky["params"]["negative_slope"]} and 1.0 not in values
-    assert nan_gradients(gelu) == ()
-    assert nan_gradients(dict(relu, torch_forward=None)) == ()
+    assert nan_gradients(gelu["torch_forward"], gelu["params"]) == ()
+    assert nan_gradients(None, relu["params"]) == ()
+
+
+def test_tables_hold_what_the_probe_measures():
+    """Every committed table's ``nan_gradients`` is the probe's measurement on its torch_forward (what
+    pipeline.build_table stores), read back by the model in the probe's form."""
+    from invact.fitting.model import Table, nan_gradients_json
+    from invact.fitting.pytorch_probe import nan_gradients
+    from invact.fitting.tables import list_tables, load_table
+    paths = list_tables(REPO)
+    assert paths
+    for path in paths:
+        table = Table.from_json(load_table(path))
+        assert table.nan_gradients == nan_gradients_json(nan_gradients(table.torch_forward, table.params)), path
+        assert nan_gradients_json(table.measured_nan_gradients()) == table.nan_gradients, path
+
+
+def test_code_generation_runs_no_pytorch():
+    """`invact generate` with torch unimportable still writes every committed table's code, and the
+    plans keep PyTorch's values from the tables (relu at NaN y: 1; with the field emptied: none)."""
+    code = f"""
+import sys
+sys.modules["torch"] = None                     # `import torch` raises ImportError from here on
+from pathlib import Path
+from invact.fitting.codegen import generate_files, plan_table
+from invact.fitting.tables import list_tables, load_table, table_path
+root = Path({str(REPO)!r})
+files = generate_files(root)
+assert len(files) == 3 * len(list_tables(root, target="derivative")) + 1, sorted(files)
+relu = load_table(table_path("relu", root=root))
+print([float(v) for _, v in plan_table(relu, "relu.json").nan_values],
+      plan_table(dict(relu, nan_gradients={{}}), "relu.json").nan_values)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1.0]", "()"], out.stdout

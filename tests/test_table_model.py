@@ -123,7 +123,7 @@ def test_a_new_kind_is_one_class(monkeypatch, tmp_path):
     np.testing.assert_array_equal(eval_code_class(table["code_classes"][0], y), np.float32([1, 1, 1]))
     cert = certify_table(table, fp32_samples=2**10)
     assert cert["approx_error"] == 0.0 and cert["float32_eval_error"] == 0.0   # g = 1 exactly
-    plan = plan_table(table, "relu.json", nan_probe=lambda t: ())
+    plan = plan_table(table, "relu.json")
     assert [(k, str(e)) for k, e in plan.exact] == [(i, "1.00000000000000")]
     monkeypatch.delitem(segments.KINDS, "linear")
     with pytest.raises(TableError, match="unknown segment kind 'linear'"):

@@ -20,7 +20,7 @@ def sample_table(name: str = "sigmoid", note: float = 0.0) -> dict:
     return {
         "format": "invact-table", "format_version": 1, "invact_version": "0.1.0", "name": name,
         "formula": "1/(1 + exp(-x))", "params": {}, "param_generic": False, "param_domain": [],
-        "torch_forward": "torch.sigmoid(x)", "target": "derivative", "tolerance": 5e-08,
+        "torch_forward": "torch.sigmoid(x)", "nan_gradients": {}, "target": "derivative", "tolerance": 5e-08,
         "n_branches": 1, "n_codes": 1, "code_bits": 0,
         "forward_code": {"x_breaks": [], "codes": [0]},
         "branches": [{"index": 0, "code": 0, "x_range": [float("-inf"), float("inf")],
@@ -115,6 +115,29 @@ def test_load_rejects_inconsistent_but_hashed_table(tmp_path):
     path = tables.write_table(sample_table(), tmp_path / "tanh.json")
     with pytest.raises(TableError, match="file name says 'tanh'"):
         tables.load_table(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("nan_gradients"), "lacks the key 'nan_gradients'"),        # a table from before the field
+    (lambda d: d.__setitem__("nan_gradients", []), "'nan_gradients' of type list"),
+    (lambda d: d.__setitem__("nan_gradients", {"zero": [1.0]}), "keys among nan, -inf, inf"),
+    (lambda d: d.__setitem__("nan_gradients", {"nan": []}), r"nan_gradients\['nan'\] that is not a non-empty"),
+    (lambda d: d.__setitem__("nan_gradients", {"nan": ["1"]}), r"nan_gradients\['nan'\] that is not a non-empty"),
+    (lambda d: d.__setitem__("nan_gradients", {"-inf": [True]}), r"nan_gradients\['-inf'\] that is not"),
+    (lambda d: d.update(torch_forward=None, nan_gradients={"nan": [1.0]}), "without a torch_forward"),
+])
+def test_load_rejects_malformed_nan_gradients(tmp_path, edit, message):
+    """nan_gradients (PyTorch's gradients where y is NaN) reach generated code as numbers: a hashed
+    table holding anything else, or none (written before the field), is refused with the refit."""
+    table = sample_table()
+    edit(table)
+    path = tables.write_table(table, tmp_path / "sigmoid.json")
+    with pytest.raises(TableError, match=message) as info:
+        tables.load_table(path)
+    assert "invact fit" in str(info.value)
+    table = sample_table()
+    table["nan_gradients"] = {"-inf": [0.0, "inf"], "nan": [1.0]}                # numbers and "inf": accepted
+    assert tables.load_table(tables.write_table(table, path))["nan_gradients"] == table["nan_gradients"]
 
 
 def test_regenerate_hint_for_user_formulas(tmp_path):

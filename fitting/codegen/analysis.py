@@ -15,13 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import sympy as sp
 
 from ...common import float32_scheme as scheme
 from ..model import Table, Transform
-from ..pytorch_probe import nan_gradients
 from .printer import parse
 
 __all__ = ["Plan", "ClassPlan", "plan_table", "code_of"]
@@ -113,10 +111,8 @@ class _Forms:
         self.items.append(("constant", (value,)))
 
 
-def plan_table(table: dict | Table, source: str | Path,
-               nan_probe: Callable[[dict], tuple] = nan_gradients) -> Plan:
-    """The code-generation plan of a derivative table (a JSON dict or a :class:`..model.Table`).
-    ``nan_probe``: PyTorch's gradients where its y is NaN (:func:`..pytorch_probe.nan_gradients`)."""
+def plan_table(table: dict | Table, source: str | Path) -> Plan:
+    """The code-generation plan of a derivative table (a JSON dict or a :class:`..model.Table`)."""
     raw = table.to_json() if isinstance(table, Table) else table
     table = Table.of(table)
     names = tuple(table.params)
@@ -156,7 +152,7 @@ def plan_table(table: dict | Table, source: str | Path,
                 constant.append((index, num(args[0])))
             rows.append(tuple(row))
     fc = table.forward_code
-    nan_values = _nan_values(raw, classes, exact, constant, rows, nan_probe(raw))
+    nan_values = _nan_values(raw, classes, exact, constant, rows, table.measured_nan_gradients())
     return Plan(
         name=table.name, source=Path(source).as_posix(), meta=_meta(raw),
         params=tuple((n, float(v)) for n, v in table.params.items()),
@@ -186,11 +182,11 @@ def code_of(codes: tuple[int, ...], x: float) -> int:
 def _nan_values(table, classes, exact, constant, rows, measured) -> tuple[tuple[int, sp.Expr], ...]:
     """Per code, g where the stored y is NaN: PyTorch's derivative at the inputs x in {NaN, -inf, +inf}
     whose y is NaN and whose forward code is that code, where it is one finite value on both of
-    PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0), as
-    ``measured`` (:func:`..pytorch_probe.nan_gradients`) gives them. Written as the code class's
-    constant-valued segment with that value (so parameters stay symbolic), or as the number for
-    tables without generic parameters. Elsewhere NaN, as the float32 scheme gives. Tables without a
-    PyTorch forward (user formulas) keep NaN."""
+    PyTorch's paths (relu at NaN: 1; leaky_relu: negative_slope; hardswish at -inf: 0), as the
+    table's ``nan_gradients`` give them (measured by the fitter: :mod:`..pytorch_probe`). Written as
+    the code class's constant-valued segment with that value (so parameters stay symbolic), or as the
+    number for tables without generic parameters. Elsewhere NaN, as the float32 scheme gives. Tables
+    without a PyTorch forward (user formulas) keep NaN."""
     found: dict[int, set] = {}
     for x, values in measured:
         found.setdefault(code_of(tuple(table["forward_code"]["codes"]), x), set()).update(values)

@@ -19,9 +19,9 @@ CERT = {"method": "test", "approx_error": 0.0, "float32_eval_error": 0.0, "check
 def _base(name, formula, **kw):
     t = {"format": "invact-table", "format_version": 1, "invact_version": "0.1.0", "name": name,
          "formula": formula, "params": {}, "param_generic": False, "param_domain": [],
-         "torch_forward": None, "target": "derivative", "tolerance": 5e-08, "n_branches": 1, "n_codes": 1,
-         "code_bits": 0, "forward_code": {"x_breaks": [], "codes": [0]}, "branches": [],
-         "code_classes": [], "certificate": CERT}
+         "torch_forward": None, "nan_gradients": {}, "target": "derivative", "tolerance": 5e-08,
+         "n_branches": 1, "n_codes": 1, "code_bits": 0, "forward_code": {"x_breaks": [], "codes": [0]},
+         "branches": [], "code_classes": [], "certificate": CERT}
     t.update(kw)
     return t
 
