@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from . import ops
+from . import constants, ops
 from .common.catalog import Entry, group
 from .functional import table_selector
 
@@ -45,7 +45,7 @@ def check_params(name: str, params: dict[str, float] | None) -> dict[str, float]
     """
     defaults = ops.info(name)["params"]
     # ops' own validator (one source of truth for the rules); it returns the values in table order
-    return dict(zip(defaults, ops._check_params(name, params)))
+    return dict(zip(defaults, constants.check_params(name, params)))
 
 
 class Activation(nn.Module):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, ops
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, registry
 
-FUSED = [n for n in ops.names() if getattr(ops._module(n), "FUSED_CPU", False)]
+FUSED = [n for n in ops.names() if getattr(registry.module(n), "FUSED_CPU", False)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
                                   reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
@@ -48,8 +48,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _both(name: str, y, code, go):
     eager = torch.ops.invact.backward(go, y, code, name, [], "eager")
     fused = torch.empty_like(y)
-    table = ops._fused_table(ops._module(name), ())
-    assert cpu_kernel.run(table, fused, go, y, code, ops._module(name).CODE_BITS)
+    table = impl_cpu.fused_table(registry.module(name), ())
+    assert cpu_kernel.run(table, fused, go, y, code, registry.module(name).CODE_BITS)
     return eager, fused
 
 
@@ -83,12 +83,12 @@ def test_compiled_16_bit_backward_equals_eager_bitwise(name, dtype):
 @pytest.mark.parametrize("name", FUSED[:1])
 def test_fused_at_every_y_threshold(name):
     """y at each threshold and its float32 neighbours, in every code class: the segment choice."""
-    k = ops.module_constants(ops._module(name), torch.float32, torch.device("cpu"), ())
+    k = ops.module_constants(registry.module(name), torch.float32, torch.device("cpu"), ())
     t = torch.tensor(k.y_threshold_values, dtype=torch.float32)
     y = torch.cat([t, torch.nextafter(t, torch.tensor(math.inf)), torch.nextafter(t, torch.tensor(-math.inf))])
     n = y.numel()
-    for c in range(ops._module(name).META["n_codes"]):
-        code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), ops._module(name).CODE_BITS)
+    for c in range(registry.module(name).META["n_codes"]):
+        code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), registry.module(name).CODE_BITS)
         eager, fused = _both(name, y, code, torch.ones(n))
         assert _same(eager, fused)
 
@@ -100,12 +100,12 @@ def test_fused_threads_agree():
     x = _inputs(name, torch.float32, n)
     y, code = torch.ops.invact.forward(x, name, [], "eager")
     go = torch.randn(n)
-    table = ops._fused_table(ops._module(name), ())
+    table = impl_cpu.fused_table(registry.module(name), ())
     outs = []
     for threads in (1, 3):
         out = torch.empty_like(y)
         assert cpu_kernel.library().invact_poly_grad(table, 0, n, y.data_ptr(), go.data_ptr(), out.data_ptr(),
-                                                     code.data_ptr(), ops._module(name).CODE_BITS, threads) == 0
+                                                     code.data_ptr(), registry.module(name).CODE_BITS, threads) == 0
         outs.append(out)
     assert _same(*outs)
 
@@ -119,15 +119,15 @@ def test_compiled_backend_runs_the_kernels(monkeypatch, dtype, kernel):
     original = getattr(cpu_kernel, kernel)
     monkeypatch.setattr(cpu_kernel, kernel, lambda *a: calls.append(1) or original(*a))
     y, code = torch.ops.invact.forward(torch.randn(100, dtype=dtype), FUSED[0], [], "eager")
-    monkeypatch.setattr(ops, "_kernels", lambda *a: pytest.fail("Inductor's backward ran"))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's backward ran"))
     grad = torch.ops.invact.backward(torch.ones_like(y), y, code, FUSED[0], [], "compiled")
     assert calls and torch.isfinite(grad).all()
 
 
 def test_kernel_table_only_for_fused_tables():
     for name in ops.names():
-        mod = ops._module(name)
-        table = ops._fused_table(mod, tuple(float(v) for v in mod.META["params"].values()))
+        mod = registry.module(name)
+        table = impl_cpu.fused_table(mod, tuple(float(v) for v in mod.META["params"].values()))
         assert (table is not None) == bool(mod.FUSED_CPU), name
 
 
@@ -136,14 +136,14 @@ def test_kernel_refuses_what_it_does_not_take(monkeypatch):
     generated code."""
     if not FUSED:
         pytest.skip("no fused tables")
-    table = ops._fused_table(ops._module(FUSED[0]), ())
+    table = impl_cpu.fused_table(registry.module(FUSED[0]), ())
     y = torch.zeros(32)
     code = torch.zeros(4, dtype=torch.uint8)
     assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(32, dtype=torch.bfloat16), y, code, 1)
     assert not cpu_kernel.run(table, torch.empty(32), torch.zeros(64)[::2], y, code, 1)
     assert not cpu_kernel.run(table, torch.empty(32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64),
                               y.double(), code, 1)
-    lut = ops._lookup_table(ops._module(FUSED[0]), torch.bfloat16, (), torch.device("cpu"))
+    lut = impl_eager.lookup_table(registry.module(FUSED[0]), torch.bfloat16, (), torch.device("cpu"))
     h = torch.zeros(32, dtype=torch.bfloat16)
     assert not cpu_kernel.run_lookup(lut, torch.empty(32), y, y, code, 1)           # float32: no table
     assert not cpu_kernel.run_lookup(lut[:-1], torch.empty_like(h), h, h, code, 1)  # a table of another size
@@ -203,7 +203,7 @@ def test_kernels_read_every_code_width(bits):
     unpacked codes (codes of no class take the first class, as in the generated code); the lookup
     kernel against a random table indexed in torch."""
     name = FUSED[0]
-    mod = ops._module(name)
+    mod = registry.module(name)
     g = torch.Generator().manual_seed(bits)
     for n in (1, 37, 1003, 40_001):
         y, _ = torch.ops.invact.forward(_inputs(name, torch.float32, n, seed=n), name, [], "eager")
@@ -213,7 +213,7 @@ def test_kernels_read_every_code_width(bits):
         k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
         want = mod.g_kernel(y, codes, k.y_thresholds, k.poly) * go
         got = torch.empty_like(y)
-        assert cpu_kernel.run(ops._fused_table(mod, ()), got, go, y, packed, bits)
+        assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), got, go, y, packed, bits)
         assert _same(want, got), (bits, n)
 
         h = y.to(torch.bfloat16)
@@ -225,7 +225,7 @@ def test_kernels_read_every_code_width(bits):
         assert _same(want16, got16), (bits, n)
 
 
-CODED = [n for n in ops.names() if ops._module(n).CODE_BITS]
+CODED = [n for n in ops.names() if registry.module(n).CODE_BITS]
 
 
 @needs_kernel
@@ -235,7 +235,7 @@ def test_packed_code_equals_generated_code_packed(name, dtype):
     """The compiled forward's code comes from the C kernel, read off the generated code_kernel at its
     thresholds: the same bytes as the generated code_packed, at the thresholds, their neighbours,
     NaN and the infinities, for counts that end mid-byte and mid-vector."""
-    mod = ops._module(name)
+    mod = registry.module(name)
     params = [float(v) for v in ops.info(name)["params"].values()]
     k = ops.module_constants(mod, dtype, torch.device("cpu"), tuple(params))
     t = torch.tensor(k.x_thresholds, dtype=dtype)
@@ -252,7 +252,7 @@ def test_packed_code_equals_generated_code_packed(name, dtype):
 def test_compiled_forward_needs_no_inductor(monkeypatch):
     """On AVX-512 CPUs the compiled forward packs the code in C (no torch.compile at first use),
     also split over threads."""
-    monkeypatch.setattr(ops, "_kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
     name = CODED[0]
     x = _inputs(name, torch.float32, 3 * 32768 * 8 + 5)
     packs = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tolerances  # noqa: F401 - benchmarks/fuzz.py then shares this module (and its caches)
-from invact import ops
+from invact import impl_compiled, ops, registry
 
 _spec = importlib.util.spec_from_file_location("invact_bench_fuzz",
                                                Path(__file__).parents[1] / "benchmarks" / "fuzz.py")
@@ -62,7 +62,7 @@ def test_fuzzer_catches_a_wrong_table(monkeypatch):
     """The same run with GELU's g off by 3e-6 (relative): tensors outside tolerance, exit status 1."""
     if "gelu" not in NAMES:
         pytest.skip("no gelu table")
-    mod = ops._module("gelu")
+    mod = registry.module("gelu")
     wrong = mod.grad_kernel
 
     def grad_kernel(out, *args, **kwargs):
@@ -70,13 +70,13 @@ def test_fuzzer_catches_a_wrong_table(monkeypatch):
         out.mul_(1 + 3e-6)
 
     monkeypatch.setattr(mod, "grad_kernel", grad_kernel)
-    ops._kernels.cache_clear()
+    impl_compiled.kernels.cache_clear()
     try:
         assert FZ.fuzz("gelu", torch.float32, 20, seed=1, max_numel=256).bad_cases > 0
         assert FZ.main(["--cases", "5", "--names", "gelu", "--dtypes", "float32"]) == 1
     finally:
         monkeypatch.undo()
-        ops._kernels.cache_clear()
+        impl_compiled.kernels.cache_clear()
 
 
 def test_command_line(capsys):

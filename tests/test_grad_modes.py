@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tolerances as tol
-from invact import cpu_kernel, ops
+from invact import cpu_kernel, impl_compiled, impl_eager, ops
 from triton_tolerances import default_params
 
 NAMES = ops.names()
@@ -48,7 +48,8 @@ def test_no_code_without_autograd(name, backend, dtype, monkeypatch):
     def no_code(*args, **kwargs):
         raise AssertionError("the branch code was computed")
 
-    monkeypatch.setattr(ops, "_kernels", lambda *a: (no_code, no_code))
+    monkeypatch.setattr(impl_eager, "kernels", lambda *a: (no_code, no_code))  # the code: neither eager's
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: (no_code, no_code))  # nor Inductor's
     monkeypatch.setattr(cpu_kernel, "pack_code", no_code)
     for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
         with mode(), OpLog() as log:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import invact
 import tolerances as tol
-from invact import backends, bitpack, ops
+from invact import backends, bitpack, impl_eager, ops, registry
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
@@ -306,7 +306,7 @@ def test_eager_chunks_across_bit_planes(name, monkeypatch):
     y, code = torch.ops.invact.forward(x, name, params, EAGER)
     go = torch.randn_like(y)
     whole = torch.ops.invact.backward(go, y, code, name, params, EAGER)
-    monkeypatch.setattr(ops, "_EAGER_CHUNK", 48)
+    monkeypatch.setattr(impl_eager, "CHUNK", 48)
     # torch's sqrt rounding depends on the position within a vector: compare to a few ulps
     torch.testing.assert_close(torch.ops.invact.backward(go, y, code, name, params, EAGER), whole,
                                rtol=4 * 2.0**-23, atol=4 * 2.0**-24)
@@ -323,14 +323,14 @@ def test_use_root_loads_activations_from_another_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(pkg, "__path__", list(pkg.__path__))
     try:
         invact.use_root(tmp_path)
-        assert Path(ops._module("tanh").__file__).is_relative_to(tmp_path)
+        assert Path(registry.module("tanh").__file__).is_relative_to(tmp_path)
         x = torch.randn(50, requires_grad=True)
         invact.functional.tanh(x).sum().backward()
         torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
     finally:
         monkeypatch.undo()
         invact.use_root(src.parent)  # back to the installed tree (its generated/ is src)
-    assert Path(ops._module("tanh").__file__).parent == src
+    assert Path(registry.module("tanh").__file__).parent == src
     with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
         invact.use_root(tmp_path / "nowhere")
 
@@ -342,11 +342,11 @@ def test_eager_16_bit_lookup_table_is_g_kernel(name, dtype):
     bit for bit for tables of polynomial pieces (only correctly rounded float32 arithmetic); within
     4 float32 ulps where closed forms call torch.exp/log/sqrt/erf/tanh, which MKL evaluates to about
     an ulp with results that depend on an element's position in the tensor."""
-    mod = ops._module(name)
+    mod = registry.module(name)
     params = [float(v) for v in ops.info(name)["params"].values()]
     y, code = torch.ops.invact.forward(sample_x(name).to(dtype), name, params, EAGER)
     codes = bitpack.unpack(code, mod.CODE_BITS, y.numel()) if mod.CODE_BITS else torch.zeros_like(y, dtype=torch.int32)
-    lut = ops._lookup_table(mod, dtype, tuple(params), torch.device("cpu"))
+    lut = impl_eager.lookup_table(mod, dtype, tuple(params), torch.device("cpu"))
     got = lut[(y.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)]
     k = ops.module_constants(mod, dtype, torch.device("cpu"), tuple(params))
     want = mod.g_kernel(y, codes if mod.CODE_BITS else None, k.y_thresholds, k.poly, **k.params)

@@ -349,7 +349,7 @@ def test_documented_deviations_behave_as_stated():
                          ids=["middle", "transposed", "sliced", "channels_last"])
 def test_expanded_input_strides(make):
     """y gets PyTorch's strides for expanded (stride-0) inputs too: TensorIterator leaves a broadcast
-    dimension where it is (ops._order once moved it innermost)."""
+    dimension where it is (layout.order once moved it innermost)."""
     x = make()
     for name in NAMES[:3]:
         y, ref = ops.apply(x, name, backend="eager"), tol.torch_reference(name, x)

@@ -16,7 +16,7 @@ Measured (1 thread): the bound grows to ~5e-4 nats at step 60, the patched curve
 it (<= 1.7e-6, a few fp32 ulps of the loss), and a derivative 1 % off everywhere (below the 1.87e-2
 error of the Inverted Activations reference formulas) exceeds it up to 15-fold
 (test_bound_catches_a_one_percent_derivative_error); so does a backward scaled by 1.001, and inverted
-branch codes exceed it 1700-fold at step 1 (checked by hand, monkeypatching invact.ops._kernels).
+branch codes exceed it 1700-fold at step 1 (checked by hand, monkeypatching invact.impl_eager.kernels).
 """
 
 from __future__ import annotations

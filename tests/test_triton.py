@@ -8,7 +8,7 @@ out-of-bounds accesses, so ragged sizes and non-contiguous inputs are compared w
 import pytest
 import torch
 
-from invact import backends, ops
+from invact import backends, impl_triton, layout, ops, registry
 from triton_tolerances import default_params, formula_error, is_fitted, needs_interpreter, within
 
 NAMES = ops.names()
@@ -95,13 +95,13 @@ def test_many_programs_give_one_programs_results(name, n):
     """Launched with a small block, the kernels run many programs (the last one ragged, and with a
     code each covers `block` bytes of every bit plane): the same y, code and gradient as one program."""
     params = default_params(name)
-    mod = ops._triton_module(name)
+    mod = registry.triton_module(name)
     k = ops.table_constants(name, torch.float32, "cpu")
     x = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 4
     go = torch.randn(n, generator=torch.Generator().manual_seed(3))
     results = []
     for block in (64, 4096):
-        y, code = torch.empty_like(x), ops._empty_code(x, ops._module(name).CODE_BITS)
+        y, code = torch.empty_like(x), layout.empty_code(x, registry.module(name).CODE_BITS)
         mod.forward(x, y, code, k.x_threshold_tensor, params, block=block)
         gx = torch.empty_like(x)
         mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params, block=block)
@@ -143,12 +143,12 @@ def test_launches_on_the_tensors_device(monkeypatch):
     tensors' device current around the launch (on CPU tensors the guard does nothing)."""
     import contextlib
     name = NAMES[0]
-    assert isinstance(ops._device_guard(torch.device("cpu")), contextlib.nullcontext)
-    guard = ops._device_guard(torch.device("cuda", 1))  # constructing it needs no GPU
+    assert isinstance(impl_triton.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = impl_triton.device_guard(torch.device("cuda", 1))  # constructing it needs no GPU
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     seen = []
-    real = ops._device_guard
-    monkeypatch.setattr(ops, "_device_guard", lambda device: seen.append(device) or real(device))
+    real = impl_triton.device_guard
+    monkeypatch.setattr(impl_triton, "device_guard", lambda device: seen.append(device) or real(device))
     x = torch.randn(10, requires_grad=True)
     ops.apply(x, name, backend="triton").sum().backward()
     assert seen == [x.device, x.device]
@@ -162,7 +162,7 @@ def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
     from invact import backends
     monkeypatch.setattr(backends, "_broken", set())
     name = NAMES[0]
-    mod = ops._triton_module(name)
+    mod = registry.triton_module(name)
     calls = []
 
     def broken(*args, **kwargs):

@@ -17,7 +17,7 @@ import torch
 
 import invact
 import invact.generated
-from invact import backends, ops
+from invact import backends, constants, ops, registry
 from invact.fitting import cli, tables
 from invact.fitting.errors import SpecError
 from invact.fitting.codegen.printer import PARAM_PREFIX, mangle
@@ -254,11 +254,11 @@ def test_table_text_is_data(tree, tmp_path, edit):
 
 
 def test_runtime_param_domain_is_compared_not_evaluated():
-    assert ops._holds("alpha > 0", {"alpha": 1.0}) and not ops._holds("alpha > 0", {"alpha": -1.0})
-    assert ops._holds("-alpha + 2*beta/4 <= 1", {"alpha": 1.0, "beta": 2.0})
+    assert constants.holds("alpha > 0", {"alpha": 1.0}) and not constants.holds("alpha > 0", {"alpha": -1.0})
+    assert constants.holds("-alpha + 2*beta/4 <= 1", {"alpha": 1.0, "beta": 2.0})
     for bad in (f"{EVIL} > 0", "alpha.real > 0", "alpha", "0 < alpha < 1", "unknown > 0"):
         with pytest.raises(ValueError, match="param_domain"):
-            ops._holds(bad, {"alpha": 1.0})
+            constants.holds(bad, {"alpha": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_new_table_with_old_code_is_refused_with_the_fix(tree, layered):
     _planted(tree, "tanh", lambda t: t.__setitem__("tolerance", 1e-7))   # the new table, old code
     invact.use_root(tree)
     with pytest.raises(ImportError) as info:
-        ops._module("tanh")
+        registry.module("tanh")
     text = str(info.value)
     assert str(tree / "generated" / "torch_tanh.py") in text and f"invact generate --root {tree}" in text, text
     assert run("generate", "--root", tree, cwd=tree).returncode == 0
@@ -369,8 +369,8 @@ def test_use_root_layers_over_the_installed_tables(tree, layered):
     (tree / "generated" / "tables" / "gelu.json").unlink()
     assert run("generate", "--root", tree, cwd=tree).returncode == 0
     invact.use_root(tree)
-    assert Path(ops._module("tanh").__file__).parent == tree / "generated"
-    assert Path(ops._module("gelu").__file__).parent == REPO
+    assert Path(registry.module("tanh").__file__).parent == tree / "generated"
+    assert Path(registry.module("gelu").__file__).parent == REPO
     x = torch.randn(32, requires_grad=True)
     invact.GELU()(x).sum().backward()
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
@@ -409,10 +409,10 @@ def test_invact_root_in_the_runtime_layers_or_fails(tree, tmp_path):
     every use instead of silently falling back to the installed tables."""
     (tree / "generated" / "tables" / "gelu.json").unlink()
     assert run("generate", "--root", tree, cwd=tree).returncode == 0
-    code = ("import torch, invact; from invact import ops\n"
+    code = ("import torch, invact; from invact import registry\n"
             "for _ in range(2):\n"
             "    try:\n"
-            "        print(ops._module('tanh').__file__, ops._module('gelu').__file__)\n"
+            "        print(registry.module('tanh').__file__, registry.module('gelu').__file__)\n"
             "    except FileNotFoundError as e:\n"
             "        print('refused', e)\n")
     for root, want in ((tree, f"{tree}/generated/torch_tanh.py {REPO}/torch_gelu.py"),
@@ -466,7 +466,7 @@ def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree,
         monkeypatch.setattr(codegen, "replace_text", real)
         invact.use_root(root)
         try:
-            mod = ops._module("tanh")
+            mod = registry.module("tanh")
             outcomes.append((writes, "ok", mod.META["tolerance"]))
         except ImportError as error:
             assert f"invact generate --root {root}" in str(error), error

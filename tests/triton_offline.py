@@ -28,7 +28,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from invact import act_triton  # noqa: E402 - the kernels; generated modules pass their functions to them
 
-from invact import ops  # noqa: E402
+from invact import ops, registry  # noqa: E402
 
 INSTRUCTIONS = ("fma.rn.f32", "div.full.f32", "div.rn.f32", "sqrt.approx.f32", "sqrt.rn.f32", "ex2.approx",
                 "div.s64", "rem.s64", "div.u64", "rem.u64", "ld.global.v4", "st.global.v4")
@@ -50,7 +50,7 @@ class Recorder:
 
 def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, dict]]:
     """The (args, kwargs) each kernel of ``name`` gets for n elements of dtype (meta tensors)."""
-    mod, torch_mod = ops._triton_module(name), ops._module(name)
+    mod, torch_mod = registry.triton_module(name), registry.module(name)
     meta = dict(dtype=dtype, device="meta")
     x, y, go, gx = (torch.empty(n, **meta) for _ in range(4))
     bits = torch_mod.CODE_BITS

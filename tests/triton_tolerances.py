@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from invact import backends, ops
+from invact import backends, ops, registry
 
 # Triton kernels on CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py).
 needs_interpreter = pytest.mark.skipif(
@@ -40,4 +40,4 @@ def default_params(name: str) -> list[float]:
 def is_fitted(name: str) -> bool:
     """Every segment a polynomial row (FUSED_CPU): the backward is the float32 scheme alone, so
     Triton's gradient equals the eager backend's bit for bit."""
-    return bool(getattr(ops._module(name), "FUSED_CPU", False))
+    return bool(getattr(registry.module(name), "FUSED_CPU", False))

@@ -1,0 +1,82 @@
+"""An activation's parameters, checked, and the constants its kernels read for a dtype and device.
+
+Documented internals (the ops, the implementations and generated code use them):
+:func:`check_params` (a call's parameters against the table's), :class:`Constants`,
+:func:`module_constants` (cached per generated module, dtype, device and parameter values) and
+:func:`table_constants` (the same by activation name: what generated modules import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import bitpack, registry
+from .common import params as common_params
+
+__all__ = ["check_params", "holds", "Constants", "module_constants", "table_constants"]
+
+# param_domain relations: compared by an ast walk, never eval'd (invact.common.params)
+holds = common_params.holds
+
+
+def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
+    """The `invact fit` command that refits table ``name`` for parameter ``values`` in the tree its code
+    was generated in (the CLI takes a formula table's name and reuses its formula)."""
+    root = Path(registry.generated_file(registry.module(name).__name__)[0]).parent.parent
+    tolerance = "" if meta["tolerance"] == 5e-8 else f" --tolerance {meta['tolerance']!r}"  # the CLI default
+    return (f"invact fit {name} " + " ".join(f"--param {k}={v!r}" for k, v in values.items())
+            + tolerance + registry.root_option(root))
+
+
+def check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
+    """The values (defaults filled in, table order) for table ``name``; ParamError (a ValueError) naming
+    the parameter otherwise, by the check the fitter makes too (invact.common.params)."""
+    meta = registry.module(name).META
+    fixed = None if meta["param_generic"] else lambda values: (
+        f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "
+        f"`{_refit_command(name, meta, values)}` refits it for these values, replacing that set (add `--name NEW` "
+        "to keep it and fit activation NEW)")
+    return tuple(common_params.check_params(name, meta["params"], params, meta["param_domain"], fixed).values())
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Per (activation, dtype, device, params): what the kernels read besides the tensors."""
+
+    x_thresholds: tuple[float, ...]   # forward code, in x's dtype
+    y_thresholds: Tensor              # concatenated y breaks, in the evaluation dtype
+    y_threshold_values: tuple[float, ...]  # the same as floats (compile-time constants when compiled)
+    poly: Tensor                      # POLY transposed: (row length, segments), evaluation dtype
+    params: dict[str, float]          # keyword arguments of the module's functions (PARAM_ARGS: mangled names)
+    x_threshold_tensor: Tensor        # x_thresholds on the device, evaluation dtype (Triton reads them)
+    x_strict: tuple[bool, ...]        # per x threshold: `x > t` (a left-side break), else `x >= t`
+    y_strict: tuple[bool, ...]        # per y threshold: `y > t`, else `y >= t` (bitpack.threshold)
+
+
+def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
+                    params: dict[str, float] | None = None) -> Constants:
+    """Constants of activation ``name`` for tensors of ``dtype`` on ``device``."""
+    values = check_params(name, params)
+    return module_constants(registry.module(name), dtype, torch.device(device), values)
+
+
+@registry.per_root(maxsize=256)
+def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
+                     values: tuple[float, ...]) -> Constants:
+    """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order)."""
+    params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
+    ev = torch.float64 if dtype == torch.float64 else torch.float32
+    xbreaks = mod.x_breaks(**params)
+    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
+    # y breaks are rounded to the evaluation dtype first, as the certified evaluator does
+    rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
+    ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
+    poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
+    return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),
+                     tuple(side == "left" for _, side in xbreaks),
+                     tuple(side == "left" for _, side in rounded))

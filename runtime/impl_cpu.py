@@ -1,0 +1,79 @@
+"""The compiled backend's C kernels on CPU tensors (:mod:`invact.cpu_kernel`), tried before Inductor.
+
+Forward: y by the generated torch forward, the packed code by the C kernel from the thresholds and the
+codes at them (:func:`code_map`). Backward: a gather from g of every 16-bit y and code for bfloat16 /
+float16 y (the table :func:`invact.impl_eager.lookup_table` holds), the fused polynomial kernel for
+float32 y of tables it covers (:func:`fused_table`). Bit for bit what the eager backend computes.
+Answers None where the kernels do not take the tensors (no AVX-512 or no compiler, float64, a table
+the kernel does not cover): :mod:`invact.impl_compiled` runs then.
+
+Documented internals: :class:`CpuKernels` / :data:`CPU`, :func:`fused_table` and :func:`code_map`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel, impl_compiled, layout, registry
+from .constants import module_constants
+from .impl_eager import flushed, lookup_table, output
+
+__all__ = ["CpuKernels", "CPU", "fused_table", "code_map"]
+
+
+@registry.per_root(maxsize=256)
+def fused_table(mod: ModuleType, values: tuple[float, ...]) -> cpu_kernel.Table | None:
+    """The fused CPU backward's table of a generated module (None where it does not cover it)."""
+    k = module_constants(mod, torch.float32, torch.device("cpu"), values)
+    return cpu_kernel.kernel_table(mod, k.y_threshold_values, k.y_strict)
+
+
+@registry.per_root(maxsize=256)
+def code_map(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> cpu_kernel.CodeMap | None:
+    """The forward code of a generated module as the C kernel takes it (invact.cpu_kernel.code_map)."""
+    k = module_constants(mod, dtype, torch.device("cpu"), values)
+    return cpu_kernel.code_map(mod.code_kernel, k.x_thresholds, k.x_strict, dtype)
+
+
+class CpuKernels:
+    """The C kernels on CPU tensors of float32, bfloat16 and float16 (ops.py only asks for those)."""
+
+    def value(self, x: Tensor, name: str, params: list[float]) -> Tensor:
+        mod = registry.module(name)
+        return output(x, mod, module_constants(mod, x.dtype, x.device, tuple(params)))
+
+    def forward(self, x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
+        mod = registry.module(name)
+        bits = mod.CODE_BITS
+        cmap = code_map(mod, x.dtype, tuple(params)) if bits else None
+        if bits and (cmap is None or cpu_kernel.library() is None):
+            return None
+        k = module_constants(mod, x.dtype, x.device, tuple(params))
+        y = output(x, mod, k)
+        if not bits:
+            return y, layout.empty_code(x, 0)
+        flat = layout.flat(x, layout.order(y))
+        packed = cpu_kernel.pack_code(flat, cmap, bits)
+        if packed is None:  # a layout the kernel does not take: Inductor's code for the y computed
+            packed = impl_compiled.kernels(name)[0](flat, k.x_thresholds)
+        return y, packed
+
+    def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
+        mod = registry.module(name)
+        if cpu_kernel.library() is None:
+            return None
+        lut = table = None
+        if y.dtype in (torch.bfloat16, torch.float16):
+            lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
+        elif (table := fused_table(mod, tuple(params))) is None:
+            return None
+        out, gf, yf, of = layout.backward_views(grad, y)
+        yf = yf.contiguous()
+        done = (cpu_kernel.run_lookup(lut, of, gf, yf, code, mod.CODE_BITS) if lut is not None
+                else cpu_kernel.run(table, of, gf, yf, code, mod.CODE_BITS))
+        return out if done else None
+
+CPU = CpuKernels()

@@ -1,0 +1,78 @@
+"""The Triton implementation: the generated fused kernels (triton_NAME.py), y and the packed code in one
+pass, the backward in one more; float32 arithmetic for float32, bfloat16 and float16 tensors.
+
+Triton launches on the current CUDA device and stream, not on its arguments' device:
+:func:`launched` makes the tensors' device current around a launch (:func:`device_guard`) and turns a
+kernel that fails to build or launch into one warning and None (Triton is then not tried again; the
+caller runs :func:`invact.backends.instead_of_triton`). :mod:`invact.norms` launches its kernels the
+same way.
+
+Documented internals: :class:`Triton` / :data:`TRITON`, :func:`device_guard`, :func:`launched`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from . import backends, layout, registry
+from .constants import module_constants
+
+__all__ = ["Triton", "TRITON", "device_guard", "launched"]
+
+T = TypeVar("T")
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current while a Triton kernel launches: Triton launches on the current CUDA
+    device and stream, not on its arguments' device (a tensor on cuda:1 while cuda:0 is current
+    would be read from the wrong device). The caller's current device is restored afterwards."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launched(device: torch.device, launch: Callable[[], T]) -> T | None:
+    """``launch()`` with ``device`` current; None where Triton failed before, or fails now (a kernel
+    that does not build or launch warns once, and Triton is not tried again)."""
+    if "triton" not in backends.available(device.type):
+        return None  # failed before
+    try:
+        with device_guard(device):
+            return launch()
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel falls back
+        backends.after_triton_failed(error, device.type)
+        return None
+
+
+class Triton:
+    """The fused kernels; None where they do not run (the caller runs the backend instead)."""
+
+    def forward(self, x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
+        y, code = layout.like(x), layout.empty_code(x, registry.module(name).CODE_BITS)
+        dims = layout.order(y)
+        k = module_constants(registry.module(name), torch.float32, x.device, tuple(params))
+
+        def launch() -> tuple[Tensor, Tensor]:
+            registry.triton_module(name).forward(layout.flat(x, dims).contiguous(), layout.flat(y, dims), code,
+                                                 k.x_threshold_tensor, list(params))
+            return y, code
+        return launched(x.device, launch)
+
+    def value(self, x: Tensor, name: str, params: list[float]) -> Tensor | None:
+        done = self.forward(x, name, params)  # the kernel packs the code as it goes
+        return None if done is None else done[0]
+
+    def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
+        out, gf, yf, of = layout.backward_views(grad, y)
+        k = module_constants(registry.module(name), torch.float32, y.device, tuple(params))
+
+        def launch() -> Tensor:
+            registry.triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
+            return out
+        return launched(y.device, launch)
+
+
+TRITON = Triton()

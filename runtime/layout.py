@@ -1,0 +1,73 @@
+"""Memory layout of the activation ops: kernels run over y's elements in storage order.
+
+y keeps x's memory format, as torch.nn.functional's elementwise ops do (TensorIterator's output
+strides), and the packed code covers y's elements in that order. Documented internals: :func:`order`,
+:func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code` and :func:`backward_views`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import bitpack
+
+__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "backward_views"]
+
+
+def order(t: Tensor) -> list[int]:
+    """Dimensions from outermost to innermost in memory, ordered as TensorIterator orders an
+    elementwise op's output (so y gets PyTorch's strides): an insertion sort by stride, innermost
+    first, where a comparison with a stride-0 (expanded) dimension is ambiguous and leaves the pair
+    in place, and equal strides put the smaller size inside. For a dense t, t.permute(order) is
+    contiguous."""
+    def after(d0: int, d1: int) -> int:       # 1: d0 goes outside d1, -1: inside, 0: ambiguous
+        s0, s1 = t.stride(d0), t.stride(d1)
+        if s0 == 0 or s1 == 0:
+            return 0
+        if s0 != s1:
+            return 1 if s0 > s1 else -1
+        return 1 if t.size(d0) > t.size(d1) else 0
+    perm = list(range(t.dim() - 1, -1, -1))
+    for i in range(1, len(perm)):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = after(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    return perm[::-1]
+
+
+def dense_strides(x: Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor shaped like x in :func:`order`'s memory order (no allocation)."""
+    strides, step = [0] * x.dim(), 1
+    for d in reversed(order(x)):
+        strides[d] = step
+        step *= max(x.size(d), 1)
+    return tuple(strides)
+
+
+def like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output)."""
+    return torch.empty_strided(x.shape, dense_strides(x), dtype=dtype or x.dtype, device=x.device)
+
+
+def flat(t: Tensor, dims: list[int]) -> Tensor:
+    """t's elements in the order of ``dims`` (outermost first), as one dimension (a view where it can)."""
+    return t.permute(dims).reshape(-1)
+
+
+def empty_code(x: Tensor, bits: int) -> Tensor:
+    """An uninitialised packed code of ``bits`` per element of x (no bytes for ``bits`` 0)."""
+    return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
+
+
+def backward_views(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, flat grad (contiguous), flat y, flat grad_x): grad_x a new tensor laid out like y, the
+    flat views in y's memory order, the order the code was packed in."""
+    dims = order(y)
+    out = like(y)
+    return out, flat(grad, dims).contiguous(), flat(y, dims), flat(out, dims)

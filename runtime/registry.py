@@ -1,0 +1,205 @@
+"""The generated modules: which activations exist, where their code lives, importing it safely.
+
+``invact.generated``'s path is a list of folders, the first folder's entry winning: :func:`use_root`
+(or $INVACT_ROOT, at first use) puts a root's ``generated/`` in front of the installed one. A folder's
+``registry.py`` is read as data; its torch_NAME.py / triton_NAME.py modules are imported, checked for
+the names the runtime uses and for the sha256 of the table next to them.
+
+Public: :func:`use_root`, :func:`names`, :func:`info`. Documented internals (the other runtime
+modules and the tests use them): :func:`module` and :func:`triton_module` (the generated modules of
+an activation), :func:`generated_file` and :func:`root_option` (for error messages), and
+:func:`per_root`, the cache decorator for anything computed from generated code (``use_root`` clears
+those caches).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["ROOT_ENV", "use_root", "names", "info", "module", "triton_module", "generated_file", "root_option",
+           "per_root", "TORCH_API", "TRITON_API"]
+
+ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds tables and code
+
+# what the runtime uses of a generated torch module; one from another invact version may lack it
+TORCH_API = ("META", "NAME", "PARAMS", "PARAM_ARGS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel",
+             "g_kernel", "code_packed", "grad_kernel", "TABLE_SHA256")
+TRITON_API = ("forward", "backward", "TABLE_SHA256")
+
+_ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
+_CACHES: list = []    # functools caches of values computed from generated code: use_root clears them
+
+
+def per_root(maxsize: int | None = None) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache(maxsize)`` whose cache :func:`use_root` clears (values computed from
+    generated modules must not outlive the modules)."""
+    def decorate(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        _CACHES.append(cached)
+        return cached
+    return decorate
+
+
+@per_root()
+def _registry() -> ModuleType:
+    """TORCH / TRITON: activation name -> generated module, merged over every folder of
+    ``invact.generated``'s path, the first folder's entry winning: a root given to :func:`use_root`
+    (or $INVACT_ROOT) is layered over the installed tables, never hiding them. A registry file is
+    read as data (``ast.literal_eval``), not imported."""
+    global _ENV_APPLIED
+    root = os.environ.get(ROOT_ENV)
+    if root and not _ENV_APPLIED:
+        use_root(root)        # a root that is not a project tree raises here, at every use
+        _ENV_APPLIED = True
+    import invact.generated as pkg
+    merged = ModuleType("invact.generated.registry")
+    merged.TORCH, merged.TRITON = {}, {}
+    for folder in reversed(list(pkg.__path__)):
+        path = Path(folder) / "registry.py"
+        if path.is_file():
+            entries = _read_registry(path)
+            merged.TORCH.update(entries["TORCH"])
+            merged.TRITON.update(entries["TRITON"])
+    return merged
+
+
+def _read_registry(path: Path) -> dict[str, dict[str, str]]:
+    """The TORCH and TRITON dicts of a generated registry.py, as literals; ImportError otherwise."""
+    import ast
+    found: dict[str, dict[str, str]] = {"TORCH": {}, "TRITON": {}}
+    try:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] in (["TORCH"], ["TRITON"]):
+                value = ast.literal_eval(node.value)
+                if not isinstance(value, dict) or not all(
+                        isinstance(k, str) and k.isidentifier() and isinstance(v, str)
+                        and v.startswith("invact.generated.") and v.count(".") == 2 for k, v in value.items()):
+                    raise ValueError(f"{node.targets[0].id} is not a dict of names to invact.generated modules")
+                found[node.targets[0].id] = value
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError) as error:
+        raise ImportError(f"generated registry {path} cannot be read ({type(error).__name__}: {error}); "
+                          f"run `invact generate{root_option(path.parent.parent)}` to rebuild it") from error
+    return found
+
+
+def use_root(root: str | os.PathLike) -> None:
+    """Layer ``root``/generated (what ``invact fit --root ROOT`` wrote) over the installed activations
+    (and over roots used before): its names win, every other name stays available. $INVACT_ROOT does
+    the same at first use.
+
+    Trust: this IMPORTS PYTHON CODE from ``root``/generated (the torch_*.py and triton_*.py modules),
+    like unpickling a file: use only roots you would run code from. Raises FileNotFoundError naming
+    the folder when ``root`` is not a project tree (``generated/registry.py`` and ``generated/tables/``:
+    run ``invact generate --root ROOT``)."""
+    import invact.generated as pkg
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise FileNotFoundError(f"root {root}: no such folder (a root holds generated/registry.py and "
+                                f"generated/tables/, as `invact fit NAME --root {root}` writes them)")
+    folder = base / "generated"
+    if not (folder / "registry.py").is_file() or not (folder / "tables").is_dir():
+        raise FileNotFoundError(f"root {root}: {folder} has no registry.py and tables/; run "
+                                f"`invact generate --root {root}` (or fit into it with `invact fit NAME --root {root}`)")
+    if str(folder) in pkg.__path__:
+        pkg.__path__.remove(str(folder))
+    pkg.__path__.insert(0, str(folder))
+    for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
+        del sys.modules[mod]  # re-import from the new path
+    for cached in _CACHES:
+        cached.cache_clear()
+
+
+def root_option(root: Path) -> str:
+    """`` --root ROOT`` for a hint about generated code in ``root``, "" for the installed tree."""
+    import invact.generated as pkg
+    installed = root.resolve() == Path(pkg.__file__).resolve().parent.parent
+    return "" if installed else f" --root {shlex.quote(str(root))}"
+
+
+def names() -> list[str]:
+    """Names of the activations with generated code, sorted."""
+    return sorted(getattr(_registry(), "TORCH", {}))
+
+
+@per_root()
+def module(name: str) -> ModuleType:
+    """The generated torch module of activation ``name``; ValueError listing the known names."""
+    table = getattr(_registry(), "TORCH", {})
+    if not isinstance(name, str) or name not in table:
+        import invact.generated as pkg
+        roots = [str(Path(p).parent) for p in pkg.__path__[:-1]]
+        where = f"; roots in use: {', '.join(roots)}" if roots else ""
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}"
+                         + where)
+    return _import_generated(table[name], TORCH_API)
+
+
+@per_root()
+def triton_module(name: str) -> ModuleType:
+    """The generated Triton module of activation ``name`` (imports Triton)."""
+    module(name)
+    return _import_generated(_registry().TRITON[name], TRITON_API)
+
+
+def info(name: str) -> dict:
+    """The META dict of activation ``name`` (a copy); unknown names raise ValueError listing the known."""
+    return dict(module(name).META)
+
+
+def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
+    """Import generated code; broken or stale files raise ImportError naming the file and the fix."""
+    try:
+        mod = importlib.import_module(name)
+    except (ImportError, SyntaxError) as error:
+        where, fix = generated_file(name)
+        raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "
+                          f"{fix} to rebuild it from its table") from error
+    missing = [a for a in api if not hasattr(mod, a)]
+    if missing:
+        where, fix = generated_file(name)
+        raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
+                          f"version?); {fix} to rebuild it from its table")
+    _check_table(mod, name)
+    return mod
+
+
+def _check_table(mod: ModuleType, dotted: str) -> None:
+    """Generated code must come from the table file next to it (generated/tables/NAME.json): its
+    TABLE_SHA256 is the sha256 of that table's content, recomputed here (docs/table-format.md). A
+    mismatch (a fit interrupted between the table and its code, a table edited or restored without
+    `invact generate`) raises ImportError with the fix, never computes with the other table."""
+    import json
+
+    from .common.table_hash import canonical_sha256
+    short = dotted.rsplit(".", 1)[-1]
+    table = Path(mod.__file__).parent / "tables" / f"{short.split('_', 1)[1]}.json"
+    where, fix = generated_file(dotted)
+    try:
+        body = json.loads(table.read_text(encoding="utf-8"))
+        body.pop("sha256")
+        digest = canonical_sha256(body)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        raise ImportError(f"generated code {where} has no readable table {table} ({type(error).__name__}: "
+                          f"{error}); {fix} to rebuild the code from the tables there") from None
+    if digest != mod.TABLE_SHA256:
+        raise ImportError(f"generated code {where} was made from another version of {table} (the table "
+                          f"changed after the code was generated, e.g. a fit was interrupted); {fix} to "
+                          "rebuild the code from the table")
+
+
+def generated_file(dotted: str) -> tuple[str, str]:
+    """(the file behind generated module ``dotted``, the command that rebuilds it), for error messages."""
+    import invact.generated as pkg
+    short = dotted.rsplit(".", 1)[-1]
+    where = next((str(Path(p) / f"{short}.py") for p in pkg.__path__ if (Path(p) / f"{short}.py").is_file()),
+                 f"{short}.py in {list(pkg.__path__)}")
+    fix = f"run `invact generate{root_option(Path(where).parent.parent)}`"
+    return where, fix
+
