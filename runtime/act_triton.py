@@ -11,9 +11,9 @@ per function and keys its caches by the function's source, as for any constexpr.
 
 Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
 does not run in the interpreter), :func:`segment` (a segment index from thresholds) and :func:`row`
-(a POLY row's value at t). Every launch passes
-``enable_fp_fusion=False``: each a * b + c is rounded twice, as the certified scheme and the torch code
-evaluate it (Triton contracts them into FMAs on GPUs by default).
+(a POLY row's value at t). Every launch passes ``enable_fp_fusion=False``: each a * b + c is rounded
+twice, as the certified scheme and the torch code evaluate it (Triton contracts them into FMAs on
+GPUs by default).
 """
 
 from collections.abc import Callable
@@ -98,23 +98,26 @@ def launchers(f_x, code_x, g_y, code_bits: int) -> tuple[Callable, Callable]:
     """``forward(x, y, code, xthr, params, block)`` and ``backward(grad, y, code, grad_in, ythr, poly,
     params, block)`` of one table: launch the kernels on flat contiguous tensors (code and xthr are
     used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values)."""
-    def programs(n: int, code, block: int) -> tuple[int]:
-        return (triton.cdiv(code.numel() if code_bits else n, block),)
+    def sizes(n: int, code, block: int) -> tuple[tuple[int], int]:
+        """(the grid, the code bytes): a program covers ``block`` elements, or with a code, ``block``
+        code bytes and the matching element of every bit plane."""
+        nbytes = code.numel() if code_bits else 0
+        return (triton.cdiv(nbytes if code_bits else n, block),), nbytes
 
     def forward(x, y, code, xthr, params, block: int = DEFAULT_BLOCK) -> None:
         n = x.numel()
         if n:
-            codes = (code, xthr) if code_bits else (None, None)
-            forward_kernel[programs(n, code, block)](x, y, *codes, n, code.numel() if code_bits else 0,
-                                                     tuple(params), f_x, code_x if code_bits else None,
-                                                     code_bits, block, enable_fp_fusion=False)
+            grid, nbytes = sizes(n, code, block)
+            code, xthr, code_of = (code, xthr, code_x) if code_bits else (None, None, None)
+            forward_kernel[grid](x, y, code, xthr, n, nbytes, tuple(params), f_x, code_of, code_bits, block,
+                                 enable_fp_fusion=False)
 
     def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK) -> None:
         n = y.numel()
         if n:
-            backward_kernel[programs(n, code, block)](grad, y, code if code_bits else None, grad_in, ythr, poly, n,
-                                                      code.numel() if code_bits else 0, tuple(params), g_y,
-                                                      code_bits, block, enable_fp_fusion=False)
+            grid, nbytes = sizes(n, code, block)
+            backward_kernel[grid](grad, y, code if code_bits else None, grad_in, ythr, poly, n, nbytes,
+                                  tuple(params), g_y, code_bits, block, enable_fp_fusion=False)
 
     return forward, backward
 
