@@ -26,9 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from invact import act_triton  # noqa: E402 - the kernels; generated modules pass their functions to them
-
-from invact import ops, registry  # noqa: E402
+from invact import act_triton, ops, registry  # noqa: E402 - act_triton: the kernels the launchers launch
 
 INSTRUCTIONS = ("fma.rn.f32", "div.full.f32", "div.rn.f32", "sqrt.approx.f32", "sqrt.rn.f32", "ex2.approx",
                 "div.s64", "rem.s64", "div.u64", "rem.u64", "ld.global.v4", "st.global.v4")
