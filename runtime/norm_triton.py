@@ -10,6 +10,10 @@ forms), ``y = gamma * x_hat + beta`` with ``gamma = offset + w``.
 Backward, per row: ``x_hat = (y - beta) / gamma`` except in kept columns (``slot >= 0``: read from
 ``extra``); ``c2 = mean(dy * (y - beta))`` (kept columns: ``dy * gamma * x_hat``), ``c1 = mean(dy * gamma)``;
 ``dx = rstd * (dy * gamma - c1 - x_hat * c2)`` (RMSNorm: no c1).
+
+Triton launches on the current CUDA device: :mod:`invact.norms` calls :func:`forward` and
+:func:`backward` through :func:`invact.impl_triton.launched`, which makes the tensors' device current
+for the launch (and the caller's current again after it) and turns a failing kernel into one warning.
 """
 
 from __future__ import annotations
@@ -101,12 +105,6 @@ def _backward_kernel(DY, Y, RSTD, W, B, EXTRA, SLOT, DX, DW, DB, rows, N, K, off
     tl.store(DB + pid * N + cols, db, mask=mask)
 
 
-def _current(device: torch.device) -> None:
-    """Triton launches on the current CUDA device, not on its arguments' device."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
 def _block(n: int) -> int:
     return max(triton.next_power_of_2(n), 16)
 
@@ -129,7 +127,6 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, r
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows and n:
-        _current(x.device)
         w = weight.reshape(n).contiguous() if weight is not None else x
         b = bias.reshape(n).contiguous() if bias is not None else x
         _forward_kernel[(rows,)](x, w, b, y, mean, rstd, n, float(eps), float(offset), RMS=rms,
@@ -153,7 +150,6 @@ def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, w
     dw = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
     db = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
     if rows and n:
-        _current(y.device)
         k = cols.numel()
         slot = torch.full((n,), -1, dtype=torch.int32, device=y.device)
         slot[cols] = torch.arange(k, dtype=torch.int32, device=y.device)

@@ -270,10 +270,6 @@ def _use_triton(backend: str, t: Tensor) -> bool:
     return backend == "triton" and t.dtype != torch.float64 and "triton" in backends.available(t.device.type)
 
 
-def _triton_failed(error: BaseException, t: Tensor) -> None:
-    backends.after_triton_failed(error, t.device.type)
-
-
 @torch.library.custom_op("invact::norm_forward", mutates_args=())
 def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
                   offset: float, norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
@@ -282,11 +278,9 @@ def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int,
     acc = _acc(x.dtype)
     out = None
     if _use_triton(backend, x2):
-        from . import norm_triton
-        try:
-            out = norm_triton.forward(x2, weight, bias, eps, rms, offset, norm_dtype, out_dtype)
-        except Exception as error:  # noqa: BLE001 - a kernel that fails to build or launch falls back
-            _triton_failed(error, x2)
+        from . import impl_triton, norm_triton
+        out = impl_triton.launched(x2.device, lambda: norm_triton.forward(x2, weight, bias, eps, rms, offset,
+                                                                          norm_dtype, out_dtype))
     y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
                                                                 out_dtype)
     if weight is None:
@@ -316,11 +310,9 @@ def _norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Ten
     y2, dy2 = _rows(y, n).contiguous(), _rows(dy, n).contiguous()
     out = None
     if _use_triton(backend, y2):
-        from . import norm_triton
-        try:
-            out = norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias, rms, offset)
-        except Exception as error:  # noqa: BLE001
-            _triton_failed(error, y2)
+        from . import impl_triton, norm_triton
+        out = impl_triton.launched(y2.device, lambda: norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias,
+                                                                           rms, offset))
     if out is None:
         out = _backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
                               backend == "compiled" and y2.device.type == "cpu", x_dtype)

@@ -185,3 +185,36 @@ def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
     y_ref = ops.apply(x_ref, name, backend=instead)
     y_ref.backward(torch.ones_like(y_ref))
     assert torch.equal(y, y_ref) and torch.equal(y2, y_ref) and torch.equal(x.grad, x_ref.grad)
+
+
+def test_norm_kernels_launch_guarded_and_fall_back_once(monkeypatch):
+    """invact.norms launches its Triton kernels as the activations do (impl_triton.launched): inside
+    the tensors' device guard (which restores the caller's current device; no torch.cuda.set_device),
+    and a kernel that fails warns once and leaves the torch code's values."""
+    import warnings
+
+    from invact import norm_triton, norms
+    monkeypatch.setattr(backends, "_broken", set())
+    seen = []
+    real = impl_triton.device_guard
+    monkeypatch.setattr(impl_triton, "device_guard", lambda device: seen.append(device) or real(device))
+    x = torch.randn(6, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    norms.layer_norm(x, (40,), w, None, backend="triton").sum().backward()
+    assert seen == [x.device, x.device]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(norm_triton, "forward", broken)
+    monkeypatch.setattr(norm_triton, "backward", broken)
+    x.grad = w.grad = None
+    with pytest.warns(RuntimeWarning, match="'triton' backend failed.*no kernel image"):
+        y = norms.layer_norm(x, (40,), w, None, backend="triton")
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        y.sum().backward()
+    assert not [m for m in later if "backend failed" in str(m.message)]
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y_ref = norms.layer_norm(xr, (40,), wr, None, backend="eager")
+    y_ref.sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, xr.grad) and torch.equal(w.grad, wr.grad)
