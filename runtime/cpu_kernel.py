@@ -48,7 +48,7 @@ __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_tab
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-HEADERS = (SOURCE.with_name("invact_threads.h"),)  # included by SOURCE: part of the cache key
+HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
 ABI_VERSION = 3

@@ -35,6 +35,7 @@ from .constants import Constants, check_params, module_constants, table_constant
 from .impl_compiled import COMPILED
 from .impl_cpu import CPU
 from .impl_eager import EAGER
+from .impl_table_c import TABLE_C
 from .impl_triton import TRITON
 from .registry import info, names, use_root
 
@@ -61,7 +62,8 @@ class Implementation(Protocol):
         """grad * g(y, code), laid out like y."""
 
 
-_TRITON, _EAGER, _COMPILED, _CPU_COMPILED = (TRITON,), (EAGER,), (COMPILED,), (CPU, COMPILED)
+_TRITON, _EAGER, _COMPILED, _CPU_COMPILED = (TRITON,), (EAGER,), (COMPILED,), (CPU, TABLE_C, COMPILED)
+_CPU_COMPILED_64 = (TABLE_C, COMPILED)  # float64: the C kernels take 32 and 16 bits; TABLE_C runs eager code
 
 
 def implementations(backend: str, t: Tensor) -> tuple[Implementation, ...]:
@@ -69,7 +71,7 @@ def implementations(backend: str, t: Tensor) -> tuple[Implementation, ...]:
     kernels compute in float32; the C kernels take 32 and 16 bits). Where Triton declines (its kernel
     failed, now or before), :func:`_first` runs the backend used instead."""
     if backend == "compiled":
-        return _CPU_COMPILED if t.is_cpu and t.dtype != torch.float64 else _COMPILED
+        return (_CPU_COMPILED if t.dtype != torch.float64 else _CPU_COMPILED_64) if t.is_cpu else _COMPILED
     if backend == "triton":
         return _EAGER if t.dtype == torch.float64 else _TRITON
     return _EAGER

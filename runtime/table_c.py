@@ -39,7 +39,7 @@ from . import bitpack, cpu_kernel, kernel_cache
 __all__ = ["source", "library", "run", "run_lookup", "pack"]
 
 CSRC = Path(__file__).with_name("csrc")
-HEADERS = (CSRC / "invact_table.h", CSRC / "invact_threads.h")
+HEADERS = (CSRC / "invact_table.h", CSRC / "invact_pack.h", CSRC / "invact_threads.h")
 ABI_VERSION = 2
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 _ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "AVX2": ("-mavx2",)}
@@ -111,7 +111,7 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
     lib.invact_table_lut.argtypes = [ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 4,  # dtype, n, y, grad, out, code
                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # bits, lut, threads
     lib.invact_table_pack.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
-                                      ctypes.POINTER(ctypes.c_double), ctypes.c_int,  # thresholds, strict bits
+                                      ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thresholds, strict bits
                                       ctypes.POINTER(ctypes.c_int32), ctypes.c_int,  # codes, NaN's code
                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # bits, out, threads
     return lib
@@ -175,7 +175,7 @@ def pack(mod: ModuleType, x: Tensor, cmap: cpu_kernel.CodeMap) -> Tensor | None:
     thresholds, strict, codes, nan_code = cmap
     out = torch.empty(bitpack.packed_bytes(x.numel(), mod.CODE_BITS), dtype=torch.uint8)
     done = lib.invact_table_pack(DTYPES[x.dtype], x.numel(), x.data_ptr(), len(thresholds),
-                                 (ctypes.c_double * max(len(thresholds), 1))(*thresholds), strict,
+                                 (ctypes.c_float * max(len(thresholds), 1))(*thresholds), strict,
                                  (ctypes.c_int32 * (len(codes) or 1))(*codes), nan_code, mod.CODE_BITS,
                                  out.data_ptr(), torch.get_num_threads())
     return out if done == 0 else None

@@ -17,13 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, ops, table_c
+from invact import bitpack, cpu_kernel, impl_compiled, ops, table_c
 from invact.fitting.codegen import generate_all
 
-try:
-    from invact.registry import module as _module
-except ImportError:  # before runtime/registry.py
-    _module = ops._module
+from invact.registry import module as _module
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 import make_tables  # noqa: E402
@@ -247,3 +244,78 @@ def test_built_once_into_the_cache(fresh):
     assert sorted((fresh / "cache").iterdir()) == before   # loaded, not rebuilt
 
 
+
+@needs_c
+@pytest.mark.parametrize("name, params", CASES)
+def test_first_call_compiles_nothing(name, params, monkeypatch):
+    """The compiled backend's first float32 forward + backward on CPU, for every table (closed forms
+    included) and parameter set: no torch.compile call, no Dynamo frame compiled, no Inductor code
+    run (the gradient comes from the C kernels). Not timed: benchmarks/first_call.py times it."""
+    from torch._dynamo.utils import counters
+
+    if name in {n for n in ops.names() if _module(n).CODE_BITS} and cpu_kernel.library() is None:
+        pytest.skip("the forward code is packed by invact.cpu_kernel (AVX-512) only")
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    before = {k: dict(v) for k, v in counters.items()}
+    x = _inputs(1003, seed=3).requires_grad_()
+    y = ops.apply(x, name, dict(zip(ops.info(name)["params"], params)), backend="compiled")
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(x.grad[torch.isfinite(x)]).any()
+    assert {k: dict(v) for k, v in counters.items()} == before, "Dynamo compiled a frame"
+
+
+def _no_avx512(monkeypatch) -> None:
+    """As on a CPU without AVX-512: invact.cpu_kernel's kernels decline, invact.table_c's run alone."""
+    monkeypatch.setattr(cpu_kernel, "library", lambda: None)
+
+
+def _edges(name: str, dtype: torch.dtype, params: tuple[float, ...]) -> torch.Tensor:
+    """The x thresholds of the forward code, their neighbours, NaN, the infinities and both zeros."""
+    k = ops.module_constants(_module(name), dtype, torch.device("cpu"), params)
+    t = torch.tensor(k.x_thresholds, dtype=dtype)
+    below, above = (torch.nextafter(t, torch.full_like(t, v)) for v in (-math.inf, math.inf))
+    return torch.cat([t, below, above, torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0], dtype=dtype)])
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ops.names())
+def test_without_avx512_forward_and_backward_equal_eager(name, dtype, monkeypatch):
+    """Without AVX-512 the packed forward code (portable C) and the 16-bit backward (a gather from the
+    eager g_kernel's table, rounded as torch.mul) are the eager backend's bytes; float32 gradients as
+    in test_c_backward_equals_eager. Sizes end mid-byte, mid-plane and span several threads."""
+    _no_avx512(monkeypatch)
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    params = _defaults(name)
+    libm = dtype == torch.float32 and _calls_libm(_module(name))
+    for n in (1, 9, 1003, 3 * 32768 + 5):
+        x = _inputs(n, seed=n).to(dtype)
+        edges = _edges(name, dtype, params)
+        x[: min(n, edges.numel())] = edges[:n]
+        y, code = torch.ops.invact.forward(x, name, list(params), "eager")
+        yc, codec = torch.ops.invact.forward(x, name, list(params), "compiled")
+        assert _same_or_within(y.float(), yc.float(), None) and torch.equal(code, codec), (name, dtype, n)
+        go = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        eager = torch.ops.invact.backward(go, y, code, name, list(params), "eager")
+        got = torch.ops.invact.backward(go, y, code, name, list(params), "compiled")
+        bound = _libm_bound(eager, go) if libm else None   # 16-bit: the same table, the same rounding
+        assert _same_or_within(eager.float(), got.float(), bound), (name, dtype, n)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("name", ["gelu", "elu"])
+def test_without_avx512_first_call_compiles_nothing(name, dtype, monkeypatch):
+    """Without AVX-512, and for float64 (the eager torch code), the compiled backend's first forward +
+    backward compiles nothing either."""
+    from torch._dynamo.utils import counters
+
+    _no_avx512(monkeypatch)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    before = {k: dict(v) for k, v in counters.items()}
+    x = _inputs(1003, seed=4).to(dtype).requires_grad_()
+    ops.apply(x, name, backend="compiled").backward(torch.ones_like(x))
+    assert torch.isfinite(x.grad[torch.isfinite(x)]).all()
+    assert {k: dict(v) for k, v in counters.items()} == before, "Dynamo compiled a frame"

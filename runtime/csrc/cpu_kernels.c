@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "invact_pack.h"
 #include "invact_threads.h"
 
 #define ABI_VERSION 3
@@ -313,17 +314,6 @@ int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const
 
 /* ---- forward code ---- */
 
-#define MAX_X_THRESHOLDS 15
-
-typedef struct {
-    int dtype, bits, n_thr, nan_code, strict;
-    int64_t n, nbytes, lo, hi;          /* all elements, bytes of the packed code, this job's bytes */
-    const void *x;
-    uint8_t *packed;
-    float thr[MAX_X_THRESHOLDS];        /* ascending; passed where `x > t` (bit j of strict) or `x >= t` */
-    int32_t codes[16];                  /* code of the interval with k thresholds <= x */
-} code_job;
-
 static void *run_code_job(void *arg) {
     const code_job *jb = arg;
     int per = 8 / jb->bits;
@@ -352,27 +342,8 @@ static void *run_code_job(void *arg) {
     return 0;
 }
 
-/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (every byte written, unused bits 0).
- * thr: n_thr ascending thresholds, passed where `x > t` (bit j of strict set) or `x >= t`; codes[k]:
- * the code where k of them are passed; nan_code: the code of NaN. Returns 0, or -1 for arguments it
- * does not take. */
+/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
 int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
                      const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
-    if (dtype < F32 || dtype > F16 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
-        (bits != 1 && bits != 2 && bits != 4 && bits != 8))
-        return -1;
-    int per = 8 / bits;
-    int64_t nbytes = (n + per - 1) / per, step;
-    int nt = split(nbytes, MIN_PER_THREAD / per, threads, &step);
-    code_job jobs[MAX_THREADS];
-    for (int k = 0; k < nt; k++) {
-        code_job *jb = &jobs[k];
-        *jb = (code_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0}};
-        jb->lo = clamp_to(k * step, nbytes);
-        jb->hi = clamp_to(jb->lo + step, nbytes);
-        memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
-        memcpy(jb->codes, codes, sizeof(int32_t) * (size_t)(n_thr + 1));
-    }
-    spawn(run_code_job, jobs, sizeof(code_job), nt);
-    return 0;
+    return pack_jobs(run_code_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads);
 }

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "invact_pack.h"
 #include "invact_threads.h"
 
 #define INVACT_TABLE_ABI 2
@@ -258,17 +259,6 @@ int invact_table_lut(int dtype, int64_t n, const uint16_t *y, const uint16_t *gr
 
 /* ---- the forward code: the interval of x between the x thresholds, packed in invact.bitpack's planes ---- */
 
-#define MAX_X_THRESHOLDS 15
-
-typedef struct {
-    int dtype, bits, n_thr, nan_code, strict;
-    int64_t n, nbytes, lo, hi;          /* all elements, bytes of the packed code, this job's bytes */
-    const void *x;
-    uint8_t *packed;
-    double thr[MAX_X_THRESHOLDS];       /* ascending; passed where `x > t` (bit j of strict) or `x >= t` */
-    int32_t codes[MAX_X_THRESHOLDS + 1]; /* code of the interval with k thresholds passed */
-} pack_job;
-
 /* x as float (every 16-bit and float32 value and threshold is one, so the comparisons are x's own) */
 static inline float invact_load(int dtype, const void *x, int64_t i) {
     if (dtype == T_F32) return ((const float *)x)[i];
@@ -277,10 +267,9 @@ static inline float invact_load(int dtype, const void *x, int64_t i) {
 }
 
 static void *pack_run(void *arg) {
-    const pack_job *jb = arg;
+    const code_job *jb = arg;
     int per = 8 / jb->bits;
-    float thr[MAX_X_THRESHOLDS];
-    for (int j = 0; j < jb->n_thr; j++) thr[j] = (float)jb->thr[j];
+    const float *thr = jb->thr;
     for (int64_t b = jb->lo; b < jb->hi; b++) {
         uint32_t acc = 0;
         for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
@@ -296,29 +285,11 @@ static void *pack_run(void *arg) {
     return 0;
 }
 
-/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (every byte written, unused bits 0), as
- * invact.cpu_kernel's invact_pack_code but portable: thr: n_thr ascending thresholds (exact in x's
- * dtype), passed where `x > t` (bit j of strict) or `x >= t`; codes[k]: the code where k are passed;
- * nan_code: the code of NaN. Returns 0, or -1 for arguments it does not take. */
-int invact_table_pack(int dtype, int64_t n, const void *x, int n_thr, const double *thr, int strict,
+/* the forward code of n contiguous x of dtype (T_F32, T_BF16, T_F16), as invact.cpu_kernel's
+ * invact_pack_code but portable (invact_pack.h's pack_jobs) */
+int invact_table_pack(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
                       const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
-    if (dtype < T_F32 || dtype > T_F16 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
-        (bits != 1 && bits != 2 && bits != 4 && bits != 8))
-        return -1;
-    int per = 8 / bits;
-    int64_t nbytes = (n + per - 1) / per, step;
-    int nt = split(nbytes, MIN_PER_THREAD / per, threads, &step);
-    pack_job jobs[MAX_THREADS];
-    for (int k = 0; k < nt; k++) {
-        pack_job *jb = &jobs[k];
-        *jb = (pack_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0}};
-        jb->lo = clamp_to(k * step, nbytes);
-        jb->hi = clamp_to(jb->lo + step, nbytes);
-        memcpy(jb->thr, thr, sizeof(double) * (size_t)n_thr);
-        memcpy(jb->codes, codes, sizeof(int32_t) * (size_t)(n_thr + 1));
-    }
-    spawn(pack_run, jobs, sizeof(pack_job), nt);
-    return 0;
+    return pack_jobs(pack_run, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads);
 }
 
 #endif
