@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FitError
-from .float32 import f32, f32_below, split3
+from .float32 import f32, f32_below, ordinal_nodes, split3
 from .model import PolySegment, RationalSegment, Transform, horner
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
@@ -69,6 +69,7 @@ F32_SLACK = 1.5e-7   # float32 evaluation may add this to the tolerance (a few u
 F32_SLACK_RATIONAL = 1.0e-7  # the same for rational pieces: two Horner chains and a division make the
                      # sample's maximum a weaker guide (dense checks found up to 1.4x its value)
 MAX_PIECES = 64
+ROUNDING_NODES = 8192  # float32 y per spread (float32 order, u, y) in the fit's rounding check
 
 
 @dataclass
@@ -83,6 +84,7 @@ class PieceFit:
     error: float               # max |P - g| on the dense check grid (float64 arithmetic)
     float32_error: float = 0.0  # the same for the float32 scheme at float32 y (sampled)
     den: list[float] | None = None  # rational pieces: 1, d1 .. dn (float32 values) of Q
+    rounding_error: float | None = None  # float32 scheme vs float64 scheme, dense (``_meets``)
 
     def u(self, y: np.ndarray) -> np.ndarray:
         return np.clip((self.transform.t(y) - self.center) * self.scale, -1.0, 1.0)
@@ -138,14 +140,33 @@ def fit_piece(ref: BranchReference, y_lo: float, y_hi: float, tf: Transform, deg
     piece = PieceFit(y_lo, y_hi, tf, center, scale, coeffs, c0_lo, err, den=den)
     if ref.target == "derivative":  # an inverse's x carries t's rounding times dx/dt: not gated
         piece.float32_error = _float32_error(piece, ref, tf.y(center + u / scale))
+    else:
+        piece.rounding_error = 0.0
     return piece
 
 
 def _float32_error(piece: PieceFit, ref: BranchReference, y_nodes: np.ndarray) -> float:
     """The segment's float32 scheme error (:meth:`.model.Segment.scheme_error`) at float32 y: the
-    nodes and an even spread."""
+    nodes and an even spread (``_meets`` adds a denser check of the rounding alone)."""
     y = np.concatenate([y_nodes, np.linspace(piece.y_lo, piece.y_hi, 1025)]).astype(np.float32)
     return piece.segment().scheme_error(ref, y[(y >= piece.y_lo) & (y <= piece.y_hi)])
+
+
+def _rounding_error(piece: PieceFit, n: int = ROUNDING_NODES) -> float:
+    """Max |scheme in float32 - scheme in float64| at float32 y, relative above |g| = 1 as
+    ``scheme_error``: evenly spread in float32 order (small |y|), in u and in y. No reference is
+    needed, so the sample is dense enough to meet rounding that is rare but large (loglog's first
+    piece ends at g = 0 from terms of ~0.3: one y in 20 near that end was over budget, and the
+    reference sample had missed them all)."""
+    seg, u = piece.segment(), np.linspace(-1.0, 1.0, n)
+    with np.errstate(all="ignore"):
+        y = np.concatenate([ordinal_nodes(piece.y_lo, piece.y_hi, n), piece.transform.y(piece.center + u / piece.scale),
+                            np.linspace(piece.y_lo, piece.y_hi, n)]).astype(np.float32)
+        y = y[(y >= piece.y_lo) & (y <= piece.y_hi)]
+        exact = seg.evaluate(y.astype(np.float64))
+        err = np.abs(seg.evaluate(y).astype(np.float64) - exact) / np.maximum(1.0, np.abs(exact))
+    err = err[np.isfinite(exact)]
+    return float(np.max(np.where(np.isnan(err), np.inf, err), initial=0.0))
 
 
 def _rounded_fit(u: np.ndarray, g: np.ndarray, degree: int) -> list[float]:
@@ -260,7 +281,12 @@ def branch_layout(pieces) -> tuple[int, int, int]:
 
 def _meets(piece: PieceFit, target: float) -> bool:
     slack = F32_SLACK if piece.den is None else F32_SLACK_RATIONAL
-    return piece.error <= target and piece.float32_error <= target / SAFETY + slack
+    budget = target / SAFETY + slack
+    if not (piece.error <= target and piece.float32_error <= budget):
+        return False
+    if piece.rounding_error is None:     # the dense check, only for pieces that pass the rest
+        piece.rounding_error = _rounding_error(piece)
+    return piece.error + piece.rounding_error <= budget
 
 
 def _search_step(x_a: float, x_end: float):

@@ -59,6 +59,8 @@ def _codes(table: dict, x: np.ndarray) -> np.ndarray:
     "atan(x)", "x/(1 + abs(x))", "x/sqrt(1 + x**2)", "erf(x)", "0.5*(1 + erf(x))",
     "x - 2*tanh(x)", "-x*sigmoid(x)", "x*sigmoid(-0.5*x)", "x - tanh(x)",
     "asinh(x)",       # g = 1/cosh(y) settles to 0 only by |x| ~ 1e8: the constant tail is found further out
+    "1 - exp(-exp(x))",   # loglog: a piece ending at g = 0 from terms of ~0.3 rounds to 3.1e-7 in float32
+                          # where the fit's float32 check is not dense (fit._rounding_error)
 ])
 def test_fits_and_certifies(formula):
     """Default bounds met, and the table agrees with f' on a fresh grid of x (points neither the
