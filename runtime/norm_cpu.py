@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import cpu_kernel, kernel_cache
 
-__all__ = ["library", "backward"]
+__all__ = ["library", "backward", "all_recoverable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
 ABI = 1
@@ -55,7 +55,23 @@ def library() -> ctypes.CDLL | None:
     lib.invact_norm_backward.restype = ctypes.c_int
     lib.invact_norm_backward.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                          *[p] * 12, ctypes.c_int]
+    lib.invact_norm_unrecoverable.restype = ctypes.c_int64
+    lib.invact_norm_unrecoverable.argtypes = [ctypes.c_int, ctypes.c_int64, p, p, ctypes.c_float, ctypes.c_float,
+                                              ctypes.c_float]
     return lib
+
+
+def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: float, tiny: float) -> bool | None:
+    """Whether every column passes :func:`invact.norms._recoverable` (the same float32 operations), for
+    contiguous CPU parameters of one dtype (float32, bfloat16, float16): one call instead of a few torch
+    ops per forward; None (not answered) elsewhere."""
+    lib = library()
+    if (lib is None or weight.dtype not in DTYPE_IDS or weight.device.type != "cpu" or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != weight.dtype or bias.device.type != "cpu"
+                                      or not bias.is_contiguous()))):
+        return None
+    return lib.invact_norm_unrecoverable(DTYPE_IDS[weight.dtype], weight.numel(), weight.data_ptr(), _ptr(bias),
+                                         offset, ratio, tiny) == 0
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -72,10 +72,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _recoverable(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
+    """True where x_hat_j can be recovered from y within the bound (False for NaN gamma)."""
+    limit = torch.finfo(y_dtype).tiny + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
+    return (gamma.abs() if RATIO == 1 else gamma.abs() * RATIO) >= limit
+
+
 def _bad_mask(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
     """True where x_hat_j cannot be recovered from y within the bound (NaN gamma counts as bad)."""
-    limit = torch.finfo(y_dtype).tiny + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
-    return ~(gamma.abs() * RATIO >= limit)
+    return ~_recoverable(gamma, beta, y_dtype)
 
 
 def _kept_columns(bad: Tensor) -> Tensor:
@@ -129,13 +134,15 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     n = x.shape[-1]
     if not rms and not offset and norm_dtype is None:
         acc = _acc(x.dtype)
-        w, b = (None if t is None else t.reshape(n) for t in (weight, bias))
+        w, b = (t if t is None or t.dim() == 1 else t.reshape(n) for t in (weight, bias))
         if x.dtype != acc and x.device.type == "cpu" and all(t is None or t.dtype in (x.dtype, acc) for t in (w, b)):
             # half x on CPU: with float32 parameters torch's kernel returns float32 mean and rstd, and the
             # same y bit for bit (it computes in float32 either way; tests/test_norms.py checks the bits)
             w = x.new_ones(n, dtype=acc) if w is None else w.to(acc)
             b = None if b is None else b.to(acc)
         y, mean, rstd = torch.native_layer_norm(x, (n,), w, b, eps)
+        if y.dtype == out_dtype and rstd.dtype == acc:     # the usual case, with no further dispatch
+            return y, mean, rstd
         if rstd.dtype != acc:               # a kernel that returns half x's statistics in x's dtype (CPU
             mean, rstd = _stats(x, eps)     # and CUDA do not: see above), recomputed in float32
         return y.to(out_dtype), mean, rstd
@@ -270,6 +277,19 @@ def _use_triton(backend: str, t: Tensor) -> bool:
     return backend == "triton" and t.dtype != torch.float64 and "triton" in backends.available(t.device.type)
 
 
+def _forward_columns(weight: Tensor | None, bias: Tensor | None, n: int, offset: float, acc: torch.dtype,
+                     y_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The columns a forward keeps x_hat for (int64 indices), with one check and no ``nonzero`` where every
+    column is recoverable (per-call work that matters next to a norm's single pass)."""
+    if weight is not None:
+        ok = norm_cpu.all_recoverable(weight, bias, offset, RATIO, torch.finfo(y_dtype).tiny)
+        good = None if ok else _recoverable(_gamma(weight, offset, n, acc, device),
+                                            None if bias is None else bias.reshape(n), y_dtype)
+        if good is not None and not bool(good.all()):
+            return _kept_columns(~good)
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
 @torch.library.custom_op("invact::norm_forward", mutates_args=())
 def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, eps: float, rms: bool,
                   offset: float, norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
@@ -283,11 +303,9 @@ def _norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, n: int,
                                                                           norm_dtype, out_dtype))
     y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
                                                                 out_dtype)
-    if weight is None:
-        cols = torch.zeros(0, dtype=torch.int64, device=x.device)
-    else:
-        g = _gamma(weight, offset, n, acc, x.device)
-        cols = _kept_columns(_bad_mask(g, None if bias is None else bias.reshape(n), out_dtype))
+    cols = _forward_columns(weight, bias, n, offset, acc, out_dtype, x.device)
+    if not cols.numel():                                   # the usual case: y alone recovers every column
+        return y.reshape(x.shape), rstd.view(-1), x.new_empty(x2.shape[0], 0), cols
     xk = x2.index_select(1, cols).to(acc)
     xhat = xk * rstd.reshape(-1, 1) if rms else (xk - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
     if norm_dtype is not None:

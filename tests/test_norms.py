@@ -625,6 +625,28 @@ def test_norm_kernel_autocast_output_and_threads():
         assert ((a - c).abs() <= torch.finfo(torch.float32).eps * a.abs()).all()
 
 
+@needs_norm_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_kernel_recoverable_check_is_the_rule(dtype):
+    """The forward's one-call check (norm_cpu.all_recoverable) answers as the torch rule
+    (norms._recoverable on gamma = w + offset in float32) for every kind of gamma, with and without beta,
+    Gemma's offset, each y dtype's tiny, and a NaN gamma."""
+    g = torch.Generator().manual_seed(2)
+    for kind in ("plain", "zeros", "tiny", "huge", "trained"):
+        wd, bd = _gammas(64, kind, g)
+        w, b = wd.to(dtype), bd.to(dtype)
+        if kind == "plain":
+            w[5] = math.nan
+        for bias in (b, None):
+            for offset in (0.0, 1.0):
+                for y_dtype in DTYPES:
+                    gamma = norms._gamma(w, offset, 64, torch.float32, w.device)
+                    want = bool(norms._recoverable(gamma, bias, y_dtype).all())
+                    got = norm_cpu.all_recoverable(w, bias, offset, norms.RATIO, torch.finfo(y_dtype).tiny)
+                    assert got == want, (kind, bias is None, offset, y_dtype)
+    assert norm_cpu.all_recoverable(w.double(), None, 0.0, 1.0, 1e-38) is None     # not taken: the torch rule
+
+
 def test_norm_kernel_refusals_and_failed_build(monkeypatch, tmp_path):
     """What the kernel does not take (float64, mixed dtypes, non-contiguous) returns None; a compiler
     that fails warns once and leaves None (ATen's / Inductor's code)."""

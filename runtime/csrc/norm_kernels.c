@@ -189,3 +189,21 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
     free(sums);
     return 0;
 }
+
+static inline float element(int dtype, const void *p, int64_t j) {
+    return _mm512_cvtss_f32(load16(dtype, p, j, 1));
+}
+
+/* how many of the n columns cannot be recovered from y: !(|w_j + offset| ratio >= tiny + |beta_j|) (NaN
+ * counts), the float32 operations of invact.norms._recoverable on parameters of dtype (converted to
+ * float32 exactly, as torch's .to); beta may be 0 */
+int64_t invact_norm_unrecoverable(int dtype, int64_t n, const void *weight, const void *beta, float offset,
+                                  float ratio, float tiny) {
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float g = element(dtype, weight, j) + offset;
+        float limit = beta ? tiny + __builtin_fabsf(element(dtype, beta, j)) : tiny;
+        bad += !(__builtin_fabsf(g) * ratio >= limit);
+    }
+    return bad;
+}
