@@ -436,8 +436,8 @@ class _Killed(BaseException):
 
 
 def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree, layered, monkeypatch):
-    """generate_all with a new table, stopped after each of its atomic writes (table, Triton module,
-    torch module): the runtime either computes with the table next to the code or refuses the code
+    """generate_all with a new table, stopped after each of its atomic writes (table, C kernel, Triton
+    module, torch module): the runtime either computes with the table next to the code or refuses the code
     naming `invact generate`; it never runs code made from another table."""
     from invact.fitting import codegen
     assert run("generate", "--root", tree, cwd=tree).returncode == 0
@@ -445,7 +445,7 @@ def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree,
     new["tolerance"] = 1e-7
     real = tables.replace_text
     outcomes = []
-    for k in range(4):
+    for k in range(5):
         root = tree.parent / f"killed{k}"
         shutil.copytree(tree, root)
         writes = []
@@ -471,10 +471,11 @@ def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree,
         except ImportError as error:
             assert f"invact generate --root {root}" in str(error), error
             outcomes.append((writes, "refused", None))
-        assert killed == (k < 3)
+        assert killed == (k < 4)
     assert outcomes == [([], "ok", 5e-8), (["tanh.json"], "refused", None),
-                        (["tanh.json", "triton_tanh.py"], "refused", None),
-                        (["tanh.json", "triton_tanh.py", "torch_tanh.py"], "ok", 1e-7)], outcomes
+                        (["tanh.json", "c_tanh.c"], "refused", None),
+                        (["tanh.json", "c_tanh.c", "triton_tanh.py"], "refused", None),
+                        (["tanh.json", "c_tanh.c", "triton_tanh.py", "torch_tanh.py"], "ok", 1e-7)], outcomes
 
 
 def test_fit_creates_a_new_root_but_not_its_parent(tmp_path, capsys):
