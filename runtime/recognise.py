@@ -3,7 +3,7 @@
 :func:`invact.patch` knows torch.nn's, Hugging Face's and timm's activation classes by name. Any other
 leaf module without parameters or buffers (transformers' ``BloomGelu``, a model's own ``GELU`` class)
 is probed: a deep copy in eval mode is called, without grad, on float64 values spread over [-8, 8]
-(a 2-d tensor), and its output is compared with each reference in :data:`REFERENCES`. It matches when
+(a 2-d tensor), and its output is compared with each reference in :func:`references`. It matches when
 every output is within 2^-26 of the reference relative to it — a quarter of float32's unit roundoff
 2^-24, so the reference's table serves the module as well as it serves the reference — plus 16 float64
 ulps of 1 + |x|, the two formulas' own float64 rounding where they cancel (0.5x(1 + tanh(z)) for x < -4
@@ -23,31 +23,22 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import registry
 from .common.catalog import CATALOG
 
-__all__ = ["REFERENCES", "probe", "is_candidate"]
+__all__ = ["references", "probe", "is_candidate"]
 
-# table name -> its function in float64 (the table's default parameters)
-REFERENCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "mish": F.mish,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "softplus": F.softplus,
-    "elu": F.elu,
-    "celu": F.celu,
-    "selu": F.selu,
-    "hardswish": F.hardswish,
-    "leaky_relu": F.leaky_relu,
-    "relu2": lambda x: F.relu(x) ** 2,
-    "relu": F.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-}
+
+
+def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Each catalog activation's (with a table) forward at its default parameters (the generated module's ``forward``:
+    PyTorch's own expression, :data:`invact.common.catalog.Entry.torch_forward`), which runs in float64."""
+    present = set(registry.names())
+    return {row.name: registry.module(row.name).forward for row in CATALOG if row.name in present}
+
+
 #: references whose usual torch forms already save their output (a custom class may not: measure it)
 SAVES_OUTPUT = {row.name for row in CATALOG if row.saves_output == "always"}
 _REL, _ULPS64 = 2.0 ** -26, 16 * torch.finfo(torch.float64).eps
@@ -78,7 +69,7 @@ def probe(module: nn.Module) -> tuple[str | None, bool]:
     if not (isinstance(y, torch.Tensor) and isinstance(y_flipped, torch.Tensor) and y.shape == x.shape
             and y.dtype == x.dtype and torch.equal(y_flipped.flip(-1), y)):
         return None, False
-    for name, ref in REFERENCES.items():
+    for name, ref in references().items():
         want = ref(x)
         if bool(((y - want).abs() <= _REL * want.abs() + _ULPS64 * (1 + x.abs())).all()):
             return name, True

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
+import tolerances as tol
+from invact import recognise
+from invact.common.catalog import CATALOG
 from invact.measure import remove_router
 
 
@@ -111,6 +114,21 @@ def test_probe_recognises_and_lists_activation_like_classes():
     assert [r.path for r in report.replaced] == ["1"] and "probe: computes gelu" in report.replaced[0].note
     assert [(entry.path, entry.reason.split(":")[0]) for entry in report.left] == [("3", "not recognised")]
     assert report.left[0].cls.endswith("Unknown")
+
+
+@pytest.mark.parametrize("name", [row.name for row in CATALOG])
+def test_probe_recognises_every_catalog_activation(name):
+    """A custom class computing a catalog activation with PyTorch's own expression is recognised as it:
+    the probe's references come from the catalog, so a new row is recognised without another list."""
+    class Custom(nn.Module):
+        def forward(self, x):
+            return tol.torch_reference(name, x)
+
+    found, activation_like = recognise.probe(Custom())
+    assert activation_like and found is not None
+    if found != name:            # an earlier row with the same function at the defaults (celu = elu at alpha 1)
+        x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+        assert torch.equal(tol.torch_reference(found, x), tol.torch_reference(name, x)), (found, name)
 
 
 def test_sequential_dropout_heuristic_is_replaced_by_the_measurement():
