@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, impl_compiled, ops, table_c
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, ops, table_c
 from invact.fitting.codegen import generate_all
 
 from invact.registry import module as _module
@@ -317,3 +317,28 @@ def test_without_avx512_first_call_compiles_nothing(name, dtype, monkeypatch):
     ops.apply(x, name, backend="compiled").backward(torch.ones_like(x))
     assert torch.isfinite(x.grad[torch.isfinite(x)]).all()
     assert {k: dict(v) for k, v in counters.items()} == before, "Dynamo compiled a frame"
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_portable_16_bit_conversions_every_pattern(dtype):
+    """The portable kernels convert 16-bit floats themselves: every bit pattern as x of the forward code
+    (against the generated code_packed) and as grad of the lookup backward, with table values over the
+    whole float32 range (overflow to inf, subnormal and zero results, NaN), against torch's rounding."""
+    name = next(n for n in ops.names() if _module(n).CODE_BITS)
+    mod = _module(name)
+    x = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    k = ops.module_constants(mod, dtype, torch.device("cpu"), ())
+    cmap = impl_cpu.code_map(mod, dtype, ())
+    assert torch.equal(table_c.pack(mod, x, cmap), mod.code_packed(x, k.x_thresholds))
+    g = torch.Generator().manual_seed(0)
+    lut = torch.randn(1 << (16 + mod.CODE_BITS), generator=g) * torch.exp2(
+        torch.randint(-40, 40, (1 << (16 + mod.CODE_BITS),), generator=g).float())
+    lut[:4] = torch.tensor([math.nan, math.inf, -math.inf, 0.0])
+    codes = torch.randint(0, 1 << mod.CODE_BITS, x.shape, generator=g, dtype=torch.int32)
+    y = x[torch.randperm(x.numel(), generator=g)]
+    index = (y.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)
+    want = (lut[index] * x.float()).to(dtype)
+    got = torch.empty_like(x)
+    assert table_c.run_lookup(mod, got, x, y, bitpack.pack(codes, mod.CODE_BITS), lut)
+    assert _same_or_within(want.float(), got.float(), None)

@@ -124,23 +124,22 @@ static inline float invact_bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* as c10::BFloat16: round to nearest even, NaN -> 0x7FC0 */
+/* as c10::BFloat16: round to nearest even, NaN -> 0x7FC0 (selects, no branches: loops vectorise) */
 static inline uint16_t invact_float_to_bf16(float f) {
     uint32_t b;
     memcpy(&b, &f, sizeof b);
-    if (f != f) return 0x7FC0u;
-    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    uint16_t r = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0u : r;
 }
 
+/* exact; a subnormal half becomes a normal float through an int conversion and a product of normal
+ * numbers, so flushed denormals (which ATen's conversions ignore) cannot touch it */
 static inline float invact_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, b;
-    if (e == 0x1Fu) b = sign | 0x7F800000u | (m << 13);
-    else if (e) b = sign | ((e + 112u) << 23) | (m << 13);
-    else {                                   /* zero or subnormal: m * 2^-24, a normal float */
-        float f = (float)m * 5.9604644775390625e-8f;
-        memcpy(&b, &f, sizeof b);
-        b |= sign;
-    }
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, sb;
+    float sub = (float)m * 5.9604644775390625e-8f;                     /* e == 0: m * 2^-24 */
+    memcpy(&sb, &sub, sizeof sb);
+    uint32_t b = e == 0x1Fu ? (sign | 0x7F800000u | (m << 13))
+               : e ? (sign | ((e + 112u) << 23) | (m << 13)) : (sign | sb);
     float f;
     memcpy(&f, &b, sizeof f);
     return f;
@@ -151,16 +150,17 @@ static inline uint16_t invact_float_to_half(float f) {
     uint32_t x;
     memcpy(&x, &f, sizeof x);
     uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-    if (ax >= 0x7F800000u) return (uint16_t)(sign | (ax > 0x7F800000u ? 0x7E00u | ((ax >> 13) & 0x3FFu) : 0x7C00u));
-    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);          /* >= 65520: inf */
-    if (ax < 0x38800000u) {                                             /* below 2^-14: subnormal */
-        if (ax < 0x33000000u) return (uint16_t)sign;                    /* at most 2^-25: zero */
-        uint32_t shift = 126u - (ax >> 23), m = (ax & 0x7FFFFFu) | 0x800000u;
-        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-        return (uint16_t)(sign | (q + (rem > half || (rem == half && (q & 1u)))));
-    }
-    uint32_t r = ax - 0x38000000u;                                      /* exponent 127 -> 15 */
-    return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+    uint32_t r = ax - 0x38000000u;                                      /* normal: exponent 127 -> 15 */
+    uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+    uint32_t shift = 126u - (ax >> 23), m = (ax & 0x7FFFFFu) | 0x800000u;  /* subnormal: 2^-25 .. 2^-14 */
+    shift = shift > 24u ? 24u : shift;
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    uint32_t sub = q + (rem > half || (rem == half && (q & 1u)));
+    uint32_t out = ax > 0x7F800000u ? (0x7E00u | ((ax >> 13) & 0x3FFu))   /* NaN */
+                 : ax >= 0x477FF000u ? 0x7C00u                          /* >= 65520 (and inf): inf */
+                 : ax >= 0x38800000u ? normal
+                 : ax >= 0x33000000u ? sub : 0u;                        /* at most 2^-25: zero */
+    return (uint16_t)(sign | out);
 }
 
 typedef struct {
@@ -259,28 +259,64 @@ int invact_table_lut(int dtype, int64_t n, const uint16_t *y, const uint16_t *gr
 
 /* ---- the forward code: the interval of x between the x thresholds, packed in invact.bitpack's planes ---- */
 
-/* x as float (every 16-bit and float32 value and threshold is one, so the comparisons are x's own) */
-static inline float invact_load(int dtype, const void *x, int64_t i) {
-    if (dtype == T_F32) return ((const float *)x)[i];
-    uint16_t h = ((const uint16_t *)x)[i];
-    return dtype == T_BF16 ? invact_bf16_to_float(h) : invact_half_to_float(h);
+#define PACK_BLOCK 512
+
+/* one block of the codes of m elements of x (contiguous, of dtype) into c: count the thresholds each
+ * passes, one vectorised pass per threshold, then the count's code (NaN: nan_code) */
+static void pack_block(const code_job *jb, int64_t e0, int m, uint8_t *restrict c) {
+    float v[PACK_BLOCK];
+    int32_t count[PACK_BLOCK], code[PACK_BLOCK];
+    if (jb->dtype == T_F32) memcpy(v, (const float *)jb->x + e0, sizeof(float) * (size_t)m);
+    else if (jb->dtype == T_BF16)
+        for (int k = 0; k < m; k++) v[k] = invact_bf16_to_float(((const uint16_t *)jb->x)[e0 + k]);
+    else
+        for (int k = 0; k < m; k++) v[k] = invact_half_to_float(((const uint16_t *)jb->x)[e0 + k]);
+    for (int k = 0; k < m; k++) count[k] = 0;
+    for (int j = 0; j < jb->n_thr; j++) {    /* thresholds and x alike exact in float: x's own compares */
+        float t = jb->thr[j];
+        if ((jb->strict >> j) & 1) for (int k = 0; k < m; k++) count[k] += v[k] > t;
+        else for (int k = 0; k < m; k++) count[k] += v[k] >= t;
+    }
+    for (int k = 0; k < m; k++) code[k] = jb->codes[0];
+    for (int q = 1; q <= jb->n_thr; q++) {
+        int32_t cq = jb->codes[q];
+        for (int k = 0; k < m; k++) code[k] = count[k] == q ? cq : code[k];
+    }
+    for (int k = 0; k < m; k++) c[k] = (uint8_t)(v[k] != v[k] ? jb->nan_code : code[k]);
 }
 
 static void *pack_run(void *arg) {
     const code_job *jb = arg;
     int per = 8 / jb->bits;
-    const float *thr = jb->thr;
-    for (int64_t b = jb->lo; b < jb->hi; b++) {
-        uint32_t acc = 0;
+    uint8_t c[PACK_BLOCK], acc[PACK_BLOCK];
+    for (int64_t b = jb->lo; b < jb->hi; b += PACK_BLOCK) {
+        int m = (int)clamp_to(jb->hi - b, PACK_BLOCK);
+        memset(acc, 0, (size_t)m);
         for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
-            int64_t e = plane * jb->nbytes + b;
-            if (e >= jb->n) break;
-            float v = invact_load(jb->dtype, jb->x, e);
-            int count = 0;
-            for (int j = 0; j < jb->n_thr; j++) count += (jb->strict >> j) & 1 ? v > thr[j] : v >= thr[j];
-            acc |= (uint32_t)(v != v ? jb->nan_code : jb->codes[count]) << (plane * jb->bits);
+            int64_t e0 = plane * jb->nbytes + b;
+            int mm = (int)clamp_to(jb->n - e0, m);
+            if (mm <= 0) break;
+            int shift = plane * jb->bits;
+            if (jb->n_thr == 1) {                         /* the common case in one pass: one threshold */
+                float t = jb->thr[0];
+                int strict = jb->strict & 1;
+                uint8_t c0 = (uint8_t)jb->codes[0], c1 = (uint8_t)jb->codes[1], cn = (uint8_t)jb->nan_code;
+#define PACK1(LOAD)                                                                                    \
+    for (int k = 0; k < mm; k++) {                                                                     \
+        float v = LOAD;                                                                                \
+        acc[k] |= (uint8_t)((v != v ? cn : (strict ? v > t : v >= t) ? c1 : c0) << shift);            \
+    }
+                const uint16_t *restrict h = (const uint16_t *)jb->x + e0;
+                if (jb->dtype == T_F32) PACK1(((const float *)jb->x)[e0 + k])
+                else if (jb->dtype == T_BF16) PACK1(invact_bf16_to_float(h[k]))
+                else PACK1(invact_half_to_float(h[k]))
+#undef PACK1
+                continue;
+            }
+            pack_block(jb, e0, mm, c);
+            for (int k = 0; k < mm; k++) acc[k] |= (uint8_t)(c[k] << shift);
         }
-        jb->packed[b] = (uint8_t)acc;
+        memcpy(jb->packed + b, acc, (size_t)m);
     }
     return 0;
 }
