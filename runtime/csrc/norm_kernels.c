@@ -190,20 +190,20 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
     return 0;
 }
 
-static inline float element(int dtype, const void *p, int64_t j) {
-    return _mm512_cvtss_f32(load16(dtype, p, j, 1));
-}
-
 /* how many of the n columns cannot be recovered from y: !(|w_j + offset| ratio >= tiny + |beta_j|) (NaN
  * counts), the float32 operations of invact.norms._recoverable on parameters of dtype (converted to
  * float32 exactly, as torch's .to); beta may be 0 */
 int64_t invact_norm_unrecoverable(int dtype, int64_t n, const void *weight, const void *beta, float offset,
                                   float ratio, float tiny) {
     int64_t bad = 0;
-    for (int64_t j = 0; j < n; j++) {
-        float g = element(dtype, weight, j) + offset;
-        float limit = beta ? tiny + __builtin_fabsf(element(dtype, beta, j)) : tiny;
-        bad += !(__builtin_fabsf(g) * ratio >= limit);
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 m = tail_mask(n - j);
+        __m512 g = _mm512_andnot_ps(sign, _mm512_add_ps(load16(dtype, weight, j, m), _mm512_set1_ps(offset)));
+        __m512 limit = _mm512_set1_ps(tiny);
+        if (beta) limit = _mm512_add_ps(limit, _mm512_andnot_ps(sign, load16(dtype, beta, j, m)));
+        __mmask16 good = _mm512_mask_cmp_ps_mask(m, _mm512_mul_ps(g, _mm512_set1_ps(ratio)), limit, _CMP_GE_OQ);
+        bad += __builtin_popcount((unsigned)(m & ~good));
     }
     return bad;
 }
