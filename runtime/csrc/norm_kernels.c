@@ -1,14 +1,17 @@
-/* LayerNorm / RMSNorm backward from the saved output y (AVX-512), built and loaded by invact.norm_cpu.
+/* LayerNorm / RMSNorm backward from the saved output y (AVX-512), built and loaded by invact.norm_cpu,
+ * and the forward's check of which columns can be recovered from y.
  *
- * One pass over each row reads y and dy twice (the second time from cache):
+ * One pass over each block of 8 rows reads y and dy twice (the second time from cache):
  *   t = y - beta (= gamma x_hat), dxhat = dy gamma,
  *   c1 = mean(dxhat) (LayerNorm; 0 for RMSNorm), c2 = (sum(dy t) + c2_fix) / n,
  *   dx = (dxhat - c1 - t / divisor c2) rstd,
  * and sums dy t and dy over the rows for dgamma = sum(dy t) / divisor and dbeta = sum(dy). divisor is
  * gamma with the kept columns set to 1 (their dx and dgamma are the caller's to replace, from their
  * saved x_hat; c2_fix carries their share of c2). The float32 operations are those of
- * invact.norms._backward_rows / _backward_columns, but every sum is accumulated in double (products
- * rounded to float32 first), so no sum adds more than the one rounding of its result.
+ * invact.norms._backward_rows / _backward_columns, but the sums are blocked: products rounded to
+ * float32, summed in float32 groups of at most 4 vectors (row sums) or 8 rows (column sums), the groups
+ * in double; so a sum of N terms is off by at most ~8 u of the sum of their magnitudes, inside
+ * invact.norms.error_bound's gamma_N = (8 + 2 log2 N) u.
  */
 #include <immintrin.h>
 #include <pthread.h>
