@@ -241,18 +241,19 @@ def test_half_layer_norm_forward_bits_and_float32_rstd(affine, dtype):
     assert torch.allclose(rstd.double(), torch.rsqrt(var + 1e-5), rtol=(8 + 2 * math.log2(300)) * 2.0**-24, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "compiled"])    # compiled: invact.norm_cpu's kernel where it builds
 @pytest.mark.parametrize("n", [1, 2, 7, 255, 4099])
-def test_widths_and_non_contiguous(n):
+def test_widths_and_non_contiguous(n, backend):
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, 6, generator=g)
     x = base.t()                                        # non-contiguous rows
     w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     dy = torch.randn(6, n, generator=g)
     for rms in (False, True):
-        y, grads = _run(x, w, None if rms else b, dy, rms, 1e-5)
+        y, grads = _run(x, w, None if rms else b, dy, rms, 1e-5, backend)
         refs, tols = norms.error_bound(x, w, None if rms else b, dy, y, rms, 1e-5)
         for got, ref, tol in zip(grads, refs, tols):
-            _check(got, ref, tol, f"n={n} rms={rms}")
+            _check(got, ref, tol, f"n={n} rms={rms} {backend}")
         assert y.is_contiguous() and y.shape == x.shape
 
 
