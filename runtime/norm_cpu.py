@@ -24,6 +24,7 @@ from . import cpu_kernel, kernel_cache
 __all__ = ["library", "backward", "all_recoverable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
+HEADERS = (SOURCE.with_name("invact_threads.h"),)  # included: in the cache key
 ABI = 1
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -43,7 +44,8 @@ def library() -> ctypes.CDLL | None:
                     None)
     if compiler is None:
         return None
-    key = hashlib.sha256(bytes(1).join([SOURCE.read_bytes(), compiler.encode(), " ".join(cpu_kernel.FLAGS).encode()]))
+    key = hashlib.sha256(bytes(1).join([SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), compiler.encode(),
+                                        " ".join(cpu_kernel.FLAGS).encode()]))
     try:
         lib = kernel_cache.load([compiler, *cpu_kernel.FLAGS, str(SOURCE)], f"norm_kernels-{key.hexdigest()[:16]}",
                                 _check_abi)

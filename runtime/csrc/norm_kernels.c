@@ -14,12 +14,12 @@
  * invact.norms.error_bound's gamma_N = (8 + 2 log2 N) u.
  */
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "invact_threads.h"              /* spawn, MAX_THREADS */
+
 #define NORM_ABI 1
-#define NORM_THREADS 64
 #define NORM_MIN_ELEMENTS 32768          /* elements per thread at least */
 #define BLOCK_ROWS 8
 
@@ -159,27 +159,20 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
     if (dtype < NF32 || dtype > NF16 || dx_dtype < NF32 || dx_dtype > NF16 || rows < 0 || n < 1)
         return -1;
     int64_t most = rows * n / NORM_MIN_ELEMENTS;
-    int nt = threads < 1 ? 1 : threads > NORM_THREADS ? NORM_THREADS : threads;
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (most < nt) nt = most < 1 ? 1 : (int)most;
     if (rows < nt) nt = rows < 1 ? 1 : (int)rows;
     /* whole blocks per thread: the float32 block sums do not depend on the number of threads */
     int64_t width = (n + 15) / 16 * 16, step = ((rows + nt - 1) / nt + BLOCK_ROWS - 1) / BLOCK_ROWS * BLOCK_ROWS;
     double *sums = calloc((size_t)(2 * nt * width), sizeof(double));
     if (!sums) return -2;
-    norm_job jobs[NORM_THREADS];
-    pthread_t ids[NORM_THREADS];
-    int started[NORM_THREADS] = {0};
+    norm_job jobs[MAX_THREADS];
     for (int k = 0; k < nt; k++) {
         int64_t lo = k * step < rows ? k * step : rows, hi = lo + step < rows ? lo + step : rows;
         jobs[k] = (norm_job){dtype, dx_dtype, rms, n, lo, hi, y, dy, rstd, gamma, divisor, beta, c2_fix, dx, c1, c2,
                              sums + 2 * k * width, sums + (2 * k + 1) * width};
-        if (k && pthread_create(&ids[k], 0, norm_rows, &jobs[k]) == 0) started[k] = 1;
     }
-    norm_rows(&jobs[0]);
-    for (int k = 1; k < nt; k++) {
-        if (started[k]) pthread_join(ids[k], 0);
-        else norm_rows(&jobs[k]);
-    }
+    spawn(norm_rows, jobs, sizeof(norm_job), nt);
     for (int64_t j = 0; j < n; j++) {
         double st = 0.0, sd = 0.0;
         for (int k = 0; k < nt; k++) {
