@@ -188,9 +188,13 @@ __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float
         for (int64_t i = lo; i < hi; i++) out[i] = invact_g(y[i], 0, thr, poly, param) * grad[i];
         return;
     }
+    int32_t c[256];          /* the codes as int32 first: a byte read in the main loop would make it 32 or */
+    for (int64_t i = lo; i < hi; i += 256) {                /* 64 lanes wide, four vectors a value: spills */
+        int m = (int)clamp_to(hi - i, 256);
+        for (int j = 0; j < m; j++) c[j] = (cd[i - lo + j] >> shift) & ((1 << CODE_BITS) - 1);
 #pragma omp simd
-    for (int64_t i = lo; i < hi; i++)
-        out[i] = invact_g(y[i], (cd[i - lo] >> shift) & ((1 << CODE_BITS) - 1), thr, poly, param) * grad[i];
+        for (int j = 0; j < m; j++) out[i + j] = invact_g(y[i + j], c[j], thr, poly, param) * grad[i + j];
+    }
 }
 
 /* elements [lo, hi) of one bit plane: codes (code[k] >> shift) & mask from byte k of `code` */
