@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "75791e21fc90caff535873a7c4148cc11af4315a16478df3d5f27105814045d9"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

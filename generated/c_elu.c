@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "a1636b52865b3e0f0e7b2237824017e3c541045d42781b7281304c1d1ebf0991"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

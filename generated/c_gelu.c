@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "475b3bdc0b9a643c39a281f689b1abbe4dc9085d46e663911176e3ab0c7755b6"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 1
 #define N_SEGMENTS 7
 #define N_THRESHOLDS 5

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "2a92901635dbbabe91329e6dfa163eec15f9d11399cb54f30bd1b926257626e0"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 1
 #define N_SEGMENTS 8
 #define N_THRESHOLDS 6

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "715ad97c1f14c6d290132cdb5a23befb493fa4da658c4aa863d5a787cce0aa91"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "14ebb867cf01947cae5131a5532050456d903427d6b3572c258fa6c10ba74a36"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

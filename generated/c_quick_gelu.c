@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "0c3927e90a3c3d8e4c42600187e6045805c24c2caf61e5d05149fe5ead49543a"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

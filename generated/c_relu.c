@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "c0725bfbfb764e7236e1456ab75d14ead023201b289ee43fb2dafc796dc6e419"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "f49f59e9f50cfeb79a0adaa3974a24cd7b818f970442849e200a674525bede52"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 2
 #define N_THRESHOLDS 1

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "167ebda78ae3f2ab6f6639272a7e9b01bc4b11293c58e828d56fe7104c77dbc9"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 1
 #define N_THRESHOLDS 0

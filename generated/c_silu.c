@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "6d02366da90947701df272675a65ff90cd55643b3e12f0ece38ec983bff4daab"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 1
 #define N_SEGMENTS 9
 #define N_THRESHOLDS 7

@@ -4,6 +4,8 @@
  * by invact.table_c. */
 
 #define TABLE_SHA256 "01d551098c998a98bde5426a3e8bca824415e1c3fc6dca1e1dec39467524c163"
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define EAGER_BITS 1
 #define CODE_BITS 0
 #define N_SEGMENTS 1
 #define N_THRESHOLDS 0

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import bitpack, cpu_kernel, layout, registry
+from . import bitpack, cpu_kernel, layout, registry, table_c
 from .constants import Constants, module_constants
 
 __all__ = ["Eager", "EAGER", "CHUNK", "kernels", "output", "lookup_table", "flushed", "run_planes"]
@@ -52,8 +52,8 @@ def lookup_table(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...],
     """g of every 16-bit y and code, by the generated eager g_kernel (invact.cpu_kernel.lookup_table),
     as it computes with denormals flushed or not (``flushed``: the caller's current setting)."""
     k = module_constants(mod, dtype, torch.device("cpu"), values)
-    lut = cpu_kernel.lookup_table(mod.g_kernel, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed,
-                                  **k.params)
+    g = table_c.g_kernel(mod) or mod.g_kernel  # its C kernel where that gives g_kernel's bits
+    lut = cpu_kernel.lookup_table(g, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed, **k.params)
     return lut.to(device)
 
 

@@ -29,6 +29,7 @@ import re
 import subprocess
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -36,11 +37,11 @@ from torch import Tensor
 
 from . import bitpack, cpu_kernel, kernel_cache
 
-__all__ = ["source", "library", "run", "run_lookup", "pack"]
+__all__ = ["source", "library", "run", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
 HEADERS = (CSRC / "invact_table.h", CSRC / "invact_pack.h", CSRC / "invact_threads.h")
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 _ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "AVX2": ("-mavx2",)}
 # -z defs: a function the library lacks fails the link (nothing is cached), never the load
@@ -106,6 +107,7 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
         _warn_once("the per-table C kernels could not be built", str(failure))
         return None
     lib.invact_table_grad.restype = lib.invact_table_lut.restype = lib.invact_table_pack.restype = ctypes.c_int
+    lib.invact_table_eager_bits.restype, lib.invact_table_eager_bits.argtypes = ctypes.c_int, []
     lib.invact_table_grad.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int,  # n, y, grad, out, code, bits
                                       *[ctypes.c_void_p] * 3, ctypes.c_int]  # thr, poly, params, threads
     lib.invact_table_lut.argtypes = [ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 4,  # dtype, n, y, grad, out, code
@@ -164,6 +166,27 @@ def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tens
     return lib is not None and lib.invact_table_lut(
         dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(), code.data_ptr() if mod.CODE_BITS else None,
         mod.CODE_BITS, lut.data_ptr(), torch.get_num_threads()) == 0
+
+
+def g_kernel(mod: ModuleType) -> Callable[..., Tensor] | None:
+    """The generated ``mod.g_kernel`` (float32 work: 16-bit y upcast) computed by the table's C kernel,
+    where that is the eager code's result bit for bit (no C library call: EAGER_BITS) and it builds,
+    else None: what fills invact.impl_eager.lookup_table's 65,536-entry tables in milliseconds (torch
+    ops on the autograd engine's thread took seconds on a busy machine)."""
+    lib = library(mod)
+    if lib is None or not lib.invact_table_eager_bits():
+        return None
+
+    def g(y: Tensor, code: Tensor | None, thr: Tensor, poly: Tensor, **params: float) -> Tensor:
+        yf = y.to(torch.float32).contiguous()
+        packed = bitpack.pack(code, mod.CODE_BITS) if mod.CODE_BITS else torch.empty(0, dtype=torch.uint8)
+        out = torch.empty_like(yf)
+        values = tuple(params[a] for a in mod.PARAM_ARGS)
+        if run(mod, out, torch.ones_like(yf), yf, packed, thr.contiguous(), poly.contiguous(), values):
+            return out  # g * 1: g itself (flushed denormals aside, where lookup_table maps subnormal y to 0)
+        return mod.g_kernel(y, code, thr, poly, **params)
+
+    return g
 
 
 def pack(mod: ModuleType, x: Tensor, cmap: cpu_kernel.CodeMap) -> Tensor | None:

@@ -342,3 +342,23 @@ def test_portable_16_bit_conversions_every_pattern(dtype):
     got = torch.empty_like(x)
     assert table_c.run_lookup(mod, got, x, y, bitpack.pack(codes, mod.CODE_BITS), lut)
     assert _same_or_within(want.float(), got.float(), None)
+
+
+@needs_c
+@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lookup_tables_filled_by_c_equal_eager(dtype, flushed):
+    """The 16-bit backward's tables (g of every 16-bit y and code) are filled by the C kernel where its
+    file calls no C library function (EAGER_BITS): every entry equals the eager g_kernel's, bit for bit,
+    with denormals flushed and not. Elsewhere g_kernel fills them (table_c.g_kernel is None)."""
+    for name in ops.names():
+        mod = _module(name)
+        g = table_c.g_kernel(mod)
+        assert (g is None) == _calls_libm(mod), name
+        if g is None:
+            continue
+        params = _defaults(name)
+        k = ops.module_constants(mod, dtype, torch.device("cpu"), params)
+        want, got = (cpu_kernel.lookup_table(fn, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed,
+                                             **k.params) for fn in (mod.g_kernel, g))
+        assert _same_or_within(want, got, None), (name, dtype, flushed)

@@ -223,7 +223,9 @@ def generate_c(plan: Plan) -> str:
     if calls:
         w(f"/* Calls the C library's {', '.join(calls)} where ATen calls its own vectorised functions:",
           " * those results may differ by about an ulp (everything else: the eager backend's bits). */")
-    w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"', f"#define CODE_BITS {plan.code_bits}",
+    w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"',
+      "/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */",
+      f"#define EAGER_BITS {0 if calls else 1}", f"#define CODE_BITS {plan.code_bits}",
       f"#define N_SEGMENTS {plan.n_segments}", f"#define N_THRESHOLDS {plan.n_y_breaks}",
       f"#define ROW_LENGTH {plan.row_len}", f"#define N_PARAMS {len(plan.params)}",
       "/* invact.common.float32_scheme: invact.fastmath.log's constants */",

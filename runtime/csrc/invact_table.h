@@ -1,9 +1,9 @@
 /* The per-table float32 backward kernels' common part: included by every generated/c_NAME.c (written
- * by `invact generate`, invact.fitting.codegen.c_gen), which defines TABLE_SHA256, CODE_BITS,
- * N_SEGMENTS, N_THRESHOLDS, ROW_LENGTH, N_PARAMS, invact.fastmath.log's constants (LOG_*) and the POLY
- * row's columns (ROW_*) before
- * including it, and the element function invact_g after it. Built and called by invact.table_c
- * (-ffp-contract=off: no FMA, so every operation rounds as the generated torch code's does).
+ * by `invact generate`, invact.fitting.codegen.c_gen), which defines TABLE_SHA256, EAGER_BITS (1 where
+ * g is the eager code's bit for bit), CODE_BITS, N_SEGMENTS, N_THRESHOLDS, ROW_LENGTH, N_PARAMS,
+ * invact.fastmath.log's constants (LOG_*) and the POLY row's columns (ROW_*) before including it, and
+ * the element function invact_g after it. Built and called by invact.table_c (-ffp-contract=off: no
+ * FMA, so every operation rounds as the generated torch code's does).
  *
  * The helpers give ATen's results: clamps as its vectorised clamp kernels (vmaxps(lo, v), vminps(hi, v):
  * NaN stays NaN and -0.0 stays -0.0), invact_log32 as invact.fastmath.log operation for operation,
@@ -19,7 +19,7 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define INVACT_TABLE_ABI 2
+#define INVACT_TABLE_ABI 3
 
 /* With INVACT_LIBMVEC (invact.table_c tries it first, linking -lmvec): glibc's vector math library
  * has 16- and 8-lane versions of these, so loops calling them vectorise. Its results may differ from
@@ -112,6 +112,7 @@ static inline float invact_row(const float *restrict poly, int32_t s, float t, i
 
 int invact_table_abi(void) { return INVACT_TABLE_ABI; }
 const char *invact_table_sha256(void) { return TABLE_SHA256; }
+int invact_table_eager_bits(void) { return EAGER_BITS; }
 
 /* ---- the loops: g(y, code) * grad of float32 y, a lookup for 16-bit y, the forward code ---- */
 
