@@ -12,7 +12,7 @@ import torch
 
 import invact
 from invact import backends, ops
-from triton_tolerances import formula_error, within
+from triton_tolerances import formula_error, is_fitted, within
 
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 _spec = importlib.util.spec_from_file_location("zoo", ZOO)
@@ -67,7 +67,8 @@ def test_fast_row(row, results):
 def test_fast_row_triton_matches_eager(row, results, root):
     """The generated Triton forward (its own erf/exp/atan in tl operations) is within the formula's
     float32 error of the torch one (tests/test_triton.py's bound), the packed codes agree, and where
-    both stored the same y the Triton backward equals the eager one bit for bit (same float32 scheme)."""
+    both stored the same y the Triton backward of a fitted table equals the eager one bit for bit
+    (same float32 scheme); a closed form's within test_triton's 8 ulps of g plus 2**-21."""
     if results[row["name"]].outcome not in ("exact", "fitted"):
         pytest.skip("refused")
     invact.use_root(root)
@@ -81,7 +82,12 @@ def test_fast_row_triton_matches_eager(row, results, root):
     (ye, ge), (yt, gt) = outs["eager"], outs["triton"]
     assert within(yt, ye, 8, formula_error(x))
     same = ye == yt
-    assert same.float().mean() > 0.5 and torch.equal(ge[same], gt[same])
+    assert same.float().mean() > 0.5
+    if is_fitted(zoo.table_name(row)):
+        assert torch.equal(ge[same], gt[same])
+    else:   # closed forms: ATen's CPU sqrt/exp are not correctly rounded (sqrt(0.74368536f) is 1 ulp off
+        #     where tl.sqrt_rn is exact), so test_triton's closed-form bound: 8 ulps of g plus 2**-21
+        assert within(gt[same], ge[same], 8, 2.0**-21)
 
 
 @pytest.mark.slow

@@ -74,8 +74,10 @@ class _Translator:
                 raise ValueError(f"unsupported row selection in generated code: {text}")
             return []
         c, kind = self.expr(value)
-        if kind in _SCALARS:
-            c, kind = _float(c, kind), "f"     # g = <number> never happens; a tensor of the default dtype
+        if kind == "n":                        # a Python int (a segment index): an int32 tensor in where()
+            kind = "i"
+        elif kind == "d":                      # a Python float: a tensor of the default dtype
+            c, kind = _float(c, kind), "f"
         if name in self.kinds:
             if self.kinds[name] != kind:
                 raise ValueError(f"{name} changes type in generated code: {text}")
