@@ -85,6 +85,9 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
     if f'#define TABLE_SHA256 "{sha256}"'.encode() not in text:
         _warn_once(f"stale C kernel {path.name}", "generated from another table; run `invact generate`")
         return None
+    if (refused := re.search(rb"^#error (.*)$", text, re.M)) is not None:   # what c_gen could not translate
+        _warn_once(f"no C kernel for {path.stem[2:]}", refused.group(1).decode(errors="replace"))
+        return None
     name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
 
     def check(lib: ctypes.CDLL) -> None:

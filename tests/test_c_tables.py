@@ -221,7 +221,7 @@ def test_stale_c_file_declines(fresh):
 def test_failed_build_warns_once_and_declines(fresh, monkeypatch):
     """A source the compiler rejects (or a compiler that fails): one warning, nothing left behind in
     the cache, and the caller runs Inductor's code."""
-    mod = _fake_module(fresh, '#define TABLE_SHA256 "' + "0" * 64 + '"\n#error broken\n')
+    mod = _fake_module(fresh, '#define TABLE_SHA256 "' + "0" * 64 + '"\nint broken = ;\n')
     _declines_with_one_warning(mod, "per-table C kernels could not be built")
     assert not list((fresh / "cache").glob("*.so"))
 
@@ -362,3 +362,18 @@ def test_lookup_tables_filled_by_c_equal_eager(dtype, flushed):
         want, got = (cpu_kernel.lookup_table(fn, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed,
                                              **k.params) for fn in (mod.g_kernel, g))
         assert _same_or_within(want, got, None), (name, dtype, flushed)
+
+
+def test_untranslatable_table_still_generates_and_declines(fresh, monkeypatch):
+    """Generated code the C translator does not take does not fail `invact generate` (or the fit that
+    runs it): the C file says why, and the runtime declines it with one warning (Inductor's code runs)."""
+    from invact.fitting.codegen import c_gen, plan_table
+    from invact.fitting.tables import load_table, table_path
+    def refuse(plan):
+        raise ValueError("unsupported call in generated code: torch.frobnicate(y)")
+    monkeypatch.setattr(c_gen, "translate_g", refuse)
+    plan = plan_table(load_table(table_path("elu")), "generated/tables/elu.json")
+    text = c_gen.generate_c(plan)
+    assert "#error no C kernel: unsupported call" in text
+    mod = _fake_module(fresh, text, sha=plan.meta["sha256"])
+    _declines_with_one_warning(mod, "no C kernel for fake.*torch.frobnicate")
