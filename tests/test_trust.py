@@ -239,16 +239,18 @@ def _planted(tree: Path, name: str, edit) -> Path:
     lambda t: t["code_classes"][0]["segments"][1]["transform"].__setitem__("kind", f"log\n{EVIL}"),
     lambda t: t["forward_code"]["x_breaks"][0].__setitem__("side", f"left\n{EVIL}"),
 ], ids=["torch_forward", "segment expr", "param_domain", "formula", "break value", "transform kind", "side"])
-def test_table_text_is_data(tree, tmp_path, edit):
+def test_table_text_is_data(tree, tmp_path, edit, capsys, monkeypatch):
     """Planted text in any field that reaches code or a parser: `invact generate` refuses the table
     naming the file; nothing runs. (The transform kind was printed into a comment line of the
-    generated module, where a newline would have started a line of code.)"""
+    generated module, where a newline would have started a line of code.) In process, from tmp_path:
+    planted code that ran would leave tmp_path/PWNED."""
     path = _planted(tree, "gelu", edit)
-    res = run("generate", "--root", tree, cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert str(path) in res.stderr and ("not an accepted expression" in res.stderr or "malformed" in res.stderr
-                                        or "side is not" in res.stderr), res.stderr
-    assert "touch PWNED" not in res.stderr.split(";")[-1]            # the hint proposes no planted text
+    monkeypatch.chdir(tmp_path)
+    status, _, err = invact_cli(capsys, "generate", "--root", tree)
+    assert status == 2, err
+    assert str(path) in err and ("not an accepted expression" in err or "malformed" in err
+                                 or "side is not" in err), err
+    assert "touch PWNED" not in err.split(";")[-1]                   # the hint proposes no planted text
     assert not (tmp_path / "PWNED").exists()
     assert not (tree / "generated" / "registry.py").exists()
 
