@@ -8,7 +8,8 @@ x's memory format, as torch.nn.functional's ops do; :mod:`invact.layout`), and t
 that order. ``invact::value(x, name, params, backend) -> y`` is the forward without the code:
 :func:`apply` runs it when nothing will differentiate y (no_grad, inference_mode, x not requiring
 grad). Under torch.func transforms and forward-mode AD :func:`apply` wraps the same ops in an
-autograd.Function with a jvp (tangent * g(y, code)) and vmap rules.
+autograd.Function with a jvp (tangent * g(y, code)) and vmap rules; in plain eager training it runs
+the same implementations from an autograd.Function (:class:`_Direct`), skipping the ops' dispatch.
 
 The ops compute nothing themselves: each tries the implementations of its backend in order
 (:class:`Implementation`; Triton, the C kernels, Inductor's code, eager torch ops), the first that
