@@ -117,7 +117,8 @@ def norm_ratios(rms: bool, dtype: torch.dtype, rows: int, n: int, repeat: int, d
     forward (PyTorch's kernel plus the kept columns) and backward from y, on the device's default
     backend (CPU: compiled; CUDA: Triton). Trained-like parameters: gamma = 1 + 0.1 N(0, 1), beta =
     0.1 N(0, 1), so no column is kept. With CUDA also GB/s as a fraction of a copy's bandwidth."""
-    from invact import backends, norms  # noqa: F401 - norms registers the invact::norm_* ops
+    import invact
+    from invact import backends
     backend = backends.resolve(None, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n, generator=g).to(device=device, dtype=dtype)
@@ -127,17 +128,17 @@ def norm_ratios(rms: bool, dtype: torch.dtype, rows: int, n: int, repeat: int, d
     leaves = [t.clone().requires_grad_() for t in (x, w) + (() if b is None else (b,))]
     f = (lambda x, w, b=None: F.rms_norm(x, (n,), w, 1e-5)) if rms else \
         (lambda x, w, b: F.layer_norm(x, (n,), w, b, 1e-5))
-    y_native = f(*leaves)
-    args = (w, b, n, 1e-5, rms, 0.0, None, dtype)
-    saved = torch.ops.invact.norm_forward(x, *args, backend)
+    ours = (lambda x, w, b=None: invact.functional.rms_norm(x, (n,), w, 1e-5, backend=backend)) if rms else \
+        (lambda x, w, b: invact.functional.layer_norm(x, (n,), w, b, 1e-5, backend=backend))
+    y_native, y_ours = f(*leaves), ours(*leaves)         # as users call them, autograd on both sides
     copy = torch.empty_like(x)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t = side_by_side({
         "copy": lambda: copy.copy_(x),
         "native fwd": lambda: f(x, w, b),
-        "fwd": lambda: torch.ops.invact.norm_forward(x, *args, backend),
+        "fwd": lambda: ours(x, w, b),
         "native bwd": lambda: torch.autograd.grad(y_native, leaves, go, retain_graph=True),
-        "bwd": lambda: torch.ops.invact.norm_backward(go, *saved, w, b, n, rms, 0.0, dtype, backend),
+        "bwd": lambda: torch.autograd.grad(y_ours, leaves, go, retain_graph=True),
     }, repeat, sync)
     out = {"fwd": t["fwd"] / t["native fwd"], "bwd": t["bwd"] / t["native bwd"]}
     if device == "cuda":
