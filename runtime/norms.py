@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends, norm_cpu
+from . import backends, norm_cpu, ops
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO",
            "error_bound", "relative_bound"]
@@ -375,7 +375,7 @@ _norm_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, 
 
 
 class _Direct(torch.autograd.Function):
-    """Plain eager calls (:func:`_plain` tensors, not Triton): what invact::norm_forward's autograd does
+    """Plain eager calls (:func:`invact.ops.plain_eager` tensors, not Triton): what invact::norm_forward's autograd does
     — the same code, saving y, rstd and the kept columns — without the custom ops' dispatch (~30 us a
     call). A backward that builds a graph (create_graph=True) runs invact::norm_backward, whose autograd
     refuses to be differentiated."""
@@ -393,14 +393,6 @@ class _Direct(torch.autograd.Function):
         dx, dw, db = backward(dy, y, rstd, extra, cols, weight, bias, *ctx.invact)
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
-
-
-def _plain(*tensors: Tensor | None) -> bool:
-    """Ordinary tensors with data, outside torch.compile, torch.func transforms and dispatch modes."""
-    return (not torch.compiler.is_compiling() and torch.utils._python_dispatch._get_current_dispatch_mode() is None
-            and not torch._C._functorch.get_interpreter_stack()
-            and all(t is None or (type(t) is Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
-                    for t in tensors))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +464,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     n = math.prod(shape)
     args = (x, weight, bias, n, float(eps), rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
-        if chosen != "triton" and _plain(x, weight, bias):
+        if chosen != "triton" and ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
         return torch.ops.invact.norm_forward(*args)[0]
 

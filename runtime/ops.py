@@ -41,7 +41,7 @@ from .impl_triton import TRITON
 from .registry import info, names, use_root
 
 __all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
-           "Implementation", "implementations"]
+           "Implementation", "implementations", "plain_eager"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -322,7 +322,7 @@ def _requires_grad(x: Tensor) -> bool:
 
 
 class _Direct(torch.autograd.Function):
-    """Plain eager training (:func:`_plain` x, not Triton): what invact::forward's autograd does — the
+    """Plain eager training (:func:`plain_eager` x, not Triton): what invact::forward's autograd does — the
     same implementations, saving only y and the code, refusing a double backward — without the custom
     ops' dispatch, which cost ~120 us of a 256-element forward + backward (measured: 275 -> 160 us,
     PyTorch's GELU 83 us). A backward that builds a graph (create_graph=True) goes through
@@ -348,18 +348,19 @@ def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
     if _transformed():
         return _differentiated(x, name, values, chosen)
     if torch.is_grad_enabled() and _requires_grad(x):
-        if chosen != "triton" and _plain(x):
+        if chosen != "triton" and plain_eager(x):
             return _Direct.apply(x, name, values, chosen)
         return torch.ops.invact.forward(x, name, values, chosen)[0]
     # nothing differentiates y: no code
-    if chosen != "triton" and _plain(x):  # the op's dispatch costs more than the work at small sizes
+    if chosen != "triton" and plain_eager(x):  # the op's dispatch costs more than the work at small sizes
         return _y_only(x, name, values, chosen)
     return torch.ops.invact.value(x, name, values, chosen)
 
 
-def _plain(x: Tensor) -> bool:
-    """x is an ordinary tensor with data, outside torch.compile, transforms and dispatch modes (meta
-    and fake tensors, vmap's wrappers and tracing modes take the op and its fake or vmap rule)."""
-    return (type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and torch.utils._python_dispatch._get_current_dispatch_mode() is None)
+def plain_eager(*tensors: Tensor | None) -> bool:
+    """Ordinary tensors with data (or None), outside torch.compile, transforms and dispatch modes: where
+    the ops' implementations may run without their custom-op dispatch (meta and fake tensors, torch.func's
+    wrappers and tracing modes take the ops and their fake or vmap rules). Also used by the norms."""
+    return (not torch.compiler.is_compiling() and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta
+                                  and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors))
