@@ -23,33 +23,65 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 19
+#define COLUMN_WIDTH 8
+/* POLY columns 0, 1, 2, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), 0.0f},
+    {(0x1.72096e0000000p-1f), (0x1.fb7a920000000p+0f), (0x0.0p+0f), (0x1.66d2ec0000000p-3f), (-0x1.5525480000000p+2f), (-0x1.ba03700000000p+3f), (0x0.0p+0f), 0.0f},
+    {(0x1.6236880000000p+0f), (0x1.dcd3820000000p+0f), (0x0.0p+0f), (0x1.6d48260000000p+2f), (0x1.c1c8ee0000000p-2f), (0x1.4a02660000000p-3f), (0x0.0p+0f), 0.0f},
+    {(0x1.99c0a80000000p-12f), (0x1.7d2f640000000p-10f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f},
+    {(0x1.9382aa0000000p-12f), (-0x1.48d4680000000p-10f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f},
+    {(-0x1.299c120000000p-10f), (-0x1.be2fc00000000p-8f), (0x0.0p+0f), (0x1.9c0c360000000p-14f), (0x1.03a6580000000p-13f), (-0x1.a343fe0000000p-17f), (0x0.0p+0f), 0.0f},
+    {(-0x1.0b515a0000000p-9f), (0x1.130e820000000p-7f), (0x0.0p+0f), (0x1.1e637c0000000p-13f), (0x1.b0fe700000000p-13f), (-0x1.4c30fe0000000p-15f), (0x0.0p+0f), 0.0f},
+    {(-0x1.90ebc20000000p-11f), (0x1.6f47100000000p-7f), (0x0.0p+0f), (-0x1.a8be1a0000000p-14f), (-0x1.2e09900000000p-16f), (-0x1.f890660000000p-15f), (0x0.0p+0f), 0.0f},
+    {(-0x1.2036340000000p-11f), (-0x1.8da5f00000000p-6f), (0x0.0p+0f), (-0x1.855a620000000p-14f), (0x1.b7597a0000000p-15f), (-0x1.90bd240000000p-14f), (0x0.0p+0f), 0.0f},
+    {(0x1.cb75460000000p-11f), (0x1.0de72c0000000p-10f), (0x0.0p+0f), (0x1.213dae0000000p-12f), (0x1.4382cc0000000p-11f), (-0x1.682fb40000000p-13f), (0x0.0p+0f), 0.0f},
+    {(0x1.422cd00000000p-8f), (0x1.1b0fea0000000p-5f), (0x0.0p+0f), (0x1.b6f8ee0000000p-12f), (0x1.ed5a920000000p-11f), (-0x1.0668860000000p-12f), (0x0.0p+0f), 0.0f},
+    {(0x1.49fbb00000000p-6f), (-0x1.23d9aa0000000p-5f), (0x0.0p+0f), (0x1.1eb8260000000p-11f), (0x1.90100a0000000p-11f), (-0x1.370a900000000p-12f), (0x0.0p+0f), 0.0f},
+    {(0x1.e48ca40000000p-6f), (-0x1.14eeee0000000p-8f), (0x0.0p+0f), (0x1.4f5f4c0000000p-10f), (-0x1.5854240000000p-11f), (-0x1.3e59ca0000000p-12f), (0x0.0p+0f), 0.0f},
+    {(0x1.25e5440000000p-4f), (0x1.677e300000000p-5f), (0x0.0p+0f), (0x1.c4db520000000p-9f), (-0x1.6d1a740000000p-8f), (-0x1.115b9e0000000p-12f), (0x0.0p+0f), 0.0f},
+    {(-0x1.c23a720000000p-3f), (-0x1.8fb6e00000000p-5f), (0x0.0p+0f), (0x1.e9950c0000000p-7f), (-0x1.fb67860000000p-7f), (-0x1.73fcd00000000p-13f), (0x0.0p+0f), 0.0f},
+    {(-0x1.ad22060000000p-2f), (0x1.cb30320000000p-6f), (0x0.0p+0f), (0x1.1a20280000000p-4f), (-0x1.b241900000000p-6f), (-0x1.78bf160000000p-14f), (0x0.0p+0f), 0.0f},
+    {(0x1.76bd1c0000000p-1f), (-0x1.1f27580000000p-7f), (0x0.0p+0f), (-0x1.ee63500000000p-5f), (-0x1.c7f48c0000000p-6f), (-0x1.fb1a8e0000000p-16f), (0x0.0p+0f), 0.0f},
+    {(0x1.f0017c0000000p-27f), (0x1.5ba53c0000000p-25f), (0x0.0p+0f), (-0x1.24839c0000000p-33f), (-0x1.fbcf620000000p-32f), (-0x1.df09f60000000p-45f), (0x0.0p+0f), 0.0f},
+    {(0x1.be8da80000000p-1f), (0x1.004e1c0000000p+0f), (0x1.0000000000000p+0f), (-0x1.de7f060000000p-4f), (-0x1.c9e7a80000000p-7f), (-0x1.54522c0000000p-18f), (0x0.0p+0f), 0.0f},
+};
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
+    (void)code, (void)thr, (void)param;
+    int32_t s1 = (((((int32_t)((y > thr[2]))) + ((int32_t)((y > thr[3])))) + ((int32_t)((y > thr[4])))) + 3);
+    int32_t s = (((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1]))));
+    s = ((code == 1) ? s1 : s);
+    return s;
+}
+
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = (((((int32_t)((y > thr[2]))) + ((int32_t)((y > thr[3])))) + ((int32_t)((y > thr[4])))) + 3);
     int32_t s = (((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1]))));
     s = ((code == 1) ? s1 : s);
     float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
-    t = ((invact_col(poly, 0, s) == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16997121274471283)) - (float)(5.264809033178608e-09)) - (float)(1.3471736094768506e-16)), (float)(0.0))) : t);
-    float u = invact_clamp_max(invact_clamp_min(((t - invact_col(poly, 1, s)) * invact_col(poly, 2, s)), (float)((-1.0))), (float)(1.0));
-    float p = invact_col(poly, 18, s);
-    p = ((p * u) + invact_col(poly, 17, s));
-    p = ((p * u) + invact_col(poly, 16, s));
-    p = ((p * u) + invact_col(poly, 15, s));
-    p = ((p * u) + invact_col(poly, 14, s));
-    p = ((p * u) + invact_col(poly, 13, s));
-    p = ((p * u) + invact_col(poly, 12, s));
-    p = ((p * u) + invact_col(poly, 11, s));
-    p = ((p * u) + invact_col(poly, 10, s));
-    p = ((p * u) + invact_col(poly, 9, s));
-    p = ((p * u) + invact_col(poly, 8, s));
-    p = ((p * u) + invact_col(poly, 7, s));
-    p = ((p * u) + invact_col(poly, 6, s));
-    p = ((p * u) + invact_col(poly, 5, s));
+    t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16997121274471283)) - (float)(5.264809033178608e-09)) - (float)(1.3471736094768506e-16)), (float)(0.0))) : t);
+    float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
+    float p = qb[3 * INVACT_BLOCK];
+    p = ((p * u) + qb[4 * INVACT_BLOCK]);
+    p = ((p * u) + qb[5 * INVACT_BLOCK]);
+    p = ((p * u) + qb[6 * INVACT_BLOCK]);
+    p = ((p * u) + qb[7 * INVACT_BLOCK]);
+    p = ((p * u) + qb[8 * INVACT_BLOCK]);
+    p = ((p * u) + qb[9 * INVACT_BLOCK]);
+    p = ((p * u) + qb[10 * INVACT_BLOCK]);
+    p = ((p * u) + qb[11 * INVACT_BLOCK]);
+    p = ((p * u) + qb[12 * INVACT_BLOCK]);
+    p = ((p * u) + qb[13 * INVACT_BLOCK]);
+    p = ((p * u) + qb[14 * INVACT_BLOCK]);
+    p = ((p * u) + qb[15 * INVACT_BLOCK]);
+    p = ((p * u) + qb[16 * INVACT_BLOCK]);
     p = (p * u);
-    float g = ((p + invact_col(poly, 4, s)) + invact_col(poly, 3, s));
+    float g = ((p + qb[17 * INVACT_BLOCK]) + qb[18 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -23,31 +23,61 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 17
+#define COLUMN_WIDTH 8
+/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f)},
+    {(0x1.60b8c00000000p-1f), (0x1.c153500000000p+0f), (0x1.2323b60000000p+1f), (0x0.0p+0f), (0x1.64c5000000000p-3f), (-0x1.50eadc0000000p+2f), (-0x1.bd216a0000000p+3f), (0x0.0p+0f)},
+    {(0x1.7399f40000000p+0f), (0x1.5333220000000p+1f), (0x1.c2bb180000000p+2f), (0x0.0p+0f), (0x1.6f62a00000000p+2f), (0x1.c8e12e0000000p-2f), (0x1.3fc3ba0000000p-3f), (0x0.0p+0f)},
+    {(-0x1.2fe6880000000p-19f), (-0x1.0fb4a80000000p-16f), (0x1.9168f40000000p-32f), (0x0.0p+0f), (0x1.9802480000000p-14f), (0x1.0b7eb20000000p-13f), (-0x1.c929120000000p-17f), (0x0.0p+0f)},
+    {(-0x1.d45bea0000000p-12f), (-0x1.7421880000000p-12f), (0x1.05a8f20000000p-31f), (0x0.0p+0f), (0x1.1d6bf60000000p-13f), (0x1.bae6840000000p-13f), (-0x1.87aa120000000p-15f), (0x0.0p+0f)},
+    {(-0x1.8219860000000p-11f), (0x1.988c0a0000000p-13f), (-0x1.586a100000000p-27f), (0x0.0p+0f), (-0x1.9b33260000000p-14f), (-0x1.a49d880000000p-16f), (-0x1.46037e0000000p-14f), (0x0.0p+0f)},
+    {(-0x1.3e68f40000000p-11f), (0x1.190b440000000p-9f), (0x1.d317c60000000p-26f), (0x0.0p+0f), (-0x1.7a10620000000p-14f), (0x1.406afa0000000p-15f), (-0x1.02ce820000000p-13f), (0x0.0p+0f)},
+    {(0x1.b250680000000p-11f), (-0x1.32251e0000000p-10f), (0x1.8d09ae0000000p-25f), (0x0.0p+0f), (0x1.1f885a0000000p-12f), (0x1.3d87da0000000p-11f), (-0x1.bdb56e0000000p-13f), (0x0.0p+0f)},
+    {(0x1.5c66ce0000000p-9f), (-0x1.d564d40000000p-8f), (-0x1.4d427a0000000p-21f), (0x0.0p+0f), (0x1.b43a260000000p-12f), (0x1.eb46e00000000p-11f), (-0x1.432ab00000000p-12f), (0x0.0p+0f)},
+    {(0x1.adba460000000p-7f), (0x1.6962860000000p-8f), (0x1.5637d80000000p-19f), (0x0.0p+0f), (0x1.199ff80000000p-11f), (0x1.b57e260000000p-11f), (-0x1.7f93640000000p-12f), (0x0.0p+0f)},
+    {(0x1.3f7b980000000p-6f), (0x1.20b6c40000000p-6f), (-0x1.b636a80000000p-18f), (0x0.0p+0f), (0x1.41d5220000000p-10f), (-0x1.6ddedc0000000p-12f), (-0x1.84683c0000000p-12f), (0x0.0p+0f)},
+    {(0x1.ce5f080000000p-5f), (-0x1.9a84da0000000p-6f), (0x1.849ad00000000p-17f), (0x0.0p+0f), (0x1.a9ce8a0000000p-9f), (-0x1.43fcaa0000000p-8f), (-0x1.489d9e0000000p-12f), (0x0.0p+0f)},
+    {(-0x1.9ab51a0000000p-3f), (-0x1.0bcb520000000p-6f), (-0x1.e3b7b60000000p-17f), (0x0.0p+0f), (0x1.d3394c0000000p-7f), (-0x1.e9d52a0000000p-7f), (-0x1.b8fa280000000p-13f), (0x0.0p+0f)},
+    {(-0x1.693e720000000p-2f), (0x1.e9c1160000000p-5f), (0x1.97dcb60000000p-17f), (0x0.0p+0f), (0x1.13928c0000000p-4f), (-0x1.bb87500000000p-6f), (-0x1.b8100c0000000p-14f), (0x0.0p+0f)},
+    {(0x1.77656c0000000p-1f), (-0x1.969b080000000p-5f), (-0x1.a5b7f40000000p-18f), (0x0.0p+0f), (-0x1.f395900000000p-5f), (-0x1.e8c27c0000000p-6f), (-0x1.2357820000000p-15f), (0x0.0p+0f)},
+    {(0x1.744a5a0000000p-27f), (0x1.5123580000000p-29f), (-0x1.3ed8b20000000p-25f), (0x0.0p+0f), (-0x1.d0cbaa0000000p-31f), (-0x1.3c37da0000000p-31f), (0x1.f940d00000000p-43f), (0x0.0p+0f)},
+    {(0x1.ac7cca0000000p-1f), (0x1.03b86e0000000p+0f), (0x1.00001a0000000p+0f), (0x1.0000000000000p+0f), (-0x1.dcaaaa0000000p-4f), (-0x1.008a860000000p-6f), (-0x1.8040dc0000000p-18f), (0x0.0p+0f)},
+};
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
+    (void)code, (void)thr, (void)param;
+    int32_t s1 = (((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + 4);
+    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    s = ((code == 1) ? s1 : s);
+    return s;
+}
+
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = (((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + 4);
     int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
     s = ((code == 1) ? s1 : s);
     float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
-    t = ((invact_col(poly, 0, s) == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.17004075646400452)) - (float)(5.892750287728177e-09)) - (float)(1.7823431388758518e-16)), (float)(0.0))) : t);
-    float u = invact_clamp_max(invact_clamp_min(((t - invact_col(poly, 1, s)) * invact_col(poly, 2, s)), (float)((-1.0))), (float)(1.0));
-    float p = invact_col(poly, 16, s);
-    p = ((p * u) + invact_col(poly, 15, s));
-    p = ((p * u) + invact_col(poly, 14, s));
-    p = ((p * u) + invact_col(poly, 13, s));
-    p = ((p * u) + invact_col(poly, 12, s));
-    p = ((p * u) + invact_col(poly, 11, s));
-    p = ((p * u) + invact_col(poly, 10, s));
-    p = ((p * u) + invact_col(poly, 9, s));
-    p = ((p * u) + invact_col(poly, 8, s));
-    p = ((p * u) + invact_col(poly, 7, s));
-    p = ((p * u) + invact_col(poly, 6, s));
-    p = ((p * u) + invact_col(poly, 5, s));
+    t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.17004075646400452)) - (float)(5.892750287728177e-09)) - (float)(1.7823431388758518e-16)), (float)(0.0))) : t);
+    float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
+    float p = qb[3 * INVACT_BLOCK];
+    p = ((p * u) + qb[4 * INVACT_BLOCK]);
+    p = ((p * u) + qb[5 * INVACT_BLOCK]);
+    p = ((p * u) + qb[6 * INVACT_BLOCK]);
+    p = ((p * u) + qb[7 * INVACT_BLOCK]);
+    p = ((p * u) + qb[8 * INVACT_BLOCK]);
+    p = ((p * u) + qb[9 * INVACT_BLOCK]);
+    p = ((p * u) + qb[10 * INVACT_BLOCK]);
+    p = ((p * u) + qb[11 * INVACT_BLOCK]);
+    p = ((p * u) + qb[12 * INVACT_BLOCK]);
+    p = ((p * u) + qb[13 * INVACT_BLOCK]);
+    p = ((p * u) + qb[14 * INVACT_BLOCK]);
     p = (p * u);
-    float g = ((p + invact_col(poly, 4, s)) + invact_col(poly, 3, s));
+    float g = ((p + qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

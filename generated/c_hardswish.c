@@ -25,11 +25,12 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 0
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = (((int32_t)((y >= thr[1]))) + 2);
     int32_t s = ((int32_t)((y >= thr[0])));
     s = ((code == 1) ? s1 : s);

@@ -23,12 +23,13 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 0
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     const double param_negative_slope = param[0];
-    (void)code, (void)thr, (void)poly, (void)param;
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s = ((int32_t)((y > thr[0])));
     float g = (0.0f + (float)(param_negative_slope));
     g = ((s == 1) ? (float)(1.0) : g);

@@ -23,31 +23,61 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 17
+#define COLUMN_WIDTH 16
+/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.4602ae0000000p-1f), (0x1.c327780000000p+0f), (0x1.66fa7e0000000p+1f), (0x0.0p+0f), (0x1.afd5d00000000p-3f), (0x1.e9560a0000000p-2f), (-0x1.67041a0000000p+2f), (0x1.1c681a0000000p-1f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.920c4c0000000p+0f), (0x1.05d7ba0000000p+1f), (0x1.cea1a40000000p+0f), (0x0.0p+0f), (0x1.2f85dc0000000p+2f), (0x1.1cef3a0000000p+4f), (0x1.1266480000000p-1f), (0x1.ea03d40000000p+11f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.2293e40000000p-15f), (0x1.9693320000000p-14f), (-0x1.72a4a40000000p-20f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.5844580000000p-16f), (-0x1.5969720000000p-12f), (0x1.03c1dc0000000p-18f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.9751d80000000p-13f), (-0x1.a145b20000000p-12f), (-0x1.447aac0000000p-19f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.0835140000000p-11f), (0x1.0ec0640000000p-9f), (-0x1.0a8e5a0000000p-17f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.63e2ee0000000p-11f), (0x1.125d240000000p-13f), (0x1.2eb3800000000p-15f), (0x0.0p+0f), (0x1.56661a0000000p-17f), (0x1.f78f420000000p-18f), (0x1.f1b1a80000000p-18f), (0x1.bb35a80000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.9e21c60000000p-12f), (-0x1.d2aab00000000p-8f), (-0x1.8cc2260000000p-14f), (0x0.0p+0f), (0x1.6211820000000p-16f), (0x1.a221aa0000000p-17f), (-0x1.b2e2260000000p-18f), (0x1.59570c0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.1d79a60000000p-8f), (0x1.62f7000000000p-8f), (0x1.74a17c0000000p-13f), (0x0.0p+0f), (0x1.fce9040000000p-16f), (0x1.d25b300000000p-18f), (-0x1.e3c19c0000000p-14f), (-0x1.2c9e5a0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.b35a640000000p-6f), (0x1.02e9900000000p-6f), (-0x1.069d400000000p-12f), (0x0.0p+0f), (0x1.5d1d1c0000000p-14f), (0x1.5b42340000000p-16f), (-0x1.ddd74e0000000p-12f), (-0x1.52f1c80000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.1a399c0000000p-5f), (-0x1.14923c0000000p-5f), (0x1.19c8aa0000000p-12f), (0x0.0p+0f), (-0x1.0dea040000000p-12f), (0x1.2168040000000p-14f), (-0x1.6223b00000000p-10f), (0x1.9de4d60000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.9716a40000000p-3f), (0x1.24f9a00000000p-7f), (-0x1.c411c00000000p-13f), (0x0.0p+0f), (0x1.1344760000000p-8f), (0x1.0190860000000p-12f), (-0x1.97ceae0000000p-9f), (0x1.7cdd160000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.80cb660000000p-3f), (0x1.763e180000000p-5f), (0x1.013e580000000p-13f), (0x0.0p+0f), (0x1.ecd47a0000000p-5f), (0x1.74abe00000000p-8f), (-0x1.5793e60000000p-8f), (0x1.c8a86a0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.6f1a400000000p-1f), (-0x1.00aeec0000000p-4f), (-0x1.7436b60000000p-15f), (0x0.0p+0f), (-0x1.869bac0000000p-5f), (0x1.122d1c0000000p-5f), (-0x1.7c37bc0000000p-8f), (0x1.09ec6c0000000p-12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.fe631a0000000p-27f), (-0x1.dc01500000000p-27f), (-0x1.a4f9c40000000p-25f), (0x0.0p+0f), (-0x1.0e4fca0000000p-30f), (0x1.11adac0000000p-30f), (-0x1.0734940000000p-35f), (-0x1.350c760000000p-38f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.633e6a0000000p-1f), (0x1.0700dc0000000p+0f), (0x1.0000820000000p+0f), (0x1.0000000000000p+0f), (-0x1.a732ce0000000p-4f), (-0x1.e17f1e0000000p-5f), (-0x1.a11f060000000p-9f), (-0x1.0cf9200000000p-12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+};
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
+    (void)code, (void)thr, (void)param;
+    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
+    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    s = ((code == 1) ? s1 : s);
+    return s;
+}
+
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
     int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
     s = ((code == 1) ? s1 : s);
     float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
-    t = ((invact_col(poly, 0, s) == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.3088434040546417)) + (float)(8.962608433193964e-09)) + (float)(2.4980200695545274e-16)), (float)(0.0))) : t);
-    float u = invact_clamp_max(invact_clamp_min(((t - invact_col(poly, 1, s)) * invact_col(poly, 2, s)), (float)((-1.0))), (float)(1.0));
-    float p = invact_col(poly, 16, s);
-    p = ((p * u) + invact_col(poly, 15, s));
-    p = ((p * u) + invact_col(poly, 14, s));
-    p = ((p * u) + invact_col(poly, 13, s));
-    p = ((p * u) + invact_col(poly, 12, s));
-    p = ((p * u) + invact_col(poly, 11, s));
-    p = ((p * u) + invact_col(poly, 10, s));
-    p = ((p * u) + invact_col(poly, 9, s));
-    p = ((p * u) + invact_col(poly, 8, s));
-    p = ((p * u) + invact_col(poly, 7, s));
-    p = ((p * u) + invact_col(poly, 6, s));
-    p = ((p * u) + invact_col(poly, 5, s));
+    t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.3088434040546417)) + (float)(8.962608433193964e-09)) + (float)(2.4980200695545274e-16)), (float)(0.0))) : t);
+    float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
+    float p = qb[3 * INVACT_BLOCK];
+    p = ((p * u) + qb[4 * INVACT_BLOCK]);
+    p = ((p * u) + qb[5 * INVACT_BLOCK]);
+    p = ((p * u) + qb[6 * INVACT_BLOCK]);
+    p = ((p * u) + qb[7 * INVACT_BLOCK]);
+    p = ((p * u) + qb[8 * INVACT_BLOCK]);
+    p = ((p * u) + qb[9 * INVACT_BLOCK]);
+    p = ((p * u) + qb[10 * INVACT_BLOCK]);
+    p = ((p * u) + qb[11 * INVACT_BLOCK]);
+    p = ((p * u) + qb[12 * INVACT_BLOCK]);
+    p = ((p * u) + qb[13 * INVACT_BLOCK]);
+    p = ((p * u) + qb[14 * INVACT_BLOCK]);
     p = (p * u);
-    float g = ((p + invact_col(poly, 4, s)) + invact_col(poly, 3, s));
+    float g = ((p + qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -23,31 +23,61 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 17
+#define COLUMN_WIDTH 16
+/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.5985b60000000p-1f), (0x1.fb967e0000000p+0f), (0x1.8ac9fe0000000p+1f), (0x0.0p+0f), (0x1.3d76440000000p-3f), (0x1.6662a60000000p-2f), (-0x1.9a75aa0000000p+2f), (0x1.9e0c460000000p-2f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.7b581a0000000p+0f), (0x1.94610e0000000p+0f), (0x1.113cf00000000p+1f), (0x0.0p+0f), (0x1.9cdfce0000000p+2f), (0x1.905b800000000p+4f), (0x1.06414e0000000p-1f), (0x1.b25bf00000000p+12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.d550cc0000000p-17f), (-0x1.60c1fa0000000p-13f), (-0x1.b2d3820000000p-27f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.4c68340000000p-13f), (0x1.e8177c0000000p-12f), (0x1.ea804e0000000p-26f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.8e51d80000000p-12f), (0x1.388e000000000p-12f), (0x1.7434080000000p-25f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.d38e920000000p-16f), (-0x1.41f62e0000000p-9f), (-0x1.db14d60000000p-22f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.e7a9400000000p-10f), (0x1.53fa780000000p-9f), (0x1.e4715e0000000p-20f), (0x0.0p+0f), (0x1.3f70b20000000p-17f), (0x1.eda9e00000000p-18f), (0x1.a307440000000p-18f), (0x1.24f7f20000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.51a8160000000p-8f), (0x1.a3582a0000000p-9f), (-0x1.5f4c940000000p-18f), (0x0.0p+0f), (0x1.37cbce0000000p-16f), (0x1.8edbaa0000000p-17f), (-0x1.77f3160000000p-17f), (0x1.c864b80000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.2c4f920000000p-7f), (-0x1.9cd2680000000p-7f), (0x1.838e440000000p-17f), (0x0.0p+0f), (0x1.25fae60000000p-16f), (0x1.7945400000000p-18f), (-0x1.032e820000000p-13f), (-0x1.8db3280000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.70a4ae0000000p-6f), (0x1.dbfd5c0000000p-7f), (-0x1.4bca180000000p-16f), (0x0.0p+0f), (0x1.faa02c0000000p-17f), (0x1.1f5f1c0000000p-16f), (-0x1.d9a8dc0000000p-12f), (-0x1.c0fd200000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.2cdf5a0000000p-3f), (0x1.1040d60000000p-9f), (0x1.b73c040000000p-16f), (0x0.0p+0f), (-0x1.38b7300000000p-14f), (0x1.db82c00000000p-15f), (-0x1.4ab4800000000p-10f), (0x1.10cfca0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.6fef8c0000000p-3f), (-0x1.ecbab00000000p-6f), (-0x1.b5e56a0000000p-16f), (0x0.0p+0f), (0x1.5acd2c0000000p-8f), (0x1.cd0fa40000000p-13f), (-0x1.6939580000000p-9f), (0x1.f2d9940000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.b6d7680000000p-2f), (0x1.65a7520000000p-5f), (0x1.3724ae0000000p-16f), (0x0.0p+0f), (0x1.b2af500000000p-5f), (0x1.4d847a0000000p-8f), (-0x1.2195060000000p-8f), (0x1.237ebe0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.69db860000000p-1f), (-0x1.ee67340000000p-6f), (-0x1.1a088e0000000p-17f), (0x0.0p+0f), (-0x1.64c10e0000000p-5f), (0x1.ea29e40000000p-6f), (-0x1.31692a0000000p-8f), (0x1.7568360000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.b421d00000000p-28f), (-0x1.3d7f5c0000000p-25f), (0x1.7739640000000p-25f), (0x0.0p+0f), (-0x1.8884660000000p-29f), (-0x1.b666020000000p-31f), (0x1.498d580000000p-35f), (0x1.c22a3c0000000p-39f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.ac77d40000000p-1f), (0x1.023f000000000p+0f), (0x1.00001e0000000p+0f), (0x1.0000000000000p+0f), (-0x1.75b6100000000p-4f), (-0x1.a5652e0000000p-5f), (-0x1.3f9eba0000000p-9f), (-0x1.794c040000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+};
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
+    (void)code, (void)thr, (void)param;
+    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
+    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    s = ((code == 1) ? s1 : s);
+    return s;
+}
+
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
     int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
     s = ((code == 1) ? s1 : s);
     float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
-    t = ((invact_col(poly, 0, s) == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16361019015312195)) - (float)(5.167683503337628e-10)) - (float)(1.6763089737350473e-17)), (float)(0.0))) : t);
-    float u = invact_clamp_max(invact_clamp_min(((t - invact_col(poly, 1, s)) * invact_col(poly, 2, s)), (float)((-1.0))), (float)(1.0));
-    float p = invact_col(poly, 16, s);
-    p = ((p * u) + invact_col(poly, 15, s));
-    p = ((p * u) + invact_col(poly, 14, s));
-    p = ((p * u) + invact_col(poly, 13, s));
-    p = ((p * u) + invact_col(poly, 12, s));
-    p = ((p * u) + invact_col(poly, 11, s));
-    p = ((p * u) + invact_col(poly, 10, s));
-    p = ((p * u) + invact_col(poly, 9, s));
-    p = ((p * u) + invact_col(poly, 8, s));
-    p = ((p * u) + invact_col(poly, 7, s));
-    p = ((p * u) + invact_col(poly, 6, s));
-    p = ((p * u) + invact_col(poly, 5, s));
+    t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16361019015312195)) - (float)(5.167683503337628e-10)) - (float)(1.6763089737350473e-17)), (float)(0.0))) : t);
+    float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
+    float p = qb[3 * INVACT_BLOCK];
+    p = ((p * u) + qb[4 * INVACT_BLOCK]);
+    p = ((p * u) + qb[5 * INVACT_BLOCK]);
+    p = ((p * u) + qb[6 * INVACT_BLOCK]);
+    p = ((p * u) + qb[7 * INVACT_BLOCK]);
+    p = ((p * u) + qb[8 * INVACT_BLOCK]);
+    p = ((p * u) + qb[9 * INVACT_BLOCK]);
+    p = ((p * u) + qb[10 * INVACT_BLOCK]);
+    p = ((p * u) + qb[11 * INVACT_BLOCK]);
+    p = ((p * u) + qb[12 * INVACT_BLOCK]);
+    p = ((p * u) + qb[13 * INVACT_BLOCK]);
+    p = ((p * u) + qb[14 * INVACT_BLOCK]);
     p = (p * u);
-    float g = ((p + invact_col(poly, 4, s)) + invact_col(poly, 3, s));
+    float g = ((p + qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -23,31 +23,61 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
+#define N_COLUMNS 17
+#define COLUMN_WIDTH 16
+/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.b33f980000000p-1f), (0x1.3bdddc0000000p+1f), (0x1.f7b01c0000000p+1f), (0x0.0p+0f), (0x1.9d75e80000000p-3f), (0x1.d3142a0000000p-2f), (-0x1.76be5c0000000p+2f), (0x1.0e14bc0000000p-1f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.2d24860000000p+0f), (0x1.4d8ab80000000p+0f), (0x1.6dccda0000000p+0f), (0x0.0p+0f), (0x1.3d03020000000p+2f), (0x1.3191480000000p+4f), (0x1.0826320000000p-1f), (0x1.3fc8e00000000p+12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.6c92b40000000p-16f), (0x1.f04b000000000p-16f), (-0x1.a74fb40000000p-24f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.c304580000000p-14f), (0x1.22555c0000000p-12f), (0x1.1ddcce0000000p-22f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.8cc7c20000000p-13f), (-0x1.31009a0000000p-11f), (-0x1.1a0b180000000p-26f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.efe5700000000p-14f), (-0x1.0b5eb00000000p-10f), (-0x1.ba0dba0000000p-20f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.605a8e0000000p-10f), (0x1.c7d8920000000p-9f), (0x1.dac35c0000000p-18f), (0x0.0p+0f), (0x1.37cf980000000p-17f), (0x1.e660bc0000000p-18f), (0x1.b1e5060000000p-18f), (0x1.33089a0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.dae33c0000000p-9f), (-0x1.22cee40000000p-10f), (-0x1.4bae200000000p-16f), (0x0.0p+0f), (0x1.30ff880000000p-16f), (0x1.8a37bc0000000p-17f), (-0x1.51e1e40000000p-17f), (0x1.dd149c0000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.a95d440000000p-8f), (-0x1.24b6a00000000p-7f), (0x1.5587740000000p-15f), (0x0.0p+0f), (0x1.2246c20000000p-16f), (0x1.7c371e0000000p-18f), (-0x1.f8d1940000000p-14f), (-0x1.a121720000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.4da8ca0000000p-6f), (0x1.2ab1860000000p-6f), (-0x1.0c5ea40000000p-14f), (0x0.0p+0f), (0x1.f361fa0000000p-17f), (0x1.1fe6620000000p-16f), (-0x1.d2f4fe0000000p-12f), (-0x1.d521680000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.fcb6e60000000p-4f), (-0x1.31f39a0000000p-7f), (0x1.4323480000000p-14f), (0x0.0p+0f), (-0x1.3786560000000p-14f), (0x1.da71c00000000p-15f), (-0x1.4900060000000p-10f), (0x1.1e39280000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.70051a0000000p-3f), (-0x1.6935900000000p-6f), (-0x1.23610c0000000p-14f), (0x0.0p+0f), (0x1.5911f40000000p-8f), (0x1.ced43e0000000p-13f), (-0x1.6a53760000000p-9f), (0x1.054d300000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.866e640000000p-2f), (0x1.8eff080000000p-5f), (0x1.750a9c0000000p-15f), (0x0.0p+0f), (0x1.b0fdd40000000p-5f), (0x1.5001c80000000p-8f), (-0x1.24b91c0000000p-8f), (0x1.32a0ac0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.6ba90c0000000p-1f), (-0x1.53b2920000000p-5f), (-0x1.2fba800000000p-16f), (0x0.0p+0f), (-0x1.659ef20000000p-5f), (0x1.eac8d40000000p-6f), (-0x1.370d800000000p-8f), (0x1.8491480000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(-0x1.6973e80000000p-26f), (0x1.5acdfc0000000p-30f), (-0x1.5bac680000000p-25f), (0x0.0p+0f), (0x1.84a9820000000p-31f), (-0x1.a97fd00000000p-31f), (0x1.8d7ab80000000p-34f), (-0x1.dfba260000000p-38f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x1.9fc0460000000p-1f), (0x1.039d4e0000000p+0f), (0x1.00003c0000000p+0f), (0x1.0000000000000p+0f), (-0x1.7568700000000p-4f), (-0x1.a7909a0000000p-5f), (-0x1.47f0ec0000000p-9f), (-0x1.88bc400000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+};
 
 #include "invact_table.h"
 
-static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param) {
-    (void)code, (void)thr, (void)poly, (void)param;
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
+    (void)code, (void)thr, (void)param;
+    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
+    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    s = ((code == 1) ? s1 : s);
+    return s;
+}
+
+static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
+    (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
     int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
     s = ((code == 1) ? s1 : s);
     float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
-    t = ((invact_col(poly, 0, s) == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.27846455574035645)) - (float)(1.2979282537628478e-08)) - (float)(1.1257466239192657e-16)), (float)(0.0))) : t);
-    float u = invact_clamp_max(invact_clamp_min(((t - invact_col(poly, 1, s)) * invact_col(poly, 2, s)), (float)((-1.0))), (float)(1.0));
-    float p = invact_col(poly, 16, s);
-    p = ((p * u) + invact_col(poly, 15, s));
-    p = ((p * u) + invact_col(poly, 14, s));
-    p = ((p * u) + invact_col(poly, 13, s));
-    p = ((p * u) + invact_col(poly, 12, s));
-    p = ((p * u) + invact_col(poly, 11, s));
-    p = ((p * u) + invact_col(poly, 10, s));
-    p = ((p * u) + invact_col(poly, 9, s));
-    p = ((p * u) + invact_col(poly, 8, s));
-    p = ((p * u) + invact_col(poly, 7, s));
-    p = ((p * u) + invact_col(poly, 6, s));
-    p = ((p * u) + invact_col(poly, 5, s));
+    t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.27846455574035645)) - (float)(1.2979282537628478e-08)) - (float)(1.1257466239192657e-16)), (float)(0.0))) : t);
+    float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
+    float p = qb[3 * INVACT_BLOCK];
+    p = ((p * u) + qb[4 * INVACT_BLOCK]);
+    p = ((p * u) + qb[5 * INVACT_BLOCK]);
+    p = ((p * u) + qb[6 * INVACT_BLOCK]);
+    p = ((p * u) + qb[7 * INVACT_BLOCK]);
+    p = ((p * u) + qb[8 * INVACT_BLOCK]);
+    p = ((p * u) + qb[9 * INVACT_BLOCK]);
+    p = ((p * u) + qb[10 * INVACT_BLOCK]);
+    p = ((p * u) + qb[11 * INVACT_BLOCK]);
+    p = ((p * u) + qb[12 * INVACT_BLOCK]);
+    p = ((p * u) + qb[13 * INVACT_BLOCK]);
+    p = ((p * u) + qb[14 * INVACT_BLOCK]);
     p = (p * u);
-    float g = ((p + invact_col(poly, 4, s)) + invact_col(poly, 3, s));
+    float g = ((p + qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -172,6 +172,16 @@ def test_translation_follows_torch_semantics():
         t.expr(ast.parse("x + 1.0", mode="eval").body)
 
 
+def test_poly_columns_are_constants_selected_per_block():
+    """Fitted tables' C code reads no POLY value at run time: the columns that vary with the segment
+    are float32 constants (COLUMNS, permuted per block), the others literals in the statements."""
+    for name in ops.names():
+        mod = _module(name)
+        text = table_c.source(mod).read_text()
+        if mod.POLY and len({tuple(r) for r in mod.POLY}) > 1:
+            assert "invact_col(" not in text and "static const float COLUMNS[N_COLUMNS]" in text, name
+
+
 def test_every_table_has_its_c_file():
     """Every table's g_kernel translates, and `invact generate` wrote it next to the torch module."""
     for name in ops.names():
@@ -371,7 +381,7 @@ def test_untranslatable_table_still_generates_and_declines(fresh, monkeypatch):
     from invact.fitting.tables import load_table, table_path
     def refuse(plan):
         raise ValueError("unsupported call in generated code: torch.frobnicate(y)")
-    monkeypatch.setattr(c_gen, "translate_g", refuse)
+    monkeypatch.setattr(c_gen, "_translator", refuse)
     plan = plan_table(load_table(table_path("elu")), "generated/tables/elu.json")
     text = c_gen.generate_c(plan)
     assert "#error no C kernel: unsupported call" in text

@@ -15,6 +15,7 @@ about an ulp of their result, which the tests bound (tests/test_c_tables.py).
 from __future__ import annotations
 
 import ast
+import struct
 
 from ...common import float32_scheme as scheme
 from .analysis import Plan
@@ -46,12 +47,25 @@ def _number(value: float | int) -> tuple[str, str]:
     return repr(float(value)), "d"
 
 
+def _f32(value: float) -> tuple[str, int]:
+    """(exact C literal, bits) of ``value`` rounded to float32, as ``torch.tensor(POLY, float32)``."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    v = struct.unpack("<f", struct.pack("<I", bits))[0]
+    if v != v or v in (float("inf"), float("-inf")):
+        return _number(v)[0].join("()"), bits
+    return f"({v.hex()}f)", bits
+
+
 class _Translator:
     """Statements of generated torch code (a small, fixed subset of Python) -> C statements."""
 
-    def __init__(self, params: tuple[str, ...]) -> None:
+    def __init__(self, params: tuple[str, ...], poly: tuple[tuple[float, ...], ...] = ()) -> None:
         self.kinds: dict[str, str] = {"y": "f", "code": "i", **{p: "d" for p in params}}
         self.row = ""          # the segment index that `q = poly.index_select(1, s)` gathered
+        self.poly = poly       # POLY (one row per segment): table constants, never parameters
+        self.columns: list[int] = []   # POLY columns that vary with the segment: qb[k * INVACT_BLOCK]
+        self.head: list[str] = []      # the statements before q: the segment index s
+        self.emitted: list[str] = []   # every statement so far
 
     def statements(self, body: list[ast.stmt]) -> list[str]:
         out: list[str] = []
@@ -68,10 +82,11 @@ class _Translator:
 
     def _assign(self, name: str, value: ast.expr) -> list[str]:
         text = ast.unparse(value)
-        if name == "q":        # the per-element POLY row: column j is invact_col(poly, j, row)
+        if name == "q":        # the per-element POLY row: its columns are read in _Subscript
             self.row = {"poly.index_select(1, s)": "s", "poly[:, 0]": "0"}.get(text, "")
             if not self.row:
                 raise ValueError(f"unsupported row selection in generated code: {text}")
+            self.head = list(self.emitted)
             return []
         c, kind = self.expr(value)
         if kind == "n":                        # a Python int (a segment index): an int32 tensor in where()
@@ -81,9 +96,11 @@ class _Translator:
         if name in self.kinds:
             if self.kinds[name] != kind:
                 raise ValueError(f"{name} changes type in generated code: {text}")
-            return [f"{name} = {c};"]
-        self.kinds[name] = kind
-        return [f"{_CTYPE[kind]} {name} = {c};"]
+            self.emitted.append(f"{name} = {c};")
+        else:
+            self.kinds[name] = kind
+            self.emitted.append(f"{_CTYPE[kind]} {name} = {c};")
+        return self.emitted[-1:]
 
     def expr(self, node: ast.expr) -> tuple[str, str]:
         """(C text, kind) of a Python expression of the generated code."""
@@ -105,6 +122,13 @@ class _Translator:
         if isinstance(index, ast.Constant) and isinstance(index.value, int):
             if base == "thr":
                 return f"thr[{index.value}]", "f"
+            if base == "q" and self.row and self.poly:   # poly[:, 0]: the one segment's constant
+                values = [_f32(r[index.value]) for r in (self.poly[:1] if self.row == "0" else self.poly)]
+                if len({bits for _, bits in values}) == 1:   # the same in every segment: a constant
+                    return values[0][0], "f"
+                if index.value not in self.columns:
+                    self.columns.append(index.value)
+                return f"qb[{self.columns.index(index.value)} * INVACT_BLOCK]", "f"
             if base == "q" and self.row:
                 return f"invact_col(poly, {index.value}, {self.row})", "f"
         raise ValueError(f"unsupported subscript in generated code: {ast.unparse(node)}")
@@ -198,13 +222,32 @@ class _Translator:
         raise ValueError(f"unsupported call in generated code: {ast.unparse(node)}")
 
 
-def translate_g(plan: Plan) -> list[str]:
-    """C statements computing float ``g`` from ``y``, ``code``, ``thr``, ``poly`` and the parameters,
-    as the generated torch g_kernel's eager branch computes it."""
+def _translator(plan: Plan) -> tuple[_Translator, list[str]]:
+    """The translator (its POLY columns, the statements giving s) and the statements of g."""
     w = Writer()
     emit_g(w, plan, TorchDialect())
-    t = _Translator(tuple(f"param_{n}" for n in plan.param_names))
-    return t.statements(ast.parse(w.text()).body)
+    t = _Translator(tuple(f"param_{n}" for n in plan.param_names), plan.poly)
+    return t, t.statements(ast.parse(w.text()).body)
+
+
+def translate_g(plan: Plan) -> list[str]:
+    """C statements computing float ``g`` from ``y``, ``code``, ``thr``, ``poly``, the parameters and
+    ``qb`` (the POLY columns that vary with the segment, selected per block by invact_table.h's
+    invact_columns), as the generated torch g_kernel's eager branch computes it."""
+    return _translator(plan)[1]
+
+
+def _columns(plan: Plan, t: _Translator) -> list[str]:
+    """COLUMNS: the POLY columns the statements read from qb, one row each, as float32 constants
+    padded with zeros to the permute width (8 segments, 16, or all)."""
+    width = next((n for n in (8, 16) if plan.n_segments <= n), plan.n_segments)
+    if not t.columns:                   # (a single segment's columns are constants)
+        return ["#define N_COLUMNS 0"]
+    rows = [[_f32(r[j])[0] for r in plan.poly] + ["0.0f"] * (width - plan.n_segments) for j in t.columns]
+    return [f"#define N_COLUMNS {len(rows)}", f"#define COLUMN_WIDTH {width}",
+            f"/* POLY columns {', '.join(map(str, t.columns))} (float32), by segment */",
+            f"static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {{",
+            *(f"    {{{', '.join(r)}}}," for r in rows), "};"]
 
 
 def _calls(lines: list[str]) -> list[str]:
@@ -223,7 +266,7 @@ def generate_c(plan: Plan) -> str:
       f" * generated/torch_{plan.name}.py in the same order (invact.fitting.codegen.c_gen); built and called",
       " * by invact.table_c. */")
     try:
-        body = translate_g(plan)
+        t, body = _translator(plan)
     except (ValueError, KeyError) as error:
         reason = " ".join(str(error).split()).replace("*/", "* /")
         w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"', f"#error no C kernel: {reason}")
@@ -244,11 +287,17 @@ def generate_c(plan: Plan) -> str:
       "/* invact.common.float32_scheme: columns of a POLY row */",
       *(f"#define {k} {getattr(scheme, k)}" for k in ("ROW_TID", "ROW_CENTER", "ROW_SCALE", "ROW_C0", "ROW_C0_LO",
                                                       "ROW_C1")),
-      "", '#include "invact_table.h"', "")
+      *_columns(plan, t), "", '#include "invact_table.h"', "")
+    if t.columns:
+        with w.block("static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr,"
+                     " const double *restrict param) {"):
+            w(*(f"const double param_{n} = param[{k}];" for k, n in enumerate(plan.param_names)))
+            w("(void)code, (void)thr, (void)param;", *t.head, "return s;")
+        w("}", "")
     with w.block("static inline float invact_g(float y, int32_t code, const float *restrict thr,"
-                 " const float *restrict poly, const double *restrict param) {"):
+                 " const float *restrict poly, const double *restrict param, const float *restrict qb) {"):
         w(*(f"const double param_{n} = param[{k}];" for k, n in enumerate(plan.param_names)))
-        w("(void)code, (void)thr, (void)poly, (void)param;")
+        w("(void)code, (void)thr, (void)poly, (void)param, (void)qb;")
         w(*body, "return g;")
     w("}")
     return w.text()

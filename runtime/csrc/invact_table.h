@@ -39,7 +39,46 @@ INVACT_SIMD float asinhf(float);
 #endif
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly,
-                             const double *restrict param);
+                             const double *restrict param, const float *restrict qb);
+
+/* Elements go through g_loop in blocks of INVACT_BLOCK. Where the file defines N_COLUMNS > 0, the
+ * POLY columns that vary with the segment (COLUMNS, N_COLUMNS x COLUMN_WIDTH float32 constants) are
+ * selected per block first: invact_seg gives each element's segment, invact_columns the column
+ * values (one permute per column and 8 or 16 elements where the ISA has it), and invact_g reads
+ * column k of element i at qb[k * INVACT_BLOCK] (qb = the block's columns + i). */
+#define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
+#if N_COLUMNS
+#include <immintrin.h>
+static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param);
+
+/* qb[k * INVACT_BLOCK + i] = COLUMNS[k][s[i]] for i < m (s: INVACT_BLOCK segment indices) */
+static void invact_columns(float *restrict qb, const int32_t *restrict s, int m) {
+    for (int k = 0; k < N_COLUMNS; k++) {
+        float *restrict q = qb + k * INVACT_BLOCK;
+        int i = 0;
+#if defined(__AVX512F__) && COLUMN_WIDTH == 16
+        __m512 tab = _mm512_loadu_ps(COLUMNS[k]);
+        for (; i + 16 <= m; i += 16)
+            _mm512_storeu_ps(q + i, _mm512_permutexvar_ps(_mm512_loadu_si512((const void *)(s + i)), tab));
+#endif
+#if defined(__AVX2__) && COLUMN_WIDTH == 8
+        __m256 tab8 = _mm256_loadu_ps(COLUMNS[k]);
+        for (; i + 8 <= m; i += 8)
+            _mm256_storeu_ps(q + i, _mm256_permutevar8x32_ps(tab8, _mm256_loadu_si256((const __m256i *)(s + i))));
+#endif
+#if defined(__AVX2__) && COLUMN_WIDTH == 16    /* two permutes and a blend on s > 7 */
+        __m256 lo8 = _mm256_loadu_ps(COLUMNS[k]), hi8 = _mm256_loadu_ps(COLUMNS[k] + 8);
+        for (; i + 8 <= m; i += 8) {
+            __m256i si = _mm256_loadu_si256((const __m256i *)(s + i));
+            __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(si, _mm256_set1_epi32(7)));
+            _mm256_storeu_ps(q + i, _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, si),
+                                                     _mm256_permutevar8x32_ps(hi8, si), high));
+        }
+#endif
+        for (; i < m; i++) q[i] = COLUMNS[k][s[i]];
+    }
+}
+#endif
 
 static inline float invact_clamp_min(float v, float lo) { return lo > v ? lo : v; }
 static inline float invact_clamp_max(float v, float hi) { return hi < v ? hi : v; }
@@ -184,17 +223,23 @@ __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float
     float rows[ROW_LENGTH * N_SEGMENTS];     /* a local copy: a selected column's load cannot fault, so */
     memcpy(rows, poly, sizeof rows);         /* the selections become blends of loop-invariant values */
     poly = rows;
-    if (CODE_BITS == 0) {
+    int32_t c[INVACT_BLOCK];  /* the codes as int32 first: a byte read in the main loop would make it 32 */
+#if N_COLUMNS                 /* or 64 lanes wide, four vectors a value: spills */
+    float qb[N_COLUMNS * INVACT_BLOCK];
+    int32_t sb[INVACT_BLOCK];
+#else
+    float qb[1] = {0.0f};                     /* unread: no POLY column varies with the segment */
+#endif
+    for (int64_t i = lo; i < hi; i += INVACT_BLOCK) {
+        int m = (int)clamp_to(hi - i, INVACT_BLOCK);
+        for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[i - lo + j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+#if N_COLUMNS
 #pragma omp simd
-        for (int64_t i = lo; i < hi; i++) out[i] = invact_g(y[i], 0, thr, poly, param) * grad[i];
-        return;
-    }
-    int32_t c[256];          /* the codes as int32 first: a byte read in the main loop would make it 32 or */
-    for (int64_t i = lo; i < hi; i += 256) {                /* 64 lanes wide, four vectors a value: spills */
-        int m = (int)clamp_to(hi - i, 256);
-        for (int j = 0; j < m; j++) c[j] = (cd[i - lo + j] >> shift) & ((1 << CODE_BITS) - 1);
+        for (int j = 0; j < m; j++) sb[j] = invact_seg(y[i + j], c[j], thr, param);
+        invact_columns(qb, sb, m);
+#endif
 #pragma omp simd
-        for (int j = 0; j < m; j++) out[i + j] = invact_g(y[i + j], c[j], thr, poly, param) * grad[i + j];
+        for (int j = 0; j < m; j++) out[i + j] = invact_g(y[i + j], c[j], thr, poly, param, qb + j) * grad[i + j];
     }
 }
 
