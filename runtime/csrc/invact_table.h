@@ -1,8 +1,9 @@
 /* The per-table float32 backward kernels' common part: included by every generated/c_NAME.c (written
  * by `invact generate`, invact.fitting.codegen.c_gen), which defines TABLE_SHA256, EAGER_BITS (1 where
  * g is the eager code's bit for bit), CODE_BITS, N_SEGMENTS, N_THRESHOLDS, ROW_LENGTH, N_PARAMS,
- * invact.fastmath.log's constants (LOG_*) and the POLY row's columns (ROW_*) before including it, and
- * the element function invact_g after it. Built and called by invact.table_c (-ffp-contract=off: no
+ * invact.fastmath.log's constants (LOG_*), the POLY row's columns (ROW_*) and N_COLUMNS (where > 0 also
+ * COLUMN_WIDTH and COLUMNS) before including it, and the element function invact_g (with invact_seg
+ * where N_COLUMNS > 0) after it. Built and called by invact.table_c (-ffp-contract=off: no
  * FMA, so every operation rounds as the generated torch code's does).
  *
  * The helpers give ATen's results: clamps as its vectorised clamp kernels (vmaxps(lo, v), vminps(hi, v):
