@@ -47,8 +47,8 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
  * selected per block first: invact_seg gives each element's segment, invact_columns the column
  * values (one permute per column and 8 or 16 elements where the ISA has it), and invact_g reads
  * column k of element i at qb[k * INVACT_BLOCK] (qb = the block's columns + i). */
-#define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
 #if N_COLUMNS
+#define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
 #include <immintrin.h>
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param);
 
@@ -79,6 +79,8 @@ static void invact_columns(float *restrict qb, const int32_t *restrict s, int m)
         for (; i < m; i++) q[i] = COLUMNS[k][s[i]];
     }
 }
+#else
+#define INVACT_BLOCK 256
 #endif
 
 static inline float invact_clamp_min(float v, float lo) { return lo > v ? lo : v; }
