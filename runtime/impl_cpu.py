@@ -7,21 +7,23 @@ float32 y of tables it covers (:func:`fused_table`). Bit for bit what the eager 
 Answers None where the kernels do not take the tensors (no AVX-512 or no compiler, float64, a table
 the kernel does not cover): :mod:`invact.impl_compiled` runs then.
 
-Documented internals: :class:`CpuKernels` / :data:`CPU`, :func:`fused_table` and :func:`code_map`.
+Documented internals: :class:`CpuKernels` / :data:`CPU`, :func:`fused_table`, :func:`code_map` and
+:func:`coded_forward` (the forward both C implementations run, each with its own packer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import cpu_kernel, impl_compiled, layout, registry
-from .constants import module_constants
-from .impl_eager import flushed, lookup_table, output
+from .constants import Constants, module_constants
+from .impl_eager import EAGER, flushed, lookup_table, output
 
-__all__ = ["CpuKernels", "CPU", "fused_table", "code_map"]
+__all__ = ["CpuKernels", "CPU", "fused_table", "code_map", "coded_forward"]
 
 
 @registry.per_root(maxsize=256)
@@ -38,28 +40,42 @@ def code_map(mod: ModuleType, dtype: torch.dtype, values: tuple[float, ...]) -> 
     return cpu_kernel.code_map(mod.code_kernel, k.x_thresholds, k.x_strict, dtype)
 
 
+Packer = Callable[[ModuleType, Tensor, cpu_kernel.CodeMap, Constants], Tensor | None]
+
+
+def coded_forward(x: Tensor, name: str, params: list[float], ready: Callable[[ModuleType], bool],
+                  pack: Packer) -> tuple[Tensor, Tensor] | None:
+    """(y, packed code) with y by the generated forward and the code by a C kernel: ``pack(mod, flat x in
+    y's order, code map, constants)``. None where the table's code has no code map, ``ready(mod)`` is
+    False (no kernel library) or ``pack`` answers None; tables without a code need no kernel."""
+    mod = registry.module(name)
+    bits = mod.CODE_BITS
+    cmap = code_map(mod, x.dtype, tuple(params)) if bits else None
+    if bits and (cmap is None or not ready(mod)):
+        return None
+    k = module_constants(mod, x.dtype, x.device, tuple(params))
+    y = output(x, mod, k)
+    if not bits:
+        return y, layout.empty_code(x, 0)
+    packed = pack(mod, layout.flat(x, layout.order(y)), cmap, k)
+    return None if packed is None else (y, packed)
+
+
+def _pack(mod: ModuleType, flat: Tensor, cmap: cpu_kernel.CodeMap, k: Constants) -> Tensor:
+    packed = cpu_kernel.pack_code(flat, cmap, mod.CODE_BITS)
+    if packed is None:  # a layout the kernel does not take: Inductor's code for the y computed
+        packed = impl_compiled.kernels(mod.NAME)[0](flat, k.x_thresholds)
+    return packed
+
+
 class CpuKernels:
     """The C kernels on CPU tensors of float32, bfloat16 and float16 (ops.py only asks for those)."""
 
     def value(self, x: Tensor, name: str, params: list[float]) -> Tensor:
-        mod = registry.module(name)
-        return output(x, mod, module_constants(mod, x.dtype, x.device, tuple(params)))
+        return EAGER.value(x, name, params)
 
     def forward(self, x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
-        mod = registry.module(name)
-        bits = mod.CODE_BITS
-        cmap = code_map(mod, x.dtype, tuple(params)) if bits else None
-        if bits and (cmap is None or cpu_kernel.library() is None):
-            return None
-        k = module_constants(mod, x.dtype, x.device, tuple(params))
-        y = output(x, mod, k)
-        if not bits:
-            return y, layout.empty_code(x, 0)
-        flat = layout.flat(x, layout.order(y))
-        packed = cpu_kernel.pack_code(flat, cmap, bits)
-        if packed is None:  # a layout the kernel does not take: Inductor's code for the y computed
-            packed = impl_compiled.kernels(name)[0](flat, k.x_thresholds)
-        return y, packed
+        return coded_forward(x, name, params, lambda mod: cpu_kernel.library() is not None, _pack)
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
         mod = registry.module(name)

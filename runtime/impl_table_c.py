@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import cpu_kernel, layout, registry
 from .constants import module_constants
-from .impl_cpu import code_map
-from .impl_eager import EAGER, flushed, lookup_table, output
+from .impl_cpu import coded_forward
+from .impl_eager import EAGER, flushed, lookup_table
 from .table_c import library, pack, run, run_lookup
 
 __all__ = ["TableC", "TABLE_C"]
@@ -38,16 +38,8 @@ class TableC:
             return None
         if x.dtype == torch.float64:
             return EAGER.forward(x, name, params)
-        mod = registry.module(name)
-        k = module_constants(mod, x.dtype, x.device, tuple(params))
-        cmap = code_map(mod, x.dtype, tuple(params)) if mod.CODE_BITS else None
-        if mod.CODE_BITS and (cmap is None or library(mod) is None):
-            return None
-        y = output(x, mod, k)
-        if not mod.CODE_BITS:
-            return y, layout.empty_code(x, 0)
-        packed = pack(mod, layout.flat(x, layout.order(y)).contiguous(), cmap)
-        return None if packed is None else (y, packed)
+        return coded_forward(x, name, params, lambda mod: library(mod) is not None,
+                             lambda mod, flat, cmap, k: pack(mod, flat.contiguous(), cmap))
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
         if y.device.type != "cpu" or grad.dtype != y.dtype or not cpu_kernel.enabled():
