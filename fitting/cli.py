@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plot", cmd_plot, "plot the approximation error per branch against the information floors")
     _name_arg(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="image file to write")
-    add("generate", cmd_generate, "regenerate the torch/Triton code from all tables", target=False)
+    add("generate", cmd_generate, "regenerate the torch, Triton and C code from all tables", target=False)
     return parser
 
 
