@@ -26,41 +26,76 @@ from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fi
 from .reference import BranchReference
 
 __all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
-           "f32", "f32_below", "DEGREES", "RATIONALS", "DIVISION_COST"]
+           "f32", "f32_below", "DEGREES", "RATIONALS", "DIVISION_COST", "c_time", "c_features",
+           "triton_instructions"]
 
 DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
                                 # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
 RATIONALS = ((4, 4), (5, 5), (6, 6), (7, 7), (8, 8))   # (numerator m, denominator n) of c0 + u N/Q
-DIVISION_COST = 8              # a float32 division, in Horner steps (throughput on CPUs and GPUs)
 
 
-def layout_cost(degree: int, pieces: int, den_degree: int = 0) -> int:
-    """Operations per element of the compiled CPU backward (invact.selection): a Horner step per
-    degree (numerator and denominator), a division for rationals, and one blend per piece for each
-    of the degree + den_degree + 5 row columns (transform id, center, scale, c0 hi and lo, c1 .. cm,
-    d1 .. dn). Gathering rows (Triton) prefers fewer pieces as well."""
-    return table_cost([(degree, den_degree, pieces)])
+def layout_cost(degree: int, pieces: int, den_degree: int = 0, logs: int = 0) -> float:
+    """``table_cost`` of one fitted branch of ``pieces`` pieces (``logs``: 1 where one uses the log
+    transform), as if the table had another branch like it (the fitted built-ins have one on either
+    side of a minimum): the segments of both, and a tail each, share the kernel's column permutes."""
+    return table_cost([(degree, den_degree, pieces, logs)] * 2, 2)
 
 
-def table_cost(branches: list[tuple[int, int, int]], n_codes: int = 1) -> int:
-    """``layout_cost`` of a whole table from (degree, den_degree, pieces) per fitted branch: every
-    element runs the table's widest Horner (and, with any rational piece, the denominator and the
-    division), each branch blends its own pieces' columns, and each further code class blends
-    every column of the row once more. A rational branch next to polynomial ones thus also costs
-    the others its denominator and division; on a one-branch table this is ``layout_cost``."""
+def table_cost(branches: list[tuple[int, ...]], n_codes: int = 1) -> float:
+    """Predicted ns per float32 element of the table's C kernel (``c_time``, the mean of its AVX-512
+    and AVX2 calibrations) from (degree, den_degree, pieces[, logs]) per fitted branch: every element
+    runs the table's widest Horner, its denominator and division (with any rational piece) and every
+    transform the table uses (the log: where any piece has it), and the POLY rows (the pieces and a
+    tail per code class) are selected by one permute per column up to 8 rows, 16 with AVX-512,
+    element by element beyond 16. The Triton kernel ranks layouts alike (``triton_instructions``):
+    a gather per column, a Horner step per degree, the log's ~25 instructions."""
     if not branches:
-        return 0
-    degree = max(d for d, _, _ in branches)
-    den = max(n for _, n, _ in branches)
-    steps = degree + den + (DIVISION_COST if den else 0)
-    blends = sum(k * (d + n + 5) for d, n, k in branches)
-    return steps + blends + (n_codes - 1) * (degree + den + 5)
+        return 0.0
+    degree = max(b[0] for b in branches)
+    den = max(b[1] for b in branches)
+    segments = sum(b[2] for b in branches) + n_codes
+    logs = int(any(len(b) > 3 and b[3] for b in branches))
+    return sum(c_time(degree, segments, logs, den, isa) for isa in C_COST) / len(C_COST)
+
+
+def c_features(degree: int, segments: int, logs: int = 0, den_degree: int = 0) -> list[float]:
+    """What the per-table C kernel (runtime/csrc/invact_table.h) executes per element beyond its
+    loads and stores, for a table of ``segments`` POLY rows of ``degree`` (with a sqrt transform, as
+    every fitted table has; denominators of ``den_degree``) and ``logs`` log transforms: [1, Horner
+    steps (each also a column selected per block), a division, log transforms, columns of a 9-16 row
+    table (a 16-wide permute, or two permutes and a blend on AVX2), columns of a wider one (gathered
+    one element at a time), thresholds compared (the segment index)]."""
+    columns = 5 + degree + den_degree             # tid, center, scale, c0, c0_lo, c1 .. cd, d1 .. dn
+    return [1.0, float(degree + den_degree), float(den_degree > 0), float(logs), columns * (8 < segments <= 16),
+            columns * (segments > 16), float(max(segments - 2, 0))]
+
+
+def c_time(degree: int, segments: int, logs: int = 0, den_degree: int = 0, isa: str = "AVX512") -> float:
+    """Predicted ns per float32 element of the C kernel at one thread: ``C_COST[isa]`` . ``c_features``."""
+    return sum(a * b for a, b in zip(C_COST[isa], c_features(degree, segments, logs, den_degree)))
+
+
+# Least squares over benchmarks/layout_cost.py's 20 layouts (2^22 float32, one thread, fastest of 9
+# rounds; AMD EPYC, 2 cores shared), ATEN_CPU_CAPABILITY=avx512 / avx2:
+C_COST = {"AVX512": (0.6, 0.09, 0.2, 1.0, 0.02, 0.2, 0.02), "AVX2": (0.8, 0.12, 0.2, 1.9, 0.02, 0.2, 0.03)}
+DIVISION_COST = 8   # instructions of a correctly rounded float32 division on GPUs (``triton_instructions``)
+LOG_INSTRUCTIONS = 27   # act_triton.log: bit operations, a 9-term Horner, the exponent's terms
+
+
+def triton_instructions(degree: int, segments: int, logs: int = 0, den_degree: int = 0) -> dict[str, int]:
+    """Per element, the fitted backward's Triton kernel (act_triton ``row``): gathers (a coefficient
+    load per column, tl.load(P + col * NSEG + s)), and arithmetic (thresholds: a compare and an add
+    each; the transforms; Horner: a multiply and an add a step; clamps and the c0 terms)."""
+    columns = 5 + degree + den_degree
+    arithmetic = 2 * max(segments - 2, 0) + 4 + LOG_INSTRUCTIONS * logs + 2 * (degree + den_degree) + 6 \
+        + (DIVISION_COST if den_degree else 0)
+    return {"gathers": columns, "arithmetic": arithmetic}
 
 
 def layouts(degrees=DEGREES, rationals=RATIONALS) -> list[tuple[int, int]]:
     """(degree, den_degree) candidates, cheapest single piece first (polynomials first on ties)."""
     cands = [(d, 0) for d in degrees] + [tuple(r) for r in rationals]
-    return sorted(cands, key=lambda c: (layout_cost(c[0], 1, c[1]), c[1]))
+    return sorted(cands, key=lambda c: (layout_cost(c[0], 1, c[1]), c[1], c[0]))
 
 
 SAFETY = 0.55        # pieces aim at SAFETY * tolerance, leaving room for certification slack
@@ -239,22 +274,30 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
                degrees=DEGREES, rationals=RATIONALS, max_cost: float = math.inf) -> list[PieceFit]:
     """Cover [y_lo, y_hi] (float32) with pieces meeting SAFETY * tolerance; the cheapest layout wins
     (polynomials of ``degrees``, rationals of the (m, n) in ``rationals``; ties go to polynomials).
+    Each piece takes the transform that fits it best: first among the branch's transforms without
+    the log plus the identity (the log costs every element of the table as much as ~10 Horner
+    steps: ``C_COST``), then, where the branch has a log end, among its own transforms as well.
     Only layouts cheaper than ``max_cost`` are considered; FitError when none meets the bound."""
     tfs = _transforms(ref, origins)
+    cheap = [tf for tf in tfs if tf.kind != "log"]
+    cheap += [Transform("identity")] * (Transform("identity") not in cheap)
+    sets = [cheap] + ([tfs] if any(tf.kind == "log" for tf in tfs) else [])
     best, best_cost, best_err = None, max_cost, math.inf
-    for degree, den_degree in layouts(degrees, rationals):
-        if layout_cost(degree, 1, den_degree) >= best_cost:
-            break
-        limit = MAX_PIECES   # a layout with more pieces than this could not beat the best so far
-        while limit > 1 and layout_cost(degree, limit, den_degree) >= best_cost:
-            limit -= 1
-        pieces, err = _greedy(ref, y_lo, y_hi, tfs, degree, SAFETY * tolerance, den_degree, limit)
-        best_err = min(best_err, err)
-        if pieces is None:
-            continue
-        cost = layout_cost(degree, len(pieces), den_degree)
-        if cost < best_cost:
-            best, best_cost = pieces, cost
+    for candidates in sets:
+        logs = int(any(tf.kind == "log" for tf in candidates))
+        for degree, den_degree in layouts(degrees, rationals):
+            if layout_cost(degree, 1, den_degree, logs) >= best_cost:
+                break            # (layouts() is in order of this cost)
+            limit = MAX_PIECES   # a layout with more pieces than this could not beat the best so far
+            while limit > 1 and layout_cost(degree, limit, den_degree, logs) >= best_cost:
+                limit -= 1
+            pieces, err = _greedy(ref, y_lo, y_hi, candidates, degree, SAFETY * tolerance, den_degree, limit)
+            best_err = min(best_err, err)
+            if pieces is None:
+                continue
+            cost = layout_cost(degree, len(pieces), den_degree, int(any(p.transform.kind == "log" for p in pieces)))
+            if cost < best_cost:
+                best, best_cost = pieces, cost
     if best is None:
         kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
         cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
@@ -273,10 +316,11 @@ def _advice(best_err: float, tolerance: float) -> str:
             "this branch's transforms; please report the formula")
 
 
-def branch_layout(pieces) -> tuple[int, int, int]:
-    """(degree, den_degree, pieces) of a fitted branch (PieceFits or their :class:`.model.PolySegment`s)."""
+def branch_layout(pieces) -> tuple[int, int, int, int]:
+    """(degree, den_degree, pieces, logs) of a fitted branch (PieceFits or their
+    :class:`.model.PolySegment`s); logs: 1 where a piece uses the log transform."""
     return (max(len(p.coeffs) - 1 for p in pieces), max(len(getattr(p, "den", None) or [1]) - 1 for p in pieces),
-            len(pieces))
+            len(pieces), int(any(p.transform.kind == "log" for p in pieces)))
 
 
 def _meets(piece: PieceFit, target: float) -> bool:

@@ -147,8 +147,8 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
     if rationals != "never":
         budget = math.inf
         if polys is not None and rationals == "auto":   # a table gains at most what its branch gains
-            degree, den_degree, pieces = branch_layout(polys)
-            budget = layout_cost(degree, pieces, den_degree)
+            degree, den_degree, pieces, logs = branch_layout(polys)
+            budget = layout_cost(degree, pieces, den_degree, logs)
         try:
             rats = fit_branch(ref, y_lo, y_hi, origins, tol, degrees=(), max_cost=budget)
         except FitError:
