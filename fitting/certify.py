@@ -2,7 +2,8 @@
 
 Per branch: a rigorous real-arithmetic bound per poly piece (:mod:`.arb_bound`); the emulated float32
 evaluation at every bf16 and every fp16 value of y in the branch's range; a stratified sample of
-float32 values (or all of them with ``exhaustive``). References come from :class:`BranchReference`
+float32 values (or all of them with ``exhaustive``). Each float check measures the scheme twice at the
+same values against one reference: as written, and with its Horner steps fused (FMA). References come from :class:`BranchReference`
 (float64 bracketed Newton on the formula, in its bulk mode), never from the table.
 
 The work is split into independent jobs (a rigorous bound per piece, the bf16/fp16 checks per
@@ -99,11 +100,11 @@ def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: i
     finally:
         _RUN = None
     per_branch = {i: {"index": i, "approx_error": 0.0, "method": set()} for i in heavy}
-    fp32 = {i: 0.0 for i in heavy}
+    fp32 = {i: (0.0, 0.0) for i in heavy}         # (without FMA, with FMA)
     for job, res in zip(jobs, results):
         entry = per_branch[job.branch]
         if job.kind == "fp32":
-            fp32[job.branch] = max(fp32[job.branch], res)
+            fp32[job.branch] = tuple(map(max, fp32[job.branch], res))
         elif job.kind == "segment":
             bound, method = res
             entry["approx_error"] = max(entry["approx_error"], bound)
@@ -111,22 +112,21 @@ def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: i
         else:
             entry["approx_error"] = max(entry["approx_error"], res["approx_error"])
             entry["method"] |= res["method"]
-            entry["bf16_eval_error"], entry["fp16_eval_error"] = res["bf16_eval_error"], res["fp16_eval_error"]
+            entry.update({k: res[k] for k in _HALF_KEYS})
     for i, entry in per_branch.items():
         entry["method"] = "+".join(sorted(entry["method"]))
-        entry["fp32_eval_error"] = fp32[i]
+        entry["fp32_eval_error"], entry["fp32_fma_eval_error"] = fp32[i]
         entry["fp32_samples"] = _fp32_count(table, i, None if exhaustive else fp32_samples)
         entry["fp32_exhaustive"] = exhaustive
-    results = [per_branch.get(b.index) or {"index": b.index, "approx_error": 0.0, "bf16_eval_error": 0.0,
-                                           "fp16_eval_error": 0.0, "fp32_eval_error": 0.0, "fp32_samples": 0,
-                                           "fp32_exhaustive": exhaustive, "method": "constant"}
+    results = [per_branch.get(b.index) or {"index": b.index, "approx_error": 0.0, **dict.fromkeys(_EVAL_KEYS, 0.0),
+                                           "fp32_samples": 0, "fp32_exhaustive": exhaustive, "method": "constant"}
                for b in branches]
     say(1.0, "done")
     return {
         "method": "arb-taylor2",
         "approx_error": max(r["approx_error"] for r in results),
-        "float32_eval_error": max(max(r["bf16_eval_error"], r["fp16_eval_error"], r["fp32_eval_error"])
-                                  for r in results),
+        "float32_eval_error": max(max(r[k] for k in _EVAL_KEYS[:3]) for r in results),
+        "float32_fma_eval_error": max(max(r[k] for k in _EVAL_KEYS[3:]) for r in results),
         "checks": ["rigorous", "bf16-exhaustive", "fp16-exhaustive",
                    "fp32-exhaustive" if exhaustive else f"fp32-stratified-{fp32_samples}"],
         "branches": [{k: r[k] for k in _ENTRY_KEYS} for r in results],
@@ -162,8 +162,11 @@ def _run_jobs(jobs: list, say, every_job: bool = False) -> tuple[list, list]:
     return results, jobs
 
 
-_ENTRY_KEYS = ("index", "approx_error", "method", "bf16_eval_error", "fp16_eval_error", "fp32_eval_error",
-               "fp32_samples", "fp32_exhaustive")
+# per branch: the float32 scheme's error without FMA, then with (docs/table-format.md, CERT)
+_EVAL_KEYS = ("bf16_eval_error", "fp16_eval_error", "fp32_eval_error",
+              "bf16_fma_eval_error", "fp16_fma_eval_error", "fp32_fma_eval_error")
+_HALF_KEYS = tuple(k for k in _EVAL_KEYS if not k.startswith("fp32"))
+_ENTRY_KEYS = ("index", "approx_error", "method", *_EVAL_KEYS, "fp32_samples", "fp32_exhaustive")
 MAX_WORKERS = 8
 JOB_VALUES = 1 << 22            # float32 values per fp32 job (a few tenths of a second)
 
@@ -220,34 +223,42 @@ def _run_job(job: _Job, tick=lambda frac: None):
             if seg.certified and not seg.fitted:
                 bound, method = seg.bound(ctx)
                 worst, methods = max(worst, bound), methods | {method}
-        return {"bf16_eval_error": _eval_error(run.table, i, ctx.ref, half_values("bf16")),
-                "fp16_eval_error": _eval_error(run.table, i, ctx.ref, half_values("fp16")),
-                "approx_error": worst, "method": methods}
+        (bf16, bf16_fma), (fp16, fp16_fma) = (_eval_error(run.table, i, ctx.ref, half_values(d))
+                                              for d in ("bf16", "fp16"))
+        return {"bf16_eval_error": bf16, "fp16_eval_error": fp16, "bf16_fma_eval_error": bf16_fma,
+                "fp16_fma_eval_error": fp16_fma, "approx_error": worst, "method": methods}
     return _fp32_error(run.table, i, ctx.ref, job.samples, job.span, tick)
 
 
-def _eval_error(table: Table, index: int, ref: BranchReference, y: np.ndarray) -> float:
+def _eval_error(table: Table, index: int, ref: BranchReference, y: np.ndarray) -> tuple[float, float]:
+    """(max error without FMA, with FMA) of the float32 scheme at the values ``y`` in the branch."""
     lo, hi = branch_sample_range(table, index)
     y = y[(y >= lo) & (y <= hi)]
     return _max_error(table, index, ref, y.astype(np.float32))
 
 
-def _max_error(table: Table, index: int, ref: BranchReference, y32: np.ndarray) -> float:
+def _max_error(table: Table, index: int, ref: BranchReference, y32: np.ndarray) -> tuple[float, float]:
+    """(without FMA, with FMA): one reference, both schemes evaluated at the same float32 values."""
     if y32.size == 0:
-        return 0.0
+        return 0.0, 0.0
     cc = table.code_class_of(index)
     own = np.array([s.branch == index and s.certified for s in cc.segments])
     if not own.all():
         mine = own[segment_index(cc.y_breaks, y32, table.params)]   # ties owned by another branch
         y32 = y32[mine]
-    got = cc.evaluate(y32, table.params).astype(np.float64)
     want = ref(y32.astype(np.float64))
+    return tuple(_worst(got.astype(np.float64), want) for got in cc.evaluate_schemes(y32, table.params))
+
+
+def _worst(got: np.ndarray, want: np.ndarray) -> float:
+    """Max of |got - want| / max(1, |want|) (absolute below 1, relative above); inf where float32
+    gave NaN or inf and g is finite; where g itself is infinite there is no error to measure."""
     err = np.abs(got - want)
-    err /= np.maximum(1.0, np.abs(want))   # absolute below 1, relative above
+    err /= np.maximum(1.0, np.abs(want))
     worst = float(np.max(err, initial=0.0))
     if math.isfinite(worst):
         return worst
-    finite = np.isfinite(want)              # where g itself is infinite there is no error to measure
+    finite = np.isfinite(want)
     if (~np.isfinite(err) & finite).any():
         return math.inf
     return float(np.max(err[finite], initial=0.0))
@@ -260,7 +271,7 @@ def _fp32_count(table: Table, index: int, samples: int | None) -> int:
     return total if samples is None or samples >= total else samples
 
 
-def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, int], tick) -> float:
+def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, int], tick) -> tuple[float, float]:
     """Max error over values [start, stop) of the branch's fp32 sequence: every float32 in the
     branch's range in order (exhaustive), or the stratified sample, value j drawn uniformly from
     the j-th of ``samples`` equal runs of float32 ordinals (generator seeded per branch, so any
@@ -269,7 +280,7 @@ def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, 
     k_lo, k_hi = ordinal(lo), ordinal(hi)
     total = k_hi - k_lo + 1
     start, stop = span
-    worst = 0.0
+    worst = (0.0, 0.0)                      # without FMA, with FMA
     rng = None
     for a in range(start, stop, CHUNK):
         b = min(stop, a + CHUNK)
@@ -283,7 +294,7 @@ def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, 
             ks = edges[:-1] + (rng.random(b - a) * np.maximum(edges[1:] - edges[:-1], 1)).astype(np.int64)
         y32 = from_ordinal(ks)
         finite = np.isfinite(y32)
-        worst = max(worst, _max_error(table, index, ref, y32 if finite.all() else y32[finite]))
+        worst = tuple(map(max, worst, _max_error(table, index, ref, y32 if finite.all() else y32[finite])))
         if b == stop or (b - start) % TICK == 0:
             tick((b - start) / (stop - start))
     return worst

@@ -269,11 +269,14 @@ def cmd_show(args) -> int:
             out.append(f"      y {_range(s['y_range'])}  branch {s['branch']}  {_describe(s)}")
     c = t["certificate"]
     out.append(f"  certificate    {c.get('method')}: approx error {_fmt(c.get('approx_error'))}, float32 error "
-               f"{_fmt(c.get('float32_eval_error'))}; checks {', '.join(c.get('checks', []))}")
+               f"{_fmt(c.get('float32_eval_error'))} (with FMA {_fmt(c.get('float32_fma_eval_error'))}); "
+               f"checks {', '.join(c.get('checks', []))}")
     for b in c.get("branches", []):
         out.append(f"    branch {b['index']}: approx {_fmt(b.get('approx_error'))}, bf16 {_fmt(b.get('bf16_eval_error'))}, "
                    f"fp16 {_fmt(b.get('fp16_eval_error'))}, fp32 {_fmt(b.get('fp32_eval_error'))} "
-                   f"({'exhaustive' if b.get('fp32_exhaustive') else str(b.get('fp32_samples')) + ' samples'})")
+                   f"({'exhaustive' if b.get('fp32_exhaustive') else str(b.get('fp32_samples')) + ' samples'}); "
+                   f"with FMA bf16 {_fmt(b.get('bf16_fma_eval_error'))}, fp16 {_fmt(b.get('fp16_fma_eval_error'))}, "
+                   f"fp32 {_fmt(b.get('fp32_fma_eval_error'))}")
     print("\n".join(out))
     return 0
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32
 
 __all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "ordinal", "from_ordinal",
-           "ordinal_nodes", "half_values", "round_to", "log32"]
+           "ordinal_nodes", "half_values", "round_to", "log32", "fma32"]
 
 F32_MAX = float(np.finfo(np.float32).max)
 ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
@@ -87,6 +87,41 @@ def round_to(y: np.ndarray, dtype: str) -> np.ndarray:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             return bits.astype(np.uint32).view(np.float32).astype(np.float64)
     raise ValueError(f"dtype must be one of bf16, fp16, fp32, got {dtype!r}")
+
+
+def fma32(a, b, c) -> np.ndarray:
+    """fmaf(a, b, c) of float32 values (float32 arrays, or float64 arrays of float32 values), emulated
+    exactly: one rounding of a * b + c to float32.
+
+    a * b is exact in float64 (24 + 24 <= 53 bits), so s = float64(a * b + c) is rounded once. Rounding
+    s on to float32 is then correct except where s is a float32 midpoint (double rounding goes wrong only
+    there) or where the result is a float32 subnormal (other midpoints): those few values are redone
+    with the error of s (TwoSum) and rounding to odd (correct at 53 >= 24 + 2 bits, Boldo and
+    Melquiond). float64 never goes subnormal here (|a * b| >= 2^-298)."""
+    a, b, c = (np.asarray(v, dtype=np.float64) for v in (a, b, c))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = a * b
+        s = np.asarray(p + c)                   # (writable, 0-d inputs too)
+        bits = s.view(np.int64)
+        hard = ((bits & _LOW29) == _HALF29) | (np.abs(s) < _SUBNORMAL32)
+        if hard.any():
+            p, c = np.broadcast_to(p, s.shape)[hard], np.broadcast_to(c, s.shape)[hard]
+            s[hard] = _round_to_odd(p, c)
+        return s.astype(np.float32)
+
+
+_LOW29, _HALF29 = (1 << 29) - 1, 1 << 28       # the bits float64 -> float32 drops; a midpoint's pattern
+_SUBNORMAL32 = 2.0 ** -125                      # below this, float32 rounding drops more than 29 bits
+
+
+def _round_to_odd(p: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """p + c rounded to odd in float64: the float64 nearest, or where that is inexact the bracketing
+    float64 with an odd last bit (TwoSum gives the rounding error err: p + c == s + err exactly)."""
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)
+    fix = np.isfinite(err) & (err != 0) & ((s.view(np.int64) & 1) == 0)
+    return np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
 
 
 # The runtime's float32 log, emulated exactly.

@@ -50,16 +50,23 @@ class CodeClass:
         return {"code": self.code, "y_breaks": [b.to_json() for b in self.y_breaks],
                 "segments": [s.to_json() for s in self.segments], **self.extra}
 
-    def evaluate(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:
-        """g~(y); y's dtype (float32 or float64) is the arithmetic used."""
+    def evaluate(self, y: np.ndarray, params: dict | None = None, fma: bool = False) -> np.ndarray:
+        """g~(y); y's dtype (float32 or float64) is the arithmetic used; ``fma``: the FMA scheme."""
+        return self.evaluate_schemes(y, params, (fma,))[0]
+
+    def evaluate_schemes(self, y: np.ndarray, params: dict | None = None,
+                         fma: tuple[bool, ...] = (False, True)) -> list[np.ndarray]:
+        """g~(y) by each scheme of ``fma`` (False: without FMA), the segment index found once."""
         y = np.asarray(y)
         idx = segment_index(self.y_breaks, y, params)
-        out = np.empty_like(y)
+        outs = [np.empty_like(y) for _ in fma]
         for i, seg in enumerate(self.segments):
             m = idx == i
             if m.any():
-                out[m] = seg.evaluate(y[m], params)
-        return out
+                ym = y[m]
+                for out, f in zip(outs, fma):
+                    out[m] = seg.evaluate_fma(ym, params) if f else seg.evaluate(ym, params)
+        return outs
 
 
 @dataclass

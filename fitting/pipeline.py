@@ -71,7 +71,8 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
                                       progress=lambda frac, label: say(f"{spec.name}: {label}"))
     bad = [b["index"] for b in table.certificate["branches"]
            if not all(math.isfinite(b[k]) for k in ("approx_error", "bf16_eval_error", "fp16_eval_error",
-                                                        "fp32_eval_error"))]
+                                                        "fp32_eval_error", "bf16_fma_eval_error",
+                                                        "fp16_fma_eval_error", "fp32_fma_eval_error"))]
     if bad:   # the fitter checks every segment first: reaching this is a bug, never a table to write
         raise CertificationError(f"{spec.name}: branch {bad[0]} evaluates to inf or NaN where g is finite")
     return table.to_json()

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
+from .float32 import fma32
+
 __all__ = ["number", "horner", "segment_index", "Break", "is_numbers", "plain_extra", "param_values",
            "closed_form_fn"]
 
@@ -51,24 +53,35 @@ def closed_form_fn(expr: str, params: tuple):
     return call
 
 
-def horner(coeffs, c0_lo: float, u: np.ndarray, den=None) -> np.ndarray:
+def horner(coeffs, c0_lo: float, u: np.ndarray, den=None, fma: bool = False) -> np.ndarray:
     """The documented evaluation order in u's dtype (docs/table-format.md): c0 + u N(u), or with a
-    denominator (1, d1 .. dn) c0 + u N(u) / Q(u), Q by Horner down to d0 = 1."""
+    denominator (1, d1 .. dn) c0 + u N(u) / Q(u), Q by Horner down to d0 = 1.
+
+    ``fma`` (float32 u only): the FMA scheme, every Horner step p * u + c of N and Q and the last
+    u N'(u) + c0_lo one fused multiply-add (fmaf, emulated exactly by :func:`.float32.fma32`); the
+    division and the final + c0_hi stay as they are."""
     u = np.asarray(u)
     ft = u.dtype.type
     if len(coeffs) == 1:
         return (u * ft(0) + ft(c0_lo)) + ft(coeffs[0])   # u * 0: NaN propagates, as in generated code
+    if fma and u.dtype != np.float32:
+        raise TypeError(f"horner: the FMA scheme is float32 arithmetic, got u of dtype {u.dtype}")
+    step, v = (fma32, u.astype(np.float64)) if fma else (_mul_add, u)   # (fma32 takes float64 u as is)
     p = np.full_like(u, coeffs[-1])
     for c in coeffs[-2:0:-1]:
-        p = p * u + ft(c)
+        p = step(p, v, ft(c))
     if den is not None:
         q = np.full_like(u, den[-1])
         for d in den[-2::-1]:
-            q = q * u + ft(d)
+            q = step(q, v, ft(d))
         with np.errstate(all="ignore"):
             p = p / q
-    p = p * u
-    return (p + ft(c0_lo)) + ft(coeffs[0])
+    return step(p, v, ft(c0_lo)) + ft(coeffs[0])
+
+
+def _mul_add(a: np.ndarray, b: np.ndarray, c) -> np.ndarray:
+    """a * b + c, rounded twice (the scheme without FMA)."""
+    return a * b + c
 
 
 def segment_index(breaks, y: np.ndarray, params: dict | None = None) -> np.ndarray:

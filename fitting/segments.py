@@ -164,6 +164,11 @@ class Segment:
         """g~(y) by the documented scheme in y's dtype (float32: bit for bit as generated code)."""
         raise NotImplementedError
 
+    def evaluate_fma(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:
+        """g~(y) by the FMA scheme (docs/table-format.md) in float32: :meth:`evaluate` for a kind
+        with no fused step (only POLY rows have them)."""
+        return self.evaluate(y, params)
+
     def scheme_error(self, ref: Callable, y: np.ndarray, params: dict | None = None) -> float:
         """Max error of the emulated float32 scheme at the float32 values ``y`` against the float64
         reference ``ref``, absolute where |g| <= 1 and relative above, as certification measures it;
@@ -332,6 +337,9 @@ class PolySegment(Segment):
 
     def evaluate(self, y, params=None):
         return horner(self.coeffs, self.c0_lo, self.u(y), self.denominator)
+
+    def evaluate_fma(self, y, params=None):
+        return horner(self.coeffs, self.c0_lo, self.u(y), self.denominator, fma=True)
 
     def bound(self, ctx):
         """A proved bound (python-flint balls, :mod:`.arb_bound`) over the piece's ends in x."""

@@ -44,8 +44,9 @@ _KEY_ORDER = [
     "index", "code", "kind", "value", "side", "expr", "x_breaks", "codes", "x_range", "y_range", "branch",
     "direction", "route", "lower_end", "upper_end", "singularities", "tails", "y_from", "to",
     "y_breaks", "segments", "transform", "origin", "sign", "center", "scale", "coeffs", "den",
-    "c0_lo", "error", "method", "approx_error", "float32_eval_error", "checks",
-    "bf16_eval_error", "fp16_eval_error", "fp32_eval_error", "fp32_samples", "fp32_exhaustive",
+    "c0_lo", "error", "method", "approx_error", "float32_eval_error", "float32_fma_eval_error", "checks",
+    "bf16_eval_error", "fp16_eval_error", "fp32_eval_error", "bf16_fma_eval_error", "fp16_fma_eval_error",
+    "fp32_fma_eval_error", "fp32_samples", "fp32_exhaustive",
     "sha256",
 ]
 _RANK = {k: i for i, k in enumerate(_KEY_ORDER)}

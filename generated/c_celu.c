@@ -3,7 +3,7 @@
  * generated/torch_celu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "75791e21fc90caff535873a7c4148cc11af4315a16478df3d5f27105814045d9"
+#define TABLE_SHA256 "cc9c6537e58657b97b6af4b0058631cf751ae6ac0089f1c97543296bba867747"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

@@ -3,7 +3,7 @@
  * generated/torch_elu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "a1636b52865b3e0f0e7b2237824017e3c541045d42781b7281304c1d1ebf0991"
+#define TABLE_SHA256 "f9a3e7eeeb43893a69790a8f8c04add67b91977966308fe3fcb76923eca7e0b5"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

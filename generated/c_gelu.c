@@ -3,9 +3,20 @@
  * generated/torch_gelu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "475b3bdc0b9a643c39a281f689b1abbe4dc9085d46e663911176e3ab0c7755b6"
-/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define TABLE_SHA256 "e0d9ab40a4a7237f0db74e578f1f6864fa1c1142b0d6c5c402735b52dad1f05d"
+/* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
+ * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
+#ifdef INVACT_USE_FMA
+#define INVACT_FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define INVACT_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel, not with FMA) */
+#ifdef INVACT_USE_FMA
+#define EAGER_BITS 0
+#else
 #define EAGER_BITS 1
+#endif
 #define CODE_BITS 1
 #define N_SEGMENTS 7
 #define N_THRESHOLDS 5
@@ -67,21 +78,20 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16997121274471283)) - (float)(5.264809033178608e-09)) - (float)(1.3471736094768506e-16)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
-    p = ((p * u) + qb[4 * INVACT_BLOCK]);
-    p = ((p * u) + qb[5 * INVACT_BLOCK]);
-    p = ((p * u) + qb[6 * INVACT_BLOCK]);
-    p = ((p * u) + qb[7 * INVACT_BLOCK]);
-    p = ((p * u) + qb[8 * INVACT_BLOCK]);
-    p = ((p * u) + qb[9 * INVACT_BLOCK]);
-    p = ((p * u) + qb[10 * INVACT_BLOCK]);
-    p = ((p * u) + qb[11 * INVACT_BLOCK]);
-    p = ((p * u) + qb[12 * INVACT_BLOCK]);
-    p = ((p * u) + qb[13 * INVACT_BLOCK]);
-    p = ((p * u) + qb[14 * INVACT_BLOCK]);
-    p = ((p * u) + qb[15 * INVACT_BLOCK]);
-    p = ((p * u) + qb[16 * INVACT_BLOCK]);
-    p = (p * u);
-    float g = ((p + qb[17 * INVACT_BLOCK]) + qb[18 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[4 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[5 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[6 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[7 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]);
+    p = INVACT_FMA(p, u, qb[16 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[17 * INVACT_BLOCK]) + qb[18 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -3,7 +3,7 @@
  * generated/torch_leaky_relu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "715ad97c1f14c6d290132cdb5a23befb493fa4da658c4aa863d5a787cce0aa91"
+#define TABLE_SHA256 "b4d0edab5ef427396e46416d5c9e4c8e34ebcf8de6cd561f050562a2c83a25f1"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

@@ -3,7 +3,7 @@
  * generated/torch_relu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "c0725bfbfb764e7236e1456ab75d14ead023201b289ee43fb2dafc796dc6e419"
+#define TABLE_SHA256 "4449db0f70a0a22c924332c4e6eac2d5483134508dc383d9aaf06895ff7799c1"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

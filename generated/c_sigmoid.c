@@ -3,7 +3,7 @@
  * generated/torch_sigmoid.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "167ebda78ae3f2ab6f6639272a7e9b01bc4b11293c58e828d56fe7104c77dbc9"
+#define TABLE_SHA256 "5968e1957423b0d745f000c2e1e1fef8012467a26754d2d64a54c33e3d777628"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

@@ -3,7 +3,7 @@
  * generated/torch_tanh.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "01d551098c998a98bde5426a3e8bca824415e1c3fc6dca1e1dec39467524c163"
+#define TABLE_SHA256 "e90b63a416aee77d4c93b2a23537b01a105e36f59b364d9f27ef8504e6215feb"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

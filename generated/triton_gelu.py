@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(7)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '475b3bdc0b9a643c39a281f689b1abbe4dc9085d46e663911176e3ab0c7755b6'
+TABLE_SHA256 = 'e0d9ab40a4a7237f0db74e578f1f6864fa1c1142b0d6c5c402735b52dad1f05d'
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '31780bd137d8ebebb35c30dc863d15d9471517f6d9764dd2d34f83be925a1622'
+TABLE_SHA256 = 'de0849b259e694fbe4e602107bbf97086727326d7bc7c22414531f7637beab87'
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'f49f59e9f50cfeb79a0adaa3974a24cd7b818f970442849e200a674525bede52'
+TABLE_SHA256 = 'bc4fb5c1ae1217f9da218f1c1ceebe1704d8c7d25f1a2131a5f7791be1c23f71'
 
 
 @triton.jit

@@ -8,7 +8,7 @@ from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '5ce55721777b4c6166b41bc533915f55dde754c4f68a088e5b29fe92a1fe620f'
+TABLE_SHA256 = '9aa55ae84ec48758e279dee9ff0271d77e1ef125b1fa373032a5c4b0165cfbe7'
 
 
 @triton.jit

@@ -12,8 +12,10 @@ per function and keys its caches by the function's source, as for any constexpr.
 Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
 does not run in the interpreter), :func:`segment` (a segment index from thresholds) and :func:`row`
 (a POLY row's value at t). Every launch passes ``enable_fp_fusion=False``: each a * b + c is rounded
-twice, as the certified scheme and the torch code evaluate it (Triton contracts them into FMAs on
-GPUs by default).
+twice, as the torch code evaluates it (Triton contracts them into FMAs on GPUs by default), except the
+FMA scheme's fused steps in :func:`row`, written ``tl.fma`` (docs/table-format.md: certified too). On
+GPUs tl.fma is one rounding; Triton's interpreter computes it as x * y + z in numpy, rounded twice, so
+interpreted kernels give the scheme without FMA (tests/test_fma_c.py).
 """
 
 from collections.abc import Callable
@@ -194,19 +196,21 @@ def segment(y, YT, FIRST: tl.constexpr, COUNT: tl.constexpr, STRICT: tl.constexp
 def row(t, P, s, NSEG: tl.constexpr, DEGREE: tl.constexpr, DEN: tl.constexpr):
     """g from segment s's POLY row at t (P: POLY transposed, NSEG segments): u = (t - center) * scale
     clamped to [-1, 1], N(u) by Horner, divided by Q(u) = 1 + d1 u + ... on tables with rational
-    rows (DEN > 0), then g = (u N'(u) + c0_lo) + c0_hi (docs/table-format.md)."""
+    rows (DEN > 0), then g = (u N'(u) + c0_lo) + c0_hi (docs/table-format.md); the FMA scheme: each
+    Horner step and u N'(u) + c0_lo one tl.fma."""
     u = tl.minimum(tl.maximum((t - tl.load(P + ROW_CENTER * NSEG + s)) * tl.load(P + ROW_SCALE * NSEG + s), -1.0), 1.0)
+    c0_lo, c0_hi = tl.load(P + ROW_C0_LO * NSEG + s), tl.load(P + ROW_C0 * NSEG + s)
     if DEGREE == 0:
-        p = u * 0.0
+        g = (u * 0.0 + c0_lo) + c0_hi
     else:
         p = tl.load(P + (ROW_C0_LO + DEGREE) * NSEG + s)
         for k in tl.static_range(1, DEGREE):
-            p = p * u + tl.load(P + (ROW_C0_LO + DEGREE - k) * NSEG + s)
+            p = tl.fma(p, u, tl.load(P + (ROW_C0_LO + DEGREE - k) * NSEG + s))
         if DEN > 0:  # d1 .. dDEN follow c1 .. cDEGREE
             den = tl.load(P + (ROW_C1 + DEGREE + DEN - 1) * NSEG + s)
             for k in tl.static_range(1, DEN):
-                den = den * u + tl.load(P + (ROW_C1 + DEGREE + DEN - 1 - k) * NSEG + s)
-            den = den * u + 1.0
+                den = tl.fma(den, u, tl.load(P + (ROW_C1 + DEGREE + DEN - 1 - k) * NSEG + s))
+            den = tl.fma(den, u, 1.0)
             p = tl.div_rn(p, den)
-        p = p * u
-    return (p + tl.load(P + ROW_C0_LO * NSEG + s)) + tl.load(P + ROW_C0 * NSEG + s)
+        g = tl.fma(p, u, c0_lo) + c0_hi
+    return g

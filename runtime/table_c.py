@@ -11,6 +11,12 @@ parameter set.
 Results: the eager backend's bits where the torch code is plain arithmetic (built with
 ``-ffp-contract=off``, no FMA); where it calls torch.exp/log/tanh/erf/... the C library's float
 function stands in for ATen's vectorised one, about an ulp apart (tests/test_c_tables.py bounds it).
+The float32 backward (:func:`run`) runs a second build with FMA where ATen's CPU capability is AVX2 or
+AVX-512 (both imply FMA hardware): the generated file's fused steps (``INVACT_FMA``) become ``fmaf``,
+the FMA scheme that every table's certificate also covers (``float32_fma_eval_error``); it matches the
+fitter's emulation bit for bit (tests/test_fma_c.py). ``INVACT_FMA=0`` keeps the build without FMA
+there too (the eager backend's bits). The 16-bit lookup tables, the code packing and
+:func:`g_kernel` always use the build without FMA.
 A table without its C file (code generated before there were any), a file generated from another
 table, or a failed build: one warning, and the compiled backend runs Inductor's code as before.
 ``INVACT_CPU_KERNEL=0`` switches these kernels off too.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import re
 import subprocess
 import warnings
@@ -37,7 +44,7 @@ from torch import Tensor
 
 from . import bitpack, cpu_kernel, kernel_cache
 
-__all__ = ["source", "library", "run", "run_lookup", "pack", "g_kernel"]
+__all__ = ["source", "library", "fma", "run", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
 HEADERS = (CSRC / "invact_table.h", CSRC / "invact_pack.h", CSRC / "invact_threads.h")
@@ -49,12 +56,20 @@ _VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
 _warned: set[str] = set()
 
 
-def _flags() -> tuple[str, ...]:
+def fma() -> bool:
+    """Whether :func:`run` uses the build with FMA: ATen's CPU capability is AVX2 or AVX-512 (whose
+    CPUs have FMA: ATen requires it for both) and ``INVACT_FMA`` is not ``0``."""
+    return torch.backends.cpu.get_cpu_capability() in _ISA_FLAGS and os.environ.get("INVACT_FMA", "1") != "0"
+
+
+def _flags(use_fma: bool = False) -> tuple[str, ...]:
     """-O3 without FMA contraction (every operation rounded as torch's), vectorised for the ISA ATen
-    uses here (honouring $ATEN_CPU_CAPABILITY). Neither errno nor the floating-point exception flags
-    are read, so sqrtf vectorises and both sides of a select may be computed (-fno-math-errno,
-    -fno-trapping-math: no value changes)."""
+    uses here (honouring $ATEN_CPU_CAPABILITY); ``use_fma``: the generated INVACT_FMA steps as fmaf
+    (-mfma: one instruction), still nothing else contracted. Neither errno nor the floating-point
+    exception flags are read, so sqrtf vectorises and both sides of a select may be computed
+    (-fno-math-errno, -fno-trapping-math: no value changes)."""
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
+    isa += ("-mfma", "-DINVACT_USE_FMA") if use_fma else ()
     return ("-O3", *isa, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
             "-pthread", f"-I{CSRC}")
 
@@ -73,7 +88,7 @@ def _warn_once(what: str, why: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
+def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
     compiler = cpu_kernel._compiler()
     if compiler is None:
         return None
@@ -88,7 +103,7 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
     if (refused := re.search(rb"^#error (.*)$", text, re.M)) is not None:   # what c_gen could not translate
         _warn_once(f"no C kernel for {path.stem[2:]}", refused.group(1).decode(errors="replace"))
         return None
-    name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
+    name = re.sub(r"[^A-Za-z0-9_]", "_", path.stem) + ("_fma" if use_fma else "")
 
     def check(lib: ctypes.CDLL) -> None:
         if lib.invact_table_abi() != ABI_VERSION:
@@ -98,7 +113,7 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
             raise RuntimeError("built from another table")
 
     for extra in _VECTOR_MATH:       # with glibc's vector math library where it links, else without
-        command = [compiler, *_flags(), str(path), *extra]
+        command = [compiler, *_flags(use_fma), str(path), *extra]
         parts = [text, *(h.read_bytes() for h in HEADERS), " ".join(command[:1] + command[2:]).encode()]
         key = f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
         try:
@@ -122,12 +137,13 @@ def _load(path: Path, sha256: str) -> ctypes.CDLL | None:
     return lib
 
 
-def library(mod: ModuleType) -> ctypes.CDLL | None:
-    """The built kernel of generated torch module ``mod``, or None where there is none (switched
-    off, no C compiler, no or a stale C file, a failed build: those warn once)."""
+def library(mod: ModuleType, use_fma: bool = False) -> ctypes.CDLL | None:
+    """The built kernel of generated torch module ``mod`` (``use_fma``: the build with FMA, where
+    :func:`fma` holds), or None where there is none (switched off, no C compiler, no or a stale C
+    file, a failed build: those warn once)."""
     if not cpu_kernel.enabled():
         return None
-    return _load(source(mod), mod.TABLE_SHA256)
+    return _load(source(mod), mod.TABLE_SHA256, use_fma and fma())
 
 
 def _cpu(*tensors: Tensor) -> bool:
@@ -135,17 +151,18 @@ def _cpu(*tensors: Tensor) -> bool:
 
 
 def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thresholds: Tensor, poly: Tensor,
-        params: tuple[float, ...]) -> bool:
+        params: tuple[float, ...], use_fma: bool = True) -> bool:
     """out = g(y, code) * grad for flat contiguous float32 CPU tensors (code: invact.bitpack's planes
     of ``mod.CODE_BITS`` bits), with the float32 ``thresholds`` and ``poly`` (POLY transposed) of
     invact.ops.module_constants and the parameter values in ``mod.PARAMS`` order; False (nothing
-    done) where the kernel does not take them."""
+    done) where the kernel does not take them. ``use_fma``: with FMA where :func:`fma` holds (the FMA
+    scheme), else the eager code's arithmetic."""
     tensors = (out, grad, y, code, thresholds, poly)
     if (y.dtype != torch.float32 or not all(t.dtype == torch.float32 for t in (out, grad, thresholds, poly))
             or not _cpu(*tensors)
             or len(params) != len(mod.PARAMS) or not out.numel() == grad.numel() == y.numel()):
         return False
-    lib = library(mod)
+    lib = library(mod, use_fma)
     if lib is None:
         return False
     values = (ctypes.c_double * max(len(params), 1))(*params)
@@ -185,7 +202,7 @@ def g_kernel(mod: ModuleType) -> Callable[..., Tensor] | None:
         packed = bitpack.pack(code, mod.CODE_BITS) if mod.CODE_BITS else torch.empty(0, dtype=torch.uint8)
         out = torch.empty_like(yf)
         values = tuple(params[a] for a in mod.PARAM_ARGS)
-        if run(mod, out, torch.ones_like(yf), yf, packed, thr.contiguous(), poly.contiguous(), values):
+        if run(mod, out, torch.ones_like(yf), yf, packed, thr.contiguous(), poly.contiguous(), values, False):
             return out  # g * 1: g itself (flushed denormals aside, where lookup_table maps subnormal y to 0)
         return mod.g_kernel(y, code, thr, poly, **params)
 

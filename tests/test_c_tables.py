@@ -85,7 +85,7 @@ def _same_or_within(eager: torch.Tensor, got: torch.Tensor, bound: torch.Tensor 
 def _run_c(mod, y, code, go, params) -> torch.Tensor:
     k = ops.module_constants(mod, torch.float32, torch.device("cpu"), params)
     out = torch.empty_like(y)
-    assert table_c.run(mod, out, go, y, code, k.y_thresholds, k.poly, params)
+    assert table_c.run(mod, out, go, y, code, k.y_thresholds, k.poly, params, use_fma=False)   # FMA: test_fma_c
     return out
 
 
@@ -152,7 +152,7 @@ def test_user_tables_exact_constant_and_poly_segments(tmp_path):
             go = torch.randn_like(y)
             want = mod.g_kernel(y, codes, k.y_thresholds, k.poly, **k.params) * go
             got = torch.empty_like(y)
-            assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params), path.name
+            assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params, use_fma=False), path.name
             assert _same_or_within(want, got, _libm_bound(want, go) if _calls_libm(mod) else None), (path.name, c)
 
 
@@ -292,8 +292,10 @@ def _edges(name: str, dtype: torch.dtype, params: tuple[float, ...]) -> torch.Te
 def test_without_avx512_forward_and_backward_equal_eager(name, dtype, monkeypatch):
     """Without AVX-512 the packed forward code (portable C) and the 16-bit backward (a gather from the
     eager g_kernel's table, rounded as torch.mul) are the eager backend's bytes; float32 gradients as
-    in test_c_backward_equals_eager. Sizes end mid-byte, mid-plane and span several threads."""
+    in test_c_backward_equals_eager, with INVACT_FMA=0 (the FMA kernel: tests/test_fma_c.py). Sizes end
+    mid-byte, mid-plane and span several threads."""
     _no_avx512(monkeypatch)
+    monkeypatch.setenv("INVACT_FMA", "0")
     monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
     params = _defaults(name)
     libm = dtype == torch.float32 and _calls_libm(_module(name))

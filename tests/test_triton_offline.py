@@ -3,13 +3,16 @@
 The interpreter (tests/test_triton.py) runs the kernels' operations in numpy, which neither contracts
 a * b + c into an FMA nor approximates a division or a square root, as a GPU build does by default
 (div.full.f32 and sqrt.approx.f32 are within 2 ulps, not correctly rounded). A build without them
-computes what the interpreter computes for these operations: the float32 scheme the certificates
-cover, and torch's correctly rounded division and square root. Launch options are read off the
+computes what the interpreter computes for these operations, except the FMA scheme's explicit tl.fma
+steps (fused on GPUs, rounded twice by the interpreter): the float32 schemes the certificates cover,
+and torch's correctly rounded division and square root. Launch options are read off the
 generated launchers themselves, so a launcher that drops enable_fp_fusion=False fails here.
 """
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,15 +48,30 @@ def test_every_kernel_compiles_for_sm90(report):
             assert sorted(cases) == ["bfloat16", "float16-int64", "float32"], (name, kernel)
 
 
-def test_no_fma_contraction_or_approximate_division(report):
-    """Every launch passes enable_fp_fusion=False, and no kernel has an FMA, an approximate
-    division or an approximate square root (libdevice's erf and tl.exp keep their own ex2.approx)."""
+def _fused_steps(name: str) -> int:
+    """The FMA scheme's fused steps per element in the table's backward (docs/table-format.md): the
+    POLY rows' degree (Horner's degree - 1 steps and u N'(u) + c0_lo) plus the denominator's degree."""
+    found = re.search(r"act_triton\.row\(t, P, s, NSEG, (\d+), (\d+)\)", inspect.getsource(registry.triton_module(name)))
+    return int(found[1]) + int(found[2]) if found and int(found[1]) else 0
+
+
+def test_fma_only_where_the_fma_scheme_fuses_no_approximate_division(report):
+    """Every launch passes enable_fp_fusion=False: no contraction, so the only fma.rn.f32 are the FMA
+    scheme's explicit tl.fma steps (invact.act_triton.row), a multiple of the steps per element in the
+    backward (each thread evaluates several elements) and none in the forward; no kernel has an
+    approximate division or square root (libdevice's erf and tl.exp keep their own ex2.approx)."""
     for name, kernels in report.items():
+        steps = _fused_steps(name)
         for kernel, cases in kernels.items():
             for case, found in cases.items():
                 assert found["options"] == {"enable_fp_fusion": False}, (name, kernel, case, found["options"])
-                bad = {i: found["ptx"][i] for i in ("fma.rn.f32", "div.full.f32", "sqrt.approx.f32") if found["ptx"][i]}
+                bad = {i: found["ptx"][i] for i in ("div.full.f32", "sqrt.approx.f32") if found["ptx"][i]}
                 assert not bad, (name, kernel, case, bad)
+                fma = found["ptx"]["fma.rn.f32"]
+                if kernel == "backward" and steps:
+                    assert fma > 0 and fma % steps == 0, (name, kernel, case, fma, steps)
+                else:
+                    assert fma == 0, (name, kernel, case, fma)
 
 
 def test_the_scheme_builds_its_square_root_correctly_rounded(report):

@@ -84,7 +84,8 @@ class Plan:
 
 def _meta(table: dict) -> dict:
     cert = table["certificate"]
-    summary = {k: cert[k] for k in ("method", "approx_error", "float32_eval_error", "checks") if k in cert}
+    summary = {k: cert[k] for k in ("method", "approx_error", "float32_eval_error", "float32_fma_eval_error",
+                                    "checks") if k in cert}
     keys = ("name", "params", "param_generic", "param_domain", "code_bits", "n_codes", "n_branches",
             "torch_forward", "formula", "tolerance")
     meta = {k: table[k] for k in keys}

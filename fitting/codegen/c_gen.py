@@ -7,7 +7,9 @@ one with the float32 semantics torch gives them (:class:`_Translator`): a Python
 float32 tensor is rounded to float32 first; arithmetic on Python floats alone (parameters) is double;
 ``scalar / tensor`` is ``reciprocal(tensor) * scalar`` (``Tensor.__rtruediv__``); clamps and wheres
 treat NaN and signed zeros as ATen's kernels do. Built with ``-ffp-contract=off`` (no FMA), so plain
-arithmetic gives the eager backend's bits. Where the torch code calls torch.exp/log/tanh/... the C
+arithmetic gives the eager backend's bits; the FMA scheme's fused steps (Horner's, docs/table-format.md)
+are written ``INVACT_FMA(a, b, c)``: ``fmaf`` in the build with FMA (invact.table_c), else the eager
+code's two roundings. Where the torch code calls torch.exp/log/tanh/... the C
 code calls the C library's float function: ATen's vectorised ones (SLEEF, 1 ulp) can differ by
 about an ulp of their result, which the tests bound (tests/test_c_tables.py).
 """
@@ -89,7 +91,7 @@ class _Translator:
                 raise ValueError(f"unsupported row selection in generated code: {text}")
             self.head = list(self.emitted)
             return []
-        c, kind = self.expr(value)
+        c, kind = self._fused(name, value) or self.expr(value)
         if kind == "n":                        # a Python int (a segment index): an int32 tensor in where()
             kind = "i"
         elif kind == "d":                      # a Python float: a tensor of the default dtype
@@ -102,6 +104,29 @@ class _Translator:
             self.kinds[name] = kind
             self.emitted.append(f"{_CTYPE[kind]} {name} = {c};")
         return self.emitted[-1:]
+
+    def _fused(self, name: str, value: ast.expr) -> tuple[str, str] | None:
+        """The FMA scheme's fused steps (docs/table-format.md) as ``INVACT_FMA(a, b, c)``: Horner's
+        ``p = p * u + c`` and ``den = den * u + d``, and ``g = (p * u + c0_lo) + c0_hi``; None for
+        any other statement (every other operation is rounded as written)."""
+        if not self.row or name not in ("p", "den", "g"):
+            return None
+        add, outer = (value.left, value.right) if name == "g" and isinstance(value, ast.BinOp) \
+            and isinstance(value.op, ast.Add) else (value, None)
+        if name == "g" and outer is None:
+            return None
+        if not (isinstance(add, ast.BinOp) and isinstance(add.op, ast.Add) and isinstance(add.left, ast.BinOp)
+                and isinstance(add.left.op, ast.Mult) and ast.unparse(add.left.right) == "u"
+                and ast.unparse(add.left.left) == ("p" if name == "g" else name)):
+            return None
+        (a, ka), (b, kb), (c, kc) = (self.expr(n) for n in (add.left.left, add.left.right, add.right))
+        if ka != "f" or kb != "f":
+            return None
+        text = f"INVACT_FMA({a}, {b}, {_float(c, kc)})"
+        if outer is not None:
+            o, ko = self.expr(outer)
+            text = f"({text} + {_float(o, ko)})"
+        return text, "f"
 
     def expr(self, node: ast.expr) -> tuple[str, str]:
         """(C text, kind) of a Python expression of the generated code."""
@@ -263,6 +288,20 @@ def _calls(lines: list[str]) -> list[str]:
     return sorted(f"{c}f" for c in set(_FUNCS.values()) - {"fabs"} if f"{c}f(" in text)
 
 
+def _fma_lines(body: list[str], calls: list[str]) -> list[str]:
+    """EAGER_BITS, and INVACT_FMA where the statements have fused steps (the build with FMA)."""
+    eager = "/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */"
+    if not any("INVACT_FMA(" in line for line in body):
+        return [eager, f"#define EAGER_BITS {0 if calls else 1}"]
+    return ["/* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,",
+            " * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */",
+            "#ifdef INVACT_USE_FMA", "#define INVACT_FMA(a, b, c) fmaf((a), (b), (c))",
+            "#else", "#define INVACT_FMA(a, b, c) ((a) * (b) + (c))", "#endif",
+            eager[:-4] + ", not with FMA) */",
+            *(["#define EAGER_BITS 0"] if calls else ["#ifdef INVACT_USE_FMA", "#define EAGER_BITS 0", "#else",
+                                                     "#define EAGER_BITS 1", "#endif"])]
+
+
 def generate_c(plan: Plan) -> str:
     """Source text of ``generated/c_NAME.c`` for ``plan``. Generated code this translator does not
     take gives a file that says why (``#error``): the runtime then runs Inductor's code for the table
@@ -283,8 +322,7 @@ def generate_c(plan: Plan) -> str:
         w(f"/* Calls the C library's {', '.join(calls)} where ATen calls its own vectorised functions:",
           " * those results may differ by about an ulp (everything else: the eager backend's bits). */")
     w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"',
-      "/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */",
-      f"#define EAGER_BITS {0 if calls else 1}", f"#define CODE_BITS {plan.code_bits}",
+      *_fma_lines(body, calls), f"#define CODE_BITS {plan.code_bits}",
       f"#define N_SEGMENTS {plan.n_segments}", f"#define N_THRESHOLDS {plan.n_y_breaks}",
       f"#define ROW_LENGTH {plan.row_len}", f"#define N_PARAMS {len(plan.params)}",
       "/* invact.common.float32_scheme: invact.fastmath.log's constants */",

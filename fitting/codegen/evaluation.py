@@ -173,8 +173,7 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
         for j in range(plan.den_degree - 1, 0, -1):
             w(f"den = den * u + {q(plan.row_den + j - 1)}")
         w("den = den * u + 1.0", f"p = {d.divide('p', 'den')}")
-    w("p = p * u")
-    w(f"g = (p + {q(c0 + 1)}) + {q(c0)}")
+    w(f"g = (p * u + {q(c0 + 1)}) + {q(c0)}")   # the FMA scheme fuses p * u + c0_lo (c_gen, act_triton.row)
 
 
 def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
