@@ -216,12 +216,32 @@ class _Trace(SavedBytes):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.savers: dict[tuple, set[str]] = defaultdict(set)
+        self.casts: set[tuple] = set()           # storages that are copies of a parameter (autocast's casts)
+        self._params = {id(p) for p in model.parameters()}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = self._key(t)
         if key is not None and key not in self._param_keys:
             self.savers[key].add(self._stack[-1] if self._stack else "<outside>")
+            if key not in self.casts and self._weight_cast(t):
+                self.casts.add(key)
         return super()._pack(t)
+
+    def _weight_cast(self, t: torch.Tensor) -> bool:
+        """``t`` is a parameter cast to another dtype, possibly transposed or viewed: the copy autocast
+        makes of each Linear's weight once per forward (the same bytes whatever the batch size)."""
+        node = t.grad_fn
+        while node is not None and type(node).__name__ in _CAST_NODES:
+            inputs = [f for f, _ in node.next_functions if f is not None]
+            node = inputs[0] if len(inputs) == 1 else None
+        return node is not None and id(getattr(node, "variable", None)) in self._params
+
+    def cast_bytes(self) -> int:
+        """Bytes of the counted storages that are parameter casts (see :meth:`_weight_cast`)."""
+        return sum(e.nbytes for k, e in self._storages.items() if k in self.casts and e.module != "<parameters>")
+
+
+_CAST_NODES = {"ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0"}
 
 
 @dataclass(frozen=True)
@@ -415,8 +435,9 @@ def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, 
     kept = sum(len(model.get_submodule(p).recovery().columns) for p in paths)
     only, _, _ = _step(model, inputs, autocast, {}, {})
     invact.unpatch(model)
-    invact.patch(model, backend=backend, example=example, functional=True)
+    replaced = {r.path for r in invact.patch(model, backend=backend, example=example, functional=True).replaced}
     both, _, _ = _step(model, inputs, autocast, {}, {})
+    accounting = _accounting(model, both, replaced)
     invact.unpatch(model)
     theory = sum(x - 4 * rows for x, rows in xs)
     measured = base.total - only.total
@@ -437,7 +458,42 @@ def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, 
     return {"norms_replaced": len(paths), "norm_calls": len(xs), "norms_bytes": only.total,
             "norms_measured_bytes": measured, "norms_theory_bytes": theory, "norms_reasons": reasons,
             "both_bytes": both.total, "both_ratio": both.total / base.total,
-            "norms_ratio": only.total / base.total}
+            "norms_ratio": only.total / base.total, "both_accounting": accounting,
+            "both_floor_ratio": (both.total - accounting.get(OWN, 0)) / base.total,
+            "both_ratio_casts_apart": (both.total - both.cast_bytes()) / (base.total - base.cast_bytes())}
+
+
+OWN, CASTS = "invact's own", "weight casts"
+
+
+def _accounting(model: nn.Module, trace: _Trace, replaced: set[str]) -> dict[str, int]:
+    """A patched step's saved bytes by kind, largest first: OWN (storages that only replaced modules save:
+    packed codes, rstd, kept x_hat columns), CASTS (autocast's bf16 copies of the weights), then the rest by
+    the class of the module that saved each storage first (a replaced module's output, which the next
+    layer saves too, under the replaced module's class). Everything but OWN is saved by layers invact
+    does not replace, so (total - OWN) / baseline is a floor no replacement of invact's can go below."""
+    out: dict[str, int] = defaultdict(int)
+    for key, entry in trace._storages.items():
+        if entry.module == "<parameters>":
+            continue
+        if key in trace.casts:
+            kind = CASTS
+        elif trace.savers.get(key, {entry.module}) <= replaced:
+            kind = OWN
+        else:
+            kind = (type(model).__name__ if entry.module == "<root>" else entry.module if entry.module.startswith("<")
+                    else type(model.get_submodule(entry.module)).__name__)
+        out[kind] += entry.nbytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def format_accounting(r: dict[str, Any]) -> str:
+    """One row's activations + norms bytes by kind (see :func:`_accounting`) and the ratios they bound."""
+    parts = ", ".join(f"{k} {_size(n)}" for k, n in r["both_accounting"].items())
+    return (f"* {r['model']} {r['dtype']}, activations + norms, {r['both_bytes'] / MiB:.2f} MiB "
+            f"({r['both_ratio']:.3f}x): {parts}. Without invact's own bytes: {r['both_floor_ratio']:.3f}x "
+            f"(the floor for any replacement of the same modules); weight casts counted with the parameters: "
+            f"{r['both_ratio_casts_apart']:.3f}x")
 
 
 def run(quick: bool = False, models: Iterable[str] | None = None, dtypes: Iterable[str] = tuple(DTYPES),
@@ -519,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(a.quick, a.models.split(",") if a.models else None, a.dtypes.split(","), a.device,
                log=lambda line: print(line, flush=True))
     print("", *dict.fromkeys(f"* {r['model']}: {r['note']}" for r in rows if r.get("note")), sep="\n")
+    print("\nSaved bytes with activations + norms patched, by kind:",
+          *(format_accounting(r) for r in rows if not r["skipped"]), sep="\n")
     print(f"\n{time.monotonic() - start:.0f} s")
     if a.json:
         with open(a.json, "w") as f:
