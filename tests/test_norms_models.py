@@ -9,18 +9,12 @@ weight (2 bytes an element), the same whatever the batch.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-_spec = importlib.util.spec_from_file_location("invact_bench_models",
-                                               Path(__file__).parents[1] / "benchmarks" / "models.py")
-M = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))   # dataclasses need it there
-_spec.loader.exec_module(M)
+from test_models_bench import M  # noqa: E402  (benchmarks/models.py, loaded once)
 
 S = M.QUICK
 
