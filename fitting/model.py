@@ -56,16 +56,21 @@ class CodeClass:
 
     def evaluate_schemes(self, y: np.ndarray, params: dict | None = None,
                          fma: tuple[bool, ...] = (False, True)) -> list[np.ndarray]:
-        """g~(y) by each scheme of ``fma`` (False: without FMA), the segment index found once."""
+        """g~(y) by each scheme of ``fma`` (False: without FMA), the segment index found once and a
+        segment with no fused step (no ``evaluate_fma`` of its own) evaluated once for both."""
         y = np.asarray(y)
         idx = segment_index(self.y_breaks, y, params)
         outs = [np.empty_like(y) for _ in fma]
         for i, seg in enumerate(self.segments):
             m = idx == i
             if m.any():
-                ym = y[m]
+                ym, done = y[m], {}
+                fused = type(seg).evaluate_fma is not Segment.evaluate_fma
                 for out, f in zip(outs, fma):
-                    out[m] = seg.evaluate_fma(ym, params) if f else seg.evaluate(ym, params)
+                    key = bool(f) and fused
+                    if key not in done:
+                        done[key] = seg.evaluate_fma(ym, params) if key else seg.evaluate(ym, params)
+                    out[m] = done[key]
         return outs
 
 
