@@ -6,7 +6,9 @@
 #      compiled Triton kernels against the torch backend (fitted tables bit for bit), channels-last,
 #      a second device, 2**31 + 4099 elements,
 #   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 elements against a copy's
-#      bandwidth and PyTorch's native op.
+#      bandwidth and PyTorch's native op, after the fitted backwards' estimate from their code
+#      (benchmarks/ptx_estimate.py: SASS instructions, loads and registers per element -> estimated
+#      time against the memory time; the same figures offline in tests/test_ptx_estimate.py).
 # Usage: bash benchmarks/gpu_check.sh     (logs also go to $OUT, or /tmp/invact-gpu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,8 @@ export PYTHONPATH=/tmp/invact-site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
     2>&1 | tee "$out/versions.txt"
 status=0
 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
+arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
+python3 benchmarks/ptx_estimate.py --numel 268435456 --arch "$arch" 2>&1 | tee "$out/ptx_estimate.txt" || status=1
 python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1
 exit $status

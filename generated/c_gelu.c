@@ -3,7 +3,7 @@
  * generated/torch_gelu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "e0d9ab40a4a7237f0db74e578f1f6864fa1c1142b0d6c5c402735b52dad1f05d"
+#define TABLE_SHA256 "ce5ebdc81ed2b503ad21c4f7046a3418e531d7f6dfc0eab0a19ff9d60d644b14"
 /* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
  * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
 #ifdef INVACT_USE_FMA
@@ -18,9 +18,9 @@
 #define EAGER_BITS 1
 #endif
 #define CODE_BITS 1
-#define N_SEGMENTS 7
-#define N_THRESHOLDS 5
-#define ROW_LENGTH 19
+#define N_SEGMENTS 14
+#define N_THRESHOLDS 12
+#define ROW_LENGTH 13
 #define N_PARAMS 0
 /* invact.common.float32_scheme: invact.fastmath.log's constants */
 #define LOG_SQRT2 1.4142135381698608
@@ -34,47 +34,41 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
-#define N_COLUMNS 19
-#define COLUMN_WIDTH 8
-/* POLY columns 0, 1, 2, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+#define N_COLUMNS 13
+#define COLUMN_WIDTH 16
+/* POLY columns 0, 1, 2, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
 static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
-    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), 0.0f},
-    {(0x1.72096e0000000p-1f), (0x1.fb7a920000000p+0f), (0x0.0p+0f), (0x1.66d2ec0000000p-3f), (-0x1.5525480000000p+2f), (-0x1.ba03700000000p+3f), (0x0.0p+0f), 0.0f},
-    {(0x1.6236880000000p+0f), (0x1.dcd3820000000p+0f), (0x0.0p+0f), (0x1.6d48260000000p+2f), (0x1.c1c8ee0000000p-2f), (0x1.4a02660000000p-3f), (0x0.0p+0f), 0.0f},
-    {(0x1.99c0a80000000p-12f), (0x1.7d2f640000000p-10f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f},
-    {(0x1.9382aa0000000p-12f), (-0x1.48d4680000000p-10f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f},
-    {(-0x1.299c120000000p-10f), (-0x1.be2fc00000000p-8f), (0x0.0p+0f), (0x1.9c0c360000000p-14f), (0x1.03a6580000000p-13f), (-0x1.a343fe0000000p-17f), (0x0.0p+0f), 0.0f},
-    {(-0x1.0b515a0000000p-9f), (0x1.130e820000000p-7f), (0x0.0p+0f), (0x1.1e637c0000000p-13f), (0x1.b0fe700000000p-13f), (-0x1.4c30fe0000000p-15f), (0x0.0p+0f), 0.0f},
-    {(-0x1.90ebc20000000p-11f), (0x1.6f47100000000p-7f), (0x0.0p+0f), (-0x1.a8be1a0000000p-14f), (-0x1.2e09900000000p-16f), (-0x1.f890660000000p-15f), (0x0.0p+0f), 0.0f},
-    {(-0x1.2036340000000p-11f), (-0x1.8da5f00000000p-6f), (0x0.0p+0f), (-0x1.855a620000000p-14f), (0x1.b7597a0000000p-15f), (-0x1.90bd240000000p-14f), (0x0.0p+0f), 0.0f},
-    {(0x1.cb75460000000p-11f), (0x1.0de72c0000000p-10f), (0x0.0p+0f), (0x1.213dae0000000p-12f), (0x1.4382cc0000000p-11f), (-0x1.682fb40000000p-13f), (0x0.0p+0f), 0.0f},
-    {(0x1.422cd00000000p-8f), (0x1.1b0fea0000000p-5f), (0x0.0p+0f), (0x1.b6f8ee0000000p-12f), (0x1.ed5a920000000p-11f), (-0x1.0668860000000p-12f), (0x0.0p+0f), 0.0f},
-    {(0x1.49fbb00000000p-6f), (-0x1.23d9aa0000000p-5f), (0x0.0p+0f), (0x1.1eb8260000000p-11f), (0x1.90100a0000000p-11f), (-0x1.370a900000000p-12f), (0x0.0p+0f), 0.0f},
-    {(0x1.e48ca40000000p-6f), (-0x1.14eeee0000000p-8f), (0x0.0p+0f), (0x1.4f5f4c0000000p-10f), (-0x1.5854240000000p-11f), (-0x1.3e59ca0000000p-12f), (0x0.0p+0f), 0.0f},
-    {(0x1.25e5440000000p-4f), (0x1.677e300000000p-5f), (0x0.0p+0f), (0x1.c4db520000000p-9f), (-0x1.6d1a740000000p-8f), (-0x1.115b9e0000000p-12f), (0x0.0p+0f), 0.0f},
-    {(-0x1.c23a720000000p-3f), (-0x1.8fb6e00000000p-5f), (0x0.0p+0f), (0x1.e9950c0000000p-7f), (-0x1.fb67860000000p-7f), (-0x1.73fcd00000000p-13f), (0x0.0p+0f), 0.0f},
-    {(-0x1.ad22060000000p-2f), (0x1.cb30320000000p-6f), (0x0.0p+0f), (0x1.1a20280000000p-4f), (-0x1.b241900000000p-6f), (-0x1.78bf160000000p-14f), (0x0.0p+0f), 0.0f},
-    {(0x1.76bd1c0000000p-1f), (-0x1.1f27580000000p-7f), (0x0.0p+0f), (-0x1.ee63500000000p-5f), (-0x1.c7f48c0000000p-6f), (-0x1.fb1a8e0000000p-16f), (0x0.0p+0f), 0.0f},
-    {(0x1.f0017c0000000p-27f), (0x1.5ba53c0000000p-25f), (0x0.0p+0f), (-0x1.24839c0000000p-33f), (-0x1.fbcf620000000p-32f), (-0x1.df09f60000000p-45f), (0x0.0p+0f), 0.0f},
-    {(0x1.be8da80000000p-1f), (0x1.004e1c0000000p+0f), (0x1.0000000000000p+0f), (-0x1.de7f060000000p-4f), (-0x1.c9e7a80000000p-7f), (-0x1.54522c0000000p-18f), (0x0.0p+0f), 0.0f},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.3abda80000000p-2f), (0x1.d796d60000000p-1f), (0x1.00d36a0000000p+1f), (0x1.e7a5140000000p+0f), (0x1.2914160000000p+1f), (0x0.0p+0f), (0x1.1c16de0000000p-3f), (-0x1.deaf2c0000000p-5f), (-0x1.d2621c0000000p-7f), (-0x1.52cb3e0000000p-9f), (-0x1.3892bc0000000p-12f), (0x1.a626ec0000000p-2f), (-0x1.12d5340000000p-27f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.a0719c0000000p+1f), (0x1.a1d4740000000p+1f), (0x1.7e29c20000000p+0f), (0x1.25e47a0000000p+2f), (0x1.42bfae0000000p+2f), (0x0.0p+0f), (0x1.cd60220000000p+2f), (0x1.ced3bc0000000p+4f), (0x1.9f5cb40000000p+6f), (0x1.ef8d180000000p+8f), (0x1.d11f440000000p+11f), (0x1.b6f5980000000p+15f), (0x1.3f2c120000000p+27f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.89c2040000000p-17f), (-0x1.05a4f40000000p-16f), (-0x1.5e9a5e0000000p-16f), (0x1.9950f60000000p-16f), (0x1.4f26e80000000p-22f), (0x0.0p+0f), (0x1.d005120000000p-17f), (0x1.7d4dd00000000p-17f), (0x1.1b28220000000p-17f), (0x1.9b4f920000000p-18f), (0x1.07c7300000000p-18f), (0x1.89ccd40000000p-20f), (0x1.dfbe000000000p-38f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(-0x1.0b97fa0000000p-15f), (-0x1.1d2ef40000000p-16f), (0x1.117ed40000000p-14f), (0x1.0e81420000000p-17f), (-0x1.7efc240000000p-19f), (0x0.0p+0f), (0x1.2aab140000000p-15f), (0x1.629b520000000p-16f), (0x1.ef1fa80000000p-17f), (0x1.23649a0000000p-17f), (0x1.1eb6a40000000p-18f), (0x1.2d82e60000000p-20f), (0x1.683d020000000p-37f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.fe0bde0000000p-14f), (0x1.5642b20000000p-13f), (0x1.ed81920000000p-13f), (-0x1.2394d00000000p-12f), (0x1.49b16c0000000p-17f), (0x0.0p+0f), (0x1.266a800000000p-14f), (0x1.1ead8c0000000p-15f), (0x1.5913920000000p-17f), (0x1.68b94e0000000p-21f), (-0x1.9178460000000p-19f), (-0x1.10e6220000000p-19f), (0x1.5e46640000000p-39f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(-0x1.69dd940000000p-12f), (0x1.fe43460000000p-11f), (-0x1.6342ea0000000p-12f), (0x1.d79ede0000000p-12f), (-0x1.58c0e40000000p-16f), (0x0.0p+0f), (0x1.ed55fc0000000p-13f), (0x1.c2d0100000000p-15f), (0x1.dc0a700000000p-16f), (0x1.7ec34a0000000p-18f), (-0x1.7cea320000000p-20f), (-0x1.37fee60000000p-20f), (0x1.4f0ec40000000p-37f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.1b5bc40000000p-9f), (0x1.2572f60000000p-8f), (-0x1.3f95520000000p-8f), (0x1.cb627e0000000p-11f), (0x1.013a9c0000000p-15f), (0x0.0p+0f), (0x1.ebc77a0000000p-11f), (0x1.9141340000000p-12f), (0x1.8209020000000p-14f), (0x1.b9aa4a0000000p-16f), (0x1.99d5020000000p-18f), (0x1.5cfadc0000000p-20f), (0x1.419ece0000000p-35f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(-0x1.b8e62a0000000p-6f), (-0x1.1143c00000000p-7f), (0x1.f5bc020000000p-7f), (-0x1.3c99600000000p-8f), (-0x1.1654560000000p-15f), (0x0.0p+0f), (0x1.9830b00000000p-8f), (0x1.1e18e60000000p-12f), (0x1.23f2220000000p-12f), (0x1.192b520000000p-14f), (0x1.6ee62e0000000p-17f), (0x1.15939c0000000p-20f), (0x1.a40d080000000p-34f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.b598d40000000p-7f), (-0x1.9bdc140000000p-4f), (0x1.bb29520000000p-10f), (0x1.25bc0a0000000p-7f), (0x1.9ee0ac0000000p-16f), (0x0.0p+0f), (0x1.35d6780000000p-5f), (0x1.5acace0000000p-7f), (0x1.bf655e0000000p-10f), (0x1.33b4be0000000p-12f), (0x1.27293e0000000p-15f), (0x1.a7ee8a0000000p-20f), (0x1.aa673e0000000p-32f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.9e19540000000p-2f), (0x1.8e9f360000000p-3f), (-0x1.111ac80000000p-4f), (-0x1.0f6c840000000p-7f), (-0x1.7ecfbe0000000p-17f), (0x0.0p+0f), (-0x1.1ad1760000000p-4f), (0x1.2444e60000000p-5f), (0x1.3fc71e0000000p-6f), (0x1.6e5b1e0000000p-8f), (0x1.ea10800000000p-11f), (0x1.0668680000000p-14f), (0x1.284d3a0000000p-25f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(-0x1.4db7b20000000p-31f), (0x1.ecbe0a0000000p-25f), (-0x1.26dab80000000p-30f), (0x1.8160360000000p-25f), (-0x1.0bf2ee0000000p-25f), (0x0.0p+0f), (0x1.5d24860000000p-29f), (-0x1.66bcac0000000p-29f), (-0x1.e8c5520000000p-30f), (0x1.8c0e720000000p-35f), (0x1.5bd3200000000p-37f), (-0x1.cfd6c60000000p-39f), (-0x1.fbec500000000p-51f), (0x0.0p+0f), 0.0f, 0.0f},
+    {(0x1.7221960000000p-2f), (0x1.0992a80000000p+0f), (0x1.147eac0000000p+0f), (0x1.00d2160000000p+0f), (0x1.00002a0000000p+0f), (0x1.0000000000000p+0f), (-0x1.9f4d280000000p-4f), (-0x1.99eff80000000p-4f), (-0x1.1eeabe0000000p-5f), (-0x1.06e07a0000000p-7f), (-0x1.250dd00000000p-10f), (-0x1.1463140000000p-14f), (-0x1.9835020000000p-25f), (0x0.0p+0f), 0.0f, 0.0f},
 };
 
 #include "invact_table.h"
 
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
     (void)code, (void)thr, (void)param;
-    int32_t s1 = (((((int32_t)((y > thr[2]))) + ((int32_t)((y > thr[3])))) + ((int32_t)((y > thr[4])))) + 3);
-    int32_t s = (((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1]))));
+    int32_t s1 = ((((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))) + ((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y)))) + 6);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))));
     s = ((code == 1) ? s1 : s);
     return s;
 }
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    int32_t s1 = (((((int32_t)((y > thr[2]))) + ((int32_t)((y > thr[3])))) + ((int32_t)((y > thr[4])))) + 3);
-    int32_t s = (((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1]))));
+    int32_t s1 = ((((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))) + ((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y)))) + 6);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))));
     s = ((code == 1) ? s1 : s);
-    float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
+    float t = y;
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16997121274471283)) - (float)(5.264809033178608e-09)) - (float)(1.3471736094768506e-16)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
@@ -85,13 +79,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[16 * INVACT_BLOCK]);
-    float g = (INVACT_FMA(p, u, qb[17 * INVACT_BLOCK]) + qb[18 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]) + qb[12 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -3,7 +3,7 @@
  * generated/torch_gelu_tanh.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "3a66bc87486232d427f07fe2b1a33e9f4ce8977f2974906d9f55806e957d5e30"
+#define TABLE_SHA256 "a723ab3cfc9783bdabca798419546d79728a3b00e4eb7fe8f49f738c32ca4609"
 /* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
  * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
 #ifdef INVACT_USE_FMA
@@ -18,9 +18,9 @@
 #define EAGER_BITS 1
 #endif
 #define CODE_BITS 1
-#define N_SEGMENTS 8
-#define N_THRESHOLDS 6
-#define ROW_LENGTH 17
+#define N_SEGMENTS 16
+#define N_THRESHOLDS 14
+#define ROW_LENGTH 13
 #define N_PARAMS 0
 /* invact.common.float32_scheme: invact.fastmath.log's constants */
 #define LOG_SQRT2 1.4142135381698608
@@ -34,45 +34,41 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
-#define N_COLUMNS 17
-#define COLUMN_WIDTH 8
-/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+#define N_COLUMNS 13
+#define COLUMN_WIDTH 16
+/* POLY columns 0, 1, 2, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
 static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
-    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f)},
-    {(0x1.60b8c00000000p-1f), (0x1.c153500000000p+0f), (0x1.2323b60000000p+1f), (0x0.0p+0f), (0x1.64c5000000000p-3f), (-0x1.50eadc0000000p+2f), (-0x1.bd216a0000000p+3f), (0x0.0p+0f)},
-    {(0x1.7399f40000000p+0f), (0x1.5333220000000p+1f), (0x1.c2bb180000000p+2f), (0x0.0p+0f), (0x1.6f62a00000000p+2f), (0x1.c8e12e0000000p-2f), (0x1.3fc3ba0000000p-3f), (0x0.0p+0f)},
-    {(-0x1.2fe6880000000p-19f), (-0x1.0fb4a80000000p-16f), (0x1.9168f40000000p-32f), (0x0.0p+0f), (0x1.9802480000000p-14f), (0x1.0b7eb20000000p-13f), (-0x1.c929120000000p-17f), (0x0.0p+0f)},
-    {(-0x1.d45bea0000000p-12f), (-0x1.7421880000000p-12f), (0x1.05a8f20000000p-31f), (0x0.0p+0f), (0x1.1d6bf60000000p-13f), (0x1.bae6840000000p-13f), (-0x1.87aa120000000p-15f), (0x0.0p+0f)},
-    {(-0x1.8219860000000p-11f), (0x1.988c0a0000000p-13f), (-0x1.586a100000000p-27f), (0x0.0p+0f), (-0x1.9b33260000000p-14f), (-0x1.a49d880000000p-16f), (-0x1.46037e0000000p-14f), (0x0.0p+0f)},
-    {(-0x1.3e68f40000000p-11f), (0x1.190b440000000p-9f), (0x1.d317c60000000p-26f), (0x0.0p+0f), (-0x1.7a10620000000p-14f), (0x1.406afa0000000p-15f), (-0x1.02ce820000000p-13f), (0x0.0p+0f)},
-    {(0x1.b250680000000p-11f), (-0x1.32251e0000000p-10f), (0x1.8d09ae0000000p-25f), (0x0.0p+0f), (0x1.1f885a0000000p-12f), (0x1.3d87da0000000p-11f), (-0x1.bdb56e0000000p-13f), (0x0.0p+0f)},
-    {(0x1.5c66ce0000000p-9f), (-0x1.d564d40000000p-8f), (-0x1.4d427a0000000p-21f), (0x0.0p+0f), (0x1.b43a260000000p-12f), (0x1.eb46e00000000p-11f), (-0x1.432ab00000000p-12f), (0x0.0p+0f)},
-    {(0x1.adba460000000p-7f), (0x1.6962860000000p-8f), (0x1.5637d80000000p-19f), (0x0.0p+0f), (0x1.199ff80000000p-11f), (0x1.b57e260000000p-11f), (-0x1.7f93640000000p-12f), (0x0.0p+0f)},
-    {(0x1.3f7b980000000p-6f), (0x1.20b6c40000000p-6f), (-0x1.b636a80000000p-18f), (0x0.0p+0f), (0x1.41d5220000000p-10f), (-0x1.6ddedc0000000p-12f), (-0x1.84683c0000000p-12f), (0x0.0p+0f)},
-    {(0x1.ce5f080000000p-5f), (-0x1.9a84da0000000p-6f), (0x1.849ad00000000p-17f), (0x0.0p+0f), (0x1.a9ce8a0000000p-9f), (-0x1.43fcaa0000000p-8f), (-0x1.489d9e0000000p-12f), (0x0.0p+0f)},
-    {(-0x1.9ab51a0000000p-3f), (-0x1.0bcb520000000p-6f), (-0x1.e3b7b60000000p-17f), (0x0.0p+0f), (0x1.d3394c0000000p-7f), (-0x1.e9d52a0000000p-7f), (-0x1.b8fa280000000p-13f), (0x0.0p+0f)},
-    {(-0x1.693e720000000p-2f), (0x1.e9c1160000000p-5f), (0x1.97dcb60000000p-17f), (0x0.0p+0f), (0x1.13928c0000000p-4f), (-0x1.bb87500000000p-6f), (-0x1.b8100c0000000p-14f), (0x0.0p+0f)},
-    {(0x1.77656c0000000p-1f), (-0x1.969b080000000p-5f), (-0x1.a5b7f40000000p-18f), (0x0.0p+0f), (-0x1.f395900000000p-5f), (-0x1.e8c27c0000000p-6f), (-0x1.2357820000000p-15f), (0x0.0p+0f)},
-    {(0x1.744a5a0000000p-27f), (0x1.5123580000000p-29f), (-0x1.3ed8b20000000p-25f), (0x0.0p+0f), (-0x1.d0cbaa0000000p-31f), (-0x1.3c37da0000000p-31f), (0x1.f940d00000000p-43f), (0x0.0p+0f)},
-    {(0x1.ac7cca0000000p-1f), (0x1.03b86e0000000p+0f), (0x1.00001a0000000p+0f), (0x1.0000000000000p+0f), (-0x1.dcaaaa0000000p-4f), (-0x1.008a860000000p-6f), (-0x1.8040dc0000000p-18f), (0x0.0p+0f)},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f)},
+    {(0x1.5615ce0000000p-3f), (0x1.2bdd0e0000000p-1f), (0x1.04486e0000000p+0f), (0x1.5eb00a0000000p+0f), (0x1.ad3cba0000000p+0f), (0x1.f26da40000000p+0f), (0x1.200a680000000p+1f), (0x0.0p+0f), (0x1.18d6660000000p-3f), (-0x1.ec7d780000000p-5f), (-0x1.f7d5140000000p-7f), (-0x1.8fe4c80000000p-9f), (-0x1.ad0c6c0000000p-12f), (-0x1.d9a52e0000000p-16f), (0x1.a641980000000p-2f), (0x0.0p+0f)},
+    {(0x1.7f27d80000000p+2f), (0x1.fcbc9a0000000p+1f), (0x1.64a2160000000p+2f), (0x1.707a3c0000000p+2f), (0x1.e0ac0a0000000p+2f), (0x1.d2b5080000000p+2f), (0x1.81131c0000000p+2f), (0x0.0p+0f), (0x1.d2b7c40000000p+2f), (0x1.cd02b80000000p+4f), (0x1.8e8cf20000000p+6f), (0x1.b4fa920000000p+8f), (0x1.61c54a0000000p+11f), (0x1.1b020a0000000p+15f), (0x1.41671c0000000p+21f), (0x0.0p+0f)},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.b048c60000000p-17f), (0x1.7f86740000000p-17f), (0x1.1d25640000000p-17f), (0x1.c105380000000p-18f), (0x1.3377ba0000000p-18f), (0x1.46a1c40000000p-19f), (0x1.6cdd180000000p-25f), (0x0.0p+0f)},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.167d520000000p-15f), (0x1.65ce760000000p-16f), (0x1.0314ba0000000p-16f), (0x1.4fe2140000000p-17f), (0x1.6b447c0000000p-18f), (0x1.18183e0000000p-19f), (0x1.148ef00000000p-25f), (0x0.0p+0f)},
+    {(0x1.f84ab40000000p-18f), (0x1.c04d980000000p-16f), (0x1.1181360000000p-19f), (-0x1.b008ba0000000p-15f), (0x1.86732c0000000p-16f), (-0x1.1c2a980000000p-16f), (0x1.17917a0000000p-17f), (0x0.0p+0f), (0x1.108c9c0000000p-14f), (0x1.32230e0000000p-15f), (0x1.a2b4a20000000p-17f), (0x1.38ddba0000000p-19f), (-0x1.4a7f100000000p-19f), (-0x1.91de120000000p-19f), (-0x1.f29a320000000p-25f), (0x0.0p+0f)},
+    {(-0x1.54a8140000000p-15f), (0x1.ef5d5c0000000p-15f), (0x1.367d500000000p-14f), (-0x1.b46d8a0000000p-13f), (0x1.b76e320000000p-16f), (0x1.cd88ce0000000p-16f), (-0x1.91febc0000000p-16f), (0x0.0p+0f), (0x1.c19c8c0000000p-13f), (0x1.d69ff40000000p-15f), (0x1.1aba080000000p-15f), (0x1.3374b20000000p-17f), (-0x1.effd540000000p-22f), (-0x1.e394660000000p-20f), (-0x1.1470140000000p-25f), (0x0.0p+0f)},
+    {(0x1.3389c60000000p-12f), (0x1.ac91120000000p-11f), (0x1.7886960000000p-11f), (0x1.3497a80000000p-11f), (-0x1.329dba0000000p-11f), (0x1.a510200000000p-13f), (0x1.22804a0000000p-15f), (0x0.0p+0f), (0x1.bd3bb00000000p-11f), (0x1.a697a20000000p-12f), (0x1.c03efa0000000p-14f), (0x1.2a38de0000000p-15f), (0x1.373c860000000p-17f), (0x1.34b0ac0000000p-19f), (0x1.44da840000000p-25f), (0x0.0p+0f)},
+    {(-0x1.4fcf4c0000000p-8f), (-0x1.7082480000000p-7f), (-0x1.2892500000000p-12f), (0x1.a7f9ae0000000p-8f), (0x1.ee4ba00000000p-12f), (-0x1.2434680000000p-10f), (-0x1.3d2a1e0000000p-15f), (0x0.0p+0f), (0x1.7ee7160000000p-8f), (0x1.1646420000000p-12f), (0x1.53f4d80000000p-12f), (0x1.86d2b40000000p-14f), (0x1.3867360000000p-16f), (0x1.40d1c60000000p-19f), (0x1.050cf80000000p-25f), (0x0.0p+0f)},
+    {(0x1.0369640000000p-6f), (-0x1.1743c00000000p-5f), (-0x1.268dfc0000000p-5f), (-0x1.f1209c0000000p-7f), (0x1.fab3a60000000p-8f), (0x1.54b8160000000p-9f), (0x1.f702d40000000p-16f), (0x0.0p+0f), (0x1.2b3e3c0000000p-5f), (0x1.5b83960000000p-7f), (0x1.f149e20000000p-10f), (0x1.a27d380000000p-12f), (0x1.063b860000000p-14f), (0x1.41f7f80000000p-18f), (0x1.956eb40000000p-25f), (0x0.0p+0f)},
+    {(0x1.a0a2000000000p-3f), (0x1.346d100000000p-2f), (0x1.384d020000000p-4f), (-0x1.48d8080000000p-5f), (-0x1.b4dd120000000p-6f), (-0x1.9703ac0000000p-9f), (-0x1.db2e500000000p-17f), (0x0.0p+0f), (-0x1.1b15d00000000p-4f), (0x1.1842a60000000p-5f), (0x1.48886e0000000p-6f), (0x1.a7a3160000000p-8f), (0x1.569aac0000000p-10f), (0x1.1271720000000p-13f), (0x1.0981800000000p-19f), (0x0.0p+0f)},
+    {(0x1.db6ebc0000000p-29f), (0x1.fa15000000000p-27f), (-0x1.1e1dcc0000000p-27f), (-0x1.1b3c460000000p-25f), (0x1.3b82de0000000p-25f), (-0x1.593a7c0000000p-25f), (0x1.5bcfea0000000p-25f), (0x0.0p+0f), (-0x1.e93e460000000p-29f), (-0x1.f5819a0000000p-30f), (-0x1.2a892e0000000p-30f), (0x1.e00c060000000p-32f), (-0x1.7d03440000000p-37f), (-0x1.7a06380000000p-39f), (0x1.9dd6440000000p-44f), (0x0.0p+0f)},
+    {(0x1.7503400000000p-3f), (0x1.7088d60000000p-1f), (0x1.167c160000000p+0f), (0x1.1c009e0000000p+0f), (0x1.070c680000000p+0f), (0x1.00664e0000000p+0f), (0x1.0000320000000p+0f), (0x1.0000000000000p+0f), (-0x1.9b8ed40000000p-4f), (-0x1.a407dc0000000p-4f), (-0x1.3baee00000000p-5f), (-0x1.461ed00000000p-7f), (-0x1.b73e000000000p-10f), (-0x1.2e406a0000000p-13f), (-0x1.18ac0a0000000p-19f), (0x0.0p+0f)},
 };
 
 #include "invact_table.h"
 
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
     (void)code, (void)thr, (void)param;
-    int32_t s1 = (((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y))) + ((int32_t)(!(thr[13] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
     return s;
 }
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    int32_t s1 = (((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y))) + ((int32_t)(!(thr[13] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
-    float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
+    float t = y;
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.17004075646400452)) - (float)(5.892750287728177e-09)) - (float)(1.7823431388758518e-16)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
@@ -83,11 +79,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
-    float g = (INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]) + qb[12 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -3,7 +3,7 @@
  * generated/torch_mish.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "e0339b08638d9900e806e12a7100386b88219714b3373f9f2377286a6525632e"
+#define TABLE_SHA256 "85e63caf31d8a5d51ec961544e94610409104bef6fb4960785a6209d573600f8"
 /* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
  * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
 #ifdef INVACT_USE_FMA
@@ -18,9 +18,9 @@
 #define EAGER_BITS 1
 #endif
 #define CODE_BITS 1
-#define N_SEGMENTS 9
-#define N_THRESHOLDS 7
-#define ROW_LENGTH 17
+#define N_SEGMENTS 15
+#define N_THRESHOLDS 13
+#define ROW_LENGTH 11
 #define N_PARAMS 0
 /* invact.common.float32_scheme: invact.fastmath.log's constants */
 #define LOG_SQRT2 1.4142135381698608
@@ -34,45 +34,39 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
-#define N_COLUMNS 17
+#define N_COLUMNS 11
 #define COLUMN_WIDTH 16
-/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+/* POLY columns 0, 1, 2, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
 static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
-    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.4602ae0000000p-1f), (0x1.c327780000000p+0f), (0x1.66fa7e0000000p+1f), (0x0.0p+0f), (0x1.afd5d00000000p-3f), (0x1.e9560a0000000p-2f), (-0x1.67041a0000000p+2f), (0x1.1c681a0000000p-1f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.920c4c0000000p+0f), (0x1.05d7ba0000000p+1f), (0x1.cea1a40000000p+0f), (0x0.0p+0f), (0x1.2f85dc0000000p+2f), (0x1.1cef3a0000000p+4f), (0x1.1266480000000p-1f), (0x1.ea03d40000000p+11f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.2293e40000000p-15f), (0x1.9693320000000p-14f), (-0x1.72a4a40000000p-20f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.5844580000000p-16f), (-0x1.5969720000000p-12f), (0x1.03c1dc0000000p-18f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.9751d80000000p-13f), (-0x1.a145b20000000p-12f), (-0x1.447aac0000000p-19f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.0835140000000p-11f), (0x1.0ec0640000000p-9f), (-0x1.0a8e5a0000000p-17f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.63e2ee0000000p-11f), (0x1.125d240000000p-13f), (0x1.2eb3800000000p-15f), (0x0.0p+0f), (0x1.56661a0000000p-17f), (0x1.f78f420000000p-18f), (0x1.f1b1a80000000p-18f), (0x1.bb35a80000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.9e21c60000000p-12f), (-0x1.d2aab00000000p-8f), (-0x1.8cc2260000000p-14f), (0x0.0p+0f), (0x1.6211820000000p-16f), (0x1.a221aa0000000p-17f), (-0x1.b2e2260000000p-18f), (0x1.59570c0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.1d79a60000000p-8f), (0x1.62f7000000000p-8f), (0x1.74a17c0000000p-13f), (0x0.0p+0f), (0x1.fce9040000000p-16f), (0x1.d25b300000000p-18f), (-0x1.e3c19c0000000p-14f), (-0x1.2c9e5a0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.b35a640000000p-6f), (0x1.02e9900000000p-6f), (-0x1.069d400000000p-12f), (0x0.0p+0f), (0x1.5d1d1c0000000p-14f), (0x1.5b42340000000p-16f), (-0x1.ddd74e0000000p-12f), (-0x1.52f1c80000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.1a399c0000000p-5f), (-0x1.14923c0000000p-5f), (0x1.19c8aa0000000p-12f), (0x0.0p+0f), (-0x1.0dea040000000p-12f), (0x1.2168040000000p-14f), (-0x1.6223b00000000p-10f), (0x1.9de4d60000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.9716a40000000p-3f), (0x1.24f9a00000000p-7f), (-0x1.c411c00000000p-13f), (0x0.0p+0f), (0x1.1344760000000p-8f), (0x1.0190860000000p-12f), (-0x1.97ceae0000000p-9f), (0x1.7cdd160000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.80cb660000000p-3f), (0x1.763e180000000p-5f), (0x1.013e580000000p-13f), (0x0.0p+0f), (0x1.ecd47a0000000p-5f), (0x1.74abe00000000p-8f), (-0x1.5793e60000000p-8f), (0x1.c8a86a0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.6f1a400000000p-1f), (-0x1.00aeec0000000p-4f), (-0x1.7436b60000000p-15f), (0x0.0p+0f), (-0x1.869bac0000000p-5f), (0x1.122d1c0000000p-5f), (-0x1.7c37bc0000000p-8f), (0x1.09ec6c0000000p-12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.fe631a0000000p-27f), (-0x1.dc01500000000p-27f), (-0x1.a4f9c40000000p-25f), (0x0.0p+0f), (-0x1.0e4fca0000000p-30f), (0x1.11adac0000000p-30f), (-0x1.0734940000000p-35f), (-0x1.350c760000000p-38f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.633e6a0000000p-1f), (0x1.0700dc0000000p+0f), (0x1.0000820000000p+0f), (0x1.0000000000000p+0f), (-0x1.a732ce0000000p-4f), (-0x1.e17f1e0000000p-5f), (-0x1.a11f060000000p-9f), (-0x1.0cf9200000000p-12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), 0.0f},
+    {(0x1.5102f40000000p-2f), (0x1.b5f4720000000p-1f), (0x1.41637a0000000p+0f), (0x1.a24a940000000p+0f), (0x1.00c7400000000p+1f), (0x1.41f6040000000p+1f), (0x1.8be67c0000000p+1f), (0x0.0p+0f), (0x1.5352c00000000p-3f), (0x1.9fccea0000000p-2f), (-0x1.8c308a0000000p-5f), (-0x1.6406f40000000p-7f), (-0x1.7526d60000000p-10f), (-0x1.ce32dc0000000p-15f), (0x0.0p+0f), 0.0f},
+    {(0x1.84ec8a0000000p+1f), (0x1.449e120000000p+2f), (0x1.3b71920000000p+2f), (0x1.6c62d60000000p+2f), (0x1.45b6420000000p+2f), (0x1.99469c0000000p+1f), (0x1.e331960000000p+1f), (0x0.0p+0f), (0x1.82463c0000000p+2f), (0x1.ac778a0000000p+3f), (0x1.1064020000000p+5f), (0x1.ec1aba0000000p+6f), (0x1.7cba000000000p+9f), (0x1.1ba6a00000000p+14f), (0x0.0p+0f), 0.0f},
+    {(0x1.42321a0000000p-14f), (-0x1.6e2eec0000000p-20f), (-0x1.7808b80000000p-15f), (0x1.012cb00000000p-15f), (-0x1.71f58c0000000p-16f), (0x1.759e3e0000000p-16f), (0x1.1838f40000000p-22f), (0x0.0p+0f), (0x1.8d4ba00000000p-18f), (0x1.0b24000000000p-18f), (0x1.89a65e0000000p-19f), (0x1.1423480000000p-19f), (0x1.303ef40000000p-20f), (0x1.5e85620000000p-24f), (0x0.0p+0f), 0.0f},
+    {(0x1.120a560000000p-11f), (0x1.72c3880000000p-14f), (-0x1.7a1b380000000p-13f), (-0x1.d01d620000000p-17f), (0x1.4364d20000000p-14f), (-0x1.9a6b700000000p-14f), (-0x1.6357820000000p-21f), (0x0.0p+0f), (0x1.3b90de0000000p-16f), (0x1.9ce24c0000000p-17f), (0x1.c66ec60000000p-18f), (0x1.f293ba0000000p-19f), (0x1.76eb500000000p-20f), (0x1.42f6300000000p-24f), (0x0.0p+0f), 0.0f},
+    {(-0x1.0cd0900000000p-10f), (0x1.9f7de80000000p-11f), (0x1.10916c0000000p-10f), (-0x1.85a47e0000000p-11f), (0x1.5a7c820000000p-15f), (0x1.f4c72e0000000p-13f), (0x1.00f31c0000000p-20f), (0x0.0p+0f), (-0x1.0d84b20000000p-13f), (0x1.f580840000000p-16f), (0x1.217f300000000p-16f), (0x1.3376520000000p-18f), (0x1.1cb84e0000000p-22f), (-0x1.6f7fac0000000p-25f), (0x0.0p+0f), 0.0f},
+    {(-0x1.e2996a0000000p-6f), (-0x1.c744a40000000p-9f), (0x1.725ce20000000p-8f), (0x1.3d912a0000000p-9f), (-0x1.3f387e0000000p-10f), (-0x1.b21a380000000p-12f), (-0x1.69554c0000000p-20f), (0x0.0p+0f), (0x1.1b2ea20000000p-9f), (0x1.f8e9900000000p-13f), (0x1.0935920000000p-16f), (0x1.f4cdd60000000p-17f), (0x1.ed850c0000000p-20f), (0x1.2b14a40000000p-26f), (0x0.0p+0f), 0.0f},
+    {(0x1.0b42800000000p-5f), (-0x1.1824620000000p-5f), (-0x1.03ed7a0000000p-5f), (0x1.7a95fe0000000p-9f), (0x1.3577080000000p-8f), (0x1.0497e80000000p-11f), (0x1.8cd9a20000000p-20f), (0x0.0p+0f), (0x1.223ea40000000p-5f), (0x1.27eb160000000p-7f), (0x1.1ad6d80000000p-10f), (0x1.15418e0000000p-13f), (0x1.8b29e20000000p-17f), (0x1.0f48e40000000p-22f), (0x0.0p+0f), 0.0f},
+    {(0x1.8d25440000000p-2f), (0x1.4d0a6e0000000p-3f), (0x1.d577280000000p-7f), (-0x1.e2faa60000000p-6f), (-0x1.21a67c0000000p-7f), (-0x1.8407080000000p-12f), (-0x1.0ab6280000000p-20f), (0x0.0p+0f), (-0x1.d50e540000000p-5f), (0x1.aee9160000000p-6f), (0x1.52ed520000000p-6f), (0x1.b08fea0000000p-8f), (0x1.2ba3340000000p-10f), (0x1.a551160000000p-15f), (0x0.0p+0f), 0.0f},
+    {(0x1.a772300000000p-27f), (-0x1.e100080000000p-26f), (0x1.e7026c0000000p-25f), (0x1.bff90a0000000p-27f), (-0x1.e8057c0000000p-28f), (0x1.15435c0000000p-26f), (-0x1.50b9920000000p-25f), (0x0.0p+0f), (-0x1.36f3700000000p-29f), (0x1.7ca0ac0000000p-31f), (-0x1.88e53c0000000p-30f), (0x1.4b17760000000p-32f), (-0x1.8a9be20000000p-37f), (0x1.83ea960000000p-40f), (0x0.0p+0f), 0.0f},
+    {(0x1.4f15000000000p-2f), (0x1.d2261a0000000p-1f), (0x1.1638e60000000p+0f), (0x1.0bef880000000p+0f), (0x1.01cb500000000p+0f), (0x1.0008820000000p+0f), (0x1.0000060000000p+0f), (0x1.0000000000000p+0f), (-0x1.72389a0000000p-4f), (-0x1.7b91160000000p-4f), (-0x1.32b4320000000p-5f), (-0x1.2bdce00000000p-7f), (-0x1.4a54d20000000p-10f), (-0x1.a8adee0000000p-15f), (0x0.0p+0f), 0.0f},
 };
 
 #include "invact_table.h"
 
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
     (void)code, (void)thr, (void)param;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
     return s;
 }
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
-    float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
+    float t = y;
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.3088434040546417)) + (float)(8.962608433193964e-09)) + (float)(2.4980200695545274e-16)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
@@ -81,13 +75,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     p = INVACT_FMA(p, u, qb[6 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[7 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
-    float g = (INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]) + qb[10 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -3,7 +3,7 @@
  * generated/torch_quick_gelu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "0241cf2a44eb108f267a14f3460b5ca1bc7e384da085b63485bae0a1cb2e773f"
+#define TABLE_SHA256 "efd5358ea52b901587d8a7671860f1ce6515943c2065f19f079341dffb6d675d"
 /* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
  * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
 #ifdef INVACT_USE_FMA
@@ -18,9 +18,9 @@
 #define EAGER_BITS 1
 #endif
 #define CODE_BITS 1
-#define N_SEGMENTS 9
-#define N_THRESHOLDS 7
-#define ROW_LENGTH 17
+#define N_SEGMENTS 15
+#define N_THRESHOLDS 13
+#define ROW_LENGTH 11
 #define N_PARAMS 0
 /* invact.common.float32_scheme: invact.fastmath.log's constants */
 #define LOG_SQRT2 1.4142135381698608
@@ -34,45 +34,39 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
-#define N_COLUMNS 17
+#define N_COLUMNS 11
 #define COLUMN_WIDTH 16
-/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+/* POLY columns 0, 1, 2, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
 static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
-    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.5985b60000000p-1f), (0x1.fb967e0000000p+0f), (0x1.8ac9fe0000000p+1f), (0x0.0p+0f), (0x1.3d76440000000p-3f), (0x1.6662a60000000p-2f), (-0x1.9a75aa0000000p+2f), (0x1.9e0c460000000p-2f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.7b581a0000000p+0f), (0x1.94610e0000000p+0f), (0x1.113cf00000000p+1f), (0x0.0p+0f), (0x1.9cdfce0000000p+2f), (0x1.905b800000000p+4f), (0x1.06414e0000000p-1f), (0x1.b25bf00000000p+12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.d550cc0000000p-17f), (-0x1.60c1fa0000000p-13f), (-0x1.b2d3820000000p-27f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.4c68340000000p-13f), (0x1.e8177c0000000p-12f), (0x1.ea804e0000000p-26f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.8e51d80000000p-12f), (0x1.388e000000000p-12f), (0x1.7434080000000p-25f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.d38e920000000p-16f), (-0x1.41f62e0000000p-9f), (-0x1.db14d60000000p-22f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.e7a9400000000p-10f), (0x1.53fa780000000p-9f), (0x1.e4715e0000000p-20f), (0x0.0p+0f), (0x1.3f70b20000000p-17f), (0x1.eda9e00000000p-18f), (0x1.a307440000000p-18f), (0x1.24f7f20000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.51a8160000000p-8f), (0x1.a3582a0000000p-9f), (-0x1.5f4c940000000p-18f), (0x0.0p+0f), (0x1.37cbce0000000p-16f), (0x1.8edbaa0000000p-17f), (-0x1.77f3160000000p-17f), (0x1.c864b80000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.2c4f920000000p-7f), (-0x1.9cd2680000000p-7f), (0x1.838e440000000p-17f), (0x0.0p+0f), (0x1.25fae60000000p-16f), (0x1.7945400000000p-18f), (-0x1.032e820000000p-13f), (-0x1.8db3280000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.70a4ae0000000p-6f), (0x1.dbfd5c0000000p-7f), (-0x1.4bca180000000p-16f), (0x0.0p+0f), (0x1.faa02c0000000p-17f), (0x1.1f5f1c0000000p-16f), (-0x1.d9a8dc0000000p-12f), (-0x1.c0fd200000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.2cdf5a0000000p-3f), (0x1.1040d60000000p-9f), (0x1.b73c040000000p-16f), (0x0.0p+0f), (-0x1.38b7300000000p-14f), (0x1.db82c00000000p-15f), (-0x1.4ab4800000000p-10f), (0x1.10cfca0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.6fef8c0000000p-3f), (-0x1.ecbab00000000p-6f), (-0x1.b5e56a0000000p-16f), (0x0.0p+0f), (0x1.5acd2c0000000p-8f), (0x1.cd0fa40000000p-13f), (-0x1.6939580000000p-9f), (0x1.f2d9940000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.b6d7680000000p-2f), (0x1.65a7520000000p-5f), (0x1.3724ae0000000p-16f), (0x0.0p+0f), (0x1.b2af500000000p-5f), (0x1.4d847a0000000p-8f), (-0x1.2195060000000p-8f), (0x1.237ebe0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.69db860000000p-1f), (-0x1.ee67340000000p-6f), (-0x1.1a088e0000000p-17f), (0x0.0p+0f), (-0x1.64c10e0000000p-5f), (0x1.ea29e40000000p-6f), (-0x1.31692a0000000p-8f), (0x1.7568360000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.b421d00000000p-28f), (-0x1.3d7f5c0000000p-25f), (0x1.7739640000000p-25f), (0x0.0p+0f), (-0x1.8884660000000p-29f), (-0x1.b666020000000p-31f), (0x1.498d580000000p-35f), (0x1.c22a3c0000000p-39f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.ac77d40000000p-1f), (0x1.023f000000000p+0f), (0x1.00001e0000000p+0f), (0x1.0000000000000p+0f), (-0x1.75b6100000000p-4f), (-0x1.a5652e0000000p-5f), (-0x1.3f9eba0000000p-9f), (-0x1.794c040000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f},
+    {(0x1.18946c0000000p-2f), (0x1.81418a0000000p-1f), (0x1.2449ce0000000p+0f), (0x1.24b8c60000000p+1f), (0x1.fd26440000000p+0f), (0x1.4a93ae0000000p+1f), (0x1.a0ce6e0000000p+1f), (0x0.0p+0f), (0x1.fac3f60000000p-4f), (0x1.340c560000000p-2f), (-0x1.80980e0000000p-6f), (-0x1.45b0c20000000p-8f), (-0x1.31a74c0000000p-11f), (0x1.9e2d0a0000000p-2f), (0x0.0p+0f), 0.0f},
+    {(0x1.d325820000000p+1f), (0x1.390a860000000p+2f), (0x1.5a38de0000000p+2f), (0x1.72adfe0000000p+0f), (0x1.278d2a0000000p+2f), (0x1.53525c0000000p+1f), (0x1.afc85a0000000p+1f), (0x0.0p+0f), (0x1.02a4e00000000p+3f), (0x1.2bb6ae0000000p+4f), (0x1.10aab40000000p+6f), (0x1.04cf520000000p+8f), (0x1.c4881e0000000p+10f), (0x1.9de5a40000000p+15f), (0x0.0p+0f), 0.0f},
+    {(-0x1.95a4000000000p-19f), (-0x1.718b120000000p-17f), (-0x1.71241e0000000p-17f), (-0x1.46886a0000000p-14f), (-0x1.3baaa40000000p-16f), (0x1.fa9bf00000000p-16f), (0x1.0c94b80000000p-22f), (0x0.0p+0f), (0x1.0583d20000000p-18f), (0x1.ff72340000000p-19f), (0x1.74baf60000000p-19f), (0x1.01f4ee0000000p-19f), (0x1.0e28480000000p-20f), (0x1.27bc780000000p-25f), (0x0.0p+0f), 0.0f},
+    {(0x1.8a79c80000000p-12f), (0x1.20d3ac0000000p-15f), (-0x1.f0303e0000000p-14f), (0x1.2a488a0000000p-11f), (0x1.1b1a6c0000000p-14f), (-0x1.1ed7680000000p-13f), (-0x1.5a7fd80000000p-21f), (0x0.0p+0f), (0x1.866b6c0000000p-19f), (0x1.6604c80000000p-17f), (0x1.a2af200000000p-18f), (0x1.bbe9380000000p-19f), (0x1.36a91c0000000p-20f), (0x1.1084da0000000p-25f), (0x0.0p+0f), 0.0f},
+    {(0x1.8cbd280000000p-10f), (0x1.5c50740000000p-10f), (0x1.e2e3140000000p-12f), (-0x1.0546420000000p-9f), (0x1.363b7a0000000p-15f), (0x1.5e15bc0000000p-12f), (0x1.009a080000000p-20f), (0x0.0p+0f), (-0x1.2f0d5e0000000p-15f), (0x1.7cfa400000000p-16f), (0x1.da4c840000000p-17f), (0x1.e51a500000000p-19f), (0x1.76f6420000000p-27f), (-0x1.3758200000000p-26f), (0x0.0p+0f), 0.0f},
+    {(-0x1.d3c9000000000p-6f), (-0x1.8e920c0000000p-9f), (0x1.293ed20000000p-8f), (0x1.6a7de80000000p-9f), (-0x1.3adea60000000p-10f), (-0x1.27d85e0000000p-11f), (-0x1.6bf3600000000p-20f), (0x0.0p+0f), (0x1.64e11c0000000p-9f), (0x1.1227980000000p-12f), (0x1.f742480000000p-17f), (0x1.88c6f20000000p-17f), (0x1.3528260000000p-20f), (0x1.de24760000000p-28f), (0x0.0p+0f), 0.0f},
+    {(0x1.858fca0000000p-6f), (-0x1.67cf3e0000000p-5f), (-0x1.b855e20000000p-6f), (0x1.b4145e0000000p-8f), (0x1.4820de0000000p-8f), (0x1.56a23e0000000p-11f), (0x1.8ff9320000000p-20f), (0x0.0p+0f), (0x1.0418860000000p-5f), (0x1.09e3260000000p-7f), (0x1.d9665a0000000p-11f), (0x1.a74f800000000p-14f), (0x1.07e3ae0000000p-17f), (0x1.be704e0000000p-24f), (0x0.0p+0f), 0.0f},
+    {(0x1.7e41de0000000p-2f), (0x1.757d640000000p-3f), (0x1.18940e0000000p-6f), (-0x1.2f44740000000p-5f), (-0x1.48e29e0000000p-7f), (-0x1.e96abc0000000p-12f), (-0x1.0d462e0000000p-20f), (0x0.0p+0f), (-0x1.a48ec00000000p-5f), (0x1.8cfe360000000p-6f), (0x1.24b6b00000000p-6f), (0x1.5f0ada0000000p-8f), (0x1.b03c7c0000000p-11f), (0x1.901e380000000p-16f), (0x0.0p+0f), 0.0f},
+    {(0x1.4147780000000p-28f), (-0x1.6ee17e0000000p-26f), (0x1.5d393e0000000p-26f), (-0x1.75b9320000000p-26f), (0x1.9bbfec0000000p-26f), (-0x1.7453980000000p-26f), (-0x1.349c300000000p-25f), (0x0.0p+0f), (0x1.aec9e40000000p-30f), (-0x1.6f06fa0000000p-29f), (-0x1.b1b15c0000000p-32f), (-0x1.4fff5e0000000p-34f), (0x1.b10ee40000000p-37f), (-0x1.70aa580000000p-43f), (0x0.0p+0f), 0.0f},
+    {(0x1.4782ec0000000p-2f), (0x1.d30d560000000p-1f), (0x1.18d0de0000000p+0f), (0x1.0dc4da0000000p+0f), (0x1.022c340000000p+0f), (0x1.000a3e0000000p+0f), (0x1.0000060000000p+0f), (0x1.0000000000000p+0f), (-0x1.4907a20000000p-4f), (-0x1.4b35c00000000p-4f), (-0x1.00028a0000000p-5f), (-0x1.d67ffa0000000p-8f), (-0x1.cf2b1c0000000p-11f), (-0x1.92e44a0000000p-16f), (0x0.0p+0f), 0.0f},
 };
 
 #include "invact_table.h"
 
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
     (void)code, (void)thr, (void)param;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
     return s;
 }
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
-    float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
+    float t = y;
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.16361019015312195)) - (float)(5.167683503337628e-10)) - (float)(1.6763089737350473e-17)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
@@ -81,13 +75,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     p = INVACT_FMA(p, u, qb[6 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[7 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
-    float g = (INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]) + qb[10 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -3,7 +3,7 @@
  * generated/torch_silu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "21c72a50ce5c82f9d643cd6eff0e3c47a50aa6217f528b42a8d7205f60f1508a"
+#define TABLE_SHA256 "1da9f44ae2c61d0199db61e27c2a739efc322815bea1e0b7ecc214a66dd60c9f"
 /* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,
  * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */
 #ifdef INVACT_USE_FMA
@@ -18,9 +18,9 @@
 #define EAGER_BITS 1
 #endif
 #define CODE_BITS 1
-#define N_SEGMENTS 9
-#define N_THRESHOLDS 7
-#define ROW_LENGTH 17
+#define N_SEGMENTS 15
+#define N_THRESHOLDS 13
+#define ROW_LENGTH 11
 #define N_PARAMS 0
 /* invact.common.float32_scheme: invact.fastmath.log's constants */
 #define LOG_SQRT2 1.4142135381698608
@@ -34,45 +34,39 @@
 #define ROW_C0 3
 #define ROW_C0_LO 4
 #define ROW_C1 5
-#define N_COLUMNS 17
+#define N_COLUMNS 11
 #define COLUMN_WIDTH 16
-/* POLY columns 0, 1, 2, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
+/* POLY columns 0, 1, 2, 10, 9, 8, 7, 6, 5, 4, 3 (float32), by segment */
 static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {
-    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.b33f980000000p-1f), (0x1.3bdddc0000000p+1f), (0x1.f7b01c0000000p+1f), (0x0.0p+0f), (0x1.9d75e80000000p-3f), (0x1.d3142a0000000p-2f), (-0x1.76be5c0000000p+2f), (0x1.0e14bc0000000p-1f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.2d24860000000p+0f), (0x1.4d8ab80000000p+0f), (0x1.6dccda0000000p+0f), (0x0.0p+0f), (0x1.3d03020000000p+2f), (0x1.3191480000000p+4f), (0x1.0826320000000p-1f), (0x1.3fc8e00000000p+12f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.6c92b40000000p-16f), (0x1.f04b000000000p-16f), (-0x1.a74fb40000000p-24f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.c304580000000p-14f), (0x1.22555c0000000p-12f), (0x1.1ddcce0000000p-22f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.8cc7c20000000p-13f), (-0x1.31009a0000000p-11f), (-0x1.1a0b180000000p-26f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.efe5700000000p-14f), (-0x1.0b5eb00000000p-10f), (-0x1.ba0dba0000000p-20f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.605a8e0000000p-10f), (0x1.c7d8920000000p-9f), (0x1.dac35c0000000p-18f), (0x0.0p+0f), (0x1.37cf980000000p-17f), (0x1.e660bc0000000p-18f), (0x1.b1e5060000000p-18f), (0x1.33089a0000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.dae33c0000000p-9f), (-0x1.22cee40000000p-10f), (-0x1.4bae200000000p-16f), (0x0.0p+0f), (0x1.30ff880000000p-16f), (0x1.8a37bc0000000p-17f), (-0x1.51e1e40000000p-17f), (0x1.dd149c0000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.a95d440000000p-8f), (-0x1.24b6a00000000p-7f), (0x1.5587740000000p-15f), (0x0.0p+0f), (0x1.2246c20000000p-16f), (0x1.7c371e0000000p-18f), (-0x1.f8d1940000000p-14f), (-0x1.a121720000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.4da8ca0000000p-6f), (0x1.2ab1860000000p-6f), (-0x1.0c5ea40000000p-14f), (0x0.0p+0f), (0x1.f361fa0000000p-17f), (0x1.1fe6620000000p-16f), (-0x1.d2f4fe0000000p-12f), (-0x1.d521680000000p-22f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.fcb6e60000000p-4f), (-0x1.31f39a0000000p-7f), (0x1.4323480000000p-14f), (0x0.0p+0f), (-0x1.3786560000000p-14f), (0x1.da71c00000000p-15f), (-0x1.4900060000000p-10f), (0x1.1e39280000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.70051a0000000p-3f), (-0x1.6935900000000p-6f), (-0x1.23610c0000000p-14f), (0x0.0p+0f), (0x1.5911f40000000p-8f), (0x1.ced43e0000000p-13f), (-0x1.6a53760000000p-9f), (0x1.054d300000000p-21f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.866e640000000p-2f), (0x1.8eff080000000p-5f), (0x1.750a9c0000000p-15f), (0x0.0p+0f), (0x1.b0fdd40000000p-5f), (0x1.5001c80000000p-8f), (-0x1.24b91c0000000p-8f), (0x1.32a0ac0000000p-20f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.6ba90c0000000p-1f), (-0x1.53b2920000000p-5f), (-0x1.2fba800000000p-16f), (0x0.0p+0f), (-0x1.659ef20000000p-5f), (0x1.eac8d40000000p-6f), (-0x1.370d800000000p-8f), (0x1.8491480000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(-0x1.6973e80000000p-26f), (0x1.5acdfc0000000p-30f), (-0x1.5bac680000000p-25f), (0x0.0p+0f), (0x1.84a9820000000p-31f), (-0x1.a97fd00000000p-31f), (0x1.8d7ab80000000p-34f), (-0x1.dfba260000000p-38f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
-    {(0x1.9fc0460000000p-1f), (0x1.039d4e0000000p+0f), (0x1.00003c0000000p+0f), (0x1.0000000000000p+0f), (-0x1.7568700000000p-4f), (-0x1.a7909a0000000p-5f), (-0x1.47f0ec0000000p-9f), (-0x1.88bc400000000p-13f), (0x0.0p+0f), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f},
+    {(0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x0.0p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x1.0000000000000p+0f), (0x0.0p+0f), 0.0f},
+    {(0x1.7272cc0000000p-2f), (0x1.fa9cc20000000p-1f), (0x1.7ece420000000p+0f), (0x1.f41fdc0000000p+1f), (0x1.4c68400000000p+1f), (0x1.af56700000000p+1f), (0x1.0fde880000000p+2f), (0x0.0p+0f), (0x1.4ac2140000000p-3f), (0x1.91eb700000000p-2f), (-0x1.4773420000000p-5f), (-0x1.13dc400000000p-7f), (-0x1.02591e0000000p-10f), (-0x1.acc6180000000p-16f), (0x0.0p+0f), 0.0f},
+    {(0x1.61d1ca0000000p+1f), (0x1.e14d420000000p+1f), (0x1.0ac3860000000p+2f), (0x1.b3e41e0000000p-1f), (0x1.c661a60000000p+1f), (0x1.0497060000000p+1f), (0x1.4acd040000000p+1f), (0x0.0p+0f), (0x1.8c46ee0000000p+2f), (0x1.cc79120000000p+3f), (0x1.3f4d080000000p+5f), (0x1.33c17e0000000p+7f), (0x1.0b8bae0000000p+10f), (0x1.31d8cc0000000p+15f), (0x0.0p+0f), 0.0f},
+    {(-0x1.c1e8080000000p-19f), (-0x1.75ada20000000p-17f), (-0x1.5d9bf40000000p-17f), (-0x1.449c4e0000000p-14f), (-0x1.3502080000000p-16f), (0x1.f51f4e0000000p-16f), (0x1.0dcd060000000p-22f), (0x0.0p+0f), (0x1.071aa40000000p-18f), (0x1.f8d7180000000p-19f), (0x1.7cd9f40000000p-19f), (0x1.0192860000000p-19f), (0x1.0ddc7a0000000p-20f), (0x1.21affc0000000p-25f), (0x0.0p+0f), 0.0f},
+    {(0x1.a279600000000p-12f), (0x1.0c79ea0000000p-15f), (-0x1.e9efee0000000p-14f), (0x1.26222e0000000p-11f), (0x1.135d6a0000000p-14f), (-0x1.1bbed80000000p-13f), (-0x1.5bf4100000000p-21f), (0x0.0p+0f), (0x1.89b0ec0000000p-19f), (0x1.622c2a0000000p-17f), (0x1.aa36a60000000p-18f), (0x1.bae0e80000000p-19f), (0x1.35d5260000000p-20f), (0x1.0ab51e0000000p-25f), (0x0.0p+0f), 0.0f},
+    {(0x1.a66c360000000p-10f), (0x1.59a6dc0000000p-10f), (0x1.c9f2600000000p-12f), (-0x1.ffb4d20000000p-10f), (0x1.47f8aa0000000p-15f), (0x1.5aae8e0000000p-12f), (0x1.0184da0000000p-20f), (0x0.0p+0f), (-0x1.2fcb800000000p-15f), (0x1.7a21640000000p-16f), (0x1.dffac60000000p-17f), (0x1.e2eab00000000p-19f), (0x1.a84b980000000p-28f), (-0x1.31874e0000000p-26f), (0x0.0p+0f), 0.0f},
+    {(-0x1.e39e760000000p-6f), (-0x1.76cf860000000p-9f), (0x1.27786e0000000p-8f), (0x1.5c95840000000p-9f), (-0x1.37df320000000p-10f), (-0x1.2572840000000p-11f), (-0x1.6d14c60000000p-20f), (0x0.0p+0f), (0x1.657e7c0000000p-9f), (0x1.106d8c0000000p-12f), (0x1.fa71860000000p-17f), (0x1.8722040000000p-17f), (0x1.3244080000000p-20f), (0x1.d4d71c0000000p-28f), (0x0.0p+0f), 0.0f},
+    {(0x1.7db9660000000p-6f), (-0x1.67d7860000000p-5f), (-0x1.ae76140000000p-6f), (0x1.ba3cc20000000p-8f), (0x1.4466ee0000000p-8f), (0x1.546e020000000p-11f), (0x1.9114640000000p-20f), (0x0.0p+0f), (0x1.0470680000000p-5f), (0x1.08be480000000p-7f), (0x1.dcab300000000p-11f), (0x1.a4c2180000000p-14f), (0x1.05e78a0000000p-17f), (0x1.b304360000000p-24f), (0x0.0p+0f), 0.0f},
+    {(0x1.836f1e0000000p-2f), (0x1.6f20740000000p-3f), (0x1.0231480000000p-6f), (-0x1.2da8140000000p-5f), (-0x1.455bc40000000p-7f), (-0x1.e715d00000000p-12f), (-0x1.0de7a60000000p-20f), (0x0.0p+0f), (-0x1.a47fce0000000p-5f), (0x1.8c44b80000000p-6f), (0x1.25b46e0000000p-6f), (0x1.5da93e0000000p-8f), (0x1.ad9b580000000p-11f), (0x1.89554e0000000p-16f), (0x0.0p+0f), 0.0f},
+    {(-0x1.d872040000000p-27f), (0x1.704ffe0000000p-30f), (0x1.bf63c00000000p-27f), (0x1.d35f940000000p-25f), (0x1.54433c0000000p-26f), (-0x1.946ce00000000p-26f), (-0x1.2f6c580000000p-25f), (0x0.0p+0f), (0x1.aed0f80000000p-30f), (0x1.2a62340000000p-30f), (-0x1.6b0f760000000p-30f), (-0x1.9b7bfc0000000p-35f), (0x1.f7aa920000000p-36f), (-0x1.7d052c0000000p-42f), (0x0.0p+0f), 0.0f},
+    {(0x1.4c1ca40000000p-2f), (0x1.d5c5520000000p-1f), (0x1.18ead60000000p+0f), (0x1.0da6160000000p+0f), (0x1.0227000000000p+0f), (0x1.000a360000000p+0f), (0x1.0000060000000p+0f), (0x1.0000000000000p+0f), (-0x1.4927140000000p-4f), (-0x1.4b284a0000000p-4f), (-0x1.001ffc0000000p-5f), (-0x1.d45ca80000000p-8f), (-0x1.cc13ae0000000p-11f), (-0x1.8c2c940000000p-16f), (0x0.0p+0f), 0.0f},
 };
 
 #include "invact_table.h"
 
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param) {
     (void)code, (void)thr, (void)param;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
     return s;
 }
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    int32_t s1 = ((((((int32_t)((y > thr[3]))) + ((int32_t)((y > thr[4])))) + ((int32_t)((y > thr[5])))) + ((int32_t)((y > thr[6])))) + 4);
-    int32_t s = ((((int32_t)((y > thr[0]))) + ((int32_t)((y > thr[1])))) + ((int32_t)((y > thr[2]))));
+    int32_t s1 = ((((int32_t)(!(thr[7] >= y))) + ((int32_t)(!(thr[8] >= y))) + ((int32_t)(!(thr[9] >= y))) + ((int32_t)(!(thr[10] >= y))) + ((int32_t)(!(thr[11] >= y))) + ((int32_t)(!(thr[12] >= y)))) + 8);
+    int32_t s = (((int32_t)(!(thr[0] >= y))) + ((int32_t)(!(thr[1] >= y))) + ((int32_t)(!(thr[2] >= y))) + ((int32_t)(!(thr[3] >= y))) + ((int32_t)(!(thr[4] >= y))) + ((int32_t)(!(thr[5] >= y))) + ((int32_t)(!(thr[6] >= y))));
     s = ((code == 1) ? s1 : s);
-    float t = invact_log32(invact_clamp_min((-y), (float)(1.1754943508222875e-38)));
+    float t = y;
     t = ((qb[0 * INVACT_BLOCK] == (float)(0.0)) ? invact_sqrt_rn(invact_clamp_min((((y + (float)(0.27846455574035645)) - (float)(1.2979282537628478e-08)) - (float)(1.1257466239192657e-16)), (float)(0.0))) : t);
     float u = invact_clamp_max(invact_clamp_min(((t - qb[1 * INVACT_BLOCK]) * qb[2 * INVACT_BLOCK]), (float)((-1.0))), (float)(1.0));
     float p = qb[3 * INVACT_BLOCK];
@@ -81,13 +75,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     p = INVACT_FMA(p, u, qb[6 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[7 * INVACT_BLOCK]);
     p = INVACT_FMA(p, u, qb[8 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[10 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[11 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[12 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[13 * INVACT_BLOCK]);
-    p = INVACT_FMA(p, u, qb[14 * INVACT_BLOCK]);
-    float g = (INVACT_FMA(p, u, qb[15 * INVACT_BLOCK]) + qb[16 * INVACT_BLOCK]);
+    float g = (INVACT_FMA(p, u, qb[9 * INVACT_BLOCK]) + qb[10 * INVACT_BLOCK]);
     g = ((y != y) ? y : g);
     return g;
 }

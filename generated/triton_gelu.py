@@ -6,9 +6,9 @@ import triton.language as tl
 
 from invact import act_triton
 
-NSEG = tl.constexpr(7)  # segments: the columns of P (POLY transposed)
+NSEG = tl.constexpr(14)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'e0d9ab40a4a7237f0db74e578f1f6864fa1c1142b0d6c5c402735b52dad1f05d'
+TABLE_SHA256 = 'ce5ebdc81ed2b503ad21c4f7046a3418e531d7f6dfc0eab0a19ff9d60d644b14'
 
 
 @triton.jit
@@ -27,12 +27,12 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = act_triton.segment(y, YT, 2, 3, 7, 3)
-    s = act_triton.segment(y, YT, 0, 2, 3, 0)
+    s1 = act_triton.segment(y, YT, 5, 7, 127, 6)
+    s = act_triton.segment(y, YT, 0, 5, 31, 0)
     s = tl.where(code == 1, s1, s)
-    t = act_triton.log(tl.maximum(-y, 1.1754943508222875e-38))
+    t = y
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.16997121274471283) - 5.264809033178608e-09) - 1.3471736094768506e-16), 0.0)), t)
-    g = act_triton.row(t, P, s, NSEG, 14, 0)
+    g = act_triton.row(t, P, s, NSEG, 8, 0)
     g = tl.where(y != y, y, g)
     return g
 

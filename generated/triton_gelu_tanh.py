@@ -6,9 +6,9 @@ import triton.language as tl
 
 from invact import act_triton
 
-NSEG = tl.constexpr(8)  # segments: the columns of P (POLY transposed)
+NSEG = tl.constexpr(16)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '3a66bc87486232d427f07fe2b1a33e9f4ce8977f2974906d9f55806e957d5e30'
+TABLE_SHA256 = 'a723ab3cfc9783bdabca798419546d79728a3b00e4eb7fe8f49f738c32ca4609'
 
 
 @triton.jit
@@ -27,12 +27,12 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = act_triton.segment(y, YT, 3, 3, 7, 4)
-    s = act_triton.segment(y, YT, 0, 3, 7, 0)
+    s1 = act_triton.segment(y, YT, 7, 7, 127, 8)
+    s = act_triton.segment(y, YT, 0, 7, 127, 0)
     s = tl.where(code == 1, s1, s)
-    t = act_triton.log(tl.maximum(-y, 1.1754943508222875e-38))
+    t = y
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.17004075646400452) - 5.892750287728177e-09) - 1.7823431388758518e-16), 0.0)), t)
-    g = act_triton.row(t, P, s, NSEG, 12, 0)
+    g = act_triton.row(t, P, s, NSEG, 8, 0)
     g = tl.where(y != y, y, g)
     return g
 

@@ -6,9 +6,9 @@ import triton.language as tl
 
 from invact import act_triton
 
-NSEG = tl.constexpr(9)  # segments: the columns of P (POLY transposed)
+NSEG = tl.constexpr(15)  # segments: the columns of P (POLY transposed)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'e0339b08638d9900e806e12a7100386b88219714b3373f9f2377286a6525632e'
+TABLE_SHA256 = '85e63caf31d8a5d51ec961544e94610409104bef6fb4960785a6209d573600f8'
 
 
 @triton.jit
@@ -27,12 +27,12 @@ def code_x(x, XT):
 @triton.jit
 def g_y(y, code, YT, P, params):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
-    s1 = act_triton.segment(y, YT, 3, 4, 15, 4)
-    s = act_triton.segment(y, YT, 0, 3, 7, 0)
+    s1 = act_triton.segment(y, YT, 7, 6, 63, 8)
+    s = act_triton.segment(y, YT, 0, 7, 127, 0)
     s = tl.where(code == 1, s1, s)
-    t = act_triton.log(tl.maximum(-y, 1.1754943508222875e-38))
+    t = y
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.3088434040546417) + 8.962608433193964e-09) + 2.4980200695545274e-16), 0.0)), t)
-    g = act_triton.row(t, P, s, NSEG, 12, 0)
+    g = act_triton.row(t, P, s, NSEG, 6, 0)
     g = tl.where(y != y, y, g)
     return g
 

@@ -1,0 +1,186 @@
+"""The fitted backward's Triton kernel priced from its PTX: instructions per element against the
+memory time at 2^28 bfloat16 elements on an H200 (issue 17), without a GPU.
+
+    python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90] [--json]
+
+Each activation's backward kernel is compiled for sm_ARCH as its launcher launches it on bfloat16
+(tests/triton_offline.py: meta tensors, Triton's own argument binder), and its PTX is counted per
+thread: straight-line code once, a loop's body once per trip (the plane loop: 8 / code bits trips),
+divided by the elements a thread handles (BLOCK code bytes x planes / threads). Registers come from
+ptxas -v (Triton's own ptxas). The estimate, per element:
+  issue  SASS instructions (ptxas's code for the PTX, the loop's body once a trip; where nvdisasm is
+         missing, PTX instructions: mov excluded, sqrt.rn / div.rn counted as the ~8 / ~10
+         instructions they become) / (SMs x 128 lanes x clock)
+  lsu    global loads and stores (a gather per coefficient: ld.global.b32) / (SMs x 32 x clock)
+  memory bytes read and written once (y, grad in, grad out, the code's bits) / HBM bandwidth
+The kernel is memory-bound by this count where max(issue, lsu) <= memory. It is an estimate (no
+dual issue, no latency, no cache misses on the POLY rows); gpu_check.sh prints it next to the
+measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import triton_offline  # noqa: E402
+
+from invact import act_triton, ops, registry  # noqa: E402
+
+# H200 SXM: 132 SMs, 1.98 GHz boost, 4.8 TB/s HBM3e (NVIDIA's data sheet); 128 FP32/INT lanes per SM
+# issue a thread-instruction a cycle each, the load/store units 32
+SMS, CLOCK_HZ, HBM_BYTES_S, LANES, LSU_LANES = 132, 1.98e9, 4.8e12, 128, 32
+EXPANDS = {"sqrt.rn.f32": 8, "div.rn.f32": 10}   # PTX instructions that become a short sequence in SASS
+FREE = ("mov",)                                   # register moves: mostly folded by ptxas
+
+
+@dataclass
+class Estimate:
+    name: str
+    elements_per_thread: float
+    issue: float            # thread-instructions per element (PTX)
+    sass: float             # SASS instructions per element (ptxas's code: what the SMs issue)
+    loads: float            # global loads per element (ld.global, any width)
+    gathers: float          # scalar 32-bit global loads per element (coefficient gathers and thresholds)
+    stores: float
+    registers: int
+    issue_ms: float
+    lsu_ms: float
+    memory_ms: float
+
+    @property
+    def bound(self) -> str:
+        worst = max(self.issue_ms, self.lsu_ms)
+        return "memory" if worst <= self.memory_ms else ("issue" if self.issue_ms >= self.lsu_ms else "load/store")
+
+
+def _instructions(ptx: str) -> list[tuple[int, str]]:
+    """(line number, opcode) of each instruction of the kernel body, and the labels' line numbers."""
+    out = []
+    for k, line in enumerate(ptx.splitlines()):
+        s = line.strip()
+        if not s or s.startswith(("//", ".", "{", "}", "$")) or not s.endswith(";") and not s.startswith("@"):
+            continue
+        op = s.split()[1] if s.startswith("@") else s.split()[0]
+        out.append((k, op.rstrip(";")))
+    return out
+
+
+def count(ptx: str, trips: int) -> dict[str, float]:
+    """Per-thread dynamic counts: loop bodies (a label that a later branch jumps back to) ``trips``
+    times, everything else once."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): k for k, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
+    loops = []
+    for k, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), k + 1) < k:
+            loops.append((labels[m.group(1)], k))
+    counts = {"issue": 0.0, "loads": 0.0, "gathers": 0.0, "stores": 0.0}
+    for k, op in _instructions(ptx):
+        times = trips if any(a <= k <= b for a, b in loops) else 1
+        if op.startswith(FREE):
+            continue
+        counts["issue"] += times * EXPANDS.get(op, 1)
+        if op.startswith("ld.global"):
+            counts["loads"] += times
+            counts["gathers"] += times * (op in ("ld.global.b32", "ld.global.f32"))
+        elif op.startswith("st.global"):
+            counts["stores"] += times
+    return counts
+
+
+def assemble(ptx: str, arch: int) -> tuple[int, str]:
+    """(registers per thread, SASS text) of the PTX as Triton's ptxas builds it for sm_ARCH
+    (-1 and "" where the tools cannot say)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = Path(get_ptxas(arch).path)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        src.write_text(ptx)
+        done = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                               str(src), "-o", str(cubin)], capture_output=True, text=True)
+        found = re.search(r"Used (\d+) registers", done.stdout + done.stderr)
+        nvdisasm = ptxas.with_name("nvdisasm")
+        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout \
+            if nvdisasm.exists() and cubin.exists() else ""
+    return (int(found.group(1)) if found else -1), sass
+
+
+def count_sass(sass: str, trips: int) -> float:
+    """Per-thread dynamic SASS instructions up to the kernel's last EXIT (after it: the slow paths of
+    sqrt.rn, called for rare inputs), a loop's body (a label a later BRA jumps back to) ``trips``
+    times; NOPs excluded."""
+    lines = sass.splitlines()
+    labels = {m.group(1): k for k, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    body = [(k, line) for k, line in enumerate(lines) if re.match(r"\s+/\*[0-9a-f]+\*/", line)]
+    exits = [k for k, line in body if re.search(r"\bEXIT\b", line)]
+    end = exits[-1] if exits else len(lines)
+    loops = [(labels[m.group(1)], k) for k, line in body
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), k + 1) < k]
+    total = 0.0
+    for k, line in body:
+        if k <= end and not re.search(r"\bNOP\b", line):
+            total += trips if any(a <= k <= b for a, b in loops) else 1
+    return total
+
+
+def estimate(name: str, numel: int, arch: int = 90) -> Estimate:
+    """The estimate for activation ``name``'s bfloat16 backward at ``numel`` elements."""
+    args, kwargs = triton_offline._launches(name, torch.bfloat16, numel)["backward"]
+    ptx = triton_offline.compile_kernel(act_triton.backward_kernel, args, kwargs, arch)
+    bits = registry.module(name).CODE_BITS
+    threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
+    planes = 8 // bits if bits else 1
+    block = kwargs.get("BLOCK") or args[act_triton.backward_kernel.arg_names.index("BLOCK")]
+    per_thread = block * planes / threads
+    c = {k: v / per_thread for k, v in count(ptx, planes).items()}
+    regs, sass = assemble(ptx, arch)
+    issue = count_sass(sass, planes) / per_thread if sass else c["issue"]
+    scale = numel * 1e3
+    return Estimate(name, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
+                    issue * scale / (SMS * LANES * CLOCK_HZ), (c["loads"] + c["stores"]) * scale / (SMS * LSU_LANES * CLOCK_HZ),
+                    (3 * 2 + bits / 8) * scale / HBM_BYTES_S)
+
+
+def fitted_names() -> list[str]:
+    """The activations whose backward evaluates POLY rows (act_triton.row)."""
+    return [n for n in ops.names() if "act_triton.row(" in Path(registry.triton_module(n).__file__).read_text()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=2**28)
+    parser.add_argument("--names", default="", help="comma-separated (default: the fitted tables)")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n for n in args.names.split(",") if n] or fitted_names()
+    found = [estimate(n, args.numel, args.arch) for n in names]
+    if args.json:
+        print(json.dumps([asdict(e) | {"bound": e.bound} for e in found], indent=1))
+        return 0
+    print(f"PTX estimate, backward, {args.numel} bfloat16 elements, sm_{args.arch}, H200 "
+          f"({SMS} SMs, {CLOCK_HZ / 1e9:g} GHz, {HBM_BYTES_S / 1e12:g} TB/s)")
+    print(f"{'activation':<12}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
+          f"{'lsu ms':>8}{'memory ms':>10}  bound")
+    for e in found:
+        print(f"{e.name:<12}{e.issue:7.1f}{e.sass:8.1f}{e.loads:9.2f}{e.gathers:8.2f}{e.registers:5d}{e.issue_ms:9.3f}"
+              f"{e.lsu_ms:8.3f}{e.memory_ms:10.3f}  {e.bound}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

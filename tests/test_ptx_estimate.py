@@ -1,0 +1,65 @@
+"""benchmarks/ptx_estimate.py offline (issue 17 item 5): the fitted backward's Triton kernel built for
+sm_90 without a GPU, priced per element against the memory time at 2^28 bfloat16 elements."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from invact import backends, registry
+from invact.fitting import fit
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not backends.triton_importable(), reason="needs triton")]
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("gelu", "silu", "relu")
+
+
+@pytest.fixture(scope="module")
+def estimates():
+    import triton.backends
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/ptx_estimate.py"), "--json", "--names",
+                           ",".join(NAMES)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {e["name"]: e for e in json.loads(done.stdout)}
+
+
+def test_gathers_are_the_cost_models(estimates):
+    """The scalar loads per element in the PTX are the model's gathers (fit.triton_instructions: one
+    per POLY column) plus the thresholds, which each thread loads once a plane for the elements it
+    handles there: what the fitter prices is what the kernel loads."""
+    for name in ("gelu", "silu"):
+        mod, e = registry.module(name), estimates[name]
+        degree, segments = len(mod.POLY[0]) - 5, len(mod.POLY)
+        thresholds = sum(count - 1 for _, _, count, _ in mod.CLASSES)
+        planes = 8 // mod.CODE_BITS
+        want = fit.triton_instructions(degree, segments)["gathers"] + thresholds * planes / e["elements_per_thread"]
+        assert e["gathers"] == pytest.approx(want), (name, e)
+
+
+def test_estimate_is_consistent(estimates):
+    """The times follow from the counts (H200: 132 SMs x 128 lanes at 1.98 GHz, 4.8 TB/s); a plain
+    table (relu: no POLY rows) is memory-bound by far; registers stay within a program's budget for
+    full occupancy of 128-thread programs (<= 128, 2^16 per SM)."""
+    for name, e in estimates.items():
+        assert e["issue_ms"] == pytest.approx(e["sass"] * 2**28 / (132 * 128 * 1.98e9) * 1e3, rel=1e-9)
+        bits = registry.module(name).CODE_BITS    # y, grad in and grad out in bfloat16, and the code
+        assert e["memory_ms"] == pytest.approx((6 + bits / 8) * 2**28 / 4.8e12 * 1e3, rel=1e-9)
+        assert 0 < e["registers"] <= 128, e
+        assert e["sass"] > 0 and e["loads"] >= e["gathers"]
+    assert estimates["relu"]["bound"] == "memory"
+    assert estimates["relu"]["issue_ms"] < 0.5 * estimates["relu"]["memory_ms"]
+
+
+def test_fitted_backward_estimate_recorded(estimates):
+    """Where the fitted backward stands (README, issue 17): issue-bound by the estimate, within 3x of
+    the memory time after the refit without the log transform (it was ~3.1x for gelu's degree-14
+    layout: 130 SASS instructions an element); fails, to be updated, if a change moves it past that."""
+    for name in ("gelu", "silu"):
+        e = estimates[name]
+        assert max(e["issue_ms"], e["lsu_ms"]) <= 3.0 * e["memory_ms"], e
