@@ -9,7 +9,10 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
   computed once by the generated eager ``g_kernel`` (:func:`lookup_table`), then one gather per element.
 * Forward: the packed branch code (:func:`pack_code`), from the thresholds and the codes that the
   generated ``code_kernel`` gives at them (:func:`code_map`). So the fitted tables need no
-  torch.compile at all (their first call takes milliseconds, not seconds).
+  torch.compile at all (their first call takes milliseconds, not seconds). Where the table's y is
+  PyTorch's own hardswish, silu or gelu, y and the code in one pass over x (:func:`forward_code`):
+  ATen's vectorised kernel reproduced operation for operation (its Sleef exp called from libtorch),
+  the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
 
 Gradients and codes equal the eager backend's bit for bit. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
@@ -43,7 +46,7 @@ from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
-           "pack_code"]
+           "pack_code", "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -51,7 +54,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 4, 9
 MAX_X_THRESHOLDS = 15
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
@@ -124,6 +127,10 @@ def library() -> ctypes.CDLL | None:
                                      ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
                                      ctypes.POINTER(ctypes.c_int32),  # codes
                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
+    lib.invact_forward_code.restype = ctypes.c_int
+    lib.invact_forward_code.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,  # kind, exp, ATen's chunk
+                                        *lib.invact_pack_code.argtypes[:3],
+                                        ctypes.c_void_p, *lib.invact_pack_code.argtypes[3:]]  # y, as pack_code
     return lib
 
 
@@ -254,9 +261,76 @@ def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
     dtype = DTYPE_IDS.get(x.dtype)
     if lib is None or dtype is None or not x.is_contiguous() or x.device.type != "cpu":
         return None
+    out, args = _code_args(cmap, x.numel(), bits)
+    done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), *args)
+    return out if done == 0 else None
+
+
+def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
+    """A new packed code for n elements and the C kernels' arguments that describe it (n_thr .. threads)."""
     thresholds, strict, codes, nan_code = cmap
-    out = torch.empty(bitpack.packed_bytes(x.numel(), bits), dtype=torch.uint8)
+    out = torch.empty(bitpack.packed_bytes(n, bits), dtype=torch.uint8)
     thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
-    done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), len(thresholds), thr, strict,
-                                (ctypes.c_int32 * 16)(*codes), nan_code, bits, out.data_ptr(), torch.get_num_threads())
+    return out, (len(thresholds), thr, strict, (ctypes.c_int32 * 16)(*codes), nan_code, bits, out.data_ptr(),
+                 torch.get_num_threads())
+
+
+# ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
+
+FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3}  # META torch_forward -> the C kernel's kind
+GELU = FORWARDS["F.gelu(x)"]
+GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
+GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)
+
+
+@functools.cache
+def _sleef_exp() -> int | None:
+    """The address of Sleef_expf16_u10 in libtorch_cpu (what ATen's AVX-512 exp() calls), or None."""
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(lib.Sleef_expf16_u10, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def forward_kind(torch_forward: str | None) -> int | None:
+    """The C kernel's kind for a table whose y is ``torch_forward`` (its META entry), or None where the
+    kernel does not reproduce that forward here (no AVX-512 kernel library, or no Sleef exp to call)."""
+    kind = FORWARDS.get(torch_forward or "")
+    if kind is None or library() is None or (kind != FORWARDS["F.hardswish(x)"] and _sleef_exp() is None):
+        return None
+    return kind
+
+
+def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
+    """How ATen's kernel for the forward ``kind`` splits a contiguous n-element tensor over ``threads``
+    (TensorIterator with OpenMP: at::parallel_for's equal chunks, one range under the grain size)."""
+    grain = GRAIN_SIZE
+    if kind == GELU and n > GELU_SERIAL_MOST:
+        grain = max(n // threads, 1)
+    if n < grain or threads <= 1:
+        return [(0, n)]
+    chunk = -(-n // min(threads, -(-n // grain)))
+    return [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+
+
+def aten_tails(n: int, dtype: torch.dtype, kind: int, threads: int) -> list[tuple[int, int]]:
+    """The ranges that ATen's kernel computes with its scalar code: each range's vectorised loop leaves
+    its last ``len % (2 * vector)`` elements to the scalar loop (a vector: 16 float32, 32 bfloat16 or
+    float16)."""
+    step = 32 if dtype == torch.float32 else 64
+    return [(hi - (hi - lo) % step, hi) for lo, hi in aten_ranges(n, kind, threads) if (hi - lo) % step]
+
+
+def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> Tensor | None:
+    """y = the forward ``kind`` of contiguous CPU ``x`` (ATen's vector code on every element) and the
+    packed code, in one pass; None where the kernel does not take them."""
+    lib = library()
+    dtype = DTYPE_IDS.get(x.dtype)
+    if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
+            or x.device.type != "cpu" or y.device.type != "cpu" or y.numel() != x.numel()):
+        return None
+    out, args = _code_args(cmap, x.numel(), bits)
+    chunk = aten_ranges(x.numel(), kind, torch.get_num_threads())[0][1]
+    done = lib.invact_forward_code(kind, _sleef_exp(), chunk, dtype, x.numel(), x.data_ptr(), y.data_ptr(), *args)
     return out if done == 0 else None

@@ -1,7 +1,8 @@
 """The compiled backend's C kernels on CPU tensors (:mod:`invact.cpu_kernel`), tried before Inductor.
 
 Forward: y by the generated torch forward, the packed code by the C kernel from the thresholds and the
-codes at them (:func:`code_map`). Backward: a gather from g of every 16-bit y and code for bfloat16 /
+codes at them (:func:`code_map`); y and the code in one pass over x where y is PyTorch's hardswish,
+silu or gelu (:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a gather from g of every 16-bit y and code for bfloat16 /
 float16 y (the table :func:`invact.impl_eager.lookup_table` holds), the fused polynomial kernel for
 float32 y of tables it covers (:func:`fused_table`). Bit for bit what the eager backend computes.
 Answers None where the kernels do not take the tensors (no AVX-512 or no compiler, float64, a table
@@ -23,7 +24,8 @@ from . import cpu_kernel, impl_compiled, layout, registry
 from .constants import Constants, module_constants
 from .impl_eager import EAGER, flushed, lookup_table, output
 
-__all__ = ["CpuKernels", "CPU", "fused_table", "code_map", "coded_forward"]
+__all__ = ["CpuKernels", "CPU", "fused_table", "code_map", "coded_forward", "one_pass_forward", "one_pass_kind",
+           "probe"]
 
 
 @registry.per_root(maxsize=256)
@@ -61,6 +63,58 @@ def coded_forward(x: Tensor, name: str, params: list[float], ready: Callable[[Mo
     return None if packed is None else (y, packed)
 
 
+def one_pass_forward(x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
+    """(y, packed code) in one pass over x by the C kernel, for contiguous x of a table whose y is a
+    PyTorch forward the kernel reproduces here (:func:`one_pass_kind`); the few elements ATen computes
+    with its scalar code (invact.cpu_kernel.aten_tails) are recomputed by the generated forward. None
+    elsewhere, and with denormals flushed (ATen's worker threads keep their own setting)."""
+    mod = registry.module(name)
+    if (not mod.CODE_BITS or params or not x.is_contiguous() or x.numel() == 0 or x.device.type != "cpu"
+            or flushed(x)):
+        return None
+    kind = one_pass_kind(mod, x.dtype, torch.backends.mkldnn.enabled)
+    return None if kind is None else _one_pass(mod, x, kind)
+
+
+def _one_pass(mod: ModuleType, x: Tensor, kind: int) -> tuple[Tensor, Tensor] | None:
+    cmap = code_map(mod, x.dtype, ())
+    if cmap is None:
+        return None
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    packed = cpu_kernel.forward_code(x, y, kind, cmap, mod.CODE_BITS)
+    if packed is None:
+        return None
+    xf, yf = x.view(-1), y.view(-1)
+    for lo, hi in cpu_kernel.aten_tails(x.numel(), x.dtype, kind, torch.get_num_threads()):
+        yf[lo:hi] = mod.forward(xf[lo:hi])
+    return y, packed
+
+
+def probe(dtype: torch.dtype) -> Tensor:
+    """x of dtype for checking a forward: every 16-bit pattern (bfloat16/float16); for float32 each
+    bfloat16 pattern with pseudo-random low bits (every exponent, both signs, infinities, NaNs)."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32)
+    if dtype != torch.float32:
+        return patterns.to(torch.int16).view(dtype)
+    low = torch.randint(0, 1 << 16, (1 << 16,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    return (patterns << 16 | low).view(torch.float32)
+
+
+@registry.per_root(maxsize=64)
+def one_pass_kind(mod: ModuleType, dtype: torch.dtype, mkldnn: bool) -> int | None:
+    """The C kernel's forward for this table's y in dtype (invact.cpu_kernel.forward_kind), kept only
+    where it gives PyTorch's y bit for bit on :func:`probe` here: which kernel PyTorch runs depends on
+    the CPU and on ``mkldnn`` (torch.backends.mkldnn.enabled: oneDNN's gelu, whose JIT code this does
+    not reproduce, takes float32 and bfloat16)."""
+    kind = cpu_kernel.forward_kind(mod.META.get("torch_forward"))
+    if kind is None or not mod.CODE_BITS:
+        return None
+    x = probe(dtype)
+    got = _one_pass(mod, x, kind)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    return kind if got is not None and torch.equal(got[0].view(bits), mod.forward(x).view(bits)) else None
+
+
 def _pack(mod: ModuleType, flat: Tensor, cmap: cpu_kernel.CodeMap, k: Constants) -> Tensor:
     packed = cpu_kernel.pack_code(flat, cmap, mod.CODE_BITS)
     if packed is None:  # a layout the kernel does not take: Inductor's code for the y computed
@@ -75,7 +129,8 @@ class CpuKernels:
         return EAGER.value(x, name, params)
 
     def forward(self, x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
-        return coded_forward(x, name, params, lambda mod: cpu_kernel.library() is not None, _pack)
+        return (one_pass_forward(x, name, params)
+                or coded_forward(x, name, params, lambda mod: cpu_kernel.library() is not None, _pack))
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
         mod = registry.module(name)

@@ -11,7 +11,9 @@
  * the eager g_kernel (invact.ops), gathered per element.
  *
  * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
- * invact.bitpack's planes, as the generated code_packed.
+ * invact.bitpack's planes, as the generated code_packed. invact_forward_code: the same and, in the
+ * same pass over x, y by PyTorch's own forward where its ATen kernel is reproduced here (hardswish,
+ * silu, gelu).
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
@@ -22,7 +24,7 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
@@ -186,7 +188,8 @@ static inline void g_block(const invact_table *t, const __m512 y[U], const __m51
 }
 
 static inline __m512 load(int dtype, const void *p, int64_t i, __mmask16 m) {
-    if (dtype == F32) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    if (dtype == F32)  /* an unmasked load where every lane is (Zen 4 takes it faster) */
+        return m == 0xFFFF ? _mm512_loadu_ps((const float *)p + i) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
     if (dtype == F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -312,13 +315,24 @@ int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const
     return run_jobs((job){0, dtype, bits, n, 0, 0, y, grad, out, code, lut}, threads);
 }
 
-/* ---- forward code ---- */
+/* ---- forward: the code, and y with it ---- */
+
+/* the code of 16 x: the interval between the thresholds that x lies in, NaN's own code for NaN */
+static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512i nan_code) {
+    __m512i count = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+    for (int j = 0; j < jb->n_thr; j++) {
+        __mmask16 passed = (jb->strict >> j) & 1 ? _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GT_OQ)
+                                                 : _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GE_OQ);
+        count = _mm512_mask_add_epi32(count, passed, count, one);
+    }
+    __m512i c = _mm512_permutexvar_epi32(count, codes);
+    return _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
+}
 
 static void *run_code_job(void *arg) {
     const code_job *jb = arg;
     int per = 8 / jb->bits;
-    __m512i codes = _mm512_loadu_si512(jb->codes), one = _mm512_set1_epi32(1);
-    __m512i nan_code = _mm512_set1_epi32(jb->nan_code);
+    __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
     for (int64_t b = jb->lo; b < jb->hi; b += 16) {
         __mmask16 mb = lanes(jb->hi - b);
         __m512i acc = _mm512_setzero_si512();
@@ -326,15 +340,7 @@ static void *run_code_job(void *arg) {
             int64_t e = plane * jb->nbytes + b;
             __mmask16 m = mb & lanes(jb->n - e);
             if (!m) break;
-            __m512 x = load(jb->dtype, jb->x, e, m);
-            __m512i count = _mm512_setzero_si512();
-            for (int j = 0; j < jb->n_thr; j++) {
-                __mmask16 passed = (jb->strict >> j) & 1 ? _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GT_OQ)
-                                                         : _mm512_cmp_ps_mask(x, set(jb->thr[j]), _CMP_GE_OQ);
-                count = _mm512_mask_add_epi32(count, passed, count, one);
-            }
-            __m512i c = _mm512_permutexvar_epi32(count, codes);
-            c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
+            __m512i c = code16(jb, load(jb->dtype, jb->x, e, m), codes, nan_code);
             acc = _mm512_or_si512(acc, _mm512_maskz_mov_epi32(m, _mm512_slli_epi32(c, plane * jb->bits)));
         }
         _mm_mask_storeu_epi8(jb->packed + b, mb, _mm512_cvtepi32_epi8(acc));
@@ -346,4 +352,128 @@ static void *run_code_job(void *arg) {
 int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
                      const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
     return pack_jobs(run_code_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads);
+}
+
+/* PyTorch's forwards whose vectorised ATen kernels (AVX-512) this reproduces operation for operation,
+ * so y is theirs bit for bit wherever ATen runs its vector code (all but the last n % 32 (float32) or
+ * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
+ * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
+enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3 };
+typedef __m512 (*vec_fn)(__m512);       /* ATen's Sleef_expf16_u10, found in libtorch_cpu by the caller */
+
+static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
+
+/* ATen's Vectorized<float>::erf (AVX-512), FMAs where it has them */
+static inline __m512 aten_erf(__m512 v, vec_fn exp16) {
+    __m512 one = set(1.0f), sign = _mm512_and_ps(set(-0.0f), v);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(set(0.3275911f), _mm512_abs_ps(v), one));
+    __m512 r = _mm512_fmadd_ps(set(1.061405429f), t, set(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, set(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, set(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, set(0.254829592f));
+    __m512 e = negate(exp16(negate(_mm512_mul_ps(v, v))));
+    return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
+}
+
+/* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */
+static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb, int kind, int dtype, __m512 x,
+                                                              __mmask16 nan, int64_t e) {
+    vec_fn exp16 = (vec_fn)jb->fn;
+    if (kind == FWD_HARDSWISH) {  /* x * minimum(maximum(x + 3, 0), 6) / 6: vec::maximum and minimum */
+        __m512 six = set(6.0f);  /* differ from the instructions only where x is NaN (all ones, c below) */
+        __m512 p = _mm512_mul_ps(x, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(x, set(3.0f)), set(0.0f)), six));
+        if (nan) {  /* x * c of two NaNs: whichever operand the compiler put first. ATen's float32 loop */
+            __mmask16 first = 0;  /* answers c's in the first vector of each pair (from its range's start) */
+            if (dtype == F32)
+                for (int l = 0; l < 16; l++)
+                    first |= (__mmask16)((((e + l) % jb->chunk) & 31) < 16) << l;
+            __m512 ones = _mm512_castsi512_ps(_mm512_set1_epi32(-1));
+            __m512 quiet = _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000)));
+            p = _mm512_mask_blend_ps(nan, p, _mm512_mask_blend_ps(first, quiet, ones));  /* else x's, quieted */
+        }
+        return _mm512_div_ps(p, six);
+    }
+    if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
+        return _mm512_div_ps(x, _mm512_add_ps(set(1.0f), exp16(negate(x))));
+    /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
+    __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)), exp16);
+    return _mm512_mul_ps(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));
+}
+
+#define FORWARD_CHUNK 65536 /* bytes of code a step (on the stack): long runs of each plane's x and y */
+
+/* the bits of a one-bit code from one threshold: the code where x passes it (or not, or is NaN) */
+typedef struct { __m512 thr; int strict; __m512i passed, failed, nan; } bit_code;
+
+static inline bit_code bit_code_of(const code_job *jb) {
+    return (bit_code){set(jb->thr[0]), jb->strict & 1, _mm512_set1_epi32(jb->codes[1]),
+                      _mm512_set1_epi32(jb->codes[0]), _mm512_set1_epi32(jb->nan_code)};
+}
+
+static inline __mmask16 bits16(const bit_code *k, __m512 x, __mmask16 nan) {
+    __mmask16 p = k->strict ? _mm512_cmp_ps_mask(x, k->thr, _CMP_GT_OQ) : _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
+    __m512i c = _mm512_mask_blend_epi32(p, k->failed, k->passed);  /* blends: k-mask logic is slow on Zen 4 */
+    c = _mm512_mask_blend_epi32(nan, c, k->nan);
+    return _mm512_test_epi32_mask(c, c);
+}
+
+/* elements e .. e + 15 (lanes m) of a plane: y, and their code's bits ORed into (plane > 0) or
+ * stored at (plane 0) the 16 bytes at `at` */
+static inline __attribute__((always_inline)) void forward_step(const code_job *jb, int kind, int dtype, int64_t e,
+                                                               __mmask16 m, int plane, uint8_t *at,
+                                                               const bit_code *k, __m512i codes, __m512i nan_code) {
+    __m512 x = load(dtype, jb->x, e, m);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, nan, e));
+    __m128i bytes;
+    if (k)
+        bytes = _mm_maskz_set1_epi8(m & bits16(k, x, nan), (char)(1 << plane));
+    else
+        bytes = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(
+            m, _mm512_slli_epi32(code16(jb, x, codes, nan_code), plane * jb->bits)));
+    _mm_storeu_si128((__m128i *)at, plane ? _mm_or_si128(_mm_loadu_si128((__m128i *)at), bytes) : bytes);
+}
+
+/* the job's bytes of code, and y of their elements, plane after plane in steps of FORWARD_CHUNK
+ * bytes (each plane's elements of a step are contiguous); kind and dtype constants where inlined.
+ * One-bit codes of one threshold (every built-in table's) set their bits from compare masks */
+static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
+    int per = 8 / jb->bits;
+    __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
+    bit_code one = bit_code_of(jb);
+    const bit_code *k = jb->bits == 1 && jb->n_thr == 1 ? &one : 0;
+    uint8_t acc[FORWARD_CHUNK];
+    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
+        int64_t b1 = clamp_to(b0 + FORWARD_CHUNK, jb->hi);
+        for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
+            int64_t e0 = plane * jb->nbytes + b0, e1 = clamp_to(plane * jb->nbytes + b1, jb->n), e = e0;
+            for (; e + 16 <= e1; e += 16)  /* plane 0 covers every byte: later planes OR into its bytes */
+                forward_step(jb, kind, dtype, e, 0xFFFF, plane, acc + (e - e0), k, codes, nan_code);
+            if (e < e1) forward_step(jb, kind, dtype, e, lanes(e1 - e), plane, acc + (e - e0), k, codes, nan_code);
+        }
+        memcpy(jb->packed + b0, acc, (size_t)(b1 - b0));
+    }
+}
+
+#define FORWARD_DTYPES(kind) \
+    (jb->dtype == F32 ? forward_job(jb, kind, F32) : jb->dtype == BF16 ? forward_job(jb, kind, BF16) \
+                                                                       : forward_job(jb, kind, F16))
+
+static void *run_forward_job(void *arg) {
+    const code_job *jb = arg;
+    if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
+    else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
+    else FORWARD_DTYPES(FWD_GELU);
+    return 0;
+}
+
+/* y[0 .. n) = the forward `kind` of n contiguous x of dtype and packed = their codes (as
+ * invact_pack_code); exp16: ATen's Sleef_expf16_u10 (SiLU, GELU); chunk: the length of the ranges
+ * ATen splits n into (n where it runs one). Returns 0, or -1 for arguments it does not take. */
+int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
+                        const float *thr, int strict, const int32_t *codes, int nan_code, int bits,
+                        uint8_t *packed, int threads) {
+    if (kind < FWD_HARDSWISH || kind > FWD_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
+    return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
+                        y, kind, exp16, chunk);
 }

@@ -1,0 +1,149 @@
+"""y and the code in one pass over x (invact.impl_cpu.one_pass_forward, csrc/cpu_kernels.c's
+invact_forward_code) against PyTorch's own forward and today's two-pass code.
+
+The kernel reproduces ATen's vectorised AVX-512 kernels operation for operation (ATen's own Sleef exp
+called from libtorch), and PyTorch recomputes the elements ATen gives to its scalar loop, so y must
+equal PyTorch's y bit for bit, NaN payloads included: no tolerance. Inputs: every 16-bit pattern, and
+float32 samples with every exponent, signalling and quiet NaNs, infinities and signed zeros, at sizes
+whose ATen ranges (1 and 2 threads) end in scalar tails and start off the vector pairs' phase.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import invact.ops  # noqa: F401 - registers torch.ops.invact
+from invact import bitpack, constants, cpu_kernel, impl_cpu, registry
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
+                                  reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+pytestmark = needs_kernel
+NATIVE = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [65536, 65536 + 37, 40001, 3 * 32768 + 75]  # 2 threads: chunks of 32768, 32787, 20001, 49190
+INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    was = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(was)
+
+
+def _inputs(dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:
+    """The probe's patterns (every 16-bit one; float32: every exponent and NaN kind) repeated to n
+    elements in a shuffled order, so that NaNs fall at every position of ATen's vector pairs."""
+    p = impl_cpu.probe(dtype)
+    g = torch.Generator().manual_seed(seed)
+    return p[torch.randint(0, p.numel(), (n,), generator=g)]
+
+
+def _two_pass_code(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Today's code: the generated forward's y, then the separate C pack over x."""
+    return impl_cpu.coded_forward(x, name, [], lambda m: True, impl_cpu._pack)[1]
+
+
+def _assert_bitwise(y: torch.Tensor, ref: torch.Tensor) -> None:
+    bad = y.view(INT[y.dtype]) != ref.view(INT[y.dtype])
+    assert not bad.any(), f"{int(bad.sum())} elements differ, first at {bad.nonzero()[:5].flatten().tolist()}"
+
+
+def test_the_routes_taken():
+    """hardswish and silu run in one pass for every dtype; gelu where PyTorch runs its ATen kernel
+    (float16; float32 and bfloat16 go to oneDNN's gelu, whose JIT code is not reproduced)."""
+    kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
+             for n in NATIVE for d in DTYPES}
+    assert all(kinds[n, d] is not None for n in ("hardswish", "silu") for d in DTYPES)
+    assert kinds["gelu", torch.float16] is not None
+    assert registry.module("mish").CODE_BITS and impl_cpu.one_pass_kind(registry.module("mish"), torch.float32,
+                                                                        True) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["hardswish", "silu"])
+def test_exhaustive_16_bit_and_float32_probe(name, dtype, threads):
+    x = impl_cpu.probe(dtype)
+    y, code = impl_cpu.one_pass_forward(x, name, [])
+    _assert_bitwise(y, NATIVE[name](x))
+    assert torch.equal(code, _two_pass_code(x, name))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["hardswish", "silu", "gelu"])
+def test_ragged_sizes_and_thread_ranges(name, dtype, n, threads):
+    if impl_cpu.one_pass_kind(registry.module(name), dtype, torch.backends.mkldnn.enabled) is None:
+        pytest.skip("PyTorch runs oneDNN's kernel for this forward here")
+    x = _inputs(dtype, n, seed=n)
+    y, code = impl_cpu.one_pass_forward(x, name, [])
+    _assert_bitwise(y, NATIVE[name](x))
+    assert torch.equal(code, _two_pass_code(x, name))
+    assert code.numel() == bitpack.packed_bytes(n, registry.module(name).CODE_BITS)
+
+
+def _vector_scalar_differ(name: str) -> torch.Tensor:
+    """float32 x where ATen's vector code and its scalar loop (a call on 1 element) give different y."""
+    x = torch.linspace(-20, 20, 4096)
+    scalar = torch.stack([NATIVE[name](v.reshape(1)) for v in x]).flatten()
+    differ = x[scalar.view(torch.int32) != NATIVE[name](x).view(torch.int32)]
+    assert differ.numel() > 100  # Sleef's exp and glibc's expf part often: the tails below matter
+    return differ
+
+
+def test_the_scalar_tails_are_pytorchs(threads):
+    """x made only of values whose vector and scalar y differ: every tail and every range boundary that
+    aten_tails got wrong would show."""
+    differ = _vector_scalar_differ("silu")
+    tails = []
+    for n in SIZES:
+        x = differ[torch.arange(n) % differ.numel()]
+        y, _ = impl_cpu.one_pass_forward(x, "silu", [])
+        _assert_bitwise(y, F.silu(x))
+        tails += cpu_kernel.aten_tails(n, torch.float32, cpu_kernel.FORWARDS["F.silu(x)"], threads)
+    assert len(tails) >= 3 and all(0 < hi - lo < 32 for lo, hi in tails)
+
+
+def test_gelu_without_onednn_runs_atens_kernel_in_one_pass():
+    with torch.backends.mkldnn.flags(enabled=False):
+        for dtype in DTYPES:
+            x = impl_cpu.probe(dtype)
+            assert impl_cpu.one_pass_kind(registry.module("gelu"), dtype, False) is not None
+            y, code = impl_cpu.one_pass_forward(x, "gelu", [])
+            _assert_bitwise(y, F.gelu(x))
+            assert torch.equal(code, _two_pass_code(x, "gelu"))
+
+
+@pytest.mark.parametrize("name", ["hardswish", "silu"])
+def test_the_op_returns_the_one_pass_results(name):
+    """What users call: torch.ops.invact.forward on the compiled backend, y and code as today's."""
+    x = _inputs(torch.float32, 7 * 5 * 1143).reshape(7, 5, -1)  # 40005 elements: 2 threads split it mid-pair
+    y, code = torch.ops.invact.forward(x, name, [], "compiled")
+    _assert_bitwise(y, NATIVE[name](x))
+    mod = registry.module(name)
+    assert torch.equal(code, mod.code_packed(x, constants.module_constants(mod, x.dtype, x.device, ()).x_thresholds))
+
+
+def test_declined_where_it_would_not_be_pytorchs_y():
+    x = torch.randn(64, 33)
+    assert impl_cpu.one_pass_forward(x.t(), "silu", []) is None            # not contiguous: two passes
+    assert impl_cpu.one_pass_forward(torch.empty(0), "silu", []) is None
+    assert impl_cpu.one_pass_forward(x, "relu", []) is None                # no code: nothing to pack
+    if torch.set_flush_denormal(True):
+        try:
+            assert impl_cpu.one_pass_forward(x, "silu", []) is None        # ATen's threads keep their setting
+        finally:
+            torch.set_flush_denormal(False)
+    y, code = impl_cpu.CPU.forward(x.t(), "silu", [])                      # the two-pass route
+    _assert_bitwise(y, F.silu(x.t()))
+
+
+def test_aten_ranges_split_as_at_parallel_for():
+    gelu, silu = cpu_kernel.FORWARDS["F.gelu(x)"], cpu_kernel.FORWARDS["F.silu(x)"]
+    assert cpu_kernel.aten_ranges(32767, silu, 2) == [(0, 32767)]         # under the grain: one range
+    assert cpu_kernel.aten_ranges(65537, silu, 2) == [(0, 32769), (32769, 65537)]
+    assert cpu_kernel.aten_ranges(40001, silu, 2) == [(0, 20001), (20001, 40001)]
+    assert cpu_kernel.aten_ranges(20000, gelu, 2) == [(0, 10000), (10000, 20000)]  # GELU: any n > 16384
+    assert cpu_kernel.aten_ranges(16384, gelu, 2) == [(0, 16384)]
+    assert cpu_kernel.aten_tails(100, torch.bfloat16, silu, 1) == [(64, 100)]
