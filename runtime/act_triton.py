@@ -90,7 +90,8 @@ def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, 
         b = pid * BLOCK + tl.arange(0, BLOCK)
         plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
         byte = tl.load(CODE + b, mask=b < nbytes, other=0).to(tl.int32)
-        for j in range(8 // BITS):  # a loop, not unrolled: g is long
+        for j in range(8 // BITS):  # a loop: unrolled, sm_90 code was hardly shorter (gelu 106 -> 101
+            # SASS instructions an element, silu 105 -> 105) for more registers (72 -> 80, 107)
             offs = plane * j + b
             code = (byte >> (j * BITS)) & ((1 << BITS) - 1)
             _backward_plane(GO, Y, GX, YT, P, offs, (b < nbytes) & (offs < n), code, PARAMS, G)
