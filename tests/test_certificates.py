@@ -118,13 +118,9 @@ def torch_reference(table, branch, y):
     return x.detach().numpy(), grad.numpy()
 
 
-@pytest.mark.skipif(not DERIVATIVE, reason="no tables generated yet")
-@pytest.mark.parametrize("path", DERIVATIVE, ids=[p.stem for p in DERIVATIVE])
-@pytest.mark.parametrize("kind", ["bf16", "fp16"])
-def test_certificate_recheck(path, kind):
-    table = json.loads(path.read_text())
-    if table["torch_forward"] is None:
-        pytest.skip("user table: no PyTorch reference")
+def recheck(table: dict, kind: str, evaluator, scheme: str = "") -> None:
+    """Every ``kind`` (bf16/fp16) value of y in each branch's range, evaluated by ``evaluator(code class,
+    y, params)``, within the certificate's ``{kind}{scheme}_eval_error`` of the reference (and the bound)."""
     params = table["params"]
     values = _all_values(kind)
     cert = {b["index"]: b for b in table["certificate"]["branches"]}
@@ -143,14 +139,24 @@ def test_certificate_recheck(path, kind):
         if y.size == 0:
             continue
         _, g = torch_reference(table, branch, y)
-        got = evaluate(cc, y, params).astype(np.float64)
+        got = evaluator(cc, y, params).astype(np.float64)
         err = np.abs(got - g) / np.maximum(1.0, np.abs(g))   # absolute below 1, relative above
         finite = np.isfinite(g)
         assert np.all(np.isfinite(got[finite])), "table gives non-finite g where f' is finite"
         worst = float(err[finite].max())
-        claimed = cert[branch["index"]][f"{kind}_eval_error"]
+        claimed = cert[branch["index"]][f"{kind}{scheme}_eval_error"]
         assert worst <= claimed + REF_SLACK, (branch["index"], worst, claimed)
         assert worst <= F32_BOUND + REF_SLACK
+
+
+@pytest.mark.skipif(not DERIVATIVE, reason="no tables generated yet")
+@pytest.mark.parametrize("path", DERIVATIVE, ids=[p.stem for p in DERIVATIVE])
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_certificate_recheck(path, kind):
+    table = json.loads(path.read_text())
+    if table["torch_forward"] is None:
+        pytest.skip("user table: no PyTorch reference")
+    recheck(table, kind, evaluate)
 
 
 @pytest.mark.skipif(not DERIVATIVE, reason="no tables generated yet")
