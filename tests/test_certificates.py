@@ -40,6 +40,20 @@ def _all_values(kind):
     return np.unique(v[np.isfinite(v)])
 
 
+def centred(seg, v):
+    """A poly segment's u = clamp((T(y) - center) * scale, -1, 1) at float32 ``v``, T its transform."""
+    f = np.float32
+    tf = seg["transform"]
+    if tf["kind"] == "identity":
+        t = v
+    else:
+        hi, mid, lo = (f(o) for o in tf["origin"])
+        d = f(tf["sign"]) * (((v - hi) - mid) - lo)
+        t = np.sqrt(np.maximum(d, f(0))) if tf["kind"] == "sqrt" else \
+            np.log(np.maximum(d, np.finfo(np.float32).tiny))
+    return np.clip((t - f(seg["center"])) * f(seg["scale"]), f(-1), f(1))
+
+
 def evaluate(code_class, y, params):
     """float32 g~(y), straight from the documented scheme."""
     f = np.float32
@@ -59,15 +73,7 @@ def evaluate(code_class, y, params):
             out[m] = np.broadcast_to(np.asarray(eval(seg["expr"], {"__builtins__": {}}, scope),  # noqa: S307
                                                 dtype=np.float32), v.shape)
         else:
-            tf = seg["transform"]
-            if tf["kind"] == "identity":
-                t = v
-            else:
-                hi, mid, lo = (f(o) for o in tf["origin"])
-                d = f(tf["sign"]) * (((v - hi) - mid) - lo)
-                t = np.sqrt(np.maximum(d, f(0))) if tf["kind"] == "sqrt" else \
-                    np.log(np.maximum(d, np.finfo(np.float32).tiny))
-            u = np.clip((t - f(seg["center"])) * f(seg["scale"]), f(-1), f(1))
+            u = centred(seg, v)
             acc = np.zeros_like(u)
             for c in seg["coeffs"][:0:-1]:
                 acc = (acc + f(c)) * u

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from invact import cpu_kernel
-from test_certificates import DERIVATIVE, F32_BOUND, _num, evaluate, recheck
+from test_certificates import DERIVATIVE, F32_BOUND, _num, centred, evaluate, recheck
 
 _SOURCE = """#include <math.h>
 void invact_test_fmaf(long n, const float *a, const float *b, const float *c, float *out) {
@@ -59,15 +59,7 @@ def evaluate_fma(code_class, y, params, fmaf):
         m = seg_of == k
         if seg["kind"] != "poly" or len(seg["coeffs"]) < 2 or not m.any():
             continue
-        v, tf = y[m], seg["transform"]                # the transform and u, written out again
-        if tf["kind"] == "identity":
-            t = v
-        else:
-            hi, mid, lo = (f(o) for o in tf["origin"])
-            d = f(tf["sign"]) * (((v - hi) - mid) - lo)
-            t = np.sqrt(np.maximum(d, f(0))) if tf["kind"] == "sqrt" else \
-                np.log(np.maximum(d, np.finfo(np.float32).tiny))      # as tests/test_certificates.py
-        u = np.clip((t - f(seg["center"])) * f(seg["scale"]), f(-1), f(1))
+        u = centred(seg, y[m])
         c = seg["coeffs"]
         p = np.full_like(u, f(c[-1]))
         for cj in c[-2:0:-1]:
