@@ -1,17 +1,19 @@
 """Calibrate ``invact.fitting.fit``'s C cost model: time the per-table C kernel of synthetic layouts.
 
 Each layout is GELU's committed plan with its POLY rows replaced: ``segments`` rows of ``degree``
-(their transforms: GELU's sqrt and log, or sqrt alone), split over its two code classes, compiled by
-the generator the runtime's kernels come from (``c_gen.generate_c``) with ``invact.table_c``'s flags,
-and timed on 2^22 float32 y = gelu(3 N(0, 1)) at one thread (the fastest of ``--repeat`` rounds, every layout timed in turn). It prints ns per
-element beside the model's prediction (``fit.c_time``), and with ``--fit`` the least-squares
-coefficients that ``fit.C_COST`` records (the machine is shared and noisy: run it twice).
+(their transforms: GELU's sqrt and the log of its far left tail, or the sqrt alone), split over its
+two code classes, compiled by the generator the runtime's kernels come from (``c_gen.generate_c``)
+with ``invact.table_c``'s flags (with FMA where the runtime builds with it, ``table_c.fma``), and
+timed on 2^22 float32 y = gelu(3 N(0, 1)) at one thread (the fastest of ``--repeat`` rounds, every
+layout timed in turn). It prints ns per element beside the model's prediction (``fit.c_time``), and
+with ``--fit`` the least-squares coefficients that ``fit.C_COST`` records (the machine is shared and noisy: run it twice).
 
     python benchmarks/layout_cost.py [--repeat 7] [--fit]
     python benchmarks/layout_cost.py --tables ROOT [--names gelu,silu]
 
-With ``--tables``: the C kernels of the tables under ROOT/generated/tables (a refit, written
-elsewhere) side by side with the committed tables' and PyTorch's native backward, same inputs.
+With ``--tables``: the C kernels of the tables under ROOT/generated/tables (a refit written
+elsewhere, or the tables of another revision) side by side with this tree's and PyTorch's native
+backward, same inputs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from invact.fitting.codegen.analysis import ClassPlan, plan_table
 from invact.fitting.codegen.c_gen import generate_c
 from invact.fitting.codegen.torch_gen import generate_torch
 from invact.fitting.fit import c_features, c_time
+from invact.fitting.model import Transform
 from invact.fitting.tables import load_table, project_root
 
 N = 1 << 22
@@ -47,8 +50,9 @@ LAYOUTS = [  # (degree, segments, transforms: 2 = sqrt and log, 1 = sqrt; denomi
 
 
 def synthetic_plan(base, degree: int, segments: int, transforms: int, den: int = 0):
-    """``base`` (a plan with two code classes) with ``segments`` POLY rows of ``degree`` (rational
-    rows with a denominator of degree ``den``)."""
+    """``base`` (a plan with two code classes and a sqrt transform) with ``segments`` POLY rows of
+    ``degree`` (rational rows with a denominator of degree ``den``), transformed by the sqrt and (with
+    ``transforms`` = 2) the log."""
     row_len = 5 + degree + den
     rows = []
     for k in range(segments):
@@ -61,15 +65,17 @@ def synthetic_plan(base, degree: int, segments: int, transforms: int, den: int =
         breaks = tuple((sp.Float(-0.1 + 6.0 * (offset + j + 1) / segments), "left") for j in range(n - 1))
         classes.append(ClassPlan(c.code, offset, n, breaks, offset - (1 if offset else 0)))
     assert len(rows[0]) == row_len
+    sqrt = next(tf for tf in base.transforms if tf.kind == "sqrt")
+    log = Transform("log", (0.0, 0.0, 0.0), -1)           # GELU's far left tail before issue 17's refit
     return dataclasses.replace(base, poly=tuple(rows), degree=degree, den_degree=den, classes=tuple(classes),
-                               transforms=base.transforms[:transforms], exact=(), constant=(), nan_values=())
+                               transforms=(sqrt, log)[:transforms], exact=(), constant=(), nan_values=())
 
 
 def build(text: str, folder: Path, name: str) -> ctypes.CDLL:
     path = folder / f"{name}.c"
     path.write_text(text)
     so = folder / f"{name}.so"
-    subprocess.run([cpu_kernel._compiler(), *table_c._flags(), str(path), "-o", str(so)], check=True)
+    subprocess.run([cpu_kernel._compiler(), *table_c._flags(table_c.fma()), str(path), "-o", str(so)], check=True)
     lib = ctypes.CDLL(str(so))
     lib.invact_table_grad.restype = ctypes.c_int
     lib.invact_table_grad.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int,
@@ -126,11 +132,11 @@ def avx512_timer(plan, timer: Timer):
 
 
 def side_by_side(root: Path, names: list[str], repeat: int) -> None:
-    """ns per element: the committed table's C kernel and the one under ``root`` (per-table C, then
-    the AVX-512 kernel where it runs), PyTorch's backward."""
+    """ns per element: this tree's table and the one under ``root`` by the per-table C kernel, then
+    by the AVX-512 kernel where it runs, and PyTorch's backward."""
     here = project_root()
-    print(f"{'activation':<12}{'committed':>10}{'refit':>8}{'avx512':>8}{'refit':>8}{'native':>8}"
-          f"   (ns per element, fastest of {repeat})")
+    print(f"{'activation':<12}{'C here':>10}{'C root':>8}{'512 here':>9}{'512 root':>9}{'native':>8}"
+          f"   (ns per element, fastest of {repeat}; 512: the AVX-512 kernel)")
     with tempfile.TemporaryDirectory(prefix="invact-layout-") as tmp:
         for name in names:
             rel = f"generated/tables/{name}.json"
@@ -147,7 +153,7 @@ def side_by_side(root: Path, names: list[str], repeat: int) -> None:
                 native_once if native else None]
             times = [[c() if c else math.nan for c in calls] for _ in range(repeat + 1)][1:]
             best = [min(r[k] for r in times) for k in range(len(calls))]
-            print(f"{name:<12}{best[0]:10.3f}" + "".join(f"{b:8.3f}" for b in best[1:]))
+            print(f"{name:<12}{best[0]:10.3f}{best[1]:8.3f}{best[2]:9.3f}{best[3]:9.3f}{best[4]:8.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,14 @@ def c_time(degree: int, segments: int, logs: int = 0, den_degree: int = 0, isa: 
     return sum(a * b for a, b in zip(C_COST[isa], c_features(degree, segments, logs, den_degree)))
 
 
-# Least squares over benchmarks/layout_cost.py's 20 layouts (2^22 float32, one thread, fastest of 9
-# rounds; AMD EPYC, 2 cores shared), ATEN_CPU_CAPABILITY=avx512 / avx2:
+# ns per element for each c_features entry, rounded from benchmarks/layout_cost.py's runs (2^22 float32,
+# one thread, fastest of 9-15 rounds, every layout in turn) on an AMD EPYC whose 2 cores other jobs
+# shared: under load averages 4-7 every time grew by up to 2x and the least-squares fits moved with it,
+# their ratios less. Quietest runs, AVX-512 (ATEN_CPU_CAPABILITY=avx2 for AVX2): a Horner step 0.09
+# (0.12), the log transform 1.0 (1.9), a column of a 9-16 row table 0.02 (0.02), of a wider one ~0.2
+# (0.2: 8 Horner steps 13 columns wide went 2.3 -> 5.8 ns at 24 rows), a threshold 0.02 (0.03);
+# under load the log measured 1.3-2.7 ns (AVX-512), always more than 8 Horner steps. The division
+# (rational rows) measured nothing distinguishable from noise: priced at a vdivps, 0.2.
 C_COST = {"AVX512": (0.6, 0.09, 0.2, 1.0, 0.02, 0.2, 0.02), "AVX2": (0.8, 0.12, 0.2, 1.9, 0.02, 0.2, 0.03)}
 DIVISION_COST = 8   # instructions of a correctly rounded float32 division on GPUs (``triton_instructions``)
 LOG_INSTRUCTIONS = 27   # act_triton.log: bit operations, a 9-term Horner, the exponent's terms

@@ -58,7 +58,7 @@ def test_bucketize_is_counted_by_compares_as_torch_searches(tmp_path, right):
 def test_cost_model_prices_what_the_c_kernel_runs():
     """The calibrated model's structure (values measured: benchmarks/layout_cost.py): the log transform
     costs every element more than several Horner steps, rows beyond 16 are gathered one at a time
-    (dearer per column than a permute), and a division is priced for rational rows."""
+    (dearer per column than a permute); a division has a (nominal) price for rational rows."""
     for isa in fit.C_COST:
         step = fit.c_time(9, 8, isa=isa) - fit.c_time(8, 8, isa=isa)
         log = fit.c_time(8, 8, 1, isa=isa) - fit.c_time(8, 8, isa=isa)
