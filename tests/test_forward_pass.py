@@ -8,6 +8,8 @@ float32 samples with every exponent, signalling and quiet NaNs, infinities and s
 whose ATen ranges (1 and 2 threads) end in scalar tails and start off the vector pairs' phase.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,39 @@ def test_aten_ranges_split_as_at_parallel_for():
     assert cpu_kernel.aten_ranges(20000, gelu, 2) == [(0, 10000), (10000, 20000)]  # GELU: any n > 16384
     assert cpu_kernel.aten_ranges(16384, gelu, 2) == [(0, 16384)]
     assert cpu_kernel.aten_tails(100, torch.bfloat16, silu, 1) == [(64, 100)]
+
+
+def _reference_code(x: torch.Tensor, t: float, strict: bool, codes: tuple[int, int], nan_code: int) -> torch.Tensor:
+    """The one-bit code in torch ops, on this thread only (torch.set_flush_denormal sets this thread's
+    reading of denormals, and the C kernel's threads inherit it; ATen's pool threads do not)."""
+    tt, x = torch.tensor(t, dtype=torch.float32), x.float()  # the kernel compares in float32
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        passed = (x > tt) if strict else (x >= tt)
+    finally:
+        torch.set_num_threads(was)
+    code = torch.where(passed, codes[1], codes[0])
+    return bitpack.pack(torch.where(torch.isnan(x), nan_code, code), 1)
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flushed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_bit_codes_at_every_kind_of_threshold(dtype, flush):
+    """The one-compare code (x > t as x >= the next float, NaN put on its code's side by the predicate)
+    against torch's compares, with thresholds at 0, subnormals, the smallest normal, infinities and
+    ordinary values, both code orders and both NaN codes; every 16-bit x, the float32 probe."""
+    x = impl_cpu.probe(dtype)
+    tiny = torch.finfo(torch.float32).tiny
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for t in (-1.5, 0.0, -0.0, 1e-40, -1e-40, tiny, 2 * tiny, -2.5 * tiny, math.inf, -math.inf, 3.0e38):
+            for strict in (False, True):
+                for codes, nan_code in (((0, 1), 0), ((0, 1), 1), ((1, 0), 0), ((1, 0), 1)):
+                    cmap = ((t,), int(strict), codes, nan_code)
+                    got = cpu_kernel.pack_code(x, cmap, 1)
+                    assert torch.equal(got, _reference_code(x, t, strict, codes, nan_code)), (t, strict, codes,
+                                                                                              nan_code)
+    finally:
+        torch.set_flush_denormal(False)

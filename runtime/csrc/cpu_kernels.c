@@ -17,7 +17,9 @@
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -329,36 +331,13 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
     return _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
 }
 
-static void *run_code_job(void *arg) {
-    const code_job *jb = arg;
-    int per = 8 / jb->bits;
-    __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
-    for (int64_t b = jb->lo; b < jb->hi; b += 16) {
-        __mmask16 mb = lanes(jb->hi - b);
-        __m512i acc = _mm512_setzero_si512();
-        for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
-            int64_t e = plane * jb->nbytes + b;
-            __mmask16 m = mb & lanes(jb->n - e);
-            if (!m) break;
-            __m512i c = code16(jb, load(jb->dtype, jb->x, e, m), codes, nan_code);
-            acc = _mm512_or_si512(acc, _mm512_maskz_mov_epi32(m, _mm512_slli_epi32(c, plane * jb->bits)));
-        }
-        _mm_mask_storeu_epi8(jb->packed + b, mb, _mm512_cvtepi32_epi8(acc));
-    }
-    return 0;
-}
-
 /* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
-int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
-                     const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
-    return pack_jobs(run_code_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads);
-}
 
 /* PyTorch's forwards whose vectorised ATen kernels (AVX-512) this reproduces operation for operation,
  * so y is theirs bit for bit wherever ATen runs its vector code (all but the last n % 32 (float32) or
  * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
  * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
-enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3 };
+enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3 };  /* NONE: the code alone */
 typedef __m512 (*vec_fn)(__m512);       /* ATen's Sleef_expf16_u10, found in libtorch_cpu by the caller */
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
@@ -402,19 +381,31 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
 
 #define FORWARD_CHUNK 65536 /* bytes of code a step (on the stack): long runs of each plane's x and y */
 
-/* the bits of a one-bit code from one threshold: the code where x passes it (or not, or is NaN) */
-typedef struct { __m512 thr; int strict; __m512i passed, failed, nan; } bit_code;
+/* the bits of a one-bit code from one threshold, by one compare: x > t is x >= the float after t
+ * (for t finite and not near 0, where flushed denormals would read the neighbour as 0); the predicate
+ * puts NaN on the side of its code and sets the bit where the code is 1 */
+typedef struct { __m512 thr; int pred; } bit_code;
+enum { GE = 0, GE_OR_NAN = 1, LT = 2, LT_OR_NAN = 3 };
 
-static inline bit_code bit_code_of(const code_job *jb) {
-    return (bit_code){set(jb->thr[0]), jb->strict & 1, _mm512_set1_epi32(jb->codes[1]),
-                      _mm512_set1_epi32(jb->codes[0]), _mm512_set1_epi32(jb->nan_code)};
+static inline int bit_code_of(const code_job *jb, bit_code *k) {
+    float t = jb->thr[0];
+    int passed = jb->codes[1], failed = jb->codes[0];
+    if (jb->bits != 1 || jb->n_thr != 1 || passed == failed) return 0;
+    if (jb->strict & 1) {
+        if (!isfinite(t) || fabsf(t) < 2 * FLT_MIN) return 0;
+        t = nextafterf(t, INFINITY);
+    }
+    *k = (bit_code){set(t), (passed ? GE : LT) + (jb->nan_code != 0)};
+    return 1;
 }
 
-static inline __mmask16 bits16(const bit_code *k, __m512 x, __mmask16 nan) {
-    __mmask16 p = k->strict ? _mm512_cmp_ps_mask(x, k->thr, _CMP_GT_OQ) : _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
-    __m512i c = _mm512_mask_blend_epi32(p, k->failed, k->passed);  /* blends: k-mask logic is slow on Zen 4 */
-    c = _mm512_mask_blend_epi32(nan, c, k->nan);
-    return _mm512_test_epi32_mask(c, c);
+static inline __mmask16 bits16(const bit_code *k, __m512 x) {
+    switch (k->pred) {  /* the same branch for every vector of a job */
+    case GE: return _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
+    case GE_OR_NAN: return _mm512_cmp_ps_mask(x, k->thr, _CMP_NLT_UQ);
+    case LT: return _mm512_cmp_ps_mask(x, k->thr, _CMP_LT_OQ);
+    default: return _mm512_cmp_ps_mask(x, k->thr, _CMP_NGE_UQ);
+    }
 }
 
 /* elements e .. e + 15 (lanes m) of a plane: y, and their code's bits ORed into (plane > 0) or
@@ -424,10 +415,10 @@ static inline __attribute__((always_inline)) void forward_step(const code_job *j
                                                                const bit_code *k, __m512i codes, __m512i nan_code) {
     __m512 x = load(dtype, jb->x, e, m);
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, nan, e));
+    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, nan, e));
     __m128i bytes;
     if (k)
-        bytes = _mm_maskz_set1_epi8(m & bits16(k, x, nan), (char)(1 << plane));
+        bytes = _mm_maskz_set1_epi8(m & bits16(k, x), (char)(1 << plane));
     else
         bytes = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(
             m, _mm512_slli_epi32(code16(jb, x, codes, nan_code), plane * jb->bits)));
@@ -440,8 +431,8 @@ static inline __attribute__((always_inline)) void forward_step(const code_job *j
 static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
     int per = 8 / jb->bits;
     __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
-    bit_code one = bit_code_of(jb);
-    const bit_code *k = jb->bits == 1 && jb->n_thr == 1 ? &one : 0;
+    bit_code one;
+    const bit_code *k = bit_code_of(jb, &one) ? &one : 0;
     uint8_t acc[FORWARD_CHUNK];
     for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
         int64_t b1 = clamp_to(b0 + FORWARD_CHUNK, jb->hi);
@@ -461,7 +452,8 @@ static inline __attribute__((always_inline)) void forward_job(const code_job *jb
 
 static void *run_forward_job(void *arg) {
     const code_job *jb = arg;
-    if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
+    if (jb->kind == FWD_NONE) FORWARD_DTYPES(FWD_NONE);
+    else if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
     else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
     else FORWARD_DTYPES(FWD_GELU);
     return 0;
@@ -476,4 +468,10 @@ int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, i
     if (kind < FWD_HARDSWISH || kind > FWD_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, exp16, chunk);
+}
+
+/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
+int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
+                     const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
+    return pack_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads);
 }
