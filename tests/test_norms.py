@@ -700,6 +700,20 @@ def test_models_bench_norm_columns():
         assert r["norms_measured_bytes"] == calls * 2 * t * h * 4 + extra, dtype
         assert r["both_bytes"] == r["norms_bytes"] - r["measured_bytes"]     # the two savings add up
         assert any("intermediates" in why for why in r["norms_reasons"])
+        # the accounting of what activations + norms still save: the parts add up; invact's own bytes are
+        # SiLU's 1-bit codes (ceil(n / 8) a call, runtime/bitpack.py) and the rstd; under bf16 autocast
+        # every Linear saves a bf16 copy of its weight (2 bytes an element, whatever the batch)
+        parts = r["both_accounting"]
+        assert sum(parts.values()) == r["both_bytes"]
+        own = s.layers * math.ceil(t * s.gated / 8) + calls * t * 4
+        assert parts[M.OWN] == own
+        assert r["both_floor_ratio"] == pytest.approx((r["both_bytes"] - own) / r["baseline_bytes"])
+        weights = s.layers * (4 * h * h + 3 * h * s.gated) + s.vocab * h
+        casts = 2 * weights if dtype == "bfloat16" else 0
+        assert parts.get(M.CASTS, 0) == casts
+        assert r["both_ratio_casts_apart"] == pytest.approx((r["both_bytes"] - casts)
+                                                            / (r["baseline_bytes"] - casts))
+        assert f"{r['both_floor_ratio']:.3f}x" in M.format_accounting(r)
 
 
 @pytest.mark.slow
