@@ -23,6 +23,11 @@ which module saved which storage in each run (see :func:`_explain`):
 * the input stays alive anyway (a slice of a fused projection that the next op also saves);
 * no later op saves the activation's output, so invact's y is an extra tensor (e.g. dropout between).
 
+Under the table, the activations + norms step's bytes by kind (:func:`_accounting`): what only invact's
+modules save (codes, rstd), autocast's bf16 weight casts, and the rest by the module class that saved
+it; the ratio without invact's own bytes is a floor for any replacement of the same modules, and the
+ratio with the weight casts counted with the parameters is printed too.
+
 With CUDA, each step also records torch.cuda.max_memory_allocated above the memory held before it.
 :func:`run` returns the rows as dicts (for notebooks); ``--json`` writes them.
 """

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 # float32 ulp on every weight) moves a final loss by up to the seed spread (README, "Training is
 # unchanged"), so a single patched copy of one seed falls outside n seeds' [min, max] with probability
 # about 2 / (n + 1) whatever invact does. Instead, per seed, the patched run and a "nudged" baseline
-# (every weight moved one float32 ulp, up or down at random: a change that cannot bias anything) are
+# (every weight moved one float32 ulp, up or down at random: a change with no direction) are
 # compared with the same baseline: d = patched - baseline, p = nudged - baseline. The null hypothesis
 # is that invact's backward acts like such a rounding-level change, i.e. that d and p are exchangeable
 # within each seed; then |d| - |p| and d - p are symmetric about 0 and the exact Wilcoxon signed-rank
