@@ -185,3 +185,19 @@ def test_one_bit_codes_at_every_kind_of_threshold(dtype, flush):
                                                                                               nan_code)
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_codes_of_several_thresholds_every_width(dtype, bits):
+    """The general route (several thresholds, or codes of more than one bit): count the thresholds
+    passed, look the code up, NaN's own; ragged sizes so that the last planes are short."""
+    thresholds, strict = (-2.0, -0.0, 0.5), (True, False, True)
+    codes, nan_code = ((1, 0, 1, 0), 1) if bits == 1 else ((3, 1, 0, 2), 2)
+    for n in (1000, 65536 + 37):
+        x = _inputs(dtype, n, seed=bits)
+        xf = x.float()
+        passed = sum(((xf > t) if s else (xf >= t)).to(torch.int64) for t, s in zip(thresholds, strict))
+        ref = torch.where(torch.isnan(xf), nan_code, torch.tensor(codes)[passed])
+        cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, nan_code)
+        assert torch.equal(cpu_kernel.pack_code(x, cmap, bits), bitpack.pack(ref, bits))

@@ -331,8 +331,6 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
     return _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan_code);
 }
 
-/* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
-
 /* PyTorch's forwards whose vectorised ATen kernels (AVX-512) this reproduces operation for operation,
  * so y is theirs bit for bit wherever ATen runs its vector code (all but the last n % 32 (float32) or
  * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
@@ -408,39 +406,73 @@ static inline __mmask16 bits16(const bit_code *k, __m512 x) {
     }
 }
 
-/* elements e .. e + 15 (lanes m) of a plane: y, and their code's bits ORed into (plane > 0) or
- * stored at (plane 0) the 16 bytes at `at` */
-static inline __attribute__((always_inline)) void forward_step(const code_job *jb, int kind, int dtype, int64_t e,
-                                                               __mmask16 m, int plane, uint8_t *at,
-                                                               const bit_code *k, __m512i codes, __m512i nan_code) {
+/* elements e .. e + 15 (lanes m) of a plane: y, and their code (as forward_job keeps it) */
+static inline __attribute__((always_inline)) __m512 forward_step(const code_job *jb, int kind, int dtype, int64_t e,
+                                                                 __mmask16 m) {
     __m512 x = load(dtype, jb->x, e, m);
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, nan, e));
-    __m128i bytes;
-    if (k)
-        bytes = _mm_maskz_set1_epi8(m & bits16(k, x), (char)(1 << plane));
-    else
-        bytes = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(
-            m, _mm512_slli_epi32(code16(jb, x, codes, nan_code), plane * jb->bits)));
-    _mm_storeu_si128((__m128i *)at, plane ? _mm_or_si128(_mm_loadu_si128((__m128i *)at), bytes) : bytes);
+    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+    return x;
+}
+
+static inline uint64_t lanes64(int64_t left) { return left >= 64 ? ~0ull : left <= 0 ? 0 : (1ull << left) - 1; }
+
+/* one-bit codes of one threshold (every built-in table's): each plane's bits of 64 elements as one
+ * word (a store per 4 vectors: stores per vector would take the store queue from y's cache misses),
+ * then 64 bytes of code a time from the 8 planes' words */
+static inline __attribute__((always_inline)) void forward_bits(const code_job *jb, int kind, int dtype,
+                                                               const bit_code *k) {
+    uint64_t words[8][FORWARD_CHUNK / 64];
+    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
+        int64_t len = clamp_to(FORWARD_CHUNK, jb->hi - b0), groups = (len + 63) / 64;
+        for (int plane = 0; plane < 8; plane++) {  /* element plane * nbytes + b lives in byte b */
+            int64_t e = plane * jb->nbytes + b0, e1 = clamp_to(e + len, jb->n), g = 0;
+            for (; e + 64 <= e1; e += 64, g++) {
+                uint64_t w = 0;
+                for (int v = 0; v < 4; v++)
+                    w |= (uint64_t)bits16(k, forward_step(jb, kind, dtype, e + 16 * v, 0xFFFF)) << (16 * v);
+                words[plane][g] = w;
+            }
+            if (e < e1) {  /* the plane's last elements; shorter planes leave their bytes' bits 0 */
+                uint64_t w = 0;
+                for (int v = 0; v < 4 && e + 16 * v < e1; v++) {
+                    __mmask16 m = lanes(e1 - e - 16 * v);
+                    w |= (uint64_t)(m & bits16(k, forward_step(jb, kind, dtype, e + 16 * v, m))) << (16 * v);
+                }
+                words[plane][g++] = w;
+            }
+            for (; g < groups; g++) words[plane][g] = 0;
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            __m512i out = _mm512_setzero_si512();
+            for (int plane = 0; plane < 8; plane++)
+                out = _mm512_or_si512(out, _mm512_maskz_set1_epi8(words[plane][g], (char)(1 << plane)));
+            _mm512_mask_storeu_epi8(jb->packed + b0 + 64 * g, lanes64(len - 64 * g), out);
+        }
+    }
 }
 
 /* the job's bytes of code, and y of their elements, plane after plane in steps of FORWARD_CHUNK
- * bytes (each plane's elements of a step are contiguous); kind and dtype constants where inlined.
- * One-bit codes of one threshold (every built-in table's) set their bits from compare masks */
+ * bytes (each plane's elements of a step are contiguous); kind and dtype constants where inlined */
 static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
+    bit_code k;
+    if (bit_code_of(jb, &k)) {
+        forward_bits(jb, kind, dtype, &k);
+        return;
+    }
     int per = 8 / jb->bits;
     __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
-    bit_code one;
-    const bit_code *k = bit_code_of(jb, &one) ? &one : 0;
     uint8_t acc[FORWARD_CHUNK];
     for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
         int64_t b1 = clamp_to(b0 + FORWARD_CHUNK, jb->hi);
-        for (int plane = 0; plane < per; plane++) {  /* element plane * nbytes + b lives in byte b */
-            int64_t e0 = plane * jb->nbytes + b0, e1 = clamp_to(plane * jb->nbytes + b1, jb->n), e = e0;
-            for (; e + 16 <= e1; e += 16)  /* plane 0 covers every byte: later planes OR into its bytes */
-                forward_step(jb, kind, dtype, e, 0xFFFF, plane, acc + (e - e0), k, codes, nan_code);
-            if (e < e1) forward_step(jb, kind, dtype, e, lanes(e1 - e), plane, acc + (e - e0), k, codes, nan_code);
+        for (int plane = 0; plane < per; plane++) {  /* plane 0 covers every byte: later planes OR into it */
+            int64_t e0 = plane * jb->nbytes + b0, e1 = clamp_to(plane * jb->nbytes + b1, jb->n);
+            for (int64_t e = e0; e < e1; e += 16) {
+                __mmask16 m = lanes(e1 - e);
+                __m512i c = _mm512_slli_epi32(code16(jb, forward_step(jb, kind, dtype, e, m), codes, nan_code),
+                                              plane * jb->bits);
+                __m128i bytes = _mm512_cvtepi32_epi8(_mm512_maskz_mov_epi32(m, c)), *at = (__m128i *)(acc + (e - e0));
+                _mm_storeu_si128(at, plane ? _mm_or_si128(_mm_loadu_si128(at), bytes) : bytes);
+            }
         }
         memcpy(jb->packed + b0, acc, (size_t)(b1 - b0));
     }
