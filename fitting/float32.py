@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32
+from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32, root_seed, root_steps
 
 __all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "ordinal", "from_ordinal",
-           "ordinal_nodes", "half_values", "round_to", "log32", "fma32"]
+           "ordinal_nodes", "half_values", "round_to", "log32", "root_power32", "fma32"]
 
 F32_MAX = float(np.finfo(np.float32).max)
 ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
@@ -146,3 +146,13 @@ def log32(a: np.ndarray) -> np.ndarray:
     r = r + e * _LN2_LO
     r = r - np.float32(0.5) * z
     return (f + r) + e * _LN2_HI
+
+
+def root_power32(a: np.ndarray, n: int, k: int) -> np.ndarray:
+    """float32 a^(k/n) (k = -1 or n - 1) of float32 ``a`` in [1, F32_MAX] exactly as the generated
+    scheme computes it (docs/table-format.md, power_tail): a seed from a's bits, ROOT_STEPS Newton
+    steps on r^n = a in float64, r^k in float64 rounded once to float32."""
+    a = np.asarray(a, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        r = ((a.view(np.int32) // np.int32(n)) + np.int32(root_seed(n))).view(np.float32).astype(np.float64)
+        return root_steps(r, a.astype(np.float64), n, k).astype(np.float32)

@@ -18,6 +18,7 @@ from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
 from .formulas import X, ActivationSpec
 from .model import (Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch,
                     nan_gradients_json)
+from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference
 
@@ -180,13 +181,12 @@ def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
             (lows if which == "lower" else highs).append(tail)
         elif kind in ("log", "tail", "power"):
             limit = b.y_range[0 if which == "lower" else 1]
-            y_end, tail = _tail(b, ref, which, target, tol)
+            y_end, tails = _tail(b, ref, which, target, tol)
             if kind == "log":
                 origins.append(("log", limit, sign))
             elif kind == "power" and _root_index(b.orders[which]) == 2:
                 origins.append(("sqrt", limit, sign))   # |y - L| ~ x^-2: 1/x is analytic in sqrt
-            if tail is not None:
-                (lows if which == "lower" else highs).append(tail)
+            (lows if which == "lower" else highs).extend(tails)
         else:
             y_end = f32(y_end)
         if which == "lower":
@@ -212,15 +212,15 @@ TAIL_REACH = (1e4, 1e15)   # |x| scanned for a constant tail: the first reach th
 
 
 def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
-    """(y where the fitted part ends, tail segment or None) for an end at x = +-inf."""
+    """(y where the fitted part ends, its tail segments) for an end at x = +-inf: a constant (or x = y)
+    tail, none where g is fitted up to a finite limit, or a power tail where g grows without bound."""
     x_inf = b.x_at_y_end(which)
     x_in = b.x_range[1] if x_inf < 0 else b.x_range[0]
     x_in = x_in if math.isfinite(x_in) else 0.0
     direction = math.copysign(1.0, x_inf)
     y_limit = b.y_range[0 if which == "lower" else 1]
     if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
-        raise FitError(f"branch {b.index}: g = f' grows without bound as y -> {y_limit:+g} "
-                       f"(x -> {x_inf:+g}); tables hold a g that is bounded or settles to a constant there")
+        return fit_power_tail(b, ref, which, tol)     # g ~ |y|^((n-1)/n): fitted relative to g
     for reach in TAIL_REACH:     # g settling slowly (asinh's 1/x) needs the longer scan
         steps = x_in + direction * np.expm1(np.linspace(0, math.log(reach), 200001))
         y = ref.f(steps)
@@ -239,7 +239,7 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     if k >= steps.size or not finite[k] or abs(y[k] - y_limit) <= TINY32:
         end_kind = b.lower_end if which == "lower" else b.upper_end
         if target == "derivative" and end_kind == "power":
-            return f32(y_limit), None     # g is fitted up to the limit itself (transform: _root_index)
+            return f32(y_limit), []       # g is fitted up to the limit itself (transform: _root_index)
         if target == "inverse" and end_kind == "power":
             raise FitError(f"branch {b.index}: x = f^-1(y) grows like |y - {y_limit:.6g}|^(-1/{b.orders[which]:g}) "
                            f"next to y = {y_limit:.17g}, which polynomials in this branch's transforms cannot "
@@ -248,7 +248,7 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             # asymptote: an inverse cannot have a constant tail; stop at the smallest normal float32
             y_end = f32(y_limit + (TINY32 if which == "lower" else -TINY32))
             x_end = float(ref.inverse(np.array([y_end]))[0])
-            return y_end, ConstantSegment(_tail_range(b, which, y_end), b.index, repr(x_end), extra={"cutoff": True})
+            return y_end, [ConstantSegment(_tail_range(b, which, y_end), b.index, repr(x_end), extra={"cutoff": True})]
         if target == "inverse":
             raise FitError(f"branch {b.index}: x = f^-1(y) does not approach y as y -> {y_limit:+g} (inverse "
                            "tables support tails x = y only); use the derivative target (the runtime's)", None, "")
@@ -256,7 +256,7 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
                        f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
     y_end = f32(float(y[k]))
     kind, text = tail
-    return y_end, kind(_tail_range(b, which, y_end), b.index, text)
+    return y_end, [kind(_tail_range(b, which, y_end), b.index, text)]
 
 
 def _flat_tail(b: Branch, ref: BranchReference, which: str, tol: float, y0: float):

@@ -10,32 +10,39 @@ import numpy as np
 import sympy as sp
 
 from .errors import CertificationError, TableError
-from .float32 import F32_MAX, TINY32, log32
+from .float32 import F32_MAX, TINY32, log32, root_power32
 from .scheme import closed_form_fn, horner, is_numbers, number, param_values, plain_extra
 
 __all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment", "ExactSegment", "PolySegment",
-           "RationalSegment", "KINDS", "segment_problem", "segment_texts"]
+           "RationalSegment", "PowerTailSegment", "KINDS", "segment_problem", "segment_texts"]
 
 
 @dataclass(frozen=True)
 class Transform:
     """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo
-    (float32 terms subtracted in order). Hashable: code generation numbers a table's distinct ones."""
+    (float32 terms subtracted in order); or, for power_tail segments only, power: t = a^(-1/root),
+    a = sign*y clamped to [1, float32 max], with the weight w = a^((root-1)/root) g is multiplied by.
+    Hashable: code generation numbers a table's distinct ones."""
 
-    kind: str = "identity"                       # identity | sqrt | log
+    kind: str = "identity"                       # identity | sqrt | log | power
     origin: tuple[float, ...] = ()
     sign: int = 1
+    root: int = 0                                # power: the growth order n of f (|f| ~ |x|^n)
 
-    KINDS: ClassVar[tuple[str, ...]] = ("identity", "sqrt", "log")
+    KINDS: ClassVar[tuple[str, ...]] = ("identity", "sqrt", "log")   # of poly segments
 
     @classmethod
     def from_json(cls, d: dict) -> Transform:
         if d["kind"] == "identity":
             return cls()
+        if d["kind"] == "power":
+            return cls("power", (), d.get("sign", 1), d.get("root", 0))
         origin = d.get("origin", 0.0)
         return cls(d["kind"], tuple(origin if isinstance(origin, list) else [origin]), d.get("sign", 1))
 
     def to_json(self) -> dict:
+        if self.kind == "power":
+            return {"kind": "power", "sign": self.sign, "root": self.root}
         return {"kind": self.kind} if self.kind == "identity" else {
             "kind": self.kind, "origin": list(self.origin), "sign": self.sign}
 
@@ -55,6 +62,8 @@ class Transform:
         """t as the documented scheme computes it in y's dtype (float32: the runtime's log)."""
         if self.kind == "identity":
             return y
+        if self.kind == "power":
+            return self.power(y, -1)
         ft = y.dtype.type
         d = self.d(y)
         with np.errstate(all="ignore"):
@@ -68,12 +77,25 @@ class Transform:
         t = np.asarray(t, dtype=np.float64)
         if self.kind == "identity":
             return t
+        if self.kind == "power":
+            with np.errstate(divide="ignore"):
+                return self.sign * t ** -float(self.root)
         hi, *rest = self.origin
         return hi + (sum(rest) + self.sign * (t * t if self.kind == "sqrt" else np.exp(t)))
+
+    def power(self, y: np.ndarray, k: int) -> np.ndarray:
+        """a^(k/root), a = sign*y clamped to [1, float32 max], in y's dtype (float32: the scheme's
+        :func:`.float32.root_power32`)."""
+        ft = y.dtype.type
+        with np.errstate(all="ignore"):
+            a = np.clip(ft(self.sign) * y, ft(1), ft(F32_MAX))
+            return root_power32(a, self.root, k) if y.dtype == np.float32 else a ** (k / self.root)
 
     def describe(self) -> str:
         if self.kind == "identity":
             return "y"
+        if self.kind == "power":
+            return f"t = {'' if self.sign > 0 else '-'}y^(-1/{self.root})"
         return f"{self.kind}({'' if self.sign > 0 else '-'}(y - {sum(map(float, self.origin)):.10g}))"
 
 
@@ -388,7 +410,64 @@ class RationalSegment(PolySegment):
         return f"rational ({self.degree}, {self.den_degree})"
 
 
-KINDS: dict[str, type[Segment]] = {cls.kind: cls for cls in (ConstantSegment, ExactSegment, PolySegment)}
+@dataclass
+class PowerTailSegment(PolySegment):
+    """g = w * h, a tail where g grows without bound like |y|^((n-1)/n) (|f| ~ |x|^n as x -> +-inf):
+    the transform is Transform("power", sign=s, root=n), t = a^(-1/n) and w = a^((n-1)/n) with
+    a = s*y clamped to [1, float32 max] (:func:`.float32.root_power32`), and h = c0 + u P(u) the
+    polynomial of a poly segment in t. Its certified error is relative (|g| >= 1 on the whole tail)."""
+
+    kind: ClassVar[str] = "power_tail"
+
+    @classmethod
+    def variant(cls, d):
+        return PowerTailSegment
+
+    @classmethod
+    def structure_problem(cls, d, where):
+        if "den" in d:
+            return f"has a den in power_tail segment {where} (power tails are polynomial)"
+        return super().structure_problem(d, where)
+
+    @classmethod
+    def value_problem(cls, d, where):
+        from ..common.float32_scheme import ROOT_ORDERS
+        tf = d["transform"]
+        if not (isinstance(tf, dict) and tf.get("kind") == "power" and tf.get("sign") in (1, -1)
+                and tf.get("root") in ROOT_ORDERS and not isinstance(tf.get("root"), bool)
+                and is_numbers([d["center"], d["scale"], d["c0_lo"]])):
+            return (f"has a malformed power_tail segment {where} (transform kind power, sign +-1, root one of "
+                    f"{', '.join(map(str, ROOT_ORDERS))}; numeric center, scale and c0_lo)")
+        return None
+
+    def evaluate(self, y, params=None):
+        return self.transform.power(y, self.transform.root - 1) * super().evaluate(y, params)
+
+    def evaluate_fma(self, y, params=None):
+        return self.transform.power(y, self.transform.root - 1) * super().evaluate_fma(y, params)
+
+    def bound(self, ctx):
+        """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_tail.tail_bound`)."""
+        from .power_tail import tail_bound
+        lo, hi = max(self.lo, -F32_MAX), min(self.hi, F32_MAX)   # float32 +-inf is clamped to the max
+        xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
+        xa, xb = xa - 1e-15 * max(1.0, abs(xa)), xb + 1e-15 * max(1.0, abs(xb))
+        bound, proved = tail_bound(ctx.expr, self, xa, xb, ctx.tolerance)
+        if not proved:
+            raise CertificationError(f"{ctx.name}: power tail on y in [{lo:g}, {hi:g}] of branch {ctx.branch} "
+                                     f"could not be proved within {ctx.tolerance:g} (reached {bound:.3g})")
+        return bound, "arb-relative1"
+
+    def _shape(self) -> str:
+        n = self.transform.root
+        return f"power tail g = |y|^({n - 1}/{n}) * h(t), h poly degree {self.degree}"
+
+    def describe(self, fmt="{:.4g}".format):
+        return f"{self._shape()}, {self.transform.describe()}, relative error {fmt(self.error)}"
+
+
+KINDS: dict[str, type[Segment]] = {cls.kind: cls for cls in (ConstantSegment, ExactSegment, PolySegment,
+                                                             PowerTailSegment)}
 
 
 def segment_problem(d: dict, where: str) -> str | None:

@@ -25,11 +25,13 @@ import triton.language as tl
 
 from .common import float32_scheme as scheme
 
-__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "segment", "row"]
+__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "segment", "row",
+           "root_power"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
 SQRT2_F32 = tl.constexpr(scheme.SQRT2_F32)
+ROOT_STEPS = tl.constexpr(scheme.ROOT_STEPS)
 LN2_HI, LN2_LO = tl.constexpr(scheme.LN2_HI), tl.constexpr(scheme.LN2_LO)
 TANH_POLY = tl.constexpr((-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1,
                           -3.33332819422e-1))  # Cephes tanhf
@@ -175,6 +177,28 @@ def atan(z):
         p = p * s + ATAN_POLY[k]
     t = base + (p * s * r + r)
     return tl.where(z < 0.0, -t, tl.where(z == 0.0, z, t))
+
+
+@triton.jit
+def root_power(a, N: tl.constexpr, SEED: tl.constexpr, K: tl.constexpr):
+    """a^(K/N) (K = -1 or N - 1) of float32 a in [1, float32 max], as invact.fastmath.root_power op
+    for op (the power_tail scheme, docs/table-format.md): a seed from a's bits (SEED =
+    invact.common.float32_scheme.root_seed(N)), float64 Newton steps, r^K rounded once to float32."""
+    r = (a.to(tl.int32, bitcast=True) // N + SEED).to(tl.float32, bitcast=True).to(tl.float64)
+    a64 = a.to(tl.float64)
+    inv = (a64 * 0.0 + 1.0) / N  # 1/N in float64 (a float literal would be a float32 constant)
+    for _ in tl.static_range(ROOT_STEPS):
+        p = r
+        for _ in tl.static_range(N - 2):
+            p = p * r
+        r = r + (a64 / p - r) * inv
+    if K == -1:
+        out = 1.0 / r
+    else:
+        out = r
+        for _ in tl.static_range(K - 1):
+            out = out * r
+    return out.to(tl.float32)
 
 
 @triton.jit

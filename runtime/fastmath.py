@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from .common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32  # Cephes logf's constants
+from .common.float32_scheme import root_seed, root_steps
 
-__all__ = ["log", "sqrt", "where", "LOG_POLY", "SQRT2_F32", "LN2_HI", "LN2_LO"]
+__all__ = ["log", "sqrt", "where", "root_power", "LOG_POLY", "SQRT2_F32", "LN2_HI", "LN2_LO"]
 
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
                   torch.bfloat16: torch.int16, torch.int32: torch.int32, torch.int64: torch.int64}
@@ -55,6 +56,17 @@ def sqrt(a: torch.Tensor) -> torch.Tensor:
     if a.dtype != torch.float32 or a.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.sqrt(a)
     return torch.sqrt(a.double()).float()
+
+
+def root_power(a: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """a^(k/n) (k = -1 or n - 1) of float32 ``a`` in [1, float32 max] as the power_tail scheme states
+    (docs/table-format.md): a seed from a's bits, ROOT_STEPS float64 Newton steps on r^n = a, r^k in
+    float64 rounded once to float32 (measured: the correctly rounded value); ``a ** (k / n)`` for
+    other dtypes."""
+    if a.dtype != torch.float32:
+        return a ** (k / n)
+    r = (torch.div(a.view(torch.int32), n, rounding_mode="floor") + root_seed(n)).view(torch.float32).double()
+    return root_steps(r, a.double(), n, k).float()
 
 
 def where(cond: torch.Tensor, a: torch.Tensor | float | int, b: torch.Tensor | float | int) -> torch.Tensor:

@@ -247,6 +247,9 @@ class _Translator:
             return f"invact_log32({args[0][0]})", "f"
         if func == "fastmath.sqrt":                    # correctly rounded in eager code, as sqrtf
             return f"invact_sqrt_rn({args[0][0]})", "f"
+        if func == "fastmath.root_power":               # power_tail's a^(k/n): invact_root_power below
+            n, k = (ast.literal_eval(a) for a in node.args[1:3])
+            return f"invact_root_power({args[0][0]}, {int(n)}, {scheme.root_seed(int(n))}, {int(k)})", "f"
         if module == "torch" and name in _FUNCS and args[0][1] == "f":
             return f"{_FUNCS[name]}f({args[0][0]})", "f"
         if (module == "math" and name in _FUNCS) or func == "abs":
@@ -280,6 +283,24 @@ def _columns(plan: Plan, t: _Translator) -> list[str]:
             f"/* POLY columns {', '.join(map(str, t.columns))} (float32), by segment */",
             f"static const float COLUMNS[N_COLUMNS][COLUMN_WIDTH] __attribute__((aligned(64))) = {{",
             *(f"    {{{', '.join(r)}}}," for r in rows), "};"]
+
+
+_ROOT_POWER = ("/* invact.fastmath.root_power op for op (power_tail, docs/table-format.md): a^(k/n), k = -1 or",
+               " * n - 1, of a in [1, FLT_MAX]: a seed from a's bits, float64 Newton steps, r^k rounded once */",
+               "static inline float invact_root_power(float a, int n, int32_t seed, int k) {",
+               "    union { float f; int32_t i; } v = {a};",
+               "    v.i = v.i / n + seed;",
+               "    double r = (double)v.f, a64 = (double)a, inv = 1.0 / (double)n, out;",
+               f"    for (int step = 0; step < {scheme.ROOT_STEPS}; step++) {{",
+               "        double p = r;",
+               "        for (int j = 0; j < n - 2; j++) p = p * r;",
+               "        r = r + (a64 / p - r) * inv;",
+               "    }",
+               "    if (k == -1) return (float)(1.0 / r);",
+               "    out = r;",
+               "    for (int j = 0; j < k - 1; j++) out = out * r;",
+               "    return (float)out;",
+               "}", "")
 
 
 def _calls(lines: list[str]) -> list[str]:
@@ -333,6 +354,8 @@ def generate_c(plan: Plan) -> str:
       *(f"#define {k} {getattr(scheme, k)}" for k in ("ROW_TID", "ROW_CENTER", "ROW_SCALE", "ROW_C0", "ROW_C0_LO",
                                                       "ROW_C1")),
       *_columns(plan, t), "", '#include "invact_table.h"', "")
+    if any("invact_root_power(" in line for line in body):
+        w(*_ROOT_POWER)
     if t.columns:
         with w.block("static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr,"
                      " const double *restrict param) {"):

@@ -7,13 +7,14 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 
 from __future__ import annotations
 
-from ...common.float32_scheme import TINY32
+from ...common.float32_scheme import TINY32, root_seed
 from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
 from .writer import Writer
 
 __all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
 
+F32_MAX = 3.4028234663852886e+38  # float32's largest finite value
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
 
 
@@ -30,6 +31,8 @@ class TorchDialect:
 
     def sqrt(self, v): return f"fastmath.sqrt({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"fastmath.log({v})"
+    def root_power(self, v, n, k): return f"fastmath.root_power({v}, {n}, {k})"  # power_tail: a^(k/n)
+    def clamp_range(self, v, lo, hi): return f"torch.clamp({v}, {lo!r}, {hi!r})"
     def at_least(self, v, lo): return f"torch.clamp_min({v}, {lo!r})"
     def clamp1(self, v): return f"torch.clamp({v}, -1.0, 1.0)"
     def isnan(self, v): return f"{v} != {v}"  # torch.isnan compiles to a scalar loop on CPU
@@ -72,6 +75,8 @@ class TritonDialect(TorchDialect):
 
     def sqrt(self, v): return f"tl.sqrt_rn({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"act_triton.log({v})"
+    def root_power(self, v, n, k): return f"act_triton.root_power({v}, {n}, {root_seed(n)}, {k})"
+    def clamp_range(self, v, lo, hi): return f"tl.minimum(tl.maximum({v}, {lo!r}), {hi!r})"
     def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
     def isnan(self, v): return f"{v} != {v}"
     def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
@@ -135,10 +140,17 @@ def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
             w("q = poly.index_select(1, s)" if plan.n_segments > 1 else "q = poly[:, 0]")  # 6x faster than poly[:, s]
 
 
+def _power_base(d: TorchDialect, tf) -> str:
+    """a = sign*y clamped to [1, float32 max]: a power transform's argument."""
+    return d.clamp_range("y" if tf.sign == 1 else "-y", 1.0, F32_MAX)
+
+
 def _transform(d: TorchDialect, tf) -> str:
     """t = T(y) of one transform, with its constants inlined (docs/table-format.md)."""
     if tf.kind == "identity":
         return "y"
+    if tf.kind == "power":
+        return d.root_power(_power_base(d, tf), tf.root, -1)
     dd = "y"
     for o in tf.origin:  # y - 0 == y and y - (-o) == y + o exactly: print the simpler form
         if o != 0:
@@ -176,6 +188,14 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
     w(f"g = (p * u + {q(c0 + 1)}) + {q(c0)}")   # the FMA scheme fuses p * u + c0_lo (c_gen, act_triton.row)
 
 
+def _power_weights(w: Writer, plan: Plan, d: TorchDialect) -> None:
+    """power_tail rows: g = h * a^((n-1)/n) (a = sign*y clamped; other rows keep g, times 1.0)."""
+    for i, tf in enumerate(plan.transforms):
+        if tf.kind == "power":
+            weight = d.root_power(_power_base(d, tf), tf.root, tf.root - 1)
+            w(f"g = g * {d.where}({d.gather(Plan.ROW_TID)} == {float(i)!r}, {weight}, 1.0)")
+
+
 def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """Statements turning ``y`` (float32/float64) and ``code`` into ``g``."""
     printer = d.printer("y")
@@ -186,6 +206,7 @@ def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
         _segment_index(w, plan, d)
     if plan.has_poly:
         _poly(w, plan, d)
+        _power_weights(w, plan, d)
     else:
         _, value, tensor = others.pop(0)
         w(f"g = {value}" if tensor else f"g = {d.zeros('y')} + {value}")

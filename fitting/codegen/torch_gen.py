@@ -50,7 +50,8 @@ def _poly_table(w: Writer, plan: Plan) -> None:
     w("# One row per segment (all code classes, left to right in y); zeros for exact/constant ones:",
       f"# transform id, center, scale, c0_hi, c0_lo{', ' + coeffs if coeffs else ''}. Transforms:")
     for i, tf in enumerate(plan.transforms):
-        w(f"#   {i}: {tf.kind}" + (f", sign {tf.sign:+.0f}, origin {' + '.join(map(repr, tf.origin))}"
+        w(f"#   {i}: {tf.kind}" + (f", sign {tf.sign:+.0f}, root {tf.root}" if tf.kind == "power" else
+                                  f", sign {tf.sign:+.0f}, origin {' + '.join(map(repr, tf.origin))}"
                                   if tf.kind != "identity" else ""))
     with w.block("POLY = ("):
         for row in plan.poly:
@@ -66,7 +67,8 @@ def _poly_table(w: Writer, plan: Plan) -> None:
 
 def _fused_cpu(plan: Plan) -> bool:
     return bool(plan.has_poly and plan.degree >= 1 and not (plan.exact or plan.constant or plan.den_degree
-                                                            or plan.nan_values))
+                                                            or plan.nan_values)
+                and all(tf.kind != "power" for tf in plan.transforms))   # no power tails (invact.cpu_kernel)
 
 
 def _flat_kernels(w: Writer, plan: Plan) -> None:

@@ -1,0 +1,244 @@
+"""Power tails: the end of a branch where y -> +-inf and g = f'(f^-1(y)) grows without bound like
+|y|^((n-1)/n), because |f| ~ |x|^n (x**3 - x: n = 3, g ~ 3 |y|^(2/3)).
+
+There g = w(y) h(t) with t = |y|^(-1/n) and w = |y|^((n-1)/n): h is smooth in t up to t = 0 (x**3 - x:
+x = y^(1/3) v with v^3 - v t^2 = 1, so h = 3 v^2 - t^2 is analytic in t^2), so h is fitted as a
+polynomial in t, piece by piece from t = 0 (y = float32 max) inward, and the segments are
+:class:`.segments.PowerTailSegment`. Errors are relative (|g| >= 1 on the whole tail), and proved so
+by :func:`tail_bound` in Arb ball arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy as sp
+from flint import arb, arb_series, ctx
+
+from ..common.float32_scheme import ROOT_ORDERS
+from .arb_bound import PREC, compile_arb
+from .branches import Branch, numeric, time_limit
+from .errors import FitError
+from .fit import DEGREES, F32_SLACK, SAFETY, fit_piece, layout_cost
+from .float32 import F32_MAX, f32, ordinal_nodes
+from .formulas import X
+from .reference import BranchReference
+from .segments import PowerTailSegment, Transform
+
+__all__ = ["growth_order", "fit_power_tail", "tail_bound"]
+
+ASYMPTOTIC = 0.5      # the tail starts where x f'/f is within this fraction of n, |g| >= 1 and
+Y_MIN = 2.0           # |y| >= Y_MIN (t = |y|^(-1/n) <= 2^(-1/n): away from the branch's other end)
+MAX_TAIL_PIECES = 16
+MAX_CELLS = 20_000
+
+
+def growth_order(b: Branch, which: str) -> int:
+    """n = lim x f'(x) / f(x) as x -> +-inf at the ``which`` end of ``b`` (|f| ~ |x|^n): by sympy
+    where it answers within a few seconds, else numerically; FitError unless n is one of ROOT_ORDERS."""
+    x_inf = b.x_at_y_end(which)
+    n = None
+    try:
+        with time_limit(5.0):
+            lim = sp.limit(X * sp.diff(b.expr, X) / b.expr, X, sp.oo if x_inf > 0 else -sp.oo)
+        if lim.is_number and lim.is_finite:
+            n = float(lim)
+        elif lim.is_infinite:
+            n = math.inf
+    except (TimeoutError, NotImplementedError, ValueError, TypeError):
+        pass
+    if n is None:        # numerically: x f'/f far out, where it has settled
+        f, fp = numeric(b.expr), numeric(sp.diff(b.expr, X))
+        xs = math.copysign(1.0, x_inf) * np.array([1e6, 1e8])
+        with np.errstate(all="ignore"):
+            v = xs * fp(xs) / f(xs)
+        n = float(v[-1]) if abs(v[-1] - v[0]) <= 1e-4 * abs(v[-1]) else math.inf
+    k = round(n) if math.isfinite(n) else 0
+    if k not in ROOT_ORDERS or abs(n - k) > 1e-6:
+        growth = "faster than any power of x" if math.isinf(n) else f"like |x|^{n:.6g}"
+        raise FitError(f"branch {b.index}: g = f' grows without bound as x -> {x_inf:+g} and f grows {growth}; "
+                       f"power tails take |f| ~ |x|^n with n one of {', '.join(map(str, ROOT_ORDERS))}", None, "")
+    return k
+
+
+class _Weighted:
+    """h(y) = g(y) / w(y), w = |y|^((n-1)/n), with the reference's inverse (what ``fit_piece`` reads)."""
+
+    def __init__(self, ref: BranchReference, n: int, sign: int):
+        self.ref, self.n, self.sign, self.target = ref, n, sign, ref.target
+
+    def __call__(self, y):
+        y = np.asarray(y, dtype=np.float64)
+        return self.ref(y) / (self.sign * y) ** ((self.n - 1) / self.n)
+
+
+def _start(b: Branch, ref: BranchReference, which: str, n: int) -> float:
+    """x where the tail starts: from there on, x f'/f is within ASYMPTOTIC of n, |g| >= 1 and |y| >= Y_MIN."""
+    x_inf = b.x_at_y_end(which)
+    lo, hi = b.x_range
+    inner = hi if x_inf < 0 else lo
+    inner = abs(inner) if math.isfinite(inner) else 0.0
+    xs = math.copysign(1.0, x_inf) * np.geomspace(max(inner, 1.0) * 1.01, 1e12, 4000)
+    with np.errstate(all="ignore"):
+        y = ref.f(xs)
+        sign = 1.0 if which == "upper" else -1.0
+        bad = ~((np.abs(xs * ref.fp(xs) / y - n) <= ASYMPTOTIC * n) & (np.abs(ref.fp(xs)) >= 1.0) & (sign * y >= Y_MIN))
+    k = int(np.nonzero(bad)[0][-1]) + 1 if bad.any() else 0
+    if k >= xs.size:
+        raise FitError(f"branch {b.index}: f does not settle to |x|^{n} growth by |x| = 1e12", None, "")
+    return float(xs[k])
+
+
+def fit_power_tail(b: Branch, ref: BranchReference, which: str, tol: float) -> tuple[float, list[PowerTailSegment]]:
+    """(float32 y where the fitted part of the branch ends, the tail's segments in ascending y) for an
+    end where y -> +-inf and g grows like |y|^((n-1)/n)."""
+    n = growth_order(b, which)
+    sign = 1 if which == "upper" else -1
+    x0 = _start(b, ref, which, n)
+    y0 = f32(float(ref.f(np.array([x0]))[0]))
+    tf = Transform("power", (), sign, n)
+    h = _Weighted(ref, n, sign)
+    best = None
+    for degree in DEGREES:
+        pieces = _greedy(h, ref, tf, y0, degree, tol)
+        if pieces is not None and (best is None or layout_cost(degree, len(pieces)) < layout_cost(*best[0])):
+            best = (degree, len(pieces)), pieces
+        if best is not None and layout_cost(degree + 2, 1) >= layout_cost(*best[0]):
+            break
+    if best is None:
+        raise FitError(f"branch {b.index}: no power tail of up to {MAX_TAIL_PIECES} polynomial pieces in "
+                       f"t = |y|^(-1/{n}) meets {tol:g} beyond y = {y0:g}", None, "")
+    segs = sorted(best[1], key=lambda s: s.lo)
+    outer = segs[-1] if sign > 0 else segs[0]
+    outer.y_range[1 if sign > 0 else 0] = b.y_range[1 if sign > 0 else 0]     # up to +-inf
+    for s in segs:
+        s.branch = b.index
+    return y0, segs
+
+
+def _greedy(h: _Weighted, ref: BranchReference, tf: Transform, y0: float, degree: int, tol: float):
+    """Pieces of ``degree`` from the outer end (|y| = float32 max, t ~ 0) in to |y0|, each the largest
+    (bisection in t) that meets the tolerance; None past MAX_TAIL_PIECES."""
+    sign, n = tf.sign, tf.root
+    t_in = abs(y0) ** (-1.0 / n)
+    out, t_a = [], F32_MAX ** (-1.0 / n)
+    while t_a < t_in:
+        if len(out) >= MAX_TAIL_PIECES:
+            return None
+        whole = _piece(h, ref, tf, t_a, t_in, degree, tol)
+        if whole is not None:
+            out.append(whole)
+            break
+        lo_w, hi_w, good = 0.0, 1.0, None
+        for _ in range(12):
+            w = 0.5 * (lo_w + hi_w)
+            trial = _piece(h, ref, tf, t_a, t_a + w * (t_in - t_a), degree, tol)
+            if trial is not None:
+                lo_w, good = w, trial
+            else:
+                hi_w = w
+        if good is None:
+            return None
+        out.append(good)
+        t_a = abs(good.lo if sign > 0 else good.hi) ** (-1.0 / n)
+    return out
+
+
+def _piece(h, ref, tf: Transform, t_a: float, t_b: float, degree: int, tol: float) -> PowerTailSegment | None:
+    """The fitted piece for t in [t_a, t_b] (float32 y ends), if it meets SAFETY * tol relative in real
+    arithmetic and tol + F32_SLACK in the float32 scheme (sampled)."""
+    sign, n = tf.sign, tf.root
+    ys = sorted(f32(sign * t ** -float(n)) if t > 0 else sign * F32_MAX for t in (t_a, t_b))
+    ys = [max(min(v, F32_MAX), -F32_MAX) for v in ys]
+    if not ys[0] < ys[1]:
+        return None
+    with np.errstate(over="ignore"):     # fit_piece's float32 sample may round past float32 max (dropped)
+        p = fit_piece(h, ys[0], ys[1], tf, degree)
+    hs = np.abs(h(np.array(ys)))
+    rel = p.error / float(np.min(hs)) if math.isfinite(p.error) else math.inf
+    if not rel <= SAFETY * tol:
+        return None
+    seg = PowerTailSegment(list(ys), None, tf, p.center, p.scale, list(p.coeffs), p.c0_lo, rel)
+    y = np.concatenate([ordinal_nodes(ys[0], ys[1], 2048), np.geomspace(abs(ys[0]), abs(ys[1]), 2048) * sign, ys])
+    if not seg.scheme_error(ref, y.astype(np.float32)) <= tol + F32_SLACK:
+        return None
+    return seg
+
+
+def tail_bound(expr: sp.Expr, seg: PowerTailSegment, x_lo: float, x_hi: float, tolerance: float,
+               max_cells: int = MAX_CELLS) -> tuple[float, bool]:
+    """(bound, proved) for the relative error R = w h~(u(t)) / f'(x) - 1 over x in [x_lo, x_hi] (one
+    sign, |x| >= 1), with y = f(x), a = sign*y, t = a^(-1/n), w = a t, u = (t - center) scale.
+
+    In s = log|x| (where R and its derivatives are of one scale from |x| = 1 to 1e13), each cell
+    [m - r, m + r] gets the Taylor form of order K: |R| <= sum_k<K |R_k(m)| r^k + sup|R_K| r^K, the
+    coefficients R_k as Arb power series at the point m and R_K over the whole cell; cells that miss
+    the goal (a little above the piece's error, then the tolerance) are bisected."""
+    if not (x_lo * x_hi > 0 and min(abs(x_lo), abs(x_hi)) >= 1.0):
+        return math.inf, False
+    old = ctx.prec
+    ctx.prec = PREC
+    try:
+        ev = compile_arb((expr, sp.diff(expr, X)))
+        tf = seg.transform
+        coeffs = [arb(seg.coeffs[0]) + arb(seg.c0_lo)] + [arb(c) for c in seg.coeffs[1:]]
+        parts = (ev, math.copysign(1.0, x_lo), tf.sign, arb(1) / tf.root, arb(seg.center), arb(seg.scale), coeffs)
+        s_lo, s_hi = sorted(math.log(abs(v)) for v in (x_lo, x_hi))
+        goal = min(tolerance, 1.25 * float(seg.error) + 1e-10)
+        bound, proved = _cells(parts, s_lo, s_hi, goal, max_cells // 4)
+        if not proved and goal < tolerance:
+            bound, proved = _cells(parts, s_lo, s_hi, tolerance, max_cells)
+        return bound, proved
+    finally:
+        ctx.prec = old
+
+
+ORDER = 8          # Taylor order of the cells of tail_bound
+
+
+def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tuple[float, bool]:
+    worst, cells, stack = 0.0, 0, [(s_lo, s_hi)]
+    while stack:
+        a, b = stack.pop()
+        cells += 1
+        if cells > max_cells:
+            return goal, False
+        m, r = 0.5 * (a + b), 0.5 * (b - a)
+        at_m = _series(parts, arb(m), ORDER)
+        rest = _series(parts, arb(m, r), ORDER + 1)[ORDER]
+        bound = sum(_upper(c) * r ** k for k, c in enumerate(at_m)) + _upper(rest) * r ** ORDER
+        bound = bound if math.isfinite(bound) else math.inf
+        if bound <= goal:
+            worst = max(worst, bound)
+            continue
+        if _lower(at_m[0]) > goal or not (a < m < b):
+            return max(_lower(at_m[0]), bound if not (a < m < b) else 0.0), False
+        stack += [(a, m), (m, b)]
+    return worst, True
+
+
+def _series(parts, s: arb, length: int) -> list[arb]:
+    """The first ``length`` Taylor coefficients of R in s = log|x| at s (a point or a cell)."""
+    ev, sign_x, sign, inv_n, c, scale, coeffs = parts
+    x = sign_x * arb_series([s, 1], prec=length).exp()
+    f, f1 = ev(x)
+    a = sign * f
+    t = (-(a.log() * inv_n)).exp()
+    u = (t - c) * scale
+    p = coeffs[-1] + 0 * u
+    for k in reversed(coeffs[:-1]):
+        p = p * u + k
+    try:
+        r = a * t * p / f1 - 1
+    except ValueError:          # f' not bounded away from 0 on the cell (a wide cell): not finite
+        return [arb("nan")] * length
+    return [r.coeffs()[k] if k < len(r.coeffs()) else arb(0) for k in range(length)]
+
+
+def _upper(x: arb) -> float:
+    return float(abs(x).upper()) * (1 + 2.0**-50) if x.is_finite() else math.inf
+
+
+def _lower(x: arb) -> float:
+    return float(abs(x).lower()) if x.is_finite() else 0.0
