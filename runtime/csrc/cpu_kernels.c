@@ -380,10 +380,9 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
 #define FORWARD_CHUNK 65536 /* bytes of code a step (on the stack): long runs of each plane's x and y */
 
 /* the bits of a one-bit code from one threshold, by one compare: x > t is x >= the float after t
- * (for t finite and not near 0, where flushed denormals would read the neighbour as 0); the predicate
- * puts NaN on the side of its code and sets the bit where the code is 1 */
-typedef struct { __m512 thr; int pred; } bit_code;
-enum { GE = 0, GE_OR_NAN = 1, LT = 2, LT_OR_NAN = 3 };
+ * (for t finite and not near 0, where flushed denormals would read the neighbour as 0); `x >= t`
+ * answers NaN 0, `!(x < t)` 1: the one that, inverted where the code of passing is 0, gives NaN's code */
+typedef struct { __m512 thr; int unordered; uint64_t invert; } bit_code;
 
 static inline int bit_code_of(const code_job *jb, bit_code *k) {
     float t = jb->thr[0];
@@ -393,17 +392,13 @@ static inline int bit_code_of(const code_job *jb, bit_code *k) {
         if (!isfinite(t) || fabsf(t) < 2 * FLT_MIN) return 0;
         t = nextafterf(t, INFINITY);
     }
-    *k = (bit_code){set(t), (passed ? GE : LT) + (jb->nan_code != 0)};
+    *k = (bit_code){set(t), (jb->nan_code != 0) != (passed == 0), passed ? 0 : ~0ull};
     return 1;
 }
 
-static inline __mmask16 bits16(const bit_code *k, __m512 x) {
-    switch (k->pred) {  /* the same branch for every vector of a job */
-    case GE: return _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
-    case GE_OR_NAN: return _mm512_cmp_ps_mask(x, k->thr, _CMP_NLT_UQ);
-    case LT: return _mm512_cmp_ps_mask(x, k->thr, _CMP_LT_OQ);
-    default: return _mm512_cmp_ps_mask(x, k->thr, _CMP_NGE_UQ);
-    }
+/* the compare's lanes (the code bits before inverting), `unordered` a constant where inlined */
+static inline __mmask16 bits16(const bit_code *k, int unordered, __m512 x) {
+    return unordered ? _mm512_cmp_ps_mask(x, k->thr, _CMP_NLT_UQ) : _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
 }
 
 /* elements e .. e + 15 (lanes m) of a plane: y, and their code (as forward_job keeps it) */
@@ -416,11 +411,20 @@ static inline __attribute__((always_inline)) __m512 forward_step(const code_job 
 
 static inline uint64_t lanes64(int64_t left) { return left >= 64 ? ~0ull : left <= 0 ? 0 : (1ull << left) - 1; }
 
+/* 16 elements of a one-bit code: the compare's lanes (before y, so that x need not outlive exp's call) */
+static inline __attribute__((always_inline)) __mmask16 bits_step(const code_job *jb, int kind, int dtype, int64_t e,
+                                                                 __mmask16 m, const bit_code *k, int unordered) {
+    __m512 x = load(dtype, jb->x, e, m);
+    __mmask16 bits = bits16(k, unordered, x);
+    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+    return bits;
+}
+
 /* one-bit codes of one threshold (every built-in table's): each plane's bits of 64 elements as one
  * word (a store per 4 vectors: stores per vector would take the store queue from y's cache misses),
  * then 64 bytes of code a time from the 8 planes' words */
 static inline __attribute__((always_inline)) void forward_bits(const code_job *jb, int kind, int dtype,
-                                                               const bit_code *k) {
+                                                               const bit_code *k, int unordered) {
     uint64_t words[8][FORWARD_CHUNK / 64];
     for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
         int64_t len = clamp_to(FORWARD_CHUNK, jb->hi - b0), groups = (len + 63) / 64;
@@ -429,16 +433,15 @@ static inline __attribute__((always_inline)) void forward_bits(const code_job *j
             for (; e + 64 <= e1; e += 64, g++) {
                 uint64_t w = 0;
                 for (int v = 0; v < 4; v++)
-                    w |= (uint64_t)bits16(k, forward_step(jb, kind, dtype, e + 16 * v, 0xFFFF)) << (16 * v);
-                words[plane][g] = w;
+                    w |= (uint64_t)bits_step(jb, kind, dtype, e + 16 * v, 0xFFFF, k, unordered) << (16 * v);
+                words[plane][g] = w ^ k->invert;
             }
             if (e < e1) {  /* the plane's last elements; shorter planes leave their bytes' bits 0 */
                 uint64_t w = 0;
-                for (int v = 0; v < 4 && e + 16 * v < e1; v++) {
-                    __mmask16 m = lanes(e1 - e - 16 * v);
-                    w |= (uint64_t)(m & bits16(k, forward_step(jb, kind, dtype, e + 16 * v, m))) << (16 * v);
-                }
-                words[plane][g++] = w;
+                for (int v = 0; v < 4 && e + 16 * v < e1; v++)
+                    w |= (uint64_t)bits_step(jb, kind, dtype, e + 16 * v, lanes(e1 - e - 16 * v), k, unordered)
+                         << (16 * v);
+                words[plane][g++] = (w ^ k->invert) & lanes64(e1 - e);
             }
             for (; g < groups; g++) words[plane][g] = 0;
         }
@@ -456,7 +459,8 @@ static inline __attribute__((always_inline)) void forward_bits(const code_job *j
 static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
     bit_code k;
     if (bit_code_of(jb, &k)) {
-        forward_bits(jb, kind, dtype, &k);
+        if (k.unordered) forward_bits(jb, kind, dtype, &k, 1);
+        else forward_bits(jb, kind, dtype, &k, 0);
         return;
     }
     int per = 8 / jb->bits;
