@@ -25,7 +25,8 @@ END_KINDS = {  # what each kind of branch end means (invact show prints the ones
     "root": "flat point: f' has a zero of order m >= 2, g ~ |y - y0|^(m/(m+1)); g = 0 next to it, then t = log|y - y0|",
     "log": "finite limit approached exponentially as x -> +-inf: log-type singularity; constant tail, then t = log|y - y0|",
     "power": "finite limit approached like |x|^-q as x -> +-inf: g ~ |y - y0|^((q+1)/q); fitted up to y0 (t = sqrt|y - y0| for q = 2)",
-    "tail": "y -> +-inf with g settling to a constant: constant tail",
+    "tail": "y -> +-inf with g settling to a constant: constant tail; or with g growing like |y|^((n-1)/n) "
+            "(|f| ~ |x|^n): power tail g = |y|^((n-1)/n) h(t), t = |y|^(-1/n), certified relative to g",
     "regular": "f' finite and nonzero at the end (a kink or a piece boundary)",
     "flat": "a plateau: y carries no x, g is PyTorch's gradient there (0)",
 }
