@@ -401,11 +401,18 @@ static inline __mmask16 bits16(const bit_code *k, int unordered, __m512 x) {
     return unordered ? _mm512_cmp_ps_mask(x, k->thr, _CMP_NLT_UQ) : _mm512_cmp_ps_mask(x, k->thr, _CMP_GE_OQ);
 }
 
-/* elements e .. e + 15 (lanes m) of a plane: y, and their code (as forward_job keeps it) */
+/* y of elements e .. e + 15 (lanes m), x loaded; nothing for the code alone */
+static inline __attribute__((always_inline)) void y_step(const code_job *jb, int kind, int dtype, int64_t e,
+                                                         __mmask16 m, __m512 x) {
+    if (kind != FWD_NONE)
+        store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+}
+
+/* elements e .. e + 15 (lanes m) of a plane: y, and x for their code (as forward_job keeps it) */
 static inline __attribute__((always_inline)) __m512 forward_step(const code_job *jb, int kind, int dtype, int64_t e,
                                                                  __mmask16 m) {
     __m512 x = load(dtype, jb->x, e, m);
-    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+    y_step(jb, kind, dtype, e, m, x);
     return x;
 }
 
@@ -416,7 +423,7 @@ static inline __attribute__((always_inline)) __mmask16 bits_step(const code_job 
                                                                  __mmask16 m, const bit_code *k, int unordered) {
     __m512 x = load(dtype, jb->x, e, m);
     __mmask16 bits = bits16(k, unordered, x);
-    if (kind != FWD_NONE) store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+    y_step(jb, kind, dtype, e, m, x);
     return bits;
 }
 
@@ -498,8 +505,8 @@ static void *run_forward_job(void *arg) {
 /* y[0 .. n) = the forward `kind` of n contiguous x of dtype and packed = their codes (as
  * invact_pack_code); exp16: ATen's Sleef_expf16_u10 (SiLU, GELU); chunk: the length of the ranges
  * ATen splits n into (n where it runs one). Returns 0, or -1 for arguments it does not take. */
-int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
-                        const float *thr, int strict, const int32_t *codes, int nan_code, int bits,
+int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, int64_t n, const void *x, void *y,
+                        int n_thr, const float *thr, int strict, const int32_t *codes, int nan_code, int bits,
                         uint8_t *packed, int threads) {
     if (kind < FWD_HARDSWISH || kind > FWD_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,

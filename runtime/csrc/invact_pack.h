@@ -40,7 +40,8 @@ static int forward_jobs(void *(*run)(void *), int dtype, int64_t n, const void *
     code_job jobs[MAX_THREADS];
     for (int k = 0; k < nt; k++) {
         code_job *jb = &jobs[k];
-        *jb = (code_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0}, y, kind, fn, chunk};
+        *jb = (code_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0},
+                         y, kind, fn, chunk};
         jb->lo = clamp_to(k * step, nbytes);
         jb->hi = clamp_to(jb->lo + step, nbytes);
         memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
