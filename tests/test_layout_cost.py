@@ -99,8 +99,10 @@ def test_fitter_prefers_pieces_in_y_to_the_log_transform(gelu_left):
 
 @pytest.mark.slow
 def test_calibration_ranks_layouts_as_measured(tmp_path):
-    """The model's ranking of layouts that differ by what it prices most (the log; degree 14 against
-    6) agrees with the C kernels' measured times on this machine (fastest of 5 calls at one thread)."""
+    """The model's largest price, the log transform, agrees with the C kernels' measured times on
+    this machine (fastest of 7 calls at one thread): the same layout with the log is dearer by more
+    than 8 Horner steps' worth. (Smaller differences, such as 8 Horner steps with FMA, are within
+    what other jobs on a shared 2-core machine move a time by: not asserted.)"""
     if cpu_kernel._compiler() is None:
         pytest.skip("no C compiler")
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -112,12 +114,12 @@ def test_calibration_ranks_layouts_as_measured(tmp_path):
     from invact.fitting.tables import load_table
     base = plan_table(load_table(ROOT / "generated/tables/gelu.json"), "generated/tables/gelu.json")
     torch.set_num_threads(1)
-    layouts = [(8, 8, 2, 0), (8, 8, 1, 0), (14, 8, 1, 0), (6, 8, 1, 0)]
+    layouts = [(8, 8, 2, 0), (8, 8, 1, 0)]
     timers = [layout_cost.Timer(layout_cost.synthetic_plan(base, *lay), tmp_path, f"l{k}")
               for k, lay in enumerate(layouts)]
-    ns = np.min([[t.once() for t in timers] for _ in range(6)][1:], axis=0)
+    ns = np.min([[t.once() for t in timers] for _ in range(8)][1:], axis=0)
     isa = torch.backends.cpu.get_cpu_capability()
     isa = isa if isa in fit.C_COST else "AVX2"
-    model = [fit.c_time(d, s, int(tr == 2), den, isa) for d, s, tr, den in layouts]
-    assert (ns[0] > ns[1]) == (model[0] > model[1]), (ns, model)       # the log
-    assert (ns[2] > ns[3]) == (model[2] > model[3]), (ns, model)       # 8 Horner steps more
+    step = fit.c_time(9, 8, isa=isa) - fit.c_time(8, 8, isa=isa)
+    assert fit.c_time(8, 8, 1, isa=isa) - fit.c_time(8, 8, isa=isa) > 8 * step
+    assert ns[0] - ns[1] > 8 * step, ns
