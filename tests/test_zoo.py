@@ -94,7 +94,9 @@ def test_fast_row_triton_matches_eager(row, results, root):
 def test_new_forward_functions_build_for_sm90(results, root):
     """The forwards printed for atan (Cephes atanf in tl operations) and Min/Max (tl.minimum and
     tl.maximum) build for sm_90 without a GPU like the built-ins' (tests/test_triton_offline.py):
-    launched without FP fusion, no FMA, no approximate division or square root."""
+    launched without FP fusion, no FMA in the forward (the backward's are the FMA scheme's explicit
+    tl.fma steps, counted for the built-ins by tests/test_triton_offline.py), no approximate division
+    or square root."""
     import subprocess
     import triton.backends
     if "nvidia" not in getattr(triton.backends, "backends", {}):
@@ -112,5 +114,5 @@ def test_new_forward_functions_build_for_sm90(results, root):
         for kernel, cases in kernels.items():
             for case, found in cases.items():
                 assert found["options"] == {"enable_fp_fusion": False}, (name, kernel, case)
-                assert not any(found["ptx"][i] for i in ("fma.rn.f32", "div.full.f32", "sqrt.approx.f32")), \
-                    (name, kernel, case)
+                banned = ("div.full.f32", "sqrt.approx.f32") + (("fma.rn.f32",) if kernel == "forward" else ())
+                assert not any(found["ptx"][i] for i in banned), (name, kernel, case)
