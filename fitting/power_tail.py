@@ -5,7 +5,7 @@ There g = w(y) h(t) with t = |y|^(-1/n) and w = |y|^((n-1)/n): h is smooth in t 
 x = y^(1/3) v with v^3 - v t^2 = 1, so h = 3 v^2 - t^2 is analytic in t^2), so h is fitted as a
 polynomial in t, piece by piece from t = 0 (y = float32 max) inward, and the segments are
 :class:`.segments.PowerTailSegment`. Errors are relative (|g| >= 1 on the whole tail), and proved so
-by :func:`tail_bound` in Arb ball arithmetic.
+by :func:`.power_bound.tail_bound` in Arb ball arithmetic.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import math
 
 import numpy as np
 import sympy as sp
-from flint import arb, arb_series, ctx
 
 from ..common.float32_scheme import ROOT_ORDERS
-from .arb_bound import PREC, compile_arb
 from .branches import Branch, numeric, time_limit
 from .errors import FitError
 from .fit import DEGREES, F32_SLACK, SAFETY, fit_piece, layout_cost
@@ -26,12 +24,11 @@ from .formulas import X
 from .reference import BranchReference
 from .segments import PowerTailSegment, Transform
 
-__all__ = ["growth_order", "fit_power_tail", "tail_bound"]
+__all__ = ["growth_order", "fit_power_tail"]
 
 ASYMPTOTIC = 0.5      # the tail starts where x f'/f is within this fraction of n, |g| >= 1 and
 Y_MIN = 2.0           # |y| >= Y_MIN (t = |y|^(-1/n) <= 2^(-1/n): away from the branch's other end)
 MAX_TAIL_PIECES = 16
-MAX_CELLS = 20_000
 
 
 def growth_order(b: Branch, which: str) -> int:
@@ -164,81 +161,3 @@ def _piece(h, ref, tf: Transform, t_a: float, t_b: float, degree: int, tol: floa
     if not seg.scheme_error(ref, y.astype(np.float32)) <= tol + F32_SLACK:
         return None
     return seg
-
-
-def tail_bound(expr: sp.Expr, seg: PowerTailSegment, x_lo: float, x_hi: float, tolerance: float,
-               max_cells: int = MAX_CELLS) -> tuple[float, bool]:
-    """(bound, proved) for the relative error R = w h~(u(t)) / f'(x) - 1 over x in [x_lo, x_hi] (one
-    sign, |x| >= 1), with y = f(x), a = sign*y, t = a^(-1/n), w = a t, u = (t - center) scale.
-
-    In s = log|x| (where R and its derivatives are of one scale from |x| = 1 to 1e13), each cell
-    [m - r, m + r] gets the Taylor form of order K: |R| <= sum_k<K |R_k(m)| r^k + sup|R_K| r^K, the
-    coefficients R_k as Arb power series at the point m and R_K over the whole cell; cells that miss
-    the goal (a little above the piece's error, then the tolerance) are bisected."""
-    if not (x_lo * x_hi > 0 and min(abs(x_lo), abs(x_hi)) >= 1.0):
-        return math.inf, False
-    old = ctx.prec
-    ctx.prec = PREC
-    try:
-        ev = compile_arb((expr, sp.diff(expr, X)))
-        tf = seg.transform
-        coeffs = [arb(seg.coeffs[0]) + arb(seg.c0_lo)] + [arb(c) for c in seg.coeffs[1:]]
-        parts = (ev, math.copysign(1.0, x_lo), tf.sign, arb(1) / tf.root, arb(seg.center), arb(seg.scale), coeffs)
-        s_lo, s_hi = sorted(math.log(abs(v)) for v in (x_lo, x_hi))
-        goal = min(tolerance, 1.25 * float(seg.error) + 1e-10)
-        bound, proved = _cells(parts, s_lo, s_hi, goal, max_cells // 4)
-        if not proved and goal < tolerance:
-            bound, proved = _cells(parts, s_lo, s_hi, tolerance, max_cells)
-        return bound, proved
-    finally:
-        ctx.prec = old
-
-
-ORDER = 8          # Taylor order of the cells of tail_bound
-
-
-def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tuple[float, bool]:
-    worst, cells, stack = 0.0, 0, [(s_lo, s_hi)]
-    while stack:
-        a, b = stack.pop()
-        cells += 1
-        if cells > max_cells:
-            return goal, False
-        m, r = 0.5 * (a + b), 0.5 * (b - a)
-        at_m = _series(parts, arb(m), ORDER)
-        rest = _series(parts, arb(m, r), ORDER + 1)[ORDER]
-        bound = sum(_upper(c) * r ** k for k, c in enumerate(at_m)) + _upper(rest) * r ** ORDER
-        bound = bound if math.isfinite(bound) else math.inf
-        if bound <= goal:
-            worst = max(worst, bound)
-            continue
-        if _lower(at_m[0]) > goal or not (a < m < b):
-            return max(_lower(at_m[0]), bound if not (a < m < b) else 0.0), False
-        stack += [(a, m), (m, b)]
-    return worst, True
-
-
-def _series(parts, s: arb, length: int) -> list[arb]:
-    """The first ``length`` Taylor coefficients of R in s = log|x| at s (a point or a cell)."""
-    ev, sign_x, sign, inv_n, c, scale, coeffs = parts
-    x = sign_x * arb_series([s, 1], prec=length).exp()
-    f, f1 = ev(x)
-    a = sign * f
-    t = (-(a.log() * inv_n)).exp()
-    u = (t - c) * scale
-    p = coeffs[-1] + 0 * u
-    for k in reversed(coeffs[:-1]):
-        p = p * u + k
-    try:
-        r = a * t * p / f1 - 1
-    except ValueError:          # f' not bounded away from 0 on the cell (a wide cell): not finite
-        return [arb("nan")] * length
-    return [r.coeffs()[k] if k < len(r.coeffs()) else arb(0) for k in range(length)]
-
-
-def _upper(x: arb) -> float:
-    return float(abs(x).upper()) * (1 + 2.0**-50) if x.is_finite() else math.inf
-
-
-def _lower(x: arb) -> float:
-    return float(abs(x).lower()) if x.is_finite() else 0.0

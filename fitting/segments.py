@@ -447,8 +447,8 @@ class PowerTailSegment(PolySegment):
         return self.transform.power(y, self.transform.root - 1) * super().evaluate_fma(y, params)
 
     def bound(self, ctx):
-        """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_tail.tail_bound`)."""
-        from .power_tail import tail_bound
+        """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_bound.tail_bound`)."""
+        from .power_bound import tail_bound
         lo, hi = max(self.lo, -F32_MAX), min(self.hi, F32_MAX)   # float32 +-inf is clamped to the max
         xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
         xa, xb = xa - 1e-15 * max(1.0, abs(xa)), xb + 1e-15 * max(1.0, abs(xb))

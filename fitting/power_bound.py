@@ -1,0 +1,93 @@
+"""The proved relative bound of a power-tail piece (:class:`.segments.PowerTailSegment`): Arb Taylor
+forms in s = log|x| over cells bisected until the goal holds (:func:`tail_bound`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sympy as sp
+from flint import arb, arb_series, ctx
+
+from .arb_bound import PREC, compile_arb
+from .formulas import X
+
+MAX_CELLS = 20_000
+
+
+def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: float,
+               max_cells: int = MAX_CELLS) -> tuple[float, bool]:
+    """(bound, proved) for the relative error of ``seg`` (a :class:`.segments.PowerTailSegment`),
+    R = w h~(u(t)) / f'(x) - 1 over x in [x_lo, x_hi] (one sign, |x| >= 1), with y = f(x), a = sign*y, t = a^(-1/n), w = a t, u = (t - center) scale.
+
+    In s = log|x| (where R and its derivatives are of one scale from |x| = 1 to 1e13), each cell
+    [m - r, m + r] gets the Taylor form of order K: |R| <= sum_k<K |R_k(m)| r^k + sup|R_K| r^K, the
+    coefficients R_k as Arb power series at the point m and R_K over the whole cell; cells that miss
+    the goal (a little above the piece's error, then the tolerance) are bisected."""
+    if not (x_lo * x_hi > 0 and min(abs(x_lo), abs(x_hi)) >= 1.0):
+        return math.inf, False
+    old = ctx.prec
+    ctx.prec = PREC
+    try:
+        ev = compile_arb((expr, sp.diff(expr, X)))
+        tf = seg.transform
+        coeffs = [arb(seg.coeffs[0]) + arb(seg.c0_lo)] + [arb(c) for c in seg.coeffs[1:]]
+        parts = (ev, math.copysign(1.0, x_lo), tf.sign, arb(1) / tf.root, arb(seg.center), arb(seg.scale), coeffs)
+        s_lo, s_hi = sorted(math.log(abs(v)) for v in (x_lo, x_hi))
+        goal = min(tolerance, 1.25 * float(seg.error) + 1e-10)
+        bound, proved = _cells(parts, s_lo, s_hi, goal, max_cells // 4)
+        if not proved and goal < tolerance:
+            bound, proved = _cells(parts, s_lo, s_hi, tolerance, max_cells)
+        return bound, proved
+    finally:
+        ctx.prec = old
+
+
+ORDER = 8          # Taylor order of the cells of tail_bound
+
+
+def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tuple[float, bool]:
+    worst, cells, stack = 0.0, 0, [(s_lo, s_hi)]
+    while stack:
+        a, b = stack.pop()
+        cells += 1
+        if cells > max_cells:
+            return goal, False
+        m, r = 0.5 * (a + b), 0.5 * (b - a)
+        at_m = _series(parts, arb(m), ORDER)
+        rest = _series(parts, arb(m, r), ORDER + 1)[ORDER]
+        bound = sum(_upper(c) * r ** k for k, c in enumerate(at_m)) + _upper(rest) * r ** ORDER
+        bound = bound if math.isfinite(bound) else math.inf
+        if bound <= goal:
+            worst = max(worst, bound)
+            continue
+        if _lower(at_m[0]) > goal or not (a < m < b):
+            return max(_lower(at_m[0]), bound if not (a < m < b) else 0.0), False
+        stack += [(a, m), (m, b)]
+    return worst, True
+
+
+def _series(parts, s: arb, length: int) -> list[arb]:
+    """The first ``length`` Taylor coefficients of R in s = log|x| at s (a point or a cell)."""
+    ev, sign_x, sign, inv_n, c, scale, coeffs = parts
+    x = sign_x * arb_series([s, 1], prec=length).exp()
+    f, f1 = ev(x)
+    a = sign * f
+    t = (-(a.log() * inv_n)).exp()
+    u = (t - c) * scale
+    p = coeffs[-1] + 0 * u
+    for k in reversed(coeffs[:-1]):
+        p = p * u + k
+    try:
+        r = a * t * p / f1 - 1
+    except ValueError:          # f' not bounded away from 0 on the cell (a wide cell): not finite
+        return [arb("nan")] * length
+    return [r.coeffs()[k] if k < len(r.coeffs()) else arb(0) for k in range(length)]
+
+
+def _upper(x: arb) -> float:
+    return float(abs(x).upper()) * (1 + 2.0**-50) if x.is_finite() else math.inf
+
+
+def _lower(x: arb) -> float:
+    return float(abs(x).lower()) if x.is_finite() else 0.0
