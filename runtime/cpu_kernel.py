@@ -281,6 +281,9 @@ FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3}  # META torch_f
 GELU = FORWARDS["F.gelu(x)"]
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
 GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)
+# With OMP_DYNAMIC on, OpenMP may run fewer threads than torch.get_num_threads(), so ATen's ranges (and
+# the elements its scalar code computes) are not known here: the one-pass forward is then not taken.
+OMP_DYNAMIC = os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache
@@ -295,9 +298,10 @@ def _sleef_exp() -> int | None:
 
 def forward_kind(torch_forward: str | None) -> int | None:
     """The C kernel's kind for a table whose y is ``torch_forward`` (its META entry), or None where the
-    kernel does not reproduce that forward here (no AVX-512 kernel library, or no Sleef exp to call)."""
+    kernel does not reproduce that forward here (no AVX-512 kernel library, no Sleef exp to call, or
+    OMP_DYNAMIC on)."""
     kind = FORWARDS.get(torch_forward or "")
-    if kind is None or library() is None or (kind != FORWARDS["F.hardswish(x)"] and _sleef_exp() is None):
+    if kind is None or OMP_DYNAMIC or library() is None or (kind != FORWARDS["F.hardswish(x)"] and _sleef_exp() is None):
         return None
     return kind
 

@@ -9,6 +9,9 @@ whose ATen ranges (1 and 2 threads) end in scalar tails and start off the vector
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,3 +204,15 @@ def test_codes_of_several_thresholds_every_width(dtype, bits):
         ref = torch.where(torch.isnan(xf), nan_code, torch.tensor(codes)[passed])
         cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, nan_code)
         assert torch.equal(cpu_kernel.pack_code(x, cmap, bits), bitpack.pack(ref, bits))
+
+
+def test_omp_dynamic_declines_the_one_pass_forward():
+    """With OMP_DYNAMIC on, OpenMP may run fewer threads than torch reports, so ATen's ranges (and which
+    elements its scalar code computes) are unknown: the one-pass route must not be taken."""
+    code = ("from invact import cpu_kernel; "
+            "print([cpu_kernel.forward_kind(f) for f in sorted(cpu_kernel.FORWARDS)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_DYNAMIC": "true"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([None] * len(cpu_kernel.FORWARDS))
+    assert any(cpu_kernel.forward_kind(f) is not None for f in cpu_kernel.FORWARDS)  # on here without it
