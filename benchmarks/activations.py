@@ -6,10 +6,11 @@
 Ratios (invact time / native time; lower is better; every operation timed in turn, round by round,
 medians), CPU:
   bwd compiled  the compiled backward (unpack code, g(y, code), * grad) vs the native backward
-                (target <= 0.6); on AVX-512 CPUs the C kernels of invact.cpu_kernel (16-bit y of every
+                (target <= 0.6; the fitted tables gelu, gelu_tanh, silu, quick_gelu, mish: <= 1.0
+                float32, <= 0.8 bfloat16/float16); on AVX-512 CPUs the C kernels of invact.cpu_kernel (16-bit y of every
                 table, float32 y of the fitted tables), Inductor's code otherwise
   fwd           forward incl. computing and packing the code (compiled backend) vs the native
-                forward (target <= 1.15)
+                forward (target <= 1.10)
   bwd eager     the plain-torch backward vs the native backward (target <= 3)
   floor         grad * y (reads two tensors, writes one, as any backward from y must) vs the native
                 backward: no backward can go below it; where it is near 0.6 that target is out of reach
@@ -31,7 +32,17 @@ import torch.nn.functional as F
 
 from invact import ops
 
-TARGETS = {"bwd compiled": 0.6, "fwd": 1.15, "bwd eager": 3.0}
+TARGETS = {"bwd compiled": 0.6, "fwd": 1.10, "bwd eager": 3.0}
+# Issue 17: the fitted tables' compiled backward <= 1.0 in float32 and <= 0.8 in 16-bit dtypes (their
+# native backwards are the cheapest, so the closed forms' 0.6 of the first speed issue is out of reach).
+FITTED = {"gelu", "gelu_tanh", "silu", "quick_gelu", "mish"}
+
+
+def target(column: str, name: str, dtype: torch.dtype) -> float:
+    """The ratio ``column`` of activation ``name`` in ``dtype`` is to stay at or under."""
+    if column == "bwd compiled" and name in FITTED:
+        return 1.0 if dtype == torch.float32 else 0.8
+    return TARGETS.get(column, math.inf)
 
 
 def side_by_side(fns: dict, repeat: int, sync=lambda: None) -> dict[str, float]:
@@ -206,12 +217,13 @@ def cpu_report(names: list[str], dtypes: list[torch.dtype], args: argparse.Names
     cols = [*TARGETS, "floor"]
     print(f"CPU, {args.numel} elements, x = {args.scale:g} * N(0, 1), {torch.get_num_threads()} threads; "
           "invact / native time "
-          f"(targets: {', '.join(f'{c} <= {v}' for c, v in TARGETS.items())})")
+          f"(targets: {', '.join(f'{c} <= {v}' for c, v in TARGETS.items())}; fitted tables' bwd compiled "
+          "<= 1.0 float32, <= 0.8 16-bit)")
     print(f"{'activation':<14}{'dtype':<10}" + "".join(f"{c:>14}" for c in cols))
     for name in names:
         for dtype in dtypes:
             r = cpu_ratios(name, dtype, args.numel, args.repeat, args.scale)
-            marks = "".join(f"{r[c]:>13.2f}{'*' if r[c] > TARGETS.get(c, math.inf) else ' '}" for c in cols)
+            marks = "".join(f"{r[c]:>13.2f}{'*' if r[c] > target(c, name, dtype) else ' '}" for c in cols)
             print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}{marks}")
     print("(* misses its target)")
 

@@ -42,6 +42,15 @@ def test_miss_marks_follow_the_targets():
     assert not bench._misses("fwd GB/s", 0.0)
 
 
+def test_cpu_targets_are_the_issues():
+    """Issue 17: fitted tables' backward <= 1.0 float32 / 0.8 16-bit, forward + code <= 1.10 for all."""
+    assert bench.target("bwd compiled", "gelu", torch.float32) == 1.0
+    assert bench.target("bwd compiled", "silu", torch.bfloat16) == 0.8
+    assert bench.target("bwd compiled", "relu", torch.float32) == 0.6
+    assert bench.target("fwd", "relu", torch.float16) == 1.10
+    assert bench.target("floor", "gelu", torch.float32) == float("inf")
+
+
 def test_devices_option_is_checked(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--devices", "gpu"])
