@@ -18,7 +18,9 @@ MAX_CELLS = 20_000
 def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: float,
                max_cells: int = MAX_CELLS) -> tuple[float, bool]:
     """(bound, proved) for the relative error of ``seg`` (a :class:`.segments.PowerTailSegment`),
-    R = w h~(u(t)) / f'(x) - 1 over x in [x_lo, x_hi] (one sign, |x| >= 1), with y = f(x), a = sign*y, t = a^(-1/n), w = a t, u = (t - center) scale.
+    R = w h~(u(t)) / f'(x) - 1 over x in [x_lo, x_hi] (one sign, |x| >= 1), with y = f(x), a = sign*y, t = a^(-1/n), w = a t, u = (t - center) scale;
+    for root 0 (exponential growth) t = log a and w = a, and the cells are in s = x itself (there
+    |x| <= ~89 and f varies on the scale 1 in x, which log|x| would shrink by |x|).
 
     In s = log|x| (where R and its derivatives are of one scale from |x| = 1 to 1e13), each cell
     [m - r, m + r] gets the Taylor form of order K: |R| <= sum_k<K |R_k(m)| r^k + sup|R_K| r^K, the
@@ -29,11 +31,12 @@ def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: flo
     old = ctx.prec
     ctx.prec = PREC
     try:
-        ev = compile_arb((expr, sp.diff(expr, X)))
+        ev = compile_arb(_exp_form((expr, sp.diff(expr, X))))
         tf = seg.transform
         coeffs = [arb(seg.coeffs[0]) + arb(seg.c0_lo)] + [arb(c) for c in seg.coeffs[1:]]
-        parts = (ev, math.copysign(1.0, x_lo), tf.sign, arb(1) / tf.root, arb(seg.center), arb(seg.scale), coeffs)
-        s_lo, s_hi = sorted(math.log(abs(v)) for v in (x_lo, x_hi))
+        inv_n = arb(1) / tf.root if tf.root else None
+        parts = (ev, math.copysign(1.0, x_lo), tf.sign, inv_n, arb(seg.center), arb(seg.scale), coeffs)
+        s_lo, s_hi = sorted(math.log(abs(v)) if tf.root else v for v in (x_lo, x_hi))
         goal = min(tolerance, 1.25 * float(seg.error) + 1e-10)
         bound, proved = _cells(parts, s_lo, s_hi, goal, max_cells // 4)
         if not proved and goal < tolerance:
@@ -44,6 +47,12 @@ def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: flo
 
 
 ORDER = 8          # Taylor order of the cells of tail_bound
+
+
+def _exp_form(exprs: tuple[sp.Expr, ...]) -> tuple[sp.Expr, ...]:
+    """sinh and cosh written with exp (Arb's power series have no sinh or cosh; exact identities)."""
+    return tuple(e.replace(sp.sinh, lambda z: (sp.exp(z) - sp.exp(-z)) / 2)
+                  .replace(sp.cosh, lambda z: (sp.exp(z) + sp.exp(-z)) / 2) for e in exprs)
 
 
 def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tuple[float, bool]:
@@ -68,18 +77,18 @@ def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tupl
 
 
 def _series(parts, s: arb, length: int) -> list[arb]:
-    """The first ``length`` Taylor coefficients of R in s = log|x| at s (a point or a cell)."""
+    """The first ``length`` Taylor coefficients of R in s = log|x| (s = x for root 0) at s (a point or a cell)."""
     ev, sign_x, sign, inv_n, c, scale, coeffs = parts
-    x = sign_x * arb_series([s, 1], prec=length).exp()
+    x = sign_x * arb_series([s, 1], prec=length).exp() if inv_n is not None else arb_series([s, 1], prec=length)
     f, f1 = ev(x)
     a = sign * f
-    t = (-(a.log() * inv_n)).exp()
+    t = (-(a.log() * inv_n)).exp() if inv_n is not None else a.log()
     u = (t - c) * scale
     p = coeffs[-1] + 0 * u
     for k in reversed(coeffs[:-1]):
         p = p * u + k
     try:
-        r = a * t * p / f1 - 1
+        r = (a * t if inv_n is not None else a) * p / f1 - 1
     except ValueError:          # f' not bounded away from 0 on the cell (a wide cell): not finite
         return [arb("nan")] * length
     return [r.coeffs()[k] if k < len(r.coeffs()) else arb(0) for k in range(length)]

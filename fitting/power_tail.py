@@ -6,6 +6,10 @@ x = y^(1/3) v with v^3 - v t^2 = 1, so h = 3 v^2 - t^2 is analytic in t^2), so h
 polynomial in t, piece by piece from t = 0 (y = float32 max) inward, and the segments are
 :class:`.segments.PowerTailSegment`. Errors are relative (|g| >= 1 on the whole tail), and proved so
 by :func:`.power_bound.tail_bound` in Arb ball arithmetic.
+
+n = infinity (f grows faster than any power of x, g/|y| -> c != 0: x + exp(x), sinh) is root 0:
+g = |y| h(t), t = log|y|, the weight exact (no root). There h is smooth (x + exp(x): h = 1 + (1 - x)/y,
+h - 1 ~ -t e^-t) and constant to float32 rounding a little way out.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ MAX_TAIL_PIECES = 16
 
 def growth_order(b: Branch, which: str) -> int:
     """n = lim x f'(x) / f(x) as x -> +-inf at the ``which`` end of ``b`` (|f| ~ |x|^n): by sympy
-    where it answers within a few seconds, else numerically; FitError unless n is one of ROOT_ORDERS."""
+    where it answers within a few seconds, else numerically; 0 where n is infinite and g/|y| tends to a
+    nonzero constant (:func:`_exponential`); FitError unless n is 0 or one of ROOT_ORDERS."""
     x_inf = b.x_at_y_end(which)
     n = None
     try:
@@ -51,39 +56,80 @@ def growth_order(b: Branch, which: str) -> int:
         with np.errstate(all="ignore"):
             v = xs * fp(xs) / f(xs)
         n = float(v[-1]) if abs(v[-1] - v[0]) <= 1e-4 * abs(v[-1]) else math.inf
-    k = round(n) if math.isfinite(n) else 0
+    if math.isinf(n):
+        return _exponential(b, x_inf)
+    k = round(n)
     if k not in ROOT_ORDERS or abs(n - k) > 1e-6:
-        growth = "faster than any power of x" if math.isinf(n) else f"like |x|^{n:.6g}"
-        raise FitError(f"branch {b.index}: g = f' grows without bound as x -> {x_inf:+g} and f grows {growth}; "
-                       f"power tails take |f| ~ |x|^n with n one of {', '.join(map(str, ROOT_ORDERS))}", None, "")
+        raise FitError(f"branch {b.index}: g = f' grows without bound as x -> {x_inf:+g} and f grows like "
+                       f"|x|^{n:.6g}; power tails take |f| ~ |x|^n with n one of {', '.join(map(str, ROOT_ORDERS))} "
+                       "(or f exponential, g ~ c|y|)", None, "")
     return k
 
 
+def _exponential(b: Branch, x_inf: float) -> int:
+    """0 if g/|y| = |f'/f| tends to a nonzero constant as x -> x_inf (f grows exponentially): sympy's
+    limit where it answers, else |f'/f| where |f| = 1e30 and 1e36 agreeing to 1 %; else FitError."""
+    ratio = sp.Abs(sp.diff(b.expr, X) / b.expr)
+    c = None
+    try:
+        with time_limit(5.0):
+            lim = sp.limit(ratio, X, sp.oo if x_inf > 0 else -sp.oo)
+        c = float(lim) if lim.is_number and lim.is_finite else (math.inf if lim.is_infinite else None)
+    except (TimeoutError, NotImplementedError, ValueError, TypeError):
+        pass
+    if c is None:
+        f, r = numeric(b.expr), numeric(ratio)
+        vals = []
+        for level in (30.0, 36.0):   # x where |f| = 10^level: bisection in x on log10|f|
+            lo, hi = 0.0, x_inf if math.isfinite(x_inf) else math.copysign(1e6, x_inf)
+            with np.errstate(all="ignore"):
+                for _ in range(200):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (mid, hi) if math.log10(abs(float(f(np.array([mid]))[0])) + 1e-300) < level else (lo, mid)
+                vals.append(float(r(np.array([lo]))[0]))
+        c = vals[1] if abs(vals[1] - vals[0]) <= 0.01 * abs(vals[1]) else math.nan
+    if 0 < c < math.inf:
+        return 0
+    how = {0.0: "tends to 0 (g grows more slowly than |y|)", math.inf: "grows without bound (g faster than |y|)"}
+    raise FitError(f"branch {b.index}: g = f' grows without bound as x -> {x_inf:+g} and f grows faster than any "
+                   f"power of x, but g/|y| {how.get(c, 'does not settle')}; exponential tails take g ~ c|y|, "
+                   "c != 0", None, "")
+
+
 class _Weighted:
-    """h(y) = g(y) / w(y), w = |y|^((n-1)/n), with the reference's inverse (what ``fit_piece`` reads)."""
+    """h(y) = g(y) / w(y), w = |y|^((n-1)/n) (|y| for n = 0), with the reference's inverse (what
+    ``fit_piece`` reads)."""
 
     def __init__(self, ref: BranchReference, n: int, sign: int):
         self.ref, self.n, self.sign, self.target = ref, n, sign, ref.target
 
     def __call__(self, y):
         y = np.asarray(y, dtype=np.float64)
-        return self.ref(y) / (self.sign * y) ** ((self.n - 1) / self.n)
+        return self.ref(y) / ((self.sign * y) ** ((self.n - 1) / self.n) if self.n else self.sign * y)
 
 
 def _start(b: Branch, ref: BranchReference, which: str, n: int) -> float:
-    """x where the tail starts: from there on, x f'/f is within ASYMPTOTIC of n, |g| >= 1 and |y| >= Y_MIN."""
+    """x where the tail starts: from there on, x f'/f is within ASYMPTOTIC of n (for n = 0: g/|y| within
+    ASYMPTOTIC of its value far out), |g| >= 1 and |y| >= Y_MIN."""
     x_inf = b.x_at_y_end(which)
     lo, hi = b.x_range
     inner = hi if x_inf < 0 else lo
     inner = abs(inner) if math.isfinite(inner) else 0.0
-    xs = math.copysign(1.0, x_inf) * np.geomspace(max(inner, 1.0) * 1.01, 1e12, 4000)
+    far = 1e12 if n else float(np.abs(ref.inverse(np.array([math.copysign(F32_MAX, x_inf)]), bulk=False)[0]))
+    xs = math.copysign(1.0, x_inf) * np.geomspace(max(inner, 1.0) * 1.01, far, 4000)
     with np.errstate(all="ignore"):
         y = ref.f(xs)
         sign = 1.0 if which == "upper" else -1.0
-        bad = ~((np.abs(xs * ref.fp(xs) / y - n) <= ASYMPTOTIC * n) & (np.abs(ref.fp(xs)) >= 1.0) & (sign * y >= Y_MIN))
+        if n:
+            settled = np.abs(xs * ref.fp(xs) / y - n) <= ASYMPTOTIC * n
+        else:
+            h = np.abs(ref.fp(xs) / y)
+            settled = np.abs(h - h[-1]) <= ASYMPTOTIC * h[-1]
+        bad = ~(settled & (np.abs(ref.fp(xs)) >= 1.0) & (sign * y >= Y_MIN))
     k = int(np.nonzero(bad)[0][-1]) + 1 if bad.any() else 0
     if k >= xs.size:
-        raise FitError(f"branch {b.index}: f does not settle to |x|^{n} growth by |x| = 1e12", None, "")
+        raise FitError(f"branch {b.index}: f does not settle to {f'|x|^{n}' if n else 'exponential'} growth by "
+                       f"|x| = {far:g}", None, "")
     return float(xs[k])
 
 
@@ -105,7 +151,7 @@ def fit_power_tail(b: Branch, ref: BranchReference, which: str, tol: float) -> t
             break
     if best is None:
         raise FitError(f"branch {b.index}: no power tail of up to {MAX_TAIL_PIECES} polynomial pieces in "
-                       f"t = |y|^(-1/{n}) meets {tol:g} beyond y = {y0:g}", None, "")
+                       f"{tf.describe()} meets {tol:g} beyond y = {y0:g}", None, "")
     segs = sorted(best[1], key=lambda s: s.lo)
     outer = segs[-1] if sign > 0 else segs[0]
     outer.y_range[1 if sign > 0 else 0] = b.y_range[1 if sign > 0 else 0]     # up to +-inf
@@ -115,11 +161,11 @@ def fit_power_tail(b: Branch, ref: BranchReference, which: str, tol: float) -> t
 
 
 def _greedy(h: _Weighted, ref: BranchReference, tf: Transform, y0: float, degree: int, tol: float):
-    """Pieces of ``degree`` from the outer end (|y| = float32 max, t ~ 0) in to |y0|, each the largest
-    (bisection in t) that meets the tolerance; None past MAX_TAIL_PIECES."""
+    """Pieces of ``degree`` from the outer end (|y| = float32 max) in to |y0|, each the largest
+    (bisection in v = |y|^(-1/n), or -log|y| for n = 0) that meets the tolerance; None past MAX_TAIL_PIECES."""
     sign, n = tf.sign, tf.root
-    t_in = abs(y0) ** (-1.0 / n)
-    out, t_a = [], F32_MAX ** (-1.0 / n)
+    t_in = _v(abs(y0), n)
+    out, t_a = [], _v(F32_MAX, n)
     while t_a < t_in:
         if len(out) >= MAX_TAIL_PIECES:
             return None
@@ -138,15 +184,27 @@ def _greedy(h: _Weighted, ref: BranchReference, tf: Transform, y0: float, degree
         if good is None:
             return None
         out.append(good)
-        t_a = abs(good.lo if sign > 0 else good.hi) ** (-1.0 / n)
+        t_a = _v(abs(good.lo if sign > 0 else good.hi), n)
     return out
 
 
+def _v(a: float, n: int) -> float:
+    """The greedy's variable, increasing inward: a^(-1/n), or -log a for n = 0."""
+    return a ** (-1.0 / n) if n else -math.log(a)
+
+
+def _a(v: float, n: int) -> float:
+    """|y| at the greedy's variable v (float32 max at the outer end)."""
+    if n:
+        return v ** -float(n) if v > 0 else F32_MAX
+    return math.exp(-v) if -v < math.log(F32_MAX) else F32_MAX
+
+
 def _piece(h, ref, tf: Transform, t_a: float, t_b: float, degree: int, tol: float) -> PowerTailSegment | None:
-    """The fitted piece for t in [t_a, t_b] (float32 y ends), if it meets SAFETY * tol relative in real
+    """The fitted piece for v in [t_a, t_b] (float32 y ends), if it meets SAFETY * tol relative in real
     arithmetic and tol + F32_SLACK in the float32 scheme (sampled)."""
     sign, n = tf.sign, tf.root
-    ys = sorted(f32(sign * t ** -float(n)) if t > 0 else sign * F32_MAX for t in (t_a, t_b))
+    ys = sorted(f32(sign * min(_a(t, n), F32_MAX)) for t in (t_a, t_b))
     ys = [max(min(v, F32_MAX), -F32_MAX) for v in ys]
     if not ys[0] < ys[1]:
         return None

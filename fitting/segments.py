@@ -21,13 +21,13 @@ __all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment",
 class Transform:
     """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo
     (float32 terms subtracted in order); or, for power_tail segments only, power: t = a^(-1/root),
-    a = sign*y clamped to [1, float32 max], with the weight w = a^((root-1)/root) g is multiplied by.
-    Hashable: code generation numbers a table's distinct ones."""
+    a = sign*y clamped to [1, float32 max], with the weight w = a^((root-1)/root) g is multiplied by;
+    root 0 (f grows exponentially, g ~ c|y|): t = log a, weight w = a. Hashable: code generation numbers a table's distinct ones."""
 
     kind: str = "identity"                       # identity | sqrt | log | power
     origin: tuple[float, ...] = ()
     sign: int = 1
-    root: int = 0                                # power: the growth order n of f (|f| ~ |x|^n)
+    root: int = 0                                # power: the growth order n of f (|f| ~ |x|^n), 0: exp
 
     KINDS: ClassVar[tuple[str, ...]] = ("identity", "sqrt", "log")   # of poly segments
 
@@ -62,9 +62,12 @@ class Transform:
         """t as the documented scheme computes it in y's dtype (float32: the runtime's log)."""
         if self.kind == "identity":
             return y
-        if self.kind == "power":
+        if self.kind == "power" and self.root:
             return self.power(y, -1)
         ft = y.dtype.type
+        if self.kind == "power":      # root 0: log a (a >= 1, no floor needed)
+            a = self.base(y)
+            return np.where(np.isnan(a), a, log32(a)) if y.dtype == np.float32 else np.log(a)
         d = self.d(y)
         with np.errstate(all="ignore"):
             if self.kind == "sqrt":
@@ -78,24 +81,34 @@ class Transform:
         if self.kind == "identity":
             return t
         if self.kind == "power":
-            with np.errstate(divide="ignore"):
-                return self.sign * t ** -float(self.root)
+            with np.errstate(divide="ignore", over="ignore"):
+                return self.sign * (t ** -float(self.root) if self.root else np.exp(t))
         hi, *rest = self.origin
         return hi + (sum(rest) + self.sign * (t * t if self.kind == "sqrt" else np.exp(t)))
 
     def power(self, y: np.ndarray, k: int) -> np.ndarray:
         """a^(k/root), a = sign*y clamped to [1, float32 max], in y's dtype (float32: the scheme's
         :func:`.float32.root_power32`)."""
+        a = self.base(y)
+        with np.errstate(all="ignore"):
+            return root_power32(a, self.root, k) if y.dtype == np.float32 else a ** (k / self.root)
+
+    def base(self, y: np.ndarray) -> np.ndarray:
+        """a = sign*y clamped to [1, float32 max] in y's dtype: a power transform's argument."""
         ft = y.dtype.type
         with np.errstate(all="ignore"):
-            a = np.clip(ft(self.sign) * y, ft(1), ft(F32_MAX))
-            return root_power32(a, self.root, k) if y.dtype == np.float32 else a ** (k / self.root)
+            return np.clip(ft(self.sign) * y, ft(1), ft(F32_MAX))
+
+    def weight(self, y: np.ndarray) -> np.ndarray:
+        """w = a^((root-1)/root), or a itself for root 0 (exact: no rounding)."""
+        return self.power(y, self.root - 1) if self.root else self.base(y)
 
     def describe(self) -> str:
         if self.kind == "identity":
             return "y"
         if self.kind == "power":
-            return f"t = {'' if self.sign > 0 else '-'}y^(-1/{self.root})"
+            sy = f"{'' if self.sign > 0 else '-'}y"
+            return f"t = {sy}^(-1/{self.root})" if self.root else f"t = log({sy})"
         return f"{self.kind}({'' if self.sign > 0 else '-'}(y - {sum(map(float, self.origin)):.10g}))"
 
 
@@ -415,7 +428,8 @@ class PowerTailSegment(PolySegment):
     """g = w * h, a tail where g grows without bound like |y|^((n-1)/n) (|f| ~ |x|^n as x -> +-inf):
     the transform is Transform("power", sign=s, root=n), t = a^(-1/n) and w = a^((n-1)/n) with
     a = s*y clamped to [1, float32 max] (:func:`.float32.root_power32`), and h = c0 + u P(u) the
-    polynomial of a poly segment in t. Its certified error is relative (|g| >= 1 on the whole tail)."""
+    polynomial of a poly segment in t; root 0 where f grows exponentially (g/|y| -> c != 0): t = log a,
+    w = a. Its certified error is relative (|g| >= 1 on the whole tail)."""
 
     kind: ClassVar[str] = "power_tail"
 
@@ -434,17 +448,17 @@ class PowerTailSegment(PolySegment):
         from ..common.float32_scheme import ROOT_ORDERS
         tf = d["transform"]
         if not (isinstance(tf, dict) and tf.get("kind") == "power" and tf.get("sign") in (1, -1)
-                and tf.get("root") in ROOT_ORDERS and not isinstance(tf.get("root"), bool)
+                and tf.get("root") in (0, *ROOT_ORDERS) and not isinstance(tf.get("root"), bool)
                 and is_numbers([d["center"], d["scale"], d["c0_lo"]])):
-            return (f"has a malformed power_tail segment {where} (transform kind power, sign +-1, root one of "
+            return (f"has a malformed power_tail segment {where} (transform kind power, sign +-1, root 0 or one of "
                     f"{', '.join(map(str, ROOT_ORDERS))}; numeric center, scale and c0_lo)")
         return None
 
     def evaluate(self, y, params=None):
-        return self.transform.power(y, self.transform.root - 1) * super().evaluate(y, params)
+        return self.transform.weight(y) * super().evaluate(y, params)
 
     def evaluate_fma(self, y, params=None):
-        return self.transform.power(y, self.transform.root - 1) * super().evaluate_fma(y, params)
+        return self.transform.weight(y) * super().evaluate_fma(y, params)
 
     def bound(self, ctx):
         """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_bound.tail_bound`)."""
@@ -460,6 +474,8 @@ class PowerTailSegment(PolySegment):
 
     def _shape(self) -> str:
         n = self.transform.root
+        if not n:
+            return f"exponential tail g = |y| * h(t), h poly degree {self.degree}"
         return f"power tail g = |y|^({n - 1}/{n}) * h(t), h poly degree {self.degree}"
 
     def describe(self, fmt="{:.4g}".format):

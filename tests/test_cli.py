@@ -126,7 +126,7 @@ def test_input_errors_exit_2(tree, capsys, argv, message):
     ("sin(x)", "infinitely many monotone branches"),
     ("sqrt(x)", "not real-valued"),
     ("1/x", "not real-valued (or not finite)"),
-    ("x + exp(x)", "grows without bound"),     # g = 1 + e^x grows like y: faster than any power tail
+    ("exp(x*asinh(x))", "grows without bound"),   # g/y = asinh(x) + x/sqrt(1 + x^2) grows without bound
 ])
 def test_analysis_errors_exit_2(tree, capsys, formula, message):
     """Refused once branch analysis has started: progress lines, then one error line; nothing written."""

@@ -102,9 +102,11 @@ def test_refusals_name_the_property_and_where(formula, words):
 
 def test_unbounded_g_on_an_unbounded_range_is_not_a_tolerance_problem():
     """g growing like a power of y is a power tail (tests/test_power_tail.py: x**3 - x fits); growing
-    like y itself, from an f faster than any power of x, is refused, and no tolerance would help."""
-    with pytest.raises(FitError, match=r"grows without bound as x -> \+inf .* faster than any power") as err:
-        build_table(get_spec("x + exp(x)", name="t"), fp32_samples=SAMPLES)
+    like c|y| is an exponential tail (x + exp(x), sinh fit there too); faster than |y| (exp(x asinh x):
+    g/y = asinh x + x/sqrt(1 + x^2)) is refused, and no tolerance would help."""
+    with pytest.raises(FitError, match=r"grows without bound as x -> [+-]inf .* faster than any power of x, "
+                                       r"but g/\|y\| grows without bound") as err:
+        build_table(get_spec("exp(x*asinh(x))", name="t"), fp32_samples=SAMPLES)
     assert "tolerance" not in str(err.value)
 
 

@@ -149,8 +149,8 @@ def _transform(d: TorchDialect, tf) -> str:
     """t = T(y) of one transform, with its constants inlined (docs/table-format.md)."""
     if tf.kind == "identity":
         return "y"
-    if tf.kind == "power":
-        return d.root_power(_power_base(d, tf), tf.root, -1)
+    if tf.kind == "power":     # root 0 (exponential growth of f): t = log a
+        return d.root_power(_power_base(d, tf), tf.root, -1) if tf.root else d.log(_power_base(d, tf))
     dd = "y"
     for o in tf.origin:  # y - 0 == y and y - (-o) == y + o exactly: print the simpler form
         if o != 0:
@@ -189,10 +189,12 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
 
 
 def _power_weights(w: Writer, plan: Plan, d: TorchDialect) -> None:
-    """power_tail rows: g = h * a^((n-1)/n) (a = sign*y clamped; other rows keep g, times 1.0)."""
+    """power_tail rows: g = h * a^((n-1)/n), or h * a for root 0 (a = sign*y clamped; other rows keep
+    g, times 1.0)."""
     for i, tf in enumerate(plan.transforms):
         if tf.kind == "power":
-            weight = d.root_power(_power_base(d, tf), tf.root, tf.root - 1)
+            base = _power_base(d, tf)
+            weight = d.root_power(base, tf.root, tf.root - 1) if tf.root else base
             w(f"g = g * {d.where}({d.gather(Plan.ROW_TID)} == {float(i)!r}, {weight}, 1.0)")
 
 
