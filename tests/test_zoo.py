@@ -93,7 +93,8 @@ def test_fast_row_triton_matches_eager(row, results, root):
 @pytest.mark.slow
 def test_new_forward_functions_build_for_sm90(results, root):
     """The forwards printed for atan (Cephes atanf in tl operations) and Min/Max (tl.minimum and
-    tl.maximum), and a power tail's backward (act_triton.root_power, float64 Newton steps), build for sm_90 without a GPU like the built-ins' (tests/test_triton_offline.py):
+    tl.maximum), and a power tail's backward (act_triton.root_power, float64 Newton steps; the exponential
+    tail's act_triton.log), build for sm_90 without a GPU like the built-ins' (tests/test_triton_offline.py):
     launched without FP fusion, no FMA in the forward (the backward's are the FMA scheme's explicit
     tl.fma steps, counted for the built-ins by tests/test_triton_offline.py), no approximate division
     or square root."""
@@ -101,7 +102,7 @@ def test_new_forward_functions_build_for_sm90(results, root):
     import triton.backends
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no NVIDIA backend")
-    names = [zoo.table_name(r) for r in FAST if r["name"] in ("arctan", "relu6", "cubic")]
+    names = [zoo.table_name(r) for r in FAST if r["name"] in ("arctan", "relu6", "cubic", "exp_plus_x")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"INVACT_ROOT": str(root)}
     script = Path(__file__).with_name("triton_offline.py")
     done = subprocess.run([sys.executable, str(script), "--names", ",".join(names)], env=env,
