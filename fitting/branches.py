@@ -26,7 +26,8 @@ END_KINDS = {  # what each kind of branch end means (invact show prints the ones
     "log": "finite limit approached exponentially as x -> +-inf: log-type singularity; constant tail, then t = log|y - y0|",
     "power": "finite limit approached like |x|^-q as x -> +-inf: g ~ |y - y0|^((q+1)/q); fitted up to y0 (t = sqrt|y - y0| for q = 2)",
     "tail": "y -> +-inf with g settling to a constant: constant tail; or with g growing like |y|^((n-1)/n) "
-            "(|f| ~ |x|^n): power tail g = |y|^((n-1)/n) h(t), t = |y|^(-1/n), certified relative to g",
+            "(|f| ~ |x|^n): power tail g = |y|^((n-1)/n) h(t), t = |y|^(-1/n), certified relative to g; or, f "
+            "exponential (g ~ c|y|), exponential tail g = |y| h(t), t = log|y|",
     "regular": "f' finite and nonzero at the end (a kink or a piece boundary)",
     "flat": "a plateau: y carries no x, g is PyTorch's gradient there (0)",
 }

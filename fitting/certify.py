@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from .branches import Analysis, analyze
-from .float32 import from_ordinal, half_values, ordinal
+from .float32 import from_ordinal, half_values, ordinal, overflows_as
 from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
 
@@ -252,8 +252,9 @@ def _max_error(table: Table, index: int, ref: BranchReference, y32: np.ndarray) 
 
 def _worst(got: np.ndarray, want: np.ndarray) -> float:
     """Max of |got - want| / max(1, |want|) (absolute below 1, relative above); inf where float32
-    gave NaN or inf and g is finite; where g itself is infinite there is no error to measure."""
-    err = np.abs(got - want)
+    gave NaN or inf and g is finite, unless g rounds to that float32 inf (:func:`.float32.overflows_as`);
+    where g itself is infinite there is no error to measure."""
+    err = np.where(overflows_as(got, want), 0.0, np.abs(got - want))
     err /= np.maximum(1.0, np.abs(want))
     worst = float(np.max(err, initial=0.0))
     if math.isfinite(worst):

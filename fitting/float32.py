@@ -11,9 +11,18 @@ import numpy as np
 from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32, root_seed, root_steps
 
 __all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "ordinal", "from_ordinal",
-           "ordinal_nodes", "half_values", "round_to", "log32", "root_power32", "fma32"]
+           "ordinal_nodes", "half_values", "round_to", "log32", "root_power32", "fma32",
+           "overflows_as"]
 
 F32_MAX = float(np.finfo(np.float32).max)
+F32_OVERFLOW = 2.0**128 - 2.0**103   # the least float64 magnitude that rounds to float32 inf (a midpoint: even)
+
+
+def overflows_as(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Where float32 ``got`` is +-inf and is ``want`` (float64) correctly rounded to float32: an
+    exponential tail's g = c|y| past float32 max (c > 1), which no float32 can hold."""
+    with np.errstate(invalid="ignore"):
+        return np.isinf(got) & (np.abs(want) >= F32_OVERFLOW) & (np.sign(got) == np.sign(want))
 ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
 
 

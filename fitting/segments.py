@@ -10,7 +10,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import CertificationError, TableError
-from .float32 import F32_MAX, TINY32, log32, root_power32
+from .float32 import F32_MAX, TINY32, log32, overflows_as, root_power32
 from .scheme import closed_form_fn, horner, is_numbers, number, param_values, plain_extra
 
 __all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment", "ExactSegment", "PolySegment",
@@ -207,12 +207,13 @@ class Segment:
     def scheme_error(self, ref: Callable, y: np.ndarray, params: dict | None = None) -> float:
         """Max error of the emulated float32 scheme at the float32 values ``y`` against the float64
         reference ``ref``, absolute where |g| <= 1 and relative above, as certification measures it;
-        inf where float32 gives NaN or inf and the reference is finite."""
+        inf where float32 gives NaN or inf and the reference is finite (but not where it rounds to that inf)."""
         y = np.asarray(y, dtype=np.float32)
         g = ref(y.astype(np.float64))
         with np.errstate(all="ignore"):
             got = self.evaluate(y, params).astype(np.float64)
             err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
+            err = np.where(overflows_as(got, g), 0.0, err)    # g past float32 max: inf is its float32 value
         return float(np.max(err[np.isfinite(g)], initial=0.0))
 
     def bound(self, ctx: BoundContext) -> tuple[float, str]:
@@ -455,10 +456,12 @@ class PowerTailSegment(PolySegment):
         return None
 
     def evaluate(self, y, params=None):
-        return self.transform.weight(y) * super().evaluate(y, params)
+        with np.errstate(over="ignore"):     # g = c|y| past float32 max (c > 1): inf, its float32 value
+            return self.transform.weight(y) * super().evaluate(y, params)
 
     def evaluate_fma(self, y, params=None):
-        return self.transform.weight(y) * super().evaluate_fma(y, params)
+        with np.errstate(over="ignore"):
+            return self.transform.weight(y) * super().evaluate_fma(y, params)
 
     def bound(self, ctx):
         """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_bound.tail_bound`)."""

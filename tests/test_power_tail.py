@@ -23,6 +23,7 @@ from invact.fitting.formulas import get_spec
 from invact.fitting.pipeline import build_table
 from invact.fitting.power_tail import growth_order
 from invact.fitting.reference import BranchReference
+from invact.fitting.segments import Segment
 from invact.fitting.tables import load_table, table_path
 
 # name -> (formula, its float64 torch form, the tails' roots, show text, |x| out to which y is finite)
@@ -97,6 +98,19 @@ def test_exponential_growth_order_is_root_0(formula):
     a = analyze(get_spec(formula, name="t"))
     ends = [b for b in a.branches if math.isinf(b.y_range[1]) and b.x_at_y_end("upper") > 0]
     assert ends and all(growth_order(b, "upper") == 0 for b in ends)
+
+
+def test_g_past_float32_max_is_inf_as_float32_rounds_it():
+    """x e^x + 2x: g/y = 1 + 1/x + ... -> 1 slowly (h varies all the way out) and g > y, so near
+    y = float32 max g itself rounds to float32 inf; the scheme's inf there is that correct value (not
+    an error), and the table fits and certifies at the default tolerance."""
+    table = build_table(get_spec("x*exp(x) + 2*x", name="t"), fp32_samples=2**12)
+    cert = table["certificate"]
+    assert cert["approx_error"] <= APPROX and cert["float32_eval_error"] <= FLOAT32
+    seg = Segment.from_json(table["code_classes"][0]["segments"][-1])
+    y = np.array([3.4e38, 3.0e38], dtype=np.float32)
+    g = BranchReference(analyze(get_spec("x*exp(x) + 2*x", name="t")).branches[0])(y.astype(np.float64))
+    assert g[0] >= 2.0**128 and np.isinf(seg.evaluate(y)[0]) and np.isfinite(seg.evaluate(y)[1])
 
 
 def test_g_faster_than_y_is_refused_naming_it():
