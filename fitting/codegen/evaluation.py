@@ -8,13 +8,13 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 from __future__ import annotations
 
 from ...common.float32_scheme import TINY32, root_seed
+from ..float32 import F32_MAX
 from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
 from .writer import Writer
 
 __all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
 
-F32_MAX = 3.4028234663852886e+38  # float32's largest finite value
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
 
 
