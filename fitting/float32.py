@@ -16,6 +16,7 @@ __all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "
 
 F32_MAX = float(np.finfo(np.float32).max)
 F32_OVERFLOW = 2.0**128 - 2.0**103   # the least float64 magnitude that rounds to float32 inf (a midpoint: even)
+ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
 
 
 def overflows_as(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -23,7 +24,6 @@ def overflows_as(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     exponential tail's g = c|y| past float32 max (c > 1), which no float32 can hold."""
     with np.errstate(invalid="ignore"):
         return np.isinf(got) & (np.abs(want) >= F32_OVERFLOW) & (np.sign(got) == np.sign(want))
-ORDINAL_NODES = 1 << 16                      # default count of :func:`ordinal_nodes`
 
 
 def f32(v: float) -> float:

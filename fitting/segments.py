@@ -22,7 +22,8 @@ class Transform:
     """t = T(y): identity, sqrt(sign*(y - origin)) or log(sign*(y - origin)); origin = hi + mid + lo
     (float32 terms subtracted in order); or, for power_tail segments only, power: t = a^(-1/root),
     a = sign*y clamped to [1, float32 max], with the weight w = a^((root-1)/root) g is multiplied by;
-    root 0 (f grows exponentially, g ~ c|y|): t = log a, weight w = a. Hashable: code generation numbers a table's distinct ones."""
+    root 0 (f grows exponentially, g ~ c|y|): t = log a, weight w = a. Hashable: code generation
+    numbers a table's distinct ones."""
 
     kind: str = "identity"                       # identity | sqrt | log | power
     origin: tuple[float, ...] = ()
@@ -456,12 +457,14 @@ class PowerTailSegment(PolySegment):
         return None
 
     def evaluate(self, y, params=None):
-        with np.errstate(over="ignore"):     # g = c|y| past float32 max (c > 1): inf, its float32 value
-            return self.transform.weight(y) * super().evaluate(y, params)
+        return self._weighted(y, super().evaluate(y, params))
 
     def evaluate_fma(self, y, params=None):
-        with np.errstate(over="ignore"):
-            return self.transform.weight(y) * super().evaluate_fma(y, params)
+        return self._weighted(y, super().evaluate_fma(y, params))
+
+    def _weighted(self, y: np.ndarray, h: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):     # g = c|y| past float32 max (c > 1): inf, its float32 value
+            return self.transform.weight(y) * h
 
     def bound(self, ctx):
         """A proved bound on |g~ - g| / |g| (python-flint balls, :func:`.power_bound.tail_bound`)."""
