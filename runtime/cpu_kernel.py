@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import shutil
+import struct
 import subprocess
 import warnings
 from pathlib import Path
@@ -45,7 +46,7 @@ from torch import Tensor
 from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_table", "run", "lookup_table", "run_lookup", "code_map",
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_table", "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map",
            "pack_code", "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -54,9 +55,10 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC", "-pthread")
-ABI_VERSION = 4
-MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = 32, 48, 16, 4, 9
+ABI_VERSION = 5
+MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
 MAX_X_THRESHOLDS = 15
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -74,6 +76,8 @@ class Table(ctypes.Structure):
         ("columns", (ctypes.c_float * MAX_SEGMENTS) * MAX_COLUMNS),
         ("log_poly", ctypes.c_float * LOG_TERMS), ("ln2_hi", ctypes.c_float), ("ln2_lo", ctypes.c_float),
         ("sqrt2", ctypes.c_float), ("tiny", ctypes.c_float),
+        ("search_levels", ctypes.c_int32), ("slot_of_code", ctypes.c_int32 * 16),
+        ("level_key", (ctypes.c_int32 * MAX_SEGMENTS) * MAX_LEVELS),
     ]
 
 
@@ -134,6 +138,52 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def order_key(v: float) -> int:
+    """The kernel's integer order of a float32 (its bits, a negative's magnitude bits flipped, -0 as +0):
+    ``a < b`` exactly when ``order_key(a) < order_key(b)`` for floats that are not NaN."""
+    bits = struct.unpack("<i", struct.pack("<f", v + 0.0))[0]
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
+
+
+SearchLayout = tuple[int, list[int], list[list[int]], list[int]]
+
+
+def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> SearchLayout | None:
+    """The binary-search segment index of ``invact_table`` (csrc/cpu_kernels.c's segment_by_search):
+    (levels, first slot of each code 0..15, each level's keys by slot, the table row of each slot), or
+    None where it does not apply and the kernel counts thresholds instead: a class code past 15, more
+    than 32 slots (classes x 2^levels), a subnormal threshold (a compare with denormals flushed
+    reads it as 0; the key would not) or keys out of order (equal thresholds of both kinds).
+
+    A class of n segments owns 2^levels >= n slots; threshold j of the class is passed where
+    key(y) > key(t) (strict) or key(y) > key(t) - 1; level l adds step = 2^(levels - 1 - l) to slot s
+    where key(y) passes the class's threshold s - first + step - 1 (padding: never passed)."""
+    counts = [count for _, _, count, _ in classes]
+    levels = max(max(counts) - 1, 0).bit_length()
+    slots = 1 << levels
+    if (not classes or any(not 0 <= code < 16 for code, *_ in classes) or len(classes) * slots > MAX_SEGMENTS or levels > MAX_LEVELS
+            or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)):
+        return None
+    never = 2**31 - 1
+    keys = [order_key(v) - (0 if s else 1) for v, s in zip(thresholds, strict, strict=True)]
+    level_key, row_of_slot = [[never] * MAX_SEGMENTS for _ in range(levels)], [0] * MAX_SEGMENTS
+    for c, (_, first, count, first_thr) in enumerate(classes):
+        own = keys[first_thr:first_thr + count - 1]
+        if own != sorted(own):
+            return None
+        for k in range(slots):
+            row_of_slot[c * slots + k] = first + min(k, count - 1)
+            for l in range(levels):
+                j = k + (1 << (levels - 1 - l)) - 1
+                if j < len(own):
+                    level_key[l][c * slots + k] = own[j]
+    slot_of_code = []
+    for value in range(16):  # the class: the last whose code matches, the first where none does
+        matching = [c for c, (code, *_) in enumerate(classes) if code == value]
+        slot_of_code.append((matching[-1] if matching else 0) * slots)
+    return levels, slot_of_code, level_key, row_of_slot
+
+
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
     """The C table of a generated torch module (float32 ``thresholds``: its y thresholds as the
     float32 evaluation compares them, passed where ``y > t`` if ``strict`` else ``y >= t``), or None
@@ -146,7 +196,15 @@ def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[b
             and all(len(origin) <= 3 for _, _, origin in transforms)
             and all(math.isfinite(v) for v in thresholds)):  # the kernel compares by subtracting
         return None
-    t = Table(n_classes=len(classes), degree=degree, n_transforms=len(transforms))
+    return table_of(tuple(classes), tuple(transforms), rows, thresholds, strict)
+
+
+def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, ...], strict: tuple[bool, ...],
+             search: bool = True) -> Table:
+    """The C table of a generated module's CLASSES, TRANSFORMS and POLY rows (``kernel_table``'s
+    checks passed), its segment index by binary search where :func:`search_layout` applies and
+    ``search``, else by counting thresholds."""
+    t = Table(n_classes=len(classes), degree=len(rows[0]) - ROW_C1, n_transforms=len(transforms))
     for c, (code, first, count, first_thr) in enumerate(classes):
         t.class_code[c], t.class_first[c], t.class_count[c], t.class_threshold[c] = code, first, count, first_thr
     for i, (kind, sign, origin) in enumerate(transforms):
@@ -155,8 +213,15 @@ def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[b
             t.transform_origin[i][k] = o
     for j, (v, s) in enumerate(zip(thresholds, strict, strict=True)):
         t.thresholds[j], t.strict[j] = v, int(s)
-    for s, row in enumerate(rows):
-        for j, v in enumerate(row):
+    layout = search_layout(classes, thresholds, strict) if search else None
+    order = range(len(rows))
+    if layout is not None and layout[0] > 0:  # columns by slot
+        t.search_levels, slot_of_code, level_key, order = layout
+        t.slot_of_code[:] = slot_of_code
+        for l, keys in enumerate(level_key):
+            t.level_key[l][:] = keys
+    for s, r in enumerate(order):
+        for j, v in enumerate(rows[r]):
             t.columns[j][s] = v
     for k, v in enumerate(fastmath.LOG_POLY):
         t.log_poly[k] = v

@@ -26,12 +26,13 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define ABI_VERSION 4
+#define ABI_VERSION 5
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
 #define MAX_TRANSFORMS 4
 #define LOG_TERMS 9
+#define MAX_LEVELS 5                                  /* a binary search over up to 32 slots */
 
 enum { IDENTITY = 0, SQRT = 1, LOG = 2 };       /* transform kinds */
 enum { F32 = 0, BF16 = 1, F16 = 2 };            /* element types of y, grad and out */
@@ -48,6 +49,12 @@ typedef struct {
     int32_t strict[MAX_SEGMENTS];             /* `y > t` (strict: a left-side break), else `y >= t` */
     float columns[MAX_COLUMNS][MAX_SEGMENTS];  /* POLY transposed: column j of segment s */
     float log_poly[LOG_TERMS], ln2_hi, ln2_lo, sqrt2, tiny; /* invact.fastmath's float32 log */
+    /* the segment index by binary search (search_levels > 0; columns then by slot, not by row): each
+     * class owns 2^levels slots from slot_of_code[its code], its segments first; level l adds
+     * 2^(levels - 1 - l) to the slot s where key(y) > level_key[l][s] (invact.cpu_kernel.search_layout) */
+    int32_t search_levels;
+    int32_t slot_of_code[16];
+    int32_t level_key[MAX_LEVELS][MAX_SEGMENTS];
 } invact_table;
 
 int invact_abi_version(void) { return ABI_VERSION; }
@@ -120,7 +127,7 @@ static inline void transform(const invact_table *t, int i, const __m512 y[U], __
  * mask compare (which competes with the permutes for one port). With denormals flushed a subnormal y
  * reads as 0 and a flushed difference keeps its sign, as a compare would. NaN y gets any index and
  * is replaced by NaN at the end */
-static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
+static inline void segment_by_count(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
     __m512 yz[U];
     EACH(v) yz[v] = _mm512_add_ps(y[v], _mm512_setzero_ps());
     EACH(v) s[v] = _mm512_setzero_si512();
@@ -146,6 +153,34 @@ static inline void segment(const invact_table *t, const __m512 y[U], const __m51
         __m512i cc = _mm512_set1_epi32(t->class_code[c]);
         EACH(v) s[v] = c == 0 ? sc[v] : _mm512_mask_mov_epi32(s[v], _mm512_cmpeq_epi32_mask(code[v], cc), sc[v]);
     }
+}
+
+/* the same by binary search (search_levels > 0): y's order as an integer (bits of y + 0 with a negative
+ * y's magnitude bits flipped: monotone over the floats, y + 0 making -0 +0 and, with denormals
+ * flushed, a subnormal y the zero a compare reads), its class's first slot from its code (slot 0, the
+ * first class's, for codes past 15: no class has them), then one
+ * permute, compare and masked add per level; the thresholds' keys (strict: key(t), else key(t) - 1)
+ * were made so in invact.cpu_kernel.search_layout. Slots index the columns. */
+static inline void segment_by_search(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
+    __m512i key[U], first = _mm512_loadu_si512(t->slot_of_code);
+    EACH(v) {
+        __m512i b = _mm512_castps_si512(_mm512_add_ps(y[v], _mm512_setzero_ps()));
+        key[v] = _mm512_xor_si512(b, _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 1));
+        s[v] = _mm512_maskz_permutexvar_epi32(_mm512_cmplt_epu32_mask(code[v], _mm512_set1_epi32(16)), code[v], first);
+    }
+    for (int l = 0; l < t->search_levels; l++) {
+        __m512i lo = _mm512_loadu_si512(t->level_key[l]), hi = _mm512_loadu_si512(t->level_key[l] + 16),
+                step = _mm512_set1_epi32(1 << (t->search_levels - 1 - l));
+        EACH(v) {
+            __mmask16 passed = _mm512_cmpgt_epi32_mask(key[v], _mm512_permutex2var_epi32(lo, s[v], hi));
+            s[v] = _mm512_mask_add_epi32(s[v], passed, s[v], step);
+        }
+    }
+}
+
+static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
+    if (t->search_levels) segment_by_search(t, y, code, s);
+    else segment_by_count(t, y, code, s);
 }
 
 /* column j of each element's row: one two-register permute over up to 32 segments */
@@ -305,7 +340,8 @@ static int run_jobs(job base, int threads) {
 int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
                      void *out, const uint8_t *code, int bits, int threads) {
     if (table->n_classes < 1 || table->n_classes > MAX_CLASSES || table->degree < 1 ||
-        table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS)
+        table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS ||
+        table->search_levels < 0 || table->search_levels > MAX_LEVELS)
         return -1;
     return run_jobs((job){table, dtype, bits, n, 0, 0, y, grad, out, code, 0}, threads);
 }

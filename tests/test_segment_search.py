@@ -1,0 +1,119 @@
+"""The AVX-512 kernel's segment index by binary search (invact.cpu_kernel.search_layout) against the
+count of thresholds passed, computed in torch.
+
+Hand-made tables of constant segments (scale 0: g is the segment's c0_hi, here its number + 1), with
+random classes, codes, thresholds (duplicates, signed zeros, both kinds of compare) and y at every
+threshold and its float32 neighbours, at signed zeros, subnormals and the largest floats. Both
+layouts of the same table (search and count) must give the segment that `y >= t` / `y > t` select,
+exactly: the index is a choice, not an approximation, so there is no tolerance.
+"""
+
+import contextlib
+import math
+import random
+
+import pytest
+import torch
+
+from invact import bitpack, cpu_kernel
+from tolerances import flushed_denormals
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
+                                  reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+TINY = torch.finfo(torch.float32).tiny
+POOL = [-3e38, -1e10, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, 1.0000001, 7.0, 1e20, 3e38]
+
+
+def _random_table(rng: random.Random, n_classes: int, most: int):
+    """(classes, thresholds, strict, rows) of a table: class c has `count` segments numbered from its
+    first; rows are [tid, center, scale, c0_hi, c0_lo, c1] with c0_hi = the segment's number + 1."""
+    classes, thresholds, strict, first = [], [], [], 0
+    for c in range(n_classes):
+        count = rng.randint(1, most)
+        # ascending; at equal thresholds `>=` before `>`, as a fitted table's are
+        own = sorted((rng.choice(POOL), rng.random() < 0.5) for _ in range(count - 1))
+        classes.append((rng.randrange(16), first, count, len(thresholds)))
+        thresholds += [v for v, _ in own]
+        strict += [s for _, s in own]
+        first += count
+    rows = [[0.0, 0.0, 0.0, float(s + 1), 0.0, 0.0] for s in range(first)]
+    return tuple(classes), tuple(thresholds), tuple(strict), rows
+
+
+def _probes(thresholds) -> torch.Tensor:
+    t = torch.tensor(list(thresholds) + POOL, dtype=torch.float32)
+    near = [torch.nextafter(t, torch.full_like(t, v)) for v in (math.inf, -math.inf)]
+    tiny = torch.tensor([TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])
+    return torch.cat([t, *near, tiny])
+
+
+def _want(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, flushed: bool) -> torch.Tensor:
+    """The segment's number + 1: the class is the last whose code matches (the first where none does),
+    the segment its first plus the count of its thresholds that y passes."""
+    yy = torch.where(y.abs() < TINY, torch.zeros_like(y), y) if flushed else y
+    out = torch.empty_like(y)
+    chosen = torch.zeros_like(codes)
+    for c, (code, *_) in enumerate(classes):
+        chosen = torch.where(codes == code, c, chosen)
+    for c, (_, first, count, first_thr) in enumerate(classes):
+        passed = torch.zeros_like(codes)
+        for v, s in zip(thresholds[first_thr:first_thr + count - 1], strict[first_thr:first_thr + count - 1]):
+            passed += ((yy > v) if s else (yy >= v)).to(passed.dtype)
+        out = torch.where(chosen == c, (first + passed + 1).to(out.dtype), out)
+    return torch.where(y.isnan(), y, out)
+
+
+def _run(table, y: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    out = torch.empty_like(y)
+    assert cpu_kernel.run(table, out, torch.ones_like(y), y, bitpack.pack(codes, bits), bits)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("shape", [(1, 32), (2, 16), (3, 8), (4, 8), (5, 4), (8, 4), (16, 2), (2, 2)])
+def test_search_selects_the_counted_segment(shape, flushed):
+    n_classes, most = shape
+    if flushed and not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    rng = random.Random(f"{shape}{flushed}")
+    searched = 0
+    for trial in range(12):
+        classes, thresholds, strict, rows = _random_table(rng, n_classes, most)
+        transforms = (("identity", 1.0, ()),)
+        y = _probes(thresholds)
+        for bits in (4, 8):  # 8: codes past 15, which no class has
+            codes = torch.randint(0, 1 << bits, y.shape, generator=torch.Generator().manual_seed(trial))
+            codes[: len(classes)] = torch.tensor([code for code, *_ in classes])
+            want = _want(classes, thresholds, strict, y, codes, flushed)
+            for search in (True, False):
+                table = cpu_kernel.table_of(classes, transforms, rows, thresholds, strict, search=search)
+                searched += table.search_levels > 0
+                with flushed_denormals() if flushed else contextlib.nullcontext():
+                    got = _run(table, y, codes, bits)
+                assert torch.equal(got.isnan(), want.isnan()), (trial, search)
+                bad = (got != want) & ~want.isnan()
+                assert not bad.any(), (trial, bits, search, y[bad], codes[bad], got[bad], want[bad])
+    assert searched >= 8  # the search layout was taken, not only the count
+
+
+def test_order_key_is_the_float_order():
+    """key(a) < key(b) exactly when a < b; -0 and +0 one key (the kernel adds 0 to y first)."""
+    values = sorted({-math.inf, -3.4e38, -1.0, -TINY, -1e-45, -0.0, 0.0, 1e-45, TINY, 1.0, 3.4e38, math.inf,
+                     *POOL})
+    keys = [cpu_kernel.order_key(v) for v in values]
+    assert keys == sorted(keys) and len(set(keys)) == len({v + 0.0 for v in values})
+    assert cpu_kernel.order_key(-0.0) == cpu_kernel.order_key(0.0) == 0
+
+
+def test_search_layout_declines_what_it_cannot_order():
+    """Subnormal thresholds (read as 0 with denormals flushed), a strict threshold followed by an equal
+    `>=` one (keys out of order), more than 32 slots and class codes past 15: the count instead."""
+    one = ((0, 0, 3, 0),)
+    assert cpu_kernel.search_layout(one, (0.0, 1.0), (False, True)) is not None
+    assert cpu_kernel.search_layout(one, (1e-40, 1.0), (False, False)) is None
+    assert cpu_kernel.search_layout(one, (1.0, 1.0), (True, False)) is None
+    assert cpu_kernel.search_layout(one, (1.0, 1.0), (False, True)) is not None
+    three = tuple((c, 9 * c, 9, 8 * c) for c in range(3))   # 3 classes x 16 slots
+    assert cpu_kernel.search_layout(three, tuple(float(j) for j in range(8)) * 3, (False,) * 24) is None
+    assert cpu_kernel.search_layout(((16, 0, 2, 0),), (0.0,), (False,)) is None
