@@ -194,7 +194,8 @@ def _float32_error(piece: PieceFit, ref: BranchReference, y_nodes: np.ndarray) -
 
 
 def _rounding_error(piece: PieceFit, n: int = ROUNDING_NODES) -> float:
-    """Max |scheme in float32 - scheme in float64| at float32 y, relative above |g| = 1 as
+    """Max |scheme in float32 - scheme in float64| at float32 y over both float32 schemes (without
+    and with FMA: kernels run either, and the certificate bounds both), relative above |g| = 1 as
     ``scheme_error``: evenly spread in float32 order (small |y|), in u and in y. No reference is
     needed, so the sample is dense enough to meet rounding that is rare but large (loglog's first
     piece ends at g = 0 from terms of ~0.3: one y in 20 near that end was over budget, and the
@@ -205,7 +206,9 @@ def _rounding_error(piece: PieceFit, n: int = ROUNDING_NODES) -> float:
                             np.linspace(piece.y_lo, piece.y_hi, n)]).astype(np.float32)
         y = y[(y >= piece.y_lo) & (y <= piece.y_hi)]
         exact = seg.evaluate(y.astype(np.float64))
-        err = np.abs(seg.evaluate(y).astype(np.float64) - exact) / np.maximum(1.0, np.abs(exact))
+        got = np.maximum(np.abs(seg.evaluate(y).astype(np.float64) - exact),
+                         np.abs(seg.evaluate_fma(y).astype(np.float64) - exact))
+        err = got / np.maximum(1.0, np.abs(exact))
     err = err[np.isfinite(exact)]
     return float(np.max(np.where(np.isnan(err), np.inf, err), initial=0.0))
 

@@ -125,3 +125,19 @@ def test_unstable_closed_form_is_not_used():
         seg = {"kind": "exact", "expr": sp.sstr(expr), "y_range": list(b.y_range), "branch": 0}
         err = pipeline._exact_float32_error(b, "derivative", seg, spec.params)
         assert (err <= 5e-8 + F32_SLACK) == stable, (formula, err)
+
+
+def test_rounding_check_covers_the_fma_scheme(monkeypatch):
+    """A piece is accepted only where both float32 schemes (kernels run either; the certificate bounds
+    both) stay within budget: an FMA scheme off by 1e-6 (4x the float32 bound 2.5e-7) is seen by the
+    fitter's dense rounding check, which the non-FMA scheme alone passes."""
+    from invact.fitting import fit, segments
+
+    _, _, pieces = _fit_right_branch("gelu", 1.0, 5e-8)
+    piece = pieces[len(pieces) // 2]
+    clean = fit._rounding_error(piece)
+    assert clean <= 2.5e-7
+    original = segments.PolySegment.evaluate_fma
+    monkeypatch.setattr(segments.PolySegment, "evaluate_fma",
+                        lambda self, y, params=None: original(self, y, params) + np.float32(1e-6))
+    assert fit._rounding_error(piece) >= 1e-6 - clean
