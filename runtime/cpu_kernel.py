@@ -14,7 +14,9 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
   ATen's vectorised kernel reproduced operation for operation (its Sleef exp called from libtorch),
   the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
 
-Gradients and codes equal the eager backend's bit for bit. Elsewhere, or when the build fails
+Codes and 16-bit gradients equal the eager backend's bit for bit; float32 gradients are the FMA
+scheme's (certified like the scheme without it; the per-table C kernels' FMA build bit for bit), or
+with ``INVACT_FMA=0`` the eager backend's bits. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
 ``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), keyed by a hash of
 the source, compiler and flags, and loaded only after :mod:`invact.kernel_cache`'s ownership and
@@ -51,6 +53,7 @@ __all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_tab
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
+FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
@@ -99,6 +102,12 @@ def _check_abi(lib: ctypes.CDLL) -> None:
         raise RuntimeError(f"ABI version {lib.invact_abi_version()}, expected {ABI_VERSION}")
 
 
+def fma_allowed() -> bool:
+    """Whether the float32 backwards may run the FMA scheme (where the hardware has FMA): ``INVACT_FMA``
+    is not ``0``. ``INVACT_FMA=0`` keeps the scheme without FMA, the eager backend's bits."""
+    return os.environ.get(FMA_ENV, "1") != "0"
+
+
 def enabled() -> bool:
     """Whether the C kernels may run: not switched off by ``INVACT_CPU_KERNEL=0`` (which also switches
     off the per-table kernels of :mod:`invact.table_c`)."""
@@ -124,8 +133,9 @@ def library() -> ctypes.CDLL | None:
         return None
     tensors = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                ctypes.c_int, ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads
-    for fn, table in ((lib.invact_poly_grad, ctypes.POINTER(Table)), (lib.invact_lut_grad, ctypes.c_void_p)):
-        fn.restype, fn.argtypes = ctypes.c_int, [table, *tensors]
+    lib.invact_poly_grad.restype = lib.invact_lut_grad.restype = ctypes.c_int
+    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), *tensors, ctypes.c_int]  # ..., fused
+    lib.invact_lut_grad.argtypes = [ctypes.c_void_p, *tensors]
     lib.invact_pack_code.restype = ctypes.c_int
     lib.invact_pack_code.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
                                      ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
@@ -229,21 +239,25 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
     return t
 
 
-def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int, *extra) -> bool:
     lib = library()
     dtype = DTYPE_IDS.get(y.dtype)
     if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
             or not all(t.is_contiguous() and t.device.type == "cpu" for t in (out, grad, y, code))):
         return False
     done = getattr(lib, fn_name)(table, dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
-                                 code.data_ptr() if bits else None, bits, torch.get_num_threads())
+                                 code.data_ptr() if bits else None, bits, torch.get_num_threads(), *extra)
     return done == 0
 
 
-def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int,
+        use_fma: bool | None = None) -> bool:
     """out = g(y, code) * grad by the polynomial kernel, on flat contiguous CPU tensors of one dtype;
-    False (nothing done) where the kernel does not take them."""
-    return _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits)
+    False (nothing done) where the kernel does not take them. ``use_fma`` (default
+    :func:`fma_allowed`): the FMA scheme, certified as the scheme without it (every AVX-512 CPU has
+    FMA), else the eager backend's bits."""
+    fused = fma_allowed() if use_fma is None else use_fma
+    return _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits, int(fused))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ _warned: set[str] = set()
 def fma() -> bool:
     """Whether :func:`run` uses the build with FMA: ATen's CPU capability is AVX2 or AVX-512 (whose
     CPUs have FMA: ATen requires it for both) and ``INVACT_FMA`` is not ``0``."""
-    return torch.backends.cpu.get_cpu_capability() in _ISA_FLAGS and os.environ.get("INVACT_FMA", "1") != "0"
+    return torch.backends.cpu.get_cpu_capability() in _ISA_FLAGS and cpu_kernel.fma_allowed()
 
 
 def _flags(use_fma: bool = False) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, registry
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, registry, table_c
 
 FUSED = [n for n in ops.names() if getattr(registry.module(n), "FUSED_CPU", False)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -45,24 +45,34 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(bits), b[~nan].view(bits))
 
 
-def _both(name: str, y, code, go):
-    eager = torch.ops.invact.backward(go, y, code, name, [], "eager")
+def _both(name: str, y, code, go, use_fma: bool = False):
+    """(the eager backward, the polynomial kernel's); with ``use_fma`` the per-table C kernel's FMA
+    build (tests/test_fma_c.py: the fitter's exact emulation of the FMA scheme) instead of eager."""
+    mod = registry.module(name)
+    if use_fma:
+        k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
+        want = torch.empty_like(y)
+        assert table_c.run(mod, want, go, y, code, k.y_thresholds, k.poly, (), use_fma=True)
+    else:
+        want = torch.ops.invact.backward(go, y, code, name, [], "eager")
     fused = torch.empty_like(y)
-    table = impl_cpu.fused_table(registry.module(name), ())
-    assert cpu_kernel.run(table, fused, go, y, code, registry.module(name).CODE_BITS)
-    return eager, fused
+    assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), fused, go, y, code, mod.CODE_BITS, use_fma=use_fma)
+    return want, fused
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", FUSED)
 def test_fused_equals_eager_bitwise(name, dtype):
+    """Without FMA the eager backend's bits; with FMA (float32, as the compiled backend runs it) the
+    per-table C kernel's FMA build's bits: both are the certified schemes, exactly."""
     for n in (1, 15, 16, 17, 64, 65, 1003, 40_001):
         x = _inputs(name, dtype, n, seed=n)
         y, code = torch.ops.invact.forward(x, name, [], "eager")
         go = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
-        eager, fused = _both(name, y, code, go)
-        assert _same(eager, fused), (name, dtype, n)
+        for use_fma in (False, True) if dtype == torch.float32 and table_c.fma() else (False,):
+            want, fused = _both(name, y, code, go, use_fma)
+            assert _same(want, fused), (name, dtype, n, use_fma)
 
 
 @needs_kernel
@@ -105,7 +115,7 @@ def test_fused_threads_agree():
     for threads in (1, 3):
         out = torch.empty_like(y)
         assert cpu_kernel.library().invact_poly_grad(table, 0, n, y.data_ptr(), go.data_ptr(), out.data_ptr(),
-                                                     code.data_ptr(), registry.module(name).CODE_BITS, threads) == 0
+                                                     code.data_ptr(), registry.module(name).CODE_BITS, threads, 1) == 0
         outs.append(out)
     assert _same(*outs)
 
@@ -213,7 +223,7 @@ def test_kernels_read_every_code_width(bits):
         k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
         want = mod.g_kernel(y, codes, k.y_thresholds, k.poly) * go
         got = torch.empty_like(y)
-        assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), got, go, y, packed, bits)
+        assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), got, go, y, packed, bits, use_fma=False)
         assert _same(want, got), (bits, n)
 
         h = y.to(torch.bfloat16)

@@ -2,10 +2,12 @@
  * forward's packed branch code.
  *
  * invact_poly_grad: tables of polynomial pieces, float32/bfloat16/float16 y. Evaluates
- * docs/table-format.md's float32 scheme with the operations of the generated torch code (g_kernel),
- * in the same order and with the same roundings, so its results are those of the eager backend bit
- * for bit; only the selection of each element's table row differs: one permute per column
- * (vpermt2ps, up to 32 segments) where Inductor's code blends every coefficient over every segment.
+ * docs/table-format.md's float32 scheme: without FMA, with the operations of the generated torch code
+ * (g_kernel) in the same order and with the same roundings, so its results are those of the eager
+ * backend bit for bit; or the FMA scheme (its steps one vfmadd each), the per-table C kernels' fmaf
+ * build bit for bit. Only the selection of each element's table row differs: a binary search over
+ * the class's slots (or a count of thresholds passed), then one permute per column (vpermt2ps, up to
+ * 32 segments) where Inductor's code blends every coefficient over every segment.
  *
  * invact_lut_grad: any table, bfloat16/float16 y: g of every 16-bit y and code, computed once by
  * the eager g_kernel (invact.ops), gathered per element.
@@ -189,8 +191,13 @@ static inline void column(const invact_table *t, int j, const __m512i s[U], __m5
     EACH(v) out[v] = _mm512_permutex2var_ps(lo, s[v], hi);
 }
 
-static inline void g_block(const invact_table *t, const __m512 y[U], const __m512i code[U],
-                           const __mmask16 live[U], __m512 g[U]) {
+/* p * u + c, one rounding where fused (the FMA scheme's steps: docs/table-format.md), else two */
+static inline __m512 mul_add(int fused, __m512 p, __m512 u, __m512 c) {
+    return fused ? _mm512_fmadd_ps(p, u, c) : _mm512_add_ps(_mm512_mul_ps(p, u), c);
+}
+
+static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, const __m512 y[U],
+                                                          const __m512i code[U], const __mmask16 live[U], __m512 g[U]) {
     __m512i s[U];
     __m512 tv[U], q[U], q2[U], u[U], p[U];
     EACH(v) tv[v] = _mm512_setzero_ps();
@@ -214,12 +221,12 @@ static inline void g_block(const invact_table *t, const __m512 y[U], const __m51
     column(t, COL_C0_LO + t->degree, s, p);
     for (int j = t->degree - 1; j >= 1; j--) {
         column(t, COL_C0_LO + j, s, q);
-        EACH(v) p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], u[v]), q[v]);
+        EACH(v) p[v] = mul_add(fused, p[v], u[v], q[v]);
     }
     column(t, COL_C0_LO, s, q);
     column(t, COL_C0_HI, s, q2);
     EACH(v) {
-        __m512 gv = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p[v], u[v]), q[v]), q2[v]);
+        __m512 gv = _mm512_add_ps(mul_add(fused, p[v], u[v], q[v]), q2[v]);
         g[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q), gv, y[v]);  /* NaN y: g = y */
     }
 }
@@ -251,7 +258,7 @@ static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
 
 typedef struct {
     const invact_table *table;
-    int dtype, bits;
+    int dtype, bits, fused;                /* fused: the FMA scheme */
     int64_t n, lo, hi;                     /* all elements, and this job's range */
     const void *y, *grad;
     void *out;
@@ -269,8 +276,10 @@ static inline __m512i codes16(int bits, const uint8_t *p, __mmask16 m, __m512i s
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), shift), mask);
 }
 
-/* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k */
-static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+/* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k; fused a
+ * constant where inlined */
+static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb, int fused, int64_t lo, int64_t hi,
+                                                                   const uint8_t *code, int shift) {
     __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
     for (int64_t i = lo; i < hi; i += 16 * U) {
         __mmask16 m[U];
@@ -282,12 +291,17 @@ static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code
             y[v] = load(jb->dtype, jb->y, at, m[v]);
             c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
-        g_block(jb->table, y, c, m, g);
+        g_block(jb->table, fused, y, c, m, g);
         EACH(v) {
             __m512 grad = load(jb->dtype, jb->grad, i + 16 * v, m[v]);
             store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], grad));
         }
     }
+}
+
+static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    if (jb->fused) run_plane_scheme(jb, 1, lo, hi, code, shift);
+    else run_plane_scheme(jb, 0, lo, hi, code, shift);
 }
 
 /* the same for invact_lut_grad: g = lut[code << 16 | bits of y] */
@@ -336,21 +350,22 @@ static int run_jobs(job base, int threads) {
 }
 
 /* out = g(y, code) * grad for n contiguous elements of dtype; code: invact.bitpack planes of bits
- * bits (bits 0: no code). Returns 0, or -1 for arguments it does not take. */
+ * bits (bits 0: no code); fused: the FMA scheme, else the scheme without FMA (the eager code's bits).
+ * Returns 0, or -1 for arguments it does not take. */
 int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
-                     void *out, const uint8_t *code, int bits, int threads) {
+                     void *out, const uint8_t *code, int bits, int threads, int fused) {
     if (table->n_classes < 1 || table->n_classes > MAX_CLASSES || table->degree < 1 ||
         table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS ||
         table->search_levels < 0 || table->search_levels > MAX_LEVELS)
         return -1;
-    return run_jobs((job){table, dtype, bits, n, 0, 0, y, grad, out, code, 0}, threads);
+    return run_jobs((job){table, dtype, bits, fused != 0, n, 0, 0, y, grad, out, code, 0}, threads);
 }
 
 /* the same with g from lut[code << 16 | bits of y] (2^bits * 65536 floats) for 16-bit dtypes */
 int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const void *grad, void *out,
                     const uint8_t *code, int bits, int threads) {
     if (dtype == F32) return -1;
-    return run_jobs((job){0, dtype, bits, n, 0, 0, y, grad, out, code, lut}, threads);
+    return run_jobs((job){0, dtype, bits, 0, n, 0, 0, y, grad, out, code, lut}, threads);
 }
 
 /* ---- forward: the code, and y with it ---- */
