@@ -204,9 +204,12 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
     segment(t, y, code, s);
     if (t->n_transforms == 1) {
         transform(t, 0, y, tv);
-    } else {  /* the transform of each element's row; skipped where no live element has it */
+    } else {  /* the transform of each element's row; skipped where no live element has it (the
+               * identity: tv is y until another transform's lanes are blended in) */
+        EACH(v) tv[v] = y[v];
         column(t, COL_TID, s, q);
         for (int i = 0; i < t->n_transforms; i++) {
+            if (t->transform_kind[i] == IDENTITY) continue;
             __mmask16 has[U], any = 0;
             EACH(v) any |= has[v] = _mm512_mask_cmp_ps_mask(live[v], q[v], set((float)i), _CMP_EQ_OQ);
             if (!any) continue;
