@@ -48,7 +48,7 @@ from torch import Tensor
 from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "enabled", "library", "kernel_table", "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map",
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "builds", "enabled", "library", "kernel_table", "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map",
            "pack_code", "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -57,7 +57,7 @@ FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
-         "-fPIC", "-pthread")
+         "-fPIC")  # and kernel_cache.threading_flags()
 ABI_VERSION = 5
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
 MAX_X_THRESHOLDS = 15
@@ -91,10 +91,16 @@ def _compiler() -> str | None:
     return None
 
 
-def _key(compiler: str) -> str:
-    """The cache key: a hash of the source and its headers, the compiler's path and the flags."""
-    parts = [SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), compiler.encode(), " ".join(FLAGS).encode()]
-    return f"cpu_kernels-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
+def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str) -> list[tuple[list[str], str]]:
+    """(command, cache key) of each way to build ``source`` with :data:`FLAGS`, best first
+    (:func:`invact.kernel_cache.threading_flags`); the key is ``stem`` and a hash of the source, its
+    headers, the compiler's path and the flags."""
+    out = []
+    for threads in kernel_cache.threading_flags():
+        flags = (*FLAGS, *threads)
+        parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
+        out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
+    return out
 
 
 def _check_abi(lib: ctypes.CDLL) -> None:
@@ -126,7 +132,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = kernel_cache.load([compiler, *FLAGS, str(SOURCE)], _key(compiler), _check_abi)
+        lib = kernel_cache.load_first(builds("cpu_kernels", SOURCE, HEADERS, compiler), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)

@@ -31,9 +31,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "cache_dir", "unsafe", "load"]
+__all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "cache_dir", "unsafe", "load", "threading_flags", "load_first"]
 
 CACHE_ENV = "INVACT_CACHE"
+OPENMP_RUNTIME = "libgomp.so.1"   # the OpenMP runtime PyTorch's Linux wheels load (by this soname)
 
 
 def cache_dir() -> Path:
@@ -174,3 +175,33 @@ def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> 
             return _open(fresh, check)
     with _private_dir() as private:
         return _open(_compile(command, private, key), check)
+
+
+def _runs_libgomp() -> bool:
+    """Whether this process has loaded ``libgomp.so.1`` (PyTorch's OpenMP runtime, by that name)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith("/" + OPENMP_RUNTIME) for line in maps)
+    except OSError:
+        return False
+
+
+def threading_flags() -> tuple[tuple[str, ...], ...]:
+    """How the kernels may run threads (csrc/invact_threads.h's ``spawn``), best first. OpenMP where this
+    process already runs ``libgomp.so.1``: a kernel built with -fopenmp needs that soname, so it joins
+    the same runtime, and its parallel regions run on ATen's intra-op workers, which spin for a while
+    after each of ATen's loops (a fresh pthread waits for the core such a worker holds: twice the time
+    with 2 cores). Then plain pthreads, which every build can fall back to."""
+    return (("-fopenmp", "-pthread"), ("-pthread",)) if _runs_libgomp() else (("-pthread",),)
+
+
+def load_first(builds: list[tuple[list[str], str]], check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """:func:`load` of the first (command, key) of ``builds`` that builds and loads; raises the last
+    one's error where none does."""
+    failure: Exception = RuntimeError("no build to try")
+    for command, key in builds:
+        try:
+            return load(command, key, check)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            failure = error
+    raise failure

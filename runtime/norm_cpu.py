@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
@@ -44,11 +43,8 @@ def library() -> ctypes.CDLL | None:
                     None)
     if compiler is None:
         return None
-    key = hashlib.sha256(bytes(1).join([SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), compiler.encode(),
-                                        " ".join(cpu_kernel.FLAGS).encode()]))
     try:
-        lib = kernel_cache.load([compiler, *cpu_kernel.FLAGS, str(SOURCE)], f"norm_kernels-{key.hexdigest()[:16]}",
-                                _check_abi)
+        lib = kernel_cache.load_first(cpu_kernel.builds("norm_kernels", SOURCE, HEADERS, compiler), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the norms' CPU kernel could not be built ({error}); their backward runs "
                       "torch.compile's / ATen's code", RuntimeWarning, stacklevel=2)

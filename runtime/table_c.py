@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import re
 import subprocess
@@ -71,7 +72,7 @@ def _flags(use_fma: bool = False) -> tuple[str, ...]:
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
     isa += ("-mfma", "-DINVACT_USE_FMA") if use_fma else ()
     return ("-O3", *isa, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
-            "-pthread", f"-I{CSRC}")
+            f"-I{CSRC}")
 
 
 def source(mod: ModuleType) -> Path:
@@ -112,17 +113,15 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
         if lib.invact_table_sha256().decode() != sha256:
             raise RuntimeError("built from another table")
 
-    for extra in _VECTOR_MATH:       # with glibc's vector math library where it links, else without
-        command = [compiler, *_flags(use_fma), str(path), *extra]
+    builds = []  # with glibc's vector math library where it links, else without; OpenMP threads, else pthreads
+    for extra, threads in itertools.product(_VECTOR_MATH, kernel_cache.threading_flags()):
+        command = [compiler, *_flags(use_fma), *threads, str(path), *extra]
         parts = [text, *(h.read_bytes() for h in HEADERS), " ".join(command[:1] + command[2:]).encode()]
-        key = f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"
-        try:
-            lib = kernel_cache.load(command, key, check)
-            break
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            failure = error
-    else:
-        _warn_once("the per-table C kernels could not be built", str(failure))
+        builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
+    try:
+        lib = kernel_cache.load_first(builds, check)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _warn_once("the per-table C kernels could not be built", str(error))
         return None
     lib.invact_table_grad.restype = lib.invact_table_lut.restype = lib.invact_table_pack.restype = ctypes.c_int
     lib.invact_table_eager_bits.restype, lib.invact_table_eager_bits.argtypes = ctypes.c_int, []

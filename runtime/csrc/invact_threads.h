@@ -22,6 +22,31 @@ static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
     return nt;
 }
 
+#ifdef _OPENMP
+#include <omp.h>
+#include <xmmintrin.h>
+
+/* fn on jobs[0 .. nt) (`size` bytes apart) in one OpenMP parallel region: with the OpenMP runtime
+ * that PyTorch loaded (the same libgomp, matched by its soname), its intra-op worker threads, which
+ * spin for a while after ATen's own parallel loops, take the jobs at once. Each worker runs with this
+ * thread's MXCSR (flushed denormals, rounding), its own restored after. Where the runtime gives
+ * fewer threads than jobs, the jobs are dealt out to those it gave. */
+static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
+    if (nt <= 1) {
+        fn(jobs);
+        return;
+    }
+    unsigned csr = _mm_getcsr();
+#pragma omp parallel num_threads(nt)
+    {
+        unsigned own = _mm_getcsr();
+        _mm_setcsr(csr);
+        int k = omp_get_thread_num(), got = omp_get_num_threads();
+        for (int j = k; j < nt; j += got) fn((char *)jobs + j * size);
+        _mm_setcsr(own);
+    }
+}
+#else
 /* fn on jobs[0 .. nt) (`size` bytes apart): jobs 1 .. on new threads, job 0 (and any whose thread
  * could not start) on this one. New threads inherit this one's floating-point environment
  * (flushed denormals included). */
@@ -36,5 +61,6 @@ static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
     for (int k = started + 1; k < nt; k++) fn((char *)jobs + k * size);
     for (int k = 1; k <= started; k++) pthread_join(ids[k], 0);
 }
+#endif
 
 #endif
