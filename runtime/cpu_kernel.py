@@ -10,8 +10,9 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
 * Forward: the packed branch code (:func:`pack_code`), from the thresholds and the codes that the
   generated ``code_kernel`` gives at them (:func:`code_map`). So the fitted tables need no
   torch.compile at all (their first call takes milliseconds, not seconds). Where the table's y is
-  PyTorch's own hardswish, silu or gelu, y and the code in one pass over x (:func:`forward_code`):
-  ATen's vectorised kernel reproduced operation for operation (its Sleef exp called from libtorch),
+  PyTorch's own hardswish, silu or gelu, or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
+  rounded to x's dtype), y and the code in one pass over x (:func:`forward_code`): ATen's vectorised
+  kernels reproduced operation for operation (its Sleef exp called from libtorch),
   the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
 
 Codes and 16-bit gradients equal the eager backend's bit for bit; float32 gradients are the FMA
@@ -362,7 +363,8 @@ def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
 
 # ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
 
-FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3}  # META torch_forward -> the C kernel's kind
+FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_forward -> the C kernel's kind
+            "x * torch.sigmoid(1.702 * x)": 4}
 GELU = FORWARDS["F.gelu(x)"]
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
 GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)

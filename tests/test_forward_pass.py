@@ -23,7 +23,8 @@ from invact import bitpack, constants, cpu_kernel, impl_cpu, registry
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
                                   reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
 pytestmark = needs_kernel
-NATIVE = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu}
+NATIVE = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu,
+          "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}  # three ATen ops, each rounded to x's dtype
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [65536, 65536 + 37, 40001, 3 * 32768 + 75]  # 2 threads: chunks of 32768, 32787, 20001, 49190
 INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -56,18 +57,18 @@ def _assert_bitwise(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def test_the_routes_taken():
-    """hardswish and silu run in one pass for every dtype; gelu where PyTorch runs its ATen kernel
-    (float16; float32 and bfloat16 go to oneDNN's gelu, whose JIT code is not reproduced)."""
+    """hardswish, silu and quick_gelu run in one pass for every dtype; gelu where PyTorch runs its ATen
+    kernel (float16; float32 and bfloat16 go to oneDNN's gelu, whose JIT code is not reproduced)."""
     kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
              for n in NATIVE for d in DTYPES}
-    assert all(kinds[n, d] is not None for n in ("hardswish", "silu") for d in DTYPES)
+    assert all(kinds[n, d] is not None for n in ("hardswish", "silu", "quick_gelu") for d in DTYPES)
     assert kinds["gelu", torch.float16] is not None
     assert registry.module("mish").CODE_BITS and impl_cpu.one_pass_kind(registry.module("mish"), torch.float32,
                                                                         True) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["hardswish", "silu"])
+@pytest.mark.parametrize("name", ["hardswish", "silu", "quick_gelu"])
 def test_exhaustive_16_bit_and_float32_probe(name, dtype, threads):
     x = impl_cpu.probe(dtype)
     y, code = impl_cpu.one_pass_forward(x, name, [])
@@ -77,7 +78,7 @@ def test_exhaustive_16_bit_and_float32_probe(name, dtype, threads):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["hardswish", "silu", "gelu"])
+@pytest.mark.parametrize("name", ["hardswish", "silu", "gelu", "quick_gelu"])
 def test_ragged_sizes_and_thread_ranges(name, dtype, n, threads):
     if impl_cpu.one_pass_kind(registry.module(name), dtype, torch.backends.mkldnn.enabled) is None:
         pytest.skip("PyTorch runs oneDNN's kernel for this forward here")
@@ -97,16 +98,18 @@ def _vector_scalar_differ(name: str) -> torch.Tensor:
     return differ
 
 
-def test_the_scalar_tails_are_pytorchs(threads):
+@pytest.mark.parametrize("name", ["silu", "quick_gelu"])
+def test_the_scalar_tails_are_pytorchs(name, threads):
     """x made only of values whose vector and scalar y differ: every tail and every range boundary that
     aten_tails got wrong would show."""
-    differ = _vector_scalar_differ("silu")
+    differ = _vector_scalar_differ(name)
     tails = []
+    kind = cpu_kernel.FORWARDS[registry.module(name).META["torch_forward"]]
     for n in SIZES:
         x = differ[torch.arange(n) % differ.numel()]
-        y, _ = impl_cpu.one_pass_forward(x, "silu", [])
-        _assert_bitwise(y, F.silu(x))
-        tails += cpu_kernel.aten_tails(n, torch.float32, cpu_kernel.FORWARDS["F.silu(x)"], threads)
+        y, _ = impl_cpu.one_pass_forward(x, name, [])
+        _assert_bitwise(y, NATIVE[name](x))
+        tails += cpu_kernel.aten_tails(n, torch.float32, kind, threads)
     assert len(tails) >= 3 and all(0 < hi - lo < 32 for lo, hi in tails)
 
 

@@ -14,8 +14,8 @@
  *
  * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
  * invact.bitpack's planes, as the generated code_packed. invact_forward_code: the same and, in the
- * same pass over x, y by PyTorch's own forward where its ATen kernel is reproduced here (hardswish,
- * silu, gelu).
+ * same pass over x, y by PyTorch's own forward where its ATen kernels are reproduced here (hardswish,
+ * silu, gelu, and quick_gelu's x * sigmoid(1.702 x) as its three ops).
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
@@ -389,7 +389,7 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
  * so y is theirs bit for bit wherever ATen runs its vector code (all but the last n % 32 (float32) or
  * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
  * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
-enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3 };  /* NONE: the code alone */
+enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4 };  /* NONE: the code alone */
 typedef __m512 (*vec_fn)(__m512);       /* ATen's Sleef_expf16_u10, found in libtorch_cpu by the caller */
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
@@ -404,6 +404,18 @@ static inline __m512 aten_erf(__m512 v, vec_fn exp16) {
     r = _mm512_fmadd_ps(r, t, set(0.254829592f));
     __m512 e = negate(exp16(negate(_mm512_mul_ps(v, v))));
     return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
+}
+
+/* v rounded to dtype and back (as ATen stores an op's result between ops): store's conversions */
+static inline __m512 round_as(int dtype, __m512 v) {
+    if (dtype == F32) return v;
+    if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m512i b = _mm512_castps_si512(v);
+    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                    _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32((int)0xFFFF0000u));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                     _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
 /* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */
@@ -426,6 +438,13 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
     }
     if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
         return _mm512_div_ps(x, _mm512_add_ps(set(1.0f), exp16(negate(x))));
+    if (kind == FWD_QUICK_GELU) {  /* x * sigmoid(1.702 * x): three ATen ops, each result in x's dtype; */
+        __m512 t = round_as(dtype, _mm512_mul_ps(x, set(1.702f)));  /* the scalar as a float, sigmoid */
+        __m512 s = _mm512_div_ps(set(1.0f), _mm512_add_ps(set(1.0f), exp16(negate(t))));  /* (1 + exp(-t))^-1 */
+        __m512 y = _mm512_mul_ps(x, round_as(dtype, s));  /* x * s of two NaNs: as ATen's float32 loop */
+        if (dtype == F32 || !nan) return y;                 /* here; its 16-bit loops give x's, quieted */
+        return _mm512_mask_blend_ps(nan, y, _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000))));
+    }
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
     __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)), exp16);
     return _mm512_mul_ps(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));
@@ -552,6 +571,7 @@ static void *run_forward_job(void *arg) {
     if (jb->kind == FWD_NONE) FORWARD_DTYPES(FWD_NONE);
     else if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
     else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
+    else if (jb->kind == FWD_QUICK_GELU) FORWARD_DTYPES(FWD_QUICK_GELU);
     else FORWARD_DTYPES(FWD_GELU);
     return 0;
 }
@@ -562,7 +582,7 @@ static void *run_forward_job(void *arg) {
 int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, int64_t n, const void *x, void *y,
                         int n_thr, const float *thr, int strict, const int32_t *codes, int nan_code, int bits,
                         uint8_t *packed, int threads) {
-    if (kind < FWD_HARDSWISH || kind > FWD_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
+    if (kind < FWD_HARDSWISH || kind > FWD_QUICK_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, exp16, chunk);
 }
