@@ -3,8 +3,12 @@ memory time at 2^28 bfloat16 elements on an H200 (issue 17), without a GPU.
 
     python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90] [--json]
 
-Each activation's backward kernel is compiled for sm_ARCH as its launcher launches it on bfloat16
-(tests/triton_offline.py: meta tensors, Triton's own argument binder), and its PTX is counted per
+Two kernels per activation: ``scheme``, the table's float32 scheme (act_triton.backward_kernel: what
+float32 y runs), and ``lookup``, a gather from g of every 16-bit y and code (act_triton.lut_backward_kernel:
+what bfloat16/float16 y run, impl_triton.LUT_MOST_BITS), each compiled for sm_ARCH as its launcher
+launches it on bfloat16 (tests/triton_offline.py: meta tensors, Triton's own argument binder). The
+lookup's table (256 KB a code) is assumed to stay in cache (L2: 50-60 MB; the y of one activation
+concentrate on a few thousand of the 65,536 patterns). Its PTX is counted per
 thread: straight-line code once, a loop's body once per trip (the plane loop: 8 / code bits trips),
 divided by the elements a thread handles (BLOCK code bytes x planes / threads). Registers come from
 ptxas -v (Triton's own ptxas). The estimate, per element:
@@ -49,6 +53,7 @@ FREE = ("mov",)                                   # register moves: mostly folde
 @dataclass
 class Estimate:
     name: str
+    kernel: str             # scheme or lookup
     elements_per_thread: float
     issue: float            # thread-instructions per element (PTX)
     sass: float             # SASS instructions per element (ptxas's code: what the SMs issue)
@@ -137,20 +142,42 @@ def count_sass(sass: str, trips: int) -> float:
     return total
 
 
-def estimate(name: str, numel: int, arch: int = 90) -> Estimate:
-    """The estimate for activation ``name``'s bfloat16 backward at ``numel`` elements."""
-    args, kwargs = triton_offline._launches(name, torch.bfloat16, numel)["backward"]
-    ptx = triton_offline.compile_kernel(act_triton.backward_kernel, args, kwargs, arch)
+def lookup_launch(bits: int, numel: int) -> tuple[tuple, dict]:
+    """(args, kwargs) of act_triton.lut_backward's launch on ``numel`` bfloat16 elements with codes of
+    ``bits`` (meta tensors: what the launcher passes, recorded by tests/triton_offline.py's Recorder)."""
+    meta = dict(device="meta")
+    go, gx = (torch.empty(numel, dtype=torch.bfloat16, **meta) for _ in range(2))
+    y16 = torch.empty(numel, dtype=torch.int16, **meta)
+    code = torch.empty(-(-numel * bits // 8) if bits else 0, dtype=torch.uint8, **meta)
+    lut = torch.empty(1 << (16 + bits), dtype=torch.float32, **meta)
+    saved, act_triton.lut_backward_kernel = act_triton.lut_backward_kernel, triton_offline.Recorder()
+    try:
+        act_triton.lut_backward(go, y16, code, gx, lut, bits)
+        return act_triton.lut_backward_kernel.calls[0]
+    finally:
+        act_triton.lut_backward_kernel = saved
+
+
+def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme") -> Estimate:
+    """The estimate for activation ``name``'s bfloat16 backward at ``numel`` elements by ``kernel``:
+    ``scheme`` (the table's float32 scheme, act_triton.backward_kernel: float32 y, and 16-bit y of
+    codes wider than impl_triton.LUT_MOST_BITS) or ``lookup`` (act_triton.lut_backward_kernel: a
+    gather from g of every 16-bit y, what 16-bit y run)."""
     bits = registry.module(name).CODE_BITS
+    if kernel == "lookup":
+        jit, (args, kwargs) = act_triton.lut_backward_kernel, lookup_launch(bits, numel)
+    else:
+        jit, (args, kwargs) = act_triton.backward_kernel, triton_offline._launches(name, torch.bfloat16, numel)["backward"]
+    ptx = triton_offline.compile_kernel(jit, args, kwargs, arch)
     threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
     planes = 8 // bits if bits else 1
-    block = kwargs.get("BLOCK") or args[act_triton.backward_kernel.arg_names.index("BLOCK")]
+    block = kwargs.get("BLOCK") or args[jit.arg_names.index("BLOCK")]
     per_thread = block * planes / threads
     c = {k: v / per_thread for k, v in count(ptx, planes).items()}
     regs, sass = assemble(ptx, arch)
     issue = count_sass(sass, planes) / per_thread if sass else c["issue"]
     scale = numel * 1e3
-    return Estimate(name, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
+    return Estimate(name, kernel, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
                     issue * scale / (SMS * LANES * CLOCK_HZ), (c["loads"] + c["stores"]) * scale / (SMS * LSU_LANES * CLOCK_HZ),
                     (3 * 2 + bits / 8) * scale / HBM_BYTES_S)
 
@@ -168,16 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     names = [n for n in args.names.split(",") if n] or fitted_names()
-    found = [estimate(n, args.numel, args.arch) for n in names]
+    found = [estimate(n, args.numel, args.arch, kernel) for n in names for kernel in ("scheme", "lookup")]
     if args.json:
         print(json.dumps([asdict(e) | {"bound": e.bound} for e in found], indent=1))
         return 0
     print(f"PTX estimate, backward, {args.numel} bfloat16 elements, sm_{args.arch}, H200 "
           f"({SMS} SMs, {CLOCK_HZ / 1e9:g} GHz, {HBM_BYTES_S / 1e12:g} TB/s)")
-    print(f"{'activation':<12}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
+    print(f"{'activation':<12}{'kernel':<8}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
           f"{'lsu ms':>8}{'memory ms':>10}  bound")
     for e in found:
-        print(f"{e.name:<12}{e.issue:7.1f}{e.sass:8.1f}{e.loads:9.2f}{e.gathers:8.2f}{e.registers:5d}{e.issue_ms:9.3f}"
+        print(f"{e.name:<12}{e.kernel:<8}{e.issue:7.1f}{e.sass:8.1f}{e.loads:9.2f}{e.gathers:8.2f}{e.registers:5d}{e.issue_ms:9.3f}"
               f"{e.lsu_ms:8.3f}{e.memory_ms:10.3f}  {e.bound}")
     return 0
 

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .common import float32_scheme as scheme
 
-__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "launchers", "log", "tanh", "atan", "segment", "row",
-           "root_power"]
+__all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "lut_backward_kernel", "launchers", "lut_backward",
+           "log", "tanh", "atan", "segment", "row", "root_power"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
@@ -97,6 +97,44 @@ def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, 
             offs = plane * j + b
             code = (byte >> (j * BITS)) & ((1 << BITS) - 1)
             _backward_plane(GO, Y, GX, YT, P, offs, (b < nbytes) & (offs < n), code, PARAMS, G)
+
+
+@triton.jit
+def _lut_plane(GO, Y16, GX, LUT, offs, mask, code):
+    bits = tl.load(Y16 + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+    g = tl.load(LUT + ((code << 16) | bits), mask=mask, other=0.0)
+    go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lut_backward_kernel(GO, Y16, CODE, GX, LUT, n, nbytes, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_in = LUT[code << 16 | bits of y] * grad_out for 16-bit y (Y16: y's bits as int16; LUT: float32
+    g of every 16-bit y and code): one gather an element in place of the table's float32 scheme, for
+    any table. Programs and bit planes as :func:`backward_kernel`'s."""
+    pid = tl.program_id(0).to(tl.int64)
+    if BITS == 0:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        _lut_plane(GO, Y16, GX, LUT, offs, offs < n, 0)
+    else:
+        b = pid * BLOCK + tl.arange(0, BLOCK)
+        plane = tl.zeros_like(b) + nbytes
+        byte = tl.load(CODE + b, mask=b < nbytes, other=0).to(tl.int32)
+        for j in range(8 // BITS):
+            offs = plane * j + b
+            code = (byte >> (j * BITS)) & ((1 << BITS) - 1)
+            _lut_plane(GO, Y16, GX, LUT, offs, (b < nbytes) & (offs < n), code)
+
+
+def lut_backward(grad, y16, code, grad_in, lut, code_bits: int, block: int = DEFAULT_BLOCK) -> None:
+    """Launch :func:`lut_backward_kernel` on flat contiguous tensors: y16 is y viewed as int16, lut holds
+    2^(16 + code_bits) float32 g (code << 16 | bits of y), code is used only when ``code_bits`` > 0."""
+    n = y16.numel()
+    if n:
+        nbytes = code.numel() if code_bits else 0
+        grid = (triton.cdiv(nbytes if code_bits else n, block),)
+        lut_backward_kernel[grid](grad, y16, code if code_bits else None, grad_in, lut, n, nbytes, code_bits, block,
+                                  enable_fp_fusion=False)
 
 
 def launchers(f_x, code_x, g_y, code_bits: int) -> tuple[Callable, Callable]:

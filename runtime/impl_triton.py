@@ -1,5 +1,7 @@
 """The Triton implementation: the generated fused kernels (triton_NAME.py), y and the packed code in one
-pass, the backward in one more; float32 arithmetic for float32, bfloat16 and float16 tensors.
+pass, the backward in one more; float32 arithmetic for float32, bfloat16 and float16 tensors. The
+backward of bfloat16 and float16 y gathers g from the table of every 16-bit y and code that the eager
+code filled (:data:`LUT_MOST_BITS`; act_triton.lut_backward_kernel), the same kernel for every table.
 
 Triton launches on the current CUDA device and stream, not on its arguments' device:
 :func:`launched` makes the tensors' device current around a launch (:func:`device_guard`) and turns a
@@ -21,10 +23,13 @@ from torch import Tensor
 
 from . import backends, layout, registry
 from .constants import module_constants
+from .impl_eager import flushed, lookup_table
 
-__all__ = ["Triton", "TRITON", "device_guard", "launched"]
+__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched"]
 
 T = TypeVar("T")
+LUT_MOST_BITS = 2   # 16-bit y of tables with codes of at most this many bits: g from a table of 2^(16 + bits)
+                    # floats (1 MB at 2 bits), one gather an element
 
 
 def device_guard(device: torch.device):
@@ -67,7 +72,19 @@ class Triton:
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
         out, gf, yf, of = layout.backward_views(grad, y)
-        k = module_constants(registry.module(name), torch.float32, y.device, tuple(params))
+        mod = registry.module(name)
+        if y.dtype in (torch.bfloat16, torch.float16) and mod.CODE_BITS <= LUT_MOST_BITS:
+            # g of every 16-bit y and code, by the eager g_kernel (cached per table, dtype, parameters and
+            # device): the eager backward's g bit for bit, one gather an element instead of the scheme's
+            # ~100 instructions (benchmarks/ptx_estimate.py)
+            lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
+            from . import act_triton
+
+            def launch_lut() -> Tensor:
+                act_triton.lut_backward(gf, yf.view(torch.int16), code, of, lut, mod.CODE_BITS)
+                return out
+            return launched(y.device, launch_lut)
+        k = module_constants(mod, torch.float32, y.device, tuple(params))
 
         def launch() -> Tensor:
             registry.triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))

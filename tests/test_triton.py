@@ -8,7 +8,7 @@ out-of-bounds accesses, so ragged sizes and non-contiguous inputs are compared w
 import pytest
 import torch
 
-from invact import backends, impl_triton, layout, ops, registry
+from invact import backends, bitpack, impl_triton, layout, ops, registry
 from triton_tolerances import default_params, formula_error, is_fitted, needs_interpreter, within
 
 NAMES = ops.names()
@@ -218,3 +218,50 @@ def test_norm_kernels_launch_guarded_and_fall_back_once(monkeypatch):
     y_ref = norms.layer_norm(xr, (40,), wr, None, backend="eager")
     y_ref.sum().backward()
     assert torch.equal(y, y_ref) and torch.equal(x.grad, xr.grad) and torch.equal(w.grad, wr.grad)
+
+
+def test_16_bit_backward_is_the_eager_lookup(name, monkeypatch):
+    """16-bit y: the kernel gathers g from the table of every 16-bit y and code that the eager
+    g_kernel filled (invact.impl_eager.lookup_table), for closed forms and fitted tables alike, so
+    float16 gradients equal the eager backend's bit for bit (one float32 product, rounded once);
+    bfloat16 within the one ulp of the interpreter's truncating conversion (design.md), where the
+    result is a normal number (the interpreter's conversion of subnormal products is not even that; a
+    GPU's cvt.rn.bf16.f32 is, tests/test_cuda.py). Every code
+    class and y's every 16-bit pattern; 8 planes' worth of ragged elements."""
+    calls = []
+    original = _lut_launcher()
+    monkeypatch.setattr("invact.act_triton.lut_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    params, bits = default_params(name), registry.module(name).CODE_BITS
+    for dtype in (torch.float16, torch.bfloat16):
+        y = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)[:65531]
+        codes = torch.randint(0, max(1, registry.module(name).META["n_codes"]), y.shape,
+                              generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+        code = bitpack.pack(codes, bits) if bits else layout.empty_code(y, 0)
+        go = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+        a = torch.ops.invact.backward(go, y, code, name, params, "triton")
+        b = torch.ops.invact.backward(go, y, code, name, params, "eager")
+        assert torch.equal(a.isnan(), b.isnan()), (name, dtype)
+        ok = ~a.isnan()
+        if dtype == torch.float16:
+            assert torch.equal(a[ok].view(torch.int16), b[ok].view(torch.int16)), (name, dtype)
+        else:  # the interpreter's float32 -> bfloat16 conversion of subnormal products is not a rounding
+            fin = ok & a.isfinite()  # (0.6289 * 9.18e-41 gave 3.03e-39): normal results only
+            normal = fin & (b.double().abs() >= torch.finfo(dtype).tiny)
+            assert torch.equal(a[ok & ~fin], b[ok & ~fin]) and within(a[normal], b[normal], 1, 0.0), (name, dtype)
+    assert len(calls) == 2
+
+
+def _lut_launcher():
+    from invact import act_triton
+    return act_triton.lut_backward
+
+
+def test_wide_codes_keep_the_scheme(monkeypatch):
+    """Codes wider than impl_triton.LUT_MOST_BITS (a table of 2^(16 + bits) floats) run the table's
+    float32 scheme instead: no lookup."""
+    name = next(n for n in NAMES if registry.module(n).CODE_BITS)
+    monkeypatch.setattr(impl_triton, "LUT_MOST_BITS", 0)
+    monkeypatch.setattr("invact.act_triton.lut_backward", lambda *a, **k: pytest.fail("the lookup ran"))
+    y, code = torch.ops.invact.forward(torch.randn(100).to(torch.float16), name, default_params(name), "eager")
+    g = torch.ops.invact.backward(torch.ones_like(y), y, code, name, default_params(name), "triton")
+    assert torch.isfinite(g).all()
