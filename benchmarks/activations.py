@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                              "cost the most on CPU)")
     parser.add_argument("--devices", default="cpu,cuda",
                         help="which reports: cpu, cuda or both (default; cuda only where a GPU is present)")
+    parser.add_argument("--markdown", action="store_true", help="the CPU report as a markdown table (README)")
     parser.add_argument("--norms", metavar="ROWS,N", nargs="?", const="8192,1024",
                         help="time the norms only, on (ROWS, N) (default 8192,1024)")
     args = parser.parse_args(argv)
@@ -224,12 +225,19 @@ def cpu_report(names: list[str], dtypes: list[torch.dtype], args: argparse.Names
           "invact / native time "
           f"(targets: {', '.join(f'{c} <= {v}' for c, v in TARGETS.items())}; fitted tables' bwd compiled "
           "<= 1.0 float32, <= 0.8 16-bit)")
-    print(f"{'activation':<14}{'dtype':<10}" + "".join(f"{c:>14}" for c in cols))
+    if args.markdown:
+        print("\n| activation | dtype | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+    else:
+        print(f"{'activation':<14}{'dtype':<10}" + "".join(f"{c:>14}" for c in cols))
     for name in names:
         for dtype in dtypes:
             r = cpu_ratios(name, dtype, args.numel, args.repeat, args.scale)
-            marks = "".join(f"{r[c]:>13.2f}{'*' if r[c] > target(c, name, dtype) else ' '}" for c in cols)
-            print(f"{name:<14}{str(dtype).removeprefix('torch.'):<10}{marks}")
+            miss = {c: "*" if r[c] > target(c, name, dtype) else "" for c in cols}
+            dt = str(dtype).removeprefix("torch.")
+            if args.markdown:
+                print(f"| {name} | {dt} | " + " | ".join(f"{r[c]:.2f}{miss[c]}" for c in cols) + " |")
+            else:
+                print(f"{name:<14}{dt:<10}" + "".join(f"{r[c]:>13.2f}{miss[c] or ' '}" for c in cols))
     print("(* misses its target)")
 
 

@@ -101,19 +101,24 @@ def probe(dtype: torch.dtype) -> Tensor:
     return (patterns << 16 | low).view(torch.float32)
 
 
-@registry.per_root(maxsize=64)
 def one_pass_kind(mod: ModuleType, dtype: torch.dtype, mkldnn: bool) -> int | None:
     """The C kernel's forward for this table's y in dtype (invact.cpu_kernel.forward_kind), kept only
     where it gives PyTorch's y bit for bit on :func:`probe` here: which kernel PyTorch runs depends on
     the CPU and on ``mkldnn`` (torch.backends.mkldnn.enabled: oneDNN's gelu, whose JIT code this does
-    not reproduce, takes float32 and bfloat16)."""
+    not reproduce, takes float32 and bfloat16). The probe's answer is cached; whether the kernel
+    library is there is asked every time (a None from a moment without it is not kept)."""
     kind = cpu_kernel.forward_kind(mod.META.get("torch_forward"))
     if kind is None or not mod.CODE_BITS:
         return None
+    return kind if _probe_passes(mod, dtype, mkldnn, kind) else None
+
+
+@registry.per_root(maxsize=64)
+def _probe_passes(mod: ModuleType, dtype: torch.dtype, mkldnn: bool, kind: int) -> bool:
     x = probe(dtype)
     got = _one_pass(mod, x, kind)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    return kind if got is not None and torch.equal(got[0].view(bits), mod.forward(x).view(bits)) else None
+    return got is not None and torch.equal(got[0].view(bits), mod.forward(x).view(bits))
 
 
 def _pack(mod: ModuleType, flat: Tensor, cmap: cpu_kernel.CodeMap, k: Constants) -> Tensor:

@@ -55,3 +55,13 @@ def test_devices_option_is_checked(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--devices", "gpu"])
     assert exit_.value.code == 2 and "--devices: expected cpu, cuda or cpu,cuda, got 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("compiled" not in backends.available("cpu"), reason="no C++ compiler for inductor")
+def test_markdown_report_is_a_table(capsys):
+    """--markdown prints the README's table: a header, its rule and a row per activation and dtype."""
+    bench.main(["--markdown", "--numel", "4096", "--repeat", "1", "--names", "relu,mish", "--dtypes", "float32",
+                "--devices", "cpu"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert rows[0] == "| activation | dtype | bwd compiled | fwd | bwd eager | floor |" and rows[1] == "|---|---|---|---|---|---|"
+    assert [r.split(" | ")[:2] for r in rows[2:]] == [["| relu", "float32"], ["| mish", "float32"]]

@@ -219,3 +219,13 @@ def test_omp_dynamic_declines_the_one_pass_forward():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([None] * len(cpu_kernel.FORWARDS))
     assert any(cpu_kernel.forward_kind(f) is not None for f in cpu_kernel.FORWARDS)  # on here without it
+
+
+def test_a_moment_without_the_library_is_not_remembered(monkeypatch):
+    """The route asked while the kernels are unavailable (a test standing in for a CPU without
+    AVX-512) answers None then, and the probe's answer once they are back: only the probe is cached."""
+    mod = registry.module("silu")
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "library", lambda: None)
+        assert impl_cpu.one_pass_kind(mod, torch.float16, torch.backends.mkldnn.enabled) is None
+    assert impl_cpu.one_pass_kind(mod, torch.float16, torch.backends.mkldnn.enabled) is not None
