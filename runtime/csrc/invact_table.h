@@ -49,7 +49,9 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
  * column k of element i at qb[k * INVACT_BLOCK] (qb = the block's columns + i). */
 #if N_COLUMNS
 #define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param);
 
 /* qb[k * INVACT_BLOCK + i] = COLUMNS[k][s[i]] for i < m (s: INVACT_BLOCK segment indices) */

@@ -24,26 +24,42 @@ static int split(int64_t units, int64_t min_units, int threads, int64_t *step) {
 
 #ifdef _OPENMP
 #include <omp.h>
+
+/* the floating-point environment that flushing denormals sets: MXCSR on x86, fenv elsewhere */
+#if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
+typedef unsigned fp_env;
+static inline fp_env fp_env_get(void) { return _mm_getcsr(); }
+static inline void fp_env_set(fp_env e) { _mm_setcsr(e); }
+#else
+#include <fenv.h>
+typedef fenv_t fp_env;
+static inline fp_env fp_env_get(void) {
+    fenv_t e;
+    fegetenv(&e);
+    return e;
+}
+static inline void fp_env_set(fp_env e) { fesetenv(&e); }
+#endif
 
 /* fn on jobs[0 .. nt) (`size` bytes apart) in one OpenMP parallel region: with the OpenMP runtime
  * that PyTorch loaded (the same libgomp, matched by its soname), its intra-op worker threads, which
  * spin for a while after ATen's own parallel loops, take the jobs at once. Each worker runs with this
- * thread's MXCSR (flushed denormals, rounding), its own restored after. Where the runtime gives
+ * thread's floating-point environment (flushed denormals, rounding), its own restored after. Where the runtime gives
  * fewer threads than jobs, the jobs are dealt out to those it gave. */
 static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
     if (nt <= 1) {
         fn(jobs);
         return;
     }
-    unsigned csr = _mm_getcsr();
+    fp_env caller = fp_env_get();
 #pragma omp parallel num_threads(nt)
     {
-        unsigned own = _mm_getcsr();
-        _mm_setcsr(csr);
+        fp_env own = fp_env_get();
+        fp_env_set(caller);
         int k = omp_get_thread_num(), got = omp_get_num_threads();
         for (int j = k; j < nt; j += got) fn((char *)jobs + j * size);
-        _mm_setcsr(own);
+        fp_env_set(own);
     }
 }
 #else
