@@ -97,7 +97,7 @@ def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str) ->
     (:func:`invact.kernel_cache.threading_flags`); the key is ``stem`` and a hash of the source, its
     headers, the compiler's path and the flags."""
     out = []
-    for threads in kernel_cache.threading_flags():
+    for threads in kernel_cache.threading_flags(compiler):
         flags = (*FLAGS, *threads)
         parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
         out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))

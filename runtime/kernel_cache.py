@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -186,13 +187,27 @@ def _runs_libgomp() -> bool:
         return False
 
 
-def threading_flags() -> tuple[tuple[str, ...], ...]:
-    """How the kernels may run threads (csrc/invact_threads.h's ``spawn``), best first. OpenMP where this
-    process already runs ``libgomp.so.1``: a kernel built with -fopenmp needs that soname, so it joins
-    the same runtime, and its parallel regions run on ATen's intra-op workers, which spin for a while
-    after each of ATen's loops (a fresh pthread waits for the core such a worker holds: twice the time
-    with 2 cores). Then plain pthreads, which every build can fall back to."""
-    return (("-fopenmp", "-pthread"), ("-pthread",)) if _runs_libgomp() else (("-pthread",),)
+@functools.cache
+def _is_gcc(compiler: str) -> bool:
+    """Whether ``compiler`` is GCC (whose -fopenmp links libgomp; clang's links LLVM's libomp)."""
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Free Software Foundation" in done.stdout and "clang" not in done.stdout
+
+
+def threading_flags(compiler: str) -> tuple[tuple[str, ...], ...]:
+    """How the kernels ``compiler`` builds may run threads (csrc/invact_threads.h's ``spawn``), best first.
+    OpenMP where this process already runs ``libgomp.so.1`` and the compiler is GCC: a kernel built
+    with -fopenmp needs that soname, so it joins the same runtime, and its parallel regions run on
+    ATen's intra-op workers, which spin for a while after each of ATen's loops (a fresh pthread waits
+    for the core such a worker holds: twice the time with 2 cores). Then plain pthreads, which every
+    build can fall back to (and the only way elsewhere: a second OpenMP runtime would compete with
+    PyTorch's for the cores)."""
+    if _runs_libgomp() and _is_gcc(compiler):
+        return (("-fopenmp", "-pthread"), ("-pthread",))
+    return (("-pthread",),)
 
 
 def load_first(builds: list[tuple[list[str], str]], check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:

@@ -114,7 +114,7 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
             raise RuntimeError("built from another table")
 
     builds = []  # with glibc's vector math library where it links, else without; OpenMP threads, else pthreads
-    for extra, threads in itertools.product(_VECTOR_MATH, kernel_cache.threading_flags()):
+    for extra, threads in itertools.product(_VECTOR_MATH, kernel_cache.threading_flags(compiler)):
         command = [compiler, *_flags(use_fma), *threads, str(path), *extra]
         parts = [text, *(h.read_bytes() for h in HEADERS), " ".join(command[:1] + command[2:]).encode()]
         builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))

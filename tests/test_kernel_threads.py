@@ -45,8 +45,9 @@ def test_kernels_join_torchs_openmp_runtime():
     before = _libgomps()
     assert cpu_kernel.library() is not None and norm_cpu.library() is not None
     assert _libgomps() == before
-    if any(path.endswith("/" + kernel_cache.OPENMP_RUNTIME) for path in before):
-        assert kernel_cache.threading_flags()[0][0] == "-fopenmp"
+    if any(path.endswith("/" + kernel_cache.OPENMP_RUNTIME) for path in before) \
+            and kernel_cache._is_gcc(cpu_kernel._compiler()):
+        assert kernel_cache.threading_flags(cpu_kernel._compiler())[0][0] == "-fopenmp"
         for lib in (cpu_kernel.library(), norm_cpu.library()):   # dlsym searches its dependencies
             assert hasattr(lib, "GOMP_parallel")
 
@@ -80,3 +81,15 @@ def test_more_jobs_than_threads_all_run():
     for threads in (1, 2, 3, 7):
         got = _run(_step_table(), y, threads)
         assert torch.equal(got, torch.where(y > 0, 2.0, 1.0)), threads
+
+
+def test_only_gcc_builds_join_the_openmp_runtime(monkeypatch):
+    """A compiler that is not GCC (clang's -fopenmp links LLVM's libomp, a second runtime) builds
+    pthreads only; so does a process that runs no libgomp.so.1."""
+    monkeypatch.setattr(kernel_cache, "_runs_libgomp", lambda: True)
+    assert kernel_cache.threading_flags("/nonexistent/cc") == (("-pthread",),)   # --version fails: not GCC
+    monkeypatch.setattr(kernel_cache, "_is_gcc", lambda compiler: compiler == "gcc-like")
+    assert kernel_cache.threading_flags("clang-like") == (("-pthread",),)
+    assert kernel_cache.threading_flags("gcc-like") == (("-fopenmp", "-pthread"), ("-pthread",))
+    monkeypatch.setattr(kernel_cache, "_runs_libgomp", lambda: False)
+    assert kernel_cache.threading_flags("gcc-like") == (("-pthread",),)
