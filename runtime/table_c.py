@@ -51,7 +51,7 @@ CSRC = Path(__file__).with_name("csrc")
 HEADERS = (CSRC / "invact_table.h", CSRC / "invact_pack.h", CSRC / "invact_threads.h")
 ABI_VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
-_ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "AVX2": ("-mavx2",)}
+_ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 # -z defs: a function the library lacks fails the link (nothing is cached), never the load
 _VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
 _warned: set[str] = set()

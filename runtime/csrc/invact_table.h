@@ -47,11 +47,11 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
  * selected per block first: invact_seg gives each element's segment, invact_columns the column
  * values (one permute per column and 8 or 16 elements where the ISA has it), and invact_g reads
  * column k of element i at qb[k * INVACT_BLOCK] (qb = the block's columns + i). */
-#if N_COLUMNS
-#define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if N_COLUMNS
+#define INVACT_BLOCK 128   /* 256 measured slower: its 1 KiB column stride aliases in the L1 cache */
 static inline int32_t invact_seg(float y, int32_t code, const float *restrict thr, const double *restrict param);
 
 /* qb[k * INVACT_BLOCK + i] = COLUMNS[k][s[i]] for i < m (s: INVACT_BLOCK segment indices) */
@@ -248,13 +248,57 @@ __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float
     }
 }
 
+#if defined(__AVX2__)
+/* the 16-bit lookup 8 elements at a time from lo (where the ISA has the conversions: float16 needs
+ * F16C), the same values as the scalar loop below: a gather of g, the product in float, rounded to
+ * nearest even as invact_float_to_bf16 (NaN: 0x7FC0) or vcvtps2ph. Returns where it stopped. */
+static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    const uint16_t *y = jb->y, *grad = jb->grad;
+    uint16_t *out = jb->out;
+#if !defined(__F16C__)
+    if (jb->dtype != T_BF16) return lo;
+#endif
+    const __m256i sh = _mm256_set1_epi32(shift), mask = _mm256_set1_epi32((1 << CODE_BITS) - 1);
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        __m256i idx = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(y + i)));
+        if (CODE_BITS) {
+            __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + (i - lo))));
+            idx = _mm256_or_si256(idx, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(c, sh), mask), 16));
+        }
+        __m256 g = _mm256_i32gather_ps(jb->lut, idx, 4);
+        __m128i gh = _mm_loadu_si128((const __m128i *)(grad + i)), h;
+        if (jb->dtype == T_BF16) {
+            __m256 p = _mm256_mul_ps(g, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(gh), 16)));
+            __m256i b = _mm256_castps_si256(p);
+            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)),
+                                                           _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))), 16);
+            r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
+                                                     _mm256_cmp_ps(p, p, _CMP_UNORD_Q)));
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+            h = _mm256_castsi256_si128(packed);
+        } else {
+#if defined(__F16C__)
+            h = _mm256_cvtps_ph(_mm256_mul_ps(g, _mm256_cvtph_ps(gh)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+        }
+        _mm_storeu_si128((__m128i *)(out + i), h);
+    }
+    return i;
+}
+#endif
+
 /* elements [lo, hi) of one bit plane: codes (code[k] >> shift) & mask from byte k of `code` */
 static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
     const int32_t mask = (1 << CODE_BITS) - 1;
     if (jb->lut) {                          /* 16-bit y: g = lut[code << 16 | bits of y], product in float */
         const uint16_t *y = jb->y, *grad = jb->grad;
         uint16_t *out = jb->out;
-        for (int64_t i = lo; i < hi; i++) {
+        int64_t first = lo;
+#if defined(__AVX2__)
+        first = lut_vector(jb, lo, hi, code, shift);
+#endif
+        for (int64_t i = first; i < hi; i++) {
             int32_t c = CODE_BITS ? (code[i - lo] >> shift) & mask : 0;
             float g = jb->lut[(int64_t)c << 16 | y[i]];
             out[i] = jb->dtype == T_BF16 ? invact_float_to_bf16(g * invact_bf16_to_float(grad[i]))
