@@ -167,7 +167,8 @@ def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme") -> E
     if kernel == "lookup":
         jit, (args, kwargs) = act_triton.lut_backward_kernel, lookup_launch(bits, numel)
     else:
-        jit, (args, kwargs) = act_triton.backward_kernel, triton_offline._launches(name, torch.bfloat16, numel)["backward"]
+        jit = act_triton.backward_kernel
+        args, kwargs = triton_offline._launches(name, torch.bfloat16, numel)["backward"]
     ptx = triton_offline.compile_kernel(jit, args, kwargs, arch)
     threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
     planes = 8 // bits if bits else 1

@@ -49,8 +49,9 @@ from torch import Tensor
 from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "Table", "builds", "enabled", "library", "kernel_table", "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map",
-           "pack_code", "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
+           "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
+           "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -175,11 +176,12 @@ def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[b
     A class of n segments owns 2^levels >= n slots; threshold j of the class is passed where
     key(y) > key(t) (strict) or key(y) > key(t) - 1; level l adds step = 2^(levels - 1 - l) to slot s
     where key(y) passes the class's threshold s - first + step - 1 (padding: never passed)."""
-    counts = [count for _, _, count, _ in classes]
-    levels = max(max(counts) - 1, 0).bit_length()
+    if not classes:
+        return None
+    levels = max(max(count for _, _, count, _ in classes) - 1, 0).bit_length()
     slots = 1 << levels
-    if (not classes or any(not 0 <= code < 16 for code, *_ in classes) or len(classes) * slots > MAX_SEGMENTS or levels > MAX_LEVELS
-            or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)):
+    if (any(not 0 <= code < 16 for code, *_ in classes) or len(classes) * slots > MAX_SEGMENTS
+            or levels > MAX_LEVELS or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)):
         return None
     never = 2**31 - 1
     keys = [order_key(v) - (0 if s else 1) for v, s in zip(thresholds, strict, strict=True)]

@@ -63,5 +63,6 @@ def test_markdown_report_is_a_table(capsys):
     bench.main(["--markdown", "--numel", "4096", "--repeat", "1", "--names", "relu,mish", "--dtypes", "float32",
                 "--devices", "cpu"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert rows[0] == "| activation | dtype | bwd compiled | fwd | bwd eager | floor |" and rows[1] == "|---|---|---|---|---|---|"
+    assert rows[0] == "| activation | dtype | bwd compiled | fwd | bwd eager | floor |"
+    assert rows[1] == "|---|---|---|---|---|---|"
     assert [r.split(" | ")[:2] for r in rows[2:]] == [["| relu", "float32"], ["| mish", "float32"]]

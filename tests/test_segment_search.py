@@ -117,3 +117,4 @@ def test_search_layout_declines_what_it_cannot_order():
     three = tuple((c, 9 * c, 9, 8 * c) for c in range(3))   # 3 classes x 16 slots
     assert cpu_kernel.search_layout(three, tuple(float(j) for j in range(8)) * 3, (False,) * 24) is None
     assert cpu_kernel.search_layout(((16, 0, 2, 0),), (0.0,), (False,)) is None
+    assert cpu_kernel.search_layout((), (), ()) is None

@@ -271,10 +271,11 @@ static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uin
         if (jb->dtype == T_BF16) {
             __m256 p = _mm256_mul_ps(g, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(gh), 16)));
             __m256i b = _mm256_castps_si256(p);
-            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)),
-                                                           _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))), 16);
-            r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
-                                                     _mm256_cmp_ps(p, p, _CMP_UNORD_Q)));
+            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+            __m256 nan = _mm256_cmp_ps(p, p, _CMP_UNORD_Q);
+            r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                                     _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
             h = _mm256_castsi256_si128(packed);
         } else {
