@@ -93,3 +93,23 @@ def test_only_gcc_builds_join_the_openmp_runtime(monkeypatch):
     assert kernel_cache.threading_flags("gcc-like") == (("-fopenmp", "-pthread"), ("-pthread",))
     monkeypatch.setattr(kernel_cache, "_runs_libgomp", lambda: False)
     assert kernel_cache.threading_flags("gcc-like") == (("-pthread",),)
+
+
+@needs_kernel
+def test_a_threads_build_that_fails_falls_back_to_the_next(monkeypatch, tmp_path):
+    """kernel_cache.load_first: where the preferred build does not compile (a flag this compiler
+    lacks, as -fopenmp where no libgomp is installed), the next one is built and loaded, with no
+    warning; the pthreads build does not link libgomp (dlsym on its handle searches its dependencies)."""
+    import warnings
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "threading_flags", lambda compiler: (("-fno-such-flag",), ("-pthread",)))
+    cpu_kernel.library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lib = cpu_kernel.library()
+        assert lib is not None and not hasattr(lib, "GOMP_parallel")
+        assert torch.equal(_run(_step_table(), torch.linspace(-1.0, 1.0, N), 3),
+                           torch.where(torch.linspace(-1.0, 1.0, N) > 0, 2.0, 1.0))
+    finally:
+        cpu_kernel.library.cache_clear()
