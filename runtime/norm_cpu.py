@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -37,10 +35,9 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where this CPU or machine cannot run it (one warning where a build
     that should work fails)."""
-    if os.environ.get(cpu_kernel.SWITCH_ENV, "1") == "0" or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if not cpu_kernel.enabled() or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
-    compiler = next((shutil.which(c) for c in (os.environ.get("CC"), "gcc", "cc", "clang") if c and shutil.which(c)),
-                    None)
+    compiler = cpu_kernel._compiler()
     if compiler is None:
         return None
     try:

@@ -160,9 +160,9 @@ static inline void segment_by_count(const invact_table *t, const __m512 y[U], co
 /* the same by binary search (search_levels > 0): y's order as an integer (bits of y + 0 with a negative
  * y's magnitude bits flipped: monotone over the floats, y + 0 making -0 +0 and, with denormals
  * flushed, a subnormal y the zero a compare reads), its class's first slot from its code (slot 0, the
- * first class's, for codes past 15: no class has them), then one
- * permute, compare and masked add per level; the thresholds' keys (strict: key(t), else key(t) - 1)
- * were made so in invact.cpu_kernel.search_layout. Slots index the columns. */
+ * first class's, for codes past 15: no class has them), then one permute, compare and masked add per
+ * level; the thresholds' keys (strict: key(t), else key(t) - 1) were made so in
+ * invact.cpu_kernel.search_layout. Slots index the columns. */
 static inline void segment_by_search(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
     __m512i key[U], first = _mm512_loadu_si512(t->slot_of_code);
     EACH(v) {
@@ -200,7 +200,6 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
                                                           const __m512i code[U], const __mmask16 live[U], __m512 g[U]) {
     __m512i s[U];
     __m512 tv[U], q[U], q2[U], u[U], p[U];
-    EACH(v) tv[v] = _mm512_setzero_ps();
     segment(t, y, code, s);
     if (t->n_transforms == 1) {
         transform(t, 0, y, tv);
@@ -242,20 +241,24 @@ static inline __m512 load(int dtype, const void *p, int64_t i, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* as ATen's vectorised conversions: round to nearest even; NaN -> 0xFFFF (bf16), vcvtps2ph (f16) */
+/* v rounded to dtype as ATen's vectorised conversions (round to nearest even; NaN -> 0xFFFF in
+ * bfloat16, vcvtps2ph in float16) and back to float32: what an op stores between ops */
+static inline __m512 round_as(int dtype, __m512 v) {
+    if (dtype == F32) return v;
+    if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m512i b = _mm512_castps_si512(v);
+    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                    _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32((int)0xFFFF0000u));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                     _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* v stored in dtype, rounded as round_as */
 static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
     if (dtype == F32) { _mm512_mask_storeu_ps((float *)p + i, m, v); return; }
-    __m256i h;
-    if (dtype == F16) {
-        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-        __m512i b = _mm512_castps_si512(v);
-        __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7FFF));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, bias), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-        h = _mm512_cvtepi32_epi16(r);
-    }
+    __m256i h = dtype == F16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                             : _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_as(BF16, v)), 16));
     _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
 }
 
@@ -404,18 +407,6 @@ static inline __m512 aten_erf(__m512 v, vec_fn exp16) {
     r = _mm512_fmadd_ps(r, t, set(0.254829592f));
     __m512 e = negate(exp16(negate(_mm512_mul_ps(v, v))));
     return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
-}
-
-/* v rounded to dtype and back (as ATen stores an op's result between ops): store's conversions */
-static inline __m512 round_as(int dtype, __m512 v) {
-    if (dtype == F32) return v;
-    if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    __m512i b = _mm512_castps_si512(v);
-    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                    _mm512_set1_epi32(0x7FFF));
-    __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32((int)0xFFFF0000u));
-    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                                                     _mm512_set1_epi32((int)0xFFFF0000u)));
 }
 
 /* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */

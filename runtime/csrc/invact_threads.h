@@ -45,8 +45,8 @@ static inline void fp_env_set(fp_env e) { fesetenv(&e); }
 /* fn on jobs[0 .. nt) (`size` bytes apart) in one OpenMP parallel region: with the OpenMP runtime
  * that PyTorch loaded (the same libgomp, matched by its soname), its intra-op worker threads, which
  * spin for a while after ATen's own parallel loops, take the jobs at once. Each worker runs with this
- * thread's floating-point environment (flushed denormals, rounding), its own restored after. Where the runtime gives
- * fewer threads than jobs, the jobs are dealt out to those it gave. */
+ * thread's floating-point environment (flushed denormals, rounding), its own restored after. Where
+ * the runtime gives fewer threads than jobs, the jobs are dealt out to those it gave. */
 static void spawn(void *(*fn)(void *), void *jobs, size_t size, int nt) {
     if (nt <= 1) {
         fn(jobs);
