@@ -229,8 +229,9 @@ def test_16_bit_backward_is_the_eager_lookup(name, monkeypatch):
     GPU's cvt.rn.bf16.f32 is, tests/test_cuda.py). Every code
     class and y's every 16-bit pattern; 8 planes' worth of ragged elements."""
     calls = []
-    original = _lut_launcher()
-    monkeypatch.setattr("invact.act_triton.lut_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from invact import act_triton
+    original = act_triton.lut_backward
+    monkeypatch.setattr(act_triton, "lut_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
     params, bits = default_params(name), registry.module(name).CODE_BITS
     for dtype in (torch.float16, torch.bfloat16):
         y = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)[:65531]
@@ -249,11 +250,6 @@ def test_16_bit_backward_is_the_eager_lookup(name, monkeypatch):
             normal = fin & (b.double().abs() >= torch.finfo(dtype).tiny)
             assert torch.equal(a[ok & ~fin], b[ok & ~fin]) and within(a[normal], b[normal], 1, 0.0), (name, dtype)
     assert len(calls) == 2
-
-
-def _lut_launcher():
-    from invact import act_triton
-    return act_triton.lut_backward
 
 
 def test_wide_codes_keep_the_scheme(monkeypatch):
