@@ -39,6 +39,7 @@ import shutil
 import struct
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -50,7 +51,7 @@ from . import bitpack, fastmath, kernel_cache
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
-           "table_of", "order_key", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
+           "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
            "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -60,8 +61,9 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
+BY_CODE = 32          # by-code tables: codes 0..15, then one entry for codes past 15
 MAX_X_THRESHOLDS = 15
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
@@ -81,8 +83,8 @@ class Table(ctypes.Structure):
         ("columns", (ctypes.c_float * MAX_SEGMENTS) * MAX_COLUMNS),
         ("log_poly", ctypes.c_float * LOG_TERMS), ("ln2_hi", ctypes.c_float), ("ln2_lo", ctypes.c_float),
         ("sqrt2", ctypes.c_float), ("tiny", ctypes.c_float),
-        ("search_levels", ctypes.c_int32), ("slot_of_code", ctypes.c_int32 * 16),
-        ("level_key", (ctypes.c_int32 * MAX_SEGMENTS) * MAX_LEVELS),
+        ("search_levels", ctypes.c_int32), ("slot_of_code", ctypes.c_int32 * BY_CODE),
+        ("level_thr", (ctypes.c_float * MAX_SEGMENTS) * MAX_LEVELS),
     ]
 
 
@@ -156,51 +158,63 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def order_key(v: float) -> int:
-    """The kernel's integer order of a float32 (its bits, a negative's magnitude bits flipped, -0 as +0):
-    ``a < b`` exactly when ``order_key(a) < order_key(b)`` for floats that are not NaN."""
-    bits = struct.unpack("<i", struct.pack("<f", v + 0.0))[0]
-    return bits ^ 0x7FFFFFFF if bits < 0 else bits
+@dataclass(frozen=True)
+class SearchLayout:
+    """csrc/cpu_kernels.c's segment index by binary search (see :func:`search_layout`): ``levels`` of
+    it; ``slot_of_code``: each class's first slot by code (entry 16: codes past 15); ``level_thr``:
+    each level's thresholds by slot; ``row_of_slot``: the table row of each slot."""
+
+    levels: int
+    slot_of_code: list[int]
+    level_thr: list[list[float]]
+    row_of_slot: list[int]
 
 
-SearchLayout = tuple[int, list[int], list[list[int]], list[int]]
+def _passed_from(v: float, strict: bool) -> float:
+    """The least float32 y that passes threshold ``v`` (float32): v, or where ``y > v`` the float after
+    v (NaN after +inf: never passed)."""
+    if not strict:
+        return v
+    if v == math.inf:
+        return math.nan
+    bits = struct.unpack("<i", struct.pack("<f", v + 0.0))[0]  # v + 0: the float after -0 is after +0
+    bits += 1 if bits >= 0 else -1
+    return struct.unpack("<f", struct.pack("<i", bits if bits != -(2**31) else 0))[0]
 
 
 def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> SearchLayout | None:
-    """The binary-search segment index of ``invact_table`` (csrc/cpu_kernels.c's segment_by_search):
-    (levels, first slot of each code 0..15, each level's keys by slot, the table row of each slot), or
+    """The binary-search segment index of ``invact_table`` (csrc/cpu_kernels.c's segment_by_search), or
     None where it does not apply and the kernel counts thresholds instead: a class code past 15, more
-    than 32 slots (classes x 2^levels), a subnormal threshold (a compare with denormals flushed
-    reads it as 0; the key would not) or keys out of order (equal thresholds of both kinds).
+    than 32 slots (classes x 2^levels), a subnormal threshold or a strict one at zero (a compare with
+    denormals flushed reads a subnormal as 0), or thresholds out of order.
 
-    A class of n segments owns 2^levels >= n slots; threshold j of the class is passed where
-    key(y) > key(t) (strict) or key(y) > key(t) - 1; level l adds step = 2^(levels - 1 - l) to slot s
-    where key(y) passes the class's threshold s - first + step - 1 (padding: never passed)."""
+    A class of n segments owns 2^levels >= n slots; its threshold j is passed where y >= t_j, t_j
+    being the float32 threshold, or the float after it where the threshold is strict (y > t). Level l
+    adds step = 2^(levels - 1 - l) to slot s where y passes the class's threshold s - first + step - 1
+    (padding: NaN, never passed). Codes of no class (and past 15) take the first class."""
     if not classes:
         return None
     levels = max(max(count for _, _, count, _ in classes) - 1, 0).bit_length()
     slots = 1 << levels
     if (any(not 0 <= code < 16 for code, *_ in classes) or len(classes) * slots > MAX_SEGMENTS
-            or levels > MAX_LEVELS or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)):
+            or levels > MAX_LEVELS or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)
+            or any(s and v == 0 for v, s in zip(thresholds, strict, strict=True))):
         return None
-    never = 2**31 - 1
-    keys = [order_key(v) - (0 if s else 1) for v, s in zip(thresholds, strict, strict=True)]
-    level_key, row_of_slot = [[never] * MAX_SEGMENTS for _ in range(levels)], [0] * MAX_SEGMENTS
+    passed_from = [_passed_from(v, s) for v, s in zip(thresholds, strict, strict=True)]
+    level_thr, row_of_slot = [[math.nan] * MAX_SEGMENTS for _ in range(levels)], [0] * MAX_SEGMENTS
     for c, (_, first, count, first_thr) in enumerate(classes):
-        own = keys[first_thr:first_thr + count - 1]
+        own = passed_from[first_thr:first_thr + count - 1]
         if own != sorted(own):
             return None
+        own += [math.nan] * (2 * slots - len(own))  # level l reads up to slot k + 2^(levels-1-l) - 1
         for k in range(slots):
             row_of_slot[c * slots + k] = first + min(k, count - 1)
             for l in range(levels):
-                j = k + (1 << (levels - 1 - l)) - 1
-                if j < len(own):
-                    level_key[l][c * slots + k] = own[j]
-    slot_of_code = []
-    for value in range(16):  # the class: the last whose code matches, the first where none does
-        matching = [c for c, (code, *_) in enumerate(classes) if code == value]
-        slot_of_code.append((matching[-1] if matching else 0) * slots)
-    return levels, slot_of_code, level_key, row_of_slot
+                level_thr[l][c * slots + k] = own[k + (1 << (levels - 1 - l)) - 1]
+    class_of = [0] * BY_CODE  # the last class whose code matches, the first where none does
+    for c, (code, *_) in enumerate(classes):
+        class_of[code] = c
+    return SearchLayout(levels, [c * slots for c in class_of], level_thr, row_of_slot)
 
 
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
@@ -234,11 +248,11 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
         t.thresholds[j], t.strict[j] = v, int(s)
     layout = search_layout(classes, thresholds, strict) if search else None
     order = range(len(rows))
-    if layout is not None and layout[0] > 0:  # columns by slot
-        t.search_levels, slot_of_code, level_key, order = layout
-        t.slot_of_code[:] = slot_of_code
-        for l, keys in enumerate(level_key):
-            t.level_key[l][:] = keys
+    if layout is not None and layout.levels > 0:  # columns by slot
+        t.search_levels, order = layout.levels, layout.row_of_slot
+        t.slot_of_code[:] = layout.slot_of_code
+        for l, thr in enumerate(layout.level_thr):
+            t.level_thr[l][:] = thr
     for s, r in enumerate(order):
         for j, v in enumerate(rows[r]):
             t.columns[j][s] = v

@@ -79,10 +79,11 @@ def test_search_selects_the_counted_segment(shape, flushed):
     rng = random.Random(f"{shape}{flushed}")
     searched = 0
     for trial in range(12):
-        classes, thresholds, strict, rows = _random_table(rng, n_classes, most)
+        drawn, thresholds, strict, rows = _random_table(rng, n_classes, most)
         transforms = (("identity", 1.0, ()),)
         y = _probes(thresholds)
-        for bits in (4, 8):  # 8: codes past 15, which no class has
+        for bits in (1, 2, 4, 8):  # 1: codes as masks; 8: codes past 15, which no class has
+            classes = tuple((code % (1 << bits), *rest) for code, *rest in drawn)
             codes = torch.randint(0, 1 << bits, y.shape, generator=torch.Generator().manual_seed(trial))
             codes[: len(classes)] = torch.tensor([code for code, *_ in classes])
             want = _want(classes, thresholds, strict, y, codes, flushed)
@@ -97,20 +98,14 @@ def test_search_selects_the_counted_segment(shape, flushed):
     assert searched >= 8  # the search layout was taken, not only the count
 
 
-def test_order_key_is_the_float_order():
-    """key(a) < key(b) exactly when a < b; -0 and +0 one key (the kernel adds 0 to y first)."""
-    values = sorted({-math.inf, -3.4e38, -1.0, -TINY, -1e-45, -0.0, 0.0, 1e-45, TINY, 1.0, 3.4e38, math.inf,
-                     *POOL})
-    keys = [cpu_kernel.order_key(v) for v in values]
-    assert keys == sorted(keys) and len(set(keys)) == len({v + 0.0 for v in values})
-    assert cpu_kernel.order_key(-0.0) == cpu_kernel.order_key(0.0) == 0
-
-
 def test_search_layout_declines_what_it_cannot_order():
-    """Subnormal thresholds (read as 0 with denormals flushed), a strict threshold followed by an equal
-    `>=` one (keys out of order), more than 32 slots and class codes past 15: the count instead."""
+    """Subnormal thresholds (read as 0 with denormals flushed), strict ones at zero (`y >= ` the float
+    after 0, a subnormal, would read it as 0), a strict threshold followed by an equal `>=` one (out of
+    order), more than 32 slots and class codes past 15: the count instead."""
     one = ((0, 0, 3, 0),)
     assert cpu_kernel.search_layout(one, (0.0, 1.0), (False, True)) is not None
+    assert cpu_kernel.search_layout(one, (0.0, 1.0), (True, True)) is None
+    assert cpu_kernel.search_layout(one, (-0.0, 1.0), (True, True)) is None
     assert cpu_kernel.search_layout(one, (1e-40, 1.0), (False, False)) is None
     assert cpu_kernel.search_layout(one, (1.0, 1.0), (True, False)) is None
     assert cpu_kernel.search_layout(one, (1.0, 1.0), (False, True)) is not None
@@ -118,3 +113,25 @@ def test_search_layout_declines_what_it_cannot_order():
     assert cpu_kernel.search_layout(three, tuple(float(j) for j in range(8)) * 3, (False,) * 24) is None
     assert cpu_kernel.search_layout(((16, 0, 2, 0),), (0.0,), (False,)) is None
     assert cpu_kernel.search_layout((), (), ()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind, sign", [("identity", 1.0), ("sqrt", 1.0), ("sqrt", -1.0), ("log", 1.0), ("log", -1.0)])
+def test_nan_y_gives_nan_through_every_transform(kind, sign):
+    """NaN y: g is NaN through every transform. The kernel sets g = y only where a step could lose the
+    NaN (the log transform's exponent arithmetic makes it finite) or flip its sign (a negative sign);
+    elsewhere every step returns its NaN operand. Finite y in the same vectors stay finite."""
+    classes = ((0, 0, 2, 0), (1, 2, 2, 1))
+    transforms = (("identity", 1.0, ()), (kind, sign, (0.5, 1e-9)))
+    rows = [[float(s % 2), 0.25, 0.5, 1.0, 0.0, 0.75] for s in range(4)]  # g = 0.75 u + 1, u in [-1, 1]
+    nan_bits = torch.tensor([0x7FC00000, -0x400000, 0x7FC00001, 0x7F800001], dtype=torch.int32)
+    nan = nan_bits.view(torch.float32)  # quiet, negative, payload, signalling
+    y = torch.cat([nan, torch.tensor([-2.0, 0.1, 0.7, 3.0])]).repeat(9)
+    for bits in (1, 2):
+        codes = torch.arange(y.numel()) % 2
+        for search in (True, False):
+            table = cpu_kernel.table_of(classes, transforms, rows, (0.5, 1.5), (False, True), search=search)
+            got = _run(table, y, codes, bits)
+            assert torch.equal(got.isnan(), y.isnan()), (bits, search, got)
+            signs = got[y.isnan()].view(torch.int32) < 0
+            assert torch.equal(signs, y[y.isnan()].view(torch.int32) < 0)  # g * 1 keeps y's sign

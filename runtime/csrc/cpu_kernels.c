@@ -28,13 +28,14 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
 #define MAX_TRANSFORMS 4
 #define LOG_TERMS 9
 #define MAX_LEVELS 5                                  /* a binary search over up to 32 slots */
+#define BY_CODE 32                                    /* by-code tables: codes 0..15, then past 15 */
 
 enum { IDENTITY = 0, SQRT = 1, LOG = 2 };       /* transform kinds */
 enum { F32 = 0, BF16 = 1, F16 = 2 };            /* element types of y, grad and out */
@@ -52,11 +53,12 @@ typedef struct {
     float columns[MAX_COLUMNS][MAX_SEGMENTS];  /* POLY transposed: column j of segment s */
     float log_poly[LOG_TERMS], ln2_hi, ln2_lo, sqrt2, tiny; /* invact.fastmath's float32 log */
     /* the segment index by binary search (search_levels > 0; columns then by slot, not by row): each
-     * class owns 2^levels slots from slot_of_code[its code], its segments first; level l adds
-     * 2^(levels - 1 - l) to the slot s where key(y) > level_key[l][s] (invact.cpu_kernel.search_layout) */
+     * class owns 2^levels slots from slot_of_code[min(its code, 16)] (16: codes past 15, which no class
+     * has), its segments first; level l adds 2^(levels - 1 - l) to the slot s where y >= level_thr[l][s]
+     * (invact.cpu_kernel.search_layout) */
     int32_t search_levels;
-    int32_t slot_of_code[16];
-    int32_t level_key[MAX_LEVELS][MAX_SEGMENTS];
+    int32_t slot_of_code[BY_CODE];
+    float level_thr[MAX_LEVELS][MAX_SEGMENTS];
 } invact_table;
 
 int invact_abi_version(void) { return ABI_VERSION; }
@@ -75,7 +77,7 @@ static inline __m512 at_least(__m512 v, float lo) { return _mm512_max_ps(set(lo)
 static inline __m512 clamp1(__m512 v) { return _mm512_min_ps(set(1.0f), _mm512_max_ps(set(-1.0f), v)); }
 
 /* invact.fastmath.log: exponent plus a polynomial in the mantissa, operation for operation */
-static inline void log32(const invact_table *t, const __m512 a[U], __m512 out[U]) {
+static __attribute__((noinline)) void log32(const invact_table *t, const __m512 a[U], __m512 out[U]) {
     __m512 e[U], f[U], z[U], p[U];
     EACH(v) {
         __m512i bits = _mm512_castps_si512(a[v]);
@@ -100,7 +102,8 @@ static inline void log32(const invact_table *t, const __m512 a[U], __m512 out[U]
     }
 }
 
-static inline void transform(const invact_table *t, int i, const __m512 y[U], __m512 out[U]) {
+static inline __attribute__((always_inline)) void transform(const invact_table *t, int i, const __m512 y[U],
+                                                            __m512 out[U]) {
     int kind = t->transform_kind[i];
     __m512 d[U];
     EACH(v) d[v] = y[v];
@@ -157,32 +160,42 @@ static inline void segment_by_count(const invact_table *t, const __m512 y[U], co
     }
 }
 
-/* the same by binary search (search_levels > 0): y's order as an integer (bits of y + 0 with a negative
- * y's magnitude bits flipped: monotone over the floats, y + 0 making -0 +0 and, with denormals
- * flushed, a subnormal y the zero a compare reads), its class's first slot from its code (slot 0, the
- * first class's, for codes past 15: no class has them), then one permute, compare and masked add per
- * level; the thresholds' keys (strict: key(t), else key(t) - 1) were made so in
- * invact.cpu_kernel.search_layout. Slots index the columns. */
-static inline void segment_by_search(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
-    __m512i key[U], first = _mm512_loadu_si512(t->slot_of_code);
-    EACH(v) {
-        __m512i b = _mm512_castps_si512(_mm512_add_ps(y[v], _mm512_setzero_ps()));
-        key[v] = _mm512_xor_si512(b, _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 1));
-        s[v] = _mm512_maskz_permutexvar_epi32(_mm512_cmplt_epu32_mask(code[v], _mm512_set1_epi32(16)), code[v], first);
-    }
+/* each lane's entry of a by-code table: a blend where codes are one bit (odd: the lanes of code 1),
+ * else a permute by min(code, 16); one_bit a constant where inlined */
+static inline __m512i by_code(int one_bit, const int32_t *table, __m512i code, __mmask16 odd) {
+    if (one_bit) return _mm512_mask_blend_epi32(odd, _mm512_set1_epi32(table[0]), _mm512_set1_epi32(table[1]));
+    return _mm512_permutex2var_epi32(_mm512_loadu_si512(table), _mm512_min_epu32(code, _mm512_set1_epi32(16)),
+                                     _mm512_loadu_si512(table + 16));
+}
+
+/* the same by binary search (search_levels > 0): the class's first slot from its code, then one
+ * permute, compare and masked add per level. A strict threshold t (`y > t`) is there as the float after
+ * t, `y >= t'` being the same for every y (search_layout declines t = 0, where a compare with denormals
+ * flushed would read t' as 0, and a subnormal t); padding is NaN, never passed. With denormals flushed
+ * the compare reads a subnormal y as 0, as torch's does. NaN y passes none. Slots index the columns. */
+static inline __attribute__((always_inline)) void segment_by_search(const invact_table *t, int one_bit, const __m512 y[U],
+                                                                    const __m512i code[U], const __mmask16 odd[U],
+                                                                    __m512i s[U]) {
+    EACH(v) s[v] = by_code(one_bit, t->slot_of_code, code[v], odd[v]);
     for (int l = 0; l < t->search_levels; l++) {
-        __m512i lo = _mm512_loadu_si512(t->level_key[l]), hi = _mm512_loadu_si512(t->level_key[l] + 16),
-                step = _mm512_set1_epi32(1 << (t->search_levels - 1 - l));
+        __m512 lo = _mm512_loadu_ps(t->level_thr[l]), hi = _mm512_loadu_ps(t->level_thr[l] + 16);
+        __m512i step = _mm512_set1_epi32(1 << (t->search_levels - 1 - l));
         EACH(v) {
-            __mmask16 passed = _mm512_cmpgt_epi32_mask(key[v], _mm512_permutex2var_epi32(lo, s[v], hi));
+            __mmask16 passed = _mm512_cmp_ps_mask(y[v], _mm512_permutex2var_ps(lo, s[v], hi), _CMP_GE_OQ);
             s[v] = _mm512_mask_add_epi32(s[v], passed, s[v], step);
         }
     }
 }
 
-static inline void segment(const invact_table *t, const __m512 y[U], const __m512i code[U], __m512i s[U]) {
-    if (t->search_levels) segment_by_search(t, y, code, s);
-    else segment_by_count(t, y, code, s);
+static inline __attribute__((always_inline)) void segment(const invact_table *t, int one_bit, const __m512 y[U],
+                                                          const __m512i code[U], const __mmask16 odd[U], __m512i s[U]) {
+    if (t->search_levels) {
+        segment_by_search(t, one_bit, y, code, odd, s);
+        return;
+    }
+    __m512i c[U];  /* one-bit codes come as masks: their values for the count */
+    EACH(v) c[v] = one_bit ? _mm512_maskz_mov_epi32(odd[v], _mm512_set1_epi32(1)) : code[v];
+    segment_by_count(t, y, c, s);
 }
 
 /* column j of each element's row: one two-register permute over up to 32 segments */
@@ -196,11 +209,14 @@ static inline __m512 mul_add(int fused, __m512 p, __m512 u, __m512 c) {
     return fused ? _mm512_fmadd_ps(p, u, c) : _mm512_add_ps(_mm512_mul_ps(p, u), c);
 }
 
-static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, const __m512 y[U],
-                                                          const __m512i code[U], const __mmask16 live[U], __m512 g[U]) {
+/* g of U vectors of y (lanes live), codes as vectors or, one_bit, as masks (odd); fused and one_bit
+ * constants where inlined */
+static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, int one_bit, int nan_blend,
+                                                          const __m512 y[U], const __m512i code[U], const __mmask16 odd[U],
+                                                          const __mmask16 live[U], __m512 g[U]) {
     __m512i s[U];
     __m512 tv[U], q[U], q2[U], u[U], p[U];
-    segment(t, y, code, s);
+    segment(t, one_bit, y, code, odd, s);
     if (t->n_transforms == 1) {
         transform(t, 0, y, tv);
     } else {  /* the transform of each element's row; skipped where no live element has it (the
@@ -228,9 +244,21 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
     column(t, COL_C0_LO, s, q);
     column(t, COL_C0_HI, s, q2);
     EACH(v) {
-        __m512 gv = _mm512_add_ps(mul_add(fused, p[v], u[v], q[v]), q2[v]);
-        g[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q), gv, y[v]);  /* NaN y: g = y */
+        g[v] = _mm512_add_ps(mul_add(fused, p[v], u[v], q[v]), q2[v]);
+        if (nan_blend)  /* NaN y: g = y (else the steps carried y's NaN there: see nan_blend) */
+            g[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q), g[v], y[v]);
     }
+}
+
+/* whether g_block must set g = y for NaN y: a log transform (whose exponent and mantissa arithmetic
+ * makes a NaN finite) or a negative sign (which flips the NaN's sign bit). Elsewhere every step
+ * returns its NaN operand's bits (quieted): the subtractions, vmaxps/vminps (whose second operand is
+ * y's), sqrt, and the multiply-adds whose only NaN operand is u, so g is y quieted and g * grad is
+ * y * grad's bits, the product with g = y */
+static int nan_blend(const invact_table *t) {
+    for (int i = 0; i < t->n_transforms; i++)
+        if (t->transform_kind[i] == LOG || t->transform_sign[i] < 0.0f) return 1;
+    return 0;
 }
 
 static inline __m512 load(int dtype, const void *p, int64_t i, __mmask16 m) {
@@ -264,7 +292,7 @@ static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
 
 typedef struct {
     const invact_table *table;
-    int dtype, bits, fused;                /* fused: the FMA scheme */
+    int dtype, bits, fused, nan_blend;     /* fused: the FMA scheme; nan_blend: nan_blend(table) */
     int64_t n, lo, hi;                     /* all elements, and this job's range */
     const void *y, *grad;
     void *out;
@@ -282,22 +310,25 @@ static inline __m512i codes16(int bits, const uint8_t *p, __mmask16 m, __m512i s
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), shift), mask);
 }
 
-/* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k; fused a
- * constant where inlined */
-static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb, int fused, int64_t lo, int64_t hi,
-                                                                   const uint8_t *code, int shift) {
+/* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k, one-bit
+ * codes as the mask of their lanes; fused, one_bit and nan_blend constants where inlined */
+static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb, int fused, int one_bit, int blend,
+                                                                   int64_t lo, int64_t hi, const uint8_t *code,
+                                                                   int shift) {
     __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
+    __m128i bit = _mm_set1_epi8((char)(1 << shift));
     for (int64_t i = lo; i < hi; i += 16 * U) {
-        __mmask16 m[U];
+        __mmask16 m[U], odd[U];
         __m512 y[U], g[U];
         __m512i c[U];
         EACH(v) {
             int64_t at = i + 16 * v;
             m[v] = lanes(hi - at);
             y[v] = load(jb->dtype, jb->y, at, m[v]);
-            c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
+            if (one_bit) odd[v] = _mm_mask_test_epi8_mask(m[v], _mm_maskz_loadu_epi8(m[v], code + (at - lo)), bit);
+            else c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
-        g_block(jb->table, fused, y, c, m, g);
+        g_block(jb->table, fused, one_bit, blend, y, c, odd, m, g);
         EACH(v) {
             __m512 grad = load(jb->dtype, jb->grad, i + 16 * v, m[v]);
             store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], grad));
@@ -305,9 +336,15 @@ static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb
     }
 }
 
+#define PLANE(fused, one_bit, blend) run_plane_scheme(jb, fused, one_bit, blend, lo, hi, code, shift)
+#define PLANE_BITS(fused, blend) (jb->bits == 1 ? PLANE(fused, 1, blend) : PLANE(fused, 0, blend))
+
 static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
-    if (jb->fused) run_plane_scheme(jb, 1, lo, hi, code, shift);
-    else run_plane_scheme(jb, 0, lo, hi, code, shift);
+    if (jb->fused) {
+        if (jb->nan_blend) PLANE_BITS(1, 1);
+        else PLANE_BITS(1, 0);
+    } else if (jb->nan_blend) PLANE_BITS(0, 1);
+    else PLANE_BITS(0, 0);
 }
 
 /* the same for invact_lut_grad: g = lut[code << 16 | bits of y] */
@@ -364,14 +401,14 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void
         table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS ||
         table->search_levels < 0 || table->search_levels > MAX_LEVELS)
         return -1;
-    return run_jobs((job){table, dtype, bits, fused != 0, n, 0, 0, y, grad, out, code, 0}, threads);
+    return run_jobs((job){table, dtype, bits, fused != 0, nan_blend(table), n, 0, 0, y, grad, out, code, 0}, threads);
 }
 
 /* the same with g from lut[code << 16 | bits of y] (2^bits * 65536 floats) for 16-bit dtypes */
 int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const void *grad, void *out,
                     const uint8_t *code, int bits, int threads) {
     if (dtype == F32) return -1;
-    return run_jobs((job){0, dtype, bits, 0, n, 0, 0, y, grad, out, code, lut}, threads);
+    return run_jobs((job){0, dtype, bits, 0, 0, n, 0, 0, y, grad, out, code, lut}, threads);
 }
 
 /* ---- forward: the code, and y with it ---- */
