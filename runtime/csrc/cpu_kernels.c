@@ -347,16 +347,28 @@ static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code
     else PLANE_BITS(0, 0);
 }
 
-/* the same for invact_lut_grad: g = lut[code << 16 | bits of y] */
-static void run_plane_lut(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+/* the same for invact_lut_grad: g = lut[code << 16 | bits of y]; one-bit codes by a masked or
+ * (one_bit a constant where inlined) */
+static inline __attribute__((always_inline)) void run_plane_lut_as(const job *jb, int one_bit, int64_t lo, int64_t hi,
+                                                                   const uint8_t *code, int shift) {
     __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
+    __m128i bit = _mm_set1_epi8((char)(1 << shift));
     for (int64_t i = lo; i < hi; i += 16) {
         __mmask16 m = lanes(hi - i);
         __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)jb->y + i));
-        idx = _mm512_or_si512(idx, _mm512_slli_epi32(codes16(jb->bits, code + (i - lo), m, sh, mask), 16));
+        if (one_bit)
+            idx = _mm512_mask_or_epi32(idx, _mm_mask_test_epi8_mask(m, _mm_maskz_loadu_epi8(m, code + (i - lo)), bit),
+                                       idx, _mm512_set1_epi32(1 << 16));
+        else
+            idx = _mm512_or_si512(idx, _mm512_slli_epi32(codes16(jb->bits, code + (i - lo), m, sh, mask), 16));
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, jb->lut, 4);
         store(jb->dtype, jb->out, i, m, _mm512_mul_ps(g, load(jb->dtype, jb->grad, i, m)));
     }
+}
+
+static void run_plane_lut(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    if (jb->bits == 1) run_plane_lut_as(jb, 1, lo, hi, code, shift);
+    else run_plane_lut_as(jb, 0, lo, hi, code, shift);
 }
 
 static void *run_job(void *arg) {
