@@ -12,7 +12,7 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
   torch.compile at all (their first call takes milliseconds, not seconds). Where the table's y is
   PyTorch's own hardswish, silu or gelu, or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
   rounded to x's dtype), y and the code in one pass over x (:func:`forward_code`): ATen's vectorised
-  kernels reproduced operation for operation (its Sleef exp called from libtorch),
+  kernels reproduced operation for operation (SLEEF's exp, which ATen calls, inlined step for step),
   the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
 
 Codes and 16-bit gradients equal the eager backend's bit for bit; float32 gradients are the FMA
@@ -52,7 +52,7 @@ from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the l
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "forward_kind", "aten_ranges", "aten_tails", "forward_code"]
+           "FORWARDS", "ONEDNN_FORWARDS", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -61,7 +61,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = (SOURCE.with_name("invact_pack.h"), SOURCE.with_name("invact_threads.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
 BY_CODE = 32          # by-code tables: codes 0..15, then one entry for codes past 15
 MAX_X_THRESHOLDS = 15
@@ -152,7 +152,7 @@ def library() -> ctypes.CDLL | None:
                                      ctypes.POINTER(ctypes.c_int32),  # codes
                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
     lib.invact_forward_code.restype = ctypes.c_int
-    lib.invact_forward_code.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,  # kind, exp, ATen's chunk
+    lib.invact_forward_code.argtypes = [ctypes.c_int, ctypes.c_int64,  # kind, ATen's chunk
                                         *lib.invact_pack_code.argtypes[:3],
                                         ctypes.c_void_p, *lib.invact_pack_code.argtypes[3:]]  # y, as pack_code
     return lib
@@ -380,7 +380,8 @@ def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
 # ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
 
 FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_forward -> the C kernel's kind
-            "x * torch.sigmoid(1.702 * x)": 4}
+            "x * torch.sigmoid(1.702 * x)": 4}                   # reproducing ATen's kernel
+ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
 GELU = FORWARDS["F.gelu(x)"]
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
 GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)
@@ -389,24 +390,13 @@ GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all th
 OMP_DYNAMIC = os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.cache
-def _sleef_exp() -> int | None:
-    """The address of Sleef_expf16_u10 in libtorch_cpu (what ATen's AVX-512 exp() calls), or None."""
-    try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(lib.Sleef_expf16_u10, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return None
-
-
-def forward_kind(torch_forward: str | None) -> int | None:
-    """The C kernel's kind for a table whose y is ``torch_forward`` (its META entry), or None where the
-    kernel does not reproduce that forward here (no AVX-512 kernel library, no Sleef exp to call, or
-    OMP_DYNAMIC on)."""
-    kind = FORWARDS.get(torch_forward or "")
-    if kind is None or OMP_DYNAMIC or library() is None or (kind != FORWARDS["F.hardswish(x)"] and _sleef_exp() is None):
-        return None
-    return kind
+def forward_kinds(torch_forward: str | None) -> tuple[int, ...]:
+    """The C kernel's kinds that may reproduce ``torch_forward`` (a table's META entry) here, oneDNN's
+    first (to be probed in turn: which kernel PyTorch runs depends on the dtype, the CPU and
+    torch.backends.mkldnn); none without the AVX-512 kernel library or with OMP_DYNAMIC on."""
+    if OMP_DYNAMIC or library() is None:
+        return ()
+    return tuple(table[torch_forward] for table in (ONEDNN_FORWARDS, FORWARDS) if torch_forward in table)
 
 
 def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
@@ -424,20 +414,25 @@ def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
 def aten_tails(n: int, dtype: torch.dtype, kind: int, threads: int) -> list[tuple[int, int]]:
     """The ranges that ATen's kernel computes with its scalar code: each range's vectorised loop leaves
     its last ``len % (2 * vector)`` elements to the scalar loop (a vector: 16 float32, 32 bfloat16 or
-    float16)."""
+    float16). None for oneDNN's kernels, which run their vector code on every element."""
+    if kind in ONEDNN_FORWARDS.values():
+        return []
     step = 32 if dtype == torch.float32 else 64
     return [(hi - (hi - lo) % step, hi) for lo, hi in aten_ranges(n, kind, threads) if (hi - lo) % step]
 
 
 def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> Tensor | None:
     """y = the forward ``kind`` of contiguous CPU ``x`` (ATen's vector code on every element) and the
-    packed code, in one pass; None where the kernel does not take them."""
+    packed code, in one pass; None where the kernel does not take them, or where PyTorch would not run
+    that kernel (oneDNN's for a single element)."""
     lib = library()
     dtype = DTYPE_IDS.get(x.dtype)
     if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
             or x.device.type != "cpu" or y.device.type != "cpu" or y.numel() != x.numel()):
         return None
+    if kind in ONEDNN_FORWARDS.values() and x.numel() < 2:  # ATen calls oneDNN for more than one element
+        return None
     out, args = _code_args(cmap, x.numel(), bits)
     chunk = aten_ranges(x.numel(), kind, torch.get_num_threads())[0][1]
-    done = lib.invact_forward_code(kind, _sleef_exp(), chunk, dtype, x.numel(), x.data_ptr(), y.data_ptr(), *args)
+    done = lib.invact_forward_code(kind, chunk, dtype, x.numel(), x.data_ptr(), y.data_ptr(), *args)
     return out if done == 0 else None

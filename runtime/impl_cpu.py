@@ -103,15 +103,15 @@ def probe(dtype: torch.dtype) -> Tensor:
 
 
 def one_pass_kind(mod: ModuleType, dtype: torch.dtype, mkldnn: bool) -> int | None:
-    """The C kernel's forward for this table's y in dtype (invact.cpu_kernel.forward_kind), kept only
-    where it gives PyTorch's y bit for bit on :func:`probe` here: which kernel PyTorch runs depends on
-    the CPU and on ``mkldnn`` (torch.backends.mkldnn.enabled: oneDNN's gelu, whose JIT code this does
-    not reproduce, takes float32 and bfloat16). The probe's answer is cached; whether the kernel
-    library is there is asked every time (a None from a moment without it is not kept)."""
-    kind = cpu_kernel.forward_kind(mod.META.get("torch_forward"))
-    if kind is None or not mod.CODE_BITS:
+    """The C kernel's forward for this table's y in dtype: the first of invact.cpu_kernel.forward_kinds
+    that gives PyTorch's y bit for bit on :func:`probe` here, or None. Which kernel PyTorch runs
+    depends on the CPU and on ``mkldnn`` (torch.backends.mkldnn.enabled: with it, ATen's gelu calls
+    oneDNN's for float32 and bfloat16). The probes' answers are cached; whether the kernel library is
+    there is asked every time (a None from a moment without it is not kept)."""
+    if not mod.CODE_BITS:
         return None
-    return kind if _probe_passes(mod, dtype, mkldnn, kind) else None
+    kinds = cpu_kernel.forward_kinds(mod.META.get("torch_forward"))
+    return next((kind for kind in kinds if _probe_passes(mod, dtype, mkldnn, kind)), None)
 
 
 @registry.per_root(maxsize=64)

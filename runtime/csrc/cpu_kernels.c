@@ -14,8 +14,8 @@
  *
  * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
  * invact.bitpack's planes, as the generated code_packed. invact_forward_code: the same and, in the
- * same pass over x, y by PyTorch's own forward where its ATen kernels are reproduced here (hardswish,
- * silu, gelu, and quick_gelu's x * sigmoid(1.702 x) as its three ops).
+ * same pass over x, y by PyTorch's own forward where its kernels are reproduced here (ATen's hardswish,
+ * silu, gelu, and quick_gelu's x * sigmoid(1.702 x) as its three ops; oneDNN's gelu).
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
@@ -28,7 +28,7 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define ABI_VERSION 6
+#define ABI_VERSION 7
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
@@ -441,27 +441,120 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
  * so y is theirs bit for bit wherever ATen runs its vector code (all but the last n % 32 (float32) or
  * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
  * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
-enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4 };  /* NONE: the code alone */
-typedef __m512 (*vec_fn)(__m512);       /* ATen's Sleef_expf16_u10, found in libtorch_cpu by the caller */
+enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* NONE: the code alone */
+       FWD_GELU_ONEDNN = 5 };  /* GELU as oneDNN's JIT eltwise (avx512_core), which ATen calls where it may */
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
 
+/* Sleef_expf16_u10 (SLEEF's AVX-512 expf, which ATen's Vectorized<float>::exp calls), step for step */
+static inline __m512 sleef_exp16(__m512 d) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, set(1.44269502162933349609375f)));
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, set(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(qf, set(-1.428606765330187e-06f), s);
+    __m512 u = set(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, set(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, set(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, set(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, set(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, set(0.5f));
+    u = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s), set(1.0f));
+    __m512i half = _mm512_srai_epi32(q, 1), bias = _mm512_set1_epi32(0x7f);
+    u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, bias), 23)));
+    u = _mm512_mul_ps(u, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, half), bias), 23)));
+    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, set(-104.0f), _CMP_NLT_UQ), u);
+    return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(set(100.0f), d, _CMP_LT_OQ), set(INFINITY));
+}
+
 /* ATen's Vectorized<float>::erf (AVX-512), FMAs where it has them */
-static inline __m512 aten_erf(__m512 v, vec_fn exp16) {
+static inline __m512 aten_erf(__m512 v) {
     __m512 one = set(1.0f), sign = _mm512_and_ps(set(-0.0f), v);
     __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(set(0.3275911f), _mm512_abs_ps(v), one));
     __m512 r = _mm512_fmadd_ps(set(1.061405429f), t, set(-1.453152027f));
     r = _mm512_fmadd_ps(r, t, set(1.421413741f));
     r = _mm512_fmadd_ps(r, t, set(-0.284496736f));
     r = _mm512_fmadd_ps(r, t, set(0.254829592f));
-    __m512 e = negate(exp16(negate(_mm512_mul_ps(v, v))));
+    __m512 e = negate(sleef_exp16(negate(_mm512_mul_ps(v, v))));
     return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
+}
+
+/* oneDNN's gelu_erf (jit_uni_eltwise_injector, avx512_core: gelu_erf_minimax_approx_compute_vector_fwd):
+ * erf(x / sqrt 2) as a degree-5 polynomial in |x| picked by |x|'s quarter binade (24 intervals; past
+ * 5.5426 the constant 1), its sign restored, then x * (1 + erf) * 0.5. The coefficients are oneDNN's
+ * table (gelu_erf_minimax_polynomial, Apache-2.0), as float32 bit patterns, by degree. Every element,
+ * tails included, runs this vector code in oneDNN, so no element is left to a scalar loop. */
+static const uint32_t ONEDNN_GELU_POLY[6][32] __attribute__((aligned(64))) = {
+    /* degree 0 */
+    {0xa6f2cb94, 0x32827792, 0x3381cc0c, 0x34523d4a, 0x351ac44d, 0x35f36d88,
+     0x36ee8229, 0x37b8a3bb, 0x3867a213, 0x3940033b, 0x3a2a5a1d, 0x3ae35863,
+     0x3b7828f2, 0x3c08b14b, 0x3c515ed3, 0xbb503236, 0xbd8d8e5e, 0xbe8abcd9,
+     0xbf0c19a2, 0xbeccb328, 0x3e176ced, 0x3f470d99, 0x3f7abb28, 0x3f800000,
+     0x00000000, 0, 0, 0, 0, 0, 0, 0},
+    /* degree 1 */
+    {0x3f4c422a, 0x3f4c421f, 0x3f4c4207, 0x3f4c41cb, 0x3f4c413b, 0x3f4c3fad,
+     0x3f4c3a2f, 0x3f4c2d40, 0x3f4c146a, 0x3f4bc341, 0x3f4ad08c, 0x3f48f8cf,
+     0x3f45fac7, 0x3f404e07, 0x3f3b980f, 0x3f48dff3, 0x3f78b21b, 0x3fbb0704,
+     0x40019c32, 0x3fe536d6, 0x3f81331e, 0x3e6c8684, 0x3c98f936, 0x00000000,
+     0x3f800000, 0, 0, 0, 0, 0, 0, 0},
+    /* degree 2 */
+    {0xb62173f4, 0x3735e4cf, 0x37f2ff89, 0x388c23be, 0x3917535c, 0x39ab2ab0,
+     0x3a60fadb, 0x3af9b960, 0x3b6e5491, 0x3c0a4ec5, 0x3ca5aa8c, 0x3d2138d9,
+     0x3d8737d4, 0x3ddfb660, 0x3e0f27ab, 0x3d94004b, 0xbe0efdeb, 0xbf1d96c3,
+     0xbf89db58, 0xbf6d9897, 0xbef69fb8, 0xbdc4f8a8, 0xbbde6422, 0x00000000,
+     0x00000000, 0, 0, 0, 0, 0, 0, 0},
+    /* degree 3 */
+    {0xbe081a19, 0xbe084570, 0xbe08639b, 0xbe089837, 0xbe08f409, 0xbe09ab95,
+     0xbe0b66d0, 0xbe0e400a, 0xbe124df8, 0xbe1bde02, 0xbe2f19c9, 0xbe4931bf,
+     0xbe685fbc, 0xbe89c95f, 0xbe96cbca, 0xbe8044aa, 0xbe0550f2, 0x3dcfd6a1,
+     0x3e94c826, 0x3e79345f, 0x3decec91, 0x3ca46568, 0x3aa1e00a, 0x00000000,
+     0x00000000, 0, 0, 0, 0, 0, 0, 0},
+    /* degree 4 */
+    {0xba3d61db, 0x39f097a3, 0x3a5845dc, 0x3ab1fa35, 0x3b0cefb8, 0x3b653ab6,
+     0x3bcae527, 0x3c221712, 0x3c6c5840, 0x3cc0a703, 0x3d1dcc19, 0x3d63656d,
+     0x3d955907, 0x3dbf9910, 0x3dd53f69, 0x3db7dcef, 0x3d639ebe, 0xba6ede48,
+     0xbd22be69, 0xbd041cf1, 0xbc64f5ab, 0xbb097a32, 0xb8ebf380, 0x00000000,
+     0x00000000, 0, 0, 0, 0, 0, 0, 0},
+    /* degree 5 */
+    {0x3cb7d80c, 0x3c9b6050, 0x3c978d11, 0x3c92e850, 0x3c8d058b, 0x3c848454,
+     0x3c6cd623, 0x3c4c824b, 0x3c2a7935, 0x3be0b390, 0x3b0651ac, 0xbb232f53,
+     0xbbd42fa0, 0xbc2c5366, 0xbc492c9e, 0xbc2a7aa6, 0xbbd55d04, 0xba823a76,
+     0x3b102aa8, 0x3ae25a7e, 0x3a31f792, 0x38b84375, 0x3689bb5a, 0x00000000,
+     0x00000000, 0, 0, 0, 0, 0, 0, 0},
+};
+
+static inline __m512 onednn_gelu16(__m512 x) {
+    __m512 ax = _mm512_abs_ps(x);
+    __m512i at = _mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(ax), _mm512_set1_epi32((int)0xc21fffff)), 21);
+    at = _mm512_min_epi32(_mm512_max_epi32(at, _mm512_set1_epi32(1)), _mm512_set1_epi32(24));
+    __mmask16 past = _mm512_cmp_ps_mask(_mm512_castsi512_ps(_mm512_set1_epi32(0x40b15cee)), ax, _CMP_LT_OS);
+    at = _mm512_mask_mov_epi32(at, past, _mm512_set1_epi32(23));
+    __m512 p = _mm512_permutex2var_ps(_mm512_load_ps((const float *)ONEDNN_GELU_POLY[5]), at,
+                                      _mm512_load_ps((const float *)ONEDNN_GELU_POLY[5] + 16));
+    for (int d = 4; d >= 0; d--)
+        p = _mm512_fmadd_ps(p, ax, _mm512_permutex2var_ps(_mm512_load_ps((const float *)ONEDNN_GELU_POLY[d]), at,
+                                                          _mm512_load_ps((const float *)ONEDNN_GELU_POLY[d] + 16)));
+    __m512 erf = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(p),
+                                                      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_add_ps(erf, set(1.0f))), set(0.5f));
+}
+
+/* v stored as bfloat16 by vcvtneps2bf16, as oneDNN stores on avx512_core_bf16: round to nearest even
+ * whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated (those two mended only
+ * where a vector has them: the masked steps cost a third of the kernel's time here) */
+static inline void store_bf16_insn(void *p, int64_t i, __mmask16 m, __m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                                     _mm512_set1_epi32(0x7fff)));
+    if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80)) {  /* quiet NaN, subnormal, signalling NaN */
+        r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b, _mm512_set1_epi32(0x00400000));
+        r = _mm512_mask_and_epi32(r, _mm512_fpclass_ps_mask(v, 0x20), b, _mm512_set1_epi32((int)0x80000000u));
+    }
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
 /* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */
 static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb, int kind, int dtype, __m512 x,
                                                               __mmask16 nan, int64_t e) {
-    vec_fn exp16 = (vec_fn)jb->fn;
     if (kind == FWD_HARDSWISH) {  /* x * minimum(maximum(x + 3, 0), 6) / 6: vec::maximum and minimum */
         __m512 six = set(6.0f);  /* differ from the instructions only where x is NaN (all ones, c below) */
         __m512 p = _mm512_mul_ps(x, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(x, set(3.0f)), set(0.0f)), six));
@@ -477,16 +570,17 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
         return _mm512_div_ps(p, six);
     }
     if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
-        return _mm512_div_ps(x, _mm512_add_ps(set(1.0f), exp16(negate(x))));
+        return _mm512_div_ps(x, _mm512_add_ps(set(1.0f), sleef_exp16(negate(x))));
     if (kind == FWD_QUICK_GELU) {  /* x * sigmoid(1.702 * x): three ATen ops, each result in x's dtype; */
         __m512 t = round_as(dtype, _mm512_mul_ps(x, set(1.702f)));  /* the scalar as a float, sigmoid */
-        __m512 s = _mm512_div_ps(set(1.0f), _mm512_add_ps(set(1.0f), exp16(negate(t))));  /* (1 + exp(-t))^-1 */
+        __m512 s = _mm512_div_ps(set(1.0f), _mm512_add_ps(set(1.0f), sleef_exp16(negate(t))));  /* (1 + exp(-t))^-1 */
         __m512 y = _mm512_mul_ps(x, round_as(dtype, s));  /* x * s of two NaNs: as ATen's float32 loop */
         if (dtype == F32 || !nan) return y;                 /* here; its 16-bit loops give x's, quieted */
         return _mm512_mask_blend_ps(nan, y, _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000))));
     }
+    if (kind == FWD_GELU_ONEDNN) return onednn_gelu16(x);
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
-    __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)), exp16);
+    __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)));
     return _mm512_mul_ps(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));
 }
 
@@ -517,8 +611,10 @@ static inline __mmask16 bits16(const bit_code *k, int unordered, __m512 x) {
 /* y of elements e .. e + 15 (lanes m), x loaded; nothing for the code alone */
 static inline __attribute__((always_inline)) void y_step(const code_job *jb, int kind, int dtype, int64_t e,
                                                          __mmask16 m, __m512 x) {
-    if (kind != FWD_NONE)
-        store(dtype, jb->y, e, m, forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e));
+    if (kind == FWD_NONE) return;
+    __m512 y = forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e);
+    if (kind == FWD_GELU_ONEDNN && dtype == BF16) store_bf16_insn(jb->y, e, m, y);
+    else store(dtype, jb->y, e, m, y);
 }
 
 /* elements e .. e + 15 (lanes m) of a plane: y, and x for their code (as forward_job keeps it) */
@@ -612,19 +708,20 @@ static void *run_forward_job(void *arg) {
     else if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
     else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
     else if (jb->kind == FWD_QUICK_GELU) FORWARD_DTYPES(FWD_QUICK_GELU);
+    else if (jb->kind == FWD_GELU_ONEDNN) FORWARD_DTYPES(FWD_GELU_ONEDNN);
     else FORWARD_DTYPES(FWD_GELU);
     return 0;
 }
 
 /* y[0 .. n) = the forward `kind` of n contiguous x of dtype and packed = their codes (as
- * invact_pack_code); exp16: ATen's Sleef_expf16_u10 (SiLU, GELU); chunk: the length of the ranges
- * ATen splits n into (n where it runs one). Returns 0, or -1 for arguments it does not take. */
-int invact_forward_code(int kind, const void *exp16, int64_t chunk, int dtype, int64_t n, const void *x, void *y,
-                        int n_thr, const float *thr, int strict, const int32_t *codes, int nan_code, int bits,
-                        uint8_t *packed, int threads) {
-    if (kind < FWD_HARDSWISH || kind > FWD_QUICK_GELU || (kind != FWD_HARDSWISH && !exp16) || !y || chunk < 1) return -1;
+ * invact_pack_code); chunk: the length of the ranges ATen splits n into (n where it runs one). Returns
+ * 0, or -1 for arguments it does not take. */
+int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
+                        const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
+                        int threads) {
+    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || !y || chunk < 1) return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
-                        y, kind, exp16, chunk);
+                        y, kind, chunk);
 }
 
 /* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */

@@ -19,7 +19,6 @@ typedef struct {
     int32_t codes[MAX_X_THRESHOLDS + 1]; /* code of the interval with k thresholds passed */
     void *y;                            /* a forward's y (cpu_kernels.c's invact_forward_code), else 0 */
     int kind;                           /* that forward's formula */
-    const void *fn;                     /* the vector function it calls (ATen's Sleef), or 0 */
     int64_t chunk;                      /* the length of ATen's ranges of that forward (its threads') */
 } code_job;
 
@@ -30,7 +29,7 @@ typedef struct {
  * formula `kind`. Returns 0, or -1 for arguments it does not take. */
 static int forward_jobs(void *(*run)(void *), int dtype, int64_t n, const void *x, int n_thr, const float *thr,
                         int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads,
-                        void *y, int kind, const void *fn, int64_t chunk) {
+                        void *y, int kind, int64_t chunk) {
     if (dtype < 0 || dtype > 2 || n < 0 || n_thr < 0 || n_thr > MAX_X_THRESHOLDS ||
         (bits != 1 && bits != 2 && bits != 4 && bits != 8))
         return -1;
@@ -41,7 +40,7 @@ static int forward_jobs(void *(*run)(void *), int dtype, int64_t n, const void *
     for (int k = 0; k < nt; k++) {
         code_job *jb = &jobs[k];
         *jb = (code_job){dtype, bits, n_thr, nan_code, strict, n, nbytes, 0, 0, x, packed, {0}, {0},
-                         y, kind, fn, chunk};
+                         y, kind, chunk};
         jb->lo = clamp_to(k * step, nbytes);
         jb->hi = clamp_to(jb->lo + step, nbytes);
         memcpy(jb->thr, thr, sizeof(float) * (size_t)n_thr);
@@ -54,7 +53,7 @@ static int forward_jobs(void *(*run)(void *), int dtype, int64_t n, const void *
 /* the code alone: forward_jobs without a y */
 static int pack_jobs(void *(*run)(void *), int dtype, int64_t n, const void *x, int n_thr, const float *thr,
                      int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
-    return forward_jobs(run, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads, 0, 0, 0, 0);
+    return forward_jobs(run, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads, 0, 0, 0);
 }
 
 #endif
