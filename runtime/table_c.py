@@ -48,7 +48,7 @@ from . import bitpack, cpu_kernel, kernel_cache
 __all__ = ["source", "library", "fma", "run", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
-HEADERS = (CSRC / "invact_table.h", CSRC / "invact_pack.h", CSRC / "invact_threads.h")
+HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_pack.h", "invact_threads.h"))
 ABI_VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 _ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "invact_bf16.h"
 #include "invact_pack.h"
 #include "invact_threads.h"
 
@@ -274,19 +275,14 @@ static inline __m512 load(int dtype, const void *p, int64_t i, __mmask16 m) {
 static inline __m512 round_as(int dtype, __m512 v) {
     if (dtype == F32) return v;
     if (dtype == F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    __m512i b = _mm512_castps_si512(v);
-    __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                    _mm512_set1_epi32(0x7FFF));
-    __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32((int)0xFFFF0000u));
-    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                                                     _mm512_set1_epi32((int)0xFFFF0000u)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(invact_bf16_avx512(v), 16));
 }
 
 /* v stored in dtype, rounded as round_as */
 static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
     if (dtype == F32) { _mm512_mask_storeu_ps((float *)p + i, m, v); return; }
     __m256i h = dtype == F16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-                             : _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_as(BF16, v)), 16));
+                             : _mm512_cvtepi32_epi16(invact_bf16_avx512(v));
     _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
 }
 

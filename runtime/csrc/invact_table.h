@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "invact_bf16.h"
 #include "invact_pack.h"
 #include "invact_threads.h"
 
@@ -169,14 +170,6 @@ static inline float invact_bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* as c10::BFloat16: round to nearest even, NaN -> 0x7FC0 (selects, no branches: loops vectorise) */
-static inline uint16_t invact_float_to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, sizeof b);
-    uint16_t r = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)0x7FC0u : r;
-}
-
 /* exact; a subnormal half becomes a normal float through an int conversion and a product of normal
  * numbers, so flushed denormals (which ATen's conversions ignore) cannot touch it */
 static inline float invact_half_to_float(uint16_t h) {
@@ -270,12 +263,7 @@ static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uin
         __m128i gh = _mm_loadu_si128((const __m128i *)(grad + i)), h;
         if (jb->dtype == T_BF16) {
             __m256 p = _mm256_mul_ps(g, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(gh), 16)));
-            __m256i b = _mm256_castps_si256(p);
-            __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-            __m256 nan = _mm256_cmp_ps(p, p, _CMP_UNORD_Q);
-            r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
-                                                     _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
+            __m256i r = invact_bf16_avx2(p);
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
             h = _mm256_castsi256_si128(packed);
         } else {

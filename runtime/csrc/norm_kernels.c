@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "invact_bf16.h"                 /* ATen's rounding to bfloat16 */
 #include "invact_threads.h"              /* spawn, MAX_THREADS */
 
 #define NORM_ABI 1
@@ -48,11 +49,7 @@ static inline void store16(int dtype, void *base, int64_t at, __mmask16 m, __m51
     if (dtype == NF16) {
         half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-        __m512i bits = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-        half = _mm512_cvtepi32_epi16(rounded);
+        half = _mm512_cvtepi32_epi16(invact_bf16_avx512(v));
     }
     _mm256_mask_storeu_epi16((uint16_t *)base + at, m, half);
 }
