@@ -86,9 +86,11 @@ def _one_pass(mod: ModuleType, x: Tensor, kind: int) -> tuple[Tensor, Tensor] | 
     packed = cpu_kernel.forward_code(x, y, kind, cmap, mod.CODE_BITS)
     if packed is None:
         return None
-    xf, yf = x.view(-1), y.view(-1)
-    for lo, hi in cpu_kernel.aten_tails(x.numel(), x.dtype, kind, torch.get_num_threads()):
-        yf[lo:hi] = mod.forward(xf[lo:hi])
+    tails = cpu_kernel.aten_tails(x.numel(), x.dtype, kind, torch.get_num_threads())
+    if tails:
+        xf, yf = x.view(-1), y.view(-1)
+        for lo, hi in tails:
+            yf[lo:hi] = mod.forward(xf[lo:hi])
     return y, packed
 
 
