@@ -438,7 +438,8 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
  * n % 64 (16-bit) elements of each of its threads' ranges, which invact.cpu_kernel recomputes with
  * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
 enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* NONE: the code alone */
-       FWD_GELU_ONEDNN = 5 };  /* GELU as oneDNN's JIT eltwise (avx512_core), which ATen calls where it may */
+       FWD_GELU_ONEDNN = 5,        /* GELU as oneDNN's JIT eltwise (avx512_core), which ATen calls where it may */
+       FWD_GELU_ONEDNN_INSN = 6 }; /* the same, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
 
@@ -534,19 +535,24 @@ static inline __m512 onednn_gelu16(__m512 x) {
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_add_ps(erf, set(1.0f))), set(0.5f));
 }
 
-/* v stored as bfloat16 by vcvtneps2bf16, as oneDNN stores on avx512_core_bf16: round to nearest even
- * whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated (those two mended only
- * where a vector has them: the masked steps cost a third of the kernel's time here) */
-static inline void store_bf16_insn(void *p, int64_t i, __mmask16 m, __m512 v) {
-    __m512i b = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                                     _mm512_set1_epi32(0x7fff)));
-    if (_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80)) {  /* quiet NaN, subnormal, signalling NaN */
-        r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b, _mm512_set1_epi32(0x00400000));
-        r = _mm512_mask_and_epi32(r, _mm512_fpclass_ps_mask(v, 0x20), b, _mm512_set1_epi32((int)0x80000000u));
-    }
-    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+/* v stored as bfloat16 as oneDNN stores it on avx512_core_bf16: by vcvtneps2bf16 (round to nearest
+ * even whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated), where the compiler
+ * knows the instruction and the CPU has it; elsewhere oneDNN emulates it, which this does not
+ * reproduce: invact_forward_code declines bfloat16 for FWD_GELU_ONEDNN there */
+#if defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10)
+#define BF16_INSN 1
+#include <cpuid.h>
+__attribute__((target("avx512bf16"))) static inline void store_bf16_by_insn(void *p, int64_t i, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
+
+static int cpu_has_bf16_insn(void) {  /* CPUID.(EAX=7, ECX=1):EAX bit 5, AVX512_BF16 */
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+}
+#else
+static int cpu_has_bf16_insn(void) { return 0; }
+#endif
 
 /* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */
 static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb, int kind, int dtype, __m512 x,
@@ -574,7 +580,7 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
         if (dtype == F32 || !nan) return y;                 /* here; its 16-bit loops give x's, quieted */
         return _mm512_mask_blend_ps(nan, y, _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000))));
     }
-    if (kind == FWD_GELU_ONEDNN) return onednn_gelu16(x);
+    if (kind == FWD_GELU_ONEDNN || kind == FWD_GELU_ONEDNN_INSN) return onednn_gelu16(x);
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
     __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)));
     return _mm512_mul_ps(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));
@@ -609,8 +615,13 @@ static inline __attribute__((always_inline)) void y_step(const code_job *jb, int
                                                          __mmask16 m, __m512 x) {
     if (kind == FWD_NONE) return;
     __m512 y = forward16(jb, kind, dtype, x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), e);
-    if (kind == FWD_GELU_ONEDNN && dtype == BF16) store_bf16_insn(jb->y, e, m, y);
-    else store(dtype, jb->y, e, m, y);
+#ifdef BF16_INSN
+    if (kind == FWD_GELU_ONEDNN_INSN) {
+        store_bf16_by_insn(jb->y, e, m, y);
+        return;
+    }
+#endif
+    store(dtype, jb->y, e, m, y);
 }
 
 /* elements e .. e + 15 (lanes m) of a plane: y, and x for their code (as forward_job keeps it) */
@@ -698,8 +709,20 @@ static inline __attribute__((always_inline)) void forward_job(const code_job *jb
     (jb->dtype == F32 ? forward_job(jb, kind, F32) : jb->dtype == BF16 ? forward_job(jb, kind, BF16) \
                                                                        : forward_job(jb, kind, F16))
 
+#ifdef BF16_INSN
+__attribute__((target("avx512bf16"))) static void forward_gelu_onednn_bf16_insn(const code_job *jb) {
+    forward_job(jb, FWD_GELU_ONEDNN_INSN, BF16);
+}
+#endif
+
 static void *run_forward_job(void *arg) {
     const code_job *jb = arg;
+#ifdef BF16_INSN
+    if (jb->kind == FWD_GELU_ONEDNN && jb->dtype == BF16) {  /* invact_forward_code checked the CPU */
+        forward_gelu_onednn_bf16_insn(jb);
+        return 0;
+    }
+#endif
     if (jb->kind == FWD_NONE) FORWARD_DTYPES(FWD_NONE);
     else if (jb->kind == FWD_HARDSWISH) FORWARD_DTYPES(FWD_HARDSWISH);
     else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
@@ -715,7 +738,9 @@ static void *run_forward_job(void *arg) {
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
-    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || !y || chunk < 1) return -1;
+    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || !y || chunk < 1 ||
+        (kind == FWD_GELU_ONEDNN && dtype == BF16 && !cpu_has_bf16_insn()))
+        return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, chunk);
 }
