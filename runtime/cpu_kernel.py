@@ -369,17 +369,21 @@ def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _code_map_args(cmap: CodeMap) -> tuple:
-    """The C kernels' arguments n_thr .. nan_code for a code map (built once: a few µs a call)."""
-    thresholds, strict, codes, nan_code = cmap
-    thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
-    return len(thresholds), thr, strict, (ctypes.c_int32 * 16)(*codes), nan_code
+def _codes_array(codes: tuple[int, ...]) -> ctypes.Array:
+    """A code map's codes as the C kernels take them (built once: a few µs a call)."""
+    return (ctypes.c_int32 * 16)(*codes)
 
 
 def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
-    """A new packed code for n elements and the C kernels' arguments that describe it (n_thr .. threads)."""
+    """A new packed code for n elements and the C kernels' arguments that describe it (n_thr .. threads).
+    The thresholds are converted to float32 at each call, never kept: with denormals flushed the
+    conversion flushes a subnormal threshold to 0 (as the kernel, reading it, would then), which a kept
+    array would carry into calls without."""
+    thresholds, strict, codes, nan_code = cmap
     out = torch.empty(bitpack.packed_bytes(n, bits), dtype=torch.uint8)
-    return out, (*_code_map_args(cmap), bits, out.data_ptr(), torch.get_num_threads())
+    thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
+    return out, (len(thresholds), thr, strict, _codes_array(codes), nan_code, bits, out.data_ptr(),
+                 torch.get_num_threads())
 
 
 # ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
