@@ -10,7 +10,7 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
 * Forward: the packed branch code (:func:`pack_code`), from the thresholds and the codes that the
   generated ``code_kernel`` gives at them (:func:`code_map`). So the fitted tables need no
   torch.compile at all (their first call takes milliseconds, not seconds). Where the table's y is
-  PyTorch's own hardswish, silu or gelu, or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
+  PyTorch's own hardswish, silu or gelu (both forms), or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
   rounded to x's dtype), y and the code in one pass over x (:func:`forward_code`): ATen's vectorised
   kernels reproduced operation for operation (SLEEF's exp, which ATen calls, inlined step for step),
   the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
@@ -389,9 +389,10 @@ def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
 # ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
 
 FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_forward -> the C kernel's kind
-            "x * torch.sigmoid(1.702 * x)": 4}                   # reproducing ATen's kernel
+            "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
+            "F.gelu(x, approximate='tanh')": 6}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
-GELU = FORWARDS["F.gelu(x)"]
+GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
 GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)
 # With OMP_DYNAMIC on, OpenMP may run fewer threads than torch.get_num_threads(), so ATen's ranges (and
@@ -412,7 +413,7 @@ def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
     """How ATen's kernel for the forward ``kind`` splits a contiguous n-element tensor over ``threads``
     (TensorIterator with OpenMP: at::parallel_for's equal chunks, one range under the grain size)."""
     grain = GRAIN_SIZE
-    if kind == GELU and n > GELU_SERIAL_MOST:
+    if kind in GELUS and n > GELU_SERIAL_MOST:
         grain = max(n // threads, 1)
     if n < grain or threads <= 1:
         return [(0, n)]

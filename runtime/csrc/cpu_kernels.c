@@ -15,7 +15,7 @@
  * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
  * invact.bitpack's planes, as the generated code_packed. invact_forward_code: the same and, in the
  * same pass over x, y by PyTorch's own forward where its kernels are reproduced here (ATen's hardswish,
- * silu, gelu, and quick_gelu's x * sigmoid(1.702 x) as its three ops; oneDNN's gelu).
+ * silu, gelu in both forms, and quick_gelu's x * sigmoid(1.702 x) as its three ops; oneDNN's gelu).
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
@@ -439,7 +439,8 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
  * PyTorch itself): 16-bit x computed in float32 and rounded as ATen's conversions (store) */
 enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* NONE: the code alone */
        FWD_GELU_ONEDNN = 5,        /* GELU as oneDNN's JIT eltwise (avx512_core), which ATen calls where it may */
-       FWD_GELU_ONEDNN_INSN = 6 }; /* the same, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
+       FWD_GELU_TANH = 6,          /* GELU's tanh form */
+       FWD_GELU_ONEDNN_INSN = 7 }; /* oneDNN's, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(set(-0.0f), v); }
 
@@ -474,6 +475,150 @@ static inline __m512 aten_erf(__m512 v) {
     __m512 e = negate(sleef_exp16(negate(_mm512_mul_ps(v, v))));
     return _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one));
 }
+
+/* SLEEF's tanhf u10 (Sleef_tanhf16_u10, AVX-512 with FMA, which ATen's Vectorized<float>::tanh calls),
+ * step for step from libtorch's code: exp(|x|) as a double-float (range reduction by ln 2 in two
+ * parts, a polynomial, scaling by 2^q in two halves), then (T - 1/T) / (T + 1/T) in double-float
+ * arithmetic; 1 past |x| > 8.66434 (and where that gave NaN), x's sign, NaN for NaN x */
+#define BC(u) _mm512_castsi512_ps(_mm512_set1_epi32((int)(u)))
+/* SLEEF's dfadd2 of two floats: a + b rounded, and in *lo its rounding error (two-sum) */
+static inline __m512 two_sum(__m512 a, __m512 b, __m512 *lo) {
+    __m512 s = _mm512_add_ps(a, b), v = _mm512_sub_ps(s, a);
+    *lo = _mm512_add_ps(_mm512_sub_ps(a, _mm512_sub_ps(s, v)), _mm512_sub_ps(b, v));
+    return s;
+}
+
+static inline __m512 sleef_tanh16(__m512 x) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 one  = BC(0x3f800000);          /* 1.0f */
+    const __m512 half = BC(0x3f000000);          /* 0.5f */
+    const __m512 negz = BC(0x80000000);          /* -0.0f (sign mask) */
+
+    /* a = |x|; expk2f(d = (a, 0)) */
+    __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_set1_epi32((int)0x80000000),
+                                                        _mm512_castps_si512(x)));
+    __m512 u = _mm512_add_ps(zero, a);                        /* d.x + d.y        */
+    u = _mm512_mul_ps(u, BC(0x3fb8aa3b));                     /* * R_LN2f          */
+    __m512i q = _mm512_cvtps_epi32(u);                        /* vrint (RNE)      */
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 p1 = _mm512_mul_ps(qf, BC(0xbf317200));            /* q * -L2Uf         */
+    __m512 p2 = _mm512_mul_ps(qf, BC(0xb5bfbe8e));            /* q * -L2Lf         */
+
+    /* s = dfadd2(dfadd2(d, p1), p2) */
+    __m512 s1y, sy;
+    __m512 s1x = two_sum(a, p1, &s1y);
+    s1y = _mm512_add_ps(s1y, zero);                           /* + d.y (=0)       */
+    __m512 sx = two_sum(s1x, p2, &sy);
+    sy = _mm512_add_ps(s1y, sy);
+
+    /* polynomial */
+    __m512 pu = _mm512_fmadd_ps(sx, BC(0x394fb7ff), BC(0x3ab6bf7c));
+    pu = _mm512_fmadd_ps(sx, pu, BC(0x3c08890d));
+    pu = _mm512_fmadd_ps(sx, pu, BC(0x3d2aaa5c));
+
+    /* t = dfadd2(dfmul(s, pu), 1/6) */
+    __m512 mx = _mm512_mul_ps(sx, pu);
+    __m512 my = _mm512_fmsub_ps(sx, pu, mx);
+    my = _mm512_fmadd_ps(sy, pu, my);
+    __m512 ty, tx = two_sum(mx, BC(0x3e2aaaaa), &ty);
+    ty = _mm512_add_ps(ty, my);
+
+    /* t2 = dfadd2(dfmul(s, t), 0.5) */
+    __m512 nx = _mm512_mul_ps(sx, tx);
+    __m512 ny = _mm512_fmsub_ps(sx, tx, nx);
+    ny = _mm512_fmadd_ps(sy, tx, ny);
+    ny = _mm512_fmadd_ps(ty, sx, ny);
+    __m512 t2y, t2x = two_sum(nx, half, &t2y);
+    t2y = _mm512_add_ps(t2y, ny);
+
+    /* sq = dfsqu(s) */
+    __m512 sqx = _mm512_mul_ps(sx, sx);
+    __m512 sqy = _mm512_fmsub_ps(sx, sx, sqx);
+    sqy = _mm512_fmadd_ps(_mm512_add_ps(sx, sx), sy, sqy);
+
+    /* w = dfmul(sq, t2) */
+    __m512 wx = _mm512_mul_ps(t2x, sqx);
+    __m512 wy = _mm512_fmsub_ps(sqx, t2x, wx);
+    wy = _mm512_fmadd_ps(sqy, t2x, wy);
+    wy = _mm512_fmadd_ps(sqx, t2y, wy);
+
+    /* r = dfadd2(s, w) */
+    __m512 ry, rx = two_sum(sx, wx, &ry);
+    ry = _mm512_add_ps(ry, _mm512_add_ps(sy, wy));
+
+    /* f = dfadd(1, r) */
+    __m512 fx = _mm512_add_ps(rx, one);
+    __m512 fy = _mm512_add_ps(_mm512_sub_ps(one, fx), rx);
+    fy = _mm512_add_ps(ry, fy);
+
+    /* ldexp2 by q */
+    __m512i h  = _mm512_srai_epi32(q, 1);
+    __m512i eA = _mm512_slli_epi32(_mm512_add_epi32(h, _mm512_set1_epi32(0x7f)), 23);
+    __m512i eB = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(0x7f)), h), 23);
+    __m512 A = _mm512_castsi512_ps(eA), B = _mm512_castsi512_ps(eB);
+    __mmask16 kun = _mm512_cmp_ps_mask(a, BC(0xc2d00000), _CMP_LT_OQ);   /* a < -104 */
+    __m512 Tx = _mm512_mul_ps(_mm512_mul_ps(fx, A), B);
+    __m512 Ty = _mm512_mul_ps(_mm512_mul_ps(fy, A), B);
+    Tx = _mm512_mask_mov_ps(Tx, kun, zero);
+    Ty = _mm512_mask_mov_ps(Ty, kun, zero);
+
+    /* e = dfrec(T) */
+    __m512 ex = _mm512_div_ps(one, Tx);
+    __m512 ev = _mm512_fnmadd_ps(Tx, ex, one);
+    ev = _mm512_fnmadd_ps(Ty, ex, ev);
+    __m512 ey = _mm512_mul_ps(ex, ev);
+    __m512 nex = _mm512_xor_ps(ex, negz);
+    __m512 ney = _mm512_xor_ps(ey, negz);
+
+    /* den = dfadd(T, e), num = dfadd(T, -e) */
+    __m512 dx = _mm512_add_ps(ex, Tx);
+    __m512 dy = _mm512_add_ps(_mm512_sub_ps(Tx, dx), ex);
+    dy = _mm512_add_ps(dy, Ty);
+    dy = _mm512_add_ps(dy, ey);
+    __m512 nmx = _mm512_add_ps(nex, Tx);
+    __m512 nmy = _mm512_add_ps(_mm512_sub_ps(Tx, nmx), nex);
+    nmy = _mm512_add_ps(nmy, Ty);
+    nmy = _mm512_add_ps(nmy, ney);
+
+    /* dfdiv(num, den) */
+    __m512 rc = _mm512_div_ps(one, dx);
+    __m512 S  = _mm512_mul_ps(rc, nmx);
+    __m512 Ulo = _mm512_fmsub_ps(rc, nmx, S);
+    __m512 V  = _mm512_fnmadd_ps(dx, rc, one);
+    V = _mm512_fnmadd_ps(dy, rc, V);
+    __m512 W = _mm512_fmadd_ps(nmy, rc, Ulo);
+    __m512 Qy = _mm512_fmadd_ps(V, S, W);
+    __m512 y = _mm512_add_ps(S, Qy);
+
+    __mmask16 k = _mm512_cmp_ps_mask(a, BC(0x410aa123), _CMP_GT_OQ)   /* a > 8.66434 */
+                | _mm512_cmp_ps_mask(y, y, _CMP_NEQ_UQ);                /* isnan(y) */
+    y = _mm512_mask_mov_ps(y, k, one);
+    __m512 r = _mm512_xor_ps(_mm512_and_ps(x, negz), y);                /* mulsign */
+    __mmask16 kn = _mm512_cmp_ps_mask(x, x, _CMP_NEQ_UQ);
+    r = _mm512_mask_mov_ps(r, kn, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
+    return r;
+}
+
+
+/* src1 * src2 by one vmulps with the operands in this order: with two NaNs it returns src1's (quieted),
+ * and the compiler may swap _mm512_mul_ps's */
+static inline __m512 mul_src1(__m512 src1, __m512 src2) {
+    __m512 r;
+    __asm__("vmulps %2, %1, %0" : "=v"(r) : "v"(src1), "v"(src2));
+    return r;
+}
+
+
+/* ATen's vectorized_gelu_approximated_with_tanh: x^3 = (x x) x, inner = fma(x^3, 0.044715, x) * sqrt(2/pi),
+ * y = (x / 2) * (tanh(inner) + 1); its bfloat16/float16 instantiations multiply the other way round
+ * (NaN payloads differ) */
+static inline __m512 aten_gelu_tanh16(__m512 x, int low_precision) {
+    __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), x), BC(0x3d372713), x);
+    __m512 t1 = _mm512_add_ps(sleef_tanh16(_mm512_mul_ps(inner, BC(0x3f4c422a))), set(1.0f));
+    __m512 hx = mul_src1(x, set(0.5f));
+    return low_precision ? mul_src1(t1, hx) : mul_src1(hx, t1);
+}
+#undef BC
 
 /* oneDNN's gelu_erf (jit_uni_eltwise_injector, avx512_core: gelu_erf_minimax_approx_compute_vector_fwd):
  * erf(x / sqrt 2) as a degree-5 polynomial in |x| picked by |x|'s quarter binade (24 intervals; past
@@ -576,14 +721,15 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
     if (kind == FWD_QUICK_GELU) {  /* x * sigmoid(1.702 * x): three ATen ops, each result in x's dtype; */
         __m512 t = round_as(dtype, _mm512_mul_ps(x, set(1.702f)));  /* the scalar as a float, sigmoid */
         __m512 s = _mm512_div_ps(set(1.0f), _mm512_add_ps(set(1.0f), sleef_exp16(negate(t))));  /* (1 + exp(-t))^-1 */
-        __m512 y = _mm512_mul_ps(x, round_as(dtype, s));  /* x * s of two NaNs: as ATen's float32 loop */
+        __m512 y = mul_src1(round_as(dtype, s), x);  /* of two NaNs s's, as ATen's float32 loop */
         if (dtype == F32 || !nan) return y;                 /* here; its 16-bit loops give x's, quieted */
         return _mm512_mask_blend_ps(nan, y, _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000))));
     }
     if (kind == FWD_GELU_ONEDNN || kind == FWD_GELU_ONEDNN_INSN) return onednn_gelu16(x);
+    if (kind == FWD_GELU_TANH) return aten_gelu_tanh16(x, dtype != F32);
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
     __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)));
-    return _mm512_mul_ps(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));
+    return mul_src1(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));  /* NaN x: x's, as ATen's */
 }
 
 #define FORWARD_CHUNK 65536 /* bytes of code a step (on the stack): long runs of each plane's x and y */
@@ -728,6 +874,7 @@ static void *run_forward_job(void *arg) {
     else if (jb->kind == FWD_SILU) FORWARD_DTYPES(FWD_SILU);
     else if (jb->kind == FWD_QUICK_GELU) FORWARD_DTYPES(FWD_QUICK_GELU);
     else if (jb->kind == FWD_GELU_ONEDNN) FORWARD_DTYPES(FWD_GELU_ONEDNN);
+    else if (jb->kind == FWD_GELU_TANH) FORWARD_DTYPES(FWD_GELU_TANH);
     else FORWARD_DTYPES(FWD_GELU);
     return 0;
 }
@@ -738,7 +885,7 @@ static void *run_forward_job(void *arg) {
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
-    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || !y || chunk < 1 ||
+    if (kind < FWD_HARDSWISH || kind > FWD_GELU_TANH || !y || chunk < 1 ||
         (kind == FWD_GELU_ONEDNN && dtype == BF16 && !cpu_has_bf16_insn()))
         return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
