@@ -52,7 +52,7 @@ from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the l
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "ONEDNN_FORWARDS", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
+           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -398,6 +398,13 @@ GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all th
 # With OMP_DYNAMIC on, OpenMP may run fewer threads than torch.get_num_threads(), so ATen's ranges (and
 # the elements its scalar code computes) are not known here: the one-pass forward is then not taken.
 OMP_DYNAMIC = os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def bf16_store() -> bool:
+    """Whether the kernel stores bfloat16 by vcvtneps2bf16 as oneDNN does (the compiler knew the
+    instruction and the CPU has it): oneDNN's bfloat16 gelu runs in one pass only then."""
+    lib = library()
+    return lib is not None and lib.invact_bf16_store() == 1
 
 
 def forward_kinds(torch_forward: str | None) -> tuple[int, ...]:

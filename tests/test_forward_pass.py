@@ -57,23 +57,15 @@ def _assert_bitwise(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert not bad.any(), f"{int(bad.sum())} elements differ, first at {bad.nonzero()[:5].flatten().tolist()}"
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
-
-
 def test_the_routes_taken():
     """hardswish, silu, gelu_tanh and quick_gelu run in one pass for every dtype; gelu too, as oneDNN's kernel where
     PyTorch calls it (float32 and bfloat16 with oneDNN on): its float32 JIT code is the same on every
     AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16; elsewhere an
-    emulation not reproduced here, so two passes)."""
+    emulation not reproduced here, so two passes; also where the C compiler lacks the instruction)."""
     kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
              for n in NATIVE for d in DTYPES}
     assert all(kinds[n, d] is not None for n in ("hardswish", "silu", "quick_gelu", "gelu_tanh") for d in DTYPES)
-    gelu = [torch.float32, torch.float16] + ([torch.bfloat16] if _cpu_has("avx512_bf16") else [])
+    gelu = [torch.float32, torch.float16] + ([torch.bfloat16] if cpu_kernel.bf16_store() else [])
     assert all(kinds["gelu", d] is not None for d in gelu)
     assert registry.module("mish").CODE_BITS and impl_cpu.one_pass_kind(registry.module("mish"), torch.float32,
                                                                         True) is None

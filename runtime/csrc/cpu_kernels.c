@@ -892,6 +892,9 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
                         y, kind, chunk);
 }
 
+/* whether oneDNN's bfloat16 gelu store runs here (the compiler knew vcvtneps2bf16, the CPU has it) */
+int invact_bf16_store(void) { return cpu_has_bf16_insn(); }
+
 /* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
 int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
                      const int32_t *codes, int nan_code, int bits, uint8_t *packed, int threads) {
