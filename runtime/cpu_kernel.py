@@ -10,7 +10,7 @@ and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
 * Forward: the packed branch code (:func:`pack_code`), from the thresholds and the codes that the
   generated ``code_kernel`` gives at them (:func:`code_map`). So the fitted tables need no
   torch.compile at all (their first call takes milliseconds, not seconds). Where the table's y is
-  PyTorch's own hardswish, silu or gelu (both forms), or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
+  PyTorch's own hardswish, silu, gelu (both forms) or mish, or quick_gelu's x * sigmoid(1.702 x) (three ATen ops, each
   rounded to x's dtype), y and the code in one pass over x (:func:`forward_code`): ATen's vectorised
   kernels reproduced operation for operation (SLEEF's exp, which ATen calls, inlined step for step),
   the elements ATen computes with its scalar code recomputed by PyTorch (:func:`aten_tails`).
@@ -391,7 +391,7 @@ def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
 
 FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_forward -> the C kernel's kind
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
-            "F.gelu(x, approximate='tanh')": 6}
+            "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least

@@ -15,7 +15,7 @@
  * invact_pack_code: the code of each x (the interval between the forward thresholds), packed in
  * invact.bitpack's planes, as the generated code_packed. invact_forward_code: the same and, in the
  * same pass over x, y by PyTorch's own forward where its kernels are reproduced here (ATen's hardswish,
- * silu, gelu in both forms, and quick_gelu's x * sigmoid(1.702 x) as its three ops; oneDNN's gelu).
+ * silu, gelu in both forms, mish, and quick_gelu's x * sigmoid(1.702 x) as its three ops; oneDNN's gelu).
  *
  * Built and loaded by invact.cpu_kernel, which fills invact_table and the lookup tables.
  */
@@ -441,7 +441,8 @@ static inline __m512i code16(const code_job *jb, __m512 x, __m512i codes, __m512
 enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* NONE: the code alone */
        FWD_GELU_ONEDNN = 5,        /* GELU as oneDNN's JIT eltwise (avx512_core), which ATen calls where it may */
        FWD_GELU_TANH = 6,          /* GELU's tanh form */
-       FWD_GELU_ONEDNN_INSN = 7 }; /* oneDNN's, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
+       FWD_MISH = 7,
+       FWD_GELU_ONEDNN_INSN = 8 }; /* oneDNN's, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
 
 /* v stored as bfloat16 as oneDNN stores it on avx512_core_bf16: by vcvtneps2bf16 (round to nearest
  * even whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated), where the compiler
@@ -490,6 +491,13 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
     }
     if (kind == FWD_GELU_ONEDNN || kind == FWD_GELU_ONEDNN_INSN) return onednn_gelu16(x);
     if (kind == FWD_GELU_TANH) return aten_gelu_tanh16(x, dtype != F32);
+    if (kind == FWD_MISH) {  /* NaN lanes: which operand's NaN, by the lane's place in ATen's 32-steps */
+        __mmask16 second = 0;
+        if (nan && dtype != BF16)
+            for (int l = 0; l < 16; l++)
+                second |= (__mmask16)((((e + l) % jb->chunk) & 31) >= 16) << l;
+        return aten_mish16(x, (__mmask16)(nan & (dtype == BF16 ? 0xFFFF : dtype == F32 ? second : ~second)));
+    }
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
     __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)));
     return mul_src1(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));  /* NaN x: x's, as ATen's */
@@ -638,6 +646,7 @@ static void *run_forward_job(void *arg) {
     else if (jb->kind == FWD_QUICK_GELU) FORWARD_DTYPES(FWD_QUICK_GELU);
     else if (jb->kind == FWD_GELU_ONEDNN) FORWARD_DTYPES(FWD_GELU_ONEDNN);
     else if (jb->kind == FWD_GELU_TANH) FORWARD_DTYPES(FWD_GELU_TANH);
+    else if (jb->kind == FWD_MISH) FORWARD_DTYPES(FWD_MISH);
     else FORWARD_DTYPES(FWD_GELU);
     return 0;
 }
@@ -648,7 +657,7 @@ static void *run_forward_job(void *arg) {
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
-    if (kind < FWD_HARDSWISH || kind > FWD_GELU_TANH || !y || chunk < 1 ||
+    if (kind < FWD_HARDSWISH || kind > FWD_MISH || !y || chunk < 1 ||
         (kind == FWD_GELU_ONEDNN && dtype == BF16 && !cpu_has_bf16_insn()))
         return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,

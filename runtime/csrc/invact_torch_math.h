@@ -1,6 +1,6 @@
 /* PyTorch's vector math on AVX-512, reproduced bit for bit for the one-pass forward (cpu_kernels.c):
- * SLEEF's expf and tanhf (u10, the FMA builds that ATen's Vectorized<float> calls), ATen's erf and
- * tanh-form GELU, and oneDNN's gelu_erf. Each follows the instructions libtorch runs, in their order;
+ * SLEEF's expf, tanhf, logf and log1pf (u10, the FMA builds that ATen's Vectorized<float> calls),
+ * ATen's erf, tanh-form GELU and mish, and oneDNN's gelu_erf. Each follows the instructions libtorch runs, in their order;
  * invact.impl_cpu takes a forward built on them only after a probe gives PyTorch's y bit for bit. */
 #ifndef INVACT_TORCH_MATH_H
 #define INVACT_TORCH_MATH_H
@@ -183,6 +183,97 @@ static inline __m512 aten_gelu_tanh16(__m512 x, int low_precision) {
     __m512 t1 = _mm512_add_ps(sleef_tanh16(_mm512_mul_ps(inner, BC(0x3f4c422a))), _mm512_set1_ps(1.0f));
     __m512 hx = mul_src1(x, _mm512_set1_ps(0.5f));
     return low_precision ? mul_src1(t1, hx) : mul_src1(hx, t1);
+}
+/* the tail SLEEF's logf and log1pf share: log = s + 2q + q^3 (c1 + q^2 (c2 + q^2 c3)), with s = (sx, sy)
+ * the exponent times ln 2 and q = (qx, q2lo / 2) the reduced quotient as double-floats, summed in
+ * their order: (((sx - S) + 2qx) + sy + q2lo) + ((S - R) + p) + R, S = 2qx + sx, R = S + p */
+static inline __m512 sleef_log_sum(__m512 sx, __m512 sy, __m512 qx, __m512 q2lo) {
+    __m512 x2 = _mm512_mul_ps(qx, qx), qx2 = _mm512_add_ps(qx, qx);
+    __m512 p = _mm512_fmadd_ps(x2, BC(0x3e9aff5c), BC(0x3ecc99ca));
+    p = _mm512_mul_ps(_mm512_mul_ps(x2, qx), _mm512_fmadd_ps(x2, p, BC(0x3f2aaada)));
+    __m512 S = _mm512_add_ps(qx2, sx), R = _mm512_add_ps(S, p);
+    __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_sub_ps(sx, S), qx2), sy), q2lo);
+    return _mm512_add_ps(_mm512_add_ps(r, _mm512_add_ps(_mm512_sub_ps(S, R), p)), R);
+}
+
+/* Sleef_logf16_u10avx512f, instruction for instruction (the disassembly's register names in the comments) */
+static inline __m512 sleef_log16(__m512 x) {
+    const __m512 one = BC(0x3f800000), mone = BC(0xbf800000);
+    __m512 m   = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);   /* zmm5 */
+    __m512 e   = _mm512_getexp_ps(_mm512_mul_ps(x, BC(0x3faaaaab)));                /* zmm0 */
+    __m512 mm1 = _mm512_add_ps(m, mone);                                             /* zmm8 = m - 1 */
+    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(e, BC(0x7f800000), _CMP_EQ_OQ), BC(0x43000000));
+    __m512 sx  = _mm512_mul_ps(e, BC(0x3f317218));                                   /* zmm1 */
+    __m512 sy  = _mm512_fmsub_ps(BC(0x3f317218), e, sx);                             /* zmm2 */
+    __m512 mp1b = _mm512_add_ps(mm1, one);                                           /* zmm11 */
+    sy = _mm512_fmadd_ps(e, BC(0xb102e308), sy);                                     /* zmm4 */
+    __m512 mp1 = _mm512_add_ps(m, one);                                              /* zmm2 */
+    __m512 rcp = _mm512_div_ps(one, mp1);                                            /* zmm9 */
+    __m512 qx  = _mm512_mul_ps(rcp, mm1);                                            /* zmm6 */
+    __m512 v   = _mm512_add_ps(mp1, mone);                                           /* zmm10 */
+    __m512 u   = _mm512_fnmadd_ps(mp1, rcp, one);                                    /* zmm13 */
+    __m512 t2  = _mm512_sub_ps(mp1, v);                                              /* zmm2 */
+    __m512 t10 = _mm512_sub_ps(m, v);                                                /* zmm10 */
+    __m512 t5  = _mm512_sub_ps(m, mp1b);                                             /* zmm5 */
+    __m512 w   = _mm512_fmsub_ps(rcp, mm1, qx);                                      /* zmm12 */
+    __m512 t8  = _mm512_sub_ps(mm1, mp1b);                                           /* zmm8 */
+    t2 = _mm512_sub_ps(one, t2);
+    __m512 t3  = _mm512_sub_ps(mone, t8);                                            /* zmm3 */
+    t2 = _mm512_add_ps(t2, t10);                   /* den.y */
+    t3 = _mm512_add_ps(t3, t5);                    /* num.y */
+    t2 = _mm512_fnmadd_ps(t2, rcp, u);
+    t3 = _mm512_fmadd_ps(t3, rcp, w);
+    t2 = _mm512_fmadd_ps(t2, qx, t3);              /* q.y */
+    __m512 r = sleef_log_sum(sx, sy, qx, _mm512_add_ps(t2, t2));
+    return _mm512_fixupimm_ps(r, x, _mm512_set1_epi32(0x2530400), 0);
+}
+
+/* Sleef_log1pf16_u10avx512f, instruction for instruction: m = fma(2^-e, x, 2^-e - 1) with
+ * e = getexp((x + 1) * 4/3) (128 where that is inf); e ln2 as a double-float; m / (m + 2) by dfdiv;
+ * s + 2q + q^3 (0.666669488 + q^2 (0.399610817 + q^2 0.302729487)) summed as SLEEF; lanes with
+ * !(x <= 1e38) (incl. NaN, +inf) take logf(x); then x < -1: NaN (0xFFFFFFFF), x == -1: -inf, -0: -0 */
+static inline __m512 sleef_log1p16(__m512 x) {
+    const __m512 one = BC(0x3f800000), mone = BC(0xbf800000);
+    __m512 e = _mm512_getexp_ps(_mm512_mul_ps(_mm512_add_ps(x, one), BC(0x3faaaaab)));   /* zmm1 */
+    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(e, BC(0x7f800000), _CMP_EQ_OQ), BC(0x43000000));
+    __m512i ei = _mm512_cvtps_epi32(e);
+    __m512 t = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(
+                   _mm512_sub_epi32(_mm512_setzero_si512(), ei), 23), _mm512_set1_epi32(0x3f800000)));
+    __m512 tm1 = _mm512_add_ps(mone, t);                                             /* zmm0 */
+    __m512 m = _mm512_fmadd_ps(t, x, tm1);                                           /* zmm4 */
+    __m512 sx = _mm512_mul_ps(e, BC(0x3f317218));                                    /* zmm0 */
+    __m512 sy = _mm512_fmsub_ps(BC(0x3f317218), e, sx);                              /* zmm3 */
+    sy = _mm512_fmadd_ps(e, BC(0xb102e308), sy);
+    __m512 two = BC(0x40000000);
+    __m512 den = _mm512_add_ps(m, two);                                              /* zmm10 */
+    __m512 rcp = _mm512_div_ps(one, den);                                            /* zmm6 */
+    __m512 u = _mm512_fnmadd_ps(den, rcp, one);                                      /* zmm2 -> zmm8 */
+    __m512 qx = _mm512_mul_ps(rcp, m);                                               /* zmm7 */
+    __m512 dy = _mm512_sub_ps(two, den);                                             /* zmm2 */
+    __m512 w = _mm512_fmsub_ps(rcp, m, qx);                                          /* zmm11 */
+    dy = _mm512_add_ps(dy, m);
+    dy = _mm512_fnmadd_ps(dy, rcp, u);
+    w = _mm512_fmadd_ps(_mm512_setzero_ps(), rcp, w);                                /* zmm1 */
+    __m512 qy = _mm512_fmadd_ps(dy, qx, w);                                          /* zmm2 */
+    __m512 r = sleef_log_sum(sx, sy, qx, _mm512_add_ps(qy, qy));
+    __mmask16 small = _mm512_cmp_ps_mask(x, BC(0x7e967699), _CMP_LE_OQ);            /* x <= 1e38 */
+    if (small != 0xffff)
+        r = _mm512_mask_blend_ps(small, sleef_log16(x), r);
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(mone, x, _CMP_GT_OQ), BC(0xffffffff));
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, mone, _CMP_EQ_OQ), BC(0xff800000));
+    r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000)),
+                           BC(0x80000000));
+    return r;
+}
+
+/* ATen's mish, x * tanh(log1p(exp(x))), as one vmulps: with two NaNs its float32 loop returns x's in
+ * the first 16 lanes of each 32-element step and tanh's in the second, its float16 loop the other way
+ * round, its bfloat16 loop tanh's (both round to the same bfloat16 NaN); tanh_first: the lanes taking
+ * tanh's */
+static inline __m512 aten_mish16(__m512 x, __mmask16 tanh_first) {
+    __m512 t = sleef_tanh16(sleef_log1p16(sleef_exp16(x)));
+    __m512 y = mul_src1(x, t);
+    return tanh_first ? _mm512_mask_mov_ps(y, tanh_first, mul_src1(t, x)) : y;
 }
 #undef BC
 
