@@ -2,7 +2,8 @@
 
 Forward: y by the generated torch forward, the packed code by the C kernel from the thresholds and the
 codes at them (:func:`code_map`); y and the code in one pass over x where y is PyTorch's hardswish,
-silu, gelu or quick_gelu's three ops (:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a
+silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three ops
+(:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a
 gather from g of every 16-bit y and code for bfloat16 / float16 y (the table
 :func:`invact.impl_eager.lookup_table` holds), the fused polynomial kernel for float32 y of tables it
 covers (:func:`fused_table`), with FMA unless ``INVACT_FMA=0``. Bit for bit what the eager backend

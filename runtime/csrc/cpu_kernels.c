@@ -307,6 +307,11 @@ static inline __m512i codes16(int bits, const uint8_t *p, __mmask16 m, __m512i s
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p)), shift), mask);
 }
 
+/* the same for one-bit codes, as the mask of the m lanes whose byte has `bit` set */
+static inline __mmask16 odd16(const uint8_t *p, __mmask16 m, __m128i bit) {
+    return _mm_mask_test_epi8_mask(m, _mm_maskz_loadu_epi8(m, p), bit);
+}
+
 /* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k, one-bit
  * codes as the mask of their lanes; fused, one_bit and nan_blend constants where inlined */
 static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb, int fused, int one_bit, int blend,
@@ -322,7 +327,7 @@ static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb
             int64_t at = i + 16 * v;
             m[v] = lanes(hi - at);
             y[v] = load(jb->dtype, jb->y, at, m[v]);
-            if (one_bit) odd[v] = _mm_mask_test_epi8_mask(m[v], _mm_maskz_loadu_epi8(m[v], code + (at - lo)), bit);
+            if (one_bit) odd[v] = odd16(code + (at - lo), m[v], bit);
             else c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
         g_block(jb->table, fused, one_bit, blend, y, c, odd, m, g);
@@ -354,8 +359,7 @@ static inline __attribute__((always_inline)) void run_plane_lut_as(const job *jb
         __mmask16 m = lanes(hi - i);
         __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)jb->y + i));
         if (one_bit)
-            idx = _mm512_mask_or_epi32(idx, _mm_mask_test_epi8_mask(m, _mm_maskz_loadu_epi8(m, code + (i - lo)), bit),
-                                       idx, _mm512_set1_epi32(1 << 16));
+            idx = _mm512_mask_or_epi32(idx, odd16(code + (i - lo), m, bit), idx, _mm512_set1_epi32(1 << 16));
         else
             idx = _mm512_or_si512(idx, _mm512_slli_epi32(codes16(jb->bits, code + (i - lo), m, sh, mask), 16));
         __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, jb->lut, 4);
@@ -463,6 +467,15 @@ static int cpu_has_bf16_insn(void) {  /* CPUID.(EAX=7, ECX=1):EAX bit 5, AVX512_
 static int cpu_has_bf16_insn(void) { return 0; }
 #endif
 
+/* the lanes of elements e .. e + 15 in the second half of ATen's 32-element steps, counted from the start
+ * of its range (of length chunk): where its loops' operand order, and so a product's NaN, differs */
+static inline __mmask16 second_halves(const code_job *jb, int64_t e) {
+    __mmask16 second = 0;
+    for (int l = 0; l < 16; l++)
+        second |= (__mmask16)((((e + l) % jb->chunk) & 31) >= 16) << l;
+    return second;
+}
+
 /* y of 16 x (elements e .. e + 15, NaN in lanes nan) by the formula `kind` (a constant where inlined) */
 static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb, int kind, int dtype, __m512 x,
                                                               __mmask16 nan, int64_t e) {
@@ -470,10 +483,8 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
         __m512 six = set(6.0f);  /* differ from the instructions only where x is NaN (all ones, c below) */
         __m512 p = _mm512_mul_ps(x, _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(x, set(3.0f)), set(0.0f)), six));
         if (nan) {  /* x * c of two NaNs: whichever operand the compiler put first. ATen's float32 loop */
-            __mmask16 first = 0;  /* answers c's in the first vector of each pair (from its range's start) */
-            if (dtype == F32)
-                for (int l = 0; l < 16; l++)
-                    first |= (__mmask16)((((e + l) % jb->chunk) & 31) < 16) << l;
+            /* answers c's in the first vector of each pair (from its range's start) */
+            __mmask16 first = dtype == F32 ? (__mmask16)~second_halves(jb, e) : 0;
             __m512 ones = _mm512_castsi512_ps(_mm512_set1_epi32(-1));
             __m512 quiet = _mm512_or_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x400000)));
             p = _mm512_mask_blend_ps(nan, p, _mm512_mask_blend_ps(first, quiet, ones));  /* else x's, quieted */
@@ -492,10 +503,7 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
     if (kind == FWD_GELU_ONEDNN || kind == FWD_GELU_ONEDNN_INSN) return onednn_gelu16(x);
     if (kind == FWD_GELU_TANH) return aten_gelu_tanh16(x, dtype != F32);
     if (kind == FWD_MISH) {  /* NaN lanes: which operand's NaN, by the lane's place in ATen's 32-steps */
-        __mmask16 second = 0;
-        if (nan && dtype != BF16)
-            for (int l = 0; l < 16; l++)
-                second |= (__mmask16)((((e + l) % jb->chunk) & 31) >= 16) << l;
+        __mmask16 second = nan && dtype != BF16 ? second_halves(jb, e) : 0;
         return aten_mish16(x, (__mmask16)(nan & (dtype == BF16 ? 0xFFFF : dtype == F32 ? second : ~second)));
     }
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */

@@ -321,17 +321,20 @@ static const uint32_t ONEDNN_GELU_POLY[6][32] __attribute__((aligned(64))) = {
      0x00000000, 0, 0, 0, 0, 0, 0, 0},
 };
 
+/* coefficient d of each lane's interval `at` */
+static inline __m512 onednn_gelu_coefficient(int d, __m512i at) {
+    return _mm512_permutex2var_ps(_mm512_load_ps((const float *)ONEDNN_GELU_POLY[d]), at,
+                                  _mm512_load_ps((const float *)ONEDNN_GELU_POLY[d] + 16));
+}
+
 static inline __m512 onednn_gelu16(__m512 x) {
     __m512 ax = _mm512_abs_ps(x);
     __m512i at = _mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(ax), _mm512_set1_epi32((int)0xc21fffff)), 21);
     at = _mm512_min_epi32(_mm512_max_epi32(at, _mm512_set1_epi32(1)), _mm512_set1_epi32(24));
     __mmask16 past = _mm512_cmp_ps_mask(_mm512_castsi512_ps(_mm512_set1_epi32(0x40b15cee)), ax, _CMP_LT_OS);
     at = _mm512_mask_mov_epi32(at, past, _mm512_set1_epi32(23));
-    __m512 p = _mm512_permutex2var_ps(_mm512_load_ps((const float *)ONEDNN_GELU_POLY[5]), at,
-                                      _mm512_load_ps((const float *)ONEDNN_GELU_POLY[5] + 16));
-    for (int d = 4; d >= 0; d--)
-        p = _mm512_fmadd_ps(p, ax, _mm512_permutex2var_ps(_mm512_load_ps((const float *)ONEDNN_GELU_POLY[d]), at,
-                                                          _mm512_load_ps((const float *)ONEDNN_GELU_POLY[d] + 16)));
+    __m512 p = onednn_gelu_coefficient(5, at);
+    for (int d = 4; d >= 0; d--) p = _mm512_fmadd_ps(p, ax, onednn_gelu_coefficient(d, at));
     __m512 erf = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(p),
                                                       _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
     return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_add_ps(erf, _mm512_set1_ps(1.0f))), _mm512_set1_ps(0.5f));
