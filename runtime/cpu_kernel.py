@@ -47,7 +47,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import bitpack, fastmath, kernel_cache
+from . import bitpack, fastmath, kernel_cache, u_clamp
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
@@ -62,7 +62,7 @@ HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", 
                                               "invact_torch_math.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
 BY_CODE = 32          # by-code tables: codes 0..15, then one entry for codes past 15
 MAX_X_THRESHOLDS = 15
@@ -85,7 +85,7 @@ class Table(ctypes.Structure):
         ("log_poly", ctypes.c_float * LOG_TERMS), ("ln2_hi", ctypes.c_float), ("ln2_lo", ctypes.c_float),
         ("sqrt2", ctypes.c_float), ("tiny", ctypes.c_float),
         ("search_levels", ctypes.c_int32), ("slot_of_code", ctypes.c_int32 * BY_CODE),
-        ("level_thr", (ctypes.c_float * MAX_SEGMENTS) * MAX_LEVELS),
+        ("level_thr", (ctypes.c_float * MAX_SEGMENTS) * MAX_LEVELS), ("clamp_sides", ctypes.c_int32),
     ]
 
 
@@ -183,6 +183,10 @@ def _passed_from(v: float, strict: bool) -> float:
     return struct.unpack("<f", struct.pack("<i", bits if bits != -(2**31) else 0))[0]
 
 
+def _passed_from_each(thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> list[float]:
+    return [_passed_from(v, s) for v, s in zip(thresholds, strict, strict=True)]
+
+
 def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> SearchLayout | None:
     """The binary-search segment index of ``invact_table`` (csrc/cpu_kernels.c's segment_by_search), or
     None where it does not apply and the kernel counts thresholds instead: a class code past 15, more
@@ -201,7 +205,7 @@ def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[b
             or levels > MAX_LEVELS or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)
             or any(s and v == 0 for v, s in zip(thresholds, strict, strict=True))):
         return None
-    passed_from = [_passed_from(v, s) for v, s in zip(thresholds, strict, strict=True)]
+    passed_from = _passed_from_each(thresholds, strict)
     level_thr, row_of_slot = [[math.nan] * MAX_SEGMENTS for _ in range(levels)], [0] * MAX_SEGMENTS
     for c, (_, first, count, first_thr) in enumerate(classes):
         own = passed_from[first_thr:first_thr + count - 1]
@@ -257,6 +261,7 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
     for s, r in enumerate(order):
         for j, v in enumerate(rows[r]):
             t.columns[j][s] = v
+    t.clamp_sides = u_clamp.clamp_sides(classes, transforms, rows, _passed_from_each(thresholds, strict))
     for k, v in enumerate(fastmath.LOG_POLY):
         t.log_poly[k] = v
     t.ln2_hi, t.ln2_lo, t.sqrt2, t.tiny = fastmath.LN2_HI, fastmath.LN2_LO, fastmath.SQRT2_F32, TINY32

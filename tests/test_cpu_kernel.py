@@ -90,12 +90,15 @@ def test_compiled_16_bit_backward_equals_eager_bitwise(name, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", FUSED[:1])
+@pytest.mark.parametrize("name", FUSED)
 def test_fused_at_every_y_threshold(name):
-    """y at each threshold and its float32 neighbours, in every code class: the segment choice."""
+    """y at each threshold and its float32 neighbours, in every code class: the segment choice, and
+    the ends of every segment, where u is extreme (the kernel leaves out u's clamp where no y reaches
+    it: invact.u_clamp), with the infinities and the largest floats that end the first and last."""
     k = ops.module_constants(registry.module(name), torch.float32, torch.device("cpu"), ())
     t = torch.tensor(k.y_threshold_values, dtype=torch.float32)
-    y = torch.cat([t, torch.nextafter(t, torch.tensor(math.inf)), torch.nextafter(t, torch.tensor(-math.inf))])
+    ends = torch.tensor([math.inf, -math.inf, 3.4028235e38, -3.4028235e38])
+    y = torch.cat([t, torch.nextafter(t, torch.tensor(math.inf)), torch.nextafter(t, torch.tensor(-math.inf)), ends])
     n = y.numel()
     for c in range(registry.module(name).META["n_codes"]):
         code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), registry.module(name).CODE_BITS)

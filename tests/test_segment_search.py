@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from invact import bitpack, cpu_kernel
+from kernel_rows import row_of
 from tolerances import flushed_denormals
 
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
@@ -48,19 +49,9 @@ def _probes(thresholds) -> torch.Tensor:
 
 
 def _want(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, flushed: bool) -> torch.Tensor:
-    """The segment's number + 1: the class is the last whose code matches (the first where none does),
-    the segment its first plus the count of its thresholds that y passes."""
-    yy = torch.where(y.abs() < TINY, torch.zeros_like(y), y) if flushed else y
-    out = torch.empty_like(y)
-    chosen = torch.zeros_like(codes)
-    for c, (code, *_) in enumerate(classes):
-        chosen = torch.where(codes == code, c, chosen)
-    for c, (_, first, count, first_thr) in enumerate(classes):
-        passed = torch.zeros_like(codes)
-        for v, s in zip(thresholds[first_thr:first_thr + count - 1], strict[first_thr:first_thr + count - 1]):
-            passed += ((yy > v) if s else (yy >= v)).to(passed.dtype)
-        out = torch.where(chosen == c, (first + passed + 1).to(out.dtype), out)
-    return torch.where(y.isnan(), y, out)
+    """The segment's number + 1 (kernel_rows.row_of), NaN for NaN y."""
+    row = row_of(classes, thresholds, strict, y, codes, flushed)
+    return torch.where(y.isnan(), y, (row + 1).to(y.dtype))
 
 
 def _run(table, y: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:

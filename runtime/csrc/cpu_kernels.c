@@ -30,7 +30,7 @@
 #include "invact_threads.h"
 #include "invact_torch_math.h"
 
-#define ABI_VERSION 7
+#define ABI_VERSION 8
 #define MAX_SEGMENTS 32
 #define MAX_COLUMNS 48
 #define MAX_CLASSES 16
@@ -61,6 +61,9 @@ typedef struct {
     int32_t search_levels;
     int32_t slot_of_code[BY_CODE];
     float level_thr[MAX_LEVELS][MAX_SEGMENTS];
+    /* the sides of u's clamp to [-1, 1] that some float32 y reaches (invact.u_clamp: 1 below, 2 above);
+     * where none is, the clamp would return its operand for every y, and is left out */
+    int32_t clamp_sides;
 } invact_table;
 
 int invact_abi_version(void) { return ABI_VERSION; }
@@ -211,9 +214,10 @@ static inline __m512 mul_add(int fused, __m512 p, __m512 u, __m512 c) {
     return fused ? _mm512_fmadd_ps(p, u, c) : _mm512_add_ps(_mm512_mul_ps(p, u), c);
 }
 
-/* g of U vectors of y (lanes live), codes as vectors or, one_bit, as masks (odd); fused and one_bit
- * constants where inlined */
+/* g of U vectors of y (lanes live), codes as vectors or, one_bit, as masks (odd); u clamped where
+ * `clamp` (t->clamp_sides != 0); the flags constants where inlined */
 static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, int one_bit, int nan_blend,
+                                                          int clamp,
                                                           const __m512 y[U], const __m512i code[U], const __mmask16 odd[U],
                                                           const __mmask16 live[U], __m512 g[U]) {
     __m512i s[U];
@@ -221,15 +225,19 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
     segment(t, one_bit, y, code, odd, s);
     if (t->n_transforms == 1) {
         transform(t, 0, y, tv);
-    } else {  /* the transform of each element's row; skipped where no live element has it (the
-               * identity: tv is y until another transform's lanes are blended in) */
+    } else {  /* the transform of each element's row (the identity: tv is y until another transform's
+               * lanes are blended in); a log (~25 operations a vector) is skipped where no live element
+               * has it, a sqrt is not (the test measured dearer than the sqrt) */
         EACH(v) tv[v] = y[v];
         column(t, COL_TID, s, q);
         for (int i = 0; i < t->n_transforms; i++) {
             if (t->transform_kind[i] == IDENTITY) continue;
             __mmask16 has[U], any = 0;
-            EACH(v) any |= has[v] = _mm512_mask_cmp_ps_mask(live[v], q[v], set((float)i), _CMP_EQ_OQ);
-            if (!any) continue;
+            EACH(v) has[v] = _mm512_mask_cmp_ps_mask(live[v], q[v], set((float)i), _CMP_EQ_OQ);
+            if (t->transform_kind[i] == LOG) {
+                EACH(v) any |= has[v];
+                if (!any) continue;
+            }
             __m512 ti[U];
             transform(t, i, y, ti);
             EACH(v) tv[v] = _mm512_mask_blend_ps(has[v], tv[v], ti[v]);
@@ -237,7 +245,10 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
     }
     column(t, COL_CENTER, s, q);
     column(t, COL_SCALE, s, q2);
-    EACH(v) u[v] = clamp1(_mm512_mul_ps(_mm512_sub_ps(tv[v], q[v]), q2[v]));
+    EACH(v) {
+        u[v] = _mm512_mul_ps(_mm512_sub_ps(tv[v], q[v]), q2[v]);
+        if (clamp) u[v] = clamp1(u[v]);
+    }
     column(t, COL_C0_LO + t->degree, s, p);
     for (int j = t->degree - 1; j >= 1; j--) {
         column(t, COL_C0_LO + j, s, q);
@@ -313,10 +324,10 @@ static inline __mmask16 odd16(const uint8_t *p, __mmask16 m, __m128i bit) {
 }
 
 /* elements [lo, hi) of one bit plane: codes (code[b] >> shift) & mask from byte b = first + k, one-bit
- * codes as the mask of their lanes; fused, one_bit and nan_blend constants where inlined */
+ * codes as the mask of their lanes; the flags (g_block's) constants where inlined */
 static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb, int fused, int one_bit, int blend,
-                                                                   int64_t lo, int64_t hi, const uint8_t *code,
-                                                                   int shift) {
+                                                                   int clamp, int64_t lo, int64_t hi,
+                                                                   const uint8_t *code, int shift) {
     __m512i mask = _mm512_set1_epi32((1 << jb->bits) - 1), sh = _mm512_set1_epi32(shift);
     __m128i bit = _mm_set1_epi8((char)(1 << shift));
     for (int64_t i = lo; i < hi; i += 16 * U) {
@@ -330,7 +341,7 @@ static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb
             if (one_bit) odd[v] = odd16(code + (at - lo), m[v], bit);
             else c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
-        g_block(jb->table, fused, one_bit, blend, y, c, odd, m, g);
+        g_block(jb->table, fused, one_bit, blend, clamp, y, c, odd, m, g);
         EACH(v) {
             __m512 grad = load(jb->dtype, jb->grad, i + 16 * v, m[v]);
             store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], grad));
@@ -338,15 +349,14 @@ static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb
     }
 }
 
-#define PLANE(fused, one_bit, blend) run_plane_scheme(jb, fused, one_bit, blend, lo, hi, code, shift)
-#define PLANE_BITS(fused, blend) (jb->bits == 1 ? PLANE(fused, 1, blend) : PLANE(fused, 0, blend))
+/* each combination of the flags, inlined with its constants */
+#define PLANE(k) case k: run_plane_scheme(jb, k >> 3 & 1, k >> 2 & 1, k >> 1 & 1, k & 1, lo, hi, code, shift); break
 
 static void run_plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
-    if (jb->fused) {
-        if (jb->nan_blend) PLANE_BITS(1, 1);
-        else PLANE_BITS(1, 0);
-    } else if (jb->nan_blend) PLANE_BITS(0, 1);
-    else PLANE_BITS(0, 0);
+    switch (jb->fused << 3 | (jb->bits == 1) << 2 | jb->nan_blend << 1 | (jb->table->clamp_sides != 0)) {
+        PLANE(0); PLANE(1); PLANE(2); PLANE(3); PLANE(4); PLANE(5); PLANE(6); PLANE(7);
+        PLANE(8); PLANE(9); PLANE(10); PLANE(11); PLANE(12); PLANE(13); PLANE(14); PLANE(15);
+    }
 }
 
 /* the same for invact_lut_grad: g = lut[code << 16 | bits of y]; one-bit codes by a masked or

@@ -1,0 +1,90 @@
+"""Which sides of the float32 scheme's clamp of u to [-1, 1] can change a value (docs/table-format.md).
+
+Each segment evaluates its polynomial at u = clamp((t - center) * scale, -1, 1), t the segment's
+transform of y. The fitter places center and scale so that u stays inside [-1, 1] over the segment,
+but the float32 y a segment is chosen for (its thresholds as compared) reach a little past the range
+it was fitted on, and the first and last segment of a class take every y below or above it (-inf and
++inf included). Where no float32 y can give a u beyond a side, the clamp on that side returns its
+operand unchanged and the AVX-512 kernel (csrc/cpu_kernels.c) leaves it out: two operations of
+about fifty per vector of 16 elements, with bits unchanged.
+
+The proof is exact: every step from y to u (the origin subtractions, the sign, max(d, 0), the
+correctly rounded sqrt, t - center, times scale) is monotone in y, so over a segment u is extreme at
+the least and the greatest float32 y that select it. Both are evaluated in float32 arithmetic
+(double, then rounded once: innocuous for +, -, *, sqrt, since 53 >= 2 * 24 + 2), with denormals as
+IEEE has them and flushed (flush-to-zero and denormals-are-zero, which a kernel run may be under;
+flushing is monotone too). A log transform (invact.fastmath's, not proven monotone) keeps both sides.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+__all__ = ["LOWER", "UPPER", "clamp_sides"]
+
+LOWER, UPPER = 1, 2               # bits of clamp_sides: max(-1, u) is needed, min(1, u) is needed
+_TINY = 2.0 ** -126               # the least normal float32
+_FLOAT32_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]
+
+
+def _f32(x: float, flushed: bool) -> float:
+    """x rounded to float32 (nearest, ties to even); subnormals to zero where ``flushed``. Exact
+    whatever this thread's MXCSR says (the subnormal range is rounded here, not by a C cast)."""
+    if not math.isfinite(x):
+        return x
+    if abs(x) < _TINY:
+        return math.copysign(0.0 if flushed else round(x * 2.0 ** 149) * 2.0 ** -149, x)
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _before(v: float) -> float:
+    """The greatest float32 below float32 ``v`` (not -inf or NaN)."""
+    if v == math.inf:
+        return _FLOAT32_MAX
+    if v == 0.0:
+        return -(2.0 ** -149)
+    bits = struct.unpack("<i", struct.pack("<f", v))[0]
+    return struct.unpack("<f", struct.pack("<i", bits - 1 if v > 0 else bits + 1))[0]
+
+
+def _u(y: float, row, transform, flushed: bool) -> float:
+    """u of float32 y in a segment's row, step for step as the scheme computes it."""
+    kind, sign, origin = transform
+    t = _f32(y, flushed)
+    if kind == "sqrt":
+        for o in origin:
+            t = _f32(t - _f32(o, flushed), flushed)
+        if sign < 0:
+            t = -t
+        t = _f32(math.sqrt(max(t, 0.0)), flushed) if not math.isnan(t) else t
+    center, scale = _f32(row[1], flushed), _f32(row[2], flushed)
+    d = _f32(t - center, flushed)
+    return math.nan if math.isinf(d) and scale == 0 else _f32(d * scale, flushed)
+
+
+def clamp_sides(classes, transforms, rows, passed_from) -> int:
+    """LOWER | UPPER: the sides of the clamp some float32 y can reach, for a table's CLASSES ((code,
+    first row, rows, first threshold) each), TRANSFORMS, POLY rows and the least float32 y that passes
+    each threshold (``passed_from``; NaN where none does). Codes of no class take the first class, and
+    so the same rows."""
+    sides = 0
+    for _, first, count, first_thr in classes:
+        ends = [-math.inf, *passed_from[first_thr:first_thr + count - 1], math.nan]
+        for k in range(count):
+            lo, above = ends[k], ends[k + 1]
+            hi = math.inf if k == count - 1 else math.nan if math.isnan(above) or above == -math.inf else _before(above)
+            if math.isnan(lo) or math.isnan(hi) or lo > hi:
+                continue  # no float32 y selects this row
+            row = rows[first + k]
+            transform = transforms[int(row[0])]
+            if transform[0] not in ("identity", "sqrt"):
+                return LOWER | UPPER
+            for y in (lo, hi):
+                for flushed in (False, True):
+                    u = _u(y, row, transform, flushed)
+                    sides |= (LOWER if u < -1.0 else 0) | (UPPER if u > 1.0 else 0)
+    return sides
