@@ -398,6 +398,7 @@ FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_f
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
             "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
+ONEDNN_KINDS = frozenset(ONEDNN_FORWARDS.values())  # vector code on every element, more than one element
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
 GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all threads (grain n / threads)
@@ -438,7 +439,7 @@ def aten_tails(n: int, dtype: torch.dtype, kind: int, threads: int) -> list[tupl
     """The ranges that ATen's kernel computes with its scalar code: each range's vectorised loop leaves
     its last ``len % (2 * vector)`` elements to the scalar loop (a vector: 16 float32, 32 bfloat16 or
     float16). None for oneDNN's kernels, which run their vector code on every element."""
-    if kind in ONEDNN_FORWARDS.values():
+    if kind in ONEDNN_KINDS:
         return []
     step = 32 if dtype == torch.float32 else 64
     return [(hi - (hi - lo) % step, hi) for lo, hi in aten_ranges(n, kind, threads) if (hi - lo) % step]
@@ -453,7 +454,7 @@ def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> T
     if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
             or x.device.type != "cpu" or y.device.type != "cpu" or y.numel() != x.numel()):
         return None
-    if kind in ONEDNN_FORWARDS.values() and x.numel() < 2:  # ATen calls oneDNN for more than one element
+    if kind in ONEDNN_KINDS and x.numel() < 2:  # ATen calls oneDNN for more than one element
         return None
     out, args = _code_args(cmap, x.numel(), bits)
     chunk = aten_ranges(x.numel(), kind, torch.get_num_threads())[0][1]

@@ -178,13 +178,20 @@ def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> 
         return _open(_compile(command, private, key), check)
 
 
+_libgomp_seen = False
+
+
 def _runs_libgomp() -> bool:
-    """Whether this process has loaded ``libgomp.so.1`` (PyTorch's OpenMP runtime, by that name)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return any(line.rstrip().endswith("/" + OPENMP_RUNTIME) for line in maps)
-    except OSError:
-        return False
+    """Whether this process has loaded ``libgomp.so.1`` (PyTorch's OpenMP runtime, by that name); once
+    seen it stays loaded, so /proc/self/maps is read again only until it is."""
+    global _libgomp_seen
+    if not _libgomp_seen:
+        try:
+            with open("/proc/self/maps") as maps:
+                _libgomp_seen = any(line.rstrip().endswith("/" + OPENMP_RUNTIME) for line in maps)
+        except OSError:
+            pass
+    return _libgomp_seen
 
 
 @functools.cache
