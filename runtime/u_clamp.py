@@ -73,12 +73,18 @@ def clamp_sides(classes, transforms, rows, passed_from) -> int:
     so the same rows."""
     sides = 0
     for _, first, count, first_thr in classes:
-        ends = [-math.inf, *passed_from[first_thr:first_thr + count - 1], math.nan]
+        own = list(passed_from[first_thr:first_thr + count - 1])
+        order = [math.inf if math.isnan(v) else v for v in own]  # NaN: passed by no y, as +inf would be
+        if order != sorted(order):
+            return LOWER | UPPER  # rows that are not ranges of y (no fitted table has them)
         for k in range(count):
-            lo, above = ends[k], ends[k + 1]
-            hi = math.inf if k == count - 1 else math.nan if math.isnan(above) or above == -math.inf else _before(above)
-            if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            lo = -math.inf if k == 0 else own[k - 1]
+            above = math.nan if k == count - 1 else own[k]  # the row ends below this (NaN: at +inf)
+            if math.isnan(lo) or above == -math.inf:
                 continue  # no float32 y selects this row
+            hi = math.inf if math.isnan(above) else _before(above)
+            if lo > hi:
+                continue
             row = rows[first + k]
             transform = transforms[int(row[0])]
             if transform[0] not in ("identity", "sqrt"):

@@ -149,3 +149,11 @@ def test_clamp_sides_of_hand_made_rows():
     rows = [[0.0, 1.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.5, 2.0, 0.0, 0.0, 1.0]]
     assert u_clamp.clamp_sides(two, (ident, ("sqrt", 1.0, (1.0,))), rows, [1.0]) == u_clamp.UPPER
     assert u_clamp.clamp_sides(two, (ident, ("log", 1.0, (1.0,))), rows, [1.0]) == u_clamp.LOWER | u_clamp.UPPER
+    # a threshold no y passes (`y > inf`: NaN) ends the row before it at +inf, and no y reaches the next
+    never = [[1.0, 0.5, 1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]]
+    assert u_clamp.clamp_sides(two, (ident, root), never, [math.nan]) == u_clamp.UPPER
+    # thresholds out of order: rows are not ranges of y, so the clamp stays
+    three = ((0, 0, 3, 0),)
+    flat = [[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]] * 3  # scale 0: no row reaches a side
+    assert u_clamp.clamp_sides(three, (ident,), flat, [0.0, 1.0]) == 0
+    assert u_clamp.clamp_sides(three, (ident,), flat, [1.0, 0.0]) == u_clamp.LOWER | u_clamp.UPPER
