@@ -396,7 +396,8 @@ static inline __attribute__((always_inline)) void lut_vectors(const job *jb, int
 
 static inline __attribute__((always_inline)) void run_plane_lut_as(const job *jb, int one_bit, int64_t lo, int64_t hi,
                                                                    const uint8_t *code, int shift) {
-    const __mmask16 full[LUT_U] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+    __mmask16 full[LUT_U];
+    for (int v = 0; v < LUT_U; v++) full[v] = 0xFFFF;
     int64_t i = lo;
     for (; i + 16 * LUT_U <= hi; i += 16 * LUT_U) lut_vectors(jb, one_bit, LUT_U, i, full, code + (i - lo), shift);
     for (; i < hi; i += 16) {
