@@ -1,6 +1,8 @@
 """The table row the AVX-512 kernel (invact.cpu_kernel) must choose for each y and code, in torch:
 the class is the last whose code matches (the first where none does), the row its first plus the
-count of its thresholds that y passes (`y > t` where strict, else `y >= t`)."""
+count of its thresholds that y passes (`y > t` where strict, else `y >= t`); and the y to probe it at."""
+
+import math
 
 import torch
 
@@ -21,3 +23,11 @@ def row_of(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, fl
             passed += ((yy > v) if s else (yy >= v)).to(torch.int64)
         row = torch.where(chosen == c, first + passed, row)
     return row
+
+
+def around(values, extra=()) -> torch.Tensor:
+    """float32 ``values``, then the float32 after and before each (where a row starts and ends), then
+    ``extra``."""
+    t = torch.tensor(list(values), dtype=torch.float32)
+    near = [torch.nextafter(t, torch.full_like(t, v)) for v in (math.inf, -math.inf)]
+    return torch.cat([t, *near, torch.tensor(list(extra), dtype=torch.float32)])

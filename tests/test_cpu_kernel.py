@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, registry, table_c
+from kernel_rows import around
 
 FUSED = [n for n in ops.names() if getattr(registry.module(n), "FUSED_CPU", False)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -96,9 +97,7 @@ def test_fused_at_every_y_threshold(name):
     the ends of every segment, where u is extreme (the kernel leaves out u's clamp where no y reaches
     it: invact.u_clamp), with the infinities and the largest floats that end the first and last."""
     k = ops.module_constants(registry.module(name), torch.float32, torch.device("cpu"), ())
-    t = torch.tensor(k.y_threshold_values, dtype=torch.float32)
-    ends = torch.tensor([math.inf, -math.inf, 3.4028235e38, -3.4028235e38])
-    y = torch.cat([t, torch.nextafter(t, torch.tensor(math.inf)), torch.nextafter(t, torch.tensor(-math.inf)), ends])
+    y = around(k.y_threshold_values, [math.inf, -math.inf, 3.4028235e38, -3.4028235e38])
     n = y.numel()
     for c in range(registry.module(name).META["n_codes"]):
         code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), registry.module(name).CODE_BITS)

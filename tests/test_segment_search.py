@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from invact import bitpack, cpu_kernel
-from kernel_rows import row_of
+from kernel_rows import around, row_of
 from tolerances import flushed_denormals
 
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
@@ -42,10 +42,7 @@ def _random_table(rng: random.Random, n_classes: int, most: int):
 
 
 def _probes(thresholds) -> torch.Tensor:
-    t = torch.tensor(list(thresholds) + POOL, dtype=torch.float32)
-    near = [torch.nextafter(t, torch.full_like(t, v)) for v in (math.inf, -math.inf)]
-    tiny = torch.tensor([TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])
-    return torch.cat([t, *near, tiny])
+    return around(list(thresholds) + POOL, [TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])
 
 
 def _want(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, flushed: bool) -> torch.Tensor:

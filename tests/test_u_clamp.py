@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from invact import bitpack, cpu_kernel, fastmath, u_clamp
-from kernel_rows import row_of
+from kernel_rows import around, row_of
 from tolerances import flushed_denormals
 
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
@@ -69,10 +69,8 @@ def _random_table(rng: random.Random):
 
 
 def _probes(thresholds) -> torch.Tensor:
-    t = torch.tensor(list(thresholds) + POOL, dtype=torch.float32)
-    near = [torch.nextafter(t, torch.full_like(t, v)) for v in (math.inf, -math.inf)]
-    tiny = torch.tensor([TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, math.inf, -math.inf, 3.4028235e38, -3.4028235e38])
-    return torch.cat([t, *near, tiny])
+    return around(list(thresholds) + POOL,
+                  [TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, math.inf, -math.inf, 3.4028235e38, -3.4028235e38])
 
 
 def _scheme(classes, transforms, thresholds, strict, rows, y: torch.Tensor, codes: torch.Tensor,
