@@ -5,7 +5,8 @@
 #   2. tests/test_cuda.py on 8 processes (each size class of each kernel is a Triton compile): the
 #      compiled Triton kernels against the torch backend (fitted tables bit for bit), channels-last,
 #      a second device, 2**31 + 4099 elements,
-#   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 elements against a copy's
+#   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 and float32 elements (the
+#      16-bit lookup and the float32 scheme with its segment search) against a copy's
 #      bandwidth and PyTorch's native op, after the fitted backwards' estimate from their code
 #      (benchmarks/ptx_estimate.py: SASS instructions, loads and registers per element -> estimated
 #      time against the memory time; the same figures offline in tests/test_ptx_estimate.py).
@@ -22,7 +23,10 @@ export PYTHONPATH=/tmp/invact-site PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 status=0
 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
-python3 benchmarks/ptx_estimate.py --numel 268435456 --arch "$arch" 2>&1 | tee "$out/ptx_estimate.txt" || status=1
-python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16 --devices cuda 2>&1 \
+for dtype in bfloat16 float32; do
+    python3 benchmarks/ptx_estimate.py --numel 268435456 --arch "$arch" --dtype $dtype 2>&1 \
+        | tee -a "$out/ptx_estimate.txt" || status=1
+done
+python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16,float32 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1
 exit $status

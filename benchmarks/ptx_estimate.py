@@ -1,12 +1,16 @@
 """The fitted backward's Triton kernel priced from its PTX: instructions per element against the
-memory time at 2^28 bfloat16 elements on an H200 (issue 17), without a GPU.
+memory time at 2^28 elements on an H200 (issue 17), without a GPU.
 
-    python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90] [--json]
+    python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90]
+                                      [--dtype bfloat16|float32] [--json]
 
-Two kernels per activation: ``scheme``, the table's float32 scheme (act_triton.backward_kernel: what
-float32 y runs), and ``lookup``, a gather from g of every 16-bit y and code (act_triton.lut_backward_kernel:
-what bfloat16/float16 y run, impl_triton.LUT_MOST_BITS), each compiled for sm_ARCH as its launcher
-launches it on bfloat16 (tests/triton_offline.py: meta tensors, Triton's own argument binder). The
+Kernels per activation: ``scheme``, the table's float32 scheme (act_triton.backward_kernel: what
+float32 y runs) as impl_triton launches it, its segment found by act_triton.search where the table's
+Triton module has a g_search; ``counted``, the same scheme counting thresholds (g_y: where the
+search's layout declines them), for tables that search; and, for bfloat16, ``lookup``, a gather from
+g of every 16-bit y and code (act_triton.lut_backward_kernel: what bfloat16/float16 y run,
+impl_triton.LUT_MOST_BITS), each compiled for sm_ARCH as its launcher launches it on ``--dtype``
+(tests/triton_offline.py: meta tensors, Triton's own argument binder). The
 lookup's table (256 KB a code) is assumed to stay in cache (L2: 50-60 MB; the y of one activation
 concentrate on a few thousand of the 65,536 patterns). Its PTX is counted per
 thread: straight-line code once, a loop's body once per trip (the plane loop: 8 / code bits trips),
@@ -53,7 +57,7 @@ FREE = ("mov",)                                   # register moves: mostly folde
 @dataclass
 class Estimate:
     name: str
-    kernel: str             # scheme or lookup
+    kernel: str             # scheme, counted or lookup
     elements_per_thread: float
     issue: float            # thread-instructions per element (PTX)
     sass: float             # SASS instructions per element (ptxas's code: what the SMs issue)
@@ -158,17 +162,22 @@ def lookup_launch(bits: int, numel: int) -> tuple[tuple, dict]:
         act_triton.lut_backward_kernel = saved
 
 
-def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme") -> Estimate:
-    """The estimate for activation ``name``'s bfloat16 backward at ``numel`` elements by ``kernel``:
-    ``scheme`` (the table's float32 scheme, act_triton.backward_kernel: float32 y, and 16-bit y of
-    codes wider than impl_triton.LUT_MOST_BITS) or ``lookup`` (act_triton.lut_backward_kernel: a
-    gather from g of every 16-bit y, what 16-bit y run)."""
+def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme",
+             dtype: torch.dtype = torch.bfloat16) -> Estimate | None:
+    """The estimate for activation ``name``'s backward of ``numel`` elements of ``dtype`` by ``kernel``:
+    ``scheme`` (the table's float32 scheme as impl_triton launches it, act_triton.backward_kernel:
+    float32 y, and 16-bit y of codes wider than impl_triton.LUT_MOST_BITS), ``counted`` (the same with
+    the segment counted, g_y, where the scheme searches; None elsewhere) or ``lookup``
+    (act_triton.lut_backward_kernel: a gather from g of every 16-bit y, what 16-bit y run)."""
     bits = registry.module(name).CODE_BITS
     if kernel == "lookup":
         jit, (args, kwargs) = act_triton.lut_backward_kernel, lookup_launch(bits, numel)
     else:
         jit = act_triton.backward_kernel
-        args, kwargs = triton_offline._launches(name, torch.bfloat16, numel)["backward"]
+        launch = triton_offline._launches(name, dtype, numel).get("backward_counted" if kernel == "counted" else "backward")
+        if launch is None:
+            return None
+        args, kwargs = launch
     ptx = triton_offline.compile_kernel(jit, args, kwargs, arch)
     threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
     planes = 8 // bits if bits else 1
@@ -180,7 +189,7 @@ def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme") -> E
     scale = numel * 1e3
     return Estimate(name, kernel, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
                     issue * scale / (SMS * LANES * CLOCK_HZ), (c["loads"] + c["stores"]) * scale / (SMS * LSU_LANES * CLOCK_HZ),
-                    (3 * 2 + bits / 8) * scale / HBM_BYTES_S)
+                    (3 * dtype.itemsize + bits / 8) * scale / HBM_BYTES_S)
 
 
 def fitted_names() -> list[str]:
@@ -193,14 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numel", type=int, default=2**28)
     parser.add_argument("--names", default="", help="comma-separated (default: the fitted tables)")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="y's dtype (float32 runs the scheme alone)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     names = [n for n in args.names.split(",") if n] or fitted_names()
-    found = [estimate(n, args.numel, args.arch, kernel) for n in names for kernel in ("scheme", "lookup")]
+    dtype = getattr(torch, args.dtype)
+    kernels = ("scheme", "counted", "lookup") if dtype == torch.bfloat16 else ("scheme", "counted")
+    found = [e for n in names for kernel in kernels if (e := estimate(n, args.numel, args.arch, kernel, dtype))]
     if args.json:
         print(json.dumps([asdict(e) | {"bound": e.bound} for e in found], indent=1))
         return 0
-    print(f"PTX estimate, backward, {args.numel} bfloat16 elements, sm_{args.arch}, H200 "
+    print(f"PTX estimate, backward, {args.numel} {args.dtype} elements, sm_{args.arch}, H200 "
           f"({SMS} SMs, {CLOCK_HZ / 1e9:g} GHz, {HBM_BYTES_S / 1e12:g} TB/s)")
     print(f"{'activation':<12}{'kernel':<8}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
           f"{'lsu ms':>8}{'memory ms':>10}  bound")

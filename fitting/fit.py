@@ -88,13 +88,18 @@ DIVISION_COST = 8   # instructions of a correctly rounded float32 division on GP
 LOG_INSTRUCTIONS = 27   # act_triton.log: bit operations, a 9-term Horner, the exponent's terms
 
 
-def triton_instructions(degree: int, segments: int, logs: int = 0, den_degree: int = 0) -> dict[str, int]:
+def triton_instructions(degree: int, segments: int, logs: int = 0, den_degree: int = 0,
+                        levels: int = 0) -> dict[str, int]:
     """Per element, the fitted backward's Triton kernel (act_triton ``row``): gathers (a coefficient
-    load per column, tl.load(P + col * NSEG + s)), and arithmetic (thresholds: a compare and an add
-    each; the transforms; Horner: a multiply and an add a step; clamps and the c0 terms)."""
+    load per column, tl.load(P + col * NSEG + s), and with a segment search of ``levels``, a
+    threshold per level, act_triton.search), and arithmetic (the segment index: a compare and an add
+    per threshold, or an address, a compare and an add per level; the transforms; Horner: a
+    multiply and an add a step; clamps and the c0 terms)."""
     columns = 5 + degree + den_degree
-    arithmetic = 2 * max(segments - 2, 0) + 4 + LOG_INSTRUCTIONS * logs + 2 * (degree + den_degree) + 6 \
+    index = 3 * levels if levels else 2 * max(segments - 2, 0)
+    arithmetic = index + 4 + LOG_INSTRUCTIONS * logs + 2 * (degree + den_degree) + 6 \
         + (DIVISION_COST if den_degree else 0)
+    columns += levels
     return {"gathers": columns, "arithmetic": arithmetic}
 
 

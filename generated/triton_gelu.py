@@ -7,6 +7,8 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(14)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 3  # levels of g_search's segment search (invact.common.slots; 0: none)
+NSLOT = tl.constexpr(16)  # slots: the columns of g_search's P
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'ce5ebdc81ed2b503ad21c4f7046a3418e531d7f6dfc0eab0a19ff9d60d644b14'
 
@@ -37,4 +39,17 @@ def g_y(y, code, YT, P, params):
     return g
 
 
-forward, backward = act_triton.launchers(f_x, code_x, g_y, 1)
+@triton.jit
+def g_search(y, code, YT, P, params):
+    """g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""
+    s = tl.zeros(y.shape, dtype=tl.int32)
+    s = tl.where(code == 1, 8, s)
+    s = act_triton.search(y, s, YT, 3, NSLOT)
+    t = y
+    t = tl.where(tl.load(P + 0 * NSLOT + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.16997121274471283) - 5.264809033178608e-09) - 1.3471736094768506e-16), 0.0)), t)
+    g = act_triton.row(t, P, s, NSLOT, 8, 0)
+    g = tl.where(y != y, y, g)
+    return g
+
+
+forward, backward = act_triton.launchers(f_x, code_x, g_y, 1, g_search)

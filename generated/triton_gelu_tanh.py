@@ -7,6 +7,8 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(16)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 3  # levels of g_search's segment search (invact.common.slots; 0: none)
+NSLOT = tl.constexpr(16)  # slots: the columns of g_search's P
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'a723ab3cfc9783bdabca798419546d79728a3b00e4eb7fe8f49f738c32ca4609'
 
@@ -37,4 +39,17 @@ def g_y(y, code, YT, P, params):
     return g
 
 
-forward, backward = act_triton.launchers(f_x, code_x, g_y, 1)
+@triton.jit
+def g_search(y, code, YT, P, params):
+    """g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""
+    s = tl.zeros(y.shape, dtype=tl.int32)
+    s = tl.where(code == 1, 8, s)
+    s = act_triton.search(y, s, YT, 3, NSLOT)
+    t = y
+    t = tl.where(tl.load(P + 0 * NSLOT + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.17004075646400452) - 5.892750287728177e-09) - 1.7823431388758518e-16), 0.0)), t)
+    g = act_triton.row(t, P, s, NSLOT, 8, 0)
+    g = tl.where(y != y, y, g)
+    return g
+
+
+forward, backward = act_triton.launchers(f_x, code_x, g_y, 1, g_search)

@@ -7,6 +7,7 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(4)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'e95f9c3a11658e4b7264d03703be09bb846d5ea9350cd797ae2477cbf1b4f7b1'
 

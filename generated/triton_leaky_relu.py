@@ -7,6 +7,7 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'b4d0edab5ef427396e46416d5c9e4c8e34ebcf8de6cd561f050562a2c83a25f1'
 

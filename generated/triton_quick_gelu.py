@@ -7,6 +7,8 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(15)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 3  # levels of g_search's segment search (invact.common.slots; 0: none)
+NSLOT = tl.constexpr(16)  # slots: the columns of g_search's P
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'efd5358ea52b901587d8a7671860f1ce6515943c2065f19f079341dffb6d675d'
 
@@ -37,4 +39,17 @@ def g_y(y, code, YT, P, params):
     return g
 
 
-forward, backward = act_triton.launchers(f_x, code_x, g_y, 1)
+@triton.jit
+def g_search(y, code, YT, P, params):
+    """g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""
+    s = tl.zeros(y.shape, dtype=tl.int32)
+    s = tl.where(code == 1, 8, s)
+    s = act_triton.search(y, s, YT, 3, NSLOT)
+    t = y
+    t = tl.where(tl.load(P + 0 * NSLOT + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.16361019015312195) - 5.167683503337628e-10) - 1.6763089737350473e-17), 0.0)), t)
+    g = act_triton.row(t, P, s, NSLOT, 6, 0)
+    g = tl.where(y != y, y, g)
+    return g
+
+
+forward, backward = act_triton.launchers(f_x, code_x, g_y, 1, g_search)

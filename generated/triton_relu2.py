@@ -7,6 +7,7 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'de0849b259e694fbe4e602107bbf97086727326d7bc7c22414531f7637beab87'
 

@@ -7,6 +7,8 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(15)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 3  # levels of g_search's segment search (invact.common.slots; 0: none)
+NSLOT = tl.constexpr(16)  # slots: the columns of g_search's P
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = '1da9f44ae2c61d0199db61e27c2a739efc322815bea1e0b7ecc214a66dd60c9f'
 
@@ -37,4 +39,17 @@ def g_y(y, code, YT, P, params):
     return g
 
 
-forward, backward = act_triton.launchers(f_x, code_x, g_y, 1)
+@triton.jit
+def g_search(y, code, YT, P, params):
+    """g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""
+    s = tl.zeros(y.shape, dtype=tl.int32)
+    s = tl.where(code == 1, 8, s)
+    s = act_triton.search(y, s, YT, 3, NSLOT)
+    t = y
+    t = tl.where(tl.load(P + 0 * NSLOT + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.27846455574035645) - 1.2979282537628478e-08) - 1.1257466239192657e-16), 0.0)), t)
+    g = act_triton.row(t, P, s, NSLOT, 6, 0)
+    g = tl.where(y != y, y, g)
+    return g
+
+
+forward, backward = act_triton.launchers(f_x, code_x, g_y, 1, g_search)

@@ -7,6 +7,7 @@ import triton.language as tl
 from invact import act_triton
 
 NSEG = tl.constexpr(1)  # segments: the columns of P (POLY transposed)
+SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
 TABLE_SHA256 = 'e90b63a416aee77d4c93b2a23537b01a105e36f59b364d9f27ef8504e6215feb'
 

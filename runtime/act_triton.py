@@ -7,10 +7,14 @@ from the y thresholds YT and POLY transposed, P); ``params`` is the tuple of flo
 values (a kernel argument may not be called ``params``: Triton's argument binder has a local of
 that name). It gets its launchers from :func:`launchers`. The kernels here load, store, pack and unpack
 the codes, and call those functions, passed as ``tl.constexpr`` arguments: Triton compiles one kernel
-per function and keys its caches by the function's source, as for any constexpr.
+per function and keys its caches by the function's source, as for any constexpr. Where a binary
+search over slots costs less than counting thresholds, the module also has ``g_search(y, code, LT, P,
+params)``: g_y with the segment found by :func:`search` (LT: the search's level thresholds, P: POLY by
+slot; invact.common.slots, impl_triton.search_tables).
 
 Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
-does not run in the interpreter), :func:`segment` (a segment index from thresholds) and :func:`row`
+does not run in the interpreter), :func:`segment` (a segment index from thresholds), :func:`search`
+(one by binary search over slots) and :func:`row`
 (a POLY row's value at t). Every launch passes ``enable_fp_fusion=False``: each a * b + c is rounded
 twice, as the torch code evaluates it (Triton contracts them into FMAs on GPUs by default), except the
 FMA scheme's fused steps in :func:`row`, written ``tl.fma`` (docs/table-format.md: certified too). On
@@ -26,7 +30,7 @@ import triton.language as tl
 from .common import float32_scheme as scheme
 
 __all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "lut_backward_kernel", "launchers", "lut_backward",
-           "log", "tanh", "atan", "segment", "row", "root_power"]
+           "log", "tanh", "atan", "segment", "search", "row", "root_power"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
@@ -137,10 +141,12 @@ def lut_backward(grad, y16, code, grad_in, lut, code_bits: int, block: int = DEF
                                   enable_fp_fusion=False)
 
 
-def launchers(f_x, code_x, g_y, code_bits: int) -> tuple[Callable, Callable]:
+def launchers(f_x, code_x, g_y, code_bits: int, g_search=None) -> tuple[Callable, Callable]:
     """``forward(x, y, code, xthr, params, block)`` and ``backward(grad, y, code, grad_in, ythr, poly,
-    params, block)`` of one table: launch the kernels on flat contiguous tensors (code and xthr are
-    used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values)."""
+    params, block, by_search)`` of one table: launch the kernels on flat contiguous tensors (code and
+    xthr are used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values).
+    ``by_search``: g by ``g_search`` (the segment by :func:`search`; ythr then the search's level
+    thresholds and poly POLY by slot, invact.common.slots), else by ``g_y``."""
     def sizes(n: int, code, block: int) -> tuple[tuple[int], int]:
         """(the grid, the code bytes): a program covers ``block`` elements, or with a code, ``block``
         code bytes and the matching element of every bit plane."""
@@ -155,12 +161,15 @@ def launchers(f_x, code_x, g_y, code_bits: int) -> tuple[Callable, Callable]:
             forward_kernel[grid](x, y, code, xthr, n, nbytes, tuple(params), f_x, code_of, code_bits, block,
                                  enable_fp_fusion=False)
 
-    def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK) -> None:
+    def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK, by_search: bool = False) -> None:
+        if by_search and g_search is None:
+            raise ValueError("by_search: this table's Triton module has no g_search (its segments are counted)")
         n = y.numel()
         if n:
             grid, nbytes = sizes(n, code, block)
             backward_kernel[grid](grad, y, code if code_bits else None, grad_in, ythr, poly, n, nbytes,
-                                  tuple(params), g_y, code_bits, block, enable_fp_fusion=False)
+                                  tuple(params), g_search if by_search else g_y, code_bits, block,
+                                  enable_fp_fusion=False)
 
     return forward, backward
 
@@ -252,6 +261,18 @@ def segment(y, YT, FIRST: tl.constexpr, COUNT: tl.constexpr, STRICT: tl.constexp
             s = s + (y > tl.load(YT + (FIRST + j))).to(tl.int32)
         else:
             s = s + (y >= tl.load(YT + (FIRST + j))).to(tl.int32)
+    return s
+
+
+@triton.jit
+def search(y, s, LT, LEVELS: tl.constexpr, WIDTH: tl.constexpr):
+    """The slot of y from s, its class's first slot, by binary search (invact.common.slots): level l
+    adds 2^(LEVELS - 1 - l) where y >= LT[l * WIDTH + s], the float32 y passing that threshold (NaN
+    padding is never passed, nor by NaN y). LEVELS gathers from a table of LEVELS x WIDTH floats
+    in place of a compare, a select and an add per threshold of every class (float32 y on sm_90:
+    silu 106 -> 80 SASS instructions an element, benchmarks/ptx_estimate.py)."""
+    for l in tl.static_range(LEVELS):
+        s = s + tl.where(y >= tl.load(LT + (l * WIDTH) + s), 1 << (LEVELS - 1 - l), 0)
     return s
 
 

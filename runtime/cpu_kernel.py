@@ -36,10 +36,8 @@ import hashlib
 import math
 import os
 import shutil
-import struct
 import subprocess
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -49,6 +47,8 @@ from torch import Tensor
 
 from . import bitpack, fastmath, kernel_cache, u_clamp
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
+from .common import slots
+from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa: F401 - SearchLayout re-exported
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
@@ -63,10 +63,9 @@ HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", 
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
 ABI_VERSION = 8
-MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS, MAX_LEVELS = 32, 48, 16, 4, 9, 5
-BY_CODE = 32          # by-code tables: codes 0..15, then one entry for codes past 15
+MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = slots.MAX_SLOTS, 48, 16, 4, 9
+MAX_LEVELS, BY_CODE = slots.MAX_LEVELS, slots.BY_CODE  # the search's (invact.common.slots)
 MAX_X_THRESHOLDS = 15
-FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 KINDS = {"identity": 0, "sqrt": 1, "log": 2}
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -159,69 +158,6 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-@dataclass(frozen=True)
-class SearchLayout:
-    """csrc/cpu_kernels.c's segment index by binary search (see :func:`search_layout`): ``levels`` of
-    it; ``slot_of_code``: each class's first slot by code (entry 16: codes past 15); ``level_thr``:
-    each level's thresholds by slot; ``row_of_slot``: the table row of each slot."""
-
-    levels: int
-    slot_of_code: list[int]
-    level_thr: list[list[float]]
-    row_of_slot: list[int]
-
-
-def _passed_from(v: float, strict: bool) -> float:
-    """The least float32 y that passes threshold ``v`` (float32): v, or where ``y > v`` the float after
-    v (NaN after +inf: never passed)."""
-    if not strict:
-        return v
-    if v == math.inf:
-        return math.nan
-    bits = struct.unpack("<i", struct.pack("<f", v + 0.0))[0]  # v + 0: the float after -0 is after +0
-    bits += 1 if bits >= 0 else -1
-    return struct.unpack("<f", struct.pack("<i", bits if bits != -(2**31) else 0))[0]
-
-
-def _passed_from_each(thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> list[float]:
-    return [_passed_from(v, s) for v, s in zip(thresholds, strict, strict=True)]
-
-
-def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> SearchLayout | None:
-    """The binary-search segment index of ``invact_table`` (csrc/cpu_kernels.c's segment_by_search), or
-    None where it does not apply and the kernel counts thresholds instead: a class code past 15, more
-    than 32 slots (classes x 2^levels), a subnormal threshold or a strict one at zero (a compare with
-    denormals flushed reads a subnormal as 0), or thresholds out of order.
-
-    A class of n segments owns 2^levels >= n slots; its threshold j is passed where y >= t_j, t_j
-    being the float32 threshold, or the float after it where the threshold is strict (y > t). Level l
-    adds step = 2^(levels - 1 - l) to slot s where y passes the class's threshold s - first + step - 1
-    (padding: NaN, never passed). Codes of no class (and past 15) take the first class."""
-    if not classes:
-        return None
-    levels = max(max(count for _, _, count, _ in classes) - 1, 0).bit_length()
-    slots = 1 << levels
-    if (any(not 0 <= code < 16 for code, *_ in classes) or len(classes) * slots > MAX_SEGMENTS
-            or levels > MAX_LEVELS or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)
-            or any(s and v == 0 for v, s in zip(thresholds, strict, strict=True))):
-        return None
-    passed_from = _passed_from_each(thresholds, strict)
-    level_thr, row_of_slot = [[math.nan] * MAX_SEGMENTS for _ in range(levels)], [0] * MAX_SEGMENTS
-    for c, (_, first, count, first_thr) in enumerate(classes):
-        own = passed_from[first_thr:first_thr + count - 1]
-        if own != sorted(own):
-            return None
-        own += [math.nan] * (2 * slots - len(own))  # level l reads up to slot k + 2^(levels-1-l) - 1
-        for k in range(slots):
-            row_of_slot[c * slots + k] = first + min(k, count - 1)
-            for l in range(levels):
-                level_thr[l][c * slots + k] = own[k + (1 << (levels - 1 - l)) - 1]
-    class_of = [0] * BY_CODE  # the last class whose code matches, the first where none does
-    for c, (code, *_) in enumerate(classes):
-        class_of[code] = c
-    return SearchLayout(levels, [c * slots for c in class_of], level_thr, row_of_slot)
-
-
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
     """The C table of a generated torch module (float32 ``thresholds``: its y thresholds as the
     float32 evaluation compares them, passed where ``y > t`` if ``strict`` else ``y >= t``), or None
@@ -261,7 +197,7 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
     for s, r in enumerate(order):
         for j, v in enumerate(rows[r]):
             t.columns[j][s] = v
-    t.clamp_sides = u_clamp.clamp_sides(classes, transforms, rows, _passed_from_each(thresholds, strict))
+    t.clamp_sides = u_clamp.clamp_sides(classes, transforms, rows, passed_from_each(thresholds, strict))
     for k, v in enumerate(fastmath.LOG_POLY):
         t.log_poly[k] = v
     t.ln2_hi, t.ln2_lo, t.sqrt2, t.tiny = fastmath.LN2_HI, fastmath.LN2_LO, fastmath.SQRT2_F32, TINY32

@@ -9,23 +9,29 @@ kernel that fails to build or launch into one warning and None (Triton is then n
 caller runs :func:`invact.backends.instead_of_triton`). :mod:`invact.norms` launches its kernels the
 same way.
 
-Documented internals: :class:`Triton` / :data:`TRITON`, :func:`device_guard`, :func:`launched`.
+The float32 scheme's segment index is a binary search over slots where the generated module has one
+(``g_search``, :func:`search_tables`), else a count of thresholds (``g_y``).
+
+Documented internals: :class:`Triton` / :data:`TRITON`, :func:`device_guard`, :func:`launched`,
+:func:`search_tables`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from . import backends, layout, registry
+from .common import slots
 from .constants import module_constants
 from .impl_eager import flushed, lookup_table
 
-__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched"]
+__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched", "search_tables"]
 
 T = TypeVar("T")
 LUT_MOST_BITS = 2   # 16-bit y of tables with codes of at most this many bits: g from a table of 2^(16 + bits)
@@ -87,9 +93,31 @@ class Triton:
         k = module_constants(mod, torch.float32, y.device, tuple(params))
 
         def launch() -> Tensor:
-            registry.triton_module(name).backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
+            tmod = registry.triton_module(name)
+            searched = search_tables(mod, getattr(tmod, "SEARCH_LEVELS", 0), y.device, tuple(params))
+            if searched is not None:
+                tmod.backward(gf, yf, code, of, *searched, list(params), by_search=True)
+            else:
+                tmod.backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
             return out
         return launched(y.device, launch)
+
+
+@registry.per_root(maxsize=256)
+def search_tables(mod: ModuleType, levels: int, device: torch.device, values: tuple[float, ...]) -> tuple[Tensor, Tensor] | None:
+    """(level thresholds, POLY by slot) of a generated Triton ``g_search`` whose segment search has
+    ``levels`` (its module's SEARCH_LEVELS), for parameter ``values``: invact.common.slots' layout of the
+    float32 y thresholds. None where there is no search (``levels`` 0) or the layout declines these
+    thresholds (a subnormal one, a strict one at zero, thresholds out of order): g_y counts them."""
+    if not levels:
+        return None
+    k = module_constants(mod, torch.float32, device, values)
+    layout = slots.search_layout(tuple(mod.CLASSES), k.y_threshold_values, k.y_strict)
+    if layout is None or layout.levels != levels:
+        return None
+    width = len(mod.CLASSES) << levels
+    thresholds = torch.tensor([v for level in layout.level_thr for v in level[:width]], dtype=torch.float32)
+    return thresholds.to(device), k.poly[:, layout.row_of_slot[:width]].contiguous()
 
 
 TRITON = Triton()

@@ -1,6 +1,7 @@
-"""The table row the AVX-512 kernel (invact.cpu_kernel) must choose for each y and code, in torch:
-the class is the last whose code matches (the first where none does), the row its first plus the
-count of its thresholds that y passes (`y > t` where strict, else `y >= t`); and the y to probe it at."""
+"""The table row the segment-index kernels (the AVX-512 kernel, act_triton.search) must choose for
+each y and code, in torch: the class is the last whose code matches (the first where none does), the
+row its first plus the count of its thresholds that y passes (`y > t` where strict, else `y >= t`);
+the y to probe it at; random tables of classes for the search tests."""
 
 import math
 
@@ -31,3 +32,29 @@ def around(values, extra=()) -> torch.Tensor:
     t = torch.tensor(list(values), dtype=torch.float32)
     near = [torch.nextafter(t, torch.full_like(t, v)) for v in (math.inf, -math.inf)]
     return torch.cat([t, *near, torch.tensor(list(extra), dtype=torch.float32)])
+
+
+# thresholds and probes of the segment-search tests (test_segment_search, test_triton_search)
+POOL = [-3e38, -1e10, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, 1.0000001, 7.0, 1e20, 3e38]
+
+
+def random_classes(rng, n_classes: int, most: int, pool=POOL):
+    """(classes, thresholds, strict, rows) of a table, thresholds drawn from ``pool``: class c has
+    `count` segments numbered from its first; rows are [tid, center, scale, c0_hi, c0_lo, c1] with
+    c0_hi = the segment's number + 1."""
+    classes, thresholds, strict, first = [], [], [], 0
+    for _ in range(n_classes):
+        count = rng.randint(1, most)
+        # ascending; at equal thresholds `>=` before `>`, as a fitted table's are
+        own = sorted((rng.choice(pool), rng.random() < 0.5) for _ in range(count - 1))
+        classes.append((rng.randrange(16), first, count, len(thresholds)))
+        thresholds += [v for v, _ in own]
+        strict += [s for _, s in own]
+        first += count
+    rows = [[0.0, 0.0, 0.0, float(s + 1), 0.0, 0.0] for s in range(first)]
+    return tuple(classes), tuple(thresholds), tuple(strict), rows
+
+
+def search_probes(thresholds) -> torch.Tensor:
+    """y at and beside every threshold and POOL value, at the smallest normals, subnormals, zeros, NaN."""
+    return around(list(thresholds) + POOL, [TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])

@@ -98,20 +98,24 @@ def test_committed_generated_code_is_fresh():
 def test_generated_triton_modules_hold_only_per_table_functions(tmp_path):
     """The kernels' structure (program ids, loads and stores of x, y and gradients, code packing,
     launches) is invact.act_triton's: a generated Triton module defines the jitted f_x, code_x
-    (tables with a code) and g_y, and takes its launchers from act_triton.launchers."""
+    (tables with a code), g_y and, where its segment is searched (SEARCH_LEVELS > 0), g_search, and
+    takes its launchers from act_triton.launchers."""
     files = generate_files(_tree(tmp_path))
     texts = {rel: text for rel, text in files.items() if rel.startswith("generated/triton_")}
     assert texts
     for rel, text in texts.items():
         tree = ast.parse(text)
         functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-        assert functions in ({"f_x", "g_y"}, {"f_x", "code_x", "g_y"}), (rel, functions)
+        searched = int(re.search(r"^SEARCH_LEVELS = (\d+)", text, re.M)[1]) > 0
+        assert functions - {"g_search"} in ({"f_x", "g_y"}, {"f_x", "code_x", "g_y"}), (rel, functions)
+        assert ("g_search" in functions) == searched, (rel, functions)
         for skeleton in ("tl.program_id", "tl.store", "tl.arange", "enable_fp_fusion", "cdiv"):
             assert skeleton not in text, (rel, skeleton)
         last = text.rstrip().splitlines()[-1]
         code = "code_x" if "code_x" in functions else "None"
-        assert re.fullmatch(rf"forward, backward = act_triton\.launchers\(f_x, {code}, g_y, \d\)", last), (rel, last)
-        assert (code == "None") == last.endswith(", 0)"), (rel, last)   # a code function iff code bits
+        search = ", g_search" if searched else ""
+        assert re.fullmatch(rf"forward, backward = act_triton\.launchers\(f_x, {code}, g_y, (\d){search}\)", last), (rel, last)
+        assert (code == "None") == (re.search(r"g_y, (\d)", last)[1] == "0"), (rel, last)   # a code function iff code bits
 
 
 # ------------------------------------------------------------------------------------------------

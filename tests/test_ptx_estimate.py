@@ -28,17 +28,22 @@ def estimates():
     assert done.returncode == 0, done.stderr[-4000:]
     found = json.loads(done.stdout)
     return {e["name"]: e for e in found if e["kernel"] == "scheme"} | {
-        (e["name"], "lookup"): e for e in found if e["kernel"] == "lookup"}
+        (e["name"], e["kernel"]): e for e in found if e["kernel"] != "scheme"}
 
 
 def test_gathers_are_the_cost_models(estimates):
     """The scalar loads per element in the PTX are the model's gathers (fit.triton_instructions: one
-    per POLY column) plus the thresholds, which each thread loads once a plane for the elements it
-    handles there: what the fitter prices is what the kernel loads."""
+    per POLY column, and one per level of the segment search, act_triton.search), and where the
+    segment is counted (g_y), the thresholds, which each thread loads once a plane for the elements
+    it handles there: what the model prices is what the kernel loads."""
     for name in ("gelu", "silu"):
-        mod, e = registry.module(name), estimates[name]
+        mod, levels = registry.module(name), registry.triton_module(name).SEARCH_LEVELS
         degree, segments = len(mod.POLY[0]) - 5, len(mod.POLY)
+        assert levels > 0, name  # the fitted tables search (fitting.codegen.evaluation.search_levels)
+        e = estimates[name]
+        assert e["gathers"] == pytest.approx(fit.triton_instructions(degree, segments, levels=levels)["gathers"]), (name, e)
         thresholds = sum(count - 1 for _, _, count, _ in mod.CLASSES)
+        e = estimates[name, "counted"]
         planes = 8 // mod.CODE_BITS
         want = fit.triton_instructions(degree, segments)["gathers"] + thresholds * planes / e["elements_per_thread"]
         assert e["gathers"] == pytest.approx(want), (name, e)
@@ -60,12 +65,15 @@ def test_estimate_is_consistent(estimates):
 
 
 def test_fitted_backward_estimate_recorded(estimates):
-    """Where the fitted backward stands (README, issue 17): issue-bound by the estimate, within 3x of
-    the memory time after the refit without the log transform (it was ~3.1x for gelu's degree-14
-    layout: 130 SASS instructions an element); fails, to be updated, if a change moves it past that."""
+    """Where the fitted backward stands (README, issue 17), bfloat16 y through the float32 scheme:
+    within 3x of the memory time after the refit without the log transform (it was ~3.1x for gelu's
+    degree-14 layout: 130 SASS instructions an element), and the segment search takes a fifth of the
+    counted kernel's instructions off (silu 105 -> 76, gelu 106 -> 80); fails, to be updated, if a
+    change moves it past that."""
     for name in ("gelu", "silu"):
-        e = estimates[name]
+        e, counted = estimates[name], estimates[name, "counted"]
         assert max(e["issue_ms"], e["lsu_ms"]) <= 3.0 * e["memory_ms"], e
+        assert e["sass"] <= 0.8 * counted["sass"], (e, counted)
 
 
 def test_16_bit_lookup_is_memory_bound(estimates):

@@ -9,42 +9,17 @@ exactly: the index is a choice, not an approximation, so there is no tolerance.
 """
 
 import contextlib
-import math
 import random
 
 import pytest
 import torch
 
 from invact import bitpack, cpu_kernel
-from kernel_rows import around, row_of
+from kernel_rows import random_classes, row_of, search_probes
 from tolerances import flushed_denormals
 
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
                                   reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
-TINY = torch.finfo(torch.float32).tiny
-POOL = [-3e38, -1e10, -2.5, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, 1.0000001, 7.0, 1e20, 3e38]
-
-
-def _random_table(rng: random.Random, n_classes: int, most: int):
-    """(classes, thresholds, strict, rows) of a table: class c has `count` segments numbered from its
-    first; rows are [tid, center, scale, c0_hi, c0_lo, c1] with c0_hi = the segment's number + 1."""
-    classes, thresholds, strict, first = [], [], [], 0
-    for c in range(n_classes):
-        count = rng.randint(1, most)
-        # ascending; at equal thresholds `>=` before `>`, as a fitted table's are
-        own = sorted((rng.choice(POOL), rng.random() < 0.5) for _ in range(count - 1))
-        classes.append((rng.randrange(16), first, count, len(thresholds)))
-        thresholds += [v for v, _ in own]
-        strict += [s for _, s in own]
-        first += count
-    rows = [[0.0, 0.0, 0.0, float(s + 1), 0.0, 0.0] for s in range(first)]
-    return tuple(classes), tuple(thresholds), tuple(strict), rows
-
-
-def _probes(thresholds) -> torch.Tensor:
-    return around(list(thresholds) + POOL, [TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])
-
-
 def _want(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, flushed: bool) -> torch.Tensor:
     """The segment's number + 1 (kernel_rows.row_of), NaN for NaN y."""
     row = row_of(classes, thresholds, strict, y, codes, flushed)
@@ -67,9 +42,9 @@ def test_search_selects_the_counted_segment(shape, flushed):
     rng = random.Random(f"{shape}{flushed}")
     searched = 0
     for trial in range(12):
-        drawn, thresholds, strict, rows = _random_table(rng, n_classes, most)
+        drawn, thresholds, strict, rows = random_classes(rng, n_classes, most)
         transforms = (("identity", 1.0, ()),)
-        y = _probes(thresholds)
+        y = search_probes(thresholds)
         for bits in (1, 2, 4, 8):  # 1: codes as masks; 8: codes past 15, which no class has
             classes = tuple((code % (1 << bits), *rest) for code, *rest in drawn)
             codes = torch.randint(0, 1 << bits, y.shape, generator=torch.Generator().manual_seed(trial))

@@ -2,7 +2,8 @@
 
     python tests/triton_offline.py [--arch 90] [--names gelu,silu]
 
-Prints one JSON object: for each activation, kernel ("forward"/"backward") and case ("float32",
+Prints one JSON object: for each activation, kernel ("forward"/"backward", and "backward_counted"
+where the backward searches its segment: see ``_launches``) and case ("float32",
 "bfloat16", and "float16-int64": a launch of more than 2**31 elements), the count of each PTX instruction in
 ``INSTRUCTIONS``, and the compile options the launcher passed. The launchers are called with meta
 tensors and a recording stand-in for each kernel, so the signature (pointer dtypes, 32- or 64-bit
@@ -26,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from invact import act_triton, ops, registry  # noqa: E402 - act_triton: the kernels the launchers launch
+from invact import act_triton, impl_triton, ops, registry  # noqa: E402 - act_triton: the kernels the launchers launch
 
 INSTRUCTIONS = ("fma.rn.f32", "div.full.f32", "div.rn.f32", "sqrt.approx.f32", "sqrt.rn.f32", "ex2.approx",
                 "div.s64", "rem.s64", "div.u64", "rem.u64", "ld.global.v4", "st.global.v4")
@@ -47,7 +48,9 @@ class Recorder:
 
 
 def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, dict]]:
-    """The (args, kwargs) each kernel of ``name`` gets for n elements of dtype (meta tensors)."""
+    """The (args, kwargs) each kernel of ``name`` gets for n elements of dtype (meta tensors): "forward",
+    "backward" as invact.impl_triton launches it (g_search where the table has one), and where it has,
+    "backward_counted" (g_y, what runs where the search's layout declines the thresholds)."""
     mod, torch_mod = registry.triton_module(name), registry.module(name)
     meta = dict(dtype=dtype, device="meta")
     x, y, go, gx = (torch.empty(n, **meta) for _ in range(4))
@@ -57,12 +60,17 @@ def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, d
     params = list(k.params.values())
     saved = act_triton.forward_kernel, act_triton.backward_kernel   # what the launchers launch
     act_triton.forward_kernel, act_triton.backward_kernel = fwd, bwd = Recorder(), Recorder()
+    searched = impl_triton.search_tables(torch_mod, getattr(mod, "SEARCH_LEVELS", 0), torch.device("cpu"), tuple(params))
     try:
         mod.forward(x, y, code, k.x_threshold_tensor, params)
+        if searched is not None:
+            mod.backward(go, y, code, gx, *searched, params, by_search=True)
         mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params)
     finally:
         act_triton.forward_kernel, act_triton.backward_kernel = saved
-    return {"forward": fwd.calls[0], "backward": bwd.calls[0]}
+    if searched is None:
+        return {"forward": fwd.calls[0], "backward": bwd.calls[0]}
+    return {"forward": fwd.calls[0], "backward": bwd.calls[0], "backward_counted": bwd.calls[1]}
 
 
 def compile_kernel(kernel, args: tuple, kwargs: dict, arch: int) -> str:
@@ -83,7 +91,8 @@ def report(names: list[str], arch: int) -> dict:
     for name in names:
         for case, (dtype, n) in CASES.items():
             for kernel, (args, kwargs) in _launches(name, dtype, n).items():
-                ptx = compile_kernel(getattr(act_triton, f"{kernel}_kernel"), args, kwargs, arch)
+                jit = act_triton.forward_kernel if kernel == "forward" else act_triton.backward_kernel
+                ptx = compile_kernel(jit, args, kwargs, arch)
                 counts = {i: len(re.findall(re.escape(i) + r"\b", ptx)) for i in INSTRUCTIONS}
                 options = {k: v for k, v in kwargs.items() if k != "BLOCK"}
                 out.setdefault(name, {}).setdefault(kernel, {})[case] = {"ptx": counts, "options": options}

@@ -7,15 +7,20 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 
 from __future__ import annotations
 
+from ...common import slots
 from ...common.float32_scheme import TINY32, root_seed
 from ..float32 import F32_MAX
 from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
 from .writer import Writer
 
-__all__ = ["TorchDialect", "TritonDialect", "emit_g", "emit_code"]
+__all__ = ["TorchDialect", "TritonDialect", "TritonSearchDialect", "search_levels", "emit_g", "emit_code"]
 
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
+# SASS instructions an element (sm_90, benchmarks/ptx_estimate.py): counting costs a compare, a select
+# and an add per threshold of every class; searching an address, a gather, a compare, a select and an
+# add per level
+COUNT_COST, SEARCH_COST = 3, 5
 
 
 def passes(side: str) -> str:
@@ -72,6 +77,7 @@ class TorchDialect:
 class TritonDialect(TorchDialect):
     printer = TritonPrinter
     where = where_rare = "tl.where"
+    columns = "NSEG"  # P's columns: one per segment
 
     def sqrt(self, v): return f"tl.sqrt_rn({v})"  # correctly rounded, as the scheme's sqrt
     def log(self, v): return f"act_triton.log({v})"
@@ -80,7 +86,7 @@ class TritonDialect(TorchDialect):
     def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
     def isnan(self, v): return f"{v} != {v}"
     def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
-    def gather(self, col: int) -> str: return f"tl.load(P + {col} * NSEG + s)"
+    def gather(self, col: int) -> str: return f"tl.load(P + {col} * {self.columns} + s)"
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
         strict = sum(1 << j for j, (_, side) in enumerate(c.y_breaks) if passes(side) == ">")
@@ -94,6 +100,34 @@ class TritonDialect(TorchDialect):
         for j in range(len(plan.x_breaks)):
             text = f"tl.where(x {op[j]} tl.load(XT + {j}), {plan.codes[j + 1]}, {text})"
         return text
+
+
+class TritonSearchDialect(TritonDialect):
+    """Triton code whose segment index is act_triton.search's over slots (invact.common.slots): P holds
+    POLY by slot, one column per slot."""
+    columns = "NSLOT"
+
+    def __init__(self, levels: int):
+        self.levels = levels
+
+    def search_index(self, w: Writer, plan: Plan) -> None:
+        """s = each element's slot: its class's first (the last class whose code matches, the first
+        where none does, as the count's selection), then the search."""
+        w("s = tl.zeros(y.shape, dtype=tl.int32)")
+        for k, c in enumerate(plan.classes[1:], 1):
+            w(f"s = tl.where(code == {c.code}, {k << self.levels}, s)")
+        w(f"s = act_triton.search(y, s, YT, {self.levels}, NSLOT)")
+
+
+def search_levels(plan: Plan) -> int:
+    """Levels of act_triton.search for the table's Triton g (0: its segments are counted): where every
+    segment is a POLY row, the slots fit (invact.common.slots.levels), every class code is below 16
+    and the search costs fewer instructions than counting."""
+    n = slots.levels([c.n_segments for c in plan.classes])
+    if (not plan.has_poly or plan.exact or plan.constant or plan.n_segments < 2 or not n
+            or any(not 0 <= c.code < 16 for c in plan.classes)):
+        return 0
+    return n if SEARCH_COST * n < COUNT_COST * plan.n_y_breaks else 0
 
 
 def _sum(w: Writer, name: str, terms: list[str]) -> None:
@@ -120,6 +154,9 @@ def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
                 w(f"s = {d.where}(code == {c.code}, s{c.code}, s)")
         return w
 
+    if isinstance(d, TritonSearchDialect):
+        d.search_index(w, plan)
+        return
     if isinstance(d, TritonDialect):
         body(True)
         return
@@ -170,7 +207,7 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
     for i, tf in reversed(list(enumerate(rest))):
         w(f"t = {d.where}({q(Plan.ROW_TID)} == {float(i)!r}, {_transform(d, tf)}, t)")
     if isinstance(d, TritonDialect):
-        w(f"g = act_triton.row(t, P, s, NSEG, {plan.degree}, {plan.den_degree})")
+        w(f"g = act_triton.row(t, P, s, {d.columns}, {plan.degree}, {plan.den_degree})")
         return
     c0 = Plan.ROW_C0
     w(f"u = {d.clamp1(f'(t - {q(Plan.ROW_CENTER)}) * {q(Plan.ROW_SCALE)}')}")

@@ -1,8 +1,9 @@
 """Generate ``generated/triton_NAME.py``: the per-table parts of the fused Triton kernels.
 
-The module defines ``f_x`` (the forward formula), ``code_x`` (the forward code, tables with one) and
-``g_y`` (g(y, code): segment index, transforms, closed-form segments, NaN values) as ``@triton.jit``
-functions; the kernels' invariant structure (loads, stores, code packing, the POLY row evaluation)
+The module defines ``f_x`` (the forward formula), ``code_x`` (the forward code, tables with one),
+``g_y`` (g(y, code): segment index, transforms, closed-form segments, NaN values) and, where a binary
+search over slots is cheaper than counting thresholds (``SEARCH_LEVELS`` > 0), ``g_search`` (g_y with
+the segment index by ``act_triton.search``) as ``@triton.jit`` functions; the kernels' invariant structure (loads, stores, code packing, the POLY row evaluation)
 and the launchers are the runtime's ``invact.act_triton``, which takes those functions as
 ``tl.constexpr`` arguments.
 """
@@ -10,7 +11,7 @@ and the launchers are the runtime's ``invact.act_triton``, which takes those fun
 from __future__ import annotations
 
 from .analysis import Plan
-from .evaluation import TritonDialect, emit_code, emit_g
+from .evaluation import TritonDialect, TritonSearchDialect, emit_code, emit_g, search_levels
 from .printer import mangle, to_triton
 from .writer import Writer, header
 
@@ -23,6 +24,15 @@ def _params(w: Writer, plan: Plan) -> None:
         w(f"{mangle(name)} = params[{i}]")
 
 
+def _search_constants(plan: Plan) -> list[str]:
+    """SEARCH_LEVELS (0: g_y alone, counting thresholds) and, with a search, NSLOT."""
+    levels = search_levels(plan)
+    lines = [f"SEARCH_LEVELS = {levels}  # levels of g_search's segment search (invact.common.slots; 0: none)"]
+    if levels:
+        lines.append(f"NSLOT = tl.constexpr({len(plan.classes) << levels})  # slots: the columns of g_search's P")
+    return lines
+
+
 def generate_triton(plan: Plan) -> str:
     """Source text of the Triton module of ``plan`` (imported only where triton is importable)."""
     w = Writer()
@@ -30,6 +40,7 @@ def generate_triton(plan: Plan) -> str:
     w(f'"""{plan.name}: y = f(x), its code and g(y, code) for the Triton kernels of invact.act_triton."""',
       "", "import triton", "import triton.language as tl", "", "from invact import act_triton", "",
       f"NSEG = tl.constexpr({plan.n_segments})  # segments: the columns of P (POLY transposed)",
+      *_search_constants(plan),
       "# sha256 of the table's content this code was generated from (checked by invact.ops at import)",
       f"TABLE_SHA256 = {plan.meta['sha256']!r}", "", "")
     w("@triton.jit")
@@ -52,6 +63,16 @@ def generate_triton(plan: Plan) -> str:
         emit_g(w, plan, TritonDialect())
         w("return g")
     w("", "")
+    levels = search_levels(plan)
+    if levels:
+        w("@triton.jit")
+        with w.block("def g_search(y, code, YT, P, params):"):
+            w('"""g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""')
+            _params(w, plan)
+            emit_g(w, plan, TritonSearchDialect(levels))
+            w("return g")
+        w("", "")
     code_x = "code_x" if plan.code_bits else "None"
-    w(f"forward, backward = act_triton.launchers(f_x, {code_x}, g_y, {plan.code_bits})")
+    search = ", g_search" if levels else ""
+    w(f"forward, backward = act_triton.launchers(f_x, {code_x}, g_y, {plan.code_bits}{search})")
     return w.text()
