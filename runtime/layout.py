@@ -7,6 +7,8 @@ strides), and the packed code covers y's elements in that order. Documented inte
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -20,15 +22,23 @@ def order(t: Tensor) -> list[int]:
     elementwise op's output (so y gets PyTorch's strides): an insertion sort by stride, innermost
     first, where a comparison with a stride-0 (expanded) dimension is ambiguous and leaves the pair
     in place, and equal strides put the smaller size inside. For a dense t, t.permute(order) is
-    contiguous."""
+    contiguous. Cached per shape and strides (symbolic ones, under tracing, are sorted each time)."""
+    shape, strides = tuple(t.shape), tuple(t.stride())
+    if all(type(v) is int for v in shape + strides):
+        return list(_order(shape, strides))
+    return list(_order.__wrapped__(shape, strides))
+
+
+@functools.lru_cache(maxsize=1024)
+def _order(shape: tuple, strides: tuple) -> tuple[int, ...]:
     def after(d0: int, d1: int) -> int:       # 1: d0 goes outside d1, -1: inside, 0: ambiguous
-        s0, s1 = t.stride(d0), t.stride(d1)
+        s0, s1 = strides[d0], strides[d1]
         if s0 == 0 or s1 == 0:
             return 0
         if s0 != s1:
             return 1 if s0 > s1 else -1
-        return 1 if t.size(d0) > t.size(d1) else 0
-    perm = list(range(t.dim() - 1, -1, -1))
+        return 1 if shape[d0] > shape[d1] else 0
+    perm = list(range(len(shape) - 1, -1, -1))
     for i in range(1, len(perm)):
         d1 = i
         for d0 in range(i - 1, -1, -1):
@@ -38,7 +48,7 @@ def order(t: Tensor) -> list[int]:
                 d1 = d0
             elif c < 0:
                 break
-    return perm[::-1]
+    return tuple(perm[::-1])
 
 
 def dense_strides(x: Tensor) -> tuple[int, ...]:
@@ -57,7 +67,7 @@ def like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def flat(t: Tensor, dims: list[int]) -> Tensor:
     """t's elements in the order of ``dims`` (outermost first), as one dimension (a view where it can)."""
-    return t.permute(dims).reshape(-1)
+    return t.reshape(-1) if dims == list(range(t.dim())) else t.permute(dims).reshape(-1)
 
 
 def empty_code(x: Tensor, bits: int) -> Tensor:

@@ -381,3 +381,30 @@ def test_finite_pytorch_gradient_where_y_is_nan(name, params, value, reference, 
         assert y[0].isnan()
         y.backward(go)
         assert torch.isfinite(a.grad[0]) and torch.equal(b.grad[:1], a.grad[:1]), (dtype, a.grad[0], b.grad[0])
+
+
+def test_layout_matches_tensor_iterator_on_random_layouts():
+    """layout.like gives TensorIterator's output strides (torch.neg's; a size-1 dimension's stride
+    means nothing, and may differ) and layout.flat its element order, for random permuted, sliced,
+    expanded layouts with size-1 dimensions, asked twice (order is cached per shape and strides; flat
+    skips the permute where the order is the dimensions')."""
+    from invact import layout
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        dims = int(torch.randint(1, 5, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1, 4, (dims,), generator=g)]
+        x = torch.randn(*shape, generator=g)
+        if trial % 3 == 1:
+            x = x.expand(*[s if s > 1 or k % 2 else 3 for k, s in enumerate(shape)])
+        if trial % 2:
+            x = x.permute(*torch.randperm(dims, generator=g).tolist())
+        if trial % 5 == 2 and x.size(-1) > 1:
+            x = x[..., ::2]
+        ref = torch.neg(x)
+        for _ in range(2):
+            out, dims_of = layout.like(x), layout.order(x)
+            meaningful = [k for k, n in enumerate(x.shape) if n > 1]
+            assert [out.stride(k) for k in meaningful] == [ref.stride(k) for k in meaningful], \
+                (trial, x.shape, x.stride(), out.stride(), ref.stride())
+            assert torch.equal(layout.flat(x, dims_of), x.permute(dims_of).reshape(-1)), trial
+            assert torch.equal(layout.flat(ref, layout.order(ref)), torch.neg(layout.flat(x, dims_of))), trial
