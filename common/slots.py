@@ -60,15 +60,23 @@ def passed_from_each(thresholds: tuple[float, ...], strict: tuple[bool, ...]) ->
     return [passed_from(v, s) for v, s in zip(thresholds, strict, strict=True)]
 
 
+def _ascending(values: list[float]) -> bool:
+    """Whether ``values`` ascend, a NaN (never passed: after a strict +inf) only after every number:
+    then the search passes, level by level, the thresholds that the count passes."""
+    numbers = [v for v in values if v == v]
+    return values[:len(numbers)] == numbers and numbers == sorted(numbers)
+
+
 def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> SearchLayout | None:
     """The search of ``classes`` ((code, first row, segments, first threshold) each) over float32
     ``thresholds`` (passed where ``y > t`` if ``strict`` else ``y >= t``), or None where it does not
     apply and the kernels count thresholds instead: a class code past 15, slots that do not fit
-    (:func:`levels`), a subnormal threshold or a strict one at zero (a compare with denormals flushed
-    reads a subnormal as 0), or thresholds out of order. Codes of no class (and past 15) take the
+    (:func:`levels`), a NaN threshold, a subnormal one or a strict one at zero (a compare with
+    denormals flushed reads a subnormal as 0), or thresholds out of order (a strict +inf, passed by
+    no y, before another). Codes of no class (and past 15) take the
     first class, as the count's selection does."""
     n = levels([count for _, _, count, _ in classes])
-    if (n is None or any(not 0 <= code < 16 for code, *_ in classes)
+    if (n is None or any(not 0 <= code < 16 for code, *_ in classes) or any(v != v for v in thresholds)
             or any(v != 0 and abs(v) < FLOAT32_TINY for v in thresholds)
             or any(s and v == 0 for v, s in zip(thresholds, strict, strict=True))):
         return None
@@ -77,7 +85,7 @@ def search_layout(classes: tuple, thresholds: tuple[float, ...], strict: tuple[b
     level_thr, row_of_slot = [[math.nan] * MAX_SLOTS for _ in range(n)], [0] * MAX_SLOTS
     for c, (_, first, count, first_thr) in enumerate(classes):
         own = passed[first_thr:first_thr + count - 1]
-        if own != sorted(own):
+        if not _ascending(own):
             return None
         own += [math.nan] * (2 * slots - len(own))  # level l reads up to slot k + 2^(levels-1-l) - 1
         for k in range(slots):

@@ -9,6 +9,7 @@ exactly: the index is a choice, not an approximation, so there is no tolerance.
 """
 
 import contextlib
+import math
 import random
 
 import pytest
@@ -76,6 +77,12 @@ def test_search_layout_declines_what_it_cannot_order():
     assert cpu_kernel.search_layout(three, tuple(float(j) for j in range(8)) * 3, (False,) * 24) is None
     assert cpu_kernel.search_layout(((16, 0, 2, 0),), (0.0,), (False,)) is None
     assert cpu_kernel.search_layout((), (), ()) is None
+    # NaN thresholds, and a strict +inf (passed by no y) before another, would let the search skip
+    # thresholds the count passes
+    inf = math.inf
+    assert cpu_kernel.search_layout(((0, 0, 4, 0),), (1.0, math.nan, 3.0), (False,) * 3) is None
+    assert cpu_kernel.search_layout(((0, 0, 3, 0),), (inf, inf), (True, False)) is None
+    assert cpu_kernel.search_layout(((0, 0, 4, 0),), (1.0, 3.0, inf), (False, False, True)) is not None
 
 
 @needs_kernel
