@@ -20,8 +20,8 @@ def f_x(x, params):
 
 
 @triton.jit
-def g_y(y, code, YT, P, params):
-    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
+def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
+    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     param_alpha = params[0]
     s = act_triton.segment(y, YT, 0, 1, 1, 0)
     g = param_alpha + y

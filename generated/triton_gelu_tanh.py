@@ -27,27 +27,27 @@ def code_x(x, XT):
 
 
 @triton.jit
-def g_y(y, code, YT, P, params):
-    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
+def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
+    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     s1 = act_triton.segment(y, YT, 7, 7, 127, 8)
     s = act_triton.segment(y, YT, 0, 7, 127, 0)
     s = tl.where(code == 1, s1, s)
     t = y
     t = tl.where(tl.load(P + 0 * NSEG + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.17004075646400452) - 5.892750287728177e-09) - 1.7823431388758518e-16), 0.0)), t)
-    g = act_triton.row(t, P, s, NSEG, 8, 0)
+    g = act_triton.row(t, P, s, NSEG, 8, 0, CLAMP)
     g = tl.where(y != y, y, g)
     return g
 
 
 @triton.jit
-def g_search(y, code, YT, P, params):
+def g_search(y, code, YT, P, params, CLAMP: tl.constexpr):
     """g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""
     s = tl.zeros(y.shape, dtype=tl.int32)
     s = tl.where(code == 1, 8, s)
     s = act_triton.search(y, s, YT, 3, NSLOT)
     t = y
     t = tl.where(tl.load(P + 0 * NSLOT + s) == 0.0, tl.sqrt_rn(tl.maximum((((y + 0.17004075646400452) - 5.892750287728177e-09) - 1.7823431388758518e-16), 0.0)), t)
-    g = act_triton.row(t, P, s, NSLOT, 8, 0)
+    g = act_triton.row(t, P, s, NSLOT, 8, 0, CLAMP)
     g = tl.where(y != y, y, g)
     return g
 

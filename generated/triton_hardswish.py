@@ -26,8 +26,8 @@ def code_x(x, XT):
 
 
 @triton.jit
-def g_y(y, code, YT, P, params):
-    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
+def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
+    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     s1 = act_triton.segment(y, YT, 1, 1, 0, 2)
     s = act_triton.segment(y, YT, 0, 1, 0, 0)
     s = tl.where(code == 1, s1, s)

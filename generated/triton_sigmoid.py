@@ -19,8 +19,8 @@ def f_x(x, params):
 
 
 @triton.jit
-def g_y(y, code, YT, P, params):
-    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""
+def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
+    """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     g = y*(1.0 - y)
     g = tl.where(y != y, y, g)
     return g

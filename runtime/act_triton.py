@@ -2,14 +2,14 @@
 
 A generated ``invact.generated.triton_NAME`` module holds what one table decides, as three
 ``@triton.jit`` functions: ``f_x(x, params)`` (y = f(x) in float32), ``code_x(x, XT)`` (the int32
-forward code of x from the thresholds XT) and ``g_y(y, code, YT, P, params)`` (g(y, code) in float32
-from the y thresholds YT and POLY transposed, P); ``params`` is the tuple of float32 parameter
+forward code of x from the thresholds XT) and ``g_y(y, code, YT, P, params, CLAMP)`` (g(y, code) in float32
+from the y thresholds YT and POLY transposed, P; CLAMP: :func:`row`'s); ``params`` is the tuple of float32 parameter
 values (a kernel argument may not be called ``params``: Triton's argument binder has a local of
 that name). It gets its launchers from :func:`launchers`. The kernels here load, store, pack and unpack
 the codes, and call those functions, passed as ``tl.constexpr`` arguments: Triton compiles one kernel
 per function and keys its caches by the function's source, as for any constexpr. Where a binary
 search over slots costs less than counting thresholds, the module also has ``g_search(y, code, LT, P,
-params)``: g_y with the segment found by :func:`search` (LT: the search's level thresholds, P: POLY by
+params, CLAMP)``: g_y with the segment found by :func:`search` (LT: the search's level thresholds, P: POLY by
 slot; invact.common.slots, impl_triton.search_tables).
 
 Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
@@ -76,22 +76,23 @@ def forward_kernel(X, Y, CODE, XT, n, nbytes, PARAMS, F: tl.constexpr, CODE_OF: 
 
 
 @triton.jit
-def _backward_plane(GO, Y, GX, YT, P, offs, mask, code, params, G: tl.constexpr):
+def _backward_plane(GO, Y, GX, YT, P, offs, mask, code, params, G: tl.constexpr, CLAMP: tl.constexpr):
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    g = G(y, code, YT, P, params)
+    g = G(y, code, YT, P, params, CLAMP)
     go = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(GX + offs, (g * go).to(GX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, BITS: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """grad_in = G(y, code) * grad_out. With a code, program pid reads BLOCK code bytes once and the
-    matching element of every bit plane (the layout of :func:`forward_kernel`)."""
+def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, CLAMP: tl.constexpr,
+                    BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_in = G(y, code) * grad_out, u clamped on the sides CLAMP (:func:`row`). With a code, program pid
+    reads BLOCK code bytes once and the matching element of every bit plane (the layout of
+    :func:`forward_kernel`)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: more than 2**31 elements work
     if BITS == 0:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
-        _backward_plane(GO, Y, GX, YT, P, offs, offs < n, 0, PARAMS, G)
+        _backward_plane(GO, Y, GX, YT, P, offs, offs < n, 0, PARAMS, G, CLAMP)
     else:
         b = pid * BLOCK + tl.arange(0, BLOCK)
         plane = tl.zeros_like(b) + nbytes  # int64: plane * j cannot overflow
@@ -100,7 +101,7 @@ def backward_kernel(GO, Y, CODE, GX, YT, P, n, nbytes, PARAMS, G: tl.constexpr, 
             # SASS instructions an element, silu 105 -> 105) for more registers (72 -> 80, 107)
             offs = plane * j + b
             code = (byte >> (j * BITS)) & ((1 << BITS) - 1)
-            _backward_plane(GO, Y, GX, YT, P, offs, (b < nbytes) & (offs < n), code, PARAMS, G)
+            _backward_plane(GO, Y, GX, YT, P, offs, (b < nbytes) & (offs < n), code, PARAMS, G, CLAMP)
 
 
 @triton.jit
@@ -146,7 +147,9 @@ def launchers(f_x, code_x, g_y, code_bits: int, g_search=None) -> tuple[Callable
     params, block, by_search)`` of one table: launch the kernels on flat contiguous tensors (code and
     xthr are used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values).
     ``by_search``: g by ``g_search`` (the segment by :func:`search`; ythr then the search's level
-    thresholds and poly POLY by slot, invact.common.slots), else by ``g_y``."""
+    thresholds and poly POLY by slot, invact.common.slots), else by ``g_y``. ``clamp``: the sides of
+    u's clamp evaluated (:func:`row`; fewer than both only where invact.u_clamp proves the others
+    change nothing)."""
     def sizes(n: int, code, block: int) -> tuple[tuple[int], int]:
         """(the grid, the code bytes): a program covers ``block`` elements, or with a code, ``block``
         code bytes and the matching element of every bit plane."""
@@ -161,14 +164,15 @@ def launchers(f_x, code_x, g_y, code_bits: int, g_search=None) -> tuple[Callable
             forward_kernel[grid](x, y, code, xthr, n, nbytes, tuple(params), f_x, code_of, code_bits, block,
                                  enable_fp_fusion=False)
 
-    def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK, by_search: bool = False) -> None:
+    def backward(grad, y, code, grad_in, ythr, poly, params, block: int = DEFAULT_BLOCK, by_search: bool = False,
+                 clamp: int = 3) -> None:
         if by_search and g_search is None:
             raise ValueError("by_search: this table's Triton module has no g_search (its segments are counted)")
         n = y.numel()
         if n:
             grid, nbytes = sizes(n, code, block)
             backward_kernel[grid](grad, y, code if code_bits else None, grad_in, ythr, poly, n, nbytes,
-                                  tuple(params), g_search if by_search else g_y, code_bits, block,
+                                  tuple(params), g_search if by_search else g_y, clamp, code_bits, block,
                                   enable_fp_fusion=False)
 
     return forward, backward
@@ -277,12 +281,18 @@ def search(y, s, LT, LEVELS: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def row(t, P, s, NSEG: tl.constexpr, DEGREE: tl.constexpr, DEN: tl.constexpr):
+def row(t, P, s, NSEG: tl.constexpr, DEGREE: tl.constexpr, DEN: tl.constexpr, CLAMP: tl.constexpr):
     """g from segment s's POLY row at t (P: POLY transposed, NSEG segments): u = (t - center) * scale
     clamped to [-1, 1], N(u) by Horner, divided by Q(u) = 1 + d1 u + ... on tables with rational
     rows (DEN > 0), then g = (u N'(u) + c0_lo) + c0_hi (docs/table-format.md); the FMA scheme: each
-    Horner step and u N'(u) + c0_lo one tl.fma."""
-    u = tl.minimum(tl.maximum((t - tl.load(P + ROW_CENTER * NSEG + s)) * tl.load(P + ROW_SCALE * NSEG + s), -1.0), 1.0)
+    Horner step and u N'(u) + c0_lo one tl.fma. CLAMP: the clamp's sides (invact.u_clamp's bits:
+    1 max(u, -1), 2 min(u, 1)), the others left out where invact.u_clamp proves that no float32 y
+    reaches past them (the same bits)."""
+    u = (t - tl.load(P + ROW_CENTER * NSEG + s)) * tl.load(P + ROW_SCALE * NSEG + s)
+    if CLAMP & 1:
+        u = tl.maximum(u, -1.0)
+    if CLAMP & 2:
+        u = tl.minimum(u, 1.0)
     c0_lo, c0_hi = tl.load(P + ROW_C0_LO * NSEG + s), tl.load(P + ROW_C0 * NSEG + s)
     if DEGREE == 0:
         g = (u * 0.0 + c0_lo) + c0_hi

@@ -10,10 +10,11 @@ caller runs :func:`invact.backends.instead_of_triton`). :mod:`invact.norms` laun
 same way.
 
 The float32 scheme's segment index is a binary search over slots where the generated module has one
-(``g_search``, :func:`search_tables`), else a count of thresholds (``g_y``).
+(``g_search``, :func:`search_tables`), else a count of thresholds (``g_y``); u's clamp is left out
+where invact.u_clamp proves it changes nothing (:func:`clamps`).
 
 Documented internals: :class:`Triton` / :data:`TRITON`, :func:`device_guard`, :func:`launched`,
-:func:`search_tables`.
+:func:`search_tables`, :func:`clamps`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from . import backends, layout, registry
+from . import backends, layout, registry, u_clamp
 from .common import slots
 from .constants import module_constants
 from .impl_eager import flushed, lookup_table
 
-__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched", "search_tables"]
+__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched", "search_tables", "clamps"]
 
 T = TypeVar("T")
 LUT_MOST_BITS = 2   # 16-bit y of tables with codes of at most this many bits: g from a table of 2^(16 + bits)
@@ -95,12 +96,27 @@ class Triton:
         def launch() -> Tensor:
             tmod = registry.triton_module(name)
             searched = search_tables(mod, getattr(tmod, "SEARCH_LEVELS", 0), y.device, tuple(params))
+            clamp = clamps(mod, tuple(params))
             if searched is not None:
-                tmod.backward(gf, yf, code, of, *searched, list(params), by_search=True)
+                tmod.backward(gf, yf, code, of, *searched, list(params), by_search=True, clamp=clamp)
             else:
-                tmod.backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params))
+                tmod.backward(gf, yf, code, of, k.y_thresholds, k.poly, list(params), clamp=clamp)
             return out
         return launched(y.device, launch)
+
+
+@registry.per_root(maxsize=256)
+def clamps(mod: ModuleType, values: tuple[float, ...]) -> int:
+    """The sides of u's clamp to [-1, 1] that the float32 scheme of a generated module needs for
+    parameter ``values`` (invact.u_clamp's bits: LOWER, max(u, -1); UPPER, min(u, 1)): a side is
+    left out only where invact.u_clamp proves that no float32 y reaches past it (the AVX-512 kernel
+    leaves the clamp out where neither side is reached). Both for tables without POLY rows."""
+    rows, transforms = getattr(mod, "POLY", ()), getattr(mod, "TRANSFORMS", ())
+    if not rows or not transforms:
+        return u_clamp.LOWER | u_clamp.UPPER
+    k = module_constants(mod, torch.float32, torch.device("cpu"), values)
+    passed_from = slots.passed_from_each(k.y_threshold_values, k.y_strict)
+    return u_clamp.clamp_sides(tuple(mod.CLASSES), tuple(transforms), rows, passed_from)
 
 
 @registry.per_root(maxsize=256)

@@ -52,7 +52,7 @@ def test_every_kernel_compiles_for_sm90(report):
 def _fused_steps(name: str) -> int:
     """The FMA scheme's fused steps per element in the table's backward (docs/table-format.md): the
     POLY rows' degree (Horner's degree - 1 steps and u N'(u) + c0_lo) plus the denominator's degree."""
-    found = re.search(r"act_triton\.row\(t, P, s, NSEG, (\d+), (\d+)\)", inspect.getsource(registry.triton_module(name)))
+    found = re.search(r"act_triton\.row\(t, P, s, NSEG, (\d+), (\d+), CLAMP\)", inspect.getsource(registry.triton_module(name)))
     return int(found[1]) + int(found[2]) if found and int(found[1]) else 0
 
 

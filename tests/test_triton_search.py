@@ -1,6 +1,6 @@
 """The Triton float32 scheme's segment index by binary search over slots (act_triton.search, the
-generated g_search, impl_triton.search_tables) against the count of thresholds (g_y), in Triton's
-interpreter.
+generated g_search, impl_triton.search_tables) against the count of thresholds (g_y), and u's clamp
+left out where invact.u_clamp proves it changes nothing (impl_triton.clamps), in Triton's interpreter.
 
 The index is a choice, not an approximation: the slot found must hold the row the count selects for
 every y (at and beside every threshold, zeros, subnormals, infinities) and code, and g_search must give
@@ -75,8 +75,9 @@ def test_search_finds_the_counted_row(shape, flushed):
     assert searched >= 6  # layouts were found, not all declined
 
 
-def _g(name: str, y: torch.Tensor, code: torch.Tensor, by_search: bool) -> torch.Tensor:
-    """g(y, code) by the table's Triton backward (grad 1), searching or counting."""
+def _g(name: str, y: torch.Tensor, code: torch.Tensor, by_search: bool, clamp: int = 3) -> torch.Tensor:
+    """g(y, code) by the table's Triton backward (grad 1), searching or counting, u clamped on the
+    sides ``clamp`` (act_triton.row)."""
     from invact import bitpack, impl_triton
     mod, tmod = registry.module(name), registry.triton_module(name)
     k = ops.table_constants(name, torch.float32, "cpu")
@@ -85,7 +86,7 @@ def _g(name: str, y: torch.Tensor, code: torch.Tensor, by_search: bool) -> torch
     out = torch.empty_like(y)
     packed = bitpack.pack(code, mod.CODE_BITS)
     ythr, poly = tables if by_search else (k.y_thresholds, k.poly)
-    tmod.backward(torch.ones_like(y), y, packed, out, ythr, poly, [], by_search=by_search)
+    tmod.backward(torch.ones_like(y), y, packed, out, ythr, poly, [], by_search=by_search, clamp=clamp)
     return out
 
 
@@ -94,14 +95,45 @@ def _g(name: str, y: torch.Tensor, code: torch.Tensor, by_search: bool) -> torch
 def test_g_search_is_g_y_bit_for_bit(name):
     """The generated g_search against g_y at and beside every y threshold, at zeros, subnormals,
     infinities, NaN and a spread of y, for every code."""
-    k = ops.table_constants(name, torch.float32, "cpu")
-    y = around(k.y_threshold_values, [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, math.inf, -math.inf, math.nan])
-    y = torch.cat([y, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4])
-    bits = registry.module(name).CODE_BITS
+    y, bits = _probes(name), registry.module(name).CODE_BITS
     for code in range(1 << bits):
         codes = torch.full(y.shape, code, dtype=torch.int64)
         a, b = _g(name, y, codes, True), _g(name, y, codes, False)
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (name, code, y[a.view(torch.int32) != b.view(torch.int32)])
+
+
+def _probes(name: str) -> torch.Tensor:
+    """y at and beside every y threshold of the table, at zeros, subnormals, infinities, the largest
+    floats, NaN, and a spread of y."""
+    k = ops.table_constants(name, torch.float32, "cpu")
+    big = torch.finfo(torch.float32).max
+    y = around(k.y_threshold_values, [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, big, -big, math.inf, -math.inf, math.nan])
+    return torch.cat([y, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4])
+
+
+POLY_TABLES = [n for n in ops.names() if getattr(registry.module(n), "TRANSFORMS", ())]
+
+
+@pytest.mark.parametrize("name", POLY_TABLES)
+def test_the_clamp_keeps_the_sides_that_change_something(name):
+    """impl_triton.clamps (invact.u_clamp's proof): with only the sides it keeps, g keeps its bits at
+    the extremes of every row (the y at and beside each threshold, the largest floats and
+    infinities) for every code, searching or counting; leaving out a side it keeps changes some g
+    (the proof is not merely cautious: gelu_tanh's and quick_gelu's rows reach past [-1, 1])."""
+    from invact import impl_triton
+    y, bits = _probes(name), registry.module(name).CODE_BITS
+    kept = impl_triton.clamps(registry.module(name), ())
+    ways = (True, False) if name in SEARCHED else (False,)
+    for side in (1, 2):
+        changed = False
+        for code in range(1 << bits):
+            codes = torch.full(y.shape, code, dtype=torch.int64)
+            for by_search in ways:
+                both = _g(name, y, codes, by_search, 3).view(torch.int32)
+                kept_only = _g(name, y, codes, by_search, kept).view(torch.int32)
+                assert torch.equal(both, kept_only), (name, code, by_search, y[both != kept_only])
+                changed |= not torch.equal(both, _g(name, y, codes, by_search, 3 & ~side).view(torch.int32))
+        assert changed == bool(kept & side), (name, kept, side)
 
 
 def test_a_declined_layout_counts(monkeypatch):

@@ -49,7 +49,8 @@ class Recorder:
 
 def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, dict]]:
     """The (args, kwargs) each kernel of ``name`` gets for n elements of dtype (meta tensors): "forward",
-    "backward" as invact.impl_triton launches it (g_search where the table has one), and where it has,
+    "backward" as invact.impl_triton launches it (g_search where the table has one, u's clamp where
+    invact.impl_triton.clamps keeps it), and where it has a g_search,
     "backward_counted" (g_y, what runs where the search's layout declines the thresholds)."""
     mod, torch_mod = registry.triton_module(name), registry.module(name)
     meta = dict(dtype=dtype, device="meta")
@@ -61,11 +62,12 @@ def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, d
     saved = act_triton.forward_kernel, act_triton.backward_kernel   # what the launchers launch
     act_triton.forward_kernel, act_triton.backward_kernel = fwd, bwd = Recorder(), Recorder()
     searched = impl_triton.search_tables(torch_mod, getattr(mod, "SEARCH_LEVELS", 0), torch.device("cpu"), tuple(params))
+    clamp = impl_triton.clamps(torch_mod, tuple(params))
     try:
         mod.forward(x, y, code, k.x_threshold_tensor, params)
         if searched is not None:
-            mod.backward(go, y, code, gx, *searched, params, by_search=True)
-        mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params)
+            mod.backward(go, y, code, gx, *searched, params, by_search=True, clamp=clamp)
+        mod.backward(go, y, code, gx, k.y_thresholds, k.poly, params, clamp=clamp)
     finally:
         act_triton.forward_kernel, act_triton.backward_kernel = saved
     if searched is None:

@@ -207,7 +207,7 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
     for i, tf in reversed(list(enumerate(rest))):
         w(f"t = {d.where}({q(Plan.ROW_TID)} == {float(i)!r}, {_transform(d, tf)}, t)")
     if isinstance(d, TritonDialect):
-        w(f"g = act_triton.row(t, P, s, {d.columns}, {plan.degree}, {plan.den_degree})")
+        w(f"g = act_triton.row(t, P, s, {d.columns}, {plan.degree}, {plan.den_degree}, CLAMP)")
         return
     c0 = Plan.ROW_C0
     w(f"u = {d.clamp1(f'(t - {q(Plan.ROW_CENTER)}) * {q(Plan.ROW_SCALE)}')}")

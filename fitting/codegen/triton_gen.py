@@ -57,8 +57,8 @@ def generate_triton(plan: Plan) -> str:
             w("return c")
         w("", "")
     w("@triton.jit")
-    with w.block("def g_y(y, code, YT, P, params):"):
-        w('"""g(y, code) in float32; YT: the y thresholds, P: POLY transposed."""')
+    with w.block("def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):"):
+        w('"""g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row\'s."""')
         _params(w, plan)
         emit_g(w, plan, TritonDialect())
         w("return g")
@@ -66,7 +66,7 @@ def generate_triton(plan: Plan) -> str:
     levels = search_levels(plan)
     if levels:
         w("@triton.jit")
-        with w.block("def g_search(y, code, YT, P, params):"):
+        with w.block("def g_search(y, code, YT, P, params, CLAMP: tl.constexpr):"):
             w('"""g_y with the segment index by act_triton.search; YT: its level thresholds, P: POLY by slot."""')
             _params(w, plan)
             emit_g(w, plan, TritonSearchDialect(levels))
