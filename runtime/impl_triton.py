@@ -95,7 +95,7 @@ class Triton:
 
         def launch() -> Tensor:
             tmod = registry.triton_module(name)
-            searched = search_tables(mod, getattr(tmod, "SEARCH_LEVELS", 0), y.device, tuple(params))
+            searched = search_tables(mod, tmod.SEARCH_LEVELS, y.device, tuple(params))
             clamp = clamps(mod, tuple(params))
             if searched is not None:
                 tmod.backward(gf, yf, code, of, *searched, list(params), by_search=True, clamp=clamp)

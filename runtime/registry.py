@@ -31,7 +31,7 @@ ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds t
 # what the runtime uses of a generated torch module; one from another invact version may lack it
 TORCH_API = ("META", "NAME", "PARAMS", "PARAM_ARGS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel",
              "g_kernel", "code_packed", "grad_kernel", "TABLE_SHA256")
-TRITON_API = ("forward", "backward", "TABLE_SHA256")
+TRITON_API = ("forward", "backward", "SEARCH_LEVELS", "TABLE_SHA256")  # g_y(..., CLAMP) came with SEARCH_LEVELS
 
 _ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
 _CACHES: list = []    # functools caches of values computed from generated code: use_root clears them

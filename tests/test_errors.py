@@ -109,6 +109,22 @@ def test_broken_generated_code_names_file_and_fix(tree, how):
     assert str(path) in str(info.value) and "invact generate" in str(info.value)
 
 
+def test_triton_module_from_before_the_segment_search_names_file_and_fix(tree):
+    """A generated Triton module without SEARCH_LEVELS was made before g_y took act_triton.row's CLAMP:
+    importing it says so, naming the file and `invact generate` (rather than a kernel that fails to
+    build at its first launch)."""
+    pytest.importorskip("triton")
+    from invact import registry
+    name = "silu" if "silu" in NAMES else NAMES[0]
+    path = tree / f"triton_{name}.py"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not line.startswith("SEARCH_LEVELS")))
+    invact.use_root(tree.parent)
+    with pytest.raises(ImportError, match="SEARCH_LEVELS") as info:
+        registry.triton_module(name)
+    assert str(path) in str(info.value) and "invact generate" in str(info.value)
+
+
 def test_compiled_backend_that_fails_falls_back_with_one_warning(monkeypatch):
     """torch.compile failing (no working compiler, an Inductor bug): one RuntimeWarning, then the
     function runs eagerly, now and on later calls."""

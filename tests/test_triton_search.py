@@ -27,7 +27,7 @@ from triton_tolerances import needs_interpreter
 
 pytestmark = needs_interpreter
 NONZERO = [v for v in POOL if v != 0]
-SEARCHED = [n for n in ops.names() if getattr(registry.triton_module(n), "SEARCH_LEVELS", 0)]
+SEARCHED = [n for n in ops.names() if registry.triton_module(n).SEARCH_LEVELS]
 
 
 @triton.jit

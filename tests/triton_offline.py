@@ -61,7 +61,7 @@ def _launches(name: str, dtype: torch.dtype, n: int) -> dict[str, tuple[tuple, d
     params = list(k.params.values())
     saved = act_triton.forward_kernel, act_triton.backward_kernel   # what the launchers launch
     act_triton.forward_kernel, act_triton.backward_kernel = fwd, bwd = Recorder(), Recorder()
-    searched = impl_triton.search_tables(torch_mod, getattr(mod, "SEARCH_LEVELS", 0), torch.device("cpu"), tuple(params))
+    searched = impl_triton.search_tables(torch_mod, mod.SEARCH_LEVELS, torch.device("cpu"), tuple(params))
     clamp = impl_triton.clamps(torch_mod, tuple(params))
     try:
         mod.forward(x, y, code, k.x_threshold_tensor, params)
