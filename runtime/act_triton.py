@@ -287,12 +287,15 @@ def row(t, P, s, NSEG: tl.constexpr, DEGREE: tl.constexpr, DEN: tl.constexpr, CL
     rows (DEN > 0), then g = (u N'(u) + c0_lo) + c0_hi (docs/table-format.md); the FMA scheme: each
     Horner step and u N'(u) + c0_lo one tl.fma. CLAMP: the clamp's sides (invact.u_clamp's bits:
     1 max(u, -1), 2 min(u, 1)), the others left out where invact.u_clamp proves that no float32 y
-    reaches past them (the same bits)."""
+    reaches past them (the same bits). The clamp keeps a NaN u (a constant row's (inf - center) * 0
+    at y = +-inf), as torch.clamp and the C kernels do: GPUs' max.f32 / min.f32 would return the
+    bound, so the clamp is max.NaN.f32 / min.NaN.f32 (PropagateNan.ALL; the interpreter's numpy
+    propagates either way)."""
     u = (t - tl.load(P + ROW_CENTER * NSEG + s)) * tl.load(P + ROW_SCALE * NSEG + s)
     if CLAMP & 1:
-        u = tl.maximum(u, -1.0)
+        u = tl.maximum(u, -1.0, propagate_nan=tl.PropagateNan.ALL)
     if CLAMP & 2:
-        u = tl.minimum(u, 1.0)
+        u = tl.minimum(u, 1.0, propagate_nan=tl.PropagateNan.ALL)
     c0_lo, c0_hi = tl.load(P + ROW_C0_LO * NSEG + s), tl.load(P + ROW_C0 * NSEG + s)
     if DEGREE == 0:
         g = (u * 0.0 + c0_lo) + c0_hi

@@ -86,6 +86,25 @@ def test_the_scheme_builds_its_square_root_correctly_rounded(report):
                 assert found["ptx"]["sqrt.rn.f32"] > 0, (name, kernel, case)
 
 
+def test_the_clamp_of_u_keeps_nan(report):
+    """u's clamp (act_triton.row) is max.NaN.f32 / min.NaN.f32 on each side the table keeps
+    (invact.impl_triton.clamps): a NaN u (a constant row at y = +-inf) stays NaN, as torch.clamp
+    and the C kernels keep it, where max.f32 / min.f32 would return the bound; sides left out
+    leave no instruction."""
+    from invact import impl_triton, u_clamp
+    from invact.constants import check_params
+    for name in ops.names():
+        mod = registry.module(name)
+        if not getattr(mod, "TRANSFORMS", ()):
+            continue
+        kept = impl_triton.clamps(mod, check_params(name, None))  # as launched: the default parameters
+        for kernel in ("backward", "backward_counted"):
+            for case, found in report[name].get(kernel, {}).items():
+                ptx = found["ptx"]
+                assert (ptx["max.NaN.f32"] > 0) == bool(kept & u_clamp.LOWER), (name, kernel, case, kept, ptx)
+                assert (ptx["min.NaN.f32"] > 0) == bool(kept & u_clamp.UPPER), (name, kernel, case, kept, ptx)
+
+
 def test_no_integer_division_and_vector_memory_access(report):
     """Offsets are sums and products (each program covers a range of code bytes and the matching
     element of every plane): no 64-bit division or remainder, which GPUs emulate in dozens of
