@@ -93,6 +93,35 @@ def test_backward_on_gpu_matches_cpu_eager(name, dtype):
             assert within(a, b, ulps, go.cpu().double().abs() * 2.0**-21), (name, dtype, n)
 
 
+def _special_y(name: str) -> torch.Tensor:
+    """float32 y at and beside every y threshold, zeros, subnormals, the largest floats, infinities, NaN."""
+    import math
+
+    from kernel_rows import around
+    k = ops.table_constants(name, torch.float32, "cpu")
+    big = torch.finfo(torch.float32).max
+    return around(k.y_threshold_values, [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, big, -big, math.inf, -math.inf,
+                                         math.nan])
+
+
+@pytest.mark.parametrize("fitted", [n for n in NAMES if is_fitted(n)])
+def test_fitted_backward_on_gpu_at_special_y(fitted):
+    """float32 y where the segment search, u's clamp and NaN handling matter (each row's ends, a
+    constant row's (inf - center) * 0 = NaN u at y = +-inf, which max.f32 would turn into the
+    bound): the FMA scheme's bits (the fitter's emulation), NaN where it is NaN, for every code."""
+    name, params = fitted, default_params(fitted)
+    y = _special_y(name)
+    bits = registry.module(name).CODE_BITS
+    for c in range(1 << bits):
+        code = bitpack.pack(torch.full(y.shape, c, dtype=torch.int64), bits)
+        go = torch.ones_like(y)
+        a = torch.ops.invact.backward(go.cuda(), y.cuda(), code.cuda(), name, params, "triton").cpu()
+        want = _fma_scheme_backward(name, params, y, code, go)
+        assert torch.equal(a.isnan(), want.isnan()), (name, c, y[a.isnan() != want.isnan()])
+        same = a.isnan() | (a.view(torch.int32) == want.view(torch.int32))
+        assert same.all(), (name, c, y[~same], a[~same], want[~same])
+
+
 def test_autograd_channels_last_and_second_device(name):
     """apply() through autograd on a channels-last CUDA tensor, and on cuda:1 while cuda:0 is current
     (Triton launches on the current device: invact makes the tensor's current): the forward op's
