@@ -7,7 +7,8 @@
 #      a second device, 2**31 + 4099 elements,
 #   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 and float32 elements (the
 #      16-bit lookup and the float32 scheme with its segment search) against a copy's
-#      bandwidth and PyTorch's native op, after the fitted backwards' estimate from their code
+#      bandwidth and PyTorch's native op, after the estimate of the fitted backwards and of every
+#      forward from their code
 #      (benchmarks/ptx_estimate.py: SASS instructions, loads and registers per element -> estimated
 #      time against the memory time; the same figures offline in tests/test_ptx_estimate.py).
 # Usage: bash benchmarks/gpu_check.sh     (logs also go to $OUT, or /tmp/invact-gpu)
@@ -24,8 +25,10 @@ status=0
 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
 for dtype in bfloat16 float32; do
-    python3 benchmarks/ptx_estimate.py --numel 268435456 --arch "$arch" --dtype $dtype 2>&1 \
-        | tee -a "$out/ptx_estimate.txt" || status=1
+    for kind in "" --forward; do
+        python3 benchmarks/ptx_estimate.py --numel 268435456 --arch "$arch" --dtype $dtype $kind 2>&1 \
+            | tee -a "$out/ptx_estimate.txt" || status=1
+    done
 done
 python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16,float32 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1

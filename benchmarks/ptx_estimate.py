@@ -2,14 +2,16 @@
 memory time at 2^28 elements on an H200 (issue 17), without a GPU.
 
     python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90]
-                                      [--dtype bfloat16|float32] [--json]
+                                      [--dtype bfloat16|float32] [--forward] [--json]
 
 Kernels per activation: ``scheme``, the table's float32 scheme (act_triton.backward_kernel: what
 float32 y runs) as impl_triton launches it, its segment found by act_triton.search where the table's
 Triton module has a g_search; ``counted``, the same scheme counting thresholds (g_y: where the
 search's layout declines them), for tables that search; and, for bfloat16, ``lookup``, a gather from
 g of every 16-bit y and code (act_triton.lut_backward_kernel: what bfloat16/float16 y run,
-impl_triton.LUT_MOST_BITS), each compiled for sm_ARCH as its launcher launches it on ``--dtype``
+impl_triton.LUT_MOST_BITS); with ``--forward``, the forward (act_triton.forward_kernel: y and the
+code, 2 bytes of x and y an element in bfloat16, every activation). Each is compiled for sm_ARCH as
+its launcher launches it on ``--dtype``
 (tests/triton_offline.py: meta tensors, Triton's own argument binder). The
 lookup's table (256 KB a code) is assumed to stay in cache (L2: 50-60 MB; the y of one activation
 concentrate on a few thousand of the 65,536 patterns). Its PTX is counted per
@@ -57,7 +59,7 @@ FREE = ("mov",)                                   # register moves: mostly folde
 @dataclass
 class Estimate:
     name: str
-    kernel: str             # scheme, counted or lookup
+    kernel: str             # scheme, counted, lookup or forward
     elements_per_thread: float
     issue: float            # thread-instructions per element (PTX)
     sass: float             # SASS instructions per element (ptxas's code: what the SMs issue)
@@ -164,14 +166,17 @@ def lookup_launch(bits: int, numel: int) -> tuple[tuple, dict]:
 
 def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme",
              dtype: torch.dtype = torch.bfloat16) -> Estimate | None:
-    """The estimate for activation ``name``'s backward of ``numel`` elements of ``dtype`` by ``kernel``:
-    ``scheme`` (the table's float32 scheme as impl_triton launches it, act_triton.backward_kernel:
-    float32 y, and 16-bit y of codes wider than impl_triton.LUT_MOST_BITS), ``counted`` (the same with
-    the segment counted, g_y, where the scheme searches; None elsewhere) or ``lookup``
-    (act_triton.lut_backward_kernel: a gather from g of every 16-bit y, what 16-bit y run)."""
+    """The estimate for activation ``name`` on ``numel`` elements of ``dtype`` by ``kernel``: the
+    backward by ``scheme`` (the table's float32 scheme as impl_triton launches it,
+    act_triton.backward_kernel: float32 y, and 16-bit y of codes wider than impl_triton.LUT_MOST_BITS),
+    ``counted`` (the same with the segment counted, g_y, where the scheme searches; None elsewhere) or
+    ``lookup`` (act_triton.lut_backward_kernel: a gather from g of every 16-bit y, what 16-bit y run);
+    or ``forward`` (act_triton.forward_kernel: y = f(x) and the code; x read, y written)."""
     bits = registry.module(name).CODE_BITS
     if kernel == "lookup":
         jit, (args, kwargs) = act_triton.lut_backward_kernel, lookup_launch(bits, numel)
+    elif kernel == "forward":
+        jit, (args, kwargs) = act_triton.forward_kernel, triton_offline._launches(name, dtype, numel)["forward"]
     else:
         jit = act_triton.backward_kernel
         launch = triton_offline._launches(name, dtype, numel).get("backward_counted" if kernel == "counted" else "backward")
@@ -189,7 +194,7 @@ def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme",
     scale = numel * 1e3
     return Estimate(name, kernel, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
                     issue * scale / (SMS * LANES * CLOCK_HZ), (c["loads"] + c["stores"]) * scale / (SMS * LSU_LANES * CLOCK_HZ),
-                    (3 * dtype.itemsize + bits / 8) * scale / HBM_BYTES_S)
+                    ((2 if kernel == "forward" else 3) * dtype.itemsize + bits / 8) * scale / HBM_BYTES_S)
 
 
 def fitted_names() -> list[str]:
@@ -204,16 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="y's dtype (float32 runs the scheme alone)")
+    parser.add_argument("--forward", action="store_true", help="the forward kernel instead, every activation by default")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    names = [n for n in args.names.split(",") if n] or fitted_names()
+    names = [n for n in args.names.split(",") if n] or (ops.names() if args.forward else fitted_names())
     dtype = getattr(torch, args.dtype)
     kernels = ("scheme", "counted", "lookup") if dtype == torch.bfloat16 else ("scheme", "counted")
+    kernels = ("forward",) if args.forward else kernels
     found = [e for n in names for kernel in kernels if (e := estimate(n, args.numel, args.arch, kernel, dtype))]
     if args.json:
         print(json.dumps([asdict(e) | {"bound": e.bound} for e in found], indent=1))
         return 0
-    print(f"PTX estimate, backward, {args.numel} {args.dtype} elements, sm_{args.arch}, H200 "
+    print(f"PTX estimate, {'forward' if args.forward else 'backward'}, {args.numel} {args.dtype} elements, sm_{args.arch}, H200 "
           f"({SMS} SMs, {CLOCK_HZ / 1e9:g} GHz, {HBM_BYTES_S / 1e12:g} TB/s)")
     print(f"{'activation':<12}{'kernel':<8}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
           f"{'lsu ms':>8}{'memory ms':>10}  bound")

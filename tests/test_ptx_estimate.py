@@ -36,6 +36,19 @@ def estimates():
     return _estimate()
 
 
+def test_forward_estimate():
+    """--forward prices act_triton.forward_kernel (x read, y written: 2 bytes each in bfloat16, and the
+    code): relu's is memory-bound by far; gelu's evaluates erf, silu's exp and a division, so each
+    issues more instructions than relu's (README: the forwards' estimate)."""
+    found = _estimate("--forward")
+    for name in NAMES:
+        e = found[name, "forward"]
+        bits = registry.module(name).CODE_BITS
+        assert e["memory_ms"] == pytest.approx((4 + bits / 8) * 2**28 / 4.8e12 * 1e3, rel=1e-9), e
+    assert found["relu", "forward"]["bound"] == "memory", found["relu", "forward"]
+    assert min(found[n, "forward"]["sass"] for n in ("gelu", "silu")) > 2 * found["relu", "forward"]["sass"]
+
+
 def test_float32_scheme_is_memory_bound():
     """float32 y run the scheme (no lookup): with the segment search and u's clamp only where some y
     reaches past [-1, 1], gelu and silu issue fewer instructions than their memory traffic takes
