@@ -265,6 +265,30 @@ def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, para
     np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("text,params", PRINTER_CASES)
+def test_triton_printer_reciprocals_for_forwards(text, params):
+    """reciprocals=True (generated forwards): a division by a number multiplies by its reciprocal, one
+    by anything holding x or a parameter stays tl.div_rn; the values are sympy's (float64 stand-ins)."""
+    from types import SimpleNamespace
+
+    import scipy.special
+    expr = parse(text, "x", list(params))
+    code = to_triton(expr, "x", reciprocals=True)
+    assert "/" not in code and "tl.sqrt(" not in code, code
+    divisions = code.count("tl.div_rn(")
+    assert divisions <= to_triton(expr, "x").count("tl.div_rn("), code
+    divided = [d for d in sp.preorder_traversal(expr) if isinstance(d, sp.Pow) and d.exp.is_negative]
+    assert (divisions > 0) == any(not d.base.is_number for d in divided), (code, divided)
+    tl = SimpleNamespace(div_rn=np.divide, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
+                         erf=scipy.special.erf, abs=np.abs, where=np.where)
+    x = np.linspace(-5, 5, 101) + 0.013
+    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan)
+    got = eval(code, {"tl": tl, "act_triton": act_triton, "x": x, **mangled(params)})  # noqa: S307
+    f = sp.lambdify(sp.Symbol("x", real=True), expr.subs({sp.Symbol(k, real=True): v for k, v in params.items()}),
+                    ["scipy", "numpy"])
+    np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)
+
+
 def test_python_printer_for_parameter_values():
     assert eval(to_python(parse("threshold/beta + sqrt(beta)", "y", ["beta", "threshold"])),  # noqa: S307
                 {"math": __import__("math"), "param_beta": 4.0, "param_threshold": 20.0}) == 7.0

@@ -183,7 +183,14 @@ class TorchPrinter(_Base):
 class TritonPrinter(_Base):
     """Square roots and divisions correctly rounded, as torch computes them (``tl.sqrt`` and ``/``
     are approximations on GPUs: sqrt.approx.f32, div.full.f32), with both operands of a division
-    broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies."""
+    broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies.
+    ``reciprocals``: a division by any other number multiplies by its reciprocal (one rounding more,
+    a correctly rounded division costing ~16 SASS instructions; what forwards, whose y need only be
+    within a few ulps of PyTorch's, are printed with)."""
+
+    def __init__(self, variable: str, reciprocals: bool = False) -> None:
+        super().__init__(variable)
+        self.reciprocals = reciprocals
 
     tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
                     "tanh": "act_triton.tanh", "Abs": "tl.abs", "atan": "act_triton.atan"}
@@ -222,9 +229,9 @@ class TritonPrinter(_Base):
         return super()._print_Pow(e, rational)
 
     def _divide(self, num: sp.Expr, den: sp.Expr) -> str:
-        if den.is_Integer and int(den) & (int(den) - 1) == 0:  # exact: a power of two
-            a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)
-            return f"{a} * {1.0 / int(den)!r}"
+        if (den.is_Integer and int(den) & (int(den) - 1) == 0) or (self.reciprocals and den.is_number):
+            a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)  # a power of two: exact
+            return f"{a} * {1.0 / float(den)!r}"
         a, b = self._print(num), self._print(den)
         if self._has_var(num) != self._has_var(den):  # a scalar and a block
             block = f"tl.zeros_like({self._print(self.var)})"
@@ -243,8 +250,8 @@ def to_torch(expr: sp.Expr, variable: str) -> str:
     return TorchPrinter(variable).doprint(expr)
 
 
-def to_triton(expr: sp.Expr, variable: str) -> str:
-    return TritonPrinter(variable).doprint(expr)
+def to_triton(expr: sp.Expr, variable: str, reciprocals: bool = False) -> str:
+    return TritonPrinter(variable, reciprocals).doprint(expr)
 
 
 def to_python(expr: sp.Expr) -> str:
