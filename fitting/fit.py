@@ -95,12 +95,10 @@ def triton_instructions(degree: int, segments: int, logs: int = 0, den_degree: i
     threshold per level, act_triton.search), and arithmetic (the segment index: a compare and an add
     per threshold, or an address, a compare and an add per level; the transforms; Horner: a
     multiply and an add a step; clamps and the c0 terms)."""
-    columns = 5 + degree + den_degree
     index = 3 * levels if levels else 2 * max(segments - 2, 0)
     arithmetic = index + 4 + LOG_INSTRUCTIONS * logs + 2 * (degree + den_degree) + 6 \
         + (DIVISION_COST if den_degree else 0)
-    columns += levels
-    return {"gathers": columns, "arithmetic": arithmetic}
+    return {"gathers": 5 + degree + den_degree + levels, "arithmetic": arithmetic}
 
 
 def layouts(degrees=DEGREES, rationals=RATIONALS) -> list[tuple[int, int]]:

@@ -144,7 +144,7 @@ def lut_backward(grad, y16, code, grad_in, lut, code_bits: int, block: int = DEF
 
 def launchers(f_x, code_x, g_y, code_bits: int, g_search=None) -> tuple[Callable, Callable]:
     """``forward(x, y, code, xthr, params, block)`` and ``backward(grad, y, code, grad_in, ythr, poly,
-    params, block, by_search)`` of one table: launch the kernels on flat contiguous tensors (code and
+    params, block, by_search, clamp)`` of one table: launch the kernels on flat contiguous tensors (code and
     xthr are used only when ``code_bits`` > 0; ythr and poly in float32; params: the parameter values).
     ``by_search``: g by ``g_search`` (the segment by :func:`search`; ythr then the search's level
     thresholds and poly POLY by slot, invact.common.slots), else by ``g_y``. ``clamp``: the sides of

@@ -124,7 +124,8 @@ def search_tables(mod: ModuleType, levels: int, device: torch.device, values: tu
     """(level thresholds, POLY by slot) of a generated Triton ``g_search`` whose segment search has
     ``levels`` (its module's SEARCH_LEVELS), for parameter ``values``: invact.common.slots' layout of the
     float32 y thresholds. None where there is no search (``levels`` 0) or the layout declines these
-    thresholds (a subnormal one, a strict one at zero, thresholds out of order): g_y counts them."""
+    thresholds (invact.common.slots.search_layout: a NaN, a subnormal or a strict zero one,
+    thresholds out of order): g_y counts them."""
     if not levels:
         return None
     k = module_constants(mod, torch.float32, device, values)

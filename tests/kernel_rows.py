@@ -58,3 +58,12 @@ def random_classes(rng, n_classes: int, most: int, pool=POOL):
 def search_probes(thresholds) -> torch.Tensor:
     """y at and beside every threshold and POOL value, at the smallest normals, subnormals, zeros, NaN."""
     return around(list(thresholds) + POOL, [TINY, -TINY, 1e-45, -1e-45, 1e-40, -1e-40, 0.0, -0.0, math.nan])
+
+
+def table_edges(name: str) -> torch.Tensor:
+    """float32 y at and beside every y threshold of activation ``name`` (its rows' ends), at zeros,
+    subnormals, the largest floats, infinities and NaN."""
+    from invact import ops
+    big = torch.finfo(torch.float32).max
+    return around(ops.table_constants(name, torch.float32, "cpu").y_threshold_values,
+                  [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, big, -big, math.inf, -math.inf, math.nan])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from invact import bitpack, impl_triton, ops, registry
+from kernel_rows import table_edges
 from triton_tolerances import default_params, formula_error, is_fitted, within
 
 NAMES = ops.names()
@@ -93,24 +94,13 @@ def test_backward_on_gpu_matches_cpu_eager(name, dtype):
             assert within(a, b, ulps, go.cpu().double().abs() * 2.0**-21), (name, dtype, n)
 
 
-def _special_y(name: str) -> torch.Tensor:
-    """float32 y at and beside every y threshold, zeros, subnormals, the largest floats, infinities, NaN."""
-    import math
-
-    from kernel_rows import around
-    k = ops.table_constants(name, torch.float32, "cpu")
-    big = torch.finfo(torch.float32).max
-    return around(k.y_threshold_values, [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, big, -big, math.inf, -math.inf,
-                                         math.nan])
-
-
 @pytest.mark.parametrize("fitted", [n for n in NAMES if is_fitted(n)])
 def test_fitted_backward_on_gpu_at_special_y(fitted):
     """float32 y where the segment search, u's clamp and NaN handling matter (each row's ends, a
     constant row's (inf - center) * 0 = NaN u at y = +-inf, which max.f32 would turn into the
     bound): the FMA scheme's bits (the fitter's emulation), NaN where it is NaN, for every code."""
     name, params = fitted, default_params(fitted)
-    y = _special_y(name)
+    y = table_edges(name)
     bits = registry.module(name).CODE_BITS
     for c in range(1 << bits):
         code = bitpack.pack(torch.full(y.shape, c, dtype=torch.int64), bits)

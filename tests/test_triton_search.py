@@ -9,7 +9,6 @@ shares the layout (invact.common.slots).
 """
 
 import contextlib
-import math
 import random
 
 import pytest
@@ -21,7 +20,7 @@ from invact.common import slots
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from invact import act_triton  # noqa: E402 - after triton: it defines kernels
-from kernel_rows import POOL, around, random_classes, row_of, search_probes
+from kernel_rows import POOL, random_classes, row_of, search_probes, table_edges
 from tolerances import flushed_denormals
 from triton_tolerances import needs_interpreter
 
@@ -103,12 +102,8 @@ def test_g_search_is_g_y_bit_for_bit(name):
 
 
 def _probes(name: str) -> torch.Tensor:
-    """y at and beside every y threshold of the table, at zeros, subnormals, infinities, the largest
-    floats, NaN, and a spread of y."""
-    k = ops.table_constants(name, torch.float32, "cpu")
-    big = torch.finfo(torch.float32).max
-    y = around(k.y_threshold_values, [0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, big, -big, math.inf, -math.inf, math.nan])
-    return torch.cat([y, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4])
+    """The table's edges (kernel_rows.table_edges) and a spread of y."""
+    return torch.cat([table_edges(name), torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4])
 
 
 POLY_TABLES = [n for n in ops.names() if getattr(registry.module(n), "TRANSFORMS", ())]

@@ -124,8 +124,7 @@ def search_levels(plan: Plan) -> int:
     segment is a POLY row, the slots fit (invact.common.slots.levels), every class code is below 16
     and the search costs fewer instructions than counting."""
     n = slots.levels([c.n_segments for c in plan.classes])
-    if (not plan.has_poly or plan.exact or plan.constant or plan.n_segments < 2 or not n
-            or any(not 0 <= c.code < 16 for c in plan.classes)):
+    if not plan.has_poly or plan.exact or plan.constant or not n or any(not 0 <= c.code < 16 for c in plan.classes):
         return 0
     return n if SEARCH_COST * n < COUNT_COST * plan.n_y_breaks else 0
 

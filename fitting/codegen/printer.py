@@ -230,7 +230,8 @@ class TritonPrinter(_Base):
 
     def _divide(self, num: sp.Expr, den: sp.Expr) -> str:
         if (den.is_Integer and int(den) & (int(den) - 1) == 0) or (self.reciprocals and den.is_number):
-            a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)  # a power of two: exact
+            # a power of two's reciprocal is exact; any other number's is rounded once (reciprocals)
+            a = self.parenthesize(num, precedence(sp.Mul(2, num, evaluate=False)), strict=False)
             return f"{a} * {1.0 / float(den)!r}"
         a, b = self._print(num), self._print(den)
         if self._has_var(num) != self._has_var(den):  # a scalar and a block
