@@ -5,7 +5,8 @@ codes at them (:func:`code_map`); y and the code in one pass over x where y is P
 silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three ops
 (:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a
 gather from g of every 16-bit y and code for bfloat16 / float16 y (the table
-:func:`invact.impl_eager.lookup_table` holds), the fused polynomial kernel for float32 y of tables it
+:func:`invact.impl_eager.lookup_table` holds; declined for tables whose per-table C computes it
+directly, faster: :func:`invact.table_c.direct16`), the fused polynomial kernel for float32 y of tables it
 covers (:func:`fused_table`), with FMA unless ``INVACT_FMA=0``. Bit for bit what the eager backend
 computes, but for that FMA scheme. Answers None where the kernels do not take the tensors (no AVX-512
 or no compiler, float64, a table the kernel does not cover): :mod:`invact.impl_compiled` runs then.
@@ -23,7 +24,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import cpu_kernel, impl_compiled, layout, registry
+from . import cpu_kernel, impl_compiled, layout, registry, table_c
 from .constants import Constants, module_constants
 from .impl_eager import EAGER, flushed, lookup_table, output
 
@@ -148,6 +149,8 @@ class CpuKernels:
             return None
         lut = table = None
         if y.dtype in (torch.bfloat16, torch.float16):
+            if table_c.direct16(mod):  # the closed forms: computed by invact.impl_table_c, faster than a gather
+                return None
             lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
         elif (table := fused_table(mod, tuple(params))) is None:
             return None

@@ -3,8 +3,9 @@
 In the compiled backend's order (invact.ops) it comes after :mod:`invact.impl_cpu` (the AVX-512
 kernels, which keep the fitted tables' float32 backward, the 16-bit backward and the forward code
 where they run) and before Inductor's code (:mod:`invact.impl_compiled`): with both, no table's first
-call on CPU compiles anything (benchmarks/first_call.py). Without AVX-512 it packs the forward code
-and gathers the 16-bit backward itself; float64 runs the eager torch code. It declines (None) CUDA
+call on CPU compiles anything (benchmarks/first_call.py). It computes the 16-bit backward of tables
+whose g is plain arithmetic (:func:`invact.table_c.direct16`) from y; without AVX-512 it also packs
+the forward code and gathers the other 16-bit backwards; float64 runs the eager torch code. It declines (None) CUDA
 tensors, ``INVACT_CPU_KERNEL=0`` and whatever the kernels do not take (a failed build: one warning).
 
 Documented internals: :class:`TableC` / :data:`TABLE_C`.
@@ -19,15 +20,16 @@ from . import cpu_kernel, layout, registry
 from .constants import module_constants
 from .impl_cpu import coded_forward
 from .impl_eager import EAGER, flushed, lookup_table
-from .table_c import library, pack, run, run_lookup
+from .table_c import direct16, library, pack, run, run_lookup
 
 __all__ = ["TableC", "TABLE_C"]
 
 
 class TableC:
     """The compiled backend's CPU work that needs no per-table compile, where :mod:`invact.impl_cpu`
-    declined: float32 backward (every table), and without AVX-512 also the packed forward code and
-    the 16-bit backward (lookup); float64 runs the eager torch code. Declines (None) the rest: CUDA
+    declined: float32 backward (every table), 16-bit backward computed from y (``direct16`` tables),
+    and without AVX-512 also the packed forward code and the other 16-bit backwards (lookup); float64
+    runs the eager torch code. Declines (None) the rest: CUDA
     tensors, layouts or machines the kernels do not take (then Inductor's code runs)."""
 
     def value(self, x: Tensor, name: str, params: list[float]) -> None:
@@ -49,7 +51,7 @@ class TableC:
         mod = registry.module(name)
         out, gf, yf, of = layout.backward_views(grad, y)
         yf, code = yf.contiguous(), code.contiguous()
-        if y.dtype == torch.float32:
+        if y.dtype == torch.float32 or direct16(mod):
             k = module_constants(mod, torch.float32, y.device, tuple(params))
             done = run(mod, of, gf, yf, code, k.y_thresholds, k.poly, tuple(params))
         else:

@@ -23,7 +23,9 @@ table, or a failed build: one warning, and the compiled backend runs Inductor's 
 
 The same library also packs the forward code (:func:`pack`) and gathers the 16-bit backward
 (:func:`run_lookup`) in portable C, for CPUs where invact.cpu_kernel's AVX-512 kernels do not run;
-:mod:`invact.impl_table_c` puts all three into the compiled backend.
+:mod:`invact.impl_table_c` puts all three into the compiled backend. Where g is plain arithmetic with
+no POLY column varying with the segment (:func:`direct16`), :func:`run` computes 16-bit y itself on
+every CPU: the lookup's values, without its gathers.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ from torch import Tensor
 
 from . import bitpack, cpu_kernel, kernel_cache
 
-__all__ = ["source", "library", "fma", "run", "run_lookup", "pack", "g_kernel"]
+__all__ = ["source", "library", "fma", "run", "direct16", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
 HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_pack.h", "invact_threads.h"))
-ABI_VERSION = 3
+ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 _ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 # -z defs: a function the library lacks fails the link (nothing is cached), never the load
@@ -124,9 +126,10 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
         _warn_once("the per-table C kernels could not be built", str(error))
         return None
     lib.invact_table_grad.restype = lib.invact_table_lut.restype = lib.invact_table_pack.restype = ctypes.c_int
-    lib.invact_table_eager_bits.restype, lib.invact_table_eager_bits.argtypes = ctypes.c_int, []
-    lib.invact_table_grad.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int,  # n, y, grad, out, code, bits
-                                      *[ctypes.c_void_p] * 3, ctypes.c_int]  # thr, poly, params, threads
+    for flag in (lib.invact_table_eager_bits, lib.invact_table_direct16):
+        flag.restype, flag.argtypes = ctypes.c_int, []
+    lib.invact_table_grad.argtypes = [ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 4,  # dtype, n, y, grad, out, code
+                                      ctypes.c_int, *[ctypes.c_void_p] * 3, ctypes.c_int]  # bits, thr, poly, params, threads
     lib.invact_table_lut.argtypes = [ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 4,  # dtype, n, y, grad, out, code
                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # bits, lut, threads
     lib.invact_table_pack.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
@@ -151,24 +154,33 @@ def _cpu(*tensors: Tensor) -> bool:
 
 def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thresholds: Tensor, poly: Tensor,
         params: tuple[float, ...], use_fma: bool = True) -> bool:
-    """out = g(y, code) * grad for flat contiguous float32 CPU tensors (code: invact.bitpack's planes
-    of ``mod.CODE_BITS`` bits), with the float32 ``thresholds`` and ``poly`` (POLY transposed) of
-    invact.ops.module_constants and the parameter values in ``mod.PARAMS`` order; False (nothing
-    done) where the kernel does not take them. ``use_fma``: with FMA where :func:`fma` holds (the FMA
-    scheme), else the eager code's arithmetic."""
+    """out = g(y, code) * grad for flat contiguous CPU tensors of one dtype, float32, or bfloat16 /
+    float16 where :func:`direct16` (g of y as float32, the product rounded as torch.mul: the lookup's
+    bits); code: invact.bitpack's planes of ``mod.CODE_BITS`` bits; the float32 ``thresholds`` and
+    ``poly`` (POLY transposed) of invact.ops.module_constants and the parameter values in
+    ``mod.PARAMS`` order. False (nothing done) where the kernel does not take them. ``use_fma``
+    (float32 only): with FMA where :func:`fma` holds (the FMA scheme), else the eager code's arithmetic."""
     tensors = (out, grad, y, code, thresholds, poly)
-    if (y.dtype != torch.float32 or not all(t.dtype == torch.float32 for t in (out, grad, thresholds, poly))
-            or not _cpu(*tensors)
+    if (y.dtype not in DTYPES or not out.dtype == grad.dtype == y.dtype
+            or not thresholds.dtype == poly.dtype == torch.float32 or not _cpu(*tensors)
             or len(params) != len(mod.PARAMS) or not out.numel() == grad.numel() == y.numel()):
         return False
-    lib = library(mod, use_fma)
-    if lib is None:
+    lib = library(mod, use_fma and y.dtype == torch.float32)
+    if lib is None or (y.dtype != torch.float32 and not lib.invact_table_direct16()):
         return False
     values = (ctypes.c_double * max(len(params), 1))(*params)
-    done = lib.invact_table_grad(y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
+    done = lib.invact_table_grad(DTYPES[y.dtype], y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
                                  code.data_ptr() if mod.CODE_BITS else None, mod.CODE_BITS, thresholds.data_ptr(),
                                  poly.data_ptr(), values, torch.get_num_threads())
     return done == 0
+
+
+def direct16(mod: ModuleType) -> bool:
+    """Whether :func:`run` computes ``mod``'s bfloat16 / float16 backward itself, faster than the
+    lookup: g is the eager code's bit for bit (the lookup's entries) and no POLY column varies with
+    the segment (the closed forms' few vector operations an element against a gather's ~1.7 cycles)."""
+    lib = library(mod)
+    return lib is not None and bool(lib.invact_table_direct16())
 
 
 def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, lut: Tensor) -> bool:

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, ops, table_c
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, table_c
 from invact.fitting.codegen import generate_all
 
 from invact.registry import module as _module
@@ -374,6 +374,78 @@ def test_lookup_tables_filled_by_c_equal_eager(dtype, flushed):
         want, got = (cpu_kernel.lookup_table(fn, dtype, mod.CODE_BITS, k.y_thresholds, k.poly, flushed=flushed,
                                              **k.params) for fn in (mod.g_kernel, g))
         assert _same_or_within(want, got, None), (name, dtype, flushed)
+
+
+def _direct16_tables(tmp_path: Path) -> list[tuple[object, tuple[float, ...]]]:
+    """The built-in and the tests/data tables whose 16-bit backward table_c computes itself."""
+    make_tables.write_all(tmp_path / "generated" / "tables")
+    generate_all(tmp_path)
+    mods = [(_module(n), _defaults(n)) for n in ops.names()]
+    for path in sorted((tmp_path / "generated").glob("torch_*.py")):
+        mod = _import(path)
+        mods.append((mod, tuple(float(v) for v in mod.META["params"].values())))
+    return [(mod, params) for mod, params in mods if table_c.direct16(mod)]
+
+
+@needs_c
+@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_direct_16_bit_backward_equals_the_lookup(dtype, flushed, tmp_path):
+    """Tables whose g is plain arithmetic on y with no POLY column (table_c.direct16: relu, sigmoid,
+    tanh, the ELUs, and tests/data's fold, which has two codes) compute the 16-bit backward from y
+    converted to float32 instead of gathering g from the lookup table; the result must be the
+    lookup's, lut[code << 16 | bits of y] * grad rounded as torch rounds it, bit for bit (NaN where it
+    is NaN), with denormals flushed and not. Every 16-bit y for every code, grads from every 16-bit
+    pattern (subnormals, infinities, NaNs), sizes ending mid-vector, mid-block and mid-plane."""
+    tables = _direct16_tables(tmp_path)
+    names = {mod.NAME for mod, _ in tables}
+    assert {"relu", "sigmoid", "tanh", "elu", "fold"} <= names and not names & {"gelu", "silu", "softplus"}, names
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    gen = torch.Generator().manual_seed(1)
+    for mod, params in tables:
+        n_codes = mod.META["n_codes"]
+        k = ops.module_constants(mod, dtype, torch.device("cpu"), params)
+        with cpu_kernel._denormals(flushed):
+            lut = impl_eager.lookup_table(mod, dtype, params, torch.device("cpu"), flushed)
+        y_all = patterns.repeat(n_codes)
+        codes_all = torch.arange(n_codes, dtype=torch.int32).repeat_interleave(1 << 16)
+        order = torch.randperm(y_all.numel(), generator=gen)
+        y_all, codes_all = y_all[order], codes_all[order]
+        go_all = patterns.repeat(n_codes)[torch.randperm(y_all.numel(), generator=gen)]
+        for n in (*SIZES, y_all.numel()):
+            y, codes, go = y_all[:n], codes_all[:n], go_all[:n]
+            packed = bitpack.pack(codes, mod.CODE_BITS) if mod.CODE_BITS else torch.empty(0, dtype=torch.uint8)
+            index = (y.view(torch.int16).to(torch.int32) & 0xFFFF) | (codes << 16)
+            got = torch.empty_like(y)
+            with cpu_kernel._denormals(flushed):  # products in chunks below ATen's grain size: on this
+                want = torch.cat([(lut[i] * g.float()).to(dtype)  # thread, whose denormal setting it is
+                                  for i, g in zip(index.split(16384), go.split(16384))])
+                assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params), (mod.NAME, n)
+            assert _same_or_within(want.float(), got.float(), None), (mod.NAME, dtype, flushed, n)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_16_bit_backward_of_closed_forms_is_direct(dtype, monkeypatch):
+    """The compiled backend's 16-bit backward of a table_c.direct16 table runs table_c's direct loop,
+    not the AVX-512 gather (invact.impl_cpu declines it), and equals the eager backend's; the fitted
+    tables keep the gather."""
+    gathered = []
+    real = cpu_kernel.run_lookup
+    monkeypatch.setattr(cpu_kernel, "run_lookup", lambda *a: gathered.append(1) or real(*a))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    x = _inputs(3 * 32768 + 5, seed=7).to(dtype)
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    for name, direct in (("sigmoid", True), ("leaky_relu", True), ("gelu", False)):
+        params = list(_defaults(name))
+        y, code = torch.ops.invact.forward(x, name, params, "eager")
+        gathered.clear()
+        got = torch.ops.invact.backward(go, y, code, name, params, "compiled")
+        want = torch.ops.invact.backward(go, y, code, name, params, "eager")
+        assert _same_or_within(want.float(), got.float(), None), name
+        assert table_c.direct16(_module(name)) == direct, name
+        if cpu_kernel.library() is not None:
+            assert bool(gathered) != direct, name
 
 
 def test_untranslatable_table_still_generates_and_declines(fresh, monkeypatch):

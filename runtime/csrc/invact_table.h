@@ -21,7 +21,7 @@
 #include "invact_pack.h"
 #include "invact_threads.h"
 
-#define INVACT_TABLE_ABI 3
+#define INVACT_TABLE_ABI 4
 
 /* With INVACT_LIBMVEC (invact.table_c tries it first, linking -lmvec): glibc's vector math library
  * has 16- and 8-lane versions of these, so loops calling them vectorise. Its results may differ from
@@ -159,6 +159,11 @@ int invact_table_abi(void) { return INVACT_TABLE_ABI; }
 const char *invact_table_sha256(void) { return TABLE_SHA256; }
 int invact_table_eager_bits(void) { return EAGER_BITS; }
 
+/* 1 where invact_table_grad computes 16-bit y itself: g is the eager code's bit for bit (so the lookup
+ * table's entry), and no POLY column varies with the segment, so g costs a few vector operations an
+ * element where a gather of the lookup costs ~1.7 cycles (AVX-512, Zen 4) */
+int invact_table_direct16(void) { return EAGER_BITS && !N_COLUMNS; }
+
 /* ---- the loops: g(y, code) * grad of float32 y, a lookup for 16-bit y, the forward code ---- */
 
 enum { T_F32 = 0, T_BF16 = 1, T_F16 = 2, T_F64 = 3 };  /* element types (invact.table_c.DTYPES) */
@@ -277,6 +282,74 @@ static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uin
 }
 #endif
 
+#if !N_COLUMNS
+/* ---- 16-bit y computed directly (invact_table_direct16): g of y as float32, the product rounded as
+ * torch.mul, so the lookup table's values; NaN products as invact.cpu_kernel's stores (AVX-512: ATen's
+ * vectorised bfloat16 NaN 0xFFFF, else c10::BFloat16's 0x7FC0; float16 by vcvtps2ph where F16C) ---- */
+#define INVACT_BLOCK16 1024
+#if defined(__AVX512F__)
+#define INVACT_BF16_NAN 0xFFFFu
+#else
+#define INVACT_BF16_NAN 0x7FC0u
+#endif
+
+static inline uint16_t invact_bf16_round(float f) {  /* invact_float_to_bf16 with INVACT_BF16_NAN */
+    uint16_t r = invact_float_to_bf16(f);
+    return f != f ? (uint16_t)INVACT_BF16_NAN : r;
+}
+
+/* bfloat16: elements i0 .. i0 + m in one vectorised loop (its conversions are bit operations) */
+__attribute__((noinline)) static void bf16_block(int64_t i0, int m, const uint16_t *restrict y,
+                                                 const uint16_t *restrict grad, uint16_t *restrict out,
+                                                 const uint8_t *restrict cd, int shift, const float *restrict thr,
+                                                 const float *restrict poly, const double *restrict param) {
+    float rows[ROW_LENGTH * N_SEGMENTS], qb[1] = {0.0f};  /* as g_loop's */
+    memcpy(rows, poly, sizeof rows);
+    poly = rows;
+    int32_t c[INVACT_BLOCK16];
+    for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+#pragma omp simd
+    for (int j = 0; j < m; j++)
+        out[i0 + j] = invact_bf16_round(invact_g(invact_bf16_to_float(y[i0 + j]), c[j], thr, poly, param, qb)
+                                        * invact_bf16_to_float(grad[i0 + j]));
+}
+
+/* float16: y and grad converted to float32 blocks (8 at a time by F16C: the scalar conversions do not
+ * vectorise), g_loop, the product converted back */
+static void f16_block(int64_t i0, int m, const uint16_t *restrict y, const uint16_t *restrict grad,
+                      uint16_t *restrict out, const uint8_t *cd, int shift, const float *thr, const float *poly,
+                      const double *param) {
+    float yb[INVACT_BLOCK16], gb[INVACT_BLOCK16], ob[INVACT_BLOCK16];
+    int j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= m; j += 8) {
+        _mm256_storeu_ps(yb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i0 + j))));
+        _mm256_storeu_ps(gb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grad + i0 + j))));
+    }
+#endif
+    for (; j < m; j++) {
+        yb[j] = invact_half_to_float(y[i0 + j]);
+        gb[j] = invact_half_to_float(grad[i0 + j]);
+    }
+    g_loop(0, m, yb, gb, ob, cd, shift, thr, poly, param);
+    j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= m; j += 8)
+        _mm_storeu_si128((__m128i *)(out + i0 + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(ob + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; j < m; j++) out[i0 + j] = invact_float_to_half(ob[j]);
+}
+
+static void g_loop16(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    for (int64_t i = lo; i < hi; i += INVACT_BLOCK16) {
+        int m = (int)clamp_to(hi - i, INVACT_BLOCK16);
+        (jb->dtype == T_BF16 ? bf16_block : f16_block)(i, m, jb->y, jb->grad, jb->out, code + (i - lo), shift,
+                                                        jb->thr, jb->poly, jb->param);
+    }
+}
+#endif
+
 /* elements [lo, hi) of one bit plane: codes (code[k] >> shift) & mask from byte k of `code` */
 static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
     const int32_t mask = (1 << CODE_BITS) - 1;
@@ -295,6 +368,12 @@ static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8
         }
         return;
     }
+#if !N_COLUMNS
+    if (jb->dtype != T_F32) {  /* invact_table_grad takes 16-bit y only where invact_table_direct16 */
+        g_loop16(jb, lo, hi, code, shift);
+        return;
+    }
+#endif
     g_loop(lo, hi, jb->y, jb->grad, jb->out, code, shift, jb->thr, jb->poly, jb->param);
 }
 
@@ -327,14 +406,16 @@ static int table_jobs(table_job base, int threads) {
     return 0;
 }
 
-/* out = g(y, code) * grad for n contiguous float32 elements; code: invact.bitpack planes of
- * `bits` bits (CODE_BITS; none when 0); thr: the N_THRESHOLDS float32 y thresholds; poly: POLY
- * transposed (ROW_LENGTH x N_SEGMENTS floats); param: the N_PARAMS parameters. Returns 0, or -1
+/* out = g(y, code) * grad for n contiguous elements of dtype (T_F32; T_BF16 or T_F16 where
+ * invact_table_direct16: g of y as float32, the product rounded as torch.mul); code: invact.bitpack
+ * planes of `bits` bits (CODE_BITS; none when 0); thr: the N_THRESHOLDS float32 y thresholds; poly:
+ * POLY transposed (ROW_LENGTH x N_SEGMENTS floats); param: the N_PARAMS parameters. Returns 0, or -1
  * for arguments it does not take. */
-int invact_table_grad(int64_t n, const float *y, const float *grad, float *out, const uint8_t *code, int bits,
-                      const float *thr, const float *poly, const double *param, int threads) {
-    if (bits != CODE_BITS) return -1;
-    return table_jobs((table_job){n, 0, 0, T_F32, y, grad, out, thr, poly, 0, code, param}, threads);
+int invact_table_grad(int dtype, int64_t n, const void *y, const void *grad, void *out, const uint8_t *code,
+                      int bits, const float *thr, const float *poly, const double *param, int threads) {
+    if (bits != CODE_BITS || (dtype != T_F32 && !((dtype == T_BF16 || dtype == T_F16) && invact_table_direct16())))
+        return -1;
+    return table_jobs((table_job){n, 0, 0, dtype, y, grad, out, thr, poly, 0, code, param}, threads);
 }
 
 /* the same for bfloat16 / float16 (dtype) y, grad and out, with g = lut[code << 16 | bits of y]

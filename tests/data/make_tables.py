@@ -4,6 +4,8 @@
 - ``square``: f = x**2, two codes; poly segments in the sqrt transform (g = +-2 sqrt(y) is degree 1
   in t = sqrt(y), so the poly is exact) with exact tails.
 - ``elu_generic``: param-generic ELU: an exact segment in alpha and a constant one.
+- ``fold``: f = x for x >= 0, exp(-x) - 1 left of 0: two codes over the same y, exact segments in
+  plain arithmetic (g = 1 and g = -(1 + y)), so its 16-bit backward is computed directly.
 """
 
 from __future__ import annotations
@@ -60,7 +62,15 @@ def tables() -> list[dict]:
                 code_classes=[{"code": 0, "y_breaks": [{"value": "0", "side": "left"}], "segments": [
                     {"kind": "exact", "expr": "alpha + y", "y_range": ["-inf", 0.0], "branch": 0},
                     {"kind": "constant", "value": "1", "y_range": [0.0, "inf"], "branch": 1}]}])
-    return [tanh, square, elu]
+    fold = _base("fold", "Piecewise((exp(-x) - 1, x < 0), (x, True))", n_branches=2, n_codes=2, code_bits=1,
+                 forward_code={"x_breaks": [{"value": "0", "side": "right"}], "codes": [1, 0]},
+                 branches=[_branch(0, 1, ["-inf", 0.0], [0.0, "inf"], "decreasing"),
+                           _branch(1, 0, [0.0, "inf"], [0.0, "inf"])],
+                 code_classes=[{"code": 0, "y_breaks": [], "segments": [
+                                   {"kind": "constant", "value": "1", "y_range": [0.0, "inf"], "branch": 1}]},
+                               {"code": 1, "y_breaks": [], "segments": [
+                                   {"kind": "exact", "expr": "-(1 + y)", "y_range": [0.0, "inf"], "branch": 0}]}])
+    return [tanh, square, elu, fold]
 
 
 def write_all(folder: Path) -> list[Path]:
