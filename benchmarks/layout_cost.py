@@ -76,11 +76,7 @@ def build(text: str, folder: Path, name: str) -> ctypes.CDLL:
     path.write_text(text)
     so = folder / f"{name}.so"
     subprocess.run([cpu_kernel._compiler(), *table_c._flags(table_c.fma()), str(path), "-o", str(so)], check=True)
-    lib = ctypes.CDLL(str(so))
-    lib.invact_table_grad.restype = ctypes.c_int
-    lib.invact_table_grad.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int,
-                                      *[ctypes.c_void_p] * 3, ctypes.c_int]
-    return lib
+    return table_c.bind(ctypes.CDLL(str(so)))
 
 
 NATIVE = {"gelu": lambda go, x: torch.ops.aten.gelu_backward(go, x),
@@ -104,7 +100,8 @@ class Timer:
     def once(self) -> float:
         """ns per element of one call."""
         start = time.perf_counter()
-        rc = self.lib.invact_table_grad(N, self.y.data_ptr(), self.grad.data_ptr(), self.out.data_ptr(),
+        rc = self.lib.invact_table_grad(table_c.DTYPES[torch.float32], N, self.y.data_ptr(), self.grad.data_ptr(),
+                                        self.out.data_ptr(),
                                         self.code.data_ptr(), self.plan.code_bits, self.thr.data_ptr(),
                                         self.poly.data_ptr(), self.param, 1)
         if rc != 0:

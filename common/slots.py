@@ -14,7 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-__all__ = ["MAX_SLOTS", "MAX_LEVELS", "BY_CODE", "SearchLayout", "levels", "passed_from", "passed_from_each",
+__all__ = ["MAX_SLOTS", "MAX_LEVELS", "BY_CODE", "SearchLayout", "levels", "float_after", "passed_from", "passed_from_each",
            "search_layout"]
 
 MAX_SLOTS = 32        # classes x 2^levels: a two-register permute in the AVX-512 kernel
@@ -44,16 +44,20 @@ def levels(counts: list[int]) -> int | None:
     return n if n <= MAX_LEVELS and len(counts) << n <= MAX_SLOTS else None
 
 
-def passed_from(v: float, strict: bool) -> float:
-    """The least float32 y that passes threshold ``v`` (float32): v, or where ``y > v`` the float after
-    v (NaN after +inf: never passed)."""
-    if not strict:
-        return v
+def float_after(v: float) -> float:
+    """The least float32 above float32 ``v`` (the same after -0 as after +0; NaN after +inf). The
+    greatest below v is ``-float_after(-v)``."""
     if v == math.inf:
         return math.nan
     bits = struct.unpack("<i", struct.pack("<f", v + 0.0))[0]  # v + 0: the float after -0 is after +0
     bits += 1 if bits >= 0 else -1
     return struct.unpack("<f", struct.pack("<i", bits if bits != -(2**31) else 0))[0]
+
+
+def passed_from(v: float, strict: bool) -> float:
+    """The least float32 y that passes threshold ``v`` (float32): v, or where ``y > v`` the float after
+    v (NaN after +inf: never passed)."""
+    return float_after(v) if strict else v
 
 
 def passed_from_each(thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> list[float]:

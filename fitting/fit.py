@@ -27,7 +27,7 @@ from .reference import BranchReference
 
 __all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
            "f32", "f32_below", "DEGREES", "RATIONALS", "DIVISION_COST", "c_time", "c_features",
-           "triton_instructions"]
+           "triton_instructions", "search_pays", "COUNT_INSTRUCTIONS", "LEVEL_INSTRUCTIONS"]
 
 DEGREES = (6, 8, 10, 12, 14)   # tried in order; stops once no higher degree can be cheaper; above 14
                                 # float32 Horner rounding grows past 2.5e-7 (x*tanh(x), degree 16)
@@ -85,6 +85,10 @@ def c_time(degree: int, segments: int, logs: int = 0, den_degree: int = 0, isa: 
 # (rational rows) measured nothing distinguishable from noise: priced at a vdivps, 0.2.
 C_COST = {"AVX512": (0.6, 0.09, 0.2, 1.0, 0.02, 0.2, 0.02), "AVX2": (0.8, 0.12, 0.2, 1.9, 0.02, 0.2, 0.03)}
 DIVISION_COST = 8   # instructions of a correctly rounded float32 division on GPUs (``triton_instructions``)
+# SASS instructions an element of the Triton segment index (sm_90, benchmarks/ptx_estimate.py): counting
+# costs a compare, a select and an add per threshold of every class; the search an address (the gather's),
+# a compare, a select and an add per level, besides the level's gather
+COUNT_INSTRUCTIONS, LEVEL_INSTRUCTIONS = 3, 4
 LOG_INSTRUCTIONS = 27   # act_triton.log: bit operations, a 9-term Horner, the exponent's terms
 
 
@@ -95,10 +99,16 @@ def triton_instructions(degree: int, segments: int, logs: int = 0, den_degree: i
     threshold per level, act_triton.search), and arithmetic (the segment index: a compare and an add
     per threshold, or an address, a compare and an add per level; the transforms; Horner: a
     multiply and an add a step; clamps and the c0 terms)."""
-    index = 3 * levels if levels else 2 * max(segments - 2, 0)
+    index = LEVEL_INSTRUCTIONS * levels if levels else COUNT_INSTRUCTIONS * max(segments - 2, 0)
     arithmetic = index + 4 + LOG_INSTRUCTIONS * logs + 2 * (degree + den_degree) + 6 \
         + (DIVISION_COST if den_degree else 0)
     return {"gathers": 5 + degree + den_degree + levels, "arithmetic": arithmetic}
+
+
+def search_pays(levels: int, thresholds: int) -> bool:
+    """Whether a Triton segment search of ``levels`` (a gather each) takes fewer instructions an element
+    than counting ``thresholds`` (those of every class)."""
+    return (LEVEL_INSTRUCTIONS + 1) * levels < COUNT_INSTRUCTIONS * thresholds
 
 
 def layouts(degrees=DEGREES, rationals=RATIONALS) -> list[tuple[int, int]]:

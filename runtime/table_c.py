@@ -125,6 +125,11 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _warn_once("the per-table C kernels could not be built", str(error))
         return None
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (a built per-table kernel) with its functions' argument and result types set."""
     lib.invact_table_grad.restype = lib.invact_table_lut.restype = lib.invact_table_pack.restype = ctypes.c_int
     for flag in (lib.invact_table_eager_bits, lib.invact_table_direct16):
         flag.restype, flag.argtypes = ctypes.c_int, []

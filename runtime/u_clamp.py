@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 import struct
 
+from .common.slots import float_after
+
 __all__ = ["LOWER", "UPPER", "clamp_sides"]
 
 LOWER, UPPER = 1, 2               # bits of clamp_sides: max(-1, u) is needed, min(1, u) is needed
 _TINY = 2.0 ** -126               # the least normal float32
-_FLOAT32_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]
 
 
 def _f32(x: float, flushed: bool) -> float:
@@ -40,16 +41,6 @@ def _f32(x: float, flushed: bool) -> float:
         return struct.unpack("<f", struct.pack("<f", x))[0]
     except OverflowError:
         return math.copysign(math.inf, x)
-
-
-def _before(v: float) -> float:
-    """The greatest float32 below float32 ``v`` (not -inf or NaN)."""
-    if v == math.inf:
-        return _FLOAT32_MAX
-    if v == 0.0:
-        return -(2.0 ** -149)
-    bits = struct.unpack("<i", struct.pack("<f", v))[0]
-    return struct.unpack("<f", struct.pack("<i", bits - 1 if v > 0 else bits + 1))[0]
 
 
 def _u(y: float, row, transform, flushed: bool) -> float:
@@ -83,7 +74,7 @@ def clamp_sides(classes, transforms, rows, passed_from) -> int:
             above = math.nan if k == count - 1 else own[k]  # the row ends below this (NaN: at +inf)
             if math.isnan(lo) or above == -math.inf:
                 continue  # no float32 y selects this row
-            hi = math.inf if math.isnan(above) else _before(above)
+            hi = math.inf if math.isnan(above) else -float_after(-above)  # the float below it
             if lo > hi:
                 continue
             row = rows[first + k]

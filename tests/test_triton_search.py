@@ -157,16 +157,16 @@ def test_a_declined_layout_counts(monkeypatch):
 
 def test_search_only_where_it_is_cheaper():
     """g_search exists where every segment is a POLY row and the search's levels cost less than
-    counting the thresholds (fitting.codegen.evaluation's SEARCH_COST / COUNT_COST); tables with many
-    thresholds get one."""
-    from invact.fitting.codegen.evaluation import COUNT_COST, SEARCH_COST
+    counting the thresholds (invact.fitting.fit.search_pays, also what fit.triton_instructions
+    prices); tables with many thresholds get one."""
+    from invact.fitting.fit import search_pays
     for name in ops.names():
         mod, tmod = registry.module(name), registry.triton_module(name)
         levels = tmod.SEARCH_LEVELS
         thresholds = sum(count - 1 for _, _, count, _ in mod.CLASSES)
         assert hasattr(tmod, "g_search") == (levels > 0), name
         if levels:
-            assert SEARCH_COST * levels < COUNT_COST * thresholds, name
+            assert search_pays(levels, thresholds), name
             assert levels == slots.levels([count for _, _, count, _ in mod.CLASSES]), name
             assert tmod.NSLOT == len(mod.CLASSES) << levels, name
         elif thresholds >= 8 and len(mod.POLY) == sum(count for _, _, count, _ in mod.CLASSES):

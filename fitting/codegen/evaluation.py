@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...common import slots
 from ...common.float32_scheme import TINY32, root_seed
+from ..fit import search_pays
 from ..float32 import F32_MAX
 from .analysis import Plan
 from .printer import TorchPrinter, TritonPrinter
@@ -17,10 +18,6 @@ from .writer import Writer
 __all__ = ["TorchDialect", "TritonDialect", "TritonSearchDialect", "search_levels", "emit_g", "emit_code"]
 
 EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
-# SASS instructions an element (sm_90, benchmarks/ptx_estimate.py): counting costs a compare, a select
-# and an add per threshold of every class; searching an address, a gather, a compare, a select and an
-# add per level
-COUNT_COST, SEARCH_COST = 3, 5
 
 
 def passes(side: str) -> str:
@@ -122,11 +119,11 @@ class TritonSearchDialect(TritonDialect):
 def search_levels(plan: Plan) -> int:
     """Levels of act_triton.search for the table's Triton g (0: its segments are counted): where every
     segment is a POLY row, the slots fit (invact.common.slots.levels), every class code is below 16
-    and the search costs fewer instructions than counting."""
+    and the search costs fewer instructions than counting (invact.fitting.fit.search_pays)."""
     n = slots.levels([c.n_segments for c in plan.classes])
     if not plan.has_poly or plan.exact or plan.constant or not n or any(not 0 <= c.code < 16 for c in plan.classes):
         return 0
-    return n if SEARCH_COST * n < COUNT_COST * plan.n_y_breaks else 0
+    return n if search_pays(n, plan.n_y_breaks) else 0
 
 
 def _sum(w: Writer, name: str, terms: list[str]) -> None:
