@@ -151,6 +151,7 @@ def library() -> ctypes.CDLL | None:
                                      ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
                                      ctypes.POINTER(ctypes.c_int32),  # codes
                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
+    lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
     lib.invact_forward_code.restype = ctypes.c_int
     lib.invact_forward_code.argtypes = [ctypes.c_int, ctypes.c_int64,  # kind, ATen's chunk
                                         *lib.invact_pack_code.argtypes[:3],

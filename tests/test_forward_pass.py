@@ -94,6 +94,27 @@ def test_ragged_sizes_and_thread_ranges(name, dtype, n, threads):
     assert code.numel() == bitpack.packed_bytes(n, registry.module(name).CODE_BITS)
 
 
+@pytest.mark.parametrize("name", ["hardswish", "silu"])
+def test_steps_of_many_chunks(name, threads):
+    """The kernel works in steps of FORWARD_CHUNK bytes of code (each plane's elements of a step
+    contiguous, their code in a per-thread buffer): a bfloat16 x whose every thread's range spans two
+    steps and a ragged third, against PyTorch's y and the generated torch code_packed (the two-pass
+    code runs the same steps); and the general route (8-bit codes, one byte an element) across steps."""
+    chunk = cpu_kernel.library().invact_forward_chunk()
+    n = threads * 8 * (2 * chunk + 4099) + 13
+    x = _inputs(torch.bfloat16, n, seed=threads)
+    y, code = impl_cpu.one_pass_forward(x, name, [])
+    _assert_bitwise(y, NATIVE[name](x))
+    mod = registry.module(name)
+    assert torch.equal(code, mod.code_packed(x, constants.module_constants(mod, x.dtype, x.device, ()).x_thresholds))
+    thresholds, strict, codes = (-2.0, -0.0, 0.5), (True, False, True), (3, 1, 0, 2)
+    x8 = x[: threads * (2 * chunk + 4099) + 13].float()
+    passed = sum(((x8 > t) if s else (x8 >= t)).to(torch.int64) for t, s in zip(thresholds, strict))
+    ref = torch.where(torch.isnan(x8), 2, torch.tensor(codes)[passed])
+    cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, 2)
+    assert torch.equal(cpu_kernel.pack_code(x8, cmap, 8), bitpack.pack(ref, 8))
+
+
 def _vector_scalar_differ(name: str) -> torch.Tensor:
     """float32 x where ATen's vector code and its scalar loop (a call on 1 element) give different y."""
     x = torch.linspace(-20, 20, 4096)

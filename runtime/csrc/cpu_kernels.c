@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "invact_bf16.h"
@@ -550,7 +551,13 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
     return mul_src1(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));  /* NaN x: x's, as ATen's */
 }
 
-#define FORWARD_CHUNK 65536 /* bytes of code a step (on the stack): long runs of each plane's x and y */
+/* bytes of code a step: each plane's x and y in runs of as many elements, the step's code in a buffer
+ * of as many bytes (forward_buffer; a small one on the stack where malloc fails). Runs of 64 K elements measured
+ * 1.22-1.33x ATen's hardswish at 2^22 float32, one thread (each switch of plane restarts the
+ * prefetchers), 128 K 1.11-1.13, 512 K 1.01-1.10; whole planes with the code or-ed into the output
+ * plane after plane 1.38-1.45 (the code re-read from beyond L2) */
+#define FORWARD_CHUNK 524288
+#define FORWARD_CHUNK_STACK 16384
 
 /* the bits of a one-bit code from one threshold, by one compare: x > t is x >= the float after t
  * (for t finite and not near 0, where flushed denormals would read the neighbour as 0); `x >= t`
@@ -611,10 +618,11 @@ static inline __attribute__((always_inline)) __mmask16 bits_step(const code_job 
  * word (a store per 4 vectors: stores per vector would take the store queue from y's cache misses),
  * then 64 bytes of code a time from the 8 planes' words */
 static inline __attribute__((always_inline)) void forward_bits(const code_job *jb, int kind, int dtype,
-                                                               const bit_code *k, int unordered) {
-    uint64_t words[8][FORWARD_CHUNK / 64];
-    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
-        int64_t len = clamp_to(FORWARD_CHUNK, jb->hi - b0), groups = (len + 63) / 64;
+                                                               const bit_code *k, int unordered, uint8_t *buf,
+                                                               int64_t chunk) {
+    uint64_t (*words)[chunk / 64] = (uint64_t (*)[chunk / 64])buf;  /* chunk / 64 words a plane */
+    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += chunk) {
+        int64_t len = clamp_to(chunk, jb->hi - b0), groups = (len + 63) / 64;
         for (int plane = 0; plane < 8; plane++) {  /* element plane * nbytes + b lives in byte b */
             int64_t e = plane * jb->nbytes + b0, e1 = clamp_to(e + len, jb->n), g = 0;
             for (; e + 64 <= e1; e += 64, g++) {
@@ -643,18 +651,18 @@ static inline __attribute__((always_inline)) void forward_bits(const code_job *j
 
 /* the job's bytes of code, and y of their elements, plane after plane in steps of FORWARD_CHUNK
  * bytes (each plane's elements of a step are contiguous); kind and dtype constants where inlined */
-static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
+static inline __attribute__((always_inline)) void forward_chunks(const code_job *jb, int kind, int dtype,
+                                                                 uint8_t *acc, int64_t chunk) {
     bit_code k;
     if (bit_code_of(jb, &k)) {
-        if (k.unordered) forward_bits(jb, kind, dtype, &k, 1);
-        else forward_bits(jb, kind, dtype, &k, 0);
+        if (k.unordered) forward_bits(jb, kind, dtype, &k, 1, acc, chunk);
+        else forward_bits(jb, kind, dtype, &k, 0, acc, chunk);
         return;
     }
     int per = 8 / jb->bits;
     __m512i codes = _mm512_loadu_si512(jb->codes), nan_code = _mm512_set1_epi32(jb->nan_code);
-    uint8_t acc[FORWARD_CHUNK];
-    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += FORWARD_CHUNK) {
-        int64_t b1 = clamp_to(b0 + FORWARD_CHUNK, jb->hi);
+    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += chunk) {
+        int64_t b1 = clamp_to(b0 + chunk, jb->hi);
         for (int plane = 0; plane < per; plane++) {  /* plane 0 covers every byte: later planes OR into it */
             int64_t e0 = plane * jb->nbytes + b0, e1 = clamp_to(plane * jb->nbytes + b1, jb->n);
             for (int64_t e = e0; e < e1; e += 16) {
@@ -667,6 +675,20 @@ static inline __attribute__((always_inline)) void forward_job(const code_job *jb
         }
         memcpy(jb->packed + b0, acc, (size_t)(b1 - b0));
     }
+}
+
+/* the thread's step buffer: allocated at its first forward and kept (a fresh one per call faulted its
+ * pages in every time, ~0.1 ms at 2^22) */
+static __thread uint8_t *forward_buffer;
+
+static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
+    if (!forward_buffer) forward_buffer = malloc(FORWARD_CHUNK);
+    if (forward_buffer) {
+        forward_chunks(jb, kind, dtype, forward_buffer, FORWARD_CHUNK);
+        return;
+    }
+    uint8_t small[FORWARD_CHUNK_STACK] __attribute__((aligned(64)));
+    forward_chunks(jb, kind, dtype, small, FORWARD_CHUNK_STACK);
 }
 
 #define FORWARD_DTYPES(kind) \
@@ -710,6 +732,9 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, chunk);
 }
+
+/* FORWARD_CHUNK, for tests that cross it */
+int64_t invact_forward_chunk(void) { return FORWARD_CHUNK; }
 
 /* whether oneDNN's bfloat16 gelu store runs here (the compiler knew vcvtneps2bf16, the CPU has it) */
 int invact_bf16_store(void) { return cpu_has_bf16_insn(); }
