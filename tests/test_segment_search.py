@@ -41,7 +41,7 @@ def test_search_selects_the_counted_segment(shape, flushed):
     if flushed and not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals (no SSE3)")
     rng = random.Random(f"{shape}{flushed}")
-    searched = 0
+    searched, widths = 0, set()
     for trial in range(12):
         drawn, thresholds, strict, rows = random_classes(rng, n_classes, most)
         transforms = (("identity", 1.0, ()),)
@@ -54,13 +54,16 @@ def test_search_selects_the_counted_segment(shape, flushed):
             for search in (True, False):
                 table = cpu_kernel.table_of(classes, transforms, rows, thresholds, strict, search=search)
                 searched += table.search_levels > 0
+                indices = (max(table.slot_of_code) + (1 << table.search_levels) if table.search_levels
+                           else len(rows))
+                widths.add(indices > 16)  # the kernel's permutes: one register up to 16, two past it
                 with flushed_denormals() if flushed else contextlib.nullcontext():
                     got = _run(table, y, codes, bits)
                 assert torch.equal(got.isnan(), want.isnan()), (trial, search)
                 bad = (got != want) & ~want.isnan()
                 assert not bad.any(), (trial, bits, search, y[bad], codes[bad], got[bad], want[bad])
     assert searched >= 8  # the search layout was taken, not only the count
-
+    assert (n_classes * most > 16) in widths, widths  # wide shapes ran the two-register permute, (2, 2) the other
 
 def test_search_layout_declines_what_it_cannot_order():
     """Subnormal thresholds (read as 0 with denormals flushed), strict ones at zero (`y >= ` the float

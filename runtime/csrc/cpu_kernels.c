@@ -6,8 +6,8 @@
  * (g_kernel) in the same order and with the same roundings, so its results are those of the eager
  * backend bit for bit; or the FMA scheme (its steps one vfmadd each), the per-table C kernels' fmaf
  * build bit for bit. Only the selection of each element's table row differs: a binary search over
- * the class's slots (or a count of thresholds passed), then one permute per column (vpermt2ps, up to
- * 32 segments) where Inductor's code blends every coefficient over every segment.
+ * the class's slots (or a count of thresholds passed), then one permute per column (vpermps up to 16
+ * segments, vpermt2ps up to 32) where Inductor's code blends every coefficient over every segment.
  *
  * invact_lut_grad: any table, bfloat16/float16 y: g of every 16-bit y and code, computed once by
  * the eager g_kernel (invact.ops), gathered per element.
@@ -179,24 +179,26 @@ static inline __m512i by_code(int one_bit, const int32_t *table, __m512i code, _
  * t, `y >= t'` being the same for every y (search_layout declines t = 0, where a compare with denormals
  * flushed would read t' as 0, and a subnormal t); padding is NaN, never passed. With denormals flushed
  * the compare reads a subnormal y as 0, as torch's does. NaN y passes none. Slots index the columns. */
-static inline __attribute__((always_inline)) void segment_by_search(const invact_table *t, int one_bit, const __m512 y[U],
-                                                                    const __m512i code[U], const __mmask16 odd[U],
-                                                                    __m512i s[U]) {
+static inline __attribute__((always_inline)) void segment_by_search(const invact_table *t, int one_bit, int narrow,
+                                                                    const __m512 y[U], const __m512i code[U],
+                                                                    const __mmask16 odd[U], __m512i s[U]) {
     EACH(v) s[v] = by_code(one_bit, t->slot_of_code, code[v], odd[v]);
     for (int l = 0; l < t->search_levels; l++) {
         __m512 lo = _mm512_loadu_ps(t->level_thr[l]), hi = _mm512_loadu_ps(t->level_thr[l] + 16);
         __m512i step = _mm512_set1_epi32(1 << (t->search_levels - 1 - l));
         EACH(v) {
-            __mmask16 passed = _mm512_cmp_ps_mask(y[v], _mm512_permutex2var_ps(lo, s[v], hi), _CMP_GE_OQ);
+            __m512 level = narrow ? _mm512_permutexvar_ps(s[v], lo) : _mm512_permutex2var_ps(lo, s[v], hi);
+            __mmask16 passed = _mm512_cmp_ps_mask(y[v], level, _CMP_GE_OQ);
             s[v] = _mm512_mask_add_epi32(s[v], passed, s[v], step);
         }
     }
 }
 
-static inline __attribute__((always_inline)) void segment(const invact_table *t, int one_bit, const __m512 y[U],
-                                                          const __m512i code[U], const __mmask16 odd[U], __m512i s[U]) {
+static inline __attribute__((always_inline)) void segment(const invact_table *t, int one_bit, int narrow,
+                                                          const __m512 y[U], const __m512i code[U],
+                                                          const __mmask16 odd[U], __m512i s[U]) {
     if (t->search_levels) {
-        segment_by_search(t, one_bit, y, code, odd, s);
+        segment_by_search(t, one_bit, narrow, y, code, odd, s);
         return;
     }
     __m512i c[U];  /* one-bit codes come as masks: their values for the count */
@@ -204,10 +206,13 @@ static inline __attribute__((always_inline)) void segment(const invact_table *t,
     segment_by_count(t, y, c, s);
 }
 
-/* column j of each element's row: one two-register permute over up to 32 segments */
-static inline void column(const invact_table *t, int j, const __m512i s[U], __m512 out[U]) {
+/* column j of each element's row: one permute over up to 32 segments (narrow: up to 16, by the
+ * one-register permute, which leaves its operands alone: the two-register one overwrites its table,
+ * and keeping that for the next vector cost a register copy each, ~8 % of the kernel in cache) */
+static inline __attribute__((always_inline)) void column(const invact_table *t, int narrow, int j, const __m512i s[U],
+                                                         __m512 out[U]) {
     __m512 lo = _mm512_loadu_ps(t->columns[j]), hi = _mm512_loadu_ps(t->columns[j] + 16);
-    EACH(v) out[v] = _mm512_permutex2var_ps(lo, s[v], hi);
+    EACH(v) out[v] = narrow ? _mm512_permutexvar_ps(s[v], lo) : _mm512_permutex2var_ps(lo, s[v], hi);
 }
 
 /* p * u + c, one rounding where fused (the FMA scheme's steps: docs/table-format.md), else two */
@@ -218,19 +223,19 @@ static inline __m512 mul_add(int fused, __m512 p, __m512 u, __m512 c) {
 /* g of U vectors of y (lanes live), codes as vectors or, one_bit, as masks (odd); u clamped where
  * `clamp` (t->clamp_sides != 0); the flags constants where inlined */
 static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, int one_bit, int nan_blend,
-                                                          int clamp,
+                                                          int clamp, int narrow,
                                                           const __m512 y[U], const __m512i code[U], const __mmask16 odd[U],
                                                           const __mmask16 live[U], __m512 g[U]) {
     __m512i s[U];
     __m512 tv[U], q[U], q2[U], u[U], p[U];
-    segment(t, one_bit, y, code, odd, s);
+    segment(t, one_bit, narrow, y, code, odd, s);
     if (t->n_transforms == 1) {
         transform(t, 0, y, tv);
     } else {  /* the transform of each element's row (the identity: tv is y until another transform's
                * lanes are blended in); a log (~25 operations a vector) is skipped where no live element
                * has it, a sqrt is not (the test measured dearer than the sqrt) */
         EACH(v) tv[v] = y[v];
-        column(t, COL_TID, s, q);
+        column(t, narrow, COL_TID, s, q);
         for (int i = 0; i < t->n_transforms; i++) {
             if (t->transform_kind[i] == IDENTITY) continue;
             __mmask16 has[U], any = 0;
@@ -244,19 +249,19 @@ static inline __attribute__((always_inline)) void g_block(const invact_table *t,
             EACH(v) tv[v] = _mm512_mask_blend_ps(has[v], tv[v], ti[v]);
         }
     }
-    column(t, COL_CENTER, s, q);
-    column(t, COL_SCALE, s, q2);
+    column(t, narrow, COL_CENTER, s, q);
+    column(t, narrow, COL_SCALE, s, q2);
     EACH(v) {
         u[v] = _mm512_mul_ps(_mm512_sub_ps(tv[v], q[v]), q2[v]);
         if (clamp) u[v] = clamp1(u[v]);
     }
-    column(t, COL_C0_LO + t->degree, s, p);
+    column(t, narrow, COL_C0_LO + t->degree, s, p);
     for (int j = t->degree - 1; j >= 1; j--) {
-        column(t, COL_C0_LO + j, s, q);
+        column(t, narrow, COL_C0_LO + j, s, q);
         EACH(v) p[v] = mul_add(fused, p[v], u[v], q[v]);
     }
-    column(t, COL_C0_LO, s, q);
-    column(t, COL_C0_HI, s, q2);
+    column(t, narrow, COL_C0_LO, s, q);
+    column(t, narrow, COL_C0_HI, s, q2);
     EACH(v) {
         g[v] = _mm512_add_ps(mul_add(fused, p[v], u[v], q[v]), q2[v]);
         if (nan_blend)  /* NaN y: g = y (else the steps carried y's NaN there: see nan_blend) */
@@ -273,6 +278,16 @@ static int nan_blend(const invact_table *t) {
     for (int i = 0; i < t->n_transforms; i++)
         if (t->transform_kind[i] == LOG || t->transform_sign[i] < 0.0f) return 1;
     return 0;
+}
+
+/* whether every segment index the kernel forms is below 16 (column's one-register permute): the
+ * slots of every code's class (search), or the rows of every class (count) */
+static int narrow(const invact_table *t) {
+    for (int c = 0; c < (t->search_levels ? BY_CODE : t->n_classes); c++)
+        if (t->search_levels ? t->slot_of_code[c] + (1 << t->search_levels) > 16
+                             : t->class_first[c] + t->class_count[c] > 16)
+            return 0;
+    return 1;
 }
 
 /* 16 two-byte and 16 one-byte elements from p (lanes m, 0 elsewhere): unmasked where every lane is
@@ -316,6 +331,7 @@ static inline void store(int dtype, void *p, int64_t i, __mmask16 m, __m512 v) {
 typedef struct {
     const invact_table *table;
     int dtype, bits, fused, nan_blend;     /* fused: the FMA scheme; nan_blend: nan_blend(table) */
+    int narrow;                            /* narrow(table) */
     int64_t n, lo, hi;                     /* all elements, and this job's range */
     const void *y, *grad;
     void *out;
@@ -356,7 +372,7 @@ static inline __attribute__((always_inline)) void run_plane_scheme(const job *jb
             if (one_bit) odd[v] = odd16(code + (at - lo), m[v], bit);
             else c[v] = codes16(jb->bits, code + (at - lo), m[v], sh, mask);
         }
-        g_block(jb->table, fused, one_bit, blend, clamp, y, c, odd, m, g);
+        g_block(jb->table, fused, one_bit, blend, clamp, jb->narrow, y, c, odd, m, g);
         EACH(v) {
             __m512 grad = load(jb->dtype, jb->grad, i + 16 * v, m[v]);
             store(jb->dtype, jb->out, i + 16 * v, m[v], _mm512_mul_ps(g[v], grad));
@@ -454,14 +470,15 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void
         table->degree + COL_C0_LO >= MAX_COLUMNS || table->n_transforms < 1 || table->n_transforms > MAX_TRANSFORMS ||
         table->search_levels < 0 || table->search_levels > MAX_LEVELS)
         return -1;
-    return run_jobs((job){table, dtype, bits, fused != 0, nan_blend(table), n, 0, 0, y, grad, out, code, 0}, threads);
+    return run_jobs((job){table, dtype, bits, fused != 0, nan_blend(table), narrow(table), n, 0, 0, y, grad, out, code, 0},
+                    threads);
 }
 
 /* the same with g from lut[code << 16 | bits of y] (2^bits * 65536 floats) for 16-bit dtypes */
 int invact_lut_grad(const float *lut, int dtype, int64_t n, const void *y, const void *grad, void *out,
                     const uint8_t *code, int bits, int threads) {
     if (dtype == F32) return -1;
-    return run_jobs((job){0, dtype, bits, 0, 0, n, 0, 0, y, grad, out, code, lut}, threads);
+    return run_jobs((job){0, dtype, bits, 0, 0, 0, n, 0, 0, y, grad, out, code, lut}, threads);
 }
 
 /* ---- forward: the code, and y with it ---- */
