@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel
-from kernel_rows import random_classes, row_of, search_probes
+from invact import bitpack, cpu_kernel, u_clamp
+from kernel_rows import around, random_classes, row_of, search_probes
 from tolerances import flushed_denormals
 
 needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
@@ -108,3 +108,39 @@ def test_nan_y_gives_nan_through_every_transform(kind, sign):
             assert torch.equal(got.isnan(), y.isnan()), (bits, search, got)
             signs = got[y.isnan()].view(torch.int32) < 0
             assert torch.equal(signs, y[y.isnan()].view(torch.int32) < 0)  # g * 1 keeps y's sign
+
+
+@needs_kernel
+@pytest.mark.parametrize("flushed", [False, True])
+@pytest.mark.parametrize("transforms", [
+    (("identity", 1.0, ()), ("sqrt", 1.0, (0.5, 0.0, 1e-9))),             # the straight-line pair
+    (("sqrt", -1.0, (0.0, -0.0, 1e-40)), ("identity", 1.0, ())),          # its other order, a -0 part
+    (("identity", 1.0, ()), ("sqrt", 1.0, (0.5, 1e-9)), ("sqrt", -1.0, (-0.0,))),  # the general loop
+], ids=["pair", "pair reversed", "three"])
+def test_transforms_step_for_step(transforms, flushed):
+    """t of each row's transform as the scheme computes it (invact.u_clamp's exact float32 steps):
+    origin parts subtracted in order, zero parts (+0 or -0) and the sign included, then sqrt of at
+    least 0; every part is subtracted, where the kernel used to skip zero ones, so a zero part must
+    change no value, subnormal parts and y with denormals flushed included. Rows g = u = t / 128,
+    clamped to [-1, 1] as every row's u is (t up to 128 is seen whole)."""
+    if flushed and not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    n = len(transforms)
+    thresholds = (-1.0, 0.25, 2.0)
+    classes = ((0, 0, 4, 0),)
+    rows = [[float(r % n), 0.0, 2.0 ** -7, 0.0, 0.0, 1.0] for r in range(4)]  # g = 1 * u + 0 + 0
+    y = around([-1.0, -1e-40, -0.0, 0.0, 1e-40, 1e-9, 0.25, 0.5, 2.0, 3.0],
+               [math.inf, -math.inf, math.nan, 1e30, -1e30, 0.49999997, 0.50000006])
+    codes = torch.zeros(y.shape, dtype=torch.int64)
+    row = row_of(classes, thresholds, (False,) * 3, y, codes, flushed)
+    want = torch.tensor([u_clamp._u(float(v), rows[r], transforms[int(rows[r][0])], flushed)
+                         for v, r in zip(y.tolist(), row.tolist())], dtype=torch.float32).clamp(-1.0, 1.0)
+    if flushed:  # g = u + 0: a subnormal u reads as 0
+        want = torch.where(want.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(want), want)
+    for search in (True, False):
+        table = cpu_kernel.table_of(classes, transforms, rows, thresholds, (False,) * 3, search=search)
+        with flushed_denormals() if flushed else contextlib.nullcontext():
+            got = _run(table, y, codes, 1)
+        assert torch.equal(got.isnan(), want.isnan()), (search, y[got.isnan() != want.isnan()])
+        bad = (got != want) & ~want.isnan()
+        assert not bad.any(), (search, y[bad], got[bad], want[bad])
