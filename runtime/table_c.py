@@ -79,7 +79,12 @@ def _flags(use_fma: bool = False) -> tuple[str, ...]:
 
 def source(mod: ModuleType) -> Path:
     """The C file generated next to the torch module ``mod`` (generated/c_NAME.c)."""
-    path = Path(mod.__file__)
+    return _source(mod.__file__)
+
+
+@functools.lru_cache(maxsize=256)
+def _source(torch_file: str) -> Path:  # every backward asks: the path arithmetic took ~7 us a call
+    path = Path(torch_file)
     return path.with_name("c_" + path.stem.removeprefix("torch_") + ".c")
 
 
@@ -171,7 +176,7 @@ def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thr
             or len(params) != len(mod.PARAMS) or not out.numel() == grad.numel() == y.numel()):
         return False
     lib = library(mod, use_fma and y.dtype == torch.float32)
-    if lib is None or (y.dtype != torch.float32 and not lib.invact_table_direct16()):
+    if lib is None or (y.dtype != torch.float32 and not direct16(mod)):
         return False
     values = (ctypes.c_double * max(len(params), 1))(*params)
     done = lib.invact_table_grad(DTYPES[y.dtype], y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
@@ -184,7 +189,12 @@ def direct16(mod: ModuleType) -> bool:
     """Whether :func:`run` computes ``mod``'s bfloat16 / float16 backward itself, faster than the
     lookup: g is the eager code's bit for bit (the lookup's entries) and no POLY column varies with
     the segment (the closed forms' few vector operations an element against a gather's ~1.7 cycles)."""
-    lib = library(mod)
+    return cpu_kernel.enabled() and _direct16(source(mod), mod.TABLE_SHA256)
+
+
+@functools.lru_cache(maxsize=256)
+def _direct16(path: Path, sha256: str) -> bool:  # every 16-bit backward asks twice: the library's answer, kept
+    lib = _load(path, sha256, False)  # library(mod)'s call and cache entry
     return lib is not None and bool(lib.invact_table_direct16())
 
 
