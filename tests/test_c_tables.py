@@ -134,16 +134,20 @@ def _import(path: Path):
     return mod
 
 
+def _user_tables(tmp_path: Path) -> list[tuple[object, tuple[float, ...]]]:
+    """tests/data/make_tables.py's tables, generated into another root: (torch module, default parameters)."""
+    make_tables.write_all(tmp_path / "generated" / "tables")
+    generate_all(tmp_path)
+    mods = [_import(path) for path in sorted((tmp_path / "generated").glob("torch_*.py"))]
+    return [(mod, tuple(float(v) for v in mod.META["params"].values())) for mod in mods]
+
+
 @needs_c
 def test_user_tables_exact_constant_and_poly_segments(tmp_path):
     """Tables as a user's fit writes them (tests/data/make_tables.py: exact segments in parameters,
     constant segments, sqrt-transform polynomials, two codes), generated into another root: the C
     kernel next to each torch module equals that module's eager g_kernel."""
-    make_tables.write_all(tmp_path / "generated" / "tables")
-    generate_all(tmp_path)
-    for path in sorted((tmp_path / "generated").glob("torch_*.py")):
-        mod = _import(path)
-        params = tuple(float(v) for v in mod.META["params"].values())
+    for mod, params in _user_tables(tmp_path):
         k = ops.module_constants(mod, torch.float32, torch.device("cpu"), params)
         y = torch.cat([torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40]), torch.randn(5000) * 3])
         for c in range(mod.META["n_codes"]):
@@ -152,8 +156,8 @@ def test_user_tables_exact_constant_and_poly_segments(tmp_path):
             go = torch.randn_like(y)
             want = mod.g_kernel(y, codes, k.y_thresholds, k.poly, **k.params) * go
             got = torch.empty_like(y)
-            assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params, use_fma=False), path.name
-            assert _same_or_within(want, got, _libm_bound(want, go) if _calls_libm(mod) else None), (path.name, c)
+            assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params, use_fma=False), mod.NAME
+            assert _same_or_within(want, got, _libm_bound(want, go) if _calls_libm(mod) else None), (mod.NAME, c)
 
 
 def test_translation_follows_torch_semantics():
@@ -378,12 +382,7 @@ def test_lookup_tables_filled_by_c_equal_eager(dtype, flushed):
 
 def _direct16_tables(tmp_path: Path) -> list[tuple[object, tuple[float, ...]]]:
     """The built-in and the tests/data tables whose 16-bit backward table_c computes itself."""
-    make_tables.write_all(tmp_path / "generated" / "tables")
-    generate_all(tmp_path)
-    mods = [(_module(n), _defaults(n)) for n in ops.names()]
-    for path in sorted((tmp_path / "generated").glob("torch_*.py")):
-        mod = _import(path)
-        mods.append((mod, tuple(float(v) for v in mod.META["params"].values())))
+    mods = [(_module(n), _defaults(n)) for n in ops.names()] + _user_tables(tmp_path)
     return [(mod, params) for mod, params in mods if table_c.direct16(mod)]
 
 

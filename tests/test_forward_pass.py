@@ -107,12 +107,7 @@ def test_steps_of_many_chunks(name, threads):
     _assert_bitwise(y, NATIVE[name](x))
     mod = registry.module(name)
     assert torch.equal(code, mod.code_packed(x, constants.module_constants(mod, x.dtype, x.device, ()).x_thresholds))
-    thresholds, strict, codes = (-2.0, -0.0, 0.5), (True, False, True), (3, 1, 0, 2)
-    x8 = x[: threads * (2 * chunk + 4099) + 13].float()
-    passed = sum(((x8 > t) if s else (x8 >= t)).to(torch.int64) for t, s in zip(thresholds, strict))
-    ref = torch.where(torch.isnan(x8), 2, torch.tensor(codes)[passed])
-    cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, 2)
-    assert torch.equal(cpu_kernel.pack_code(x8, cmap, 8), bitpack.pack(ref, 8))
+    _assert_codes_of_several_thresholds(x[: threads * (2 * chunk + 4099) + 13].float(), 8)
 
 
 def _vector_scalar_differ(name: str) -> torch.Tensor:
@@ -227,15 +222,20 @@ def test_one_bit_codes_at_every_kind_of_threshold(dtype, flush):
 def test_codes_of_several_thresholds_every_width(dtype, bits):
     """The general route (several thresholds, or codes of more than one bit): count the thresholds
     passed, look the code up, NaN's own; ragged sizes so that the last planes are short."""
+    for n in (1000, 65536 + 37):
+        _assert_codes_of_several_thresholds(_inputs(dtype, n, seed=bits), bits)
+
+
+def _assert_codes_of_several_thresholds(x: torch.Tensor, bits: int) -> None:
+    """The C kernel's packed codes of x against torch's count of three thresholds passed (two strict)
+    and a code map of ``bits`` bits, NaN's own code."""
     thresholds, strict = (-2.0, -0.0, 0.5), (True, False, True)
     codes, nan_code = ((1, 0, 1, 0), 1) if bits == 1 else ((3, 1, 0, 2), 2)
-    for n in (1000, 65536 + 37):
-        x = _inputs(dtype, n, seed=bits)
-        xf = x.float()
-        passed = sum(((xf > t) if s else (xf >= t)).to(torch.int64) for t, s in zip(thresholds, strict))
-        ref = torch.where(torch.isnan(xf), nan_code, torch.tensor(codes)[passed])
-        cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, nan_code)
-        assert torch.equal(cpu_kernel.pack_code(x, cmap, bits), bitpack.pack(ref, bits))
+    xf = x.float()
+    passed = sum(((xf > t) if s else (xf >= t)).to(torch.int64) for t, s in zip(thresholds, strict))
+    ref = torch.where(torch.isnan(xf), nan_code, torch.tensor(codes)[passed])
+    cmap = (thresholds, sum(1 << j for j, s in enumerate(strict) if s), codes, nan_code)
+    assert torch.equal(cpu_kernel.pack_code(x, cmap, bits), bitpack.pack(ref, bits))
 
 
 def test_omp_dynamic_declines_the_one_pass_forward():
