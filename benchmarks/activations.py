@@ -8,7 +8,8 @@ medians), CPU:
   bwd compiled  the compiled backward (unpack code, g(y, code), * grad) vs the native backward
                 (target <= 0.6; the fitted tables gelu, gelu_tanh, silu, quick_gelu, mish: <= 1.0
                 float32, <= 0.8 bfloat16/float16); on AVX-512 CPUs the C kernels of invact.cpu_kernel (16-bit y of every
-                table, float32 y of the fitted tables), Inductor's code otherwise
+                table, float32 y of the fitted tables), on AVX2 ones its AVX2 kernel (float32 y of the fitted
+                tables), the per-table C kernels of invact.table_c for the rest
   fwd           forward incl. computing and packing the code (compiled backend) vs the native
                 forward (target <= 1.10)
   bwd eager     the plain-torch backward vs the native backward (target <= 3)

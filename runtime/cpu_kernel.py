@@ -1,5 +1,7 @@
 """The compiled CPU backend's C kernels: ``csrc/cpu_kernels.c``, built once with the system C compiler
-and called through ctypes, on CPUs where ATen itself runs AVX-512 code.
+and called through ctypes, on CPUs where ATen itself runs AVX-512 code; and where it runs AVX2 code,
+the float32 polynomial backward alone (``csrc/poly_avx2.c``, :func:`poly_library`: the same scheme on
+8-lane vectors, bit for bit).
 
 * Backward, float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's
   code for the generated ``grad_kernel`` selects each element's table row with a chain of blends per
@@ -50,7 +52,8 @@ from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the l
 from .common import slots
 from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa: F401 - SearchLayout re-exported
 
-__all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "Table", "builds", "enabled", "fma_allowed", "library", "kernel_table",
+__all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
+           "poly_library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
            "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
 
@@ -59,9 +62,13 @@ SWITCH_ENV = "INVACT_CPU_KERNEL"
 FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", "invact_threads.h",
-                                              "invact_torch_math.h"))  # included: in the key
+                                              "invact_torch_math.h", "invact_poly.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
+AVX2_SOURCE = SOURCE.with_name("poly_avx2.c")  # the polynomial backward alone, for AVX2 + FMA
+AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_threads.h"))
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
+POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = slots.MAX_SLOTS, 48, 16, 4, 9
 MAX_LEVELS, BY_CODE = slots.MAX_LEVELS, slots.BY_CODE  # the search's (invact.common.slots)
@@ -95,13 +102,14 @@ def _compiler() -> str | None:
     return None
 
 
-def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str) -> list[tuple[list[str], str]]:
-    """(command, cache key) of each way to build ``source`` with :data:`FLAGS`, best first
-    (:func:`invact.kernel_cache.threading_flags`); the key is ``stem`` and a hash of the source, its
-    headers, the compiler's path and the flags."""
+def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str,
+           isa_flags: tuple[str, ...] = FLAGS) -> list[tuple[list[str], str]]:
+    """(command, cache key) of each way to build ``source`` with ``isa_flags`` (:data:`FLAGS`: AVX-512),
+    best first (:func:`invact.kernel_cache.threading_flags`); the key is ``stem`` and a hash of the
+    source, its headers, the compiler's path and the flags."""
     out = []
     for threads in kernel_cache.threading_flags(compiler):
-        flags = (*FLAGS, *threads)
+        flags = (*isa_flags, *threads)
         parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
         out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     return out
@@ -159,6 +167,39 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def poly_library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The library whose ``invact_poly_grad`` runs the float32 backward of polynomial tables for ``isa``
+    (one of :data:`POLY_ISAS`; default: ATen's CPU capability): :func:`library` for AVX-512, the AVX2 +
+    FMA build of ``csrc/poly_avx2.c`` for AVX2 (float32 y only), which an AVX-512 CPU runs too (the
+    tests compare both builds there). None where the kernels are switched off, the CPU lacks the ISA
+    or no compiler builds it (warning once)."""
+    here = torch.backends.cpu.get_cpu_capability()
+    isa = here if isa is None else isa
+    if isa == "AVX512":
+        return library()
+    if isa != "AVX2" or here not in POLY_ISAS or not enabled():
+        return None
+    return _avx2_library()
+
+
+@functools.cache
+def _avx2_library() -> ctypes.CDLL | None:
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        lib = kernel_cache.load_first(builds("poly_avx2", AVX2_SOURCE, AVX2_HEADERS, compiler, AVX2_FLAGS), _check_abi)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"invact: the AVX2 CPU kernel could not be built ({error}); the float32 backward of the "
+                      "fitted tables runs their per-table C", RuntimeWarning, stacklevel=2)
+        return None
+    lib.invact_poly_grad.restype = ctypes.c_int
+    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads, fused
+    return lib
+
+
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
     """The C table of a generated torch module (float32 ``thresholds``: its y thresholds as the
     float32 evaluation compares them, passed where ``y > t`` if ``strict`` else ``y >= t``), or None
@@ -205,8 +246,9 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
     return t
 
 
-def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int, *extra) -> bool:
-    lib = library()
+def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int, *extra,
+          lib: ctypes.CDLL | None = None) -> bool:
+    lib = lib or library()
     dtype = DTYPE_IDS.get(y.dtype)
     if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
             or not all(t.is_contiguous() and t.device.type == "cpu" for t in (out, grad, y, code))):
@@ -217,13 +259,16 @@ def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tenso
 
 
 def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int,
-        use_fma: bool | None = None) -> bool:
-    """out = g(y, code) * grad by the polynomial kernel, on flat contiguous CPU tensors of one dtype;
-    False (nothing done) where the kernel does not take them. ``use_fma`` (default
-    :func:`fma_allowed`): the FMA scheme, certified as the scheme without it (every AVX-512 CPU has
-    FMA), else the eager backend's bits."""
+        use_fma: bool | None = None, isa: str | None = None) -> bool:
+    """out = g(y, code) * grad by the polynomial kernel of ``isa`` (:func:`poly_library`), on flat
+    contiguous CPU tensors of one dtype (AVX2: float32 only); False (nothing done) where the kernel
+    does not take them. ``use_fma`` (default :func:`fma_allowed`): the FMA scheme, certified as the
+    scheme without it (every CPU with AVX-512, or with ATen's AVX2 capability, has FMA), else the
+    eager backend's bits."""
+    lib = poly_library(isa)
     fused = fma_allowed() if use_fma is None else use_fma
-    return _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits, int(fused))
+    return lib is not None and _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits, int(fused),
+                                     lib=lib)
 
 
 @contextlib.contextmanager

@@ -7,9 +7,11 @@ silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three o
 gather from g of every 16-bit y and code for bfloat16 / float16 y (the table
 :func:`invact.impl_eager.lookup_table` holds; declined for tables whose per-table C computes it
 directly, faster: :func:`invact.table_c.direct16`), the fused polynomial kernel for float32 y of tables it
-covers (:func:`fused_table`), with FMA unless ``INVACT_FMA=0``. Bit for bit what the eager backend
-computes, but for that FMA scheme. Answers None where the kernels do not take the tensors (no AVX-512
-or no compiler, float64, a table the kernel does not cover): :mod:`invact.impl_compiled` runs then.
+covers (:func:`fused_table`; AVX-512's, or on CPUs with AVX2 and no AVX-512 as ATen sees them that of
+``csrc/poly_avx2.c``: :func:`invact.cpu_kernel.poly_library`), with FMA unless ``INVACT_FMA=0``. Bit for
+bit what the eager backend computes, but for that FMA scheme. Answers None where the kernels do not take
+the tensors (no AVX-512, or for float32 neither AVX-512 nor AVX2; no compiler; float64; a table the kernel
+does not cover): :mod:`invact.impl_table_c` and then :mod:`invact.impl_compiled` run then.
 
 Documented internals: :class:`CpuKernels` / :data:`CPU`, :func:`fused_table`, :func:`code_map` and
 :func:`coded_forward` (the forward both C implementations run, each with its own packer),
@@ -145,14 +147,12 @@ class CpuKernels:
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
         mod = registry.module(name)
-        if cpu_kernel.library() is None:
-            return None
         lut = table = None
         if y.dtype in (torch.bfloat16, torch.float16):
-            if table_c.direct16(mod):  # the closed forms: computed by invact.impl_table_c, faster than a gather
-                return None
+            if cpu_kernel.library() is None or table_c.direct16(mod):  # direct16: the closed forms, computed
+                return None                                           # by invact.impl_table_c, faster than a gather
             lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
-        elif (table := fused_table(mod, tuple(params))) is None:
+        elif cpu_kernel.poly_library() is None or (table := fused_table(mod, tuple(params))) is None:
             return None
         out, gf, yf, of = layout.backward_views(grad, y)
         yf = yf.contiguous()

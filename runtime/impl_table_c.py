@@ -2,7 +2,7 @@
 
 In the compiled backend's order (invact.ops) it comes after :mod:`invact.impl_cpu` (the AVX-512
 kernels, which keep the fitted tables' float32 backward, the 16-bit backward and the forward code
-where they run) and before Inductor's code (:mod:`invact.impl_compiled`): with both, no table's first
+where they run; on AVX2 CPUs the fitted tables' float32 backward) and before Inductor's code (:mod:`invact.impl_compiled`): with both, no table's first
 call on CPU compiles anything (benchmarks/first_call.py). It computes the 16-bit backward of tables
 whose g is plain arithmetic (:func:`invact.table_c.direct16`) from y; without AVX-512 it also packs
 the forward code and gathers the other 16-bit backwards; float64 runs the eager torch code. It declines (None) CUDA

@@ -1,4 +1,4 @@
-"""The table row the segment-index kernels (the AVX-512 kernel, act_triton.search) must choose for
+"""The table row the segment-index kernels (the AVX-512 and AVX2 kernels, act_triton.search) must choose for
 each y and code, in torch: the class is the last whose code matches (the first where none does), the
 row its first plus the count of its thresholds that y passes (`y > t` where strict, else `y >= t`);
 the y to probe it at; random tables of classes for the search tests."""
@@ -7,7 +7,13 @@ import math
 
 import torch
 
+from invact import cpu_kernel
+
 TINY = torch.finfo(torch.float32).tiny
+POLY_ISAS = [isa for isa in cpu_kernel.POLY_ISAS if cpu_kernel.poly_library(isa) is not None]
+"""The polynomial kernels (invact.cpu_kernel.poly_library) this machine runs: AVX-512's where ATen's
+capability is AVX-512, and the AVX2 build there and on AVX2 CPUs (the tests parametrize over them; an
+empty list skips)."""
 
 
 def row_of(classes, thresholds, strict, y: torch.Tensor, codes: torch.Tensor, flushed: bool) -> torch.Tensor:

@@ -38,7 +38,10 @@ SUBSET = {   # the activations with a branch point (information floor) and the f
     "no-avx512": [f"{MLP}[GELU]", f"{MLP}[SiLU]", f"{OFF_BY_ULPS}[3]", f"{OFF_BY_ULPS}[-36]",
                   # the per-table C kernels built for AVX2: code, backward, no compile
                   "tests/test_c_tables.py::test_first_call_compiles_nothing[gelu-params2]",
-                  "tests/test_c_tables.py::test_portable_16_bit_conversions_every_pattern[dtype1]"],
+                  "tests/test_c_tables.py::test_portable_16_bit_conversions_every_pattern[dtype1]",
+                  # the AVX2 polynomial kernel: the compiled backend's float32 backward of the fitted tables
+                  "tests/test_cpu_kernel.py::test_compiled_backend_without_avx512_runs_the_avx2_kernel",
+                  "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise[silu-dtype0-AVX2]"],
     "one-thread": [f"{MLP}[GELU]", "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise",
                    "tests/test_cpu_kernel.py::test_compiled_backend_runs_the_kernels"],
 }

@@ -1,4 +1,5 @@
-"""The fused CPU backwards (invact.cpu_kernel, csrc/cpu_kernels.c) against the generated torch code.
+"""The fused CPU backwards (invact.cpu_kernel: csrc/cpu_kernels.c, and csrc/poly_avx2.c's float32 backward,
+parametrized by ISA where this machine runs it) against the generated torch code.
 
 The polynomial kernel evaluates docs/table-format.md's float32 scheme with the eager code's correctly
 rounded operations in the same order; the 16-bit kernel gathers what the eager g_kernel computed for
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, registry, table_c
-from kernel_rows import around
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, impl_table_c, ops, registry, table_c
+from kernel_rows import POLY_ISAS, around
 
 FUSED = [n for n in ops.names() if getattr(registry.module(n), "FUSED_CPU", False)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -46,9 +47,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(bits), b[~nan].view(bits))
 
 
-def _both(name: str, y, code, go, use_fma: bool = False):
-    """(the eager backward, the polynomial kernel's); with ``use_fma`` the per-table C kernel's FMA
-    build (tests/test_fma_c.py: the fitter's exact emulation of the FMA scheme) instead of eager."""
+def _both(name: str, y, code, go, use_fma: bool = False, isa: str = "AVX512"):
+    """(the eager backward, the polynomial kernel's of ``isa``); with ``use_fma`` the per-table C kernel's
+    FMA build (tests/test_fma_c.py: the fitter's exact emulation of the FMA scheme) instead of eager."""
     mod = registry.module(name)
     if use_fma:
         k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
@@ -57,22 +58,27 @@ def _both(name: str, y, code, go, use_fma: bool = False):
     else:
         want = torch.ops.invact.backward(go, y, code, name, [], "eager")
     fused = torch.empty_like(y)
-    assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), fused, go, y, code, mod.CODE_BITS, use_fma=use_fma)
+    assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), fused, go, y, code, mod.CODE_BITS, use_fma=use_fma, isa=isa)
     return want, fused
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", POLY_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", FUSED)
-def test_fused_equals_eager_bitwise(name, dtype):
+def test_fused_equals_eager_bitwise(name, dtype, isa):
     """Without FMA the eager backend's bits; with FMA (float32, as the compiled backend runs it) the
-    per-table C kernel's FMA build's bits: both are the certified schemes, exactly."""
-    for n in (1, 15, 16, 17, 64, 65, 1003, 40_001):
+    per-table C kernel's FMA build's bits: both are the certified schemes, exactly. The AVX2 kernel
+    declines 16-bit y (the lookup serves them)."""
+    for n in (1, 15, 16, 17, 23, 24, 25, 64, 65, 1003, 40_001):
         x = _inputs(name, dtype, n, seed=n)
         y, code = torch.ops.invact.forward(x, name, [], "eager")
         go = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        if isa == "AVX2" and dtype != torch.float32:
+            table = impl_cpu.fused_table(registry.module(name), ())
+            assert not cpu_kernel.run(table, torch.empty_like(y), go, y, code, registry.module(name).CODE_BITS, isa=isa)
+            continue
         for use_fma in (False, True) if dtype == torch.float32 and table_c.fma() else (False,):
-            want, fused = _both(name, y, code, go, use_fma)
+            want, fused = _both(name, y, code, go, use_fma, isa)
             assert _same(want, fused), (name, dtype, n, use_fma)
 
 
@@ -90,9 +96,9 @@ def test_compiled_16_bit_backward_equals_eager_bitwise(name, dtype):
         assert _same(eager, torch.ops.invact.backward(go, y, code, name, params, "compiled")), (name, n)
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", POLY_ISAS)
 @pytest.mark.parametrize("name", FUSED)
-def test_fused_at_every_y_threshold(name):
+def test_fused_at_every_y_threshold(name, isa):
     """y at each threshold and its float32 neighbours, in every code class: the segment choice, and
     the ends of every segment, where u is extreme (the kernel leaves out u's clamp where no y reaches
     it: invact.u_clamp), with the infinities and the largest floats that end the first and last."""
@@ -101,12 +107,12 @@ def test_fused_at_every_y_threshold(name):
     n = y.numel()
     for c in range(registry.module(name).META["n_codes"]):
         code = bitpack.pack(torch.full((n,), c, dtype=torch.int32), registry.module(name).CODE_BITS)
-        eager, fused = _both(name, y, code, torch.ones(n))
+        eager, fused = _both(name, y, code, torch.ones(n), isa=isa)
         assert _same(eager, fused)
 
 
-@needs_kernel
-def test_fused_threads_agree():
+@pytest.mark.parametrize("isa", POLY_ISAS)
+def test_fused_threads_agree(isa):
     """The work is split over threads at 16-element boundaries, across bit planes: same bits."""
     name, n = FUSED[0], 3 * 32768 + 5
     x = _inputs(name, torch.float32, n)
@@ -116,7 +122,7 @@ def test_fused_threads_agree():
     outs = []
     for threads in (1, 3):
         out = torch.empty_like(y)
-        assert cpu_kernel.library().invact_poly_grad(table, 0, n, y.data_ptr(), go.data_ptr(), out.data_ptr(),
+        assert cpu_kernel.poly_library(isa).invact_poly_grad(table, 0, n, y.data_ptr(), go.data_ptr(), out.data_ptr(),
                                                      code.data_ptr(), registry.module(name).CODE_BITS, threads, 1) == 0
         outs.append(out)
     assert _same(*outs)
@@ -134,6 +140,30 @@ def test_compiled_backend_runs_the_kernels(monkeypatch, dtype, kernel):
     monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's backward ran"))
     grad = torch.ops.invact.backward(torch.ones_like(y), y, code, FUSED[0], [], "compiled")
     assert calls and torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif("AVX2" not in POLY_ISAS, reason="no AVX2 kernel here (CPU or compiler)")
+def test_compiled_backend_without_avx512_runs_the_avx2_kernel(monkeypatch):
+    """Where ATen's capability is AVX2, the compiled backend's float32 backward of a fitted table is
+    csrc/poly_avx2.c's kernel, not the per-table C: the per-table C FMA build's bits (the FMA scheme),
+    or with INVACT_FMA=0 the eager backend's."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_kernel, "library", lambda: None)          # as there: no AVX-512 library
+    per_table = table_c.run
+    monkeypatch.setattr(impl_table_c, "run", lambda *a, **k: pytest.fail("the per-table C kernel ran"))
+    monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
+    name = FUSED[0]
+    mod = registry.module(name)
+    x = _inputs(name, torch.float32, 40_001)
+    y, code = torch.ops.invact.forward(x, name, [], "eager")
+    go = torch.randn(y.numel(), generator=torch.Generator().manual_seed(1))
+    k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
+    want = torch.empty_like(y)
+    assert per_table(mod, want, go, y, code, k.y_thresholds, k.poly, (), use_fma=True) and table_c.fma()
+    assert _same(torch.ops.invact.backward(go, y, code, name, [], "compiled"), want)
+    monkeypatch.setenv(cpu_kernel.FMA_ENV, "0")
+    assert _same(torch.ops.invact.backward(go, y, code, name, [], "compiled"),
+                 torch.ops.invact.backward(go, y, code, name, [], "eager"))
 
 
 def test_kernel_table_only_for_fused_tables():
@@ -166,31 +196,38 @@ def test_kernel_refuses_what_it_does_not_take(monkeypatch):
         monkeypatch.delenv(cpu_kernel.SWITCH_ENV)
         cpu_kernel.library.cache_clear()
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # no AVX-512
-        assert cpu_kernel.library() is None and not cpu_kernel.run(table, torch.empty(32), y, y, code, 1)
+        assert cpu_kernel.library() is None and cpu_kernel.poly_library() is cpu_kernel.poly_library("AVX2")
+        assert not cpu_kernel.run(table, torch.empty(32, dtype=torch.bfloat16), h, h, code, 1)  # float32 only there
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # neither ISA
+        assert cpu_kernel.poly_library() is None and cpu_kernel.poly_library("AVX2") is None
+        assert not cpu_kernel.run(table, torch.empty(32), y, y, code, 1)
     finally:
         cpu_kernel.library.cache_clear()
 
 
-def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
-    """A compiler that fails: one RuntimeWarning naming the kernel, then None (Inductor's code)."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+@pytest.mark.parametrize("isa, cached, message", [("AVX512", cpu_kernel.library, "fused CPU kernel"),
+                                                   ("AVX2", cpu_kernel._avx2_library, "AVX2 CPU kernel")])
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, isa, cached, message):
+    """A compiler that fails: one RuntimeWarning naming the kernel, then None (the per-table C kernels
+    or Inductor's code)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
     monkeypatch.delenv(cpu_kernel.SWITCH_ENV, raising=False)   # the suite also runs with the kernels off
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path))
-    cpu_kernel.library.cache_clear()
+    cached.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="fused CPU kernel could not be built"):
-            assert cpu_kernel.library() is None
+        with pytest.warns(RuntimeWarning, match=f"{message} could not be built"):
+            assert cpu_kernel.poly_library() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert cpu_kernel.library() is None  # cached: no second warning
+            assert cpu_kernel.poly_library() is None  # cached: no second warning
         assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))  # no half-written file
     finally:
-        cpu_kernel.library.cache_clear()
+        cached.cache_clear()
 
 
-@needs_kernel
-def test_segment_choice_at_signed_zero_thresholds():
+@pytest.mark.parametrize("isa", POLY_ISAS)
+def test_segment_choice_at_signed_zero_thresholds(isa):
     """The kernel counts thresholds by the sign of (y + 0) - t: y = -0.0 must pass t = +0.0 as `y >= t`
     does. A hand-made table: one class, thresholds (-0.0, +0.0, 1.0) between four constant segments."""
     t = cpu_kernel.Table(n_classes=1, degree=1, n_transforms=1)
@@ -202,18 +239,18 @@ def test_segment_choice_at_signed_zero_thresholds():
         t.columns[3][seg] = float(seg + 1)       # c0_hi: the segment's value; scale 0 leaves u = 0
     y = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, 2.0, -1e30, 1e30])
     out = torch.empty_like(y)
-    assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0)
+    assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0, isa=isa)
     want = 1.0 + (y.unsqueeze(1) >= torch.tensor([-0.0, 0.0, 1.0])).sum(1).float()
     assert torch.equal(out, want), (out, want)
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", POLY_ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-def test_kernels_read_every_code_width(bits):
+def test_kernels_read_every_code_width(bits, isa):
     """Codes of 1, 2, 4 and 8 bits (invact.bitpack's planes; the built-ins use 1 or none): random codes
     packed by bitpack.pack, read back by both kernels. The polynomial kernel against g_kernel with the
     unpacked codes (codes of no class take the first class, as in the generated code); the lookup
-    kernel against a random table indexed in torch."""
+    kernel (AVX-512's library only) against a random table indexed in torch."""
     name = FUSED[0]
     mod = registry.module(name)
     g = torch.Generator().manual_seed(bits)
@@ -225,8 +262,10 @@ def test_kernels_read_every_code_width(bits):
         k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
         want = mod.g_kernel(y, codes, k.y_thresholds, k.poly) * go
         got = torch.empty_like(y)
-        assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), got, go, y, packed, bits, use_fma=False)
+        assert cpu_kernel.run(impl_cpu.fused_table(mod, ()), got, go, y, packed, bits, use_fma=False, isa=isa)
         assert _same(want, got), (bits, n)
+        if isa != "AVX512":
+            continue
 
         h = y.to(torch.bfloat16)
         lut = torch.randn(1 << (16 + bits), generator=g)

@@ -27,6 +27,7 @@ import torch
 import tolerances as tol
 from invact import backends, bitpack, cpu_kernel, impl_eager, ops
 from invact.fitting.evaluate import number
+from kernel_rows import POLY_ISAS
 from triton_tolerances import needs_interpreter
 
 NAMES = ops.names()
@@ -204,8 +205,8 @@ def test_lookup_tables_follow_the_setting(flush_denormal):
             assert torch.equal(g, torch.full_like(g, want)), (flushed, backend, g)
 
 
-@pytest.mark.skipif(cpu_kernel.library() is None, reason="no C kernels on this machine (AVX-512 and a C compiler)")
-def test_c_kernel_strict_thresholds(flush_denormal):
+@pytest.mark.parametrize("isa", POLY_ISAS)
+def test_c_kernel_strict_thresholds(flush_denormal, isa):
     """A hand-made table: thresholds 0 (strict: `y > 0`), 1 (strict) and 2 (`y >= 2`) between four
     constant segments, against torch's comparisons in the same setting, at +-0, subnormals, the
     thresholds and their neighbours."""
@@ -222,6 +223,6 @@ def test_c_kernel_strict_thresholds(flush_denormal):
     for setting in (contextlib.nullcontext, flush_denormal):
         with setting():
             out = torch.empty_like(y)
-            assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0)
+            assert cpu_kernel.run(t, out, torch.ones_like(y), y, torch.zeros(0, dtype=torch.uint8), 0, isa=isa)
             want = 1.0 + sum((y > v if s else y >= v).float() for v, s in zip(thresholds, strict))
         assert torch.equal(out, want), (setting, y.tolist(), out.tolist(), want.tolist())

@@ -1,0 +1,324 @@
+/* invact_poly_grad for CPUs with AVX2 and FMA but not AVX-512: the float32 backward of tables of
+ * polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
+ * same order, so the same bits, with FMA or without). Only how the row is found differs: AVX2's
+ * permute reads 8 entries, so an index past 7 takes two permutes and a blend on its bit 3 (past 15:
+ * four and three blends); a one-bit code's first search level is a blend of two thresholds, the
+ * sqrt-or-identity choice a shift of a 32-bit mask, the count of thresholds passed a sum of compares
+ * (cpu_kernels.c's subtractions reproduce those compares), and the slot of a code of several bits a
+ * gather. Zero-padded copies take the last elements of a plane. float32 y only.
+ *
+ * Built and loaded by invact.cpu_kernel (poly_library), which fills invact_table.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "invact_poly.h"
+#include "invact_threads.h"
+
+int invact_abi_version(void) { return ABI_VERSION; }
+
+typedef __m256 vf;
+typedef __m256i vi;
+
+static inline vf set(float v) { return _mm256_set1_ps(v); }
+static inline vf as_f(vi v) { return _mm256_castsi256_ps(v); }
+static inline vi as_i(vf v) { return _mm256_castps_si256(v); }
+
+/* U independent vectors of 8 elements a step: 2 measured as fast as 3 or 4 (16 vector registers) */
+#ifndef U
+#define U 2
+#endif
+#define EACH(v) for (int v = 0; v < U; v++)
+#define LANES 8
+
+/* clamps as ATen's (cpu_kernels.c): vmaxps/vminps return their second operand where either is NaN */
+static inline vf at_least(vf v, float lo) { return _mm256_max_ps(set(lo), v); }
+static inline vf clamp1(vf v) { return _mm256_min_ps(set(1.0f), _mm256_max_ps(set(-1.0f), v)); }
+
+/* the blend selectors of index s: bit 3 and bit 4 moved to the sign (vblendvps reads the sign) */
+typedef struct { vi s; vf b3, b4; } index8;
+
+static inline index8 index_of(vi s) {
+    return (index8){s, as_f(_mm256_slli_epi32(s, 28)), as_f(_mm256_slli_epi32(s, 27))};
+}
+
+/* row[s] for s below `width` (8, 16 or 32; a constant where inlined) */
+static inline __attribute__((always_inline)) vf lookup(int width, const float *row, index8 k) {
+    vf a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(row), k.s);
+    if (width == 8) return a;
+    a = _mm256_blendv_ps(a, _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 8), k.s), k.b3);
+    if (width == 16) return a;
+    vf b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 16), k.s),
+                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 24), k.s), k.b3);
+    return _mm256_blendv_ps(a, b, k.b4);
+}
+
+/* invact.fastmath.log, operation for operation (cpu_kernels.c's log32) */
+static __attribute__((noinline)) void log32(const invact_table *t, const vf a[U], vf out[U]) {
+    vf e[U], f[U], z[U], p[U];
+    EACH(v) {
+        vi bits = as_i(a[v]);
+        vf m = as_f(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFF)), _mm256_set1_epi32(0x3F800000)));
+        vf big = _mm256_cmp_ps(m, set(t->sqrt2), _CMP_GE_OQ);
+        vi ei = _mm256_sub_epi32(_mm256_srai_epi32(bits, 23), _mm256_set1_epi32(127));
+        e[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(ei, as_i(big)));  /* big: -1 */
+        f[v] = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_mul_ps(m, set(0.5f)), big), set(1.0f));
+        z[v] = _mm256_mul_ps(f[v], f[v]);
+        p[v] = set(t->log_poly[0]);
+    }
+    for (int k = 1; k < LOG_TERMS; k++) {
+        vf c = set(t->log_poly[k]);
+        EACH(v) p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), c);
+    }
+    EACH(v) {
+        vf r = _mm256_mul_ps(_mm256_mul_ps(f[v], z[v]), p[v]);
+        r = _mm256_add_ps(r, _mm256_mul_ps(e[v], set(t->ln2_lo)));
+        r = _mm256_sub_ps(r, _mm256_mul_ps(set(0.5f), z[v]));
+        out[v] = _mm256_add_ps(_mm256_add_ps(f[v], r), _mm256_mul_ps(e[v], set(t->ln2_hi)));
+    }
+}
+
+/* d = sign * (((y - o0) - o1) - o2): every part subtracted (as +0 where 0), the sign as an xor */
+static inline __attribute__((always_inline)) void shifted(const invact_table *t, int i, const vf y[U], vf d[U]) {
+    EACH(v) d[v] = y[v];
+    for (int k = 0; k < 3; k++) EACH(v) d[v] = _mm256_sub_ps(d[v], set(t->transform_origin[i][k] + 0.0f));
+    vf flip = as_f(_mm256_set1_epi32(t->transform_sign[i] < 0.0f ? (int)0x80000000u : 0));
+    EACH(v) d[v] = _mm256_xor_ps(d[v], flip);
+}
+
+static inline __attribute__((always_inline)) void root(const invact_table *t, int i, const vf y[U], vf out[U]) {
+    vf d[U];
+    shifted(t, i, y, d);
+    EACH(v) out[v] = _mm256_sqrt_ps(at_least(d[v], 0.0f));
+}
+
+static inline __attribute__((always_inline)) void transform(const invact_table *t, int i, const vf y[U], vf out[U]) {
+    int kind = t->transform_kind[i];
+    if (kind == IDENTITY) {
+        EACH(v) out[v] = y[v];
+        return;
+    }
+    if (kind == SQRT) {
+        root(t, i, y, out);
+        return;
+    }
+    vf d[U];
+    shifted(t, i, y, d);
+    EACH(v) d[v] = at_least(d[v], t->tiny);
+    log32(t, d, out);
+}
+
+/* each lane's entry of a by-code table: a blend for one-bit codes (odd: all ones in the lanes of code
+ * 1), else a gather at min(code, 16) */
+static inline vi by_code(int one_bit, const int32_t *table, vi code, vi odd) {
+    if (one_bit) return _mm256_blendv_epi8(_mm256_set1_epi32(table[0]), _mm256_set1_epi32(table[1]), odd);
+    return _mm256_i32gather_epi32(table, _mm256_min_epu32(code, _mm256_set1_epi32(16)), 4);
+}
+
+/* the segment index as cpu_kernels.c's: by binary search over the class's slots (a compare, y >= the
+ * level's threshold, is the test whose result the subtraction there reproduces), or by counting
+ * the class's thresholds passed (`y > t` where strict, else `y >= t`); NaN y passes none */
+static inline __attribute__((always_inline)) void segment(const invact_table *t, int one_bit, int width,
+                                                          const vf y[U], const vi code[U], const vi odd[U], vi s[U]) {
+    if (t->search_levels) {
+        EACH(v) s[v] = by_code(one_bit, t->slot_of_code, code[v], odd[v]);
+        for (int l = 0; l < t->search_levels; l++) {
+            vi step = _mm256_set1_epi32(1 << (t->search_levels - 1 - l));
+            EACH(v) {  /* one-bit codes start at one of two slots: the first level's threshold by a blend */
+                vf level = l == 0 && one_bit ? _mm256_blendv_ps(set(t->level_thr[0][t->slot_of_code[0]]),
+                                                                set(t->level_thr[0][t->slot_of_code[1]]), as_f(odd[v]))
+                                             : lookup(width, t->level_thr[l], index_of(s[v]));
+                vf passed = _mm256_cmp_ps(y[v], level, _CMP_GE_OQ);
+                s[v] = _mm256_add_epi32(s[v], _mm256_and_si256(as_i(passed), step));
+            }
+        }
+        return;
+    }
+    EACH(v) s[v] = _mm256_setzero_si256();  /* class 0's count replaces it */
+    for (int c = 0; c < t->n_classes; c++) {
+        const float *thr = t->thresholds + t->class_threshold[c];
+        const int32_t *is_strict = t->strict + t->class_threshold[c];
+        vi sc[U];
+        EACH(v) sc[v] = _mm256_set1_epi32(t->class_first[c]);
+        for (int j = 0; j < t->class_count[c] - 1; j++) {
+            vf tj = set(thr[j]);
+            EACH(v) sc[v] = _mm256_sub_epi32(sc[v], as_i(is_strict[j] ? _mm256_cmp_ps(y[v], tj, _CMP_GT_OQ)
+                                                                  : _mm256_cmp_ps(y[v], tj, _CMP_GE_OQ)));
+        }
+        if (c == 0) {
+            EACH(v) s[v] = sc[v];
+            continue;
+        }
+        EACH(v) {
+            vi mine = _mm256_cmpeq_epi32(code[v], _mm256_set1_epi32(t->class_code[c]));  /* one-bit: code is 0 or 1 */
+            s[v] = _mm256_blendv_epi8(s[v], sc[v], mine);
+        }
+    }
+}
+
+/* where a table has one identity and one sqrt transform: bit 31 - s set where slot (or row) s's is the
+ * sqrt, what `columns[COL_TID][s] == its index` gives, moved to the sign by a left shift of s */
+static uint32_t rooted_slots(const invact_table *t) {
+    uint32_t bits = 0;
+    float i = t->transform_kind[0] == SQRT ? 0.0f : 1.0f;
+    for (int s = 0; s < MAX_SEGMENTS; s++)
+        if (t->columns[COL_TID][s] == i) bits |= 1u << (31 - s);
+    return bits;
+}
+
+static inline __m256 mul_add(int fused, vf p, vf u, vf c) {
+    return fused ? _mm256_fmadd_ps(p, u, c) : _mm256_add_ps(_mm256_mul_ps(p, u), c);
+}
+
+/* g of U vectors of y (cpu_kernels.c's g_block); the flags constants where inlined */
+static inline __attribute__((always_inline)) void g_block(const invact_table *t, int fused, int one_bit, int width,
+                                                          int blend, int clamp, uint32_t rooted, const vf y[U],
+                                                          const vi code[U], const vi odd[U], vf g[U]) {
+    vi s[U];
+    index8 k[U];
+    vf tv[U], q[U], q2[U], u[U], p[U];
+    segment(t, one_bit, width, y, code, odd, s);
+    EACH(v) k[v] = index_of(s[v]);
+    if (t->n_transforms == 1) {
+        transform(t, 0, y, tv);
+    } else if (t->n_transforms == 2 && t->transform_kind[0] + t->transform_kind[1] == IDENTITY + SQRT) {
+        int i = t->transform_kind[0] == SQRT ? 0 : 1;
+        vf ti[U];
+        root(t, i, y, ti);
+        vi bits = _mm256_set1_epi32((int)rooted);  /* which slots: by a shift, not two permutes */
+        EACH(v) tv[v] = _mm256_blendv_ps(y[v], ti[v], as_f(_mm256_sllv_epi32(bits, s[v])));
+    } else {  /* a log is skipped where no element of the step has it */
+        EACH(v) {
+            tv[v] = y[v];
+            q[v] = lookup(width, t->columns[COL_TID], k[v]);
+        }
+        for (int i = 0; i < t->n_transforms; i++) {
+            if (t->transform_kind[i] == IDENTITY) continue;
+            vf has[U];
+            int any = 0;
+            EACH(v) {
+                has[v] = _mm256_cmp_ps(q[v], set((float)i), _CMP_EQ_OQ);
+                any |= _mm256_movemask_ps(has[v]);
+            }
+            if (t->transform_kind[i] == LOG && !any) continue;
+            vf ti[U];
+            transform(t, i, y, ti);
+            EACH(v) tv[v] = _mm256_blendv_ps(tv[v], ti[v], has[v]);
+        }
+    }
+    EACH(v) {
+        u[v] = _mm256_mul_ps(_mm256_sub_ps(tv[v], lookup(width, t->columns[COL_CENTER], k[v])),
+                             lookup(width, t->columns[COL_SCALE], k[v]));
+        if (clamp) u[v] = clamp1(u[v]);
+        p[v] = lookup(width, t->columns[COL_C0_LO + t->degree], k[v]);
+    }
+    for (int j = t->degree - 1; j >= 1; j--)
+        EACH(v) p[v] = mul_add(fused, p[v], u[v], lookup(width, t->columns[COL_C0_LO + j], k[v]));
+    EACH(v) {
+        q[v] = lookup(width, t->columns[COL_C0_LO], k[v]);
+        q2[v] = lookup(width, t->columns[COL_C0_HI], k[v]);
+        g[v] = _mm256_add_ps(mul_add(fused, p[v], u[v], q[v]), q2[v]);
+        if (blend) g[v] = _mm256_blendv_ps(g[v], y[v], _mm256_cmp_ps(y[v], y[v], _CMP_UNORD_Q));
+    }
+}
+
+typedef struct {
+    const invact_table *table;
+    int bits, fused, width, blend, clamp;  /* blend: nan_blend(table); clamp: table->clamp_sides != 0 */
+    uint32_t rooted;                       /* rooted_slots(table) */
+    int64_t n, lo, hi;                     /* all elements, and this job's range */
+    const float *y, *grad;
+    float *out;
+    const uint8_t *code;
+} job;
+
+/* out[0 .. 8U) = g(y, code) * grad, the codes of those elements from the bytes at code ((byte >>
+ * shift) & mask; one-bit codes as lane masks); the flags constants where inlined */
+static inline __attribute__((always_inline)) void step(const job *jb, int fused, int one_bit, int width,
+                                                       const float *y, const float *grad, float *out,
+                                                       const uint8_t *code, int shift) {
+    vf yv[U], g[U];
+    vi c[U], odd[U];
+    EACH(v) {
+        yv[v] = _mm256_loadu_ps(y + LANES * v);
+        vi bytes = jb->bits ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(code + LANES * v)))
+                            : _mm256_setzero_si256();
+        if (one_bit) {
+            vi bit = _mm256_set1_epi32(1 << shift);
+            odd[v] = _mm256_cmpeq_epi32(_mm256_and_si256(bytes, bit), bit);
+            c[v] = _mm256_and_si256(odd[v], _mm256_set1_epi32(1));
+        } else {
+            c[v] = _mm256_and_si256(_mm256_srli_epi32(bytes, shift), _mm256_set1_epi32((1 << jb->bits) - 1));
+            odd[v] = _mm256_setzero_si256();
+        }
+    }
+    g_block(jb->table, fused, one_bit, width, jb->blend, jb->clamp, jb->rooted, yv, c, odd, g);
+    EACH(v) _mm256_storeu_ps(out + LANES * v, _mm256_mul_ps(g[v], _mm256_loadu_ps(grad + LANES * v)));
+}
+
+/* elements [lo, hi) of one bit plane, code[k] the byte of element lo + k; the last few through
+ * zero-padded copies */
+static inline __attribute__((always_inline)) void plane_as(const job *jb, int fused, int one_bit, int width,
+                                                           int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    int64_t i = lo;
+    for (; i + LANES * U <= hi; i += LANES * U)
+        step(jb, fused, one_bit, width, jb->y + i, jb->grad + i, jb->out + i, code + (i - lo), shift);
+    if (i == hi) return;
+    float y[LANES * U] = {0}, grad[LANES * U] = {0}, out[LANES * U];
+    uint8_t bytes[LANES * U] = {0};
+    size_t m = (size_t)(hi - i);
+    memcpy(y, jb->y + i, m * sizeof(float));
+    memcpy(grad, jb->grad + i, m * sizeof(float));
+    if (jb->bits) memcpy(bytes, code + (i - lo), m);
+    step(jb, fused, one_bit, width, y, grad, out, bytes, shift);
+    memcpy(jb->out + i, out, m * sizeof(float));
+}
+
+/* each combination of the flags, inlined with its constants */
+#define PLANE(f, o, w) plane_as(jb, f, o, w, lo, hi, code, shift)
+
+static void plane(const job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
+    int one_bit = jb->bits == 1;
+    switch (jb->width) {
+    case 8: jb->fused ? (one_bit ? PLANE(1, 1, 8) : PLANE(1, 0, 8)) : (one_bit ? PLANE(0, 1, 8) : PLANE(0, 0, 8)); break;
+    case 16: jb->fused ? (one_bit ? PLANE(1, 1, 16) : PLANE(1, 0, 16)) : (one_bit ? PLANE(0, 1, 16) : PLANE(0, 0, 16)); break;
+    default: jb->fused ? (one_bit ? PLANE(1, 1, 32) : PLANE(1, 0, 32)) : (one_bit ? PLANE(0, 1, 32) : PLANE(0, 0, 32));
+    }
+}
+
+static void *run_job(void *arg) {
+    const job *jb = arg;
+    if (!jb->bits) {
+        plane(jb, jb->lo, jb->hi, jb->code, 0);
+        return 0;
+    }
+    int64_t per = 8 / jb->bits, nbytes = (jb->n + per - 1) / per;  /* invact.bitpack's planar layout */
+    for (int64_t i = jb->lo; i < jb->hi;) {
+        int64_t p = i / nbytes, end = clamp_to((p + 1) * nbytes, jb->hi);
+        plane(jb, i, end, jb->code + (i - p * nbytes), (int)(p * jb->bits));
+        i = end;
+    }
+    return 0;
+}
+
+/* out = g(y, code) * grad for n contiguous float32 elements, as cpu_kernels.c's invact_poly_grad
+ * (which also takes 16-bit y: here -1, as for any argument the kernel does not take) */
+int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const float *y, const float *grad,
+                     float *out, const uint8_t *code, int bits, int threads, int fused) {
+    if (poly_table_ok(table) != 0 || dtype != F32 || n < 0 || (bits != 0 && bits != 1 && bits != 2 && bits != 4 && bits != 8))
+        return -1;
+    int bound = index_bound(table);
+    job base = {table, bits, fused != 0, bound <= 8 ? 8 : bound <= 16 ? 16 : 32, nan_blend(table),
+                table->clamp_sides != 0, rooted_slots(table), n, 0, 0, y, grad, out, code};
+    int64_t step_size;
+    int nt = split(n, MIN_PER_THREAD, threads, &step_size);
+    job jobs[MAX_THREADS];
+    for (int k = 0; k < nt; k++) {
+        jobs[k] = base;
+        jobs[k].lo = clamp_to(k * step_size, n);
+        jobs[k].hi = clamp_to(jobs[k].lo + step_size, n);
+    }
+    spawn(run_job, jobs, sizeof(job), nt);
+    return 0;
+}
