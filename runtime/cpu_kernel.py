@@ -1,7 +1,8 @@
 """The compiled CPU backend's C kernels: ``csrc/cpu_kernels.c``, built once with the system C compiler
 and called through ctypes, on CPUs where ATen itself runs AVX-512 code; and where it runs AVX2 code,
-the float32 polynomial backward alone (``csrc/poly_avx2.c``, :func:`poly_library`: the same scheme on
-8-lane vectors, bit for bit).
+``csrc/cpu_avx2.c``: the float32 polynomial backward (:func:`poly_library`: the same scheme on 8-lane
+vectors, bit for bit) and the one-pass forward of hardswish and silu in float32 and bfloat16
+(:func:`forward_library`, ATen's AVX2 kernels reproduced).
 
 * Backward, float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's
   code for the generated ``grad_kernel`` selects each element's table row with a chain of blends per
@@ -53,9 +54,9 @@ from .common import slots
 from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa: F401 - SearchLayout re-exported
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
-           "poly_library", "kernel_table",
+           "poly_library", "forward_library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
+           "FORWARDS", "ONEDNN_FORWARDS", "AVX2_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -65,8 +66,8 @@ HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", 
                                               "invact_torch_math.h", "invact_poly.h"))  # included: in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
-AVX2_SOURCE = SOURCE.with_name("poly_avx2.c")  # the polynomial backward alone, for AVX2 + FMA
-AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_threads.h"))
+AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a one-pass forward, AVX2 + FMA
+AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_threads.h", "invact_pack.h"))
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
@@ -132,6 +133,13 @@ def enabled() -> bool:
     return os.environ.get(SWITCH_ENV, "1") != "0"
 
 
+_PACK_ARGS = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
+              ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
+              ctypes.POINTER(ctypes.c_int32),  # codes
+              ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out, threads
+_FORWARD_ARGS = [ctypes.c_int, ctypes.c_int64, *_PACK_ARGS[:3], ctypes.c_void_p, *_PACK_ARGS[3:]]  # kind, chunk, ..., y
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where this CPU or machine cannot run it (warning once when a
@@ -155,22 +163,17 @@ def library() -> ctypes.CDLL | None:
     lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), *tensors, ctypes.c_int]  # ..., fused
     lib.invact_lut_grad.argtypes = [ctypes.c_void_p, *tensors]
     lib.invact_pack_code.restype = ctypes.c_int
-    lib.invact_pack_code.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr
-                                     ctypes.POINTER(ctypes.c_float), ctypes.c_int,  # thr, strict (a bit each)
-                                     ctypes.POINTER(ctypes.c_int32),  # codes
-                                     ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out
+    lib.invact_pack_code.argtypes = _PACK_ARGS
     lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
     lib.invact_forward_code.restype = ctypes.c_int
-    lib.invact_forward_code.argtypes = [ctypes.c_int, ctypes.c_int64,  # kind, ATen's chunk
-                                        *lib.invact_pack_code.argtypes[:3],
-                                        ctypes.c_void_p, *lib.invact_pack_code.argtypes[3:]]  # y, as pack_code
+    lib.invact_forward_code.argtypes = _FORWARD_ARGS
     return lib
 
 
 def poly_library(isa: str | None = None) -> ctypes.CDLL | None:
     """The library whose ``invact_poly_grad`` runs the float32 backward of polynomial tables for ``isa``
     (one of :data:`POLY_ISAS`; default: ATen's CPU capability): :func:`library` for AVX-512, the AVX2 +
-    FMA build of ``csrc/poly_avx2.c`` for AVX2 (float32 y only), which an AVX-512 CPU runs too (the
+    FMA build of ``csrc/cpu_avx2.c`` for AVX2 (float32 y only), which an AVX-512 CPU runs too (the
     tests compare both builds there). None where the kernels are switched off, the CPU lacks the ISA
     or no compiler builds it (warning once)."""
     here = torch.backends.cpu.get_cpu_capability()
@@ -188,16 +191,28 @@ def _avx2_library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = kernel_cache.load_first(builds("poly_avx2", AVX2_SOURCE, AVX2_HEADERS, compiler, AVX2_FLAGS), _check_abi)
+        lib = kernel_cache.load_first(builds("cpu_avx2", AVX2_SOURCE, AVX2_HEADERS, compiler, AVX2_FLAGS), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the AVX2 CPU kernel could not be built ({error}); the float32 backward of the "
                       "fitted tables runs their per-table C", RuntimeWarning, stacklevel=2)
         return None
-    lib.invact_poly_grad.restype = ctypes.c_int
+    lib.invact_poly_grad.restype = lib.invact_forward_code.restype = ctypes.c_int
     lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads, fused
+    lib.invact_forward_code.argtypes = _FORWARD_ARGS
+    lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
     return lib
+
+
+def forward_library() -> ctypes.CDLL | None:
+    """The library whose ``invact_forward_code`` writes y and the code in one pass for ATen's CPU
+    capability: :func:`library` for AVX-512 (:data:`FORWARDS`), ``csrc/cpu_avx2.c``'s build for AVX2
+    (:data:`AVX2_FORWARDS`); None elsewhere."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa == "AVX512":
+        return library()
+    return poly_library("AVX2") if isa == "AVX2" else None
 
 
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:
@@ -380,6 +395,7 @@ FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_f
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
             "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
+AVX2_FORWARDS = frozenset({FORWARDS["F.hardswish(x)"], FORWARDS["F.silu(x)"]})  # csrc/cpu_avx2.c's, of FORWARDS
 ONEDNN_KINDS = frozenset(ONEDNN_FORWARDS.values())  # vector code on every element, more than one element
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
@@ -399,10 +415,13 @@ def bf16_store() -> bool:
 def forward_kinds(torch_forward: str | None) -> tuple[int, ...]:
     """The C kernel's kinds that may reproduce ``torch_forward`` (a table's META entry) here, oneDNN's
     first (to be probed in turn: which kernel PyTorch runs depends on the dtype, the CPU and
-    torch.backends.mkldnn); none without the AVX-512 kernel library or with OMP_DYNAMIC on."""
-    if OMP_DYNAMIC or library() is None:
+    torch.backends.mkldnn); on AVX2 CPUs those of :data:`AVX2_FORWARDS`; none without a kernel library
+    (:func:`forward_library`) or with OMP_DYNAMIC on."""
+    lib = None if OMP_DYNAMIC else forward_library()
+    if lib is None:
         return ()
-    return tuple(table[torch_forward] for table in (ONEDNN_FORWARDS, FORWARDS) if torch_forward in table)
+    kinds = tuple(table[torch_forward] for table in (ONEDNN_FORWARDS, FORWARDS) if torch_forward in table)
+    return kinds if lib is library() else tuple(k for k in kinds if k in AVX2_FORWARDS)
 
 
 def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
@@ -420,10 +439,11 @@ def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
 def aten_tails(n: int, dtype: torch.dtype, kind: int, threads: int) -> list[tuple[int, int]]:
     """The ranges that ATen's kernel computes with its scalar code: each range's vectorised loop leaves
     its last ``len % (2 * vector)`` elements to the scalar loop (a vector: 16 float32, 32 bfloat16 or
-    float16). None for oneDNN's kernels, which run their vector code on every element."""
+    float16 with AVX-512; half as many with AVX2). None for oneDNN's kernels, which run their vector
+    code on every element."""
     if kind in ONEDNN_KINDS:
         return []
-    step = 32 if dtype == torch.float32 else 64
+    step = (32 if dtype == torch.float32 else 64) // (1 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 2)
     return [(hi - (hi - lo) % step, hi) for lo, hi in aten_ranges(n, kind, threads) if (hi - lo) % step]
 
 
@@ -431,7 +451,7 @@ def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> T
     """y = the forward ``kind`` of contiguous CPU ``x`` (ATen's vector code on every element) and the
     packed code, in one pass; None where the kernel does not take them, or where PyTorch would not run
     that kernel (oneDNN's for a single element)."""
-    lib = library()
+    lib = forward_library()
     dtype = DTYPE_IDS.get(x.dtype)
     if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
             or x.device.type != "cpu" or y.device.type != "cpu" or y.numel() != x.numel()):

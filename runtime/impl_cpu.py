@@ -2,13 +2,14 @@
 
 Forward: y by the generated torch forward, the packed code by the C kernel from the thresholds and the
 codes at them (:func:`code_map`); y and the code in one pass over x where y is PyTorch's hardswish,
-silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three ops
+silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three ops (on CPUs with AVX2
+and no AVX-512: hardswish and silu, float32 and bfloat16; :func:`invact.cpu_kernel.forward_library`)
 (:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a
 gather from g of every 16-bit y and code for bfloat16 / float16 y (the table
 :func:`invact.impl_eager.lookup_table` holds; declined for tables whose per-table C computes it
 directly, faster: :func:`invact.table_c.direct16`), the fused polynomial kernel for float32 y of tables it
 covers (:func:`fused_table`; AVX-512's, or on CPUs with AVX2 and no AVX-512 as ATen sees them that of
-``csrc/poly_avx2.c``: :func:`invact.cpu_kernel.poly_library`), with FMA unless ``INVACT_FMA=0``. Bit for
+``csrc/cpu_avx2.c``: :func:`invact.cpu_kernel.poly_library`), with FMA unless ``INVACT_FMA=0``. Bit for
 bit what the eager backend computes, but for that FMA scheme. Answers None where the kernels do not take
 the tensors (no AVX-512, or for float32 neither AVX-512 nor AVX2; no compiler; float64; a table the kernel
 does not cover): :mod:`invact.impl_table_c` and then :mod:`invact.impl_compiled` run then.
@@ -117,11 +118,12 @@ def one_pass_kind(mod: ModuleType, dtype: torch.dtype, mkldnn: bool) -> int | No
     if not mod.CODE_BITS:
         return None
     kinds = cpu_kernel.forward_kinds(mod.META.get("torch_forward"))
-    return next((kind for kind in kinds if _probe_passes(mod, dtype, mkldnn, kind)), None)
+    isa = torch.backends.cpu.get_cpu_capability()  # which kernel library answers
+    return next((kind for kind in kinds if _probe_passes(mod, dtype, mkldnn, kind, isa)), None)
 
 
 @registry.per_root(maxsize=64)
-def _probe_passes(mod: ModuleType, dtype: torch.dtype, mkldnn: bool, kind: int) -> bool:
+def _probe_passes(mod: ModuleType, dtype: torch.dtype, mkldnn: bool, kind: int, isa: str) -> bool:
     x = probe(dtype)
     got = _one_pass(mod, x, kind)
     bits = torch.int32 if dtype == torch.float32 else torch.int16

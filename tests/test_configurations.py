@@ -3,8 +3,8 @@ changes which code runs (issue 12: a fresh clone failed on an AVX-512 EPYC becau
 PyTorch's float32 forward is correctly rounded).
 
 * ``no-avx512``: ``ATEN_CPU_CAPABILITY=avx2`` makes ATen run its AVX2 kernels (PyTorch's own GELU
-  rounds differently there) and invact.cpu_kernel, which asks ATen, builds no C kernel: a CPU
-  without AVX-512 as far as both libraries can tell;
+  rounds differently there) and invact.cpu_kernel, which asks ATen, builds its AVX2 kernels instead
+  of the AVX-512 ones: a CPU without AVX-512 as far as both libraries can tell;
 * ``one-thread``: ``OMP_NUM_THREADS=1`` (torch.get_num_threads() == 1), C kernels on where they build.
 
 The subset is the per-element gradient bounds (test_modules's MLP, the tolerance helper under a
@@ -41,7 +41,9 @@ SUBSET = {   # the activations with a branch point (information floor) and the f
                   "tests/test_c_tables.py::test_portable_16_bit_conversions_every_pattern[dtype1]",
                   # the AVX2 polynomial kernel: the compiled backend's float32 backward of the fitted tables
                   "tests/test_cpu_kernel.py::test_compiled_backend_without_avx512_runs_the_avx2_kernel",
-                  "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise[silu-dtype0-AVX2]"],
+                  "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise[silu-dtype0-AVX2]",
+                  # its one-pass forward (hardswish, silu) against ATen's AVX2 kernels, every route of the file
+                  "tests/test_forward_pass.py"],
     "one-thread": [f"{MLP}[GELU]", "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise",
                    "tests/test_cpu_kernel.py::test_compiled_backend_runs_the_kernels"],
 }
@@ -53,6 +55,7 @@ def test_setting_took_effect():
     config = os.environ[EXPECT]
     if config == "no-avx512":
         assert torch.backends.cpu.get_cpu_capability() != "AVX512" and cpu_kernel.library() is None
+        assert cpu_kernel.forward_library() is cpu_kernel.poly_library() is not None  # the AVX2 build
     elif config == "one-thread":
         assert torch.get_num_threads() == 1
     else:

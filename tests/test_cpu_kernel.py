@@ -1,4 +1,4 @@
-"""The fused CPU backwards (invact.cpu_kernel: csrc/cpu_kernels.c, and csrc/poly_avx2.c's float32 backward,
+"""The fused CPU backwards (invact.cpu_kernel: csrc/cpu_kernels.c, and csrc/cpu_avx2.c's float32 backward,
 parametrized by ISA where this machine runs it) against the generated torch code.
 
 The polynomial kernel evaluates docs/table-format.md's float32 scheme with the eager code's correctly
@@ -145,7 +145,7 @@ def test_compiled_backend_runs_the_kernels(monkeypatch, dtype, kernel):
 @pytest.mark.skipif("AVX2" not in POLY_ISAS, reason="no AVX2 kernel here (CPU or compiler)")
 def test_compiled_backend_without_avx512_runs_the_avx2_kernel(monkeypatch):
     """Where ATen's capability is AVX2, the compiled backend's float32 backward of a fitted table is
-    csrc/poly_avx2.c's kernel, not the per-table C: the per-table C FMA build's bits (the FMA scheme),
+    csrc/cpu_avx2.c's kernel, not the per-table C: the per-table C FMA build's bits (the FMA scheme),
     or with INVACT_FMA=0 the eager backend's."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(cpu_kernel, "library", lambda: None)          # as there: no AVX-512 library

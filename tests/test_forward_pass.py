@@ -1,7 +1,8 @@
 """y and the code in one pass over x (invact.impl_cpu.one_pass_forward, csrc/cpu_kernels.c's
-invact_forward_code) against PyTorch's own forward and today's two-pass code.
+invact_forward_code, and csrc/cpu_avx2.c's where ATen's capability is AVX2) against PyTorch's own
+forward and today's two-pass code.
 
-The kernel reproduces ATen's vectorised AVX-512 kernels operation for operation (SLEEF's exp, which
+The kernel reproduces ATen's vectorised AVX-512 (AVX2) kernels operation for operation (SLEEF's exp, which
 ATen calls, inlined step for step), and PyTorch recomputes the elements ATen gives to its scalar loop, so y must
 equal PyTorch's y bit for bit, NaN payloads included: no tolerance. Inputs: every 16-bit pattern, and
 float32 samples with every exponent, signalling and quiet NaNs, infinities and signed zeros, at sizes
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import invact.ops  # noqa: F401 - registers torch.ops.invact
-from invact import bitpack, constants, cpu_kernel, impl_cpu, registry
+from invact import bitpack, constants, cpu_kernel, impl_cpu, impl_table_c, registry
 
-needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None,
-                                  reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
-pytestmark = needs_kernel
+pytestmark = pytest.mark.skipif(cpu_kernel.forward_library() is None,
+                                reason="neither AVX-512 nor AVX2 as ATen sees the CPU, or no C compiler")
+needs_avx512 = pytest.mark.skipif(cpu_kernel.library() is None, reason="the AVX-512 kernels' routes")
+AVX2 = cpu_kernel.forward_library() is not cpu_kernel.library()  # ATen's capability is AVX2
 NATIVE = {"hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu,
           "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "mish": F.mish,
           "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}  # three ATen ops, each rounded to x's dtype
@@ -48,7 +50,10 @@ def _inputs(dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _two_pass_code(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Today's code: the generated forward's y, then the separate C pack over x."""
+    """Today's code: the generated forward's y, then the separate C pack over x (AVX2: the per-table
+    kernel's, as without the one-pass route)."""
+    if AVX2:
+        return impl_table_c.TABLE_C.forward(x, name, [])[1]
     return impl_cpu.coded_forward(x, name, [], lambda m: True, impl_cpu._pack)[1]
 
 
@@ -61,9 +66,14 @@ def test_the_routes_taken():
     """hardswish, silu, gelu_tanh, mish and quick_gelu run in one pass for every dtype; gelu too, as oneDNN's kernel where
     PyTorch calls it (float32 and bfloat16 with oneDNN on): its float32 JIT code is the same on every
     AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16; elsewhere an
-    emulation not reproduced here, so two passes; also where the C compiler lacks the instruction)."""
+    emulation not reproduced here, so two passes; also where the C compiler lacks the instruction).
+    With AVX2: hardswish and silu in float32 and bfloat16, the rest in two passes."""
     kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
              for n in NATIVE for d in DTYPES}
+    if AVX2:
+        one_pass = {(n, d) for n in ("hardswish", "silu") for d in (torch.float32, torch.bfloat16)}
+        assert {key for key, kind in kinds.items() if kind is not None} == one_pass
+        return
     assert all(kinds[n, d] is not None for n in ("hardswish", "silu", "quick_gelu", "gelu_tanh", "mish") for d in DTYPES)
     gelu = [torch.float32, torch.float16] + ([torch.bfloat16] if cpu_kernel.bf16_store() else [])
     assert all(kinds["gelu", d] is not None for d in gelu)
@@ -94,6 +104,7 @@ def test_ragged_sizes_and_thread_ranges(name, dtype, n, threads):
     assert code.numel() == bitpack.packed_bytes(n, registry.module(name).CODE_BITS)
 
 
+@needs_avx512
 @pytest.mark.parametrize("name", ["hardswish", "silu"])
 def test_steps_of_many_chunks(name, threads):
     """The kernel works in steps of FORWARD_CHUNK bytes of code (each plane's elements of a step
@@ -123,6 +134,8 @@ def _vector_scalar_differ(name: str) -> torch.Tensor:
 def test_the_scalar_tails_are_pytorchs(name, threads):
     """x made only of values whose vector and scalar y differ: every tail and every range boundary that
     aten_tails got wrong would show."""
+    if impl_cpu.one_pass_kind(registry.module(name), torch.float32, torch.backends.mkldnn.enabled) is None:
+        pytest.skip("no kernel here reproduces the one PyTorch runs for this forward")
     differ = _vector_scalar_differ(name)
     tails = []
     kind = cpu_kernel.FORWARDS[registry.module(name).META["torch_forward"]]
@@ -134,6 +147,7 @@ def test_the_scalar_tails_are_pytorchs(name, threads):
     assert len(tails) >= 3 and all(0 < hi - lo < 32 for lo, hi in tails)
 
 
+@needs_avx512
 def test_gelu_without_onednn_runs_atens_kernel_in_one_pass():
     with torch.backends.mkldnn.flags(enabled=False):
         for dtype in DTYPES:
@@ -154,6 +168,7 @@ def test_the_op_returns_the_one_pass_results(name):
     assert torch.equal(code, mod.code_packed(x, constants.module_constants(mod, x.dtype, x.device, ()).x_thresholds))
 
 
+@needs_avx512
 def test_declined_where_it_would_not_be_pytorchs_y():
     x = torch.randn(64, 33)
     assert impl_cpu.one_pass_forward(x.t(), "silu", []) is None            # not contiguous: two passes
@@ -178,7 +193,7 @@ def test_aten_ranges_split_as_at_parallel_for():
     assert cpu_kernel.aten_ranges(40001, silu, 2) == [(0, 20001), (20001, 40001)]
     assert cpu_kernel.aten_ranges(20000, gelu, 2) == [(0, 10000), (10000, 20000)]  # GELU: any n > 16384
     assert cpu_kernel.aten_ranges(16384, gelu, 2) == [(0, 16384)]
-    assert cpu_kernel.aten_tails(100, torch.bfloat16, silu, 1) == [(64, 100)]
+    assert cpu_kernel.aten_tails(100, torch.bfloat16, silu, 1) == [(96 if AVX2 else 64, 100)]  # pairs of vectors
 
 
 def _reference_code(x: torch.Tensor, t: float, strict: bool, codes: tuple[int, int], nan_code: int) -> torch.Tensor:
@@ -195,6 +210,17 @@ def _reference_code(x: torch.Tensor, t: float, strict: bool, codes: tuple[int, i
     return bitpack.pack(torch.where(torch.isnan(x), nan_code, code), 1)
 
 
+def _one_bit_code_maps():
+    """(threshold, strict, codes, NaN's code) of one-bit codes: thresholds at 0, subnormals, the
+    smallest normal, infinities and ordinary values, both compares, both code orders and NaN codes."""
+    tiny = torch.finfo(torch.float32).tiny
+    for t in (-1.5, 0.0, -0.0, 1e-40, -1e-40, tiny, 2 * tiny, -2.5 * tiny, math.inf, -math.inf, 3.0e38):
+        for strict in (False, True):
+            for codes, nan_code in (((0, 1), 0), ((0, 1), 1), ((1, 0), 0), ((1, 0), 1)):
+                yield t, strict, codes, nan_code
+
+
+@needs_avx512
 @pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flushed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_bit_codes_at_every_kind_of_threshold(dtype, flush):
@@ -202,21 +228,59 @@ def test_one_bit_codes_at_every_kind_of_threshold(dtype, flush):
     against torch's compares, with thresholds at 0, subnormals, the smallest normal, infinities and
     ordinary values, both code orders and both NaN codes; every 16-bit x, the float32 probe."""
     x = impl_cpu.probe(dtype)
-    tiny = torch.finfo(torch.float32).tiny
     if flush and not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
-        for t in (-1.5, 0.0, -0.0, 1e-40, -1e-40, tiny, 2 * tiny, -2.5 * tiny, math.inf, -math.inf, 3.0e38):
-            for strict in (False, True):
-                for codes, nan_code in (((0, 1), 0), ((0, 1), 1), ((1, 0), 0), ((1, 0), 1)):
-                    cmap = ((t,), int(strict), codes, nan_code)
-                    got = cpu_kernel.pack_code(x, cmap, 1)
-                    assert torch.equal(got, _reference_code(x, t, strict, codes, nan_code)), (t, strict, codes,
-                                                                                              nan_code)
+        for t, strict, codes, nan_code in _one_bit_code_maps():
+            got = cpu_kernel.pack_code(x, ((t,), int(strict), codes, nan_code), 1)
+            assert torch.equal(got, _reference_code(x, t, strict, codes, nan_code)), (t, strict, codes, nan_code)
     finally:
         torch.set_flush_denormal(False)
 
 
+@needs_avx512
+@pytest.mark.skipif(cpu_kernel.poly_library("AVX2") is None, reason="no AVX2 kernel library here")
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flushed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_avx2_kernel_codes_at_every_kind_of_threshold(dtype, flush):
+    """csrc/cpu_avx2.c's one-pass forward called directly (an AVX-512 CPU runs it too, though ATen runs
+    its AVX-512 kernel there): its one-bit code against torch's compares at the thresholds of
+    test_one_bit_codes_at_every_kind_of_threshold, declined (two passes) only for a strict threshold
+    at a non-finite or near-zero value, whose `x >= the next float` would not be `x > t`; its y against
+    F.silu where x is not NaN (SLEEF's exp takes the same steps on 8 lanes as on 16; the NaNs' operand
+    choices follow ATen's AVX2 loop, checked against it under ATEN_CPU_CAPABILITY=avx2 in
+    tests/test_configurations.py). float16 and codes of several thresholds are declined."""
+    lib = cpu_kernel.poly_library("AVX2")
+    x = impl_cpu.probe(dtype)
+    tiny = torch.finfo(torch.float32).tiny
+    silu = cpu_kernel.FORWARDS["F.silu(x)"]
+
+    def run(xs: torch.Tensor, cmap) -> tuple[int, torch.Tensor, torch.Tensor]:
+        y = torch.empty_like(xs)
+        out, args = cpu_kernel._code_args(cmap, xs.numel(), 1)
+        done = lib.invact_forward_code(silu, xs.numel(), cpu_kernel.DTYPE_IDS[xs.dtype], xs.numel(), xs.data_ptr(),
+                                       y.data_ptr(), *args)
+        return done, y, out
+
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for t, strict, codes, nan_code in _one_bit_code_maps():
+            done, _, got = run(x, ((t,), int(strict), codes, nan_code))
+            if strict and not (math.isfinite(t) and abs(t) >= 2 * tiny):
+                assert done == -1, t
+                continue
+            assert done == 0 and torch.equal(got, _reference_code(x, t, strict, codes, nan_code)), \
+                (t, strict, codes, nan_code)
+    finally:
+        torch.set_flush_denormal(False)
+    number = ~x.isnan()
+    _assert_bitwise(run(x, ((-1.5,), 0, (0, 1), 0))[1][number], F.silu(x)[number])  # denormals as ATen's: kept
+    assert run(x.half(), ((-1.5,), 0, (0, 1), 0))[0] == -1
+    assert run(x, ((-1.5, 0.0, 1.0), 0, (0, 1, 0, 1), 0))[0] == -1
+
+
+@needs_avx512
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_codes_of_several_thresholds_every_width(dtype, bits):
@@ -238,6 +302,7 @@ def _assert_codes_of_several_thresholds(x: torch.Tensor, bits: int) -> None:
     assert torch.equal(cpu_kernel.pack_code(x, cmap, bits), bitpack.pack(ref, bits))
 
 
+@needs_avx512
 def test_omp_dynamic_declines_the_one_pass_forward():
     """With OMP_DYNAMIC on, OpenMP may run fewer threads than torch reports, so ATen's ranges (and which
     elements its scalar code computes) are unknown: the one-pass route must not be taken."""
@@ -250,6 +315,7 @@ def test_omp_dynamic_declines_the_one_pass_forward():
     assert all(cpu_kernel.forward_kinds(f) for f in cpu_kernel.FORWARDS)  # on here without it
 
 
+@needs_avx512
 def test_a_moment_without_the_library_is_not_remembered(monkeypatch):
     """The route asked while the kernels are unavailable (a test standing in for a CPU without
     AVX-512) answers None then, and the probe's answer once they are back: only the probe is cached."""

@@ -1,5 +1,5 @@
 /* The polynomial backward's table (invact_table, mirrored by invact.cpu_kernel.Table) and what every
- * build of that kernel reads off it: shared by cpu_kernels.c (AVX-512) and poly_avx2.c (AVX2 + FMA). */
+ * build of that kernel reads off it: shared by cpu_kernels.c (AVX-512) and cpu_avx2.c (AVX2 + FMA). */
 #ifndef INVACT_POLY_H
 #define INVACT_POLY_H
 

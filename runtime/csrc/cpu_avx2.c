@@ -1,5 +1,7 @@
-/* invact_poly_grad for CPUs with AVX2 and FMA but not AVX-512: the float32 backward of tables of
- * polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
+/* The CPU kernels for CPUs with AVX2 and FMA but not AVX-512 (as ATen sees them): invact_poly_grad, and
+ * invact_forward_code for hardswish and silu (ATen's AVX2 kernels reproduced; at the end).
+ *
+ * invact_poly_grad: the float32 backward of tables of polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
  * same order, so the same bits, with FMA or without). Only how the row is found differs: AVX2's
  * permute reads 8 entries, so an index past 7 takes two permutes and a blend on its bit 3 (past 15:
  * four and three blends); a one-bit code's first search level is a blend of two thresholds, the
@@ -7,12 +9,16 @@
  * (cpu_kernels.c's subtractions reproduce those compares), and the slot of a code of several bits a
  * gather. Zero-padded copies take the last elements of a plane. float32 y only.
  *
- * Built and loaded by invact.cpu_kernel (poly_library), which fills invact_table.
+ * Built and loaded by invact.cpu_kernel (poly_library, forward_library), which fills invact_table.
  */
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "invact_pack.h"
 #include "invact_poly.h"
 #include "invact_threads.h"
 
@@ -322,3 +328,195 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const floa
     spawn(run_job, jobs, sizeof(job), nt);
     return 0;
 }
+
+/* ---- forward: y and the one-bit code in one pass over x (cpu_kernels.c's invact_forward_code, for
+ * ATen's AVX2 kernels of hardswish and silu, float32 and bfloat16 x) ---- */
+enum { FWD_HARDSWISH = 1, FWD_SILU = 2 };  /* cpu_kernels.c's kinds that ATen's AVX2 code shares */
+
+/* Sleef_expf8_u10 (SLEEF's AVX2 expf, which ATen's Vectorized<float>::exp calls): the AVX-512 build's
+ * steps (invact_torch_math.h's sleef_exp16) on 8 lanes */
+static inline vf sleef_exp8(vf d) {
+    vi q = _mm256_cvtps_epi32(_mm256_mul_ps(d, set(1.44269502162933349609375f)));
+    vf qf = _mm256_cvtepi32_ps(q);
+    vf s = _mm256_fmadd_ps(qf, set(-0.693145751953125f), d);
+    s = _mm256_fmadd_ps(qf, set(-1.428606765330187e-06f), s);
+    vf u = set(0.000198527617612853646278381f);
+    u = _mm256_fmadd_ps(u, s, set(0.00139304355252534151077271f));
+    u = _mm256_fmadd_ps(u, s, set(0.00833336077630519866943359f));
+    u = _mm256_fmadd_ps(u, s, set(0.0416664853692054748535156f));
+    u = _mm256_fmadd_ps(u, s, set(0.166666671633720397949219f));
+    u = _mm256_fmadd_ps(u, s, set(0.5f));
+    u = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s), set(1.0f));
+    vi half = _mm256_srai_epi32(q, 1), bias = _mm256_set1_epi32(0x7f);
+    u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
+    u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(q, half), bias), 23)));
+    u = _mm256_and_ps(u, _mm256_cmp_ps(d, set(-104.0f), _CMP_NLT_UQ));
+    return _mm256_blendv_ps(u, set(INFINITY), _mm256_cmp_ps(set(100.0f), d, _CMP_LT_OQ));
+}
+
+/* the lanes of elements e .. e + 7 in the second vector of ATen's 16-element steps, counted from the
+ * start of its range (of length chunk): where its loop's operand order, and so a product's NaN, differs */
+static inline vf second_halves(const code_job *jb, int64_t e) {
+    int32_t lanes[LANES];
+    for (int l = 0; l < LANES; l++) lanes[l] = (((e + l) % jb->chunk) & 15) >= 8 ? -1 : 0;
+    return as_f(_mm256_loadu_si256((const __m256i *)lanes));
+}
+
+/* y of 8 x (elements e .. e + 7) by `kind` (a constant where inlined), as ATen's AVX2 code */
+static inline __attribute__((always_inline)) vf forward8(const code_job *jb, int kind, int dtype, vf x, int64_t e) {
+    if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
+        return _mm256_div_ps(x, _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), x))));
+    /* x * minimum(maximum(x + 3, 0), 6) / 6; vec::maximum and minimum give NaN x all ones (c), and x * c
+     * of two NaNs is one operand's, by the place in ATen's float32 loop (its 16-bit loops: x's quieted) */
+    vf six = set(6.0f), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    vf p = _mm256_mul_ps(x, _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(x, set(3.0f)), _mm256_setzero_ps()), six));
+    if (_mm256_movemask_ps(nan)) {
+        vf ones = as_f(_mm256_set1_epi32(-1)), quiet = _mm256_or_ps(x, as_f(_mm256_set1_epi32(0x400000)));
+        vf first = dtype == F32 ? _mm256_andnot_ps(second_halves(jb, e), ones) : _mm256_setzero_ps();
+        p = _mm256_blendv_ps(p, _mm256_blendv_ps(quiet, ones, first), nan);
+    }
+    return _mm256_div_ps(p, six);
+}
+
+/* 8 elements of x as float32 (bfloat16: its bits moved up) */
+static inline vf load8(int dtype, const void *p, int64_t i) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)p + i);
+    return as_f(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+}
+
+/* 8 elements stored in dtype: bfloat16 as ATen's AVX2 conversion (to nearest even, NaN 0xFFFF) */
+static inline void store8(int dtype, void *p, int64_t i, vf v) {
+    if (dtype == F32) {
+        _mm256_storeu_ps((float *)p + i, v);
+        return;
+    }
+    vi b = as_i(v);
+    vi r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16),
+                                                                                   _mm256_set1_epi32(1)),
+                                                                  _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), as_i(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(r));
+}
+
+/* the one-bit code of one threshold by one compare: x > t as x >= the float after t (t finite and
+ * not near 0); `x >= t` gives NaN 0, `!(x < t)` 1: the one that, inverted where passing's code is 0,
+ * gives NaN's code (cpu_kernels.c's bit_code) */
+typedef struct { vf thr; int unordered; uint32_t invert; } bit_code;
+
+static int bit_code_of(const code_job *jb, bit_code *k) {
+    float t = jb->thr[0];
+    int passed = jb->codes[1], failed = jb->codes[0];
+    if (jb->bits != 1 || jb->n_thr != 1 || passed == failed || (passed != 0 && passed != 1) ||
+        (failed != 0 && failed != 1) || (jb->nan_code != 0 && jb->nan_code != 1))
+        return 0;
+    if (jb->strict & 1) {
+        if (!isfinite(t) || fabsf(t) < 2 * FLT_MIN) return 0;
+        t = nextafterf(t, INFINITY);
+    }
+    *k = (bit_code){set(t), (jb->nan_code != 0) != (passed == 0), passed ? 0u : ~0u};
+    return 1;
+}
+
+/* 8 elements from e of a plane: y stored, the code bits returned (before inverting) */
+static inline __attribute__((always_inline)) uint32_t step8(const code_job *jb, int kind, int dtype, const bit_code *k,
+                                                            const void *x, void *y, int64_t i, int64_t e) {
+    vf v = load8(dtype, x, i);
+    vf bits = k->unordered ? _mm256_cmp_ps(v, k->thr, _CMP_NLT_UQ) : _mm256_cmp_ps(v, k->thr, _CMP_GE_OQ);
+    store8(dtype, y, i, forward8(jb, kind, dtype, v, e));
+    return (uint32_t)_mm256_movemask_ps(bits);
+}
+
+#define STEP_BYTES 524288       /* bytes of code a step: each plane's x in runs of as many (cpu_kernels.c) */
+#define STEP_BYTES_STACK 16384  /* where malloc fails: words on the stack */
+
+/* the job's code bytes and their elements' y: per step, each plane's bits of 32 elements as a word,
+ * then 32 bytes of code from the 8 planes' words; kind and dtype constants where inlined */
+static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype, const bit_code *k,
+                                                              uint32_t *words, int64_t step_bytes) {
+    const int64_t per_plane = step_bytes / 32;
+    for (int64_t b0 = jb->lo; b0 < jb->hi; b0 += step_bytes) {
+        int64_t len = clamp_to(step_bytes, jb->hi - b0), groups = (len + 31) / 32;
+        for (int plane = 0; plane < 8; plane++) {  /* element plane * nbytes + b lives in byte b */
+            uint32_t *w = words + plane * per_plane;
+            int64_t e = plane * jb->nbytes + b0, e1 = clamp_to(e + len, jb->n), g = 0;
+            for (; e + 32 <= e1; e += 32, g++) {
+                uint32_t bits = 0;
+                for (int v = 0; v < 4; v++) bits |= step8(jb, kind, dtype, k, jb->x, jb->y, e + 8 * v, e + 8 * v) << (8 * v);
+                w[g] = bits ^ k->invert;
+            }
+            if (e < e1) {  /* the plane's last elements, through zero-padded copies */
+                int m = (int)(e1 - e), size = dtype == F32 ? 4 : 2;
+                uint8_t xs[32 * 4] = {0}, ys[32 * 4];
+                memcpy(xs, (const char *)jb->x + e * size, (size_t)(m * size));
+                uint32_t bits = 0;
+                for (int v = 0; v < 4; v++) bits |= step8(jb, kind, dtype, k, xs, ys, 8 * v, e + 8 * v) << (8 * v);
+                memcpy((char *)jb->y + e * size, ys, (size_t)(m * size));
+                w[g++] = (bits ^ k->invert) & (m == 32 ? ~0u : (1u << m) - 1);
+            }
+            for (; g < groups; g++) w[g] = 0;
+        }
+        const vi select = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+        const vi bit = _mm256_set1_epi64x(0x8040201008040201);  /* byte j of each 8: bit j */
+        for (int64_t g = 0; g < groups; g++) {
+            vi out = _mm256_setzero_si256();
+            for (int plane = 0; plane < 8; plane++) {  /* byte b of the group: bit b of the plane's word */
+                vi spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)words[plane * per_plane + g]), select);
+                vi set_ = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                out = _mm256_or_si256(out, _mm256_and_si256(set_, _mm256_set1_epi8((char)(1 << plane))));
+            }
+            int64_t left = len - 32 * g;
+            if (left >= 32) _mm256_storeu_si256((__m256i *)(jb->packed + b0 + 32 * g), out);
+            else {
+                uint8_t last[32];
+                _mm256_storeu_si256((__m256i *)last, out);
+                memcpy(jb->packed + b0 + 32 * g, last, (size_t)left);
+            }
+        }
+    }
+}
+
+static __thread uint32_t *forward_words;  /* each thread's step buffer, kept (cpu_kernels.c's) */
+
+#define KIND_DTYPE(kind, dtype) forward_job(jb, kind, dtype, k, words, step_bytes)
+static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words, int64_t step_bytes) {
+    if (jb->kind == FWD_SILU) jb->dtype == F32 ? KIND_DTYPE(FWD_SILU, F32) : KIND_DTYPE(FWD_SILU, BF16);
+    else jb->dtype == F32 ? KIND_DTYPE(FWD_HARDSWISH, F32) : KIND_DTYPE(FWD_HARDSWISH, BF16);
+}
+#undef KIND_DTYPE
+
+static void *run_forward_job(void *arg) {
+    const code_job *jb = arg;
+    bit_code k;
+    bit_code_of(jb, &k);  /* invact_forward_code checked it */
+    if (!forward_words) forward_words = malloc(8 * STEP_BYTES / 32 * sizeof(uint32_t));
+    if (forward_words) {
+        forward_kinds(jb, &k, forward_words, STEP_BYTES);
+        return 0;
+    }
+    uint32_t small[8 * STEP_BYTES_STACK / 32];
+    forward_kinds(jb, &k, small, STEP_BYTES_STACK);
+    return 0;
+}
+
+/* y[0 .. n) = the forward `kind` (hardswish or silu) of n contiguous float32 or bfloat16 x and packed =
+ * their one-bit codes of one threshold, as cpu_kernels.c's invact_forward_code; chunk: the length of
+ * the ranges ATen splits n into. Returns 0, or -1 for arguments it does not take. */
+int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
+                        const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
+                        int threads) {
+    code_job probe = {dtype, bits, n_thr, nan_code, strict, n, 0, 0, 0, x, packed, {0}, {0}, y, kind, chunk};
+    bit_code k;
+    if ((kind != FWD_HARDSWISH && kind != FWD_SILU) || (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
+        n_thr != 1 || bits != 1)
+        return -1;
+    probe.thr[0] = thr[0];
+    probe.codes[0] = codes[0], probe.codes[1] = codes[1];
+    if (!bit_code_of(&probe, &k)) return -1;
+    return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
+                        y, kind, chunk);
+}
+
+/* STEP_BYTES, for tests that cross it */
+int64_t invact_forward_chunk(void) { return STEP_BYTES; }
