@@ -42,7 +42,7 @@ SUBSET = {   # the activations with a branch point (information floor) and the f
                   # the AVX2 polynomial kernel: the compiled backend's float32 backward of the fitted tables
                   "tests/test_cpu_kernel.py::test_compiled_backend_without_avx512_runs_the_avx2_kernel",
                   "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise[silu-dtype0-AVX2]",
-                  # its one-pass forward (hardswish, silu) against ATen's AVX2 kernels, every route of the file
+                  # its one-pass forward (hardswish, silu, quick_gelu) against ATen's AVX2 kernels
                   "tests/test_forward_pass.py"],
     "one-thread": [f"{MLP}[GELU]", "tests/test_cpu_kernel.py::test_fused_equals_eager_bitwise",
                    "tests/test_cpu_kernel.py::test_compiled_backend_runs_the_kernels"],

@@ -1,5 +1,5 @@
 /* The CPU kernels for CPUs with AVX2 and FMA but not AVX-512 (as ATen sees them): invact_poly_grad, and
- * invact_forward_code for hardswish and silu (ATen's AVX2 kernels reproduced; at the end).
+ * invact_forward_code for hardswish, silu and quick_gelu (ATen's AVX2 kernels reproduced; at the end).
  *
  * invact_poly_grad: the float32 backward of tables of polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
  * same order, so the same bits, with FMA or without). Only how the row is found differs: AVX2's
@@ -330,8 +330,8 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const floa
 }
 
 /* ---- forward: y and the one-bit code in one pass over x (cpu_kernels.c's invact_forward_code, for
- * ATen's AVX2 kernels of hardswish and silu, float32 and bfloat16 x) ---- */
-enum { FWD_HARDSWISH = 1, FWD_SILU = 2 };  /* cpu_kernels.c's kinds that ATen's AVX2 code shares */
+ * ATen's AVX2 kernels of hardswish, silu and quick_gelu's three ops, float32 and bfloat16 x) ---- */
+enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_QUICK_GELU = 4 };  /* cpu_kernels.c's kinds, ATen's AVX2 code */
 
 /* Sleef_expf8_u10 (SLEEF's AVX2 expf, which ATen's Vectorized<float>::exp calls): the AVX-512 build's
  * steps (invact_torch_math.h's sleef_exp16) on 8 lanes */
@@ -362,10 +362,38 @@ static inline vf second_halves(const code_job *jb, int64_t e) {
     return as_f(_mm256_loadu_si256((const __m256i *)lanes));
 }
 
+/* bfloat16 bits of 8 floats in the low halves of the lanes, as ATen's AVX2 conversion (to nearest
+ * even, NaN 0xFFFF) */
+static inline vi bf16_bits8(vf v) {
+    vi b = as_i(v);
+    vi r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16),
+                                                                                   _mm256_set1_epi32(1)),
+                                                                  _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), as_i(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+/* v rounded to dtype and back: what an ATen op stores between ops */
+static inline vf round8(int dtype, vf v) { return dtype == F32 ? v : as_f(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+
+/* src1 * src2 with src1's NaN where both are NaN (vmulps returns its first source's) */
+static inline vf mul_src1(vf src1, vf src2) {
+    vf r;
+    __asm__("vmulps %2, %1, %0" : "=x"(r) : "x"(src1), "x"(src2));
+    return r;
+}
+
 /* y of 8 x (elements e .. e + 7) by `kind` (a constant where inlined), as ATen's AVX2 code */
 static inline __attribute__((always_inline)) vf forward8(const code_job *jb, int kind, int dtype, vf x, int64_t e) {
     if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
         return _mm256_div_ps(x, _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), x))));
+    if (kind == FWD_QUICK_GELU) {  /* x * sigmoid(1.702 * x): three ATen ops, each result in x's dtype */
+        vf t = round8(dtype, _mm256_mul_ps(x, set(1.702f)));
+        vf sig = _mm256_div_ps(set(1.0f), _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), t))));
+        vf y = mul_src1(round8(dtype, sig), x);  /* of two NaNs sigmoid's in float32; 16-bit: x's, quieted */
+        vf nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+        if (dtype == F32 || !_mm256_movemask_ps(nan)) return y;
+        return _mm256_blendv_ps(y, _mm256_or_ps(x, as_f(_mm256_set1_epi32(0x400000))), nan);
+    }
     /* x * minimum(maximum(x + 3, 0), 6) / 6; vec::maximum and minimum give NaN x all ones (c), and x * c
      * of two NaNs is one operand's, by the place in ATen's float32 loop (its 16-bit loops: x's quieted) */
     vf six = set(6.0f), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
@@ -390,11 +418,7 @@ static inline void store8(int dtype, void *p, int64_t i, vf v) {
         _mm256_storeu_ps((float *)p + i, v);
         return;
     }
-    vi b = as_i(v);
-    vi r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16),
-                                                                                   _mm256_set1_epi32(1)),
-                                                                  _mm256_set1_epi32(0x7FFF))), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), as_i(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    vi r = bf16_bits8(v);
     r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
     _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(r));
 }
@@ -482,6 +506,8 @@ static __thread uint32_t *forward_words;  /* each thread's step buffer, kept (cp
 #define KIND_DTYPE(kind, dtype) forward_job(jb, kind, dtype, k, words, step_bytes)
 static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words, int64_t step_bytes) {
     if (jb->kind == FWD_SILU) jb->dtype == F32 ? KIND_DTYPE(FWD_SILU, F32) : KIND_DTYPE(FWD_SILU, BF16);
+    else if (jb->kind == FWD_QUICK_GELU)
+        jb->dtype == F32 ? KIND_DTYPE(FWD_QUICK_GELU, F32) : KIND_DTYPE(FWD_QUICK_GELU, BF16);
     else jb->dtype == F32 ? KIND_DTYPE(FWD_HARDSWISH, F32) : KIND_DTYPE(FWD_HARDSWISH, BF16);
 }
 #undef KIND_DTYPE
@@ -500,7 +526,7 @@ static void *run_forward_job(void *arg) {
     return 0;
 }
 
-/* y[0 .. n) = the forward `kind` (hardswish or silu) of n contiguous float32 or bfloat16 x and packed =
+/* y[0 .. n) = the forward `kind` (hardswish, silu or quick_gelu) of n contiguous float32 or bfloat16 x and packed =
  * their one-bit codes of one threshold, as cpu_kernels.c's invact_forward_code; chunk: the length of
  * the ranges ATen splits n into. Returns 0, or -1 for arguments it does not take. */
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
@@ -508,7 +534,7 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
                         int threads) {
     code_job probe = {dtype, bits, n_thr, nan_code, strict, n, 0, 0, 0, x, packed, {0}, {0}, y, kind, chunk};
     bit_code k;
-    if ((kind != FWD_HARDSWISH && kind != FWD_SILU) || (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
+    if ((kind != FWD_HARDSWISH && kind != FWD_SILU && kind != FWD_QUICK_GELU) || (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
         n_thr != 1 || bits != 1)
         return -1;
     probe.thr[0] = thr[0];
