@@ -1,8 +1,8 @@
 """The compiled CPU backend's C kernels: ``csrc/cpu_kernels.c``, built once with the system C compiler
 and called through ctypes, on CPUs where ATen itself runs AVX-512 code; and where it runs AVX2 code,
 ``csrc/cpu_avx2.c``: the float32 polynomial backward (:func:`poly_library`: the same scheme on 8-lane
-vectors, bit for bit) and the one-pass forward of hardswish, silu and quick_gelu in float32 and bfloat16
-(:func:`forward_library`, ATen's AVX2 kernels reproduced).
+vectors, bit for bit) and the one-pass forward of hardswish, silu, quick_gelu and gelu in float32 and
+bfloat16 (:func:`forward_library`, ATen's AVX2 kernels and oneDNN's avx2 gelu reproduced).
 
 * Backward, float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's
   code for the generated ``grad_kernel`` selects each element's table row with a chain of blends per
@@ -395,8 +395,9 @@ FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_f
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
             "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
-AVX2_FORWARDS = frozenset({FORWARDS["F.hardswish(x)"], FORWARDS["F.silu(x)"],  # csrc/cpu_avx2.c's, of FORWARDS
-                           FORWARDS["x * torch.sigmoid(1.702 * x)"]})
+AVX2_FORWARDS = frozenset({FORWARDS["F.hardswish(x)"], FORWARDS["F.silu(x)"], FORWARDS["F.gelu(x)"],  # ATen's,
+                           FORWARDS["x * torch.sigmoid(1.702 * x)"],  # and oneDNN's gelu (float32), as
+                           ONEDNN_FORWARDS["F.gelu(x)"]})             # csrc/cpu_avx2.c reproduces them
 ONEDNN_KINDS = frozenset(ONEDNN_FORWARDS.values())  # vector code on every element, more than one element
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least

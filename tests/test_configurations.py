@@ -4,7 +4,8 @@ PyTorch's float32 forward is correctly rounded).
 
 * ``no-avx512``: ``ATEN_CPU_CAPABILITY=avx2`` makes ATen run its AVX2 kernels (PyTorch's own GELU
   rounds differently there) and invact.cpu_kernel, which asks ATen, builds its AVX2 kernels instead
-  of the AVX-512 ones: a CPU without AVX-512 as far as both libraries can tell;
+  of the AVX-512 ones; ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN (float32 GELU) run its avx2 code: a
+  CPU without AVX-512 as far as the three libraries can tell;
 * ``one-thread``: ``OMP_NUM_THREADS=1`` (torch.get_num_threads() == 1), C kernels on where they build.
 
 The subset is the per-element gradient bounds (test_modules's MLP, the tolerance helper under a
@@ -31,7 +32,7 @@ from kernel_rows import POLY_ISAS
 ROOT = Path(__file__).parents[1]
 EXPECT = "INVACT_TEST_CONFIGURATION"      # set in the subprocess: which setting to verify
 CONFIGS = {
-    "no-avx512": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "no-avx512": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
 MLP = "tests/test_modules.py::test_mlp_gradients_within_floor"
@@ -41,7 +42,7 @@ SUBSET = {   # the activations with a branch point (information floor) and the f
                   # the per-table C kernels built for AVX2: code, backward, no compile
                   "tests/test_c_tables.py::test_first_call_compiles_nothing[gelu-params2]",
                   "tests/test_c_tables.py::test_portable_16_bit_conversions_every_pattern[dtype1]",
-                  # its one-pass forward (hardswish, silu, quick_gelu) against ATen's AVX2 kernels
+                  # its one-pass forward (hardswish, silu, quick_gelu, gelu) against ATen's and oneDNN's
                   "tests/test_forward_pass.py",
                   # the AVX2 polynomial kernel: the compiled backend's float32 backward of the fitted tables
                   # (where it builds: with the kernels off, or no compiler, the ISA parameter is not there)

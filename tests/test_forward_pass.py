@@ -67,11 +67,17 @@ def test_the_routes_taken():
     PyTorch calls it (float32 and bfloat16 with oneDNN on): its float32 JIT code is the same on every
     AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16; elsewhere an
     emulation not reproduced here, so two passes; also where the C compiler lacks the instruction).
-    With AVX2: hardswish, silu and quick_gelu in float32 and bfloat16, the rest in two passes."""
+    With AVX2: hardswish, silu and quick_gelu in float32 and bfloat16; gelu too where oneDNN runs its
+    avx2 code (no AVX-512 CPU, or ONEDNN_MAX_CPU_ISA=AVX2): its own in float32, ATen's kernel in
+    bfloat16, which that oneDNN does not take; the rest in two passes."""
     kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
              for n in NATIVE for d in DTYPES}
     if AVX2:
-        one_pass = {(n, d) for n in ("hardswish", "silu", "quick_gelu") for d in (torch.float32, torch.bfloat16)}
+        one_pass = {(n, d) for n in ("hardswish", "silu", "quick_gelu", "gelu") for d in (torch.float32, torch.bfloat16)}
+        onednn_avx2 = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
+                       or " avx512f" not in open("/proc/cpuinfo").read())
+        if not onednn_avx2:  # oneDNN's AVX-512 gelu (both dtypes), which only the AVX-512 library reproduces
+            one_pass -= {("gelu", torch.float32), ("gelu", torch.bfloat16)}
         assert {key for key, kind in kinds.items() if kind is not None} == one_pass
         return
     assert all(kinds[n, d] is not None for n in ("hardswish", "silu", "quick_gelu", "gelu_tanh", "mish") for d in DTYPES)
@@ -147,10 +153,9 @@ def test_the_scalar_tails_are_pytorchs(name, threads):
     assert len(tails) >= 3 and all(0 < hi - lo < 32 for lo, hi in tails)
 
 
-@needs_avx512
 def test_gelu_without_onednn_runs_atens_kernel_in_one_pass():
     with torch.backends.mkldnn.flags(enabled=False):
-        for dtype in DTYPES:
+        for dtype in DTYPES[:2] if AVX2 else DTYPES:  # AVX2: float32 and bfloat16
             x = impl_cpu.probe(dtype)
             assert impl_cpu.one_pass_kind(registry.module("gelu"), dtype, False) is not None
             y, code = impl_cpu.one_pass_forward(x, "gelu", [])

@@ -1,5 +1,6 @@
 /* The CPU kernels for CPUs with AVX2 and FMA but not AVX-512 (as ATen sees them): invact_poly_grad, and
- * invact_forward_code for hardswish, silu and quick_gelu (ATen's AVX2 kernels reproduced; at the end).
+ * invact_forward_code for hardswish, silu, quick_gelu and gelu (ATen's AVX2 kernels and oneDNN's avx2 gelu
+ * reproduced; at the end).
  *
  * invact_poly_grad: the float32 backward of tables of polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
  * same order, so the same bits, with FMA or without). Only how the row is found differs: AVX2's
@@ -330,8 +331,21 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const floa
 }
 
 /* ---- forward: y and the one-bit code in one pass over x (cpu_kernels.c's invact_forward_code, for
- * ATen's AVX2 kernels of hardswish, silu and quick_gelu's three ops, float32 and bfloat16 x) ---- */
-enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_QUICK_GELU = 4 };  /* cpu_kernels.c's kinds, ATen's AVX2 code */
+ * ATen's AVX2 kernels of hardswish, silu, gelu and quick_gelu's three ops, float32 and bfloat16 x, and
+ * oneDNN's avx2 gelu, float32) ---- */
+enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* cpu_kernels.c's kinds: ATen's AVX2 code, */
+       FWD_GELU_ONEDNN = 5 };                                                /* oneDNN's avx2 JIT (float32) */
+
+/* p(x) by Horner's rule with FMA, coefficients c[0] (highest degree) .. c[n - 1] */
+static inline vf horner8(vf x, const float *c, int n) {
+    vf p = set(c[0]);
+    for (int k = 1; k < n; k++) p = _mm256_fmadd_ps(p, x, set(c[k]));
+    return p;
+}
+
+/* Abramowitz and Stegun's erf polynomial in t, as ATen's Vectorized<float>::erf and oneDNN's avx2 gelu
+ * have it (the same float32 values) */
+static const float AS_ERF_POLY[] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};
 
 /* Sleef_expf8_u10 (SLEEF's AVX2 expf, which ATen's Vectorized<float>::exp calls): the AVX-512 build's
  * steps (invact_torch_math.h's sleef_exp16) on 8 lanes */
@@ -340,18 +354,56 @@ static inline vf sleef_exp8(vf d) {
     vf qf = _mm256_cvtepi32_ps(q);
     vf s = _mm256_fmadd_ps(qf, set(-0.693145751953125f), d);
     s = _mm256_fmadd_ps(qf, set(-1.428606765330187e-06f), s);
-    vf u = set(0.000198527617612853646278381f);
-    u = _mm256_fmadd_ps(u, s, set(0.00139304355252534151077271f));
-    u = _mm256_fmadd_ps(u, s, set(0.00833336077630519866943359f));
-    u = _mm256_fmadd_ps(u, s, set(0.0416664853692054748535156f));
-    u = _mm256_fmadd_ps(u, s, set(0.166666671633720397949219f));
-    u = _mm256_fmadd_ps(u, s, set(0.5f));
+    static const float poly[] = {0.000198527617612853646278381f, 0.00139304355252534151077271f,
+                                 0.00833336077630519866943359f, 0.0416664853692054748535156f,
+                                 0.166666671633720397949219f, 0.5f};
+    vf u = horner8(s, poly, 6);
     u = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s), set(1.0f));
     vi half = _mm256_srai_epi32(q, 1), bias = _mm256_set1_epi32(0x7f);
     u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
     u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(q, half), bias), 23)));
     u = _mm256_and_ps(u, _mm256_cmp_ps(d, set(-104.0f), _CMP_NLT_UQ));
     return _mm256_blendv_ps(u, set(INFINITY), _mm256_cmp_ps(set(100.0f), d, _CMP_LT_OQ));
+}
+
+/* ATen's Vectorized<float>::erf (AVX2), FMAs where it has them: invact_torch_math.h's aten_erf on 8 lanes */
+static inline vf aten_erf8(vf v) {
+    vf one = set(1.0f), sign = _mm256_and_ps(set(-0.0f), v);
+    vf t = _mm256_div_ps(one, _mm256_fmadd_ps(set(0.3275911f), _mm256_andnot_ps(set(-0.0f), v), one));
+    vf r = horner8(t, AS_ERF_POLY, 5);
+    vf e = _mm256_xor_ps(set(-0.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), _mm256_mul_ps(v, v))));
+    return _mm256_xor_ps(sign, _mm256_fmadd_ps(_mm256_mul_ps(e, t), r, one));
+}
+
+#define BC8(u) as_f(_mm256_set1_epi32((int)(u)))
+
+/* oneDNN's exp on avx2 (its JIT eltwise injector): x clamped to [ln FLT_MIN, ln FLT_MAX], 2^(n-1) of
+ * n = floor(x log2 e + 1/2), a degree-5 polynomial in the remainder, times 2^(n-1) and 2; zero below
+ * ln FLT_MIN */
+static inline vf onednn_exp8(vf v) {
+    vf below = _mm256_cmp_ps(v, BC8(0xc2aeac50), _CMP_LT_OS);
+    v = _mm256_max_ps(_mm256_min_ps(v, BC8(0x42b17218)), BC8(0xc2aeac50));
+    vf n = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(v, BC8(0x3fb8aa3b)), BC8(0x3f000000)),
+                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, BC8(0x3f317218), v);
+    vi scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(_mm256_sub_ps(n, set(1.0f))),
+                                                  _mm256_set1_epi32(0x7f)), 23);
+    vf two_n = _mm256_blendv_ps(as_f(scale), _mm256_setzero_ps(), below);
+    static const float poly[] = {0x1.0f9f9cp-7f, 0x1.573a1ap-5f, 0x1.555a80p-3f, 0x1.fffdc6p-2f, 0x1.fffff6p-1f, 1.0f};
+    vf p = horner8(r, poly, 6);
+    return _mm256_mul_ps(_mm256_mul_ps(p, two_n), set(2.0f));
+}
+
+/* oneDNN's gelu_erf on avx2: erf by Abramowitz and Stegun's formula with its exp, y = S + S erf, S = x / 2 */
+static inline vf onednn_gelu8(vf s) {
+    vf x = _mm256_mul_ps(s, BC8(0x3f3504f3));
+    vf t = _mm256_div_ps(set(1.0f), _mm256_fmadd_ps(BC8(0x3ea7ba05), _mm256_and_ps(x, BC8(0x7fffffff)), set(1.0f)));
+    vf e = _mm256_xor_ps(onednn_exp8(_mm256_xor_ps(_mm256_mul_ps(x, x), BC8(0x80000000))), BC8(0x80000000));
+    e = _mm256_mul_ps(e, t);
+    vf r = horner8(t, AS_ERF_POLY, 5);
+    vf erf = _mm256_xor_ps(_mm256_fmadd_ps(e, r, set(1.0f)), _mm256_and_ps(s, BC8(0x80000000)));
+    vf half_s = _mm256_mul_ps(s, set(0.5f));
+    return _mm256_fmadd_ps(erf, half_s, half_s);
 }
 
 /* the lanes of elements e .. e + 7 in the second vector of ATen's 16-element steps, counted from the
@@ -386,6 +438,11 @@ static inline vf mul_src1(vf src1, vf src2) {
 static inline __attribute__((always_inline)) vf forward8(const code_job *jb, int kind, int dtype, vf x, int64_t e) {
     if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
         return _mm256_div_ps(x, _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), x))));
+    if (kind == FWD_GELU_ONEDNN) return onednn_gelu8(x);
+    if (kind == FWD_GELU) {  /* x * 0.5 * (1 + erf(x * M_SQRT1_2)); NaN x: x's, as ATen's */
+        vf erf = aten_erf8(_mm256_mul_ps(x, set(0.70710678118654752440f)));
+        return mul_src1(_mm256_mul_ps(x, set(0.5f)), _mm256_add_ps(set(1.0f), erf));
+    }
     if (kind == FWD_QUICK_GELU) {  /* x * sigmoid(1.702 * x): three ATen ops, each result in x's dtype */
         vf t = round8(dtype, _mm256_mul_ps(x, set(1.702f)));
         vf sig = _mm256_div_ps(set(1.0f), _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), t))));
@@ -506,6 +563,8 @@ static __thread uint32_t *forward_words;  /* each thread's step buffer, kept (cp
 #define KIND_DTYPE(kind, dtype) forward_job(jb, kind, dtype, k, words, step_bytes)
 static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words, int64_t step_bytes) {
     if (jb->kind == FWD_SILU) jb->dtype == F32 ? KIND_DTYPE(FWD_SILU, F32) : KIND_DTYPE(FWD_SILU, BF16);
+    else if (jb->kind == FWD_GELU) jb->dtype == F32 ? KIND_DTYPE(FWD_GELU, F32) : KIND_DTYPE(FWD_GELU, BF16);
+    else if (jb->kind == FWD_GELU_ONEDNN) KIND_DTYPE(FWD_GELU_ONEDNN, F32);
     else if (jb->kind == FWD_QUICK_GELU)
         jb->dtype == F32 ? KIND_DTYPE(FWD_QUICK_GELU, F32) : KIND_DTYPE(FWD_QUICK_GELU, BF16);
     else jb->dtype == F32 ? KIND_DTYPE(FWD_HARDSWISH, F32) : KIND_DTYPE(FWD_HARDSWISH, BF16);
@@ -526,7 +585,7 @@ static void *run_forward_job(void *arg) {
     return 0;
 }
 
-/* y[0 .. n) = the forward `kind` (hardswish, silu or quick_gelu) of n contiguous float32 or bfloat16 x and packed =
+/* y[0 .. n) = the forward `kind` (hardswish, silu, gelu, quick_gelu, oneDNN's gelu) of n contiguous float32 or bfloat16 x and packed =
  * their one-bit codes of one threshold, as cpu_kernels.c's invact_forward_code; chunk: the length of
  * the ranges ATen splits n into. Returns 0, or -1 for arguments it does not take. */
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
@@ -534,7 +593,8 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
                         int threads) {
     code_job probe = {dtype, bits, n_thr, nan_code, strict, n, 0, 0, 0, x, packed, {0}, {0}, y, kind, chunk};
     bit_code k;
-    if ((kind != FWD_HARDSWISH && kind != FWD_SILU && kind != FWD_QUICK_GELU) || (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
+    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || (kind == FWD_GELU_ONEDNN && dtype != F32) ||
+        (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
         n_thr != 1 || bits != 1)
         return -1;
     probe.thr[0] = thr[0];
