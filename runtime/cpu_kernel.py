@@ -194,7 +194,8 @@ def _avx2_library() -> ctypes.CDLL | None:
         lib = kernel_cache.load_first(builds("cpu_avx2", AVX2_SOURCE, AVX2_HEADERS, compiler, AVX2_FLAGS), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the AVX2 CPU kernel could not be built ({error}); the float32 backward of the "
-                      "fitted tables runs their per-table C", RuntimeWarning, stacklevel=2)
+                      "fitted tables runs their per-table C, and every forward packs its code in a second pass",
+                      RuntimeWarning, stacklevel=2)
         return None
     lib.invact_poly_grad.restype = lib.invact_forward_code.restype = ctypes.c_int
     lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
