@@ -63,11 +63,12 @@ SWITCH_ENV = "INVACT_CPU_KERNEL"
 FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", "invact_threads.h",
-                                              "invact_torch_math.h", "invact_poly.h"))  # included: in the key
+                                              "invact_torch_math.h", "invact_poly.h", "invact_poly_transform.h"))  # in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
 AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a one-pass forward, AVX2 + FMA
-AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_threads.h", "invact_pack.h"))
+AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_poly_transform.h", "invact_threads.h",
+                                                   "invact_pack.h"))
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
@@ -138,6 +139,18 @@ _PACK_ARGS = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dt
               ctypes.POINTER(ctypes.c_int32),  # codes
               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]  # nan code, bits, out, threads
 _FORWARD_ARGS = [ctypes.c_int, ctypes.c_int64, *_PACK_ARGS[:3], ctypes.c_void_p, *_PACK_ARGS[3:]]  # kind, chunk, ..., y
+_TENSOR_ARGS = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int, ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with the signatures of what both kernel libraries export: the polynomial backward and the
+    one-pass forward."""
+    lib.invact_poly_grad.restype = lib.invact_forward_code.restype = ctypes.c_int
+    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), *_TENSOR_ARGS, ctypes.c_int]  # ..., fused
+    lib.invact_forward_code.argtypes = _FORWARD_ARGS
+    lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
+    return lib
 
 
 @functools.cache
@@ -157,17 +170,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)
         return None
-    tensors = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-               ctypes.c_int, ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads
-    lib.invact_poly_grad.restype = lib.invact_lut_grad.restype = ctypes.c_int
-    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), *tensors, ctypes.c_int]  # ..., fused
-    lib.invact_lut_grad.argtypes = [ctypes.c_void_p, *tensors]
-    lib.invact_pack_code.restype = ctypes.c_int
+    lib.invact_lut_grad.restype = lib.invact_pack_code.restype = ctypes.c_int
+    lib.invact_lut_grad.argtypes = [ctypes.c_void_p, *_TENSOR_ARGS]
     lib.invact_pack_code.argtypes = _PACK_ARGS
-    lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
-    lib.invact_forward_code.restype = ctypes.c_int
-    lib.invact_forward_code.argtypes = _FORWARD_ARGS
-    return lib
+    return _bind(lib)
 
 
 def poly_library(isa: str | None = None) -> ctypes.CDLL | None:
@@ -197,23 +203,14 @@ def _avx2_library() -> ctypes.CDLL | None:
                       "fitted tables runs their per-table C, and every forward packs its code in a second pass",
                       RuntimeWarning, stacklevel=2)
         return None
-    lib.invact_poly_grad.restype = lib.invact_forward_code.restype = ctypes.c_int
-    lib.invact_poly_grad.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                     ctypes.c_int]  # dtype, n, y, grad, out, code, bits, threads, fused
-    lib.invact_forward_code.argtypes = _FORWARD_ARGS
-    lib.invact_forward_chunk.restype, lib.invact_forward_chunk.argtypes = ctypes.c_int64, []
-    return lib
+    return _bind(lib)
 
 
 def forward_library() -> ctypes.CDLL | None:
     """The library whose ``invact_forward_code`` writes y and the code in one pass for ATen's CPU
     capability: :func:`library` for AVX-512 (:data:`FORWARDS`), ``csrc/cpu_avx2.c``'s build for AVX2
-    (:data:`AVX2_FORWARDS`); None elsewhere."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    if isa == "AVX512":
-        return library()
-    return poly_library("AVX2") if isa == "AVX2" else None
+    (:data:`AVX2_FORWARDS`); None elsewhere: the same library as :func:`poly_library`'s."""
+    return poly_library()
 
 
 def kernel_table(mod: ModuleType, thresholds: tuple[float, ...], strict: tuple[bool, ...]) -> Table | None:

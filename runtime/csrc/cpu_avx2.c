@@ -100,21 +100,7 @@ static inline __attribute__((always_inline)) void root(const invact_table *t, in
     EACH(v) out[v] = _mm256_sqrt_ps(at_least(d[v], 0.0f));
 }
 
-static inline __attribute__((always_inline)) void transform(const invact_table *t, int i, const vf y[U], vf out[U]) {
-    int kind = t->transform_kind[i];
-    if (kind == IDENTITY) {
-        EACH(v) out[v] = y[v];
-        return;
-    }
-    if (kind == SQRT) {
-        root(t, i, y, out);
-        return;
-    }
-    vf d[U];
-    shifted(t, i, y, d);
-    EACH(v) d[v] = at_least(d[v], t->tiny);
-    log32(t, d, out);
-}
+#include "invact_poly_transform.h"
 
 /* each lane's entry of a by-code table: a blend for one-bit codes (odd: all ones in the lanes of code
  * 1), else a gather at min(code, 16) */
@@ -313,7 +299,7 @@ static void *run_job(void *arg) {
  * (which also takes 16-bit y: here -1, as for any argument the kernel does not take) */
 int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const float *y, const float *grad,
                      float *out, const uint8_t *code, int bits, int threads, int fused) {
-    if (poly_table_ok(table) != 0 || dtype != F32 || n < 0 || (bits != 0 && bits != 1 && bits != 2 && bits != 4 && bits != 8))
+    if (!poly_table_taken(table) || dtype != F32 || n < 0 || (bits != 0 && bits != 1 && bits != 2 && bits != 4 && bits != 8))
         return -1;
     int bound = index_bound(table);
     job base = {table, bits, fused != 0, bound <= 8 ? 8 : bound <= 16 ? 16 : 32, nan_blend(table),
@@ -485,17 +471,18 @@ static inline void store8(int dtype, void *p, int64_t i, vf v) {
  * gives NaN's code (cpu_kernels.c's bit_code) */
 typedef struct { vf thr; int unordered; uint32_t invert; } bit_code;
 
-static int bit_code_of(const code_job *jb, bit_code *k) {
-    float t = jb->thr[0];
-    int passed = jb->codes[1], failed = jb->codes[0];
-    if (jb->bits != 1 || jb->n_thr != 1 || passed == failed || (passed != 0 && passed != 1) ||
-        (failed != 0 && failed != 1) || (jb->nan_code != 0 && jb->nan_code != 1))
+static int bit_code_of(int bits, int n_thr, const float *thr, int strict, const int32_t *codes, int nan_code,
+                       bit_code *k) {
+    if (bits != 1 || n_thr != 1) return 0;
+    float t = thr[0];
+    int passed = codes[1], failed = codes[0];
+    if (passed == failed || (passed != 0 && passed != 1) || (failed != 0 && failed != 1) || (nan_code != 0 && nan_code != 1))
         return 0;
-    if (jb->strict & 1) {
+    if (strict & 1) {
         if (!isfinite(t) || fabsf(t) < 2 * FLT_MIN) return 0;
         t = nextafterf(t, INFINITY);
     }
-    *k = (bit_code){set(t), (jb->nan_code != 0) != (passed == 0), passed ? 0u : ~0u};
+    *k = (bit_code){set(t), (nan_code != 0) != (passed == 0), passed ? 0u : ~0u};
     return 1;
 }
 
@@ -574,7 +561,7 @@ static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words
 static void *run_forward_job(void *arg) {
     const code_job *jb = arg;
     bit_code k;
-    bit_code_of(jb, &k);  /* invact_forward_code checked it */
+    bit_code_of(jb->bits, jb->n_thr, jb->thr, jb->strict, jb->codes, jb->nan_code, &k);  /* invact_forward_code checked it */
     if (!forward_words) forward_words = malloc(8 * STEP_BYTES / 32 * sizeof(uint32_t));
     if (forward_words) {
         forward_kinds(jb, &k, forward_words, STEP_BYTES);
@@ -591,15 +578,10 @@ static void *run_forward_job(void *arg) {
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
-    code_job probe = {dtype, bits, n_thr, nan_code, strict, n, 0, 0, 0, x, packed, {0}, {0}, y, kind, chunk};
     bit_code k;
     if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || (kind == FWD_GELU_ONEDNN && dtype != F32) ||
-        (dtype != F32 && dtype != BF16) || !y || chunk < 1 ||
-        n_thr != 1 || bits != 1)
+        (dtype != F32 && dtype != BF16) || !y || chunk < 1 || !bit_code_of(bits, n_thr, thr, strict, codes, nan_code, &k))
         return -1;
-    probe.thr[0] = thr[0];
-    probe.codes[0] = codes[0], probe.codes[1] = codes[1];
-    if (!bit_code_of(&probe, &k)) return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, chunk);
 }

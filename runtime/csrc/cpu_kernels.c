@@ -95,22 +95,8 @@ static inline __attribute__((always_inline)) void root(const invact_table *t, in
     EACH(v) out[v] = _mm512_sqrt_ps(at_least(d[v], 0.0f));
 }
 
-static inline __attribute__((always_inline)) void transform(const invact_table *t, int i, const __m512 y[U],
-                                                            __m512 out[U]) {
-    int kind = t->transform_kind[i];
-    if (kind == IDENTITY) {
-        EACH(v) out[v] = y[v];
-        return;
-    }
-    if (kind == SQRT) {
-        root(t, i, y, out);
-        return;
-    }
-    __m512 d[U];
-    shifted(t, i, y, d);
-    EACH(v) d[v] = at_least(d[v], t->tiny);
-    log32(t, d, out);
-}
+typedef __m512 vf;  /* the vector type of invact_poly_transform.h's transform */
+#include "invact_poly_transform.h"
 
 /* global segment index: count of the class's thresholds that y passes plus its first segment; the
  * class is the last whose code matches (the first class where none does), as the generated code's
@@ -439,7 +425,7 @@ static int run_jobs(job base, int threads) {
  * Returns 0, or -1 for arguments it does not take. */
 int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const void *y, const void *grad,
                      void *out, const uint8_t *code, int bits, int threads, int fused) {
-    if (poly_table_ok(table) != 0) return -1;
+    if (!poly_table_taken(table)) return -1;
     return run_jobs((job){table, dtype, bits, fused != 0, nan_blend(table), narrow(table), n, 0, 0, y, grad, out, code, 0},
                     threads);
 }

@@ -63,12 +63,11 @@ static int index_bound(const invact_table *t) {
     return most;
 }
 
-/* whether invact_poly_grad takes the table (0) or not (-1) */
-static int poly_table_ok(const invact_table *t) {
-    return t->n_classes < 1 || t->n_classes > MAX_CLASSES || t->degree < 1 || t->degree + COL_C0_LO >= MAX_COLUMNS ||
-                   t->n_transforms < 1 || t->n_transforms > MAX_TRANSFORMS || t->search_levels < 0 ||
-                   t->search_levels > MAX_LEVELS
-               ? -1 : 0;
+/* whether invact_poly_grad takes the table: its counts within the table's bounds */
+static int poly_table_taken(const invact_table *t) {
+    return t->n_classes >= 1 && t->n_classes <= MAX_CLASSES && t->degree >= 1 && t->degree + COL_C0_LO < MAX_COLUMNS &&
+           t->n_transforms >= 1 && t->n_transforms <= MAX_TRANSFORMS && t->search_levels >= 0 &&
+           t->search_levels <= MAX_LEVELS;
 }
 
 #endif
