@@ -11,7 +11,6 @@ the runtime refuses the code (its TABLE_SHA256 differs) and names ``invact gener
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
@@ -19,23 +18,16 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from . import tables
 from .errors import InputError, SpecError
+from .interrupts import raise_interrupted, signals_deferred
 
 __all__ = ["main"]
 
 PROG = "invact"
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised by the SIGTERM handler; carries the signal number for the exit status."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,22 +91,11 @@ def _logger() -> Callable[[str], None]:
 # --------------------------------------------------------------------------------------------
 # committing tables: atomic write + code generation, signals deferred
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (then they are delivered)."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _commit(table: dict, path: Path, root: Path | None, generate: bool) -> list[Path]:
     """Write ``table`` and regenerate the code, under the tables folder's lock: the code is computed
     first (a generation failure writes nothing), then the table, then the modules (each carries the
     table's sha256: a process killed in between leaves code the runtime refuses, with the fix)."""
-    with _signals_deferred():
+    with signals_deferred():
         if not generate:
             tables.write_table(table, path)
             return []
@@ -205,7 +186,8 @@ def cmd_fit(args) -> int:
     generate = args.target == "derivative" and not args.generate_off
     if generate:
         _check_tree(args.root, path)
-    from .pipeline import build_table
+    with signals_deferred():                            # scipy's pybind11 modules: fitting/interrupts.py
+        from .pipeline import build_table
     start = time.monotonic()
     table = build_table(spec, target=args.target, tolerance=args.tolerance,
                         fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
@@ -220,7 +202,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_certify(args) -> int:
-    from .certify import certify_table
+    with signals_deferred():
+        from .certify import certify_table
     path, table = _resolve(args)
     generate = table["target"] == "derivative" and not args.generate_off
     if generate:
@@ -259,7 +242,8 @@ def cmd_show(args) -> int:
         out += [f"       singularity: {s}" for s in b.get("singularities", [])]
         out += [f"       tail: y {_range(tl['y_range']) if 'y_range' in tl else tl} -> {tl.get('value')}"
                 for tl in b.get("tails", [])]
-    from .branches import END_KINDS
+    with signals_deferred():
+        from .branches import END_KINDS
     kinds = sorted({b[k] for b in t["branches"] for k in ("lower_end", "upper_end")} & set(END_KINDS))
     out += ["  end kinds"] + [f"    {k}: {END_KINDS[k]}" for k in kinds]
     out.append("  pieces")
@@ -288,7 +272,8 @@ def _describe(seg: dict) -> str:
 
 def _check_output(path: Path) -> None:
     """The plot's file must be writable with a format matplotlib writes: checked before any work."""
-    from matplotlib.backend_bases import FigureCanvasBase
+    with signals_deferred():                            # matplotlib's pybind11 modules
+        from matplotlib.backend_bases import FigureCanvasBase
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in formats:
@@ -311,8 +296,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .codegen import generate_all
-    with _signals_deferred():
+    with signals_deferred():
+        from .codegen import generate_all
         paths = generate_all(args.root)
     print(f"generated {len(paths)} files under {tables.project_root(args.root) / 'generated'}")
     return 0
@@ -443,10 +428,6 @@ def _no_generate(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # entry point
 
-def _on_sigterm(signum, frame):
-    raise Interrupted(signum)
-
-
 def _formula_positional(argv: list, parser: argparse.ArgumentParser) -> list:
     """After ``fit``, an argument starting with '-' that is no option of the command (a formula such as
     '-x*sigmoid(x)') gets a leading space, so argparse takes it as the positional (cmd_fit strips it)."""
@@ -480,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    old = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         tables.check_root(args.root, create=args.command == "fit")
         return args.func(args)

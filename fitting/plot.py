@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .float32 import round_to
+from .interrupts import signals_deferred
 from .model import Table, number
 
 __all__ = ["DTYPES", "DESIGN_FLOORS", "PAPER_ERRORS", "round_to", "information_floor", "information_floors",
@@ -88,10 +89,11 @@ def _hlines(ax, values: Mapping[str, float], what: str) -> None:
 
 def _axes(ax, figsize: tuple[float, float], path):
     """(figure, axes): ``ax`` and its figure, or a new figure (Agg when only saved to a file)."""
-    import matplotlib
-    if ax is None and path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with signals_deferred():                            # its extensions (pybind11) call Python
+        import matplotlib
+        if ax is None and path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
 
 

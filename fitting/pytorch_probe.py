@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from .expressions import check_torch_forward
+from .interrupts import signals_deferred
 
 __all__ = ["PROBES", "torch_derivatives", "nan_gradients"]
 
@@ -25,8 +26,9 @@ PROBES = (math.nan, -math.inf, math.inf)
 def torch_derivatives(torch_forward: str, params: dict, x: float) -> tuple[tuple[float, float], ...]:
     """(y, f'(x)) by PyTorch's float64 forward and autograd at x, on its scalar path (1 element) and
     its vectorised path (element 0 of 64), which can differ at NaN."""
-    import torch
-    import torch.nn.functional as F
+    with signals_deferred():                            # its import runs C++ that calls Python
+        import torch
+        import torch.nn.functional as F
 
     check_torch_forward(torch_forward)                  # a built-in's own string, never other text
     out = []
