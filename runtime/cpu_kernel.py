@@ -1,8 +1,9 @@
 """The compiled CPU backend's C kernels: ``csrc/cpu_kernels.c``, built once with the system C compiler
 and called through ctypes, on CPUs where ATen itself runs AVX-512 code; and where it runs AVX2 code,
 ``csrc/cpu_avx2.c``: the float32 polynomial backward (:func:`poly_library`: the same scheme on 8-lane
-vectors, bit for bit) and the one-pass forward of hardswish, silu, quick_gelu and gelu in float32 and
-bfloat16 (:func:`forward_library`, ATen's AVX2 kernels and oneDNN's avx2 gelu reproduced).
+vectors, bit for bit) and the one-pass forward of hardswish, silu, quick_gelu, gelu (both forms) and
+mish in float32 and bfloat16 (:func:`forward_library`, ATen's AVX2 kernels and oneDNN's avx2 gelu
+reproduced).
 
 * Backward, float32 y of tables made only of polynomial pieces (generated ``FUSED_CPU``): Inductor's
   code for the generated ``grad_kernel`` selects each element's table row with a chain of blends per
@@ -63,12 +64,13 @@ SWITCH_ENV = "INVACT_CPU_KERNEL"
 FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", "invact_threads.h",
-                                              "invact_torch_math.h", "invact_poly.h", "invact_poly_transform.h"))  # in the key
+                                              "invact_torch_math.h", "invact_sleef.h", "invact_poly.h",
+                                              "invact_poly_transform.h"))  # in the key
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
          "-fPIC")  # and kernel_cache.threading_flags()
 AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a one-pass forward, AVX2 + FMA
 AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_poly_transform.h", "invact_threads.h",
-                                                   "invact_pack.h"))
+                                                   "invact_pack.h", "invact_sleef.h"))
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
@@ -393,9 +395,8 @@ FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_f
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
             "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
-AVX2_FORWARDS = frozenset({FORWARDS["F.hardswish(x)"], FORWARDS["F.silu(x)"], FORWARDS["F.gelu(x)"],  # ATen's,
-                           FORWARDS["x * torch.sigmoid(1.702 * x)"],  # and oneDNN's gelu (float32), as
-                           ONEDNN_FORWARDS["F.gelu(x)"]})             # csrc/cpu_avx2.c reproduces them
+AVX2_FORWARDS = frozenset([*FORWARDS.values(), *ONEDNN_FORWARDS.values()])  # csrc/cpu_avx2.c's: ATen's AVX2
+                                                                            # kernels, oneDNN's avx2 gelu
 ONEDNN_KINDS = frozenset(ONEDNN_FORWARDS.values())  # vector code on every element, more than one element
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least

@@ -3,7 +3,7 @@
 Forward: y by the generated torch forward, the packed code by the C kernel from the thresholds and the
 codes at them (:func:`code_map`); y and the code in one pass over x where y is PyTorch's hardswish,
 silu, gelu (both forms; ATen's or oneDNN's kernel), mish or quick_gelu's three ops (on CPUs with AVX2
-and no AVX-512: hardswish, silu, quick_gelu and gelu, float32 and bfloat16; :func:`invact.cpu_kernel.forward_library`)
+and no AVX-512: the same forwards in float32 and bfloat16; :func:`invact.cpu_kernel.forward_library`)
 (:func:`one_pass_forward`, bit for bit PyTorch's y). Backward: a
 gather from g of every 16-bit y and code for bfloat16 / float16 y (the table
 :func:`invact.impl_eager.lookup_table` holds; declined for tables whose per-table C computes it

@@ -67,13 +67,13 @@ def test_the_routes_taken():
     PyTorch calls it (float32 and bfloat16 with oneDNN on): its float32 JIT code is the same on every
     AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16; elsewhere an
     emulation not reproduced here, so two passes; also where the C compiler lacks the instruction).
-    With AVX2: hardswish, silu and quick_gelu in float32 and bfloat16; gelu too where oneDNN runs its
-    avx2 code (no AVX-512 CPU, or ONEDNN_MAX_CPU_ISA=AVX2): its own in float32, ATen's kernel in
-    bfloat16, which that oneDNN does not take; the rest in two passes."""
+    With AVX2: hardswish, silu, quick_gelu, gelu_tanh and mish in float32 and bfloat16; gelu too where
+    oneDNN runs its avx2 code (no AVX-512 CPU, or ONEDNN_MAX_CPU_ISA=AVX2): its own in float32, ATen's
+    kernel in bfloat16, which that oneDNN does not take."""
     kinds = {(n, d): impl_cpu.one_pass_kind(registry.module(n), d, torch.backends.mkldnn.enabled)
              for n in NATIVE for d in DTYPES}
     if AVX2:
-        one_pass = {(n, d) for n in ("hardswish", "silu", "quick_gelu", "gelu") for d in (torch.float32, torch.bfloat16)}
+        one_pass = {(n, d) for n in NATIVE for d in (torch.float32, torch.bfloat16)}
         onednn_avx2 = (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
                        or " avx512f" not in open("/proc/cpuinfo").read())
         if not onednn_avx2:  # oneDNN's AVX-512 gelu (both dtypes), which only the AVX-512 library reproduces

@@ -1,5 +1,5 @@
 /* The CPU kernels for CPUs with AVX2 and FMA but not AVX-512 (as ATen sees them): invact_poly_grad, and
- * invact_forward_code for hardswish, silu, quick_gelu and gelu (ATen's AVX2 kernels and oneDNN's avx2 gelu
+ * invact_forward_code for hardswish, silu, quick_gelu, gelu (both forms) and mish (ATen's AVX2 kernels and oneDNN's avx2 gelu
  * reproduced; at the end).
  *
  * invact_poly_grad: the float32 backward of tables of polynomial pieces, cpu_kernels.c's scheme on 8-lane vectors (see there: the same operations in the
@@ -317,10 +317,11 @@ int invact_poly_grad(const invact_table *table, int dtype, int64_t n, const floa
 }
 
 /* ---- forward: y and the one-bit code in one pass over x (cpu_kernels.c's invact_forward_code, for
- * ATen's AVX2 kernels of hardswish, silu, gelu and quick_gelu's three ops, float32 and bfloat16 x, and
- * oneDNN's avx2 gelu, float32) ---- */
+ * ATen's AVX2 kernels of hardswish, silu, gelu (both forms), mish and quick_gelu's three ops, float32
+ * and bfloat16 x, and oneDNN's avx2 gelu, float32; SLEEF's and ATen's vector math by invact_sleef.h) ---- */
 enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* cpu_kernels.c's kinds: ATen's AVX2 code, */
-       FWD_GELU_ONEDNN = 5 };                                                /* oneDNN's avx2 JIT (float32) */
+       FWD_GELU_ONEDNN = 5,                                                  /* oneDNN's avx2 JIT (float32), */
+       FWD_GELU_TANH = 6, FWD_MISH = 7 };                                    /* ATen's AVX2 code */
 
 /* p(x) by Horner's rule with FMA, coefficients c[0] (highest degree) .. c[n - 1] */
 static inline vf horner8(vf x, const float *c, int n) {
@@ -329,39 +330,81 @@ static inline vf horner8(vf x, const float *c, int n) {
     return p;
 }
 
-/* Abramowitz and Stegun's erf polynomial in t, as ATen's Vectorized<float>::erf and oneDNN's avx2 gelu
- * have it (the same float32 values) */
-static const float AS_ERF_POLY[] = {1.061405429f, -1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f};
-
-/* Sleef_expf8_u10 (SLEEF's AVX2 expf, which ATen's Vectorized<float>::exp calls): the AVX-512 build's
- * steps (invact_torch_math.h's sleef_exp16) on 8 lanes */
-static inline vf sleef_exp8(vf d) {
-    vi q = _mm256_cvtps_epi32(_mm256_mul_ps(d, set(1.44269502162933349609375f)));
-    vf qf = _mm256_cvtepi32_ps(q);
-    vf s = _mm256_fmadd_ps(qf, set(-0.693145751953125f), d);
-    s = _mm256_fmadd_ps(qf, set(-1.428606765330187e-06f), s);
-    static const float poly[] = {0.000198527617612853646278381f, 0.00139304355252534151077271f,
-                                 0.00833336077630519866943359f, 0.0416664853692054748535156f,
-                                 0.166666671633720397949219f, 0.5f};
-    vf u = horner8(s, poly, 6);
-    u = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s), set(1.0f));
-    vi half = _mm256_srai_epi32(q, 1), bias = _mm256_set1_epi32(0x7f);
-    u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23)));
-    u = _mm256_mul_ps(u, as_f(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(q, half), bias), 23)));
-    u = _mm256_and_ps(u, _mm256_cmp_ps(d, set(-104.0f), _CMP_NLT_UQ));
-    return _mm256_blendv_ps(u, set(INFINITY), _mm256_cmp_ps(set(100.0f), d, _CMP_LT_OQ));
-}
-
-/* ATen's Vectorized<float>::erf (AVX2), FMAs where it has them: invact_torch_math.h's aten_erf on 8 lanes */
-static inline vf aten_erf8(vf v) {
-    vf one = set(1.0f), sign = _mm256_and_ps(set(-0.0f), v);
-    vf t = _mm256_div_ps(one, _mm256_fmadd_ps(set(0.3275911f), _mm256_andnot_ps(set(-0.0f), v), one));
-    vf r = horner8(t, AS_ERF_POLY, 5);
-    vf e = _mm256_xor_ps(set(-0.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), _mm256_mul_ps(v, v))));
-    return _mm256_xor_ps(sign, _mm256_fmadd_ps(_mm256_mul_ps(e, t), r, one));
-}
-
 #define BC8(u) as_f(_mm256_set1_epi32((int)(u)))
+
+/* invact_sleef.h's operations on 8 lanes */
+#define VF vf
+#define VI vi
+#define VM vf                      /* a compare's lanes: all ones or zero */
+#define V_LANES 8
+#define V_REG "x"                  /* the asm constraint of a ymm register */
+#define V_ZERO _mm256_setzero_ps()
+#define V_SET set
+#define V_BITS(u) as_f(_mm256_set1_epi32(u))
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_FMA _mm256_fmadd_ps    /* a b + c */
+#define V_FMS _mm256_fmsub_ps    /* a b - c */
+#define V_FNMA _mm256_fnmadd_ps  /* c - a b */
+#define V_AND _mm256_and_ps
+#define V_ANDNOT _mm256_andnot_ps
+#define V_XOR _mm256_xor_ps
+#define V_RINT _mm256_cvtps_epi32
+#define V_I2F _mm256_cvtepi32_ps
+#define V_ASF as_f
+#define V_ASI as_i
+#define V_ISET _mm256_set1_epi32
+#define V_IADD _mm256_add_epi32
+#define V_ISUB _mm256_sub_epi32
+#define V_SRAI _mm256_srai_epi32
+#define V_SLLI _mm256_slli_epi32
+#define V_IEQ(a, b) as_f(_mm256_cmpeq_epi32(a, b))
+#define V_CMP _mm256_cmp_ps
+#define V_MOR _mm256_or_ps
+#define V_SELECT(m, a, b) _mm256_blendv_ps(b, a, m)  /* m ? a : b */
+#define V_ALL(m) (_mm256_movemask_ps(m) == 0xFF)
+#define V_ANY(m) (_mm256_movemask_ps(m) != 0)
+
+/* SLEEF's AVX2 split of x (logf) or x + 1 (log1pf) into m 2^e, m in [0.75, 1.5), by integer steps where
+ * AVX-512 has getexp: below FLT_MIN scaled by 2^64 first; E the biased exponent of that times 4/3 */
+static inline vi sleef_exponent8(vf d, vf *scaled, vf *e) {
+    vf tiny = _mm256_cmp_ps(d, BC8(0x00800000), _CMP_LT_OQ);
+    *scaled = _mm256_blendv_ps(d, _mm256_mul_ps(d, BC8(0x5f800000)), tiny);
+    vi biased = _mm256_and_si256(_mm256_srli_epi32(as_i(_mm256_mul_ps(*scaled, BC8(0x3faaaaab))), 23),
+                                 _mm256_set1_epi32(0xff));
+    *e = _mm256_cvtepi32_ps(_mm256_blendv_epi8(_mm256_sub_epi32(biased, _mm256_set1_epi32(127)),
+                                               _mm256_sub_epi32(biased, _mm256_set1_epi32(191)), as_i(tiny)));
+    return _mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(0x7f), biased), 23);  /* 2^-E's exponent, as bits */
+}
+
+/* logf's split: m = d 2^-E, e = E - 127 (- 64 where scaled) */
+static inline void sleef_log_reduce8(vf x, vf *e, vf *m) {
+    vf d;
+    vi shift = sleef_exponent8(x, &d, e);
+    *m = as_f(_mm256_add_epi32(shift, as_i(d)));
+}
+
+/* logf's special values by blends (on x: its scaling keeps sign, zero, inf and NaN): +inf, NaN for
+ * negative or NaN x (0x7fc00000), -inf for zeros */
+static inline vf sleef_log_special8(vf x, vf r) {
+    r = _mm256_blendv_ps(r, BC8(0x7f800000), _mm256_cmp_ps(x, BC8(0x7f800000), _CMP_EQ_OQ));
+    vf invalid = _mm256_or_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ), _mm256_cmp_ps(x, x, _CMP_NEQ_UQ));
+    r = _mm256_blendv_ps(r, BC8(0x7fc00000), invalid);
+    return _mm256_blendv_ps(r, BC8(0xff800000), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+}
+
+/* log1pf's split: t = 2^-E of x + 1's E, m = fma(t, x, t - 1) */
+static inline void sleef_log1p_reduce8(vf x, vf *e, vf *m) {
+    vf d;
+    vf t = as_f(_mm256_add_epi32(sleef_exponent8(_mm256_add_ps(x, BC8(0x3f800000)), &d, e),
+                                 _mm256_set1_epi32(0x3f800000)));
+    *m = _mm256_fmadd_ps(t, x, _mm256_add_ps(BC8(0xbf800000), t));
+}
+
+#include "invact_sleef.h"
+
 
 /* oneDNN's exp on avx2 (its JIT eltwise injector): x clamped to [ln FLT_MIN, ln FLT_MAX], 2^(n-1) of
  * n = floor(x log2 e + 1/2), a degree-5 polynomial in the remainder, times 2^(n-1) and 2; zero below
@@ -413,18 +456,17 @@ static inline vi bf16_bits8(vf v) {
 /* v rounded to dtype and back: what an ATen op stores between ops */
 static inline vf round8(int dtype, vf v) { return dtype == F32 ? v : as_f(_mm256_slli_epi32(bf16_bits8(v), 16)); }
 
-/* src1 * src2 with src1's NaN where both are NaN (vmulps returns its first source's) */
-static inline vf mul_src1(vf src1, vf src2) {
-    vf r;
-    __asm__("vmulps %2, %1, %0" : "=x"(r) : "x"(src1), "x"(src2));
-    return r;
-}
-
 /* y of 8 x (elements e .. e + 7) by `kind` (a constant where inlined), as ATen's AVX2 code */
 static inline __attribute__((always_inline)) vf forward8(const code_job *jb, int kind, int dtype, vf x, int64_t e) {
     if (kind == FWD_SILU)  /* x / (1 + exp(-x)) */
         return _mm256_div_ps(x, _mm256_add_ps(set(1.0f), sleef_exp8(_mm256_xor_ps(set(-0.0f), x))));
     if (kind == FWD_GELU_ONEDNN) return onednn_gelu8(x);
+    if (kind == FWD_GELU_TANH) return aten_gelu_tanh8(x, dtype != F32);
+    if (kind == FWD_MISH) {  /* of two NaNs x's, tanh's in the second vector of each 16-element step (float32; */
+        vf nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);  /* bfloat16 stores every NaN as 0xFFFF) */
+        return aten_mish8(x, dtype == F32 && _mm256_movemask_ps(nan) ? _mm256_and_ps(nan, second_halves(jb, e))
+                                                                       : _mm256_setzero_ps());
+    }
     if (kind == FWD_GELU) {  /* x * 0.5 * (1 + erf(x * M_SQRT1_2)); NaN x: x's, as ATen's */
         vf erf = aten_erf8(_mm256_mul_ps(x, set(0.70710678118654752440f)));
         return mul_src1(_mm256_mul_ps(x, set(0.5f)), _mm256_add_ps(set(1.0f), erf));
@@ -554,6 +596,9 @@ static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words
     else if (jb->kind == FWD_GELU_ONEDNN) KIND_DTYPE(FWD_GELU_ONEDNN, F32);
     else if (jb->kind == FWD_QUICK_GELU)
         jb->dtype == F32 ? KIND_DTYPE(FWD_QUICK_GELU, F32) : KIND_DTYPE(FWD_QUICK_GELU, BF16);
+    else if (jb->kind == FWD_GELU_TANH)
+        jb->dtype == F32 ? KIND_DTYPE(FWD_GELU_TANH, F32) : KIND_DTYPE(FWD_GELU_TANH, BF16);
+    else if (jb->kind == FWD_MISH) jb->dtype == F32 ? KIND_DTYPE(FWD_MISH, F32) : KIND_DTYPE(FWD_MISH, BF16);
     else jb->dtype == F32 ? KIND_DTYPE(FWD_HARDSWISH, F32) : KIND_DTYPE(FWD_HARDSWISH, BF16);
 }
 #undef KIND_DTYPE
@@ -572,14 +617,14 @@ static void *run_forward_job(void *arg) {
     return 0;
 }
 
-/* y[0 .. n) = the forward `kind` (hardswish, silu, gelu, quick_gelu, oneDNN's gelu) of n contiguous float32 or bfloat16 x and packed =
+/* y[0 .. n) = the forward `kind` (hardswish, silu, gelu, quick_gelu, oneDNN's gelu, gelu_tanh, mish) of n contiguous float32 or bfloat16 x and packed =
  * their one-bit codes of one threshold, as cpu_kernels.c's invact_forward_code; chunk: the length of
  * the ranges ATen splits n into. Returns 0, or -1 for arguments it does not take. */
 int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const void *x, void *y, int n_thr,
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
     bit_code k;
-    if (kind < FWD_HARDSWISH || kind > FWD_GELU_ONEDNN || (kind == FWD_GELU_ONEDNN && dtype != F32) ||
+    if (kind < FWD_HARDSWISH || kind > FWD_MISH || (kind == FWD_GELU_ONEDNN && dtype != F32) ||
         (dtype != F32 && dtype != BF16) || !y || chunk < 1 || !bit_code_of(bits, n_thr, thr, strict, codes, nan_code, &k))
         return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,

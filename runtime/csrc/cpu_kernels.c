@@ -520,7 +520,7 @@ static inline __attribute__((always_inline)) __m512 forward16(const code_job *jb
         return aten_mish16(x, (__mmask16)(nan & (dtype == BF16 ? 0xFFFF : dtype == F32 ? second : ~second)));
     }
     /* GELU: x * 0.5 * (1 + erf(x * M_SQRT1_2)) */
-    __m512 erf = aten_erf(_mm512_mul_ps(x, set(0.70710678118654752440f)));
+    __m512 erf = aten_erf16(_mm512_mul_ps(x, set(0.70710678118654752440f)));
     return mul_src1(_mm512_mul_ps(x, set(0.5f)), _mm512_add_ps(set(1.0f), erf));  /* NaN x: x's, as ATen's */
 }
 
