@@ -269,10 +269,9 @@ def test_runtime_param_domain_is_compared_not_evaluated():
 def test_corrupt_unrelated_table_stops_fit_before_fitting(tree, capsys):
     bad = tree / "generated" / "tables" / "tanh.json"
     bad.write_text(bad.read_text().replace('"tolerance": 5e-08', '"tolerance": 1e-07'))
-    start = time.monotonic()
     status, out, err = invact_cli(capsys, "fit", "2*x", "--name", "lin", "--root", tree)
     assert status == 2 and str(bad) in err and "changed after invact wrote it" in err, err
-    assert "analysing branches" not in err and time.monotonic() - start < 5
+    assert "analysing branches" not in err                 # stopped before the fit began
     assert not (tree / "generated" / "tables" / "lin.json").exists()
 
 
