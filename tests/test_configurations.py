@@ -42,7 +42,7 @@ SUBSET = {   # the activations with a branch point (information floor) and the f
                   # the per-table C kernels built for AVX2: code, backward, no compile
                   "tests/test_c_tables.py::test_first_call_compiles_nothing[gelu-params2]",
                   "tests/test_c_tables.py::test_portable_16_bit_conversions_every_pattern[dtype1]",
-                  # its one-pass forward (hardswish, silu, quick_gelu, gelu) against ATen's and oneDNN's
+                  # its one-pass forwards against ATen's and oneDNN's
                   "tests/test_forward_pass.py",
                   # the AVX2 polynomial kernel: the compiled backend's float32 backward of the fitted tables
                   # (where it builds: with the kernels off, or no compiler, the ISA parameter is not there)

@@ -405,7 +405,6 @@ static inline void sleef_log1p_reduce8(vf x, vf *e, vf *m) {
 
 #include "invact_sleef.h"
 
-
 /* oneDNN's exp on avx2 (its JIT eltwise injector): x clamped to [ln FLT_MIN, ln FLT_MAX], 2^(n-1) of
  * n = floor(x log2 e + 1/2), a degree-5 polynomial in the remainder, times 2^(n-1) and 2; zero below
  * ln FLT_MIN */
