@@ -39,6 +39,45 @@ static inline vi as_i(vf v) { return _mm256_castps_si256(v); }
 #define EACH(v) for (int v = 0; v < U; v++)
 #define LANES 8
 
+/* the vector layer on 8 lanes: invact_sleef.h's operations, and invact_poly_transform.h's */
+#define VF vf
+#define VI vi
+#define VM vf                      /* a compare's lanes: all ones or zero */
+#define V_LANES 8
+#define V_REG "x"                  /* the asm constraint of a ymm register */
+#define V_ZERO _mm256_setzero_ps()
+#define V_SET set
+#define V_BITS(u) as_f(_mm256_set1_epi32(u))
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_FMA _mm256_fmadd_ps    /* a b + c */
+#define V_FMS _mm256_fmsub_ps    /* a b - c */
+#define V_FNMA _mm256_fnmadd_ps  /* c - a b */
+#define V_AND _mm256_and_ps
+#define V_ANDNOT _mm256_andnot_ps
+#define V_XOR _mm256_xor_ps
+#define V_RINT _mm256_cvtps_epi32
+#define V_I2F _mm256_cvtepi32_ps
+#define V_ASF as_f
+#define V_ASI as_i
+#define V_ISET _mm256_set1_epi32
+#define V_IADD _mm256_add_epi32
+#define V_ISUB _mm256_sub_epi32
+#define V_SRAI _mm256_srai_epi32
+#define V_SLLI _mm256_slli_epi32
+#define V_IEQ(a, b) as_f(_mm256_cmpeq_epi32(a, b))
+#define V_CMP _mm256_cmp_ps
+#define V_MOR _mm256_or_ps
+#define V_SELECT(m, a, b) _mm256_blendv_ps(b, a, m)  /* m ? a : b */
+#define V_ISELECT(m, a, b) _mm256_blendv_epi8(b, a, as_i(m))
+#define V_IAND _mm256_and_si256
+#define V_IOR _mm256_or_si256
+#define V_SQRT _mm256_sqrt_ps
+#define V_ALL(m) (_mm256_movemask_ps(m) == 0xFF)
+#define V_ANY(m) (_mm256_movemask_ps(m) != 0)
+
 /* clamps as ATen's (cpu_kernels.c): vmaxps/vminps return their second operand where either is NaN */
 static inline vf at_least(vf v, float lo) { return _mm256_max_ps(set(lo), v); }
 static inline vf clamp1(vf v) { return _mm256_min_ps(set(1.0f), _mm256_max_ps(set(-1.0f), v)); }
@@ -59,45 +98,6 @@ static inline __attribute__((always_inline)) vf lookup(int width, const float *r
     vf b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 16), k.s),
                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(row + 24), k.s), k.b3);
     return _mm256_blendv_ps(a, b, k.b4);
-}
-
-/* invact.fastmath.log, operation for operation (cpu_kernels.c's log32) */
-static __attribute__((noinline)) void log32(const invact_table *t, const vf a[U], vf out[U]) {
-    vf e[U], f[U], z[U], p[U];
-    EACH(v) {
-        vi bits = as_i(a[v]);
-        vf m = as_f(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFF)), _mm256_set1_epi32(0x3F800000)));
-        vf big = _mm256_cmp_ps(m, set(t->sqrt2), _CMP_GE_OQ);
-        vi ei = _mm256_sub_epi32(_mm256_srai_epi32(bits, 23), _mm256_set1_epi32(127));
-        e[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(ei, as_i(big)));  /* big: -1 */
-        f[v] = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_mul_ps(m, set(0.5f)), big), set(1.0f));
-        z[v] = _mm256_mul_ps(f[v], f[v]);
-        p[v] = set(t->log_poly[0]);
-    }
-    for (int k = 1; k < LOG_TERMS; k++) {
-        vf c = set(t->log_poly[k]);
-        EACH(v) p[v] = _mm256_add_ps(_mm256_mul_ps(p[v], f[v]), c);
-    }
-    EACH(v) {
-        vf r = _mm256_mul_ps(_mm256_mul_ps(f[v], z[v]), p[v]);
-        r = _mm256_add_ps(r, _mm256_mul_ps(e[v], set(t->ln2_lo)));
-        r = _mm256_sub_ps(r, _mm256_mul_ps(set(0.5f), z[v]));
-        out[v] = _mm256_add_ps(_mm256_add_ps(f[v], r), _mm256_mul_ps(e[v], set(t->ln2_hi)));
-    }
-}
-
-/* d = sign * (((y - o0) - o1) - o2): every part subtracted (as +0 where 0), the sign as an xor */
-static inline __attribute__((always_inline)) void shifted(const invact_table *t, int i, const vf y[U], vf d[U]) {
-    EACH(v) d[v] = y[v];
-    for (int k = 0; k < 3; k++) EACH(v) d[v] = _mm256_sub_ps(d[v], set(t->transform_origin[i][k] + 0.0f));
-    vf flip = as_f(_mm256_set1_epi32(t->transform_sign[i] < 0.0f ? (int)0x80000000u : 0));
-    EACH(v) d[v] = _mm256_xor_ps(d[v], flip);
-}
-
-static inline __attribute__((always_inline)) void root(const invact_table *t, int i, const vf y[U], vf out[U]) {
-    vf d[U];
-    shifted(t, i, y, d);
-    EACH(v) out[v] = _mm256_sqrt_ps(at_least(d[v], 0.0f));
 }
 
 #include "invact_poly_transform.h"
@@ -331,41 +331,6 @@ static inline vf horner8(vf x, const float *c, int n) {
 }
 
 #define BC8(u) as_f(_mm256_set1_epi32((int)(u)))
-
-/* invact_sleef.h's operations on 8 lanes */
-#define VF vf
-#define VI vi
-#define VM vf                      /* a compare's lanes: all ones or zero */
-#define V_LANES 8
-#define V_REG "x"                  /* the asm constraint of a ymm register */
-#define V_ZERO _mm256_setzero_ps()
-#define V_SET set
-#define V_BITS(u) as_f(_mm256_set1_epi32(u))
-#define V_ADD _mm256_add_ps
-#define V_SUB _mm256_sub_ps
-#define V_MUL _mm256_mul_ps
-#define V_DIV _mm256_div_ps
-#define V_FMA _mm256_fmadd_ps    /* a b + c */
-#define V_FMS _mm256_fmsub_ps    /* a b - c */
-#define V_FNMA _mm256_fnmadd_ps  /* c - a b */
-#define V_AND _mm256_and_ps
-#define V_ANDNOT _mm256_andnot_ps
-#define V_XOR _mm256_xor_ps
-#define V_RINT _mm256_cvtps_epi32
-#define V_I2F _mm256_cvtepi32_ps
-#define V_ASF as_f
-#define V_ASI as_i
-#define V_ISET _mm256_set1_epi32
-#define V_IADD _mm256_add_epi32
-#define V_ISUB _mm256_sub_epi32
-#define V_SRAI _mm256_srai_epi32
-#define V_SLLI _mm256_slli_epi32
-#define V_IEQ(a, b) as_f(_mm256_cmpeq_epi32(a, b))
-#define V_CMP _mm256_cmp_ps
-#define V_MOR _mm256_or_ps
-#define V_SELECT(m, a, b) _mm256_blendv_ps(b, a, m)  /* m ? a : b */
-#define V_ALL(m) (_mm256_movemask_ps(m) == 0xFF)
-#define V_ANY(m) (_mm256_movemask_ps(m) != 0)
 
 /* SLEEF's AVX2 split of x (logf) or x + 1 (log1pf) into m 2^e, m in [0.75, 1.5), by integer steps where
  * AVX-512 has getexp: below FLT_MIN scaled by 2^64 first; E the biased exponent of that times 4/3 */

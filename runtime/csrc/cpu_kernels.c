@@ -48,54 +48,6 @@ static inline __m512 at_least(__m512 v, float lo) { return _mm512_max_ps(set(lo)
 
 static inline __m512 clamp1(__m512 v) { return _mm512_min_ps(set(1.0f), _mm512_max_ps(set(-1.0f), v)); }
 
-/* invact.fastmath.log: exponent plus a polynomial in the mantissa, operation for operation */
-static __attribute__((noinline)) void log32(const invact_table *t, const __m512 a[U], __m512 out[U]) {
-    __m512 e[U], f[U], z[U], p[U];
-    EACH(v) {
-        __m512i bits = _mm512_castps_si512(a[v]);
-        __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF)),
-                                                       _mm512_set1_epi32(0x3F800000)));
-        __mmask16 big = _mm512_cmp_ps_mask(m, set(t->sqrt2), _CMP_GE_OQ);
-        __m512i ei = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(127));
-        e[v] = _mm512_cvtepi32_ps(_mm512_mask_add_epi32(ei, big, ei, _mm512_set1_epi32(1)));
-        f[v] = _mm512_sub_ps(_mm512_mask_mul_ps(m, big, m, set(0.5f)), set(1.0f));
-        z[v] = _mm512_mul_ps(f[v], f[v]);
-        p[v] = set(t->log_poly[0]);
-    }
-    for (int k = 1; k < LOG_TERMS; k++) {
-        __m512 c = set(t->log_poly[k]);
-        EACH(v) p[v] = _mm512_add_ps(_mm512_mul_ps(p[v], f[v]), c);
-    }
-    EACH(v) {
-        __m512 r = _mm512_mul_ps(_mm512_mul_ps(f[v], z[v]), p[v]);
-        r = _mm512_add_ps(r, _mm512_mul_ps(e[v], set(t->ln2_lo)));
-        r = _mm512_sub_ps(r, _mm512_mul_ps(set(0.5f), z[v]));
-        out[v] = _mm512_add_ps(_mm512_add_ps(f[v], r), _mm512_mul_ps(e[v], set(t->ln2_hi)));
-    }
-}
-
-/* d = sign * (((y - o0) - o1) - o2), transform i's steps before its sqrt or log: every part subtracted
- * and the sign always applied, a zero part (as +0: -0 - +0 is -0, so d is unchanged, NaN and flushed
- * denormals alike) and a positive sign (an xor with 0) included. A branch per part, as before, kept
- * y's vectors out of registers (spilled around the transform): ~17 % of silu's kernel in cache */
-static inline __attribute__((always_inline)) void shifted(const invact_table *t, int i, const __m512 y[U],
-                                                          __m512 d[U]) {
-    EACH(v) d[v] = y[v];
-    for (int k = 0; k < 3; k++)
-        EACH(v) d[v] = _mm512_sub_ps(d[v], set(t->transform_origin[i][k] + 0.0f));
-    __m512i flip = _mm512_set1_epi32(t->transform_sign[i] < 0.0f ? (int)0x80000000u : 0);
-    EACH(v) d[v] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d[v]), flip));
-}
-
-/* transform i (a SQRT one) of y */
-static inline __attribute__((always_inline)) void root(const invact_table *t, int i, const __m512 y[U],
-                                                       __m512 out[U]) {
-    __m512 d[U];
-    shifted(t, i, y, d);
-    EACH(v) out[v] = _mm512_sqrt_ps(at_least(d[v], 0.0f));
-}
-
-typedef __m512 vf;  /* the vector type of invact_poly_transform.h's transform */
 #include "invact_poly_transform.h"
 
 /* global segment index: count of the class's thresholds that y passes plus its first segment; the

@@ -11,7 +11,7 @@
 
 static inline __m512 negate(__m512 v) { return _mm512_xor_ps(_mm512_set1_ps(-0.0f), v); }
 
-/* invact_sleef.h's operations on 16 lanes */
+/* the vector layer on 16 lanes: invact_sleef.h's operations, and invact_poly_transform.h's */
 #define VF __m512
 #define VI __m512i
 #define VM __mmask16
@@ -43,6 +43,10 @@ static inline __m512 negate(__m512 v) { return _mm512_xor_ps(_mm512_set1_ps(-0.0
 #define V_CMP _mm512_cmp_ps_mask
 #define V_MOR(a, b) ((VM)((a) | (b)))
 #define V_SELECT(m, a, b) _mm512_mask_blend_ps(m, b, a)  /* m ? a : b */
+#define V_ISELECT(m, a, b) _mm512_mask_blend_epi32(m, b, a)
+#define V_IAND _mm512_and_si512
+#define V_IOR _mm512_or_si512
+#define V_SQRT _mm512_sqrt_ps
 #define V_ALL(m) ((m) == 0xFFFF)
 #define V_ANY(m) ((m) != 0)
 
