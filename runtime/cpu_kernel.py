@@ -57,7 +57,7 @@ from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa:
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
            "poly_library", "forward_library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "ONEDNN_FORWARDS", "AVX2_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
+           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -210,8 +210,9 @@ def _avx2_library() -> ctypes.CDLL | None:
 
 def forward_library() -> ctypes.CDLL | None:
     """The library whose ``invact_forward_code`` writes y and the code in one pass for ATen's CPU
-    capability: :func:`library` for AVX-512 (:data:`FORWARDS`), ``csrc/cpu_avx2.c``'s build for AVX2
-    (:data:`AVX2_FORWARDS`); None elsewhere: the same library as :func:`poly_library`'s."""
+    capability, each taking every kind of :data:`FORWARDS` and :data:`ONEDNN_FORWARDS`: :func:`library`
+    for AVX-512, ``csrc/cpu_avx2.c``'s build for AVX2; None elsewhere: the same library as
+    :func:`poly_library`'s."""
     return poly_library()
 
 
@@ -389,14 +390,13 @@ def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
                  torch.get_num_threads())
 
 
-# ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c reproduces
+# ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c (AVX-512) and
+# csrc/cpu_avx2.c (AVX2) reproduce
 
 FORWARDS = {"F.hardswish(x)": 1, "F.silu(x)": 2, "F.gelu(x)": 3,  # META torch_forward -> the C kernel's kind
             "x * torch.sigmoid(1.702 * x)": 4,                   # reproducing ATen's kernel
             "F.gelu(x, approximate='tanh')": 6, "F.mish(x)": 7}
 ONEDNN_FORWARDS = {"F.gelu(x)": 5}  # ... reproducing oneDNN's, which ATen calls instead where it may
-AVX2_FORWARDS = frozenset([*FORWARDS.values(), *ONEDNN_FORWARDS.values()])  # csrc/cpu_avx2.c's: ATen's AVX2
-                                                                            # kernels, oneDNN's avx2 gelu
 ONEDNN_KINDS = frozenset(ONEDNN_FORWARDS.values())  # vector code on every element, more than one element
 GELUS = (FORWARDS["F.gelu(x)"], FORWARDS["F.gelu(x, approximate='tanh')"])  # ATen's GeluKernelImpl
 GRAIN_SIZE = 32768            # at::internal::GRAIN_SIZE: TensorIterator's elements per thread, at least
@@ -416,13 +416,11 @@ def bf16_store() -> bool:
 def forward_kinds(torch_forward: str | None) -> tuple[int, ...]:
     """The C kernel's kinds that may reproduce ``torch_forward`` (a table's META entry) here, oneDNN's
     first (to be probed in turn: which kernel PyTorch runs depends on the dtype, the CPU and
-    torch.backends.mkldnn); on AVX2 CPUs those of :data:`AVX2_FORWARDS`; none without a kernel library
+    torch.backends.mkldnn; the library of either ISA takes every kind); none without a kernel library
     (:func:`forward_library`) or with OMP_DYNAMIC on."""
-    lib = None if OMP_DYNAMIC else forward_library()
-    if lib is None:
+    if OMP_DYNAMIC or forward_library() is None:
         return ()
-    kinds = tuple(table[torch_forward] for table in (ONEDNN_FORWARDS, FORWARDS) if torch_forward in table)
-    return kinds if lib is library() else tuple(k for k in kinds if k in AVX2_FORWARDS)
+    return tuple(table[torch_forward] for table in (ONEDNN_FORWARDS, FORWARDS) if torch_forward in table)
 
 
 def aten_ranges(n: int, kind: int, threads: int) -> list[tuple[int, int]]:
