@@ -49,5 +49,6 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     generated_py = sorted(p.name for p in (REPO / "generated").glob("*.py"))
     assert sorted(p.name for p in (target / "invact" / "generated").glob("*.py")) == generated_py
     assert (target / "bin" / "invact").is_file()                            # the console script
-    for source in ("cpu_kernels.c", "cpu_avx2.c", "invact_poly.h"):          # the fused CPU kernels' sources
+    for source in ("cpu_kernels.c", "cpu_avx2.c", "invact_poly.h",            # the fused CPU kernels' sources
+                   "invact_poly_transform.h", "invact_sleef.h"):                # (headers both ISAs' builds include)
         assert (target / "invact" / "csrc" / source).is_file(), source
