@@ -375,10 +375,10 @@ _norm_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, 
 
 
 class _Direct(torch.autograd.Function):
-    """Plain eager calls (:func:`invact.ops.plain_eager` tensors, not Triton): what invact::norm_forward's autograd does
-    — the same code, saving y, rstd and the kept columns — without the custom ops' dispatch (~30 us a
-    call). A backward that builds a graph (create_graph=True) runs invact::norm_backward, whose autograd
-    refuses to be differentiated."""
+    """Plain eager calls (:func:`invact.ops.plain_eager` tensors, every backend): what
+    invact::norm_forward's autograd does — the same code, saving y, rstd and the kept columns — without
+    the custom ops' dispatch (~30 us a call). A backward that builds a graph (create_graph=True) runs
+    invact::norm_backward, whose autograd refuses to be differentiated."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend):
@@ -464,7 +464,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     n = math.prod(shape)
     args = (x, weight, bias, n, float(eps), rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
-        if chosen != "triton" and ops.plain_eager(x, weight, bias):
+        if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
         return torch.ops.invact.norm_forward(*args)[0]
 

@@ -322,7 +322,7 @@ def _requires_grad(x: Tensor) -> bool:
 
 
 class _Direct(torch.autograd.Function):
-    """Plain eager training (:func:`plain_eager` x, not Triton): what invact::forward's autograd does — the
+    """Plain eager training (:func:`plain_eager` x, every backend): what invact::forward's autograd does — the
     same implementations, saving only y and the code, refusing a double backward — without the custom
     ops' dispatch, which cost ~120 us of a 256-element forward + backward (measured: 275 -> 160 us,
     PyTorch's GELU 83 us). A backward that builds a graph (create_graph=True) goes through
@@ -348,11 +348,11 @@ def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
     if _transformed():
         return _differentiated(x, name, values, chosen)
     if torch.is_grad_enabled() and _requires_grad(x):
-        if chosen != "triton" and plain_eager(x):
+        if plain_eager(x):
             return _Direct.apply(x, name, values, chosen)
         return torch.ops.invact.forward(x, name, values, chosen)[0]
     # nothing differentiates y: no code
-    if chosen != "triton" and plain_eager(x):  # the op's dispatch costs more than the work at small sizes
+    if plain_eager(x):  # the op's dispatch costs more than the work at small sizes
         return _y_only(x, name, values, chosen)
     return torch.ops.invact.value(x, name, values, chosen)
 

@@ -779,12 +779,16 @@ def test_hugging_face_llama_norm_outputs_are_the_linears_inputs(mode):
     assert torch.equal(loss_b, loss_p)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
 @pytest.mark.parametrize("rms", [False, True])
-def test_plain_path_equals_the_custom_ops_and_refuses_double_backward(rms):
-    """Plain eager calls run norms._Direct (no custom-op dispatch): y, the saved tensors and dx, dgamma,
-    dbeta equal the custom ops' bit for bit; a graph-building backward still refuses to be
-    differentiated. gamma has a zero column, so the kept-columns path is included."""
-    from invact import norms
+def test_plain_path_equals_the_custom_ops_and_refuses_double_backward(rms, backend):
+    """Plain eager calls run norms._Direct (no custom-op dispatch; every backend, Triton's under the
+    interpreter here): y, the saved tensors and dx, dgamma, dbeta equal the custom ops' bit for bit; a
+    graph-building backward still refuses to be differentiated. gamma has a zero column, so the
+    kept-columns path is included."""
+    from invact import backends, norms
+    if backend not in backends.available("cpu"):
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
     torch.manual_seed(0)
     x = torch.randn(6, 32, requires_grad=True)
     w = (1 + 0.1 * torch.randn(32)).index_fill(0, torch.tensor([3]), 0.0).requires_grad_()
@@ -792,17 +796,19 @@ def test_plain_path_equals_the_custom_ops_and_refuses_double_backward(rms):
     fn = invact.functional.rms_norm if rms else invact.functional.layer_norm
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = fn(x, (32,), w, b) if not rms else fn(x, (32,), w)
+        y = fn(x, (32,), w, b, backend=backend) if not rms else fn(x, (32,), w, backend=backend)
+    assert type(y.grad_fn).__name__ == "_DirectBackward"
     go = torch.randn(6, 32)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], go)
     args = (x.detach(), w.detach(), None if b is None else b.detach(), 32, float(torch.finfo(x.dtype).eps) if rms
-            else 1e-5, rms, 0.0, None, torch.float32, "compiled")
+            else 1e-5, rms, 0.0, None, torch.float32, backend)
     y_op, rstd, extra, cols = torch.ops.invact.norm_forward(*args)
     assert torch.equal(y, y_op) and cols.numel() == 1 and torch.equal(saved[1], rstd) and torch.equal(saved[2], extra)
     dx, dw, db = torch.ops.invact.norm_backward(go, y_op, rstd, extra, cols, w.detach(),
-                                                None if b is None else b.detach(), 32, rms, 0.0, x.dtype, "compiled")
+                                                None if b is None else b.detach(), 32, rms, 0.0, x.dtype, backend)
     assert all(torch.equal(a, r) for a, r in zip(grads, (dx, dw, db)))
-    (gx,) = torch.autograd.grad((fn(x, (32,), w, b) if not rms else fn(x, (32,), w)).pow(2).sum(), x,
+    (gx,) = torch.autograd.grad((fn(x, (32,), w, b, backend=backend) if not rms else fn(x, (32,), w, backend=backend))
+                                .pow(2).sum(), x,
                                 create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gx.sum().backward()

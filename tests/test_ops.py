@@ -196,19 +196,24 @@ def test_in_place_change_of_saved_output_is_caught(name):
         y.sum().backward()
 
 
-def test_plain_training_path_equals_the_custom_ops(name):
-    """apply's direct autograd path (plain eager tensors) gives the custom ops' y and gradient bit for
-    bit, and saves the same two tensors (y and the code)."""
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
+def test_plain_training_path_equals_the_custom_ops(name, backend):
+    """apply's direct autograd path (plain eager tensors, every backend: Triton's under the interpreter
+    here) is the one taken, gives the custom ops' y and gradient bit for bit, and saves the same two
+    tensors (y and the code)."""
+    if backend not in backends.available("cpu"):
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
     params = [float(v) for v in ops.info(name)["params"].values()]
     x = torch.randn(1000, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         saved = []
-        y = ops.apply(x, name, backend="compiled")
+        y = ops.apply(x, name, backend=backend)
+    assert type(y.grad_fn).__name__ == "_DirectBackward"
     go = torch.randn(1000)
     (gx,) = torch.autograd.grad(y, x, go)
-    y_op, code = torch.ops.invact.forward(x.detach(), name, params, "compiled")
+    y_op, code = torch.ops.invact.forward(x.detach(), name, params, backend)
     assert torch.equal(y, y_op) and len(saved) == 2 and torch.equal(saved[1], code)
-    assert torch.equal(gx, torch.ops.invact.backward(go, y_op, code, name, params, "compiled"))
+    assert torch.equal(gx, torch.ops.invact.backward(go, y_op, code, name, params, backend))
 
 
 def test_double_backward_raises_clearly():
