@@ -36,6 +36,17 @@ def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
 def check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     """The values (defaults filled in, table order) for table ``name``; ParamError (a ValueError) naming
     the parameter otherwise, by the check the fitter makes too (invact.common.params)."""
+    if not params and isinstance(name, str):
+        return _default_values(name)  # every call without parameters: checked once per table
+    return _checked(name, params)
+
+
+@registry.per_root()
+def _default_values(name: str) -> tuple[float, ...]:
+    return _checked(name, None)
+
+
+def _checked(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     meta = registry.module(name).META
     fixed = None if meta["param_generic"] else lambda values: (
         f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "

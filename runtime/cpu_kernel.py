@@ -267,7 +267,7 @@ def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tenso
     lib = lib or library()
     dtype = DTYPE_IDS.get(y.dtype)
     if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
-            or not all(t.is_contiguous() and t.device.type == "cpu" for t in (out, grad, y, code))):
+            or not all(t.is_cpu and t.is_contiguous() for t in (out, grad, y, code))):
         return False
     done = getattr(lib, fn_name)(table, dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
                                  code.data_ptr() if bits else None, bits, torch.get_num_threads(), *extra)
@@ -276,11 +276,11 @@ def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tenso
 
 def run(table: Table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int,
         use_fma: bool | None = None, isa: str | None = None) -> bool:
-    """out = g(y, code) * grad by the polynomial kernel of ``isa`` (:func:`poly_library`), on flat
-    contiguous CPU tensors of one dtype (AVX2: float32 only); False (nothing done) where the kernel
-    does not take them. ``use_fma`` (default :func:`fma_allowed`): the FMA scheme, certified as the
-    scheme without it (every CPU with AVX-512, or with ATen's AVX2 capability, has FMA), else the
-    eager backend's bits."""
+    """out = g(y, code) * grad by the polynomial kernel of ``isa`` (:func:`poly_library`), on contiguous
+    CPU tensors of one dtype (their elements in memory order, any shape; AVX2: float32 only); False
+    (nothing done) where the kernel does not take them. ``use_fma`` (default :func:`fma_allowed`): the
+    FMA scheme, certified as the scheme without it (every CPU with AVX-512, or with ATen's AVX2
+    capability, has FMA), else the eager backend's bits."""
     lib = poly_library(isa)
     fused = fma_allowed() if use_fma is None else use_fma
     return lib is not None and _call("invact_poly_grad", ctypes.byref(table), out, grad, y, code, bits, int(fused),
@@ -365,7 +365,7 @@ def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
     where the kernel does not take it."""
     lib = library()
     dtype = DTYPE_IDS.get(x.dtype)
-    if lib is None or dtype is None or not x.is_contiguous() or x.device.type != "cpu":
+    if lib is None or dtype is None or not x.is_contiguous() or not x.is_cpu:
         return None
     out, args = _code_args(cmap, x.numel(), bits)
     done = lib.invact_pack_code(dtype, x.numel(), x.data_ptr(), *args)
@@ -373,21 +373,19 @@ def pack_code(x: Tensor, cmap: CodeMap, bits: int) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _codes_array(codes: tuple[int, ...]) -> ctypes.Array:
-    """A code map's codes as the C kernels take them (built once: a few µs a call)."""
-    return (ctypes.c_int32 * 16)(*codes)
+def _map_args(cmap: CodeMap, flushed: bool) -> tuple:
+    """A code map as the C kernels take it (n_thr .. nan code; built once: a few µs a call). Kept per
+    denormal setting: with denormals flushed the conversion to float32 flushes a subnormal threshold
+    to 0 (as the kernel, reading it, would then), which the array for calls without must not carry."""
+    thresholds, strict, codes, nan_code = cmap
+    thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
+    return len(thresholds), thr, strict, (ctypes.c_int32 * 16)(*codes), nan_code
 
 
 def _code_args(cmap: CodeMap, n: int, bits: int) -> tuple[Tensor, tuple]:
-    """A new packed code for n elements and the C kernels' arguments that describe it (n_thr .. threads).
-    The thresholds are converted to float32 at each call, never kept: with denormals flushed the
-    conversion flushes a subnormal threshold to 0 (as the kernel, reading it, would then), which a kept
-    array would carry into calls without."""
-    thresholds, strict, codes, nan_code = cmap
+    """A new packed code for n elements and the C kernels' arguments that describe it (n_thr .. threads)."""
     out = torch.empty(bitpack.packed_bytes(n, bits), dtype=torch.uint8)
-    thr = (ctypes.c_float * max(len(thresholds), 1))(*thresholds)
-    return out, (len(thresholds), thr, strict, _codes_array(codes), nan_code, bits, out.data_ptr(),
-                 torch.get_num_threads())
+    return out, (*_map_args(cmap, bitpack.denormals_flushed()), bits, out.data_ptr(), torch.get_num_threads())
 
 
 # ---- y and the code in one pass: PyTorch's forwards whose ATen kernel csrc/cpu_kernels.c (AVX-512) and
@@ -453,7 +451,7 @@ def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> T
     lib = forward_library()
     dtype = DTYPE_IDS.get(x.dtype)
     if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
-            or x.device.type != "cpu" or y.device.type != "cpu" or y.numel() != x.numel()):
+            or not x.is_cpu or not y.is_cpu or y.numel() != x.numel()):
         return None
     if kind in ONEDNN_KINDS and x.numel() < 2:  # ATen calls oneDNN for more than one element
         return None

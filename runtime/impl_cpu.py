@@ -76,7 +76,7 @@ def one_pass_forward(x: Tensor, name: str, params: list[float]) -> tuple[Tensor,
     with its scalar code (invact.cpu_kernel.aten_tails) are recomputed by the generated forward. None
     elsewhere, and with denormals flushed (ATen's worker threads keep their own setting)."""
     mod = registry.module(name)
-    if (not mod.CODE_BITS or params or not x.is_contiguous() or x.numel() == 0 or x.device.type != "cpu"
+    if (not mod.CODE_BITS or params or not x.is_contiguous() or x.numel() == 0 or not x.is_cpu
             or flushed(x)):
         return None
     kind = one_pass_kind(mod, x.dtype, torch.backends.mkldnn.enabled)
@@ -156,8 +156,7 @@ class CpuKernels:
             lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
         elif cpu_kernel.poly_library() is None or (table := fused_table(mod, tuple(params))) is None:
             return None
-        out, gf, yf, of = layout.backward_views(grad, y)
-        yf = yf.contiguous()
+        out, gf, yf, of = layout.backward_buffers(grad, y)
         done = (cpu_kernel.run_lookup(lut, of, gf, yf, code, mod.CODE_BITS) if lut is not None
                 else cpu_kernel.run(table, of, gf, yf, code, mod.CODE_BITS))
         return out if done else None

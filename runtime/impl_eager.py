@@ -43,7 +43,7 @@ def output(x: Tensor, mod: ModuleType, k: Constants) -> Tensor:
 
 def flushed(t: Tensor) -> bool:
     """Whether arithmetic on ``t`` reads subnormals as 0 now (torch.set_flush_denormal: CPU only)."""
-    return t.device.type == "cpu" and bitpack.denormals_flushed()
+    return t.is_cpu and bitpack.denormals_flushed()
 
 
 @registry.per_root(maxsize=32)

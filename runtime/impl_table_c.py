@@ -36,7 +36,7 @@ class TableC:
         return None                                  # y alone: the generated forward, never compiled
 
     def forward(self, x: Tensor, name: str, params: list[float]) -> tuple[Tensor, Tensor] | None:
-        if x.device.type != "cpu" or not cpu_kernel.enabled():
+        if not x.is_cpu or not cpu_kernel.enabled():
             return None
         if x.dtype == torch.float64:
             return EAGER.forward(x, name, params)
@@ -44,13 +44,13 @@ class TableC:
                              lambda mod, flat, cmap, k: pack(mod, flat.contiguous(), cmap))
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
-        if y.device.type != "cpu" or grad.dtype != y.dtype or not cpu_kernel.enabled():
+        if not y.is_cpu or grad.dtype != y.dtype or not cpu_kernel.enabled():
             return None
         if y.dtype == torch.float64:
             return EAGER.backward(grad, y, code, name, params)
         mod = registry.module(name)
-        out, gf, yf, of = layout.backward_views(grad, y)
-        yf, code = yf.contiguous(), code.contiguous()
+        out, gf, yf, of = layout.backward_buffers(grad, y)
+        code = code.contiguous()
         if y.dtype == torch.float32 or direct16(mod):
             k = module_constants(mod, torch.float32, y.device, tuple(params))
             done = run(mod, of, gf, yf, code, k.y_thresholds, k.poly, tuple(params))

@@ -2,7 +2,8 @@
 
 y keeps x's memory format, as torch.nn.functional's elementwise ops do (TensorIterator's output
 strides), and the packed code covers y's elements in that order. Documented internals: :func:`order`,
-:func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code` and :func:`backward_views`.
+:func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code`, :func:`backward_views` and
+:func:`backward_buffers`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from . import bitpack
 
-__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "backward_views"]
+__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "backward_views", "backward_buffers"]
 
 
 def order(t: Tensor) -> list[int]:
@@ -23,10 +24,15 @@ def order(t: Tensor) -> list[int]:
     first, where a comparison with a stride-0 (expanded) dimension is ambiguous and leaves the pair
     in place, and equal strides put the smaller size inside. For a dense t, t.permute(order) is
     contiguous. Cached per shape and strides (symbolic ones, under tracing, are sorted each time)."""
+    return list(_per_layout(_order, t))
+
+
+def _per_layout(fn, t: Tensor):
+    """fn(shape, strides) of t, cached where they are concrete (symbolic ones: computed each time)."""
     shape, strides = tuple(t.shape), tuple(t.stride())
     if all(type(v) is int for v in shape + strides):
-        return list(_order(shape, strides))
-    return list(_order.__wrapped__(shape, strides))
+        return fn(shape, strides)
+    return fn.__wrapped__(shape, strides)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -53,16 +59,25 @@ def _order(shape: tuple, strides: tuple) -> tuple[int, ...]:
 
 def dense_strides(x: Tensor) -> tuple[int, ...]:
     """Strides of a dense tensor shaped like x in :func:`order`'s memory order (no allocation)."""
-    strides, step = [0] * x.dim(), 1
-    for d in reversed(order(x)):
-        strides[d] = step
-        step *= max(x.size(d), 1)
-    return tuple(strides)
+    return _per_layout(_dense_strides, x)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dense_strides(shape: tuple, strides: tuple) -> tuple:
+    out, step = [0] * len(shape), 1
+    for d in reversed(_order.__wrapped__(shape, strides)):
+        out[d] = step
+        step *= max(shape[d], 1)
+    return tuple(out)
 
 
 def like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output)."""
-    return torch.empty_strided(x.shape, dense_strides(x), dtype=dtype or x.dtype, device=x.device)
+    """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output).
+    Where x is dense already, those are x's strides, which ``torch.empty_like`` keeps (the faster call)."""
+    strides = dense_strides(x)
+    if strides == x.stride() and all(type(v) is int for v in strides):
+        return torch.empty_like(x, dtype=dtype)
+    return torch.empty_strided(x.shape, strides, dtype=dtype or x.dtype, device=x.device)
 
 
 def flat(t: Tensor, dims: list[int]) -> Tensor:
@@ -78,6 +93,19 @@ def empty_code(x: Tensor, bits: int) -> Tensor:
 def backward_views(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, flat grad (contiguous), flat y, flat grad_x): grad_x a new tensor laid out like y, the
     flat views in y's memory order, the order the code was packed in."""
-    dims = order(y)
     out = like(y)
+    if y.is_contiguous() and grad.is_contiguous():  # y's memory order is the logical one
+        return out, grad.view(-1), y.view(-1), out.view(-1)
+    dims = order(y)
     return out, flat(grad, dims).contiguous(), flat(y, dims), flat(out, dims)
+
+
+def backward_buffers(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`backward_views` for kernels that take data pointers and element counts (the C kernels):
+    every tensor contiguous, in y's memory order, but shaped as it comes where y and grad are
+    contiguous already (no views made: ~1 us each, of a few-us kernel at small sizes)."""
+    if y.is_contiguous() and grad.is_contiguous():
+        out = like(y)
+        return out, grad, y, out
+    out, gf, yf, of = backward_views(grad, y)
+    return out, gf, yf.contiguous(), of

@@ -159,16 +159,16 @@ def library(mod: ModuleType, use_fma: bool = False) -> ctypes.CDLL | None:
 
 
 def _cpu(*tensors: Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.is_contiguous() for t in tensors)
 
 
 def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thresholds: Tensor, poly: Tensor,
         params: tuple[float, ...], use_fma: bool = True) -> bool:
-    """out = g(y, code) * grad for flat contiguous CPU tensors of one dtype, float32, or bfloat16 /
-    float16 where :func:`direct16` (g of y as float32, the product rounded as torch.mul: the lookup's
-    bits); code: invact.bitpack's planes of ``mod.CODE_BITS`` bits; the float32 ``thresholds`` and
-    ``poly`` (POLY transposed) of invact.ops.module_constants and the parameter values in
-    ``mod.PARAMS`` order. False (nothing done) where the kernel does not take them. ``use_fma``
+    """out = g(y, code) * grad for contiguous CPU tensors of one dtype (their elements in memory order,
+    any shape), float32, or bfloat16 / float16 where :func:`direct16` (g of y as float32, the product
+    rounded as torch.mul: the lookup's bits); code: invact.bitpack's planes of ``mod.CODE_BITS`` bits;
+    the float32 ``thresholds`` and ``poly`` (POLY transposed) of invact.ops.module_constants and the
+    parameter values in ``mod.PARAMS`` order. False (nothing done) where the kernel does not take them. ``use_fma``
     (float32 only): with FMA where :func:`fma` holds (the FMA scheme), else the eager code's arithmetic."""
     tensors = (out, grad, y, code, thresholds, poly)
     if (y.dtype not in DTYPES or not out.dtype == grad.dtype == y.dtype
@@ -199,7 +199,7 @@ def _direct16(path: Path, sha256: str) -> bool:  # every 16-bit backward asks tw
 
 
 def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, lut: Tensor) -> bool:
-    """out = lut[code << 16 | bits of y] * grad for flat contiguous bfloat16/float16 CPU tensors of one
+    """out = lut[code << 16 | bits of y] * grad for contiguous bfloat16/float16 CPU tensors of one
     dtype (``lut``: invact.impl_eager.lookup_table's float32 table), rounded as torch.mul; False
     (nothing done) where the kernel does not take them. Portable C: where invact.cpu_kernel's AVX-512
     kernel does not run."""

@@ -66,3 +66,24 @@ def test_markdown_report_is_a_table(capsys):
     assert rows[0] == "| activation | dtype | bwd compiled | fwd | bwd eager | floor |"
     assert rows[1] == "|---|---|---|---|---|---|"
     assert [r.split(" | ")[:2] for r in rows[2:]] == [["| relu", "float32"], ["| mish", "float32"]]
+
+
+def test_overhead_report_runs_and_refuses_bad_sizes():
+    """benchmarks/overhead.py prints one row a case with positive times and their ratios; bad --sizes
+    is a usage error (exit 2) naming the option."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
+    run = subprocess.run([sys.executable, str(script), "--names", "relu", "--dtypes", "float32", "--sizes", "16,64",
+                          "--repeat", "1", "--round-ms", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("relu")]
+    assert [r[2] for r in rows] == ["16", "64"]
+    for r in rows:
+        train, native_train, ratio, infer, native_infer, ratio_infer = map(float, r[3:])
+        assert _finite([train, native_train, infer, native_infer])
+        for shown, a, b in ((ratio, train, native_train), (ratio_infer, infer, native_infer)):
+            # a and b are printed to 0.1 us (off by up to 0.05 each), the ratio to 0.01
+            assert abs(shown - a / b) <= a / b * (0.05 / a + 0.05 / b) * 1.01 + 0.005
+    bad = subprocess.run([sys.executable, str(script), "--sizes", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--sizes" in bad.stderr

@@ -408,3 +408,33 @@ def test_layout_matches_tensor_iterator_on_random_layouts():
                 (trial, x.shape, x.stride(), out.stride(), ref.stride())
             assert torch.equal(layout.flat(x, dims_of), x.permute(dims_of).reshape(-1)), trial
             assert torch.equal(layout.flat(ref, layout.order(ref)), torch.neg(layout.flat(x, dims_of))), trial
+
+
+def test_backward_buffers_hold_the_backward_views_elements():
+    """layout.backward_buffers (the C kernels' operands) holds backward_views' elements in the same
+    order, every tensor contiguous, grad_x laid out alike; where y and grad are contiguous it makes no
+    views (y and grad themselves). y is a forward's output (dense, maybe permuted); grad any layout."""
+    from invact import layout
+    g = torch.Generator().manual_seed(1)
+    fast = 0
+    for trial in range(200):
+        dims = int(torch.randint(1, 5, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1, 4, (dims,), generator=g)]
+        x = torch.randn(*shape, generator=g)
+        if trial % 2:
+            x = x.permute(*torch.randperm(dims, generator=g).tolist())
+        y = layout.like(x).copy_(x)
+        grad = torch.randn(*y.shape, generator=g)
+        if trial % 3 == 1:  # transposed
+            grad = torch.randn(*reversed(y.shape), generator=g).permute(*reversed(range(dims)))
+        if trial % 5 == 2:
+            grad = torch.randn(1, generator=g).expand(y.shape)
+        out_v, gf, yf, of = layout.backward_views(grad, y)
+        out_b, gb, yb, ob = layout.backward_buffers(grad, y)
+        assert all(t.is_contiguous() for t in (gb, yb, ob)), trial
+        assert torch.equal(gb.reshape(-1), gf) and torch.equal(yb.reshape(-1), yf), trial
+        assert ob.data_ptr() == out_b.data_ptr() and out_b.stride() == out_v.stride(), trial
+        if y.is_contiguous() and grad.is_contiguous():
+            fast += 1
+            assert gb is grad and yb is y and ob is out_b, trial
+    assert fast > 20  # the no-view path was exercised
