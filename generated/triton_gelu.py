@@ -16,7 +16,7 @@ TABLE_SHA256 = 'ce5ebdc81ed2b503ad21c4f7046a3418e531d7f6dfc0eab0a19ff9d60d644b14
 @triton.jit
 def f_x(x, params):
     """y = f(x) in float32."""
-    return (x*(tl.erf((1.4142135623730951*x) * 0.5) + 1.0)) * 0.5
+    return (x*(tl.erf(0.7071067811865476*x) + 1.0)) * 0.5
 
 
 @triton.jit

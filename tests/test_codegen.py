@@ -289,6 +289,18 @@ def test_triton_printer_reciprocals_for_forwards(text, params):
     np.testing.assert_allclose(got, np.broadcast_to(f(x), x.shape), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("printer", [lambda e: to_torch(e, "y"), lambda e: to_triton(e, "y")], ids=["torch", "triton"])
+def test_numbers_of_a_product_are_folded_into_one(printer):
+    """Two or more numbers multiplying the tensor become one correctly rounded constant (one multiply:
+    no division of the tensor by 6 after a multiply by sqrt(3)); a single number keeps its exact
+    form (y/6 stays a division, correctly rounded); parameters stay symbols."""
+    folded = printer(parse("-sqrt(3)*sqrt(8*y + 3)/6", "y", []))
+    assert repr(float(-sp.sqrt(3) / 6)) in folded and "6.0" not in folded and "1.7320508" not in folded, folded
+    assert "6.0" in printer(parse("y/6", "y", [])), printer(parse("y/6", "y", []))
+    with_param = printer(parse("alpha*sqrt(2)*y/pi", "y", ["alpha"]))
+    assert repr(float(sp.sqrt(2) / sp.pi)) in with_param and "param_alpha" in with_param, with_param
+
+
 def test_python_printer_for_parameter_values():
     assert eval(to_python(parse("threshold/beta + sqrt(beta)", "y", ["beta", "threshold"])),  # noqa: S307
                 {"math": __import__("math"), "param_beta": 4.0, "param_threshold": 20.0}) == 7.0
