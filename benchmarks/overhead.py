@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in dtypes:
             for n in sizes:
                 us = per_call_us(name, dtype, n, args.repeat, args.round_ms)
-                print(f"{name:12s}{str(dtype).removeprefix('torch.'):10s}{n:9d}"
-                      f"{us['invact train']:10.1f}{us['native train']:10.1f}{us['invact train'] / us['native train']:7.2f}"
-                      f"{us['invact infer']:10.1f}{us['native infer']:10.1f}{us['invact infer'] / us['native infer']:7.2f}")
+                cells = "".join(f"{us['invact ' + step]:10.1f}{us['native ' + step]:10.1f}"
+                                f"{us['invact ' + step] / us['native ' + step]:7.2f}" for step in ("train", "infer"))
+                print(f"{name:12s}{str(dtype).removeprefix('torch.'):10s}{n:9d}{cells}")
 
 
 if __name__ == "__main__":
