@@ -323,13 +323,6 @@ enum { FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GELU = 4,  /* cp
        FWD_GELU_ONEDNN = 5,                                                  /* oneDNN's avx2 JIT (float32), */
        FWD_GELU_TANH = 6, FWD_MISH = 7 };                                    /* ATen's AVX2 code */
 
-/* p(x) by Horner's rule with FMA, coefficients c[0] (highest degree) .. c[n - 1] */
-static inline vf horner8(vf x, const float *c, int n) {
-    vf p = set(c[0]);
-    for (int k = 1; k < n; k++) p = _mm256_fmadd_ps(p, x, set(c[k]));
-    return p;
-}
-
 #define BC8(u) as_f(_mm256_set1_epi32((int)(u)))
 
 /* SLEEF's AVX2 split of x (logf) or x + 1 (log1pf) into m 2^e, m in [0.75, 1.5), by integer steps where

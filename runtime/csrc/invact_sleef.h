@@ -24,18 +24,25 @@ static inline VF mul_src1(VF src1, VF src2) {
     return r;
 }
 
+/* p(x) by Horner's rule with FMA, coefficients c[0] (highest degree) .. c[n - 1] */
+static inline VF WIDE(horner)(VF x, const float *c, int n) {
+    VF p = V_SET(c[0]);
+    for (int k = 1; k < n; k++) p = V_FMA(p, x, V_SET(c[k]));
+    return p;
+}
+
+/* Sleef_expf_u10's polynomial in the reduced argument, highest degree first */
+static const float SLEEF_EXP_POLY[] = {0.000198527617612853646278381f, 0.00139304355252534151077271f,
+                                       0.00833336077630519866943359f, 0.0416664853692054748535156f,
+                                       0.166666671633720397949219f, 0.5f};
+
 /* Sleef_expf_u10 step for step */
 static inline VF WIDE(sleef_exp)(VF d) {
     VI q = V_RINT(V_MUL(d, V_SET(1.44269502162933349609375f)));
     VF qf = V_I2F(q);
     VF s = V_FMA(qf, V_SET(-0.693145751953125f), d);
     s = V_FMA(qf, V_SET(-1.428606765330187e-06f), s);
-    VF u = V_SET(0.000198527617612853646278381f);
-    u = V_FMA(u, s, V_SET(0.00139304355252534151077271f));
-    u = V_FMA(u, s, V_SET(0.00833336077630519866943359f));
-    u = V_FMA(u, s, V_SET(0.0416664853692054748535156f));
-    u = V_FMA(u, s, V_SET(0.166666671633720397949219f));
-    u = V_FMA(u, s, V_SET(0.5f));
+    VF u = WIDE(horner)(s, SLEEF_EXP_POLY, 6);
     u = V_ADD(V_FMA(V_MUL(s, s), u, s), V_SET(1.0f));
     VI half = V_SRAI(q, 1), bias = V_ISET(0x7f);
     u = V_MUL(u, V_ASF(V_SLLI(V_IADD(half, bias), 23)));
@@ -52,8 +59,7 @@ static const float AS_ERF_POLY[] = {1.061405429f, -1.453152027f, 1.421413741f, -
 static inline VF WIDE(aten_erf)(VF v) {
     VF one = V_SET(1.0f), sign = V_AND(V_SET(-0.0f), v);
     VF t = V_DIV(one, V_FMA(V_SET(0.3275911f), V_ANDNOT(V_SET(-0.0f), v), one));
-    VF r = V_SET(AS_ERF_POLY[0]);
-    for (int k = 1; k < 5; k++) r = V_FMA(r, t, V_SET(AS_ERF_POLY[k]));
+    VF r = WIDE(horner)(t, AS_ERF_POLY, 5);
     VF e = V_XOR(V_SET(-0.0f), WIDE(sleef_exp)(V_XOR(V_SET(-0.0f), V_MUL(v, v))));
     return V_XOR(sign, V_FMA(V_MUL(e, t), r, one));
 }
