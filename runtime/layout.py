@@ -27,12 +27,15 @@ def order(t: Tensor) -> list[int]:
     return list(_per_layout(_order, t))
 
 
+def _concrete(values: tuple) -> bool:
+    """Whether sizes or strides are plain ints (not symbolic, as under tracing with dynamic shapes)."""
+    return all(type(v) is int for v in values)
+
+
 def _per_layout(fn, t: Tensor):
     """fn(shape, strides) of t, cached where they are concrete (symbolic ones: computed each time)."""
     shape, strides = tuple(t.shape), tuple(t.stride())
-    if all(type(v) is int for v in shape + strides):
-        return fn(shape, strides)
-    return fn.__wrapped__(shape, strides)
+    return (fn if _concrete(shape + strides) else fn.__wrapped__)(shape, strides)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -75,7 +78,7 @@ def like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output).
     Where x is dense already, those are x's strides, which ``torch.empty_like`` keeps (the faster call)."""
     strides = dense_strides(x)
-    if strides == x.stride() and all(type(v) is int for v in strides):
+    if _concrete(strides) and strides == x.stride():  # (symbolic strides are never compared: no guard)
         return torch.empty_like(x, dtype=dtype)
     return torch.empty_strided(x.shape, strides, dtype=dtype or x.dtype, device=x.device)
 
