@@ -124,15 +124,19 @@ def compiled(fn: Callable) -> Callable:
     Segment indices are bounded by construction (a count of thresholds), so inductor's indirect
     indexing asserts, which also block vectorisation, are switched off.
     """
-    compiled_fn = torch.compile(fn, dynamic=None, options={"assert_indirect_indexing": False})
+    compiled_fn = None  # made at the first call: torch.compile imports Inductor (~1 s), which
+                        # importing invact.norms (whose passes these are) should not pay
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        nonlocal compiled_fn
         if "compiled" not in _broken:
             for a in args:
                 if isinstance(a, torch.Tensor) and a.dim():
                     torch._dynamo.maybe_mark_dynamic(a, 0)
             try:
+                if compiled_fn is None:
+                    compiled_fn = torch.compile(fn, dynamic=None, options={"assert_indirect_indexing": False})
                 return compiled_fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back ...
                 result = fn(*args, **kwargs)  # ... unless eager fails too: then it is not the compiler
