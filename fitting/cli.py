@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from ..common.after_import import cancel as cancel_after_import
 from . import tables
 from .errors import InputError, SpecError
 from .interrupts import raise_interrupted, signals_deferred
@@ -452,6 +453,7 @@ def _formula_positional(argv: list, parser: argparse.ArgumentParser) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``invact`` command line; returns the exit status."""
+    cancel_after_import("torch")  # invact's ops: no saved program is loaded here, torch's import stays lean
     parser = build_parser()
     argv = _formula_positional(list(sys.argv[1:] if argv is None else argv), parser)
     try:

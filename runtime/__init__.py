@@ -20,8 +20,10 @@ Public API:
 transformers and timm are never imported by invact: their classes are recognised in ``sys.modules``.
 """
 
+import warnings
 from importlib import import_module
 
+from .common.after_import import after_import as _after_import
 from .common.catalog import group as _group
 
 # one module class per `module` name of the activation catalog (invact.common.catalog; torch-free)
@@ -54,6 +56,22 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _register_ops() -> None:
+    """Import the modules that define the custom ops (invact::forward, invact::norm_forward, ...), which
+    must exist before a program calling them is loaded (torch.export.load, torch.jit.load)."""
+    try:
+        import_module(".ops", __name__)
+        import_module(".norms", __name__)
+    except Exception as error:  # noqa: BLE001 - never fail the import that triggered this
+        warnings.warn(f"invact: its custom ops could not be registered ({type(error).__name__}: {error}); "
+                      "programs saved with them will not load", RuntimeWarning, stacklevel=2)
+
+
+# at once where torch is imported, else right after torch's own import (the fitter's command line,
+# which never loads such a program, cancels this: invact.common.after_import)
+_after_import("torch", _register_ops)
 
 
 __version__ = "0.1.0"

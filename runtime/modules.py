@@ -81,6 +81,9 @@ class Activation(nn.Module):
         name, params = self.table()
         return ops.apply(input, name, params, self.backend)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise ops.script_refused(self)
+
     def _backend_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"
 

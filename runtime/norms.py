@@ -510,6 +510,9 @@ class _Saving:
     autocast_output: bool
     _invact_replaced: tuple[nn.Module, ...] | None = None    # set by invact.patch: (original,)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise ops.script_refused(self)
+
     def _extra(self) -> str:
         parts = [f"backend={self.backend!r}"] if self.backend is not None else []
         return ", ".join(parts + (["autocast_output=True"] if self.autocast_output else []))

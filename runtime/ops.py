@@ -41,7 +41,7 @@ from .impl_triton import TRITON
 from .registry import info, names, use_root
 
 __all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
-           "Implementation", "implementations", "plain_eager"]
+           "Implementation", "implementations", "plain_eager", "script_refused"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -345,6 +345,8 @@ class _Direct(torch.autograd.Function):
 
 
 def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
+    if torch._C._get_tracing_state():  # torch.jit.trace: one op whatever the grad mode, so the trace trains
+        return torch.ops.invact.forward(x, name, values, chosen)[0]
     if _transformed():
         return _differentiated(x, name, values, chosen)
     if torch.is_grad_enabled() and _requires_grad(x):
@@ -358,9 +360,21 @@ def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
 
 
 def plain_eager(*tensors: Tensor | None) -> bool:
-    """Ordinary tensors with data (or None), outside torch.compile, transforms and dispatch modes: where
-    the ops' implementations may run without their custom-op dispatch (meta and fake tensors, torch.func's
-    wrappers and tracing modes take the ops and their fake or vmap rules). Also used by the norms."""
+    """Ordinary tensors with data (or None), outside torch.compile, transforms, dispatch modes and
+    torch.jit.trace: where the ops' implementations may run without their custom-op dispatch (meta and
+    fake tensors, torch.func's wrappers and tracing modes take the ops and their fake or vmap rules; a
+    TorchScript trace records the ops, which it can save, where an autograd.Function it cannot). Also
+    used by the norms."""
     return (not torch.compiler.is_compiling() and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and not torch._C._get_tracing_state()
             and all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta
                                   and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors))
+
+
+def script_refused(module: torch.nn.Module) -> NotImplementedError:
+    """What torch.jit.script of an invact module raises (TorchScript compiles forward's source, and
+    invact's is Python that picks kernels at run time; PyTorch deprecates torch.jit.script)."""
+    return NotImplementedError(
+        f"torch.jit.script cannot compile invact.{type(module).__name__}: torch.compile, torch.export and "
+        "torch.jit.trace take it (their programs call invact's custom ops, and save and load after "
+        "`import invact`); or script the model with its original modules back (invact.unpatch(model))")
