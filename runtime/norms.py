@@ -104,6 +104,8 @@ def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.d
     """Which columns a norm with these parameters keeps x_hat for, when its output is ``y_dtype``."""
     if weight is None:
         return Recovery((), False, "no weight: x_hat = y - beta exactly")
+    if weight.is_meta:
+        return Recovery((), False, "weights on the meta device: no values yet (each call decides from its weights)")
     with torch.no_grad():
         g = _gamma(weight.detach(), offset, weight.numel(), _acc(weight.dtype), weight.device)
         bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
@@ -318,7 +320,9 @@ _norm_forward = torch.library.custom_op("invact::norm_forward", _norm_forward_im
 @_norm_forward.register_fake
 def _norm_forward_fake(x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend):
     rows = x.numel() // n if n else 0
-    k = torch.library.get_ctx().new_dynamic_size()
+    # the kept columns depend on gamma's and beta's values: a symbol under FakeTensors; meta tensors (shape
+    # inference, models built on the meta device) have no values nor symbols: none kept, the usual case
+    k = 0 if x.is_meta else torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=_acc(x.dtype)),
             x.new_empty(rows, k), x.new_empty(k, dtype=torch.int64))
 

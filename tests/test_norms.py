@@ -204,6 +204,26 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.invact.norm_forward.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_tensors_give_torchs_shapes(dtype):
+    """A model built on the meta device (shape inference, deferred init) runs forward and backward with
+    the norms and activations swapped: torch's output shape and dtype, and gradients of the inputs'."""
+    def build():
+        with torch.device("meta"):
+            return nn.Sequential(nn.Linear(12, 12), nn.LayerNorm(12), nn.SiLU(), nn.RMSNorm(12),
+                                 nn.Linear(12, 3)).to(dtype)
+    ref, model = build(), build()
+    invact.patch(model)
+    assert isinstance(model[1], invact.LayerNorm) and isinstance(model[3], invact.RMSNorm)
+    outs = []
+    for m in (ref, model):
+        x = torch.randn(5, 7, 12, device="meta", dtype=dtype, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        outs.append((y.shape, y.dtype, y.device, x.grad.shape, m[0].weight.grad.shape))
+    assert outs[0] == outs[1]
+
+
 def test_compile_fullgraph():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 13, generator=g, requires_grad=True)
