@@ -24,20 +24,21 @@ class _Hook:
         if fullname != self.name:
             return None
         sys.meta_path.remove(self)
-        spec = find_spec(fullname)  # the finders after this one
-        loader = getattr(spec, "loader", None)
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        execute = loader.exec_module
+        try:
+            spec = find_spec(fullname)  # the finders after this one
+            loader = spec.loader
+            execute = loader.exec_module
 
-        def exec_module(module):
-            try:
-                execute(module)
-            finally:
-                del loader.exec_module  # the loader's own again
-            self.then()
+            def exec_module(module):
+                try:
+                    execute(module)
+                finally:
+                    del loader.exec_module  # the loader's own again
+                self.then()
 
-        loader.exec_module = exec_module
+            loader.exec_module = exec_module
+        except Exception:  # noqa: BLE001 - no spec, or a loader that takes no attribute: the import goes
+            return None    # on as if this finder were not there (the call is then left to the caller)
         return spec
 
 

@@ -117,6 +117,41 @@ def test_after_import_runs_once_after_the_module_and_cancels(tmp_path, monkeypat
         after_import.cancel("invact_probe_cancelled")
 
 
+class _SlotsLoader:
+    """A loader that takes no new attributes (as a C-implemented one may)."""
+
+    __slots__ = ()
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.VALUE = 2
+
+
+class _SlotsFinder:
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "invact_probe_slots":
+            return None
+        from importlib.machinery import ModuleSpec
+        return ModuleSpec(fullname, _SlotsLoader())
+
+
+def test_after_import_leaves_an_import_it_cannot_wrap_alone():
+    """Where the loader takes no wrapper, the import goes on unchanged (and nothing is called): the hook
+    never breaks the import it watches."""
+    finder, calls = _SlotsFinder(), []
+    sys.meta_path.append(finder)
+    try:
+        after_import.after_import("invact_probe_slots", lambda: calls.append("called"))
+        import invact_probe_slots
+        assert invact_probe_slots.VALUE == 2 and calls == []
+        assert not any(isinstance(f, after_import._Hook) and f.name == "invact_probe_slots" for f in sys.meta_path)
+    finally:
+        sys.meta_path.remove(finder)
+        sys.modules.pop("invact_probe_slots", None)
+
+
 MODULES = {
     "silu": lambda: invact.SiLU(), "gelu_tanh": lambda: invact.GELU(approximate="tanh"),
     "elu": lambda: invact.ELU(alpha=0.5), "layer_norm": lambda: invact.LayerNorm(16),
