@@ -13,6 +13,8 @@ by no one else, and the file's sha256 matches. Otherwise:
 * a ``.so`` whose hash does not match (changed after it was written) or that does not load: rebuilt
   under a fresh name and the manifest replaced, so the next process loads the new one.
 A file with a predictable name planted in the cache is never loaded: only the manifest names files.
+Builds into the cache hold an exclusive lock on its directory, so threads and processes that start at
+once build each kernel once and load that build; recording a build removes the key's other builds.
 """
 
 from __future__ import annotations
@@ -145,37 +147,94 @@ def _usable_cache() -> Path | None:
     return directory
 
 
+_held: set[int] = set()  # descriptors of the locks this process holds now
+
+
+def _close_held() -> None:
+    """In a forked child: close the copies of the lock descriptors (a flock lasts while any descriptor of
+    its open file is open, so a child that kept them would hold the lock for the life of the child)."""
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the cache directory itself (no file is created), so that threads and
+    processes starting at once (ranks on one node, a fresh container) build each kernel once and load
+    that build; unlocked where flock is unavailable."""
+    try:
+        import fcntl
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor (and by the kernel if we die)
+        _held.add(fd)
+        yield
+    finally:
+        _held.discard(fd)
+        os.close(fd)
+
+
+def _remove_stale(directory: Path, key: str, kept: Path) -> None:
+    """Remove this key's other builds (an interrupted build's, a replaced one's): files of our naming
+    that are ours; one mapped by a running process stays mapped."""
+    for path in directory.glob(f"{key}-*.so"):
+        if path != kept and unsafe(path) is None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
     """The library that ``command`` (a compiler command line without ``-o``) builds, from the cache
     under ``key`` (a name made of the inputs' hash) when a verified entry is there, else built (and
-    recorded where the cache is writable). ``check(lib)`` raises RuntimeError for a library that
-    loads but is not the expected one (treated like one that does not load). Raises RuntimeError,
-    OSError or SubprocessError where a fresh build fails."""
+    recorded where the cache is writable), one build at a time per cache (:func:`_locked`, taken where no
+    verified entry loads).
+    ``check(lib)`` raises RuntimeError for a library that loads but is not the expected one (treated
+    like one that does not load). Raises RuntimeError, OSError or SubprocessError where a fresh build
+    fails."""
     directory = _usable_cache()
     if directory is not None:
-        so, refused = _cached(directory, key)
-        if so is not None:
-            try:
+        so, _ = _cached(directory, key)
+        if so is not None:                              # the usual case: a verified build, no lock
+            with contextlib.suppress(OSError, RuntimeError):
                 return _open(so, check)
-            except (OSError, RuntimeError) as error:        # unloadable: rebuilt under a fresh name below
-                refused = f"{so}: it does not load ({error})"
-        if refused:
-            warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
-                          RuntimeWarning, stacklevel=3)
-        try:
-            fresh = _compile(command, directory, key)
-        except OSError as error:
-            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            directory = None                                 # read-only cache: a private build
-        else:
-            _record(directory, key, fresh)
-            if so is not None:
-                with contextlib.suppress(OSError):
-                    so.unlink()                              # the bad one (still mapped where loaded)
-            return _open(fresh, check)
+        with _locked(directory):                        # checked again: another may have built it
+            lib = _load_or_build(command, directory, key, check)
+        if lib is not None:
+            return lib
     with _private_dir() as private:
         return _open(_compile(command, private, key), check)
+
+
+def _load_or_build(command: list[str], directory: Path, key: str,
+                   check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
+    """:func:`load` in the cache ``directory``; None where the cache cannot be written."""
+    so, refused = _cached(directory, key)
+    if so is not None:
+        try:
+            return _open(so, check)
+        except (OSError, RuntimeError) as error:    # unloadable: rebuilt under a fresh name below
+            refused = f"{so}: it does not load ({error})"
+    if refused:
+        warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
+                      RuntimeWarning, stacklevel=4)
+    try:
+        fresh = _compile(command, directory, key)
+    except OSError as error:
+        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        return None                                  # read-only cache: a private build
+    _record(directory, key, fresh)
+    _remove_stale(directory, key, fresh)             # the bad one too (still mapped where loaded)
+    return _open(fresh, check)
 
 
 _libgomp_seen = False

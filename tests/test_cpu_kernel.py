@@ -14,6 +14,7 @@ import json
 import math
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -473,3 +474,94 @@ def test_read_only_cache_still_gives_the_c_kernel(fresh_cache, monkeypatch):
         assert list(fresh_cache.iterdir()) == []
     finally:
         fresh_cache.chmod(0o700)
+
+
+CONCURRENT_SCRIPT = r"""
+import sys, ctypes
+from concurrent.futures import ThreadPoolExecutor
+from invact import kernel_cache
+command, key = sys.argv[1:-1], sys.argv[-1]
+check = lambda lib: None if lib.answer() == 42 else (_ for _ in ()).throw(RuntimeError("wrong library"))
+with ThreadPoolExecutor(4) as pool:
+    names = set(pool.map(lambda _: kernel_cache.load(command, key, check)._name, range(4)))
+print(len(names))
+"""
+
+
+@pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+def test_concurrent_first_loads_build_once(fresh_cache, tmp_path):
+    """Three processes of four threads each load one kernel from an empty cache at once (ranks on one
+    node starting together): the compiler runs once, every load gets that build, and the cache holds
+    it and its manifest alone (each caller built and kept its own copy before the cache's lock)."""
+    source, log = tmp_path / "answer.c", tmp_path / "builds.log"
+    source.write_text("int answer(void) { return 42; }\n")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f"#!/bin/sh\necho built >> {log}\nsleep 1\nexec {cpu_kernel._compiler()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    command = [str(wrapper), "-shared", "-fPIC", str(source)]
+    runs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, *command, "answer-0123"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-1000:] for _, err in outputs]
+    assert [out.strip() for out, _ in outputs] == ["1"] * 3
+    assert log.read_text().count("built") == 1
+    files = sorted(p.name for p in fresh_cache.iterdir())
+    manifest = json.loads((fresh_cache / "answer-0123.json").read_text())
+    assert files == sorted(["answer-0123.json", manifest["so"]])
+
+
+@pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+def test_a_rebuild_removes_the_keys_stale_builds(fresh_cache, tmp_path):
+    """An interrupted build's file and the replaced build are removed when a build is recorded; other
+    keys' files stay."""
+    from invact import kernel_cache
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    command = [cpu_kernel._compiler(), "-shared", "-fPIC", str(source)]
+    fresh_cache.mkdir(mode=0o700)
+    stale, other = fresh_cache / "answer-0123-interrupted.so", fresh_cache / "other-0123-x.so"
+    for path in (stale, other):
+        path.write_bytes(b"\x7fELF")
+    first = kernel_cache.load(command, "answer-0123", lambda lib: None)._name
+    assert not stale.exists() and other.exists()
+    (fresh_cache / "answer-0123.json").write_text(json.dumps({"so": Path(first).name, "sha256": "0" * 64}))
+    with pytest.warns(RuntimeWarning, match="sha256 differs"):
+        second = kernel_cache.load(command, "answer-0123", lambda lib: None)._name
+    assert second != first and not Path(first).exists() and Path(second).exists() and other.exists()
+
+
+FORK_SCRIPT = r"""
+import fcntl, os, sys, threading, time
+from pathlib import Path
+from invact import kernel_cache
+directory = Path(sys.argv[1])
+locked = threading.Event()
+
+def hold():
+    with kernel_cache._locked(directory):
+        locked.set()
+        time.sleep(1)
+
+thread = threading.Thread(target=hold)
+thread.start()
+locked.wait()
+child = os.fork()                  # while the lock is held, as a DataLoader worker may be
+if child == 0:
+    time.sleep(4)
+    os._exit(0)
+thread.join()                      # the parent released it
+fd = os.open(directory, os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held by the child")
+os.waitpid(child, 0)
+"""
+
+
+def test_a_child_forked_during_a_build_does_not_keep_the_cache_locked(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "free"
