@@ -175,8 +175,12 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor (and by the kernel if we die)
-        _held.add(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor (and by the kernel if we die)
+        except OSError:                     # a file system without locks (ENOLCK on some NFS): unlocked
+            pass
+        else:
+            _held.add(fd)
         yield
     finally:
         _held.discard(fd)

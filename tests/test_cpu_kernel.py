@@ -565,3 +565,20 @@ def test_a_child_forked_during_a_build_does_not_keep_the_cache_locked(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "free"
+
+
+@pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+def test_a_cache_without_locks_still_builds(fresh_cache, tmp_path, monkeypatch):
+    """Where the file system refuses locks (ENOLCK on some NFS mounts) the build goes on unlocked."""
+    import fcntl
+
+    from invact import kernel_cache
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    source = tmp_path / "answer.c"
+    source.write_text("int answer(void) { return 42; }\n")
+    lib = kernel_cache.load([cpu_kernel._compiler(), "-shared", "-fPIC", str(source)], "answer-0123", lambda lib: None)
+    assert lib.answer() == 42 and (fresh_cache / "answer-0123.json").exists()
