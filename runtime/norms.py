@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -436,6 +437,15 @@ def _autocast_upcasts(device_type: str, dtype: torch.dtype, cast: torch.dtype, r
 
 def _check(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
            fn: str) -> tuple[int, ...]:
+    if not torch._C._get_tracing_state():
+        return _checked_shape(x, normalized_shape, weight, bias, fn)
+    with warnings.catch_warnings():  # torch.jit.trace: sizes are traced values, and it warns that these
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checks of the fixed shape are constants
+        return _checked_shape(x, normalized_shape, weight, bias, fn)
+
+
+def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                   fn: str) -> tuple[int, ...]:
     if not isinstance(x, Tensor):
         raise TypeError(f"invact.functional.{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATS:

@@ -169,8 +169,11 @@ def test_a_trace_records_the_ops_saves_and_trains(which, grad_mode):
     x = torch.randn(5, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)   # torch.jit is deprecated in favour of export
-        with torch.set_grad_enabled(grad_mode):
+        with torch.set_grad_enabled(grad_mode), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, (x,))
+        assert not [w for w in seen if "invact" in w.filename or "runtime" in w.filename], \
+            [str(w.message) for w in seen]                  # nothing of invact's that nn.Linear lacks
         kinds = {node.kind() for node in traced.inlined_graph.nodes()}
         assert {"invact::forward", "invact::norm_forward"} & kinds and "prim::PythonOp" not in kinds, kinds
         buffer = io.BytesIO()
