@@ -437,7 +437,7 @@ def _autocast_upcasts(device_type: str, dtype: torch.dtype, cast: torch.dtype, r
 
 def _check(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
            fn: str) -> tuple[int, ...]:
-    if not torch._C._get_tracing_state():
+    if not torch.jit.is_tracing():
         return _checked_shape(x, normalized_shape, weight, bias, fn)
     with warnings.catch_warnings():  # torch.jit.trace: sizes are traced values, and it warns that these
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checks of the fixed shape are constants

@@ -345,7 +345,7 @@ class _Direct(torch.autograd.Function):
 
 
 def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
-    if torch._C._get_tracing_state():  # torch.jit.trace: one op whatever the grad mode, so the trace trains
+    if torch.jit.is_tracing():  # torch.jit.trace: one op whatever the grad mode, so the trace trains
         return torch.ops.invact.forward(x, name, values, chosen)[0]
     if _transformed():
         return _differentiated(x, name, values, chosen)
@@ -366,7 +366,7 @@ def plain_eager(*tensors: Tensor | None) -> bool:
     TorchScript trace records the ops, which it can save, where an autograd.Function it cannot). Also
     used by the norms."""
     return (not torch.compiler.is_compiling() and torch.utils._python_dispatch._get_current_dispatch_mode() is None
-            and not torch._C._get_tracing_state()
+            and not torch.jit.is_tracing()
             and all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta
                                   and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors))
 
