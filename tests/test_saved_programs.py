@@ -8,6 +8,7 @@ torch.jit.script is refused with the ways that work.
 
 from __future__ import annotations
 
+import importlib
 import io
 import subprocess
 import sys
@@ -100,8 +101,7 @@ def test_after_import_runs_once_after_the_module_and_cancels(tmp_path, monkeypat
     try:
         import invact_probe_module
         assert calls == [1]
-        importlib_reload = __import__("importlib").reload
-        importlib_reload(invact_probe_module)       # the loader's own exec_module again: no second call
+        importlib.reload(invact_probe_module)      # the loader's own exec_module again: no second call
         assert calls == [1]
         after_import.after_import("invact_probe_module", lambda: calls.append("now"))  # imported: at once
         assert calls == [1, "now"]
