@@ -108,9 +108,11 @@ def test_c_backward_equals_eager(name, params):
 @needs_c
 def test_plain_arithmetic_tables_are_bitwise():
     """The bitwise comparison covers the closed forms without library calls and the fitted tables
-    (their float32 log and sqrt are invact.fastmath's, reproduced operation for operation)."""
+    (their float32 log and sqrt are invact.fastmath's, reproduced operation for operation); a closed
+    form's square root is the correctly rounded one in every generated language (hardswish, relu2)."""
     plain = {n for n in ops.names() if not _calls_libm(_module(n))}
-    assert {"elu", "celu", "selu", "leaky_relu", "relu", "sigmoid", "tanh", "gelu", "silu"} <= plain
+    assert {"elu", "celu", "selu", "leaky_relu", "relu", "sigmoid", "tanh", "gelu", "silu", "hardswish",
+            "relu2"} <= plain
 
 
 @needs_c
@@ -390,15 +392,16 @@ def _direct16_tables(tmp_path: Path) -> list[tuple[object, tuple[float, ...]]]:
 @pytest.mark.parametrize("flushed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_direct_16_bit_backward_equals_the_lookup(dtype, flushed, tmp_path):
-    """Tables whose g is plain arithmetic on y with no POLY column (table_c.direct16: relu, sigmoid,
-    tanh, the ELUs, and tests/data's fold, which has two codes) compute the 16-bit backward from y
+    """Tables whose g is plain arithmetic (square roots included) on y with no POLY column
+    (table_c.direct16: relu, sigmoid, tanh, the ELUs, hardswish, relu2, and tests/data's fold, which has
+    two codes) compute the 16-bit backward from y
     converted to float32 instead of gathering g from the lookup table; the result must be the
     lookup's, lut[code << 16 | bits of y] * grad rounded as torch rounds it, bit for bit (NaN where it
     is NaN), with denormals flushed and not. Every 16-bit y for every code, grads from every 16-bit
     pattern (subnormals, infinities, NaNs), sizes ending mid-vector, mid-block and mid-plane."""
     tables = _direct16_tables(tmp_path)
     names = {mod.NAME for mod, _ in tables}
-    assert {"relu", "sigmoid", "tanh", "elu", "fold"} <= names and not names & {"gelu", "silu", "softplus"}, names
+    assert {"relu", "sigmoid", "tanh", "elu", "hardswish", "relu2", "fold"} <= names and not names & {"gelu", "silu", "softplus"}, names
     patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
     gen = torch.Generator().manual_seed(1)
     for mod, params in tables:
@@ -435,7 +438,7 @@ def test_compiled_16_bit_backward_of_closed_forms_is_direct(dtype, monkeypatch):
     monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
     x = _inputs(3 * 32768 + 5, seed=7).to(dtype)
     go = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
-    for name, direct in (("sigmoid", True), ("leaky_relu", True), ("gelu", False)):
+    for name, direct in (("sigmoid", True), ("leaky_relu", True), ("hardswish", True), ("gelu", False)):
         params = list(_defaults(name))
         y, code = torch.ops.invact.forward(x, name, params, "eager")
         gathered.clear()

@@ -179,7 +179,7 @@ class _Base(StrPrinter):
 
 
 class TorchPrinter(_Base):
-    tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "erf": "torch.erf",
+    tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "fastmath.sqrt", "erf": "torch.erf",
                     "tanh": "torch.tanh", "Abs": "torch.abs", "atan": "torch.atan", "sinh": "torch.sinh",
                     "cosh": "torch.cosh", "asinh": "torch.asinh"}
     scalar_funcs = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
