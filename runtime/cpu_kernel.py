@@ -405,8 +405,9 @@ OMP_DYNAMIC = os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true",
 
 
 def bf16_store() -> bool:
-    """Whether the kernel stores bfloat16 by vcvtneps2bf16 as oneDNN does (the compiler knew the
-    instruction and the CPU has it): oneDNN's bfloat16 gelu runs in one pass only then."""
+    """Whether the kernel stores bfloat16 as oneDNN's gelu does here: by vcvtneps2bf16 (the compiler
+    knew the instruction and the CPU has it) or by oneDNN's emulation of it (a CPU without it);
+    oneDNN's bfloat16 gelu runs in one pass only then."""
     lib = library()
     return lib is not None and lib.invact_bf16_store() == 1
 

@@ -413,24 +413,41 @@ enum { FWD_NONE = 0, FWD_HARDSWISH = 1, FWD_SILU = 2, FWD_GELU = 3, FWD_QUICK_GE
        FWD_MISH = 7,
        FWD_GELU_ONEDNN_INSN = 8 }; /* oneDNN's, bfloat16 stored by vcvtneps2bf16 (chosen here, not by callers) */
 
-/* v stored as bfloat16 as oneDNN stores it on avx512_core_bf16: by vcvtneps2bf16 (round to nearest
- * even whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated), where the compiler
- * knows the instruction and the CPU has it; elsewhere oneDNN emulates it, which this does not
- * reproduce: invact_forward_code declines bfloat16 for FWD_GELU_ONEDNN there */
+/* v stored as bfloat16 as oneDNN stores it. On avx512_core_bf16 by vcvtneps2bf16 (round to nearest even
+ * whatever MXCSR says, subnormals to a signed zero, NaN quieted and truncated), where the compiler knows
+ * the instruction; on avx512_core without it by oneDNN's emulation (bf16_emulation_t: round to nearest
+ * even by integer adds, subnormals rounded as any value, NaN quieted and truncated), store_bf16_onednn.
+ * A CPU with the instruction and a compiler without it: invact_forward_code declines bfloat16 for
+ * FWD_GELU_ONEDNN (what oneDNN stores there is not reproduced). */
+#include <cpuid.h>
+static int cpu_has_bf16_insn(void) {  /* CPUID.(EAX=7, ECX=1):EAX bit 5, AVX512_BF16; asked once (a VM */
+    static int known = -1;               /* may trap CPUID), threads racing to ask get the same answer */
+    if (known < 0) {
+        unsigned a, b, c, d;
+        known = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
+    }
+    return known;
+}
+
 #if defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10)
 #define BF16_INSN 1
-#include <cpuid.h>
 __attribute__((target("avx512bf16"))) static inline void store_bf16_by_insn(void *p, int64_t i, __mmask16 m, __m512 v) {
     _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
-
-static int cpu_has_bf16_insn(void) {  /* CPUID.(EAX=7, ECX=1):EAX bit 5, AVX512_BF16 */
-    unsigned a, b, c, d;
-    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
-}
+#define HAVE_BF16_INSN 1
 #else
-static int cpu_has_bf16_insn(void) { return 0; }
+#define HAVE_BF16_INSN 0
 #endif
+
+static inline void store_bf16_onednn(void *p, int64_t i, __mmask16 m, __m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), b, _mm512_set1_epi32(0x400000));
+    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+    if (m == 0xFFFF) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), h);
+    else _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
+}
 
 /* the lanes of elements e .. e + 15 in the second half of ATen's 32-element steps, counted from the start
  * of its range (of length chunk): where its loops' operand order, and so a product's NaN, differs */
@@ -517,6 +534,10 @@ static inline __attribute__((always_inline)) void y_step(const code_job *jb, int
         return;
     }
 #endif
+    if (kind == FWD_GELU_ONEDNN && dtype == BF16) {  /* a CPU without vcvtneps2bf16 (run_forward_job) */
+        store_bf16_onednn(jb->y, e, m, y);
+        return;
+    }
     store(dtype, jb->y, e, m, y);
 }
 
@@ -629,7 +650,7 @@ __attribute__((target("avx512bf16"))) static void forward_gelu_onednn_bf16_insn(
 static void *run_forward_job(void *arg) {
     const code_job *jb = arg;
 #ifdef BF16_INSN
-    if (jb->kind == FWD_GELU_ONEDNN && jb->dtype == BF16) {  /* invact_forward_code checked the CPU */
+    if (jb->kind == FWD_GELU_ONEDNN && jb->dtype == BF16 && cpu_has_bf16_insn()) {
         forward_gelu_onednn_bf16_insn(jb);
         return 0;
     }
@@ -652,7 +673,7 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
                         const float *thr, int strict, const int32_t *codes, int nan_code, int bits, uint8_t *packed,
                         int threads) {
     if (kind < FWD_HARDSWISH || kind > FWD_MISH || !y || chunk < 1 ||
-        (kind == FWD_GELU_ONEDNN && dtype == BF16 && !cpu_has_bf16_insn()))
+        (kind == FWD_GELU_ONEDNN && dtype == BF16 && !HAVE_BF16_INSN && cpu_has_bf16_insn()))
         return -1;
     return forward_jobs(run_forward_job, dtype, n, x, n_thr, thr, strict, codes, nan_code, bits, packed, threads,
                         y, kind, chunk);
@@ -661,8 +682,9 @@ int invact_forward_code(int kind, int64_t chunk, int dtype, int64_t n, const voi
 /* FORWARD_CHUNK, for tests that cross it */
 int64_t invact_forward_chunk(void) { return FORWARD_CHUNK; }
 
-/* whether oneDNN's bfloat16 gelu store runs here (the compiler knew vcvtneps2bf16, the CPU has it) */
-int invact_bf16_store(void) { return cpu_has_bf16_insn(); }
+/* whether oneDNN's bfloat16 gelu store is reproduced here: by vcvtneps2bf16 (the compiler knew it, the
+ * CPU has it) or by oneDNN's emulation (a CPU without it) */
+int invact_bf16_store(void) { return HAVE_BF16_INSN || !cpu_has_bf16_insn(); }
 
 /* packed[0 .. nbytes) = the codes of n contiguous x of dtype (invact_pack.h's pack_jobs) */
 int invact_pack_code(int dtype, int64_t n, const void *x, int n_thr, const float *thr, int strict,
