@@ -99,12 +99,11 @@ def torch_formula(table: dict):
     """f(x) of the table's formula as torch operations (the generated code's printer), any dtype."""
     import torch
 
-    from invact import fastmath  # the printer's correctly rounded sqrt
     from invact.fitting.codegen.printer import mangle, parse, to_torch
     names = list(table["params"])
     code = compile(to_torch(parse(table["formula"], "x", names), "x"), "<formula>", "eval")
     params = {mangle(k): v for k, v in table["params"].items()}   # the printer's names for them
-    return lambda x: eval(code, {"torch": torch, "fastmath": fastmath, "math": math, "x": x, **params})  # noqa: S307
+    return lambda x: eval(code, {"torch": torch, "math": math, "x": x, **params})  # noqa: S307
 
 
 def gradient_errors(name: str, table: dict, root: Path, n: int) -> tuple[float, float]:

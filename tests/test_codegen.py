@@ -16,7 +16,7 @@ import pytest
 import sympy as sp
 import torch
 
-from invact import fastmath, ops
+from invact import ops
 from invact.fitting.codegen import analysis, generate_all, generate_files
 from invact.fitting.codegen.printer import mangle, parse, to_python, to_torch, to_triton
 from invact.fitting.evaluate import eval_code_class, number
@@ -234,7 +234,7 @@ def test_torch_printer_matches_sympy(text, params):
     expr = parse(text, "x", list(params))
     x = torch.linspace(-5, 5, 101, dtype=torch.float64) + 0.013
     code = to_torch(expr, "x")
-    got = eval(code, {"torch": torch, "fastmath": fastmath, "math": __import__("math"), "x": x, **mangled(params)})  # noqa: S307
+    got = eval(code, {"torch": torch, "math": __import__("math"), "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), expr.subs({sp.Symbol(k, real=True): v for k, v in params.items()}),
                     ["scipy", "numpy"])
     want = np.broadcast_to(np.asarray(f(x.numpy()), dtype=np.float64), x.shape)

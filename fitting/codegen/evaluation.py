@@ -12,7 +12,7 @@ from ...common.float32_scheme import TINY32, root_seed
 from ..fit import search_pays
 from ..float32 import F32_MAX
 from .analysis import Plan
-from .printer import TorchPrinter, TritonPrinter
+from .printer import TorchGPrinter, TritonPrinter
 from .writer import Writer
 
 __all__ = ["TorchDialect", "TritonDialect", "TritonSearchDialect", "search_levels", "emit_g", "emit_code"]
@@ -27,7 +27,7 @@ def passes(side: str) -> str:
 
 
 class TorchDialect:
-    printer = TorchPrinter
+    printer = TorchGPrinter  # g's closed forms with fastmath.sqrt (correctly rounded)
     where = "fastmath.where"  # torch.where, bit for bit; eager CPU code: no branch per element
     where_rare = "torch.where"  # for conditions that hardly ever hold (NaN y): ATen's branches predict well
 

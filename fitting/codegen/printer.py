@@ -21,7 +21,7 @@ from sympy.printing.str import StrPrinter
 
 from ..expressions import parse as parse_expression
 
-__all__ = ["parse", "TorchPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python", "PARAM_PREFIX",
+__all__ = ["parse", "TorchPrinter", "TorchGPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python", "PARAM_PREFIX",
            "mangle", "mangle_text", "fold_numbers"]
 
 PARAM_PREFIX = "param_"   # of parameters in generated code; no generated local starts with it
@@ -179,7 +179,7 @@ class _Base(StrPrinter):
 
 
 class TorchPrinter(_Base):
-    tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "fastmath.sqrt", "erf": "torch.erf",
+    tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "erf": "torch.erf",
                     "tanh": "torch.tanh", "Abs": "torch.abs", "atan": "torch.atan", "sinh": "torch.sinh",
                     "cosh": "torch.cosh", "asinh": "torch.asinh"}
     scalar_funcs = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
@@ -195,6 +195,14 @@ class TorchPrinter(_Base):
         if not any(self._has_var(v) for v, _ in e.args):  # torch.where of two numbers: keep the dtype
             text = f"({text}).to({self._print(self.var)}.dtype)"
         return text
+
+
+class TorchGPrinter(TorchPrinter):
+    """g's closed forms: square roots correctly rounded (``fastmath.sqrt``), as the C and Triton code
+    compute them, so the C file is the eager code's bits and a closed form's 16-bit backward can be
+    computed directly. Forwards keep ``torch.sqrt`` (ATen's, ~3x faster than float64's root in eager
+    code): y need not be correctly rounded, only what the backward reads it with."""
+    tensor_funcs = {**TorchPrinter.tensor_funcs, "sqrt": "fastmath.sqrt"}
 
 
 class TritonPrinter(_Base):
