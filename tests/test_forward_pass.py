@@ -65,8 +65,9 @@ def _assert_bitwise(y: torch.Tensor, ref: torch.Tensor) -> None:
 def test_the_routes_taken():
     """hardswish, silu, gelu_tanh, mish and quick_gelu run in one pass for every dtype; gelu too, as oneDNN's kernel where
     PyTorch calls it (float32 and bfloat16 with oneDNN on): its float32 JIT code is the same on every
-    AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16), else oneDNN's emulation
-    of it, both reproduced (two passes where the CPU has the instruction and the C compiler lacks it).
+    AVX-512 CPU, its bfloat16 store is vcvtneps2bf16 where the CPU has it (avx512_bf16), else oneDNN's
+    emulation of it, both reproduced (two passes where the CPU has the instruction and the C compiler
+    lacks it).
     With AVX2: hardswish, silu, quick_gelu, gelu_tanh and mish in float32 and bfloat16; gelu too where
     oneDNN runs its avx2 code (no AVX-512 CPU, or ONEDNN_MAX_CPU_ISA=AVX2): its own in float32, ATen's
     kernel in bfloat16, which that oneDNN does not take."""

@@ -21,8 +21,8 @@ from sympy.printing.str import StrPrinter
 
 from ..expressions import parse as parse_expression
 
-__all__ = ["parse", "TorchPrinter", "TorchGPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python", "PARAM_PREFIX",
-           "mangle", "mangle_text", "fold_numbers"]
+__all__ = ["parse", "TorchPrinter", "TorchGPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python",
+           "PARAM_PREFIX", "mangle", "mangle_text", "fold_numbers"]
 
 PARAM_PREFIX = "param_"   # of parameters in generated code; no generated local starts with it
 
