@@ -287,9 +287,10 @@ static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uin
  * torch.mul, so the lookup table's values; NaN products as invact.cpu_kernel's stores (AVX-512: ATen's
  * vectorised bfloat16 NaN 0xFFFF, else c10::BFloat16's 0x7FC0; float16 by vcvtps2ph where F16C) ---- */
 #define INVACT_BLOCK16 1024
-/* float16's blocks: its three passes (convert, g_loop, convert back) in blocks of 128 measured 1.43-1.66x
- * a plain product's time at 2^22 elements, one thread (Xeon, AVX-512; hardswish), against 1.92-2.12 in
- * blocks of 1024; no faster for bfloat16's one pass */
+/* float16's blocks: its passes (convert y, g, g * grad converted back) in blocks of 128 measured
+ * 1.37-1.66x a plain product's time at 2^22 elements, one thread (Xeon, AVX-512; hardswish), against
+ * 1.65-1.80 in blocks of 512 and 1.92-2.12 with g_loop's three passes in blocks of 1024; no faster for
+ * bfloat16's one pass */
 #define INVACT_BLOCK_F16 128
 #if defined(__AVX512F__)
 #define INVACT_BF16_NAN 0xFFFFu
@@ -318,42 +319,46 @@ __attribute__((noinline)) static void bf16_block(int64_t i0, int m, const uint16
                                         * invact_bf16_to_float(grad[i0 + j]));
 }
 
-/* float16: y and grad converted to float32 blocks (16 at a time with AVX-512, 8 by F16C: the scalar
- * conversions do not vectorise), g_loop, the product converted back */
-static void f16_block(int64_t i0, int m, const uint16_t *restrict y, const uint16_t *restrict grad,
-                      uint16_t *restrict out, const uint8_t *cd, int shift, const float *thr, const float *poly,
-                      const double *param) {
-    float yb[INVACT_BLOCK_F16], gb[INVACT_BLOCK_F16], ob[INVACT_BLOCK_F16];
+/* float16: y converted to a float32 block (16 at a time with AVX-512, 8 by F16C: the scalar conversions do
+ * not vectorise), g of it in one vectorised loop (as bf16_block's), then g * grad converted back as grad is
+ * read: the product as g_loop's (g first), so the lookup's values */
+__attribute__((noinline)) static void f16_block(int64_t i0, int m, const uint16_t *restrict y,
+                                                const uint16_t *restrict grad, uint16_t *restrict out,
+                                                const uint8_t *restrict cd, int shift, const float *restrict thr,
+                                                const float *restrict poly, const double *restrict param) {
+    float rows[ROW_LENGTH * N_SEGMENTS], qb[1] = {0.0f};  /* as g_loop's */
+    memcpy(rows, poly, sizeof rows);
+    poly = rows;
+    float yb[INVACT_BLOCK_F16], gb[INVACT_BLOCK_F16];
+    int32_t c[INVACT_BLOCK_F16];
     int j = 0;
 #if defined(__AVX512F__)
-    for (; j + 16 <= m; j += 16) {
+    for (; j + 16 <= m; j += 16)
         _mm512_storeu_ps(yb + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(y + i0 + j))));
-        _mm512_storeu_ps(gb + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(grad + i0 + j))));
+#endif
+#if defined(__F16C__)
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(yb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i0 + j))));
+#endif
+    for (; j < m; j++) yb[j] = invact_half_to_float(y[i0 + j]);
+    for (j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+#pragma omp simd
+    for (j = 0; j < m; j++) gb[j] = invact_g(yb[j], c[j], thr, poly, param, qb);
+    j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= m; j += 16) {
+        __m512 p = _mm512_mul_ps(_mm512_loadu_ps(gb + j),
+                                 _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(grad + i0 + j))));
+        _mm256_storeu_si256((__m256i *)(out + i0 + j), _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 #endif
 #if defined(__F16C__)
     for (; j + 8 <= m; j += 8) {
-        _mm256_storeu_ps(yb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i0 + j))));
-        _mm256_storeu_ps(gb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grad + i0 + j))));
+        __m256 p = _mm256_mul_ps(_mm256_loadu_ps(gb + j), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grad + i0 + j))));
+        _mm_storeu_si128((__m128i *)(out + i0 + j), _mm256_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
 #endif
-    for (; j < m; j++) {
-        yb[j] = invact_half_to_float(y[i0 + j]);
-        gb[j] = invact_half_to_float(grad[i0 + j]);
-    }
-    g_loop(0, m, yb, gb, ob, cd, shift, thr, poly, param);
-    j = 0;
-#if defined(__AVX512F__)
-    for (; j + 16 <= m; j += 16)
-        _mm256_storeu_si256((__m256i *)(out + i0 + j),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(ob + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-#if defined(__F16C__)
-    for (; j + 8 <= m; j += 8)
-        _mm_storeu_si128((__m128i *)(out + i0 + j),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(ob + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-    for (; j < m; j++) out[i0 + j] = invact_float_to_half(ob[j]);
+    for (; j < m; j++) out[i0 + j] = invact_float_to_half(gb[j] * invact_half_to_float(grad[i0 + j]));
 }
 
 static void g_loop16(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
