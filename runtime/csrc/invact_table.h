@@ -216,6 +216,12 @@ typedef struct {
     const double *param;
 } table_job;
 
+/* c[j] = the code of element j of a block, (cd[j] >> shift) & mask (0 without a code): int32 before the
+ * main loop, where a byte read would make it 32 or 64 lanes wide */
+static inline void invact_block_codes(int32_t *restrict c, const uint8_t *restrict cd, int m, int shift) {
+    for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+}
+
 /* out[i] = g(y[i], code) * grad[i] for i in [lo, hi) of one bit plane, codes (cd[i - lo] >> shift) & mask;
  * restrict parameters: nothing the loop stores can change what it reads, so it vectorises (`omp simd`
  * with -fopenmp-simd: also through the segment selections' multi-way blends; no threads, no reordering
@@ -235,7 +241,7 @@ __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float
 #endif
     for (int64_t i = lo; i < hi; i += INVACT_BLOCK) {
         int m = (int)clamp_to(hi - i, INVACT_BLOCK);
-        for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[i - lo + j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+        invact_block_codes(c, cd + (i - lo), m, shift);
 #if N_COLUMNS
 #pragma omp simd
         for (int j = 0; j < m; j++) sb[j] = invact_seg(y[i + j], c[j], thr, param);
@@ -312,7 +318,7 @@ __attribute__((noinline)) static void bf16_block(int64_t i0, int m, const uint16
     memcpy(rows, poly, sizeof rows);
     poly = rows;
     int32_t c[INVACT_BLOCK16];
-    for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+    invact_block_codes(c, cd, m, shift);
 #pragma omp simd
     for (int j = 0; j < m; j++)
         out[i0 + j] = invact_bf16_round(invact_g(invact_bf16_to_float(y[i0 + j]), c[j], thr, poly, param, qb)
@@ -341,7 +347,7 @@ __attribute__((noinline)) static void f16_block(int64_t i0, int m, const uint16_
         _mm256_storeu_ps(yb + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i0 + j))));
 #endif
     for (; j < m; j++) yb[j] = invact_half_to_float(y[i0 + j]);
-    for (j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
+    invact_block_codes(c, cd, m, shift);
 #pragma omp simd
     for (j = 0; j < m; j++) gb[j] = invact_g(yb[j], c[j], thr, poly, param, qb);
     j = 0;
