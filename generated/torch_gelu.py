@@ -106,8 +106,8 @@ def g_kernel(y, code, thr, poly):
     if torch.compiler.is_compiling():
         q = selection.columns(POLY, CLASSES, y, thr, code, Y_STRICT)
     else:
-        s1 = torch.bucketize(y, thr[5:12], out_int32=True, right=False) + 6
-        s = torch.bucketize(y, thr[0:5], out_int32=True, right=False)
+        s1 = selection.passed(y, thr[5:12], right=False) + 6
+        s = selection.passed(y, thr[0:5], right=False)
         s = fastmath.where(code == 1, s1, s)
         q = poly.index_select(1, s)
     t = y

@@ -108,8 +108,8 @@ def g_kernel(y, code, thr, poly):
     if torch.compiler.is_compiling():
         q = selection.columns(POLY, CLASSES, y, thr, code, Y_STRICT)
     else:
-        s1 = torch.bucketize(y, thr[7:14], out_int32=True, right=False) + 8
-        s = torch.bucketize(y, thr[0:7], out_int32=True, right=False)
+        s1 = selection.passed(y, thr[7:14], right=False) + 8
+        s = selection.passed(y, thr[0:7], right=False)
         s = fastmath.where(code == 1, s1, s)
         q = poly.index_select(1, s)
     t = y

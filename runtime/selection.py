@@ -1,4 +1,5 @@
-"""Per-element table rows by selection instead of gathering: the compiled CPU path of the backward.
+"""Per-element table rows by selection instead of gathering: the compiled CPU path of the backward
+(:func:`columns`), and the eager code's segment count (:func:`passed`).
 
 Inductor's CPU code turns a per-element gather (``poly[:, s]``) into a scalar loop per lane and per
 coefficient (measured: eleven such gathers cost ~3x a native GELU backward on 2^24 fp32 elements),
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["columns"]
+__all__ = ["columns", "passed"]
 
 Value = torch.Tensor | float
 
@@ -55,3 +56,22 @@ def columns(rows: Sequence[Sequence[float]], classes: Sequence[tuple[int, int, i
             value = chain if value is None else _blend(code == code_value, chain, value)
         out.append(value)
     return out
+
+
+def passed(y: torch.Tensor, thr: torch.Tensor, right: bool) -> torch.Tensor:
+    """``torch.bucketize(y, thr, out_int32=True, right=right)`` for sorted ``thr``, bit for bit: how many
+    thresholds each y passes (``y >= t`` where ``right``, else ``y > t``; NaN passes every one), as
+    ``len(thr)`` minus a sum of vectorised compares that y does not pass. The eager code's segment
+    index: aten.bucketize is a scalar binary search per element (7 thresholds, 2^16 float32: 1.15 ms
+    on an Intel Xeon, the compares 0.29 ms)."""
+    values = thr.tolist()
+    if not values:
+        return torch.zeros(y.shape, dtype=torch.int32, device=y.device)
+    fails = torch.lt if right else torch.le  # NaN fails no compare: it passes every threshold
+    count = torch.empty(y.shape, dtype=torch.float32, device=y.device)  # float outputs: compares to
+    fails(y, values[0], out=count)                                       # bool measured 4x slower
+    if len(values) > 1:
+        step = torch.empty_like(count)
+        for t in values[1:]:
+            count += fails(y, t, out=step)
+    return torch.rsub(count, float(len(values))).to(torch.int32)

@@ -33,26 +33,50 @@ def _compile(tmp_path: Path, source: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(tmp_path / "k.so"))
 
 
+def _edge_values(thr: torch.Tensor) -> torch.Tensor:
+    """Every threshold, the floats next to each, +-0, +-inf, NaN, +-the smallest subnormal, and normals."""
+    near = torch.cat([thr, torch.nextafter(thr, torch.tensor(math.inf)), torch.nextafter(thr, torch.tensor(-math.inf))])
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 1e-45, -1e-45, 0.0, -0.0])
+    return torch.cat([near, specials, torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 4])
+
+
+@pytest.mark.parametrize("call", ["torch.bucketize(y, thr[1:7], out_int32=True, right={right})",
+                                  "selection.passed(y, thr[1:7], right={right})"])
 @pytest.mark.parametrize("right", [True, False])
-def test_bucketize_is_counted_by_compares_as_torch_searches(tmp_path, right):
-    """More thresholds than the eager code compares (EAGER_COMPARES): its torch.bucketize becomes a
-    count of compares in C (vectorised; the binary search was a scalar loop, ~36 ns an element). The
-    count equals torch's search at every threshold, next to each, at repeated thresholds, at +-0,
-    +-inf and NaN (which passes every threshold in both)."""
-    call = f"torch.bucketize(y, thr[1:7], out_int32=True, right={right})"
-    text, kind = _Translator(()).expr(ast.parse(call, mode="eval").body)
+def test_bucketize_is_counted_by_compares_as_torch_searches(tmp_path, right, call):
+    """A class's segment count in generated torch code (torch.bucketize in tables generated before
+    invact.selection.passed, which eager code calls now) becomes a count of compares in C
+    (vectorised; the binary search was a scalar loop, ~36 ns an element). The count equals torch's
+    search at every threshold, next to each, at repeated thresholds, at +-0, +-inf and NaN (which
+    passes every threshold in both)."""
+    text, kind = _Translator(()).expr(ast.parse(call.format(right=right), mode="eval").body)
     assert kind == "i" and "invact_bucketize" not in text
     lib = _compile(tmp_path, "#include <stdint.h>\n"
                    "void f(const float *ys, const float *thr, int32_t *out, int n) {\n"
                    f"    for (int i = 0; i < n; i++) {{ float y = ys[i]; out[i] = {text}; }}\n}}\n")
     thr = torch.tensor([-9.0, -1.0, -0.0, 0.0, 0.5, 0.5, 3.0, 8.0])
-    near = torch.cat([thr, torch.nextafter(thr, torch.tensor(math.inf)), torch.nextafter(thr, torch.tensor(-math.inf))])
-    y = torch.cat([near, torch.tensor([math.nan, math.inf, -math.inf, 1e-45, -1e-45]), torch.randn(1000) * 4])
+    y = _edge_values(thr)
     out = torch.empty(y.shape, dtype=torch.int32)
     lib.f(ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(thr.data_ptr()), ctypes.c_void_p(out.data_ptr()),
           ctypes.c_int(y.numel()))
     want = torch.bucketize(y, thr[1:7], out_int32=True, right=right)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("right", [True, False])
+def test_eager_segment_count_is_torch_bucketize(right, dtype):
+    """invact.selection.passed, the eager code's segment count, is torch.bucketize's bit for bit (the
+    same int32 indices) on the edge values, for sorted thresholds with repeats and signed zeros,
+    for one threshold and for none, in float32 and float64 (the evaluation dtypes)."""
+    from invact import selection
+    thr = torch.tensor([-9.0, -1.0, -0.0, 0.0, 0.5, 0.5, 3.0, 8.0], dtype=dtype)
+    y = _edge_values(thr.float()).to(dtype)
+    for part in (thr, thr[1:7], thr[3:4], thr[:0]):
+        got = selection.passed(y.reshape(1, -1), part, right=right)
+        want = torch.bucketize(y.reshape(1, -1), part, out_int32=True, right=right)
+        assert got.dtype == torch.int32 and got.shape == want.shape
+        assert torch.equal(got, want), part
 
 
 def test_cost_model_prices_what_the_c_kernel_runs():

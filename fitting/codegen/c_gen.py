@@ -207,7 +207,7 @@ class _Translator:
                 return f"((int32_t)({a}))", "i"
             if target in ("y.dtype", "torch.float32"):
                 return _float(a, kind), "f"
-        if func == "torch.bucketize":                  # ATen's binary search: NaN passes every threshold
+        if func in ("torch.bucketize", "selection.passed"):  # (its count): NaN passes every threshold
             sl = node.args[1]
             if not (isinstance(sl, ast.Subscript) and isinstance(sl.slice, ast.Slice)):
                 raise ValueError(f"unsupported bucketize in generated code: {ast.unparse(node)}")

@@ -17,8 +17,7 @@ from .writer import Writer
 
 __all__ = ["TorchDialect", "TritonDialect", "TritonSearchDialect", "search_levels", "emit_g", "emit_code"]
 
-EAGER_COMPARES = 4               # up to this many thresholds per code class, eager code compares
-
+EAGER_COMPARES = 1  # a class of this many thresholds compares in eager code too (the same statements as compiled)
 
 def passes(side: str) -> str:
     """The comparison of a value with a break's threshold that holds right of the break: `>` where
@@ -45,8 +44,10 @@ class TorchDialect:
 
     def class_index(self, plan: Plan, c, compare: bool) -> str:
         """Global segment index within code class ``c``: count of thresholds <= y, plus its offset.
-        Eager code compares too when the class has few thresholds (aten.bucketize is a scalar
-        binary search, slower than a few vectorised comparisons)."""
+        Compiled code compares (each compare fuses into Inductor's loop); eager code counts by
+        :func:`invact.selection.passed` (vectorised compares into float32, as aten.bucketize counts:
+        its binary search is a scalar loop) where the class has more than :data:`EAGER_COMPARES`
+        breaks, all of one side."""
         if not c.y_breaks:
             return [repr(c.offset)]
         a, b = c.break_offset, c.break_offset + len(c.y_breaks)
@@ -54,7 +55,7 @@ class TorchDialect:
         if compare or len(c.y_breaks) <= EAGER_COMPARES or len(sides) > 1:
             terms = [f"(y {passes(side)} thr[{a + j}]).to(torch.int32)" for j, (_, side) in enumerate(c.y_breaks)]
         else:  # right=True counts thresholds <= y, right=False those < y
-            terms = [f"torch.bucketize(y, thr[{a}:{b}], out_int32=True, right={sides == {'right'}})"]
+            terms = [f"selection.passed(y, thr[{a}:{b}], right={sides == {'right'}})"]
         return terms + ([str(c.offset)] if c.offset else [])
 
     def interval_code(self, plan: Plan) -> str:
@@ -161,7 +162,7 @@ def _segment_index(w: Writer, plan: Plan, d: TorchDialect) -> None:
         w(*compiled)   # no bucketize, no gather: the same statements compiled and eager
         return
     # compiled: comparisons and selections fuse into the one generated loop (aten.bucketize and
-    # gathers would not: see invact.selection); eager: one bucketize per class and one gather.
+    # gathers would not: see invact.selection); eager: one count per class and one gather.
     with w.block("if torch.compiler.is_compiling():"):
         if plan.exact or plan.constant or not plan.has_poly:  # else every segment is a POLY row
             body(True)
