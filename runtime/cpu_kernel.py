@@ -57,7 +57,8 @@ from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa:
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
            "poly_library", "forward_library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code"]
+           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code",
+           "forward_call"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
@@ -450,13 +451,29 @@ def forward_code(x: Tensor, y: Tensor, kind: int, cmap: CodeMap, bits: int) -> T
     packed code, in one pass; None where the kernel does not take them, or where PyTorch would not run
     that kernel (oneDNN's for a single element)."""
     lib = forward_library()
-    dtype = DTYPE_IDS.get(x.dtype)
-    if (lib is None or dtype is None or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
+    if (lib is None or x.dtype not in DTYPE_IDS or y.dtype != x.dtype or not (x.is_contiguous() and y.is_contiguous())
             or not x.is_cpu or not y.is_cpu or y.numel() != x.numel()):
         return None
-    if kind in ONEDNN_KINDS and x.numel() < 2:  # ATen calls oneDNN for more than one element
-        return None
-    out, args = _code_args(cmap, x.numel(), bits)
-    chunk = aten_ranges(x.numel(), kind, torch.get_num_threads())[0][1]
-    done = lib.invact_forward_code(kind, chunk, dtype, x.numel(), x.data_ptr(), y.data_ptr(), *args)
-    return out if done == 0 else None
+    return forward_call(lib, kind, cmap, bits, x.dtype, bitpack.denormals_flushed())(x, y)
+
+
+@functools.lru_cache(maxsize=256)
+def forward_call(lib: ctypes.CDLL, kind: int, cmap: CodeMap, bits: int, dtype: torch.dtype,
+                 flushed: bool) -> Callable[[Tensor, Tensor], Tensor | None]:
+    """:func:`forward_code` of ``lib`` for x and y that its checks passed (contiguous CPU tensors of
+    ``dtype``, as many elements), with what does not change from call to call bound once (the op's
+    per-call cost at small sizes)."""
+    fn, dtype_id = lib.invact_forward_code, DTYPE_IDS[dtype]
+    n_thr, thr, strict, codes, nan_code = _map_args(cmap, flushed)
+    least = 2 if kind in ONEDNN_KINDS else 1  # ATen calls oneDNN for more than one element
+
+    def call(x: Tensor, y: Tensor) -> Tensor | None:
+        n, threads = x.numel(), torch.get_num_threads()
+        if n < least:
+            return None
+        out = torch.empty(bitpack.packed_bytes(n, bits), dtype=torch.uint8)
+        chunk = aten_ranges(n, kind, threads)[0][1]
+        done = fn(kind, chunk, dtype_id, n, x.data_ptr(), y.data_ptr(), n_thr, thr, strict, codes, nan_code, bits,
+                  out.data_ptr(), threads)
+        return out if done == 0 else None
+    return call

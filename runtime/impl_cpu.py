@@ -21,6 +21,7 @@ Documented internals: :class:`CpuKernels` / :data:`CPU`, :func:`fused_table`, :f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType
 
@@ -77,18 +78,39 @@ def one_pass_forward(x: Tensor, name: str, params: list[float]) -> tuple[Tensor,
     elsewhere, and with denormals flushed (ATen's worker threads keep their own setting)."""
     mod = registry.module(name)
     if (not mod.CODE_BITS or params or not x.is_contiguous() or x.numel() == 0 or not x.is_cpu
-            or flushed(x)):
+            or x.dtype not in cpu_kernel.DTYPE_IDS or flushed(x)):
         return None
-    kind = one_pass_kind(mod, x.dtype, torch.backends.mkldnn.enabled)
-    return None if kind is None else _one_pass(mod, x, kind)
+    run = _one_pass_runner(mod, x.dtype, torch.backends.mkldnn.enabled, cpu_kernel.forward_library())
+    return None if run is None else run(x)
+
+
+@registry.per_root(maxsize=64)
+def _one_pass_runner(mod: ModuleType, dtype: torch.dtype, mkldnn: bool,
+                     lib: object) -> Callable[[Tensor], tuple[Tensor, Tensor] | None] | None:
+    """:func:`one_pass_forward` of contiguous CPU x of ``dtype``, looked up once per table, dtype, oneDNN
+    setting and kernel library (``lib``: the library there now; None: no one-pass forward)."""
+    kind = one_pass_kind(mod, dtype, mkldnn) if lib is not None else None
+    cmap = code_map(mod, dtype, ()) if kind is not None else None
+    if cmap is None:
+        return None
+    return functools.partial(_one_pass_with, mod, kind, cpu_kernel.forward_call(lib, kind, cmap, mod.CODE_BITS, dtype,
+                                                                                 False))
 
 
 def _one_pass(mod: ModuleType, x: Tensor, kind: int) -> tuple[Tensor, Tensor] | None:
     cmap = code_map(mod, x.dtype, ())
-    if cmap is None:
+    lib = cpu_kernel.forward_library()
+    if cmap is None or lib is None or x.dtype not in cpu_kernel.DTYPE_IDS:
         return None
+    return _one_pass_with(mod, kind, cpu_kernel.forward_call(lib, kind, cmap, mod.CODE_BITS, x.dtype, flushed(x)), x)
+
+
+def _one_pass_with(mod: ModuleType, kind: int, call: Callable[[Tensor, Tensor], Tensor | None],
+                   x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """y and the code of contiguous CPU x by ``call`` (:func:`invact.cpu_kernel.forward_call`), the
+    elements ATen computes with its scalar code recomputed by the generated forward."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    packed = cpu_kernel.forward_code(x, y, kind, cmap, mod.CODE_BITS)
+    packed = call(x, y)
     if packed is None:
         return None
     tails = cpu_kernel.aten_tails(x.numel(), x.dtype, kind, torch.get_num_threads())

@@ -77,6 +77,8 @@ def _dense_strides(shape: tuple, strides: tuple) -> tuple:
 def like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A new dense tensor shaped like x with x's memory order (what TensorIterator gives an output).
     Where x is dense already, those are x's strides, which ``torch.empty_like`` keeps (the faster call)."""
+    if type(x) is Tensor and x.is_contiguous() and min(x.shape, default=2) > 1:  # (no fake or symbolic sizes)
+        return torch.empty_like(x, dtype=dtype)  # every size > 1: the contiguous strides are the only dense ones
     strides = dense_strides(x)
     if _concrete(strides) and strides == x.stride():  # (symbolic strides are never compared: no guard)
         return torch.empty_like(x, dtype=dtype)
