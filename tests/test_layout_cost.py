@@ -68,7 +68,8 @@ def test_bucketize_is_counted_by_compares_as_torch_searches(tmp_path, right, cal
 def test_eager_segment_count_is_torch_bucketize(right, dtype):
     """invact.selection.passed, the eager code's segment count, is torch.bucketize's bit for bit (the
     same int32 indices) on the edge values, for sorted thresholds with repeats and signed zeros,
-    for one threshold and for none, in float32 and float64 (the evaluation dtypes)."""
+    for one threshold and for none, in float32 and float64 (the evaluation dtypes); on other devices
+    (meta here) torch.bucketize's result."""
     from invact import selection
     thr = torch.tensor([-9.0, -1.0, -0.0, 0.0, 0.5, 0.5, 3.0, 8.0], dtype=dtype)
     y = _edge_values(thr.float()).to(dtype)
@@ -77,6 +78,9 @@ def test_eager_segment_count_is_torch_bucketize(right, dtype):
         want = torch.bucketize(y.reshape(1, -1), part, out_int32=True, right=right)
         assert got.dtype == torch.int32 and got.shape == want.shape
         assert torch.equal(got, want), part
+    # off the CPU it searches, as torch does (reading the thresholds would wait for the device)
+    meta = selection.passed(y.to("meta").reshape(1, -1), thr.to("meta"), right=right)
+    assert meta.device.type == "meta" and meta.dtype == torch.int32 and meta.shape == (1, y.numel())
 
 
 def test_cost_model_prices_what_the_c_kernel_runs():
