@@ -68,11 +68,13 @@ def test_bucketize_is_counted_by_compares_as_torch_searches(tmp_path, right, cal
 def test_eager_segment_count_is_torch_bucketize(right, dtype):
     """invact.selection.passed, the eager code's segment count, is torch.bucketize's bit for bit (the
     same int32 indices) on the edge values, for sorted thresholds with repeats and signed zeros,
-    for one threshold and for none, in float32 and float64 (the evaluation dtypes); on other devices
-    (meta here) torch.bucketize's result."""
+    for one threshold and for none, in float32 and float64 (the evaluation dtypes), the values repeated
+    past COUNTED_FROM (below it, and on other devices: meta here, it is torch.bucketize's call)."""
     from invact import selection
     thr = torch.tensor([-9.0, -1.0, -0.0, 0.0, 0.5, 0.5, 3.0, 8.0], dtype=dtype)
-    y = _edge_values(thr.float()).to(dtype)
+    edges = _edge_values(thr.float()).to(dtype)
+    y = edges.repeat(-(-selection.COUNTED_FROM // edges.numel()))
+    assert y.numel() >= selection.COUNTED_FROM
     for part in (thr, thr[1:7], thr[3:4], thr[:0]):
         got = selection.passed(y.reshape(1, -1), part, right=right)
         want = torch.bucketize(y.reshape(1, -1), part, out_int32=True, right=right)
