@@ -19,6 +19,7 @@ __all__ = ["TorchDialect", "TritonDialect", "TritonSearchDialect", "search_level
 
 EAGER_COMPARES = 1  # a class of this many thresholds compares in eager code too (the same statements as compiled)
 
+
 def passes(side: str) -> str:
     """The comparison of a value with a break's threshold that holds right of the break: `>` where
     the break belongs to the left side, else `>=` (invact.bitpack.threshold: never a subnormal t)."""
