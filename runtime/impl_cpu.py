@@ -98,11 +98,12 @@ def _one_pass_runner(mod: ModuleType, dtype: torch.dtype, mkldnn: bool,
 
 
 def _one_pass(mod: ModuleType, x: Tensor, kind: int) -> tuple[Tensor, Tensor] | None:
+    """:func:`_one_pass_with` by :func:`invact.cpu_kernel.forward_code` (its checks, the library and the
+    denormal setting of now): the probes' call."""
     cmap = code_map(mod, x.dtype, ())
-    lib = cpu_kernel.forward_library()
-    if cmap is None or lib is None or x.dtype not in cpu_kernel.DTYPE_IDS:
+    if cmap is None:
         return None
-    return _one_pass_with(mod, kind, cpu_kernel.forward_call(lib, kind, cmap, mod.CODE_BITS, x.dtype, flushed(x)), x)
+    return _one_pass_with(mod, kind, lambda xs, y: cpu_kernel.forward_code(xs, y, kind, cmap, mod.CODE_BITS), x)
 
 
 def _one_pass_with(mod: ModuleType, kind: int, call: Callable[[Tensor, Tensor], Tensor | None],
