@@ -222,6 +222,13 @@ static inline void invact_block_codes(int32_t *restrict c, const uint8_t *restri
     for (int j = 0; j < m; j++) c[j] = CODE_BITS ? (cd[j] >> shift) & ((1 << CODE_BITS) - 1) : 0;
 }
 
+/* `poly` read from a local copy of POLY's rows from here on: a selected column's load cannot fault, so the
+ * selections become blends of loop-invariant values */
+#define INVACT_LOCAL_ROWS(poly)                              \
+    float invact_rows_[ROW_LENGTH * N_SEGMENTS];             \
+    memcpy(invact_rows_, (poly), sizeof invact_rows_);       \
+    (poly) = invact_rows_
+
 /* out[i] = g(y[i], code) * grad[i] for i in [lo, hi) of one bit plane, codes (cd[i - lo] >> shift) & mask;
  * restrict parameters: nothing the loop stores can change what it reads, so it vectorises (`omp simd`
  * with -fopenmp-simd: also through the segment selections' multi-way blends; no threads, no reordering
@@ -229,9 +236,7 @@ static inline void invact_block_codes(int32_t *restrict c, const uint8_t *restri
 __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float *restrict y, const float *restrict grad, float *restrict out,
                    const uint8_t *restrict cd, int shift, const float *restrict thr, const float *restrict poly,
                    const double *restrict param) {
-    float rows[ROW_LENGTH * N_SEGMENTS];     /* a local copy: a selected column's load cannot fault, so */
-    memcpy(rows, poly, sizeof rows);         /* the selections become blends of loop-invariant values */
-    poly = rows;
+    INVACT_LOCAL_ROWS(poly);
     int32_t c[INVACT_BLOCK];  /* the codes as int32 first: a byte read in the main loop would make it 32 */
 #if N_COLUMNS                 /* or 64 lanes wide, four vectors a value: spills */
     float qb[N_COLUMNS * INVACT_BLOCK];
@@ -314,9 +319,8 @@ __attribute__((noinline)) static void bf16_block(int64_t i0, int m, const uint16
                                                  const uint16_t *restrict grad, uint16_t *restrict out,
                                                  const uint8_t *restrict cd, int shift, const float *restrict thr,
                                                  const float *restrict poly, const double *restrict param) {
-    float rows[ROW_LENGTH * N_SEGMENTS], qb[1] = {0.0f};  /* as g_loop's */
-    memcpy(rows, poly, sizeof rows);
-    poly = rows;
+    INVACT_LOCAL_ROWS(poly);
+    float qb[1] = {0.0f};  /* unread: no POLY column varies with the segment (as g_loop's) */
     int32_t c[INVACT_BLOCK16];
     invact_block_codes(c, cd, m, shift);
 #pragma omp simd
@@ -332,9 +336,8 @@ __attribute__((noinline)) static void f16_block(int64_t i0, int m, const uint16_
                                                 const uint16_t *restrict grad, uint16_t *restrict out,
                                                 const uint8_t *restrict cd, int shift, const float *restrict thr,
                                                 const float *restrict poly, const double *restrict param) {
-    float rows[ROW_LENGTH * N_SEGMENTS], qb[1] = {0.0f};  /* as g_loop's */
-    memcpy(rows, poly, sizeof rows);
-    poly = rows;
+    INVACT_LOCAL_ROWS(poly);
+    float qb[1] = {0.0f};  /* unread: no POLY column varies with the segment (as g_loop's) */
     float yb[INVACT_BLOCK_F16], gb[INVACT_BLOCK_F16];
     int32_t c[INVACT_BLOCK_F16];
     int j = 0;
