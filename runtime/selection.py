@@ -62,14 +62,17 @@ COUNTED_FROM = 1 << 13  # elements: from here counting compares beat aten.bucket
                         # 4096 elements 64 against 50 µs, 8192 73 against 106 µs; one thread, Intel Xeon)
 
 
-def passed(y: torch.Tensor, thr: torch.Tensor, right: bool) -> torch.Tensor:
+def passed(y: torch.Tensor, thr: torch.Tensor | Sequence[float], right: bool) -> torch.Tensor:
     """``torch.bucketize(y, thr, out_int32=True, right=right)`` for sorted ``thr``, bit for bit: how many
     thresholds each y passes (``y >= t`` where ``right``, else ``y > t``; NaN passes every one), as
     ``len(thr)`` minus a sum of vectorised compares that y does not pass. The eager code's segment
     index: aten.bucketize is a scalar binary search per element (7 thresholds, 2^16 float32: 1.15 ms
     on an Intel Xeon, the compares 0.29 ms). Fewer than :data:`COUNTED_FROM` elements search too (the
     compares' fixed cost, ~8 µs a threshold there, is more than the search's work), as do other devices
-    (reading ``thr`` here would wait for the device)."""
+    (reading ``thr`` here would wait for the device). ``thr`` may be the floats the compiled backend
+    passes (its compile-time constants), where its code runs eagerly after a failed compile."""
+    if not isinstance(thr, torch.Tensor):
+        thr = torch.tensor(thr, dtype=y.dtype, device=y.device)
     if y.device.type != "cpu" or thr.device.type != "cpu" or y.numel() < COUNTED_FROM:
         return torch.bucketize(y, thr, out_int32=True, right=right)
     values = thr.tolist()

@@ -147,3 +147,32 @@ def test_compiled_backend_that_fails_falls_back_with_one_warning(monkeypatch):
         assert torch.equal(double(t), t * 2)
     assert not [w for w in later if "backend failed" in str(w.message)]
     assert backends.resolve("compiled", "cpu") == "eager"
+
+
+@pytest.mark.parametrize("name", ops.names())
+def test_failed_compile_of_a_table_gives_the_eager_gradient(monkeypatch, name):
+    """Where Inductor's code runs (no C kernel: the compiled backend's last implementation), the call
+    whose compile failed runs the generated functions eagerly with the compiled backend's arguments
+    (thresholds as floats, its compile-time constants): the eager backend's y, code and gradient, bit
+    for bit. (The eager segment count read its thresholds as a tensor: AttributeError.)"""
+    from invact import impl_compiled
+    monkeypatch.setattr(backends, "_broken", set())
+    impl_compiled.kernels.cache_clear()
+
+    def failing_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("C++ compile error")
+        return run
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    params = [float(v) for v in ops.info(name)["params"].values()]
+    x = torch.randn(3 << 13, generator=torch.Generator().manual_seed(0)) * 4  # past selection.COUNTED_FROM
+    go = torch.randn_like(x)
+    try:
+        with pytest.warns(RuntimeWarning, match="'compiled' backend failed"):
+            y, code = impl_compiled.COMPILED.forward(x, name, params)
+            got = impl_compiled.COMPILED.backward(go, y, code, name, params)
+    finally:
+        impl_compiled.kernels.cache_clear()  # their failed compiles are this test's alone
+    y_eager, code_eager = torch.ops.invact.forward(x, name, params, "eager")
+    assert torch.equal(y, y_eager) and torch.equal(code, code_eager)
+    assert torch.equal(got, torch.ops.invact.backward(go, y, code, name, params, "eager"))
