@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used", "instead_of_triton",
-           "after_triton_failed"]
+           "after_triton_failed", "INDUCTOR_OPTIONS"]
 
 BACKENDS = ("triton", "compiled", "eager")
 ENV = "INVACT_BACKEND"
@@ -116,13 +116,20 @@ def after_triton_failed(error: BaseException, device_type: str) -> str:
     return instead
 
 
+# Inductor's options for the generated functions. Indirect-indexing asserts are off: segment indices
+# are bounded by construction (a count of thresholds), and the asserts block vectorisation. Values
+# reused by several later operations are written out above 30 operations, Inductor's threshold off the
+# CPU: its CPU default (50, torch 2.13) kept a user-fitted power tail's Newton steps inlined into every
+# use, and lowering its backward took 421 s where it takes 28 s at 30 (the same code, bit for bit).
+INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_opcount_threshold": 30}
+
+
 def compiled(fn: Callable) -> Callable:
     """``fn`` compiled by torch.compile; on any compile failure: warn once, run ``fn`` eagerly.
 
     Tensor arguments are marked dynamic in their first dimension (element counts vary), while ints
     and floats (bit widths, thresholds) stay compile-time constants: one compilation per dtype.
-    Segment indices are bounded by construction (a count of thresholds), so inductor's indirect
-    indexing asserts, which also block vectorisation, are switched off.
+    Compiled with :data:`INDUCTOR_OPTIONS`.
     """
     compiled_fn = None  # made at the first call: torch.compile imports Inductor (~1 s), which
                         # importing invact.norms (whose passes these are) should not pay
@@ -136,7 +143,7 @@ def compiled(fn: Callable) -> Callable:
                     torch._dynamo.maybe_mark_dynamic(a, 0)
             try:
                 if compiled_fn is None:
-                    compiled_fn = torch.compile(fn, dynamic=None, options={"assert_indirect_indexing": False})
+                    compiled_fn = torch.compile(fn, dynamic=None, options=INDUCTOR_OPTIONS)
                 return compiled_fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back ...
                 result = fn(*args, **kwargs)  # ... unless eager fails too: then it is not the compiler
