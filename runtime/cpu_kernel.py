@@ -168,7 +168,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = kernel_cache.load_first(builds("cpu_kernels", SOURCE, HEADERS, compiler), _check_abi)
+        lib = kernel_cache.load_first(builds("cpu_kernels", SOURCE, HEADERS, compiler, FLAGS), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)

@@ -348,8 +348,9 @@ def _plant(tmp_path, so_path):
 
 
 @pytest.fixture
-def fresh_cache(monkeypatch, tmp_path):
-    """$INVACT_CACHE = tmp_path/cache (not created yet); library() rebuilt from it, cleared after."""
+def fresh_cache(monkeypatch, tmp_path, unoptimised_kernel_build):
+    """$INVACT_CACHE = tmp_path/cache (not created yet); library() rebuilt from it (unoptimised), cleared
+    after."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(cache))
     cpu_kernel.library.cache_clear()
@@ -367,7 +368,8 @@ def _load_quietly():
 
 def _key():
     """The cache key of the build tried first (OpenMP threads where the process runs libgomp.so.1)."""
-    return cpu_kernel.builds("cpu_kernels", cpu_kernel.SOURCE, cpu_kernel.HEADERS, cpu_kernel._compiler())[0][1]
+    return cpu_kernel.builds("cpu_kernels", cpu_kernel.SOURCE, cpu_kernel.HEADERS, cpu_kernel._compiler(),
+                            cpu_kernel.FLAGS)[0][1]
 
 
 @needs_kernel

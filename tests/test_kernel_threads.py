@@ -96,7 +96,7 @@ def test_only_gcc_builds_join_the_openmp_runtime(monkeypatch):
 
 
 @needs_kernel
-def test_a_threads_build_that_fails_falls_back_to_the_next(monkeypatch, tmp_path):
+def test_a_threads_build_that_fails_falls_back_to_the_next(monkeypatch, tmp_path, unoptimised_kernel_build):
     """kernel_cache.load_first: where the preferred build does not compile (a flag this compiler
     lacks, as -fopenmp where no libgomp is installed), the next one is built and loaded, with no
     warning; the pthreads build does not link libgomp (dlsym on its handle searches its dependencies)."""
