@@ -5,6 +5,8 @@
 #   2. tests/test_cuda.py on 8 processes (each size class of each kernel is a Triton compile): the
 #      compiled Triton kernels against the torch backend (fitted tables bit for bit), channels-last,
 #      a second device, 2**31 + 4099 elements,
+#   2b. the norms there too (tests/test_cuda.py: Triton LayerNorm/RMSNorm forward and backward against
+#      float64 autograd within invact.norms.error_bound; y saved, not x),
 #   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 and float32 elements (the
 #      16-bit lookup and the float32 scheme with its segment search) against a copy's
 #      bandwidth and PyTorch's native op, after the estimate of the fitted backwards and of every
@@ -32,4 +34,8 @@ for dtype in bfloat16 float32; do
 done
 python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16,float32 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1
+# the norms' bandwidth against a copy's and their time against torch.nn.functional's: (32768, 4096),
+# 2**27 elements (256 MiB in bfloat16)
+python3 benchmarks/activations.py --norms 32768,4096 --dtypes bfloat16,float32 --devices cuda 2>&1 \
+    | tee "$out/norms.txt" || status=1
 exit $status

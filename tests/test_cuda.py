@@ -12,12 +12,15 @@ code filled: the CPU eager backward's bits.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
 
+import invact
 from invact import bitpack, impl_triton, ops, registry
 from kernel_rows import table_edges
+from norm_cases import check_kernel_case, kernel_case, run_norm
 from triton_tolerances import default_params, formula_error, is_fitted, within
 
 NAMES = ops.names()
@@ -129,6 +132,39 @@ def test_autograd_channels_last_and_second_device(name):
         assert within(yt.cpu(), ye, 8, formula_error(base.cpu()))
         ge = torch.ops.invact.backward(torch.ones_like(ye), yt.cpu(), ct.cpu(), name, params, "eager")
         assert within(x.grad.cpu(), ge, 8, 2.0**-21)
+
+
+def _cuda(t):
+    return None if t is None else t.cuda()
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 67, 1030, 4099])
+def test_norm_triton_on_gpu_within_the_bound(n, dtype, rms):
+    """invact's layer_norm / rms_norm on the GPU (its Triton forward and backward, no fallback) against
+    float64 autograd on the CPU, with the bound of the interpreter's test (tests/test_norms.py::
+    test_triton_within_the_bound: norm_cases.check_kernel_case). Gamma with exact zeros and tiny
+    values: kept columns go through the kernels."""
+    x, w, b, dy = kernel_case(n, dtype, rms, rows=257)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # a fallback from Triton warns
+        y, grads = run_norm(_cuda(x), _cuda(w), _cuda(b), _cuda(dy), rms, 1e-5, backend="triton")
+    check_kernel_case(x, w, b, dy, y.cpu(), [t.cpu() for t in grads], rms, 1e-5, f"gpu {dtype} n={n}")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_norm_on_gpu_saves_y_not_x(rms):
+    """On the GPU too, autograd keeps y (the output tensor itself) and float32 rstd per row, not x."""
+    x = torch.randn(8, 33, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    m = (invact.RMSNorm(33) if rms else invact.LayerNorm(33)).to("cuda", torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert y.untyped_storage().data_ptr() in ptrs and x.untyped_storage().data_ptr() not in ptrs
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 @pytest.mark.slow

@@ -20,59 +20,27 @@ from torch import nn
 
 import invact
 from invact import cpu_kernel, norm_cpu, norms
+from norm_cases import check, check_kernel_case, gammas, kernel_case, run_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-def _gammas(n: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gamma, beta) float64 of a kind: exact zeros, tiny, huge, or trained-like (most near 1, a few tiny,
-    beta sometimes larger than gamma)."""
-    w = 1 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    b = 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    if kind == "zeros":
-        w[::5] = 0.0
-    elif kind == "tiny":
-        w[1::3] = torch.tensor([1e-3, 1e-8, 1e-30, -1e-12], dtype=torch.float64).repeat(n)[: len(w[1::3])]
-    elif kind == "huge":
-        w[::4] = 1e4
-        b[1::4] = 1e3
-    elif kind == "trained":
-        w[torch.randperm(n, generator=g)[:3]] = torch.tensor([0.0, 2e-4, -1e-6], dtype=torch.float64)[: min(n, 3)]
-        b[::7] = 2.0
-    return w, b
-
-
-def _check(got, ref, tol, what):
-    err = (got.double() - ref).abs()
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    worst = (err / tol).max().item()
-    assert (err <= tol).all(), f"{what}: error {err.max().item():.3g} exceeds the bound (worst ratio {worst:.3g})"
-
-
-def _run(x, w, b, dy, rms, eps, backend="eager"):
-    xs = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
-    n = x.shape[-1]
-    y = invact.functional.rms_norm(xs[0], (n,), xs[1], eps, backend=backend) if rms else \
-        invact.functional.layer_norm(xs[0], (n,), xs[1], xs[2], eps, backend=backend)
-    return y, torch.autograd.grad(y, xs, dy)
-
-
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["plain", "zeros", "tiny", "huge", "trained"])
 def test_gradients_within_the_rounding_bound(kind, dtype, rms):
     g = torch.Generator().manual_seed(7)
     rows, n = 48, 67
-    wd, bd = _gammas(n, kind, g)
+    wd, bd = gammas(n, kind, g)
     x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
     w, b = wd.to(dtype), (None if rms else bd.to(dtype))
     if dtype == torch.float16:
         w = w.clamp(-6e4, 6e4)
     dy = torch.randn(rows, n, generator=g).to(dtype)
-    y, grads = _run(x, w, b, dy, rms, 1e-5)
+    y, grads = run_norm(x, w, b, dy, rms, 1e-5)
     ref_y = F.rms_norm(x, (n,), w, 1e-5) if rms else F.layer_norm(x, (n,), w, b, 1e-5)
     assert torch.equal(y, ref_y)                       # the forward is torch's own, bit for bit
     refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
-        _check(got, ref, tol, f"{kind} {dtype} {what}")
+        check(got, ref, tol, f"{kind} {dtype} {what}")
 
 
 def test_relative_bound_sums_every_gradient():
@@ -97,7 +65,7 @@ def test_unguarded_recovery_breaks_the_bound():
     gamma with exact zeros gives NaN, tiny gamma next to a bias amplifies y's rounding."""
     g = torch.Generator().manual_seed(3)
     rows, n = 32, 40
-    w, b = _gammas(n, "tiny", g)
+    w, b = gammas(n, "tiny", g)
     w, b = w.float(), b.float()
     x = torch.randn(rows, n, generator=g)
     dy = torch.randn(rows, n, generator=g)
@@ -270,10 +238,10 @@ def test_widths_and_non_contiguous(n, backend):
     w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     dy = torch.randn(6, n, generator=g)
     for rms in (False, True):
-        y, grads = _run(x, w, None if rms else b, dy, rms, 1e-5, backend)
+        y, grads = run_norm(x, w, None if rms else b, dy, rms, 1e-5, backend)
         refs, tols = norms.error_bound(x, w, None if rms else b, dy, y, rms, 1e-5)
         for got, ref, tol in zip(grads, refs, tols):
-            _check(got, ref, tol, f"n={n} rms={rms} {backend}")
+            check(got, ref, tol, f"n={n} rms={rms} {backend}")
         assert y.is_contiguous() and y.shape == x.shape
 
 
@@ -301,8 +269,8 @@ def test_hugging_face_forms_bit_for_bit(style, dtype):
     gamma = (1.0 + w.double()) if style == "gemma" else w
     norm_dtype = dtype if style in ("llama", "t5") and dtype != torch.float32 else None
     refs, tols = norms.error_bound(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
-    _check(gx, refs[0], tols[0], f"{style} dx")
-    _check(gw, refs[1], tols[1], f"{style} dw")
+    check(gx, refs[0], tols[0], f"{style} dx")
+    check(gw, refs[1], tols[1], f"{style} dw")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -517,24 +485,9 @@ def test_triton_within_the_bound(n, dtype, rms):
     float32 -> bf16 (design.md): the measured k_y of the stored y covers it. Gamma with exact zeros and
     tiny values, so kept columns go through the kernels too."""
     _interpreter()
-    g = torch.Generator().manual_seed(n)
-    rows = 24
-    wd, bd = _gammas(n, "tiny" if n > 1 else "plain", g)
-    x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
-    w, b = wd.to(dtype), (None if rms else bd.to(dtype))
-    w[::5] = 0.0
-    dy = torch.randn(rows, n, generator=g).to(dtype)
-    y, grads = _run(x, w, b, dy, rms, 1e-5, backend="triton")
-    ref_y = (F.rms_norm if rms else lambda *a: F.layer_norm(*a[:3], b, a[3]))(x, (n,), w, 1e-5)
-    fi = torch.finfo(dtype)
-    # y: the interpreter truncates (< 1 ulp), torch rounds to nearest (1/2 ulp): within 2 eps |y|; each side's
-    # float32 x_hat (row sums in another order) is within norms.forward_error, which |gamma| scales in y
-    f = norms.forward_error(x, rms, 1e-5)
-    assert ((y.double() - ref_y.double()).abs() <= 2 * fi.eps * ref_y.double().abs() + 2 * w.double().abs() * f
-            + fi.tiny).all()
-    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
-    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
-        _check(got, ref, tol, f"triton {dtype} n={n} {what}")
+    x, w, b, dy = kernel_case(n, dtype, rms, rows=24)
+    y, grads = run_norm(x, w, b, dy, rms, 1e-5, backend="triton")
+    check_kernel_case(x, w, b, dy, y, grads, rms, 1e-5, f"triton {dtype} n={n}")
 
 
 @pytest.mark.parametrize("style", ["llama", "gemma"])
@@ -566,7 +519,7 @@ def test_triton_forms_and_layouts(style):
                                    args[6], args[5])
     for backend, got in (("triton", bt), ("eager", be)):
         for g, ref, tol, what in zip((got[0].reshape(-1, 40), got[1]), refs, tols, ("dx", "dgamma")):
-            _check(g, ref, tol, f"{style} {backend} {what}")
+            check(g, ref, tol, f"{style} {backend} {what}")
 
 
 needs_norm_kernel = pytest.mark.skipif(norm_cpu.library() is None,
@@ -603,14 +556,14 @@ def test_compiled_backend_within_the_bound(cpu_path, kind, dtype, rms):
     against float64 autograd as the eager code. The C kernel takes every dtype but float64."""
     g = torch.Generator().manual_seed(11)
     rows, n = 43, 99
-    wd, bd = _gammas(n, kind, g)
+    wd, bd = gammas(n, kind, g)
     x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
     w, b = wd.to(dtype), (None if rms else bd.to(dtype))
     dy = torch.randn(rows, n, generator=g).to(dtype)
-    y, grads = _run(x, w, b, dy, rms, 1e-5, backend="compiled")
+    y, grads = run_norm(x, w, b, dy, rms, 1e-5, backend="compiled")
     refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
-        _check(got, ref, tol, f"compiled {dtype} {what}")
+        check(got, ref, tol, f"compiled {dtype} {what}")
     if cpu_path is not None:
         assert bool(cpu_path) == (dtype != torch.float64)   # the kernel ran (did the work), except for float64
 
@@ -632,7 +585,7 @@ def test_norm_kernel_autocast_output_and_threads():
     grads = torch.autograd.grad(y, (xs, w, b), dy)
     refs, tols = norms.error_bound(x, w.detach(), b.detach(), dy, y, False, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
-        _check(got, ref, tol, f"autocast_output {what}")
+        check(got, ref, tol, f"autocast_output {what}")
     rstd = torch.rand(rows) + 0.5
     outs = []
     for threads in (1, 3):
@@ -654,7 +607,7 @@ def test_norm_kernel_recoverable_check_is_the_rule(dtype):
     Gemma's offset, each y dtype's tiny, and a NaN gamma."""
     g = torch.Generator().manual_seed(2)
     for kind in ("plain", "zeros", "tiny", "huge", "trained"):
-        wd, bd = _gammas(64, kind, g)
+        wd, bd = gammas(64, kind, g)
         w, b = wd.to(dtype), bd.to(dtype)
         if kind == "plain":
             w[5] = math.nan
