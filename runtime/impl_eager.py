@@ -1,14 +1,14 @@
 """The eager implementation: the generated torch code run as plain torch ops (always available).
 
 y is the generated ``forward`` (PyTorch's own op), laid out like x; the code is ``code_packed`` of x in
-y's memory order. The backward runs ``grad_kernel`` on chunks of :data:`CHUNK` elements within one bit
-plane (bounded temporaries), except for bfloat16/float16 y, where it gathers g from a table of every
+y's memory order. The backward runs ``grad_kernel`` on chunks of :func:`chunk_size` elements within one
+bit plane (bounded temporaries), except for bfloat16/float16 y, where it gathers g from a table of every
 16-bit y and code that ``g_kernel`` filled (:func:`lookup_table`, the same bits, fewer ops).
 
 Documented internals: :class:`Eager` / :data:`EAGER` (the implementation), :func:`kernels` (the
 generated code and gradient functions it calls), :func:`output`, :func:`lookup_table`,
-:func:`flushed`, :func:`run_planes` and :data:`CHUNK`; :mod:`invact.impl_compiled` and
-:mod:`invact.impl_cpu` build on them.
+:func:`flushed`, :func:`run_planes`, :func:`chunk_size` (:data:`CHUNK`, :data:`DEVICE_CHUNK`);
+:mod:`invact.impl_compiled` and :mod:`invact.impl_cpu` build on them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ from torch import Tensor
 from . import bitpack, cpu_kernel, layout, registry, table_c
 from .constants import Constants, module_constants
 
-__all__ = ["Eager", "EAGER", "CHUNK", "kernels", "output", "lookup_table", "flushed", "run_planes"]
+__all__ = ["Eager", "EAGER", "CHUNK", "DEVICE_CHUNK", "chunk_size", "kernels", "output", "lookup_table", "flushed",
+           "run_planes"]
 
-CHUNK = 1 << 16  # the eager backward works on chunks of this many elements (bounded temporaries)
+CHUNK = 1 << 16         # the eager backward's chunks on CPU: bounded temporaries that stay in cache
+DEVICE_CHUNK = 1 << 20  # elsewhere, where each torch op is a kernel launch (~5 us; 2^16 float32 elements are
+                        # ~1 us of an H100's memory time): ~100 bytes of temporaries an element, ~100 MiB
+
+
+def chunk_size(y: Tensor) -> int:
+    """Elements per chunk of the eager backward of ``y``: :data:`CHUNK` on CPU, else :data:`DEVICE_CHUNK`."""
+    return CHUNK if y.is_cpu else DEVICE_CHUNK
 
 
 def kernels(name: str) -> tuple[Callable, Callable]:
@@ -108,7 +116,7 @@ class Eager:
         lut = None
         if y.dtype in (torch.bfloat16, torch.float16):
             lut = lookup_table(mod, y.dtype, tuple(params), y.device, flushed(y))
-        return run_planes(grad, y, code, mod, k, grad_fn, k.y_thresholds, CHUNK, lut)
+        return run_planes(grad, y, code, mod, k, grad_fn, k.y_thresholds, chunk_size(y), lut)
 
 
 EAGER = Eager()

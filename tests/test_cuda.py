@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import invact
-from invact import bitpack, impl_triton, ops, registry
+from invact import bitpack, impl_eager, impl_triton, ops, registry
 from kernel_rows import table_edges
 from norm_cases import check_kernel_case, kernel_case, run_norm
 from triton_tolerances import default_params, formula_error, is_fitted, within
@@ -95,6 +95,31 @@ def test_backward_on_gpu_matches_cpu_eager(name, dtype):
         else:
             ulps = 8 if dtype == torch.float32 else 2
             assert within(a, b, ulps, go.cpu().double().abs() * 2.0**-21), (name, dtype, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_backend_on_gpu(name, dtype, monkeypatch):
+    """Where Triton is missing (Windows) GPU tensors run the eager backend: in chunks of
+    impl_eager.DEVICE_CHUNK elements (each op a kernel launch), with the CPU eager backward's gradient:
+    bit for bit in bfloat16 (the same table of g, moved to the GPU), within test_triton's tolerance in
+    float32 (the GPU's exp and log differ by ulps)."""
+    sizes = []
+    plane_chunks = bitpack.plane_chunks
+    monkeypatch.setattr(bitpack, "plane_chunks",
+                        lambda n, bits, size: sizes.append(size) or plane_chunks(n, bits, size))
+    g = torch.Generator(device="cuda").manual_seed(2)
+    params = default_params(name)
+    x = (torch.randn(3 * impl_eager.DEVICE_CHUNK + 9, generator=g, device="cuda") * 4).to(dtype)
+    y, code = torch.ops.invact.forward(x, name, params, "eager")
+    go = torch.randn(x.shape, generator=g, device="cuda").to(dtype)
+    a = torch.ops.invact.backward(go, y, code, name, params, "eager").cpu()
+    assert sizes == [impl_eager.DEVICE_CHUNK]
+    b = torch.ops.invact.backward(go.cpu(), y.cpu(), code.cpu(), name, params, "eager")
+    if dtype != torch.float32:
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()].view(torch.int16),
+                                                                 b[~b.isnan()].view(torch.int16)), name
+    else:
+        assert within(a, b, 8, go.cpu().double().abs() * 2.0**-21), name
 
 
 @pytest.mark.parametrize("fitted", [n for n in NAMES if is_fitted(n)])

@@ -332,6 +332,13 @@ def test_eager_chunks_across_bit_planes(name, monkeypatch):
                                rtol=4 * 2.0**-23, atol=4 * 2.0**-24)
 
 
+def test_eager_chunk_size_by_device():
+    """CPU chunks stay in cache; elsewhere each op is a kernel launch, so chunks are larger (the GPU
+    check, tests/test_cuda.py::test_eager_backend_on_gpu, runs them)."""
+    assert impl_eager.chunk_size(torch.empty(1)) == impl_eager.CHUNK < impl_eager.DEVICE_CHUNK
+    assert impl_eager.chunk_size(torch.empty(1, device="meta")) == impl_eager.DEVICE_CHUNK
+
+
 def test_use_root_loads_activations_from_another_tree(tmp_path, monkeypatch):
     """invact.use_root(ROOT): ROOT/generated (what `invact fit --root ROOT` writes) wins over the
     installed tables; a root without generated code is refused naming the folder."""
