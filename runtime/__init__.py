@@ -23,7 +23,7 @@ transformers and timm are never imported by invact: their classes are recognised
 import warnings
 from importlib import import_module
 
-from .common.after_import import after_import as _after_import
+from .common.after_import import after_import as _after_import, import_first as _import_first
 from .common.catalog import group as _group
 
 # one module class per `module` name of the activation catalog (invact.common.catalog; torch-free)
@@ -72,6 +72,10 @@ def _register_ops() -> None:
 # at once where torch is imported, else right after torch's own import (the fitter's command line,
 # which never loads such a program, cancels this: invact.common.after_import)
 _after_import("torch", _register_ops)
+# torch before the first of invact's submodules that import it (all but these), so that the line above
+# never runs while one of them is half imported
+_TORCH_FREE = {"fitting", "common", "generated", "registry", "kernel_cache", "u_clamp", "act_triton"}
+_import_first("torch", __name__, _TORCH_FREE)
 
 
 __version__ = "0.1.0"

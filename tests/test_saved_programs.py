@@ -56,12 +56,25 @@ def exported(tmp_path_factory):
     return str(folder / "program.pt2"), str(folder / "io.pt")
 
 
-@pytest.mark.parametrize("imports", ["import invact", "import torch, invact"])
+@pytest.mark.parametrize("imports", ["import invact", "import torch, invact", "import invact.cpu_kernel",
+                                     "from invact import backends", "from invact.table_c import run"])
 def test_an_exported_program_loads_after_import_invact(exported, imports):
-    """Either import order registers the ops a saved program calls: the load works in a fresh process."""
+    """Either import order registers the ops a saved program calls: the load works in a fresh process.
+    Also where the first import is one of invact's submodules that import torch (whose own `import torch`
+    used to run the registration while that module was half imported: a warning, no ops)."""
     done = _run(LOAD.format(imports=imports), *exported)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "equal True ops True" in done.stdout
+    assert "could not be registered" not in done.stderr
+
+
+def test_torch_free_submodules_do_not_import_torch():
+    """invact._TORCH_FREE names the submodules that are imported without torch first (import_first's
+    exemptions): each of them, imported in a fresh process, leaves torch unimported."""
+    names = sorted(invact._TORCH_FREE)
+    done = _run(f"import sys\nimport {', '.join(f'invact.{n}' for n in names)}\nprint('torch' in sys.modules)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 def test_without_invact_the_load_fails(exported):
