@@ -321,6 +321,12 @@ def test_fixable_deviation_is_still_there(dev):
         assert tol.parity_mismatch(theirs.double().numpy(), ours.double().numpy()).all(), dev.key
 
 
+# deviations that exist only where PyTorch's forward kernel reaches their condition: GELU's float32
+# forward overflows to inf for finite x >= 1.7e38 in ATen's AVX-512 kernels; oneDNN's avx2 GELU
+# (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, measured) keeps y = x finite there
+FORWARD_DEPENDENT = {"gelu-overflow"}
+
+
 def test_documented_deviations_behave_as_stated():
     """Each inherent deviation gives what its reason says: gelu NaN where PyTorch's overflowed forward
     gives 1 (as PyTorch at x = +inf); gelu_tanh and quick_gelu the limits 1/0 where PyTorch gives NaN; relu2 inf where PyTorch's 2x is finite; softplus (float64) 1 where PyTorch's
@@ -328,6 +334,10 @@ def test_documented_deviations_behave_as_stated():
     for dev in DOCUMENTED:
         for dtype in dev.dtypes:
             x, y, theirs, ours = _grads(dev, dtype)
+            if dev.key in FORWARD_DEPENDENT and not _covered(dev, dtype, x, y):
+                # this CPU's forward kernel does not overflow there: no deviation, PyTorch's gradient
+                assert torch.equal(ours, theirs), (dev.key, dtype, x, y, theirs, ours)
+                continue
             assert _covered(dev, dtype, x, y), (dev.key, dtype, x, y)
             if dev.key in ("gelu_tanh-square-overflow", "quick_gelu-product-overflow"):
                 limit = (x > 0).to(dtype) * dev.grad_out
