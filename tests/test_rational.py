@@ -286,7 +286,17 @@ def test_gradients_match_autograd(in_root, tables, name):
         + 4 * 2.0**-24 * (np.abs(fp) + 1)
     err = np.abs(xi.grad.double().numpy() - fp)
     assert (err <= bound).all(), (err - bound).max()
-    assert err.max() <= (9.2e-5 if name == "gelu_mixed" else 3e-7)   # as the committed GELU table
+    if name != "gelu_mixed":
+        assert err.max() <= 3e-7
+        return
+    # as good as the committed GELU table on this machine: both read the same stored y (PyTorch's GELU,
+    # whose rounding next to the minimum differs by CPU kernel), so their worst errors differ by at most
+    # both tables' certified approximation and float32 evaluation errors
+    xg = x.clone().requires_grad_()
+    invact.activation("gelu", backend="eager")(xg).sum().backward()
+    builtin = invact.ops.info("gelu")["certificate"]
+    slack = sum(c["approx_error"] + c["float32_eval_error"] for c in (cert, builtin)) * max(1.0, np.abs(fp).max())
+    assert err.max() <= np.abs(xg.grad.double().numpy() - fp).max() + slack
 
 
 @needs_interpreter
