@@ -108,13 +108,13 @@ def _compiler() -> str | None:
 
 
 def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str,
-           isa_flags: tuple[str, ...] = FLAGS) -> list[tuple[list[str], str]]:
-    """(command, cache key) of each way to build ``source`` with ``isa_flags`` (:data:`FLAGS`: AVX-512),
-    best first (:func:`invact.kernel_cache.threading_flags`); the key is ``stem`` and a hash of the
-    source, its headers, the compiler's path and the flags."""
+           isa_flags: tuple[str, ...] | None = None) -> list[tuple[list[str], str]]:
+    """(command, cache key) of each way to build ``source`` with ``isa_flags`` (default: :data:`FLAGS` as
+    it is at the call, AVX-512), best first (:func:`invact.kernel_cache.threading_flags`); the key is
+    ``stem`` and a hash of the source, its headers, the compiler's path and the flags."""
     out = []
     for threads in kernel_cache.threading_flags(compiler):
-        flags = (*isa_flags, *threads)
+        flags = (*(FLAGS if isa_flags is None else isa_flags), *threads)
         parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
         out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     return out
@@ -168,7 +168,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = kernel_cache.load_first(builds("cpu_kernels", SOURCE, HEADERS, compiler, FLAGS), _check_abi)
+        lib = kernel_cache.load_first(builds("cpu_kernels", SOURCE, HEADERS, compiler), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the fused CPU kernel could not be built ({error}); the compiled backend "
                       "runs torch.compile's code for every activation", RuntimeWarning, stacklevel=2)

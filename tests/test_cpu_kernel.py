@@ -368,8 +368,7 @@ def _load_quietly():
 
 def _key():
     """The cache key of the build tried first (OpenMP threads where the process runs libgomp.so.1)."""
-    return cpu_kernel.builds("cpu_kernels", cpu_kernel.SOURCE, cpu_kernel.HEADERS, cpu_kernel._compiler(),
-                            cpu_kernel.FLAGS)[0][1]
+    return cpu_kernel.builds("cpu_kernels", cpu_kernel.SOURCE, cpu_kernel.HEADERS, cpu_kernel._compiler())[0][1]
 
 
 @needs_kernel
