@@ -73,6 +73,9 @@ AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a on
 AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_poly_transform.h", "invact_threads.h",
                                                    "invact_pack.h", "invact_sleef.h"))
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
+# the -m flags of each vector ISA ATen may use (torch.backends.cpu.get_cpu_capability()); C built for
+# any other runs on the compiler's baseline target
+ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = slots.MAX_SLOTS, 48, 16, 4, 9
@@ -118,6 +121,11 @@ def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str,
         parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
         out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     return out
+
+
+def isa_flags() -> tuple[str, ...]:
+    """:data:`ISA_FLAGS` of the ISA ATen uses here (honouring ``$ATEN_CPU_CAPABILITY``), else none."""
+    return ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
 
 
 def _check_abi(lib: ctypes.CDLL) -> None:

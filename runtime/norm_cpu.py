@@ -1,8 +1,9 @@
-"""The norms' CPU backward kernel: ``csrc/norm_kernels.c`` (AVX-512), one pass per row over y and dy
-that recovers ``t = y - beta`` and computes dx, and the column sums of dgamma and dbeta, in the same
-pass (see the C file). Built once and cached like :mod:`invact.cpu_kernel`'s kernels
-(:mod:`invact.kernel_cache`'s checks, ``$CC``, ``INVACT_CPU_KERNEL=0`` switches it off); where the
-CPU lacks AVX-512 or the build fails (one warning), :mod:`invact.norms` runs its Inductor / ATen path.
+"""The norms' CPU backward kernel: ``csrc/norm_kernels.c`` (portable C vectors, built for the ISA ATen
+uses: AVX-512, AVX2, or the compiler's baseline), one pass per row over y and dy that recovers
+``t = y - beta`` and computes dx, and the column sums of dgamma and dbeta, in the same pass (see the C
+file). Built once and cached like :mod:`invact.cpu_kernel`'s kernels (:mod:`invact.kernel_cache`'s
+checks, ``$CC``, ``INVACT_CPU_KERNEL=0`` switches it off); without a C compiler or where the build
+fails (one warning), :mod:`invact.norms` runs its Inductor / ATen path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["library", "backward", "all_recoverable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
 HEADERS = (SOURCE.with_name("invact_bf16.h"), SOURCE.with_name("invact_threads.h"))  # included: in the cache key
-ABI = 1
+ABI = 2
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -35,13 +36,13 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where this CPU or machine cannot run it (one warning where a build
     that should work fails)."""
-    if not cpu_kernel.enabled() or torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
     compiler = cpu_kernel._compiler()
-    if compiler is None:
+    if not cpu_kernel.enabled() or compiler is None:
         return None
+    level = [f for f in cpu_kernel.FLAGS if f.startswith("-O")]  # as the other kernels' (a test's -O0 reaches it)
+    flags = (*level, *cpu_kernel.isa_flags(), "-ffp-contract=off", "-shared", "-fPIC")
     try:
-        lib = kernel_cache.load_first(cpu_kernel.builds("norm_kernels", SOURCE, HEADERS, compiler), _check_abi)
+        lib = kernel_cache.load_first(cpu_kernel.builds("norm_kernels", SOURCE, HEADERS, compiler, flags), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"invact: the norms' CPU kernel could not be built ({error}); their backward runs "
                       "torch.compile's / ATen's code", RuntimeWarning, stacklevel=2)

@@ -24,8 +24,8 @@ bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the L
 
 Speed (CPU, ``benchmarks/activations.py --norms``): the forward is PyTorch's own kernel plus the kept
 columns; on the "compiled" backend the backward is one C kernel (:mod:`invact.norm_cpu`: recovery, dx and
-the column sums in one pass per row; float32 / bfloat16 / float16 y, AVX-512). Without it, float64 (and,
-where the kernel is missing, float32) LayerNorm recovers ``x - mean`` in one Inductor pass for ATen's
+the column sums in one pass per row; float32 / bfloat16 / float16 y, built for the CPU's ISA). Without it,
+float64 (and, where the kernel is missing: no C compiler, the kernels off, float32) LayerNorm recovers ``x - mean`` in one Inductor pass for ATen's
 fused LayerNorm backward, and the others read y and dy in two Inductor-compiled passes.
 
 Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /

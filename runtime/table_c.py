@@ -53,7 +53,6 @@ CSRC = Path(__file__).with_name("csrc")
 HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_pack.h", "invact_threads.h"))
 ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
-_ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 # -z defs: a function the library lacks fails the link (nothing is cached), never the load
 _VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
 _warned: set[str] = set()
@@ -62,7 +61,7 @@ _warned: set[str] = set()
 def fma() -> bool:
     """Whether :func:`run` uses the build with FMA: ATen's CPU capability is AVX2 or AVX-512 (whose
     CPUs have FMA: ATen requires it for both) and ``INVACT_FMA`` is not ``0``."""
-    return torch.backends.cpu.get_cpu_capability() in _ISA_FLAGS and cpu_kernel.fma_allowed()
+    return torch.backends.cpu.get_cpu_capability() in cpu_kernel.ISA_FLAGS and cpu_kernel.fma_allowed()
 
 
 def _flags(use_fma: bool = False) -> tuple[str, ...]:
@@ -71,8 +70,7 @@ def _flags(use_fma: bool = False) -> tuple[str, ...]:
     (-mfma: one instruction), still nothing else contracted. Neither errno nor the floating-point
     exception flags are read, so sqrtf vectorises and both sides of a select may be computed
     (-fno-math-errno, -fno-trapping-math: no value changes)."""
-    isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
-    isa += ("-mfma", "-DINVACT_USE_FMA") if use_fma else ()
+    isa = cpu_kernel.isa_flags() + (("-mfma", "-DINVACT_USE_FMA") if use_fma else ())
     return ("-O3", *isa, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
             f"-I{CSRC}")
 

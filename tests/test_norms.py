@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import warnings
 
@@ -523,7 +524,7 @@ def test_triton_forms_and_layouts(style):
 
 
 needs_norm_kernel = pytest.mark.skipif(norm_cpu.library() is None,
-                                       reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+                                       reason="no C compiler, or the C kernels switched off")
 
 
 @pytest.fixture(params=["kernel", "fallback"])
@@ -536,7 +537,7 @@ def cpu_path(request, monkeypatch):
         yield None
         return
     if norm_cpu.library() is None:
-        pytest.skip("no AVX-512 CPU (as ATen sees it) or no C compiler")
+        pytest.skip("no C compiler, or the C kernels switched off")
     calls, original = [], norm_cpu.backward
 
     def counted(*args):
@@ -566,6 +567,43 @@ def test_compiled_backend_within_the_bound(cpu_path, kind, dtype, rms):
         check(got, ref, tol, f"compiled {dtype} {what}")
     if cpu_path is not None:
         assert bool(cpu_path) == (dtype != torch.float64)   # the kernel ran (did the work), except for float64
+
+
+X86_ISAS = ["DEFAULT", "AVX2", "AVX512"]     # torch.backends.cpu.get_cpu_capability(), each a superset of the last
+
+
+@needs_norm_kernel
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_norm_kernel_every_isa_within_the_bound(isa, monkeypatch):
+    """The kernel built for each vector width this CPU runs (16, 8 and 4 lanes: AVX-512, AVX2 with F16C,
+    the compiler's baseline, whose 16-bit conversions are plain C), so a CPU without AVX-512 gets a
+    kernel and no Inductor compile: every dtype of y and dx, ragged shapes (n below one vector, rows
+    not a multiple of the 8-row blocks, tails in every loop), kept columns and not; within the bound
+    of float64 autograd, and the kernel did the work."""
+    here = torch.backends.cpu.get_cpu_capability()
+    if isa != "DEFAULT" and (here not in X86_ISAS or X86_ISAS.index(isa) > X86_ISAS.index(here)):
+        pytest.skip(f"this CPU runs {here} (as ATen sees it)")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    norm_cpu.library.cache_clear()
+    try:
+        assert norm_cpu.library() is not None
+        g = torch.Generator().manual_seed(13)
+        shapes = [(43, 99, "zeros"), (9, 3, "zeros"), (17, 1000, "trained"), (8, 64, "trained")]
+        for (rows, n, kind), dtype, rms in itertools.product(shapes, DTYPES, (False, True)):
+            wd, bd = gammas(n, kind, g)
+            x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+            w, b = wd.to(dtype), (None if rms else bd.to(dtype))
+            dy = torch.randn(rows, n, generator=g).to(dtype)
+            calls = []
+            with monkeypatch.context() as m:
+                m.setattr(norm_cpu, "backward", lambda *a, f=norm_cpu.backward: calls.append(f(*a)) or calls[-1])
+                y, grads = run_norm(x, w, b, dy, rms, 1e-5, backend="compiled")
+            assert calls and calls[0] is not None, (isa, rows, n, dtype)
+            refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
+            for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+                check(got, ref, tol, f"{isa} ({rows}, {n}) {kind} {dtype} rms={rms} {what}")
+    finally:
+        norm_cpu.library.cache_clear()
 
 
 @needs_norm_kernel

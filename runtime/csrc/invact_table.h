@@ -168,44 +168,6 @@ int invact_table_direct16(void) { return EAGER_BITS && !N_COLUMNS; }
 
 enum { T_F32 = 0, T_BF16 = 1, T_F16 = 2, T_F64 = 3 };  /* element types (invact.table_c.DTYPES) */
 
-static inline float invact_bf16_to_float(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-/* exact; a subnormal half becomes a normal float through an int conversion and a product of normal
- * numbers, so flushed denormals (which ATen's conversions ignore) cannot touch it */
-static inline float invact_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, sb;
-    float sub = (float)m * 5.9604644775390625e-8f;                     /* e == 0: m * 2^-24 */
-    memcpy(&sb, &sub, sizeof sb);
-    uint32_t b = e == 0x1Fu ? (sign | 0x7F800000u | (m << 13))
-               : e ? (sign | ((e + 112u) << 23) | (m << 13)) : (sign | sb);
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
-}
-
-/* round to nearest even, as IEEE conversion (vcvtps2ph): overflow to inf, subnormals, quiet NaN */
-static inline uint16_t invact_float_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-    uint32_t r = ax - 0x38000000u;                                      /* normal: exponent 127 -> 15 */
-    uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
-    uint32_t shift = 126u - (ax >> 23), m = (ax & 0x7FFFFFu) | 0x800000u;  /* subnormal: 2^-25 .. 2^-14 */
-    shift = shift > 24u ? 24u : shift;
-    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-    uint32_t sub = q + (rem > half || (rem == half && (q & 1u)));
-    uint32_t out = ax > 0x7F800000u ? (0x7E00u | ((ax >> 13) & 0x3FFu))   /* NaN */
-                 : ax >= 0x477FF000u ? 0x7C00u                          /* >= 65520 (and inf): inf */
-                 : ax >= 0x38800000u ? normal
-                 : ax >= 0x33000000u ? sub : 0u;                        /* at most 2^-25: zero */
-    return (uint16_t)(sign | out);
-}
-
 typedef struct {
     int64_t n, lo, hi;                     /* all elements, and this job's range */
     int dtype;

@@ -1,5 +1,5 @@
-/* LayerNorm / RMSNorm backward from the saved output y (AVX-512), built and loaded by invact.norm_cpu,
- * and the forward's check of which columns can be recovered from y.
+/* LayerNorm / RMSNorm backward from the saved output y, built and loaded by invact.norm_cpu, and the
+ * forward's check of which columns can be recovered from y.
  *
  * One pass over each block of 8 rows reads y and dy twice (the second time from cache):
  *   t = y - beta (= gamma x_hat), dxhat = dy gamma,
@@ -12,60 +12,154 @@
  * float32, summed in float32 groups of at most 4 vectors (row sums) or 8 rows (column sums), the groups
  * in double; so a sum of N terms is off by at most ~8 u of the sum of their magnitudes, inside
  * invact.norms.error_bound's gamma_N = (8 + 2 log2 N) u.
+ *
+ * Portable C: a vector is one register of the build's target in GCC's / Clang's vector extension (16
+ * float lanes with AVX-512, 8 with AVX, else 4: SSE2, NEON), the 16-bit conversions by F16C / AVX-512
+ * where the build has them (exactly the plain C ones), nothing contracted (-ffp-contract=off). The
+ * lanes set how a sum is grouped, so builds for different widths differ in the last bits of c1, c2 and
+ * the column sums, each within the bound above.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-#include "invact_bf16.h"                 /* ATen's rounding to bfloat16 */
+#include "invact_bf16.h"                 /* 16-bit conversions as ATen's */
 #include "invact_threads.h"              /* spawn, MAX_THREADS */
 
-#define NORM_ABI 1
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  /* vectors passed between static functions only */
+#endif
+
+#define NORM_ABI 2
 #define NORM_MIN_ELEMENTS 32768          /* elements per thread at least */
 #define BLOCK_ROWS 8
+#if defined(__AVX512F__)
+#define LANES 16                         /* a vector: one register of the build's target */
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
 
 enum { NF32 = 0, NBF16 = 1, NF16 = 2 };  /* element types of y, dy and dx */
 
+#define INLINE inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+typedef float vfh __attribute__((vector_size(2 * LANES)));    /* half a vector */
+#if defined(__FLT16_MAX__)
+typedef _Float16 vhf __attribute__((vector_size(2 * LANES)));
+#endif
+/* the same, read and written at any element's address */
+typedef float vf_at __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+typedef uint16_t vh_at __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
+typedef double vd __attribute__((vector_size(4 * LANES)));    /* LANES / 2 doubles */
+typedef double vd_at __attribute__((vector_size(4 * LANES), aligned(8), may_alias));
+
 int invact_norm_abi(void) { return NORM_ABI; }
 
-static inline __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+static INLINE vf splat(float f) { return (vf){0} + f; }
+
+static INLINE vf half_to_float(vh h) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps((__m256i)h);
+#elif defined(__F16C__)
+    return (vf)_mm256_cvtph_ps((__m128i)h);
+#elif defined(__FLT16_MAX__)                    /* the compiler's _Float16: the target's own conversion */
+    return __builtin_convertvector((vhf)h, vf);
+#else
+    vf v;
+    for (int l = 0; l < LANES; l++) v[l] = invact_half_to_float(h[l]);
+    return v;
+#endif
 }
 
-static inline __m512 load16(int dtype, const void *base, int64_t at, __mmask16 m) {
-    if (dtype == NF32) return _mm512_maskz_loadu_ps(m, (const float *)base + at);
-    __m256i half = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at);
-    if (dtype == NF16) return _mm512_cvtph_ps(half);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+static INLINE vh float_to_half(vf v) {
+#if defined(__AVX512F__)
+    return (vh)_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__F16C__)
+    return (vh)_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__FLT16_MAX__)
+    return (vh)__builtin_convertvector(v, vhf);
+#else
+    vh h;
+    for (int l = 0; l < LANES; l++) h[l] = invact_float_to_half(v[l]);
+    return h;
+#endif
 }
 
-/* round to nearest even as ATen's conversions: NaN -> 0xFFFF (bfloat16), vcvtps2ph (float16) */
-static inline void store16(int dtype, void *base, int64_t at, __mmask16 m, __m512 v) {
+/* round to nearest even as ATen's vectorised conversion, NaN to 0xFFFF */
+static INLINE vh float_to_bf16(vf v) {
+    vu b = (vu)v;
+    vu r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    vu nan = (vu)(v != v);
+    return __builtin_convertvector((r & ~nan) | (nan & 0xFFFFu), vh);
+}
+
+/* LANES elements of y's type from base[at ..] as float32 */
+static INLINE vf load_full(int dtype, const void *base, int64_t at) {
+    if (dtype == NF32) return *(const vf_at *)((const float *)base + at);
+    vh h = *(const vh_at *)((const uint16_t *)base + at);
+    return dtype == NF16 ? half_to_float(h) : (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+/* lanes [0, count) of base[at ..] as float32, the others `fill` (count < LANES: the rows' last columns) */
+__attribute__((noinline)) static vf load_tail(int dtype, const void *base, int64_t at, int64_t count, float fill) {
+    vf v;
+    for (int64_t l = 0; l < LANES; l++) {
+        uint16_t h = dtype == NF32 || l >= count ? 0 : ((const uint16_t *)base)[at + l];
+        v[l] = l >= count ? fill : dtype == NF32 ? ((const float *)base)[at + l]
+             : dtype == NF16 ? invact_half_to_float(h) : invact_bf16_to_float(h);
+    }
+    return v;
+}
+
+/* the first `count` lanes (all where count >= LANES) loaded, the others `fill` */
+static INLINE vf loadv(int dtype, const void *base, int64_t at, int64_t count, float fill) {
+    return count >= LANES ? load_full(dtype, base, at) : load_tail(dtype, base, at, count, fill);
+}
+
+static INLINE vf loadf(const float *base, int64_t at, int64_t count, float fill) {
+    return loadv(NF32, base, at, count, fill);
+}
+
+/* the first min(count, LANES) lanes stored, rounded to nearest even as ATen's conversions */
+static INLINE void storev(int dtype, void *base, int64_t at, int64_t count, vf v) {
     if (dtype == NF32) {
-        _mm512_mask_storeu_ps((float *)base + at, m, v);
+        if (count >= LANES) *(vf_at *)((float *)base + at) = v;
+        else memcpy((float *)base + at, &v, (size_t)count * sizeof(float));
         return;
     }
-    __m256i half;
-    if (dtype == NF16) {
-        half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-        half = _mm512_cvtepi32_epi16(invact_bf16_avx512(v));
-    }
-    _mm256_mask_storeu_epi16((uint16_t *)base + at, m, half);
+    vh h = dtype == NF16 ? float_to_half(v) : float_to_bf16(v);
+    if (count >= LANES) *(vh_at *)((uint16_t *)base + at) = h;
+    else memcpy((uint16_t *)base + at, &h, (size_t)count * sizeof(uint16_t));
 }
 
-/* acc += v in double, lanes 0-7 and 8-15 into two accumulators */
-static inline void add_double(__m512d acc[2], __m512 v) {
-    acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-    acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+/* acc += v in double, the lower and the upper half of the lanes into two accumulators */
+static INLINE void add_double(vd acc[2], vf v) {
+    vfh lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    acc[0] += __builtin_convertvector(lo, vd);
+    acc[1] += __builtin_convertvector(hi, vd);
 }
 
-/* column sums: sum[at .. at + 16) += v in double (the sums are padded to a multiple of 16) */
-static inline void add_columns(double *sum, int64_t at, __m512 v) {
-    __m512d acc[2] = {_mm512_loadu_pd(sum + at), _mm512_loadu_pd(sum + at + 8)};
+/* the lanes' sum, halving: lane i + lane i + w/2 (_mm512_reduce_add_pd's order for 8 lanes) */
+static INLINE double reduce(vd a) {
+    for (int w = LANES / 2; w > 1; w /= 2)
+        for (int i = 0; i < w / 2; i++) a[i] = a[i] + a[i + w / 2];
+    return a[0];
+}
+
+/* column sums: sum[at .. at + LANES) += v in double (the sums are padded to a multiple of LANES) */
+static INLINE void add_columns(double *sum, int64_t at, vf v) {
+    vd acc[2] = {*(vd_at *)(sum + at), *(vd_at *)(sum + at + LANES / 2)};
     add_double(acc, v);
-    _mm512_storeu_pd(sum + at, acc[0]);
-    _mm512_storeu_pd(sum + at + 8, acc[1]);
+    *(vd_at *)(sum + at) = acc[0];
+    *(vd_at *)(sum + at + LANES / 2) = acc[1];
 }
 
 typedef struct {
@@ -75,73 +169,83 @@ typedef struct {
     const float *rstd, *gamma, *divisor, *beta, *c2_fix;
     void *dx;
     float *c1, *c2;
-    double *sum_t, *sum_dy;              /* this job's column sums, n (rounded up to 16) each */
+    double *sum_t, *sum_dy;              /* this job's column sums, n (rounded up to LANES) each */
 } norm_job;
+
+/* one group of four vectors of a row's sums from column j (`left` = n - j), each summed in float32 */
+static INLINE void row_group(const norm_job *jb, int64_t row, int64_t j, int64_t left, vd a1[2], vd a2[2]) {
+    vf p1 = splat(0.0f), p2 = p1;
+    for (int v = 0; v < 4; v++) {
+        int64_t at = j + LANES * v, rest = left - LANES * v;
+        vf y = loadv(jb->dtype, jb->y, row + at, rest, 0.0f), dy = loadv(jb->dtype, jb->dy, row + at, rest, 0.0f);
+        vf t = jb->beta ? y - loadf(jb->beta, at, rest, 0.0f) : y;
+        p1 = p1 + dy * loadf(jb->gamma, at, rest, 0.0f);
+        p2 = p2 + dy * t;
+    }
+    add_double(a1, p1);
+    add_double(a2, p2);
+}
 
 /* the row sums of one row: s1 = sum(dy gamma) (LayerNorm), s2 = sum(dy t); each group of four vectors
  * summed in float32 (3 roundings), the groups in double */
 static void row_sums(const norm_job *jb, int64_t row, double *s1, double *s2) {
-    __m512d a1[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, a2[2] = {a1[0], a1[0]};
-    for (int64_t j = 0; j < jb->n; j += 64) {
-        __m512 p1 = _mm512_setzero_ps(), p2 = p1;
-        for (int v = 0; v < 4; v++) {
-            int64_t at = j + 16 * v;
-            __mmask16 m = tail_mask(jb->n - at);
-            __m512 y = load16(jb->dtype, jb->y, row + at, m), dy = load16(jb->dtype, jb->dy, row + at, m);
-            __m512 t = jb->beta ? _mm512_maskz_sub_ps(m, y, _mm512_maskz_loadu_ps(m, jb->beta + at)) : y;
-            p1 = _mm512_add_ps(p1, _mm512_mul_ps(dy, _mm512_maskz_loadu_ps(m, jb->gamma + at)));
-            p2 = _mm512_add_ps(p2, _mm512_mul_ps(dy, t));
-        }
-        add_double(a1, p1);
-        add_double(a2, p2);
+    vd a1[2] = {{0}, {0}}, a2[2] = {{0}, {0}};
+    int64_t j = 0;
+    for (; j + 4 * LANES <= jb->n; j += 4 * LANES) row_group(jb, row, j, 4 * LANES, a1, a2);  /* no tail here */
+    if (j < jb->n) row_group(jb, row, j, jb->n - j, a1, a2);
+    *s1 = jb->rms ? 0.0 : reduce(a1[0] + a1[1]);
+    *s2 = reduce(a2[0] + a2[1]);
+}
+
+/* the columns [j, j + LANES) of a block's rows (`left` = n - j): dx, and the column sums over the block
+ * (float32, at most BLOCK_ROWS - 1 roundings) added to the job's double sums */
+static INLINE void block_chunk(const norm_job *jb, int64_t r0, int rows, int64_t j, int64_t left, const float *c1,
+                               const float *c2, const float *rstd) {
+    const int64_t n = jb->n;
+    vf beta = jb->beta ? loadf(jb->beta, j, left, 0.0f) : splat(0.0f);
+    vf gamma = loadf(jb->gamma, j, left, 0.0f), divisor = loadf(jb->divisor, j, left, 1.0f);
+    vf st = splat(0.0f), sd = st, y[BLOCK_ROWS], dy[BLOCK_ROWS];
+    /* every load of the chunk before its first store: with rows 4 KiB apart a store would otherwise
+     * hold up the next row's loads (4K aliasing: same address bits 0-11) */
+#pragma GCC unroll 8
+    for (int k = 0; k < rows; k++) {
+        y[k] = loadv(jb->dtype, jb->y, (r0 + k) * n + j, left, 0.0f);
+        dy[k] = loadv(jb->dtype, jb->dy, (r0 + k) * n + j, left, 0.0f);
     }
-    *s1 = jb->rms ? 0.0 : _mm512_reduce_add_pd(_mm512_add_pd(a1[0], a1[1]));
-    *s2 = _mm512_reduce_add_pd(_mm512_add_pd(a2[0], a2[1]));
+#pragma GCC unroll 8
+    for (int k = 0; k < rows; k++) {
+        vf t = jb->beta ? y[k] - beta : y[k];
+        vf inner = ((dy[k] * gamma) - c1[k]) - (t / divisor) * c2[k];
+        storev(jb->dx_dtype, jb->dx, (r0 + k) * n + j, left, inner * rstd[k]);
+        st = st + dy[k] * t;
+        sd = sd + dy[k];
+    }
+    add_columns(jb->sum_t, j, st);
+    add_columns(jb->sum_dy, j, sd);
 }
 
 /* rows [lo, hi) in blocks of BLOCK_ROWS: the row sums of each row of the block, then, column chunk by
- * chunk, dx of every row of the block and the chunk's column sums over the block (float32, at most
- * BLOCK_ROWS - 1 roundings), added to the job's double column sums */
+ * chunk, dx of every row of the block and the chunk's column sums */
 static void *norm_rows(void *arg) {
     const norm_job *jb = arg;
     const int64_t n = jb->n;
     for (int64_t r0 = jb->lo; r0 < jb->hi; r0 += BLOCK_ROWS) {
         int rows = jb->hi - r0 < BLOCK_ROWS ? (int)(jb->hi - r0) : BLOCK_ROWS;
-        __m512 c1[BLOCK_ROWS], c2[BLOCK_ROWS], rstd[BLOCK_ROWS];
+        float c1[BLOCK_ROWS], c2[BLOCK_ROWS], rstd[BLOCK_ROWS];
         for (int k = 0; k < rows; k++) {
             int64_t r = r0 + k;
             double s1, s2;
             row_sums(jb, r * n, &s1, &s2);
-            float m1 = (float)(s1 / (double)n), m2 = (float)((s2 + (jb->c2_fix ? jb->c2_fix[r] : 0.0)) / (double)n);
-            if (jb->c1) jb->c1[r] = m1;
-            if (jb->c2) jb->c2[r] = m2;
-            c1[k] = _mm512_set1_ps(m1);
-            c2[k] = _mm512_set1_ps(m2);
-            rstd[k] = _mm512_set1_ps(jb->rstd[r]);
+            c1[k] = (float)(s1 / (double)n);
+            c2[k] = (float)((s2 + (jb->c2_fix ? jb->c2_fix[r] : 0.0)) / (double)n);
+            rstd[k] = jb->rstd[r];
+            if (jb->c1) jb->c1[r] = c1[k];
+            if (jb->c2) jb->c2[r] = c2[k];
         }
-        for (int64_t j = 0; j < n; j += 16) {
-            __mmask16 m = tail_mask(n - j);
-            __m512 beta = jb->beta ? _mm512_maskz_loadu_ps(m, jb->beta + j) : _mm512_setzero_ps();
-            __m512 gamma = _mm512_maskz_loadu_ps(m, jb->gamma + j);
-            __m512 divisor = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, jb->divisor + j);
-            __m512 st = _mm512_setzero_ps(), sd = st, y[BLOCK_ROWS], dy[BLOCK_ROWS];
-            /* every load of the chunk before its first store: with rows 4 KiB apart a store would
-             * otherwise hold up the next row's loads (4K aliasing: same address bits 0-11) */
-            for (int k = 0; k < rows; k++) {
-                y[k] = load16(jb->dtype, jb->y, (r0 + k) * n + j, m);
-                dy[k] = load16(jb->dtype, jb->dy, (r0 + k) * n + j, m);
-            }
-            for (int k = 0; k < rows; k++) {
-                __m512 t = jb->beta ? _mm512_maskz_sub_ps(m, y[k], beta) : y[k];
-                __m512 inner = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(dy[k], gamma), c1[k]),
-                                             _mm512_mul_ps(_mm512_div_ps(t, divisor), c2[k]));
-                store16(jb->dx_dtype, jb->dx, (r0 + k) * n + j, m, _mm512_mul_ps(inner, rstd[k]));
-                st = _mm512_add_ps(st, _mm512_mul_ps(dy[k], t));
-                sd = _mm512_add_ps(sd, dy[k]);
-            }
-            add_columns(jb->sum_t, j, st);
-            add_columns(jb->sum_dy, j, sd);
-        }
+        int64_t j = 0;
+        if (rows == BLOCK_ROWS)                     /* constants: the loops over rows unrolled, no tail */
+            for (; j + LANES <= n; j += LANES) block_chunk(jb, r0, BLOCK_ROWS, j, LANES, c1, c2, rstd);
+        for (; j < n; j += LANES) block_chunk(jb, r0, rows, j, n - j, c1, c2, rstd);
     }
     return 0;
 }
@@ -160,7 +264,8 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
     if (most < nt) nt = most < 1 ? 1 : (int)most;
     if (rows < nt) nt = rows < 1 ? 1 : (int)rows;
     /* whole blocks per thread: the float32 block sums do not depend on the number of threads */
-    int64_t width = (n + 15) / 16 * 16, step = ((rows + nt - 1) / nt + BLOCK_ROWS - 1) / BLOCK_ROWS * BLOCK_ROWS;
+    int64_t width = (n + LANES - 1) / LANES * LANES;
+    int64_t step = ((rows + nt - 1) / nt + BLOCK_ROWS - 1) / BLOCK_ROWS * BLOCK_ROWS;
     double *sums = calloc((size_t)(2 * nt * width), sizeof(double));
     if (!sums) return -2;
     norm_job jobs[MAX_THREADS];
@@ -189,14 +294,12 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
 int64_t invact_norm_unrecoverable(int dtype, int64_t n, const void *weight, const void *beta, float offset,
                                   float ratio, float tiny) {
     int64_t bad = 0;
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    for (int64_t j = 0; j < n; j += 16) {
-        __mmask16 m = tail_mask(n - j);
-        __m512 g = _mm512_andnot_ps(sign, _mm512_add_ps(load16(dtype, weight, j, m), _mm512_set1_ps(offset)));
-        __m512 limit = _mm512_set1_ps(tiny);
-        if (beta) limit = _mm512_add_ps(limit, _mm512_andnot_ps(sign, load16(dtype, beta, j, m)));
-        __mmask16 good = _mm512_mask_cmp_ps_mask(m, _mm512_mul_ps(g, _mm512_set1_ps(ratio)), limit, _CMP_GE_OQ);
-        bad += __builtin_popcount((unsigned)(m & ~good));
+    for (int64_t j = 0; j < n; j += LANES) {
+        vf g = loadv(dtype, weight, j, n - j, 0.0f) + offset;
+        vf limit = splat(tiny);
+        if (beta) limit = limit + (vf)((vu)loadv(dtype, beta, j, n - j, 0.0f) & 0x7FFFFFFFu);
+        vi good = (vf)((vu)g & 0x7FFFFFFFu) * ratio >= limit;
+        for (int64_t l = 0; l < LANES && l < n - j; l++) bad += !good[l];
     }
     return bad;
 }
