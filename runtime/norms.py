@@ -73,6 +73,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _default_eps(dtype: torch.dtype) -> float:
+    """F.rms_norm's eps=None: the epsilon of its accumulation type (ATen's opmath_type: float32 for the
+    16-bit types)."""
+    return torch.finfo(_acc(dtype)).eps
+
+
 def _recoverable(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
     """True where x_hat_j can be recovered from y within the bound (False for NaN gamma)."""
     limit = torch.finfo(y_dtype).tiny + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
@@ -478,6 +484,11 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     n = math.prod(shape)
     args = (x, weight, bias, n, float(eps), rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+        if ops.transformed():
+            # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
+            # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
+            y = _forward_eager(_rows(x, n), weight, bias, float(eps), rms, offset, norm_dtype, out_dtype)[0]
+            return y.reshape(x.shape)
         if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
         return torch.ops.invact.norm_forward(*args)[0]
@@ -505,12 +516,13 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
              backend: str | None = None) -> Tensor:
     """``F.rms_norm`` that saves its output (and the per-row rstd) instead of its input.
 
-    ``eps=None``: ``torch.finfo(input.dtype).eps``, as torch. ``style``: the formula's rounding, one of
+    ``eps=None``: the epsilon of the dtype torch computes in, as torch (float32's for bfloat16 and
+    float16 input, whose own would be 1e4-6e4x larger). ``style``: the formula's rounding, one of
     :data:`STYLES` ("llama", "t5", "gemma": the Hugging Face forms, see :func:`_dtypes`).
     """
     shape = _check(input, normalized_shape, weight, None, "rms_norm")
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = _default_eps(input.dtype)
     return _apply(input, shape, weight, None, eps, True, style, autocast_output, backend)
 
 
@@ -680,7 +692,7 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
     bias = getattr(module, "bias", None)
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps     # F.rms_norm's default
+    eps = module.eps if module.eps is not None else _default_eps(x.dtype)
     refs, tols = error_bound(x.reshape(-1, n), w, None if bias is None else bias.detach().reshape(n),
                              grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0],
                              1.0 if style == "gemma" else 0.0)

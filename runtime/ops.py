@@ -40,7 +40,7 @@ from .impl_table_c import TABLE_C
 from .impl_triton import TRITON
 from .registry import info, names, use_root
 
-__all__ = ["apply", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
+__all__ = ["apply", "transformed", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
            "Implementation", "implementations", "plain_eager", "script_refused"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -302,6 +302,9 @@ def _transformed() -> bool:
                                   "derivative; functionalize without differentiating, or differentiate "
                                   "without functionalize")
     return True
+
+
+transformed = _transformed  # the norms ask too
 
 
 @functools.partial(torch.compiler.disable, reason=(

@@ -823,3 +823,60 @@ def test_plain_path_equals_the_custom_ops_and_refuses_double_backward(rms, backe
                                 create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_rms_norm_default_eps_is_torchs(dtype):
+    """eps=None is the epsilon of the type torch computes in (float32's for 16-bit x: bfloat16's own is
+    6e4 times larger and changed y by 7x on a row of magnitude 0.01): the module's and the functional's
+    y are F.rms_norm's bit for bit, on rows small enough for eps to matter."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 16, generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1e-2, 0.1, 1, 10, 0])[:, None]).to(dtype)
+    w = (1 + 0.1 * torch.randn(16, generator=g)).to(dtype)
+    want = F.rms_norm(x, (16,), w)
+    assert torch.equal(invact.functional.rms_norm(x, (16,), w), want)
+    m = invact.RMSNorm(16, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(w)
+    assert torch.equal(m(x.requires_grad_()), want)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("style", ["torch", "llama", "gemma"])
+def test_norms_under_forward_mode_and_torch_func(rms, style):
+    """Forward-mode AD (torch.func.jvp, dual tensors) and torch.func's grad and per-sample gradients
+    (vmap of grad) give torch's derivatives: the custom op's autograd is reverse mode only, which gave a
+    zero tangent under jvp and errors under the others. float64, where the two computations are the same
+    operations: equal to 1e-12 (relative); the values are multiples of 2^-10 so that Gemma's float32
+    weight (``1 + w.float()``) is exact."""
+    if not rms and style != "torch":
+        pytest.skip("LayerNorm has the torch style only")
+    from torch.func import functional_call, grad, jvp, vmap
+    import torch.autograd.forward_ad as fwAD
+    g = torch.Generator().manual_seed(9)
+    x, t = ((torch.randn(5, 12, generator=g, dtype=torch.float64) * 1024).round() / 1024 for _ in range(2))
+    w, b = ((torch.randn(12, generator=g, dtype=torch.float64) * s * 1024).round() / 1024 for s in (1, 0.1))
+    kw = {"style": style} if rms else {}
+    ours = (lambda z, w, b: invact.functional.rms_norm(z, (12,), w, 1e-6, **kw)) if rms else \
+        (lambda z, w, b: invact.functional.layer_norm(z, (12,), w, b, 1e-5))
+    offset = 1.0 if style == "gemma" else 0.0
+    ref = (lambda z, w, b: F.rms_norm(z, (12,), w + offset, 1e-6)) if rms else \
+        (lambda z, w, b: F.layer_norm(z, (12,), w, b, 1e-5))
+
+    def close(a, r, what):  # Gemma's weight gradient passes its float32 cast: one float32 rounding
+        rel = 2.0 ** -23 if style == "gemma" and what in ("jvp w", "per-sample") else 1e-12
+        assert (a - r).abs().max() <= rel * r.abs().max(), what
+    for name, f in (("jvp x", lambda fn: jvp(lambda z: fn(z, w, b), (x,), (t,))[1]),
+                    ("jvp w", lambda fn: jvp(lambda v: fn(x, v, b), (w,), (t[0],))[1]),
+                    ("grad", lambda fn: grad(lambda z: fn(z, w, b).pow(3).sum())(x)),
+                    ("per-sample", lambda fn: vmap(grad(lambda v, z: fn(z, v, b).pow(3).sum()), (None, 0))(w, x))):
+        r = f(ref)
+        assert r.abs().max() > 0
+        close(f(ours), r, name)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, t), w, b)).tangent
+    close(got, jvp(lambda z: ref(z, w, b), (x,), (t,))[1], "dual tensors")
+    m = invact.RMSNorm(12, dtype=torch.float64) if rms else invact.LayerNorm(12, dtype=torch.float64)
+    params = dict(m.named_parameters())
+    per_sample = vmap(grad(lambda p, z: functional_call(m, p, (z,)).pow(2).sum()), (None, 0))(params, x)
+    assert set(per_sample) == set(params) and all(v.shape == (5, 12) for v in per_sample.values())
