@@ -343,6 +343,8 @@ class _Direct(torch.autograd.Function):
         y, code = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _Derivative.apply(grad_y, y, code, *ctx.invact), None, None, None
+        if not plain_eager(grad_y):  # batched (is_grads_batched, jacobian(vectorize=True)): the op's vmap rule
+            return torch.ops.invact.backward(grad_y, y, code, *ctx.invact), None, None, None
         name, params, backend = ctx.invact
         return _first("backward", backend, y, grad_y, y, code, name, params), None, None, None
 
@@ -371,7 +373,8 @@ def plain_eager(*tensors: Tensor | None) -> bool:
     return (not torch.compiler.is_compiling() and torch.utils._python_dispatch._get_current_dispatch_mode() is None
             and not torch.jit.is_tracing()
             and all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta
-                                  and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors))
+                                  and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                  and torch._C._has_storage(t)) for t in tensors))  # not: autograd's batched grads
 
 
 def script_refused(module: torch.nn.Module) -> NotImplementedError:

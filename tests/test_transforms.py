@@ -142,6 +142,23 @@ def test_vmap_composes(case, backend):
     assert torch.equal(vmap(pullback)(ts)[0], torch.stack([pullback(t)[0] for t in ts]))
 
 
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_autograd_batched_grads(case, backend):
+    """torch.autograd's own batching (grad with is_grads_batched=True, which
+    torch.autograd.functional.jacobian(vectorize=True) uses): the batched cotangents have no storage, so
+    the backward takes the op's vmap rule; each row is plain autograd's bits. It raised 'Cannot access
+    data pointer' (compiled) and a missing batching rule (eager)."""
+    name, params, _ = case
+    f = invact_fn(name, params, backend)
+    x = inputs(name, params).float()[:12].reshape(3, 4)
+    ts = torch.linspace(-1, 1, 5 * x.numel()).reshape(5, *x.shape)
+    xr = x.clone().requires_grad_()
+    (got,) = torch.autograd.grad(f(xr), xr, ts, is_grads_batched=True)
+    assert torch.equal(got, torch.stack([plain_vjp(name, params, x, t, backend) for t in ts]))
+    jac = torch.autograd.functional.jacobian(f, x, vectorize=True)
+    assert torch.equal(jac, torch.autograd.functional.jacobian(f, x))
+
+
 def test_functionalize(case):
     name, params, _ = case
     x = inputs(name, params)
