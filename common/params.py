@@ -12,7 +12,7 @@ import math
 import operator as op
 from collections.abc import Callable, Iterable, Mapping
 
-__all__ = ["ParamError", "check_params", "holds"]
+__all__ = ["ParamError", "check_params", "holds", "real"]
 
 
 class ParamError(ValueError):
@@ -21,6 +21,18 @@ class ParamError(ValueError):
     def __init__(self, message: str, argument: str = "params") -> None:
         super().__init__(message)
         self.argument = argument
+
+
+def real(value: object, argument: str, label: str | None = None) -> float:
+    """``value`` as a float: a real number (int, float, a one-element real tensor or array, anything
+    ``float()`` takes but text); :class:`ParamError` naming ``argument`` (as ``label`` in the message,
+    default ``argument``) otherwise."""
+    if not isinstance(value, (str, bytes, complex)):
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    raise ParamError(f"{label or argument} must be a real number, got {value!r}", argument)
 
 
 _BINARY = {ast.Add: op.add, ast.Sub: op.sub, ast.Mult: op.mul, ast.Div: op.truediv}
@@ -70,11 +82,7 @@ def check_params(name: str, defaults: Mapping[str, float], given: Mapping[str, o
         raise ParamError(f"params: {', '.join(map(repr, unknown))} {what} of {name!r} (known: {known})")
     values = {}
     for key, default in defaults.items():
-        value = given.get(key, default)
-        try:
-            value = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ParamError(f"params: {key!r} must be a real number, got {value!r}", f"params[{key!r}]") from None
+        value = real(given.get(key, default), f"params[{key!r}]", f"params: {key!r}")
         if not math.isfinite(value):
             raise ParamError(f"params: {key!r} must be finite, got {value!r}", f"params[{key!r}]")
         values[key] = value

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from . import ops
 from .common.catalog import Entry, group
+from .common.params import real
 from .norms import layer_norm, rms_norm  # noqa: F401 - norms that save their output (invact.norms)
 
 # one function per `functional` name of the catalog (invact.common.catalog), built by _function below
@@ -91,7 +92,7 @@ def _function(fn: str, rows: tuple[Entry, ...]) -> Callable[..., Tensor]:
         values = _bind(fn, names, defaults, args, kwargs) if args or kwargs else defaults
         if inplace and values["inplace"]:
             _no_inplace(True, fn)
-        params = (dict(default_params) if values is defaults else {k: float(values[k]) for k in table_args}) \
+        params = (dict(default_params) if values is defaults else {k: real(values[k], k) for k in table_args}) \
             if table_args else None
         return ops.apply(input, lookup(values), params, backend)
 

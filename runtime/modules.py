@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import constants, ops
 from .common.catalog import Entry, group
+from .common.params import real
 from .functional import table_selector
 
 # one class per `module` name of the catalog (invact.common.catalog), built by _torch_style below
@@ -120,7 +121,7 @@ class _TorchStyle(Activation):
 
     @property
     def params(self) -> dict[str, float]:  # type: ignore[override]
-        return {k: float(getattr(self, k)) for k in self._params}
+        return {k: real(getattr(self, k), k) for k in self._params}
 
     def extra_repr(self) -> str:
         base = self._torch_extra_repr() if self._torch_extra_repr is not None else ""

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, norm_cpu, ops
+from .common.params import real
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO",
            "error_bound", "relative_bound"]
@@ -482,12 +483,13 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         out_dtype = cast                                    # what the next autocast-lowered Linear saves
     offset = 1.0 if style == "gemma" else 0.0
     n = math.prod(shape)
-    args = (x, weight, bias, n, float(eps), rms, offset, norm_dtype, out_dtype, chosen)
+    eps = real(eps, "eps")
+    args = (x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
         if ops.transformed():
             # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
             # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
-            y = _forward_eager(_rows(x, n), weight, bias, float(eps), rms, offset, norm_dtype, out_dtype)[0]
+            y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype)[0]
             return y.reshape(x.shape)
         if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)

@@ -19,6 +19,7 @@ import torch
 import invact
 import invact.functional as IF
 from invact import backends, ops
+from invact.common.params import ParamError
 
 NAMES = ops.names()
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
@@ -176,3 +177,19 @@ def test_failed_compile_of_a_table_gives_the_eager_gradient(monkeypatch, name):
     y_eager, code_eager = torch.ops.invact.forward(x, name, params, "eager")
     assert torch.equal(y, y_eager) and torch.equal(code, code_eager)
     assert torch.equal(got, torch.ops.invact.backward(go, y, code, name, params, "eager"))
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda x: invact.Softplus(beta=[2]), "beta"),
+    (lambda x: invact.Softplus(beta="2"), "beta"),           # torch.nn.Softplus takes no text either
+    (lambda x: invact.LeakyReLU(None), "negative_slope"),
+    (lambda x: invact.functional.elu(x, 1j), "alpha"),
+    (lambda x: invact.functional.layer_norm(x.reshape(2, 2), (2,), None, None, "1e-5"), "eps"),
+    (lambda x: invact.functional.rms_norm(x.reshape(2, 2), (2,), None, [1e-5]), "eps"),
+])
+def test_a_parameter_that_is_not_a_real_number_is_named(make, argument):
+    """A parameter that is not a real number (text, a list, None, complex) is refused with a ParamError
+    (a ValueError) naming it, not float()'s TypeError that names nothing, and never converted from text."""
+    with pytest.raises(ParamError, match=f"^{argument} must be a real number, got") as info:
+        make(torch.randn(4))
+    assert info.value.argument == argument
