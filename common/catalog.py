@@ -111,7 +111,7 @@ CATALOG: tuple[Entry, ...] = (
           rules=(Rule(_HF + "MishActivation"), Rule(_TIMM + "Mish"), Rule(_TIMM_ME + "MishMe"))),
     Entry("softplus", "Piecewise((x, beta*x > threshold), (log(1 + exp(beta*x))/beta, True))",
           "F.softplus(x, beta, threshold)", "torch.nn.Softplus(beta, threshold)",
-          {"beta": 1.0, "threshold": 20.0}, ("beta > 0", "threshold > 0"),
+          {"beta": 1.0, "threshold": 20.0}, ("beta > 0", "threshold >= 18"),
           module="Softplus", torch=_NN + "Softplus", args=(("beta", 1.0), ("threshold", 20.0)),
           module_doc="Softplus: ``log(1 + exp(beta*x)) / beta``.",
           functional="softplus", functional_doc="``F.softplus``: ``log(1 + exp(beta*x)) / beta``, linear where "

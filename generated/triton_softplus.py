@@ -9,7 +9,7 @@ from invact import act_triton
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '9aa55ae84ec48758e279dee9ff0271d77e1ef125b1fa373032a5c4b0165cfbe7'
+TABLE_SHA256 = 'ece9a461d8bcf4efc42dbfe6c60e43fc06579a07b7a32466e32b701ef4666add'
 
 
 @triton.jit

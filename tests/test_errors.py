@@ -193,3 +193,25 @@ def test_a_parameter_that_is_not_a_real_number_is_named(make, argument):
     with pytest.raises(ParamError, match=f"^{argument} must be a real number, got") as info:
         make(torch.randn(4))
     assert info.value.argument == argument
+
+
+def test_softplus_threshold_whose_jump_is_visible_is_refused():
+    """torch's softplus jumps down at beta x = threshold (from log1p(e^t) / beta to t / beta): y in the
+    overlap comes from both pieces, and a gradient from y alone is off by up to 1 / (1 + e^t) there
+    (0.27 at t = 1). invact takes threshold >= 18 (1.5e-8: below float32's half ulp of 1, so its float32
+    gradient is torch's rounding there) and refuses less, naming the argument, at every entry point;
+    patch leaves such a module with the reason, and the functional route leaves the call to torch."""
+    for make in (lambda: invact.Softplus(beta=1.0, threshold=5.0),
+                 lambda: IF.softplus(torch.randn(4, requires_grad=True), 1.0, 17.5),
+                 lambda: invact.activation("softplus", threshold=1.0)):
+        with pytest.raises(ParamError, match="threshold >= 18"):
+            make()
+    invact.Softplus(threshold=18.0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softplus(threshold=5.0), torch.nn.Linear(4, 4))
+    report = invact.patch(model)
+    assert not report.replaced and "threshold >= 18" in str(report)
+    x = torch.linspace(-3, 8, 64, requires_grad=True)
+    with invact.route_functional() as router:
+        (routed,) = torch.autograd.grad(torch.nn.functional.softplus(x, 1.0, 1.0).sum(), x)
+    (torch_grad,) = torch.autograd.grad(torch.nn.functional.softplus(x, 1.0, 1.0).sum(), x)
+    assert not sum(router.routed.values()) and torch.equal(routed, torch_grad)

@@ -91,8 +91,8 @@ def test_builtin_equals_torch(name):
 
 
 @pytest.mark.parametrize("name, params", [
-    ("softplus", {"beta": 2.0, "threshold": 10.0}),
-    ("softplus", {"beta": 0.5, "threshold": 3.0}),
+    ("softplus", {"beta": 2.0, "threshold": 18.0}),   # the least threshold invact takes (catalog)
+    ("softplus", {"beta": 0.5, "threshold": 30.0}),
     ("elu", {"alpha": 0.5}),
     ("celu", {"alpha": 2.0}),
     ("selu", {"alpha": 1.5, "scale": 0.75}),

@@ -40,7 +40,7 @@ CASES = {
     invact.GELU: (nn.GELU, "gelu", [{"approximate": "tanh"}]),
     invact.SiLU: (nn.SiLU, "silu", [{"inplace": True}]),
     invact.Mish: (nn.Mish, "mish", [{"inplace": True}]),
-    invact.Softplus: (nn.Softplus, "softplus", [{"beta": 2.0, "threshold": 10.0}, {"beta": 1.0, "threshold": 20.0}]),
+    invact.Softplus: (nn.Softplus, "softplus", [{"beta": 2.0, "threshold": 18.0}, {"beta": 1.0, "threshold": 20.0}]),
     invact.ELU: (nn.ELU, "elu", [{"alpha": 0.5}, {"inplace": True}]),
     invact.CELU: (nn.CELU, "celu", [{"alpha": 2.0}, {"inplace": True}]),
     invact.SELU: (nn.SELU, "selu", [{"inplace": True}]),
@@ -329,3 +329,23 @@ def test_docstring_examples():
     for module in (invact.modules, invact.patching, invact.functional, invact.saved):
         result = doctest.testmod(module, extraglobs={"invact": invact}, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_a_parameter_the_torch_forward_fixes_takes_the_formula():
+    """F.selu holds alpha and scale at PyTorch's constants: with others the generated forward computes
+    the formula (it ignored them, and the backward, which reads them, then differentiated another
+    function); with the defaults it is F.selu bit for bit. float64: y within 4 ulps of
+    scale * elu(x, alpha) (expm1 on both sides), the gradient within 8 ulps of its magnitude and of
+    alpha * scale (g = y + alpha * scale below 0)."""
+    x = torch.linspace(-6, 4, 2001, dtype=torch.float64)
+    assert torch.equal(invact.activation("selu")(x), F.selu(x))
+    for alpha, scale in ((2.0, 1.0507009873554805), (1.6732632423543772, 0.5), (0.25, 3.0)):
+        xr = x.clone().requires_grad_()
+        y = invact.activation("selu", alpha=alpha, scale=scale)(xr)
+        (g,) = torch.autograd.grad(y.sum(), xr)
+        xt = x.clone().requires_grad_()
+        want = scale * F.elu(xt, alpha)
+        (gw,) = torch.autograd.grad(want.sum(), xt)
+        eps = torch.finfo(torch.float64).eps
+        assert ((y - want).abs() <= 4 * eps * want.abs()).all(), (alpha, scale)
+        assert ((g - gw).abs() <= 8 * eps * (gw.abs() + alpha * scale)).all(), (alpha, scale)

@@ -188,6 +188,16 @@ class TorchPrinter(_Base):
     where = "torch.where"
     minimum, maximum, clamp = "torch.minimum", "torch.maximum", "torch.clamp({v}, {bound}={limit})"
 
+    def _print_Add(self, e, order=None):
+        """exp(a) - 1 as expm1(a) in a forward: exact near a = 0, where the difference cancels (ELU-type
+        formulas; g's closed forms keep it as written, as their C and Triton code)."""
+        if len(e.args) == 2 and sp.S.NegativeOne in e.args:
+            (other,) = [a for a in e.args if a is not sp.S.NegativeOne]
+            if isinstance(other, sp.exp):
+                fn = "torch.expm1" if self._has_var(other) else "math.expm1"
+                return f"{fn}({self._print(other.args[0])})"
+        return super()._print_Add(e, order=order)
+
     def _print_Piecewise(self, e):
         text = super()._print_Piecewise(e)
         if not self._has_var(e):
@@ -203,6 +213,7 @@ class TorchGPrinter(TorchPrinter):
     computed directly. Forwards keep ``torch.sqrt`` (ATen's, ~3x faster than float64's root in eager
     code): y need not be correctly rounded, only what the backward reads it with."""
     tensor_funcs = {**TorchPrinter.tensor_funcs, "sqrt": "fastmath.sqrt"}
+    _print_Add = _Base._print_Add  # exp(a) - 1 as written: the C and Triton code compute it so
 
 
 class TritonPrinter(_Base):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import pprint
 
 from .analysis import Plan
@@ -20,6 +22,15 @@ def _signature(plan: Plan, *lead: str) -> str:
 def _pass_params(plan: Plan) -> str:
     """``, param_a=param_a, ...``: the parameters passed on to a function of this module."""
     return "".join(f", {mangle(n)}={mangle(n)}" for n in plan.param_names)
+
+
+def _fixed_by_torch_forward(plan: Plan) -> tuple[tuple[str, float], ...]:
+    """The parameters (name, default) a table's torch_forward does not read: PyTorch's function holds
+    them at their defaults, so the forward computes the formula for other values."""
+    if not plan.torch_forward:
+        return ()
+    read = {node.id for node in ast.walk(ast.parse(plan.torch_forward, mode="eval")) if isinstance(node, ast.Name)}
+    return tuple((n, v) for n, v in plan.params if n not in read)
 
 
 def _breaks(breaks) -> str:
@@ -106,11 +117,17 @@ def generate_torch(plan: Plan) -> str:
     _poly_table(w, plan)
     with w.block(f"def forward({_signature(plan, 'x')}):"):
         w('"""y = f(x): PyTorch\'s own forward (META torch_forward), else the printed formula."""')
-        if not plan.torch_forward:  # a formula: float32 inside, one rounding, as torch's own ops
-            with w.block("if x.dtype in (torch.float16, torch.bfloat16):"):
-                w(f"return forward(x.float(){_pass_params(plan)}).to(x.dtype)")
-        forward = plan.torch_forward and mangle_text(plan.torch_forward, plan.param_names)
-        w(f"return {forward or to_torch(plan.formula, 'x')}")
+        fixed = _fixed_by_torch_forward(plan)
+        names, values = (", ".join(f) + ("," if len(fixed) == 1 else "")
+                         for f in zip(*[(mangle(n), repr(v)) for n, v in fixed])) if fixed else ("", "")
+        # torch_forward holds these at their defaults (F.selu): other values take the printed formula
+        with w.block(f"if ({names}) != ({values}):") if fixed else contextlib.nullcontext():
+            if fixed or not plan.torch_forward:  # a formula: float32 inside, one rounding, as torch's own ops
+                with w.block("if x.dtype in (torch.float16, torch.bfloat16):"):
+                    w(f"return forward(x.float(){_pass_params(plan)}).to(x.dtype)")
+                w(f"return {to_torch(plan.formula, 'x')}")
+        if plan.torch_forward:
+            w(f"return {mangle_text(plan.torch_forward, plan.param_names)}")
     w("", "")
     with w.block(f"def x_breaks({_signature(plan)}):"):
         w('"""Forward-code breaks (value, side), left to right (docs/table-format.md, Forward code)."""')
