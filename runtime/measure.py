@@ -20,13 +20,26 @@ bytes; each round is a forward, at most one per site and usually two. The final 
 is the measured one; if it were above the baseline (storages saved jointly by several sites are charged
 to none of them) every swap is dropped. A site never called in the baseline step is restored.
 
+Norms with ``autocast_output`` (judged pre-norms by :func:`invact.norm_patch.feeds_linears`) are checked
+first, on forwards of the example under bf16 autocast with the swapped norms (training mode, seeded as
+below): the model's outputs (every tensor its forwards return, bit for bit and dtype) with every such norm
+returning torch's dtype, then with each group of them (the same attribute of the same parent class: every
+layer's ``input_layernorm``) returning the autocast dtype, then (with several groups) the groups kept,
+together. A group that changes the outputs feeds something other than autocast-lowered Linears (a
+post-norm's residual add, the model's output) and keeps torch's dtype; the report says so. A step that
+fails under autocast or whose model returns no tensor leaves the attribute names' decision.
+
 The functional route (``functional=True``) is measured as one unit: one more forward with
 :class:`invact.routing.FunctionalRouter` active during the model's forward; it is kept if the total
 falls. (Per call site it would need a router that knows which module called it, at run time too.)
 
 Runs use torch's forked RNG, Python's ``random`` and NumPy's global RNG seeded alike (dropout masks and,
 e.g., Wav2Vec2's NumPy-drawn SpecAugment masks agree between runs); the caller's RNG states are restored,
-and so is every module's training flag.
+and so is every module's training flag. So is every parameter and buffer (:class:`_State`): the forwards run
+in training mode, which moves BatchNorm's running statistics, and a step may change anything else (a
+module that counts its calls in a buffer, a callable example that runs backward or an optimizer step); the
+same objects are put back under the same names, with their values and ``.grad`` as before, also when a
+forward raises.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import numpy as np
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .norms import _Saving
 from .routing import FunctionalRouter
 from .saved import SavedBytes
 
@@ -85,6 +99,35 @@ def _seeded(model: nn.Module):
     finally:
         random.setstate(py)
         np.random.set_state(npy)
+
+
+class _State:
+    """Every parameter and buffer of some modules, snapshot: :meth:`restore` puts back the same objects
+    under the same names, their values (copied in place only where they changed) and their ``.grad``."""
+
+    def __init__(self, modules: Any) -> None:
+        self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in {id(m): m for m in modules}.values()]
+        self.values: dict[int, tuple] = {}
+        for _, params, buffers in self.slots:
+            for t in (*params.values(), *buffers.values()):
+                if t is not None and id(t) not in self.values and not nn.parameter.is_lazy(t):
+                    grad = t.grad if isinstance(t, nn.Parameter) else None
+                    self.values[id(t)] = (t, t.detach().clone(), t._version, grad)
+
+    def restore(self) -> None:
+        for m, params, buffers in self.slots:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        with torch.no_grad():
+            for t, saved, version, grad in self.values.values():
+                if (t.dtype, t.shape, t.device) != (saved.dtype, saved.shape, saved.device):
+                    t.data = saved                 # a step that reassigned .data
+                elif t._version != version or not torch.equal(t, saved):
+                    t.copy_(saved)
+                if isinstance(t, nn.Parameter) and t.grad is not grad:
+                    t.grad = grad
 
 
 _key = SavedBytes._key  # one definition of "the same storage" for patch and invact.memory
@@ -310,13 +353,97 @@ def _params(model: nn.Module, sites: dict[int, _Site]) -> set[tuple]:
     return {k for m in mods for p in m.parameters() if (k := _key(p)) is not None}
 
 
+def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
+    """Every tensor the model's (outermost) forwards return in one run of the example, detached."""
+    outs: list[torch.Tensor] = []
+    depth = [0]
+
+    def enter(m: nn.Module, args: Any) -> None:
+        depth[0] += 1
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            stack = [out]
+            while stack:
+                o = stack.pop()
+                if isinstance(o, torch.Tensor):
+                    outs.append(o.detach())
+                elif isinstance(o, dict):
+                    stack.extend(o.values())
+                elif isinstance(o, (tuple, list)):
+                    stack.extend(o)
+
+    handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
+    try:
+        with _seeded(model), torch.enable_grad():
+            out = _step(model, example)
+            del out
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Same dtypes, shapes and bits."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape
+        and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        for x, y in zip(a, b))
+
+
+def _check_autocast(model: nn.Module, example: Any, sites: dict[int, _Site]) -> dict[int, str]:
+    """Norm sites whose ``autocast_output`` changes the model's outputs under bf16 autocast (set back to
+    False), with the reason; the sites must be in place."""
+    casts = {k for k, s in sites.items() if isinstance(s.new, _Saving) and s.new.autocast_output}
+    if not casts:
+        return {}
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    if device not in ("cpu", "cuda"):
+        return {}
+    groups: dict[tuple, set[int]] = defaultdict(set)
+    for k in casts:
+        for path in sites[k].paths:
+            parent, _, attr = path.rpartition(".")
+            groups[(type(model.get_submodule(parent)).__qualname__, attr)].add(k)
+
+    def run(on: set[int]) -> list[torch.Tensor]:
+        for k in casts:
+            sites[k].new.autocast_output = k in on
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return _outputs(model, example)
+
+    refused: dict[int, str] = {}
+    try:
+        try:
+            plain = run(set())
+        except Exception:  # noqa: BLE001 - a step that cannot run under autocast: the attribute names decide
+            return {}
+        if not plain:                          # nothing to compare: the attribute names decide
+            return {}
+        for (cls, attr), keys in groups.items():
+            if not _same(plain, run(keys)):
+                refused.update({k: f"torch's dtype under autocast: measured, the autocast dtype of {cls}.{attr} "
+                                   "changes the model's output (not only Linears consume it)" for k in keys})
+        rest = casts - set(refused)
+        if len(groups) > 1 and rest and not _same(plain, run(rest)):
+            refused.update({k: "torch's dtype under autocast: measured, the norms' autocast outputs together "
+                               "change the model's output" for k in rest})
+    finally:
+        for k in casts:
+            sites[k].new.autocast_output = k not in refused
+    return refused
+
+
 def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter | None,
-           left_cls: Any) -> bool:
+           left_cls: Any, check_autocast: bool = False) -> bool:
     """Measure ``report``'s swaps (and ``router``) on ``example``; undo those that free nothing, in place.
 
     ``report`` is the :class:`invact.patching.PatchReport` of swaps just made; kept entries get ``freed``,
     dropped ones move to ``report.left`` (built with ``left_cls(path, class, reason)``). Returns whether
-    the functional route frees bytes (False without ``router``).
+    the functional route frees bytes (False without ``router``). ``check_autocast``: norms with
+    ``autocast_output`` keep it only where it leaves the model's outputs unchanged under autocast.
     """
     sites: dict[int, _Site] = {}
     for r in report.replaced:
@@ -326,8 +453,18 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
     flags = {id(m): (m, m.training) for s in [model, *(x for s in sites.values() for x in (s.old, s.new))]
              for m in s.modules()}
     params = _params(model, sites)
+    state = _State(m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules())
     try:
         model.train()
+        if check_autocast:
+            _place(model, sites, set(sites))
+            refused = _check_autocast(model, example, sites)
+            for i, r in enumerate(report.replaced):
+                key = id(model.get_submodule(r.path))
+                if key in refused:
+                    kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
+                    note = "; ".join([refused[key], *kept])
+                    report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
         _place(model, sites, set())
         base = _run(model, example, _site_map(sites, set()), params)
         reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
@@ -376,6 +513,7 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
     finally:
         for m, flag in flags.values():
             m.train(flag)
+        state.restore()
     _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
     return bool(routed and routed[0])
 

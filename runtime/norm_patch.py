@@ -17,9 +17,13 @@ later ``.to()`` conversions); :func:`invact.unpatch` puts the original back.
 
 Autocast output: a norm whose consumers are Linears (pre-norm) returns the autocast dtype under
 torch.autocast, so the Linear saves the norm's own output instead of a cast copy. Which norms those are
-is read from the attribute name (:data:`PRE_NORM`): a module cannot see who uses its output, and a
-post-norm layer's output (BERT's ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``) also
-feeds the float32 residual stream, which must not be rounded.
+is read from the parent (:func:`feeds_linears`): a parent with a ``norm_first`` flag (torch's
+TransformerEncoderLayer / TransformerDecoderLayer) says it, the final ``norm`` of torch's
+TransformerEncoder / TransformerDecoder is the stack's output, and otherwise the attribute name decides
+(:data:`PRE_NORM`). A module cannot see who uses its output, and a post-norm layer's output (BERT's
+``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with ``norm_first=False``)
+also feeds the float32 residual stream, which must not be rounded. With ``example=``, :mod:`invact.measure`
+also checks it: a norm whose autocast output changes the model's output under autocast keeps torch's dtype.
 """
 
 from __future__ import annotations
@@ -60,7 +64,13 @@ def _eps(module: nn.Module) -> float | None:
 
 
 def feeds_linears(parent: nn.Module, attr: str) -> bool:
-    """Heuristic: the norm is a pre-norm (its consumers are Linears), judged by its attribute name."""
+    """Heuristic: the norm is a pre-norm (its consumers are Linears), judged by its parent's ``norm_first``
+    flag where it has one, else by its attribute name."""
+    norm_first = getattr(parent, "norm_first", None)
+    if isinstance(norm_first, bool):           # torch's Transformer{Encoder,Decoder}Layer: post-norm by default
+        return norm_first
+    if isinstance(parent, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return False                           # the final norm: the stack's output, to any consumer
     if attr == "post_attention_layernorm":     # Gemma 2/3: a sandwich norm feeding the residual
         return "pre_feedforward_layernorm" not in parent._modules
     return attr in PRE_NORM

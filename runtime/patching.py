@@ -323,7 +323,8 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         and ``exclude`` select activations only.
     autocast_output : bool, optional
         Norms return the autocast dtype under torch.autocast (True), torch's dtype (False), or, by
-        default, the autocast dtype for pre-norms only (:func:`invact.norm_patch.feeds_linears`).
+        default, the autocast dtype for pre-norms only (:func:`invact.norm_patch.feeds_linears`; with
+        ``example``, also only where it leaves the model's outputs under bf16 autocast unchanged).
     example : tensor, tuple, list or dict of model inputs, or a callable ``step(model)``, optional
         Measure before keeping: one forward of this step (training mode, grad on) counts the bytes saved
         for backward per storage with the originals and with the swaps; a swap (activation or norm) is
@@ -409,7 +410,8 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             notes.append("hooks registered on the original stay with it")
         report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
     router = FunctionalRouter() if functional else None
-    routed = measure.decide(model, report, example, router, Left) if example is not None else functional
+    routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
+              if example is not None else functional)
     if router is not None:
         report.functional = report.functional or "routed during the model's forward (not measured)"
         if routed:
@@ -424,10 +426,20 @@ def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: di
     done[id(old)] = new
 
 
+def _hand_back(new: nn.Module, old: nn.Module) -> None:
+    """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have)."""
+    old.train(new.training)
+    for mine, theirs in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
+        for name in mine.keys() & theirs.keys():
+            mine[name] = theirs[name]
+
+
 def unpatch(model: nn.Module) -> list[str]:
     """Put back the modules :func:`patch` replaced (the same objects); returns their paths.
 
-    The training flag of each restored module is set to that of the module it replaces.
+    Each restored module gets the training flag and the parameters and buffers (the same objects, under
+    the names both have) of the module it replaces, so whatever was assigned while patched
+    (``load_state_dict(..., assign=True)``, ``module.weight = ...``) stays.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -436,7 +448,7 @@ def unpatch(model: nn.Module) -> list[str]:
     for parent, attr, path, child in list(_children(model)):
         original = getattr(child, "_invact_replaced", None)
         if isinstance(child, (Activation, _Saving)) and original:
-            original[0].train(child.training)
+            _hand_back(child, original[0])
             setattr(parent, attr, original[0])
             restored.append(path)
     return restored

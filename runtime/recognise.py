@@ -2,14 +2,21 @@
 
 :func:`invact.patch` knows torch.nn's, Hugging Face's and timm's activation classes by name. Any other
 leaf module without parameters or buffers (transformers' ``BloomGelu``, a model's own ``GELU`` class)
-is probed: a deep copy in eval mode is called, without grad, on float64 values spread over [-8, 8]
-(a 2-d tensor), and its output is compared with each reference in :func:`references`. It matches when
-every output is within 2^-26 of the reference relative to it — a quarter of float32's unit roundoff
-2^-24, so the reference's table serves the module as well as it serves the reference — plus 16 float64
-ulps of 1 + |x|, the two formulas' own float64 rounding where they cancel (0.5x(1 + tanh(z)) for x < -4
-keeps only an absolute error ~|x| * 2^-53). BloomGelu's and FastGELU's truncated sqrt(2/pi) change
-outputs by ~1e-9 relative; GELU's erf and tanh forms differ by up to 0.64 relative (x = -4.7), so they
-never match each other.
+is probed: a deep copy is called, without grad, on float64 values (a 2-d tensor) spread densely over
+[-8, 8] and logarithmically over every float32 magnitude in both signs, from the largest finite float32
+down through float32's and float64's subnormals to ±0 (inf and NaN are bad input, whose handling is the
+table's own policy, not the formula's), and its output is compared with each reference in
+:func:`references`. It matches when every output is within 2^-26 of the reference relative to it — a
+quarter of float32's unit roundoff 2^-24, so the reference's table serves the module as well as it
+serves the reference — plus 16 float64 ulps of 1 + min(|x|, 64), the two formulas' own float64 rounding
+where they cancel (0.5x(1 + tanh(z)) for x < -4 keeps only an absolute error ~|x| * 2^-53, until tanh
+saturates near x = -10); equal infinities and NaNs at the same place match. BloomGelu's and FastGELU's
+truncated sqrt(2/pi) change outputs by ~1e-9 relative; GELU's erf and tanh forms differ by up to 0.64
+relative (x = -4.7), so they never match each other; a clipped GELU differs beyond its clip.
+
+The copy runs in eval mode and twice in training mode (torch's CPU RNG forked, so the caller's draws are
+untouched): a module whose training-mode output differs from its eval-mode output or from one call to the
+next (a dropout inside it) computes no fixed function, and is neither recognised nor reported.
 
 A module whose probe runs and is elementwise (flipping the input flips the output) but matches no
 reference is "activation-like, not recognised"; one whose probe fails or is not elementwise is not an
@@ -52,25 +59,42 @@ def is_candidate(module: nn.Module) -> bool:
 
 
 def _probe_input() -> torch.Tensor:
-    x = torch.linspace(-8.0, 8.0, 4002, dtype=torch.float64)
-    return (x + math.pi * 1e-4).reshape(2, 2001)      # off the grid's round numbers (kinks at 0)
+    """Two rows whose length is a multiple of 64: flipped, every value still meets the vectorized loop of
+    an elementwise kernel (a scalar remainder loop may round transcendental functions differently)."""
+    f32 = torch.finfo(torch.float32)
+    wide = torch.logspace(math.log10(8.0), math.log10(f32.max), 399, dtype=torch.float64) * (1 + math.pi * 1e-5)
+    small = torch.logspace(-45.0, -3.0, 85, dtype=torch.float64)
+    edges = torch.tensor([f32.max, f32.smallest_normal, f32.smallest_normal / 4, 2.0 ** -149, 1e-310, 5e-324, 0.0],
+                         dtype=torch.float64)
+    magnitudes = torch.cat([wide.clamp(max=f32.max), small, edges])   # each in both signs
+    n = 4000 + (-(4000 + 2 * len(magnitudes))) % 128
+    dense = torch.linspace(-8.0, 8.0, n, dtype=torch.float64) + math.pi * 1e-4  # off round numbers (kinks at 0)
+    return torch.cat([dense, magnitudes, -magnitudes]).reshape(2, -1)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same values (NaN where NaN), shape and dtype."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def probe(module: nn.Module) -> tuple[str | None, bool]:
     """``(table, activation_like)``: the reference ``module`` computes (or None), and whether it looked
-    like an elementwise activation at all."""
+    like an elementwise activation at all (computing the same in training and eval mode, every call)."""
+    x = _probe_input()
     try:
-        twin = copy.deepcopy(module).eval()
-        x = _probe_input()
-        with torch.no_grad():
-            y, y_flipped = twin(x), twin(x.flip(-1))
+        twin = copy.deepcopy(module)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            y, y_flipped = twin.eval()(x), twin(x.flip(-1))
+            trained = [twin.train()(x) for _ in range(2)]
     except Exception:  # noqa: BLE001 - a module that cannot take one float64 tensor is not an activation
         return None, False
-    if not (isinstance(y, torch.Tensor) and isinstance(y_flipped, torch.Tensor) and y.shape == x.shape
-            and y.dtype == x.dtype and torch.equal(y_flipped.flip(-1), y)):
+    if not (all(isinstance(t, torch.Tensor) for t in (y, y_flipped, *trained)) and y.shape == x.shape
+            and y.dtype == x.dtype and _same(y_flipped.flip(-1), y) and all(_same(t, y) for t in trained)):
         return None, False
+    slack = _ULPS64 * (1 + x.abs().clamp(max=64))
     for name, ref in references().items():
         want = ref(x)
-        if bool(((y - want).abs() <= _REL * want.abs() + _ULPS64 * (1 + x.abs())).all()):
+        close = ((y - want).abs() <= _REL * want.abs() + slack) | (y == want) | (y.isnan() & want.isnan())
+        if bool(close.all()):
             return name, True
     return None, True
