@@ -16,7 +16,7 @@ import sympy as sp
 from scipy.optimize import brentq
 
 from .errors import SpecError
-from .formulas import X, ActivationSpec
+from .formulas import X, ActivationSpec, check_constants
 
 __all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit", "END_KINDS"]
 
@@ -31,7 +31,8 @@ END_KINDS = {  # what each kind of branch end means (invact show prints the ones
     "regular": "f' finite and nonzero at the end (a kink or a piece boundary)",
     "flat": "a plateau: y carries no x, g is PyTorch's gradient there (0)",
 }
-SCAN = 60.0          # critical points are searched on [-SCAN, SCAN] (and beyond, to detect infinitely many)
+SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (_scan_grid)
+FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
 FAR = 1e4            # "infinity" for numeric limits
 MAX_CRITICAL = 16
 
@@ -63,7 +64,8 @@ _EXPM1 = sp.Function("expm1_")
 def stable(expr: sp.Expr) -> sp.Expr:
     """Rewrite cancellation-prone forms for float64 evaluation: c + c*erf(a) -> c*erfc(-a),
     c + c*tanh(a) -> 2c/(1 + exp(-2a)), c - c*tanh(a)**2 -> c*sech(a)**2, c*exp(a) - c -> c*expm1(a),
-    log(1 + exp(a)) -> softplus(a)."""
+    log(1 + exp(a)) -> softplus(a), exp(a)/(1 + exp(a))**2 -> sech(a/2)**2/4 (a sigmoid's derivative),
+    exp(a)/(1 + exp(a)) -> 1/(1 + exp(-a))."""
     def fix_add(e: sp.Add):
         terms = list(e.args)
         consts = [t for t in terms if t.is_number]
@@ -92,7 +94,26 @@ def stable(expr: sp.Expr) -> sp.Expr:
                 return _SOFTPLUS(other.args[0])
         return e
 
+    def fix_mul(e: sp.Mul):
+        # exp(u)/(1 + exp(u))**2 -> sech(u/2)**2/4 and exp(u)/(1 + exp(u)) -> 1/(1 + exp(-u)): inf/inf
+        # where exp(u) overflows (x*sigmoid(25*x)'s f' at x = -30) becomes 0 and 1
+        factors = list(e.args)
+        for t in factors:
+            if not (isinstance(t, sp.Pow) and t.exp in (-1, -2) and isinstance(t.base, sp.Add)
+                    and len(t.base.args) == 2 and 1 in t.base.args):
+                continue
+            ex = t.base.args[0] if t.base.args[1] == 1 else t.base.args[1]
+            if isinstance(ex, sp.exp) and ex in factors:
+                u = ex.args[0]
+                others = list(factors)
+                others.remove(t)
+                others.remove(ex)
+                new = _SECH2(u / 2) / 4 if t.exp == -2 else 1 / (1 + sp.exp(-u))
+                return sp.Mul(*others) * new
+        return e
+
     expr = expr.replace(lambda e: isinstance(e, sp.log), fix_log)
+    expr = expr.replace(lambda e: isinstance(e, sp.Mul), fix_mul)
     expr = expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
     return expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
 
@@ -252,6 +273,7 @@ class Analysis:
 
 def analyze(spec: ActivationSpec) -> Analysis:
     """Split ``spec`` into monotone branches, classify their ends and assign codes."""
+    check_constants(spec.substituted(), f"{spec.name!r} with {spec.params}" if spec.params else repr(spec.name))
     pieces = _pieces(spec)
     _check_real(spec, pieces)
     branches: list[Branch] = []
@@ -289,6 +311,12 @@ def _pieces(spec: ActivationSpec) -> list[Piece]:
         for iv in _intervals(region):
             out.append(Piece(e, sym_args[i][0] if sym_args else e, float(iv.start), float(iv.end),
                              not iv.left_open, not iv.right_open))
+    gaps = [iv for iv in _intervals(sp.Complement(sp.Reals, covered)) if iv.measure > 0]
+    if gaps:
+        g = gaps[0]
+        text = f"{'(' if g.left_open else '['}{float(g.start):g}, {float(g.end):g}{')' if g.right_open else ']'}"
+        raise SpecError(f"{spec.name!r} is undefined (not real-valued) for x in {text}: no condition of its "
+                        "Piecewise holds there; a table needs f on the whole real line (end with a (value, True) piece)")
     out.sort(key=lambda p: p.lo)
     return out
 
@@ -321,6 +349,11 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
         bad = np.isnan(dys)
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
+            exact = _precise(sp.diff(p.expr, X), x_bad)
+            if exact is not None:
+                raise SpecError(f"{spec.name!r}: float64 cannot evaluate f' at x = {x_bad:.6g} (it gives nan, from an "
+                                f"overflow such as inf/inf; f' is {float(exact):.6g} there): write the formula in a "
+                                "form whose terms stay within float64's range")
             raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
                             "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
 
@@ -355,16 +388,43 @@ def _typical_slope(fpn, a: float, b: float) -> float:
     return float(v[np.argmax(np.abs(v))])
 
 
+def _scan_grid(lo: float, hi: float) -> np.ndarray:
+    """x at which f' is sampled for sign changes on (lo, hi): 20001 points on [-SCAN, SCAN] (spacing
+    0.006), spacing 0.024 out to |x| = 8 SCAN, then geometric (about 200 points a decade) out to
+    |x| = FAR_SCAN; clipped to the piece (its finite ends included)."""
+    near = np.linspace(-SCAN, SCAN, 20001)
+    mid = np.linspace(SCAN, 8 * SCAN, 17501)
+    far = np.geomspace(8 * SCAN, FAR_SCAN, 2401)
+    xs = np.unique(np.concatenate([near, mid, far, -mid, -far]))
+    xs = xs[(xs > lo) & (xs < hi)]
+    return np.concatenate([[lo] if math.isfinite(lo) else [], xs, [hi] if math.isfinite(hi) else []])
+
+
 def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
-    """Sign changes of f' inside the piece, to float64 accuracy; refuses infinitely many."""
-    lo, hi = max(piece.lo, -SCAN), min(piece.hi, SCAN)
+    """Sign changes of f' inside the piece, to float64 accuracy. Every sign change found on the scan
+    (:func:`_scan_grid`, out to |x| = FAR_SCAN) is a branch point; more than MAX_CRITICAL of them, or
+    one beyond FAR_SCAN (:func:`_check_far_sign`), is refused: none is dropped."""
     fpn = numeric(fp)
-    roots = _sign_changes(fpn, lo, hi, 20001)
-    wide = _sign_changes(fpn, max(piece.lo, -8 * SCAN), min(piece.hi, 8 * SCAN), 160001)
-    if len(roots) > MAX_CRITICAL or len(wide) > len(roots) + 2:
-        raise SpecError(f"f' changes sign {len(wide)} times on [{-8 * SCAN:g}, {8 * SCAN:g}]: the function "
-                        "appears to have infinitely many monotone branches, which a finite code cannot index")
+    roots = _sign_changes_on(fpn, _scan_grid(piece.lo, piece.hi), fp)
+    if len(roots) > MAX_CRITICAL:
+        raise SpecError(f"f' changes sign {len(roots)} times on [{max(piece.lo, -FAR_SCAN):g}, "
+                        f"{min(piece.hi, FAR_SCAN):g}] (first at x = {roots[0]:.6g}, last at x = {roots[-1]:.6g}): "
+                        "the function appears to have infinitely many monotone branches, which a finite "
+                        f"code cannot index (at most {MAX_CRITICAL + 1} branches per piece are supported)")
+    for side in (-1.0, 1.0):
+        if (piece.hi if side > 0 else -piece.lo) > FAR_SCAN:
+            _check_far_sign(fp, fpn, side)
     return [_polish_root(fp, r) for r in roots]
+
+
+def _check_far_sign(fp: sp.Expr, fpn, side: float) -> None:
+    """Refuse a sign change of f' beyond |x| = FAR_SCAN on one side, found by a geometric scan out
+    to float64's largest values (a branch point there would lie beyond what the fit can resolve)."""
+    far = _sign_changes_on(fpn, side * np.geomspace(FAR_SCAN, 1.7e308, 2937), fp)
+    if far:
+        raise SpecError(f"f' changes sign near x = {far[0]:.3g}, beyond |x| = {FAR_SCAN:g} where the fitter "
+                        f"places branch points: f is not monotone as x -> {'+' if side > 0 else '-'}inf, "
+                        "and such a far branch is not supported")
 
 
 def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[float]:
@@ -373,26 +433,35 @@ def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[floa
     Candidates are strict local minima of |f'| on a grid; a zero of even order of f' is a sign change
     of f'', found by brentq, and kept where f' there is below 1e-12 of its values a grid step away.
     Refuses infinitely many (x + sin(x))."""
-    lo, hi = max(piece.lo, -SCAN), min(piece.hi, SCAN)
-    if not lo < hi:
+    xs = _scan_grid(piece.lo, piece.hi)    # the critical points' grid: a flat point far out splits too
+    if xs.size < 3:
         return []
-    xs = np.linspace(lo, hi, 20001)
     a = np.abs(fpn(xs))
     a = np.where(np.isfinite(a), a, np.inf)
     local = np.nonzero((a[1:-1] < a[:-2]) & (a[1:-1] < a[2:]) & (np.minimum(a[:-2], a[2:]) > 1e-250))[0] + 1
     fpp = numeric(sp.diff(fp, X))
     out: list[float] = []
     for i in local:
-        if any(abs(xs[i] - c) <= 2 * (xs[1] - xs[0]) for c in crit):
+        if any(abs(xs[i] - c) <= 2 * (xs[i + 1] - xs[i - 1]) for c in crit):
             continue
         x0 = _second_root(fpp, float(xs[i - 1]), float(xs[i]), float(xs[i + 1]))
         if x0 is not None and abs(float(fpn(np.array([x0]))[0])) <= 1e-12 * min(a[i - 1], a[i + 1]) \
-                and piece.lo < x0 < piece.hi:
+                and piece.lo < x0 < piece.hi and _precise_flat(fp, x0, float(xs[i - 1]), float(xs[i + 1])):
             out.append(x0)
     if len(out) > MAX_CRITICAL:
-        raise SpecError(f"f' touches zero without changing sign {len(out)} times on [{lo:g}, {hi:g}] (first at "
+        raise SpecError(f"f' touches zero without changing sign {len(out)} times on [{xs[0]:g}, {xs[-1]:g}] (first at "
                         f"x = {out[0]:.6g}): infinitely many flat points, each a singularity of g")
     return out
+
+
+def _precise_flat(fp: sp.Expr, x0: float, a: float, b: float) -> bool:
+    """Whether |f'(x0)| <= 1e-12 |f'| at a and b to 15 correct digits (:func:`_precise`): far out,
+    float64 cancellation makes f' noise that can touch 0 (x/sqrt(1 + x**2) at |x| ~ 1e14); True
+    where evalf cannot tell."""
+    v0, va, vb = (_precise(fp, t) for t in (x0, a, b))
+    if v0 is None or va is None or vb is None:
+        return True
+    return bool(abs(v0) <= sp.Float(1e-12) * min(abs(va), abs(vb)))
 
 
 def _second_root(fpp, a: float, m: float, b: float) -> float | None:
@@ -405,18 +474,48 @@ def _second_root(fpp, a: float, m: float, b: float) -> float | None:
     return brentq(lambda t: float(fpp(np.array([t]))[0]), a, b, xtol=1e-15, rtol=1e-15)
 
 
-def _sign_changes(fpn, lo: float, hi: float, n: int) -> list[float]:
-    if not lo < hi:
+def _sign_changes_on(fpn, xs: np.ndarray, fp: sp.Expr | None = None) -> list[float]:
+    """Sign changes of f' between neighbouring grid points xs (brentq), and grid points where f' is
+    exactly 0 between opposite signs. With ``fp``, a change that f' to 15 correct digits shows to be
+    a float64 artefact is dropped: overflow can flip the sign of a tiny f' (silu's
+    x*exp(-x)/(1 + exp(-x))**2 becomes -0 at x = -355 while 1/(1 + exp(-x)) stays positive)."""
+    if xs.size < 2:
         return []
-    xs = np.linspace(lo, hi, n)
     v = fpn(xs)
     s = np.sign(v)
+    real = _precise_change(fp)
     out = []
     for i in np.nonzero(s[:-1] * s[1:] < 0)[0]:
-        out.append(brentq(lambda t: float(fpn(np.array([t]))[0]), xs[i], xs[i + 1], xtol=1e-15, rtol=1e-15))
+        if real(xs[i], xs[i + 1]):
+            out.append(brentq(lambda t: float(fpn(np.array([t]))[0]), xs[i], xs[i + 1], xtol=1e-15, rtol=1e-15))
     for i in np.nonzero((s[1:-1] == 0) & (s[:-2] * s[2:] < 0))[0]:
-        out.append(float(xs[i + 1]))
+        if real(xs[i], xs[i + 2]):
+            out.append(float(xs[i + 1]))
     return sorted(out)
+
+
+def _precise_change(fp: sp.Expr | None):
+    """(a, b) -> False when f' to 15 correct digits (:func:`_precise`) has the same nonzero sign at a
+    and b, else True (also where ``fp`` is None or evalf gives no real number)."""
+    if fp is None:
+        return lambda a, b: True
+
+    def sign(x: float) -> int:
+        v = _precise(fp, x)
+        return 0 if v is None else int(sp.sign(v))
+    return lambda a, b: not ((sa := sign(a)) != 0 and sa == sign(b))
+
+
+def _precise(expr: sp.Expr, x: float):
+    """expr at x by sympy's evalf, which raises its working precision until 15 digits are right (so
+    neither float64 overflow nor cancellation shows), as a sympy number; None where it is no finite
+    real number or evalf fails."""
+    try:
+        with time_limit(LIMIT_SECONDS):
+            v = expr.evalf(15, subs={X: sp.Float(float(x), 17)}, maxn=2000)
+        return v if v.is_extended_real and v.is_finite else None
+    except Exception:  # noqa: BLE001 - evalf fails in many ways: unknown
+        return None
 
 
 def _polish_root(fp: sp.Expr, x0: float) -> float:
@@ -532,7 +631,10 @@ def _check_continuous(spec: ActivationSpec, branches: list[Branch]) -> None:
 # ---------------------------------------------------------------------------------------------
 # ends
 
-def _zero_order(expr: sp.Expr, x0: float, highest: int = 6) -> int:
+ZERO_ORDER_MAX = 6
+
+
+def _zero_order(expr: sp.Expr, x0: float, highest: int = ZERO_ORDER_MAX) -> int:
     """The order m of the zero of f' at x0: the first k >= 1 with f^(k+1)(x0) clearly nonzero
     (30 digits; x0 is known to ~1e-8 at a zero of even order, so a vanishing f^(k+1) reads ~1e-8)."""
     d = sp.diff(expr, X)
@@ -553,12 +655,33 @@ UNBOUNDED_SLOPE = 1e12   # |f'| above this at a finite end (or just inside it): 
 
 def _end_slope(fp, b: Branch, x: float) -> float:
     """f' at a finite branch end x, or the value just inside it that is larger in magnitude (f'
-    can be finite at x itself and blow up next to it, as x**(1/3) + 0 gives 0 at x = 0 by convention)."""
+    can be finite at x itself and blow up next to it, as x**(1/3) + 0 gives 0 at x = 0 by convention).
+    Where float64 gives NaN at x itself (0*inf: abs(x)**1.5's 1.5*x**1.5/x), f' there is its limit
+    from inside, read from the values 1e-12 and 1e-9 inside: f' ~ |x - x0|^p, 0 for p > 0 (a zero
+    of integer order p; another p is refused with it), +-inf for p < 0."""
     lo, hi = b.x_range
     inward = 1.0 if x == lo else -1.0
-    vals = fp(np.array([x, x + inward * 1e-12 * max(1.0, abs(x)), x + inward * 1e-9 * max(1.0, abs(x))]))
-    if not np.isfinite(vals).all():
-        return math.inf
+    d1, d2 = 1e-12 * max(1.0, abs(x)), 1e-9 * max(1.0, abs(x))
+    vals = fp(np.array([x, x + inward * d1, x + inward * d2]))
+    if np.isinf(vals).any():
+        return float(vals[np.argmax(np.isinf(vals))])
+    if np.isnan(vals[1:]).any():
+        raise SpecError(f"f' cannot be evaluated next to x = {x:.17g} (float64 gives nan there), so the kind "
+                        "of this branch end is unknown")
+    if np.isnan(vals[0]):
+        v1, v2 = abs(float(vals[1])), abs(float(vals[2]))
+        if v1 == 0.0 or v2 == 0.0:
+            return 0.0 if v1 <= v2 else float(vals[1])
+        p = math.log(v2 / v1) / math.log(d2 / d1)
+        if abs(p) <= 0.01:
+            return float(vals[1])
+        if p < 0:
+            return math.copysign(math.inf, float(vals[1]))
+        if abs(p - round(p)) > 0.02:
+            raise SpecError(f"f' -> 0 like |x - x0|^{p:.3g} at the branch end x0 = {x:.17g}: g ~ |y - y0|^"
+                            f"({p:.3g}/{p + 1:.3g}) there, a zero of non-integer order, which no transform of "
+                            "the fitter follows (branch ends: sqrt for order 1, root for orders 2 and up)")
+        return 0.0
     big = np.abs(vals) > UNBOUNDED_SLOPE
     return float(vals[np.argmax(big)]) if big.any() else float(vals[0])
 
@@ -585,14 +708,15 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
             slope = _end_slope(fp, b, x)
             if not math.isfinite(slope) or abs(slope) > UNBOUNDED_SLOPE:
                 raise SpecError(f"g = f'(f^-1(y)) is unbounded next to y = {y:.17g} (f' -> "
-                                f"{'inf' if slope > 0 or math.isnan(slope) else '-inf'} as x -> {x:.17g}): a table "
+                                f"{'inf' if slope > 0 else '-inf'} as x -> {x:.17g}): a table "
                                 "cannot hold a g that grows without bound on a bounded range of y")
             b.limits[which] = slope
             kind = "sqrt" if abs(slope) < 1e-12 else "regular"
             if kind == "sqrt" and (m := _zero_order(b.expr, x)) > 1:
                 kind = "root"   # f - y0 ~ (x - x0)^(m+1): g ~ |y - y0|^(m/(m+1))
                 b.orders[which] = m
-                b.singularities.append(f"root at y={y:.17g} (x={x:.17g}, f' has a zero of order {m})")
+                b.singularities.append(f"root at y={y:.17g} (x={x:.17g}, f' has a zero of order {m}"
+                                       f"{' or more' if m >= ZERO_ORDER_MAX else ''})")
             elif kind == "sqrt":
                 b.singularities.append(f"sqrt at y={y:.17g} (x={x:.17g})")
         setattr(b, f"{which}_end", kind)

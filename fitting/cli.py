@@ -173,6 +173,12 @@ def _formula_table(args) -> dict | None:
 def cmd_fit(args) -> int:
     from .formulas import BUILTINS, get_spec
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
+    seen: dict[str, float] = {}
+    for key, value in args.param:
+        if key in seen:
+            raise SpecError(f"--param {key} is given twice ({key}={seen[key]:g} and {key}={value:g}); "
+                            "give each parameter once")
+        seen[key] = value
     table = _formula_table(args)
     formula = table["formula"] if table else args.activation
     name = args.name or (args.activation if table else None)

@@ -14,9 +14,10 @@ class SpecError(InputError):
 class FitError(InputError):
     """The requested bound cannot be met; carries the best error reached and what to relax."""
 
-    def __init__(self, message: str, best_error: float | None = None, advice: str = ""):
+    def __init__(self, message: str, best_error: float | None = None, advice: str = "",
+                 label: str = "best error reached"):
         if best_error is not None:
-            message += f" (best error reached {best_error:.3g}; {advice})"
+            message += f" ({label} {best_error:.3g}; {advice})"
         elif advice:
             message += f"; {advice}"
         super().__init__(message)

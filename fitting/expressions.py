@@ -30,6 +30,9 @@ FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", 
              "asinh", "acosh", "atanh", "erf", "erfc", "abs", "Abs", "sign", "min", "max", "Min", "Max",
              "Piecewise", "Heaviside", "sigmoid", "softplus", "relu")
 CONSTANTS = ("pi", "E")
+# how many positional arguments each function takes (min, max); the rest take exactly one
+ARITY = {"log": (1, 2), "Heaviside": (1, 2), "min": (1, None), "max": (1, None), "Min": (1, None),
+         "Max": (1, None), "Piecewise": (1, None)}
 
 # Names sympy's parser calls in the text it builds (its closed namespace: see parse)
 PARSER_NAMES = ("Integer", "Float", "Rational", "Symbol")
@@ -126,6 +129,11 @@ def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | 
                 refuse(node.func, "is an unknown function")
             if node.keywords or any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
                 refuse(node, "is not allowed (positional arguments only)")
+            low, high = ARITY.get(node.func.id, (1, 1))
+            if len(node.args) < low or (high is not None and len(node.args) > high):
+                takes = f"{low}" if low == high else f"{low} or {high}" if high else f"{low} or more"
+                refuse(node, f"has {len(node.args)} arguments: {node.func.id} takes {takes} "
+                             f"argument{'s' if (high or 2) > 1 else ''}")
             for arg in node.args:
                 visit(arg)
         elif isinstance(node, ast.Tuple):

@@ -324,16 +324,28 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
         kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
         cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
         raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
-                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, _advice(best_err, tolerance))
+                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, _advice(best_err, tolerance),
+                       "the closest pieces need a tolerance of")
     return best
 
 
-def _advice(best_err: float, tolerance: float) -> str:
-    """What to change: a looser --tolerance only where the best error reached shows one would do."""
-    if math.isfinite(best_err) and best_err < 0.1:   # larger: nothing like g (|g| ~ 1) was reached
-        looser = float(f"{best_err / SAFETY * 1.5:.1g}")
+def _needed(piece: PieceFit) -> float:
+    """The smallest tolerance at which ``piece`` passes :func:`_meets`: its approximation error over
+    SAFETY, and its float32 errors (sampled scheme error; approximation plus dense rounding error)
+    beyond the float32 slack. A refusal reports this figure, so it exceeds the tolerance refused."""
+    slack = F32_SLACK if piece.den is None else F32_SLACK_RATIONAL
+    return max(piece.error / SAFETY, piece.float32_error - slack,
+               piece.error + (piece.rounding_error or 0.0) - slack)
+
+
+def _advice(needed: float, tolerance: float) -> str:
+    """What to change: a looser --tolerance only where the tolerance the closest pieces need
+    (:func:`_needed`) shows one would do."""
+    if math.isfinite(needed) and needed < 0.1:   # larger: nothing like g (|g| ~ 1) was reached
+        step = 10.0 ** math.floor(math.log10(needed * 1.2))    # 20% above, rounded up to one digit
+        looser = float(f"{math.ceil(needed * 1.2 / step) * step:.1g}")
         if looser > tolerance:
-            return f"pieces reached {best_err:.2g}, so --tolerance {looser:g} or more is likely to fit"
+            return f"--tolerance {looser:g} or more is likely to fit"
     return ("a looser tolerance would not help: g is not smooth enough here for piecewise polynomials in "
             "this branch's transforms; please report the formula")
 
@@ -366,16 +378,20 @@ def _search_step(x_a: float, x_end: float):
 
 def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_PIECES):
     """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable.
-    (None, worst error seen) when more than ``max_pieces`` would be needed."""
-    pieces, start, worst = [], y_lo, 0.0
+    (None, the tolerance the closest pieces need: :func:`_needed`) when more than ``max_pieces``
+    would be needed: that of one piece for the rest of the range when the pieces run out, else the
+    smallest of the trial pieces that failed where the next piece starts."""
+    pieces, start = [], y_lo
     x_end = float(ref.inverse(np.array([y_hi]))[0])
     while start < y_hi:
-        if len(pieces) >= max_pieces:
-            return None, worst
         whole = _best(ref, start, y_hi, tfs, degree, den_degree)
-        if _meets(whole, target):
+        meets = _meets(whole, target)     # (computes the rounding error that _needed reads)
+        if len(pieces) >= max_pieces:     # one piece more would be needed: at least the tolerance
+            return None, max(_needed(whole), target / SAFETY)
+        if meets:
             pieces.append(whole)
             break
+        needed = _needed(whole)
         x_a = float(ref.inverse(np.array([start]))[0])
         step = _search_step(x_a, x_end)
         lo_w, hi_w, good = 0.0, 1.0, None
@@ -390,9 +406,9 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_P
                 lo_w, good = w, trial
             else:
                 hi_w = w
-                worst = max(worst, trial.error) if good is None else worst
+                needed = min(needed, _needed(trial))
         if good is None:
-            return None, min(worst, whole.error)
+            return None, needed
         pieces.append(good)
         start = good.y_hi
-    return pieces, max(p.error for p in pieces)
+    return pieces, max(_needed(p) for p in pieces)

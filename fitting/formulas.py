@@ -7,6 +7,7 @@ its conventions at kinks: the piece whose condition owns a boundary point gives 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -97,6 +98,7 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
                         "use x for the input and declare parameters with --param NAME=VALUE") from exc
     if not isinstance(expr, sp.Expr):
         raise SpecError(f"formula {text!r} is not an expression in x")
+    check_constants(expr, f"formula {text!r}")
     if X not in expr.free_symbols:
         raise SpecError(f"formula {text!r} does not depend on x")
     check_param_names(params, {s.name for s in expr.free_symbols})
@@ -104,6 +106,27 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
     if undefined:
         raise SpecError(f"formula {text!r} uses unknown functions {sorted(str(f.func) for f in undefined)}")
     return expr, params
+
+
+def check_constants(expr: sp.Expr, what: str) -> None:
+    """Refuse constants that float64 cannot hold: zoo, oo or nan (a division by zero, log(0)), the
+    imaginary unit (sqrt(-1)), and numbers beyond float64's range (10**400), with :class:`SpecError`."""
+    bad = [c for c in (sp.zoo, sp.oo, -sp.oo, sp.nan) if expr.has(c)]
+    if bad:
+        raise SpecError(f"{what} is not finite: it contains {bad[0]} (from a division by zero, log(0) or "
+                        "another undefined constant); write the formula without it")
+    if expr.has(sp.I):
+        raise SpecError(f"{what} is not real-valued: it contains the imaginary unit I (from sqrt(-1) or a "
+                        "fractional power of a negative number); a table needs a real f")
+    for c in sorted(expr.atoms(sp.Number), key=sp.default_sort_key):
+        if not c.is_zero and not math.isfinite(abs(float(sp.Float(c, 30)))):
+            raise SpecError(f"{what} has the constant {_short(c)}, out of float64 range (|c| < 1.8e308); "
+                            "the fitter evaluates f in float64")
+
+
+def _short(c: sp.Number) -> str:
+    text = str(c)
+    return text if len(text) <= 40 else f"{sp.Float(c, 4)}"
 
 
 def _unknown_names(text: str, params: dict) -> list[str]:

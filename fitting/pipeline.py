@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from .branches import Analysis, Branch, analyze
+from .branches import LIMIT_SECONDS, Analysis, Branch, analyze, time_limit
 from .certify import certify_table
 from .errors import CertificationError, FitError, InputError
 from .exact import exact_expression
@@ -63,7 +63,8 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     if not generic:    # closed forms with the parameters' values (the branches' tails keep their text)
         per_branch = {i: [s.substituted(spec.params) for s in segs] for i, segs in per_branch.items()}
     table = Table("invact-table", FORMAT_VERSION, VERSION, spec.name, sp.sstr(spec.expr), dict(spec.params),
-                  generic, list(spec.domain), spec.torch_forward, target, float(tolerance), analysis.n_branches,
+                  generic, _param_domain(spec) if generic else list(spec.domain), spec.torch_forward, target,
+                  float(tolerance), analysis.n_branches,
                   analysis.n_codes, analysis.code_bits, _forward_code(analysis, spec, generic), branches,
                   _code_classes(analysis, per_branch, spec, generic),
                   nan_gradients=nan_gradients_json(nan_gradients(spec.torch_forward, spec.params)))
@@ -132,6 +133,39 @@ def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> di
         if cost < best_cost:
             best, best_cost = chosen, cost
     return best
+
+
+def _param_domain(spec: ActivationSpec) -> list[str]:
+    """``spec.domain`` and, for each parameter p, the bounds of the open interval around its fitted
+    value on which no x-free denominator of the formula vanishes (log(1 + exp(b*x))/b: 'b > 0' for
+    b = 1): a parameter-generic table serves every value the runtime accepts, and the formula is
+    undefined where a denominator is 0. Relations are table text (invact.common.params.holds:
+    comparisons < <= > >= only, so b != 0 becomes the side of 0 the fit was made on)."""
+    out = list(spec.domain)
+    syms = spec.symbols
+    for name, sym in syms.items():
+        others = {s: spec.params[n] for n, s in syms.items() if n != name}
+        singular = set()
+        for pw in spec.expr.atoms(sp.Pow):
+            base = pw.base.subs(others)
+            if not (pw.exp.is_negative and X not in base.free_symbols and sym in base.free_symbols):
+                continue
+            try:
+                with time_limit(LIMIT_SECONDS):
+                    roots = sp.solve(base, sym)
+            except Exception:  # noqa: BLE001 - sympy fails in many ways: no bound from this one
+                continue
+            singular |= {float(r) for r in roots if r.is_real and r.is_finite}
+        value = spec.params[name]
+        below, above = [v for v in singular if v < value], [v for v in singular if v > value]
+        relations = ([f"{name} > {_number(max(below))}"] if below else []) + \
+            ([f"{name} < {_number(min(above))}"] if above else [])
+        out += [r for r in relations if r not in out]
+    return out
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if v.is_integer() else repr(v)
 
 
 def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[Segment]]:
@@ -205,7 +239,19 @@ def _root_index(q: float) -> int:
 def _precise_value(b: Branch, which: str):
     """f at a branch point to 40 digits (the sqrt transform's origin must be exact to ~1e-20)."""
     x = b.x_at_y_end(which)
-    return sp.N(b.expr.subs(X, sp.Float(x, 30)), 40)
+    value = sp.N(b.expr.subs(X, sp.Float(x, 30)), 40)
+    if value.is_extended_real and value.is_finite:
+        return value
+    # undefined at the end itself (exp(-1/x**2) at 0: exp(-zoo)): its limit from inside the branch
+    try:
+        with time_limit(LIMIT_SECONDS):
+            value = sp.N(sp.limit(b.expr, X, sp.Float(x, 30), "+" if x == b.x_range[0] else "-"), 40)
+    except Exception:  # noqa: BLE001 - sympy fails in many ways; refused below
+        value = sp.nan
+    if value.is_extended_real and value.is_finite:
+        return value
+    raise FitError(f"branch {b.index}: f has no finite value or limit at its end x = {x:.17g} "
+                   "(sympy evaluates neither)", None, "")
 
 
 TAIL_REACH = (1e4, 1e15)   # |x| scanned for a constant tail: the first reach that has one is used
@@ -252,6 +298,14 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
         if target == "inverse":
             raise FitError(f"branch {b.index}: x = f^-1(y) does not approach y as y -> {y_limit:+g} (inverse "
                            "tables support tails x = y only); use the derivative target (the runtime's)", None, "")
+        if k < steps.size and finite[k]:   # g settles only where y has reached its limit in float64
+            at = np.nonzero(np.abs(y - y_limit) <= TINY32)[0][0]
+            g_at = float(np.max(np.abs(ref.fp(steps[min(at, k - 1):k]) - b.limits[which]), initial=0.0))
+            raise FitError(f"branch {b.index}: y reaches its limit {y_limit:.9g} (to float64 rounding) at x = "
+                           f"{steps[at]:.4g}, where g is still {g_at:.3g} from its limit {b.limits[which]:g} (more "
+                           "than tolerance / 4): y no longer tells g apart there", None,
+                           f"--tolerance {4 * g_at:.2g} or more would end the fit there" if 4 * g_at < 0.1 else
+                           "g is not determined by y on this tail")
         raise FitError(f"branch {b.index}: g does not settle to its limit {b.limits[which]:g} within tolerance "
                        f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
     y_end = f32(float(y[k]))
