@@ -30,7 +30,7 @@ def real(value: object, argument: str, label: str | None = None) -> float:
     if not isinstance(value, (str, bytes, complex)):
         try:
             return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a complex or many-element tensor
             pass
     raise ParamError(f"{label or argument} must be a real number, got {value!r}", argument)
 

@@ -102,17 +102,21 @@ def _seeded(model: nn.Module):
 
 
 class _State:
-    """Every parameter and buffer of some modules, snapshot: :meth:`restore` puts back the same objects
-    under the same names, their values (copied in place only where they changed) and their ``.grad``."""
+    """Parameters and buffers of some modules, snapshot: :meth:`restore` puts back the same objects under
+    the same names and their values (copied in place only where they changed). ``steps``: the example
+    is a callable step, which may run backward or an optimizer: parameters' values and ``.grad`` are
+    kept too (a forward of model inputs changes only buffers, such as BatchNorm's statistics, so then
+    the parameters, most of the memory, are not copied)."""
 
-    def __init__(self, modules: Any) -> None:
+    def __init__(self, modules: Any, steps: bool = True) -> None:
         self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in {id(m): m for m in modules}.values()]
         self.values: dict[int, tuple] = {}
         for _, params, buffers in self.slots:
-            for t in (*params.values(), *buffers.values()):
+            for t in (*(params.values() if steps else ()), *buffers.values()):
                 if t is not None and id(t) not in self.values and not nn.parameter.is_lazy(t):
                     grad = t.grad if isinstance(t, nn.Parameter) else None
-                    self.values[id(t)] = (t, t.detach().clone(), t._version, grad)
+                    self.values[id(t)] = (t, t.detach().clone(), None if t.is_inference() else t._version,
+                                          grad, None if grad is None else grad.detach().clone())
 
     def restore(self) -> None:
         for m, params, buffers in self.slots:
@@ -121,13 +125,20 @@ class _State:
             m._buffers.clear()
             m._buffers.update(buffers)
         with torch.no_grad():
-            for t, saved, version, grad in self.values.values():
+            for t, saved, version, grad, grad_value in self.values.values():
                 if (t.dtype, t.shape, t.device) != (saved.dtype, saved.shape, saved.device):
                     t.data = saved                 # a step that reassigned .data
+                elif version is None:              # an inference tensor: no version counter, written in inference mode
+                    if not torch.equal(t, saved):
+                        with torch.inference_mode():
+                            t.copy_(saved)
                 elif t._version != version or not torch.equal(t, saved):
                     t.copy_(saved)
-                if isinstance(t, nn.Parameter) and t.grad is not grad:
-                    t.grad = grad
+                if isinstance(t, nn.Parameter):
+                    if t.grad is not grad:
+                        t.grad = grad
+                    if grad is not None and not torch.equal(grad, grad_value):  # accumulated into in place
+                        grad.copy_(grad_value)
 
 
 _key = SavedBytes._key  # one definition of "the same storage" for patch and invact.memory
@@ -393,9 +404,10 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
         for x, y in zip(a, b))
 
 
-def _check_autocast(model: nn.Module, example: Any, sites: dict[int, _Site]) -> dict[int, str]:
-    """Norm sites whose ``autocast_output`` changes the model's outputs under bf16 autocast (set back to
-    False), with the reason; the sites must be in place."""
+def _check_autocast(model: nn.Module, example: Any, sites: dict[int, _Site], state: _State) -> dict[int, str]:
+    """Norm sites whose ``autocast_output`` changes the model's outputs under bf16 autocast, or makes the
+    step fail (set back to False), with the reason; the sites must be in place. ``state`` is put back
+    after each run, so that every run starts from the same parameters (a step may run an optimizer)."""
     casts = {k for k, s in sites.items() if isinstance(s.new, _Saving) and s.new.autocast_output}
     if not casts:
         return {}
@@ -408,28 +420,35 @@ def _check_autocast(model: nn.Module, example: Any, sites: dict[int, _Site]) -> 
             parent, _, attr = path.rpartition(".")
             groups[(type(model.get_submodule(parent)).__qualname__, attr)].add(k)
 
-    def run(on: set[int]) -> list[torch.Tensor]:
+    def run(on: set[int]) -> list[torch.Tensor] | str:
+        """The outputs, or why the step failed."""
         for k in casts:
             sites[k].new.autocast_output = k in on
-        with torch.autocast(device, dtype=torch.bfloat16):
-            return _outputs(model, example)
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return _outputs(model, example)
+        except Exception as exc:  # noqa: BLE001 - the user's step, any error: reported as the reason
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        finally:
+            state.restore()
 
     refused: dict[int, str] = {}
     try:
-        try:
-            plain = run(set())
-        except Exception:  # noqa: BLE001 - a step that cannot run under autocast: the attribute names decide
-            return {}
-        if not plain:                          # nothing to compare: the attribute names decide
+        plain = run(set())
+        if isinstance(plain, str) or not plain:  # fails under autocast, or nothing to compare: names decide
             return {}
         for (cls, attr), keys in groups.items():
-            if not _same(plain, run(keys)):
+            got = run(keys)
+            if isinstance(got, str):
+                refused.update({k: f"torch's dtype under autocast: measured, with the autocast dtype of {cls}.{attr} "
+                                   f"the step fails ({got})" for k in keys})
+            elif not _same(plain, got):
                 refused.update({k: f"torch's dtype under autocast: measured, the autocast dtype of {cls}.{attr} "
                                    "changes the model's output (not only Linears consume it)" for k in keys})
         rest = casts - set(refused)
-        if len(groups) > 1 and rest and not _same(plain, run(rest)):
+        if len(groups) > 1 and rest and not (isinstance(got := run(rest), list) and _same(plain, got)):
             refused.update({k: "torch's dtype under autocast: measured, the norms' autocast outputs together "
-                               "change the model's output" for k in rest})
+                               "change the model's output or fail" for k in rest})
     finally:
         for k in casts:
             sites[k].new.autocast_output = k not in refused
@@ -453,12 +472,14 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
     flags = {id(m): (m, m.training) for s in [model, *(x for s in sites.values() for x in (s.old, s.new))]
              for m in s.modules()}
     params = _params(model, sites)
-    state = _State(m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules())
+    steps = not isinstance(example, (torch.Tensor, tuple, list, dict))
+    state = _State((m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules()),
+                   steps)
     try:
         model.train()
         if check_autocast:
             _place(model, sites, set(sites))
-            refused = _check_autocast(model, example, sites)
+            refused = _check_autocast(model, example, sites, state)
             for i, r in enumerate(report.replaced):
                 key = id(model.get_submodule(r.path))
                 if key in refused:

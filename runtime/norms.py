@@ -402,7 +402,8 @@ class _Direct(torch.autograd.Function):
     def backward(ctx, dy):
         y, rstd, extra, cols, weight, bias = ctx.saved_tensors
         backward = torch.ops.invact.norm_backward if torch.is_grad_enabled() else _norm_backward_impl
-        dx, dw, db = backward(dy, y, rstd, extra, cols, weight, bias, *ctx.invact)
+        args = ctx.invact if ops.plain_eager(dy) else (*ctx.invact[:-1], "eager")  # batched dy (is_grads_batched,
+        dx, dw, db = backward(dy, y, rstd, extra, cols, weight, bias, *args)        # jacobian(vectorize=True)): torch ops
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 
@@ -486,7 +487,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     eps = real(eps, "eps")
     args = (x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
-        if ops.transformed():
+        if ops.differentiating():  # functionalize too: these are plain torch ops
             # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
             # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
             y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype)[0]

@@ -40,7 +40,7 @@ from .impl_table_c import TABLE_C
 from .impl_triton import TRITON
 from .registry import info, names, use_root
 
-__all__ = ["apply", "transformed", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
+__all__ = ["apply", "differentiating", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
            "Implementation", "implementations", "plain_eager", "script_refused"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -287,24 +287,30 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)  # torch.func's vmap and functionalize run the ops
 
 
+def _kinds() -> set:
+    return {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
+
+
 @torch._dynamo.assume_constant_result  # Dynamo runs the transforms' levels for real while it traces
+def differentiating() -> bool:
+    """Forward-mode AD is on (a dual level is open) or torch.func differentiates (grad, vjp, jvp, jac*):
+    where the custom ops' reverse-only autograd would drop the derivative (the norms ask too)."""
+    return fwAD._current_level >= 0 or bool(_kinds().intersection(_DIFFERENTIATING))
+
+
+@torch._dynamo.assume_constant_result
 def _transformed() -> bool:
-    """Forward-mode AD is on (a dual level is open) or torch.func differentiates (grad, vjp, jvp, jac*);
-    NotImplementedError where functionalize is in the stack too (PyTorch has no functionalize rule for
-    an autograd.Function)."""
-    kinds = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
-    if fwAD._current_level < 0 and not kinds.intersection(_DIFFERENTIATING):
+    """:func:`differentiating`; NotImplementedError where functionalize is in the stack too (PyTorch has
+    no functionalize rule for the autograd.Function that carries an activation's derivative)."""
+    if not differentiating():
         return False
-    if TransformType.Functionalize in kinds:
+    if TransformType.Functionalize in _kinds():
         raise NotImplementedError("invact activations under torch.func.functionalize together with a "
                                   "derivative (grad, vjp, jvp, jacrev, jacfwd, forward-mode AD): PyTorch has "
                                   "no functionalize rule for the autograd.Function that carries their "
                                   "derivative; functionalize without differentiating, or differentiate "
                                   "without functionalize")
     return True
-
-
-transformed = _transformed  # the norms ask too
 
 
 @functools.partial(torch.compiler.disable, reason=(

@@ -410,13 +410,28 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
             notes.append("hooks registered on the original stay with it")
         report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
     router = FunctionalRouter() if functional else None
-    routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
-              if example is not None else functional)
+    try:
+        routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
+                  if example is not None else functional)
+    except BaseException:  # the example step failed: the model as it was (measure restored its state)
+        _undo(model, report)
+        raise
     if router is not None:
         report.functional = report.functional or "routed during the model's forward (not measured)"
         if routed:
             measure.install_router(model, router)
     return report
+
+
+def _undo(model: nn.Module, report: PatchReport) -> None:
+    """Put back the originals of ``report``'s swaps (this call's only: earlier patches stay)."""
+    for r in report.replaced:
+        parent, _, attr = r.path.rpartition(".")
+        new = model.get_submodule(r.path)
+        original = getattr(new, "_invact_replaced", None)
+        if original:
+            _hand_back(new, original[0])
+            setattr(model.get_submodule(parent), attr, original[0])
 
 
 def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dict[int, nn.Module]) -> None:

@@ -184,6 +184,8 @@ def test_failed_compile_of_a_table_gives_the_eager_gradient(monkeypatch, name):
     (lambda x: invact.Softplus(beta="2"), "beta"),           # torch.nn.Softplus takes no text either
     (lambda x: invact.LeakyReLU(None), "negative_slope"),
     (lambda x: invact.functional.elu(x, 1j), "alpha"),
+    (lambda x: invact.functional.elu(x, torch.tensor(1j)), "alpha"),     # float() raised RuntimeError
+    (lambda x: invact.functional.celu(x, torch.ones(2)), "alpha"),
     (lambda x: invact.functional.layer_norm(x.reshape(2, 2), (2,), None, None, "1e-5"), "eps"),
     (lambda x: invact.functional.rms_norm(x.reshape(2, 2), (2,), None, [1e-5]), "eps"),
 ])

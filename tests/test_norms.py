@@ -576,7 +576,8 @@ X86_ISAS = ["DEFAULT", "AVX2", "AVX512"]     # torch.backends.cpu.get_cpu_capabi
 @pytest.mark.parametrize("isa", X86_ISAS)
 def test_norm_kernel_every_isa_within_the_bound(isa, monkeypatch):
     """The kernel built for each vector width this CPU runs (16, 8 and 4 lanes: AVX-512, AVX2 with F16C,
-    the compiler's baseline, whose 16-bit conversions are plain C), so a CPU without AVX-512 gets a
+    the compiler's baseline, whose 16-bit conversions are the compiler's _Float16 ones where it has
+    them, else plain C), so a CPU without AVX-512 gets a
     kernel and no Inductor compile: every dtype of y and dx, ragged shapes (n below one vector, rows
     not a multiple of the 8-row blocks, tails in every loop), kept columns and not; within the bound
     of float64 autograd, and the kernel did the work."""
@@ -880,3 +881,29 @@ def test_norms_under_forward_mode_and_torch_func(rms, style):
     params = dict(m.named_parameters())
     per_sample = vmap(grad(lambda p, z: functional_call(m, p, (z,)).pow(2).sum()), (None, 0))(params, x)
     assert set(per_sample) == set(params) and all(v.shape == (5, 12) for v in per_sample.values())
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_norms_under_autograd_batching_and_functionalize(rms):
+    """autograd's own batching (is_grads_batched, jacobian(vectorize=True)) sends cotangents without
+    storage: the backward runs torch ops on them, which batch (the C kernel read their data pointer and
+    raised); functionalize around a derivative runs torch's math like the other transforms. float64:
+    each row of the batch is the unbatched backward to 4 ulps of its magnitude (the same operations,
+    batched), the jacobian and the functionalized gradient torch's to 1e-12."""
+    from torch.func import functionalize, grad
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    w, b = torch.randn(8, generator=g, dtype=torch.float64), 0.1 * torch.randn(8, generator=g, dtype=torch.float64)
+    ours = (lambda z: invact.functional.rms_norm(z, (8,), w, 1e-6)) if rms else \
+        (lambda z: invact.functional.layer_norm(z, (8,), w, b))
+    ref = (lambda z: F.rms_norm(z, (8,), w, 1e-6)) if rms else (lambda z: F.layer_norm(z, (8,), w, b))
+    xr = x.clone().requires_grad_()
+    cot = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(ours(xr), xr, cot, is_grads_batched=True)
+    rows = torch.stack([torch.autograd.grad(ours(xr), xr, c)[0] for c in cot])
+    assert ((batched - rows).abs() <= 4 * torch.finfo(torch.float64).eps * rows.abs().max()).all()
+    jac, want = (torch.autograd.functional.jacobian(f, x, vectorize=True) for f in (ours, ref))
+    assert (jac - want).abs().max() <= 1e-12 * want.abs().max()
+    got = functionalize(grad(lambda z: ours(z).pow(3).sum()))(x)
+    want = grad(lambda z: ref(z).pow(3).sum())(x)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()

@@ -92,6 +92,36 @@ def test_measuring_restores_state_when_the_step_raises():
     with pytest.raises(RuntimeError, match="step failed"):
         invact.patch(model, example=step)
     _assert_unchanged(model, before)
+    assert isinstance(model[1], nn.GELU)             # the swaps undone: the model as it was
+
+
+def test_measuring_restores_gradients_a_step_accumulates_into():
+    """A step that runs backward adds into an existing .grad in place: the values are put back."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)), torch.randn(5, 8)
+    model(x).sum().backward()
+    grads = {n: (p.grad, p.grad.clone()) for n, p in model.named_parameters()}
+    report = invact.patch(model, example=lambda m: m(x).sum().backward())
+    assert [r.path for r in report.replaced] == ["1"], str(report)
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n][0] and torch.equal(p.grad, grads[n][1]), n
+
+
+def test_measuring_a_model_with_an_inference_tensor_buffer():
+    """A buffer made under inference_mode has no version counter: measuring must not need one."""
+    class WithShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)
+            with torch.inference_mode():
+                self.register_buffer("shift", torch.ones(8))
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x) + self.shift))
+    model = WithShift()
+    report = invact.patch(model, example=torch.randn(4, 8))
+    assert [r.path for r in report.replaced] == ["act"], str(report)
+    assert torch.equal(model.shift, torch.ones(8))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,6 +207,47 @@ def test_measured_autocast_output_only_where_the_output_is_unchanged():
 
 # ---------------------------------------------------------------------------------------------------
 # the probe recognises a class only where it computes the activation everywhere, in both modes
+
+class LerpsWithItsNorm(nn.Module):
+    """A norm named like a pre-norm whose output meets float32 in an op that needs equal dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm, self.proj = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, h):
+        return self.proj(torch.lerp(self.input_layernorm(h), h, 0.5))
+
+
+def test_an_autocast_output_that_breaks_the_step_is_refused_not_raised():
+    model, x = nn.Sequential(LerpsWithItsNorm()), torch.randn(8, 16)
+    report = invact.patch(model, example=x)
+    assert not model[0].input_layernorm.autocast_output and "the step fails" in str(report), str(report)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)                                         # runs, as with torch's norm
+
+
+def test_the_autocast_check_starts_every_run_from_the_same_weights():
+    """A step with an optimizer: each autocast run starts from the original parameters, so pre-norms
+    keep their autocast output (every run differed before, and each was refused)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm, self.proj = nn.LayerNorm(32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.proj(self.input_layernorm(x))
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Block(), Block(), nn.Linear(32, 4)), torch.randn(64, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(m):
+        m(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    invact.patch(model, example=step)
+    assert model[0].input_layernorm.autocast_output and model[1].input_layernorm.autocast_output
+
 
 class Lambda(nn.Module):
     """A parameter-free class computing ``fn(x, training)``."""

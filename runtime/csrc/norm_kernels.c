@@ -23,6 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "invact_bf16.h"                 /* 16-bit conversions as ATen's */
 #include "invact_threads.h"              /* spawn, MAX_THREADS */
 
