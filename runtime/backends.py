@@ -128,7 +128,8 @@ def compiled(fn: Callable) -> Callable:
     """``fn`` compiled by torch.compile; on any compile failure: warn once, run ``fn`` eagerly.
 
     Tensor arguments are marked dynamic in their first dimension (element counts vary), while ints
-    and floats (bit widths, thresholds) stay compile-time constants: one compilation per dtype.
+    and floats (bit widths, thresholds, parameters) stay compile-time constants, guarded: one
+    compilation per dtype and parameter set.
     Compiled with :data:`INDUCTOR_OPTIONS`.
     """
     compiled_fn = None  # made at the first call: torch.compile imports Inductor (~1 s), which
@@ -144,7 +145,11 @@ def compiled(fn: Callable) -> Callable:
             try:
                 if compiled_fn is None:
                     compiled_fn = torch.compile(fn, dynamic=None, options=INDUCTOR_OPTIONS)
-                return compiled_fn(*args, **kwargs)
+                # floats (parameters, thresholds) as guarded constants: torch 2.13 made a float that
+                # changed between calls dynamic and then baked its traced value into a torch.where
+                # (SELU's g kept a stale scale: a wrong gradient, no recompile)
+                with torch._dynamo.config.patch(specialize_float=True):
+                    return compiled_fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back ...
                 result = fn(*args, **kwargs)  # ... unless eager fails too: then it is not the compiler
                 fallback_used("compiled", exc)

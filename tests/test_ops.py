@@ -396,3 +396,20 @@ def test_eager_16_bit_lookup_table_is_g_kernel(name, dtype):
     go = torch.randn_like(y)
     torch.testing.assert_close(torch.ops.invact.backward(go, y, code, name, params, EAGER), (got * go).to(dtype),
                                rtol=0, atol=0, equal_nan=True)
+
+
+def _where_of_a_parameter(y, *, a=1.0, s=1.0):
+    """SELU's g in miniature: a parameter both in arithmetic and alone in a torch.where."""
+    return torch.where(y > 0, s, a * s + y)
+
+
+def test_compiled_code_follows_every_parameter_value():
+    """backends.compiled with floats that change between calls: torch 2.13 made such a float dynamic
+    and baked its traced value into the torch.where (the third call returned the second's s: SELU's
+    compiled backward kept a stale scale with the C kernels off). Floats are specialised constants,
+    guarded: each call gives the eager function's bits."""
+    torch._dynamo.reset()
+    fn = backends.compiled(_where_of_a_parameter)
+    y = torch.tensor([1.0, -1.0, 2.5], dtype=torch.float64)
+    for a, s in ((2.0, 1.05), (1.67, 0.5), (0.25, 3.0), (2.0, 1.05)):
+        assert torch.equal(fn(y, a=a, s=s), _where_of_a_parameter(y, a=a, s=s)), (a, s)
