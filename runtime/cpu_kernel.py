@@ -67,15 +67,14 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", "invact_threads.h",
                                               "invact_torch_math.h", "invact_sleef.h", "invact_poly.h",
                                               "invact_poly_transform.h"))  # in the key
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-ffp-contract=off", "-shared",
-         "-fPIC")  # and kernel_cache.threading_flags()
+# the -m flags of each vector ISA ATen may use (torch.backends.cpu.get_cpu_capability()); C built for
+# any other runs on the compiler's baseline target
+ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
+FLAGS = ("-O3", *ISA_FLAGS["AVX512"], "-ffp-contract=off", "-shared", "-fPIC")  # and kernel_cache.threading_flags()
 AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a one-pass forward, AVX2 + FMA
 AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_poly_transform.h", "invact_threads.h",
                                                    "invact_pack.h", "invact_sleef.h"))
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
-# the -m flags of each vector ISA ATen may use (torch.backends.cpu.get_cpu_capability()); C built for
-# any other runs on the compiler's baseline target
-ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8
 MAX_SEGMENTS, MAX_COLUMNS, MAX_CLASSES, MAX_TRANSFORMS, LOG_TERMS = slots.MAX_SLOTS, 48, 16, 4, 9
@@ -126,6 +125,11 @@ def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str,
 def isa_flags() -> tuple[str, ...]:
     """:data:`ISA_FLAGS` of the ISA ATen uses here (honouring ``$ATEN_CPU_CAPABILITY``), else none."""
     return ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def flags_for(isa: tuple[str, ...]) -> tuple[str, ...]:
+    """:data:`FLAGS` as it is at the call (a test's -O0 reaches it) with ``isa`` for its AVX-512 flags."""
+    return (*isa, *(f for f in FLAGS if f not in ISA_FLAGS["AVX512"]))
 
 
 def _check_abi(lib: ctypes.CDLL) -> None:

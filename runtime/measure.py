@@ -35,11 +35,11 @@ falls. (Per call site it would need a router that knows which module called it, 
 
 Runs use torch's forked RNG, Python's ``random`` and NumPy's global RNG seeded alike (dropout masks and,
 e.g., Wav2Vec2's NumPy-drawn SpecAugment masks agree between runs); the caller's RNG states are restored,
-and so is every module's training flag. So is every parameter and buffer (:class:`_State`): the forwards run
-in training mode, which moves BatchNorm's running statistics, and a step may change anything else (a
-module that counts its calls in a buffer, a callable example that runs backward or an optimizer step); the
-same objects are put back under the same names, with their values and ``.grad`` as before, also when a
-forward raises.
+and so is every module's training flag. So are the buffers (:class:`_State`): the forwards run in training
+mode, which moves BatchNorm's running statistics (a module may also count its calls in one); and, where the
+example is a callable step, which may run backward or an optimizer step, the parameters and their ``.grad``.
+The same objects are put back under the same names, with their values as before, also when a forward
+raises.
 """
 
 from __future__ import annotations
@@ -469,12 +469,10 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         new = model.get_submodule(r.path)
         site = sites.setdefault(id(new), _Site([], new._invact_replaced[0], new))
         site.paths.append(r.path)
-    flags = {id(m): (m, m.training) for s in [model, *(x for s in sites.values() for x in (s.old, s.new))]
-             for m in s.modules()}
+    modules = [m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules()]
+    flags = {id(m): (m, m.training) for m in modules}
     params = _params(model, sites)
-    steps = not isinstance(example, (torch.Tensor, tuple, list, dict))
-    state = _State((m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules()),
-                   steps)
+    state = _State(modules, steps=not isinstance(example, (torch.Tensor, tuple, list, dict)))  # else _step calls it
     try:
         model.train()
         if check_autocast:

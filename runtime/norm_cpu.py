@@ -39,8 +39,7 @@ def library() -> ctypes.CDLL | None:
     compiler = cpu_kernel._compiler()
     if not cpu_kernel.enabled() or compiler is None:
         return None
-    level = [f for f in cpu_kernel.FLAGS if f.startswith("-O")]  # as the other kernels' (a test's -O0 reaches it)
-    flags = (*level, *cpu_kernel.isa_flags(), "-ffp-contract=off", "-shared", "-fPIC")
+    flags = cpu_kernel.flags_for(cpu_kernel.isa_flags())
     try:
         lib = kernel_cache.load_first(cpu_kernel.builds("norm_kernels", SOURCE, HEADERS, compiler, flags), _check_abi)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:

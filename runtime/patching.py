@@ -427,11 +427,7 @@ def _undo(model: nn.Module, report: PatchReport) -> None:
     """Put back the originals of ``report``'s swaps (this call's only: earlier patches stay)."""
     for r in report.replaced:
         parent, _, attr = r.path.rpartition(".")
-        new = model.get_submodule(r.path)
-        original = getattr(new, "_invact_replaced", None)
-        if original:
-            _hand_back(new, original[0])
-            setattr(model.get_submodule(parent), attr, original[0])
+        _put_back(model.get_submodule(parent), attr, model.get_submodule(r.path))
 
 
 def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dict[int, nn.Module]) -> None:
@@ -439,6 +435,17 @@ def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: di
     new._invact_replaced = (old,)
     setattr(parent, attr, new)
     done[id(old)] = new
+
+
+def _put_back(parent: nn.Module, attr: str, child: nn.Module) -> bool:
+    """Put the original of ``child`` (a replacement at ``parent.attr``) back, handing it the replacement's
+    training flag, parameters and buffers; False where ``child`` replaced nothing."""
+    original = getattr(child, "_invact_replaced", None)
+    if not (isinstance(child, (Activation, _Saving)) and original):
+        return False
+    _hand_back(child, original[0])
+    setattr(parent, attr, original[0])
+    return True
 
 
 def _hand_back(new: nn.Module, old: nn.Module) -> None:
@@ -461,9 +468,6 @@ def unpatch(model: nn.Module) -> list[str]:
     restored = []
     measure.remove_modes(model)
     for parent, attr, path, child in list(_children(model)):
-        original = getattr(child, "_invact_replaced", None)
-        if isinstance(child, (Activation, _Saving)) and original:
-            _hand_back(child, original[0])
-            setattr(parent, attr, original[0])
+        if _put_back(parent, attr, child):
             restored.append(path)
     return restored

@@ -33,6 +33,12 @@ def _fixed_by_torch_forward(plan: Plan) -> tuple[tuple[str, float], ...]:
     return tuple((n, v) for n, v in plan.params if n not in read)
 
 
+def _tuple_text(items) -> str:
+    """A Python tuple of the texts ``items``, as printed: ``(a,)``, ``(a, b)``."""
+    items = list(items)
+    return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
 def _breaks(breaks) -> str:
     items = "".join(f"({to_python(v)}, {side!r}), " for v, side in breaks)
     return f"({items.rstrip(' ')})" if breaks else "()"
@@ -118,10 +124,9 @@ def generate_torch(plan: Plan) -> str:
     with w.block(f"def forward({_signature(plan, 'x')}):"):
         w('"""y = f(x): PyTorch\'s own forward (META torch_forward), else the printed formula."""')
         fixed = _fixed_by_torch_forward(plan)
-        names, values = (", ".join(f) + ("," if len(fixed) == 1 else "")
-                         for f in zip(*[(mangle(n), repr(v)) for n, v in fixed])) if fixed else ("", "")
+        names, values = _tuple_text(mangle(n) for n, _ in fixed), _tuple_text(repr(v) for _, v in fixed)
         # torch_forward holds these at their defaults (F.selu): other values take the printed formula
-        with w.block(f"if ({names}) != ({values}):") if fixed else contextlib.nullcontext():
+        with w.block(f"if {names} != {values}:") if fixed else contextlib.nullcontext():
             if fixed or not plan.torch_forward:  # a formula: float32 inside, one rounding, as torch's own ops
                 with w.block("if x.dtype in (torch.float16, torch.bfloat16):"):
                     w(f"return forward(x.float(){_pass_params(plan)}).to(x.dtype)")
