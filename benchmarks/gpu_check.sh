@@ -6,7 +6,7 @@
 #      compiled Triton kernels against the torch backend (fitted tables bit for bit), channels-last,
 #      a second device, 2**31 + 4099 elements,
 #   2b. the norms there too (tests/test_cuda.py: Triton LayerNorm/RMSNorm forward and backward against
-#      float64 autograd within invact.norms.error_bound; y saved, not x),
+#      float64 autograd within invact.norm_bounds.error_bound; y saved, not x),
 #   3. the GPU benchmark: Triton forward/backward at 2**28 bfloat16 and float32 elements (the
 #      16-bit lookup and the float32 scheme with its segment search) against a copy's
 #      bandwidth and PyTorch's native op, after the estimate of the fitted backwards and of every

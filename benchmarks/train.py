@@ -228,8 +228,8 @@ class FloorProbe:
 
 class NormProbe:
     """Hooks on a baseline model's norm modules (``dtypes``: path -> the dtype invact's replacement stores
-    y in) for their first backward pass: the relative gradient error invact.norms.error_bound allows
-    there (recovering x_hat from y rounded to that dtype): invact.norms.relative_bound, the sum over dx,
+    y in) for their first backward pass: the relative gradient error invact.norm_bounds.error_bound allows
+    there (recovering x_hat from y rounded to that dtype): invact.norm_bounds.relative_bound, the sum over dx,
     dgamma and dbeta of ||bound|| / ||gradient||, summed over layers like FloorProbe's ratios (an estimate
     of the whole gradient's)."""
 
@@ -245,7 +245,7 @@ class NormProbe:
             self.inputs[id(mod)] = (args[0].detach(), out.detach())
 
     def _backward(self, mod: nn.Module, grad_x: tuple, grad_y: tuple) -> None:
-        from invact.norms import relative_bound
+        from invact.norm_bounds import relative_bound
         saved = self.inputs.pop(id(mod), None)
         if saved is not None:
             x, y = saved

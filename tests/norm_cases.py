@@ -1,6 +1,6 @@
 """Inputs and checks shared by the norm tests on CPU (tests/test_norms.py) and GPU (tests/test_cuda.py):
 gamma and beta of a kind, the forward and backward through invact.functional, and the check of a
-gradient against float64 autograd within :func:`invact.norms.error_bound`."""
+gradient against float64 autograd within :func:`invact.norm_bounds.error_bound`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import invact
-from invact import norms
+from invact import norm_bounds
 
 
 def gammas(n: int, kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,14 +61,14 @@ def kernel_case(n: int, dtype: torch.dtype, rms: bool, rows: int):
 def check_kernel_case(x, w, b, dy, y, grads, rms: bool, eps: float, what: str) -> None:
     """A forward y and its gradients (CPU tensors) against float64 autograd of torch's norm. y: within 2
     eps |y| (the interpreter truncates, < 1 ulp; torch rounds to nearest, 1/2 ulp) plus |gamma| times
-    norms.forward_error (each side's float32 x_hat, row sums in another order); gradients within
-    norms.error_bound (the measured k_y of the stored y covers a truncating store)."""
+    norm_bounds.forward_error (each side's float32 x_hat, row sums in another order); gradients within
+    norm_bounds.error_bound (the measured k_y of the stored y covers a truncating store)."""
     n = x.shape[-1]
     ref_y = F.rms_norm(x, (n,), w, eps) if rms else F.layer_norm(x, (n,), w, b, eps)
     fi = torch.finfo(x.dtype)
-    f = norms.forward_error(x, rms, eps)
+    f = norm_bounds.forward_error(x, rms, eps)
     assert ((y.double() - ref_y.double()).abs() <= 2 * fi.eps * ref_y.double().abs() + 2 * w.double().abs() * f
             + fi.tiny).all(), f"{what} y"
-    refs, tols = norms.error_bound(x, w, b, dy, y, rms, eps)
+    refs, tols = norm_bounds.error_bound(x, w, b, dy, y, rms, eps)
     for got, ref, tol, name in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         check(got, ref, tol, f"{what} {name}")

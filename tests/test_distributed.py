@@ -25,7 +25,7 @@ the mean of the two ranks' mean losses, which is what DDP's and FSDP2's averagin
   silu measured from the y PyTorch's forward stores on this CPU, 1.45e-4 on an AVX-512 EPYC), the ratios
   measured on the reference; for the "norm" model plus the norms' share, summed the same way over the
   norm layers: ||bound(dx)|| / ||dx|| + ||bound(dgamma)|| / ||dgamma|| (+ dbeta) with the per-element
-  bounds of invact.norms.error_bound (tests/test_norms.py's bound: recovering x_hat from the stored y),
+  bounds of invact.norm_bounds.error_bound (tests/test_norms.py's bound: recovering x_hat from the stored y),
   evaluated on the reference's x, gamma, beta, incoming gradient and y (as benchmarks/train.py's
   NormProbe). A distributed fault (a missing or doubled all-reduce, a wrong shard,
   unsynchronised ranks) is off by O(1) and fails by orders of magnitude;
@@ -241,10 +241,10 @@ def results(tmp_path_factory):
 
 def _reference(kind: str, params: dict, step: int):
     """Full-batch gradients of the unpatched model at ``params``, and DELTA * sum of the ratios (plus the
-    norms' share: invact.norms.relative_bound of each with the unpatched forward's y; invact's LayerNorm
+    norms' share: invact.norm_bounds.relative_bound of each with the unpatched forward's y; invact's LayerNorm
     forward is the same bits (test_norms.py), its RMSNorm's within y's rounding, which the bound's
     measured k_y of the stored y covers)."""
-    from invact.norms import relative_bound
+    from invact.norm_bounds import relative_bound
     model = _build(kind)
     own = dict(model.named_parameters())
     assert set(own) == set(params)

@@ -1,7 +1,7 @@
 """invact.LayerNorm / RMSNorm: the output-saving norms (runtime/norms.py).
 
 Gradients are compared with float64 autograd of torch.nn.functional.layer_norm / rms_norm on the same x,
-within the bound :func:`invact.norms.error_bound` derives from the rounding of the stored y, which does
+within the bound :func:`invact.norm_bounds.error_bound` derives from the rounding of the stored y, which does
 not grow as gamma shrinks: that is what the small-gamma guard promises, and
 :func:`test_unguarded_recovery_breaks_the_bound` shows the bound fails without it.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
-from invact import cpu_kernel, norm_cpu, norms
+from invact import cpu_kernel, norm_bounds, norm_cpu, norms
 from norm_cases import check, check_kernel_case, gammas, kernel_case, run_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,13 +39,13 @@ def test_gradients_within_the_rounding_bound(kind, dtype, rms):
     y, grads = run_norm(x, w, b, dy, rms, 1e-5)
     ref_y = F.rms_norm(x, (n,), w, 1e-5) if rms else F.layer_norm(x, (n,), w, b, 1e-5)
     assert torch.equal(y, ref_y)                       # the forward is torch's own, bit for bit
-    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
+    refs, tols = norm_bounds.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         check(got, ref, tol, f"{kind} {dtype} {what}")
 
 
 def test_relative_bound_sums_every_gradient():
-    """invact.norms.relative_bound, what benchmarks/train.py's NormProbe and tests/test_distributed.py add
+    """invact.norm_bounds.relative_bound, what benchmarks/train.py's NormProbe and tests/test_distributed.py add
     up: ||bound|| / ||gradient|| summed over dx, dgamma and dbeta (LayerNorm's dbeta included), with a
     default nn.RMSNorm's eps=None read as F.rms_norm reads it (finfo(x.dtype).eps)."""
     g = torch.Generator().manual_seed(3)
@@ -53,12 +53,12 @@ def test_relative_bound_sums_every_gradient():
     ln, rms = nn.LayerNorm(8), nn.RMSNorm(8)
     for m, b, eps in ((ln, ln.bias.detach(), 1e-5), (rms, None, torch.finfo(torch.float32).eps)):
         y = m(x).detach()
-        refs, tols = norms.error_bound(x, m.weight.detach(), b, dy, y, b is None, eps)
+        refs, tols = norm_bounds.error_bound(x, m.weight.detach(), b, dy, y, b is None, eps)
         shares = [(t.norm() / r.norm()).item() for r, t in zip(refs, tols) if t is not None]
         assert len(shares) == (3 if b is not None else 2)
-        assert norms.relative_bound(m, x, y, dy) == pytest.approx(sum(shares), rel=1e-12)
+        assert norm_bounds.relative_bound(m, x, y, dy) == pytest.approx(sum(shares), rel=1e-12)
     with pytest.raises(TypeError, match="module must be"):
-        norms.relative_bound(nn.Linear(8, 8), x, x, dy)
+        norm_bounds.relative_bound(nn.Linear(8, 8), x, x, dy)
 
 
 def test_unguarded_recovery_breaks_the_bound():
@@ -75,7 +75,7 @@ def test_unguarded_recovery_breaks_the_bound():
     none = torch.zeros(0, dtype=torch.int64)
     dx, dw, _ = torch.ops.invact.norm_backward(dy, y, rstd, extra[:, :0], none, w, b, n, False, 0.0,
                                                torch.float32, "eager")
-    refs, tols = norms.error_bound(x, w, b, dy, y, False, 1e-5)
+    refs, tols = norm_bounds.error_bound(x, w, b, dy, y, False, 1e-5)
     assert not ((dw.double() - refs[1]).abs() <= tols[1]).all()
 
 
@@ -240,7 +240,7 @@ def test_widths_and_non_contiguous(n, backend):
     dy = torch.randn(6, n, generator=g)
     for rms in (False, True):
         y, grads = run_norm(x, w, None if rms else b, dy, rms, 1e-5, backend)
-        refs, tols = norms.error_bound(x, w, None if rms else b, dy, y, rms, 1e-5)
+        refs, tols = norm_bounds.error_bound(x, w, None if rms else b, dy, y, rms, 1e-5)
         for got, ref, tol in zip(grads, refs, tols):
             check(got, ref, tol, f"n={n} rms={rms} {backend}")
         assert y.is_contiguous() and y.shape == x.shape
@@ -269,7 +269,7 @@ def test_hugging_face_forms_bit_for_bit(style, dtype):
     gx, gw = torch.autograd.grad(y, (xs, ws), dy)
     gamma = (1.0 + w.double()) if style == "gemma" else w
     norm_dtype = dtype if style in ("llama", "t5") and dtype != torch.float32 else None
-    refs, tols = norms.error_bound(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
+    refs, tols = norm_bounds.error_bound(x, gamma, None, dy, y, True, 1e-6, norm_dtype)
     check(gx, refs[0], tols[0], f"{style} dx")
     check(gw, refs[1], tols[1], f"{style} dw")
 
@@ -425,7 +425,7 @@ def test_patch_hugging_face_norms(kind):
         mod = model.get_submodule(r.path)
         mod.register_forward_hook(lambda m, args, out: seen.__setitem__(id(m), (args[0].detach(), out.detach())))
         mod.register_full_backward_hook(lambda m, gin, gout: shares.append(
-            norms.relative_bound(m, *seen.pop(id(m)), gout[0])))
+            norm_bounds.relative_bound(m, *seen.pop(id(m)), gout[0])))
     out_p, g_p = run(model)
     assert torch.equal(out_b, out_p) and len(shares) == len(originals)
     # against the float64 model: the norms' relative_bound shares summed over layers (as train.py), plus
@@ -516,7 +516,7 @@ def test_triton_forms_and_layouts(style):
     assert bt[0].shape == x.shape
     # both backwards of the same saved tensors within the derived bound against float64 autograd (the
     # form's rounding of x_hat to bf16 and gamma = 1 + w included), so within twice it of each other
-    refs, tols = norms.error_bound(x.reshape(-1, 40), w, None, dy.reshape(-1, 40), fe[0].reshape(-1, 40), True, 1e-6,
+    refs, tols = norm_bounds.error_bound(x.reshape(-1, 40), w, None, dy.reshape(-1, 40), fe[0].reshape(-1, 40), True, 1e-6,
                                    args[6], args[5])
     for backend, got in (("triton", bt), ("eager", be)):
         for g, ref, tol, what in zip((got[0].reshape(-1, 40), got[1]), refs, tols, ("dx", "dgamma")):
@@ -562,7 +562,7 @@ def test_compiled_backend_within_the_bound(cpu_path, kind, dtype, rms):
     w, b = wd.to(dtype), (None if rms else bd.to(dtype))
     dy = torch.randn(rows, n, generator=g).to(dtype)
     y, grads = run_norm(x, w, b, dy, rms, 1e-5, backend="compiled")
-    refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
+    refs, tols = norm_bounds.error_bound(x, w, b, dy, y, rms, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         check(got, ref, tol, f"compiled {dtype} {what}")
     if cpu_path is not None:
@@ -600,7 +600,7 @@ def test_norm_kernel_every_isa_within_the_bound(isa, monkeypatch):
                 m.setattr(norm_cpu, "backward", lambda *a, f=norm_cpu.backward: calls.append(f(*a)) or calls[-1])
                 y, grads = run_norm(x, w, b, dy, rms, 1e-5, backend="compiled")
             assert calls and calls[0] is not None, (isa, rows, n, dtype)
-            refs, tols = norms.error_bound(x, w, b, dy, y, rms, 1e-5)
+            refs, tols = norm_bounds.error_bound(x, w, b, dy, y, rms, 1e-5)
             for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
                 check(got, ref, tol, f"{isa} ({rows}, {n}) {kind} {dtype} rms={rms} {what}")
     finally:
@@ -622,7 +622,7 @@ def test_norm_kernel_autocast_output_and_threads():
     assert y.dtype == torch.bfloat16
     dy = torch.randn(rows, n, generator=g).bfloat16()
     grads = torch.autograd.grad(y, (xs, w, b), dy)
-    refs, tols = norms.error_bound(x, w.detach(), b.detach(), dy, y, False, 1e-5)
+    refs, tols = norm_bounds.error_bound(x, w.detach(), b.detach(), dy, y, False, 1e-5)
     for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
         check(got, ref, tol, f"autocast_output {what}")
     rstd = torch.rand(rows) + 0.5
