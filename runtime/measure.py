@@ -14,6 +14,12 @@ output ``y`` shared with the next saved tensor, both show up there: an input ano
 (a chunk of a fused projection) is not "only s" in the baseline, and a ``y`` nothing else saves (dropout
 after the activation, a consumer that does not save its input) is "only s" in the swapped run.
 
+A swapped site whose output is modified in place after it returns (``Dropout(inplace=True)`` or
+``ReLU(inplace=True)`` next, ``h *= s``, an in-place op in one of its forward hooks) is left whatever it
+frees: invact saves ``y``, so backward would fail. Each swapped call's output and its version counter are
+taken by the site's first forward hook and compared after the step; a step that raises with swaps in place
+(a callable step running backward) leaves the sites so written, or, with none, every swap of that run.
+
 Sites interact (an activation's ``y`` may be the next activation's input), so the decision iterates:
 swap every candidate, drop each site freeing <= 0 bytes, measure again, until every remaining site frees
 bytes; each round is a forward, at most one per site and usually two. The final configuration's total
@@ -31,7 +37,10 @@ fails under autocast or whose model returns no tensor leaves the attribute names
 
 The functional route (``functional=True``) is measured as one unit: one more forward with
 :class:`invact.routing.FunctionalRouter` active during the model's forward; it is kept if the total
-falls. (Per call site it would need a router that knows which module called it, at run time too.)
+falls and no routed call's output is modified in place later. (Per call site it would need a router that
+knows which module called it, at run time too.) The route is entered by forward hooks on every module of
+the model (one depth count), so a checkpointed module's recomputation in backward is routed as its forward
+was; the hooks are methods of a module-level class, so the model pickles and a copy has its own router.
 
 Runs use torch's forked RNG, Python's ``random`` and NumPy's global RNG seeded alike (dropout masks and,
 e.g., Wav2Vec2's NumPy-drawn SpecAugment masks agree between runs); the caller's RNG states are restored,
@@ -177,6 +186,9 @@ class Trace:
     calls: dict[int, list[_Call]] = field(default_factory=lambda: defaultdict(list))
     dropout_inputs: set[tuple] = field(default_factory=set)
     keep: list[Any] = field(default_factory=list)     # tensors held so that no storage is reused mid-run
+    modified: set[int] = field(default_factory=set)   # swapped sites whose output was written in place later
+    route_modified: bool = False                      # a routed call's output was written in place later
+    error: str | None = None                          # the step raised (with swaps in place): its first line
 
     @property
     def total(self) -> int:
@@ -187,10 +199,19 @@ class Trace:
         return sum(k[3] for k, who in self.savers.items() if who == {site})
 
 
-def _run(model: nn.Module, example: Any, site_of: dict[int, int], params: set[tuple],
+def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[int], params: set[tuple],
          router: FunctionalRouter | None = None) -> Trace:
+    """One forward of the example with ``active``'s swaps in place. A step that raises with swaps (or the
+    route) in place is recorded in ``trace.error``, not raised; with none, it raises."""
     trace, stack = Trace(), []
+    site_of = _site_map(sites, active)
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    outputs: dict[int, list[tuple[torch.Tensor, int]]] = defaultdict(list)   # swapped site -> (y, its version)
+    swapped = {id(sites[k].new): k for k in active}
+
+    def returned(m: nn.Module, args: Any, out: Any) -> None:   # first of m's forward hooks: y as it returns
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            outputs[swapped[id(m)]].append((out, out._version))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _key(t)
@@ -220,21 +241,49 @@ def _run(model: nn.Module, example: Any, site_of: dict[int, int], params: set[tu
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(
         post, with_kwargs=True, always_call=True))]
+    handles += [m.register_forward_hook(returned, prepend=True) for m in model.modules() if id(m) in swapped]
     if router is not None:
         install_router(model, router)
+        router.outputs = []
     watch = _DropoutWatch()
     try:
         with _seeded(model), torch.enable_grad(), watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = _step(model, example)
             del out
+    except Exception as exc:  # noqa: BLE001 - the user's step, any error: with swaps, a reason to leave them
+        if not active and router is None:
+            raise
+        trace.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
     finally:
         for h in handles:
             h.remove()
         if router is not None:
             remove_router(model)
+            trace.route_modified = _written(router.outputs)
+            router.outputs = None
+    trace.modified = {k for k, ys in outputs.items() if _written(ys)}
     trace.dropout_inputs = watch.inputs
     trace.keep.clear()
     return trace
+
+
+def _written(outputs: list[tuple[torch.Tensor, int]]) -> bool:
+    """Was any of these tensors modified in place since its version was taken?"""
+    return any(t._version != version for t, version in outputs)
+
+
+_WRITTEN = ("its output is modified in place later in the forward (an in-place op after it, or in a forward "
+            "hook): invact saves y, so backward would fail")
+
+
+def _refused(trace: Trace, active: set[int]) -> dict[int, str]:
+    """Sites a swapped run refuses whatever they free: those whose output was written in place; where the step
+    failed and none was, every active site."""
+    if trace.modified:
+        return {k: _WRITTEN for k in trace.modified}
+    if trace.error is not None:
+        return {k: f"the example step fails with the swaps ({trace.error})" for k in active}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,23 +310,33 @@ class CopyChunks(TorchFunctionMode):
         return out
 
 
-def _install(module: nn.Module, mode: TorchFunctionMode, attr: str) -> None:
-    """Enter ``mode`` around every (outermost) call of ``module``: forward pre- and post-hooks."""
-    _remove(module, attr)
-    depth = [0]
+class _Scope:
+    """Forward hooks entering ``mode`` around the outermost call of the modules they are on (one depth count
+    for all). An object of a module-level class, not closures: a model carrying it pickles, and a deep copy
+    gets its own scope and mode."""
 
-    def enter(m: nn.Module, args: Any) -> None:
-        if depth[0] == 0:
-            mode.__enter__()
-        depth[0] += 1
+    def __init__(self, mode: TorchFunctionMode) -> None:
+        self.mode, self.depth = mode, 0
 
-    def leave(m: nn.Module, args: Any, out: Any) -> None:
-        depth[0] -= 1
-        if depth[0] == 0:
-            mode.__exit__(None, None, None)
+    def enter(self, module: nn.Module, args: Any) -> None:
+        if self.depth == 0:
+            self.mode.__enter__()
+        self.depth += 1
 
-    handles = (module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True))
-    module.__dict__[attr] = (mode, handles)
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.mode.__exit__(None, None, None)
+
+
+def _install(owner: nn.Module, mode: TorchFunctionMode, attr: str, modules: list[nn.Module] | None = None) -> None:
+    """Enter ``mode`` around every outermost call of ``owner`` (or of any of ``modules``), kept in
+    ``owner.__dict__[attr]``."""
+    _remove(owner, attr)
+    scope = _Scope(mode)
+    handles = [h for m in modules or [owner] for h in (m.register_forward_pre_hook(scope.enter),
+                                                        m.register_forward_hook(scope.leave, always_call=True))]
+    owner.__dict__[attr] = (mode, handles)
 
 
 def _remove(module: nn.Module, attr: str) -> TorchFunctionMode | None:
@@ -290,8 +349,10 @@ def _remove(module: nn.Module, attr: str) -> TorchFunctionMode | None:
 
 
 def install_router(model: nn.Module, router: FunctionalRouter) -> None:
-    """Enter ``router`` around every (outermost) call of ``model``."""
-    _install(model, router, _ROUTER)
+    """Enter ``router`` around every outermost call of ``model`` or of any of its modules: a checkpointed
+    submodule's recomputation in backward (``torch.utils.checkpoint``, Hugging Face's gradient checkpointing)
+    then routes the calls its forward routed."""
+    _install(model, router, _ROUTER, list(model.modules()))
 
 
 def remove_router(model: nn.Module) -> FunctionalRouter | None:
@@ -485,14 +546,15 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
                     note = "; ".join([refused[key], *kept])
                     report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
         _place(model, sites, set())
-        base = _run(model, example, _site_map(sites, set()), params)
+        base = _run(model, example, sites, set(), params)
         reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
         active, final = set(sites) - set(reasons), base
         while active:
             _place(model, sites, active)
-            final = _run(model, example, _site_map(sites, active), params)
-            bad = {k for k in active if base.only(k) - final.only(k) <= 0}
-            reasons.update({k: _why(k, base, final) for k in bad})
+            final = _run(model, example, sites, active, params)
+            refused = _refused(final, active)
+            bad = set(refused) or {k for k in active if base.only(k) - final.only(k) <= 0}
+            reasons.update(refused or {k: _why(k, base, final) for k in bad})
             active -= bad
             if not bad:
                 break
@@ -508,8 +570,9 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
             for p in parents.values():
                 _install(p, CopyChunks(), _CHUNKS)
             _place(model, sites, active | fused)
-            trial = _run(model, example, _site_map(sites, active | fused), params)
-            gain = final.total - trial.total
+            trial = _run(model, example, sites, active | fused, params)
+            refused = _refused(trial, active | fused)
+            gain = final.total - trial.total if not refused else 0
             if gain > 0:
                 note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
                         f"{len(fused)} site(s) freeing {_fmt(gain)}")
@@ -520,12 +583,17 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
                 for p in parents.values():
                     _remove(p, _CHUNKS)
                 for k in fused:
-                    reasons[k] += f"; copying its parent's chunks (one unit of {len(fused)}) frees {_fmt(gain)}"
+                    reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
+                                   (refused[k] if k in refused else f"frees {_fmt(gain)}"))
         _place(model, sites, active)
         routed = None
         if router is not None:
-            with_route = _run(model, example, _site_map(sites, active), params, router)
-            routed = (with_route.total < final.total, final.total - with_route.total, dict(router.routed))
+            with_route = _run(model, example, sites, active, params, router)
+            why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
+                   "would fail" if with_route.route_modified else
+                   f"the example step fails with the route ({with_route.error})" if with_route.error else "")
+            routed = (with_route.total < final.total and not why, final.total - with_route.total,
+                      dict(router.routed), why)
             router.routed.clear()
             if routed[0]:
                 final = with_route
@@ -556,8 +624,10 @@ def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dic
     report.measured = {"baseline_bytes": base.total, "patched_bytes": final.total,
                        "functional_bytes": routed[1] if routed and routed[0] else 0}
     if routed is not None:
-        keep, freed, calls = routed
+        keep, freed, calls, why = routed
         report.functional = (f"routed: {sum(calls.values())} call(s) {calls}, frees {_fmt(freed)} (measured as one "
                              "unit)" if keep else
+                             f"left: routing {sum(calls.values())} call(s) {calls}: {why} (measured as one unit)"
+                             if why else
                              f"left: routing {sum(calls.values())} call(s) {calls} frees {_fmt(freed)} (measured "
                              "as one unit)")

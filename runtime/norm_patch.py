@@ -28,13 +28,13 @@ also checks it: a norm whose autocast output changes the model's output under au
 
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
 from torch import nn
 
 from .norms import LayerNorm, RMSNorm, _Saving
+from .recognise import probe_copy
 
 __all__ = ["is_candidate", "replacement", "feeds_linears", "PRE_NORM"]
 
@@ -92,23 +92,23 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module:
 def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | None:
     """Largest difference in ulps of the output dtype between ``module`` and form ``kind`` on random input
     and weights: all float32, all bfloat16, float32 weights with bfloat16 input (None: a different dtype
-    or shape, or the forward failed)."""
+    or shape, or the forward failed). It runs a copy (:func:`invact.recognise.probe_copy`: without hooks,
+    on the CPU where the module is on the meta device) and sets the copy's weights."""
     n = module.weight.numel()
     worst = 0.0
     g = torch.Generator().manual_seed(0)
     for dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                            (torch.float32, torch.bfloat16)):       # float32 weights, bf16 x: Llama vs T5
-        probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
-        with torch.no_grad():
-            probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
-            if bias:
-                probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
-        ours = _share(_build(kind, n, eps, bias, "eager", False), probe)
-        x = (torch.randn(3, 5, n, generator=g) * 2 + 0.3).to(x_dtype)
-        try:
-            with torch.no_grad():
+        try:   # on the CPU, also within a default-device context (torch.device("meta") around patch)
+            with torch.device("cpu"), torch.no_grad():
+                probe = probe_copy(module).to(device="cpu", dtype=dtype)
+                probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
+                if bias:
+                    probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                ours = _share(_build(kind, n, eps, bias, "eager", False), probe)
+                x = (torch.randn(3, 5, n, generator=g) * 2 + 0.3).to(x_dtype)
                 want, got = probe(x), ours(x)
-        except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
+        except Exception:  # noqa: BLE001 - a form that cannot run this input (or a copy that cannot) does not match
             return None
         if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
             return None

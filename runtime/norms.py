@@ -313,12 +313,20 @@ def _norm_forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, n:
                                                                 out_dtype)
     cols = _forward_columns(weight, bias, n, offset, acc, out_dtype, x.device)
     if not cols.numel():                                   # the usual case: y alone recovers every column
-        return y.reshape(x.shape), rstd.view(-1), x.new_empty(x2.shape[0], 0), cols
+        return _shaped(y, x.shape), rstd.view(-1), x.new_empty(x2.shape[0], 0), cols
     xk = x2.index_select(1, cols).to(acc)
     xhat = xk * rstd.reshape(-1, 1) if rms else (xk - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
     if norm_dtype is not None:
         xhat = xhat.to(norm_dtype)                         # the x_hat the forward multiplied by gamma
-    return y.reshape(x.shape), rstd.reshape(-1).to(acc), xhat.to(x.dtype), cols
+    return _shaped(y, x.shape), rstd.reshape(-1).to(acc), xhat.to(x.dtype), cols
+
+
+def _shaped(y: Tensor, shape: torch.Size) -> Tensor:
+    """``y`` in x's shape and not a view: autograd refuses any in-place op on a view a custom Function returns,
+    with a message naming neither invact nor the saved y; on a plain tensor an in-place op (ReLU(inplace=True)
+    after the norm) bumps the saved y's version, and backward raises PyTorch's usual error, as after an
+    invact activation."""
+    return y.reshape(shape).detach()
 
 
 _norm_forward = torch.library.custom_op("invact::norm_forward", _norm_forward_impl, mutates_args=())

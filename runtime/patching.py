@@ -47,7 +47,9 @@ RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become 
 
 The replaced module keeps a reference to its original (not registered as a submodule, so it is in
 neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
-Hooks registered on an original module stay with it (the report notes such modules).
+Forward, forward pre- and backward hooks registered on an original move to its replacement: the two share
+the hook dictionaries, so the hooks keep firing, their handles still remove them, and after :func:`unpatch`
+the original has the hooks as they are then (the report notes such modules).
 """
 
 from __future__ import annotations
@@ -239,9 +241,23 @@ def _qualname(cls: type) -> str:
     return f"{mod}.{cls.__qualname__}"
 
 
+# the hook dictionaries a replacement shares with its original (so the hooks keep firing, handles remove them)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_HOOKS_MOVED = "hooks registered on the original moved to the replacement (shared: their handles still remove them)"
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, a, None) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                                              "_backward_pre_hooks"))
+
+
+def _share_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Make ``new`` use ``old``'s hook dictionaries (the same objects), and its full-backward-hook flag."""
+    for name in _HOOK_DICTS:   # a module unpickled from an older torch may lack some: torch's setstate adds them
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+    new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
 
 
 def _dropout_follows(parent: nn.Module, attr: str) -> bool:
@@ -329,13 +345,15 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         Measure before keeping: one forward of this step (training mode, grad on) counts the bytes saved
         for backward per storage with the originals and with the swaps; a swap (activation or norm) is
         kept only where it frees bytes, else the original is put back and ``.left`` says why (dropout
-        after it, its input kept alive by another consumer, y not saved by its consumer, never called).
-        Replaces the class-order dropout heuristic; see :mod:`invact.measure`. Without it the class
-        rules decide and the report says the decisions were not measured.
+        after it, its input kept alive by another consumer, y not saved by its consumer, never called,
+        its output modified in place later in the forward). Replaces the class-order dropout heuristic;
+        see :mod:`invact.measure`. Without it the class rules decide and the report says the decisions
+        were not measured (an in-place op on a swapped output then raises PyTorch's error at backward).
     functional : bool
         Also route ``torch.nn.functional`` activation calls made during the model's forward through
-        invact (:class:`invact.routing.FunctionalRouter`, entered by forward hooks on ``model``; works
-        under ``torch.compile``); with ``example``, kept only if it frees bytes (measured as one unit).
+        invact (:class:`invact.routing.FunctionalRouter`, entered by forward hooks on ``model`` and its
+        modules, so a checkpointed module's recomputation routes too; works under ``torch.compile``);
+        with ``example``, kept only if it frees bytes (measured as one unit).
 
     Returns
     -------
@@ -374,6 +392,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
                 report.left.append(Left(path, _qualname(cls), note))
                 continue
             _swap(parent, attr, child, new, done)
+            note = "; ".join(x for x in (note, _HOOKS_MOVED if _has_hooks(child) else "") if x)
             report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), note))
             continue
         rule = _rule_for(cls)
@@ -407,7 +426,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         if _inplace(child):
             notes.append("inplace=True not kept: the new module returns a new tensor")
         if _has_hooks(child):
-            notes.append("hooks registered on the original stay with it")
+            notes.append(_HOOKS_MOVED)
         report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
     router = FunctionalRouter() if functional else None
     try:
@@ -433,6 +452,7 @@ def _undo(model: nn.Module, report: PatchReport) -> None:
 def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dict[int, nn.Module]) -> None:
     new.train(old.training)
     new._invact_replaced = (old,)
+    _share_hooks(old, new)
     setattr(parent, attr, new)
     done[id(old)] = new
 
@@ -449,8 +469,10 @@ def _put_back(parent: nn.Module, attr: str, child: nn.Module) -> bool:
 
 
 def _hand_back(new: nn.Module, old: nn.Module) -> None:
-    """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have)."""
+    """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have), and its
+    full-backward-hook flag (the hook dictionaries are shared)."""
     old.train(new.training)
+    old._is_full_backward_hook = new._is_full_backward_hook
     for mine, theirs in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
         for name in mine.keys() & theirs.keys():
             mine[name] = theirs[name]
@@ -461,7 +483,8 @@ def unpatch(model: nn.Module) -> list[str]:
 
     Each restored module gets the training flag and the parameters and buffers (the same objects, under
     the names both have) of the module it replaces, so whatever was assigned while patched
-    (``load_state_dict(..., assign=True)``, ``module.weight = ...``) stays.
+    (``load_state_dict(..., assign=True)``, ``module.weight = ...``) stays; it shares its hooks with the
+    replacement, so hooks registered while patched stay too.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

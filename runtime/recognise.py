@@ -1,18 +1,18 @@
 """Recognise activation modules that no class rule names, by what they compute.
 
 :func:`invact.patch` knows torch.nn's, Hugging Face's and timm's activation classes by name. Any other
-leaf module without parameters or buffers (transformers' ``BloomGelu``, a model's own ``GELU`` class)
-is probed: a deep copy is called, without grad, on float64 values (a 2-d tensor) spread densely over
-[-8, 8] and logarithmically over every float32 magnitude in both signs, from the largest finite float32
-down through float32's and float64's subnormals to ±0 (inf and NaN are bad input, whose handling is the
-table's own policy, not the formula's), and its output is compared with each reference in
-:func:`references`. It matches when every output is within 2^-26 of the reference relative to it — a
-quarter of float32's unit roundoff 2^-24, so the reference's table serves the module as well as it
-serves the reference — plus 16 float64 ulps of 1 + min(|x|, 64), the two formulas' own float64 rounding
-where they cancel (0.5x(1 + tanh(z)) for x < -4 keeps only an absolute error ~|x| * 2^-53, until tanh
-saturates near x = -10); equal infinities and NaNs at the same place match. BloomGelu's and FastGELU's
-truncated sqrt(2/pi) change outputs by ~1e-9 relative; GELU's erf and tanh forms differ by up to 0.64
-relative (x = -4.7), so they never match each other; a clipped GELU differs beyond its clip.
+leaf module without parameters or buffers (transformers' ``BloomGelu``, a model's own ``GELU`` class) is
+probed: a deep copy (without its hooks: :func:`probe_copy`) is called, without grad, on float64 values (a
+2-d tensor) spread densely over [-8, 8] and logarithmically over every float32 magnitude in both signs,
+from the largest finite float32 down through float32's and float64's subnormals to ±0 (inf and NaN are
+bad input, whose handling is the table's own policy, not the formula's), and its output is compared with
+each reference in :func:`references`. It matches when every output is within 2^-26 of the reference
+relative to it — a quarter of float32's unit roundoff 2^-24, so the reference's table serves the module
+as well as it serves the reference — plus 16 float64 ulps of 1 + min(|x|, 64), the two formulas' own
+float64 rounding where they cancel (0.5x(1 + tanh(z)) for x < -4 keeps only an absolute error ~|x| *
+2^-53, until tanh saturates near x = -10); equal infinities and NaNs at the same place match. BloomGelu's
+and FastGELU's truncated sqrt(2/pi) change outputs by ~1e-9 relative; GELU's erf and tanh forms differ by
+up to 0.64 relative (x = -4.7), so they never match each other; a clipped GELU differs beyond its clip.
 
 The copy runs in eval mode and twice in training mode (torch's CPU RNG forked, so the caller's draws are
 untouched): a module whose training-mode output differs from its eval-mode output or from one call to the
@@ -35,8 +35,7 @@ from torch import nn
 from . import registry
 from .common.catalog import CATALOG
 
-__all__ = ["references", "probe", "is_candidate"]
-
+__all__ = ["references", "probe", "is_candidate", "probe_copy"]
 
 
 def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -77,13 +76,24 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def probe_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` to call on synthetic input: without hooks (the user's hooks never see a probe;
+    the original keeps them), and on the CPU where its parameters or buffers are on the meta device
+    (``to_empty``: their values are unset, a probe sets those it needs)."""
+    no_hooks = {id(hooks): type(hooks)() for m in module.modules() for name, hooks in vars(m).items()
+                if "hooks" in name and isinstance(hooks, dict)}
+    twin = copy.deepcopy(module, no_hooks)
+    if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
+        twin.to_empty(device="cpu")
+    return twin
+
+
 def probe(module: nn.Module) -> tuple[str | None, bool]:
     """``(table, activation_like)``: the reference ``module`` computes (or None), and whether it looked
     like an elementwise activation at all (computing the same in training and eval mode, every call)."""
-    x = _probe_input()
-    try:
-        twin = copy.deepcopy(module)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    try:   # on the CPU, also within a default-device context (torch.device("meta") around patch)
+        with torch.device("cpu"), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            x, twin = _probe_input(), probe_copy(module)
             y, y_flipped = twin.eval()(x), twin(x.flip(-1))
             trained = [twin.train()(x) for _ in range(2)]
     except Exception:  # noqa: BLE001 - a module that cannot take one float64 tensor is not an activation

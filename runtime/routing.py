@@ -73,7 +73,9 @@ def _worth_routing(args: tuple, kwargs: dict) -> bool:
 class FunctionalRouter(TorchFunctionMode):
     """While active, functional activation calls that save their input run through invact instead.
 
-    ``only``: names (``"gelu"``, ``"silu"``, ...) to route; default all of :data:`ROUTED`.
+    ``only``: names (``"gelu"``, ``"silu"``, ...) to route; default all of :data:`ROUTED`. ``outputs``: a list
+    that, where set, collects ``(y, y._version)`` of every routed call (:mod:`invact.measure` checks whether a
+    later in-place op wrote into a y that backward reads).
     """
 
     def __init__(self, only: set[str] | None = None) -> None:
@@ -84,6 +86,7 @@ class FunctionalRouter(TorchFunctionMode):
             raise ValueError(f"only: {unknown} are not routable functional activations; known: {sorted(known)}")
         self.only = set(only) if only is not None else known
         self.routed: Counter[str] = Counter()
+        self.outputs: list[tuple[torch.Tensor, int]] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -95,6 +98,8 @@ class FunctionalRouter(TorchFunctionMode):
                 y = None                     # without a table): PyTorch's call as written
             if y is not None:
                 self.routed[entry[0]] += 1
+                if self.outputs is not None:
+                    self.outputs.append((y, y._version))
                 return y
         return func(*args, **kwargs)
 

@@ -333,8 +333,9 @@ def test_autocast_output_is_the_linears_input(rms):
     model = _Block(nn.RMSNorm(D) if rms else nn.LayerNorm(D))
     x = torch.randn(B, D, requires_grad=True)
     outs = {}
-    model.norm.register_forward_hook(lambda m, a, out: outs.__setitem__("base", out))
+    hook = model.norm.register_forward_hook(lambda m, a, out: outs.__setitem__("base", out))
     base, out_b = _saved(model, x, autocast=True)
+    hook.remove()                                 # (patch would move it to the replacement)
     report = invact.patch(model)
     assert "autocast output" in report.replaced[0].note
     model.norm.register_forward_hook(lambda m, a, out: outs.__setitem__("patched", out))
@@ -420,13 +421,16 @@ def test_patch_hugging_face_norms(kind):
     if kind in STYLE:
         assert all(f"style='{STYLE[kind]}'" in r.new and "probe" in r.note for r in report.replaced)
     assert list(model.state_dict()) == keys
-    seen, shares = {}, []
+    seen, shares, handles = {}, [], []
     for r in report.replaced:
         mod = model.get_submodule(r.path)
-        mod.register_forward_hook(lambda m, args, out: seen.__setitem__(id(m), (args[0].detach(), out.detach())))
-        mod.register_full_backward_hook(lambda m, gin, gout: shares.append(
-            norm_bounds.relative_bound(m, *seen.pop(id(m)), gout[0])))
+        handles += [mod.register_forward_hook(lambda m, args, out: seen.__setitem__(id(m), (args[0].detach(),
+                                                                                            out.detach()))),
+                    mod.register_full_backward_hook(lambda m, gin, gout: shares.append(
+                        norm_bounds.relative_bound(m, *seen.pop(id(m)), gout[0])))]
     out_p, g_p = run(model)
+    for h in handles:                             # (unpatch would leave them on the originals)
+        h.remove()
     assert torch.equal(out_b, out_p) and len(shares) == len(originals)
     # against the float64 model: the norms' relative_bound shares summed over layers (as train.py), plus
     # twice the unpatched float32 model's own distance from it (the same float32 ops round the patched
