@@ -38,9 +38,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -138,8 +139,11 @@ def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
-                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype."""
+                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
+                   layout: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype.
+    ``layout``: the same x in the caller's shape and strides, where RMSNorm's mean of squares is reduced (in
+    the order torch's rms_norm reduces it: a transposed x sums its rows in another order)."""
     n = x.shape[-1]
     if not rms and not offset and norm_dtype is None:
         acc = _acc(x.dtype)
@@ -158,7 +162,7 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     xf = x.to(_acc(x.dtype))
     if rms:
         mean = xf.new_zeros(())
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(_mean_square(xf if layout is None else layout.to(xf.dtype), n) + eps)
         xhat = xf * rstd
     else:
         var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
@@ -174,6 +178,15 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     if bias is not None:
         y = y + bias.reshape(n)
     return y.to(out_dtype), mean, rstd
+
+
+def _mean_square(x: Tensor, n: int) -> Tensor:
+    """mean(x^2) over x's fewest trailing dimensions holding ``n`` elements, as (rows, 1)."""
+    dims, size = [], 1
+    while size != n or not dims:
+        dims.append(-1 - len(dims))
+        size *= x.shape[dims[-1]]
+    return x.pow(2).mean(dims, keepdim=True).reshape(-1, 1)
 
 
 def _backward_rows(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b: Tensor | None,
@@ -310,7 +323,7 @@ def _norm_forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, n:
         out = impl_triton.launched(x2.device, lambda: norm_triton.forward(x2, weight, bias, eps, rms, offset,
                                                                           norm_dtype, out_dtype))
     y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
-                                                                out_dtype)
+                                                                out_dtype, x)
     cols = _forward_columns(weight, bias, n, offset, acc, out_dtype, x.device)
     if not cols.numel():                                   # the usual case: y alone recovers every column
         return _shaped(y, x.shape), rstd.view(-1), x.new_empty(x2.shape[0], 0), cols
@@ -335,9 +348,12 @@ _norm_forward = torch.library.custom_op("invact::norm_forward", _norm_forward_im
 @_norm_forward.register_fake
 def _norm_forward_fake(x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend):
     rows = x.numel() // n if n else 0
-    # the kept columns depend on gamma's and beta's values: a symbol under FakeTensors; meta tensors (shape
-    # inference, models built on the meta device) have no values nor symbols: none kept, the usual case
-    k = 0 if x.is_meta else torch.library.get_ctx().new_dynamic_size()
+    # the kept columns depend on gamma's and beta's values: a symbol under FakeTensors with a shape environment
+    # (torch.compile, export); meta tensors (shape inference, models built on the meta device) and a plain
+    # FakeTensorMode (memory estimators) have no values nor symbols: none kept, the usual case
+    ctx = None if x.is_meta else torch.library.get_ctx()    # (meta tensors have no context to ask)
+    shapes = getattr(ctx, "_shape_env", None)
+    k = ctx.new_dynamic_size() if shapes is not None and shapes.allow_dynamic_output_shape_ops else 0
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=_acc(x.dtype)),
             x.new_empty(rows, k), x.new_empty(k, dtype=torch.int64))
 
@@ -459,17 +475,30 @@ def _check(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bi
         return _checked_shape(x, normalized_shape, weight, bias, fn)
 
 
+def _int_tuple(shape: Any) -> tuple[int, ...] | None:
+    """``shape`` (an integer or a sequence of them: Python's, NumPy's, 0-d integer tensors, as torch takes
+    them) as a tuple of ints; None where it is not one."""
+    try:
+        return (operator.index(shape),)
+    except TypeError:
+        pass
+    try:
+        return tuple(operator.index(s) for s in shape)
+    except TypeError:
+        return None
+
+
 def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
                    fn: str) -> tuple[int, ...]:
     if not isinstance(x, Tensor):
         raise TypeError(f"invact.functional.{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATS:
         raise TypeError(f"invact.functional.{fn}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not all(isinstance(s, int) and s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
+    shape = _int_tuple(normalized_shape)
+    if shape is None or not all(s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
             or len(shape) > x.dim() or not shape:
         raise ValueError(f"invact.functional.{fn}: normalized_shape must be the input's trailing dimensions; got "
-                         f"normalized_shape={shape} for an input of shape {tuple(x.shape)}")
+                         f"normalized_shape={normalized_shape!r} for an input of shape {tuple(x.shape)}")
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
             raise ValueError(f"invact.functional.{fn}: {arg} must be a tensor of shape normalized_shape={shape}, "
@@ -492,12 +521,15 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     offset = 1.0 if style == "gemma" else 0.0
     n = math.prod(shape)
     eps = real(eps, "eps")
+    if n == 0:  # nothing to normalise nor save: torch's own norm (empty y; the gradients are empty tensors)
+        fn = torch.nn.functional
+        return (fn.rms_norm(x, shape, weight, eps) if rms else fn.layer_norm(x, shape, weight, bias, eps)).to(out_dtype)
     args = (x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
         if ops.differentiating():  # functionalize too: these are plain torch ops
             # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
             # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
-            y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype)[0]
+            y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype, x)[0]
             return y.reshape(x.shape)
         if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
