@@ -25,11 +25,27 @@ from collections.abc import Callable
 import torch
 
 __all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used", "instead_of_triton",
-           "after_triton_failed", "INDUCTOR_OPTIONS"]
+           "after_triton_failed", "INDUCTOR_OPTIONS", "inductor_options", "env_flag"]
 
 BACKENDS = ("triton", "compiled", "eager")
 ENV = "INVACT_BACKEND"
 _broken: set[str] = set()
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name`` (every ``INVACT_*`` switch is read through this):
+    1/true/yes/on or 0/false/no/off, in any case, spaces around ignored; unset or empty: ``default``.
+    Raises :class:`ValueError` naming the variable and the accepted values for anything else."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    value = _FLAG_VALUES.get(text.lower())
+    if value is None:
+        raise ValueError(f"{name} must be one of {', '.join(_FLAG_VALUES)} (any case) or empty for the default "
+                         f"({'on' if default else 'off'}), got {os.environ[name]!r}")
+    return value
 
 
 @functools.cache
@@ -124,13 +140,28 @@ def after_triton_failed(error: BaseException, device_type: str) -> str:
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_opcount_threshold": 30}
 
 
+def inductor_options() -> dict[str, object]:
+    """:data:`INDUCTOR_OPTIONS` and ``cpp.simdlen``, the vector width of Inductor's CPU code (its own
+    pick: the CPU's widest ISA, or ``$ATEN_CPU_CAPABILITY``'s).
+
+    Left unset, the width is not in Inductor's FX graph cache key: a graph cached under AVX-512 and
+    reused under avx2 had its 512-bit C++ rebuilt with AVX2 flags (wrong gradients, no warning). Set,
+    each width gets its own cache entries and the on-disk cache stays on.
+    """
+    from torch._inductor import config, cpu_vec_isa
+    simdlen = config.cpp.simdlen
+    if simdlen is None:
+        simdlen = cpu_vec_isa.pick_vec_isa().bit_width()  # 0 where no vector ISA builds (scalar code)
+    return {**INDUCTOR_OPTIONS, "cpp.simdlen": simdlen}
+
+
 def compiled(fn: Callable) -> Callable:
     """``fn`` compiled by torch.compile; on any compile failure: warn once, run ``fn`` eagerly.
 
     Tensor arguments are marked dynamic in their first dimension (element counts vary), while ints
     and floats (bit widths, thresholds, parameters) stay compile-time constants, guarded: one
     compilation per dtype and parameter set.
-    Compiled with :data:`INDUCTOR_OPTIONS`.
+    Compiled with :func:`inductor_options` (made at the first call).
     """
     compiled_fn = None  # made at the first call: torch.compile imports Inductor (~1 s), which
                         # importing invact.norms (whose passes these are) should not pay
@@ -144,7 +175,7 @@ def compiled(fn: Callable) -> Callable:
                     torch._dynamo.maybe_mark_dynamic(a, 0)
             try:
                 if compiled_fn is None:
-                    compiled_fn = torch.compile(fn, dynamic=None, options=INDUCTOR_OPTIONS)
+                    compiled_fn = torch.compile(fn, dynamic=None, options=inductor_options())
                 # floats (parameters, thresholds) as guarded constants: torch 2.13 made a float that
                 # changed between calls dynamic and then baked its traced value into a torch.where
                 # (SELU's g kept a stale scale: a wrong gradient, no recompile)

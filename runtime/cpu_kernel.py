@@ -23,9 +23,10 @@ Codes and 16-bit gradients equal the eager backend's bit for bit; float32 gradie
 scheme's (certified like the scheme without it; the per-table C kernels' FMA build bit for bit), or
 with ``INVACT_FMA=0`` the eager backend's bits. Elsewhere, or when the build fails
 (one warning), the compiled backend runs Inductor's code. The shared library is cached under
-``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``), keyed by a hash of
-the source, compiler and flags, and loaded only after :mod:`invact.kernel_cache`'s ownership and
-sha256 checks; ``$CC`` chooses the compiler (default: gcc, cc or clang); ``INVACT_CPU_KERNEL=0``
+``$INVACT_CACHE`` (default ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``; where that cannot
+serve, a private per-user fallback: :mod:`invact.kernel_cache`), keyed by a hash of the source,
+compiler and flags, and loaded only after :mod:`invact.kernel_cache`'s ownership and sha256 checks;
+``$CC`` chooses the compiler (default: gcc, cc or clang); ``INVACT_CPU_KERNEL=0``
 switches the kernels off (the compiled backend then runs Inductor's code). The CPU test is ATen's
 own, so ``ATEN_CPU_CAPABILITY=avx2`` (set before torch is imported) runs everything, PyTorch's kernels
 included, as on a CPU without AVX-512.
@@ -49,7 +50,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import bitpack, fastmath, kernel_cache, u_clamp
+from . import backends, bitpack, fastmath, kernel_cache, u_clamp
 from .common.float32_scheme import ROW_C1, TINY32  # POLY rows' c1 column; the log transform's floor
 from .common import slots
 from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa: F401 - SearchLayout re-exported
@@ -139,14 +140,16 @@ def _check_abi(lib: ctypes.CDLL) -> None:
 
 def fma_allowed() -> bool:
     """Whether the float32 backwards may run the FMA scheme (where the hardware has FMA): ``INVACT_FMA``
-    is not ``0``. ``INVACT_FMA=0`` keeps the scheme without FMA, the eager backend's bits."""
-    return os.environ.get(FMA_ENV, "1") != "0"
+    is on (the default). ``INVACT_FMA=0`` (or false/no/off) keeps the scheme without FMA, the eager
+    backend's bits; another value raises ValueError (:func:`invact.backends.env_flag`)."""
+    return backends.env_flag(FMA_ENV, True)
 
 
 def enabled() -> bool:
-    """Whether the C kernels may run: not switched off by ``INVACT_CPU_KERNEL=0`` (which also switches
-    off the per-table kernels of :mod:`invact.table_c`)."""
-    return os.environ.get(SWITCH_ENV, "1") != "0"
+    """Whether the C kernels may run: ``INVACT_CPU_KERNEL`` is on (the default); ``0`` (or
+    false/no/off) switches them off, the per-table kernels of :mod:`invact.table_c` too; another value
+    raises ValueError (:func:`invact.backends.env_flag`)."""
+    return backends.env_flag(SWITCH_ENV, True)
 
 
 _PACK_ARGS = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,  # dtype, n, x, n_thr

@@ -4,12 +4,20 @@ Loading a shared object runs its constructors, so only a file this process can v
 a build records the sha256 of the ``.so`` it made in a manifest next to it (``<key>.json``, written
 atomically after the build, under a fresh random ``.so`` name), and a later process loads the file the
 manifest names only if the directory, the manifest and the file are owned by this user and writable
-by no one else, and the file's sha256 matches. Otherwise:
+by no one else, and the file's sha256 matches.
 
-* a cache directory (``$INVACT_CACHE``, default ``$XDG_CACHE_HOME/invact`` or ``~/.cache/invact``,
-  created 0700) owned by someone else or writable by group or others: one warning, and the kernel is
-  built in a private temporary directory (removed once loaded) instead;
-* a read-only or unwritable cache without a valid entry: the same private build, silently;
+The cache is ``$INVACT_CACHE`` (a relative path made absolute against the working directory at its
+first use), else ``$XDG_CACHE_HOME/invact`` (an absolute ``XDG_CACHE_HOME`` only), else
+``~/.cache/invact`` (``$HOME`` where it is an absolute path, else the passwd entry's home), created
+0700. Where it cannot serve:
+
+* no home directory, or a cache that cannot be created, is not a directory, is a symbolic link, is
+  owned by someone else or is writable by group or others: one warning naming it and why, and the
+  kernels are cached in this user's private fallback, :func:`private_cache_dir`, verified the same way;
+* a read-only cache: its verified entries are loaded; a kernel it lacks is built into the fallback
+  (one warning);
+* a fallback that cannot serve either: one warning, and each kernel is built in a private temporary
+  directory (removed once loaded) in every process;
 * a ``.so`` whose hash does not match (changed after it was written) or that does not load: rebuilt
   under a fresh name and the manifest replaced, so the next process loads the new one.
 A file with a predictable name planted in the cache is never loaded: only the manifest names files.
@@ -34,16 +42,54 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "cache_dir", "unsafe", "load", "threading_flags", "load_first"]
+__all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "cache_dir", "private_cache_dir", "unsafe", "load", "threading_flags",
+           "load_first"]
 
 CACHE_ENV = "INVACT_CACHE"
 OPENMP_RUNTIME = "libgomp.so.1"   # the OpenMP runtime PyTorch's Linux wheels load (by this soname)
 
 
-def cache_dir() -> Path:
-    """``$INVACT_CACHE``, else ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``."""
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get(CACHE_ENV) or home_cache / "invact")
+def cache_dir() -> Path | None:
+    """``$INVACT_CACHE``, else ``$XDG_CACHE_HOME/invact``, else ``~/.cache/invact``; None where no home
+    directory is known. Empty variables count as unset; a relative ``XDG_CACHE_HOME`` is ignored (the XDG
+    spec), as is a relative ``HOME``; a relative ``INVACT_CACHE`` is made absolute at its first use."""
+    given = os.environ.get(CACHE_ENV, "")
+    if given.strip():
+        return _absolute(given)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "invact"
+    home = _home()
+    return None if home is None else home / ".cache" / "invact"
+
+
+@functools.cache
+def _absolute(path: str) -> Path:
+    """``path`` against the working directory of its first use (a later chdir keeps the cache)."""
+    return Path(os.path.abspath(path))
+
+
+def _home() -> Path | None:
+    """``$HOME`` where it is an absolute path, else this uid's passwd entry's home (``%USERPROFILE%``
+    without a passwd database), else None (``docker run --user N`` with HOME unset)."""
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        try:
+            import pwd
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except ImportError:
+            home = os.environ.get("USERPROFILE", "")
+        except KeyError:                       # a uid with no passwd entry
+            return None
+    return Path(home) if os.path.isabs(home) else None
+
+
+def private_cache_dir() -> Path:
+    """This user's fallback cache, used where :func:`cache_dir` cannot serve: ``invact-cache-<uid>`` in
+    the temporary directory (``tempfile.gettempdir()``), created 0700 and verified like the cache (so a
+    directory someone else made there first is refused)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"invact-cache-{user}"
 
 
 def unsafe(path: Path, directory: bool = False) -> str | None:
@@ -130,21 +176,24 @@ def _private_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _usable_cache() -> Path | None:
-    """The cache directory, created 0700 if missing; None (one warning) where it is not safe, or
-    None silently where it cannot be created."""
-    directory = cache_dir()
+def _prepared(directory: Path) -> str | None:
+    """Why ``directory`` cannot hold the cache (:func:`unsafe`, or it cannot be created), else None;
+    created 0700 where missing."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        reason = unsafe(directory, directory=True)
-    except OSError:
-        return None
-    if reason:
-        warnings.warn(f"invact: not using the kernel cache {directory}: {reason}; building the CPU kernel "
-                      f"in a private temporary directory instead (set ${CACHE_ENV} to a directory only you "
-                      "can write)", RuntimeWarning, stacklevel=4)
-        return None
-    return directory
+        if not os.path.lexists(directory):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return unsafe(directory, directory=True)
+    except OSError as error:
+        return f"it cannot be created ({error.strerror or error})"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 _held: set[int] = set()  # descriptors of the locks this process holds now
@@ -198,29 +247,68 @@ def _remove_stale(directory: Path, key: str, kept: Path) -> None:
 
 def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
     """The library that ``command`` (a compiler command line without ``-o``) builds, from the cache
-    under ``key`` (a name made of the inputs' hash) when a verified entry is there, else built (and
-    recorded where the cache is writable), one build at a time per cache (:func:`_locked`, taken where no
-    verified entry loads).
+    (:func:`cache_dir`, else :func:`private_cache_dir`, warning once) under ``key`` (a name made of the
+    inputs' hash) when a verified entry is there, else built and recorded there, one build at a time
+    per cache (:func:`_locked`, taken where no verified entry loads); built in a private temporary
+    directory where neither cache can serve.
     ``check(lib)`` raises RuntimeError for a library that loads but is not the expected one (treated
     like one that does not load). Raises RuntimeError, OSError or SubprocessError where a fresh build
     fails."""
-    directory = _usable_cache()
-    if directory is not None:
-        so, _ = _cached(directory, key)
-        if so is not None:                              # the usual case: a verified build, no lock
-            with contextlib.suppress(OSError, RuntimeError):
-                return _open(so, check)
-        with _locked(directory):                        # checked again: another may have built it
-            lib = _load_or_build(command, directory, key, check)
+    configured = cache_dir()
+    why = _no_home() if configured is None else ""
+    if configured is not None:
+        lib, reason = _from_cache(command, configured, key, check)
         if lib is not None:
             return lib
+        why = f"{configured}: {reason}"
+    fallback = private_cache_dir()
+    if fallback != configured:
+        lib, reason = _from_cache(command, fallback, key, check)
+        if lib is not None:
+            _warn_once(f"invact: not using the kernel cache {why}; caching the CPU kernels in {fallback} "
+                       f"instead (set ${CACHE_ENV} to a directory only you can write)")
+            return lib
+        why += f"; nor {fallback}: {reason}"
+    _warn_once(f"invact: not using the kernel cache {why}; building each CPU kernel in a private temporary "
+               f"directory, again in every process (set ${CACHE_ENV} to a directory only you can write)")
     with _private_dir() as private:
         return _open(_compile(command, private, key), check)
 
 
+def _no_home() -> str:
+    uid = os.getuid() if hasattr(os, "getuid") else "?"
+    return (f"~/.cache/invact: there is no home directory ($HOME is unset, empty or relative, and uid {uid} "
+            "has no passwd entry)")
+
+
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _from_cache(command: list[str], directory: Path, key: str,
+                check: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str]:
+    """(the library from the cache ``directory``: its verified entry, else built and recorded there;
+    "") or (None, why the directory cannot serve: not safe, not creatable, read-only)."""
+    reason = _prepared(directory)
+    if reason:
+        return None, reason
+    so, _ = _cached(directory, key)
+    if so is not None:                              # the usual case: a verified build, no lock
+        with contextlib.suppress(OSError, RuntimeError):
+            return _open(so, check), ""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return None, "it is read-only"
+    try:
+        with _locked(directory):                    # checked again: another may have built it
+            return _load_or_build(command, directory, key, check), ""
+    except OSError as error:             # writing there refused (not the compiler's own error)
+        if error.errno not in _UNWRITABLE or not str(error.filename).startswith(str(directory)):
+            raise
+        return None, f"it cannot be written ({error.strerror})"
+
+
 def _load_or_build(command: list[str], directory: Path, key: str,
-                   check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
-    """:func:`load` in the cache ``directory``; None where the cache cannot be written."""
+                   check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """:func:`load` in the cache ``directory``: its verified entry, else a build recorded there."""
     so, refused = _cached(directory, key)
     if so is not None:
         try:
@@ -229,13 +317,8 @@ def _load_or_build(command: list[str], directory: Path, key: str,
             refused = f"{so}: it does not load ({error})"
     if refused:
         warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
-                      RuntimeWarning, stacklevel=4)
-    try:
-        fresh = _compile(command, directory, key)
-    except OSError as error:
-        if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        return None                                  # read-only cache: a private build
+                      RuntimeWarning, stacklevel=6)
+    fresh = _compile(command, directory, key)
     _record(directory, key, fresh)
     _remove_stale(directory, key, fresh)             # the bad one too (still mapped where loaded)
     return _open(fresh, check)

@@ -60,7 +60,7 @@ _warned: set[str] = set()
 
 def fma() -> bool:
     """Whether :func:`run` uses the build with FMA: ATen's CPU capability is AVX2 or AVX-512 (whose
-    CPUs have FMA: ATen requires it for both) and ``INVACT_FMA`` is not ``0``."""
+    CPUs have FMA: ATen requires it for both) and ``INVACT_FMA`` is on (:func:`cpu_kernel.fma_allowed`)."""
     return torch.backends.cpu.get_cpu_capability() in cpu_kernel.ISA_FLAGS and cpu_kernel.fma_allowed()
 
 
