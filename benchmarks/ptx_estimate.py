@@ -1,8 +1,9 @@
 """The fitted backward's Triton kernel priced from its PTX: instructions per element against the
-memory time at 2^28 elements on an H200 (issue 17), without a GPU.
+memory time at 2^28 elements on an H200 (issue 17; ``--gpu``: another, by default the current CUDA
+device's figures, benchmarks/gpu_devices.py), without a GPU.
 
     python benchmarks/ptx_estimate.py [--numel 268435456] [--names gelu,silu] [--arch 90]
-                                      [--dtype bfloat16|float32] [--forward] [--json]
+                                      [--dtype bfloat16|float32] [--forward] [--json] [--gpu h100]
 
 Kernels per activation: ``scheme``, the table's float32 scheme (act_triton.backward_kernel: what
 float32 y runs) as impl_triton launches it, its segment found by act_triton.search where the table's
@@ -46,12 +47,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import triton_offline  # noqa: E402
+from gpu_devices import DEFAULT, GPUS, Gpu, current_key  # noqa: E402
 
 from invact import act_triton, ops, registry  # noqa: E402
 
-# H200 SXM: 132 SMs, 1.98 GHz boost, 4.8 TB/s HBM3e (NVIDIA's data sheet); 128 FP32/INT lanes per SM
-# issue a thread-instruction a cycle each, the load/store units 32
-SMS, CLOCK_HZ, HBM_BYTES_S, LANES, LSU_LANES = 132, 1.98e9, 4.8e12, 128, 32
+# 128 FP32/INT lanes per SM issue a thread-instruction a cycle each, the load/store units 32; the SMs,
+# clock and HBM bandwidth are the GPU's (gpu_devices.GPUS; H200 SXM: 132 SMs, 1.98 GHz, 4.8 TB/s)
+LANES, LSU_LANES = 128, 32
 EXPANDS = {"sqrt.rn.f32": 8, "div.rn.f32": 10}   # PTX instructions that become a short sequence in SASS
 FREE = ("mov",)                                   # register moves: mostly folded by ptxas
 
@@ -165,13 +167,13 @@ def lookup_launch(bits: int, numel: int) -> tuple[tuple, dict]:
 
 
 def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme",
-             dtype: torch.dtype = torch.bfloat16) -> Estimate | None:
+             dtype: torch.dtype = torch.bfloat16, gpu: Gpu = GPUS[DEFAULT]) -> Estimate | None:
     """The estimate for activation ``name`` on ``numel`` elements of ``dtype`` by ``kernel``: the
     backward by ``scheme`` (the table's float32 scheme as impl_triton launches it,
     act_triton.backward_kernel: float32 y, and 16-bit y of codes wider than impl_triton.LUT_MOST_BITS),
     ``counted`` (the same with the segment counted, g_y, where the scheme searches; None elsewhere) or
     ``lookup`` (act_triton.lut_backward_kernel: a gather from g of every 16-bit y, what 16-bit y run);
-    or ``forward`` (act_triton.forward_kernel: y = f(x) and the code; x read, y written)."""
+    or ``forward`` (act_triton.forward_kernel: y = f(x) and the code; x read, y written); times on ``gpu``."""
     bits = registry.module(name).CODE_BITS
     if kernel == "lookup":
         jit, (args, kwargs) = act_triton.lut_backward_kernel, lookup_launch(bits, numel)
@@ -193,8 +195,9 @@ def estimate(name: str, numel: int, arch: int = 90, kernel: str = "scheme",
     issue = count_sass(sass, planes) / per_thread if sass else c["issue"]
     scale = numel * 1e3
     return Estimate(name, kernel, per_thread, c["issue"], issue, c["loads"], c["gathers"], c["stores"], regs,
-                    issue * scale / (SMS * LANES * CLOCK_HZ), (c["loads"] + c["stores"]) * scale / (SMS * LSU_LANES * CLOCK_HZ),
-                    ((2 if kernel == "forward" else 3) * dtype.itemsize + bits / 8) * scale / HBM_BYTES_S)
+                    issue * scale / (gpu.sms * LANES * gpu.clock_hz),
+                    (c["loads"] + c["stores"]) * scale / (gpu.sms * LSU_LANES * gpu.clock_hz),
+                    ((2 if kernel == "forward" else 3) * dtype.itemsize + bits / 8) * scale / gpu.hbm_bytes_s)
 
 
 def fitted_names() -> list[str]:
@@ -211,17 +214,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="y's dtype (float32 runs the scheme alone)")
     parser.add_argument("--forward", action="store_true", help="the forward kernel instead, every activation by default")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default=None,
+                        help=f"the GPU's figures (default: the current CUDA device's, {DEFAULT} without one)")
     args = parser.parse_args(argv)
+    gpu = GPUS[args.gpu or current_key()]
     names = [n for n in args.names.split(",") if n] or (ops.names() if args.forward else fitted_names())
     dtype = getattr(torch, args.dtype)
     kernels = ("scheme", "counted", "lookup") if dtype == torch.bfloat16 else ("scheme", "counted")
     kernels = ("forward",) if args.forward else kernels
-    found = [e for n in names for kernel in kernels if (e := estimate(n, args.numel, args.arch, kernel, dtype))]
+    found = [e for n in names for kernel in kernels if (e := estimate(n, args.numel, args.arch, kernel, dtype, gpu))]
     if args.json:
         print(json.dumps([asdict(e) | {"bound": e.bound} for e in found], indent=1))
         return 0
-    print(f"PTX estimate, {'forward' if args.forward else 'backward'}, {args.numel} {args.dtype} elements, sm_{args.arch}, H200 "
-          f"({SMS} SMs, {CLOCK_HZ / 1e9:g} GHz, {HBM_BYTES_S / 1e12:g} TB/s)")
+    print(f"PTX estimate, {'forward' if args.forward else 'backward'}, {args.numel} {args.dtype} elements, sm_{args.arch}, "
+          f"{gpu.name} ({gpu.sms} SMs, {gpu.clock_hz / 1e9:g} GHz, {gpu.hbm_bytes_s / 1e12:g} TB/s)")
     print(f"{'activation':<12}{'kernel':<8}{'ptx/el':>7}{'sass/el':>8}{'loads/el':>9}{'gathers':>8}{'regs':>5}{'issue ms':>9}"
           f"{'lsu ms':>8}{'memory ms':>10}  bound")
     for e in found:

@@ -12,9 +12,9 @@ search over slots costs less than counting thresholds, the module also has ``g_s
 params, CLAMP)``: g_y with the segment found by :func:`search` (LT: the search's level thresholds, P: POLY by
 slot; invact.common.slots, impl_triton.search_tables).
 
-Also here: the float32 helpers generated code calls (:func:`log`, :func:`tanh`, :func:`atan`; libdevice
-does not run in the interpreter), :func:`segment` (a segment index from thresholds), :func:`search`
-(one by binary search over slots) and :func:`row`
+Also here: the float32 helpers generated code calls (:func:`log`, :func:`log1p`, :func:`tanh`,
+:func:`atan`; libdevice does not run in the interpreter), :func:`segment` (a segment index from
+thresholds), :func:`search` (one by binary search over slots) and :func:`row`
 (a POLY row's value at t). Every launch passes ``enable_fp_fusion=False``: each a * b + c is rounded
 twice, as the torch code evaluates it (Triton contracts them into FMAs on GPUs by default), except the
 FMA scheme's fused steps in :func:`row`, written ``tl.fma`` (docs/table-format.md: certified too). On
@@ -30,7 +30,7 @@ import triton.language as tl
 from .common import float32_scheme as scheme
 
 __all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "lut_backward_kernel", "launchers", "lut_backward",
-           "log", "tanh", "atan", "segment", "search", "row", "root_power"]
+           "log", "log1p", "tanh", "atan", "segment", "search", "row", "root_power"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
@@ -40,6 +40,8 @@ LN2_HI, LN2_LO = tl.constexpr(scheme.LN2_HI), tl.constexpr(scheme.LN2_LO)
 TANH_POLY = tl.constexpr((-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1,
                           -3.33332819422e-1))  # Cephes tanhf
 ATAN_POLY = tl.constexpr((8.05374449538e-2, -1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1))  # Cephes atanf
+LOG1P_SERIES = tl.constexpr((-1 / 6, 1 / 5, -1 / 4, 1 / 3, -1 / 2, 1.0))  # log1p(z) / z, z^5 first
+LOG1P_TERMS = tl.constexpr(len(LOG1P_SERIES.value))
 TANH_TERMS, ATAN_TERMS = tl.constexpr(len(TANH_POLY.value)), tl.constexpr(len(ATAN_POLY.value))
 ROW_CENTER, ROW_SCALE = tl.constexpr(scheme.ROW_CENTER), tl.constexpr(scheme.ROW_SCALE)
 ROW_C0, ROW_C0_LO, ROW_C1 = tl.constexpr(scheme.ROW_C0), tl.constexpr(scheme.ROW_C0_LO), tl.constexpr(scheme.ROW_C1)
@@ -195,6 +197,23 @@ def log(a):
     r = r + e * LN2_LO
     r = r - 0.5 * z
     return (f + r) + e * LN2_HI
+
+
+@triton.jit
+def log1p(z):
+    """log(1 + z) for z > -1, where log(1 + z) loses z's digits below 1's ulp (softplus and mish below
+    x = -8, 0 below -17): the series z - z^2/2 + ... - z^6/6 for |z| < 1/16 (its relative error below
+    2^-24 / 7), else log(u) + e / u with u = 1 + z rounded and e = z - (u - 1) its rounding error
+    (exact for |z| <= 1; e / u as e (1 - (u - 1)), no division; none from u = 2 on). With a correctly
+    rounded log (the interpreter) within ~2 ulps; a GPU's tl.log (lg2.approx) adds an absolute ~2^-23
+    to log(u) >= log(17/16)."""
+    p = z * LOG1P_SERIES[0] + LOG1P_SERIES[1]
+    for k in tl.static_range(2, LOG1P_TERMS):
+        p = p * z + LOG1P_SERIES[k]
+    u = 1.0 + z
+    d = u - 1.0
+    correction = tl.where(d < 1.0, (z - d) * (1.0 - d), 0.0)
+    return tl.where(tl.abs(z) < 0.0625, z * p, tl.log(u) + correction)
 
 
 @triton.jit

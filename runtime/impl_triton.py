@@ -6,15 +6,16 @@ code filled (:data:`LUT_MOST_BITS`; act_triton.lut_backward_kernel), the same ke
 Triton launches on the current CUDA device and stream, not on its arguments' device:
 :func:`launched` makes the tensors' device current around a launch (:func:`device_guard`) and turns a
 kernel that fails to build or launch into one warning and None (Triton is then not tried again; the
-caller runs :func:`invact.backends.instead_of_triton`). :mod:`invact.norms` launches its kernels the
-same way.
+caller runs :func:`invact.backends.instead_of_triton`); running out of memory and CUDA errors
+propagate. :mod:`invact.norms` launches its kernels the same way. Kernels read data pointers: every
+tensor they read is made contiguous first (a no-op for autograd's saved tensors).
 
 The float32 scheme's segment index is a binary search over slots where the generated module has one
 (``g_search``, :func:`search_tables`), else a count of thresholds (``g_y``); u's clamp is left out
 where invact.u_clamp proves it changes nothing (:func:`clamps`).
 
 Documented internals: :class:`Triton` / :data:`TRITON`, :func:`device_guard`, :func:`launched`,
-:func:`search_tables`, :func:`clamps`.
+:data:`PROPAGATED`, :func:`search_tables`, :func:`clamps`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .common import slots
 from .constants import module_constants
 from .impl_eager import flushed, lookup_table
 
-__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "device_guard", "launched", "search_tables", "clamps"]
+__all__ = ["Triton", "TRITON", "LUT_MOST_BITS", "PROPAGATED", "device_guard", "launched", "search_tables",
+           "clamps"]
 
 T = TypeVar("T")
 LUT_MOST_BITS = 2   # 16-bit y of tables with codes of at most this many bits: g from a table of 2^(16 + bits)
@@ -46,15 +48,26 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# errors of the memory or the device, not of Triton: the torch code instead would meet them too
+PROPAGATED = (torch.OutOfMemoryError, torch.AcceleratorError)
+
+
 def launched(device: torch.device, launch: Callable[[], T]) -> T | None:
-    """``launch()`` with ``device`` current; None where Triton failed before, or fails now (a kernel
-    that does not build or launch warns once, and Triton is not tried again)."""
+    """``launch()`` with ``device`` current; None where Triton failed before, or fails now.
+
+    The rule: :data:`PROPAGATED` errors (``torch.OutOfMemoryError``, also from the allocations in
+    ``launch``, and ``torch.AcceleratorError``, a CUDA error torch reports) are raised as they are and
+    leave Triton on. Any other ``Exception`` counts as a kernel that does not build or launch (a
+    compile error, a launcher or driver error): it warns once, and Triton is not tried again in this
+    process."""
     if "triton" not in backends.available(device.type):
         return None  # failed before
     try:
         with device_guard(device):
             return launch()
-    except Exception as error:  # noqa: BLE001 - any failure of the kernel falls back
+    except PROPAGATED:
+        raise
+    except Exception as error:  # noqa: BLE001 - any other failure of the kernel falls back
         backends.after_triton_failed(error, device.type)
         return None
 
@@ -78,7 +91,8 @@ class Triton:
         return None if done is None else done[0]
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor | None:
-        out, gf, yf, of = layout.backward_views(grad, y)
+        out, gf, yf, of = layout.backward_buffers(grad, y)  # contiguous: the kernels read data pointers
+        code = code.contiguous()
         mod = registry.module(name)
         if y.dtype in (torch.bfloat16, torch.float16) and mod.CODE_BITS <= LUT_MOST_BITS:
             # g of every 16-bit y and code, by the eager g_kernel (cached per table, dtype, parameters and

@@ -60,9 +60,11 @@ def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: f
     """Whether every column passes :func:`invact.norms._recoverable` (the same float32 operations), for
     contiguous CPU parameters of one dtype (float32, bfloat16, float16): one call instead of a few torch
     ops per forward; None (not answered) elsewhere."""
-    lib = library()
-    if (lib is None or weight.dtype not in DTYPE_IDS or not weight.is_cpu or not weight.is_contiguous()
+    if (weight.dtype not in DTYPE_IDS or not weight.is_cpu or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != weight.dtype or not bias.is_cpu or not bias.is_contiguous()))):
+        return None  # checked first: CUDA parameters never build the kernel
+    lib = library()
+    if lib is None:
         return None
     return lib.invact_norm_unrecoverable(DTYPE_IDS[weight.dtype], weight.numel(), weight.data_ptr(), _ptr(bias),
                                          offset, ratio, tiny) == 0

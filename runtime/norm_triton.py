@@ -11,6 +11,11 @@ Backward, per row: ``x_hat = (y - beta) / gamma`` except in kept columns (``slot
 ``extra``); ``c2 = mean(dy * (y - beta))`` (kept columns: ``dy * gamma * x_hat``), ``c1 = mean(dy * gamma)``;
 ``dx = rstd * (dy * gamma - c1 - x_hat * c2)`` (RMSNorm: no c1).
 
+A row is one block of next_power_of_2(N) elements, at most Triton's largest (2^20): longer rows
+(:func:`fits`) are left to the torch code (:func:`forward` and :func:`backward` return None). The warps
+of a launch grow with the block (:func:`warps`): 8 elements a thread in the backward, 16 in the forward
+(:data:`WARPS`; beyond 8,192 columns the backward spills registers).
+
 Triton launches on the current CUDA device: :mod:`invact.norms` calls :func:`forward` and
 :func:`backward` through :func:`invact.impl_triton.launched`, which makes the tensors' device current
 for the launch (and the caller's current again after it) and turns a failing kernel into one warning.
@@ -23,9 +28,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "fits", "warps", "MAX_BLOCK", "WARPS"]
 
 _CAST_NONE, _CAST_X, _CAST_W = 0, 1, 2
+MAX_BLOCK = tl.TRITON_MAX_TENSOR_NUMEL      # elements of one block: a row's longest
+# (elements a thread, most warps) of each kernel, from ptxas -v for sm_90 (bf16 LayerNorm): the backward
+# takes 128-144 registers at 8 elements a thread and spills at 16 (255), the forward 40 registers at 16; 32
+# warps (64 registers a thread) spill less than 16 in the backward of 8,192 columns (332 against 544 bytes)
+WARPS = {"forward": (16, 16), "backward": (8, 32)}
 
 
 @triton.jit
@@ -109,6 +119,18 @@ def _block(n: int) -> int:
     return max(triton.next_power_of_2(n), 16)
 
 
+def fits(n: int) -> bool:
+    """Whether a row of ``n`` elements fits the kernels' one block (:data:`MAX_BLOCK`)."""
+    return _block(n) <= MAX_BLOCK
+
+
+def warps(block: int, kernel: str) -> int:
+    """The warps that launch ``kernel`` ("forward" or "backward") on rows of ``block`` elements:
+    :data:`WARPS`' elements a thread, at least 4 warps and at most its most."""
+    per_thread, most = WARPS[kernel]
+    return min(most, max(4, block // (32 * per_thread)))
+
+
 def _cast_mode(x: Tensor, weight: Tensor | None, norm_dtype: torch.dtype | None) -> int:
     if norm_dtype is None or norm_dtype == torch.float32:
         return _CAST_NONE
@@ -120,18 +142,23 @@ def _cast_mode(x: Tensor, weight: Tensor | None, norm_dtype: torch.dtype | None)
 
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
-            norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) for contiguous x of shape (rows, N); mean and rstd float32 of shape (rows,)."""
+            norm_dtype: torch.dtype | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(y, mean, rstd) for contiguous x of shape (rows, N); mean and rstd float32 of shape (rows,).
+    None where a row does not fit a block (:func:`fits`: the caller runs the torch code)."""
     rows, n = x.shape
+    if not fits(n):
+        return None
     y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows and n:
         w = weight.reshape(n).contiguous() if weight is not None else x
         b = bias.reshape(n).contiguous() if bias is not None else x
+        block = _block(n)
         _forward_kernel[(rows,)](x, w, b, y, mean, rstd, n, float(eps), float(offset), RMS=rms,
                                  HAS_W=weight is not None, HAS_B=bias is not None,
-                                 CAST=_cast_mode(x, weight, norm_dtype), BLOCK=_block(n), enable_fp_fusion=False)
+                                 CAST=_cast_mode(x, weight, norm_dtype), BLOCK=block,
+                                 num_warps=warps(block, "forward"), enable_fp_fusion=False)
     return y, mean, rstd
 
 
@@ -142,9 +169,12 @@ def _programs(rows: int, device: torch.device) -> int:
 
 
 def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
-             bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dgamma, dbeta) in float32 for contiguous y, dy of shape (rows, N)."""
+             bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dx, dgamma, dbeta) in float32 for contiguous y, dy of shape (rows, N); None where a row does not
+    fit a block (:func:`fits`: the caller runs the torch code)."""
     rows, n = y.shape
+    if not fits(n):
+        return None
     dx = torch.empty((rows, n), dtype=torch.float32, device=y.device)
     programs = max(_programs(rows, y.device), 1)
     dw = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
@@ -156,8 +186,9 @@ def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, w
         extra = extra.contiguous() if k else y
         w = weight.reshape(n).contiguous() if weight is not None else y
         b = bias.reshape(n).contiguous() if bias is not None else y
-        per = triton.cdiv(rows, programs)
+        per, block = triton.cdiv(rows, programs), _block(n)
         _backward_kernel[(programs,)](dy, y, rstd.contiguous(), w, b, extra, slot, dx, dw, db, rows, n, max(k, 1),
                                       float(offset), per, RMS=rms, HAS_W=weight is not None,
-                                      HAS_B=bias is not None, BLOCK=_block(n), enable_fp_fusion=False)
+                                      HAS_B=bias is not None, BLOCK=block, num_warps=warps(block, "backward"),
+                                      enable_fp_fusion=False)
     return dx, dw.sum(0), db.sum(0)

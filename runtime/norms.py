@@ -503,6 +503,9 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
         if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
             raise ValueError(f"invact.functional.{fn}: {arg} must be a tensor of shape normalized_shape={shape}, "
                              f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t is not None and t.device != x.device:  # as torch's norms refuse (a kernel would read a wrong pointer)
+            raise RuntimeError(f"invact.functional.{fn}: {arg} must be on the input's device {x.device}, "
+                               f"got {arg} on {t.device}")
     return shape
 
 

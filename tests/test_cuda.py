@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import invact
-from invact import bitpack, impl_eager, impl_triton, ops, registry
+from invact import backends, bitpack, impl_eager, impl_triton, ops, registry
 from kernel_rows import table_edges
 from norm_cases import check_kernel_case, kernel_case, run_norm
 from triton_tolerances import default_params, formula_error, is_fitted, within
@@ -36,6 +36,16 @@ SIZES = [1, 7, 1023, 1024, 3 * 1024 * 1024 + 9]
 @pytest.fixture(params=NAMES)
 def name(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def triton_stays_on():
+    """Fail a test after which Triton is off (impl_triton.launched gave up on a kernel that did not build
+    or launch: one warning in the whole worker): every later 'triton' call would run the torch code and
+    pass without testing a kernel."""
+    assert "triton" not in backends._broken, "Triton was turned off before this test"
+    yield
+    assert "triton" not in backends._broken, "a Triton kernel failed to build or launch: the calls fell back"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,3 +223,45 @@ def test_more_than_2_31_elements():
         y_s, code_s = torch.ops.invact.forward(x_part, name, [], "triton")
         assert torch.equal(y[s], y_s) and torch.equal(codes, bitpack.unpack(code_s, 1, part))
         assert torch.equal(grad[s], torch.ops.invact.backward(go[s], y_s, code_s, name, [], "triton"))
+
+
+@pytest.mark.parametrize("name", [n for n in ("softplus", "mish") if n in NAMES])
+def test_softplus_and_mish_tails_on_gpu(name):
+    """y at x in [-30, -8] (act_triton.log1p, tests/test_triton_found.py): within 8 + |x| float32 ulps of
+    PyTorch's float64 y: the interpreter's 4, ~3 for ex2.approx's 2^-22.5, and up to |x| for the rounding of
+    t = x log2(e) (the GPU's exp is 2^t: a relative error of ln 2 |t| 2^-24 = |x| 2^-24). log(exp(x) + 1)
+    was 0 below -17."""
+    x = torch.linspace(-30, -8, 4097, device="cuda")
+    params = default_params(name)
+    y = torch.ops.invact.forward(x, name, params, "triton")[0].cpu()
+    ref = torch.ops.invact.forward(x.cpu().double(), name, params, "eager")[0]
+    ulp = (torch.nextafter(ref.float().abs(), torch.tensor(float("inf"))) - ref.float().abs()).double()
+    assert ((y.double() - ref).abs() <= (8 + x.cpu().double().abs()) * ulp).all(), name
+
+
+def test_strided_y_and_long_norm_rows_on_gpu():
+    """A strided y (y[::2], a direct op call) gives the gradient of its contiguous copy; a norm row longer than
+    a Triton block (norm_triton.fits) runs the torch code without turning Triton off (the fixture)."""
+    from invact import norm_triton
+    name = NAMES[0]
+    params = default_params(name)
+    x = torch.randn(2 * 4099, device="cuda")
+    y = torch.ops.invact.forward(x, name, params, "triton")[0][::2]
+    code = torch.ops.invact.forward(x[::2].contiguous(), name, params, "triton")[1]
+    go = torch.randn(4099, device="cuda")
+    a = torch.ops.invact.backward(go, y, code, name, params, "triton")
+    assert torch.equal(a, torch.ops.invact.backward(go, y.contiguous(), code, name, params, "triton"))
+    n = norm_triton.MAX_BLOCK + 1
+    x = torch.randn(2, n, device="cuda", requires_grad=True)
+    y = invact.functional.layer_norm(x, (n,), backend="triton")
+    y.sum().backward()
+    assert torch.allclose(y, torch.nn.functional.layer_norm(x.detach(), (n,)), atol=1e-5)
+
+
+def test_norm_parameters_on_another_device_refused():
+    """A CPU weight with a CUDA input raises, naming both devices, as torch's norms do (the kernel would read
+    a CPU pointer; the fixture checks Triton stays on)."""
+    x, w = torch.randn(4, 8, device="cuda"), torch.ones(8)
+    with pytest.raises(RuntimeError, match="weight.*cuda:0.*cpu"):
+        invact.functional.layer_norm(x, (8,), w, backend="triton")
+

@@ -222,11 +222,13 @@ class TritonPrinter(_Base):
     broadcast to blocks (``tl.div_rn`` does not broadcast); division by a power of two multiplies.
     ``reciprocals``: a division by any other number multiplies by its reciprocal (one rounding more,
     a correctly rounded division costing ~16 SASS instructions; what forwards, whose y need only be
-    within a few ulps of PyTorch's, are printed with)."""
+    within a few ulps of PyTorch's, are printed with). ``forward``: log(1 + a) of a tensor a as
+    ``act_triton.log1p(a)`` (softplus's and mish's log(exp(x) + 1) rounded exp(x) away below x = -8,
+    y = 0 below -17); g's closed forms keep log as written, as their C code."""
 
-    def __init__(self, variable: str, reciprocals: bool = False) -> None:
+    def __init__(self, variable: str, reciprocals: bool = False, forward: bool = False) -> None:
         super().__init__(variable)
-        self.reciprocals = reciprocals
+        self.reciprocals, self.forward = reciprocals, forward
 
     tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
                     "tanh": "act_triton.tanh", "Abs": "tl.abs", "atan": "act_triton.atan"}
@@ -243,6 +245,12 @@ class TritonPrinter(_Base):
             lambda a: isinstance(a, sp.asinh),
             lambda a: sp.Piecewise((-sp.log(-a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), a.args[0] < 0),
                                    (sp.log(a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), True)))
+
+    def _print_log(self, e):
+        (arg,) = e.args
+        if self.forward and isinstance(arg, sp.Add) and sp.S.One in arg.args and self._has_var(arg):
+            return f"act_triton.log1p({self._print(arg - 1)})"
+        return self._print_Function(e)
 
     def _print_Mul(self, e):
         num, den = [], []
@@ -287,8 +295,8 @@ def to_torch(expr: sp.Expr, variable: str) -> str:
     return TorchPrinter(variable).doprint(expr)
 
 
-def to_triton(expr: sp.Expr, variable: str, reciprocals: bool = False) -> str:
-    return TritonPrinter(variable, reciprocals).doprint(expr)
+def to_triton(expr: sp.Expr, variable: str, reciprocals: bool = False, forward: bool = False) -> str:
+    return TritonPrinter(variable, reciprocals, forward).doprint(expr)
 
 
 def to_python(expr: sp.Expr) -> str:

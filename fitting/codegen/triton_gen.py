@@ -47,7 +47,7 @@ def generate_triton(plan: Plan) -> str:
     with w.block("def f_x(x, params):"):
         w('"""y = f(x) in float32."""')
         _params(w, plan)
-        w(f"return {to_triton(plan.formula, 'x', reciprocals=True)}")  # y within ulps of PyTorch's
+        w(f"return {to_triton(plan.formula, 'x', reciprocals=True, forward=True)}")  # y within ulps of PyTorch's
     w("", "")
     if plan.code_bits:
         w("@triton.jit")
