@@ -16,7 +16,7 @@ TABLE_SHA256 = 'cc9c6537e58657b97b6af4b0058631cf751ae6ac0089f1c97543296bba867747
 def f_x(x, params):
     """y = f(x) in float32."""
     param_alpha = params[0]
-    return tl.where((x <= 0.0), param_alpha*(tl.exp(tl.div_rn(x, tl.zeros_like(x) + param_alpha)) - 1.0), x)
+    return tl.where((x <= 0.0), param_alpha*(act_triton.expm1(tl.div_rn(x, tl.zeros_like(x) + param_alpha))), x)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ TABLE_SHA256 = 'f9a3e7eeeb43893a69790a8f8c04add67b91977966308fe3fcb76923eca7e0b5
 def f_x(x, params):
     """y = f(x) in float32."""
     param_alpha = params[0]
-    return tl.where((x <= 0.0), param_alpha*(tl.exp(x) - 1.0), x)
+    return tl.where((x <= 0.0), param_alpha*(act_triton.expm1(x)), x)
 
 
 @triton.jit

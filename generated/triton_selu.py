@@ -17,7 +17,7 @@ def f_x(x, params):
     """y = f(x) in float32."""
     param_scale = params[0]
     param_alpha = params[1]
-    return tl.where((x <= 0.0), param_alpha*param_scale*(tl.exp(x) - 1.0), param_scale*x)
+    return tl.where((x <= 0.0), param_alpha*param_scale*(act_triton.expm1(x)), param_scale*x)
 
 
 @triton.jit

@@ -12,8 +12,8 @@ search over slots costs less than counting thresholds, the module also has ``g_s
 params, CLAMP)``: g_y with the segment found by :func:`search` (LT: the search's level thresholds, P: POLY by
 slot; invact.common.slots, impl_triton.search_tables).
 
-Also here: the float32 helpers generated code calls (:func:`log`, :func:`log1p`, :func:`tanh`,
-:func:`atan`; libdevice does not run in the interpreter), :func:`segment` (a segment index from
+Also here: the float32 helpers generated code calls (:func:`log`, :func:`log1p`, :func:`expm1`,
+:func:`tanh`, :func:`atan`; libdevice does not run in the interpreter), :func:`segment` (a segment index from
 thresholds), :func:`search` (one by binary search over slots) and :func:`row`
 (a POLY row's value at t). Every launch passes ``enable_fp_fusion=False``: each a * b + c is rounded
 twice, as the torch code evaluates it (Triton contracts them into FMAs on GPUs by default), except the
@@ -30,7 +30,7 @@ import triton.language as tl
 from .common import float32_scheme as scheme
 
 __all__ = ["DEFAULT_BLOCK", "forward_kernel", "backward_kernel", "lut_backward_kernel", "launchers", "lut_backward",
-           "log", "log1p", "tanh", "atan", "segment", "search", "row", "root_power"]
+           "log", "log1p", "expm1", "tanh", "atan", "segment", "search", "row", "root_power"]
 
 DEFAULT_BLOCK = 1024  # per program: elements, or with a code, code bytes (elements of each plane)
 LOG_POLY, LOG_TERMS = tl.constexpr(scheme.LOG_POLY), tl.constexpr(len(scheme.LOG_POLY))
@@ -42,6 +42,8 @@ TANH_POLY = tl.constexpr((-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2
 ATAN_POLY = tl.constexpr((8.05374449538e-2, -1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1))  # Cephes atanf
 LOG1P_SERIES = tl.constexpr((-1 / 6, 1 / 5, -1 / 4, 1 / 3, -1 / 2, 1.0))  # log1p(z) / z, z^5 first
 LOG1P_TERMS = tl.constexpr(len(LOG1P_SERIES.value))
+EXPM1_SERIES = tl.constexpr((1 / 40320, 1 / 5040, 1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0))  # expm1(z) / z
+EXPM1_TERMS = tl.constexpr(len(EXPM1_SERIES.value))
 TANH_TERMS, ATAN_TERMS = tl.constexpr(len(TANH_POLY.value)), tl.constexpr(len(ATAN_POLY.value))
 ROW_CENTER, ROW_SCALE = tl.constexpr(scheme.ROW_CENTER), tl.constexpr(scheme.ROW_SCALE)
 ROW_C0, ROW_C0_LO, ROW_C1 = tl.constexpr(scheme.ROW_C0), tl.constexpr(scheme.ROW_C0_LO), tl.constexpr(scheme.ROW_C1)
@@ -214,6 +216,18 @@ def log1p(z):
     d = u - 1.0
     correction = tl.where(d < 1.0, (z - d) * (1.0 - d), 0.0)
     return tl.where(tl.abs(z) < 0.0625, z * p, tl.log(u) + correction)
+
+
+@triton.jit
+def expm1(z):
+    """exp(z) - 1, where the difference cancels (ELU, CELU, SELU: exp(x) - 1 gave y = 0 for x in (-6e-8, 0)
+    and lost digits up to |x| ~ 1/2): the series z (1 + z/2 + ... + z^7/8!) for |z| < 1/2 (truncation below
+    z^8/9! relative, 2^-24 / 5.5 at |z| = 1/2; -0.0 stays -0.0), else exp(z) - 1 (from z = -1/2 down, 1 - exp
+    is exact by Sterbenz and the relative error is exp's times e^z / (1 - e^z) <= 1.55)."""
+    p = z * EXPM1_SERIES[0] + EXPM1_SERIES[1]
+    for k in tl.static_range(2, EXPM1_TERMS):
+        p = p * z + EXPM1_SERIES[k]
+    return tl.where(tl.abs(z) < 0.5, z * p, tl.exp(z) - 1.0)
 
 
 @triton.jit

@@ -242,3 +242,33 @@ def test_norm_parameters_on_another_device_refused(arg, monkeypatch):
     if arg == "weight":
         with pytest.raises(RuntimeError, match="weight must be on the input's device cpu"):
             invact.functional.rms_norm(x, (8,), params["weight"], backend="triton")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name, reference", [("elu", F.elu), ("celu", F.celu), ("selu", F.selu)])
+def test_exp_minus_one_near_zero_within_4_ulps(name, reference, triton_on):
+    """ELU-type forwards at x in [-40, 0), through the tiny magnitudes where exp(x) - 1 cancels (it gave y = 0
+    for x in (-6e-8, 0)), within 4 float32 ulps of PyTorch's float64 y: act_triton.expm1's series (truncation
+    below 2^-24 / 5.5, Horner's roundings ~1 ulp) or exp(x) - 1 past |x| = 1/2 (1 - e^x exact, exp's ulp
+    times at most 1.55), then the products by alpha and scale, each at most one ulp. -0.0 keeps its sign."""
+    if name not in NAMES:
+        pytest.skip(f"no {name}")
+    mags = torch.logspace(-38, 0, 2000, dtype=torch.float64).float()
+    x = torch.cat([-mags, torch.linspace(-40, -0.5, 2000)])
+    params = default_params(name)
+    y = torch.ops.invact.forward(x, name, params, "triton")[0]
+    ref = torch.ops.invact.forward(x.double(), name, params, "eager")[0]
+    assert torch.allclose(ref, reference(x.double()), rtol=1e-15, atol=0)   # the eager float64 y is torch's
+    assert _ulps(y, ref).max() <= 4, name
+    zero = torch.ops.invact.forward(torch.tensor([-0.0]), name, params, "triton")[0]
+    assert torch.signbit(zero).item(), name
+
+
+def test_forward_printer_emits_expm1():
+    from invact.fitting.codegen import printer
+    e = printer.parse("alpha*(exp(x) - 1)", "x", ["alpha"])
+    assert "act_triton.expm1(x)" in printer.to_triton(e, "x", reciprocals=True, forward=True)
+    assert "tl.exp(x) - 1.0" in printer.to_triton(e, "x")
+    for name in NAMES:
+        f_x = Path(registry.triton_module(name).__file__).read_text().split("def code_x")[0].split("def g_y")[0]
+        assert "tl.exp(x) - 1.0" not in f_x, name

@@ -224,7 +224,8 @@ class TritonPrinter(_Base):
     a correctly rounded division costing ~16 SASS instructions; what forwards, whose y need only be
     within a few ulps of PyTorch's, are printed with). ``forward``: log(1 + a) of a tensor a as
     ``act_triton.log1p(a)`` (softplus's and mish's log(exp(x) + 1) rounded exp(x) away below x = -8,
-    y = 0 below -17); g's closed forms keep log as written, as their C code."""
+    y = 0 below -17), and exp(a) - 1 as ``act_triton.expm1(a)``; g's closed forms keep both as written, as
+    their C code."""
 
     def __init__(self, variable: str, reciprocals: bool = False, forward: bool = False) -> None:
         super().__init__(variable)
@@ -245,6 +246,14 @@ class TritonPrinter(_Base):
             lambda a: isinstance(a, sp.asinh),
             lambda a: sp.Piecewise((-sp.log(-a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), a.args[0] < 0),
                                    (sp.log(a.args[0] + sp.sqrt(a.args[0] ** 2 + 1)), True)))
+
+    def _print_Add(self, e, order=None):
+        """In a forward, exp(a) - 1 of a tensor a as ``act_triton.expm1(a)`` (ELU-type formulas cancel there)."""
+        if self.forward and len(e.args) == 2 and sp.S.NegativeOne in e.args:
+            (other,) = [a for a in e.args if a is not sp.S.NegativeOne]
+            if isinstance(other, sp.exp) and self._has_var(other):
+                return f"act_triton.expm1({self._print(other.args[0])})"
+        return super()._print_Add(e, order=order)
 
     def _print_log(self, e):
         (arg,) = e.args
