@@ -191,9 +191,14 @@ def test_forward_printer_emits_log1p_and_g_keeps_log():
     assert "act_triton.log1p(tl.exp(param_beta*x))" in printer.to_triton(e, "x", reciprocals=True, forward=True)
     assert "tl.log(tl.exp(param_beta*x) + 1.0)" in printer.to_triton(e, "x")
     for name in NAMES:
-        f_x = Path(registry.triton_module(name).__file__).read_text().split("def code_x")[0].split("def g_y")[0]
+        f_x = _triton_forward(name)
         assert "tl.log(" not in f_x, name
         assert ("act_triton.log1p(" in f_x) == (name in ("softplus", "mish")), name
+
+
+def _triton_forward(name: str) -> str:
+    """The generated Triton module's text up to its code and g functions: f_x."""
+    return Path(registry.triton_module(name).__file__).read_text().split("def code_x")[0].split("def g_y")[0]
 
 
 def _load(path: Path):
@@ -270,5 +275,4 @@ def test_forward_printer_emits_expm1():
     assert "act_triton.expm1(x)" in printer.to_triton(e, "x", reciprocals=True, forward=True)
     assert "tl.exp(x) - 1.0" in printer.to_triton(e, "x")
     for name in NAMES:
-        f_x = Path(registry.triton_module(name).__file__).read_text().split("def code_x")[0].split("def g_y")[0]
-        assert "tl.exp(x) - 1.0" not in f_x, name
+        assert "tl.exp(x) - 1.0" not in _triton_forward(name), name
