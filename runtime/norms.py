@@ -494,6 +494,9 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
         raise TypeError(f"invact.functional.{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATS:
         raise TypeError(f"invact.functional.{fn}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.layout is not torch.strided or x.is_nested:
+        raise TypeError(f"invact.functional.{fn}: input must be a dense (strided) tensor, got a "
+                        f"{'nested' if x.is_nested else x.layout} one")
     shape = _int_tuple(normalized_shape)
     if shape is None or not all(s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
             or len(shape) > x.dim() or not shape:

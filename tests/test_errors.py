@@ -44,6 +44,21 @@ def test_non_tensor_input(value):
         ops.apply(value, NAMES[0])
 
 
+def _nested_and_sparse():
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+    return [("nested", nested), ("sparse", torch.randn(4, 8).to_sparse())]
+
+
+@pytest.mark.parametrize("kind, x", _nested_and_sparse(), ids=["nested", "sparse"])
+def test_nested_and_sparse_inputs_refused_by_name(kind, x):
+    """A clear TypeError naming the input and its layout (torch's internal "NestedTensorImpl doesn't support
+    strides" before), for activations (every entry point's op) and the norms."""
+    for call in (lambda: IF.gelu(x), lambda: invact.SiLU()(x), lambda: ops.apply(x, "tanh"),
+                 lambda: IF.layer_norm(x, (8,)), lambda: IF.rms_norm(x, (8,))):
+        with pytest.raises(TypeError, match=f"dense \\(strided\\) tensor, got a {kind if kind == 'nested' else ''}"):
+            call()
+
+
 def test_unknown_backend_from_environment(monkeypatch):
     monkeypatch.setenv(backends.ENV, "cuda")
     with pytest.raises(ValueError, match=r"INVACT_BACKEND must be one of triton, compiled, eager .*got 'cuda'"):
