@@ -10,7 +10,7 @@
 #   3. the issue's GPU benchmark: Triton forward/backward at 2**28 bfloat16 and float32 elements (the
 #      16-bit lookup and the float32 scheme with its segment search) against a copy's
 #      bandwidth and PyTorch's native op, timed between CUDA events over back-to-back calls
-#      (benchmarks/gpu_timing.py: benchmarks/activations.py without the host's per-call overhead),
+#      (benchmarks/activations.py's side_by_side: without the host's per-call overhead),
 #      after the estimate of the fitted backwards and of every forward from their code
 #      (benchmarks/ptx_estimate.py: SASS instructions, loads and registers per element -> estimated
 #      time against the memory time, with this GPU's SMs and bandwidth; the same figures offline in
@@ -34,10 +34,10 @@ for dtype in bfloat16 float32; do
             | tee -a "$out/ptx_estimate.txt" || status=1
     done
 done
-python3 benchmarks/gpu_timing.py --numel 268435456 --dtypes bfloat16,float32 --devices cuda 2>&1 \
+python3 benchmarks/activations.py --numel 268435456 --dtypes bfloat16,float32 --devices cuda 2>&1 \
     | tee "$out/benchmark.txt" || status=1
 # the norms' bandwidth against a copy's and their time against torch.nn.functional's: (32768, 4096),
 # 2**27 elements (256 MiB in bfloat16)
-python3 benchmarks/gpu_timing.py --norms 32768,4096 --dtypes bfloat16,float32 --devices cuda 2>&1 \
+python3 benchmarks/activations.py --norms 32768,4096 --dtypes bfloat16,float32 --devices cuda 2>&1 \
     | tee "$out/norms.txt" || status=1
 exit $status

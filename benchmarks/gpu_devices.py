@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Gpu", "GPUS", "DEFAULT", "gpu_key"]
+__all__ = ["Gpu", "GPUS", "DEFAULT", "gpu_key", "current_key"]
 
 
 @dataclass(frozen=True)

@@ -221,14 +221,15 @@ def test_gpu_estimate_takes_the_devices_figures():
         assert devices.current_key() == "h200"
 
 
-def test_gpu_timing_runs_the_benchmark_between_events():
-    """benchmarks/gpu_timing.py (what gpu_check.sh runs) imports activations.py and takes its arguments; on
-    the CPU its timer is activations.py's own."""
-    timing = _load(ROOT / "benchmarks" / "gpu_timing.py")
+def test_benchmark_timer_rounds():
+    """benchmarks/activations.py's side_by_side (what gpu_check.sh runs; on CUDA it times back-to-back calls
+    between CUDA events): two warm-up rounds and the timed ones, a median per function; the script takes
+    its arguments."""
+    bench = _load(ROOT / "benchmarks" / "activations.py")
     calls = []
-    medians = timing.side_by_side({"a": lambda: calls.append(1)}, 1)
+    medians = bench.side_by_side({"a": lambda: calls.append(1)}, 1)
     assert set(medians) == {"a"} and len(calls) == 3            # two warm-up rounds and one timed
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_timing.py"), "--help"],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "activations.py"), "--help"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--norms" in done.stdout, done.stderr[-2000:]
 
