@@ -248,8 +248,7 @@ _HOOKS_MOVED = "hooks registered on the original moved to the replacement (share
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, a, None) for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                             "_backward_pre_hooks"))
+    return any(getattr(m, a, None) for a in _HOOK_DICTS)
 
 
 def _share_hooks(old: nn.Module, new: nn.Module) -> None:
