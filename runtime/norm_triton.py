@@ -106,7 +106,7 @@ def _backward_kernel(DY, Y, RSTD, W, B, EXTRA, SLOT, DX, DW, DB, rows, N, K, off
         else:
             c1 = tl.div_rn(tl.sum(dxhat, axis=0), nf)
             dx = (dxhat - c1 - xhat * c2) * rstd
-        tl.store(DX + offs, dx, mask=mask)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
         offs += N
@@ -169,13 +169,17 @@ def _programs(rows: int, device: torch.device) -> int:
 
 
 def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
-             bias: Tensor | None, rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(dx, dgamma, dbeta) in float32 for contiguous y, dy of shape (rows, N); None where a row does not
-    fit a block (:func:`fits`: the caller runs the torch code)."""
+             bias: Tensor | None, rms: bool, offset: float,
+             dx_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dx, dgamma, dbeta) for contiguous y, dy of shape (rows, N): dx of ``dx_dtype`` on a GPU (computed in float32,
+    rounded once as it is stored; float32 on the CPU), dgamma and dbeta float32; None where a row does not fit a block
+    (:func:`fits`: the caller runs the torch code)."""
     rows, n = y.shape
     if not fits(n):
         return None
-    dx = torch.empty((rows, n), dtype=torch.float32, device=y.device)
+    # Triton's interpreter (CPU tensors) truncates float32 -> 16-bit (design.md): there dx stays float32 and
+    # the caller rounds
+    dx = torch.empty((rows, n), dtype=torch.float32 if y.device.type == "cpu" else dx_dtype, device=y.device)
     programs = max(_programs(rows, y.device), 1)
     dw = torch.zeros((programs, n), dtype=torch.float32, device=y.device)
     db = torch.zeros((programs, n), dtype=torch.float32, device=y.device)

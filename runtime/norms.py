@@ -366,7 +366,7 @@ def _norm_backward_impl(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols
     if _use_triton(backend, y2):
         from . import impl_triton, norm_triton
         out = impl_triton.launched(y2.device, lambda: norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias,
-                                                                           rms, offset))
+                                                                           rms, offset, x_dtype))
     if out is None:
         out = _backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
                               backend == "compiled" and y2.device.type == "cpu", x_dtype)

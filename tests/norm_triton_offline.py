@@ -36,7 +36,7 @@ def _launches(dtype: torch.dtype, rows: int, n: int, rms: bool, kept: int) -> di
         y, _, rstd = norm_triton.forward(x, w, b, 1e-5, rms, 0.0, None, dtype)
         cols = torch.arange(kept, device="meta")
         extra = torch.empty(rows, kept, **meta)
-        norm_triton.backward(dy, y, rstd, extra, cols, w, b, rms, 0.0)
+        norm_triton.backward(dy, y, rstd, extra, cols, w, b, rms, 0.0, dtype)
     finally:
         norm_triton._forward_kernel, norm_triton._backward_kernel = saved
     return {"forward": fwd.calls[0], "backward": bwd.calls[0]}

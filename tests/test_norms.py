@@ -737,7 +737,7 @@ def test_triton_kernels_build_for_sm90():
     """tests/norm_triton_offline.py compiles both kernels for sm_90 without a GPU (float32 LayerNorm with
     kept columns, bf16 RMSNorm with N = 4099, fp16 with N = 1): enable_fp_fusion=False on every launch,
     no FMA, no approximate division or square root (the interpreter's numpy arithmetic is what the GPU
-    build computes); rstd by a correctly rounded square root."""
+    build computes); rstd by a correctly rounded square root; dx stored in x's dtype."""
     import json
     import os
     import subprocess
@@ -762,6 +762,10 @@ def test_triton_kernels_build_for_sm90():
             assert not bad, (kernel, case, bad)
             assert found["ptx"]["div.rn.f32"] > 0, (kernel, case)
     assert all(c["ptx"]["sqrt.rn.f32"] > 0 for c in report["forward"].values())
+    # a 16-bit x gets its dx stored in its own dtype, rounded to nearest once (no float32 buffer to cast)
+    for case, to in (("bfloat16-rms", "bf16"), ("float16-layer-N1", "f16")):
+        found = report["backward"][case]["ptx"]
+        assert found[f"cvt.rn.{to}.f32"] + found[f"cvt.rn.{to}x2.f32"] > 0, (case, found)
 
 
 @pytest.mark.parametrize("mode", ["autocast", "bfloat16"])

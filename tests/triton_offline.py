@@ -31,7 +31,8 @@ from invact import act_triton, impl_triton, ops, registry  # noqa: E402 - act_tr
 
 INSTRUCTIONS = ("fma.rn.f32", "div.full.f32", "div.rn.f32", "sqrt.approx.f32", "sqrt.rn.f32", "ex2.approx",
                 "div.s64", "rem.s64", "div.u64", "rem.u64", "ld.global.v4", "st.global.v4", "max.NaN.f32",
-                "min.NaN.f32")
+                "min.NaN.f32", "cvt.rn.bf16.f32", "cvt.rn.bf16x2.f32", "cvt.rn.f16.f32",
+                "cvt.rn.f16x2.f32")
 # float32, bfloat16: sizes divisible by 128 (the code's planes start 16-byte aligned: vector loads);
 # float16-int64: a ragged size past 2**31 (64-bit kernel arguments, element by element access)
 CASES = {"float32": (torch.float32, 4096), "bfloat16": (torch.bfloat16, 2**20 + 384),
