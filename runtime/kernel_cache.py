@@ -190,10 +190,12 @@ def _prepared(directory: Path) -> str | None:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+def warn_once(message: str, key: str | None = None, stacklevel: int = 1) -> None:
+    """A RuntimeWarning once a process per ``key`` (the message itself by default); ``stacklevel`` counts
+    from the caller, as :func:`warnings.warn`'s does."""
+    if (key := message if key is None else key) not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 _held: set[int] = set()  # descriptors of the locks this process holds now
@@ -265,12 +267,13 @@ def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> 
     if fallback != configured:
         lib, reason = _from_cache(command, fallback, key, check)
         if lib is not None:
-            _warn_once(f"invact: not using the kernel cache {why}; caching the CPU kernels in {fallback} "
-                       f"instead (set ${CACHE_ENV} to a directory only you can write)")
+            warn_once(f"invact: not using the kernel cache {why}; caching the CPU kernels in {fallback} "
+                      f"instead (set ${CACHE_ENV} to a directory only you can write)", stacklevel=4)
             return lib
         why += f"; nor {fallback}: {reason}"
-    _warn_once(f"invact: not using the kernel cache {why}; building each CPU kernel in a private temporary "
-               f"directory, again in every process (set ${CACHE_ENV} to a directory only you can write)")
+    warn_once(f"invact: not using the kernel cache {why}; building each CPU kernel in a private temporary "
+              f"directory, again in every process (set ${CACHE_ENV} to a directory only you can write)",
+              stacklevel=4)
     with _private_dir() as private:
         return _open(_compile(command, private, key), check)
 

@@ -37,7 +37,6 @@ import itertools
 import os
 import re
 import subprocess
-import warnings
 from pathlib import Path
 from collections.abc import Callable
 from types import ModuleType
@@ -55,7 +54,6 @@ ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 # -z defs: a function the library lacks fails the link (nothing is cached), never the load
 _VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
-_warned: set[str] = set()
 
 
 def fma() -> bool:
@@ -87,10 +85,8 @@ def _source(torch_file: str) -> Path:  # every backward asks: the path arithmeti
 
 
 def _warn_once(what: str, why: str) -> None:
-    if what not in _warned:
-        _warned.add(what)
-        warnings.warn(f"invact: {what} ({why}); the compiled backend runs torch.compile's code for it",
-                      RuntimeWarning, stacklevel=4)
+    kernel_cache.warn_once(f"invact: {what} ({why}); the compiled backend runs torch.compile's code for it",
+                           key=what, stacklevel=4)
 
 
 @functools.lru_cache(maxsize=None)

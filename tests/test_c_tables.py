@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, ops, table_c
+from invact import bitpack, cpu_kernel, impl_compiled, impl_cpu, impl_eager, kernel_cache, ops, table_c
 from invact.fitting.codegen import generate_all
 
 from invact.registry import module as _module
@@ -209,7 +209,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(cpu_kernel.SWITCH_ENV, raising=False)
     table_c._load.cache_clear()
-    monkeypatch.setattr(table_c, "_warned", set())
+    monkeypatch.setattr(kernel_cache, "_warned", set())
     yield tmp_path
     table_c._load.cache_clear()
 
