@@ -60,6 +60,14 @@ def _order(shape: tuple, strides: tuple) -> tuple[int, ...]:
     return tuple(perm[::-1])
 
 
+def require_strided(x: Tensor, what: str) -> None:
+    """Raise a TypeError naming ``what`` (e.g. "invact.functional.layer_norm: input") unless x is a dense
+    (strided) tensor: nested and sparse tensors have no strides to lay y out by."""
+    if x.layout is not torch.strided or x.is_nested:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got a {'nested' if x.is_nested else x.layout} "
+                        "one (apply it to a nested tensor's .values(), or to a sparse one's .to_dense())")
+
+
 def dense_strides(x: Tensor) -> tuple[int, ...]:
     """Strides of a dense tensor shaped like x in :func:`order`'s memory order (no allocation)."""
     return _per_layout(_dense_strides, x)

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends, norm_cpu, ops
+from . import backends, layout, norm_cpu, ops
 from .common.params import real
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO"]
@@ -494,9 +494,7 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
         raise TypeError(f"invact.functional.{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATS:
         raise TypeError(f"invact.functional.{fn}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.layout is not torch.strided or x.is_nested:
-        raise TypeError(f"invact.functional.{fn}: input must be a dense (strided) tensor, got a "
-                        f"{'nested' if x.is_nested else x.layout} one")
+    layout.require_strided(x, f"invact.functional.{fn}: input")
     shape = _int_tuple(normalized_shape)
     if shape is None or not all(s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
             or len(shape) > x.dim() or not shape:

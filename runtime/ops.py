@@ -277,10 +277,7 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
     if x.dtype not in DTYPES:
         raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")
-    if x.layout is not torch.strided or x.is_nested:
-        raise TypeError(f"invact activation {name!r}: x must be a dense (strided) tensor, got a "
-                        f"{'nested' if x.is_nested else x.layout} one (apply it to a nested tensor's .values(), "
-                        "or to a sparse one's .to_dense())")
+    layout.require_strided(x, f"invact activation {name!r}: x")
     values, chosen = _prepare(name, tuple(sorted((params or {}).items())), backend, x.device.type)
     if _autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
