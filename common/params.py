@@ -26,7 +26,12 @@ class ParamError(ValueError):
 def real(value: object, argument: str, label: str | None = None) -> float:
     """``value`` as a float: a real number (int, float, a one-element real tensor or array, anything
     ``float()`` takes but text); :class:`ParamError` naming ``argument`` (as ``label`` in the message,
-    default ``argument``) otherwise."""
+    default ``argument``) otherwise, also for a tensor that requires grad: a table's parameters are
+    constants, so no gradient could reach it."""
+    if getattr(value, "requires_grad", False) is True:
+        raise ParamError(f"{label or argument} is a tensor that requires grad; invact's parameters are table "
+                         "constants and get no gradient: pass float(p) or p.detach() to train without one, or "
+                         "use torch.nn.functional's activation to learn it", argument)
     if not isinstance(value, (str, bytes, complex)):
         try:
             return float(value)  # type: ignore[arg-type]

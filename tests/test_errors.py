@@ -212,6 +212,24 @@ def test_a_parameter_that_is_not_a_real_number_is_named(make, argument):
     assert info.value.argument == argument
 
 
+def test_a_parameter_that_requires_grad_is_refused_not_dropped():
+    """A learnable tensor as a parameter (ELU's alpha, a module's beta set to an nn.Parameter) would be read
+    as a float and get no gradient, silently; torch.nn.functional refuses it too (alpha must be a Number).
+    Refused with a ParamError naming it at every entry point; a tensor that needs no gradient still works."""
+    x = torch.randn(8, requires_grad=True)
+    p = torch.nn.Parameter(torch.tensor(1.5))
+    softplus = invact.Softplus()
+    softplus.beta = torch.nn.Parameter(torch.tensor(2.0))
+    for call, argument in ((lambda: IF.elu(x, alpha=p), "alpha"), (lambda: softplus(x), "beta"),
+                           (lambda: invact.activation("leaky_relu", negative_slope=p), "negative_slope")):
+        with pytest.raises(ParamError, match=f"{argument}'? is a tensor that requires grad.*p.detach") as info:
+            call()
+        assert argument in info.value.argument
+    assert p.grad is None
+    y = IF.elu(x, alpha=p.detach())
+    torch.testing.assert_close(y, torch.nn.functional.elu(x, alpha=1.5), rtol=0, atol=0)
+
+
 def test_softplus_threshold_whose_jump_is_visible_is_refused():
     """torch's softplus jumps down at beta x = threshold (from log1p(e^t) / beta to t / beta): y in the
     overlap comes from both pieces, and a gradient from y alone is off by up to 1 / (1 + e^t) there
