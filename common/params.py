@@ -28,7 +28,8 @@ def real(value: object, argument: str, label: str | None = None) -> float:
     ``float()`` takes but text); :class:`ParamError` naming ``argument`` (as ``label`` in the message,
     default ``argument``) otherwise, also for a tensor that requires grad: a table's parameters are
     constants, so no gradient could reach it."""
-    if getattr(value, "requires_grad", False) is True:
+    # (a float first: under torch.compile Dynamo types a symbolic float as float and cannot getattr on it)
+    if not isinstance(value, (int, float)) and getattr(value, "requires_grad", False) is True:
         raise ParamError(f"{label or argument} is a tensor that requires grad; invact's parameters are table "
                          "constants and get no gradient: pass float(p) or p.detach() to train without one, or "
                          "use torch.nn.functional's activation to learn it", argument)

@@ -2,8 +2,8 @@
 
 y keeps x's memory format, as torch.nn.functional's elementwise ops do (TensorIterator's output
 strides), and the packed code covers y's elements in that order. Documented internals: :func:`order`,
-:func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code`, :func:`backward_views` and
-:func:`backward_buffers`.
+:func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code`, :func:`as_packed`,
+:func:`backward_views` and :func:`backward_buffers`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import bitpack
 
-__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "backward_views", "backward_buffers"]
+__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "as_packed", "backward_views", "backward_buffers"]
 
 
 def order(t: Tensor) -> list[int]:
@@ -101,6 +101,15 @@ def flat(t: Tensor, dims: list[int]) -> Tensor:
 def empty_code(x: Tensor, bits: int) -> Tensor:
     """An uninitialised packed code of ``bits`` per element of x (no bytes for ``bits`` 0)."""
     return x.new_empty((bitpack.packed_bytes(x.numel(), bits) if bits else 0,), dtype=torch.uint8)
+
+
+def as_packed(y: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """``y`` with the ``strides`` it had when the forward packed its code (in y's memory order, :func:`order`):
+    y itself, or a copy laid out so where a saved-tensor hook gave y back in another layout
+    (``torch.autograd.graph.save_on_cpu`` and offloading hooks return contiguous copies)."""
+    if y.stride() == strides:
+        return y
+    return torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
 
 
 def backward_views(grad: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

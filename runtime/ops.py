@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._C._functorch import TransformType
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import backends, layout, registry
 from .constants import Constants, check_params, module_constants, table_constants
@@ -41,7 +42,7 @@ from .impl_triton import TRITON
 from .registry import info, names, use_root
 
 __all__ = ["apply", "differentiating", "info", "names", "use_root", "table_constants", "module_constants", "Constants",
-           "Implementation", "implementations", "plain_eager", "script_refused"]
+           "Implementation", "implementations", "plain_eager", "recording", "script_refused"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -133,10 +134,20 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.invact = (name, params, backend)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(*output)  # y and the packed code: nothing else
+        ctx.strides = output[0].stride()
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor]:
+    """(y, code) as the forward packed them: y in its forward layout whatever a saved-tensor hook returned
+    (:func:`invact.layout.as_packed`), and where the backward builds a graph (create_graph=True), y through
+    :class:`_Refused`, so that only differentiating through y (a second derivative of f) is refused."""
+    y, code = ctx.saved_tensors
+    y = layout.as_packed(y, ctx.strides)
+    return (_Refused.apply(y) if torch.is_grad_enabled() and y.requires_grad else y), code
 
 
 def _grad(ctx, grad_y, grad_code):
-    y, code = ctx.saved_tensors
+    y, code = _saved(ctx)
     return torch.ops.invact.backward(grad_y, y, code, *ctx.invact), None, None, None
 
 
@@ -148,12 +159,45 @@ def _second_order(mode: str) -> RuntimeError:
         "higher-order gradients are needed")
 
 
-def _no_double_backward(ctx, grad):
-    raise _second_order("double backward")
+class _Refused(torch.autograd.Function):
+    """y unchanged, refusing a gradient: y's part of a double backward would need f'' (the grad_output part,
+    d(grad * f'(x)) / d grad = f'(x), is first order and runs: torch.autograd.functional.jvp takes it)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise _second_order("double backward")
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        raise _second_order("forward mode of the derivative: jacfwd or jvp of a derivative, or hessian")
+
+
+def _backward_setup(ctx, inputs, output) -> None:
+    _, y, code, name, params, backend = inputs
+    ctx.invact = (name, params, backend)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(y, code)
+
+
+def _grad_of_backward(ctx, gg):
+    """d(grad * g(y, code)) / d grad = g(y, code); y's gradient reaches :class:`_Refused`, which refuses it."""
+    y, code = ctx.saved_tensors if ctx.needs_input_grad[0] else (None, None)
+    return (torch.ops.invact.backward(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
+            torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 _forward.register_autograd(_grad, setup_context=_setup_context)
-_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_backward.register_autograd(_grad_of_backward, setup_context=_backward_setup)
 
 
 # torch.func transforms and forward-mode AD. The custom ops' own autograd is reverse mode only and not
@@ -170,11 +214,16 @@ class _Derivative(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        pass
+        ctx.invact = tuple(inputs[3:])
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*inputs[1:3])
 
     @staticmethod
-    def backward(ctx, grad):
-        raise _second_order("reverse mode of the derivative: double backward, hessian or jacrev of a derivative")
+    def backward(ctx, gg):
+        """grad's part only (first order, as :func:`_grad_of_backward`); y's goes to :class:`_Refused`."""
+        y, code = ctx.saved_tensors if ctx.needs_input_grad[0] else (None, None)
+        return (_Derivative.apply(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
+                torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -201,10 +250,11 @@ class _Activation(torch.autograd.Function):
         ctx.save_for_forward(*output)  # for jvp, which runs inside apply: kept no longer
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*output)  # y and the packed code: nothing else
+            ctx.strides = output[0].stride()
 
     @staticmethod
     def backward(ctx, grad_y, grad_code):
-        y, code = ctx.saved_tensors
+        y, code = _saved(ctx)
         return _Derivative.apply(grad_y, y, code, *ctx.invact), None, None, None
 
     @staticmethod
@@ -256,6 +306,16 @@ def _prepare(name: str, params: tuple, backend: str | None, device_type: str) ->
     return list(check_params(name, dict(params))), backends.resolve(backend, device_type)
 
 
+def _constant(params: dict[str, float] | None) -> dict[str, float] | None:
+    """``params`` with each number a Python constant. Under torch.compile Dynamo makes a float parameter
+    symbolic (``dynamic=True``, or automatic dynamic once a module attribute or an argument has taken a
+    second value), which the table's checks and the ops' ``float[]`` cannot take: the value is specialised
+    with a guard on it, so another value recompiles (as Dynamo does for a float it keeps static)."""
+    if not params or not torch.compiler.is_compiling():
+        return params
+    return {k: guard_scalar(v) if isinstance(v, (int, float)) else v for k, v in params.items()}
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled for device types that have autocast (meta tensors have none)."""
     try:
@@ -278,7 +338,7 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
         raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")
     layout.require_strided(x, f"invact activation {name!r}: x")
-    values, chosen = _prepare(name, tuple(sorted((params or {}).items())), backend, x.device.type)
+    values, chosen = _prepare(name, tuple(sorted((_constant(params) or {}).items())), backend, x.device.type)
     if _autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _run(x, name, values, chosen)
@@ -292,20 +352,30 @@ def _kinds() -> set:
     return {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
 
 
-@torch._dynamo.assume_constant_result  # Dynamo runs the transforms' levels for real while it traces
+@torch._dynamo.assume_constant_result  # Dynamo runs the transforms' levels for real while it traces, and guards them
+def _functorch_differentiating() -> bool:
+    return bool(_kinds().intersection(_DIFFERENTIATING))
+
+
 def differentiating() -> bool:
     """Forward-mode AD is on (a dual level is open) or torch.func differentiates (grad, vjp, jvp, jac*):
-    where the custom ops' reverse-only autograd would drop the derivative (the norms ask too)."""
-    return fwAD._current_level >= 0 or bool(_kinds().intersection(_DIFFERENTIATING))
+    where the custom ops' reverse-only autograd would drop the derivative (the norms ask too). The dual
+    level is read in the traced code, not assumed constant: Dynamo guards the module attribute it reads,
+    so a graph compiled outside ``dual_level`` is not reused inside one (it recompiles, and breaks there)."""
+    return fwAD._current_level >= 0 or _functorch_differentiating()
 
 
 @torch._dynamo.assume_constant_result
+def _functionalizing() -> bool:
+    return TransformType.Functionalize in _kinds()
+
+
 def _transformed() -> bool:
     """:func:`differentiating`; NotImplementedError where functionalize is in the stack too (PyTorch has
     no functionalize rule for the autograd.Function that carries an activation's derivative)."""
     if not differentiating():
         return False
-    if TransformType.Functionalize in _kinds():
+    if _functionalizing():
         raise NotImplementedError("invact activations under torch.func.functionalize together with a "
                                   "derivative (grad, vjp, jvp, jacrev, jacfwd, forward-mode AD): PyTorch has "
                                   "no functionalize rule for the autograd.Function that carries their "
@@ -343,11 +413,12 @@ class _Direct(torch.autograd.Function):
         y, code = _first("forward", backend, x, x, name, params)
         ctx.invact = (name, params, backend)
         ctx.save_for_backward(y, code)  # y and the packed code: nothing else
+        ctx.strides = y.stride()
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        y, code = ctx.saved_tensors
+        y, code = _saved(ctx)
         if torch.is_grad_enabled():
             return _Derivative.apply(grad_y, y, code, *ctx.invact), None, None, None
         if not plain_eager(grad_y):  # batched (is_grads_batched, jacobian(vectorize=True)): the op's vmap rule
@@ -356,8 +427,15 @@ class _Direct(torch.autograd.Function):
         return _first("backward", backend, y, grad_y, y, code, name, params), None, None, None
 
 
+def recording() -> bool:
+    """torch.jit.trace or torch.export is recording a program (whose grad mode at recording time says
+    nothing about how it will be run): the activations record ``invact::forward``, which trains, and the
+    functional router routes whatever the grad mode (the norms record their one op anyway)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def _run(x: Tensor, name: str, values: list[float], chosen: str) -> Tensor:
-    if torch.jit.is_tracing():  # torch.jit.trace: one op whatever the grad mode, so the trace trains
+    if recording():  # one op whatever the grad mode or requires_grad, so the saved program trains
         return torch.ops.invact.forward(x, name, values, chosen)[0]
     if _transformed():
         return _differentiated(x, name, values, chosen)

@@ -47,18 +47,22 @@ RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become 
 
 The replaced module keeps a reference to its original (not registered as a submodule, so it is in
 neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
-Forward, forward pre- and backward hooks registered on an original move to its replacement: the two share
-the hook dictionaries, so the hooks keep firing, their handles still remove them, and after :func:`unpatch`
-the original has the hooks as they are then (the report notes such modules).
+Forward, forward pre-, backward and state-dict hooks (``state_dict``'s and ``load_state_dict``'s, pre and post)
+registered on an original move to its replacement: the two share the hook dictionaries, so the hooks keep
+firing, their handles still remove them, and after :func:`unpatch` the original has the hooks as they are then
+(the report notes such modules). :func:`unpatch` refuses, changing nothing, where a replacement holds what its
+original cannot take back (a parametrization, a parameter, buffer or submodule added while patched).
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import measure, norm_patch, ops, recognise
 from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
@@ -243,7 +247,8 @@ def _qualname(cls: type) -> str:
 
 # the hook dictionaries a replacement shares with its original (so the hooks keep firing, handles remove them)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 _HOOKS_MOVED = "hooks registered on the original moved to the replacement (shared: their handles still remove them)"
 
 
@@ -257,6 +262,16 @@ def _share_hooks(old: nn.Module, new: nn.Module) -> None:
         if name in old.__dict__:
             new.__dict__[name] = old.__dict__[name]
     new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
+    _rebind_hooks(new, old, new)
+
+
+def _rebind_hooks(module: nn.Module, was: nn.Module, now: nn.Module) -> None:
+    """Point ``module``'s load_state_dict pre-hooks that are called with ``was`` at ``now``. Those hooks
+    (torch's public API) hold a weak reference to the module they were registered on, where the others
+    are called with the module running them: so every hook sees the module in place."""
+    for hook in getattr(module, "_load_state_dict_pre_hooks", {}).values():
+        if getattr(hook, "with_module", False) and hook.module() is was:
+            hook.module = weakref.ref(now)
 
 
 def _dropout_follows(parent: nn.Module, attr: str) -> bool:
@@ -456,22 +471,53 @@ def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: di
     done[id(old)] = new
 
 
+def _original(child: nn.Module) -> nn.Module | None:
+    """The module ``child`` replaced; None where it replaced nothing."""
+    original = getattr(child, "_invact_replaced", None)
+    return original[0] if isinstance(child, (Activation, _Saving)) and original else None
+
+
 def _put_back(parent: nn.Module, attr: str, child: nn.Module) -> bool:
     """Put the original of ``child`` (a replacement at ``parent.attr``) back, handing it the replacement's
     training flag, parameters and buffers; False where ``child`` replaced nothing."""
-    original = getattr(child, "_invact_replaced", None)
-    if not (isinstance(child, (Activation, _Saving)) and original):
+    original = _original(child)
+    if original is None:
         return False
-    _hand_back(child, original[0])
-    setattr(parent, attr, original[0])
+    _hand_back(child, original)
+    setattr(parent, attr, original)
     return True
+
+
+def _lost(new: nn.Module, old: nn.Module) -> list[str]:
+    """What putting ``old`` back in place of ``new`` would drop: a parametrization on ``new``, or
+    parameters, buffers and submodules registered on it under names ``old`` lacks."""
+    parametrized = parametrize.is_parametrized(new)
+    lost = [f"a parametrization of {', '.join(new.parametrizations)}"] if parametrized else []
+    for kind, theirs, mine in (("parameter", new._parameters, old._parameters), ("buffer", new._buffers, old._buffers),
+                               ("submodule", new._modules, old._modules)):
+        lost += [f"{kind} {name!r}" for name, value in theirs.items()
+                 if value is not None and name not in mine and not (parametrized and name == "parametrizations")]
+    return lost
+
+
+def _refuse_losses(model: nn.Module) -> None:
+    """RuntimeError naming each replacement whose original would drop something put on it while patched."""
+    losses = [f"module {path!r} ({type(child).__name__}): {', '.join(lost)}" for _, _, path, child in _children(model)
+              if (old := _original(child)) is not None and (lost := _lost(child, old))]
+    if losses:
+        raise RuntimeError(
+            "invact.unpatch: putting the original modules back would drop what was added to their replacements "
+            "while patched — " + "; ".join(losses) + ". Nothing was unpatched: remove it first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, name) keeps the parametrized weight as "
+            "a plain parameter) and add it again after unpatch, or keep the model patched")
 
 
 def _hand_back(new: nn.Module, old: nn.Module) -> None:
     """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have), and its
-    full-backward-hook flag (the hook dictionaries are shared)."""
+    full-backward-hook flag (the hook dictionaries are shared; hooks called with ``new`` get ``old``)."""
     old.train(new.training)
     old._is_full_backward_hook = new._is_full_backward_hook
+    _rebind_hooks(old, new, old)
     for mine, theirs in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
         for name in mine.keys() & theirs.keys():
             mine[name] = theirs[name]
@@ -483,11 +529,14 @@ def unpatch(model: nn.Module) -> list[str]:
     Each restored module gets the training flag and the parameters and buffers (the same objects, under
     the names both have) of the module it replaces, so whatever was assigned while patched
     (``load_state_dict(..., assign=True)``, ``module.weight = ...``) stays; it shares its hooks with the
-    replacement, so hooks registered while patched stay too.
+    replacement, so hooks registered while patched stay too. A parametrization, or a parameter, buffer or
+    submodule the original lacks, registered on a replacement while patched would be lost: then nothing is
+    unpatched, and a RuntimeError names each module and what it holds.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
+    _refuse_losses(model)
     measure.remove_modes(model)
     for parent, attr, path, child in list(_children(model)):
         if _put_back(parent, attr, child):

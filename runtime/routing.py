@@ -4,8 +4,9 @@ Modules can be swapped; a function call cannot. :class:`FunctionalRouter` is a
 :class:`torch.overrides.TorchFunctionMode` that, while active, sends ``F.gelu``, ``F.silu``,
 ``F.mish``, ``F.softplus``, ``F.elu``, ``F.celu``, ``F.selu``, ``F.hardswish`` and ``F.leaky_relu`` to
 :mod:`invact.functional` — only where that saves memory and changes nothing else: the input needs a
-gradient and grad mode is on, the call is not in-place, and the arguments are ones invact's op takes.
-Every other call (and every other function) runs untouched. ``routed`` counts the calls it sent.
+gradient and grad mode is on (or torch.jit.trace or torch.export records the forward, whatever the grad
+mode), the call is not in-place, and the arguments are ones invact's op takes. Every other call (and
+every other function) runs untouched. ``routed`` counts the calls it sent.
 
 >>> with invact.route_functional() as router:
 ...     loss = model(batch).sum()
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import functional as IF
+from . import functional as IF, ops
 from .common.catalog import group
 
 __all__ = ["FunctionalRouter", "route_functional", "ROUTED"]
@@ -65,8 +66,10 @@ ROUTED: dict[Callable, tuple[str, Callable]] = {
 
 
 def _worth_routing(args: tuple, kwargs: dict) -> bool:
+    """x will be differentiated, or a program is being recorded (torch.jit.trace, whose check reruns
+    the model under no_grad, and torch.export): recorded, invact's op trains whatever the grad mode then."""
     x = args[0] if args else kwargs.get("input")
-    return (isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled()
+    return (isinstance(x, torch.Tensor) and (ops.recording() or (x.requires_grad and torch.is_grad_enabled()))
             and x.is_floating_point() and x.layout == torch.strided)
 
 
