@@ -1,30 +1,37 @@
 """The ``invact`` command: list, fit, certify, show, plot and generate activation tables.
 
 Exit status: 0 success, 2 bad usage or input (argparse errors, :class:`InputError`, a --root or
-$INVACT_ROOT that is not a project tree), 1 internal failure, 128+signal when interrupted (SIGINT
-130, SIGTERM 143). Tables and modules are written atomically under the tables folder's lock, with
-SIGINT/SIGTERM deferred, so an interrupted command leaves ``generated/`` as it was (or completely
-updated, if the signal came during that last step); after a SIGKILL between the table and its code,
-the runtime refuses the code (its TABLE_SHA256 differs) and names ``invact generate``.
+$INVACT_ROOT that is not a project tree, output that cannot be written), 1 internal failure,
+128+signal when interrupted (SIGINT 130, SIGTERM 143). Tables and modules are staged, then renamed
+into place under the tables folder's lock, with SIGINT/SIGTERM deferred, so an interrupted or failed
+command leaves ``generated/`` as it was (or completely updated, if the signal came during that last
+step); after a SIGKILL between the table and its code, the runtime refuses the code (its
+TABLE_SHA256 differs) and names ``invact generate``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..common.after_import import cancel as cancel_after_import
 from . import tables
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, WriteError
 from .interrupts import raise_interrupted, signals_deferred
+
+if TYPE_CHECKING:
+    from .formulas import ActivationSpec
 
 __all__ = ["main"]
 
@@ -96,12 +103,29 @@ def _commit(table: dict, path: Path, root: Path | None, generate: bool) -> list[
     """Write ``table`` and regenerate the code, under the tables folder's lock: the code is computed
     first (a generation failure writes nothing), then the table, then the modules (each carries the
     table's sha256: a process killed in between leaves code the runtime refuses, with the fix)."""
-    with signals_deferred():
+    with signals_deferred(), _writing():
         if not generate:
             tables.write_table(table, path)
             return []
         from .codegen import generate_all
         return generate_all(root, pending={path: table})
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """An OSError while writing tables or code (which leaves them as they were) as a :class:`WriteError`."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise WriteError(f"cannot write{where} ({exc.strerror or exc}); nothing was changed; "
+                         f"{tables.WRITE_FIX}") from None
+
+
+def _check_writable(path: Path, root: Path | None, generate: bool) -> None:
+    """The folders a fit or certification of ``path`` writes take files: checked before the long work."""
+    folders = [path.parent] + ([tables.project_root(root) / "generated"] if generate else [])
+    tables.check_writable(*folders)
 
 
 def _check_tree(root: Path | None, replaced: Path | None = None) -> None:
@@ -124,8 +148,17 @@ def _resolve(args) -> tuple[Path, dict]:
     return path, tables.load_table(path)
 
 
-def _pieces(table: dict) -> int:
-    return sum(len(cc["segments"]) for cc in table["code_classes"])
+def _pieces(table: dict) -> str:
+    """The fitted pieces and their degrees, as README's certified-errors table gives them: ``12 (deg 8)``,
+    ``14 (deg 6-8)``; constant tails and closed forms are no pieces (``exact`` when nothing is fitted)."""
+    from .model import Segment
+    fitted = [seg for cc in table["code_classes"] for s in cc["segments"] if (seg := Segment.from_json(s)).fitted]
+    if not fitted:
+        return "exact"
+    degrees = sorted({seg.degree for seg in fitted})
+    rational = sum(seg.den_degree > 0 for seg in fitted)
+    span = f"{degrees[0]}" + (f"-{degrees[-1]}" if len(degrees) > 1 else "")
+    return f"{len(fitted)} (deg {span}" + (f", {rational} rational)" if rational else ")")
 
 
 def cmd_list(args) -> int:
@@ -170,6 +203,41 @@ def _formula_table(args) -> dict | None:
     return None if path is None else tables.load_table(path)
 
 
+def _existing(path: Path) -> dict | None:
+    """The table at ``path``, if there is one that loads."""
+    try:
+        return tables.load_table(path) if path.is_file() else None
+    except InputError:
+        return None
+
+
+def _check_builtin_params(spec: ActivationSpec, path: Path) -> None:
+    """A built-in's table keeps PyTorch's defaults (the runtime and `invact.patch` read them from it):
+    other parameters are refused, naming the run-time argument (a table exact in them serves every
+    value) and the fit under a new name."""
+    from .formulas import BUILTINS
+    defaults = BUILTINS[spec.name].params if spec.name in BUILTINS else spec.params
+    changed = {k: v for k, v in spec.params.items() if defaults.get(k) != v}
+    if not changed:
+        return
+    given = " ".join(f"--param {k}={v:g}" for k, v in changed.items())
+    table = _existing(path)
+    at_run_time = "" if not (table and table["param_generic"]) else (
+        f"its table serves every value of {', '.join(table['params'])}, so pass them at run time, no fit "
+        f"needed (invact.activation({spec.name!r}, {', '.join(f'{k}={v!r}' for k, v in changed.items())})); or ")
+    raise SpecError(f"{spec.name!r} is a built-in: its table keeps PyTorch's defaults {dict(defaults)}; "
+                    f"{at_run_time}fit its formula with these values as a table of its own: "
+                    f"`invact fit {spec.name} {given} --name NEW`")
+
+
+def _check_same_formula(spec: ActivationSpec, path: Path) -> None:
+    """A fit must not silently replace a table of another formula under its name (--replace does)."""
+    table = _existing(path)
+    if table is not None and table["formula"] != spec.formula():
+        raise SpecError(f"table {spec.name!r} ({path}) holds another formula, {table['formula']!r}; choose "
+                        f"another --name, or add --replace to replace it with {spec.formula()!r}")
+
+
 def cmd_fit(args) -> int:
     from .formulas import BUILTINS, get_spec
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
@@ -190,7 +258,11 @@ def cmd_fit(args) -> int:
         raise SpecError(f"--name {name!r} is a built-in activation; choose another name for this formula")
     spec = dataclasses.replace(spec, name=name)
     path = tables.table_path(name, args.target, args.root)
+    _check_builtin_params(spec, path)
+    if not args.replace:
+        _check_same_formula(spec, path)
     generate = args.target == "derivative" and not args.generate_off
+    _check_writable(path, args.root, generate)
     if generate:
         _check_tree(args.root, path)
     with signals_deferred():                            # scipy's pybind11 modules: fitting/interrupts.py
@@ -201,7 +273,7 @@ def cmd_fit(args) -> int:
     generated = _commit(table, path, args.root, generate)
     cert = table["certificate"]
     print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
-          f"{_pieces(table)} pieces, approx error {_fmt(cert['approx_error'])}, float32 error "
+          f"pieces {_pieces(table)}, approx error {_fmt(cert['approx_error'])}, float32 error "
           f"{_fmt(cert['float32_eval_error'])} ({time.monotonic() - start:.1f} s)")
     if generated:
         print(f"regenerated {len(generated)} files under {generated[0].parent}")
@@ -213,6 +285,7 @@ def cmd_certify(args) -> int:
         from .certify import certify_table
     path, table = _resolve(args)
     generate = table["target"] == "derivative" and not args.generate_off
+    _check_writable(path, tables.root_of(path) or args.root, generate)
     if generate:
         _check_tree(tables.root_of(path) or args.root, path)
     bar = ProgressBar()
@@ -303,7 +376,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    with signals_deferred():
+    with signals_deferred(), _writing():
         from .codegen import generate_all
         paths = generate_all(args.root)
     print(f"generated {len(paths)} files under {tables.project_root(args.root) / 'generated'}")
@@ -392,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a built-in name (see `invact list`), a formula such as 'x*sigmoid(1.702*x)', or "
                         "the name of a formula's table under --root (refit from its formula; --param values "
                         "replace its parameter set)")
-    p.add_argument("--name", help="table name for a formula (a Python identifier)")
+    p.add_argument("--name", help="table name for a formula (a Python identifier); with a built-in, "
+                   "fits its formula as a new table (for parameters other than PyTorch's defaults)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace the table NAME even if it holds another formula (refused otherwise)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="parameter value (repeatable); declares a parameter of a formula, which must "
                         "occur in it (x, y, function and constant names, Python keywords, name, backend, input, "
@@ -435,9 +511,13 @@ def _no_generate(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # entry point
 
+_OPTION_LIKE = re.compile(r"--[A-Za-z][\w-]+(=.*)?")   # --word: a mistyped option, not a formula
+
+
 def _formula_positional(argv: list, parser: argparse.ArgumentParser) -> list:
     """After ``fit``, an argument starting with '-' that is no option of the command (a formula such as
-    '-x*sigmoid(x)') gets a leading space, so argparse takes it as the positional (cmd_fit strips it)."""
+    '-x*sigmoid(x)') gets a leading space, so argparse takes it as the positional (cmd_fit strips it);
+    one like ``--word`` is refused as an unknown option (exit 2), not read as a formula."""
     i = 0
     while i < len(argv) and isinstance(argv[i], str) and argv[i].startswith("-"):
         i += 2 if argv[i] == "--root" else 1               # --root DIR, --root=DIR, --debug, ...
@@ -451,6 +531,9 @@ def _formula_positional(argv: list, parser: argparse.ArgumentParser) -> list:
         if not skip and isinstance(arg, str) and arg.startswith("-") and arg != "--" \
                 and not sub._negative_number_matcher.match(arg) \
                 and not any(o.startswith(arg.partition("=")[0]) for o in options):
+            if _OPTION_LIKE.fullmatch(arg):
+                sub.error(f"{arg.partition('=')[0]} is not an option of `{PROG} fit` (see `{PROG} fit --help`); "
+                          "a formula starting with '-' reads as one, e.g. '-x*sigmoid(x)'")
             arg = " " + arg
         skip = isinstance(arg, str) and arg in takes_value
         out.append(arg)
@@ -461,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``invact`` command line; returns the exit status."""
     cancel_after_import("torch")  # invact's ops: no saved program is loaded here, torch's import stays lean
     parser = build_parser()
-    argv = _formula_positional(list(sys.argv[1:] if argv is None else argv), parser)
     try:
+        argv = _formula_positional(list(sys.argv[1:] if argv is None else argv), parser)
         args = _merge(parser.parse_args(argv))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2

@@ -29,5 +29,9 @@ class TableError(InputError):
     """A table file that is missing, corrupt, hand-edited or of another format version."""
 
 
+class WriteError(InputError):
+    """An output folder or file that cannot be written (permissions, a read-only or full file system)."""
+
+
 class CertificationError(RuntimeError):
     """A fitted table failed certification (an internal failure: the fitter should have refined)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.table_hash import canonical_sha256
-from .errors import TableError
+from .errors import TableError, WriteError
 
 try:  # POSIX only; elsewhere writes are still atomic, just not serialised between processes
     import fcntl
@@ -27,9 +27,9 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
-           "write_table", "replace_text", "locked", "project_root", "installed_root", "check_root",
-           "root_option", "root_of", "tables_dir", "table_path", "list_tables", "name_of",
-           "fit_command", "as_float"]
+           "write_table", "replace_text", "replace_files", "check_writable", "locked", "project_root",
+           "installed_root", "check_root", "root_option", "root_of", "tables_dir", "table_path", "list_tables",
+           "name_of", "fit_command", "as_float"]
 
 FORMAT = "invact-table"
 FORMAT_VERSION = 1
@@ -219,9 +219,10 @@ def list_tables(root: str | os.PathLike | None = None, target: str | None = None
 def fit_command(name: str, target: str = "derivative", table: dict | None = None,
                 root: str | os.PathLike | None = None) -> str:
     """The ``invact fit`` command line that regenerates a table (in ``root`` when that is not the
-    installed tree)."""
+    installed tree); ``FORMULA`` stands for a formula that ``table`` does not give."""
     from .formulas import BUILTINS
-    what = name if name in BUILTINS or table is None else f"{table.get('formula', name)!r} --name {name}"
+    formula = "FORMULA" if table is None else repr(table.get("formula", name))
+    what = name if name in BUILTINS else f"{formula} --name {name}"
     params = (table or {}).get("params") or {}
     defaults = BUILTINS[name].params if name in BUILTINS else {}
     extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
@@ -422,6 +423,23 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+WRITE_FIX = "write into a tree you can write with `--root DIR` (or INVACT_ROOT=DIR)"
+
+
+def check_writable(*folders: Path) -> None:
+    """Each folder is created if missing and must take a new file (one is made and removed), checked
+    before a long fit: :class:`WriteError` names the folder and the fix otherwise."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".invact-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise WriteError(f"cannot write to {exc.filename or folder} ({exc.strerror or exc}); "
+                             f"{WRITE_FIX}") from None
+
+
 def write_table(table: dict, path: str | os.PathLike) -> Path:
     """Write ``table`` to ``path`` atomically (temp file in the same folder, fsync, os.replace).
 
@@ -440,19 +458,68 @@ def write_table(table: dict, path: str | os.PathLike) -> Path:
 def replace_text(path: Path, text: str, sync: bool = False) -> None:
     """Write ``text`` to ``path`` atomically: a temp file in the same folder (fsync'd when ``sync``),
     then os.replace; readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _staged(path, text.encode("utf-8"), sync)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            if sync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_files(texts: dict[Path, str | None]) -> None:
+    """Write each ``path: text`` (None: remove the file) all or nothing, in the given order: every new
+    text and a copy of every file it replaces or removes are staged first (fsync'd temp files next to
+    them), then renamed into place; an error at any step removes the temps and puts back each file
+    already replaced, then propagates (a process killed between two renames leaves the files renamed
+    so far: the runtime refuses code whose table changed, naming `invact generate`)."""
+    staged: dict[Path, tuple[str | None, str | None]] = {}   # path -> (new text's temp, backup)
+    done: list[Path] = []
+    try:
+        for path, text in texts.items():
+            new = None if text is None else _staged(path, text.encode("utf-8"))
+            staged[path] = (new, None)
+            if path.exists():
+                staged[path] = (new, _staged(path, path.read_bytes()))
+        for path, (new, _) in staged.items():
+            _put(new, path)
+            done.append(path)
+    except Exception:      # a kill runs nothing, and signals are deferred while tables and code are written
+        for path in reversed(done):
+            with contextlib.suppress(OSError):
+                _put(staged[path][1], path)
+        raise
+    finally:
+        for temp in (t for pair in staged.values() for t in pair if t is not None):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+    for folder in {p.parent for p in done}:
+        _fsync_dir(folder)
+
+
+def _put(temp: str | None, path: Path) -> None:
+    """Rename ``temp`` to ``path``, or remove ``path`` when ``temp`` is None."""
+    if temp is None:
+        os.unlink(path)
+    else:
+        os.replace(temp, path)
+
+
+def _staged(path: Path, data: bytes, sync: bool = True) -> str:
+    """A temp file next to ``path`` holding ``data`` (mode 0644, fsync'd when ``sync``); its name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _fsync_dir(folder: Path) -> None:

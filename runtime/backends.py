@@ -89,16 +89,17 @@ def resolve(backend: str | None, device_type: str) -> str:
     """The backend to run: ``backend`` (argument), else $INVACT_BACKEND, else the default.
 
     Unknown names and backends not available for ``device_type`` raise :class:`ValueError` naming the
-    argument (or the environment variable) and the available backends.
+    argument (or the environment variable, read in any case) and the available backends.
     """
     source = "backend"
-    if backend is None:
-        backend, source = os.environ.get(ENV) or None, ENV
+    if backend is None:   # the variable, like every INVACT_* switch: any case, spaces around ignored
+        backend, source = os.environ.get(ENV, "").strip().lower() or None, ENV
     if backend is None:
         return _default(device_type)
     if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} (or None for the default), "
-                         f"got {backend!r}")
+        default, got = ("unset or empty for the default; any case", os.environ[ENV]) if source == ENV else \
+            ("or None for the default", backend)
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} ({default}), got {got!r}")
     usable = available(device_type)
     if backend == "compiled" and "compiled" in _broken:
         return "eager"  # already warned once

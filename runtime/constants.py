@@ -47,6 +47,17 @@ def _default_values(name: str) -> tuple[float, ...]:
 
 
 def _checked(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
+    """The values of ``params`` for table ``name``, checked; a refusal is checked again against the tables on
+    disk when a fit (another process) changed them since they were read (a table refitted for these values)."""
+    try:
+        return _check(name, params)
+    except common_params.ParamError:
+        if not registry.refresh():
+            raise
+        return _check(name, params)
+
+
+def _check(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     meta = registry.module(name).META
     fixed = None if meta["param_generic"] else lambda values: (
         f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "

@@ -185,8 +185,5 @@ def activation(name: str, *, backend: str | None = None, **params: float) -> nn.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name not in ops.names():
-        known = ", ".join(sorted(ops.names()))
-        raise ValueError(f"unknown activation {name!r}; tables: {known} "
-                         "(fit a new one with `invact fit FORMULA --name NAME`)")
+    ops.info(name)  # ValueError for a name without code, saying why (invact.registry)
     return module_for(name, params, backend)

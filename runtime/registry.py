@@ -9,7 +9,9 @@ Public: :func:`use_root`, :func:`names`, :func:`info`. Documented internals (the
 modules and the tests use them): :func:`module` and :func:`triton_module` (the generated modules of
 an activation), :func:`generated_file` and :func:`root_option` (for error messages), and
 :func:`per_root`, the cache decorator for anything computed from generated code (``use_root`` clears
-those caches).
+those caches). A fit in another process is seen without a restart: :func:`names`, :func:`info` and an
+unknown name in :func:`module` read the registry again when a registry.py or tables/ folder changed on
+disk (its mtime and size); a known name's module is a cache hit with no check.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["ROOT_ENV", "use_root", "names", "info", "module", "triton_module", "generated_file", "root_option",
+__all__ = ["ROOT_ENV", "use_root", "names", "info", "module", "refresh", "triton_module", "generated_file", "root_option",
            "per_root", "TORCH_API", "TRITON_API"]
 
 ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds tables and code
@@ -35,6 +37,7 @@ TRITON_API = ("forward", "backward", "SEARCH_LEVELS", "TABLE_SHA256")  # g_y(...
 
 _ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
 _CACHES: list = []    # functools caches of values computed from generated code: use_root clears them
+_STAMP: tuple = ()    # what a fit or `invact generate` changes on disk, when the registry was read
 
 
 def per_root(maxsize: int | None = None) -> Callable[[Callable], Callable]:
@@ -53,12 +56,13 @@ def _registry() -> ModuleType:
     ``invact.generated``'s path, the first folder's entry winning: a root given to :func:`use_root`
     (or $INVACT_ROOT) is layered over the installed tables, never hiding them. A registry file is
     read as data (``ast.literal_eval``), not imported."""
-    global _ENV_APPLIED
+    global _ENV_APPLIED, _STAMP
     root = os.environ.get(ROOT_ENV)
     if root and not _ENV_APPLIED:
         use_root(root)        # a root that is not a project tree raises here, at every use
         _ENV_APPLIED = True
     import invact.generated as pkg
+    _STAMP = _stamp()     # before reading: a change made meanwhile is seen at the next refresh
     merged = ModuleType("invact.generated.registry")
     merged.TORCH, merged.TRITON = {}, {}
     for folder in reversed(list(pkg.__path__)):
@@ -89,6 +93,38 @@ def _read_registry(path: Path) -> dict[str, dict[str, str]]:
     return found
 
 
+def _stamp() -> tuple:
+    """(mtime, size) of each registry.py and tables/ folder of ``invact.generated``'s path: a fit
+    renames its table into tables/ (a refit changes no registry entry), a new name changes registry.py."""
+    import invact.generated as pkg
+    out = []
+    for folder in pkg.__path__:
+        for path in (Path(folder) / "registry.py", Path(folder) / "tables"):
+            try:
+                st = path.stat()
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def refresh() -> bool:
+    """Forget the registry, the generated modules and every value computed from them when a fit or
+    `invact generate` (in another process) changed them on disk since they were read; True if so."""
+    if _registry.cache_info().currsize == 0 or _stamp() == _STAMP:
+        return False
+    _forget()
+    return True
+
+
+def _forget() -> None:
+    for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
+        del sys.modules[mod]  # re-import from the new path
+    for cached in _CACHES:
+        cached.cache_clear()
+
+
 def use_root(root: str | os.PathLike) -> None:
     """Layer ``root``/generated (what ``invact fit --root ROOT`` wrote) over the installed activations
     (and over roots used before): its names win, every other name stays available. $INVACT_ROOT does
@@ -110,10 +146,7 @@ def use_root(root: str | os.PathLike) -> None:
     if str(folder) in pkg.__path__:
         pkg.__path__.remove(str(folder))
     pkg.__path__.insert(0, str(folder))
-    for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
-        del sys.modules[mod]  # re-import from the new path
-    for cached in _CACHES:
-        cached.cache_clear()
+    _forget()
 
 
 def root_option(root: Path) -> str:
@@ -124,21 +157,37 @@ def root_option(root: Path) -> str:
 
 
 def names() -> list[str]:
-    """Names of the activations with generated code, sorted."""
+    """Names of the activations with generated code, sorted (read again if a fit changed them)."""
+    refresh()
     return sorted(getattr(_registry(), "TORCH", {}))
 
 
 @per_root()
 def module(name: str) -> ModuleType:
-    """The generated torch module of activation ``name``; ValueError listing the known names."""
+    """The generated torch module of activation ``name``; ValueError listing the known names (after
+    reading the registry again if a fit changed it since)."""
     table = getattr(_registry(), "TORCH", {})
+    if isinstance(name, str) and name not in table and refresh():
+        table = getattr(_registry(), "TORCH", {})
     if not isinstance(name, str) or name not in table:
-        import invact.generated as pkg
-        roots = [str(Path(p).parent) for p in pkg.__path__[:-1]]
-        where = f"; roots in use: {', '.join(roots)}" if roots else ""
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'}"
-                         + where)
+        raise ValueError(_unknown(name))
     return _import_generated(table[name], TORCH_API)
+
+
+def _unknown(name: object) -> str:
+    """Why ``name`` is no activation: unknown (the known names), or a table without code (a registry
+    replaced by a reinstall or an upgrade: `invact generate` registers it)."""
+    import invact.generated as pkg
+    roots = [str(Path(p).parent) for p in pkg.__path__[:-1]]
+    where = f"; roots in use: {', '.join(roots)}" if roots else ""
+    folder = next((Path(p) for p in pkg.__path__ if isinstance(name, str) and name.isidentifier()
+                   and (Path(p) / "tables" / f"{name}.json").is_file()), None)
+    if folder is not None:
+        return (f"activation {name!r} has a table, {folder / 'tables' / f'{name}.json'}, but no generated code "
+                f"(the registry was replaced, e.g. by reinstalling or upgrading invact); run "
+                f"`invact generate{root_option(folder.parent)}` to register it{where}")
+    return (f"unknown activation {name!r}; known: {', '.join(names()) or 'none (run `invact generate`)'} (fit a "
+            f"new one with `invact fit FORMULA --name NAME`)" + where)
 
 
 @per_root()
@@ -149,7 +198,9 @@ def triton_module(name: str) -> ModuleType:
 
 
 def info(name: str) -> dict:
-    """The META dict of activation ``name`` (a copy); unknown names raise ValueError listing the known."""
+    """The META dict of activation ``name`` (a copy); unknown names raise ValueError listing the known.
+    Read again if a fit changed the tables since (a table refitted for other parameters)."""
+    refresh()
     return dict(module(name).META)
 
 

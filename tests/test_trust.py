@@ -432,53 +432,6 @@ def test_whitelist_and_sympy_namespace_agree():
     assert set(FUNCTIONS) | set(CONSTANTS) == set(SYMPY_FUNCTIONS)
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL: the process stops between two writes."""
-
-
-def test_a_commit_killed_after_any_write_leaves_consistent_or_refused_code(tree, layered, monkeypatch):
-    """generate_all with a new table, stopped after each of its atomic writes (table, C kernel, Triton
-    module, torch module): the runtime either computes with the table next to the code or refuses the code
-    naming `invact generate`; it never runs code made from another table."""
-    from invact.fitting import codegen
-    assert run("generate", "--root", tree, cwd=tree).returncode == 0
-    new = tables.load_table(tree / "generated" / "tables" / "tanh.json")
-    new["tolerance"] = 1e-7
-    real = tables.replace_text
-    outcomes = []
-    for k in range(5):
-        root = tree.parent / f"killed{k}"
-        shutil.copytree(tree, root)
-        writes = []
-
-        def replace_text(path, text, sync=False):
-            if len(writes) == k:
-                raise _Killed
-            writes.append(Path(path).name)
-            real(path, text, sync)
-        monkeypatch.setattr(tables, "replace_text", replace_text)
-        monkeypatch.setattr(codegen, "replace_text", replace_text)
-        killed = False
-        try:
-            codegen.generate_all(root, pending={root / "generated" / "tables" / "tanh.json": new})
-        except _Killed:
-            killed = True
-        monkeypatch.setattr(tables, "replace_text", real)
-        monkeypatch.setattr(codegen, "replace_text", real)
-        invact.use_root(root)
-        try:
-            mod = registry.module("tanh")
-            outcomes.append((writes, "ok", mod.META["tolerance"]))
-        except ImportError as error:
-            assert f"invact generate --root {root}" in str(error), error
-            outcomes.append((writes, "refused", None))
-        assert killed == (k < 4)
-    assert outcomes == [([], "ok", 5e-8), (["tanh.json"], "refused", None),
-                        (["tanh.json", "c_tanh.c"], "refused", None),
-                        (["tanh.json", "c_tanh.c", "triton_tanh.py"], "refused", None),
-                        (["tanh.json", "c_tanh.c", "triton_tanh.py", "torch_tanh.py"], "ok", 1e-7)], outcomes
-
-
 def test_fit_creates_a_new_root_but_not_its_parent(tmp_path, capsys):
     """`invact fit --root NEW` makes the layout in a new folder; a root whose parent is missing is refused
     before any work (a mistyped path)."""

@@ -7,11 +7,11 @@ Every module carries the sha256 of its table (``TABLE_SHA256``), which the runti
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..errors import SpecError, TableError
-from ..tables import (dump_table, list_tables, load_table, locked, name_of, project_root, replace_text,
-                      write_table)
+from ..tables import dump_table, list_tables, load_table, locked, name_of, project_root, replace_files
 from .analysis import Plan, plan_table
 from .c_gen import generate_c
 from .registry_gen import generate_registry
@@ -63,23 +63,28 @@ def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = No
     ``pending`` (table path -> table): tables to write first, under the same lock as the code (a
     concurrent fit or generate waits, so it can neither see half of this update nor remove a module
     this one adds). The code is computed before anything is written: if generation fails, nothing
-    changes. Returns the paths of all generated files (files whose content is unchanged are not
-    rewritten)."""
+    changes. Every file is staged before any is renamed into place, so an OSError (a read-only folder,
+    a full disk) leaves the tables and code as they were (:func:`..tables.replace_files`). Returns the
+    paths of all generated files (files whose content is unchanged are not rewritten)."""
     root = project_root(root)
     folder = root / "generated"
     (folder / "tables").mkdir(parents=True, exist_ok=True)
-    with locked(folder / "tables"):
+    pending = {Path(p).resolve(): t for p, t in (pending or {}).items()}
+    with contextlib.ExitStack() as stack:
+        for tables_folder in sorted({(folder / "tables").resolve(), *(p.parent for p in pending)}):
+            tables_folder.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(locked(tables_folder))
         files = generate_files(root, pending)
-        for path, table in (pending or {}).items():
-            write_table(table, path)
+        texts: dict[Path, str | None] = {path: dump_table(table) for path, table in pending.items()}
         written = []
         for rel in sorted(files, key=_write_order):
             path = root / rel
             if not path.exists() or path.read_text(encoding="utf-8") != files[rel]:
-                replace_text(path, files[rel])
+                texts[path] = files[rel]
             written.append(path)
         for old in sorted([*folder.glob("*.py"), *folder.glob("c_*.c")]):
             if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
-                old.unlink()
+                texts[old] = None
+        replace_files(texts)
     return written
 
