@@ -263,6 +263,12 @@ def _share_hooks(old: nn.Module, new: nn.Module) -> None:
             new.__dict__[name] = old.__dict__[name]
     new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
     _rebind_hooks(new, old, new)
+    for method in _BACKWARD_REGISTRATION:   # the flag is no shared object: the original registers through new
+        old.__dict__[method] = getattr(new, method)
+
+
+# Module.__call__ runs a backward hook by the module's _is_full_backward_hook flag, which these set
+_BACKWARD_REGISTRATION = ("register_full_backward_hook", "register_backward_hook")
 
 
 def _rebind_hooks(module: nn.Module, was: nn.Module, now: nn.Module) -> None:
@@ -518,6 +524,8 @@ def _hand_back(new: nn.Module, old: nn.Module) -> None:
     old.train(new.training)
     old._is_full_backward_hook = new._is_full_backward_hook
     _rebind_hooks(old, new, old)
+    for method in _BACKWARD_REGISTRATION:
+        old.__dict__.pop(method, None)
     for mine, theirs in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
         for name in mine.keys() & theirs.keys():
             mine[name] = theirs[name]

@@ -288,6 +288,35 @@ def _assert_hooks_work(model: nn.Module, calls: list) -> None:
     assert calls == [(kind, model[1]) for kind in ("pre", "post", "load pre", "load post")]
 
 
+def test_a_backward_hook_registered_on_the_original_while_patched_fires():
+    """A reference to a module taken before patch: a full backward hook registered on it while patched
+    lands in the shared dictionaries, but Module.__call__ runs it only by the replacement's own flag, which
+    stayed unset (the hook silently never fired). It fires, changes the gradient as on the unpatched model,
+    its handle removes it, and after unpatch the original runs it itself; the model still pickles."""
+    def run(model):
+        x = torch.linspace(-2, 2, 12, dtype=torch.float64).reshape(3, 4).requires_grad_()
+        model(x).sum().backward()
+        return x.grad
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    act = model[1]
+    want = run(model)
+    invact.patch(model)
+    assert model[1] is not act
+    pickle.loads(pickle.dumps(model))
+    calls = []
+    handle = act.register_full_backward_hook(lambda m, gi, go: (calls.append(m), (gi[0] * 3,))[1])
+    torch.testing.assert_close(run(model), 3 * want, rtol=1e-6, atol=1e-12)    # invact's g: float32-grade table
+    assert len(calls) == 1
+    handle.remove()
+    torch.testing.assert_close(run(model), want, rtol=1e-6, atol=1e-12)
+    act.register_full_backward_hook(lambda m, gi, go: (gi[0] * 3,))
+    invact.unpatch(model)
+    assert model[1] is act and "register_full_backward_hook" not in act.__dict__
+    torch.testing.assert_close(run(model), 3 * want, rtol=1e-14, atol=1e-15)   # float64 rounding of the product
+
+
 def test_state_dict_hooks_move_to_the_replacement_and_back():
     """Registered on the original: they run on the replacement; registered while patched: they run on the
     original after unpatch (the replacement gone); their handles remove them."""
