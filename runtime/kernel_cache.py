@@ -9,20 +9,21 @@ by no one else, and the file's sha256 matches.
 The cache is ``$INVACT_CACHE`` (a relative path made absolute against the working directory at its
 first use), else ``$XDG_CACHE_HOME/invact`` (an absolute ``XDG_CACHE_HOME`` only), else
 ``~/.cache/invact`` (``$HOME`` where it is an absolute path, else the passwd entry's home), created
-0700. Where it cannot serve:
+0700 (and any folder above it that it creates). Where it cannot serve:
 
 * no home directory, or a cache that cannot be created, is not a directory, is a symbolic link, is
   owned by someone else or is writable by group or others: one warning naming it and why, and the
   kernels are cached in this user's private fallback, :func:`private_cache_dir`, verified the same way;
-* a read-only cache: its verified entries are loaded; a kernel it lacks is built into the fallback
-  (one warning);
+* a read-only cache, or one where a build cannot be written (a full disk, a quota, a path too long):
+  its verified entries are loaded; a kernel it lacks is built into the fallback (one warning);
 * a fallback that cannot serve either: one warning, and each kernel is built in a private temporary
   directory (removed once loaded) in every process;
 * a ``.so`` whose hash does not match (changed after it was written) or that does not load: rebuilt
   under a fresh name and the manifest replaced, so the next process loads the new one.
 A file with a predictable name planted in the cache is never loaded: only the manifest names files.
 Builds into the cache hold an exclusive lock on its directory, so threads and processes that start at
-once build each kernel once and load that build; recording a build removes the key's other builds.
+once build each kernel once and load that build; recording a build removes the key's other builds
+(without a lock, as on some NFS mounts, only those older than an hour: others may be in progress).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,9 +128,16 @@ def _cached(directory: Path, key: str) -> tuple[Path | None, str | None]:
                                 "its sha256 differs from the one recorded when it was built")
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:       # its path is too long: no entry, none can be written
+            return None, None
+        return None, f"{manifest}: unreadable ({error})"
+    except (ValueError, KeyError, TypeError) as error:
         return None, f"{manifest}: unreadable ({error})"
     return (None, f"{so}: {reason}") if reason else (so, None)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG)  # a directory that cannot take a build
 
 
 def _compile(command: list[str], directory: Path, key: str) -> Path:
@@ -137,6 +147,9 @@ def _compile(command: list[str], directory: Path, key: str) -> Path:
     try:
         done = subprocess.run([*command, "-o", out], capture_output=True, text=True)
         if done.returncode:
+            for code in _FULL:           # the output could not be written there: an OSError of ``out``
+                if os.strerror(code) in done.stderr:
+                    raise OSError(code, os.strerror(code), out)
             raise RuntimeError(f"{Path(command[0]).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
         os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~0o022)
     except BaseException:
@@ -178,10 +191,11 @@ def _private_dir() -> Iterator[Path]:
 
 def _prepared(directory: Path) -> str | None:
     """Why ``directory`` cannot hold the cache (:func:`unsafe`, or it cannot be created), else None;
-    created 0700 where missing."""
+    created 0700 where missing, as are the missing folders above it (whatever the umask)."""
     try:
-        if not os.path.lexists(directory):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in reversed((directory, *directory.parents)):
+            if not os.path.lexists(path):
+                path.mkdir(mode=0o700, exist_ok=True)
         return unsafe(directory, directory=True)
     except OSError as error:
         return f"it cannot be created ({error.strerror or error})"
@@ -198,52 +212,63 @@ def warn_once(message: str, key: str | None = None, stacklevel: int = 1) -> None
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-_held: set[int] = set()  # descriptors of the locks this process holds now
+_held: set[int] = set()  # descriptors of the locks this process holds or waits for now
+_held_guard = threading.Lock()  # held while a descriptor opens or closes, and across a fork
 
 
 def _close_held() -> None:
-    """In a forked child: close the copies of the lock descriptors (a flock lasts while any descriptor of
-    its open file is open, so a child that kept them would hold the lock for the life of the child)."""
+    """In a forked child: close the copies of the lock descriptors, taken or awaited (a flock lasts while
+    any descriptor of its open file is open, so a child that kept them would hold the lock for the life
+    of the child: a thread blocked in flock when the fork came takes it later on that open file)."""
     for fd in list(_held):
         with contextlib.suppress(OSError):
             os.close(fd)
     _held.clear()
+    _held_guard.release()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held)
+if hasattr(os, "register_at_fork"):   # no fork between a descriptor's open (or close) and its record
+    os.register_at_fork(before=_held_guard.acquire, after_in_parent=_held_guard.release,
+                        after_in_child=_close_held)
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def _locked(directory: Path) -> Iterator[bool]:
     """An exclusive flock on the cache directory itself (no file is created), so that threads and
     processes starting at once (ranks on one node, a fresh container) build each kernel once and load
-    that build; unlocked where flock is unavailable."""
+    that build; unlocked where flock is unavailable. Yields whether it locked."""
     try:
         import fcntl
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        with _held_guard:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+            _held.add(fd)
     except (ImportError, OSError):
-        yield
+        yield False
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor (and by the kernel if we die)
         except OSError:                     # a file system without locks (ENOLCK on some NFS): unlocked
-            pass
+            locked = False
         else:
-            _held.add(fd)
-        yield
+            locked = True
+        yield locked
     finally:
-        _held.discard(fd)
-        os.close(fd)
+        with _held_guard:
+            os.close(fd)
+            _held.discard(fd)
 
 
-def _remove_stale(directory: Path, key: str, kept: Path) -> None:
+_STALE_S = 3600  # without the lock, another process's build in progress is younger than this
+
+
+def _remove_stale(directory: Path, key: str, kept: Path, locked: bool) -> None:
     """Remove this key's other builds (an interrupted build's, a replaced one's): files of our naming
-    that are ours; one mapped by a running process stays mapped."""
+    that are ours, and without the lock only those older than :data:`_STALE_S` (another process may be
+    building the others); one mapped by a running process stays mapped."""
     for path in directory.glob(f"{key}-*.so"):
-        if path != kept and unsafe(path) is None:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if path != kept and unsafe(path) is None and (locked or time.time() - path.stat().st_mtime > _STALE_S):
                 path.unlink()
 
 
@@ -284,7 +309,7 @@ def _no_home() -> str:
             "has no passwd entry)")
 
 
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, *_FULL)
 
 
 def _from_cache(command: list[str], directory: Path, key: str,
@@ -301,17 +326,18 @@ def _from_cache(command: list[str], directory: Path, key: str,
     if not os.access(directory, os.W_OK | os.X_OK):
         return None, "it is read-only"
     try:
-        with _locked(directory):                    # checked again: another may have built it
-            return _load_or_build(command, directory, key, check), ""
-    except OSError as error:             # writing there refused (not the compiler's own error)
+        with _locked(directory) as locked:          # checked again: another may have built it
+            return _load_or_build(command, directory, key, check, locked), ""
+    except OSError as error:             # writing there refused or failed (not the compiler's own error)
         if error.errno not in _UNWRITABLE or not str(error.filename).startswith(str(directory)):
             raise
         return None, f"it cannot be written ({error.strerror})"
 
 
-def _load_or_build(command: list[str], directory: Path, key: str,
-                   check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
-    """:func:`load` in the cache ``directory``: its verified entry, else a build recorded there."""
+def _load_or_build(command: list[str], directory: Path, key: str, check: Callable[[ctypes.CDLL], None],
+                   locked: bool) -> ctypes.CDLL:
+    """:func:`load` in the cache ``directory``: its verified entry, else a build recorded there
+    (:func:`_locked` held, ``locked`` where it locked)."""
     so, refused = _cached(directory, key)
     if so is not None:
         try:
@@ -321,10 +347,26 @@ def _load_or_build(command: list[str], directory: Path, key: str,
     if refused:
         warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
                       RuntimeWarning, stacklevel=6)
-    fresh = _compile(command, directory, key)
-    _record(directory, key, fresh)
-    _remove_stale(directory, key, fresh)             # the bad one too (still mapped where loaded)
+    fresh = _recorded(command, directory, key)
+    _remove_stale(directory, key, fresh, locked)     # the bad one too (still mapped where loaded)
     return _open(fresh, check)
+
+
+def _recorded(command: list[str], directory: Path, key: str, retry: bool = True) -> Path:
+    """A fresh build in ``directory``, recorded under ``key`` (removed where recording fails); built
+    again once where it vanished meanwhile (a process that could not lock removed it)."""
+    fresh = None
+    try:
+        fresh = _compile(command, directory, key)
+        _record(directory, key, fresh)
+    except BaseException as error:
+        if fresh is not None:
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+        if retry and isinstance(error, FileNotFoundError) and str(error.filename).startswith(str(directory)):
+            return _recorded(command, directory, key, retry=False)
+        raise
+    return fresh
 
 
 _libgomp_seen = False

@@ -544,8 +544,6 @@ static inline __attribute__((always_inline)) void forward_job(const code_job *jb
     }
 }
 
-static __thread uint32_t *forward_words;  /* each thread's step buffer, kept (cpu_kernels.c's) */
-
 #define KIND_DTYPE(kind, dtype) forward_job(jb, kind, dtype, k, words, step_bytes)
 static void forward_kinds(const code_job *jb, const bit_code *k, uint32_t *words, int64_t step_bytes) {
     if (jb->kind == FWD_SILU) jb->dtype == F32 ? KIND_DTYPE(FWD_SILU, F32) : KIND_DTYPE(FWD_SILU, BF16);
@@ -564,7 +562,7 @@ static void *run_forward_job(void *arg) {
     const code_job *jb = arg;
     bit_code k;
     bit_code_of(jb->bits, jb->n_thr, jb->thr, jb->strict, jb->codes, jb->nan_code, &k);  /* invact_forward_code checked it */
-    if (!forward_words) forward_words = malloc(8 * STEP_BYTES / 32 * sizeof(uint32_t));
+    uint32_t *forward_words = thread_buffer(8 * STEP_BYTES / 32 * sizeof(uint32_t));  /* kept (cpu_kernels.c's) */
     if (forward_words) {
         forward_kinds(jb, &k, forward_words, STEP_BYTES);
         return 0;

@@ -623,12 +623,9 @@ static inline __attribute__((always_inline)) void forward_chunks(const code_job 
     }
 }
 
-/* the thread's step buffer: allocated at its first forward and kept (a fresh one per call faulted its
- * pages in every time, ~0.1 ms at 2^22) */
-static __thread uint8_t *forward_buffer;
-
+/* the thread's step buffer: kept from its first forward until the thread exits (invact_threads.h) */
 static inline __attribute__((always_inline)) void forward_job(const code_job *jb, int kind, int dtype) {
-    if (!forward_buffer) forward_buffer = malloc(FORWARD_CHUNK);
+    uint8_t *forward_buffer = thread_buffer(FORWARD_CHUNK);
     if (forward_buffer) {
         forward_chunks(jb, kind, dtype, forward_buffer, FORWARD_CHUNK);
         return;
