@@ -137,12 +137,17 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.strides = output[0].stride()
 
 
-def _saved(ctx) -> tuple[Tensor, Tensor]:
-    """(y, code) as the forward packed them: y in its forward layout whatever a saved-tensor hook returned
-    (:func:`invact.layout.as_packed`), and where the backward builds a graph (create_graph=True), y through
-    :class:`_Refused`, so that only differentiating through y (a second derivative of f) is refused."""
+def _packed(ctx) -> tuple[Tensor, Tensor]:
+    """(y, code) as the forward packed them: y in its forward layout (``ctx.strides``) whatever a saved-tensor
+    hook returned (:func:`invact.layout.as_packed`)."""
     y, code = ctx.saved_tensors
-    y = layout.as_packed(y, ctx.strides)
+    return layout.as_packed(y, ctx.strides), code
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor]:
+    """:func:`_packed`; where the backward builds a graph (create_graph=True), y through :class:`_Refused`,
+    so that only differentiating through y (a second derivative of f) is refused."""
+    y, code = _packed(ctx)
     return (_Refused.apply(y) if torch.is_grad_enabled() and y.requires_grad else y), code
 
 
@@ -187,11 +192,12 @@ def _backward_setup(ctx, inputs, output) -> None:
     ctx.invact = (name, params, backend)
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(y, code)
+        ctx.strides = y.stride()
 
 
 def _grad_of_backward(ctx, gg):
     """d(grad * g(y, code)) / d grad = g(y, code); y's gradient reaches :class:`_Refused`, which refuses it."""
-    y, code = ctx.saved_tensors if ctx.needs_input_grad[0] else (None, None)
+    y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
     return (torch.ops.invact.backward(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
             torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
@@ -217,11 +223,12 @@ class _Derivative(torch.autograd.Function):
         ctx.invact = tuple(inputs[3:])
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*inputs[1:3])
+            ctx.strides = inputs[1].stride()
 
     @staticmethod
     def backward(ctx, gg):
         """grad's part only (first order, as :func:`_grad_of_backward`); y's goes to :class:`_Refused`."""
-        y, code = ctx.saved_tensors if ctx.needs_input_grad[0] else (None, None)
+        y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
         return (_Derivative.apply(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
                 torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
