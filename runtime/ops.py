@@ -188,18 +188,24 @@ class _Refused(torch.autograd.Function):
 
 
 def _backward_setup(ctx, inputs, output) -> None:
-    _, y, code, name, params, backend = inputs
-    ctx.invact = (name, params, backend)
+    """Setup of a differentiated backward, grad * g(y, code) (the op's inputs): y and the code where grad
+    needs a gradient, with y's strides (:func:`_packed`)."""
+    ctx.invact = tuple(inputs[3:])
     if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(y, code)
-        ctx.strides = y.stride()
+        ctx.save_for_backward(*inputs[1:3])
+        ctx.strides = inputs[1].stride()
+
+
+def _by_grad(ctx, gg: Tensor, backward: Callable) -> tuple:
+    """Gradients of grad * g(y, code): d / d grad = g(y, code), so ``backward(gg, y, code, ...)``; y's part
+    reaches :class:`_Refused`, which refuses it."""
+    y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
+    return (backward(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
+            torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def _grad_of_backward(ctx, gg):
-    """d(grad * g(y, code)) / d grad = g(y, code); y's gradient reaches :class:`_Refused`, which refuses it."""
-    y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
-    return (torch.ops.invact.backward(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
-            torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
+    return _by_grad(ctx, gg, torch.ops.invact.backward)
 
 
 _forward.register_autograd(_grad, setup_context=_setup_context)
@@ -218,19 +224,11 @@ class _Derivative(torch.autograd.Function):
     def forward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float], backend: str) -> Tensor:
         return torch.ops.invact.backward(grad, y, code, name, params, backend)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.invact = tuple(inputs[3:])
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(*inputs[1:3])
-            ctx.strides = inputs[1].stride()
+    setup_context = staticmethod(_backward_setup)
 
     @staticmethod
     def backward(ctx, gg):
-        """grad's part only (first order, as :func:`_grad_of_backward`); y's goes to :class:`_Refused`."""
-        y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
-        return (_Derivative.apply(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
-                torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
+        return _by_grad(ctx, gg, _Derivative.apply)
 
     @staticmethod
     def jvp(ctx, *tangents):
