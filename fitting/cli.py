@@ -211,17 +211,16 @@ def _existing(path: Path) -> dict | None:
         return None
 
 
-def _check_builtin_params(spec: ActivationSpec, path: Path) -> None:
+def _check_builtin_params(spec: ActivationSpec, table: dict | None) -> None:
     """A built-in's table keeps PyTorch's defaults (the runtime and `invact.patch` read them from it):
-    other parameters are refused, naming the run-time argument (a table exact in them serves every
-    value) and the fit under a new name."""
+    other parameters are refused, naming the run-time argument (where ``table``, its table on disk, is exact
+    in them and serves every value) and the fit under a new name."""
     from .formulas import BUILTINS
     defaults = BUILTINS[spec.name].params if spec.name in BUILTINS else spec.params
     changed = {k: v for k, v in spec.params.items() if defaults.get(k) != v}
     if not changed:
         return
     given = " ".join(f"--param {k}={v:g}" for k, v in changed.items())
-    table = _existing(path)
     at_run_time = "" if not (table and table["param_generic"]) else (
         f"its table serves every value of {', '.join(table['params'])}, so pass them at run time, no fit "
         f"needed (invact.activation({spec.name!r}, {', '.join(f'{k}={v!r}' for k, v in changed.items())})); or ")
@@ -230,9 +229,8 @@ def _check_builtin_params(spec: ActivationSpec, path: Path) -> None:
                     f"`invact fit {spec.name} {given} --name NEW`")
 
 
-def _check_same_formula(spec: ActivationSpec, path: Path) -> None:
-    """A fit must not silently replace a table of another formula under its name (--replace does)."""
-    table = _existing(path)
+def _check_same_formula(spec: ActivationSpec, path: Path, table: dict | None) -> None:
+    """A fit must not silently replace ``table`` (at ``path``), of another formula, under its name (--replace does)."""
     if table is not None and table["formula"] != spec.formula():
         raise SpecError(f"table {spec.name!r} ({path}) holds another formula, {table['formula']!r}; choose "
                         f"another --name, or add --replace to replace it with {spec.formula()!r}")
@@ -258,9 +256,10 @@ def cmd_fit(args) -> int:
         raise SpecError(f"--name {name!r} is a built-in activation; choose another name for this formula")
     spec = dataclasses.replace(spec, name=name)
     path = tables.table_path(name, args.target, args.root)
-    _check_builtin_params(spec, path)
+    existing = _existing(path)
+    _check_builtin_params(spec, existing)
     if not args.replace:
-        _check_same_formula(spec, path)
+        _check_same_formula(spec, path, existing)
     generate = args.target == "derivative" and not args.generate_off
     _check_writable(path, args.root, generate)
     if generate:
