@@ -256,6 +256,10 @@ def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, a, None) for a in _HOOK_DICTS)
 
 
+# Module.__call__ runs a backward hook by the module's _is_full_backward_hook flag, which these set
+_BACKWARD_REGISTRATION = ("register_full_backward_hook", "register_backward_hook")
+
+
 def _share_hooks(old: nn.Module, new: nn.Module) -> None:
     """Make ``new`` use ``old``'s hook dictionaries (the same objects), and its full-backward-hook flag."""
     for name in _HOOK_DICTS:   # a module unpickled from an older torch may lack some: torch's setstate adds them
@@ -265,10 +269,6 @@ def _share_hooks(old: nn.Module, new: nn.Module) -> None:
     _rebind_hooks(new, old, new)
     for method in _BACKWARD_REGISTRATION:   # the flag is no shared object: the original registers through new
         old.__dict__[method] = getattr(new, method)
-
-
-# Module.__call__ runs a backward hook by the module's _is_full_backward_hook flag, which these set
-_BACKWARD_REGISTRATION = ("register_full_backward_hook", "register_backward_hook")
 
 
 def _rebind_hooks(module: nn.Module, was: nn.Module, now: nn.Module) -> None:
