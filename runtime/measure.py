@@ -158,6 +158,7 @@ class _Call:
     x_key: tuple | None
     x_bytes: int
     y_key: tuple | None
+    hidden: bool = False     # its saves were not ours to see: grad off, or another saved-tensor hook (checkpoint)
 
 
 class _DropoutWatch(TorchFunctionMode):
@@ -189,6 +190,12 @@ class Trace:
     modified: set[int] = field(default_factory=set)   # swapped sites whose output was written in place later
     route_modified: bool = False                      # a routed call's output was written in place later
     error: str | None = None                          # the step raised (with swaps in place): its first line
+    packs: int = 0                                    # calls of the pack hook so far
+
+    def hidden(self, site: int) -> bool:
+        """Whether every call of ``site`` ran where this trace sees no saves: with grad off (a reentrant
+        checkpoint's forward, no_grad) or under another saved-tensor hook (a non-reentrant checkpoint)."""
+        return bool(self.calls[site]) and all(c.hidden for c in self.calls[site])
 
     @property
     def total(self) -> int:
@@ -204,6 +211,7 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
     """One forward of the example with ``active``'s swaps in place. A step that raises with swaps (or the
     route) in place is recorded in ``trace.error``, not raised; with none, it raises."""
     trace, stack = Trace(), []
+    starts: list[tuple[int, bool]] = []          # per site call being run: (packs before it, grad enabled)
     site_of = _site_map(sites, active)
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     outputs: dict[int, list[tuple[torch.Tensor, int]]] = defaultdict(list)   # swapped site -> (y, its version)
@@ -214,6 +222,7 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
             outputs[swapped[id(m)]].append((out, out._version))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        trace.packs += 1
         key = _key(t)
         if key is not None and key[3] and key not in params and not isinstance(t, nn.Parameter):
             owner, name = stack[-1] if stack else (_OTHER, "<outside>")
@@ -223,6 +232,8 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
         return t
 
     def pre(m: nn.Module, args: Any) -> None:
+        if id(m) in site_of:
+            starts.append((trace.packs, torch.is_grad_enabled()))
         owner = site_of.get(id(m))
         if owner is None:                       # a module inside a site belongs to it
             owner = stack[-1][0] if stack and stack[-1][0] != _OTHER else _OTHER
@@ -231,12 +242,15 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
     def post(m: nn.Module, args: Any, kwargs: dict, out: Any) -> None:
         stack.pop()
         site = site_of.get(id(m))
-        if site is not None:                    # a call with a tensor input and output (else x, y unknown)
+        if site is not None:
             x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             y = out if isinstance(out, torch.Tensor) else None
-            trace.calls[site].append(_Call(None if x is None else _key(x),
+            packs, grad = starts.pop()
+            needs = (x is not None and x.requires_grad) or any(p.requires_grad for p in m.parameters())
+            trace.calls[site].append(_Call(None if x is None else _key(x),   # x, y unknown without tensors
                                            0 if x is None else x.numel() * x.element_size(),
-                                           None if y is None else _key(y)))
+                                           None if y is None else _key(y),
+                                           not grad or (needs and trace.packs == packs)))
             trace.keep.extend((x, y))
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(
@@ -416,6 +430,10 @@ def _why(key: int, base: Trace, pat: Trace) -> str:
     return "; ".join(reasons + [f"measured: frees {_fmt(freed)}, adds {_fmt(added)}"])
 
 
+_HIDDEN = ("not measured: the example runs it where a forward shows no saves (inside activation checkpointing, or "
+           "no_grad); kept, as without example=: a checkpoint's recomputation in backward saves y instead of x")
+
+
 def _parents(model: nn.Module, site: _Site) -> list[nn.Module]:
     return [model.get_submodule(path.rpartition(".")[0]) for path in site.paths]
 
@@ -548,12 +566,13 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         _place(model, sites, set())
         base = _run(model, example, sites, set(), params)
         reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
+        hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
         active, final = set(sites) - set(reasons), base
         while active:
             _place(model, sites, active)
             final = _run(model, example, sites, active, params)
             refused = _refused(final, active)
-            bad = set(refused) or {k for k in active if base.only(k) - final.only(k) <= 0}
+            bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0}
             reasons.update(refused or {k: _why(k, base, final) for k in bad})
             active -= bad
             if not bad:
@@ -601,12 +620,12 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         for m, flag in flags.values():
             m.train(flag)
         state.restore()
-    _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
+    _report(report, sites, active, reasons, base, final, left_cls, routed, unit, hidden)
     return bool(routed and routed[0])
 
 
 def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dict[int, str], base: Trace,
-            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None) -> None:
+            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None, hidden: set[int]) -> None:
     by_path = {p: k for k, s in sites.items() for p in s.paths}
     kept, first = [], set()
     fused, note, gain = unit or (set(), "", 0)
@@ -615,6 +634,8 @@ def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dic
         if key in fused:                      # the unit's bytes on its first entry
             kept.append(replace(r, freed=0 if first & fused else gain, note="; ".join(x for x in (note, r.note) if x)))
             first.add(key)
+        elif key in active and key in hidden:
+            kept.append(replace(r, freed=0, note="; ".join(x for x in (_HIDDEN, r.note) if x)))
         elif key in active:
             kept.append(replace(r, freed=(base.only(key) - final.only(key)) if key not in first else 0))
             first.add(key)

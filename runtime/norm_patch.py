@@ -28,12 +28,14 @@ also checks it: a norm whose autocast output changes the model's output under au
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
 
 from .norms import LayerNorm, RMSNorm, _Saving
+from . import recognise
 from .recognise import probe_copy
 
 __all__ = ["is_candidate", "replacement", "feeds_linears", "PRE_NORM"]
@@ -89,29 +91,43 @@ def _share(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | None:
+def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:
+    """(3, 5, n) rows of random values at five scales each: 2 (the usual), 0.01, and 0.3, 1 and 3 times
+    sqrt(eps), where eps is a third or more of the variance, so a form that adds eps elsewhere (outside the
+    square root, a clamp) or another eps shows; each row's mean is 0.15 of its scale."""
+    root = max(math.sqrt(eps), 1e-6)
+    scales = torch.tensor([2.0, 0.01, 0.3 * root, root, 3 * root], dtype=torch.float64).repeat(3).reshape(3, 5, 1)
+    return ((torch.randn(3, 5, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
+
+
+def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | str:
     """Largest difference in ulps of the output dtype between ``module`` and form ``kind`` on random input
-    and weights: all float32, all bfloat16, float32 weights with bfloat16 input (None: a different dtype
-    or shape, or the forward failed). It runs a copy (:func:`invact.recognise.probe_copy`: without hooks,
-    on the CPU where the module is on the meta device) and sets the copy's weights."""
+    (:func:`_probe_input`) and weights: all float32, all bfloat16, float32 weights with bfloat16 input, all
+    float64; or why they cannot be compared (a different dtype or shape, or the forward raised). It runs a
+    copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on the meta
+    device) and sets the copy's weights."""
     n = module.weight.numel()
     worst = 0.0
     g = torch.Generator().manual_seed(0)
     for dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                           (torch.float32, torch.bfloat16)):       # float32 weights, bf16 x: Llama vs T5
-        try:   # on the CPU, also within a default-device context (torch.device("meta") around patch)
-            with torch.device("cpu"), torch.no_grad():
+                           (torch.float32, torch.bfloat16), (torch.float64, torch.float64)):  # mixed: Llama vs T5
+        with torch.device("cpu"), torch.no_grad():   # on the CPU, also within torch.device("meta") around patch
+            try:
                 probe = probe_copy(module).to(device="cpu", dtype=dtype)
                 probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
                 if bias:
                     probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                ours = _share(_build(kind, n, eps, bias, "eager", False), probe)
-                x = (torch.randn(3, 5, n, generator=g) * 2 + 0.3).to(x_dtype)
-                want, got = probe(x), ours(x)
-        except Exception:  # noqa: BLE001 - a form that cannot run this input (or a copy that cannot) does not match
-            return None
+                x = _probe_input(n, eps, g).to(x_dtype)
+                want = probe(x)
+            except Exception as exc:  # noqa: BLE001 - a module that cannot take the probe is not matched
+                return f"its forward raised {type(exc).__name__} on a {x_dtype} input of shape (3, 5, {n})"
+            try:
+                got = _share(_build(kind, n, eps, bias, "eager", False), probe)(x)
+            except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
+                return "fails"
         if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
-            return None
+            return (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
+                    f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
         fi = torch.finfo(want.dtype)
         ulps = (want.double() - got.double()).abs() / (fi.eps * want.double().abs() + fi.tiny)
         worst = max(worst, ulps.max().item())
@@ -131,6 +147,9 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
                          backend=backend, autocast_output=cast) if cls is nn.LayerNorm else
                RMSNorm(module.normalized_shape, module.eps, True, device="meta", backend=backend, autocast_output=cast))
         return _share(new, module), _note(new, cast_note)
+    extra = recognise.extra_arguments(module)
+    if extra is not None:
+        return None, f"its forward takes more than the input ({extra}); invact's norms take one tensor"
     params = dict(module.named_parameters(recurse=False))
     weight, bias = params.get("weight"), params.get("bias")
     if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"} or list(module.buffers()) \
@@ -143,16 +162,19 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     if key not in cache:
         kinds = ["layer"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer"]
         tried = {k: _probe(module, k, eps, bias is not None) for k in kinds}
-        matches = [k for k, d in tried.items() if d is not None and d <= 2.0]
+        matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]
         cache[key] = (min(matches, key=lambda k: tried[k]), tried) if matches else (None, tried)
     kind, tried = cache[key]
     if kind is None:
-        diffs = ", ".join(f"{k}: {'differs in dtype or fails' if d is None else f'{d:.3g} ulps'}"
-                          for k, d in tried.items())
+        failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith("its forward raised")), None)
+        if failed is not None:
+            return None, f"probe: {failed}"
+        diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
         return None, f"probe: no invact norm computes the same output ({diffs})"
     new = _share(_build(kind, weight.numel(), eps, bias is not None, backend, cast), module)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
-    return new, _note(new, f"probe: same output as form {kind!r} {probe} (float32, bfloat16, mixed)", cast_note)
+    return new, _note(new, f"probe: same output as form {kind!r} {probe} (float32, bfloat16, mixed, float64; rows "
+                           "of variance 4 down to eps/10)", cast_note)
 
 
 def _plain(module: nn.Module, backend: str | None, cast: bool) -> tuple[nn.Module, str]:

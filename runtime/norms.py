@@ -525,6 +525,10 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     offset = 1.0 if style == "gemma" else 0.0
     n = math.prod(shape)
     eps = real(eps, "eps")
+    if x.dtype == torch.float64 and style != "torch":   # Hugging Face's forms compute float64 x in float32
+        if style == "t5":
+            return _t5_float64(x, shape, weight, eps)
+        norm_dtype, x = (torch.float64 if style == "llama" else None), x.float()   # llama: weight * x_hat.to(x.dtype)
     if n == 0:  # nothing to normalise nor save: torch's own norm (empty y; the gradients are empty tensors)
         fn = torch.nn.functional
         return (fn.rms_norm(x, shape, weight, eps) if rms else fn.layer_norm(x, shape, weight, bias, eps)).to(out_dtype)
@@ -538,6 +542,16 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
         return torch.ops.invact.norm_forward(*args)[0]
+
+
+def _t5_float64(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
+    """T5LayerNorm of float64 x, in torch ops (autograd saves x): its variance is of x in float32 but x_hat
+    is float64 x times that float32 rstd, which no form of the custom op computes."""
+    dims = tuple(range(-len(shape), 0))
+    xhat = x * torch.rsqrt(x.float().pow(2).mean(dims, keepdim=True) + eps)
+    if weight is None:
+        return xhat
+    return weight * (xhat.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else xhat)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -418,6 +418,11 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         rule = _rule_for(cls)
         if rule is None and recognise.is_candidate(child):
             table, like = recognise.probe(child)
+            extra = recognise.extra_arguments(child)
+            if table is not None and extra is not None:
+                report.left.append(Left(path, _qualname(cls), f"computes {table} on the probe, but its forward "
+                                        f"takes more than the input ({extra}); invact's activations take one tensor"))
+                continue
             if table is not None:
                 rule = _Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and example is None,
                              note=f"recognised by a probe: computes {table} (within 2^-26 relative, float64)")

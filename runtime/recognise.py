@@ -26,6 +26,7 @@ activation and is not reported.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Callable
 
@@ -35,7 +36,7 @@ from torch import nn
 from . import registry
 from .common.catalog import CATALOG
 
-__all__ = ["references", "probe", "is_candidate", "probe_copy"]
+__all__ = ["references", "probe", "is_candidate", "probe_copy", "extra_arguments"]
 
 
 def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -55,6 +56,19 @@ def is_candidate(module: nn.Module) -> bool:
     return (not type(module).__module__.startswith("torch.")
             and next(module.parameters(recurse=False), None) is None
             and next(module.buffers(recurse=False), None) is None and not module._modules)
+
+
+def extra_arguments(module: nn.Module) -> str | None:
+    """What ``module``'s forward takes besides one input tensor (``"gate=None"``, ``"*args"``), or None: a
+    replacement takes only the input, so a model that passes more (Mamba2's gated RMSNorm: ``norm(h, gate)``)
+    would fail, or lose what it passed, after the swap."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]   # after self
+    except (TypeError, ValueError):            # no signature to read: nothing known beyond the input
+        return None
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        params = params[1:]                    # the input
+    return ", ".join(str(p) for p in params) or None
 
 
 def _probe_input() -> torch.Tensor:
