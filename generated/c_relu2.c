@@ -31,7 +31,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s = ((int32_t)((y > thr[0])));
     float g = (0.0f + (float)(0.0));
-    g = ((s == 1) ? ((float)(2.0) * invact_sqrt_rn(y)) : g);
+    g = ((s == 1) ? invact_clamp_min(((float)(2.0) * invact_sqrt_rn(y)), (float)(0.0)) : g);
     g = ((y != y) ? y : g);
     return g;
 }

@@ -32,7 +32,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     const double param_alpha = param[1];
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s = ((int32_t)((y > thr[0])));
-    float g = ((float)((param_alpha * param_scale)) + y);
+    float g = invact_clamp_min(((float)((param_alpha * param_scale)) + y), (float)(0.0));
     g = ((s == 1) ? (float)(param_scale) : g);
     g = ((y != y) ? y : g);
     return g;

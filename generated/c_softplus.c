@@ -34,7 +34,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     const double param_threshold = param[1];
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s = ((int32_t)((y > thr[0])));
-    float g = ((float)(1.0) - expf(((float)((-param_beta)) * y)));
+    float g = invact_clamp_min(((float)(1.0) - expf(((float)((-param_beta)) * y))), (float)(0.0));
     g = ((s == 1) ? (float)(1.0) : g);
     g = ((y != y) ? y : g);
     return g;

@@ -29,6 +29,6 @@
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly, const double *restrict param, const float *restrict qb) {
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
-    float g = ((float)(1.0) - (y * y));
+    float g = invact_clamp_min(((float)(1.0) - (y * y)), (float)(0.0));
     return g;
 }

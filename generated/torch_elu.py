@@ -89,7 +89,7 @@ def g_kernel(y, code, thr, poly, *, param_alpha=1.0):
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     s = (y > thr[0]).to(torch.int32)
-    g = param_alpha + y
+    g = torch.clamp(param_alpha + y, min=0.0)
     g = fastmath.where(s == 1, 1.0, g)
     g = torch.where(y != y, y, g)
     return g

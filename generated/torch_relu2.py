@@ -90,7 +90,7 @@ def g_kernel(y, code, thr, poly):
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     s = (y > thr[0]).to(torch.int32)
     g = torch.zeros_like(y) + 0.0
-    g = fastmath.where(s == 1, 2.0*fastmath.sqrt(y), g)
+    g = fastmath.where(s == 1, torch.clamp(2.0*fastmath.sqrt(y), min=0.0), g)
     g = torch.where(y != y, y, g)
     return g
 

@@ -93,7 +93,7 @@ def g_kernel(y, code, thr, poly, *, param_scale=1.0507009873554805, param_alpha=
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
     s = (y > thr[0]).to(torch.int32)
-    g = param_alpha*param_scale + y
+    g = torch.clamp(param_alpha*param_scale + y, min=0.0)
     g = fastmath.where(s == 1, param_scale, g)
     g = torch.where(y != y, y, g)
     return g

@@ -87,7 +87,7 @@ def g_kernel(y, code, thr, poly):
     segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    g = y*(1.0 - y)
+    g = torch.clamp(y*(1.0 - y), min=0.0)
     return g
 
 

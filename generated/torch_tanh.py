@@ -87,7 +87,7 @@ def g_kernel(y, code, thr, poly):
     segments).
     """
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    g = 1.0 - (y * y)
+    g = torch.clamp(1.0 - (y * y), min=0.0)
     return g
 
 

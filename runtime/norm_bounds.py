@@ -51,7 +51,8 @@ def _reference(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, rms: bool, ep
     fn = torch.nn.functional
     with torch.enable_grad():                            # also inside backward hooks
         args = [t.detach().double().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
-        y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], args[2], eps)
+        bias = args[2] if b is not None else None
+        y = fn.rms_norm(args[0], (n,), args[1], eps) if rms else fn.layer_norm(args[0], (n,), args[1], bias, eps)
         return torch.autograd.grad(y, args, dy.double())
 
 
@@ -76,8 +77,11 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     (8 + 2 log2 N) u for pairwise sums, or float32 blocks of at most 8 terms summed in double as
     invact.norm_cpu does; the mean's cancellation scales with mean|x| rstd).
     dx = rstd (dy gamma - mean(dy gamma) - x_hat c), c = mean(dy gamma x_hat):
-        |err dx| <= rstd (|c| e + |x_hat| mean(|dy gamma| e) + gamma_N (|dy gamma| + mean|dy gamma| + |x_hat c|))
-                    + gamma_N |dx| (rstd's own float32 error) + u_x |dx| (the final rounding);
+        |err dx| <= rstd (|c| e + (|x_hat| + e) mean(|dy gamma| e) + gamma_N (|dy gamma| + mean|dy gamma| + |x_hat c|))
+                    + gamma_N (1 + rstd mean|x|) |dx| (rstd's own float32 error: the variance of a row whose
+                    mean is far from 0 cancels, as x_hat's does) + u_x |dx| (the final rounding);
+    (|x_hat| + e) keeps the product of the two errors, x_hat's and c's, which matters where x_hat is ~0 (a
+    row that rounds to nearly constant) and e is not.
     dgamma_j = sum_i dy x_hat: sum_i |dy| e + gamma_R sum_i |dy x_hat| + u_w |dgamma|; dbeta: gamma_R sum|dy| + u_w |dbeta|.
     """
     gd = w.double() + offset
@@ -94,8 +98,9 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + f
     c = (dyd * gd * xhat).mean(-1, keepdim=True)
     dxh = (dyd * gd).abs()
-    tol_x = rstd * (c.abs() * e + xhat.abs() * (dxh * e).mean(-1, keepdim=True)
-                    + gn * (dxh + dxh.mean(-1, keepdim=True) + (xhat * c).abs())) + (gn + u_x) * gx.abs()
+    tol_x = rstd * (c.abs() * e + (xhat.abs() + e) * (dxh * e).mean(-1, keepdim=True)
+                    + gn * (dxh + dxh.mean(-1, keepdim=True) + (xhat * c).abs())) \
+        + (gn * (1 + rstd * mabs) + u_x) * gx.abs()
     tol_w = (dyd.abs() * e).sum(0) + gr * (dyd * xhat).abs().sum(0) + u_w * gw.abs()
     tol_b = gr * dyd.abs().sum(0) + u_w * gb[0].abs() if gb else None
     return (gx, gw, *gb), (tol_x, tol_w, tol_b)

@@ -133,7 +133,7 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
         breaks = tuple((num(b.value), b.side) for b in cc.y_breaks)
         classes.append(ClassPlan(cc.code, offset, len(cc.segments), breaks, break_offset))
         break_offset += len(breaks)
-        for _ in cc.segments:
+        for seg in cc.segments:
             form, args = next(items)
             index = len(rows)
             row = [0.0] * scheme.row_length(degree, den_degree)
@@ -146,7 +146,7 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
                 start = scheme.ROW_C1 + degree
                 row[start:start + len(den) - 1] = den[1:]
             elif form == "closed_form":
-                exact.append((index, parse(args[0], "y", names)))
+                exact.append((index, signed(parse(args[0], "y", names), table.branches[seg.branch].direction)))
             elif rows_in and num(args[0]).is_Number:
                 row[Plan.ROW_C0] = float(num(args[0]))  # g = (0 * u + 0) + c0: no select on s
             else:
@@ -163,6 +163,20 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
         codes=tuple(fc.codes), classes=tuple(classes), poly=tuple(rows), degree=degree,
         den_degree=den_degree,
         transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant), nan_values=nan_values)
+
+
+def signed(g: sp.Expr, direction: str) -> sp.Expr:
+    """A closed form g of a branch clamped to the branch's sign: f' >= 0 where f increases, <= 0 where it
+    decreases, which g(y) computed from a rounded y need not be (ELU's alpha + y is negative where bfloat16
+    rounds y = -alpha(1 - e^x) below -alpha, e.g. alpha = 1.1). sympy drops the clamp where it can prove it
+    idle (g = 1); a g without y (a parameter) is left to the parameter's domain."""
+    if not g.free_symbols & {sp.Symbol("y", real=True)}:
+        return g
+    if direction == "increasing":
+        return sp.Max(g, 0)
+    if direction == "decreasing":
+        return sp.Min(g, 0)
+    return g
 
 
 def code_of(codes: tuple[int, ...], x: float) -> int:

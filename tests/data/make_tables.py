@@ -33,9 +33,9 @@ def _branch(i, code, x_range, y_range, direction="increasing"):
             "route": "exact", "lower_end": "regular", "upper_end": "regular", "singularities": [], "tails": []}
 
 
-def _sqrt_poly(sign):
+def _sqrt_poly(sign, branch):
     # t = sqrt(y) in [0, 10], u = (t - 5) * 0.2, g = sign * 2 t = sign * (10 + 10 u)
-    return {"kind": "poly", "y_range": [0.0, 100.0], "branch": 0,
+    return {"kind": "poly", "y_range": [0.0, 100.0], "branch": branch,
             "transform": {"kind": "sqrt", "origin": [0.0, 0.0, 0.0], "sign": 1},
             "center": 5.0, "scale": 0.2, "coeffs": [10.0 * sign, 10.0 * sign], "c0_lo": 0.0, "error": 0.0}
 
@@ -46,10 +46,10 @@ def tables() -> list[dict]:
                  code_classes=[{"code": 0, "y_breaks": [], "segments": [
                      {"kind": "exact", "expr": "1 - y**2", "y_range": [-1.0, 1.0], "branch": 0}]}])
     square_classes = []
-    for code, sign in ((0, 1), (1, -1)):
+    for code, sign, branch in ((0, 1, 1), (1, -1, 0)):     # code 0: x >= 0, branch 1 (increasing)
         square_classes.append({"code": code, "y_breaks": [{"value": "100.0", "side": "left"}], "segments": [
-            _sqrt_poly(sign), {"kind": "exact", "expr": f"{2 * sign}*sqrt(y)", "y_range": [100.0, "inf"],
-                               "branch": code}]})
+            _sqrt_poly(sign, branch), {"kind": "exact", "expr": f"{2 * sign}*sqrt(y)", "y_range": [100.0, "inf"],
+                                       "branch": branch}]})
     square = _base("square", "x**2", n_branches=2, n_codes=2, code_bits=1,
                    forward_code={"x_breaks": [{"value": "0", "side": "right"}], "codes": [1, 0]},
                    branches=[_branch(0, 1, ["-inf", 0.0], [0.0, "inf"], "decreasing"),
@@ -60,7 +60,7 @@ def tables() -> list[dict]:
                 n_branches=2, branches=[_branch(0, 0, ["-inf", 0.0], ["-alpha", 0.0]),
                                         _branch(1, 0, [0.0, "inf"], [0.0, "inf"])],
                 code_classes=[{"code": 0, "y_breaks": [{"value": "0", "side": "left"}], "segments": [
-                    {"kind": "exact", "expr": "alpha + y", "y_range": ["-inf", 0.0], "branch": 0},
+                    {"kind": "exact", "expr": "alpha + y", "y_range": [-1.0, 0.0], "branch": 0},
                     {"kind": "constant", "value": "1", "y_range": [0.0, "inf"], "branch": 1}]}])
     fold = _base("fold", "Piecewise((exp(-x) - 1, x < 0), (x, True))", n_branches=2, n_codes=2, code_bits=1,
                  forward_code={"x_breaks": [{"value": "0", "side": "right"}], "codes": [1, 0]},
