@@ -7,14 +7,13 @@ constant). Branches whose y ranges only touch share a code; the code width is ce
 from __future__ import annotations
 
 import math
-import signal
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
 from scipy.optimize import brentq
 
+from .domain import singular_points, time_limit
 from .errors import SpecError
 from .formulas import X, ActivationSpec, check_constants
 
@@ -35,26 +34,6 @@ SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser ou
 FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
 FAR = 1e4            # "infinity" for numeric limits
 MAX_CRITICAL = 16
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Raise TimeoutError in the block after ``seconds`` (main thread only; no-op elsewhere)."""
-    try:
-        old = signal.signal(signal.SIGALRM, _raise_timeout)
-    except ValueError:  # not the main thread
-        yield
-        return
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _raise_timeout(signum, frame):
-    raise TimeoutError
 
 
 _SOFTPLUS, _ERFC, _SECH2 = sp.Function("softplus_"), sp.Function("erfc_"), sp.Function("sech2_")
@@ -276,12 +255,15 @@ def analyze(spec: ActivationSpec) -> Analysis:
     check_constants(spec.substituted(), f"{spec.name!r} with {spec.params}" if spec.params else repr(spec.name))
     pieces = _pieces(spec)
     _check_real(spec, pieces)
+    _check_singular(spec, pieces)
     branches: list[Branch] = []
     for p_index, piece in enumerate(pieces):
         for lo, hi, lo_c, hi_c, direction in _monotone_parts(piece):
             branches.append(_make_branch(len(branches), p_index, piece, lo, hi, lo_c, hi_c, direction))
     if not branches:
         raise SpecError(f"{spec.name!r} has no real domain")
+    for b in branches:
+        _check_monotone(spec, b)
     _check_continuous(spec, branches)
     for b in branches:
         _classify_ends(b, branches)
@@ -343,6 +325,11 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
         bad = ~np.isfinite(ys)
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
+            exact = _precise(p.expr, x_bad)
+            if exact is not None:
+                raise SpecError(f"{spec.name!r}: float64 cannot evaluate f at x = {x_bad:.6g} (it gives "
+                                f"{ys[np.argmax(bad)]}, from an overflow or a cancellation; f is {float(exact):.6g} "
+                                "there): write the formula in a form whose terms stay within float64's range")
             raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: "
                             f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}")
         dys = numeric(sp.diff(p.expr, X))(xs)
@@ -356,6 +343,18 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
                                 "form whose terms stay within float64's range")
             raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
                             "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
+
+
+def _check_singular(spec: ActivationSpec, pieces: list[Piece]) -> None:
+    """Refuse a point inside a piece where f is not defined or not continuous (a pole between the
+    sample points of :func:`_check_real`, which the scan of f' would not see): :mod:`.domain`."""
+    for p in pieces:
+        bad = singular_points(p.expr, p.lo, p.hi, p.lo_closed, p.hi_closed)
+        if bad:
+            where = "; ".join(f"{x}: {why}" for x, why in bad)
+            raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: f is not defined "
+                            f"(or not continuous) at {where}; a table needs f finite and continuous on the whole "
+                            "real line")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +539,33 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
                   (y_lo, y_hi), direction, y_closed=y_closed)
 
 
+MONOTONE_CHECKS = 20   # sampled violations of a branch's direction confirmed at 15 digits, worst first
+
+
+def _check_monotone(spec: ActivationSpec, b: Branch) -> None:
+    """Refuse a non-constant branch whose y range is empty or inverted, or whose y on the scan's grid
+    goes against its direction (confirmed to 15 digits by :func:`_precise`, so float64 noise is no
+    reason): a pole or a wiggle between the grid points the branch analysis did not see."""
+    if b.flat:
+        return
+    (lo, hi), (y_lo, y_hi) = b.x_range, b.y_range
+    where = f"{spec.name!r}: the {b.direction} stretch x in [{lo:g}, {hi:g}] found by the scan"
+    tail = "f may have a pole, or a narrow wiggle, between the scan's points, which the fitter does not support"
+    if not y_lo < y_hi:
+        raise SpecError(f"{where} has y range [{y_lo:.6g}, {y_hi:.6g}], which is not increasing; {tail}")
+    xs = _scan_grid(lo, hi)
+    ys = numeric(b.expr)(xs)
+    with np.errstate(all="ignore"):       # inf - inf far out: nan, no evidence either way
+        step = np.diff(ys) * (1.0 if b.direction == "increasing" else -1.0)
+        slack = 1e-9 * (np.abs(ys[:-1]) + np.abs(ys[1:]))
+        against = np.nonzero(step < -slack)[0]
+    for i in against[np.argsort(step[against] / np.maximum(slack[against], 1e-300))][:MONOTONE_CHECKS]:
+        v0, v1 = _precise(b.expr, xs[i]), _precise(b.expr, xs[i + 1])
+        if v0 is not None and v1 is not None and (v1 - v0) * (1 if b.direction == "increasing" else -1) < 0:
+            raise SpecError(f"{where} is not {b.direction}: f({xs[i]:.6g}) = {float(v0):.6g} and f({xs[i + 1]:.6g}) "
+                            f"= {float(v1):.6g}; {tail}")
+
+
 LIMIT_SECONDS = 5.0   # a guard for sympy's limit; numeric extrapolation decides when it gives up
 
 
@@ -551,11 +577,13 @@ def _value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> floa
     if not math.isinf(x):
         return float(f(np.array([x]))[0])
     xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
-    v = f(xs)
-    v = v[~np.isnan(v)]
+    raw = f(xs)
+    v = raw[~np.isnan(raw)]
     if v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2])):
         return float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
     if v.size >= 8 and (np.isinf(v[-1]) or (abs(v[-1]) > 1 and abs(v[-1]) >= 2 * abs(v[-8]))):
+        if np.isinf(v[-1]) and expr is not None:
+            _check_float64(expr, xs, raw, what)
         return math.copysign(math.inf, v[-1])
     numeric_limit = _extrapolate(f, x)
     symbolic = _sympy_limit(expr, x) if expr is not None else None
@@ -565,6 +593,21 @@ def _value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> floa
         return numeric_limit
     raise SpecError(f"{what} has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
                     "by |x| = 2^63)")
+
+
+def _check_float64(expr: sp.Expr, xs: np.ndarray, values: np.ndarray, what: str) -> None:
+    """Refuse where float64 gives inf or nan at the first such x of ``xs`` but ``expr`` to 15 digits
+    (:func:`_precise`) is a float64 number there that is not growing (it is smaller in magnitude than
+    at the grid point before): an overflow or a cancellation (asin(2*sigmoid(x) - 1)'s
+    f' as x/0), not a property of f."""
+    i = int(np.argmax(~np.isfinite(values)))
+    exact = _precise(expr, float(xs[i]))
+    before = _precise(expr, float(xs[i - 1])) if i > 0 else None
+    growing = before is not None and exact is not None and abs(exact) > abs(before)   # toward +-inf indeed
+    if exact is not None and abs(float(exact)) < 1.7e308 and not growing:
+        raise SpecError(f"float64 cannot evaluate {what} at x = {xs[i]:.6g} (it gives {values[i]}, from an overflow "
+                        f"or a cancellation; {what} is {float(exact):.6g} there): write the formula in a form whose "
+                        "terms stay within float64's range")
 
 
 def _agree(a: float, b: float) -> bool:

@@ -131,9 +131,10 @@ def _check_writable(path: Path, root: Path | None, generate: bool) -> None:
 def _check_tree(root: Path | None, replaced: Path | None = None) -> None:
     """Every table under ``root`` must load before a long fit or certification whose code generation
     would read them all (``replaced``, the table being rewritten, may be broken)."""
+    from .codegen import check_table_printable
     for path in tables.list_tables(root):
         if replaced is None or path.resolve() != replaced.resolve():
-            tables.load_table(path)
+            check_table_printable(path, tables.load_table(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +237,19 @@ def _check_same_formula(spec: ActivationSpec, path: Path, table: dict | None) ->
                         f"another --name, or add --replace to replace it with {spec.formula()!r}")
 
 
+def _check_printable(spec: ActivationSpec, formula: str) -> None:
+    """Refuse before the fit a formula whose code cannot be generated; a refusal of the formula
+    itself (the branch analysis's: sin(x) has infinitely many branches) is given first."""
+    from .codegen import check_printable
+    try:
+        check_printable(spec.expr, f"formula {formula!r}")
+    except SpecError:
+        with signals_deferred():
+            from .branches import analyze
+        analyze(spec)
+        raise
+
+
 def cmd_fit(args) -> int:
     from .formulas import BUILTINS, get_spec
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
@@ -260,6 +274,8 @@ def cmd_fit(args) -> int:
     _check_builtin_params(spec, existing)
     if not args.replace:
         _check_same_formula(spec, path, existing)
+    if args.target == "derivative":          # its table's code is generated, now or by `invact generate`
+        _check_printable(spec, formula)
     generate = args.target == "derivative" and not args.generate_off
     _check_writable(path, args.root, generate)
     if generate:
@@ -459,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fit", cmd_fit, "fit a built-in or a formula in x, write its table and regenerate code")
     from .expressions import allowed_summary
     p.epilog = (f"A formula may contain only {allowed_summary()}. Anything else is refused (exit 2): "
-                "formulas are parsed, never run as Python. A formula starting with '-' is accepted as is.")
+                "formulas are parsed, never run as Python. A derivative table's forward is generated code: a "
+                "function it cannot compute (such as sin or erfc) is refused before the fit, naming it (exit "
+                "2; --target inverse takes it). A formula starting with '-' is accepted as is.")
     p.add_argument("activation", metavar="NAME_OR_FORMULA",
                    help="a built-in name (see `invact list`), a formula such as 'x*sigmoid(1.702*x)', or "
                         "the name of a formula's table under --root (refit from its formula; --param values "

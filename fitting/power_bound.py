@@ -10,6 +10,7 @@ import sympy as sp
 from flint import arb, arb_series, ctx
 
 from .arb_bound import PREC, compile_arb
+from .errors import FitError
 from .formulas import X
 
 MAX_CELLS = 20_000
@@ -31,7 +32,7 @@ def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: flo
     old = ctx.prec
     ctx.prec = PREC
     try:
-        ev = compile_arb(_exp_form((expr, sp.diff(expr, X))))
+        ev = compile_arb(_exp_form((expr, sp.diff(expr, X)), (x_lo, x_hi)))
         tf = seg.transform
         coeffs = [arb(seg.coeffs[0]) + arb(seg.c0_lo)] + [arb(c) for c in seg.coeffs[1:]]
         inv_n = arb(1) / tf.root if tf.root else None
@@ -42,6 +43,10 @@ def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: flo
         if not proved and goal < tolerance:
             bound, proved = _cells(parts, s_lo, s_hi, tolerance, max_cells)
         return bound, proved
+    except (NotImplementedError, AttributeError) as exc:   # a function without an Arb power series
+        raise FitError(f"the tail of f on x in [{x_lo:g}, {x_hi:g}] cannot be bounded rigorously ({exc}: "
+                       "Arb power series cover exp, log, sqrt, erf, atan and the hyperbolic functions); "
+                       "write the formula with those") from None
     finally:
         ctx.prec = old
 
@@ -49,10 +54,38 @@ def tail_bound(expr: sp.Expr, seg: Any, x_lo: float, x_hi: float, tolerance: flo
 ORDER = 8          # Taylor order of the cells of tail_bound
 
 
-def _exp_form(exprs: tuple[sp.Expr, ...]) -> tuple[sp.Expr, ...]:
-    """sinh and cosh written with exp (Arb's power series have no sinh or cosh; exact identities)."""
-    return tuple(e.replace(sp.sinh, lambda z: (sp.exp(z) - sp.exp(-z)) / 2)
-                  .replace(sp.cosh, lambda z: (sp.exp(z) + sp.exp(-z)) / 2) for e in exprs)
+_EXP_FORMS = {  # exact identities: Arb's power series have none of these functions
+    sp.sinh: lambda z: (sp.exp(z) - sp.exp(-z)) / 2,
+    sp.cosh: lambda z: (sp.exp(z) + sp.exp(-z)) / 2,
+    sp.asinh: lambda z: sp.log(z + sp.sqrt(z**2 + 1)),
+    sp.acosh: lambda z: sp.log(z + sp.sqrt(z**2 - 1)),
+    sp.atanh: lambda z: sp.log((1 + z) / (1 - z)) / 2,
+}
+
+
+def _exp_form(exprs: tuple[sp.Expr, ...], xs: tuple[float, float]) -> tuple[sp.Expr, ...]:
+    """The hyperbolic functions and their inverses written with exp, log and sqrt (exact identities).
+    tanh(z) = 1 - 2/(exp(2z) + 1) where z < 0 at both ends ``xs`` of the tail, else 2/(1 + exp(-2z)) - 1:
+    the exp that stays small, whose ball stays narrow on a wide cell of a far tail."""
+    def tanh(z):
+        negative = all(_sign_at(z, v) < 0 for v in xs)
+        return 1 - 2 / (sp.exp(2 * z) + 1) if negative else 2 / (1 + sp.exp(-2 * z)) - 1
+
+    out = []
+    for e in exprs:
+        for fn, form in {**_EXP_FORMS, sp.tanh: tanh}.items():
+            e = e.replace(fn, form)
+        out.append(e)
+    return tuple(out)
+
+
+def _sign_at(z: sp.Expr, x: float) -> float:
+    """The sign of z at x (0 where it is not a finite real number there)."""
+    try:
+        v = complex(z.subs(X, sp.Float(x, 30)).evalf(20))
+    except (TypeError, ValueError):
+        return 0.0
+    return math.copysign(1.0, v.real) if v.imag == 0 and math.isfinite(v.real) and v.real != 0 else 0.0
 
 
 def _cells(parts, s_lo: float, s_hi: float, goal: float, max_cells: int) -> tuple[float, bool]:
@@ -80,17 +113,17 @@ def _series(parts, s: arb, length: int) -> list[arb]:
     """The first ``length`` Taylor coefficients of R in s = log|x| (s = x for root 0) at s (a point or a cell)."""
     ev, sign_x, sign, inv_n, c, scale, coeffs = parts
     x = sign_x * arb_series([s, 1], prec=length).exp() if inv_n is not None else arb_series([s, 1], prec=length)
-    f, f1 = ev(x)
-    a = sign * f
-    t = (-(a.log() * inv_n)).exp() if inv_n is not None else a.log()
-    u = (t - c) * scale
-    p = coeffs[-1] + 0 * u
-    for k in reversed(coeffs[:-1]):
-        p = p * u + k
     try:
+        f, f1 = ev(x)
+        a = sign * f
+        t = (-(a.log() * inv_n)).exp() if inv_n is not None else a.log()
+        u = (t - c) * scale
+        p = coeffs[-1] + 0 * u
+        for k in reversed(coeffs[:-1]):
+            p = p * u + k
         r = (a * t if inv_n is not None else a) * p / f1 - 1
-    except ValueError:          # f' not bounded away from 0 on the cell (a wide cell): not finite
-        return [arb("nan")] * length
+    except (ValueError, ZeroDivisionError):  # a denominator (f', or one inside f such as a sigmoid's
+        return [arb("nan")] * length          # 1 + exp(-x)) whose ball holds 0 on a wide cell: bisect
     return [r.coeffs()[k] if k < len(r.coeffs()) else arb(0) for k in range(length)]
 
 

@@ -115,11 +115,11 @@ def _start(b: Branch, ref: BranchReference, which: str, n: int) -> float:
     lo, hi = b.x_range
     inner = hi if x_inf < 0 else lo
     inner = abs(inner) if math.isfinite(inner) else 0.0
-    far = 1e12 if n else float(np.abs(ref.inverse(np.array([math.copysign(F32_MAX, x_inf)]), bulk=False)[0]))
+    sign = 1.0 if which == "upper" else -1.0      # y's sign at this end (y -> +inf at the upper end)
+    far = 1e12 if n else float(np.abs(ref.inverse(np.array([sign * F32_MAX]), bulk=False)[0]))
     xs = math.copysign(1.0, x_inf) * np.geomspace(max(inner, 1.0) * 1.01, far, 4000)
     with np.errstate(all="ignore"):
         y = ref.f(xs)
-        sign = 1.0 if which == "upper" else -1.0
         if n:
             settled = np.abs(xs * ref.fp(xs) / y - n) <= ASYMPTOTIC * n
         else:

@@ -14,11 +14,32 @@ from ..errors import SpecError, TableError
 from ..tables import dump_table, list_tables, load_table, locked, name_of, project_root, replace_files
 from .analysis import Plan, plan_table
 from .c_gen import generate_c
+from .printer import parse, to_torch, to_triton
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
 from .triton_gen import generate_triton
 
-__all__ = ["generate_all", "generate_files", "Plan", "plan_table"]
+__all__ = ["generate_all", "generate_files", "Plan", "plan_table", "check_printable", "check_table_printable"]
+
+
+def check_printable(formula, what: str) -> None:
+    """Raise SpecError when generated code cannot compute ``formula`` (sympy, in x): the torch and
+    Triton printers are asked, so what they print is the one definition of what is supported."""
+    try:
+        to_torch(formula, "x")
+        to_triton(formula, "x", reciprocals=True, forward=True)
+    except ValueError as exc:
+        raise SpecError(f"{what}: {exc}; generated code computes the forward from the formula") from None
+
+
+def check_table_printable(path: Path, table: dict) -> None:
+    """TableError naming ``path`` when the code of derivative table ``table`` (loaded) cannot be generated."""
+    if name_of(path)[1] != "derivative":
+        return
+    try:
+        check_printable(parse(table["formula"], "x", tuple(table.get("params") or ())), f"formula {table['formula']!r}")
+    except SpecError as exc:
+        raise TableError(f"table file {path}: {exc}") from None
 
 _PREFIXES = ("torch_", "triton_", "c_")
 
@@ -37,6 +58,7 @@ def generate_files(root: Path, pending: dict[Path, dict] | None = None) -> dict[
     names = []
     for path in sorted(paths):
         table = load_table(path, dump_table(pending[path])) if path in pending else load_table(path)
+        check_table_printable(path, table)
         try:
             plan = plan_table(table, path.relative_to(root))
         except SpecError as exc:
