@@ -106,8 +106,27 @@ class Eager:
         return y, self.code(layout.flat(x, layout.order(y)), name, k)
 
     def code(self, flat_x: Tensor, name: str, k: Constants) -> Tensor:
-        """The packed code of flat x (in y's memory order)."""
-        return kernels(name)[0](flat_x, k.x_thresholds)
+        """The packed code of flat x (in y's memory order): ``code_packed``'s bytes, computed in chunks of
+        :func:`chunk_size` bytes, each from the elements of every plane that byte holds, so the int32
+        codes and their planes are temporaries of a chunk, not of the whole tensor (4-5 bytes an element)."""
+        mod = registry.module(name)
+        n, bits = flat_x.numel(), mod.CODE_BITS
+        nbytes, size = bitpack.packed_bytes(n, bits), chunk_size(flat_x)
+        if nbytes <= size:
+            return kernels(name)[0](flat_x, k.x_thresholds)
+        out = flat_x.new_empty(nbytes, dtype=torch.uint8)
+        for a in range(0, nbytes, size):
+            b = min(a + size, nbytes)
+            for plane in range(8 // bits):
+                lo, hi = plane * nbytes + a, min(plane * nbytes + b, n)
+                if lo >= hi:
+                    break
+                codes = mod.code_kernel(flat_x[lo:hi], k.x_thresholds).to(torch.uint8) << plane * bits
+                if plane == 0:
+                    out[a:b] = codes
+                else:
+                    out[a:a + hi - lo] |= codes
+        return out
 
     def backward(self, grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float]) -> Tensor:
         mod = registry.module(name)

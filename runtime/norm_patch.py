@@ -4,11 +4,14 @@
   :class:`invact.RMSNorm` with the same configuration.
 * Other classes named ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's LlamaRMSNorm, MistralRMSNorm,
   Qwen2RMSNorm, Phi3RMSNorm, GemmaRMSNorm with its ``1 + w`` weight, T5LayerNorm, ...) are recognised by
-  what they compute, not by name: holding only ``weight`` (and ``bias``), no buffers or submodules, and
-  an ``eps`` / ``variance_epsilon`` attribute, each invact form (:data:`invact.norms.STYLES`, LayerNorm
-  with or without bias) is tried on a random input with random weights, in float32 and bfloat16, and
-  the first whose output has the same dtype and bits (or within 2 ulps, said in the report) is used.
-  (The mixed probe, float32 weights and bfloat16 input, tells Llama's from T5's rounding.)
+  what they compute, not by name: holding only ``weight`` (and ``bias``), no buffers or submodules, an
+  ``eps`` / ``variance_epsilon`` attribute and a forward that takes only the input, each invact form
+  (:data:`invact.norms.STYLES`, LayerNorm with or without bias) is tried on random input (rows of
+  variance 4 down to eps/10: :func:`_probe_input`) with random weights in the configurations of
+  :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps, said in
+  the report) is used (:func:`_verdict`: float32 must run; a 16-bit configuration the class cannot run
+  is skipped; float64 is reported). (The mixed probe, float32 weights and bfloat16 input, tells
+  Llama's from T5's rounding.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
   class and configuration.
 
@@ -100,17 +103,21 @@ def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:
     return ((torch.randn(3, 5, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
 
 
-def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | str:
-    """Largest difference in ulps of the output dtype between ``module`` and form ``kind`` on random input
-    (:func:`_probe_input`) and weights: all float32, all bfloat16, float32 weights with bfloat16 input, all
-    float64; or why they cannot be compared (a different dtype or shape, or the forward raised). It runs a
-    copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on the meta
-    device) and sets the copy's weights."""
+_CONFIGS = (("float32", torch.float32, torch.float32), ("bfloat16", torch.bfloat16, torch.bfloat16),
+            ("mixed", torch.float32, torch.bfloat16),      # float32 weights, bf16 x: tells Llama's from T5's
+            ("float64", torch.float64, torch.float64))
+
+
+def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> dict[str, float | str]:
+    """Per configuration of :data:`_CONFIGS` (weights' and input's dtypes), the largest difference in ulps
+    of the output dtype between ``module`` and form ``kind`` on random input (:func:`_probe_input`) and
+    weights, or why they cannot be compared (the forward raised, the form failed, another dtype or shape).
+    It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on
+    the meta device) and sets the copy's weights."""
     n = module.weight.numel()
-    worst = 0.0
+    out: dict[str, float | str] = {}
     g = torch.Generator().manual_seed(0)
-    for dtype, x_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                           (torch.float32, torch.bfloat16), (torch.float64, torch.float64)):  # mixed: Llama vs T5
+    for config, dtype, x_dtype in _CONFIGS:
         with torch.device("cpu"), torch.no_grad():   # on the CPU, also within torch.device("meta") around patch
             try:
                 probe = probe_copy(module).to(device="cpu", dtype=dtype)
@@ -119,19 +126,46 @@ def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> float | str:
                     probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
                 x = _probe_input(n, eps, g).to(x_dtype)
                 want = probe(x)
-            except Exception as exc:  # noqa: BLE001 - a module that cannot take the probe is not matched
-                return f"its forward raised {type(exc).__name__} on a {x_dtype} input of shape (3, 5, {n})"
+            except Exception as exc:  # noqa: BLE001 - a configuration the module cannot run is not compared
+                out[config] = f"its forward raised {type(exc).__name__} on {config} (shape (3, 5, {n}))"
+                continue
             try:
                 got = _share(_build(kind, n, eps, bias, "eager", False), probe)(x)
             except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
-                return "fails"
+                out[config] = "fails"
+                continue
         if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
-            return (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
-                    f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
+            out[config] = (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
+                           f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
+            continue
         fi = torch.finfo(want.dtype)
-        ulps = (want.double() - got.double()).abs() / (fi.eps * want.double().abs() + fi.tiny)
-        worst = max(worst, ulps.max().item())
+        out[config] = ((want.double() - got.double()).abs() / (fi.eps * want.double().abs() + fi.tiny)).max().item()
+    return out
+
+
+def _verdict(results: dict[str, float | str]) -> float | str:
+    """The largest difference over the configurations that decide, or why the form does not match: float32
+    must run; a 16-bit configuration the module's own forward cannot run (CLIP's LayerNorm casts x to
+    float32 but not bfloat16 weights) is skipped; float64 is reported, not decided on (a class computing
+    float64 x in float32, as CLIP's does, differs there by float32's rounding)."""
+    worst = 0.0
+    for config in ("float32", "bfloat16", "mixed"):
+        r = results[config]
+        if isinstance(r, str):
+            if config != "float32" and r.startswith("its forward raised"):
+                continue
+            return r
+        worst = max(worst, r)
     return worst
+
+
+def _compared(results: dict[str, float | str]) -> str:
+    """Which configurations the probe compared, for the report."""
+    ran = [c for c in ("float32", "bfloat16", "mixed") if not isinstance(results[c], str)]
+    f64 = results["float64"]
+    tail = ("" if f64 == 0 else f"; float64: {f64:.3g} ulps apart (invact computes float64 in float64)"
+            if isinstance(f64, float) else f"; float64: {f64}")
+    return f"{', '.join(ran)}; rows of variance 4 down to eps/10{tail}"
 
 
 def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | None,
@@ -161,10 +195,11 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     key = (cls, eps, bias is not None)
     if key not in cache:
         kinds = ["layer"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer"]
-        tried = {k: _probe(module, k, eps, bias is not None) for k in kinds}
+        results = {k: _probe(module, k, eps, bias is not None) for k in kinds}
+        tried = {k: _verdict(r) for k, r in results.items()}
         matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]
-        cache[key] = (min(matches, key=lambda k: tried[k]), tried) if matches else (None, tried)
-    kind, tried = cache[key]
+        cache[key] = (min(matches, key=lambda k: tried[k]), tried, results) if matches else (None, tried, results)
+    kind, tried, results = cache[key]
     if kind is None:
         failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith("its forward raised")), None)
         if failed is not None:
@@ -173,8 +208,7 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
         return None, f"probe: no invact norm computes the same output ({diffs})"
     new = _share(_build(kind, weight.numel(), eps, bias is not None, backend, cast), module)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
-    return new, _note(new, f"probe: same output as form {kind!r} {probe} (float32, bfloat16, mixed, float64; rows "
-                           "of variance 4 down to eps/10)", cast_note)
+    return new, _note(new, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
 
 
 def _plain(module: nn.Module, backend: str | None, cast: bool) -> tuple[nn.Module, str]:

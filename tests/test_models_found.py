@@ -252,3 +252,25 @@ def test_no_grad_site_inside_a_step_is_not_dropped_as_freeing_nothing():
     report = invact.patch(Frozen(), example=torch.randn(4, N))
     notes = {r.path: r.note for r in report.replaced}
     assert notes["teacher.1"].startswith("not measured") and not notes["student.1"].startswith("not measured")
+
+
+def test_clip_layer_norm_is_swapped_where_its_forward_runs():
+    """CLIP's LayerNorm (x cast to float32, output cast back) cannot run bfloat16 weights with a float32 x,
+    so the probe's all-bfloat16 configuration raised and the class was left; the configurations it runs
+    (float32, and float32 weights with a 16-bit x, as CLIP keeps them) decide."""
+    class LayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            orig_type = x.dtype
+            ret = super().forward(x.type(torch.float32))
+            return ret.type(orig_type)
+
+    LayerNorm.__module__ = "clip.model"
+    model = _randomise(nn.Sequential(nn.Linear(N, N), LayerNorm(N), nn.Linear(N, N)))
+    x = torch.randn(3, N)
+    want, original = model(x), model[1]
+    report = invact.patch(model)
+    assert len(report) == 1 and "bit for bit (float32, mixed;" in report.replaced[0].note, report
+    assert torch.equal(model(x), want)
+    for dtype in (torch.float16, torch.bfloat16):    # CLIP's half model: 16-bit x, float32 norm weights
+        xh = x.to(dtype)
+        assert torch.equal(model[1](xh), original(xh))
