@@ -326,7 +326,7 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
             exact = _precise(p.expr, x_bad)
-            if exact is not None:
+            if exact is not None and _continuous_there(p.expr, x_bad, exact):
                 raise SpecError(f"{spec.name!r}: float64 cannot evaluate f at x = {x_bad:.6g} (it gives "
                                 f"{ys[np.argmax(bad)]}, from an overflow or a cancellation; f is {float(exact):.6g} "
                                 "there): write the formula in a form whose terms stay within float64's range")
@@ -337,12 +337,25 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
             exact = _precise(sp.diff(p.expr, X), x_bad)
-            if exact is not None:
+            if exact is not None and _continuous_there(sp.diff(p.expr, X), x_bad, exact):
                 raise SpecError(f"{spec.name!r}: float64 cannot evaluate f' at x = {x_bad:.6g} (it gives nan, from an "
                                 f"overflow such as inf/inf; f' is {float(exact):.6g} there): write the formula in a "
                                 "form whose terms stay within float64's range")
             raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
                             "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
+
+
+def _continuous_there(expr: sp.Expr, x: float, exact) -> bool:
+    """Whether ``exact`` (:func:`_precise` of ``expr`` at x) is f's value indeed, where float64 gives
+    inf or nan: the precise values at x (1 +- 1e-12) (x +- 1e-12 at 0) agree with it to 1e-6 (1 + |f|).
+    At a 0/0 point, as x/(exp(x) - 1) at 0, evalf's value at x (0) is none of f's (1 next to it):
+    f is not defined there, float64 is not to blame."""
+    h = 1e-12 * abs(x) if x != 0 else 1e-12
+    for t in (x - h, x + h):
+        v = _precise(expr, t)
+        if v is None or abs(float(v) - float(exact)) > 1e-6 * (1 + abs(float(exact))):
+            return False
+    return True
 
 
 def _check_singular(spec: ActivationSpec, pieces: list[Piece]) -> None:

@@ -63,9 +63,12 @@ def singular_points(expr: sp.Expr, lo: float, hi: float, lo_closed: bool, hi_clo
                     ) -> list[tuple[str, str]]:
     """(x, why) of each point of the piece [lo, hi] (ends as given) where ``expr`` is not defined or
     not continuous: a pole, a jump, or no real value. x is text: ``x = %.6g``, or ``every x in`` the
-    set of infinitely many points. Empty where none is found or sympy cannot tell in time."""
+    set of infinitely many points. Empty where none is found or sympy cannot tell in time; the
+    budget (:data:`BUDGET_SECONDS`) is checked before every candidate and every zero, and the points
+    found until it runs out are returned (the scan's own checks decide the rest)."""
     start = time.monotonic()
     region = sp.Interval(lo, hi, not lo_closed, not hi_closed)
+    exact_expr = _rationalised(expr)
     found: dict[str, str] = {}
     for base, why in _candidates(expr):
         if time.monotonic() - start > BUDGET_SECONDS:
@@ -77,8 +80,10 @@ def singular_points(expr: sp.Expr, lo: float, hi: float, lo_closed: bool, hi_clo
             found.setdefault(f"every x in {zeros}", why)
             continue
         for c in zeros:
+            if time.monotonic() - start > BUDGET_SECONDS:
+                break
             text = f"x = {float(c):.6g}"
-            if text not in found and not _continuous_at(expr, c, float(c) != lo, float(c) != hi):
+            if text not in found and not _continuous_at(expr, exact_expr, c, float(c) != lo, float(c) != hi):
                 found[text] = why
     return sorted(found.items(), key=lambda kv: _order(kv[0]))
 
@@ -90,9 +95,17 @@ def _order(text: str) -> float:
         return -math.inf
 
 
+def _rationalised(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every Float replaced by the rational number it holds exactly (its binary value,
+    not the 15 digits ``nsimplify(rational=True)`` prints), so sympy's limit and high-precision
+    evaluation see the float64 constants the generated code computes with."""
+    return expr.xreplace({f: sp.Rational(f) for f in expr.atoms(sp.Float)})
+
+
 def _zeros(base: sp.Expr, region: sp.Interval):
-    """The real zeros of ``base`` in ``region``: a list of numbers, a sympy set for infinitely many,
-    or None when sympy cannot say in time."""
+    """The real zeros of ``base`` in ``region``: a sorted list of numbers (sympy's exact root where it
+    is exact and real, as 1, sqrt(2) or log(2); else a 30-digit Float of its value), a sympy set for
+    infinitely many, or None when sympy cannot say in time."""
     try:
         with time_limit(CALL_SECONDS):
             zeros = sp.solveset(base, X, region)
@@ -100,33 +113,50 @@ def _zeros(base: sp.Expr, region: sp.Interval):
         return None
     if zeros.is_empty:
         return []
-    if isinstance(zeros, sp.FiniteSet):   # cubic roots may carry a vanishing imaginary part: evaluate
-        values = [complex(sp.N(z, 30)) for z in zeros]
-        return sorted(sp.Float(v.real, 30) for v in values
-                      if math.isfinite(v.real) and abs(v.imag) <= 1e-20 * (1 + abs(v.real)))
+    if isinstance(zeros, sp.FiniteSet):
+        out = []
+        for z in zeros:
+            if not z.has(sp.Float, sp.I) and z.is_extended_real and z.is_finite:
+                out.append(z)
+                continue
+            # a Float root, or cubic roots carrying a vanishing imaginary part: evaluate
+            v = complex(sp.N(z, 30))
+            if math.isfinite(v.real) and abs(v.imag) <= 1e-20 * (1 + abs(v.real)):
+                out.append(sp.Float(v.real, 30))
+        return sorted(out, key=float)
     if isinstance(zeros, (sp.ConditionSet, sp.Complement, sp.Intersection)):
         return None
     return zeros
 
 
-def _continuous_at(expr: sp.Expr, c: sp.Expr, from_left: bool, from_right: bool) -> bool:
+def _continuous_at(expr: sp.Expr, exact_expr: sp.Expr, c: sp.Expr, from_left: bool, from_right: bool) -> bool:
     """Whether ``expr`` has one finite real limit at c from the sides given (a removable zero of a
-    denominator, as (x**2 - 1)/(x - 1) at 1). sympy's limit decides where it is infinite or not real,
-    or finite at an exact c; a finite limit at a float c (a root known to 30 digits, where sympy
-    reads the huge value next to a pole as a limit) is checked by 30-digit values 1e-9 and 1e-12 away."""
+    denominator, as (x**2 - 1)/(x - 1) at 1 or (exp(x) - exp(0.7))/(x - 0.7) at 0.7).
+
+    Where both ``expr`` and c are exact (no Float), sympy's limit decides. Otherwise (a float64
+    constant in the formula, or a root known only as a Float) the limit of ``exact_expr`` (the
+    rationalised formula, :func:`_rationalised`) at the rationalised c decides only where it is not
+    real: a finite or infinite value there is no proof (next to a pole sympy reads the huge value at
+    a float c as a finite limit, and separately rounded constants, as exp(0.7) and 0.7, leave a pole
+    of residue ~1e-16 at a removable point), so 50-digit values next to c decide (:func:`_near`).
+    Where neither can say in time, c is taken as continuous: the scan's own checks decide."""
+    exact = not expr.has(sp.Float) and not c.has(sp.Float)
+    c_exact = c if exact else _rationalised(c)
     limits = []
     for d, use in (("-", from_left), ("+", from_right)):
         if not use:
             continue
-        v = _limit(expr, c, d)
-        if v is None or math.isinf(v):
+        v = _limit(exact_expr, c_exact, d)
+        if v is None or (exact and math.isinf(v)):
             return False
-        if math.isnan(v) or not c.is_Rational:
-            v = _near(expr, c, -1 if d == "-" else 1)
-        if v is None:
-            return False
+        if not exact or math.isnan(v):
+            v = _near(exact_expr, c_exact, -1 if d == "-" else 1)
+            if v is None:
+                return False
+            if math.isnan(v):       # cannot tell in time: the scan decides
+                return True
         limits.append(v)
-    return all(abs(v - limits[0]) <= 1e-9 * (1 + abs(limits[0])) for v in limits)
+    return all(abs(v - limits[0]) <= 1e-6 * (1 + abs(limits[0])) for v in limits)
 
 
 def _limit(expr: sp.Expr, c: sp.Expr, direction: str) -> float | None:
@@ -141,17 +171,33 @@ def _limit(expr: sp.Expr, c: sp.Expr, direction: str) -> float | None:
     return value.real if value.imag == 0 and not math.isnan(value.real) else None
 
 
+NEAR_STEPS = (sp.Rational(1, 10**5), sp.Rational(1, 10**6), sp.Rational(1, 10**7))
+
+
 def _near(expr: sp.Expr, c: sp.Expr, side: int) -> float | None:
-    """expr at 30 digits 1e-12 (relative) to one side of c, where the values 1e-9 and 1e-12 away
-    agree (a finite limit), else None."""
+    """The one-sided limit of ``expr`` (exact: rationalised) at c from 50-digit values at
+    h = 1e-5, 1e-6, 1e-7 (relative to max(1, |c|)) to one side of c, extrapolated linearly to
+    h = 0; None where they do not settle (a pole grows like 1/h: each difference 10 times the one
+    before; a logarithm by equal differences) or are not finite real numbers; nan where evalf cannot
+    say in time.
+
+    The values settle where each difference is at most half the one before (f(c) + a h + ...), or
+    where the last one is below 1e-8 (1 + |f|): separately rounded float64 constants (exp(0.7) and
+    0.7) leave a pole of residue ~1e-16 |f| at a removable point, ~1e-9 |f| at h = 1e-7."""
+    scale = sp.Max(1, abs(c))
     vals = []
-    for h in (1e-9, 1e-12):
-        try:
-            x = sp.Float(c, 40) + side * sp.Float(h, 40) * max(1, abs(sp.Float(c, 40)))
-            v = complex(expr.evalf(30, subs={X: x}))
-        except Exception:  # noqa: BLE001 - not a number there
-            return None
-        if v.imag != 0 or not math.isfinite(v.real):
-            return None
-        vals.append(v.real)
-    return vals[1] if abs(vals[1] - vals[0]) <= 1e-6 * (1 + abs(vals[1])) else None
+    try:
+        with time_limit(CALL_SECONDS):
+            for h in NEAR_STEPS:
+                v = complex(expr.evalf(50, subs={X: c + side * h * scale}))
+                if v.imag != 0 or not math.isfinite(v.real):
+                    return None
+                vals.append(v.real)
+    except TimeoutError:
+        return math.nan
+    except Exception:  # noqa: BLE001 - not a number there
+        return None
+    d1, d2 = vals[0] - vals[1], vals[1] - vals[2]
+    if abs(d2) <= 0.5 * abs(d1) or abs(d2) <= 1e-8 * (1 + abs(vals[2])):
+        return vals[2] - d2 / 9
+    return None

@@ -197,7 +197,10 @@ class Segment:
         return not self.extra.get("cutoff")
 
     def evaluate(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:
-        """g~(y) by the documented scheme in y's dtype (float32: bit for bit as generated code)."""
+        """g~(y) by the documented scheme in y's dtype (float32: bit for bit as generated code for
+        y inside ``y_range``, which is all certification evaluates; generated code also clamps an exact
+        closed form to its branch's sign, max(g, 0) on an increasing and min(g, 0) on a decreasing
+        branch (:func:`.codegen.analysis.signed`), a clamp idle inside ``y_range`` and not done here)."""
         raise NotImplementedError
 
     def evaluate_fma(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:

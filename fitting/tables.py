@@ -395,6 +395,28 @@ def _structure_problem(table: dict) -> str | None:
                 f"has a malformed segment code_classes[{c}].segments[{s}] (not an object)"
             if problem:
                 return problem
+            problem = _branch_problem(table["branches"], seg, c, f"code_classes[{c}].segments[{s}]")
+            if problem:
+                return problem
+    return None
+
+
+def _branch_problem(branches: list, seg: dict, code: int, where: str) -> str | None:
+    """A segment's ``branch`` must index ``branches`` and name a branch of the segment's own code: the
+    branch's direction decides generated code (a closed form is clamped to its sign,
+    :func:`.codegen.analysis.signed`), and an index out of range would crash code generation."""
+    b = seg.get("branch")
+    if type(b) is not int or not 0 <= b < len(branches):
+        return (f"has a segment {where} whose branch {b!r} is not an index of its {len(branches)} "
+                "branches")
+    branch = branches[b]
+    if not isinstance(branch, dict) or branch.get("code") != code:
+        got = branch.get("code") if isinstance(branch, dict) else branch
+        return (f"has a segment {where} of code {code} whose branch {b} has code {got!r}: a segment "
+                "belongs to a branch of its own code class")
+    if branch.get("direction") not in ("increasing", "decreasing", "constant"):
+        return (f"has a branch {b} (of segment {where}) whose direction {branch.get('direction')!r} is "
+                "not 'increasing', 'decreasing' or 'constant'")
     return None
 
 

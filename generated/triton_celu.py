@@ -24,7 +24,7 @@ def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     param_alpha = params[0]
     s = act_triton.segment(y, YT, 0, 1, 1, 0)
-    g = tl.maximum(tl.div_rn(param_alpha + y, tl.zeros_like(y) + param_alpha), 0.0)
+    g = tl.maximum(tl.div_rn(param_alpha + y, tl.zeros_like(y) + param_alpha), 0.0, propagate_nan=tl.PropagateNan.ALL)
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, y, g)
     return g

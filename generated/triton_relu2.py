@@ -23,7 +23,7 @@ def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
     s = act_triton.segment(y, YT, 0, 1, 1, 0)
     g = tl.zeros(y.shape, dtype=tl.float32) + 0.0
-    g = tl.where(s == 1, tl.maximum(2.0*tl.sqrt_rn(y), 0.0), g)
+    g = tl.where(s == 1, tl.maximum(2.0*tl.sqrt_rn(y), 0.0, propagate_nan=tl.PropagateNan.ALL), g)
     g = tl.where(y != y, y, g)
     return g
 

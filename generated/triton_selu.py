@@ -26,7 +26,7 @@ def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     param_scale = params[0]
     param_alpha = params[1]
     s = act_triton.segment(y, YT, 0, 1, 1, 0)
-    g = tl.maximum(param_alpha*param_scale + y, 0.0)
+    g = tl.maximum(param_alpha*param_scale + y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     g = tl.where(s == 1, param_scale, g)
     g = tl.where(y != y, y, g)
     return g

@@ -21,7 +21,7 @@ def f_x(x, params):
 @triton.jit
 def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     """g(y, code) in float32; YT: the y thresholds, P: POLY transposed, CLAMP: act_triton.row's."""
-    g = tl.maximum(y*(1.0 - y), 0.0)
+    g = tl.maximum(y*(1.0 - y), 0.0, propagate_nan=tl.PropagateNan.ALL)
     g = tl.where(y != y, y, g)
     return g
 

@@ -26,7 +26,7 @@ def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     param_beta = params[0]
     param_threshold = params[1]
     s = act_triton.segment(y, YT, 0, 1, 1, 0)
-    g = tl.maximum(1.0 - tl.exp(-param_beta*y), 0.0)
+    g = tl.maximum(1.0 - tl.exp(-param_beta*y), 0.0, propagate_nan=tl.PropagateNan.ALL)
     g = tl.where(s == 1, 1.0, g)
     g = tl.where(y != y, y, g)
     return g

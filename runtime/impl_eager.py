@@ -31,7 +31,8 @@ DEVICE_CHUNK = 1 << 20  # elsewhere, where each torch op is a kernel launch (~5 
 
 
 def chunk_size(y: Tensor) -> int:
-    """Elements per chunk of the eager backward of ``y``: :data:`CHUNK` on CPU, else :data:`DEVICE_CHUNK`."""
+    """Elements per chunk of the eager backward of ``y`` (and bytes of code per chunk of the forward's,
+    :meth:`Eager.code`): :data:`CHUNK` on CPU, else :data:`DEVICE_CHUNK`."""
     return CHUNK if y.is_cpu else DEVICE_CHUNK
 
 

@@ -159,6 +159,7 @@ class _Call:
     x_bytes: int
     y_key: tuple | None
     hidden: bool = False     # its saves were not ours to see: grad off, or another saved-tensor hook (checkpoint)
+    grad_off: bool = False   # grad was off
 
 
 class _DropoutWatch(TorchFunctionMode):
@@ -218,7 +219,8 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
     swapped = {id(sites[k].new): k for k in active}
 
     def returned(m: nn.Module, args: Any, out: Any) -> None:   # first of m's forward hooks: y as it returns
-        if isinstance(out, torch.Tensor) and out.requires_grad:
+        # without grad too: a reentrant checkpoint's forward, whose recomputation saves y for backward
+        if isinstance(out, torch.Tensor) and (out.requires_grad or not torch.is_grad_enabled()):
             outputs[swapped[id(m)]].append((out, out._version))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -250,7 +252,7 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
             trace.calls[site].append(_Call(None if x is None else _key(x),   # x, y unknown without tensors
                                            0 if x is None else x.numel() * x.element_size(),
                                            None if y is None else _key(y),
-                                           not grad or (needs and trace.packs == packs)))
+                                           not grad or (needs and trace.packs == packs), not grad))
             trace.keep.extend((x, y))
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(
@@ -410,6 +412,14 @@ def _fmt(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n} B"
 
 
+def _before_dropout(key: int, trace: Trace) -> bool:
+    """Whether a call of ``key`` returned what a dropout then took (so y is an extra tensor)."""
+    return any(c.y_key in trace.dropout_inputs for c in trace.calls[key])
+
+
+_DROPOUT = "dropout after it: the next layer saves the dropout's output, so y is an extra tensor"
+
+
 def _why(key: int, base: Trace, pat: Trace) -> str:
     """Why site ``key`` frees nothing, read from the storages of its calls."""
     reasons = []
@@ -420,18 +430,24 @@ def _why(key: int, base: Trace, pat: Trace) -> str:
             part = f", a 1/{whole} slice of a larger storage (a fused projection)" if whole > 1 else ""
             reasons.append(f"input kept alive by another consumer ({', '.join(sorted(others))}{part})")
             break
+    if base.hidden(key):
+        return _DROPOUT + " (not measured: " + _hidden_cause(base, key) + ")"
     for c in pat.calls[key]:
         if pat.savers.get(c.y_key) == {key}:
-            reasons.append("dropout after it: the next layer saves the dropout's output, so y is an extra tensor"
-                           if c.y_key in pat.dropout_inputs else
+            reasons.append(_DROPOUT if c.y_key in pat.dropout_inputs else
                            "y not saved by its consumer, so y is an extra tensor")
             break
     freed, added = base.only(key), pat.only(key)
     return "; ".join(reasons + [f"measured: frees {_fmt(freed)}, adds {_fmt(added)}"])
 
 
-_HIDDEN = ("not measured: the example runs it where a forward shows no saves (inside activation checkpointing, or "
-           "no_grad); kept, as without example=: a checkpoint's recomputation in backward saves y instead of x")
+def _hidden_cause(trace: Trace, key: int) -> str:
+    """Why a forward of the example shows none of ``key``'s saves."""
+    if all(c.grad_off for c in trace.calls[key]):
+        return ("the example runs it without grad (a reentrant checkpoint's forward, whose recomputation in backward "
+                "saves y instead of x, or no_grad)")
+    return ("the example runs it under another saved-tensor hook (a non-reentrant checkpoint, whose recomputation "
+            "saves y instead of x, or an offloading hook)")
 
 
 def _parents(model: nn.Module, site: _Site) -> list[nn.Module]:
@@ -572,7 +588,8 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
             _place(model, sites, active)
             final = _run(model, example, sites, active, params)
             refused = _refused(final, active)
-            bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0}
+            bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0} | \
+                {k for k in active & hidden if _before_dropout(k, final)}
             reasons.update(refused or {k: _why(k, base, final) for k in bad})
             active -= bad
             if not bad:
@@ -635,7 +652,8 @@ def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dic
             kept.append(replace(r, freed=0 if first & fused else gain, note="; ".join(x for x in (note, r.note) if x)))
             first.add(key)
         elif key in active and key in hidden:
-            kept.append(replace(r, freed=0, note="; ".join(x for x in (_HIDDEN, r.note) if x)))
+            note = f"not measured: {_hidden_cause(base, key)}; kept, as without example="
+            kept.append(replace(r, freed=0, note="; ".join(x for x in (note, r.note) if x)))
         elif key in active:
             kept.append(replace(r, freed=(base.only(key) - final.only(key)) if key not in first else 0))
             first.add(key)

@@ -53,6 +53,49 @@ def test_a_removable_zero_of_a_denominator_is_not_a_pole():
     assert b.direction == "increasing" and b.y_range == (-math.inf, math.inf)
 
 
+@pytest.mark.parametrize("formula", [
+    "(exp(x) - exp(1))/(x - 1)",        # -> e at 1 (exact root, sympy's limit)
+    "(exp(x) - exp(0.7))/(x - 0.7)",    # -> exp(0.7): exp(0.7) and 0.7 rounded apart (residue ~1e-16)
+    "sinh(x - 0.1)/(x - 0.1)",          # -> 1
+    "x + (x - 0.5)/(exp(x - 0.5) - 1)", # -> 1.5; sympy folds exp(-0.5) into a Float factor
+    "(x**2 - 2)/(x - sqrt(2))",         # = x + sqrt(2): an irrational exact root
+])
+def test_a_removable_point_off_the_rationals_is_not_a_pole(formula):
+    """Each formula is 0/0 at one point with a finite limit equal from both sides: not singular (they
+    were refused as 'a pole' when every root became a Float, at which sympy's limit is +-inf)."""
+    from invact.fitting.domain import singular_points
+    expr = get_spec(formula, "t", {}).substituted()
+    assert singular_points(expr, -math.inf, math.inf, False, False) == []
+
+
+@pytest.mark.parametrize("formula", ["(exp(x) - exp(1))/(x - 1)", "(exp(x) - exp(0.7))/(x - 0.7)",
+                                     "x + (x - 0.5)/(exp(x - 0.5) - 1)"])
+def test_a_removable_point_off_the_rationals_fits_one_increasing_branch(formula):
+    """(e^x - e^c)/(x - c) = e^c (e^t - 1)/t with t = x - c: increasing (its derivative is
+    e^c (t e^t - e^t + 1)/t^2 > 0); x + t/(e^t - 1) has derivative 1 - (e^t (t - 1) + 1)/(e^t - 1)^2 > 0."""
+    (b,) = _analyze(formula).branches
+    assert b.direction == "increasing"
+
+
+def test_the_singular_point_budget_is_checked_between_zeros(monkeypatch):
+    """A denominator with many zeros cannot overrun the per-piece budget: each zero's check here takes
+    longer than the whole budget, so only the first is checked (and kept: it was found)."""
+    from invact.fitting import domain
+    calls = []
+
+    def slow(expr, exact_expr, c, left, right):
+        calls.append(c)
+        import time
+        time.sleep(0.6)
+        return False
+    monkeypatch.setattr(domain, "BUDGET_SECONDS", 0.5)
+    monkeypatch.setattr(domain, "_continuous_at", slow)
+    x = get_spec("x", "t", {}).substituted()
+    expr = 1 / ((x - 1) * (x - 2) * (x - 3) * (x - 4) * (x - 5))
+    assert domain.singular_points(expr, -math.inf, math.inf, False, False) == [("x = 1", "a pole (a division by 0)")]
+    assert len(calls) == 1
+
+
 def test_a_pole_sympy_cannot_locate_is_refused_by_the_monotone_check():
     """x + 0.001 sin(x) = 0.01 has a root near 0.01 (transcendental: solveset gives no closed form).
     f = 1/(x - 0.01 + 0.001 sin x) -> 0 at both infinities, so a 'decreasing' branch over the whole
@@ -130,12 +173,20 @@ def test_exponential_tail_against_x_fits(tmp_path, capsys, formula, n_branches):
 
 # --- 5. float64 artefacts are named as such ------------------------------------------------------
 
+def _printed_rel(x: float, dlog: float) -> float:
+    """The relative tolerance the message's %.6g printing allows: x and f are each rounded to 6
+    significant digits (relative error <= 5e-6 each), so f computed at the printed x is off by up to
+    |d log f/dx| 5e-6 |x|, and the printed f by 5e-6 (1% slack for the second-order terms)."""
+    return 1.01 * 5e-6 * (1 + abs(x * dlog))
+
+
 def test_float64_overflow_of_f_is_not_called_a_property_of_f():
     """-log(1 - tanh(x)) = log((1 + e^{2x})/2) = 2x - log 2 + log(1 + e^{-2x}): finite everywhere."""
     with pytest.raises(SpecError, match="float64 cannot evaluate f at") as info:
         _analyze("-log(1 - tanh(x))")
     x, v = (float(s) for s in re.search(r"at x = (\S+) .*f is (\S+) there", str(info.value)).groups())
-    assert v == pytest.approx(2 * x - math.log(2) + math.log1p(math.exp(-2 * x)), rel=1e-5)
+    f = 2 * x - math.log(2) + math.log1p(math.exp(-2 * x))
+    assert v == pytest.approx(f, rel=_printed_rel(x, (1 + math.tanh(x)) / f))   # f' = 1 + tanh(x)
 
 
 def test_float64_cancellation_of_f_prime_is_not_called_its_limit():
@@ -143,4 +194,36 @@ def test_float64_cancellation_of_f_prime_is_not_called_its_limit():
     with pytest.raises(SpecError, match="float64 cannot evaluate f' at") as info:
         _analyze("asin(2*sigmoid(x) - 1)")
     x, v = (float(s) for s in re.search(r"at x = (\S+) .*f' is (\S+) there", str(info.value)).groups())
-    assert v == pytest.approx(0.5 / math.cosh(x / 2), rel=1e-5)
+    assert v == pytest.approx(0.5 / math.cosh(x / 2), rel=_printed_rel(x, 0.5 * math.tanh(x / 2)))
+
+
+def test_a_0_over_0_point_on_the_grid_is_not_blamed_on_float64():
+    """x/(e^x - 1) at x = 0 (a grid point) is 0/0: evalf gives 0 there but ~1 (the limit) at
+    +-1e-12, so f is not defined at 0 and float64 is not to blame: the old message stays."""
+    with pytest.raises(SpecError, match=r"not real-valued \(or not finite\) on the real line: f\(0\) is nan") as info:
+        _analyze("x/(exp(x) - 1)")
+    assert "float64 cannot" not in str(info.value)
+
+
+# --- 6. a segment's branch is checked on load ----------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t["code_classes"][0]["segments"][0].update(branch=3), "branch 3 is not an index of its 1 branches"),
+    (lambda t: t["code_classes"][0]["segments"][0].update(branch="0"), "branch '0' is not an index"),
+    (lambda t: t["branches"][0].update(code=1), "of code 0 whose branch 0 has code 1"),
+    (lambda t: t["branches"][0].update(direction="up"), "direction 'up' is not"),
+])
+def test_a_segment_branch_that_is_no_branch_of_its_code_is_refused(tmp_path, change, words):
+    """A hand-edited table whose segment names a branch out of range crashed code generation
+    (IndexError); one naming another code's branch would get that branch's sign clamp."""
+    from invact.fitting.errors import TableError
+    from invact.fitting.tables import load_table
+    table = json.loads((project_root(None) / "generated" / "tables" / "tanh.json").read_text())
+    assert len(table["branches"]) == 1 and len(table["code_classes"]) == 1
+    change(table)
+    path = tmp_path / "generated" / "tables" / "tanh.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(dump_table(table))
+    with pytest.raises(TableError, match="code_classes\\[0\\].segments\\[0\\]") as info:
+        load_table(path)
+    assert words in str(info.value)

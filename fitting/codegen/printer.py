@@ -100,6 +100,7 @@ class _Base(StrPrinter):
         return fold_numbers(e, self.var)
 
     minimum = maximum = clamp = ""
+    min_max_args = ""     # after the two operands of ``minimum`` / ``maximum``
 
     def _print_Min(self, e):
         return self._min_max(e, self.minimum, "max")
@@ -113,7 +114,7 @@ class _Base(StrPrinter):
         scalars = [a for a in e.args if not self._has_var(a)]
         out = self._print(tensors[0])
         for a in tensors[1:]:
-            out = f"{both}({out}, {self._print(a)})"
+            out = f"{both}({out}, {self._print(a)}{self.min_max_args})"
         if scalars:
             limit = type(e)(*scalars)
             out = self.clamp.format(v=out, bound=bound, limit=self._print(limit), both=both)
@@ -236,7 +237,10 @@ class TritonPrinter(_Base):
     scalar_funcs = tensor_funcs
     where = "tl.where"
     minimum, maximum = "tl.minimum", "tl.maximum"
-    clamp = "{both}({v}, {limit})"
+    # NaN kept, as torch.minimum / torch.clamp and the C code keep it (tl's default returns the other
+    # operand on GPUs: max.f32)
+    min_max_args = ", propagate_nan=tl.PropagateNan.ALL"
+    clamp = "{both}({v}, {limit}, propagate_nan=tl.PropagateNan.ALL)"
 
     def elementary(self, e: sp.Expr) -> sp.Expr:
         """Also sinh, cosh and asinh through exp, log and sqrt (no libdevice in the interpreter);
