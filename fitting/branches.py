@@ -1,7 +1,8 @@
 """Branch analysis: pieces, critical points, monotone branches, their ends, tails and codes.
 
 A *branch* here is a maximal interval of x on which one formula piece is strictly monotone (or
-constant). Branches whose y ranges only touch share a code; the code width is ceil(log2(codes)).
+constant). Branches whose y ranges only touch share a code; the code width is the smallest of
+0, 1, 2, 4, 8 bits that holds the codes (the runtime's planar packing needs 8/bits codes a byte).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scipy.optimize import brentq
 from .domain import singular_points, time_limit
 from .errors import SpecError
 from .formulas import X, ActivationSpec, check_constants
+from .tables import MAX_CODES, code_bits_for
 
 __all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit", "END_KINDS"]
 
@@ -247,7 +249,9 @@ class Analysis:
 
     @property
     def code_bits(self) -> int:
-        return math.ceil(math.log2(self.n_codes)) if self.n_codes > 1 else 0
+        bits = code_bits_for(self.n_codes)
+        assert bits is not None, "analyze refuses more codes than the runtime stores"
+        return bits
 
 
 def analyze(spec: ActivationSpec) -> Analysis:
@@ -268,6 +272,9 @@ def analyze(spec: ActivationSpec) -> Analysis:
     for b in branches:
         _classify_ends(b, branches)
     n_codes = _assign_codes(branches)
+    if n_codes > MAX_CODES:   # before any fitting: the runtime packs at most 8 bits of code an element
+        raise SpecError(f"{spec.name!r} has {len(branches)} monotone branches needing {n_codes} distinct codes; "
+                        f"the runtime stores at most {MAX_CODES} codes (8 bits) an element")
     x_breaks, codes = _code_breaks(branches)
     return Analysis(spec, branches, _count_monotone(branches), n_codes, x_breaks, codes)
 

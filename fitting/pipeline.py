@@ -59,11 +59,13 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
         {i: opts[-1] for i, opts in options.items()}
     generic = bool(spec.params) and all(not s.fitted for segs in per_branch.values() for s in segs) \
         and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
+    domain = _param_domain(spec, [e for e in exprs.values() if e is not None]) if generic else None
+    generic = domain is not None
     branches = [_branch_json(b, per_branch[b.index]) for b in analysis.branches]
     if not generic:    # closed forms with the parameters' values (the branches' tails keep their text)
         per_branch = {i: [s.substituted(spec.params) for s in segs] for i, segs in per_branch.items()}
     table = Table("invact-table", FORMAT_VERSION, VERSION, spec.name, sp.sstr(spec.expr), dict(spec.params),
-                  generic, _param_domain(spec) if generic else list(spec.domain), spec.torch_forward, target,
+                  generic, domain if generic else list(spec.domain), spec.torch_forward, target,
                   float(tolerance), analysis.n_branches,
                   analysis.n_codes, analysis.code_bits, _forward_code(analysis, spec, generic), branches,
                   _code_classes(analysis, per_branch, spec, generic),
@@ -135,33 +137,79 @@ def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> di
     return best
 
 
-def _param_domain(spec: ActivationSpec) -> list[str]:
-    """``spec.domain`` and, for each parameter p, the bounds of the open interval around its fitted
-    value on which no x-free denominator of the formula vanishes (log(1 + exp(b*x))/b: 'b > 0' for
-    b = 1): a parameter-generic table serves every value the runtime accepts, and the formula is
-    undefined where a denominator is 0. Relations are table text (invact.common.params.holds:
-    comparisons < <= > >= only, so b != 0 becomes the side of 0 the fit was made on)."""
+def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
+    """``spec.domain`` and the relations that keep a parameter-generic table valid: every x-free
+    parameter expression of the formula and of the table's closed forms ``closed_forms`` (sympy, in x
+    or y) that is a denominator, the argument of a log or the base of a fractional power, or a factor
+    multiplying the variable (its sign decides a branch's direction: b*x**2 is decreasing then
+    increasing only for b > 0), keeps the sign it has at the fitted values (log(1 + exp(b*x))/b:
+    'b > 0' for b = 1; 2*sqrt(b)*sqrt(y): 'b > 0'). Relations are table text
+    (invact.common.params.holds: numbers, parameter names, + - * /, one comparison), checked by the
+    runtime (its ParamError names the parameter). None when a condition cannot be kept that way (an
+    expression that is 0 at the fitted values, or not rational in the parameters): the table is then
+    made for the fitted values only."""
     out = list(spec.domain)
-    syms = spec.symbols
-    for name, sym in syms.items():
-        others = {s: spec.params[n] for n, s in syms.items() if n != name}
-        singular = set()
-        for pw in spec.expr.atoms(sp.Pow):
-            base = pw.base.subs(others)
-            if not (pw.exp.is_negative and X not in base.free_symbols and sym in base.free_symbols):
+    syms = set(spec.symbols.values())
+    values = {sym: spec.params[name] for name, sym in spec.symbols.items()}
+    variables = {X, sp.Symbol("y", real=True)}
+    conditions: list[sp.Expr] = []
+
+    def free(e):   # an x-free expression in the parameters
+        return not (e.free_symbols & variables) and bool(e.free_symbols & syms)
+
+    for expr in (spec.expr, *closed_forms):
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, sp.Mul) and node.free_symbols & variables:
+                conditions.append(node.as_independent(*variables, as_Add=False)[0])
+            if isinstance(node, sp.Pow) and free(node.base) and not (node.exp.is_integer and node.exp.is_positive):
+                conditions.append(node.base)
+            if isinstance(node, sp.log) and free(node.args[0]):
+                conditions.append(node.args[0])
+    for cond in conditions:
+        for factor in sp.Mul.make_args(cond):
+            # a power keeps its base's sign (a fractional one needs a positive base anyway); exp > 0
+            base = factor.base if isinstance(factor, sp.Pow) else factor
+            if not free(base) or isinstance(base, sp.exp):
                 continue
-            try:
-                with time_limit(LIMIT_SECONDS):
-                    roots = sp.solve(base, sym)
-            except Exception:  # noqa: BLE001 - sympy fails in many ways: no bound from this one
-                continue
-            singular |= {float(r) for r in roots if r.is_real and r.is_finite}
-        value = spec.params[name]
-        below, above = [v for v in singular if v < value], [v for v in singular if v > value]
-        relations = ([f"{name} > {_number(max(below))}"] if below else []) + \
-            ([f"{name} < {_number(min(above))}"] if above else [])
-        out += [r for r in relations if r not in out]
+            relation = _sign_relation(base, values)
+            if relation is None:
+                return None
+            if relation not in out:
+                out.append(relation)
     return out
+
+
+def _sign_relation(expr: sp.Expr, values: dict) -> str | None:
+    """'E > 0' or 'E < 0' (E ``expr`` in + - * / text), the side of 0 ``expr`` has at ``values``;
+    None if it is 0 there or not rational in the parameters."""
+    try:
+        v = complex(expr.subs(values).evalf())
+    except (TypeError, ValueError):
+        return None
+    if v.imag != 0 or not math.isfinite(v.real) or v.real == 0:
+        return None
+    text = _arith_text(expr)
+    return None if text is None else f"{text} {'>' if v.real > 0 else '<'} 0"
+
+
+def _arith_text(e: sp.Expr) -> str | None:
+    """``e`` as text of numbers, names, + - * / and parentheses (holds' syntax), or None."""
+    if isinstance(e, sp.Symbol):
+        return e.name
+    if isinstance(e, (sp.Integer, sp.Float)):
+        return _number(float(e)) if float(e) >= 0 else f"({_number(float(e))})"
+    if isinstance(e, sp.Rational):
+        return f"({e.p}/{e.q})"
+    if isinstance(e, (sp.Add, sp.Mul)):
+        parts = [_arith_text(a) for a in e.args]
+        return None if None in parts else "(" + (" + " if isinstance(e, sp.Add) else "*").join(parts) + ")"
+    if isinstance(e, sp.Pow) and e.exp.is_Integer and e.exp != 0:
+        base = _arith_text(e.base)
+        if base is None or abs(int(e.exp)) > 8:
+            return None
+        power = "(" + "*".join([base] * abs(int(e.exp))) + ")"
+        return power if e.exp > 0 else f"(1/{power})"
+    return None
 
 
 def _number(v: float) -> str:

@@ -29,11 +29,15 @@ except ImportError:  # pragma: no cover
 __all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
            "write_table", "replace_text", "replace_files", "check_writable", "locked", "project_root",
            "installed_root", "check_root", "root_option", "root_of", "tables_dir", "table_path", "list_tables",
-           "name_of", "fit_command", "as_float"]
+           "name_of", "fit_command", "as_float", "CODE_BITS", "MAX_CODES", "code_bits_for"]
 
 FORMAT = "invact-table"
 FORMAT_VERSION = 1
 TARGETS = ("derivative", "inverse")
+# Widths the runtime's planar code packing supports (invact.runtime.bitpack.BITS: a byte holds 8/bits
+# codes, so bits must divide 8); 0 = one code, nothing stored.
+CODE_BITS = (0, 1, 2, 4, 8)
+MAX_CODES = 2 ** CODE_BITS[-1]
 ROOT_ENV = "INVACT_ROOT"
 
 # Keys in the order docs/table-format.md lists them (any dict level); others follow, sorted.
@@ -50,6 +54,12 @@ _KEY_ORDER = [
     "sha256",
 ]
 _RANK = {k: i for i, k in enumerate(_KEY_ORDER)}
+
+
+def code_bits_for(n_codes: int) -> int | None:
+    """The stored width of a table's code: the smallest of :data:`CODE_BITS` that holds ``n_codes``
+    codes (5-16 codes -> 4 bits, 17-256 -> 8), or None past :data:`MAX_CODES`."""
+    return next((b for b in CODE_BITS if n_codes <= 2 ** b), None)
 
 # Required top-level keys and their JSON types (bool is checked apart: it is an int in Python).
 _NUMBER = (int, float)
@@ -382,9 +392,14 @@ def _structure_problem(table: dict) -> str | None:
         return "has a forward_code without x_breaks and one more codes than breaks"
     if table["n_codes"] != len(table["code_classes"]) or table["n_branches"] > len(table["branches"]):
         return "has n_codes / n_branches that disagree with its code_classes / branches"
-    bits = math.ceil(math.log2(table["n_codes"])) if table["n_codes"] > 1 else 0
+    if not 1 <= table["n_codes"] <= MAX_CODES:
+        return f"has n_codes {table['n_codes']}; the runtime stores 1 to {MAX_CODES} codes"
+    bits = code_bits_for(table["n_codes"])
     if table["code_bits"] != bits:
-        return f"has code_bits {table['code_bits']}, expected {bits} for {table['n_codes']} codes"
+        why = (f"the runtime packs codes of {', '.join(map(str, CODE_BITS[1:]))} bits only (8/bits a byte); "
+               "refit it with this invact" if table["code_bits"] not in CODE_BITS else "")
+        return (f"has code_bits {table['code_bits']}, expected {bits} for {table['n_codes']} codes"
+                + (f" ({why})" if why else ""))
     for c, cls in enumerate(table["code_classes"]):
         segs = cls.get("segments") if isinstance(cls, dict) else None
         if cls.get("code") != c or not isinstance(segs, list) or not segs \

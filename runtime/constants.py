@@ -57,8 +57,8 @@ def _checked(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
         return _check(name, params)
 
 
-def _check(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
-    meta = registry.module(name).META
+def _check(name: str, params: dict[str, float] | None, meta: dict | None = None) -> tuple[float, ...]:
+    meta = registry.module(name).META if meta is None else meta
     fixed = None if meta["param_generic"] else lambda values: (
         f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "
         f"`{_refit_command(name, meta, values)}` refits it for these values, replacing that set (add `--name NEW` "
@@ -90,7 +90,11 @@ def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
 @registry.per_root(maxsize=256)
 def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
                      values: tuple[float, ...]) -> Constants:
-    """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order)."""
+    """Constants of a generated torch module for parameter ``values`` (in the module's PARAMS order); a
+    table fitted for one parameter set refuses others here too (ParamError), where the op runs: a compiled
+    graph checks parameters when it is traced, and the table may have been refitted since."""
+    if not mod.META["param_generic"] and values:
+        _check(mod.NAME, dict(zip(mod.PARAMS, values)), mod.META)
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
     ev = torch.float64 if dtype == torch.float64 else torch.float32
     xbreaks = mod.x_breaks(**params)

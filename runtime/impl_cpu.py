@@ -154,8 +154,10 @@ def _probe_passes(mod: ModuleType, dtype: torch.dtype, mkldnn: bool, kind: int, 
 
 
 def _pack(mod: ModuleType, flat: Tensor, cmap: cpu_kernel.CodeMap, k: Constants) -> Tensor:
-    packed = cpu_kernel.pack_code(flat, cmap, mod.CODE_BITS)
-    if packed is None:  # a layout the kernel does not take: Inductor's code for the y computed
+    # a strided x (x[::3], h[:, ::2]) packed from a contiguous copy, as invact.impl_table_c does: a transient
+    # copy of x, where Inductor's code would compile on the first call (2-16 s) and per grad mode
+    packed = cpu_kernel.pack_code(flat.contiguous(), cmap, mod.CODE_BITS)
+    if packed is None:  # a dtype or machine the kernel does not take: Inductor's code for the y computed
         packed = impl_compiled.kernels(mod.NAME)[0](flat, k.x_thresholds)
     return packed
 

@@ -135,11 +135,24 @@ def _setup_context(ctx, inputs, output) -> None:
     if ctx.needs_input_grad[0]:
         ctx.save_for_backward(*output)  # y and the packed code: nothing else
         ctx.strides = output[0].stride()
+        ctx.table = registry.module(name).TABLE_SHA256
+
+
+def _same_table(ctx) -> None:
+    """Refuse a backward whose table is not the one its forward computed with (refitted on disk and read
+    again in between: `invact fit NAME --param ...` while this process trains): y and the code would be
+    read with another table's g."""
+    name, table = ctx.invact[0], getattr(ctx, "table", None)
+    if table is not None and registry.module(name).TABLE_SHA256 != table:
+        raise RuntimeError(f"activation {name!r}: its table changed on disk (refitted) between this forward "
+                           "and its backward, so the saved y would be read with the new table's gradient; run "
+                           "the forward again (or fit the new table under another --name)")
 
 
 def _packed(ctx) -> tuple[Tensor, Tensor]:
     """(y, code) as the forward packed them: y in its forward layout (``ctx.strides``) whatever a saved-tensor
     hook returned (:func:`invact.layout.as_packed`)."""
+    _same_table(ctx)
     y, code = ctx.saved_tensors
     return layout.as_packed(y, ctx.strides), code
 
@@ -419,6 +432,7 @@ class _Direct(torch.autograd.Function):
         ctx.invact = (name, params, backend)
         ctx.save_for_backward(y, code)  # y and the packed code: nothing else
         ctx.strides = y.stride()
+        ctx.table = registry.module(name).TABLE_SHA256
         return y
 
     @staticmethod

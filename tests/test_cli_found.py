@@ -263,6 +263,83 @@ def test_a_table_refitted_for_other_parameters_is_usable_with_them(tree, capsys,
                 ops.apply(x, "k", {"b": 2.0})
 
 
+def test_a_refit_between_forward_and_backward_is_refused(tree, capsys, layered):
+    """A forward saved with the b=0.5 table, then `invact fit k --param b=2` (a notebook's `!invact fit`)
+    and any registry read: the backward read the saved y with the b=2 table's gradient, silently (0.15
+    off). It raises now, naming the table; a forward run after the refit trains with the new table."""
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    invact.use_root(tree)
+    assert invact_cli(capsys, "fit", "x + b*tanh(x)", "--param", "b=0.5", "--name", "k", "--root", tree, *CHEAP)[0] == 0
+    x = torch.linspace(-2, 2, 9, requires_grad=True)
+    for backend in ("eager", None):
+        y = ops.apply(x, "k", {"b": 0.5}, backend=backend)
+        assert invact_cli(capsys, "fit", "k", "--param", "b=2", "--root", tree, *CHEAP)[0] == 0
+        ops.names()                                     # reads the registry again
+        with pytest.raises(RuntimeError, match="its table changed on disk"):
+            y.sum().backward()
+        assert invact_cli(capsys, "fit", "k", "--param", "b=0.5", "--root", tree, *CHEAP)[0] == 0
+        ops.names()
+
+
+def test_a_compiled_graph_refuses_parameters_its_table_was_refitted_away_from(tree, capsys, layered):
+    """A graph compiled for b=0.5 computed y with b=0.5 and took the gradient from the table refitted for
+    b=2, on every later step, silently (the parameter check runs when the graph is traced); the op refuses
+    parameters its table does not hold when it runs."""
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    invact.use_root(tree)
+    assert invact_cli(capsys, "fit", "x + b*tanh(x)", "--param", "b=0.5", "--name", "k", "--root", tree, *CHEAP)[0] == 0
+    step = torch.compile(lambda t: ops.apply(t, "k", {"b": 0.5}).sum(), backend="aot_eager", fullgraph=True)
+    x = torch.linspace(-2, 2, 9, requires_grad=True)
+    step(x).backward()
+    assert invact_cli(capsys, "fit", "k", "--param", "b=2", "--root", tree, *CHEAP)[0] == 0
+    ops.names()
+    with pytest.raises(ValueError, match="fitted for {'b': 2.0} only"):
+        step(x).backward()
+
+
+def test_patch_recognises_a_module_computing_a_fitted_formula(tree, capsys, layered):
+    """The probe compared only with the built-in catalog: a module computing a table fitted under the root in
+    use was "computes none of invact's activations" though `invact.ops.names()` listed it."""
+    from torch import nn
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    assert invact_cli(capsys, "fit", "x*x*x + x", "--name", "cubic1", "--root", tree, *CHEAP)[0] == 0
+    invact.use_root(tree)
+
+    class Cubic(nn.Module):
+        def forward(self, x):
+            return x * x * x + x
+
+    model = nn.Sequential(nn.Linear(8, 8), Cubic(), nn.Linear(8, 8))
+    report = invact.patch(model)
+    assert len(report) == 1 and "computes cubic1" in report.replaced[0].note, report
+
+
+def test_strided_input_packs_its_code_without_compiling(tree, capsys, layered):
+    """x[:, ::2] made the CPU backend compile Inductor's code for the forward code on the first call (2-16 s,
+    and again per grad mode), against README's "no compile on any call"; the C kernel packs a copy."""
+    from invact import cpu_kernel
+    from torch._dynamo.utils import counters
+    if cpu_kernel.library() is None:
+        pytest.skip("no C kernels on this machine: the forward code is Inductor's")
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    assert invact_cli(capsys, "fit", "x*x*x + x", "--name", "cubic1", "--root", tree, *CHEAP)[0] == 0
+    invact.use_root(tree)
+    before = counters["stats"]["unique_graphs"]
+    for name in ("gelu", "cubic1"):
+        h = torch.randn(16, 24)
+        x = h[:, ::2].requires_grad_()
+        y = ops.apply(x, name)
+        y.sum().backward()
+        xe = h[:, ::2].detach().requires_grad_()         # the eager backend on the same strided x
+        ye = ops.apply(xe, name, backend="eager")
+        ye.sum().backward()
+        assert torch.equal(y, ye)
+        # both float32 schemes (with and without FMA) are certified within float32_eval_error of g, at most
+        # 2.5e-7 (issue 17's bound, every table's certificate), so they are within twice that of each other
+        torch.testing.assert_close(x.grad, xe.grad, rtol=0, atol=2 * 2.5e-7)
+    assert counters["stats"]["unique_graphs"] == before
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. built-ins keep PyTorch's defaults
 
