@@ -46,8 +46,8 @@ _COMPARE = {ast.Lt: op.lt, ast.LtE: op.le, ast.Gt: op.gt, ast.GtE: op.ge}
 
 
 def holds(relation: str, values: Mapping[str, float]) -> bool:
-    """Whether a param_domain relation holds for ``values``; :class:`ParamError` if it is not one
-    comparison of numbers, parameter names, + - * / and unary minus."""
+    """Whether a param_domain relation holds for ``values`` (not where it divides by 0); :class:`ParamError`
+    if it is not one comparison of numbers, parameter names, + - * / and unary minus."""
     invalid = ParamError(f"param_domain {relation!r} is not a comparison of parameters and numbers; "
                          "run `invact generate` from a valid table", "param_domain")
 
@@ -68,7 +68,10 @@ def holds(relation: str, values: Mapping[str, float]) -> bool:
         raise invalid from None
     if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in _COMPARE):
         raise invalid
-    return _COMPARE[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
+    try:
+        return _COMPARE[type(tree.ops[0])](value(tree.left), value(tree.comparators[0]))
+    except ZeroDivisionError:   # a relation dividing by a parameter expression that is 0: not held
+        return False
 
 
 def check_params(name: str, defaults: Mapping[str, float], given: Mapping[str, object] | None = None,

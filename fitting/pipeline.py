@@ -167,9 +167,11 @@ def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
                 conditions.append(node.args[0])
     for cond in conditions:
         for factor in sp.Mul.make_args(cond):
-            # a power keeps its base's sign (a fractional one needs a positive base anyway); exp > 0
+            # a power keeps its base's sign (a fractional one needs a positive base anyway), an even one is
+            # >= 0 whatever it (its base != 0 is kept where it divides); exp > 0
+            even = isinstance(factor, sp.Pow) and factor.exp.is_integer and factor.exp.is_even and factor.exp > 0
             base = factor.base if isinstance(factor, sp.Pow) else factor
-            if not free(base) or isinstance(base, sp.exp):
+            if not free(base) or isinstance(base, sp.exp) or even:
                 continue
             relation = _sign_relation(base, values)
             if relation is None:

@@ -47,7 +47,11 @@ def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     present = registry.names()
     catalog = [row.name for row in CATALOG if row.name in present]
     fitted = sorted(set(present) - set(catalog))
-    return {name: registry.module(name).forward for name in catalog + fitted}
+    # a fitted table's module is imported when the probe gets to it: one whose code cannot be imported (an
+    # interrupted fit) matches nothing instead of failing patch
+    refs = {name: registry.module(name).forward for name in catalog}
+    refs.update({name: lambda x, n=name: registry.module(n).forward(x) for name in fitted})
+    return refs
 
 
 #: references whose usual torch forms already save their output (a custom class may not: measure it)
@@ -124,7 +128,7 @@ def probe(module: nn.Module) -> tuple[str | None, bool]:
         try:
             with torch.no_grad():
                 want = ref(x)
-        except Exception:  # noqa: BLE001 - a fitted formula's forward that cannot take the probe matches nothing
+        except Exception:  # noqa: BLE001 - a fitted table whose code or forward cannot take the probe matches nothing
             continue
         close = ((y - want).abs() <= _REL * want.abs() + slack) | (y == want) | (y.isnan() & want.isnan())
         if bool(close.all()):

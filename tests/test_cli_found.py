@@ -314,6 +314,24 @@ def test_patch_recognises_a_module_computing_a_fitted_formula(tree, capsys, laye
     assert len(report) == 1 and "computes cubic1" in report.replaced[0].note, report
 
 
+def test_patch_probe_survives_a_broken_fitted_table(tree, capsys, layered):
+    """A fitted table whose code cannot be imported (made from another table: an interrupted fit) matches
+    nothing; patch recognises the rest (it raised ImportError for any model with a probed module)."""
+    from torch import nn
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    assert invact_cli(capsys, "fit", "x*x*x + x", "--name", "cubic1", "--root", tree, *CHEAP)[0] == 0
+    code = tree / "generated" / "torch_cubic1.py"
+    code.write_text(re.sub(r"TABLE_SHA256 = '[0-9a-f]+'", "TABLE_SHA256 = '" + "0" * 64 + "'", code.read_text()))
+    invact.use_root(tree)
+
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    report = invact.patch(nn.Sequential(nn.Linear(8, 8), Swish(), nn.Linear(8, 8)))
+    assert len(report) == 1 and "computes silu" in report.replaced[0].note, report
+
+
 def test_strided_input_packs_its_code_without_compiling(tree, capsys, layered):
     """x[:, ::2] made the CPU backend compile Inductor's code for the forward code on the first call (2-16 s,
     and again per grad mode), against README's "no compile on any call"; the C kernel packs a copy."""

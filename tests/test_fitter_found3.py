@@ -85,6 +85,18 @@ def test_param_domain_keeps_signs():
     assert _param_domain(get_spec("selu")) == ["alpha > 0", "scale > 0"]
 
 
+def test_param_domain_even_powers_and_divisions():
+    """An even power of a parameter keeps no sign (b**2*x at b=-1 refused b=1, which is as valid); a relation
+    dividing by a parameter expression that is 0 does not hold (ZeroDivisionError escaped the runtime's
+    ParamError and the fitter's SpecError)."""
+    from invact.common.params import check_params
+    assert _param_domain(get_spec("b**2*x + x", name="e", params={"b": -1.0})) == []
+    domain = _param_domain(get_spec("x/(1 + 1/b)", name="d", params={"b": 1.0}))
+    assert check_params("d", {"b": 1.0}, {"b": 2.0}, domain) == {"b": 2.0}
+    with pytest.raises(ParamError):
+        check_params("d", {"b": 1.0}, {"b": 0.0}, domain)
+
+
 def test_generic_square_refuses_negative_parameter(tmp_path):
     root = _fit("b*x**2", "sq", tmp_path / "sq", "--param", "b=1")
     table = load_table(root / "generated" / "tables" / "sq.json")
