@@ -334,22 +334,27 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
             x_bad = float(xs[np.argmax(bad)])
             exact = _precise(p.expr, x_bad)
             if exact is not None and _continuous_there(p.expr, x_bad, exact):
-                raise SpecError(f"{spec.name!r}: float64 cannot evaluate f at x = {x_bad:.6g} (it gives "
-                                f"{ys[np.argmax(bad)]}, from an overflow or a cancellation; f is {float(exact):.6g} "
-                                "there): write the formula in a form whose terms stay within float64's range")
+                raise _float64_fault(f"{spec.name!r}: ", "f", x_bad, ys[np.argmax(bad)], exact)
             raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: "
                             f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}")
-        dys = numeric(sp.diff(p.expr, X))(xs)
+        fp = sp.diff(p.expr, X)
+        dys = numeric(fp)(xs)
         bad = np.isnan(dys)
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
-            exact = _precise(sp.diff(p.expr, X), x_bad)
-            if exact is not None and _continuous_there(sp.diff(p.expr, X), x_bad, exact):
-                raise SpecError(f"{spec.name!r}: float64 cannot evaluate f' at x = {x_bad:.6g} (it gives nan, from an "
-                                f"overflow such as inf/inf; f' is {float(exact):.6g} there): write the formula in a "
-                                "form whose terms stay within float64's range")
+            exact = _precise(fp, x_bad)
+            if exact is not None and _continuous_there(fp, x_bad, exact):
+                raise _float64_fault(f"{spec.name!r}: ", "f'", x_bad, "nan", exact)
             raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
                             "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
+
+
+def _float64_fault(prefix: str, what: str, x: float, got, exact) -> SpecError:
+    """The refusal where float64 gives ``got`` (inf or nan) for ``what`` (f or f') at x but its 15-digit
+    value ``exact`` is a number: an overflow or a cancellation, not a property of f."""
+    return SpecError(f"{prefix}float64 cannot evaluate {what} at x = {x:.6g} (it gives {got}, from an overflow or a "
+                     f"cancellation; {what} is {float(exact):.6g} there): write the formula in a form whose terms "
+                     "stay within float64's range")
 
 
 def _continuous_there(expr: sp.Expr, x: float, exact) -> bool:
@@ -573,15 +578,16 @@ def _check_monotone(spec: ActivationSpec, b: Branch) -> None:
     tail = "f may have a pole, or a narrow wiggle, between the scan's points, which the fitter does not support"
     if not y_lo < y_hi:
         raise SpecError(f"{where} has y range [{y_lo:.6g}, {y_hi:.6g}], which is not increasing; {tail}")
+    sign = 1.0 if b.direction == "increasing" else -1.0
     xs = _scan_grid(lo, hi)
     ys = numeric(b.expr)(xs)
     with np.errstate(all="ignore"):       # inf - inf far out: nan, no evidence either way
-        step = np.diff(ys) * (1.0 if b.direction == "increasing" else -1.0)
+        step = np.diff(ys) * sign
         slack = 1e-9 * (np.abs(ys[:-1]) + np.abs(ys[1:]))
         against = np.nonzero(step < -slack)[0]
     for i in against[np.argsort(step[against] / np.maximum(slack[against], 1e-300))][:MONOTONE_CHECKS]:
         v0, v1 = _precise(b.expr, xs[i]), _precise(b.expr, xs[i + 1])
-        if v0 is not None and v1 is not None and (v1 - v0) * (1 if b.direction == "increasing" else -1) < 0:
+        if v0 is not None and v1 is not None and (v1 - v0) * sign < 0:
             raise SpecError(f"{where} is not {b.direction}: f({xs[i]:.6g}) = {float(v0):.6g} and f({xs[i + 1]:.6g}) "
                             f"= {float(v1):.6g}; {tail}")
 
@@ -625,9 +631,7 @@ def _check_float64(expr: sp.Expr, xs: np.ndarray, values: np.ndarray, what: str)
     before = _precise(expr, float(xs[i - 1])) if i > 0 else None
     growing = before is not None and exact is not None and abs(exact) > abs(before)   # toward +-inf indeed
     if exact is not None and abs(float(exact)) < 1.7e308 and not growing:
-        raise SpecError(f"float64 cannot evaluate {what} at x = {xs[i]:.6g} (it gives {values[i]}, from an overflow "
-                        f"or a cancellation; {what} is {float(exact):.6g} there): write the formula in a form whose "
-                        "terms stay within float64's range")
+        raise _float64_fault("", what, float(xs[i]), values[i], exact)
 
 
 def _agree(a: float, b: float) -> bool:

@@ -637,12 +637,12 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         for m, flag in flags.values():
             m.train(flag)
         state.restore()
-    _report(report, sites, active, reasons, base, final, left_cls, routed, unit, hidden)
+    _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
     return bool(routed and routed[0])
 
 
 def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dict[int, str], base: Trace,
-            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None, hidden: set[int]) -> None:
+            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None) -> None:
     by_path = {p: k for k, s in sites.items() for p in s.paths}
     kept, first = [], set()
     fused, note, gain = unit or (set(), "", 0)
@@ -651,7 +651,7 @@ def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dic
         if key in fused:                      # the unit's bytes on its first entry
             kept.append(replace(r, freed=0 if first & fused else gain, note="; ".join(x for x in (note, r.note) if x)))
             first.add(key)
-        elif key in active and key in hidden:
+        elif key in active and base.hidden(key):
             note = f"not measured: {_hidden_cause(base, key)}; kept, as without example="
             kept.append(replace(r, freed=0, note="; ".join(x for x in (note, r.note) if x)))
         elif key in active:

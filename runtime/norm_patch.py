@@ -108,6 +108,7 @@ _CONFIGS = (("float32", torch.float32, torch.float32, True), ("bfloat16", torch.
             ("mixed", torch.float32, torch.bfloat16, True),      # float32 weights, bf16 x: Llama's vs T5's rounding
             ("float64", torch.float64, torch.float64, False))
 _DECIDING = tuple(name for name, *_, decides in _CONFIGS if decides)
+_RAISED = "its forward raised"   # how _probe says the module itself cannot run a configuration
 
 
 def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> dict[str, float | str]:
@@ -133,7 +134,7 @@ def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> dict[str, fl
             try:
                 want = probe(x)
             except Exception as exc:  # noqa: BLE001 - a configuration the module cannot run is not compared
-                out[config] = f"its forward raised {type(exc).__name__} on {config} (shape (3, 5, {n}))"
+                out[config] = f"{_RAISED} {type(exc).__name__} on {config} (shape (3, 5, {n}))"
                 continue
             try:
                 got = _share(_build(kind, n, eps, bias, "eager", False), probe)(x)
@@ -158,7 +159,7 @@ def _verdict(results: dict[str, float | str]) -> float | str:
     for config in _DECIDING:
         r = results[config]
         if isinstance(r, str):
-            if config != "float32" and r.startswith("its forward raised"):
+            if config != "float32" and r.startswith(_RAISED):
                 continue
             return r
         worst = max(worst, r)
@@ -206,7 +207,7 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
         cache[key] = (min(matches, key=lambda k: tried[k]), tried, results) if matches else (None, tried, results)
     kind, tried, results = cache[key]
     if kind is None:
-        failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith("its forward raised")), None)
+        failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith(_RAISED)), None)
         if failed is not None:
             return None, f"probe: {failed}"
         diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
