@@ -129,13 +129,18 @@ def _backward_fake(grad, y, code, name, params, backend):
     return layout.like(y)
 
 
+def _save(ctx, y: Tensor, code: Tensor) -> None:
+    """What every activation context keeps for its backward: y and the packed code (nothing else), y's
+    strides (:func:`_packed`) and the sha of the table it computed with (:func:`_same_table`)."""
+    ctx.save_for_backward(y, code)
+    ctx.strides = y.stride()
+    ctx.table = registry.module(ctx.invact[0]).TABLE_SHA256
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    _, name, params, backend = inputs
-    ctx.invact = (name, params, backend)
+    ctx.invact = tuple(inputs[1:])
     if ctx.needs_input_grad[0]:
-        ctx.save_for_backward(*output)  # y and the packed code: nothing else
-        ctx.strides = output[0].stride()
-        ctx.table = registry.module(name).TABLE_SHA256
+        _save(ctx, *output)
 
 
 def _same_table(ctx) -> None:
@@ -267,8 +272,7 @@ class _Activation(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_forward(*output)  # for jvp, which runs inside apply: kept no longer
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(*output)  # y and the packed code: nothing else
-            ctx.strides = output[0].stride()
+            _save(ctx, *output)
 
     @staticmethod
     def backward(ctx, grad_y, grad_code):
@@ -430,9 +434,7 @@ class _Direct(torch.autograd.Function):
     def forward(ctx, x: Tensor, name: str, params: list[float], backend: str) -> Tensor:
         y, code = _first("forward", backend, x, x, name, params)
         ctx.invact = (name, params, backend)
-        ctx.save_for_backward(y, code)  # y and the packed code: nothing else
-        ctx.strides = y.stride()
-        ctx.table = registry.module(name).TABLE_SHA256
+        _save(ctx, y, code)
         return y
 
     @staticmethod

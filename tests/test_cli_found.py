@@ -266,17 +266,23 @@ def test_a_table_refitted_for_other_parameters_is_usable_with_them(tree, capsys,
 def test_a_refit_between_forward_and_backward_is_refused(tree, capsys, layered):
     """A forward saved with the b=0.5 table, then `invact fit k --param b=2` (a notebook's `!invact fit`)
     and any registry read: the backward read the saved y with the b=2 table's gradient, silently (0.15
-    off). It raises now, naming the table; a forward run after the refit trains with the new table."""
+    off). It raises now, naming the table, in plain eager, through the op's autograd and through the
+    torch.func transforms' (whose context did not record the table); a forward run after the refit trains
+    with the new table."""
     assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
     invact.use_root(tree)
     assert invact_cli(capsys, "fit", "x + b*tanh(x)", "--param", "b=0.5", "--name", "k", "--root", tree, *CHEAP)[0] == 0
     x = torch.linspace(-2, 2, 9, requires_grad=True)
-    for backend in ("eager", None):
-        y = ops.apply(x, "k", {"b": 0.5}, backend=backend)
+    for backend, transform in (("eager", False), (None, False), (None, True)):
+        if transform:                                   # torch.func.vjp: the transforms' autograd.Function
+            _, backward = torch.func.vjp(lambda t: ops.apply(t, "k", {"b": 0.5}), x)
+        else:
+            y = ops.apply(x, "k", {"b": 0.5}, backend=backend)
+            backward = lambda grad: torch.autograd.grad(y, x, grad)  # noqa: E731
         assert invact_cli(capsys, "fit", "k", "--param", "b=2", "--root", tree, *CHEAP)[0] == 0
         ops.names()                                     # reads the registry again
         with pytest.raises(RuntimeError, match="its table changed on disk"):
-            y.sum().backward()
+            backward(torch.ones(9))
         assert invact_cli(capsys, "fit", "k", "--param", "b=0.5", "--root", tree, *CHEAP)[0] == 0
         ops.names()
 
