@@ -14,6 +14,15 @@
   Llama's from T5's rounding.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
   class and configuration.
+* Such classes with no parameters, buffers or submodules (OLMo's LayerNorm, Llama 4's weight-less RMSNorm):
+  the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
+  invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
+  "t5"; LayerNorm's "llama", ``F.layer_norm(x.float()).to(x.dtype)``, and torch's). The size comes from
+  ``normalized_shape`` / ``hidden_size``; a class stating none normalizes the last dimension of any size,
+  which one fixed-size invact norm cannot (others raise), and is left. eps comes from the attribute, or is
+  inferred from the output (:func:`_inferred_eps`: a row of variance far below eps, snapped to a short
+  decimal) and kept only if the full probe then matches; a form without eps, with eps outside the square
+  root, clamped or over another axis matches nothing and is left.
 
 The replacement shares the original's Parameter objects (same ``state_dict`` keys, optimizer state and
 later ``.to()`` conversions); :func:`invact.unpatch` puts the original back.
@@ -37,7 +46,7 @@ import re
 import torch
 from torch import nn
 
-from .norms import LayerNorm, RMSNorm, _Saving
+from .norms import LayerNorm, RMSNorm, _Saving, _int_tuple
 from . import recognise
 from .recognise import probe_copy
 
@@ -81,10 +90,22 @@ def feeds_linears(parent: nn.Module, attr: str) -> bool:
     return attr in PRE_NORM
 
 
-def _build(kind: str, n: int, eps: float, bias: bool, backend: str | None, autocast_output: bool) -> nn.Module:
-    if kind == "layer":
-        return LayerNorm(n, eps, True, bias, device="meta", backend=backend, autocast_output=autocast_output)
-    return RMSNorm(n, eps, True, device="meta", style=kind, backend=backend, autocast_output=autocast_output)
+def _size(module: nn.Module) -> tuple[int, ...] | None:
+    """The normalized shape a module without weight states (``normalized_shape``, ``hidden_size``), or None."""
+    for name in ("normalized_shape", "hidden_size"):
+        value = getattr(module, name, None)
+        shape = None if isinstance(value, bool) else _int_tuple(value)
+        if shape and all(s > 0 for s in shape):
+            return shape
+    return None
+
+
+def _build(kind: str, shape: int | tuple[int, ...], eps: float, bias: bool, backend: str | None,
+           autocast_output: bool, affine: bool = True) -> nn.Module:
+    if kind.startswith("layer"):         # "layer": torch's; "layer-llama": F.layer_norm(x.float()).to(x.dtype)
+        return LayerNorm(shape, eps, affine, bias and affine, device="meta", style=kind[6:] or "torch",
+                         backend=backend, autocast_output=autocast_output)
+    return RMSNorm(shape, eps, affine, device="meta", style=kind, backend=backend, autocast_output=autocast_output)
 
 
 def _share(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -107,37 +128,44 @@ def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:
 _CONFIGS = (("float32", torch.float32, torch.float32, True), ("bfloat16", torch.bfloat16, torch.bfloat16, True),
             ("mixed", torch.float32, torch.bfloat16, True),      # float32 weights, bf16 x: Llama's vs T5's rounding
             ("float64", torch.float64, torch.float64, False))
+_PLAIN_CONFIGS = tuple(c for c in _CONFIGS if c[0] != "mixed")   # no weights: the input's dtype alone
 _DECIDING = tuple(name for name, *_, decides in _CONFIGS if decides)
 _RAISED = "its forward raised"   # how _probe says the module itself cannot run a configuration
 
 
-def _probe(module: nn.Module, kind: str, eps: float, bias: bool) -> dict[str, float | str]:
+def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
+           shape: tuple[int, ...] | None = None) -> dict[str, float | str]:
     """Per configuration of :data:`_CONFIGS` (weights' and input's dtypes), the largest difference in ulps
     of the output dtype between ``module`` and form ``kind`` on random input (:func:`_probe_input`) and
     weights, or why they cannot be compared (the forward raised, the form failed, another dtype or shape).
     It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on
-    the meta device) and sets the copy's weights."""
-    n = module.weight.numel()
+    the meta device) and sets the copy's weights. ``shape``: a module without weight, normalizing that
+    shape, compared with the form without weight in :data:`_PLAIN_CONFIGS`."""
+    affine = shape is None
+    shape = (module.weight.numel(),) if affine else shape
+    n = math.prod(shape)
     out: dict[str, float | str] = {}
     g = torch.Generator().manual_seed(0)
-    for config, dtype, x_dtype, _ in _CONFIGS:
+    for config, dtype, x_dtype, _ in _CONFIGS if affine else _PLAIN_CONFIGS:
         with torch.device("cpu"), torch.no_grad():   # on the CPU, also within torch.device("meta") around patch
             try:
                 probe = probe_copy(module).to(device="cpu", dtype=dtype)
-                probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
+                if affine:
+                    probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
                 if bias:
                     probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
             except Exception as exc:  # noqa: BLE001 - a module that cannot be copied and set is not probed
                 out[config] = f"no {config} copy with random weights ({type(exc).__name__}: {exc})"[:200]
                 continue
-            x = _probe_input(n, eps, g).to(x_dtype)
+            x = _probe_input(n, eps, g).reshape(3, 5, *shape).to(x_dtype)
             try:
                 want = probe(x)
             except Exception as exc:  # noqa: BLE001 - a configuration the module cannot run is not compared
-                out[config] = f"{_RAISED} {type(exc).__name__} on {config} (shape (3, 5, {n}))"
+                out[config] = f"{_RAISED} {type(exc).__name__} on {config} (shape {tuple(x.shape)})"
                 continue
             try:
-                got = _share(_build(kind, n, eps, bias, "eager", False), probe)(x)
+                form = _build(kind, shape, eps, bias, "eager", False, affine)
+                got = (_share(form, probe) if affine else form)(x)
             except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
                 out[config] = "fails"
                 continue
@@ -156,7 +184,7 @@ def _verdict(results: dict[str, float | str]) -> float | str:
     float32 but not bfloat16 weights) is skipped; float64 is reported, not decided on (a class computing
     float64 x in float32, as CLIP's does, differs there by float32's rounding)."""
     worst = 0.0
-    for config in _DECIDING:
+    for config in (c for c in _DECIDING if c in results):
         r = results[config]
         if isinstance(r, str):
             if config != "float32" and r.startswith(_RAISED):
@@ -168,7 +196,7 @@ def _verdict(results: dict[str, float | str]) -> float | str:
 
 def _compared(results: dict[str, float | str]) -> str:
     """Which configurations the probe compared, for the report."""
-    ran = [c for c in _DECIDING if not isinstance(results[c], str)]
+    ran = [c for c in _DECIDING if c in results and not isinstance(results[c], str)]
     f64 = results["float64"]
     tail = ("" if f64 == 0 else f"; float64: {f64:.3g} ulps apart" if isinstance(f64, float) else f"; float64: {f64}")
     return f"{', '.join(ran)}; rows of variance 4 down to eps/10{tail}"
@@ -190,11 +218,14 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     extra = recognise.extra_arguments(module)
     if extra is not None:
         return None, f"its forward takes more than the input ({extra}); invact's norms take one tensor"
+    if list(module.buffers()) or list(module.children()):
+        return None, "not a recognised norm: holds buffers or submodules"
     params = dict(module.named_parameters(recurse=False))
+    if not params:
+        return _weightless(module, backend, cast, cast_note, cache)
     weight, bias = params.get("weight"), params.get("bias")
-    if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"} or list(module.buffers()) \
-            or list(module.children()):
-        return None, "not a recognised norm: needs a 1-d weight (and bias), no buffers or submodules"
+    if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"}:
+        return None, "not a recognised norm: needs a 1-d weight (and bias), or no parameters at all"
     eps = _eps(module)
     if eps is None:
         return None, "no eps / variance_epsilon attribute"
@@ -207,14 +238,108 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
         cache[key] = (min(matches, key=lambda k: tried[k]), tried, results) if matches else (None, tried, results)
     kind, tried, results = cache[key]
     if kind is None:
-        failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith(_RAISED)), None)
-        if failed is not None:
-            return None, f"probe: {failed}"
-        diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
-        return None, f"probe: no invact norm computes the same output ({diffs})"
+        return None, _unmatched(tried)
     new = _share(_build(kind, weight.numel(), eps, bias is not None, backend, cast), module)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
     return new, _note(new, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
+
+
+def _unmatched(tried: dict[str, float | str]) -> str:
+    """Why no form matched: the module's forward raised, or each form's difference."""
+    failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith(_RAISED)), None)
+    if failed is not None:
+        return f"probe: {failed}"
+    diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
+    return f"probe: no invact norm computes the same output ({diffs})"
+
+
+# forms a norm without weight may compute: gemma's (1 + w) needs a weight; ties go to the float64 match
+_PLAIN_FORMS = ("llama", "torch", "t5", "layer-llama", "layer")
+_ANY_N = 64        # the probe's size for a module that states none
+
+
+def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: str,
+                cache: dict) -> tuple[nn.Module | None, str]:
+    """A module without parameters (OLMo's LayerNorm, Llama 4's weight-less RMSNorm): invact's norm
+    without affine parameters, where one of :data:`_PLAIN_FORMS` computes the same (:func:`_match_plain`)."""
+    if any(isinstance(v, torch.Tensor) for v in vars(module).values()):
+        return None, "not a recognised norm: holds a tensor that is no parameter or buffer"
+    size = _size(module)
+    key = (type(module), _eps(module), size or (_ANY_N,))
+    if key not in cache:
+        cache[key] = _match_plain(module, key[1], key[2])
+    kind, eps, text = cache[key]
+    if kind is None:
+        return None, text
+    if size is None:
+        return None, (f"no normalized size (normalized_shape / hidden_size attribute): it normalizes the last "
+                      f"dimension of any size, invact's norms one fixed normalized_shape (other sizes raise); "
+                      f"on size {_ANY_N} it computes form {kind!r} without weight {text}")
+    new = _build(kind, size, eps, False, backend, cast, affine=False)
+    return new, _note(new, f"no weight: probe: same output as form {kind!r} without weight {text}", cast_note)
+
+
+def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -> tuple[str | None, float, str]:
+    """(form, eps, how it matched) for a module without weight normalizing ``shape``, or (None, 0, why none
+    does). ``eps``: the module's attribute, or None: inferred per family (:func:`_inferred_eps`)."""
+    epss: dict[bool, float | str] = {}
+    tried: dict[str, float | str] = {}
+    results: dict[str, dict[str, float | str]] = {}
+    for kind in _PLAIN_FORMS:
+        rms = not kind.startswith("layer")
+        if rms not in epss:
+            epss[rms] = eps if eps is not None else _inferred_eps(module, rms, shape)
+        if isinstance(epss[rms], str):
+            tried["RMSNorm forms" if rms else "LayerNorm forms"] = epss[rms]
+            continue
+        results[kind] = _probe(module, kind, epss[rms], False, shape)
+        tried[kind] = _verdict(results[kind])
+    matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]
+    found = [f"{e:g} ({'RMSNorm' if rms else 'LayerNorm'})" for rms, e in epss.items() if not isinstance(e, str)]
+    inferred = "; eps inferred from its output: " + ", ".join(found) if eps is None and found else ""
+    if not matches:
+        return None, 0.0, _unmatched(tried) + inferred
+    kind = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
+    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
+    eps_used = epss[not kind.startswith("layer")]
+    how = f"{probe} ({_compared(results[kind])})"
+    return kind, eps_used, how + ("" if eps is not None else f"; eps {eps_used:g} inferred from its output")
+
+
+def _float64_ulps(results: dict[str, float | str]) -> float:
+    f64 = results["float64"]
+    return f64 if isinstance(f64, float) else math.inf
+
+
+_EPS_ROWS = 13      # float32 rows of variance 1 down to 1e-24, each a decade of scale below the last
+
+
+def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float | str:
+    """The eps of a module without an eps attribute, from its float32 output: on its row of smallest
+    variance ``var`` (of ``x`` for RMSNorm, else of ``x - mean``), ``y = x_c / sqrt(var + eps)`` gives
+    ``eps = var / mean(y^2) - var`` (float64), snapped to a decimal of 1 to 3 significant digits within
+    1e-5 relative; or why there is none (the probe then decides whether the module computes that)."""
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(1)
+    scales = torch.logspace(0, -(_EPS_ROWS - 1), _EPS_ROWS, dtype=torch.float64).reshape(-1, 1)
+    x = ((torch.randn(_EPS_ROWS, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
+    with torch.device("cpu"), torch.no_grad():
+        try:
+            y = probe_copy(module).to(device="cpu")(x.reshape(_EPS_ROWS, *shape))
+        except Exception as exc:  # noqa: BLE001 - a module that cannot run float32 rows is not a norm
+            return f"{_RAISED} {type(exc).__name__} on float32 (shape {(_EPS_ROWS, *shape)})"
+    if not isinstance(y, torch.Tensor) or y.shape != (_EPS_ROWS, *shape) or not y.is_floating_point():
+        return "returns another type or shape than its input"
+    xc = x.double() if rms else x.double() - x.double().mean(-1, keepdim=True)
+    var, mean_square = xc.square().mean(-1)[-1].item(), y.double().reshape(_EPS_ROWS, n).square().mean(-1)[-1].item()
+    estimate = var / mean_square - var if math.isfinite(mean_square) and mean_square > 0 else math.nan
+    if not estimate > 1e-3 * var:       # nothing (or noise) added to the variance: no eps
+        return f"no eps attribute, and no eps in its output ({estimate:.2g} on a row of variance {var:.1e})"
+    for digits in range(3):
+        snapped = float(f"{estimate:.{digits}e}")
+        if abs(snapped - estimate) <= 1e-5 * snapped:
+            return snapped
+    return f"no eps attribute; its output gives eps {estimate:.7g}, no decimal of up to 3 significant digits"
 
 
 def _plain(module: nn.Module, backend: str | None, cast: bool) -> tuple[nn.Module, str]:

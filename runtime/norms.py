@@ -49,12 +49,14 @@ from torch import Tensor, nn
 from . import backends, layout, norm_cpu, ops
 from .common.params import real
 
-__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "RATIO"]
+__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "LAYER_STYLES", "RATIO"]
 
 RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + tiny(y's dtype)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
+# LayerNorm's: torch's, or "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's)
+LAYER_STYLES = ("torch", "llama")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,14 +514,16 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 
 def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
            style: str, autocast_output: bool, backend: str | None) -> Tensor:
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    _check_style(style, rms)
     chosen = backends.resolve(backend, x.device.type)
     cast = _autocast_dtype(x.device.type)
     if cast is not None and style == "torch" and x.dtype != torch.float32 \
             and _autocast_upcasts(x.device.type, x.dtype, cast, rms):
         x = x.float()                                       # as autocast runs torch's norm
     norm_dtype, out_dtype = _dtypes(style, x.dtype, None if weight is None else weight.dtype)
+    if not rms and style == "llama":                       # F.layer_norm(x.float(), ...).to(x.dtype)
+        _float32_parameters(weight, bias)
+        norm_dtype, out_dtype, x = None, x.dtype, x.float()
     if cast is not None and autocast_output and out_dtype == torch.float32:
         out_dtype = cast                                    # what the next autocast-lowered Linear saves
     offset = 1.0 if style == "gemma" else 0.0
@@ -544,6 +548,20 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         return torch.ops.invact.norm_forward(*args)[0]
 
 
+def _check_style(style: str, rms: bool) -> None:
+    styles = STYLES if rms else LAYER_STYLES
+    if style not in styles:
+        raise ValueError(f"style must be one of {', '.join(styles)}, got {style!r}")
+
+
+def _float32_parameters(weight: Tensor | None, bias: Tensor | None) -> None:
+    """Style "llama" LayerNorm computes in float32 (``F.layer_norm(x.float(), ...)``): float32 parameters only."""
+    for what, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != torch.float32:
+            raise ValueError(f"{what}: a LayerNorm of style 'llama' computes F.layer_norm(x.float(), ...), which "
+                             f"takes float32 parameters, got {p.dtype}")
+
+
 def _t5_float64(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
     """T5LayerNorm of float64 x, in torch ops (autograd saves x): its variance is of x in float32 but x_hat
     is float64 x times that float32 rstd, which no form of the custom op computes."""
@@ -558,17 +576,19 @@ def _t5_float64(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: f
 # functional
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5, *, autocast_output: bool = False,
+               bias: Tensor | None = None, eps: float = 1e-5, *, style: str = "torch", autocast_output: bool = False,
                backend: str | None = None) -> Tensor:
     """``F.layer_norm`` that saves its output (and the per-row rstd) instead of its input.
 
     ``autocast_output``: under torch.autocast, return the autocast dtype where torch would return
-    float32 (for a norm whose consumers are autocast-lowered Linears). ``backend``: "triton" (CUDA),
+    float32 (for a norm whose consumers are autocast-lowered Linears). ``style``: "torch", or "llama":
+    ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's: 16-bit and float64 x computed in float32,
+    see :data:`LAYER_STYLES`). ``backend``: "triton" (CUDA),
     "compiled" (CPU default: the backward by the C kernel of :mod:`invact.norm_cpu`, else Inductor), "eager",
     or None (see :mod:`invact.backends`).
     """
     shape = _check(input, normalized_shape, weight, bias, "layer_norm")
-    return _apply(input, shape, weight, bias, eps, False, "torch", autocast_output, backend)
+    return _apply(input, shape, weight, bias, eps, False, style, autocast_output, backend)
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
@@ -612,19 +632,25 @@ class _Saving:
 
 
 class LayerNorm(_Saving, nn.LayerNorm):
-    """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output."""
+    """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
+
+    ``style`` (keyword-only): "torch", or "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's).
+    """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, autocast_output: bool = False, backend: str | None = None) -> None:
+                 device=None, dtype=None, *, style: str = "torch", autocast_output: bool = False,
+                 backend: str | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.backend, self.autocast_output = backend, autocast_output
+        _check_style(style, False)
+        self.style, self.backend, self.autocast_output = style, backend, autocast_output
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, style=self.style,
                           autocast_output=self.autocast_output, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return ", ".join(p for p in (super().extra_repr(), self._extra()) if p)
+        style = f"style={self.style!r}" if self.style != "torch" else ""
+        return ", ".join(p for p in (super().extra_repr(), style, self._extra()) if p)
 
 
 class RMSNorm(_Saving, nn.RMSNorm):
@@ -637,8 +663,7 @@ class RMSNorm(_Saving, nn.RMSNorm):
                  dtype=None, *, style: str = "torch", autocast_output: bool = False,
                  backend: str | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        if style not in STYLES:
-            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+        _check_style(style, True)
         self.style, self.backend, self.autocast_output = style, backend, autocast_output
 
     def forward(self, input: Tensor) -> Tensor:

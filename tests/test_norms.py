@@ -861,7 +861,8 @@ def test_norms_under_forward_mode_and_torch_func(rms, style):
     Face's classes do: against their formula in float32 ops, to 16 float32 roundings (2^-20: a 12-term row
     sum and the products around it, each within 2^-24)."""
     if not rms and style != "torch":
-        pytest.skip("LayerNorm has the torch style only")
+        pytest.skip("LayerNorm's other style, 'llama', takes float32 parameters only, not these float64 ones "
+                    "(tests/test_norm_weightless.py); 'gemma' is RMSNorm's only")
     from torch.func import functional_call, grad, jvp, vmap
     import torch.autograd.forward_ad as fwAD
     g = torch.Generator().manual_seed(9)

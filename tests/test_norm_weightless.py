@@ -1,0 +1,227 @@
+"""Norms without parameters (OLMo's LayerNorm, Llama 4's weight-less RMSNorm, look-alikes), which
+:func:`invact.patch` left as "not a recognised norm: needs a 1-d weight" before (2026-12-07).
+
+They are probed against invact's norms without affine parameters; eps comes from the attribute or, where
+there is none (OLMo's), from the module's output, and only a full probe that matches bit for bit (or
+within 2 ulps) swaps. A module that states no normalized size (Llama 4's) is left: invact's norms are
+built for one normalized_shape and raise on any other.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import invact
+from invact import norm_bounds
+from norm_cases import check
+
+transformers = pytest.importorskip("transformers")
+from transformers import OlmoConfig, OlmoForCausalLM  # noqa: E402
+from transformers.models.llama4.modeling_llama4 import Llama4TextWeightlessRMSNorm  # noqa: E402
+from transformers.models.olmo.modeling_olmo import OlmoLayerNorm  # noqa: E402
+
+N = 64
+
+
+def _saved_bytes(model: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, int]:
+    """(output, bytes saved for backward), each storage counted once."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(*args, **kwargs)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return out, sum(storages.values())
+
+
+def _olmo(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = OlmoConfig(vocab_size=97, hidden_size=N, intermediate_size=2 * N, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return OlmoForCausalLM(cfg).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_olmo_model_norms_are_swapped(dtype):
+    ref = _olmo(dtype)
+    model = copy.deepcopy(ref)
+    report = invact.patch(model, exclude="silu")                      # the norms alone
+    norms = {r.path: r for r in report.replaced}
+    assert len(norms) == 5, report                                   # 2 x (input, post-attention) + final
+    assert all(r.reason == "matched exclude" for r in report.left), report
+    for r in norms.values():
+        assert r.old.endswith("OlmoLayerNorm") and "style='llama'" in r.new and "elementwise_affine=False" in r.new
+        assert "bit for bit" in r.note and "eps 1e-05 inferred from its output" in r.note
+    assert isinstance(model.model.norm, invact.LayerNorm) and model.model.norm.eps == 1e-5
+    ids = torch.randint(0, 97, (2, 9))
+    want, base = _saved_bytes(ref, input_ids=ids)
+    got, patched = _saved_bytes(model, input_ids=ids)
+    assert torch.equal(got.logits, want.logits)
+    # each norm saved x (a float32 copy of it in bfloat16: OLMo computes in float32), the mean and rstd;
+    # it now saves y, which its Linears save anyway, and rstd: x's and the mean's float32 bytes go
+    rows = ids.numel()
+    assert base - patched == 5 * (rows * N * 4 + rows * 4)
+    if dtype != torch.float32:
+        return
+    want.logits.square().sum().backward()
+    got.logits.square().sum().backward()
+    # the bound of tests/test_models_found.py's float64 test (a row sum of N float32 products, each within
+    # float32's unit roundoff, x4 for the two sides and the products), applied to every parameter's
+    # gradient; measured: at most 0.11 of it (the norms' own dx is checked against norm_bounds below)
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        tol = 4 * N * 2.0 ** -24 * a.grad.abs().max().item()
+        assert (b.grad - a.grad).abs().max().item() <= tol, name
+
+
+class SizedWeightlessRMSNorm(Llama4TextWeightlessRMSNorm):  # Llama 4's, told its size
+    def __init__(self, hidden_size, eps=1e-5):
+        super().__init__(eps)
+        self.normalized_shape = (hidden_size,)
+
+
+def _sandwich(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(N, N), norm, nn.Linear(N, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", [lambda: OlmoLayerNorm(N), lambda: SizedWeightlessRMSNorm(N)], ids=["olmo", "sized"])
+def test_swapped_norm_gradients_within_the_rounding_bound(make, dtype):
+    """dx of the swapped norm within norm_bounds.error_bound of the float64 reference (the bound
+    tests/test_norms.py holds invact's norms to, gamma = 1), and the same output as the original."""
+    norm = make()
+    rms = isinstance(norm, SizedWeightlessRMSNorm)
+    model = _sandwich(copy.deepcopy(norm))
+    report = invact.patch(model)
+    assert len(report) == 1 and isinstance(model[1], invact.RMSNorm if rms else invact.LayerNorm), report
+    assert model[1].style == "llama" and model[1].weight is None
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(48, N, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(48, N, generator=g).to(dtype)
+    y = model[1](x)
+    assert torch.equal(y, norm(x))
+    (dx,) = torch.autograd.grad(y, x, dy)
+    refs, tols = norm_bounds.error_bound(x.detach(), torch.ones(N), None, dy, y.detach(), rms, 1e-5)
+    check(dx, refs[0], tols[0], f"{type(norm).__name__} {dtype} dx")
+
+
+def test_swapped_rms_norm_saves_y_and_rstd():
+    """Llama 4's form with a size: the norm keeps y (the next Linear's input) and a float32 rstd per row,
+    not x (saved by pow and mul) and the rsqrt per row."""
+    ref = _sandwich(SizedWeightlessRMSNorm(N))
+    model = copy.deepcopy(ref)
+    report = invact.patch(model)
+    assert "'llama' without weight bit for bit" in report.replaced[0].note
+    assert "inferred" not in report.replaced[0].note and model[1].eps == 1e-5    # from variance_epsilon
+    x = torch.randn(4, 6, N, requires_grad=True)
+    want, base = _saved_bytes(ref, x)
+    got, patched = _saved_bytes(model, x)
+    assert torch.equal(got, want)
+    # unpatched: x (the first Linear's output) and rsqrt (24 rows); patched: rstd; y is the Linear's either way
+    assert base - patched == 24 * N * 4
+
+
+def test_llama4_weightless_norm_without_size_is_left():
+    """Llama 4's qk_norm normalizes the last dimension of whatever size it is given; an invact norm of one
+    size would raise on the others, so it is left, saying what it computes."""
+    model = _sandwich(Llama4TextWeightlessRMSNorm(1e-5))
+    x = torch.randn(3, N)
+    want = model(x)
+    report = invact.patch(model)
+    assert len(report) == 0 and type(model[1]) is Llama4TextWeightlessRMSNorm
+    reason = report.left[0].reason
+    assert reason.startswith("no normalized size") and "form 'llama' without weight bit for bit" in reason, reason
+    assert torch.equal(model(x), want)
+
+
+class _LookAlike(nn.Module):
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.normalized_shape = (hidden_size,)
+
+
+class EpsOutsideLayerNorm(_LookAlike):   # x_c / (std + eps): its output gives eps 1e-10, which the probe refuses
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc / (xc.pow(2).mean(-1, keepdim=True).sqrt() + 1e-5)
+
+
+class ClampedLayerNorm(_LookAlike):      # rsqrt(max(var, eps)): eps 1e-05 inferred exactly, wrong above it
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True).clamp_min(1e-5))
+
+
+class OddEpsLayerNorm(_LookAlike):       # an eps that is no short decimal
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, eps=1.2345678e-5)
+
+
+class NoEpsRMSNorm(_LookAlike):          # x / rms(x): nothing added
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+
+
+class OtherAxisLayerNorm(_LookAlike):    # normalizes dim -2, with an eps attribute
+    eps = 1e-5
+
+    def forward(self, x):
+        xc = x - x.mean(-2, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-2, keepdim=True) + self.eps)
+
+
+class OtherAxisRMSNorm(_LookAlike):      # the same without eps attribute: an eps inferred from the wrong axis
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-2, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("cls, reason", [
+    (EpsOutsideLayerNorm, "eps inferred from its output: 1e-10"),
+    (ClampedLayerNorm, "eps inferred from its output: 1e-05 (RMSNorm)"),
+    (OddEpsLayerNorm, "its output gives eps 1.234568e-05, no decimal of up to 3 significant digits"),
+    (NoEpsRMSNorm, "no eps in its output"),
+    (OtherAxisLayerNorm, "probe: no invact norm computes the same output"),
+    (OtherAxisRMSNorm, "probe: no invact norm computes the same output"),
+])
+def test_look_alikes_computing_something_else_are_left(cls, reason):
+    model = _sandwich(cls(N))
+    x = torch.randn(5, 3, N)
+    want = model(x)
+    report = invact.patch(model)
+    assert len(report) == 0 and type(model[1]) is cls, report
+    assert report.left[0].reason.startswith("probe: ") and reason in report.left[0].reason, report.left[0].reason
+    assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_layer_norm_llama_style_computes_in_float32(dtype):
+    """invact.LayerNorm(style="llama") is ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's), bit for bit
+    (torch's bfloat16 kernel rounds differently where x - mean cancels; float64 is computed in float32)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(15, N, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype).requires_grad_()
+    m = invact.LayerNorm(N, elementwise_affine=False, bias=False, style="llama")
+    y = m(x)
+    assert y.dtype == dtype and torch.equal(y, F.layer_norm(x.float(), (N,), eps=1e-5).to(dtype))
+    assert torch.equal(invact.functional.layer_norm(x, (N,), style="llama"), y)
+    assert torch.autograd.grad(y.sum(), x)[0].dtype == dtype
+    assert "style='llama'" in repr(m)
+    with pytest.raises(ValueError, match="style must be one of torch, llama"):
+        invact.LayerNorm(N, style="t5")
+
+
+def test_layer_norm_llama_style_takes_float32_parameters_only():
+    """Style "llama" computes ``F.layer_norm(x.float(), w, b)``: weights of another dtype got torch's
+    "mixed dtype (CPU)" RuntimeError from inside the op; now a ValueError naming the argument. Float32
+    weights with bfloat16 x give torch's formula bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, N, generator=g).bfloat16().requires_grad_()
+    w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(ValueError, match="weight: a LayerNorm of style 'llama'"):
+            invact.functional.layer_norm(x, (N,), w.to(dtype), b, style="llama")
+    with pytest.raises(ValueError, match="bias: a LayerNorm of style 'llama'"):
+        invact.functional.layer_norm(x, (N,), w, b.bfloat16(), style="llama")
+    y = invact.functional.layer_norm(x, (N,), w, b, style="llama")
+    assert torch.equal(y, F.layer_norm(x.float(), (N,), w, b).bfloat16())
