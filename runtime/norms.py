@@ -587,6 +587,9 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     "compiled" (CPU default: the backward by the C kernel of :mod:`invact.norm_cpu`, else Inductor), "eager",
     or None (see :mod:`invact.backends`).
     """
+    if isinstance(input, torch.fx.Proxy):
+        return ops.fx_call(layer_norm, input, normalized_shape, weight, bias, eps, style=style,
+                           autocast_output=autocast_output, backend=backend)
     shape = _check(input, normalized_shape, weight, bias, "layer_norm")
     return _apply(input, shape, weight, bias, eps, False, style, autocast_output, backend)
 
@@ -600,6 +603,9 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     float16 input, whose own would be 1e4-6e4x larger). ``style``: the formula's rounding, one of
     :data:`STYLES` ("llama", "t5", "gemma": the Hugging Face forms, see :func:`_dtypes`).
     """
+    if isinstance(input, torch.fx.Proxy):
+        return ops.fx_call(rms_norm, input, normalized_shape, weight, eps, style=style,
+                           autocast_output=autocast_output, backend=backend)
     shape = _check(input, normalized_shape, weight, None, "rms_norm")
     if eps is None:
         eps = _default_eps(input.dtype)

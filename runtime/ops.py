@@ -346,6 +346,12 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def fx_call(fn: Callable, x: torch.fx.Proxy, *args, **kwargs) -> torch.fx.Proxy:
+    """``fn(x, *args, **kwargs)`` recorded by torch.fx.symbolic_trace (x is its Proxy) as one call of ``fn``,
+    which the traced GraphModule runs on real tensors (a Proxy has no data to run on). Also the norms'."""
+    return x.tracer.create_proxy("call_function", fn, (x, *args), kwargs)
+
+
 def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Tensor:
     """y = f(x) for activation ``name``, saving only y and a packed branch code for backward.
 
@@ -354,6 +360,8 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
     available; see :mod:`invact.backends`). Under torch.autocast the activation runs in x's dtype, as
     GELU and SiLU do (autocast is switched off inside, so every dtype the op sees is concrete).
     """
+    if isinstance(x, torch.fx.Proxy):
+        return fx_call(apply, x, name, params, backend)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:

@@ -245,6 +245,29 @@ def test_trace_of_the_functional_route_passes_its_check_and_trains(grad):
     _assert_trains_as(ref, traced, x)
 
 
+def test_fx_symbolic_trace_records_the_calls_and_trains():
+    """torch.fx.symbolic_trace of a patched model (an RMSNorm added: both norms' functional entries) raised
+    "x must be a torch.Tensor, got Proxy"; it records one call each of invact.ops.apply / the norms'
+    functional, which the GraphModule runs: the same output bits as the patched model, gradients as the
+    unpatched model's (float64: TOL, see the module docstring), saving what the patched model saves."""
+    ref, model = _models()
+    ref.norm, model.norm = nn.Sequential(ref.norm, nn.RMSNorm(16)), nn.Sequential(model.norm, nn.RMSNorm(16))
+    invact.patch(model, backend="eager")
+    model.double()
+    graph = torch.fx.symbolic_trace(model)
+    targets = {getattr(n.target, "__qualname__", "") for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"apply", "layer_norm", "rms_norm"} <= targets, targets
+    x = _x()
+    assert torch.equal(graph(x), model(x))
+    _assert_trains_as(ref.double(), graph, x)
+    saved = []
+    for m in (model, graph):
+        with invact.memory(m) as report:
+            m(x.requires_grad_()).sum().backward()
+        saved.append(report.total)
+    assert saved[0] == saved[1], saved
+
+
 # ---------------------------------------------------------------------------------------------------
 # 4a. state-dict hooks on a replaced module keep working, in both directions
 
