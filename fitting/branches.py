@@ -14,7 +14,7 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import brentq
 
-from .domain import singular_points, time_limit
+from .domain import classify_points, time_limit
 from .errors import SpecError
 from .formulas import X, ActivationSpec, check_constants
 from .tables import MAX_CODES, code_bits_for
@@ -199,6 +199,7 @@ class Piece:
     hi: float
     lo_closed: bool
     hi_closed: bool
+    removable: list[float] = field(default_factory=list)   # removable points (0/0) inside, .domain
 
 
 @dataclass
@@ -221,6 +222,7 @@ class Branch:
     orders: dict = field(default_factory=dict)   # y end -> q of a "power" end (|y - L| ~ |x|^-q),
                                                  # m of a "root" end (f' has a zero of order m)
     singularities: list[str] = field(default_factory=list)
+    removable: list[float] = field(default_factory=list)   # removable points (0/0) in x_range, ends included
 
     @property
     def flat(self) -> bool:
@@ -258,8 +260,9 @@ def analyze(spec: ActivationSpec) -> Analysis:
     """Split ``spec`` into monotone branches, classify their ends and assign codes."""
     check_constants(spec.substituted(), f"{spec.name!r} with {spec.params}" if spec.params else repr(spec.name))
     pieces = _pieces(spec)
+    singular = _find_points(pieces)
     _check_real(spec, pieces)
-    _check_singular(spec, pieces)
+    _check_singular(spec, pieces, singular)
     branches: list[Branch] = []
     for p_index, piece in enumerate(pieces):
         for lo, hi, lo_c, hi_c, direction in _monotone_parts(piece):
@@ -323,6 +326,7 @@ def _intervals(region) -> list[sp.Interval]:
 
 
 def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
+    """Refuse a piece where f or f' is not a number on a grid of x."""
     for p in pieces:
         lo, hi = max(p.lo, -30.0), min(p.hi, 30.0)
         if lo >= hi:
@@ -335,18 +339,55 @@ def _check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
             exact = _precise(p.expr, x_bad)
             if exact is not None and _continuous_there(p.expr, x_bad, exact):
                 raise _float64_fault(f"{spec.name!r}: ", "f", x_bad, ys[np.argmax(bad)], exact)
+            note = next((f"; {removable_note(c)}" for c in p.removable if _same_point(c, x_bad)), "")
             raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: "
-                            f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}")
+                            f"f({x_bad:.6g}) is {ys[np.argmax(bad)]}{note}")
         fp = sp.diff(p.expr, X)
-        dys = numeric(fp)(xs)
+        fpn = numeric(fp)
+        dys = fpn(xs)
         bad = np.isnan(dys)
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
             exact = _precise(fp, x_bad)
             if exact is not None and _continuous_there(fp, x_bad, exact):
                 raise _float64_fault(f"{spec.name!r}: ", "f'", x_bad, "nan", exact)
+            if (sides := _corner(fpn, x_bad)) is not None:
+                raise _corner_error(repr(spec.name), x_bad, sides, " (f' is nan at it)")
             raise SpecError(f"{spec.name!r} has no derivative at x = {x_bad:.6g} (f' is nan there): a table of "
                             "g(y) = f'(f^-1(y)) needs f' defined inside each piece of the formula")
+
+
+CORNER_STEPS = (1e-9, 1e-7)   # a corner's one-sided f' is read at these distances (relative to max(1, |x|))
+
+
+def _corner(fpn, x: float) -> tuple[float, float] | None:
+    """(f' to the left, f' to the right) of x where f' jumps there between finite one-sided limits
+    of opposite signs (f continuous with a corner, as sqrt(x**4 + 2*x**2) = |x| sqrt(x**2 + 2) at 0),
+    else None: on each side the values at :data:`CORNER_STEPS` agree to 1e-4 relative (next to a
+    smooth zero of f' they differ 100-fold)."""
+    d = np.array(CORNER_STEPS) * max(1.0, abs(x))
+    left, right = fpn(x - d), fpn(x + d)
+    settled = all(np.isfinite(v).all() and abs(v[0] - v[1]) <= 1e-4 * abs(v[1]) for v in (left, right))
+    return (float(left[0]), float(right[0])) if settled and left[0] * right[0] < 0 else None
+
+
+def _corner_error(who: str, x: float, sides: tuple[float, float], note: str = "") -> SpecError:
+    """The refusal of a corner of f where its formula has none (:func:`_corner`)."""
+    return SpecError(f"{who} has a corner at x = {x:.6g} inside one piece of its formula: f' jumps there "
+                     f"from {sides[0]:.6g} to {sides[1]:.6g}{note}, and a certified g needs f' bounded up to each "
+                     "branch end; write the corner as a boundary of the formula's pieces (with Abs, Max, Min or a "
+                     "Piecewise, as Abs(x) is) so that f' on each side is finite up to it")
+
+
+def removable_note(c: float) -> str:
+    """Why a table cannot be fitted through the removable point c (:mod:`.domain`)."""
+    return (f"x = {c:.6g} is a removable point of the formula (0/0 there, with a finite limit): float "
+            "arithmetic gives NaN or a wrong value for f at it and loses the digits of f' next to it, so "
+            "g(y) = f'(f^-1(y)) can be neither fitted nor certified there; write f without the 0/0 at that point")
+
+
+def _same_point(c: float, x: float) -> bool:
+    return abs(x - c) <= 1e-12 * max(1.0, abs(c))
 
 
 def _float64_fault(prefix: str, what: str, x: float, got, exact) -> SpecError:
@@ -370,11 +411,20 @@ def _continuous_there(expr: sp.Expr, x: float, exact) -> bool:
     return True
 
 
-def _check_singular(spec: ActivationSpec, pieces: list[Piece]) -> None:
+def _find_points(pieces: list[Piece]) -> list[list[tuple[str, str]]]:
+    """Each piece's singular points (:mod:`.domain`); its removable points go to ``piece.removable``."""
+    out = []
+    for p in pieces:
+        points = classify_points(p.expr, p.lo, p.hi, p.lo_closed, p.hi_closed)
+        p.removable = points.removable
+        out.append(points.singular)
+    return out
+
+
+def _check_singular(spec: ActivationSpec, pieces: list[Piece], singular: list[list[tuple[str, str]]]) -> None:
     """Refuse a point inside a piece where f is not defined or not continuous (a pole between the
     sample points of :func:`_check_real`, which the scan of f' would not see): :mod:`.domain`."""
-    for p in pieces:
-        bad = singular_points(p.expr, p.lo, p.hi, p.lo_closed, p.hi_closed)
+    for bad in singular:
         if bad:
             where = "; ".join(f"{x}: {why}" for x, why in bad)
             raise SpecError(f"{spec.name!r} is not real-valued (or not finite) on the real line: f is not defined "
@@ -395,32 +445,46 @@ def _monotone_parts(piece: Piece):
     cuts = [piece.lo] + sorted(crit + _flat_points(piece, fp, fpn, crit)) + [piece.hi]
     for j in range(len(cuts) - 1):
         a, b = cuts[j], cuts[j + 1]
-        slope = _typical_slope(fpn, a, b)
+        slope = _typical_slope(fpn, a, b, piece.removable)
         lo_c = piece.lo_closed if j == 0 else True
         hi_c = piece.hi_closed if j == len(cuts) - 2 else True
         yield a, b, lo_c, hi_c, ("increasing" if slope > 0 else "decreasing")
 
 
-def _typical_slope(fpn, a: float, b: float) -> float:
-    """f' where it is largest on a grid inside (a, b): its sign is the branch's direction
-    (a single interior point could be an inflection with f' = 0, as for x**3 at 0)."""
+def _typical_slope(fpn, a: float, b: float, removable: list[float] = ()) -> float:
+    """f' where it is largest on a grid inside (a, b), away from removable points (as
+    :func:`_scan_grid`): its sign is the branch's direction (a single interior point could be an
+    inflection with f' = 0, as for x**3 at 0)."""
     lo = a if math.isfinite(a) else (min(b, 0.0) - 30.0 if math.isfinite(b) else -30.0)
     hi = b if math.isfinite(b) else (max(a, 0.0) + 30.0 if math.isfinite(a) else 30.0)
-    xs = np.linspace(lo, hi, 403)[1:-1]
+    xs = _away_from(np.linspace(lo, hi, 403)[1:-1], removable)
     v = fpn(xs)
     v = np.where(np.isfinite(v), v, 0.0)
     return float(v[np.argmax(np.abs(v))])
 
 
-def _scan_grid(lo: float, hi: float) -> np.ndarray:
+REMOVABLE_GAP = 1e-4   # scan points within this (relative to max(1, |c|)) of a removable point c are left out
+
+
+def _away_from(xs: np.ndarray, removable: list[float]) -> np.ndarray:
+    """``xs`` without the points within :data:`REMOVABLE_GAP` of a removable point."""
+    for c in removable:
+        xs = xs[np.abs(xs - c) > REMOVABLE_GAP * max(1.0, abs(c))]
+    return xs
+
+
+def _scan_grid(lo: float, hi: float, removable: list[float] = ()) -> np.ndarray:
     """x at which f' is sampled for sign changes on (lo, hi): 20001 points on [-SCAN, SCAN] (spacing
     0.006), spacing 0.024 out to |x| = 8 SCAN, then geometric (about 200 points a decade) out to
-    |x| = FAR_SCAN; clipped to the piece (its finite ends included)."""
+    |x| = FAR_SCAN; clipped to the piece (its finite ends included). Points next to a removable point
+    (:data:`REMOVABLE_GAP`) are left out: float64 f and f' there are 0/0 or lose their digits (f' of
+    t/(exp(t) - 1) with exp(-0.3) folded into a Float: ~1e-16/t^2), which would read as a sign change
+    or a step against the branch's direction."""
     near = np.linspace(-SCAN, SCAN, 20001)
     mid = np.linspace(SCAN, 8 * SCAN, 17501)
     far = np.geomspace(8 * SCAN, FAR_SCAN, 2401)
     xs = np.unique(np.concatenate([near, mid, far, -mid, -far]))
-    xs = xs[(xs > lo) & (xs < hi)]
+    xs = _away_from(xs[(xs > lo) & (xs < hi)], removable)
     return np.concatenate([[lo] if math.isfinite(lo) else [], xs, [hi] if math.isfinite(hi) else []])
 
 
@@ -429,7 +493,7 @@ def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
     (:func:`_scan_grid`, out to |x| = FAR_SCAN) is a branch point; more than MAX_CRITICAL of them, or
     one beyond FAR_SCAN (:func:`_check_far_sign`), is refused: none is dropped."""
     fpn = numeric(fp)
-    roots = _sign_changes_on(fpn, _scan_grid(piece.lo, piece.hi), fp)
+    roots = _sign_changes_on(fpn, _scan_grid(piece.lo, piece.hi, piece.removable), fp)
     if len(roots) > MAX_CRITICAL:
         raise SpecError(f"f' changes sign {len(roots)} times on [{max(piece.lo, -FAR_SCAN):g}, "
                         f"{min(piece.hi, FAR_SCAN):g}] (first at x = {roots[0]:.6g}, last at x = {roots[-1]:.6g}): "
@@ -438,7 +502,11 @@ def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
     for side in (-1.0, 1.0):
         if (piece.hi if side > 0 else -piece.lo) > FAR_SCAN:
             _check_far_sign(fp, fpn, side)
-    return [_polish_root(fp, r) for r in roots]
+    roots = [_polish_root(fp, r) for r in roots]
+    for r in roots:
+        if (sides := _corner(fpn, r)) is not None:
+            raise _corner_error("f", r, sides)
+    return roots
 
 
 def _check_far_sign(fp: sp.Expr, fpn, side: float) -> None:
@@ -457,7 +525,7 @@ def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[floa
     Candidates are strict local minima of |f'| on a grid; a zero of even order of f' is a sign change
     of f'', found by brentq, and kept where f' there is below 1e-12 of its values a grid step away.
     Refuses infinitely many (x + sin(x))."""
-    xs = _scan_grid(piece.lo, piece.hi)    # the critical points' grid: a flat point far out splits too
+    xs = _scan_grid(piece.lo, piece.hi, piece.removable)   # the critical points' grid: a flat point far out splits too
     if xs.size < 3:
         return []
     a = np.abs(fpn(xs))
@@ -560,8 +628,8 @@ def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch
     if direction == "constant":
         y_lo = y_hi = ya if math.isfinite(ya) else yb
     y_closed = (lo_c, hi_c) if direction != "decreasing" else (hi_c, lo_c)
-    return Branch(index, p_index, piece.expr, piece.sym_expr, (lo, hi), (lo_c, hi_c),
-                  (y_lo, y_hi), direction, y_closed=y_closed)
+    return Branch(index, p_index, piece.expr, piece.sym_expr, (lo, hi), (lo_c, hi_c), (y_lo, y_hi), direction,
+                  y_closed=y_closed, removable=[c for c in piece.removable if lo <= c <= hi])
 
 
 MONOTONE_CHECKS = 20   # sampled violations of a branch's direction confirmed at 15 digits, worst first
@@ -579,7 +647,7 @@ def _check_monotone(spec: ActivationSpec, b: Branch) -> None:
     if not y_lo < y_hi:
         raise SpecError(f"{where} has y range [{y_lo:.6g}, {y_hi:.6g}], which is not increasing; {tail}")
     sign = 1.0 if b.direction == "increasing" else -1.0
-    xs = _scan_grid(lo, hi)
+    xs = _scan_grid(lo, hi, b.removable)
     ys = numeric(b.expr)(xs)
     with np.errstate(all="ignore"):       # inf - inf far out: nan, no evidence either way
         step = np.diff(ys) * sign
@@ -845,10 +913,29 @@ def _overlap(a: Branch, b: Branch) -> bool:
     return min(a1, b1) - max(a0, b0) > tol
 
 
+def _signed_zero_clash(a: Branch, b: Branch) -> bool:
+    """True when a and b touch only at y = 0, g jumps there, and the branch that does not own y = 0
+    (the owner as :func:`.pipeline._branch_break` decides, y_closed) has |g| < 1 there: its values
+    next to the break underflow to a signed zero in 16-bit y (0.01*x of Piecewise((0.01*x, x < 0),
+    (x, True)) for float16 |x| < 3e-6 is -0), which y cannot tell from the owner's 0. With |g| >= 1
+    (y = x) they stay at least the smallest subnormal. Such branches take codes of their own, so the
+    stored code (the x side) classifies them, as PyTorch's autograd of the formula does."""
+    if a.flat or b.flat:
+        return False
+    lo, hi = (a, b) if a.y_range[0] < b.y_range[0] else (b, a)
+    if not (lo.y_range[1] == 0.0 == hi.y_range[0]):
+        return False
+    g_lo, g_hi = lo.limits.get("upper", math.nan), hi.limits.get("lower", math.nan)
+    lo_owns = (lo.y_closed[1] and not hi.y_closed[0]) or not (lo.y_closed[1] or hi.y_closed[0])
+    other = g_hi if lo_owns else g_lo
+    return g_lo != g_hi and abs(other) < 1.0
+
+
 def _assign_codes(branches: list[Branch]) -> int:
-    """Greedy colouring from the right, so the branch reaching +inf gets code 0."""
+    """Greedy colouring from the right, so the branch reaching +inf gets code 0; branches y cannot
+    tell apart (:func:`_overlap`, :func:`_signed_zero_clash`) get different codes."""
     for b in reversed(branches):
-        taken = {o.code for o in branches if o.index > b.index and _overlap(o, b)}
+        taken = {o.code for o in branches if o.index > b.index and (_overlap(o, b) or _signed_zero_clash(o, b))}
         b.code = next(c for c in range(len(branches)) if c not in taken)
     return max(b.code for b in branches) + 1
 

@@ -4,7 +4,10 @@ The branch scan samples f and f' on a grid, so a pole between two grid points (1
 pass unseen. Before the scan, :func:`singular_points` takes the zeros of every denominator and of
 every log's argument (and atanh's argument = +-1) in the piece (sympy's ``solveset``) and keeps those
 where f has no finite two-sided limit that agrees from both sides (``limit``, else 30-digit values
-next to the point). sympy gets a time limit; where it cannot answer, the scan's own checks decide.
+next to the point). The zeros where f has such a limit are *removable points* (0/0, as
+t/(exp(t) - 1) at t = 0): :func:`classify_points` returns them too, for the scan to step over and the
+fitter to refuse where a fitted branch runs through one. sympy gets a time limit; where it cannot
+answer, the scan's own checks decide.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import math
 import signal
 import time
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import sympy as sp
 
 from .formulas import X
 
-__all__ = ["time_limit", "singular_points"]
+__all__ = ["time_limit", "singular_points", "classify_points", "Points"]
 
 BUDGET_SECONDS = 4.0     # for all of one piece's solveset and limit calls
 CALL_SECONDS = 2.0       # for any one of them
@@ -59,17 +63,32 @@ def _candidates(expr: sp.Expr) -> list[tuple[sp.Expr, str]]:
     return out
 
 
+class Points(NamedTuple):
+    """The points of a piece found by :func:`classify_points`."""
+
+    singular: list[tuple[str, str]]   # (x as text, why): f not defined or not continuous there
+    removable: list[float]            # f continuous there, its formula 0/0 (or 0*inf) at the point
+
+
 def singular_points(expr: sp.Expr, lo: float, hi: float, lo_closed: bool, hi_closed: bool
                     ) -> list[tuple[str, str]]:
     """(x, why) of each point of the piece [lo, hi] (ends as given) where ``expr`` is not defined or
-    not continuous: a pole, a jump, or no real value. x is text: ``x = %.6g``, or ``every x in`` the
-    set of infinitely many points. Empty where none is found or sympy cannot tell in time; the
-    budget (:data:`BUDGET_SECONDS`) is checked before every candidate and every zero, and the points
-    found until it runs out are returned (the scan's own checks decide the rest)."""
+    not continuous: :func:`classify_points`' ``singular``."""
+    return classify_points(expr, lo, hi, lo_closed, hi_closed).singular
+
+
+def classify_points(expr: sp.Expr, lo: float, hi: float, lo_closed: bool, hi_closed: bool) -> Points:
+    """The zeros in the piece [lo, hi] (ends as given) of what :func:`_candidates` lists, split into
+    singular ones (a pole, a jump, or no real value; x as text: ``x = %.6g``, or ``every x in`` the
+    set of infinitely many points) and removable ones (finite zeros where f has one finite limit).
+    Empty where none is found or sympy cannot tell in time; the budget (:data:`BUDGET_SECONDS`) is
+    checked before every candidate and every zero, and the points found until it runs out are
+    returned (the scan's own checks decide the rest)."""
     start = time.monotonic()
     region = sp.Interval(lo, hi, not lo_closed, not hi_closed)
     exact_expr = _rationalised(expr)
     found: dict[str, str] = {}
+    removable: dict[str, float] = {}
     for base, why in _candidates(expr):
         if time.monotonic() - start > BUDGET_SECONDS:
             break
@@ -83,9 +102,13 @@ def singular_points(expr: sp.Expr, lo: float, hi: float, lo_closed: bool, hi_clo
             if time.monotonic() - start > BUDGET_SECONDS:
                 break
             text = f"x = {float(c):.6g}"
-            if text not in found and not _continuous_at(expr, exact_expr, c, float(c) != lo, float(c) != hi):
+            if text in found or text in removable:
+                continue
+            if _continuous_at(expr, exact_expr, c, float(c) != lo, float(c) != hi):
+                removable[text] = float(c)
+            else:
                 found[text] = why
-    return sorted(found.items(), key=lambda kv: _order(kv[0]))
+    return Points(sorted(found.items(), key=lambda kv: _order(kv[0])), sorted(removable.values()))
 
 
 def _order(text: str) -> float:

@@ -9,9 +9,9 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from .branches import LIMIT_SECONDS, Analysis, Branch, analyze, time_limit
+from .branches import LIMIT_SECONDS, Analysis, Branch, analyze, removable_note, time_limit
 from .certify import certify_table
-from .errors import CertificationError, FitError, InputError
+from .errors import CertificationError, FitError, InputError, SpecError
 from .exact import exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
 from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
@@ -107,6 +107,9 @@ def _branch_segments(b: Branch, spec: ActivationSpec, target: str, tol: float,
         if _exact_float32_error(b, target, seg, spec.params) <= tol + F32_SLACK:
             return [[seg]], expr
         # a closed form that float32 cannot evaluate (Cardano's cancels for x**3 + x): fit instead
+    if b.removable:
+        raise SpecError(f"{spec.name!r}: branch {b.index} (x in [{b.x_range[0]:g}, {b.x_range[1]:g}]) has no closed "
+                        f"form and needs a fitted g; {removable_note(b.removable[0])}")
     return _fitted_segments(b, target, tol, rationals), None
 
 

@@ -8,6 +8,7 @@ Every module carries the sha256 of its table (``TABLE_SHA256``), which the runti
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 from ..errors import SpecError, TableError
@@ -25,11 +26,21 @@ __all__ = ["generate_all", "generate_files", "Plan", "plan_table", "check_printa
 def check_printable(formula, what: str) -> None:
     """Raise SpecError when generated code cannot compute ``formula`` (sympy, in x): the torch and
     Triton printers are asked, so what they print is the one definition of what is supported."""
+    problem = _print_problem(formula)
+    if problem is not None:
+        raise SpecError(f"{what}: {problem}; generated code computes the forward from the formula")
+
+
+@functools.lru_cache(maxsize=1024)
+def _print_problem(formula) -> str | None:
+    """Why the printers cannot print ``formula``, or None. Cached: a fit checks every table of its
+    tree before the fit (a broken one refuses it early) and generates their code after."""
     try:
         to_torch(formula, "x")
         to_triton(formula, "x", reciprocals=True, forward=True)
     except ValueError as exc:
-        raise SpecError(f"{what}: {exc}; generated code computes the forward from the formula") from None
+        return str(exc)
+    return None
 
 
 def check_table_printable(path: Path, table: dict) -> None:
