@@ -87,9 +87,10 @@ def backward(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b:
             or y.device.type != "cpu" or not (y.is_contiguous() and dy.is_contiguous())
             or any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats)):
         return None
-    dx = torch.empty(rows, n, dtype=x_dtype)
-    c1, c2 = (torch.empty(rows, 1) for _ in range(2))
-    dg, db = torch.empty(n), torch.empty(n if b is not None else 0)
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # never the default dtype or device: the kernel writes float32
+    dx = torch.empty(rows, n, dtype=x_dtype, device="cpu")
+    c1, c2 = (torch.empty(rows, 1, **cpu) for _ in range(2))
+    dg, db = torch.empty(n, **cpu), torch.empty(n if b is not None else 0, **cpu)
     done = lib.invact_norm_backward(DTYPE_IDS[y.dtype], DTYPE_IDS[x_dtype], int(rms), rows, n, y.data_ptr(),
                                     dy.data_ptr(), rstd.data_ptr(), g.data_ptr(), divisor.data_ptr(), _ptr(b),
                                     _ptr(c2_fix), dx.data_ptr(), c1.data_ptr(), c2.data_ptr(), dg.data_ptr(),

@@ -78,3 +78,32 @@ def test_rms_forward_non_contiguous_is_torchs(backend, dtype):
         assert torch.equal(IF.rms_norm(x, normalized, w, backend=backend), ref)
         xg = x.detach().requires_grad_()
         assert torch.equal(IF.rms_norm(xg, normalized, w, backend=backend), ref)
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True])
+def test_backward_under_another_default_dtype(rms, default):
+    """torch.set_default_dtype(float64 / bfloat16): the CPU backward's float32 buffers took the default dtype,
+    so dgamma and dbeta were garbage (float64: the C kernel's float32 read as doubles) or the heap was
+    overrun (bfloat16: a crash). The gradients do not depend on the default dtype: bit for bit those under
+    float32's, with a kept column (gamma_0 = 0) too."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 32, generator=g)
+    w, b, dy = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.randn(16, 32, generator=g)
+    w[0] = 0.0
+
+    def grads():
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = IF.rms_norm(xs, (32,), ws, 1e-6) if rms else IF.layer_norm(xs, (32,), ws, bs)
+        return torch.autograd.grad(y, (xs, ws) if rms else (xs, ws, bs), dy)
+
+    want = grads()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = grads()
+    finally:
+        torch.set_default_dtype(before)
+    for a, b_ in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b_)
+

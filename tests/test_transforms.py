@@ -171,7 +171,7 @@ def test_functionalize(case):
 
 
 @pytest.mark.parametrize("transform", ["hessian", "jacrev(jacrev)", "jacfwd(jacrev)", "jvp(jvp)", "grad(grad)",
-                                       "create_graph"])
+                                       "create_graph", "grad(jvp)", "jacrev(jacfwd)", "dual then backward"])
 def test_second_order_refused_naming_invact(transform):
     name, params, _ = CASES[0]
     x = inputs(name, params)
@@ -184,9 +184,21 @@ def test_second_order_refused_naming_invact(transform):
         "jvp(jvp)": lambda: jvp(lambda v: jvp(f, (v,), (t,))[1], (x,), (t,)),
         "grad(grad)": lambda: grad(lambda v: grad(lambda u: f(u).sum())(v).sum())(x),
         "create_graph": lambda: _forward_ad_then_double_backward(f, x),
+        # reverse over forward: the jvp's y part is f''; these gave zeros (a Hessian-vector product of 0)
+        "grad(jvp)": lambda: grad(lambda v: jvp(lambda u: f(u).sum(), (v,), (t,))[1])(x),
+        "jacrev(jacfwd)": lambda: jacrev(jacfwd(lambda v: f(v).sum()))(x),
+        "dual then backward": lambda: _tangent_then_backward(f, x, t),
     }[transform]
     with pytest.raises(RuntimeError, match="invact activations have no second derivative"):
         run()
+
+
+def _tangent_then_backward(f, x, t):
+    """Forward mode (dual tensors), then reverse mode through the tangent."""
+    xr = x.clone().requires_grad_()
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(xr, t))).tangent
+    tangent.sum().backward()
 
 
 def _forward_ad_then_double_backward(f, x):
