@@ -24,7 +24,10 @@ Sites interact (an activation's ``y`` may be the next activation's input), so th
 swap every candidate, drop each site freeing <= 0 bytes, measure again, until every remaining site frees
 bytes; each round is a forward, at most one per site and usually two. The final configuration's total
 is the measured one; if it were above the baseline (storages saved jointly by several sites are charged
-to none of them) every swap is dropped. A site never called in the baseline step is restored.
+to none of them) every swap is dropped. A site never called in the baseline step is restored, and so is one
+whose replacement is not called with the swap in place (the model calls the original through a reference
+outside its module tree, as a torch.compile wrapper's forward does). The measurement's own hooks record
+their errors: one is raised as :class:`MeasureError`, never taken for the step failing.
 
 Norms with ``autocast_output`` (judged pre-norms by :func:`invact.norm_patch.feeds_linears`) are checked
 first, on forwards of the example under bf16 autocast with the swapped norms (training mode, seeded as
@@ -41,6 +44,8 @@ falls and no routed call's output is modified in place later. (Per call site it 
 knows which module called it, at run time too.) The route is entered by forward hooks on every module of
 the model (one depth count), so a checkpointed module's recomputation in backward is routed as its forward
 was; the hooks are methods of a module-level class, so the model pickles and a copy has its own router.
+A route installed earlier (by a patch of the model or of a submodule) stays during the measurement, and a kept
+route replaces the routes of the modules under it; :func:`remove_modes` removes every route in the tree.
 
 Runs use torch's forked RNG, Python's ``random`` and NumPy's global RNG seeded alike (dropout masks and,
 e.g., Wav2Vec2's NumPy-drawn SpecAugment masks agree between runs); the caller's RNG states are restored,
@@ -48,12 +53,19 @@ and so is every module's training flag. So are the buffers (:class:`_State`): th
 mode, which moves BatchNorm's running statistics (a module may also count its calls in one); and, where the
 example is a callable step, which may run backward or an optimizer step, the parameters and their ``.grad``.
 The same objects are put back under the same names, with their values as before, also when a forward
-raises.
+raises. Every optimizer stepped during the measurement (torch's global step pre-hook) is snapshot at its
+first step and put back: its state (the same tensors, their values), ``param_groups`` (so the lr an LR
+scheduler wrote) and the state of its LR schedulers (found as the objects referring to it); so is every
+``torch.amp.GradScaler`` used (its scale and growth counter). What refers to no optimizer is not found: a
+scheduler stepped where its optimizer is not, a counter of the caller's own. Uninitialised lazy modules are refused (ValueError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import gc
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -63,13 +75,17 @@ import torch
 import torch.nn.functional as F
 import numpy as np
 from torch import nn
+from torch.amp import GradScaler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.optimizer import Optimizer, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from .norms import _Saving
 from .routing import FunctionalRouter
 from .saved import SavedBytes
 
-__all__ = ["check_example", "decide", "install_router", "remove_router", "remove_modes", "CopyChunks", "Trace"]
+__all__ = ["check_example", "decide", "install_router", "remove_router", "remove_modes", "CopyChunks", "Trace",
+           "MeasureError"]
 
 _OTHER = -1                                       # owner of storages saved outside every site
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -110,14 +126,132 @@ def _seeded(model: nn.Module):
         np.random.set_state(npy)
 
 
+class MeasureError(RuntimeError):
+    """invact's measurement itself failed (not the example step): a bug to report, never a reason to leave a swap."""
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _put(current: Any, saved: Any) -> Any:
+    """``saved``'s value, written into ``current`` where it is a tensor of the same kind (the same object
+    stays: a CUDA graph or a fused kernel may hold it), else a copy (``saved`` is kept for the next restore)."""
+    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor) and \
+            (current.dtype, current.shape, current.device) == (saved.dtype, saved.shape, saved.device):
+        with torch.no_grad():
+            current.copy_(saved)
+        return current
+    return _copy(saved)
+
+
+def _schedulers(opt: Optimizer) -> list[Any]:
+    """The LR schedulers of ``opt`` (objects refer to their optimizer; it does not refer to them)."""
+    found = []
+    for ref in gc.get_referrers(opt):
+        if isinstance(ref, dict) and ref.get("optimizer") is opt:     # an instance __dict__ (Python < 3.11)
+            found += [o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref]
+        else:
+            found.append(ref)
+    return list({id(s): s for s in found if isinstance(s, (LRScheduler, ReduceLROnPlateau))
+                 and s.optimizer is opt}.values())
+
+
+class _Optimizer:
+    """One optimizer's state, ``param_groups`` (lr, ...) and its LR schedulers' state, snapshot."""
+
+    def __init__(self, opt: Optimizer) -> None:
+        self.opt = opt
+        self.state = {p: {k: _copy(v) for k, v in s.items()} for p, s in opt.state.items()}
+        self.groups = [{k: _copy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self.schedulers = [(s, copy.deepcopy(s.state_dict())) for s in _schedulers(opt)]
+
+    def restore(self) -> None:
+        opt = self.opt
+        for p in [p for p in opt.state if p not in self.state]:
+            del opt.state[p]
+        for p, saved in self.state.items():
+            now = opt.state[p]
+            for k in [k for k in now if k not in saved]:
+                del now[k]
+            now.update({k: _put(now.get(k), v) for k, v in saved.items()})
+        del opt.param_groups[len(self.groups):]
+        for group, saved in zip(opt.param_groups, self.groups):
+            for k in [k for k in group if k != "params" and k not in saved]:
+                del group[k]
+            group.update({k: _put(group.get(k), v) for k, v in saved.items()})
+        for scheduler, saved in self.schedulers:
+            scheduler.load_state_dict(copy.deepcopy(saved))
+
+
+class _Scaler:
+    """One ``torch.amp.GradScaler``'s scale, growth counter and settings, snapshot (the scale's tensors are
+    created at its first ``scale()``: where they were not yet, they are dropped again)."""
+
+    _TENSORS = ("_scale", "_growth_tracker")
+
+    def __init__(self, scaler: GradScaler) -> None:
+        self.scaler = scaler
+        self.values = {k: _copy(v) for k, v in vars(scaler).items() if k != "_per_optimizer_states"}
+
+    def restore(self) -> None:
+        for k, v in self.values.items():
+            setattr(self.scaler, k, _put(getattr(self.scaler, k, None), v) if k in self._TENSORS and v is not None
+                    else _copy(v))
+        self.scaler._per_optimizer_states.clear()       # what update() leaves: no step in flight
+
+
+class _Optimizers:
+    """While entered, every optimizer stepped (torch's global step pre-hook) is snapshot at its first step,
+    with its LR schedulers, and every ``torch.amp.GradScaler`` at its first ``scale`` or ``update`` (the two
+    methods wrapped on the class meanwhile); :meth:`restore` puts them back as they were before."""
+
+    _SCALER_METHODS = ("scale", "update")
+
+    def __init__(self) -> None:
+        self.saved: dict[int, _Optimizer | _Scaler] = {}
+        self.handle: Any = None
+        self.methods: dict[str, Any] = {}
+
+    def _first_step(self, opt: Optimizer, args: Any, kwargs: Any) -> None:
+        if id(opt) not in self.saved:
+            self.saved[id(opt)] = _Optimizer(opt)
+
+    def _watched(self, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(scaler: GradScaler, *args: Any, **kwargs: Any) -> Any:
+            if id(scaler) not in self.saved:
+                self.saved[id(scaler)] = _Scaler(scaler)
+            return method(scaler, *args, **kwargs)
+        return call
+
+    def __enter__(self) -> _Optimizers:
+        self.handle = register_optimizer_step_pre_hook(self._first_step)
+        self.methods = {name: GradScaler.__dict__[name] for name in self._SCALER_METHODS}
+        for name, method in self.methods.items():
+            setattr(GradScaler, name, self._watched(method))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        for name, method in self.methods.items():
+            setattr(GradScaler, name, method)
+
+    def restore(self) -> None:
+        for saved in self.saved.values():
+            saved.restore()
+
+
 class _State:
     """Parameters and buffers of some modules, snapshot: :meth:`restore` puts back the same objects under
     the same names and their values (copied in place only where they changed). ``steps``: the example
     is a callable step, which may run backward or an optimizer: parameters' values and ``.grad`` are
     kept too (a forward of model inputs changes only buffers, such as BatchNorm's statistics, so then
-    the parameters, most of the memory, are not copied)."""
+    the parameters, most of the memory, are not copied), and so is the state of every optimizer stepped
+    while ``optimizers`` is entered, with its LR schedulers."""
 
     def __init__(self, modules: Any, steps: bool = True) -> None:
+        self.optimizers = _Optimizers()
         self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in {id(m): m for m in modules}.values()]
         self.values: dict[int, tuple] = {}
         for _, params, buffers in self.slots:
@@ -128,6 +262,7 @@ class _State:
                                           grad, None if grad is None else grad.detach().clone())
 
     def restore(self) -> None:
+        self.optimizers.restore()
         for m, params, buffers in self.slots:
             m._parameters.clear()
             m._parameters.update(params)
@@ -219,8 +354,9 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
     swapped = {id(sites[k].new): k for k in active}
 
     def returned(m: nn.Module, args: Any, out: Any) -> None:   # first of m's forward hooks: y as it returns
-        # without grad too: a reentrant checkpoint's forward, whose recomputation saves y for backward
-        if isinstance(out, torch.Tensor) and (out.requires_grad or not torch.is_grad_enabled()):
+        # without grad too: a reentrant checkpoint's forward, whose recomputation saves y for backward;
+        # not the original, which shares its replacement's hooks and runs where the model calls it directly
+        if id(m) in swapped and isinstance(out, torch.Tensor) and (out.requires_grad or not torch.is_grad_enabled()):
             outputs[swapped[id(m)]].append((out, out._version))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -255,11 +391,13 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
                                            not grad or (needs and trace.packs == packs), not grad))
             trace.keep.extend((x, y))
 
+    internal: list[Exception] = []               # errors raised by the hooks below: invact's, not the step's
+    pre, post, returned, pack = (_guarded(f, internal) for f in (pre, post, returned, pack))
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(
         post, with_kwargs=True, always_call=True))]
     handles += [m.register_forward_hook(returned, prepend=True) for m in model.modules() if id(m) in swapped]
-    if router is not None:
-        install_router(model, router)
+    if router is not None:                       # beside any route an earlier patch installed, which stays
+        _install(model, router, _TRIAL, list(model.modules()))
         router.outputs = []
     watch = _DropoutWatch()
     try:
@@ -267,20 +405,36 @@ def _run(model: nn.Module, example: Any, sites: dict[int, _Site], active: set[in
             out = _step(model, example)
             del out
     except Exception as exc:  # noqa: BLE001 - the user's step, any error: with swaps, a reason to leave them
-        if not active and router is None:
+        if not internal and not active and router is None:
             raise
         trace.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
     finally:
         for h in handles:
             h.remove()
         if router is not None:
-            remove_router(model)
+            _remove(model, _TRIAL)
             trace.route_modified = _written(router.outputs)
             router.outputs = None
+    if internal:                                 # also where the step caught it
+        exc = internal[0]
+        raise MeasureError(f"invact.patch(example=...): the measurement failed, not the example step "
+                           f"({type(exc).__name__}: {exc}); please report it") from exc
     trace.modified = {k for k, ys in outputs.items() if _written(ys)}
     trace.dropout_inputs = watch.inputs
     trace.keep.clear()
     return trace
+
+
+def _guarded(hook: Any, internal: list[Exception]) -> Any:
+    """``hook``, recording in ``internal`` any error it raises (so that it is never taken for the step's)."""
+    @functools.wraps(hook)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except Exception as exc:
+            internal.append(exc)
+            raise
+    return call
 
 
 def _written(outputs: list[tuple[torch.Tensor, int]]) -> bool:
@@ -292,20 +446,25 @@ _WRITTEN = ("its output is modified in place later in the forward (an in-place o
             "hook): invact saves y, so backward would fail")
 
 
+_BYPASSED = ("its replacement is never called with the swap in place: the original still runs (the model calls "
+             "it through a reference outside its module tree, such as a torch.compile wrapper's forward)")
+
+
 def _refused(trace: Trace, active: set[int]) -> dict[int, str]:
     """Sites a swapped run refuses whatever they free: those whose output was written in place; where the step
-    failed and none was, every active site."""
+    failed and none was, every active site; else those whose replacement was not called (the baseline called
+    every active site's original)."""
     if trace.modified:
         return {k: _WRITTEN for k in trace.modified}
     if trace.error is not None:
         return {k: f"the example step fails with the swaps ({trace.error})" for k in active}
-    return {}
+    return {k: _BYPASSED for k in active if not trace.calls[k]}
 
 
 # ---------------------------------------------------------------------------------------------------
 # modes active during a module's forward: the functional route, and copied chunks of fused projections
 
-_ROUTER, _CHUNKS = "_invact_router", "_invact_chunks"
+_ROUTER, _CHUNKS, _TRIAL = "_invact_router", "_invact_chunks", "_invact_router_trial"
 _SPLITS = {torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split}
 
 
@@ -367,7 +526,9 @@ def _remove(module: nn.Module, attr: str) -> TorchFunctionMode | None:
 def install_router(model: nn.Module, router: FunctionalRouter) -> None:
     """Enter ``router`` around every outermost call of ``model`` or of any of its modules: a checkpointed
     submodule's recomputation in backward (``torch.utils.checkpoint``, Hugging Face's gradient checkpointing)
-    then routes the calls its forward routed."""
+    then routes the calls its forward routed. It replaces the routes of ``model``'s modules (it covers them)."""
+    for m in model.modules():
+        _remove(m, _ROUTER)
     _install(model, router, _ROUTER, list(model.modules()))
 
 
@@ -377,9 +538,10 @@ def remove_router(model: nn.Module) -> FunctionalRouter | None:
 
 
 def remove_modes(model: nn.Module) -> None:
-    """Remove the functional route and every chunk-copy mode :func:`decide` installed in ``model``."""
-    remove_router(model)
+    """Remove every functional route and chunk-copy mode installed on ``model`` or on any of its modules (by
+    a patch of the model or of a submodule)."""
     for m in model.modules():
+        _remove(m, _ROUTER)
         _remove(m, _CHUNKS)
 
 
@@ -564,81 +726,101 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
         new = model.get_submodule(r.path)
         site = sites.setdefault(id(new), _Site([], new._invact_replaced[0], new))
         site.paths.append(r.path)
+    _refuse_lazy(model)
     modules = [m for s in [model, *(x for s in sites.values() for x in (s.old, s.new))] for m in s.modules()]
     flags = {id(m): (m, m.training) for m in modules}
     params = _params(model, sites)
     state = _State(modules, steps=not isinstance(example, (torch.Tensor, tuple, list, dict)))  # else _step calls it
     try:
-        model.train()
-        if check_autocast:
-            _place(model, sites, set(sites))
-            refused = _check_autocast(model, example, sites, state)
-            for i, r in enumerate(report.replaced):
-                key = id(model.get_submodule(r.path))
-                if key in refused:
-                    kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
-                    note = "; ".join([refused[key], *kept])
-                    report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
-        _place(model, sites, set())
-        base = _run(model, example, sites, set(), params)
-        reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
-        hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
-        active, final = set(sites) - set(reasons), base
-        while active:
-            _place(model, sites, active)
-            final = _run(model, example, sites, active, params)
-            refused = _refused(final, active)
-            bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0} | \
-                {k for k in active & hidden if _before_dropout(k, final)}
-            reasons.update(refused or {k: _why(k, base, final) for k in bad})
-            active -= bad
-            if not bad:
-                break
-        else:
-            final = base
-        if final.total > base.total:          # joint storages charged to no site: never worse than baseline
-            reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
-            active, final = set(), base
-        fused = {k for k, why in reasons.items() if "fused projection" in why}
-        parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
-        unit = None
-        if fused:                             # one unit: these swaps with their parents' chunks copied
-            for p in parents.values():
-                _install(p, CopyChunks(), _CHUNKS)
-            _place(model, sites, active | fused)
-            trial = _run(model, example, sites, active | fused, params)
-            refused = _refused(trial, active | fused)
-            gain = final.total - trial.total if not refused else 0
-            if gain > 0:
-                note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
-                        f"{len(fused)} site(s) freeing {_fmt(gain)}")
-                active, final, unit = active | fused, trial, (fused, note, gain)
-                for k in fused:
-                    del reasons[k]
-            else:
-                for p in parents.values():
-                    _remove(p, _CHUNKS)
-                for k in fused:
-                    reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
-                                   (refused[k] if k in refused else f"frees {_fmt(gain)}"))
-        _place(model, sites, active)
-        routed = None
-        if router is not None:
-            with_route = _run(model, example, sites, active, params, router)
-            why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
-                   "would fail" if with_route.route_modified else
-                   f"the example step fails with the route ({with_route.error})" if with_route.error else "")
-            routed = (with_route.total < final.total and not why, final.total - with_route.total,
-                      dict(router.routed), why)
-            router.routed.clear()
-            if routed[0]:
-                final = with_route
+        with state.optimizers:
+            active, reasons, base, final, routed, unit = _measure(model, report, example, router, sites, params,
+                                                                  state, check_autocast)
     finally:
         for m, flag in flags.values():
             m.train(flag)
         state.restore()
     _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
     return bool(routed and routed[0])
+
+
+def _refuse_lazy(model: nn.Module) -> None:
+    """ValueError where a lazy module (``nn.LazyLinear``, ...) has not been initialised: the example would
+    initialise it, from the caller's RNG, and the measurement leaves the model's state as it was."""
+    lazy = [f"{name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+            if any(t is not None and nn.parameter.is_lazy(t) for t in (*m._parameters.values(), *m._buffers.values()))]
+    if lazy:
+        raise ValueError(f"invact.patch(example=...): uninitialised lazy module(s) {', '.join(lazy)}; run one forward "
+                         "of the model first (as before building an optimizer or DDP), then patch")
+
+
+def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRouter | None, sites: dict[int, _Site],
+             params: set[tuple], state: _State, check_autocast: bool) -> tuple:
+    """The runs of :func:`decide`: ``(active, reasons, base, final, routed, unit)``, the sites placed as decided."""
+    model.train()
+    if check_autocast:
+        _place(model, sites, set(sites))
+        refused = _check_autocast(model, example, sites, state)
+        for i, r in enumerate(report.replaced):
+            key = id(model.get_submodule(r.path))
+            if key in refused:
+                kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
+                note = "; ".join([refused[key], *kept])
+                report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
+    _place(model, sites, set())
+    base = _run(model, example, sites, set(), params)
+    reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
+    hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
+    active, final = set(sites) - set(reasons), base
+    while active:
+        _place(model, sites, active)
+        final = _run(model, example, sites, active, params)
+        refused = _refused(final, active)
+        bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0} | \
+            {k for k in active & hidden if _before_dropout(k, final)}
+        reasons.update(refused or {k: _why(k, base, final) for k in bad})
+        active -= bad
+        if not bad:
+            break
+    else:
+        final = base
+    if final.total > base.total:          # joint storages charged to no site: never worse than baseline
+        reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
+        active, final = set(), base
+    fused = {k for k, why in reasons.items() if "fused projection" in why}
+    parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
+    unit = None
+    if fused:                             # one unit: these swaps with their parents' chunks copied
+        for p in parents.values():
+            _install(p, CopyChunks(), _CHUNKS)
+        _place(model, sites, active | fused)
+        trial = _run(model, example, sites, active | fused, params)
+        refused = _refused(trial, active | fused)
+        gain = final.total - trial.total if not refused else 0
+        if gain > 0:
+            note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
+                    f"{len(fused)} site(s) freeing {_fmt(gain)}")
+            active, final, unit = active | fused, trial, (fused, note, gain)
+            for k in fused:
+                del reasons[k]
+        else:
+            for p in parents.values():
+                _remove(p, _CHUNKS)
+            for k in fused:
+                reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
+                               (refused[k] if k in refused else f"frees {_fmt(gain)}"))
+    _place(model, sites, active)
+    routed = None
+    if router is not None:
+        with_route = _run(model, example, sites, active, params, router)
+        why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
+               "would fail" if with_route.route_modified else
+               f"the example step fails with the route ({with_route.error})" if with_route.error else "")
+        routed = (with_route.total < final.total and not why, final.total - with_route.total,
+                  dict(router.routed), why)
+        router.routed.clear()
+        if routed[0]:
+            final = with_route
+    return active, reasons, base, final, routed, unit
 
 
 def _report(report: Any, sites: dict[int, _Site], active: set[int], reasons: dict[int, str], base: Trace,

@@ -13,7 +13,8 @@
   is skipped; float64 is reported). (The mixed probe, float32 weights and bfloat16 input, tells
   Llama's from T5's rounding.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
-  class and configuration.
+  class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
+  attributes holding numbers, strings or tuples, so Qwen's grouped and ungrouped RMSNorm are probed apart).
 * Such classes with no parameters, buffers or submodules (OLMo's LayerNorm, Llama 4's weight-less RMSNorm):
   the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
   invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
@@ -24,8 +25,11 @@
   decimal) and kept only if the full probe then matches; a form without eps, with eps outside the square
   root, clamped or over another axis matches nothing and is left.
 
-The replacement shares the original's Parameter objects (same ``state_dict`` keys, optimizer state and
-later ``.to()`` conversions); :func:`invact.unpatch` puts the original back.
+The replacement shares the original's Parameter objects, registered in the original's order (same
+``state_dict`` keys, optimizer state, also loaded by position, and later ``.to()`` conversions), and only where
+the two hold the same parameters, buffers and submodules (:func:`_adopt`: a QAT observer child, a user's buffer,
+a weight computed by a ``torch.nn.utils.prune`` hook leave the norm); :func:`invact.unpatch` puts the original
+back.
 
 Autocast output: a norm whose consumers are Linears (pre-norm) returns the autocast dtype under
 torch.autocast, so the Linear saves the norm's own output instead of a cast copy. Which norms those are
@@ -109,10 +113,48 @@ def _build(kind: str, shape: int | tuple[int, ...], eps: float, bias: bool, back
 
 
 def _share(new: nn.Module, old: nn.Module) -> nn.Module:
-    new.weight = old.weight
-    if getattr(new, "bias", None) is not None:
-        new.bias = old.bias
+    """``new`` holding ``old``'s Parameters (the same objects), registered in ``old``'s order (an optimizer's
+    state, saved by position, then loads into either)."""
+    names = [name for name, p in new._parameters.items() if p is not None]
+    for name in names:
+        setattr(new, name, getattr(old, name))
+    order = list(old._parameters)
+    for name in sorted(new._parameters, key=lambda n: order.index(n) if n in order else len(order)):
+        new._parameters[name] = new._parameters.pop(name)      # re-inserted: the dict's order is old's
     return new
+
+
+def _adopt(new: nn.Module, old: nn.Module, *parts: str) -> tuple[nn.Module | None, str]:
+    """(``new`` sharing ``old``'s Parameters, its note from ``parts``), or (None, why not): the two do not hold
+    the same parameters, buffers and submodules (:func:`invact.recognise.state_mismatch`)."""
+    why = recognise.state_mismatch(old, new)
+    if why is not None:
+        return None, why
+    return _share(new, old), _note(new, *parts)
+
+
+def _configuration(module: nn.Module) -> tuple:
+    """What may set a forward's behaviour besides the tensors: the weight's shape and dtype, and the
+    attributes (beyond nn.Module's own) holding numbers, strings, dtypes or tuples of them (Qwen's
+    ``group_size``), by name. Instances alike share one probe; any other attribute is not compared."""
+    weight = module._parameters.get("weight")
+    attrs = tuple(sorted((k, v) for k, v in ((k, _scalars(v)) for k, v in vars(module).items()
+                                              if k not in _MODULE_STATE) if v is not _OTHER))
+    return (type(module), None if weight is None else (tuple(weight.shape), weight.dtype), attrs)
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))
+_OTHER = object()          # an attribute value _configuration does not compare
+
+
+def _scalars(value: object) -> object:
+    """``value`` if it is a number, string, dtype or None, a tuple of such for a tuple or list, else _OTHER."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = tuple(_scalars(v) for v in value)
+        return _OTHER if any(v is _OTHER for v in items) else items
+    return _OTHER
 
 
 def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:
@@ -210,11 +252,11 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     cast_note = "autocast output (a pre-norm: its consumers are Linears)" if cast else ""
     if cls is nn.LayerNorm or cls is nn.RMSNorm:
         if not module.elementwise_affine:
-            return _plain(module, backend, cast)
+            return _adopt(_plain(module, backend, cast), module, "no affine parameters: x_hat = y")
         new = (LayerNorm(module.normalized_shape, module.eps, True, module.bias is not None, device="meta",
                          backend=backend, autocast_output=cast) if cls is nn.LayerNorm else
                RMSNorm(module.normalized_shape, module.eps, True, device="meta", backend=backend, autocast_output=cast))
-        return _share(new, module), _note(new, cast_note)
+        return _adopt(new, module, cast_note)
     extra = recognise.extra_arguments(module)
     if extra is not None:
         return None, f"its forward takes more than the input ({extra}); invact's norms take one tensor"
@@ -229,7 +271,7 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     eps = _eps(module)
     if eps is None:
         return None, "no eps / variance_epsilon attribute"
-    key = (cls, eps, bias is not None)
+    key = (_configuration(module), eps, bias is not None)
     if key not in cache:
         kinds = ["layer"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer"]
         results = {k: _probe(module, k, eps, bias is not None) for k in kinds}
@@ -239,9 +281,9 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     kind, tried, results = cache[key]
     if kind is None:
         return None, _unmatched(tried)
-    new = _share(_build(kind, weight.numel(), eps, bias is not None, backend, cast), module)
+    new = _build(kind, weight.numel(), eps, bias is not None, backend, cast)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
-    return new, _note(new, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
+    return _adopt(new, module, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
 
 
 def _unmatched(tried: dict[str, float | str]) -> str:
@@ -265,7 +307,7 @@ def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: s
     if any(isinstance(v, torch.Tensor) for v in vars(module).values()):
         return None, "not a recognised norm: holds a tensor that is no parameter or buffer"
     size = _size(module)
-    key = (type(module), _eps(module), size or (_ANY_N,))
+    key = (_configuration(module), _eps(module), size or (_ANY_N,))
     if key not in cache:
         cache[key] = _match_plain(module, key[1], key[2])
     kind, eps, text = cache[key]
@@ -276,7 +318,7 @@ def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: s
                       f"dimension of any size, invact's norms one fixed normalized_shape (other sizes raise); "
                       f"on size {_ANY_N} it computes form {kind!r} without weight {text}")
     new = _build(kind, size, eps, False, backend, cast, affine=False)
-    return new, _note(new, f"no weight: probe: same output as form {kind!r} without weight {text}", cast_note)
+    return _adopt(new, module, f"no weight: probe: same output as form {kind!r} without weight {text}", cast_note)
 
 
 def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -> tuple[str | None, float, str]:
@@ -342,12 +384,11 @@ def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float
     return f"no eps attribute; its output gives eps {estimate:.7g}, no decimal of up to 3 significant digits"
 
 
-def _plain(module: nn.Module, backend: str | None, cast: bool) -> tuple[nn.Module, str]:
+def _plain(module: nn.Module, backend: str | None, cast: bool) -> nn.Module:
     """A torch.nn norm without affine parameters: x_hat = y exactly, nothing to recover."""
     cls = LayerNorm if isinstance(module, nn.LayerNorm) else RMSNorm
     kwargs = {"bias": False} if cls is LayerNorm else {}
-    new = cls(module.normalized_shape, module.eps, False, backend=backend, autocast_output=cast, **kwargs)
-    return new, _note(new, "no affine parameters: x_hat = y")
+    return cls(module.normalized_shape, module.eps, False, backend=backend, autocast_output=cast, **kwargs)
 
 
 def _note(new: nn.Module, *parts: str) -> str:

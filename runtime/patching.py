@@ -45,6 +45,14 @@ Normalization layers (``norms=True``, the default): torch.nn.LayerNorm / RMSNorm
 RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become :class:`invact.LayerNorm`
 / :class:`invact.RMSNorm`, which save their output (see :mod:`invact.norm_patch` and :mod:`invact.norms`).
 
+Left whatever they compute (the report says why): a module whose ``forward`` is set on the instance
+(``module.forward = ...``, accelerate's hooks), one torch.compile wraps itself (the ``_orig_mod`` of a
+``torch.compile(module)`` child: its wrapper calls that object; ``torch.compile(model)`` of the whole model
+is patched below its root), one whose parameters are DTensors (after ``fully_shard``), and one holding
+parameters, buffers or submodules under other names than its replacement would (a QAT observer, a user's
+buffer, a weight computed by a ``torch.nn.utils.prune`` hook). Any error while swapping or measuring puts
+this call's swaps back: :func:`patch` never leaves a model half patched.
+
 The replaced module keeps a reference to its original (not registered as a submodule, so it is in
 neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
 Forward, forward pre-, backward and state-dict hooks (``state_dict``'s and ``load_state_dict``'s, pre and post)
@@ -369,11 +377,15 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         its output modified in place later in the forward). Replaces the class-order dropout heuristic;
         see :mod:`invact.measure`. Without it the class rules decide and the report says the decisions
         were not measured (an in-place op on a swapped output then raises PyTorch's error at backward).
+        A callable step may run backward, an optimizer, an LR scheduler and a GradScaler: parameters,
+        ``.grad``, the optimizers' state and ``param_groups``, their schedulers' and the scalers' state are
+        put back afterwards. Uninitialised lazy modules raise ValueError (run one forward first).
     functional : bool
         Also route ``torch.nn.functional`` activation calls made during the model's forward through
         invact (:class:`invact.routing.FunctionalRouter`, entered by forward hooks on ``model`` and its
         modules, so a checkpointed module's recomputation routes too; works under ``torch.compile``);
-        with ``example``, kept only if it frees bytes (measured as one unit).
+        with ``example``, kept only if it frees bytes (measured as one unit). ``unpatch(model)`` removes
+        the routes on the model and any submodule; ``unpatch(model.sub)`` leaves the model's route.
 
     Returns
     -------
@@ -395,69 +407,12 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     if _rule_for(type(model)) is not None:
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: it cannot be "
                                 "replaced in place; use invact.activation(...) instead"))
-    done: dict[int, nn.Module] = {}                  # a shared module is replaced by one shared module
-    probes: dict = {}                                # norm classes probed in this call
-    known = set(ops.names())
-    for parent, attr, path, child in list(_children(model)):
-        cls = type(child)
-        if id(child) in done:
-            setattr(parent, attr, done[id(child)])
-            report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(done[id(child)]), "shared module"))
-            continue
-        if isinstance(child, (Activation, _Saving)):
-            continue
-        if norms and norm_patch.is_candidate(child):
-            new, note = norm_patch.replacement(parent, attr, child, backend, autocast_output, probes)
-            if new is None:
-                report.left.append(Left(path, _qualname(cls), note))
-                continue
-            _swap(parent, attr, child, new, done)
-            note = "; ".join(x for x in (note, _HOOKS_MOVED if _has_hooks(child) else "") if x)
-            report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), note))
-            continue
-        rule = _rule_for(cls)
-        if rule is None and recognise.is_candidate(child):
-            table, like = recognise.probe(child)
-            extra = recognise.extra_arguments(child)
-            if table is not None and extra is not None:
-                report.left.append(Left(path, _qualname(cls), f"computes {table} on the probe, but its forward "
-                                        f"takes more than the input ({extra}); invact's activations take one tensor"))
-                continue
-            if table is not None:
-                rule = _Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and example is None,
-                             note=f"recognised by a probe: computes {table} (within 2^-26 relative, float64)")
-            elif like and _recognised_base(cls) is None:
-                report.left.append(Left(path, _qualname(cls), "not recognised: elementwise on the probe, but "
-                                        "computes none of invact's activations"))
-                continue
-        if rule is None:
-            base = _recognised_base(cls)
-            if base is not None:
-                report.left.append(Left(path, _qualname(cls), f"subclass of {base.__name__}: its forward may differ"))
-            elif cls.__module__ in _ACTIVATION_MODULES and cls.__name__ not in _NOT_ELEMENTWISE:
-                report.left.append(Left(path, _qualname(cls), _NO_TABLE))
-            continue
-        if rule.table is None:
-            report.left.append(Left(path, _qualname(cls), rule.note))
-            continue
-        table, params, why = _verdict(rule, parent, attr, child, only_sel, exclude_sel, force, known,
-                                      example is not None)
-        if why is not None:
-            report.left.append(Left(path, _qualname(cls), why))
-            continue
-        new = module_for(table, params, backend)
-        _swap(parent, attr, child, new, done)
-        notes = [rule.note] if rule.note else []
-        if _inplace(child):
-            notes.append("inplace=True not kept: the new module returns a new tensor")
-        if _has_hooks(child):
-            notes.append(_HOOKS_MOVED)
-        report.replaced.append(Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)))
     router = FunctionalRouter() if functional else None
-    try:
+    try:   # any error (in the swaps or the example step) puts this call's swaps back: never half patched
+        _swap_all(model, report, _Walk(only_sel, exclude_sel, force, backend, norms, autocast_output, example))
         routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
                   if example is not None else functional)
-    except BaseException:  # the example step failed: the model as it was (measure restored its state)
+    except BaseException:  # the model as it was (measure restored its state)
         _undo(model, report)
         raise
     if router is not None:
@@ -465,6 +420,135 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         if routed:
             measure.install_router(model, router)
     return report
+
+
+@dataclass
+class _Walk:
+    """patch's settings, and what one call has swapped and probed so far."""
+
+    only: list | None
+    exclude: list | None
+    force: bool
+    backend: str | None
+    norms: bool
+    autocast_output: bool | None
+    example: Any
+    done: dict[int, nn.Module] = field(default_factory=dict)   # a shared module is replaced by one shared module
+    probes: dict = field(default_factory=dict)                  # norm configurations probed in this call
+    known: set[str] = field(default_factory=lambda: set(ops.names()))
+
+
+def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
+    """Swap every module of ``model`` that a rule or probe recognises, recording each in ``report``."""
+    for parent, attr, path, child in list(_children(model)):
+        if id(child) in walk.done:
+            why = _unswappable(parent, child)
+            if why is not None:
+                report.left.append(Left(path, _qualname(type(child)), why))
+                continue
+            setattr(parent, attr, walk.done[id(child)])
+            report.replaced.append(Replaced(path, _qualname(type(child)), "invact." + repr(walk.done[id(child)]),
+                                            "shared module"))
+        elif isinstance(child, (Activation, _Saving)):
+            continue
+        elif walk.norms and norm_patch.is_candidate(child):
+            _swap_norm(parent, attr, path, child, report, walk)
+        else:
+            _swap_activation(parent, attr, path, child, report, walk)
+
+
+def _swap_norm(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport, walk: _Walk) -> None:
+    cls = type(child)
+    why = _unswappable(parent, child)
+    new, note = (None, why) if why is not None else \
+        norm_patch.replacement(parent, attr, child, walk.backend, walk.autocast_output, walk.probes)
+    if new is None:
+        report.left.append(Left(path, _qualname(cls), note))
+        return
+    note = "; ".join(x for x in (note, _HOOKS_MOVED if _has_hooks(child) else "") if x)
+    _record(report, Replaced(path, _qualname(cls), "invact." + repr(new), note), parent, attr, child, new, walk)
+
+
+def _swap_activation(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport,
+                     walk: _Walk) -> None:
+    cls = type(child)
+    rule = _rule_for(cls)
+    if rule is None and recognise.is_candidate(child):
+        rule, why = _probed_rule(child, walk.example is None)
+        if why is not None:
+            report.left.append(Left(path, _qualname(cls), why))
+            return
+    if rule is None:
+        base = _recognised_base(cls)
+        if base is not None:
+            report.left.append(Left(path, _qualname(cls), f"subclass of {base.__name__}: its forward may differ"))
+        elif cls.__module__ in _ACTIVATION_MODULES and cls.__name__ not in _NOT_ELEMENTWISE:
+            report.left.append(Left(path, _qualname(cls), _NO_TABLE))
+        return
+    if rule.table is None:
+        report.left.append(Left(path, _qualname(cls), rule.note))
+        return
+    table, params, why = _verdict(rule, parent, attr, child, walk.only, walk.exclude, walk.force, walk.known,
+                                  walk.example is not None)
+    new = None if why is not None else module_for(table, params, walk.backend)
+    why = why or _unswappable(parent, child) or recognise.state_mismatch(child, new)
+    if why is not None:
+        report.left.append(Left(path, _qualname(cls), why))
+        return
+    notes = [rule.note] if rule.note else []
+    if _inplace(child):
+        notes.append("inplace=True not kept: the new module returns a new tensor")
+    if _has_hooks(child):
+        notes.append(_HOOKS_MOVED)
+    _record(report, Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)), parent, attr, child, new,
+            walk)
+
+
+def _probed_rule(child: nn.Module, unmeasured: bool) -> tuple[_Rule | None, str | None]:
+    """(the rule of the activation a probe finds ``child`` computes, None), (None, why it is left), or (None,
+    None) where it is no activation."""
+    cls = type(child)
+    table, like = recognise.probe(child)
+    extra = recognise.extra_arguments(child)
+    if table is not None and extra is not None:
+        return None, (f"computes {table} on the probe, but its forward takes more than the input ({extra}); "
+                      "invact's activations take one tensor")
+    if table is not None:
+        return _Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and unmeasured,
+                     note=f"recognised by a probe: computes {table} (within 2^-26 relative, float64)"), None
+    if like and _recognised_base(cls) is None:
+        return None, "not recognised: elementwise on the probe, but computes none of invact's activations"
+    return None, None
+
+
+def _record(report: PatchReport, entry: Replaced, parent: nn.Module, attr: str, old: nn.Module, new: nn.Module,
+            walk: _Walk) -> None:
+    """Swap ``old`` for ``new`` and record it at once (so an error after it puts it back: :func:`_undo`)."""
+    _swap(parent, attr, old, new, walk.done)
+    report.replaced.append(entry)
+
+
+_FORWARD_SET = ("its forward is overridden on the instance (module.forward = ..., as accelerate's hooks do): a "
+                "replacement would run its class's forward and lose the override")
+_COMPILED = ("wrapped by torch.compile: the wrapper's compiled forward calls this module itself, so a replacement "
+             "would never run; patch before compiling, or patch the model and compile it after")
+_SHARDED = ("its parameters are DTensors (sharded by fully_shard / FSDP2 or tensor parallelism, which keep using "
+            "this module): patch before fully_shard (before sharding)")
+
+
+def _unswappable(parent: nn.Module, child: nn.Module) -> str | None:
+    """Why ``child`` cannot be swapped in place whatever it computes, or None: its forward is set on the
+    instance, its parent is torch.compile's wrapper of it (its forward bound to ``child``, so a swap runs
+    nothing new), or its parameters or buffers are DTensors (the sharding keeps writing them into ``child``)."""
+    if "forward" in vars(child):
+        return _FORWARD_SET
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if compiled is not None and isinstance(parent, compiled):
+        return _COMPILED
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and any(isinstance(t, dtensor) for t in (*child.parameters(), *child.buffers())):
+        return _SHARDED
+    return None
 
 
 def _undo(model: nn.Module, report: PatchReport) -> None:

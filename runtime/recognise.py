@@ -21,6 +21,9 @@ next (a dropout inside it) computes no fixed function, and is neither recognised
 A module whose probe runs and is elementwise (flipping the input flips the output) but matches no
 reference is "activation-like, not recognised"; one whose probe fails or is not elementwise is not an
 activation and is not reported.
+
+:func:`state_mismatch` tells whether a replacement holds what a module holds (parameters, buffers, submodules
+under the same names): :func:`invact.patch` swaps only where it does.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 from . import registry
 from .common.catalog import CATALOG
 
-__all__ = ["references", "probe", "is_candidate", "probe_copy", "extra_arguments"]
+__all__ = ["references", "probe", "is_candidate", "probe_copy", "extra_arguments", "state_mismatch"]
 
 
 def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -134,3 +137,27 @@ def probe(module: nn.Module) -> tuple[str | None, bool]:
         if bool(close.all()):
             return name, True
     return None, True
+
+
+_KINDS = (("parameter", "_parameters"), ("buffer", "_buffers"), ("submodule", "_modules"))
+
+
+def _held(module: nn.Module) -> list[tuple[str, str]]:
+    """(kind, name) of what ``module`` holds itself, in registration order (None-valued slots left out)."""
+    return [(kind, name) for kind, attr in _KINDS for name, v in getattr(module, attr).items() if v is not None]
+
+
+def state_mismatch(module: nn.Module, replacement: nn.Module) -> str | None:
+    """Why ``replacement`` cannot stand in for ``module``: the parameters, buffers and submodules they hold
+    differ by name (an observer child from ``torch.ao.quantization.prepare_qat``, a user's buffer, a weight
+    that is a plain tensor computed by a hook, as ``torch.nn.utils.prune`` and ``weight_norm`` make it);
+    None where they agree."""
+    mine, theirs = _held(module), _held(replacement)
+    extra = [f"{kind} {name!r}" for kind, name in mine if (kind, name) not in theirs]
+    missing = [f"{kind} {name!r}" + (" (a plain tensor here: torch.nn.utils.prune and weight_norm compute it in a "
+                                     "forward pre-hook)" if name in vars(module) else "")
+               for kind, name in theirs if (kind, name) not in mine]
+    new = f"invact's {type(replacement).__name__}"
+    parts = ([f"holds {', '.join(extra)}, which {new} would drop"] if extra else []) + \
+        ([f"has no registered {', '.join(missing)}, which {new} holds"] if missing else [])
+    return "; ".join(parts) or None
