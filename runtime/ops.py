@@ -147,6 +147,8 @@ def _same_table(ctx) -> None:
     """Refuse a backward whose table is not the one its forward computed with (refitted on disk and read
     again in between: `invact fit NAME --param ...` while this process trains): y and the code would be
     read with another table's g."""
+    if torch.compiler.is_compiling():  # a compiled backward (compiled autograd too) is traced once: no check
+        return
     name, table = ctx.invact[0], getattr(ctx, "table", None)
     if table is not None and registry.module(name).TABLE_SHA256 != table:
         raise RuntimeError(f"activation {name!r}: its table changed on disk (refitted) between this forward "

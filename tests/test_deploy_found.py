@@ -245,6 +245,30 @@ def test_trace_of_the_functional_route_passes_its_check_and_trains(grad):
     _assert_trains_as(ref, traced, x)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_autograd_over_an_eager_forward(fullgraph):
+    """Compiled autograd traces each backward of an eager forward: the activations' refit check read the
+    registry (os.stat), which Dynamo cannot trace, so fullgraph=True raised and fullgraph=False broke the
+    graph in every activation's backward. Now no graph break, and the gradients of the eager backward
+    (float64, the same ops: to float64 rounding, EPS of the module docstring)."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), invact.GELU(), nn.Linear(16, 16), invact.SiLU(), nn.LayerNorm(16),
+                          nn.Linear(16, 4)).double()
+    invact.patch(model, backend="eager")
+    x = _x()
+    want = _grads(model, x)
+    torch._dynamo.reset()
+    counters.clear()
+    model.zero_grad()
+    with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=fullgraph)):
+        model(x).square().sum().backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=EPS, atol=EPS * w.abs().max().item())
+
+
 def test_fx_symbolic_trace_records_the_calls_and_trains():
     """torch.fx.symbolic_trace of a patched model (an RMSNorm added: both norms' functional entries) raised
     "x must be a torch.Tensor, got Proxy"; it records one call each of invact.ops.apply / the norms'
