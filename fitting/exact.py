@@ -11,8 +11,10 @@ import math
 import numpy as np
 import sympy as sp
 
-from .branches import Branch, numeric, time_limit
+from .branches import Branch
+from .domain import time_limit
 from .formulas import X, ActivationSpec
+from .numeric import numeric
 
 __all__ = ["Y", "exact_expression"]
 

@@ -9,8 +9,9 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from .branches import LIMIT_SECONDS, Analysis, Branch, analyze, removable_note, time_limit
+from .branches import Analysis, Branch, analyze
 from .certify import certify_table
+from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, SpecError
 from .exact import exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
@@ -18,6 +19,8 @@ from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
 from .formulas import X, ActivationSpec
 from .model import (Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch,
                     nan_gradients_json)
+from .numeric import LIMIT_SECONDS
+from .pieces import removable_note
 from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference

@@ -20,11 +20,13 @@ import numpy as np
 import sympy as sp
 
 from ..common.float32_scheme import ROOT_ORDERS
-from .branches import Branch, numeric, time_limit
+from .branches import Branch
+from .domain import time_limit
 from .errors import FitError
 from .fit import DEGREES, F32_SLACK, SAFETY, fit_piece, layout_cost
 from .float32 import F32_MAX, f32, ordinal_nodes
 from .formulas import X
+from .numeric import numeric
 from .reference import BranchReference
 from .segments import PowerTailSegment, Transform
 

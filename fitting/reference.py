@@ -19,7 +19,7 @@ float32 values and more per branch) is built for throughput and is at least as a
   taken as 4x the largest divided difference of f' over the cell and its two neighbours. Otherwise
   Newton continues (bisection where a step leaves the bracket) under the same test;
 - f and f' come from one lambdified function with common subexpressions shared and small integer
-  powers written as products (:func:`.branches.numeric_many`), so values differ from the default
+  powers written as products (:func:`.numeric.numeric_many`), so values differ from the default
   mode's in the last float64 digits.
 """
 
@@ -30,9 +30,10 @@ import math
 import numpy as np
 import sympy as sp
 
-from .branches import Branch, numeric, numeric_fast, numeric_many, raw_values
+from .branches import Branch
 from .float32 import ordinal_nodes
 from .formulas import X
+from .numeric import numeric, numeric_fast, numeric_many, raw_values
 
 __all__ = ["BranchReference"]
 

@@ -41,7 +41,7 @@ _LAZY = {
 
 
 _SUBMODULES = {"functional", "modules", "patching", "saved", "ops", "backends", "bitpack", "routing", "norms",
-               "norm_bounds", "measure", "recognise"}
+               "norm_bounds", "measure", "recognise", "modes"}
 
 
 def __getattr__(name: str):

@@ -38,7 +38,7 @@ TransformerEncoderLayer / TransformerDecoderLayer) says it, the final ``norm`` o
 TransformerEncoder / TransformerDecoder is the stack's output, and otherwise the attribute name decides
 (:data:`PRE_NORM`). A module cannot see who uses its output, and a post-norm layer's output (BERT's
 ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with ``norm_first=False``)
-also feeds the float32 residual stream, which must not be rounded. With ``example=``, :mod:`invact.measure`
+also feeds the float32 residual stream, which must not be rounded. With ``example=``, :mod:`invact.autocast_check`
 also checks it: a norm whose autocast output changes the model's output under autocast keeps torch's dtype.
 """
 

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import measure, norm_patch, ops, recognise
+from . import measure, modes, norm_patch, ops, recognise
 from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
 from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, check_params, module_for
 from .norms import _Saving
@@ -418,7 +418,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     if router is not None:
         report.functional = report.functional or "routed during the model's forward (not measured)"
         if routed:
-            measure.install_router(model, router)
+            modes.install_router(model, router)
     return report
 
 
@@ -634,7 +634,7 @@ def unpatch(model: nn.Module) -> list[str]:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
     _refuse_losses(model)
-    measure.remove_modes(model)
+    modes.remove_modes(model)
     for parent, attr, path, child in list(_children(model)):
         if _put_back(parent, attr, child):
             restored.append(path)

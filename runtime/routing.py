@@ -77,7 +77,7 @@ class FunctionalRouter(TorchFunctionMode):
     """While active, functional activation calls that save their input run through invact instead.
 
     ``only``: names (``"gelu"``, ``"silu"``, ...) to route; default all of :data:`ROUTED`. ``outputs``: a list
-    that, where set, collects ``(y, y._version)`` of every routed call (:mod:`invact.measure` checks whether a
+    that, where set, collects ``(y, y._version)`` of every routed call (:mod:`invact.save_trace` checks whether a
     later in-place op wrote into a y that backward reads).
     """
 

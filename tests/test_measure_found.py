@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
-from invact import measure
+from invact import measure, save_trace
 
 
 def _invact_ops(model: nn.Module, x: torch.Tensor) -> int:
@@ -267,7 +267,7 @@ def test_a_replacement_that_never_runs_is_left_with_the_reason():
 def test_an_internal_error_is_raised_as_measure_error_not_taken_for_the_step(monkeypatch, swallow):
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)), torch.randn(8, 16)
-    swapped, run, key = [False], measure._run, measure._key
+    swapped, run, key = [False], measure.trace_example, save_trace.storage_key
 
     def failing_run(model, example, sites, active, *args):
         swapped[0] = bool(active)
@@ -285,8 +285,8 @@ def test_an_internal_error_is_raised_as_measure_error_not_taken_for_the_step(mon
             if not swallow:
                 raise
 
-    monkeypatch.setattr(measure, "_run", failing_run)
-    monkeypatch.setattr(measure, "_key", failing_key)
+    monkeypatch.setattr(measure, "trace_example", failing_run)
+    monkeypatch.setattr(save_trace, "storage_key", failing_key)     # where trace_example's hooks look it up
     with pytest.raises(RuntimeError, match=r"the measurement failed, not the example step \(KeyError: 12345\)") as info:
         invact.patch(model, example=step)
     assert type(info.value) is measure.MeasureError and type(model[1]) is nn.GELU

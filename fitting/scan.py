@@ -1,0 +1,199 @@
+"""The scan of f' for critical points (sign changes) and flat points (zeros keeping the sign): monotone parts.
+
+f' is sampled on a fixed grid (:func:`scan_grid`: fine on [-SCAN, SCAN], geometric out to FAR_SCAN); each
+sign change is bracketed by brentq, checked at 15 digits (:func:`.numeric.precise`) so that float64 overflow
+invents none, and polished with mpmath. A piece is cut at its critical and flat points into monotone parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy as sp
+from scipy.optimize import brentq
+
+from .errors import SpecError
+from .formulas import X
+from .numeric import numeric, precise
+from .pieces import Piece, corner, corner_error
+
+__all__ = ["monotone_parts", "scan_grid", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
+
+SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (scan_grid)
+FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
+MAX_CRITICAL = 16
+
+
+def monotone_parts(piece: Piece):
+    fp = sp.diff(piece.expr, X)
+    if fp == 0 or (fp.is_number and float(fp) == 0.0):
+        yield piece.lo, piece.hi, piece.lo_closed, piece.hi_closed, "constant"
+        return
+    crit = _critical_points(piece, fp)
+    fpn = numeric(fp)
+    cuts = [piece.lo] + sorted(crit + _flat_points(piece, fp, fpn, crit)) + [piece.hi]
+    for j in range(len(cuts) - 1):
+        a, b = cuts[j], cuts[j + 1]
+        slope = _typical_slope(fpn, a, b, piece.removable)
+        lo_c = piece.lo_closed if j == 0 else True
+        hi_c = piece.hi_closed if j == len(cuts) - 2 else True
+        yield a, b, lo_c, hi_c, ("increasing" if slope > 0 else "decreasing")
+
+
+def _typical_slope(fpn, a: float, b: float, removable: list[float] = ()) -> float:
+    """f' where it is largest on a grid inside (a, b), away from removable points (as
+    :func:`scan_grid`): its sign is the branch's direction (a single interior point could be an
+    inflection with f' = 0, as for x**3 at 0)."""
+    lo = a if math.isfinite(a) else (min(b, 0.0) - 30.0 if math.isfinite(b) else -30.0)
+    hi = b if math.isfinite(b) else (max(a, 0.0) + 30.0 if math.isfinite(a) else 30.0)
+    xs = _away_from(np.linspace(lo, hi, 403)[1:-1], removable)
+    v = fpn(xs)
+    v = np.where(np.isfinite(v), v, 0.0)
+    return float(v[np.argmax(np.abs(v))])
+
+
+REMOVABLE_GAP = 1e-4   # scan points within this (relative to max(1, |c|)) of a removable point c are left out
+
+
+def _away_from(xs: np.ndarray, removable: list[float]) -> np.ndarray:
+    """``xs`` without the points within :data:`REMOVABLE_GAP` of a removable point."""
+    for c in removable:
+        xs = xs[np.abs(xs - c) > REMOVABLE_GAP * max(1.0, abs(c))]
+    return xs
+
+
+def scan_grid(lo: float, hi: float, removable: list[float] = ()) -> np.ndarray:
+    """x at which f' is sampled for sign changes on (lo, hi): 20001 points on [-SCAN, SCAN] (spacing
+    0.006), spacing 0.024 out to |x| = 8 SCAN, then geometric (about 200 points a decade) out to
+    |x| = FAR_SCAN; clipped to the piece (its finite ends included). Points next to a removable point
+    (:data:`REMOVABLE_GAP`) are left out: float64 f and f' there are 0/0 or lose their digits (f' of
+    t/(exp(t) - 1) with exp(-0.3) folded into a Float: ~1e-16/t^2), which would read as a sign change
+    or a step against the branch's direction."""
+    near = np.linspace(-SCAN, SCAN, 20001)
+    mid = np.linspace(SCAN, 8 * SCAN, 17501)
+    far = np.geomspace(8 * SCAN, FAR_SCAN, 2401)
+    xs = np.unique(np.concatenate([near, mid, far, -mid, -far]))
+    xs = _away_from(xs[(xs > lo) & (xs < hi)], removable)
+    return np.concatenate([[lo] if math.isfinite(lo) else [], xs, [hi] if math.isfinite(hi) else []])
+
+
+def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
+    """Sign changes of f' inside the piece, to float64 accuracy. Every sign change found on the scan
+    (:func:`scan_grid`, out to |x| = FAR_SCAN) is a branch point; more than MAX_CRITICAL of them, or
+    one beyond FAR_SCAN (:func:`_check_far_sign`), is refused: none is dropped."""
+    fpn = numeric(fp)
+    roots = _sign_changes_on(fpn, scan_grid(piece.lo, piece.hi, piece.removable), fp)
+    if len(roots) > MAX_CRITICAL:
+        raise SpecError(f"f' changes sign {len(roots)} times on [{max(piece.lo, -FAR_SCAN):g}, "
+                        f"{min(piece.hi, FAR_SCAN):g}] (first at x = {roots[0]:.6g}, last at x = {roots[-1]:.6g}): "
+                        "the function appears to have infinitely many monotone branches, which a finite "
+                        f"code cannot index (at most {MAX_CRITICAL + 1} branches per piece are supported)")
+    for side in (-1.0, 1.0):
+        if (piece.hi if side > 0 else -piece.lo) > FAR_SCAN:
+            _check_far_sign(fp, fpn, side)
+    roots = [_polish_root(fp, r) for r in roots]
+    for r in roots:
+        if (sides := corner(fpn, r)) is not None:
+            raise corner_error("f", r, sides)
+    return roots
+
+
+def _check_far_sign(fp: sp.Expr, fpn, side: float) -> None:
+    """Refuse a sign change of f' beyond |x| = FAR_SCAN on one side, found by a geometric scan out
+    to float64's largest values (a branch point there would lie beyond what the fit can resolve)."""
+    far = _sign_changes_on(fpn, side * np.geomspace(FAR_SCAN, 1.7e308, 2937), fp)
+    if far:
+        raise SpecError(f"f' changes sign near x = {far[0]:.3g}, beyond |x| = {FAR_SCAN:g} where the fitter "
+                        f"places branch points: f is not monotone as x -> {'+' if side > 0 else '-'}inf, "
+                        "and such a far branch is not supported")
+
+
+def _flat_points(piece: Piece, fp: sp.Expr, fpn, crit: list[float]) -> list[float]:
+    """Zeros of f' where it keeps its sign (tanhshrink's x - tanh(x) at 0, f' ~ x^2; x**5): the
+    branch is split there, since g ~ |y - y0|^(m/(m+1)) is singular at such a point on both sides.
+    Candidates are strict local minima of |f'| on a grid; a zero of even order of f' is a sign change
+    of f'', found by brentq, and kept where f' there is below 1e-12 of its values a grid step away.
+    Refuses infinitely many (x + sin(x))."""
+    xs = scan_grid(piece.lo, piece.hi, piece.removable)   # the critical points' grid: a flat point far out splits too
+    if xs.size < 3:
+        return []
+    a = np.abs(fpn(xs))
+    a = np.where(np.isfinite(a), a, np.inf)
+    local = np.nonzero((a[1:-1] < a[:-2]) & (a[1:-1] < a[2:]) & (np.minimum(a[:-2], a[2:]) > 1e-250))[0] + 1
+    fpp = numeric(sp.diff(fp, X))
+    out: list[float] = []
+    for i in local:
+        if any(abs(xs[i] - c) <= 2 * (xs[i + 1] - xs[i - 1]) for c in crit):
+            continue
+        x0 = _second_root(fpp, float(xs[i - 1]), float(xs[i]), float(xs[i + 1]))
+        if x0 is not None and abs(float(fpn(np.array([x0]))[0])) <= 1e-12 * min(a[i - 1], a[i + 1]) \
+                and piece.lo < x0 < piece.hi and _precise_flat(fp, x0, float(xs[i - 1]), float(xs[i + 1])):
+            out.append(x0)
+    if len(out) > MAX_CRITICAL:
+        raise SpecError(f"f' touches zero without changing sign {len(out)} times on [{xs[0]:g}, {xs[-1]:g}] (first at "
+                        f"x = {out[0]:.6g}): infinitely many flat points, each a singularity of g")
+    return out
+
+
+def _precise_flat(fp: sp.Expr, x0: float, a: float, b: float) -> bool:
+    """Whether |f'(x0)| <= 1e-12 |f'| at a and b to 15 correct digits (:func:`precise`): far out,
+    float64 cancellation makes f' noise that can touch 0 (x/sqrt(1 + x**2) at |x| ~ 1e14); True
+    where evalf cannot tell."""
+    v0, va, vb = (precise(fp, t) for t in (x0, a, b))
+    if v0 is None or va is None or vb is None:
+        return True
+    return bool(abs(v0) <= sp.Float(1e-12) * min(abs(va), abs(vb)))
+
+
+def _second_root(fpp, a: float, m: float, b: float) -> float | None:
+    """A zero of f'' in [a, b] (m, the grid point, if f''(m) is exactly 0), or None."""
+    va, vm, vb = (float(v) for v in fpp(np.array([a, m, b])))
+    if vm == 0:
+        return m
+    if va * vb >= 0 or not (math.isfinite(va) and math.isfinite(vb)):
+        return None
+    return brentq(lambda t: float(fpp(np.array([t]))[0]), a, b, xtol=1e-15, rtol=1e-15)
+
+
+def _sign_changes_on(fpn, xs: np.ndarray, fp: sp.Expr | None = None) -> list[float]:
+    """Sign changes of f' between neighbouring grid points xs (brentq), and grid points where f' is
+    exactly 0 between opposite signs. With ``fp``, a change that f' to 15 correct digits shows to be
+    a float64 artefact is dropped: overflow can flip the sign of a tiny f' (silu's
+    x*exp(-x)/(1 + exp(-x))**2 becomes -0 at x = -355 while 1/(1 + exp(-x)) stays positive)."""
+    if xs.size < 2:
+        return []
+    v = fpn(xs)
+    s = np.sign(v)
+    real = _precise_change(fp)
+    out = []
+    for i in np.nonzero(s[:-1] * s[1:] < 0)[0]:
+        if real(xs[i], xs[i + 1]):
+            out.append(brentq(lambda t: float(fpn(np.array([t]))[0]), xs[i], xs[i + 1], xtol=1e-15, rtol=1e-15))
+    for i in np.nonzero((s[1:-1] == 0) & (s[:-2] * s[2:] < 0))[0]:
+        if real(xs[i], xs[i + 2]):
+            out.append(float(xs[i + 1]))
+    return sorted(out)
+
+
+def _precise_change(fp: sp.Expr | None):
+    """(a, b) -> False when f' to 15 correct digits (:func:`precise`) has the same nonzero sign at a
+    and b, else True (also where ``fp`` is None or evalf gives no real number)."""
+    if fp is None:
+        return lambda a, b: True
+
+    def sign(x: float) -> int:
+        v = precise(fp, x)
+        return 0 if v is None else int(sp.sign(v))
+    return lambda a, b: not ((sa := sign(a)) != 0 and sa == sign(b))
+
+
+def _polish_root(fp: sp.Expr, x0: float) -> float:
+    """Refine a root of f' with mpmath at 30 digits; float64 result."""
+    import mpmath
+    try:
+        f = sp.lambdify(X, fp, "mpmath")
+        with mpmath.workdps(30):
+            return float(mpmath.findroot(f, mpmath.mpf(x0)))
+    except Exception:  # noqa: BLE001 - keep the bracketed root when mpmath cannot refine it
+        return float(x0)

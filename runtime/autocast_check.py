@@ -1,0 +1,116 @@
+"""The autocast check of :func:`invact.patch` (``example=``): which norms may return the autocast dtype.
+
+Norms with ``autocast_output`` (judged pre-norms by :func:`invact.norm_patch.feeds_linears`) are checked
+first, on forwards of the example under bf16 autocast with the swapped norms (training mode, seeded as in
+:mod:`invact.snapshot`): the model's outputs (every tensor its forwards return, bit for bit and dtype) with
+every such norm returning torch's dtype, then with each group of them (the same attribute of the same parent
+class: every layer's ``input_layernorm``) returning the autocast dtype, then (with several groups) the groups
+kept, together. A group that changes the outputs feeds something other than autocast-lowered Linears (a
+post-norm's residual add, the model's output) and keeps torch's dtype; the report says so. A step that fails
+under autocast or whose model returns no tensor leaves the attribute names' decision.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .norms import _Saving
+from .save_trace import Site, run_step
+from .snapshot import State, seeded
+
+__all__ = ["autocast_refusals"]
+
+
+def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
+    """Every tensor the model's (outermost) forwards return in one run of the example, detached."""
+    outs: list[torch.Tensor] = []
+    depth = [0]
+
+    def enter(m: nn.Module, args: Any) -> None:
+        depth[0] += 1
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            stack = [out]
+            while stack:
+                o = stack.pop()
+                if isinstance(o, torch.Tensor):
+                    outs.append(o.detach())
+                elif isinstance(o, dict):
+                    stack.extend(o.values())
+                elif isinstance(o, (tuple, list)):
+                    stack.extend(o)
+
+    handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
+    try:
+        with seeded(model), torch.enable_grad():
+            out = run_step(model, example)
+            del out
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Same dtypes, shapes and bits."""
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape
+        and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        for x, y in zip(a, b))
+
+
+def autocast_refusals(model: nn.Module, example: Any, sites: dict[int, Site], state: State) -> dict[int, str]:
+    """Norm sites whose ``autocast_output`` changes the model's outputs under bf16 autocast, or makes the
+    step fail (set back to False), with the reason; the sites must be in place. ``state`` is put back
+    after each run, so that every run starts from the same parameters (a step may run an optimizer)."""
+    casts = {k for k, s in sites.items() if isinstance(s.new, _Saving) and s.new.autocast_output}
+    if not casts:
+        return {}
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    if device not in ("cpu", "cuda"):
+        return {}
+    groups: dict[tuple, set[int]] = defaultdict(set)
+    for k in casts:
+        for path in sites[k].paths:
+            parent, _, attr = path.rpartition(".")
+            groups[(type(model.get_submodule(parent)).__qualname__, attr)].add(k)
+
+    def run(on: set[int]) -> list[torch.Tensor] | str:
+        """The outputs, or why the step failed."""
+        for k in casts:
+            sites[k].new.autocast_output = k in on
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return _outputs(model, example)
+        except Exception as exc:  # noqa: BLE001 - the user's step, any error: reported as the reason
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        finally:
+            state.restore()
+
+    refused: dict[int, str] = {}
+    try:
+        plain = run(set())
+        if isinstance(plain, str) or not plain:  # fails under autocast, or nothing to compare: names decide
+            return {}
+        for (cls, attr), keys in groups.items():
+            got = run(keys)
+            if isinstance(got, str):
+                refused.update({k: f"torch's dtype under autocast: measured, with the autocast dtype of {cls}.{attr} "
+                                   f"the step fails ({got})" for k in keys})
+            elif not _same(plain, got):
+                refused.update({k: f"torch's dtype under autocast: measured, the autocast dtype of {cls}.{attr} "
+                                   "changes the model's output (not only Linears consume it)" for k in keys})
+        rest = casts - set(refused)
+        if len(groups) > 1 and rest and not (isinstance(got := run(rest), list) and _same(plain, got)):
+            refused.update({k: "torch's dtype under autocast: measured, the norms' autocast outputs together "
+                               "change the model's output or fail" for k in rest})
+    finally:
+        for k in casts:
+            sites[k].new.autocast_output = k not in refused
+    return refused
