@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .norms import _Saving
-from .save_trace import Site, run_step
+from .save_trace import Site, error_line, run_step
 from .snapshot import State, seeded
 
 __all__ = ["autocast_refusals"]
@@ -89,7 +89,7 @@ def autocast_refusals(model: nn.Module, example: Any, sites: dict[int, Site], st
             with torch.autocast(device, dtype=torch.bfloat16):
                 return _outputs(model, example)
         except Exception as exc:  # noqa: BLE001 - the user's step, any error: reported as the reason
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+            return error_line(exc)
         finally:
             state.restore()
 

@@ -186,7 +186,7 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
     except Exception as exc:  # noqa: BLE001 - the user's step, any error: with swaps, a reason to leave them
         if not internal and not active and router is None:
             raise
-        trace.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        trace.error = error_line(exc)
     finally:
         for h in handles:
             h.remove()
@@ -202,6 +202,11 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
     trace.dropout_inputs = watch.inputs
     trace.keep.clear()
     return trace
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` in one line for a report: its type and its message's first line (160 characters at most)."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
 
 
 def _guarded(hook: Any, internal: list[Exception]) -> Any:
