@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .norms import _default_eps, _dtypes
+from .norms import _default_eps, _dtypes, recovery_floor
 
 __all__ = ["error_bound", "relative_bound", "forward_error"]
 
@@ -66,11 +66,13 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
 
     The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
     correctly; its bf16 layer_norm rounds more than once): k_y = max (|y - y_64| - |gamma| f) / (u_y
-    (|gamma x_hat| + |beta|) + u_y tiny), at least 1, with u_y y's unit roundoff and f (below) the part
-    the forward's float32 x_hat explains (x - mean cancels where x_hat is near 0).
+    (|gamma x_hat| + |beta|) + u_y floor), at least 1, with u_y y's unit roundoff, floor
+    :func:`invact.norms.recovery_floor` (u_y floor: y's error near 0, with denormals kept or flushed) and f
+    (below) the part the forward's float32 x_hat explains (x - mean cancels where x_hat is near 0).
     Recovered x_hat_j (x_hat rounded to norm_dtype first in the Hugging Face "llama" form; float32
-    subtraction and division, 2 u): for a column with |gamma_j| >= |beta_j| + tiny (the rule) the error
-    is at most (k_y u_y + u_n + 2u)(|x_hat| + |beta|/|gamma| + tiny/|gamma|) <= (k_y u_y + u_n + 2u)(|x_hat| + 1);
+    subtraction and division, 2 u): for a column with |gamma_j| >= |beta_j| + floor (the rule) the error
+    is at most (k_y u_y + u_n + 2u)(|x_hat| + |beta|/|gamma| + floor/|gamma|)
+    <= (k_y u_y + u_n + 2u)(|x_hat| + 1);
     a kept column's x_hat is stored in x's dtype: u_x |x_hat|. Both are within
         e = (k_y u_y + u_x + u_n + 2u)(|x_hat| + 1) + f,
     f = gamma_N u (|x_hat| + rstd mean|x|): the float32 forward's x_hat (sums of N terms, gamma_N =
@@ -93,7 +95,7 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     dyd = dy.double()
     bd = 0.0 if b is None else b.double()
     f = _xhat_error(xhat, rstd, mabs)
-    scale = u_y * ((gd * xhat).abs() + abs(bd) + torch.finfo(y.dtype).tiny)
+    scale = u_y * ((gd * xhat).abs() + abs(bd) + recovery_floor(y.dtype))
     k_y = max(1.0, ((y.double() - (gd * xhat + bd)).abs() - gd.abs() * f).div(scale).max().item())
     e = (k_y * u_y + u_x + u_n + 2 * _U32) * (xhat.abs() + 1) + f
     c = (dyd * gd * xhat).mean(-1, keepdim=True)

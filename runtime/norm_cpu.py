@@ -56,10 +56,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: float, tiny: float) -> bool | None:
-    """Whether every column passes :func:`invact.norms._recoverable` (the same float32 operations), for
-    contiguous CPU parameters of one dtype (float32, bfloat16, float16): one call instead of a few torch
-    ops per forward; None (not answered) elsewhere."""
+def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: float, floor: float) -> bool | None:
+    """Whether every column passes :func:`invact.norms._recoverable` (the same float32 operations:
+    ``|w_j + offset| ratio >= floor + |beta_j|``, ``floor`` the rule's absolute term in float32,
+    :func:`invact.norms.recovery_floor`), for contiguous CPU parameters of one dtype (float32, bfloat16,
+    float16): one call instead of a few torch ops per forward; None (not answered) elsewhere."""
     if (weight.dtype not in DTYPE_IDS or not weight.is_cpu or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != weight.dtype or not bias.is_cpu or not bias.is_contiguous()))):
         return None  # checked first: CUDA parameters never build the kernel
@@ -67,7 +68,7 @@ def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: f
     if lib is None:
         return None
     return lib.invact_norm_unrecoverable(DTYPE_IDS[weight.dtype], weight.numel(), weight.data_ptr(), _ptr(bias),
-                                         offset, ratio, tiny) == 0
+                                         offset, ratio, floor) == 0
 
 
 def _ptr(t: Tensor | None) -> int | None:

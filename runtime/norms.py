@@ -8,10 +8,12 @@ from the saved ``y``, and uses ``y`` directly where no division is needed:
     dx     = rstd * (dxhat - mean(dxhat) - x_hat * mean(dxhat * x_hat))    (RMSNorm: no mean(dxhat))
     dgamma = sum_rows(dy * x_hat),   dbeta = sum_rows(dy)
 
-Small gamma. ``y`` is rounded to its dtype (unit roundoff ``u``, smallest normal ``tiny``), so the
-recovered ``x_hat_j`` is off by up to ``u * (|x_hat_j| + |beta_j| / |gamma_j|) + u * tiny / |gamma_j|``
-(plus float32 arithmetic): the division amplifies beta's share and subnormal ``y``. A column is
-*recoverable* when ``|gamma_j| >= |beta_j| + tiny`` (:data:`RATIO` = 1), which bounds that error by
+Small gamma. ``y`` is rounded to its dtype (unit roundoff ``u``), so the recovered ``x_hat_j`` is off by
+up to ``u * (|x_hat_j| + |beta_j| / |gamma_j|) + u * floor / |gamma_j|`` (plus float32 arithmetic): the
+division amplifies beta's share and a y near 0, which is off by up to ``u * floor`` (:func:`recovery_floor`: y's
+``tiny`` with gradual underflow; ``tiny / u`` of the dtype y is computed in where denormals are flushed to 0,
+``torch.set_flush_denormal(True)``, for either mode). A column is *recoverable* when
+``|gamma_j| >= |beta_j| + floor`` (:data:`RATIO` = 1), which bounds that error by
 ``u * (|x_hat_j| + 1)``: never more than one unit of y's rounding beyond the information floor
 ``u |x_hat_j|`` of any output-saving norm. The other columns (exact zeros, tiny gamma, beta larger than
 gamma) keep their ``x_hat`` (in x's dtype, a ``(rows, k)`` tensor); when more than half the columns are
@@ -49,9 +51,10 @@ from torch import Tensor, nn
 from . import backends, layout, norm_cpu, ops
 from .common.params import real
 
-__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "LAYER_STYLES", "RATIO"]
+__all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "LAYER_STYLES", "RATIO",
+           "recovery_floor"]
 
-RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + tiny(y's dtype)
+RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + floor(y's dtype)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
@@ -82,9 +85,25 @@ def _default_eps(dtype: torch.dtype) -> float:
     return torch.finfo(_acc(dtype)).eps
 
 
+def recovery_floor(y_dtype: torch.dtype) -> float:
+    """The recoverability rule's absolute term: a y of this dtype near 0 is off by at most ``u * floor`` (u its
+    unit roundoff) with denormals kept (y's ``tiny``) or flushed (``tiny / u`` of y's arithmetic, float32 or
+    float64 for float64 y: flushing sends a result below that tiny to 0). One rule for both modes: flushing is
+    set per thread (ATen's workers compute y), and it keeps only gamma below 2e-31 (float32 y), 3e-36
+    (bfloat16) or 2e-292 (float64) more; float16's is its tiny, 6.1e-5, in both."""
+    fy = torch.finfo(y_dtype)
+    return max(fy.tiny, torch.finfo(_acc(y_dtype)).tiny / (fy.eps / 2))
+
+
+def _floor_in(y_dtype: torch.dtype, gamma_dtype: torch.dtype) -> float:
+    """:func:`recovery_floor`, never below the smallest normal of the dtype the rule computes in (float64
+    y's floor is 0 in float32: a zero gamma of float32 weights would pass ``0 >= 0``)."""
+    return max(recovery_floor(y_dtype), torch.finfo(gamma_dtype).tiny)
+
+
 def _recoverable(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
     """True where x_hat_j can be recovered from y within the bound (False for NaN gamma)."""
-    limit = torch.finfo(y_dtype).tiny + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
+    limit = _floor_in(y_dtype, gamma.dtype) + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
     return (gamma.abs() if RATIO == 1 else gamma.abs() * RATIO) >= limit
 
 
@@ -121,7 +140,7 @@ def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.d
         bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
         cols = _kept_columns(bad)
     k, n = int(bad.sum()), bad.numel()
-    rule = f"|gamma_j| < |beta_j| + {torch.finfo(y_dtype).tiny:.3g} ({y_dtype} tiny)"
+    rule = f"|gamma_j| < |beta_j| + {_floor_in(y_dtype, g.dtype):.3g} ({y_dtype}'s floor: invact.norms.recovery_floor)"
     if cols.numel() == n and k:
         return Recovery(tuple(range(n)), True, f"{k} of {n} columns have {rule}: x_hat kept for every column "
                         "(x's bytes, no saving)")
@@ -306,7 +325,7 @@ def _forward_columns(weight: Tensor | None, bias: Tensor | None, n: int, offset:
     """The columns a forward keeps x_hat for (int64 indices), with one check and no ``nonzero`` where every
     column is recoverable (per-call work that matters next to a norm's single pass)."""
     if weight is not None:
-        ok = norm_cpu.all_recoverable(weight, bias, offset, RATIO, torch.finfo(y_dtype).tiny)
+        ok = norm_cpu.all_recoverable(weight, bias, offset, RATIO, _floor_in(y_dtype, torch.float32))  # float32 C
         good = None if ok else _recoverable(_gamma(weight, offset, n, acc, device),
                                             None if bias is None else bias.reshape(n), y_dtype)
         if good is not None and not bool(good.all()):
@@ -395,27 +414,96 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(y, rstd, extra, cols, weight, bias)   # y, not x: the next layer keeps y
 
 
+def _second_order() -> RuntimeError:
+    return RuntimeError("invact norms have no second derivative (double backward): their backward recovers "
+                        "x_hat from the saved output; use torch.nn.functional's norm where it is needed")
+
+
+class _Refused(ops._Refused):
+    """A saved tensor unchanged, refusing a gradient: the backward's derivative in y, rstd, the kept x_hat,
+    weight or bias is a second derivative of the norm (the one in dy, first order, runs)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise _second_order()
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        raise _second_order()
+
+
+def _saved(ctx) -> tuple[Tensor | None, ...]:
+    """(y, rstd, extra, cols, weight, bias); where the backward builds a graph (create_graph=True), each
+    that requires grad through :class:`_Refused`, so that only a true second derivative is refused."""
+    saved = ctx.saved_tensors
+    if not torch.is_grad_enabled():
+        return saved
+    return tuple(_Refused.apply(t) if t is not None and t.requires_grad else t for t in saved)
+
+
 def _grad(ctx, dy, d_rstd, d_extra, d_cols):
-    y, rstd, extra, cols, weight, bias = ctx.saved_tensors
-    dx, dw, db = torch.ops.invact.norm_backward(dy, y, rstd, extra, cols, weight, bias, *ctx.invact)
+    dx, dw, db = torch.ops.invact.norm_backward(dy, *_saved(ctx), *ctx.invact)
     return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
             db if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("invact norms have no second derivative (double backward): their backward recovers "
-                       "x_hat from the saved output; use torch.nn.functional's norm where it is needed")
+def _tangent(gdx: Tensor | None, gdw: Tensor | None, gdb: Tensor | None, y: Tensor, rstd: Tensor, extra: Tensor,
+             cols: Tensor, weight: Tensor | None, bias: Tensor | None, n: int, rms: bool,
+             offset: float) -> Tensor:
+    """The backward's derivative in dy (it is linear in dy) applied to the gradients of (dx, dgamma, dbeta):
+    the forward's Jacobian times them, ``gamma rstd (gdx - mean(gdx) - x_hat mean(gdx x_hat)) + x_hat gdw
+    + gdb`` (RMSNorm: no mean(gdx)), rows (rows, n) in the accumulation dtype, x_hat recovered as the
+    backward recovers it (kept columns from ``extra``). Eager torch ops: torch.autograd.functional.jvp's
+    double-vjp, not a training path."""
+    acc = _acc(rstd.dtype)
+    g = _gamma(weight, offset, n, acc, y.device)
+    divisor = g.index_fill(0, cols, 1.0) if cols.numel() else g
+    t = _rows(y, n).to(acc)
+    xhat = (t if bias is None else t - bias.reshape(n).to(acc)) / divisor
+    if cols.numel():
+        xhat.index_copy_(1, cols, extra.to(acc))
+    out = torch.zeros_like(xhat)
+    if gdx is not None:
+        v = _rows(gdx, n).to(acc)
+        inner = v - xhat * (v * xhat).mean(-1, keepdim=True)
+        out = g * (inner if rms else inner - v.mean(-1, keepdim=True)) * rstd.to(acc).reshape(-1, 1)
+    if gdw is not None and weight is not None:
+        out = out + xhat * gdw.reshape(n).to(acc)
+    if gdb is not None and bias is not None:
+        out = out + gdb.reshape(n).to(acc)
+    return out
+
+
+def _backward_setup(ctx, inputs, output) -> None:
+    dy, saved = inputs[0], inputs[1:7]
+    ctx.invact, ctx.dy = inputs[7:10], (dy.dtype, dy.shape)
+    if any(ctx.needs_input_grad[:7]):
+        ctx.save_for_backward(*saved)
+
+
+def _grad_of_backward(ctx, gdx, gdw, gdb):
+    """Gradients of the backward (dx, dgamma, dbeta)(dy, y, rstd, extra, cols, weight, bias): in dy,
+    :func:`_tangent`; zeros for the others, which a backward building a graph passes through :class:`_Refused`
+    (:func:`_saved`), so that differentiating through them is refused."""
+    saved = ctx.saved_tensors
+    ddy = None
+    if ctx.needs_input_grad[0]:
+        dtype, shape = ctx.dy
+        ddy = _tangent(gdx, gdw, gdb, *saved, *ctx.invact).to(dtype).reshape(shape)
+    need = ctx.needs_input_grad[1:7]
+    rest = (torch.zeros_like(t) if wanted and t is not None else None for wanted, t in zip(need, saved))
+    return (ddy, *rest, None, None, None, None, None)
 
 
 _norm_forward.register_autograd(_grad, setup_context=_setup_context)
-_norm_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_norm_backward.register_autograd(_grad_of_backward, setup_context=_backward_setup)
 
 
 class _Direct(torch.autograd.Function):
     """Plain eager calls (:func:`invact.ops.plain_eager` tensors, every backend): what
     invact::norm_forward's autograd does — the same code, saving y, rstd and the kept columns — without
     the custom ops' dispatch (~30 us a call). A backward that builds a graph (create_graph=True) runs
-    invact::norm_backward, whose autograd refuses to be differentiated."""
+    invact::norm_backward, differentiable in dy only (:func:`_grad_of_backward`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, backend):
@@ -425,10 +513,10 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        y, rstd, extra, cols, weight, bias = ctx.saved_tensors
         backward = torch.ops.invact.norm_backward if torch.is_grad_enabled() else _norm_backward_impl
-        args = ctx.invact if ops.plain_eager(dy) else (*ctx.invact[:-1], "eager")  # batched dy (is_grads_batched,
-        dx, dw, db = backward(dy, y, rstd, extra, cols, weight, bias, *args)        # jacobian(vectorize=True)): torch ops
+        # batched dy (is_grads_batched, jacobian(vectorize=True)): torch ops
+        args = ctx.invact if ops.plain_eager(dy) else (*ctx.invact[:-1], "eager")
+        dx, dw, db = backward(dy, *_saved(ctx), *args)
         return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
                 db if ctx.needs_input_grad[2] else None, None, None, None, None, None, None, None)
 
@@ -458,10 +546,15 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-@functools.cache
+@torch._dynamo.assume_constant_result  # Dynamo calls it (its arguments are guarded constants), not tracing the cache
 def _autocast_upcasts(device_type: str, dtype: torch.dtype, cast: torch.dtype, rms: bool) -> bool:
     """Does torch.autocast(device_type, cast) run F.layer_norm / F.rms_norm of ``dtype`` in float32 (CUDA:
-    yes, CPU: no)? Asked of PyTorch itself on an empty tensor."""
+    yes, CPU: no)? Asked of PyTorch itself on an empty tensor, once per configuration."""
+    return _asked_autocast(device_type, dtype, cast, rms)
+
+
+@functools.cache
+def _asked_autocast(device_type: str, dtype: torch.dtype, cast: torch.dtype, rms: bool) -> bool:
     x = torch.empty(0, 4, dtype=dtype, device=device_type)
     with torch.autocast(device_type, dtype=cast):
         out = torch.nn.functional.rms_norm(x, (4,)) if rms else torch.nn.functional.layer_norm(x, (4,))

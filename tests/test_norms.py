@@ -647,7 +647,7 @@ def test_norm_kernel_autocast_output_and_threads():
 def test_norm_kernel_recoverable_check_is_the_rule(dtype):
     """The forward's one-call check (norm_cpu.all_recoverable) answers as the torch rule
     (norms._recoverable on gamma = w + offset in float32) for every kind of gamma, with and without beta,
-    Gemma's offset, each y dtype's tiny, and a NaN gamma."""
+    Gemma's offset, each y dtype's floor (norms.recovery_floor), and a NaN gamma."""
     g = torch.Generator().manual_seed(2)
     for kind in ("plain", "zeros", "tiny", "huge", "trained"):
         wd, bd = gammas(64, kind, g)
@@ -659,7 +659,7 @@ def test_norm_kernel_recoverable_check_is_the_rule(dtype):
                 for y_dtype in DTYPES:
                     gamma = norms._gamma(w, offset, 64, torch.float32, w.device)
                     want = bool(norms._recoverable(gamma, bias, y_dtype).all())
-                    got = norm_cpu.all_recoverable(w, bias, offset, norms.RATIO, torch.finfo(y_dtype).tiny)
+                    got = norm_cpu.all_recoverable(w, bias, offset, norms.RATIO, norms._floor_in(y_dtype, torch.float32))
                     assert got == want, (kind, bias is None, offset, y_dtype)
     assert norm_cpu.all_recoverable(w.double(), None, 0.0, 1.0, 1e-38) is None     # not taken: the torch rule
 

@@ -1,0 +1,272 @@
+"""Found by a bug hunt of the output-saving norms (runtime/norms.py), fixed with these tests:
+
+1. The backward's derivative in dy (first order: torch.autograd.functional.jvp's double-vjp) runs and
+   matches torch's; only a true second derivative (through x, the weight, the saved y) is refused.
+2. The recoverability rule holds with denormals flushed (``torch.set_flush_denormal(True)``): its absolute
+   term is :func:`invact.norms.recovery_floor`, and :func:`invact.norm_bounds.error_bound` stays a bound.
+3. torch.compile under autocast traces no ``functools.lru_cache`` call (Dynamo warned on every norm).
+
+Tolerances are derived where they are used, from the unit roundoff u of the dtypes involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import invact
+from invact import bitpack, norm_bounds, norm_cpu, norms
+from norm_cases import check
+
+N, ROWS, EPS = 16, 6, 1e-5
+U64 = 2.0**-53
+# invact.norms.recovery_floor: tiny / u of float32 arithmetic for float32 and bfloat16 y (a y below float32's
+# tiny is flushed to 0: off by tiny = u floor)
+FLOORS = {torch.float32: 2.0**-126 / 2.0**-24, torch.bfloat16: 2.0**-126 / 2.0**-8}
+
+
+def _gamma_n(n: int) -> float:
+    """(8 + 2 log2 n) u: the relative error of a float64 sum of n terms, as norm_bounds' for float32."""
+    return (8 + 2 * math.log2(max(n, 2))) * U64
+
+
+def _case(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """float64 x, gamma (an exact zero and a tiny value: kept columns), beta, and tangents for each."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, N, generator=g, dtype=torch.float64) * 2 + 0.5
+    w = 1 + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+    w[3], w[7] = 0.0, 1e-300
+    b = 0.1 * torch.randn(N, generator=g, dtype=torch.float64)
+    tangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b)]
+    return x, w, b, *tangents
+
+
+def _call(mod, rms: bool, op: bool):
+    """f(x, w, b) of torch's or invact's norm; ``op``: invact::norm_forward itself (the custom op's autograd,
+    what torch.compile and dispatch modes take; plain calls take norms._Direct)."""
+    if op:
+        return lambda x, w, b: torch.ops.invact.norm_forward(x, w, None if rms else b, N, EPS, rms, 0.0, None,
+                                                             x.dtype, "eager")[0]
+    if rms:
+        return lambda x, w, b: mod.rms_norm(x, (N,), w, EPS)
+    return lambda x, w, b: mod.layer_norm(x, (N,), w, b, EPS)
+
+
+def _tangent_bound(x, w, vx, vw, vb, ref, rms: bool) -> torch.Tensor:
+    """How far invact's J (vx, vw, vb) may be from torch's, both in float64. invact recovers x_hat from y:
+    off by at most e = (3 u + gamma_N (1 + rstd mean|x|)) (|x_hat| + 1) (y's rounding, y - beta and the
+    division: u (|x_hat| + 1) under the rule |gamma| >= |beta| + floor, norm_bounds' docstring; the forward's
+    row sums, whose mean cancels as mean|x| rstd; kept columns store x_hat exactly in float64). The
+    tangent gamma rstd (v - mean(v) - x_hat c) + x_hat vw + vb, c = mean(v x_hat), then moves by
+    |gamma| rstd (|c| e + (|x_hat| + e) mean(|v| e) + gamma_N (|v| + mean|v| + |x_hat c|)) + e |vw|
+    + gamma_N (1 + rstd mean|x|) |ref| (rstd's and the final sums' rounding), as norm_bounds.error_bound's dx."""
+    xhat, rstd, mabs = norm_bounds._stats64(x, rms, EPS)
+    gn = _gamma_n(N)
+    e = (3 * U64 + gn * (1 + rstd * mabs)) * (xhat.abs() + 1)
+    c = (vx * xhat).mean(-1, keepdim=True)
+    va = vx.abs()
+    inner = c.abs() * e + (xhat.abs() + e) * (va * e).mean(-1, keepdim=True) \
+        + gn * (va + va.mean(-1, keepdim=True) + (xhat * c).abs())
+    return w.abs() * rstd * inner + e * vw.abs() + gn * (1 + rstd * mabs) * ref.abs() + gn * vb.abs()
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["direct", "op"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_derivative_in_dy_matches_torch(rms, op):
+    """torch.autograd.functional.jvp (the double-vjp: the backward differentiated in dy) in float64 through
+    invact's norm, in x, gamma and beta at once, and the same vjp-of-vjp by hand (the gradients of dx,
+    dgamma, dbeta in dy), against torch's own norm within :func:`_tangent_bound`."""
+    x, w, b, vx, vw, vb = _case()
+    vb = torch.zeros_like(vb) if rms else vb
+    ref = torch.autograd.functional.jvp(_call(F, rms, False), (x, w, b), (vx, vw, vb))[1]
+    got = torch.autograd.functional.jvp(_call(invact.functional, rms, op), (x, w, b), (vx, vw, vb))[1]
+    tol = _tangent_bound(x, w, vx, vw, vb, ref, rms)
+    check(got, ref, tol, "jvp")
+    xs = [t.clone().requires_grad_() for t in ((x, w) if rms else (x, w, b))]
+    y = _call(invact.functional, rms, op)(xs[0], xs[1], None if rms else xs[2])
+    dy = torch.zeros_like(y, requires_grad=True)
+    grads = torch.autograd.grad(y, xs, dy, create_graph=True)
+    (by_hand,) = torch.autograd.grad(grads, dy, (vx, vw) if rms else (vx, vw, vb))
+    check(by_hand, ref, tol, "vjp of vjp")
+
+
+@pytest.mark.parametrize("op", [False, True], ids=["direct", "op"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_true_second_derivatives_are_refused(rms, op):
+    """A gradient through the saved y, the weight or the bias of the backward (x's Hessian, a gradient
+    penalty, dgamma differentiated in gamma) still raises the norms' own error, whatever asks for it."""
+    x, w, b, *_ = _case(1)
+    for wrt in ("x", "w", "dw"):
+        xs = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = _call(invact.functional, rms, op)(*xs)
+        gx, gw = torch.autograd.grad(y.pow(2).sum(), xs[:2], create_graph=True)
+        with pytest.raises(RuntimeError, match="invact norms have no second derivative"):
+            if wrt == "x":
+                gx.pow(2).sum().backward()
+            elif wrt == "w":
+                torch.autograd.grad(gx.sum(), xs[1])
+            else:
+                torch.autograd.grad(gw.sum(), xs[1])
+    xs = [t.clone().requires_grad_() for t in (x, w, b)]
+    (gx,) = torch.autograd.grad(_call(invact.functional, rms, op)(*xs).sum(), xs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="invact norms have no second derivative"):
+        gx.pow(2).sum().backward()                       # dy constant: the refusal comes from y and w alone
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_torch_func_transforms_still_match(rms):
+    """torch.func's jvp and hessian take the norms' torch-ops path (norms._apply's differentiating()) and give
+    torch's values: the same formula in float64, rows of N terms in another order, so within
+    gamma_N (|value| + mean |value| of its row) per element (sums of N products, each rounded)."""
+    x, w, b, vx, *_ = _case(2)
+    fr, fi = _call(F, rms, False), _call(invact.functional, rms, False)
+    gn = 4 * _gamma_n(N)
+    (_, want), (_, got) = (torch.func.jvp(lambda z: f(z, w, b), (x,), (vx,)) for f in (fr, fi))
+    assert ((got - want).abs() <= gn * (want.abs() + want.abs().mean(-1, keepdim=True))).all()
+    row = x[0]
+    hr, hi = (torch.func.hessian(lambda z: f(z.reshape(1, N), w, b).pow(3).sum())(row) for f in (fr, fi))
+    assert ((hi - hr).abs() <= gn * N * (hr.abs() + hr.abs().mean())).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the rule with denormals flushed
+
+@contextlib.contextmanager
+def _flushing(on: bool):
+    was = bitpack.denormals_flushed()
+    if on and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (torch.set_flush_denormal returned False)")
+    torch.set_flush_denormal(on)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+
+
+def _edge_gammas(dtype: torch.dtype) -> tuple[torch.Tensor, set[int]]:
+    """gamma of ones with columns at the rule's edge in ``dtype`` (beta 0 there): 1.5 and 2 times the floor
+    (recovered), 0.75 times it and 4e-38 (normal, above the old rule's tiny: kept), negatives too; and the
+    columns expected kept."""
+    f = FLOORS[dtype]
+    w = torch.ones(N, dtype=torch.float64)
+    edge = {0: 4e-38, 1: 1.5 * f, 2: -2 * f, 3: 0.75 * f, 4: -0.75 * f, 5: 2 * f}
+    for j, v in edge.items():
+        w[j] = v
+    w = w.to(dtype)
+    assert all(w[j].item() == v for j, v in edge.items() if j), "the floor's multiples exact in the dtype"
+    return w, {0, 3, 4}
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["gradual", "flushed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_rule_edge_within_the_bound_flushed_or_not(rms, dtype, flush, backend):
+    """Gammas at the rule's edge, denormals flushed or not while the norm runs forward and backward: the kept
+    columns are those below :func:`invact.norms.recovery_floor` (4e-38 among them: recovered before, and
+    dgamma off by 0.23 under flushing), and every gradient is within norm_bounds.error_bound (its
+    floor term is y's error near 0 in both modes, so its measured k_y stays small)."""
+    g = torch.Generator().manual_seed(5)
+    w, kept = _edge_gammas(dtype)
+    b = None if rms else (0.1 * torch.randn(N, generator=g)).to(dtype)
+    if b is not None:
+        b[:6] = 0.0
+    x = (torch.randn(4 * ROWS, N, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    dy = torch.randn(4 * ROWS, N, generator=g).to(dtype)
+    xs = [t.clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    with _flushing(flush):
+        _, _, _, cols = torch.ops.invact.norm_forward(x, w, b, N, EPS, rms, 0.0, None, dtype, backend)
+        y = invact.functional.rms_norm(xs[0], (N,), xs[1], EPS, backend=backend) if rms else \
+            invact.functional.layer_norm(xs[0], (N,), xs[1], xs[2], EPS, backend=backend)
+        grads = torch.autograd.grad(y, xs, dy)
+    refs, tols = norm_bounds.error_bound(x, w, b, dy, y.detach(), rms, EPS)
+    for got, ref, tol, what in zip(grads, refs, tols, ("dx", "dgamma", "dbeta")):
+        check(got, ref, tol, f"{dtype} flush={flush} {what}")
+    assert set(cols.tolist()) == kept == set(invact.norms.recovery(w, b, dtype).columns)
+
+
+def test_unguarded_recovery_breaks_the_bound_when_flushed():
+    """The bound is tight enough to see the flushing bug: gamma_0 = 4e-38 (float32) recovered by division
+    (no kept columns, as the old rule decided) with denormals flushed puts dgamma_0 outside error_bound."""
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    w = torch.ones(8)
+    w[0] = 4e-38
+    none = torch.zeros(0, dtype=torch.int64)
+    with _flushing(True):
+        y, rstd, extra, cols = torch.ops.invact.norm_forward(x, w, None, 8, EPS, False, 0.0, None,
+                                                             torch.float32, "eager")
+        _, dw, _ = torch.ops.invact.norm_backward(dy, y, rstd, extra[:, :0], none, w, None, 8, False, 0.0,
+                                                  torch.float32, "eager")
+    refs, tols = norm_bounds.error_bound(x, w, None, dy, y, False, EPS)
+    assert not (dw[0].double() - refs[1][0]).abs() <= tols[1][0]
+    assert cols.tolist() == [0]
+
+
+@pytest.mark.skipif(norm_cpu.library() is None, reason="no C compiler, or the C kernels switched off")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_check_at_the_new_edge(dtype):
+    """The forward's one-call C check (norm_cpu.all_recoverable, given the floor the forward passes) answers
+    as norms._recoverable for gammas at each y dtype's edge, one column at a time."""
+    for y_dtype in FLOORS:
+        w, _ = _edge_gammas(y_dtype)
+        for j in range(6):
+            wj = torch.ones(N, dtype=dtype)
+            wj[0] = w[j].item()
+            gamma = norms._gamma(wj, 0.0, N, torch.float32, wj.device)
+            want = bool(norms._recoverable(gamma, None, y_dtype).all())
+            got = norm_cpu.all_recoverable(wj, None, 0.0, norms.RATIO, norms._floor_in(y_dtype, torch.float32))
+            assert got == want, (dtype, y_dtype, j)
+
+
+def test_recovery_floor_values():
+    """The floor: y's tiny with gradual underflow, tiny / u of y's arithmetic (float32 for the 16-bit y)
+    where flushing makes it larger: float16 keeps its own tiny."""
+    for dtype, floor in FLOORS.items():
+        assert norms.recovery_floor(dtype) == floor
+    assert norms.recovery_floor(torch.float16) == torch.finfo(torch.float16).tiny
+    assert norms.recovery_floor(torch.float64) == 2.0**-1022 / 2.0**-53
+
+
+def test_float64_output_from_float32_weights_keeps_zero_gamma():
+    """Llama's RMSNorm of float64 x with float32 weights stores a float64 y and decides in float32, where
+    float64's floor (2e-292) is 0: a zero gamma passed ``0 >= 0`` and its gradients were NaN."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(ROWS, N, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.ones(N)
+    w[2] = 0.0
+    w.requires_grad_()
+    assert 2 in invact.norms.recovery(w, None, torch.float64).columns
+    y = invact.functional.rms_norm(x, (N,), w, EPS, style="llama")
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. torch.compile under autocast
+
+def test_compile_under_autocast_traces_no_lru_cache(monkeypatch):
+    """A compiled norm of bf16 x under CPU autocast asks norms._autocast_upcasts (a functools.cache) outside
+    Dynamo's trace: no "lru_cache-wrapped function" warning (Dynamo's warn_once cache emptied first), and
+    the output is eager's, bit for bit."""
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(ROWS, N, generator=g).to(torch.bfloat16)
+    w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    def fn(t):
+        return invact.functional.layer_norm(t, (N,), w, b) + invact.functional.rms_norm(t, (N,), w).float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fn(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert torch.equal(got, want)
