@@ -16,11 +16,14 @@ export MPLBACKEND ?= Agg
 
 setup: $(STAMP)
 
-# torch is pinned and installed first so that no dependency pulls a multi-GB CUDA build.
+# torch is pinned and installed first, so that no dependency pulls another torch. Which build pip
+# finds is pip's configuration (here a local wheel folder); plain PyPI's Linux x86_64 torch is the CUDA
+# build: TORCH_INDEX='--index-url https://download.pytorch.org/whl/cpu' asks for the CPU one.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) torch==2.13.0
 	$(BIN)/python -m pip install -q triton==3.7.1
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -7,16 +7,20 @@ Ratios (invact time / native time; lower is better; every operation timed in tur
 medians), CPU:
   bwd compiled  the compiled backward (unpack code, g(y, code), * grad) vs the native backward
                 (target <= 0.6; the fitted tables gelu, gelu_tanh, silu, quick_gelu, mish: <= 1.0
-                float32, <= 0.8 bfloat16/float16); on AVX-512 CPUs the C kernels of invact.cpu_kernel (16-bit y of every
-                table, float32 y of the fitted tables), on AVX2 ones its AVX2 kernel (float32 y of the fitted
-                tables), the per-table C kernels of invact.table_c for the rest
+                float32, <= 0.8 bfloat16/float16); on AVX-512 CPUs the C kernels of invact.cpu_kernel (16-bit y
+                by a lookup, for tables whose g is not plain arithmetic of y, as the fitted tables and
+                softplus; float32 y of the fitted tables), on AVX2 ones its AVX2 kernel (float32 y of the
+                fitted tables), the per-table C kernels of invact.table_c for the rest (the 16-bit y of
+                the closed forms computed from y, invact.table_c.direct16: celu, elu, hardswish,
+                leaky_relu, relu, relu2, selu, sigmoid, tanh)
   fwd           forward incl. computing and packing the code (compiled backend) vs the native
                 forward (target <= 1.10)
   bwd eager     the plain-torch backward vs the native backward (target <= 3)
   floor         grad * y (reads two tensors, writes one, as any backward from y must) vs the native
                 backward: no backward can go below it; where it is near 0.6 that target is out of reach
---norms [ROWS,N]: invact.functional.layer_norm / rms_norm against torch.nn.functional's instead
-(targets on CPU: forward <= 1.1, backward <= 1.5; CUDA: >= 0.9 of a copy's bandwidth).
+--norms [ROWS,N]: invact.functional.layer_norm / rms_norm against torch.nn.functional's instead, the
+forward timed without grad on both sides, the backward as torch.autograd.grad of each y (targets on
+CPU: forward <= 1.1, backward <= 1.5; CUDA: >= 0.9 of a copy's bandwidth).
 With CUDA: Triton forward/backward bandwidth in GB/s (bytes read + written once), as a fraction of
 a plain copy's bandwidth (target >= 0.9), and time / native time (target <= 1.05).
 """

@@ -3,7 +3,9 @@
     python benchmarks/models.py [--quick] [--models GPT-2,Llama] [--dtypes float32,bfloat16]
                                 [--device cpu|cuda] [--json PATH]
 
-Full run: 12 models x 2 dtypes at FULL sizes, about 6 min on 2 shared cores; --quick: 3 models at QUICK
+Full run: 19 models x 2 dtypes at FULL sizes (Mamba always at QUICK sizes: at FULL its Python scan
+took over 10 GiB; timm's ViT skipped where timm does not import), about 20 min on 2 shared cores (an
+estimate from one row, Phi-3 float32, 36 s; the full run was not timed); --quick: 3 models at QUICK
 sizes, about 15 s.
 
 Hugging Face transformers models (and timm's ViT) are built from small configs with random weights
@@ -87,12 +89,14 @@ QUICK = Size(hidden=64, layers=2, heads=2, batch=2, seq=32, vocab=256, image=32,
 
 @dataclass(frozen=True)
 class Spec:
-    """A model: its builder, its inputs, and a note on its configuration."""
+    """A model: its builder, its inputs, a note on its configuration, and the size it always runs at
+    (None: the run's, FULL or QUICK)."""
 
     name: str
     build: Callable[[Size], nn.Module]
     inputs: Callable[[Size, torch.Generator], dict[str, torch.Tensor]]
     note: str = ""
+    size: Size | None = None
 
 
 def _hf(config: str, model: str, fields: Callable[[Size], dict[str, Any]]) -> Callable[[Size], nn.Module]:
@@ -178,8 +182,9 @@ SPECS = [
         image_size=s.image, patch_size=s.patch, num_labels=10)), _images),
     Spec("Mamba", _hf("MambaConfig", "MambaForCausalLM", lambda s: dict(
         hidden_size=s.hidden, num_hidden_layers=s.layers, vocab_size=s.vocab, state_size=16, expand=2)), _tokens,
-         "without the CUDA kernels its slow path calls F.silu / F.softplus itself: its `act` modules are never "
-         "called (restored); the functional route reaches the calls"),
+         "always at QUICK sizes (at FULL sizes its Python scan took over 10 GiB and minutes per step on 2 "
+         "cores); without the CUDA kernels its slow path calls F.silu / F.softplus itself: its `act` modules "
+         "are never called (restored); the functional route reaches the calls", size=QUICK),
     Spec("Bloom", _hf("BloomConfig", "BloomForCausalLM", lambda s: dict(
         hidden_size=s.hidden, n_layer=s.layers, n_head=s.heads, vocab_size=s.vocab)), _tokens,
          "BloomGelu (a custom autograd Function) is recognised by the probe as gelu_tanh"),
@@ -363,6 +368,7 @@ def measure(spec: Spec, size: Size, dtype: str, device: str = "cpu", backend: st
     has no torch.compile start-up), invact's default elsewhere (Triton on CUDA, for the peak memory).
     """
     start = time.monotonic()
+    size = spec.size or size
     backend = backend or ("eager" if device == "cpu" else None)
     torch.manual_seed(0)
     model = spec.build(size).to(device).train()

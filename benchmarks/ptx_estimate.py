@@ -206,7 +206,7 @@ def fitted_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=int, default=2**28)
     parser.add_argument("--names", default="", help="comma-separated (default: the fitted tables)")
     parser.add_argument("--arch", type=int, default=90)

@@ -173,11 +173,11 @@ def train(model: nn.Module, setup: Setup, train_data: Tensor, eval_data: Tensor,
 
 class FloorProbe:
     """Hooks on a baseline model's activation modules (``paths``) for its first ``steps`` backward
-    passes: the relative gradient error that the information floor (design.md) allows invact there.
+    passes: the relative gradient error that the information floor (docs/floors.md) allows invact there.
 
     An activation input x whose output y is stored in y's dtype is known only within dy = ulp(y) plus
     the stored y's own error |y - f(x)| measured in float64 (PyTorch's forward is not correctly
-    rounded on every CPU: design.md, "Information floor" 3), so f'(x) rebuilt from y may be off by delta(x) = min(|f''| dy / |f'|, sqrt(2 |f''| dy)) (first order;
+    rounded on every CPU: docs/floors.md, "Information floor" 3), so f'(x) rebuilt from y may be off by delta(x) = min(|f''| dy / |f'|, sqrt(2 |f''| dy)) (first order;
     the square root next to a branch point, where f' = 0) plus the table's certified float32 evaluation
     error plus 16 eps |f'| (rounding of g and of PyTorch's own backward, as in tests/test_modules.py).
     Per layer that is ||delta * grad_y|| / ||grad_x|| relative to the gradient the layer sends back;
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"seeds, >= {MIN_SEEDS}; each trains a baseline, a patched and a nudged model")
     ap.add_argument("--activation", default=Setup.activation, help="GPT2Config.activation_function")
     ap.add_argument("--quick", action="store_true", help=f"a tinier model, {QUICK.steps} steps (a minute)")
-    ap.add_argument("--full", action="store_true", help=f"a larger model, {FULL.steps} steps (about an hour)")
+    ap.add_argument("--full", action="store_true", help=f"a larger model, {FULL.steps} steps (about 35 min "
+                    "for the default 72 runs: 25-31 s a run measured on an idle machine)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a busy machine)")
     ap.add_argument("--no-norms", action="store_true", help="patch the activations only (not the LayerNorms)")
     ap.add_argument("--bias-dgamma", type=float, metavar="FACTOR",

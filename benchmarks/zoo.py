@@ -5,7 +5,7 @@ is always a bug), branches and code bits, pieces and degrees, fit + certify wall
 errors, and the float32 gradient error of the generated code (eager backend: y from the printed
 formula in float32, g from the table) against float64 autograd of the same formula, over x ~ N(0, 3)
 and x ~ U(-12, 12). That error is |g - f'(x)| / max(1, |f'(x)|) and includes the information floor
-of storing y in float32 (~5e-5 next to a branch point, ../shared/design.md), which no table beats.
+of storing y in float32 (~5e-5 next to a branch point, docs/floors.md), which no table beats.
 
     .venv/bin/python benchmarks/zoo.py                 # every row (minutes)
     .venv/bin/python benchmarks/zoo.py --fast          # one row per branch-end kind

@@ -1,6 +1,6 @@
 """Error curves of tables against the information floors (shared by the CLI and the notebooks).
 
-The *information floor* (docs: /work/shared/design.md) is what storing y in a narrow format costs
+The *information floor* (docs/floors.md) is what storing y in a narrow format costs
 even with a perfect inverse: max over x on a fine grid of |f'(x) - g(round_dtype(f(x)))|.
 
 * :func:`plot_error_curves` — one table: |g~(y) - g(y)| per branch, the floors, the tolerance and, for
@@ -27,10 +27,10 @@ __all__ = ["DTYPES", "DESIGN_FLOORS", "PAPER_ERRORS", "round_to", "information_f
            "plot_error_curves", "plot_all_error_curves", "plot_gradient_errors"]
 
 DTYPES = ("bf16", "fp16", "fp32")
-# design.md, "save output (floor)" column: the measured figures the computed floors reproduce.
+# docs/floors.md, "save output (floor)" column: the measured figures the computed floors reproduce.
 DESIGN_FLOORS = {"gelu": {"bf16": 1.56e-2, "fp16": 6.57e-3, "fp32": 4.31e-5},
                  "silu": {"bf16": 1.50e-2, "fp16": 4.93e-3, "fp32": 5.61e-5}}
-# Max derivative error of the Inverted Activations reference code (design.md, "Anchors").
+# Max derivative error of the Inverted Activations reference code (docs/floors.md, "Anchors").
 PAPER_ERRORS = {"gelu": 1.87e-2, "silu": 2.9e-3}
 FLOOR_GRID = 2_000_001           # x step 8e-6 on [-8, 8]
 _FLOOR_COLORS = dict(zip(DTYPES, ("tab:red", "tab:orange", "tab:green")))

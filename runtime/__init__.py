@@ -2,8 +2,8 @@
 
 An activation's backward needs ``f'(x)``; PyTorch's GELU, SiLU, Mish, ... save ``x`` for it. invact saves
 the output ``y`` (which the next layer usually saves anyway) plus a packed code of ``ceil(log2 k)``
-bits per element (``k`` monotone branches), and computes ``f'(x) = g(y, code)`` from certified fitted
-tables.
+bits per element, rounded up to 0, 1, 2, 4 or 8 (``k`` distinct codes of its monotone branches: branches
+whose y ranges only touch share one), and computes ``f'(x) = g(y, code)`` from certified fitted tables.
 
 Public API:
 

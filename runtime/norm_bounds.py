@@ -64,7 +64,7 @@ def error_bound(x: Tensor, w: Tensor, b: Tensor | None, dy: Tensor, y: Tensor, r
     per element; dgamma is rounded to w's dtype), for the tests and benchmarks/train.py. The bound does
     not grow as gamma shrinks (the kept columns' promise).
 
-    The stored y's error is measured, not assumed (design.md: PyTorch's kernels need not round
+    The stored y's error is measured, not assumed (docs/floors.md: PyTorch's kernels need not round
     correctly; its bf16 layer_norm rounds more than once): k_y = max (|y - y_64| - |gamma| f) / (u_y
     (|gamma x_hat| + |beta|) + u_y floor), at least 1, with u_y y's unit roundoff, floor
     :func:`invact.norms.recovery_floor` (u_y floor: y's error near 0, with denormals kept or flushed) and f

@@ -177,7 +177,7 @@ def backward(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, w
     rows, n = y.shape
     if not fits(n):
         return None
-    # Triton's interpreter (CPU tensors) truncates float32 -> 16-bit (design.md): there dx stays float32 and
+    # Triton's interpreter (CPU tensors) truncates float32 -> 16-bit (docs/floors.md): there dx stays float32 and
     # the caller rounds
     dx = torch.empty((rows, n), dtype=torch.float32 if y.device.type == "cpu" else dx_dtype, device=y.device)
     programs = max(_programs(rows, y.device), 1)

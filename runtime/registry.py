@@ -224,8 +224,9 @@ def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
 def _check_table(mod: ModuleType, dotted: str) -> None:
     """Generated code must come from the table file next to it (generated/tables/NAME.json): its
     TABLE_SHA256 is the sha256 of that table's content, recomputed here (docs/table-format.md). A
-    mismatch (a fit interrupted between the table and its code, a table edited or restored without
-    `invact generate`) raises ImportError with the fix, never computes with the other table."""
+    mismatch never computes with the other table: ImportError with the fix, `invact generate` for a
+    table invact wrote after the code (a fit interrupted between the two), else (a table missing,
+    corrupt or edited by hand) the `invact fit` command that rebuilds it."""
     import json
 
     from .common.table_hash import canonical_sha256
@@ -234,15 +235,41 @@ def _check_table(mod: ModuleType, dotted: str) -> None:
     where, fix = generated_file(dotted)
     try:
         body = json.loads(table.read_text(encoding="utf-8"))
-        body.pop("sha256")
+        stored = body.pop("sha256")
         digest = canonical_sha256(body)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
         raise ImportError(f"generated code {where} has no readable table {table} ({type(error).__name__}: "
-                          f"{error}); {fix} to rebuild the code from the tables there") from None
+                          f"{error}); refit it with {_refit_hint(mod, table)}") from None
     if digest != mod.TABLE_SHA256:
-        raise ImportError(f"generated code {where} was made from another version of {table} (the table "
-                          f"changed after the code was generated, e.g. a fit was interrupted); {fix} to "
-                          "rebuild the code from the table")
+        if digest == stored:
+            raise ImportError(f"generated code {where} was made from another version of {table} (the table "
+                              f"changed after the code was generated, e.g. a fit was interrupted); {fix} to "
+                              "rebuild the code from the table")
+        raise ImportError(f"generated code {where} was made from another version of {table}, and the table "
+                          "was changed after invact wrote it (its content does not match its sha256: edited by "
+                          f"hand or corrupted); restore it, or refit it with {_refit_hint(mod, table)}")
+
+
+def _refit_hint(mod: ModuleType, table: Path) -> str:
+    """The `invact fit` command that rebuilds ``table``, with the formula and parameters the code ``mod``
+    was generated from (quoted, never evaluated), or FORMULA where the code does not give them."""
+    import shlex
+
+    from .common.catalog import BY_NAME
+    name = table.stem
+    meta = getattr(mod, "META", None)
+    meta = meta if isinstance(meta, dict) else {}
+    formula, params = meta.get("formula"), meta.get("params")
+    params = params if isinstance(params, dict) else {}
+    defaults = BY_NAME[name].params if name in BY_NAME else {}
+    extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
+    root = root_option(table.parent.parent.parent)
+    if name in BY_NAME:
+        return f"`invact fit {name}{extra}{root}`"
+    if not isinstance(formula, str) or not formula.strip():
+        return (f"`invact fit FORMULA --name {name}{root}` (its formula is unknown: the generated code does "
+                "not give it)")
+    return f"`invact fit {shlex.quote(formula)}{extra} --name {name}{root}` (the formula its code was made from)"
 
 
 def generated_file(dotted: str) -> tuple[str, str]:

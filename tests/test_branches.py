@@ -11,7 +11,7 @@ from invact.fitting.errors import SpecError
 from invact.fitting.exact import Y, exact_expression
 from invact.fitting.formulas import BUILTINS, get_spec
 
-# x_min, y_min from ../shared/design.md (float64). Branch points are polished with mpmath, so they
+# x_min, y_min from docs/floors.md (float64). Branch points are polished with mpmath, so they
 # must agree to a few float64 ulps (the y values are f at x_min, rounded once).
 KNOWN_MINIMA = {
     "gelu": (-0.75179152469356446, -0.16997120747990366),

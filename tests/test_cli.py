@@ -235,11 +235,11 @@ def test_a_signal_during_torch_import_exits_143(tree):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gelu", "silu"])
 def test_information_floors_match_design(name):
-    """plot.information_floor reproduces design.md's measured floors (drawn by `invact plot`).
+    """plot.information_floor reproduces docs/floors.md's measured floors (drawn by `invact plot`).
 
-    bf16/fp16: design.md gives 3 digits (1 %). fp32: the worst x sits next to the branch point, where
+    bf16/fp16: docs/floors.md gives 3 digits (1 %). fp32: the worst x sits next to the branch point, where
     the result depends on how close the grid comes to the x whose f(x) rounds worst; grid spacing
-    8e-6 vs design.md's unknown grid moves it by up to ~10 %.
+    8e-6 vs docs/floors.md's unknown grid moves it by up to ~10 %.
     """
     from invact.fitting import plot
     table = tables.load_table(REPO_TABLES / f"{name}.json")
@@ -341,7 +341,7 @@ def test_missing_parameter_set_names_the_command_that_fits_it(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["meta"]["params"] == {"b": 2.0} and data["meta"]["formula"] == "b*tanh(x) + x"
-    # end-to-end bound (design.md, "Information floor"): the certified float32 error of g at the stored y,
+    # end-to-end bound (docs/floors.md, "Information floor"): the certified float32 error of g at the stored y,
     # plus |dg/dy| * (error of the stored y against float64); |dg/dy| = |f''/f'^2| <= b*4/(3*sqrt(3))
     # since f' = 1 + b*sech^2 >= 1 and |d sech^2/dx| = 2 tanh sech^2 <= 4/(3*sqrt(3)); plus one float32
     # rounding of the gradient (2**-24 relative)

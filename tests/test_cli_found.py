@@ -477,3 +477,31 @@ def test_another_formula_under_an_existing_name_needs_replace(tree, capsys):
     assert tables.load_table(path)["formula"] == "2*x"
     status, out, _ = invact_cli(capsys, "fit", "--help")
     assert status == 0 and "--replace" in out
+
+
+def test_table_edited_or_missing_under_its_code_names_the_fit_that_rebuilds_it(tree, capsys, layered):
+    """README's "Clear errors": a table hand-edited, missing or corrupt under its generated code named
+    `invact generate`, which refuses an edited table and drops a missing one; the runtime's ImportError
+    names the file and the `invact fit` command that rebuilds it (a table newer than its code, as an
+    interrupted fit leaves it, still names `invact generate`)."""
+    assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
+    assert invact_cli(capsys, "fit", "3*x", "--name", "lin", "--root", tree, *CHEAP)[0] == 0
+    folder = tree / "generated" / "tables"
+    shipped = {name: (folder / f"{name}.json").read_text() for name in ("lin", "tanh")}
+    edited = lambda text: text.replace('"tolerance": ', '"tolerance": 1', 1)  # noqa: E731
+    cases = [("lin", edited, f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
+             ("lin", None, f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
+             ("lin", lambda text: text[:40], f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
+             ("tanh", edited, f"refit it with `invact fit tanh --root {tree}`")]
+    for name, change, fix in cases:
+        path = folder / f"{name}.json"
+        assert change is None or change(shipped[name]) != shipped[name]
+        if change is None:
+            path.unlink()
+        else:
+            path.write_text(change(shipped[name]))
+        invact.use_root(tree)
+        with pytest.raises(ImportError, match=re.escape(str(path))) as info:
+            invact.activation(name)(torch.zeros(3))
+        assert fix in str(info.value) and "invact generate" not in str(info.value), str(info.value)
+        path.write_text(shipped[name])

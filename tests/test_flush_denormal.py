@@ -135,7 +135,7 @@ def check(name: str, dtype: torch.dtype, backend: str, flushed) -> None:
     xs, ys = _read_flushed(x), _read_flushed(y)
     c = tol.compare(name, dtype, xs, ys, go.double().numpy(), theirs.double().numpy(), ours.double().numpy())
     if backend == "triton" and dtype == torch.bfloat16:  # the interpreter TRUNCATES float32 -> bfloat16
-        with np.errstate(invalid="ignore"):            # (design.md): one ulp of the result, not half
+        with np.errstate(invalid="ignore"):            # (docs/floors.md): one ulp of the result, not half
             c.value_bad &= ~(np.abs(c.ours - c.exact) <= c.bound + torch.finfo(dtype).eps * np.abs(c.ours))
     assert not c.bad.any(), f"{backend}:\n" + c.describe(name, dtype)
     _, their_bound, _ = tol.gradient_bound(name, dtype, xs, ys, go.double().numpy(), theirs.double().numpy())

@@ -1,7 +1,7 @@
 """invact.memory: bytes saved for backward, de-duplicated by storage, split per module.
 
 Expected figures are computed from the arithmetic, not copied from a run: for
-Linear(256, 1024) -> act -> Linear(1024, 256) on a (64, 256) float32 input (design.md):
+Linear(256, 1024) -> act -> Linear(1024, 256) on a (64, 256) float32 input (docs/floors.md):
   baseline nn.GELU: x for Linear1 (64*256*4) + h for GELU (64*1024*4) + GELU's output for Linear2
                     (64*1024*4) = 64 + 256 + 256 = 576 KiB;
   invact: x + y (saved by the activation and by Linear2: one storage) + the packed code,
@@ -57,7 +57,7 @@ def test_patched_saves_output_plus_code(table):
     # the activation is charged with y (first saved there) and its code; Linear2's save of y is shared
     assert m.by_module["1"] == n * F32 + code and "2" not in m.by_module
     if table == "gelu":
-        assert m.total == 328 * 1024                          # design.md's figure
+        assert m.total == 328 * 1024                          # docs/floors.md's figure
     out.sum().backward()                                      # the counted graph is usable
 
 

@@ -2,7 +2,7 @@
 
 Gradient tolerances (tests/tolerances.py, gradient_bound) are built per element from the y that was
 actually stored, never from an assumption about how PyTorch's forward rounds it: PyTorch's float32
-GELU is not correctly rounded on every CPU (design.md, "Information floor" 3: 2.15 half-ulps next to
+GELU is not correctly rounded on every CPU (docs/floors.md, "Information floor" 3: 2.15 half-ulps next to
 the minimum on an AVX-512 EPYC, where a half-ulp floor of 4.3e-5 becomes 9.65e-5). Per element
     |g~(y) - f'(x)| <= |g(y) - f'(x)|              [information floor, g the float64 inverse derivative
                                                    at the stored y: measures y's actual error]

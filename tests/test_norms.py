@@ -487,7 +487,7 @@ def _interpreter():
 def test_triton_within_the_bound(n, dtype, rms):
     """The Triton forward and backward against float64 autograd, with the bound of the eager tests: the
     kernels sum in another order (float32 reductions, inside gamma_N) and the interpreter truncates
-    float32 -> bf16 (design.md): the measured k_y of the stored y covers it. Gamma with exact zeros and
+    float32 -> bf16 (docs/floors.md): the measured k_y of the stored y covers it. Gamma with exact zeros and
     tiny values, so kept columns go through the kernels too."""
     _interpreter()
     x, w, b, dy = kernel_case(n, dtype, rms, rows=24)

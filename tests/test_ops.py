@@ -74,7 +74,7 @@ def test_gradient_parity(name, dtype):
     """|ours - go f'(x)| <= |go| (floor + approximation + float32 evaluation) + rounding of the result
     (tests/tolerances.py, gradient_bound, derives each term):
 
-    - floor: the information floor per element (see information_floor); design.md's table gives its
+    - floor: the information floor per element (see information_floor); docs/floors.md's table gives its
       size: GELU bf16 1.56e-2, fp16 6.57e-3, fp32 4.31e-5 near the branch point, ~1e-4 elsewhere.
     - approximation + float32 evaluation: the table's certificate (approx_error, float32_eval_error),
       relative where |f'| > 1; 4 float32 ulps of |f'| + 1 more for libm differences (torch.sqrt is

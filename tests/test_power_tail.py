@@ -168,7 +168,7 @@ def test_gradient_against_float64_autograd(root, table, case):
     """The eager float32 gradient at float32 x against float64 autograd of the formula at the same x:
     within the certificate (approximation + float32 evaluation, relative above |g| = 1) at the y the
     forward stored, plus what storing y cost: |g(y_stored) - f'(x)| from the float64 reference (the
-    information floor, docs: design.md), plus float64 reference noise (1e-12 relative)."""
+    information floor, docs/floors.md), plus float64 reference noise (1e-12 relative)."""
     invact.use_root(root)
     formula, f64, _, _, x_far = CASES[case]
     x = _inputs(x_far)

@@ -265,7 +265,7 @@ def _reference(name, x):
 def test_gradients_match_autograd(in_root, tables, name):
     """invact's backward (eager, float32) against autograd of the formula in float64 at the same x:
     within the information floor |f'(x) - g(y)| at the stored y (g from the independent float64
-    reference on x's branch; design.md: 4.3e-5 for GELU next to its branch point, where y barely
+    reference on x's branch; docs/floors.md: 4.3e-5 for GELU next to its branch point, where y barely
     moves with x), plus the certified approximation and float32 evaluation errors and 4 ulps."""
     from invact.fitting.certify import branch_reference
     table = tables[name]

@@ -1,8 +1,8 @@
 """The gradient bound of tests/tolerances.py does not depend on how this CPU rounds PyTorch's forward.
 
-PyTorch's float32 GELU is not correctly rounded on every CPU (design.md, "Information floor" 3: on an
+PyTorch's float32 GELU is not correctly rounded on every CPU (docs/floors.md, "Information floor" 3: on an
 AVX-512 EPYC, 2.15 half-ulps off next to the minimum, 36 relative ulps where y is tiny). A bound that
-assumes the stored y is within half an ulp of f(x) (the old sqrt(4 f'' u) of test_modules, or design.md's
+assumes the stored y is within half an ulp of f(x) (the old sqrt(4 f'' u) of test_modules, or docs/floors.md's
 4.31e-5 floor) then fails where invact is exact. tolerances.gradient_bound measures the floor from the
 y actually stored, so it must hold for ANY stored y: here y is f(x) correctly rounded and then moved
 by a few ulps on purpose (a simulated non-correctly-rounded forward), the backward runs on that y,
@@ -21,7 +21,7 @@ import tolerances as tol
 from invact import ops
 
 NAME = "gelu"
-F2 = 0.4315                  # GELU's f''(x_min) (design.md)
+F2 = 0.4315                  # GELU's f''(x_min) (docs/floors.md)
 
 
 def _x_near_minimum_and_tail() -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_half_ulp_assumption_fails_where_the_measured_bound_holds(k):
 
 
 def test_correctly_rounded_floor_matches_design_doc():
-    """With y correctly rounded the measured floor is design.md's: 4.31e-5 for GELU in float32 (plus
+    """With y correctly rounded the measured floor is docs/floors.md's: 4.31e-5 for GELU in float32 (plus
     the table's transform origin, rounded to float32, which moves y_min by up to half an ulp)."""
     x, _, _, y_rounded = _case(0)
     floor = tol.information_floor(NAME, x, y_rounded)

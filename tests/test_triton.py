@@ -31,7 +31,7 @@ def test_forward_matches_torch(name, dtype):
     float32 ulps; tanh is Cephes' tanhf in tl operations), then rounds to dtype. Formulas like
     x (1 + erf(z)) / 2 cancel for x << 0, so the float32 error is absolute: a few ulps of 1 times max(1, |x|); we allow
     16 * 2**-24 * max(1, |x|) plus 8 float32 ulps of |y|. bf16: the interpreter TRUNCATES float32 ->
-    bf16 (design.md) where torch rounds to nearest, so one bf16 ulp, two with the float32 difference
+    bf16 (docs/floors.md) where torch rounds to nearest, so one bf16 ulp, two with the float32 difference
     crossing a rounding boundary; fp16 likewise 2 ulps. The reference for narrow dtypes is PyTorch's
     forward in float32 rounded once to dtype (what the kernel computes): PyTorch's own bf16 forward of
     a compound expression (x * sigmoid(1.702 x)) rounds after every op. The packed code must be
@@ -52,7 +52,7 @@ def test_backward_matches_torch(name, dtype):
     """Same y and code in, grad_in out. Fitted tables (every segment a polynomial row): both run the
     float32 scheme operation for operation (correctly rounded sqrt, invact's own log, no FMA), so
     float32 and float16 gradients are equal bit for bit; bfloat16 too but for the final rounding,
-    which the interpreter truncates (design.md): one bf16 ulp. Closed forms: the interpreter's
+    which the interpreter truncates (docs/floors.md): one bf16 ulp. Closed forms: the interpreter's
     exp/log differ from torch's by ulps: 8 float32 ulps of |g go| plus |go| 2**-21 absolute (the
     cancelling last step of the scheme); narrow dtypes: one ulp for the final rounding plus that."""
     g = torch.Generator().manual_seed(1)
@@ -224,7 +224,7 @@ def test_16_bit_backward_is_the_eager_lookup(name, monkeypatch):
     """16-bit y: the kernel gathers g from the table of every 16-bit y and code that the eager
     g_kernel filled (invact.impl_eager.lookup_table), for closed forms and fitted tables alike, so
     float16 gradients equal the eager backend's bit for bit (one float32 product, rounded once);
-    bfloat16 within the one ulp of the interpreter's truncating conversion (design.md), where the
+    bfloat16 within the one ulp of the interpreter's truncating conversion (docs/floors.md), where the
     result is a normal number (the interpreter's conversion of subnormal products is not even that; a
     GPU's cvt.rn.bf16.f32 is, tests/test_cuda.py). Every code
     class and y's every 16-bit pattern; 8 planes' worth of ragged elements."""

@@ -2,12 +2,12 @@
 test_fuzz.py and benchmarks/fuzz.py, which loads this file by path).
 
 An invact gradient differs from autograd on x for three reasons, and the bound adds one term for each
-(docs: /work/shared/design.md, "Information floor"; docs/table-format.md, "CERT"):
+(docs/floors.md, "Information floor"; docs/table-format.md, "CERT"):
 
 1. the information floor: y is stored rounded, and next to a branch point (f' = 0) many x share one
    stored y. No table can beat |f'(x) - g_b(round(y))| with g_b the exact inverse derivative on x's
    branch b; :func:`information_floor` computes it per element from an independent float64 reference
-   (bracketed Newton, never the table). design.md measures it: GELU bf16 1.56e-2, fp16 6.57e-3,
+   (bracketed Newton, never the table). docs/floors.md measures it: GELU bf16 1.56e-2, fp16 6.57e-3,
    fp32 4.31e-5 next to x = -0.75, ~1e-4 (bf16) elsewhere;
 2. the table: its certificate's approximation error (real arithmetic, proved) plus its float32
    evaluation error (every bf16/fp16 y, 2^24 fp32 samples), both absolute where |g| <= 1 and relative
@@ -103,7 +103,7 @@ def _first_order_floor(name: str, x: np.ndarray, y_stored: np.ndarray, fp: np.nd
 def stored_error(name: str, x: np.ndarray, y_stored: np.ndarray, params: dict | None = None) -> np.ndarray:
     """|y_stored - f(x)| per element, f(x) by PyTorch's float64 forward: how far the y that was stored
     (PyTorch's forward in a narrow dtype, on this CPU) is from the exact value. Correct rounding would
-    keep it within half an ulp; PyTorch's float32 kernels do not (design.md, "Information floor" 3:
+    keep it within half an ulp; PyTorch's float32 kernels do not (docs/floors.md, "Information floor" 3:
     2.15 half-ulps next to GELU's minimum, 36 relative ulps where y is tiny, on an AVX-512 EPYC)."""
     x64 = torch.tensor(np.asarray(x, dtype=np.float64))
     with torch.no_grad():
