@@ -8,9 +8,10 @@
   the float32 backward of the fitted tables (the same results, bit for bit, faster, and no compile).
 - ``"eager"``: the generated torch code as plain torch ops (always available).
 
-The default is the first available of triton (CUDA only), compiled, eager; ``INVACT_BACKEND`` or the
-``backend=`` argument choose one. A backend that fails to compile falls back with one warning: compiled
-to eager, triton to the default among the others.
+The default is the first available of triton (CUDA only), compiled, eager; ``INVACT_BACKEND`` (read in
+any case) or the ``backend=`` argument (lower case; its name checked where it is given, by
+:func:`check_name`, its availability at the forward) choose one. A backend that fails to compile falls
+back with one warning: compiled to eager, triton to the default among the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "ENV", "available", "resolve", "compiled", "fallback_used", "instead_of_triton",
+from .arguments import ArgumentTypeError
+
+__all__ = ["BACKENDS", "ENV", "available", "check_name", "resolve", "compiled", "fallback_used", "instead_of_triton",
            "after_triton_failed", "INDUCTOR_OPTIONS", "inductor_options", "env_flag"]
 
 BACKENDS = ("triton", "compiled", "eager")
@@ -84,22 +87,36 @@ def _default(device_type: str) -> str:
     return usable[0]
 
 
+def check_name(backend: object, argument: str = "backend") -> str | None:
+    """``backend`` if it is None or one of :data:`BACKENDS` (lower case, as written there; only
+    ``INVACT_BACKEND`` is read in any case): the check constructors and :func:`invact.patch` make up front,
+    before a device is known (:func:`resolve` checks availability at the forward). Raises ValueError (a
+    TypeError too for a non-str) naming ``argument``."""
+    if backend is None or (isinstance(backend, str) and backend in BACKENDS):
+        return backend
+    if not isinstance(backend, str):
+        raise ArgumentTypeError(f"{argument} must be a str ({', '.join(BACKENDS)}) or None, got "
+                                f"{type(backend).__name__} {backend!r}")
+    hint = "; names are lower case" if backend.strip().lower() in BACKENDS else ""
+    raise ValueError(f"{argument} must be one of {', '.join(BACKENDS)} (or None for the default{hint}), "
+                     f"got {backend!r}")
+
+
 @torch._dynamo.assume_constant_result
 def resolve(backend: str | None, device_type: str) -> str:
     """The backend to run: ``backend`` (argument), else $INVACT_BACKEND, else the default.
 
-    Unknown names and backends not available for ``device_type`` raise :class:`ValueError` naming the
-    argument (or the environment variable, read in any case) and the available backends.
+    Unknown names (:func:`check_name`) and backends not available for ``device_type`` raise :class:`ValueError`
+    naming the argument (or the environment variable, read in any case) and the available backends.
     """
     source = "backend"
     if backend is None:   # the variable, like every INVACT_* switch: any case, spaces around ignored
         backend, source = os.environ.get(ENV, "").strip().lower() or None, ENV
-    if backend is None:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)} (unset or empty for the default; any "
+                             f"case), got {os.environ[ENV]!r}")
+    if check_name(backend) is None:
         return _default(device_type)
-    if backend not in BACKENDS:
-        default, got = ("unset or empty for the default; any case", os.environ[ENV]) if source == ENV else \
-            ("or None for the default", backend)
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} ({default}), got {got!r}")
     usable = available(device_type)
     if backend == "compiled" and "compiled" in _broken:
         return "eager"  # already warned once

@@ -66,6 +66,21 @@ def _check(name: str, params: dict[str, float] | None, meta: dict | None = None)
     return tuple(common_params.check_params(name, meta["params"], params, meta["param_domain"], fixed).values())
 
 
+def _refuse_overflow(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:
+    """ParamError naming the parameters and ``dtype`` where y overflows at x = -1, 0 or 1 (softplus with
+    log(2)/beta beyond the dtype's largest value): y = inf there, as in torch, has lost x, and the g of an
+    infinite y (its limit, or NaN where the parameter itself rounds to 0) is not torch's gradient."""
+    if torch.compiler.is_compiling():
+        return
+    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU, whatever modes run
+        y = mod.forward(torch.tensor([-1.0, 0.0, 1.0], dtype=dtype), **params)
+    if bool(torch.isinf(y).any()):
+        given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
+        raise common_params.ParamError(
+            f"params: {mod.NAME} with {given} overflows {dtype} (y = inf already for x in [-1, 1]: y has lost x, "
+            "and no gradient can be recovered from it); choose other values or compute in a wider dtype", "params")
+
+
 @dataclass(frozen=True)
 class Constants:
     """Per (activation, dtype, device, params): what the kernels read besides the tensors."""
@@ -96,6 +111,8 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     if not mod.META["param_generic"] and values:
         _check(mod.NAME, dict(zip(mod.PARAMS, values)), mod.META)
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
+    if values:
+        _refuse_overflow(mod, dtype, params, values)
     ev = torch.float64 if dtype == torch.float64 else torch.float32
     xbreaks = mod.x_breaks(**params)
     xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)

@@ -31,6 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from . import ops
+from .arguments import ArgumentTypeError, flag
 from .common.catalog import Entry, group
 from .common.params import real
 from .norms import layer_norm, rms_norm  # noqa: F401 - norms that save their output (invact.norms)
@@ -48,7 +49,8 @@ def _no_inplace(inplace: bool, fn: str) -> None:
 
 def _table_lookup(rows: tuple[Entry, ...]) -> Callable[[Mapping[str, Any]], str]:
     """``lookup(arguments) -> table`` for catalog rows sharing a class or function: the rows' ``select``
-    arguments choose the table (``approximate='tanh'`` -> gelu_tanh); ValueError otherwise."""
+    arguments choose the table (``approximate='tanh'`` -> gelu_tanh); ValueError otherwise (also a TypeError
+    for a value of another type than the choices)."""
     fields = tuple(n for n, _ in rows[0].select)
     if not fields:
         table = rows[0].name
@@ -62,7 +64,9 @@ def _table_lookup(rows: tuple[Entry, ...]) -> Callable[[Mapping[str, Any]], str]
             return tables[key]
         except (KeyError, TypeError):
             choices = " or ".join(map(repr, tables))
-            raise ValueError(f"{', '.join(fields)} must be {choices}, got {key!r}") from None
+            # a value of another type than the choices' (approximate=None): torch raises TypeError there
+            error = ValueError if any(type(key) is type(k) for k in tables) else ArgumentTypeError
+            raise error(f"{', '.join(fields)} must be {choices}, got {key!r}") from None
     return lookup
 
 
@@ -90,7 +94,7 @@ def _function(fn: str, rows: tuple[Entry, ...]) -> Callable[..., Tensor]:
 
     def call(input: Tensor, *args: Any, backend: str | None = None, **kwargs: Any) -> Tensor:
         values = _bind(fn, names, defaults, args, kwargs) if args or kwargs else defaults
-        if inplace and values["inplace"]:
+        if inplace and values is not defaults and flag(values["inplace"], "inplace"):
             _no_inplace(True, fn)
         params = (dict(default_params) if values is defaults else {k: real(values[k], k) for k in table_args}) \
             if table_args else None

@@ -3,7 +3,7 @@
 All classes are built from one base, :class:`Activation`, by :func:`_torch_style` from the rows of
 the activation catalog (:mod:`invact.common.catalog`: the table, the constructor's fields); none holds
 activation math. Every constructor also takes a keyword-only ``backend`` (``None``: the default for
-the input's device).
+the input's device; an unknown name raises here, availability is checked at the forward).
 
 ``inplace`` is accepted where :mod:`torch.nn` has it and ignored: the module returns a new tensor
 ``y`` and saves that tensor for backward (writing it back into the input would keep two copies alive).
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from . import constants, ops
+from . import backends, constants, ops
 from .common.catalog import Entry, group
 from .common.params import real
 from .functional import table_selector
@@ -72,7 +72,7 @@ class Activation(nn.Module):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         self.params = check_params(name, params)
         self.name = name
-        self.backend = backend
+        self.backend = backends.check_name(backend)
 
     def table(self) -> tuple[str, dict[str, float] | None]:
         """The table name and the parameters passed to :func:`invact.ops.apply`."""
@@ -104,11 +104,14 @@ class _TorchStyle(Activation):
     _torch_extra_repr: Callable[[nn.Module], str] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        bound = self.__signature__.bind(*args, **kwargs)
+        try:
+            bound = self.__signature__.bind(*args, **kwargs)
+        except TypeError as exc:  # bind's message lacks the callable's name, which torch.nn's has
+            raise TypeError(f"{type(self).__name__}.__init__() {exc}") from None
         bound.apply_defaults()
         values = dict(bound.arguments)
         nn.Module.__init__(self)
-        self.backend = values.pop("backend")
+        self.backend = backends.check_name(values.pop("backend"))
         for key, value in values.items():
             setattr(self, key, value)
         name, params = self.table()                          # validates approximate etc.

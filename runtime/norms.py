@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, layout, norm_cpu, ops
+from .arguments import ArgumentTypeError, ShapeError, flag
 from .common.params import real
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "LAYER_STYLES", "RATIO",
@@ -592,13 +593,15 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     layout.require_strided(x, f"invact.functional.{fn}: input")
     shape = _int_tuple(normalized_shape)
     if shape is None or not all(s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
-            or len(shape) > x.dim() or not shape:
-        raise ValueError(f"invact.functional.{fn}: normalized_shape must be the input's trailing dimensions; got "
-                         f"normalized_shape={normalized_shape!r} for an input of shape {tuple(x.shape)}")
+            or len(shape) > x.dim() or not shape:   # torch: TypeError for a non-integer shape, else RuntimeError
+        error = ArgumentTypeError if shape is None else ShapeError
+        raise error(f"invact.functional.{fn}: normalized_shape must be the input's trailing dimensions; got "
+                    f"normalized_shape={normalized_shape!r} for an input of shape {tuple(x.shape)}")
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
-            raise ValueError(f"invact.functional.{fn}: {arg} must be a tensor of shape normalized_shape={shape}, "
-                             f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            error = ShapeError if isinstance(t, Tensor) else ArgumentTypeError
+            raise error(f"invact.functional.{fn}: {arg} must be a tensor of shape normalized_shape={shape}, "
+                        f"got {tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         if t is not None and t.device != x.device:  # as torch's norms refuse (a kernel would read a wrong pointer)
             raise RuntimeError(f"invact.functional.{fn}: {arg} must be on the input's device {x.device}, "
                                f"got {arg} on {t.device}")
@@ -608,6 +611,7 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
            style: str, autocast_output: bool, backend: str | None) -> Tensor:
     _check_style(style, rms)
+    autocast_output = flag(autocast_output, "autocast_output")
     chosen = backends.resolve(backend, x.device.type)
     cast = _autocast_dtype(x.device.type)
     if cast is not None and style == "torch" and x.dtype != torch.float32 \
@@ -741,7 +745,8 @@ class LayerNorm(_Saving, nn.LayerNorm):
                  backend: str | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         _check_style(style, False)
-        self.style, self.backend, self.autocast_output = style, backend, autocast_output
+        self.style, self.backend = style, backends.check_name(backend)
+        self.autocast_output = flag(autocast_output, "autocast_output")
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, style=self.style,
@@ -763,7 +768,8 @@ class RMSNorm(_Saving, nn.RMSNorm):
                  backend: str | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         _check_style(style, True)
-        self.style, self.backend, self.autocast_output = style, backend, autocast_output
+        self.style, self.backend = style, backends.check_name(backend)
+        self.autocast_output = flag(autocast_output, "autocast_output")
 
     def forward(self, input: Tensor) -> Tensor:
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, style=self.style,

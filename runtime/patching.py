@@ -72,7 +72,8 @@ from typing import Any, Callable, Iterable
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import measure, modes, norm_patch, ops, recognise
+from . import backends, measure, modes, norm_patch, ops, recognise
+from .arguments import flag
 from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
 from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, check_params, module_for
 from .norms import _Saving
@@ -360,7 +361,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
         Also replace activations that gain nothing (PyTorch already saves their output, or the
         heuristic sees Dropout next); off by default.
     backend : str, optional
-        Passed to every new module.
+        Passed to every new module; an unknown name raises ValueError before anything is swapped.
     norms : bool
         Also replace LayerNorm / RMSNorm layers (torch.nn's and Hugging Face's, recognised by a probe of
         what they compute; see :mod:`invact.norm_patch`) by invact's, which save their output. ``only``
@@ -402,6 +403,10 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     only_sel, exclude_sel = _selectors(only, "only"), _selectors(exclude, "exclude")
+    # patch's own arguments are checked before any swap: their errors raise, never become a `left` reason
+    backend = backends.check_name(backend)
+    force, norms, functional = flag(force, "force"), flag(norms, "norms"), flag(functional, "functional")
+    autocast_output = None if autocast_output is None else flag(autocast_output, "autocast_output")
     measure.check_example(example)
     report = PatchReport()
     if _rule_for(type(model)) is not None:

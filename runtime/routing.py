@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -73,21 +73,39 @@ def _worth_routing(args: tuple, kwargs: dict) -> bool:
             and x.is_floating_point() and x.layout == torch.strided)
 
 
+def _names(only: object, known: set[str]) -> set[str]:
+    """``only`` as a set of names: None (all ``known``), one name, or an iterable of names; TypeError
+    naming ``only`` otherwise."""
+    if only is None:
+        return set(known)
+    if isinstance(only, str):          # one name, as patch(only="gelu") takes it (not its letters)
+        return {only}
+    try:
+        names = set(only)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"only must be a name (str), an iterable of names or None, got {type(only).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"only: names must be str, got {bad[0]!r}")
+    return names
+
+
 class FunctionalRouter(TorchFunctionMode):
     """While active, functional activation calls that save their input run through invact instead.
 
-    ``only``: names (``"gelu"``, ``"silu"``, ...) to route; default all of :data:`ROUTED`. ``outputs``: a list
-    that, where set, collects ``(y, y._version)`` of every routed call (:mod:`invact.save_trace` checks whether a
-    later in-place op wrote into a y that backward reads).
+    ``only``: a name or names (``"gelu"``, ``{"gelu", "silu"}``, ...) to route; default all of :data:`ROUTED`.
+    ``outputs``: a list that, where set, collects ``(y, y._version)`` of every routed call
+    (:mod:`invact.save_trace` checks whether a later in-place op wrote into a y that backward reads).
     """
 
-    def __init__(self, only: set[str] | None = None) -> None:
+    def __init__(self, only: str | Iterable[str] | None = None) -> None:
         super().__init__()
         known = {name for name, _ in ROUTED.values()}
-        unknown = sorted(set(only or ()) - known)
+        names = _names(only, known)
+        unknown = sorted(names - known)
         if unknown:
             raise ValueError(f"only: {unknown} are not routable functional activations; known: {sorted(known)}")
-        self.only = set(only) if only is not None else known
+        self.only = names
         self.routed: Counter[str] = Counter()
         self.outputs: list[tuple[torch.Tensor, int]] | None = None
 
@@ -107,6 +125,6 @@ class FunctionalRouter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def route_functional(only: set[str] | None = None) -> FunctionalRouter:
+def route_functional(only: str | Iterable[str] | None = None) -> FunctionalRouter:
     """A context manager routing functional activation calls to invact (see :class:`FunctionalRouter`)."""
     return FunctionalRouter(only)

@@ -17,6 +17,13 @@ is charged to the innermost module running when it is first saved (module pre/po
 tensors saved outside any module go to ``"<outside>"``. Storages of the model's parameters (or, with no
 model, of leaf tensors that require grad) are counted apart, in ``.parameters``, not in ``.total``.
 
+Nested blocks: PyTorch hands each saved tensor to the innermost saved-tensor hook only, so one pack hook
+serves every open counter (a stack, per thread): an inner ``invact.memory`` block counts into the outer
+ones too. A foreign hook opened inside a block (``torch.autograd.graph.save_on_cpu()``, another
+``saved_tensors_hooks``) takes the tensors saved under it away from every counter: seen at module calls
+and at the block's end, it is reported by a RuntimeWarning naming it, and ``incomplete`` says so.
+Entering a counter that is already open raises RuntimeError.
+
 Caveats: a view counts its whole storage (that is what stays alive); the counts are for eager mode;
 tensors saved by a compiled graph are counted when its pack hooks run (``torch.compile`` may graph-break
 around the hooks). The hooks run only while the context is open, so the model must be called inside it.
@@ -27,6 +34,8 @@ other names: ``from invact.saved import SavedBytes`` (also ``invact.SavedBytes``
 
 from __future__ import annotations
 
+import threading
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -47,6 +56,35 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
+class _Open(threading.local):
+    counters: list["SavedBytes"]
+
+    def __init__(self) -> None:
+        self.counters = []
+
+
+_OPEN = _Open()   # the counters open in this thread, outermost first
+
+
+def _pack_all(t: torch.Tensor) -> torch.Tensor:
+    """The one pack hook: PyTorch calls only the innermost, so it counts ``t`` in every open counter."""
+    for counter in _OPEN.counters:
+        counter._pack(t)
+    return t
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _foreign_hook() -> str | None:
+    """The name of the innermost saved-tensor pack hook where it is not invact's (None where it is)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if top is None or top[0] is _pack_all:
+        return None
+    return getattr(top[0], "__qualname__", repr(top[0]))
+
+
 @dataclass
 class _Entry:
     module: str
@@ -59,7 +97,8 @@ class SavedBytes:
 
     Attributes (after the block): ``total`` (bytes, parameters excluded), ``parameters`` (bytes of
     parameter storages saved), ``by_module`` (``{module path: bytes}``, largest first), ``count``
-    (distinct storages, parameters excluded), ``tensors`` (tensors packed, duplicates included).
+    (distinct storages, parameters excluded), ``tensors`` (tensors packed, duplicates included),
+    ``incomplete`` (None, or why tensors went uncounted: a foreign saved-tensor hook inside the block).
     """
 
     def __init__(self, model: nn.Module | None = None) -> None:
@@ -73,6 +112,8 @@ class SavedBytes:
         self._param_keys: set[tuple] = set()
         self._names: dict[int, str] = {}
         self._hooks = None
+        #: why the count misses tensors (a foreign saved-tensor hook inside the block), else None
+        self.incomplete: str | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @staticmethod
@@ -109,14 +150,27 @@ class SavedBytes:
         return name
 
     def _pre(self, module: nn.Module, args: Any) -> None:
+        self._check_hooks()
         self._stack.append(self._name_of(module))
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._check_hooks()
         if self._stack:
             self._stack.pop()
 
+    def _check_hooks(self) -> None:
+        if torch.compiler.is_compiling():  # a module hook traced by Dynamo: checked at the block's end
+            return
+        if self.incomplete is None and (name := _foreign_hook()) is not None:
+            self.incomplete = (f"a saved-tensor hook not invact's ({name}: torch.autograd.graph.save_on_cpu, "
+                               "saved_tensors_hooks) was active inside the invact.memory block; PyTorch passes "
+                               "each saved tensor to the innermost hook only, so the tensors saved under it were "
+                               "not counted")
+
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> "SavedBytes":
+        if self in _OPEN.counters:
+            raise RuntimeError(f"{self!r} is already open: enter a new invact.memory(...) instead of re-entering it")
         if self.model is not None:
             for name, m in self.model.named_modules(remove_duplicate=True):
                 self._names[id(m)] = name or "<root>"
@@ -130,16 +184,21 @@ class SavedBytes:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
             self._handles.append(register_module_forward_pre_hook(self._pre))
             self._handles.append(register_module_forward_hook(self._post, always_call=True))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack_all, _unpack)
         self._hooks.__enter__()
+        _OPEN.counters.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._check_hooks()
         self._hooks.__exit__(*exc)
+        _OPEN.counters.remove(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._stack.clear()
+        if self.incomplete is not None:
+            warnings.warn(f"invact.memory: {self.incomplete}", RuntimeWarning, stacklevel=2)
 
     # -- results ---------------------------------------------------------------------------------
     @property
@@ -167,6 +226,7 @@ class SavedBytes:
         lines = [f"saved for backward: {_fmt(self.total)} in {self.count} storage(s) "
                  f"({self.tensors} tensors packed); parameters apart: {_fmt(self.parameters)}"]
         lines += [f"  {k:<{width}}  {_fmt(v):>11}" for k, v in self.by_module.items()]
+        lines += [f"  incomplete: {self.incomplete}"] if self.incomplete else []
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -174,6 +234,9 @@ class SavedBytes:
 
     def compare(self, baseline: "SavedBytes") -> str:
         """A side-by-side table: this run against ``baseline`` (e.g. patched against unpatched)."""
+        if not isinstance(baseline, SavedBytes):
+            raise TypeError(f"baseline must be a SavedBytes (what invact.memory(...) returns), got "
+                            f"{type(baseline).__name__}")
         a, b = baseline.by_module, self.by_module
         keys = list(dict.fromkeys(list(a) + list(b)))
         width = max([len(k) for k in keys] + [6])

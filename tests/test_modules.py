@@ -125,7 +125,7 @@ def test_extra_repr_matches_torch(cls):
         ours = cls(**kwargs)
         if torch_cls is not None:
             assert repr(ours) == repr(torch_cls(**kwargs))
-        assert repr(cls(**kwargs, backend="torch")).endswith("backend='torch')")
+        assert repr(cls(**kwargs, backend="eager")).endswith("backend='eager')")
 
 
 def test_positional_arguments_like_torch():
