@@ -70,10 +70,8 @@ def _refuse_overflow(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
     """ParamError naming the parameters and ``dtype`` where y overflows at x = -1, 0 or 1 (softplus with
     log(2)/beta beyond the dtype's largest value): y = inf there, as in torch, has lost x, and the g of an
     infinite y (its limit, or NaN where the parameter itself rounds to 0) is not torch's gradient."""
-    if torch.compiler.is_compiling():
-        return
     with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU, whatever modes run
-        y = mod.forward(torch.tensor([-1.0, 0.0, 1.0], dtype=dtype), **params)
+        y = mod.forward(torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device="cpu"), **params)
     if bool(torch.isinf(y).any()):
         given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
         raise common_params.ParamError(

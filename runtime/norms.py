@@ -86,6 +86,7 @@ def _default_eps(dtype: torch.dtype) -> float:
     return torch.finfo(_acc(dtype)).eps
 
 
+@functools.cache
 def recovery_floor(y_dtype: torch.dtype) -> float:
     """The recoverability rule's absolute term: a y of this dtype near 0 is off by at most ``u * floor`` (u its
     unit roundoff) with denormals kept (y's ``tiny``) or flushed (``tiny / u`` of y's arithmetic, float32 or
@@ -96,6 +97,7 @@ def recovery_floor(y_dtype: torch.dtype) -> float:
     return max(fy.tiny, torch.finfo(_acc(y_dtype)).tiny / (fy.eps / 2))
 
 
+@functools.cache
 def _floor_in(y_dtype: torch.dtype, gamma_dtype: torch.dtype) -> float:
     """:func:`recovery_floor`, never below the smallest normal of the dtype the rule computes in (float64
     y's floor is 0 in float32: a zero gamma of float32 weights would pass ``0 >= 0``)."""
@@ -137,7 +139,8 @@ def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.d
     if weight.is_meta:
         return Recovery((), False, "weights on the meta device: no values yet (each call decides from its weights)")
     with torch.no_grad():
-        g = _gamma(weight.detach(), offset, weight.numel(), _acc(weight.dtype), weight.device)
+        acc = torch.promote_types(_acc(weight.dtype), _acc(y_dtype))   # as the forward: float64 y, float64 rule
+        g = _gamma(weight.detach(), offset, weight.numel(), acc, weight.device)
         bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
         cols = _kept_columns(bad)
     k, n = int(bad.sum()), bad.numel()

@@ -34,6 +34,7 @@ other names: ``from invact.saved import SavedBytes`` (also ``invact.SavedBytes``
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 import weakref
@@ -66,9 +67,10 @@ class _Open(threading.local):
 _OPEN = _Open()   # the counters open in this thread, outermost first
 
 
-def _pack_all(t: torch.Tensor) -> torch.Tensor:
-    """The one pack hook: PyTorch calls only the innermost, so it counts ``t`` in every open counter."""
-    for counter in _OPEN.counters:
+def _pack_all(counters: tuple["SavedBytes", ...], t: torch.Tensor) -> torch.Tensor:
+    """A block's pack hook, bound to the counters open when it was entered (its own last): PyTorch calls
+    only the innermost hook, so it counts ``t`` in each of them, on whatever thread autograd runs it."""
+    for counter in counters:
         counter._pack(t)
     return t
 
@@ -80,8 +82,10 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 def _foreign_hook() -> str | None:
     """The name of the innermost saved-tensor pack hook where it is not invact's (None where it is)."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if top is None or top[0] is _pack_all:
+    if top is None or getattr(top[0], "func", None) is _pack_all:
         return None
+    if getattr(top[0], "__module__", None) == "torch.utils.checkpoint":
+        return None   # non-reentrant checkpointing: what it drops is recomputed in backward, not kept
     return getattr(top[0], "__qualname__", repr(top[0]))
 
 
@@ -184,7 +188,8 @@ class SavedBytes:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
             self._handles.append(register_module_forward_pre_hook(self._pre))
             self._handles.append(register_module_forward_hook(self._post, always_call=True))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack_all, _unpack)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack_all, (*_OPEN.counters, self)),
+                                                               _unpack)
         self._hooks.__enter__()
         _OPEN.counters.append(self)
         return self

@@ -8,9 +8,10 @@ which may run backward or an optimizer step, the parameters and their ``.grad``.
 under the same names, with their values as before, also when a forward raises. Every optimizer stepped during
 the measurement (torch's global step pre-hook) is snapshot at its first step and put back: its state (the same
 tensors, their values), ``param_groups`` (so the lr an LR scheduler wrote) and the state of its LR schedulers
-(found as the objects referring to it); so is every ``torch.amp.GradScaler`` used (its scale and growth
-counter). What refers to no optimizer is not found: a scheduler stepped where its optimizer is not, a counter
-of the caller's own.
+(found as the objects referring to it); so is every ``torch.amp.GradScaler`` used, subclasses included (its
+scale and growth counter). Only the measuring thread's: other threads' optimizers and scalers are left alone.
+What refers to no optimizer is not found: a scheduler stepped where its optimizer is not, a counter of the
+caller's own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import copy
 import functools
 import gc
 import random
+import threading
 from typing import Any
 
 import numpy as np
@@ -119,41 +121,81 @@ class _Scaler:
         self.scaler._per_optimizer_states.clear()       # what update() leaves: no step in flight
 
 
-class _Optimizers:
-    """While entered, every optimizer stepped (torch's global step pre-hook) is snapshot at its first step,
-    with its LR schedulers, and every ``torch.amp.GradScaler`` at its first ``scale`` or ``update`` (the two
-    methods wrapped on the class meanwhile); :meth:`restore` puts them back as they were before."""
+_SCALER_METHODS = ("scale", "update")
+_WATCH_LOCK = threading.Lock()
+_WATCHING: list[_Optimizers] = []              # open measurements, any thread
+_ORIGINALS: dict[tuple[type, str], Any] = {}    # (class, method name) -> its own function, while wrapped
 
-    _SCALER_METHODS = ("scale", "update")
+
+def _scaler_classes() -> list[type]:
+    """GradScaler and every loaded subclass (FSDP's ShardedGradScaler defines its own scale and update)."""
+    found, todo = [], [GradScaler]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _watched(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(scaler: GradScaler, *args: Any, **kwargs: Any) -> Any:
+        for watcher in list(_WATCHING):
+            watcher.first_use(scaler)
+        return method(scaler, *args, **kwargs)
+    return call
+
+
+def _wrap_scalers() -> None:
+    """Wrap the scaler classes' own ``scale`` and ``update`` (:data:`_ORIGINALS` keeps them)."""
+    for cls in _scaler_classes():
+        for name in _SCALER_METHODS:
+            if name in cls.__dict__ and (cls, name) not in _ORIGINALS:
+                _ORIGINALS[cls, name] = cls.__dict__[name]
+                setattr(cls, name, _watched(cls.__dict__[name]))
+
+
+def _unwrap_scalers() -> None:
+    for (cls, name), method in _ORIGINALS.items():
+        setattr(cls, name, method)
+    _ORIGINALS.clear()
+
+
+class _Optimizers:
+    """While entered, every optimizer this thread steps (torch's global step pre-hook) is snapshot at its
+    first step, with its LR schedulers, and every GradScaler (subclasses included) this thread uses at its
+    first ``scale`` or ``update`` (the classes' methods wrapped while any measurement is open, in any
+    thread); :meth:`restore` puts them back as they were before. Other threads' optimizers and scalers
+    are left alone."""
 
     def __init__(self) -> None:
         self.saved: dict[int, _Optimizer | _Scaler] = {}
         self.handle: Any = None
-        self.methods: dict[str, Any] = {}
+        self.thread: int | None = None
+
+    def first_use(self, obj: Optimizer | GradScaler) -> None:
+        """Snapshot ``obj`` (an optimizer or a scaler) the first time this measurement's thread uses it."""
+        if threading.get_ident() == self.thread and id(obj) not in self.saved:
+            self.saved[id(obj)] = _Scaler(obj) if isinstance(obj, GradScaler) else _Optimizer(obj)
 
     def _first_step(self, opt: Optimizer, args: Any, kwargs: Any) -> None:
-        if id(opt) not in self.saved:
-            self.saved[id(opt)] = _Optimizer(opt)
-
-    def _watched(self, method: Any) -> Any:
-        @functools.wraps(method)
-        def call(scaler: GradScaler, *args: Any, **kwargs: Any) -> Any:
-            if id(scaler) not in self.saved:
-                self.saved[id(scaler)] = _Scaler(scaler)
-            return method(scaler, *args, **kwargs)
-        return call
+        self.first_use(opt)
 
     def __enter__(self) -> _Optimizers:
+        self.thread = threading.get_ident()
         self.handle = register_optimizer_step_pre_hook(self._first_step)
-        self.methods = {name: GradScaler.__dict__[name] for name in self._SCALER_METHODS}
-        for name, method in self.methods.items():
-            setattr(GradScaler, name, self._watched(method))
+        with _WATCH_LOCK:
+            _WATCHING.append(self)
+            if len(_WATCHING) == 1:
+                _wrap_scalers()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
-        for name, method in self.methods.items():
-            setattr(GradScaler, name, method)
+        with _WATCH_LOCK:
+            _WATCHING.remove(self)
+            if not _WATCHING:
+                _unwrap_scalers()
 
     def restore(self) -> None:
         for saved in self.saved.values():

@@ -111,6 +111,22 @@ def test_foreign_hook_inside_without_model_is_reported():
                 model(torch.randn(4, 4))
 
 
+def test_non_reentrant_checkpoint_inside_is_no_foreign_hook():
+    """torch.utils.checkpoint(use_reentrant=False) installs its own saved-tensor hook, which keeps only the
+    region's inputs (the rest is recomputed in backward): the count (those inputs) is complete, and was
+    reported incomplete with a warning. Exactly the regions' inputs: the second's, a (16, 4) float32, and
+    the first's, x, a leaf requiring grad (without a model: counted with the parameters)."""
+    from torch.utils.checkpoint import checkpoint
+    model = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with invact.memory() as counter:
+            x = torch.randn(16, 4, requires_grad=True)
+            checkpoint(model, checkpoint(model, x, use_reentrant=False), use_reentrant=False).sum().backward()
+    assert counter.incomplete is None
+    assert (counter.total, counter.parameters) == (16 * 4 * 4, 16 * 4 * 4), counter.by_module
+
+
 def test_plain_block_does_not_warn():
     model = _mlp()
     with warnings.catch_warnings():

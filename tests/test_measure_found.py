@@ -9,6 +9,7 @@ deterministically on CPU), and routing is read from the ops a ``torch.jit.trace`
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -202,14 +203,58 @@ def test_measured_patch_leaves_a_grad_scaler_as_it_was(warm):
         step(model)
         step_ref(ref)
     before = (scaler.state_dict(), scaler._scale is None)
+    own = {name: torch.amp.GradScaler.__dict__[name] for name in ("scale", "update")}
     assert invact.patch(model, example=step).replaced
     assert scaler.state_dict() == before[0] and (scaler._scale is None) == before[1]
-    assert torch.amp.GradScaler.scale.__qualname__ == "GradScaler.scale"      # the class's own methods again
+    assert all(torch.amp.GradScaler.__dict__[name] is f for name, f in own.items())   # the class's own again
     invact.unpatch(model)
     step(model)
     step_ref(ref)
     assert _same(list(model.state_dict().values()), list(ref.state_dict().values()))
     assert scaler.state_dict() == scaler_ref.state_dict()
+
+
+class _OwnScaler(torch.amp.GradScaler):
+    """A subclass with its own scale and update, calling no super() (as FSDP's ShardedGradScaler)."""
+
+    def scale(self, outputs):
+        self._scale = self._scale if self._scale is not None else torch.tensor(self._init_scale)
+        return outputs * self._scale
+
+    def update(self, new_scale=None):
+        self._scale = self._scale / 2
+
+
+def test_a_grad_scaler_subclass_and_other_threads_are_handled():
+    """A subclass overriding scale/update without super() was not watched, so its scale stayed moved; a
+    measurement snapshot and rolled back optimizers and scalers another thread was training with; and two
+    overlapping measurements left the class's methods wrapped for good. Now: the subclass is restored,
+    the other thread's state is kept, and the classes' own methods are back once both are closed."""
+    from invact.snapshot import _Optimizers
+    scaler, own = _OwnScaler("cpu", init_scale=1024.0), {n: torch.amp.GradScaler.__dict__[n] for n in ("scale", "update")}
+    weight = nn.Parameter(torch.ones(2))
+    other_opt, other_scaler = torch.optim.SGD([weight], lr=0.1, momentum=0.9), torch.amp.GradScaler("cpu", init_scale=8.0)
+    first, second = _Optimizers(), _Optimizers()
+    first.__enter__()
+    second.__enter__()
+    scaler.update(scaler.scale(torch.ones(1)))                 # this thread: 1024 -> 512
+
+    def train():
+        for _ in range(2):
+            other_scaler.scale(weight.sum()).backward()
+            other_scaler.step(other_opt)
+            other_scaler.update()
+    worker = threading.Thread(target=train)
+    worker.start()
+    worker.join()
+    moved = (copy.deepcopy(other_opt.state_dict()), other_scaler.state_dict())
+    first.__exit__(None, None, None)
+    second.restore()
+    second.__exit__(None, None, None)
+    assert scaler._scale is None and scaler.get_scale() == 1024.0     # as before: its scale not made yet
+    assert _same(other_opt.state_dict(), moved[0]) and other_scaler.state_dict() == moved[1]
+    assert all(torch.amp.GradScaler.__dict__[n] is f for n, f in own.items())
+    assert "__wrapped__" not in vars(_OwnScaler.scale) and "__wrapped__" not in vars(_OwnScaler.update)
 
 
 def test_optimizer_hook_is_removed_after_the_measurement():
