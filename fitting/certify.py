@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,13 +27,17 @@ from typing import Callable
 import numpy as np
 
 from .branches import Analysis, analyze
+from .errors import InputError
 from .float32 import from_ordinal, half_values, ordinal, overflows_as
+from .interrupts import HELD, signals_deferred
 from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
 
-__all__ = ["certify_table", "analysis_of", "branch_reference", "branch_sample_range"]
+__all__ = ["certify_table", "analysis_of", "branch_reference", "branch_sample_range", "check_fp32_samples",
+           "MAX_FP32_SAMPLES"]
 
 CHUNK = 1 << 16                 # float32 values per vectorised pass (cache-sized)
+MAX_FP32_SAMPLES = 1 << 32      # as many as there are float32 values: more cannot check more
 TICK = 1 << 22                  # progress is reported every this many float32 values
 
 
@@ -81,6 +86,16 @@ class _Run:
 _RUN: _Run | None = None   # the run in progress, set for its duration: forked workers inherit it
 
 
+def check_fp32_samples(fp32_samples: int) -> None:
+    """InputError unless ``fp32_samples`` is an int in [1, MAX_FP32_SAMPLES]."""
+    if isinstance(fp32_samples, bool) or not isinstance(fp32_samples, int) or fp32_samples < 1:
+        raise InputError(f"--fp32-samples (fp32_samples) must be a positive integer, got {fp32_samples!r}")
+    if fp32_samples > MAX_FP32_SAMPLES:
+        raise InputError(f"--fp32-samples (fp32_samples) {fp32_samples} is more than the 2**32 float32 values "
+                         "there are; use at most 2**32 = 4294967296 (`invact certify --exhaustive` checks "
+                         "every value of every branch)")
+
+
 def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: int = 2**24,
                   progress: Callable[[float, str], None] | None = None, analysis: Analysis | None = None) -> dict:
     """A certificate dict (see docs/table-format.md); raises CertificationError if a bound fails.
@@ -88,6 +103,7 @@ def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: i
     ``analysis``: the branch analysis of the table's formula (the fitter passes its own), else
     :func:`analysis_of`."""
     global _RUN
+    check_fp32_samples(fp32_samples)
     say = progress or (lambda frac, label: None)
     table = Table.of(table)
     branches = (analysis or analysis_of(table)).branches
@@ -148,18 +164,41 @@ def _run_jobs(jobs: list, say, every_job: bool = False) -> tuple[list, list]:
             done += job.weight
         return results, jobs
     say(0.0, f"{len(jobs)} jobs on {workers} processes")
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_signals)
     try:
-        futures = [pool.submit(_run_job, job) for job in jobs]
+        with signals_deferred():   # the workers fork here: a signal before their initializer is held
+            futures = [pool.submit(_run_job, job) for job in jobs]
         for job, fut in zip(jobs, futures):
             results.append(fut.result())
             step = int(4 * done / total)
             done += job.weight
             if every_job or (int(4 * done / total) > step and done < total):
                 say(done / total, f"branch {job.branch}: {job.label}")
-    finally:                       # a failed bound (or ^C) stops the other jobs at once
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:          # a failed bound, ^C or SIGTERM stops the other jobs at once
+        with signals_deferred():   # (a second ^C must not leave workers running)
+            _stop(pool)
+        raise
+    pool.shutdown(wait=True)
     return results, jobs
+
+
+def _ignore_signals() -> None:
+    """A worker's initializer: SIGINT/SIGTERM sent to the process group (^C, `timeout`) are the
+    parent's to handle (it stops the workers); raised in a worker, they could leave the pool's
+    queue locked and the parent waiting on it."""
+    for sig in HELD:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers (they ignore SIGTERM) and shut the pool down without waiting for jobs."""
+    kill = getattr(pool, "kill_workers", None)           # Python 3.14; before, the pool's processes
+    if kill is not None:
+        kill()
+    else:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # per branch: the float32 scheme's error without FMA, then with (docs/table-format.md, CERT)

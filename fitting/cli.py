@@ -108,7 +108,7 @@ def _commit(table: dict, path: Path, root: Path | None, generate: bool) -> list[
             tables.write_table(table, path)
             return []
         from .codegen import generate_all
-        return generate_all(root, pending={path: table})
+        return generate_all(root, pending={path: table}, note=_say)
 
 
 @contextlib.contextmanager
@@ -251,8 +251,24 @@ def _check_printable(spec: ActivationSpec, formula: str) -> None:
 
 
 def cmd_fit(args) -> int:
-    from .formulas import BUILTINS, get_spec
+    from .expressions import size_guard
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
+    start = time.monotonic()
+    with size_guard("formula", args.activation):     # a huge formula hits the recursion limit anywhere
+        table, path, generate = _fit(args)
+    generated = _commit(table, path, args.root, generate)
+    cert = table["certificate"]
+    print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
+          f"pieces {_pieces(table)}, approx error {_fmt(cert['approx_error'])}, float32 error "
+          f"{_fmt(cert['float32_eval_error'])} ({time.monotonic() - start:.1f} s)")
+    if generated:
+        print(f"regenerated {len(generated)} files under {generated[0].parent}")
+    return 0
+
+
+def _fit(args) -> tuple[dict, Path, bool]:
+    """(the fitted table, its path, whether its code is generated) for `invact fit`; nothing is written."""
+    from .formulas import BUILTINS, get_spec
     seen: dict[str, float] = {}
     for key, value in args.param:
         if key in seen:
@@ -282,17 +298,9 @@ def cmd_fit(args) -> int:
         _check_tree(args.root, path)
     with signals_deferred():                            # scipy's pybind11 modules: fitting/interrupts.py
         from .pipeline import build_table
-    start = time.monotonic()
     table = build_table(spec, target=args.target, tolerance=args.tolerance,
                         fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
-    generated = _commit(table, path, args.root, generate)
-    cert = table["certificate"]
-    print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
-          f"pieces {_pieces(table)}, approx error {_fmt(cert['approx_error'])}, float32 error "
-          f"{_fmt(cert['float32_eval_error'])} ({time.monotonic() - start:.1f} s)")
-    if generated:
-        print(f"regenerated {len(generated)} files under {generated[0].parent}")
-    return 0
+    return table, path, generate
 
 
 def cmd_certify(args) -> int:
@@ -393,7 +401,7 @@ def cmd_plot(args) -> int:
 def cmd_generate(args) -> int:
     with signals_deferred(), _writing():
         from .codegen import generate_all
-        paths = generate_all(args.root)
+        paths = generate_all(args.root, note=_say)
     print(f"generated {len(paths)} files under {tables.project_root(args.root) / 'generated'}")
     return 0
 
@@ -427,6 +435,14 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _root(text: str) -> Path:
+    """--root DIR: an empty DIR is refused (Path('') would silently be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a folder (the current one is '.'), or leave --root out "
+                                         f"for ${tables.ROOT_ENV} or the installed package's tree")
+    return Path(text)
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -439,7 +455,7 @@ def _common(suffix: str) -> argparse.ArgumentParser:
     """--root and --debug, accepted before and after the command. A subcommand's parser would reset
     a value given before it, so its copies store under other names that :func:`_merge` folds back."""
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--root", type=Path, dest="root" + suffix, metavar="DIR",
+    common.add_argument("--root", type=_root, dest="root" + suffix, metavar="DIR",
                         help="project tree holding generated/ (default: $INVACT_ROOT, else the installed "
                         "invact package)")
     common.add_argument("--debug", action="store_true", dest="debug" + suffix,
@@ -491,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "occur in it (x, y, function and constant names, Python keywords, name, backend, input, "
                         "self and names starting with '_' are reserved)")
     p.add_argument("--tolerance", type=_positive(float), default=5e-8,
-                   help="max approximation error (default 5e-8)")
+                   help="max approximation error of g = f'(x): absolute where |g| < 1, relative above "
+                        "(default 5e-8; accepted from 2e-8 to 1e-2: a looser bound is coarser than bf16's rounding)")
     p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",
                    help="rational pieces: where they make the table cheaper to evaluate (auto, the "
                         "default), never, or on every fitted branch that has them (prefer)")
@@ -516,7 +533,8 @@ def _name_arg(p: argparse.ArgumentParser) -> None:
 
 def _fp32_samples(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp32-samples", type=_positive(int), default=2**24, metavar="N",
-                   help="stratified float32 values checked per branch (default 2**24)")
+                   help="stratified float32 values checked per branch (default 2**24, at most 2**32: "
+                        "there are no more float32 values; more is refused)")
 
 
 def _no_generate(p: argparse.ArgumentParser) -> None:

@@ -15,15 +15,16 @@ must be one of the built-ins' own strings (:func:`check_torch_forward`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import keyword
-
+from collections.abc import Iterator
 from functools import lru_cache
 
 from ..common.catalog import CATALOG
 from .errors import SpecError
 
 __all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "check_text", "check_torch_forward", "parse",
-           "sympy_functions", "allowed_summary", "check_param_names", "is_reserved"]
+           "sympy_functions", "allowed_summary", "check_param_names", "is_reserved", "size_guard", "shown"]
 
 # what a formula may call (sympy_functions() maps them to sympy)
 FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
@@ -59,6 +60,24 @@ def allowed_summary() -> str:
     return ("numbers, x, parameters declared with --param, + - * / ** (or ^), unary minus, "
             f"{', '.join(CONSTANTS)}, and the functions {', '.join(FUNCTIONS)}; Piecewise conditions "
             "are single comparisons (< <= > >=) or True")
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """``text`` for a message: its repr, shortened in the middle past ``limit`` characters."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit // 2]!r}...{text[-limit // 4:]!r} ({len(text)} characters)"
+
+
+@contextlib.contextmanager
+def size_guard(what: str, text: str) -> Iterator[None]:
+    """Python's recursion limit or memory, hit while parsing or simplifying ``text`` (thousands of terms,
+    ``------x``), as a :class:`SpecError` naming ``what``, not an internal error."""
+    try:
+        yield
+    except (RecursionError, MemoryError) as exc:
+        raise SpecError(f"{what} {shown(text)} is too large or too deeply nested "
+                        f"({type(exc).__name__}); write it shorter") from None
 
 
 def _token(node: ast.AST, text: str) -> str:
@@ -178,16 +197,17 @@ def parse(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[
     import sympy as sp
     from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
-    check_text(text, variables, params, what, xor, relation)
     local = {**sympy_functions(), **{n: sp.Symbol(n, real=True) for n in (*variables, *params)}}
     closed = {"__builtins__": {}, "Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational,
               "Symbol": sp.Symbol, "True": True}
     transformations = standard_transformations + ((convert_xor,) if xor else ())
-    try:
-        return parse_expr(text.strip(), local_dict=local, global_dict=closed, transformations=transformations)
-    except (SyntaxError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"{what} {text!r} could not be parsed ({reason})") from None
+    with size_guard(what, text):
+        check_text(text, variables, params, what, xor, relation)
+        try:
+            return parse_expr(text.strip(), local_dict=local, global_dict=closed, transformations=transformations)
+        except (SyntaxError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise SpecError(f"{what} {text!r} could not be parsed ({reason})") from None
 
 
 def is_reserved(name: str) -> bool:

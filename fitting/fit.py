@@ -299,7 +299,11 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     Each piece takes the transform that fits it best: first among the branch's transforms without
     the log plus the identity (the log costs every element of the table as much as ~10 Horner
     steps: ``C_COST``), then, where the branch has a log end, among its own transforms as well.
-    Only layouts cheaper than ``max_cost`` are considered; FitError when none meets the bound."""
+    Only layouts cheaper than ``max_cost`` are considered; FitError when none meets the bound, or
+    when the range is empty (the branch's tails cover it: a tolerance too loose to fit)."""
+    if not y_lo < y_hi:
+        raise FitError(f"no y range is left to fit ([{y_lo:g}, {y_hi:g}]): the branch's tails cover it at "
+                       f"tolerance {tolerance:g}", None, "use a smaller --tolerance")
     tfs = _transforms(ref, origins)
     cheap = [tf for tf in tfs if tf.kind != "log"]
     cheap += [Transform("identity")] * (Transform("identity") not in cheap)

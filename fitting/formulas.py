@@ -15,7 +15,7 @@ import sympy as sp
 from ..common.catalog import CATALOG, Entry
 from ..common.params import ParamError, check_params
 from .errors import SpecError
-from .expressions import check_param_names, check_text, parse, sympy_functions
+from .expressions import check_param_names, check_text, parse, size_guard, sympy_functions
 
 __all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
 
@@ -88,6 +88,11 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
         raise SpecError("formula must be a non-empty string in x, e.g. 'x*sigmoid(1.702*x)'")
     params = dict(params or {})
     check_param_names(params)
+    with size_guard("formula", text):
+        return _parse_formula(text, params)
+
+
+def _parse_formula(text: str, params: dict[str, float]) -> tuple[sp.Expr, dict[str, float]]:
     try:
         expr = parse(text, ("x",), tuple(params), "formula", xor=True)
     except SpecError as exc:
@@ -165,4 +170,5 @@ def get_spec(name_or_formula: str, name: str | None = None,
     label = name or "custom"
     if not label.isidentifier():
         raise SpecError(f"name must be a Python identifier, got {label!r}")
-    return ActivationSpec(label, expr, _checked(label, params, None), doc=name_or_formula)
+    with size_guard("formula", name_or_formula):
+        return ActivationSpec(label, expr, _checked(label, params, None), doc=name_or_formula)

@@ -10,7 +10,7 @@ import numpy as np
 import sympy as sp
 
 from .branches import Analysis, Branch, analyze
-from .certify import certify_table
+from .certify import certify_table, check_fp32_samples
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, SpecError
 from .exact import exact_expression
@@ -31,6 +31,7 @@ TARGETS = ("derivative", "inverse")
 RATIONAL_MODES = ("auto", "never", "prefer")
 FORMAT_VERSION = 1
 VERSION = "0.1.0"
+MAX_TOLERANCE = 1e-2     # the loosest bound on g's error that is still a gradient (see build_table)
 
 
 def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: float = 5e-8,
@@ -50,6 +51,11 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     if tolerance < 2e-8:
         raise FitError(f"tolerance {tolerance:g} is below what float32 coefficients can represent",
                        None, "use --tolerance 2e-8 or more")
+    if tolerance > MAX_TOLERANCE:
+        raise FitError(f"tolerance {tolerance:g} is above {MAX_TOLERANCE:g}: g's error is absolute where "
+                       "|g| < 1 and relative above, so a tolerance near 1 lets g be 0; 1e-2 is already "
+                       "coarser than bf16's rounding", None, f"use --tolerance {MAX_TOLERANCE:g} or less")
+    check_fp32_samples(fp32_samples)
     say = progress or (lambda msg: None)
     say(f"{spec.name}: analysing branches")
     analysis = analyze(spec)

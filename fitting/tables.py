@@ -143,6 +143,9 @@ def project_root(root: str | os.PathLike | None = None) -> Path:
     """The tree holding ``generated/``: ``root``, else $INVACT_ROOT, else the installed package's."""
     if root is None:
         root = os.environ.get(ROOT_ENV) or None
+    elif isinstance(root, str) and not root.strip():
+        raise TableError(f"root {root!r} is empty; give a folder (the current one is '.'), or leave it "
+                         f"out for ${ROOT_ENV} or the installed package's")
     if root is not None:
         return Path(root).resolve()
     return installed_root()
@@ -166,6 +169,9 @@ def check_root(root: str | os.PathLike | None = None, create: bool = False) -> P
     source = "--root" if root is not None else f"${ROOT_ENV}"
     if create and not path.exists() and path.parent.is_dir():
         return path
+    if path.exists() and not path.is_dir():
+        raise TableError(f"{source} {given}: is a file, not a folder (a root is a folder holding "
+                         "generated/tables/, as `invact fit NAME --root DIR` makes)")
     if not path.is_dir():
         raise TableError(f"{source} {given}: no such folder (a root is a folder holding generated/tables/, "
                          "as `invact fit NAME --root DIR` makes)")

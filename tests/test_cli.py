@@ -252,7 +252,7 @@ def test_failed_generation_restores_the_table(tree, capsys, monkeypatch):
     """If code generation fails, the previous table stays (the code is computed before the write)."""
     import invact.fitting.codegen as codegen
 
-    def broken(root=None, pending=None):
+    def broken(root=None, pending=None, note=None):
         raise RuntimeError("codegen bug")
     monkeypatch.setattr(codegen, "generate_all", broken)
     path = tree / "generated" / "tables" / "tanh.json"

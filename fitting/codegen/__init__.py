@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SpecError, TableError
@@ -19,6 +21,7 @@ from .printer import parse, to_torch, to_triton
 from .registry_gen import generate_registry
 from .torch_gen import generate_torch
 from .triton_gen import generate_triton
+from .writer import is_generated
 
 __all__ = ["generate_all", "generate_files", "Plan", "plan_table", "check_printable", "check_table_printable"]
 
@@ -90,8 +93,11 @@ def _write_order(rel: str) -> tuple[int, str]:
     return (0 if name.startswith(("triton_", "c_")) else 1 if name.startswith("torch_") else 2), rel
 
 
-def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = None) -> list[Path]:
-    """Write the generated modules under ``root`` (default: the project root); remove stale ones.
+def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = None,
+                 note: Callable[[str], None] | None = None) -> list[Path]:
+    """Write the generated modules under ``root`` (default: the project root); remove stale ones
+    (files that no table claims and that carry invact's generated header; ``note``, default a
+    warning, names files that look generated but lack it, which are kept).
 
     ``pending`` (table path -> table): tables to write first, under the same lock as the code (a
     concurrent fit or generate waits, so it can neither see half of this update nor remove a module
@@ -115,9 +121,30 @@ def generate_all(root: Path | None = None, pending: dict[Path, dict] | None = No
             if not path.exists() or path.read_text(encoding="utf-8") != files[rel]:
                 texts[path] = files[rel]
             written.append(path)
-        for old in sorted([*folder.glob("*.py"), *folder.glob("c_*.c")]):
-            if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
-                texts[old] = None
+        texts.update(dict.fromkeys(_stale(folder, files, note)))
         replace_files(texts)
     return written
+
+
+def _stale(folder: Path, files: dict[str, str], note: Callable[[str], None] | None) -> list[Path]:
+    """The files of ``folder`` named like generated code that no table claims and that carry invact's
+    generated header (to remove); others named so (a user's own ``torch_*.py``) are kept, named in a note."""
+    stale, foreign = [], []
+    for old in sorted([*folder.glob("*.py"), *folder.glob("c_*.c")]):
+        if old.name.startswith(_PREFIXES) and f"generated/{old.name}" not in files:
+            (stale if is_generated(_first_line(old)) else foreign).append(old)
+    if foreign:
+        msg = (f"kept {', '.join(str(p) for p in foreign)}: named like generated code but without invact's "
+               "generated header, so not invact's to remove")
+        (note or functools.partial(warnings.warn, stacklevel=3))(msg)
+    return stale
+
+
+def _first_line(path: Path) -> str:
+    """The first line of ``path`` ("" when it cannot be read as text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
