@@ -133,9 +133,15 @@ def use_root(root: str | os.PathLike) -> None:
     Trust: this IMPORTS PYTHON CODE from ``root``/generated (the torch_*.py and triton_*.py modules),
     like unpickling a file: use only roots you would run code from. Raises FileNotFoundError naming
     the folder when ``root`` is not a project tree (``generated/registry.py`` and ``generated/tables/``:
-    run ``invact generate --root ROOT``)."""
+    run ``invact generate --root ROOT``), NotADirectoryError for a file, TypeError for what is no path
+    (an empty string included: it is not taken for the current folder)."""
     import invact.generated as pkg
+    if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
+        raise TypeError(f"root must be a folder's path (str or os.PathLike, not empty), got {root!r}")
     base = Path(root).resolve()
+    if base.is_file():
+        raise NotADirectoryError(f"root {root}: is a file, not a folder (a root holds generated/registry.py and "
+                                 "generated/tables/)")
     if not base.is_dir():
         raise FileNotFoundError(f"root {root}: no such folder (a root holds generated/registry.py and "
                                 f"generated/tables/, as `invact fit NAME --root {root}` writes them)")

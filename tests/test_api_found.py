@@ -270,3 +270,18 @@ def test_gelu_approximate_unknown_text_stays_value_error():
 def test_unexpected_keyword_names_the_class(name):
     with pytest.raises(TypeError, match=rf"{name}\.__init__\(\) got an unexpected keyword argument 'bogus'"):
         getattr(invact, name)(bogus=1)
+
+
+@pytest.mark.parametrize("root, error, text", [(None, TypeError, "root must be a folder's path"),
+                                               (5, TypeError, "root must be a folder's path"),
+                                               ("", TypeError, "not empty"),
+                                               ("a-file", NotADirectoryError, "is a file, not a folder"),
+                                               ("no-such-folder", FileNotFoundError, "no such folder")])
+def test_use_root_names_what_is_wrong(root, error, text, tmp_path):
+    """invact.use_root(None / 5) raised pathlib's "expected str, bytes or os.PathLike"; '' was the current
+    folder; a file was "no such folder"."""
+    (tmp_path / "a-file").write_text("not a root")
+    if root in ("a-file", "no-such-folder"):
+        root = tmp_path / root
+    with pytest.raises(error, match=text):
+        invact.use_root(root)
