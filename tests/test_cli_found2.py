@@ -185,9 +185,14 @@ def test_fit_branch_refuses_an_empty_range():
 
 @pytest.mark.parametrize("formula", ["+".join(["x"] * 3000), "-" * 2000 + "x", "exp(" * 200 + "x" + ")" * 200])
 def test_a_huge_formula_is_refused(capsys, tree, formula):
+    """Exit 2 naming the formula, nothing written. 200 nested exp parse, and whether the code printers then
+    exceed the recursion limit depends on how deep the caller's stack already is (pytest, xdist): where
+    they do not, the analysis refuses it first (exp of exp ... overflows: "not real-valued"), also exit 2."""
     before = snapshot(tree)
     status, _, err = invact_cli(capsys, "fit", formula, "--name", "big", "--root", tree, *CHEAP)
-    assert status == 2 and "formula" in err and "too large or too deeply nested" in err, err
+    nested_exp = formula.startswith("exp(")
+    assert status == 2 and ("formula" in err and "too large or too deeply nested" in err
+                            or nested_exp and "is not real-valued" in err), err
     assert len(err) < 1000 and snapshot(tree) == before
 
 
