@@ -12,7 +12,9 @@ import math
 import operator as op
 from collections.abc import Callable, Iterable, Mapping
 
-__all__ = ["ParamError", "check_params", "holds", "real"]
+__all__ = ["DEFAULT_TOLERANCE", "ParamError", "check_params", "holds", "real"]
+
+DEFAULT_TOLERANCE = 5e-8   # `invact fit --tolerance`'s default: the bound on g's approximation error
 
 
 class ParamError(ValueError):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from .domain import time_limit  # re-exported (__all__)
 from .errors import SpecError
 from .formulas import X, ActivationSpec, check_constants
 from .limits import approach, power_order, value_at
@@ -25,7 +24,7 @@ from .pieces import check_real, check_singular, find_points, split_pieces
 from .scan import monotone_parts, scan_grid
 from .tables import MAX_CODES, code_bits_for
 
-__all__ = ["Branch", "Analysis", "analyze", "numeric", "time_limit", "END_KINDS"]
+__all__ = ["Branch", "Analysis", "analyze", "numeric", "END_KINDS"]
 
 END_KINDS = {  # what each kind of branch end means (invact show prints the ones a table has)
     "sqrt": "branch point: f' has a simple zero (minimum or maximum), g ~ sqrt|y - y0|; fitted in t = sqrt|y - y0|",

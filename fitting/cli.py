@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..common.after_import import cancel as cancel_after_import
+from ..common.params import DEFAULT_TOLERANCE
 from . import tables
 from .errors import InputError, SpecError, WriteError
 from .interrupts import raise_interrupted, signals_deferred
@@ -506,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter value (repeatable); declares a parameter of a formula, which must "
                         "occur in it (x, y, function and constant names, Python keywords, name, backend, input, "
                         "self and names starting with '_' are reserved)")
-    p.add_argument("--tolerance", type=_positive(float), default=5e-8,
+    p.add_argument("--tolerance", type=_positive(float), default=DEFAULT_TOLERANCE,
                    help="max approximation error of g = f'(x): absolute where |g| < 1, relative above "
                         "(default 5e-8; accepted from 2e-8 to 1e-2: a looser bound is coarser than bf16's rounding)")
     p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",

@@ -28,9 +28,7 @@ def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
     """The `invact fit` command that refits table ``name`` for parameter ``values`` in the tree its code
     was generated in (the CLI takes a formula table's name and reuses its formula)."""
     root = Path(registry.generated_file(registry.module(name).__name__)[0]).parent.parent
-    tolerance = "" if meta["tolerance"] == 5e-8 else f" --tolerance {meta['tolerance']!r}"  # the CLI default
-    return (f"invact fit {name} " + " ".join(f"--param {k}={v!r}" for k, v in values.items())
-            + tolerance + registry.root_option(root))
+    return f"invact fit {name}" + registry.fit_options(values, meta["tolerance"], root)
 
 
 def check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:

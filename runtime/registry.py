@@ -155,6 +155,15 @@ def use_root(root: str | os.PathLike) -> None:
     _forget()
 
 
+def fit_options(params: dict, tolerance: object, root: Path) -> str:
+    """The options after `invact fit NAME` that fit ``params`` at ``tolerance`` into ``root`` (a
+    ``--tolerance`` only where it is not the CLI's default), for hints in error messages."""
+    from .common.params import DEFAULT_TOLERANCE
+    given = isinstance(tolerance, float) and tolerance != DEFAULT_TOLERANCE
+    return ("".join(f" --param {k}={v!r}" for k, v in params.items())
+            + (f" --tolerance {tolerance!r}" if given else "") + root_option(root))
+
+
 def root_option(root: Path) -> str:
     """`` --root ROOT`` for a hint about generated code in ``root``, "" for the installed tree."""
     import invact.generated as pkg
@@ -268,14 +277,14 @@ def _refit_hint(mod: ModuleType, table: Path) -> str:
     formula, params = meta.get("formula"), meta.get("params")
     params = params if isinstance(params, dict) else {}
     defaults = BY_NAME[name].params if name in BY_NAME else {}
-    extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
-    root = root_option(table.parent.parent.parent)
+    changed = {k: v for k, v in params.items() if defaults.get(k) != v}
+    options = fit_options(changed, meta.get("tolerance"), table.parent.parent.parent)
     if name in BY_NAME:
-        return f"`invact fit {name}{extra}{root}`"
+        return f"`invact fit {name}{options}`"
     if not isinstance(formula, str) or not formula.strip():
-        return (f"`invact fit FORMULA --name {name}{root}` (its formula is unknown: the generated code does "
+        return (f"`invact fit FORMULA --name {name}{options}` (its formula is unknown: the generated code does "
                 "not give it)")
-    return f"`invact fit {shlex.quote(formula)}{extra} --name {name}{root}` (the formula its code was made from)"
+    return f"`invact fit {shlex.quote(formula)} --name {name}{options}` (the formula its code was made from)"
 
 
 def generated_file(dotted: str) -> tuple[str, str]:
