@@ -14,7 +14,8 @@
   Llama's from T5's rounding.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
   class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
-  attributes holding numbers, strings or tuples, so Qwen's grouped and ungrouped RMSNorm are probed apart).
+  attributes: numbers, strings and tuples by value, so Qwen's grouped and ungrouped RMSNorm are probed
+  apart, any other object by identity).
 * Such classes with no parameters, buffers or submodules (OLMo's LayerNorm, Llama 4's weight-less RMSNorm):
   the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
   invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
@@ -135,26 +136,26 @@ def _adopt(new: nn.Module, old: nn.Module, *parts: str) -> tuple[nn.Module | Non
 
 def _configuration(module: nn.Module) -> tuple:
     """What may set a forward's behaviour besides the tensors: the weight's shape and dtype, and the
-    attributes (beyond nn.Module's own) holding numbers, strings, dtypes or tuples of them (Qwen's
-    ``group_size``), by name. Instances alike share one probe; any other attribute is not compared."""
+    attributes beyond nn.Module's own, by name: numbers, strings, dtypes and tuples of them by value
+    (Qwen's ``group_size``), any other object by identity (a config or a function shared by every layer
+    still gives one probe; objects that differ, even if equal, are probed apart)."""
     weight = module._parameters.get("weight")
-    attrs = tuple(sorted((k, v) for k, v in ((k, _scalars(v)) for k, v in vars(module).items()
-                                              if k not in _MODULE_STATE) if v is not _OTHER))
+    attrs = tuple(sorted(((k, _attribute_key(v)) for k, v in vars(module).items() if k not in _MODULE_STATE),
+                         key=lambda item: item[0]))
     return (type(module), None if weight is None else (tuple(weight.shape), weight.dtype), attrs)
 
 
 _MODULE_STATE = frozenset(vars(nn.Module()))
-_OTHER = object()          # an attribute value _configuration does not compare
 
 
-def _scalars(value: object) -> object:
-    """``value`` if it is a number, string, dtype or None, a tuple of such for a tuple or list, else _OTHER."""
+def _attribute_key(value: object) -> object:
+    """``value`` if it is a number, string, dtype or None, a tuple of such for a tuple or list, else
+    ("object", id(value)): the probes' cache lives for one patch, while the modules keep their objects."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype)):
         return value
     if isinstance(value, (tuple, list)):
-        items = tuple(_scalars(v) for v in value)
-        return _OTHER if any(v is _OTHER for v in items) else items
-    return _OTHER
+        return tuple(_attribute_key(v) for v in value)
+    return ("object", id(value))
 
 
 def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:

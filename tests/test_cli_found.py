@@ -486,13 +486,17 @@ def test_table_edited_or_missing_under_its_code_names_the_fit_that_rebuilds_it(t
     interrupted fit leaves it, still names `invact generate`)."""
     assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
     assert invact_cli(capsys, "fit", "3*x", "--name", "lin", "--root", tree, *CHEAP)[0] == 0
+    assert invact_cli(capsys, "fit", "x + tanh(x)", "--name", "loose", "--tolerance", "1e-06", "--root", tree,
+                      *CHEAP)[0] == 0
     folder = tree / "generated" / "tables"
-    shipped = {name: (folder / f"{name}.json").read_text() for name in ("lin", "tanh")}
+    shipped = {name: (folder / f"{name}.json").read_text() for name in ("lin", "tanh", "loose")}
     edited = lambda text: text.replace('"tolerance": ', '"tolerance": 1', 1)  # noqa: E731
     cases = [("lin", edited, f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
              ("lin", None, f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
              ("lin", lambda text: text[:40], f"refit it with `invact fit '3*x' --name lin --root {tree}`"),
-             ("tanh", edited, f"refit it with `invact fit tanh --root {tree}`")]
+             ("tanh", edited, f"refit it with `invact fit tanh --root {tree}`"),
+             # the table's own tolerance, from the code's META, where it is not the CLI's default
+             ("loose", None, f"refit it with `invact fit 'x + tanh(x)' --name loose --tolerance 1e-06 --root {tree}`")]
     for name, change, fix in cases:
         path = folder / f"{name}.json"
         assert change is None or change(shipped[name]) != shipped[name]

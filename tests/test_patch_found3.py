@@ -189,6 +189,47 @@ def test_instances_of_one_norm_class_with_other_attributes_are_probed_apart(grou
     assert len(report) == 1 and "style='gemma'" in report.replaced[0].new
 
 
+class Grouping:
+    """A config object (not a number or string): which groups the norm below normalizes."""
+
+    def __init__(self, size):
+        self.size = size
+
+
+class ConfiguredRMSNorm(GroupRMSNorm):
+    """GroupRMSNorm whose group size comes from an object attribute, as a module holding its config."""
+
+    def __init__(self, hidden_size, grouping):
+        super().__init__(hidden_size)
+        self.grouping = grouping
+
+    def _norm(self, x):
+        self.group_size = self.grouping.size
+        return super()._norm(x)
+
+
+@pytest.mark.parametrize("grouped_first", [False, True])
+def test_instances_whose_object_attributes_differ_are_probed_apart(grouped_first):
+    plain, grouped = ConfiguredRMSNorm(64, Grouping(None)), ConfiguredRMSNorm(64, Grouping(16))
+    model = nn.ModuleList([grouped, plain] if grouped_first else [plain, grouped])
+    report = invact.patch(model)
+    at = str(list(model).index(grouped))
+    assert at in _left(report) and grouped in list(model), str(report)
+    assert len(report) == 1 and "style='gemma'" in report.replaced[0].new
+
+
+def test_norms_sharing_one_config_object_share_one_probe(monkeypatch):
+    calls = []
+    probe = norm_patch._probe
+    monkeypatch.setattr(norm_patch, "_probe", lambda *a, **k: calls.append(a[1]) or probe(*a, **k))
+    invact.patch(nn.ModuleList([ConfiguredRMSNorm(64, Grouping(None))]))
+    one = len(calls)
+    calls.clear()
+    shared = Grouping(None)
+    report = invact.patch(nn.ModuleList([ConfiguredRMSNorm(64, shared) for _ in range(20)]))
+    assert len(report) == 20 and len(calls) == one
+
+
 def test_identical_norms_share_one_probe(monkeypatch):
     calls = []
     probe = norm_patch._probe
