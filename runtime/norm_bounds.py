@@ -116,7 +116,8 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     (benchmarks/train.py's NormProbe, tests/test_distributed.py)."""
     if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         raise TypeError(f"relative_bound: module must be a torch.nn.LayerNorm or RMSNorm, got {type(module).__name__}")
-    rms, n = isinstance(module, nn.RMSNorm), math.prod(module.normalized_shape)
+    shape = module.normalized_shape if module.normalized_shape is not None else x.shape[-1:]  # None: any size
+    rms, n = isinstance(module, nn.RMSNorm), math.prod(shape)
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
     bias = getattr(module, "bias", None)

@@ -20,8 +20,9 @@
   the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
   invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
   "t5"; LayerNorm's "llama", ``F.layer_norm(x.float()).to(x.dtype)``, and torch's). The size comes from
-  ``normalized_shape`` / ``hidden_size``; a class stating none normalizes the last dimension of any size,
-  which one fixed-size invact norm cannot (others raise), and is left. eps comes from the attribute, or is
+  ``normalized_shape`` / ``hidden_size``; a class stating none (Llama 4's) is probed on several sizes
+  (:func:`_match_any_size`) and, where one form matches on each, becomes an invact norm with
+  ``normalized_shape=None``, which normalizes the last dimension of any size. eps comes from the attribute, or is
   inferred from the output (:func:`_inferred_eps`: a row of variance far below eps, snapped to a short
   decimal) and kept only if the full probe then matches; a form without eps, with eps outside the square
   root, clamped or over another axis matches nothing and is left.
@@ -105,7 +106,7 @@ def _size(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def _build(kind: str, shape: int | tuple[int, ...], eps: float, bias: bool, backend: str | None,
+def _build(kind: str, shape: int | tuple[int, ...] | None, eps: float, bias: bool, backend: str | None,
            autocast_output: bool, affine: bool = True) -> nn.Module:
     if kind.startswith("layer"):         # "layer": torch's; "layer-llama": F.layer_norm(x.float()).to(x.dtype)
         return LayerNorm(shape, eps, affine, bias and affine, device="meta", style=kind[6:] or "torch",
@@ -298,7 +299,7 @@ def _unmatched(tried: dict[str, float | str]) -> str:
 
 # forms a norm without weight may compute: gemma's (1 + w) needs a weight; ties go to the float64 match
 _PLAIN_FORMS = ("llama", "torch", "t5", "layer-llama", "layer")
-_ANY_N = 64        # the probe's size for a module that states none
+_ANY_SIZES = (64, 24, 3)   # the probe's sizes for a module that states none
 
 
 def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: str,
@@ -308,18 +309,29 @@ def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: s
     if any(isinstance(v, torch.Tensor) for v in vars(module).values()):
         return None, "not a recognised norm: holds a tensor that is no parameter or buffer"
     size = _size(module)
-    key = (_configuration(module), _eps(module), size or (_ANY_N,))
+    key = (_configuration(module), _eps(module), size)
     if key not in cache:
-        cache[key] = _match_plain(module, key[1], key[2])
+        cache[key] = _match_plain(module, key[1], size) if size else _match_any_size(module, key[1])
     kind, eps, text = cache[key]
     if kind is None:
         return None, text
-    if size is None:
-        return None, (f"no normalized size (normalized_shape / hidden_size attribute): it normalizes the last "
-                      f"dimension of any size, invact's norms one fixed normalized_shape (other sizes raise); "
-                      f"on size {_ANY_N} it computes form {kind!r} without weight {text}")
     new = _build(kind, size, eps, False, backend, cast, affine=False)
     return _adopt(new, module, f"no weight: probe: same output as form {kind!r} without weight {text}", cast_note)
+
+
+def _match_any_size(module: nn.Module, eps: float | None) -> tuple[str | None, float, str]:
+    """:func:`_match_plain` for a module that states no size (Llama 4's weight-less RMSNorm normalizes
+    whatever last dimension it gets): the same form and eps on each of :data:`_ANY_SIZES`, or none."""
+    found = [_match_plain(module, eps, (n,)) for n in _ANY_SIZES]
+    (kind, eps_used, text), others = found[0], found[1:]
+    if kind is None:
+        return found[0]
+    for n, (other, other_eps, other_text) in zip(_ANY_SIZES[1:], others):
+        if (other, other_eps) != (kind, eps_used):
+            return None, 0.0, (f"no normalized size (normalized_shape / hidden_size attribute), and not one form "
+                               f"on every size: on size {_ANY_SIZES[0]} form {kind!r}, on size {n} "
+                               f"{other_text if other is None else repr(other)}")
+    return kind, eps_used, f"{text}; no size stated: on sizes {', '.join(map(str, _ANY_SIZES))}, any size kept"
 
 
 def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -> tuple[str | None, float, str]:

@@ -716,11 +716,25 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
 # modules
 
 class _Saving:
-    """What the invact norms add to torch.nn's: ``backend``, ``autocast_output``, :meth:`recovery`."""
+    """What the invact norms add to torch.nn's: ``backend``, ``autocast_output``, :meth:`recovery`, and
+    ``normalized_shape=None`` without affine parameters: the last dimension, of any size."""
 
     backend: str | None
     autocast_output: bool
     _invact_replaced: tuple[nn.Module, ...] | None = None    # set by invact.patch: (original,)
+
+    def _shape_for(self, input: Tensor) -> Any:
+        """The normalized shape for ``input``: the module's, or its last dimension where that is None."""
+        if self.normalized_shape is not None:
+            return self.normalized_shape
+        if isinstance(input, torch.fx.Proxy):  # fx.symbolic_trace: a node the traced graph evaluates
+            return input.shape[-1:]
+        if not isinstance(input, Tensor):      # (the functional's check names it)
+            return None
+        if input.dim() == 0:
+            raise ShapeError(f"{type(self).__name__}(normalized_shape=None) normalizes the input's last dimension: "
+                             "input must have at least one, got a 0-d tensor")
+        return tuple(input.shape[-1:])
 
     def __prepare_scriptable__(self) -> nn.Module:
         raise ops.script_refused(self)
@@ -737,22 +751,37 @@ class _Saving:
         return recovery(w, getattr(self, "bias", None), dtype, 1.0 if getattr(self, "style", "") == "gemma" else 0.0)
 
 
+def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
+    """Whether a module normalizes the last dimension of any size: ``normalized_shape=None``, which
+    needs ``elementwise_affine=False`` (a weight has one size)."""
+    if normalized_shape is not None:
+        return False
+    if elementwise_affine is not False:
+        raise ArgumentTypeError("normalized_shape=None (the last dimension, of any size) needs "
+                                f"elementwise_affine=False, got elementwise_affine={elementwise_affine!r}")
+    return True
+
+
 class LayerNorm(_Saving, nn.LayerNorm):
     """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
 
     ``style`` (keyword-only): "torch", or "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's).
+    ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, style: str = "torch", autocast_output: bool = False,
                  backend: str | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        any_size = _any_size(normalized_shape, elementwise_affine)
+        super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        if any_size:
+            self.normalized_shape = None  # type: ignore[assignment]
         _check_style(style, False)
         self.style, self.backend = style, backends.check_name(backend)
         self.autocast_output = flag(autocast_output, "autocast_output")
 
     def forward(self, input: Tensor) -> Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, style=self.style,
+        return layer_norm(input, self._shape_for(input), self.weight, self.bias, self.eps, style=self.style,
                           autocast_output=self.autocast_output, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -764,18 +793,23 @@ class RMSNorm(_Saving, nn.RMSNorm):
     """torch.nn.RMSNorm (same signature, parameters, state_dict keys) that saves its output.
 
     ``style`` (keyword-only): "torch", or a Hugging Face form ("llama", "t5", "gemma" with gamma = 1 + w).
+    ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size (Llama 4's
+    weight-less qk norm).
     """
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
                  dtype=None, *, style: str = "torch", autocast_output: bool = False,
                  backend: str | None = None) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        any_size = _any_size(normalized_shape, elementwise_affine)
+        super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, device, dtype)
+        if any_size:
+            self.normalized_shape = None  # type: ignore[assignment]
         _check_style(style, True)
         self.style, self.backend = style, backends.check_name(backend)
         self.autocast_output = flag(autocast_output, "autocast_output")
 
     def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps, style=self.style,
+        return rms_norm(input, self._shape_for(input), self.weight, self.eps, style=self.style,
                         autocast_output=self.autocast_output, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -3,8 +3,8 @@
 
 They are probed against invact's norms without affine parameters; eps comes from the attribute or, where
 there is none (OLMo's), from the module's output, and only a full probe that matches bit for bit (or
-within 2 ulps) swaps. A module that states no normalized size (Llama 4's) is left: invact's norms are
-built for one normalized_shape and raise on any other.
+within 2 ulps) swaps. A module that states no normalized size (Llama 4's), left before (2026-12-07),
+is probed on several sizes and becomes an invact norm with ``normalized_shape=None`` (any last dimension).
 """
 
 from __future__ import annotations
@@ -123,17 +123,79 @@ def test_swapped_rms_norm_saves_y_and_rstd():
     assert base - patched == 24 * N * 4
 
 
-def test_llama4_weightless_norm_without_size_is_left():
-    """Llama 4's qk_norm normalizes the last dimension of whatever size it is given; an invact norm of one
-    size would raise on the others, so it is left, saying what it computes."""
-    model = _sandwich(Llama4TextWeightlessRMSNorm(1e-5))
-    x = torch.randn(3, N)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_weightless_norm_without_size_is_swapped_for_any_size(dtype):
+    """Llama 4's qk_norm normalizes the last dimension of whatever size it gets: it becomes an invact
+    RMSNorm with normalized_shape=None, the same output bit for bit on every size (its probe's sizes and
+    others), dx within norm_bounds.error_bound, and y and rstd saved instead of x."""
+    ref = Llama4TextWeightlessRMSNorm(1e-5)
+    model = _sandwich(copy.deepcopy(ref))
+    report = invact.patch(model)
+    assert len(report) == 1 and isinstance(model[1], invact.RMSNorm), report
+    new = model[1]
+    assert new.normalized_shape is None and new.weight is None and new.style == "llama" and new.eps == 1e-5
+    assert "any size kept" in report.replaced[0].note and "bit for bit" in report.replaced[0].note
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 7, 64, 128, 200):
+        x = (torch.randn(2, 3, n, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+        dy = torch.randn(2, 3, n, generator=g).to(dtype)
+        y = new(x)
+        assert torch.equal(y, ref(x)), n
+        (dx,) = torch.autograd.grad(y, x, dy)
+        refs, tols = norm_bounds.error_bound(x.detach().reshape(-1, n), torch.ones(n), None, dy.reshape(-1, n),
+                                             y.detach().reshape(-1, n), True, 1e-5)
+        check(dx.reshape(-1, n), refs[0], tols[0], f"size {n} {dtype} dx")
+        x = torch.randn(6, n, requires_grad=True)
+        _, base = _saved_bytes(ref, x)
+        _, patched = _saved_bytes(new, x)
+        # torch's: x (pow's and mul's input) and the float32 rsqrt per row; invact's: y and the rstd per row
+        assert (base, patched) == (6 * n * 4 + 6 * 4, 6 * n * 4 + 6 * 4) and _saved_y(new, x)
+    assert invact.unpatch(model) and type(model[1]) is Llama4TextWeightlessRMSNorm
+
+
+def _saved_y(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``norm`` saves its output (the storage of what it returns) and not its input."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = norm(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    return y.untyped_storage().data_ptr() in ptrs and x.untyped_storage().data_ptr() not in ptrs
+
+
+class BlockRMSNorm(nn.Module):
+    """No size stated; rows of 64 or more are normalized whole, shorter ones in blocks of 8: Llama 4's
+    form on size 64, another on smaller sizes."""
+
+    variance_epsilon = 1e-6
+
+    def forward(self, x):
+        n = x.shape[-1]
+        blocks = x.float().reshape(*x.shape[:-1], -1, n if n >= 64 else min(8, n))
+        y = blocks * torch.rsqrt(blocks.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return y.reshape(x.shape).type_as(x)
+
+
+def test_a_norm_without_size_whose_form_depends_on_the_size_is_left():
+    model = _sandwich(BlockRMSNorm())
+    x = torch.randn(5, N)
     want = model(x)
     report = invact.patch(model)
-    assert len(report) == 0 and type(model[1]) is Llama4TextWeightlessRMSNorm
+    assert len(report) == 0 and type(model[1]) is BlockRMSNorm, report
     reason = report.left[0].reason
-    assert reason.startswith("no normalized size") and "form 'llama' without weight bit for bit" in reason, reason
+    assert "not one form on every size: on size 64 form 'llama', on size 24 probe: no invact norm" in reason, reason
     assert torch.equal(model(x), want)
+
+
+def test_any_size_norm_arguments():
+    with pytest.raises(TypeError, match="normalized_shape=None .* needs elementwise_affine=False"):
+        invact.RMSNorm(None)
+    with pytest.raises(TypeError, match="normalized_shape=None .* needs elementwise_affine=False"):
+        invact.LayerNorm(None, elementwise_affine=True)
+    norm = invact.LayerNorm(None, elementwise_affine=False, bias=False)
+    with pytest.raises(ValueError, match="at least one"):
+        norm(torch.tensor(1.0))
+    x = torch.randn(3, 11, dtype=torch.float64)
+    assert norm.state_dict() == {} and torch.equal(norm(x), F.layer_norm(x, (11,)))
 
 
 class _LookAlike(nn.Module):
@@ -225,3 +287,19 @@ def test_layer_norm_llama_style_takes_float32_parameters_only():
         invact.functional.layer_norm(x, (N,), w, b.bfloat16(), style="llama")
     y = invact.functional.layer_norm(x, (N,), w, b, style="llama")
     assert torch.equal(y, F.layer_norm(x.float(), (N,), w, b).bfloat16())
+
+
+def test_any_size_norm_traces_and_compiles():
+    """The size comes from the input at each call: under fx.symbolic_trace (a node of the graph) and
+    torch.compile(fullgraph=True, dynamic=True), the same bits as eager on each size."""
+    norm = invact.RMSNorm(None, 1e-6, elementwise_affine=False, style="llama")
+    model = nn.Sequential(nn.Linear(8, 16), norm)
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 8)
+    assert torch.equal(traced(x), model(x))
+    compiled = torch.compile(norm, fullgraph=True, dynamic=True)
+    for n in (5, 9):
+        x = torch.randn(3, n, requires_grad=True)
+        y = compiled(x)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert torch.equal(y, norm(x)) and torch.equal(dx, torch.autograd.grad(norm(x), x, torch.ones_like(y))[0])
