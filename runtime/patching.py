@@ -537,6 +537,8 @@ _FORWARD_SET = ("its forward is overridden on the instance (module.forward = ...
                 "replacement would run its class's forward and lose the override")
 _COMPILED = ("wrapped by torch.compile: the wrapper's compiled forward calls this module itself, so a replacement "
              "would never run; patch before compiling, or patch the model and compile it after")
+_COMPILED_ITSELF = ("compiled on its own (module.compile()): a replacement would run uncompiled; patch before "
+                    "calling module.compile(), or compile the model after patching")
 _SHARDED = ("its parameters are DTensors (sharded by fully_shard / FSDP2 or tensor parallelism, which keep using "
             "this module): patch before fully_shard (before sharding)")
 
@@ -544,9 +546,12 @@ _SHARDED = ("its parameters are DTensors (sharded by fully_shard / FSDP2 or tens
 def _unswappable(parent: nn.Module, child: nn.Module) -> str | None:
     """Why ``child`` cannot be swapped in place whatever it computes, or None: its forward is set on the
     instance, its parent is torch.compile's wrapper of it (its forward bound to ``child``, so a swap runs
-    nothing new), or its parameters or buffers are DTensors (the sharding keeps writing them into ``child``)."""
+    nothing new), it was compiled on its own by ``module.compile()`` (a replacement would lose it), or its
+    parameters or buffers are DTensors (the sharding keeps writing them into ``child``)."""
     if "forward" in vars(child):
         return _FORWARD_SET
+    if getattr(child, "_compiled_call_impl", None) is not None:
+        return _COMPILED_ITSELF
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     if compiled is not None and isinstance(parent, compiled):
         return _COMPILED

@@ -377,6 +377,22 @@ def test_a_child_compiled_by_itself_is_left(measured):
     assert [model[1]._orig_mod, model[3]._orig_mod] == wrapped
 
 
+@pytest.mark.parametrize("measured", [False, True])
+def test_a_child_compiled_with_module_compile_is_left(measured):
+    """``module.compile()`` compiles the module in place (no wrapper); a replacement would run uncompiled."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.SiLU(),
+                          nn.Linear(16, 4))
+    children = list(model)
+    model[1].compile(backend="eager")
+    model[3].compile(backend="eager")
+    report = invact.patch(model, example=torch.randn(8, 16) if measured else None)
+    assert _replaced(report) == ["4"], str(report)
+    assert set(_left(report)) == {"1", "3"} and all(r.startswith("compiled on its own (module.compile())")
+                                                    for r in _left(report).values()), str(report)
+    assert list(model)[:4] == children[:4] and model[1]._compiled_call_impl is not None
+
+
 def test_a_whole_compiled_model_is_still_patched():
     torch.manual_seed(0)
     compiled = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32)), backend="eager")
