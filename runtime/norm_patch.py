@@ -8,8 +8,8 @@
   ``eps`` / ``variance_epsilon`` attribute and a forward that takes only the input, each invact form
   (:data:`invact.norms.STYLES`, LayerNorm with or without bias) is tried on random input (rows of
   variance 4 down to eps/10: :func:`_probe_input`) with random weights in the configurations of
-  :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps, said in
-  the report) is used (:func:`_verdict`: float32 must run; a 16-bit configuration the class cannot run
+  :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps of each row's
+  largest output, said in the report) is used (:func:`_verdict`: float32 must run; a 16-bit configuration the class cannot run
   is skipped; float64 is reported). (The mixed probe, float32 weights and bfloat16 input, tells
   Llama's from T5's rounding.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
@@ -180,7 +180,8 @@ _RAISED = "its forward raised"   # how _probe says the module itself cannot run 
 def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
            shape: tuple[int, ...] | None = None) -> dict[str, float | str]:
     """Per configuration of :data:`_CONFIGS` (weights' and input's dtypes), the largest difference in ulps
-    of the output dtype between ``module`` and form ``kind`` on random input (:func:`_probe_input`) and
+    of the output dtype (of each row's largest output: :func:`_row_ulps`) between ``module`` and form
+    ``kind`` on random input (:func:`_probe_input`) and
     weights, or why they cannot be compared (the forward raised, the form failed, another dtype or shape).
     It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on
     the meta device) and sets the copy's weights. ``shape``: a module without weight, normalizing that
@@ -205,7 +206,9 @@ def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
             try:
                 want = probe(x)
             except Exception as exc:  # noqa: BLE001 - a configuration the module cannot run is not compared
-                out[config] = f"{_RAISED} {type(exc).__name__} on {config} (shape {tuple(x.shape)})"
+                out[config] = (f"{_RAISED} {type(exc).__name__} on {config} (shape {tuple(x.shape)}, the normalized "
+                               "dimensions last, as invact's norms take them: a norm over another layout, "
+                               "such as channels_first, is left)")
                 continue
             try:
                 form = _build(kind, shape, eps, bias, "eager", False, affine)
@@ -217,9 +220,21 @@ def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
             out[config] = (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
                            f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
             continue
-        fi = torch.finfo(want.dtype)
-        out[config] = ((want.double() - got.double()).abs() / (fi.eps * want.double().abs() + fi.tiny)).max().item()
+        out[config] = _row_ulps(want, got, len(shape))
     return out
+
+
+_ULPS = "ulps of the row's largest output"
+
+
+def _row_ulps(want: torch.Tensor, got: torch.Tensor, dims: int) -> float:
+    """The largest difference between ``want`` and ``got`` in ulps of each row's largest ``|want|`` (a row:
+    the last ``dims`` dimensions, one normalization): two forms that round ``gamma * x_hat + beta`` in
+    another order differ by about an ulp of the row's scale, which near a zero element is many of its own."""
+    fi = torch.finfo(want.dtype)
+    w = want.double()
+    scale = w.abs().flatten(-dims).amax(-1).reshape(*w.shape[:-dims], *(1,) * dims)
+    return ((w - got.double()).abs() / (fi.eps * scale + fi.tiny)).max().item()
 
 
 def _verdict(results: dict[str, float | str]) -> float | str:
@@ -284,7 +299,7 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     if kind is None:
         return None, _unmatched(tried)
     new = _build(kind, weight.numel(), eps, bias is not None, backend, cast)
-    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
+    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
     return _adopt(new, module, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
 
 
@@ -294,7 +309,7 @@ def _unmatched(tried: dict[str, float | str]) -> str:
     if failed is not None:
         return f"probe: {failed}"
     diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
-    return f"probe: no invact norm computes the same output ({diffs})"
+    return f"probe: no invact norm computes the same output ({diffs}; in {_ULPS})"
 
 
 # forms a norm without weight may compute: gemma's (1 + w) needs a weight; ties go to the float64 match
@@ -355,7 +370,7 @@ def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -
     if not matches:
         return None, 0.0, _unmatched(tried) + inferred
     kind = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
-    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} ulps"
+    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
     eps_used = epss[not kind.startswith("layer")]
     how = f"{probe} ({_compared(results[kind])})"
     return kind, eps_used, how + ("" if eps is not None else f"; eps {eps_used:g} inferred from its output")
