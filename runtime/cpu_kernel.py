@@ -114,12 +114,15 @@ def builds(stem: str, source: Path, headers: tuple[Path, ...], compiler: str,
            isa_flags: tuple[str, ...] | None = None) -> list[tuple[list[str], str]]:
     """(command, cache key) of each way to build ``source`` with ``isa_flags`` (default: :data:`FLAGS` as
     it is at the call, AVX-512), best first (:func:`invact.kernel_cache.threading_flags`); the key is
-    ``stem`` and a hash of the source, its headers, the compiler's path and the flags."""
-    out = []
+    ``stem`` and a hash of the source, its headers, the compiler's path and the flags. The command
+    compiles the very bytes hashed (:class:`invact.kernel_cache.Source`), its headers from ``source``'s
+    folder (``-I``)."""
+    out, text = [], source.read_bytes()
     for threads in kernel_cache.threading_flags(compiler):
         flags = (*(FLAGS if isa_flags is None else isa_flags), *threads)
-        parts = [source.read_bytes(), *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
-        out.append(([compiler, *flags, str(source)], f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
+        parts = [text, *(h.read_bytes() for h in headers), compiler.encode(), " ".join(flags).encode()]
+        out.append(([compiler, *flags, f"-I{source.parent}", kernel_cache.Source(source.name, text)],
+                    f"{stem}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     return out
 
 

@@ -4,7 +4,14 @@ Loading a shared object runs its constructors, so only a file this process can v
 a build records the sha256 of the ``.so`` it made in a manifest next to it (``<key>.json``, written
 atomically after the build, under a fresh random ``.so`` name), and a later process loads the file the
 manifest names only if the directory, the manifest and the file are owned by this user and writable
-by no one else, and the file's sha256 matches.
+by no one else, and the file's sha256 matches. Every folder above the cache must be owned by this
+user or root and, where group or others may write it, sticky (as /tmp), so that no one else can rename
+the cache or a folder above it and put their own in its place. The ``.so`` itself is opened once,
+without following a link; its owner and mode are checked and its bytes hashed through that descriptor,
+and the loader maps the file of that descriptor (``/proc/self/fd/N``, where there is one), so that a
+file swapped in by path meanwhile is never loaded. A build runs in a fresh 0700 folder inside the cache
+on a copy of the exact source bytes its key was made of (:class:`Source`), and is checked and hashed
+through its descriptor the same way before it is renamed into place, recorded and loaded.
 
 The cache is ``$INVACT_CACHE`` (a relative path made absolute against the working directory at its
 first use), else ``$XDG_CACHE_HOME/invact`` (an absolute ``XDG_CACHE_HOME`` only), else
@@ -12,8 +19,10 @@ first use), else ``$XDG_CACHE_HOME/invact`` (an absolute ``XDG_CACHE_HOME`` only
 0700 (and any folder above it that it creates). Where it cannot serve:
 
 * no home directory, or a cache that cannot be created, is not a directory, is a symbolic link, is
-  owned by someone else or is writable by group or others: one warning naming it and why, and the
-  kernels are cached in this user's private fallback, :func:`private_cache_dir`, verified the same way;
+  owned by someone else or is writable by group or others, or lies below a folder that someone else
+  owns (root aside) or that group or others may write without the sticky bit: one warning naming it
+  and why, and the kernels are cached in this user's private fallback, :func:`private_cache_dir`,
+  verified the same way;
 * a read-only cache, or one where a build cannot be written (a full disk, a quota, a path too long):
   its verified entries are loaded; a kernel it lacks is built into the fallback (one warning);
 * a fallback that cannot serve either: one warning, and each kernel is built in a private temporary
@@ -44,9 +53,10 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "cache_dir", "private_cache_dir", "unsafe", "load", "threading_flags",
-           "load_first"]
+__all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "Source", "cache_dir", "private_cache_dir", "unsafe", "load",
+           "threading_flags", "load_first"]
 
 CACHE_ENV = "INVACT_CACHE"
 OPENMP_RUNTIME = "libgomp.so.1"   # the OpenMP runtime PyTorch's Linux wheels load (by this soname)
@@ -95,10 +105,17 @@ def private_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"invact-cache-{user}"
 
 
-def unsafe(path: Path, directory: bool = False) -> str | None:
-    """Why ``path`` cannot be trusted (a link, not ours, writable by group or others, the wrong
-    kind), or None. Not following links: the check is of the path itself."""
-    st = os.lstat(path)
+class Source(NamedTuple):
+    """A C file of a build command given by its bytes (those the cache key was made of): written into the
+    build's private folder, where the compiler reads this copy, not a path someone may change meanwhile.
+    The folder holds nothing else, so a quoted ``#include`` finds only the ``-I`` folders' headers."""
+
+    name: str
+    text: bytes
+
+
+def _unsafe_stat(st: os.stat_result, directory: bool = False) -> str | None:
+    """:func:`unsafe`'s checks of a file's status (of the path itself, or of an open descriptor)."""
     if stat.S_ISLNK(st.st_mode):
         return "it is a symbolic link"
     if directory != stat.S_ISDIR(st.st_mode) or not (directory or stat.S_ISREG(st.st_mode)):
@@ -110,22 +127,160 @@ def unsafe(path: Path, directory: bool = False) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def unsafe(path: Path, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be trusted (a link, not ours, writable by group or others, the wrong
+    kind), or None. Not following links: the check is of the path itself."""
+    return _unsafe_stat(os.lstat(path), directory)
 
 
-def _cached(directory: Path, key: str) -> tuple[Path | None, str | None]:
-    """(the ``.so`` the manifest of ``key`` names if every check passes, else None; why an entry
-    that exists was refused, else None)."""
-    manifest = directory / f"{key}.json"
+_MAX_LINKS = 40  # as Linux's path resolution
+
+
+@functools.cache
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` is this user's alone: their primary group, with no other member and no other
+    user's primary group (a user private group: umask 002 systems make ``~/.cache`` group-writable)."""
     try:
-        reason = unsafe(manifest)
-        if reason:
-            return None, f"{manifest}: {reason}"
-        entry = json.loads(manifest.read_text())
+        import grp
+        import pwd
+        me = pwd.getpwuid(os.getuid())
+        members = set(grp.getgrgid(gid).gr_mem)
+        users = pwd.getpwall()
+    except (ImportError, KeyError, OSError):
+        return False
+    return (gid == me.pw_gid and members <= {me.pw_name}
+            and all(u.pw_gid != gid or u.pw_uid == me.pw_uid for u in users))
+
+
+def _unsafe_above(directory: Path) -> str | None:
+    """Why a folder above ``directory`` would let someone else swap it (rename it, or a folder on the way,
+    and put their own in its place), or None: each folder that resolving the path passes through (links
+    followed as the kernel follows them) must be owned by this user or root and, where others (or a group
+    that is not this user's private one) may write it, sticky (as /tmp: there only an entry's owner renames
+    or removes it). A folder that
+    does not exist yet ends the walk (:func:`_prepared` creates it 0700)."""
+    if not hasattr(os, "getuid"):
+        return None
+    pending = list(Path(os.path.abspath(directory)).parent.parts)
+    here, links = Path(pending.pop(0)), 0
+    while True:
+        st = os.stat(here)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, os.getuid()):
+            return f"the folder {here} above it is owned by uid {st.st_uid}, neither this user ({os.getuid()}) nor root"
+        shared = mode & 0o002 or (mode & 0o020 and not _private_group(st.st_gid))
+        if shared and not mode & stat.S_ISVTX:
+            return (f"the folder {here} above it is writable by group or others without the sticky bit "
+                    f"(mode {mode:o}, group {st.st_gid}), so someone else could put another folder in its place")
+        while pending and pending[0] in (".", ""):
+            pending.pop(0)
+        if not pending:
+            return None
+        name = pending.pop(0)
+        if name == "..":
+            here = here.parent
+            continue
+        try:
+            is_link = stat.S_ISLNK(os.lstat(here / name).st_mode)
+        except FileNotFoundError:
+            return None
+        if not is_link:
+            here = here / name
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return f"resolving {here / name} passes through more than {_MAX_LINKS} symbolic links"
+        target = Path(os.readlink(here / name))       # resolved from the link's folder, checked above
+        if target.is_absolute():
+            here = Path(target.anchor)
+            pending[:0] = target.parts[1:]
+        else:
+            pending[:0] = target.parts
+
+
+class _Refused(Exception):
+    """A file that :func:`_opened` would not hand out (why: the message)."""
+
+
+class _Verified(NamedTuple):
+    """A ``.so`` checked through ``fd`` (open, the one to load): ``path`` where it lies, ``sha256`` of
+    the bytes read from ``fd``."""
+
+    path: Path
+    fd: int
+    sha256: str
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _opened(path: Path | str, dir_fd: int | None = None, directory: bool = False, built: bool = False) -> int:
+    """A descriptor of ``path`` (relative to ``dir_fd`` where given) opened without following a link
+    (nor waiting on a FIFO), which :func:`unsafe`'s checks pass on the open file itself, so that no
+    rename or link can change what it reads; raises :class:`_Refused` where they fail. ``built``: a
+    compiler's output in a private folder, made unwritable by others first (the umask may allow it)."""
+    flags = _OPEN | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EMLINK) and hasattr(os, "O_NOFOLLOW"):
+            raise _Refused("it is a symbolic link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if built and _unsafe_stat(st) and stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o022)
+            st = os.fstat(fd)
+        reason = _unsafe_stat(st, directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    if reason:
+        os.close(fd)
+        raise _Refused(reason)
+    return fd
+
+
+def _read(fd: int) -> bytes:
+    with open(fd, "rb", closefd=False) as f:
+        return f.read()
+
+
+def _verified(path: Path, sha256: str | None = None, dir_fd: int | None = None, built: bool = False) -> _Verified:
+    """``path`` open (:func:`_opened`) and hashed through its descriptor; raises :class:`_Refused` where
+    the checks fail or its sha256 is not ``sha256`` (where given)."""
+    fd = _opened(path.name if dir_fd is not None else path, dir_fd, built=built)
+    try:
+        digest = hashlib.sha256(_read(fd)).hexdigest()
+    except BaseException:
+        os.close(fd)
+        raise
+    if sha256 is not None and digest != sha256:
+        os.close(fd)
+        raise _Refused("its sha256 differs from the one recorded when it was built")
+    return _Verified(path, fd, digest)
+
+
+def _cached(directory: Path, key: str, folder: int) -> tuple[_Verified | None, str | None]:
+    """(the ``.so`` the manifest of ``key`` names, open, if every check passes, else None; why an entry
+    that exists was refused, else None). Both files are opened in ``folder``, the cache ``directory``'s
+    descriptor, whatever its path leads to meanwhile."""
+    manifest = directory / f"{key}.json"
+    so = None
+    try:
+        fd = _opened(manifest.name, folder)
+        try:
+            entry = json.loads(_read(fd))
+        finally:
+            os.close(fd)
         so = directory / Path(str(entry["so"])).name          # a bare name inside the directory
-        reason = unsafe(so) or (None if _sha256(so) == entry["sha256"] else
-                                "its sha256 differs from the one recorded when it was built")
+        return _verified(so, str(entry["sha256"]), folder), None
+    except _Refused as refused:
+        return None, f"{so or manifest}: {refused}"
     except FileNotFoundError:
         return None, None
     except OSError as error:
@@ -134,55 +289,125 @@ def _cached(directory: Path, key: str) -> tuple[Path | None, str | None]:
         return None, f"{manifest}: unreadable ({error})"
     except (ValueError, KeyError, TypeError) as error:
         return None, f"{manifest}: unreadable ({error})"
-    return (None, f"{so}: {reason}") if reason else (so, None)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG)  # a directory that cannot take a build
 
 
-def _compile(command: list[str], directory: Path, key: str) -> Path:
-    """Build into a fresh random name in ``directory``; the file is made unwritable by others."""
-    fd, out = tempfile.mkstemp(prefix=f"{key}-", suffix=".so", dir=directory)
+def _compile(command: list[str | Source], directory: Path, key: str, folder: int) -> _Verified:
+    """Build in a fresh 0700 folder in ``directory`` (the :class:`Source` items written there), check and
+    hash the output through its descriptor (made unwritable by others), then rename it to a fresh random
+    name in ``directory``; returned open. ``folder``: ``directory``'s descriptor, in which the build is
+    looked for and renamed, whatever the path leads to meanwhile."""
+    fd, out = tempfile.mkstemp(prefix=f"{key}-", suffix=".so", dir=directory)   # the name it will have
     os.close(fd)
+    built = None
     try:
-        done = subprocess.run([*command, "-o", out], capture_output=True, text=True)
-        if done.returncode:
-            for code in _FULL:           # the output could not be written there: an OSError of ``out``
-                if os.strerror(code) in done.stderr:
-                    raise OSError(code, os.strerror(code), out)
-            raise RuntimeError(f"{Path(command[0]).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
-        os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~0o022)
+        with _private_dir(f".{key}-build-", directory) as build:
+            argv = [str(_written(part, build)) if isinstance(part, Source) else part for part in command]
+            target = build / f"{key}.so"
+            done = subprocess.run([*argv, "-o", str(target)], capture_output=True, text=True)
+            if done.returncode:
+                for code in _FULL:           # the output could not be written there: an OSError of ``out``
+                    if os.strerror(code) in done.stderr:
+                        raise OSError(code, os.strerror(code), out)
+                raise RuntimeError(f"{Path(argv[0]).name} exited with {done.returncode}: {done.stderr.strip()[:500]}")
+            built = _built(folder, build, target, Path(out).name)
     except BaseException:
+        if built is not None:
+            built.close()
         with contextlib.suppress(OSError):
             os.unlink(out)
         raise
-    return Path(out)
+    return built._replace(path=Path(out))
 
 
-def _record(directory: Path, key: str, so: Path) -> None:
-    """Write the manifest atomically: a reader sees the old entry or the new one, never half."""
+def _written(source: Source, folder: Path) -> Path:
+    path = folder / Path(source.name).name
+    with open(path, "xb") as f:
+        f.write(source.text)
+    return path
+
+
+def _built(folder: int, build: Path, target: Path, name: str) -> _Verified:
+    """The compiler's output ``target`` in the private folder ``build`` in ``folder`` (a descriptor),
+    open, renamed to ``name`` in ``folder``: the build folder checked through its own descriptor (ours,
+    writable by no one else), the file opened and renamed relative to it."""
+    try:
+        private = _opened(build.name, folder, directory=True)
+        try:
+            built = _verified(target, dir_fd=private, built=True)
+            try:
+                os.replace(target.name, name, src_dir_fd=private, dst_dir_fd=folder)
+            except BaseException:
+                built.close()
+                raise
+            return built
+        finally:
+            os.close(private)
+    except _Refused as refused:
+        raise RuntimeError(f"invact: refusing the build {target}: {refused}") from None
+    except OSError as error:                  # named by its full path (a vanished build is built again)
+        raise type(error)(error.errno, error.strerror, str(target)) from None
+
+
+def _record(directory: Path, key: str, so: _Verified, folder: int) -> None:
+    """Write the manifest atomically (renamed into ``folder``, ``directory``'s descriptor): a reader sees
+    the old entry or the new one, never half. The sha256 is the one read through the build's
+    descriptor, the file that is loaded."""
     fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"so": so.name, "sha256": _sha256(so)}, f)
-        os.replace(tmp, directory / f"{key}.json")
+            json.dump({"so": so.path.name, "sha256": so.sha256}, f)
+        os.replace(tmp, f"{key}.json", dst_dir_fd=folder)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def _open(so: Path, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(so))
+_PROC_FD = "/proc/self/fd"
+_mapped: dict[tuple[int, int], int] = {}  # (device, inode) of each library loaded here -> its handle
+
+
+def _dlopen(so: _Verified) -> ctypes.CDLL:
+    """The library of ``so``'s descriptor: the loader opens ``/proc/self/fd/N``, the very file checked
+    and hashed (the path, after the same checks, where there is no /proc/self/fd). The descriptor stays
+    open while the library is mapped (for the process's life): the loader knows the library by that
+    name, and a later library at the same descriptor number would otherwise be taken for it. A file
+    already loaded is not opened again."""
+    try:
+        st = os.fstat(so.fd)
+        handle = _mapped.get((st.st_dev, st.st_ino))
+        if handle is not None:
+            so.close()
+            return ctypes.CDLL(str(so.path), handle=handle)
+        if not os.path.isdir(_PROC_FD):
+            so.close()
+            return ctypes.CDLL(str(so.path))
+        by_fd = f"{_PROC_FD}/{so.fd}"
+        try:
+            handle = ctypes.CDLL(by_fd)._handle
+        except OSError as error:                    # named by its path, not the descriptor's
+            raise OSError(str(error).replace(by_fd, str(so.path))) from None
+    except BaseException:
+        so.close()
+        raise
+    _mapped.setdefault((st.st_dev, st.st_ino), handle)
+    return ctypes.CDLL(str(so.path), handle=handle)
+
+
+def _open(so: _Verified, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    lib = _dlopen(so)
     check(lib)
     return lib
 
 
 @contextlib.contextmanager
-def _private_dir() -> Iterator[Path]:
-    """A fresh 0700 temporary directory of this user, removed afterwards (a loaded library stays
-    mapped)."""
-    path = Path(tempfile.mkdtemp(prefix="invact-kernel-"))
+def _private_dir(prefix: str = "invact-kernel-", parent: Path | None = None) -> Iterator[Path]:
+    """A fresh 0700 temporary directory of this user (in ``parent``, default the temporary directory),
+    removed afterwards (a loaded library stays mapped)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield path
     finally:
@@ -190,9 +415,13 @@ def _private_dir() -> Iterator[Path]:
 
 
 def _prepared(directory: Path) -> str | None:
-    """Why ``directory`` cannot hold the cache (:func:`unsafe`, or it cannot be created), else None;
-    created 0700 where missing, as are the missing folders above it (whatever the umask)."""
+    """Why ``directory`` cannot hold the cache (:func:`unsafe`, :func:`_unsafe_above`, or it cannot be
+    created), else None; created 0700 where missing, as are the missing folders above it (whatever the
+    umask)."""
     try:
+        reason = _unsafe_above(directory)
+        if reason:
+            return reason
         for path in reversed((directory, *directory.parents)):
             if not os.path.lexists(path):
                 path.mkdir(mode=0o700, exist_ok=True)
@@ -263,17 +492,21 @@ _STALE_S = 3600  # without the lock, another process's build in progress is youn
 
 
 def _remove_stale(directory: Path, key: str, kept: Path, locked: bool) -> None:
-    """Remove this key's other builds (an interrupted build's, a replaced one's): files of our naming
-    that are ours, and without the lock only those older than :data:`_STALE_S` (another process may be
-    building the others); one mapped by a running process stays mapped."""
-    for path in directory.glob(f"{key}-*.so"):
-        with contextlib.suppress(OSError):
-            if path != kept and unsafe(path) is None and (locked or time.time() - path.stat().st_mtime > _STALE_S):
-                path.unlink()
+    """Remove this key's other builds (an interrupted build's, a replaced one's) and an interrupted
+    build's folder: files of our naming that are ours, and without the lock only those older than
+    :data:`_STALE_S` (another process may be building the others); one mapped by a running process
+    stays mapped."""
+    for pattern, folder in ((f"{key}-*.so", False), (f".{key}-build-*", True)):
+        for path in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                if path != kept and unsafe(path, folder) is None and \
+                        (locked or time.time() - path.stat().st_mtime > _STALE_S):
+                    shutil.rmtree(path) if folder else path.unlink()
 
 
-def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
-    """The library that ``command`` (a compiler command line without ``-o``) builds, from the cache
+def load(command: list[str | Source], key: str, check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """The library that ``command`` (a compiler command line without ``-o``; a :class:`Source` item is a
+    file given by its bytes) builds, from the cache
     (:func:`cache_dir`, else :func:`private_cache_dir`, warning once) under ``key`` (a name made of the
     inputs' hash) when a verified entry is there, else built and recorded there, one build at a time
     per cache (:func:`_locked`, taken where no verified entry loads); built in a private temporary
@@ -300,7 +533,11 @@ def load(command: list[str], key: str, check: Callable[[ctypes.CDLL], None]) -> 
               f"directory, again in every process (set ${CACHE_ENV} to a directory only you can write)",
               stacklevel=4)
     with _private_dir() as private:
-        return _open(_compile(command, private, key), check)
+        folder = _opened(private, directory=True)
+        try:
+            return _open(_compile(command, private, key, folder), check)
+        finally:
+            os.close(folder)
 
 
 def _no_home() -> str:
@@ -312,14 +549,29 @@ def _no_home() -> str:
 _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, *_FULL)
 
 
-def _from_cache(command: list[str], directory: Path, key: str,
+def _from_cache(command: list[str | Source], directory: Path, key: str,
                 check: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str]:
     """(the library from the cache ``directory``: its verified entry, else built and recorded there;
     "") or (None, why the directory cannot serve: not safe, not creatable, read-only)."""
     reason = _prepared(directory)
     if reason:
         return None, reason
-    so, _ = _cached(directory, key)
+    try:                                            # what the path leads to now, checked: used from here on
+        folder = _opened(directory, directory=True)
+    except _Refused as refused:
+        return None, str(refused)
+    except OSError as error:
+        return None, f"it cannot be opened ({error.strerror})"
+    try:
+        return _served(command, directory, key, check, folder)
+    finally:
+        os.close(folder)
+
+
+def _served(command: list[str | Source], directory: Path, key: str, check: Callable[[ctypes.CDLL], None],
+            folder: int) -> tuple[ctypes.CDLL | None, str]:
+    """:func:`_from_cache` in the checked cache ``directory``, open as ``folder``."""
+    so, _ = _cached(directory, key, folder)
     if so is not None:                              # the usual case: a verified build, no lock
         with contextlib.suppress(OSError, RuntimeError):
             return _open(so, check), ""
@@ -327,44 +579,45 @@ def _from_cache(command: list[str], directory: Path, key: str,
         return None, "it is read-only"
     try:
         with _locked(directory) as locked:          # checked again: another may have built it
-            return _load_or_build(command, directory, key, check, locked), ""
+            return _load_or_build(command, directory, key, check, locked, folder), ""
     except OSError as error:             # writing there refused or failed (not the compiler's own error)
         if error.errno not in _UNWRITABLE or not str(error.filename).startswith(str(directory)):
             raise
         return None, f"it cannot be written ({error.strerror})"
 
 
-def _load_or_build(command: list[str], directory: Path, key: str, check: Callable[[ctypes.CDLL], None],
-                   locked: bool) -> ctypes.CDLL:
-    """:func:`load` in the cache ``directory``: its verified entry, else a build recorded there
-    (:func:`_locked` held, ``locked`` where it locked)."""
-    so, refused = _cached(directory, key)
+def _load_or_build(command: list[str | Source], directory: Path, key: str, check: Callable[[ctypes.CDLL], None],
+                   locked: bool, folder: int) -> ctypes.CDLL:
+    """:func:`load` in the cache ``directory`` (open as ``folder``): its verified entry, else a build
+    recorded there (:func:`_locked` held, ``locked`` where it locked)."""
+    so, refused = _cached(directory, key, folder)
     if so is not None:
         try:
             return _open(so, check)
         except (OSError, RuntimeError) as error:    # unloadable: rebuilt under a fresh name below
-            refused = f"{so}: it does not load ({error})"
+            refused = f"{so.path}: it does not load ({error})"
     if refused:
         warnings.warn(f"invact: not loading the cached CPU kernel, {refused}; rebuilding it",
                       RuntimeWarning, stacklevel=6)
-    fresh = _recorded(command, directory, key)
-    _remove_stale(directory, key, fresh, locked)     # the bad one too (still mapped where loaded)
+    fresh = _recorded(command, directory, key, folder)
+    _remove_stale(directory, key, fresh.path, locked)     # the bad one too (still mapped where loaded)
     return _open(fresh, check)
 
 
-def _recorded(command: list[str], directory: Path, key: str, retry: bool = True) -> Path:
-    """A fresh build in ``directory``, recorded under ``key`` (removed where recording fails); built
-    again once where it vanished meanwhile (a process that could not lock removed it)."""
+def _recorded(command: list[str | Source], directory: Path, key: str, folder: int, retry: bool = True) -> _Verified:
+    """A fresh build in ``directory``, recorded under ``key`` (removed where recording fails), open;
+    built again once where it vanished meanwhile (a process that could not lock removed it)."""
     fresh = None
     try:
-        fresh = _compile(command, directory, key)
-        _record(directory, key, fresh)
+        fresh = _compile(command, directory, key, folder)
+        _record(directory, key, fresh, folder)
     except BaseException as error:
         if fresh is not None:
+            fresh.close()
             with contextlib.suppress(OSError):
-                fresh.unlink()
+                fresh.path.unlink()
         if retry and isinstance(error, FileNotFoundError) and str(error.filename).startswith(str(directory)):
-            return _recorded(command, directory, key, retry=False)
+            return _recorded(command, directory, key, folder, retry=False)
         raise
     return fresh
 
@@ -408,7 +661,7 @@ def threading_flags(compiler: str) -> tuple[tuple[str, ...], ...]:
     return (("-pthread",),)
 
 
-def load_first(builds: list[tuple[list[str], str]], check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+def load_first(builds: list[tuple[list[str | Source], str]], check: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
     """:func:`load` of the first (command, key) of ``builds`` that builds and loads; raises the last
     one's error where none does."""
     failure: Exception = RuntimeError("no build to try")

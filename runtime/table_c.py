@@ -5,8 +5,9 @@ statements of the generated eager ``g_kernel`` in C (invact.fitting.codegen.c_ge
 ``csrc/invact_table.h``'s loop over elements, bit planes and threads. The first backward that needs
 one builds it with the system C compiler into the kernel cache (:mod:`invact.kernel_cache`: manifest,
 sha256 and ownership checks, as :mod:`invact.cpu_kernel`), typically in well under a second; later
-processes load it. Parameters, thresholds and POLY are arguments, so one build serves every
-parameter set.
+processes load it. The compiler gets a private copy of the bytes checked here (the table's sha256),
+with ``csrc``'s headers alone: never the file again by path, nor a header planted next to it.
+Parameters, thresholds and POLY are arguments, so one build serves every parameter set.
 
 Results: the eager backend's bits where the torch code is plain arithmetic (built with
 ``-ffp-contract=off``, no FMA); where it calls torch.exp/log/tanh/erf/... the C library's float
@@ -114,10 +115,15 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
         if lib.invact_table_sha256().decode() != sha256:
             raise RuntimeError("built from another table")
 
-    builds = []  # with glibc's vector math library where it links, else without; OpenMP threads, else pthreads
+    # with glibc's vector math library where it links, else without; OpenMP threads, else pthreads. The
+    # command compiles a copy of the bytes read and checked above (kernel_cache.Source) in a private
+    # folder, headers from CSRC alone: never the file at ``path`` again, nor a header next to it; the
+    # key is of those bytes, the headers and the command, not of where the file lies
+    builds = []
     for extra, threads in itertools.product(_VECTOR_MATH, kernel_cache.threading_flags(compiler)):
-        command = [compiler, *_flags(use_fma), *threads, str(path), *extra]
-        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join(command[:1] + command[2:]).encode()]
+        flags = [*_flags(use_fma), *threads]
+        command = [compiler, *flags, kernel_cache.Source(path.name, text), *extra]
+        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join([compiler, *flags, *extra]).encode()]
         builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     try:
         lib = kernel_cache.load_first(builds, check)
