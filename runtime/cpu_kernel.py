@@ -58,7 +58,8 @@ from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa:
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
            "poly_library", "forward_library", "kernel_table",
            "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
-           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "forward_code",
+           "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "aten_threads",
+           "forward_code",
            "forward_call"]
 
 CACHE_ENV = kernel_cache.CACHE_ENV
@@ -423,6 +424,26 @@ GELU_SERIAL_MOST = 16384      # ATen's GELU splits any larger tensor over all th
 OMP_DYNAMIC = os.environ.get("OMP_DYNAMIC", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _thread_limit(text: str | None) -> int | None:
+    """OMP_THREAD_LIMIT as OpenMP reads it (a positive integer), else None (unset or not one)."""
+    try:
+        limit = int((text or "").strip())
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+# OpenMP runs at most OMP_THREAD_LIMIT threads in a team, whatever torch.set_num_threads asked for
+OMP_THREAD_LIMIT = _thread_limit(os.environ.get("OMP_THREAD_LIMIT"))
+
+
+def aten_threads() -> int:
+    """The threads ATen's parallel_for splits a tensor over: torch.get_num_threads(), within OpenMP's
+    OMP_THREAD_LIMIT (each thread's range is then ``omp_get_num_threads()``'s share)."""
+    threads = torch.get_num_threads()
+    return threads if OMP_THREAD_LIMIT is None else max(1, min(threads, OMP_THREAD_LIMIT))
+
+
 def bf16_store() -> bool:
     """Whether the kernel stores bfloat16 as oneDNN's gelu does here: by vcvtneps2bf16 (the compiler
     knew the instruction and the CPU has it) or by oneDNN's emulation of it (a CPU without it);
@@ -486,7 +507,7 @@ def forward_call(lib: ctypes.CDLL, kind: int, cmap: CodeMap, bits: int, dtype: t
     least = 2 if kind in ONEDNN_KINDS else 1  # ATen calls oneDNN for more than one element
 
     def call(x: Tensor, y: Tensor) -> Tensor | None:
-        n, threads = x.numel(), torch.get_num_threads()
+        n, threads = x.numel(), aten_threads()
         if n < least:
             return None
         out = torch.empty(bitpack.packed_bytes(n, bits), dtype=torch.uint8)

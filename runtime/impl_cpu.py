@@ -114,7 +114,7 @@ def _one_pass_with(mod: ModuleType, kind: int, call: Callable[[Tensor, Tensor], 
     packed = call(x, y)
     if packed is None:
         return None
-    tails = cpu_kernel.aten_tails(x.numel(), x.dtype, kind, torch.get_num_threads())
+    tails = cpu_kernel.aten_tails(x.numel(), x.dtype, kind, cpu_kernel.aten_threads())
     if tails:
         xf, yf = x.view(-1), y.view(-1)
         for lo, hi in tails:
