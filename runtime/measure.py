@@ -236,7 +236,7 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
         gain = final.total - trial.total if not refused else 0
         if gain > 0:
             note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
-                    f"{len(fused)} site(s) freeing {_fmt(gain)}")
+                    f"{len(fused)} site(s) freeing {_fmt(gain)}" + (" together (not per module)" if len(fused) > 1 else ""))
             active, final, unit = active | fused, trial, (fused, note, gain)
             for k in fused:
                 del reasons[k]
@@ -268,9 +268,9 @@ def _report(report: Any, sites: dict[int, Site], active: set[int], reasons: dict
     fused, note, gain = unit or (set(), "", 0)
     for r in report.replaced:
         key = by_path[r.path]
-        if key in fused:                      # the unit's bytes on its first entry
-            kept.append(replace(r, freed=0 if first & fused else gain, note="; ".join(x for x in (note, r.note) if x)))
-            first.add(key)
+        if key in fused:                      # measured as a unit: per module only where it is one
+            kept.append(replace(r, freed=gain if len(fused) == 1 else None,
+                                note="; ".join(x for x in (note, r.note) if x)))
         elif key in active and base.hidden(key):
             note = f"not measured: {_hidden_cause(base, key)}; kept, as without example="
             kept.append(replace(r, freed=0, note="; ".join(x for x in (note, r.note) if x)))

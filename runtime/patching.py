@@ -160,7 +160,7 @@ class Replaced:
     old: str
     new: str
     note: str = ""
-    freed: int | None = None    # bytes freed, measured on ``example=`` (None: not measured)
+    freed: int | None = None    # bytes freed, measured on ``example=`` (None: not measured, or only with others: note)
 
 
 @dataclass(frozen=True)

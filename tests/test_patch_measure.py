@@ -202,6 +202,20 @@ def test_fused_projection_frees_its_storage_with_copied_chunks():
     assert _saved(model, x) == before and "_invact_chunks" not in model[1].__dict__
 
 
+def test_fused_projections_measured_together_report_the_unit_not_per_module():
+    """Two fused MLPs measured as one unit: neither module's own bytes are known, so each says the unit's
+    figure (which is what the two free together) instead of one taking it all and the other 'frees 0'."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), FusedGLU(), FusedGLU()), torch.randn(4, 8)
+    before = _saved(model, x)
+    report = invact.patch(model, example=x)
+    assert [r.path for r in report.replaced] == ["1.act", "2.act"], str(report)
+    freed = before - _saved(model, x)
+    unit = f"measured as one unit of 2 site(s) freeing {freed} B together (not per module)"
+    assert freed > 0 and all(r.freed is None and unit in r.note for r in report.replaced), str(report)
+    assert "frees 0 bytes" not in str(report)
+
+
 def test_chained_activations_are_decided_together():
     """GELU -> SiLU: with both swapped GELU's y is saved by nobody else; one of the two is dropped."""
     torch.manual_seed(0)
@@ -323,7 +337,8 @@ def test_hugging_face_patched_never_above_unpatched(name):
     elif name == "mamba":    # its slow path calls F.silu itself: the module is never called, the route is
         assert "never called" in left["act"] and report.functional.startswith("routed")
     elif name in ("phi3", "mixtral"):     # gate_up fused: kept, with the chunks copied
-        assert any("fused projection" in r.note and r.freed > 0 for r in report.replaced), str(report)
+        fused = [r for r in report.replaced if "fused projection" in r.note]   # a unit's own bytes where it is one
+        assert fused and all(r.freed > 0 if len(fused) == 1 else r.freed is None for r in fused), str(report)
     else:
         assert "dropout after it" in left["activation_fn"]
     invact.unpatch(model)
