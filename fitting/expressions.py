@@ -17,14 +17,17 @@ from __future__ import annotations
 import ast
 import contextlib
 import keyword
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 from ..common.catalog import CATALOG
 from .errors import SpecError
 
-__all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "check_text", "check_torch_forward", "parse",
-           "sympy_functions", "allowed_summary", "check_param_names", "is_reserved", "size_guard", "shown"]
+__all__ = ["FUNCTIONS", "CONSTANTS", "RESERVED", "MAX_DIGITS", "check_text", "check_torch_forward", "parse",
+           "sympy_functions", "allowed_summary", "check_param_names", "is_reserved", "size_guard", "shown",
+           "symbol_names"]
 
 # what a formula may call (sympy_functions() maps them to sympy)
 FUNCTIONS = ("exp", "log", "sqrt", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
@@ -46,6 +49,10 @@ API_NAMES = ("name", "backend", "input", "self")
 # ``param_`` (tests/test_trust.py scans generated/*.py for that).
 RESERVED = frozenset({"x", "y", "True", "False", "None", *keyword.kwlist, *FUNCTIONS, *CONSTANTS,
                       *PARSER_NAMES, *API_NAMES})
+
+# The most decimal digits a power of two constants may have (10**10**10, 2**-(2**20)): sympy computes
+# such powers exactly while it parses, and a number of 10**10 digits takes hours; float64 holds 1.8e308.
+MAX_DIGITS = 10_000
 
 _BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
 _COMPARE = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
@@ -108,6 +115,11 @@ def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | 
     if not text.isascii():
         bad = next(ch for ch in text if not ch.isascii())
         raise SpecError(f"{what} {text!r} contains {bad!r}: only ASCII is allowed")
+    control = next((ch for ch in text.strip() if not ch.isprintable()), None)
+    if control is not None:
+        kind = "a line break" if control in "\n\r\v\f" else "a tab" if control == "\t" else "the control character"
+        raise SpecError(f"{what} {text!r} contains {kind} {control!r}: write it on one line, with spaces "
+                        "(`invact fit` reads a formula's line breaks and tabs as spaces)")
     src = text.strip()
     try:
         tree = ast.parse(src, mode="eval")
@@ -172,7 +184,120 @@ def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | 
         first = min(unknown, key=lambda n: n.col_offset)
         refuse(first, "is an unknown function" if id(first) in called else "is not a known name")
     visit(body)
+    if xor and "^" in src:   # sympy reads ^ as ** (convert_xor): 10^10^10 is 10**(10**10), not (10^10)^10
+        src = src.replace("^", "**")
+        body = ast.parse(src, mode="eval").body
+    _check_powers(body, src, lambda node, digits: _refuse_power(what, text, src, node, digits))
     return tree
+
+
+def _refuse_power(what: str, text: str, src: str, node: ast.AST, digits: float) -> None:
+    about = f" (about {digits:.2g})" if math.isfinite(digits) else ""
+    raise SpecError(f"{what} {shown(text)}: the constant {shown(ast.get_source_segment(src, node), 40)} has more "
+                    f"than {MAX_DIGITS} digits{about}; float64 holds numbers below 1.8e308, so write a "
+                    "smaller constant or a float such as 1e300")
+
+
+def _check_powers(body: ast.AST, src: str, refuse) -> None:
+    """Call ``refuse(node, digits)`` for a power of constants (no x, no parameter) whose exact value
+    could have more than :data:`MAX_DIGITS` digits: sympy evaluates ``10**10**10`` or
+    ``(1 + 10**-500)**10**6`` exactly while it parses, for hours. Estimated from the text, never by
+    computing the power: each constant gets a :class:`_Size`; ``a**b`` has at most digits(a) * |b|
+    digits."""
+    def pow_(base: float, exponent: float) -> float:
+        try:
+            return base ** exponent
+        except (OverflowError, ZeroDivisionError):
+            return math.inf
+
+    def known(digits: float, value: float) -> _Size:
+        if math.isnan(value):          # inf - inf, 0 * inf in float64: bounds unknown
+            return _Size(digits, math.inf, 0.0, None)
+        return _Size(digits, abs(value), abs(value), value)
+
+    def bound(node: ast.AST) -> _Size | None:
+        if isinstance(node, ast.Constant):
+            v = node.value
+            if type(v) is int:
+                return known(len(str(abs(v))), _as_float(v))
+            if type(v) is float:
+                return known(max(1, math.ceil(abs(math.log10(v)))) if 0 < v < math.inf else 1, v)
+            return None
+        if isinstance(node, ast.Name):
+            value = {"pi": math.pi, "E": math.e}.get(node.id)
+            return None if value is None else known(1, value)
+        if isinstance(node, ast.UnaryOp):
+            a = bound(node.operand)
+            return a if a is None or a.value is None or isinstance(node.op, ast.UAdd) else \
+                known(a.digits, -a.value)
+        if isinstance(node, ast.BinOp):
+            a, b = bound(node.left), bound(node.right)
+            if a is None or b is None:
+                return None
+            digits = a.digits + b.digits
+            both = a.value is not None and b.value is not None
+            if isinstance(node.op, ast.Pow):
+                digits = a.digits * max(1.0, b.hi)
+                if not digits <= MAX_DIGITS:
+                    refuse(node, digits)
+                if a.hi == 0:
+                    return _Size(digits, 0.0, 0.0, None)     # 0**b: 0 or zoo
+                if both:
+                    size = pow_(abs(a.value), b.value)
+                    return _Size(digits, size, size, size if a.value > 0 else None)
+                return _Size(digits, pow_(max(a.hi, _inv(a.lo)), b.hi), pow_(min(a.lo, _inv(a.hi)), b.hi), None)
+            if isinstance(node.op, ast.Mult):
+                return known(digits, a.value * b.value) if both else _Size(digits, a.hi * b.hi, a.lo * b.lo, None)
+            if isinstance(node.op, ast.Div):
+                if both and b.value != 0:
+                    return known(digits, a.value / b.value)
+                return _Size(digits, a.hi * _inv(b.lo), a.lo * _inv(b.hi), None)
+            floor = 10.0 ** -min(digits, 300)      # a nonzero p/q of that many digits is >= 1/q
+            if both and isinstance(node.op, (ast.Add, ast.Sub)):
+                value = a.value + b.value if isinstance(node.op, ast.Add) else a.value - b.value
+                if abs(value) >= 1e-8 * max(abs(a.value), abs(b.value)):   # no cancellation
+                    return known(digits, value)
+            return _Size(digits, a.hi + b.hi, floor, None)
+        if isinstance(node, (ast.Call, ast.Tuple, ast.Compare)):
+            children = node.args if isinstance(node, ast.Call) else \
+                node.elts if isinstance(node, ast.Tuple) else [node.left, *node.comparators]
+            parts = [bound(c) for c in children]
+            if any(p is None for p in parts):
+                return None
+            digits, hi = sum(p.digits for p in parts), max(p.hi for p in parts)
+            if isinstance(node, ast.Call) and node.func.id in ("exp", "sinh", "cosh"):
+                hi = pow_(math.e, hi)
+            else:   # log, sqrt, erf, ..., Min, Max, Abs, Piecewise: |f| <= max(|args|, 2.31 digits) + 1
+                hi = max(hi, 2.31 * digits) + 1
+            return _Size(digits, hi, min(min(p.lo for p in parts), _inv(hi)), None)
+        for child in ast.iter_child_nodes(node):   # not a constant, but a part of it may be
+            bound(child)
+        return None
+
+    bound(body)
+
+
+@dataclass(frozen=True)
+class _Size:
+    """A constant of formula text, estimated: about how many digits its exact value has (numerator and
+    denominator), bounds of its absolute value (``lo``: of a nonzero value), and its value in float64
+    where that is reliable (None: a function's, or after cancellation)."""
+
+    digits: float
+    hi: float
+    lo: float
+    value: float | None
+
+
+def _inv(v: float) -> float:
+    return 1 / v if v > 0 else math.inf
+
+
+def _as_float(value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 @lru_cache(maxsize=1)
@@ -219,10 +344,10 @@ def is_reserved(name: str) -> bool:
 def check_param_names(names, formula_symbols: set[str] | None = None, what: str = "--param") -> None:
     """Refuse reserved parameter names and, given the formula's free symbols, unused parameters."""
     for n in names:
-        if not isinstance(n, str) or not n.isidentifier() or is_reserved(n):
-            raise SpecError(f"{what} {n!r}: parameter names must be identifiers not starting with '_', and "
-                            "not x, y, a Python keyword, a function or constant of formulas, or one of "
-                            f"{', '.join(PARSER_NAMES + API_NAMES)}")
+        if not isinstance(n, str) or not (n.isascii() and n.isidentifier()) or is_reserved(n):
+            raise SpecError(f"{what} {n!r}: parameter names must be ASCII identifiers (formulas are ASCII) not "
+                            "starting with '_', and not x, y, a Python keyword, a function or constant of "
+                            f"formulas, or one of {', '.join(PARSER_NAMES + API_NAMES)}")
     if formula_symbols is not None:
         unused = sorted(set(names) - formula_symbols)
         if unused:
@@ -230,12 +355,23 @@ def check_param_names(names, formula_symbols: set[str] | None = None, what: str 
                             f"{'this parameter' if len(unused) == 1 else 'these parameters'}")
 
 
-def check_torch_forward(text: str | None, what: str = "torch_forward") -> None:
+def symbol_names(expr) -> set[str]:
+    """The names of a parsed formula's free symbols (x and the parameters it uses), for
+    :func:`check_param_names`."""
+    return {s.name for s in expr.free_symbols}
+
+
+def check_torch_forward(text: str | None, what: str = "torch_forward", params=None) -> None:
     """A table's ``torch_forward`` must be None or one of the built-ins' own strings: it is pasted
-    into generated code and evaluated, so no other text is accepted."""
+    into generated code and evaluated, so no other text is accepted. Given the table's ``params``,
+    they must be that built-in's (generated code renames them in the text: a parameter ``F`` would
+    turn ``F.elu`` into ``param_F.elu``)."""
     if text is None:
         return
-    allowed = {e.torch_forward for e in CATALOG if e.torch_forward}   # the built-ins' (formulas.BUILTINS)
-    if text not in allowed:
+    owners = [e for e in CATALOG if e.torch_forward == text]   # the built-ins' (formulas.BUILTINS)
+    if not owners:
         raise SpecError(f"{what} {text!r} is not the PyTorch forward of a built-in activation "
                         "(only those are accepted: it becomes code)")
+    if params is not None and not any(set(e.params) == set(params) for e in owners):
+        raise SpecError(f"{what} {text!r} is {owners[0].name}'s, whose parameters are "
+                        f"{sorted(owners[0].params) or 'none'}, not {sorted(params)}")

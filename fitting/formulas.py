@@ -8,6 +8,7 @@ its conventions at kinks: the piece whose condition owns a boundary point gives 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -15,7 +16,7 @@ import sympy as sp
 from ..common.catalog import CATALOG, Entry
 from ..common.params import ParamError, check_params
 from .errors import SpecError
-from .expressions import check_param_names, check_text, parse, size_guard, sympy_functions
+from .expressions import check_param_names, check_text, parse, size_guard, symbol_names, sympy_functions
 
 __all__ = ["X", "SpecError", "ActivationSpec", "BUILTINS", "get_spec", "parse_formula"]
 
@@ -86,6 +87,7 @@ def parse_formula(text: str, params: dict[str, float] | None = None) -> tuple[sp
     declared parameter must occur. Only whitelisted syntax is accepted (:mod:`.expressions`)."""
     if not isinstance(text, str) or not text.strip():
         raise SpecError("formula must be a non-empty string in x, e.g. 'x*sigmoid(1.702*x)'")
+    text = one_line(text)
     params = dict(params or {})
     check_param_names(params)
     with size_guard("formula", text):
@@ -106,11 +108,17 @@ def _parse_formula(text: str, params: dict[str, float]) -> tuple[sp.Expr, dict[s
     check_constants(expr, f"formula {text!r}")
     if X not in expr.free_symbols:
         raise SpecError(f"formula {text!r} does not depend on x")
-    check_param_names(params, {s.name for s in expr.free_symbols})
+    check_param_names(params, symbol_names(expr))
     undefined = [f for f in expr.atoms(sp.Function) if type(f).__name__ not in _KNOWN_FUNC_NAMES]
     if undefined:
         raise SpecError(f"formula {text!r} uses unknown functions {sorted(str(f.func) for f in undefined)}")
     return expr, params
+
+
+def one_line(text: str) -> str:
+    """A formula as given (a shell string over several lines) with each run of ASCII whitespace --
+    line breaks and tabs included -- as one space, the ends stripped: table text is one line."""
+    return re.sub(r"[ \t\n\r\f\v]+", " ", text).strip()
 
 
 def check_constants(expr: sp.Expr, what: str) -> None:
@@ -159,7 +167,7 @@ def get_spec(name_or_formula: str, name: str | None = None,
              params: dict[str, float] | None = None) -> ActivationSpec:
     """A built-in by name (with parameter overrides) or a new activation from a formula string."""
     if isinstance(name_or_formula, str):
-        name_or_formula = name_or_formula.strip()
+        name_or_formula = one_line(name_or_formula)
     if name_or_formula in BUILTINS:
         return BUILTINS[name_or_formula].with_params(params)
     if name_or_formula.isidentifier() and "x" != name_or_formula and name is None:

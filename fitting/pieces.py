@@ -72,6 +72,10 @@ def _intervals(region) -> list[sp.Interval]:
         return [iv for arg in region.args for iv in _intervals(arg)]
     if isinstance(region, sp.FiniteSet):
         return []  # isolated points: measure zero, owned by a neighbour
+    if isinstance(region, sp.ConditionSet):   # sympy could not solve the condition for x
+        raise SpecError(f"the condition {region.condition} has no closed-form solution for x (a Max/Min of two "
+                        "functions crossing where no formula gives x); write a Piecewise with the break point as "
+                        "a number, e.g. Piecewise((0.1*x, x < -2.3), (tanh(x), True))")
     raise SpecError(f"cannot split the real line into intervals for condition set {region}")
 
 

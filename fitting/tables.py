@@ -288,18 +288,8 @@ def _intact(table: Any) -> bool:
 
 
 def _with_safe_formula(table: dict) -> dict | None:
-    """``table`` if its formula passes the expression whitelist (it may be proposed in a hint)."""
-    from .errors import SpecError
-    from .expressions import check_param_names, check_text
-    params = table.get("params")
-    try:
-        if not isinstance(params, dict) or not all(isinstance(v, _NUMBER) for v in params.values()):
-            return None
-        check_param_names(params)
-        check_text(table.get("formula"), ("x",), tuple(params), "formula")
-    except SpecError:
-        return None
-    return table
+    """``table`` if its formula and parameters pass :func:`_formula_problem` (it may be proposed in a hint)."""
+    return table if _formula_problem(table) is None else None
 
 
 def _builtin(name: str) -> bool:
@@ -354,24 +344,49 @@ def _code_value_problem(table: dict) -> str | None:
     return None
 
 
+def _formula_problem(table: dict) -> str | None:
+    """What `invact fit` would refuse in a table's formula and parameters, or None: parameter names
+    (ASCII identifiers, not reserved), numeric values, the formula's text (the expression whitelist),
+    and every parameter occurring in the parsed formula (the rule `invact fit --param` applies)."""
+    from .errors import SpecError
+    from .expressions import check_param_names, parse, symbol_names
+    params = table.get("params")
+    if not isinstance(params, dict):
+        return "has no params object"
+    names = tuple(params)
+    try:
+        check_param_names(names, what="params")
+    except SpecError as exc:
+        return f"has an invalid parameter name ({exc})"
+    bad = [k for k, v in params.items() if not isinstance(v, _NUMBER) or isinstance(v, bool)]
+    if bad:
+        return f"has a non-numeric value for parameter {bad[0]!r}"
+    try:
+        used = symbol_names(parse(table.get("formula"), ("x",), names, "formula"))
+    except SpecError as exc:
+        return f"holds text that is not an accepted expression ({exc})"
+    try:
+        check_param_names(names, used, "params")
+    except SpecError as exc:
+        return f"lists a parameter its formula does not use ({exc})"
+    return None
+
+
 def _expression_problem(table: dict) -> str | None:
     """Every text of a table that becomes code or is parsed (formula, param_domain, torch_forward,
     break and constant values, segment expressions) must pass the expression whitelist
     (:mod:`.expressions`): tables are data, and anything else is refused."""
     from .errors import SpecError
-    from .expressions import check_param_names, check_text, check_torch_forward
+    from .expressions import check_text, check_torch_forward
     from .model import segment_texts
-    params = table["params"]
-    names = tuple(params)
+    problem = _formula_problem(table)
+    if problem:
+        return problem
+    names = tuple(table["params"])
     try:
-        check_param_names(names, what="params")
-        bad = [k for k, v in params.items() if not isinstance(v, _NUMBER) or isinstance(v, bool)]
-        if bad:
-            return f"has a non-numeric value for parameter {bad[0]!r}"
-        check_text(table["formula"], ("x",), names, "formula")
         for rel in table["param_domain"]:
             check_text(rel, (), names, "param_domain", relation=True)
-        check_torch_forward(table["torch_forward"])
+        check_torch_forward(table["torch_forward"], params=names)
         texts = [(b.get("value"), (), "forward_code break") for b in table["forward_code"]["x_breaks"]]
         for c, cls in enumerate(table["code_classes"]):
             texts += [(b.get("value"), (), f"code_classes[{c}] break") for b in cls["y_breaks"]]
