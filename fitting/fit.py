@@ -308,6 +308,24 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     cheap = [tf for tf in tfs if tf.kind != "log"]
     cheap += [Transform("identity")] * (Transform("identity") not in cheap)
     sets = [cheap] + ([tfs] if any(tf.kind == "log" for tf in tfs) else [])
+    best, best_err = _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost)
+    if best is None:
+        kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
+        cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
+        # a looser tolerance is tried only where this refusal is the fit's answer: not for a search for
+        # a layout cheaper than one found, nor for rationals alone (tried beside polynomials)
+        search = None if math.isfinite(max_cost) or not degrees else \
+            (lambda tol: _search(ref, y_lo, y_hi, sets, tol, degrees, rationals, max_cost))
+        advice = _advice(best_err, tolerance, search)
+        raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
+                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, advice,
+                       "the closest pieces need a tolerance of")
+    return best
+
+
+def _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost):
+    """(the cheapest layout meeting ``tolerance`` or None, the tolerance the closest pieces need)
+    over the candidate transform ``sets`` (:func:`fit_branch`)."""
     best, best_cost, best_err = None, max_cost, math.inf
     for candidates in sets:
         logs = int(any(tf.kind == "log" for tf in candidates))
@@ -324,13 +342,7 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
             cost = layout_cost(degree, len(pieces), den_degree, int(any(p.transform.kind == "log" for p in pieces)))
             if cost < best_cost:
                 best, best_cost = pieces, cost
-    if best is None:
-        kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
-        cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
-        raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
-                       f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, _advice(best_err, tolerance),
-                       "the closest pieces need a tolerance of")
-    return best
+    return best, best_err
 
 
 def _needed(piece: PieceFit) -> float:
@@ -342,14 +354,34 @@ def _needed(piece: PieceFit) -> float:
                piece.error + (piece.rounding_error or 0.0) - slack)
 
 
-def _advice(needed: float, tolerance: float) -> str:
-    """What to change: a looser --tolerance only where the tolerance the closest pieces need
-    (:func:`_needed`) shows one would do."""
-    if math.isfinite(needed) and needed < 0.1:   # larger: nothing like g (|g| ~ 1) was reached
+MAX_HINT = 1e-2      # the loosest --tolerance the CLI accepts: no looser one is proposed
+HINT_TRIES = 2       # looser tolerances tried before one is proposed
+
+
+def _advice(needed: float, tolerance: float, search=None) -> str:
+    """What to change. ``needed`` (:func:`_needed`) is what the pieces closest to meeting the bound
+    lacked where the greedy stopped: a lower bound, not a promise, since at a looser tolerance the
+    pieces before that point widen and the search can stop elsewhere, needing more (1e6*tanh(x):
+    6.8e-8 at 5e-8, 9.8e-8 at 9e-8, 5.6e-3 at 2e-7). So a looser tolerance is proposed only once
+    ``search(tol)`` ((layout or None, needed), the same search) has found a layout at it: up to
+    HINT_TRIES tolerances, each 20 % above what the last search needed, rounded up to one digit,
+    and at least twice the one before."""
+    tried, looser = [], tolerance
+    while math.isfinite(needed) and len(tried) < HINT_TRIES:
         step = 10.0 ** math.floor(math.log10(needed * 1.2))    # 20% above, rounded up to one digit
-        looser = float(f"{math.ceil(needed * 1.2 / step) * step:.1g}")
-        if looser > tolerance:
-            return f"--tolerance {looser:g} or more is likely to fit"
+        looser = max(float(f"{math.ceil(needed * 1.2 / step) * step:.1g}"), 2 * looser if tried else 0.0)
+        if not tolerance < looser <= MAX_HINT:
+            break
+        if search is None:
+            return f"--tolerance {looser:g} or more may fit (not tried)"
+        found, needed = search(looser)
+        if found is not None:
+            return (f"--tolerance {looser:g} or more is likely to fit (a fit of this branch at {looser:g} was tried "
+                    "and met it; the table is certified after the fit)")
+        tried.append(f"{looser:g}")
+    if tried:
+        return (f"no layout fits at --tolerance {' or '.join(tried)} either (tried), so no looser tolerance is "
+                "proposed: g is not smooth enough here for piecewise polynomials in this branch's transforms")
     return ("a looser tolerance would not help: g is not smooth enough here for piecewise polynomials in "
             "this branch's transforms; please report the formula")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -123,7 +124,8 @@ def one_line(text: str) -> str:
 
 def check_constants(expr: sp.Expr, what: str) -> None:
     """Refuse constants that float64 cannot hold: zoo, oo or nan (a division by zero, log(0)), the
-    imaginary unit (sqrt(-1)), and numbers beyond float64's range (10**400), with :class:`SpecError`."""
+    imaginary unit (sqrt(-1)), and numbers beyond float64's range (10**400) or subnormal in it (1e-320),
+    with :class:`SpecError`."""
     bad = [c for c in (sp.zoo, sp.oo, -sp.oo, sp.nan) if expr.has(c)]
     if bad:
         raise SpecError(f"{what} is not finite: it contains {bad[0]} (from a division by zero, log(0) or "
@@ -132,9 +134,14 @@ def check_constants(expr: sp.Expr, what: str) -> None:
         raise SpecError(f"{what} is not real-valued: it contains the imaginary unit I (from sqrt(-1) or a "
                         "fractional power of a negative number); a table needs a real f")
     for c in sorted(expr.atoms(sp.Number), key=sp.default_sort_key):
-        if not c.is_zero and not math.isfinite(abs(float(sp.Float(c, 30)))):
+        v = 0.0 if c.is_zero else abs(float(sp.Float(c, 30)))
+        if not math.isfinite(v):
             raise SpecError(f"{what} has the constant {_short(c)}, out of float64 range (|c| < 1.8e308); "
                             "the fitter evaluates f in float64")
+        if 0.0 < v < sys.float_info.min:   # 1e-320*x is 0 in float64 for |x| < 1e4
+            raise SpecError(f"{what} has the constant {v:.3g}, a subnormal float64 number (nonzero and below "
+                            f"{sys.float_info.min:.3g} in magnitude: fewer than 53 significant bits); the fitter "
+                            "evaluates f in float64: scale the formula so that its constants are normal float64 numbers")
 
 
 def _short(c: sp.Number) -> str:

@@ -31,11 +31,15 @@ def value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float
     xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
     raw = f(xs)
     v = raw[~np.isnan(raw)]
-    if v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2])):
+    growing = v.size >= 8 and np.isfinite(v[-8:]).all() and abs(v[-1]) >= 2 * abs(v[-8]) > 0   # (1e-20*x: the
+    if v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2])) \
+            and not growing:                                               # steps are tiny, not settled)
         return float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
     if v.size >= 8 and (np.isinf(v[-1]) or (abs(v[-1]) > 1 and abs(v[-1]) >= 2 * abs(v[-8]))):
         if np.isinf(v[-1]) and expr is not None:
             _check_float64(expr, xs, raw, what)
+        elif (far := _settled_far(f, x, expr)) is not None:
+            return far
         return math.copysign(math.inf, v[-1])
     numeric_limit = _extrapolate(f, x)
     symbolic = _sympy_limit(expr, x) if expr is not None else None
@@ -45,6 +49,20 @@ def value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float
         return numeric_limit
     raise SpecError(f"{what} has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
                     "by |x| = 2^63)")
+
+
+def _settled_far(f, x: float, expr: sp.Expr | None) -> float | None:
+    """The value f settles on at |x| in [1e5, 1e300] (NaNs skipped) where it still grew steadily up to
+    |x| = 1e5 (x*sigmoid(1e-6*x) -> 0, 1e6*erf(1e-6*x) -> 1e6: linear there, turning at 1e6), unless
+    sympy's ``limit`` of ``expr`` answers otherwise; None where it does not settle (it diverges)."""
+    with np.errstate(all="ignore"):
+        v = f(np.copysign(np.geomspace(FAR * 10, 1e300, 60), x))
+    v = v[~np.isnan(v)]
+    if not (v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2]))):
+        return None
+    value = float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
+    symbolic = _sympy_limit(expr, x) if expr is not None else None
+    return value if symbolic is None or _agree(symbolic, value) else None
 
 
 def _check_float64(expr: sp.Expr, xs: np.ndarray, values: np.ndarray, what: str) -> None:

@@ -3,6 +3,7 @@ transforms of fitted pieces."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -387,11 +388,13 @@ class PolySegment(Segment):
         lo, hi = self.lo, self.hi
         xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
         xa, xb = xa - 1e-15 * max(1.0, abs(xa)), xb + 1e-15 * max(1.0, abs(xb))
-        bound, _, proved = piece_bound(ctx.expr, self, ctx.target, xa, xb, ctx.tolerance)
-        if not proved:
-            raise CertificationError(f"{ctx.name}: piece on y in [{lo:g}, {hi:g}] of branch {ctx.branch} "
-                                     f"could not be proved within {ctx.tolerance:g} (reached {bound:.3g})")
-        return bound, "arb-taylor2"
+
+        def prove(a, b):   # piece_bound's goal is the tolerance when it fails: a bound above it is
+            bound, _, proved = piece_bound(ctx.expr, self, ctx.target, a, b, ctx.tolerance)   # the error's
+            return bound, proved, bound > ctx.tolerance              # lower bound at a point (a violation)
+
+        return _proved(ctx, f"piece on y in [{lo:g}, {hi:g}]", prove, xa, xb, lambda a, b: 0.5 * (a + b)), \
+            "arb-taylor2"
 
     def _shape(self) -> str:
         return f"poly degree {self.degree}"
@@ -475,11 +478,14 @@ class PowerTailSegment(PolySegment):
         lo, hi = max(self.lo, -F32_MAX), min(self.hi, F32_MAX)   # float32 +-inf is clamped to the max
         xa, xb = sorted(float(v) for v in ctx.ref.inverse(np.array([lo, hi]), bulk=False))
         xa, xb = xa - 1e-15 * max(1.0, abs(xa)), xb + 1e-15 * max(1.0, abs(xb))
-        bound, proved = tail_bound(ctx.expr, self, xa, xb, ctx.tolerance)
-        if not proved:
-            raise CertificationError(f"{ctx.name}: power tail on y in [{lo:g}, {hi:g}] of branch {ctx.branch} "
-                                     f"could not be proved within {ctx.tolerance:g} (reached {bound:.3g})")
-        return bound, "arb-relative1"
+
+        def prove(a, b):
+            return tail_bound(ctx.expr, self, a, b, ctx.tolerance, detail=True)
+
+        def middle(a, b):   # the cells are in log|x| (in x for root 0)
+            return math.copysign(math.sqrt(a * b), a) if self.transform.root else 0.5 * (a + b)
+
+        return _proved(ctx, f"power tail on y in [{lo:g}, {hi:g}]", prove, xa, xb, middle), "arb-relative1"
 
     def _shape(self) -> str:
         n = self.transform.root
@@ -489,6 +495,66 @@ class PowerTailSegment(PolySegment):
 
     def describe(self, fmt="{:.4g}".format):
         return f"{self._shape()}, {self.transform.describe()}, relative error {fmt(self.error)}"
+
+
+SPLIT_DEPTH = 2     # a proof that fails is retried on the halves of its x range, and theirs, this deep
+
+
+def _proved(ctx: BoundContext, what: str, prove, xa: float, xb: float, middle) -> float:
+    """The bound ``prove(a, b)`` ((bound, proved, violated)) gives over [xa, xb], retried on halves
+    (at ``middle(a, b)``) of a range that fails (each with a full cell budget), SPLIT_DEPTH deep.
+    Unproved: CertificationError where the piece's error is shown to exceed the tolerance at a
+    point (the fitter's checks missed it: a bug), else FitError (exit 2) naming the piece, where its
+    proof failed and the bound reached there: a property of the formula in Arb's ball arithmetic
+    (x + exp(-1/x**2) has no finite enclosure at x = 0) that no tighter fit can change."""
+    from .errors import FitError
+    failed = None
+    stack = [(xa, xb, 0)]
+    worst = 0.0
+    while stack:
+        a, b, depth = stack.pop()
+        bound, proved, violated = prove(a, b)
+        m = middle(a, b)
+        if proved:
+            worst = max(worst, bound)
+        elif violated or depth >= SPLIT_DEPTH or not a < m < b:
+            failed = (a, b, bound, violated)
+            break
+        else:
+            stack += [(m, b, depth + 1), (a, m, depth + 1)]
+    if failed is None:
+        return worst
+    a, b, bound, violated = failed
+    where = f"{ctx.name}: the {what} of branch {ctx.branch} (x in [{xa:.6g}, {xb:.6g}])"
+    if violated:
+        raise CertificationError(f"{where} has an error of at least {bound:.3g} at a point of x in [{a:.6g}, "
+                                 f"{b:.6g}], above the tolerance {ctx.tolerance:g}")
+    bad = [x for x in (a, b, 0.5 * (a + b), *([0.0] if a < 0.0 < b else [])) if not _arb_finite(ctx.expr, x)]
+    if bad:
+        why = (f"Arb's ball arithmetic evaluates f or f' at x = {bad[0]:.6g} as inf or NaN (a term such as "
+               "exp(-1/x**2) at x = 0), so no enclosure next to that point is finite")
+        advice = "a table needs a proved bound on every piece: write f so that Arb can evaluate it there"
+    else:
+        why = (f"on x in [{a:.6g}, {b:.6g}] the bound reached {bound:.3g}: Arb's enclosures of the error there "
+               f"stay wider than the tolerance, also with the proof split into {2 ** SPLIT_DEPTH} parts")
+        advice = "a table needs a proved bound on every piece: a looser --tolerance may let this one be proved"
+    raise FitError(f"{where} cannot be proved within {ctx.tolerance:g}: {why}", None, advice)
+
+
+def _arb_finite(expr: sp.Expr, x: float) -> bool:
+    """Whether f and f' evaluate to finite Arb balls at the point x."""
+    from flint import arb, ctx
+
+    from .arb_bound import PREC, compile_arb
+    from .formulas import X
+    old = ctx.prec
+    ctx.prec = PREC
+    try:
+        return all(v.is_finite() for v in compile_arb((expr, sp.diff(expr, X)))(arb(x)))
+    except (ValueError, ZeroDivisionError, ArithmeticError):
+        return False
+    finally:
+        ctx.prec = old
 
 
 KINDS: dict[str, type[Segment]] = {cls.kind: cls for cls in (ConstantSegment, ExactSegment, PolySegment,
