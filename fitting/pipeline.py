@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Callable
@@ -9,16 +10,17 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from .branches import Analysis, Branch, analyze
+from ..common.params import holds
+from .branches import Analysis, Branch, _code_breaks, _overlap, analyze
 from .certify import certify_table, check_fp32_samples
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, SpecError
-from .exact import exact_expression
+from .exact import _agrees, exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
 from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
 from .formulas import X, ActivationSpec
 from .model import (Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch,
-                    nan_gradients_json)
+                    nan_gradients_json, number)
 from .numeric import LIMIT_SECONDS
 from .pieces import removable_note
 from .power_tail import fit_power_tail
@@ -69,6 +71,8 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     generic = bool(spec.params) and all(not s.fitted for segs in per_branch.values() for s in segs) \
         and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
     domain = _param_domain(spec, [e for e in exprs.values() if e is not None]) if generic else None
+    if domain is not None and not _generic_holds(analysis, per_branch, exprs, spec, domain, target):
+        domain = None     # the table of some values in the domain differs: made for the fitted values only
     generic = domain is not None
     branches = [_branch_json(b, per_branch[b.index]) for b in analysis.branches]
     if not generic:    # closed forms with the parameters' values (the branches' tails keep their text)
@@ -151,15 +155,19 @@ def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> di
 
 def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
     """``spec.domain`` and the relations that keep a parameter-generic table valid: every x-free
-    parameter expression of the formula and of the table's closed forms ``closed_forms`` (sympy, in x
-    or y) that is a denominator, the argument of a log or the base of a fractional power, or a factor
-    multiplying the variable (its sign decides a branch's direction: b*x**2 is decreasing then
-    increasing only for b > 0), keeps the sign it has at the fitted values (log(1 + exp(b*x))/b:
-    'b > 0' for b = 1; 2*sqrt(b)*sqrt(y): 'b > 0'). Relations are table text
-    (invact.common.params.holds: numbers, parameter names, + - * /, one comparison), checked by the
-    runtime (its ParamError names the parameter). None when a condition cannot be kept that way (an
-    expression that is 0 at the fitted values, or not rational in the parameters): the table is then
-    made for the fitted values only."""
+    parameter expression whose sign the table relies on keeps the sign it has at the fitted values.
+    Those are, in the formula and in the table's closed forms ``closed_forms`` (sympy, in x or y): a
+    denominator, the argument of a log or the base of a fractional power, a factor multiplying the
+    variable (its sign decides a branch's direction: b*x**2 is decreasing then increasing only for
+    b > 0); a closed form without y (f' itself, constant on its branch: b*x + Abs(x)'s b - 1 for x < 0
+    needs b > 1); and what decides where each piece of the formula holds (:func:`_piece_conditions`:
+    Max(x, b*x) takes b*x for x < 0 only while b < 1). Factors of known sign (exp, even powers,
+    b**2 + 1) keep none. Examples: log(1 + exp(b*x))/b: 'b > 0' for b = 1; 2*sqrt(b)*sqrt(y): 'b > 0'.
+    Relations are table text (invact.common.params.holds: numbers, parameter names, + - * /, one
+    comparison), checked by the runtime (its ParamError names the parameter). None when a condition
+    cannot be kept that way (an expression that is 0 at the fitted values, or not rational in the
+    parameters): the table is then made for the fitted values only. :func:`_generic_holds` then
+    compares the table with the analysis at values spread over the domain."""
     out = list(spec.domain)
     syms = set(spec.symbols.values())
     values = {sym: spec.params[name] for name, sym in spec.symbols.items()}
@@ -177,33 +185,129 @@ def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
                 conditions.append(node.base)
             if isinstance(node, sp.log) and free(node.args[0]):
                 conditions.append(node.args[0])
-    for cond in conditions:
+    conditions += [sp.factor(g) for g in closed_forms if free(g)]   # f' of its branch: the direction
+    pieces = _piece_conditions(spec, values)
+    if pieces is None:
+        return None
+    for cond in conditions + pieces:
         for factor in sp.Mul.make_args(cond):
             # a power keeps its base's sign (a fractional one needs a positive base anyway), an even one is
             # >= 0 whatever it (its base != 0 is kept where it divides); exp > 0
             even = isinstance(factor, sp.Pow) and factor.exp.is_integer and factor.exp.is_even and factor.exp > 0
             base = factor.base if isinstance(factor, sp.Pow) else factor
-            if not free(base) or isinstance(base, sp.exp) or even:
+            if not free(base) or isinstance(base, sp.exp) or even or base.is_positive or base.is_negative:
                 continue
             relation = _sign_relation(base, values)
             if relation is None:
                 return None
             if relation not in out:
                 out.append(relation)
+    return _tightest(out, spec.domain)
+
+
+def _piece_conditions(spec: ActivationSpec, values: dict) -> list[sp.Expr] | None:
+    """The x-free parameter expressions whose signs decide where each piece of the formula holds (Max,
+    Min, Abs, sign and Heaviside are the Piecewise they rewrite to): for each condition comparing u with
+    v, u - v itself where it has no x (Piecewise((x, b > 0), ...)); where it is a*x + c, a (which side of
+    its zero -c/a the piece takes: Max(x, b*x) is x for x > 0 while 1 - b > 0) and the differences of
+    consecutive zeros (their order: Max(Min(x, b), -b) needs -b < b). None when two different zeros
+    coincide at the fitted values (their order is unknown). Conditions of other shapes (x**2 < c) keep no
+    sign here; :func:`_generic_holds` compares the tables they give."""
+    syms = set(values)
+    sym = sp.piecewise_fold(spec.expr.rewrite(sp.Piecewise))
+    out, zeros = [], []
+    for rel in sorted(sym.atoms(sp.Rel), key=sp.default_sort_key):
+        d = sp.expand(rel.lhs - rel.rhs)
+        if isinstance(rel, (sp.Eq, sp.Ne)) or not d.free_symbols & syms:
+            continue
+        if X not in d.free_symbols:
+            out.append(sp.factor(d))
+        elif d.is_polynomial(X) and sp.degree(d, X) == 1:
+            a, c = sp.Poly(d, X).all_coeffs()
+            out.append(sp.factor(a))
+            zeros.append(sp.simplify(-c / a))
+    try:
+        placed = sorted((float(z.subs(values)), z) for z in dict.fromkeys(zeros))
+    except (TypeError, ValueError):   # a zero that is not a real number at the fitted values
+        return None
+    for (v0, z0), (v1, z1) in zip(placed, placed[1:]):
+        gap = sp.factor(sp.simplify(z1 - z0))
+        if gap.free_symbols & syms:
+            if v0 == v1:
+                return None
+            out.append(gap)
     return out
 
 
 def _sign_relation(expr: sp.Expr, values: dict) -> str | None:
-    """'E > 0' or 'E < 0' (E ``expr`` in + - * / text), the side of 0 ``expr`` has at ``values``;
-    None if it is 0 there or not rational in the parameters."""
+    """'E > 0' or 'E < 0' (E ``expr`` in + - * / text), the side of 0 ``expr`` has at ``values`` (linear
+    ones as :func:`_linear_relation` writes them: 'b < 1' for 1 - b); None if it is 0 there or not
+    rational in the parameters."""
     try:
         v = complex(expr.subs(values).evalf())
     except (TypeError, ValueError):
         return None
     if v.imag != 0 or not math.isfinite(v.real) or v.real == 0:
         return None
+    linear = _linear_relation(expr, v.real > 0)
+    if linear is not None:
+        return linear
     text = _arith_text(expr)
     return None if text is None else f"{text} {'>' if v.real > 0 else '<'} 0"
+
+
+def _linear_relation(expr: sp.Expr, above: bool) -> str | None:
+    """``expr`` > 0 (``above``) or < 0 for ``expr`` linear in the parameters with number coefficients,
+    written the same whatever its sign: one parameter against its bound ('b < 1' for 1 - b > 0), more
+    with the positive terms on the left, the first parameter's among them ('a < b' for b - a > 0);
+    None for other expressions."""
+    names = sorted(expr.free_symbols, key=lambda s: s.name)
+    if not expr.is_polynomial(*names):
+        return None
+    poly = sp.Poly(expr, *names)
+    if poly.total_degree() != 1 or not all(c.is_Number for c in poly.coeffs()):
+        return None
+    coef, const = [poly.coeff_monomial(n) for n in names], poly.coeff_monomial(1)
+    if coef[0] < 0:
+        coef, const, above = [-c for c in coef], -const, not above
+    op = ">" if above else "<"
+    if len(names) == 1:
+        return f"{names[0].name} {op} {_number_text(-const / coef[0])}"
+
+    def term(c, n):
+        return n.name if c == 1 else f"{_number_text(c)}*{n.name}"
+
+    left = " + ".join(term(c, n) for c, n in zip(coef, names) if c > 0)
+    right = " + ".join(term(-c, n) for c, n in zip(coef, names) if c < 0)
+    if const != 0:
+        right = f"{right} {'-' if const > 0 else '+'} {_number_text(abs(const))}" if right else _number_text(-const)
+    return f"{left} {op} {right or '0'}"
+
+
+def _tightest(relations: list[str], kept: tuple[str, ...]) -> list[str]:
+    """``relations`` less the one-parameter bounds another implies ('b > 0' beside 'b > 1'); those in
+    ``kept`` (the activation's own domain) stay as written."""
+    bounds = {}
+    for rel in relations:
+        name, op, bound = (rel.split(" ") + ["", ""])[:3]
+        if rel not in kept and op in ("<", ">") and name.isidentifier():
+            try:
+                bounds[rel] = (name, op, float(sp.Rational(bound)))
+            except (TypeError, ValueError):
+                pass
+
+    def implied(rel):
+        name, op, b = bounds[rel]
+        return any(n == name and o == op and (c > b if op == ">" else c < b) for n, o, c in bounds.values())
+
+    return [rel for rel in relations if rel not in bounds or not implied(rel)]
+
+
+def _number_text(n: sp.Number) -> str:
+    """A sympy number as holds' text: an integer, p/q, or a float's repr."""
+    if isinstance(n, sp.Rational) and not n.is_Integer:
+        return f"{n.p}/{n.q}"
+    return _number(float(n))
 
 
 def _arith_text(e: sp.Expr) -> str | None:
@@ -228,6 +332,111 @@ def _arith_text(e: sp.Expr) -> str | None:
 
 def _number(v: float) -> str:
     return str(int(v)) if v.is_integer() else repr(v)
+
+
+PROBE_SCALES = (0.125, 8.0)   # _probe_values: each parameter times these (near 0, far)
+PROBE_STEPS = (1.0, 8.0)      # and steps along each direction, in units of the parameters' sizes
+PROBE_DIRECTIONS = 2          # random directions (of two or more parameters) besides each parameter's own
+PROBE_BOUNDARY = 63 / 64      # and on each direction the share of the way to where the domain ends
+
+
+def _generic_holds(analysis: Analysis, per_branch: dict, exprs: dict, spec: ActivationSpec, domain: list[str],
+                   target: str) -> bool:
+    """Whether the parameter-generic table (its forward code, code classes and closed forms, with
+    parameter names) is right at parameter values spread over ``domain`` (:func:`_probe_values`): the
+    branch analysis there finds the same branches (pieces, directions), branches sharing a code still
+    told apart by y, the breaks the table's expressions give, and f' equal to each closed form
+    (:func:`.exact._agrees`). :func:`_param_domain`'s relations keep the signs the analysis relied on
+    where they are rational in the parameters; this also catches what they do not express (a break
+    stored as a number that moves with a parameter, a piece condition not linear in x). False when a
+    probe differs or its analysis fails: the table is then made for the fitted values only."""
+    forward = _forward_code(analysis, spec, True)
+    classes = _code_classes(analysis, per_branch, spec, True)
+    for values in _probe_values(spec, domain):
+        probe = dataclasses.replace(spec, params=values)
+        try:
+            fresh = analyze(probe)
+        except Exception:  # noqa: BLE001 - a value the domain admits that the fitter refuses: not generic
+            return False
+        if not _same_table(analysis, fresh, forward, classes, per_branch, exprs, target):
+            return False
+    return True
+
+
+def _same_table(analysis: Analysis, fresh: Analysis, forward: ForwardCode, classes: list[CodeClass],
+                per_branch: dict, exprs: dict, target: str) -> bool:
+    """Whether the generic table of ``analysis`` (``forward``, ``classes``, closed forms ``exprs``) holds at
+    the parameters of ``fresh``, the analysis there (see :func:`_generic_holds`)."""
+    params = fresh.spec.params
+
+    def near(text, value: float) -> bool:
+        try:
+            return abs(number(text, params) - value) <= 1e-9 * (1 + abs(value))
+        except (TypeError, ValueError):     # not a real number there
+            return False
+
+    if [(b.piece, b.direction) for b in fresh.branches] != [(b.piece, b.direction) for b in analysis.branches]:
+        return False
+    for new, old in zip(fresh.branches, analysis.branches):
+        new.code = old.code       # the table's codes: y must still tell apart the branches sharing one
+    if any(a.code == b.code and _overlap(a, b) for a, b in itertools.combinations(fresh.branches, 2)):
+        return False
+    x_breaks, codes = _code_breaks(fresh.branches)
+    fresh = dataclasses.replace(fresh, n_codes=analysis.n_codes, x_breaks=x_breaks, codes=codes)
+    if codes != list(forward.codes) or len(x_breaks) != len(forward.x_breaks) or not all(
+            side == b.side and near(b.value, v) for (v, side), b in zip(x_breaks, forward.x_breaks)):
+        return False
+    for cc, there in zip(classes, _code_classes(fresh, per_branch, fresh.spec, False)):
+        if [s.branch for s in cc.segments] != [s.branch for s in there.segments] or \
+                len(cc.y_breaks) != len(there.y_breaks) or not all(
+                a.side == b.side and near(a.value, float(b.value)) for a, b in zip(cc.y_breaks, there.y_breaks)):
+            return False
+    for b in fresh.branches:
+        if b.flat:      # g = 0, or x at the plateau for an inverse table (_branch_segments)
+            if not near(per_branch[b.index][0].value, 0.0 if target == "derivative" else b.x_range[1]):
+                return False
+        elif exprs[b.index] is None or not _agrees(exprs[b.index], b.expr, fresh.spec, target, b):
+            return False
+    return True
+
+
+def _probe_values(spec: ActivationSpec, domain: list[str]) -> list[dict[str, float]]:
+    """Parameter values inside ``domain`` where :func:`_generic_holds` compares tables (the same every
+    run): each parameter times :data:`PROBE_SCALES`; :data:`PROBE_STEPS` along each parameter's axis both
+    ways and along :data:`PROBE_DIRECTIONS` random directions (steps in units of max(|value|, 1) per
+    parameter); and on each of those directions :data:`PROBE_BOUNDARY` of the way to where the domain
+    ends, found by bisection, where it ends within the longest step."""
+    names = list(spec.params)
+    base = np.array([float(spec.params[n]) for n in names])
+    size = np.maximum(np.abs(base), 1.0)
+
+    def values(point) -> dict[str, float]:
+        return dict(zip(names, (float(v) for v in point)))
+
+    def inside(point) -> bool:
+        return all(holds(rel, values(point)) for rel in domain)
+
+    unit = np.eye(len(names))
+    points = [base * np.where(unit[i] == 1, scale, 1.0) for i in range(len(names)) for scale in PROBE_SCALES]
+    directions = [sign * unit[i] for i in range(len(names)) for sign in (1.0, -1.0)]
+    if len(names) > 1:
+        directions += list(np.random.default_rng(0).standard_normal((PROBE_DIRECTIONS, len(names))))
+    for d in directions:
+        step = d / np.linalg.norm(d) * size
+        points += [base + t * step for t in PROBE_STEPS]
+        lo, hi = 0.0, next((t for t in 2.0 ** np.arange(-6, 4) if not inside(base + t * step)), None)
+        if hi is None:
+            continue
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if inside(base + mid * step) else (lo, mid)
+        points.append(base + PROBE_BOUNDARY * lo * step)
+    out = []
+    for point in points:
+        v = values(point)
+        if inside(point) and v != spec.params and v not in out:
+            out.append(v)
+    return out
 
 
 def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[Segment]]:
@@ -427,15 +636,21 @@ def _sym_number(value: float, spec: ActivationSpec, generic: bool) -> str:
 
 
 def _symbolic_boundary(value: float, spec: ActivationSpec) -> sp.Expr | None:
-    """A piece boundary of the symbolic formula whose value at the defaults is ``value``."""
+    """A piece boundary of the symbolic formula (Max, Min and Abs as their Piecewise: Max(x, b)'s b) whose
+    value at the defaults is ``value``."""
     vals = _values(spec)
-    for cond in spec.expr.atoms(sp.Rel):
+    rewritten = sp.piecewise_fold(spec.expr.rewrite(sp.Piecewise)).atoms(sp.Rel) - spec.expr.atoms(sp.Rel)
+    for cond in [*spec.expr.atoms(sp.Rel), *sorted(rewritten, key=sp.default_sort_key)]:
         try:
             sols = sp.solve(sp.Eq(cond.lhs, cond.rhs), X)
         except NotImplementedError:
             continue
         for s in sols:
-            if abs(float(s.subs(vals)) - value) <= 1e-12 * (1 + abs(value)):
+            try:
+                at = float(s.subs(vals))
+            except (TypeError, ValueError):    # not a number at the defaults (x**2 < b's roots for b < 0)
+                continue
+            if abs(at - value) <= 1e-12 * (1 + abs(value)):
                 return s
     if value == 0:
         return sp.Integer(0)
