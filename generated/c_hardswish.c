@@ -32,9 +32,10 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     int32_t s1 = (((int32_t)((y >= thr[1]))) + 2);
     int32_t s = ((int32_t)((y >= thr[0])));
     s = ((code == 1) ? s1 : s);
-    float g = invact_clamp_min(((float)(0.28867513459481287) * invact_sqrt_rn((((float)(8.0) * y) + (float)(3.0)))), (float)(0.0));
+    float y0 = invact_clamp_min(y, (float)((-0.375)));
+    float g = invact_clamp_min(((float)(0.28867513459481287) * invact_sqrt_rn((((float)(8.0) * y0) + (float)(3.0)))), (float)(0.0));
     g = ((s == 1) ? (float)(1.0) : g);
-    g = ((s == 2) ? invact_clamp_max(((float)((-0.28867513459481287)) * invact_sqrt_rn((((float)(8.0) * y) + (float)(3.0)))), (float)(0.0)) : g);
+    g = ((s == 2) ? invact_clamp_max(((float)((-0.28867513459481287)) * invact_sqrt_rn((((float)(8.0) * y0) + (float)(3.0)))), (float)(0.0)) : g);
     g = ((s == 3) ? (float)(0.0) : g);
     g = ((y != y) ? ((code == 1) ? (float)(0.0) : y) : g);
     return g;

@@ -94,9 +94,10 @@ def g_kernel(y, code, thr, poly):
     s1 = (y >= thr[1]).to(torch.int32) + 2
     s = (y >= thr[0]).to(torch.int32)
     s = fastmath.where(code == 1, s1, s)
-    g = torch.clamp(0.28867513459481287*fastmath.sqrt(8.0*y + 3.0), min=0.0)
+    y0 = torch.clamp(y, min=-0.375)
+    g = torch.clamp(0.28867513459481287*fastmath.sqrt(8.0*y0 + 3.0), min=0.0)
     g = fastmath.where(s == 1, 1.0, g)
-    g = fastmath.where(s == 2, torch.clamp(-0.28867513459481287*fastmath.sqrt(8.0*y + 3.0), max=0.0), g)
+    g = fastmath.where(s == 2, torch.clamp(-0.28867513459481287*fastmath.sqrt(8.0*y0 + 3.0), max=0.0), g)
     g = fastmath.where(s == 3, 0.0, g)
     g = torch.where(y != y, fastmath.where(code == 1, 0.0, y), g)
     return g

@@ -31,9 +31,10 @@ def g_y(y, code, YT, P, params, CLAMP: tl.constexpr):
     s1 = act_triton.segment(y, YT, 1, 1, 0, 2)
     s = act_triton.segment(y, YT, 0, 1, 0, 0)
     s = tl.where(code == 1, s1, s)
-    g = tl.maximum(0.28867513459481287*tl.sqrt_rn(8.0*y + 3.0), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y0 = tl.maximum(y, -0.375, propagate_nan=tl.PropagateNan.ALL)
+    g = tl.maximum(0.28867513459481287*tl.sqrt_rn(8.0*y0 + 3.0), 0.0, propagate_nan=tl.PropagateNan.ALL)
     g = tl.where(s == 1, 1.0, g)
-    g = tl.where(s == 2, tl.minimum(-0.28867513459481287*tl.sqrt_rn(8.0*y + 3.0), 0.0, propagate_nan=tl.PropagateNan.ALL), g)
+    g = tl.where(s == 2, tl.minimum(-0.28867513459481287*tl.sqrt_rn(8.0*y0 + 3.0), 0.0, propagate_nan=tl.PropagateNan.ALL), g)
     g = tl.where(s == 3, 0.0, g)
     g = tl.where(y != y, tl.where(code == 1, 0.0, y), g)
     return g

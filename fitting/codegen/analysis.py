@@ -3,7 +3,9 @@
 Segments of all code classes are numbered globally (class by class, left to right in y). Poly
 segments get a row of ``POLY`` (the coefficient table gathered per element); so do numeric constant
 segments of a table with poly segments (scale 0 and c0 = the value: one evaluation path for all);
-exact segments and the constants of other tables are selected by their global index. A table has few distinct transforms (kind, sign,
+exact segments and the constants of other tables are selected by their global index; a closed form
+whose expression is not finite and real just past an outer end of its code class's range is
+evaluated on y clamped to that end (``Plan.clamps``). A table has few distinct transforms (kind, sign,
 origin): they are computed with constants and picked by the row's transform id, so only the
 polynomial is gathered. Row layout: transform id, center, scale, c0_hi, c0_lo, c1 .. cD, and when
 the table has rational segments d1 .. dN of their denominators (Q = 1 + d1 u + ...; polynomial rows
@@ -12,17 +14,25 @@ hold zeros there, so their Q is exactly 1 and dividing by it changes nothing).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import sympy as sp
 
 from ...common import float32_scheme as scheme
+from ..float32 import half_values
 from ..model import Table, Transform
+from ..scheme import closed_form_fn
 from .printer import parse
 
-__all__ = ["Plan", "ClassPlan", "plan_table", "code_of"]
+__all__ = ["Plan", "ClassPlan", "plan_table", "code_of", "range_clamp"]
+
+Y = sp.Symbol("y", real=True)
+End = float | sp.Expr | None      # a clamp's end: a number, a parameter expression, or none (no clamp)
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class Plan:
     exact: tuple[tuple[int, sp.Expr], ...]
     constant: tuple[tuple[int, sp.Expr], ...]
     nan_values: tuple[tuple[int, sp.Expr], ...] = ()   # (code, g where y is NaN); other codes: NaN
+    clamps: tuple[tuple[int, End, End], ...] = ()      # (exact segment, lo, hi): y clamped (range_clamp)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -128,12 +139,13 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
     classes, rows, exact, constant, transforms = [], [], [], [], []
     break_offset = 0
     items = iter(forms.items)
+    clamps = []
     for cc in table.code_classes:
         offset = len(rows)
         breaks = tuple((num(b.value), b.side) for b in cc.y_breaks)
         classes.append(ClassPlan(cc.code, offset, len(cc.segments), breaks, break_offset))
         break_offset += len(breaks)
-        for seg in cc.segments:
+        for k, seg in enumerate(cc.segments):
             form, args = next(items)
             index = len(rows)
             row = [0.0] * scheme.row_length(degree, den_degree)
@@ -147,6 +159,9 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
                 row[start:start + len(den) - 1] = den[1:]
             elif form == "closed_form":
                 exact.append((index, signed(parse(args[0], "y", names), table.branches[seg.branch].direction)))
+                lo, hi = range_clamp(args[0], seg.y_range, k == 0, k == len(cc.segments) - 1, raw)
+                if lo is not None or hi is not None:
+                    clamps.append((index, lo, hi))
             elif rows_in and num(args[0]).is_Number:
                 row[Plan.ROW_C0] = float(num(args[0]))  # g = (0 * u + 0) + c0: no select on s
             else:
@@ -162,7 +177,8 @@ def plan_table(table: dict | Table, source: str | Path) -> Plan:
         x_breaks=tuple((num(b.value), b.side) for b in fc.x_breaks),
         codes=tuple(fc.codes), classes=tuple(classes), poly=tuple(rows), degree=degree,
         den_degree=den_degree,
-        transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant), nan_values=nan_values)
+        transforms=tuple(transforms), exact=tuple(exact), constant=tuple(constant), nan_values=nan_values,
+        clamps=tuple(clamps))
 
 
 def signed(g: sp.Expr, direction: str) -> sp.Expr:
@@ -177,6 +193,74 @@ def signed(g: sp.Expr, direction: str) -> sp.Expr:
     if direction == "decreasing":
         return sp.Min(g, 0)
     return g
+
+
+def range_clamp(expr: str, y_range, first: bool, last: bool, table: dict) -> tuple[End, End]:
+    """(lo, hi) to clamp y to before closed form ``expr`` of a segment over ``y_range`` is evaluated
+    (None: no clamp at that end). Only an outer end of the code class (``first``: its lower end;
+    ``last``: its upper one) can be passed by a y the segment index gives the segment; only a finite
+    one is clamped, and only where the expression is not finite and real just past it: at the first
+    value past the end in float64, float32, bfloat16 and float16 (float32 y: hrat x/(1 + |x|)^2 rounds
+    y = -0.25000003 below its minimum -0.25, where sqrt(4y + 1) is NaN). sigmoid's y(1 - y), tanh's
+    1 - y^2 or ELU's alpha + y are real past their ends and get no clamp. The clamp is the identity on
+    every y of the range (it moves only y past the end, and NaN stays NaN), so the generated g of those
+    y keeps its bits and the table's certificate stays valid. The ends of a table generic in its
+    parameters are the parameter expression where the expression stops being real (a zero of a
+    radicand, a log's argument or a denominator) that equals the stored end at the fitted values,
+    rounded to float32 at run time (to nearest: it may lie half an ulp past the end); where none
+    does, that end is not clamped."""
+    params = tuple(sorted(table["params"].items()))
+    fn = closed_form_fn(expr, params)
+    ends = []
+    for end, check, up in ((y_range[0], first, False), (y_range[1], last, True)):
+        end = float(end)
+        if not check or not math.isfinite(end) or all(
+                np.isfinite(fn(np.array([v], dtype))).all() for v, dtype in _past(end, up)):
+            ends.append(None)
+        elif table["param_generic"] and params:
+            ends.append(_symbolic_end(parse(expr, "y", tuple(k for k, _ in params)), end, params))
+        else:
+            ends.append(end)
+    return ends[0], ends[1]
+
+
+def _past(end: float, up: bool) -> list[tuple[float, type]]:
+    """The first value past ``end`` (above it where ``up``, else below) in each dtype y is stored in,
+    with the dtype g is computed in there: float64 in float64; float32, bfloat16 and float16 in float32."""
+    out = []
+    for dtype in (np.float64, np.float32):
+        v = dtype(end)
+        while (v <= end) if up else (v >= end):
+            v = np.nextafter(v, dtype(math.inf if up else -math.inf))
+        out.append((float(v), dtype))
+    for half in ("bf16", "fp16"):
+        values = _half_values(half)
+        k = int(np.searchsorted(values, end, side="right")) if up else int(np.searchsorted(values, end)) - 1
+        if 0 <= k < len(values):
+            out.append((float(values[k]), np.float32))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _half_values(dtype: str) -> np.ndarray:
+    return half_values(dtype)
+
+
+def _symbolic_end(g: sp.Expr, value: float, params: tuple) -> sp.Expr | float | None:
+    """The zero of a radicand, log argument or denominator of ``g`` in y that is ``value`` at the
+    fitted parameters (a number where it has no parameter), or None."""
+    found = set()
+    for a in g.atoms(sp.Pow, sp.log):
+        base = a.args[0]
+        if base.has(Y) and (isinstance(a, sp.log) or not a.exp.is_integer or a.exp.is_negative):
+            with contextlib.suppress(NotImplementedError, ValueError, TypeError):
+                found.update(sp.solve(base, Y))
+    at = {sp.Symbol(n, real=True): v for n, v in params}
+    for end in sorted(found, key=sp.default_sort_key):
+        with contextlib.suppress(TypeError, ValueError):
+            if math.isclose(float(end.subs(at)), value, rel_tol=1e-12, abs_tol=1e-300):
+                return end if end.free_symbols else float(value)
+    return None
 
 
 def code_of(codes: tuple[int, ...], x: float) -> int:

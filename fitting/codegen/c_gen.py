@@ -169,6 +169,12 @@ class _Translator:
             return f"(!{a})", "b"
         raise ValueError(f"unsupported operator in generated code: {ast.unparse(node)}")
 
+    def _IfExp(self, node: ast.IfExp) -> tuple[str, str]:
+        """A clamp's end by y's dtype (evaluation.TorchDialect.end): the float32 one, the only y here."""
+        if ast.unparse(node.test) != "y.dtype == torch.float64":
+            raise ValueError(f"unsupported condition in generated code: {ast.unparse(node.test)}")
+        return self.expr(node.orelse)
+
     def _BinOp(self, node: ast.BinOp) -> tuple[str, str]:
         (a, ka), (b, kb) = self.expr(node.left), self.expr(node.right)
         if isinstance(node.op, (ast.BitAnd, ast.BitOr)) and ka == kb == "b":

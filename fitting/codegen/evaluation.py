@@ -7,11 +7,13 @@ segment index). Both dialects read the same ``POLY`` rows (see :mod:`.analysis`)
 
 from __future__ import annotations
 
+import sympy as sp
+
 from ...common import slots
 from ...common.float32_scheme import TINY32, root_seed
 from ..fit import search_pays
-from ..float32 import F32_MAX
-from .analysis import Plan
+from ..float32 import F32_MAX, f32_below
+from .analysis import Y, Plan
 from .printer import TorchGPrinter, TritonPrinter
 from .writer import Writer
 
@@ -37,6 +39,18 @@ class TorchDialect:
     def clamp_range(self, v, lo, hi): return f"torch.clamp({v}, {lo!r}, {hi!r})"
     def at_least(self, v, lo): return f"torch.clamp_min({v}, {lo!r})"
     def clamp1(self, v): return f"torch.clamp({v}, -1.0, 1.0)"
+
+    def clamp_ends(self, v, lo, hi):
+        """v clamped to [lo, hi] (texts; None: no bound), NaN kept (torch.clamp; c_gen's clamps too)."""
+        if lo is not None and hi is not None:
+            return f"torch.clamp({v}, {lo}, {hi})"
+        return f"torch.clamp({v}, min={lo})" if lo is not None else f"torch.clamp({v}, max={hi})"
+
+    def end(self, value: float, lower: bool) -> str:
+        """A clamp's numeric end: the stored float64 end for float64 y; for float32 y the nearest float32
+        inside the range (every float32 y of the range passes it unmoved), where the two differ."""
+        inside = -f32_below(-value) if lower else f32_below(value)
+        return repr(value) if inside == value else f"({value!r} if y.dtype == torch.float64 else {inside!r})"
     def isnan(self, v): return f"{v} != {v}"  # torch.isnan compiles to a scalar loop on CPU
     def zeros(self, v): return f"torch.zeros_like({v})"
     def gather(self, col: int) -> str: return f"q[{col}]"
@@ -85,6 +99,15 @@ class TritonDialect(TorchDialect):
     def at_least(self, v, lo): return f"tl.maximum({v}, {lo!r})"
     def isnan(self, v): return f"{v} != {v}"
     def zeros(self, v): return f"tl.zeros({v}.shape, dtype=tl.float32)"
+
+    def clamp_ends(self, v, lo, hi):   # NaN kept, as torch.clamp (tl's default drops it on GPUs)
+        for op, bound in (("tl.maximum", lo), ("tl.minimum", hi)):
+            if bound is not None:
+                v = f"{op}({v}, {bound}, propagate_nan=tl.PropagateNan.ALL)"
+        return v
+
+    def end(self, value: float, lower: bool) -> str:   # float32 y only
+        return repr(-f32_below(-value) if lower else f32_below(value))
     def gather(self, col: int) -> str: return f"tl.load(P + {col} * {self.columns} + s)"
 
     def class_index(self, plan: Plan, c, compare: bool = True) -> str:
@@ -233,24 +256,42 @@ def _power_weights(w: Writer, plan: Plan, d: TorchDialect) -> None:
             w(f"g = g * {d.where}({d.gather(Plan.ROW_TID)} == {float(i)!r}, {weight}, 1.0)")
 
 
+def _closed_form(w: Writer, plan: Plan, d: TorchDialect, i: int, e: sp.Expr, made: dict[str, str]) -> str:
+    """The text of segment ``i``'s closed form or constant ``e``; where the plan clamps it
+    (:func:`.analysis.range_clamp`), in y{i} = y clamped to its range (a statement emitted here, or
+    an earlier segment's of the same clamp: ``made`` maps each clamp's text to its name)."""
+    clamp = next((ends for k, *ends in plan.clamps if k == i), None)
+    if clamp is None:
+        return d.printer("y").doprint(e)
+    lo, hi = (None if v is None else d.end(v, lower) if isinstance(v, float) else d.printer("y").doprint(v)
+              for v, lower in zip(clamp, (True, False)))
+    text = d.clamp_ends("y", lo, hi)
+    if text not in made:   # the identity on the segment's range: g there keeps its bits (and certificate)
+        made[text] = f"y{i}"
+        w(f"y{i} = {text}")
+    name = made[text]
+    return d.printer(name).doprint(e.subs(Y, sp.Symbol(name, real=True)))
+
+
 def emit_g(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """Statements turning ``y`` (float32/float64) and ``code`` into ``g``."""
-    printer = d.printer("y")
     segments = sorted(plan.exact + plan.constant, key=lambda item: item[0])
-    others = [(i, printer.doprint(e), e.has(printer.var)) for i, e in segments]
-    constant_valued = any(not tensor for _, _, tensor in others)
+    made: dict[str, str] = {}
+    constant_valued = any(not e.has(Y) for _, e in segments)
     if plan.n_segments > 1 or plan.has_poly:
         _segment_index(w, plan, d)
     if plan.has_poly:
         _poly(w, plan, d)
         _power_weights(w, plan, d)
     else:
-        _, value, tensor = others.pop(0)
-        w(f"g = {value}" if tensor else f"g = {d.zeros('y')} + {value}")
-    for i, value, _ in others:
-        w(f"g = {d.where}(s == {i}, {value}, g)")
+        i, e = segments.pop(0)
+        value = _closed_form(w, plan, d, i, e, made)
+        w(f"g = {value}" if e.has(Y) else f"g = {d.zeros('y')} + {value}")
+    for i, e in segments:
+        w(f"g = {d.where}(s == {i}, {_closed_form(w, plan, d, i, e, made)}, g)")
     if constant_valued or plan.has_poly or plan.nan_values or isinstance(d, TritonDialect):
         # constants and the float32 log drop NaN; PyTorch's own value where it has one (Plan.nan_values)
+        printer = d.printer("y")
         fill = "y"
         for code, value in plan.nan_values:
             v = printer.doprint(value)
