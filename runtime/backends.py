@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -65,9 +66,14 @@ def triton_importable() -> bool:
 
 @functools.cache
 def compiler_available() -> bool:
-    """A C++ compiler for inductor's CPU code: $CXX or one of the usual names on PATH."""
-    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    return any(c and shutil.which(c) for c in candidates)
+    """Whether the C++ compiler Inductor's CPU code calls is on PATH: ``torch._inductor.config.cpp.cxx``
+    where that config is loaded (a user may have set it), else its default, $CXX or g++ (clang++ on
+    macOS). Inductor tries no other name: a machine with clang++ alone, or CXX set empty, has none."""
+    config = sys.modules.get("torch._inductor.config")
+    names = config.cpp.cxx if config is not None else (
+        os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++"),)
+    names = names if isinstance(names, (tuple, list)) else (names,)
+    return any(isinstance(n, str) and n and shutil.which(n) for n in names)
 
 
 def available(device_type: str) -> list[str]:

@@ -224,11 +224,29 @@ def _declines_with_one_warning(mod, match: str) -> None:
         assert not table_c.run(*args)          # declined again, silently
 
 
-def test_missing_c_file_declines(fresh):
+@pytest.fixture
+def named_compiler(monkeypatch):
+    """A C compiler name for table_c._load, which declines silently (nothing to warn about: the
+    compiled backend runs Inductor's code) where there is none, before it reads the C file. The C file
+    is checked (missing, stale, an #error line) before anything is built, so where no compiler is on
+    PATH a name that would never run stands in for one: the checks and their warnings run everywhere."""
+    if cpu_kernel._compiler() is None:
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/nonexistent/cc")
+
+
+def test_no_compiler_declines_silently(fresh, monkeypatch):
+    """No C compiler: None without a warning, whatever the C file (the runtime's documented answer)."""
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table_c.library(_fake_module(fresh, None)) is None
+
+
+def test_missing_c_file_declines(fresh, named_compiler):
     _declines_with_one_warning(_fake_module(fresh, None), "no C kernel for fake")
 
 
-def test_stale_c_file_declines(fresh):
+def test_stale_c_file_declines(fresh, named_compiler):
     """A C file generated from another table than the torch module's is never built."""
     _declines_with_one_warning(_fake_module(fresh, '#define TABLE_SHA256 "' + "1" * 64 + '"\n'), "stale C kernel")
 
@@ -451,7 +469,7 @@ def test_compiled_16_bit_backward_of_closed_forms_is_direct(dtype, monkeypatch):
             assert bool(gathered) != direct, name
 
 
-def test_untranslatable_table_still_generates_and_declines(fresh, monkeypatch):
+def test_untranslatable_table_still_generates_and_declines(fresh, monkeypatch, named_compiler):
     """Generated code the C translator does not take does not fail `invact generate` (or the fit that
     runs it): the C file says why, and the runtime declines it with one warning (Inductor's code runs)."""
     from invact.fitting.codegen import c_gen, plan_table

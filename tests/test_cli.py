@@ -15,6 +15,7 @@ import pytest
 
 import invact.generated
 from invact.fitting import cli, tables
+from test_cli_found2 import read_until
 
 INVACT = Path(sys.executable).with_name("invact")
 REPO_TABLES = Path(invact.generated.__file__).parent / "tables"   # never written by these tests
@@ -193,16 +194,22 @@ def test_interrupted_fits_leave_the_tree_unchanged(tree):
         # as a foreground job: pytest-xdist workers may ignore SIGINT, and children inherit SIG_IGN
         procs[sig] = subprocess.Popen([str(INVACT), "fit", "silu"], env=env, cwd="/", text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
-    for sig, proc in procs.items():
-        lines = [proc.stderr.readline()]               # until the fit of the second branch has begun:
-        while lines[-1] and "silu: branch 1 (" not in lines[-1]:   # mid-fit on a machine of any speed
-            lines.append(proc.stderr.readline())
-        assert lines[-1], "".join(lines)
-        proc.send_signal(sig)
-    for sig, proc in procs.items():
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 128 + sig, err
-        assert f"interrupted ({sig.name})" in err
+    try:
+        for sig, proc in procs.items():
+            # until the fit of the second branch has begun: mid-fit on a machine of any speed. Read with
+            # a deadline (a hang guard, 300 s: the two fits got there in ~15 s here under load), so a
+            # fit that never prints the line fails instead of hanging CI
+            read_until(proc.stderr, lambda line: "silu: branch 1 (" in line, 300)
+            proc.send_signal(sig)
+        for sig, proc in procs.items():
+            _, err = proc.communicate(timeout=120)     # a hang guard: exiting took ~1 s here
+            assert proc.returncode == 128 + sig, err
+            assert f"interrupted ({sig.name})" in err
+    finally:
+        for proc in procs.values():                    # a failed check leaves no fit running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert snapshot(tree) == before
 
 

@@ -154,6 +154,11 @@ def test_compiled_backend_that_fails_falls_back_with_one_warning(monkeypatch):
             raise RuntimeError("C++ compile error")
         return run
     monkeypatch.setattr(torch, "compile", failing_compile)
+    # inductor_options() asks Inductor for the vector width before torch.compile is called, which
+    # builds probes with the C++ compiler: without one it raises first (InvalidCxxCompiler; with CXX=""
+    # a PermissionError) and the warning names that instead of the failure simulated here. The fixed
+    # options keep this test about the fallback itself, on any machine.
+    monkeypatch.setattr(backends, "inductor_options", lambda: dict(backends.INDUCTOR_OPTIONS))
     double = backends.compiled(lambda t: t * 2)
     t = torch.arange(4.0)
     with pytest.warns(RuntimeWarning, match="'compiled' backend failed.*C\\+\\+ compile error.*eager"):

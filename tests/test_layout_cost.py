@@ -144,11 +144,15 @@ def test_calibration_harness_times_layouts(tmp_path):
     from invact.fitting.codegen.analysis import plan_table
     from invact.fitting.tables import load_table
     base = plan_table(load_table(ROOT / "generated/tables/gelu.json"), "generated/tables/gelu.json")
-    torch.set_num_threads(1)
     layouts = [(8, 8, 2, 0), (8, 8, 1, 0)]
-    timers = [layout_cost.Timer(layout_cost.synthetic_plan(base, *lay), tmp_path, f"l{k}")
-              for k, lay in enumerate(layouts)]
-    ns = np.min([[t.once() for t in timers] for _ in range(8)][1:], axis=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)       # as the benchmark times; restored: later tests in this process (an
+    try:                           # xdist worker runs many) expect torch's thread count unchanged
+        timers = [layout_cost.Timer(layout_cost.synthetic_plan(base, *lay), tmp_path, f"l{k}")
+                  for k, lay in enumerate(layouts)]
+        ns = np.min([[t.once() for t in timers] for _ in range(8)][1:], axis=0)
+    finally:
+        torch.set_num_threads(threads)
     isa = torch.backends.cpu.get_cpu_capability()
     isa = isa if isa in fit.C_COST else "AVX2"
     step = fit.c_time(9, 8, isa=isa) - fit.c_time(8, 8, isa=isa)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import invact
-from invact import bitpack, norm_bounds, norm_cpu, norms
+from invact import backends, bitpack, norm_bounds, norm_cpu, norms
 from norm_cases import check
 
 N, ROWS, EPS = 16, 6, 1e-5
@@ -171,6 +171,10 @@ def test_rule_edge_within_the_bound_flushed_or_not(rms, dtype, flush, backend):
     columns are those below :func:`invact.norms.recovery_floor` (4e-38 among them: recovered before, and
     dgamma off by 0.23 under flushing), and every gradient is within norm_bounds.error_bound (its
     floor term is y's error near 0 in both modes, so its measured k_y stays small)."""
+    # the compiled backend exists for CPU tensors only where a C++ compiler is on PATH (or $CXX):
+    # backends.resolve raises ValueError otherwise, which is the runtime's documented answer, not a fault
+    if backend not in backends.available("cpu"):
+        pytest.skip(f"backend {backend!r} not available for CPU tensors here (no C++ compiler for Inductor)")
     g = torch.Generator().manual_seed(5)
     w, kept = _edge_gammas(dtype)
     b = None if rms else (0.1 * torch.randn(N, generator=g)).to(dtype)

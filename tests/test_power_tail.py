@@ -204,6 +204,9 @@ def _g_inputs(mod):
     return y
 
 
+# torch.compile's CPU code needs a C++ compiler (Inductor raises InvalidCxxCompiler without one); the
+# runtime offers the compiled backend only where backends.available lists it, so this compares only there
+@pytest.mark.skipif("compiled" not in backends.available("cpu"), reason="no C++ compiler for inductor")
 def test_compiled_equals_eager_bit_for_bit(mod):
     k = ops.module_constants(mod, torch.float32, torch.device("cpu"), ())
     y = _g_inputs(mod)
