@@ -157,13 +157,18 @@ def _unsafe_above(directory: Path) -> str | None:
     and put their own in its place), or None: each folder that resolving the path passes through (links
     followed as the kernel follows them) must be owned by this user or root and, where others (or a group
     that is not this user's private one) may write it, sticky (as /tmp: there only an entry's owner renames
-    or removes it). A folder that
-    does not exist yet ends the walk (:func:`_prepared` creates it 0700)."""
+    or removes it). A folder that does not exist yet ends the walk (:func:`_prepared` creates it 0700).
+    The path is walked as written, not normalised: ``..`` after a link is the parent of the link's
+    target, as the kernel reads it (``os.path.abspath`` would take it as the link's own folder)."""
     if not hasattr(os, "getuid"):
         return None
-    pending = list(Path(os.path.abspath(directory)).parent.parts)
+    pending = list(Path(os.getcwd(), directory).parts)
     here, links = Path(pending.pop(0)), 0
     while True:
+        while pending and pending[0] in (".", ""):
+            pending.pop(0)
+        if not pending:
+            return None                               # ``here`` is the directory itself: see unsafe()
         st = os.stat(here)
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid not in (0, os.getuid()):
@@ -172,10 +177,6 @@ def _unsafe_above(directory: Path) -> str | None:
         if shared and not mode & stat.S_ISVTX:
             return (f"the folder {here} above it is writable by group or others without the sticky bit "
                     f"(mode {mode:o}, group {st.st_gid}), so someone else could put another folder in its place")
-        while pending and pending[0] in (".", ""):
-            pending.pop(0)
-        if not pending:
-            return None
         name = pending.pop(0)
         if name == "..":
             here = here.parent
@@ -324,9 +325,21 @@ def _compile(command: list[str | Source], directory: Path, key: str, folder: int
 
 def _written(source: Source, folder: Path) -> Path:
     path = folder / Path(source.name).name
-    with open(path, "xb") as f:
+    with _named(path), open(path, "xb") as f:
         f.write(source.text)
     return path
+
+
+@contextlib.contextmanager
+def _named(path: Path):
+    """An OSError of writing ``path`` named by it: a failed write or flush (a full disk, a quota) has no
+    filename, and :func:`_served` falls back to another cache only for errors inside its folder."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _built(folder: int, build: Path, target: Path, name: str) -> _Verified:
@@ -357,7 +370,7 @@ def _record(directory: Path, key: str, so: _Verified, folder: int) -> None:
     descriptor, the file that is loaded."""
     fd, tmp = tempfile.mkstemp(prefix=f".{key}-", suffix=".json", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
+        with _named(Path(tmp)), os.fdopen(fd, "w") as f:
             json.dump({"so": so.path.name, "sha256": so.sha256}, f)
         os.replace(tmp, f"{key}.json", dst_dir_fd=folder)
     except BaseException:
@@ -422,9 +435,13 @@ def _prepared(directory: Path) -> str | None:
         reason = _unsafe_above(directory)
         if reason:
             return reason
+        created = False
         for path in reversed((directory, *directory.parents)):
             if not os.path.lexists(path):
                 path.mkdir(mode=0o700, exist_ok=True)
+                created = True
+        if created and (reason := _unsafe_above(directory)):  # a folder another made first (in /tmp)
+            return reason
         return unsafe(directory, directory=True)
     except OSError as error:
         return f"it cannot be created ({error.strerror or error})"

@@ -369,3 +369,52 @@ def test_the_package_sources_compiled_are_the_bytes_hashed(fresh, monkeypatch):
     builds = cpu_kernel.builds("answer", source, (), cpu_kernel._compiler(), ("-shared", "-fPIC"))
     source.write_text("int answer(void) { return 13; }\n")
     assert kernel_cache.load_first(builds, lambda lib: None).answer() == 42
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk: errno ENOSPC and, as for any write or flush, no filename."""
+
+    def __init__(self, path, mode):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@NEEDS_CC
+def test_a_full_cache_falls_back_to_the_private_cache(fresh, monkeypatch):
+    """Writing the private copy of the source into a full (or over-quota) cache failed with an OSError
+    that names no file, which the fallback did not recognise as the cache's: the kernels were switched
+    off ("could not be built") instead of built in the private cache with one warning."""
+    cache = fresh / "cache"
+    monkeypatch.setenv(kernel_cache.CACHE_ENV, str(cache))
+    command = [cpu_kernel._compiler(), "-shared", "-fPIC", kernel_cache.Source("answer.c", ANSWER_C.encode())]
+    real_open = open
+    monkeypatch.setattr(kernel_cache, "open",
+                        lambda path, mode="r", *a, **k: _FullDisk(path, mode) if str(path).startswith(str(cache))
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.warns(RuntimeWarning, match=f"not using the kernel cache {re.escape(str(cache))}: it cannot be "
+                                            r"written \(No space left on device\)"):
+        lib = kernel_cache.load(command, KEY, _check_answer)
+    assert lib.answer() == 42 and Path(lib._name).parent == kernel_cache.private_cache_dir()
+
+
+@NEEDS_CC
+def test_dot_dot_after_a_link_is_the_targets_parent(fresh, monkeypatch):
+    """``home/link/..`` is, for the kernel, the parent of the link's target (here a folder anyone may
+    write), not ``home``; the walk took ``os.path.abspath``'s textual reading and checked ``home``."""
+    (fresh / "home").mkdir(mode=0o700)
+    evil = fresh / "evil"
+    (evil / "sub").mkdir(parents=True, mode=0o700)
+    evil.chmod(0o777)
+    (fresh / "home" / "link").symlink_to(Path("..") / "evil" / "sub")
+    cache = Path(str(fresh / "home" / "link") + "/../cache")
+    why = kernel_cache._unsafe_above(cache)     # (as $XDG_CACHE_HOME's folder is used, not normalised)
+    assert why is not None and why.startswith(f"the folder {evil} above it is writable by group or others"), why
