@@ -11,7 +11,7 @@ import numpy as np
 import sympy as sp
 
 from ..common.params import holds
-from .branches import Analysis, Branch, _code_breaks, _overlap, analyze
+from .branches import Analysis, Branch, _code_breaks, _overlap, _signed_zero_clash, analyze
 from .certify import certify_table, check_fp32_samples
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, SpecError
@@ -70,7 +70,7 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
         {i: opts[-1] for i, opts in options.items()}
     generic = bool(spec.params) and all(not s.fitted for segs in per_branch.values() for s in segs) \
         and all(e is None or not _numeric_only(e, b) for b in analysis.branches for e in [exprs[b.index]])
-    domain = _param_domain(spec, [e for e in exprs.values() if e is not None]) if generic else None
+    domain = _param_domain(spec, [e for e in exprs.values() if e is not None], analysis) if generic else None
     if domain is not None and not _generic_holds(analysis, per_branch, exprs, spec, domain, target):
         domain = None     # the table of some values in the domain differs: made for the fitted values only
     generic = domain is not None
@@ -153,7 +153,7 @@ def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> di
     return best
 
 
-def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
+def _param_domain(spec: ActivationSpec, closed_forms=(), analysis: Analysis | None = None) -> list[str] | None:
     """``spec.domain`` and the relations that keep a parameter-generic table valid: every x-free
     parameter expression whose sign the table relies on keeps the sign it has at the fitted values.
     Those are, in the formula and in the table's closed forms ``closed_forms`` (sympy, in x or y): a
@@ -166,8 +166,10 @@ def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
     Relations are table text (invact.common.params.holds: numbers, parameter names, + - * /, one
     comparison), checked by the runtime (its ParamError names the parameter). None when a condition
     cannot be kept that way (an expression that is 0 at the fitted values, or not rational in the
-    parameters): the table is then made for the fitted values only. :func:`_generic_holds` then
-    compares the table with the analysis at values spread over the domain."""
+    parameters): the table is then made for the fitted values only. With the fitted values' branch
+    ``analysis``, also the relations of :func:`_signed_zero_relations` (two branches sharing a code at
+    y = 0 stay told apart there: selu's 'scale >= 1'). :func:`_generic_holds` then compares the table
+    with the analysis at values spread over the domain."""
     out = list(spec.domain)
     syms = set(spec.symbols.values())
     values = {sym: spec.params[name] for name, sym in spec.symbols.items()}
@@ -202,7 +204,81 @@ def _param_domain(spec: ActivationSpec, closed_forms=()) -> list[str] | None:
                 return None
             if relation not in out:
                 out.append(relation)
+    if analysis is not None:
+        zero = _signed_zero_relations(analysis, spec, values)
+        if zero is None:
+            return None
+        out += [rel for rel in zero if rel not in out]
     return _tightest(out, spec.domain)
+
+
+def _signed_zero_relations(analysis: Analysis, spec: ActivationSpec, values: dict) -> list[str] | None:
+    """The relations that keep the table's codes apart where two branches sharing a code meet at y = 0
+    (:func:`.branches._signed_zero_clash`: branches whose g differ there take codes of their own once
+    the branch that does not own y = 0 has |g| < 1 there, as its tiny x then round y to a signed zero
+    that y cannot tell from the owner's). Where the fitted values gave such a pair one code, the
+    non-owner's g at y = 0 (its f' at the x end where y = 0, a parameter expression G) keeps |G| >= 1:
+    'G >= 1' or 'G <= -1' as G is at the fitted values (selu: 'scale >= 1', the slope of x > 0 next
+    to the owner x <= 0; b*x + Abs(x) at b = 2: 'b >= 2', the slope b - 1 of x < 0 next to the owner
+    x >= 0). None (the table is then made for the fitted values only) where that cannot be kept: the
+    two g agree only at the fitted values with |G| < 1 there, or G or the x where y = 0 is not an
+    expression the relations can write. Pairs on codes of their own keep nothing: their stored code
+    (the x side) tells them apart whatever the parameters."""
+    out = []
+    for a, b in itertools.combinations(analysis.branches, 2):
+        if a.code != b.code or a.flat or b.flat:
+            continue
+        lo, hi = (a, b) if a.y_range[0] < b.y_range[0] else (b, a)
+        if not (lo.y_range[1] == 0.0 == hi.y_range[0]):
+            continue
+        # the owner of y = 0 as _signed_zero_clash (and _branch_break) decide it
+        lo_owns = (lo.y_closed[1] and not hi.y_closed[0]) or not (lo.y_closed[1] or hi.y_closed[0])
+        g_lo, g_hi = _slope_at_zero(lo, "upper", spec), _slope_at_zero(hi, "lower", spec)
+        if g_lo is None or g_hi is None:
+            return None
+        other = g_hi if lo_owns else g_lo
+        try:
+            at = float(other.subs(values))
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(at):
+            return None
+        if abs(at) < 1.0:     # one code only because both g agree at the fitted values
+            if sp.simplify(g_lo - g_hi) != 0:
+                return None   # they agree there only: no relation of holds' syntax keeps that
+            continue
+        if not (other.free_symbols & set(values)):
+            continue          # a number: |G| >= 1 whatever the parameters
+        bound = other - 1 if at > 0 else other + 1
+        relation = _linear_relation(bound, at > 0, or_equal=True)
+        if relation is None:
+            text = _arith_text(other)
+            if text is None:
+                return None
+            relation = f"{text} >= 1" if at > 0 else f"{text} <= -1"
+        if relation not in out:
+            out.append(relation)
+    return out
+
+
+def _slope_at_zero(b: Branch, which: str, spec: ActivationSpec) -> sp.Expr | None:
+    """f' of branch ``b`` (its piece's symbolic expression) at the x where its ``which`` y end is, as an
+    expression in the parameters: its limit from inside the branch where f' is not finite there; None
+    where that x is not a piece boundary of the formula (:func:`_symbolic_boundary`) or no limit is found."""
+    x0 = b.x_at_y_end(which)
+    xs = _symbolic_boundary(x0, spec)
+    if xs is None or not math.isfinite(x0):
+        return None
+    fp = sp.diff(b.sym_expr, X)
+    try:
+        g = sp.simplify(fp.subs(X, xs))
+        if g.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+            g = sp.simplify(sp.limit(fp, X, xs, "+" if x0 == b.x_range[0] else "-"))
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    if g.has(sp.nan, sp.zoo, sp.oo, -sp.oo) or g.free_symbols & {X, sp.Symbol("y", real=True)}:
+        return None
+    return g
 
 
 def _piece_conditions(spec: ActivationSpec, values: dict) -> list[sp.Expr] | None:
@@ -256,11 +332,11 @@ def _sign_relation(expr: sp.Expr, values: dict) -> str | None:
     return None if text is None else f"{text} {'>' if v.real > 0 else '<'} 0"
 
 
-def _linear_relation(expr: sp.Expr, above: bool) -> str | None:
-    """``expr`` > 0 (``above``) or < 0 for ``expr`` linear in the parameters with number coefficients,
-    written the same whatever its sign: one parameter against its bound ('b < 1' for 1 - b > 0), more
-    with the positive terms on the left, the first parameter's among them ('a < b' for b - a > 0);
-    None for other expressions."""
+def _linear_relation(expr: sp.Expr, above: bool, or_equal: bool = False) -> str | None:
+    """``expr`` > 0 (``above``) or < 0 (>= 0 or <= 0 with ``or_equal``) for ``expr`` linear in the
+    parameters with number coefficients, written the same whatever its sign: one parameter against its
+    bound ('b < 1' for 1 - b > 0), more with the positive terms on the left, the first parameter's
+    among them ('a < b' for b - a > 0); None for other expressions."""
     names = sorted(expr.free_symbols, key=lambda s: s.name)
     if not expr.is_polynomial(*names):
         return None
@@ -270,7 +346,7 @@ def _linear_relation(expr: sp.Expr, above: bool) -> str | None:
     coef, const = [poly.coeff_monomial(n) for n in names], poly.coeff_monomial(1)
     if coef[0] < 0:
         coef, const, above = [-c for c in coef], -const, not above
-    op = ">" if above else "<"
+    op = (">" if above else "<") + ("=" if or_equal else "")
     if len(names) == 1:
         return f"{names[0].name} {op} {_number_text(-const / coef[0])}"
 
@@ -285,12 +361,12 @@ def _linear_relation(expr: sp.Expr, above: bool) -> str | None:
 
 
 def _tightest(relations: list[str], kept: tuple[str, ...]) -> list[str]:
-    """``relations`` less the one-parameter bounds another implies ('b > 0' beside 'b > 1'); those in
-    ``kept`` (the activation's own domain) stay as written."""
+    """``relations`` less the one-parameter bounds another implies ('b > 0' beside 'b > 1', 'b > 1'
+    beside 'b >= 2'); those in ``kept`` (the activation's own domain) stay as written."""
     bounds = {}
     for rel in relations:
         name, op, bound = (rel.split(" ") + ["", ""])[:3]
-        if rel not in kept and op in ("<", ">") and name.isidentifier():
+        if rel not in kept and op in ("<", ">", "<=", ">=") and name.isidentifier():
             try:
                 bounds[rel] = (name, op, float(sp.Rational(bound)))
             except (TypeError, ValueError):
@@ -298,7 +374,11 @@ def _tightest(relations: list[str], kept: tuple[str, ...]) -> list[str]:
 
     def implied(rel):
         name, op, b = bounds[rel]
-        return any(n == name and o == op and (c > b if op == ">" else c < b) for n, o, c in bounds.values())
+        up = op[0] == ">"     # a lower bound on name
+
+        def tighter(o, c):    # o c implies op b: beyond b, or at b where o is strict or op is not
+            return (c > b if up else c < b) or (c == b and (len(o) == 1 or len(op) == 2))
+        return any(r != rel and n == name and o[0] == op[0] and tighter(o, c) for r, (n, o, c) in bounds.items())
 
     return [rel for rel in relations if rel not in bounds or not implied(rel)]
 
@@ -345,8 +425,9 @@ def _generic_holds(analysis: Analysis, per_branch: dict, exprs: dict, spec: Acti
     """Whether the parameter-generic table (its forward code, code classes and closed forms, with
     parameter names) is right at parameter values spread over ``domain`` (:func:`_probe_values`): the
     branch analysis there finds the same branches (pieces, directions), branches sharing a code still
-    told apart by y, the breaks the table's expressions give, and f' equal to each closed form
-    (:func:`.exact._agrees`). :func:`_param_domain`'s relations keep the signs the analysis relied on
+    told apart by y (no overlap, no signed-zero clash at y = 0: :func:`.branches._signed_zero_clash`,
+    which :func:`_signed_zero_relations` keeps within the domain), the breaks the table's expressions
+    give, and f' equal to each closed form (:func:`.exact._agrees`). :func:`_param_domain`'s relations keep the signs the analysis relied on
     where they are rational in the parameters; this also catches what they do not express (a break
     stored as a number that moves with a parameter, a piece condition not linear in x). False when a
     probe differs or its analysis fails: the table is then made for the fitted values only."""
@@ -379,7 +460,8 @@ def _same_table(analysis: Analysis, fresh: Analysis, forward: ForwardCode, class
         return False
     for new, old in zip(fresh.branches, analysis.branches):
         new.code = old.code       # the table's codes: y must still tell apart the branches sharing one
-    if any(a.code == b.code and _overlap(a, b) for a, b in itertools.combinations(fresh.branches, 2)):
+    if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b))
+           for a, b in itertools.combinations(fresh.branches, 2)):
         return False
     x_breaks, codes = _code_breaks(fresh.branches)
     fresh = dataclasses.replace(fresh, n_codes=analysis.n_codes, x_breaks=x_breaks, codes=codes)

@@ -3,7 +3,7 @@
  * generated/torch_selu.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "bc4fb5c1ae1217f9da218f1c1ceebe1704d8c7d25f1a2131a5f7791be1c23f71"
+#define TABLE_SHA256 "77b6192135761b8bc02b271d24990192eddc49a91ae1ba8c07d4444ffcf7e4cf"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

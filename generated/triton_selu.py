@@ -9,7 +9,7 @@ from invact import act_triton
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'bc4fb5c1ae1217f9da218f1c1ceebe1704d8c7d25f1a2131a5f7791be1c23f71'
+TABLE_SHA256 = '77b6192135761b8bc02b271d24990192eddc49a91ae1ba8c07d4444ffcf7e4cf'
 
 
 @triton.jit
