@@ -77,13 +77,13 @@ def holds(relation: str, values: Mapping[str, float]) -> bool:
 
 
 def check_params(name: str, defaults: Mapping[str, float], given: Mapping[str, object] | None = None,
-                 domain: Iterable[str] = (), fixed: Callable[[dict[str, float]], str] | None = None
-                 ) -> dict[str, float]:
+                 domain: Iterable[str] = (), fixed: Callable[[dict[str, float]], str] | None = None,
+                 hint: Callable[[dict[str, float]], str] | None = None) -> dict[str, float]:
     """``given`` over ``defaults`` as floats, in the defaults' order, for activation ``name``.
 
     Raises :class:`ParamError` for a name not in ``defaults``, a value that is not a finite real
     number, values other than the defaults when ``fixed`` is given (its message, from the values), or
-    a ``domain`` relation that does not hold.
+    a ``domain`` relation that does not hold (followed by ``hint``'s text for the values, if given).
     """
     given = dict(given or {})
     unknown = [k for k in given if k not in defaults]
@@ -101,5 +101,5 @@ def check_params(name: str, defaults: Mapping[str, float], given: Mapping[str, o
         raise ParamError(fixed(values))
     for rel in domain:
         if not holds(rel, values):
-            raise ParamError(f"params: {name!r} needs {rel} (got {values})")
+            raise ParamError(f"params: {name!r} needs {rel} (got {values})" + (f"; {hint(values)}" if hint else ""))
     return values

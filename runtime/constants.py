@@ -61,7 +61,11 @@ def _check(name: str, params: dict[str, float] | None, meta: dict | None = None)
         f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "
         f"`{_refit_command(name, meta, values)}` refits it for these values, replacing that set (add `--name NEW` "
         "to keep it and fit activation NEW)")
-    return tuple(common_params.check_params(name, meta["params"], params, meta["param_domain"], fixed).values())
+    hint = lambda values: (  # noqa: E731 - outside a generic table's domain: a table fitted for them may hold
+        f"`{_refit_command(name, meta, values)} --name NEW` tries a table for these values, activation NEW "
+        "(without --name it would replace this one)")
+    return tuple(common_params.check_params(name, meta["params"], params, meta["param_domain"], fixed,
+                                            hint).values())
 
 
 def _refuse_overflow(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:

@@ -318,3 +318,15 @@ def test_signed_zero_rule_checked_at_the_probes():
         per_branch[br.index] = options[-1]
     assert not _generic_holds(analysis, per_branch, exprs, spec, ["a > 0"], "derivative")
     assert _generic_holds(analysis, per_branch, exprs, spec, ["a >= 1"], "derivative")
+
+
+def test_a_generic_tables_domain_refusal_names_the_fit_for_those_values():
+    """Outside a generic table's domain the ParamError says which `invact fit` would try a table for the
+    values (as a fixed table's refusal does), under a new name so the generic table stays."""
+    import torch
+
+    import invact
+    with pytest.raises(ValueError) as info:          # invact.common.params.ParamError, a ValueError
+        invact.ops.apply(torch.randn(4), "selu", {"scale": 0.5})
+    text = str(info.value)
+    assert "needs scale >= 1" in text and "`invact fit selu --param scale=0.5 " in text and "--name NEW`" in text, text
