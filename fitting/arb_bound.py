@@ -242,27 +242,34 @@ def _bisect(expr, seg, target, x_lo, x_hi, goal, max_cells):
             _, _, e2 = _errors(shape, target, xb, (f_x,) + tuple(on_x[1:]), coeffs, c, s)
             bound = _upper(e0) + _upper(e1) * r + _upper(e2) * r * r / 2
             if not math.isfinite(bound) and math.isfinite(_upper(e0)):
-                bound = _endpoint_bound(shape, target, on_x, coeffs, c, s, _upper(e0), r)
+                bound = _endpoint_bound(shape, target, on_x, coeffs, c, s, _upper(e0), r, f_x)
+            bound = _clamped_bound(shape, target, xm, at_m, on_x, f_x, coeffs, c, s, r, bound)
             if bound <= goal:
                 worst = max(worst, bound)
                 continue
-            if _lower(e0) > goal or not (a < m < b):
+            e0 = _clamped_point(shape, target, xm, at_m, coeffs, c, s, e0)
+            if _lower(e0) > goal:          # the error at m itself is above the goal
                 return _lower(e0), cells, False
+            if not (a < m < b):            # a cell of two adjacent doubles whose enclosure stays wider
+                return goal, cells, False  # than the goal: as when the cells run out
             stack += [(a, m), (m, b)]
         return worst, cells, True
     finally:
         ctx.prec = old
 
 
-def _endpoint_bound(shape, target, on_x, coeffs, c, s, e0: float, r: float) -> float:
+def _endpoint_bound(shape, target, on_x, coeffs, c, s, e0: float, r: float, f_mean: arb | None = None) -> float:
     """A cell touching a sqrt branch point whose radicand reaches 0 (origin == y_min exactly, as for
     x*tanh(x)): Taylor forms divide by t = 0 there. Instead, with t(x) and t(m) both in [0, t_hi],
-    |E(x)| <= |E(m)| + sup|P'(U)| s t_hi + sup|v'(X)| r, where t_hi = sqrt(sup of the radicand)."""
+    |E(x)| <= |E(m)| + sup|P'(U)| s t_hi + sup|v'(X)| r, where t_hi = sqrt(sup of the radicand).
+    The radicand's sup is the lesser of f's two enclosures on the cell, direct (``on_x``) and in
+    mean-value form (``f_mean``): next to y_min f' is near 0, and the direct one of x**2 + 2*x at
+    x = -1 is as wide as the cell (cancellation), which puts sqrt(r) ~ 1e-8 in t_hi, not r."""
     kind, origin, sign = shape
     if kind != "sqrt":
         return math.inf
     f, f1, f2, _ = on_x
-    d_hi = _upper(sign * (f - origin))
+    d_hi = min(_upper(sign * (enc - origin)) for enc in ((f,) if f_mean is None else (f, f_mean)))
     if not math.isfinite(d_hi):
         return math.inf
     t_hi = math.sqrt(d_hi) * (1 + 2.0**-50)
@@ -270,6 +277,90 @@ def _endpoint_bound(shape, target, on_x, coeffs, c, s, e0: float, r: float) -> f
     _, dp, _ = coeffs((t_ball - c) * s)
     v1 = f2 if target == "derivative" else arb(1)
     return e0 + _upper(dp * s) * t_hi + _upper(v1) * r
+
+
+LOG_FLOOR = 2.0**-126      # the log transform's floor on d (TINY32: the scheme's max(d, TINY32))
+
+
+def _clamped_bound(shape, target, xm, at_m, on_x, f_x, coeffs, c, s, r: float, smooth: float) -> float:
+    """The cell's bound with the scheme's clamps: u = clamp((T(y) - c) s, -1, 1), and the log
+    transform's floor d >= TINY32. Where the cell's y may put u outside [-1, 1] (or d below the
+    floor), g~ there is a constant K (P(-1), P(1), or P at the floor's u), and |E(x)| <= |K - v(m)|
+    + sup|v'| r over the cell; the bound is the largest over the cases the cell may be in, ``smooth``
+    (the unclamped form's) only where u may lie inside. A piece starting at the float32 below a y_min
+    that float32 cannot hold (x**4 - 0.3: y = -0.30000001) reaches u < -1 at real y just above y_min,
+    where the unclamped polynomial extrapolates (1e-6 off) but the scheme evaluates P(-1)."""
+    kind, origin, sign = shape
+    f = f_x if f_x.is_finite() else on_x[0]
+    consts, inside = [], True
+    if kind in ("log", "sqrt"):
+        d = sign * (f - origin)
+        if not d.is_finite():
+            return smooth
+        lo, hi = float(d.lower()), float(d.upper())
+        lo, hi = lo - abs(lo) * 2.0**-50, hi + abs(hi) * 2.0**-50      # outward: float() rounds
+        if kind == "log":
+            floor = arb(LOG_FLOOR)
+            if hi < LOG_FLOOR:                          # every y of the cell is floored
+                return _worst_const(target, xm, at_m, on_x, coeffs, r, [(floor.log() - c) * s], 0.0)
+            if lo < LOG_FLOOR:
+                consts.append((floor.log() - c) * s)
+            t = arb(max(lo, LOG_FLOOR)).log().union(arb(hi).log())
+        else:
+            t = arb(max(lo, 0.0)).sqrt().union(arb(max(hi, 0.0)).sqrt())
+    else:
+        t = f
+    u = (t - c) * s
+    if not u.is_finite():
+        return smooth
+    if not (u >= -1):
+        consts.append(arb(-1))
+    if not (u <= 1):
+        consts.append(arb(1))
+    if not consts:
+        return smooth
+    inside = not (u < -1 or u > 1)
+    return _worst_const(target, xm, at_m, on_x, coeffs, r, consts, smooth if inside else 0.0)
+
+
+def _clamped_point(shape, target, xm, at_m, coeffs, c, s, e0):
+    """The scheme's error at the point m: ``e0`` (the unclamped E(m)) unless u(m) certainly lies
+    outside [-1, 1] or d(m) below the log transform's floor, where it is P(+-1) (or P at the
+    floor's u) - v(m) (:func:`_clamped_bound`)."""
+    kind, origin, sign = shape
+    f = at_m[0]
+    if kind in ("log", "sqrt"):
+        d = sign * (f - origin)
+        if kind == "log" and d < arb(LOG_FLOOR):
+            t = arb(LOG_FLOOR).log()
+        elif kind == "log" and d >= arb(LOG_FLOOR):
+            t = d.log()
+        elif kind == "sqrt" and d >= 0:
+            t = d.sqrt()
+        else:
+            return e0
+    else:
+        t = f
+    u = (t - c) * s
+    if not (u.is_finite() and (u < -1 or u > 1 or (u >= -1 and u <= 1))):
+        return e0
+    u = arb(-1) if u < -1 else arb(1) if u > 1 else u
+    v = at_m[1] if target == "derivative" else xm
+    return coeffs(u)[0] - v
+
+
+def _worst_const(target, xm, at_m, on_x, coeffs, r: float, consts: list, worst: float) -> float:
+    """max(worst, |P(uc) - v(m)| + sup|v'| r) over the clamped u values ``consts`` (balls, clipped
+    to [-1, 1] as the scheme clips them)."""
+    for uc in consts:
+        if not (uc >= -1 and uc <= 1):
+            uc = arb(-1) if uc < -1 else arb(1) if uc > 1 else uc.union(arb(-1) if uc.mid() < 0 else arb(1))
+        k = coeffs(uc)[0]
+        if target == "derivative":
+            worst = max(worst, _upper(k - at_m[1]) + _upper(on_x[2]) * r)
+        else:
+            worst = max(worst, _upper(k - xm) + r)
+    return worst
 
 
 def _errors(shape, target, x, fs, coeffs, c, s):

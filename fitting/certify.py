@@ -2,9 +2,11 @@
 
 Per branch: a rigorous real-arithmetic bound per poly piece (:mod:`.arb_bound`); the emulated float32
 evaluation at every bf16 and every fp16 value of y in the branch's range; a stratified sample of
-float32 values (or all of them with ``exhaustive``). Each float check measures the scheme twice at the
-same values against one reference: as written, and with its Horner steps fused (FMA). References come from :class:`BranchReference`
-(float64 bracketed Newton on the formula, in its bulk mode), never from the table.
+float32 values (or all of them with ``exhaustive``), and the float32 values next to every finite end
+of the branch's segments (:func:`segment_end_values`), where a closed form cancels. Each float check
+measures the scheme twice at the same values against one reference: as written, and with its Horner
+steps fused (FMA). References come from :class:`BranchReference` (float64 bracketed Newton on the
+formula, in its bulk mode), never from the table.
 
 The work is split into independent jobs (a rigorous bound per piece, the bf16/fp16 checks per
 branch, runs of 2^22 float32 values) run by forked worker processes; the figures do not depend on
@@ -28,7 +30,7 @@ import numpy as np
 
 from .branches import Analysis, analyze
 from .errors import InputError
-from .float32 import from_ordinal, half_values, ordinal, overflows_as
+from .float32 import end_neighbours, from_ordinal, half_values, ordinal, overflows_as
 from .interrupts import HELD, signals_deferred
 from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
@@ -129,6 +131,7 @@ def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: i
             entry["approx_error"] = max(entry["approx_error"], res["approx_error"])
             entry["method"] |= res["method"]
             entry.update({k: res[k] for k in _HALF_KEYS})
+            fp32[job.branch] = tuple(map(max, fp32[job.branch], res["fp32_ends"]))
     for i, entry in per_branch.items():
         entry["method"] = "+".join(sorted(entry["method"]))
         entry["fp32_eval_error"], entry["fp32_fma_eval_error"] = fp32[i]
@@ -265,8 +268,18 @@ def _run_job(job: _Job, tick=lambda frac: None):
         (bf16, bf16_fma), (fp16, fp16_fma) = (_eval_error(run.table, i, ctx.ref, half_values(d))
                                               for d in ("bf16", "fp16"))
         return {"bf16_eval_error": bf16, "fp16_eval_error": fp16, "bf16_fma_eval_error": bf16_fma,
-                "fp16_fma_eval_error": fp16_fma, "approx_error": worst, "method": methods}
+                "fp16_fma_eval_error": fp16_fma, "approx_error": worst, "method": methods,
+                "fp32_ends": _eval_error(run.table, i, ctx.ref, segment_end_values(run.table, i))}
     return _fp32_error(run.table, i, ctx.ref, job.samples, job.span, tick)
+
+
+def segment_end_values(table: Table, index: int) -> np.ndarray:
+    """The float32 values next to every finite end of the branch's segments, inside each segment
+    (:func:`.float32.end_neighbours`): checked besides the stratified sample (and by the exhaustive
+    check anyway), since there a closed form's float32 evaluation cancels (y + 0.3 at the float32
+    next to -0.3 keeps 0.3's float32 rounding error: 4*(y + 0.3)**(3/4) is 3e-6 off there)."""
+    ys = [end_neighbours(seg.lo, seg.hi) for _, seg in table.segments(index) if seg.certified]
+    return np.unique(np.concatenate(ys)) if ys else np.empty(0)
 
 
 def _eval_error(table: Table, index: int, ref: BranchReference, y: np.ndarray) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import numpy as np
 from ..common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32, TINY32, root_seed, root_steps
 
 __all__ = ["F32_MAX", "TINY32", "ORDINAL_NODES", "f32", "f32_below", "split3", "ordinal", "from_ordinal",
-           "ordinal_nodes", "half_values", "round_to", "log32", "root_power32", "fma32",
+           "ordinal_nodes", "end_neighbours", "half_values", "round_to", "log32", "root_power32", "fma32",
            "overflows_as"]
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -69,6 +69,29 @@ def ordinal_nodes(lo: float, hi: float, n: int = ORDINAL_NODES) -> np.ndarray:
     k = np.unique(np.linspace(ordinal(lo), ordinal(hi), n).astype(np.int64))
     y = from_ordinal(k).astype(np.float64)
     return y[(y > lo) & (y < hi)]
+
+
+END_STEPS = np.unique(np.concatenate([np.arange(64), np.geomspace(64, 1 << 24, 97).astype(np.int64)]))
+
+
+def end_neighbours(lo: float, hi: float, steps: np.ndarray = END_STEPS) -> np.ndarray:
+    """float32 values of [lo, hi] next to its finite ends, as float64: the first 64 float32 values in
+    from each finite end, then ~100 geometrically spaced ones out to 2^24 values in. There a closed
+    form's float32 arithmetic cancels: 4*(y + 0.3)**(3/4) at y = -0.29999998, the float32 above -0.3,
+    sums y and 0.3 rounded to float32 and is 3e-6 off, where a sample spread over the range rarely
+    lands (its runs are thousands of float32 values wide)."""
+    out = []
+    for end, inward in ((lo, 1), (hi, -1)):
+        if not (np.isfinite(end) and abs(end) <= F32_MAX):
+            continue
+        k = ordinal(end)
+        first = float(from_ordinal(np.array([k]))[0])
+        if (first < end) if inward > 0 else (first > end):
+            k += inward                        # the nearest float32 lies outside: start one inside
+        top = ordinal(F32_MAX)
+        out.append(from_ordinal(np.clip(k + inward * steps, -top, top)).astype(np.float64))
+    y = np.concatenate(out) if out else np.empty(0)
+    return np.unique(y[np.isfinite(y) & (y >= lo) & (y <= hi)])
 
 
 def half_values(dtype: str) -> np.ndarray:
