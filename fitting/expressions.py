@@ -198,12 +198,18 @@ def _refuse_power(what: str, text: str, src: str, node: ast.AST, digits: float) 
                     "smaller constant or a float such as 1e300")
 
 
+def _has_float(node: ast.AST) -> bool:
+    """Whether ``node`` holds a float literal: sympy then computes the power as a Float (mpmath, any
+    exponent at once: ``1.0001**100000``), which float64's range check sees afterwards."""
+    return any(isinstance(n, ast.Constant) and type(n.value) is float for n in ast.walk(node))
+
+
 def _check_powers(body: ast.AST, src: str, refuse) -> None:
     """Call ``refuse(node, digits)`` for a power of constants (no x, no parameter) whose exact value
     could have more than :data:`MAX_DIGITS` digits: sympy evaluates ``10**10**10`` or
     ``(1 + 10**-500)**10**6`` exactly while it parses, for hours. Estimated from the text, never by
     computing the power: each constant gets a :class:`_Size`; ``a**b`` has at most digits(a) * |b|
-    digits."""
+    digits (|b| log10 |a| for an integer a). A power with a float in it is a Float to sympy: not refused."""
     def pow_(base: float, exponent: float) -> float:
         try:
             return base ** exponent
@@ -238,7 +244,10 @@ def _check_powers(body: ast.AST, src: str, refuse) -> None:
             both = a.value is not None and b.value is not None
             if isinstance(node.op, ast.Pow):
                 digits = a.digits * max(1.0, b.hi)
-                if not digits <= MAX_DIGITS:
+                left = node.left
+                if isinstance(left, ast.Constant) and type(left.value) is int and abs(left.value) > 1:
+                    digits = max(1.0, math.log10(abs(left.value)) * b.hi)   # 2**20000: 6021 digits
+                if not digits <= MAX_DIGITS and not _has_float(node):
                     refuse(node, digits)
                 if a.hi == 0:
                     return _Size(digits, 0.0, 0.0, None)     # 0**b: 0 or zoo
