@@ -290,7 +290,8 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
         return None, "no eps / variance_epsilon attribute"
     key = (_configuration(module), eps, bias is not None)
     if key not in cache:
-        kinds = ["layer"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer"]
+        kinds = ["layer", "layer-gemma"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer",
+                                                                     "layer-gemma"]
         results = {k: _probe(module, k, eps, bias is not None) for k in kinds}
         tried = {k: _verdict(r) for k, r in results.items()}
         matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]

@@ -59,8 +59,9 @@ RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + fl
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
-# LayerNorm's: torch's, or "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's)
-LAYER_STYLES = ("torch", "llama")
+# LayerNorm's: torch's, "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's), or "gemma":
+# gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P)
+LAYER_STYLES = ("torch", "llama", "gemma")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
         xhat = xhat.to(norm_dtype)
     if weight is not None:
         w = weight.reshape(n)
-        y = (w.float() + offset) * xhat if offset else w * xhat    # HF: weight * x_hat (Gemma: * (1 + w))
+        y = (w.to(xhat.dtype) + offset) * xhat if offset else w * xhat    # HF: weight * x_hat (Gemma: * (1 + w))
     else:
         y = xhat
     if bias is not None:
@@ -629,7 +630,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     offset = 1.0 if style == "gemma" else 0.0
     n = math.prod(shape)
     eps = real(eps, "eps")
-    if x.dtype == torch.float64 and style != "torch":   # Hugging Face's forms compute float64 x in float32
+    if x.dtype == torch.float64 and style != "torch" and (rms or style == "llama"):  # HF's forms: float64 x in float32
         if style == "t5":
             return _t5_float64(x, shape, weight, eps)
         norm_dtype, x = (torch.float64 if style == "llama" else None), x.float()   # llama: weight * x_hat.to(x.dtype)
@@ -765,7 +766,9 @@ def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
 class LayerNorm(_Saving, nn.LayerNorm):
     """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
 
-    ``style`` (keyword-only): "torch", or "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's).
+    ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's), or
+    "gemma": gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P; its weight
+    starts at zeros).
     ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size.
     """
 

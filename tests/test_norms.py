@@ -860,18 +860,18 @@ def test_norms_under_forward_mode_and_torch_func(rms, style):
     weight (``1 + w.float()``) is exact. Llama's and Gemma's forms compute float64 x in float32, as Hugging
     Face's classes do: against their formula in float32 ops, to 16 float32 roundings (2^-20: a 12-term row
     sum and the products around it, each within 2^-24)."""
-    if not rms and style != "torch":
-        pytest.skip("LayerNorm's other style, 'llama', takes float32 parameters only, not these float64 ones "
-                    "(tests/test_norm_weightless.py); 'gemma' is RMSNorm's only")
+    if not rms and style == "llama":
+        pytest.skip("LayerNorm's style 'llama' takes float32 parameters only, not these float64 ones "
+                    "(tests/test_norm_weightless.py)")
     from torch.func import functional_call, grad, jvp, vmap
     import torch.autograd.forward_ad as fwAD
     g = torch.Generator().manual_seed(9)
     x, t = ((torch.randn(5, 12, generator=g, dtype=torch.float64) * 1024).round() / 1024 for _ in range(2))
     w, b = ((torch.randn(12, generator=g, dtype=torch.float64) * s * 1024).round() / 1024 for s in (1, 0.1))
-    kw = {"style": style} if rms else {}
+    kw = {"style": style}
     ours = (lambda z, w, b: invact.functional.rms_norm(z, (12,), w, 1e-6, **kw)) if rms else \
-        (lambda z, w, b: invact.functional.layer_norm(z, (12,), w, b, 1e-5))
-    ref = (lambda z, w, b: F.layer_norm(z, (12,), w, b, 1e-5)) if not rms else \
+        (lambda z, w, b: invact.functional.layer_norm(z, (12,), w, b, 1e-5, **kw))
+    ref = (lambda z, w, b: F.layer_norm(z, (12,), w + (style == "gemma"), b, 1e-5)) if not rms else \
         (lambda z, w, b: F.rms_norm(z, (12,), w, 1e-6)) if style == "torch" else \
         (lambda z, w, b: w * F.rms_norm(z.float(), (12,), None, 1e-6).to(z.dtype)) if style == "llama" else \
         (lambda z, w, b: (F.rms_norm(z.float(), (12,), None, 1e-6) * (1.0 + w.float())).to(z.dtype))
