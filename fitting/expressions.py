@@ -198,10 +198,16 @@ def _refuse_power(what: str, text: str, src: str, node: ast.AST, digits: float) 
                     "smaller constant or a float such as 1e300")
 
 
-def _has_float(node: ast.AST) -> bool:
-    """Whether ``node`` holds a float literal: sympy then computes the power as a Float (mpmath, any
-    exponent at once: ``1.0001**100000``), which float64's range check sees afterwards."""
-    return any(isinstance(n, ast.Constant) and type(n.value) is float for n in ast.walk(node))
+def _float_power(node: ast.BinOp) -> bool:
+    """Whether the power ``node``'s base or exponent is itself a float literal (``-`` allowed): sympy then
+    computes it as a Float (mpmath, any exponent at once: ``1.0001**100000``), which float64's range
+    check sees afterwards. A float deeper inside (``Max(0.5, 10**10)``, ``0*1.0``) may leave the value
+    exact, so it does not count."""
+    def literal(n: ast.AST) -> bool:
+        while isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            n = n.operand
+        return isinstance(n, ast.Constant) and type(n.value) is float
+    return literal(node.left) or literal(node.right)
 
 
 def _check_powers(body: ast.AST, src: str, refuse) -> None:
@@ -247,7 +253,7 @@ def _check_powers(body: ast.AST, src: str, refuse) -> None:
                 left = node.left
                 if isinstance(left, ast.Constant) and type(left.value) is int and abs(left.value) > 1:
                     digits = max(1.0, math.log10(abs(left.value)) * b.hi)   # 2**20000: 6021 digits
-                if not digits <= MAX_DIGITS and not _has_float(node):
+                if not digits <= MAX_DIGITS and not _float_power(node):
                     refuse(node, digits)
                 if a.hi == 0:
                     return _Size(digits, 0.0, 0.0, None)     # 0**b: 0 or zoo
