@@ -229,7 +229,14 @@ def _signed_zero_relations(analysis: Analysis, spec: ActivationSpec, values: dic
         if a.code != b.code or a.flat or b.flat:
             continue
         lo, hi = (a, b) if a.y_range[0] < b.y_range[0] else (b, a)
-        if not (lo.y_range[1] == 0.0 == hi.y_range[0]):
+        if lo.y_range[1] != hi.y_range[0]:
+            continue
+        if hi.y_range[0] != 0.0:   # they meet at y0 != 0: y0 keeps its sign, never moving onto y = 0
+            meeting = _meeting_relation(lo, hi, spec, values)
+            if meeting is None:
+                return None
+            if meeting and meeting not in out:
+                out.append(meeting)
             continue
         # the owner of y = 0 as _signed_zero_clash (and _branch_break) decide it
         lo_owns = (lo.y_closed[1] and not hi.y_closed[0]) or not (lo.y_closed[1] or hi.y_closed[0])
@@ -259,6 +266,21 @@ def _signed_zero_relations(analysis: Analysis, spec: ActivationSpec, values: dic
         if relation not in out:
             out.append(relation)
     return out
+
+
+def _meeting_relation(lo: Branch, hi: Branch, spec: ActivationSpec, values: dict) -> str | None:
+    """The relation keeping the y where branches ``lo`` and ``hi`` (one code) meet on the side of 0 it has
+    at the fitted values ('c > 0' for Piecewise((a*x + c, x < 0), (b*x + c, True)) at c = 0.5: at c = 0
+    the signed-zero rule would need codes of their own); "" where that y is a number; None where it
+    cannot be written (the table is then made for the fitted values only)."""
+    x_b = hi.x_range[0] if hi.direction != "decreasing" else hi.x_range[1]
+    xs = _symbolic_boundary(x_b, spec)
+    if xs is None:
+        return None
+    y0 = sp.simplify(hi.sym_expr.subs(X, xs))
+    if not (y0.free_symbols & set(values)):
+        return ""
+    return _sign_relation(y0, values)
 
 
 def _slope_at_zero(b: Branch, which: str, spec: ActivationSpec) -> sp.Expr | None:

@@ -44,6 +44,11 @@ CASES = {
     # fitted at a >= 1 with one code; a < 1 needs codes of their own for x < 0 and x >= 0 (signed zeros)
     "leftslope": ("Piecewise((a*x, x < 0), (x, True))", {"a": 2.0}, "torch.where(x < 0, a*x, x)",
                   [{"a": 0.5}, {"a": 0.999}], [{"a": 1.0}, {"a": 40.0}]),
+    # one code, the pieces meeting at y = c: c = 0 would need codes of their own (signed zeros: float16
+    # x = -6e-8 got b's gradient 2 where autograd gives a = 0.5, review 2), so c keeps its sign
+    "moving": ("Piecewise((a*x + c, x < 0), (b*x + c, True))", {"a": 0.5, "b": 2.0, "c": 0.5},
+               "torch.where(x < 0, a*x + c, b*x + c)", [{"c": 0.0}, {"c": -0.5}],
+               [{"a": 0.5, "b": 2.0, "c": 0.001}, {"a": 3.0, "b": 0.2, "c": 5.0}]),
 }
 
 RUNTIME = r"""
