@@ -288,3 +288,15 @@ def test_compiled_backend_offered_only_with_the_compiler_inductor_calls(cxx):
                          env={**os.environ, "CXX": cxx})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("False ") and "'compiled'" not in out.stdout, out.stdout
+
+
+def test_compiled_backend_offered_with_the_compiler_inductor_calls():
+    """The positive side of the test above: where Inductor's compiler (its config's, else $CXX or g++)
+    is on PATH, "compiled" is offered (were it not, the compiled-backend tests would skip silently)."""
+    import shutil
+    config = sys.modules.get("torch._inductor.config")
+    names = config.cpp.cxx if config is not None else (os.environ.get("CXX", "g++"),)
+    names = names if isinstance(names, (tuple, list)) else (names,)
+    present = any(isinstance(n, str) and n and shutil.which(n) for n in names)
+    assert backends.compiler_available() == present
+    assert ("compiled" in backends.available("cpu")) == (present and "compiled" not in backends._broken)
