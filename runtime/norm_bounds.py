@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .norms import _default_eps, _dtypes, recovery_floor
+from .norms import _Saving, _default_eps, _dtypes, recovery_floor
 
 __all__ = ["error_bound", "relative_bound", "forward_error"]
 
@@ -116,7 +116,7 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     (benchmarks/train.py's NormProbe, tests/test_distributed.py)."""
     if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         raise TypeError(f"relative_bound: module must be a torch.nn.LayerNorm or RMSNorm, got {type(module).__name__}")
-    shape = module.normalized_shape if module.normalized_shape is not None else x.shape[-1:]  # None: any size
+    shape = module._shape_for(x) if isinstance(module, _Saving) else module.normalized_shape   # None: any size
     rms, n = isinstance(module, nn.RMSNorm), math.prod(shape)
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
