@@ -64,6 +64,11 @@ STYLES = ("torch", "llama", "t5", "gemma")
 LAYER_STYLES = ("torch", "llama", "gemma")
 
 
+def weight_offset(style: str) -> float:
+    """gamma = offset + w: 1 for the "gemma" style (weights stored as w = gamma - 1), else 0."""
+    return 1.0 if style == "gemma" else 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # which columns can be recovered from y
 
@@ -627,7 +632,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         norm_dtype, out_dtype, x = None, x.dtype, x.float()
     if cast is not None and autocast_output and out_dtype == torch.float32:
         out_dtype = cast                                    # what the next autocast-lowered Linear saves
-    offset = 1.0 if style == "gemma" else 0.0
+    offset = weight_offset(style)
     n = math.prod(shape)
     eps = real(eps, "eps")
     if x.dtype == torch.float64 and style != "torch" and (rms or style == "llama"):  # HF's forms: float64 x in float32
@@ -740,16 +745,27 @@ class _Saving:
     def __prepare_scriptable__(self) -> nn.Module:
         raise ops.script_refused(self)
 
-    def _extra(self) -> str:
-        parts = [f"backend={self.backend!r}"] if self.backend is not None else []
-        return ", ".join(parts + (["autocast_output=True"] if self.autocast_output else []))
+    def _configure(self, any_size: bool, style: Any, rms: bool, autocast_output: Any, backend: Any) -> None:
+        """Set what the invact norms add, after torch's ``__init__`` (given a placeholder shape of 1
+        where ``any_size``)."""
+        if any_size:
+            self.normalized_shape = None  # type: ignore[assignment]
+        _check_style(style, rms)
+        self.style, self.backend = style, backends.check_name(backend)
+        self.autocast_output = flag(autocast_output, "autocast_output")
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr()]  # type: ignore[misc]  (torch's LayerNorm / RMSNorm's)
+        parts += [f"style={self.style!r}"] if self.style != "torch" else []
+        parts += [f"backend={self.backend!r}"] if self.backend is not None else []
+        return ", ".join(p for p in parts + (["autocast_output=True"] if self.autocast_output else []) if p)
 
     def recovery(self, y_dtype: torch.dtype | None = None) -> Recovery:
         """Which columns this layer keeps x_hat for with its current parameters (``y_dtype``: the
         output dtype, by default the weight's)."""
         w = getattr(self, "weight", None)
         dtype = y_dtype or (w.dtype if w is not None else torch.float32)
-        return recovery(w, getattr(self, "bias", None), dtype, 1.0 if getattr(self, "style", "") == "gemma" else 0.0)
+        return recovery(w, getattr(self, "bias", None), dtype, weight_offset(getattr(self, "style", "torch")))
 
 
 def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
@@ -777,19 +793,11 @@ class LayerNorm(_Saving, nn.LayerNorm):
                  backend: str | None = None) -> None:
         any_size = _any_size(normalized_shape, elementwise_affine)
         super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        if any_size:
-            self.normalized_shape = None  # type: ignore[assignment]
-        _check_style(style, False)
-        self.style, self.backend = style, backends.check_name(backend)
-        self.autocast_output = flag(autocast_output, "autocast_output")
+        self._configure(any_size, style, False, autocast_output, backend)
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self._shape_for(input), self.weight, self.bias, self.eps, style=self.style,
                           autocast_output=self.autocast_output, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        style = f"style={self.style!r}" if self.style != "torch" else ""
-        return ", ".join(p for p in (super().extra_repr(), style, self._extra()) if p)
 
 
 class RMSNorm(_Saving, nn.RMSNorm):
@@ -805,16 +813,8 @@ class RMSNorm(_Saving, nn.RMSNorm):
                  backend: str | None = None) -> None:
         any_size = _any_size(normalized_shape, elementwise_affine)
         super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, device, dtype)
-        if any_size:
-            self.normalized_shape = None  # type: ignore[assignment]
-        _check_style(style, True)
-        self.style, self.backend = style, backends.check_name(backend)
-        self.autocast_output = flag(autocast_output, "autocast_output")
+        self._configure(any_size, style, True, autocast_output, backend)
 
     def forward(self, input: Tensor) -> Tensor:
         return rms_norm(input, self._shape_for(input), self.weight, self.eps, style=self.style,
                         autocast_output=self.autocast_output, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        style = f"style={self.style!r}" if self.style != "torch" else ""
-        return ", ".join(p for p in (super().extra_repr(), style, self._extra()) if p)
