@@ -273,11 +273,9 @@ def _meeting_relation(lo: Branch, hi: Branch, spec: ActivationSpec, values: dict
     at the fitted values ('c > 0' for Piecewise((a*x + c, x < 0), (b*x + c, True)) at c = 0.5: at c = 0
     the signed-zero rule would need codes of their own); "" where that y is a number; None where it
     cannot be written (the table is then made for the fitted values only)."""
-    x_b = hi.x_range[0] if hi.direction != "decreasing" else hi.x_range[1]
-    xs = _symbolic_boundary(x_b, spec)
-    if xs is None:
+    y0 = _meeting_y(hi, spec)
+    if y0 is None:
         return None
-    y0 = sp.simplify(hi.sym_expr.subs(X, xs))
     if not (y0.free_symbols & set(values)):
         return ""
     return _sign_relation(y0, values)
@@ -778,7 +776,7 @@ def _code_classes(analysis: Analysis, per_branch: dict, spec: ActivationSpec, ge
     return out
 
 
-def _branch_break(left: Branch, right: Branch, spec, generic) -> Break:
+def _branch_break(left: Branch, right: Branch, spec: ActivationSpec, generic: bool) -> Break:
     """The y boundary between two branches of one code class, owned as PyTorch's kinks are."""
     value = right.y_range[0]
     left_has = left.y_closed[1] or left.flat
@@ -790,9 +788,14 @@ def _branch_break(left: Branch, right: Branch, spec, generic) -> Break:
     else:
         side = "right" if right_has else "left"
     text = repr(float(value))
-    if generic:
-        x_b = right.x_range[0] if right.direction != "decreasing" else right.x_range[1]
-        xs = _symbolic_boundary(x_b, spec)
-        if xs is not None:
-            text = sp.sstr(sp.simplify(right.sym_expr.subs(X, xs)))
+    if generic and (y0 := _meeting_y(right, spec)) is not None:
+        text = sp.sstr(y0)
     return Break(text, side)
+
+
+def _meeting_y(hi: Branch, spec: ActivationSpec) -> sp.Expr | None:
+    """The y where branch ``hi`` meets the branch before it in its code class (the y of its lower end),
+    as an expression in the parameters; None where that x is not a piece boundary of the formula."""
+    x_b = hi.x_range[0] if hi.direction != "decreasing" else hi.x_range[1]
+    xs = _symbolic_boundary(x_b, spec)
+    return None if xs is None else sp.simplify(hi.sym_expr.subs(X, xs))
