@@ -53,15 +53,21 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 @functools.cache
-def triton_importable() -> bool:
+def triton_import_error() -> Exception | None:
+    """Why an installed Triton does not import (the exception its import raised); None where it
+    imports or is not installed."""
     if importlib.util.find_spec("triton") is None:
-        return False
+        return None
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:  # a broken install counts as absent
-        return False
-    return True
+    except Exception as error:  # a broken install: absent, and said so where Triton would run
+        return error
+    return None
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None and triton_import_error() is None
 
 
 @functools.cache
@@ -79,9 +85,11 @@ def compiler_available() -> bool:
 def available(device_type: str) -> list[str]:
     """Backends usable for tensors on ``device_type`` ("cpu", "cuda", ...), in order of preference."""
     out = []
-    if ("triton" not in _broken and triton_importable()
-            and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
-        out.append("triton")
+    if "triton" not in _broken and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        if triton_importable():
+            out.append("triton")
+        elif triton_import_error() is not None:   # installed but broken: warn once, as a failed kernel
+            fallback_used("triton", triton_import_error(), "next available")
     if "compiled" not in _broken and (device_type == "cuda" or compiler_available()):
         out.append("compiled")
     out.append("eager")
@@ -129,7 +137,9 @@ def resolve(backend: str | None, device_type: str) -> str:
     if backend == "triton" and "triton" in _broken:
         return instead_of_triton(device_type)  # already warned once
     if backend not in usable:
-        raise ValueError(f"{source}={backend!r} is not available for {device_type} tensors; available: "
+        error = triton_import_error() if backend == "triton" else None
+        why = f" (Triton does not import: {type(error).__name__}: {error})" if error is not None else ""
+        raise ValueError(f"{source}={backend!r} is not available for {device_type} tensors{why}; available: "
                          f"{', '.join(usable)}")
     return backend
 

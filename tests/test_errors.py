@@ -10,6 +10,7 @@ test_cli.test_damaged_table_exit_2), a root without generated code (test_ops.tes
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -168,6 +169,33 @@ def test_compiled_backend_that_fails_falls_back_with_one_warning(monkeypatch):
         assert torch.equal(double(t), t * 2)
     assert not [w for w in later if "backend failed" in str(w.message)]
     assert backends.resolve("compiled", "cpu") == "eager"
+
+
+def test_a_triton_that_does_not_import_is_named_not_hidden(tmp_path):
+    """An installed Triton whose import raises (a broken install, a CUDA/driver mismatch) was taken
+    for no Triton at all: backend='triton' said only "not available". Where Triton would run, one
+    warning names the import error, and the activation runs on the next backend."""
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('libcuda.so.1: cannot open')\n")
+    script = """
+import warnings, torch, invact
+from invact import backends
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    usable = backends.available("cpu")
+    y = invact.GELU(backend="triton")(torch.ones(3, requires_grad=True))
+print(repr((usable, [str(w.message) for w in seen if "backend failed" in str(w.message)], y.sum().item() > 0)))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    usable, warned, ran = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 (our own print)
+    assert "triton" not in usable and ran
+    assert len(warned) == 1 and "ImportError: libcuda.so.1: cannot open" in warned[0], warned
 
 
 @pytest.mark.parametrize("name", ops.names())
