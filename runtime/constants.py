@@ -1,7 +1,7 @@
 """An activation's parameters, checked, and the constants its kernels read for a dtype and device.
 
 Documented internals (the ops, the implementations and generated code use them):
-:func:`check_params` (a call's parameters against the table's), :class:`Constants`,
+:func:`param_values` (a call's parameters against the table's), :class:`Constants`,
 :func:`module_constants` (cached per generated module, dtype, device and parameter values) and
 :func:`table_constants` (the same by activation name: what generated modules import).
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 from . import bitpack, registry
 from .common import params as common_params
 
-__all__ = ["check_params", "holds", "Constants", "module_constants", "table_constants"]
+__all__ = ["param_values", "holds", "Constants", "module_constants", "table_constants"]
 
 # param_domain relations: compared by an ast walk, never eval'd (invact.common.params)
 holds = common_params.holds
@@ -31,7 +31,7 @@ def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
     return f"invact fit {name}" + registry.fit_options(values, meta["tolerance"], root)
 
 
-def check_params(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
+def param_values(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
     """The values (defaults filled in, table order) for table ``name``; ParamError (a ValueError) naming
     the parameter otherwise, by the check the fitter makes too (invact.common.params)."""
     if not params and isinstance(name, str):
@@ -98,7 +98,7 @@ class Constants:
 def table_constants(name: str, dtype: torch.dtype, device: torch.device | str,
                     params: dict[str, float] | None = None) -> Constants:
     """Constants of activation ``name`` for tensors of ``dtype`` on ``device``."""
-    values = check_params(name, params)
+    values = param_values(name, params)
     return module_constants(registry.module(name), dtype, torch.device(device), values)
 
 

@@ -36,7 +36,7 @@ _ROWS = group("module")
 __all__ = ["Activation", "activation", *_ROWS, "module_for"]
 
 
-def check_params(name: str, params: dict[str, float] | None) -> dict[str, float]:
+def named_params(name: str, params: dict[str, float] | None) -> dict[str, float]:
     """Validate ``params`` for table ``name``; return them as floats, defaults filled in.
 
     Raises ``ValueError`` for an unknown table (listing the known ones), an unknown parameter, a
@@ -46,7 +46,7 @@ def check_params(name: str, params: dict[str, float] | None) -> dict[str, float]
     """
     defaults = ops.info(name)["params"]
     # ops' own validator (one source of truth for the rules); it returns the values in table order
-    return dict(zip(defaults, constants.check_params(name, params)))
+    return dict(zip(defaults, constants.param_values(name, params)))
 
 
 class Activation(nn.Module):
@@ -70,7 +70,7 @@ class Activation(nn.Module):
         super().__init__()
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        self.params = check_params(name, params)
+        self.params = named_params(name, params)
         self.name = name
         self.backend = backends.check_name(backend)
 
@@ -115,7 +115,7 @@ class _TorchStyle(Activation):
         for key, value in values.items():
             setattr(self, key, value)
         name, params = self.table()                          # validates approximate etc.
-        check_params(name, params)
+        named_params(name, params)
 
     # name/params follow the attributes, so ``m.beta = 2.0`` behaves as on torch.nn.Softplus
     @property
@@ -168,9 +168,9 @@ _BY_TABLE = {row.name: (cls, dict(row.select)) for cls, rows in zip(_CLASSES, _R
 
 def module_for(name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Activation:
     """The module for table ``name``: a torch.nn look-alike when one takes the given parameters,
-    else :class:`Activation`. Raises ``ValueError`` like :func:`check_params`."""
+    else :class:`Activation`. Raises ``ValueError`` like :func:`named_params`."""
     given = dict(params or {})
-    full = check_params(name, given)
+    full = named_params(name, given)
     cls, fields = _BY_TABLE.get(name, (None, {}))
     if cls is not None and set(given) <= set(cls._params):
         return cls(**fields, **{k: full[k] for k in cls._params}, backend=backend)

@@ -33,7 +33,7 @@ from torch._C._functorch import TransformType
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from . import backends, layout, registry
-from .constants import Constants, check_params, module_constants, table_constants
+from .constants import Constants, module_constants, param_values, table_constants
 from .impl_compiled import COMPILED
 from .impl_cpu import CPU
 from .impl_eager import EAGER
@@ -327,7 +327,7 @@ def _backward_vmap(info, in_dims, grad, y, code, name, params, backend):
 
 @torch._dynamo.assume_constant_result
 def _prepare(name: str, params: tuple, backend: str | None, device_type: str) -> tuple[list[float], str]:
-    return list(check_params(name, dict(params))), backends.resolve(backend, device_type)
+    return list(param_values(name, dict(params))), backends.resolve(backend, device_type)
 
 
 def _constant(params: dict[str, float] | None) -> dict[str, float] | None:

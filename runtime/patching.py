@@ -75,7 +75,7 @@ from torch.nn.utils import parametrize
 from . import backends, measure, modes, norm_patch, ops, recognise
 from .arguments import flag
 from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
-from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, check_params, module_for
+from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, module_for, named_params
 from .norms import _Saving
 from .routing import FunctionalRouter
 
@@ -336,7 +336,7 @@ def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_s
                              "it anyway)")
     try:
         params = {k: float(v) for k, v in rule.params(child).items()}
-        check_params(table, params)
+        named_params(table, params)
     except (ValueError, TypeError) as exc:            # parameters the table cannot serve
         return table, None, str(exc)
     return table, params, None

@@ -151,7 +151,7 @@ def test_fitter_and_runtime_share_the_check(params, message, argument):
     assert str(fitter.value) == message
     if "elu" in ops.names():
         with pytest.raises(ValueError) as runtime:
-            modules.check_params("elu", params)
+            modules.named_params("elu", params)
         assert str(runtime.value) == message
 
 

@@ -92,12 +92,12 @@ def test_the_clamp_of_u_keeps_nan(report):
     and the C kernels keep it, where max.f32 / min.f32 would return the bound; sides left out
     leave no instruction."""
     from invact import impl_triton, u_clamp
-    from invact.constants import check_params
+    from invact.constants import param_values
     for name in ops.names():
         mod = registry.module(name)
         if not getattr(mod, "TRANSFORMS", ()):
             continue
-        kept = impl_triton.clamps(mod, check_params(name, None))  # as launched: the default parameters
+        kept = impl_triton.clamps(mod, param_values(name, None))  # as launched: the default parameters
         for kernel in ("backward", "backward_counted"):
             for case, found in report[name].get(kernel, {}).items():
                 ptx = found["ptx"]
