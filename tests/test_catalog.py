@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +187,26 @@ def test_generated_functions_trace_without_graph_breaks():
     y = torch.compile(f, fullgraph=True)(x)
     # the same custom ops, then the same two float64 additions in the same order: bit for bit
     torch.testing.assert_close(y, f(x), rtol=0, atol=0)
+
+
+def test_prose_lists_name_every_catalog_class():
+    """The catalog builds the code, but four places list its rows in prose for readers: invact's
+    docstring, README's quick start, patch's and routing's docstrings. A row added without them fails
+    here, by name (docs/architecture.md, "Adding a built-in activation")."""
+    from invact import patching, routing
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quick = readme[readme.index("* Modules with torch.nn's names"):][:600]
+    missing = []
+    for e in CATALOG:
+        if e.module and f":class:`{e.module}`" not in invact.__doc__:
+            missing.append(f"invact/__init__ docstring: :class:`{e.module}`")
+        if e.module and not re.search(rf"\b{e.module}\b", quick):
+            missing.append(f"README quick start: {e.module}")
+        for cls in [r.cls for r in e.rules] + ([e.torch] if e.torch else []):
+            if cls.rsplit(".", 1)[-1] not in patching.__doc__:
+                missing.append(f"invact.patching docstring: {cls}")
+    for fn in routing.ROUTED:
+        if f"``F.{fn.__name__}``" not in routing.__doc__:
+            missing.append(f"invact.routing docstring: ``F.{fn.__name__}``")
+    assert not missing, sorted(set(missing))
