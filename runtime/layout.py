@@ -3,19 +3,22 @@
 y keeps x's memory format, as torch.nn.functional's elementwise ops do (TensorIterator's output
 strides), and the packed code covers y's elements in that order. Documented internals: :func:`order`,
 :func:`dense_strides`, :func:`like`, :func:`flat`, :func:`empty_code`, :func:`as_packed`,
-:func:`backward_views` and :func:`backward_buffers`.
+:func:`backward_views` and :func:`backward_buffers`; :func:`is_jagged` and :func:`on_jagged_values` run an
+elementwise function on a jagged nested tensor.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from . import bitpack
 
-__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "as_packed", "backward_views", "backward_buffers"]
+__all__ = ["order", "dense_strides", "like", "flat", "empty_code", "as_packed", "backward_views", "backward_buffers",
+           "is_jagged", "on_jagged_values"]
 
 
 def order(t: Tensor) -> list[int]:
@@ -66,6 +69,20 @@ def require_strided(x: Tensor, what: str) -> None:
     if x.layout is not torch.strided or x.is_nested:
         raise TypeError(f"{what} must be a dense (strided) tensor, got a {'nested' if x.is_nested else x.layout} "
                         "one (apply it to a nested tensor's .values(), or to a sparse one's .to_dense())")
+
+
+def is_jagged(x: Tensor) -> bool:
+    """x is a nested tensor of layout torch.jagged (its elements are a dense ``x.values()``)."""
+    return x.is_nested and x.layout is torch.jagged
+
+
+def on_jagged_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """An elementwise ``fn`` of a jagged nested tensor x: ``fn(x.values())`` rewrapped with x's offsets, lengths,
+    ragged dimension and cached sequence lengths (the same nested size, so y + x works; gradients reach x
+    through ``values()``), as PyTorch runs its own unary pointwise ops on jagged tensors."""
+    return torch.nested.nested_tensor_from_jagged(
+        fn(x.values()), x.offsets(), lengths=x.lengths(), jagged_dim=x._ragged_idx,
+        min_seqlen=x._maybe_min_seqlen, max_seqlen=x._maybe_max_seqlen)
 
 
 def dense_strides(x: Tensor) -> tuple[int, ...]:

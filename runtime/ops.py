@@ -314,6 +314,8 @@ def _batched_backward(backward: Callable, in_dims: tuple, grad: Tensor, y: Tenso
     if ydim is not None:
         grad = grad.movedim(gdim, ydim) if gdim is not None else grad.unsqueeze(ydim).expand(y.shape)
         return backward(grad, y, code, *rest), ydim
+    if grad.shape[gdim] == 0:  # no entries (jacrev of an empty y): nothing to stack
+        return y.new_empty((0, *y.shape)), 0
     return torch.stack([backward(g, y, code, *rest) for g in grad.unbind(gdim)]), 0
 
 
@@ -360,12 +362,16 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
     ``params``: the activation's parameters (defaults from the table; see :func:`info`).
     ``backend``: "triton", "compiled", "eager" or None (default: $INVACT_BACKEND, else the best
     available; see :mod:`invact.backends`). Under torch.autocast the activation runs in x's dtype, as
-    GELU and SiLU do (autocast is switched off inside, so every dtype the op sees is concrete).
+    GELU and SiLU do (autocast is switched off inside, so every dtype the op sees is concrete). A jagged
+    nested x: y = f(x.values()) with x's structure (:func:`invact.layout.on_jagged_values`); other nested
+    and sparse layouts are refused.
     """
     if isinstance(x, torch.fx.Proxy):
         return fx_call(apply, x, name, params, backend)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if layout.is_jagged(x):  # elementwise: on the values, rewrapped
+        return layout.on_jagged_values(lambda values: apply(values, name, params, backend), x)
     if x.dtype not in DTYPES:
         raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")

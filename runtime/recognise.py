@@ -20,7 +20,8 @@ next (a dropout inside it) computes no fixed function, and is neither recognised
 
 A module whose probe runs and is elementwise (flipping the input flips the output) but matches no
 reference is "activation-like, not recognised"; one whose probe fails or is not elementwise is not an
-activation and is not reported.
+activation and is not reported, nor is one whose output equals its input (the identity: a DropPath with
+drop_prob 0, a padding layer with nothing to remove).
 
 :func:`state_mismatch` tells whether a replacement holds what a module holds (parameters, buffers, submodules
 under the same names): :func:`invact.patch` swaps only where it does.
@@ -115,16 +116,18 @@ def probe_copy(module: nn.Module) -> nn.Module:
 
 def probe(module: nn.Module) -> tuple[str | None, bool]:
     """``(table, activation_like)``: the reference ``module`` computes (or None), and whether it looked
-    like an elementwise activation at all (computing the same in training and eval mode, every call)."""
+    like an elementwise activation at all (computing the same in training and eval mode, every call, and
+    not the identity)."""
     try:   # on the CPU, also within a default-device context (torch.device("meta") around patch)
         with torch.device("cpu"), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            x, twin = _probe_input(), probe_copy(module)
-            y, y_flipped = twin.eval()(x), twin(x.flip(-1))
-            trained = [twin.train()(x) for _ in range(2)]
+            x, twin = _probe_input(), probe_copy(module)   # each call on a copy: an in-place module keeps x
+            y, y_flipped = twin.eval()(x.clone()), twin(x.flip(-1))
+            trained = [twin.train()(x.clone()) for _ in range(2)]
     except Exception:  # noqa: BLE001 - a module that cannot take one float64 tensor is not an activation
         return None, False
     if not (all(isinstance(t, torch.Tensor) for t in (y, y_flipped, *trained)) and y.shape == x.shape
-            and y.dtype == x.dtype and _same(y_flipped.flip(-1), y) and all(_same(t, y) for t in trained)):
+            and y.dtype == x.dtype and _same(y_flipped.flip(-1), y) and all(_same(t, y) for t in trained)) \
+            or _same(y, x):  # the identity: no activation
         return None, False
     slack = _ULPS64 * (1 + x.abs().clamp(max=64))
     for name, ref in references().items():

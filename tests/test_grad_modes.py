@@ -146,3 +146,18 @@ def test_data_mutation_of_saved_output_changes_gradient():
     y.detach().mul_(3)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
+def test_jacobian_of_an_empty_input_is_empty(name, transform):
+    """jacrev / jacfwd over an empty x (a vmap over 0 entries) give torch's empty jacobian: shape y.shape +
+    x.shape, no stack of nothing ("stack expects a non-empty TensorList" before)."""
+    x = torch.randn(0, 5)
+    jac = getattr(torch.func, transform)(lambda t: ops.apply(t, name, backend="eager"))(x)
+    assert jac.shape == (0, 5, 0, 5) and jac.dtype == x.dtype
+
+
+def test_vmapped_pullback_over_no_cotangents_is_empty(name):
+    _, pullback = torch.func.vjp(lambda t: ops.apply(t, name, backend="eager"), torch.randn(4))
+    (grads,) = torch.func.vmap(pullback)(torch.randn(0, 4))
+    assert grads.shape == (0, 4) and grads.dtype == torch.float32

@@ -2,7 +2,9 @@
 overridden on the instance (accelerate's hooks), a weight computed by a hook (torch.nn.utils.prune,
 weight_norm), extra parameters, buffers or submodules (a QAT observer), DTensor parameters (FSDP2), a child
 torch.compile wraps itself; the norm probe's verdict is per configuration, not per class; a replacement keeps
-its original's parameter order.
+its original's parameter order. The activation probe reports no identity (a DropPath with drop_prob 0, a pad
+layer with nothing to remove) as an unrecognised activation, and compares an in-place module's output with
+the references at the input it was given.
 
 Most checks are exact: which modules are left (the same objects), the reason, parameter order, optimizer
 state, state_dict keys, outputs of models whose swapped modules are all left (bit for bit). The FSDP2 test
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
-from invact import norm_patch
+from invact import norm_patch, recognise
 
 TOL = 1e-6                          # relative to the largest entry: see the module docstring
 
@@ -399,3 +401,60 @@ def test_a_whole_compiled_model_is_still_patched():
     report = invact.patch(compiled)
     assert _replaced(report) == ["_orig_mod.1", "_orig_mod.2"] and not report.left
     compiled(torch.randn(4, 16)).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the activation probe: identities, in-place modules
+
+class DropPath(nn.Module):
+    """timm's and transformers' (PoolFormerDropPath) drop path: the identity at drop_prob 0."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[:1] + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class PadLayer(nn.Module):
+    """transformers' Data2VecAudioPadLayer: removes the last ``remove`` positions (none for an odd kernel)."""
+
+    def __init__(self, remove: int = 0):
+        super().__init__()
+        self.remove = remove
+
+    def forward(self, x):
+        return x[..., :-self.remove] if self.remove > 0 else x
+
+
+class TimesOne(nn.Module):
+    def forward(self, x):
+        return x * 1.0
+
+
+class InPlaceReLU(nn.Module):
+    def forward(self, x):
+        return x.clamp_(min=0)
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_an_identity_is_not_reported_as_an_unrecognised_activation(measured):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), DropPath(), PadLayer(), TimesOne(), nn.GELU(), nn.Linear(32, 4))
+    report = invact.patch(model, example=torch.randn(8, 16) if measured else None)
+    assert _replaced(report) == ["4"] and not report.left, str(report)
+    assert all(recognise.probe(m) == (None, False) for m in (DropPath(), PadLayer(), TimesOne()))
+
+
+def test_an_in_place_module_is_probed_at_the_input_it_was_given():
+    """An in-place ReLU clamps the probe's x: compared at the clamped x, it matched ELU (the identity on x >= 0)."""
+    if "relu" not in recognise.references():
+        pytest.skip("no relu table")
+    assert recognise.probe(InPlaceReLU()) == ("relu", True)
+    model = nn.Sequential(nn.Linear(4, 8), InPlaceReLU(), nn.Linear(8, 2))
+    report = invact.patch(model, example=torch.randn(3, 4))
+    assert _replaced(report) == ["1"] and type(model[1]) is invact.ReLU, str(report)   # (invact.ELU before)
