@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..common import roots
+from ..common.roots import ROOT_ENV
 from ..common.table_hash import canonical_sha256
 from .errors import TableError, WriteError
 
@@ -38,7 +40,6 @@ TARGETS = ("derivative", "inverse")
 # codes, so bits must divide 8); 0 = one code, nothing stored.
 CODE_BITS = (0, 1, 2, 4, 8)
 MAX_CODES = 2 ** CODE_BITS[-1]
-ROOT_ENV = "INVACT_ROOT"
 
 # Keys in the order docs/table-format.md lists them (any dict level); others follow, sorted.
 _KEY_ORDER = [
@@ -161,35 +162,22 @@ def check_root(root: str | os.PathLike | None = None, create: bool = False) -> P
     """:func:`project_root`, refused (:class:`TableError`) unless it is a project tree: an existing
     folder with ``generated/tables/`` (what ``invact fit --root`` writes and ``invact.use_root``
     reads). ``create``: a folder without ``generated/``, or a new folder in an existing one, is
-    accepted (``invact fit`` creates the layout)."""
+    accepted (``invact fit`` creates the layout). The runtime checks its roots alike
+    (:func:`invact.common.roots.check_root`)."""
     given = root if root is not None else os.environ.get(ROOT_ENV) or None
     path = project_root(root)
     if given is None:
         return path
     source = "--root" if root is not None else f"${ROOT_ENV}"
-    if create and not path.exists() and path.parent.is_dir():
-        return path
-    if path.exists() and not path.is_dir():
-        raise TableError(f"{source} {given}: is a file, not a folder (a root is a folder holding "
-                         "generated/tables/, as `invact fit NAME --root DIR` makes)")
-    if not path.is_dir():
-        raise TableError(f"{source} {given}: no such folder (a root is a folder holding generated/tables/, "
-                         "as `invact fit NAME --root DIR` makes)")
-    generated = path / "generated"
-    if create and not generated.exists():
-        return path
-    if not (generated / "tables").is_dir():
-        raise TableError(f"{source} {given}: {path} has no generated/tables/ folder, so it is not an invact "
-                         f"root; fit into it with `invact fit NAME --root {given}`")
-    return path
+    try:
+        return roots.check_root(given, source, create=create)
+    except roots.RootError as exc:
+        raise TableError(str(exc)) from None
 
 
 def root_option(root: str | os.PathLike | None) -> str:
-    """`` --root ROOT`` for a hint, or "" when ``root`` is the installed tree."""
-    if root is None:
-        return ""
-    root = Path(root).resolve()
-    return "" if root == installed_root() else f" --root {root}"
+    """`` --root ROOT`` (shell-quoted) for a hint, or "" when ``root`` is None or the installed tree."""
+    return roots.root_option(root, installed_root())
 
 
 def root_of(path: str | os.PathLike) -> Path | None:
@@ -234,16 +222,13 @@ def list_tables(root: str | os.PathLike | None = None, target: str | None = None
 
 def fit_command(name: str, target: str = "derivative", table: dict | None = None,
                 root: str | os.PathLike | None = None) -> str:
-    """The ``invact fit`` command line that regenerates a table (in ``root`` when that is not the
-    installed tree); ``FORMULA`` stands for a formula that ``table`` does not give."""
-    from .formulas import BUILTINS
-    formula = "FORMULA" if table is None else repr(table.get("formula", name))
-    what = name if name in BUILTINS else f"{formula} --name {name}"
-    params = (table or {}).get("params") or {}
-    defaults = BUILTINS[name].params if name in BUILTINS else {}
-    extra = "".join(f" --param {k}={v!r}" for k, v in params.items() if defaults.get(k) != v)
-    target_opt = "" if target == "derivative" else f" --target {target}"
-    return f"invact fit {what}{extra}{target_opt}{root_option(root)}"
+    """The ``invact fit`` command line that regenerates a table with its parameters and tolerance (in
+    ``root`` when that is not the installed tree); ``FORMULA`` stands for a formula that ``table`` does not
+    give. Built as the runtime's hints are (:func:`invact.common.roots.fit_hint`)."""
+    formula = "FORMULA" if table is None else table.get("formula", name)
+    table = table or {}
+    return roots.fit_hint(name, formula, table.get("params"), table.get("tolerance"), target, root,
+                          installed_root())
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,9 +260,9 @@ def load_table(path: str | os.PathLike, text: str | None = None) -> dict:
             hint = f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
         elif isinstance(table, dict) and isinstance(table.get("sha256"), str):
             # changed after invact wrote it: its formula is not to be trusted, nor proposed
-            hint = ("restore it from where it came, or delete it and refit it "
-                    + (f"with `{fit_command(name, target, root=root)}`" if _builtin(name) else
-                       f"from a formula you trust (`invact fit FORMULA --name {name}{root_option(root)}`)"))
+            refit = f"`{fit_command(name, target, root=root)}`"
+            hint = "restore it from where it came, or delete it and refit it " + (
+                f"with {refit}" if _builtin(name) else f"from a formula you trust ({refit})")
         raise TableError(f"table file {path} {problem}; {hint}")
     return table
 

@@ -19,16 +19,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from .common import roots
+from .common.roots import ROOT_ENV  # the fitter's --root: a tree whose generated/ holds tables and code
+
 __all__ = ["ROOT_ENV", "use_root", "names", "info", "module", "refresh", "triton_module", "generated_file", "root_option",
            "per_root", "TORCH_API", "TRITON_API"]
-
-ROOT_ENV = "INVACT_ROOT"  # the fitter's --root: a tree whose generated/ holds tables and code
 
 # what the runtime uses of a generated torch module; one from another invact version may lack it
 TORCH_API = ("META", "NAME", "PARAMS", "PARAM_ARGS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel",
@@ -132,23 +132,14 @@ def use_root(root: str | os.PathLike) -> None:
 
     Trust: this IMPORTS PYTHON CODE from ``root``/generated (the torch_*.py and triton_*.py modules),
     like unpickling a file: use only roots you would run code from. Raises FileNotFoundError naming
-    the folder when ``root`` is not a project tree (``generated/registry.py`` and ``generated/tables/``:
-    run ``invact generate --root ROOT``), NotADirectoryError for a file, TypeError for what is no path
-    (an empty string included: it is not taken for the current folder)."""
+    the folder and the command that makes it one when ``root`` is not a project tree (no such folder,
+    no ``generated/tables/``: ``invact fit``, or no ``generated/registry.py``: ``invact generate``),
+    NotADirectoryError for a file (the check the fitter makes of --root, :mod:`invact.common.roots`),
+    TypeError for what is no path (an empty string included: it is not taken for the current folder)."""
     import invact.generated as pkg
     if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
         raise TypeError(f"root must be a folder's path (str or os.PathLike, not empty), got {root!r}")
-    base = Path(root).resolve()
-    if base.is_file():
-        raise NotADirectoryError(f"root {root}: is a file, not a folder (a root holds generated/registry.py and "
-                                 "generated/tables/)")
-    if not base.is_dir():
-        raise FileNotFoundError(f"root {root}: no such folder (a root holds generated/registry.py and "
-                                f"generated/tables/, as `invact fit NAME --root {root}` writes them)")
-    folder = base / "generated"
-    if not (folder / "registry.py").is_file() or not (folder / "tables").is_dir():
-        raise FileNotFoundError(f"root {root}: {folder} has no registry.py and tables/; run "
-                                f"`invact generate --root {root}` (or fit into it with `invact fit NAME --root {root}`)")
+    folder = roots.check_root(root, needs_registry=True) / "generated"
     if str(folder) in pkg.__path__:
         pkg.__path__.remove(str(folder))
     pkg.__path__.insert(0, str(folder))
@@ -158,17 +149,19 @@ def use_root(root: str | os.PathLike) -> None:
 def fit_options(params: dict, tolerance: object, root: Path) -> str:
     """The options after `invact fit NAME` that fit ``params`` at ``tolerance`` into ``root`` (a
     ``--tolerance`` only where it is not the CLI's default), for hints in error messages."""
-    from .common.params import DEFAULT_TOLERANCE
-    given = isinstance(tolerance, float) and tolerance != DEFAULT_TOLERANCE
-    return ("".join(f" --param {k}={v!r}" for k, v in params.items())
-            + (f" --tolerance {tolerance!r}" if given else "") + root_option(root))
+    return roots.fit_options(params, tolerance) + root_option(root)
 
 
 def root_option(root: Path) -> str:
-    """`` --root ROOT`` for a hint about generated code in ``root``, "" for the installed tree."""
+    """`` --root ROOT`` (shell-quoted) for a hint about generated code in ``root``, "" for the installed
+    tree."""
+    return roots.root_option(root, _installed_root())
+
+
+def _installed_root() -> Path:
+    """The tree of the installed ``invact.generated`` package (its first folder before any root)."""
     import invact.generated as pkg
-    installed = root.resolve() == Path(pkg.__file__).resolve().parent.parent
-    return "" if installed else f" --root {shlex.quote(str(root))}"
+    return Path(pkg.__file__).parent.parent
 
 
 def names() -> list[str]:
@@ -268,23 +261,19 @@ def _check_table(mod: ModuleType, dotted: str) -> None:
 def _refit_hint(mod: ModuleType, table: Path) -> str:
     """The `invact fit` command that rebuilds ``table``, with the formula and parameters the code ``mod``
     was generated from (quoted, never evaluated), or FORMULA where the code does not give them."""
-    import shlex
-
     from .common.catalog import BY_NAME
     name = table.stem
     meta = getattr(mod, "META", None)
     meta = meta if isinstance(meta, dict) else {}
     formula, params = meta.get("formula"), meta.get("params")
-    params = params if isinstance(params, dict) else {}
-    defaults = BY_NAME[name].params if name in BY_NAME else {}
-    changed = {k: v for k, v in params.items() if defaults.get(k) != v}
-    options = fit_options(changed, meta.get("tolerance"), table.parent.parent.parent)
+    known = isinstance(formula, str) and formula.strip()
+    hint = roots.fit_hint(name, formula if known else "FORMULA", params if isinstance(params, dict) else {},
+                          meta.get("tolerance"), root=table.parent.parent.parent, installed=_installed_root())
     if name in BY_NAME:
-        return f"`invact fit {name}{options}`"
-    if not isinstance(formula, str) or not formula.strip():
-        return (f"`invact fit FORMULA --name {name}{options}` (its formula is unknown: the generated code does "
-                "not give it)")
-    return f"`invact fit {shlex.quote(formula)} --name {name}{options}` (the formula its code was made from)"
+        return f"`{hint}`"
+    if not known:
+        return f"`{hint}` (its formula is unknown: the generated code does not give it)"
+    return f"`{hint}` (the formula its code was made from)"
 
 
 def generated_file(dotted: str) -> tuple[str, str]:

@@ -1,5 +1,7 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any module defining kernels is imported."""
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -22,3 +24,46 @@ def unoptimised_kernel_build(monkeypatch):
     results (IEEE operations with no contraction either way), slower to run."""
     from invact import cpu_kernel
     monkeypatch.setattr(cpu_kernel, "FLAGS", tuple("-O0" if f == "-O3" else f for f in cpu_kernel.FLAGS))
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures the test files share (plain helpers: helpers.py)
+
+def _installed_generated() -> Path:
+    import invact.generated
+    return Path(invact.generated.__file__).parent   # the installed generated/: never written by a test
+
+
+def _all_tables() -> list[str]:
+    from invact import ops
+    return ops.names()
+
+
+@pytest.fixture(params=_all_tables())
+def name(request) -> str:
+    """Each generated activation in turn: a test taking ``name`` runs over all tables."""
+    return request.param
+
+
+@pytest.fixture
+def tree(request, tmp_path) -> Path:
+    """A scratch root, ``tmp_path/root``, whose generated/tables/ holds copies of the installed tables that
+    the test's module lists in ``TREE_TABLES`` (default gelu and tanh; () for none), code not generated."""
+    root = tmp_path / "root"
+    dest = root / "generated" / "tables"
+    dest.mkdir(parents=True)
+    for table in getattr(request.module, "TREE_TABLES", ("gelu", "tanh")):
+        shutil.copy(_installed_generated() / "tables" / f"{table}.json", dest)
+    return root
+
+
+@pytest.fixture
+def layered():
+    """Restore invact.generated's search path (and the runtime caches) after a test that uses a root."""
+    import invact
+    import invact.generated as pkg
+    before = list(pkg.__path__)
+    yield
+    pkg.__path__[:] = before
+    invact.use_root(_installed_generated().parent)
+    pkg.__path__[:] = before

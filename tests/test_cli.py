@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 import invact.generated
 from invact.fitting import cli, tables
+from helpers import CHEAP, invact_cli, snapshot
 from test_cli_found2 import read_until
 
 INVACT = Path(sys.executable).with_name("invact")
@@ -27,21 +27,6 @@ def run(*args, root: Path | None = None, code: str | None = None) -> subprocess.
     env = dict(os.environ, INVACT_ROOT=str(root)) if root else dict(os.environ)
     cmd = [sys.executable, "-c", code, *args] if code else [str(INVACT), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=300)
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def tree(tmp_path) -> Path:
-    """A project tree with a copy of the repository's gelu and tanh tables, code not generated."""
-    dest = tmp_path / "generated" / "tables"
-    dest.mkdir(parents=True)
-    (tmp_path / "generated" / "__init__.py").write_text("")
-    for name in ("gelu", "tanh"):
-        shutil.copy(REPO_TABLES / f"{name}.json", dest)
-    return tmp_path
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -68,13 +53,6 @@ def test_usage_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def invact(capsys, *argv) -> tuple[int, str, str]:
-    """`invact ARGV` in this process (the same main() the console script runs)."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 @pytest.mark.slow
 def test_console_script(tree):
     """The installed `invact` script: a success (0) and an input error (2), stderr one line."""
@@ -89,12 +67,12 @@ def test_console_script(tree):
 
 
 def test_version(capsys):
-    status, out, _ = invact(capsys, "--version")
+    status, out, _ = invact_cli(capsys, "--version")
     assert status == 0 and out.startswith("invact 0.")
 
 
 def test_show(tree, capsys):
-    status, out, _ = invact(capsys, "show", "gelu", "--root", tree)
+    status, out, _ = invact_cli(capsys, "show", "gelu", "--root", tree)
     assert status == 0 and "x*(erf(sqrt(2)*x/2) + 1)/2" in out
     assert "sqrt at y=-0.1699712" in out and "poly degree" in out and "fp32-stratified" in out
 
@@ -115,7 +93,7 @@ def test_show(tree, capsys):
     (["certify", "silu", "--target", "inverse"], "invact fit silu --target inverse"),
 ])
 def test_input_errors_exit_2(tree, capsys, argv, message):
-    status, out, err = invact(capsys, *argv, "--root", tree)
+    status, out, err = invact_cli(capsys, *argv, "--root", tree)
     assert status == 2 and out == ""
     assert err.startswith("invact: error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1
@@ -130,7 +108,7 @@ def test_input_errors_exit_2(tree, capsys, argv, message):
 ])
 def test_analysis_errors_exit_2(tree, capsys, formula, message):
     """Refused once branch analysis has started: progress lines, then one error line; nothing written."""
-    status, out, err = invact(capsys, "fit", formula, "--name", "f", "--root", tree)
+    status, out, err = invact_cli(capsys, "fit", formula, "--name", "f", "--root", tree)
     lines = err.strip().splitlines()
     assert status == 2 and out == "" and lines[-1].startswith("invact: error: ") and message in lines[-1], err
     assert all(line.startswith("invact: [") for line in lines[:-1]), err
@@ -140,9 +118,9 @@ def test_analysis_errors_exit_2(tree, capsys, formula, message):
 def test_damaged_table_exit_2(tree, capsys):
     path = tree / "generated" / "tables" / "gelu.json"
     path.write_text(path.read_text().replace('"tolerance": 5e-08', '"tolerance": 1e-07'))
-    status, _, err = invact(capsys, "show", "gelu", "--root", tree)
+    status, _, err = invact_cli(capsys, "show", "gelu", "--root", tree)
     assert status == 2 and str(path) in err and "sha256" in err and "invact fit gelu" in err
-    status, out, _ = invact(capsys, "list", "--root", tree)
+    status, out, _ = invact_cli(capsys, "list", "--root", tree)
     assert status == 0 and "invalid table" in out
 
 
@@ -150,10 +128,10 @@ def test_internal_error_exit_1(capsys, monkeypatch):
     def boom(args):
         raise ZeroDivisionError("simulated bug")
     monkeypatch.setattr(cli, "cmd_list", boom)
-    status, _, err = invact(capsys, "list")
+    status, _, err = invact_cli(capsys, "list")
     assert status == 1 and "internal error: ZeroDivisionError: simulated bug" in err and "--debug" in err
     assert "Traceback" not in err
-    status, _, err = invact(capsys, "list", "--debug")
+    status, _, err = invact_cli(capsys, "list", "--debug")
     assert status == 1 and "Traceback" in err
 
 
@@ -168,12 +146,12 @@ def test_fit_certify_plot_in_a_temporary_tree(tree, capsys):
     table = tables.load_table(path)
     assert table["certificate"]["checks"][-1] == "fp32-stratified-65536"
     assert (tree / "generated" / "torch_sigmoid.py").is_file() and (tree / "generated" / "registry.py").is_file()
-    status, _, err = invact(capsys, "certify", "sigmoid", "--fp32-samples", "4096", "--root", tree)
+    status, _, err = invact_cli(capsys, "certify", "sigmoid", *CHEAP, "--root", tree)
     assert status == 0, err
     assert "left" in err and "100%" in err                                  # progress bar with ETA
     assert tables.load_table(path)["certificate"]["checks"][-1] == "fp32-stratified-4096"
     png = tree / "sigmoid.png"
-    status, _, err = invact(capsys, "plot", path, "-o", png)
+    status, _, err = invact_cli(capsys, "plot", path, "-o", png)
     assert status == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert snapshot(REPO_TABLES) == repo_before
@@ -264,14 +242,14 @@ def test_failed_generation_restores_the_table(tree, capsys, monkeypatch):
     monkeypatch.setattr(codegen, "generate_all", broken)
     path = tree / "generated" / "tables" / "tanh.json"
     before = path.read_bytes()
-    status, _, err = invact(capsys, "certify", "tanh", "--fp32-samples", "4096", "--root", tree)
+    status, _, err = invact_cli(capsys, "certify", "tanh", *CHEAP, "--root", tree)
     assert status == 1 and "RuntimeError: codegen bug" in err
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["gelu.json", "tanh.json"]
 
 
 def test_generate(tree, capsys):
-    status, out, err = invact(capsys, "generate", "--root", tree)
+    status, out, err = invact_cli(capsys, "generate", "--root", tree)
     assert status == 0, err
     assert f"under {tree / 'generated'}" in out
     for name in ("torch_gelu.py", "triton_tanh.py", "registry.py"):
@@ -302,7 +280,7 @@ def test_concurrent_fits_of_one_name(tree):
 def test_root_before_or_after_the_command(tree, capsys, where):
     # a value given before the command must survive the subcommand's own parsing
     argv = ["--root", tree, "generate"] if where == "before" else ["generate", "--root", tree]
-    status, out, err = invact(capsys, *argv)
+    status, out, err = invact_cli(capsys, *argv)
     assert status == 0, err
     assert f"under {tree / 'generated'}" in out
     assert (tree / "generated" / "registry.py").is_file()

@@ -19,34 +19,13 @@ import invact
 import invact.generated
 from invact import backends, ops, registry
 from invact.fitting import cli, tables
+from invact.fitting.errors import TableError
 from invact.fitting.formulas import BUILTINS
-from test_trust import layered  # noqa: F401  (a fixture: restores invact.generated's path after a root)
+from helpers import CHEAP, invact_cli, snapshot_without_pycache
 
 REPO = Path(invact.generated.__file__).parent          # the installed generated/ (never written)
 README = Path(__file__).resolve().parent.parent / "README.md"
-CHEAP = ("--fp32-samples", "4096")
-
-
-def invact_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`invact ARGV` in this process (the same main() the console script runs)."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "__pycache__" not in p.parts}
-
-
-@pytest.fixture
-def tree(tmp_path) -> Path:
-    """A root with copies of the repository's gelu, tanh and softplus tables, code not generated."""
-    dest = tmp_path / "root" / "generated" / "tables"
-    dest.mkdir(parents=True)
-    for name in ("gelu", "tanh", "softplus"):
-        shutil.copy(REPO / "tables" / f"{name}.json", dest)
-    return tmp_path / "root"
+TREE_TABLES = ("gelu", "tanh", "softplus")             # the tables of conftest.py's `tree`
 
 
 def _writes_anyway(folder: Path) -> bool:
@@ -78,11 +57,11 @@ def test_read_only_folder_is_refused_before_the_fit(tree, capsys, folder):
     try:
         if _writes_anyway(target):
             pytest.skip("running as root: a folder's mode does not stop writes (the /proc and rollback tests run)")
-        before = snapshot(tree)
+        before = snapshot_without_pycache(tree)
         status, _, err = invact_cli(capsys, "fit", "3*x", "--name", "lin", "--root", tree, *CHEAP)
         assert status == 2 and f"cannot write to {target}" in err and "--root DIR" in err, err
         assert "invact: [" not in err                       # refused before the fit started
-        assert snapshot(tree) == before
+        assert snapshot_without_pycache(tree) == before
     finally:
         target.chmod(0o755)
 
@@ -110,7 +89,7 @@ def test_a_failed_write_puts_back_tables_and_code(tree, capsys, full_disk, argv,
     were, no temp file, and exits 2 with a plain message: it used to leave a new table with the old code
     (the runtime then refused the activation) and report an internal error."""
     assert invact_cli(capsys, "generate", "--root", tree)[0] == 0
-    before = snapshot(tree)
+    before = snapshot_without_pycache(tree)
     full_disk.append(failing)
     status, out, err = invact_cli(capsys, *argv, "--root", tree, *CHEAP)
     assert status == 2 and out == "", err
@@ -118,7 +97,7 @@ def test_a_failed_write_puts_back_tables_and_code(tree, capsys, full_disk, argv,
     assert last.startswith("invact: error: cannot write") and failing in last and "No space left" in last, err
     assert "nothing was changed" in last and "internal error" not in err
     assert not full_disk                                        # the failure happened
-    assert snapshot(tree) == before
+    assert snapshot_without_pycache(tree) == before
     assert not [p for p in tree.rglob("*") if p.name.startswith(".")]
 
 
@@ -370,12 +349,12 @@ def test_strided_input_packs_its_code_without_compiling(tree, capsys, layered):
 def test_builtin_parameters_are_refused_in_place(tree, capsys):
     """`invact fit softplus --param beta=2` rewrote the built-in's table, so softplus defaulted to beta=2 in
     every later process and patch no longer recognised torch's softplus. Refused; the message says how."""
-    before = snapshot(tree)
+    before = snapshot_without_pycache(tree)
     status, out, err = invact_cli(capsys, "fit", "softplus", "--param", "beta=2", "--root", tree, *CHEAP)
     assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert "'softplus' is a built-in" in err and "invact.activation('softplus', beta=2.0)" in err, err
     assert "`invact fit softplus --param beta=2 --name NEW`" in err, err
-    assert snapshot(tree) == before
+    assert snapshot_without_pycache(tree) == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,11 +445,11 @@ def test_another_formula_under_an_existing_name_needs_replace(tree, capsys):
     """A different formula under an existing table's name replaced it silently; now --replace says so."""
     assert invact_cli(capsys, "fit", "3*x", "--name", "lin", "--root", tree, *CHEAP)[0] == 0
     path = tree / "generated" / "tables" / "lin.json"
-    before = snapshot(tree)
+    before = snapshot_without_pycache(tree)
     status, out, err = invact_cli(capsys, "fit", "2*x", "--name", "lin", "--root", tree, *CHEAP)
     assert status == 2 and out == "", err
     assert "holds another formula, '3*x'" in err and "--replace" in err, err
-    assert snapshot(tree) == before
+    assert snapshot_without_pycache(tree) == before
     assert invact_cli(capsys, "fit", "3*x", "--name", "lin", "--root", tree, *CHEAP)[0] == 0   # same formula
     status, _, err = invact_cli(capsys, "fit", "2*x", "--name", "lin", "--replace", "--root", tree, *CHEAP)
     assert status == 0, err
@@ -509,3 +488,75 @@ def test_table_edited_or_missing_under_its_code_names_the_fit_that_rebuilds_it(t
             invact.activation(name)(torch.zeros(3))
         assert fix in str(info.value) and "invact generate" not in str(info.value), str(info.value)
         path.write_text(shipped[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. roots: the fitter and the runtime check them and name them in hints alike (invact.common.roots)
+
+def _hint(message: str, command: str) -> list[str]:
+    """The backticked `invact COMMAND ...` hint in ``message``, split as a shell splits it when pasted."""
+    found = re.search(rf"`(invact {command} [^`]*)`", message)
+    assert found, message
+    return shlex.split(found.group(1))
+
+
+def test_fitter_hints_paste_a_root_with_a_space(tmp_path, capsys):
+    """The fitter printed `--root /tmp/a root` unquoted (the runtime quoted it): pasted into a shell, the
+    path became two arguments. Its refusal of a folder that is no root, and the fit it proposes for a
+    table not fitted yet, now name the root as one argument."""
+    root = tmp_path / "a root"
+    root.mkdir()
+    status, _, err = invact_cli(capsys, "show", "silu", "--root", root)
+    assert status == 2 and _hint(err, "fit") == ["invact", "fit", "NAME", "--root", str(root)], err
+    (root / "generated" / "tables").mkdir(parents=True)
+    status, _, err = invact_cli(capsys, "show", "silu", "--root", root)
+    assert status == 2 and _hint(err, "fit") == ["invact", "fit", "silu", "--root", str(root)], err
+
+
+def test_runtime_hints_paste_a_root_with_a_space_and_match_the_fitters(tmp_path, capsys, layered):
+    """invact.use_root's refusal printed `invact generate --root /tmp/a root` unquoted; the runtime's
+    refit hint (a table missing under its code) and the fitter's (`tables.fit_command`) are one command,
+    the table's own tolerance included (the fitter's hint left --tolerance out, refitting at the default)."""
+    root = tmp_path / "a root"
+    status, _, err = invact_cli(capsys, "fit", "3*x", "--name", "lin", "--tolerance", "1e-06", "--root", root,
+                                *CHEAP)
+    assert status == 0, err
+    registry_file = root / "generated" / "registry.py"
+    registered = registry_file.read_text()
+    registry_file.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        invact.use_root(root)
+    assert _hint(str(info.value), "generate") == ["invact", "generate", "--root", str(root)], info.value
+    registry_file.write_text(registered)
+    path = root / "generated" / "tables" / "lin.json"
+    fitted = tables.load_table(path)
+    path.unlink()
+    invact.use_root(root)
+    with pytest.raises(ImportError) as info:
+        invact.activation("lin")(torch.zeros(3))
+    refit = ["invact", "fit", "3*x", "--name", "lin", "--tolerance", "1e-06", "--root", str(root)]
+    assert _hint(str(info.value), "fit") == refit, info.value
+    assert shlex.split(tables.fit_command("lin", table=fitted, root=root)) == refit
+
+
+@pytest.mark.parametrize("layout, runtime_error", [
+    ("file", NotADirectoryError), ("missing", FileNotFoundError), ("no generated/tables", FileNotFoundError)])
+def test_fitter_and_runtime_refuse_a_root_alike(tmp_path, layout, runtime_error):
+    """One check (invact.common.roots) behind `invact ... --root` and invact.use_root: each keeps its error
+    type (TableError: exit 2; an OSError), and both say the same after the root's name. A folder without
+    generated/tables/ named `invact generate` in the runtime, which refuses such a folder too: both now
+    name `invact fit`."""
+    root = tmp_path / "r"
+    if layout == "file":
+        root.write_text("")
+    elif layout == "no generated/tables":
+        root.mkdir()
+    with pytest.raises(TableError) as fitter:
+        tables.check_root(root)
+    with pytest.raises(runtime_error) as runtime:
+        invact.use_root(root)
+    said = str(fitter.value).removeprefix(f"--root {root}: ")
+    assert str(runtime.value).removeprefix(f"root {root}: ") == said.replace(
+        "generated/tables/,", "generated/registry.py and generated/tables/,"), (fitter.value, runtime.value)
+    if layout == "no generated/tables":
+        assert _hint(said, "fit") == ["invact", "fit", "NAME", "--root", str(root)], said

@@ -23,7 +23,7 @@ from kernel_rows import table_edges
 from norm_cases import check_kernel_case, kernel_case, run_norm
 from triton_tolerances import default_params, formula_error, is_fitted, within
 
-NAMES = ops.names()
+NAMES = ops.names()   # every table; a test taking `name` runs over each (the fixture in conftest.py)
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="set TRITON_INTERPRET=0: compiled kernels"),
@@ -31,11 +31,6 @@ pytestmark = [
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 1023, 1024, 3 * 1024 * 1024 + 9]
-
-
-@pytest.fixture(params=NAMES)
-def name(request):
-    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -15,19 +15,10 @@ pytest.importorskip("flint")
 
 import sympy as sp  # noqa: E402
 
-from invact.fitting import cli  # noqa: E402
 from invact.fitting.branches import analyze  # noqa: E402
 from invact.fitting.errors import FitError  # noqa: E402
 from invact.fitting.formulas import X, get_spec  # noqa: E402
-
-CHEAP = ("--fp32-samples", "4096")
-
-
-def invact_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`invact ARGV` in this process (the same main() the console script runs)."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+from helpers import CHEAP, invact_cli  # noqa: E402
 
 
 # --- 1. certification failures: overflow in the tail's proof, a piece no proof closes --------------

@@ -12,19 +12,10 @@ import json
 import mpmath
 import numpy as np
 
-from invact.fitting import cli
 from invact.fitting.certify import branch_reference, certify_table
 from invact.fitting.float32 import from_ordinal, ordinal
 from invact.fitting.model import Table
-
-CHEAP = ("--fp32-samples", "4096")
-
-
-def invact_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`invact ARGV` in this process (the same main() the console script runs)."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
+from helpers import CHEAP, invact_cli
 
 
 def _table(root, name: str) -> dict:

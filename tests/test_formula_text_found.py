@@ -19,10 +19,11 @@ import pytest
 
 import invact.generated
 from invact.common.table_hash import canonical_sha256
-from invact.fitting import cli, tables
+from invact.fitting import tables
 from invact.fitting.errors import SpecError, TableError
 from invact.fitting.expressions import check_text
 from invact.fitting.formulas import BUILTINS, parse_formula
+from helpers import invact_cli
 
 INVACT = Path(sys.executable).with_name("invact")
 REPO = Path(invact.generated.__file__).parent               # the installed generated/ (never written)
@@ -32,13 +33,6 @@ HUGE = ["x*10**10**10", "x*10^10^10", "x**(10**10**10)", "x*10**-10**10", "x*(10
         "x*2**((10**17 + 10**35) - 10**35)", "Piecewise((x, x > 10**10**10), (0, True))",
         # a float inside the exponent may leave the power exact (review): only a float base or exponent is one
         "x + 10**Max(0.5, 10**10)", "x + 7**(2*10**5 + 0*1.0)"]
-
-
-def invact_cli(capsys, *argv) -> tuple[int, str, str]:
-    """`invact ARGV` in this process (the same main() the console script runs)."""
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def planted(tmp_path: Path, name: str, edit) -> Path:

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 import tolerances as tol
 from invact import backends, bitpack, ops
 
-NAMES = ops.names()
+NAMES = ops.names()   # every table; a test taking `name` runs over each (the fixture in conftest.py)
 pytestmark = pytest.mark.skipif(not NAMES, reason="no generated activations (run `invact generate`)")
 
 
@@ -196,11 +196,6 @@ def check(name: str, x: torch.Tensor, backend: str, seed: int = 0) -> None:
     c = tol.compare(name, dtype, x.detach().double().numpy(), y.detach().double().numpy(), go.double().numpy(),
                     ref_x.grad.double().numpy(), ours_x.grad.double().numpy())
     assert not c.bad.any(), c.describe(name, dtype)
-
-
-@pytest.fixture(params=NAMES)
-def name(request):
-    return request.param
 
 
 @pytest.mark.parametrize("act", NAMES)

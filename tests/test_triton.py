@@ -11,18 +11,13 @@ import torch
 from invact import backends, bitpack, impl_triton, layout, ops, registry
 from triton_tolerances import default_params, formula_error, is_fitted, needs_interpreter, within
 
-NAMES = ops.names()
+NAMES = ops.names()   # every table; a test taking `name` runs over each (the fixture in conftest.py)
 pytestmark = [
     pytest.mark.skipif(not NAMES, reason="no generated activations"),
     needs_interpreter,
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 1023, 1024, 2 * 1024 + 9]
-
-
-@pytest.fixture(params=NAMES)
-def name(request):
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

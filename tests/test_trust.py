@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from invact.fitting.errors import SpecError
 from invact.fitting.codegen.printer import PARAM_PREFIX, mangle
 from invact.fitting.expressions import check_text, is_reserved
 from invact.fitting.formulas import get_spec
+from helpers import invact_cli
 
 INVACT = Path(sys.executable).with_name("invact")
 REPO = Path(invact.generated.__file__).parent               # the installed generated/ (never written)
@@ -33,33 +33,6 @@ def run(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProces
     env = {k: v for k, v in (env or os.environ).items()}
     return subprocess.run([str(INVACT), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
-
-
-def invact_cli(capsys, *argv) -> tuple[int, str, str]:
-    status = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-@pytest.fixture
-def tree(tmp_path) -> Path:
-    """A root with copies of the repository's gelu and tanh tables, code not generated."""
-    dest = tmp_path / "root" / "generated" / "tables"
-    dest.mkdir(parents=True)
-    for name in ("gelu", "tanh"):
-        shutil.copy(REPO / "tables" / f"{name}.json", dest)
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def layered():
-    """Restore invact.generated's search path (and the runtime caches) after a test that uses a root."""
-    import invact.generated as pkg
-    before = list(pkg.__path__)
-    yield
-    pkg.__path__[:] = before
-    invact.use_root(REPO.parent)
-    pkg.__path__[:] = before
 
 
 # ------------------------------------------------------------------------------------------------
