@@ -33,11 +33,6 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(params=NAMES)
-def name(request):
-    return request.param
-
-
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_code_without_autograd(name, backend, dtype, monkeypatch):
