@@ -124,5 +124,5 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     eps = module.eps if module.eps is not None else _default_eps(x.dtype)
     refs, tols = error_bound(x.reshape(-1, n), w, None if bias is None else bias.detach().reshape(n),
                              grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0],
-                             weight_offset(style))
+                             weight_offset(style) if module.weight is not None else 0.0)
     return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)

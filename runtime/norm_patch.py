@@ -4,14 +4,18 @@
   :class:`invact.RMSNorm` with the same configuration.
 * Other classes named ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's LlamaRMSNorm, MistralRMSNorm,
   Qwen2RMSNorm, Phi3RMSNorm, GemmaRMSNorm with its ``1 + w`` weight, T5LayerNorm, ...) are recognised by
-  what they compute, not by name: holding only ``weight`` (and ``bias``), no buffers or submodules, an
-  ``eps`` / ``variance_epsilon`` attribute and a forward that takes only the input, each invact form
+  what they compute, not by name: holding only ``weight`` of the normalized shape (and ``bias``), no buffers
+  or submodules, an ``eps`` / ``variance_epsilon`` attribute (``eps=None``, nn.RMSNorm's default: the RMSNorm
+  forms with eps=None) and a forward that takes only the input, each invact form
   (:data:`invact.norms.STYLES`, LayerNorm with or without bias) is tried on random input (rows of
   variance 4 down to eps/10: :func:`_probe_input`) with random weights in the configurations of
   :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps of each row's
-  largest output, said in the report) is used (:func:`_verdict`: float32 must run; a 16-bit configuration the class cannot run
-  is skipped; float64 is reported). (The mixed probe, float32 weights and bfloat16 input, tells
-  Llama's from T5's rounding.)
+  largest output, said in the report) and the same gradients for a random dy (:func:`_gradient_difference`:
+  a weight read through ``.data`` or statistics detached do not match) is used (:func:`_verdict`: float32
+  must run; a 16-bit or mixed configuration the class cannot run is skipped; float64 is reported). (The
+  mixed probe, float32 weights and bfloat16 input, tells Llama's from T5's rounding; the upcast probe,
+  bfloat16 weights and float32 input, leaves torch's LayerNorm, which refuses it, to a class that computes
+  it, as Cohere's does in float32.)
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
   class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
   attributes: numbers, strings and tuples by value, so Qwen's grouped and ungrouped RMSNorm are probed
@@ -52,7 +56,7 @@ import re
 import torch
 from torch import nn
 
-from .norms import LayerNorm, RMSNorm, _Saving, _int_tuple
+from .norms import LayerNorm, RMSNorm, _Saving, _default_eps, _int_tuple
 from . import recognise
 from .recognise import probe_copy
 
@@ -106,7 +110,7 @@ def _size(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def _build(kind: str, shape: int | tuple[int, ...] | None, eps: float, bias: bool, backend: str | None,
+def _build(kind: str, shape: int | tuple[int, ...] | None, eps: float | None, bias: bool, backend: str | None,
            autocast_output: bool, affine: bool = True) -> nn.Module:
     if kind.startswith("layer"):         # "layer": torch's; "layer-llama": F.layer_norm(x.float()).to(x.dtype)
         return LayerNorm(shape, eps, affine, bias and affine, device="meta", style=kind[6:] or "torch",
@@ -159,50 +163,62 @@ def _attribute_key(value: object) -> object:
     return ("object", id(value))
 
 
-def _probe_input(n: int, eps: float, g: torch.Generator) -> torch.Tensor:
+def _probe_input(n: int, eps: float | None, g: torch.Generator) -> torch.Tensor:
     """(3, 5, n) rows of random values at five scales each: 2 (the usual), 0.01, and 0.3, 1 and 3 times
     sqrt(eps), where eps is 10, 1 and 1/9 times the variance, so a form that adds eps elsewhere (outside
-    the square root, a clamp) or another eps shows; each row's mean is 0.15 of its scale."""
-    root = max(math.sqrt(eps), 1e-6)
+    the square root, a clamp) or another eps shows; each row's mean is 0.15 of its scale. ``eps=None``:
+    F.rms_norm's default for float32."""
+    root = max(math.sqrt(eps if eps is not None else _default_eps(torch.float32)), 1e-6)
     scales = torch.tensor([2.0, 0.01, 0.3 * root, root, 3 * root], dtype=torch.float64).repeat(3).reshape(3, 5, 1)
     return ((torch.randn(3, 5, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
 
 
-# (name, weights' dtype, input's dtype, whether it decides a match: see _verdict)
-_CONFIGS = (("float32", torch.float32, torch.float32, True), ("bfloat16", torch.bfloat16, torch.bfloat16, True),
-            ("mixed", torch.float32, torch.bfloat16, True),      # float32 weights, bf16 x: Llama's vs T5's rounding
-            ("float64", torch.float64, torch.float64, False))
-_PLAIN_CONFIGS = tuple(c for c in _CONFIGS if c[0] != "mixed")   # no weights: the input's dtype alone
-_DECIDING = tuple(name for name, *_, decides in _CONFIGS if decides)
+# (name, weights' dtype, input's dtype, whether it decides a match (see _verdict), whose ulps count: None for
+# the output's). "upcast", bf16 weights and float32 x, which torch's LayerNorm refuses and Cohere's computes in
+# float32: does the form run and give the same dtype and values to bf16's ulps (float32's rounding is the
+# float32 configuration's to decide: each new float32 sample is another draw of two float32 forms' ~1-2 ulps)
+_CONFIGS = (("float32", torch.float32, torch.float32, True, None),
+            ("bfloat16", torch.bfloat16, torch.bfloat16, True, None),
+            ("float16", torch.float16, torch.float16, True, None),
+            ("mixed", torch.float32, torch.bfloat16, True, None),   # float32 weights, bf16 x: Llama's vs T5's rounding
+            ("upcast", torch.bfloat16, torch.float32, True, torch.bfloat16),
+            ("float64", torch.float64, torch.float64, False, None))
+_PLAIN_CONFIGS = tuple(c for c in _CONFIGS if c[1] == c[2])     # no weights: the input's dtype alone
+_MATCH = 2.0     # the most ulps of the row's largest output a matching form may differ by (_row_ulps)
+# the most a matching form's gradients (dx, dw, db for a random dy) may differ by, in ulps of each row's largest
+# dx (of the largest dw, db): two backwards that round float32 sums in their own order, one recovering x_hat
+# from the rounded y, differ by a few ulps times |x_hat| + 1 (invact.norm_bounds.error_bound; measured: at
+# most 1.7 over the 258 transformers norm classes the probe swaps); a gradient through other math (statistics
+# detached: ~1e6 float32 ulps) is far beyond
+_GRAD_MATCH = 16.0
+_DECIDING = tuple(name for name, _, _, decides, _ in _CONFIGS if decides)
 _RAISED = "its forward raised"   # how _probe says the module itself cannot run a configuration
 
 
-def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
+def _probe(module: nn.Module, kind: str, eps: float | None, bias: bool,
            shape: tuple[int, ...] | None = None) -> dict[str, float | str]:
     """Per configuration of :data:`_CONFIGS` (weights' and input's dtypes), the largest difference in ulps
     of the output dtype (of each row's largest output: :func:`_row_ulps`) between ``module`` and form
-    ``kind`` on random input (:func:`_probe_input`) and
-    weights, or why they cannot be compared (the forward raised, the form failed, another dtype or shape).
-    It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the CPU where the module is on
-    the meta device) and sets the copy's weights. ``shape``: a module without weight, normalizing that
-    shape, compared with the form without weight in :data:`_PLAIN_CONFIGS`."""
+    ``kind`` on random input (:func:`_probe_input`) and weights, or why they cannot be compared (the forward
+    raised, the form failed, another dtype or shape) or do not match (their gradients differ:
+    :func:`_gradient_difference`). It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the
+    CPU where the module is on the meta device) and sets the copy's weights. ``shape``: a module without
+    weight, normalizing that shape, compared with the form without weight in :data:`_PLAIN_CONFIGS`."""
     affine = shape is None
-    shape = (module.weight.numel(),) if affine else shape
+    shape = tuple(module.weight.shape) if affine else shape
     n = math.prod(shape)
     out: dict[str, float | str] = {}
-    g = torch.Generator().manual_seed(0)
-    for config, dtype, x_dtype, _ in _CONFIGS if affine else _PLAIN_CONFIGS:
-        with torch.device("cpu"), torch.no_grad():   # on the CPU, also within torch.device("meta") around patch
+    g, g_dy = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    for config, dtype, x_dtype, _, unit in _CONFIGS if affine else _PLAIN_CONFIGS:
+        # on the CPU, also within torch.device("meta") around patch; with autograd, also under no_grad
+        with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
             try:
-                probe = probe_copy(module).to(device="cpu", dtype=dtype)
-                if affine:
-                    probe.weight.copy_(torch.randn(n, generator=g) * 0.5 + 0.2)
-                if bias:
-                    probe.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                probe = _random_copy(module, dtype, affine, bias, g)
             except Exception as exc:  # noqa: BLE001 - a module that cannot be copied and set is not probed
                 out[config] = f"no {config} copy with random weights ({type(exc).__name__}: {exc})"[:200]
                 continue
-            x = _probe_input(n, eps, g).reshape(3, 5, *shape).to(x_dtype)
+            x = _probe_input(n, eps, g).reshape(3, 5, *shape).to(x_dtype).requires_grad_()
+            dy = torch.randn(x.shape, generator=g_dy)
             try:
                 want = probe(x)
             except Exception as exc:  # noqa: BLE001 - a configuration the module cannot run is not compared
@@ -216,32 +232,84 @@ def _probe(module: nn.Module, kind: str, eps: float, bias: bool,
             except Exception:  # noqa: BLE001 - a form that cannot run this input does not match
                 out[config] = "fails"
                 continue
-        if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
-            out[config] = (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
-                           f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
-            continue
-        out[config] = _row_ulps(want, got, len(shape))
+            if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
+                out[config] = (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
+                               f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
+                continue
+            out[config] = _row_ulps(want.detach(), got.detach(), len(shape), unit)
+            if out[config] <= _MATCH:     # a matching output: its gradients too (one backward each)
+                params = {name: p for name, p in probe.named_parameters(recurse=False) if affine}
+                out[config] = _gradient_difference(want, got, x, params, dy.to(want.dtype), len(shape)) \
+                    or out[config]
     return out
+
+
+def _random_copy(module: nn.Module, dtype: torch.dtype, affine: bool, bias: bool,
+                 g: torch.Generator) -> nn.Module:
+    """A probe copy of ``module`` in ``dtype`` with random weight (and bias), each requiring grad."""
+    probe = probe_copy(module).to(device="cpu", dtype=dtype)
+    with torch.no_grad():
+        if affine:
+            probe.weight.copy_((torch.randn(probe.weight.numel(), generator=g) * 0.5 + 0.2).reshape(probe.weight.shape))
+        if bias:
+            probe.bias.copy_((torch.randn(probe.bias.numel(), generator=g) * 0.2).reshape(probe.bias.shape))
+    for p in probe.parameters(recurse=False):
+        p.requires_grad_(True)   # a frozen weight too: whether the forward lets a gradient reach it shows
+    return probe
+
+
+def _gradient_difference(want: torch.Tensor, got: torch.Tensor, x: torch.Tensor, params: dict[str, torch.Tensor],
+                         dy: torch.Tensor, dims: int) -> str | None:
+    """Why the gradients of the module's output ``want`` and the form's ``got`` for ``dy`` do not match (a
+    gradient one side gives and the other does not: a weight read through ``.data``; or a difference beyond
+    :data:`_GRAD_MATCH` ulps of each row's largest dx, of the largest dw, db, counted in the coarsest dtype of
+    x, y, the parameters and float32: a gradient is no finer than the y it is recovered from, and Hugging
+    Face's forms compute float64 x in float32); None where they match."""
+    names, inputs = ("input", *params), (x, *params.values())
+    unit = max((torch.float32, want.dtype, *(t.dtype for t in inputs)), key=lambda dtype: torch.finfo(dtype).eps)
+    try:
+        ours = _gradients(want, inputs, dy)
+    except Exception as exc:  # noqa: BLE001 - a backward that raises is not one invact's can stand in for
+        return f"its backward raised {type(exc).__name__}"
+    theirs = _gradients(got, inputs, dy)
+    for name, a, b in zip(names, ours, theirs):
+        if a is None and b is not None:
+            return f"same output, but no gradient reaches its {name} (detached, or read through .data); the form's does"
+        if b is None and a is not None:
+            return f"same output, but the form gives no gradient in its {name}"
+        ulps = 0.0 if a is None else _row_ulps(a, b, dims if name == "input" else a.dim(), unit)
+        if ulps > _GRAD_MATCH:
+            return f"same output, but its {name}'s gradient differs by {ulps:.3g} ulps of the largest"
+    return None
+
+
+def _gradients(y: torch.Tensor, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """d(y . dy) / d inputs (None for those y does not depend on)."""
+    if not y.requires_grad:
+        return (None,) * len(inputs)
+    return torch.autograd.grad(y, inputs, dy, allow_unused=True)
 
 
 _ULPS = "ulps of the row's largest output"
 
 
-def _row_ulps(want: torch.Tensor, got: torch.Tensor, dims: int) -> float:
+def _row_ulps(want: torch.Tensor, got: torch.Tensor, dims: int, unit: torch.dtype | None = None) -> float:
     """The largest difference between ``want`` and ``got`` in ulps of each row's largest ``|want|`` (a row:
     the last ``dims`` dimensions, one normalization): two forms that round ``gamma * x_hat + beta`` in
-    another order differ by about an ulp of the row's scale, which near a zero element is many of its own."""
-    fi = torch.finfo(want.dtype)
+    another order differ by about an ulp of the row's scale, which near a zero element is many of its own.
+    ``unit``: the dtype whose ulps count (by default want's)."""
+    fi = torch.finfo(unit or want.dtype)
     w = want.double()
     scale = w.abs().flatten(-dims).amax(-1).reshape(*w.shape[:-dims], *(1,) * dims)
-    return ((w - got.double()).abs() / (fi.eps * scale + fi.tiny)).max().item()
+    return ((w - got.double()).abs() / (fi.eps * scale + torch.finfo(want.dtype).tiny)).max().item()
 
 
 def _verdict(results: dict[str, float | str]) -> float | str:
     """The largest difference over the configurations that decide, or why the form does not match: float32
-    must run; a 16-bit configuration the module's own forward cannot run (CLIP's LayerNorm casts x to
-    float32 but not bfloat16 weights) is skipped; float64 is reported, not decided on (a class computing
-    float64 x in float32, as CLIP's does, differs there by float32's rounding)."""
+    must run; a 16-bit or mixed configuration the module's own forward cannot run (CLIP's LayerNorm casts x
+    to float32 but not bfloat16 weights; torch's LayerNorm refuses bf16 weights with float32 x) is skipped;
+    float64 is reported, not decided on (a class computing float64 x in float32, as CLIP's does, differs
+    there by float32's rounding)."""
     worst = 0.0
     for config in (c for c in _DECIDING if c in results):
         r = results[config]
@@ -283,23 +351,24 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     if not params:
         return _weightless(module, backend, cast, cast_note, cache)
     weight, bias = params.get("weight"), params.get("bias")
-    if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"}:
-        return None, "not a recognised norm: needs a 1-d weight (and bias), or no parameters at all"
+    if weight is None or weight.dim() == 0 or set(params) - {"weight", "bias"}:
+        return None, "not a recognised norm: needs a weight of the normalized shape (and bias), or no parameters"
     eps = _eps(module)
-    if eps is None:
+    if eps is None and getattr(module, "eps", 0) is not None:   # eps=None: F.rms_norm's default (nn.RMSNorm's)
         return None, "no eps / variance_epsilon attribute"
     key = (_configuration(module), eps, bias is not None)
     if key not in cache:
-        kinds = ["layer", "layer-gemma"] if bias is not None else ["llama", "t5", "gemma", "torch", "layer",
-                                                                     "layer-gemma"]
+        kinds = ["layer", "layer-llama", "layer-gemma"] if bias is not None else \
+            ["llama", "t5", "gemma", "torch", "layer", "layer-llama", "layer-gemma"]
+        kinds = [k for k in kinds if eps is not None or not k.startswith("layer")]   # F.layer_norm needs an eps
         results = {k: _probe(module, k, eps, bias is not None) for k in kinds}
         tried = {k: _verdict(r) for k, r in results.items()}
-        matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]
+        matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
         cache[key] = (min(matches, key=lambda k: tried[k]), tried, results) if matches else (None, tried, results)
     kind, tried, results = cache[key]
     if kind is None:
         return None, _unmatched(tried)
-    new = _build(kind, weight.numel(), eps, bias is not None, backend, cast)
+    new = _build(kind, tuple(weight.shape), eps, bias is not None, backend, cast)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
     return _adopt(new, module, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
 
@@ -365,7 +434,7 @@ def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -
             continue
         results[kind] = _probe(module, kind, epss[rms], False, shape)
         tried[kind] = _verdict(results[kind])
-    matches = [k for k, d in tried.items() if isinstance(d, float) and d <= 2.0]
+    matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
     found = [f"{e:g} ({'RMSNorm' if rms else 'LayerNorm'})" for rms, e in epss.items() if not isinstance(e, str)]
     inferred = "; eps inferred from its output: " + ", ".join(found) if eps is None and found else ""
     if not matches:

@@ -59,7 +59,8 @@ RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + fl
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
-# LayerNorm's: torch's, "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's), or "gemma":
+# LayerNorm's: torch's, "llama": ``F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)``, in float32
+# whatever the dtypes of x and the parameters (OLMo's, Cohere's; CLIP's with float32 weights), or "gemma":
 # gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P)
 LAYER_STYLES = ("torch", "llama", "gemma")
 
@@ -131,8 +132,10 @@ def _kept_columns(bad: Tensor) -> Tensor:
 
 
 def _gamma(weight: Tensor | None, offset: float, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """gamma = offset + w in ``dtype``; 1 without a weight (the forward computes y = x_hat + beta: the
+    offset belongs to a stored weight)."""
     if weight is None:
-        return torch.full((n,), 1.0 + offset, dtype=dtype, device=device)
+        return torch.ones(n, dtype=dtype, device=device)
     g = weight.reshape(n).to(dtype)
     return g + offset if offset else g
 
@@ -140,13 +143,14 @@ def _gamma(weight: Tensor | None, offset: float, n: int, dtype: torch.dtype, dev
 def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.dtype = torch.float32,
              offset: float = 0.0) -> Recovery:
     """Which columns a norm with these parameters keeps x_hat for, when its output is ``y_dtype``."""
-    if weight is None:
-        return Recovery((), False, "no weight: x_hat = y - beta exactly")
-    if weight.is_meta:
+    if weight is None and bias is None:
+        return Recovery((), False, "no affine parameters: x_hat = y exactly")
+    param = weight if weight is not None else bias
+    if param.is_meta:
         return Recovery((), False, "weights on the meta device: no values yet (each call decides from its weights)")
     with torch.no_grad():
-        acc = torch.promote_types(_acc(weight.dtype), _acc(y_dtype))   # as the forward: float64 y, float64 rule
-        g = _gamma(weight.detach(), offset, weight.numel(), acc, weight.device)
+        acc = torch.promote_types(_acc(param.dtype), _acc(y_dtype))   # as the forward: float64 y, float64 rule
+        g = _gamma(None if weight is None else weight.detach(), offset, param.numel(), acc, param.device)
         bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
         cols = _kept_columns(bad)
     k, n = int(bad.sum()), bad.numel()
@@ -334,8 +338,9 @@ def _forward_columns(weight: Tensor | None, bias: Tensor | None, n: int, offset:
                      y_dtype: torch.dtype, device: torch.device) -> Tensor:
     """The columns a forward keeps x_hat for (int64 indices), with one check and no ``nonzero`` where every
     column is recoverable (per-call work that matters next to a norm's single pass)."""
-    if weight is not None:
-        ok = norm_cpu.all_recoverable(weight, bias, offset, RATIO, _floor_in(y_dtype, torch.float32))  # float32 C
+    if weight is not None or bias is not None:    # y = gamma x_hat + beta: gamma 1 without a weight
+        ok = weight is not None and norm_cpu.all_recoverable(weight, bias, offset, RATIO,
+                                                             _floor_in(y_dtype, torch.float32))  # float32 C
         good = None if ok else _recoverable(_gamma(weight, offset, n, acc, device),
                                             None if bias is None else bias.reshape(n), y_dtype)
         if good is not None and not bool(good.all()):
@@ -580,6 +585,22 @@ def _check(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bi
         return _checked_shape(x, normalized_shape, weight, bias, fn)
 
 
+def _jagged(x: Any, normalized_shape: Any, fn: str) -> bool:
+    """Whether x is a jagged nested tensor, normalized on ``x.values()`` (as torch's norms take it); a
+    ShapeError where ``normalized_shape`` reaches its ragged dimension, whose size differs per row."""
+    if not isinstance(x, Tensor) or not layout.is_jagged(x):
+        return False
+    try:
+        dims = len(normalized_shape)         # its sizes are checked on the values
+    except TypeError:                        # an integer
+        dims = 1
+    if x.dim() - dims <= x._ragged_idx:
+        raise ShapeError(f"invact.functional.{fn}: normalized_shape must be dimensions of a jagged nested input "
+                         f"after its ragged dimension {x._ragged_idx}, got normalized_shape={normalized_shape!r} "
+                         f"for an input of shape {tuple(x.shape)}")
+    return True
+
+
 def _int_tuple(shape: Any) -> tuple[int, ...] | None:
     """``shape`` (an integer or a sequence of them: Python's, NumPy's, 0-d integer tensors, as torch takes
     them) as a tuple of ints; None where it is not one."""
@@ -627,12 +648,12 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
             and _autocast_upcasts(x.device.type, x.dtype, cast, rms):
         x = x.float()                                       # as autocast runs torch's norm
     norm_dtype, out_dtype = _dtypes(style, x.dtype, None if weight is None else weight.dtype)
-    if not rms and style == "llama":                       # F.layer_norm(x.float(), ...).to(x.dtype)
-        _float32_parameters(weight, bias)
+    if not rms and style == "llama":         # F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)
+        weight, bias = (None if p is None else p.float() for p in (weight, bias))
         norm_dtype, out_dtype, x = None, x.dtype, x.float()
     if cast is not None and autocast_output and out_dtype == torch.float32:
         out_dtype = cast                                    # what the next autocast-lowered Linear saves
-    offset = weight_offset(style)
+    offset = weight_offset(style) if weight is not None else 0.0    # gamma = offset + w; 1 without a weight
     n = math.prod(shape)
     eps = real(eps, "eps")
     if x.dtype == torch.float64 and style != "torch" and (rms or style == "llama"):  # HF's forms: float64 x in float32
@@ -644,7 +665,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         return (fn.rms_norm(x, shape, weight, eps) if rms else fn.layer_norm(x, shape, weight, bias, eps)).to(out_dtype)
     args = (x, weight, bias, n, eps, rms, offset, norm_dtype, out_dtype, chosen)
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
-        if ops.differentiating():  # functionalize too: these are plain torch ops
+        if ops.differentiating() or _vmapped(weight, bias):  # functionalize too: these are plain torch ops
             # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
             # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
             y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype, x)[0]
@@ -654,18 +675,25 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         return torch.ops.invact.norm_forward(*args)[0]
 
 
+def _vmapped(*params: Tensor | None) -> bool:
+    """Whether a parameter is batched by torch.func.vmap at some level (an ensemble's stacked weights,
+    torch.func.stack_module_state): the custom op has no vmap rule, and its per-member fallback cannot stack
+    kept columns whose number differs between members."""
+    functorch = torch._C._functorch
+    for t in params:
+        while t is not None:
+            if functorch.is_batchedtensor(t):
+                return True
+            # Dynamo traces the outermost wrapper only (as invact.ops reads x's)
+            t = None if torch.compiler.is_compiling() or not functorch.is_functorch_wrapped_tensor(t) \
+                else functorch.get_unwrapped(t)
+    return False
+
+
 def _check_style(style: str, rms: bool) -> None:
     styles = STYLES if rms else LAYER_STYLES
     if style not in styles:
         raise ValueError(f"style must be one of {', '.join(styles)}, got {style!r}")
-
-
-def _float32_parameters(weight: Tensor | None, bias: Tensor | None) -> None:
-    """Style "llama" LayerNorm computes in float32 (``F.layer_norm(x.float(), ...)``): float32 parameters only."""
-    for what, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.dtype != torch.float32:
-            raise ValueError(f"{what}: a LayerNorm of style 'llama' computes F.layer_norm(x.float(), ...), which "
-                             f"takes float32 parameters, got {p.dtype}")
 
 
 def _t5_float64(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
@@ -688,14 +716,17 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 
     ``autocast_output``: under torch.autocast, return the autocast dtype where torch would return
     float32 (for a norm whose consumers are autocast-lowered Linears). ``style``: "torch", or "llama":
-    ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's, CLIP's: 16-bit and float64 x computed in float32,
-    see :data:`LAYER_STYLES`). ``backend``: "triton" (CUDA),
+    ``F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)`` (OLMo's, Cohere's: x and the
+    parameters of any dtype computed in float32, see :data:`LAYER_STYLES`). ``backend``: "triton" (CUDA),
     "compiled" (CPU default: the backward by the C kernel of :mod:`invact.norm_cpu`, else Inductor), "eager",
     or None (see :mod:`invact.backends`).
     """
     if isinstance(input, torch.fx.Proxy):
         return ops.fx_call(layer_norm, input, normalized_shape, weight, bias, eps, style=style,
                            autocast_output=autocast_output, backend=backend)
+    if _jagged(input, normalized_shape, "layer_norm"):
+        return layout.on_jagged_values(lambda v: layer_norm(v, normalized_shape, weight, bias, eps, style=style,
+                                                            autocast_output=autocast_output, backend=backend), input)
     shape = _check(input, normalized_shape, weight, bias, "layer_norm")
     return _apply(input, shape, weight, bias, eps, False, style, autocast_output, backend)
 
@@ -712,6 +743,9 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     if isinstance(input, torch.fx.Proxy):
         return ops.fx_call(rms_norm, input, normalized_shape, weight, eps, style=style,
                            autocast_output=autocast_output, backend=backend)
+    if _jagged(input, normalized_shape, "rms_norm"):
+        return layout.on_jagged_values(lambda v: rms_norm(v, normalized_shape, weight, eps, style=style,
+                                                          autocast_output=autocast_output, backend=backend), input)
     shape = _check(input, normalized_shape, weight, None, "rms_norm")
     if eps is None:
         eps = _default_eps(input.dtype)
@@ -782,7 +816,8 @@ def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
 class LayerNorm(_Saving, nn.LayerNorm):
     """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
 
-    ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` (OLMo's), or
+    ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` with float32
+    parameters (OLMo's, Cohere's), or
     "gemma": gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P; its weight
     starts at zeros).
     ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size.

@@ -2,7 +2,13 @@
 ``weight * x_hat`` in float32 torch ops, which rounds about an ulp of the row's largest output away from
 torch's fused layer_norm; measured per element, an output near zero made that 38.9 "ulps" and every
 Cohere norm was left, keeping its input saved. And a norm whose forward cannot take the probe's layout
-(ConvNeXt's channels_first LayerNorm) said only that its forward raised."""
+(ConvNeXt's channels_first LayerNorm) said only that its forward raised.
+
+Hunt N (2026-12-07): the probe compared outputs only, so a norm whose gradient differs (statistics
+detached, a weight read through ``.data``: never trained, trained after the swap) was swapped; it never ran
+float16, nor bf16 weights with float32 input (Cohere's LayerNorm, swapped for torch's form, then raised
+"mixed dtype" where it ran); a subclass of nn.RMSNorm with its default eps=None, or of nn.LayerNorm over
+two dimensions, was left with an untrue reason."""
 
 from __future__ import annotations
 
@@ -117,3 +123,122 @@ def test_layer_norm_gemma_style_in_float64_is_torchs_formula():
     w, b = torch.randn(N, generator=g, dtype=torch.float64) * 0.2, torch.randn(N, generator=g, dtype=torch.float64)
     y = invact.functional.layer_norm(x, (N,), w, b, 1e-5, style="gemma")
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (N,), w + 1, b, 1e-5))   # float64's defaults
+
+
+# ----------------------------------------------------------------------------------------------
+# hunt N: gradients, float16, mixed dtypes, subclasses of torch's norms
+
+class DetachedStatsRMSNorm(nn.Module):
+    """Llama's RMSNorm with its variance detached (as relevance-propagation LayerNorms do): same output."""
+
+    def __init__(self, n: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(n)), eps
+
+    def _xhat(self, h: torch.Tensor, detach: bool) -> torch.Tensor:
+        hf = h.float()
+        var = hf.pow(2).mean(-1, keepdim=True)
+        return (hf * torch.rsqrt((var.detach() if detach else var) + self.variance_epsilon)).to(h.dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.weight * self._xhat(h, True)
+
+
+class FrozenWeightRMSNorm(DetachedStatsRMSNorm):
+    """Reads its weight through ``.data`` (as transformers' ImageGPTLayerNorm does): the weight gets no gradient."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.weight.data * self._xhat(h, False)
+
+
+class HalfEpsRMSNorm(DetachedStatsRMSNorm):
+    """Another eps for float16 input only: the same output in every configuration the probe ran before."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        eps = 1e-3 if h.dtype == torch.float16 else self.variance_epsilon
+        hf = h.float()
+        return self.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+@pytest.mark.parametrize("cls, reason", [
+    (DetachedStatsRMSNorm, "same output, but its input's gradient differs by"),
+    (FrozenWeightRMSNorm, "same output, but no gradient reaches its weight"),
+    (HalfEpsRMSNorm, "llama: "),
+])
+def test_probe_leaves_a_norm_whose_gradient_or_float16_output_differs(cls, reason):
+    """Each is left, saying why (the closest form's difference: gradients beyond norm_patch._GRAD_MATCH ulps,
+    a weight without gradient, float16's output), and keeps computing its own gradients."""
+    torch.manual_seed(0)
+    model = _sandwich(cls(N))
+    report = invact.patch(model)
+    assert len(report) == 0 and type(model[1]) is cls, report
+    assert reason in report.left[0].reason, report.left[0].reason
+    if cls is HalfEpsRMSNorm:
+        assert "llama: same output" not in report.left[0].reason
+
+
+def test_probe_still_swaps_a_norm_without_gradient_differences():
+    """The gradient comparison passes the form the backward of which matches: the same class without
+    detaching (Llama's form) is swapped."""
+    class PlainRMSNorm(DetachedStatsRMSNorm):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.weight * self._xhat(h, False)
+
+    model = _sandwich(PlainRMSNorm(N))
+    report = invact.patch(model)
+    assert len(report) == 1 and model[1].style == "llama", report
+    assert "float16, mixed, upcast" in report.replaced[0].note
+
+
+@pytest.mark.parametrize("w_dtype, x_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+                                              (torch.float16, torch.bfloat16)])
+def test_cohere_layer_norm_swap_runs_mixed_dtypes(w_dtype, x_dtype):
+    """Cohere's LayerNorm casts x and its weight to float32: with bf16 weights and float32 x (float32 weights,
+    float64 x; fp16 weights, bf16 x) it runs, and its swap (torch's form before) raised "mixed dtype". The
+    probe's upcast configuration picks style "llama", F.layer_norm(x.float(), w.float()).to(x.dtype): the
+    output within float64 LayerNorm's bound (_check_forward), dx within norm_bounds.error_bound, dw in w's dtype."""
+    ref = CohereLayerNorm(N, eps=1e-5, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(N, generator=torch.Generator().manual_seed(4)) * 0.5 + 1)
+    model = _sandwich(copy.deepcopy(ref))
+    report = invact.patch(model)
+    assert len(report) == 1 and model[1].style == "llama" and model[1].bias is None, report
+    norm = model[1].to(w_dtype)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(40, N, generator=g, dtype=torch.float64) * 2 + 0.3).to(x_dtype).requires_grad_()
+    dy = torch.randn(40, N, generator=g).to(x_dtype)
+    got = norm(x)
+    assert got.dtype == ref.to(w_dtype)(x).dtype == x_dtype
+    w = norm.weight.detach().double()
+    _check_forward(got, x, w, None)
+    dx, dw = torch.autograd.grad(got, (x, norm.weight), dy)
+    assert dw.dtype == w_dtype
+    # computed in float32: the bound for float32 x (y rounded to x's dtype: the measured k_y covers it)
+    refs, tols = norm_bounds.error_bound(x.detach().float(), w.float(), None, dy.float(), got.detach(), False, 1e-5)
+    check(dx, refs[0], tols[0] + torch.finfo(x_dtype).eps / 2 * refs[0].abs(), f"Cohere {w_dtype}/{x_dtype} dx")
+
+
+class MyRMSNorm(nn.RMSNorm):
+    pass
+
+
+class My2dLayerNorm(nn.LayerNorm):
+    pass
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: MyRMSNorm(N), (N,)), (lambda: My2dLayerNorm((4, N)), (4, N))],
+                         ids=["rms-eps-none", "layer-2d"])
+def test_subclasses_of_torchs_norms_are_swapped(make, shape):
+    """A subclass of nn.RMSNorm with its default eps=None (F.rms_norm's dtype epsilon) was left, "no eps
+    attribute"; one of nn.LayerNorm over two dimensions, "needs a 1-d weight". Both are swapped, computing
+    torch's output bit for bit (the same kernels) on float32 and bfloat16."""
+    ref = make()
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 0.5 + 1)
+    model = nn.Sequential(copy.deepcopy(ref))
+    report = invact.patch(model)
+    assert len(report) == 1 and isinstance(model[0], (invact.RMSNorm, invact.LayerNorm)), report
+    assert model[0].eps == ref.eps and tuple(model[0].weight.shape) == shape
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        assert torch.equal(model.to(dtype)(x), ref.to(dtype)(x))

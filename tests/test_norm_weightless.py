@@ -273,20 +273,18 @@ def test_layer_norm_llama_style_computes_in_float32(dtype):
         invact.LayerNorm(N, style="t5")
 
 
-def test_layer_norm_llama_style_takes_float32_parameters_only():
-    """Style "llama" computes ``F.layer_norm(x.float(), w, b)``: weights of another dtype got torch's
-    "mixed dtype (CPU)" RuntimeError from inside the op; now a ValueError naming the argument. Float32
-    weights with bfloat16 x give torch's formula bit for bit."""
+def test_layer_norm_llama_style_computes_its_parameters_in_float32():
+    """Style "llama" computes ``F.layer_norm(x.float(), w.float(), b.float())``: weights of another
+    dtype got torch's "mixed dtype (CPU)" RuntimeError from inside the op, then a ValueError; Cohere's
+    LayerNorm (taken for this style) runs them, so they are computed in float32 as it does: bit for
+    bit the float32 formula, for float32, bfloat16 and float64 parameters."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, N, generator=g).bfloat16().requires_grad_()
     w, b = torch.randn(N, generator=g), torch.randn(N, generator=g)
-    for dtype in (torch.bfloat16, torch.float64):
-        with pytest.raises(ValueError, match="weight: a LayerNorm of style 'llama'"):
-            invact.functional.layer_norm(x, (N,), w.to(dtype), b, style="llama")
-    with pytest.raises(ValueError, match="bias: a LayerNorm of style 'llama'"):
-        invact.functional.layer_norm(x, (N,), w, b.bfloat16(), style="llama")
-    y = invact.functional.layer_norm(x, (N,), w, b, style="llama")
-    assert torch.equal(y, F.layer_norm(x.float(), (N,), w, b).bfloat16())
+    for wd, bd in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.bfloat16)):
+        wc, bc = w.to(wd), b.to(bd)
+        y = invact.functional.layer_norm(x, (N,), wc, bc, style="llama")
+        assert torch.equal(y, F.layer_norm(x.float(), (N,), wc.float(), bc.float()).bfloat16()), (wd, bd)
 
 
 def test_any_size_norm_traces_and_compiles():

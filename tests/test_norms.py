@@ -860,9 +860,6 @@ def test_norms_under_forward_mode_and_torch_func(rms, style):
     weight (``1 + w.float()``) is exact. Llama's and Gemma's forms compute float64 x in float32, as Hugging
     Face's classes do: against their formula in float32 ops, to 16 float32 roundings (2^-20: a 12-term row
     sum and the products around it, each within 2^-24)."""
-    if not rms and style == "llama":
-        pytest.skip("LayerNorm's style 'llama' takes float32 parameters only, not these float64 ones "
-                    "(tests/test_norm_weightless.py)")
     from torch.func import functional_call, grad, jvp, vmap
     import torch.autograd.forward_ad as fwAD
     g = torch.Generator().manual_seed(9)

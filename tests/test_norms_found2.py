@@ -5,6 +5,10 @@
 2. The recoverability rule holds with denormals flushed (``torch.set_flush_denormal(True)``): its absolute
    term is :func:`invact.norms.recovery_floor`, and :func:`invact.norm_bounds.error_bound` stays a bound.
 3. torch.compile under autocast traces no ``functools.lru_cache`` call (Dynamo warned on every norm).
+4. (2026-12-07, hunt N/S) A bias without weight keeps the columns y cannot give back (|beta| beyond gamma = 1);
+   a weight-less norm of style "gemma" has gamma 1, as its forward (its backward took 1 + offset = 2);
+   vmap over stacked parameters (torch.func's model ensembling) whose kept columns differ per member; jagged
+   nested input; LayerNorm style "llama" with 16-bit parameters (Cohere's, computed in float32).
 
 Tolerances are derived where they are used, from the unit roundoff u of the dtypes involved.
 """
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 import invact
 from invact import backends, bitpack, norm_bounds, norm_cpu, norms
+from invact.arguments import ShapeError
 from norm_cases import check
 
 N, ROWS, EPS = 16, 6, 1e-5
@@ -274,3 +279,106 @@ def test_compile_under_autocast_traces_no_lru_cache(monkeypatch):
             got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. hunt N/S: affine parameters the rule missed, transforms and layouts
+
+def test_bias_without_weight_keeps_the_columns_y_cannot_give_back():
+    """layer_norm(x, shape, None, beta) with |beta| = 1000 (bf16): y = x_hat + beta is rounded at beta's scale,
+    so x_hat = y - beta lost its bits (dx off by 0.72 where torch's is within 0.013); gamma = 1 fails the rule
+    in every column, x_hat is kept, and every gradient is within norm_bounds.error_bound (gamma = 1)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(ROWS, N, generator=g).bfloat16()
+    dy = torch.randn(ROWS, N, generator=g).bfloat16()
+    b = torch.full((N,), 1000.0, dtype=torch.bfloat16)
+    assert norms.recovery(None, b, torch.bfloat16).fallback
+    xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+    y = invact.functional.layer_norm(xs, (N,), None, bs, EPS)
+    grads = torch.autograd.grad(y, (xs, bs), dy)
+    # gamma = 1 in bf16: error_bound rounds the parameters' gradients to w's dtype (dbeta is bf16)
+    refs, tols = norm_bounds.error_bound(x, torch.ones(N, dtype=torch.bfloat16), b, dy, y.detach(), False, EPS)
+    for got, ref, tol, what in zip(grads, refs[::2], tols[::2], ("dx", "dbeta")):
+        check(got, ref, tol, f"bias without weight {what}")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_gemma_style_without_weight_has_gamma_one(rms):
+    """style="gemma" stores gamma - 1 in its weight; without one the forward computes y = x_hat (torch's norm,
+    bit for bit), and the backward now uses that gamma = 1 (it took 1 + offset = 2: dx doubled)."""
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(ROWS, N, generator=g, dtype=torch.float64) * 2 + 0.5).float()
+    dy = torch.randn(ROWS, N, generator=g)
+    cls = invact.RMSNorm if rms else invact.LayerNorm
+    norm = cls(N, EPS, elementwise_affine=False, style="gemma")
+    xs = x.clone().requires_grad_()
+    y = norm(xs)
+    assert torch.equal(y, F.rms_norm(x, (N,), None, EPS) if rms else F.layer_norm(x, (N,), None, None, EPS))
+    (dx,) = torch.autograd.grad(y, xs, dy)
+    refs, tols = norm_bounds.error_bound(x, torch.ones(N), None, dy, y.detach(), rms, EPS)
+    check(dx, refs[0], tols[0], "gemma style without weight dx")
+
+
+def test_vmap_over_stacked_parameters_whose_kept_columns_differ():
+    """torch.func's model ensembling (functional_call under vmap over stacked weights): one member keeps a
+    column (|beta_2| = 3 > gamma_2), the others none; the custom op has no vmap rule and its per-member
+    fallback could not stack kept columns of different sizes. Batched parameters take torch's math, the
+    same operations as torch's LayerNorm under vmap: output and parameter gradients equal (float64)."""
+    from torch.func import functional_call, vmap
+    g = torch.Generator().manual_seed(13)
+    ws = 0.5 + torch.rand(3, 6, generator=g, dtype=torch.float64)
+    bs = torch.zeros(3, 6, dtype=torch.float64)
+    bs[0, 2] = 3.0
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    dy = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    assert [len(norms.recovery(w, b, torch.float64).columns) for w, b in zip(ws, bs)] == [1, 0, 0]
+
+    def ensemble(module):
+        params = {"weight": ws.clone().requires_grad_(), "bias": bs.clone().requires_grad_()}
+        out = vmap(lambda p, xx: functional_call(module, p, (xx,)), in_dims=(0, None))(params, x)
+        return (out, *torch.autograd.grad(out, tuple(params.values()), dy))
+
+    want = ensemble(torch.nn.LayerNorm(6, dtype=torch.float64, device="meta"))
+    got = ensemble(invact.LayerNorm(6, dtype=torch.float64, device="meta"))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_jagged_nested_input_is_normalized_on_its_values(rms):
+    """A jagged nested tensor (torch.nested, layout=torch.jagged) normalized over dimensions after its ragged
+    one, as torch's norms take it: the output is nested with the input's structure, its values torch's (the
+    same kernel, bit for bit), and dx reaches the input within norm_bounds.error_bound; a normalized shape
+    reaching the ragged dimension is a ShapeError naming it."""
+    g = torch.Generator().manual_seed(14)
+    rows = [torch.randn(k, N, generator=g) * 2 + 0.5 for k in (2, 5)]
+    w, b = torch.randn(N, generator=g), None if rms else 0.1 * torch.randn(N, generator=g)
+    x = torch.nested.nested_tensor(rows, layout=torch.jagged, requires_grad=True)
+    fn = (lambda t: invact.functional.rms_norm(t, (N,), w, EPS)) if rms else \
+        (lambda t: invact.functional.layer_norm(t, (N,), w, b, EPS))
+    y = fn(x)
+    assert y.is_nested and torch.equal(y.offsets(), x.offsets())
+    want = F.rms_norm(x.values(), (N,), w, EPS) if rms else F.layer_norm(x.values(), (N,), w, b, EPS)
+    assert torch.equal(y.values(), want)
+    dy = torch.randn(y.values().shape, generator=g)
+    (dx,) = torch.autograd.grad(y.values(), x, dy)
+    refs, tols = norm_bounds.error_bound(x.values().detach(), w, b, dy, y.values().detach(), rms, EPS)
+    check(dx.values(), refs[0], tols[0], "jagged dx")
+    with pytest.raises(ShapeError, match="after its ragged dimension 1"):
+        invact.functional.layer_norm(x, (3, N))
+
+
+def test_layer_norm_llama_style_computes_16_bit_parameters_in_float32():
+    """Style "llama" is ``F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)`` for parameters of
+    any dtype (Cohere's LayerNorm casts its weight so; bf16 weights with float32 or bf16 x, fp16 weights with
+    bf16 x raised torch's "mixed dtype"): bit for bit, and each gradient in its parameter's dtype."""
+    g = torch.Generator().manual_seed(15)
+    for w_dtype, x_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                             (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)):
+        x = (torch.randn(ROWS, N, generator=g) * 2 + 0.5).to(x_dtype).requires_grad_()
+        w, b = (torch.randn(N, generator=g).to(w_dtype).requires_grad_() for _ in range(2))
+        y = invact.functional.layer_norm(x, (N,), w, b, EPS, style="llama")
+        want = F.layer_norm(x.float(), (N,), w.float(), b.float(), EPS).to(x_dtype)
+        assert y.dtype == x_dtype and torch.equal(y, want), (w_dtype, x_dtype)
+        grads = torch.autograd.grad(y.float().sum(), (x, w, b))
+        assert [t.dtype for t in grads] == [x_dtype, w_dtype, w_dtype]
