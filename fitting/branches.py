@@ -10,6 +10,7 @@ for critical and flat points (:mod:`.scan`), limits at +-inf (:mod:`.limits`), f
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -270,15 +271,41 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
 
 def _overlap(a: Branch, b: Branch) -> bool:
     """True when y alone cannot tell a from b on a set of positive measure of either."""
+    tol = _y_tol(a, b)
     (a0, a1), (b0, b1) = a.y_range, b.y_range
-    tol = 1e-9 * (1 + max(abs(v) for v in (a0, a1, b0, b1) if math.isfinite(v)) if any(
-        math.isfinite(v) for v in (a0, a1, b0, b1)) else 1e-9)
     if a.flat and b.flat:
         return abs(a0 - b0) <= tol
     if a.flat or b.flat:
-        p, other = (a0, b) if a.flat else (b0, a)
-        return other.y_range[0] + tol < p < other.y_range[1] - tol
+        return False   # a plateau against the union of its code's branches: _plateau_inside
     return min(a1, b1) - max(a0, b0) > tol
+
+
+def _y_tol(*branches: Branch) -> float:
+    """The gap below which y ends of ``branches`` count as equal (1e-9 relative to their finite ends)."""
+    ends = [v for b in branches for v in b.y_range if math.isfinite(v)]
+    return 1e-9 * (1 + max(abs(v) for v in ends)) if ends else 1e-9
+
+
+def _plateau_inside(members: list[Branch]) -> bool:
+    """True when some plateau of ``members`` (one code class) lies strictly inside the union of its
+    other branches' y ranges, ends that two of them share counted as inside: y = 0 of the plateau of
+    Piecewise((0, x < -1), (0.5*x*(x + 1), x < 0), (0.5*x, True)) is the end of both rising branches
+    (split at x = 0), y = 0 at x = 0 lies inside their union, and y alone cannot tell the plateau's g
+    from f'(0) = 0.5 there. A plateau at an end of that union (relu's 0) owns it (_branch_break)."""
+    tol = _y_tol(*members)
+    joined = _joined_ranges(sorted(m.y_range for m in members if not m.flat), tol)
+    return any(lo + tol < p.y_range[0] < hi - tol for p in members if p.flat for lo, hi in joined)
+
+
+def _joined_ranges(ranges: list[tuple[float, float]], tol: float) -> list[tuple[float, float]]:
+    """Sorted y ranges joined where they touch or overlap (within ``tol``)."""
+    out: list[tuple[float, float]] = []
+    for lo, hi in ranges:
+        if out and lo <= out[-1][1] + tol:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _signed_zero_clash(a: Branch, b: Branch) -> bool:
@@ -301,11 +328,23 @@ def _signed_zero_clash(a: Branch, b: Branch) -> bool:
 
 def _assign_codes(branches: list[Branch]) -> int:
     """Greedy colouring from the right, so the branch reaching +inf gets code 0; branches y cannot
-    tell apart (:func:`_overlap`, :func:`_signed_zero_clash`) get different codes."""
+    tell apart (:func:`_overlap`, :func:`_signed_zero_clash`, :func:`_plateau_inside`) get different
+    codes."""
     for b in reversed(branches):
-        taken = {o.code for o in branches if o.index > b.index and (_overlap(o, b) or _signed_zero_clash(o, b))}
+        later = [o for o in branches if o.index > b.index]
+        taken = {o.code for o in later if _overlap(o, b) or _signed_zero_clash(o, b)}
+        taken |= {o.code for o in later if _plateau_inside([m for m in later if m.code == o.code] + [b])}
         b.code = next(c for c in range(len(branches)) if c not in taken)
     return max(b.code for b in branches) + 1
+
+
+def _codes_clash(branches: list[Branch]) -> bool:
+    """Whether two branches sharing a code are ones y cannot tell apart (as :func:`_assign_codes` keeps
+    apart): a table's codes checked at other parameter values."""
+    if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b))
+           for a, b in itertools.combinations(branches, 2)):
+        return True
+    return any(_plateau_inside([b for b in branches if b.code == code]) for code in {b.code for b in branches})
 
 
 def _code_breaks(branches: list[Branch]) -> tuple[list[tuple[float, str]], list[int]]:

@@ -11,7 +11,7 @@ import numpy as np
 import sympy as sp
 
 from ..common.params import holds
-from .branches import Analysis, Branch, _code_breaks, _overlap, _signed_zero_clash, analyze
+from .branches import Analysis, Branch, _code_breaks, _codes_clash, analyze
 from .certify import certify_table, check_fp32_samples
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, SpecError
@@ -33,6 +33,7 @@ TARGETS = ("derivative", "inverse")
 RATIONAL_MODES = ("auto", "never", "prefer")
 FORMAT_VERSION = 1
 VERSION = "0.1.0"
+MIN_TOLERANCE = 2e-8     # the tightest bound float32 coefficients can represent
 MAX_TOLERANCE = 1e-2     # the loosest bound on g's error that is still a gradient (see build_table)
 
 
@@ -50,9 +51,9 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
         raise InputError(f"rationals must be one of {', '.join(RATIONAL_MODES)}, got {rationals!r}")
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
-    if tolerance < 2e-8:
+    if tolerance < MIN_TOLERANCE:
         raise FitError(f"tolerance {tolerance:g} is below what float32 coefficients can represent",
-                       None, "use --tolerance 2e-8 or more")
+                       None, f"use --tolerance {MIN_TOLERANCE:g} or more")
     if tolerance > MAX_TOLERANCE:
         raise FitError(f"tolerance {tolerance:g} is above {MAX_TOLERANCE:g}: g's error is absolute where "
                        "|g| < 1 and relative above, so a tolerance near 1 lets g be 0; 1e-2 is already "
@@ -480,8 +481,7 @@ def _same_table(analysis: Analysis, fresh: Analysis, forward: ForwardCode, class
         return False
     for new, old in zip(fresh.branches, analysis.branches):
         new.code = old.code       # the table's codes: y must still tell apart the branches sharing one
-    if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b))
-           for a, b in itertools.combinations(fresh.branches, 2)):
+    if _codes_clash(fresh.branches):
         return False
     x_breaks, codes = _code_breaks(fresh.branches)
     fresh = dataclasses.replace(fresh, n_codes=analysis.n_codes, x_breaks=x_breaks, codes=codes)
@@ -571,6 +571,7 @@ def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
     pieces cover, the transforms' origins as (kind, y0, sign) for each singular end (both ends may
     be singular: x - 2*tanh(x)'s middle branch has two branch points; each piece takes the transform
     that fits it best), and the constant tails beyond the fitted range."""
+    _check_normal_y(b)
     origins, lows, highs = [], [], []
     y_lo, y_hi = b.y_range
     for which in ("lower", "upper"):
@@ -601,6 +602,17 @@ def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):
         else:
             y_hi = y_end
     return y_lo, y_hi, origins, lows, highs
+
+
+def _check_normal_y(b: Branch) -> None:
+    """Refuse a branch whose whole y range lies below float32's smallest normal number (1e-38*tanh(x)):
+    float32 y there is subnormal (0 with denormals flushed), the runtime compares no y there with a
+    table's breaks, and its few bits cannot tell g apart."""
+    if max(abs(v) for v in b.y_range) < TINY32:
+        raise FitError(f"branch {b.index}: y stays within [{b.y_range[0]:.6g}, {b.y_range[1]:.6g}], below "
+                       f"float32's smallest normal number {TINY32:.6g} in magnitude: float32 y there is subnormal "
+                       "(0 with denormals flushed) and cannot tell g apart", None,
+                       "scale the formula so that its y reaches float32's normal range")
 
 
 def _root_index(q: float) -> int:
@@ -677,8 +689,8 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             raise FitError(f"branch {b.index}: y reaches its limit {y_limit:.9g} (to float64 rounding) at x = "
                            f"{steps[at]:.4g}, where g is still {g_at:.3g} from its limit {b.limits[which]:g} (more "
                            "than tolerance / 4): y no longer tells g apart there", None,
-                           f"--tolerance {4 * g_at:.2g} or more would end the fit there" if 4 * g_at < 0.1 else
-                           "g is not determined by y on this tail")
+                           f"--tolerance {4 * g_at:.2g} or more would end the fit there"
+                           if 4 * g_at <= MAX_TOLERANCE else "g is not determined by y on this tail")
         raise FitError(f"branch {b.index}: g does not settle to its limit {b.limits[which]:g} within tolerance "
                        f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
     y_end = f32(float(y[k]))

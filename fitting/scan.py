@@ -23,6 +23,7 @@ __all__ = ["monotone_parts", "scan_grid", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
 SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (scan_grid)
 FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
 MAX_CRITICAL = 16
+PRECISE_BITS = 50   # evalf(15) gives 53 bits where it meets its 15 digits; fewer: no digit is right
 
 
 def monotone_parts(piece: Piece):
@@ -165,13 +166,13 @@ def _sign_changes_on(fpn, xs: np.ndarray, fp: sp.Expr | None = None) -> list[flo
         return []
     v = fpn(xs)
     s = np.sign(v)
-    real = _precise_change(fp)
+    real = _precise_change(fp, xs)
     out = []
     for i in np.nonzero(s[:-1] * s[1:] < 0)[0]:
-        if real(xs[i], xs[i + 1]):
+        if real(i, i + 1):
             out.append(_bracketed_root(fpn, float(xs[i]), float(xs[i + 1])))
     for i in np.nonzero((s[1:-1] == 0) & (s[:-2] * s[2:] < 0))[0]:
-        if real(xs[i], xs[i + 2]):
+        if real(i, i + 2):
             out.append(float(xs[i + 1]))
     return sorted(out)
 
@@ -201,16 +202,31 @@ def _bracketed_root(fn, a: float, b: float) -> float:
     return 0.5 * (a + b)
 
 
-def _precise_change(fp: sp.Expr | None):
-    """(a, b) -> False when f' to 15 correct digits (:func:`precise`) has the same nonzero sign at a
-    and b, else True (also where ``fp`` is None or evalf gives no real number)."""
+def _precise_change(fp: sp.Expr | None, xs: np.ndarray):
+    """(i, j) -> False when f' to 15 correct digits (:func:`precise`) has the same nonzero sign at the
+    grid points xs[i] and xs[j], else True (also where ``fp`` is None or evalf gives no real number).
+    Where evalf gives f' with no significant digit (printed like 0.e-2597: a zero of f' on the grid,
+    or a cancellation beyond evalf's 2000 bits, as x/(x/2 + exp(-x/3)) has far out), the next grid
+    point outwards stands in; where that cannot tell either, float64's change is noise: False."""
     if fp is None:
-        return lambda a, b: True
+        return lambda i, j: True
 
-    def sign(x: float) -> int:
-        v = precise(fp, x)
+    def sign(k: int) -> int | None:
+        v = precise(fp, xs[k])
+        if isinstance(v, sp.Float) and v._prec < PRECISE_BITS:
+            return None
         return 0 if v is None else int(sp.sign(v))
-    return lambda a, b: not ((sa := sign(a)) != 0 and sa == sign(b))
+
+    def told(k: int, step: int) -> int | None:
+        s = sign(k)
+        return sign(k + step) if s is None and 0 <= k + step < xs.size else s
+
+    def change(i: int, j: int) -> bool:
+        si, sj = told(i, -1), told(j, 1)
+        if si is None or sj is None:
+            return False
+        return not (si != 0 and si == sj)
+    return change
 
 
 def _polish_root(fp: sp.Expr, x0: float) -> float:

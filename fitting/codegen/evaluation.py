@@ -248,11 +248,18 @@ def _poly(w: Writer, plan: Plan, d: TorchDialect) -> None:
 
 def _power_weights(w: Writer, plan: Plan, d: TorchDialect) -> None:
     """power_tail rows: g = h * a^((n-1)/n), or h * a for root 0 (a = sign*y clamped; other rows keep
-    g, times 1.0)."""
+    g, times 1.0). Beyond float32's largest y (y = +-inf, where the forward overflowed, or a float64
+    y past it) a polynomial tail's weight is NaN: there g ~ |y|^((n-1)/n) is far below float32's
+    largest value, and the clamped a would give one finite g, wrong, however large x is. An exponential
+    tail (root 0, g ~ c|y|) keeps a = float32's largest value: g is then about c times it, float32's
+    own overflow of g."""
     for i, tf in enumerate(plan.transforms):
         if tf.kind == "power":
             base = _power_base(d, tf)
             weight = d.root_power(base, tf.root, tf.root - 1) if tf.root else base
+            if tf.root:
+                beyond = f"{'y' if tf.sign == 1 else '-y'} > {F32_MAX!r}"
+                weight = f"{d.where_rare}({beyond}, float('nan'), {weight})"
             w(f"g = g * {d.where}({d.gather(Plan.ROW_TID)} == {float(i)!r}, {weight}, 1.0)")
 
 
