@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export TRITON_INTERPRET ?= 1
 # Inductor's CPU cache key leaves out the vector ISA it compiles for (ATEN_CPU_CAPABILITY or the CPU's):
 # graphs cached under AVX-512 and reused under ATEN_CPU_CAPABILITY=avx2 gave wrong packed codes
-# (measured, tests/test_env_found.py::test_inductor_cache_shared_between_isas), so each ISA gets its own cache.
+# (measured, tests/test_environment.py::test_inductor_cache_shared_between_isas), so each ISA gets its own cache.
 CPU_ISA := $(or $(ATEN_CPU_CAPABILITY),$(if $(shell grep -m1 -ow avx512f /proc/cpuinfo 2>/dev/null),avx512,native))
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor-$(CPU_ISA)
 export MPLBACKEND ?= Agg

@@ -6,7 +6,7 @@ hrat = x/(1 + |x|)^2 has its extrema -1/4 and 1/4 at x = -1 and 1, and float32 r
 to them to -0.25000003 and 0.25000003, where g's sqrt(4y + 1) and sqrt(1 - 4y) are NaN (246 of 40,001
 grid points on each side were NaN). quart = x^4 - c, c = float32(0.3) = 0.30000001192092896 (exact
 in float32, so y + c does not cancel a rounded constant: with 0.3 itself its float32 closed form was
-3e-6 off next to the end and is fitted now, tests/test_fitter_found6.py), has its minimum -c at x = 0,
+3e-6 off next to the end and is fitted now, tests/test_fitter_branch_points_and_minima.py), has its minimum -c at x = 0,
 where the bfloat16 forward gives -0.30078125, past it; its g = 4 (y + c)^(3/4) is printed as
 exp(3 log(y + c)/4), whose log was NaN there. parab = x^2 - a keeps its parameter: its clamp is the
 parameter expression -a.

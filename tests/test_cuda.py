@@ -222,7 +222,7 @@ def test_more_than_2_31_elements():
 
 @pytest.mark.parametrize("name", [n for n in ("softplus", "mish") if n in NAMES])
 def test_softplus_and_mish_tails_on_gpu(name):
-    """y at x in [-30, -8] (act_triton.log1p, tests/test_triton_found.py): within 8 + |x| float32 ulps of
+    """y at x in [-30, -8] (act_triton.log1p, tests/test_cuda_paths_on_cpu.py): within 8 + |x| float32 ulps of
     PyTorch's float64 y: the interpreter's 4, ~3 for ex2.approx's 2^-22.5, and up to |x| for the rounding of
     t = x log2(e) (the GPU's exp is 2^t: a relative error of ln 2 |t| 2^-24 = |x| 2^-24). log(exp(x) + 1)
     was 0 below -17."""

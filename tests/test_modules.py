@@ -339,7 +339,7 @@ def test_a_parameter_the_torch_forward_fixes_takes_the_formula():
     alpha * scale (g = y + alpha * scale below 0)."""
     x = torch.linspace(-6, 4, 2001, dtype=torch.float64)
     assert torch.equal(invact.activation("selu")(x), F.selu(x))
-    # (scale >= 1: below it selu's table needs codes of its own for x <= 0 and x > 0, tests/test_params_found.py)
+    # (scale >= 1: below it selu's table needs codes of its own for x <= 0 and x > 0, tests/test_fitter_generic_params.py)
     for alpha, scale in ((2.0, 1.0507009873554805), (1.6732632423543772, 1.5), (0.25, 3.0)):
         xr = x.clone().requires_grad_()
         y = invact.activation("selu", alpha=alpha, scale=scale)(xr)

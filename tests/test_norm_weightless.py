@@ -68,7 +68,7 @@ def test_olmo_model_norms_are_swapped(dtype):
         return
     want.logits.square().sum().backward()
     got.logits.square().sum().backward()
-    # the bound of tests/test_models_found.py's float64 test (a row sum of N float32 products, each within
+    # the bound of tests/test_patch_model_structures.py's float64 test (a row sum of N float32 products, each within
     # float32's unit roundoff, x4 for the two sides and the products), applied to every parameter's
     # gradient; measured: at most 0.11 of it (the norms' own dx is checked against norm_bounds below)
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):

@@ -84,7 +84,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """Every case fitted into one tree (the CLI, as a user would)."""
-    tree = tmp_path_factory.mktemp("params_found")
+    tree = tmp_path_factory.mktemp("generic_params")
     for name, (formula, params, *_) in CASES.items():
         args = [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
         subprocess.run([sys.executable, "-m", "invact.fitting.cli", "fit", formula, "--name", name, "--root",

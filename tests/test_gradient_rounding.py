@@ -1,4 +1,5 @@
-"""What a precision audit found (2026-12-07): a closed-form g(y) of a rounded y may leave its branch's sign.
+"""Gradients computed from rounded values (precision audit, 2026-12-07): a closed-form g(y) of a rounded y
+keeps its branch's sign, and the norms' error bound holds where rows sit far from zero.
 
 ELU's g = alpha + y (CELU's (alpha + y) / alpha, SELU's alpha * scale + y) is exact for the exact y, but a
 16-bit y = alpha * (e^x - 1) rounds below -alpha where alpha is not a 16-bit number (bfloat16, alpha = 1.1:

@@ -10,7 +10,7 @@ alpha + y cancels; EPS = 1e-14, relative and absolute (~45 ulps), is far below a
 alpha 0.5 against 0.7 moves y by up to 0.2).
 GELU's table is fitted: certified to 3.4e-8 relative to each element's derivative (README "Certified
 errors"); a parameter's gradient sums such products over a batch, so TOL = 1e-6 (30x the certificate) is
-taken relative to the gradient's largest entry, as in tests/test_patch_found2.py.
+taken relative to the gradient's largest entry, as in tests/test_patch_inplace_and_hooks.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ state, state_dict keys, outputs of models whose swapped modules are all left (bi
 compares a float64 model's loss and gradients with the unpatched model's; the only difference is then the
 GELU table's certified error (3.4e-8 relative to each element's derivative, README "Certified errors"),
 summed over a batch where terms cancel, so the bound is relative to the gradient's largest entry: 1e-6, as
-in tests/test_patch_found2.py, far below a real mismatch (a norm computing with a stale shard is O(1) off).
+in tests/test_patch_inplace_and_hooks.py, far below a real mismatch (a norm computing with a stale shard is O(1) off).
 """
 
 from __future__ import annotations

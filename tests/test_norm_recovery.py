@@ -1,4 +1,7 @@
-"""Found by a bug hunt of the output-saving norms (runtime/norms.py), fixed with these tests:
+"""Output-saving norms (runtime/norms.py): recovering x_hat from the saved y (the recoverability rule with
+denormals flushed, columns y cannot give back), derivatives in dy, compile, vmap and nested input.
+
+Found by a bug hunt, fixed with these tests:
 
 1. The backward's derivative in dy (first order: torch.autograd.functional.jvp's double-vjp) runs and
    matches torch's; only a true second derivative (through x, the weight, the saved y) is refused.
