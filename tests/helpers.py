@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from invact.fitting import cli
@@ -24,3 +25,24 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def snapshot_without_pycache(root: Path) -> dict[str, bytes]:
     """:func:`snapshot` less ``__pycache__/`` (byte code Python writes when a test imports generated code)."""
     return {path: data for path, data in snapshot(root).items() if "__pycache__" not in Path(path).parts}
+
+
+def read_until(stream, found, seconds: float) -> list[str]:
+    """Lines of ``stream`` up to the first one for which ``found`` holds, read by a thread so that a
+    child that never prints it (or stalls) fails the test after ``seconds`` instead of hanging CI: a
+    bare readline loop has no deadline. The caller kills the child on failure, which ends the thread
+    (EOF); on success the thread has returned and the stream is the caller's again."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in iter(stream.readline, ""):
+            lines.append(line)
+            if found(line):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert lines and found(lines[-1]), (f"no such line after {seconds} s" if reader.is_alive() else
+                                        "the child ended without it") + ":\n" + "".join(lines)
+    return lines

@@ -14,8 +14,7 @@ import pytest
 
 import invact.generated
 from invact.fitting import cli, tables
-from helpers import CHEAP, invact_cli, snapshot
-from test_cli_misuse import read_until
+from helpers import CHEAP, invact_cli, read_until, snapshot
 
 INVACT = Path(sys.executable).with_name("invact")
 REPO_TABLES = Path(invact.generated.__file__).parent / "tables"   # never written by these tests
