@@ -66,6 +66,7 @@ def triton_import_error() -> Exception | None:
     return None
 
 
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None and triton_import_error() is None
 

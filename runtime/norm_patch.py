@@ -297,11 +297,15 @@ def _row_ulps(want: torch.Tensor, got: torch.Tensor, dims: int, unit: torch.dtyp
     """The largest difference between ``want`` and ``got`` in ulps of each row's largest ``|want|`` (a row:
     the last ``dims`` dimensions, one normalization): two forms that round ``gamma * x_hat + beta`` in
     another order differ by about an ulp of the row's scale, which near a zero element is many of its own.
-    ``unit``: the dtype whose ulps count (by default want's)."""
+    ``unit``: the dtype whose ulps count (by default want's). Equal values (the same inf, NaN in both)
+    differ by 0; a NaN or inf in one of them only, by inf."""
     fi = torch.finfo(unit or want.dtype)
-    w = want.double()
-    scale = w.abs().flatten(-dims).amax(-1).reshape(*w.shape[:-dims], *(1,) * dims)
-    return ((w - got.double()).abs() / (fi.eps * scale + torch.finfo(want.dtype).tiny)).max().item()
+    w, g = want.double(), got.double()
+    same = (w == g) | (w.isnan() & g.isnan())
+    magnitude = torch.where(w.isfinite(), w.abs(), 0.0)
+    scale = magnitude.flatten(-dims).amax(-1).reshape(*w.shape[:-dims], *(1,) * dims)
+    diff = torch.where(same, 0.0, (w - g).abs().nan_to_num(nan=math.inf))
+    return (diff / (fi.eps * scale + torch.finfo(want.dtype).tiny)).max().item()
 
 
 def _verdict(results: dict[str, float | str]) -> float | str:

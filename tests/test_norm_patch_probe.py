@@ -13,6 +13,7 @@ two dimensions, was left with an untrue reason."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -160,8 +161,19 @@ class HalfEpsRMSNorm(DetachedStatsRMSNorm):
         return self.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
+class NaNGradientRMSNorm(DetachedStatsRMSNorm):
+    """Llama's forward, NaN gradients (a hook on its output): a NaN difference is no match."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.weight * self._xhat(h, False)
+        if out.requires_grad:
+            out.register_hook(lambda g: torch.full_like(g, math.nan))
+        return out
+
+
 @pytest.mark.parametrize("cls, reason", [
     (DetachedStatsRMSNorm, "same output, but its input's gradient differs by"),
+    (NaNGradientRMSNorm, "same output, but its input's gradient differs by inf ulps"),
     (FrozenWeightRMSNorm, "same output, but no gradient reaches its weight"),
     (HalfEpsRMSNorm, "llama: "),
 ])
