@@ -78,11 +78,35 @@ def is_jagged(x: Tensor) -> bool:
 
 def on_jagged_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """An elementwise ``fn`` of a jagged nested tensor x: ``fn(x.values())`` rewrapped with x's offsets, lengths,
-    ragged dimension and cached sequence lengths (the same nested size, so y + x works; gradients reach x
-    through ``values()``), as PyTorch runs its own unary pointwise ops on jagged tensors."""
+    ragged dimension and cached sequence lengths (the same nested size, so y + x works), as PyTorch runs
+    its own unary pointwise ops on jagged tensors. The values are taken by :class:`_JaggedValues`, whose
+    backward keeps x's structure only: ``x.values()``'s own backward saves x, which kept the input alive
+    that invact's ops free."""
+    values = _JaggedValues.apply(x) if x.requires_grad and torch.is_grad_enabled() else x.values()
+    return _like_jagged(fn(values), x)
+
+
+def _like_jagged(values: Tensor, x: Tensor) -> Tensor:
+    """``values`` as a jagged nested tensor of x's structure."""
     return torch.nested.nested_tensor_from_jagged(
-        fn(x.values()), x.offsets(), lengths=x.lengths(), jagged_dim=x._ragged_idx,
+        values, x.offsets(), lengths=x.lengths(), jagged_dim=x._ragged_idx,
         min_seqlen=x._maybe_min_seqlen, max_seqlen=x._maybe_max_seqlen)
+
+
+class _JaggedValues(torch.autograd.Function):
+    """``x.values()`` whose backward rewraps the gradient with x's structure: it keeps x's offsets and
+    lengths (x's own, small), never x's values."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.structure = (x.offsets(), x.lengths(), x._ragged_idx, x._maybe_min_seqlen, x._maybe_max_seqlen)
+        return x.values().detach()     # the same memory as x's values, as values() is
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        offsets, lengths, ragged, shortest, longest = ctx.structure
+        return torch.nested.nested_tensor_from_jagged(grad, offsets, lengths=lengths, jagged_dim=ragged,
+                                                      min_seqlen=shortest, max_seqlen=longest)
 
 
 def dense_strides(x: Tensor) -> tuple[int, ...]:

@@ -122,8 +122,8 @@ class SavedBytes:
     # -- bookkeeping -----------------------------------------------------------------------------
     @staticmethod
     def _key(t: torch.Tensor) -> tuple | None:
-        if t.is_nested and t.layout == torch.jagged:   # a jagged tensor's bytes are its values'
-            t = t.values()
+        if t.is_nested and t.layout == torch.jagged:   # a jagged tensor's bytes are its values' (the buffer:
+            t = t._values                                # values() is an autograd view, saving t under hooks)
         try:
             s = t.untyped_storage()
             return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())

@@ -15,6 +15,7 @@ import invact
 import invact.functional as IF
 import tolerances as tol
 from invact import ops
+from invact.saved import SavedBytes
 
 pytestmark = pytest.mark.skipif("gelu" not in ops.names(), reason="no generated gelu table")
 
@@ -74,15 +75,32 @@ def test_a_patched_model_takes_a_jagged_tensor():
 
 
 def test_patch_measures_a_jagged_example():
-    """The example step runs with the swaps (it failed on the activation's layout check before), and
-    its measurement counts a jagged tensor's bytes, its values' (every saved jagged tensor counted 0 B).
-    What it decides is what it measures: torch's jagged Linear keeps the GELU's input alive anyway."""
+    """The example step runs with the swaps (it failed on the activation's layout check before), its
+    measurement counts a jagged tensor's bytes, its values' (every saved jagged tensor counted 0 B), and
+    the GELU, whose input the next Linear does not keep, is swapped for what it frees."""
     model, x = _mlp(), _jagged(2, 3)
     report = invact.patch(model, example=x)
     assert not [entry for entry in report.left if "fails" in entry.reason], report
-    # the Linears' saved inputs alone: 2 + 3 rows of 8 and of 16 float32 values, at least
-    assert report.measured["baseline_bytes"] >= (2 + 3) * (8 + 16) * 4, report
+    assert len(report) == 1 and report.replaced[0].freed, report
+    assert report.measured["patched_bytes"] < report.measured["baseline_bytes"], report
     assert torch.equal(model(x).values(), _mlp()(x).values())
+
+
+@pytest.mark.parametrize("make", [lambda: invact.GELU(), lambda: invact.LayerNorm(8), lambda: invact.RMSNorm(8)],
+                         ids=["gelu", "layer_norm", "rms_norm"])
+def test_a_jagged_input_saves_what_its_values_would(make):
+    """The saved bytes of a jagged x's forward are those of the same op on its values as a dense tensor:
+    y and the code (or rstd), never x (``x.values()``'s own backward saved the whole x, which kept the
+    input alive: more than PyTorch's op saves)."""
+    module, x = make(), _jagged(3, 5).requires_grad_()
+    dense = x.values().detach().requires_grad_()
+    with SavedBytes() as on_jagged:
+        y = module(x)
+    with SavedBytes() as on_values:
+        module(dense)
+    assert on_jagged.total == on_values.total > 0, (on_jagged.total, on_values.total)
+    (grad,) = torch.autograd.grad(y.values().sum(), x)
+    assert grad.is_nested and torch.equal(grad.offsets(), x.offsets())
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
