@@ -9,6 +9,7 @@ found and removed again; :func:`remove_modes` removes every route and chunk-copy
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -43,19 +44,32 @@ class CopyChunks(TorchFunctionMode):
 
 class _Scope:
     """Forward hooks entering ``mode`` around the outermost call of the modules they are on (one depth count
-    for all). An object of a module-level class, not closures: a model carrying it pickles, and a deep copy
-    gets its own scope and mode."""
+    for all, per thread: torch's mode stack is a thread's own, so a model called from two threads at once,
+    or by nn.DataParallel's replicas, which share its hooks, enters and leaves the mode in each thread). An
+    object of a module-level class, not closures: a model carrying it pickles, and a deep copy gets its own
+    scope and mode."""
 
     def __init__(self, mode: TorchFunctionMode) -> None:
-        self.mode, self.depth = mode, 0
+        self.mode, self._local = mode, threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"mode": self.mode}      # the depths are the running calls', not the model's
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["mode"])
+
+    @property
+    def depth(self) -> int:
+        """How deep the calling thread is in the modules' forwards."""
+        return getattr(self._local, "depth", 0)
 
     def enter(self, module: nn.Module, args: Any) -> None:
         if self.depth == 0:
             self.mode.__enter__()
-        self.depth += 1
+        self._local.depth = self.depth + 1
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
-        self.depth -= 1
+        self._local.depth = self.depth - 1
         if self.depth == 0:
             self.mode.__exit__(None, None, None)
 

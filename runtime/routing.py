@@ -3,10 +3,18 @@
 Modules can be swapped; a function call cannot. :class:`FunctionalRouter` is a
 :class:`torch.overrides.TorchFunctionMode` that, while active, sends ``F.gelu``, ``F.silu``,
 ``F.mish``, ``F.softplus``, ``F.elu``, ``F.celu``, ``F.selu``, ``F.hardswish`` and ``F.leaky_relu`` to
-:mod:`invact.functional` — only where that saves memory and changes nothing else: the input needs a
-gradient and grad mode is on (or torch.jit.trace or torch.export records the forward, whatever the grad
-mode), the call is not in-place, and the arguments are ones invact's op takes. Every other call (and
-every other function) runs untouched. ``routed`` counts the calls it sent.
+:mod:`invact.functional` — only where the result is PyTorch's and its input could be freed: the input
+needs a gradient and grad mode is on (or torch.jit.trace or torch.export records the forward, whatever
+the grad mode), the call is not in-place, and the arguments are ones invact's op takes. Every other call
+(and every other function) runs untouched. ``routed`` counts the calls it sent. Whether a routed call
+frees memory depends on what else keeps its input (``F.gelu(h) + h * h`` saves h anyway, and then the
+code is extra): ``invact.patch(model, functional=True, example=...)`` measures that and routes only where
+it frees bytes; a bare router does not measure.
+
+A bare router routes the calls made while it is active: the recomputation of a non-reentrant
+``torch.utils.checkpoint`` runs in backward, outside the ``with`` block, unrouted, and torch then raises
+its CheckpointError (a different number of tensors saved); ``patch(model, functional=True)`` enters its
+router around every module's call, recomputations included.
 
 >>> with invact.route_functional() as router:
 ...     loss = model(batch).sum()

@@ -104,3 +104,56 @@ def test_routing_under_torch_compile():
     with invact.route_functional(), hooks:
         compiled(x).sum().backward()
     assert torch.uint8 in saved  # invact's packed code: the compiled graph runs invact's op
+
+
+def test_a_routed_model_called_from_two_threads_routes_each():
+    """torch's mode stack is per thread, and the router's depth count was one for all: the thread that
+    entered first kept the router on its stack for good (every later F.gelu there routed, even after
+    unpatch) and the other raised "pop from empty mode stack" or ran unrouted. Now each thread enters and
+    leaves it (T1 enters first and leaves first, forced by events), and a model carrying it still pickles."""
+    import copy
+    import pickle
+    import threading
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, hold):
+            h = F.gelu(self.lin(x))
+            hold()
+            return h
+
+    model, x = Block(), torch.randn(4, 8)
+    invact.patch(model, functional=True)
+    t1_inside, t2_inside, t1_left, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def run(name, hold, after=None):
+        try:
+            y = model(x, hold)
+            seen[name] = (type(y.grad_fn).__name__, list(_get_current_function_mode_stack()),
+                          type(F.gelu(torch.randn(3, requires_grad=True)).grad_fn).__name__)
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            seen[name] = repr(exc)
+        if after:
+            after.set()
+
+    first = threading.Thread(target=run, args=("T1", lambda: (t1_inside.set(), t2_inside.wait(30)), t1_left))
+    second = threading.Thread(target=run, args=("T2", lambda: (t2_inside.set(), t1_left.wait(30))))
+    first.start()
+    assert t1_inside.wait(30)
+    second.start()
+    for t in (first, second):
+        t.join(60)
+    for name in ("T1", "T2"):
+        grad_fn, stack, later = seen[name]
+        assert grad_fn != "GeluBackward0" and stack == [] and later == "GeluBackward0", (name, seen[name])
+    twin = copy.deepcopy(model)            # its scope's per-thread depths are not copied (nor pickled)
+    assert type(twin(x, lambda: None).grad_fn).__name__ == seen["T1"][0]
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())   # module-level classes: pickles
+    invact.patch(plain, functional=True)
+    plain(x)
+    assert torch.equal(pickle.loads(pickle.dumps(plain))(x), plain(x))
