@@ -19,9 +19,9 @@ import sympy as sp
 
 from .errors import SpecError
 from .formulas import X, ActivationSpec, check_constants
-from .limits import approach, power_order, value_at
+from .limits import approach, check_far_float64, power_order, value_at
 from .numeric import numeric, precise
-from .pieces import check_real, check_singular, find_points, split_pieces
+from .pieces import Piece, check_real, check_singular, find_points, split_pieces
 from .scan import monotone_parts, scan_grid
 from .tables import MAX_CODES, code_bits_for
 
@@ -101,6 +101,7 @@ def analyze(spec: ActivationSpec) -> Analysis:
     singular = find_points(pieces)
     check_real(spec, pieces)
     check_singular(spec, pieces, singular)
+    _check_far_float64(pieces)
     branches: list[Branch] = []
     for p_index, piece in enumerate(pieces):
         for lo, hi, lo_c, hi_c, direction in monotone_parts(piece):
@@ -118,6 +119,17 @@ def analyze(spec: ActivationSpec) -> Analysis:
                         f"the runtime stores at most {MAX_CODES} codes (8 bits) an element")
     x_breaks, codes = _code_breaks(branches)
     return Analysis(spec, branches, _count_monotone(branches), n_codes, x_breaks, codes)
+
+
+def _check_far_float64(pieces: list[Piece]) -> None:
+    """Refuse, before the scan, f that float64 cannot evaluate as x -> +-inf: :func:`_make_branch`'s
+    :func:`value_at` refuses it at the same x with the same message, but only after the scan has spent
+    minutes confirming sign changes of f' that the overflow made (softclip's
+    log((1 + exp(5x))/(1 + exp(5x - 5)))/5: f' is float64 noise for x in [8, 142])."""
+    for piece in pieces:
+        for end in (piece.lo, piece.hi):
+            if math.isinf(end):
+                check_far_float64(numeric(piece.expr), end, piece.expr)
 
 
 def _make_branch(index, p_index, piece, lo, hi, lo_c, hi_c, direction) -> Branch:

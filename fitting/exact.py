@@ -6,6 +6,7 @@ accepted, so a wrong root (a quadratic's other sign, say) is never recorded.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ __all__ = ["Y", "exact_expression"]
 
 Y = sp.Symbol("y", real=True)
 SOLVE_SECONDS = 30.0   # a guard only: what is attempted is decided by _invertible, not by the clock
+SOLVE_FAILURES = (TimeoutError, NotImplementedError, ValueError, TypeError, AttributeError, RecursionError)
 RUNTIME_FUNCS = {"exp", "log", "Abs"}   # plus + - * / and powers (sqrt): what generated code evaluates
 
 
@@ -41,20 +43,36 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
     fp = sp.diff(e, X)
     if fp.has(X) and not _invertible(e):
         return None
-    try:
-        with time_limit(SOLVE_SECONDS):
-            if target == "derivative" and not fp.has(X):
-                candidates = [fp]
-            else:
-                roots = sp.solve(sp.Eq(e, Y), X)
-                candidates = [_simplest(fp, r) if target == "derivative" else r for r in roots]
-    except (TimeoutError, NotImplementedError, ValueError, TypeError, AttributeError, RecursionError):
+    if target == "derivative" and not fp.has(X):
+        candidates = [fp]
+    elif (roots := _roots(e)) is None:
         return None
+    elif target != "derivative":
+        candidates = list(roots)
+    else:
+        try:
+            with time_limit(SOLVE_SECONDS):
+                candidates = [_simplest(fp, r) for r in roots]
+        except SOLVE_FAILURES:
+            return None
     for cand in candidates:
         cand = cand.subs(back)
         if _agrees(cand, expr, spec, target, branch):
             return _factor_radicands(cand)
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _roots(e: sp.Expr) -> tuple[sp.Expr, ...] | None:
+    """sympy's solutions x of e(x) = y, None where solve fails or runs past SOLVE_SECONDS (f'(x) at
+    them is simplified under a guard of its own, :func:`_solve`). Cached:
+    branches of one piece share e, and a solve that runs into the guard (tanh(x)**3, rewritten as a
+    cubic in exp(2x)) costs the full SOLVE_SECONDS each time."""
+    try:
+        with time_limit(SOLVE_SECONDS):
+            return tuple(sp.solve(sp.Eq(e, Y), X))
+    except SOLVE_FAILURES:
+        return None
 
 
 def _invertible(e: sp.Expr) -> bool:

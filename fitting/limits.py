@@ -16,7 +16,7 @@ from .errors import SpecError
 from .formulas import X
 from .numeric import LIMIT_SECONDS, float64_fault, precise
 
-__all__ = ["value_at", "approach", "power_order", "FAR"]
+__all__ = ["value_at", "check_far_float64", "approach", "power_order", "FAR"]
 
 FAR = 1e4            # "infinity" for numeric limits
 
@@ -28,8 +28,7 @@ def value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float
     with, else from extrapolating the values at x = 2^k (:func:`_extrapolate`)."""
     if not math.isinf(x):
         return float(f(np.array([x]))[0])
-    xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
-    raw = f(xs)
+    xs, raw = _far_values(f, x)
     v = raw[~np.isnan(raw)]
     growing = v.size >= 8 and np.isfinite(v[-8:]).all() and abs(v[-1]) >= 2 * abs(v[-8]) > 0   # (1e-20*x: the
     if v.size >= 2 and np.isfinite(v[-2:]).all() and abs(v[-1] - v[-2]) <= 1e-12 * (1 + abs(v[-2])) \
@@ -49,6 +48,22 @@ def value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float
         return numeric_limit
     raise SpecError(f"{what} has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
                     "by |x| = 2^63)")
+
+
+def check_far_float64(f, x: float, expr: sp.Expr, what: str = "f") -> None:
+    """The float64 refusal :func:`value_at` makes at x = +-inf (:func:`_check_float64`), made on its own:
+    a caller can refuse a formula float64 cannot evaluate far out before slower checks (the scan of f')
+    spend minutes on the noise that the same overflow or cancellation puts into f'."""
+    xs, raw = _far_values(f, x)
+    v = raw[~np.isnan(raw)]
+    if v.size >= 8 and np.isinf(v[-1]):
+        _check_float64(expr, xs, raw, what)
+
+
+def _far_values(f, x: float) -> tuple[np.ndarray, np.ndarray]:
+    """The geometric grid |x| in [10, 10 FAR] toward x = +-inf that :func:`value_at` reads, and f on it."""
+    xs = np.copysign(np.geomspace(10.0, FAR * 10, 60), x)
+    return xs, f(xs)
 
 
 def _settled_far(f, x: float, expr: sp.Expr | None) -> float | None:

@@ -210,12 +210,12 @@ def _precise_change(fp: sp.Expr | None, xs: np.ndarray):
     point outwards stands in; where that cannot tell either, float64's change is noise: False."""
     if fp is None:
         return lambda i, j: True
+    signs: dict[int, int | None] = {}   # neighbouring changes share grid points: evalf each once
 
     def sign(k: int) -> int | None:
-        v = precise(fp, xs[k])
-        if isinstance(v, sp.Float) and v._prec < PRECISE_BITS:
-            return None
-        return 0 if v is None else int(sp.sign(v))
+        if k not in signs:
+            signs[k] = _precise_sign(fp, float(xs[k]))
+        return signs[k]
 
     def told(k: int, step: int) -> int | None:
         s = sign(k)
@@ -227,6 +227,15 @@ def _precise_change(fp: sp.Expr | None, xs: np.ndarray):
             return False
         return not (si != 0 and si == sj)
     return change
+
+
+def _precise_sign(fp: sp.Expr, x: float) -> int | None:
+    """The sign of f' at x to 15 correct digits (:func:`precise`): 0 where evalf gives no real number,
+    None where its value has no significant digit."""
+    v = precise(fp, x)
+    if isinstance(v, sp.Float) and v._prec < PRECISE_BITS:
+        return None
+    return 0 if v is None else int(sp.sign(v))
 
 
 def _polish_root(fp: sp.Expr, x0: float) -> float:
