@@ -163,12 +163,15 @@ def _attribute_key(value: object) -> object:
     return ("object", id(value))
 
 
-def _probe_input(n: int, eps: float | None, g: torch.Generator) -> torch.Tensor:
+def _probe_input(n: int, eps: float | None, g: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(3, 5, n) rows of random values at five scales each: 2 (the usual), 0.01, and 0.3, 1 and 3 times
     sqrt(eps), where eps is 10, 1 and 1/9 times the variance, so a form that adds eps elsewhere (outside
     the square root, a clamp) or another eps shows; each row's mean is 0.15 of its scale. ``eps=None``:
-    F.rms_norm's default for float32."""
-    root = max(math.sqrt(eps if eps is not None else _default_eps(torch.float32)), 1e-6)
+    F.rms_norm's default for float32. The scales stay at or above sqrt of ``dtype``'s smallest normal
+    number: float16 rows at sqrt(1e-12) are subnormal, where torch's own backward gives NaN (a BERT-style
+    eps of 1e-12 then left every subclass of LayerNorm that a probe decides)."""
+    root = max(math.sqrt(eps if eps is not None else _default_eps(torch.float32)), 1e-6,
+               math.sqrt(torch.finfo(dtype).tiny))
     scales = torch.tensor([2.0, 0.01, 0.3 * root, root, 3 * root], dtype=torch.float64).repeat(3).reshape(3, 5, 1)
     return ((torch.randn(3, 5, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
 
@@ -217,7 +220,7 @@ def _probe(module: nn.Module, kind: str, eps: float | None, bias: bool,
             except Exception as exc:  # noqa: BLE001 - a module that cannot be copied and set is not probed
                 out[config] = f"no {config} copy with random weights ({type(exc).__name__}: {exc})"[:200]
                 continue
-            x = _probe_input(n, eps, g).reshape(3, 5, *shape).to(x_dtype).requires_grad_()
+            x = _probe_input(n, eps, g, x_dtype).reshape(3, 5, *shape).to(x_dtype).requires_grad_()
             dy = torch.randn(x.shape, generator=g_dy)
             try:
                 want = probe(x)

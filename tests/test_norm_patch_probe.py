@@ -254,3 +254,28 @@ def test_subclasses_of_torchs_norms_are_swapped(make, shape):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)).to(dtype)
         assert torch.equal(model.to(dtype)(x), ref.to(dtype)(x))
+
+
+class BertLikeLayerNorm(nn.LayerNorm):
+    """A plain subclass (so a probe decides it) with BERT's eps of 1e-12."""
+
+
+class T5LikeRMSNorm(DetachedStatsRMSNorm):
+    """T5's RMSNorm (no mean, variance in float32) with eps 1e-12."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        variance = h.float().pow(2).mean(-1, keepdim=True)
+        out = h * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * (out.to(self.weight.dtype) if self.weight.dtype in (torch.float16, torch.bfloat16) else out)
+
+
+@pytest.mark.parametrize("make", [lambda: BertLikeLayerNorm(N, eps=1e-12), lambda: T5LikeRMSNorm(N, eps=1e-12)],
+                         ids=["bert_layer_norm", "t5_rms_norm"])
+def test_a_tiny_eps_is_probed_in_float16_at_rows_float16_holds(make):
+    """float16 probe rows at sqrt(eps) = 1e-6 were subnormal: torch's own backward gave NaN there, and
+    once a NaN on one side counted as no match, every probed norm with eps 1e-12 was left. The rows stay
+    at or above sqrt of float16's smallest normal number; the norm is swapped."""
+    torch.manual_seed(0)
+    model = _sandwich(make())
+    report = invact.patch(model)
+    assert len(report) == 1, report
