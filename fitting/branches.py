@@ -299,25 +299,29 @@ def _y_tol(*branches: Branch) -> float:
 
 
 def _plateau_inside(members: list[Branch]) -> bool:
-    """True when some plateau of ``members`` (one code class) lies strictly inside the union of its
-    other branches' y ranges, ends that two of them share counted as inside: y = 0 of the plateau of
-    Piecewise((0, x < -1), (0.5*x*(x + 1), x < 0), (0.5*x, True)) is the end of both rising branches
-    (split at x = 0), y = 0 at x = 0 lies inside their union, and y alone cannot tell the plateau's g
-    from f'(0) = 0.5 there. A plateau at an end of that union (relu's 0) owns it (_branch_break)."""
+    """True when some plateau of ``members`` (one code class) lies strictly inside the y range of a
+    stretch of its sloped branches that follow each other in x (one curve the analysis split): y = 0 of
+    the plateau of Piecewise((0, x < -1), (0.5*x*(x + 1), x < 0), (0.5*x, True)) is the end of both rising
+    branches (split at x = 0) and inside their stretch, and y alone cannot tell the plateau's g from
+    f'(0) = 0.5 there. A plateau at an end of a stretch (relu's 0; a staircase's step between two ramps
+    apart in x) owns that y (_branch_break): one x at most shares it, as at a kink."""
     tol = _y_tol(*members)
-    joined = _joined_ranges(sorted(m.y_range for m in members if not m.flat), tol)
-    return any(lo + tol < p.y_range[0] < hi - tol for p in members if p.flat for lo, hi in joined)
-
-
-def _joined_ranges(ranges: list[tuple[float, float]], tol: float) -> list[tuple[float, float]]:
-    """Sorted y ranges joined where they touch or overlap (within ``tol``)."""
-    out: list[tuple[float, float]] = []
-    for lo, hi in ranges:
-        if out and lo <= out[-1][1] + tol:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
+    stretches: list[tuple[float, float]] = []
+    last: Branch | None = None
+    for m in sorted((m for m in members if not m.flat), key=lambda m: m.x_range[0]):
+        lo, hi = m.y_range
+        if last is not None and _follows(last, m) and lo <= stretches[-1][1] + tol and hi >= stretches[-1][0] - tol:
+            stretches[-1] = (min(stretches[-1][0], lo), max(stretches[-1][1], hi))
         else:
-            out.append((lo, hi))
-    return out
+            stretches.append((lo, hi))
+        last = m
+    return any(lo + tol < p.y_range[0] < hi - tol for p in members if p.flat for lo, hi in stretches)
+
+
+def _follows(left: Branch, right: Branch) -> bool:
+    """Whether ``right`` starts at the x where ``left`` ends."""
+    end, start = left.x_range[1], right.x_range[0]
+    return math.isfinite(end) and abs(end - start) <= 1e-12 * (1 + abs(end))
 
 
 def _signed_zero_clash(a: Branch, b: Branch) -> bool:

@@ -65,17 +65,29 @@ def _plateau_torch(x):
 @pytest.mark.parametrize("formula", [
     PLATEAU,
     "Piecewise((x*Max(0, Min(1, (x + 1)/2)), x >= 0), ((exp(x) - 1)*Max(0, Min(1, (x + 1)/2)), True))",
-    "Piecewise((0.5*x + 1, x < 0), (1 - 0.5*x*(x - 1), x < 1), (1, True))",   # on the right, at y = 1
 ])
 def test_plateau_inside_the_union_of_a_codes_branches_gets_another_code(formula):
-    """The plateau's y is an end of two touching sloped branches (split at a piece boundary): that y at
-    their common x lies inside their union, so the plateau may not share their code (it did: y alone
-    gave the plateau's g = 0 at x = 0, where f' = 0.5)."""
+    """The plateau's y is an end of two sloped branches that follow each other in x (split at a piece
+    boundary): that y at their common x lies inside their stretch, so the plateau may not share their
+    code (it did: y alone gave the plateau's g = 0 at x = 0, where f' = 0.5)."""
     branches = analyze(get_spec(formula, "t", {})).branches
     for p in (b for b in branches if b.flat):
         touching = [b for b in branches if not b.flat and p.y_range[0] in b.y_range and b.code == p.code]
         ends = sorted(b.y_range[0] == p.y_range[0] for b in touching)
         assert ends != [False, True], [(b.y_range, b.code) for b in branches]
+
+
+@pytest.mark.parametrize("formula", [
+    "Piecewise((0, x < 0), (x, x < 1), (1, x < 2), (x - 1, x < 3), (2, True))",   # a staircase
+    "Piecewise((x, x < 1), (1, x <= 2), (x - 1, True))",
+    "Max(0, x)",
+])
+def test_a_plateau_between_ramps_apart_in_x_shares_their_code(formula):
+    """A plateau at the end of sloped branches that do not follow each other in x owns that y (one x at
+    most shares it, as at a kink): one code, no bit. Joining every touching y range (review 2) spent a bit
+    on these and still gave the plateau's g at the ramp's closed end."""
+    branches = analyze(get_spec(formula, "t", {})).branches
+    assert {b.code for b in branches} == {0}, [(b.x_range, b.y_range, b.code) for b in branches]
 
 
 def test_plateau_next_to_a_split_rising_branch_keeps_the_slope_at_zero(capsys, tmp_path, layered):
