@@ -816,8 +816,8 @@ def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
 class LayerNorm(_Saving, nn.LayerNorm):
     """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
 
-    ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` with float32
-    parameters (OLMo's, Cohere's), or
+    ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` with the
+    parameters in float32 too, whatever their dtype (OLMo's, Cohere's), or
     "gemma": gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P; its weight
     starts at zeros).
     ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size.
