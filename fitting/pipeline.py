@@ -53,7 +53,7 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
         raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
     if tolerance < MIN_TOLERANCE:
         raise FitError(f"tolerance {tolerance:g} is below what float32 coefficients can represent",
-                       None, f"use --tolerance {MIN_TOLERANCE:g} or more")
+                       None, "use --tolerance 2e-8 or more")   # MIN_TOLERANCE, as --help writes it
     if tolerance > MAX_TOLERANCE:
         raise FitError(f"tolerance {tolerance:g} is above {MAX_TOLERANCE:g}: g's error is absolute where "
                        "|g| < 1 and relative above, so a tolerance near 1 lets g be 0; 1e-2 is already "
