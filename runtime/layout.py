@@ -88,9 +88,18 @@ def on_jagged_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def _like_jagged(values: Tensor, x: Tensor) -> Tensor:
     """``values`` as a jagged nested tensor of x's structure."""
-    return torch.nested.nested_tensor_from_jagged(
-        values, x.offsets(), lengths=x.lengths(), jagged_dim=x._ragged_idx,
-        min_seqlen=x._maybe_min_seqlen, max_seqlen=x._maybe_max_seqlen)
+    return _wrap(values, _structure(x))
+
+
+def _structure(x: Tensor) -> tuple:
+    """What a jagged x's values need to be x again: offsets, lengths, ragged dimension, cached lengths."""
+    return x.offsets(), x.lengths(), x._ragged_idx, x._maybe_min_seqlen, x._maybe_max_seqlen
+
+
+def _wrap(values: Tensor, structure: tuple) -> Tensor:
+    offsets, lengths, ragged, shortest, longest = structure
+    return torch.nested.nested_tensor_from_jagged(values, offsets, lengths=lengths, jagged_dim=ragged,
+                                                  min_seqlen=shortest, max_seqlen=longest)
 
 
 class _JaggedValues(torch.autograd.Function):
@@ -99,14 +108,12 @@ class _JaggedValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.structure = (x.offsets(), x.lengths(), x._ragged_idx, x._maybe_min_seqlen, x._maybe_max_seqlen)
+        ctx.structure = _structure(x)
         return x.values().detach()     # the same memory as x's values, as values() is
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        offsets, lengths, ragged, shortest, longest = ctx.structure
-        return torch.nested.nested_tensor_from_jagged(grad, offsets, lengths=lengths, jagged_dim=ragged,
-                                                      min_seqlen=shortest, max_seqlen=longest)
+        return _wrap(grad, ctx.structure)
 
 
 def dense_strides(x: Tensor) -> tuple[int, ...]:

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import is_jagged
+
 __all__ = ["memory", "saved_bytes", "SavedBytes"]
 
 _OUTSIDE = "<outside>"
@@ -122,7 +124,7 @@ class SavedBytes:
     # -- bookkeeping -----------------------------------------------------------------------------
     @staticmethod
     def _key(t: torch.Tensor) -> tuple | None:
-        if t.is_nested and t.layout == torch.jagged:   # a jagged tensor's bytes are its values' (the buffer:
+        if is_jagged(t):                                 # a jagged tensor's bytes are its values' (the buffer:
             t = t._values                                # values() is an autograd view, saving t under hooks)
         try:
             s = t.untyped_storage()
