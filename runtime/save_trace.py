@@ -125,6 +125,7 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
                   router: FunctionalRouter | None = None) -> Trace:
     """One forward of the example with ``active``'s swaps in place. A step that raises with swaps (or the
     route) in place is recorded in ``trace.error``, not raised; with none, it raises."""
+    _require_saved_tensor_hooks()
     trace, stack = Trace(), []
     starts: list[tuple[int, bool]] = []          # per site call being run: (packs before it, grad enabled)
     site_of = _site_map(sites, active)
@@ -202,6 +203,16 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
     trace.dropout_inputs = watch.inputs
     trace.keep.clear()
     return trace
+
+
+def _require_saved_tensor_hooks() -> None:
+    """Raise where :func:`torch.autograd.graph.disable_saved_tensors_hooks` disabled the hooks the trace needs."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        reason = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+        raise RuntimeError(f"invact.patch(example=...): measuring the example step needs saved-tensor hooks, "
+                           f"disabled here by torch.autograd.graph.disable_saved_tensors_hooks ({reason!r}); "
+                           "invact.patch(model) without example= works in this region (class rules only), or "
+                           "pass example= outside it")
 
 
 def error_line(exc: BaseException) -> str:

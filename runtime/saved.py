@@ -19,10 +19,15 @@ model, of leaf tensors that require grad) are counted apart, in ``.parameters``,
 
 Nested blocks: PyTorch hands each saved tensor to the innermost saved-tensor hook only, so one pack hook
 serves every open counter (a stack, per thread): an inner ``invact.memory`` block counts into the outer
-ones too. A foreign hook opened inside a block (``torch.autograd.graph.save_on_cpu()``, another
-``saved_tensors_hooks``) takes the tensors saved under it away from every counter: seen at module calls
-and at the block's end, it is reported by a RuntimeWarning naming it, and ``incomplete`` says so.
-Entering a counter that is already open raises RuntimeError.
+ones too. A block opened inside another saved-tensor hook (``torch.autograd.graph.save_on_cpu()``, an
+offloading ``saved_tensors_hooks``) chains to it: each tensor is counted as handed to that hook, then
+packed and unpacked by it, so the hook sees what it sees without the counter. Inside a non-reentrant
+checkpoint the tensors go on to checkpointing's hook uncounted: it drops them, to recompute in backward.
+A foreign hook opened inside a block takes the tensors saved under it away from every counter: seen at
+module calls and at the block's end, it is reported by a RuntimeWarning naming it, and ``incomplete`` says
+so. Selective activation checkpointing (``context_fn=create_selective_checkpoint_contexts(...)``) keeps
+the outputs of the ops its policy saves in its own cache, outside saved-tensor hooks: uncounted, and
+likewise reported. Entering a counter that is already open raises RuntimeError.
 
 Caveats: a view counts its whole storage (that is what stays alive); the counts are for eager mode;
 tensors saved by a compiled graph are counted when its pack hooks run (``torch.compile`` may graph-break
@@ -69,16 +74,43 @@ class _Open(threading.local):
 _OPEN = _Open()   # the counters open in this thread, outermost first
 
 
-def _pack_all(counters: tuple["SavedBytes", ...], t: torch.Tensor) -> torch.Tensor:
-    """A block's pack hook, bound to the counters open when it was entered (its own last): PyTorch calls
-    only the innermost hook, so it counts ``t`` in each of them, on whatever thread autograd runs it."""
+def _pack_all(counters: tuple["SavedBytes", ...], outer: Any, t: torch.Tensor) -> Any:
+    """A block's pack hook, bound to the counters open when it was entered (its own last) and to the
+    pack hook it was opened inside (``outer``, or None): PyTorch calls only the innermost hook, so it counts
+    ``t`` in each counter, on whatever thread autograd runs it, then hands ``t`` on to ``outer``."""
     for counter in counters:
         counter._pack(t)
-    return t
+    return t if outer is None else outer(t)
 
 
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _unpack_with(outer: Any, packed: Any) -> Any:
+    """A block's unpack hook: the outer unpack hook's result (``packed`` itself where there is none)."""
+    return packed if outer is None else outer(packed)
+
+
+def _is_checkpoints(hook: Any) -> bool:
+    """Whether ``hook`` is non-reentrant checkpointing's own: what it is handed is recomputed, not kept."""
+    return getattr(hook, "__module__", None) == "torch.utils.checkpoint"
+
+
+def _chained_hooks(counters: tuple["SavedBytes", ...]) -> torch.autograd.graph.saved_tensors_hooks:
+    """The saved-tensor hooks of a block opened inside the hooks active now. Where those are another
+    block's, their outer hooks are chained instead (their counters are in ``counters`` already). Inside a
+    non-reentrant checkpoint, tensors go on to its hook uncounted, as for a checkpoint inside a block."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    if top is not None and getattr(top[0], "func", None) is _pack_all:
+        top = (top[0].args[1], top[1].args[0])
+    pack, unpack = top if top is not None else (None, None)
+    return torch.autograd.graph.saved_tensors_hooks(
+        functools.partial(_pack_all, () if _is_checkpoints(pack) else counters, pack),
+        functools.partial(_unpack_with, unpack))
+
+
+def _caching_mode() -> bool:
+    """Whether selective activation checkpointing's caching dispatch mode is active."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    from torch.utils.checkpoint import _CachingTorchDispatchMode
+    return any(isinstance(m, _CachingTorchDispatchMode) for m in _get_current_dispatch_mode_stack())
 
 
 def _foreign_hook() -> str | None:
@@ -86,7 +118,7 @@ def _foreign_hook() -> str | None:
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if top is None or getattr(top[0], "func", None) is _pack_all:
         return None
-    if getattr(top[0], "__module__", None) == "torch.utils.checkpoint":
+    if _is_checkpoints(top[0]):
         return None   # non-reentrant checkpointing: what it drops is recomputed in backward, not kept
     return getattr(top[0], "__qualname__", repr(top[0]))
 
@@ -104,7 +136,8 @@ class SavedBytes:
     Attributes (after the block): ``total`` (bytes, parameters excluded), ``parameters`` (bytes of
     parameter storages saved), ``by_module`` (``{module path: bytes}``, largest first), ``count``
     (distinct storages, parameters excluded), ``tensors`` (tensors packed, duplicates included),
-    ``incomplete`` (None, or why tensors went uncounted: a foreign saved-tensor hook inside the block).
+    ``incomplete`` (None, or why tensors went uncounted: a foreign saved-tensor hook inside the block, or
+    selective activation checkpointing, whose cache keeps op outputs outside saved-tensor hooks).
     """
 
     def __init__(self, model: nn.Module | None = None) -> None:
@@ -118,7 +151,7 @@ class SavedBytes:
         self._param_keys: set[tuple] = set()
         self._names: dict[int, str] = {}
         self._hooks = None
-        #: why the count misses tensors (a foreign saved-tensor hook inside the block), else None
+        #: why the count misses tensors (a foreign saved-tensor hook or selective checkpointing), else None
         self.incomplete: str | None = None
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -174,6 +207,11 @@ class SavedBytes:
                                "saved_tensors_hooks) was active inside the invact.memory block; PyTorch passes "
                                "each saved tensor to the innermost hook only, so the tensors saved under it were "
                                "not counted")
+        if self.incomplete is None and _caching_mode():
+            self.incomplete = ("selective activation checkpointing (torch.utils.checkpoint with context_fn="
+                               "create_selective_checkpoint_contexts) was active inside the invact.memory block; "
+                               "selective checkpointing keeps op outputs outside saved-tensor hooks, so the "
+                               "outputs its policy saves were not counted")
 
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> "SavedBytes":
@@ -192,8 +230,7 @@ class SavedBytes:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
             self._handles.append(register_module_forward_pre_hook(self._pre))
             self._handles.append(register_module_forward_hook(self._post, always_call=True))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack_all, (*_OPEN.counters, self)),
-                                                               _unpack)
+        self._hooks = _chained_hooks((*_OPEN.counters, self))
         self._hooks.__enter__()
         _OPEN.counters.append(self)
         return self
