@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends, layout, norm_cpu, ops
+from . import backends, dtensor, layout, norm_cpu, ops
 from .arguments import ArgumentTypeError, ShapeError, flag
 from .common.params import real
 
@@ -512,6 +512,7 @@ def _grad_of_backward(ctx, gdx, gdw, gdb):
 
 _norm_forward.register_autograd(_grad, setup_context=_setup_context)
 _norm_backward.register_autograd(_grad_of_backward, setup_context=_backward_setup)
+dtensor.register_when_imported("norm_forward", "norm_backward")
 
 
 class _Direct(torch.autograd.Function):
@@ -640,6 +641,10 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 
 def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
            style: str, autocast_output: bool, backend: str | None) -> Tensor:
+    if any(dtensor.is_dtensor(t) for t in (x, weight, bias)):  # on each rank's rows (invact.dtensor)
+        def local(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+            return _apply(x, shape, weight, bias, eps, rms, style, autocast_output, backend)
+        return dtensor.norm(x, weight, bias, len(shape), "rms_norm" if rms else "layer_norm", local)
     _check_style(style, rms)
     autocast_output = flag(autocast_output, "autocast_output")
     chosen = backends.resolve(backend, x.device.type)

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from . import backends, layout, registry
+from . import backends, dtensor, layout, registry
 from .constants import Constants, module_constants, param_values, table_constants
 from .impl_compiled import COMPILED
 from .impl_cpu import CPU
@@ -230,6 +230,7 @@ def _grad_of_backward(ctx, gg):
 
 _forward.register_autograd(_grad, setup_context=_setup_context)
 _backward.register_autograd(_grad_of_backward, setup_context=_backward_setup)
+dtensor.register_when_imported("value", "forward", "backward")
 
 
 # torch.func transforms and forward-mode AD. The custom ops' own autograd is reverse mode only and not
@@ -372,6 +373,8 @@ def apply(x: Tensor, name: str, params: dict[str, float] | None = None, backend:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if layout.is_jagged(x):  # elementwise: on the values, rewrapped
         return layout.on_jagged_values(lambda values: apply(values, name, params, backend), x)
+    if dtensor.is_dtensor(x):  # elementwise: on each rank's shard, rewrapped (invact.dtensor)
+        return dtensor.pointwise(x, lambda local: apply(local, name, params, backend))
     if x.dtype not in DTYPES:
         raise TypeError(f"invact activation {name!r}: x must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype} (as torch.nn.functional, no integer, bool or complex inputs)")
