@@ -16,7 +16,7 @@ TABLE_SHA256 = '85e63caf31d8a5d51ec961544e94610409104bef6fb4960785a6209d573600f8
 @triton.jit
 def f_x(x, params):
     """y = f(x) in float32."""
-    return x*act_triton.tanh(act_triton.log1p(tl.exp(x)))
+    return x*act_triton.tanh((act_triton.log1p(tl.exp(-tl.abs(x))) + tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)))
 
 
 @triton.jit

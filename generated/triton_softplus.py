@@ -17,7 +17,7 @@ def f_x(x, params):
     """y = f(x) in float32."""
     param_beta = params[0]
     param_threshold = params[1]
-    return tl.where((param_threshold < param_beta*x), x, tl.div_rn(act_triton.log1p(tl.exp(param_beta*x)), tl.zeros_like(x) + param_beta))
+    return tl.where((param_threshold < param_beta*x), x, tl.div_rn((act_triton.log1p(tl.exp(-tl.abs(param_beta*x))) + tl.maximum(param_beta*x, 0.0, propagate_nan=tl.PropagateNan.ALL)), tl.zeros_like(x) + param_beta))
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 from .common.float32_scheme import LN2_HI, LN2_LO, LOG_POLY, SQRT2_F32  # Cephes logf's constants
 from .common.float32_scheme import root_seed, root_steps
 
-__all__ = ["log", "sqrt", "where", "root_power", "LOG_POLY", "SQRT2_F32", "LN2_HI", "LN2_LO"]
+__all__ = ["log", "sqrt", "where", "root_power", "power", "LOG_POLY", "SQRT2_F32", "LN2_HI", "LN2_LO"]
 
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
                   torch.bfloat16: torch.int16, torch.int32: torch.int32, torch.int64: torch.int64}
@@ -67,6 +67,17 @@ def root_power(a: torch.Tensor, n: int, k: int) -> torch.Tensor:
         return a ** (k / n)
     r = (torch.div(a.view(torch.int32), n, rounding_mode="floor") + root_seed(n)).view(torch.float32).double()
     return root_steps(r, a.double(), n, k).float()
+
+
+def power(a: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``a ** exponent`` of float32 ``a`` (a closed form's fractional power, docs/table-format.md) as
+    float64's pow rounded once to float32: within 2^-52 (relative) before that rounding, so the
+    correctly rounded power but where the exact one lies that close to a float32 midpoint, where
+    ``exp(exponent * log(a))`` in float32 loses |exponent * log(a)| ulps (5e-6 relative near 1e38).
+    Certification (``invact.fitting.scheme.power64``) computes the same. Other dtypes: ``a ** exponent``."""
+    if a.dtype != torch.float32:
+        return torch.pow(a, exponent)
+    return torch.pow(a.double(), exponent).float()
 
 
 def where(cond: torch.Tensor, a: torch.Tensor | float | int, b: torch.Tensor | float | int) -> torch.Tensor:

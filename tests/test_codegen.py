@@ -10,13 +10,14 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import sympy as sp
 import torch
 
-from invact import ops
+from invact import fastmath, ops
 from invact.fitting.codegen import analysis, generate_all, generate_files
 from invact.fitting.codegen.printer import mangle, parse, to_python, to_torch, to_triton
 from invact.fitting.evaluate import eval_code_class, number
@@ -224,6 +225,12 @@ PRINTER_CASES = [
 ]
 
 
+# tl's maximum, cast and float64 full (a power, a stable softplus) as float64 numpy stand-ins
+TL_STAND_INS = {"maximum": lambda a, b, propagate_nan=None: np.maximum(a, b), "PropagateNan": SimpleNamespace(ALL=None),
+                "cast": lambda a, dtype: a, "full": lambda shape, value, dtype: np.float64(value),
+                "float32": None, "float64": None}
+
+
 def mangled(params: dict) -> dict:
     """Parameters under the names printed code gives them."""
     return {mangle(k): v for k, v in params.items()}
@@ -234,7 +241,7 @@ def test_torch_printer_matches_sympy(text, params):
     expr = parse(text, "x", list(params))
     x = torch.linspace(-5, 5, 101, dtype=torch.float64) + 0.013
     code = to_torch(expr, "x")
-    got = eval(code, {"torch": torch, "math": __import__("math"), "x": x, **mangled(params)})  # noqa: S307
+    got = eval(code, {"torch": torch, "math": __import__("math"), "fastmath": fastmath, "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), expr.subs({sp.Symbol(k, real=True): v for k, v in params.items()}),
                     ["scipy", "numpy"])
     want = np.broadcast_to(np.asarray(f(x.numpy()), dtype=np.float64), x.shape)
@@ -256,9 +263,9 @@ def test_triton_printer_matches_sympy_with_correctly_rounded_division(text, para
         assert np.shape(a) == np.shape(b), code  # a scalar operand would not compile
         return np.divide(a, b)
     tl = SimpleNamespace(div_rn=div_rn, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
-                         erf=scipy.special.erf, abs=np.abs, where=np.where)
+                         erf=scipy.special.erf, abs=np.abs, where=np.where, **TL_STAND_INS)
     x = np.linspace(-5, 5, 101) + 0.013
-    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan)
+    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan, log1p=np.log1p)
     got = eval(code, {"tl": tl, "act_triton": act_triton, "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), parse(text, "x", list(params)).subs(
         {sp.Symbol(k, real=True): v for k, v in params.items()}), ["scipy", "numpy"])
@@ -280,9 +287,9 @@ def test_triton_printer_reciprocals_for_forwards(text, params):
     divided = [d for d in sp.preorder_traversal(expr) if isinstance(d, sp.Pow) and d.exp.is_negative]
     assert (divisions > 0) == any(not d.base.is_number for d in divided), (code, divided)
     tl = SimpleNamespace(div_rn=np.divide, sqrt_rn=np.sqrt, zeros_like=np.zeros_like, exp=np.exp, log=np.log,
-                         erf=scipy.special.erf, abs=np.abs, where=np.where)
+                         erf=scipy.special.erf, abs=np.abs, where=np.where, **TL_STAND_INS)
     x = np.linspace(-5, 5, 101) + 0.013
-    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan)
+    act_triton = SimpleNamespace(tanh=np.tanh, atan=np.arctan, log1p=np.log1p)
     got = eval(code, {"tl": tl, "act_triton": act_triton, "x": x, **mangled(params)})  # noqa: S307
     f = sp.lambdify(sp.Symbol("x", real=True), expr.subs({sp.Symbol(k, real=True): v for k, v in params.items()}),
                     ["scipy", "numpy"])

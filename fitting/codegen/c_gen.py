@@ -28,7 +28,7 @@ __all__ = ["generate_c", "translate_g"]
 
 # torch.NAME on a float32 tensor -> the C float function; math.NAME on Python floats -> the double one
 _FUNCS = {"exp": "exp", "log": "log", "sqrt": "sqrt", "erf": "erf", "tanh": "tanh", "atan": "atan",
-          "sinh": "sinh", "cosh": "cosh", "asinh": "asinh", "abs": "fabs"}
+          "sinh": "sinh", "cosh": "cosh", "asinh": "asinh", "abs": "fabs", "log1p": "log1p"}
 _HELPERS = {"clamp_min": "invact_clamp_min", "minimum": "invact_minimum", "maximum": "invact_maximum"}
 _TENSORS, _SCALARS = ("f", "i", "b"), ("d", "n")   # float32, int32, bool tensors; Python float, int
 _CTYPE = {"f": "float", "i": "int32_t", "b": "int32_t"}
@@ -256,6 +256,8 @@ class _Translator:
         if func == "fastmath.root_power":               # power_tail's a^(k/n): invact_root_power below
             n, k = (ast.literal_eval(a) for a in node.args[1:3])
             return f"invact_root_power({args[0][0]}, {int(n)}, {scheme.root_seed(int(n))}, {int(k)})", "f"
+        if func == "fastmath.power":                    # a closed form's power: float64's pow, rounded once
+            return f"((float)pow((double)({args[0][0]}), {args[1][0]}))", "f"
         if module == "torch" and name in _FUNCS and args[0][1] == "f":
             return f"{_FUNCS[name]}f({args[0][0]})", "f"
         if (module == "math" and name in _FUNCS) or func == "abs":

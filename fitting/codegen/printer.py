@@ -6,7 +6,10 @@ locals, functions or modules starts with ``param_``, so no parameter name can sh
 (tests/test_trust.py scans the generated modules for that).
 Sub-expressions free of the tensor are parameter arithmetic: ``math`` in torch code (parameters are
 Python floats there), ``tl`` in Triton code (parameters are float32 kernel scalars). Numbers are
-printed as Python float literals. Integer powers become products; Triton has no ``tanh`` that runs in
+printed as Python float literals. Integer powers become products, other powers of the tensor by a
+number float64's pow rounded once to float32 (``fastmath.power``; exp and log in float64 in Triton), and
+log(1 + exp(z)) the softplus max(z, 0) + log1p(exp(-|z|)): the forms of :mod:`..scheme`, which
+certification evaluates (``closed_form_fn``). Triton has no ``tanh`` that runs in
 the interpreter, so it is printed as ``act_triton.tanh`` (invact.act_triton: Cephes' tanhf in ``tl``
 operations); Triton square roots and divisions are the correctly rounded ``tl.sqrt_rn`` and ``tl.div_rn``.
 """
@@ -20,6 +23,7 @@ from sympy.printing.precedence import precedence
 from sympy.printing.str import StrPrinter
 
 from ..expressions import parse as parse_expression
+from ..scheme import emitted_form, fold_numbers, power_form, softplus_terms
 
 __all__ = ["parse", "TorchPrinter", "TorchGPrinter", "TritonPrinter", "to_torch", "to_triton", "to_python",
            "PARAM_PREFIX", "mangle", "mangle_text", "fold_numbers"]
@@ -54,21 +58,6 @@ def parse(text: str, variable: str, params: list[str] | tuple[str, ...]) -> sp.E
     return parse_expression(text, (variable,), tuple(params), f"table expression in {variable}")
 
 
-def fold_numbers(e: sp.Expr, var: sp.Symbol) -> sp.Expr:
-    """``e`` with the numeric factors of each product that holds ``var`` multiplied into one float
-    where there are two or more: sqrt(3)*sqrt(8*y + 3)/6 is printed as 0.28867513459481287*sqrt(..),
-    one multiply where it was a multiply and a division (~0.1 ns an element of hardswish's backward on
-    CPU, a correctly rounded division's ~16 instructions on a GPU), and no less accurate: one rounding
-    of the constant where there were two of the tensor. A single number (y/6) keeps its exact form."""
-    def fold(m: sp.Mul) -> sp.Expr:
-        numbers = [a for a in m.args if a.is_number]
-        if len(numbers) < 2 or not m.has(var):
-            return m
-        rest = [a for a in m.args if not a.is_number]
-        return sp.Mul(sp.Float(float(sp.Mul(*numbers))), *rest, evaluate=False)
-    return e.replace(lambda a: isinstance(a, sp.Mul), fold)
-
-
 class _Base(StrPrinter):
     """Shared rules; subclasses name the module functions."""
 
@@ -94,10 +83,10 @@ class _Base(StrPrinter):
         return super().doprint(self.elementary(sp.sympify(expr)))
 
     def elementary(self, e: sp.Expr) -> sp.Expr:
-        """sign and Heaviside as the Piecewise they are (torch.where / tl.where); the numbers of a
-        product with the tensor folded into one (:func:`fold_numbers`)."""
-        e = e.replace(lambda a: isinstance(a, (sp.sign, sp.Heaviside)), lambda a: a.rewrite(sp.Piecewise))
-        return fold_numbers(e, self.var)
+        """``e`` as generated code evaluates it (:func:`..scheme.emitted_form`: sign and Heaviside as
+        torch.where / tl.where, log(1 + exp(z)) as a softplus that does not overflow), the numbers of
+        a product with the tensor folded into one (:func:`..scheme.fold_numbers`)."""
+        return fold_numbers(emitted_form(e, self.var), self.var)
 
     minimum = maximum = clamp = ""
     min_max_args = ""     # after the two operands of ``minimum`` / ``maximum``
@@ -139,23 +128,34 @@ class _Base(StrPrinter):
         return self._call(name, *e.args)
 
     _print_exp = _print_log = _print_erf = _print_tanh = _print_atan = _print_Function
-    _print_sinh = _print_cosh = _print_asinh = _print_Function
+    _print_sinh = _print_cosh = _print_asinh = _print_log1p = _print_Function
 
     def _print_Abs(self, e):
         return self._call("Abs", *e.args)
 
+    def _print_StableSoftplus(self, e):
+        return f"({self._print(softplus_terms(e.args[0]))})"
+
     def _print_Pow(self, e, rational=False):
+        """By :func:`..scheme.power_form`, which certification evaluates too; real powers take
+        positive bases only."""
         base, ex = e.args
-        prec = precedence(e)
-        if ex == sp.Rational(1, 2):
+        form = power_form(ex)
+        if form == "sqrt":
             return self._call("sqrt", base)
-        if ex == -sp.Rational(1, 2):
+        if form == "rsqrt":
             return f"(1.0 / {self._call('sqrt', base)})"
-        if ex.is_Integer and 0 < abs(int(ex)) <= 8:
-            b = self.parenthesize(base, prec, strict=False)
+        if form == "product":
+            b = self.parenthesize(base, precedence(e), strict=False)
             prod = " * ".join([b] * abs(int(ex)))
             return f"({prod})" if ex > 0 else f"(1.0 / ({prod}))"
-        return self._call("exp", ex * sp.log(base))  # positive bases only, as real powers are
+        if form == "power" and self._has_var(base):
+            return self.power(self._print(base), float(ex))
+        return self._call("exp", ex * sp.log(base))
+
+    def power(self, base: str, exponent: float) -> str:
+        """A tensor's power by a number: float64's pow rounded once to float32 (:func:`..scheme.power64`)."""
+        raise NotImplementedError
 
     def _print_Piecewise(self, e):
         out = None
@@ -182,12 +182,15 @@ class _Base(StrPrinter):
 class TorchPrinter(_Base):
     tensor_funcs = {"exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "erf": "torch.erf",
                     "tanh": "torch.tanh", "Abs": "torch.abs", "atan": "torch.atan", "sinh": "torch.sinh",
-                    "cosh": "torch.cosh", "asinh": "torch.asinh"}
+                    "cosh": "torch.cosh", "asinh": "torch.asinh", "log1p": "torch.log1p"}
     scalar_funcs = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
                     "tanh": "math.tanh", "Abs": "abs", "atan": "math.atan", "sinh": "math.sinh",
-                    "cosh": "math.cosh", "asinh": "math.asinh"}
+                    "cosh": "math.cosh", "asinh": "math.asinh", "log1p": "math.log1p"}
     where = "torch.where"
     minimum, maximum, clamp = "torch.minimum", "torch.maximum", "torch.clamp({v}, {bound}={limit})"
+
+    def power(self, base: str, exponent: float) -> str:
+        return f"fastmath.power({base}, {exponent!r})"
 
     def _print_Add(self, e, order=None):
         """exp(a) - 1 as expm1(a) in a forward: exact near a = 0, where the difference cancels (ELU-type
@@ -224,16 +227,16 @@ class TritonPrinter(_Base):
     ``reciprocals``: a division by any other number multiplies by its reciprocal (one rounding more,
     a correctly rounded division costing ~16 SASS instructions; what forwards, whose y need only be
     within a few ulps of PyTorch's, are printed with). ``forward``: log(1 + a) of a tensor a as
-    ``act_triton.log1p(a)`` (softplus's and mish's log(exp(x) + 1) rounded exp(x) away below x = -8,
-    y = 0 below -17), and exp(a) - 1 as ``act_triton.expm1(a)``; g's closed forms keep both as written, as
-    their C code."""
+    ``act_triton.log1p(a)`` (log(1 + exp(x)) rounded exp(x) away below x = -8, y = 0 below -17; it is
+    printed as the stable softplus in every printer), and exp(a) - 1 as ``act_triton.expm1(a)``; g's
+    closed forms keep both as written, as their C code."""
 
     def __init__(self, variable: str, reciprocals: bool = False, forward: bool = False) -> None:
         super().__init__(variable)
         self.reciprocals, self.forward = reciprocals, forward
 
     tensor_funcs = {"exp": "tl.exp", "log": "tl.log", "sqrt": "tl.sqrt_rn", "erf": "tl.erf",
-                    "tanh": "act_triton.tanh", "Abs": "tl.abs", "atan": "act_triton.atan"}
+                    "tanh": "act_triton.tanh", "Abs": "tl.abs", "atan": "act_triton.atan", "log1p": "act_triton.log1p"}
     scalar_funcs = tensor_funcs
     where = "tl.where"
     minimum, maximum = "tl.minimum", "tl.maximum"
@@ -281,9 +284,14 @@ class TritonPrinter(_Base):
                             sp.Mul(*den, evaluate=False) if len(den) > 1 else den[0])
 
     def _print_Pow(self, e, rational=False):
-        if e.exp.is_Rational and e.exp.is_negative:
+        if e.exp.is_Rational and e.exp.is_negative and power_form(e.exp) != "power":
             return self._divide(sp.Integer(1), sp.Pow(e.base, -e.exp))
         return super()._print_Pow(e, rational)
+
+    def power(self, base: str, exponent: float) -> str:
+        """In float64 from exp and log (within a few 2^-53 of the exponent's log(base) before the
+        rounding to float32, as float64's pow)."""
+        return f"tl.cast(tl.exp(tl.log(tl.cast({base}, tl.float64)) * tl.full((), {exponent!r}, tl.float64)), tl.float32)"
 
     def _divide(self, num: sp.Expr, den: sp.Expr) -> str:
         if (den.is_Integer and int(den) & (int(den) - 1) == 0) or (self.reciprocals and den.is_number):
