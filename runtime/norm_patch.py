@@ -70,8 +70,9 @@ _NAME = re.compile(r"(RMS|Layer)Norm")
 
 
 def is_candidate(module: nn.Module) -> bool:
-    """A norm :func:`replacement` may swap (invact's own norms are not)."""
-    cls = type(module)
+    """A norm :func:`replacement` may swap (invact's own norms are not), judged by its own class (FSDP2's
+    dynamic subclass looked through: :func:`invact.recognise.own_class`)."""
+    cls = recognise.own_class(module)
     if isinstance(module, _Saving):
         return False
     if cls in (nn.LayerNorm, nn.RMSNorm):

@@ -48,7 +48,8 @@ RMSNorm / LayerNorm classes, recognised by a probe of what they compute, become 
 Left whatever they compute (the report says why): a module whose ``forward`` is set on the instance
 (``module.forward = ...``, accelerate's hooks), one torch.compile wraps itself (the ``_orig_mod`` of a
 ``torch.compile(module)`` child: its wrapper calls that object; ``torch.compile(model)`` of the whole model
-is patched below its root), one whose parameters are DTensors (after ``fully_shard``), and one holding
+is patched below its root), one sharded before patching (``fully_shard`` applied to it, or above it where it
+holds parameters; parameters that are DTensors: tensor parallelism), and one holding
 parameters, buffers or submodules under other names than its replacement would (a QAT observer, a user's
 buffer, a weight computed by a ``torch.nn.utils.prune`` hook). Any error while swapping or measuring puts
 this call's swaps back: :func:`patch` never leaves a model half patched.
@@ -59,7 +60,8 @@ Forward, forward pre-, backward and state-dict hooks (``state_dict``'s and ``loa
 registered on an original move to its replacement: the two share the hook dictionaries, so the hooks keep
 firing, their handles still remove them, and after :func:`unpatch` the original has the hooks as they are then
 (the report notes such modules). :func:`unpatch` refuses, changing nothing, where a replacement holds what its
-original cannot take back (a parametrization, a parameter, buffer or submodule added while patched).
+original cannot take back (a parametrization, a parameter, buffer or submodule added while patched), or was
+sharded after patching (the sharding keeps using the replacement: unpatch before sharding).
 """
 
 from __future__ import annotations
@@ -414,7 +416,8 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
                                 "replaced in place; use invact.activation(...) instead"))
     router = FunctionalRouter() if functional else None
     try:   # any error (in the swaps or the example step) puts this call's swaps back: never half patched
-        _swap_all(model, report, _Walk(only_sel, exclude_sel, force, backend, norms, autocast_output, example))
+        _swap_all(model, report, _Walk(only_sel, exclude_sel, force, backend, norms, autocast_output, example,
+                                       _fsdp_managed(model)))
         routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
                   if example is not None else functional)
     except BaseException:  # the model as it was (measure restored its state)
@@ -438,6 +441,7 @@ class _Walk:
     norms: bool
     autocast_output: bool | None
     example: Any
+    managed: set[int] = field(default_factory=set)             # modules under FSDP2's fully_shard (_fsdp_managed)
     done: dict[int, nn.Module] = field(default_factory=dict)   # a shared module is replaced by one shared module
     probes: dict = field(default_factory=dict)                  # norm configurations probed in this call
     known: set[str] = field(default_factory=lambda: set(ops.names()))
@@ -447,9 +451,9 @@ def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
     """Swap every module of ``model`` that a rule or probe recognises, recording each in ``report``."""
     for parent, attr, path, child in list(_children(model)):
         if id(child) in walk.done:
-            why = _unswappable(parent, child)
+            why = _unswappable(parent, child, walk.managed)
             if why is not None:
-                report.left.append(Left(path, _qualname(type(child)), why))
+                report.left.append(Left(path, _qualname(recognise.own_class(child)), why))
                 continue
             setattr(parent, attr, walk.done[id(child)])
             report.replaced.append(Replaced(path, _qualname(type(child)), "invact." + repr(walk.done[id(child)]),
@@ -463,8 +467,8 @@ def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
 
 
 def _swap_norm(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport, walk: _Walk) -> None:
-    cls = type(child)
-    why = _unswappable(parent, child)
+    cls = recognise.own_class(child)
+    why = _unswappable(parent, child, walk.managed)
     new, note = (None, why) if why is not None else \
         norm_patch.replacement(parent, attr, child, walk.backend, walk.autocast_output, walk.probes)
     if new is None:
@@ -476,7 +480,7 @@ def _swap_norm(parent: nn.Module, attr: str, path: str, child: nn.Module, report
 
 def _swap_activation(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport,
                      walk: _Walk) -> None:
-    cls = type(child)
+    cls = recognise.own_class(child)
     rule = _rule_for(cls)
     if rule is None and recognise.is_candidate(child):
         rule, why = _probed_rule(child, walk.example is None)
@@ -496,7 +500,7 @@ def _swap_activation(parent: nn.Module, attr: str, path: str, child: nn.Module, 
     table, params, why = _verdict(rule, parent, attr, child, walk.only, walk.exclude, walk.force, walk.known,
                                   walk.example is not None)
     new = None if why is not None else module_for(table, params, walk.backend)
-    why = why or _unswappable(parent, child) or recognise.state_mismatch(child, new)
+    why = why or _unswappable(parent, child, walk.managed) or recognise.state_mismatch(child, new)
     if why is not None:
         report.left.append(Left(path, _qualname(cls), why))
         return
@@ -539,15 +543,40 @@ _COMPILED = ("wrapped by torch.compile: the wrapper's compiled forward calls thi
              "would never run; patch before compiling, or patch the model and compile it after")
 _COMPILED_ITSELF = ("compiled on its own (module.compile()): a replacement would run uncompiled; patch before "
                     "calling module.compile(), or compile the model after patching")
-_SHARDED = ("its parameters are DTensors (sharded by fully_shard / FSDP2 or tensor parallelism, which keep using "
-            "this module): patch before fully_shard (before sharding)")
+_FSDP = "sharded by FSDP2's fully_shard (applied to it or to a module above it)"
+_DTENSORS = "its parameters are DTensors (sharded by fully_shard / FSDP2 or tensor parallelism)"
+_SHARDED = ("{}: the sharding keeps using this module and writing its parameters into it; patch before fully_shard "
+            "(before sharding)")
 
 
-def _unswappable(parent: nn.Module, child: nn.Module) -> str | None:
+def _fsdp_managed(model: nn.Module) -> set[int]:
+    """The ids of ``model``'s modules under (or being) an FSDP2 ``FSDPModule``: fully_shard manages the
+    parameters of every module below the one it is applied to."""
+    fsdp = recognise.fsdp_module_class()
+    if fsdp is None:
+        return set()
+    return {id(m) for f in model.modules() if isinstance(f, fsdp) for m in f.modules()}
+
+
+def _sharding(child: nn.Module, managed: set[int]) -> str | None:
+    """Why ``child`` belongs to a sharding, or None: fully_shard was applied to it, or it holds parameters
+    under a module it was applied to (``managed``: :func:`_fsdp_managed`; they are plain tensors while
+    gathered, after a forward without backward), or its parameters or buffers are DTensors."""
+    fsdp = recognise.fsdp_module_class()
+    if (fsdp is not None and isinstance(child, fsdp)) or \
+            (id(child) in managed and any(p is not None for p in child._parameters.values())):
+        return _FSDP
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and any(isinstance(t, dtensor) for t in (*child.parameters(), *child.buffers())):
+        return _DTENSORS
+    return None
+
+
+def _unswappable(parent: nn.Module, child: nn.Module, managed: set[int]) -> str | None:
     """Why ``child`` cannot be swapped in place whatever it computes, or None: its forward is set on the
     instance, its parent is torch.compile's wrapper of it (its forward bound to ``child``, so a swap runs
-    nothing new), it was compiled on its own by ``module.compile()`` (a replacement would lose it), or its
-    parameters or buffers are DTensors (the sharding keeps writing them into ``child``)."""
+    nothing new), it was compiled on its own by ``module.compile()`` (a replacement would lose it), or it
+    belongs to a sharding (:func:`_sharding`: the sharding keeps writing its parameters into ``child``)."""
     if "forward" in vars(child):
         return _FORWARD_SET
     if getattr(child, "_compiled_call_impl", None) is not None:
@@ -555,10 +584,8 @@ def _unswappable(parent: nn.Module, child: nn.Module) -> str | None:
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     if compiled is not None and isinstance(parent, compiled):
         return _COMPILED
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is not None and any(isinstance(t, dtensor) for t in (*child.parameters(), *child.buffers())):
-        return _SHARDED
-    return None
+    sharded = _sharding(child, managed)
+    return None if sharded is None else _SHARDED.format(sharded)
 
 
 def _undo(model: nn.Module, report: PatchReport) -> None:
@@ -617,6 +644,19 @@ def _refuse_losses(model: nn.Module) -> None:
             "a plain parameter) and add it again after unpatch, or keep the model patched")
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """RuntimeError naming each replacement that belongs to a sharding (:func:`_sharding`): the sharding keeps
+    writing parameters into the replacement, so the original put back would hold stale (sharded) ones."""
+    managed = _fsdp_managed(model)
+    sharded = [f"module {path!r} ({type(child).__name__}: {why})" for _, _, path, child in _children(model)
+               if _original(child) is not None and (why := _sharding(child, managed)) is not None]
+    if sharded:
+        raise RuntimeError(
+            "invact.unpatch: these replacements were sharded after patching — " + "; ".join(sharded) + ". The "
+            "sharding keeps using the replacement, so the original put back would run on stale parameters. Nothing "
+            "was unpatched: unpatch before sharding (fully_shard, tensor parallelism), or keep the model patched")
+
+
 def _hand_back(new: nn.Module, old: nn.Module) -> None:
     """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have), and its
     full-backward-hook flag (the hook dictionaries are shared; hooks called with ``new`` get ``old``)."""
@@ -638,11 +678,13 @@ def unpatch(model: nn.Module) -> list[str]:
     (``load_state_dict(..., assign=True)``, ``module.weight = ...``) stays; it shares its hooks with the
     replacement, so hooks registered while patched stay too. A parametrization, or a parameter, buffer or
     submodule the original lacks, registered on a replacement while patched would be lost: then nothing is
-    unpatched, and a RuntimeError names each module and what it holds.
+    unpatched, and a RuntimeError names each module and what it holds. So is a replacement sharded after
+    patching (FSDP2's ``fully_shard`` applied to it or above it, or DTensor parameters): unpatch before sharding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
+    _refuse_sharded(model)
     _refuse_losses(model)
     modes.remove_modes(model)
     for parent, attr, path, child in list(_children(model)):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -40,7 +41,8 @@ from torch import nn
 from . import registry
 from .common.catalog import CATALOG
 
-__all__ = ["references", "probe", "is_candidate", "probe_copy", "extra_arguments", "state_mismatch"]
+__all__ = ["references", "probe", "is_candidate", "probe_copy", "extra_arguments", "state_mismatch",
+           "fsdp_module_class", "own_class"]
 
 
 def references() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -68,6 +70,22 @@ def is_candidate(module: nn.Module) -> bool:
     return (not type(module).__module__.startswith("torch.")
             and next(module.parameters(recurse=False), None) is None
             and next(module.buffers(recurse=False), None) is None and not module._modules)
+
+
+def fsdp_module_class() -> type | None:
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes into a module's), or None while
+    ``torch.distributed.fsdp`` is not imported (nothing can be sharded by it then; it is never imported here)."""
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+
+
+def own_class(module: nn.Module) -> type:
+    """``module``'s class as its model defined it: ``fully_shard`` turns an ``nn.LayerNorm`` into an instance of
+    a dynamic subclass ``FSDPLayerNorm`` (defined in torch.distributed.fsdp), looked through here."""
+    fsdp = fsdp_module_class()
+    cls = type(module)
+    if fsdp is None or not isinstance(module, fsdp):
+        return cls
+    return next(c for c in cls.__mro__ if not issubclass(c, fsdp))
 
 
 def extra_arguments(module: nn.Module) -> str | None:

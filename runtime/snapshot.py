@@ -11,7 +11,8 @@ tensors, their values), ``param_groups`` (so the lr an LR scheduler wrote) and t
 (found as the objects referring to it); so is every ``torch.amp.GradScaler`` used, subclasses included (its
 scale and growth counter). Only the measuring thread's: other threads' optimizers and scalers are left alone.
 What refers to no optimizer is not found: a scheduler stepped where its optimizer is not, a counter of the
-caller's own.
+caller's own. FSDP2 modules (``fully_shard``) are resharded before the snapshot and before each restore: a
+forward without backward leaves the root's parameters gathered, and FSDP's state must agree with those put back.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.optim.optimizer import Optimizer, register_optimizer_step_pre_hook
+
+from .recognise import fsdp_module_class
 
 __all__ = ["State", "seeded"]
 
@@ -202,17 +205,32 @@ class _Optimizers:
             saved.restore()
 
 
+def _reshard(modules: list[nn.Module]) -> list[nn.Module]:
+    """Reshard the FSDP2 modules (``fully_shard``) among ``modules``, and return them. A forward without
+    backward leaves some gathered (the root's plain parameters registered, its state "unsharded"); resharded,
+    each holds its sharded parameters again, the ones FSDP's state knows, so those are what is snapshot and
+    put back, and the next forward gathers them anew."""
+    fsdp = fsdp_module_class()
+    found = [m for m in modules if fsdp is not None and isinstance(m, fsdp)]
+    for m in found:
+        m.reshard()
+    return found
+
+
 class State:
     """Parameters and buffers of some modules, snapshot: :meth:`restore` puts back the same objects under
     the same names and their values (copied in place only where they changed). ``steps``: the example
     is a callable step, which may run backward or an optimizer: parameters' values and ``.grad`` are
     kept too (a forward of model inputs changes only buffers, such as BatchNorm's statistics, so then
     the parameters, most of the memory, are not copied), and so is the state of every optimizer stepped
-    while ``optimizers`` is entered, with its LR schedulers."""
+    while ``optimizers`` is entered, with its LR schedulers. FSDP2 modules (``fully_shard``) are resharded
+    before the snapshot and before each restore (:func:`_reshard`)."""
 
     def __init__(self, modules: Any, steps: bool = True) -> None:
         self.optimizers = _Optimizers()
-        self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in {id(m): m for m in modules}.values()]
+        unique = list({id(m): m for m in modules}.values())
+        self.fsdp = _reshard(unique)
+        self.slots = [(m, dict(m._parameters), dict(m._buffers)) for m in unique]
         self.values: dict[int, tuple] = {}
         for _, params, buffers in self.slots:
             for t in (*(params.values() if steps else ()), *buffers.values()):
@@ -223,6 +241,7 @@ class State:
 
     def restore(self) -> None:
         self.optimizers.restore()
+        _reshard(self.fsdp)
         for m, params, buffers in self.slots:
             m._parameters.clear()
             m._parameters.update(params)

@@ -21,13 +21,12 @@ unpatched model's gradients have the same placements (Partial dweight/dbias wher
 from __future__ import annotations
 
 import copy
-import datetime
-import os
 
 import pytest
 import torch
 from torch import nn
 
+from gloo import spawn_gloo
 from tolerances import derivative_error
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -38,20 +37,9 @@ DTYPES = (torch.float64, torch.float32)
 ACTIVATIONS = (("gelu", nn.GELU), ("silu", nn.SiLU))
 
 
-def _entry(rank: int, store: str, case, args: tuple) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                         timeout=datetime.timedelta(seconds=60))
-    try:
-        case(rank, *args)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _spawn(tmp_path, case, *args) -> None:
     """``case(rank, *args)`` in WORLD processes; a failure in either raises here with its traceback."""
-    torch.multiprocessing.spawn(_entry, args=(str(tmp_path / "store"), case, args), nprocs=WORLD, join=True)
+    spawn_gloo(tmp_path, case, *args, world=WORLD)
 
 
 def _mesh():
