@@ -3,7 +3,7 @@
  * generated/torch_hardswish.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "e95f9c3a11658e4b7264d03703be09bb846d5ea9350cd797ae2477cbf1b4f7b1"
+#define TABLE_SHA256 "fdd709a65cc488d900a3773aa760f0a81003525aaa50efb8ca54d63440e8e241"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 1

@@ -3,7 +3,7 @@
  * generated/torch_sigmoid.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
 
-#define TABLE_SHA256 "1bc4bafa751fc1ccd48735bd5a36ea5699a6df47f906a28e78596246b7e11866"
+#define TABLE_SHA256 "43ba3df34599f76d2f2e7439ba221b64aa9eee3381053d0060b9125623655dc9"
 /* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
 #define EAGER_BITS 1
 #define CODE_BITS 0

@@ -9,7 +9,7 @@ from invact import act_triton
 NSEG = tl.constexpr(4)  # segments: the columns of P (POLY transposed)
 SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'e95f9c3a11658e4b7264d03703be09bb846d5ea9350cd797ae2477cbf1b4f7b1'
+TABLE_SHA256 = 'fdd709a65cc488d900a3773aa760f0a81003525aaa50efb8ca54d63440e8e241'
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from invact import act_triton
 NSEG = tl.constexpr(1)  # segments: the columns of P (POLY transposed)
 SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = '1bc4bafa751fc1ccd48735bd5a36ea5699a6df47f906a28e78596246b7e11866'
+TABLE_SHA256 = '43ba3df34599f76d2f2e7439ba221b64aa9eee3381053d0060b9125623655dc9'
 
 
 @triton.jit

@@ -27,7 +27,8 @@ A foreign hook opened inside a block takes the tensors saved under it away from 
 module calls and at the block's end, it is reported by a RuntimeWarning naming it, and ``incomplete`` says
 so. Selective activation checkpointing (``context_fn=create_selective_checkpoint_contexts(...)``) keeps
 the outputs of the ops its policy saves in its own cache, outside saved-tensor hooks: uncounted, and
-likewise reported. Entering a counter that is already open raises RuntimeError.
+likewise reported where it is seen (at module calls and at the block's end: a checkpointed function that
+calls no module goes unseen). Entering a counter that is already open raises RuntimeError.
 
 Caveats: a view counts its whole storage (that is what stays alive); the counts are for eager mode;
 tensors saved by a compiled graph are counted when its pack hooks run (``torch.compile`` may graph-break
@@ -217,6 +218,8 @@ class SavedBytes:
     def __enter__(self) -> "SavedBytes":
         if self in _OPEN.counters:
             raise RuntimeError(f"{self!r} is already open: enter a new invact.memory(...) instead of re-entering it")
+        self._hooks = _chained_hooks((*_OPEN.counters, self))
+        self._hooks.__enter__()   # first: it raises where saved-tensor hooks are disabled, before any module hook
         if self.model is not None:
             for name, m in self.model.named_modules(remove_duplicate=True):
                 self._names[id(m)] = name or "<root>"
@@ -230,8 +233,6 @@ class SavedBytes:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
             self._handles.append(register_module_forward_pre_hook(self._pre))
             self._handles.append(register_module_forward_hook(self._post, always_call=True))
-        self._hooks = _chained_hooks((*_OPEN.counters, self))
-        self._hooks.__enter__()
         _OPEN.counters.append(self)
         return self
 

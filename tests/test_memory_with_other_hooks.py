@@ -166,3 +166,20 @@ def test_patch_with_example_where_saved_tensor_hooks_are_disabled_says_why():
         assert type(model[1]) is torch.nn.GELU
         invact.patch(model)
     assert type(model[1]) is invact.GELU
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_counter_refused_where_hooks_are_disabled_leaves_no_module_hooks(with_model):
+    """A counter cannot open where saved-tensor hooks are disabled (torch raises the user's message); it
+    raises before registering its module hooks, so none stays behind on the model or globally."""
+    from torch.nn.modules import module as module_mod
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    before = (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks),
+              len(model[0]._forward_pre_hooks), len(model[0]._forward_hooks))
+    with torch.autograd.graph.disable_saved_tensors_hooks("hooks off"):
+        with pytest.raises(RuntimeError, match="hooks off"):
+            with invact.memory(model if with_model else None):
+                pass
+    after = (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks),
+             len(model[0]._forward_pre_hooks), len(model[0]._forward_hooks))
+    assert after == before
