@@ -57,7 +57,7 @@ from .common.slots import SearchLayout, passed_from_each, search_layout  # noqa:
 
 __all__ = ["CACHE_ENV", "SWITCH_ENV", "FMA_ENV", "POLY_ISAS", "Table", "builds", "enabled", "fma_allowed", "library",
            "poly_library", "forward_library", "kernel_table",
-           "table_of", "search_layout", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
+           "table_of", "search_layout", "sizes_fit", "run", "lookup_table", "run_lookup", "code_map", "pack_code",
            "FORWARDS", "ONEDNN_FORWARDS", "bf16_store", "forward_kinds", "aten_ranges", "aten_tails", "aten_threads",
            "forward_code",
            "forward_call"]
@@ -282,12 +282,22 @@ def table_of(classes: tuple, transforms: tuple, rows, thresholds: tuple[float, .
     return t
 
 
+def sizes_fit(out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int) -> bool:
+    """Whether a backward kernel over y's elements stays within the buffers: ``out`` and ``grad`` have as
+    many elements as y, and ``code`` is uint8 with the packed bytes of y's elements (:mod:`invact.bitpack`;
+    not read without a code, ``bits`` 0)."""
+    n = y.numel()
+    return out.numel() == grad.numel() == n and (
+        not bits or (code.dtype == torch.uint8 and code.numel() == bitpack.packed_bytes(n, bits)))
+
+
 def _call(fn_name: str, table, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, bits: int, *extra,
           lib: ctypes.CDLL | None = None) -> bool:
     lib = lib or library()
     dtype = DTYPE_IDS.get(y.dtype)
     if (lib is None or dtype is None or not (grad.dtype == out.dtype == y.dtype)
-            or not all(t.is_cpu and t.is_contiguous() for t in (out, grad, y, code))):
+            or not all(t.is_cpu and t.is_contiguous() for t in (out, grad, y, code))
+            or not sizes_fit(out, grad, y, code, bits)):
         return False
     done = getattr(lib, fn_name)(table, dtype, y.numel(), y.data_ptr(), grad.data_ptr(), out.data_ptr(),
                                  code.data_ptr() if bits else None, bits, torch.get_num_threads(), *extra)

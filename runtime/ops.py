@@ -32,7 +32,8 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from . import backends, dtensor, layout, registry
+from . import backends, bitpack, dtensor, layout, registry
+from .arguments import ArgumentTypeError, ShapeError
 from .constants import Constants, module_constants, param_values, table_constants
 from .impl_compiled import COMPILED
 from .impl_cpu import CPU
@@ -119,8 +120,27 @@ def _value_fake(x, name, params, backend):
     return layout.like(x)
 
 
+def _check_backward(grad: Tensor, y: Tensor, code: Tensor, name: str) -> None:
+    """Refuse arguments of invact::backward that do not belong together (metadata only, no tensor op):
+    :class:`ShapeError` where ``grad_output`` has not y's shape or ``code`` is not the 1-d packed code of
+    y's elements (:func:`invact.bitpack.packed_bytes`; no bytes without a code), :class:`ArgumentTypeError`
+    where ``code`` is not uint8. The kernels read as many of each as y has elements."""
+    if grad.shape != y.shape:
+        raise ShapeError(f"invact::backward of {name!r}: grad_output must have y's shape {tuple(y.shape)}, "
+                         f"got {tuple(grad.shape)}")
+    if code.dtype != torch.uint8:
+        raise ArgumentTypeError(f"invact::backward of {name!r}: code must be the uint8 code that "
+                                f"invact::forward returned, got {code.dtype}")
+    bits = registry.module(name).CODE_BITS
+    want = bitpack.packed_bytes(y.numel(), bits) if bits else 0
+    if code.shape != (want,):
+        raise ShapeError(f"invact::backward of {name!r}: code must hold {want} bytes ({bits}-bit codes of "
+                         f"y's {y.numel()} elements, as invact::forward packed them), got shape {tuple(code.shape)}")
+
+
 @torch.library.custom_op("invact::backward", mutates_args=())
 def _backward(grad: Tensor, y: Tensor, code: Tensor, name: str, params: list[float], backend: str) -> Tensor:
+    _check_backward(grad, y, code, name)
     return _first("backward", backend, y, grad, y, code, name, params)
 
 

@@ -173,7 +173,7 @@ def run(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tensor, thr
     tensors = (out, grad, y, code, thresholds, poly)
     if (y.dtype not in DTYPES or not out.dtype == grad.dtype == y.dtype
             or not thresholds.dtype == poly.dtype == torch.float32 or not _cpu(*tensors)
-            or len(params) != len(mod.PARAMS) or not out.numel() == grad.numel() == y.numel()):
+            or len(params) != len(mod.PARAMS) or not cpu_kernel.sizes_fit(out, grad, y, code, mod.CODE_BITS)):
         return False
     lib = library(mod, use_fma and y.dtype == torch.float32)
     if lib is None or (y.dtype != torch.float32 and not direct16(mod)):
@@ -206,7 +206,7 @@ def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tens
     dtype = DTYPES.get(y.dtype)
     if (y.dtype not in (torch.bfloat16, torch.float16) or not (out.dtype == grad.dtype == y.dtype)
             or lut.dtype != torch.float32 or lut.numel() != 1 << (16 + mod.CODE_BITS)
-            or not _cpu(out, grad, y, code, lut) or not out.numel() == grad.numel() == y.numel()):
+            or not _cpu(out, grad, y, code, lut) or not cpu_kernel.sizes_fit(out, grad, y, code, mod.CODE_BITS)):
         return False
     lib = library(mod)
     return lib is not None and lib.invact_table_lut(

@@ -48,7 +48,7 @@ static inline uint16_t invact_float_to_half(float f) {
     uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
     uint32_t shift = 126u - (ax >> 23), m = (ax & 0x7FFFFFu) | 0x800000u;  /* subnormal: 2^-25 .. 2^-14 */
     shift = shift > 24u ? 24u : shift;
-    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = (1u << shift) >> 1;  /* shift 0: 0, no UB */
     uint32_t sub = q + (rem > half || (rem == half && (q & 1u)));
     uint32_t out = ax > 0x7F800000u ? (0x7E00u | ((ax >> 13) & 0x3FFu))   /* NaN */
                  : ax >= 0x477FF000u ? 0x7C00u                          /* >= 65520 (and inf): inf */
@@ -58,12 +58,12 @@ static inline uint16_t invact_float_to_half(float f) {
 }
 
 #if defined(__AVX2__)
-/* 8 lanes, NaN as the scalar conversion */
+/* 8 lanes, NaN as ATen's vectorised conversion (its AVX2 cvtfp32_bf16: 0xFFFF, whatever the payload) */
 static inline __m256i invact_bf16_avx2(__m256 v) {
     __m256i b = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0xFFFF)),
                                                 _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 #endif

@@ -219,10 +219,25 @@ __attribute__((noinline)) static void g_loop(int64_t lo, int64_t hi, const float
     }
 }
 
+/* bfloat16 NaN products as torch.mul(float32 g, bfloat16 grad, out=bfloat16) stores them (the eager
+ * backward's): with ATen's AVX2 or AVX-512 kernels (this build's ISA is ATen's, invact.table_c) its
+ * vectorised conversion's 0xFFFF on every element, tails included (measured, either capability); with
+ * its baseline kernels c10::BFloat16's 0x7FC0 */
+#if defined(__AVX2__)
+#define INVACT_BF16_NAN 0xFFFFu
+#else
+#define INVACT_BF16_NAN 0x7FC0u
+#endif
+
+static inline uint16_t invact_bf16_round(float f) {  /* invact_float_to_bf16 with INVACT_BF16_NAN */
+    uint16_t r = invact_float_to_bf16(f);
+    return f != f ? (uint16_t)INVACT_BF16_NAN : r;
+}
+
 #if defined(__AVX2__)
 /* the 16-bit lookup 8 elements at a time from lo (where the ISA has the conversions: float16 needs
  * F16C), the same values as the scalar loop below: a gather of g, the product in float, rounded to
- * nearest even as invact_float_to_bf16 (NaN: 0x7FC0) or vcvtps2ph. Returns where it stopped. */
+ * nearest even as invact_bf16_round (NaN: INVACT_BF16_NAN) or vcvtps2ph. Returns where it stopped. */
 static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uint8_t *code, int shift) {
     const uint16_t *y = jb->y, *grad = jb->grad;
     uint16_t *out = jb->out;
@@ -257,24 +272,14 @@ static int64_t lut_vector(const table_job *jb, int64_t lo, int64_t hi, const uin
 
 #if !N_COLUMNS
 /* ---- 16-bit y computed directly (invact_table_direct16): g of y as float32, the product rounded as
- * torch.mul, so the lookup table's values; NaN products as invact.cpu_kernel's stores (AVX-512: ATen's
- * vectorised bfloat16 NaN 0xFFFF, else c10::BFloat16's 0x7FC0; float16 by vcvtps2ph where F16C) ---- */
+ * torch.mul, so the lookup table's values; bfloat16 NaN products as INVACT_BF16_NAN (float16 by
+ * vcvtps2ph where F16C) ---- */
 #define INVACT_BLOCK16 1024
 /* float16's blocks: its passes (convert y, g, g * grad converted back) in blocks of 128 measured
  * 1.37-1.66x a plain product's time at 2^22 elements, one thread (Xeon, AVX-512; hardswish), against
  * 1.65-1.80 in blocks of 512 and 1.92-2.12 with g_loop's three passes in blocks of 1024; no faster for
  * bfloat16's one pass */
 #define INVACT_BLOCK_F16 128
-#if defined(__AVX512F__)
-#define INVACT_BF16_NAN 0xFFFFu
-#else
-#define INVACT_BF16_NAN 0x7FC0u
-#endif
-
-static inline uint16_t invact_bf16_round(float f) {  /* invact_float_to_bf16 with INVACT_BF16_NAN */
-    uint16_t r = invact_float_to_bf16(f);
-    return f != f ? (uint16_t)INVACT_BF16_NAN : r;
-}
 
 /* bfloat16: elements i0 .. i0 + m in one vectorised loop (its conversions are bit operations) */
 __attribute__((noinline)) static void bf16_block(int64_t i0, int m, const uint16_t *restrict y,
@@ -355,7 +360,7 @@ static void table_plane(const table_job *jb, int64_t lo, int64_t hi, const uint8
         for (int64_t i = first; i < hi; i++) {
             int32_t c = CODE_BITS ? (code[i - lo] >> shift) & mask : 0;
             float g = jb->lut[(int64_t)c << 16 | y[i]];
-            out[i] = jb->dtype == T_BF16 ? invact_float_to_bf16(g * invact_bf16_to_float(grad[i]))
+            out[i] = jb->dtype == T_BF16 ? invact_bf16_round(g * invact_bf16_to_float(grad[i]))
                                          : invact_float_to_half(g * invact_half_to_float(grad[i]));
         }
         return;
