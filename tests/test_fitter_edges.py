@@ -161,11 +161,13 @@ def test_tail_hint_is_an_accepted_tolerance(capsys, tmp_path, scale, hinted):
 
 @pytest.mark.parametrize("backend", ["eager", None, "triton"])
 def test_power_tail_gives_nan_where_y_overflows(capsys, tmp_path, layered, backend):
-    """relu(x)**3 (g = 3 y^(2/3), a power tail, certified relative to g where |g| > 1): float32 y is inf beyond x ~ 7e12, where the tail's
-    clamp of y to float32's largest value gave 1.46e26 for every x (f' = 3x^2: 3e40 at 1e20); a
-    float64 y past float32's range got the same constant. Now NaN there, g unchanged below."""
+    """relu(x)**3 + relu(x) (g = 3x^2 + 1 of y = x^3 + x: a power tail, certified relative to g where
+    |g| > 1; relu(x)**3 alone is now the exact 3 y^(2/3)): float32 y is inf beyond x ~ 7e12, where the
+    tail's clamp of y to float32's largest value gave ~1.46e26 for every x (f' = 3e40 at 1e20); a float64
+    y past float32's range got the same constant. Now NaN there, g unchanged below."""
     import invact
-    table = _fit(capsys, tmp_path / "r", "relu(x)**3", "relu3")
+    table = _fit(capsys, tmp_path / "r", "relu(x)**3 + relu(x)", "relu3")
+    assert any(s["kind"] == "power_tail" for c in table["code_classes"] for s in c["segments"])
     invact.use_root(tmp_path / "r")
     for dtype, big in ((torch.float32, 1e13), (torch.bfloat16, 1e20), (torch.float64, 1e20)):
         x = torch.tensor([0.5, 1e4, 1e12, big], dtype=dtype)
@@ -173,7 +175,7 @@ def test_power_tail_gives_nan_where_y_overflows(capsys, tmp_path, layered, backe
             got = _grad("relu3", x, backend)
         except RuntimeError as e:     # no Triton here (it runs in its interpreter where installed)
             pytest.skip(str(e))
-        want = _reference_grad(lambda t: torch.relu(t) ** 3, x)
+        want = _reference_grad(lambda t: torch.relu(t) ** 3 + torch.relu(t), x)
         assert math.isnan(got[-1].item()), (dtype, got.tolist())
         rel = table["certificate"]["float32_eval_error"] + 2 * torch.finfo(dtype if dtype != torch.float64
                                                                            else torch.float32).eps
