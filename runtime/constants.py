@@ -81,6 +81,31 @@ def _refuse_overflow(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
             "and no gradient can be recovered from it); choose other values or compute in a wider dtype", "params")
 
 
+def _refuse_unfinite_g(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...],
+                       x_thresholds: tuple[float, ...], y_thresholds: tuple[float, ...]) -> None:
+    """ParamError where g, as the generated code computes it in float32 (any dtype but float64), is not
+    finite at x = -1, 0 or 1 while the same code in float64 is: a parameter's expression beyond float32's
+    range (tanh(a*x)/a's g = 1 - a^2 y^2 with a = 1e20: a^2 is inf in float32, so g is NaN at y = 0 and 0
+    elsewhere), which would give silent NaN or zero gradients."""
+    if dtype == torch.float64:
+        return
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+
+    def g_at(x: Tensor, ev: torch.dtype) -> Tensor:
+        code = mod.code_kernel(x, x_thresholds) if mod.CODE_BITS else None
+        poly = torch.tensor(mod.POLY, dtype=ev).T.contiguous()
+        return mod.g_kernel(mod.forward(x, **params), code, y_thresholds, poly, **params).double()
+
+    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU, whatever modes run
+        g, wide = g_at(x.to(dtype), torch.float32), g_at(x, torch.float64)
+    if bool((torch.isfinite(wide) & ~torch.isfinite(g)).any()):
+        given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
+        raise common_params.ParamError(
+            f"params: {mod.NAME} with {given}: its gradient overflows in {dtype} (g is {g.tolist()} for x in "
+            f"[-1, 0, 1], computed in float32, where float64 gives {wide.tolist()}: a parameter's power beyond "
+            "float32's range); choose other values or compute in float64", "params")
+
+
 @dataclass(frozen=True)
 class Constants:
     """Per (activation, dtype, device, params): what the kernels read besides the tensors."""
@@ -118,8 +143,11 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
     # y breaks are rounded to the evaluation dtype first, as the certified evaluator does
     rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
-    ythr = torch.tensor([bitpack.threshold(v, side, ev) for v, side in rounded], dtype=ev, device=device)
+    ythr_values = tuple(bitpack.threshold(v, side, ev) for v, side in rounded)
+    ythr = torch.tensor(ythr_values, dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
+    if values:
+        _refuse_unfinite_g(mod, dtype, params, values, xthr, ythr_values)
     return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),
                      tuple(side == "left" for _, side in xbreaks),
                      tuple(side == "left" for _, side in rounded))

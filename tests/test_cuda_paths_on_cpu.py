@@ -184,12 +184,17 @@ def test_log1p_forward_special_values(name, triton_on):
 
 
 def test_forward_printer_emits_log1p_and_g_keeps_log():
-    """The code generator prints log(1 + a) as act_triton.log1p(a) in forwards only; generated/ has it in
-    softplus and mish, and no other Triton forward has a log of 1 plus something."""
+    """The code generator prints log(1 + a) as act_triton.log1p(a) in forwards only, and log(1 + exp(z))
+    as the softplus max(z, 0) + log1p(exp(-|z|)) everywhere (exp(z) overflows from z = 88.7 in float32);
+    generated/ has log1p in softplus and mish, and no other Triton forward has a log of 1 plus something."""
     from invact.fitting.codegen import printer
+    e = printer.parse("log(x + 1)", "x", [])
+    assert printer.to_triton(e, "x", reciprocals=True, forward=True) == "act_triton.log1p(x)"
+    assert printer.to_triton(e, "x") == "tl.log(x + 1.0)"
     e = printer.parse("log(exp(beta*x) + 1)/beta", "x", ["beta"])
-    assert "act_triton.log1p(tl.exp(param_beta*x))" in printer.to_triton(e, "x", reciprocals=True, forward=True)
-    assert "tl.log(tl.exp(param_beta*x) + 1.0)" in printer.to_triton(e, "x")
+    stable = "act_triton.log1p(tl.exp(-tl.abs(param_beta*x))) + tl.maximum(param_beta*x, 0.0"
+    assert stable in printer.to_triton(e, "x", reciprocals=True, forward=True)
+    assert stable in printer.to_triton(e, "x")
     for name in NAMES:
         f_x = _triton_forward(name)
         assert "tl.log(" not in f_x, name
