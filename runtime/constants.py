@@ -96,14 +96,14 @@ def _refuse_unfinite_g(mod: ModuleType, dtype: torch.dtype, params: dict[str, fl
         poly = torch.tensor(mod.POLY, dtype=ev).T.contiguous()
         return mod.g_kernel(mod.forward(x, **params), code, y_thresholds, poly, **params).double()
 
-    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU, whatever modes run
-        g, wide = g_at(x.to(dtype), torch.float32), g_at(x, torch.float64)
+    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU (no fake tensors:
+        g, wide = g_at(x.to(dtype), torch.float32), g_at(x, torch.float64)  # fakes never build constants)
     if bool((torch.isfinite(wide) & ~torch.isfinite(g)).any()):
         given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
         raise common_params.ParamError(
             f"params: {mod.NAME} with {given}: its gradient overflows in {dtype} (g is {g.tolist()} for x in "
-            f"[-1, 0, 1], computed in float32, where float64 gives {wide.tolist()}: a parameter's power beyond "
-            "float32's range); choose other values or compute in float64", "params")
+            f"[-1, 0, 1], computed in float32, where float64 gives {wide.tolist()}: f' or an expression of the "
+            "parameters beyond float32's range); choose other values or compute in float64", "params")
 
 
 @dataclass(frozen=True)
