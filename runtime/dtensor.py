@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._prims_common import make_contiguous_strides_for
 
 from .common.after_import import after_import
 
@@ -58,14 +59,6 @@ def pointwise(x, run: Callable[[Tensor], Tensor]):
     x's placements (Partial reduced first) and layout."""
     x = _not_partial(x)
     return _wrapped(run(x.to_local()), x, x.stride())
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 def _check_rows_sharded(x, normalized: int, op: str) -> None:
@@ -105,7 +98,7 @@ def norm(x, weight: Tensor | None, bias: Tensor | None, normalized: int, op: str
     x = _not_partial(x)
     _check_rows_sharded(x, normalized, op)
     y = run(x.to_local(), _local_param(weight, "weight", x, op), _local_param(bias, "bias", x, op))
-    return _wrapped(y, x, _contiguous_strides(x.shape))
+    return _wrapped(y, x, make_contiguous_strides_for(x.shape))
 
 
 # ----------------------------------------------------------------------------------------------

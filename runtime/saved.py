@@ -89,6 +89,11 @@ def _unpack_with(outer: Any, packed: Any) -> Any:
     return packed if outer is None else outer(packed)
 
 
+def _is_ours(hook: Any) -> bool:
+    """Whether ``hook`` is a block's own pack hook (a partial of :func:`_pack_all`)."""
+    return getattr(hook, "func", None) is _pack_all
+
+
 def _is_checkpoints(hook: Any) -> bool:
     """Whether ``hook`` is non-reentrant checkpointing's own: what it is handed is recomputed, not kept."""
     return getattr(hook, "__module__", None) == "torch.utils.checkpoint"
@@ -99,7 +104,7 @@ def _chained_hooks(counters: tuple["SavedBytes", ...]) -> torch.autograd.graph.s
     block's, their outer hooks are chained instead (their counters are in ``counters`` already). Inside a
     non-reentrant checkpoint, tensors go on to its hook uncounted, as for a checkpoint inside a block."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    if top is not None and getattr(top[0], "func", None) is _pack_all:
+    if top is not None and _is_ours(top[0]):
         top = (top[0].args[1], top[1].args[0])
     pack, unpack = top if top is not None else (None, None)
     return torch.autograd.graph.saved_tensors_hooks(
@@ -117,7 +122,7 @@ def _caching_mode() -> bool:
 def _foreign_hook() -> str | None:
     """The name of the innermost saved-tensor pack hook where it is not invact's (None where it is)."""
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if top is None or getattr(top[0], "func", None) is _pack_all:
+    if top is None or _is_ours(top[0]):
         return None
     if _is_checkpoints(top[0]):
         return None   # non-reentrant checkpointing: what it drops is recomputed in backward, not kept

@@ -114,7 +114,8 @@ def test_table_c_declines_buffers_it_would_overrun():
     assert not table_c.run_lookup(mod, torch.empty(16, dtype=torch.bfloat16), torch.ones_like(y), y, code, lut)
 
 
-@pytest.mark.skipif(cpu_kernel.library() is None, reason="no AVX-512 CPU (as ATen sees it) or no C compiler")
+@pytest.mark.skipif(cpu_kernel.library() is None,
+                    reason="no fused C kernel: INVACT_CPU_KERNEL=0, no AVX-512 as ATen sees it, or no C compiler")
 def test_cpu_kernel_declines_buffers_it_would_overrun():
     mod = registry.module("gelu")
     table = impl_cpu.fused_table(mod, ())
