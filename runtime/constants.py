@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import bitpack, registry
 from .common import params as common_params
+from .common.catalog import BY_NAME
 
 __all__ = ["param_values", "holds", "Constants", "module_constants", "table_constants"]
 
@@ -29,6 +30,32 @@ def _refit_command(name: str, meta: dict, values: dict[str, float]) -> str:
     was generated in (the CLI takes a formula table's name and reuses its formula)."""
     root = Path(registry.generated_file(registry.module(name).__name__)[0]).parent.parent
     return f"invact fit {name}" + registry.fit_options(values, meta["tolerance"], root)
+
+
+def _fitter_domain(name: str) -> tuple[str, ...]:
+    """The relations `invact fit NAME --param ...` checks the values against before fitting: a built-in's
+    catalog domain (the fitter refits its formula only there), none for a formula table (its refit derives
+    the domain of the values it is given)."""
+    entry = BY_NAME.get(name)
+    return entry.domain if entry is not None else ()
+
+
+def _refit_hint(name: str, meta: dict, values: dict[str, float]) -> str:
+    """What `invact fit` does for ``values``, which table ``name`` does not hold: the command that tries a
+    table for them where the fitter takes them for this formula, else that no refit can hold them. A
+    built-in's own table keeps PyTorch's defaults (the fit is refused without ``--name NEW``); a formula
+    table's refit without ``--name`` replaces it."""
+    domain = _fitter_domain(name)
+    if not all(holds(rel, values) for rel in domain):
+        return f"no refit can hold these values: the fitter takes {name}'s parameters only where {' and '.join(domain)}"
+    command = _refit_command(name, meta, values)
+    if name in BY_NAME:
+        return (f"`{command} --name NEW` tries a table of {name}'s formula for these values, activation NEW (the "
+                f"built-in {name!r} keeps PyTorch's defaults: without --name the fit is refused)")
+    replaced = "that set" if not meta["param_generic"] else \
+        f"the table fitted at {meta['params']} for {' and '.join(meta['param_domain'])}"
+    return (f"`{command}` refits it for these values, replacing {replaced} (add `--name NEW` to keep it and fit "
+            "activation NEW)")
 
 
 def param_values(name: str, params: dict[str, float] | None) -> tuple[float, ...]:
@@ -59,51 +86,93 @@ def _check(name: str, params: dict[str, float] | None, meta: dict | None = None)
     meta = registry.module(name).META if meta is None else meta
     fixed = None if meta["param_generic"] else lambda values: (
         f"params: the {name!r} table was fitted for {meta['params']} only (one table holds one parameter set); "
-        f"`{_refit_command(name, meta, values)}` refits it for these values, replacing that set (add `--name NEW` "
-        "to keep it and fit activation NEW)")
-    hint = lambda values: (  # noqa: E731 - outside a generic table's domain: a table fitted for them may hold
-        f"`{_refit_command(name, meta, values)} --name NEW` tries a table for these values, activation NEW "
-        "(without --name it would replace this one)")
+        + _refit_hint(name, meta, values))
+    hint = lambda values: _refit_hint(name, meta, values)  # noqa: E731 - outside a generic table's domain
     return tuple(common_params.check_params(name, meta["params"], params, meta["param_domain"], fixed,
                                             hint).values())
 
 
-def _refuse_overflow(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:
-    """ParamError naming the parameters and ``dtype`` where y overflows at x = -1, 0 or 1 (softplus with
-    log(2)/beta beyond the dtype's largest value): y = inf there, as in torch, has lost x, and the g of an
-    infinite y (its limit, or NaN where the parameter itself rounds to 0) is not torch's gradient."""
-    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU, whatever modes run
-        y = mod.forward(torch.tensor([-1.0, 0.0, 1.0], dtype=dtype, device="cpu"), **params)
-    if bool(torch.isinf(y).any()):
-        given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
-        raise common_params.ParamError(
-            f"params: {mod.NAME} with {given} overflows {dtype} (y = inf already for x in [-1, 1]: y has lost x, "
-            "and no gradient can be recovered from it); choose other values or compute in a wider dtype", "params")
+_PROBE_X = (-1.0, 0.0, 1.0)   # where the parameters are probed: every activation is defined there
 
 
-def _refuse_unfinite_g(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...],
-                       x_thresholds: tuple[float, ...], y_thresholds: tuple[float, ...]) -> None:
-    """ParamError where g, as the generated code computes it in float32 (any dtype but float64), is not
-    finite at x = -1, 0 or 1 while the same code in float64 is: a parameter's expression beyond float32's
-    range (tanh(a*x)/a's g = 1 - a^2 y^2 with a = 1e20: a^2 is inf in float32, so g is NaN at y = 0 and 0
-    elsewhere), which would give silent NaN or zero gradients."""
-    if dtype == torch.float64:
-        return
-    x = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+def _evaluation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype g is computed in for tensors of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    def g_at(x: Tensor, ev: torch.dtype) -> Tensor:
-        code = mod.code_kernel(x, x_thresholds) if mod.CODE_BITS else None
-        poly = torch.tensor(mod.POLY, dtype=ev).T.contiguous()
-        return mod.g_kernel(mod.forward(x, **params), code, y_thresholds, poly, **params).double()
 
-    with torch._C.DisableTorchFunction(), torch.no_grad():  # a plain probe on the CPU (no fake tensors:
-        g, wide = g_at(x.to(dtype), torch.float32), g_at(x, torch.float64)  # fakes never build constants)
-    if bool((torch.isfinite(wide) & ~torch.isfinite(g)).any()):
-        given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
-        raise common_params.ParamError(
-            f"params: {mod.NAME} with {given}: its gradient overflows in {dtype} (g is {g.tolist()} for x in "
-            f"[-1, 0, 1], computed in float32, where float64 gives {wide.tolist()}: f' or an expression of the "
-            "parameters beyond float32's range); choose other values or compute in float64", "params")
+def _thresholds(mod: ModuleType, dtype: torch.dtype, params: dict[str, float]) -> tuple:
+    """(x breaks with their sides, the forward code's x thresholds in ``dtype``, the y breaks rounded to the
+    evaluation dtype first, as the certified evaluator does, with their sides, and their thresholds)."""
+    ev = _evaluation_dtype(dtype)
+    xbreaks = mod.x_breaks(**params)
+    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
+    rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
+    return xbreaks, xthr, rounded, tuple(bitpack.threshold(v, side, ev) for v, side in rounded)
+
+
+def _generated_g(mod: ModuleType, x: Tensor, y: Tensor, params: dict[str, float], x_thresholds: tuple,
+                 y_thresholds: tuple, ev: torch.dtype) -> Tensor:
+    """g at ``y`` = forward(``x``) as the generated code computes it in ``ev``, in float64."""
+    code = mod.code_kernel(x, x_thresholds) if mod.CODE_BITS else None
+    poly = torch.tensor(mod.POLY, dtype=ev, device=x.device).T.contiguous()
+    return mod.g_kernel(y, code, y_thresholds, poly, **params).double()
+
+
+def _autograd_derivative(x: Tensor, y: Tensor) -> Tensor:
+    """f' at ``x`` by torch's autograd of ``y`` = forward(x); NaN where autograd gives none (a forward that is
+    not differentiable in x): no reference, so nothing is refused by it."""
+    try:
+        (grad,) = torch.autograd.grad(y.sum(), x, allow_unused=True) if y.requires_grad else (None,)
+    except RuntimeError:   # an op of the forward without a derivative formula
+        grad = None
+    return torch.full_like(x.detach(), float("nan")) if grad is None else grad.detach()
+
+
+def _reference_g(mod: ModuleType, x: Tensor, y: Tensor, params: dict[str, float], x_thresholds: tuple,
+                 y_thresholds: tuple) -> Tensor:
+    """Where this is finite, g at ``x`` must be: for float64 f' by autograd of ``y`` = forward(x), for the
+    other dtypes (g computed in float32) the same generated code in float64."""
+    if x.dtype == torch.float64:
+        return _autograd_derivative(x, y)
+    with torch.no_grad():
+        wide = x.double()
+        return _generated_g(mod, wide, mod.forward(wide, **params), params, x_thresholds, y_thresholds,
+                            torch.float64)
+
+
+def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:
+    """ParamError naming the parameters, ``dtype`` and the values at x = -1, 0, 1 where the parameters leave
+    ``dtype``'s range there, from one evaluation of the forward in ``dtype``; refused in this order:
+
+    * y overflows (softplus with log(2)/beta beyond the dtype's largest value): y = inf, as in torch, has
+      lost x, and the g of an infinite y (its limit, or NaN where the parameter itself rounds to 0) is not
+      torch's gradient;
+    * g is not finite where :func:`_reference_g` is: a parameter's expression beyond the range of g's
+      evaluation dtype (tanh(a*x)/a's g = 1 - a^2 y^2: a^2 is inf in float32 for a = 1e20, in float64 for
+      a = 1e200, so g is NaN at y = 0) would give silent NaN or zero gradients; a g infinite where the
+      reference is too (a vertical tangent) is kept."""
+    given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
+    # a plain probe on the CPU, whatever modes run (no fake tensors: fakes never build constants)
+    with torch._C.DisableTorchFunction(), torch.inference_mode(False):
+        x = torch.tensor(_PROBE_X, dtype=dtype, device="cpu", requires_grad=dtype == torch.float64)
+        with torch.enable_grad():   # float64's reference is autograd's f' of this same forward
+            y = mod.forward(x, **params)
+        if bool(torch.isinf(y).any()):
+            raise common_params.ParamError(
+                f"params: {mod.NAME} with {given} overflows {dtype} (y = inf already for x in [-1, 1]: y has lost "
+                "x, and no gradient can be recovered from it); choose other values or compute in a wider dtype",
+                "params")
+        _, xthr, _, ythr = _thresholds(mod, dtype, params)
+        with torch.no_grad():
+            g = _generated_g(mod, x.detach(), y.detach(), params, xthr, ythr, _evaluation_dtype(dtype))
+        reference = _reference_g(mod, x, y, params, xthr, ythr)
+    if bool((torch.isfinite(reference) & ~torch.isfinite(g)).any()):
+        where = (f"where autograd of its forward gives f' = {reference.tolist()}: an expression of the parameters "
+                 "beyond float64's range); choose other values" if dtype == torch.float64 else
+                 f"computed in float32, where float64 gives {reference.tolist()}: f' or an expression of the "
+                 "parameters beyond float32's range); choose other values or compute in float64")
+        raise common_params.ParamError(f"params: {mod.NAME} with {given}: its gradient overflows in {dtype} (g is "
+                                       f"{g.tolist()} for x in [-1, 0, 1], {where}", "params")
 
 
 @dataclass(frozen=True)
@@ -137,17 +206,11 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
         _check(mod.NAME, dict(zip(mod.PARAMS, values)), mod.META)
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
     if values:
-        _refuse_overflow(mod, dtype, params, values)
-    ev = torch.float64 if dtype == torch.float64 else torch.float32
-    xbreaks = mod.x_breaks(**params)
-    xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
-    # y breaks are rounded to the evaluation dtype first, as the certified evaluator does
-    rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
-    ythr_values = tuple(bitpack.threshold(v, side, ev) for v, side in rounded)
+        _refuse_unusable(mod, dtype, params, values)
+    ev = _evaluation_dtype(dtype)
+    xbreaks, xthr, rounded, ythr_values = _thresholds(mod, dtype, params)
     ythr = torch.tensor(ythr_values, dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
-    if values:
-        _refuse_unfinite_g(mod, dtype, params, values, xthr, ythr_values)
     return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),
                      tuple(side == "left" for _, side in xbreaks),
                      tuple(side == "left" for _, side in rounded))
