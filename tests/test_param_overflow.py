@@ -38,8 +38,8 @@ def _grad(a: float, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype, a", [(torch.float32, 1e20), (torch.bfloat16, 2e19), (torch.float16, 1e20)])
 def test_a_parameter_whose_power_overflows_is_refused(steep, dtype, a):
-    """g is computed in float32 for every dtype but float64; float64's own range (a > 1.3e154 here) is
-    not checked: the generated code's parameter arithmetic is float64 already."""
+    """g is computed in float32 for every dtype but float64 (float64's own range, a > 1.3e154 here, is
+    checked against autograd's f': tests/test_param_refusals_truth.py)."""
     with pytest.raises(ParamError, match=r"steep with a=.*overflows in torch\.(float32|bfloat16|float16)"):
         _grad(a, torch.tensor([0.0, 1e-21], dtype=dtype))
 

@@ -6,6 +6,7 @@ import ast
 import contextlib
 import pprint
 
+from ...common.catalog import CATALOG
 from .analysis import Plan
 from .evaluation import TorchDialect, emit_code, emit_g
 from .printer import mangle, mangle_text, to_python, to_torch
@@ -25,12 +26,14 @@ def _pass_params(plan: Plan) -> str:
 
 
 def _fixed_by_torch_forward(plan: Plan) -> tuple[tuple[str, float], ...]:
-    """The parameters (name, default) a table's torch_forward does not read: PyTorch's function holds
-    them at their defaults, so the forward computes the formula for other values."""
+    """The parameters (name, PyTorch's default) a table's torch_forward does not read: PyTorch's function
+    holds them at the built-in's defaults (F.selu's scale and alpha), whatever values the table was fitted
+    for, so the forward computes the formula for other values."""
     if not plan.torch_forward:
         return ()
     read = {node.id for node in ast.walk(ast.parse(plan.torch_forward, mode="eval")) if isinstance(node, ast.Name)}
-    return tuple((n, v) for n, v in plan.params if n not in read)
+    owner = next(e for e in CATALOG if e.torch_forward == plan.torch_forward)  # checked: a built-in's own
+    return tuple((n, float(owner.params[n])) for n, _ in plan.params if n not in read)
 
 
 def _tuple_text(items) -> str:
