@@ -11,6 +11,11 @@ class SpecError(InputError):
     """A formula, name or parameter that cannot define an activation."""
 
 
+class ScaleError(SpecError):
+    """f changes on a scale of x finer than the fitter's scans resolve (tanh(a*x)/a with a = 1e20 rises
+    within |x| < 1e-19); :func:`.pipeline.build_table` adds the parameters that set that scale."""
+
+
 class FitError(InputError):
     """The requested bound cannot be met; carries the best error reached and what to relax."""
 

@@ -308,15 +308,15 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     cheap = [tf for tf in tfs if tf.kind != "log"]
     cheap += [Transform("identity")] * (Transform("identity") not in cheap)
     sets = [cheap] + ([tfs] if any(tf.kind == "log" for tf in tfs) else [])
-    best, best_err = _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost)
+    best, best_err, reach = _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost)
     if best is None:
         kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
         cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
         # a looser tolerance is tried only where this refusal is the fit's answer: not for a search for
         # a layout cheaper than one found, nor for rationals alone (tried beside polynomials)
         search = None if math.isfinite(max_cost) or not degrees else \
-            (lambda tol: _search(ref, y_lo, y_hi, sets, tol, degrees, rationals, max_cost))
-        advice = _advice(best_err, tolerance, search)
+            (lambda tol: _search(ref, y_lo, y_hi, sets, tol, degrees, rationals, max_cost)[:2])
+        advice = _advice(best_err, tolerance, search, _absolute_limit(ref, max(reach, y_lo), y_hi, tolerance))
         raise FitError(f"no {kinds} layout with up to {MAX_PIECES} pieces{cheaper} meets "
                        f"{tolerance:g} on y in [{y_lo:g}, {y_hi:g}]", best_err, advice,
                        "the closest pieces need a tolerance of")
@@ -324,9 +324,10 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
 
 
 def _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost):
-    """(the cheapest layout meeting ``tolerance`` or None, the tolerance the closest pieces need)
-    over the candidate transform ``sets`` (:func:`fit_branch`)."""
-    best, best_cost, best_err = None, max_cost, math.inf
+    """(the cheapest layout meeting ``tolerance`` or None, the tolerance the closest pieces need, the
+    largest y the pieces of any layout tried reached) over the candidate transform ``sets``
+    (:func:`fit_branch`)."""
+    best, best_cost, best_err, reach = None, max_cost, math.inf, -math.inf
     for candidates in sets:
         logs = int(any(tf.kind == "log" for tf in candidates))
         for degree, den_degree in layouts(degrees, rationals):
@@ -335,14 +336,14 @@ def _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost):
             limit = MAX_PIECES   # a layout with more pieces than this could not beat the best so far
             while limit > 1 and layout_cost(degree, limit, den_degree, logs) >= best_cost:
                 limit -= 1
-            pieces, err = _greedy(ref, y_lo, y_hi, candidates, degree, SAFETY * tolerance, den_degree, limit)
-            best_err = min(best_err, err)
+            pieces, err, stop = _greedy(ref, y_lo, y_hi, candidates, degree, SAFETY * tolerance, den_degree, limit)
+            best_err, reach = min(best_err, err), max(reach, stop)
             if pieces is None:
                 continue
             cost = layout_cost(degree, len(pieces), den_degree, int(any(p.transform.kind == "log" for p in pieces)))
             if cost < best_cost:
                 best, best_cost = pieces, cost
-    return best, best_err
+    return best, best_err, reach
 
 
 def _needed(piece: PieceFit) -> float:
@@ -358,14 +359,36 @@ MAX_HINT = 1e-2      # the loosest --tolerance the CLI accepts: no looser one is
 HINT_TRIES = 2       # looser tolerances tried before one is proposed
 
 
-def _advice(needed: float, tolerance: float, search=None) -> str:
+def _absolute_limit(ref: BranchReference, y_a: float, y_b: float, tolerance: float) -> str | None:
+    """Why no layout covers [y_a, y_b] (where the pieces stopped) when that is the absolute bound each
+    piece is held to (``_meets``: SAFETY * tolerance on |P - g|, as the piece's proof bounds it) rather
+    than g: a piece's float32 coefficients round its terms by up to 2^-24 of them, and its linear term
+    is about half of g's change across it, so g may change by only ~2^25 SAFETY tolerance per piece;
+    None where :data:`MAX_PIECES` such pieces span g's change on [y_a, y_b] (the measure is not the
+    reason). x**4*exp(0.002*x): |g| grows to 1.3e8 on its first branch, 1e6*tanh(x): 1e6."""
+    g = ref(ordinal_nodes(y_a, y_b, 4097))
+    g = g[np.isfinite(g)]
+    per_piece = 2.0**25 * SAFETY * tolerance
+    change = float(np.sum(np.abs(np.diff(g))))
+    if change <= MAX_PIECES * per_piece:
+        return None
+    return (f"|g| reaches {np.max(np.abs(g)):.3g} on y in [{y_a:.6g}, {y_b:.6g}], where the pieces stopped, and "
+            f"changes by {change:.3g} there; each piece is held to an absolute error of {SAFETY:g} x tolerance "
+            "(its proof bounds |g~ - g| absolutely) and float32 coefficients round its terms by up to 2^-24 of "
+            f"them, so g may change by only about {per_piece:.2g} across a piece, and {MAX_PIECES} pieces do not "
+            "span that change. The tolerance is relative where |g| > 1, but this fitter holds pieces to it "
+            "absolutely: a limitation of the fitter, not of the formula")
+
+
+def _advice(needed: float, tolerance: float, search=None, reason: str | None = None) -> str:
     """What to change. ``needed`` (:func:`_needed`) is what the pieces closest to meeting the bound
     lacked where the greedy stopped: a lower bound, not a promise, since at a looser tolerance the
     pieces before that point widen and the search can stop elsewhere, needing more (1e6*tanh(x):
     6.8e-8 at 5e-8, 9.8e-8 at 9e-8, 5.6e-3 at 2e-7). So a looser tolerance is proposed only once
     ``search(tol)`` ((layout or None, needed), the same search) has found a layout at it: up to
     HINT_TRIES tolerances, each 20 % above what the last search needed, rounded up to one digit,
-    and at least twice the one before."""
+    and at least twice the one before. ``reason``: why no looser tolerance helps, where the caller
+    knows (:func:`_absolute_limit`)."""
     tried, looser = [], tolerance
     while math.isfinite(needed) and len(tried) < HINT_TRIES:
         step = 10.0 ** math.floor(math.log10(needed * 1.2))    # 20% above, rounded up to one digit
@@ -379,11 +402,11 @@ def _advice(needed: float, tolerance: float, search=None) -> str:
             return (f"--tolerance {looser:g} or more is likely to fit (a fit of this branch at {looser:g} was tried "
                     "and met it; the table is certified after the fit)")
         tried.append(f"{looser:g}")
+    why = reason or "g is not smooth enough here for piecewise polynomials in this branch's transforms"
     if tried:
         return (f"no layout fits at --tolerance {' or '.join(tried)} either (tried), so no looser tolerance is "
-                "proposed: g is not smooth enough here for piecewise polynomials in this branch's transforms")
-    return ("a looser tolerance would not help: g is not smooth enough here for piecewise polynomials in "
-            "this branch's transforms; please report the formula")
+                f"proposed: {why}")
+    return f"a looser tolerance would not help: {why}" + ("" if reason else "; please report the formula")
 
 
 def branch_layout(pieces) -> tuple[int, int, int, int]:
@@ -414,16 +437,17 @@ def _search_step(x_a: float, x_end: float):
 
 def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_PIECES):
     """Largest pieces from y_lo upward; x (monotone along the branch) is the search variable.
-    (None, the tolerance the closest pieces need: :func:`_needed`) when more than ``max_pieces``
-    would be needed: that of one piece for the rest of the range when the pieces run out, else the
-    smallest of the trial pieces that failed where the next piece starts."""
+    (pieces, the tolerance they need, y_hi); (None, the tolerance the closest pieces need:
+    :func:`_needed`, the y where the next piece would start) when more than ``max_pieces`` would be
+    needed: that of one piece for the rest of the range when the pieces run out, else the smallest
+    of the trial pieces that failed where the next piece starts."""
     pieces, start = [], y_lo
     x_end = float(ref.inverse(np.array([y_hi]))[0])
     while start < y_hi:
         whole = _best(ref, start, y_hi, tfs, degree, den_degree)
         meets = _meets(whole, target)     # (computes the rounding error that _needed reads)
         if len(pieces) >= max_pieces:     # one piece more would be needed: at least the tolerance
-            return None, max(_needed(whole), target / SAFETY)
+            return None, max(_needed(whole), target / SAFETY), start
         if meets:
             pieces.append(whole)
             break
@@ -444,7 +468,7 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_P
                 hi_w = w
                 needed = min(needed, _needed(trial))
         if good is None:
-            return None, needed
+            return None, needed, start
         pieces.append(good)
         start = good.y_hi
-    return pieces, max(_needed(p) for p in pieces)
+    return pieces, max(_needed(p) for p in pieces), y_hi

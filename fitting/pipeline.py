@@ -14,7 +14,7 @@ from ..common.params import holds
 from .branches import Analysis, Branch, _code_breaks, _codes_clash, analyze
 from .certify import certify_table, check_fp32_samples
 from .domain import time_limit
-from .errors import CertificationError, FitError, InputError, SpecError
+from .errors import CertificationError, FitError, InputError, ScaleError, SpecError
 from .exact import _agrees, exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
 from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
@@ -26,6 +26,7 @@ from .pieces import removable_note
 from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference
+from .scan import scan_grid
 
 __all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
 
@@ -61,12 +62,15 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     check_fp32_samples(fp32_samples)
     say = progress or (lambda msg: None)
     say(f"{spec.name}: analysing branches")
-    analysis = analyze(spec)
     options: dict[int, list[list[Segment]]] = {}
     exprs: dict[int, sp.Expr] = {}
-    for b in analysis.branches:
-        say(f"{spec.name}: branch {b.index} ({b.direction}, x in [{b.x_range[0]:.4g}, {b.x_range[1]:.4g}])")
-        options[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance, rationals)
+    try:
+        analysis = analyze(spec)
+        for b in analysis.branches:
+            say(f"{spec.name}: branch {b.index} ({b.direction}, x in [{b.x_range[0]:.4g}, {b.x_range[1]:.4g}])")
+            options[b.index], exprs[b.index] = _branch_segments(b, spec, target, tolerance, rationals)
+    except ScaleError as exc:
+        raise ScaleError(f"{spec.name!r}: {exc}; {_scale_advice(spec)}") from None
     per_branch = _cheapest_table(options, analysis.n_codes) if rationals == "auto" else \
         {i: opts[-1] for i, opts in options.items()}
     generic = bool(spec.params) and all(not s.fitted for segs in per_branch.values() for s in segs) \
@@ -97,6 +101,14 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
 
 
 # ---------------------------------------------------------------------------------------------
+
+def _scale_advice(spec: ActivationSpec) -> str:
+    """What sets f's scale in x, for a :class:`ScaleError`: the parameters' values, else the formula."""
+    if not spec.params:
+        return "rescale x in the formula so that f changes over a range of x the scan resolves"
+    values = ", ".join(f"{name} = {value:g}" for name, value in spec.params.items())
+    return f"the parameter values {values} set that scale: choose values that keep it within the scans' resolution"
+
 
 def _values(spec):
     return {sp.Symbol(n, real=True): v for n, v in spec.params.items()}
@@ -646,10 +658,9 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     """(y where the fitted part ends, its tail segments) for an end at x = +-inf: a constant (or x = y)
     tail, none where g is fitted up to a finite limit, or a power tail where g grows without bound."""
     x_inf = b.x_at_y_end(which)
-    x_in = b.x_range[1] if x_inf < 0 else b.x_range[0]
-    x_in = x_in if math.isfinite(x_in) else 0.0
     direction = math.copysign(1.0, x_inf)
     y_limit = b.y_range[0 if which == "lower" else 1]
+    x_in = _tail_start(b, ref, x_inf, y_limit)
     if target == "derivative" and math.isinf(y_limit) and not math.isfinite(b.limits[which]):
         return fit_power_tail(b, ref, which, tol)     # g ~ |y|^((n-1)/n): fitted relative to g
     for reach in TAIL_REACH:     # g settling slowly (asinh's 1/x) needs the longer scan
@@ -685,6 +696,8 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
                            "tables support tails x = y only); use the derivative target (the runtime's)", None, "")
         if k < steps.size and finite[k]:   # g settles only where y has reached its limit in float64
             at = np.nonzero(np.abs(y - y_limit) <= TINY32)[0][0]
+            if at > 0 and abs(y[at - 1] - y_limit) > 0.5 * abs(y[0] - y_limit):
+                raise _tail_scale_error(b, ref, steps[at - 1:at + 1], y_limit, b.limits[which])
             g_at = float(np.max(np.abs(ref.fp(steps[min(at, k - 1):k]) - b.limits[which]), initial=0.0))
             raise FitError(f"branch {b.index}: y reaches its limit {y_limit:.9g} (to float64 rounding) at x = "
                            f"{steps[at]:.4g}, where g is still {g_at:.3g} from its limit {b.limits[which]:g} (more "
@@ -696,6 +709,33 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
     y_end = f32(float(y[k]))
     kind, text = tail
     return y_end, [kind(_tail_range(b, which, y_end), b.index, text)]
+
+
+def _tail_start(b: Branch, ref: BranchReference, x_inf: float, y_limit: float) -> float:
+    """Where :func:`_tail`'s scan towards ``x_inf`` starts: the branch's other end (0 where that is
+    infinite too); where f there has already reached its limit y_limit (to float64 rounding), the
+    point of the scan's grid where |f'| is largest on the branch (tanh(x - 1000) is -1 at x = 0 and
+    rises at 1000)."""
+    x_in = b.x_range[1] if x_inf < 0 else b.x_range[0]
+    x_in = x_in if math.isfinite(x_in) else 0.0
+    if abs(float(ref.f(np.array([x_in]))[0]) - y_limit) > TINY32:
+        return x_in
+    xs = scan_grid(*b.x_range, b.removable)
+    slopes = np.abs(ref.fp(xs))
+    slopes = np.where(np.isfinite(slopes), slopes, 0.0)
+    return float(xs[np.argmax(slopes)]) if slopes.size else x_in
+
+
+def _tail_scale_error(b: Branch, ref: BranchReference, xs: np.ndarray, y_limit: float, g_limit: float) -> ScaleError:
+    """The refusal of a tail whose scan, in one step from xs[0] to xs[1], takes y most of its way to its
+    limit while g still has far to go: f changes on a scale of x finer than the scan resolves (about
+    the gap to the limit over g, tanh(1e20*x)/1e20: 1e-20 at x = 0)."""
+    y0, g0 = float(ref.f(xs[:1])[0]), float(ref.fp(xs[:1])[0])
+    scale = abs(y0 - y_limit) / abs(g0) if g0 != 0 else math.nan
+    return ScaleError(f"branch {b.index}: y goes from {y0:.6g} at x = {xs[0]:.6g} to its limit {y_limit:.9g} (to "
+                      f"float64 rounding) at x = {xs[1]:.6g}, the next point of the scan for its tail, while g goes "
+                      f"from {g0:.6g} to its limit {g_limit:g}: f changes on a scale of x of about {scale:.3g}, finer "
+                      "than the fitter's scans resolve")
 
 
 def _flat_tail(b: Branch, ref: BranchReference, which: str, tol: float, y0: float):

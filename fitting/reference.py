@@ -57,7 +57,7 @@ class BranchReference:
         fp_expr = sp.diff(branch.expr, X)
         self.f = numeric(branch.expr)
         self.fp = numeric(fp_expr)
-        self.x_table = _grid(*branch.x_range, self.f)
+        self.x_table = _grid(branch, self.f)
         y = self.f(self.x_table)
         order = np.argsort(y, kind="stable")
         self.y_sorted, self.x_sorted = y[order], self.x_table[order]
@@ -260,24 +260,29 @@ def _search(table: np.ndarray, y: np.ndarray) -> np.ndarray:
     return a + np.cumsum(np.bincount(right, minlength=y.size + 1)[:y.size])
 
 
-def _grid(lo: float, hi: float, f) -> np.ndarray:
+def _grid(branch: Branch, f) -> np.ndarray:
     """x points along the branch, asinh-spaced, reaching far enough to cover every float32 y."""
-    lo, hi = (_far_end(lo, hi, f, -1) if math.isinf(lo) else lo,
-              _far_end(hi, lo, f, +1) if math.isinf(hi) else hi)
+    (lo, hi), (y_lo, y_hi) = branch.x_range, branch.y_range
+    y_at_lo, y_at_hi = (y_lo, y_hi) if branch.direction != "decreasing" else (y_hi, y_lo)
+    near = 1e-9 * (y_hi - y_lo if math.isfinite(y_hi - y_lo) else 1.0 + max(abs(y_lo), abs(y_hi)))
+    lo, hi = (_far_end(lo, hi, f, -1, y_at_lo, near) if math.isinf(lo) else lo,
+              _far_end(hi, lo, f, +1, y_at_hi, near) if math.isinf(hi) else hi)
     s = np.linspace(np.arcsinh(lo), np.arcsinh(hi), TABLE_SIZE)
     x = np.sinh(s)
     x[0], x[-1] = lo, hi
     return x
 
 
-def _far_end(inf: float, other: float, f, sign: int) -> float:
-    """A finite stand-in for x = +-inf: y has reached its limit to 1e-300, or passed float32's range."""
+def _far_end(inf: float, other: float, f, sign: int, y_limit: float, near: float) -> float:
+    """A finite stand-in for x = +-inf: y has settled (to 1e-300 over one step) within ``near`` of
+    its limit ``y_limit``, or passed float32's range. A plateau away from the limit is passed: x = 1
+    and 2.25 give y = 0 in tanh(x) + tanh(x - 1000), which still rises to 2 at x = 1000."""
     x = (other if math.isfinite(other) else 0.0) + sign
     prev = float(f(np.array([x]))[0])
     for _ in range(400):
         x_next = x * 1.25 + sign if x * sign > 0 else x + sign
         y = float(f(np.array([x_next]))[0])
-        if not math.isfinite(y) or abs(y - prev) < 1e-300:
+        if not math.isfinite(y) or (abs(y - prev) < 1e-300 and abs(y - y_limit) <= near):
             return x
         if abs(y) > 3.5e38:        # past the largest float32: every float32 y is covered
             return x_next

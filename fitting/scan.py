@@ -13,7 +13,7 @@ import numpy as np
 import sympy as sp
 from scipy.optimize import brentq
 
-from .errors import SpecError
+from .errors import ScaleError, SpecError
 from .formulas import X
 from .numeric import numeric, precise
 from .pieces import Piece, corner, corner_error
@@ -21,6 +21,7 @@ from .pieces import Piece, corner, corner_error
 __all__ = ["monotone_parts", "scan_grid", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
 
 SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (scan_grid)
+NEAR_POINTS = 20001  # scan_grid's points on [-SCAN, SCAN]
 FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
 MAX_CRITICAL = 16
 PRECISE_BITS = 50   # evalf(15) gives 53 bits where it meets its 15 digits; fewer: no digit is right
@@ -37,6 +38,8 @@ def monotone_parts(piece: Piece):
     for j in range(len(cuts) - 1):
         a, b = cuts[j], cuts[j + 1]
         slope = _typical_slope(fpn, a, b, piece.removable)
+        if slope == 0:
+            raise _unresolved_error(piece, a, b)
         lo_c = piece.lo_closed if j == 0 else True
         hi_c = piece.hi_closed if j == len(cuts) - 2 else True
         yield a, b, lo_c, hi_c, ("increasing" if slope > 0 else "decreasing")
@@ -45,13 +48,38 @@ def monotone_parts(piece: Piece):
 def _typical_slope(fpn, a: float, b: float, removable: list[float] = ()) -> float:
     """f' where it is largest on a grid inside (a, b), away from removable points (as
     :func:`scan_grid`): its sign is the branch's direction (a single interior point could be an
-    inflection with f' = 0, as for x**3 at 0)."""
+    inflection with f' = 0, as for x**3 at 0). Where f' is 0 on that whole grid, the scan's own
+    points inside (a, b) decide (tanh(x - 1000) rises where the grid, within 30 of 0, sees none of
+    it); 0 where f' is 0 (or not finite) at every one of those too."""
     lo = a if math.isfinite(a) else (min(b, 0.0) - 30.0 if math.isfinite(b) else -30.0)
     hi = b if math.isfinite(b) else (max(a, 0.0) + 30.0 if math.isfinite(a) else 30.0)
-    xs = _away_from(np.linspace(lo, hi, 403)[1:-1], removable)
-    v = fpn(xs)
-    v = np.where(np.isfinite(v), v, 0.0)
-    return float(v[np.argmax(np.abs(v))])
+    v = _finite_or_zero(fpn(_away_from(np.linspace(lo, hi, 403)[1:-1], removable)))
+    if not v.any():
+        xs = scan_grid(a, b, removable)
+        v = _finite_or_zero(fpn(xs[(xs > a) & (xs < b)]))
+    return float(v[np.argmax(np.abs(v))]) if v.size else 0.0
+
+
+def _finite_or_zero(v: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(v), v, 0.0)
+
+
+def _unresolved_error(piece: Piece, a: float, b: float) -> ScaleError:
+    """The refusal of a stretch of a non-constant piece where f' is 0 in float64 at every point the
+    scan samples (tanh(1e20*(x - 0.001))/1e20): f changes only between those points, or by less than
+    float64 holds; names f's largest step on the scan's grid."""
+    xs = scan_grid(a, b, piece.removable)
+    ys = numeric(piece.expr)(xs)
+    with np.errstate(all="ignore"):
+        steps = _finite_or_zero(np.abs(np.diff(ys)))
+    text = (f"f' is 0 (in float64) at every point the scan samples on x in [{a:g}, {b:g}], yet the formula is not "
+            "constant there: f changes on a scale of x finer than the scan's grid resolves (spacing "
+            f"{2 * SCAN / (NEAR_POINTS - 1):g} for |x| <= {SCAN:g}, coarser outside)")
+    if steps.size and steps.max() > 0:
+        i = int(np.argmax(steps))
+        return ScaleError(f"{text}; f's largest step on that grid is from y = {ys[i]:.6g} at x = {xs[i]:.6g} to "
+                          f"y = {ys[i + 1]:.6g} at x = {xs[i + 1]:.6g}")
+    return ScaleError(f"{text}, or by less than float64 holds: f has one value on that whole grid")
 
 
 REMOVABLE_GAP = 1e-4   # scan points within this (relative to max(1, |c|)) of a removable point c are left out
@@ -71,7 +99,7 @@ def scan_grid(lo: float, hi: float, removable: list[float] = ()) -> np.ndarray:
     (:data:`REMOVABLE_GAP`) are left out: float64 f and f' there are 0/0 or lose their digits (f' of
     t/(exp(t) - 1) with exp(-0.3) folded into a Float: ~1e-16/t^2), which would read as a sign change
     or a step against the branch's direction."""
-    near = np.linspace(-SCAN, SCAN, 20001)
+    near = np.linspace(-SCAN, SCAN, NEAR_POINTS)
     mid = np.linspace(SCAN, 8 * SCAN, 17501)
     far = np.geomspace(8 * SCAN, FAR_SCAN, 2401)
     xs = np.unique(np.concatenate([near, mid, far, -mid, -far]))
