@@ -58,6 +58,10 @@ def check_root(root: str | os.PathLike, label: str = "root", needs_registry: boo
     if create and not generated.exists():
         return path
     option = root_option(root)
+    blocking = next((p for p in (generated, generated / "tables") if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotARoot(f"{where}: {blocking} is a file, not a folder, so {path} is not an invact root ({layout}); "
+                       "move that file away or choose another root")
     if not (generated / "tables").is_dir():
         raise NotARoot(f"{where}: {path} has no generated/tables/ folder, so it is not an invact root; fit "
                        f"into it with `invact fit NAME{option}`")

@@ -255,8 +255,14 @@ def cmd_fit(args) -> int:
     from .expressions import size_guard
     args.activation = args.activation.strip()   # main() may have put a space before a leading minus
     start = time.monotonic()
-    with size_guard("formula", args.activation):     # a huge formula hits the recursion limit anywhere
-        table, path, generate = _fit(args)
+    # a huge formula hits the recursion limit anywhere in its own work; not in the checks of other tables
+    with size_guard("formula", args.activation):
+        spec, path, generate = _fit_spec(args)
+    _check_writable(path, args.root, generate)
+    if generate:
+        _check_tree(args.root, path)
+    with size_guard("formula", args.activation):
+        table = _build(spec, args)
     generated = _commit(table, path, args.root, generate)
     cert = table["certificate"]
     print(f"wrote {path}: {table['n_branches']} branches, {table['n_codes']} codes ({table['code_bits']} bits), "
@@ -267,8 +273,9 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _fit(args) -> tuple[dict, Path, bool]:
-    """(the fitted table, its path, whether its code is generated) for `invact fit`; nothing is written."""
+def _fit_spec(args) -> tuple[ActivationSpec, Path, bool]:
+    """(the activation, its table's path, whether its code is generated) for `invact fit`, its formula,
+    name and parameters checked; nothing is written."""
     from .formulas import BUILTINS, get_spec
     seen: dict[str, float] = {}
     for key, value in args.param:
@@ -293,15 +300,15 @@ def _fit(args) -> tuple[dict, Path, bool]:
         _check_same_formula(spec, path, existing)
     if args.target == "derivative":          # its table's code is generated, now or by `invact generate`
         _check_printable(spec, formula)
-    generate = args.target == "derivative" and not args.generate_off
-    _check_writable(path, args.root, generate)
-    if generate:
-        _check_tree(args.root, path)
+    return spec, path, args.target == "derivative" and not args.generate_off
+
+
+def _build(spec: ActivationSpec, args) -> dict:
+    """The fitted and certified table of ``spec`` with the options of `invact fit`; nothing is written."""
     with signals_deferred():                            # scipy's pybind11 modules: fitting/interrupts.py
         from .pipeline import build_table
-    table = build_table(spec, target=args.target, tolerance=args.tolerance,
-                        fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
-    return table, path, generate
+    return build_table(spec, target=args.target, tolerance=args.tolerance,
+                       fp32_samples=args.fp32_samples, progress=_logger(), rationals=args.rationals)
 
 
 def cmd_certify(args) -> int:
@@ -386,15 +393,28 @@ def _check_output(path: Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"-o/--output {path}: folder {folder} does not exist")
-    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"-o/--output {path}: cannot write there (a folder, or no write permission)")
+    with _output_errors(path):
+        tables.probe_folder(folder)
+
+
+@contextlib.contextmanager
+def _output_errors(path: Path) -> Iterator[None]:
+    """An OSError while writing the plot's file as an :class:`InputError` naming -o/--output."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"-o/--output {path}: cannot write there ({exc.strerror or exc}); "
+                         "give a file in a folder you can write") from None
 
 
 def cmd_plot(args) -> int:
     from .plot import plot_error_curves
     _check_output(args.output)
     _, table = _resolve(args)
-    plot_error_curves(table, args.output)
+    with _output_errors(args.output):
+        plot_error_curves(table, args.output)
     print(f"wrote {args.output}")
     return 0
 

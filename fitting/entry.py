@@ -7,6 +7,7 @@ python-flint and matplotlib; the command then says which extra to install instea
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 
 # import name -> distribution, for what the fitter imports (pyproject's [fit] extra)
@@ -27,14 +28,19 @@ def missing_fit_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``invact``; exit status 2 (with the install command) without the ``fit`` extra."""
-    missing = missing_fit_modules()
-    if missing:
-        print(f"invact: the fitter and its command line need the 'fit' extra (missing: {', '.join(missing)}); "
-              "install it with: pip install 'invact[fit]'", file=sys.stderr)
-        return 2
-    from .cli import main as cli_main
-    return cli_main(argv)
+    """Entry point of ``invact``; exit status 2 (with the install command) without the ``fit`` extra, 130
+    (one line, no traceback) on a Ctrl-C before the CLI handles it: while sympy and the rest import."""
+    try:
+        missing = missing_fit_modules()
+        if missing:
+            print(f"invact: the fitter and its command line need the 'fit' extra (missing: {', '.join(missing)}); "
+                  "install it with: pip install 'invact[fit]'", file=sys.stderr)
+            return 2
+        from .cli import main as cli_main
+        return cli_main(argv)
+    except KeyboardInterrupt:     # the CLI reports one during a command itself
+        print("invact: interrupted (SIGINT); nothing was written", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -53,14 +53,41 @@ def split_pieces(spec: ActivationSpec) -> list[Piece]:
         for iv in _intervals(region):
             out.append(Piece(e, sym_args[i][0] if sym_args else e, float(iv.start), float(iv.end),
                              not iv.left_open, not iv.right_open))
-    gaps = [iv for iv in _intervals(sp.Complement(sp.Reals, covered)) if iv.measure > 0]
+    _check_covered(spec, sp.Complement(sp.Reals, covered))
+    out.sort(key=lambda p: p.lo)
+    return out
+
+
+def _check_covered(spec: ActivationSpec, uncovered) -> None:
+    """Refuse x where no condition of the Piecewise holds (``uncovered``): an interval, or a single point,
+    where the generated code would give NaN for y and its gradient."""
+    gaps = [iv for iv in _intervals(uncovered) if iv.measure > 0]
     if gaps:
         g = gaps[0]
         text = f"{'(' if g.left_open else '['}{float(g.start):g}, {float(g.end):g}{')' if g.right_open else ']'}"
         raise SpecError(f"{spec.name!r} is undefined (not real-valued) for x in {text}: no condition of its "
                         "Piecewise holds there; a table needs f on the whole real line (end with a (value, True) piece)")
-    out.sort(key=lambda p: p.lo)
-    return out
+    points = sorted(float(p) for p in _points(uncovered))
+    if points:
+        at = _number(points[0])
+        raise SpecError(f"{spec.name!r} is undefined (not real-valued) at x = {at}: no condition of its Piecewise "
+                        f"holds at that single point (y and its gradient would be NaN there); include it in one "
+                        f"piece, e.g. `x <= {at}` instead of `x < {at}`, or end with a (value, True) piece")
+
+
+def _points(region) -> list:
+    """The isolated points of a set of x (its FiniteSet parts)."""
+    if isinstance(region, sp.FiniteSet):
+        return list(region.args)
+    if isinstance(region, sp.Union):
+        return [p for arg in region.args for p in _points(arg)]
+    return []
+
+
+def _number(value: float) -> str:
+    """``value`` as the shortest text that reads back as it (``0``, not ``0.0``)."""
+    text = repr(value)
+    return text.removesuffix(".0")
 
 
 def _intervals(region) -> list[sp.Interval]:

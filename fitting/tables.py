@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TARGETS", "TableError", "dump_table", "load_table",
-           "write_table", "replace_text", "replace_files", "check_writable", "locked", "project_root",
+           "write_table", "replace_text", "replace_files", "check_writable", "probe_folder", "locked", "project_root",
            "installed_root", "check_root", "root_option", "root_of", "tables_dir", "table_path", "list_tables",
            "name_of", "fit_command", "as_float", "CODE_BITS", "MAX_CODES", "code_bits_for"]
 
@@ -245,26 +246,69 @@ def load_table(path: str | os.PathLike, text: str | None = None) -> dict:
     root = root_of(path)
     hint = f"regenerate it with `{fit_command(name, target, root=root)}`"
     try:
-        text = path.read_text(encoding="utf-8") if text is None else text
+        text = _read_table_file(path) if text is None else text
     except FileNotFoundError:
         raise TableError(f"table file {path} does not exist; create it with `{fit_command(name, target, root=root)}`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TableError(f"table file {path} cannot be read ({exc}); {hint}") from None
-    try:
-        table = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise TableError(f"table file {path} is not valid JSON (truncated or corrupt: {exc}); {hint}") from None
-    problem = _problem(table, name, target)
-    if problem:  # the hint hashes and checks the table again: built only for the error
-        if _intact(table):
-            hint = f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
-        elif isinstance(table, dict) and isinstance(table.get("sha256"), str):
-            # changed after invact wrote it: its formula is not to be trusted, nor proposed
-            refit = f"`{fit_command(name, target, root=root)}`"
-            hint = "restore it from where it came, or delete it and refit it " + (
-                f"with {refit}" if _builtin(name) else f"from a formula you trust ({refit})")
-        raise TableError(f"table file {path} {problem}; {hint}")
+    with _too_deep(path, hint):
+        try:
+            table = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise TableError(f"table file {path} is not valid JSON (truncated or corrupt: {exc}); {hint}") from None
+        problem = _problem(table, name, target)
+        if problem:
+            raise TableError(f"table file {path} {problem}; {_problem_hint(table, name, target, root, hint)}")
     return table
+
+
+def _problem_hint(table: Any, name: str, target: str, root: Path | None, hint: str) -> str:
+    """The fix for a table that parsed but has a problem (built only for the error: it hashes and checks the
+    table again): its own fit command where invact wrote it as it is, else where to get a trusted one."""
+    if _intact(table):
+        return f"regenerate it with `{fit_command(name, target, _with_safe_formula(table), root)}`"
+    if isinstance(table, dict) and isinstance(table.get("sha256"), str):
+        # changed after invact wrote it: its formula is not to be trusted, nor proposed
+        refit = f"`{fit_command(name, target, root=root)}`"
+        return "restore it from where it came, or delete it and refit it " + (
+            f"with {refit}" if _builtin(name) else f"from a formula you trust ({refit})")
+    return hint
+
+
+MAX_TABLE_BYTES = 64 * 2**20   # tables are ~10 KiB (the largest committed one 13 KiB): far more is no table
+
+
+def _read_table_file(path: Path) -> str:
+    """The UTF-8 text of the regular file at ``path`` (symlinks followed), opened without blocking: a FIFO,
+    device or folder is refused, as is a file past :data:`MAX_TABLE_BYTES` (:class:`TableError`)."""
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise TableError(f"table file {path} is not a regular file ({_file_kind(info.st_mode)}); a table "
+                             "is a JSON file written by `invact fit`")
+        data = b"" if info.st_size > MAX_TABLE_BYTES else fh.read(MAX_TABLE_BYTES + 1)   # + 1: one growing
+    if info.st_size > MAX_TABLE_BYTES or len(data) > MAX_TABLE_BYTES:
+        raise TableError(f"table file {path} is larger than {MAX_TABLE_BYTES:,} bytes; a table is a JSON "
+                         "file of a few KiB written by `invact fit`")
+    return data.decode("utf-8")
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((word for test, word in kinds if test(mode)), "not a plain file")
+
+
+@contextlib.contextmanager
+def _too_deep(path: Path, hint: str) -> Iterator[None]:
+    """Python's recursion limit or memory, hit while parsing or checking a table file (JSON nested
+    thousands deep), as a :class:`TableError` naming the file."""
+    try:
+        yield
+    except (RecursionError, MemoryError) as exc:
+        raise TableError(f"table file {path} is nested too deeply or too large to read "
+                         f"({type(exc).__name__}); {hint}") from None
 
 
 def _intact(table: Any) -> bool:
@@ -475,12 +519,18 @@ def check_writable(*folders: Path) -> None:
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".invact-probe.", suffix=".tmp")
-            os.close(fd)
-            os.unlink(probe)
+            probe_folder(folder)
         except OSError as exc:
             raise WriteError(f"cannot write to {exc.filename or folder} ({exc.strerror or exc}); "
                              f"{WRITE_FIX}") from None
+
+
+def probe_folder(folder: Path) -> None:
+    """Make and remove a file in the existing ``folder``: an OSError where it takes none (read-only,
+    /proc, no permission), which ``os.access`` does not tell for root."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".invact-probe.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_table(table: dict, path: str | os.PathLike) -> Path:

@@ -123,9 +123,11 @@ def test_piecewise_undefined_somewhere_is_refused(tmp_path, capsys, formula, whe
     assert f"undefined (not real-valued) for x in {where}" in err
 
 
-def test_piecewise_missing_only_a_point_is_fitted():
-    """A single x (measure zero) left out is owned by a neighbour, as before."""
-    assert len(branches("Piecewise((x, x<0), (2*x, x>0))")) == 2
+def test_piecewise_missing_only_a_point_is_refused():
+    """A single x left out is refused too: the generated code has no piece there, so y and the gradient
+    were NaN at x = 0 (tests/test_cli_hunt_fixes.py runs the CLI and names the fix)."""
+    with pytest.raises(SpecError, match=r"undefined \(not real-valued\) at x = 0"):
+        branches("Piecewise((x, x<0), (2*x, x>0))")
 
 
 # ---------------------------------------------------------------------------------------------
