@@ -57,15 +57,16 @@ def launched(device: torch.device, launch: Callable[[], T]) -> T | None:
 
     The rule: :data:`PROPAGATED` errors (``torch.OutOfMemoryError``, also from the allocations in
     ``launch``, and ``torch.AcceleratorError``, a CUDA error torch reports) are raised as they are and
-    leave Triton on. Any other ``Exception`` counts as a kernel that does not build or launch (a
-    compile error, a launcher or driver error): it warns once, and Triton is not tried again in this
-    process."""
+    leave Triton on, as is :class:`invact.registry.TableRefittedError` (the table was refitted on disk
+    while this process computes with its earlier version: the kernels are fine). Any other
+    ``Exception`` counts as a kernel that does not build or launch (a compile error, a launcher or
+    driver error): it warns once, and Triton is not tried again in this process."""
     if "triton" not in backends.available(device.type):
         return None  # failed before
     try:
         with device_guard(device):
             return launch()
-    except PROPAGATED:
+    except (*PROPAGATED, registry.TableRefittedError):
         raise
     except Exception as error:  # noqa: BLE001 - any other failure of the kernel falls back
         backends.after_triton_failed(error, device.type)

@@ -10,8 +10,11 @@ modules and the tests use them): :func:`module` and :func:`triton_module` (the g
 an activation), :func:`generated_file` and :func:`root_option` (for error messages), and
 :func:`per_root`, the cache decorator for anything computed from generated code (``use_root`` clears
 those caches). A fit in another process is seen without a restart: :func:`names`, :func:`info` and an
-unknown name in :func:`module` read the registry again when a registry.py or tables/ folder changed on
-disk (its mtime and size); a known name's module is a cache hit with no check.
+unknown name in :func:`module` read the registry again when a registry.py or tables/ folder, or a
+generated module this process imported (`invact generate` rewrote it), changed on disk (its mtime and
+size); a known name's module is a cache hit with no check. A module refused at import is not kept: the
+next use reads its file again. :func:`triton_module` is always of the table of :func:`module`'s code
+(:class:`TableRefittedError` otherwise).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .common import roots
 from .common.roots import ROOT_ENV  # the fitter's --root: a tree whose generated/ holds tables and code
 
 __all__ = ["ROOT_ENV", "use_root", "names", "info", "module", "refresh", "triton_module", "generated_file", "root_option",
-           "per_root", "TORCH_API", "TRITON_API"]
+           "per_root", "TORCH_API", "TRITON_API", "TableRefittedError", "table_of", "table_sha256", "TABLE_READ_ERRORS"]
 
 # what the runtime uses of a generated torch module; one from another invact version may lack it
 TORCH_API = ("META", "NAME", "PARAMS", "PARAM_ARGS", "CODE_BITS", "CLASSES", "POLY", "forward", "code_kernel",
@@ -38,6 +41,13 @@ TRITON_API = ("forward", "backward", "SEARCH_LEVELS", "TABLE_SHA256")  # g_y(...
 _ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
 _CACHES: list = []    # functools caches of values computed from generated code: use_root clears them
 _STAMP: tuple = ()    # what a fit or `invact generate` changes on disk, when the registry was read
+_IMPORTED: dict[str, tuple | None] = {}  # file of each generated module imported -> its stamp then
+TABLE_READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError)  # of table_sha256
+
+
+class TableRefittedError(RuntimeError):
+    """An activation's table changed on disk (refitted) while this process computes with its earlier
+    version, and what was asked would mix the two."""
 
 
 def per_root(maxsize: int | None = None) -> Callable[[Callable], Callable]:
@@ -97,22 +107,24 @@ def _stamp() -> tuple:
     """(mtime, size) of each registry.py and tables/ folder of ``invact.generated``'s path: a fit
     renames its table into tables/ (a refit changes no registry entry), a new name changes registry.py."""
     import invact.generated as pkg
-    out = []
-    for folder in pkg.__path__:
-        for path in (Path(folder) / "registry.py", Path(folder) / "tables"):
-            try:
-                st = path.stat()
-            except OSError:
-                out.append(None)
-            else:
-                out.append((st.st_mtime_ns, st.st_size))
-    return tuple(out)
+    return tuple(_file_stamp(Path(folder) / part) for folder in pkg.__path__ for part in ("registry.py", "tables"))
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path``, None where it cannot be read: what a rename into place changes."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def refresh() -> bool:
     """Forget the registry, the generated modules and every value computed from them when a fit or
-    `invact generate` (in another process) changed them on disk since they were read; True if so."""
-    if _registry.cache_info().currsize == 0 or _stamp() == _STAMP:
+    `invact generate` (in another process) changed them on disk since they were read (the registry,
+    the tables, or the code of a module imported here); True if so."""
+    if _registry.cache_info().currsize == 0 or (
+            _stamp() == _STAMP and all(_file_stamp(Path(f)) == s for f, s in _IMPORTED.items())):
         return False
     _forget()
     return True
@@ -121,6 +133,7 @@ def refresh() -> bool:
 def _forget() -> None:
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
+    _IMPORTED.clear()
     for cached in _CACHES:
         cached.cache_clear()
 
@@ -200,9 +213,19 @@ def _unknown(name: object) -> str:
 
 @per_root()
 def triton_module(name: str) -> ModuleType:
-    """The generated Triton module of activation ``name`` (imports Triton)."""
-    module(name)
-    return _import_generated(_registry().TRITON[name], TRITON_API)
+    """The generated Triton module of activation ``name`` (imports Triton), of the table :func:`module`'s
+    code was made from. Where that table was refitted on disk since :func:`module` imported it (the
+    Triton code is the new table's), TableRefittedError: the registry is read again, so the next call
+    runs the new table, never one table's kernels with the other's constants."""
+    code = module(name)
+    kernels = _import_generated(_registry().TRITON[name], TRITON_API)
+    if kernels.TABLE_SHA256 != code.TABLE_SHA256:
+        _forget()
+        raise TableRefittedError(
+            f"activation {name!r}: its table changed on disk (refitted) since this process imported its torch "
+            "code, and its Triton code is the new table's (never run with the old one's constants); create the "
+            "activation again, or restart, to compute with the new table")
+    return kernels
 
 
 def info(name: str) -> dict:
@@ -220,13 +243,23 @@ def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
         where, fix = generated_file(name)
         raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "
                           f"{fix} to rebuild it from its table") from error
+    try:
+        _check_api(mod, name, api)
+        _check_table(mod, name)
+    except ImportError:
+        sys.modules.pop(name, None)  # refused: the next import reads the file again (`invact generate` mends it)
+        raise
+    _IMPORTED[mod.__file__] = _file_stamp(Path(mod.__file__))
+    return mod
+
+
+def _check_api(mod: ModuleType, dotted: str, api: tuple[str, ...]) -> None:
+    """Generated code must define the names the runtime uses; ImportError with the fix otherwise."""
     missing = [a for a in api if not hasattr(mod, a)]
     if missing:
-        where, fix = generated_file(name)
+        where, fix = generated_file(dotted)
         raise ImportError(f"generated code {where} lacks {', '.join(missing)} (made by another invact "
                           f"version?); {fix} to rebuild it from its table")
-    _check_table(mod, name)
-    return mod
 
 
 def _check_table(mod: ModuleType, dotted: str) -> None:
@@ -235,17 +268,11 @@ def _check_table(mod: ModuleType, dotted: str) -> None:
     mismatch never computes with the other table: ImportError with the fix, `invact generate` for a
     table invact wrote after the code (a fit interrupted between the two), else (a table missing,
     corrupt or edited by hand) the `invact fit` command that rebuilds it."""
-    import json
-
-    from .common.table_hash import canonical_sha256
-    short = dotted.rsplit(".", 1)[-1]
-    table = Path(mod.__file__).parent / "tables" / f"{short.split('_', 1)[1]}.json"
+    table = table_of(Path(mod.__file__))
     where, fix = generated_file(dotted)
     try:
-        body = json.loads(table.read_text(encoding="utf-8"))
-        stored = body.pop("sha256")
-        digest = canonical_sha256(body)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        stored, digest = table_sha256(table)
+    except TABLE_READ_ERRORS as error:
         raise ImportError(f"generated code {where} has no readable table {table} ({type(error).__name__}: "
                           f"{error}); refit it with {_refit_hint(mod, table)}") from None
     if digest != mod.TABLE_SHA256:
@@ -256,6 +283,23 @@ def _check_table(mod: ModuleType, dotted: str) -> None:
         raise ImportError(f"generated code {where} was made from another version of {table}, and the table "
                           "was changed after invact wrote it (its content does not match its sha256: edited by "
                           f"hand or corrupted); restore it, or refit it with {_refit_hint(mod, table)}")
+
+
+def table_of(code: Path) -> Path:
+    """The table generated file ``code`` (torch_NAME.py, triton_NAME.py, c_NAME.c) is made from:
+    generated/tables/NAME.json next to it."""
+    return code.parent / "tables" / f"{code.stem.split('_', 1)[1]}.json"
+
+
+def table_sha256(table: Path) -> tuple[str, str]:
+    """(the sha256 that table file ``table`` stores, the sha256 of its content): equal where invact wrote
+    it (docs/table-format.md); one of :data:`TABLE_READ_ERRORS` where it cannot be read."""
+    import json
+
+    from .common.table_hash import canonical_sha256
+    body = json.loads(table.read_text(encoding="utf-8"))
+    stored = body.pop("sha256")
+    return stored, canonical_sha256(body)
 
 
 def _refit_hint(mod: ModuleType, table: Path) -> str:

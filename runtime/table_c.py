@@ -19,7 +19,10 @@ fitter's emulation bit for bit (tests/test_fma_c.py). ``INVACT_FMA=0`` keeps the
 there too (the eager backend's bits). The 16-bit lookup tables, the code packing and
 :func:`g_kernel` always use the build without FMA.
 A table without its C file (code generated before there were any), a file generated from another
-table, or a failed build: one warning, and the compiled backend runs Inductor's code as before.
+table, or a failed build: one warning, and the compiled backend runs Inductor's code as before. A file
+of the table now on disk, where this process still runs the code of the table before a refit (in
+another process), warns so; the new code, read once the registry is read again
+(:func:`invact.registry.refresh`: creating the activation again), loads it.
 ``INVACT_CPU_KERNEL=0`` switches these kernels off too.
 
 The same library also packs the forward code (:func:`pack`) and gathers the 16-bit backward
@@ -45,7 +48,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import bitpack, cpu_kernel, kernel_cache
+from . import bitpack, cpu_kernel, kernel_cache, registry
 
 __all__ = ["source", "library", "fma", "run", "direct16", "run_lookup", "pack", "g_kernel"]
 
@@ -90,6 +93,24 @@ def _warn_once(what: str, why: str) -> None:
                            key=what, stacklevel=4)
 
 
+def _other_table(path: Path, text: bytes) -> tuple[str, str]:
+    """(what, why) of a warning for C file ``path`` (``text``) made from another table than the torch
+    module in use: the table now on disk where the table was refitted since this process imported the
+    module (the file is current, the process behind: the new module, read after a refresh, loads it),
+    else a stale file."""
+    name = path.stem[2:]
+    made_from = re.search(rb'^#define TABLE_SHA256 "([0-9a-f]{64})"$', text, re.M)
+    try:
+        on_disk = registry.table_sha256(registry.table_of(path))[1]
+    except registry.TABLE_READ_ERRORS:
+        on_disk = None
+    if made_from is not None and made_from.group(1).decode() == on_disk:
+        return (f"no C kernel for the table of {name} in use",
+                f"{name} was refitted on disk since this process imported it, and {path.name} is the new table's; "
+                "create the activation again, or restart, to compute with the new table")
+    return f"stale C kernel {path.name}", "generated from another table; run `invact generate`"
+
+
 @functools.lru_cache(maxsize=None)
 def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
     compiler = cpu_kernel._compiler()
@@ -101,7 +122,7 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
         _warn_once(f"no C kernel for {path.stem[2:]}", f"{error.strerror}: {path}; run `invact generate`")
         return None
     if f'#define TABLE_SHA256 "{sha256}"'.encode() not in text:
-        _warn_once(f"stale C kernel {path.name}", "generated from another table; run `invact generate`")
+        _warn_once(*_other_table(path, text))
         return None
     if (refused := re.search(rb"^#error (.*)$", text, re.M)) is not None:   # what c_gen could not translate
         _warn_once(f"no C kernel for {path.stem[2:]}", refused.group(1).decode(errors="replace"))

@@ -347,8 +347,10 @@ def test_strided_input_packs_its_code_without_compiling(tree, capsys, layered):
         ye.sum().backward()
         assert torch.equal(y, ye)
         # both float32 schemes (with and without FMA) are certified within float32_eval_error of g, at most
-        # 2.5e-7 (issue 17's bound, every table's certificate), so they are within twice that of each other
-        torch.testing.assert_close(x.grad, xe.grad, rtol=0, atol=2 * 2.5e-7)
+        # 2.5e-7 (issue 17's bound, every table's certificate) relative to max(1, |g|) as certified (cubic1's
+        # g = 3x^2 + 1 reaches ~50 here), so they are within twice that of each other
+        bound = 2 * 2.5e-7 * xe.grad.abs().clamp(min=1)
+        assert ((x.grad - xe.grad).abs() <= bound).all(), (name, (x.grad - xe.grad).abs().max())
     assert counters["stats"]["unique_graphs"] == before
 
 
