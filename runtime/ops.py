@@ -171,9 +171,10 @@ def _same_table(ctx) -> None:
         return
     name, table = ctx.invact[0], getattr(ctx, "table", None)
     if table is not None and registry.module(name).TABLE_SHA256 != table:
-        raise RuntimeError(f"activation {name!r}: its table changed on disk (refitted) between this forward "
-                           "and its backward, so the saved y would be read with the new table's gradient; run "
-                           "the forward again (or fit the new table under another --name)")
+        raise registry.TableRefittedError(
+            f"activation {name!r}: its table changed on disk (refitted) between this forward and its backward, so "
+            "the saved y would be read with the new table's gradient; run the forward again (or fit the new table "
+            "under another --name)")
 
 
 def _packed(ctx) -> tuple[Tensor, Tensor]:

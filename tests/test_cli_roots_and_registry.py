@@ -269,7 +269,7 @@ def test_a_refit_between_forward_and_backward_is_refused(tree, capsys, layered):
             backward = lambda grad: torch.autograd.grad(y, x, grad)  # noqa: E731
         assert invact_cli(capsys, "fit", "k", "--param", "b=2", "--root", tree, *CHEAP)[0] == 0
         ops.names()                                     # reads the registry again
-        with pytest.raises(RuntimeError, match="its table changed on disk"):
+        with pytest.raises(invact.registry.TableRefittedError, match="its table changed on disk"):
             backward(torch.ones(9))
         assert invact_cli(capsys, "fit", "k", "--param", "b=0.5", "--root", tree, *CHEAP)[0] == 0
         ops.names()
