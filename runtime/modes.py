@@ -1,20 +1,22 @@
 """Modes entered during a module's forward: the functional route, and copied chunks of fused projections.
 
-A mode is entered by forward hooks on the modules it covers, with one depth count (:class:`_Scope`), so a
-checkpointed module's recomputation in backward is routed as its forward was; the hooks are methods of a
-module-level class, so the model pickles and a copy has its own mode. A mode is kept in its owner's
-``__dict__`` under one attribute per kind (:data:`CHUNKS`, :data:`TRIAL`, the router's), so that it can be
-found and removed again; :func:`remove_modes` removes every route and chunk-copy mode in a tree.
+A mode is entered by forward hooks on the modules it covers, with one stack of entered calls per thread
+(:class:`_Scope`), so a checkpointed module's recomputation in backward is routed as its forward was; the
+hooks are methods of a module-level class, so the model pickles and a copy has its own mode. A mode is kept
+in its owner's ``__dict__`` under one attribute per kind (:data:`CHUNKS`, :data:`TRIAL`, the router's), so
+that it can be found and removed again; :func:`remove_modes` removes every route and chunk-copy mode in a tree.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import (TorchFunctionMode, _get_current_function_mode, _get_current_function_mode_stack,
+                             _pop_mode, _push_mode)
 
 from .routing import FunctionalRouter
 
@@ -42,36 +44,92 @@ class CopyChunks(TorchFunctionMode):
         return out
 
 
+class _Calls(threading.local):
+    """A thread's entered calls of one scope, outermost first: (id of the module, frame calling the hook; None
+    where Dynamo traced the call)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, Any]] = []
+
+
 class _Scope:
-    """Forward hooks entering ``mode`` around the outermost call of the modules they are on (one depth count
-    for all, per thread: torch's mode stack is a thread's own, so a model called from two threads at once,
-    or by nn.DataParallel's replicas, which share its hooks, enters and leaves the mode in each thread). An
-    object of a module-level class, not closures: a model carrying it pickles, and a deep copy gets its own
-    scope and mode."""
+    """Forward hooks entering ``mode`` around the outermost call of the modules they are on, per thread: torch's
+    mode stack is a thread's own, so a model called from two threads at once, or by nn.DataParallel's
+    replicas, which share its hooks, enters and leaves the mode in each thread. An object of a module-level
+    class, not closures: a model carrying it pickles, and a deep copy gets its own scope and mode.
+
+    Each thread keeps a stack of the calls it entered, so that a leave undoes only an enter that happened
+    (a user's pre-hook registered before ours that raises skips our enter, while torch still runs our
+    always-called leave). torch runs always-called hooks for an Exception only: a KeyboardInterrupt (any
+    BaseException) mid-forward leaves its calls on the stack and the mode entered, until the next call of
+    these modules in that thread drops the calls no longer running (their frames are off the Python stack)
+    or :func:`remove_mode` in that thread exits the mode."""
 
     def __init__(self, mode: TorchFunctionMode) -> None:
-        self.mode, self._local = mode, threading.local()
+        self.mode, self._local = mode, _Calls()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"mode": self.mode}      # the depths are the running calls', not the model's
+        return {"mode": self.mode}      # the calls are the running ones, not the model's
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["mode"])
 
     @property
-    def depth(self) -> int:
-        """How deep the calling thread is in the modules' forwards."""
-        return getattr(self._local, "depth", 0)
+    def calls(self) -> list[tuple[int, Any]]:
+        """The calling thread's entered calls (:class:`_Calls`)."""
+        return self._local.calls
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        if self.depth == 0:
+        calls, frame = self.calls, None if torch.compiler.is_compiling() else sys._getframe(1)
+        if frame is not None and calls:
+            self._drop_finished(frame)
+        if not calls:
             self.mode.__enter__()
-        self._local.depth = self.depth + 1
+        calls.append((id(module), frame))
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
-        self._local.depth = self.depth - 1
-        if self.depth == 0:
-            self.mode.__exit__(None, None, None)
+        calls = self.calls
+        if calls and calls[-1][0] == id(module):
+            calls.pop()
+            if not calls:
+                _exit_mode(self.mode)
+
+    def close(self) -> None:
+        """Exit the mode where the calling thread still has it entered (a forward interrupted)."""
+        if self.calls:
+            self.calls.clear()
+            _exit_mode(self.mode)
+
+    def _drop_finished(self, frame: Any) -> None:
+        """Drop the entered calls whose frames no longer run (a BaseException went through them), exiting the
+        mode where none is left. A running call's frame is ``frame`` or one of its callers'; the walk up
+        stops at the innermost entered call's frame (a few frames up, where nothing was interrupted)."""
+        calls, running = self.calls, set()
+        while calls:
+            entered = calls[-1][1]
+            while frame is not None and entered is not None and frame is not entered:
+                running.add(id(frame))      # ids of live frames: the entered ones are held, never reused
+                frame = frame.f_back
+            if entered is None or frame is entered or id(entered) in running:
+                return
+            calls.pop()
+        _exit_mode(self.mode)
+
+
+def _exit_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the calling thread's torch-function mode stack, wherever it is: the modes entered
+    above it (and not left) stay, in their order."""
+    if torch.compiler.is_compiling() or _get_current_function_mode() is mode:
+        mode.__exit__(None, None, None)
+        return
+    stack = _get_current_function_mode_stack()
+    if mode not in stack:
+        return
+    above = stack[stack.index(mode) + 1:]
+    for _ in range(len(above) + 1):
+        _pop_mode()
+    for m in above:
+        _push_mode(m)
 
 
 def install_mode(owner: nn.Module, mode: TorchFunctionMode, attr: str,
@@ -82,17 +140,21 @@ def install_mode(owner: nn.Module, mode: TorchFunctionMode, attr: str,
     scope = _Scope(mode)
     handles = [h for m in modules or [owner] for h in (m.register_forward_pre_hook(scope.enter),
                                                         m.register_forward_hook(scope.leave, always_call=True))]
-    owner.__dict__[attr] = (mode, handles)
+    owner.__dict__[attr] = (mode, handles, scope)
 
 
 def remove_mode(module: nn.Module, attr: str) -> TorchFunctionMode | None:
-    """Remove the mode :func:`install_mode` kept in ``module.__dict__[attr]``; returns it (None if none)."""
+    """Remove the mode :func:`install_mode` kept in ``module.__dict__[attr]``, exiting it where the calling
+    thread still has it entered (a forward interrupted by a KeyboardInterrupt); returns it (None if none)."""
     entry = module.__dict__.pop(attr, None)
     if entry is None:
         return None
-    for h in entry[1]:
+    mode, handles, *scope = entry       # no scope in a model pickled before scopes were kept here
+    for h in handles:
         h.remove()
-    return entry[0]
+    for s in scope:
+        s.close()
+    return mode
 
 
 def install_router(model: nn.Module, router: FunctionalRouter) -> None:

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from .modes import TRIAL, install_mode, remove_mode
 from .routing import FunctionalRouter
-from .saved import SavedBytes
+from .saved import SavedBytes, checked_for_backward, keep_for_backward
 from .snapshot import seeded
 
 __all__ = ["MeasureError", "Site", "Trace", "run_step", "storage_key", "trace_example"]
@@ -147,7 +147,7 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
             trace.savers[key].add(owner)
             trace.names[key].add((owner, name))
             trace.keep.append(t)
-        return t
+        return keep_for_backward(t)       # not t: the graph is freed where the step runs no backward
 
     def pre(m: nn.Module, args: Any) -> None:
         if id(m) in site_of:
@@ -179,9 +179,9 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
     if router is not None:                       # beside any route an earlier patch installed, which stays
         install_mode(model, router, TRIAL, list(model.modules()))
         router.outputs = []
-    watch = _DropoutWatch()
+    watch, hooks = _DropoutWatch(), torch.autograd.graph.saved_tensors_hooks(pack, checked_for_backward)
     try:
-        with seeded(model), torch.enable_grad(), watch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with seeded(model), torch.enable_grad(), watch, hooks:
             out = run_step(model, example)
             del out
     except Exception as exc:  # noqa: BLE001 - the user's step, any error: with swaps, a reason to leave them

@@ -14,7 +14,11 @@ hook. Tensors are counted by their storage (``untyped_storage()``: pointer, devi
 storage once: the output of an activation is usually also what the next Linear saves, and without
 de-duplication that sharing — the whole point of saving the output — would be invisible. A storage
 is charged to the innermost module running when it is first saved (module pre/post forward hooks);
-tensors saved outside any module go to ``"<outside>"``. Storages of the model's parameters (or, with no
+tensors saved outside any module go to ``"<outside>"``. A storage freed inside the block (a step's graph
+after its backward) stays counted, and the one the allocator puts at its address next counts too. The
+hook keeps each tensor detached (a saved output would otherwise hold its own graph in a cycle gc cannot
+free: a forward never backpropagated would never be freed) and, at backward, refuses one changed in place
+since it was saved, as autograd does without hooks. Storages of the model's parameters (or, with no
 model, of leaf tensors that require grad) are counted apart, in ``.parameters``, not in ``.total``.
 
 Nested blocks: PyTorch hands each saved tensor to the innermost saved-tensor hook only, so one pack hook
@@ -75,18 +79,46 @@ class _Open(threading.local):
 _OPEN = _Open()   # the counters open in this thread, outermost first
 
 
+def keep_for_backward(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What a saved-tensor pack hook of invact's keeps of ``t``: ``t`` detached, and its version.
+
+    Not ``t`` itself: where ``t`` is its node's own output (invact's activations and norms, torch's
+    tanh), ``t`` -> grad_fn -> saved ``t`` is a cycle Python's gc cannot free, so the graph of a forward
+    never backpropagated would live for good (autograd gives the unpacked tensor its grad_fn back). The
+    detached tensor shares ``t``'s version counter: :func:`checked_for_backward` refuses an in-place
+    change, as autograd does without hooks (with hooks, PyTorch does not check).
+    """
+    return t.detach(), t._version
+
+
+def checked_for_backward(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The tensor :func:`keep_for_backward` kept, refused (autograd's RuntimeError) where it was modified
+    in place since it was saved."""
+    t, version = packed
+    if t._version != version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {version} instead "
+            "(saved under invact's saved-tensor hook: invact.memory or invact.patch's measured example). Hint: "
+            "enable anomaly detection to find the operation that failed to compute its gradient, with "
+            "torch.autograd.set_detect_anomaly(True).")
+    return t
+
+
 def _pack_all(counters: tuple["SavedBytes", ...], outer: Any, t: torch.Tensor) -> Any:
     """A block's pack hook, bound to the counters open when it was entered (its own last) and to the
     pack hook it was opened inside (``outer``, or None): PyTorch calls only the innermost hook, so it counts
-    ``t`` in each counter, on whatever thread autograd runs it, then hands ``t`` on to ``outer``."""
+    ``t`` in each counter, on whatever thread autograd runs it, then hands ``t`` on to ``outer``, which
+    owns it; with none, it keeps ``t`` as :func:`keep_for_backward` says."""
     for counter in counters:
         counter._pack(t)
-    return t if outer is None else outer(t)
+    return keep_for_backward(t) if outer is None else outer(t)
 
 
 def _unpack_with(outer: Any, packed: Any) -> Any:
-    """A block's unpack hook: the outer unpack hook's result (``packed`` itself where there is none)."""
-    return packed if outer is None else outer(packed)
+    """A block's unpack hook: the outer unpack hook's result (where there is none, the tensor kept,
+    checked for in-place changes)."""
+    return checked_for_backward(packed) if outer is None else outer(packed)
 
 
 def _is_ours(hook: Any) -> bool:
@@ -133,7 +165,7 @@ def _foreign_hook() -> str | None:
 class _Entry:
     module: str
     nbytes: int
-    ref: Any                # weakref to the first tensor saved on this storage
+    ref: Any                # weakref to the storage (its Python object lives as long as the storage)
 
 
 class SavedBytes:
@@ -152,6 +184,7 @@ class SavedBytes:
         self.model = model
         self.tensors = 0
         self._storages: dict[tuple, _Entry] = {}
+        self._freed: list[_Entry] = []      # storages counted, then freed: their key now names another
         self._stack: list[str] = []
         self._handles: list[Any] = []
         self._param_keys: set[tuple] = set()
@@ -162,14 +195,20 @@ class SavedBytes:
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @staticmethod
-    def _key(t: torch.Tensor) -> tuple | None:
+    def _keyed_storage(t: torch.Tensor) -> tuple[tuple, torch.UntypedStorage] | None:
+        """``t``'s storage and its key (device, pointer, bytes); None for a tensor without storage."""
         if is_jagged(t):                                 # a jagged tensor's bytes are its values' (the buffer:
             t = t._values                                # values() is an autograd view, saving t under hooks)
         try:
             s = t.untyped_storage()
-            return (t.device.type, t.device.index, s.data_ptr(), s.nbytes())
+            return (t.device.type, t.device.index, s.data_ptr(), s.nbytes()), s
         except (RuntimeError, NotImplementedError):   # tensors without storage (sparse, fake, DTensor)
             return None
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple | None:
+        found = SavedBytes._keyed_storage(t)
+        return None if found is None else found[0]
 
     def _is_parameter(self, t: torch.Tensor, key: tuple) -> bool:
         base = t._base if t._base is not None else t
@@ -177,17 +216,23 @@ class SavedBytes:
             return key in self._param_keys or isinstance(base, nn.Parameter)
         return base.is_leaf and base.requires_grad
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> None:
         self.tensors += 1
-        key = self._key(t)
-        if key is None or key[3] == 0:
-            return t
+        found = self._keyed_storage(t)
+        if found is None or found[0][3] == 0:
+            return
+        key, storage = found
         old = self._storages.get(key)
         if old is not None and old.ref() is not None:
-            return t                                   # same storage already counted
+            return                                     # same storage already counted
+        if old is not None:
+            self._freed.append(old)                    # freed since: its address now holds another storage
         module = "<parameters>" if self._is_parameter(t, key) else (self._stack[-1] if self._stack else _OUTSIDE)
-        self._storages[key] = _Entry(module, key[3], weakref.ref(t))
-        return t
+        self._storages[key] = _Entry(module, key[3], weakref.ref(storage))
+
+    def _entries(self) -> list[_Entry]:
+        """Every storage counted, each once: those freed since, then those in use."""
+        return [*self._freed, *self._storages.values()]
 
     def _name_of(self, module: nn.Module) -> str:
         name = self._names.get(id(module))
@@ -256,7 +301,7 @@ class SavedBytes:
     @property
     def by_module(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
-        for e in self._storages.values():
+        for e in self._entries():
             if e.module != "<parameters>":
                 out[e.module] += e.nbytes
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -267,11 +312,11 @@ class SavedBytes:
 
     @property
     def parameters(self) -> int:
-        return sum(e.nbytes for e in self._storages.values() if e.module == "<parameters>")
+        return sum(e.nbytes for e in self._entries() if e.module == "<parameters>")
 
     @property
     def count(self) -> int:
-        return sum(1 for e in self._storages.values() if e.module != "<parameters>")
+        return sum(1 for e in self._entries() if e.module != "<parameters>")
 
     def __str__(self) -> str:
         width = max([len(k) for k in self.by_module] + [6])
