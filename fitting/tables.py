@@ -12,14 +12,13 @@ import contextlib
 import json
 import math
 import os
-import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..common import roots
+from ..common import roots, table_hash
 from ..common.roots import ROOT_ENV
 from ..common.table_hash import canonical_sha256
 from .errors import TableError, WriteError
@@ -275,29 +274,15 @@ def _problem_hint(table: Any, name: str, target: str, root: Path | None, hint: s
     return hint
 
 
-MAX_TABLE_BYTES = 64 * 2**20   # tables are ~10 KiB (the largest committed one 13 KiB): far more is no table
+MAX_TABLE_BYTES = table_hash.MAX_TABLE_BYTES   # a module attribute: tests lower it
 
 
 def _read_table_file(path: Path) -> str:
-    """The UTF-8 text of the regular file at ``path`` (symlinks followed), opened without blocking: a FIFO,
-    device or folder is refused, as is a file past :data:`MAX_TABLE_BYTES` (:class:`TableError`)."""
-    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise TableError(f"table file {path} is not a regular file ({_file_kind(info.st_mode)}); a table "
-                             "is a JSON file written by `invact fit`")
-        data = b"" if info.st_size > MAX_TABLE_BYTES else fh.read(MAX_TABLE_BYTES + 1)   # + 1: one growing
-    if info.st_size > MAX_TABLE_BYTES or len(data) > MAX_TABLE_BYTES:
-        raise TableError(f"table file {path} is larger than {MAX_TABLE_BYTES:,} bytes; a table is a JSON "
-                         "file of a few KiB written by `invact fit`")
-    return data.decode("utf-8")
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-    return next((word for test, word in kinds if test(mode)), "not a plain file")
+    """:func:`invact.common.table_hash.read_table_text` of ``path``, refusals as :class:`TableError`."""
+    try:
+        return table_hash.read_table_text(path, MAX_TABLE_BYTES)
+    except table_hash.TableFileError as exc:
+        raise TableError(str(exc)) from None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import bitpack, registry
@@ -118,26 +119,26 @@ def _generated_g(mod: ModuleType, x: Tensor, y: Tensor, params: dict[str, float]
     return mod.g_kernel(y, code, y_thresholds, poly, **params).double()
 
 
-def _autograd_derivative(x: Tensor, y: Tensor) -> Tensor:
-    """f' at ``x`` by torch's autograd of ``y`` = forward(x); NaN where autograd gives none (a forward that is
-    not differentiable in x): no reference, so nothing is refused by it."""
+def _forward_with_derivative(mod: ModuleType, x: Tensor, params: dict[str, float]) -> tuple[Tensor, Tensor]:
+    """(y = forward(``x``), f' at ``x`` by forward-mode autograd of that same forward; NaN where autograd gives
+    none: an op without a forward derivative, so nothing is refused by it). Forward mode saves nothing for a
+    backward: saved-tensor hooks active around the first use (checkpointing, invact.memory) see no probe."""
     try:
-        (grad,) = torch.autograd.grad(y.sum(), x, allow_unused=True) if y.requires_grad else (None,)
-    except RuntimeError:   # an op of the forward without a derivative formula
-        grad = None
-    return torch.full_like(x.detach(), float("nan")) if grad is None else grad.detach()
+        with fwAD.dual_level():
+            y, tangent = fwAD.unpack_dual(mod.forward(fwAD.make_dual(x, torch.ones_like(x)), **params))
+    except (RuntimeError, NotImplementedError):
+        y, tangent = mod.forward(x, **params), None
+    return y, torch.full_like(x, float("nan")) if tangent is None else tangent
 
 
-def _reference_g(mod: ModuleType, x: Tensor, y: Tensor, params: dict[str, float], x_thresholds: tuple,
+def _reference_g(mod: ModuleType, x: Tensor, derivative: Tensor, params: dict[str, float], x_thresholds: tuple,
                  y_thresholds: tuple) -> Tensor:
-    """Where this is finite, g at ``x`` must be: for float64 f' by autograd of ``y`` = forward(x), for the
-    other dtypes (g computed in float32) the same generated code in float64."""
+    """Where this is finite, g at ``x`` must be: for float64 ``derivative`` (f' by autograd of the forward),
+    for the other dtypes (g computed in float32) the same generated code in float64."""
     if x.dtype == torch.float64:
-        return _autograd_derivative(x, y)
-    with torch.no_grad():
-        wide = x.double()
-        return _generated_g(mod, wide, mod.forward(wide, **params), params, x_thresholds, y_thresholds,
-                            torch.float64)
+        return derivative
+    wide = x.double()
+    return _generated_g(mod, wide, mod.forward(wide, **params), params, x_thresholds, y_thresholds, torch.float64)
 
 
 def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:
@@ -153,19 +154,19 @@ def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
       reference is too (a vertical tangent) is kept."""
     given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
     # a plain probe on the CPU, whatever modes run (no fake tensors: fakes never build constants)
-    with torch._C.DisableTorchFunction(), torch.inference_mode(False):
-        x = torch.tensor(_PROBE_X, dtype=dtype, device="cpu", requires_grad=dtype == torch.float64)
-        with torch.enable_grad():   # float64's reference is autograd's f' of this same forward
-            y = mod.forward(x, **params)
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        x = torch.tensor(_PROBE_X, dtype=dtype, device="cpu")
+        # float64's reference is autograd's f' of this same forward
+        y, derivative = _forward_with_derivative(mod, x, params) if dtype == torch.float64 else \
+            (mod.forward(x, **params), None)
         if bool(torch.isinf(y).any()):
             raise common_params.ParamError(
                 f"params: {mod.NAME} with {given} overflows {dtype} (y = inf already for x in [-1, 1]: y has lost "
                 "x, and no gradient can be recovered from it); choose other values or compute in a wider dtype",
                 "params")
         _, xthr, _, ythr = _thresholds(mod, dtype, params)
-        with torch.no_grad():
-            g = _generated_g(mod, x.detach(), y.detach(), params, xthr, ythr, _evaluation_dtype(dtype))
-        reference = _reference_g(mod, x, y, params, xthr, ythr)
+        g = _generated_g(mod, x, y, params, xthr, ythr, _evaluation_dtype(dtype))
+        reference = _reference_g(mod, x, derivative, params, xthr, ythr)
     if bool((torch.isfinite(reference) & ~torch.isfinite(g)).any()):
         where = (f"where autograd of its forward gives f' = {reference.tolist()}: an expression of the parameters "
                  "beyond float64's range); choose other values" if dtype == torch.float64 else

@@ -42,7 +42,9 @@ _ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
 _CACHES: list = []    # functools caches of values computed from generated code: use_root clears them
 _STAMP: tuple = ()    # what a fit or `invact generate` changes on disk, when the registry was read
 _IMPORTED: dict[str, tuple | None] = {}  # file of each generated module imported -> its stamp then
-TABLE_READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError)  # of table_sha256
+# of table_sha256: unreadable, not a regular file or too large (TableFileError), not JSON, nested past the
+# recursion limit, or without the fields
+TABLE_READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError, MemoryError)
 
 
 class TableRefittedError(RuntimeError):
@@ -296,8 +298,8 @@ def table_sha256(table: Path) -> tuple[str, str]:
     it (docs/table-format.md); one of :data:`TABLE_READ_ERRORS` where it cannot be read."""
     import json
 
-    from .common.table_hash import canonical_sha256
-    body = json.loads(table.read_text(encoding="utf-8"))
+    from .common.table_hash import canonical_sha256, read_table_text
+    body = json.loads(read_table_text(table))
     stored = body.pop("sha256")
     return stored, canonical_sha256(body)
 
