@@ -71,8 +71,9 @@ def _check_covered(spec: ActivationSpec, uncovered) -> None:
     if points:
         at = _number(points[0])
         raise SpecError(f"{spec.name!r} is undefined (not real-valued) at x = {at}: no condition of its Piecewise "
-                        f"holds at that single point (y and its gradient would be NaN there); include it in one "
-                        f"piece, e.g. `x <= {at}` instead of `x < {at}`, or end with a (value, True) piece")
+                        f"holds at that single point (y and its gradient would be NaN there); include x = {at} in one "
+                        "piece's condition (make a strict inequality that excludes it non-strict), or end with a "
+                        "(value, True) piece")
 
 
 def _points(region) -> list:
