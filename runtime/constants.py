@@ -8,12 +8,12 @@ Documented internals (the ops, the implementations and generated code use them):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import bitpack, registry
@@ -120,15 +120,30 @@ def _generated_g(mod: ModuleType, x: Tensor, y: Tensor, params: dict[str, float]
 
 
 def _forward_with_derivative(mod: ModuleType, x: Tensor, params: dict[str, float]) -> tuple[Tensor, Tensor]:
-    """(y = forward(``x``), f' at ``x`` by forward-mode autograd of that same forward; NaN where autograd gives
-    none: an op without a forward derivative, so nothing is refused by it). Forward mode saves nothing for a
-    backward: saved-tensor hooks active around the first use (checkpointing, invact.memory) see no probe."""
-    try:
-        with fwAD.dual_level():
-            y, tangent = fwAD.unpack_dual(mod.forward(fwAD.make_dual(x, torch.ones_like(x)), **params))
-    except (RuntimeError, NotImplementedError):
-        y, tangent = mod.forward(x, **params), None
-    return y, torch.full_like(x, float("nan")) if tangent is None else tangent
+    """(y = forward(``x``), f' at ``x`` by autograd of that same forward; NaN where autograd gives none: an op
+    without a derivative, so nothing is refused by it). Whatever the caller runs in (inference mode, a
+    dual level, saved-tensor hooks of checkpointing or invact.memory), the probe's graph is its own: its
+    saved tensors go to hooks of its own, never to the caller's, and are freed by the backward."""
+    x = x.detach().requires_grad_()
+    with torch.inference_mode(False), torch.enable_grad(), _own_saved_tensors():
+        y = mod.forward(x, **params)
+        try:
+            (grad,) = torch.autograd.grad(y.sum(), x, allow_unused=True) if y.requires_grad else (None,)
+        except RuntimeError:   # an op of the forward without a derivative formula
+            grad = None
+    return y.detach(), torch.full_like(x.detach(), float("nan")) if grad is None else grad
+
+
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """Saved-tensor hooks that keep the tensors as they are, above the caller's (only the innermost hooks
+    run); none where saved-tensor hooks are disabled (then no caller's run either)."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _reference_g(mod: ModuleType, x: Tensor, derivative: Tensor, params: dict[str, float], x_thresholds: tuple,
@@ -154,7 +169,7 @@ def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
       reference is too (a vertical tangent) is kept."""
     given = ", ".join(f"{k}={v!r}" for k, v in zip(mod.PARAMS, values))
     # a plain probe on the CPU, whatever modes run (no fake tensors: fakes never build constants)
-    with torch._C.DisableTorchFunction(), torch.no_grad():
+    with torch._C.DisableTorchFunction(), torch.inference_mode(False), torch.no_grad():
         x = torch.tensor(_PROBE_X, dtype=dtype, device="cpu")
         # float64's reference is autograd's f' of this same forward
         y, derivative = _forward_with_derivative(mod, x, params) if dtype == torch.float64 else \

@@ -89,7 +89,8 @@ class _Scope:
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         calls = self.calls
-        if calls and calls[-1][0] == id(module):
+        frame = None if torch.compiler.is_compiling() else sys._getframe(1)   # torch's caller of both hooks
+        if calls and calls[-1][0] == id(module) and (calls[-1][1] is None or frame is None or calls[-1][1] is frame):
             calls.pop()
             if not calls:
                 _exit_mode(self.mode)

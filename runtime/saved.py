@@ -93,9 +93,10 @@ def keep_for_backward(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def checked_for_backward(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
     """The tensor :func:`keep_for_backward` kept, refused (autograd's RuntimeError) where it was modified
-    in place since it was saved."""
+    in place since it was saved. Not checked where Dynamo traces the unpack (compiled autograd): a traced
+    version counter is not the tensor's (it read as changed: 1 != 1), and autograd checks the run's."""
     t, version = packed
-    if t._version != version:
+    if not torch.compiler.is_compiling() and t._version != version:
         raise RuntimeError(
             f"one of the variables needed for gradient computation has been modified by an inplace operation: "
             f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {version} instead "

@@ -176,6 +176,41 @@ def test_a_user_pre_hook_that_raises_leaves_the_route_working(where):
     assert model.seen == [True] and _modes() == 0 and _unrelated_gelu_is_torchs()
 
 
+class _Recursive(nn.Module):
+    """Calls itself once from its forward, catching a ValueError of that inner call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.depth, self.seen = nn.Linear(4, 4), 0, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.depth += 1
+        try:
+            if self.depth == 1:
+                with contextlib.suppress(ValueError):
+                    self(x)
+            h = F.gelu(self.fc(x))
+            self.seen.append(type(h.grad_fn).__name__ != "GeluBackward0")   # routed: not torch's own node
+            return h
+        finally:
+            self.depth -= 1
+
+
+def test_a_raising_inner_call_of_the_same_module_leaves_the_outer_call_routed():
+    """The inner call's pre-hook raises (before the route's enter) and the outer forward catches it: the
+    inner call's always-called leave matched the module only and took the outer call's entry, so the rest
+    of the outer forward ran unrouted (review)."""
+    model = _Recursive()
+    model.register_forward_pre_hook(lambda module, args: _raise(ValueError()) if module.depth == 1 else None)
+    invact.patch(model, functional=True, backend="eager")
+    model(torch.randn(2, 4, requires_grad=True))
+    assert model.seen == [True] and _modes() == 0
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
 @pytest.mark.parametrize("then", ["forward", "unpatch"])
 def test_a_keyboard_interrupt_mid_forward_does_not_leave_the_route_entered(then):
     """torch runs always-called forward hooks for an Exception only: the route stayed on the mode stack,

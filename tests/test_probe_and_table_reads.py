@@ -12,9 +12,12 @@ import threading
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
 import invact
+from invact.common.params import ParamError
+from test_param_overflow import steep_root  # noqa: F401 - the root of tanh(a*x)/a, a fixture
 
 
 def test_first_use_of_new_parameters_inside_a_checkpoint_saves_nothing_of_the_probe():
@@ -76,3 +79,42 @@ def test_a_fifo_table_next_to_code_does_not_hang(broken_copy):
         os.close(os.open(table, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("reading a FIFO table blocked")
     assert outcome and isinstance(outcome[0], ImportError) and "not a regular file" in str(outcome[0]), outcome
+
+
+# --- the second review: the probe in the caller's modes, compiled autograd under invact.memory ----------
+
+@pytest.fixture
+def steep(steep_root, tmp_path, layered):
+    """A copy of tanh(a*x)/a fitted at a = 2 (generic, a > 0) in use: a = 1e200 overflows float64's a*a."""
+    import shutil
+    root = shutil.copytree(steep_root, tmp_path / "root")
+    invact.use_root(root)
+    return root
+
+
+@pytest.mark.parametrize("context", [torch.inference_mode, fwAD.dual_level], ids=["inference_mode", "dual_level"])
+def test_the_float64_refusal_holds_when_first_built_in_the_callers_mode(steep, context):
+    """The constants (and the refusal) are cached per parameter set: built first in a validation pass under
+    inference mode, or inside a user's dual level, the probe found no f' and refused nothing, for good."""
+    act = invact.activation("steep", a=1e200)
+    with context(), pytest.raises(ParamError, match="overflows in torch.float64"):
+        act(torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_autograd_inside_a_memory_block_runs(backend):
+    """An eager forward inside invact.memory, its backward under compiled autograd: the unpack hook traced
+    by Dynamo read the version counter as changed (a false 'modified by an inplace operation'). The
+    gradient is eager autograd's without the block, within float32 reassociation of compiled code
+    (a few ulps of the largest term: 1e-5 relative to the gradient's scale)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), invact.GELU(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    want = model[0].weight.grad.clone()
+    model.zero_grad()
+    with invact.memory(model):
+        out = model(x)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend=backend)):
+            out.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
