@@ -36,7 +36,7 @@ from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
 
 __all__ = ["certify_table", "analysis_of", "branch_reference", "branch_sample_range", "check_fp32_samples",
-           "MAX_FP32_SAMPLES"]
+           "worst_value", "segment_end_values", "EVAL_KEYS", "MAX_FP32_SAMPLES"]
 
 CHUNK = 1 << 16                 # float32 values per vectorised pass (cache-sized)
 MAX_FP32_SAMPLES = 1 << 32      # as many as there are float32 values: more cannot check more
@@ -137,15 +137,15 @@ def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: i
         entry["fp32_eval_error"], entry["fp32_fma_eval_error"] = fp32[i]
         entry["fp32_samples"] = _fp32_count(table, i, None if exhaustive else fp32_samples)
         entry["fp32_exhaustive"] = exhaustive
-    results = [per_branch.get(b.index) or {"index": b.index, "approx_error": 0.0, **dict.fromkeys(_EVAL_KEYS, 0.0),
+    results = [per_branch.get(b.index) or {"index": b.index, "approx_error": 0.0, **dict.fromkeys(EVAL_KEYS, 0.0),
                                            "fp32_samples": 0, "fp32_exhaustive": exhaustive, "method": "constant"}
                for b in branches]
     say(1.0, "done")
     return {
         "method": "arb-taylor2",
         "approx_error": max(r["approx_error"] for r in results),
-        "float32_eval_error": max(max(r[k] for k in _EVAL_KEYS[:3]) for r in results),
-        "float32_fma_eval_error": max(max(r[k] for k in _EVAL_KEYS[3:]) for r in results),
+        "float32_eval_error": max(max(r[k] for k in EVAL_KEYS[:3]) for r in results),
+        "float32_fma_eval_error": max(max(r[k] for k in EVAL_KEYS[3:]) for r in results),
         "checks": ["rigorous", "bf16-exhaustive", "fp16-exhaustive",
                    "fp32-exhaustive" if exhaustive else f"fp32-stratified-{fp32_samples}"],
         "branches": [{k: r[k] for k in _ENTRY_KEYS} for r in results],
@@ -205,10 +205,10 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 
 # per branch: the float32 scheme's error without FMA, then with (docs/table-format.md, CERT)
-_EVAL_KEYS = ("bf16_eval_error", "fp16_eval_error", "fp32_eval_error",
+EVAL_KEYS = ("bf16_eval_error", "fp16_eval_error", "fp32_eval_error",
               "bf16_fma_eval_error", "fp16_fma_eval_error", "fp32_fma_eval_error")
-_HALF_KEYS = tuple(k for k in _EVAL_KEYS if not k.startswith("fp32"))
-_ENTRY_KEYS = ("index", "approx_error", "method", *_EVAL_KEYS, "fp32_samples", "fp32_exhaustive")
+_HALF_KEYS = tuple(k for k in EVAL_KEYS if not k.startswith("fp32"))
+_ENTRY_KEYS = ("index", "approx_error", "method", *EVAL_KEYS, "fp32_samples", "fp32_exhaustive")
 MAX_WORKERS = 8
 JOB_VALUES = 1 << 22            # float32 values per fp32 job (a few tenths of a second)
 
@@ -291,30 +291,46 @@ def _eval_error(table: Table, index: int, ref: BranchReference, y: np.ndarray) -
 
 def _max_error(table: Table, index: int, ref: BranchReference, y32: np.ndarray) -> tuple[float, float]:
     """(without FMA, with FMA): one reference, both schemes evaluated at the same float32 values."""
+    return tuple(float(np.max(e, initial=0.0)) for e in _value_errors(table, index, ref, y32)[1:])
+
+
+def _value_errors(table: Table, index: int, ref: BranchReference,
+                  y32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the float32 values of ``y32`` that the branch owns, the error there without FMA, with FMA)
+    (:func:`_errors`)."""
     if y32.size == 0:
-        return 0.0, 0.0
+        return y32, np.zeros(0), np.zeros(0)
     cc = table.code_class_of(index)
     own = np.array([s.branch == index and s.certified for s in cc.segments])
     if not own.all():
         mine = own[segment_index(cc.y_breaks, y32, table.params)]   # ties owned by another branch
         y32 = y32[mine]
     want = ref(y32.astype(np.float64))
-    return tuple(_worst(got.astype(np.float64), want) for got in cc.evaluate_schemes(y32, table.params))
+    plain, fma = (_errors(got.astype(np.float64), want) for got in cc.evaluate_schemes(y32, table.params))
+    return y32, plain, fma
 
 
-def _worst(got: np.ndarray, want: np.ndarray) -> float:
-    """Max of |got - want| / max(1, |want|) (absolute below 1, relative above); inf where float32
+def worst_value(table: Table | dict, index: int, ref: BranchReference, y: np.ndarray) -> tuple[float, float]:
+    """(the value of ``y`` (as float32) in branch ``index``'s range where either float32 scheme misses
+    g most, that error); (nan, 0) where none of ``y`` lies there."""
+    table = Table.of(table)
+    lo, hi = branch_sample_range(table, index)
+    y = y[(y >= lo) & (y <= hi)]
+    y32, plain, fma = _value_errors(table, index, ref, y.astype(np.float32))
+    err = np.maximum(plain, fma)
+    if err.size == 0:
+        return math.nan, 0.0
+    k = int(np.argmax(err))
+    return float(y32[k]), float(err[k])
+
+
+def _errors(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """|got - want| / max(1, |want|) per value (absolute below 1, relative above); inf where float32
     gave NaN or inf and g is finite, unless g rounds to that float32 inf (:func:`.float32.overflows_as`);
-    where g itself is infinite there is no error to measure."""
-    err = np.where(overflows_as(got, want), 0.0, np.abs(got - want))
-    err /= np.maximum(1.0, np.abs(want))
-    worst = float(np.max(err, initial=0.0))
-    if math.isfinite(worst):
-        return worst
-    finite = np.isfinite(want)
-    if (~np.isfinite(err) & finite).any():
-        return math.inf
-    return float(np.max(err[finite], initial=0.0))
+    0 where g itself is infinite: there is no error to measure."""
+    with np.errstate(all="ignore"):
+        err = np.where(overflows_as(got, want), 0.0, np.abs(got - want)) / np.maximum(1.0, np.abs(want))
+    return np.where(np.isfinite(want), np.nan_to_num(err, nan=math.inf, posinf=math.inf), 0.0)
 
 
 def _fp32_count(table: Table, index: int, samples: int | None) -> int:

@@ -7,6 +7,8 @@ digits (sympy's evalf), which tells a float64 artefact (overflow, cancellation) 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import sympy as sp
 
@@ -17,6 +19,7 @@ from .formulas import X
 __all__ = ["stable", "numeric", "raw_values", "numeric_many", "numeric_fast", "precise", "float64_fault",
            "LIMIT_SECONDS"]
 
+NUMERIC_CACHE = 64    # float64 functions numeric keeps, by expression
 LIMIT_SECONDS = 5.0   # a guard for sympy's evalf and limit; numeric extrapolation decides when limit gives up
 
 _SOFTPLUS, _ERFC, _SECH2 = sp.Function("softplus_"), sp.Function("erfc_"), sp.Function("sech2_")
@@ -81,7 +84,14 @@ def stable(expr: sp.Expr) -> sp.Expr:
 
 
 def numeric(expr: sp.Expr):
-    """float64 numpy function of x for a sympy expression, rewritten by :func:`stable`."""
+    """float64 numpy function of x for a sympy expression, rewritten by :func:`stable`; one per
+    expression (NUMERIC_CACHE of them kept): lambdify prints the expression, seconds for a long f'
+    (a product of 400 factors), which the analysis evaluates in several steps."""
+    return _numeric(expr)
+
+
+@lru_cache(maxsize=NUMERIC_CACHE)
+def _numeric(expr: sp.Expr):
     f = sp.lambdify(X, stable(expr), modules=[{"erf": _erf, "erfc": _erfc, "erfc_": _erfc, "softplus_": _softplus, "sech2_": _sech2, "expm1_": np.expm1}, "numpy"])
 
     def call(x):

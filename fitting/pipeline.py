@@ -12,12 +12,12 @@ import sympy as sp
 
 from ..common.params import holds
 from .branches import Analysis, Branch, _code_breaks, _codes_clash, analyze
-from .certify import certify_table, check_fp32_samples
+from .certify import EVAL_KEYS, certify_table, check_fp32_samples, segment_end_values, worst_value
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, ScaleError, SpecError
 from .exact import _agrees, exact_expression
 from .fit import F32_SLACK, branch_layout, fit_branch, layout_cost, table_cost
-from .float32 import F32_MAX, TINY32, f32, f32_below, ordinal_nodes
+from .float32 import F32_MAX, TINY32, f32, f32_below, half_values, ordinal_nodes
 from .formulas import X, ActivationSpec
 from .model import (Break, CodeClass, ConstantSegment, ExactSegment, ForwardCode, Segment, Table, TableBranch,
                     nan_gradients_json, number)
@@ -26,7 +26,7 @@ from .pieces import removable_note
 from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference
-from .scan import scan_grid
+from .scan import scan_grid, unresolved_changes
 
 __all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
 
@@ -92,15 +92,41 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     table.certificate = certify_table(table, fp32_samples=fp32_samples, analysis=analysis,
                                       progress=lambda frac, label: say(f"{spec.name}: {label}"))
     bad = [b["index"] for b in table.certificate["branches"]
-           if not all(math.isfinite(b[k]) for k in ("approx_error", "bf16_eval_error", "fp16_eval_error",
-                                                        "fp32_eval_error", "bf16_fma_eval_error",
-                                                        "fp16_fma_eval_error", "fp32_fma_eval_error"))]
+           if not all(math.isfinite(b[k]) for k in ("approx_error", *EVAL_KEYS))]
     if bad:   # the fitter checks every segment first: reaching this is a bug, never a table to write
         raise CertificationError(f"{spec.name}: branch {bad[0]} evaluates to inf or NaN where g is finite")
+    missed = [(b["index"], max(b[k] for k in EVAL_KEYS)) for b in table.certificate["branches"]]
+    missed = [(i, e) for i, e in missed if e > SCALE_MISS * tolerance + F32_SLACK and target == "derivative"]
+    if missed:   # g missed far beyond the fit's bound (an inverse's float32 error is not gated: fit.py)
+        raise _missed_error(table, analysis.branches[missed[0][0]], missed[0][1], tolerance, spec)
     return table.to_json()
 
 
 # ---------------------------------------------------------------------------------------------
+
+def _missed_error(table: Table, b: Branch, missed: float, tolerance: float, spec: ActivationSpec) -> Exception:
+    """The refusal of a certified table whose float32 checks found branch ``b``'s g missed by ``missed``,
+    more than SCALE_MISS tolerances (the fitter's and its proof's bound is the tolerance): a ScaleError
+    where, at the worst bf16, fp16 or segment-end value y, g itself changes by more than that from y to
+    a neighbouring float32 value (x + tanh(1e12*(x - 1))/1e12: g(1) = 2, 1 next to it), which no
+    piecewise polynomial in y follows; else a CertificationError (a bug)."""
+    ref = BranchReference(b, table.target)
+    ys = np.concatenate([half_values("bf16"), half_values("fp16"), segment_end_values(table, b.index)])
+    y, err = worst_value(table, b.index, ref, ys)
+    if err > SCALE_MISS * tolerance:
+        near = np.float32(y)
+        steps = np.array([np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))],
+                         dtype=np.float64)
+        g = ref(steps)
+        if np.max(np.abs(np.diff(g)) / np.maximum(1.0, np.abs(g[1]))) > SCALE_MISS * tolerance:
+            x = float(ref.inverse(steps[1:2])[0])
+            return ScaleError(f"{spec.name!r}: branch {b.index}: the table misses g by {err:.3g} at y = {y:.9g}, "
+                              f"where g goes from {g[0]:.6g} to {g[1]:.6g} to {g[2]:.6g} over three neighbouring "
+                              f"float32 values of y: f changes near x = {x:.9g} on a scale of x finer than the scan "
+                              f"resolves; {_scale_advice(spec)}")
+    return CertificationError(f"{spec.name}: branch {b.index}: the float32 checks found g missed by {missed:.3g}, "
+                              f"beyond {SCALE_MISS:g} times the tolerance {tolerance:g} (the fitter should have refined)")
+
 
 def _scale_advice(spec: ActivationSpec) -> str:
     """What sets f's scale in x, for a :class:`ScaleError`: the parameters' values, else the formula."""
@@ -575,7 +601,52 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
         except FitError:
             if polys is None:
                 raise error from None
-    return [lows + [p.segment(b.index) for p in pieces] + highs for pieces in (polys, rats) if pieces is not None]
+    fitted = [[p.segment(b.index) for p in pieces] for pieces in (polys, rats) if pieces is not None]
+    return [lows + segs + highs for segs in _resolved(b, ref, fitted, tol)]
+
+
+SCALE_MISS = 10.0    # tolerances by which a fit misses g next to an unresolved change of f: a ScaleError
+PROBE_POINTS = 129   # x probed across such a change (its interval, 4 times as wide on either side)
+
+
+def _resolved(b: Branch, ref: BranchReference, fits: list[list[Segment]], tol: float) -> list[list[Segment]]:
+    """The fits (segment lists) whose g is within SCALE_MISS tolerances of the reference's next to every
+    change of f that the scan's grid does not resolve (:func:`.scan.unresolved_changes`): where f
+    changes on a scale of x finer than the fit's samples (x + tanh(1e20*x)/1e20: g is 2 at y = 0 and 1
+    from |y| ~ 1e-19), a fit can miss it, and its proof then fails. ScaleError where no fit is left."""
+    changes = unresolved_changes(ref.f, ref.fp, *b.x_range, b.removable)
+    misses = [_scale_miss(b, ref, segs, changes, tol) for segs in fits]
+    if fits and all(misses):
+        raise misses[0]
+    return [segs for segs, miss in zip(fits, misses) if miss is None]
+
+
+def _scale_miss(b: Branch, ref: BranchReference, segs: list[Segment], changes: list[tuple[float, float]],
+                tol: float) -> ScaleError | None:
+    """The refusal of fitted segments ``segs`` whose g misses the reference's by more than SCALE_MISS
+    tolerances (absolute below 1, relative above) at some y = f(x), x across an unresolved change
+    [a, c]; None where it misses by less everywhere."""
+    for a, c in changes:
+        w = c - a
+        with np.errstate(all="ignore"):
+            x = np.linspace(a - 4 * w, c + 4 * w, PROBE_POINTS)
+            y = ref.f(x[(x >= b.x_range[0]) & (x <= b.x_range[1])])
+        for seg in segs:
+            inside = y[np.isfinite(y) & (y >= seg.lo) & (y <= seg.hi)]
+            if inside.size == 0:
+                continue
+            want = ref(inside)
+            with np.errstate(all="ignore"):
+                err = np.abs(seg.evaluate(inside) - want) / np.maximum(1.0, np.abs(want))
+            err = np.where(np.isfinite(want), np.nan_to_num(err, nan=np.inf), 0.0)
+            k = int(np.argmax(err))
+            if err[k] > SCALE_MISS * tol:
+                return ScaleError(
+                    f"branch {b.index}: near x in [{a:.6g}, {c:.6g}] f changes on a scale of x of about {w:.2g}, "
+                    "finer than the scan's grid resolves (f's step between two of its points disagrees with f' "
+                    "at them) and than the fit's samples: the fitted g is "
+                    f"{float(seg.evaluate(inside[k:k + 1])[0]):.6g} at y = {inside[k]:.6g}, where g is {want[k]:.6g}")
+    return None
 
 
 def _fit_range(b: Branch, ref: BranchReference, target: str, tol: float):

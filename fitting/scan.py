@@ -2,12 +2,15 @@
 
 f' is sampled on a fixed grid (:func:`scan_grid`: fine on [-SCAN, SCAN], geometric out to FAR_SCAN); each
 sign change is bracketed by brentq, checked at 15 digits (:func:`.numeric.precise`) so that float64 overflow
-invents none, and polished with mpmath. A piece is cut at its critical and flat points into monotone parts.
+invents none (more changes than the fitter handles that float64 alone shows to be real are refused
+without it), and polished with mpmath. A piece is cut at its critical and flat points into monotone parts.
+:func:`unresolved_changes` finds where f changes on a scale finer than the grid (f's steps against f').
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import sympy as sp
@@ -18,12 +21,19 @@ from .formulas import X
 from .numeric import numeric, precise
 from .pieces import Piece, corner, corner_error
 
-__all__ = ["monotone_parts", "scan_grid", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
+__all__ = ["monotone_parts", "scan_grid", "unresolved_changes", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
 
 SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (scan_grid)
 NEAR_POINTS = 20001  # scan_grid's points on [-SCAN, SCAN]
 FAR_SCAN = 1e15      # branch points lie within |x| <= FAR_SCAN; a sign change of f' beyond it is refused
 MAX_CRITICAL = 16
+FAST_REFUSAL = MAX_CRITICAL + 4   # sign changes of f' that float64 shows to be real (_stable_changes): more are
+                                 # refused without the 15-digit check of each
+STABLE_ULPS = 4                  # real: f' at both sides moves by at most STABLE_RELATIVE of itself when x moves
+STABLE_RELATIVE = 1e-6           # by this many ulps (noise from cancellation or overflow moves by ~all of it) ...
+F_ROUNDING = 2.0 ** -40          # ... and f's steps beside the change exceed this of |f| (its rounding, with room)
+UNBOUNDED_CHANGES = 1e6          # too many changes, reaching this far (decades into the scan's geometric part):
+                                 # the evidence of infinitely many branches (sin(x))
 PRECISE_BITS = 50   # evalf(15) gives 53 bits where it meets its 15 digits; fewer: no digit is right
 
 
@@ -82,6 +92,67 @@ def _unresolved_error(piece: Piece, a: float, b: float) -> ScaleError:
     return ScaleError(f"{text}, or by less than float64 holds: f has one value on that whole grid")
 
 
+MEAN_VALUE_MISMATCH = 0.1   # f's step over [a, b] against (b - a)(f'(a) + f'(b))/2, relative to the larger: f'
+                            # changes within [a, b] on a scale the points a and b do not resolve
+MAX_FOLLOWED = 64           # grid intervals of the largest mismatch that unresolved_changes follows down
+FULL_DIGITS = 1e-290        # ... where f's step or the trapezoid exceeds this (2^-963: 50 bits above subnormals)
+MAX_HALVINGS = 200          # ... halving each at most this often (0.006 to 1e-62)
+
+
+def unresolved_changes(fn: Callable[[np.ndarray], np.ndarray], fpn: Callable[[np.ndarray], np.ndarray], lo: float,
+                       hi: float, removable: list[float] = ()) -> list[tuple[float, float]]:
+    """Short intervals [a, b] of (lo, hi) where f changes in a way its scan (:func:`scan_grid`) does not
+    resolve: from each grid interval where f's step disagrees with the trapezoid rule on f' at its ends
+    by more than MEAN_VALUE_MISMATCH (the MAX_FOLLOWED worst), the half that disagrees more is taken
+    until both agree or a and b are neighbouring doubles: [a, b] is then about f's scale of change
+    there (x + tanh(1e20*x)/1e20: f' is 2 at the grid point 0 and 1 at the next, f rises by 1 times
+    the spacing; halving ends at b ~ 1e-20). ``fn``, ``fpn``: float64 f and f'."""
+    xs = scan_grid(lo, hi, removable)
+    if xs.size < 2:
+        return []
+    ys, ps = fn(xs), fpn(xs)
+    worst = _mismatch(xs[:-1], xs[1:], ys[:-1], ys[1:], ps[:-1], ps[1:])
+    flagged = np.nonzero(worst > MEAN_VALUE_MISMATCH)[0]
+    flagged = flagged[np.argsort(-worst[flagged], kind="stable")][:MAX_FOLLOWED]
+    return [_follow_down(fn, fpn, float(xs[i]), float(xs[i + 1])) for i in sorted(flagged)]
+
+
+def _mismatch(a, b, ya, yb, pa, pb) -> np.ndarray:
+    """|f(b) - f(a) - (b - a)(f'(a) + f'(b))/2| over the larger of the step and the trapezoid, 0 where
+    that gap is within f's rounding (F_ROUNDING of |f|), both are below FULL_DIGITS (float64's
+    numbers near its subnormals lose digits: gelu's f' at x = -38) or a value is not finite."""
+    with np.errstate(all="ignore"):
+        step, trapezoid = yb - ya, 0.5 * (b - a) * (pa + pb)
+        gap = np.abs(step - trapezoid)
+        out = gap / np.maximum(np.abs(step), np.abs(trapezoid))
+        real = np.isfinite(out) & (gap > F_ROUNDING * np.maximum(np.abs(ya), np.abs(yb))) \
+            & (np.maximum(np.abs(step), np.abs(trapezoid)) > FULL_DIGITS)
+    return np.where(real, out, 0.0)
+
+
+def _follow_down(fn, fpn, a: float, b: float) -> tuple[float, float]:
+    """[a, b] halved into its half of the larger mismatch (:func:`_mismatch`) while that exceeds
+    MEAN_VALUE_MISMATCH, at most MAX_HALVINGS times and down to neighbouring doubles."""
+    def at(t: float) -> tuple[float, float]:
+        x = np.array([t])
+        return float(fn(x)[0]), float(fpn(x)[0])
+    (ya, pa), (yb, pb) = at(a), at(b)
+    for _ in range(MAX_HALVINGS):
+        m = 0.5 * (a + b)
+        if not a < m < b:
+            break
+        ym, pm = at(m)
+        left, right = _mismatch(np.array([a, m]), np.array([m, b]), np.array([ya, ym]), np.array([ym, yb]),
+                                np.array([pa, pm]), np.array([pm, pb]))
+        if max(left, right) <= MEAN_VALUE_MISMATCH:
+            break
+        if left >= right:
+            b, yb, pb = m, ym, pm
+        else:
+            a, ya, pa = m, ym, pm
+    return a, b
+
+
 REMOVABLE_GAP = 1e-4   # scan points within this (relative to max(1, |c|)) of a removable point c are left out
 
 
@@ -110,14 +181,18 @@ def scan_grid(lo: float, hi: float, removable: list[float] = ()) -> np.ndarray:
 def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
     """Sign changes of f' inside the piece, to float64 accuracy. Every sign change found on the scan
     (:func:`scan_grid`, out to |x| = FAR_SCAN) is a branch point; more than MAX_CRITICAL of them, or
-    one beyond FAR_SCAN (:func:`_check_far_sign`), is refused: none is dropped."""
+    one beyond FAR_SCAN (:func:`_check_far_sign`), is refused: none is dropped. More than
+    FAST_REFUSAL changes that float64 alone shows to be real (:func:`_stable_changes`) are refused
+    before the 15-digit check of each (evalf of a long f' takes a second a point)."""
     fpn = numeric(fp)
-    roots = _sign_changes_on(fpn, scan_grid(piece.lo, piece.hi, piece.removable), fp)
+    grid = scan_grid(piece.lo, piece.hi, piece.removable)
+    stable = _stable_changes(numeric(piece.expr), fpn, grid)
+    if stable.size > FAST_REFUSAL:
+        first, last = (_bracketed_root(fpn, float(grid[i]), float(grid[i + 1])) for i in (stable[0], stable[-1]))
+        raise _too_many_branches(piece, int(stable.size), first, last)
+    roots = _sign_changes_on(fpn, grid, fp)
     if len(roots) > MAX_CRITICAL:
-        raise SpecError(f"f' changes sign {len(roots)} times on [{max(piece.lo, -FAR_SCAN):g}, "
-                        f"{min(piece.hi, FAR_SCAN):g}] (first at x = {roots[0]:.6g}, last at x = {roots[-1]:.6g}): "
-                        "the function appears to have infinitely many monotone branches, which a finite "
-                        f"code cannot index (at most {MAX_CRITICAL + 1} branches per piece are supported)")
+        raise _too_many_branches(piece, len(roots), roots[0], roots[-1])
     for side in (-1.0, 1.0):
         if (piece.hi if side > 0 else -piece.lo) > FAR_SCAN:
             _check_far_sign(fp, fpn, side)
@@ -126,6 +201,44 @@ def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:
         if (sides := corner(fpn, r)) is not None:
             raise corner_error("f", r, sides)
     return roots
+
+
+def _too_many_branches(piece: Piece, count: int, first: float, last: float) -> SpecError:
+    """The refusal of ``count`` > MAX_CRITICAL sign changes of f' on the piece's scan: infinitely many
+    branches where they go on to the scan's far end (sin(x)), else a finite number beyond the limit."""
+    found = (f"f' changes sign {count} times on [{max(piece.lo, -FAR_SCAN):g}, {min(piece.hi, FAR_SCAN):g}] "
+             f"(first at x = {first:.6g}, last at x = {last:.6g})")
+    if max(abs(first), abs(last)) >= UNBOUNDED_CHANGES:
+        return SpecError(f"{found}: the function appears to have infinitely many monotone branches, which a finite "
+                         f"code cannot index (at most {MAX_CRITICAL + 1} branches per piece are supported)")
+    return SpecError(f"{found}: f has more than {MAX_CRITICAL + 1} monotone branches there (at least {count + 1}; "
+                     f"the fitter handles up to {MAX_CRITICAL + 1} per piece)")
+
+
+def _stable_changes(fn, fpn, xs: np.ndarray) -> np.ndarray:
+    """The grid intervals (index of their left point) where float64 f' changes sign in a way float64
+    noise (a cancellation's rounding, an overflow's 0 or inf) does not fake: f' on both sides is
+    finite, nonzero and moves by at most STABLE_RELATIVE of itself when x moves by STABLE_ULPS ulps
+    either way, and f's own steps over the neighbouring grid intervals go the ways f' says, each by
+    more than f's rounding (noise in f' lies where f has settled to float64's last digits)."""
+    if xs.size < 4:
+        return np.empty(0, dtype=np.int64)
+    v, y = fpn(xs), fn(xs)
+    s = np.sign(v)
+    changes = np.nonzero(s[:-1] * s[1:] < 0)[0]
+    changes = changes[(changes >= 1) & (changes + 2 < xs.size)]
+    with np.errstate(all="ignore"):
+        step = np.diff(y)
+        seen = np.abs(step) > F_ROUNDING * np.maximum(np.abs(y[:-1]), np.abs(y[1:]))
+        before, after = changes - 1, changes + 1
+        real = (seen[before] & (np.sign(step[before]) == s[changes])
+                & seen[after] & (np.sign(step[after]) == s[changes + 1]))
+        for ends in (changes, changes + 1):
+            x, at = xs[ends], v[ends]
+            real &= np.isfinite(at) & (at != 0)
+            for ulps in (-STABLE_ULPS, STABLE_ULPS):
+                real &= np.abs(fpn(x + ulps * np.spacing(x)) - at) <= STABLE_RELATIVE * np.abs(at)
+    return changes[real]
 
 
 def _check_far_sign(fp: sp.Expr, fpn, side: float) -> None:
