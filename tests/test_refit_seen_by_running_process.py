@@ -119,8 +119,10 @@ def test_c_kernel_of_a_table_refitted_elsewhere_is_named_so_and_loads_after_a_re
 
 def test_a_c_file_of_another_table_is_still_called_stale(tree, capsys, layered, monkeypatch):
     """A C file made from neither the module's table nor the one on disk (copied from elsewhere) keeps
-    the fix `invact generate`."""
+    the fix `invact generate`. The kernels are switched on for it (INVACT_CPU_KERNEL=0 returns before the
+    file is read): the C file is checked before anything is built."""
     monkeypatch.setattr(kernel_cache, "_warned", set())
+    monkeypatch.setenv(cpu_kernel.SWITCH_ENV, "1")
     if cpu_kernel._compiler() is None:        # the C file is checked before anything is built
         monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/nonexistent/cc")
     _fit(capsys, tree, "x + b*tanh(x)", "--param", "b=0.5", "--name", "k")
