@@ -26,7 +26,7 @@ from .pieces import removable_note
 from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference
-from .scan import scan_grid, unresolved_changes
+from .scan import NEAR_POINTS, SCAN, scan_grid, unresolved_changes
 
 __all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
 
@@ -131,7 +131,9 @@ def _missed_error(table: Table, b: Branch, missed: float, tolerance: float, spec
 def _scale_advice(spec: ActivationSpec) -> str:
     """What sets f's scale in x, for a :class:`ScaleError`: the parameters' values, else the formula."""
     if not spec.params:
-        return "rescale x in the formula so that f changes over a range of x the scan resolves"
+        return ("rescale x in the formula so that f changes over a range of x the scan resolves, or shift it "
+                f"nearer 0: the scan's grid is finest for |x| <= {SCAN:g} (spacing {2 * SCAN / (NEAR_POINTS - 1):g}) "
+                "and coarser farther out")
     values = ", ".join(f"{name} = {value:g}" for name, value in spec.params.items())
     return f"the parameter values {values} set that scale: choose values that keep it within the scans' resolution"
 

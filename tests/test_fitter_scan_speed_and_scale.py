@@ -95,7 +95,7 @@ def test_a_rise_at_a_scan_point_finer_than_the_fit_is_a_scale_error():
         build_table(get_spec("x + tanh(1e20*x)/1e20", "q", {}), fp32_samples=4096)
     text = str(info.value)
     assert "finer than the scan's grid resolves" in text and "near x in [" in text, text
-    assert "rescale x in the formula" in text, text
+    assert "rescale x in the formula" in text and "or shift it nearer 0" in text, text
 
 
 def test_a_scale_error_names_the_parameter_setting_the_scale():
