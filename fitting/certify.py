@@ -36,7 +36,7 @@ from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
 
 __all__ = ["certify_table", "analysis_of", "branch_reference", "branch_sample_range", "check_fp32_samples",
-           "worst_value", "segment_end_values", "EVAL_KEYS", "MAX_FP32_SAMPLES"]
+           "worst_value", "worst_fp32_value", "segment_end_values", "EVAL_KEYS", "MAX_FP32_SAMPLES"]
 
 CHUNK = 1 << 16                 # float32 values per vectorised pass (cache-sized)
 MAX_FP32_SAMPLES = 1 << 32      # as many as there are float32 values: more cannot check more
@@ -341,15 +341,36 @@ def _fp32_count(table: Table, index: int, samples: int | None) -> int:
 
 
 def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, int], tick) -> tuple[float, float]:
-    """Max error over values [start, stop) of the branch's fp32 sequence: every float32 in the
-    branch's range in order (exhaustive), or the stratified sample, value j drawn uniformly from
-    the j-th of ``samples`` equal runs of float32 ordinals (generator seeded per branch, so any
-    span gives the values the whole sequence has there)."""
+    """Max error (without FMA, with FMA) over values [start, stop) of the branch's fp32 sequence
+    (:func:`_fp32_values`)."""
+    worst = (0.0, 0.0)
+    for y32 in _fp32_values(table, index, samples, span, tick):
+        worst = tuple(map(max, worst, _max_error(table, index, ref, y32)))
+    return worst
+
+
+def worst_fp32_value(table: Table | dict, index: int, ref: BranchReference,
+                     samples: int | None) -> tuple[float, float]:
+    """:func:`worst_value` over the branch's whole fp32 sequence (:func:`_fp32_values`): where the
+    fp32 check found its largest error."""
+    table = Table.of(table)
+    best = (math.nan, 0.0)
+    for y32 in _fp32_values(table, index, samples, (0, _fp32_count(table, index, samples))):
+        y, err = worst_value(table, index, ref, y32)
+        if err > best[1]:
+            best = (y, err)
+    return best
+
+
+def _fp32_values(table: Table, index, samples: int | None, span: tuple[int, int], tick=lambda frac: None):
+    """The finite float32 values [start, stop) of the branch's fp32 sequence, in chunks: every float32
+    in the branch's range in order (exhaustive), or the stratified sample, value j drawn uniformly from
+    the j-th of ``samples`` equal runs of float32 ordinals (generator seeded per branch, so any span
+    gives the values the whole sequence has there)."""
     lo, hi = branch_sample_range(table, index)
     k_lo, k_hi = ordinal(lo), ordinal(hi)
     total = k_hi - k_lo + 1
     start, stop = span
-    worst = (0.0, 0.0)                      # without FMA, with FMA
     rng = None
     for a in range(start, stop, CHUNK):
         b = min(stop, a + CHUNK)
@@ -363,7 +384,6 @@ def _fp32_error(table: Table, index, ref, samples: int | None, span: tuple[int, 
             ks = edges[:-1] + (rng.random(b - a) * np.maximum(edges[1:] - edges[:-1], 1)).astype(np.int64)
         y32 = from_ordinal(ks)
         finite = np.isfinite(y32)
-        worst = tuple(map(max, worst, _max_error(table, index, ref, y32 if finite.all() else y32[finite])))
+        yield y32 if finite.all() else y32[finite]
         if b == stop or (b - start) % TICK == 0:
             tick((b - start) / (stop - start))
-    return worst

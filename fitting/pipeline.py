@@ -12,7 +12,8 @@ import sympy as sp
 
 from ..common.params import holds
 from .branches import Analysis, Branch, _code_breaks, _codes_clash, analyze
-from .certify import EVAL_KEYS, certify_table, check_fp32_samples, segment_end_values, worst_value
+from .certify import (EVAL_KEYS, certify_table, check_fp32_samples, segment_end_values, worst_fp32_value,
+                      worst_value)
 from .domain import time_limit
 from .errors import CertificationError, FitError, InputError, ScaleError, SpecError
 from .exact import _agrees, exact_expression
@@ -26,7 +27,8 @@ from .pieces import removable_note
 from .power_tail import fit_power_tail
 from .pytorch_probe import nan_gradients
 from .reference import BranchReference
-from .scan import NEAR_POINTS, SCAN, scan_grid, unresolved_changes
+from .scan import NEAR_POINTS, SCAN, scan_grid, unresolved_at, unresolved_changes
+from .segments import SCALE_MISS
 
 __all__ = ["build_table", "TARGETS", "RATIONAL_MODES", "FORMAT_VERSION"]
 
@@ -89,8 +91,11 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
                   _code_classes(analysis, per_branch, spec, generic),
                   nan_gradients=nan_gradients_json(nan_gradients(spec.torch_forward, spec.params)))
     say(f"{spec.name}: certifying")
-    table.certificate = certify_table(table, fp32_samples=fp32_samples, analysis=analysis,
-                                      progress=lambda frac, label: say(f"{spec.name}: {label}"))
+    try:
+        table.certificate = certify_table(table, fp32_samples=fp32_samples, analysis=analysis,
+                                          progress=lambda frac, label: say(f"{spec.name}: {label}"))
+    except ScaleError as exc:    # a proof shows an error that float64 samples do not see (segments._proved)
+        raise ScaleError(f"{exc}; {_scale_advice(spec)}") from None
     bad = [b["index"] for b in table.certificate["branches"]
            if not all(math.isfinite(b[k]) for k in ("approx_error", *EVAL_KEYS))]
     if bad:   # the fitter checks every segment first: reaching this is a bug, never a table to write
@@ -98,32 +103,44 @@ def build_table(spec: ActivationSpec, target: str = "derivative", tolerance: flo
     missed = [(b["index"], max(b[k] for k in EVAL_KEYS)) for b in table.certificate["branches"]]
     missed = [(i, e) for i, e in missed if e > SCALE_MISS * tolerance + F32_SLACK and target == "derivative"]
     if missed:   # g missed far beyond the fit's bound (an inverse's float32 error is not gated: fit.py)
-        raise _missed_error(table, analysis.branches[missed[0][0]], missed[0][1], tolerance, spec)
+        raise _missed_error(table, analysis.branches[missed[0][0]], missed[0][1], tolerance, spec, fp32_samples)
     return table.to_json()
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _missed_error(table: Table, b: Branch, missed: float, tolerance: float, spec: ActivationSpec) -> Exception:
+def _missed_error(table: Table, b: Branch, missed: float, tolerance: float, spec: ActivationSpec,
+                  fp32_samples: int) -> Exception:
     """The refusal of a certified table whose float32 checks found branch ``b``'s g missed by ``missed``,
-    more than SCALE_MISS tolerances (the fitter's and its proof's bound is the tolerance): a ScaleError
-    where, at the worst bf16, fp16 or segment-end value y, g itself changes by more than that from y to
-    a neighbouring float32 value (x + tanh(1e12*(x - 1))/1e12: g(1) = 2, 1 next to it), which no
-    piecewise polynomial in y follows; else a CertificationError (a bug)."""
+    more than SCALE_MISS tolerances (the fitter's and its proof's bound is the tolerance), at its worst
+    bf16, fp16 or segment-end value y, or where none shows it, the worst of the stratified fp32 sample
+    (``fp32_samples``): a ScaleError where g itself changes by more than that from y to a neighbouring
+    float32 value (x + tanh(1e12*(x - 1))/1e12: g(1) = 2, 1 next to it), which no piecewise polynomial
+    in y follows, or where f' at x = f^-1(y) departs from f' at the scan's grid points either side
+    (:func:`.scan.unresolved_at`: x + tanh(1e8*(x - 0.001))/1e4 rises within 1e-8 of 0.001, between
+    the grid points 0 and 0.006, where g is 1e4 and the table's 1); else a CertificationError (a bug)."""
     ref = BranchReference(b, table.target)
     ys = np.concatenate([half_values("bf16"), half_values("fp16"), segment_end_values(table, b.index)])
     y, err = worst_value(table, b.index, ref, ys)
+    if not err > SCALE_MISS * tolerance:
+        y, err = worst_fp32_value(table, b.index, BranchReference(b, table.target, bulk=True), fp32_samples)
     if err > SCALE_MISS * tolerance:
         near = np.float32(y)
         steps = np.array([np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))],
                          dtype=np.float64)
         g = ref(steps)
+        x = float(ref.inverse(steps[1:2])[0])
+        misses = f"{spec.name!r}: branch {b.index}: the table misses g by {err:.3g} at y = {y:.9g}"
         if np.max(np.abs(np.diff(g)) / np.maximum(1.0, np.abs(g[1]))) > SCALE_MISS * tolerance:
-            x = float(ref.inverse(steps[1:2])[0])
-            return ScaleError(f"{spec.name!r}: branch {b.index}: the table misses g by {err:.3g} at y = {y:.9g}, "
-                              f"where g goes from {g[0]:.6g} to {g[1]:.6g} to {g[2]:.6g} over three neighbouring "
-                              f"float32 values of y: f changes near x = {x:.9g} on a scale of x finer than the scan "
-                              f"resolves; {_scale_advice(spec)}")
+            return ScaleError(f"{misses}, where g goes from {g[0]:.6g} to {g[1]:.6g} to {g[2]:.6g} over three "
+                              f"neighbouring float32 values of y: f changes near x = {x:.9g} on a scale of x finer "
+                              f"than the scan resolves; {_scale_advice(spec)}")
+        grid = unresolved_at(ref.fp, x, *b.x_range, b.removable)
+        if grid is not None:
+            (xa, xb), (ga, gb) = grid, ref.fp(np.array(grid))
+            return ScaleError(f"{misses} (x = {x:.9g}), where g is {g[1]:.6g} while it is {ga:.6g} and {gb:.6g} at "
+                              f"the scan's neighbouring grid points x = {xa:.9g} and {xb:.9g}: f changes between "
+                              f"them on a scale of x finer than the scan resolves; {_scale_advice(spec)}")
     return CertificationError(f"{spec.name}: branch {b.index}: the float32 checks found g missed by {missed:.3g}, "
                               f"beyond {SCALE_MISS:g} times the tolerance {tolerance:g} (the fitter should have refined)")
 
@@ -607,7 +624,6 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
     return [lows + segs + highs for segs in _resolved(b, ref, fitted, tol)]
 
 
-SCALE_MISS = 10.0    # tolerances by which a fit misses g next to an unresolved change of f: a ScaleError
 PROBE_POINTS = 129   # x probed across such a change (its interval, 4 times as wide on either side)
 
 

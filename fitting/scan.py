@@ -9,6 +9,7 @@ without it), and polished with mpmath. A piece is cut at its critical and flat p
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -21,7 +22,7 @@ from .formulas import X
 from .numeric import numeric, precise
 from .pieces import Piece, corner, corner_error
 
-__all__ = ["monotone_parts", "scan_grid", "unresolved_changes", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
+__all__ = ["monotone_parts", "scan_grid", "unresolved_at", "unresolved_changes", "SCAN", "FAR_SCAN", "MAX_CRITICAL"]
 
 SCAN = 60.0          # critical points: a fine scan on [-SCAN, SCAN], coarser out to FAR_SCAN (scan_grid)
 NEAR_POINTS = 20001  # scan_grid's points on [-SCAN, SCAN]
@@ -117,6 +118,25 @@ def unresolved_changes(fn: Callable[[np.ndarray], np.ndarray], fpn: Callable[[np
     return [_follow_down(fn, fpn, float(xs[i]), float(xs[i + 1])) for i in sorted(flagged)]
 
 
+def unresolved_at(fpn: Callable[[np.ndarray], np.ndarray], x: float, lo: float, hi: float,
+                  removable: list[float] = ()) -> tuple[float, float] | None:
+    """The points a < x < b of the scan's grid (:func:`scan_grid`) next to x where f' at x departs from
+    its straight line between f'(a) and f'(b) by more than MEAN_VALUE_MISMATCH of the largest of the
+    three: f' changes within [a, b] on a scale the grid does not resolve; None where it does not, or
+    where one of them is not finite. ``fpn``: float64 f'."""
+    xs = scan_grid(lo, hi, removable)
+    i = int(np.searchsorted(xs, x, side="right")) - 1
+    if i < 0 or i + 1 >= xs.size or not xs[i] < x < xs[i + 1]:
+        return None
+    a, b = float(xs[i]), float(xs[i + 1])
+    with np.errstate(all="ignore"):
+        pa, px, pb = (float(v) for v in fpn(np.array([a, x, b])))
+    if not all(map(math.isfinite, (pa, px, pb))):
+        return None
+    line = pa + (pb - pa) * (x - a) / (b - a)
+    return (a, b) if abs(px - line) > MEAN_VALUE_MISMATCH * max(abs(pa), abs(px), abs(pb)) else None
+
+
 def _mismatch(a, b, ya, yb, pa, pb) -> np.ndarray:
     """|f(b) - f(a) - (b - a)(f'(a) + f'(b))/2| over the larger of the step and the trapezoid, 0 where
     that gap is within f's rounding (F_ROUNDING of |f|), both are below FULL_DIGITS (float64's
@@ -170,12 +190,20 @@ def scan_grid(lo: float, hi: float, removable: list[float] = ()) -> np.ndarray:
     (:data:`REMOVABLE_GAP`) are left out: float64 f and f' there are 0/0 or lose their digits (f' of
     t/(exp(t) - 1) with exp(-0.3) folded into a Float: ~1e-16/t^2), which would read as a sign change
     or a step against the branch's direction."""
+    xs = _full_grid()
+    xs = _away_from(xs[(xs > lo) & (xs < hi)], removable)
+    return np.concatenate([[lo] if math.isfinite(lo) else [], xs, [hi] if math.isfinite(hi) else []])
+
+
+@functools.lru_cache(maxsize=1)
+def _full_grid() -> np.ndarray:
+    """:func:`scan_grid`'s points on the whole line, built once (read-only: every caller clips a copy)."""
     near = np.linspace(-SCAN, SCAN, NEAR_POINTS)
     mid = np.linspace(SCAN, 8 * SCAN, 17501)
     far = np.geomspace(8 * SCAN, FAR_SCAN, 2401)
     xs = np.unique(np.concatenate([near, mid, far, -mid, -far]))
-    xs = _away_from(xs[(xs > lo) & (xs < hi)], removable)
-    return np.concatenate([[lo] if math.isfinite(lo) else [], xs, [hi] if math.isfinite(hi) else []])
+    xs.flags.writeable = False
+    return xs
 
 
 def _critical_points(piece: Piece, fp: sp.Expr) -> list[float]:

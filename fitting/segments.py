@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import numpy as np
 import sympy as sp
 
-from .errors import CertificationError, TableError
+from .errors import CertificationError, ScaleError, TableError
 from .float32 import F32_MAX, TINY32, end_neighbours, log32, overflows_as, root_power32
 from .scheme import closed_form_fn, horner, is_numbers, number, param_values, plain_extra
 
@@ -401,7 +401,7 @@ class PolySegment(Segment):
             bound, _, proved = piece_bound(ctx.expr, self, ctx.target, a, b, ctx.tolerance)   # the error's
             return bound, proved, bound > ctx.tolerance              # lower bound at a point (a violation)
 
-        return _proved(ctx, f"piece on y in [{lo:g}, {hi:g}]", prove, xa, xb, lambda a, b: 0.5 * (a + b)), \
+        return _proved(ctx, self, f"piece on y in [{lo:g}, {hi:g}]", prove, xa, xb, lambda a, b: 0.5 * (a + b)), \
             "arb-taylor2"
 
     def _shape(self) -> str:
@@ -493,7 +493,7 @@ class PowerTailSegment(PolySegment):
         def middle(a, b):   # the cells are in log|x| (in x for root 0)
             return math.copysign(math.sqrt(a * b), a) if self.transform.root else 0.5 * (a + b)
 
-        return _proved(ctx, f"power tail on y in [{lo:g}, {hi:g}]", prove, xa, xb, middle), "arb-relative1"
+        return _proved(ctx, self, f"power tail on y in [{lo:g}, {hi:g}]", prove, xa, xb, middle), "arb-relative1"
 
     def _shape(self) -> str:
         n = self.transform.root
@@ -506,13 +506,17 @@ class PowerTailSegment(PolySegment):
 
 
 SPLIT_DEPTH = 2     # a proof that fails is retried on the halves of its x range, and theirs, this deep
+SCALE_MISS = 10.0   # tolerances by which a fit may miss g next to a change of f finer than its samples (ScaleError)
+LOCATE_HALVINGS = 24   # a violated range is halved this often at most towards the point the proof fails at
+DENSE_POINTS = 100_001   # float64 x at which a violated range is checked (:func:`_sampled_error`)
 
 
-def _proved(ctx: BoundContext, what: str, prove, xa: float, xb: float, middle) -> float:
+def _proved(ctx: BoundContext, seg: Segment, what: str, prove, xa: float, xb: float, middle) -> float:
     """The bound ``prove(a, b)`` ((bound, proved, violated)) gives over [xa, xb], retried on halves
     (at ``middle(a, b)``) of a range that fails (each with a full cell budget), SPLIT_DEPTH deep.
-    Unproved: CertificationError where the piece's error is shown to exceed the tolerance at a
-    point (the fitter's checks missed it: a bug), else FitError (exit 2) naming the piece, where its
+    Unproved: where the piece's error is shown to exceed the tolerance at a point, ScaleError if
+    float64 sees no such error across that range (:func:`_violation_error`), else CertificationError
+    (the fitter's checks missed it: a bug); otherwise FitError (exit 2) naming the piece, where its
     proof failed and the bound reached there: a property of the formula in Arb's ball arithmetic
     (x + exp(-1/x**2) has no finite enclosure at x = 0) that no tighter fit can change."""
     from .errors import FitError
@@ -535,8 +539,7 @@ def _proved(ctx: BoundContext, what: str, prove, xa: float, xb: float, middle) -
     a, b, bound, violated = failed
     where = f"{ctx.name}: the {what} of branch {ctx.branch} (x in [{xa:.6g}, {xb:.6g}])"
     if violated:
-        raise CertificationError(f"{where} has an error of at least {bound:.3g} at a point of x in [{a:.6g}, "
-                                 f"{b:.6g}], above the tolerance {ctx.tolerance:g}")
+        raise _violation_error(ctx, seg, where, *_violated_part(prove, middle, a, b, bound))
     bad = [x for x in (a, b, 0.5 * (a + b), *([0.0] if a < 0.0 < b else [])) if not _arb_finite(ctx.expr, x)]
     if bad:
         why = (f"Arb's ball arithmetic evaluates f or f' at x = {bad[0]:.6g} as inf or NaN (a term such as "
@@ -547,6 +550,54 @@ def _proved(ctx: BoundContext, what: str, prove, xa: float, xb: float, middle) -
                f"stay wider than the tolerance, also with the proof split into {2 ** SPLIT_DEPTH} parts")
         advice = "a table needs a proved bound on every piece: a looser --tolerance may let this one be proved"
     raise FitError(f"{where} cannot be proved within {ctx.tolerance:g}: {why}", None, advice)
+
+
+def _violated_part(prove, middle, a: float, b: float, bound: float) -> tuple[float, float, float]:
+    """(a', b', the error's lower bound there): the part of [a, b], where ``prove`` shows the error
+    above the tolerance at a point, halved (at ``middle``) into a half where it shows that again, at
+    most LOCATE_HALVINGS times; it stops where neither half shows it within its cell budget."""
+    for _ in range(LOCATE_HALVINGS):
+        m = middle(a, b)
+        if not a < m < b:
+            break
+        for lo, hi in ((a, m), (m, b)):
+            half_bound, _, violated = prove(lo, hi)
+            if violated:
+                a, b, bound = lo, hi, half_bound
+                break
+        else:
+            break
+    return a, b, bound
+
+
+def _violation_error(ctx: BoundContext, seg: Segment, where: str, a: float, b: float, bound: float) -> Exception:
+    """The refusal of a piece whose proof shows its error above the tolerance at a point of x in
+    [a, b]: a ScaleError where float64 f, at DENSE_POINTS across [a, b], shows the piece within
+    SCALE_MISS tolerances everywhere (x + tanh(1e20*(x - 1e-5))/1e20 rises by 2e-20 within 1e-20 of
+    x = 1e-5, between any two float64 samples the fitter takes: g is 2 there, 1 beside it), else a
+    CertificationError (the fitter's own float64 checks should have seen it: a bug)."""
+    sampled, spacing = _sampled_error(ctx, seg, a, b)
+    found = (f"{where} has an error of at least {bound:.3g} at a point of x in [{a:.9g}, {b:.9g}], above the "
+             f"tolerance {ctx.tolerance:g}")
+    if sampled > SCALE_MISS * ctx.tolerance:
+        return CertificationError(found)
+    ys = ctx.ref.f(np.array([a, b]))
+    return ScaleError(f"{found} (y in [{min(ys):.9g}, {max(ys):.9g}]), while float64 f at {DENSE_POINTS} points "
+                      f"spaced {spacing:.3g} across it shows an error of {sampled:.3g} at most: f changes there on a "
+                      "scale of x finer than the fitter's scans and float64 samples resolve")
+
+
+def _sampled_error(ctx: BoundContext, seg: Segment, a: float, b: float) -> tuple[float, float]:
+    """(the largest error of ``seg`` against g, absolute where |g| <= 1 and relative above, at y = f(x)
+    for DENSE_POINTS float64 x evenly spread over [a, b] with y in the segment, their spacing)."""
+    x = np.linspace(a, b, DENSE_POINTS)
+    with np.errstate(all="ignore"):
+        y = ctx.ref.f(x)
+        inside = np.isfinite(y) & (y >= seg.lo) & (y <= seg.hi)
+        want = ctx.ref.value(x[inside], bulk=False)
+        err = np.abs(seg.evaluate(y[inside], ctx.params) - want) / np.maximum(1.0, np.abs(want))
+    err = np.where(np.isfinite(want), np.nan_to_num(err, nan=np.inf), 0.0)
+    return float(np.max(err, initial=0.0)), (b - a) / (DENSE_POINTS - 1)
 
 
 def _arb_finite(expr: sp.Expr, x: float) -> bool:
