@@ -66,8 +66,9 @@ _REL, _ULPS64 = 2.0 ** -26, 16 * torch.finfo(torch.float64).eps
 
 
 def is_candidate(module: nn.Module) -> bool:
-    """A leaf module with no parameters or buffers, from outside torch (torch.nn's classes are named)."""
-    return (not type(module).__module__.startswith("torch.")
+    """A leaf module with no parameters or buffers, from outside torch (torch.nn's classes are named), judged
+    by its own class (FSDP2's dynamic subclass, defined in torch, looked through: :func:`own_class`)."""
+    return (not own_class(module).__module__.startswith("torch.")
             and next(module.parameters(recurse=False), None) is None
             and next(module.buffers(recurse=False), None) is None and not module._modules)
 
@@ -120,13 +121,25 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def _unsharded(module: nn.Module) -> nn.Module:
+    """``module``, or where ``fully_shard`` was applied to it (FSDP2 refuses a deep copy), a shallow copy as its
+    own class (:func:`own_class`) without the sharding's state: what a deep copy of it may take."""
+    cls = own_class(module)
+    if cls is type(module):
+        return module
+    plain = cls.__new__(cls)
+    plain.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("__composable_api_state"))
+    return plain
+
+
 def probe_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` to call on synthetic input: without hooks (the user's hooks never see a probe;
-    the original keeps them), and on the CPU where its parameters or buffers are on the meta device
-    (``to_empty``: their values are unset, a probe sets those it needs)."""
+    the original keeps them), as its own class where ``fully_shard`` was applied to it (:func:`_unsharded`),
+    and on the CPU where its parameters or buffers are on the meta device (``to_empty``: their values are
+    unset, a probe sets those it needs)."""
     no_hooks = {id(hooks): type(hooks)() for m in module.modules() for name, hooks in vars(m).items()
                 if "hooks" in name and isinstance(hooks, dict)}
-    twin = copy.deepcopy(module, no_hooks)
+    twin = copy.deepcopy(_unsharded(module), no_hooks)
     if any(t.is_meta for t in (*twin.parameters(), *twin.buffers())):
         twin.to_empty(device="cpu")
     return twin

@@ -9,17 +9,18 @@
 ...     out = model(torch.randn(64, 256))
 >>> print(patched.compare(base))                               # doctest: +SKIP
 
-Every tensor autograd saves passes through :func:`torch.autograd.graph.saved_tensors_hooks`'s pack
-hook. Tensors are counted by their storage (``untyped_storage()``: pointer, device, size in bytes), each
-storage once: the output of an activation is usually also what the next Linear saves, and without
-de-duplication that sharing — the whole point of saving the output — would be invisible. A storage
-is charged to the innermost module running when it is first saved (module pre/post forward hooks);
-tensors saved outside any module go to ``"<outside>"``. A storage freed inside the block (a step's graph
-after its backward) stays counted, and the one the allocator puts at its address next counts too. The
-hook keeps each tensor detached (a saved output would otherwise hold its own graph in a cycle gc cannot
-free: a forward never backpropagated would never be freed) and, at backward, refuses one changed in place
-since it was saved, as autograd does without hooks. Storages of the model's parameters (or, with no
-model, of leaf tensors that require grad) are counted apart, in ``.parameters``, not in ``.total``.
+Every tensor autograd saves passes through :func:`torch.autograd.graph.saved_tensors_hooks`'s pack hook.
+Tensors are counted by their storage (``untyped_storage()``: pointer, device, size in bytes; on the meta
+device, where every pointer is 0, the storage itself), each storage once: the output of an activation is
+usually also what the next Linear saves, and without de-duplication that sharing — the whole point of
+saving the output — would be invisible. A storage is charged to the innermost module running when it is
+first saved (module pre/post forward hooks); tensors saved outside any module go to ``"<outside>"``. A
+storage freed inside the block (a step's graph after its backward) stays counted, and the one the
+allocator puts at its address next counts too. The hook keeps each tensor detached (a saved output would
+otherwise hold its own graph in a cycle gc cannot free: a forward never backpropagated would never be
+freed) and, at backward, refuses one changed in place since it was saved, as autograd does without hooks.
+Storages of the model's parameters (or, with no model, of leaf tensors that require grad) are counted
+apart, in ``.parameters``, not in ``.total``.
 
 Nested blocks: PyTorch hands each saved tensor to the innermost saved-tensor hook only, so one pack hook
 serves every open counter (a stack, per thread): an inner ``invact.memory`` block counts into the outer
@@ -162,6 +163,12 @@ def _foreign_hook() -> str | None:
     return getattr(top[0], "__qualname__", repr(top[0]))
 
 
+def _address(storage: torch.UntypedStorage, device: torch.device) -> int:
+    """What tells ``storage`` apart from the others alive: its data pointer, or on the meta device, where
+    every data pointer is 0, its storage object's (views of one storage share it)."""
+    return storage._cdata if device.type == "meta" else storage.data_ptr()
+
+
 @dataclass
 class _Entry:
     module: str
@@ -197,12 +204,12 @@ class SavedBytes:
     # -- bookkeeping -----------------------------------------------------------------------------
     @staticmethod
     def _keyed_storage(t: torch.Tensor) -> tuple[tuple, torch.UntypedStorage] | None:
-        """``t``'s storage and its key (device, pointer, bytes); None for a tensor without storage."""
+        """``t``'s storage and its key (device, address, bytes); None for a tensor without storage."""
         if is_jagged(t):                                 # a jagged tensor's bytes are its values' (the buffer:
             t = t._values                                # values() is an autograd view, saving t under hooks)
         try:
             s = t.untyped_storage()
-            return (t.device.type, t.device.index, s.data_ptr(), s.nbytes()), s
+            return (t.device.type, t.device.index, _address(s, t.device), s.nbytes()), s
         except (RuntimeError, NotImplementedError):   # tensors without storage (sparse, fake, DTensor)
             return None
 
