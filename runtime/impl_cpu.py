@@ -118,8 +118,17 @@ def _one_pass_with(mod: ModuleType, kind: int, call: Callable[[Tensor, Tensor], 
     if tails:
         xf, yf = x.view(-1), y.view(-1)
         for lo, hi in tails:
-            yf[lo:hi] = mod.forward(xf[lo:hi])
+            yf[lo:hi] = _scalar_tail(mod, xf, lo, hi)
     return y, packed
+
+
+def _scalar_tail(mod: ModuleType, xf: Tensor, lo: int, hi: int) -> Tensor:
+    """y of flat x's elements [lo, hi) as ATen's scalar loop computes them inside a longer tensor. A tail of
+    one element is computed with the one before it (also by the scalar loop, the slice being shorter than a
+    vector pair): alone it would be a one-element tensor, whose binary ops ATen runs as ops with a scalar,
+    another operand order (float16 quick_gelu's product of two NaNs took the other NaN's sign)."""
+    start = lo - 1 if hi - lo == 1 and lo > 0 else lo
+    return mod.forward(xf[start:hi])[lo - start:]
 
 
 def probe(dtype: torch.dtype) -> Tensor:
