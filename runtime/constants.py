@@ -156,9 +156,11 @@ def _reference_g(mod: ModuleType, x: Tensor, derivative: Tensor, params: dict[st
     return _generated_g(mod, wide, mod.forward(wide, **params), params, x_thresholds, y_thresholds, torch.float64)
 
 
-def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> None:
+def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, float], values: tuple[float, ...]) -> tuple:
     """ParamError naming the parameters, ``dtype`` and the values at x = -1, 0, 1 where the parameters leave
-    ``dtype``'s range there, from one evaluation of the forward in ``dtype``; refused in this order:
+    ``dtype``'s range there, from one evaluation of the forward in ``dtype``; else :func:`_thresholds` for
+    the parameters, which the probe computes after the overflow check (for the caller's constants). Refused
+    in this order:
 
     * y overflows (softplus with log(2)/beta beyond the dtype's largest value): y = inf, as in torch, has
       lost x, and the g of an infinite y (its limit, or NaN where the parameter itself rounds to 0) is not
@@ -179,7 +181,8 @@ def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
                 f"params: {mod.NAME} with {given} overflows {dtype} (y = inf already for x in [-1, 1]: y has lost "
                 "x, and no gradient can be recovered from it); choose other values or compute in a wider dtype",
                 "params")
-        _, xthr, _, ythr = _thresholds(mod, dtype, params)
+        thresholds = _thresholds(mod, dtype, params)
+        _, xthr, _, ythr = thresholds
         g = _generated_g(mod, x, y, params, xthr, ythr, _evaluation_dtype(dtype))
         reference = _reference_g(mod, x, derivative, params, xthr, ythr)
     if bool((torch.isfinite(reference) & ~torch.isfinite(g)).any()):
@@ -189,6 +192,7 @@ def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
                  "parameters beyond float32's range); choose other values or compute in float64")
         raise common_params.ParamError(f"params: {mod.NAME} with {given}: its gradient overflows in {dtype} (g is "
                                        f"{g.tolist()} for x in [-1, 0, 1], {where}", "params")
+    return thresholds
 
 
 @dataclass(frozen=True)
@@ -221,10 +225,10 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     if not mod.META["param_generic"] and values:
         _check(mod.NAME, dict(zip(mod.PARAMS, values)), mod.META)
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
-    if values:
-        _refuse_unusable(mod, dtype, params, values)
+    # the probe's thresholds where there is a probe: computed once, after its overflow check as before
+    thresholds = _refuse_unusable(mod, dtype, params, values) if values else _thresholds(mod, dtype, params)
     ev = _evaluation_dtype(dtype)
-    xbreaks, xthr, rounded, ythr_values = _thresholds(mod, dtype, params)
+    xbreaks, xthr, rounded, ythr_values = thresholds
     ythr = torch.tensor(ythr_values, dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()
     return Constants(xthr, ythr, tuple(ythr.tolist()), poly, params, torch.tensor(xthr, dtype=ev, device=device),

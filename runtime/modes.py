@@ -15,16 +15,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import (TorchFunctionMode, _get_current_function_mode, _get_current_function_mode_stack,
-                             _pop_mode, _push_mode)
+from torch.overrides import TorchFunctionMode
 
 from .routing import FunctionalRouter
 
 __all__ = ["CopyChunks", "install_router", "remove_router", "remove_modes", "install_mode", "remove_mode",
-           "CHUNKS", "TRIAL"]
+           "CHUNKS", "TRIAL", "ModeStackError"]
 
 _ROUTER, CHUNKS, TRIAL = "_invact_router", "_invact_chunks", "_invact_router_trial"   # keys in an owner's __dict__
 _SPLITS = {torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split}
+# torch.overrides' private API of a thread's torch-function mode stack: PyTorch has no public one that takes a
+# mode from below others (a mode's own __exit__ pops the top one), so it is looked up, and its effect checked
+_STACK_API = ("_get_current_function_mode_stack", "_pop_mode", "_push_mode")
+
+
+class ModeStackError(RuntimeError):
+    """torch.overrides' private mode-stack functions that :func:`_exit_mode` uses are missing, or did not
+    leave the stack as they did in the PyTorch versions invact was tested with."""
 
 
 class CopyChunks(TorchFunctionMode):
@@ -119,18 +126,45 @@ class _Scope:
 
 def _exit_mode(mode: TorchFunctionMode) -> None:
     """Take ``mode`` off the calling thread's torch-function mode stack, wherever it is: the modes entered
-    above it (and not left) stay, in their order."""
-    if torch.compiler.is_compiling() or _get_current_function_mode() is mode:
+    above it (and not left) stay, in their order. ModeStackError where torch's private stack API is
+    missing or did not do that (never a mode silently left entered, or another one dropped)."""
+    if torch.compiler.is_compiling():
         mode.__exit__(None, None, None)
         return
-    stack = _get_current_function_mode_stack()
+    get_stack, pop, push = _stack_api()
+    stack = get_stack()
     if mode not in stack:
         return
-    above = stack[stack.index(mode) + 1:]
-    for _ in range(len(above) + 1):
-        _pop_mode()
-    for m in above:
-        _push_mode(m)
+    on_top = stack[-1] is mode
+    at = len(stack) - 1 if on_top else stack.index(mode)
+    if on_top:
+        mode.__exit__(None, None, None)
+    else:
+        for _ in stack[at:]:
+            pop()
+        for m in stack[at + 1:]:
+            push(m)
+    _check_exited(get_stack(), stack[:at] + stack[at + 1:], mode)
+
+
+def _stack_api() -> tuple:
+    """(get the stack, pop the top mode, push a mode) of torch.overrides (:data:`_STACK_API`); ModeStackError
+    naming what is missing."""
+    missing = [name for name in _STACK_API if not callable(getattr(torch.overrides, name, None))]
+    if missing:
+        raise ModeStackError(f"torch {torch.__version__} lacks torch.overrides.{', torch.overrides.'.join(missing)}, "
+                             "which invact uses to exit a functional route or chunk-copy mode (invact.modes); "
+                             "use the PyTorch release invact is tested with (its pyproject.toml)")
+    return tuple(getattr(torch.overrides, name) for name in _STACK_API)
+
+
+def _check_exited(after: list, expected: list, mode: TorchFunctionMode) -> None:
+    """ModeStackError unless the stack ``after`` exiting ``mode`` is ``expected`` (the modes in order)."""
+    if len(after) != len(expected) or any(a is not e for a, e in zip(after, expected)):
+        raise ModeStackError(f"exiting {type(mode).__name__} left torch's torch-function mode stack as "
+                             f"{[type(m).__name__ for m in after]}, not {[type(m).__name__ for m in expected]}: "
+                             f"torch {torch.__version__}'s private torch.overrides.{'/'.join(_STACK_API)} "
+                             "changed behaviour (invact.modes relies on them)")
 
 
 def install_mode(owner: nn.Module, mode: TorchFunctionMode, attr: str,

@@ -11,18 +11,20 @@ an activation), :func:`generated_file` and :func:`root_option` (for error messag
 :func:`per_root`, the cache decorator for anything computed from generated code (``use_root`` clears
 those caches). A fit in another process is seen without a restart: :func:`names`, :func:`info` and an
 unknown name in :func:`module` read the registry again when a registry.py or tables/ folder, or a
-generated module this process imported (`invact generate` rewrote it), changed on disk (its mtime and
-size); a known name's module is a cache hit with no check. A module refused at import is not kept: the
-next use reads its file again. :func:`triton_module` is always of the table of :func:`module`'s code
-(:class:`TableRefittedError` otherwise).
+generated module this process imported (`invact generate` rewrote it; its file is looked at when its
+folder changed), changed on disk (its mtime and size); a known name's module is a cache hit with no
+check. A module refused at import is not kept: the next use reads its file again. :func:`triton_module`
+is always of the table of :func:`module`'s code (:class:`TableRefittedError` otherwise).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -41,7 +43,9 @@ TRITON_API = ("forward", "backward", "SEARCH_LEVELS", "TABLE_SHA256")  # g_y(...
 _ENV_APPLIED = False  # $INVACT_ROOT is layered once per process, at first use
 _CACHES: list = []    # functools caches of values computed from generated code: use_root clears them
 _STAMP: tuple = ()    # what a fit or `invact generate` changes on disk, when the registry was read
-_IMPORTED: dict[str, tuple | None] = {}  # file of each generated module imported -> its stamp then
+_IMPORTED: dict[str, tuple | None] = {}  # file of each generated module imported -> its stamp before the import
+_CODE_STAMP: tuple | None = None   # generated folders' stamps when _IMPORTED was last found current (None: not)
+_RACY_NS = 2_000_000_000   # a folder's mtime this close to now may be shared by a change still to come (coarse clocks)
 # of table_sha256: unreadable, not a regular file or too large (TableFileError), not JSON, nested past the
 # recursion limit, or without the fields
 TABLE_READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError, MemoryError)
@@ -109,13 +113,14 @@ def _stamp() -> tuple:
     """(mtime, size) of each registry.py and tables/ folder of ``invact.generated``'s path: a fit
     renames its table into tables/ (a refit changes no registry entry), a new name changes registry.py."""
     import invact.generated as pkg
-    return tuple(_file_stamp(Path(folder) / part) for folder in pkg.__path__ for part in ("registry.py", "tables"))
+    return tuple(_file_stamp(os.path.join(folder, part)) for folder in pkg.__path__
+                 for part in ("registry.py", "tables"))
 
 
-def _file_stamp(path: Path) -> tuple[int, int] | None:
+def _file_stamp(path: str | os.PathLike) -> tuple[int, int] | None:
     """(mtime in ns, size) of ``path``, None where it cannot be read: what a rename into place changes."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
@@ -125,17 +130,35 @@ def refresh() -> bool:
     """Forget the registry, the generated modules and every value computed from them when a fit or
     `invact generate` (in another process) changed them on disk since they were read (the registry,
     the tables, or the code of a module imported here); True if so."""
-    if _registry.cache_info().currsize == 0 or (
-            _stamp() == _STAMP and all(_file_stamp(Path(f)) == s for f, s in _IMPORTED.items())):
+    if _registry.cache_info().currsize == 0 or (_stamp() == _STAMP and not _imported_changed()):
         return False
     _forget()
     return True
 
 
+def _imported_changed() -> bool:
+    """Whether the file of a generated module imported here changed since its import. `invact fit` and
+    `invact generate` write every file by a rename into its folder (fitting.tables.replace_files), which
+    changes the folder's mtime: the files are looked at only where a folder's stamp changed since they
+    were last found current. That stamp is taken before them, and kept only where its mtime is older than
+    :data:`_RACY_NS` (a later change within the same tick of a coarse clock would leave it as it is)."""
+    global _CODE_STAMP
+    import invact.generated as pkg
+    folders = tuple(_file_stamp(folder) for folder in pkg.__path__)
+    if folders == _CODE_STAMP:
+        return False
+    changed = any(_file_stamp(f) != s for f, s in list(_IMPORTED.items()))  # a copy: imports in other threads
+    settled = time.time_ns() - _RACY_NS
+    _CODE_STAMP = None if changed or any(s is None or s[0] > settled for s in folders) else folders
+    return changed
+
+
 def _forget() -> None:
+    global _CODE_STAMP
     for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
         del sys.modules[mod]  # re-import from the new path
     _IMPORTED.clear()
+    _CODE_STAMP = None
     for cached in _CACHES:
         cached.cache_clear()
 
@@ -237,8 +260,34 @@ def info(name: str) -> dict:
     return dict(module(name).META)
 
 
+_IMPORT_TRIES = 3   # reads of a generated module rewritten while it is imported, before the next refresh sees it
+
+
 def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
-    """Import generated code; broken or stale files raise ImportError naming the file and the fix."""
+    """Import generated code; broken or stale files raise ImportError naming the file and the fix. The file's
+    stamp is taken before the import reads it: a file rewritten meanwhile (`invact generate` in another
+    process) is read again, and one rewritten at every try is seen as changed by the next :func:`refresh`."""
+    for _ in range(_IMPORT_TRIES):
+        before = _source_stamp(name)
+        mod = _import_checked(name, api)
+        if _file_stamp(mod.__file__) == before:
+            break
+        sys.modules.pop(name, None)   # rewritten while it was read
+    _IMPORTED[mod.__file__] = before
+    return mod
+
+
+def _source_stamp(name: str) -> tuple[int, int] | None:
+    """:func:`_file_stamp` of the file the import of generated module ``name`` reads (None if none)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return _file_stamp(spec.origin) if spec is not None and spec.origin else None
+
+
+def _import_checked(name: str, api: tuple[str, ...]) -> ModuleType:
+    """Import generated module ``name`` and check it (:func:`_check_api`, :func:`_check_table`)."""
     try:
         mod = importlib.import_module(name)
     except (ImportError, SyntaxError) as error:
@@ -251,7 +300,6 @@ def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
     except ImportError:
         sys.modules.pop(name, None)  # refused: the next import reads the file again (`invact generate` mends it)
         raise
-    _IMPORTED[mod.__file__] = _file_stamp(Path(mod.__file__))
     return mod
 
 
