@@ -426,10 +426,10 @@ def _meets(piece: PieceFit, target: float) -> bool:
     return piece.error + piece.rounding_error <= budget
 
 
-def _search_step(x_a: float, x_end: float):
+def _search_step(x_a: float, x_end: float, wide: bool = False):
     """x at fraction w of the way from x_a to x_end: linear, or linear in asinh(x) when the branch
-    reaches far out (a power-law end fitted up to its limit: x ~ 1e16 there)."""
-    if abs(x_end - x_a) <= 1e6:
+    reaches far out (a power-law end fitted up to its limit: x ~ 1e16 there) or ``wide`` is asked."""
+    if abs(x_end - x_a) <= 1e6 and not wide:
         return lambda w: x_a + w * (x_end - x_a)
     s_a, s_end = math.asinh(x_a), math.asinh(x_end)
     return lambda w: math.sinh(s_a + w * (s_end - s_a))
@@ -451,24 +451,35 @@ def _greedy(ref, y_lo, y_hi, tfs, degree, target, den_degree=0, max_pieces=MAX_P
         if meets:
             pieces.append(whole)
             break
-        needed = _needed(whole)
         x_a = float(ref.inverse(np.array([start]))[0])
-        step = _search_step(x_a, x_end)
-        lo_w, hi_w, good = 0.0, 1.0, None
-        for _ in range(14):
-            w = 0.5 * (lo_w + hi_w)
-            y_b = f32(float(ref.f(np.array([step(w)]))[0]))
-            if not y_b > start:
-                lo_w = w
-                continue
-            trial = _best(ref, start, y_b, tfs, degree, den_degree)
-            if _meets(trial, target):
-                lo_w, good = w, trial
-            else:
-                hi_w = w
-                needed = min(needed, _needed(trial))
+        good, needed = _largest_piece(ref, start, _search_step(x_a, x_end), tfs, degree, den_degree, target)
+        if good is None and abs(x_end - x_a) <= 1e6:
+            # the linear steps' smallest trial, 2^-14 of the way, is too long a piece where g changes on a
+            # much finer scale of x at the start than over the rest (g -> 5 like 1/y^2 out to x ~ 3e5)
+            good, finer = _largest_piece(ref, start, _search_step(x_a, x_end, wide=True), tfs, degree, den_degree,
+                                         target)
+            needed = min(needed, finer)
         if good is None:
-            return None, needed, start
+            return None, min(needed, _needed(whole)), start
         pieces.append(good)
         start = good.y_hi
     return pieces, max(_needed(p) for p in pieces), y_hi
+
+
+def _largest_piece(ref, start, step, tfs, degree, den_degree, target):
+    """(the largest piece from y = ``start`` to f(step(w)) meeting ``target`` that 14 halvings of the
+    fraction w in (0, 1) find, or None; the tolerance the closest trial pieces that failed need)."""
+    lo_w, hi_w, good, needed = 0.0, 1.0, None, math.inf
+    for _ in range(14):
+        w = 0.5 * (lo_w + hi_w)
+        y_b = f32(float(ref.f(np.array([step(w)]))[0]))
+        if not y_b > start:
+            lo_w = w
+            continue
+        trial = _best(ref, start, y_b, tfs, degree, den_degree)
+        if _meets(trial, target):
+            lo_w, good = w, trial
+        else:
+            hi_w = w
+            needed = min(needed, _needed(trial))
+    return good, needed

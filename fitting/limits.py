@@ -44,6 +44,8 @@ def value_at(f, x: float, expr: sp.Expr | None = None, what: str = "f") -> float
     symbolic = _sympy_limit(expr, x) if expr is not None else None
     if symbolic is not None and (numeric_limit is None or _agree(symbolic, numeric_limit)):
         return symbolic
+    if symbolic is not None and math.isfinite(symbolic):
+        return _limit_far_values_approach(f, x, symbolic, numeric_limit, what)
     if numeric_limit is not None:
         return numeric_limit
     raise SpecError(f"{what} has no limit as x -> {'+' if x > 0 else '-'}inf (it neither settles nor diverges "
@@ -78,6 +80,33 @@ def _settled_far(f, x: float, expr: sp.Expr | None) -> float | None:
     value = float(v[-1]) if abs(v[-1]) > 1e-200 else 0.0
     symbolic = _sympy_limit(expr, x) if expr is not None else None
     return value if symbolic is None or _agree(symbolic, value) else None
+
+
+def _limit_far_values_approach(f, x: float, symbolic: float, numeric_limit: float, what: str) -> float:
+    """Of sympy's finite limit and the extrapolated one (which disagree), the one that f's values at
+    |x| in [2^63, 1e300] move towards without passing it (x/log|x|'s f' ~ 1/log|x| falls past the
+    0.0114 that its slow steps extrapolate to, towards sympy's 0); refused where neither or both are."""
+    with np.errstate(all="ignore"):
+        v = f(np.copysign(np.geomspace(2.0 ** 63, 1e300, 60), x))
+    v = v[np.isfinite(v)]
+    fits = [lim for lim in (symbolic, numeric_limit) if v.size >= 2 and _approached(v, lim)]
+    if len(fits) == 1:
+        return fits[0]
+    side = f"x -> {'+' if x > 0 else '-'}inf"
+    raise SpecError(f"{what}'s limit as {side} is uncertain: sympy's limit {symbolic:.9g} and the "
+                    f"extrapolation of its values at |x| = 2^k, {numeric_limit:.9g}, disagree, and its values "
+                    "out to |x| = 1e300 do not tell which one they approach")
+
+
+def _approached(v: np.ndarray, limit: float) -> bool:
+    """Whether the values v move monotonically towards ``limit`` without passing it (to :func:`_agree`)."""
+    if math.isinf(limit):
+        step = np.diff(v)
+        return bool(np.all(step * limit >= 0) and np.any(step != 0))
+    gap = v - limit
+    within = np.array([_agree(limit, float(u)) for u in v])
+    same_side = np.all((gap >= 0) | within) or np.all((gap <= 0) | within)
+    return bool(same_side and np.all(np.diff(np.abs(gap)) <= 1e-12 * (1 + abs(limit))))
 
 
 def _check_float64(expr: sp.Expr, xs: np.ndarray, values: np.ndarray, what: str) -> None:

@@ -791,13 +791,37 @@ def _tail(b: Branch, ref: BranchReference, which: str, target: str, tol: float):
             raise FitError(f"branch {b.index}: y reaches its limit {y_limit:.9g} (to float64 rounding) at x = "
                            f"{steps[at]:.4g}, where g is still {g_at:.3g} from its limit {b.limits[which]:g} (more "
                            "than tolerance / 4): y no longer tells g apart there", None,
-                           f"--tolerance {4 * g_at:.2g} or more would end the fit there"
+                           f"--tolerance {_two_digits_up(4 * g_at):g} or more would end the fit there"
                            if 4 * g_at <= MAX_TOLERANCE else "g is not determined by y on this tail")
-        raise FitError(f"branch {b.index}: g does not settle to its limit {b.limits[which]:g} within tolerance "
-                       f"/ 4 by |x| = 1e15 (x -> {x_inf:+g})", None, "a looser --tolerance ends the fit sooner")
+        raise _unsettled_tail_error(b, ref, which, x_inf, steps[-1])
     y_end = f32(float(y[k]))
     kind, text = tail
     return y_end, [kind(_tail_range(b, which, y_end), b.index, text)]
+
+
+def _unsettled_tail_error(b: Branch, ref: BranchReference, which: str, x_inf: float, x_far: float) -> FitError:
+    """The refusal of a tail where g is still more than tolerance / 4 from its limit at x_far (|x| = 1e15):
+    a looser --tolerance is offered only where it ends the fit there (4 |g(x_far) - limit| within
+    MAX_TOLERANCE); x/log|x|'s g ~ 1/log|y| is still 0.03 from 0 there."""
+    limit = b.limits[which]
+    gap = abs(float(ref.fp(np.array([x_far]))[0]) - limit)
+    if 0 < 4 * gap <= MAX_TOLERANCE:
+        advice = f"--tolerance {_two_digits_up(4 * gap):g} or more would end the fit there"
+    elif math.isfinite(gap):
+        advice = f"g is still {gap:.3g} from its limit there, too slow an approach for any tolerance up to " \
+            f"{MAX_TOLERANCE:g}"
+    else:
+        advice = "float64 g is not finite there"
+    return FitError(f"branch {b.index}: g does not settle to its limit {limit:g} within tolerance / 4 by |x| = "
+                    f"{abs(x_far):.3g} (x -> {x_inf:+g})", None, advice)
+
+
+def _two_digits_up(v: float) -> float:
+    """v > 0 rounded up to two significant digits (a tolerance offered must not fall short of v); 0 as 0."""
+    if not v > 0:
+        return v
+    step = 10.0 ** (math.floor(math.log10(v)) - 1)
+    return float(f"{math.ceil(v / step) * step:.2g}")
 
 
 def _tail_start(b: Branch, ref: BranchReference, x_inf: float, y_limit: float) -> float:
