@@ -14,16 +14,20 @@ unknown name in :func:`module` read the registry again when a registry.py or tab
 generated module this process imported (`invact generate` rewrote it; its file is looked at when its
 folder changed), changed on disk (its mtime and size); a known name's module is a cache hit with no
 check. A module refused at import is not kept: the next use reads its file again. :func:`triton_module`
-is always of the table of :func:`module`'s code (:class:`TableRefittedError` otherwise).
+is always of the table of :func:`module`'s code (:class:`TableRefittedError` otherwise). Generated modules
+are compiled from their source at every import, never from a cached .pyc (:class:`_SourceOnlyLoader`).
+Thread-safe: reading the registry again, forgetting it and importing take one lock (:data:`_LOCK`); a
+known name's module (a cache hit) takes none.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +49,7 @@ _CACHES: list = []    # functools caches of values computed from generated code:
 _STAMP: tuple = ()    # what a fit or `invact generate` changes on disk, when the registry was read
 _IMPORTED: dict[str, tuple | None] = {}  # file of each generated module imported -> its stamp before the import
 _CODE_STAMP: tuple | None = None   # generated folders' stamps when _IMPORTED was last found current (None: not)
+_LOCK = threading.RLock()  # refresh, _forget, use_root, _import_generated: sys.modules and the stamps change together
 _RACY_NS = 2_000_000_000   # a folder's mtime this close to now may be shared by a change still to come (coarse clocks)
 # of table_sha256: unreadable, not a regular file or too large (TableFileError), not JSON, nested past the
 # recursion limit, or without the fields
@@ -130,10 +135,11 @@ def refresh() -> bool:
     """Forget the registry, the generated modules and every value computed from them when a fit or
     `invact generate` (in another process) changed them on disk since they were read (the registry,
     the tables, or the code of a module imported here); True if so."""
-    if _registry.cache_info().currsize == 0 or (_stamp() == _STAMP and not _imported_changed()):
-        return False
-    _forget()
-    return True
+    with _LOCK:
+        if _registry.cache_info().currsize == 0 or (_stamp() == _STAMP and not _imported_changed()):
+            return False
+        _forget()
+        return True
 
 
 def _imported_changed() -> bool:
@@ -154,13 +160,16 @@ def _imported_changed() -> bool:
 
 
 def _forget() -> None:
+    """Drop the generated modules from sys.modules (the next use imports them from the path in use), their
+    stamps and every :func:`per_root` cache."""
     global _CODE_STAMP
-    for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
-        del sys.modules[mod]  # re-import from the new path
-    _IMPORTED.clear()
-    _CODE_STAMP = None
-    for cached in _CACHES:
-        cached.cache_clear()
+    with _LOCK:
+        for mod in [m for m in sys.modules if m.startswith("invact.generated.")]:
+            del sys.modules[mod]  # re-import from the new path
+        _IMPORTED.clear()
+        _CODE_STAMP = None
+        for cached in _CACHES:
+            cached.cache_clear()
 
 
 def use_root(root: str | os.PathLike) -> None:
@@ -178,10 +187,11 @@ def use_root(root: str | os.PathLike) -> None:
     if not isinstance(root, (str, os.PathLike)) or not str(root).strip():
         raise TypeError(f"root must be a folder's path (str or os.PathLike, not empty), got {root!r}")
     folder = roots.check_root(root, needs_registry=True) / "generated"
-    if str(folder) in pkg.__path__:
-        pkg.__path__.remove(str(folder))
-    pkg.__path__.insert(0, str(folder))
-    _forget()
+    with _LOCK:
+        if str(folder) in pkg.__path__:
+            pkg.__path__.remove(str(folder))
+        pkg.__path__.insert(0, str(folder))
+        _forget()
 
 
 def fit_options(params: dict, tolerance: object, root: Path) -> str:
@@ -266,15 +276,18 @@ _IMPORT_TRIES = 3   # reads of a generated module rewritten while it is imported
 def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
     """Import generated code; broken or stale files raise ImportError naming the file and the fix. The file's
     stamp is taken before the import reads it: a file rewritten meanwhile (`invact generate` in another
-    process) is read again, and one rewritten at every try is seen as changed by the next :func:`refresh`."""
-    for _ in range(_IMPORT_TRIES):
-        before = _source_stamp(name)
-        mod = _import_checked(name, api)
-        if _file_stamp(mod.__file__) == before:
-            break
-        sys.modules.pop(name, None)   # rewritten while it was read
-    _IMPORTED[mod.__file__] = before
-    return mod
+    process) is read again, and one rewritten at every try is seen as changed by the next :func:`refresh`.
+    Each read compiles the source (:class:`_SourceOnlyLoader`): a same-size rewrite within the second of the
+    file's mtime is read, never the earlier code's cached .pyc."""
+    with _LOCK:
+        for _ in range(_IMPORT_TRIES):
+            before = _source_stamp(name)
+            mod = _import_checked(name, api)
+            if _file_stamp(mod.__file__) == before:
+                break
+            sys.modules.pop(name, None)   # rewritten while it was read
+        _IMPORTED[mod.__file__] = before
+        return mod
 
 
 def _source_stamp(name: str) -> tuple[int, int] | None:
@@ -286,10 +299,40 @@ def _source_stamp(name: str) -> tuple[int, int] | None:
     return _file_stamp(spec.origin) if spec is not None and spec.origin else None
 
 
+class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Loads a generated module from its source, never from a cached .pyc, and writes none: Python trusts
+    a .pyc whose source has the same size and the same mtime in whole seconds, so a same-size rewrite
+    (`invact generate` mending a hand edit) within that second would run the earlier code. Without the
+    source's stats, ``SourceLoader.get_code`` compiles the source bytes (~1 ms for the largest module)."""
+
+    def path_stats(self, path: str) -> dict:
+        raise OSError(f"{path}: generated code is compiled from its source")
+
+
+def _import_source(name: str) -> ModuleType:
+    """Generated module ``name``: the one in sys.modules, else imported by :class:`_SourceOnlyLoader`
+    (removed from sys.modules if its code raises, as importlib does)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    if isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+        spec = importlib.util.spec_from_file_location(name, spec.origin, loader=_SourceOnlyLoader(name, spec.origin))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
 def _import_checked(name: str, api: tuple[str, ...]) -> ModuleType:
     """Import generated module ``name`` and check it (:func:`_check_api`, :func:`_check_table`)."""
     try:
-        mod = importlib.import_module(name)
+        mod = _import_source(name)
     except (ImportError, SyntaxError) as error:
         where, fix = generated_file(name)
         raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "

@@ -3,6 +3,11 @@
 - A generated module's stamp was taken just after its import: a rewrite by another process (`invact
   generate`) between the import's read and the stamp went unseen, and the old code ran as if checked.
   The stamp is taken before the import, and a file rewritten meanwhile is read again.
+- That second read loaded the first read's cached .pyc where the rewrite kept the size and the mtime's
+  second (Python's check of a .pyc): the old code ran as current, in this process and in new ones.
+  Generated code is compiled from its source at every import, and no .pyc is written.
+- refresh() or use_root() in one thread while another imported a generated module removed it from
+  sys.modules mid-import: importlib raised a raw KeyError. They wait for the import now (one lock).
 - :func:`invact.registry.refresh` (every ``names()`` / ``info()``, so every module built or patched)
   stat'ed every imported module: ~300 us per call with the 30 built-in modules on a loaded 2-core machine.
   The modules are looked at only where their folder's stamp changed (invact writes every file by a rename
@@ -16,11 +21,14 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -45,17 +53,16 @@ def lin(tree, capsys, layered) -> Path:
 
 
 def _rewrite_on_import(monkeypatch, times: int, rewrite: Callable[[], object]) -> None:
-    """importlib.import_module calls ``rewrite()`` right after importing torch_lin, the first ``times``
-    times: another process writing the file between the import's read and what follows."""
-    real, left = importlib.import_module, [times]
+    """``rewrite()`` is called right after torch_lin is imported (when the registry checks it), the first
+    ``times`` times: another process writing the file between the import's read and what follows."""
+    real, left = registry._check_api, [times]
 
-    def importing(name: str, *args):
-        mod = real(name, *args)
-        if name.endswith(".torch_lin") and left[0] > 0:
+    def checking(mod: ModuleType, dotted: str, api: tuple[str, ...]) -> None:
+        real(mod, dotted, api)
+        if dotted.endswith(".torch_lin") and left[0] > 0:
             left[0] -= 1
             rewrite()
-        return mod
-    monkeypatch.setattr(importlib, "import_module", importing)
+    monkeypatch.setattr(registry, "_check_api", checking)
 
 
 def test_a_module_rewritten_while_it_is_imported_is_read_again(lin, capsys, monkeypatch):
@@ -68,6 +75,45 @@ def test_a_module_rewritten_while_it_is_imported_is_read_again(lin, capsys, monk
     assert HAND_EDIT not in lin.read_text()
     assert not hasattr(mod, "HAND_EDITED"), "the code read before `invact generate` rewrote it is in use"
     assert not registry.refresh()
+
+
+def _write_at(path: Path, text: str, mtime_ns: int) -> None:
+    """Write ``text`` to ``path`` by a rename (as invact writes), its mtime set to ``mtime_ns``."""
+    replace_text(path, text)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_same_size_rewrite_in_the_same_second_is_read_again_not_its_cached_bytecode(lin, monkeypatch):
+    """Python trusts a cached .pyc when the source has its size and its mtime's whole second. The hand edit
+    was mended by a rewrite of the same size within that second: the read again loaded the first read's
+    .pyc, the stamps then agreed, and the hand-edited code ran as current (and in new processes, from
+    the .pyc). Now generated code is compiled from its source, and no .pyc is written."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)   # users' default (this machine's env sets it)
+    text, second = lin.read_text(), (time.time_ns() // 10**9 - 10) * 10**9
+    mended = "#" * (len(HAND_EDIT) - 1) + "\n"
+    _write_at(lin, text + HAND_EDIT, second + 100_000_000)
+    _rewrite_on_import(monkeypatch, 1, lambda: _write_at(lin, text + mended, second + 300_000_000))
+    mod = registry.module("lin")
+    assert lin.stat().st_size == len(text + HAND_EDIT) and HAND_EDIT not in lin.read_text()
+    assert not hasattr(mod, "HAND_EDITED"), "the hand-edited code's cached bytecode is in use"
+    assert not registry.refresh()
+    assert not Path(importlib.util.cache_from_source(str(lin))).exists(), "a .pyc a new process would trust"
+
+
+def test_use_root_in_another_thread_waits_for_an_import(lin, monkeypatch):
+    """use_root (it forgets the generated modules) in another thread while torch_lin's code runs: it
+    deleted the module from sys.modules mid-import, and importlib raised a raw KeyError. Now it waits for
+    the import (the import waits for it 0.5 s, time enough for it to finish where it does not wait)."""
+    other, waiting = threading.Thread(target=invact.use_root, args=(lin.parent.parent,)), []
+    hook = ModuleType("_invact_test_during_import")
+    hook.run = lambda: (other.start(), other.join(timeout=0.5), waiting.append(other.is_alive()))
+    monkeypatch.setitem(sys.modules, hook.__name__, hook)
+    lin.write_text(lin.read_text() + f"import {hook.__name__}\n{hook.__name__}.run()\n")
+    mod = registry.module("lin")
+    other.join(timeout=10)
+    assert waiting == [True], "use_root forgot the generated modules while one was imported"
+    assert not other.is_alive(), "use_root did not finish after the import"
+    assert mod.NAME == "lin" and "invact.generated.torch_lin" not in sys.modules   # forgotten after it
 
 
 def test_a_module_rewritten_at_every_read_is_seen_changed_by_refresh(lin, monkeypatch):
