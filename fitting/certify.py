@@ -297,7 +297,8 @@ def _max_error(table: Table, index: int, ref: BranchReference, y32: np.ndarray) 
 def _value_errors(table: Table, index: int, ref: BranchReference,
                   y32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(the float32 values of ``y32`` that the branch owns, the error there without FMA, with FMA)
-    (:func:`_errors`)."""
+    (:func:`_errors`), a closed form's over every library within LIBRARY_ULPS of its calls' exact results
+    (:meth:`.scheme.ClosedForm.spread`)."""
     if y32.size == 0:
         return y32, np.zeros(0), np.zeros(0)
     cc = table.code_class_of(index)
@@ -306,7 +307,8 @@ def _value_errors(table: Table, index: int, ref: BranchReference,
         mine = own[segment_index(cc.y_breaks, y32, table.params)]   # ties owned by another branch
         y32 = y32[mine]
     want = ref(y32.astype(np.float64))
-    plain, fma = (_errors(got.astype(np.float64), want) for got in cc.evaluate_schemes(y32, table.params))
+    plain, fma = (np.max(_errors(got.astype(np.float64), want), axis=0)     # the least and the greatest g~
+                  for got in cc.evaluate_schemes(y32, table.params, spread=True))
     return y32, plain, fma
 
 

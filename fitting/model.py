@@ -55,12 +55,14 @@ class CodeClass:
         return self.evaluate_schemes(y, params, (fma,))[0]
 
     def evaluate_schemes(self, y: np.ndarray, params: dict | None = None,
-                         fma: tuple[bool, ...] = (False, True)) -> list[np.ndarray]:
+                         fma: tuple[bool, ...] = (False, True), spread: bool = False) -> list[np.ndarray]:
         """g~(y) by each scheme of ``fma`` (False: without FMA), the segment index found once and a
-        segment with no fused step (no ``evaluate_fma`` of its own) evaluated once for both."""
+        segment with no fused step (no ``evaluate_fma`` of its own) evaluated once for both. ``spread``:
+        each scheme's (least, greatest) g~(y) over the results a closed form's library calls may have
+        (:meth:`.segments.Segment.spread`), shape (2, *y.shape)."""
         y = np.asarray(y)
         idx = segment_index(self.y_breaks, y, params)
-        outs = [np.empty_like(y) for _ in fma]
+        outs = [np.empty((2, *y.shape) if spread else y.shape, dtype=y.dtype) for _ in fma]
         for i, seg in enumerate(self.segments):
             m = idx == i
             if m.any():
@@ -69,8 +71,9 @@ class CodeClass:
                 for out, f in zip(outs, fma):
                     key = bool(f) and fused
                     if key not in done:
-                        done[key] = seg.evaluate_fma(ym, params) if key else seg.evaluate(ym, params)
-                    out[m] = done[key]
+                        done[key] = seg.evaluate_fma(ym, params) if key else (
+                            seg.spread(ym, params) if spread else seg.evaluate(ym, params))
+                    out[..., m] = done[key]
         return outs
 
 

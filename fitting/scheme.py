@@ -3,9 +3,11 @@ Horner, segment indices; the plain parts the table model (:mod:`.model`) is buil
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import sympy as sp
@@ -16,8 +18,8 @@ from sympy.printing.precedence import precedence
 from .float32 import fma32
 
 __all__ = ["number", "horner", "segment_index", "Break", "is_numbers", "plain_extra", "param_values",
-           "closed_form_fn", "fold_numbers", "emitted_form", "softplus_argument", "softplus_terms", "StableSoftplus",
-           "power_form", "power64"]
+           "closed_form_fn", "ClosedForm", "LIBRARY_ULPS", "library_shifts", "ulps_apart", "fold_numbers",
+           "emitted_form", "softplus_argument", "softplus_terms", "StableSoftplus", "power_form", "power64"]
 
 NUMBER = (int, float)
 
@@ -44,20 +46,146 @@ def _sym(text: str, names: tuple[str, ...]) -> sp.Expr:
     return parse(text, ("y", "x"), names, "table expression")
 
 
+# The most a float32 library result may be off the exact value, in ulps of the exact value, per function
+# generated code calls on the tensor (sqrt, correctly rounded, is not one). exp, log, log1p, tanh: 1,
+# SLEEF's documented bound for its u10 functions, which ATen's CPU kernels and the C kernels call. erf,
+# atan, sinh, cosh, asinh: the larger of glibc's x86_64 float figure (sysdeps/x86_64/fpu/libm-test-ulps,
+# round to nearest, the larger of an old 2.2x table and the current one: erf 1, atan 1, sinh 2, cosh 2,
+# asinh 2) and ATen's (SLEEF u10: 1). Not covered: a GPU library's own bounds (CUDA's expf is 2 ulps).
+LIBRARY_ULPS = {"exp": 1, "log": 1, "log1p": 1, "tanh": 1, "erf": 1, "atan": 1, "sinh": 2, "cosh": 2, "asinh": 2}
+EVERY_SHIFT_UP_TO = 3      # calls whose 3**k combinations of moves are all evaluated; more: three sets
+
+
+def _erf64(a: np.ndarray) -> np.ndarray:
+    from scipy.special import erf   # numpy has no erf; the fitter's extra installs scipy
+    return erf(a)
+
+
+# each library function in float64 (numpy's; scipy's erf), not mpmath: within a few float64 ulps, 2^-29 of
+# a float32 ulp, so rounded to float32 it is one of the two floats around the exact value, and the floats
+# within U ulps of it are those within U ulps of the exact value (but for one exactly U ulps away, which
+# 2^-52 cannot place). Where float64 gives a power of two, the binade the exact value lies in decides its
+# ulp: :func:`_below_power_of_two` (else the larger ulp, which admits more)
+_FLOAT64 = {"exp": np.exp, "log": np.log, "log1p": np.log1p, "tanh": np.tanh, "erf": _erf64, "atan": np.arctan,
+            "sinh": np.sinh, "cosh": np.cosh, "asinh": np.arcsinh}
+
+
+def library_shifts(calls: int) -> list[tuple[int, ...]]:
+    """The results of ``calls`` library calls evaluated (-1: the least within LIBRARY_ULPS of the exact
+    value, 0: rounded to nearest, 1: the greatest), one tuple per evaluation: all 3**calls for at most
+    EVERY_SHIFT_UP_TO calls, else all nearest, all least and all greatest."""
+    if calls <= EVERY_SHIFT_UP_TO:
+        return list(itertools.product((-1, 0, 1), repeat=calls))
+    return [(0,) * calls, (-1,) * calls, (1,) * calls]
+
+
+def _library(shifts: tuple[int, ...] | None, k: int, name: str, a) -> np.ndarray:
+    """Library call ``k`` of a closed form, ``name`` of ``a`` in a's dtype: float64's result rounded to
+    nearest, or where ``shifts[k]`` is -1 (1) the least (greatest) value of a's dtype within
+    LIBRARY_ULPS[name] ulps of it (:func:`ulps_apart`; not at an exact point: :func:`_exact_point`)."""
+    a = np.asarray(a)
+    exact = _FLOAT64[name](a.astype(np.float64))
+    nearest = exact.astype(a.dtype)
+    if not shifts or not shifts[k]:
+        return nearest
+    a64 = a.astype(np.float64)
+    moved = ulps_apart(exact, nearest, shifts[k] * LIBRARY_ULPS[name], _below_power_of_two(name, a64, exact))
+    return np.where(_exact_point(name, a64), nearest, moved)
+
+
+def _exact_point(name: str, a: np.ndarray) -> np.ndarray:
+    """Where C's Annex F has function ``name`` return its exact value, which every library here does:
+    f(±0) (exp and cosh 1, the others ±0) and log(1) = 0."""
+    return (a == 0) | ((a == 1) if name == "log" else False)
+
+
+def _below_power_of_two(name: str, a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Where function ``name``'s exact value at ``a`` is smaller in magnitude than its float64 result
+    ``w`` when w is a power of two (float64 rounds exp(-1e-30) to 1: the exact value's ulp is the binade
+    below's), as the function's range tells: |tanh|, |erf| < 1; exp(a) < 1 for a < 0; |tanh(a)|,
+    |atan(a)|, |asinh(a)| < |a| and log1p(a) < a for a > 0 (w = a for a tiny a)."""
+    below = np.zeros(w.shape, dtype=bool)
+    if name in ("tanh", "erf"):
+        below |= np.abs(w) == 1
+    if name == "exp":
+        below |= (w == 1) & (a < 0)
+    if name in ("tanh", "atan", "asinh") or name == "log1p":
+        below |= (w == a) & ((a > 0) if name == "log1p" else (a != 0))
+    return below
+
+
+def ulps_apart(exact: np.ndarray, nearest: np.ndarray, ulps: int, below: np.ndarray | bool = False) -> np.ndarray:
+    """The greatest value of nearest's dtype at most ``ulps`` ulps above float64 ``exact`` (ulps > 0), or
+    the least at most -ulps below. An ulp is the dtype's spacing at the exact value v,
+    2^(floor(log2|v|) - p + 1) (p the precision, as library bounds are measured): at |exact|, but the
+    binade below's where ``below`` and ``exact`` is a power of two (v lies below it in magnitude). Where ``nearest``
+    (exact rounded) is not finite it stays; a finite value stays finite, and none has the other sign than
+    ``exact`` (it stops at zero; float64's 0 may be a positive value's underflow): a library's result is
+    finite where the exact value rounds to a finite float, and has its sign (a crossed sign would make a
+    later sqrt or log NaN)."""
+    dtype, info = nearest.dtype, np.finfo(nearest.dtype)
+    tiny = float(info.smallest_subnormal)
+    with np.errstate(all="ignore"):
+        m, e = np.frexp(exact)
+        e = np.where(below & (np.abs(m) == 0.5), e - 1, e)
+        ulp = np.where(exact == 0, tiny, np.maximum(np.ldexp(1.0, e - 1 - info.nmant), tiny))
+        bound = exact + ulps * ulp
+        out = bound.astype(dtype)
+        past = out.astype(np.float64) > bound if ulps > 0 else out.astype(np.float64) < bound
+        out = np.where(past, np.nextafter(out, np.asarray(-math.inf if ulps > 0 else math.inf, dtype)), out)
+        crossed = (out != 0) & (np.signbit(out) != np.signbit(exact))
+        out = np.where(crossed, np.copysign(np.zeros_like(out), exact.astype(dtype)), out)
+        return np.where(np.isfinite(nearest) & np.isfinite(out), out, nearest)
+
+
+class ClosedForm:
+    """A closed form evaluated with the operations generated code runs (:func:`closed_form_fn`)."""
+
+    def __init__(self, fn: Callable, calls: int):
+        self._fn = fn
+        self.calls = calls          # library calls on the tensor (exp, log, ...: LIBRARY_ULPS)
+
+    def __call__(self, y: np.ndarray, shifts: tuple[int, ...] | None = None) -> np.ndarray:
+        """g~(y) in y's dtype, each library result computed in float64 and rounded once to y's dtype,
+        or where ``shifts`` (one per call: :func:`library_shifts`; None: all 0) says so the least or the
+        greatest float within LIBRARY_ULPS of it."""
+        with np.errstate(all="ignore"):
+            return np.broadcast_to(np.asarray(self._fn(y, shifts), dtype=y.dtype), y.shape)
+
+    def spread(self, y: np.ndarray) -> np.ndarray:
+        """(least, greatest) g~(y) over the library results within LIBRARY_ULPS of the exact values,
+        stacked (shape (2, *y.shape)), so that its error bounds every library within those ulps (SLEEF,
+        glibc, numpy: not only numpy's float32 functions). Each call is evaluated rounded to nearest and
+        at the least and the greatest float within LIBRARY_ULPS of the exact result (:func:`ulps_apart`;
+        every such float lies between), every combination for up to EVERY_SHIFT_UP_TO calls: exact for a
+        g~ monotone in each call's result between those values, which the emitted operations are (+, -,
+        *, /, sqrt, rounding and the library functions themselves are monotone in one argument); beyond,
+        the all-nearest, all-least and all-greatest sets are a sampled check. NaN in any variant gives NaN."""
+        if self.calls == 0:
+            g = self(y)
+            return np.broadcast_to(g, (2, *g.shape))
+        lo = hi = None
+        for shifts in library_shifts(self.calls):
+            g = self(y, shifts)
+            lo = g if lo is None else np.minimum(lo, g)     # (NaN propagates)
+            hi = g if hi is None else np.maximum(hi, g)
+        return np.stack([lo, hi])
+
+
 @lru_cache(maxsize=256)
-def closed_form_fn(expr: str, params: tuple):
-    """A numpy function of y for closed form ``expr`` with parameter values ``params`` ((name, value)
-    pairs), in y's dtype: the operations generated code evaluates it with (:func:`emitted_form`, each
-    power by :func:`power_form`), so certification measures the emitted code's rounding."""
+def closed_form_fn(expr: str, params: tuple) -> ClosedForm:
+    """Closed form ``expr`` with parameter values ``params`` ((name, value) pairs) as a function of y
+    in y's dtype: the operations generated code evaluates it with (:func:`emitted_form`, each power by
+    :func:`power_form`), so certification measures the emitted code's rounding; library calls (exp,
+    log, ...) in float64 rounded to y's dtype, and :meth:`ClosedForm.spread` over every library within
+    LIBRARY_ULPS of the exact result."""
     y = sp.Symbol("y", real=True)
     e = _exponents_kept(emitted_form(_sym(expr, tuple(k for k, _ in params)), y), y)
     e = fold_numbers(e.subs(param_values(dict(params))), y)
-    f = sp.lambdify(y, e, modules=[{"power64": power64, "exp_log": _exp_log}, "numpy"], printer=_EmittedPrinter)
-
-    def call(y):
-        with np.errstate(all="ignore"):
-            return np.broadcast_to(np.asarray(f(y), dtype=y.dtype), y.shape)
-    return call
+    printer = _EmittedPrinter()
+    f = sp.lambdify((y, sp.Symbol(_SHIFTS)), e, modules=[{"power64": power64, "library": _library}, "numpy"],
+                    printer=printer)
+    return ClosedForm(f, printer.calls)
 
 
 def fold_numbers(e: sp.Expr, var: sp.Symbol) -> sp.Expr:
@@ -138,10 +266,6 @@ class _ExpLog(sp.Function):
     nargs = 2
 
 
-def _exp_log(base: np.ndarray, exponent: float) -> np.ndarray:
-    return np.exp(exponent * np.log(base))
-
-
 def _exponents_kept(e: sp.Expr, var: sp.Symbol) -> sp.Expr:
     """``e`` with each tensor power whose exponent is in parameters marked :class:`_ExpLog` (before
     their values make it a number, which generated code would compute otherwise)."""
@@ -149,9 +273,24 @@ def _exponents_kept(e: sp.Expr, var: sp.Symbol) -> sp.Expr:
                      and not a.exp.has(var), lambda a: _ExpLog(a.base, a.exp))
 
 
+_SHIFTS = "library_shifts"   # the name of the shifts argument of a closed form's lambdified function
+
+
 class _EmittedPrinter(NumPyPrinter):
     """lambdify's NumPy printer with generated code's numbers and powers: numbers as Python floats
-    (rounded to y's dtype where they meet it, as torch rounds a Python scalar), powers by :func:`power_form`."""
+    (rounded to y's dtype where they meet it, as torch rounds a Python scalar), powers by :func:`power_form`,
+    and each library function on the tensor as :func:`_library` call number k (``calls`` counts them)."""
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.calls = 0
+
+    def _library_call(self, name: str, arg: str) -> str:
+        self.calls += 1
+        return f"library({_SHIFTS}, {self.calls - 1}, {name!r}, {arg})"
+
+    def _print_library(self, e):
+        return self._library_call(type(e).__name__, self._print(e.args[0]))
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sp.Expr) and expr.is_number and not isinstance(expr, sp.Integer) and expr.is_finite:
@@ -170,7 +309,7 @@ class _EmittedPrinter(NumPyPrinter):
             return f"({prod})" if ex > 0 else f"(1.0 / ({prod}))"
         if form == "power":
             return f"power64({self._print(base)}, {float(ex)!r})"
-        return f"numpy.exp({self._print(ex * sp.log(base))})"
+        return self._exp_log(self._print(base), self._print(ex))
 
     def _print_Max(self, e):
         return self._fold("numpy.maximum", e)
@@ -189,7 +328,15 @@ class _EmittedPrinter(NumPyPrinter):
         return f"({self._print(softplus_terms(e.args[0]))})"
 
     def _print__ExpLog(self, e):
-        return f"exp_log({self._print(e.args[0])}, {self._print(e.args[1])})"
+        return self._exp_log(self._print(e.args[0]), self._print(e.args[1]))
+
+    def _exp_log(self, base: str, exponent: str) -> str:
+        """exp(exponent * log(base)) (power_form 'exp_log'), its two library calls counted."""
+        return self._library_call("exp", f"({exponent}) * {self._library_call('log', base)}")
+
+
+for _name in LIBRARY_ULPS:
+    setattr(_EmittedPrinter, f"_print_{_name}", _EmittedPrinter._print_library)
 
 
 def horner(coeffs, c0_lo: float, u: np.ndarray, den=None, fma: bool = False) -> np.ndarray:

@@ -12,7 +12,7 @@ import sympy as sp
 
 from .errors import CertificationError, ScaleError, TableError
 from .float32 import F32_MAX, TINY32, end_neighbours, log32, overflows_as, root_power32
-from .scheme import closed_form_fn, horner, is_numbers, number, param_values, plain_extra
+from .scheme import ClosedForm, closed_form_fn, horner, is_numbers, number, param_values, plain_extra
 
 __all__ = ["Transform", "BoundContext", "Emitter", "Segment", "ConstantSegment", "ExactSegment", "PolySegment",
            "RationalSegment", "PowerTailSegment", "KINDS", "segment_problem", "segment_texts"]
@@ -209,6 +209,12 @@ class Segment:
         with no fused step (only POLY rows have them)."""
         return self.evaluate(y, params)
 
+    def spread(self, y: np.ndarray, params: dict | None = None) -> np.ndarray:
+        """(least, greatest) g~(y) over the results the library functions it calls may have, stacked
+        (shape (2, *y.shape); broadcast where it calls none): :meth:`evaluate` for a kind without calls."""
+        g = self.evaluate(y, params)
+        return np.broadcast_to(g, (2, *g.shape))
+
     def scheme_error(self, ref: Callable, y: np.ndarray, params: dict | None = None) -> float:
         """Max error of the emulated float32 scheme at the float32 values ``y`` against the float64
         reference ``ref``, absolute where |g| <= 1 and relative above, as certification measures it;
@@ -216,10 +222,10 @@ class Segment:
         y = np.asarray(y, dtype=np.float32)
         g = ref(y.astype(np.float64))
         with np.errstate(all="ignore"):
-            got = self.evaluate(y, params).astype(np.float64)
+            got = self.spread(y, params).astype(np.float64)     # every library within its ulps (scheme.py)
             err = np.where(np.isfinite(got), np.abs(got - g) / np.maximum(1.0, np.abs(g)), np.inf)
             err = np.where(overflows_as(got, g), 0.0, err)    # g past float32 max: inf is its float32 value
-        return float(np.max(err[np.isfinite(g)], initial=0.0))
+        return float(np.max(err[:, np.isfinite(g)], initial=0.0))
 
     def bound(self, ctx: BoundContext) -> tuple[float, str]:
         """(bound on |g~ - g| in real arithmetic over the segment, the method that gave it)."""
@@ -292,7 +298,14 @@ class ExactSegment(Segment):
     TEXTS: ClassVar[tuple] = (("expr", ("y",), "expr"),)
 
     def evaluate(self, y, params=None):
-        return closed_form_fn(self.expr, tuple(sorted((params or {}).items())))(y).astype(y.dtype)
+        return self._form(params)(y).astype(y.dtype)
+
+    def spread(self, y, params=None):
+        """:meth:`.scheme.ClosedForm.spread`: over every library within LIBRARY_ULPS of the exact results."""
+        return self._form(params).spread(y).astype(y.dtype)
+
+    def _form(self, params) -> ClosedForm:
+        return closed_form_fn(self.expr, tuple(sorted((params or {}).items())))
 
     def scheme_error(self, ref, y, params=None):
         """:meth:`Segment.scheme_error` at ``y`` and at the float32 values next to the segment's
@@ -572,24 +585,26 @@ def _violated_part(prove, middle, a: float, b: float, bound: float) -> tuple[flo
 
 def _violation_error(ctx: BoundContext, seg: Segment, where: str, a: float, b: float, bound: float) -> Exception:
     """The refusal of a piece whose proof shows its error above the tolerance at a point of x in
-    [a, b]: a ScaleError where float64 f, at DENSE_POINTS across [a, b], shows the piece within
-    SCALE_MISS tolerances everywhere (x + tanh(1e20*(x - 1e-5))/1e20 rises by 2e-20 within 1e-20 of
-    x = 1e-5, between any two float64 samples the fitter takes: g is 2 there, 1 beside it), else a
-    CertificationError (the fitter's own float64 checks should have seen it: a bug)."""
-    sampled, spacing = _sampled_error(ctx, seg, a, b)
+    [a, b]: a ScaleError where float64 f, at DENSE_POINTS across [a, b], shows the piece within the
+    tolerance everywhere (x + tanh(1e20*(x - 1e-5))/1e20 rises by 2e-20 within 1e-20 of x = 1e-5,
+    between any two float64 samples the fitter takes: g is 2 there, 1 beside it), else (an error above
+    the tolerance that float64 shows, or no sample of x whose y is in the segment) a CertificationError:
+    the fitter's own float64 checks should have seen it, a bug."""
+    sampled, spacing, count = _sampled_error(ctx, seg, a, b)
     found = (f"{where} has an error of at least {bound:.3g} at a point of x in [{a:.9g}, {b:.9g}], above the "
              f"tolerance {ctx.tolerance:g}")
-    if sampled > SCALE_MISS * ctx.tolerance:
-        return CertificationError(found)
+    if sampled > ctx.tolerance or count == 0:
+        return CertificationError(f"{found}; float64 samples there show an error of {sampled:.3g} at {count} points")
     ys = ctx.ref.f(np.array([a, b]))
     return ScaleError(f"{found} (y in [{min(ys):.9g}, {max(ys):.9g}]), while float64 f at {DENSE_POINTS} points "
                       f"spaced {spacing:.3g} across it shows an error of {sampled:.3g} at most: f changes there on a "
                       "scale of x finer than the fitter's scans and float64 samples resolve")
 
 
-def _sampled_error(ctx: BoundContext, seg: Segment, a: float, b: float) -> tuple[float, float]:
+def _sampled_error(ctx: BoundContext, seg: Segment, a: float, b: float) -> tuple[float, float, int]:
     """(the largest error of ``seg`` against g, absolute where |g| <= 1 and relative above, at y = f(x)
-    for DENSE_POINTS float64 x evenly spread over [a, b] with y in the segment, their spacing)."""
+    for DENSE_POINTS float64 x evenly spread over [a, b] with y in the segment, their spacing, how many
+    of them have y in the segment)."""
     x = np.linspace(a, b, DENSE_POINTS)
     with np.errstate(all="ignore"):
         y = ctx.ref.f(x)
@@ -597,7 +612,7 @@ def _sampled_error(ctx: BoundContext, seg: Segment, a: float, b: float) -> tuple
         want = ctx.ref.value(x[inside], bulk=False)
         err = np.abs(seg.evaluate(y[inside], ctx.params) - want) / np.maximum(1.0, np.abs(want))
     err = np.where(np.isfinite(want), np.nan_to_num(err, nan=np.inf), 0.0)
-    return float(np.max(err, initial=0.0)), (b - a) / (DENSE_POINTS - 1)
+    return float(np.max(err, initial=0.0)), (b - a) / (DENSE_POINTS - 1), int(np.count_nonzero(inside))
 
 
 def _arb_finite(expr: sp.Expr, x: float) -> bool:

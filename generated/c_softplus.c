@@ -2,11 +2,12 @@
 /* softplus: float32 backward out = g(y, code) * grad, the statements of the eager g_kernel of
  * generated/torch_softplus.py in the same order (invact.fitting.codegen.c_gen); built and called
  * by invact.table_c. */
-/* Calls the C library's expf where ATen calls its own vectorised functions:
- * those results may differ by about an ulp (everything else: the eager backend's bits). */
+/* Calls invact_expf (csrc/invact_libm.h): SLEEF's u10 algorithms, within 1 ulp, as ATen's
+ * vectorised functions (their bits in the build with FMA); torch.exp/log/tanh of an ATen built
+ * with MKL call its VML instead, about an ulp apart (everything else: the eager backend's bits). */
 
-#define TABLE_SHA256 "ece9a461d8bcf4efc42dbfe6c60e43fc06579a07b7a32466e32b701ef4666add"
-/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */
+#define TABLE_SHA256 "4e7b74bcf3184a8e3559aa92f22a57e838f75a50799a8492cd0e5fbe696c9b96"
+/* 0: g calls math functions (above), which may differ from the eager g_kernel's (invact.table_c.g_kernel) */
 #define EAGER_BITS 0
 #define CODE_BITS 0
 #define N_SEGMENTS 2
@@ -34,7 +35,7 @@ static inline float invact_g(float y, int32_t code, const float *restrict thr, c
     const double param_threshold = param[1];
     (void)code, (void)thr, (void)poly, (void)param, (void)qb;
     int32_t s = ((int32_t)((y > thr[0])));
-    float g = invact_clamp_min(((float)(1.0) - expf(((float)((-param_beta)) * y))), (float)(0.0));
+    float g = invact_clamp_min(((float)(1.0) - invact_expf(((float)((-param_beta)) * y))), (float)(0.0));
     g = ((s == 1) ? (float)(1.0) : g);
     g = ((y != y) ? y : g);
     return g;

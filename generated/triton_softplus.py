@@ -9,7 +9,7 @@ from invact import act_triton
 NSEG = tl.constexpr(2)  # segments: the columns of P (POLY transposed)
 SEARCH_LEVELS = 0  # levels of g_search's segment search (invact.common.slots; 0: none)
 # sha256 of the table's content this code was generated from (checked by invact.ops at import)
-TABLE_SHA256 = 'ece9a461d8bcf4efc42dbfe6c60e43fc06579a07b7a32466e32b701ef4666add'
+TABLE_SHA256 = '4e7b74bcf3184a8e3559aa92f22a57e838f75a50799a8492cd0e5fbe696c9b96'
 
 
 @triton.jit

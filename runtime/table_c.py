@@ -10,8 +10,10 @@ with ``csrc``'s headers alone: never the file again by path, nor a header plante
 Parameters, thresholds and POLY are arguments, so one build serves every parameter set.
 
 Results: the eager backend's bits where the torch code is plain arithmetic (built with
-``-ffp-contract=off``, no FMA); where it calls torch.exp/log/tanh/erf/... the C library's float
-function stands in for ATen's vectorised one, about an ulp apart (tests/test_c_tables.py bounds it).
+``-ffp-contract=off``, no FMA); torch.exp/log/log1p/tanh are ``csrc/invact_libm.h``'s: SLEEF's u10
+algorithms as ATen's vectorised kernels run them, ATen's bits in the build with FMA and within 1 ulp
+(as ATen's) without; torch.erf/atan/sinh/cosh/asinh are the C library's scalar float functions, about
+an ulp from ATen's (tests/test_c_tables.py bounds both).
 The float32 backward (:func:`run`) runs a second build with FMA where ATen's CPU capability is AVX2 or
 AVX-512 (both imply FMA hardware): the generated file's fused steps (``INVACT_FMA``) become ``fmaf``,
 the FMA scheme that every table's certificate also covers (``float32_fma_eval_error``); it matches the
@@ -37,7 +39,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
 import re
 import subprocess
@@ -53,11 +54,13 @@ from . import bitpack, cpu_kernel, kernel_cache, registry
 __all__ = ["source", "library", "fma", "run", "direct16", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
-HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_pack.h", "invact_threads.h"))
+HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_libm.h", "invact_pack.h",
+                                    "invact_threads.h"))  # in the key
 ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
-# -z defs: a function the library lacks fails the link (nothing is cached), never the load
-_VECTOR_MATH = (("-DINVACT_LIBMVEC", "-Wl,-z,defs", "-lmvec", "-lm"), ())
+# the C library's erff, atanf, ... (scalar); -z defs: a function the library lacks fails the link
+# (nothing is cached), never the load
+_LINK = ("-Wl,-z,defs", "-lm")
 
 
 def fma() -> bool:
@@ -136,15 +139,15 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
         if lib.invact_table_sha256().decode() != sha256:
             raise RuntimeError("built from another table")
 
-    # with glibc's vector math library where it links, else without; OpenMP threads, else pthreads. The
-    # command compiles a copy of the bytes read and checked above (kernel_cache.Source) in a private
-    # folder, headers from CSRC alone: never the file at ``path`` again, nor a header next to it; the
-    # key is of those bytes, the headers and the command, not of where the file lies
+    # OpenMP threads, else pthreads. The command compiles a copy of the bytes read and checked above
+    # (kernel_cache.Source) in a private folder, headers from CSRC alone: never the file at ``path``
+    # again, nor a header next to it; the key is of those bytes, the headers and the command, not of
+    # where the file lies
     builds = []
-    for extra, threads in itertools.product(_VECTOR_MATH, kernel_cache.threading_flags(compiler)):
+    for threads in kernel_cache.threading_flags(compiler):
         flags = [*_flags(use_fma), *threads]
-        command = [compiler, *flags, kernel_cache.Source(path.name, text), *extra]
-        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join([compiler, *flags, *extra]).encode()]
+        command = [compiler, *flags, kernel_cache.Source(path.name, text), *_LINK]
+        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join([compiler, *flags, *_LINK]).encode()]
         builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     try:
         lib = kernel_cache.load_first(builds, check)
@@ -237,7 +240,7 @@ def run_lookup(mod: ModuleType, out: Tensor, grad: Tensor, y: Tensor, code: Tens
 
 def g_kernel(mod: ModuleType) -> Callable[..., Tensor] | None:
     """The generated ``mod.g_kernel`` (float32 work: 16-bit y upcast) computed by the table's C kernel,
-    where that is the eager code's result bit for bit (no C library call: EAGER_BITS) and it builds,
+    where that is the eager code's result bit for bit (EAGER_BITS: no exp, log, erf, ... call) and it builds,
     else None: what fills invact.impl_eager.lookup_table's 65,536-entry tables in milliseconds (torch
     ops on the autograd engine's thread took seconds on a busy machine)."""
     lib = library(mod)

@@ -3,14 +3,23 @@
 Each C file holds the statements of the table's generated eager g_kernel, translated with torch's
 float32 semantics and built without FMA contraction, so where the torch code is plain arithmetic the
 gradients must equal the eager backend's bit for bit (NaN where it is NaN): no tolerance. Where it
-calls torch.sqrt/exp/... (the file says which), ATen's vectorised function and the C library's differ
-by about an ulp; the tolerance for those tables is derived below (:func:`_libm_bound`).
+calls torch.exp/log/log1p/tanh the C code calls csrc/invact_libm.h's versions of SLEEF's u10 functions:
+in the build with FMA those are ATen's Vectorized<float> functions bit for bit (tested on every input
+class below), so the gradients are the eager backend's wherever ATen computes the function by SLEEF
+(torch.log1p; torch.exp/log/tanh in an ATen built without MKL, whose VML it calls otherwise); elsewhere,
+and for the C library's erff etc., the two functions are about an ulp apart and the tolerance is
+derived below (:func:`_libm_bound`).
 """
 
+import ctypes
+import functools
 import importlib.util
 import math
+import re
+import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,18 +64,41 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
     return x.float()
 
 
-def _calls_libm(mod) -> bool:
-    """Whether the table's C file calls a C library function where the torch code calls ATen's."""
-    return "Calls the C library's" in table_c.source(mod).read_text()
+def _math_calls(mod) -> set[str]:
+    """The torch names of the math functions the table's C file calls, the C library's (erff, ...) or
+    csrc/invact_libm.h's (invact_expf, ...): the functions whose results may differ from ATen's."""
+    text = table_c.source(mod).read_text()
+    return set(re.findall(r"\b(?:invact_)?(exp|log|log1p|tanh|erf|atan|sinh|cosh|asinh)f\(", text))
+
+
+def _calls_math(mod) -> bool:
+    return bool(_math_calls(mod))
+
+
+LIBM = ("exp", "log", "log1p", "tanh")   # csrc/invact_libm.h's functions, by torch name
+
+
+def _aten_sleef() -> set[str]:
+    """The functions of LIBM that torch computes on float32 CPU tensors by SLEEF (ATen's
+    Vectorized<float>): log1p always; exp, log and tanh call MKL's VML where ATen has MKL (vml.h)."""
+    return {"log1p"} | (set() if torch.backends.mkl.is_available() else {"exp", "log", "tanh"})
+
+
+def _exact(mod, use_fma: bool) -> bool:
+    """Whether the C kernel's gradient must be the eager backend's bit for bit: plain arithmetic, or
+    (build with FMA) calls of invact_libm.h only, of functions ATen computes by SLEEF here."""
+    calls = _math_calls(mod)
+    return not calls or (use_fma and calls <= _aten_sleef())
 
 
 def _libm_bound(eager: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
-    """|C - eager| allowed per element where the C code calls the C library's sqrtf/expf/... for ATen's.
-    Both functions are within about an ulp of the exact value (glibc's scalar and vector (libmvec)
-    functions, ATen's SLEEF u10 and MKL sqrt: one or two), so their results are a few ulps apart at
-    most; the few roundings after (a product, a quotient, 1 - e with e <= 1) keep g within 4 float32
-    ulps of |g| + 1, the libm term of tests/tolerances.py's bound. The product g * grad then differs by |grad| times that, plus the
-    rounding of either product (an ulp of the result)."""
+    """|C - eager| allowed per element where g calls a math function whose result may differ from
+    ATen's: invact_libm.h's SLEEF u10 (within 1 ulp; ATen's bits with FMA) or the C library's scalar
+    erff/atanf/sinhf/coshf/asinhf (glibc's: 1 or 2 ulps) for ATen's SLEEF u10 or MKL VML (within 1 ulp),
+    so their results are a few ulps apart at most; the few roundings after (a product, a quotient,
+    1 - e with e <= 1) keep g within 4 float32 ulps of |g| + 1, the libm term of tests/tolerances.py's
+    bound. The product g * grad then differs by |grad| times that, plus the rounding of either product
+    (an ulp of the result)."""
     g = (eager / go).abs().nan_to_num(0.0, 0.0, 0.0)
     return go.abs() * 4 * torch.finfo(torch.float32).eps * (g + 1) + eager.abs() * torch.finfo(torch.float32).eps
 
@@ -82,27 +114,36 @@ def _same_or_within(eager: torch.Tensor, got: torch.Tensor, bound: torch.Tensor 
     return bool(((a - b).abs()[~both_inf] <= bound[~nan][~both_inf]).all())
 
 
-def _run_c(mod, y, code, go, params) -> torch.Tensor:
+def _run_c(mod, y, code, go, params, use_fma: bool = False) -> torch.Tensor:
     k = ops.module_constants(mod, torch.float32, torch.device("cpu"), params)
     out = torch.empty_like(y)
-    assert table_c.run(mod, out, go, y, code, k.y_thresholds, k.poly, params, use_fma=False)   # FMA: test_fma_c
+    assert table_c.run(mod, out, go, y, code, k.y_thresholds, k.poly, params, use_fma=use_fma)
     return out
+
+
+def _builds(mod) -> tuple[bool, ...]:
+    """The builds to compare with eager: without FMA, and with FMA where it runs for a file without
+    fused steps (those are the FMA scheme, not the eager code: tests/test_fma_c.py)."""
+    fused = "INVACT_FMA(" in table_c.source(mod).read_text()
+    return (False, True) if table_c.fma() and not fused else (False,)
 
 
 @needs_c
 @pytest.mark.parametrize("name, params", CASES)
 def test_c_backward_equals_eager(name, params):
     """Every table, default parameters and (parameter-generic tables) another set: the C kernel's
-    float32 gradient is the eager backend's, bit for bit unless the C code calls the C library."""
+    float32 gradient is the eager backend's, bit for bit unless the C code calls a math function that
+    ATen computes otherwise (:func:`_exact`), in either build."""
     mod = _module(name)
-    libm = _calls_libm(mod)
-    for n in SIZES:
-        x = _inputs(n, seed=n)
-        y, code = torch.ops.invact.forward(x, name, list(params), "eager")
-        go = torch.randn(n, generator=torch.Generator().manual_seed(n))
-        eager = torch.ops.invact.backward(go, y, code, name, list(params), "eager")
-        got = _run_c(mod, y, code, go, params)
-        assert _same_or_within(eager, got, _libm_bound(eager, go) if libm else None), (name, params, n)
+    for use_fma in _builds(mod):
+        exact = _exact(mod, use_fma)
+        for n in SIZES:
+            x = _inputs(n, seed=n)
+            y, code = torch.ops.invact.forward(x, name, list(params), "eager")
+            go = torch.randn(n, generator=torch.Generator().manual_seed(n))
+            eager = torch.ops.invact.backward(go, y, code, name, list(params), "eager")
+            got = _run_c(mod, y, code, go, params, use_fma)
+            assert _same_or_within(eager, got, None if exact else _libm_bound(eager, go)), (name, params, use_fma, n)
 
 
 @needs_c
@@ -110,7 +151,7 @@ def test_plain_arithmetic_tables_are_bitwise():
     """The bitwise comparison covers the closed forms without library calls and the fitted tables
     (their float32 log and sqrt are invact.fastmath's, reproduced operation for operation); a closed
     form's square root is the correctly rounded one in every generated language (hardswish, relu2)."""
-    plain = {n for n in ops.names() if not _calls_libm(_module(n))}
+    plain = {n for n in ops.names() if not _calls_math(_module(n))}
     assert {"elu", "celu", "selu", "leaky_relu", "relu", "sigmoid", "tanh", "gelu", "silu", "hardswish",
             "relu2"} <= plain
 
@@ -127,6 +168,142 @@ def test_threads_agree(monkeypatch):
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         outs.append(_run_c(_module(name), y, code, go, ()))
     assert torch.equal(outs[0].view(torch.int32), outs[1].view(torch.int32))
+
+
+def _compile(folder: Path, name: str, text: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """``text`` built as a shared library with ``flags`` (the test's own, outside the kernel cache)."""
+    (folder / f"{name}.c").write_text(text)
+    subprocess.run([cpu_kernel._compiler(), *flags, str(folder / f"{name}.c"), "-o", str(folder / f"{name}.so"),
+                    "-lm"], check=True, capture_output=True)
+    return ctypes.CDLL(str(folder / f"{name}.so"))
+
+
+def _apply(lib: ctypes.CDLL, symbol: str, x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    getattr(lib, symbol)(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(x.numel()))
+    return out
+
+
+# invact_libm.h's functions over arrays in `omp simd` loops, as the tables' g_loop calls them
+_LIBM_LOOPS = "\n".join(["#include <stdint.h>", '#include "invact_libm.h"', *(
+    f"void loop_{f}(const float *restrict x, float *restrict y, int64_t n) {{\n#pragma omp simd\n"
+    f"    for (int64_t i = 0; i < n; i++) y[i] = invact_{f}f(x[i]);\n}}" for f in LIBM)])
+# csrc/invact_sleef.h's 16-lane SLEEF (the one-pass forwards' reproduction of libtorch's), masked at the end
+_SLEEF_LOOPS = "\n".join(["#include <math.h>", "#include <stdint.h>", '#include "invact_torch_math.h"', *(
+    f"void ref_{f}(const float *x, float *y, int64_t n) {{\n    for (int64_t i = 0; i < n; i += 16) {{\n"
+    f"        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);\n"
+    f"        _mm512_mask_storeu_ps(y + i, m, sleef_{f}16(_mm512_maskz_loadu_ps(m, x + i)));\n"
+    "    }\n}" for f in LIBM)])
+
+
+@pytest.fixture(scope="module")
+def libm(tmp_path_factory) -> dict[bool, ctypes.CDLL]:
+    """invact_libm.h's loops built as invact.table_c builds the tables (its flags), without FMA and,
+    where table_c runs it, with: {use_fma: library}."""
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler")
+    folder = tmp_path_factory.mktemp("libm")
+    return {fma: _compile(folder, f"libm_{int(fma)}", _LIBM_LOOPS, table_c._flags(fma))
+            for fma in ((False, True) if table_c.fma() else (False,))}
+
+
+@pytest.fixture(scope="module")
+def aten_sleef(tmp_path_factory) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """ATen's Vectorized<float> function (SLEEF u10 with FMA) of each of LIBM where this process can
+    compute it: torch's where ATen calls SLEEF for it (:func:`_aten_sleef`), else invact_sleef.h's
+    16-lane steps where ATen's capability is AVX-512 (they give libtorch's bits: invact.impl_cpu's
+    probes)."""
+    ref = {f: getattr(torch, f) for f in _aten_sleef()}
+    if set(LIBM) - set(ref) and torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_kernel._compiler():
+        lib = _compile(tmp_path_factory.mktemp("sleef"), "sleef16", _SLEEF_LOOPS,
+                       ("-O2", *cpu_kernel.ISA_FLAGS["AVX512"], "-mfma", "-ffp-contract=off", "-shared", "-fPIC",
+                        f"-I{table_c.CSRC}"))
+        ref.update({f: functools.partial(_apply, lib, f"ref_{f}") for f in set(LIBM) - set(ref)})
+    return ref
+
+
+def _libm_inputs() -> list[torch.Tensor]:
+    """float32 x for invact_libm.h's functions: the edges (exp's overflow and underflow thresholds and
+    SLEEF's cut-offs at 100 and -104, tanh's at 8.664339742, log1p's -1 and 1e38, binade ends, 0.75 and
+    1.5 where log's reduction switches) with their neighbours two float32 steps either way, both zeros,
+    subnormals, FLT_MIN, FLT_MAX, the infinities and NaNs with payloads; then random bit patterns and
+    N(0, 64) values. The edges come alone (one element: the loop's remainder) and in the whole,
+    whose length is no multiple of 16, at its start (the vectorised body) and its end."""
+    edges = torch.tensor([0.0, 1.0, 2.0, 0.5, 0.75, 1.5, math.log(2), 88.7228317, 88.72283935546875, -87.336544,
+                          -103.972084, -104.0, 100.0, 8.664339742, 9.0, 20.0, 89.0, 1e38, 1e-7, 1e-45, 1.1754942e-38,
+                          1.17549435e-38, 3.4028235e38])
+    near = (torch.cat([edges, -edges]).view(torch.int32)[:, None] + torch.arange(-2, 3, dtype=torch.int32)).flatten()
+    # NaNs: 7FC00000, 7F800001, 7FC12345, FFC00000, FF812345
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FC12345, -0x400000, -0x7EDCBB]).to(torch.int32)
+    specials = torch.cat([near.view(torch.float32), torch.tensor([math.inf, -math.inf, -0.0]),
+                          nans.view(torch.float32)])
+    g = torch.Generator().manual_seed(5)
+    random = torch.randint(-(1 << 31), 1 << 31, (1 << 18,), generator=g, dtype=torch.int64).to(torch.int32)
+    whole = torch.cat([specials, random.view(torch.float32), torch.randn(1 << 18, generator=g) * 8, specials])
+    assert whole.numel() % 16
+    return [whole, *specials.split(1)]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32)
+
+
+@needs_c
+@pytest.mark.parametrize("name", LIBM)
+def test_libm_with_fma_is_atens_sleef(name, libm, aten_sleef):
+    """invact_libm.h's function in the build with FMA (the per-table kernels' float32 build where
+    table_c.fma) gives ATen's Vectorized<float> function's bits (SLEEF u10), NaN payloads included, on
+    every input class, in the vectorised loop and alone. (Checked offline on all 2^32 float32 against
+    invact_sleef.h's 16-lane steps, AVX-512 and AVX2 builds: no difference but AVX2's NaNs, which are
+    its SLEEF's.)"""
+    if True not in libm or name not in aten_sleef:
+        pytest.skip("no build with FMA here (table_c.fma), or no SLEEF reference (MKL's VML and no AVX-512)")
+    for x in _libm_inputs():
+        got, want = _apply(libm[True], f"loop_{name}", x), aten_sleef[name](x)
+        assert torch.equal(_bits(got), _bits(want)), (name, x[_bits(got) != _bits(want)][:8].tolist())
+
+
+@needs_c
+@pytest.mark.parametrize("name", LIBM)
+def test_libm_without_fma_within_one_ulp(name, libm):
+    """Without FMA (SLEEF's algorithms as its builds without FMA run them: unfused steps, Dekker's
+    products) each function is within 1 float32 ulp of the exact value, SLEEF's u10 bound, which the
+    tables' certificates allow a library: float64's value stands in for the exact one (its error, about
+    2^-29 float32 ulps, is inside the 2^-20 slack), the ulp that of its binade (2^-149 below FLT_MIN).
+    Where float64's value rounds to no finite float32 (NaN, an infinity, past FLT_MAX) the result is
+    that non-finite value."""
+    for x in _libm_inputs():
+        got, ref = _apply(libm[False], f"loop_{name}", x), getattr(torch, name)(x.double())
+        rounded = ref.float()
+        special = ~torch.isfinite(rounded)
+        assert torch.equal(got[special].isnan(), rounded[special].isnan()), name
+        assert torch.equal(got[special & ~rounded.isnan()], rounded[special & ~rounded.isnan()]), name
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(2.0 ** -126))) - 23)
+        err = (got.double() - ref).abs()[~special] / ulp[~special]
+        worst = x[~special][err.argmax()].item() if err.numel() else None
+        assert err.numel() == 0 or err.max() <= 1 + 2.0 ** -20, (name, float(err.max()), worst)
+
+
+@needs_c
+def test_softplus_g_at_the_libmvec_point(aten_sleef):
+    """softplus's g = 1 - exp(-y) (beta = 1) at y = 0.346537321805954 and the block of 16 float32 around
+    it, in the vectorised loop and its remainder: glibc's vector expf (libmvec), which the C kernels
+    called before, gave g 1.47e-7 from the exact value there (beyond the table's certified error),
+    depending on the element's place. With exp within 1 ulp, 1 - e (exact: e in [1/2, 1]) is within
+    ulp(e) = 2^-24 of the exact g, in either build; the build with FMA gives ATen's SLEEF bits."""
+    mod = _module("softplus")
+    params = _defaults("softplus")
+    assert params[0] == 1.0
+    block = (_bits(torch.tensor([0.346537321805954])) + torch.arange(-8, 8, dtype=torch.int32)).view(torch.float32)
+    exact = -torch.expm1(-block.double())
+    for n, at in ((16, 0), (17, 1), (40, 20)):   # the block in one vector, across one, into the remainder
+        y = torch.full((n,), 0.5)
+        y[at:at + 16] = block
+        for use_fma in _builds(mod):
+            g = _run_c(mod, y, torch.empty(0, dtype=torch.uint8), torch.ones(n), params, use_fma)[at:at + 16]
+            assert ((g.double() - exact).abs() <= 2.0 ** -24).all(), (n, use_fma, g.tolist())
+            if use_fma and "exp" in aten_sleef:
+                assert torch.equal(_bits(g), _bits(1 - aten_sleef["exp"](-block))), (n, g.tolist())
 
 
 def _import(path: Path):
@@ -159,7 +336,7 @@ def test_user_tables_exact_constant_and_poly_segments(tmp_path):
             want = mod.g_kernel(y, codes, k.y_thresholds, k.poly, **k.params) * go
             got = torch.empty_like(y)
             assert table_c.run(mod, got, go, y, packed, k.y_thresholds, k.poly, params, use_fma=False), mod.NAME
-            assert _same_or_within(want, got, _libm_bound(want, go) if _calls_libm(mod) else None), (mod.NAME, c)
+            assert _same_or_within(want, got, _libm_bound(want, go) if _calls_math(mod) else None), (mod.NAME, c)
 
 
 def test_translation_follows_torch_semantics():
@@ -171,7 +348,9 @@ def test_translation_follows_torch_semantics():
     assert t.expr(ast.parse("2.0 / y", mode="eval").body) == ("((1.0f / y) * (float)(2.0))", "f")
     assert t.expr(ast.parse("param_a * 3.0 + y", mode="eval").body) == ("((float)((param_a * 3.0)) + y)", "f")
     assert t.expr(ast.parse("y / 6.0", mode="eval").body) == ("(y / (float)(6.0))", "f")
-    assert t.expr(ast.parse("torch.exp(-param_a * y)", mode="eval").body) == ("expf(((float)((-param_a)) * y))", "f")
+    assert t.expr(ast.parse("torch.exp(-param_a * y)", mode="eval").body) == ("invact_expf(((float)((-param_a)) * y))",
+                                                                             "f")
+    assert t.expr(ast.parse("torch.erf(y)", mode="eval").body) == ("erff(y)", "f")
     with pytest.raises(ValueError, match="unsupported"):
         t.expr(ast.parse("y ** 2", mode="eval").body)
     with pytest.raises(ValueError, match="unknown name"):
@@ -322,7 +501,7 @@ def test_without_avx512_forward_and_backward_equal_eager(name, dtype, monkeypatc
     monkeypatch.setenv("INVACT_FMA", "0")
     monkeypatch.setattr(impl_compiled, "kernels", lambda *a: pytest.fail("Inductor's code ran"))
     params = _defaults(name)
-    libm = dtype == torch.float32 and _calls_libm(_module(name))
+    libm = dtype == torch.float32 and _calls_math(_module(name))
     for n in (1, 9, 1003, 3 * 32768 + 5):
         x = _inputs(n, seed=n).to(dtype)
         edges = _edges(name, dtype, params)
@@ -385,12 +564,12 @@ def test_portable_16_bit_conversions_every_pattern(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lookup_tables_filled_by_c_equal_eager(dtype, flushed):
     """The 16-bit backward's tables (g of every 16-bit y and code) are filled by the C kernel where its
-    file calls no C library function (EAGER_BITS): every entry equals the eager g_kernel's, bit for bit,
+    file calls no math function (EAGER_BITS): every entry equals the eager g_kernel's, bit for bit,
     with denormals flushed and not. Elsewhere g_kernel fills them (table_c.g_kernel is None)."""
     for name in ops.names():
         mod = _module(name)
         g = table_c.g_kernel(mod)
-        assert (g is None) == _calls_libm(mod), name
+        assert (g is None) == _calls_math(mod), name
         if g is None:
             continue
         params = _defaults(name)

@@ -83,3 +83,20 @@ def test_the_scan_grid_is_built_once_and_callers_get_their_own_copy():
     again = scan.scan_grid(-np.inf, np.inf)
     assert scan._full_grid.cache_info().misses == 1
     assert again.size == first.size and again[0] == -scan.FAR_SCAN and np.all(np.diff(again) > 0)
+
+
+@pytest.mark.parametrize("sampled, count, kind", [(0.0, 100, "ScaleError"),       # nothing float64 sees
+                                                  (3.0, 100, "CertificationError"),  # 3 tolerances: float64 sees it
+                                                  (0.0, 0, "CertificationError")])   # no sample in the segment
+def test_a_violation_float64_sees_is_the_fitters_own_miss(monkeypatch, sampled, count, kind):
+    """A proof's violation is blamed on the formula's scale (ScaleError) only where dense float64 samples
+    show the piece within the tolerance (1 here); any error above it that float64 shows, even below
+    SCALE_MISS tolerances, or no sample at all, is the fitter's own miss: a CertificationError."""
+    from types import SimpleNamespace
+
+    from invact.fitting import segments
+
+    monkeypatch.setattr(segments, "_sampled_error", lambda ctx, seg, a, b: (sampled, 1e-9, count))
+    ctx = SimpleNamespace(tolerance=1.0, ref=SimpleNamespace(f=lambda x: np.asarray(x, dtype=float)))
+    error = segments._violation_error(ctx, None, "the piece", 0.0, 1.0, 2.0)
+    assert type(error).__name__ == kind, error

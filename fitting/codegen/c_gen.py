@@ -9,14 +9,18 @@ float32 tensor is rounded to float32 first; arithmetic on Python floats alone (p
 treat NaN and signed zeros as ATen's kernels do. Built with ``-ffp-contract=off`` (no FMA), so plain
 arithmetic gives the eager backend's bits; the FMA scheme's fused steps (Horner's, docs/table-format.md)
 are written ``INVACT_FMA(a, b, c)``: ``fmaf`` in the build with FMA (invact.table_c), else the eager
-code's two roundings. Where the torch code calls torch.exp/log/tanh/... the C
-code calls the C library's float function: ATen's vectorised ones (SLEEF, 1 ulp) can differ by
-about an ulp of their result, which the tests bound (tests/test_c_tables.py).
+code's two roundings. Where the torch code calls torch.exp/log/log1p/tanh, the C code calls
+``csrc/invact_libm.h``'s ``invact_expf`` etc.: SLEEF's u10 algorithms (within 1 ulp) in scalar C that
+vectorises, no C library call; in the build with FMA they give the bits of ATen's Vectorized<float>
+functions (torch.log1p's; torch.exp/log/tanh's where ATen has no MKL, else those call MKL's VML, also
+within an ulp). For torch.erf/atan/sinh/cosh/asinh it calls the C library's scalar float function.
+Those results may differ from ATen's by an ulp or so, which the tests bound (tests/test_c_tables.py).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import struct
 
 from ...common import float32_scheme as scheme
@@ -30,6 +34,8 @@ __all__ = ["generate_c", "translate_g"]
 _FUNCS = {"exp": "exp", "log": "log", "sqrt": "sqrt", "erf": "erf", "tanh": "tanh", "atan": "atan",
           "sinh": "sinh", "cosh": "cosh", "asinh": "asinh", "abs": "fabs", "log1p": "log1p"}
 _HELPERS = {"clamp_min": "invact_clamp_min", "minimum": "invact_minimum", "maximum": "invact_maximum"}
+# torch.NAME -> csrc/invact_libm.h's scalar version of the SLEEF u10 function ATen's Vectorized<float> calls
+_SLEEF = {"exp": "invact_expf", "log": "invact_logf", "log1p": "invact_log1pf", "tanh": "invact_tanhf"}
 _TENSORS, _SCALARS = ("f", "i", "b"), ("d", "n")   # float32, int32, bool tensors; Python float, int
 _CTYPE = {"f": "float", "i": "int32_t", "b": "int32_t"}
 _COUNTED = 64    # torch.bucketize over at most this many thresholds: counted by compares (vectorised)
@@ -258,6 +264,8 @@ class _Translator:
             return f"invact_root_power({args[0][0]}, {int(n)}, {scheme.root_seed(int(n))}, {int(k)})", "f"
         if func == "fastmath.power":                    # a closed form's power: float64's pow, rounded once
             return f"((float)pow((double)({args[0][0]}), {args[1][0]}))", "f"
+        if module == "torch" and name in _SLEEF and args[0][1] == "f":
+            return f"{_SLEEF[name]}({args[0][0]})", "f"
         if module == "torch" and name in _FUNCS and args[0][1] == "f":
             return f"{_FUNCS[name]}f({args[0][0]})", "f"
         if (module == "math" and name in _FUNCS) or func == "abs":
@@ -311,24 +319,30 @@ _ROOT_POWER = ("/* invact.fastmath.root_power op for op (power_tail, docs/table-
                "}", "")
 
 
-def _calls(lines: list[str]) -> list[str]:
-    """The C library functions the statements call where the torch code calls ATen's."""
+def _calls(lines: list[str]) -> tuple[list[str], list[str]]:
+    """The C library functions the statements call where the torch code calls ATen's, and the
+    functions of csrc/invact_libm.h (SLEEF's) they call."""
     text = "\n".join(lines)
-    return sorted(f"{c}f" for c in set(_FUNCS.values()) - {"fabs"} if f"{c}f(" in text)
+    library = sorted(f"{c}f" for c in set(_FUNCS.values()) - {"fabs"} if re.search(rf"\b{c}f\(", text))
+    return library, sorted(f for f in _SLEEF.values() if f"{f}(" in text)
 
 
 def _fma_lines(body: list[str], calls: list[str]) -> list[str]:
     """EAGER_BITS, and INVACT_FMA where the statements have fused steps (the build with FMA)."""
+    fused = any("INVACT_FMA(" in line for line in body)
+    lines = [] if not fused else [
+        "/* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,",
+        " * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */",
+        "#ifdef INVACT_USE_FMA", "#define INVACT_FMA(a, b, c) fmaf((a), (b), (c))",
+        "#else", "#define INVACT_FMA(a, b, c) ((a) * (b) + (c))", "#endif"]
+    if calls:
+        return [*lines, "/* 0: g calls math functions (above), which may differ from the eager g_kernel's"
+                        " (invact.table_c.g_kernel) */", "#define EAGER_BITS 0"]
     eager = "/* 1: no C library call, so g is the eager g_kernel's bit for bit (invact.table_c.g_kernel) */"
-    if not any("INVACT_FMA(" in line for line in body):
-        return [eager, f"#define EAGER_BITS {0 if calls else 1}"]
-    return ["/* INVACT_FMA: the FMA scheme's fused steps, fmaf where invact.table_c builds with INVACT_USE_FMA,",
-            " * else a * b + c rounded twice as in the eager g_kernel (docs/table-format.md) */",
-            "#ifdef INVACT_USE_FMA", "#define INVACT_FMA(a, b, c) fmaf((a), (b), (c))",
-            "#else", "#define INVACT_FMA(a, b, c) ((a) * (b) + (c))", "#endif",
-            eager[:-4] + ", not with FMA) */",
-            *(["#define EAGER_BITS 0"] if calls else ["#ifdef INVACT_USE_FMA", "#define EAGER_BITS 0", "#else",
-                                                     "#define EAGER_BITS 1", "#endif"])]
+    if not fused:
+        return [eager, "#define EAGER_BITS 1"]
+    return [*lines, eager[:-4] + ", not with FMA) */", "#ifdef INVACT_USE_FMA", "#define EAGER_BITS 0", "#else",
+            "#define EAGER_BITS 1", "#endif"]
 
 
 def generate_c(plan: Plan) -> str:
@@ -346,12 +360,16 @@ def generate_c(plan: Plan) -> str:
         reason = " ".join(str(error).split()).replace("*/", "* /")
         w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"', f"#error no C kernel: {reason}")
         return w.text()
-    calls = _calls(body)
-    if calls:
-        w(f"/* Calls the C library's {', '.join(calls)} where ATen calls its own vectorised functions:",
+    library, sleef = _calls(body)
+    if library:
+        w(f"/* Calls the C library's {', '.join(library)} where ATen calls its own vectorised functions:",
           " * those results may differ by about an ulp (everything else: the eager backend's bits). */")
+    if sleef:
+        w(f"/* Calls {', '.join(sleef)} (csrc/invact_libm.h): SLEEF's u10 algorithms, within 1 ulp, as ATen's",
+          " * vectorised functions (their bits in the build with FMA); torch.exp/log/tanh of an ATen built",
+          " * with MKL call its VML instead, about an ulp apart (everything else: the eager backend's bits). */")
     w("", f'#define TABLE_SHA256 "{plan.meta["sha256"]}"',
-      *_fma_lines(body, calls), f"#define CODE_BITS {plan.code_bits}",
+      *_fma_lines(body, library + sleef), f"#define CODE_BITS {plan.code_bits}",
       f"#define N_SEGMENTS {plan.n_segments}", f"#define N_THRESHOLDS {plan.n_y_breaks}",
       f"#define ROW_LENGTH {plan.row_len}", f"#define N_PARAMS {len(plan.params)}",
       "/* invact.common.float32_scheme: invact.fastmath.log's constants */",

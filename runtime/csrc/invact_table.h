@@ -4,7 +4,8 @@
  * invact.fastmath.log's constants (LOG_*), the POLY row's columns (ROW_*) and N_COLUMNS (where > 0 also
  * COLUMN_WIDTH and COLUMNS) before including it, and the element function invact_g (with invact_seg
  * where N_COLUMNS > 0) after it. Built and called by invact.table_c (-ffp-contract=off: no
- * FMA, so every operation rounds as the generated torch code's does).
+ * FMA, so every operation rounds as the generated torch code's does). torch.exp/log/log1p/tanh are
+ * invact_libm.h's (SLEEF's, as ATen's); torch.erf/atan/sinh/cosh/asinh the C library's scalar ones.
  *
  * The helpers give ATen's results: clamps as its vectorised clamp kernels (vmaxps(lo, v), vminps(hi, v):
  * NaN stays NaN and -0.0 stays -0.0), invact_log32 as invact.fastmath.log operation for operation,
@@ -18,27 +19,11 @@
 #include <string.h>
 
 #include "invact_bf16.h"
+#include "invact_libm.h"
 #include "invact_pack.h"
 #include "invact_threads.h"
 
 #define INVACT_TABLE_ABI 4
-
-/* With INVACT_LIBMVEC (invact.table_c tries it first, linking -lmvec): glibc's vector math library
- * has 16- and 8-lane versions of these, so loops calling them vectorise. Its results may differ from
- * the scalar functions' by an ulp or so, as ATen's vectorised ones do (tests/test_c_tables.py). */
-#if defined(INVACT_LIBMVEC) && defined(__GLIBC__) && defined(__x86_64__)
-#define INVACT_SIMD __attribute__((simd("notinbranch")))
-INVACT_SIMD float expf(float);
-INVACT_SIMD float logf(float);
-#if __GLIBC_PREREQ(2, 35)
-INVACT_SIMD float tanhf(float);
-INVACT_SIMD float erff(float);
-INVACT_SIMD float atanf(float);
-INVACT_SIMD float sinhf(float);
-INVACT_SIMD float coshf(float);
-INVACT_SIMD float asinhf(float);
-#endif
-#endif
 
 static inline float invact_g(float y, int32_t code, const float *restrict thr, const float *restrict poly,
                              const double *restrict param, const float *restrict qb);
