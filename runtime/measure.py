@@ -22,9 +22,16 @@ taken by the site's first forward hook and compared after the step; a step that 
 
 Sites interact (an activation's ``y`` may be the next activation's input), so the decision iterates:
 swap every candidate, drop each site freeing <= 0 bytes, measure again, until every remaining site frees
-bytes; each round is a forward, at most one per site and usually two. The final configuration's total
-is the measured one; if it were above the baseline (storages saved jointly by several sites are charged
-to none of them) every swap is dropped. A site never called in the baseline step is restored, and so is one
+bytes; each round is a forward, at most one per site and usually two. A site dropped there was measured
+beside swaps that may not be kept, so it is re-tried against the kept ones (:func:`_retry`) where it has
+neighbours (sites sharing a storage with it: one's output is the other's input): added to them where a
+neighbour's swap changed since, or in place of its kept neighbours; a try is kept where the total falls
+and every swap still frees bytes. Sites that do not interact are tried together in one forward first, so
+a model whose layers repeat one pattern costs one or two more forwards, not one per layer; at most two
+per dropped site. A left site's reason is read from the last forward that measured it beside the final
+swaps. The final configuration's total is the measured one; if it were above the baseline (storages saved
+jointly by several sites are charged to none of them) every swap is dropped. A site never called in the
+baseline step is restored, and so is one
 whose replacement is not called with the swap in place (the model calls the original through a reference
 outside its module tree, as a torch.compile wrapper's forward does). The measurement's own hooks record
 their errors: one is raised as :class:`MeasureError`, never taken for the step failing.
@@ -46,7 +53,8 @@ Uninitialised lazy modules are refused (ValueError).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -209,13 +217,16 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
     hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
     active, final = set(sites) - set(reasons), base
+    dropped: dict[int, tuple[Trace, frozenset[int]]] = {}   # site left for freeing nothing -> its run, its swaps
     while active:
         _place(model, sites, active)
         final = trace_example(model, example, sites, active, params)
         refused = _refused(final, active)
-        bad = set(refused) or {k for k in active - hidden if base.only(k) - final.only(k) <= 0} | \
-            {k for k in active & hidden if _before_dropout(k, final)}
+        bad = set(refused) or _frees_nothing(active, hidden, base, final)
         reasons.update(refused or {k: _why(k, base, final) for k in bad})
+        if not refused:
+            dropped.update({k: (final, frozenset(active)) for k in bad - hidden
+                            if "fused projection" not in reasons[k]})
         active -= bad
         if not bad:
             break
@@ -224,6 +235,8 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     if final.total > base.total:          # joint storages charged to no site: never worse than baseline
         reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
         active, final = set(), base
+    trial = _Trial(model, example, sites, params, base, hidden)
+    active, final = _retry(trial, active, final, dropped, reasons)
     fused = {k for k, why in reasons.items() if "fused projection" in why}
     parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
     unit = None
@@ -261,6 +274,152 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     return active, reasons, base, final, routed, unit
 
 
+def _frees_nothing(keys: set[int], hidden: set[int], base: Trace, trace: Trace) -> set[int]:
+    """The sites of ``keys`` whose swaps free nothing in ``trace``: measured ones whose storages saved alone do not
+    shrink, unmeasured (hidden) ones whose output feeds a dropout."""
+    return {k for k in keys - hidden if base.only(k) - trace.only(k) <= 0} | \
+        {k for k in keys & hidden if _before_dropout(k, trace)}
+
+
+def _neighbours(base: Trace, sites: dict[int, Site]) -> dict[int, set[int]]:
+    """Per site, the sites whose calls share a storage with its calls in the baseline (one's output is the other's
+    input, or both take one input): those whose swaps change which of its storages it alone saves."""
+    touched = {k: {s for c in base.calls[k] for s in (c.x_key, c.y_key) if s is not None} for k in sites}
+    by_storage: dict[tuple, set[int]] = defaultdict(set)
+    for k, storages in touched.items():
+        for s in storages:
+            by_storage[s].add(k)
+    return {k: set().union(*(by_storage[s] for s in storages)) - {k} for k, storages in touched.items()}
+
+
+@dataclass
+class _Trial:
+    """One more measured run of a set of swaps (:func:`_retry`), and how many have run."""
+
+    model: nn.Module
+    example: Any
+    sites: dict[int, Site]
+    params: set[tuple]
+    base: Trace
+    hidden: set[int]
+    runs: int = 0
+
+    def run(self, keys: set[int]) -> Trace:
+        _place(self.model, self.sites, keys)
+        self.runs += 1
+        return trace_example(self.model, self.example, self.sites, keys, self.params)
+
+    def accepts(self, keys: set[int], trace: Trace, final: Trace) -> bool:
+        """Whether ``keys``' swaps beat ``final``: the total falls and every swap frees bytes."""
+        return not _refused(trace, keys) and trace.total < final.total and \
+            not _frees_nothing(keys, self.hidden, self.base, trace)
+
+    def why_left(self, key: int, keys: set[int], trace: Trace, final: Trace) -> str:
+        """Why ``key`` is not kept with the other swaps of ``keys`` (measured in ``trace``)."""
+        refused = _refused(trace, keys)
+        if key in refused:
+            return refused[key]
+        if key in _frees_nothing({key}, self.hidden, self.base, trace):
+            return _why(key, self.base, trace)
+        spoiled = set(refused) | _frees_nothing(keys - {key}, self.hidden, self.base, trace)
+        freed = _fmt(self.base.only(key) - trace.only(key))
+        if spoiled:
+            return f"measured: frees {freed}, but with it {self.paths(spoiled)} then free nothing (and more alone)"
+        return (f"measured: frees {freed}, but the swaps together save {_fmt(trace.total - final.total)} more than "
+                "without it")
+
+    def paths(self, keys: set[int]) -> str:
+        return ", ".join(self.sites[k].paths[0] for k in self.sites if k in keys)
+
+
+@dataclass
+class _Search:
+    """The state of :func:`_retry`: the kept swaps and their run, the sites left for freeing nothing (each with the
+    run that last measured it swapped, and that run's swaps), and the kept neighbours each was tried in place of."""
+
+    trial: _Trial
+    active: set[int]
+    final: Trace
+    dropped: dict[int, tuple[Trace, frozenset[int]]]
+    reasons: dict[int, str]
+    near: dict[int, set[int]]
+    exchanged: dict[int, frozenset[int]] = field(default_factory=dict)
+
+    def stale(self, k: int) -> bool:
+        """Whether a neighbour's swap changed since ``k`` was measured."""
+        return k in self.dropped and any((n in self.dropped[k][1]) != (n in self.active) for n in self.near[k])
+
+    def exchangeable(self, k: int) -> bool:
+        """Whether ``k`` has kept neighbours it was not yet tried in place of."""
+        out = frozenset(self.near[k] & self.active)
+        return k in self.dropped and bool(out) and self.exchanged.get(k) != out
+
+    def todo(self) -> list[int]:
+        return [k for k in self.trial.sites if self.stale(k) or self.exchangeable(k)]
+
+    def attempt(self, chosen: set[int]) -> set[int]:
+        """Try ``chosen`` (no two neighbours, nor sharing one): each stale site added to the kept swaps, each other in
+        place of its kept neighbours; kept where :meth:`_Trial.accepts`. Returns the sites this run settles: all
+        where kept, else those that free nothing in it (their reason from it)."""
+        added = {k for k in chosen if self.stale(k)}
+        out = {k: self.near[k] & self.active for k in chosen - added}
+        keys = (self.active - set().union(*out.values())) | chosen
+        trace = self.trial.run(keys)
+        if self.trial.accepts(keys, trace, self.final):
+            for k, ns in out.items():
+                for n in ns:
+                    self.dropped[n], self.exchanged[n] = self.dropped[k], frozenset(self.near[n] & keys)
+                    saving = _fmt(self.final.total - trace.total)
+                    self.reasons[n] = (f"with it swapped, {self.trial.paths({k})} frees nothing, and swapped alone "
+                                       f"frees more (measured: {saving} less saved in all)")
+            for k in chosen:
+                del self.dropped[k], self.reasons[k]
+            self.active, self.final = keys, trace
+            return chosen
+        settled = _frees_nothing(chosen, self.trial.hidden, self.trial.base, trace) | set(_refused(trace, keys))
+        if len(chosen) == 1:
+            settled = chosen
+        for k in settled & chosen:
+            if k in added:
+                self.dropped[k] = (trace, frozenset(keys))
+                self.reasons[k] = self.trial.why_left(k, keys, trace, self.final)
+            else:
+                self.exchanged[k] = frozenset(out[k])
+        return settled
+
+
+def _apart(todo: list[int], near: dict[int, set[int]]) -> set[int]:
+    """The sites of ``todo``, in order, that are not neighbours of an earlier one taken nor share one with it."""
+    taken: set[int] = set()
+    reach: set[int] = set()
+    for k in todo:
+        if not ({k} | near[k]) & reach:
+            taken.add(k)
+            reach |= {k} | near[k]
+    return taken
+
+
+def _retry(trial: _Trial, active: set[int], final: Trace, dropped: dict[int, tuple[Trace, frozenset[int]]],
+           reasons: dict[int, str]) -> tuple[set[int], Trace]:
+    """Re-try the sites left for freeing nothing against the kept swaps: one whose neighbours' swaps
+    (:func:`_neighbours`) changed since it was measured is added to them; one beside kept neighbours is tried in their
+    place. A try is kept where the total falls and every swap frees bytes. Sites that do not interact are tried
+    together in one run first (then one by one where that fails); none without neighbours is re-tried. At most two
+    runs per site ``dropped`` holds: a site then still measured with other swaps than those kept says so. Returns the
+    swaps kept and their run."""
+    search = _Search(trial, active, final, dropped, reasons, _neighbours(trial.base, trial.sites))
+    budget, together = 2 * len(dropped), set()
+    while trial.runs < budget and (todo := search.todo()):
+        chosen = _apart(todo, search.near)
+        if len(chosen) > 1 and chosen != together:       # one run for many layers that do not interact
+            together = chosen - search.attempt(chosen)
+            continue
+        search.attempt({todo[0]})
+    for k in filter(search.stale, trial.sites):
+        reasons[k] += f"; measured with other swaps than those kept (re-measuring stops after {trial.runs} runs)"
+    return search.active, search.final
+
+
 def _report(report: Any, sites: dict[int, Site], active: set[int], reasons: dict[int, str], base: Trace,
             final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None) -> None:
     by_path = {p: k for k, s in sites.items() for p in s.paths}
@@ -273,7 +432,7 @@ def _report(report: Any, sites: dict[int, Site], active: set[int], reasons: dict
                                 note="; ".join(x for x in (note, r.note) if x)))
         elif key in active and base.hidden(key):
             note = f"not measured: {_hidden_cause(base, key)}; kept, as without example="
-            kept.append(replace(r, freed=0, note="; ".join(x for x in (note, r.note) if x)))
+            kept.append(replace(r, freed=None, note="; ".join(x for x in (note, r.note) if x)))
         elif key in active:
             kept.append(replace(r, freed=(base.only(key) - final.only(key)) if key not in first else 0))
             first.add(key)
