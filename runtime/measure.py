@@ -25,10 +25,12 @@ swap every candidate, drop each site freeing <= 0 bytes, measure again, until ev
 bytes; each round is a forward, at most one per site and usually two. A site dropped there was measured
 beside swaps that may not be kept, so it is re-tried against the kept ones (:func:`_retry`) where it has
 neighbours (sites sharing a storage with it: one's output is the other's input): added to them where a
-neighbour's swap changed since, or in place of its kept neighbours; a try is kept where the total falls
-and every swap still frees bytes. Sites that do not interact are tried together in one forward first, so
-a model whose layers repeat one pattern costs one or two more forwards, not one per layer; at most two
-per dropped site. A left site's reason is read from the last forward that measured it beside the final
+neighbour's swap changed since, or in place of its kept neighbours; a try is kept where every swap still
+frees bytes and the bytes saved around the site and its neighbours fall (the rest of the run is not read:
+a step's own drift is no saving). Sites that do not interact are tried together in one forward, each
+kept or left on its own bytes (the losers settled, the winners tried again together), so a model whose
+layers repeat one pattern costs a few more forwards (one where every layer gains alike), not one per
+layer; at most two per dropped site in all. A left site's reason is read from the last forward that measured it beside the final
 swaps. The final configuration's total is the measured one; if it were above the baseline (storages saved
 jointly by several sites are charged to none of them) every swap is dropped. A site never called in the
 baseline step is restored, and so is one
@@ -47,7 +49,8 @@ was. A route installed earlier (by a patch of the model or of a submodule) stays
 kept route replaces the routes of the modules under it; :func:`remove_modes` removes every route in the tree.
 
 Runs are seeded alike, and the caller's RNG states, every module's training flag, buffers, parameters (for a
-callable step), optimizers, LR schedulers and GradScalers are restored (:mod:`invact.snapshot`).
+callable step), optimizers, LR schedulers and GradScalers are restored (:mod:`invact.snapshot`): buffers,
+parameters, optimizers and scalers after every run, so that each starts from the same state.
 Uninitialised lazy modules are refused (ValueError).
 """
 
@@ -149,6 +152,17 @@ def _hidden_cause(trace: Trace, key: int) -> str:
             "saves y instead of x, or an offloading hook)")
 
 
+def _run(state: State, model: nn.Module, example: Any, sites: dict[int, Site], active: set[int], params: set[tuple],
+         router: FunctionalRouter | None = None) -> Trace:
+    """One measuring forward (:func:`trace_example`), ``state`` put back after it: every run starts from the same
+    parameters, buffers and optimizer state (a callable step may run an optimizer, and saved sizes may depend on
+    them: a data-dependent selection)."""
+    try:
+        return trace_example(model, example, sites, active, params, router)
+    finally:
+        state.restore()
+
+
 def _parents(model: nn.Module, site: Site) -> list[nn.Module]:
     return [model.get_submodule(path.rpartition(".")[0]) for path in site.paths]
 
@@ -213,14 +227,14 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
                 note = "; ".join([refused[key], *kept])
                 report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
     _place(model, sites, set())
-    base = trace_example(model, example, sites, set(), params)
+    base = _run(state, model, example, sites, set(), params)
     reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
     hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
     active, final = set(sites) - set(reasons), base
     dropped: dict[int, tuple[Trace, frozenset[int]]] = {}   # site left for freeing nothing -> its run, its swaps
     while active:
         _place(model, sites, active)
-        final = trace_example(model, example, sites, active, params)
+        final = _run(state, model, example, sites, active, params)
         refused = _refused(final, active)
         bad = set(refused) or _frees_nothing(active, hidden, base, final)
         reasons.update(refused or {k: _why(k, base, final) for k in bad})
@@ -235,7 +249,7 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     if final.total > base.total:          # joint storages charged to no site: never worse than baseline
         reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
         active, final = set(), base
-    trial = _Trial(model, example, sites, params, base, hidden)
+    trial = _Trial(model, example, sites, params, state, base, hidden)
     active, final = _retry(trial, active, final, dropped, reasons)
     fused = {k for k, why in reasons.items() if "fused projection" in why}
     parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
@@ -244,7 +258,7 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
         for p in parents.values():
             install_mode(p, CopyChunks(), CHUNKS)
         _place(model, sites, active | fused)
-        trial = trace_example(model, example, sites, active | fused, params)
+        trial = _run(state, model, example, sites, active | fused, params)
         refused = _refused(trial, active | fused)
         gain = final.total - trial.total if not refused else 0
         if gain > 0:
@@ -262,7 +276,7 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     _place(model, sites, active)
     routed = None
     if router is not None:
-        with_route = trace_example(model, example, sites, active, params, router)
+        with_route = _run(state, model, example, sites, active, params, router)
         why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
                "would fail" if with_route.route_modified else
                f"the example step fails with the route ({with_route.error})" if with_route.error else "")
@@ -279,6 +293,14 @@ def _frees_nothing(keys: set[int], hidden: set[int], base: Trace, trace: Trace) 
     shrink, unmeasured (hidden) ones whose output feeds a dropout."""
     return {k for k in keys - hidden if base.only(k) - trace.only(k) <= 0} | \
         {k for k in keys & hidden if _before_dropout(k, trace)}
+
+
+def _local(trace: Trace, region: set[int]) -> int:
+    """Bytes ``trace`` saves around ``region``'s sites: storages one of them saves, or one of their calls takes or
+    returns (whoever saves it). Swapping a site changes only these; the rest of the run (a drifting total) is not
+    read."""
+    touched = {s for k in region for c in trace.calls[k] for s in (c.x_key, c.y_key)}
+    return sum(key[3] for key, who in trace.savers.items() if who & region or key in touched)
 
 
 def _neighbours(base: Trace, sites: dict[int, Site]) -> dict[int, set[int]]:
@@ -300,6 +322,7 @@ class _Trial:
     example: Any
     sites: dict[int, Site]
     params: set[tuple]
+    state: State
     base: Trace
     hidden: set[int]
     runs: int = 0
@@ -307,26 +330,11 @@ class _Trial:
     def run(self, keys: set[int]) -> Trace:
         _place(self.model, self.sites, keys)
         self.runs += 1
-        return trace_example(self.model, self.example, self.sites, keys, self.params)
+        return _run(self.state, self.model, self.example, self.sites, keys, self.params)
 
-    def accepts(self, keys: set[int], trace: Trace, final: Trace) -> bool:
-        """Whether ``keys``' swaps beat ``final``: the total falls and every swap frees bytes."""
-        return not _refused(trace, keys) and trace.total < final.total and \
-            not _frees_nothing(keys, self.hidden, self.base, trace)
-
-    def why_left(self, key: int, keys: set[int], trace: Trace, final: Trace) -> str:
-        """Why ``key`` is not kept with the other swaps of ``keys`` (measured in ``trace``)."""
-        refused = _refused(trace, keys)
-        if key in refused:
-            return refused[key]
-        if key in _frees_nothing({key}, self.hidden, self.base, trace):
-            return _why(key, self.base, trace)
-        spoiled = set(refused) | _frees_nothing(keys - {key}, self.hidden, self.base, trace)
-        freed = _fmt(self.base.only(key) - trace.only(key))
-        if spoiled:
-            return f"measured: frees {freed}, but with it {self.paths(spoiled)} then free nothing (and more alone)"
-        return (f"measured: frees {freed}, but the swaps together save {_fmt(trace.total - final.total)} more than "
-                "without it")
+    def bad(self, keys: set[int], trace: Trace) -> set[int]:
+        """The swaps of ``keys`` that ``trace`` refuses or that free nothing in it."""
+        return set(_refused(trace, keys)) | _frees_nothing(keys, self.hidden, self.base, trace)
 
     def paths(self, keys: set[int]) -> str:
         return ", ".join(self.sites[k].paths[0] for k in self.sites if k in keys)
@@ -357,35 +365,63 @@ class _Search:
     def todo(self) -> list[int]:
         return [k for k in self.trial.sites if self.stale(k) or self.exchangeable(k)]
 
+    def gain(self, k: int, trace: Trace) -> int:
+        """Bytes ``trace`` saves less than the kept swaps' run around ``k`` and its neighbours (:func:`_local`)."""
+        region = {k} | self.near[k]
+        return _local(self.final, region) - _local(trace, region)
+
     def attempt(self, chosen: set[int]) -> set[int]:
         """Try ``chosen`` (no two neighbours, nor sharing one): each stale site added to the kept swaps, each other in
-        place of its kept neighbours; kept where :meth:`_Trial.accepts`. Returns the sites this run settles: all
-        where kept, else those that free nothing in it (their reason from it)."""
+        place of its kept neighbours. All are kept where every swap frees bytes and each saves less around itself
+        and its neighbours (:meth:`gain`); else the run settles the losers (a site refused, freeing nothing, beside a
+        neighbour freeing nothing, or saving no less: their reason from it), every site where ``chosen`` is one, and
+        the others are tried again. Returns the sites settled."""
         added = {k for k in chosen if self.stale(k)}
         out = {k: self.near[k] & self.active for k in chosen - added}
         keys = (self.active - set().union(*out.values())) | chosen
         trace = self.trial.run(keys)
-        if self.trial.accepts(keys, trace, self.final):
-            for k, ns in out.items():
-                for n in ns:
-                    self.dropped[n], self.exchanged[n] = self.dropped[k], frozenset(self.near[n] & keys)
-                    saving = _fmt(self.final.total - trace.total)
-                    self.reasons[n] = (f"with it swapped, {self.trial.paths({k})} frees nothing, and swapped alone "
-                                       f"frees more (measured: {saving} less saved in all)")
-            for k in chosen:
-                del self.dropped[k], self.reasons[k]
-            self.active, self.final = keys, trace
+        bad = self.trial.bad(keys, trace)
+        gains = {k: self.gain(k, trace) for k in chosen}
+        losers = {k for k in chosen if ({k} | self.near[k]) & bad or gains[k] <= 0}
+        if not bad and not losers:
+            self.keep(chosen, out, keys, trace, gains)
             return chosen
-        settled = _frees_nothing(chosen, self.trial.hidden, self.trial.base, trace) | set(_refused(trace, keys))
-        if len(chosen) == 1:
-            settled = chosen
-        for k in settled & chosen:
+        settled = chosen if len(chosen) == 1 else losers
+        for k in settled:
             if k in added:
                 self.dropped[k] = (trace, frozenset(keys))
-                self.reasons[k] = self.trial.why_left(k, keys, trace, self.final)
+                self.reasons[k] = self.why_left(k, keys, trace, bad, gains[k])
             else:
                 self.exchanged[k] = frozenset(out[k])
         return settled
+
+    def keep(self, chosen: set[int], out: dict[int, set[int]], keys: set[int], trace: Trace,
+             gains: dict[int, int]) -> None:
+        """Keep the swaps ``keys`` measured in ``trace``: ``chosen`` kept, each in place of ``out[k]``."""
+        for k, ns in out.items():
+            for n in ns:
+                self.dropped[n], self.exchanged[n] = self.dropped[k], frozenset(self.near[n] & keys)
+                self.reasons[n] = (f"with it swapped, {self.trial.paths({k})} frees nothing; "
+                                   f"{self.trial.paths({k})} swapped in its place saves {_fmt(gains[k])} less "
+                                   "(measured on the two and their neighbours)")
+        for k in chosen:
+            del self.dropped[k], self.reasons[k]
+        self.active, self.final = keys, trace
+
+    def why_left(self, key: int, keys: set[int], trace: Trace, bad: set[int], gain: int) -> str:
+        """Why ``key`` is not kept with the other swaps of ``keys`` (measured in ``trace``)."""
+        trial = self.trial
+        refused = _refused(trace, keys)
+        if key in refused:
+            return refused[key]
+        if key in _frees_nothing({key}, trial.hidden, trial.base, trace):
+            return _why(key, trial.base, trace)
+        freed = _fmt(trial.base.only(key) - trace.only(key))
+        if spoiled := (bad & self.near[key]) or bad - {key}:
+            verb = "frees" if len(spoiled) == 1 else "free"
+            return f"measured: frees {freed}, but with it swapped, {trial.paths(spoiled)} {verb} nothing"
+        return (f"measured: frees {freed}, but with it swapped, it and its neighbours save {_fmt(-gain)} more than "
+                "without it")
 
 
 def _apart(todo: list[int], near: dict[int, set[int]]) -> set[int]:
@@ -403,16 +439,17 @@ def _retry(trial: _Trial, active: set[int], final: Trace, dropped: dict[int, tup
            reasons: dict[int, str]) -> tuple[set[int], Trace]:
     """Re-try the sites left for freeing nothing against the kept swaps: one whose neighbours' swaps
     (:func:`_neighbours`) changed since it was measured is added to them; one beside kept neighbours is tried in their
-    place. A try is kept where the total falls and every swap frees bytes. Sites that do not interact are tried
-    together in one run first (then one by one where that fails); none without neighbours is re-tried. At most two
+    place. A try is kept where every swap frees bytes and the bytes saved around each site fall. Sites that do not
+    interact are tried together in one run (each kept or left on its own bytes; one by one where a run settles
+    none); none without neighbours is re-tried. At most two
     runs per site ``dropped`` holds: a site then still measured with other swaps than those kept says so. Returns the
     swaps kept and their run."""
     search = _Search(trial, active, final, dropped, reasons, _neighbours(trial.base, trial.sites))
-    budget, together = 2 * len(dropped), set()
+    budget, together = 2 * len(dropped), set()          # together: the last group that settled nothing
     while trial.runs < budget and (todo := search.todo()):
         chosen = _apart(todo, search.near)
         if len(chosen) > 1 and chosen != together:       # one run for many layers that do not interact
-            together = chosen - search.attempt(chosen)
+            together = set() if search.attempt(chosen) else chosen
             continue
         search.attempt({todo[0]})
     for k in filter(search.stale, trial.sites):

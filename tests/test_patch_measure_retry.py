@@ -110,3 +110,81 @@ def test_a_site_kept_unmeasured_has_freed_none():
         (r,) = report.replaced
         assert r.note.startswith("not measured") and r.freed is None, report
         assert "frees 0 bytes" not in str(report), report
+
+
+class _Gated(nn.Module):
+    """Linear -> GELU -> LayerNorm -> Linear beside a data-dependent selection: how many rows ``side`` saves is set
+    by ``gate.bias``, which the step's optimizer moves (as MoE routing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.act, self.norm, self.down = nn.Linear(D, H), nn.GELU(), nn.LayerNorm(H), nn.Linear(H, D)
+        self.gate, self.side = nn.Linear(D, 1), nn.Linear(D, D)
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(0.5)
+
+    def forward(self, x):
+        g = self.gate(x).squeeze(-1) + torch.linspace(-1, 1, x.shape[0])
+        return self.down(self.norm(self.act(self.up(x)))).sum() + self.side(x[g > 0]).sum() + g.sum()
+
+
+def test_a_step_running_an_optimizer_measures_every_run_from_the_same_parameters():
+    """A callable step running SGD moves ``gate.bias`` in every measuring run; restored only at the end, the runs'
+    totals drifted (fewer rows selected each run) and the re-try took the drift for a saving, keeping GELU in place
+    of the LayerNorm, which frees more. Each run now starts from the same parameters and the try reads the bytes
+    saved around the sites, so the report's bytes are the real step's and the better swap is kept."""
+    torch.manual_seed(0)
+    model, x = _Gated(), torch.randn(64, D)
+    opt = torch.optim.SGD(model.gate.parameters(), lr=0.004)
+    bias = model.gate.bias.detach().clone()
+    norm_alone = copy.deepcopy(model)
+    invact.patch(norm_alone, only=nn.SiLU)           # `only` selects activations: the norm alone is swapped
+    step = lambda m: (m(x).backward(), opt.step(), opt.zero_grad())  # noqa: E731
+    before = _saved(model, x)
+    report = invact.patch(model, example=lambda m: step(m) and None)
+    assert torch.equal(model.gate.bias, bias)
+    after = _saved(model, x)
+    assert [r.path for r in report.replaced] == ["norm"], report
+    assert after == _saved(norm_alone, x) < before and report.measured["patched_bytes"] == after, report
+
+
+def _block(drop: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.LayerNorm(H), nn.Dropout(0.1) if drop else nn.Identity(),
+                         nn.Linear(H, D))
+
+
+def test_a_group_re_try_keeps_each_layers_exchange_only_where_it_wins():
+    """Block 0 (GELU -> LayerNorm -> Dropout) gains by swapping GELU in place of the norm; block 1 (no dropout) loses
+    by it (the norm alone frees y and its statistics). Tried in one run, the two were kept or left together; each is
+    now judged by the bytes saved around it, and its reason quotes that difference, not the run's total."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_block(True), _block(False)), torch.randn(16, D)
+    best, gelu_in_0, norm_in_0 = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    invact.patch(best[0], only=nn.GELU, norms=False)
+    invact.patch(best[1], only=nn.SiLU)              # `only` selects activations: the norm alone is swapped
+    invact.patch(gelu_in_0[0], only=nn.GELU, norms=False)
+    invact.patch(norm_in_0[0], only=nn.SiLU)
+    report = invact.patch(model, example=x)
+    assert sorted(r.path for r in report.replaced) == ["0.1", "1.2"], report
+    assert _saved(model, x) == _saved(best, x) == report.measured["patched_bytes"], report
+    left = {l.path: l.reason for l in report.left}
+    local = _saved(norm_in_0, x) - _saved(gelu_in_0, x)   # block 0's exchange alone
+    assert f"saves {measure._fmt(local)} less" in left["0.2"], report
+
+
+def test_a_chain_of_repeated_blocks_is_re_tried_in_a_few_runs(monkeypatch):
+    """GELU -> SiLU -> GELU -> SiLU -> Linear, 5 times: a failed group try settles the sites beside a swap freeing
+    nothing, so the re-try does not run one forward per block (32 forwards before, now 8)."""
+    runs = []
+    trace = measure.trace_example
+    monkeypatch.setattr(measure, "trace_example", lambda *a, **k: runs.append(1) or trace(*a, **k))
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.GELU(), nn.SiLU(), nn.GELU(), nn.SiLU(), nn.Linear(D, D)) for _ in range(5)]
+    model, x = nn.Sequential(nn.Linear(D, D), *blocks), torch.randn(16, D)
+    before = _saved(model, x)
+    report = invact.patch(model, example=x)
+    assert _saved(model, x) == report.measured["patched_bytes"] < before, report
+    assert len(runs) <= 8, len(runs)
+    left = {l.path: l.reason for l in report.left}
+    assert left["1.1"].endswith("but with it swapped, 1.0 frees nothing"), report   # its neighbour, in a sentence
