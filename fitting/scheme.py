@@ -47,12 +47,13 @@ def _sym(text: str, names: tuple[str, ...]) -> sp.Expr:
 
 
 # The most a float32 library result may be off the exact value, in ulps of the exact value, per function
-# generated code calls on the tensor (sqrt, correctly rounded, is not one). exp, log, log1p, tanh: 1,
-# SLEEF's documented bound for its u10 functions, which ATen's CPU kernels and the C kernels call. erf,
+# generated code calls on the tensor (sqrt, correctly rounded, is not one). exp, log, log1p: 1, SLEEF's
+# documented bound for its u10 functions, which ATen's CPU kernels and the C kernels call; tanh: 2, as
+# SLEEF's u10 tanhf returns x + 1 ulp at tiny x just below x (1.00000002 ulps, both builds). erf,
 # atan, sinh, cosh, asinh: the larger of glibc's x86_64 float figure (sysdeps/x86_64/fpu/libm-test-ulps,
 # round to nearest, the larger of an old 2.2x table and the current one: erf 1, atan 1, sinh 2, cosh 2,
 # asinh 2) and ATen's (SLEEF u10: 1). Not covered: a GPU library's own bounds (CUDA's expf is 2 ulps).
-LIBRARY_ULPS = {"exp": 1, "log": 1, "log1p": 1, "tanh": 1, "erf": 1, "atan": 1, "sinh": 2, "cosh": 2, "asinh": 2}
+LIBRARY_ULPS = {"exp": 1, "log": 1, "log1p": 1, "tanh": 2, "erf": 1, "atan": 1, "sinh": 2, "cosh": 2, "asinh": 2}
 EVERY_SHIFT_UP_TO = 3      # calls whose 3**k combinations of moves are all evaluated; more: three sets
 
 
@@ -90,6 +91,8 @@ def _library(shifts: tuple[int, ...] | None, k: int, name: str, a) -> np.ndarray
         return nearest
     a64 = a.astype(np.float64)
     moved = ulps_apart(exact, nearest, shifts[k] * LIBRARY_ULPS[name], _below_power_of_two(name, a64, exact))
+    if name in ("tanh", "erf"):      # a library's result stays in the function's range: |tanh|, |erf| <= 1
+        moved = np.clip(moved, -1, 1).astype(moved.dtype)
     return np.where(_exact_point(name, a64), nearest, moved)
 
 

@@ -326,6 +326,8 @@ def _import_source(name: str) -> ModuleType:
     except BaseException:
         sys.modules.pop(name, None)
         raise
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, mod)     # as importlib binds it: `from invact.generated import torch_x`
     return mod
 
 

@@ -244,3 +244,17 @@ def test_exit_mode_raises_where_torch_private_stack_api_changed(monkeypatch):
             modes._exit_mode(a)
         assert isinstance(raised.value, modes.ModeStackError)
         assert "not [" in str(raised.value) and "_Mode" in str(raised.value)
+
+
+def test_a_module_read_again_is_the_packages_attribute_too():
+    """After the registry forgets its modules (a refit seen), the module it reads again is also what
+    `from invact.generated import torch_NAME` gives: the package's attribute was left at the first
+    module (importlib binds it; the source-only import did not), with the old table's constants."""
+    import invact.generated as pkg
+    from invact import registry
+    first = registry.module("gelu")
+    child = first.__name__.rpartition(".")[2]
+    registry._forget()
+    again = registry.module("gelu")
+    assert again is not first
+    assert getattr(pkg, child) is again
