@@ -66,16 +66,13 @@ CACHE_ENV = kernel_cache.CACHE_ENV
 SWITCH_ENV = "INVACT_CPU_KERNEL"
 FMA_ENV = "INVACT_FMA"
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_bf16.h", "invact_pack.h", "invact_threads.h",
-                                              "invact_torch_math.h", "invact_sleef.h", "invact_poly.h",
-                                              "invact_poly_transform.h"))  # in the key
+HEADERS = kernel_cache.headers_of(SOURCE.read_bytes(), SOURCE.parent)  # in the key
 # the -m flags of each vector ISA ATen may use (torch.backends.cpu.get_cpu_capability()); C built for
 # any other runs on the compiler's baseline target
 ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c"), "AVX2": ("-mavx2", "-mf16c")}
 FLAGS = ("-O3", *ISA_FLAGS["AVX512"], "-ffp-contract=off", "-shared", "-fPIC")  # and kernel_cache.threading_flags()
 AVX2_SOURCE = SOURCE.with_name("cpu_avx2.c")  # the polynomial backward and a one-pass forward, AVX2 + FMA
-AVX2_HEADERS = tuple(SOURCE.with_name(h) for h in ("invact_poly.h", "invact_poly_transform.h", "invact_threads.h",
-                                                   "invact_pack.h", "invact_sleef.h"))
+AVX2_HEADERS = kernel_cache.headers_of(AVX2_SOURCE.read_bytes(), AVX2_SOURCE.parent)
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-shared", "-fPIC")
 POLY_ISAS = ("AVX512", "AVX2")  # torch.backends.cpu.get_cpu_capability() values with a polynomial kernel
 ABI_VERSION = 8

@@ -44,6 +44,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "Source", "cache_dir", "private_cache_dir", "unsafe", "load",
-           "threading_flags", "load_first"]
+           "threading_flags", "load_first", "headers_of"]
 
 CACHE_ENV = "INVACT_CACHE"
 OPENMP_RUNTIME = "libgomp.so.1"   # the OpenMP runtime PyTorch's Linux wheels load (by this soname)
@@ -112,6 +113,28 @@ class Source(NamedTuple):
 
     name: str
     text: bytes
+
+
+_QUOTED_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def headers_of(text: bytes, folder: Path) -> tuple[Path, ...]:
+    """The headers of ``folder`` that C source ``text`` includes (``#include "..."``), directly or
+    through one another, sorted: what a build's cache key hashes with the source, so that an edit of
+    any header the compiler reads makes a new key. A name not in ``folder`` is a ValueError (the
+    build's only ``-I`` folder would not find it either)."""
+    found: dict[str, Path] = {}
+    pending = [text]
+    while pending:
+        for name in _QUOTED_INCLUDE.findall(pending.pop()):
+            name = name.decode()
+            if name not in found:
+                path = folder / name
+                if not path.is_file():
+                    raise ValueError(f"#include \"{name}\": no such header in {folder}")
+                found[name] = path
+                pending.append(path.read_bytes())
+    return tuple(found[name] for name in sorted(found))
 
 
 def _unsafe_stat(st: os.stat_result, directory: bool = False) -> str | None:

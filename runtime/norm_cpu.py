@@ -22,7 +22,7 @@ from . import cpu_kernel, kernel_cache
 __all__ = ["library", "backward", "all_recoverable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_kernels.c"
-HEADERS = (SOURCE.with_name("invact_bf16.h"), SOURCE.with_name("invact_threads.h"))  # included: in the cache key
+HEADERS = kernel_cache.headers_of(SOURCE.read_bytes(), SOURCE.parent)  # in the cache key
 ABI = 2
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

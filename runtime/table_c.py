@@ -54,8 +54,6 @@ from . import bitpack, cpu_kernel, kernel_cache, registry
 __all__ = ["source", "library", "fma", "run", "direct16", "run_lookup", "pack", "g_kernel"]
 
 CSRC = Path(__file__).with_name("csrc")
-HEADERS = tuple(CSRC / h for h in ("invact_table.h", "invact_bf16.h", "invact_libm.h", "invact_pack.h",
-                                    "invact_threads.h"))  # in the key
 ABI_VERSION = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # T_F32 .. in csrc/invact_table.h
 # the C library's erff, atanf, ... (scalar); -z defs: a function the library lacks fails the link
@@ -143,15 +141,15 @@ def _load(path: Path, sha256: str, use_fma: bool = False) -> ctypes.CDLL | None:
     # (kernel_cache.Source) in a private folder, headers from CSRC alone: never the file at ``path``
     # again, nor a header next to it; the key is of those bytes, the headers and the command, not of
     # where the file lies
-    builds = []
-    for threads in kernel_cache.threading_flags(compiler):
-        flags = [*_flags(use_fma), *threads]
-        command = [compiler, *flags, kernel_cache.Source(path.name, text), *_LINK]
-        parts = [text, *(h.read_bytes() for h in HEADERS), " ".join([compiler, *flags, *_LINK]).encode()]
-        builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
     try:
+        builds, headers = [], kernel_cache.headers_of(text, CSRC)
+        for threads in kernel_cache.threading_flags(compiler):
+            flags = [*_flags(use_fma), *threads]
+            command = [compiler, *flags, kernel_cache.Source(path.name, text), *_LINK]
+            parts = [text, *(h.read_bytes() for h in headers), " ".join([compiler, *flags, *_LINK]).encode()]
+            builds.append((command, f"table-{name}-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}"))
         lib = kernel_cache.load_first(builds, check)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
         _warn_once("the per-table C kernels could not be built", str(error))
         return None
     return bind(lib)

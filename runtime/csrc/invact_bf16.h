@@ -6,43 +6,36 @@
 #define INVACT_BF16_H
 
 #include <stdint.h>
-#include <string.h>
+
+#include "invact_bits.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 /* as c10::BFloat16 (selects, no branches: loops vectorise) */
 static inline uint16_t invact_float_to_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, sizeof b);
+    uint32_t b = invact_bits(f);
     uint16_t r = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
     return f != f ? (uint16_t)0x7FC0u : r;
 }
 
 static inline float invact_bf16_to_float(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
+    return invact_float((uint32_t)h << 16);
 }
 
 /* exact; a subnormal half becomes a normal float through an int conversion and a product of normal
  * numbers, so flushed denormals (which ATen's conversions ignore) cannot touch it */
 static inline float invact_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, sb;
-    float sub = (float)m * 5.9604644775390625e-8f;                     /* e == 0: m * 2^-24 */
-    memcpy(&sb, &sub, sizeof sb);
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t sb = invact_bits((float)m * 5.9604644775390625e-8f);     /* e == 0: m * 2^-24 */
     uint32_t b = e == 0x1Fu ? (sign | 0x7F800000u | (m << 13))
                : e ? (sign | ((e + 112u) << 23) | (m << 13)) : (sign | sb);
-    float f;
-    memcpy(&f, &b, sizeof f);
-    return f;
+    return invact_float(b);
 }
 
 /* round to nearest even, as IEEE conversion (vcvtps2ph): overflow to inf, subnormals, quiet NaN */
 static inline uint16_t invact_float_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
+    uint32_t x = invact_bits(f);
     uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
     uint32_t r = ax - 0x38000000u;                                      /* normal: exponent 127 -> 15 */
     uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;

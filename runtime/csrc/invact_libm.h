@@ -17,25 +17,14 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "invact_bits.h"
 
 #ifdef INVACT_USE_FMA
 #define INVACT_MLA(a, b, c) fmaf((a), (b), (c))  /* -mfma: one vfmadd */
 #else
 #define INVACT_MLA(a, b, c) ((a) * (b) + (c))
 #endif
-
-static inline uint32_t invact_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static inline float invact_float(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 /* t rounded to the nearest integer, ties to even (vcvtps2dq), for |t| < 2^22; any int elsewhere */
 static inline int32_t invact_rint(float t) {

@@ -94,11 +94,8 @@ static inline int32_t invact_bucketize(float v, const float *bd, int32_t n, int 
  * Python float constant meets a float32 tensor there, so it is rounded to float32 first. */
 static inline float invact_log32(float a) {
     static const double poly[] = LOG_POLY;
-    uint32_t bits, mbits;
-    memcpy(&bits, &a, sizeof bits);
-    mbits = (bits & 0x7FFFFFu) | 0x3F800000u;
-    float m;
-    memcpy(&m, &mbits, sizeof m);
+    uint32_t bits = invact_bits(a);
+    float m = invact_float((bits & 0x7FFFFFu) | 0x3F800000u);
     int32_t big = m >= (float)LOG_SQRT2;
     float e = (float)(((int32_t)bits >> 23) - 127 + big);
     float f = (big ? m * (float)0.5 : m) - (float)1.0;
