@@ -281,8 +281,9 @@ def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
     file's mtime is read, never the earlier code's cached .pyc."""
     with _LOCK:
         for _ in range(_IMPORT_TRIES):
-            before = _source_stamp(name)
-            mod = _import_checked(name, api)
+            spec = _spec(name)
+            before = _file_stamp(spec.origin) if spec is not None and spec.origin else None
+            mod = _import_checked(name, api, spec)
             if _file_stamp(mod.__file__) == before:
                 break
             sys.modules.pop(name, None)   # rewritten while it was read
@@ -290,13 +291,12 @@ def _import_generated(name: str, api: tuple[str, ...]) -> ModuleType:
         return mod
 
 
-def _source_stamp(name: str) -> tuple[int, int] | None:
-    """:func:`_file_stamp` of the file the import of generated module ``name`` reads (None if none)."""
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The spec the import of generated module ``name`` reads (None if none is found)."""
     try:
-        spec = importlib.util.find_spec(name)
+        return importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
-    return _file_stamp(spec.origin) if spec is not None and spec.origin else None
 
 
 class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
@@ -309,12 +309,12 @@ class _SourceOnlyLoader(importlib.machinery.SourceFileLoader):
         raise OSError(f"{path}: generated code is compiled from its source")
 
 
-def _import_source(name: str) -> ModuleType:
-    """Generated module ``name``: the one in sys.modules, else imported by :class:`_SourceOnlyLoader`
-    (removed from sys.modules if its code raises, as importlib does)."""
+def _import_source(name: str, spec: importlib.machinery.ModuleSpec | None = None) -> ModuleType:
+    """Generated module ``name``: the one in sys.modules, else imported from ``spec`` (found here if None)
+    by :class:`_SourceOnlyLoader` (removed from sys.modules if its code raises, as importlib does)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
+    spec = spec or importlib.util.find_spec(name)
     if spec is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     if isinstance(spec.loader, importlib.machinery.SourceFileLoader):
@@ -331,10 +331,11 @@ def _import_source(name: str) -> ModuleType:
     return mod
 
 
-def _import_checked(name: str, api: tuple[str, ...]) -> ModuleType:
-    """Import generated module ``name`` and check it (:func:`_check_api`, :func:`_check_table`)."""
+def _import_checked(name: str, api: tuple[str, ...], spec: importlib.machinery.ModuleSpec | None = None) -> ModuleType:
+    """Import generated module ``name`` (from ``spec`` where given) and check it (:func:`_check_api`,
+    :func:`_check_table`)."""
     try:
-        mod = _import_source(name)
+        mod = _import_source(name, spec)
     except (ImportError, SyntaxError) as error:
         where, fix = generated_file(name)
         raise ImportError(f"generated code {where} cannot be imported ({type(error).__name__}: {error}); "

@@ -6,9 +6,12 @@ form) changes the emitted code's error, and a certificate measured before it wou
 (hardswish's was 1.38e-7 for code whose error is 1.51e-7, 9 % more). Re-certifying a copy of generated/
 must give the committed figures. The samples are deterministic (stratified float32 values, every
 bfloat16 and float16 value); so is the float32 evaluation of closed forms made of IEEE operations
-(+, -, *, /, sqrt: correctly rounded on every CPU), the ones checked here (numpy's float32 exp or log
-may round differently on another CPU). What is left is the float64 reference's rounding, ~1e-16 of g
-against figures of ~1e-8 or more: RELATIVE = 1e-6 of each figure (or 1e-15 absolute, for zero figures).
+(+, -, *, /, sqrt: correctly rounded on every CPU), the ones checked here. A closed form calling exp,
+log, ... takes each call's result from numpy's float64 function, rounded and spread by the function's
+ulp bound (invact.fitting.scheme.LIBRARY_ULPS); numpy's float64 functions may differ by an ulp between
+CPUs, so those are re-certified at one hunted table, softplus (tests/test_library_call_certificates.py).
+What is left is the float64 reference's rounding, ~1e-16 of g against figures of ~1e-8 or more:
+RELATIVE = 1e-6 of each figure (or 1e-15 absolute, for zero figures).
 """
 
 import json
