@@ -48,7 +48,7 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
 
     handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
     try:
-        with seeded(model), torch.enable_grad():
+        with seeded(model), torch.inference_mode(False), torch.enable_grad():
             out = run_step(model, example)
             del out
     finally:

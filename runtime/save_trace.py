@@ -33,14 +33,20 @@ _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, 
 
 
 def run_step(model: nn.Module, example: Any) -> Any:
-    """One run of ``example`` on ``model``: a forward of the inputs it holds, or the callable step."""
+    """One run of ``example`` on ``model``: a forward of the inputs it holds, or the callable step. Run with
+    inference mode off (the measurement needs autograd's saves), an input made under
+    ``torch.inference_mode()`` is passed as a normal copy: autograd cannot save an inference tensor."""
     if isinstance(example, torch.Tensor):
-        return model(example)
+        return model(_savable(example))
     if isinstance(example, (tuple, list)):
-        return model(*example)
+        return model(*map(_savable, example))
     if isinstance(example, dict):
-        return model(**example)
+        return model(**{k: _savable(v) for k, v in example.items()})
     return example(model)
+
+
+def _savable(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 class MeasureError(RuntimeError):
@@ -181,7 +187,7 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
         router.outputs = []
     watch, hooks = _DropoutWatch(), torch.autograd.graph.saved_tensors_hooks(pack, checked_for_backward)
     try:
-        with seeded(model), torch.enable_grad(), watch, hooks:
+        with seeded(model), torch.inference_mode(False), torch.enable_grad(), watch, hooks:
             out = run_step(model, example)
             del out
     except Exception as exc:  # noqa: BLE001 - the user's step, any error: with swaps, a reason to leave them

@@ -359,3 +359,20 @@ def test_copied_chunks_change_no_gradient():
         model(x).pow(2).sum().backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("made_inside", [False, True], ids=["example made before", "example made inside"])
+def test_example_measured_under_inference_mode(made_inside):
+    """patch(example=) called inside torch.inference_mode() measures the training forward as it does under
+    no_grad (inference mode hid every save: 0 -> 0 bytes, GELU left); an input made inside inference mode
+    is measured from a normal copy (autograd cannot save an inference tensor). Exact byte counts: the
+    float32 GELU input of 4 x 32 elements (512 bytes) freed, its 1-bit code (16 bytes) added."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        report = invact.patch(model, example=torch.randn(4, 8) if made_inside else x)
+    assert isinstance(model[1], invact.GELU) and not report.left
+    assert report.replaced[0].freed == 4 * 32 * 4 - 16
+    model(x).sum().backward()                     # the model trains afterwards, outside inference mode
+    assert not any(p.is_inference() for p in model.parameters())
