@@ -54,7 +54,7 @@ def _wrapped(local: Tensor, x, stride: tuple[int, ...]):
     return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=stride)
 
 
-def pointwise(x, run: Callable[[Tensor], Tensor]):
+def pointwise(x: Tensor, run: Callable[[Tensor], Tensor]) -> Tensor:
     """``run`` (an elementwise activation of a plain tensor) on each rank's shard of DTensor ``x``: y in
     x's placements (Partial reduced first) and layout."""
     x = _not_partial(x)
@@ -87,8 +87,8 @@ def _local_param(p: Tensor | None, name: str, x, op: str) -> Tensor | None:
     return p.to_local(grad_placements=grads)
 
 
-def norm(x, weight: Tensor | None, bias: Tensor | None, normalized: int, op: str,
-         run: Callable[[Tensor, Tensor | None, Tensor | None], Tensor]):
+def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, normalized: int, op: str,
+         run: Callable[[Tensor, Tensor | None, Tensor | None], Tensor]) -> Tensor:
     """``run(x, weight, bias)`` (a norm over the last ``normalized`` dimensions, of plain tensors) on
     each rank's rows of DTensor ``x``, with Replicate DTensor ``weight`` and ``bias``: y in x's
     placements. ``op`` names the function in errors."""

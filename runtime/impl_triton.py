@@ -41,7 +41,7 @@ LUT_MOST_BITS = 2   # 16-bit y of tables with codes of at most this many bits: g
                     # floats (1 MB at 2 bits), one gather an element
 
 
-def device_guard(device: torch.device):
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current while a Triton kernel launches: Triton launches on the current CUDA
     device and stream, not on its arguments' device (a tensor on cuda:1 while cuda:0 is current
     would be read from the wrong device). The caller's current device is restored afterwards."""

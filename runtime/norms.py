@@ -828,8 +828,8 @@ class LayerNorm(_Saving, nn.LayerNorm):
     ``normalized_shape=None`` with ``elementwise_affine=False``: the last dimension, of any size.
     """
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, style: str = "torch", autocast_output: bool = False,
+    def __init__(self, normalized_shape: int | Sequence[int] | None, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, style: str = "torch", autocast_output: bool = False,
                  backend: str | None = None) -> None:
         any_size = _any_size(normalized_shape, elementwise_affine)
         super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, bias, device, dtype)
@@ -848,8 +848,9 @@ class RMSNorm(_Saving, nn.RMSNorm):
     weight-less qk norm).
     """
 
-    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
-                 dtype=None, *, style: str = "torch", autocast_output: bool = False,
+    def __init__(self, normalized_shape: int | Sequence[int] | None, eps: float | None = None,
+                 elementwise_affine: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, style: str = "torch", autocast_output: bool = False,
                  backend: str | None = None) -> None:
         any_size = _any_size(normalized_shape, elementwise_affine)
         super().__init__(1 if any_size else normalized_shape, eps, elementwise_affine, device, dtype)

@@ -23,6 +23,7 @@ import functools
 import gc
 import random
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ __all__ = ["State", "seeded"]
 
 
 @contextlib.contextmanager
-def seeded(model: nn.Module):
+def seeded(model: nn.Module) -> Iterator[None]:
     """torch (forked, CPU and the model's CUDA devices), random and numpy seeded with 0; states restored."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     py, npy = random.getstate(), np.random.get_state()
