@@ -304,7 +304,7 @@ def _plateau_inside(members: list[Branch]) -> bool:
     the plateau of Piecewise((0, x < -1), (0.5*x*(x + 1), x < 0), (0.5*x, True)) is the end of both rising
     branches (split at x = 0) and inside their stretch, and y alone cannot tell the plateau's g from
     f'(0) = 0.5 there. A plateau at an end of a stretch (relu's 0; a staircase's step between two ramps
-    apart in x) owns that y (_branch_break): one x at most shares it, as at a kink."""
+    apart in x) owns that y (.codes._branch_break): one x at most shares it, as at a kink."""
     tol = _y_tol(*members)
     stretches: list[tuple[float, float]] = []
     last: Branch | None = None
@@ -326,7 +326,7 @@ def _follows(left: Branch, right: Branch) -> bool:
 
 def _signed_zero_clash(a: Branch, b: Branch) -> bool:
     """True when a and b touch only at y = 0, g jumps there, and the branch that does not own y = 0
-    (the owner as :func:`.pipeline._branch_break` decides, y_closed) has |g| < 1 there: its values
+    (the owner as :func:`.codes._branch_break` decides, y_closed) has |g| < 1 there: its values
     next to the break underflow to a signed zero in 16-bit y (0.01*x of Piecewise((0.01*x, x < 0),
     (x, True)) for float16 |x| < 3e-6 is -0), which y cannot tell from the owner's 0. With |g| >= 1
     (y = x) they stay at least the smallest subnormal. Such branches take codes of their own, so the

@@ -34,12 +34,13 @@ from .float32 import end_neighbours, from_ordinal, half_values, ordinal, overflo
 from .interrupts import HELD, signals_deferred
 from .model import BoundContext, Table, segment_index, spec_of
 from .reference import BranchReference
+from .settings import FP32_SAMPLES, MAX_FP32_SAMPLES
 
 __all__ = ["certify_table", "analysis_of", "branch_reference", "branch_sample_range", "check_fp32_samples",
-           "worst_value", "worst_fp32_value", "segment_end_values", "EVAL_KEYS", "MAX_FP32_SAMPLES"]
+           "worst_value", "worst_fp32_value", "segment_end_values", "EVAL_KEYS", "FP32_SAMPLES",
+           "MAX_FP32_SAMPLES"]
 
 CHUNK = 1 << 16                 # float32 values per vectorised pass (cache-sized)
-MAX_FP32_SAMPLES = 1 << 32      # as many as there are float32 values: more cannot check more
 TICK = 1 << 22                  # progress is reported every this many float32 values
 
 
@@ -98,7 +99,7 @@ def check_fp32_samples(fp32_samples: int) -> None:
                          "every value of every branch)")
 
 
-def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: int = 2**24,
+def certify_table(table: Table | dict, exhaustive: bool = False, fp32_samples: int = FP32_SAMPLES,
                   progress: Callable[[float, str], None] | None = None, analysis: Analysis | None = None) -> dict:
     """A certificate dict (see docs/table-format.md); raises CertificationError if a bound fails.
 

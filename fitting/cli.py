@@ -30,6 +30,7 @@ from ..common.params import DEFAULT_TOLERANCE
 from . import tables
 from .errors import InputError, SpecError, WriteError
 from .interrupts import raise_interrupted, signals_deferred
+from .settings import FP32_SAMPLES, MAX_FP32_SAMPLES, MAX_TOLERANCE, MIN_TOLERANCE, RATIONAL_MODES, tolerance_text
 
 if TYPE_CHECKING:
     from .formulas import ActivationSpec
@@ -529,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "self and names starting with '_' are reserved)")
     p.add_argument("--tolerance", type=_positive(float), default=DEFAULT_TOLERANCE,
                    help="max approximation error of g = f'(x): absolute where |g| < 1, relative above "
-                        "(default 5e-8; accepted from 2e-8 to 1e-2: a looser bound is coarser than bf16's rounding)")
-    p.add_argument("--rationals", choices=("auto", "never", "prefer"), default="auto",
+                        f"(default {tolerance_text(DEFAULT_TOLERANCE)}; accepted from "
+                        f"{tolerance_text(MIN_TOLERANCE)} to {tolerance_text(MAX_TOLERANCE)}: a looser bound is coarser than bf16's rounding)")
+    p.add_argument("--rationals", choices=RATIONAL_MODES, default="auto",
                    help="rational pieces: where they make the table cheaper to evaluate (auto, the "
                         "default), never, or on every fitted branch that has them (prefer)")
     _fp32_samples(p)
@@ -553,8 +555,9 @@ def _name_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _fp32_samples(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fp32-samples", type=_positive(int), default=2**24, metavar="N",
-                   help="stratified float32 values checked per branch (default 2**24, at most 2**32: "
+    p.add_argument("--fp32-samples", type=_positive(int), default=FP32_SAMPLES, metavar="N",
+                   help=f"stratified float32 values checked per branch (default 2**{FP32_SAMPLES.bit_length() - 1}, "
+                        f"at most 2**{MAX_FP32_SAMPLES.bit_length() - 1}: "
                         "there are no more float32 values; more is refused)")
 
 

@@ -24,6 +24,7 @@ from .float32 import f32, f32_below, ordinal_nodes, split3
 from .model import PolySegment, RationalSegment, Transform, horner
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
+from .settings import MAX_TOLERANCE
 
 __all__ = ["Transform", "PieceFit", "fit_branch", "layout_cost", "table_cost", "branch_layout", "layouts",
            "f32", "f32_below", "DEGREES", "RATIONALS", "DIVISION_COST", "c_time", "c_features",
@@ -355,7 +356,6 @@ def _needed(piece: PieceFit) -> float:
                piece.error + (piece.rounding_error or 0.0) - slack)
 
 
-MAX_HINT = 1e-2      # the loosest --tolerance the CLI accepts: no looser one is proposed
 HINT_TRIES = 2       # looser tolerances tried before one is proposed
 
 
@@ -393,7 +393,7 @@ def _advice(needed: float, tolerance: float, search=None, reason: str | None = N
     while math.isfinite(needed) and len(tried) < HINT_TRIES:
         step = 10.0 ** math.floor(math.log10(needed * 1.2))    # 20% above, rounded up to one digit
         looser = max(float(f"{math.ceil(needed * 1.2 / step) * step:.1g}"), 2 * looser if tried else 0.0)
-        if not tolerance < looser <= MAX_HINT:
+        if not tolerance < looser <= MAX_TOLERANCE:
             break
         if search is None:
             return f"--tolerance {looser:g} or more may fit (not tried)"

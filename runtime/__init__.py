@@ -78,7 +78,7 @@ _TORCH_FREE = {"fitting", "common", "generated", "registry", "kernel_cache", "u_
 _import_first("torch", __name__, _TORCH_FREE)
 
 
-__version__ = "0.1.0"
+from .common import VERSION as __version__  # noqa: E402 - defined once, in invact.common
 
 __all__ = [
     "Activation", "activation", *_MODULE_CLASSES, "LayerNorm", "RMSNorm",

@@ -16,7 +16,7 @@ from invact.common.params import ParamError
 from invact.fitting.branches import analyze
 from invact.fitting.errors import TableError
 from invact.fitting.formulas import get_spec
-from invact.fitting.pipeline import _param_domain
+from invact.fitting.param_domain import param_domain
 from invact.fitting.tables import _structure_problem, code_bits_for, dump_table, load_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +79,10 @@ print((x.grad - r.grad).abs().max().item())
 
 
 def test_param_domain_keeps_signs():
-    assert _param_domain(get_spec("b*x**2", name="sq", params={"b": 1.0})) == ["b > 0"]
-    assert _param_domain(get_spec("b*x**2", name="sq", params={"b": -1.0})) == ["b < 0"]
-    assert _param_domain(get_spec("softplus")) == ["beta > 0", "threshold >= 18"]   # built-ins unchanged
-    assert _param_domain(get_spec("selu")) == ["alpha > 0", "scale > 0"]
+    assert param_domain(get_spec("b*x**2", name="sq", params={"b": 1.0})) == ["b > 0"]
+    assert param_domain(get_spec("b*x**2", name="sq", params={"b": -1.0})) == ["b < 0"]
+    assert param_domain(get_spec("softplus")) == ["beta > 0", "threshold >= 18"]   # built-ins unchanged
+    assert param_domain(get_spec("selu")) == ["alpha > 0", "scale > 0"]
 
 
 def test_param_domain_even_powers_and_divisions():
@@ -90,8 +90,8 @@ def test_param_domain_even_powers_and_divisions():
     dividing by a parameter expression that is 0 does not hold (ZeroDivisionError escaped the runtime's
     ParamError and the fitter's SpecError)."""
     from invact.common.params import check_params
-    assert _param_domain(get_spec("b**2*x + x", name="e", params={"b": -1.0})) == []
-    domain = _param_domain(get_spec("x/(1 + 1/b)", name="d", params={"b": 1.0}))
+    assert param_domain(get_spec("b**2*x + x", name="e", params={"b": -1.0})) == []
+    domain = param_domain(get_spec("x/(1 + 1/b)", name="d", params={"b": 1.0}))
     assert check_params("d", {"b": 1.0}, {"b": 2.0}, domain) == {"b": 2.0}
     with pytest.raises(ParamError):
         check_params("d", {"b": 1.0}, {"b": 0.0}, domain)

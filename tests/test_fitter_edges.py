@@ -149,7 +149,7 @@ def test_y_range_below_float32_normal_numbers_is_refused_saying_so(capsys, tmp_p
 def test_tail_hint_is_an_accepted_tolerance(capsys, tmp_path, scale, hinted):
     """scale*sigmoid(x) reaches its limit in float64 while g is still scale*1.1e-16 from 0: the hint
     (4 g) is given only where the fit accepts it (3e13: 0.013, above 1e-2, was proposed)."""
-    from invact.fitting.pipeline import MAX_TOLERANCE, MIN_TOLERANCE
+    from invact.fitting.settings import MAX_TOLERANCE, MIN_TOLERANCE
     status, _, err = invact_cli(capsys, "fit", f"{scale}*sigmoid(x)", "--name", "s", "--root", tmp_path / "r", *CHEAP)
     assert status == 2 and "y no longer tells g apart" in err, err
     found = re.findall(r"--tolerance (\S+) or more", err)
@@ -180,3 +180,49 @@ def test_power_tail_gives_nan_where_y_overflows(capsys, tmp_path, layered, backe
         rel = table["certificate"]["float32_eval_error"] + 2 * torch.finfo(dtype if dtype != torch.float64
                                                                            else torch.float32).eps
         assert torch.all((got[:-1].double() - want[:-1]).abs() <= rel * want[:-1].abs().clamp_min(1)), (dtype, got, want)
+
+
+# --- 5. the fitter's limits and defaults, each defined once -------------------------------------------
+
+def test_limits_and_defaults_are_one_constant_each(capsys):
+    """--tolerance's range, the rationals modes, the float32 sample count and the version were literals
+    repeated in cli.py, pipeline.py, certify.py, fit.py and runtime/__init__.py: now the help, the refusals,
+    the defaults and the tables (invact_version) all read one constant each (fit, pipeline, certify, invact.common)."""
+    import inspect
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import invact
+    import invact.common
+    from invact.fitting import certify, cli, pipeline
+    from invact.fitting.errors import FitError
+    from invact.fitting.settings import MAX_TOLERANCE, MIN_TOLERANCE, tolerance_text
+    from invact.fitting.tables import list_tables, load_table
+    assert (tolerance_text(MIN_TOLERANCE), tolerance_text(MAX_TOLERANCE)) == ("2e-8", "1e-2")
+    assert (pipeline.MIN_TOLERANCE, pipeline.MAX_TOLERANCE) == (MIN_TOLERANCE, MAX_TOLERANCE)   # re-exported
+    status, out, _ = invact_cli(capsys, "fit", "--help")
+    text = " ".join(out.split())                       # argparse wraps the help's lines
+    assert status == 0
+    assert f"accepted from {tolerance_text(MIN_TOLERANCE)} to {tolerance_text(MAX_TOLERANCE)}" in text, text
+    assert "--rationals {" + ",".join(pipeline.RATIONAL_MODES) + "}" in text, text
+    args = cli.build_parser().parse_args(["fit", "gelu"])
+    assert args.fp32_samples == certify.FP32_SAMPLES and args.rationals in pipeline.RATIONAL_MODES
+    assert cli.build_parser().parse_args(["certify", "gelu"]).fp32_samples == certify.FP32_SAMPLES
+    for f in (pipeline.build_table, certify.certify_table):
+        assert inspect.signature(f).parameters["fp32_samples"].default == certify.FP32_SAMPLES
+    spec = get_spec("gelu")
+    with pytest.raises(FitError, match=f"use --tolerance {tolerance_text(MIN_TOLERANCE)} or more"):
+        pipeline.build_table(spec, tolerance=MIN_TOLERANCE / 2)
+    with pytest.raises(FitError, match=f"use --tolerance {MAX_TOLERANCE:g} or less"):
+        pipeline.build_table(spec, tolerance=MAX_TOLERANCE * 2)
+    # one version: the distribution's (pyproject.toml), invact.__version__ and every committed table's
+    repo = Path(__file__).resolve().parents[1]
+    assert re.search(r'^version = "(.*)"$', (repo / "pyproject.toml").read_text(), re.M)[1] == invact.common.VERSION
+    assert invact.__version__ == invact.common.VERSION
+    assert {load_table(p)["invact_version"] for p in list_tables(repo)} == {invact.common.VERSION}
+    # `invact --help` still loads none of them: fit's and certify's options are added when those parse
+    code = ("import sys; from invact.fitting import cli; cli.build_parser().format_help(); "
+            "print([m for m in ('numpy', 'sympy', 'invact.fitting.pipeline') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["[]"], run

@@ -4,7 +4,7 @@ arguments of Max swap sides and x.grad was [2, 2, 1, 1] where autograd gives [1,
 fitted at b = 2 took b = 0.5 and gave every x < 0 the slope b + 1 instead of b - 1. A generic table's domain
 now keeps the sign of every quantity its branch structure relies on (a constant f', which side of a piece
 condition's zero each piece takes, the order of those zeros) and the fitter compares the generic table with
-the analysis at values spread over the domain (fitting/pipeline.py: _param_domain, _generic_holds)."""
+the analysis at values spread over the domain (fitting/param_domain.py: param_domain, generic_holds)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from invact.common.params import holds
 from invact.fitting.formulas import get_spec
-from invact.fitting.pipeline import _param_domain, _probe_values
+from invact.fitting.param_domain import _probe_values, param_domain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,17 +150,17 @@ def test_domains_keep_what_the_structure_relies_on():
     """The relations themselves: a piece condition's x coefficient (Max's b < 1), a constant f' (b - 1 of
     b*x + Abs(x) given its closed forms), the order of two conditions' zeros (a < b, -b < b); implied bounds
     dropped (b > 0 beside b > 1); built-ins unchanged."""
-    dom = _param_domain(get_spec("Max(x, b*x)", name="m", params={"b": 0.5}))
+    dom = param_domain(get_spec("Max(x, b*x)", name="m", params={"b": 0.5}))
     assert dom == ["b > 0", "b < 1"]
     import sympy as sp
     b = sp.Symbol("b", real=True)
-    assert _param_domain(get_spec("b*x + Abs(x)", name="a", params={"b": 2.0}), [b - 1, b + 1]) == ["b > 1"]
-    assert _param_domain(get_spec("Min(Max(x, a), b)", name="w", params={"a": -1.0, "b": 1.0})) == ["a < b"]
-    assert _param_domain(get_spec("Max(Min(x, b), -b)", name="c", params={"b": 1.0})) == ["b > 0"]
-    assert _param_domain(get_spec("Max(x, b*x)", name="m", params={"b": 1.0})) is None   # b = 1: no side
+    assert param_domain(get_spec("b*x + Abs(x)", name="a", params={"b": 2.0}), [b - 1, b + 1]) == ["b > 1"]
+    assert param_domain(get_spec("Min(Max(x, a), b)", name="w", params={"a": -1.0, "b": 1.0})) == ["a < b"]
+    assert param_domain(get_spec("Max(Min(x, b), -b)", name="c", params={"b": 1.0})) == ["b > 0"]
+    assert param_domain(get_spec("Max(x, b*x)", name="m", params={"b": 1.0})) is None   # b = 1: no side
     from invact.fitting.branches import analyze
     for name in ("celu", "elu", "leaky_relu", "selu", "softplus"):   # with the analysis, as build_table calls it
-        assert _param_domain(get_spec(name), (), analyze(get_spec(name))) == json.loads(
+        assert param_domain(get_spec(name), (), analyze(get_spec(name))) == json.loads(
             (REPO / "generated" / "tables" / f"{name}.json").read_text())["param_domain"]
 
 
@@ -179,7 +179,7 @@ def test_probes_stay_inside_the_domain_and_reach_its_boundaries():
 # scale = 0.13, and float16 x = 1e-7 (y = 0.13*x rounds to +0) got the x <= 0 branch's g = scale*alpha =
 # 0.2175 where autograd gives scale = 0.13; b*x + Abs(x) fitted at b = 2 (slope b - 1 = 1 for x < 0) and
 # Piecewise((a*x, x < 0), (x, True)) fitted at a = 2 likewise for 1 < b < 2 and a < 1. The domain now keeps
-# the non-owner's |g| >= 1 at y = 0 (fitting/pipeline.py: _signed_zero_relations) and _generic_holds checks
+# the non-owner's |g| >= 1 at y = 0 (fitting/param_domain.py: _signed_zero_relations) and generic_holds checks
 # the rule at its probes.
 #
 # float16 gradients are compared bit for bit at |x| <= 2e-7 (float16 subnormals 2^-24 .. 3*2^-24): there
@@ -292,12 +292,12 @@ def test_signed_zero_relations_follow_the_fitted_codes():
 
     def dom(formula, params=None, closed=()):
         spec = get_spec(formula, name="t", params=params) if params is not None else get_spec(formula)
-        return _param_domain(spec, closed, analyze(spec))
+        return param_domain(spec, closed, analyze(spec))
 
     b = sp.Symbol("b", real=True)
     assert dom("selu") == ["alpha > 0", "scale > 0", "scale >= 1"]
     for name in ("celu", "elu", "leaky_relu", "softplus"):
-        assert dom(name) == _param_domain(get_spec(name))
+        assert dom(name) == param_domain(get_spec(name))
     assert dom("b*x + Abs(x)", {"b": 2.0}, [b - 1, b + 1]) == ["b >= 2"]
     assert dom("b*x + Abs(x)", {"b": 0.5}) == ["b > 0"]                     # codes of their own already
     assert dom("Piecewise((a*x, x < 0), (x, True))", {"a": 2.0}) == ["a >= 1"]
@@ -308,11 +308,12 @@ def test_signed_zero_relations_follow_the_fitted_codes():
 
 
 def test_signed_zero_rule_checked_at_the_probes():
-    """_generic_holds re-runs the signed-zero rule at its probe values: Piecewise((a*x, x < 0), (x, True))'s
+    """generic_holds re-runs the signed-zero rule at its probe values: Piecewise((a*x, x < 0), (x, True))'s
     one-code table fitted at a = 2 does not hold across 'a > 0' (its probe a = 0.25 needs two codes), does
     across 'a >= 1'."""
     from invact.fitting.branches import analyze
-    from invact.fitting.pipeline import _branch_segments, _generic_holds
+    from invact.fitting.param_domain import generic_holds
+    from invact.fitting.pipeline import _branch_segments
 
     spec = get_spec("Piecewise((a*x, x < 0), (x, True))", name="t", params={"a": 2.0})
     analysis = analyze(spec)
@@ -321,8 +322,8 @@ def test_signed_zero_rule_checked_at_the_probes():
     for br in analysis.branches:
         options, exprs[br.index] = _branch_segments(br, spec, "derivative", 5e-8)
         per_branch[br.index] = options[-1]
-    assert not _generic_holds(analysis, per_branch, exprs, spec, ["a > 0"], "derivative")
-    assert _generic_holds(analysis, per_branch, exprs, spec, ["a >= 1"], "derivative")
+    assert not generic_holds(analysis, per_branch, exprs, spec, ["a > 0"], "derivative")
+    assert generic_holds(analysis, per_branch, exprs, spec, ["a >= 1"], "derivative")
 
 
 def test_a_generic_tables_domain_refusal_names_the_fit_for_those_values():

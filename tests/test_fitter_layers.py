@@ -67,8 +67,8 @@ def test_cycle_finder_finds_a_cycle():
 def test_layers_point_down():
     """The straight line of the flow: lower layers never import upper ones."""
     graph = _graph()
-    order = ["float32", "scheme", "segments", "model", "numeric", "pieces", "scan", "limits", "branches", "reference",
-             "fit", "certify", "pipeline", "codegen", "cli"]
+    order = ["settings", "float32", "scheme", "segments", "model", "tables", "numeric", "pieces", "scan", "limits", "branches",
+             "reference", "fit", "certify", "codes", "param_domain", "ends", "pipeline", "codegen", "cli"]
     rank = {f"{FITTER}.{m}": i for i, m in enumerate(order)}
     for name, deps in graph.items():
         top = name if name in rank else ".".join(name.split(".")[:3])

@@ -110,11 +110,11 @@ def test_tolerance_hint_is_a_tolerance_that_was_tried():
     hint, 'likely to fit') the search stops elsewhere and needs 1e-7. A hint is given only once a
     search at it has met it; else the message names the tolerances tried."""
     from invact.fitting.fit import fit_branch
-    from invact.fitting.pipeline import _fit_range
+    from invact.fitting.ends import fit_range
     from invact.fitting.reference import BranchReference
     (b,) = _branches("1e6*tanh(x)")
     ref = BranchReference(b, "derivative")
-    y_lo, y_hi, origins, _, _ = _fit_range(b, ref, "derivative", 5e-8)
+    y_lo, y_hi, origins, _, _ = fit_range(b, ref, "derivative", 5e-8)
     with pytest.raises(FitError) as info:
         fit_branch(ref, y_lo, y_hi, origins, 5e-8, degrees=(6,), rationals=())
     text = str(info.value)

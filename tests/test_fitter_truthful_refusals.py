@@ -95,10 +95,10 @@ def test_large_g_refusal_names_the_absolute_measure_not_smoothness():
     held to an absolute 0.55 * 5e-8 cannot follow it with float32 coefficients: the refusal says that (a
     limitation of the fitter), no longer 'g is not smooth enough' (g is analytic there)."""
     from invact.fitting.fit import fit_branch
-    from invact.fitting.pipeline import _fit_range
+    from invact.fitting.ends import fit_range
     b = _branches("x**4*exp(0.002*x)")[0]
     ref = BranchReference(b, "derivative")
-    y_lo, y_hi, origins, _, _ = _fit_range(b, ref, "derivative", TOL)
+    y_lo, y_hi, origins, _, _ = fit_range(b, ref, "derivative", TOL)
     with pytest.raises(FitError) as info:
         fit_branch(ref, y_lo, y_hi, origins, TOL, degrees=(6,), rationals=())
     text = str(info.value)
