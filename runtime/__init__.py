@@ -74,7 +74,7 @@ def _register_ops() -> None:
 _after_import("torch", _register_ops)
 # torch before the first of invact's submodules that import it (all but these), so that the line above
 # never runs while one of them is half imported
-_TORCH_FREE = {"fitting", "common", "generated", "registry", "kernel_cache", "u_clamp", "act_triton"}
+_TORCH_FREE = {"fitting", "common", "generated", "registry", "kernel_cache", "cache_dirs", "u_clamp", "act_triton"}
 _import_first("torch", __name__, _TORCH_FREE)
 
 

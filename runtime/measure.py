@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ from torch import nn
 from .autocast_check import autocast_refusals
 from .modes import CHUNKS, CopyChunks, install_mode, install_router, remove_mode, remove_modes, remove_router
 from .routing import FunctionalRouter
-from .save_trace import MeasureError, Site, Trace, storage_key, trace_example
+from .save_trace import MeasureError, Site, Trace, _Call, storage_key, trace_example
 from .snapshot import State
 
 # install_router, remove_router, remove_modes, CopyChunks and MeasureError: re-exported (callers import them here)
@@ -122,16 +122,31 @@ def _before_dropout(key: int, trace: Trace) -> bool:
 _DROPOUT = "dropout after it: the next layer saves the dropout's output, so y is an extra tensor"
 
 
+def _shared_input(key: int, base: Trace) -> _Call | None:
+    """The first call of site ``key`` whose input another consumer also saves in ``base``, or None."""
+    return next((c for c in base.calls[key] if c.x_key in base.savers and base.savers[c.x_key] != {key}), None)
+
+
+def _slices(call: _Call) -> int:
+    """How many inputs of ``call``'s size its input's storage holds (k > 1: its input is a 1/k slice)."""
+    return call.x_key[3] // max(call.x_bytes, 1)
+
+
+def _fused_input(key: int, base: Trace) -> bool:
+    """Whether site ``key``'s input is kept alive by another consumer and is a 1/k slice of a larger storage
+    (k > 1) in ``base``: a chunk of a fused projection, which copying its parent's chunks may free
+    (:class:`CopyChunks`, :func:`_fused_unit`). Where such a site frees nothing, :func:`_why` says so."""
+    call = _shared_input(key, base)
+    return call is not None and _slices(call) > 1
+
+
 def _why(key: int, base: Trace, pat: Trace) -> str:
     """Why site ``key`` frees nothing, read from the storages of its calls."""
     reasons = []
-    for c in base.calls[key]:
-        if c.x_key in base.savers and base.savers[c.x_key] != {key}:
-            others = {name for owner, name in base.names[c.x_key] if owner != key}
-            whole = c.x_key[3] // max(c.x_bytes, 1)
-            part = f", a 1/{whole} slice of a larger storage (a fused projection)" if whole > 1 else ""
-            reasons.append(f"input kept alive by another consumer ({', '.join(sorted(others))}{part})")
-            break
+    if (c := _shared_input(key, base)) is not None:
+        others = {name for owner, name in base.names[c.x_key] if owner != key}
+        part = f", a 1/{_slices(c)} slice of a larger storage (a fused projection)" if _fused_input(key, base) else ""
+        reasons.append(f"input kept alive by another consumer ({', '.join(sorted(others))}{part})")
     if base.hidden(key):
         return _DROPOUT + " (not measured: " + _hidden_cause(base, key) + ")"
     for c in pat.calls[key]:
@@ -193,14 +208,13 @@ def decide(model: nn.Module, report: Any, example: Any, router: FunctionalRouter
     state = State(modules, steps=not isinstance(example, (torch.Tensor, tuple, list, dict)))  # else run_step calls it
     try:
         with state.optimizers:
-            active, reasons, base, final, routed, unit = _measure(model, report, example, router, sites, params,
-                                                                  state, check_autocast)
+            measured = _measure(model, report, example, router, sites, params, state, check_autocast)
     finally:
         for m, flag in flags.values():
             m.train(flag)
         state.restore()
-    _report(report, sites, active, reasons, base, final, left_cls, routed, unit)
-    return bool(routed and routed[0])
+    _report(report, sites, measured, left_cls)
+    return bool(measured.routed and measured.routed[0])
 
 
 def _refuse_lazy(model: nn.Module) -> None:
@@ -213,34 +227,69 @@ def _refuse_lazy(model: nn.Module) -> None:
                          "of the model first (as before building an optimizer or DDP), then patch")
 
 
+class _Measured(NamedTuple):
+    """What :func:`_measure` decided."""
+
+    active: set[int]              # the sites kept swapped
+    reasons: dict[int, str]       # why each other site is left
+    base: Trace                   # the run with the originals
+    final: Trace                  # the run of the kept swaps (and route)
+    routed: tuple | None          # the functional route: (kept, bytes freed, calls routed, why left); None: no router
+    unit: tuple | None            # fused projections kept as one unit: (their sites, the note, bytes freed)
+
+
 def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRouter | None, sites: dict[int, Site],
-             params: set[tuple], state: State, check_autocast: bool) -> tuple:
-    """The runs of :func:`decide`: ``(active, reasons, base, final, routed, unit)``, the sites placed as decided."""
+             params: set[tuple], state: State, check_autocast: bool) -> _Measured:
+    """The runs of :func:`decide`, the sites placed as decided."""
     model.train()
     if check_autocast:
-        _place(model, sites, set(sites))
-        refused = autocast_refusals(model, example, sites, state)
-        for i, r in enumerate(report.replaced):
-            key = id(model.get_submodule(r.path))
-            if key in refused:
-                kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
-                note = "; ".join([refused[key], *kept])
-                report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
+        _check_autocast(model, report, example, sites, state)
     _place(model, sites, set())
     base = _run(state, model, example, sites, set(), params)
     reasons = {k: "never called in the example step" for k in sites if not base.calls[k]}
     hidden = {k for k in sites if base.hidden(k)}     # kept unmeasured, as without example=
-    active, final = set(sites) - set(reasons), base
-    dropped: dict[int, tuple[Trace, frozenset[int]]] = {}   # site left for freeing nothing -> its run, its swaps
+    trial = _Trial(model, example, sites, params, state, base, hidden)
+    fused: set[int] = set()     # sites left for freeing nothing whose input is a fused projection's chunk
+    active, final, dropped = _settle(trial, set(sites) - set(reasons), reasons, fused)
+    active, final = _retry(trial, active, final, dropped, reasons, fused)
+    active, final, unit = _fused_unit(trial, active, final, reasons, fused)
+    _place(model, sites, active)
+    routed = None
+    if router is not None:
+        final, routed = _route(trial, active, final, router)
+    return _Measured(active, reasons, base, final, routed, unit)
+
+
+def _check_autocast(model: nn.Module, report: Any, example: Any, sites: dict[int, Site], state: State) -> None:
+    """With every swap in place, note on ``report`` each norm whose ``autocast_output`` autocast refuses
+    (:func:`autocast_refusals`, which sets the replacement's choice back)."""
+    _place(model, sites, set(sites))
+    refused = autocast_refusals(model, example, sites, state)
+    for i, r in enumerate(report.replaced):
+        key = id(model.get_submodule(r.path))
+        if key in refused:
+            kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
+            note = "; ".join([refused[key], *kept])
+            report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
+
+
+def _settle(trial: _Trial, active: set[int], reasons: dict[int, str],
+            fused: set[int]) -> tuple[set[int], Trace, dict[int, tuple[Trace, frozenset[int]]]]:
+    """Swap ``active``, drop each site freeing nothing (why: ``reasons``; :func:`_fused_input` sites also in
+    ``fused``), measure again, until every remaining site frees bytes; none where together they save more than
+    the baseline. Returns the swaps kept, their run, and the sites left for freeing nothing that :func:`_retry`
+    may try again (each with the run that measured it swapped, and that run's swaps)."""
+    base, hidden = trial.base, trial.hidden
+    final = base
+    dropped: dict[int, tuple[Trace, frozenset[int]]] = {}
     while active:
-        _place(model, sites, active)
-        final = _run(state, model, example, sites, active, params)
+        final = trial.measure(active)
         refused = _refused(final, active)
         bad = set(refused) or _frees_nothing(active, hidden, base, final)
         reasons.update(refused or {k: _why(k, base, final) for k in bad})
         if not refused:
-            dropped.update({k: (final, frozenset(active)) for k in bad - hidden
-                            if "fused projection" not in reasons[k]})
+            fused |= {k for k in bad - hidden if _fused_input(k, base)}
+            dropped.update({k: (final, frozenset(active)) for k in bad - hidden - fused})
         active -= bad
         if not bad:
             break
@@ -249,43 +298,48 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
     if final.total > base.total:          # joint storages charged to no site: never worse than baseline
         reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
         active, final = set(), base
-    trial = _Trial(model, example, sites, params, state, base, hidden)
-    active, final = _retry(trial, active, final, dropped, reasons)
-    fused = {k for k, why in reasons.items() if "fused projection" in why}
-    parents = {id(p): p for k in fused for p in _parents(model, sites[k])}
-    unit = None
-    if fused:                             # one unit: these swaps with their parents' chunks copied
-        for p in parents.values():
-            install_mode(p, CopyChunks(), CHUNKS)
-        _place(model, sites, active | fused)
-        trial = _run(state, model, example, sites, active | fused, params)
-        refused = _refused(trial, active | fused)
-        gain = final.total - trial.total if not refused else 0
-        if gain > 0:
-            note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
-                    f"{len(fused)} site(s) freeing {_fmt(gain)}" + (" together (not per module)" if len(fused) > 1 else ""))
-            active, final, unit = active | fused, trial, (fused, note, gain)
-            for k in fused:
-                del reasons[k]
-        else:
-            for p in parents.values():
-                remove_mode(p, CHUNKS)
-            for k in fused:
-                reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
-                               (refused[k] if k in refused else f"frees {_fmt(gain)}"))
-    _place(model, sites, active)
-    routed = None
-    if router is not None:
-        with_route = _run(state, model, example, sites, active, params, router)
-        why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
-               "would fail" if with_route.route_modified else
-               f"the example step fails with the route ({with_route.error})" if with_route.error else "")
-        routed = (with_route.total < final.total and not why, final.total - with_route.total,
-                  dict(router.routed), why)
-        router.routed.clear()
-        if routed[0]:
-            final = with_route
-    return active, reasons, base, final, routed, unit
+    return active, final, dropped
+
+
+def _fused_unit(trial: _Trial, active: set[int], final: Trace, reasons: dict[int, str],
+                fused: set[int]) -> tuple[set[int], Trace, tuple | None]:
+    """Try the ``fused`` sites (left for freeing nothing, their input a fused projection's chunk) as one unit
+    with their parents' chunk/split outputs copied (:class:`CopyChunks`): kept where the unit frees bytes,
+    else their parents' modes removed and their reasons say what copying freed. Returns the swaps kept, their
+    run, and the unit kept (its sites, the note, the bytes it frees) or None."""
+    if not fused:
+        return active, final, None
+    parents = {id(p): p for k in fused for p in _parents(trial.model, trial.sites[k])}
+    for p in parents.values():
+        install_mode(p, CopyChunks(), CHUNKS)
+    keys = active | fused
+    run = trial.measure(keys)
+    refused = _refused(run, keys)
+    gain = final.total - run.total if not refused else 0
+    if gain > 0:
+        note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
+                f"{len(fused)} site(s) freeing {_fmt(gain)}" + (" together (not per module)" if len(fused) > 1 else ""))
+        for k in fused:
+            del reasons[k]
+        return keys, run, (fused, note, gain)
+    for p in parents.values():
+        remove_mode(p, CHUNKS)
+    for k in fused:
+        reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
+                       (refused[k] if k in refused else f"frees {_fmt(gain)}"))
+    return active, final, None
+
+
+def _route(trial: _Trial, active: set[int], final: Trace, router: FunctionalRouter) -> tuple[Trace, tuple]:
+    """One more run of the swaps ``active`` (in place) with ``router``'s route on: (the run kept, (whether the
+    route is kept, the bytes it frees, the calls it routed, why it is left))."""
+    with_route = _run(trial.state, trial.model, trial.example, trial.sites, active, trial.params, router)
+    why = ("a routed call's output is modified in place later in the forward: invact saves y, so backward "
+           "would fail" if with_route.route_modified else
+           f"the example step fails with the route ({with_route.error})" if with_route.error else "")
+    routed = (with_route.total < final.total and not why, final.total - with_route.total, dict(router.routed), why)
+    router.routed.clear()
+    return (with_route if routed[0] else final), routed
 
 
 def _frees_nothing(keys: set[int], hidden: set[int], base: Trace, trace: Trace) -> set[int]:
@@ -328,8 +382,13 @@ class _Trial:
     runs: int = 0
 
     def run(self, keys: set[int]) -> Trace:
-        _place(self.model, self.sites, keys)
+        """:meth:`measure`, counted in :attr:`runs` (:func:`_retry`'s budget)."""
         self.runs += 1
+        return self.measure(keys)
+
+    def measure(self, keys: set[int]) -> Trace:
+        """One measured run with the swaps ``keys`` in place (the others' originals)."""
+        _place(self.model, self.sites, keys)
         return _run(self.state, self.model, self.example, self.sites, keys, self.params)
 
     def bad(self, keys: set[int], trace: Trace) -> set[int]:
@@ -343,13 +402,15 @@ class _Trial:
 @dataclass
 class _Search:
     """The state of :func:`_retry`: the kept swaps and their run, the sites left for freeing nothing (each with the
-    run that last measured it swapped, and that run's swaps), and the kept neighbours each was tried in place of."""
+    run that last measured it swapped, and that run's swaps), why each site is left (and which of them for a fused
+    projection's chunk: :func:`_fused_input`), and the kept neighbours each was tried in place of."""
 
     trial: _Trial
     active: set[int]
     final: Trace
     dropped: dict[int, tuple[Trace, frozenset[int]]]
     reasons: dict[int, str]
+    fused: set[int]
     near: dict[int, set[int]]
     exchanged: dict[int, frozenset[int]] = field(default_factory=dict)
 
@@ -390,7 +451,7 @@ class _Search:
         for k in settled:
             if k in added:
                 self.dropped[k] = (trace, frozenset(keys))
-                self.reasons[k] = self.why_left(k, keys, trace, bad, gains[k])
+                self.leave(k, keys, trace, bad, gains[k])
             else:
                 self.exchanged[k] = frozenset(out[k])
         return settled
@@ -404,24 +465,33 @@ class _Search:
                 self.reasons[n] = (f"with it swapped, {self.trial.paths({k})} frees nothing; "
                                    f"{self.trial.paths({k})} swapped in its place saves {_fmt(gains[k])} less "
                                    "(measured on the two and their neighbours)")
+                self.fused.discard(n)
         for k in chosen:
             del self.dropped[k], self.reasons[k]
+            self.fused.discard(k)
         self.active, self.final = keys, trace
 
-    def why_left(self, key: int, keys: set[int], trace: Trace, bad: set[int], gain: int) -> str:
-        """Why ``key`` is not kept with the other swaps of ``keys`` (measured in ``trace``)."""
+    def leave(self, key: int, keys: set[int], trace: Trace, bad: set[int], gain: int) -> None:
+        """Record why ``key`` is not kept with the other swaps of ``keys`` (:meth:`why_left`), in ``fused`` too
+        where it frees nothing and its input is a fused projection's chunk."""
+        self.reasons[key], fused = self.why_left(key, keys, trace, bad, gain)
+        (self.fused.add if fused else self.fused.discard)(key)
+
+    def why_left(self, key: int, keys: set[int], trace: Trace, bad: set[int], gain: int) -> tuple[str, bool]:
+        """Why ``key`` is not kept with the other swaps of ``keys`` (measured in ``trace``), and whether that is
+        :func:`_why`'s for a fused projection's chunk (:func:`_fused_input`)."""
         trial = self.trial
         refused = _refused(trace, keys)
         if key in refused:
-            return refused[key]
+            return refused[key], False
         if key in _frees_nothing({key}, trial.hidden, trial.base, trace):
-            return _why(key, trial.base, trace)
+            return _why(key, trial.base, trace), key not in trial.hidden and _fused_input(key, trial.base)
         freed = _fmt(trial.base.only(key) - trace.only(key))
         if spoiled := (bad & self.near[key]) or bad - {key}:
             verb = "frees" if len(spoiled) == 1 else "free"
-            return f"measured: frees {freed}, but with it swapped, {trial.paths(spoiled)} {verb} nothing"
+            return f"measured: frees {freed}, but with it swapped, {trial.paths(spoiled)} {verb} nothing", False
         return (f"measured: frees {freed}, but with it swapped, it and its neighbours save {_fmt(-gain)} more than "
-                "without it")
+                "without it"), False
 
 
 def _apart(todo: list[int], near: dict[int, set[int]]) -> set[int]:
@@ -436,15 +506,15 @@ def _apart(todo: list[int], near: dict[int, set[int]]) -> set[int]:
 
 
 def _retry(trial: _Trial, active: set[int], final: Trace, dropped: dict[int, tuple[Trace, frozenset[int]]],
-           reasons: dict[int, str]) -> tuple[set[int], Trace]:
+           reasons: dict[int, str], fused: set[int]) -> tuple[set[int], Trace]:
     """Re-try the sites left for freeing nothing against the kept swaps: one whose neighbours' swaps
     (:func:`_neighbours`) changed since it was measured is added to them; one beside kept neighbours is tried in their
     place. A try is kept where every swap frees bytes and the bytes saved around each site fall. Sites that do not
     interact are tried together in one run (each kept or left on its own bytes; one by one where a run settles
     none); none without neighbours is re-tried. At most two
     runs per site ``dropped`` holds: a site then still measured with other swaps than those kept says so. Returns the
-    swaps kept and their run."""
-    search = _Search(trial, active, final, dropped, reasons, _neighbours(trial.base, trial.sites))
+    swaps kept and their run (``reasons`` and ``fused`` updated as :class:`_Search` says)."""
+    search = _Search(trial, active, final, dropped, reasons, fused, _neighbours(trial.base, trial.sites))
     budget, together = 2 * len(dropped), set()          # together: the last group that settled nothing
     while trial.runs < budget and (todo := search.todo()):
         chosen = _apart(todo, search.near)
@@ -457,8 +527,9 @@ def _retry(trial: _Trial, active: set[int], final: Trace, dropped: dict[int, tup
     return search.active, search.final
 
 
-def _report(report: Any, sites: dict[int, Site], active: set[int], reasons: dict[int, str], base: Trace,
-            final: Trace, left_cls: Any, routed: tuple | None, unit: tuple | None) -> None:
+def _report(report: Any, sites: dict[int, Site], measured: _Measured, left_cls: Any) -> None:
+    """Write ``measured`` into ``report``: kept swaps with the bytes they free, the others moved to ``left``."""
+    active, reasons, base, final, routed, unit = measured
     by_path = {p: k for k, s in sites.items() for p in s.paths}
     kept, first = [], set()
     fused, note, gain = unit or (set(), "", 0)

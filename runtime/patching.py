@@ -2,7 +2,7 @@
 
 :func:`patch` walks the module tree and replaces, under the same attribute names (so ``state_dict``
 keys and loading are unchanged), every activation module it recognises by its exact class (the rules
-are the activation catalog's, :mod:`invact.common.catalog`):
+are the activation catalog's, :mod:`invact.common.catalog`, read by :mod:`invact.patch_rules`):
 
 * torch.nn: GELU (both ``approximate``), SiLU, Mish, Softplus, ELU, CELU, SELU, Hardswish, LeakyReLU
   (and ReLU, Sigmoid, Tanh — see "no gain" below);
@@ -55,7 +55,8 @@ buffer, a weight computed by a ``torch.nn.utils.prune`` hook). Any error while s
 this call's swaps back: :func:`patch` never leaves a model half patched.
 
 The replaced module keeps a reference to its original (not registered as a submodule, so it is in
-neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back.
+neither ``state_dict`` nor ``named_modules``); :func:`unpatch` puts the originals back (the swap, the
+refusals and the putting back are :mod:`invact.patch_swaps`'s).
 Forward, forward pre-, backward and state-dict hooks (``state_dict``'s and ``load_state_dict``'s, pre and post)
 registered on an original move to its replacement: the two share the hook dictionaries, so the hooks keep
 firing, their handles still remove them, and after :func:`unpatch` the original has the hooks as they are then
@@ -66,89 +67,22 @@ sharded after patching (the sharding keeps using the replacement: unpatch before
 
 from __future__ import annotations
 
-import sys
-import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import backends, measure, modes, norm_patch, ops, recognise
 from .arguments import flag
-from .common.catalog import CATALOG, LEFT, NO_TABLE as _NO_TABLE
-from .modules import _CLASSES, _ROWS as _MODULE_ROWS, Activation, module_for, named_params
+from .common.catalog import NO_TABLE as _NO_TABLE
+from .modules import Activation, module_for, named_params
 from .norms import _Saving
+from .patch_rules import ACTIVATION_MODULES, NOT_ELEMENTWISE, RULES, Rule, inplace, recognised_base, rule_for
+from .patch_swaps import (HOOKS_MOVED, children, fsdp_managed, has_hooks, put_back, refuse_losses, refuse_sharded,
+                          swap, undo, unswappable)
 from .routing import FunctionalRouter
 
 __all__ = ["patch", "unpatch", "PatchReport", "Replaced", "Left"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# What is recognised: (module of the class, class name) -> rule, from the activation catalog
-# (invact.common.catalog). Classes are matched exactly (a subclass may override forward) and looked up
-# in sys.modules, so nothing is imported here.
-
-@dataclass(frozen=True)
-class _Rule:
-    table: Callable[[nn.Module], str] | str | None      # None: an activation without a table
-    params: Callable[[nn.Module], dict[str, float]] = lambda m: {}
-    saves_output: Callable[[nn.Module], bool] = lambda m: False  # PyTorch already saves y
-    note: str = ""                                       # why it is left (table None), or a remark
-
-
-def _inplace(m: nn.Module) -> bool:
-    return bool(getattr(m, "inplace", False))
-
-
-_SAVES_OUTPUT: dict[str, Callable[[nn.Module], bool]] = {
-    "always": lambda m: True, "inplace": _inplace, "never": lambda m: False}
-
-
-def _key(qualified: str) -> tuple[str, str]:
-    module, name = qualified.rsplit(".", 1)
-    return module, name
-
-
-def _catalog_rules() -> dict[tuple[str, str], _Rule]:
-    """A torch.nn class reads its table (selecting fields) and parameters from its attributes, as the
-    invact class of the same name does; other libraries' classes name one table at its defaults."""
-    rules: dict[tuple[str, str], _Rule] = {}
-    for cls in _CLASSES:
-        rows = _MODULE_ROWS[cls.__name__]
-        if rows[0].torch is not None:
-            rules[_key(rows[0].torch)] = _Rule(
-                cls._fixed_table or (lambda m, cls=cls: cls._table_of(**{k: getattr(m, k) for k in cls._fields})),
-                lambda m, cls=cls: {k: getattr(m, k) for k in cls._params},
-                _SAVES_OUTPUT[rows[0].saves_output])
-    for row in CATALOG:
-        for rule in row.rules:
-            rules[_key(rule.cls)] = _Rule(row.name, saves_output=_SAVES_OUTPUT[row.saves_output], note=rule.note)
-    for rule in LEFT:
-        rules[_key(rule.cls)] = _Rule(None, note=rule.note)
-    return rules
-
-
-_RULES: dict[tuple[str, str], _Rule] = _catalog_rules()
-# torch.nn.modules.activation classes that are not elementwise: not activations in invact's sense
-_NOT_ELEMENTWISE = {"MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU"}
-_ACTIVATION_MODULES = {module for module, _ in _RULES}
-
-
-def _rule_for(cls: type) -> _Rule | None:
-    rule = _RULES.get((cls.__module__, cls.__qualname__))
-    if rule is None:
-        return None
-    # the class must be the one that module defines (not a look-alike with the same names)
-    mod = sys.modules.get(cls.__module__)
-    return rule if mod is not None and getattr(mod, cls.__qualname__, None) is cls else None
-
-
-def _recognised_base(cls: type) -> type | None:
-    for base in cls.__mro__[1:]:
-        if _rule_for(base) is not None and _RULES[(base.__module__, base.__qualname__)].table is not None:
-            return base
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,7 +156,7 @@ def _selectors(value: Any, arg: str) -> list[tuple[str, Any]] | None:
         raise TypeError(f"{arg} must be a name, an nn.Module class, or a collection of them; "
                         f"got {type(value).__name__}") from None
     tables = set(ops.names())
-    class_names = {name for (_, name) in _RULES}
+    class_names = {name for (_, name) in RULES}
     out = []
     for item in items:
         if isinstance(item, type):
@@ -256,41 +190,6 @@ def _qualname(cls: type) -> str:
     return f"{mod}.{cls.__qualname__}"
 
 
-# the hook dictionaries a replacement shares with its original (so the hooks keep firing, handles remove them)
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
-_HOOKS_MOVED = "hooks registered on the original moved to the replacement (shared: their handles still remove them)"
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, a, None) for a in _HOOK_DICTS)
-
-
-# Module.__call__ runs a backward hook by the module's _is_full_backward_hook flag, which these set
-_BACKWARD_REGISTRATION = ("register_full_backward_hook", "register_backward_hook")
-
-
-def _share_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Make ``new`` use ``old``'s hook dictionaries (the same objects), and its full-backward-hook flag."""
-    for name in _HOOK_DICTS:   # a module unpickled from an older torch may lack some: torch's setstate adds them
-        if name in old.__dict__:
-            new.__dict__[name] = old.__dict__[name]
-    new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
-    _rebind_hooks(new, old, new)
-    for method in _BACKWARD_REGISTRATION:   # the flag is no shared object: the original registers through new
-        old.__dict__[method] = getattr(new, method)
-
-
-def _rebind_hooks(module: nn.Module, was: nn.Module, now: nn.Module) -> None:
-    """Point ``module``'s load_state_dict pre-hooks that are called with ``was`` at ``now``. Those hooks
-    (torch's public API) hold a weak reference to the module they were registered on, where the others
-    are called with the module running them: so every hook sees the module in place."""
-    for hook in getattr(module, "_load_state_dict_pre_hooks", {}).values():
-        if getattr(hook, "with_module", False) and hook.module() is was:
-            hook.module = weakref.ref(now)
-
-
 def _dropout_follows(parent: nn.Module, attr: str) -> bool:
     """Heuristic: in an nn.Sequential, is the next module Dropout with p > 0?"""
     if not isinstance(parent, nn.Sequential):
@@ -301,38 +200,24 @@ def _dropout_follows(parent: nn.Module, attr: str) -> bool:
     return isinstance(nxt, nn.modules.dropout._DropoutNd) and nxt.p > 0
 
 
-def _children(model: nn.Module) -> Iterable[tuple[nn.Module, str, str, nn.Module]]:
-    """(parent, attribute, path, child) for every edge of the module tree, shared parents once."""
-    seen: set[int] = set()
-    stack = [("", model)]
-    while stack:
-        prefix, parent = stack.pop()
-        if id(parent) in seen:
-            continue
-        seen.add(id(parent))
-        items = [(a, c) for a, c in parent._modules.items() if c is not None]
-        for attr, child in items:
-            yield parent, attr, prefix + attr, child
-        stack.extend((prefix + a + ".", c) for a, c in reversed(items))
-
-
-def _verdict(rule: _Rule, parent: nn.Module, attr: str, child: nn.Module, only_sel, exclude_sel, force: bool,
-             known: set[str], measured: bool = False) -> tuple[str | None, dict[str, float] | None, str | None]:
-    """``(table, params, None)`` to replace ``child``, or ``(.., .., reason)`` to leave it."""
+def _verdict(rule: Rule, parent: nn.Module, attr: str, child: nn.Module,
+             walk: _Walk) -> tuple[str | None, dict[str, float] | None, str | None]:
+    """``(table, params, None)`` to replace ``child``, or ``(.., .., reason)`` to leave it, under ``walk``'s
+    only, exclude, force and known tables (the dropout heuristic only without ``example``)."""
     try:
         table = rule.table if isinstance(rule.table, str) else rule.table(child)
     except ValueError as exc:                          # e.g. nn.GELU with an unknown approximate
         return None, None, str(exc)
-    if exclude_sel is not None and _selected(exclude_sel, child, table):
+    if walk.exclude is not None and _selected(walk.exclude, child, table):
         return table, None, "matched exclude"
-    if only_sel is not None and not _selected(only_sel, child, table):
+    if walk.only is not None and not _selected(walk.only, child, table):
         return table, None, "not matched by only"
-    if table not in known:
+    if table not in walk.known:
         return table, None, f"no table {table!r} in invact.generated"
-    if not force and rule.saves_output(child):
-        return table, None, (f"PyTorch's {type(child).__name__}{'(inplace=True)' if _inplace(child) else ''} "
+    if not walk.force and rule.saves_output(child):
+        return table, None, (f"PyTorch's {type(child).__name__}{'(inplace=True)' if inplace(child) else ''} "
                              "already saves its output: nothing to gain (force=True replaces it anyway)")
-    if not force and not measured and _dropout_follows(parent, attr):
+    if not walk.force and walk.example is None and _dropout_follows(parent, attr):
         return table, None, ("followed by Dropout(p>0) in its nn.Sequential, so the next layer does not save the "
                              "output and saving it gains nothing (heuristic on module order; force=True replaces "
                              "it anyway)")
@@ -411,17 +296,17 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     autocast_output = None if autocast_output is None else flag(autocast_output, "autocast_output")
     measure.check_example(example)
     report = PatchReport()
-    if _rule_for(type(model)) is not None:
+    if rule_for(type(model)) is not None:
         report.left.append(Left("", _qualname(type(model)), "the model itself is an activation: it cannot be "
                                 "replaced in place; use invact.activation(...) instead"))
     router = FunctionalRouter() if functional else None
     try:   # any error (in the swaps or the example step) puts this call's swaps back: never half patched
         _swap_all(model, report, _Walk(only_sel, exclude_sel, force, backend, norms, autocast_output, example,
-                                       _fsdp_managed(model)))
+                                       fsdp_managed(model)))
         routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
                   if example is not None else functional)
     except BaseException:  # the model as it was (measure restored its state)
-        _undo(model, report)
+        undo(model, [r.path for r in report.replaced])
         raise
     if router is not None:
         report.functional = report.functional or "routed during the model's forward (not measured)"
@@ -441,7 +326,7 @@ class _Walk:
     norms: bool
     autocast_output: bool | None
     example: Any
-    managed: set[int] = field(default_factory=set)             # modules under FSDP2's fully_shard (_fsdp_managed)
+    managed: set[int] = field(default_factory=set)             # modules under FSDP2's fully_shard (fsdp_managed)
     done: dict[int, nn.Module] = field(default_factory=dict)   # a shared module is replaced by one shared module
     probes: dict = field(default_factory=dict)                  # norm configurations probed in this call
     known: set[str] = field(default_factory=lambda: set(ops.names()))
@@ -449,9 +334,9 @@ class _Walk:
 
 def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
     """Swap every module of ``model`` that a rule or probe recognises, recording each in ``report``."""
-    for parent, attr, path, child in list(_children(model)):
+    for parent, attr, path, child in list(children(model)):
         if id(child) in walk.done:
-            why = _unswappable(parent, child, walk.managed)
+            why = unswappable(parent, child, walk.managed)
             if why is not None:
                 report.left.append(Left(path, _qualname(recognise.own_class(child)), why))
                 continue
@@ -468,52 +353,51 @@ def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
 
 def _swap_norm(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport, walk: _Walk) -> None:
     cls = recognise.own_class(child)
-    why = _unswappable(parent, child, walk.managed)
+    why = unswappable(parent, child, walk.managed)
     new, note = (None, why) if why is not None else \
         norm_patch.replacement(parent, attr, child, walk.backend, walk.autocast_output, walk.probes)
     if new is None:
         report.left.append(Left(path, _qualname(cls), note))
         return
-    note = "; ".join(x for x in (note, _HOOKS_MOVED if _has_hooks(child) else "") if x)
+    note = "; ".join(x for x in (note, HOOKS_MOVED if has_hooks(child) else "") if x)
     _record(report, Replaced(path, _qualname(cls), "invact." + repr(new), note), parent, attr, child, new, walk)
 
 
 def _swap_activation(parent: nn.Module, attr: str, path: str, child: nn.Module, report: PatchReport,
                      walk: _Walk) -> None:
     cls = recognise.own_class(child)
-    rule = _rule_for(cls)
+    rule = rule_for(cls)
     if rule is None and recognise.is_candidate(child):
         rule, why = _probed_rule(child, walk.example is None)
         if why is not None:
             report.left.append(Left(path, _qualname(cls), why))
             return
     if rule is None:
-        base = _recognised_base(cls)
+        base = recognised_base(cls)
         if base is not None:
             report.left.append(Left(path, _qualname(cls), f"subclass of {base.__name__}: its forward may differ"))
-        elif cls.__module__ in _ACTIVATION_MODULES and cls.__name__ not in _NOT_ELEMENTWISE:
+        elif cls.__module__ in ACTIVATION_MODULES and cls.__name__ not in NOT_ELEMENTWISE:
             report.left.append(Left(path, _qualname(cls), _NO_TABLE))
         return
     if rule.table is None:
         report.left.append(Left(path, _qualname(cls), rule.note))
         return
-    table, params, why = _verdict(rule, parent, attr, child, walk.only, walk.exclude, walk.force, walk.known,
-                                  walk.example is not None)
+    table, params, why = _verdict(rule, parent, attr, child, walk)
     new = None if why is not None else module_for(table, params, walk.backend)
-    why = why or _unswappable(parent, child, walk.managed) or recognise.state_mismatch(child, new)
+    why = why or unswappable(parent, child, walk.managed) or recognise.state_mismatch(child, new)
     if why is not None:
         report.left.append(Left(path, _qualname(cls), why))
         return
     notes = [rule.note] if rule.note else []
-    if _inplace(child):
+    if inplace(child):
         notes.append("inplace=True not kept: the new module returns a new tensor")
-    if _has_hooks(child):
-        notes.append(_HOOKS_MOVED)
+    if has_hooks(child):
+        notes.append(HOOKS_MOVED)
     _record(report, Replaced(path, _qualname(cls), "invact." + repr(new), "; ".join(notes)), parent, attr, child, new,
             walk)
 
 
-def _probed_rule(child: nn.Module, unmeasured: bool) -> tuple[_Rule | None, str | None]:
+def _probed_rule(child: nn.Module, unmeasured: bool) -> tuple[Rule | None, str | None]:
     """(the rule of the activation a probe finds ``child`` computes, None), (None, why it is left), or (None,
     None) where it is no activation."""
     cls = type(child)
@@ -523,151 +407,18 @@ def _probed_rule(child: nn.Module, unmeasured: bool) -> tuple[_Rule | None, str 
         return None, (f"computes {table} on the probe, but its forward takes more than the input ({extra}); "
                       "invact's activations take one tensor")
     if table is not None:
-        return _Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and unmeasured,
+        return Rule(table, saves_output=lambda m, t=table: t in recognise.SAVES_OUTPUT and unmeasured,
                      note=f"recognised by a probe: computes {table} (within 2^-26 relative, float64)"), None
-    if like and _recognised_base(cls) is None:
+    if like and recognised_base(cls) is None:
         return None, "not recognised: elementwise on the probe, but computes none of invact's activations"
     return None, None
 
 
 def _record(report: PatchReport, entry: Replaced, parent: nn.Module, attr: str, old: nn.Module, new: nn.Module,
             walk: _Walk) -> None:
-    """Swap ``old`` for ``new`` and record it at once (so an error after it puts it back: :func:`_undo`)."""
-    _swap(parent, attr, old, new, walk.done)
+    """Swap ``old`` for ``new`` and record it at once (so an error after it puts it back: :func:`undo`)."""
+    swap(parent, attr, old, new, walk.done)
     report.replaced.append(entry)
-
-
-_FORWARD_SET = ("its forward is overridden on the instance (module.forward = ..., as accelerate's hooks do): a "
-                "replacement would run its class's forward and lose the override")
-_COMPILED = ("wrapped by torch.compile: the wrapper's compiled forward calls this module itself, so a replacement "
-             "would never run; patch before compiling, or patch the model and compile it after")
-_COMPILED_ITSELF = ("compiled on its own (module.compile()): a replacement would run uncompiled; patch before "
-                    "calling module.compile(), or compile the model after patching")
-_FSDP = "sharded by FSDP2's fully_shard (applied to it or to a module above it)"
-_DTENSORS = "its parameters are DTensors (sharded by fully_shard / FSDP2 or tensor parallelism)"
-_SHARDED = ("{}: the sharding keeps using this module and writing its parameters into it; patch before fully_shard "
-            "(before sharding)")
-
-
-def _fsdp_managed(model: nn.Module) -> set[int]:
-    """The ids of ``model``'s modules under (or being) an FSDP2 ``FSDPModule``: fully_shard manages the
-    parameters of every module below the one it is applied to."""
-    fsdp = recognise.fsdp_module_class()
-    if fsdp is None:
-        return set()
-    return {id(m) for f in model.modules() if isinstance(f, fsdp) for m in f.modules()}
-
-
-def _sharding(child: nn.Module, managed: set[int]) -> str | None:
-    """Why ``child`` belongs to a sharding, or None: fully_shard was applied to it, or it holds parameters
-    under a module it was applied to (``managed``: :func:`_fsdp_managed`; they are plain tensors while
-    gathered, after a forward without backward), or its parameters or buffers are DTensors."""
-    fsdp = recognise.fsdp_module_class()
-    if (fsdp is not None and isinstance(child, fsdp)) or \
-            (id(child) in managed and any(p is not None for p in child._parameters.values())):
-        return _FSDP
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is not None and any(isinstance(t, dtensor) for t in (*child.parameters(), *child.buffers())):
-        return _DTENSORS
-    return None
-
-
-def _unswappable(parent: nn.Module, child: nn.Module, managed: set[int]) -> str | None:
-    """Why ``child`` cannot be swapped in place whatever it computes, or None: its forward is set on the
-    instance, its parent is torch.compile's wrapper of it (its forward bound to ``child``, so a swap runs
-    nothing new), it was compiled on its own by ``module.compile()`` (a replacement would lose it), or it
-    belongs to a sharding (:func:`_sharding`: the sharding keeps writing its parameters into ``child``)."""
-    if "forward" in vars(child):
-        return _FORWARD_SET
-    if getattr(child, "_compiled_call_impl", None) is not None:
-        return _COMPILED_ITSELF
-    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
-    if compiled is not None and isinstance(parent, compiled):
-        return _COMPILED
-    sharded = _sharding(child, managed)
-    return None if sharded is None else _SHARDED.format(sharded)
-
-
-def _undo(model: nn.Module, report: PatchReport) -> None:
-    """Put back the originals of ``report``'s swaps (this call's only: earlier patches stay)."""
-    for r in report.replaced:
-        parent, _, attr = r.path.rpartition(".")
-        _put_back(model.get_submodule(parent), attr, model.get_submodule(r.path))
-
-
-def _swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dict[int, nn.Module]) -> None:
-    new.train(old.training)
-    new._invact_replaced = (old,)
-    _share_hooks(old, new)
-    setattr(parent, attr, new)
-    done[id(old)] = new
-
-
-def _original(child: nn.Module) -> nn.Module | None:
-    """The module ``child`` replaced; None where it replaced nothing."""
-    original = getattr(child, "_invact_replaced", None)
-    return original[0] if isinstance(child, (Activation, _Saving)) and original else None
-
-
-def _put_back(parent: nn.Module, attr: str, child: nn.Module) -> bool:
-    """Put the original of ``child`` (a replacement at ``parent.attr``) back, handing it the replacement's
-    training flag, parameters and buffers; False where ``child`` replaced nothing."""
-    original = _original(child)
-    if original is None:
-        return False
-    _hand_back(child, original)
-    setattr(parent, attr, original)
-    return True
-
-
-def _lost(new: nn.Module, old: nn.Module) -> list[str]:
-    """What putting ``old`` back in place of ``new`` would drop: a parametrization on ``new``, or
-    parameters, buffers and submodules registered on it under names ``old`` lacks."""
-    parametrized = parametrize.is_parametrized(new)
-    lost = [f"a parametrization of {', '.join(new.parametrizations)}"] if parametrized else []
-    for kind, theirs, mine in (("parameter", new._parameters, old._parameters), ("buffer", new._buffers, old._buffers),
-                               ("submodule", new._modules, old._modules)):
-        lost += [f"{kind} {name!r}" for name, value in theirs.items()
-                 if value is not None and name not in mine and not (parametrized and name == "parametrizations")]
-    return lost
-
-
-def _refuse_losses(model: nn.Module) -> None:
-    """RuntimeError naming each replacement whose original would drop something put on it while patched."""
-    losses = [f"module {path!r} ({type(child).__name__}): {', '.join(lost)}" for _, _, path, child in _children(model)
-              if (old := _original(child)) is not None and (lost := _lost(child, old))]
-    if losses:
-        raise RuntimeError(
-            "invact.unpatch: putting the original modules back would drop what was added to their replacements "
-            "while patched — " + "; ".join(losses) + ". Nothing was unpatched: remove it first "
-            "(torch.nn.utils.parametrize.remove_parametrizations(module, name) keeps the parametrized weight as "
-            "a plain parameter) and add it again after unpatch, or keep the model patched")
-
-
-def _refuse_sharded(model: nn.Module) -> None:
-    """RuntimeError naming each replacement that belongs to a sharding (:func:`_sharding`): the sharding keeps
-    writing parameters into the replacement, so the original put back would hold stale (sharded) ones."""
-    managed = _fsdp_managed(model)
-    sharded = [f"module {path!r} ({type(child).__name__}: {why})" for _, _, path, child in _children(model)
-               if _original(child) is not None and (why := _sharding(child, managed)) is not None]
-    if sharded:
-        raise RuntimeError(
-            "invact.unpatch: these replacements were sharded after patching — " + "; ".join(sharded) + ". The "
-            "sharding keeps using the replacement, so the original put back would run on stale parameters. Nothing "
-            "was unpatched: unpatch before sharding (fully_shard, tensor parallelism), or keep the model patched")
-
-
-def _hand_back(new: nn.Module, old: nn.Module) -> None:
-    """Give ``old`` the training flag, parameters and buffers ``new`` holds now (names both have), and its
-    full-backward-hook flag (the hook dictionaries are shared; hooks called with ``new`` get ``old``)."""
-    old.train(new.training)
-    old._is_full_backward_hook = new._is_full_backward_hook
-    _rebind_hooks(old, new, old)
-    for method in _BACKWARD_REGISTRATION:
-        old.__dict__.pop(method, None)
-    for mine, theirs in ((old._parameters, new._parameters), (old._buffers, new._buffers)):
-        for name in mine.keys() & theirs.keys():
-            mine[name] = theirs[name]
 
 
 def unpatch(model: nn.Module) -> list[str]:
@@ -684,10 +435,10 @@ def unpatch(model: nn.Module) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     restored = []
-    _refuse_sharded(model)
-    _refuse_losses(model)
+    refuse_sharded(model)
+    refuse_losses(model)
     modes.remove_modes(model)
-    for parent, attr, path, child in list(_children(model)):
-        if _put_back(parent, attr, child):
+    for parent, attr, path, child in list(children(model)):
+        if put_back(parent, attr, child):
             restored.append(path)
     return restored

@@ -58,7 +58,7 @@ from torch import nn
 
 from .layout import is_jagged
 
-__all__ = ["memory", "saved_bytes", "SavedBytes"]
+__all__ = ["memory", "SavedBytes"]
 
 _OUTSIDE = "<outside>"
 
@@ -359,6 +359,3 @@ def memory(model: nn.Module | None = None) -> SavedBytes:
     global module hooks name modules ``Class#i`` and leaf tensors that require grad count as parameters.
     """
     return SavedBytes(model)
-
-
-saved_bytes = memory

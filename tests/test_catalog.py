@@ -21,7 +21,7 @@ import torch
 
 import invact
 import invact.functional as IF
-from invact import modules, ops, patching, routing
+from invact import modules, ops, patch_rules, routing
 from invact.common.catalog import CATALOG, LEFT, CatalogError, check_catalog, group
 from invact.common.params import ParamError, check_params, holds
 from invact.fitting.expressions import parse
@@ -51,7 +51,7 @@ def test_every_row_has_a_module_a_function_and_patch_rules(row):
     keys = [tuple(r.cls.rsplit(".", 1)) for r in row.rules] + ([tuple(row.torch.rsplit(".", 1))] if row.torch else [])
     assert keys, f"{row.name}: patch recognises no class"
     for key in keys:
-        rule = patching._RULES[key]
+        rule = patch_rules.RULES[key]
         assert rule.table == row.name or callable(rule.table)
 
 
@@ -64,22 +64,22 @@ def test_faces_expose_nothing_outside_the_catalog():
     names = {row.name for row in CATALOG}
     recognised = {tuple(r.cls.rsplit(".", 1)) for row in CATALOG for r in row.rules} \
         | {tuple(row.torch.rsplit(".", 1)) for row in CATALOG if row.torch} | {tuple(r.cls.rsplit(".", 1)) for r in LEFT}
-    assert set(patching._RULES) == recognised
+    assert set(patch_rules.RULES) == recognised
     # functional routing: torch.nn.functional's function of each row that mirrors a torch.nn class and
     # whose PyTorch form saves its input (relu, sigmoid, tanh save their output: nothing to gain)
     assert {label for label, _ in routing.ROUTED.values()} == \
         {row.functional for row in CATALOG if row.torch is not None and row.saves_output != "always"}
-    for rule in patching._RULES.values():
+    for rule in patch_rules.RULES.values():
         assert rule.table is None or callable(rule.table) or rule.table in names
 
 
 def test_torch_nn_rules_read_the_selecting_fields_and_parameters():
     """nn.GELU(approximate='tanh') -> gelu_tanh and nn.Softplus(beta=2) -> its beta: from attributes."""
-    gelu = patching._RULES[("torch.nn.modules.activation", "GELU")]
+    gelu = patch_rules.RULES[("torch.nn.modules.activation", "GELU")]
     assert gelu.table(torch.nn.GELU(approximate="tanh")) == "gelu_tanh" and gelu.table(torch.nn.GELU()) == "gelu"
-    softplus = patching._RULES[("torch.nn.modules.activation", "Softplus")]
+    softplus = patch_rules.RULES[("torch.nn.modules.activation", "Softplus")]
     assert softplus.params(torch.nn.Softplus(beta=2.0, threshold=5.0)) == {"beta": 2.0, "threshold": 5.0}
-    elu = patching._RULES[("torch.nn.modules.activation", "ELU")]
+    elu = patch_rules.RULES[("torch.nn.modules.activation", "ELU")]
     assert elu.saves_output(torch.nn.ELU(inplace=True)) and not elu.saves_output(torch.nn.ELU())
 
 
@@ -100,7 +100,7 @@ def test_a_new_row_is_all_it_takes():
         import importlib, invact
         importlib.reload(invact)       # its __init__ ran to import the catalog: read the row into __all__
         import invact.functional as IF
-        from invact import patching
+        from invact import patch_rules
         from invact.fitting.formulas import BUILTINS, X
         import sympy as sp
         assert BUILTINS["softsign"].expr == X / (1 + sp.Abs(X)), BUILTINS["softsign"].expr
@@ -108,8 +108,8 @@ def test_a_new_row_is_all_it_takes():
         assert list(inspect.signature(invact.Softsign).parameters) == ["backend"] and "softsign" in IF.__all__
         assert IF.softsign.__doc__ == row.functional_doc
         assert list(inspect.signature(IF.softsign).parameters) == ["input", "backend"]
-        assert patching._RULES[("torch.nn.modules.activation", "Softsign")].table == "softsign"
-        assert patching._RULES[("timm.layers.activations", "SoftSign")].table == "softsign"
+        assert patch_rules.RULES[("torch.nn.modules.activation", "Softsign")].table == "softsign"
+        assert patch_rules.RULES[("timm.layers.activations", "SoftSign")].table == "softsign"
         from invact import routing
         assert routing.ROUTED[torch.nn.functional.softsign][0] == "softsign"
         model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Softsign())

@@ -18,7 +18,7 @@ from torch import nn
 
 import invact
 import tolerances as tol
-from invact import recognise
+from invact import measure, recognise
 from invact.common.catalog import CATALOG
 from invact.measure import remove_router
 
@@ -214,6 +214,24 @@ def test_fused_projections_measured_together_report_the_unit_not_per_module():
     unit = f"measured as one unit of 2 site(s) freeing {freed} B together (not per module)"
     assert freed > 0 and all(r.freed is None and unit in r.note for r in report.replaced), str(report)
     assert "frees 0 bytes" not in str(report)
+
+
+def test_a_reworded_reason_leaves_the_fused_projection_handled(monkeypatch):
+    """Whether a site's input is a fused projection's chunk is read from the storages (measure._fused_input),
+    not from the reason sentence: with the sentence reworded, the chunks are still copied and the swap kept,
+    freeing what it frees unreworded (test_fused_projection_frees_its_storage_with_copied_chunks)."""
+    real, said = measure._why, []
+    monkeypatch.setattr(measure, "_why", lambda *a: said.append(real(*a).replace("fused projection", "joint one"))
+                        or said[-1])
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 8), FusedGLU()), torch.randn(4, 8)
+    before = _saved(model, x)
+    report = invact.patch(model, example=x)
+    assert any("(a joint one)" in why for why in said), said      # the sentence was reworded
+    assert [r.path for r in report.replaced] == ["1.act"], str(report)
+    r, n = report.replaced[0], 4 * 32
+    assert r.note.startswith("fused projection: ") and r.freed == 4 * n - n // 8, str(report)
+    assert _saved(model, x) == before - r.freed
 
 
 def test_chained_activations_are_decided_together():
