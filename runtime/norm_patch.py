@@ -2,7 +2,8 @@
 
 * ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (exact classes): :class:`invact.LayerNorm` /
   :class:`invact.RMSNorm` with the same configuration.
-* Other classes named ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's LlamaRMSNorm, MistralRMSNorm,
+* Subclasses of torch's norms outside torch (``class QKNorm(nn.RMSNorm)``, its forward overridden or not) and
+  other classes named ``...RMSNorm`` / ``...LayerNorm`` (Hugging Face's LlamaRMSNorm, MistralRMSNorm,
   Qwen2RMSNorm, Phi3RMSNorm, GemmaRMSNorm with its ``1 + w`` weight, T5LayerNorm, ...) are recognised by
   what they compute, not by name: holding only ``weight`` of the normalized shape (and ``bias``), no buffers
   or submodules, an ``eps`` / ``variance_epsilon`` attribute (``eps=None``, nn.RMSNorm's default: the RMSNorm
@@ -19,7 +20,8 @@
   A class nothing matches is left, with the closest form's difference as the reason. One probe per
   class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
   attributes: numbers, strings and tuples by value, so Qwen's grouped and ungrouped RMSNorm are probed
-  apart, any other object by identity).
+  apart, any other object by identity). A weight with a size-1 dimension that broadcasts over the input
+  (``nn.Parameter(torch.ones(1, d))``) is left (:func:`_broadcast_weight`).
 * Such classes with no parameters, buffers or submodules (OLMo's LayerNorm, Llama 4's weight-less RMSNorm):
   the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
   invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
@@ -28,7 +30,8 @@
   (:func:`_match_any_size`) and, where one form matches on each, becomes an invact norm with
   ``normalized_shape=None``, which normalizes the last dimension of any size. eps comes from the attribute, or is
   inferred from the output (:func:`_inferred_eps`: a row of variance far below eps, snapped to a short
-  decimal) and kept only if the full probe then matches; a form without eps, with eps outside the square
+  decimal, or float32's epsilon: F.rms_norm's eps=None) and kept only if the full probe then matches (an eps
+  attribute of None is F.rms_norm's default, as for nn.RMSNorm); a form without eps, with eps outside the square
   root, clamped or over another axis matches nothing and is left.
 
 The replacement shares the original's Parameter objects, registered in the original's order (same
@@ -42,16 +45,21 @@ torch.autocast, so the Linear saves the norm's own output instead of a cast copy
 is read from the parent (:func:`feeds_linears`): a parent with a ``norm_first`` flag (torch's
 TransformerEncoderLayer / TransformerDecoderLayer) says it, the final ``norm`` of torch's
 TransformerEncoder / TransformerDecoder is the stack's output, and otherwise the attribute name decides
-(:data:`PRE_NORM`). A module cannot see who uses its output, and a post-norm layer's output (BERT's
-``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with ``norm_first=False``)
-also feeds the float32 residual stream, which must not be rounded. With ``example=``, :mod:`invact.autocast_check`
-also checks it: a norm whose autocast output changes the model's output under autocast keeps torch's dtype.
+(:data:`PRE_NORM`), except that without ``example=`` a norm directly in the model being patched with no
+nn.Linear registered after it there (LlamaModel's final ``norm``: its ``last_hidden_state``) is taken for the
+model's output and keeps torch's dtype. A module cannot see who uses its output, and a post-norm layer's
+output (BERT's ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with
+``norm_first=False``, a tutorial's ``self.norm1(x + self.attn(x))``) also feeds the float32 residual stream,
+which must not be rounded: the name alone cannot tell, and the report's note says when the name decided.
+With ``example=``, :mod:`invact.autocast_check` checks it: a norm whose autocast output changes the model's
+output under autocast keeps torch's dtype.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -60,7 +68,7 @@ from .norms import LayerNorm, RMSNorm, _Saving, _default_eps, _int_tuple
 from . import recognise
 from .recognise import probe_copy
 
-__all__ = ["is_candidate", "replacement", "feeds_linears", "PRE_NORM"]
+__all__ = ["is_candidate", "replacement", "feeds_linears", "Patching", "PRE_NORM"]
 
 # attribute names of norms whose output feeds only Linears (Llama/Mistral/Qwen2/Phi-3/Gemma, GPT-2, ViT, T5)
 PRE_NORM = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "ln_1", "ln_2", "ln_f",
@@ -71,34 +79,101 @@ _NAME = re.compile(r"(RMS|Layer)Norm")
 
 def is_candidate(module: nn.Module) -> bool:
     """A norm :func:`replacement` may swap (invact's own norms are not), judged by its own class (FSDP2's
-    dynamic subclass looked through: :func:`invact.recognise.own_class`)."""
+    dynamic subclass looked through: :func:`invact.recognise.own_class`): torch's LayerNorm and RMSNorm,
+    and outside torch their subclasses (``class QKNorm(nn.RMSNorm)``) and classes named ``...RMSNorm`` /
+    ``...LayerNorm``; all but torch's exact classes are probed."""
     cls = recognise.own_class(module)
     if isinstance(module, _Saving):
         return False
     if cls in (nn.LayerNorm, nn.RMSNorm):
         return True
-    return not cls.__module__.startswith("torch.") and bool(_NAME.search(cls.__name__))
+    if cls.__module__.startswith("torch."):    # torch's own subclasses (quantized LayerNorm) are no user norms
+        return False
+    return issubclass(cls, (nn.LayerNorm, nn.RMSNorm)) or bool(_NAME.search(cls.__name__))
 
 
-def _eps(module: nn.Module) -> float | None:
-    for name in ("variance_epsilon", "eps", "epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+class _Unstated:
+    """No eps attribute: the weight-less probe infers eps from the output (:func:`_inferred_eps`)."""
+
+    def __repr__(self) -> str:
+        return "UNSTATED"
 
 
-def feeds_linears(parent: nn.Module, attr: str) -> bool:
+_UNSTATED = _Unstated()
+_EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
+
+
+def _eps(module: nn.Module) -> float | None | _Unstated:
+    """The module's eps attribute: a number, None where it is None (``eps=None``: F.rms_norm's default, the
+    epsilon of the dtype it computes in, as nn.RMSNorm's), or :data:`_UNSTATED` where it has none."""
+    values = [getattr(module, name) for name in _EPS_NAMES if hasattr(module, name)]
+    number = next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
+    if number is not None:
+        return float(number)
+    return None if any(v is None for v in values) else _UNSTATED
+
+
+def _eps_text(eps: float | None) -> str:
+    return "eps=None (F.rms_norm's default)" if eps is None else f"eps {eps:g}"
+
+
+class Patching(NamedTuple):
+    """What :func:`invact.patch` tells :func:`replacement` about its call: the model it patches, and whether an
+    ``example=`` step will measure the swaps (and check the norms' autocast outputs)."""
+
+    model: nn.Module | None = None
+    measured: bool = False
+
+
+def feeds_linears(parent: nn.Module, attr: str, call: Patching = Patching()) -> bool:
     """Heuristic: the norm is a pre-norm (its consumers are Linears), judged by its parent's ``norm_first``
-    flag where it has one, else by its attribute name."""
+    flag where it has one, else by its attribute name (:data:`PRE_NORM`), except where it is taken for the
+    output of the model ``call`` patches without ``example=`` (:func:`_model_output`)."""
+    return _pre_norm(parent, attr, call)[0]
+
+
+def _pre_norm(parent: nn.Module, attr: str, call: Patching) -> tuple[bool, str]:
+    """(:func:`feeds_linears`' answer, what decided it: "structure", "name" (the attribute name alone) or
+    "output" (a pre-norm's name, but the patched model's output))."""
     norm_first = getattr(parent, "norm_first", None)
     if isinstance(norm_first, bool):           # torch's Transformer{Encoder,Decoder}Layer: post-norm by default
-        return norm_first
+        return norm_first, "structure"
     if isinstance(parent, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        return False                           # the final norm: the stack's output, to any consumer
-    if attr == "post_attention_layernorm":     # Gemma 2/3: a sandwich norm feeding the residual
-        return "pre_feedforward_layernorm" not in parent._modules
-    return attr in PRE_NORM
+        return False, "structure"              # the final norm: the stack's output, to any consumer
+    if attr == "post_attention_layernorm" and "pre_feedforward_layernorm" in parent._modules:
+        return False, "structure"              # Gemma 2/3: a sandwich norm feeding the residual
+    if attr not in PRE_NORM:
+        return False, "name"
+    return (False, "output") if _model_output(parent, attr, call) else (True, "name")
+
+
+def _model_output(parent: nn.Module, attr: str, call: Patching) -> bool:
+    """Whether the norm at ``parent.attr`` is taken for the output of the model ``call`` patches without
+    ``example=`` (with it, the autocast check measures the output): a direct child of it with no nn.Linear
+    registered after it (LlamaModel's final ``norm``, its ``last_hidden_state``; GPT2Model's ``ln_f``),
+    which returned torch's dtype to the caller."""
+    if call.measured or parent is not call.model:
+        return False
+    after = list(parent._modules.values())[list(parent._modules).index(attr) + 1:]
+    return not any(isinstance(m, nn.Linear) for m in after)
+
+
+def _autocast(parent: nn.Module, attr: str, autocast_output: bool | None, call: Patching) -> tuple[bool, str]:
+    """(the replacement's ``autocast_output``, the report's note on it): patch's argument where given, else
+    :func:`_pre_norm`'s answer, whose note says whether the structure or the attribute name alone decided."""
+    if autocast_output is not None:
+        return autocast_output, "autocast output (autocast_output=True)" if autocast_output else ""
+    cast, how = _pre_norm(parent, attr, call)
+    if how == "output":
+        return False, (f"torch's dtype under autocast: the model's output (`{attr}`, a pre-norm's attribute name, "
+                       "is a child of the patched model with no Linear registered after it)")
+    if not cast:
+        return False, ""
+    if how == "structure":
+        return True, "autocast output (a pre-norm: its consumers are Linears)"
+    return True, (f"autocast output (a pre-norm by its attribute name `{attr}`, " +
+                  ("checked by example= where its step runs under bf16 autocast)" if call.measured else
+                   "not checked: pass example= to check it, or autocast_output=False)"))
 
 
 def _size(module: nn.Module) -> tuple[int, ...] | None:
@@ -338,11 +413,10 @@ def _compared(results: dict[str, float | str]) -> str:
 
 
 def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | None,
-                autocast_output: bool | None, cache: dict) -> tuple[nn.Module | None, str]:
+                autocast_output: bool | None, cache: dict, call: Patching = Patching()) -> tuple[nn.Module | None, str]:
     """(new module, note) to replace ``module``, or (None, the reason it is left)."""
     cls = type(module)
-    cast = feeds_linears(parent, attr) if autocast_output is None else autocast_output
-    cast_note = "autocast output (a pre-norm: its consumers are Linears)" if cast else ""
+    cast, cast_note = _autocast(parent, attr, autocast_output, call)
     if cls is nn.LayerNorm or cls is nn.RMSNorm:
         if not module.elementwise_affine:
             return _adopt(_plain(module, backend, cast), module, "no affine parameters: x_hat = y")
@@ -362,8 +436,11 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     if weight is None or weight.dim() == 0 or set(params) - {"weight", "bias"}:
         return None, "not a recognised norm: needs a weight of the normalized shape (and bias), or no parameters"
     eps = _eps(module)
-    if eps is None and getattr(module, "eps", 0) is not None:   # eps=None: F.rms_norm's default (nn.RMSNorm's)
+    if eps is _UNSTATED:
         return None, "no eps / variance_epsilon attribute"
+    why = _broadcast_weight(module, tuple(weight.shape))
+    if why is not None:
+        return None, why
     key = (_configuration(module), eps, bias is not None)
     if key not in cache:
         kinds = ["layer", "layer-llama", "layer-gemma"] if bias is not None else \
@@ -379,6 +456,18 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
     new = _build(kind, tuple(weight.shape), eps, bias is not None, backend, cast)
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
     return _adopt(new, module, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
+
+
+def _broadcast_weight(module: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why a weight of ``shape`` with a size-1 dimension (``nn.Parameter(torch.ones(1, d))``, applied as
+    ``weight * x_hat``: it broadcasts over inputs of any leading size) cannot be swapped, or None: invact's
+    norms take a weight of exactly the normalized shape, so ``(1, d)`` would refuse the model's ``(n, d)``
+    input, and a ``(d,)`` weight would change the ``state_dict``. A module stating that shape as its
+    ``normalized_shape`` (a subclass of nn.LayerNorm over ``(1, d)``) takes only such inputs itself."""
+    if len(shape) < 2 or 1 not in shape or _size(module) == shape:
+        return None
+    return (f"its weight has shape {shape}, whose size-1 dimensions broadcast over the input: invact's norms take a "
+            "weight of exactly the normalized shape, and holding it in another shape would change the state_dict")
 
 
 def _unmatched(tried: dict[str, float | str]) -> str:
@@ -412,7 +501,7 @@ def _weightless(module: nn.Module, backend: str | None, cast: bool, cast_note: s
     return _adopt(new, module, f"no weight: probe: same output as form {kind!r} without weight {text}", cast_note)
 
 
-def _match_any_size(module: nn.Module, eps: float | None) -> tuple[str | None, float, str]:
+def _match_any_size(module: nn.Module, eps: float | None | _Unstated) -> tuple[str | None, float | None, str]:
     """:func:`_match_plain` for a module that states no size (Llama 4's weight-less RMSNorm normalizes
     whatever last dimension it gets): the same form and eps on each of :data:`_ANY_SIZES`, or none."""
     found = [_match_plain(module, eps, (n,)) for n in _ANY_SIZES]
@@ -427,31 +516,60 @@ def _match_any_size(module: nn.Module, eps: float | None) -> tuple[str | None, f
     return kind, eps_used, f"{text}; no size stated: on sizes {', '.join(map(str, _ANY_SIZES))}, any size kept"
 
 
-def _match_plain(module: nn.Module, eps: float | None, shape: tuple[int, ...]) -> tuple[str | None, float, str]:
+def _match_plain(module: nn.Module, eps: float | None | _Unstated,
+                 shape: tuple[int, ...]) -> tuple[str | None, float | None, str]:
     """(form, eps, how it matched) for a module without weight normalizing ``shape``, or (None, 0, why none
-    does). ``eps``: the module's attribute, or None: inferred per family (:func:`_inferred_eps`)."""
-    epss: dict[bool, float | str] = {}
+    does). ``eps``: the module's attribute (None: F.rms_norm's default, for the RMSNorm forms), or
+    :data:`_UNSTATED`: inferred per family (:func:`_family_eps`)."""
+    epss: dict[bool, float | None | str] = {}
     tried: dict[str, float | str] = {}
     results: dict[str, dict[str, float | str]] = {}
     for kind in _PLAIN_FORMS:
         rms = not kind.startswith("layer")
         if rms not in epss:
-            epss[rms] = eps if eps is not None else _inferred_eps(module, rms, shape)
+            epss[rms] = _family_eps(module, eps, rms, shape)
         if isinstance(epss[rms], str):
             tried["RMSNorm forms" if rms else "LayerNorm forms"] = epss[rms]
             continue
         results[kind] = _probe(module, kind, epss[rms], False, shape)
         tried[kind] = _verdict(results[kind])
     matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
-    found = [f"{e:g} ({'RMSNorm' if rms else 'LayerNorm'})" for rms, e in epss.items() if not isinstance(e, str)]
-    inferred = "; eps inferred from its output: " + ", ".join(found) if eps is None and found else ""
     if not matches:
-        return None, 0.0, _unmatched(tried) + inferred
+        return None, 0.0, _unmatched(tried) + _inferred_text(eps, epss)
     kind = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
     probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
     eps_used = epss[not kind.startswith("layer")]
-    how = f"{probe} ({_compared(results[kind])})"
-    return kind, eps_used, how + ("" if eps is not None else f"; eps {eps_used:g} inferred from its output")
+    return kind, eps_used, f"{probe} ({_compared(results[kind])})" + _eps_how(eps, eps_used)
+
+
+def _inferred_text(eps: float | None | _Unstated, epss: dict[bool, float | None | str]) -> str:
+    """The eps values inferred from the output, for a reason (none where the attribute gave them)."""
+    if eps is not None and eps is not _UNSTATED:
+        return ""
+    found = [f"{'None' if e is None else f'{e:g}'} ({'RMSNorm' if rms else 'LayerNorm'})"
+             for rms, e in epss.items() if not isinstance(e, str) and (eps is _UNSTATED or not rms)]
+    return ("; eps=None attribute (F.rms_norm's default for the RMSNorm forms)" if eps is None else "") + \
+        ("; eps inferred from its output: " + ", ".join(found) if found else "")
+
+
+def _eps_how(eps: float | None | _Unstated, used: float | None) -> str:
+    """The note's words on eps where the attribute gave no number: ``used`` inferred, or F.rms_norm's default."""
+    if eps is _UNSTATED:
+        return f"; {_eps_text(used)} inferred from its output"
+    if eps is None:
+        return ("; eps=None attribute: F.rms_norm's default" if used is None else
+                f"; eps=None attribute: eps {used:g} inferred from its output")
+    return ""
+
+
+def _family_eps(module: nn.Module, eps: float | None | _Unstated, rms: bool,
+                shape: tuple[int, ...]) -> float | None | str:
+    """The eps the RMSNorm (``rms``) or LayerNorm forms are probed with: the module's attribute (None:
+    F.rms_norm's default), or inferred from its output (:func:`_inferred_eps`) where it has none or, for the
+    LayerNorm forms (F.layer_norm takes a number), where it is None; or why there is none."""
+    if eps is _UNSTATED or eps is None and not rms:
+        return _inferred_eps(module, rms, shape)
+    return eps
 
 
 def _float64_ulps(results: dict[str, float | str]) -> float:
@@ -462,11 +580,13 @@ def _float64_ulps(results: dict[str, float | str]) -> float:
 _EPS_ROWS = 13      # float32 rows of variance 1 down to 1e-24, each a decade of scale below the last
 
 
-def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float | str:
+def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float | None | str:
     """The eps of a module without an eps attribute, from its float32 output: on its row of smallest
     variance ``var`` (of ``x`` for RMSNorm, else of ``x - mean``), ``y = x_c / sqrt(var + eps)`` gives
     ``eps = var / mean(y^2) - var`` (float64), snapped to a decimal of 1 to 3 significant digits within
-    1e-5 relative; or why there is none (the probe then decides whether the module computes that)."""
+    1e-5 relative, or float32's epsilon within that (F.rms_norm's default: None for the RMSNorm forms,
+    which then take the epsilon of the dtype they compute in); or why there is none (the probe then
+    decides whether the module computes that)."""
     n = math.prod(shape)
     g = torch.Generator().manual_seed(1)
     scales = torch.logspace(0, -(_EPS_ROWS - 1), _EPS_ROWS, dtype=torch.float64).reshape(-1, 1)
@@ -483,6 +603,9 @@ def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float
     estimate = var / mean_square - var if math.isfinite(mean_square) and mean_square > 0 else math.nan
     if not estimate > 1e-3 * var:       # nothing (or noise) added to the variance: no eps
         return f"no eps attribute, and no eps in its output ({estimate:.2g} on a row of variance {var:.1e})"
+    default = torch.finfo(torch.float32).eps
+    if abs(estimate - default) <= 1e-5 * default:   # F.rms_norm's eps=None (its float32 epsilon)
+        return None if rms else default
     for digits in range(3):
         snapped = float(f"{estimate:.{digits}e}")
         if abs(snapped - estimate) <= 1e-5 * snapped:

@@ -302,7 +302,7 @@ def patch(model: nn.Module, only: Any = None, exclude: Any = None, *, force: boo
     router = FunctionalRouter() if functional else None
     try:   # any error (in the swaps or the example step) puts this call's swaps back: never half patched
         _swap_all(model, report, _Walk(only_sel, exclude_sel, force, backend, norms, autocast_output, example,
-                                       fsdp_managed(model)))
+                                       model, fsdp_managed(model)))
         routed = (measure.decide(model, report, example, router, Left, check_autocast=norms and autocast_output is None)
                   if example is not None else functional)
     except BaseException:  # the model as it was (measure restored its state)
@@ -326,6 +326,7 @@ class _Walk:
     norms: bool
     autocast_output: bool | None
     example: Any
+    model: nn.Module | None = None                               # the model patch was called on
     managed: set[int] = field(default_factory=set)             # modules under FSDP2's fully_shard (fsdp_managed)
     done: dict[int, nn.Module] = field(default_factory=dict)   # a shared module is replaced by one shared module
     probes: dict = field(default_factory=dict)                  # norm configurations probed in this call
@@ -355,7 +356,8 @@ def _swap_norm(parent: nn.Module, attr: str, path: str, child: nn.Module, report
     cls = recognise.own_class(child)
     why = unswappable(parent, child, walk.managed)
     new, note = (None, why) if why is not None else \
-        norm_patch.replacement(parent, attr, child, walk.backend, walk.autocast_output, walk.probes)
+        norm_patch.replacement(parent, attr, child, walk.backend, walk.autocast_output, walk.probes,
+                               norm_patch.Patching(walk.model, walk.example is not None))
     if new is None:
         report.left.append(Left(path, _qualname(cls), note))
         return
