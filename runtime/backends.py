@@ -199,7 +199,7 @@ def compiled(fn: Callable) -> Callable:
     Compiled with :func:`inductor_options` (made at the first call).
     """
     compiled_fn = None  # made at the first call: torch.compile imports Inductor (~1 s), which
-                        # importing invact.norms (whose passes these are) should not pay
+                        # importing invact.norm_math (whose passes these are) should not pay
 
     @functools.wraps(fn)
     def run(*args, **kwargs):

@@ -10,7 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .norms import _Saving, _default_eps, _dtypes, recovery_floor, weight_offset
+from .norm_recovery import default_eps, recovery_floor, weight_offset
+from .norms import _Saving, _dtypes
 
 __all__ = ["error_bound", "relative_bound", "forward_error"]
 
@@ -121,7 +122,7 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
     bias = getattr(module, "bias", None)
-    eps = module.eps if module.eps is not None else _default_eps(x.dtype)
+    eps = module.eps if module.eps is not None else default_eps(x.dtype)
     refs, tols = error_bound(x.reshape(-1, n), w, None if bias is None else bias.detach().reshape(n),
                              grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0],
                              weight_offset(style) if module.weight is not None else 0.0)

@@ -57,7 +57,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def all_recoverable(weight: Tensor, bias: Tensor | None, offset: float, ratio: float, floor: float) -> bool | None:
-    """Whether every column passes :func:`invact.norms._recoverable` (the same float32 operations:
+    """Whether every column passes :func:`invact.norm_recovery.recoverable` (the same float32 operations:
     ``|w_j + offset| ratio >= floor + |beta_j|``, ``floor`` the rule's absolute term in float32,
     :func:`invact.norms.recovery_floor`), for contiguous CPU parameters of one dtype (float32, bfloat16,
     float16): one call instead of a few torch ops per forward; None (not answered) elsewhere."""
@@ -78,7 +78,7 @@ def _ptr(t: Tensor | None) -> int | None:
 def backward(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b: Tensor | None,
              c2_fix: Tensor | None, rms: bool, x_dtype: torch.dtype) -> tuple[Tensor, ...] | None:
     """(dx in ``x_dtype``, c1, c2 (rows, 1), dgamma, dbeta (float32; dbeta empty without ``b``)) of
-    :func:`invact.norms._backward_rows` / ``_backward_columns`` for CPU y and dy (rows, n) of one dtype,
+    :func:`invact.norm_math._backward_rows` / ``_backward_columns`` for CPU y and dy (rows, n) of one dtype,
     float32 rstd (rows), gamma / divisor / beta (n) and ``c2_fix`` (rows, 1) or None; None (nothing done)
     where the kernel does not take them."""
     lib = library()

@@ -64,7 +64,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .norms import LayerNorm, RMSNorm, _Saving, _default_eps, _int_tuple
+from .norm_recovery import default_eps
+from .norms import LayerNorm, RMSNorm, _Saving, _int_tuple
 from . import recognise
 from .recognise import probe_copy
 
@@ -246,7 +247,7 @@ def _probe_input(n: int, eps: float | None, g: torch.Generator, dtype: torch.dty
     F.rms_norm's default for float32. The scales stay at or above sqrt of ``dtype``'s smallest normal
     number: float16 rows at sqrt(1e-12) are subnormal, where torch's own backward gives NaN (a BERT-style
     eps of 1e-12 then left every subclass of LayerNorm that a probe decides)."""
-    root = max(math.sqrt(eps if eps is not None else _default_eps(torch.float32)), 1e-6,
+    root = max(math.sqrt(eps if eps is not None else default_eps(torch.float32)), 1e-6,
                math.sqrt(torch.finfo(dtype).tiny))
     scales = torch.tensor([2.0, 0.01, 0.3 * root, root, 3 * root], dtype=torch.float64).repeat(3).reshape(3, 5, 1)
     return ((torch.randn(3, 5, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()

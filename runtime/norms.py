@@ -8,31 +8,19 @@ from the saved ``y``, and uses ``y`` directly where no division is needed:
     dx     = rstd * (dxhat - mean(dxhat) - x_hat * mean(dxhat * x_hat))    (RMSNorm: no mean(dxhat))
     dgamma = sum_rows(dy * x_hat),   dbeta = sum_rows(dy)
 
-Small gamma. ``y`` is rounded to its dtype (unit roundoff ``u``), so the recovered ``x_hat_j`` is off by
-up to ``u * (|x_hat_j| + |beta_j| / |gamma_j|) + u * floor / |gamma_j|`` (plus float32 arithmetic): the
-division amplifies beta's share and a y near 0, which is off by up to ``u * floor`` (:func:`recovery_floor`: y's
-``tiny`` with gradual underflow; ``tiny / u`` of the dtype y is computed in where denormals are flushed to 0,
-``torch.set_flush_denormal(True)``, for either mode). A column is *recoverable* when
-``|gamma_j| >= |beta_j| + floor`` (:data:`RATIO` = 1), which bounds that error by
-``u * (|x_hat_j| + 1)``: never more than one unit of y's rounding beyond the information floor
-``u |x_hat_j|`` of any output-saving norm. The other columns (exact zeros, tiny gamma, beta larger than
-gamma) keep their ``x_hat`` (in x's dtype, a ``(rows, k)`` tensor); when more than half the columns are
-such, the layer keeps ``x_hat`` for every column (x's bytes, as PyTorch keeps x). :func:`recovery`
-says which, and why.
+Small gamma. Where y cannot give a column's ``x_hat`` back within one unit of y's rounding (exact zeros, tiny
+gamma, beta larger than gamma: the rule, :data:`RATIO` and :func:`recovery_floor` are in
+:mod:`invact.norm_recovery`), the norm keeps that column's ``x_hat``, or every column's where more than half are
+such. :func:`recovery` says which, and why.
 
 Output dtype. Under torch.autocast a Hugging Face norm returns float32 and each following Linear saves
 its own bf16 copy; ``autocast_output=True`` makes the norm return the autocast dtype itself (the same
 bits the Linear's cast makes: float32 rounded once), so the saved ``y`` is the Linear's input.
 
-Speed (CPU, ``benchmarks/activations.py --norms``): the forward is PyTorch's own kernel plus the kept
-columns; on the "compiled" backend the backward is one C kernel (:mod:`invact.norm_cpu`: recovery, dx and
-the column sums in one pass per row; float32 / bfloat16 / float16 y, built for the CPU's ISA). Without it,
-float64 (and, where the kernel is missing: no C compiler, the kernels off, float32) LayerNorm recovers ``x - mean`` in one Inductor pass for ATen's
-fused LayerNorm backward, and the others read y and dy in two Inductor-compiled passes.
-
-Layers, in order: reference math (eager torch, also the fallback), the ``invact::norm_forward`` /
-``invact::norm_backward`` custom ops with fakes and autograd, the functional wrappers, the modules.
-Triton kernels (CUDA) are in :mod:`invact.norm_triton`.
+Layers, in order: the ``invact::norm_forward`` / ``invact::norm_backward`` custom ops with fakes and autograd,
+dtypes and autocast, the argument checks, the functional wrappers, the modules. The reference math (eager torch,
+also the fallback) and the CPU backward paths are in :mod:`invact.norm_math`, the Triton kernels (CUDA) in
+:mod:`invact.norm_triton`.
 """
 
 from __future__ import annotations
@@ -42,7 +30,6 @@ import functools
 import math
 import operator
 import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -51,11 +38,13 @@ from torch import Tensor, nn
 from . import backends, dtensor, layout, norm_cpu, ops
 from .arguments import ArgumentTypeError, ShapeError, flag
 from .common.params import real
+from .norm_math import backward_torch, forward_eager
+from .norm_recovery import (RATIO, Recovery, acc_dtype, default_eps, floor_in, gamma, kept_columns, recoverable,
+                            recovery, recovery_floor, weight_offset)
 
 __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recovery", "STYLES", "LAYER_STYLES", "RATIO",
            "recovery_floor"]
 
-RATIO = 1.0             # recoverable column: |gamma_j| * RATIO >= |beta_j| + floor(y's dtype)
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
@@ -63,264 +52,6 @@ STYLES = ("torch", "llama", "t5", "gemma")
 # whatever the dtypes of x and the parameters (OLMo's, Cohere's; CLIP's with float32 weights), or "gemma":
 # gamma = 1 + w, ``F.layer_norm(x, shape, w + 1, b)`` (Nemotron's LayerNorm1P)
 LAYER_STYLES = ("torch", "llama", "gemma")
-
-
-def weight_offset(style: str) -> float:
-    """gamma = offset + w: 1 for the "gemma" style (weights stored as w = gamma - 1), else 0."""
-    return 1.0 if style == "gemma" else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# which columns can be recovered from y
-
-@dataclass(frozen=True)
-class Recovery:
-    """What a norm keeps for backward besides ``y`` and ``rstd``: ``columns`` (indices whose x_hat is
-    kept), ``fallback`` (x_hat kept for every column), ``reason`` (one sentence)."""
-
-    columns: tuple[int, ...]
-    fallback: bool
-    reason: str
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _default_eps(dtype: torch.dtype) -> float:
-    """F.rms_norm's eps=None: the epsilon of its accumulation type (ATen's opmath_type: float32 for the
-    16-bit types)."""
-    return torch.finfo(_acc(dtype)).eps
-
-
-@functools.cache
-def recovery_floor(y_dtype: torch.dtype) -> float:
-    """The recoverability rule's absolute term: a y of this dtype near 0 is off by at most ``u * floor`` (u its
-    unit roundoff) with denormals kept (y's ``tiny``) or flushed (``tiny / u`` of y's arithmetic, float32 or
-    float64 for float64 y: flushing sends a result below that tiny to 0). One rule for both modes: flushing is
-    set per thread (ATen's workers compute y), and it keeps only gamma below 2e-31 (float32 y), 3e-36
-    (bfloat16) or 2e-292 (float64) more; float16's is its tiny, 6.1e-5, in both."""
-    fy = torch.finfo(y_dtype)
-    return max(fy.tiny, torch.finfo(_acc(y_dtype)).tiny / (fy.eps / 2))
-
-
-@functools.cache
-def _floor_in(y_dtype: torch.dtype, gamma_dtype: torch.dtype) -> float:
-    """:func:`recovery_floor`, never below the smallest normal of the dtype the rule computes in (float64
-    y's floor is 0 in float32: a zero gamma of float32 weights would pass ``0 >= 0``)."""
-    return max(recovery_floor(y_dtype), torch.finfo(gamma_dtype).tiny)
-
-
-def _recoverable(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
-    """True where x_hat_j can be recovered from y within the bound (False for NaN gamma)."""
-    limit = _floor_in(y_dtype, gamma.dtype) + (beta.abs().to(gamma.dtype) if beta is not None else 0.0)
-    return (gamma.abs() if RATIO == 1 else gamma.abs() * RATIO) >= limit
-
-
-def _bad_mask(gamma: Tensor, beta: Tensor | None, y_dtype: torch.dtype) -> Tensor:
-    """True where x_hat_j cannot be recovered from y within the bound (NaN gamma counts as bad)."""
-    return ~_recoverable(gamma, beta, y_dtype)
-
-
-def _kept_columns(bad: Tensor) -> Tensor:
-    """Indices of the columns whose x_hat is kept: the bad ones, or all when more than half are bad."""
-    n = bad.numel()
-    cols = bad.nonzero().reshape(-1)
-    if 2 * cols.numel() > n:
-        return torch.arange(n, device=bad.device)
-    return cols
-
-
-def _gamma(weight: Tensor | None, offset: float, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """gamma = offset + w in ``dtype``; 1 without a weight (the forward computes y = x_hat + beta: the
-    offset belongs to a stored weight)."""
-    if weight is None:
-        return torch.ones(n, dtype=dtype, device=device)
-    g = weight.reshape(n).to(dtype)
-    return g + offset if offset else g
-
-
-def recovery(weight: Tensor | None, bias: Tensor | None = None, y_dtype: torch.dtype = torch.float32,
-             offset: float = 0.0) -> Recovery:
-    """Which columns a norm with these parameters keeps x_hat for, when its output is ``y_dtype``."""
-    if weight is None and bias is None:
-        return Recovery((), False, "no affine parameters: x_hat = y exactly")
-    param = weight if weight is not None else bias
-    if param.is_meta:
-        return Recovery((), False, "weights on the meta device: no values yet (each call decides from its weights)")
-    with torch.no_grad():
-        acc = torch.promote_types(_acc(param.dtype), _acc(y_dtype))   # as the forward: float64 y, float64 rule
-        g = _gamma(None if weight is None else weight.detach(), offset, param.numel(), acc, param.device)
-        bad = _bad_mask(g, None if bias is None else bias.detach().reshape(-1), y_dtype)
-        cols = _kept_columns(bad)
-    k, n = int(bad.sum()), bad.numel()
-    rule = f"|gamma_j| < |beta_j| + {_floor_in(y_dtype, g.dtype):.3g} ({y_dtype}'s floor: invact.norms.recovery_floor)"
-    if cols.numel() == n and k:
-        return Recovery(tuple(range(n)), True, f"{k} of {n} columns have {rule}: x_hat kept for every column "
-                        "(x's bytes, no saving)")
-    if k:
-        return Recovery(tuple(cols.tolist()), False, f"{k} of {n} columns have {rule}: their x_hat kept "
-                        f"({k}/{n} of x's bytes)")
-    return Recovery((), False, "every column recoverable from y")
-
-
-# ----------------------------------------------------------------------------------------------
-# reference math (eager torch): the forward is PyTorch's / Hugging Face's own formula, op for op
-
-def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(mean, rstd) of each row in float32, (rows, 1)."""
-    var, mean = torch.var_mean(x.to(torch.float32), -1, correction=0, keepdim=True)
-    return mean, torch.rsqrt(var + eps)
-
-
-def _forward_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, offset: float,
-                   norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
-                   layout: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) for x of shape (rows, n): mean and rstd (rows, 1) in the accumulation dtype.
-    ``layout``: the same x in the caller's shape and strides, where RMSNorm's mean of squares is reduced (in
-    the order torch's rms_norm reduces it: a transposed x sums its rows in another order)."""
-    n = x.shape[-1]
-    if not rms and not offset and norm_dtype is None:
-        acc = _acc(x.dtype)
-        w, b = (t if t is None or t.dim() == 1 else t.reshape(n) for t in (weight, bias))
-        if x.dtype != acc and x.device.type == "cpu" and all(t is None or t.dtype in (x.dtype, acc) for t in (w, b)):
-            # half x on CPU: with float32 parameters torch's kernel returns float32 mean and rstd, and the
-            # same y bit for bit (it computes in float32 either way; tests/test_norms.py checks the bits)
-            w = x.new_ones(n, dtype=acc) if w is None else w.to(acc)
-            b = None if b is None else b.to(acc)
-        y, mean, rstd = torch.native_layer_norm(x, (n,), w, b, eps)
-        if y.dtype == out_dtype and rstd.dtype == acc:     # the usual case, with no further dispatch
-            return y, mean, rstd
-        if rstd.dtype != acc:               # a kernel that returns half x's statistics in x's dtype (CPU
-            mean, rstd = _stats(x, eps)     # and CUDA do not: see above), recomputed in float32
-        return y.to(out_dtype), mean, rstd
-    xf = x.to(_acc(x.dtype))
-    if rms:
-        mean = xf.new_zeros(())
-        rstd = torch.rsqrt(_mean_square(xf if layout is None else layout.to(xf.dtype), n) + eps)
-        xhat = xf * rstd
-    else:
-        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (xf - mean) * rstd
-    if norm_dtype is not None:
-        xhat = xhat.to(norm_dtype)
-    if weight is not None:
-        w = weight.reshape(n)
-        y = (w.to(xhat.dtype) + offset) * xhat if offset else w * xhat    # HF: weight * x_hat (Gemma: * (1 + w))
-    else:
-        y = xhat
-    if bias is not None:
-        y = y + bias.reshape(n)
-    return y.to(out_dtype), mean, rstd
-
-
-def _mean_square(x: Tensor, n: int) -> Tensor:
-    """mean(x^2) over x's fewest trailing dimensions holding ``n`` elements, as (rows, 1)."""
-    dims, size = [], 1
-    while size != n or not dims:
-        dims.append(-1 - len(dims))
-        size *= x.shape[dims[-1]]
-    return x.pow(2).mean(dims, keepdim=True).reshape(-1, 1)
-
-
-def _backward_rows(dy: Tensor, y: Tensor, rstd: Tensor, g: Tensor, divisor: Tensor, b: Tensor | None,
-                   c2_fix: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, c1, c2) from y alone, in gamma's dtype. ``divisor`` is gamma with kept columns set to 1: their
-    dx is meaningless and fixed by the caller, which also passes ``c2_fix`` (rows, 1), the kept columns'
-    ``dy * gamma * x_hat - dy * (y - beta)`` for the row sum. Plain torch ops: eager, or compiled by
-    Inductor (the "compiled" backend)."""
-    dyf = dy.to(g.dtype)
-    t = y.to(g.dtype) if b is None else y.to(g.dtype) - b          # y - beta = gamma * x_hat
-    dxhat = dyf * g
-    c2 = ((dyf * t).sum(-1, keepdim=True) + c2_fix) / y.shape[-1]  # mean(dxhat * x_hat), no division
-    c1 = dxhat.sum(-1, keepdim=True) / y.shape[-1] if not rms else torch.zeros_like(c2)
-    return (dxhat - c1 - t / divisor * c2) * rstd.reshape(-1, 1), c1, c2
-
-
-def _backward_columns(dy: Tensor, y: Tensor, divisor: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(dgamma, dbeta): sums over rows of dy * x_hat = dy * (y - beta) / gamma and of dy (a separate
-    function: Inductor makes faster code for the row and the column reductions apart)."""
-    dyf = dy.to(divisor.dtype)
-    t = y.to(divisor.dtype) if b is None else y.to(divisor.dtype) - b
-    return (dyf * t).sum(0) / divisor, dyf.sum(0)
-
-
-_COMPILED = (backends.compiled(_backward_rows), backends.compiled(_backward_columns))
-
-
-def _x_centered(y: Tensor, b: Tensor | None, divisor: Tensor, rstd: Tensor, dtype: torch.dtype) -> Tensor:
-    """x_hat / rstd = (y - beta) / gamma / rstd (x - mean, recovered), rounded to ``dtype``: the input of
-    ATen's LayerNorm backward, which multiplies it by rstd again (one pass, compiled by Inductor)."""
-    t = y.to(divisor.dtype) if b is None else y.to(divisor.dtype) - b
-    return (t / divisor / rstd).to(dtype)
-
-
-_X_CENTERED = backends.compiled(_x_centered)
-# x's dtypes that take ATen's path. Not half x: ATen would sum dgamma and dbeta in x's dtype (bf16: errors
-# of 0.1 over 40 rows), and the two compiled passes are as fast there (benchmarks/activations.py --norms).
-_ATEN_DTYPES = (torch.float32, torch.float64)
-
-
-def _backward_aten(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, g: Tensor, b: Tensor | None,
-                   x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """LayerNorm's (dx, dgamma, dbeta) by ATen's fused CPU kernel on x - mean = x_hat / rstd recovered from y
-    (kept columns: from their saved x_hat), with mean 0 and the saved rstd: it computes x_hat = (x - mean)
-    rstd, dx = rstd (dy gamma - mean(dy gamma) - x_hat mean(dy gamma x_hat)), sum(dy x_hat), sum(dy).
-    Rounding (x float32 or float64): a few operations in x's dtype, within error_bound's f (gamma_N >= 8 u);
-    dx rounded once."""
-    n = y.shape[-1]
-    rstd = rstd.reshape(-1, 1)
-    divisor = g.index_fill(0, cols, 1.0) if cols.numel() else g
-    xc = _X_CENTERED(y, b, divisor, rstd, x_dtype)
-    if cols.numel():
-        xc.index_copy_(1, cols, (extra.to(g.dtype) / rstd).to(x_dtype))
-    dx, dg, db = torch.ops.aten.native_layer_norm_backward(dy.to(x_dtype), xc, (n,), torch.zeros_like(rstd), rstd,
-                                                           g, b, [True, True, b is not None])
-    return dx, dg, db if db is not None else dy.new_empty(0)
-
-
-def _backward_torch(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols: Tensor, weight: Tensor | None,
-                    bias: Tensor | None, rms: bool, offset: float, compiled: bool,
-                    x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dgamma, dbeta) in the accumulation dtype (C kernel and ATen's LayerNorm path: dx in x's), for
-    y and dy of shape (rows, n). ``compiled``: the CPU fast paths (the C kernel of :mod:`invact.norm_cpu`;
-    without it ATen's fused kernel for LayerNorm, else Inductor)."""
-    n = y.shape[-1]
-    acc = _acc(rstd.dtype)
-    g = _gamma(weight, offset, n, acc, y.device)
-    b = None if bias is None else bias.reshape(n).to(acc)
-    rstd = rstd.to(acc)
-    if compiled and not rms and x_dtype in _ATEN_DTYPES and y.numel() \
-            and (y.dtype not in norm_cpu.DTYPE_IDS or norm_cpu.library() is None):
-        return _backward_aten(dy, y, rstd, extra, cols, g, b, x_dtype)
-    if cols.numel() == n:                                # every column kept: no division at all
-        dyf, xhat = dy.to(acc), extra.to(acc)
-        dxhat = dyf * g
-        c2 = (dxhat * xhat).mean(-1, keepdim=True)
-        inner = dxhat - xhat * c2 if rms else dxhat - dxhat.mean(-1, keepdim=True) - xhat * c2
-        return inner * rstd.reshape(-1, 1), (dyf * xhat).sum(0), dyf.sum(0)
-    kept = cols.numel() > 0
-    divisor, c2_fix = g, None
-    if kept:
-        divisor = g.index_fill(0, cols, 1.0)
-        xk = extra.to(acc)
-        dyk = dy.index_select(1, cols).to(acc)
-        gk = g.index_select(0, cols)
-        tk = y.index_select(1, cols).to(acc) - (0.0 if b is None else b.index_select(0, cols))
-        c2_fix = (dyk * gk * xk - dyk * tk).sum(-1, keepdim=True)
-    out = norm_cpu.backward(dy, y, rstd, g, divisor, b, c2_fix, rms, x_dtype) if compiled else None
-    if out is not None:
-        dx, c1, c2, dg, db = out
-    else:
-        rows_fn, columns_fn = _COMPILED if compiled else (_backward_rows, _backward_columns)
-        c2_fix = c2_fix if kept else rstd.new_zeros(y.shape[0], 1)
-        dx, c1, c2 = rows_fn(dy, y, rstd, g, divisor, b, c2_fix, rms)
-        dg, db = columns_fn(dy, y, divisor, b)
-    if kept:                                             # the kept columns, from their saved x_hat
-        dx.index_copy_(1, cols, ((dyk * gk - c1 - xk * c2) * rstd.reshape(-1, 1)).to(dx.dtype))
-        dg.index_copy_(0, cols, (dyk * xk).sum(0))
-    return dx, dg, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,11 +71,11 @@ def _forward_columns(weight: Tensor | None, bias: Tensor | None, n: int, offset:
     column is recoverable (per-call work that matters next to a norm's single pass)."""
     if weight is not None or bias is not None:    # y = gamma x_hat + beta: gamma 1 without a weight
         ok = weight is not None and norm_cpu.all_recoverable(weight, bias, offset, RATIO,
-                                                             _floor_in(y_dtype, torch.float32))  # float32 C
-        good = None if ok else _recoverable(_gamma(weight, offset, n, acc, device),
-                                            None if bias is None else bias.reshape(n), y_dtype)
+                                                             floor_in(y_dtype, torch.float32))  # float32 C
+        good = None if ok else recoverable(gamma(weight, offset, n, acc, device),
+                                           None if bias is None else bias.reshape(n), y_dtype)
         if good is not None and not bool(good.all()):
-            return _kept_columns(~good)
+            return kept_columns(~good)
     return torch.empty(0, dtype=torch.int64, device=device)
 
 
@@ -352,14 +83,14 @@ def _norm_forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, n:
                   offset: float, norm_dtype: torch.dtype | None, out_dtype: torch.dtype,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x2 = _rows(x, n).contiguous()
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = None
     if _use_triton(backend, x2):
         from . import impl_triton, norm_triton
         out = impl_triton.launched(x2.device, lambda: norm_triton.forward(x2, weight, bias, eps, rms, offset,
                                                                           norm_dtype, out_dtype))
-    y, mean, rstd = out if out is not None else _forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
-                                                                out_dtype, x)
+    y, mean, rstd = out if out is not None else forward_eager(x2, weight, bias, eps, rms, offset, norm_dtype,
+                                                               out_dtype, x)
     cols = _forward_columns(weight, bias, n, offset, acc, out_dtype, x.device)
     if not cols.numel():                                   # the usual case: y alone recovers every column
         return _shaped(y, x.shape), rstd.view(-1), x.new_empty(x2.shape[0], 0), cols
@@ -390,7 +121,7 @@ def _norm_forward_fake(x, weight, bias, n, eps, rms, offset, norm_dtype, out_dty
     ctx = None if x.is_meta else torch.library.get_ctx()    # (meta tensors have no context to ask)
     shapes = getattr(ctx, "_shape_env", None)
     k = ctx.new_dynamic_size() if shapes is not None and shapes.allow_dynamic_output_shape_ops else 0
-    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=_acc(x.dtype)),
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(rows, dtype=acc_dtype(x.dtype)),
             x.new_empty(rows, k), x.new_empty(k, dtype=torch.int64))
 
 
@@ -404,8 +135,8 @@ def _norm_backward_impl(dy: Tensor, y: Tensor, rstd: Tensor, extra: Tensor, cols
         out = impl_triton.launched(y2.device, lambda: norm_triton.backward(dy2, y2, rstd, extra, cols, weight, bias,
                                                                            rms, offset, x_dtype))
     if out is None:
-        out = _backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
-                              backend == "compiled" and y2.device.type == "cpu", x_dtype)
+        out = backward_torch(dy2, y2, rstd, extra, cols, weight, bias, rms, offset,
+                             backend == "compiled" and y2.device.type == "cpu", x_dtype)
     dx, dg, db = out
     return (dx.to(x_dtype).reshape(y.shape),
             y.new_empty(0) if weight is None else dg.to(weight.dtype).reshape(weight.shape),
@@ -470,8 +201,8 @@ def _tangent(gdx: Tensor | None, gdw: Tensor | None, gdb: Tensor | None, y: Tens
     + gdb`` (RMSNorm: no mean(gdx)), rows (rows, n) in the accumulation dtype, x_hat recovered as the
     backward recovers it (kept columns from ``extra``). Eager torch ops: torch.autograd.functional.jvp's
     double-vjp, not a training path."""
-    acc = _acc(rstd.dtype)
-    g = _gamma(weight, offset, n, acc, y.device)
+    acc = acc_dtype(rstd.dtype)
+    g = gamma(weight, offset, n, acc, y.device)
     divisor = g.index_fill(0, cols, 1.0) if cols.numel() else g
     t = _rows(y, n).to(acc)
     xhat = (t if bias is None else t - bias.reshape(n).to(acc)) / divisor
@@ -547,7 +278,7 @@ def _dtypes(style: str, x: torch.dtype, w: torch.dtype | None) -> tuple[torch.dt
     half = (torch.float16, torch.bfloat16)
     w = w or x
     if style == "llama":
-        return (x if x != _acc(x) else None), torch.promote_types(w, x)
+        return (x if x != acc_dtype(x) else None), torch.promote_types(w, x)
     if style == "t5":
         if w in half:
             return w, w
@@ -673,7 +404,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
         if ops.differentiating() or _vmapped(weight, bias):  # functionalize too: these are plain torch ops
             # forward-mode AD or torch.func differentiating: the custom op's autograd is reverse mode only
             # and not functorch-aware (a zero tangent), so torch's own math runs, the same y, saving x
-            y = _forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype, x)[0]
+            y = forward_eager(_rows(x, n), weight, bias, eps, rms, offset, norm_dtype, out_dtype, x)[0]
             return y.reshape(x.shape)
         if ops.plain_eager(x, weight, bias):
             return _Direct.apply(*args)
@@ -753,7 +484,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
                                                           autocast_output=autocast_output, backend=backend), input)
     shape = _check(input, normalized_shape, weight, None, "rms_norm")
     if eps is None:
-        eps = _default_eps(input.dtype)
+        eps = default_eps(input.dtype)
     return _apply(input, shape, weight, None, eps, True, style, autocast_output, backend)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import invact
-from invact import backends, bitpack, norm_bounds, norm_cpu, norms
+from invact import backends, bitpack, norm_bounds, norm_cpu, norm_recovery, norms
 from invact.arguments import ShapeError
 from norm_cases import check
 
@@ -224,15 +224,16 @@ def test_unguarded_recovery_breaks_the_bound_when_flushed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_check_at_the_new_edge(dtype):
     """The forward's one-call C check (norm_cpu.all_recoverable, given the floor the forward passes) answers
-    as norms._recoverable for gammas at each y dtype's edge, one column at a time."""
+    as norm_recovery.recoverable for gammas at each y dtype's edge, one column at a time."""
     for y_dtype in FLOORS:
         w, _ = _edge_gammas(y_dtype)
         for j in range(6):
             wj = torch.ones(N, dtype=dtype)
             wj[0] = w[j].item()
-            gamma = norms._gamma(wj, 0.0, N, torch.float32, wj.device)
-            want = bool(norms._recoverable(gamma, None, y_dtype).all())
-            got = norm_cpu.all_recoverable(wj, None, 0.0, norms.RATIO, norms._floor_in(y_dtype, torch.float32))
+            gamma = norm_recovery.gamma(wj, 0.0, N, torch.float32, wj.device)
+            want = bool(norm_recovery.recoverable(gamma, None, y_dtype).all())
+            floor = norm_recovery.floor_in(y_dtype, torch.float32)
+            got = norm_cpu.all_recoverable(wj, None, 0.0, norm_recovery.RATIO, floor)
             assert got == want, (dtype, y_dtype, j)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import invact
-from invact import cpu_kernel, norm_bounds, norm_cpu, norms
+from invact import cpu_kernel, norm_bounds, norm_cpu, norm_recovery, norms
 from norm_cases import check, check_kernel_case, gammas, kernel_case, run_norm
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -646,8 +646,8 @@ def test_norm_kernel_autocast_output_and_threads():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_kernel_recoverable_check_is_the_rule(dtype):
     """The forward's one-call check (norm_cpu.all_recoverable) answers as the torch rule
-    (norms._recoverable on gamma = w + offset in float32) for every kind of gamma, with and without beta,
-    Gemma's offset, each y dtype's floor (norms.recovery_floor), and a NaN gamma."""
+    (norm_recovery.recoverable on gamma = w + offset in float32) for every kind of gamma, with and without
+    beta, Gemma's offset, each y dtype's floor (norms.recovery_floor), and a NaN gamma."""
     g = torch.Generator().manual_seed(2)
     for kind in ("plain", "zeros", "tiny", "huge", "trained"):
         wd, bd = gammas(64, kind, g)
@@ -657,9 +657,10 @@ def test_norm_kernel_recoverable_check_is_the_rule(dtype):
         for bias in (b, None):
             for offset in (0.0, 1.0):
                 for y_dtype in DTYPES:
-                    gamma = norms._gamma(w, offset, 64, torch.float32, w.device)
-                    want = bool(norms._recoverable(gamma, bias, y_dtype).all())
-                    got = norm_cpu.all_recoverable(w, bias, offset, norms.RATIO, norms._floor_in(y_dtype, torch.float32))
+                    gamma = norm_recovery.gamma(w, offset, 64, torch.float32, w.device)
+                    want = bool(norm_recovery.recoverable(gamma, bias, y_dtype).all())
+                    floor = norm_recovery.floor_in(y_dtype, torch.float32)
+                    got = norm_cpu.all_recoverable(w, bias, offset, norm_recovery.RATIO, floor)
                     assert got == want, (kind, bias is None, offset, y_dtype)
     assert norm_cpu.all_recoverable(w.double(), None, 0.0, 1.0, 1e-38) is None     # not taken: the torch rule
 

@@ -8,10 +8,10 @@
  * and sums dy t and dy over the rows for dgamma = sum(dy t) / divisor and dbeta = sum(dy). divisor is
  * gamma with the kept columns set to 1 (their dx and dgamma are the caller's to replace, from their
  * saved x_hat; c2_fix carries their share of c2). The float32 operations are those of
- * invact.norms._backward_rows / _backward_columns, but the sums are blocked: products rounded to
+ * invact.norm_math._backward_rows / _backward_columns, but the sums are blocked: products rounded to
  * float32, summed in float32 groups of at most 4 vectors (row sums) or 8 rows (column sums), the groups
  * in double; so a sum of N terms is off by at most ~8 u of the sum of their magnitudes, inside
- * invact.norms.error_bound's gamma_N = (8 + 2 log2 N) u.
+ * invact.norm_bounds.error_bound's gamma_N = (8 + 2 log2 N) u.
  *
  * Portable C: a vector is one register of the build's target in GCC's / Clang's vector extension (16
  * float lanes with AVX-512, 8 with AVX, else 4: SSE2, NEON), the 16-bit conversions by F16C / AVX-512
@@ -293,7 +293,7 @@ int invact_norm_backward(int dtype, int dx_dtype, int rms, int64_t rows, int64_t
 }
 
 /* how many of the n columns cannot be recovered from y: !(|w_j + offset| ratio >= tiny + |beta_j|) (NaN
- * counts), the float32 operations of invact.norms._recoverable on parameters of dtype (converted to
+ * counts), the float32 operations of invact.norm_recovery.recoverable on parameters of dtype (converted to
  * float32 exactly, as torch's .to); beta may be 0 */
 int64_t invact_norm_unrecoverable(int dtype, int64_t n, const void *weight, const void *beta, float offset,
                                   float ratio, float tiny) {
