@@ -66,11 +66,14 @@ class _Call:
 
 
 class _DropoutWatch(TorchFunctionMode):
-    """Records the storages of tensors passed to a dropout with p > 0 in training."""
+    """Records the storages of tensors passed to a dropout with p > 0 in training, each tensor held in ``keep``
+    until the trace ends: a dropout's input is often freed as soon as the dropout returns (dropout saves its mask,
+    not its input), and a storage allocated later at its address (a site's output) would read as its input."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: list[Any]) -> None:
         super().__init__()
         self.inputs: set[tuple] = set()
+        self.keep = keep
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -79,6 +82,7 @@ class _DropoutWatch(TorchFunctionMode):
             train = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
             if p and train:
                 self.inputs.add(storage_key(args[0]))
+                self.keep.append(args[0])
         return func(*args, **kwargs)
 
 
@@ -90,7 +94,7 @@ class Trace:
     names: dict[tuple, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))  # (owner, path)
     calls: dict[int, list[_Call]] = field(default_factory=lambda: defaultdict(list))
     dropout_inputs: set[tuple] = field(default_factory=set)
-    keep: list[Any] = field(default_factory=list)     # tensors held so that no storage is reused mid-run
+    keep: list[Any] = field(default_factory=list)     # every tensor keyed, held so that no storage is reused mid-run
     modified: set[int] = field(default_factory=set)   # swapped sites whose output was written in place later
     route_modified: bool = False                      # a routed call's output was written in place later
     error: str | None = None                          # the step raised (with swaps in place): its first line
@@ -185,7 +189,7 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
     if router is not None:                       # beside any route an earlier patch installed, which stays
         install_mode(model, router, TRIAL, list(model.modules()))
         router.outputs = []
-    watch, hooks = _DropoutWatch(), torch.autograd.graph.saved_tensors_hooks(pack, checked_for_backward)
+    watch, hooks = _DropoutWatch(trace.keep), torch.autograd.graph.saved_tensors_hooks(pack, checked_for_backward)
     try:
         with seeded(model), torch.inference_mode(False), torch.enable_grad(), watch, hooks:
             out = run_step(model, example)
