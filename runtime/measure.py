@@ -261,15 +261,15 @@ def _measure(model: nn.Module, report: Any, example: Any, router: FunctionalRout
 
 
 def _check_autocast(model: nn.Module, report: Any, example: Any, sites: dict[int, Site], state: State) -> None:
-    """With every swap in place, note on ``report`` each norm whose ``autocast_output`` autocast refuses
-    (:func:`autocast_refusals`, which sets the replacement's choice back)."""
+    """With every swap in place, replace the autocast part of each guessed norm's note on ``report`` by what
+    :func:`autocast_refusals` found (checked and kept, refused: its choice set back, or not checked)."""
     _place(model, sites, set(sites))
-    refused = autocast_refusals(model, example, sites, state)
+    notes = autocast_refusals(model, example, sites, state)
     for i, r in enumerate(report.replaced):
         key = id(model.get_submodule(r.path))
-        if key in refused:
+        if key in notes:
             kept = [x for x in r.note.split("; ") if x and not x.startswith("autocast output")]
-            note = "; ".join([refused[key], *kept])
+            note = "; ".join([notes[key], *kept])
             report.replaced[i] = replace(r, new="invact." + repr(sites[key].new), note=note)
 
 

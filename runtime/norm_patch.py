@@ -13,7 +13,9 @@
   :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps of each row's
   largest output, said in the report) and the same gradients for a random dy (:func:`_gradient_difference`:
   a weight read through ``.data`` or statistics detached do not match) is used (:func:`_verdict`: float32
-  must run; a 16-bit or mixed configuration the class cannot run is skipped; float64 is reported). (The
+  must run; a 16-bit or mixed configuration the class cannot run is skipped; float64 is reported). A class
+  computing otherwise in training mode than in eval mode (a dropout on its output) matches nothing, in
+  either mode (:func:`_mode_difference`). (The
   mixed probe, float32 weights and bfloat16 input, tells Llama's from T5's rounding; the upcast probe,
   bfloat16 weights and float32 input, leaves torch's LayerNorm, which refuses it, to a class that computes
   it, as Cohere's does in float32.)
@@ -21,7 +23,9 @@
   class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
   attributes: numbers, strings and tuples by value, so Qwen's grouped and ungrouped RMSNorm are probed
   apart, any other object by identity). A weight with a size-1 dimension that broadcasts over the input
-  (``nn.Parameter(torch.ones(1, d))``) is left (:func:`_broadcast_weight`).
+  (``nn.Parameter(torch.ones(1, d))``) is left (:func:`_broadcast_weight`). An eps attribute of None is
+  F.rms_norm's default for the RMSNorm forms; the LayerNorm forms take the eps inferred from the output
+  (:func:`_inferred_eps`, on a copy with weight 1 and bias 0).
 * Such classes with no parameters, buffers or submodules (OLMo's LayerNorm, Llama 4's weight-less RMSNorm):
   the same probe (:func:`_weightless`) with the input's dtypes alone (:data:`_PLAIN_CONFIGS`) against
   invact's norms without affine parameters in the forms of :data:`_PLAIN_FORMS` (RMSNorm's "llama", "torch",
@@ -30,9 +34,9 @@
   (:func:`_match_any_size`) and, where one form matches on each, becomes an invact norm with
   ``normalized_shape=None``, which normalizes the last dimension of any size. eps comes from the attribute, or is
   inferred from the output (:func:`_inferred_eps`: a row of variance far below eps, snapped to a short
-  decimal, or float32's epsilon: F.rms_norm's eps=None) and kept only if the full probe then matches (an eps
-  attribute of None is F.rms_norm's default, as for nn.RMSNorm); a form without eps, with eps outside the square
-  root, clamped or over another axis matches nothing and is left.
+  decimal, or float32's epsilon: F.rms_norm's eps=None or that number, the float64 probe choosing) and kept
+  only if the full probe then matches (an eps attribute of None is F.rms_norm's default, as for nn.RMSNorm); a
+  form without eps, with eps outside the square root, clamped or over another axis matches nothing and is left.
 
 The replacement shares the original's Parameter objects, registered in the original's order (same
 ``state_dict`` keys, optimizer state, also loaded by position, and later ``.to()`` conversions), and only where
@@ -40,25 +44,27 @@ the two hold the same parameters, buffers and submodules (:func:`_adopt`: a QAT 
 a weight computed by a ``torch.nn.utils.prune`` hook leave the norm); :func:`invact.unpatch` puts the original
 back.
 
-Autocast output: a norm whose consumers are Linears (pre-norm) returns the autocast dtype under
-torch.autocast, so the Linear saves the norm's own output instead of a cast copy. Which norms those are
-is read from the parent (:func:`feeds_linears`): a parent with a ``norm_first`` flag (torch's
-TransformerEncoderLayer / TransformerDecoderLayer) says it, the final ``norm`` of torch's
-TransformerEncoder / TransformerDecoder is the stack's output, and otherwise the attribute name decides
-(:data:`PRE_NORM`), except that without ``example=`` a norm directly in the model being patched with no
+Autocast output: a norm whose consumers are Linears (pre-norm) returns the autocast dtype under torch.autocast,
+so the Linear saves the norm's own output instead of a cast copy. Which norms those are is read from the parent
+(:func:`feeds_linears`): a parent with a ``norm_first`` flag (torch's TransformerEncoderLayer /
+TransformerDecoderLayer) says it, the final ``norm`` of torch's TransformerEncoder / TransformerDecoder is the
+stack's output, and otherwise the attribute name decides (:data:`PRE_NORM`), except that without ``example=`` a
+norm directly in the model being patched (inside a ``torch.compile`` / DDP / DataParallel wrapper) with no
 nn.Linear registered after it there (LlamaModel's final ``norm``: its ``last_hidden_state``) is taken for the
-model's output and keeps torch's dtype. A module cannot see who uses its output, and a post-norm layer's
-output (BERT's ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with
+model's output and keeps torch's dtype. A module cannot see who uses its output, and a post-norm layer's output
+(BERT's ``LayerNorm``, Gemma 2's sandwich ``post_attention_layernorm``, torch's layers with
 ``norm_first=False``, a tutorial's ``self.norm1(x + self.attn(x))``) also feeds the float32 residual stream,
-which must not be rounded: the name alone cannot tell, and the report's note says when the name decided.
-With ``example=``, :mod:`invact.autocast_check` checks it: a norm whose autocast output changes the model's
-output under autocast keeps torch's dtype.
+which must not be rounded: the name alone cannot tell, and the report's note says when the name decided. With
+``example=``, :mod:`invact.autocast_check` checks it: a norm whose autocast output changes the model's output
+under autocast keeps torch's dtype, and where the check compares nothing, the rule without ``example=`` decides
+(:func:`checked_autocast`, which writes the note after the check).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import NamedTuple
 
 import torch
@@ -69,7 +75,7 @@ from .norms import LayerNorm, RMSNorm, _Saving, _int_tuple
 from . import recognise
 from .recognise import probe_copy
 
-__all__ = ["is_candidate", "replacement", "feeds_linears", "Patching", "PRE_NORM"]
+__all__ = ["is_candidate", "replacement", "feeds_linears", "checked_autocast", "Patching", "PRE_NORM"]
 
 # attribute names of norms whose output feeds only Linears (Llama/Mistral/Qwen2/Phi-3/Gemma, GPT-2, ViT, T5)
 PRE_NORM = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "ln_1", "ln_2", "ln_f",
@@ -150,31 +156,67 @@ def _pre_norm(parent: nn.Module, attr: str, call: Patching) -> tuple[bool, str]:
 
 def _model_output(parent: nn.Module, attr: str, call: Patching) -> bool:
     """Whether the norm at ``parent.attr`` is taken for the output of the model ``call`` patches without
-    ``example=`` (with it, the autocast check measures the output): a direct child of it with no nn.Linear
-    registered after it (LlamaModel's final ``norm``, its ``last_hidden_state``; GPT2Model's ``ln_f``),
-    which returned torch's dtype to the caller."""
-    if call.measured or parent is not call.model:
+    ``example=`` (with it, the autocast check measures the output): a direct child of it (of the model a
+    ``torch.compile`` / DDP / DataParallel wrapper holds: :func:`_unwrapped`) with no nn.Linear registered
+    after it (LlamaModel's final ``norm``, its ``last_hidden_state``; GPT2Model's ``ln_f``), which returned
+    torch's dtype to the caller."""
+    if call.measured or call.model is None or parent is not _unwrapped(call.model):
         return False
     after = list(parent._modules.values())[list(parent._modules).index(attr) + 1:]
     return not any(isinstance(m, nn.Linear) for m in after)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s OptimizedModule (``_orig_mod``) and DistributedDataParallel /
+    DataParallel (``.module``), however deeply nested: its children are the model's own."""
+    while True:
+        compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+        if compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _autocast(parent: nn.Module, attr: str, autocast_output: bool | None, call: Patching) -> tuple[bool, str]:
     """(the replacement's ``autocast_output``, the report's note on it): patch's argument where given, else
-    :func:`_pre_norm`'s answer, whose note says whether the structure or the attribute name alone decided."""
+    :func:`_pre_norm`'s answer, whose note says whether the structure or the attribute name alone decided
+    (with ``example=``, before its check: :func:`checked_autocast` then decides the note)."""
     if autocast_output is not None:
         return autocast_output, "autocast output (autocast_output=True)" if autocast_output else ""
     cast, how = _pre_norm(parent, attr, call)
+    check = "to be checked by example= under bf16 autocast" if call.measured else \
+        "not checked: pass example= to check it, or autocast_output=False"
+    return cast, _cast_note(attr, how, cast, check)
+
+
+def _cast_note(attr: str, how: str, cast: bool, check: str) -> str:
+    """The note on a norm's autocast output decided by ``how`` (:func:`_pre_norm`); ``check``: what checked a
+    decision by the attribute name alone."""
     if how == "output":
-        return False, (f"torch's dtype under autocast: the model's output (`{attr}`, a pre-norm's attribute name, "
-                       "is a child of the patched model with no Linear registered after it)")
+        return (f"torch's dtype under autocast: `{attr}`, a pre-norm's attribute name, has no Linear registered "
+                "after it in the patched model: taken for its output, torch's dtype kept")
     if not cast:
-        return False, ""
+        return ""
     if how == "structure":
-        return True, "autocast output (a pre-norm: its consumers are Linears)"
-    return True, (f"autocast output (a pre-norm by its attribute name `{attr}`, " +
-                  ("checked by example= where its step runs under bf16 autocast)" if call.measured else
-                   "not checked: pass example= to check it, or autocast_output=False)"))
+        return "autocast output (a pre-norm: its consumers are Linears)"
+    return f"autocast output (a pre-norm by its attribute name `{attr}`, {check})"
+
+
+def checked_autocast(parent: nn.Module, attr: str, model: nn.Module, unchecked: str | None) -> tuple[bool, str]:
+    """(``autocast_output``, the note) of the norm at ``parent.attr`` that had the autocast output before
+    ``example=``'s check (:mod:`invact.autocast_check`) and that the check did not refuse: ``unchecked`` None
+    where the check compared the model's outputs (the same with it); else why it compared nothing, and the
+    rule without ``example=`` decides (:func:`_model_output`: the patched model's final norm keeps torch's dtype)."""
+    if unchecked is None:
+        cast, how = _pre_norm(parent, attr, Patching(model, True))
+        return cast, _cast_note(attr, how, cast, "checked by example=: the model's outputs under bf16 autocast "
+                                                  "are the same with it")
+    cast, how = _pre_norm(parent, attr, Patching(model, False))
+    note = _cast_note(attr, how, cast, f"not checked by example=, whose model {unchecked}: pass autocast_output=False "
+                                       "to keep torch's dtype")
+    return cast, note + (f" (not checked by example=, whose model {unchecked})" if how == "output" else "")
 
 
 def _size(module: nn.Module) -> tuple[int, ...] | None:
@@ -444,19 +486,16 @@ def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | 
         return None, why
     key = (_configuration(module), eps, bias is not None)
     if key not in cache:
-        kinds = ["layer", "layer-llama", "layer-gemma"] if bias is not None else \
-            ["llama", "t5", "gemma", "torch", "layer", "layer-llama", "layer-gemma"]
-        kinds = [k for k in kinds if eps is not None or not k.startswith("layer")]   # F.layer_norm needs an eps
-        results = {k: _probe(module, k, eps, bias is not None) for k in kinds}
-        tried = {k: _verdict(r) for k, r in results.items()}
-        matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
-        cache[key] = (min(matches, key=lambda k: tried[k]), tried, results) if matches else (None, tried, results)
-    kind, tried, results = cache[key]
+        kinds = _LAYER_FORMS if bias is not None else ("llama", "t5", "gemma", "torch", *_LAYER_FORMS)
+        cache[key] = _match(module, kinds, eps, bias is not None, tuple(weight.shape), affine=True)
+    kind, eps_used, text = cache[key]
     if kind is None:
-        return None, _unmatched(tried)
-    new = _build(kind, tuple(weight.shape), eps, bias is not None, backend, cast)
-    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
-    return _adopt(new, module, f"probe: same output as form {kind!r} {probe} ({_compared(results[kind])})", cast_note)
+        return None, text
+    new = _build(kind, tuple(weight.shape), eps_used, bias is not None, backend, cast)
+    return _adopt(new, module, f"probe: same output as form {kind!r} {text}", cast_note)
+
+
+_LAYER_FORMS = ("layer", "layer-llama", "layer-gemma")
 
 
 def _broadcast_weight(module: nn.Module, shape: tuple[int, ...]) -> str | None:
@@ -519,37 +558,90 @@ def _match_any_size(module: nn.Module, eps: float | None | _Unstated) -> tuple[s
 
 def _match_plain(module: nn.Module, eps: float | None | _Unstated,
                  shape: tuple[int, ...]) -> tuple[str | None, float | None, str]:
-    """(form, eps, how it matched) for a module without weight normalizing ``shape``, or (None, 0, why none
-    does). ``eps``: the module's attribute (None: F.rms_norm's default, for the RMSNorm forms), or
-    :data:`_UNSTATED`: inferred per family (:func:`_family_eps`)."""
-    epss: dict[bool, float | None | str] = {}
+    """:func:`_match` for a module without weight normalizing ``shape``, against :data:`_PLAIN_FORMS`."""
+    return _match(module, _PLAIN_FORMS, eps, False, shape, affine=False)
+
+
+def _match(module: nn.Module, kinds: tuple[str, ...], eps: float | None | _Unstated, bias: bool,
+           shape: tuple[int, ...], affine: bool) -> tuple[str | None, float | None, str]:
+    """(form, eps, how it matched) of the first of ``kinds`` that computes what ``module`` does on
+    ``shape`` (its weight's, where ``affine``), or (None, 0, why none does). ``eps``: the module's attribute
+    (None: F.rms_norm's default, for the RMSNorm forms), or :data:`_UNSTATED`: inferred per family
+    (:func:`_family_eps`); where a family has two candidates (float32's epsilon: the number, or eps=None)
+    and without weight, ties go to the float64 match. A module computing otherwise in training mode than in
+    eval mode matches nothing (:func:`_mode_difference`)."""
+    why = _mode_difference(module, shape, affine, bias)
+    if why is not None:
+        return None, 0.0, f"probe: {why}"
+    epss: dict[bool, tuple[float | None, ...] | str] = {}
     tried: dict[str, float | str] = {}
     results: dict[str, dict[str, float | str]] = {}
-    for kind in _PLAIN_FORMS:
+    forms: dict[str, tuple[str, float | None]] = {}
+    for kind in kinds:
         rms = not kind.startswith("layer")
         if rms not in epss:
             epss[rms] = _family_eps(module, eps, rms, shape)
         if isinstance(epss[rms], str):
             tried["RMSNorm forms" if rms else "LayerNorm forms"] = epss[rms]
             continue
-        results[kind] = _probe(module, kind, epss[rms], False, shape)
-        tried[kind] = _verdict(results[kind])
+        for e in epss[rms]:
+            label = kind if len(epss[rms]) == 1 else f"{kind} with {_eps_text(e)}"
+            forms[label] = kind, e
+            results[label] = _probe(module, kind, e, bias, None if affine else shape)
+            tried[label] = _verdict(results[label])
     matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
     if not matches:
         return None, 0.0, _unmatched(tried) + _inferred_text(eps, epss)
-    kind = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
-    probe = "bit for bit" if tried[kind] == 0 else f"within {tried[kind]:.2g} {_ULPS}"
-    eps_used = epss[not kind.startswith("layer")]
-    return kind, eps_used, f"{probe} ({_compared(results[kind])})" + _eps_how(eps, eps_used)
+    label = min(matches, key=lambda k: (tried[k], 0.0 if affine else _float64_ulps(results[k])))
+    kind, eps_used = forms[label]
+    probe = "bit for bit" if tried[label] == 0 else f"within {tried[label]:.2g} {_ULPS}"
+    return kind, eps_used, f"{probe} ({_compared(results[label])})" + _eps_how(eps, eps_used)
 
 
-def _inferred_text(eps: float | None | _Unstated, epss: dict[bool, float | None | str]) -> str:
+def _mode_difference(module: nn.Module, shape: tuple[int, ...], affine: bool, bias: bool) -> str | None:
+    """Why ``module`` computes another function in training mode than in eval mode (a dropout on its output,
+    ``y * 2 if self.training else y``), or None: a copy with random weights (:func:`_random_copy`) is called on
+    float32 probe rows in eval mode and twice in training mode (torch's CPU RNG forked: the caller's draws are
+    untouched), and the three outputs must be the same bits. invact's norms compute one function in both modes,
+    and the probe itself runs in the module's current mode (Hugging Face's ``from_pretrained`` returns eval
+    mode). A module that cannot run the rows is left to the probe to say so."""
+    outs: list[object] = []
+    with torch.device("cpu"), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        g = torch.Generator().manual_seed(2)
+        try:
+            twin = _random_copy(module, torch.float32, affine, bias, g)
+        except Exception:  # noqa: BLE001 - the probe reports a module it cannot copy
+            return None
+        x = _probe_input(math.prod(shape), None, g).reshape(3, 5, *shape)
+        for mode in (False, True, True):
+            try:
+                outs.append(twin.train(mode)(x.clone()))
+            except Exception as exc:  # noqa: BLE001 - a mode the module cannot run: compared as its error
+                outs.append(type(exc))
+    if all(isinstance(o, type) for o in outs):
+        return None
+    same = [isinstance(o, torch.Tensor) and isinstance(outs[0], torch.Tensor) and _bits_equal(o, outs[0])
+            for o in outs[1:]]
+    if all(same):
+        return None
+    return ("it computes differently in training mode (.train()) than in eval mode (.eval())" if not same[0] else
+            "its training-mode output differs from one call to the next") + \
+        " (a dropout, or a branch on self.training): invact's norms compute one function in both modes"
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and values (NaN where NaN)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _inferred_text(eps: float | None | _Unstated, epss: dict[bool, tuple[float | None, ...] | str]) -> str:
     """The eps values inferred from the output, for a reason (none where the attribute gave them)."""
     if eps is not None and eps is not _UNSTATED:
         return ""
     found = [f"{'None' if e is None else f'{e:g}'} ({'RMSNorm' if rms else 'LayerNorm'})"
-             for rms, e in epss.items() if not isinstance(e, str) and (eps is _UNSTATED or not rms)]
-    return ("; eps=None attribute (F.rms_norm's default for the RMSNorm forms)" if eps is None else "") + \
+             for rms, es in epss.items() if not isinstance(es, str) and (eps is _UNSTATED or not rms) for e in es]
+    return ("; eps=None attribute (F.rms_norm's default for the RMSNorm forms; the LayerNorm forms take the "
+            "number in its output)" if eps is None else "") + \
         ("; eps inferred from its output: " + ", ".join(found) if found else "")
 
 
@@ -564,13 +656,13 @@ def _eps_how(eps: float | None | _Unstated, used: float | None) -> str:
 
 
 def _family_eps(module: nn.Module, eps: float | None | _Unstated, rms: bool,
-                shape: tuple[int, ...]) -> float | None | str:
-    """The eps the RMSNorm (``rms``) or LayerNorm forms are probed with: the module's attribute (None:
+                shape: tuple[int, ...]) -> tuple[float | None, ...] | str:
+    """The eps values the RMSNorm (``rms``) or LayerNorm forms are probed with: the module's attribute (None:
     F.rms_norm's default), or inferred from its output (:func:`_inferred_eps`) where it has none or, for the
     LayerNorm forms (F.layer_norm takes a number), where it is None; or why there is none."""
     if eps is _UNSTATED or eps is None and not rms:
         return _inferred_eps(module, rms, shape)
-    return eps
+    return (eps,)
 
 
 def _float64_ulps(results: dict[str, float | str]) -> float:
@@ -581,12 +673,13 @@ def _float64_ulps(results: dict[str, float | str]) -> float:
 _EPS_ROWS = 13      # float32 rows of variance 1 down to 1e-24, each a decade of scale below the last
 
 
-def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float | None | str:
-    """The eps of a module without an eps attribute, from its float32 output: on its row of smallest
-    variance ``var`` (of ``x`` for RMSNorm, else of ``x - mean``), ``y = x_c / sqrt(var + eps)`` gives
-    ``eps = var / mean(y^2) - var`` (float64), snapped to a decimal of 1 to 3 significant digits within
-    1e-5 relative, or float32's epsilon within that (F.rms_norm's default: None for the RMSNorm forms,
-    which then take the epsilon of the dtype they compute in); or why there is none (the probe then
+def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> tuple[float | None, ...] | str:
+    """The eps candidates of a module without an eps number, from its float32 output (a copy: weight 1, bias 0):
+    on its row of smallest variance ``var`` (of ``x`` for RMSNorm, else of ``x - mean``),
+    ``y = x_c / sqrt(var + eps)`` gives ``eps = var / mean(y^2) - var`` (float64), snapped to a decimal of 1 to
+    3 significant digits within 1e-5 relative, or float32's epsilon within that: for the RMSNorm forms both
+    F.rms_norm's eps=None (the epsilon of the dtype it computes in) and the number itself, which differ on
+    float64 input only (:func:`_match` lets the float64 probe choose); or why there is none (the probe then
     decides whether the module computes that)."""
     n = math.prod(shape)
     g = torch.Generator().manual_seed(1)
@@ -594,7 +687,10 @@ def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float
     x = ((torch.randn(_EPS_ROWS, n, generator=g, dtype=torch.float64) + 0.15) * scales).float()
     with torch.device("cpu"), torch.no_grad():
         try:
-            y = probe_copy(module).to(device="cpu")(x.reshape(_EPS_ROWS, *shape))
+            twin = probe_copy(module).to(device="cpu", dtype=torch.float32)
+            for name, p in twin.named_parameters(recurse=False):
+                p.fill_(1.0 if name == "weight" else 0.0)
+            y = twin(x.reshape(_EPS_ROWS, *shape))
         except Exception as exc:  # noqa: BLE001 - a module that cannot run float32 rows is not a norm
             return f"{_RAISED} {type(exc).__name__} on float32 (shape {(_EPS_ROWS, *shape)})"
     if not isinstance(y, torch.Tensor) or y.shape != (_EPS_ROWS, *shape) or not y.is_floating_point():
@@ -603,15 +699,15 @@ def _inferred_eps(module: nn.Module, rms: bool, shape: tuple[int, ...]) -> float
     var, mean_square = xc.square().mean(-1)[-1].item(), y.double().reshape(_EPS_ROWS, n).square().mean(-1)[-1].item()
     estimate = var / mean_square - var if math.isfinite(mean_square) and mean_square > 0 else math.nan
     if not estimate > 1e-3 * var:       # nothing (or noise) added to the variance: no eps
-        return f"no eps attribute, and no eps in its output ({estimate:.2g} on a row of variance {var:.1e})"
+        return f"no eps number, and no eps in its output ({estimate:.2g} on a row of variance {var:.1e})"
     default = torch.finfo(torch.float32).eps
-    if abs(estimate - default) <= 1e-5 * default:   # F.rms_norm's eps=None (its float32 epsilon)
-        return None if rms else default
+    if abs(estimate - default) <= 1e-5 * default:   # F.rms_norm's eps=None (its float32 epsilon), or that number
+        return (None, default) if rms else (default,)
     for digits in range(3):
         snapped = float(f"{estimate:.{digits}e}")
         if abs(snapped - estimate) <= 1e-5 * snapped:
-            return snapped
-    return f"no eps attribute; its output gives eps {estimate:.7g}, no decimal of up to 3 significant digits"
+            return (snapped,)
+    return f"no eps number; its output gives eps {estimate:.7g}, no decimal of up to 3 significant digits"
 
 
 def _plain(module: nn.Module, backend: str | None, cast: bool) -> nn.Module:

@@ -12,11 +12,26 @@
   being "no decimal of up to 3 significant digits": it is swapped, eps=None.
 * A subclass of nn.RMSNorm / nn.LayerNorm whose name lacks "RMSNorm" / "LayerNorm" (``class
   QKNorm(nn.RMSNorm)``) was neither swapped nor listed as left: it is probed.
+
+Review of that change (r1, 2026-12), what it did before:
+
+* A norm computing otherwise in training mode (a dropout on its output, ``y * 2 if self.training``) was
+  swapped when patched in eval mode (``from_pretrained``'s mode): the probe ran in the current mode only.
+* A weight-less RMSNorm adding float32's epsilon as a number (no eps attribute) was swapped as eps=None,
+  2.7 relative off on float64 input.
+* With ``example=``, a model returning a dataclass or another object (no tensor found), or a step failing
+  under autocast, left every name's guess unchecked, yet the final norm lost the headless-output rule and
+  the note said "checked by example=".
+* ``patch(torch.compile(model))``, ``patch(DataParallel(model))`` and DDP cast the final norm (the rule
+  compared the parent with the wrapper).
+* A tied head (``F.linear(norm(h), embed.weight)``): the note called the final norm "the model's output".
+* A weight-and-bias norm with an eps attribute of None was left with an empty reason.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -67,6 +82,8 @@ def _autocast(model: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         return model(*args)
 
 
+HEADLESS = "torch's dtype under autocast: `{}`, a pre-norm's attribute name, has no Linear registered after it in " \
+           "the patched model: taken for its output, torch's dtype kept"
 NOT_CHECKED = "autocast output (a pre-norm by its attribute name `{}`, not checked: pass example= to check it, or " \
               "autocast_output=False)"
 
@@ -81,8 +98,7 @@ def test_final_norm_of_a_headless_model_keeps_torchs_dtype():
     model = copy.deepcopy(ref)
     report = invact.patch(model)
     notes = {r.path: r for r in report.replaced}
-    assert not model.norm.autocast_output and notes["norm"].note.startswith("torch's dtype under autocast: the model's "
-                                                                              "output (`norm`"), str(report)
+    assert not model.norm.autocast_output and notes["norm"].note == HEADLESS.format("norm"), str(report)
     assert model.layers[0].norm.autocast_output and notes["layers.0.norm"].note == NOT_CHECKED.format("norm")
     want, got = _autocast(ref, ids), _autocast(model, ids)
     assert want.dtype == got.dtype == torch.float32 and torch.equal(got, want)
@@ -113,6 +129,11 @@ def test_llama_model_last_hidden_state_keeps_float32():
     with torch.no_grad():
         want, got = _autocast(ref, ids).last_hidden_state, _autocast(model, ids).last_hidden_state
     assert want.dtype == got.dtype == torch.float32 and torch.equal(got, want)
+    measured = copy.deepcopy(ref)
+    report = invact.patch(measured, example=ids)         # a ModelOutput (a dict): its tensors are compared
+    notes = {r.path: r.note for r in report.replaced}
+    assert not measured.norm.autocast_output and notes["norm"].startswith("torch's dtype under autocast: measured")
+    assert measured.layers[0].input_layernorm.autocast_output
     lm = transformers.LlamaForCausalLM(cfg)
     invact.patch(lm)
     assert lm.model.norm.autocast_output
@@ -303,3 +324,227 @@ def test_a_subclass_computing_something_else_is_listed_as_left():
     report = invact.patch(model)
     assert len(report) == 0 and type(model[0]) is DoubledNorm, str(report)
     assert report.left[0].path == "0" and report.left[0].reason.startswith("probe: no invact norm"), str(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# review r1: training mode, float32's epsilon as a number, the unchecked autocast guess, wrappers, eps=None
+
+class DropoutLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(super().forward(x), 0.5, self.training)
+
+
+class TrainScaledRMSNorm(nn.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * 2 if self.training else y
+
+
+class MyRMSNorm(nn.Module):
+    """Llama's RMSNorm by name, with a dropout on its output."""
+
+    def __init__(self, n: int = N) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return F.dropout(self.weight * y, 0.1, self.training)
+
+
+class WeightlessTrainRMSNorm(nn.Module):
+    normalized_shape = (N,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x, (N,), eps=1e-6)
+        return y * 2 if self.training else y
+
+
+@pytest.mark.parametrize("make", [lambda: DropoutLayerNorm(N), lambda: TrainScaledRMSNorm(N), MyRMSNorm,
+                                  WeightlessTrainRMSNorm],
+                         ids=["dropout-subclass", "train-branch", "named", "weightless"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_norm_computing_otherwise_in_training_mode_is_left(make, mode):
+    """Patched in eval mode (as ``from_pretrained`` returns a model), such a norm was swapped and then
+    computed its eval-mode function in training too: it is left in either mode, saying why, and the model
+    computes what it did (eval mode: the same bits)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(make())
+    model = copy.deepcopy(ref).train(mode == "train")
+    report = invact.patch(model)
+    assert len(report) == 0 and type(model[0]) is type(ref[0]), str(report)
+    assert "computes differently in training mode" in report.left[0].reason, str(report)
+    x = torch.randn(4, N)
+    assert torch.equal(model.eval()(x), ref.eval()(x))
+
+
+class Float32EpsRMSNorm(nn.Module):
+    """Weight-less, float32's epsilon added as a number (no eps attribute), in float32 for 16-bit input."""
+
+    normalized_shape = (64,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.element_size() < 4 else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1.1920928955078125e-07)).to(x.dtype)
+
+
+def test_float32s_epsilon_as_a_number_is_kept_on_float64():
+    """eps=None is F.rms_norm's default, the epsilon of the dtype it computes in: on float64 input 2.2e-16,
+    not the module's 1.19e-7 (2.7 relative off on rows of variance 1e-8). The number and None compute the
+    same on float32 and 16-bit input; the float64 probe chooses the number. float32: the same bits; float64:
+    within 4 float64 ulps of each row's largest |y| (mean, rsqrt and a product, each rounded once, in
+    another order: a few ulps)."""
+    ref = Float32EpsRMSNorm()
+    model = nn.Sequential(copy.deepcopy(ref))
+    report = invact.patch(model)
+    assert len(report) == 1 and model[0].eps == torch.finfo(torch.float32).eps, str(report)
+    assert "eps 1.19209e-07 inferred from its output" in report.replaced[0].note, str(report)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -7, 8, dtype=torch.float64)[:, None]
+    assert torch.equal(model(x.float()), ref(x.float()))
+    want, got = ref(x), model(x)
+    scale = want.abs().amax(-1, keepdim=True)
+    assert ((got - want).abs() <= 4 * torch.finfo(torch.float64).eps * scale).all()
+
+
+@dataclasses.dataclass
+class Hidden:
+    last_hidden_state: torch.Tensor
+
+
+class Boxed:
+    def __init__(self, h: torch.Tensor) -> None:
+        self.h = h
+
+
+class Wrapped(Headless):
+    """:class:`Headless` returning its final norm's output in ``box`` (a dataclass or another object), or
+    with ``lerp``, meeting float32 with a Linear's output (a step that fails under autocast whatever the norms)."""
+
+    def __init__(self, box: type | None = None, lerp: bool = False) -> None:
+        super().__init__()
+        self.box, self.lerp, self.pre = box, lerp, nn.Linear(N, N)
+        self.norm = self._modules.pop("norm")          # registered last again: no Linear after it
+
+    def forward(self, ids: torch.Tensor) -> object:
+        h = self.embed(ids)
+        h = torch.lerp(h, self.pre(h), 0.5) if self.lerp else h
+        for layer in self.layers:
+            h = layer(h)
+        h = self.norm(h)
+        return h if self.box is None else self.box(h)
+
+
+@pytest.mark.parametrize("box, lerp, why", [(Boxed, False, "returned no tensor to compare"),
+                                            (None, True, "failed under bf16 autocast")], ids=["object", "fails"])
+def test_an_unchecked_autocast_guess_keeps_the_rule_without_example(box, lerp, why):
+    """Where the autocast check compares nothing, the final norm keeps torch's dtype as without example=
+    (was bf16 ``last_hidden_state``, noted "checked by example="), and the notes say the guess was not
+    checked, and why; the inner pre-norms keep their autocast output."""
+    torch.manual_seed(0)
+    ref, ids = Wrapped(box, lerp), torch.randint(0, 50, (2, 7))
+    model = copy.deepcopy(ref)
+    report = invact.patch(model, example=ids)
+    notes = {r.path: r.note for r in report.replaced}
+    assert not model.norm.autocast_output and notes["norm"].startswith(HEADLESS.format("norm")), str(report)
+    assert f"not checked by example=, whose model {why}" in notes["norm"], str(report)
+    assert model.layers[0].norm.autocast_output and "checked by example=:" not in str(report), str(report)
+    assert f"not checked by example=, whose model {why}" in notes["layers.0.norm"], str(report)
+    if box is not None:
+        want, got = _autocast(ref, ids).h, _autocast(model, ids).h
+        assert want.dtype == got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_a_dataclass_output_is_compared():
+    """A model returning a dataclass: its tensors are the outputs the check compares (it compared none
+    before, and kept the post-norm's bf16): the post-norm and the final norm keep torch's dtype, measured;
+    the inner pre-norm's guess is noted as checked."""
+    torch.manual_seed(0)
+
+    class Post(Wrapped):
+        def __init__(self) -> None:
+            super().__init__(Hidden)
+            self.layers[1] = nn.Sequential(PostNorm())
+
+    ref, ids = Post(), torch.randint(0, 50, (2, 7))
+    model = copy.deepcopy(ref)
+    report = invact.patch(model, example=ids)
+    notes = {r.path: r.note for r in report.replaced}
+    assert not model.layers[1][0].norm1.autocast_output and not model.norm.autocast_output, str(report)
+    assert notes["layers.1.0.norm1"].startswith("torch's dtype under autocast: measured"), str(report)
+    assert model.layers[0].norm.autocast_output
+    assert notes["layers.0.norm"].startswith("autocast output (a pre-norm by its attribute name `norm`, checked by "
+                                             "example=: the model's outputs under bf16 autocast are the same"), notes
+    want, got = _autocast(ref, ids).last_hidden_state, _autocast(model, ids).last_hidden_state
+    assert want.dtype == got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_a_wrapped_models_final_norm_keeps_torchs_dtype(tmp_path):
+    """``patch(torch.compile(model))`` / ``patch(DataParallel(model))`` / DDP (gloo, one process, where
+    available): the final norm of the model inside keeps torch's dtype, as unwrapped (the rule compared its
+    parent with the wrapper)."""
+    dist = torch.distributed
+    compiled, parallel = Headless(), Headless()
+    cases = [("compile", torch.compile(compiled), compiled), ("dataparallel", nn.DataParallel(parallel), parallel)]
+    if dist.is_available() and dist.is_gloo_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        inner = Headless()
+        cases.append(("ddp", nn.parallel.DistributedDataParallel(inner), inner))
+    try:
+        for name, wrapper, inner in cases:
+            report = invact.patch(wrapper)
+            assert isinstance(inner.norm, invact.LayerNorm) and not inner.norm.autocast_output, (name, str(report))
+            assert inner.layers[0].norm.autocast_output, name
+            ids = torch.randint(0, 50, (2, 7))
+            assert _autocast(inner, ids).dtype == torch.float32, name
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TiedLM(Headless):
+    """A head tied to the embedding: ``F.linear(norm(h), embed.weight)``, no Linear registered."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(super().forward(ids), self.embed.weight)
+
+
+def test_a_tied_heads_final_norm_note_says_what_was_decided():
+    """No Linear is registered after the final norm: it keeps torch's dtype (the logits are the same, the
+    head casts it), and the note says so, not that it is the model's output."""
+    torch.manual_seed(0)
+    ref, ids = TiedLM(), torch.randint(0, 50, (2, 7))
+    model = copy.deepcopy(ref)
+    report = invact.patch(model)
+    note = {r.path: r.note for r in report.replaced}["norm"]
+    assert note == HEADLESS.format("norm") and "the model's output" not in note, note
+    assert torch.equal(_autocast(model, ids), _autocast(ref, ids))
+
+
+class EpsNoneBiasLayerNorm(nn.Module):
+    """Weight and bias, an eps attribute of None; computes F.layer_norm's default eps 1e-5 (``zero``: eps 0)."""
+
+    def __init__(self, zero: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(N) * 0.3 + 1), nn.Parameter(torch.randn(N) * 0.1)
+        self.eps, self.zero = None, zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (N,), self.weight, self.bias, 0.0) if self.zero else \
+            F.layer_norm(x, (N,), self.weight, self.bias)
+
+
+def test_a_weighted_norm_with_eps_none_infers_its_eps():
+    """Left with an empty reason before: its eps is inferred from the output (weight 1, bias 0) as without
+    weight, and it is swapped with eps 1e-5, the same bits; one without eps in its output is left, the
+    reason naming the eps=None attribute and what the output showed."""
+    torch.manual_seed(0)
+    ref = EpsNoneBiasLayerNorm()
+    model = nn.Sequential(copy.deepcopy(ref))
+    report = invact.patch(model)
+    assert len(report) == 1 and model[0].eps == 1e-5, str(report)
+    assert "eps=None attribute: eps 1e-05 inferred from its output" in report.replaced[0].note
+    x = torch.randn(4, N) * torch.tensor([2.0, 1e-2, 3e-3, 1e-4])[:, None]
+    assert torch.equal(model(x), ref(x))
+    left = invact.patch(nn.Sequential(EpsNoneBiasLayerNorm(zero=True))).left[0].reason
+    assert "LayerNorm forms: no eps number, and no eps in its output" in left and "eps=None attribute" in left, left
