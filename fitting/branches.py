@@ -18,6 +18,7 @@ import numpy as np
 import sympy as sp
 
 from .errors import SpecError
+from .float32 import TINY32
 from .formulas import X, ActivationSpec, check_constants
 from .limits import approach, check_far_float64, power_order, value_at
 from .numeric import numeric, precise
@@ -282,20 +283,39 @@ def _classify_ends(b: Branch, branches: list[Branch]) -> None:
 # codes
 
 def _overlap(a: Branch, b: Branch) -> bool:
-    """True when y alone cannot tell a from b on a set of positive measure of either."""
-    tol = _y_tol(a, b)
+    """True when y alone cannot tell a from b on a set of positive measure of either: their y ranges
+    share more than a millionth of the narrower one, and more than the noise of their ends: that of a
+    jump :func:`_check_continuous` lets pass where one follows the other in x (softplus's 2e-9 at its
+    threshold), else :func:`_end_noise`. x**3 - 1e-6*x + 1's middle branch spans y in 1 +- 3.8e-10, its
+    outer branches share that, and one code for branches that y cannot tell apart misses g by 4e-6."""
     (a0, a1), (b0, b1) = a.y_range, b.y_range
     if a.flat and b.flat:
-        return abs(a0 - b0) <= tol
+        return abs(a0 - b0) <= _y_tol(a, b)
     if a.flat or b.flat:
         return False   # a plateau against the union of its code's branches: _plateau_inside
-    return min(a1, b1) - max(a0, b0) > tol
+    lo, hi = max(a0, b0), min(a1, b1)
+    if _follows(a, b) or _follows(b, a):
+        noise = _y_tol(a, b)
+    else:
+        noise = max(_end_noise(br, which, a, b) for br in (a, b)
+                    for which, v in zip(("lower", "upper"), br.y_range) if v in (lo, hi))
+    return hi - lo > min(noise, 1e-6 * min(a1 - a0, b1 - b0))
+
+
+def _end_noise(br: Branch, which: str, *branches: Branch) -> float:
+    """How far a y end of ``br`` may be from its true value: :func:`_y_tol` where it is f's limit at
+    x = +-inf (read from far values: :func:`.limits.value_at`), a thousandth of that where it is f at a
+    finite x (float64 rounding, some cancellation included)."""
+    tol = _y_tol(*branches)
+    return tol if math.isinf(br.x_at_y_end(which)) else max(1e-3 * tol, TINY32)
 
 
 def _y_tol(*branches: Branch) -> float:
-    """The gap below which y ends of ``branches`` count as equal (1e-9 relative to their finite ends)."""
-    ends = [v for b in branches for v in b.y_range if math.isfinite(v)]
-    return 1e-9 * (1 + max(abs(v) for v in ends)) if ends else 1e-9
+    """The gap below which y ends of ``branches`` count as equal: 1e-9 relative to the largest of their
+    finite ends (the noise of ends is relative to y's scale: never absolute, see :func:`_end_noise`), at
+    least float32's smallest normal number."""
+    ends = [abs(v) for b in branches for v in b.y_range if math.isfinite(v)]
+    return max(1e-9 * max(ends, default=0.0), TINY32)
 
 
 def _plateau_inside(members: list[Branch]) -> bool:

@@ -7,7 +7,7 @@ import sympy as sp
 
 from .branches import Analysis, Branch
 from .formulas import X, ActivationSpec
-from .model import Break, CodeClass, ForwardCode, Segment, TableBranch
+from .model import Break, CodeClass, ExactSegment, ForwardCode, Segment, TableBranch
 
 __all__ = ["forward_code", "code_classes", "branch_json", "symbolic_boundary", "meeting_y"]
 
@@ -21,7 +21,7 @@ def branch_json(b: Branch, segs: list[Segment]) -> TableBranch:
     """The table's entry for branch ``b`` with its chosen segments ``segs``: its route, tails and pieces."""
     fitted = [s for s in segs if s.fitted]
     d = b.to_json()
-    d["route"] = "constant" if b.flat else ("fit" if fitted else "exact")
+    d["route"] = "constant" if b.flat else ("exact" if all(isinstance(s, ExactSegment) for s in segs) else "fit")
     d["tails"] = [{"y_range": s.y_range, "value": s.text()} for s in segs if not s.fitted] \
         if d["route"] == "fit" else []
     d["pieces"] = len(fitted)

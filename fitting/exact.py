@@ -49,12 +49,8 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
         return None
     elif target != "derivative":
         candidates = list(roots)
-    else:
-        try:
-            with time_limit(SOLVE_SECONDS):
-                candidates = [_simplest(fp, r) for r in roots]
-        except SOLVE_FAILURES:
-            return None
+    elif (candidates := _at_roots(fp, roots)) is None:
+        return None
     for cand in candidates:
         cand = cand.subs(back)
         if _agrees(cand, expr, spec, target, branch):
@@ -75,14 +71,26 @@ def _roots(e: sp.Expr) -> tuple[sp.Expr, ...] | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _at_roots(fp: sp.Expr, roots: tuple[sp.Expr, ...]) -> tuple[sp.Expr, ...] | None:
+    """f' at each root, simplified (:func:`_simplest`); None where that fails or runs past SOLVE_SECONDS.
+    Cached like :func:`_roots`: branches of one piece share f' and its roots."""
+    try:
+        with time_limit(SOLVE_SECONDS):
+            return tuple(_simplest(fp, r) for r in roots)
+    except SOLVE_FAILURES:
+        return None
+
+
 def _invertible(e: sp.Expr) -> bool:
-    """Whether sympy can be expected to invert y = e(x) in closed form: x occurs once (a chain of
-    invertible functions), e is a polynomial of degree <= 4, or e is rational in one exp(k*x).
-    Deciding this structurally (not by a time limit) keeps table generation deterministic."""
+    """Whether sympy can be expected to invert y = e(x) in closed form, and to simplify f' there, within
+    seconds: x occurs once (a chain of invertible functions), e is a polynomial whose roots are cheap
+    radicals (:func:`_cheap_polynomial`), or e is rational in one exp(k*x). Deciding this structurally
+    (not by a time limit) keeps table generation deterministic."""
     if e.count(X) == 1:
         return True
     if e.is_polynomial(X):
-        return sp.degree(e, X) <= 4
+        return _cheap_polynomial(e)
     if e.is_rational_function(X):      # softsign's pieces x/(1 - x): a polynomial equation in x
         num, den = sp.fraction(sp.together(e))
         return max(sp.degree(num, X), sp.degree(den, X)) <= 2
@@ -105,6 +113,29 @@ def _invertible(e: sp.Expr) -> bool:
         rewritten = e.rewrite(sp.exp).subs(sp.exp(arg), z)
         return not rewritten.has(X)
     return False
+
+
+def _cheap_polynomial(e: sp.Expr) -> bool:
+    """Whether the roots of the polynomial equation e(x) = y are radicals sympy gives and simplifies
+    f' at quickly: degree <= 2; a cubic whose f' has no two distinct real zeros (Cardano's formula in
+    real radicals: one real root for every y); a cubic or quartic a*(x - h)**n + c, or a quartic
+    a*(x - h)**4 + b*(x - h)**2 + c (a quadratic in (x - h)**2). Not a cubic with two turning points
+    (between their y it has three real roots, and Cardano's formula takes cube roots of complex
+    numbers: casus irreducibilis) nor any other quartic (Ferrari's nested radicals: minutes of
+    simplification a root, x**4 - 2*x**2 + 0.5*x); a symbolic coefficient must settle the test."""
+    p = sp.Poly(e, X)
+    n = p.degree()
+    if n <= 2:
+        return True
+    if n > 4:
+        return False
+    a, b = p.coeff_monomial(X**n), p.coeff_monomial(X**(n - 1))
+    t = sp.Dummy("t")
+    q = sp.Poly(sp.expand(e.subs(X, t - b / (n * a))), t)     # depressed: no t**(n-1) term
+    inner = [sp.simplify(q.coeff_monomial(t**k)) for k in range(1, n - 1)]
+    if all(c == 0 for c in inner) or (n == 4 and inner[0] == 0):
+        return True      # a*t**n + c, or a*t**4 + b*t**2 + c
+    return n == 3 and (b**2 - 3 * a * p.coeff_monomial(X)).is_nonpositive is True
 
 
 def _factor_radicands(e: sp.Expr) -> sp.Expr:

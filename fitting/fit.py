@@ -18,10 +18,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import sympy as sp
 
-from .errors import FitError
+from .errors import FitError, SpecError
 from .float32 import f32, f32_below, ordinal_nodes, split3
+from .formulas import X
 from .model import PolySegment, RationalSegment, Transform, horner
+from .numeric import float64_fault, precise
 from .rational import MAX_AMPLIFICATION, MIN_DEN_MARGIN, den_margin, rational_fit, rounding_amplification
 from .reference import BranchReference
 from .settings import MAX_TOLERANCE
@@ -311,6 +314,8 @@ def fit_branch(ref: BranchReference, y_lo: float, y_hi: float, origins: dict, to
     sets = [cheap] + ([tfs] if any(tf.kind == "log" for tf in tfs) else [])
     best, best_err, reach = _search(ref, y_lo, y_hi, sets, tolerance, degrees, rationals, max_cost)
     if best is None:
+        if not math.isfinite(best_err) and (fault := _float64_fault(ref, y_lo, y_hi)) is not None:
+            raise fault
         kinds = " or ".join(k for k, on in (("polynomial", degrees), ("rational", rationals)) if on)
         cheaper = f" costing less than {max_cost:g}" if math.isfinite(max_cost) else ""
         # a looser tolerance is tried only where this refusal is the fit's answer: not for a search for
@@ -359,6 +364,22 @@ def _needed(piece: PieceFit) -> float:
 HINT_TRIES = 2       # looser tolerances tried before one is proposed
 
 
+def _float64_fault(ref: BranchReference, y_lo: float, y_hi: float) -> SpecError | None:
+    """The refusal of a branch whose float64 f' is inf or NaN at some x of y in [y_lo, y_hi] (x spread
+    evenly and in float32 order of y) while f' there, to 15 digits (:func:`.numeric.precise`), is a
+    number: an overflow or a cancellation of f' as written, which no fit can meet a tolerance against
+    (x*exp(2x)/(1 + exp(x))**2 at x = 354.4 is inf/finite). None where f' is finite there, or in fact inf."""
+    x_ends = ref.inverse(np.array([y_lo, y_hi]))
+    x = np.concatenate([np.linspace(*np.sort(x_ends), 4097), ref.inverse(ordinal_nodes(y_lo, y_hi, 4097))])
+    x = x[np.isfinite(x)]
+    g = ref.fp(x)
+    for k in np.nonzero(~np.isfinite(g))[0][:1]:
+        exact = precise(sp.diff(ref.branch.expr, X), float(x[k]))
+        if exact is not None:
+            return float64_fault(f"branch {ref.branch.index}: ", "f'", float(x[k]), g[k], exact)
+    return None
+
+
 def _absolute_limit(ref: BranchReference, y_a: float, y_b: float, tolerance: float) -> str | None:
     """Why no layout covers [y_a, y_b] (where the pieces stopped) when that is the absolute bound each
     piece is held to (``_meets``: SAFETY * tolerance on |P - g|, as the piece's proof bounds it) rather
@@ -402,6 +423,9 @@ def _advice(needed: float, tolerance: float, search=None, reason: str | None = N
             return (f"--tolerance {looser:g} or more is likely to fit (a fit of this branch at {looser:g} was tried "
                     "and met it; the table is certified after the fit)")
         tried.append(f"{looser:g}")
+    if not math.isfinite(needed) and reason is None:   # an error measured as inf or NaN says nothing of smoothness
+        return ("a looser tolerance would not help: the closest pieces' error measured inf or NaN, as g or the "
+                "pieces' float32 evaluation overflows here")
     why = reason or "g is not smooth enough here for piecewise polynomials in this branch's transforms"
     if tried:
         return (f"no layout fits at --tolerance {' or '.join(tried)} either (tried), so no looser tolerance is "

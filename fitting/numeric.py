@@ -75,12 +75,36 @@ def stable(expr: sp.Expr) -> sp.Expr:
                 others.remove(ex)
                 new = _SECH2(u / 2) / 4 if t.exp == -2 else 1 / (1 + sp.exp(-u))
                 return sp.Mul(*others) * new
-        return e
+        return _exp_ratio(e)
 
     expr = expr.replace(lambda e: isinstance(e, sp.log), fix_log)
     expr = expr.replace(lambda e: isinstance(e, sp.Mul), fix_mul)
     expr = expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
     return expr.replace(lambda e: isinstance(e, sp.Add), fix_add)
+
+
+def _exp_ratio(e: sp.Mul) -> sp.Expr:
+    """exp(k*u)/(c + exp(u))**n (c > 0, 0 < k <= n) -> (1/(1 + c*exp(-u)))**k * (1/(c + exp(u)))**(n - k):
+    the same value with no factor overflowing where exp(u) does (inf/inf is NaN): the k = 2 term of
+    x*exp(x)/(1 + exp(x))'s f', x*exp(2x)/(1 + exp(x))**2, at x >= 355. ``e`` itself where no factor
+    pair has that form."""
+    factors = list(e.args)
+    for t in factors:
+        if not (isinstance(t, sp.Pow) and t.exp.is_number and t.exp < 0 and isinstance(t.base, sp.Add)
+                and len(t.base.args) == 2):
+            continue
+        c, ex = sorted(t.base.args, key=lambda a: isinstance(a, sp.exp))
+        if not (isinstance(ex, sp.exp) and c.is_number and c.is_positive):
+            continue
+        u, n = ex.args[0], -t.exp
+        for other in factors:
+            k = sp.simplify(other.args[0] / u) if isinstance(other, sp.exp) else None
+            if k is not None and k.is_number and 0 < k <= n:
+                rest = list(factors)
+                rest.remove(t)
+                rest.remove(other)
+                return sp.Mul(*rest) * (1 + c * sp.exp(-u)) ** -k * t.base ** (k - n)
+    return e
 
 
 def numeric(expr: sp.Expr):

@@ -15,6 +15,7 @@ import sympy as sp
 
 from .domain import classify_points
 from .errors import SpecError
+from .float32 import F32_MAX
 from .formulas import X, ActivationSpec
 from .numeric import float64_fault, numeric, precise
 
@@ -116,6 +117,8 @@ def check_real(spec: ActivationSpec, pieces: list[Piece]) -> None:
         xs = np.linspace(lo, hi, 2001)[1:-1]
         ys = numeric(p.expr)(xs)
         bad = ~np.isfinite(ys)
+        if bad.any() and _beyond_float64(p.expr, xs, ys):
+            xs, bad = xs[~bad], bad[~bad]     # f itself overflows float64 there: the branches' ends take that
         if bad.any():
             x_bad = float(xs[np.argmax(bad)])
             exact = precise(p.expr, x_bad)
@@ -170,6 +173,23 @@ def removable_note(c: float) -> str:
 
 def _same_point(c: float, x: float) -> bool:
     return abs(x - c) <= 1e-12 * max(1.0, abs(c))
+
+
+def _beyond_float64(expr: sp.Expr, xs: np.ndarray, ys: np.ndarray) -> bool:
+    """Whether f's float64 values ``ys`` on the grid ``xs`` are inf only at its ends (one run a side),
+    where f's value (to 15 digits: :func:`precise`) is indeed beyond float64's range, with the finite
+    values next to them already past float32's: exp(exp(x)) exceeds float64 from x = 6.57, beyond any
+    table's y; what a table can hold there is its branch's to say, not float64's (exp(exp(x)): the
+    closed form g = y*log(y); exp(exp(x)) + x: refused, g grows faster than |y|, :mod:`.power_tail`)."""
+    finite = np.nonzero(np.isfinite(ys))[0]
+    if np.isnan(ys).any() or finite.size == 0 or finite[-1] - finite[0] + 1 != finite.size:
+        return False
+    lo, hi = int(finite[0]), int(finite[-1])
+    for edge, first in [(lo, lo - 1)] * (lo > 0) + [(hi, hi + 1)] * (hi < xs.size - 1):
+        exact = precise(expr, float(xs[first]))
+        if not (exact is not None and math.isinf(float(exact)) and abs(ys[edge]) > F32_MAX):
+            return False
+    return True
 
 
 def _continuous_there(expr: sp.Expr, x: float, exact) -> bool:

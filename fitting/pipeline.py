@@ -202,6 +202,8 @@ def _cheapest_table(options: dict[int, list[list[Segment]]], n_codes: int) -> di
 def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto") -> list[list[Segment]]:
     ref = BranchReference(b, target)
     y_lo, y_hi, origins, lows, highs = fit_range(b, ref, target, tol)
+    if not y_lo < y_hi and (whole := _one_constant(b, ref, lows + highs, tol)) is not None:
+        return [[whole]]
     # the cheapest polynomial layout, and a cheaper rational one if the branch has it (the table
     # decides between them: _cheapest_table); rationals alone where no polynomial layout fits
     polys = rats = error = None
@@ -223,6 +225,21 @@ def _fitted_segments(b: Branch, target: str, tol: float, rationals: str = "auto"
                 raise error from None
     fitted = [[p.segment(b.index) for p in pieces] for pieces in (polys, rats) if pieces is not None]
     return [lows + segs + highs for segs in _resolved(b, ref, fitted, tol)]
+
+
+def _one_constant(b: Branch, ref: BranchReference, tails: list[Segment], tol: float) -> ConstantSegment | None:
+    """The branch as one constant segment where its constant tails, all of one value, cover it (nothing
+    is left to fit) and g is within tolerance / 4 of that value at y spread over it in float32 order:
+    x**3 - 1e-16*x's middle branch, |g| <= 1e-16 on y in +-3.8e-25, whose flat tails from either end
+    meet. None otherwise (fit_branch refuses the empty range)."""
+    values = {s.value for s in tails if isinstance(s, ConstantSegment)}
+    if not tails or len(values) != 1 or not all(isinstance(s, ConstantSegment) for s in tails):
+        return None
+    (value,) = values
+    g = ref(ordinal_nodes(max(b.y_range[0], -F32_MAX), min(b.y_range[1], F32_MAX), 4097))
+    if not np.all(np.abs(g - float(value)) <= tol / 4):
+        return None
+    return ConstantSegment(list(b.y_range), b.index, value)
 
 
 PROBE_POINTS = 129   # x probed across such a change (its interval, 4 times as wide on either side)
