@@ -42,9 +42,12 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
     def leave(m: nn.Module, args: Any, out: Any) -> None:
         depth[0] -= 1
         if depth[0] == 0:
-            stack = [out]
+            stack, seen = [out], set()
             while stack:
                 o = stack.pop()
+                if id(o) in seen:          # an output holding itself (a dataclass's owner field, a list in itself)
+                    continue
+                seen.add(id(o))
                 if isinstance(o, torch.Tensor):
                     outs.append(o.detach())
                 elif isinstance(o, dict):
@@ -52,7 +55,7 @@ def _outputs(model: nn.Module, example: Any) -> list[torch.Tensor]:
                 elif isinstance(o, (tuple, list)):
                     stack.extend(o)
                 elif dataclasses.is_dataclass(o) and not isinstance(o, type):
-                    stack.extend(getattr(o, f.name) for f in dataclasses.fields(o))
+                    stack.extend(getattr(o, f.name, None) for f in dataclasses.fields(o))   # init=False: maybe unset
 
     handles = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
     try:

@@ -592,7 +592,7 @@ def _match(module: nn.Module, kinds: tuple[str, ...], eps: float | None | _Unsta
     matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
     if not matches:
         return None, 0.0, _unmatched(tried) + _inferred_text(eps, epss)
-    label = min(matches, key=lambda k: (tried[k], 0.0 if affine else _float64_ulps(results[k])))
+    label = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
     kind, eps_used = forms[label]
     probe = "bit for bit" if tried[label] == 0 else f"within {tried[label]:.2g} {_ULPS}"
     return kind, eps_used, f"{probe} ({_compared(results[label])})" + _eps_how(eps, eps_used)
@@ -658,10 +658,13 @@ def _eps_how(eps: float | None | _Unstated, used: float | None) -> str:
 def _family_eps(module: nn.Module, eps: float | None | _Unstated, rms: bool,
                 shape: tuple[int, ...]) -> tuple[float | None, ...] | str:
     """The eps values the RMSNorm (``rms``) or LayerNorm forms are probed with: the module's attribute (None:
-    F.rms_norm's default), or inferred from its output (:func:`_inferred_eps`) where it has none or, for the
+    F.rms_norm's default, or float32's epsilon, which a forward may state for it: the float64 probe decides), or
+    inferred from its output (:func:`_inferred_eps`) where it has none or, for the
     LayerNorm forms (F.layer_norm takes a number), where it is None; or why there is none."""
     if eps is _UNSTATED or eps is None and not rms:
         return _inferred_eps(module, rms, shape)
+    if eps is None:   # F.rms_norm's default, or float32's epsilon stated for it: they differ on float64 alone
+        return None, float(torch.finfo(torch.float32).eps)
     return (eps,)
 
 

@@ -26,6 +26,11 @@ Review of that change (r1, 2026-12), what it did before:
   compared the parent with the wrapper).
 * A tied head (``F.linear(norm(h), embed.weight)``): the note called the final norm "the model's output".
 * A weight-and-bias norm with an eps attribute of None was left with an empty reason.
+
+Review r2 (2026-12): a model output holding itself (a dataclass with an ``owner`` field pointing back) hung
+``patch(example=)`` in the output walk; a dataclass field never set (``field(init=False)``) was read as the
+model failing under autocast; a weighted RMSNorm with an ``eps=None`` attribute whose forward adds float32's
+epsilon was swapped as eps=None, off on float64 input (the float64 probe decided for weight-less norms only).
 """
 
 from __future__ import annotations
@@ -548,3 +553,56 @@ def test_a_weighted_norm_with_eps_none_infers_its_eps():
     assert torch.equal(model(x), ref(x))
     left = invact.patch(nn.Sequential(EpsNoneBiasLayerNorm(zero=True))).left[0].reason
     assert "LayerNorm forms: no eps number, and no eps in its output" in left and "eps=None attribute" in left, left
+
+
+@dataclasses.dataclass
+class _Looped:
+    h: torch.Tensor
+    owner: object = None
+    loss: torch.Tensor = dataclasses.field(init=False)   # never set
+
+
+class _LoopedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        out = _Looped(self.fc(self.norm(x)))
+        out.owner = out
+        return out
+
+
+def test_an_output_holding_itself_is_walked_once():
+    """The autocast check's walk of the model's outputs visits each object once (it looped forever) and
+    reads an unset dataclass field as absent (it reported the model failing under autocast)."""
+    model = _LoopedLayer()
+    report = invact.patch(model, example=lambda m: m(torch.randn(2, 16)).h.sum())
+    note = report.replaced[0].note
+    assert isinstance(model.norm, invact.LayerNorm) and "checked by example=" in note and "failed" not in note, note
+
+
+class _StatedEpsRMSNorm(nn.Module):
+    """eps=None stated, float32's epsilon added: F.rms_norm's default only on float32 and 16-bit input."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.eps, self.weight = None, nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return F.rms_norm(x, x.shape[-1:], self.weight, eps=torch.finfo(torch.float32).eps)
+
+
+def test_a_weighted_eps_none_norm_is_decided_on_float64():
+    """Both candidates give the same bits on float32 and 16-bit input; on float64 only float32's epsilon
+    as a number does: the swap must equal the original on float64 to its rounding (F.rms_norm's float64
+    ops, a few ulps: 1e-13 relative), not 53 relative off on rows of small variance."""
+    torch.manual_seed(0)
+    norm = _StatedEpsRMSNorm(32)
+    model = nn.Sequential(norm)
+    invact.patch(model)
+    assert isinstance(model[0], invact.RMSNorm)
+    x = torch.randn(4, 32, dtype=torch.float64) * 1e-4
+    want = norm.double()(x)
+    got = model.double()(x)
+    assert torch.allclose(got, want, rtol=1e-13, atol=0), (got - want).abs().max()
