@@ -362,13 +362,34 @@ def _signed_zero_clash(a: Branch, b: Branch) -> bool:
     return g_lo != g_hi and abs(other) < 1.0
 
 
+def _flat_end_touch(a: Branch, b: Branch) -> bool:
+    """True when a and b, apart in x, touch at a y end of each (within :func:`_overlap`'s noise) where one
+    ends flatly (a sqrt or root end: f' -> 0, so every x near it rounds to that y) and the other's g is not
+    0: the owner of that y would give the flat branch's many x the other's g (1 - x**2 for x < 0 and
+    1 + 0.01*(x - 1) for x > 1 meet at y = 1: 0.01 for |x| < 1.7e-4 where g is below 3.4e-4). At a
+    kink with g nonzero on both sides one x at most shares the y, and they may share a code."""
+    if a.flat or b.flat or _follows(a, b) or _follows(b, a):
+        return False
+    tol = _y_tol(a, b)
+    for wa, ya in zip(("lower", "upper"), a.y_range):
+        for wb, yb in zip(("lower", "upper"), b.y_range):
+            if not (math.isfinite(ya) and math.isfinite(yb)) or abs(ya - yb) > tol:
+                continue
+            flat_a, flat_b = (getattr(br, f"{w}_end") in ("sqrt", "root") for br, w in ((a, wa), (b, wb)))
+            g_a, g_b = a.limits.get(wa, math.nan), b.limits.get(wb, math.nan)
+            if (flat_a and abs(g_b) > 0) or (flat_b and abs(g_a) > 0):
+                return True
+    return False
+
+
 def _assign_codes(branches: list[Branch]) -> int:
     """Greedy colouring from the right, so the branch reaching +inf gets code 0; branches y cannot
-    tell apart (:func:`_overlap`, :func:`_signed_zero_clash`, :func:`_plateau_inside`) get different
+    tell apart (:func:`_overlap`, :func:`_signed_zero_clash`, :func:`_flat_end_touch`,
+    :func:`_plateau_inside`) get different
     codes."""
     for b in reversed(branches):
         later = [o for o in branches if o.index > b.index]
-        taken = {o.code for o in later if _overlap(o, b) or _signed_zero_clash(o, b)}
+        taken = {o.code for o in later if _overlap(o, b) or _signed_zero_clash(o, b) or _flat_end_touch(o, b)}
         taken |= {o.code for o in later if _plateau_inside([m for m in later if m.code == o.code] + [b])}
         b.code = next(c for c in range(len(branches)) if c not in taken)
     return max(b.code for b in branches) + 1
@@ -377,7 +398,7 @@ def _assign_codes(branches: list[Branch]) -> int:
 def _codes_clash(branches: list[Branch]) -> bool:
     """Whether two branches sharing a code are ones y cannot tell apart (as :func:`_assign_codes` keeps
     apart): a table's codes checked at other parameter values."""
-    if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b))
+    if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b) or _flat_end_touch(a, b))
            for a, b in itertools.combinations(branches, 2)):
         return True
     return any(_plateau_inside([b for b in branches if b.code == code]) for code in {b.code for b in branches})

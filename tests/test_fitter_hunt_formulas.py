@@ -77,6 +77,19 @@ def test_touching_branches_still_share_a_code():
     assert _codes("Piecewise((x, x < 0.1), (0.1, x < 0.3), (x - 0.2, True))") == [0, 0, 0]
 
 
+def test_a_flat_end_touching_another_branch_gets_a_code_of_its_own(tmp_path, capsys):
+    """Review r3: 1 - x**2 (x < 0) rises flatly to y = 1 at x = 0 (a sqrt end: g -> 0), and the branch
+    of x > 1 starts at y = 1 - 5e-13 (within the ends' noise, exactly 1 in float32) with g = 0.01. One code
+    for both gave every x of |x| < 1.7e-4 (float32 y = 1) the gradient 0.01 where f' is below 3.4e-4; with
+    a code of its own the flat branch's g at y = 1 is its f' (0 at the end), within the information floor
+    there (f'(x) for the x whose float32 y is 1: at most 2*sqrt(6e-8) = 4.9e-4). The same holds for branches
+    that touch exactly (the middle plateau is y = 1 - 5e-13*(3x^2 - 2x^3), nearly flat)."""
+    formula = "Piecewise((1 - x**2, x < 0), (1 - 5e-13*(3*x**2 - 2*x**3), x < 1), (1 - 5e-13 + 0.01*(x - 1), True))"
+    codes = _codes(formula)
+    assert codes[0] != codes[2], codes
+    assert _codes("Piecewise((1 - x**2, x < 0), (1, x < 1), (1 + 0.01*(x - 1), True))")[0] != 0
+
+
 # --- 2. an f' whose float64 terms overflow ------------------------------------------------------
 
 def test_silu_written_with_exp_x_has_a_finite_f_prime():
