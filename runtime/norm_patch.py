@@ -620,18 +620,13 @@ def _mode_difference(module: nn.Module, shape: tuple[int, ...], affine: bool, bi
                 outs.append(type(exc))
     if all(isinstance(o, type) for o in outs):
         return None
-    same = [isinstance(o, torch.Tensor) and isinstance(outs[0], torch.Tensor) and _bits_equal(o, outs[0])
+    same = [isinstance(o, torch.Tensor) and isinstance(outs[0], torch.Tensor) and recognise.same_values(o, outs[0])
             for o in outs[1:]]
     if all(same):
         return None
     return ("it computes differently in training mode (.train()) than in eval mode (.eval())" if not same[0] else
             "its training-mode output differs from one call to the next") + \
         " (a dropout, or a branch on self.training): invact's norms compute one function in both modes"
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and values (NaN where NaN)."""
-    return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _inferred_text(eps: float | None | _Unstated, epss: dict[bool, tuple[float | None, ...] | str]) -> str:

@@ -116,7 +116,7 @@ def _probe_input() -> torch.Tensor:
     return torch.cat([dense, magnitudes, -magnitudes]).reshape(2, -1)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same values (NaN where NaN), shape and dtype."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
@@ -157,8 +157,8 @@ def probe(module: nn.Module) -> tuple[str | None, bool]:
     except Exception:  # noqa: BLE001 - a module that cannot take one float64 tensor is not an activation
         return None, False
     if not (all(isinstance(t, torch.Tensor) for t in (y, y_flipped, *trained)) and y.shape == x.shape
-            and y.dtype == x.dtype and _same(y_flipped.flip(-1), y) and all(_same(t, y) for t in trained)) \
-            or _same(y, x):  # the identity: no activation
+            and y.dtype == x.dtype and same_values(y_flipped.flip(-1), y) and all(same_values(t, y) for t in trained)) \
+            or same_values(y, x):  # the identity: no activation
         return None, False
     slack = _ULPS64 * (1 + x.abs().clamp(max=64))
     for name, ref in references().items():
