@@ -26,7 +26,7 @@ from .pieces import Piece, check_real, check_singular, find_points, split_pieces
 from .scan import monotone_parts, scan_grid
 from .tables import MAX_CODES, code_bits_for
 
-__all__ = ["Branch", "Analysis", "analyze", "numeric", "END_KINDS"]
+__all__ = ["Branch", "Analysis", "analyze", "numeric", "END_KINDS", "code_breaks", "codes_clash"]
 
 END_KINDS = {  # what each kind of branch end means (invact show prints the ones a table has)
     "sqrt": "branch point: f' has a simple zero (minimum or maximum), g ~ sqrt|y - y0|; fitted in t = sqrt|y - y0|",
@@ -118,7 +118,7 @@ def analyze(spec: ActivationSpec) -> Analysis:
     if n_codes > MAX_CODES:   # before any fitting: the runtime packs at most 8 bits of code an element
         raise SpecError(f"{spec.name!r} has {len(branches)} monotone branches needing {n_codes} distinct codes; "
                         f"the runtime stores at most {MAX_CODES} codes (8 bits) an element")
-    x_breaks, codes = _code_breaks(branches)
+    x_breaks, codes = code_breaks(branches)
     return Analysis(spec, branches, _count_monotone(branches), n_codes, x_breaks, codes)
 
 
@@ -174,15 +174,43 @@ def _check_monotone(spec: ActivationSpec, b: Branch) -> None:
 
 def _check_continuous(spec: ActivationSpec, branches: list[Branch]) -> None:
     """Refuse a jump between neighbouring branches: at a jump f' holds a Dirac delta that no g(y)
-    can give back, and PyTorch's gradient there is a convention of the formula, not of y."""
+    can give back, and PyTorch's gradient there is a convention of the formula, not of y. A gap of
+    1e-9 relative to y there (softplus's threshold leaves 2e-9 at y = 20) or within float64's noise of
+    the two sides' y (:func:`_break_noise`) passes; both scale with f, so c*f gets f's verdict for any
+    c (an absolute allowance passed Piecewise((x, x < 0), (x + 1e-10, True)))."""
     for left, right in zip(branches, branches[1:]):
         x_b = left.x_range[1]
         y_l = left.y_range[1] if left.direction != "decreasing" else left.y_range[0]
         y_r = right.y_range[0] if right.direction != "decreasing" else right.y_range[1]
-        if math.isfinite(x_b) and not abs(y_l - y_r) <= 1e-9 * (1 + abs(y_l) + abs(y_r)):
+        if not math.isfinite(x_b):
+            continue
+        tol = 1e-9 * (abs(y_l) + abs(y_r)) + _break_noise(left, x_b) + _break_noise(right, x_b)
+        if not abs(y_l - y_r) <= tol:
             raise SpecError(f"{spec.name!r} is discontinuous: f jumps at x = {x_b:.17g} from y = {y_l:.17g} "
                             f"to y = {y_r:.17g}; a table of g(y) = f'(f^-1(y)) needs a continuous f "
                             "(write the formula without the jump)")
+
+
+JUMP_NOISE = 64   # float64 roundings a side's y at a break may carry, in units of eps times its magnitudes
+
+
+def _break_noise(b: Branch, x: float) -> float:
+    """How far float64's y of ``b`` at the piece boundary x may be from its value there: :data:`JUMP_NOISE`
+    roundings of the magnitudes f adds up (:func:`_magnitude`: x**3 - 0.001 at x = 0.1 gives 1.5e-19,
+    not 0) and of x itself, times f' (the boundary sqrt(2) of x**2 - 2 is a float). Non-finite parts
+    count 0."""
+    at = np.array([x])
+    with np.errstate(all="ignore"):
+        parts = [numeric(_magnitude(b.expr))(at)[0], abs(x) * abs(numeric(sp.diff(b.expr, X))(at)[0])]
+    return JUMP_NOISE * float(np.finfo(float).eps) * sum(float(v) for v in parts if np.isfinite(v))
+
+
+def _magnitude(e: sp.Expr) -> sp.Expr:
+    """e with every sum's terms and product's factors taken by absolute value: the scale of the
+    numbers float64 adds when it evaluates e (the rounding of a sum is relative to it, not to the sum)."""
+    if isinstance(e, (sp.Add, sp.Mul)):
+        return e.func(*(_magnitude(a) for a in e.args), evaluate=False)
+    return sp.Abs(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +423,7 @@ def _assign_codes(branches: list[Branch]) -> int:
     return max(b.code for b in branches) + 1
 
 
-def _codes_clash(branches: list[Branch]) -> bool:
+def codes_clash(branches: list[Branch]) -> bool:
     """Whether two branches sharing a code are ones y cannot tell apart (as :func:`_assign_codes` keeps
     apart): a table's codes checked at other parameter values."""
     if any(a.code == b.code and (_overlap(a, b) or _signed_zero_clash(a, b) or _flat_end_touch(a, b))
@@ -404,7 +432,8 @@ def _codes_clash(branches: list[Branch]) -> bool:
     return any(_plateau_inside([b for b in branches if b.code == code]) for code in {b.code for b in branches})
 
 
-def _code_breaks(branches: list[Branch]) -> tuple[list[tuple[float, str]], list[int]]:
+def code_breaks(branches: list[Branch]) -> tuple[list[tuple[float, str]], list[int]]:
+    """(the x where the code changes, with the side that x belongs to; the code of each x interval)."""
     breaks, codes = [], [branches[0].code]
     for left, right in zip(branches, branches[1:]):
         if right.code != left.code:

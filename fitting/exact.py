@@ -17,11 +17,11 @@ from .domain import time_limit
 from .formulas import X, ActivationSpec
 from .numeric import numeric
 
-__all__ = ["Y", "exact_expression"]
+__all__ = ["Y", "SOLVE_SECONDS", "SolveGuardError", "exact_expression", "agrees"]
 
 Y = sp.Symbol("y", real=True)
-SOLVE_SECONDS = 30.0   # a guard only: what is attempted is decided by _invertible, not by the clock
-SOLVE_FAILURES = (TimeoutError, NotImplementedError, ValueError, TypeError, AttributeError, RecursionError)
+SOLVE_SECONDS = 30.0   # a safety net only: what is attempted is decided by _invertible, not by the clock
+SOLVE_FAILURES = (NotImplementedError, ValueError, TypeError, AttributeError, RecursionError)
 RUNTIME_FUNCS = {"exp", "log", "Abs"}   # plus + - * / and powers (sqrt): what generated code evaluates
 
 
@@ -40,6 +40,9 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
     positive = {sp.Symbol(n, real=True): sp.Symbol(n, positive=True) for n in spec.params} if symbolic else {}
     back = {v: sp.Symbol(k.name, real=True) for k, v in positive.items()}
     e = expr.subs(positive)
+    floats = e.is_polynomial(X) and e.has(sp.Float)
+    if floats:     # solved as the rationals _cheap_polynomial reads, the closed form written back in floats
+        e = sp.nsimplify(e, rational=True)
     fp = sp.diff(e, X)
     if fp.has(X) and not _invertible(e):
         return None
@@ -49,46 +52,118 @@ def _solve(expr: sp.Expr, spec: ActivationSpec, target: str, symbolic: bool, bra
         return None
     elif target != "derivative":
         candidates = list(roots)
-    elif (candidates := _at_roots(fp, roots)) is None:
+    elif (candidates := _at_roots(fp, _roots_on(branch, roots, back, expr, spec))) is None:
         return None
     for cand in candidates:
-        cand = cand.subs(back)
-        if _agrees(cand, expr, spec, target, branch):
+        cand = sp.nfloat(cand.subs(back), exponent=False) if floats else cand.subs(back)
+        if agrees(cand, expr, spec, target, branch):
             return _factor_radicands(cand)
     return None
 
 
 @functools.lru_cache(maxsize=64)
 def _roots(e: sp.Expr) -> tuple[sp.Expr, ...] | None:
-    """sympy's solutions x of e(x) = y, None where solve fails or runs past SOLVE_SECONDS (f'(x) at
-    them is simplified under a guard of its own, :func:`_solve`). Cached:
-    branches of one piece share e, and a solve that runs into the guard (tanh(x)**3, rewritten as a
-    cubic in exp(2x)) costs the full SOLVE_SECONDS each time."""
-    try:
-        with time_limit(SOLVE_SECONDS):
-            return tuple(sp.solve(sp.Eq(e, Y), X))
-    except SOLVE_FAILURES:
-        return None
+    """sympy's solutions x of e(x) = y, None where sympy finds none or cannot solve; where x occurs once in
+    more than one function or power (:func:`_layers`), the chain's layers are inverted one at a time
+    (:func:`_chain_roots`). Cached: branches of one piece share e. Only what :func:`_invertible` admits is
+    solved; the guard is a safety net (:func:`_guarded`)."""
+    if e.count(X) == 1 and _layers(e) > 1:
+        return _chain_roots(e)
+    return _guarded("solve of f(x) = y", e, lambda: tuple(sp.solve(sp.Eq(e, Y), X)))
 
 
 @functools.lru_cache(maxsize=64)
 def _at_roots(fp: sp.Expr, roots: tuple[sp.Expr, ...]) -> tuple[sp.Expr, ...] | None:
-    """f' at each root, simplified (:func:`_simplest`); None where that fails or runs past SOLVE_SECONDS.
+    """f' at each root, simplified (:func:`_simplest`); None where that fails (the guard as in :func:`_roots`).
     Cached like :func:`_roots`: branches of one piece share f' and its roots."""
+    return _guarded("simplification of f'(x) at x = f^-1(y)", fp, lambda: tuple(_simplest(fp, r) for r in roots))
+
+
+class SolveGuardError(RuntimeError):
+    """sympy ran past :data:`SOLVE_SECONDS` on a solve or simplification that :func:`_invertible` admitted as
+    cheap: a fault of that structural test (the formula should be reported), never a reason to fit instead,
+    which would let the machine's speed choose the table."""
+
+
+def _guarded(what: str, e: sp.Expr, compute):
+    """``compute()`` under the :data:`SOLVE_SECONDS` safety guard; None where sympy fails
+    (:data:`SOLVE_FAILURES`). The guard firing raises :class:`SolveGuardError` naming it."""
     try:
         with time_limit(SOLVE_SECONDS):
-            return tuple(_simplest(fp, r) for r in roots)
+            return compute()
+    except TimeoutError:
+        raise SolveGuardError(
+            f"sympy's {what} for {e} ran past the {SOLVE_SECONDS:g} s safety guard (exact.SOLVE_SECONDS), "
+            "although exact._invertible admitted it as cheap: whether a branch gets a closed form is decided "
+            "by the formula's structure, never by the clock, so this is a fault of that test") from None
     except SOLVE_FAILURES:
         return None
 
 
+Z = sp.Dummy("z", real=True)   # a chain layer's argument (:func:`_chain_roots`)
+V = sp.Dummy("v")              # and the layer's value
+CHAIN_FUNCS = (sp.exp, sp.log, sp.sinh, sp.cosh, sp.tanh, sp.asinh, sp.acosh, sp.atanh, sp.sin, sp.cos, sp.tan,
+               sp.asin, sp.acos, sp.atan, sp.erf, sp.erfc)   # one-argument layers sympy inverts by its table
+
+
+def _layer(e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """(e's outermost layer, its one argument holding x replaced by :data:`Z`; that argument), for e in
+    which x occurs once."""
+    inner = next(a for a in e.args if a.has(X))
+    return e.xreplace({inner: Z}), inner
+
+
+def _is_chain(e: sp.Expr) -> bool:
+    """Whether e, in which x occurs once, is a chain of layers each inverted by one cheap solve: + and *
+    by terms free of x, a power with an exponent free of x (or a base free of x), a function of
+    :data:`CHAIN_FUNCS`."""
+    while e != X:
+        if not (isinstance(e, (sp.Add, sp.Mul, sp.Pow)) or isinstance(e, CHAIN_FUNCS)):
+            return False
+        e = _layer(e)[1]
+    return True
+
+
+def _layers(e: sp.Expr) -> int:
+    """How many layers of a chain are not a sum or product (with terms free of x): sympy's solve of the whole
+    equation inverts those and one function by its table, as fast as a layer."""
+    n = 0
+    while e != X:
+        n += not isinstance(e, (sp.Add, sp.Mul))
+        e = _layer(e)[1]
+    return n
+
+
+def _chain_roots(e: sp.Expr) -> tuple[sp.Expr, ...] | None:
+    """x = f^-1(y) where x occurs once in e (tanh(x)**3): the layers inverted from the outside in, each by
+    sympy's solve of one function of a bare symbol (:func:`_layer_roots`), so what is solved, and how
+    long it takes, is set by the layers alone (sympy's solve of tanh(x)**3 = y as a whole rewrites it
+    as a cubic in exp(2x) and runs for minutes)."""
+    values = [Y]
+    while e != X:
+        layer, e = _layer(e)
+        roots = _layer_roots(layer)
+        if not roots:
+            return None
+        values = [r.subs(V, v) for v in values for r in roots]
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_roots(layer: sp.Expr) -> tuple[sp.Expr, ...] | None:
+    """The solutions z of layer(z) = v (in :data:`Z` and :data:`V`), None where sympy fails."""
+    return _guarded("solve of one layer", layer, lambda: tuple(sp.solve(sp.Eq(layer, V), Z)))
+
+
 def _invertible(e: sp.Expr) -> bool:
     """Whether sympy can be expected to invert y = e(x) in closed form, and to simplify f' there, within
-    seconds: x occurs once (a chain of invertible functions), e is a polynomial whose roots are cheap
-    radicals (:func:`_cheap_polynomial`), or e is rational in one exp(k*x). Deciding this structurally
-    (not by a time limit) keeps table generation deterministic."""
+    seconds: x occurs once in a chain of layers each solved on its own (:func:`_is_chain`), e is a
+    polynomial whose roots are cheap radicals (:func:`_cheap_polynomial`), rational in x or in one
+    sqrt of a quadratic with low degrees, or rational in one exp(k*x) of degree <= 2 in it (a cubic in
+    exp(2x), tanh(x)**3's form, takes sympy minutes). Deciding this structurally (not by a time limit)
+    keeps table generation deterministic: the guard of :func:`_guarded` only reports a fault of it."""
     if e.count(X) == 1:
-        return True
+        return _is_chain(e)
     if e.is_polynomial(X):
         return _cheap_polynomial(e)
     if e.is_rational_function(X):      # softsign's pieces x/(1 - x): a polynomial equation in x
@@ -111,7 +186,10 @@ def _invertible(e: sp.Expr) -> bool:
         if k.has(X):
             return False
         rewritten = e.rewrite(sp.exp).subs(sp.exp(arg), z)
-        return not rewritten.has(X)
+        if rewritten.has(X) or not rewritten.is_rational_function(z):
+            return False
+        num, den = sp.fraction(sp.together(rewritten))
+        return bool(max(sp.degree(num, z), sp.degree(den, z)) <= 2)
     return False
 
 
@@ -122,7 +200,11 @@ def _cheap_polynomial(e: sp.Expr) -> bool:
     a*(x - h)**4 + b*(x - h)**2 + c (a quadratic in (x - h)**2). Not a cubic with two turning points
     (between their y it has three real roots, and Cardano's formula takes cube roots of complex
     numbers: casus irreducibilis) nor any other quartic (Ferrari's nested radicals: minutes of
-    simplification a root, x**4 - 2*x**2 + 0.5*x); a symbolic coefficient must settle the test."""
+    simplification a root, x**4 - 2*x**2 + 0.5*x); a symbolic coefficient must settle the test. Float
+    coefficients are read as the rationals sympy's solve makes of them (nsimplify(rational=True)), so
+    (x + 0.1)**4 - 1e-4 expanded in floats, whose shifted x**3 to x coefficients round to ~1e-20 and not
+    to 0, is told as (x + 1/10)**4 - 1/10000 is."""
+    e = sp.nsimplify(e, rational=True)
     p = sp.Poly(e, X)
     n = p.degree()
     if n <= 2:
@@ -151,27 +233,60 @@ def _simplest(fp: sp.Expr, root: sp.Expr) -> sp.Expr:
     return min(forms, key=sp.count_ops)
 
 
-def _agrees(cand: sp.Expr, expr: sp.Expr, spec: ActivationSpec, target: str, branch: Branch) -> bool:
-    """cand(f(x)) == f'(x) (or x) at 24 points spread over the branch's x range."""
+def agrees(cand: sp.Expr, expr: sp.Expr, spec: ActivationSpec, target: str, branch: Branch) -> bool:
+    """Whether ``cand`` is a closed form the runtime evaluates (no I, no function besides
+    :data:`RUNTIME_FUNCS`) with cand(f(x)) == f'(x) (or x for ``target`` "inverse") at 24 points spread
+    over the branch's x range, to 1e-9 relative."""
     values = {sp.Symbol(n, real=True): v for n, v in spec.params.items()}
     cand = cand.subs(values)
-    e = expr.subs(values)
-    if cand.free_symbols - {Y} or cand.has(sp.I) or cand.has(sp.zoo, sp.nan):
+    if cand.has(sp.I) or cand.has(sp.zoo, sp.nan):
         return False
     if any(type(fn).__name__ not in RUNTIME_FUNCS for fn in cand.atoms(sp.Function)):
         return False  # e.g. LambertW: no float32 kernel for it
+    found = _misses(cand, expr, spec, target, branch)
+    return found is not None and bool(np.all(found[0] <= 1e-9 * (1 + np.abs(found[1]) + np.abs(found[2]))))
+
+
+def _roots_on(branch: Branch, roots: tuple[sp.Expr, ...], back: dict, expr: sp.Expr,
+              spec: ActivationSpec) -> tuple[sp.Expr, ...]:
+    """The roots not ruled out by the branch's probe points: f' is simplified at these only. A root is ruled
+    out where it evaluates finite at some of them and gives x there (within 1e-6 relative) at none
+    (tanh(x)**3's other four roots: complex cube roots of y); one that float64 cannot evaluate there
+    (tanh(x - 1000)'s, where y rounds to -1) stays."""
+    def on(root: sp.Expr) -> bool:
+        found = _misses(root.subs(back).subs({sp.Symbol(n, real=True): v for n, v in spec.params.items()}),
+                        expr, spec, "inverse", branch, complex)
+        if found is None:
+            return True
+        err, x = found[0], found[1]
+        finite = np.isfinite(err)
+        return not finite.any() or bool(np.any(err[finite] <= 1e-6 * (1 + np.abs(x[finite]))))
+    return tuple(r for r in roots if on(r))
+
+
+def _misses(cand: sp.Expr, expr: sp.Expr, spec: ActivationSpec, target: str,
+            branch: Branch, y_type: type = float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(|cand(f(x)) - f'(x)| (or - x), f'(x) (or x), y) at the branch's probe points where f
+    and f' are finite, cand having the parameters' values and evaluated in ``y_type`` (complex: the root of
+    a negative number is a number, not NaN); None where cand holds another symbol, cannot be evaluated by
+    numpy, or fewer than 8 points are finite."""
+    e = expr.subs({sp.Symbol(n, real=True): v for n, v in spec.params.items()})
+    if cand.free_symbols - {Y}:
+        return None
     f, fp = numeric(e), numeric(sp.diff(e, X))
     xs = _probe_points(branch)
     ys = f(xs)
-    g = sp.lambdify(Y, cand, modules=["numpy"])
-    with np.errstate(all="ignore"):
-        got = np.broadcast_to(np.asarray(g(ys), dtype=np.complex128), xs.shape)
+    try:
+        g = sp.lambdify(Y, cand, modules=["numpy"])
+        with np.errstate(all="ignore"):
+            got = np.broadcast_to(np.asarray(g(ys.astype(y_type)), dtype=np.complex128), xs.shape)
+    except (NameError, TypeError, ValueError, AttributeError, ZeroDivisionError):   # erfinv: not in numpy
+        return None
     want = fp(xs) if target == "derivative" else xs
     ok = np.isfinite(want) & np.isfinite(ys)
     if ok.sum() < 8:
-        return False
-    err = np.abs(got[ok] - want[ok])
-    return bool(np.all(err <= 1e-9 * (1 + np.abs(want[ok]) + np.abs(ys[ok]))))
+        return None
+    return np.abs(got[ok] - want[ok]), want[ok], ys[ok]
 
 
 def _probe_points(branch: Branch) -> np.ndarray:

@@ -12,9 +12,9 @@ import numpy as np
 import sympy as sp
 
 from ..common.params import holds
-from .branches import Analysis, Branch, _code_breaks, _codes_clash, analyze
+from .branches import Analysis, Branch, analyze, code_breaks, codes_clash
 from .codes import code_classes, forward_code, meeting_y, symbolic_boundary
-from .exact import _agrees
+from .exact import agrees
 from .formulas import X, ActivationSpec
 from .model import CodeClass, ForwardCode, number
 
@@ -321,7 +321,7 @@ def generic_holds(analysis: Analysis, per_branch: dict, exprs: dict, spec: Activ
     branch analysis there finds the same branches (pieces, directions), branches sharing a code still
     told apart by y (no overlap, no signed-zero clash at y = 0: :func:`.branches._signed_zero_clash`,
     which :func:`_signed_zero_relations` keeps within the domain), the breaks the table's expressions
-    give, and f' equal to each closed form (:func:`.exact._agrees`). :func:`param_domain`'s relations
+    give, and f' equal to each closed form (:func:`.exact.agrees`). :func:`param_domain`'s relations
     keep the signs the analysis relied on where they are rational in the parameters; this also catches
     what they do not express (a break stored as a number that moves with a parameter, a piece condition
     not linear in x). False when a probe differs or its analysis fails: the table is then made for the
@@ -355,9 +355,9 @@ def _same_table(analysis: Analysis, fresh: Analysis, forward: ForwardCode, class
         return False
     for new, old in zip(fresh.branches, analysis.branches):
         new.code = old.code       # the table's codes: y must still tell apart the branches sharing one
-    if _codes_clash(fresh.branches):
+    if codes_clash(fresh.branches):
         return False
-    x_breaks, codes = _code_breaks(fresh.branches)
+    x_breaks, codes = code_breaks(fresh.branches)
     fresh = dataclasses.replace(fresh, n_codes=analysis.n_codes, x_breaks=x_breaks, codes=codes)
     if codes != list(forward.codes) or len(x_breaks) != len(forward.x_breaks) or not all(
             side == b.side and near(b.value, v) for (v, side), b in zip(x_breaks, forward.x_breaks)):
@@ -371,7 +371,7 @@ def _same_table(analysis: Analysis, fresh: Analysis, forward: ForwardCode, class
         if b.flat:      # g = 0, or x at the plateau for an inverse table (.pipeline._branch_segments)
             if not near(per_branch[b.index][0].value, 0.0 if target == "derivative" else b.x_range[1]):
                 return False
-        elif exprs[b.index] is None or not _agrees(exprs[b.index], b.expr, fresh.spec, target, b):
+        elif exprs[b.index] is None or not agrees(exprs[b.index], b.expr, fresh.spec, target, b):
             return False
     return True
 
