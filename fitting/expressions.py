@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NoReturn
 
 from ..common.catalog import CATALOG
 from .errors import SpecError
@@ -102,6 +103,83 @@ def _token(node: ast.AST, text: str) -> str:
     return segment if segment and len(segment) <= 40 else type(node).__name__
 
 
+class _Whitelist(ast.NodeVisitor):
+    """The whitelist walk of :func:`check_text`: :meth:`check` raises :class:`SpecError` for the first node
+    outside the formula language (an unknown name first, wherever it is), naming ``what`` and its token.
+
+    Each ``visit_`` method checks its node and returns the children to check next; :meth:`check` walks them
+    depth first, left to right, from a list rather than by recursion, so that a deeply nested text costs no
+    Python stack here (its limit is that of the power check after this walk)."""
+
+    def __init__(self, what: str, text: str, src: str, names: set[str], xor: bool) -> None:
+        self.what, self.text, self.src, self.names, self.xor = what, text, src, names, xor
+        self.joined: dict[int, ast.BinOp] = {}   # id of a side of ``&`` / ``|`` -> that operation
+
+    def refuse(self, node: ast.AST, why: str = "is not allowed") -> NoReturn:
+        raise SpecError(f"{self.what} {self.text!r}: {_token(node, self.src)!r} {why}; allowed: {allowed_summary()}")
+
+    def check(self, body: ast.expr) -> None:
+        """Refuse the first unknown name of ``body`` (even inside a construct refused anyway), then the first
+        node outside the language, in the order of the text."""
+        unknown = [n for n in ast.walk(body) if isinstance(n, ast.Name) and n.id not in self.names | set(FUNCTIONS)]
+        if unknown:
+            called = {id(n.func) for n in ast.walk(body) if isinstance(n, ast.Call)}
+            first = min(unknown, key=lambda n: n.col_offset)
+            self.refuse(first, "is an unknown function" if id(first) in called else "is not a known name")
+        pending: list[ast.AST] = [body]
+        while pending:
+            node = pending.pop()
+            join = self.joined.pop(id(node), None)
+            if join is not None and not isinstance(node, (ast.Compare, ast.BinOp)):   # (x > 0) & (x < 1)
+                self.refuse(join, "joins conditions only")
+            pending.extend(reversed(self.visit(node)))
+
+    def generic_visit(self, node: ast.AST) -> NoReturn:
+        self.refuse(node)      # a node without a visit_ method below is outside the language
+
+    def visit_Constant(self, node: ast.Constant) -> list[ast.AST]:
+        if node.value is not True and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
+            self.refuse(node)
+        return []
+
+    def visit_Name(self, node: ast.Name) -> list[ast.AST]:
+        if node.id not in self.names:
+            self.refuse(node, "is not a known name" if node.id not in FUNCTIONS else "must be called")
+        return []
+
+    def visit_BinOp(self, node: ast.BinOp) -> list[ast.AST]:
+        if isinstance(node.op, (ast.BitAnd, ast.BitOr)):     # its sides are checked as conditions in turn
+            self.joined.update({id(node.left): node, id(node.right): node})
+        elif not isinstance(node.op, _BINOPS) and not (self.xor and isinstance(node.op, ast.BitXor)):
+            self.refuse(node)
+        return [node.left, node.right]
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> list[ast.AST]:
+        if not isinstance(node.op, (ast.USub, ast.UAdd)):
+            self.refuse(node)
+        return [node.operand]
+
+    def visit_Call(self, node: ast.Call) -> list[ast.AST]:
+        if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS):
+            self.refuse(node.func, "is an unknown function")
+        if node.keywords or any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
+            self.refuse(node, "is not allowed (positional arguments only)")
+        low, high = ARITY.get(node.func.id, (1, 1))
+        if len(node.args) < low or (high is not None and len(node.args) > high):
+            takes = f"{low}" if low == high else f"{low} or {high}" if high else f"{low} or more"
+            self.refuse(node, f"has {len(node.args)} arguments: {node.func.id} takes {takes} "
+                              f"argument{'s' if (high or 2) > 1 else ''}")
+        return node.args
+
+    def visit_Tuple(self, node: ast.Tuple) -> list[ast.AST]:
+        return node.elts
+
+    def visit_Compare(self, node: ast.Compare) -> list[ast.AST]:
+        if len(node.ops) != 1 or not isinstance(node.ops[0], _COMPARE):
+            self.refuse(node, "is not allowed (one comparison: < <= > >=)")
+        return [node.left, node.comparators[0]]
+
+
 def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | list[str] = (),
                what: str = "formula", xor: bool = False, relation: bool = False) -> ast.Expression:
     """Parse ``text`` as a Python expression and check every node against the whitelist.
@@ -130,60 +208,7 @@ def check_text(text: str, variables: tuple[str, ...], params: tuple[str, ...] | 
     if relation and not (isinstance(body, ast.Compare) and len(body.ops) == 1):
         raise SpecError(f"{what} {text!r} must be one comparison such as 'alpha > 0'")
 
-    def refuse(node: ast.AST, why: str = "is not allowed") -> None:
-        raise SpecError(f"{what} {text!r}: {_token(node, src)!r} {why}; allowed: {allowed_summary()}")
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.Constant):
-            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-                if node.value is not True:
-                    refuse(node)
-        elif isinstance(node, ast.Name):
-            if node.id not in names:
-                refuse(node, "is not a known name" if node.id not in FUNCTIONS else "must be called")
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
-            for side in (node.left, node.right):   # (x > 0) & (x < 1): conditions only
-                if not isinstance(side, (ast.Compare, ast.BinOp)):
-                    refuse(node, "joins conditions only")
-                visit(side)
-        elif isinstance(node, ast.BinOp):
-            if not isinstance(node.op, _BINOPS) and not (xor and isinstance(node.op, ast.BitXor)):
-                refuse(node)
-            visit(node.left)
-            visit(node.right)
-        elif isinstance(node, ast.UnaryOp):
-            if not isinstance(node.op, (ast.USub, ast.UAdd)):
-                refuse(node)
-            visit(node.operand)
-        elif isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS):
-                refuse(node.func, "is an unknown function")
-            if node.keywords or any(isinstance(a, ast.Starred) for a in node.args) or not node.args:
-                refuse(node, "is not allowed (positional arguments only)")
-            low, high = ARITY.get(node.func.id, (1, 1))
-            if len(node.args) < low or (high is not None and len(node.args) > high):
-                takes = f"{low}" if low == high else f"{low} or {high}" if high else f"{low} or more"
-                refuse(node, f"has {len(node.args)} arguments: {node.func.id} takes {takes} "
-                             f"argument{'s' if (high or 2) > 1 else ''}")
-            for arg in node.args:
-                visit(arg)
-        elif isinstance(node, ast.Tuple):
-            for elt in node.elts:
-                visit(elt)
-        elif isinstance(node, ast.Compare):
-            if len(node.ops) != 1 or not isinstance(node.ops[0], _COMPARE):
-                refuse(node, "is not allowed (one comparison: < <= > >=)")
-            visit(node.left)
-            visit(node.comparators[0])
-        else:
-            refuse(node)
-
-    unknown = [n for n in ast.walk(body) if isinstance(n, ast.Name) and n.id not in names | set(FUNCTIONS)]
-    if unknown:   # name the first unknown name, even inside a construct refused anyway
-        called = {id(n.func) for n in ast.walk(body) if isinstance(n, ast.Call)}
-        first = min(unknown, key=lambda n: n.col_offset)
-        refuse(first, "is an unknown function" if id(first) in called else "is not a known name")
-    visit(body)
+    _Whitelist(what, text, src, names, xor).check(body)
     if xor and "^" in src:   # sympy reads ^ as ** (convert_xor): 10^10^10 is 10**(10**10), not (10^10)^10
         src = src.replace("^", "**")
         body = ast.parse(src, mode="eval").body

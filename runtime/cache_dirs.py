@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "cache_dir", "private_cache_dir", "unsafe", "unsafe_stat", "unsafe_above"]
+__all__ = ["CACHE_ENV", "cache_dir", "private_cache_dir", "unsafe", "unsafe_stat", "unsafe_above", "is_private_group"]
 
 CACHE_ENV = "INVACT_CACHE"
 
@@ -91,7 +91,7 @@ _MAX_LINKS = 40  # as Linux's path resolution
 
 
 @functools.cache
-def _private_group(gid: int) -> bool:
+def is_private_group(gid: int) -> bool:
     """Whether group ``gid`` is this user's alone: their primary group, with no other member and no other
     user's primary group (a user private group: umask 002 systems make ``~/.cache`` group-writable)."""
     try:
@@ -127,7 +127,7 @@ def unsafe_above(directory: Path) -> str | None:
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid not in (0, os.getuid()):
             return f"the folder {here} above it is owned by uid {st.st_uid}, neither this user ({os.getuid()}) nor root"
-        shared = mode & 0o002 or (mode & 0o020 and not _private_group(st.st_gid))
+        shared = mode & 0o002 or (mode & 0o020 and not is_private_group(st.st_gid))
         if shared and not mode & stat.S_ISVTX:
             return (f"the folder {here} above it is writable by group or others without the sticky bit "
                     f"(mode {mode:o}, group {st.st_gid}), so someone else could put another folder in its place")

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import bitpack, registry
 from .common import params as common_params
 from .common.catalog import BY_NAME
+from .norm_recovery import acc_dtype  # g's evaluation dtype: the dtype the norms compute in
 
 __all__ = ["param_values", "holds", "Constants", "module_constants", "table_constants"]
 
@@ -96,15 +97,10 @@ def _check(name: str, params: dict[str, float] | None, meta: dict | None = None)
 _PROBE_X = (-1.0, 0.0, 1.0)   # where the parameters are probed: every activation is defined there
 
 
-def _evaluation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype g is computed in for tensors of ``dtype``: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _thresholds(mod: ModuleType, dtype: torch.dtype, params: dict[str, float]) -> tuple:
     """(x breaks with their sides, the forward code's x thresholds in ``dtype``, the y breaks rounded to the
     evaluation dtype first, as the certified evaluator does, with their sides, and their thresholds)."""
-    ev = _evaluation_dtype(dtype)
+    ev = acc_dtype(dtype)
     xbreaks = mod.x_breaks(**params)
     xthr = tuple(bitpack.threshold(v, side, dtype) for v, side in xbreaks)
     rounded = [(torch.tensor(v, dtype=torch.float64).to(ev).item(), side) for v, side in mod.y_breaks(**params)]
@@ -183,7 +179,7 @@ def _refuse_unusable(mod: ModuleType, dtype: torch.dtype, params: dict[str, floa
                 "params")
         thresholds = _thresholds(mod, dtype, params)
         _, xthr, _, ythr = thresholds
-        g = _generated_g(mod, x, y, params, xthr, ythr, _evaluation_dtype(dtype))
+        g = _generated_g(mod, x, y, params, xthr, ythr, acc_dtype(dtype))
         reference = _reference_g(mod, x, derivative, params, xthr, ythr)
     if bool((torch.isfinite(reference) & ~torch.isfinite(g)).any()):
         where = (f"where autograd of its forward gives f' = {reference.tolist()}: an expression of the parameters "
@@ -227,7 +223,7 @@ def module_constants(mod: ModuleType, dtype: torch.dtype, device: torch.device,
     params = dict(zip(mod.PARAM_ARGS, values))   # param_NAME: no parameter shadows a generated local
     # the probe's thresholds where there is a probe: computed once, after its overflow check as before
     thresholds = _refuse_unusable(mod, dtype, params, values) if values else _thresholds(mod, dtype, params)
-    ev = _evaluation_dtype(dtype)
+    ev = acc_dtype(dtype)
     xbreaks, xthr, rounded, ythr_values = thresholds
     ythr = torch.tensor(ythr_values, dtype=ev, device=device)
     poly = torch.tensor(mod.POLY, dtype=ev, device=device).T.contiguous()

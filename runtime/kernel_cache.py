@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .cache_dirs import CACHE_ENV, cache_dir, private_cache_dir, unsafe, unsafe_above as _unsafe_above, unsafe_stat
-from .cache_dirs import _private_group  # noqa: F401 - tests read it here, as kernel_cache._private_group
 
 __all__ = ["CACHE_ENV", "OPENMP_RUNTIME", "Source", "cache_dir", "private_cache_dir", "unsafe", "load",
            "threading_flags", "load_first", "headers_of"]

@@ -66,7 +66,8 @@ from torch import nn
 from .autocast_check import autocast_refusals
 from .modes import CHUNKS, CopyChunks, install_mode, install_router, remove_mode, remove_modes, remove_router
 from .routing import FunctionalRouter
-from .save_trace import MeasureError, Site, Trace, _Call, storage_key, trace_example
+from .save_trace import MeasureError, Site, SiteCall, Trace, storage_key, trace_example
+from .saved import format_bytes
 from .snapshot import State
 
 # install_router, remove_router, remove_modes, CopyChunks and MeasureError: re-exported (callers import them here)
@@ -110,10 +111,6 @@ def _place(model: nn.Module, sites: dict[int, Site], active: set[int]) -> None:
             setattr(model.get_submodule(parent), attr, module)
 
 
-def _fmt(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n} B"
-
-
 def _before_dropout(key: int, trace: Trace) -> bool:
     """Whether a call of ``key`` returned what a dropout then took (so y is an extra tensor)."""
     return any(c.y_key in trace.dropout_inputs for c in trace.calls[key])
@@ -122,12 +119,12 @@ def _before_dropout(key: int, trace: Trace) -> bool:
 _DROPOUT = "dropout after it: the next layer saves the dropout's output, so y is an extra tensor"
 
 
-def _shared_input(key: int, base: Trace) -> _Call | None:
+def _shared_input(key: int, base: Trace) -> SiteCall | None:
     """The first call of site ``key`` whose input another consumer also saves in ``base``, or None."""
     return next((c for c in base.calls[key] if c.x_key in base.savers and base.savers[c.x_key] != {key}), None)
 
 
-def _slices(call: _Call) -> int:
+def _slices(call: SiteCall) -> int:
     """How many inputs of ``call``'s size its input's storage holds (k > 1: its input is a 1/k slice)."""
     return call.x_key[3] // max(call.x_bytes, 1)
 
@@ -155,7 +152,7 @@ def _why(key: int, base: Trace, pat: Trace) -> str:
                            "y not saved by its consumer, so y is an extra tensor")
             break
     freed, added = base.only(key), pat.only(key)
-    return "; ".join(reasons + [f"measured: frees {_fmt(freed)}, adds {_fmt(added)}"])
+    return "; ".join(reasons + [f"measured: frees {format_bytes(freed)}, adds {format_bytes(added)}"])
 
 
 def _hidden_cause(trace: Trace, key: int) -> str:
@@ -296,7 +293,8 @@ def _settle(trial: _Trial, active: set[int], reasons: dict[int, str],
     else:
         final = base
     if final.total > base.total:          # joint storages charged to no site: never worse than baseline
-        reasons.update({k: f"measured: the swaps together add {_fmt(final.total - base.total)}" for k in active})
+        added = format_bytes(final.total - base.total)
+        reasons.update({k: f"measured: the swaps together add {added}" for k in active})
         active, final = set(), base
     return active, final, dropped
 
@@ -318,7 +316,8 @@ def _fused_unit(trial: _Trial, active: set[int], final: Trace, reasons: dict[int
     gain = final.total - run.total if not refused else 0
     if gain > 0:
         note = (f"fused projection: its parent's chunk/split outputs copied, measured as one unit of "
-                f"{len(fused)} site(s) freeing {_fmt(gain)}" + (" together (not per module)" if len(fused) > 1 else ""))
+                f"{len(fused)} site(s) freeing {format_bytes(gain)}"
+                + (" together (not per module)" if len(fused) > 1 else ""))
         for k in fused:
             del reasons[k]
         return keys, run, (fused, note, gain)
@@ -326,7 +325,7 @@ def _fused_unit(trial: _Trial, active: set[int], final: Trace, reasons: dict[int
         remove_mode(p, CHUNKS)
     for k in fused:
         reasons[k] += (f"; copying its parent's chunks (one unit of {len(fused)}) " +
-                       (refused[k] if k in refused else f"frees {_fmt(gain)}"))
+                       (refused[k] if k in refused else f"frees {format_bytes(gain)}"))
     return active, final, None
 
 
@@ -463,7 +462,7 @@ class _Search:
             for n in ns:
                 self.dropped[n], self.exchanged[n] = self.dropped[k], frozenset(self.near[n] & keys)
                 self.reasons[n] = (f"with it swapped, {self.trial.paths({k})} frees nothing; "
-                                   f"{self.trial.paths({k})} swapped in its place saves {_fmt(gains[k])} less "
+                                   f"{self.trial.paths({k})} swapped in its place saves {format_bytes(gains[k])} less "
                                    "(measured on the two and their neighbours)")
                 self.fused.discard(n)
         for k in chosen:
@@ -486,12 +485,12 @@ class _Search:
             return refused[key], False
         if key in _frees_nothing({key}, trial.hidden, trial.base, trace):
             return _why(key, trial.base, trace), key not in trial.hidden and _fused_input(key, trial.base)
-        freed = _fmt(trial.base.only(key) - trace.only(key))
+        freed = format_bytes(trial.base.only(key) - trace.only(key))
         if spoiled := (bad & self.near[key]) or bad - {key}:
             verb = "frees" if len(spoiled) == 1 else "free"
             return f"measured: frees {freed}, but with it swapped, {trial.paths(spoiled)} {verb} nothing", False
-        return (f"measured: frees {freed}, but with it swapped, it and its neighbours save {_fmt(-gain)} more than "
-                "without it"), False
+        return (f"measured: frees {freed}, but with it swapped, it and its neighbours save {format_bytes(-gain)} "
+                "more than without it"), False
 
 
 def _apart(todo: list[int], near: dict[int, set[int]]) -> set[int]:
@@ -551,9 +550,9 @@ def _report(report: Any, sites: dict[int, Site], measured: _Measured, left_cls: 
                        "functional_bytes": routed[1] if routed and routed[0] else 0}
     if routed is not None:
         keep, freed, calls, why = routed
-        report.functional = (f"routed: {sum(calls.values())} call(s) {calls}, frees {_fmt(freed)} (measured as one "
-                             "unit)" if keep else
+        report.functional = (f"routed: {sum(calls.values())} call(s) {calls}, frees {format_bytes(freed)} (measured "
+                             "as one unit)" if keep else
                              f"left: routing {sum(calls.values())} call(s) {calls}: {why} (measured as one unit)"
                              if why else
-                             f"left: routing {sum(calls.values())} call(s) {calls} frees {_fmt(freed)} (measured "
-                             "as one unit)")
+                             f"left: routing {sum(calls.values())} call(s) {calls} frees {format_bytes(freed)} "
+                             "(measured as one unit)")

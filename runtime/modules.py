@@ -31,9 +31,10 @@ from .common.catalog import Entry, group
 from .common.params import real
 from .functional import table_selector
 
-# one class per `module` name of the catalog (invact.common.catalog), built by _torch_style below
-_ROWS = group("module")
-__all__ = ["Activation", "activation", *_ROWS, "module_for"]
+# one class per `module` name of the catalog (invact.common.catalog), built by _torch_style below;
+# class name -> its catalog rows (package-internal, read by invact.patch_rules)
+ROWS_BY_CLASS = group("module")
+__all__ = ["Activation", "activation", *ROWS_BY_CLASS, "module_for"]
 
 
 def named_params(name: str, params: dict[str, float] | None) -> dict[str, float]:
@@ -159,11 +160,13 @@ def _torch_style(cls_name: str, rows: tuple[Entry, ...]) -> type:
     return type(cls_name, (_TorchStyle,), ns)
 
 
-_CLASSES = tuple(_torch_style(name, rows) for name, rows in _ROWS.items())
-globals().update({cls.__name__: cls for cls in _CLASSES})
+# the torch.nn look-alike classes, in catalog order (package-internal, read by invact.patch_rules)
+TORCH_STYLE_CLASSES = tuple(_torch_style(name, rows) for name, rows in ROWS_BY_CLASS.items())
+globals().update({cls.__name__: cls for cls in TORCH_STYLE_CLASSES})
 
 # table -> (the class serving it, the fields that select it: GELU, {'approximate': 'tanh'} for gelu_tanh)
-_BY_TABLE = {row.name: (cls, dict(row.select)) for cls, rows in zip(_CLASSES, _ROWS.values()) for row in rows}
+_BY_TABLE = {row.name: (cls, dict(row.select))
+             for cls, rows in zip(TORCH_STYLE_CLASSES, ROWS_BY_CLASS.values()) for row in rows}
 
 
 def module_for(name: str, params: dict[str, float] | None = None, backend: str | None = None) -> Activation:

@@ -41,7 +41,8 @@ class Recovery:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a norm of ``dtype`` computes in: float64 for float64, else float32."""
+    """The dtype invact computes in for tensors of ``dtype``: float64 for float64, else float32 (a norm's
+    statistics, and an activation's g: :mod:`invact.constants`)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -165,7 +165,7 @@ def _second_order() -> RuntimeError:
                         "x_hat from the saved output; use torch.nn.functional's norm where it is needed")
 
 
-class _Refused(ops._Refused):
+class _Refused(ops.RefuseSecondDerivative):
     """A saved tensor unchanged, refusing a gradient: the backward's derivative in y, rstd, the kept x_hat,
     weight or bias is a second derivative of the norm (the one in dy, first order, runs)."""
 

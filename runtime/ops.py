@@ -186,10 +186,10 @@ def _packed(ctx) -> tuple[Tensor, Tensor]:
 
 
 def _saved(ctx) -> tuple[Tensor, Tensor]:
-    """:func:`_packed`; where the backward builds a graph (create_graph=True), y through :class:`_Refused`,
-    so that only differentiating through y (a second derivative of f) is refused."""
+    """:func:`_packed`; where the backward builds a graph (create_graph=True), y through
+    :class:`RefuseSecondDerivative`, so that only differentiating through y (a second derivative of f) is refused."""
     y, code = _packed(ctx)
-    return (_Refused.apply(y) if torch.is_grad_enabled() and y.requires_grad else y), code
+    return (RefuseSecondDerivative.apply(y) if torch.is_grad_enabled() and y.requires_grad else y), code
 
 
 def _grad(ctx, grad_y, grad_code):
@@ -205,7 +205,7 @@ def _second_order(mode: str) -> RuntimeError:
         "higher-order gradients are needed")
 
 
-class _Refused(torch.autograd.Function):
+class RefuseSecondDerivative(torch.autograd.Function):
     """y unchanged, refusing a gradient: y's part of a double backward would need f'' (the grad_output part,
     d(grad * f'(x)) / d grad = f'(x), is first order and runs: torch.autograd.functional.jvp takes it)."""
 
@@ -239,7 +239,7 @@ def _backward_setup(ctx, inputs, output) -> None:
 
 def _by_grad(ctx, gg: Tensor, backward: Callable) -> tuple:
     """Gradients of grad * g(y, code): d / d grad = g(y, code), so ``backward(gg, y, code, ...)``; y's part
-    reaches :class:`_Refused`, which refuses it."""
+    reaches :class:`RefuseSecondDerivative`, which refuses it."""
     y, code = _packed(ctx) if ctx.needs_input_grad[0] else (None, None)
     return (backward(gg, y, code, *ctx.invact) if ctx.needs_input_grad[0] else None,
             torch.zeros_like(gg) if ctx.needs_input_grad[1] else None, None, None, None, None)
@@ -305,8 +305,9 @@ class _Activation(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tangent, *_):
-        y, code = ctx.saved_tensors   # y through _Refused: _Derivative gives y's part as zeros, which is f''
-        return _Derivative.apply(tangent, _Refused.apply(y), code, *ctx.invact), None
+        # y through RefuseSecondDerivative: _Derivative gives y's part as zeros, which is f''
+        y, code = ctx.saved_tensors
+        return _Derivative.apply(tangent, RefuseSecondDerivative.apply(y), code, *ctx.invact), None
 
     @staticmethod
     def vmap(info, in_dims, x, name, params, backend):

@@ -12,7 +12,7 @@ from typing import Callable
 from torch import nn
 
 from .common.catalog import CATALOG, LEFT
-from .modules import _CLASSES, _ROWS as _MODULE_ROWS
+from .modules import ROWS_BY_CLASS, TORCH_STYLE_CLASSES
 
 __all__ = ["Rule", "inplace", "RULES", "NOT_ELEMENTWISE", "ACTIVATION_MODULES", "rule_for", "recognised_base"]
 
@@ -46,8 +46,8 @@ def _catalog_rules() -> dict[tuple[str, str], Rule]:
     """A torch.nn class reads its table (selecting fields) and parameters from its attributes, as the
     invact class of the same name does; other libraries' classes name one table at its defaults."""
     rules: dict[tuple[str, str], Rule] = {}
-    for cls in _CLASSES:
-        rows = _MODULE_ROWS[cls.__name__]
+    for cls in TORCH_STYLE_CLASSES:
+        rows = ROWS_BY_CLASS[cls.__name__]
         if rows[0].torch is not None:
             rules[_key(rows[0].torch)] = Rule(
                 cls._fixed_table or (lambda m, cls=cls: cls._table_of(**{k: getattr(m, k) for k in cls._fields})),

@@ -57,7 +57,10 @@ storage_key = SavedBytes._key  # one definition of "the same storage" for patch 
 
 
 @dataclass
-class _Call:
+class SiteCall:
+    """One call of a site in a traced forward: its input's storage and size, its output's storage, and whether
+    its saves were out of the trace's sight (package-internal: :mod:`invact.measure` reads them)."""
+
     x_key: tuple | None
     x_bytes: int
     y_key: tuple | None
@@ -92,7 +95,7 @@ class Trace:
 
     savers: dict[tuple, set[int]] = field(default_factory=lambda: defaultdict(set))
     names: dict[tuple, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))  # (owner, path)
-    calls: dict[int, list[_Call]] = field(default_factory=lambda: defaultdict(list))
+    calls: dict[int, list[SiteCall]] = field(default_factory=lambda: defaultdict(list))
     dropout_inputs: set[tuple] = field(default_factory=set)
     keep: list[Any] = field(default_factory=list)     # every tensor keyed, held so that no storage is reused mid-run
     modified: set[int] = field(default_factory=set)   # swapped sites whose output was written in place later
@@ -175,10 +178,10 @@ def trace_example(model: nn.Module, example: Any, sites: dict[int, Site], active
             y = out if isinstance(out, torch.Tensor) else None
             packs, grad = starts.pop()
             needs = (x is not None and x.requires_grad) or any(p.requires_grad for p in m.parameters())
-            trace.calls[site].append(_Call(None if x is None else storage_key(x),   # x, y unknown without tensors
-                                           0 if x is None else x.numel() * x.element_size(),
-                                           None if y is None else storage_key(y),
-                                           not grad or (needs and trace.packs == packs), not grad))
+            trace.calls[site].append(SiteCall(None if x is None else storage_key(x),   # x, y unknown without tensors
+                                              0 if x is None else x.numel() * x.element_size(),
+                                              None if y is None else storage_key(y),
+                                              not grad or (needs and trace.packs == packs), not grad))
             trace.keep.extend((x, y))
 
     internal: list[Exception] = []               # errors raised by the hooks below: invact's, not the step's

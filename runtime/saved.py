@@ -63,7 +63,13 @@ __all__ = ["memory", "SavedBytes"]
 _OUTSIDE = "<outside>"
 
 
-def _fmt(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes in binary units, two decimals above 1 KiB; the one format of :func:`memory`'s and
+    :func:`invact.patch`'s reports (package-internal).
+
+    >>> format_bytes(1536), format_bytes(-3 * 2**20), format_bytes(512)
+    ('1.50 KiB', '-3.00 MiB', '512 B')
+    """
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
@@ -328,9 +334,9 @@ class SavedBytes:
 
     def __str__(self) -> str:
         width = max([len(k) for k in self.by_module] + [6])
-        lines = [f"saved for backward: {_fmt(self.total)} in {self.count} storage(s) "
-                 f"({self.tensors} tensors packed); parameters apart: {_fmt(self.parameters)}"]
-        lines += [f"  {k:<{width}}  {_fmt(v):>11}" for k, v in self.by_module.items()]
+        lines = [f"saved for backward: {format_bytes(self.total)} in {self.count} storage(s) "
+                 f"({self.tensors} tensors packed); parameters apart: {format_bytes(self.parameters)}"]
+        lines += [f"  {k:<{width}}  {format_bytes(v):>11}" for k, v in self.by_module.items()]
         lines += [f"  incomplete: {self.incomplete}"] if self.incomplete else []
         return "\n".join(lines)
 
@@ -346,9 +352,10 @@ class SavedBytes:
         keys = list(dict.fromkeys(list(a) + list(b)))
         width = max([len(k) for k in keys] + [6])
         lines = [f"  {'module':<{width}}  {'baseline':>11}  {'this':>11}"]
-        lines += [f"  {k:<{width}}  {_fmt(a.get(k, 0)):>11}  {_fmt(b.get(k, 0)):>11}" for k in keys]
+        lines += [f"  {k:<{width}}  {format_bytes(a.get(k, 0)):>11}  {format_bytes(b.get(k, 0)):>11}" for k in keys]
         change = (self.total - baseline.total) / baseline.total if baseline.total else 0.0
-        lines.append(f"  {'total':<{width}}  {_fmt(baseline.total):>11}  {_fmt(self.total):>11}  ({change:+.1%})")
+        totals = f"{format_bytes(baseline.total):>11}  {format_bytes(self.total):>11}"
+        lines.append(f"  {'total':<{width}}  {totals}  ({change:+.1%})")
         return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 import invact.generated
 from invact.common.table_hash import canonical_sha256
-from invact.fitting import tables
+from invact.fitting import expressions, tables
 from invact.fitting.errors import SpecError, TableError
 from invact.fitting.expressions import check_text
 from invact.fitting.formulas import BUILTINS, parse_formula
@@ -192,3 +192,52 @@ def test_max_of_functions_crossing_without_a_closed_form_says_so(tmp_path, capsy
     status, _, err = invact_cli(capsys, "fit", formula, "--name", "k", "--root", tmp_path / "root")
     assert status == 2 and "has no closed-form solution for x" in err and "write a Piecewise" in err, err
     assert "ConditionSet" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the whitelist walk, construct by construct (a formula with x and a parameter a)
+
+@pytest.mark.parametrize("text", [
+    "(x > 0) & (x < 1)", "((x > 0) | (x < -1)) & (x < 2)", "Piecewise((x, x > 0), (0, True))", "log(x, 2)",
+    "Max(x, 1, a)", "-x + +x*pi/E", "a*x**2.5 - 1e3"])
+def test_the_whitelist_accepts(text):
+    check_text(text, ("x",), ("a",))
+
+
+def test_a_caret_is_a_power_only_where_asked():
+    check_text("a*x^2", ("x",), ("a",), xor=True)
+    with pytest.raises(SpecError, match=r"'\^' is not allowed; allowed: "):
+        check_text("a*x^2", ("x",), ("a",))
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("(x > 0) & 1", "'&' joins conditions only"),
+    ("1 | (x > 0)", "'|' joins conditions only"),
+    ("(x > ~x) & 1", "'~' is not allowed"),               # the left side is walked before the right is judged
+    ("x % 2", "'%' is not allowed"),
+    ("~x", "'~' is not allowed"),
+    ("not x", "'not' is not allowed"),
+    ("x < 1 < 2", "'x < 1 < 2' is not allowed (one comparison: < <= > >=)"),
+    ("x == 1", "'==' is not allowed (one comparison: < <= > >=)"),
+    ("exp", "'exp' must be called"),
+    ("exp(x=1)", "'exp(x=1)' is not allowed (positional arguments only)"),
+    ("exp(*x)", "'exp(*x)' is not allowed (positional arguments only)"),
+    ("exp()", "'exp()' is not allowed (positional arguments only)"),
+    ("log(x, 2, 3)", "'log(x, 2, 3)' has 3 arguments: log takes 1 or 2 arguments"),
+    ("sqrt(x, 2)", "'sqrt(x, 2)' has 2 arguments: sqrt takes 1 argument"),
+    ("x.real(1)", "'.real' is an unknown function"),
+    ("'s' * x", "\"'s'\" is not allowed"),
+    ("None", "'None' is not allowed"),
+    ("False", "'False' is not allowed"),
+    ("1j*x", "'1j' is not allowed"),
+    ("x if x > 0 else 0", "'x if x > 0 else 0' is not allowed"),
+    ("x[0]", "'x[0]' is not allowed"),
+    ("[x]", "'[x]' is not allowed"),
+    ("x.real", "'.real' is not allowed"),
+    ("Piecewise((x, x > 0), (k, True))", "'k' is not a known name"),
+    ("~x + foo(1)", "'foo' is an unknown function"),      # an unknown name first, wherever it is
+])
+def test_the_whitelist_refuses_naming_the_token(text, refusal):
+    with pytest.raises(SpecError) as info:
+        check_text(text, ("x",), ("a",))
+    assert str(info.value) == f"formula {text!r}: {refusal}; allowed: {expressions.allowed_summary()}"

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from invact import cpu_kernel, kernel_cache, registry, table_c
+from invact import cache_dirs, cpu_kernel, kernel_cache, registry, table_c
 
 NEEDS_CC = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -124,7 +124,7 @@ def _shared_group(folder: Path) -> None:
     """Give ``folder`` a group that is not this user's private one (root: chgrp to nogroup), or skip."""
     if ROOT:
         os.chown(folder, -1, OTHER_UID)
-    if kernel_cache._private_group(folder.stat().st_gid):
+    if cache_dirs.is_private_group(folder.stat().st_gid):
         pytest.skip("no group but this user's private one to give a folder (chgrp needs root)")
 
 
@@ -132,7 +132,7 @@ def _shared_group(folder: Path) -> None:
 def test_a_folder_writable_by_the_users_private_group_is_accepted(fresh, monkeypatch):
     """umask 002 systems (a private group per user: Debian's and Ubuntu's USERGROUPS_ENAB) make
     ``~/.cache`` group-writable; that group holds this user alone, so the cache below it serves, quietly."""
-    if not kernel_cache._private_group(os.getgid()):
+    if not cache_dirs.is_private_group(os.getgid()):
         pytest.skip(f"this user's group {os.getgid()} is shared with other users")
     home = fresh / "home"
     home.mkdir(mode=0o700)

@@ -11,6 +11,7 @@ Parameters are counted apart (here only W2, which Linear2 needs for the gradient
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from torch import nn
 
 import invact
 from invact import ops
+from invact.saved import format_bytes
 
 B, D, H = 64, 256, 1024
 F32 = 4
@@ -72,6 +74,32 @@ def test_patch_changes_the_count():
     assert base.total - patched.total == B * H * F32 - code
     text = patched.compare(base)
     assert "576.00 KiB" in text and "total" in text
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1536, "1.50 KiB"), (-256 * 1024, "-256.00 KiB"),
+                                     (3 * 2**20, "3.00 MiB"), (3 * 2**30, "3.00 GiB")])
+def test_one_byte_format(n, text):
+    assert format_bytes(n) == text
+
+
+def test_patch_reasons_write_bytes_as_memory_does():
+    """A GELU before a dropout is left by invact.patch, its reason quoting what it frees (its input h, B*H*4 =
+    256 KiB) and adds (its output y plus a 1-bit code, 264 KiB) in invact.memory's units; patch's reasons wrote
+    "256.0 KiB" where invact.memory wrote "256.00 KiB"."""
+    if "gelu" not in ops.names() or ops.info("gelu")["code_bits"] != 1:
+        pytest.skip("needs a gelu table of 1-bit codes")
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Dropout(0.1), nn.Linear(H, D)), torch.randn(B, D)
+    swapped = copy.deepcopy(model)
+    invact.patch(swapped, backend="eager", force=True)    # left without force: a dropout follows it
+    before, _ = _measure(model, x)
+    after, _ = _measure(swapped, x)
+    freed, added = format_bytes(before.by_module["1"]), format_bytes(after.by_module["1"])
+    assert (freed, added) == ("256.00 KiB", "264.00 KiB")
+    assert freed in str(before) and added in str(after)
+    report = invact.patch(model, example=x, backend="eager")
+    assert [l.path for l in report.left] == ["1"], report
+    assert f"frees {freed}, adds {added}" in report.left[0].reason, report
 
 
 def test_dedup_by_storage_and_views():

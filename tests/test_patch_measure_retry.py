@@ -15,6 +15,7 @@ from torch import nn
 
 import invact
 from invact import measure
+from invact.saved import format_bytes
 
 D, H = 32, 64
 
@@ -170,7 +171,7 @@ def test_a_group_re_try_keeps_each_layers_exchange_only_where_it_wins():
     assert _saved(model, x) == _saved(best, x) == report.measured["patched_bytes"], report
     left = {l.path: l.reason for l in report.left}
     local = _saved(norm_in_0, x) - _saved(gelu_in_0, x)   # block 0's exchange alone
-    assert f"saves {measure._fmt(local)} less" in left["0.2"], report
+    assert f"saves {format_bytes(local)} less" in left["0.2"], report
 
 
 def test_a_chain_of_repeated_blocks_is_re_tried_in_a_few_runs(monkeypatch):
