@@ -55,7 +55,7 @@ from torch import nn
 
 import invact
 from invact import ops
-from invact.norms import _Saving
+from invact.norms import SavingNorm
 from invact.saved import SavedBytes
 
 MiB = 2**20
@@ -432,7 +432,7 @@ def _norm_columns(model: nn.Module, inputs: dict, autocast: torch.dtype | None, 
     """
     example = _example(inputs, autocast)
     report = invact.patch(model, only=[], backend=backend, example=example)
-    paths = [r.path for r in report.replaced if isinstance(model.get_submodule(r.path), _Saving)]
+    paths = [r.path for r in report.replaced if isinstance(model.get_submodule(r.path), SavingNorm)]
     invact.unpatch(model)
     mods = {p: model.get_submodule(p) for p in paths}
     xs: list[tuple[int, int]] = []                        # (x bytes, rows) per call, from the originals

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .norm_patch import checked_autocast
-from .norms import _Saving
+from .norms import SavingNorm
 from .save_trace import Site, error_line, run_step
 from .snapshot import State, seeded
 
@@ -92,7 +92,7 @@ def autocast_refusals(model: nn.Module, example: Any, sites: dict[int, Site], st
     outputs or makes the step fail (with the reason); where nothing could be compared (:attr:`Notes.compared`
     False), as the rule without ``example=`` decides. ``state`` is put back after each run, so that every run
     starts from the same parameters (a step may run an optimizer)."""
-    casts = {k for k, s in sites.items() if isinstance(s.new, _Saving) and s.new.autocast_output}
+    casts = {k for k, s in sites.items() if isinstance(s.new, SavingNorm) and s.new.autocast_output}
     if not casts:
         return Notes({}, None)
     device = next((p.device.type for p in model.parameters()), "cpu")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .norm_recovery import default_eps, recovery_floor, weight_offset
-from .norms import _Saving, _dtypes
+from .norms import SavingNorm, style_dtypes
 
 __all__ = ["error_bound", "relative_bound", "forward_error"]
 
@@ -117,13 +117,14 @@ def relative_bound(module: nn.Module, x: Tensor, y: Tensor, grad_y: Tensor) -> f
     (benchmarks/train.py's NormProbe, tests/test_distributed.py)."""
     if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         raise TypeError(f"relative_bound: module must be a torch.nn.LayerNorm or RMSNorm, got {type(module).__name__}")
-    shape = module._shape_for(x) if isinstance(module, _Saving) else module.normalized_shape   # None: any size
+    shape = module._shape_for(x) if isinstance(module, SavingNorm) else module.normalized_shape   # None: any size
     rms, n = isinstance(module, nn.RMSNorm), math.prod(shape)
     style = getattr(module, "style", "torch")
     w = module.weight.detach().reshape(n) if module.weight is not None else x.new_ones(n)
     bias = getattr(module, "bias", None)
     eps = module.eps if module.eps is not None else default_eps(x.dtype)
+    norm_dtype = style_dtypes(style, x.dtype, w.dtype)[0]
     refs, tols = error_bound(x.reshape(-1, n), w, None if bias is None else bias.detach().reshape(n),
-                             grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, _dtypes(style, x.dtype, w.dtype)[0],
+                             grad_y.reshape(-1, n), y.reshape(-1, n), rms, eps, norm_dtype,
                              weight_offset(style) if module.weight is not None else 0.0)
     return sum((tol.norm() / ref.norm().clamp_min(1e-30)).item() for ref, tol in zip(refs, tols) if tol is not None)

@@ -12,15 +12,17 @@
   variance 4 down to eps/10: :func:`_probe_input`) with random weights in the configurations of
   :data:`_CONFIGS`, and the first whose output has the same dtype and bits (or within 2 ulps of each row's
   largest output, said in the report) and the same gradients for a random dy (:func:`_gradient_difference`:
-  a weight read through ``.data`` or statistics detached do not match) is used (:func:`_verdict`: float32
-  must run; a 16-bit or mixed configuration the class cannot run is skipped; float64 is reported). A class
-  computing otherwise in training mode than in eval mode (a dropout on its output) matches nothing, in
-  either mode (:func:`_mode_difference`). (The
-  mixed probe, float32 weights and bfloat16 input, tells Llama's from T5's rounding; the upcast probe,
-  bfloat16 weights and float32 input, leaves torch's LayerNorm, which refuses it, to a class that computes
-  it, as Cohere's does in float32.)
-  A class nothing matches is left, with the closest form's difference as the reason. One probe per
-  class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
+  a weight read through ``.data`` or statistics detached do not match; a float16 gradient of the module's own
+  that overflows where the form's, computed in float32, is finite is compared where it is finite, and the
+  report says so: :func:`_own_overflow`) is used (:func:`_verdict`: float32 must run; a 16-bit or mixed
+  configuration the class cannot run is skipped; float64 is reported). A class computing otherwise in training
+  mode than in eval mode (a dropout on its output; statistics detached or another dtype only while training)
+  matches nothing, in either mode (:func:`_mode_difference` on float32 outputs, then the matched form's whole
+  probe in the mode the module is not in: :func:`_other_mode`). (The mixed probe, float32 weights and bfloat16
+  input, tells Llama's from T5's rounding; the upcast probe, bfloat16 weights and float32 input, leaves torch's
+  LayerNorm, which refuses it, to a class that computes it, as Cohere's does in float32.)
+  A class nothing matches is left, with each form's difference (and the dtypes it shows on) as the reason. One
+  probe per class and configuration (:func:`_configuration`: the weight's shape and dtype, and the instance's
   attributes: numbers, strings and tuples by value, so Qwen's grouped and ungrouped RMSNorm are probed
   apart, any other object by identity). A weight with a size-1 dimension that broadcasts over the input
   (``nn.Parameter(torch.ones(1, d))``) is left (:func:`_broadcast_weight`). An eps attribute of None is
@@ -64,14 +66,14 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .norm_recovery import default_eps
-from .norms import LayerNorm, RMSNorm, _Saving, _int_tuple
+from .norms import LayerNorm, RMSNorm, SavingNorm, int_tuple
+from .patch_swaps import unwrapped
 from . import recognise
 from .recognise import probe_copy
 
@@ -90,7 +92,7 @@ def is_candidate(module: nn.Module) -> bool:
     and outside torch their subclasses (``class QKNorm(nn.RMSNorm)``) and classes named ``...RMSNorm`` /
     ``...LayerNorm``; all but torch's exact classes are probed."""
     cls = recognise.own_class(module)
-    if isinstance(module, _Saving):
+    if isinstance(module, SavingNorm):
         return False
     if cls in (nn.LayerNorm, nn.RMSNorm):
         return True
@@ -157,26 +159,13 @@ def _pre_norm(parent: nn.Module, attr: str, call: Patching) -> tuple[bool, str]:
 def _model_output(parent: nn.Module, attr: str, call: Patching) -> bool:
     """Whether the norm at ``parent.attr`` is taken for the output of the model ``call`` patches without
     ``example=`` (with it, the autocast check measures the output): a direct child of it (of the model a
-    ``torch.compile`` / DDP / DataParallel wrapper holds: :func:`_unwrapped`) with no nn.Linear registered
-    after it (LlamaModel's final ``norm``, its ``last_hidden_state``; GPT2Model's ``ln_f``), which returned
-    torch's dtype to the caller."""
-    if call.measured or call.model is None or parent is not _unwrapped(call.model):
+    ``torch.compile`` / DDP / DataParallel wrapper holds: :func:`invact.patch_swaps.unwrapped`) with no nn.Linear
+    registered after it (LlamaModel's final ``norm``, its ``last_hidden_state``; GPT2Model's ``ln_f``), which
+    returned torch's dtype to the caller."""
+    if call.measured or call.model is None or parent is not unwrapped(call.model):
         return False
     after = list(parent._modules.values())[list(parent._modules).index(attr) + 1:]
     return not any(isinstance(m, nn.Linear) for m in after)
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s OptimizedModule (``_orig_mod``) and DistributedDataParallel /
-    DataParallel (``.module``), however deeply nested: its children are the model's own."""
-    while True:
-        compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
-        if compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _autocast(parent: nn.Module, attr: str, autocast_output: bool | None, call: Patching) -> tuple[bool, str]:
@@ -223,7 +212,7 @@ def _size(module: nn.Module) -> tuple[int, ...] | None:
     """The normalized shape a module without weight states (``normalized_shape``, ``hidden_size``), or None."""
     for name in ("normalized_shape", "hidden_size"):
         value = getattr(module, name, None)
-        shape = None if isinstance(value, bool) else _int_tuple(value)
+        shape = None if isinstance(value, bool) else int_tuple(value)
         if shape and all(s > 0 for s in shape):
             return shape
     return None
@@ -315,27 +304,31 @@ _MATCH = 2.0     # the most ulps of the row's largest output a matching form may
 _GRAD_MATCH = 16.0
 _DECIDING = tuple(name for name, _, _, decides, _ in _CONFIGS if decides)
 _RAISED = "its forward raised"   # how _probe says the module itself cannot run a configuration
+_NOTE = "note"   # _probe's key (no configuration) for what the report says of a match (:func:`_compared`)
 
 
-def _probe(module: nn.Module, kind: str, eps: float | None, bias: bool,
-           shape: tuple[int, ...] | None = None) -> dict[str, float | str]:
+def _probe(module: nn.Module, kind: str, eps: float | None, bias: bool, shape: tuple[int, ...] | None = None,
+           training: bool | None = None) -> dict[str, float | str]:
     """Per configuration of :data:`_CONFIGS` (weights' and input's dtypes), the largest difference in ulps
     of the output dtype (of each row's largest output: :func:`_row_ulps`) between ``module`` and form
     ``kind`` on random input (:func:`_probe_input`) and weights, or why they cannot be compared (the forward
     raised, the form failed, another dtype or shape) or do not match (their gradients differ:
     :func:`_gradient_difference`). It runs a copy (:func:`invact.recognise.probe_copy`: without hooks, on the
-    CPU where the module is on the meta device) and sets the copy's weights. ``shape``: a module without
-    weight, normalizing that shape, compared with the form without weight in :data:`_PLAIN_CONFIGS`."""
+    CPU where the module is on the meta device) and sets the copy's weights; ``training``: the copy's mode (by
+    default the module's; torch's CPU RNG forked, so a forward drawing random numbers leaves the caller's draws
+    as they were). ``shape``: a module without weight, normalizing that shape, compared with the form without
+    weight in :data:`_PLAIN_CONFIGS`."""
     affine = shape is None
     shape = tuple(module.weight.shape) if affine else shape
     n = math.prod(shape)
     out: dict[str, float | str] = {}
     g, g_dy = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    notes = []
     for config, dtype, x_dtype, _, unit in _CONFIGS if affine else _PLAIN_CONFIGS:
         # on the CPU, also within torch.device("meta") around patch; with autograd, also under no_grad
-        with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
+        with torch.device("cpu"), torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
             try:
-                probe = _random_copy(module, dtype, affine, bias, g)
+                probe = _random_copy(module, dtype, affine, bias, g, training)
             except Exception as exc:  # noqa: BLE001 - a module that cannot be copied and set is not probed
                 out[config] = f"no {config} copy with random weights ({type(exc).__name__}: {exc})"[:200]
                 continue
@@ -356,20 +349,28 @@ def _probe(module: nn.Module, kind: str, eps: float | None, bias: bool,
                 continue
             if not isinstance(want, torch.Tensor) or want.dtype != got.dtype or want.shape != got.shape:
                 out[config] = (f"returns {type(want).__name__}" if not isinstance(want, torch.Tensor) else
-                               f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}")
+                               f"returns {want.dtype} {tuple(want.shape)}, the form {got.dtype} {tuple(got.shape)}"
+                               ) + f" on {_dtypes_text(config)}"
                 continue
             out[config] = _row_ulps(want.detach(), got.detach(), len(shape), unit)
             if out[config] <= _MATCH:     # a matching output: its gradients too (one backward each)
                 params = {name: p for name, p in probe.named_parameters(recurse=False) if affine}
-                out[config] = _gradient_difference(want, got, x, params, dy.to(want.dtype), len(shape)) \
-                    or out[config]
+                why, note = _gradient_difference(want, got, x, params, dy.to(want.dtype), len(shape), config)
+                out[config] = why or out[config]
+                if note:
+                    notes.append(note)
+    if notes:
+        out[_NOTE] = "; ".join(notes)
     return out
 
 
-def _random_copy(module: nn.Module, dtype: torch.dtype, affine: bool, bias: bool,
-                 g: torch.Generator) -> nn.Module:
-    """A probe copy of ``module`` in ``dtype`` with random weight (and bias), each requiring grad."""
+def _random_copy(module: nn.Module, dtype: torch.dtype, affine: bool, bias: bool, g: torch.Generator,
+                 training: bool | None = None) -> nn.Module:
+    """A probe copy of ``module`` in ``dtype`` with random weight (and bias), each requiring grad, in mode
+    ``training`` (by default ``module``'s)."""
     probe = probe_copy(module).to(device="cpu", dtype=dtype)
+    if training is not None:
+        probe.train(training)
     with torch.no_grad():
         if affine:
             probe.weight.copy_((torch.randn(probe.weight.numel(), generator=g) * 0.5 + 0.2).reshape(probe.weight.shape))
@@ -381,28 +382,88 @@ def _random_copy(module: nn.Module, dtype: torch.dtype, affine: bool, bias: bool
 
 
 def _gradient_difference(want: torch.Tensor, got: torch.Tensor, x: torch.Tensor, params: dict[str, torch.Tensor],
-                         dy: torch.Tensor, dims: int) -> str | None:
-    """Why the gradients of the module's output ``want`` and the form's ``got`` for ``dy`` do not match (a
-    gradient one side gives and the other does not: a weight read through ``.data``; or a difference beyond
-    :data:`_GRAD_MATCH` ulps of each row's largest dx, of the largest dw, db, counted in the coarsest dtype of
-    x, y, the parameters and float32: a gradient is no finer than the y it is recovered from, and Hugging
-    Face's forms compute float64 x in float32); None where they match."""
+                         dy: torch.Tensor, dims: int, config: str) -> tuple[str | None, str]:
+    """(why the gradients of the module's output ``want`` and the form's ``got`` for ``dy`` do not match, or
+    None; where they match, a note for the report, or ""): a gradient one side gives and the other does not (a
+    weight read through ``.data``), or a difference beyond :data:`_GRAD_MATCH` ulps of each row's largest dx, of
+    the largest dw, db, counted in the coarsest dtype of x, y, the parameters and float32 (a gradient is no finer
+    than the y it is recovered from, and Hugging Face's forms compute float64 x in float32). A float16 gradient of
+    the module's that is inf or NaN where the form's is finite is compared where it is finite
+    (:func:`_own_overflow`), and the note says so. ``config``: the probe's configuration, named in both."""
     names, inputs = ("input", *params), (x, *params.values())
     unit = max((torch.float32, want.dtype, *(t.dtype for t in inputs)), key=lambda dtype: torch.finfo(dtype).eps)
     try:
         ours = _gradients(want, inputs, dy)
     except Exception as exc:  # noqa: BLE001 - a backward that raises is not one invact's can stand in for
-        return f"its backward raised {type(exc).__name__}"
+        return f"its backward raised {type(exc).__name__}", ""
     theirs = _gradients(got, inputs, dy)
+    notes, on = [], _dtypes_text(config)
     for name, a, b in zip(names, ours, theirs):
         if a is None and b is not None:
-            return f"same output, but no gradient reaches its {name} (detached, or read through .data); the form's does"
+            return (f"same output, but no gradient reaches its {name} (detached, or read through .data); the "
+                    "form's does"), ""
         if b is None and a is not None:
-            return f"same output, but the form gives no gradient in its {name}"
-        ulps = 0.0 if a is None else _row_ulps(a, b, dims if name == "input" else a.dim(), unit)
+            return f"same output, but the form gives no gradient in its {name}", ""
+        if a is None:
+            continue
+        rows = dims if name == "input" else 0
+        finite = _own_overflow(a, b)
+        kept = (a, b) if finite is None else (a.where(finite, 0.0), b.where(finite, 0.0))
+        ulps = _row_ulps(*kept, rows or a.dim(), unit)
         if ulps > _GRAD_MATCH:
-            return f"same output, but its {name}'s gradient differs by {ulps:.3g} ulps of the largest"
-    return None
+            return (f"same output, but its {name}'s gradient differs by {ulps:.3g} ulps of the largest "
+                    f"{'' if finite is None else 'where it is finite '}on {on}" + _not_finite(a, b, x, rows)), ""
+        if finite is not None:
+            notes.append(f"on {on} its own {name} gradient overflows (inf or NaN {_elements(~finite, x, rows)}) "
+                         "where invact's, computed in float32, is finite: the gradients compared where its is finite")
+    return None, "; ".join(notes)
+
+
+def _own_overflow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Where the module's gradient ``a`` is finite, where the rest is taken for its own float16 arithmetic
+    overflowing (a norm computing in float16 without upcasting: ``rsqrt``'s derivative ``rms**-3`` passes
+    float16's largest, 65504, on rows of root mean square below 0.0248; invact's norms compute in float32): ``a``
+    float16, inf or NaN somewhere, and the form's ``b`` finite everywhere. The swap then gives finite gradients
+    where the module's are not, and the same elsewhere: never worse. None otherwise (compared whole: an inf or
+    NaN in float32 or bfloat16, which have float32's range, is no overflow the form avoids)."""
+    finite = a.isfinite()
+    return None if a.dtype != torch.float16 or bool(finite.all()) or not bool(b.isfinite().all()) else finite
+
+
+def _dtypes_text(config: str) -> str:
+    """The dtypes of configuration ``config`` of :data:`_CONFIGS` in words: "float16 input", "float32 weights
+    with bfloat16 input" (a module without weight is probed on the configurations of one dtype alone)."""
+    dtypes = next(dtypes for name, *dtypes, _, _ in _CONFIGS if name == config)
+    weight, x = (str(dtype).removeprefix("torch.") for dtype in dtypes)
+    return f"{x} input" if weight == x else f"{weight} weights with {x} input"
+
+
+def _not_finite(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, dims: int) -> str:
+    """Where the module's gradient ``a`` is inf or NaN and the form's ``b`` finite (or the other way), in words
+    (:func:`_elements`); and where ``a`` is float16: its own float16 arithmetic overflows there, where invact's
+    norms compute in float32 (:func:`_own_overflow`). "" where each is finite wherever the other is."""
+    for theirs, ours, whose, other in ((a, b, "it is", "the form's is"), (b, a, "the form's is", "its is")):
+        bad = ~theirs.isfinite() & ours.isfinite()
+        if bool(bad.any()):
+            break
+    else:
+        return ""
+    text = f": {whose} inf or NaN {_elements(bad, x, dims)}, where {other} finite"
+    if theirs is a and a.dtype == torch.float16:
+        text += ("; its own float16 arithmetic overflows (float16's largest is 65504) or divides by zero there, "
+                 "where invact's norms compute in float32")
+    return text
+
+
+def _elements(bad: torch.Tensor, x: torch.Tensor, dims: int) -> str:
+    """How many elements ``bad`` marks, in words, and for an input's gradient (``dims``: a row's dimensions; 0
+    for a parameter's) on rows of ``x`` of which root mean square."""
+    text = f"at {int(bad.sum())} of {bad.numel()} elements"
+    if not dims:
+        return text
+    rms = x.detach().double().square().flatten(-dims).mean(-1).sqrt()
+    hit = rms[bad.flatten(-dims).any(-1)]
+    return f"{text}, on rows of x with root mean square {hit.min().item():.2g} to {hit.max().item():.2g}"
 
 
 def _gradients(y: torch.Tensor, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -431,28 +492,31 @@ def _row_ulps(want: torch.Tensor, got: torch.Tensor, dims: int, unit: torch.dtyp
 
 
 def _verdict(results: dict[str, float | str]) -> float | str:
-    """The largest difference over the configurations that decide, or why the form does not match: float32
-    must run; a 16-bit or mixed configuration the module's own forward cannot run (CLIP's LayerNorm casts x
-    to float32 but not bfloat16 weights; torch's LayerNorm refuses bf16 weights with float32 x) is skipped;
-    float64 is reported, not decided on (a class computing float64 x in float32, as CLIP's does, differs
-    there by float32's rounding)."""
-    worst = 0.0
+    """The largest difference over the configurations that decide, where it is within :data:`_MATCH`, or why
+    the form does not match (an output beyond it: by how much, on which dtypes): float32 must run; a 16-bit or
+    mixed configuration the module's own forward cannot run (CLIP's LayerNorm casts x to float32 but not
+    bfloat16 weights; torch's LayerNorm refuses bf16 weights with float32 x) is skipped; float64 is reported,
+    not decided on (a class computing float64 x in float32, as CLIP's does, differs there by float32's
+    rounding)."""
+    worst, at = 0.0, "float32"
     for config in (c for c in _DECIDING if c in results):
         r = results[config]
         if isinstance(r, str):
             if config != "float32" and r.startswith(_RAISED):
                 continue
             return r
-        worst = max(worst, r)
-    return worst
+        if r > worst:
+            worst, at = r, config
+    return worst if worst <= _MATCH else f"its output differs by {worst:.3g} {_ULPS} on {_dtypes_text(at)}"
 
 
 def _compared(results: dict[str, float | str]) -> str:
-    """Which configurations the probe compared, for the report."""
+    """Which configurations the probe compared, for the report, and its note on them (:data:`_NOTE`: a float16
+    gradient compared where the module's is finite)."""
     ran = [c for c in _DECIDING if c in results and not isinstance(results[c], str)]
-    f64 = results["float64"]
+    f64, note = results["float64"], results.get(_NOTE)
     tail = ("" if f64 == 0 else f"; float64: {f64:.3g} ulps apart" if isinstance(f64, float) else f"; float64: {f64}")
-    return f"{', '.join(ran)}; rows of variance 4 down to eps/10{tail}"
+    return f"{', '.join(ran)}; rows of variance 4 down to eps/10{tail}" + (f"; {note}" if note else "")
 
 
 def replacement(parent: nn.Module, attr: str, module: nn.Module, backend: str | None,
@@ -511,12 +575,14 @@ def _broadcast_weight(module: nn.Module, shape: tuple[int, ...]) -> str | None:
 
 
 def _unmatched(tried: dict[str, float | str]) -> str:
-    """Why no form matched: the module's forward raised, or each form's difference."""
+    """Why no form matched: the module's forward raised, or each form's difference (forms with the same
+    difference named together)."""
     failed = next((d for d in tried.values() if isinstance(d, str) and d.startswith(_RAISED)), None)
     if failed is not None:
         return f"probe: {failed}"
-    diffs = ", ".join(f"{k}: {d if isinstance(d, str) else f'{d:.3g} ulps'}" for k, d in tried.items())
-    return f"probe: no invact norm computes the same output ({diffs}; in {_ULPS})"
+    diffs = "; ".join(f"{', '.join(k for k, d in tried.items() if d == text)}: {text}"
+                      for text in dict.fromkeys(tried.values()))
+    return f"probe: no invact norm computes the same output ({diffs})"
 
 
 # forms a norm without weight may compute: gemma's (1 + w) needs a weight; ties go to the float64 match
@@ -569,7 +635,8 @@ def _match(module: nn.Module, kinds: tuple[str, ...], eps: float | None | _Unsta
     (None: F.rms_norm's default, for the RMSNorm forms), or :data:`_UNSTATED`: inferred per family
     (:func:`_family_eps`); where a family has two candidates (float32's epsilon: the number, or eps=None)
     and without weight, ties go to the float64 match. A module computing otherwise in training mode than in
-    eval mode matches nothing (:func:`_mode_difference`)."""
+    eval mode matches nothing (:func:`_mode_difference`: float32 outputs, every mode; :func:`_other_mode`: the
+    matched form's whole probe in the mode the module is not in)."""
     why = _mode_difference(module, shape, affine, bias)
     if why is not None:
         return None, 0.0, f"probe: {why}"
@@ -589,22 +656,51 @@ def _match(module: nn.Module, kinds: tuple[str, ...], eps: float | None | _Unsta
             forms[label] = kind, e
             results[label] = _probe(module, kind, e, bias, None if affine else shape)
             tried[label] = _verdict(results[label])
-    matches = [k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH]
+    matches = sorted((k for k, d in tried.items() if isinstance(d, float) and d <= _MATCH),
+                     key=lambda k: (tried[k], _float64_ulps(results[k])))
     if not matches:
         return None, 0.0, _unmatched(tried) + _inferred_text(eps, epss)
-    label = min(matches, key=lambda k: (tried[k], _float64_ulps(results[k])))
+    label, worst, why = _other_mode(module, matches, forms, tried, bias, None if affine else shape)
+    if label is None:
+        return None, 0.0, f"probe: {why}"
     kind, eps_used = forms[label]
-    probe = "bit for bit" if tried[label] == 0 else f"within {tried[label]:.2g} {_ULPS}"
-    return kind, eps_used, f"{probe} ({_compared(results[label])})" + _eps_how(eps, eps_used)
+    probe = "bit for bit" if worst == 0 else f"within {worst:.2g} {_ULPS}"
+    return kind, eps_used, f"{probe} ({_compared(results[label])}; {_MODES})" + _eps_how(eps, eps_used)
+
+
+_MODES = "in eval and training mode"
+
+
+def _other_mode(module: nn.Module, matches: list[str], forms: dict[str, tuple[str, float | None]],
+                tried: dict[str, float | str], bias: bool,
+                shape: tuple[int, ...] | None) -> tuple[str | None, float, str]:
+    """(the first of ``matches`` whose whole probe (:func:`_probe`: dtypes, outputs, gradients) also matches in
+    the mode the module is not in, the larger difference of the two modes, ""), or (None, 0, why none does): the
+    module computes one function in eval mode and another in training mode (its statistics detached, or another
+    dtype, only while training), where invact's norms compute one. The probe ran in the module's mode (Hugging
+    Face's ``from_pretrained`` returns eval mode); :func:`_mode_difference` compared float32 outputs only."""
+    other = not module.training
+    first = ""
+    for label in matches:
+        kind, eps = forms[label]
+        verdict = _verdict(_probe(module, kind, eps, bias, shape, training=other))
+        if isinstance(verdict, float) and verdict <= _MATCH:
+            return label, max(verdict, float(tried[label])), ""
+        modes = ("eval mode", "training mode") if other else ("training mode", "eval mode")
+        first = first or f"form {label!r} computes what it does in {modes[0]}; in {modes[1]}: {verdict}"
+    return None, 0.0, (f"it computes differently in training mode (.train()) than in eval mode (.eval()): {first} "
+                       "(statistics detached, or another dtype, in one mode only); invact's norms compute one "
+                       "function in both modes")
 
 
 def _mode_difference(module: nn.Module, shape: tuple[int, ...], affine: bool, bias: bool) -> str | None:
     """Why ``module`` computes another function in training mode than in eval mode (a dropout on its output,
     ``y * 2 if self.training else y``), or None: a copy with random weights (:func:`_random_copy`) is called on
     float32 probe rows in eval mode and twice in training mode (torch's CPU RNG forked: the caller's draws are
-    untouched), and the three outputs must be the same bits. invact's norms compute one function in both modes,
-    and the probe itself runs in the module's current mode (Hugging Face's ``from_pretrained`` returns eval
-    mode). A module that cannot run the rows is left to the probe to say so."""
+    untouched), and the three outputs must be the same bits. invact's norms compute one function in both modes;
+    the probe itself runs in the module's current mode (Hugging Face's ``from_pretrained`` returns eval mode),
+    and the form it matches is probed again, whole, in the other mode (:func:`_other_mode`: gradients, dtypes).
+    A module that cannot run the rows is left to the probe to say so."""
     outs: list[object] = []
     with torch.device("cpu"), torch.no_grad(), torch.random.fork_rng(devices=[]):
         g = torch.Generator().manual_seed(2)

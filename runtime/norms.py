@@ -46,7 +46,7 @@ __all__ = ["layer_norm", "rms_norm", "LayerNorm", "RMSNorm", "recovery", "Recove
            "recovery_floor"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Hugging Face forms of RMSNorm (see _dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
+# Hugging Face forms of RMSNorm (see style_dtypes): where x_hat is rounded, the output dtype, gamma = offset + w
 STYLES = ("torch", "llama", "t5", "gemma")
 # LayerNorm's: torch's, "llama": ``F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)``, in float32
 # whatever the dtypes of x and the parameters (OLMo's, Cohere's; CLIP's with float32 weights), or "gemma":
@@ -271,7 +271,7 @@ class _Direct(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # dtypes and autocast, decided once here so the ops see concrete dtypes
 
-def _dtypes(style: str, x: torch.dtype, w: torch.dtype | None) -> tuple[torch.dtype | None, torch.dtype]:
+def style_dtypes(style: str, x: torch.dtype, w: torch.dtype | None) -> tuple[torch.dtype | None, torch.dtype]:
     """(dtype x_hat is rounded to before gamma, output dtype) of each form of RMSNorm / LayerNorm:
     torch: none, x's; llama (Mistral, Qwen2, Phi-3, ...): ``weight * x_hat.to(x.dtype)``; t5:
     ``weight * x_hat.to(weight.dtype)`` for half weights; gemma: ``(x_hat * (1 + w)).type_as(x)``."""
@@ -333,7 +333,7 @@ def _jagged(x: Any, normalized_shape: Any, fn: str) -> bool:
     return True
 
 
-def _int_tuple(shape: Any) -> tuple[int, ...] | None:
+def int_tuple(shape: Any) -> tuple[int, ...] | None:
     """``shape`` (an integer or a sequence of them: Python's, NumPy's, 0-d integer tensors, as torch takes
     them) as a tuple of ints; None where it is not one."""
     try:
@@ -353,7 +353,7 @@ def _checked_shape(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     if x.dtype not in FLOATS:
         raise TypeError(f"invact.functional.{fn}: input must be float16, bfloat16, float32 or float64, got {x.dtype}")
     layout.require_strided(x, f"invact.functional.{fn}: input")
-    shape = _int_tuple(normalized_shape)
+    shape = int_tuple(normalized_shape)
     if shape is None or not all(s >= 0 for s in shape) or tuple(x.shape[x.dim() - len(shape):]) != shape \
             or len(shape) > x.dim() or not shape:   # torch: TypeError for a non-integer shape, else RuntimeError
         error = ArgumentTypeError if shape is None else ShapeError
@@ -383,7 +383,7 @@ def _apply(x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tenso
     if cast is not None and style == "torch" and x.dtype != torch.float32 \
             and _autocast_upcasts(x.device.type, x.dtype, cast, rms):
         x = x.float()                                       # as autocast runs torch's norm
-    norm_dtype, out_dtype = _dtypes(style, x.dtype, None if weight is None else weight.dtype)
+    norm_dtype, out_dtype = style_dtypes(style, x.dtype, None if weight is None else weight.dtype)
     if not rms and style == "llama":         # F.layer_norm(x.float(), shape, w.float(), b.float()).to(x.dtype)
         weight, bias = (None if p is None else p.float() for p in (weight, bias))
         norm_dtype, out_dtype, x = None, x.dtype, x.float()
@@ -474,7 +474,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
 
     ``eps=None``: the epsilon of the dtype torch computes in, as torch (float32's for bfloat16 and
     float16 input, whose own would be 1e4-6e4x larger). ``style``: the formula's rounding, one of
-    :data:`STYLES` ("llama", "t5", "gemma": the Hugging Face forms, see :func:`_dtypes`).
+    :data:`STYLES` ("llama", "t5", "gemma": the Hugging Face forms, see :func:`style_dtypes`).
     """
     if isinstance(input, torch.fx.Proxy):
         return ops.fx_call(rms_norm, input, normalized_shape, weight, eps, style=style,
@@ -491,9 +491,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
 # ----------------------------------------------------------------------------------------------
 # modules
 
-class _Saving:
-    """What the invact norms add to torch.nn's: ``backend``, ``autocast_output``, :meth:`recovery`, and
-    ``normalized_shape=None`` without affine parameters: the last dimension, of any size."""
+class SavingNorm:
+    """The base of :class:`LayerNorm` and :class:`RMSNorm` (``isinstance`` tells invact's norms from others
+    inside the package), and what they add to torch.nn's: ``backend``, ``autocast_output``, :meth:`recovery`,
+    and ``normalized_shape=None`` without affine parameters: the last dimension, of any size."""
 
     backend: str | None
     autocast_output: bool
@@ -549,7 +550,7 @@ def _any_size(normalized_shape: Any, elementwise_affine: Any) -> bool:
     return True
 
 
-class LayerNorm(_Saving, nn.LayerNorm):
+class LayerNorm(SavingNorm, nn.LayerNorm):
     """torch.nn.LayerNorm (same signature, parameters, state_dict keys) that saves its output.
 
     ``style`` (keyword-only): "torch", "llama": ``F.layer_norm(x.float(), ...).to(x.dtype)`` with the
@@ -571,7 +572,7 @@ class LayerNorm(_Saving, nn.LayerNorm):
                           autocast_output=self.autocast_output, backend=self.backend)
 
 
-class RMSNorm(_Saving, nn.RMSNorm):
+class RMSNorm(SavingNorm, nn.RMSNorm):
     """torch.nn.RMSNorm (same signature, parameters, state_dict keys) that saves its output.
 
     ``style`` (keyword-only): "torch", or a Hugging Face form ("llama", "t5", "gemma" with gamma = 1 + w).

@@ -1,7 +1,8 @@
 """Swapping a module in place for its replacement and putting the original back, for :mod:`invact.patching`
 (whose docstring says what patch and unpatch do and refuse): the hook dictionaries the two share, why a
 module cannot be swapped whatever it computes (its forward set on the instance, torch.compile, a sharding),
-and why :func:`invact.unpatch` refuses to put originals back.
+the model inside a torch.compile / DDP / DataParallel wrapper, and why :func:`invact.unpatch` refuses to put
+originals back.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch.nn.utils import parametrize
 
 from . import recognise
 from .modules import Activation
-from .norms import _Saving
+from .norms import SavingNorm
 
-__all__ = ["HOOKS_MOVED", "has_hooks", "children", "fsdp_managed", "unswappable", "undo", "swap", "put_back",
-           "refuse_losses", "refuse_sharded"]
+__all__ = ["HOOKS_MOVED", "has_hooks", "children", "fsdp_managed", "unswappable", "unwrapped", "undo", "swap",
+           "put_back", "refuse_losses", "refuse_sharded"]
 
 
 # the hook dictionaries a replacement shares with its original (so the hooks keep firing, handles remove them)
@@ -116,11 +117,29 @@ def unswappable(parent: nn.Module, child: nn.Module, managed: set[int]) -> str |
         return _FORWARD_SET
     if getattr(child, "_compiled_call_impl", None) is not None:
         return _COMPILED_ITSELF
-    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
-    if compiled is not None and isinstance(parent, compiled):
+    if _compiled_wrapper(parent):
         return _COMPILED
     sharded = _sharding(child, managed)
     return None if sharded is None else _SHARDED.format(sharded)
+
+
+def _compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s OptimizedModule (looked up where torch._dynamo is imported:
+    a module compiled has imported it, and importing it for the check would be slow)."""
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    return compiled is not None and isinstance(module, compiled)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s OptimizedModule (``_orig_mod``) and DistributedDataParallel /
+    DataParallel (``.module``), however deeply nested: its children are the model's own."""
+    while True:
+        if _compiled_wrapper(model):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def undo(model: nn.Module, paths: Iterable[str]) -> None:
@@ -143,7 +162,7 @@ def swap(parent: nn.Module, attr: str, old: nn.Module, new: nn.Module, done: dic
 def _original(child: nn.Module) -> nn.Module | None:
     """The module ``child`` replaced; None where it replaced nothing."""
     original = getattr(child, "_invact_replaced", None)
-    return original[0] if isinstance(child, (Activation, _Saving)) and original else None
+    return original[0] if isinstance(child, (Activation, SavingNorm)) and original else None
 
 
 def put_back(parent: nn.Module, attr: str, child: nn.Module) -> bool:

@@ -76,7 +76,7 @@ from . import backends, measure, modes, norm_patch, ops, recognise
 from .arguments import flag
 from .common.catalog import NO_TABLE as _NO_TABLE
 from .modules import Activation, module_for, named_params
-from .norms import _Saving
+from .norms import SavingNorm
 from .patch_rules import ACTIVATION_MODULES, NOT_ELEMENTWISE, RULES, Rule, inplace, recognised_base, rule_for
 from .patch_swaps import (HOOKS_MOVED, children, fsdp_managed, has_hooks, put_back, refuse_losses, refuse_sharded,
                           swap, undo, unswappable)
@@ -344,7 +344,7 @@ def _swap_all(model: nn.Module, report: PatchReport, walk: _Walk) -> None:
             setattr(parent, attr, walk.done[id(child)])
             report.replaced.append(Replaced(path, _qualname(type(child)), "invact." + repr(walk.done[id(child)]),
                                             "shared module"))
-        elif isinstance(child, (Activation, _Saving)):
+        elif isinstance(child, (Activation, SavingNorm)):
             continue
         elif walk.norms and norm_patch.is_candidate(child):
             _swap_norm(parent, attr, path, child, report, walk)
